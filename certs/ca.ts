@@ -1,0 +1,130 @@
+import { generateKeyPairSync, randomBytes } from "node:crypto";
+import forge from "node-forge";
+import type { Clock } from "../common/clock.js";
+import { InvalidArgumentError } from "../common/errors.js";
+import { identityUri, type PeerIdentity } from "./identity.js";
+
+/** A certificate authority: its certificate and private key, PEM encoded. */
+export interface CaMaterial {
+  readonly certPem: string;
+  readonly keyPem: string;
+}
+
+export interface KeyPair {
+  readonly publicKeyPem: string;
+  readonly privateKeyPem: string;
+}
+
+/** Certificates are valid from a little before issue, so peers with slightly slow clocks accept them. */
+const BACKDATE_MS = 5 * 60 * 1000;
+
+/**
+ * Generates an RSA key natively (node-forge's pure-JS key generation is far
+ * slower); forge is used only to build and sign certificates.
+ */
+export function generateKeyPair(bits = 2048): KeyPair {
+  const { publicKey, privateKey } = generateKeyPairSync("rsa", {
+    modulusLength: bits,
+    publicKeyEncoding: { type: "spki", format: "pem" },
+    privateKeyEncoding: { type: "pkcs8", format: "pem" },
+  });
+  return { publicKeyPem: publicKey, privateKeyPem: privateKey };
+}
+
+function serialNumber(): string {
+  const bytes = randomBytes(16);
+  bytes[0] = bytes[0]! & 0x7f; // positive INTEGER
+  return bytes.toString("hex");
+}
+
+export interface CreateCaOptions {
+  clock: Clock;
+  commonName?: string;
+  validityDays?: number;
+}
+
+/** Creates a self-signed CA that may sign leaf certificates only (pathLen 0). */
+export function createCa(opts: CreateCaOptions): CaMaterial {
+  const keys = generateKeyPair(3072);
+  const publicKey = forge.pki.publicKeyFromPem(keys.publicKeyPem);
+  const privateKey = forge.pki.privateKeyFromPem(keys.privateKeyPem);
+  const cert = forge.pki.createCertificate();
+  const now = opts.clock.now();
+  cert.publicKey = publicKey;
+  cert.serialNumber = serialNumber();
+  cert.validity.notBefore = new Date(now - BACKDATE_MS);
+  cert.validity.notAfter = new Date(now + (opts.validityDays ?? 3650) * 86_400_000);
+  const subject = [
+    { name: "commonName", value: opts.commonName ?? "rexmesh CA" },
+    { name: "organizationName", value: "rexmesh" },
+  ];
+  cert.setSubject(subject);
+  cert.setIssuer(subject);
+  cert.setExtensions([
+    { name: "basicConstraints", cA: true, pathLenConstraint: 0, critical: true },
+    { name: "keyUsage", keyCertSign: true, cRLSign: true, critical: true },
+    { name: "subjectKeyIdentifier" },
+  ]);
+  cert.sign(privateKey, forge.md.sha256.create());
+  return { certPem: forge.pki.certificateToPem(cert), keyPem: keys.privateKeyPem };
+}
+
+export interface IssueOptions {
+  clock: Clock;
+  identity: PeerIdentity;
+  /** The subject's public key; the CA never sees the subject's private key. */
+  publicKeyPem: string;
+  validityMs: number;
+  /** DNS names and IP addresses for roles that also serve (controller, proxy). */
+  dnsNames?: readonly string[];
+  ipAddresses?: readonly string[];
+}
+
+/**
+ * Issues a leaf certificate naming exactly one rexmesh identity. Leaves can
+ * never sign (cA false), so a stolen host key cannot mint identities.
+ */
+export function issueCertificate(ca: CaMaterial, opts: IssueOptions): string {
+  if (!(opts.validityMs > 0)) throw new InvalidArgumentError("certificate validity must be positive");
+  const caCert = forge.pki.certificateFromPem(ca.certPem);
+  const caKey = forge.pki.privateKeyFromPem(ca.keyPem);
+  const cert = forge.pki.createCertificate();
+  const now = opts.clock.now();
+  cert.publicKey = forge.pki.publicKeyFromPem(opts.publicKeyPem);
+  cert.serialNumber = serialNumber();
+  cert.validity.notBefore = new Date(now - BACKDATE_MS);
+  cert.validity.notAfter = new Date(now + opts.validityMs);
+  const uri = identityUri(opts.identity);
+  cert.setSubject([
+    { name: "commonName", value: `${opts.identity.role}/${opts.identity.scope}/${opts.identity.id}` },
+    { name: "organizationName", value: "rexmesh" },
+  ]);
+  cert.setIssuer(caCert.subject.attributes);
+  const altNames: object[] = [{ type: 6, value: uri }];
+  for (const dns of opts.dnsNames ?? []) altNames.push({ type: 2, value: dns });
+  for (const ip of opts.ipAddresses ?? []) altNames.push({ type: 7, ip });
+  cert.setExtensions([
+    { name: "basicConstraints", cA: false, critical: true },
+    { name: "keyUsage", digitalSignature: true, keyEncipherment: true, critical: true },
+    { name: "extKeyUsage", serverAuth: true, clientAuth: true },
+    { name: "subjectAltName", altNames },
+    { name: "subjectKeyIdentifier" },
+    { name: "authorityKeyIdentifier", keyIdentifier: caCert.generateSubjectKeyIdentifier().getBytes() },
+  ]);
+  cert.sign(caKey, forge.md.sha256.create());
+  return forge.pki.certificateToPem(cert);
+}
+
+/**
+ * Generates a key pair and issues its certificate in one step, for tools that
+ * create identities on behalf of peers (`rexmesh ca issue`, `rexmesh dev`).
+ * Enrolment over the network instead sends only a CSR.
+ */
+export function issueKeyAndCertificate(
+  ca: CaMaterial,
+  opts: Omit<IssueOptions, "publicKeyPem">,
+): { certPem: string; keyPem: string; caPem: string } {
+  const keys = generateKeyPair();
+  const certPem = issueCertificate(ca, { ...opts, publicKeyPem: keys.publicKeyPem });
+  return { certPem, keyPem: keys.privateKeyPem, caPem: ca.certPem };
+}

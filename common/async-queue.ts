@@ -1,0 +1,77 @@
+/**
+ * A single-consumer queue that is also an async iterable: producers push
+ * without waiting, the consumer awaits. Used to feed stream writers.
+ */
+export class AsyncQueue<T> implements AsyncIterable<T> {
+  private items: T[] = [];
+  private head = 0;
+  private waiter: ((r: IteratorResult<T>) => void) | undefined;
+  private failWaiter: ((e: unknown) => void) | undefined;
+  private closed = false;
+  private error: unknown;
+
+  get size(): number {
+    return this.items.length - this.head;
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  push(item: T): void {
+    if (this.closed) return;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = this.failWaiter = undefined;
+      w({ value: item, done: false });
+      return;
+    }
+    this.items.push(item);
+  }
+
+  /** Ends the iteration after the items already pushed; with an error, ends it at once. */
+  close(error?: unknown): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.error = error;
+    if (error !== undefined) {
+      this.items = [];
+      this.head = 0;
+    }
+    if (this.waiter) {
+      const w = this.waiter;
+      const f = this.failWaiter;
+      this.waiter = this.failWaiter = undefined;
+      if (error !== undefined) f?.(error);
+      else w({ value: undefined as never, done: true });
+    }
+  }
+
+  next(): Promise<IteratorResult<T>> {
+    if (this.head < this.items.length) {
+      const value = this.items[this.head++]!;
+      if (this.head > 1024 && this.head * 2 > this.items.length) {
+        this.items = this.items.slice(this.head);
+        this.head = 0;
+      }
+      return Promise.resolve({ value, done: false });
+    }
+    if (this.closed) {
+      return this.error !== undefined ? Promise.reject(this.error) : Promise.resolve({ value: undefined as never, done: true });
+    }
+    return new Promise((resolve, reject) => {
+      this.waiter = resolve;
+      this.failWaiter = reject;
+    });
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<T> {
+    return {
+      next: () => this.next(),
+      return: async () => {
+        this.close();
+        return { value: undefined as never, done: true };
+      },
+    };
+  }
+}

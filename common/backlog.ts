@@ -1,0 +1,63 @@
+import { TaskState, type OutputChunk, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import { isTerminal } from "./task-state.js";
+
+/** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
+export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk };
+
+export function upwardKey(item: UpwardItem): string {
+  return item.kind === "output" ? `o/${item.chunk.taskId}/${item.chunk.seq}` : `s/${item.status.taskId}/${item.status.state}`;
+}
+
+export function itemBytes(item: UpwardItem): number {
+  return item.kind === "output" ? item.chunk.data.length + 32 : 64;
+}
+
+/**
+ * Results not yet acknowledged by the next hop, in the order they were
+ * produced; resent whole after a reconnect. Acks trim by task: all chunks up
+ * to a seq, all statuses up to a state.
+ */
+export class MemoryBacklog {
+  private readonly items = new Map<string, UpwardItem>();
+  private readonly ackedSeq = new Map<string, number>();
+  private bytesHeld = 0;
+
+  get size(): number {
+    return this.items.size;
+  }
+
+  get bytes(): number {
+    return this.bytesHeld;
+  }
+
+  push(items: readonly UpwardItem[]): void {
+    for (const item of items) {
+      const key = upwardKey(item);
+      if (this.items.has(key)) continue;
+      this.items.set(key, item);
+      this.bytesHeld += itemBytes(item);
+    }
+  }
+
+  private drop(key: string): void {
+    const item = this.items.get(key);
+    if (!item) return;
+    this.items.delete(key);
+    this.bytesHeld -= itemBytes(item);
+  }
+
+  ackOutput(taskId: string, seq: number): void {
+    const from = this.ackedSeq.get(taskId) ?? 0;
+    for (let s = from + 1; s <= seq; s++) this.drop(`o/${taskId}/${s}`);
+    if (seq > from) this.ackedSeq.set(taskId, seq);
+  }
+
+  ackStatus(taskId: string, state: TaskState): void {
+    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(`s/${taskId}/${s}`);
+    if (isTerminal(state)) this.ackedSeq.delete(taskId);
+  }
+
+  all(): UpwardItem[] {
+    return [...this.items.values()];
+  }
+}

@@ -1,0 +1,83 @@
+/**
+ * Time as a dependency. Logic takes a Clock instead of calling Date.now or
+ * setTimeout, so that tests can drive time by hand.
+ */
+export interface Timer {
+  cancel(): void;
+}
+
+export interface Clock {
+  /** Milliseconds since the epoch. */
+  now(): number;
+  /** Runs fn once after ms; the returned timer does not keep the process alive. */
+  setTimeout(fn: () => void, ms: number): Timer;
+  /** Resolves after ms, or rejects with the signal's reason when it aborts first. */
+  sleep(ms: number, signal?: AbortSignal): Promise<void>;
+}
+
+export const systemClock: Clock = {
+  now: () => Date.now(),
+  setTimeout(fn, ms) {
+    const t = setTimeout(fn, ms);
+    t.unref();
+    return { cancel: () => clearTimeout(t) };
+  },
+  sleep: (ms, signal) => sleepWith(systemClock, ms, signal),
+};
+
+function sleepWith(clock: Clock, ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) {
+      reject(signal.reason);
+      return;
+    }
+    const onAbort = () => {
+      timer.cancel();
+      reject(signal?.reason);
+    };
+    const timer = clock.setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** A clock that moves only when told to; for tests. */
+export class ManualClock implements Clock {
+  private current: number;
+  private timers: { at: number; fn: () => void; id: number }[] = [];
+  private nextId = 0;
+
+  constructor(start = Date.UTC(2026, 0, 1)) {
+    this.current = start;
+  }
+
+  now(): number {
+    return this.current;
+  }
+
+  setTimeout(fn: () => void, ms: number): Timer {
+    const id = this.nextId++;
+    this.timers.push({ at: this.current + Math.max(0, ms), fn, id });
+    return { cancel: () => (this.timers = this.timers.filter((t) => t.id !== id)) };
+  }
+
+  sleep(ms: number, signal?: AbortSignal): Promise<void> {
+    return sleepWith(this, ms, signal);
+  }
+
+  /** Moves time forward by ms, firing due timers in order. */
+  advance(ms: number): void {
+    const target = this.current + ms;
+    for (;;) {
+      this.timers.sort((a, b) => a.at - b.at || a.id - b.id);
+      const next = this.timers[0];
+      if (!next || next.at > target) break;
+      this.timers.shift();
+      this.current = next.at;
+      next.fn();
+    }
+    this.current = target;
+  }
+}

@@ -1,0 +1,59 @@
+import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import type { HostRecord } from "./model.js";
+
+/**
+ * The hosts the controller knows, where each is connected now, and what it
+ * reported about itself. Proxies tell the controller when a host's stream
+ * opens or closes; a host seen once stays known while offline, so that
+ * jobs can target it and it receives its tasks when it returns.
+ */
+export class Inventory {
+  private readonly hosts = new Map<string, HostRecord>();
+
+  get(id: string): HostRecord | undefined {
+    return this.hosts.get(id);
+  }
+
+  /** Hosts of one tenant, sorted by id. */
+  list(tenant: string): HostRecord[] {
+    return [...this.hosts.values()].filter((h) => h.tenant === tenant).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  }
+
+  connected(host: { id: string; tenant: string; facts?: HostFacts }, region: string, proxy: string, since: number): HostRecord {
+    const prev = this.hosts.get(host.id);
+    const rec: HostRecord = {
+      id: host.id,
+      tenant: host.tenant,
+      region,
+      proxy,
+      connected: true,
+      since,
+      facts: host.facts ?? prev?.facts,
+      labels: prev?.labels ?? {},
+    };
+    this.hosts.set(host.id, rec);
+    return rec;
+  }
+
+  /** A host left a proxy; ignored when it has already moved to another one. */
+  disconnected(id: string, proxy: string, since: number): HostRecord | undefined {
+    const rec = this.hosts.get(id);
+    if (!rec || rec.proxy !== proxy || !rec.connected) return undefined;
+    rec.connected = false;
+    rec.since = since;
+    return rec;
+  }
+
+  /** Every host held by a proxy whose link went down. */
+  proxyLost(proxy: string, since: number): HostRecord[] {
+    const lost: HostRecord[] = [];
+    for (const rec of this.hosts.values()) {
+      if (rec.proxy === proxy && rec.connected) {
+        rec.connected = false;
+        rec.since = since;
+        lost.push(rec);
+      }
+    }
+    return lost;
+  }
+}

@@ -1,0 +1,87 @@
+import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
+import type { JobRecord, TaskRecord } from "./model.js";
+
+/**
+ * Where the controller keeps jobs, tasks and output. Reads are synchronous
+ * (LMDB reads are); writes resolve once durable, and the controller
+ * acknowledges a peer only after that, so nothing acked is ever lost.
+ * Implementations batch concurrent writes into one commit.
+ */
+export interface JobStore {
+  putJob(job: JobRecord, tasks?: readonly TaskRecord[]): Promise<void>;
+  putTask(task: TaskRecord): Promise<void>;
+  /** Stores a chunk and the task record that counts it, atomically. */
+  appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void>;
+  getJob(id: string): JobRecord | undefined;
+  getTask(id: string): TaskRecord | undefined;
+  tasksOf(job: JobRecord): TaskRecord[];
+  /** Chunks of a task with seq ≥ fromSeq, oldest first, up to about maxBytes (at least one). */
+  readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[];
+  jobByIdempotencyKey(tenant: string, key: string): JobRecord | undefined;
+  /** Every job whose finishedAt is unset; used to rebuild in-memory indexes at start. */
+  unfinishedJobs(): JobRecord[];
+  close(): Promise<void>;
+}
+
+/** Keeps everything in memory: for logic tests and throwaway meshes. */
+export class MemoryJobStore implements JobStore {
+  private readonly jobs = new Map<string, JobRecord>();
+  private readonly tasks = new Map<string, TaskRecord>();
+  private readonly output = new Map<string, OutputChunk[]>();
+  private readonly keys = new Map<string, string>();
+
+  async putJob(job: JobRecord, tasks: readonly TaskRecord[] = []): Promise<void> {
+    this.jobs.set(job.id, structuredClone(job));
+    if (job.idempotencyKey) this.keys.set(`${job.tenant}\0${job.idempotencyKey}`, job.id);
+    for (const t of tasks) this.tasks.set(t.id, { ...t });
+  }
+
+  async putTask(task: TaskRecord): Promise<void> {
+    this.tasks.set(task.id, { ...task });
+  }
+
+  async appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void> {
+    let list = this.output.get(task.id);
+    if (!list) this.output.set(task.id, (list = []));
+    list.push(chunk);
+    this.tasks.set(task.id, { ...task });
+  }
+
+  getJob(id: string): JobRecord | undefined {
+    const job = this.jobs.get(id);
+    return job && structuredClone(job);
+  }
+
+  getTask(id: string): TaskRecord | undefined {
+    const t = this.tasks.get(id);
+    return t && { ...t };
+  }
+
+  tasksOf(job: JobRecord): TaskRecord[] {
+    return job.taskIds.map((id) => this.getTask(id)).filter((t): t is TaskRecord => t !== undefined);
+  }
+
+  readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {
+    const list = this.output.get(taskId) ?? [];
+    const out: OutputChunk[] = [];
+    let bytes = 0;
+    for (let i = Math.max(0, fromSeq - 1); i < list.length; i++) {
+      const c = list[i]!;
+      if (out.length > 0 && bytes + c.data.length > maxBytes) break;
+      out.push(c);
+      bytes += c.data.length;
+    }
+    return out;
+  }
+
+  jobByIdempotencyKey(tenant: string, key: string): JobRecord | undefined {
+    const id = this.keys.get(`${tenant}\0${key}`);
+    return id === undefined ? undefined : this.getJob(id);
+  }
+
+  unfinishedJobs(): JobRecord[] {
+    return [...this.jobs.values()].filter((j) => j.finishedAt === undefined).map((j) => structuredClone(j));
+  }
+
+  async close(): Promise<void> {}
+}

@@ -1,0 +1,96 @@
+import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
+import { isTerminal } from "../common/task-state.js";
+import type { JobManager } from "./jobs.js";
+import type { JobRecord, TaskRecord } from "./model.js";
+
+/** One message of a watch: what changed since the previous one. */
+export interface WatchBatch {
+  /** Sent with the first batch and the last one. */
+  job?: JobRecord;
+  tasks: TaskRecord[];
+  output: OutputChunk[];
+}
+
+export interface WatchOptions {
+  noOutput: boolean;
+  signal: AbortSignal;
+  /** Output bytes per batch. Default 1 MiB. */
+  maxBatchBytes?: number;
+}
+
+function taskSignature(t: TaskRecord): string {
+  return `${t.state}|${t.exitCode ?? ""}|${t.signal}|${t.proxy}|${t.outputTruncated}|${t.message}`;
+}
+
+/**
+ * Streams a job from the beginning: a snapshot of every task, the output
+ * stored so far, then changes as they happen, until every task is terminal
+ * and all its output has been sent. The store is the buffer: a slow reader
+ * only falls behind in reading it, nothing piles up in memory. A task's
+ * terminal state is sent only after all of its stored output, so a client
+ * can print a summary as soon as it sees it.
+ */
+export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOptions): AsyncGenerator<WatchBatch> {
+  const maxBytes = opts.maxBatchBytes ?? 1 << 20;
+  const changed = new Set<string>(job.taskIds);
+  let jobChanged = true;
+  let wake: (() => void) | undefined;
+  const unsubscribe = jobs.subscribe(job.id, (taskId) => {
+    if (taskId === undefined) jobChanged = true;
+    else changed.add(taskId);
+    wake?.();
+  });
+  const onAbort = () => wake?.();
+  opts.signal.addEventListener("abort", onAbort);
+  const sent = new Map<string, string>();
+  const cursor = new Map<string, number>();
+  let first = true;
+  let open = job.taskIds.length;
+  try {
+    while (!opts.signal.aborted) {
+      if (changed.size === 0 && !jobChanged) {
+        await new Promise<void>((resolve) => (wake = resolve));
+        wake = undefined;
+        continue;
+      }
+      jobChanged = false;
+      const ids = [...changed];
+      changed.clear();
+      const output: OutputChunk[] = [];
+      const tasks: TaskRecord[] = [];
+      let budget = maxBytes;
+      for (const id of ids) {
+        const task = jobs.getTaskRecord(id);
+        if (!task) continue;
+        let next = cursor.get(id) ?? (opts.noOutput ? task.outputChunks + 1 : 1);
+        while (!opts.noOutput && next <= task.outputChunks && budget > 0) {
+          const chunks = jobs.readOutput(id, next, budget);
+          if (chunks.length === 0) break;
+          for (const c of chunks) budget -= c.data.length;
+          output.push(...chunks);
+          next += chunks.length;
+        }
+        if (opts.noOutput) next = task.outputChunks + 1;
+        cursor.set(id, next);
+        const caughtUp = next > task.outputChunks;
+        if (!caughtUp) changed.add(id);
+        const sig = taskSignature(task);
+        if (sent.get(id) === sig) continue;
+        if (isTerminal(task.state) && !caughtUp) continue;
+        if (isTerminal(task.state)) open--;
+        sent.set(id, sig);
+        tasks.push(task);
+      }
+      const current = jobs.getJobRecord(job.id) ?? job;
+      const last = open === 0 && changed.size === 0;
+      if (first || last || tasks.length > 0 || output.length > 0) {
+        yield { job: first || last ? current : undefined, tasks, output };
+      }
+      first = false;
+      if (last) return;
+    }
+  } finally {
+    unsubscribe();
+    opts.signal.removeEventListener("abort", onAbort);
+  }
+}

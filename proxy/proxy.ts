@@ -1,0 +1,412 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Clock, Timer } from "../common/clock.js";
+import { Coalescer } from "../common/coalescer.js";
+import { PermissionDeniedError, InvalidArgumentError } from "../common/errors.js";
+import type { FrameLink } from "../common/frame-link.js";
+import { Heartbeat } from "../common/heartbeat.js";
+import type { Logger } from "../common/logger.js";
+import { advances, isTerminal } from "../common/task-state.js";
+import {
+  AgentStreamResponseSchema,
+  type AgentStreamRequest,
+  type AgentStreamResponse,
+} from "../gen/rexmesh/v1/agent_link_pb.js";
+import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import {
+  HostPresenceSchema,
+  ProxyStreamRequestSchema,
+  type HostPresence,
+  type ProxyStreamRequest,
+  type ProxyStreamResponse,
+} from "../gen/rexmesh/v1/proxy_link_pb.js";
+import {
+  OutputAckSchema,
+  StatusAckSchema,
+  TaskState,
+  TaskStatusSchema,
+  type OutputChunk,
+  type TaskSpec,
+  type TaskStatus,
+} from "../gen/rexmesh/v1/task_pb.js";
+import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
+
+export type AgentLink = FrameLink<AgentStreamResponse, AgentStreamRequest>;
+export type ControllerLink = FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
+
+export interface ProxyCoreOptions {
+  name: string;
+  region: string;
+  clock: Clock;
+  store: ProxyStore;
+  log: Logger;
+  /** Heartbeat interval on both links. Default 10 s. */
+  heartbeatMs?: number;
+  /** How often queued tasks are checked against their delivery deadline. Default 1 s. */
+  sweepMs?: number;
+}
+
+class HostSession {
+  credits = 0;
+  readonly out: Coalescer<AgentStreamResponse>;
+  heartbeat?: Heartbeat;
+
+  constructor(
+    readonly hostId: string,
+    readonly tenant: string,
+    readonly facts: HostFacts | undefined,
+    readonly since: number,
+    readonly link: AgentLink,
+  ) {
+    this.out = new Coalescer(
+      () => create(AgentStreamResponseSchema),
+      (frame) => {
+        this.heartbeat?.sent();
+        link.send(frame);
+      },
+    );
+  }
+}
+
+/**
+ * The regional relay. It holds one stream per host and one to the
+ * controller; tasks wait in its store until their daemon takes them (only
+ * against the daemon's credits, oldest first), results wait in its backlog
+ * until the controller acknowledges them. Either side may come and go.
+ */
+export class ProxyCore {
+  readonly name: string;
+  readonly region: string;
+  private readonly clock: Clock;
+  private readonly store: ProxyStore;
+  private readonly log: Logger;
+  private readonly heartbeatMs: number;
+  private readonly hosts = new Map<string, HostSession>();
+  private controller: { link: ControllerLink; out: Coalescer<ProxyStreamRequest>; heartbeat: Heartbeat } | undefined;
+  private sweepTimer: Timer | undefined;
+  private readonly sweepMs: number;
+  private stopped = false;
+
+  constructor(opts: ProxyCoreOptions) {
+    this.name = opts.name;
+    this.region = opts.region;
+    this.clock = opts.clock;
+    this.store = opts.store;
+    this.log = opts.log;
+    this.heartbeatMs = opts.heartbeatMs ?? 10_000;
+    this.sweepMs = opts.sweepMs ?? 1000;
+    this.scheduleSweep();
+  }
+
+  get connectedHosts(): number {
+    return this.hosts.size;
+  }
+
+  get controllerConnected(): boolean {
+    return this.controller !== undefined;
+  }
+
+  // ---- the host side -------------------------------------------------------
+
+  /** Serves one daemon's stream until it ends. */
+  async serveHost(link: AgentLink): Promise<void> {
+    if (link.peer.role !== "host") throw new PermissionDeniedError(`a ${link.peer.role} certificate cannot open a host stream`);
+    const iterator = link.incoming[Symbol.asyncIterator]();
+    const first = await iterator.next();
+    if (first.done) return;
+    const hello = first.value.hello;
+    if (!hello) throw new InvalidArgumentError("the first frame of a host stream must be a hello");
+    if (hello.hostId !== link.peer.id) {
+      throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(link.peer.id)}`);
+    }
+    const session = new HostSession(link.peer.id, link.peer.scope, hello.facts, this.clock.now(), link);
+    const previous = this.hosts.get(session.hostId);
+    if (previous) previous.link.close(new Error("replaced by a newer stream of the same host"));
+    this.hosts.set(session.hostId, session);
+    const log = this.log.child({ host: session.hostId });
+    session.heartbeat = new Heartbeat(
+      this.clock,
+      hello.heartbeatMs || this.heartbeatMs,
+      () => link.send(create(AgentStreamResponseSchema)),
+      () => link.close(new Error("host heartbeat lost")),
+    );
+    session.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
+    log.info("host connected");
+    this.reportPresence(session, true);
+    try {
+      await this.handleHostFrame(session, first.value);
+      this.resendHandedOut(session);
+      this.deliver(session);
+      for (;;) {
+        const next = await iterator.next();
+        if (next.done) break;
+        await this.handleHostFrame(session, next.value);
+      }
+    } finally {
+      session.heartbeat.stop();
+      session.out.flush();
+      if (this.hosts.get(session.hostId) === session) {
+        this.hosts.delete(session.hostId);
+        this.reportPresence(session, false);
+        log.info("host disconnected");
+      }
+    }
+  }
+
+  private reportPresence(session: HostSession, connected: boolean): void {
+    this.controller?.out.frame.hosts.push(this.presence(session, connected));
+  }
+
+  private presence(session: HostSession, connected: boolean): HostPresence {
+    return create(HostPresenceSchema, {
+      hostId: session.hostId,
+      tenant: session.tenant,
+      connected,
+      since: timestampFromMs(connected ? session.since : this.clock.now()),
+      facts: connected ? session.facts : undefined,
+    });
+  }
+
+  private async handleHostFrame(session: HostSession, frame: AgentStreamRequest): Promise<void> {
+    session.heartbeat?.received();
+    if (frame.credits !== undefined) session.credits = frame.credits;
+    const items: UpwardItem[] = [];
+    const outputAcks = new Map<string, number>();
+    for (const chunk of frame.output) {
+      const task = this.ownTask(session, chunk.taskId);
+      if (!task) {
+        // Already finished and acknowledged upstream: a replay; acknowledge so the daemon stops sending it.
+        outputAcks.set(chunk.taskId, Math.max(outputAcks.get(chunk.taskId) ?? 0, Number(chunk.seq)));
+        continue;
+      }
+      if (Number(chunk.seq) === task.outputSeq + 1) {
+        task.outputSeq++;
+        items.push({ kind: "output", chunk });
+      }
+      outputAcks.set(chunk.taskId, task.outputSeq);
+    }
+    const statusAcks: TaskStatus[] = [];
+    const changed = new Set<QueuedTask>();
+    for (const status of frame.statuses) {
+      const task = this.ownTask(session, status.taskId);
+      statusAcks.push(status);
+      if (!task || !advances(task.state, status.state)) continue;
+      task.state = status.state;
+      status.hostId = session.hostId;
+      items.push({ kind: "status", status });
+      changed.add(task);
+    }
+    if (items.length > 0) {
+      await this.store.pushUpward(items);
+      for (const task of changed) await this.store.putTask(task);
+      this.sendUp(items);
+    }
+    for (const [taskId, seq] of outputAcks) session.out.frame.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
+    for (const s of statusAcks) session.out.frame.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+    if (frame.credits !== undefined || changed.size > 0) this.deliver(session);
+  }
+
+  /** The proxy's record of a task, only if it belongs to this host: a host cannot report for another. */
+  private ownTask(session: HostSession, taskId: string): QueuedTask | undefined {
+    const task = this.store.getTask(taskId);
+    if (!task) return undefined;
+    if (task.spec.hostId !== session.hostId) {
+      this.log.warn("host reported on a task of another host; dropped", { host: session.hostId, task: taskId });
+      return undefined;
+    }
+    return task;
+  }
+
+  /** After a reconnect, tasks handed out before may not have reached the daemon: send them again (its ledger drops duplicates). */
+  private resendHandedOut(session: HostSession): void {
+    for (const task of this.store.tasksFor(session.hostId)) {
+      if (task.state === TaskState.DISPATCHED) session.out.frame.tasks.push(task.spec);
+      if (task.cancelRequested && task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) {
+        session.out.frame.cancelTaskIds.push(task.spec.taskId);
+      }
+    }
+  }
+
+  /** Hands queued tasks to a host, oldest first, as far as its credits go. */
+  private deliver(session: HostSession): void {
+    if (session.credits <= 0) return;
+    const items: UpwardItem[] = [];
+    const now = this.clock.now();
+    for (const task of this.store.tasksFor(session.hostId)) {
+      if (session.credits <= 0) break;
+      if (task.state !== TaskState.QUEUED || task.cancelRequested) continue;
+      if (task.spec.deliverBy && timestampMs(task.spec.deliverBy) <= now) {
+        items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed while the task waited at the proxy"));
+        continue;
+      }
+      task.state = TaskState.DISPATCHED;
+      session.credits--;
+      session.out.frame.tasks.push(task.spec);
+      items.push({ kind: "status", status: this.status(task, TaskState.DISPATCHED) });
+    }
+    if (items.length > 0) void this.persistUp(items);
+  }
+
+  private status(task: QueuedTask, state: TaskState, message = ""): TaskStatus {
+    return create(TaskStatusSchema, {
+      taskId: task.spec.taskId,
+      hostId: task.spec.hostId,
+      state,
+      time: timestampFromMs(this.clock.now()),
+      message,
+      outputChunks: isTerminal(state) ? BigInt(task.outputSeq) : 0n,
+    });
+  }
+
+  /** Ends a task at the proxy (it never reached the daemon). */
+  private finish(task: QueuedTask, state: TaskState, message: string): UpwardItem {
+    task.state = state;
+    return { kind: "status", status: this.status(task, state, message) };
+  }
+
+  private async persistUp(items: UpwardItem[]): Promise<void> {
+    try {
+      await this.store.pushUpward(items);
+      for (const item of items) {
+        if (item.kind === "status") {
+          const task = this.store.getTask(item.status.taskId);
+          if (task) await this.store.putTask(task);
+        }
+      }
+      this.sendUp(items);
+    } catch (err) {
+      this.log.error("storing results failed", { err });
+    }
+  }
+
+  private sendUp(items: readonly UpwardItem[]): void {
+    const c = this.controller;
+    if (!c) return;
+    const frame = c.out.frame;
+    for (const item of items) {
+      if (item.kind === "output") frame.output.push(item.chunk);
+      else frame.statuses.push(item.status);
+    }
+  }
+
+  // ---- the controller side -------------------------------------------------
+
+  /** Serves the stream to the controller until it ends. */
+  async serveController(link: ControllerLink): Promise<void> {
+    const out = new Coalescer(
+      () => create(ProxyStreamRequestSchema),
+      (frame) => {
+        heartbeat.sent();
+        link.send(frame);
+      },
+    );
+    const heartbeat = new Heartbeat(
+      this.clock,
+      this.heartbeatMs,
+      () => link.send(create(ProxyStreamRequestSchema)),
+      () => link.close(new Error("controller heartbeat lost")),
+    );
+    link.send(
+      create(ProxyStreamRequestSchema, {
+        hello: {
+          name: this.name,
+          region: this.region,
+          heartbeatMs: this.heartbeatMs,
+          hosts: [...this.hosts.values()].map((s) => this.presence(s, true)),
+        },
+      }),
+    );
+    const session = { link, out, heartbeat };
+    this.controller = session;
+    // Everything the controller has not acknowledged goes again, in order.
+    this.sendUp(this.store.upward());
+    this.log.info("controller link up");
+    try {
+      for await (const frame of link.incoming) {
+        heartbeat.received();
+        await this.handleControllerFrame(frame);
+      }
+    } finally {
+      heartbeat.stop();
+      out.discard();
+      if (this.controller === session) this.controller = undefined;
+      this.log.info("controller link down");
+    }
+  }
+
+  private async handleControllerFrame(frame: ProxyStreamResponse): Promise<void> {
+    const items: UpwardItem[] = [];
+    const touched = new Set<string>();
+    const now = this.clock.now();
+    for (const spec of frame.tasks) {
+      const known = this.store.getTask(spec.taskId);
+      if (known) {
+        // A resend: the controller missed our ack. Report where the task is.
+        this.sendUp([{ kind: "status", status: this.status(known, known.state === TaskState.QUEUED ? TaskState.QUEUED : known.state) }]);
+        continue;
+      }
+      const task: QueuedTask = { spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
+      if (spec.deliverBy && timestampMs(spec.deliverBy) <= now) {
+        items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed before the task reached the proxy"));
+      } else {
+        items.push({ kind: "status", status: this.status(task, TaskState.QUEUED) });
+      }
+      await this.store.putTask(task);
+      touched.add(spec.hostId);
+    }
+    for (const cancel of frame.cancels) {
+      const task = this.store.getTask(cancel.taskId);
+      if (!task || isTerminal(task.state)) continue;
+      task.cancelRequested = true;
+      if (task.state === TaskState.QUEUED) {
+        items.push(this.finish(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
+      } else {
+        this.hosts.get(task.spec.hostId)?.out.frame.cancelTaskIds.push(task.spec.taskId);
+      }
+      await this.store.putTask(task);
+    }
+    if (items.length > 0) {
+      await this.store.pushUpward(items);
+      this.sendUp(items);
+    }
+    for (const ack of frame.outputAcks) await this.store.ackOutput(ack.taskId, Number(ack.seq));
+    for (const ack of frame.statusAcks) {
+      await this.store.ackStatus(ack.taskId, ack.state);
+      if (isTerminal(ack.state)) await this.store.removeTask(ack.taskId);
+    }
+    for (const hostId of touched) {
+      const session = this.hosts.get(hostId);
+      if (session) this.deliver(session);
+    }
+  }
+
+  // ---- deadlines -----------------------------------------------------------
+
+  private scheduleSweep(): void {
+    if (this.stopped) return;
+    this.sweepTimer = this.clock.setTimeout(() => {
+      this.sweep();
+      this.scheduleSweep();
+    }, this.sweepMs);
+  }
+
+  /** Queued tasks whose deadline passed while their host was away will never run. */
+  private sweep(): void {
+    const now = this.clock.now();
+    const items: UpwardItem[] = [];
+    for (const task of this.store.allTasks()) {
+      if (task.state === TaskState.QUEUED && task.spec.deliverBy && timestampMs(task.spec.deliverBy) <= now) {
+        items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed while the host was not connected"));
+      }
+    }
+    if (items.length > 0) void this.persistUp(items);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.sweepTimer?.cancel();
+    for (const s of this.hosts.values()) s.link.close();
+    this.controller?.link.close();
+  }
+}
+
