@@ -72,6 +72,10 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
         this.close();
         return { value: undefined as never, done: true };
       },
+      throw: async (err?: unknown) => {
+        this.close(err ?? new Error("queue aborted"));
+        return { value: undefined as never, done: true };
+      },
     };
   }
 }

@@ -1,12 +1,10 @@
-import type { PeerIdentity } from "../certs/identity.js";
-
 /**
  * One open bidirectional stream, as session logic sees it, whatever RPC
- * library carries it. The peer's identity comes from its verified TLS
- * certificate, never from a message.
+ * library carries it. On the serving side the peer's identity is passed
+ * beside the link, taken from its verified TLS certificate, never from a
+ * message.
  */
 export interface FrameLink<Out, In> {
-  readonly peer: PeerIdentity;
   /** Frames from the peer, in order; ends when the stream ends, throws when it fails. */
   readonly incoming: AsyncIterable<In>;
   /** Queues a frame for writing, in order. Frames sent after close are dropped. */

@@ -99,12 +99,27 @@ export class Agent {
     this.loop = this.connectLoop();
   }
 
-  /** Stops taking work, lets running tasks be cancelled, and closes the stream. */
-  async stop(): Promise<void> {
+  /**
+   * Stops taking work; running tasks get graceMs to finish and are then
+   * cancelled (their process groups killed), so nothing outlives the daemon
+   * unaccounted. Their final statuses go out if the stream is still open.
+   */
+  async stop(graceMs = 0): Promise<void> {
     this.stopController.abort(new Error("daemon stopping"));
+    if (this.running.size > 0) {
+      const finished = new Promise<void>((resolve) => (this.idle = resolve));
+      const timer = this.opts.clock.setTimeout(() => {
+        for (const abort of this.running.values()) abort.abort(new Error("daemon stopping"));
+      }, graceMs);
+      await finished;
+      timer.cancel();
+      this.out?.flush();
+    }
     this.link?.close();
     await this.loop;
   }
+
+  private idle: (() => void) | undefined;
 
   /** Tasks the daemon can take now: what it reports as credits. */
   private credits(): number {
@@ -305,7 +320,9 @@ export class Agent {
       entry.state = TaskState.RUNNING;
       await this.opts.ledger.put(entry);
       this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING) }]);
-      const outcome = await this.opts.executor.run(spec, {
+      // The task learns who and what it is; these names cannot be overridden by the job.
+      const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: spec.taskId, REXMESH_JOB_ID: spec.jobId };
+      const outcome = await this.opts.executor.run({ ...spec, env }, {
         signal: abort.signal,
         onOutput: (stream, data, seq) => {
           const chunk = create(OutputChunkSchema, { taskId: spec.taskId, seq: BigInt(seq), stream, data: Uint8Array.prototype.slice.call(data) });
@@ -316,6 +333,7 @@ export class Agent {
     } finally {
       this.running.delete(spec.taskId);
       this.pump();
+      if (this.running.size === 0) this.idle?.();
     }
   }
 

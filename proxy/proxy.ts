@@ -6,6 +6,7 @@ import { PermissionDeniedError, InvalidArgumentError } from "../common/errors.js
 import type { FrameLink } from "../common/frame-link.js";
 import { Heartbeat } from "../common/heartbeat.js";
 import type { Logger } from "../common/logger.js";
+import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import { advances, isTerminal } from "../common/task-state.js";
 import {
   AgentStreamResponseSchema,
@@ -109,17 +110,17 @@ export class ProxyCore {
   // ---- the host side -------------------------------------------------------
 
   /** Serves one daemon's stream until it ends. */
-  async serveHost(link: AgentLink): Promise<void> {
-    if (link.peer.role !== "host") throw new PermissionDeniedError(`a ${link.peer.role} certificate cannot open a host stream`);
+  async serveHost(link: AgentLink, peer: PeerIdentity): Promise<void> {
+    requireRole(peer, "host");
     const iterator = link.incoming[Symbol.asyncIterator]();
     const first = await iterator.next();
     if (first.done) return;
     const hello = first.value.hello;
     if (!hello) throw new InvalidArgumentError("the first frame of a host stream must be a hello");
-    if (hello.hostId !== link.peer.id) {
-      throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(link.peer.id)}`);
+    if (hello.hostId !== peer.id) {
+      throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(peer.id)}`);
     }
-    const session = new HostSession(link.peer.id, link.peer.scope, hello.facts, this.clock.now(), link);
+    const session = new HostSession(peer.id, peer.scope, hello.facts, this.clock.now(), link);
     const previous = this.hosts.get(session.hostId);
     if (previous) previous.link.close(new Error("replaced by a newer stream of the same host"));
     this.hosts.set(session.hostId, session);

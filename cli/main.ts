@@ -1,0 +1,98 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { RexmeshError } from "../common/errors.js";
+import { codeOf } from "../common/rpc-errors.js";
+import { caCommand } from "./ca.js";
+import { devCommand } from "./dev.js";
+import { hostsCommand, jobsCommand, runCommand, type Io } from "./operator.js";
+import { runRole } from "./roles.js";
+
+const USAGE = `rexmesh: run commands on many hosts and get every byte of output back
+
+usage: rexmesh COMMAND [options]   (rexmesh COMMAND --help for each)
+
+operators:
+  run        run a command on hosts, stream their output live
+  hosts      list hosts with their region, proxy and connection
+  jobs       show, watch (replay and follow) or cancel a job
+
+roles:
+  controller the CA, inventory, job planner and public API
+  proxy      a regional relay; daemons of its region connect to it
+  daemon     runs on every host
+
+setup:
+  ca         create a CA and issue certificates
+  dev        start a whole mesh on this machine (loopback)
+
+Operator commands find the controller and credentials from
+--controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
+`;
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  const abort = new AbortController();
+  const io: Io = {
+    out: (s) => void process.stdout.write(s),
+    err: (s) => void process.stderr.write(s),
+    isTTY: Boolean(process.stdout.isTTY),
+    signal: abort.signal,
+  };
+  if (command === "run" || command === "jobs") {
+    process.once("SIGINT", () => {
+      io.err("\ninterrupted: the job goes on (rexmesh jobs watch/cancel ID)\n");
+      abort.abort();
+      process.exit(130);
+    });
+  }
+  switch (command) {
+    case "controller":
+    case "proxy":
+    case "daemon":
+      return runRole(command, rest, io.out);
+    case "run":
+      return runCommand(rest, io);
+    case "hosts":
+      return hostsCommand(rest, io);
+    case "jobs":
+      return jobsCommand(rest, io);
+    case "ca":
+      return caCommand(rest, io);
+    case "dev":
+      return devCommand(rest, io);
+    case undefined:
+    case "help":
+    case "--help":
+    case "-h":
+      io.out(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      io.err(`rexmesh: unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
+      return 2;
+  }
+}
+
+function describe(err: unknown): { message: string; status: number } {
+  if (err instanceof ConnectError) {
+    const unreachable = err.code === Code.Unavailable ? " (is the controller running, and REXMESH_CONTROLLER right?)" : "";
+    return { message: `${Code[err.code]}: ${err.rawMessage}${unreachable}`, status: err.code === Code.InvalidArgument ? 2 : 1 };
+  }
+  if (err instanceof RexmeshError) return { message: err.message, status: codeOf(err) === Code.InvalidArgument ? 2 : 1 };
+  return { message: err instanceof Error ? (err.stack ?? err.message) : String(err), status: 1 };
+}
+
+// A reader that goes away (rexmesh run --json ... | head) ends the command quietly.
+process.stdout.on("error", (err: NodeJS.ErrnoException) => {
+  if (err.code === "EPIPE") process.exit(process.exitCode ?? 0);
+  throw err;
+});
+
+main(process.argv.slice(2)).then(
+  (status) => {
+    if (status >= 0) process.exitCode = status;
+  },
+  (err) => {
+    const { message, status } = describe(err);
+    process.stderr.write(`rexmesh: ${message}\n`);
+    process.exitCode = status;
+  },
+);

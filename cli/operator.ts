@@ -1,0 +1,182 @@
+import { readFileSync } from "node:fs";
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import { parseDuration } from "../common/duration.js";
+import { InvalidArgumentError } from "../common/errors.js";
+import { ConnectionState, SubmitJobRequestSchema } from "../gen/rexmesh/v1/controller_pb.js";
+import { StepSchema } from "../gen/rexmesh/v1/task_pb.js";
+import { helpText, parse, type OptionSpec } from "./args.js";
+import { connectionOptions, operatorClient } from "./client.js";
+import { JobPrinter, jobJson, taskJson } from "./printer.js";
+
+export interface Io {
+  out: (s: string) => void;
+  err: (s: string) => void;
+  isTTY: boolean;
+  /** Aborted on Ctrl-C: the command stops watching (the job itself goes on). */
+  signal: AbortSignal;
+}
+
+const runOptions: Record<string, OptionSpec> = {
+  hosts: { type: "string", short: "H", doc: "comma-separated host ids to run on", value: "IDS" },
+  all: { type: "boolean", short: "a", doc: "run on every host of your tenant" },
+  shell: { type: "string", short: "s", doc: "run SCRIPT with /bin/sh -c instead of a command after --", value: "SCRIPT" },
+  timeout: { type: "string", short: "T", doc: "execution timeout per host (e.g. 30s, 5m)", value: "DURATION" },
+  deadline: { type: "string", doc: "hosts that have not started the task by then skip it (EXPIRED); default: controller's", value: "DURATION" },
+  env: { type: "string", short: "e", multiple: true, doc: "environment variable for the command (repeatable)", value: "K=V" },
+  cwd: { type: "string", doc: "working directory on the host", value: "DIR" },
+  stdin: { type: "string", doc: "file whose content is the command's standard input", value: "FILE" },
+  "idempotency-key": { type: "string", doc: "submitting again with the same key returns the same job", value: "KEY" },
+  json: { type: "boolean", doc: "one JSON object per line per event (docs/cli-json.md)" },
+  detach: { type: "boolean", short: "d", doc: "print the job id and return without waiting" },
+  ...connectionOptions,
+  help: { type: "boolean", short: "h", doc: "show this help" },
+};
+
+/** `rexmesh run`: submit, stream every host's output live, summarize, exit 1 unless every host succeeded. */
+export async function runCommand(argv: string[], io: Io): Promise<number> {
+  const p = parse(argv, runOptions);
+  const v = p.values;
+  if (v.help) {
+    io.out(
+      helpText("rexmesh run (--hosts IDS | --all) [options] (-- COMMAND [ARGS...] | --shell SCRIPT)", runOptions, [
+        "rexmesh run --all -- uname -a",
+        "rexmesh run -H web-1,web-2 --timeout 30s -- systemctl restart nginx",
+        "rexmesh run --all --shell 'df -h / | tail -1'",
+        "rexmesh run --all --json -- hostname | jq -r 'select(.type==\"output\") | .text'",
+      ]),
+    );
+    return 0;
+  }
+  if (p.positionals.length > 0) throw new InvalidArgumentError(`unexpected ${JSON.stringify(p.positionals[0])}: put the command after --`);
+  const hostIds = typeof v.hosts === "string" ? v.hosts.split(",").map((s) => s.trim()).filter(Boolean) : [];
+  if (!v.all && hostIds.length === 0) throw new InvalidArgumentError("say where to run: --hosts IDS or --all");
+  if (v.all && hostIds.length > 0) throw new InvalidArgumentError("--hosts and --all cannot be used together");
+  let step;
+  if (typeof v.shell === "string") {
+    if (p.rest.length > 0) throw new InvalidArgumentError("give either --shell SCRIPT or a command after --, not both");
+    step = create(StepSchema, { tool: { case: "shell", value: { script: v.shell } } });
+  } else {
+    if (p.rest.length === 0) throw new InvalidArgumentError("no command: put it after --, e.g. rexmesh run --all -- uptime");
+    step = create(StepSchema, { tool: { case: "exec", value: { argv: p.rest } } });
+  }
+  const env: Record<string, string> = {};
+  for (const kv of (v.env as string[] | undefined) ?? []) {
+    const i = kv.indexOf("=");
+    if (i <= 0) throw new InvalidArgumentError(`--env ${JSON.stringify(kv)} is not K=V`);
+    env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  const req = create(SubmitJobRequestSchema, {
+    hostIds,
+    allHosts: Boolean(v.all),
+    steps: [step],
+    env,
+    workingDir: (v.cwd as string | undefined) ?? "",
+    stdin: typeof v.stdin === "string" ? readFileSync(v.stdin) : new Uint8Array(),
+    timeout: typeof v.timeout === "string" ? durationFromMs(parseDuration(v.timeout, "--timeout")) : undefined,
+    deliveryDeadline: typeof v.deadline === "string" ? durationFromMs(parseDuration(v.deadline, "--deadline")) : undefined,
+    idempotencyKey: (v.idempotencyKey as string | undefined) ?? "",
+  });
+  const { client, close } = operatorClient(v);
+  try {
+    const { job } = await client.submitJob(req, { signal: io.signal });
+    if (!job) throw new Error("the controller returned no job");
+    if (v.detach) {
+      io.out(v.json ? JSON.stringify({ type: "job", job: jobJson(job) }) + "\n" : `${job.id}\n`);
+      return 0;
+    }
+    return await watch(client, job.id, Boolean(v.json), io);
+  } finally {
+    close();
+  }
+}
+
+async function watch(client: ReturnType<typeof operatorClient>["client"], jobId: string, json: boolean, io: Io): Promise<number> {
+  const printer = new JobPrinter({ json, write: io.out, color: io.isTTY && !json });
+  for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) printer.handle(batch);
+  printer.summary();
+  return printer.succeeded ? 0 : 1;
+}
+
+const listOptions: Record<string, OptionSpec> = {
+  json: { type: "boolean", doc: "JSON output" },
+  ...connectionOptions,
+  help: { type: "boolean", short: "h", doc: "show this help" },
+};
+
+/** `rexmesh hosts`: every host of the tenant with its region, proxy and connection. */
+export async function hostsCommand(argv: string[], io: Io): Promise<number> {
+  const p = parse(argv, listOptions);
+  if (p.values.help) {
+    io.out(helpText("rexmesh hosts [--json]", listOptions, ["rexmesh hosts", "rexmesh hosts --json | jq -r '.[] | select(.connected) | .id'"]));
+    return 0;
+  }
+  const { client, close } = operatorClient(p.values);
+  try {
+    const { hosts } = await client.listHosts({}, { signal: io.signal });
+    const rows = hosts.map((h) => ({
+      id: h.id,
+      tenant: h.tenant,
+      region: h.region,
+      proxy: h.proxy,
+      connected: h.connection === ConnectionState.CONNECTED,
+      since: h.since ? new Date(timestampMs(h.since)).toISOString() : undefined,
+      os: h.facts ? `${h.facts.os}/${h.facts.arch}` : "",
+      hostname: h.facts?.hostname ?? "",
+    }));
+    if (p.values.json) {
+      io.out(JSON.stringify(rows, null, 2) + "\n");
+      return 0;
+    }
+    const table = [["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.connected ? "connected" : "disconnected", r.since ?? "", r.os])];
+    const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
+    io.out(table.map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()).join("\n") + "\n");
+    return 0;
+  } finally {
+    close();
+  }
+}
+
+const jobsOptions: Record<string, OptionSpec> = {
+  json: { type: "boolean", doc: "JSON output" },
+  ...connectionOptions,
+  help: { type: "boolean", short: "h", doc: "show this help" },
+};
+
+/** `rexmesh jobs show|watch|cancel ID`. */
+export async function jobsCommand(argv: string[], io: Io): Promise<number> {
+  const p = parse(argv, jobsOptions);
+  const [verb, jobId] = p.positionals;
+  if (p.values.help || !verb) {
+    io.out(helpText("rexmesh jobs (show|watch|cancel) JOB_ID [--json]", jobsOptions, ["rexmesh jobs show j0abc...", "rexmesh jobs watch j0abc...   # replays all output so far, then follows", "rexmesh jobs cancel j0abc..."]));
+    return p.values.help ? 0 : 2;
+  }
+  if (!jobId) throw new InvalidArgumentError(`rexmesh jobs ${verb} needs a job id`);
+  const json = Boolean(p.values.json);
+  const { client, close } = operatorClient(p.values);
+  try {
+    switch (verb) {
+      case "show": {
+        const { job, tasks } = await client.getJob({ jobId }, { signal: io.signal });
+        if (json) io.out(JSON.stringify({ job: job && jobJson(job), tasks: tasks.map(taskJson) }, null, 2) + "\n");
+        else {
+          const j = jobJson(job!);
+          io.out(`job ${j.id}  ${j.state}  ${j.tasks} tasks  ${Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")}\n`);
+          for (const t of tasks.map(taskJson)) io.out(`  ${t.host}  ${t.region}  ${t.state}${t.exitCode !== undefined ? ` exit=${t.exitCode}` : ""}${t.message ? `  ${t.message}` : ""}\n`);
+        }
+        return 0;
+      }
+      case "watch":
+        return await watch(client, jobId, json, io);
+      case "cancel": {
+        const { job } = await client.cancelJob({ jobId }, { signal: io.signal });
+        io.out(json ? JSON.stringify({ job: job && jobJson(job) }) + "\n" : `cancel requested for job ${jobId}\n`);
+        return 0;
+      }
+      default:
+        throw new InvalidArgumentError(`unknown jobs command ${JSON.stringify(verb)} (show, watch, cancel)`);
+    }
+  } finally {
+    close();
+  }
+}

@@ -1,0 +1,157 @@
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { formatDuration } from "../common/duration.js";
+import { isTerminal, stateName } from "../common/task-state.js";
+import type { Job, Task, WatchJobResponse } from "../gen/rexmesh/v1/controller_pb.js";
+import { OutputStream, TaskState } from "../gen/rexmesh/v1/task_pb.js";
+
+export interface PrinterOptions {
+  json: boolean;
+  write: (s: string) => void;
+  /** Colour the host prefixes. */
+  color?: boolean;
+}
+
+const COLORS = [36, 33, 35, 32, 34, 91, 96, 93];
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+function textOf(data: Uint8Array): string | undefined {
+  try {
+    return utf8.decode(data);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Turns a job's watch stream into what an operator reads: output lines
+ * prefixed by host and stream as they arrive, then a summary. In JSON mode,
+ * one object per line per event (see docs/cli-json.md).
+ */
+export class JobPrinter {
+  private readonly tasks = new Map<string, Task>();
+  private readonly partial = new Map<string, Buffer>();
+  private job: Job | undefined;
+  private width = 0;
+
+  constructor(private readonly opts: PrinterOptions) {}
+
+  handle(batch: WatchJobResponse): void {
+    if (batch.job) {
+      this.job = batch.job;
+      if (this.opts.json) this.emit({ type: "job", job: jobJson(batch.job) });
+    }
+    for (const t of batch.tasks) {
+      const prev = this.tasks.get(t.id);
+      this.tasks.set(t.id, t);
+      this.width = Math.max(this.width, t.hostId.length);
+      if (this.opts.json && (!prev || prev.state !== t.state)) this.emit({ type: "task", task: taskJson(t) });
+    }
+    for (const c of batch.output) {
+      const task = this.tasks.get(c.taskId);
+      const host = task?.hostId ?? c.taskId;
+      const stream = c.stream === OutputStream.STDERR ? "stderr" : "stdout";
+      if (this.opts.json) {
+        const text = textOf(c.data);
+        this.emit({ type: "output", host, task: c.taskId, stream, seq: Number(c.seq), data: Buffer.from(c.data).toString("base64"), ...(text !== undefined ? { text } : {}) });
+      } else {
+        this.lines(host, c.taskId, stream, Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength));
+      }
+    }
+    if (!this.opts.json) {
+      for (const t of batch.tasks) if (isTerminal(t.state)) this.flushTask(t);
+    }
+  }
+
+  private prefix(host: string, stream: string): string {
+    const tag = stream === "stderr" ? "err" : "out";
+    const p = `${host.padEnd(this.width)} ${tag}|`;
+    if (!this.opts.color) return p;
+    let h = 0;
+    for (const ch of host) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
+    return `\x1b[${COLORS[h % COLORS.length]}m${p}\x1b[0m`;
+  }
+
+  private lines(host: string, taskId: string, stream: string, data: Buffer): void {
+    const key = `${taskId}/${stream}`;
+    let buf = this.partial.get(key);
+    buf = buf ? Buffer.concat([buf, data]) : data;
+    let start = 0;
+    let nl: number;
+    const out: string[] = [];
+    while ((nl = buf.indexOf(10, start)) >= 0) {
+      out.push(`${this.prefix(host, stream)} ${buf.subarray(start, nl).toString("utf8")}\n`);
+      start = nl + 1;
+    }
+    if (out.length) this.opts.write(out.join(""));
+    const rest = buf.subarray(start);
+    if (rest.length > 0) this.partial.set(key, Buffer.from(rest));
+    else this.partial.delete(key);
+  }
+
+  private flushTask(t: Task): void {
+    for (const stream of ["stdout", "stderr"]) {
+      const key = `${t.id}/${stream}`;
+      const rest = this.partial.get(key);
+      if (rest) {
+        this.opts.write(`${this.prefix(t.hostId, stream)} ${rest.toString("utf8")}\n`);
+        this.partial.delete(key);
+      }
+    }
+  }
+
+  private emit(obj: unknown): void {
+    this.opts.write(JSON.stringify(obj) + "\n");
+  }
+
+  /** Every task succeeded. */
+  get succeeded(): boolean {
+    return this.tasks.size > 0 && [...this.tasks.values()].every((t) => t.state === TaskState.SUCCEEDED);
+  }
+
+  /** The closing summary: counts per state, then every host that did not succeed. */
+  summary(): void {
+    const tasks = [...this.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId));
+    const counts = new Map<string, number>();
+    for (const t of tasks) counts.set(stateName(t.state), (counts.get(stateName(t.state)) ?? 0) + 1);
+    const elapsed = this.job?.createdAt && this.job.finishedAt ? timestampMs(this.job.finishedAt) - timestampMs(this.job.createdAt) : undefined;
+    if (this.opts.json) {
+      this.emit({ type: "summary", job: this.job?.id, hosts: tasks.length, counts: Object.fromEntries(counts), ok: this.succeeded, elapsedMs: elapsed });
+      return;
+    }
+    const parts = [...counts].map(([s, n]) => `${n} ${s.toLowerCase().replace("_", " ")}`);
+    const lines = [`\n${tasks.length} host${tasks.length === 1 ? "" : "s"}: ${parts.join(", ")}${elapsed !== undefined ? ` in ${formatDuration(elapsed)}` : ""} (job ${this.job?.id ?? "?"})`];
+    for (const t of tasks) {
+      if (t.state === TaskState.SUCCEEDED) continue;
+      const detail = [t.exitCode !== undefined ? `exit ${t.exitCode}` : "", t.signal, t.message].filter(Boolean).join(", ");
+      lines.push(`  ${t.hostId.padEnd(this.width)} ${t.region ? `[${t.region}] ` : ""}${stateName(t.state)}${detail ? `: ${detail}` : ""}`);
+    }
+    this.opts.write(lines.join("\n") + "\n");
+  }
+}
+
+export function jobJson(j: Job) {
+  return {
+    id: j.id,
+    tenant: j.tenant,
+    submittedBy: j.submittedBy,
+    state: j.state === 2 ? "DONE" : "RUNNING",
+    createdAt: j.createdAt ? new Date(timestampMs(j.createdAt)).toISOString() : undefined,
+    finishedAt: j.finishedAt ? new Date(timestampMs(j.finishedAt)).toISOString() : undefined,
+    tasks: j.taskCount,
+    counts: Object.fromEntries(j.counts.map((c) => [stateName(c.state), c.count])),
+  };
+}
+
+export function taskJson(t: Task) {
+  return {
+    id: t.id,
+    host: t.hostId,
+    region: t.region,
+    proxy: t.proxy,
+    state: stateName(t.state),
+    exitCode: t.exitCode,
+    signal: t.signal || undefined,
+    message: t.message || undefined,
+    outputTruncated: t.outputTruncated || undefined,
+  };
+}

@@ -1,0 +1,62 @@
+import { describeConfig, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
+import { runService, type Service } from "../common/lifecycle.js";
+import { createLogger, parseLevel, type Logger } from "../common/logger.js";
+import { controllerSchema, startController } from "../controller/main.js";
+import { daemonSchema, startDaemon } from "../daemon/main.js";
+import { proxySchema, startProxy } from "../proxy/main.js";
+import { helpText, parse, schemaOptions, type OptionSpec } from "./args.js";
+
+interface RoleDef {
+  schema: Schema;
+  start: (config: never, log: Logger) => Promise<Service>;
+  examples: string[];
+}
+
+const ROLES: Record<string, RoleDef> = {
+  controller: {
+    schema: controllerSchema,
+    start: startController as RoleDef["start"],
+    examples: ["rexmesh controller --listen 0.0.0.0:7443 --cert controller.crt --key controller.key --ca ca.crt"],
+  },
+  proxy: {
+    schema: proxySchema,
+    start: startProxy as RoleDef["start"],
+    examples: ["rexmesh proxy --listen 0.0.0.0:7444 --controller ctl.example.net:7443 --cert proxy.crt --key proxy.key --ca ca.crt"],
+  },
+  daemon: {
+    schema: daemonSchema,
+    start: startDaemon as RoleDef["start"],
+    examples: ["rexmesh daemon --proxies px1.dc1:7444,px2.dc1:7444 --cert host.crt --key host.key --ca ca.crt"],
+  },
+};
+
+/**
+ * `rexmesh controller|proxy|daemon`: the long-running roles. Options come
+ * from the role's config schema; precedence is defaults < --config file <
+ * REXMESH_* environment < flags.
+ */
+export async function runRole(role: string, argv: string[], out: (s: string) => void): Promise<number> {
+  const def = ROLES[role]!;
+  const options: Record<string, OptionSpec> = {
+    ...schemaOptions(def.schema),
+    config: { type: "string", doc: "YAML or JSON file with any of these options (camelCase keys)", value: "FILE" },
+    "print-config": { type: "boolean", doc: "print the effective configuration and exit" },
+    help: { type: "boolean", short: "h", doc: "show this help" },
+  };
+  const parsed = parse(argv, options);
+  if (parsed.values.help) {
+    out(helpText(`rexmesh ${role} [options]`, options, def.examples));
+    return 0;
+  }
+  const { config: configPath, printConfig, help: _help, ...flags } = parsed.values;
+  const file = typeof configPath === "string" ? readConfigFile(configPath) : undefined;
+  const config = resolveConfig(def.schema, { file, filePath: configPath as string | undefined, env: process.env, flags });
+  if (printConfig) {
+    out(JSON.stringify(describeConfig(def.schema, config), null, 2) + "\n");
+    return 0;
+  }
+  const c = config as Record<string, unknown>;
+  const log = createLogger({ level: parseLevel(c.logLevel as string) }, { role });
+  await runService(() => def.start(config as never, log), { log, graceMs: c.grace as number, readyFile: c.readyFile as string | undefined });
+  return -1; // keeps running until a signal
+}

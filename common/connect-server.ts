@@ -1,0 +1,82 @@
+import http2 from "node:http2";
+import type { AddressInfo } from "node:net";
+import type { TLSSocket } from "node:tls";
+import { createContextKey, createContextValues, type ConnectRouter, type HandlerContext } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import type { Credentials } from "../certs/files.js";
+import type { PeerIdentity } from "../certs/identity.js";
+import { peerIdentity, serverTlsOptions } from "../certs/tls.js";
+import { UnauthenticatedError } from "./errors.js";
+import type { Logger } from "./logger.js";
+
+/** The verified identity of the caller, set for every request from its TLS connection. */
+export const peerKey = createContextKey<PeerIdentity | undefined>(undefined, { description: "rexmesh peer" });
+
+export function callerOf(ctx: HandlerContext): PeerIdentity {
+  const peer = ctx.values.get(peerKey);
+  if (!peer) throw new UnauthenticatedError("the client certificate names no rexmesh identity");
+  return peer;
+}
+
+/** Identities are parsed once per TLS connection, not once per request. */
+const identities = new WeakMap<TLSSocket, PeerIdentity | null>();
+
+function identityOfSocket(socket: TLSSocket): PeerIdentity | undefined {
+  let id = identities.get(socket);
+  if (id === undefined) {
+    try {
+      id = peerIdentity(socket);
+    } catch {
+      id = null;
+    }
+    identities.set(socket, id);
+  }
+  return id ?? undefined;
+}
+
+export interface RpcServer {
+  readonly server: http2.Http2SecureServer;
+  listen(host: string, port: number): Promise<AddressInfo>;
+  /** Stops accepting, lets open calls finish for graceMs, then closes every session. */
+  close(graceMs: number): Promise<void>;
+}
+
+/**
+ * An HTTP/2 server with mutual TLS that speaks gRPC, gRPC-Web and Connect
+ * (JSON or binary) for the routes given. HTTP/1.1 is allowed too so that
+ * curl and browsers can use the Connect protocol without HTTP/2.
+ */
+export function createRpcServer(opts: { creds: Credentials; routes: (router: ConnectRouter) => void; log: Logger }): RpcServer {
+  const handler = connectNodeAdapter({
+    routes: opts.routes,
+    contextValues: (req) => createContextValues().set(peerKey, identityOfSocket(req.socket as TLSSocket)),
+  });
+  const server = http2.createSecureServer({ ...serverTlsOptions(opts.creds), allowHTTP1: true }, handler);
+  const sessions = new Set<http2.ServerHttp2Session>();
+  server.on("session", (s) => {
+    sessions.add(s);
+    s.on("close", () => sessions.delete(s));
+  });
+  server.on("tlsClientError", (err) => opts.log.debug("TLS handshake refused", { err }));
+  return {
+    server,
+    listen: (host, port) =>
+      new Promise((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(port, host, () => {
+          server.off("error", reject);
+          resolve(server.address() as AddressInfo);
+        });
+      }),
+    close: async (graceMs) => {
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      for (const s of sessions) s.close();
+      const timer = setTimeout(() => {
+        for (const s of sessions) s.destroy();
+      }, graceMs);
+      timer.unref();
+      await closed;
+      clearTimeout(timer);
+    },
+  };
+}

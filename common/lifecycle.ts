@@ -1,0 +1,84 @@
+import type { Logger } from "./logger.js";
+import { writeFileAtomic } from "../certs/files.js";
+
+export type ServiceState = "starting" | "running" | "draining" | "stopped";
+
+/** A long-running role, seen from the process that hosts it. */
+export interface Service {
+  /** What the ready file says once the service runs (its address, ...). */
+  readonly info: Record<string, unknown>;
+  /** Stops taking new work, finishes or hands back what is in flight within graceMs, then releases everything. */
+  stop(graceMs: number): Promise<void>;
+}
+
+export interface RunOptions {
+  log: Logger;
+  /** Time allowed for a graceful stop. Default 10 s. */
+  graceMs?: number;
+  /** After grace, the process exits regardless after this much more. Default 5 s. */
+  forceMs?: number;
+  /** Written atomically with the service info once running, for supervisors and tests. */
+  readyFile?: string;
+}
+
+/**
+ * Hosts a service in this process: writes the ready file, and on SIGTERM or
+ * SIGINT drains it (grace), then exits; a second signal, or the force time
+ * running out, exits at once. The only place that installs signal handlers.
+ */
+export async function runService(start: () => Promise<Service>, opts: RunOptions): Promise<void> {
+  const log = opts.log;
+  const graceMs = opts.graceMs ?? 10_000;
+  const forceMs = opts.forceMs ?? 5_000;
+  let state: ServiceState = "starting";
+  let service: Service | undefined;
+  let stopping: Promise<void> | undefined;
+
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      log.warn("second signal: exiting now", { signal });
+      process.exit(130);
+    }
+    state = "draining";
+    log.info("draining", { signal, graceMs });
+    const force = setTimeout(() => {
+      log.error("graceful stop took too long: exiting");
+      process.exit(1);
+    }, graceMs + forceMs);
+    force.unref();
+    stopping = (service ? service.stop(graceMs) : Promise.resolve()).then(
+      () => {
+        state = "stopped";
+        log.info("stopped");
+        process.exit(0);
+      },
+      (err) => {
+        log.error("stop failed", { err });
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
+
+  try {
+    service = await start();
+  } catch (err) {
+    log.error("start failed", { err });
+    process.exitCode = 1;
+    process.off("SIGTERM", onSignal);
+    process.off("SIGINT", onSignal);
+    throw err;
+  }
+  if (state === "starting") state = "running";
+  log.info("running", service.info);
+  if (opts.readyFile) writeFileAtomic(opts.readyFile, JSON.stringify({ pid: process.pid, ...service.info }) + "\n");
+}
+
+/** "host:port" → parts; a bare port listens on 127.0.0.1. */
+export function parseHostPort(text: string, what: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text) ?? /^()()(\d+)$/.exec(text);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || !(port >= 0 && port <= 65535)) throw new Error(`${what} ${JSON.stringify(text)} is not host:port`);
+  return { host: m[1] || m[2] || "127.0.0.1", port };
+}

@@ -1,0 +1,49 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { status as GrpcStatus } from "@grpc/grpc-js";
+import {
+  ConfigError,
+  DeadlineExceededError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  NotFoundError,
+  PermissionDeniedError,
+  ResourceExhaustedError,
+  UnauthenticatedError,
+  UnavailableError,
+} from "./errors.js";
+
+/**
+ * The one place where domain errors become wire codes. Anything that is not
+ * a known domain error is INTERNAL with a generic message: its detail stays
+ * in the log, never on the wire.
+ */
+export function codeOf(err: unknown): Code {
+  if (err instanceof ConnectError) return err.code;
+  if (err instanceof InvalidArgumentError || err instanceof ConfigError) return Code.InvalidArgument;
+  if (err instanceof NotFoundError) return Code.NotFound;
+  if (err instanceof PermissionDeniedError) return Code.PermissionDenied;
+  if (err instanceof UnauthenticatedError) return Code.Unauthenticated;
+  if (err instanceof FailedPreconditionError) return Code.FailedPrecondition;
+  if (err instanceof ResourceExhaustedError) return Code.ResourceExhausted;
+  if (err instanceof UnavailableError) return Code.Unavailable;
+  if (err instanceof DeadlineExceededError) return Code.DeadlineExceeded;
+  return Code.Internal;
+}
+
+export function toConnectError(err: unknown): ConnectError {
+  if (err instanceof ConnectError) return err;
+  const code = codeOf(err);
+  const message = code === Code.Internal ? "internal error" : err instanceof Error ? err.message : String(err);
+  return new ConnectError(message, code, undefined, undefined, err);
+}
+
+/** Connect and gRPC share code numbers; grpc-js wants its own enum. */
+export function toGrpcStatus(err: unknown): { code: GrpcStatus; details: string } {
+  const c = toConnectError(err);
+  return { code: c.code as number as GrpcStatus, details: c.rawMessage };
+}
+
+/** Codes worth retrying: the peer was unreachable or busy, not wrong. */
+export function isRetryable(code: Code): boolean {
+  return code === Code.Unavailable || code === Code.ResourceExhausted || code === Code.DeadlineExceeded || code === Code.Aborted;
+}

@@ -1,0 +1,141 @@
+import { create } from "@bufbuild/protobuf";
+import { durationMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { requireRole, type PeerIdentity } from "../certs/identity.js";
+import type { Logger } from "../common/logger.js";
+import { toConnectError } from "../common/rpc-errors.js";
+import {
+  ConnectionState,
+  ControllerService,
+  HostSchema,
+  JobSchema,
+  JobState,
+  TaskSchema,
+  TaskStateCountSchema,
+  WatchJobResponseSchema,
+  type Host,
+  type Job,
+  type Task,
+} from "../gen/rexmesh/v1/controller_pb.js";
+import type { Inventory } from "./inventory.js";
+import type { JobManager } from "./jobs.js";
+import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
+import { watchJob } from "./watch.js";
+
+/** How a handler learns who is calling; set from the TLS peer certificate. */
+export type CallerOf = (context: HandlerContext) => PeerIdentity;
+
+export function hostToProto(h: HostRecord): Host {
+  return create(HostSchema, {
+    id: h.id,
+    tenant: h.tenant,
+    region: h.region,
+    proxy: h.proxy,
+    connection: h.connected ? ConnectionState.CONNECTED : ConnectionState.DISCONNECTED,
+    since: timestampFromMs(h.since),
+    facts: h.facts,
+    labels: h.labels,
+  });
+}
+
+export function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
+  const counts = new Map<number, number>();
+  for (const t of tasks) counts.set(t.state, (counts.get(t.state) ?? 0) + 1);
+  return create(JobSchema, {
+    id: job.id,
+    tenant: job.tenant,
+    submittedBy: job.submittedBy,
+    state: job.finishedAt !== undefined ? JobState.DONE : JobState.RUNNING,
+    createdAt: timestampFromMs(job.createdAt),
+    finishedAt: job.finishedAt !== undefined ? timestampFromMs(job.finishedAt) : undefined,
+    steps: job.steps,
+    counts: [...counts].sort((a, b) => a[0] - b[0]).map(([state, count]) => create(TaskStateCountSchema, { state, count })),
+    taskCount: job.taskIds.length,
+  });
+}
+
+export function taskToProto(t: TaskRecord): Task {
+  return create(TaskSchema, {
+    id: t.id,
+    jobId: t.jobId,
+    hostId: t.hostId,
+    region: t.region,
+    proxy: t.proxy,
+    state: t.state,
+    exitCode: t.exitCode,
+    signal: t.signal,
+    message: t.message,
+    updatedAt: timestampFromMs(t.updatedAt),
+    outputTruncated: t.outputTruncated,
+    outputChunks: BigInt(t.outputChunks),
+  });
+}
+
+/**
+ * The public ControllerService. Handlers only translate: the caller comes
+ * from the certificate (operators only), the work is done by the job
+ * manager, and every error leaves through toConnectError.
+ */
+export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inventory; callerOf: CallerOf; log: Logger }): ServiceImpl<typeof ControllerService> {
+  const { jobs, inventory, log } = deps;
+  const operator = (ctx: HandlerContext) => requireRole(deps.callerOf(ctx), "operator");
+  const guard = async <T>(method: string, fn: () => Promise<T>): Promise<T> => {
+    try {
+      return await fn();
+    } catch (err) {
+      const wire = toConnectError(err);
+      log[wire.code === 13 ? "error" : "info"]("request refused", { method, code: wire.code, err });
+      throw wire;
+    }
+  };
+  return {
+    listHosts: (_req, ctx) =>
+      guard("ListHosts", async () => {
+        const caller = operator(ctx);
+        return { hosts: inventory.list(caller.scope).map(hostToProto) };
+      }),
+    submitJob: (req, ctx) =>
+      guard("SubmitJob", async () => {
+        const caller = operator(ctx);
+        const job = await jobs.submit(caller, {
+          hostIds: req.hostIds,
+          allHosts: req.allHosts,
+          steps: req.steps,
+          env: req.env,
+          workingDir: req.workingDir,
+          stdin: req.stdin,
+          timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
+          deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
+          idempotencyKey: req.idempotencyKey,
+          idempotent: req.idempotent,
+        });
+        return { job: jobToProto(job, jobs.tasksOf(job)) };
+      }),
+    getJob: (req, ctx) =>
+      guard("GetJob", async () => {
+        const job = jobs.getJobFor(operator(ctx), req.jobId);
+        const tasks = jobs.tasksOf(job);
+        return { job: jobToProto(job, tasks), tasks: tasks.map(taskToProto) };
+      }),
+    cancelJob: (req, ctx) =>
+      guard("CancelJob", async () => {
+        const job = await jobs.cancel(operator(ctx), req.jobId);
+        return { job: jobToProto(job, jobs.tasksOf(job)) };
+      }),
+    async *watchJob(req, ctx) {
+      let job: JobRecord;
+      try {
+        job = jobs.getJobFor(operator(ctx), req.jobId);
+      } catch (err) {
+        throw toConnectError(err);
+      }
+      for await (const batch of watchJob(jobs, job, { noOutput: req.noOutput, signal: ctx.signal })) {
+        yield create(WatchJobResponseSchema, {
+          job: batch.job ? jobToProto(batch.job, jobs.tasksOf(batch.job)) : undefined,
+          tasks: batch.tasks.map(taskToProto),
+          output: batch.output,
+        });
+      }
+    },
+  };
+}

@@ -1,0 +1,108 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { requireRole, type PeerIdentity } from "../certs/identity.js";
+import type { Clock } from "../common/clock.js";
+import { Coalescer } from "../common/coalescer.js";
+import { InvalidArgumentError, PermissionDeniedError } from "../common/errors.js";
+import type { FrameLink } from "../common/frame-link.js";
+import { Heartbeat } from "../common/heartbeat.js";
+import type { Logger } from "../common/logger.js";
+import {
+  CancelTaskSchema,
+  ProxyStreamResponseSchema,
+  type HostPresence,
+  type ProxyStreamRequest,
+  type ProxyStreamResponse,
+} from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
+import type { Inventory } from "./inventory.js";
+import type { JobManager, ProxyPort } from "./jobs.js";
+
+export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
+
+export interface ProxyLinkDeps {
+  jobs: JobManager;
+  inventory: Inventory;
+  clock: Clock;
+  log: Logger;
+  heartbeatMs: number;
+}
+
+/**
+ * Serves one proxy's stream: registers the proxy and the hosts it holds,
+ * routes tasks and cancels down, and stores statuses and output coming up,
+ * acknowledging each only once stored.
+ */
+export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtController, peer: PeerIdentity): Promise<void> {
+  requireRole(peer, "proxy");
+  const iterator = link.incoming[Symbol.asyncIterator]();
+  const first = await iterator.next();
+  if (first.done) return;
+  const hello = first.value.hello;
+  if (!hello) throw new InvalidArgumentError("the first frame of a proxy stream must be a hello");
+  if (hello.name !== peer.id || hello.region !== peer.scope) {
+    throw new PermissionDeniedError(
+      `the stream claims proxy ${hello.region}/${hello.name} but the certificate is for proxy ${peer.scope}/${peer.id}`,
+    );
+  }
+  const { jobs, inventory, clock } = deps;
+  const log = deps.log.child({ proxy: peer.id, region: peer.scope });
+  const heartbeat = new Heartbeat(
+    clock,
+    hello.heartbeatMs || deps.heartbeatMs,
+    () => link.send(create(ProxyStreamResponseSchema)),
+    () => link.close(new Error("proxy heartbeat lost")),
+  );
+  const out = new Coalescer(
+    () => create(ProxyStreamResponseSchema),
+    (frame) => {
+      heartbeat.sent();
+      link.send(frame);
+    },
+  );
+  const port: ProxyPort = {
+    name: peer.id,
+    region: peer.scope,
+    sendTask: (spec) => out.frame.tasks.push(spec),
+    sendCancel: (taskId, hostId) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId })),
+  };
+  out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs };
+  jobs.proxyConnected(port);
+  inventory.proxyLost(port.name, clock.now());
+  const presence = (hosts: readonly HostPresence[]) => {
+    for (const h of hosts) {
+      const since = h.since ? timestampMs(h.since) : clock.now();
+      if (h.connected) jobs.hostConnected(inventory.connected({ id: h.hostId, tenant: h.tenant, facts: h.facts }, port.region, port.name, since));
+      else inventory.disconnected(h.hostId, port.name, since);
+    }
+  };
+  presence(hello.hosts);
+  jobs.resendCancels(port);
+  log.info("proxy connected", { hosts: hello.hosts.length });
+  try {
+    await handleFrame(first.value);
+    for (;;) {
+      const next = await iterator.next();
+      if (next.done) break;
+      await handleFrame(next.value);
+    }
+  } finally {
+    heartbeat.stop();
+    out.flush();
+    jobs.proxyDisconnected(port);
+    log.info("proxy disconnected");
+  }
+
+  async function handleFrame(frame: ProxyStreamRequest): Promise<void> {
+    heartbeat.received();
+    if (frame.hosts.length > 0) presence(frame.hosts);
+    // Output before statuses: a frame may carry a task's last chunks and its end together.
+    const acked = await Promise.all(frame.output.map((c) => jobs.applyOutput(c).then((seq) => [c.taskId, seq] as const)));
+    const highest = new Map<string, number>();
+    for (const [taskId, seq] of acked) highest.set(taskId, Math.max(highest.get(taskId) ?? 0, seq));
+    await Promise.all(frame.statuses.map((s) => jobs.applyStatus(port, s)));
+    const reply = out.frame;
+    for (const [taskId, seq] of highest) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
+    for (const s of frame.statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+  }
+}

@@ -1,0 +1,536 @@
+/**
+ * The daemon's executor: runs the steps of one task as child processes and
+ * streams their output as numbered chunks.
+ *
+ * Every process leads its own process group, so that a timeout or a cancel
+ * reaches whatever the command started (pipelines, `cmd &`, daemons that
+ * forgot to detach) and a finished task leaves nothing running behind it.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
+import { stat } from "node:fs/promises";
+import type { Readable } from "node:stream";
+import { durationMs } from "@bufbuild/protobuf/wkt";
+import type { Clock, Timer } from "../common/clock.js";
+import { ConfigError } from "../common/errors.js";
+import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+
+/** Options of {@link Executor}; everything but the clock has a default. */
+export interface ExecutorOptions {
+  /** Drives the task timeout and the kill grace, so tests can move time by hand. */
+  clock: Clock;
+  /** Output bytes kept per task when the spec says 0. Default 64 MiB. */
+  defaultOutputLimit?: number;
+  /** Time between SIGTERM and SIGKILL of the process group on timeout/cancel. Default 2000 ms. */
+  killGraceMs?: number;
+  /**
+   * Environment every child starts from, before the task's own `env` is laid
+   * over it. Default: the daemon's `process.env`, read when a task starts.
+   * Injectable so that a daemon can run tasks in a reduced environment.
+   */
+  baseEnv?: Readonly<Record<string, string | undefined>>;
+}
+
+/**
+ * Receives output as it is produced. `seq` numbers chunks 1, 2, 3, … across
+ * both streams and all steps of a task, so a receiver can ack and resume by
+ * one number. `data` may be a view into a larger buffer: copy it if kept.
+ * A sink that throws fails the task (its output could not be kept).
+ */
+export interface OutputSink {
+  (stream: OutputStream, data: Uint8Array, seq: number): void;
+}
+
+/** How a task ended, in the terms of `TaskStatus`. */
+export interface TaskOutcome {
+  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED. */
+  state: TaskState;
+  /** Exit code of the last step that ran, when it exited normally. */
+  exitCode?: number;
+  /** Signal that ended the last step that ran, e.g. "SIGKILL". */
+  signal?: string;
+  /** Human readable: "exit code 3", "timed out after 2s", "spawn ENOENT: /no/such", … */
+  message: string;
+  /** Number of chunks emitted, equal to the last seq (0 when there was no output). */
+  outputChunks: number;
+  /** True when output past the limit was dropped. */
+  outputTruncated: boolean;
+}
+
+/** Callbacks and cancellation for one {@link Executor.run}. */
+export interface RunIo {
+  onOutput: OutputSink;
+  /** Called with the pid of each step's process as it starts (also the process group id). */
+  onStart?: (pid: number) => void;
+  /** Aborting cancels the task: the running step's process group is terminated. */
+  signal?: AbortSignal;
+}
+
+const DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024;
+const DEFAULT_KILL_GRACE_MS = 2000;
+/** Chunks are bounded so that one chunk always fits a message on every hop. */
+const MAX_CHUNK_BYTES = 256 * 1024;
+const DEFAULT_INTERPRETER: readonly string[] = ["/bin/sh", "-c"];
+/** How often a terminating group is looked at when no pipe or exit event will say it is gone. */
+const GROUP_POLL_MS = 25;
+/** Linux task flag: the task is inside exit() and cannot come back. */
+const PF_EXITING = 0x4;
+
+interface ResolvedOptions {
+  clock: Clock;
+  defaultOutputLimit: number;
+  killGraceMs: number;
+  baseEnv: Readonly<Record<string, string | undefined>> | undefined;
+}
+
+/**
+ * Runs tasks on this host. One executor serves any number of concurrent
+ * tasks; each `run` owns its processes, timer and counters.
+ */
+export class Executor {
+  private readonly opts: ResolvedOptions;
+
+  /** @throws ConfigError when a limit is negative or not an integer. */
+  constructor(opts: ExecutorOptions) {
+    const defaultOutputLimit = opts.defaultOutputLimit ?? DEFAULT_OUTPUT_LIMIT;
+    const killGraceMs = opts.killGraceMs ?? DEFAULT_KILL_GRACE_MS;
+    if (!Number.isSafeInteger(defaultOutputLimit) || defaultOutputLimit < 0) {
+      throw new ConfigError(`defaultOutputLimit must be a non-negative integer, got ${defaultOutputLimit}`);
+    }
+    if (!Number.isFinite(killGraceMs) || killGraceMs < 0) {
+      throw new ConfigError(`killGraceMs must be a non-negative number, got ${killGraceMs}`);
+    }
+    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv };
+  }
+
+  /**
+   * Runs every step of `spec` in order; the first step that does not succeed
+   * ends the task. Never rejects: every failure, including a malformed spec or
+   * a program that cannot be started, is an outcome. Resolves only after the
+   * last process exited, its output pipes closed and its process group is
+   * gone, so no chunk follows the outcome and nothing of the task survives it.
+   * The timeout (`spec.timeout`; absent or not positive: none) covers the
+   * whole task and counts from this call. Each step gets the same `stdin`.
+   */
+  run(spec: TaskSpec, io: RunIo): Promise<TaskOutcome> {
+    return new TaskRun(this.opts, spec, io).execute();
+  }
+}
+
+/** Why a task was stopped from outside its processes. */
+interface Stop {
+  state: TaskState;
+  message: string;
+}
+
+interface StepExit {
+  kind: "exited";
+  code: number | null;
+  signal: string | null;
+}
+type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined };
+
+interface PlannedStep {
+  label: string;
+  argv: string[];
+}
+
+/** The state of one `Executor.run`. */
+class TaskRun {
+  private seq = 0;
+  private delivered = 0;
+  private truncated = false;
+  private sinkBroken = false;
+  private stop: Stop | undefined;
+  /** Terminates the running step's process group; set while a step runs. */
+  private terminateCurrent: (() => void) | undefined;
+  private readonly limit: number;
+
+  constructor(
+    private readonly opts: ResolvedOptions,
+    private readonly spec: TaskSpec,
+    private readonly io: RunIo,
+  ) {
+    const specLimit = spec.outputLimitBytes;
+    this.limit =
+      specLimit > 0n
+        ? specLimit > BigInt(Number.MAX_SAFE_INTEGER)
+          ? Number.MAX_SAFE_INTEGER
+          : Number(specLimit)
+        : opts.defaultOutputLimit;
+  }
+
+  async execute(): Promise<TaskOutcome> {
+    const plan = planSteps(this.spec.steps);
+    if (typeof plan === "string") return this.outcome(TaskState.FAILED, plan);
+    const signal = this.io.signal;
+    if (signal?.aborted) return this.outcome(TaskState.CANCELLED, "cancelled before start");
+
+    const timeoutMs = this.spec.timeout ? durationMs(this.spec.timeout) : 0;
+    let timer: Timer | undefined;
+    if (timeoutMs > 0) {
+      timer = this.opts.clock.setTimeout(
+        () => this.requestStop({ state: TaskState.TIMED_OUT, message: `timed out after ${formatMs(timeoutMs)}` }),
+        timeoutMs,
+      );
+    }
+    const onAbort = () => this.requestStop({ state: TaskState.CANCELLED, message: "cancelled" });
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      return await this.runSteps(plan);
+    } finally {
+      timer?.cancel();
+      signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  private async runSteps(plan: PlannedStep[]): Promise<TaskOutcome> {
+    const env = buildEnv(this.opts.baseEnv ?? process.env, this.spec.env);
+    const cwd = this.spec.workingDir;
+    const prefix = (step: PlannedStep) => (plan.length > 1 ? `${step.label}: ` : "");
+    let last: StepExit | undefined;
+    for (const step of plan) {
+      if (this.stopped()) break;
+      const cwdProblem = await checkWorkingDir(cwd);
+      if (cwdProblem !== undefined) return this.outcome(TaskState.FAILED, cwdProblem);
+      if (this.stopped()) break;
+
+      const result = await this.runStep(step.argv, env, cwd);
+      const stop = this.stopped();
+      if (result.kind === "failed") {
+        if (stop) return this.outcome(stop.state, stop.message);
+        // A directory removed after the check makes spawn report ENOENT for
+        // the program; name the directory instead.
+        const cwdGone = result.code === "ENOENT" ? await checkWorkingDir(cwd) : undefined;
+        return this.outcome(TaskState.FAILED, cwdGone ?? prefix(step) + result.message);
+      }
+      last = result;
+      if (stop) break;
+      if (result.code !== 0) return this.outcome(TaskState.FAILED, prefix(step) + describeExit(result), result);
+    }
+    const stop = this.stopped();
+    if (stop) return this.outcome(stop.state, stop.message, last);
+    return this.outcome(TaskState.SUCCEEDED, last ? describeExit(last) : "succeeded", last);
+  }
+
+  /** Read through a method: the stop is set by timers and listeners while awaits are pending. */
+  private stopped(): Stop | undefined {
+    return this.stop;
+  }
+
+  /** Stops the task; the first reason wins. */
+  private requestStop(stop: Stop): void {
+    if (this.stop) return;
+    this.stop = stop;
+    this.terminateCurrent?.();
+  }
+
+  private outcome(state: TaskState, message: string, last?: StepExit): TaskOutcome {
+    const out: TaskOutcome = {
+      state,
+      message,
+      outputChunks: this.seq,
+      outputTruncated: this.truncated,
+    };
+    if (last?.code != null) out.exitCode = last.code;
+    if (last?.signal != null) out.signal = last.signal;
+    return out;
+  }
+
+  /** Emits one read from a pipe as chunks, applying the size bound and the output limit. */
+  private emit(stream: OutputStream, buf: Buffer): void {
+    for (let off = 0; off < buf.length; off += MAX_CHUNK_BYTES) {
+      if (this.sinkBroken || this.delivered >= this.limit) {
+        this.truncated = true;
+        return;
+      }
+      let piece = buf.subarray(off, Math.min(off + MAX_CHUNK_BYTES, buf.length));
+      const room = this.limit - this.delivered;
+      if (piece.length > room) {
+        piece = piece.subarray(0, room);
+        this.truncated = true;
+      }
+      try {
+        this.io.onOutput(stream, piece, this.seq + 1);
+      } catch (err) {
+        // Output that cannot be kept must not be silently lost while the
+        // process goes on: stop the task and say why.
+        this.sinkBroken = true;
+        this.truncated = true;
+        this.requestStop({ state: TaskState.FAILED, message: `output sink failed: ${errorText(err)}` });
+        return;
+      }
+      this.seq += 1;
+      this.delivered += piece.length;
+    }
+  }
+
+  /**
+   * Runs one process to completion: exit, both output pipes closed, and no
+   * live member left in its process group.
+   */
+  private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
+    const { clock, killGraceMs } = this.opts;
+    const program = argv[0] as string;
+    return new Promise<StepResult>((resolve) => {
+      let child: ChildProcess;
+      try {
+        child = spawn(program, argv.slice(1), {
+          cwd: cwd === "" ? undefined : cwd,
+          env,
+          detached: true,
+          stdio: ["pipe", "pipe", "pipe"],
+        });
+      } catch (err) {
+        // Invalid arguments (e.g. a NUL byte in argv or env) throw synchronously.
+        resolve({ kind: "failed", message: `spawn failed: ${errorText(err)}`, code: errorCode(err) });
+        return;
+      }
+      const stdin = child.stdin!;
+      const stdout = child.stdout!;
+      const stderr = child.stderr!;
+      const pid = child.pid;
+
+      let exit: { code: number | null; signal: string | null } | undefined;
+      let stdoutClosed = false;
+      let stderrClosed = false;
+      /** True once no live member is left in the group, or SIGKILL has been sent to it. */
+      let groupSettled = false;
+      let terminating = false;
+      let finished = false;
+      let killTimer: Timer | undefined;
+      let pollTimer: Timer | undefined;
+      let drainTimer: Timer | undefined;
+
+      const finish = (result: StepResult) => {
+        if (finished) return;
+        finished = true;
+        killTimer?.cancel();
+        pollTimer?.cancel();
+        drainTimer?.cancel();
+        this.terminateCurrent = undefined;
+        resolve(result);
+      };
+
+      const tryFinish = () => {
+        if (finished || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
+        if (!groupSettled && !groupHasLiveMember(pid)) groupSettled = true;
+        if (groupSettled) {
+          finish({ kind: "exited", code: exit.code, signal: exit.signal });
+          return;
+        }
+        // Leftovers that closed their output (e.g. `cmd >/dev/null &`) get
+        // the same SIGTERM, grace, SIGKILL as on a timeout. No event tells
+        // when they are gone, so look again now and then during the grace.
+        terminate();
+        if (!finished && pollTimer === undefined) {
+          pollTimer = clock.setTimeout(() => {
+            pollTimer = undefined;
+            tryFinish();
+          }, Math.min(GROUP_POLL_MS, killGraceMs));
+        }
+      };
+
+      const escalate = () => {
+        killTimer = undefined;
+        if (pid === undefined || finished) return;
+        if (groupHasLiveMember(pid)) signalGroup(pid, "SIGKILL");
+        groupSettled = true;
+        if (!stdoutClosed || !stderrClosed) {
+          // Only a process that left the group (setsid) can still hold the
+          // pipes now; it is out of reach, so stop waiting for its output.
+          drainTimer = clock.setTimeout(() => {
+            drainTimer = undefined;
+            stdout.destroy();
+            stderr.destroy();
+          }, killGraceMs);
+        }
+        tryFinish();
+      };
+
+      const terminate = () => {
+        if (terminating || finished || pid === undefined) return;
+        terminating = true;
+        if (!signalGroup(pid, "SIGTERM")) {
+          groupSettled = true;
+          tryFinish();
+          return;
+        }
+        killTimer = clock.setTimeout(escalate, killGraceMs);
+      };
+
+      const pipe = (stream: Readable, tag: OutputStream, onClose: () => void) => {
+        stream.on("data", (buf: Buffer) => this.emit(tag, buf));
+        // A read error is followed by 'close'; the handler only keeps it from
+        // becoming an uncaught exception.
+        stream.on("error", () => {});
+        stream.on("close", () => {
+          onClose();
+          tryFinish();
+        });
+      };
+      pipe(stdout, OutputStream.STDOUT, () => (stdoutClosed = true));
+      pipe(stderr, OutputStream.STDERR, () => (stderrClosed = true));
+
+      child.on("error", (err) => {
+        // Only spawn failures leave pid unset; the executor never uses
+        // child.kill, so no other 'error' concerns the outcome.
+        if (child.pid !== undefined) return;
+        stdin.destroy();
+        stdout.destroy();
+        stderr.destroy();
+        const code = errorCode(err);
+        finish({
+          kind: "failed",
+          message: code ? `spawn ${code}: ${program}` : `spawn failed: ${program}: ${errorText(err)}`,
+          code,
+        });
+      });
+
+      child.on("exit", (code, signal) => {
+        exit = { code, signal };
+        // Members still holding the pipes would keep the step open forever.
+        if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
+        else terminate();
+        tryFinish();
+      });
+
+      // The child may exit without reading its input (EPIPE): that is the
+      // child's business, not a failure of the task.
+      stdin.on("error", () => {});
+      const input = this.spec.stdin;
+      if (input.length > 0) stdin.end(input);
+      else stdin.end();
+
+      if (pid === undefined) return;
+      this.terminateCurrent = terminate;
+      if (this.stop) {
+        terminate();
+        return;
+      }
+      try {
+        this.io.onStart?.(pid);
+      } catch (err) {
+        this.requestStop({ state: TaskState.FAILED, message: `start callback failed: ${errorText(err)}` });
+      }
+    });
+  }
+}
+
+/** Turns the steps into argv lists, or returns why the spec cannot run. */
+function planSteps(steps: Step[]): PlannedStep[] | string {
+  if (steps.length === 0) return "task has no steps";
+  const plan: PlannedStep[] = [];
+  for (const [i, step] of steps.entries()) {
+    const label = step.name ? `step ${i + 1} (${step.name})` : `step ${i + 1}`;
+    const tool = step.tool;
+    switch (tool.case) {
+      case "exec": {
+        const argv = tool.value.argv;
+        if (argv.length === 0 || argv[0] === "") return `${label}: exec tool has an empty argv`;
+        plan.push({ label, argv: [...argv] });
+        break;
+      }
+      case "shell": {
+        const { script, interpreter } = tool.value;
+        if (script.trim() === "") return `${label}: shell tool has an empty script`;
+        const prefix = interpreter.length > 0 ? interpreter : DEFAULT_INTERPRETER;
+        if (prefix[0] === "") return `${label}: shell interpreter has an empty program name`;
+        plan.push({ label, argv: [...prefix, script] });
+        break;
+      }
+      default:
+        return `${label}: no tool given`;
+    }
+  }
+  return plan;
+}
+
+function buildEnv(
+  base: Readonly<Record<string, string | undefined>>,
+  overlay: { [key: string]: string },
+): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [key, value] of Object.entries(base)) {
+    if (value !== undefined) env[key] = value;
+  }
+  return Object.assign(env, overlay);
+}
+
+/** Checks the working directory first, because spawn reports a missing one as a missing program. */
+async function checkWorkingDir(dir: string): Promise<string | undefined> {
+  if (dir === "") return undefined;
+  try {
+    const st = await stat(dir);
+    return st.isDirectory() ? undefined : `working directory is not a directory: ${dir}`;
+  } catch (err) {
+    const code = errorCode(err);
+    if (code === "ENOENT" || code === "ENOTDIR") return `working directory does not exist: ${dir}`;
+    return `working directory is not usable: ${dir}: ${code ?? errorText(err)}`;
+  }
+}
+
+/** Sends sig (0: only probe) to every member of the group; false when the group no longer exists. */
+function signalGroup(pgid: number, sig: NodeJS.Signals | 0): boolean {
+  try {
+    process.kill(-pgid, sig);
+    return true;
+  } catch (err) {
+    // EPERM: some member runs as another user (e.g. a setuid program); the
+    // group exists but is beyond reach.
+    return errorCode(err) !== "ESRCH";
+  }
+}
+
+/**
+ * True when the group has a member that is neither a zombie nor already
+ * inside exit(). kill(-pgid, 0) alone counts zombies, which never go away
+ * under an init that does not reap orphans (common in containers), and
+ * processes whose death is under way; on Linux /proc tells them apart.
+ */
+function groupHasLiveMember(pgid: number): boolean {
+  if (!signalGroup(pgid, 0)) return false;
+  if (process.platform !== "linux") return true;
+  let entries: string[];
+  try {
+    entries = readdirSync("/proc");
+  } catch {
+    return true;
+  }
+  for (const entry of entries) {
+    if (!/^\d+$/.test(entry)) continue;
+    let line: string;
+    try {
+      line = readFileSync(`/proc/${entry}/stat`, "latin1");
+    } catch {
+      continue; // exited while we looked
+    }
+    // "pid (comm) state ppid pgrp session tty tpgid flags …"; comm may
+    // contain spaces and parentheses, so count from the last ")".
+    const fields = line.slice(line.lastIndexOf(")") + 2).split(" ");
+    if (Number(fields[2]) !== pgid) continue;
+    const state = fields[0];
+    if (state === "Z" || state === "X" || (Number(fields[6]) & PF_EXITING) !== 0) continue;
+    return true;
+  }
+  return false;
+}
+
+function describeExit(result: StepExit): string {
+  if (result.code !== null) return `exit code ${result.code}`;
+  return `killed by signal ${result.signal ?? "unknown"}`;
+}
+
+function formatMs(ms: number): string {
+  if (ms < 1000) return `${Math.round(ms)}ms`;
+  return `${Number((ms / 1000).toFixed(3))}s`;
+}
+
+function errorCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

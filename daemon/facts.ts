@@ -1,0 +1,37 @@
+import { create } from "@bufbuild/protobuf";
+import { readFileSync } from "node:fs";
+import os from "node:os";
+import { HostFactsSchema, type HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+
+export const DAEMON_VERSION = "0.1.0";
+export const TOOLS = ["exec", "shell"] as const;
+
+/** The os family from /etc/os-release (debian, rhel, ...), or the platform elsewhere. */
+function osFamily(): string {
+  try {
+    const text = readFileSync("/etc/os-release", "utf8");
+    const value = (key: string) => text.match(new RegExp(`^${key}=\"?([^\"\\n]*)`, "m"))?.[1];
+    const like = value("ID_LIKE")?.split(/\s+/)[0];
+    return like || value("ID") || os.platform();
+  } catch {
+    return os.platform();
+  }
+}
+
+/** What this host reports about itself when it connects. */
+export function collectFacts(): HostFacts {
+  const addresses = Object.values(os.networkInterfaces())
+    .flat()
+    .filter((a): a is os.NetworkInterfaceInfo => a !== undefined && !a.internal)
+    .map((a) => a.address);
+  return create(HostFactsSchema, {
+    os: os.platform(),
+    osFamily: osFamily(),
+    arch: os.arch(),
+    kernel: os.release(),
+    hostname: os.hostname(),
+    addresses,
+    daemonVersion: DAEMON_VERSION,
+    tools: [...TOOLS],
+  });
+}

@@ -1,0 +1,85 @@
+import type { AddressInfo } from "node:net";
+import { readCredentials } from "../certs/files.js";
+import { identityFromCertificate, requireRole } from "../certs/identity.js";
+import { Backoff } from "../common/backoff.js";
+import { systemClock, type Clock } from "../common/clock.js";
+import type { Resolved, Schema } from "../common/config.js";
+import { clientFor, openChannel } from "../common/connect-dial.js";
+import { openFrameLink, serveFrameLink } from "../common/connect-link.js";
+import { createRpcServer } from "../common/connect-server.js";
+import { ConfigError } from "../common/errors.js";
+import { parseHostPort, type Service } from "../common/lifecycle.js";
+import type { Logger } from "../common/logger.js";
+import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
+import { ProxyLinkService, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { requireFiles } from "../controller/main.js";
+import { ProxyCore } from "./proxy.js";
+import { MemoryProxyStore } from "./store.js";
+
+export const proxySchema = {
+  listen: { type: "string", default: "127.0.0.1:7444", doc: "address daemons connect to (host:port; port 0 picks one)" },
+  controller: { type: "string", doc: "controller address (host:port)" },
+  cert: { type: "string", doc: "proxy certificate (PEM); its identity names the proxy and its region" },
+  key: { type: "string", doc: "proxy private key (PEM)" },
+  ca: { type: "string", doc: "mesh CA certificate (PEM)" },
+  heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on both links" },
+  grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
+  readyFile: { type: "string", doc: "file written with the listening address once running" },
+  logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
+} satisfies Schema;
+
+export type ProxyConfig = Resolved<typeof proxySchema>;
+
+/** Wires the proxy: serves daemons, and keeps dialling the controller. */
+export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: AddressInfo; core: ProxyCore }> {
+  if (!config.controller) throw new ConfigError("controller is required (--controller HOST:PORT or REXMESH_CONTROLLER)");
+  const controllerAddress = config.controller;
+  const creds = readCredentials(requireFiles(config));
+  const me = requireRole(identityFromCertificate(creds.certPem), "proxy");
+  const { host, port } = parseHostPort(config.listen, "listen");
+  log = log.child({ proxy: me.id, region: me.scope });
+  const core = new ProxyCore({ name: me.id, region: me.scope, clock, store: new MemoryProxyStore(), log, heartbeatMs: config.heartbeat });
+  const server = createRpcServer({
+    creds,
+    log,
+    routes: (router) =>
+      router.service(AgentLinkService, {
+        agentStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => core.serveHost(link, peer)),
+      }),
+  });
+  const address = await server.listen(host, port);
+
+  const stop = new AbortController();
+  const uplink = (async () => {
+    const backoff = new Backoff({ initialMs: 500, maxMs: 30_000 });
+    while (!stop.signal.aborted) {
+      const channel = openChannel(controllerAddress, creds, ["controller"]);
+      const client = clientFor(ProxyLinkService, channel);
+      const link = openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), (err) => channel.close(err));
+      const onStop = () => link.close();
+      stop.signal.addEventListener("abort", onStop);
+      const started = clock.now();
+      try {
+        await core.serveController(link);
+      } catch (err) {
+        if (!stop.signal.aborted) log.warn("controller link failed", { controller: controllerAddress, err });
+      } finally {
+        stop.signal.removeEventListener("abort", onStop);
+        link.close();
+      }
+      if (clock.now() - started > 10_000) backoff.reset();
+      await clock.sleep(backoff.next(), stop.signal).catch(() => undefined);
+    }
+  })();
+
+  return {
+    address,
+    core,
+    info: { role: "proxy", name: me.id, region: me.scope, address: `${address.address}:${address.port}` },
+    async stop(graceMs) {
+      stop.abort();
+      core.stop();
+      await Promise.all([server.close(graceMs), uplink]);
+    },
+  };
+}
