@@ -1,0 +1,229 @@
+import { execFile } from "node:child_process";
+import http2 from "node:http2";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import * as grpc from "@grpc/grpc-js";
+import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
+import { credentialPaths, readCredentials, writeCredentials, type CredentialPaths } from "../../certs/files.js";
+import type { PeerIdentity } from "../../certs/identity.js";
+import { systemClock } from "../../common/clock.js";
+import { AsyncQueue } from "../../common/async-queue.js";
+import { clientFor, openChannel } from "../../common/connect-dial.js";
+import { LocalMesh } from "../../cli/launcher.js";
+import { AgentLinkService, AgentStreamRequestSchema } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import {
+  ControllerService,
+  ListHostsRequestSchema,
+  ListHostsResponseSchema,
+  SubmitJobRequestSchema,
+  SubmitJobResponseSchema,
+  WatchJobRequestSchema,
+  WatchJobResponseSchema,
+} from "../../gen/rexmesh/v1/controller_pb.js";
+import { ProxyLinkService, ProxyStreamRequestSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { tempDir } from "./support.js";
+
+const run = promisify(execFile);
+
+/**
+ * Every server requires a client certificate from the mesh CA, and each
+ * service accepts only the roles it is for. The public API speaks gRPC to
+ * any gRPC client and Connect/JSON to curl.
+ */
+describe("authentication and the public API", () => {
+  const dir = tempDir("auth");
+  const mesh = new LocalMesh({ dir, regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
+  let hostCreds: CredentialPaths;
+  let proxyCreds: CredentialPaths;
+  let foreignOperator: CredentialPaths;
+
+  beforeAll(async () => {
+    await mesh.start();
+    await mesh.waitForHosts(1);
+    hostCreds = credentialPaths(join(dir, "hosts", "east-1"), "h1");
+    proxyCreds = credentialPaths(join(dir, "identities"), "proxy-east");
+    // An operator certificate from another CA: well formed, wrong issuer.
+    const otherCa = createCa({ clock: systemClock, commonName: "someone else" });
+    const identity: PeerIdentity = { role: "operator", scope: "default", id: "mallory" };
+    writeCredentials(join(dir, "foreign"), "mallory", issueKeyAndCertificate(otherCa, { clock: systemClock, identity, validityMs: 3_600_000 }));
+    // Trusts the real CA (so the server is verified) but presents the foreign certificate.
+    foreignOperator = { ...credentialPaths(join(dir, "foreign"), "mallory"), ca: mesh.operator.ca };
+  });
+
+  afterAll(() => mesh.stop());
+
+  const controllerWith = (paths: CredentialPaths) => {
+    const channel = openChannel(mesh.controllerAddress, readCredentials(paths), ["controller"]);
+    return { client: clientFor(ControllerService, channel), close: () => channel.close() };
+  };
+
+  async function codeOf(p: Promise<unknown>): Promise<Code> {
+    try {
+      await p;
+    } catch (err) {
+      return ConnectError.from(err).code;
+    }
+    throw new Error("the call succeeded");
+  }
+
+  it("refuses a host certificate on the operator API", async () => {
+    const { client, close } = controllerWith(hostCreds);
+    try {
+      const err = await client.listHosts({}).catch((e) => ConnectError.from(e));
+      expect(err).toBeInstanceOf(ConnectError);
+      expect((err as ConnectError).code).toBe(Code.PermissionDenied);
+      expect((err as ConnectError).rawMessage).toMatch(/a host certificate cannot be used here/);
+    } finally {
+      close();
+    }
+  });
+
+  it("refuses a proxy certificate on the operator API", async () => {
+    const { client, close } = controllerWith(proxyCreds);
+    try {
+      expect(await codeOf(client.listHosts({}))).toBe(Code.PermissionDenied);
+    } finally {
+      close();
+    }
+  });
+
+  it("refuses a host certificate where a proxy is expected (ProxyLink)", async () => {
+    const channel = openChannel(mesh.controllerAddress, readCredentials(hostCreds), ["controller"]);
+    const client = clientFor(ProxyLinkService, channel);
+    const out = new AsyncQueue<ReturnType<typeof create<typeof ProxyStreamRequestSchema>>>();
+    out.push(create(ProxyStreamRequestSchema, { hello: { name: "h1", region: "default" } }));
+    try {
+      const code = await codeOf((async () => { for await (const _ of client.proxyStream(out)) { /* drain */ } })());
+      expect(code).toBe(Code.PermissionDenied);
+    } finally {
+      out.close();
+      channel.close();
+    }
+  });
+
+  it("refuses an operator certificate where a host is expected (AgentLink)", async () => {
+    const proxyAddress = mesh.proxies[0]!.address!;
+    const channel = openChannel(proxyAddress, readCredentials(mesh.operator), ["proxy"]);
+    const client = clientFor(AgentLinkService, channel);
+    const out = new AsyncQueue<ReturnType<typeof create<typeof AgentStreamRequestSchema>>>();
+    out.push(create(AgentStreamRequestSchema, { hello: { hostId: "dev" }, credits: 1 }));
+    try {
+      const code = await codeOf((async () => { for await (const _ of client.agentStream(out)) { /* drain */ } })());
+      expect(code).toBe(Code.PermissionDenied);
+    } finally {
+      out.close();
+      channel.close();
+    }
+  });
+
+  it("refuses a host whose hello claims another host's id", async () => {
+    const channel = openChannel(mesh.proxies[0]!.address!, readCredentials(hostCreds), ["proxy"]);
+    const client = clientFor(AgentLinkService, channel);
+    const out = new AsyncQueue<ReturnType<typeof create<typeof AgentStreamRequestSchema>>>();
+    out.push(create(AgentStreamRequestSchema, { hello: { hostId: "h2" }, credits: 1 }));
+    try {
+      const err = await (async () => { for await (const _ of client.agentStream(out)) { /* drain */ } })().catch((e) => ConnectError.from(e));
+      expect((err as ConnectError).code).toBe(Code.PermissionDenied);
+      expect((err as ConnectError).rawMessage).toMatch(/claims host "h2" but the certificate is for host "h1"/);
+    } finally {
+      out.close();
+      channel.close();
+    }
+  });
+
+  it("refuses a certificate from another CA during the TLS handshake", async () => {
+    const { client, close } = controllerWith(foreignOperator);
+    try {
+      const err = ConnectError.from(await client.listHosts({}).then(() => new Error("succeeded"), (e) => e));
+      expect(err.code).not.toBe(Code.PermissionDenied); // never reached a handler
+      expect(err.message).toMatch(/unknown ca|certificate|alert|ECONNRESET|socket hang up|closed/i);
+    } finally {
+      close();
+    }
+  });
+
+  it("refuses TLS without a client certificate", async () => {
+    const ca = readCredentials(mesh.operator).caPem;
+    const session = http2.connect(`https://${mesh.controllerAddress}`, { ca });
+    const outcome = await new Promise<string>((resolve) => {
+      session.on("error", (e) => resolve(`error: ${e.message}`));
+      const req = session.request({ ":method": "POST", ":path": "/rexmesh.v1.ControllerService/ListHosts", "content-type": "application/json" });
+      req.on("response", (h) => resolve(`response ${h[":status"]}`));
+      req.on("error", (e) => resolve(`error: ${e.message}`));
+      req.end("{}");
+    });
+    session.destroy();
+    expect(outcome).toMatch(/^error: .*(certificate required|alert|ECONNRESET|closed|socket)/i);
+  });
+
+  it("refuses curl without a client certificate", async () => {
+    const r = await run("curl", ["-sS", "--cacert", mesh.operator.ca, "-H", "Content-Type: application/json", "-d", "{}", `https://${mesh.controllerAddress}/rexmesh.v1.ControllerService/ListHosts`]).then(
+      () => "ok",
+      (e: { code: number; stderr: string }) => `exit ${e.code}: ${e.stderr}`,
+    );
+    expect(r).toMatch(/^exit \d+: .*(alert|certificate|reset|SSL)/i);
+  });
+
+  it("answers a plain @grpc/grpc-js client: unary and server streaming", async () => {
+    const files = readCredentials(mesh.operator);
+    const creds = grpc.credentials.createSsl(Buffer.from(files.caPem), Buffer.from(files.keyPem), Buffer.from(files.certPem));
+    const client = new grpc.Client(mesh.controllerAddress, creds);
+    try {
+      const unary = <Req, Res>(method: string, req: Req, ser: (r: Req) => Uint8Array, de: (b: Uint8Array) => Res) =>
+        new Promise<Res>((resolve, reject) =>
+          client.makeUnaryRequest(`/rexmesh.v1.ControllerService/${method}`, (r: Req) => Buffer.from(ser(r)), (b: Buffer) => de(b), req, (err, res) => (err ? reject(err) : resolve(res!))),
+        );
+      const hosts = await unary("ListHosts", create(ListHostsRequestSchema), (r) => toBinary(ListHostsRequestSchema, r), (b) => fromBinary(ListHostsResponseSchema, b));
+      expect(hosts.hosts.map((h) => h.id)).toEqual(["h1"]);
+      const submitted = await unary(
+        "SubmitJob",
+        create(SubmitJobRequestSchema, { hostIds: ["h1"], steps: [{ tool: { case: "exec", value: { argv: ["echo", "via grpc-js"] } } }] }),
+        (r) => toBinary(SubmitJobRequestSchema, r),
+        (b) => fromBinary(SubmitJobResponseSchema, b),
+      );
+      const stream = client.makeServerStreamRequest(
+        "/rexmesh.v1.ControllerService/WatchJob",
+        (r: ReturnType<typeof create<typeof WatchJobRequestSchema>>) => Buffer.from(toBinary(WatchJobRequestSchema, r)),
+        (b: Buffer) => fromBinary(WatchJobResponseSchema, b),
+        create(WatchJobRequestSchema, { jobId: submitted.job!.id }),
+      );
+      let text = "";
+      let final: TaskState | undefined;
+      for await (const batch of stream as AsyncIterable<ReturnType<typeof fromBinary<typeof WatchJobResponseSchema>>>) {
+        for (const c of batch.output) text += Buffer.from(c.data).toString();
+        for (const t of batch.tasks) final = t.state;
+      }
+      expect(text).toBe("via grpc-js\n");
+      expect(final).toBe(TaskState.SUCCEEDED);
+    } finally {
+      client.close();
+    }
+  });
+
+  it("answers a Connect/JSON POST from curl", async () => {
+    const base = `https://${mesh.controllerAddress}/rexmesh.v1.ControllerService`;
+    const curl = async (method: string, body: string) => {
+      const { stdout } = await run("curl", [
+        "-sS", "--fail-with-body",
+        "--cert", mesh.operator.cert, "--key", mesh.operator.key, "--cacert", mesh.operator.ca,
+        "-H", "Content-Type: application/json",
+        "-d", body,
+        `${base}/${method}`,
+      ]);
+      return JSON.parse(stdout);
+    };
+    const hosts = await curl("ListHosts", "{}");
+    expect(hosts.hosts.map((h: { id: string }) => h.id)).toEqual(["h1"]);
+    expect(hosts.hosts[0].connection).toBe("CONNECTION_STATE_CONNECTED");
+    const submitted = await curl("SubmitJob", JSON.stringify({ hostIds: ["h1"], steps: [{ exec: { argv: ["echo", "via curl"] } }] }));
+    expect(submitted.job.id).toMatch(/^j/);
+    expect(submitted.job.taskCount).toBe(1);
+    // Unknown job: a Connect error with the right code, as JSON.
+    const notFound = await run("curl", ["-sS", "--cert", mesh.operator.cert, "--key", mesh.operator.key, "--cacert", mesh.operator.ca, "-H", "Content-Type: application/json", "-d", '{"jobId":"nope"}', `${base}/GetJob`]);
+    expect(JSON.parse(notFound.stdout)).toMatchObject({ code: "not_found" });
+  });
+});

@@ -1,0 +1,104 @@
+import { createHash } from "node:crypto";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { LocalMesh } from "../../cli/launcher.js";
+import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { clientOf, collectJob, hostIds, isAlive, tempDir } from "./support.js";
+
+/**
+ * The whole mesh as real processes over mTLS on 127.0.0.1:0: one
+ * controller, two proxies in two regions, and 20 daemons, each its own
+ * process, identity and stream.
+ */
+describe("a mesh of real processes", () => {
+  const hosts = hostIds(20);
+  const regions = ["east", "west"];
+  const mesh = new LocalMesh({
+    dir: tempDir("mesh"),
+    regions,
+    hosts: hosts.map((id, i) => ({ id, region: regions[i % 2]! })),
+    hostsPerProcess: 1,
+    daemonArgs: ["--kill-grace", "1s"],
+  });
+  let conn: ReturnType<typeof clientOf>;
+
+  beforeAll(async () => {
+    await mesh.start();
+    await mesh.waitForHosts(hosts.length);
+    conn = clientOf(mesh);
+  });
+
+  afterAll(async () => {
+    conn?.close();
+    await mesh.stop();
+  });
+
+  it("runs 20 daemons as separate processes behind two proxies", async () => {
+    expect(new Set(mesh.daemons.map((d) => d.proc.pid)).size).toBe(20);
+    const { hosts: listed } = await conn.client.listHosts({});
+    expect(listed.map((h) => h.id).sort()).toEqual(hosts);
+    for (const h of listed) expect(h.region).toBe(regions[hosts.indexOf(h.id) % 2]);
+    expect(new Set(listed.map((h) => h.proxy))).toEqual(new Set(["proxy-east", "proxy-west"]));
+  });
+
+  it("runs a command on every host and returns each host's output and exit code", async () => {
+    const script = 'echo "out:$REXMESH_HOST_ID"; echo "err:$REXMESH_HOST_ID" >&2; case $REXMESH_HOST_ID in h05) exit 3;; h13) exit 7;; esac';
+    const { job } = await conn.client.submitJob(
+      create(SubmitJobRequestSchema, { allHosts: true, steps: [{ tool: { case: "shell", value: { script } } }] }),
+    );
+    const r = await collectJob(conn.client, job!.id);
+    expect(r.tasks.size).toBe(20);
+    for (const h of hosts) {
+      const t = r.tasks.get(h)!;
+      const want = h === "h05" ? 3 : h === "h13" ? 7 : 0;
+      expect(t.exitCode, h).toBe(want);
+      expect(t.state, h).toBe(want === 0 ? TaskState.SUCCEEDED : TaskState.FAILED);
+      expect(r.stdout.get(h)?.toString(), h).toBe(`out:${h}\n`);
+      expect(r.stderr.get(h)?.toString(), h).toBe(`err:${h}\n`);
+      expect(t.region).toBe(regions[hosts.indexOf(h) % 2]);
+    }
+  });
+
+  it("delivers 10 MiB of binary stdout byte-identical (SHA-256)", async () => {
+    // The host hashes what it writes and reports the digest on stderr.
+    const script = 'f=$(mktemp); head -c 10485760 /dev/urandom > "$f"; sha256sum "$f" | cut -d" " -f1 >&2; cat "$f"; rm -f "$f"';
+    const { job } = await conn.client.submitJob(
+      create(SubmitJobRequestSchema, { hostIds: ["h04"], steps: [{ tool: { case: "shell", value: { script } } }] }),
+    );
+    const r = await collectJob(conn.client, job!.id);
+    expect(r.tasks.get("h04")!.state).toBe(TaskState.SUCCEEDED);
+    const out = r.stdout.get("h04")!;
+    expect(out.length).toBe(10 * 1024 * 1024);
+    expect(createHash("sha256").update(out).digest("hex")).toBe(r.stderr.get("h04")!.toString().trim());
+    const seqs = r.seqs.get("h04")!;
+    expect(seqs).toEqual(seqs.map((_, i) => i + 1));
+  });
+
+  it("times out a command and leaves nothing of its process group alive", async () => {
+    // A child that ignores SIGTERM and a background grandchild: both must die.
+    const script = 'sleep 1000 & echo "bg:$!"; sh -c \'trap "" TERM; echo "trap:$$"; exec sleep 1000\' & wait';
+    const { job } = await conn.client.submitJob(
+      create(SubmitJobRequestSchema, {
+        hostIds: ["h07", "h08"],
+        timeout: durationFromMs(1500),
+        steps: [{ tool: { case: "shell", value: { script } } }],
+      }),
+    );
+    const r = await collectJob(conn.client, job!.id);
+    for (const h of ["h07", "h08"]) {
+      const t = r.tasks.get(h)!;
+      expect(t.state, h).toBe(TaskState.TIMED_OUT);
+      const pids = [...r.stdout.get(h)!.toString().matchAll(/(?:bg|trap):(\d+)/g)].map((m) => Number(m[1]));
+      expect(pids.length, h).toBe(2);
+      for (const pid of pids) expect(isAlive(pid), `${h} pid ${pid}`).toBe(false);
+    }
+  });
+
+  it("reports an unknown host as NOT_FOUND and runs nothing", async () => {
+    await expect(
+      conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h01", "nope"], steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] })),
+    ).rejects.toMatchObject({ code: 5, rawMessage: "unknown host: nope" });
+  });
+});

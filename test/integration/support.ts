@@ -1,0 +1,70 @@
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Client } from "@connectrpc/connect";
+import { operatorClient } from "../../cli/client.js";
+import type { LocalMesh } from "../../cli/launcher.js";
+import type { ControllerService, Job, Task } from "../../gen/rexmesh/v1/controller_pb.js";
+import { OutputStream } from "../../gen/rexmesh/v1/task_pb.js";
+
+export function tempDir(prefix: string): string {
+  return mkdtempSync(join(tmpdir(), `rexmesh-${prefix}-`));
+}
+
+export function clientOf(mesh: LocalMesh) {
+  return operatorClient({}, mesh.exports());
+}
+
+export interface JobResult {
+  job: Job;
+  /** By host id. */
+  tasks: Map<string, Task>;
+  stdout: Map<string, Buffer>;
+  stderr: Map<string, Buffer>;
+  /** Output seqs seen per host, to check contiguity. */
+  seqs: Map<string, number[]>;
+}
+
+/** Watches a job to the end and gathers every host's output, as a client would. */
+export async function collectJob(client: Client<typeof ControllerService>, jobId: string, signal?: AbortSignal): Promise<JobResult> {
+  const hostOf = new Map<string, string>();
+  const result: JobResult = { job: undefined as unknown as Job, tasks: new Map(), stdout: new Map(), stderr: new Map(), seqs: new Map() };
+  const parts = new Map<string, Buffer[]>();
+  for await (const batch of client.watchJob({ jobId }, { signal })) {
+    if (batch.job) result.job = batch.job;
+    for (const t of batch.tasks) {
+      hostOf.set(t.id, t.hostId);
+      result.tasks.set(t.hostId, t);
+    }
+    for (const c of batch.output) {
+      const host = hostOf.get(c.taskId)!;
+      const key = `${host}\0${c.stream === OutputStream.STDERR ? "err" : "out"}`;
+      let list = parts.get(key);
+      if (!list) parts.set(key, (list = []));
+      list.push(Buffer.from(c.data));
+      let seqs = result.seqs.get(host);
+      if (!seqs) result.seqs.set(host, (seqs = []));
+      seqs.push(Number(c.seq));
+    }
+  }
+  for (const [key, list] of parts) {
+    const [host, stream] = key.split("\0") as [string, string];
+    (stream === "err" ? result.stderr : result.stdout).set(host, Buffer.concat(list));
+  }
+  return result;
+}
+
+/** Alive means it exists and is not a zombie (this sandbox's init does not reap orphans). */
+export function isAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+}
+
+export function hostIds(n: number, prefix = "h"): string[] {
+  return Array.from({ length: n }, (_, i) => `${prefix}${String(i + 1).padStart(2, "0")}`);
+}
