@@ -227,13 +227,24 @@ export class LocalMesh {
     }
   }
 
-  /** Restarts a stopped role process with the same arguments. */
+  /**
+   * Restarts a stopped role process with the same arguments and, for a
+   * server, on the same address, so that its peers find it again.
+   */
   async restart(p: RoleProcess): Promise<void> {
+    const listen = p.args.indexOf("--listen");
+    if (listen >= 0 && p.info?.address) p.args[listen + 1] = String(p.info.address);
     rmSync(p.readyFile, { force: true });
     const fd = openSync(p.logFile, "a");
     p.proc = spawn(process.execPath, p.args, { stdio: ["ignore", fd, fd], env: cleanEnv() });
     closeSync(fd);
     await this.ready(p);
+  }
+
+  /** Resolves when a role process has exited. */
+  exited(p: RoleProcess): Promise<void> {
+    if (p.proc.exitCode !== null || p.proc.signalCode !== null) return Promise.resolve();
+    return new Promise((resolve) => p.proc.once("exit", () => resolve()));
   }
 
   all(): RoleProcess[] {

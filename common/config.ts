@@ -105,7 +105,7 @@ export function resolveConfig<S extends Schema>(
   }
   const filePath = sources.filePath ?? "config file";
   for (const [key, raw] of Object.entries(sources.file ?? {})) {
-    const field = schema[key];
+    const field = Object.hasOwn(schema, key) ? schema[key] : undefined;
     if (!field) {
       const known = Object.keys(schema).join(", ");
       throw new ConfigError(`${filePath}: unknown key ${JSON.stringify(key)} (known keys: ${known})`);
@@ -118,7 +118,7 @@ export function resolveConfig<S extends Schema>(
     if (raw !== undefined && raw !== "") out[key] = convert(key, field, raw, `environment ${name}`);
   }
   for (const [key, raw] of Object.entries(sources.flags ?? {})) {
-    const field = schema[key];
+    const field = Object.hasOwn(schema, key) ? schema[key] : undefined;
     if (!field) throw new ConfigError(`unknown option --${flagName(key)}`);
     out[key] = convert(key, field, raw, `option --${flagName(key)}`);
   }

@@ -21,9 +21,12 @@ export function parseDuration(text: string, what = "duration"): number {
 }
 
 export function formatDuration(ms: number): string {
-  if (ms < 1000) return `${ms}ms`;
-  if (ms < 60_000) return `${+(ms / 1000).toFixed(2)}s`;
-  const m = Math.floor(ms / 60_000);
-  const s = Math.round((ms % 60_000) / 1000);
+  if (ms < 1000) return `${Math.round(ms)}ms`;
+  const seconds = +(ms / 1000).toFixed(2);
+  if (seconds < 60) return `${seconds}s`;
+  // Round to whole seconds first, so that 119.5 s is 2m, never 1m60s.
+  const total = Math.round(ms / 1000);
+  const m = Math.floor(total / 60);
+  const s = total % 60;
   return s ? `${m}m${s}s` : `${m}m`;
 }

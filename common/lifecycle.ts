@@ -33,6 +33,9 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
   let state: ServiceState = "starting";
   let service: Service | undefined;
   let stopping: Promise<void> | undefined;
+  // Timers inside the roles are unref'd; a running service must not end just
+  // because its only pending work is a backoff sleep while a peer is down.
+  const keepAlive = setInterval(() => {}, 1 << 30);
 
   const onSignal = (signal: NodeJS.Signals) => {
     if (stopping) {
@@ -48,6 +51,7 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
     force.unref();
     stopping = (service ? service.stop(graceMs) : Promise.resolve()).then(
       () => {
+        clearInterval(keepAlive);
         state = "stopped";
         log.info("stopped");
         process.exit(0);
@@ -66,6 +70,7 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
   } catch (err) {
     log.error("start failed", { err });
     process.exitCode = 1;
+    clearInterval(keepAlive);
     process.off("SIGTERM", onSignal);
     process.off("SIGINT", onSignal);
     throw err;

@@ -74,8 +74,14 @@ export class JobManager {
   private readonly proxies = new Map<string, ProxyPort>();
   /** Tasks at the controller not yet taken by a proxy, by host. */
   private readonly pendingByHost = new Map<string, Set<string>>();
-  /** Task id → proxy it was last sent to, while the proxy has not confirmed it. */
+  /** Task id → proxy it was sent to on the current stream, while the proxy has not confirmed it. */
   private readonly sentTo = new Map<string, string>();
+  /**
+   * Task id → proxies it was ever sent to while unconfirmed. Unlike sentTo it
+   * survives a lost stream: such a task may have arrived, so a cancel must go
+   * through that proxy (which answers even for tasks it never got).
+   */
+  private readonly mayHaveReached = new Map<string, Set<string>>();
   private readonly watchers = new Map<string, Set<(taskId?: string) => void>>();
   private readonly deadlineTimers = new Map<string, Timer>();
   /** Serializes updates of one task so concurrent writes never reorder. */
@@ -107,14 +113,22 @@ export class JobManager {
   proxyConnected(port: ProxyPort): void {
     const prev = this.proxies.get(port.name);
     this.proxies.set(port.name, port);
-    if (prev && prev !== port) this.log.info("proxy link replaced", { proxy: port.name });
+    if (prev && prev !== port) {
+      // What was sent on the old stream may be lost; the new stream gets it again (the proxy drops duplicates).
+      this.forgetSent(port.name);
+      this.log.info("proxy link replaced", { proxy: port.name });
+    }
+  }
+
+  private forgetSent(proxy: string): void {
+    for (const [taskId, name] of this.sentTo) if (name === proxy) this.sentTo.delete(taskId);
   }
 
   proxyDisconnected(port: ProxyPort): void {
     if (this.proxies.get(port.name) !== port) return;
     this.proxies.delete(port.name);
     this.inventory.proxyLost(port.name, this.clock.now());
-    for (const [taskId, proxy] of this.sentTo) if (proxy === port.name) this.sentTo.delete(taskId);
+    this.forgetSent(port.name);
   }
 
   /** A host's stream opened at a proxy: its pending tasks can go now. */
@@ -223,10 +237,11 @@ export class JobManager {
 
   private removePending(task: TaskRecord): void {
     const set = this.pendingByHost.get(task.hostId);
+    this.sentTo.delete(task.id);
+    this.mayHaveReached.delete(task.id);
     if (!set) return;
     set.delete(task.id);
     if (set.size === 0) this.pendingByHost.delete(task.hostId);
-    this.sentTo.delete(task.id);
   }
 
   /** Sends a pending task to the proxy holding its host, if any holds it now. */
@@ -240,6 +255,9 @@ export class JobManager {
     if (!job || job.cancelRequested) return;
     if (this.clock.now() >= job.deliverBy) return;
     this.sentTo.set(task.id, port.name);
+    let reached = this.mayHaveReached.get(task.id);
+    if (!reached) this.mayHaveReached.set(task.id, (reached = new Set()));
+    reached.add(port.name);
     port.sendTask(this.taskSpec(job, task));
   }
 
@@ -323,18 +341,22 @@ export class JobManager {
     });
   }
 
-  /** Marks tasks terminal at the controller itself (cancelled or expired before any proxy took them). */
-  private async finishHere(task: TaskRecord, state: TaskState, message: string): Promise<void> {
-    await this.withTask(task.id, async () => {
+  /**
+   * Marks a task terminal at the controller itself (cancelled or expired
+   * before any proxy could have it). The caller notifies watchers once the
+   * job record is settled too.
+   */
+  private async finishHere(task: TaskRecord, state: TaskState, message: string): Promise<boolean> {
+    return this.withTask(task.id, async () => {
       const current = this.store.getTask(task.id);
-      if (!current || !advances(current.state, state)) return;
+      if (!current || !advances(current.state, state)) return false;
       current.state = state;
       current.message = message;
       current.updatedAt = this.clock.now();
       current.expectedChunks = current.outputChunks;
       this.removePending(current);
       await this.store.putTask(current);
-      this.notify(current.jobId, current.id);
+      return true;
     });
   }
 
@@ -360,27 +382,55 @@ export class JobManager {
       await this.store.putJob(job);
     }
     this.log.info("job cancel requested", { job: job.id, by: caller.id });
+    const changed: string[] = [];
     for (const task of this.store.tasksOf(job)) {
       if (isTerminal(task.state)) continue;
-      const sentTo = this.sentTo.get(task.id);
-      if (task.state === TaskState.PENDING && sentTo === undefined) {
-        await this.finishHere(task, TaskState.CANCELLED, "cancelled before delivery");
+      const proxies = this.proxiesHolding(task);
+      if (proxies.length === 0) {
+        if (await this.finishHere(task, TaskState.CANCELLED, "cancelled before delivery")) changed.push(task.id);
       } else {
-        const proxy = task.proxy || sentTo;
-        if (proxy) this.proxies.get(proxy)?.sendCancel(task.id, task.hostId);
+        // Proxies that are away get the cancel when they return (resendCancels).
+        for (const name of proxies) this.proxies.get(name)?.sendCancel(task.id, task.hostId);
       }
     }
-    await this.maybeFinishJob(job.id);
-    this.notify(job.id);
+    await this.settle(job.id, changed);
     return this.store.getJob(job.id) ?? job;
   }
 
-  /** Re-sends cancels for a proxy that just (re)connected. */
-  resendCancels(port: ProxyPort): void {
+  /** Every proxy that holds the task or may have received it. */
+  private proxiesHolding(task: TaskRecord): string[] {
+    const names = new Set(this.mayHaveReached.get(task.id));
+    if (task.proxy) names.add(task.proxy);
+    return [...names];
+  }
+
+  /** Finishes the job if it can, then tells watchers what changed. */
+  private async settle(jobId: string, changedTasks: readonly string[]): Promise<void> {
+    await this.maybeFinishJob(jobId);
+    for (const id of changedTasks) this.notify(jobId, id);
+    this.notify(jobId);
+  }
+
+  /**
+   * A proxy (re)connected and told us the hosts it holds: tasks it may have
+   * received but never confirmed go to it again, even past their deadline
+   * or cancelled, because only the proxy can say what became of them (it
+   * drops duplicates, expires late ones and cancels cancelled ones). Then
+   * cancels it may have missed.
+   */
+  proxyReady(port: ProxyPort): void {
+    for (const [taskId, proxies] of this.mayHaveReached) {
+      if (!proxies.has(port.name) || this.sentTo.get(taskId) === port.name) continue;
+      const task = this.store.getTask(taskId);
+      const job = task && this.store.getJob(task.jobId);
+      if (!task || !job || task.state !== TaskState.PENDING) continue;
+      this.sentTo.set(taskId, port.name);
+      port.sendTask(this.taskSpec(job, task));
+    }
     for (const job of this.store.unfinishedJobs()) {
       if (!job.cancelRequested) continue;
       for (const task of this.store.tasksOf(job)) {
-        if (!isTerminal(task.state) && task.proxy === port.name) port.sendCancel(task.id, task.hostId);
+        if (!isTerminal(task.state) && this.proxiesHolding(task).includes(port.name)) port.sendCancel(task.id, task.hostId);
       }
     }
   }
@@ -401,13 +451,14 @@ export class JobManager {
   private async expire(jobId: string): Promise<void> {
     const job = this.store.getJob(jobId);
     if (!job) return;
+    const changed: string[] = [];
     for (const task of this.store.tasksOf(job)) {
-      if (task.state === TaskState.PENDING) {
-        await this.finishHere(task, TaskState.EXPIRED, "the delivery deadline passed before the host could be reached");
+      // A task that may sit at a proxy is expired there (the proxy enforces the same deadline).
+      if (task.state === TaskState.PENDING && this.proxiesHolding(task).length === 0) {
+        if (await this.finishHere(task, TaskState.EXPIRED, "the delivery deadline passed before the host could be reached")) changed.push(task.id);
       }
     }
-    await this.maybeFinishJob(jobId);
-    this.notify(jobId);
+    await this.settle(jobId, changed);
   }
 
   // ---- reading and watching ----------------------------------------------

@@ -77,7 +77,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     }
   };
   presence(hello.hosts);
-  jobs.resendCancels(port);
+  jobs.proxyReady(port);
   log.info("proxy connected", { hosts: hello.hosts.length });
   try {
     await handleFrame(first.value);

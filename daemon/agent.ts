@@ -134,6 +134,8 @@ export class Agent {
    * the job said it is idempotent. Accepted tasks that never started run now.
    */
   private async recover(): Promise<void> {
+    // Final statuses the proxy never acknowledged are reported again.
+    this.outbox.push(this.opts.ledger.unreported().map((e) => ({ kind: "status" as const, status: e.final! })));
     for (const entry of this.opts.ledger.unfinished()) {
       if (entry.state === TaskState.RUNNING && !entry.spec.idempotent) {
         await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: "the daemon stopped while the task ran; not run again", outputChunks: 0, outputTruncated: false });
@@ -243,7 +245,10 @@ export class Agent {
 
   private async handleFrame(frame: AgentStreamResponse): Promise<void> {
     for (const ack of frame.outputAcks) this.outbox.ackOutput(ack.taskId, Number(ack.seq));
-    for (const ack of frame.statusAcks) this.outbox.ackStatus(ack.taskId, ack.state);
+    for (const ack of frame.statusAcks) {
+      this.outbox.ackStatus(ack.taskId, ack.state);
+      if (isTerminal(ack.state)) await this.markReported(ack.taskId);
+    }
     for (const spec of frame.tasks) await this.accept(spec);
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId);
     this.pump();
@@ -335,6 +340,13 @@ export class Agent {
       this.pump();
       if (this.running.size === 0) this.idle?.();
     }
+  }
+
+  private async markReported(taskId: string): Promise<void> {
+    const entry = this.opts.ledger.get(taskId);
+    if (!entry?.final || entry.finalAcked) return;
+    entry.finalAcked = true;
+    await this.opts.ledger.put(entry);
   }
 
   private async finishTask(entry: LedgerEntry, outcome: TaskOutcome): Promise<void> {

@@ -12,6 +12,8 @@ export interface LedgerEntry {
   state: TaskState;
   /** The terminal status, once there is one. */
   final?: TaskStatus;
+  /** The proxy acknowledged the terminal status; until then it is reported again after a restart. */
+  finalAcked?: boolean;
 }
 
 export interface Ledger {
@@ -19,6 +21,8 @@ export interface Ledger {
   put(entry: LedgerEntry): Promise<void>;
   /** Entries not yet terminal, for recovery after a restart. */
   unfinished(): LedgerEntry[];
+  /** Terminal entries whose final status was never acknowledged. */
+  unreported(): LedgerEntry[];
 }
 
 export class MemoryLedger implements Ledger {
@@ -34,6 +38,10 @@ export class MemoryLedger implements Ledger {
 
   unfinished(): LedgerEntry[] {
     return [...this.entries.values()].filter((e) => e.final === undefined);
+  }
+
+  unreported(): LedgerEntry[] {
+    return [...this.entries.values()].filter((e) => e.final !== undefined && !e.finalAcked);
   }
 }
 

@@ -87,6 +87,11 @@ export class ProxyCore {
   private sweepTimer: Timer | undefined;
   private readonly sweepMs: number;
   private stopped = false;
+  /**
+   * Cancels for tasks this proxy never received. The task may still arrive
+   * (it was in flight on a stream that broke); it is then cancelled at once.
+   */
+  private readonly cancelledUnknown = new Set<string>();
 
   constructor(opts: ProxyCoreOptions) {
     this.name = opts.name;
@@ -135,8 +140,9 @@ export class ProxyCore {
     log.info("host connected");
     this.reportPresence(session, true);
     try {
-      await this.handleHostFrame(session, first.value);
+      // Tasks handed out on an earlier stream go first; the hello's credits then hand out new ones.
       this.resendHandedOut(session);
+      await this.handleHostFrame(session, first.value);
       this.deliver(session);
       for (;;) {
         const next = await iterator.next();
@@ -347,7 +353,10 @@ export class ProxyCore {
         continue;
       }
       const task: QueuedTask = { spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
-      if (spec.deliverBy && timestampMs(spec.deliverBy) <= now) {
+      if (this.cancelledUnknown.delete(spec.taskId)) {
+        task.cancelRequested = true;
+        items.push(this.finish(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
+      } else if (spec.deliverBy && timestampMs(spec.deliverBy) <= now) {
         items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed before the task reached the proxy"));
       } else {
         items.push({ kind: "status", status: this.status(task, TaskState.QUEUED) });
@@ -357,7 +366,17 @@ export class ProxyCore {
     }
     for (const cancel of frame.cancels) {
       const task = this.store.getTask(cancel.taskId);
-      if (!task || isTerminal(task.state)) continue;
+      if (!task) {
+        // Never received here: it cannot run through this proxy any more.
+        this.cancelledUnknown.add(cancel.taskId);
+        if (this.cancelledUnknown.size > 100_000) this.cancelledUnknown.delete(this.cancelledUnknown.values().next().value!);
+        items.push({
+          kind: "status",
+          status: create(TaskStatusSchema, { taskId: cancel.taskId, hostId: cancel.hostId, state: TaskState.CANCELLED, time: timestampFromMs(now), message: "cancelled before it reached the proxy" }),
+        });
+        continue;
+      }
+      if (isTerminal(task.state)) continue;
       task.cancelRequested = true;
       if (task.state === TaskState.QUEUED) {
         items.push(this.finish(task, TaskState.CANCELLED, "cancelled before delivery to the host"));

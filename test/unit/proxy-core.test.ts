@@ -1,0 +1,427 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import type { PeerIdentity } from "../../certs/identity.js";
+import { ManualClock } from "../../common/clock.js";
+import { PermissionDeniedError } from "../../common/errors.js";
+import { silentLogger } from "../../common/logger.js";
+import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import {
+  ProxyStreamResponseSchema,
+  type ProxyStreamRequest,
+  type ProxyStreamResponse,
+} from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { TaskState, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
+import { ProxyCore } from "../../proxy/proxy.js";
+import { MemoryProxyStore } from "../../proxy/store.js";
+import { FakeLink, chunk, flush, hostPeer, status, taskSpec } from "./support.js";
+
+type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
+type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
+
+const S = (s: TaskStatus) => `${s.taskId}:${TaskState[s.state]}`;
+
+/** Statuses the proxy sent up a controller link, in order, as "task:STATE". */
+const upStatuses = (l: ControllerSide) => l.sent.flatMap((f) => f.statuses.map(S));
+const upOutput = (l: ControllerSide) => l.sent.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}`));
+const upHosts = (l: ControllerSide) => l.sent.flatMap((f) => [...(f.hello?.hosts ?? []), ...f.hosts].map((h) => `${h.hostId}:${h.tenant}:${h.connected}`));
+/** Tasks the proxy handed to a host, in order. */
+const handed = (l: HostSide) => l.sent.flatMap((f) => f.tasks.map((t) => t.taskId));
+const cancelsTo = (l: HostSide) => l.sent.flatMap((f) => f.cancelTaskIds);
+const outputAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.outputAcks.map((a) => `${a.taskId}:${a.seq}`));
+const statusAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
+
+function setup(opts: { sweepMs?: number } = {}) {
+  const clock = new ManualClock();
+  const store = new MemoryProxyStore();
+  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, sweepMs: opts.sweepMs });
+
+  const connectController = () => {
+    const link: ControllerSide = new FakeLink();
+    const settled = core.serveController(link).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    const send = (init: MessageInitShape<typeof ProxyStreamResponseSchema>) => link.deliver(create(ProxyStreamResponseSchema, init));
+    return { link, settled, send };
+  };
+
+  const connectHost = (hostId: string, credits: number | undefined, o: { peer?: PeerIdentity; claim?: string } = {}) => {
+    const link: HostSide = new FakeLink();
+    const settled = core.serveHost(link, o.peer ?? hostPeer(hostId)).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    const send = (init: MessageInitShape<typeof AgentStreamRequestSchema>) => link.deliver(create(AgentStreamRequestSchema, init));
+    send({ hello: { hostId: o.claim ?? hostId, heartbeatMs: 0 }, credits });
+    return { link, settled, send };
+  };
+
+  const future = (ms = 60_000) => clock.now() + ms;
+  return { clock, store, core, connectController, connectHost, future };
+}
+
+describe("ProxyCore: who may connect", () => {
+  it("refuses a host stream whose hello claims another host than its certificate", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    const h = t.connectHost("h1", 1, { claim: "h2" });
+    const err = await h.settled;
+    expect(err).toBeInstanceOf(PermissionDeniedError);
+    expect((err as Error).message).toContain("h2");
+    await flush();
+    expect(t.core.connectedHosts).toBe(0);
+    expect(upHosts(ctl.link)).toEqual([]);
+    expect(h.link.sent).toEqual([]);
+  });
+
+  it("refuses a peer that is not a host", async () => {
+    const t = setup();
+    const h = t.connectHost("px9", 1, { peer: { role: "proxy", scope: "eu", id: "px9" } });
+    expect(await h.settled).toBeInstanceOf(PermissionDeniedError);
+    expect(t.core.connectedHosts).toBe(0);
+  });
+
+  it("reports host presence to the controller, in the hello and as it changes", async () => {
+    const t = setup();
+    const h1 = t.connectHost("h1", 0);
+    await flush();
+    const ctl = t.connectController();
+    const h2 = t.connectHost("h2", 0);
+    await flush();
+    h1.link.end();
+    await h1.settled;
+    await flush();
+    expect(upHosts(ctl.link)).toEqual(["h1:acme:true", "h2:acme:true", "h1:acme:false"]);
+    expect(t.core.connectedHosts).toBe(1);
+    expect(h2.link.sent[0]?.welcome?.proxy).toBe("px1");
+  });
+
+  it("closes the older stream when the same host connects again", async () => {
+    const t = setup();
+    const a = t.connectHost("h1", 0);
+    await flush();
+    const b = t.connectHost("h1", 0);
+    await flush();
+    expect(a.link.isClosed).toBe(true);
+    expect(await a.settled).toBeInstanceOf(Error);
+    expect(b.link.isClosed).toBe(false);
+    expect(t.core.connectedHosts).toBe(1);
+  });
+});
+
+describe("ProxyCore: tasks going down", () => {
+  it("queues tasks from the controller and reports QUEUED up", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() }), taskSpec("t2", "h2", { deliverByMs: t.future() })] });
+    await flush();
+    expect(ctl.link.sent[0]?.hello?.name).toBe("px1");
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t2:QUEUED"]);
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.QUEUED);
+    const queued = ctl.link.sent.flatMap((f) => f.statuses)[0]!;
+    expect(queued.hostId).toBe("h1");
+  });
+
+  it("hands a host nothing without credits, then only as many tasks as credits, oldest first", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: ["t1", "t2", "t3"].map((id) => taskSpec(id, "h1", { deliverByMs: t.future() })) });
+    await flush();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    expect(handed(h.link)).toEqual([]);
+    h.send({ credits: 2 });
+    await flush();
+    expect(handed(h.link)).toEqual(["t1", "t2"]);
+    expect(t.store.getTask("t3")?.state).toBe(TaskState.QUEUED);
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t2:QUEUED", "t3:QUEUED", "t1:DISPATCHED", "t2:DISPATCHED"]);
+    h.send({ credits: 1 });
+    await flush();
+    expect(handed(h.link)).toEqual(["t1", "t2", "t3"]);
+  });
+
+  it("hands a task that arrives while the host is connected with credits at once", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ credits: 3 });
+    await flush();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() }), taskSpec("t9", "h9", { deliverByMs: t.future() })] });
+    await flush();
+    expect(handed(h.link)).toEqual(["t1"]);
+  });
+
+  // Regression guard (was a bug at proxy/proxy.ts:138-140 with :207, now fixed): the hello frame of a daemon carries its credits, so
+  // handleHostFrame(first) already calls deliver(), which marks queued tasks DISPATCHED and puts
+  // them in the welcome frame; resendHandedOut() then runs and adds every DISPATCHED task again.
+  // Each task queued while its host was away is sent twice in the same frame: the daemon's
+  // ledger drops the copy, but every spec (up to 1 MiB of stdin each) crosses the link twice
+  // and the daemon answers each copy with one more status.
+  it("hands each queued task to a host connecting with credits exactly once", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() }), taskSpec("t2", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    const h = t.connectHost("h1", 2);
+    await flush();
+    expect(handed(h.link)).toEqual(["t1", "t2"]);
+  });
+
+  it("hands a DISPATCHED task again after the host reconnects", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    const a = t.connectHost("h1", 0);
+    await flush();
+    a.send({ credits: 1 });
+    await flush();
+    expect(handed(a.link)).toEqual(["t1"]);
+    a.link.end();
+    await a.settled;
+    const b = t.connectHost("h1", 0);
+    await flush();
+    expect(handed(b.link)).toEqual(["t1"]);
+    expect(b.link.sent[0]?.welcome).toBeDefined();
+  });
+
+  it("does not hand a task again once the daemon reported it DELIVERED", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    const a = t.connectHost("h1", 0);
+    await flush();
+    a.send({ credits: 1 });
+    await flush();
+    a.send({ statuses: [status("t1", TaskState.DELIVERED)], credits: 0 });
+    await flush();
+    a.link.end();
+    await a.settled;
+    const b = t.connectHost("h1", 0);
+    await flush();
+    expect(handed(b.link)).toEqual([]);
+  });
+
+  it("answers a task the controller sends again with its state, without queueing it twice", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    const spec = taskSpec("t1", "h1", { deliverByMs: t.future() });
+    ctl.send({ tasks: [spec] });
+    await flush();
+    ctl.send({ tasks: [spec] });
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t1:QUEUED"]);
+    expect(t.store.allTasks()).toHaveLength(1);
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ credits: 5 });
+    await flush();
+    expect(handed(h.link)).toEqual(["t1"]);
+  });
+});
+
+describe("ProxyCore: cancels and deadlines", () => {
+  it("cancels a QUEUED task at the proxy and never hands it out", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    ctl.send({ cancels: [{ taskId: "t1", hostId: "h1" }] });
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t1:CANCELLED"]);
+    const h = t.connectHost("h1", 4);
+    await flush();
+    expect(handed(h.link)).toEqual([]);
+    expect(cancelsTo(h.link)).toEqual([]);
+  });
+
+  it("forwards the cancel of a DISPATCHED task to its host, now or when it reconnects", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() }), taskSpec("t2", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    const a = t.connectHost("h1", 0);
+    await flush();
+    a.send({ credits: 2 });
+    await flush();
+    ctl.send({ cancels: [{ taskId: "t1", hostId: "h1" }] });
+    await flush();
+    expect(cancelsTo(a.link)).toEqual(["t1"]);
+    expect(upStatuses(ctl.link)).not.toContain("t1:CANCELLED");
+    a.link.end();
+    await a.settled;
+    ctl.send({ cancels: [{ taskId: "t2", hostId: "h1" }] });
+    await flush();
+    const b = t.connectHost("h1", 0);
+    await flush();
+    expect(cancelsTo(b.link)).toEqual(["t1", "t2"]);
+  });
+
+  it("expires a task whose deadline passed before it reached the proxy", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ credits: 4 });
+    await flush();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.clock.now() - 1 })] });
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["t1:EXPIRED"]);
+    expect(handed(h.link)).toEqual([]);
+  });
+
+  it("expires queued tasks of an absent host when the sweep finds their deadline passed", async () => {
+    const t = setup({ sweepMs: 1000 });
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.clock.now() + 5000 }), taskSpec("t2", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    t.clock.advance(4000);
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t2:QUEUED"]);
+    t.clock.advance(1000);
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t2:QUEUED", "t1:EXPIRED"]);
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ credits: 4 });
+    await flush();
+    expect(handed(h.link)).toEqual(["t2"]);
+  });
+
+  it("expires instead of handing out a task whose deadline passed between sweeps", async () => {
+    const t = setup({ sweepMs: 1e9 });
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.clock.now() + 5000 })] });
+    await flush();
+    t.clock.advance(6000);
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ credits: 1 });
+    await flush();
+    expect(handed(h.link)).toEqual([]);
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t1:EXPIRED"]);
+  });
+});
+
+describe("ProxyCore: results going up", () => {
+  async function dispatched(taskIds = ["t1"]) {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: taskIds.map((id) => taskSpec(id, "h1", { deliverByMs: t.future() })) });
+    await flush();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ credits: taskIds.length });
+    await flush();
+    expect(handed(h.link)).toEqual(taskIds);
+    return { ...t, ctl, h };
+  }
+
+  it("forwards the host's statuses up, stamped with its host id, and acks them to the host", async () => {
+    const t = await dispatched();
+    t.h.send({ statuses: [status("t1", TaskState.DELIVERED), status("t1", TaskState.RUNNING)] });
+    await flush();
+    expect(upStatuses(t.ctl.link)).toEqual(["t1:QUEUED", "t1:DISPATCHED", "t1:DELIVERED", "t1:RUNNING"]);
+    expect(t.ctl.link.sent.flatMap((f) => f.statuses).every((s) => s.hostId === "h1")).toBe(true);
+    expect(statusAcksTo(t.h.link)).toEqual(["t1:DELIVERED", "t1:RUNNING"]);
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.RUNNING);
+  });
+
+  it("drops a stale status from the host (only forward moves are sent up) but still acks it", async () => {
+    const t = await dispatched();
+    t.h.send({ statuses: [status("t1", TaskState.RUNNING)] });
+    await flush();
+    t.h.send({ statuses: [status("t1", TaskState.DELIVERED)] });
+    await flush();
+    expect(upStatuses(t.ctl.link)).toEqual(["t1:QUEUED", "t1:DISPATCHED", "t1:RUNNING"]);
+    expect(statusAcksTo(t.h.link)).toEqual(["t1:RUNNING", "t1:DELIVERED"]);
+  });
+
+  it("does not let a host report status or output for another host's task", async () => {
+    const t = await dispatched();
+    const intruder = t.connectHost("h2", 0);
+    await flush();
+    intruder.send({ statuses: [status("t1", TaskState.SUCCEEDED)], output: [chunk("t1", 1, "forged")] });
+    await flush();
+    expect(upStatuses(t.ctl.link)).toEqual(["t1:QUEUED", "t1:DISPATCHED"]);
+    expect(upOutput(t.ctl.link)).toEqual([]);
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.DISPATCHED);
+    expect(t.store.getTask("t1")?.outputSeq).toBe(0);
+    // The real host's output still counts from 1.
+    t.h.send({ output: [chunk("t1", 1)] });
+    await flush();
+    expect(upOutput(t.ctl.link)).toEqual(["t1:1"]);
+  });
+
+  it("acks output to the daemon with the highest contiguous seq; gaps and duplicates are not sent up", async () => {
+    const t = await dispatched();
+    const acksAfter = async (...seqs: number[]) => {
+      const before = t.h.link.sent.length;
+      t.h.send({ output: seqs.map((s) => chunk("t1", s)) });
+      await flush();
+      return t.h.link.sent.slice(before).flatMap((f) => f.outputAcks.map((a) => Number(a.seq)));
+    };
+    expect(await acksAfter(1)).toEqual([1]);
+    expect(await acksAfter(3)).toEqual([1]);
+    expect(await acksAfter(1)).toEqual([1]);
+    expect(await acksAfter(2, 3, 4)).toEqual([4]);
+    expect(upOutput(t.ctl.link)).toEqual(["t1:1", "t1:2", "t1:3", "t1:4"]);
+  });
+
+  it("keeps results while the controller is away and resends them in order when it returns; acks trim them", async () => {
+    const t = await dispatched();
+    t.ctl.link.end();
+    await t.ctl.settled;
+    expect(t.core.controllerConnected).toBe(false);
+    t.h.send({ statuses: [status("t1", TaskState.DELIVERED), status("t1", TaskState.RUNNING)] });
+    await flush();
+    t.h.send({ output: [chunk("t1", 1), chunk("t1", 2)] });
+    await flush();
+    t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 2n })] });
+    await flush();
+    // The daemon was acked although the controller is away: the proxy holds the results.
+    expect(outputAcksTo(t.h.link)).toEqual(["t1:2"]);
+    expect(t.store.upwardSize()).toBe(7);
+
+    const c2 = t.connectController();
+    await flush();
+    expect(c2.link.sent[0]?.hello).toBeDefined();
+    expect(upStatuses(c2.link)).toEqual(["t1:QUEUED", "t1:DISPATCHED", "t1:DELIVERED", "t1:RUNNING", "t1:SUCCEEDED"]);
+    expect(upOutput(c2.link)).toEqual(["t1:1", "t1:2"]);
+
+    // The controller acks part of it; the rest goes again on the next link.
+    c2.send({ outputAcks: [{ taskId: "t1", seq: 1n }], statusAcks: [{ taskId: "t1", state: TaskState.RUNNING }] });
+    await flush();
+    expect(t.store.upwardSize()).toBe(2);
+    c2.link.end();
+    await c2.settled;
+    const c3 = t.connectController();
+    await flush();
+    expect(upStatuses(c3.link)).toEqual(["t1:SUCCEEDED"]);
+    expect(upOutput(c3.link)).toEqual(["t1:2"]);
+
+    // Acking the terminal status and the last chunk empties the backlog and forgets the task.
+    c3.send({ outputAcks: [{ taskId: "t1", seq: 2n }], statusAcks: [{ taskId: "t1", state: TaskState.SUCCEEDED }] });
+    await flush();
+    expect(t.store.upwardSize()).toBe(0);
+    expect(t.store.getTask("t1")).toBeUndefined();
+    c3.link.end();
+    await c3.settled;
+    const c4 = t.connectController();
+    await flush();
+    expect(upStatuses(c4.link)).toEqual([]);
+    expect(upOutput(c4.link)).toEqual([]);
+  });
+
+  it("forwards the terminal status with its exit code and chunk count, after the output of the same frame", async () => {
+    const t = await dispatched();
+    t.h.send({ output: [chunk("t1", 1)], statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 1n, exitCode: 0 })] });
+    await flush();
+    const final = t.ctl.link.sent.flatMap((f) => f.statuses).find((s) => s.state === TaskState.SUCCEEDED)!;
+    expect(final.outputChunks).toBe(1n);
+    expect(final.exitCode).toBe(0);
+    expect(upOutput(t.ctl.link)).toEqual(["t1:1"]);
+  });
+});

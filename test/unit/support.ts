@@ -1,0 +1,103 @@
+/**
+ * Helpers shared by the unit tests: in-memory stream links, event-loop
+ * flushing, and small factories for protobuf messages. Nothing here touches
+ * the network, the file system or real time.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { PeerIdentity } from "../../certs/identity.js";
+import { AsyncQueue } from "../../common/async-queue.js";
+import type { FrameLink } from "../../common/frame-link.js";
+import {
+  OutputChunkSchema,
+  OutputStream,
+  StepSchema,
+  TaskSpecSchema,
+  TaskStatusSchema,
+  type OutputChunk,
+  type Step,
+  type TaskSpec,
+  type TaskState,
+  type TaskStatus,
+} from "../../gen/rexmesh/v1/task_pb.js";
+
+/**
+ * One side of an in-memory stream. `incoming` is fed by the test with
+ * `deliver`; what the code under test sends is recorded in `sent`.
+ */
+export class FakeLink<Out, In> implements FrameLink<Out, In> {
+  readonly queue = new AsyncQueue<In>();
+  readonly incoming: AsyncIterable<In> = this.queue;
+  readonly sent: Out[] = [];
+  readonly backlog = 0;
+  isClosed = false;
+  closeError: Error | undefined;
+  private resolveClosed!: () => void;
+  readonly closed = new Promise<void>((r) => (this.resolveClosed = r));
+
+  send(frame: Out): void {
+    if (!this.isClosed) this.sent.push(frame);
+  }
+
+  close(error?: Error): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    this.closeError = error;
+    this.queue.close(error);
+    this.resolveClosed();
+  }
+
+  /** A frame from the peer. */
+  deliver(frame: In): void {
+    this.queue.push(frame);
+  }
+
+  /** The peer ends the stream gracefully. */
+  end(): void {
+    this.queue.close();
+  }
+}
+
+/** One turn of the event loop: lets microtasks and setImmediate callbacks (the coalescers) run. */
+export function tick(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+/** Several turns, for chains of awaits that span more than one. */
+export async function flush(turns = 6): Promise<void> {
+  for (let i = 0; i < turns; i++) await tick();
+}
+
+/** Predictable ids: prefix + zero-padded counter, sorting in creation order. */
+export function counterIds(): (prefix: string) => string {
+  let n = 0;
+  return (prefix) => `${prefix}${String(++n).padStart(6, "0")}`;
+}
+
+export const operator = (tenant = "acme", id = "alice"): PeerIdentity => ({ role: "operator", scope: tenant, id });
+export const hostPeer = (id: string, tenant = "acme"): PeerIdentity => ({ role: "host", scope: tenant, id });
+
+export const execStep = (...argv: string[]): Step => create(StepSchema, { tool: { case: "exec", value: { argv } } });
+
+export function taskSpec(taskId: string, hostId: string, more: Partial<Omit<TaskSpec, "$typeName">> & { deliverByMs?: number } = {}): TaskSpec {
+  const { deliverByMs, ...rest } = more;
+  return create(TaskSpecSchema, {
+    taskId,
+    jobId: "j1",
+    tenant: "acme",
+    hostId,
+    steps: [execStep("true")],
+    ...rest,
+    ...(deliverByMs !== undefined ? { deliverBy: timestampFromMs(deliverByMs) } : {}),
+  });
+}
+
+export function status(taskId: string, state: TaskState, more: Partial<Omit<TaskStatus, "$typeName">> = {}): TaskStatus {
+  return create(TaskStatusSchema, { taskId, state, ...more });
+}
+
+export function chunk(taskId: string, seq: number, text = `chunk ${seq}\n`, stream = OutputStream.STDOUT): OutputChunk {
+  return create(OutputChunkSchema, { taskId, seq: BigInt(seq), stream, data: new TextEncoder().encode(text) });
+}
+
+export const text = (data: Uint8Array): string => new TextDecoder().decode(data);
