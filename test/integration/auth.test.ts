@@ -204,6 +204,19 @@ describe("authentication and the public API", () => {
     }
   });
 
+  it("answers a gRPC-Web client", async () => {
+    const { createGrpcWebTransport } = await import("@connectrpc/connect-node");
+    const { createClient } = await import("@connectrpc/connect");
+    const { clientTlsOptions } = await import("../../certs/tls.js");
+    const transport = createGrpcWebTransport({
+      baseUrl: `https://${mesh.controllerAddress}`,
+      httpVersion: "1.1",
+      nodeOptions: clientTlsOptions(readCredentials(mesh.operator), ["controller"]),
+    });
+    const { hosts } = await createClient(ControllerService, transport).listHosts({});
+    expect(hosts.map((h) => h.id)).toEqual(["h1"]);
+  });
+
   it("answers a Connect/JSON POST from curl", async () => {
     const base = `https://${mesh.controllerAddress}/rexmesh.v1.ControllerService`;
     const curl = async (method: string, body: string) => {

@@ -5,7 +5,7 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { LocalMesh } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, hostIds, isAlive, tempDir } from "./support.js";
+import { clientOf, collectJob, hostIds, isAlive, rexmesh, tempDir } from "./support.js";
 
 /**
  * The whole mesh as real processes over mTLS on 127.0.0.1:0: one
@@ -33,6 +33,8 @@ describe("a mesh of real processes", () => {
   afterAll(async () => {
     conn?.close();
     await mesh.stop();
+    // SIGTERM drained every process: none needed the SIGKILL that follows the grace time.
+    for (const p of mesh.all()) expect({ name: p.name, code: p.proc.exitCode, signal: p.proc.signalCode }).toEqual({ name: p.name, code: 0, signal: null });
   });
 
   it("runs 20 daemons as separate processes behind two proxies", async () => {
@@ -94,6 +96,30 @@ describe("a mesh of real processes", () => {
       expect(pids.length, h).toBe(2);
       for (const pid of pids) expect(isAlive(pid), `${h} pid ${pid}`).toBe(false);
     }
+  });
+
+  it("rexmesh run prints host-prefixed live output and a summary, and exits 1 when a host failed", async () => {
+    const r = await rexmesh(["run", "-H", "h01,h02,h03", "--", "sh", "-c", 'echo "hi $REXMESH_HOST_ID"; [ "$REXMESH_HOST_ID" != h02 ]'], mesh.exports());
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^h01 out\| hi h01$/m);
+    expect(r.stdout).toMatch(/^h02 out\| hi h02$/m);
+    expect(r.stdout).toMatch(/^3 hosts: 2 succeeded, 1 failed/m);
+    expect(r.stdout).toMatch(/^ {2}h02 \[west\] FAILED: exit 1/m);
+    const ok = await rexmesh(["run", "--all", "--", "true"], mesh.exports());
+    expect(ok.code).toBe(0);
+    expect(ok.stdout).toMatch(/^20 hosts: 20 succeeded/m);
+  });
+
+  it("rexmesh run --json prints one object per event, ending with a summary", async () => {
+    const r = await rexmesh(["run", "-H", "h09", "--json", "--", "printf", "a\\001b"], mesh.exports());
+    expect(r.code).toBe(0);
+    const events = r.stdout.trim().split("\n").map((l) => JSON.parse(l));
+    expect(events[0].type).toBe("job");
+    const output = events.filter((e) => e.type === "output");
+    expect(Buffer.concat(output.map((e) => Buffer.from(e.data, "base64"))).toString("latin1")).toBe("a\x01b");
+    expect(output[0]).toMatchObject({ host: "h09", stream: "stdout", seq: 1 });
+    expect(events.filter((e) => e.type === "task").at(-1).task).toMatchObject({ host: "h09", state: "SUCCEEDED", exitCode: 0 });
+    expect(events.at(-1)).toMatchObject({ type: "summary", hosts: 1, ok: true, counts: { SUCCEEDED: 1 } });
   });
 
   it("reports an unknown host as NOT_FOUND and runs nothing", async () => {

@@ -1,11 +1,13 @@
+import { execFile } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Client } from "@connectrpc/connect";
 import { operatorClient } from "../../cli/client.js";
-import type { LocalMesh } from "../../cli/launcher.js";
+import { REXMESH_BIN, type LocalMesh } from "../../cli/launcher.js";
 import type { ControllerService, Job, Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { OutputStream } from "../../gen/rexmesh/v1/task_pb.js";
+import { promisify } from "node:util";
 
 export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `rexmesh-${prefix}-`));
@@ -68,3 +70,19 @@ export function isAlive(pid: number): boolean {
 export function hostIds(n: number, prefix = "h"): string[] {
   return Array.from({ length: n }, (_, i) => `${prefix}${String(i + 1).padStart(2, "0")}`);
 }
+
+const exec = promisify(execFile);
+
+/** Runs the real CLI; resolves with its exit code and output whatever the code. */
+export async function rexmesh(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  const clean: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
+  try {
+    const { stdout, stderr } = await exec(process.execPath, [REXMESH_BIN, ...args], { env: { ...clean, ...env }, maxBuffer: 64 << 20 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const e = err as { code: number; stdout: string; stderr: string };
+    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+  }
+}
+
