@@ -20,6 +20,8 @@ export interface JobStore {
   jobByIdempotencyKey(tenant: string, key: string): JobRecord | undefined;
   /** Every job whose finishedAt is unset; used to rebuild in-memory indexes at start. */
   unfinishedJobs(): JobRecord[];
+  /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
+  checkRoomForWork?(what: string): void;
   close(): Promise<void>;
 }
 

@@ -16,6 +16,7 @@ import {
 } from "../gen/rexmesh/v1/task_pb.js";
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
+import { storageError } from "../common/lmdb.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { validateSteps } from "./validate.js";
 
@@ -84,8 +85,19 @@ export class JobManager {
   private readonly mayHaveReached = new Map<string, Set<string>>();
   private readonly watchers = new Map<string, Set<(taskId?: string) => void>>();
   private readonly deadlineTimers = new Map<string, Timer>();
-  /** Serializes updates of one task so concurrent writes never reorder. */
-  private readonly taskLocks = new Map<string, Promise<void>>();
+  /**
+   * The current record of every task of an unfinished job. Updates change it
+   * synchronously and queue a store write; writes of one event-loop turn
+   * commit together, in order, and peers are acknowledged once that commit
+   * resolves. Nothing waits for a commit before taking the next update.
+   */
+  private readonly live = new Map<string, TaskRecord>();
+  /** Tasks not yet terminal, per unfinished job. */
+  private readonly open = new Map<string, number>();
+  /** Output chunks committed per live task: what watchers may read. */
+  private readonly committedChunks = new Map<string, number>();
+  /** The last write queued for a task; a duplicate is acknowledged after it. */
+  private readonly lastWrite = new Map<string, Promise<unknown>>();
 
   constructor(opts: JobManagerOptions) {
     this.store = opts.store;
@@ -100,12 +112,20 @@ export class JobManager {
 
   /** Rebuilds in-memory indexes from the store after a restart. */
   recover(): void {
-    for (const job of this.store.unfinishedJobs()) {
-      for (const task of this.store.tasksOf(job)) {
-        if (task.state === TaskState.PENDING) this.addPending(task);
-      }
-      this.armDeadline(job);
+    for (const job of this.store.unfinishedJobs()) this.track(job, this.store.tasksOf(job));
+  }
+
+  /** Keeps an unfinished job's tasks in memory. */
+  private track(job: JobRecord, tasks: readonly TaskRecord[]): void {
+    let open = 0;
+    for (const task of tasks) {
+      this.live.set(task.id, task);
+      this.committedChunks.set(task.id, task.outputChunks);
+      if (!isTerminal(task.state)) open++;
+      if (task.state === TaskState.PENDING) this.addPending(task);
     }
+    this.open.set(job.id, open);
+    this.armDeadline(job);
   }
 
   // ---- proxies and hosts -------------------------------------------------
@@ -136,7 +156,7 @@ export class JobManager {
     const pending = this.pendingByHost.get(host.id);
     if (!pending) return;
     for (const taskId of pending) {
-      const task = this.store.getTask(taskId);
+      const task = this.live.get(taskId);
       if (task) this.dispatch(task);
     }
   }
@@ -190,13 +210,11 @@ export class JobManager {
       outputTruncated: false,
     }));
     job.taskIds = tasks.map((t) => t.id);
-    await this.store.putJob(job, tasks);
+    this.checkRoom("a new job");
+    await this.store.putJob(job, tasks).catch((err) => Promise.reject(storageError(err)));
     this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length });
-    for (const task of tasks) {
-      this.addPending(task);
-      this.dispatch(task, job);
-    }
-    this.armDeadline(job);
+    this.track(job, tasks);
+    for (const task of tasks) this.dispatch(task, job);
     return job;
   }
 
@@ -227,6 +245,10 @@ export class JobManager {
       throw new InvalidArgumentError(`the job targets ${hosts.length} hosts; the limit is ${this.maxHostsPerJob}`);
     }
     return hosts;
+  }
+
+  private checkRoom(what: string): void {
+    this.store.checkRoomForWork?.(what);
   }
 
   private addPending(task: TaskRecord): void {
@@ -280,19 +302,42 @@ export class JobManager {
 
   // ---- updates from proxies ----------------------------------------------
 
-  /** Runs fn for one task after every earlier update of that task finished. */
-  private withTask<T>(taskId: string, fn: () => Promise<T>): Promise<T> {
-    const prev = this.taskLocks.get(taskId) ?? Promise.resolve();
-    const run = prev.then(fn);
-    const done = run.then(
+  /**
+   * Queues a write of a task's record; watchers hear of it once committed.
+   * A terminal state also settles the job first, so that a watcher that sees
+   * the last task end also sees the job finished.
+   */
+  private write(task: TaskRecord, chunk?: OutputChunk): Promise<void> {
+    const snapshot = { ...task };
+    const p = (chunk ? this.store.appendOutput(snapshot, chunk) : this.store.putTask(snapshot)).then(
+      async () => {
+        if (chunk && this.live.has(task.id)) this.committedChunks.set(task.id, Math.max(this.committedChunks.get(task.id) ?? 0, snapshot.outputChunks));
+        if (!chunk && isTerminal(snapshot.state)) await this.taskFinished(task);
+        this.notify(task.jobId, task.id);
+      },
+      (err) => {
+        this.log.error("storing a task update failed", { task: task.id, err });
+        throw storageError(err);
+      },
+    );
+    this.lastWrite.set(task.id, p);
+    void p.then(
+      () => this.lastWrite.get(task.id) === p && this.lastWrite.delete(task.id),
+      () => this.lastWrite.get(task.id) === p && this.lastWrite.delete(task.id),
+    );
+    return p;
+  }
+
+  private afterLastWrite(taskId: string): Promise<void> {
+    return (this.lastWrite.get(taskId) ?? Promise.resolve()).then(
       () => undefined,
       () => undefined,
     );
-    this.taskLocks.set(taskId, done);
-    void done.then(() => {
-      if (this.taskLocks.get(taskId) === done) this.taskLocks.delete(taskId);
-    });
-    return run;
+  }
+
+  /** A live task, or a finished one from the store (replays of finished tasks are acknowledged without effect). */
+  private taskFor(taskId: string): TaskRecord | undefined {
+    return this.live.get(taskId) ?? this.store.getTask(taskId);
   }
 
   /**
@@ -301,75 +346,71 @@ export class JobManager {
    * (replays, stale reports) are acknowledged without effect.
    */
   applyStatus(proxy: ProxyPort, status: TaskStatus): Promise<void> {
-    return this.withTask(status.taskId, async () => {
-      const task = this.store.getTask(status.taskId);
-      if (!task) {
-        this.log.warn("status for an unknown task dropped", { task: status.taskId, proxy: proxy.name });
-        return;
-      }
-      if (!advances(task.state, status.state)) return;
-      task.state = status.state;
-      task.proxy = proxy.name;
-      task.region = proxy.region;
-      task.updatedAt = this.clock.now();
-      task.message = status.message;
-      task.signal = status.signal;
-      if (status.exitCode !== undefined) task.exitCode = status.exitCode;
-      if (isTerminal(status.state)) {
-        task.expectedChunks = Number(status.outputChunks);
-        task.outputTruncated = status.outputTruncated;
-      }
-      if (task.state !== TaskState.PENDING) this.removePending(task);
-      await this.store.putTask(task);
-      if (isTerminal(task.state)) await this.maybeFinishJob(task.jobId);
-      this.notify(task.jobId, task.id);
-    });
+    const task = this.live.get(status.taskId);
+    if (!task) {
+      if (!this.store.getTask(status.taskId)) this.log.warn("status for an unknown task dropped", { task: status.taskId, proxy: proxy.name });
+      return this.afterLastWrite(status.taskId);
+    }
+    if (!advances(task.state, status.state)) return this.afterLastWrite(task.id);
+    task.state = status.state;
+    task.proxy = proxy.name;
+    task.region = proxy.region;
+    task.updatedAt = this.clock.now();
+    task.message = status.message;
+    task.signal = status.signal;
+    if (status.exitCode !== undefined) task.exitCode = status.exitCode;
+    if (isTerminal(status.state)) {
+      task.expectedChunks = Number(status.outputChunks);
+      task.outputTruncated = status.outputTruncated;
+    }
+    if (task.state !== TaskState.PENDING) this.removePending(task);
+    return this.write(task);
   }
 
-  /** Stores an output chunk if it is the next one of its task; returns the highest contiguous seq held. */
+  /** Stores an output chunk if it is the next one of its task; resolves, once stored, to the highest contiguous seq held. */
   applyOutput(chunk: OutputChunk): Promise<number> {
-    return this.withTask(chunk.taskId, async () => {
-      const task = this.store.getTask(chunk.taskId);
-      if (!task) return Number(chunk.seq);
-      const seq = Number(chunk.seq);
-      if (seq === task.outputChunks + 1) {
-        task.outputChunks = seq;
-        await this.store.appendOutput(task, chunk);
-        this.notify(task.jobId, task.id);
-      }
-      return task.outputChunks;
-    });
+    const task = this.taskFor(chunk.taskId);
+    if (!task) return Promise.resolve(Number(chunk.seq));
+    const seq = Number(chunk.seq);
+    if (seq === task.outputChunks + 1 && this.live.has(task.id)) {
+      task.outputChunks = seq;
+      return this.write(task, chunk).then(() => seq);
+    }
+    const held = task.outputChunks;
+    return this.afterLastWrite(task.id).then(() => held);
   }
 
   /**
    * Marks a task terminal at the controller itself (cancelled or expired
-   * before any proxy could have it). The caller notifies watchers once the
-   * job record is settled too.
+   * before any proxy could have it). Resolves once stored.
    */
-  private async finishHere(task: TaskRecord, state: TaskState, message: string): Promise<boolean> {
-    return this.withTask(task.id, async () => {
-      const current = this.store.getTask(task.id);
-      if (!current || !advances(current.state, state)) return false;
-      current.state = state;
-      current.message = message;
-      current.updatedAt = this.clock.now();
-      current.expectedChunks = current.outputChunks;
-      this.removePending(current);
-      await this.store.putTask(current);
-      return true;
-    });
+  private finishHere(task: TaskRecord, state: TaskState, message: string): Promise<void> | undefined {
+    if (!advances(task.state, state)) return undefined;
+    task.state = state;
+    task.message = message;
+    task.updatedAt = this.clock.now();
+    task.expectedChunks = task.outputChunks;
+    this.removePending(task);
+    return this.write(task);
   }
 
-  private async maybeFinishJob(jobId: string): Promise<void> {
-    const job = this.store.getJob(jobId);
+  /** A task became terminal: the job finishes with its last task. */
+  private async taskFinished(task: TaskRecord): Promise<void> {
+    const left = (this.open.get(task.jobId) ?? 1) - 1;
+    this.open.set(task.jobId, left);
+    if (left > 0) return;
+    const job = this.store.getJob(task.jobId);
     if (!job || job.finishedAt !== undefined) return;
-    const tasks = this.store.tasksOf(job);
-    if (!tasks.every((t) => isTerminal(t.state))) return;
     job.finishedAt = this.clock.now();
     await this.store.putJob(job);
-    this.deadlineTimers.get(jobId)?.cancel();
-    this.deadlineTimers.delete(jobId);
-    this.log.info("job finished", { job: jobId, tasks: tasks.length });
+    this.deadlineTimers.get(job.id)?.cancel();
+    this.deadlineTimers.delete(job.id);
+    this.open.delete(job.id);
+    for (const id of job.taskIds) {
+      this.live.delete(id);
+      this.committedChunks.delete(id);
+    }
+    this.log.info("job finished", { job: job.id, tasks: job.taskIds.length });
   }
 
   // ---- cancel and deadlines ----------------------------------------------
@@ -382,18 +423,20 @@ export class JobManager {
       await this.store.putJob(job);
     }
     this.log.info("job cancel requested", { job: job.id, by: caller.id });
-    const changed: string[] = [];
-    for (const task of this.store.tasksOf(job)) {
-      if (isTerminal(task.state)) continue;
+    const writes: Promise<void>[] = [];
+    for (const id of job.taskIds) {
+      const task = this.live.get(id);
+      if (!task || isTerminal(task.state)) continue;
       const proxies = this.proxiesHolding(task);
       if (proxies.length === 0) {
-        if (await this.finishHere(task, TaskState.CANCELLED, "cancelled before delivery")) changed.push(task.id);
+        const w = this.finishHere(task, TaskState.CANCELLED, "cancelled before delivery");
+        if (w) writes.push(w);
       } else {
-        // Proxies that are away get the cancel when they return (resendCancels).
+        // Proxies that are away get the cancel when they return (proxyReady).
         for (const name of proxies) this.proxies.get(name)?.sendCancel(task.id, task.hostId);
       }
     }
-    await this.settle(job.id, changed);
+    await Promise.all(writes);
     return this.store.getJob(job.id) ?? job;
   }
 
@@ -402,13 +445,6 @@ export class JobManager {
     const names = new Set(this.mayHaveReached.get(task.id));
     if (task.proxy) names.add(task.proxy);
     return [...names];
-  }
-
-  /** Finishes the job if it can, then tells watchers what changed. */
-  private async settle(jobId: string, changedTasks: readonly string[]): Promise<void> {
-    await this.maybeFinishJob(jobId);
-    for (const id of changedTasks) this.notify(jobId, id);
-    this.notify(jobId);
   }
 
   /**
@@ -421,7 +457,7 @@ export class JobManager {
   proxyReady(port: ProxyPort): void {
     for (const [taskId, proxies] of this.mayHaveReached) {
       if (!proxies.has(port.name) || this.sentTo.get(taskId) === port.name) continue;
-      const task = this.store.getTask(taskId);
+      const task = this.live.get(taskId);
       const job = task && this.store.getJob(task.jobId);
       if (!task || !job || task.state !== TaskState.PENDING) continue;
       this.sentTo.set(taskId, port.name);
@@ -429,8 +465,9 @@ export class JobManager {
     }
     for (const job of this.store.unfinishedJobs()) {
       if (!job.cancelRequested) continue;
-      for (const task of this.store.tasksOf(job)) {
-        if (!isTerminal(task.state) && this.proxiesHolding(task).includes(port.name)) port.sendCancel(task.id, task.hostId);
+      for (const id of job.taskIds) {
+        const task = this.live.get(id);
+        if (task && !isTerminal(task.state) && this.proxiesHolding(task).includes(port.name)) port.sendCancel(task.id, task.hostId);
       }
     }
   }
@@ -451,14 +488,16 @@ export class JobManager {
   private async expire(jobId: string): Promise<void> {
     const job = this.store.getJob(jobId);
     if (!job) return;
-    const changed: string[] = [];
-    for (const task of this.store.tasksOf(job)) {
+    const writes: Promise<void>[] = [];
+    for (const id of job.taskIds) {
+      const task = this.live.get(id);
       // A task that may sit at a proxy is expired there (the proxy enforces the same deadline).
-      if (task.state === TaskState.PENDING && this.proxiesHolding(task).length === 0) {
-        if (await this.finishHere(task, TaskState.EXPIRED, "the delivery deadline passed before the host could be reached")) changed.push(task.id);
+      if (task && task.state === TaskState.PENDING && this.proxiesHolding(task).length === 0) {
+        const w = this.finishHere(task, TaskState.EXPIRED, "the delivery deadline passed before the host could be reached");
+        if (w) writes.push(w);
       }
     }
-    await this.settle(jobId, changed);
+    await Promise.all(writes);
   }
 
   // ---- reading and watching ----------------------------------------------
@@ -471,7 +510,7 @@ export class JobManager {
   }
 
   tasksOf(job: JobRecord): TaskRecord[] {
-    return this.store.tasksOf(job);
+    return job.taskIds.map((id) => this.taskFor(id)).filter((t): t is TaskRecord => t !== undefined);
   }
 
   getJobRecord(id: string): JobRecord | undefined {
@@ -479,7 +518,13 @@ export class JobManager {
   }
 
   getTaskRecord(id: string): TaskRecord | undefined {
-    return this.store.getTask(id);
+    const t = this.taskFor(id);
+    return t && { ...t };
+  }
+
+  /** Output chunks of a task that are committed, so a reader finds them in the store. */
+  outputCommitted(task: TaskRecord): number {
+    return this.committedChunks.get(task.id) ?? task.outputChunks;
   }
 
   readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {

@@ -62,18 +62,20 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
       for (const id of ids) {
         const task = jobs.getTaskRecord(id);
         if (!task) continue;
-        let next = cursor.get(id) ?? (opts.noOutput ? task.outputChunks + 1 : 1);
-        while (!opts.noOutput && next <= task.outputChunks && budget > 0) {
+        const stored = jobs.outputCommitted(task);
+        let next = cursor.get(id) ?? (opts.noOutput ? stored + 1 : 1);
+        while (!opts.noOutput && next <= stored && budget > 0) {
           const chunks = jobs.readOutput(id, next, budget);
           if (chunks.length === 0) break;
           for (const c of chunks) budget -= c.data.length;
           output.push(...chunks);
           next += chunks.length;
         }
-        if (opts.noOutput) next = task.outputChunks + 1;
+        if (opts.noOutput) next = stored + 1;
         cursor.set(id, next);
+        // Output counted but not yet committed: its commit notifies again.
         const caughtUp = next > task.outputChunks;
-        if (!caughtUp) changed.add(id);
+        if (next <= stored) changed.add(id);
         const sig = taskSignature(task);
         if (sent.get(id) === sig) continue;
         if (isTerminal(task.state) && !caughtUp) continue;
