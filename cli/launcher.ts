@@ -153,7 +153,7 @@ export class LocalMesh {
     const logFile = join(this.dir, "logs", `${name}.log`);
     rmSync(readyFile, { force: true });
     const fd = openSync(logFile, "a");
-    const fullArgs = [REXMESH_BIN, role, ...args, "--ready-file", readyFile, "--log-level", this.plan.logLevel];
+    const fullArgs = [REXMESH_BIN, role, ...args, "--data", join(this.dir, "data", name), "--ready-file", readyFile, "--log-level", this.plan.logLevel];
     const proc = spawn(process.execPath, fullArgs, { stdio: ["ignore", fd, fd], env: cleanEnv() });
     closeSync(fd);
     return { name, args: fullArgs, proc, readyFile, logFile };

@@ -15,9 +15,20 @@ export function itemBytes(item: UpwardItem): number {
 /**
  * Results not yet acknowledged by the next hop, in the order they were
  * produced; resent whole after a reconnect. Acks trim by task: all chunks up
- * to a seq, all statuses up to a state.
+ * to a seq, all statuses up to a state. Writes resolve once durable.
  */
-export class MemoryBacklog {
+export interface Backlog {
+  readonly size: number;
+  readonly bytes: number;
+  push(items: readonly UpwardItem[]): Promise<void>;
+  ackOutput(taskId: string, seq: number): Promise<void>;
+  ackStatus(taskId: string, state: TaskState): Promise<void>;
+  /** Everything held, oldest first. */
+  all(): UpwardItem[];
+}
+
+/** A backlog in memory: for tests and throwaway meshes. */
+export class MemoryBacklog implements Backlog {
   private readonly items = new Map<string, UpwardItem>();
   private readonly ackedSeq = new Map<string, number>();
   private bytesHeld = 0;
@@ -30,7 +41,7 @@ export class MemoryBacklog {
     return this.bytesHeld;
   }
 
-  push(items: readonly UpwardItem[]): void {
+  async push(items: readonly UpwardItem[]): Promise<void> {
     for (const item of items) {
       const key = upwardKey(item);
       if (this.items.has(key)) continue;
@@ -46,13 +57,13 @@ export class MemoryBacklog {
     this.bytesHeld -= itemBytes(item);
   }
 
-  ackOutput(taskId: string, seq: number): void {
+  async ackOutput(taskId: string, seq: number): Promise<void> {
     const from = this.ackedSeq.get(taskId) ?? 0;
     for (let s = from + 1; s <= seq; s++) this.drop(`o/${taskId}/${s}`);
     if (seq > from) this.ackedSeq.set(taskId, seq);
   }
 
-  ackStatus(taskId: string, state: TaskState): void {
+  async ackStatus(taskId: string, state: TaskState): Promise<void> {
     for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(`s/${taskId}/${s}`);
     if (isTerminal(state)) this.ackedSeq.delete(taskId);
   }

@@ -1,3 +1,4 @@
+import type { Database } from "lmdb";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { HostRecord } from "./model.js";
 
@@ -9,6 +10,16 @@ import type { HostRecord } from "./model.js";
  */
 export class Inventory {
   private readonly hosts = new Map<string, HostRecord>();
+
+  /** With a database, hosts survive a restart (as disconnected until their proxy reports them). */
+  constructor(private readonly db?: Database<HostRecord, string>) {
+    if (!db) return;
+    for (const { value } of db.getRange()) this.hosts.set(value.id, { ...value, connected: false });
+  }
+
+  private save(rec: HostRecord): void {
+    void this.db?.put(rec.id, rec);
+  }
 
   get(id: string): HostRecord | undefined {
     return this.hosts.get(id);
@@ -32,6 +43,7 @@ export class Inventory {
       labels: prev?.labels ?? {},
     };
     this.hosts.set(host.id, rec);
+    this.save(rec);
     return rec;
   }
 
@@ -41,6 +53,7 @@ export class Inventory {
     if (!rec || rec.proxy !== proxy || !rec.connected) return undefined;
     rec.connected = false;
     rec.since = since;
+    this.save(rec);
     return rec;
   }
 
@@ -51,6 +64,7 @@ export class Inventory {
       if (rec.proxy === proxy && rec.connected) {
         rec.connected = false;
         rec.since = since;
+        this.save(rec);
         lost.push(rec);
       }
     }

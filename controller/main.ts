@@ -12,7 +12,8 @@ import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
 import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { controllerServiceImpl } from "./api.js";
 import { Inventory } from "./inventory.js";
-import { MemoryJobStore } from "./job-store.js";
+import { LmdbEnv } from "../common/lmdb.js";
+import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
 import { serveProxyLink } from "./proxy-link.js";
 
@@ -21,6 +22,8 @@ export const controllerSchema = {
   cert: { type: "string", doc: "controller certificate (PEM)" },
   key: { type: "string", doc: "controller private key (PEM)" },
   ca: { type: "string", doc: "mesh CA certificate (PEM)" },
+  data: { type: "string", default: "rexmesh-data/controller", doc: "directory of the controller's LMDB store (jobs, tasks, output, inventory)" },
+  storeSize: { type: "int", default: 8 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold; new jobs are refused (RESOURCE_EXHAUSTED) above 90% of it" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on proxy links" },
   deliveryDeadline: { type: "duration", default: "1h", doc: "delivery deadline of jobs that set none" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
@@ -41,8 +44,9 @@ export function requireFiles(config: { cert?: string; key?: string; ca?: string 
 export async function startController(config: ControllerConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: AddressInfo }> {
   const creds = readCredentials(requireFiles(config));
   const { host, port } = parseHostPort(config.listen, "listen");
-  const store = new MemoryJobStore();
-  const inventory = new Inventory();
+  const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
+  const store = new LmdbJobStore(env);
+  const inventory = new Inventory(env.db("hosts"));
   const jobs = new JobManager({ store, inventory, clock, ids: timeOrderedIds(clock), log, defaultDeliveryDeadlineMs: config.deliveryDeadline });
   jobs.recover();
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat };

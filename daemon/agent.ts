@@ -1,7 +1,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Backoff, type BackoffOptions } from "../common/backoff.js";
-import { MemoryBacklog, type UpwardItem } from "../common/backlog.js";
+import { MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
 import type { Clock } from "../common/clock.js";
 import { Coalescer } from "../common/coalescer.js";
 import type { FrameLink } from "../common/frame-link.js";
@@ -37,6 +37,8 @@ export interface AgentOptions {
   dial: Dialer;
   executor: Executor;
   ledger: Ledger;
+  /** Results not yet acknowledged by the proxy; durable in a real daemon. Default: in memory. */
+  outbox?: Backlog;
   facts: HostFacts;
   clock: Clock;
   log: Logger;
@@ -56,8 +58,8 @@ export interface AgentOptions {
  * reconnect.
  */
 export class Agent {
-  private readonly opts: Required<Omit<AgentOptions, "backoff">> & { backoff: BackoffOptions };
-  private readonly outbox = new MemoryBacklog();
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox">> & { backoff: BackoffOptions };
+  private readonly outbox: Backlog;
   private readonly waiting: TaskSpec[] = [];
   private readonly running = new Map<string, AbortController>();
   private link: ProxyLinkToAgent | undefined;
@@ -77,6 +79,7 @@ export class Agent {
       ...opts,
     };
     if (!(this.opts.capacity >= 1)) throw new Error("capacity must be at least 1");
+    this.outbox = opts.outbox ?? new MemoryBacklog();
   }
 
   get hostId(): string {
@@ -135,7 +138,7 @@ export class Agent {
    */
   private async recover(): Promise<void> {
     // Final statuses the proxy never acknowledged are reported again.
-    this.outbox.push(this.opts.ledger.unreported().map((e) => ({ kind: "status" as const, status: e.final! })));
+    await this.outbox.push(this.opts.ledger.unreported().map((e) => ({ kind: "status" as const, status: e.final! })));
     for (const entry of this.opts.ledger.unfinished()) {
       if (entry.state === TaskState.RUNNING && !entry.spec.idempotent) {
         await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: "the daemon stopped while the task ran; not run again", outputChunks: 0, outputTruncated: false });
@@ -230,7 +233,7 @@ export class Agent {
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
   private emit(items: UpwardItem[]): void {
-    this.outbox.push(items);
+    this.outbox.push(items).catch((err) => this.opts.log.error("spooling results failed", { err }));
     if (this.out) this.addToFrame(this.out.frame, items);
     this.reportCredits();
   }
@@ -244,9 +247,9 @@ export class Agent {
   }
 
   private async handleFrame(frame: AgentStreamResponse): Promise<void> {
-    for (const ack of frame.outputAcks) this.outbox.ackOutput(ack.taskId, Number(ack.seq));
+    for (const ack of frame.outputAcks) void this.outbox.ackOutput(ack.taskId, Number(ack.seq));
     for (const ack of frame.statusAcks) {
-      this.outbox.ackStatus(ack.taskId, ack.state);
+      void this.outbox.ackStatus(ack.taskId, ack.state);
       if (isTerminal(ack.state)) await this.markReported(ack.taskId);
     }
     for (const spec of frame.tasks) await this.accept(spec);

@@ -13,7 +13,9 @@ import { AgentLinkService, type AgentStreamRequest, type AgentStreamResponse } f
 import { Agent, type Dialer } from "./agent.js";
 import { Executor } from "./executor.js";
 import { collectFacts } from "./facts.js";
-import { MemoryLedger } from "./ledger.js";
+import { LmdbEnv } from "../common/lmdb.js";
+import { LmdbBacklog } from "../common/lmdb-backlog.js";
+import { LmdbLedger } from "./lmdb-ledger.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -21,6 +23,8 @@ export const daemonSchema = {
   key: { type: "string", doc: "host private key (PEM)" },
   ca: { type: "string", doc: "mesh CA certificate (PEM)" },
   identities: { type: "string", doc: "directory of <host>.crt/<host>.key pairs plus ca.crt: one process serves each as a separate host (for dev meshes and labs)" },
+  data: { type: "string", default: "rexmesh-data/daemon", doc: "directory of the daemon's LMDB store (ledger of accepted tasks, output not yet delivered)" },
+  storeSize: { type: "int", default: 2 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold" },
   capacity: { type: "int", default: 4, min: 1, doc: "tasks run at once per host" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval" },
   outputLimit: { type: "int", default: 64 * 1024 * 1024, min: 0, doc: "output bytes kept per task when the job sets no limit" },
@@ -56,6 +60,9 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   if (!config.proxies || config.proxies.length === 0) throw new ConfigError("proxies is required (--proxies HOST:PORT[,HOST:PORT...])");
   const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace });
   const facts = collectFacts();
+  const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
+  const ledgers = env.db<never>("ledger") as never;
+  const outboxes = env.db<Buffer>("outbox", "binary") as never;
   const agents = identityPaths(config).map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
@@ -65,7 +72,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       proxies: config.proxies!,
       dial: connectDialer(creds),
       executor,
-      ledger: new MemoryLedger(),
+      ledger: new LmdbLedger(ledgers, me.id),
+      outbox: new LmdbBacklog(outboxes, me.id),
       facts,
       clock,
       log: log.child({ host: me.id }),
@@ -79,6 +87,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     info: { role: "daemon", hosts: agents.map((a) => a.hostId) },
     async stop(graceMs) {
       await Promise.all(agents.map((a) => a.stop(graceMs)));
+      await env.close();
     },
   };
 }

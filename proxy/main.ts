@@ -14,7 +14,8 @@ import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyLinkService, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { requireFiles } from "../controller/main.js";
 import { ProxyCore } from "./proxy.js";
-import { MemoryProxyStore } from "./store.js";
+import { LmdbEnv } from "../common/lmdb.js";
+import { LmdbProxyStore } from "./lmdb-store.js";
 
 export const proxySchema = {
   listen: { type: "string", default: "127.0.0.1:7444", doc: "address daemons connect to (host:port; port 0 picks one)" },
@@ -22,6 +23,8 @@ export const proxySchema = {
   cert: { type: "string", doc: "proxy certificate (PEM); its identity names the proxy and its region" },
   key: { type: "string", doc: "proxy private key (PEM)" },
   ca: { type: "string", doc: "mesh CA certificate (PEM)" },
+  data: { type: "string", default: "rexmesh-data/proxy", doc: "directory of the proxy's LMDB store (queued tasks, results not yet delivered)" },
+  storeSize: { type: "int", default: 8 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold; new tasks are refused above 90% of it" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on both links" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
@@ -38,7 +41,8 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const me = requireRole(identityFromCertificate(creds.certPem), "proxy");
   const { host, port } = parseHostPort(config.listen, "listen");
   log = log.child({ proxy: me.id, region: me.scope });
-  const core = new ProxyCore({ name: me.id, region: me.scope, clock, store: new MemoryProxyStore(), log, heartbeatMs: config.heartbeat });
+  const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
+  const core = new ProxyCore({ name: me.id, region: me.scope, clock, store: new LmdbProxyStore(env), log, heartbeatMs: config.heartbeat });
   const server = createRpcServer({
     creds,
     log,
@@ -80,6 +84,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       stop.abort();
       core.stop();
       await Promise.all([server.close(graceMs), uplink]);
+      await env.close();
     },
   };
 }

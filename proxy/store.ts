@@ -35,6 +35,8 @@ export interface ProxyStore {
   /** The whole backlog in the order it was pushed. */
   upward(): UpwardItem[];
   upwardSize(): number;
+  /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
+  checkRoomForWork?(what: string): void;
 }
 
 export class MemoryProxyStore implements ProxyStore {

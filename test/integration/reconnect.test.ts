@@ -63,7 +63,7 @@ describe("reconnects", () => {
     const { spawn } = await import("node:child_process");
     const { REXMESH_BIN } = await import("../../cli/launcher.js");
     const dead = "127.0.0.1:1"; // nothing listens on port 1
-    const proc = spawn(process.execPath, [REXMESH_BIN, "daemon", "--proxies", `${dead},${mesh.proxies[0]!.address}`, "--cert", extra.cert, "--key", extra.key, "--ca", extra.ca], { stdio: "ignore" });
+    const proc = spawn(process.execPath, [REXMESH_BIN, "daemon", "--proxies", `${dead},${mesh.proxies[0]!.address}`, "--cert", extra.cert, "--key", extra.key, "--ca", extra.ca, "--data", `${mesh.dir}/data/extra`], { stdio: "ignore" });
     try {
       await mesh.waitForHosts(hosts.length + 1);
       const conn = clientOf(mesh);

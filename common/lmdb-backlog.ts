@@ -1,0 +1,101 @@
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import type { Database } from "lmdb";
+import { OutputChunkSchema, TaskState, TaskStatusSchema } from "../gen/rexmesh/v1/task_pb.js";
+import { itemBytes, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
+import { isTerminal } from "./task-state.js";
+
+const STATUS = 1;
+const OUTPUT = 2;
+
+export function encodeItem(item: UpwardItem): Buffer {
+  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : toBinary(OutputChunkSchema, item.chunk);
+  const out = Buffer.allocUnsafe(body.length + 1);
+  out[0] = item.kind === "status" ? STATUS : OUTPUT;
+  out.set(body, 1);
+  return out;
+}
+
+export function decodeItem(buf: Uint8Array): UpwardItem {
+  const body = buf.subarray(1);
+  return buf[0] === STATUS ? { kind: "status", status: fromBinary(TaskStatusSchema, body) } : { kind: "output", chunk: fromBinary(OutputChunkSchema, body) };
+}
+
+/**
+ * A backlog in LMDB, under a scope (one per host in a daemon process that
+ * serves several). Items are stored in push order under an increasing
+ * number; an in-memory index maps each item's identity to its number so
+ * that acks delete without scanning. The index is rebuilt at open.
+ */
+export class LmdbBacklog implements Backlog {
+  private readonly index = new Map<string, number>();
+  private readonly sizes = new Map<number, number>();
+  private readonly ackedSeq = new Map<string, number>();
+  private next = 1;
+  private bytesHeld = 0;
+
+  constructor(
+    private readonly db: Database<Buffer, (string | number)[]>,
+    private readonly scope: string,
+  ) {
+    for (const { key, value } of db.getRange({ start: [scope, 0], end: [scope, Number.MAX_SAFE_INTEGER] })) {
+      const n = key[1] as number;
+      const item = decodeItem(value);
+      this.index.set(upwardKey(item), n);
+      this.sizes.set(n, itemBytes(item));
+      this.bytesHeld += itemBytes(item);
+      this.next = Math.max(this.next, n + 1);
+    }
+  }
+
+  get size(): number {
+    return this.index.size;
+  }
+
+  get bytes(): number {
+    return this.bytesHeld;
+  }
+
+  push(items: readonly UpwardItem[]): Promise<void> {
+    const writes: Promise<unknown>[] = [];
+    for (const item of items) {
+      const key = upwardKey(item);
+      if (this.index.has(key)) continue;
+      const n = this.next++;
+      this.index.set(key, n);
+      this.sizes.set(n, itemBytes(item));
+      this.bytesHeld += itemBytes(item);
+      writes.push(this.db.put([this.scope, n], encodeItem(item)));
+    }
+    return Promise.all(writes).then(() => undefined);
+  }
+
+  private drop(key: string, writes: Promise<unknown>[]): void {
+    const n = this.index.get(key);
+    if (n === undefined) return;
+    this.index.delete(key);
+    this.bytesHeld -= this.sizes.get(n) ?? 0;
+    this.sizes.delete(n);
+    writes.push(this.db.remove([this.scope, n]));
+  }
+
+  ackOutput(taskId: string, seq: number): Promise<void> {
+    const writes: Promise<unknown>[] = [];
+    const from = this.ackedSeq.get(taskId) ?? 0;
+    for (let s = from + 1; s <= seq; s++) this.drop(`o/${taskId}/${s}`, writes);
+    if (seq > from) this.ackedSeq.set(taskId, seq);
+    return Promise.all(writes).then(() => undefined);
+  }
+
+  ackStatus(taskId: string, state: TaskState): Promise<void> {
+    const writes: Promise<unknown>[] = [];
+    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(`s/${taskId}/${s}`, writes);
+    if (isTerminal(state)) this.ackedSeq.delete(taskId);
+    return Promise.all(writes).then(() => undefined);
+  }
+
+  all(): UpwardItem[] {
+    const out: UpwardItem[] = [];
+    for (const { value } of this.db.getRange({ start: [this.scope, 0], end: [this.scope, Number.MAX_SAFE_INTEGER] })) out.push(decodeItem(value));
+    return out;
+  }
+}

@@ -1,0 +1,101 @@
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import type { Database } from "lmdb";
+import type { LmdbEnv } from "../common/lmdb.js";
+import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream } from "../gen/rexmesh/v1/task_pb.js";
+import { create } from "@bufbuild/protobuf";
+import type { JobStore } from "./job-store.js";
+import type { JobRecord, TaskRecord } from "./model.js";
+
+type StoredJob = Omit<JobRecord, "steps"> & { steps: Uint8Array[] };
+
+/**
+ * Jobs, tasks and output in LMDB. Every put of one event-loop turn commits in
+ * one transaction (lmdb-js batches them), so a job and all its tasks, or a
+ * chunk and the task record counting it, are stored together or not at all.
+ */
+export class LmdbJobStore implements JobStore {
+  private readonly jobs: Database<StoredJob, string>;
+  private readonly tasks: Database<TaskRecord, string>;
+  /** [taskId, seq] → stream byte + bytes. */
+  private readonly output: Database<Buffer, (string | number)[]>;
+  private readonly keys: Database<string, string>;
+  private readonly unfinished: Database<boolean, string>;
+
+  constructor(private readonly env: LmdbEnv) {
+    this.jobs = env.db("jobs");
+    this.tasks = env.db("tasks");
+    this.output = env.db("output", "binary");
+    this.keys = env.db("idempotency", "string");
+    this.unfinished = env.db("unfinished");
+  }
+
+  putJob(job: JobRecord, tasks: readonly TaskRecord[] = []): Promise<void> {
+    const stored: StoredJob = { ...job, steps: job.steps.map((s) => toBinary(StepSchema, s)) };
+    const writes: Promise<unknown>[] = [this.jobs.put(job.id, stored)];
+    if (job.finishedAt === undefined) writes.push(this.unfinished.put(job.id, true));
+    else writes.push(this.unfinished.remove(job.id));
+    if (job.idempotencyKey) writes.push(this.keys.put(`${job.tenant}\0${job.idempotencyKey}`, job.id));
+    for (const t of tasks) writes.push(this.tasks.put(t.id, t));
+    return Promise.all(writes).then(() => undefined);
+  }
+
+  putTask(task: TaskRecord): Promise<void> {
+    return this.tasks.put(task.id, task).then(() => undefined);
+  }
+
+  appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void> {
+    const value = Buffer.allocUnsafe(chunk.data.length + 1);
+    value[0] = chunk.stream;
+    value.set(chunk.data, 1);
+    return Promise.all([this.output.put([chunk.taskId, Number(chunk.seq)], value), this.tasks.put(task.id, task)]).then(() => undefined);
+  }
+
+  getJob(id: string): JobRecord | undefined {
+    const stored = this.jobs.get(id);
+    if (!stored) return undefined;
+    return { ...stored, steps: stored.steps.map((b) => fromBinary(StepSchema, b)) };
+  }
+
+  getTask(id: string): TaskRecord | undefined {
+    const t = this.tasks.get(id);
+    return t && { ...t };
+  }
+
+  tasksOf(job: JobRecord): TaskRecord[] {
+    return job.taskIds.map((id) => this.getTask(id)).filter((t): t is TaskRecord => t !== undefined);
+  }
+
+  readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {
+    const out: OutputChunk[] = [];
+    let bytes = 0;
+    for (const { key, value } of this.output.getRange({ start: [taskId, fromSeq], end: [taskId, Number.MAX_SAFE_INTEGER] })) {
+      if (out.length > 0 && bytes + value.length > maxBytes) break;
+      out.push(create(OutputChunkSchema, { taskId, seq: BigInt(key[1] as number), stream: value[0] as OutputStream, data: value.subarray(1) }));
+      bytes += value.length;
+    }
+    return out;
+  }
+
+  jobByIdempotencyKey(tenant: string, key: string): JobRecord | undefined {
+    const id = this.keys.get(`${tenant}\0${key}`);
+    return id === undefined ? undefined : this.getJob(id);
+  }
+
+  unfinishedJobs(): JobRecord[] {
+    const out: JobRecord[] = [];
+    for (const id of this.unfinished.getKeys()) {
+      const job = this.getJob(id as string);
+      if (job) out.push(job);
+    }
+    return out;
+  }
+
+  checkRoomForWork(what: string): void {
+    this.env.checkRoomForWork(what);
+  }
+
+  close(): Promise<void> {
+    return this.env.close();
+  }
+}
+

@@ -1,0 +1,97 @@
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import type { Database } from "lmdb";
+import { LmdbBacklog } from "../common/lmdb-backlog.js";
+import type { LmdbEnv } from "../common/lmdb.js";
+import { TaskSpecSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
+
+interface StoredTask {
+  spec: Uint8Array;
+  state: TaskState;
+  cancelRequested: boolean;
+  outputSeq: number;
+}
+
+/**
+ * The proxy's tasks and result backlog in LMDB, so that a proxy killed at
+ * any moment comes back with every task it acknowledged and every result it
+ * has not yet handed to the controller. Task records are cached in memory
+ * (they are small and their number is bounded by the region's queue).
+ */
+export class LmdbProxyStore implements ProxyStore {
+  private readonly db: Database<StoredTask, string>;
+  private readonly backlog: LmdbBacklog;
+  private readonly tasks = new Map<string, QueuedTask>();
+  private readonly byHost = new Map<string, Set<string>>();
+
+  constructor(private readonly env: LmdbEnv) {
+    this.db = env.db("proxy-tasks");
+    this.backlog = new LmdbBacklog(env.db("proxy-backlog", "binary"), "");
+    for (const { key, value } of this.db.getRange()) {
+      const task: QueuedTask = { spec: fromBinary(TaskSpecSchema, value.spec), state: value.state, cancelRequested: value.cancelRequested, outputSeq: value.outputSeq };
+      this.index(task);
+      void key;
+    }
+  }
+
+  private index(task: QueuedTask): void {
+    this.tasks.set(task.spec.taskId, task);
+    let set = this.byHost.get(task.spec.hostId);
+    if (!set) this.byHost.set(task.spec.hostId, (set = new Set()));
+    set.add(task.spec.taskId);
+  }
+
+  getTask(taskId: string): QueuedTask | undefined {
+    return this.tasks.get(taskId);
+  }
+
+  putTask(task: QueuedTask): Promise<void> {
+    this.index(task);
+    return this.db
+      .put(task.spec.taskId, { spec: toBinary(TaskSpecSchema, task.spec), state: task.state, cancelRequested: task.cancelRequested, outputSeq: task.outputSeq })
+      .then(() => undefined);
+  }
+
+  removeTask(taskId: string): Promise<void> {
+    const task = this.tasks.get(taskId);
+    if (task) {
+      this.tasks.delete(taskId);
+      const set = this.byHost.get(task.spec.hostId);
+      set?.delete(taskId);
+      if (set?.size === 0) this.byHost.delete(task.spec.hostId);
+    }
+    return this.db.remove(taskId).then(() => undefined);
+  }
+
+  tasksFor(hostId: string): QueuedTask[] {
+    return [...(this.byHost.get(hostId) ?? [])].map((id) => this.tasks.get(id)!).filter(Boolean);
+  }
+
+  allTasks(): QueuedTask[] {
+    return [...this.tasks.values()];
+  }
+
+  pushUpward(items: readonly UpwardItem[]): Promise<void> {
+    return this.backlog.push(items);
+  }
+
+  ackOutput(taskId: string, seq: number): Promise<void> {
+    return this.backlog.ackOutput(taskId, seq);
+  }
+
+  ackStatus(taskId: string, state: TaskState): Promise<void> {
+    return this.backlog.ackStatus(taskId, state);
+  }
+
+  upward(): UpwardItem[] {
+    return this.backlog.all();
+  }
+
+  upwardSize(): number {
+    return this.backlog.size;
+  }
+
+  checkRoomForWork(what: string): void {
+    this.env.checkRoomForWork(what);
+  }
+}
