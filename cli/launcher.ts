@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { mkdirSync, openSync, closeSync, readFileSync, existsSync, watch, rmSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createCa, issueKeyAndCertificate } from "../certs/ca.js";
+import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate } from "../certs/ca.js";
 import { credentialPaths, writeCa, writeCredentials, type CredentialPaths } from "../certs/files.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { systemClock } from "../common/clock.js";
@@ -32,6 +32,12 @@ export interface MeshPlan {
   hostsPerProcess?: number;
   tenant?: string;
   logLevel?: string;
+  /**
+   * Give every host certificate the same key pair (each host still has its
+   * own certificate and identity). Only for large test meshes: RSA key
+   * generation dominates their start-up otherwise.
+   */
+  shareHostKey?: boolean;
   /** Extra flags per role. */
   controllerArgs?: string[];
   proxyArgs?: string[];
@@ -97,7 +103,7 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
  */
 export class LocalMesh {
   readonly dir: string;
-  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs">> & MeshPlan;
+  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "shareHostKey">> & MeshPlan;
   controller!: RoleProcess;
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
   readonly daemons: (RoleProcess & { hosts: string[] })[] = [];
@@ -126,8 +132,14 @@ export class LocalMesh {
     for (const region of this.plan.regions) issue({ role: "proxy", scope: region, id: `proxy-${region}` }, this.identityDir, true);
     issue({ role: "operator", scope: this.plan.tenant, id: "dev" }, this.identityDir, false);
     this.operator = credentialPaths(this.identityDir, "dev");
+    const shared = this.plan.shareHostKey ? generateKeyPair() : undefined;
     for (const group of this.daemonGroups()) {
-      for (const h of group.hosts) issue({ role: "host", scope: this.plan.tenant, id: h }, join(this.dir, "hosts", group.name), false, 1);
+      for (const h of group.hosts) {
+        const identity: PeerIdentity = { role: "host", scope: this.plan.tenant, id: h };
+        const dir = join(this.dir, "hosts", group.name);
+        if (!shared) issue(identity, dir, false, 1);
+        else writeCredentials(dir, h, { certPem: issueCertificate(this.caMaterial, { clock, identity, validityMs: 86_400_000, publicKeyPem: shared.publicKeyPem }), keyPem: shared.privateKeyPem, caPem: this.caMaterial.certPem });
+      }
     }
   }
 

@@ -1,4 +1,4 @@
-import { TaskState, type OutputChunk, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import { TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "./task-state.js";
 
 /** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
@@ -6,6 +6,17 @@ export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "outpu
 
 export function upwardKey(item: UpwardItem): string {
   return item.kind === "output" ? `o/${item.chunk.taskId}/${item.chunk.seq}` : `s/${item.status.taskId}/${item.status.state}`;
+}
+
+/** Rough wire size of a task spec, for frame sizing. */
+export function specBytes(spec: TaskSpec): number {
+  let n = 256 + spec.stdin.length;
+  for (const step of spec.steps) {
+    if (step.tool.case === "exec") for (const a of step.tool.value.argv) n += a.length + 4;
+    else if (step.tool.case === "shell") n += step.tool.value.script.length + 8;
+  }
+  for (const [k, v] of Object.entries(spec.env)) n += k.length + v.length + 8;
+  return n;
 }
 
 export function itemBytes(item: UpwardItem): number {

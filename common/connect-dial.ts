@@ -4,6 +4,7 @@ import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-no
 import type { Credentials } from "../certs/files.js";
 import type { Role } from "../certs/identity.js";
 import { clientTlsOptions } from "../certs/tls.js";
+import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 
 export interface Channel {
   readonly transport: Transport;
@@ -23,7 +24,7 @@ export function openChannel(address: string, creds: Credentials, serverRoles: re
     { pingIntervalMs: opts.pingIntervalMs ?? 30_000, pingTimeoutMs: 15_000, idleConnectionTimeoutMs: 2 ** 31 - 1 },
     clientTlsOptions(creds, serverRoles),
   );
-  const transport = createGrpcTransport({ baseUrl: url, sessionManager: sessions });
+  const transport = createGrpcTransport({ baseUrl: url, sessionManager: sessions, readMaxBytes: MAX_MESSAGE_BYTES, writeMaxBytes: MAX_MESSAGE_BYTES });
   return { transport, close: (reason) => sessions.abort(reason) };
 }
 

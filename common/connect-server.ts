@@ -7,6 +7,7 @@ import type { Credentials } from "../certs/files.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { peerIdentity, serverTlsOptions } from "../certs/tls.js";
 import { UnauthenticatedError } from "./errors.js";
+import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import type { Logger } from "./logger.js";
 
 /** The verified identity of the caller, set for every request from its TLS connection. */
@@ -49,6 +50,8 @@ export interface RpcServer {
 export function createRpcServer(opts: { creds: Credentials; routes: (router: ConnectRouter) => void; log: Logger }): RpcServer {
   const handler = connectNodeAdapter({
     routes: opts.routes,
+    readMaxBytes: MAX_MESSAGE_BYTES,
+    writeMaxBytes: MAX_MESSAGE_BYTES,
     contextValues: (req) => createContextValues().set(peerKey, identityOfSocket(req.socket as TLSSocket)),
   });
   const server = http2.createSecureServer({ ...serverTlsOptions(opts.creds), allowHTTP1: true }, handler);

@@ -32,6 +32,8 @@ export class LmdbBacklog implements Backlog {
   private readonly ackedSeq = new Map<string, number>();
   private next = 1;
   private bytesHeld = 0;
+  /** Items pushed whose write has not committed yet: all() must include them too. */
+  private readonly inFlight = new Map<number, UpwardItem>();
 
   constructor(
     private readonly db: Database<Buffer, (string | number)[]>,
@@ -64,7 +66,8 @@ export class LmdbBacklog implements Backlog {
       this.index.set(key, n);
       this.sizes.set(n, itemBytes(item));
       this.bytesHeld += itemBytes(item);
-      writes.push(this.db.put([this.scope, n], encodeItem(item)));
+      this.inFlight.set(n, item);
+      writes.push(this.db.put([this.scope, n], encodeItem(item)).finally(() => this.inFlight.delete(n)));
     }
     return Promise.all(writes).then(() => undefined);
   }
@@ -75,6 +78,7 @@ export class LmdbBacklog implements Backlog {
     this.index.delete(key);
     this.bytesHeld -= this.sizes.get(n) ?? 0;
     this.sizes.delete(n);
+    this.inFlight.delete(n);
     writes.push(this.db.remove([this.scope, n]));
   }
 
@@ -93,9 +97,17 @@ export class LmdbBacklog implements Backlog {
     return Promise.all(writes).then(() => undefined);
   }
 
+  /** Committed items in order, then those whose write is still in flight (always the newest). */
   all(): UpwardItem[] {
     const out: UpwardItem[] = [];
-    for (const { value } of this.db.getRange({ start: [this.scope, 0], end: [this.scope, Number.MAX_SAFE_INTEGER] })) out.push(decodeItem(value));
+    const seen = new Set<number>();
+    for (const { key, value } of this.db.getRange({ start: [this.scope, 0], end: [this.scope, Number.MAX_SAFE_INTEGER] })) {
+      const n = key[1] as number;
+      if (!this.sizes.has(n)) continue; // acknowledged; its removal is in flight
+      seen.add(n);
+      out.push(decodeItem(value));
+    }
+    for (const [n, item] of this.inFlight) if (!seen.has(n)) out.push(item);
     return out;
   }
 }

@@ -16,6 +16,7 @@ import {
 } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import type { Inventory } from "./inventory.js";
+import { specBytes } from "../common/backlog.js";
 import type { JobManager, ProxyPort } from "./jobs.js";
 
 export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
@@ -63,7 +64,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   const port: ProxyPort = {
     name: peer.id,
     region: peer.scope,
-    sendTask: (spec) => out.frame.tasks.push(spec),
+    sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(spec),
     sendCancel: (taskId, hostId) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId })),
   };
   out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs };

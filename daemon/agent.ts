@@ -1,7 +1,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Backoff, type BackoffOptions } from "../common/backoff.js";
-import { MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
+import { itemBytes, MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
 import type { Clock } from "../common/clock.js";
 import { Coalescer } from "../common/coalescer.js";
 import type { FrameLink } from "../common/frame-link.js";
@@ -198,7 +198,7 @@ export class Agent {
     hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs };
     hello.credits = this.credits();
     this.lastCredits = hello.credits;
-    this.addToFrame(hello, this.outbox.all());
+    this.addToFrame(out, this.outbox.all());
     this.link = link;
     this.out = out;
     this.heartbeat = heartbeat;
@@ -224,8 +224,9 @@ export class Agent {
     }
   }
 
-  private addToFrame(frame: AgentStreamRequest, items: readonly UpwardItem[]): void {
+  private addToFrame(out: Coalescer<AgentStreamRequest>, items: readonly UpwardItem[]): void {
     for (const item of items) {
+      const frame = out.frameFor(itemBytes(item));
       if (item.kind === "output") frame.output.push(item.chunk);
       else frame.statuses.push(item.status);
     }
@@ -234,7 +235,7 @@ export class Agent {
   /** Keeps items until acknowledged and sends them now if a stream is open. */
   private emit(items: UpwardItem[]): void {
     this.outbox.push(items).catch((err) => this.opts.log.error("spooling results failed", { err }));
-    if (this.out) this.addToFrame(this.out.frame, items);
+    if (this.out) this.addToFrame(this.out, items);
     this.reportCredits();
   }
 

@@ -31,6 +31,7 @@ import {
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
 import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
+import { itemBytes, specBytes } from "../common/backlog.js";
 
 export type AgentLink = FrameLink<AgentStreamResponse, AgentStreamRequest>;
 export type ControllerLink = FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
@@ -227,7 +228,7 @@ export class ProxyCore {
   /** After a reconnect, tasks handed out before may not have reached the daemon: send them again (its ledger drops duplicates). */
   private resendHandedOut(session: HostSession): void {
     for (const task of this.store.tasksFor(session.hostId)) {
-      if (task.state === TaskState.DISPATCHED) session.out.frame.tasks.push(task.spec);
+      if (task.state === TaskState.DISPATCHED) session.out.frameFor(specBytes(task.spec)).tasks.push(task.spec);
       if (task.cancelRequested && task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) {
         session.out.frame.cancelTaskIds.push(task.spec.taskId);
       }
@@ -248,7 +249,7 @@ export class ProxyCore {
       }
       task.state = TaskState.DISPATCHED;
       session.credits--;
-      session.out.frame.tasks.push(task.spec);
+      session.out.frameFor(specBytes(task.spec)).tasks.push(task.spec);
       items.push({ kind: "status", status: this.status(task, TaskState.DISPATCHED) });
     }
     if (items.length > 0) void this.persistUp(items);
@@ -289,8 +290,8 @@ export class ProxyCore {
   private sendUp(items: readonly UpwardItem[]): void {
     const c = this.controller;
     if (!c) return;
-    const frame = c.out.frame;
     for (const item of items) {
+      const frame = c.out.frameFor(itemBytes(item));
       if (item.kind === "output") frame.output.push(item.chunk);
       else frame.statuses.push(item.status);
     }
