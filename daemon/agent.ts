@@ -118,7 +118,8 @@ export class Agent {
       timer.cancel();
       this.out?.flush();
     }
-    this.link?.close();
+    // Cancel rather than half-close: nothing is gained by waiting for the proxy to end the stream.
+    this.link?.close(new Error("daemon stopping"));
     await this.loop;
   }
 
@@ -159,7 +160,11 @@ export class Agent {
       const startedAt = this.opts.clock.now();
       try {
         const link = await this.opts.dial(address, stop);
-        await this.serve(link, address);
+        try {
+          await this.serve(link, address);
+        } finally {
+          link.close();
+        }
       } catch (err) {
         if (stop.aborted) break;
         this.opts.log.warn("proxy link failed", { proxy: address, err });

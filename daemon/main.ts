@@ -4,12 +4,11 @@ import { readCredentials, type CredentialPaths, type Credentials } from "../cert
 import { identityFromCertificate, requireRole } from "../certs/identity.js";
 import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";
-import { clientFor, openChannel } from "../common/connect-dial.js";
-import { openFrameLink } from "../common/connect-link.js";
+import { openGrpcLink } from "../common/grpc-link.js";
 import { ConfigError } from "../common/errors.js";
 import type { Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
-import { AgentLinkService, type AgentStreamRequest, type AgentStreamResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
+import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { Agent, type Dialer } from "./agent.js";
 import { Executor } from "./executor.js";
 import { collectFacts } from "./facts.js";
@@ -47,12 +46,9 @@ function identityPaths(config: DaemonConfig): CredentialPaths[] {
   return [{ cert: config.cert, key: config.key, ca: config.ca }];
 }
 
-export function connectDialer(creds: Credentials): Dialer {
-  return async (address) => {
-    const channel = openChannel(address, creds, ["proxy"]);
-    const client = clientFor(AgentLinkService, channel);
-    return openFrameLink<AgentStreamRequest, AgentStreamResponse>((out, signal) => client.agentStream(out, { signal }), (err) => channel.close(err));
-  };
+/** Dials a proxy's AgentLink over grpc-js (see docs/transport.md for why grpc-js here). */
+export function grpcDialer(creds: Credentials): Dialer {
+  return async (address) => openGrpcLink(address, creds, ["proxy"], AgentLinkService.method.agentStream);
 }
 
 /** Starts one agent per host identity this process serves. */
@@ -70,7 +66,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       hostId: me.id,
       tenant: me.scope,
       proxies: config.proxies!,
-      dial: connectDialer(creds),
+      dial: grpcDialer(creds),
       executor,
       ledger: new LmdbLedger(ledgers, me.id),
       outbox: new LmdbBacklog(outboxes, me.id),

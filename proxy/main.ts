@@ -1,12 +1,11 @@
-import type { AddressInfo } from "node:net";
 import { readCredentials } from "../certs/files.js";
 import { identityFromCertificate, requireRole } from "../certs/identity.js";
 import { Backoff } from "../common/backoff.js";
 import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
-import { openFrameLink, serveFrameLink } from "../common/connect-link.js";
-import { createRpcServer } from "../common/connect-server.js";
+import { openFrameLink } from "../common/connect-link.js";
+import { createGrpcLinkServer } from "../common/grpc-link.js";
 import { ConfigError } from "../common/errors.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
@@ -34,7 +33,7 @@ export const proxySchema = {
 export type ProxyConfig = Resolved<typeof proxySchema>;
 
 /** Wires the proxy: serves daemons, and keeps dialling the controller. */
-export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: AddressInfo; core: ProxyCore }> {
+export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: { address: string; port: number }; core: ProxyCore }> {
   if (!config.controller) throw new ConfigError("controller is required (--controller HOST:PORT or REXMESH_CONTROLLER)");
   const controllerAddress = config.controller;
   const creds = readCredentials(requireFiles(config));
@@ -43,15 +42,9 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   log = log.child({ proxy: me.id, region: me.scope });
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const core = new ProxyCore({ name: me.id, region: me.scope, clock, store: new LmdbProxyStore(env), log, heartbeatMs: config.heartbeat });
-  const server = createRpcServer({
-    creds,
-    log,
-    routes: (router) =>
-      router.service(AgentLinkService, {
-        agentStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => core.serveHost(link, peer)),
-      }),
-  });
-  const address = await server.listen(host, port);
+  // Daemons: grpc-js, for its lower memory per idle stream (docs/transport.md).
+  const server = createGrpcLinkServer({ creds, log, method: AgentLinkService.method.agentStream, serve: (link, peer) => core.serveHost(link, peer) });
+  const address = { address: host, port: await server.listen(host, port) };
 
   const stop = new AbortController();
   const uplink = (async () => {

@@ -161,11 +161,14 @@ describe("authentication and the public API", () => {
   });
 
   it("refuses curl without a client certificate", async () => {
+    // The handshake is refused; how curl words it depends on timing (alert, reset, not connected).
     const r = await run("curl", ["-sS", "--cacert", mesh.operator.ca, "-H", "Content-Type: application/json", "-d", "{}", `https://${mesh.controllerAddress}/rexmesh.v1.ControllerService/ListHosts`]).then(
-      () => "ok",
-      (e: { code: number; stderr: string }) => `exit ${e.code}: ${e.stderr}`,
+      ({ stdout }) => ({ code: 0, stdout, stderr: "" }),
+      (e: { code: number; stdout: string; stderr: string }) => e,
     );
-    expect(r).toMatch(/^exit \d+: .*(alert|certificate|reset|SSL)/i);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stdout).toBe("");
+    expect(r.stderr).toMatch(/curl: \((35|16|55|56|92)\)/);
   });
 
   it("answers a plain @grpc/grpc-js client: unary and server streaming", async () => {
