@@ -27,6 +27,11 @@ const runOptions: Record<string, OptionSpec> = {
   cwd: { type: "string", doc: "working directory on the host", value: "DIR" },
   stdin: { type: "string", doc: "file whose content is the command's standard input", value: "FILE" },
   "idempotency-key": { type: "string", doc: "submitting again with the same key returns the same job", value: "KEY" },
+  concurrency: { type: "string", short: "c", doc: "hosts running at once, a number or a percentage of the hosts", value: "N|N%" },
+  "concurrency-per-region": { type: "string", doc: "hosts running at once in each region", value: "N" },
+  "max-errors": { type: "string", doc: "failures tolerated; after that, hosts not yet started are SKIPPED", value: "N|N%" },
+  batch: { type: "string", doc: "canary: the first N hosts must succeed before the others start", value: "N" },
+  "output-limit": { type: "string", doc: "output bytes kept per host; the rest is dropped and marked truncated", value: "BYTES" },
   json: { type: "boolean", doc: "one JSON object per line per event (docs/cli-json.md)" },
   detach: { type: "boolean", short: "d", doc: "print the job id and return without waiting" },
   ...connectionOptions,
@@ -44,6 +49,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
         "rexmesh run -H web-1,web-2 --timeout 30s -- systemctl restart nginx",
         "rexmesh run --all --shell 'df -h / | tail -1'",
         "rexmesh run --all --json -- hostname | jq -r 'select(.type==\"output\") | .text'",
+        "rexmesh run --all --batch 2 --concurrency 10% --max-errors 3 -- apt-get -y upgrade",
       ]),
     );
     return 0;
@@ -66,7 +72,26 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     if (i <= 0) throw new InvalidArgumentError(`--env ${JSON.stringify(kv)} is not K=V`);
     env[kv.slice(0, i)] = kv.slice(i + 1);
   }
+  const count = (name: string, allowPercent: boolean): { n?: number; pct?: number } => {
+    const raw = v[name];
+    if (typeof raw !== "string") return {};
+    const m = /^(\d+)(%?)$/.exec(raw.trim());
+    if (!m || (m[2] && !allowPercent)) throw new InvalidArgumentError(`--${name.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase())} must be ${allowPercent ? "a whole number or a percentage like 10%" : "a whole number"}, not ${JSON.stringify(raw)}`);
+    return m[2] ? { pct: Number(m[1]) } : { n: Number(m[1]) };
+  };
+  const conc = count("concurrency", true);
+  const errs = count("maxErrors", true);
+  const rate = {
+    concurrency: conc.n ?? 0,
+    concurrencyPercent: conc.pct ?? 0,
+    concurrencyPerRegion: count("concurrencyPerRegion", false).n ?? 0,
+    maxErrors: errs.n,
+    maxErrorsPercent: errs.pct,
+    batch: count("batch", false).n ?? 0,
+  };
   const req = create(SubmitJobRequestSchema, {
+    rate,
+    outputLimitBytes: BigInt(count("outputLimit", false).n ?? 0),
     hostIds,
     allHosts: Boolean(v.all),
     steps: [step],
@@ -147,9 +172,21 @@ const jobsOptions: Record<string, OptionSpec> = {
 export async function jobsCommand(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, jobsOptions);
   const [verb, jobId] = p.positionals;
-  if (p.values.help || !verb) {
-    io.out(helpText("rexmesh jobs (show|watch|cancel) JOB_ID [--json]", jobsOptions, ["rexmesh jobs show j0abc...", "rexmesh jobs watch j0abc...   # replays all output so far, then follows", "rexmesh jobs cancel j0abc..."]));
-    return p.values.help ? 0 : 2;
+  if (p.values.help) {
+    io.out(helpText("rexmesh jobs [show|watch|cancel JOB_ID] [--json]", jobsOptions, ["rexmesh jobs                  # the newest jobs", "rexmesh jobs show j0abc...", "rexmesh jobs watch j0abc...   # replays all output so far, then follows", "rexmesh jobs cancel j0abc..."]));
+    return 0;
+  }
+  if (!verb || verb === "list") {
+    const { client, close } = operatorClient(p.values);
+    try {
+      const { jobs } = await client.listJobs({ limit: 50 }, { signal: io.signal });
+      const rows = jobs.map(jobJson);
+      if (p.values.json) io.out(JSON.stringify(rows, null, 2) + "\n");
+      else for (const j of rows) io.out(`${j.id}  ${j.state.padEnd(7)}  ${j.createdAt ?? ""}  ${String(j.tasks).padStart(5)} tasks  ${Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")}\n`);
+      return 0;
+    } finally {
+      close();
+    }
   }
   if (!jobId) throw new InvalidArgumentError(`rexmesh jobs ${verb} needs a job id`);
   const json = Boolean(p.values.json);

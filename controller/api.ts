@@ -108,6 +108,15 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inven
           deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
           idempotencyKey: req.idempotencyKey,
           idempotent: req.idempotent,
+          outputLimitBytes: Number(req.outputLimitBytes),
+          rate: req.rate && {
+            concurrency: req.rate.concurrency,
+            concurrencyPercent: req.rate.concurrencyPercent,
+            concurrencyPerRegion: req.rate.concurrencyPerRegion,
+            maxErrors: req.rate.maxErrors,
+            maxErrorsPercent: req.rate.maxErrorsPercent,
+            batch: req.rate.batch,
+          },
         });
         return { job: jobToProto(job, jobs.tasksOf(job)) };
       }),
@@ -116,6 +125,11 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inven
         const job = jobs.getJobFor(operator(ctx), req.jobId);
         const tasks = jobs.tasksOf(job);
         return { job: jobToProto(job, tasks), tasks: tasks.map(taskToProto) };
+      }),
+    listJobs: (req, ctx) =>
+      guard("ListJobs", async () => {
+        const list = jobs.listJobs(operator(ctx), req.limit);
+        return { jobs: list.map((j) => jobToProto(j, jobs.tasksOf(j))) };
       }),
     cancelJob: (req, ctx) =>
       guard("CancelJob", async () => {

@@ -20,6 +20,8 @@ export interface JobStore {
   jobByIdempotencyKey(tenant: string, key: string): JobRecord | undefined;
   /** Every job whose finishedAt is unset; used to rebuild in-memory indexes at start. */
   unfinishedJobs(): JobRecord[];
+  /** A tenant's jobs, newest first. */
+  listJobs(tenant: string, limit: number): JobRecord[];
   /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
   checkRoomForWork?(what: string): void;
   close(): Promise<void>;
@@ -83,6 +85,14 @@ export class MemoryJobStore implements JobStore {
 
   unfinishedJobs(): JobRecord[] {
     return [...this.jobs.values()].filter((j) => j.finishedAt === undefined).map((j) => structuredClone(j));
+  }
+
+  listJobs(tenant: string, limit: number): JobRecord[] {
+    return [...this.jobs.values()]
+      .filter((j) => j.tenant === tenant)
+      .sort((a, b) => (a.id < b.id ? 1 : -1))
+      .slice(0, limit)
+      .map((j) => structuredClone(j));
   }
 
   async close(): Promise<void> {}

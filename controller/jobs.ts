@@ -17,7 +17,7 @@ import {
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
 import { storageError } from "../common/lmdb.js";
-import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
+import type { HostRecord, JobRate, JobRecord, TaskRecord } from "./model.js";
 import { validateSteps } from "./validate.js";
 
 /** What the job manager needs of a connected proxy. */
@@ -40,6 +40,34 @@ export interface SubmitRequest {
   deliveryDeadlineMs: number;
   idempotencyKey: string;
   idempotent: boolean;
+  outputLimitBytes?: number;
+  rate?: RateRequest;
+}
+
+/** Rate control as asked for: absolute numbers or percentages of the job's task count. */
+export interface RateRequest {
+  concurrency?: number;
+  concurrencyPercent?: number;
+  concurrencyPerRegion?: number;
+  maxErrors?: number;
+  maxErrorsPercent?: number;
+  batch?: number;
+}
+
+/** Terminal states that spend a job's error budget. */
+const ERROR_STATES = new Set([TaskState.FAILED, TaskState.TIMED_OUT, TaskState.INTERRUPTED, TaskState.REJECTED, TaskState.EXPIRED]);
+
+/** In-memory fan-out state of a rate-controlled job. */
+interface Gate {
+  rate: JobRate;
+  /** Unreleased task ids per region, in submission order. */
+  queues: Map<string, string[]>;
+  inFlight: number;
+  inFlightByRegion: Map<string, number>;
+  failures: number;
+  canaryOpen: Set<string>;
+  /** No more releases: the error budget is spent or the canary failed. */
+  stopped: string | undefined;
 }
 
 export interface JobManagerOptions {
@@ -98,6 +126,8 @@ export class JobManager {
   private readonly committedChunks = new Map<string, number>();
   /** The last write queued for a task; a duplicate is acknowledged after it. */
   private readonly lastWrite = new Map<string, Promise<unknown>>();
+  /** Fan-out state of unfinished rate-controlled jobs. */
+  private readonly gates = new Map<string, Gate>();
 
   constructor(opts: JobManagerOptions) {
     this.store = opts.store;
@@ -125,7 +155,90 @@ export class JobManager {
       if (task.state === TaskState.PENDING) this.addPending(task);
     }
     this.open.set(job.id, open);
+    if (job.rate) this.gates.set(job.id, this.buildGate(job.rate, tasks));
     this.armDeadline(job);
+  }
+
+  private buildGate(rate: JobRate, tasks: readonly TaskRecord[]): Gate {
+    const gate: Gate = { rate, queues: new Map(), inFlight: 0, inFlightByRegion: new Map(), failures: 0, canaryOpen: new Set(), stopped: undefined };
+    const canary = new Set(rate.canary);
+    for (const t of tasks) {
+      if (ERROR_STATES.has(t.state)) gate.failures++;
+      if (canary.has(t.id) && !isTerminal(t.state)) gate.canaryOpen.add(t.id);
+      if (t.released) {
+        if (!isTerminal(t.state)) this.countFlight(gate, t, 1);
+      } else if (t.state === TaskState.PENDING) {
+        let q = gate.queues.get(t.region);
+        if (!q) gate.queues.set(t.region, (q = []));
+        q.push(t.id);
+      }
+    }
+    return gate;
+  }
+
+  private countFlight(gate: Gate, task: TaskRecord, delta: number): void {
+    gate.inFlight += delta;
+    gate.inFlightByRegion.set(task.region, (gate.inFlightByRegion.get(task.region) ?? 0) + delta);
+  }
+
+  /**
+   * Releases as many waiting tasks of a rate-controlled job as its limits
+   * allow, taking regions in turn so that one region cannot starve another.
+   */
+  private release(jobId: string, job?: JobRecord): void {
+    const gate = this.gates.get(jobId);
+    if (!gate || gate.stopped) return;
+    const { rate } = gate;
+    const limit = rate.concurrency || Infinity;
+    const canaryPhase = gate.canaryOpen.size > 0;
+    const regions = [...gate.queues.keys()];
+    let progress = true;
+    while (progress && gate.inFlight < limit) {
+      progress = false;
+      for (const region of regions) {
+        if (gate.inFlight >= limit) break;
+        if (rate.perRegion && (gate.inFlightByRegion.get(region) ?? 0) >= rate.perRegion) continue;
+        const queue = gate.queues.get(region)!;
+        let id: string | undefined;
+        // During the canary phase only canary tasks leave their queues.
+        const at = canaryPhase ? queue.findIndex((t) => gate.canaryOpen.has(t)) : 0;
+        if (at < 0 || queue.length === 0) continue;
+        [id] = queue.splice(at, 1);
+        const task = id && this.live.get(id);
+        if (!task || task.state !== TaskState.PENDING || task.released) continue;
+        task.released = true;
+        this.countFlight(gate, task, 1);
+        void this.write(task).catch(() => undefined);
+        this.dispatch(task, job);
+        progress = true;
+      }
+    }
+  }
+
+  /** A task of a rate-controlled job ended: free its slot, count errors, and release or stop. */
+  private gateTaskEnded(task: TaskRecord): void {
+    const gate = this.gates.get(task.jobId);
+    if (!gate) return;
+    if (task.released) this.countFlight(gate, task, -1);
+    if (ERROR_STATES.has(task.state)) gate.failures++;
+    const wasCanary = gate.canaryOpen.delete(task.id);
+    if (!gate.stopped) {
+      if (gate.rate.maxErrors !== undefined && gate.failures > gate.rate.maxErrors) {
+        gate.stopped = `skipped: the job's error budget (${gate.rate.maxErrors}) was spent`;
+      } else if (wasCanary && task.state !== TaskState.SUCCEEDED) {
+        gate.stopped = `skipped: canary task on ${task.hostId} ended ${TaskState[task.state]}`;
+      }
+      if (gate.stopped) {
+        for (const queue of gate.queues.values()) {
+          for (const id of queue.splice(0)) {
+            const t = this.live.get(id);
+            if (t && !t.released) void this.finishHere(t, TaskState.SKIPPED, gate.stopped);
+          }
+        }
+        return;
+      }
+    }
+    this.release(task.jobId);
   }
 
   // ---- proxies and hosts -------------------------------------------------
@@ -194,7 +307,9 @@ export class JobManager {
       idempotencyKey: req.idempotencyKey,
       cancelRequested: false,
       taskIds: [],
+      outputLimitBytes: req.outputLimitBytes ?? 0,
     };
+    const gated = req.rate !== undefined && hasLimits(req.rate);
     const tasks: TaskRecord[] = hosts.map((h) => ({
       id: this.ids("t"),
       jobId: job.id,
@@ -208,13 +323,16 @@ export class JobManager {
       updatedAt: now,
       outputChunks: 0,
       outputTruncated: false,
+      released: !gated,
     }));
     job.taskIds = tasks.map((t) => t.id);
+    if (gated) job.rate = resolveRate(req.rate!, job.taskIds);
     this.checkRoom("a new job");
     await this.store.putJob(job, tasks).catch((err) => Promise.reject(storageError(err)));
     this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length });
     this.track(job, tasks);
-    for (const task of tasks) this.dispatch(task, job);
+    if (job.rate) this.release(job.id, job);
+    else for (const task of tasks) this.dispatch(task, job);
     return job;
   }
 
@@ -268,7 +386,7 @@ export class JobManager {
 
   /** Sends a pending task to the proxy holding its host, if any holds it now. */
   private dispatch(task: TaskRecord, knownJob?: JobRecord): void {
-    if (task.state !== TaskState.PENDING) return;
+    if (task.state !== TaskState.PENDING || task.released === false) return;
     const host = this.inventory.get(task.hostId);
     if (!host?.connected) return;
     const port = this.proxies.get(host.proxy);
@@ -296,6 +414,7 @@ export class JobManager {
       timeout: job.timeoutMs > 0 ? durationFromMs(job.timeoutMs) : undefined,
       deliverBy: timestampFromMs(job.deliverBy),
       idempotent: job.idempotent,
+      outputLimitBytes: BigInt(job.outputLimitBytes ?? 0),
       createdAt: timestampFromMs(job.createdAt),
     });
   }
@@ -396,6 +515,7 @@ export class JobManager {
 
   /** A task became terminal: the job finishes with its last task. */
   private async taskFinished(task: TaskRecord): Promise<void> {
+    this.gateTaskEnded(task);
     const left = (this.open.get(task.jobId) ?? 1) - 1;
     this.open.set(task.jobId, left);
     if (left > 0) return;
@@ -406,6 +526,7 @@ export class JobManager {
     this.deadlineTimers.get(job.id)?.cancel();
     this.deadlineTimers.delete(job.id);
     this.open.delete(job.id);
+    this.gates.delete(job.id);
     for (const id of job.taskIds) {
       this.live.delete(id);
       this.committedChunks.delete(id);
@@ -513,6 +634,11 @@ export class JobManager {
     return job.taskIds.map((id) => this.taskFor(id)).filter((t): t is TaskRecord => t !== undefined);
   }
 
+  /** The newest jobs of the caller's tenant. */
+  listJobs(caller: PeerIdentity, limit: number): JobRecord[] {
+    return this.store.listJobs(caller.scope, Math.min(Math.max(limit || 50, 1), 1000));
+  }
+
   getJobRecord(id: string): JobRecord | undefined {
     return this.store.getJob(id);
   }
@@ -551,4 +677,28 @@ export class JobManager {
     for (const t of this.deadlineTimers.values()) t.cancel();
     this.deadlineTimers.clear();
   }
+}
+
+function hasLimits(r: RateRequest): boolean {
+  return Boolean(r.concurrency || r.concurrencyPercent || r.concurrencyPerRegion || r.batch) || r.maxErrors !== undefined || r.maxErrorsPercent !== undefined;
+}
+
+/** Turns percentages into task counts (at least 1 where a limit is asked for) and picks the canary tasks. */
+export function resolveRate(r: RateRequest, taskIds: readonly string[]): JobRate {
+  const n = taskIds.length;
+  const pct = (p: number) => Math.max(1, Math.floor((n * p) / 100));
+  for (const [name, v] of Object.entries(r)) {
+    if (v !== undefined && (!Number.isInteger(v) || v < 0)) throw new InvalidArgumentError(`rate ${name} must be a whole number, got ${v}`);
+  }
+  if ((r.concurrencyPercent ?? 0) > 100 || (r.maxErrorsPercent ?? 0) > 100) throw new InvalidArgumentError("a percentage cannot be above 100");
+  if (r.concurrency && r.concurrencyPercent) throw new InvalidArgumentError("give concurrency as a number or a percentage, not both");
+  if (r.maxErrors !== undefined && r.maxErrorsPercent !== undefined) throw new InvalidArgumentError("give max errors as a number or a percentage, not both");
+  const rate: JobRate = {
+    concurrency: r.concurrency || (r.concurrencyPercent ? pct(r.concurrencyPercent) : 0),
+    perRegion: r.concurrencyPerRegion ?? 0,
+    canary: taskIds.slice(0, Math.min(r.batch ?? 0, n)),
+  };
+  if (r.maxErrors !== undefined) rate.maxErrors = r.maxErrors;
+  else if (r.maxErrorsPercent !== undefined) rate.maxErrors = Math.floor((n * r.maxErrorsPercent) / 100);
+  return rate;
 }

@@ -90,6 +90,17 @@ export class LmdbJobStore implements JobStore {
     return out;
   }
 
+  /** Job ids sort by creation time, so reading the keys backwards gives the newest first. */
+  listJobs(tenant: string, limit: number): JobRecord[] {
+    const out: JobRecord[] = [];
+    for (const { value } of this.jobs.getRange({ reverse: true })) {
+      if (value.tenant !== tenant) continue;
+      out.push({ ...value, steps: value.steps.map((b) => fromBinary(StepSchema, b)) });
+      if (out.length >= limit) break;
+    }
+    return out;
+  }
+
   checkRoomForWork(what: string): void {
     this.env.checkRoomForWork(what);
   }

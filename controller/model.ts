@@ -20,6 +20,22 @@ export interface JobRecord {
   idempotencyKey: string;
   cancelRequested: boolean;
   taskIds: string[];
+  /** Output bytes kept per task (0: the daemon's default). */
+  outputLimitBytes: number;
+  /** Fan-out limits; absent means every task is released at once. */
+  rate?: JobRate;
+}
+
+/** Rate control resolved to absolute numbers at submit. */
+export interface JobRate {
+  /** Tasks in flight at once; 0 means no limit. */
+  concurrency: number;
+  /** Tasks in flight at once per region; 0 means no limit. */
+  perRegion: number;
+  /** Failures tolerated; once exceeded, unreleased tasks end SKIPPED. Absent: no limit. */
+  maxErrors?: number;
+  /** Canary tasks that must all succeed before the rest are released. */
+  canary: string[];
 }
 
 export interface TaskRecord {
@@ -40,6 +56,8 @@ export interface TaskRecord {
   /** Chunks the daemon reported on the terminal status. */
   expectedChunks?: number;
   outputTruncated: boolean;
+  /** Released for dispatch by rate control (absent on jobs without it: always released). */
+  released?: boolean;
 }
 
 export interface HostRecord {

@@ -122,6 +122,15 @@ describe("a mesh of real processes", () => {
     expect(events.at(-1)).toMatchObject({ type: "summary", hosts: 1, ok: true, counts: { SUCCEEDED: 1 } });
   });
 
+  it("a failing canary batch leaves every other host SKIPPED, and rexmesh jobs lists the job", async () => {
+    const r = await rexmesh(["run", "--all", "--batch", "2", "--json", "--", "false"], mesh.exports());
+    expect(r.code).toBe(1);
+    const summary = JSON.parse(r.stdout.trim().split("\n").at(-1)!);
+    expect(summary.counts).toEqual({ FAILED: 2, SKIPPED: 18 });
+    const list = await rexmesh(["jobs", "--json"], mesh.exports());
+    expect(JSON.parse(list.stdout)[0]).toMatchObject({ id: summary.job, state: "DONE", tasks: 20, counts: { FAILED: 2, SKIPPED: 18 } });
+  });
+
   it("reports an unknown host as NOT_FOUND and runs nothing", async () => {
     await expect(
       conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h01", "nope"], steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] })),

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiEgoQTGlzdEhvc3RzUmVxdWVzdCI0ChFMaXN0SG9zdHNSZXNwb25zZRIfCgVob3N0cxgBIAMoCzIQLnJleG1lc2gudjEuSG9zdCLrAgoQU3VibWl0Sm9iUmVxdWVzdBIQCghob3N0X2lkcxgBIAMoCRIRCglhbGxfaG9zdHMYAiABKAgSHwoFc3RlcHMYAyADKAsyEC5yZXhtZXNoLnYxLlN0ZXASMgoDZW52GAQgAygLMiUucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAUgASgJEg0KBXN0ZGluGAYgASgMEioKB3RpbWVvdXQYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNAoRZGVsaXZlcnlfZGVhZGxpbmUYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFwoPaWRlbXBvdGVuY3lfa2V5GAkgASgJEhIKCmlkZW1wb3RlbnQYCiABKAgaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIgoQQ2FuY2VsSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMQoRQ2FuY2VsSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2IqdgoPQ29ubmVjdGlvblN0YXRlEiAKHENPTk5FQ1RJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIeChpDT05ORUNUSU9OX1NUQVRFX0NPTk5FQ1RFRBABEiEKHUNPTk5FQ1RJT05fU1RBVEVfRElTQ09OTkVDVEVEEAIqUAoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRSk9CX1NUQVRFX1JVTk5JTkcQARISCg5KT0JfU1RBVEVfRE9ORRACMvsCChFDb250cm9sbGVyU2VydmljZRJICglMaXN0SG9zdHMSHC5yZXhtZXNoLnYxLkxpc3RIb3N0c1JlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RIb3N0c1Jlc3BvbnNlEkgKCVN1Ym1pdEpvYhIcLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdBodLnJleG1lc2gudjEuU3VibWl0Sm9iUmVzcG9uc2USPwoGR2V0Sm9iEhkucmV4bWVzaC52MS5HZXRKb2JSZXF1ZXN0GhoucmV4bWVzaC52MS5HZXRKb2JSZXNwb25zZRJHCghXYXRjaEpvYhIbLnJleG1lc2gudjEuV2F0Y2hKb2JSZXF1ZXN0GhwucmV4bWVzaC52MS5XYXRjaEpvYlJlc3BvbnNlMAESSAoJQ2FuY2VsSm9iEhwucmV4bWVzaC52MS5DYW5jZWxKb2JSZXF1ZXN0Gh0ucmV4bWVzaC52MS5DYW5jZWxKb2JSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiEgoQTGlzdEhvc3RzUmVxdWVzdCI0ChFMaXN0SG9zdHNSZXNwb25zZRIfCgVob3N0cxgBIAMoCzIQLnJleG1lc2gudjEuSG9zdCKuAwoQU3VibWl0Sm9iUmVxdWVzdBIQCghob3N0X2lkcxgBIAMoCRIRCglhbGxfaG9zdHMYAiABKAgSHwoFc3RlcHMYAyADKAsyEC5yZXhtZXNoLnYxLlN0ZXASMgoDZW52GAQgAygLMiUucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAUgASgJEg0KBXN0ZGluGAYgASgMEioKB3RpbWVvdXQYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNAoRZGVsaXZlcnlfZGVhZGxpbmUYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFwoPaWRlbXBvdGVuY3lfa2V5GAkgASgJEhIKCmlkZW1wb3RlbnQYCiABKAgSJQoEcmF0ZRgLIAEoCzIXLnJleG1lc2gudjEuUmF0ZUNvbnRyb2wSGgoSb3V0cHV0X2xpbWl0X2J5dGVzGAwgASgEGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiIKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjEKEUNhbmNlbEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iKnYKD0Nvbm5lY3Rpb25TdGF0ZRIgChxDT05ORUNUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHgoaQ09OTkVDVElPTl9TVEFURV9DT05ORUNURUQQARIhCh1DT05ORUNUSU9OX1NUQVRFX0RJU0NPTk5FQ1RFRBACKlAKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhUKEUpPQl9TVEFURV9SVU5OSU5HEAESEgoOSk9CX1NUQVRFX0RPTkUQAjLCAwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -169,6 +169,18 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
    * @generated from field: bool idempotent = 10;
    */
   idempotent: boolean;
+
+  /**
+   * @generated from field: rexmesh.v1.RateControl rate = 11;
+   */
+  rate?: RateControl | undefined;
+
+  /**
+   * Output bytes kept per task; beyond it output is dropped and the task marked truncated. Zero: the daemon's default.
+   *
+   * @generated from field: uint64 output_limit_bytes = 12;
+   */
+  outputLimitBytes: bigint;
 };
 
 /**
@@ -177,6 +189,58 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
  */
 export const SubmitJobRequestSchema: GenMessage<SubmitJobRequest> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_controller, 3);
+
+/**
+ * How fast a job fans out. A limit given as a percentage is of the job's task count.
+ *
+ * @generated from message rexmesh.v1.RateControl
+ */
+export type RateControl = Message<"rexmesh.v1.RateControl"> & {
+  /**
+   * Tasks in flight at once (released and not terminal). Zero: no limit.
+   *
+   * @generated from field: uint32 concurrency = 1;
+   */
+  concurrency: number;
+
+  /**
+   * @generated from field: uint32 concurrency_percent = 2;
+   */
+  concurrencyPercent: number;
+
+  /**
+   * Tasks in flight at once per region. Zero: no limit.
+   *
+   * @generated from field: uint32 concurrency_per_region = 3;
+   */
+  concurrencyPerRegion: number;
+
+  /**
+   * Once more tasks than this have failed, tasks not yet released end SKIPPED. Unset: no limit.
+   *
+   * @generated from field: optional uint32 max_errors = 4;
+   */
+  maxErrors?: number | undefined;
+
+  /**
+   * @generated from field: optional uint32 max_errors_percent = 5;
+   */
+  maxErrorsPercent?: number | undefined;
+
+  /**
+   * Canary: this many tasks run first; the rest start only if all of them succeed.
+   *
+   * @generated from field: uint32 batch = 6;
+   */
+  batch: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.RateControl.
+ * Use `create(RateControlSchema)` to create a new message.
+ */
+export const RateControlSchema: GenMessage<RateControl> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 4);
 
 /**
  * @generated from message rexmesh.v1.SubmitJobResponse
@@ -193,7 +257,7 @@ export type SubmitJobResponse = Message<"rexmesh.v1.SubmitJobResponse"> & {
  * Use `create(SubmitJobResponseSchema)` to create a new message.
  */
 export const SubmitJobResponseSchema: GenMessage<SubmitJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 4);
+  messageDesc(file_rexmesh_v1_controller, 5);
 
 /**
  * @generated from message rexmesh.v1.TaskStateCount
@@ -215,7 +279,7 @@ export type TaskStateCount = Message<"rexmesh.v1.TaskStateCount"> & {
  * Use `create(TaskStateCountSchema)` to create a new message.
  */
 export const TaskStateCountSchema: GenMessage<TaskStateCount> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 5);
+  messageDesc(file_rexmesh_v1_controller, 6);
 
 /**
  * @generated from message rexmesh.v1.Job
@@ -274,7 +338,7 @@ export type Job = Message<"rexmesh.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 6);
+  messageDesc(file_rexmesh_v1_controller, 7);
 
 /**
  * A task as the client sees it.
@@ -350,7 +414,7 @@ export type Task = Message<"rexmesh.v1.Task"> & {
  * Use `create(TaskSchema)` to create a new message.
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 7);
+  messageDesc(file_rexmesh_v1_controller, 8);
 
 /**
  * @generated from message rexmesh.v1.GetJobRequest
@@ -367,7 +431,7 @@ export type GetJobRequest = Message<"rexmesh.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 8);
+  messageDesc(file_rexmesh_v1_controller, 9);
 
 /**
  * @generated from message rexmesh.v1.GetJobResponse
@@ -389,7 +453,7 @@ export type GetJobResponse = Message<"rexmesh.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 9);
+  messageDesc(file_rexmesh_v1_controller, 10);
 
 /**
  * @generated from message rexmesh.v1.WatchJobRequest
@@ -413,7 +477,7 @@ export type WatchJobRequest = Message<"rexmesh.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 10);
+  messageDesc(file_rexmesh_v1_controller, 11);
 
 /**
  * Every response is a batch of what changed since the previous one.
@@ -442,7 +506,43 @@ export type WatchJobResponse = Message<"rexmesh.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 11);
+  messageDesc(file_rexmesh_v1_controller, 12);
+
+/**
+ * @generated from message rexmesh.v1.ListJobsRequest
+ */
+export type ListJobsRequest = Message<"rexmesh.v1.ListJobsRequest"> & {
+  /**
+   * At most this many (default 50, at most 1000).
+   *
+   * @generated from field: uint32 limit = 1;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.ListJobsRequest.
+ * Use `create(ListJobsRequestSchema)` to create a new message.
+ */
+export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 13);
+
+/**
+ * @generated from message rexmesh.v1.ListJobsResponse
+ */
+export type ListJobsResponse = Message<"rexmesh.v1.ListJobsResponse"> & {
+  /**
+   * @generated from field: repeated rexmesh.v1.Job jobs = 1;
+   */
+  jobs: Job[];
+};
+
+/**
+ * Describes the message rexmesh.v1.ListJobsResponse.
+ * Use `create(ListJobsResponseSchema)` to create a new message.
+ */
+export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 14);
 
 /**
  * @generated from message rexmesh.v1.CancelJobRequest
@@ -459,7 +559,7 @@ export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 12);
+  messageDesc(file_rexmesh_v1_controller, 15);
 
 /**
  * @generated from message rexmesh.v1.CancelJobResponse
@@ -476,7 +576,7 @@ export type CancelJobResponse = Message<"rexmesh.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 13);
+  messageDesc(file_rexmesh_v1_controller, 16);
 
 /**
  * @generated from enum rexmesh.v1.ConnectionState
@@ -585,6 +685,16 @@ export const ControllerService: GenService<{
     methodKind: "unary";
     input: typeof CancelJobRequestSchema;
     output: typeof CancelJobResponseSchema;
+  },
+  /**
+   * Jobs of the caller's tenant, newest first.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ListJobs
+   */
+  listJobs: {
+    methodKind: "unary";
+    input: typeof ListJobsRequestSchema;
+    output: typeof ListJobsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);
