@@ -108,6 +108,8 @@ export class LocalMesh {
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
   readonly daemons: (RoleProcess & { hosts: string[] })[] = [];
   controllerAddress = "";
+  /** Where proxies dial the controller, when not directly (a test relay in between). */
+  controllerAddressForProxies: string | undefined;
   operator!: CredentialPaths;
   private readonly identityDir: string;
   private caMaterial!: ReturnType<typeof createCa>;
@@ -194,7 +196,7 @@ export class LocalMesh {
   async startProxies(): Promise<void> {
     for (const region of this.plan.regions) {
       const name = `proxy-${region}`;
-      const p = this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", this.controllerAddress, ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]);
+      const p = this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", this.controllerAddressForProxies ?? this.controllerAddress, ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]);
       this.proxies.push({ ...p, region });
     }
     await Promise.all(this.proxies.map((p) => this.ready(p)));

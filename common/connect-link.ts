@@ -2,19 +2,21 @@ import type { HandlerContext } from "@connectrpc/connect";
 import type { PeerIdentity } from "../certs/identity.js";
 import { AsyncQueue } from "./async-queue.js";
 import { callerOf } from "./connect-server.js";
-import type { FrameLink } from "./frame-link.js";
+import { untilClosed, type FrameLink } from "./frame-link.js";
 import { toConnectError } from "./rpc-errors.js";
 
 class QueueLink<Out, In> implements FrameLink<Out, In> {
   readonly outgoing = new AsyncQueue<Out>();
   readonly closed: Promise<void>;
+  readonly incoming: AsyncIterable<In>;
   private resolveClosed!: () => void;
 
   constructor(
-    readonly incoming: AsyncIterable<In>,
+    incoming: AsyncIterable<In>,
     private readonly onClose: (error?: Error) => void,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
+    this.incoming = untilClosed(incoming, this.closed);
   }
 
   send(frame: Out): void {

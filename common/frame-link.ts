@@ -16,3 +16,24 @@ export interface FrameLink<Out, In> {
   /** Resolves when the stream has ended, whichever side ended it. */
   readonly closed: Promise<void>;
 }
+
+/**
+ * Ends an iteration when `closed` resolves, even if the source never yields
+ * again: a link declared dead (heartbeat lost over a silent connection) must
+ * release its session at once, not when TCP finally gives up.
+ */
+export function untilClosed<T>(source: AsyncIterable<T>, closed: Promise<void>): AsyncIterable<T> {
+  return {
+    [Symbol.asyncIterator]() {
+      const it = source[Symbol.asyncIterator]();
+      const end = closed.then((): IteratorResult<T> => ({ done: true, value: undefined }));
+      return {
+        next: () => Promise.race([it.next(), end]),
+        return: async () => {
+          void it.return?.().catch(() => undefined);
+          return { done: true, value: undefined };
+        },
+      };
+    },
+  };
+}

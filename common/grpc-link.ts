@@ -6,7 +6,7 @@ import { identityFromCertificate, type PeerIdentity, type Role } from "../certs/
 import { clientTlsOptions } from "../certs/tls.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { UnauthenticatedError } from "./errors.js";
-import type { FrameLink } from "./frame-link.js";
+import { untilClosed, type FrameLink } from "./frame-link.js";
 import type { Logger } from "./logger.js";
 import { toGrpcStatus } from "./rpc-errors.js";
 
@@ -46,7 +46,7 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
   }
 
   get incoming(): AsyncIterable<In> {
-    return this.call as unknown as AsyncIterable<In>;
+    return untilClosed(this.call as unknown as AsyncIterable<In>, this.closed);
   }
 
   get backlog(): number {

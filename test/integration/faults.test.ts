@@ -9,7 +9,8 @@ import { LocalMesh, type RoleProcess } from "../../cli/launcher.js";
 import { isTerminal } from "../../common/task-state.js";
 import { ConnectionState, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, hostIds, tempDir, type JobResult } from "./support.js";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { clientOf, collectJob, hostIds, SilentCut, tempDir, type JobResult } from "./support.js";
 
 /**
  * Each host appends its task id to a marker file when the command starts
@@ -183,5 +184,119 @@ describe("faults: daemons", () => {
     const delivered = await finish(conn.client, waits.job!.id);
     checkInvariants(delivered, marks);
     expect(spawns(marks, expired.tasks.get("d3")!.id)).toBe(0);
+  });
+});
+
+describe("faults: a datacenter cut off from the controller", () => {
+  const hosts = hostIds(100, "c");
+  const mesh = new LocalMesh({
+    dir: tempDir("faults-cut"),
+    regions: ["dc"],
+    hosts: hosts.map((id) => ({ id, region: "dc" })),
+    hostsPerProcess: 50,
+    shareHostKey: true,
+    daemonArgs: ["--heartbeat", "1s"],
+    proxyArgs: ["--heartbeat", "1s"],
+    controllerArgs: ["--heartbeat", "1s"],
+  });
+  const marks = join(mesh.dir, "marks");
+  let relay: SilentCut;
+
+  beforeAll(async () => {
+    mesh.prepare();
+    mkdirSync(marks, { recursive: true });
+    await mesh.startController();
+    relay = await SilentCut.start(mesh.controllerAddress);
+    mesh.controllerAddressForProxies = relay.address;
+    await mesh.startProxies();
+    await mesh.startDaemons();
+    await mesh.waitForHosts(hosts.length);
+  }, 180_000);
+  afterAll(async () => {
+    relay?.close();
+    await mesh.stop();
+  });
+
+  it("keeps working at the edge while the link is silent, keeps queueing at the controller, and converges when it returns", async () => {
+    const conn = clientOf(mesh);
+    try {
+      // 10 jobs × 100 hosts = 1,000 tasks; each host runs 4 at a time, so most wait at the proxy or daemon.
+      const before = [];
+      for (let i = 0; i < 10; i++) before.push((await conn.client.submitJob(create(SubmitJobRequestSchema, { allHosts: true, ...workload(marks, "0.3", 4096) }))).job!.id);
+      relay.stop();
+      // The controller notices the silence through heartbeats and sees the region's hosts go away.
+      await waitFor("the cut noticed", async () => (await conn.client.listHosts({})).hosts.every((h) => h.connection !== ConnectionState.CONNECTED), 30_000);
+      // New work for the cut-off region queues at the controller.
+      const during = [];
+      for (let i = 0; i < 2; i++) during.push((await conn.client.submitJob(create(SubmitJobRequestSchema, { allHosts: true, ...workload(marks, "0", 1024) }))).job!.id);
+      expect(await countState(conn.client, during[0]!, TaskState.PENDING)).toBe(100);
+      // Meanwhile the edge goes on: processes run and finish without the controller.
+      await waitFor("work done at the edge", async () => {
+        const { readdirSync } = await import("node:fs");
+        return readdirSync(marks).length >= 300;
+      }, 60_000);
+      relay.restore();
+      for (const jobId of [...before, ...during]) {
+        const r = await finish(conn.client, jobId, 90_000);
+        expect(r.tasks.size).toBe(100);
+        checkInvariants(r, marks);
+      }
+    } finally {
+      conn.close();
+    }
+  });
+});
+
+describe("faults: a store that fills up", () => {
+  const mesh = new LocalMesh({
+    dir: tempDir("faults-full"),
+    regions: ["east"],
+    hosts: [{ id: "f1", region: "east" }],
+    controllerArgs: ["--store-size", String(2 * 1024 * 1024)],
+  });
+
+  beforeAll(async () => {
+    await mesh.start();
+    await mesh.waitForHosts(1);
+    // The host goes away, so every accepted task stays queued at the controller.
+    await kill(mesh, mesh.daemons[0]!, "SIGTERM");
+  });
+  afterAll(() => mesh.stop());
+
+  it("refuses new work with RESOURCE_EXHAUSTED and keeps everything it accepted across a restart", async () => {
+    let conn = clientOf(mesh);
+    const accepted: string[] = [];
+    let refusal: ConnectError | undefined;
+    const stdin = new Uint8Array(256 * 1024).fill(7);
+    for (let i = 0; i < 64 && !refusal; i++) {
+      try {
+        const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["f1"], stdin, steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] }));
+        accepted.push(job!.id);
+      } catch (err) {
+        refusal = ConnectError.from(err);
+      }
+    }
+    expect(accepted.length).toBeGreaterThan(0);
+    expect(refusal?.code).toBe(Code.ResourceExhausted);
+    expect(refusal?.rawMessage).toMatch(/refused: the store holds .* of its 2\.0 MiB limit/);
+    // Still answering, and still refusing, rather than crashing.
+    const again = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["f1"], stdin, steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] })).catch((e) => ConnectError.from(e));
+    expect((again as ConnectError).code).toBe(Code.ResourceExhausted);
+    conn.close();
+
+    await kill(mesh, mesh.controller);
+    await mesh.restart(mesh.controller);
+    conn = clientOf(mesh);
+    try {
+      for (const jobId of accepted) {
+        const { job, tasks } = await conn.client.getJob({ jobId });
+        expect(job?.taskCount).toBe(1);
+        expect(tasks[0]!.state).toBe(TaskState.PENDING);
+      }
+      const { jobs } = await conn.client.listJobs({ limit: 1000 });
+      expect(jobs.map((j) => j.id).sort()).toEqual([...accepted].sort());
+    } finally {
+      conn.close();
+    }
   });
 });

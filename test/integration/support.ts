@@ -86,3 +86,88 @@ export async function rexmesh(args: string[], env: Record<string, string> = {}):
   }
 }
 
+
+/**
+ * A TCP relay that can stop forwarding without closing anything: the
+ * connections stay open and go silent, as when a datacenter's link drops
+ * packets. New connections made while cut hang until it is restored.
+ */
+export class SilentCut {
+  private readonly server: import("node:net").Server;
+  private readonly pairs = new Set<[import("node:net").Socket, import("node:net").Socket]>();
+  private readonly waiting: import("node:net").Socket[] = [];
+  private cut = false;
+  address = "";
+
+  private constructor(private readonly target: { host: string; port: number }, net: typeof import("node:net")) {
+    this.server = net.createServer((client) => {
+      client.pause();
+      client.on("error", () => client.destroy());
+      if (this.cut) this.waiting.push(client);
+      else this.join(client, net);
+    });
+    this.net = net;
+  }
+
+  private readonly net: typeof import("node:net");
+
+  static async start(target: string): Promise<SilentCut> {
+    const net = await import("node:net");
+    const [host, port] = target.split(":") as [string, string];
+    const relay = new SilentCut({ host, port: Number(port) }, net);
+    await new Promise<void>((resolve) => relay.server.listen(0, "127.0.0.1", resolve));
+    relay.address = `127.0.0.1:${(relay.server.address() as import("node:net").AddressInfo).port}`;
+    return relay;
+  }
+
+  private join(client: import("node:net").Socket, net: typeof import("node:net")): void {
+    const upstream = net.connect(this.target.port, this.target.host);
+    const pair: [import("node:net").Socket, import("node:net").Socket] = [client, upstream];
+    this.pairs.add(pair);
+    const end = () => {
+      this.pairs.delete(pair);
+      client.destroy();
+      upstream.destroy();
+    };
+    upstream.on("error", end);
+    client.on("error", end);
+    client.on("close", end);
+    upstream.on("close", end);
+    client.on("data", (d) => upstream.write(d));
+    upstream.on("data", (d) => client.write(d));
+    if (!this.cut) {
+      client.resume();
+      upstream.resume();
+    } else {
+      upstream.pause();
+    }
+  }
+
+  /** Stops forwarding in both directions; nothing is closed. */
+  stop(): void {
+    this.cut = true;
+    for (const [a, b] of this.pairs) {
+      a.pause();
+      b.pause();
+    }
+  }
+
+  /** Forwards again, including what was held and connections made meanwhile. */
+  restore(): void {
+    this.cut = false;
+    for (const [a, b] of this.pairs) {
+      a.resume();
+      b.resume();
+    }
+    for (const c of this.waiting.splice(0)) this.join(c, this.net);
+  }
+
+  close(): void {
+    for (const [a, b] of this.pairs) {
+      a.destroy();
+      b.destroy();
+    }
+    for (const c of this.waiting) c.destroy();
+    this.server.close();
+  }
+}
