@@ -1,6 +1,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RexmeshError } from "../common/errors.js";
 import { codeOf } from "../common/rpc-errors.js";
+import { bundleCommand, proxyBundleCommand } from "./bundle.js";
 import { caCommand } from "./ca.js";
 import { devCommand } from "./dev.js";
 import { hostsCommand, jobsCommand, runCommand, type Io } from "./operator.js";
@@ -13,11 +14,13 @@ usage: rexmesh COMMAND [options]   (rexmesh COMMAND --help for each)
 operators:
   run        run a command on hosts, stream their output live
   hosts      list hosts with their region, proxy and connection
-  jobs       show, watch (replay and follow) or cancel a job
+  jobs       list jobs; show, watch (replay and follow) or cancel one
+  bundle     export a region's tasks / import its results (sites with no link)
 
 roles:
   controller the CA, inventory, job planner and public API
   proxy      a regional relay; daemons of its region connect to it
+             (proxy bundle import|export-results: the site side of bundles)
   daemon     runs on every host
 
 setup:
@@ -44,7 +47,10 @@ export async function main(argv: string[]): Promise<number> {
       process.exit(130);
     });
   }
+  if (command === "proxy" && rest[0] === "bundle") return proxyBundleCommand(rest.slice(1), io);
   switch (command) {
+    case "bundle":
+      return bundleCommand(rest, io);
     case "controller":
     case "proxy":
     case "daemon":
@@ -77,6 +83,11 @@ function describe(err: unknown): { message: string; status: number } {
     return { message: `${Code[err.code]}: ${err.rawMessage}${unreachable}`, status: err.code === Code.InvalidArgument ? 2 : 1 };
   }
   if (err instanceof RexmeshError) return { message: err.message, status: codeOf(err) === Code.InvalidArgument ? 2 : 1 };
+  // A grpc-js status (proxy admin calls): the same shape as Connect's codes.
+  const g = err as { code?: unknown; details?: unknown; metadata?: unknown };
+  if (typeof g?.code === "number" && typeof g.details === "string" && g.metadata !== undefined) {
+    return { message: `${Code[g.code] ?? g.code}: ${g.details}`, status: g.code === Code.InvalidArgument ? 2 : 1 };
+  }
   return { message: err instanceof Error ? (err.stack ?? err.message) : String(err), status: 1 };
 }
 

@@ -1,4 +1,4 @@
-import { fromBinary, toBinary, type DescMessage, type DescMethodBiDiStreaming, type MessageShape } from "@bufbuild/protobuf";
+import { fromBinary, toBinary, type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import type { PeerCertificate } from "node:tls";
 import type { Credentials } from "../certs/files.js";
@@ -89,11 +89,25 @@ export interface GrpcLinkServer {
  * session logic written against FrameLink. The peer's identity comes from its
  * verified certificate; the session's outcome becomes the stream's status.
  */
+/** A unary method served beside a link, with the caller's identity from its certificate. */
+export interface UnaryHandler {
+  method: DescMethodUnary;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each handler names its own request type
+  handle: (request: any, peer: PeerIdentity) => Promise<unknown>;
+}
+
+function peerOf(call: { getAuthContext(): { sslPeerCertificate?: unknown } }): PeerIdentity {
+  const cert = call.getAuthContext().sslPeerCertificate as PeerCertificate | undefined;
+  if (!cert) throw new UnauthenticatedError("the client presented no certificate");
+  return identityFromCertificate(cert);
+}
+
 export function createGrpcLinkServer<I extends DescMessage, O extends DescMessage>(opts: {
   creds: Credentials;
   method: Method<I, O>;
   serve: (link: FrameLink<MessageShape<O>, MessageShape<I>>, peer: PeerIdentity) => Promise<void>;
   log: Logger;
+  unary?: UnaryHandler[];
 }): GrpcLinkServer {
   const server = new grpc.Server({ ...CHANNEL_OPTIONS, "grpc.max_concurrent_streams": 4 });
   const { method } = opts;
@@ -115,9 +129,7 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
     };
     let peer: PeerIdentity;
     try {
-      const cert = call.getAuthContext().sslPeerCertificate as PeerCertificate | undefined;
-      if (!cert) throw new UnauthenticatedError("the client presented no certificate");
-      peer = identityFromCertificate(cert);
+      peer = peerOf(call);
     } catch (err) {
       fail(err);
       return;
@@ -133,6 +145,37 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
     );
   };
   server.addService(definition, { [method.localName]: handler });
+  for (const u of opts.unary ?? []) {
+    const m = u.method;
+    server.addService(
+      {
+        [m.localName]: {
+          path: pathOf(m),
+          requestStream: false,
+          responseStream: false,
+          requestSerialize: (x: any) => Buffer.from(toBinary(m.input, x)),
+          requestDeserialize: (b: Buffer) => fromBinary(m.input, b),
+          responseSerialize: (x: any) => Buffer.from(toBinary(m.output, x)),
+          responseDeserialize: (b: Buffer) => fromBinary(m.output, b),
+        },
+      },
+      {
+        // grpc-js types requests as any; the deserializer above makes them m.input messages.
+        [m.localName]: (call: grpc.ServerUnaryCall<any, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+          Promise.resolve()
+            .then(() => u.handle(call.request, peerOf(call)))
+            .then(
+              (res) => callback(null, res),
+              (err) => {
+                opts.log.info("request refused", { method: m.name, err });
+                const { code, details } = toGrpcStatus(err);
+                callback({ code, details });
+              },
+            );
+        },
+      },
+    );
+  }
   const credentials = grpc.ServerCredentials.createSsl(
     Buffer.from(opts.creds.caPem),
     [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }],
@@ -187,4 +230,26 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
     },
     () => client.close(),
   );
+}
+
+/** Calls a unary method over its own short-lived grpc-js channel. */
+export function callGrpcUnary<I extends DescMessage, O extends DescMessage>(
+  address: string,
+  creds: Credentials,
+  serverRoles: readonly Role[],
+  method: DescMethodUnary<I, O>,
+  request: MessageShape<I>,
+): Promise<MessageShape<O>> {
+  const tls = clientTlsOptions(creds, serverRoles);
+  const credentials = grpc.credentials.createSsl(Buffer.from(creds.caPem), Buffer.from(creds.keyPem), Buffer.from(creds.certPem), { checkServerIdentity: tls.checkServerIdentity });
+  const client = new grpc.Client(address, credentials, CHANNEL_OPTIONS);
+  return new Promise<MessageShape<O>>((resolve, reject) =>
+    client.makeUnaryRequest(
+      pathOf(method),
+      (m: MessageShape<I>) => Buffer.from(toBinary(method.input, m)),
+      (b: Buffer) => fromBinary(method.output, b),
+      request,
+      (err, res) => (err ? reject(err) : resolve(res!)),
+    ),
+  ).finally(() => client.close());
 }

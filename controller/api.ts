@@ -17,6 +17,7 @@ import {
   type Job,
   type Task,
 } from "../gen/rexmesh/v1/controller_pb.js";
+import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
 import type { JobManager } from "./jobs.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
@@ -76,8 +77,8 @@ export function taskToProto(t: TaskRecord): Task {
  * from the certificate (operators only), the work is done by the job
  * manager, and every error leaves through toConnectError.
  */
-export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inventory; callerOf: CallerOf; log: Logger }): ServiceImpl<typeof ControllerService> {
-  const { jobs, inventory, log } = deps;
+export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inventory; bundles: BundleService; callerOf: CallerOf; log: Logger }): ServiceImpl<typeof ControllerService> {
+  const { jobs, inventory, bundles, log } = deps;
   const operator = (ctx: HandlerContext) => requireRole(deps.callerOf(ctx), "operator");
   const guard = async <T>(method: string, fn: () => Promise<T>): Promise<T> => {
     try {
@@ -125,6 +126,16 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inven
         const job = jobs.getJobFor(operator(ctx), req.jobId);
         const tasks = jobs.tasksOf(job);
         return { job: jobToProto(job, tasks), tasks: tasks.map(taskToProto) };
+      }),
+    exportBundle: (req, ctx) =>
+      guard("ExportBundle", async () => {
+        const { bundle, tasks } = bundles.export(operator(ctx), req.region);
+        return { bundle, tasks };
+      }),
+    importBundle: (req, ctx) =>
+      guard("ImportBundle", async () => {
+        const r = await bundles.import(operator(ctx), req.bundle);
+        return { statusesApplied: r.statuses, outputChunksApplied: r.chunks, hosts: r.hosts };
       }),
     listJobs: (req, ctx) =>
       guard("ListJobs", async () => {

@@ -47,6 +47,19 @@ export class Inventory {
     return rec;
   }
 
+  /**
+   * A host reported in a results bundle from a site with no link: known and
+   * targetable, never "connected" (work reaches it by bundle).
+   */
+  seen(host: { id: string; tenant: string; facts?: HostFacts }, region: string, proxy: string, since: number): HostRecord {
+    const prev = this.hosts.get(host.id);
+    if (prev?.connected) return prev;
+    const rec: HostRecord = { id: host.id, tenant: host.tenant, region, proxy, connected: false, since, facts: host.facts ?? prev?.facts, labels: prev?.labels ?? {} };
+    this.hosts.set(host.id, rec);
+    this.save(rec);
+    return rec;
+  }
+
   /** A host left a proxy; ignored when it has already moved to another one. */
   disconnected(id: string, proxy: string, since: number): HostRecord | undefined {
     const rec = this.hosts.get(id);

@@ -128,6 +128,8 @@ export class JobManager {
   private readonly lastWrite = new Map<string, Promise<unknown>>();
   /** Fan-out state of unfinished rate-controlled jobs. */
   private readonly gates = new Map<string, Gate>();
+  /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
+  private readonly bundleAcks = new Map<string, Map<string, { state: TaskState; seq: number }>>();
 
   constructor(opts: JobManagerOptions) {
     this.store = opts.store;
@@ -553,7 +555,7 @@ export class JobManager {
         const w = this.finishHere(task, TaskState.CANCELLED, "cancelled before delivery");
         if (w) writes.push(w);
       } else {
-        // Proxies that are away get the cancel when they return (proxyReady).
+        // Proxies that are away get the cancel when they return (proxyReady); sites by bundle in the next one.
         for (const name of proxies) this.proxies.get(name)?.sendCancel(task.id, task.hostId);
       }
     }
@@ -632,6 +634,64 @@ export class JobManager {
 
   tasksOf(job: JobRecord): TaskRecord[] {
     return job.taskIds.map((id) => this.taskFor(id)).filter((t): t is TaskRecord => t !== undefined);
+  }
+
+  /**
+   * Everything a region with no link should receive: its released tasks not
+   * yet confirmed by any proxy, cancels of cancelled jobs, and acks of the
+   * results already received (so the site can drop them). Exported tasks are
+   * recorded as possibly delivered, so a later cancel reaches them too.
+   */
+  exportForRegion(tenant: string, region: string): { tasks: TaskSpec[]; cancels: { taskId: string; hostId: string }[]; statusAcks: { taskId: string; state: TaskState }[]; outputAcks: { taskId: string; seq: number }[] } {
+    const via = `bundle:${region}`;
+    const out = { tasks: [] as TaskSpec[], cancels: [] as { taskId: string; hostId: string }[], statusAcks: [] as { taskId: string; state: TaskState }[], outputAcks: [] as { taskId: string; seq: number }[] };
+    for (const task of this.live.values()) {
+      if (task.tenant !== tenant || this.inventory.get(task.hostId)?.region !== region) continue;
+      const job = this.store.getJob(task.jobId);
+      if (!job) continue;
+      if (task.state === TaskState.PENDING && task.released !== false && !job.cancelRequested && this.clock.now() < job.deliverBy) {
+        out.tasks.push(this.taskSpec(job, task));
+        let reached = this.mayHaveReached.get(task.id);
+        if (!reached) this.mayHaveReached.set(task.id, (reached = new Set()));
+        reached.add(via);
+      } else if (job.cancelRequested && !isTerminal(task.state) && this.proxiesHolding(task).length > 0) {
+        out.cancels.push({ taskId: task.id, hostId: task.hostId });
+      }
+    }
+    const acks = this.bundleAcks.get(region);
+    if (acks) {
+      for (const [taskId, a] of acks) {
+        out.statusAcks.push({ taskId, state: a.state });
+        out.outputAcks.push({ taskId, seq: a.seq });
+      }
+      this.bundleAcks.delete(region);
+    }
+    return out;
+  }
+
+  /** Applies results carried from a site; remembers what to acknowledge in the next tasks bundle. */
+  async importResults(port: ProxyPort, statuses: readonly TaskStatus[], output: readonly OutputChunk[]): Promise<{ statuses: number; chunks: number }> {
+    let chunks = 0;
+    let applied = 0;
+    let acks = this.bundleAcks.get(port.region);
+    if (!acks) this.bundleAcks.set(port.region, (acks = new Map()));
+    for (const c of output) {
+      const before = this.taskFor(c.taskId)?.outputChunks ?? 0;
+      const held = await this.applyOutput(c);
+      if (held > before) chunks++;
+      const a = acks.get(c.taskId) ?? { state: TaskState.PENDING, seq: 0 };
+      a.seq = Math.max(a.seq, held);
+      acks.set(c.taskId, a);
+    }
+    for (const st of statuses) {
+      const before = this.taskFor(st.taskId)?.state;
+      await this.applyStatus(port, st);
+      if (before !== undefined && this.taskFor(st.taskId)?.state !== before) applied++;
+      const a = acks.get(st.taskId) ?? { state: TaskState.PENDING, seq: 0 };
+      if (st.state > a.state) a.state = st.state;
+      acks.set(st.taskId, a);
+    }
+    return { statuses: applied, chunks };
   }
 
   /** The newest jobs of the caller's tenant. */

@@ -11,6 +11,7 @@ import type { Logger } from "../common/logger.js";
 import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
 import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { controllerServiceImpl } from "./api.js";
+import { BundleService } from "./bundles.js";
 import { Inventory } from "./inventory.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
@@ -47,14 +48,16 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const store = new LmdbJobStore(env);
   const inventory = new Inventory(env.db("hosts"));
-  const jobs = new JobManager({ store, inventory, clock, ids: timeOrderedIds(clock), log, defaultDeliveryDeadlineMs: config.deliveryDeadline });
+  const ids = timeOrderedIds(clock);
+  const jobs = new JobManager({ store, inventory, clock, ids, log, defaultDeliveryDeadlineMs: config.deliveryDeadline });
+  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log });
   jobs.recover();
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat };
   const server = createRpcServer({
     creds,
     log,
     routes: (router) => {
-      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, callerOf, log }));
+      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, callerOf, log }));
       router.service(ProxyLinkService, {
         proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
       });

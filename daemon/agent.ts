@@ -2,7 +2,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Backoff, type BackoffOptions } from "../common/backoff.js";
 import { itemBytes, MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
-import type { Clock } from "../common/clock.js";
+import type { Clock, Timer } from "../common/clock.js";
 import { Coalescer } from "../common/coalescer.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { Heartbeat } from "../common/heartbeat.js";
@@ -21,7 +21,7 @@ import {
   type TaskSpec,
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
-import type { Executor, TaskOutcome } from "./executor.js";
+import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
@@ -49,7 +49,31 @@ export interface AgentOptions {
   backoff?: BackoffOptions;
   /** Connection time after which the backoff starts over. Default 10 s. */
   healthyAfterMs?: number;
+  /**
+   * Back-pressure: when the results this host holds unacknowledged (the
+   * outbox's bytes, output and statuses of all tasks, also while no proxy is
+   * connected) pass this many bytes, running tasks stop being read, so their
+   * processes block in write(); they are read again once acks bring the
+   * outbox down to half of it. Output is paused as well while the link has
+   * more than {@link LINK_BACKLOG_HIGH_FRAMES} frames queued and not yet
+   * written, until it is down to {@link LINK_BACKLOG_LOW_FRAMES}. The outbox
+   * may pass the mark by about one read (64 KiB) per pipe of each running
+   * task. Default 16 MiB; Infinity turns the byte mark off.
+   */
+  maxUnackedOutputBytes?: number;
 }
+
+/** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
+export const DEFAULT_MAX_UNACKED_OUTPUT_BYTES = 16 * 1024 * 1024;
+/** Frames queued on the link, not yet written, above which output is paused (frames hold up to 4 MiB). */
+export const LINK_BACKLOG_HIGH_FRAMES = 8;
+/** Frames queued on the link at or below which paused output may resume. */
+export const LINK_BACKLOG_LOW_FRAMES = 2;
+/**
+ * While paused, how often the link's backlog is looked at again: it drains
+ * without an event. Acks and every frame from the proxy look at once.
+ */
+const FLOW_CHECK_MS = 50;
 
 /**
  * One host: it keeps a stream to a proxy of its region, accepts tasks into
@@ -69,6 +93,19 @@ export class Agent {
   private loop: Promise<void> | undefined;
   private lastCredits = -1;
   private connectedListeners = new Set<(proxy: string) => void>();
+  /** Back-pressure state shared by all running tasks; see maxUnackedOutputBytes. */
+  private flowPaused = false;
+  private readonly resumeListeners = new Set<() => void>();
+  private flowTimer: Timer | undefined;
+  private readonly outputFlow: OutputFlow = {
+    paused: () => this.flowPaused,
+    onResume: (cb) => {
+      // Wrapped, so that each subscription is its own entry even for the same function.
+      const entry = () => cb();
+      this.resumeListeners.add(entry);
+      return () => this.resumeListeners.delete(entry);
+    },
+  };
 
   constructor(opts: AgentOptions) {
     this.opts = {
@@ -77,8 +114,10 @@ export class Agent {
       healthyAfterMs: 10_000,
       backoff: {},
       ...opts,
+      maxUnackedOutputBytes: opts.maxUnackedOutputBytes ?? DEFAULT_MAX_UNACKED_OUTPUT_BYTES,
     };
     if (!(this.opts.capacity >= 1)) throw new Error("capacity must be at least 1");
+    if (!(this.opts.maxUnackedOutputBytes >= 0)) throw new Error(`maxUnackedOutputBytes must be a non-negative number, got ${this.opts.maxUnackedOutputBytes}`);
     this.outbox = opts.outbox ?? new MemoryBacklog();
   }
 
@@ -88,6 +127,11 @@ export class Agent {
 
   get connected(): boolean {
     return this.link !== undefined;
+  }
+
+  /** True while running tasks' output is not being read (back-pressure; see maxUnackedOutputBytes). */
+  get outputPaused(): boolean {
+    return this.flowPaused;
   }
 
   /** Calls fn each time a stream to a proxy is established. */
@@ -121,6 +165,8 @@ export class Agent {
     // Cancel rather than half-close: nothing is gained by waiting for the proxy to end the stream.
     this.link?.close(new Error("daemon stopping"));
     await this.loop;
+    this.flowTimer?.cancel();
+    this.flowTimer = undefined;
   }
 
   private idle: (() => void) | undefined;
@@ -190,6 +236,7 @@ export class Agent {
       (frame) => {
         heartbeat.sent();
         link.send(frame);
+        this.updateFlow();
       },
     );
     const heartbeat = new Heartbeat(
@@ -207,6 +254,7 @@ export class Agent {
     this.link = link;
     this.out = out;
     this.heartbeat = heartbeat;
+    this.updateFlow();
     let welcomed = false;
     try {
       for await (const frame of link.incoming) {
@@ -225,6 +273,8 @@ export class Agent {
         this.link = undefined;
         this.out = undefined;
         this.heartbeat = undefined;
+        // Frames queued on the closed link no longer hold output back.
+        this.updateFlow();
       }
     }
   }
@@ -242,6 +292,50 @@ export class Agent {
     this.outbox.push(items).catch((err) => this.opts.log.error("spooling results failed", { err }));
     if (this.out) this.addToFrame(this.out, items);
     this.reportCredits();
+    this.updateFlow();
+  }
+
+  // ---- back-pressure ---------------------------------------------------------
+
+  /**
+   * Pauses the output of all running tasks when the unacknowledged results
+   * pass maxUnackedOutputBytes or the link's unwritten frames pass
+   * LINK_BACKLOG_HIGH_FRAMES; resumes it once the results are down to half
+   * the mark and the frames to LINK_BACKLOG_LOW_FRAMES. Called whenever one
+   * of them may have changed: results kept, frames sent, frames (acks)
+   * received, a link opened or closed. Backlog sizes change synchronously
+   * with push and ack, also for the durable outbox.
+   */
+  private updateFlow(): void {
+    const bytes = this.outbox.bytes;
+    const frames = this.link?.backlog ?? 0;
+    const max = this.opts.maxUnackedOutputBytes;
+    if (!this.flowPaused) {
+      if (bytes <= max && frames <= LINK_BACKLOG_HIGH_FRAMES) return;
+      this.flowPaused = true;
+      this.opts.log.debug("output paused", { unackedBytes: bytes, linkBacklog: frames });
+    } else if (bytes <= max / 2 && frames <= LINK_BACKLOG_LOW_FRAMES) {
+      this.flowPaused = false;
+      this.flowTimer?.cancel();
+      this.flowTimer = undefined;
+      this.opts.log.debug("output resumed", { unackedBytes: bytes, linkBacklog: frames });
+      for (const fn of [...this.resumeListeners]) {
+        try {
+          fn();
+        } catch (err) {
+          this.opts.log.error("resuming output failed", { err });
+        }
+      }
+      return;
+    }
+    // Acks and link changes call again; only the link's backlog drains
+    // without an event, so look at it again while it holds the pause.
+    if (this.flowTimer === undefined && this.link !== undefined && frames > LINK_BACKLOG_LOW_FRAMES) {
+      this.flowTimer = this.opts.clock.setTimeout(() => {
+        this.flowTimer = undefined;
+        if (this.flowPaused) this.updateFlow();
+      }, FLOW_CHECK_MS);
+    }
   }
 
   private reportCredits(): void {
@@ -260,6 +354,7 @@ export class Agent {
     }
     for (const spec of frame.tasks) await this.accept(spec);
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId);
+    this.updateFlow();
     this.pump();
   }
 
@@ -338,6 +433,7 @@ export class Agent {
       const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: spec.taskId, REXMESH_JOB_ID: spec.jobId };
       const outcome = await this.opts.executor.run({ ...spec, env }, {
         signal: abort.signal,
+        flow: this.outputFlow,
         onOutput: (stream, data, seq) => {
           const chunk = create(OutputChunkSchema, { taskId: spec.taskId, seq: BigInt(seq), stream, data: Uint8Array.prototype.slice.call(data) });
           this.emit([{ kind: "output", chunk }]);

@@ -57,6 +57,31 @@ export interface TaskOutcome {
   outputTruncated: boolean;
 }
 
+/**
+ * Back-pressure from the receiver of the output to the process. While
+ * `paused()` is true the executor stops reading the task's stdout and stderr:
+ * the pipes fill and the process blocks in write() until `onResume` fires.
+ * Output stays byte-identical and its seqs contiguous; only its pace changes.
+ *
+ * `paused()` is asked after each chunk is delivered (at most one read of
+ * each pipe, ≤ 64 KiB, arrives after the receiver decided to pause) and when
+ * a step starts, so the receiver needs to announce only resumes. Both must
+ * be cheap and must not throw.
+ *
+ * A step that is being terminated (timeout, cancel, sink failure, leftovers
+ * of its group) or whose process has exited is read whatever the flow says:
+ * a process blocked in write() must be able to act on SIGTERM, and its pipes
+ * must reach EOF for the step to end. What it writes then is bounded by the
+ * kill grace and by the output limit (output past the limit is read and
+ * dropped, not kept).
+ */
+export interface OutputFlow {
+  /** True while the receiver wants no more output. */
+  paused(): boolean;
+  /** Calls cb whenever output may flow again; returns a function that removes cb. */
+  onResume(cb: () => void): () => void;
+}
+
 /** Callbacks and cancellation for one {@link Executor.run}. */
 export interface RunIo {
   onOutput: OutputSink;
@@ -64,6 +89,8 @@ export interface RunIo {
   onStart?: (pid: number) => void;
   /** Aborting cancels the task: the running step's process group is terminated. */
   signal?: AbortSignal;
+  /** Pauses and resumes reading the task's output; absent: output is read as fast as it comes. */
+  flow?: OutputFlow;
 }
 
 const DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024;
@@ -144,6 +171,8 @@ class TaskRun {
   private stop: Stop | undefined;
   /** Terminates the running step's process group; set while a step runs. */
   private terminateCurrent: (() => void) | undefined;
+  /** Pauses or resumes the running step's pipes as the flow says; set while a step runs. */
+  private applyFlowCurrent: (() => void) | undefined;
   private readonly limit: number;
 
   constructor(
@@ -176,11 +205,13 @@ class TaskRun {
     }
     const onAbort = () => this.requestStop({ state: TaskState.CANCELLED, message: "cancelled" });
     signal?.addEventListener("abort", onAbort, { once: true });
+    const stopFlow = this.io.flow?.onResume(() => this.applyFlowCurrent?.());
     try {
       return await this.runSteps(plan);
     } finally {
       timer?.cancel();
       signal?.removeEventListener("abort", onAbort);
+      stopFlow?.();
     }
   }
 
@@ -309,6 +340,7 @@ class TaskRun {
         pollTimer?.cancel();
         drainTimer?.cancel();
         this.terminateCurrent = undefined;
+        this.applyFlowCurrent = undefined;
         resolve(result);
       };
 
@@ -348,9 +380,27 @@ class TaskRun {
         tryFinish();
       };
 
+      /**
+       * Holds both pipes while the flow is paused, so that the process blocks
+       * in write(); reads them again when it resumes or the step is ending.
+       */
+      const applyFlow = () => {
+        const flow = this.io.flow;
+        if (flow === undefined) return;
+        const hold = !terminating && exit === undefined && flow.paused();
+        for (const stream of [stdout, stderr]) {
+          if (stream.destroyed) continue;
+          if (hold) void 0;
+          else if (stream.isPaused()) stream.resume();
+        }
+      };
+
       const terminate = () => {
         if (terminating || finished || pid === undefined) return;
         terminating = true;
+        // A process blocked in write() on a full pipe could not act on
+        // SIGTERM, and its pipes could not reach EOF: read them again.
+        applyFlow();
         if (!signalGroup(pid, "SIGTERM")) {
           groupSettled = true;
           tryFinish();
@@ -360,7 +410,10 @@ class TaskRun {
       };
 
       const pipe = (stream: Readable, tag: OutputStream, onClose: () => void) => {
-        stream.on("data", (buf: Buffer) => this.emit(tag, buf));
+        stream.on("data", (buf: Buffer) => {
+          this.emit(tag, buf);
+          applyFlow();
+        });
         // A read error is followed by 'close'; the handler only keeps it from
         // becoming an uncaught exception.
         stream.on("error", () => {});
@@ -371,6 +424,7 @@ class TaskRun {
       };
       pipe(stdout, OutputStream.STDOUT, () => (stdoutClosed = true));
       pipe(stderr, OutputStream.STDERR, () => (stderrClosed = true));
+      applyFlow();
 
       child.on("error", (err) => {
         // Only spawn failures leave pid unset; the executor never uses
@@ -389,6 +443,9 @@ class TaskRun {
 
       child.on("exit", (code, signal) => {
         exit = { code, signal };
+        // What is left in the pipes was written by processes that are gone,
+        // or leftovers about to be terminated: read it so the step can end.
+        applyFlow();
         // Members still holding the pipes would keep the step open forever.
         if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
         else terminate();
@@ -404,6 +461,7 @@ class TaskRun {
 
       if (pid === undefined) return;
       this.terminateCurrent = terminate;
+      this.applyFlowCurrent = applyFlow;
       if (this.stop) {
         terminate();
         return;

@@ -5,7 +5,13 @@ import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
-import { createGrpcLinkServer } from "../common/grpc-link.js";
+import { createGrpcLinkServer, type UnaryHandler } from "../common/grpc-link.js";
+import { create } from "@bufbuild/protobuf";
+import { openBundle, sealBundle } from "../common/bundle.js";
+import { PermissionDeniedError } from "../common/errors.js";
+import type { PeerIdentity } from "../certs/identity.js";
+import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
+import { ExportResultsResponseSchema, ImportTasksResponseSchema, ProxyAdminService, type ImportTasksRequest } from "../gen/rexmesh/v1/proxy_admin_pb.js";
 import { ConfigError } from "../common/errors.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
@@ -43,7 +49,32 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const core = new ProxyCore({ name: me.id, region: me.scope, clock, store: new LmdbProxyStore(env), log, heartbeatMs: config.heartbeat });
   // Daemons: grpc-js, for its lower memory per idle stream (docs/transport.md).
-  const server = createGrpcLinkServer({ creds, log, method: AgentLinkService.method.agentStream, serve: (link, peer) => core.serveHost(link, peer) });
+  // Bundles for a site with no link, handled for the proxy's own certificate only.
+  const self = (peer: PeerIdentity) => {
+    if (peer.role !== "proxy" || peer.id !== me.id || peer.scope !== me.scope) throw new PermissionDeniedError("bundle commands need this proxy's own certificate");
+  };
+  const admin: UnaryHandler[] = [
+    {
+      method: ProxyAdminService.method.importTasks,
+      handle: async (req: ImportTasksRequest, peer) => {
+        self(peer);
+        const { payload } = openBundle(req.bundle, { caPem: creds.caPem, signerRole: "controller", kind: BundleKind.TASKS, clock });
+        const r = await core.importTasks(payload);
+        log.info("tasks bundle imported", { bundle: payload.id, ...r });
+        return create(ImportTasksResponseSchema, { tasksAdded: r.added, tasksAlreadyKnown: r.known });
+      },
+    },
+    {
+      method: ProxyAdminService.method.exportResults,
+      handle: async (_req: unknown, peer) => {
+        self(peer);
+        const r = core.resultsForBundle();
+        const bundle = sealBundle({ kind: BundleKind.RESULTS, region: me.scope, proxy: me.id, ...r }, creds, clock, `r${clock.now().toString(36)}`);
+        return create(ExportResultsResponseSchema, { bundle, statuses: r.statuses.length, outputChunks: r.output.length });
+      },
+    },
+  ];
+  const server = createGrpcLinkServer({ creds, log, method: AgentLinkService.method.agentStream, serve: (link, peer) => core.serveHost(link, peer), unary: admin });
   const address = { address: host, port: await server.listen(host, port) };
 
   const stop = new AbortController();

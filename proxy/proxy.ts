@@ -14,9 +14,11 @@ import {
   type AgentStreamResponse,
 } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import type { BundlePayload } from "../gen/rexmesh/v1/bundle_pb.js";
 import {
   HostPresenceSchema,
   ProxyStreamRequestSchema,
+  ProxyStreamResponseSchema,
   type HostPresence,
   type ProxyStreamRequest,
   type ProxyStreamResponse,
@@ -27,7 +29,6 @@ import {
   TaskState,
   TaskStatusSchema,
   type OutputChunk,
-  type TaskSpec,
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
 import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
@@ -399,6 +400,33 @@ export class ProxyCore {
       const session = this.hosts.get(hostId);
       if (session) this.deliver(session);
     }
+  }
+
+  // ---- bundles (sites with no link) -------------------------------------------
+
+  /**
+   * Takes a tasks bundle (already verified) exactly as if it had come over
+   * the controller link: known tasks are dropped by id, so importing the same
+   * bundle twice changes nothing.
+   */
+  async importTasks(payload: BundlePayload): Promise<{ added: number; known: number }> {
+    if (payload.region !== this.region) throw new PermissionDeniedError(`this bundle is for region ${payload.region}; this proxy serves region ${this.region}`);
+    const known = payload.tasks.filter((t) => this.store.getTask(t.taskId) !== undefined).length;
+    await this.handleControllerFrame(
+      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks }),
+    );
+    return { added: payload.tasks.length - known, known };
+  }
+
+  /** Everything the controller has not acknowledged, and the hosts held now, for a results bundle. */
+  resultsForBundle(): { statuses: TaskStatus[]; output: OutputChunk[]; hosts: HostPresence[] } {
+    const statuses: TaskStatus[] = [];
+    const output: OutputChunk[] = [];
+    for (const item of this.store.upward()) {
+      if (item.kind === "status") statuses.push(item.status);
+      else output.push(item.chunk);
+    }
+    return { statuses, output, hosts: [...this.hosts.values()].map((s) => this.presence(s, true)) };
   }
 
   // ---- deadlines -----------------------------------------------------------

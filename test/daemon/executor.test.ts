@@ -6,7 +6,7 @@ import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, describe, expect, it } from "vitest";
 import { ManualClock, systemClock } from "../../common/clock.js";
-import { Executor, type OutputSink, type TaskOutcome } from "../../daemon/executor.js";
+import { Executor, type OutputFlow, type OutputSink, type TaskOutcome } from "../../daemon/executor.js";
 import {
   OutputStream,
   StepSchema,
@@ -414,5 +414,172 @@ describe("Executor: process groups, timeout and cancel", () => {
     });
     expect(outcome.state).toBe(TaskState.CANCELLED);
     expect(started).toBe(false);
+  });
+});
+
+/** A flow the test pauses and resumes by hand. */
+class ManualFlow implements OutputFlow {
+  private listeners = new Set<() => void>();
+  constructor(public isPaused = false) {}
+  paused(): boolean {
+    return this.isPaused;
+  }
+  onResume(cb: () => void): () => void {
+    this.listeners.add(cb);
+    return () => this.listeners.delete(cb);
+  }
+  pause(): void {
+    this.isPaused = true;
+  }
+  resume(): void {
+    this.isPaused = false;
+    for (const cb of [...this.listeners]) cb();
+  }
+  get subscribers(): number {
+    return this.listeners.size;
+  }
+}
+
+/** Bytes the process has written so far (completed write calls), from /proc/<pid>/io. */
+function bytesWritten(pid: number): number {
+  return Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/io`, "latin1"))?.[1]);
+}
+
+/** The process is asleep (state S): for a writer of a regular file or /dev/zero, in write() to a full pipe. */
+function isSleeping(pid: number): boolean {
+  const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+  return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0] === "S";
+}
+
+/**
+ * Resolves once pid is blocked writing: asleep, with no write completed, on
+ * two looks in a row. A settled `done` ends the wait too (the process did
+ * not block at all), so that a missing pause fails on the byte counts rather
+ * than by a timeout. Looks at /proc every few ms: no event says "blocked".
+ * Throws when the process is still writing after 10 s.
+ */
+async function blockedInWrite(pid: number, done: Promise<unknown>): Promise<void> {
+  let settled = false;
+  void done.then(() => (settled = true));
+  let last = -1;
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (settled) return;
+    if (Date.now() > deadline) throw new Error(`process ${pid} did not block in write(): its output is still being read`);
+    const written = isSleeping(pid) ? bytesWritten(pid) : -1;
+    if (written >= 0 && written === last) return;
+    last = written;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+const sha256 = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+
+describe("Executor: back-pressure (flow)", () => {
+  it("stops reading while paused, so the process blocks in write(); on resume the rest arrives byte-identical", async () => {
+    const size = 8 * 1024 * 1024;
+    const file = join(tmp, "eight-mib");
+    const expected = xorshiftBytes(size);
+    writeFileSync(file, expected);
+    const flow = new ManualFlow();
+    const out = new Collector();
+    let received = 0;
+    let receivedAtPause = -1;
+    let pid = 0;
+    let pausedAt!: () => void;
+    const firstMiB = new Promise<void>((resolve) => (pausedAt = resolve));
+    const sink: OutputSink = (stream, data, seq) => {
+      out.sink(stream, data, seq);
+      received += data.length;
+      // The receiver decides to pause once it has 1 MiB.
+      if (receivedAtPause < 0 && received >= 1024 * 1024) {
+        receivedAtPause = received;
+        flow.pause();
+        pausedAt();
+      }
+    };
+    const done = new Executor({ clock: systemClock }).run(spec([exec("cat", file)]), { onOutput: sink, onStart: (p) => (pid = p), flow });
+    await firstMiB;
+    await blockedInWrite(pid, done);
+    // Paused: nothing was delivered since, and the process got no further
+    // than what fits in the pipe and one read of it.
+    expect(received).toBe(receivedAtPause);
+    expect(bytesWritten(pid) - receivedAtPause).toBeLessThan(1024 * 1024);
+    expect(isDead(pid)).toBe(false);
+
+    flow.resume();
+    const outcome = await done;
+    expect(outcome).toMatchObject({ state: TaskState.SUCCEEDED, exitCode: 0, outputTruncated: false });
+    const got = out.bytes();
+    expect(got.length).toBe(size);
+    expect(sha256(got)).toBe(sha256(expected));
+    out.expectContiguousSeqs();
+    expect(outcome.outputChunks).toBe(out.chunks.length);
+    expect(flow.subscribers).toBe(0); // the run let go of the flow
+  });
+
+  it("holds stdout and stderr alike, across steps, and reads what is left once the process has exited", async () => {
+    // Paused from the start: the output fits in the pipes, the process exits,
+    // and the task ends without waiting for a resume.
+    const flow = new ManualFlow(true);
+    const out = new Collector();
+    const outcome = await new Executor({ clock: systemClock }).run(
+      spec([shell("echo out1; echo err1 >&2"), shell("echo out2; echo err2 >&2")]),
+      { onOutput: out.sink, flow },
+    );
+    expect(outcome).toMatchObject({ state: TaskState.SUCCEEDED, exitCode: 0 });
+    expect(out.text(OutputStream.STDOUT)).toBe("out1\nout2\n");
+    expect(out.text(OutputStream.STDERR)).toBe("err1\nerr2\n");
+    out.expectContiguousSeqs();
+  });
+
+  it("times out a paused task: the blocked writer is killed and the task reported TIMED_OUT", async () => {
+    const clock = new ManualClock();
+    const ex = new Executor({ clock, killGraceMs: 1000 });
+    const flow = new ManualFlow();
+    let pid = 0;
+    let firstChunk!: () => void;
+    const first = new Promise<void>((resolve) => (firstChunk = resolve));
+    const onOutput: OutputSink = () => {
+      flow.pause();
+      firstChunk();
+    };
+    const done = ex.run(spec([exec("cat", "/dev/zero")], { timeout: durationFromMs(5000), outputLimitBytes: 1024n * 1024n }), {
+      onOutput,
+      onStart: (p) => (pid = p),
+      flow,
+    });
+    await first;
+    await blockedInWrite(pid, done);
+    clock.advance(5000); // the timeout: SIGTERM to the group, which cat does not survive
+    const outcome = await done;
+    expect(outcome).toMatchObject({ state: TaskState.TIMED_OUT, signal: "SIGTERM", message: "timed out after 5s" });
+    expect(isDead(pid)).toBe(true);
+    expect(flow.isPaused).toBe(true); // it ended without a resume
+  });
+
+  it("cancels a paused task whose writer ignores SIGTERM: killed after the grace, its pipes drained", async () => {
+    const ex = new Executor({ clock: systemClock, killGraceMs: 200 });
+    const flow = new ManualFlow();
+    const abort = new AbortController();
+    let pid = 0;
+    let firstChunk!: () => void;
+    const first = new Promise<void>((resolve) => (firstChunk = resolve));
+    const onOutput: OutputSink = () => {
+      flow.pause();
+      firstChunk();
+    };
+    const done = ex.run(spec([shell(`trap "" TERM; exec cat /dev/zero`)], { outputLimitBytes: 1024n * 1024n }), {
+      onOutput,
+      onStart: (p) => (pid = p),
+      signal: abort.signal,
+      flow,
+    });
+    await first;
+    await blockedInWrite(pid, done);
+    abort.abort();
+    const outcome = await done;
+    expect(outcome).toMatchObject({ state: TaskState.CANCELLED, signal: "SIGKILL", message: "cancelled", outputTruncated: true });
+    expect(isDead(pid)).toBe(true);
   });
 });

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiEgoQTGlzdEhvc3RzUmVxdWVzdCI0ChFMaXN0SG9zdHNSZXNwb25zZRIfCgVob3N0cxgBIAMoCzIQLnJleG1lc2gudjEuSG9zdCKuAwoQU3VibWl0Sm9iUmVxdWVzdBIQCghob3N0X2lkcxgBIAMoCRIRCglhbGxfaG9zdHMYAiABKAgSHwoFc3RlcHMYAyADKAsyEC5yZXhtZXNoLnYxLlN0ZXASMgoDZW52GAQgAygLMiUucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAUgASgJEg0KBXN0ZGluGAYgASgMEioKB3RpbWVvdXQYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNAoRZGVsaXZlcnlfZGVhZGxpbmUYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFwoPaWRlbXBvdGVuY3lfa2V5GAkgASgJEhIKCmlkZW1wb3RlbnQYCiABKAgSJQoEcmF0ZRgLIAEoCzIXLnJleG1lc2gudjEuUmF0ZUNvbnRyb2wSGgoSb3V0cHV0X2xpbWl0X2J5dGVzGAwgASgEGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiIKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjEKEUNhbmNlbEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iKnYKD0Nvbm5lY3Rpb25TdGF0ZRIgChxDT05ORUNUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHgoaQ09OTkVDVElPTl9TVEFURV9DT05ORUNURUQQARIhCh1DT05ORUNUSU9OX1NUQVRFX0RJU0NPTk5FQ1RFRBACKlAKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhUKEUpPQl9TVEFURV9SVU5OSU5HEAESEgoOSk9CX1NUQVRFX0RPTkUQAjLCAwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiEgoQTGlzdEhvc3RzUmVxdWVzdCI0ChFMaXN0SG9zdHNSZXNwb25zZRIfCgVob3N0cxgBIAMoCzIQLnJleG1lc2gudjEuSG9zdCKuAwoQU3VibWl0Sm9iUmVxdWVzdBIQCghob3N0X2lkcxgBIAMoCRIRCglhbGxfaG9zdHMYAiABKAgSHwoFc3RlcHMYAyADKAsyEC5yZXhtZXNoLnYxLlN0ZXASMgoDZW52GAQgAygLMiUucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAUgASgJEg0KBXN0ZGluGAYgASgMEioKB3RpbWVvdXQYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNAoRZGVsaXZlcnlfZGVhZGxpbmUYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFwoPaWRlbXBvdGVuY3lfa2V5GAkgASgJEhIKCmlkZW1wb3RlbnQYCiABKAgSJQoEcmF0ZRgLIAEoCzIXLnJleG1lc2gudjEuUmF0ZUNvbnRyb2wSGgoSb3V0cHV0X2xpbWl0X2J5dGVzGAwgASgEGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYip2Cg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAipQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIy6AQKEUNvbnRyb2xsZXJTZXJ2aWNlEkgKCUxpc3RIb3N0cxIcLnJleG1lc2gudjEuTGlzdEhvc3RzUmVxdWVzdBodLnJleG1lc2gudjEuTGlzdEhvc3RzUmVzcG9uc2USSAoJU3VibWl0Sm9iEhwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0Gh0ucmV4bWVzaC52MS5TdWJtaXRKb2JSZXNwb25zZRI/CgZHZXRKb2ISGS5yZXhtZXNoLnYxLkdldEpvYlJlcXVlc3QaGi5yZXhtZXNoLnYxLkdldEpvYlJlc3BvbnNlEkcKCFdhdGNoSm9iEhsucmV4bWVzaC52MS5XYXRjaEpvYlJlcXVlc3QaHC5yZXhtZXNoLnYxLldhdGNoSm9iUmVzcG9uc2UwARJICglDYW5jZWxKb2ISHC5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlc3BvbnNlEkUKCExpc3RKb2JzEhsucmV4bWVzaC52MS5MaXN0Sm9ic1JlcXVlc3QaHC5yZXhtZXNoLnYxLkxpc3RKb2JzUmVzcG9uc2USUQoMRXhwb3J0QnVuZGxlEh8ucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXF1ZXN0GiAucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXNwb25zZRJRCgxJbXBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -545,6 +545,91 @@ export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*
   messageDesc(file_rexmesh_v1_controller, 14);
 
 /**
+ * @generated from message rexmesh.v1.ExportBundleRequest
+ */
+export type ExportBundleRequest = Message<"rexmesh.v1.ExportBundleRequest"> & {
+  /**
+   * @generated from field: string region = 1;
+   */
+  region: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.ExportBundleRequest.
+ * Use `create(ExportBundleRequestSchema)` to create a new message.
+ */
+export const ExportBundleRequestSchema: GenMessage<ExportBundleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 15);
+
+/**
+ * @generated from message rexmesh.v1.ExportBundleResponse
+ */
+export type ExportBundleResponse = Message<"rexmesh.v1.ExportBundleResponse"> & {
+  /**
+   * A serialized rexmesh.v1.Bundle, to be written to a file as is.
+   *
+   * @generated from field: bytes bundle = 1;
+   */
+  bundle: Uint8Array;
+
+  /**
+   * @generated from field: uint32 tasks = 2;
+   */
+  tasks: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.ExportBundleResponse.
+ * Use `create(ExportBundleResponseSchema)` to create a new message.
+ */
+export const ExportBundleResponseSchema: GenMessage<ExportBundleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 16);
+
+/**
+ * @generated from message rexmesh.v1.ImportBundleRequest
+ */
+export type ImportBundleRequest = Message<"rexmesh.v1.ImportBundleRequest"> & {
+  /**
+   * @generated from field: bytes bundle = 1;
+   */
+  bundle: Uint8Array;
+};
+
+/**
+ * Describes the message rexmesh.v1.ImportBundleRequest.
+ * Use `create(ImportBundleRequestSchema)` to create a new message.
+ */
+export const ImportBundleRequestSchema: GenMessage<ImportBundleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 17);
+
+/**
+ * @generated from message rexmesh.v1.ImportBundleResponse
+ */
+export type ImportBundleResponse = Message<"rexmesh.v1.ImportBundleResponse"> & {
+  /**
+   * @generated from field: uint32 statuses_applied = 1;
+   */
+  statusesApplied: number;
+
+  /**
+   * @generated from field: uint32 output_chunks_applied = 2;
+   */
+  outputChunksApplied: number;
+
+  /**
+   * @generated from field: uint32 hosts = 3;
+   */
+  hosts: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.ImportBundleResponse.
+ * Use `create(ImportBundleResponseSchema)` to create a new message.
+ */
+export const ImportBundleResponseSchema: GenMessage<ImportBundleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 18);
+
+/**
  * @generated from message rexmesh.v1.CancelJobRequest
  */
 export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
@@ -559,7 +644,7 @@ export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 15);
+  messageDesc(file_rexmesh_v1_controller, 19);
 
 /**
  * @generated from message rexmesh.v1.CancelJobResponse
@@ -576,7 +661,7 @@ export type CancelJobResponse = Message<"rexmesh.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 16);
+  messageDesc(file_rexmesh_v1_controller, 20);
 
 /**
  * @generated from enum rexmesh.v1.ConnectionState
@@ -695,6 +780,26 @@ export const ControllerService: GenService<{
     methodKind: "unary";
     input: typeof ListJobsRequestSchema;
     output: typeof ListJobsResponseSchema;
+  },
+  /**
+   * A signed bundle of the region's queued tasks, for a site with no link.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ExportBundle
+   */
+  exportBundle: {
+    methodKind: "unary";
+    input: typeof ExportBundleRequestSchema;
+    output: typeof ExportBundleResponseSchema;
+  },
+  /**
+   * Applies a signed results bundle from a region's proxy; idempotent.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ImportBundle
+   */
+  importBundle: {
+    methodKind: "unary";
+    input: typeof ImportBundleRequestSchema;
+    output: typeof ImportBundleResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);
