@@ -131,6 +131,32 @@ describe("a mesh of real processes", () => {
     expect(JSON.parse(list.stdout)[0]).toMatchObject({ id: summary.job, state: "DONE", tasks: 20, counts: { FAILED: 2, SKIPPED: 18 } });
   });
 
+  it("rexmesh jobs cancel stops running tasks: CANCELLED, their process groups gone", async () => {
+    const { job } = await conn.client.submitJob(
+      create(SubmitJobRequestSchema, { hostIds: ["h10", "h11"], steps: [{ tool: { case: "shell", value: { script: 'sleep 1000 & echo "bg:$!"; wait' } } }] }),
+    );
+    // Wait until both have started (each printed its child's pid).
+    const pids: number[] = [];
+    for await (const batch of conn.client.watchJob({ jobId: job!.id })) {
+      for (const c of batch.output) pids.push(...[...Buffer.from(c.data).toString().matchAll(/bg:(\d+)/g)].map((m) => Number(m[1])));
+      if (pids.length === 2) break;
+    }
+    const r = await rexmesh(["jobs", "cancel", job!.id], mesh.exports());
+    expect(r.code, r.stderr).toBe(0);
+    const done = await collectJob(conn.client, job!.id);
+    for (const h of ["h10", "h11"]) expect(done.tasks.get(h)!.state, h).toBe(TaskState.CANCELLED);
+    for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
+  });
+
+  it("keeps at most --output-limit bytes per host and marks the rest truncated", async () => {
+    const r = await rexmesh(["run", "-H", "h12", "--output-limit", "100", "--json", "--", "head", "-c", "5000", "/dev/zero"], mesh.exports());
+    expect(r.code, r.stderr).toBe(0);
+    const events = r.stdout.trim().split("\n").map((l) => JSON.parse(l));
+    const bytes = events.filter((e) => e.type === "output").reduce((n, e) => n + Buffer.from(e.data, "base64").length, 0);
+    expect(bytes).toBe(100);
+    expect(events.filter((e) => e.type === "task").at(-1).task).toMatchObject({ state: "SUCCEEDED", outputTruncated: true });
+  });
+
   it("reports an unknown host as NOT_FOUND and runs nothing", async () => {
     await expect(
       conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h01", "nope"], steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] })),
