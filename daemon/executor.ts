@@ -390,7 +390,7 @@ class TaskRun {
         const hold = !terminating && exit === undefined && flow.paused();
         for (const stream of [stdout, stderr]) {
           if (stream.destroyed) continue;
-          if (hold) void 0;
+          if (hold) stream.pause();
           else if (stream.isPaused()) stream.resume();
         }
       };

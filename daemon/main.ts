@@ -27,6 +27,7 @@ export const daemonSchema = {
   capacity: { type: "int", default: 4, min: 1, doc: "tasks run at once per host" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval" },
   outputLimit: { type: "int", default: 64 * 1024 * 1024, min: 0, doc: "output bytes kept per task when the job sets no limit" },
+  maxUnackedOutput: { type: "int", default: 16 * 1024 * 1024, min: 65536, doc: "output bytes per host not yet acknowledged by the proxy; above it, tasks block in write() until acks arrive" },
   killGrace: { type: "duration", default: "2s", doc: "time between SIGTERM and SIGKILL when a task is stopped" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
   readyFile: { type: "string", doc: "file written once the daemon runs" },
@@ -75,6 +76,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       log: log.child({ host: me.id }),
       capacity: config.capacity,
       heartbeatMs: config.heartbeat,
+      maxUnackedOutputBytes: config.maxUnackedOutput,
     });
   });
   await Promise.all(agents.map((a) => a.start()));

@@ -69,7 +69,7 @@ describe("bundles through an air-gapped proxy", () => {
       const raw = readFileSync(tasksFile);
       const tampered = Buffer.from(raw);
       const at = tampered.indexOf(Buffer.from("head -c 50000"));
-      tampered[at + 8] = "9".charCodeAt(0); // "50000" → "90000": the command was altered
+      tampered[at + 8] = 0x39; // "50000" → "90000": the command was altered
       writeFileSync(join(files(), "tampered.rxb"), tampered);
       const refused = await atSite(["import", join(files(), "tampered.rxb")]);
       expect(refused.code).not.toBe(0);
@@ -91,7 +91,7 @@ describe("bundles through an air-gapped proxy", () => {
 
       // 6. Tampered results are refused at the controller; the real ones finish the job.
       const res = Buffer.from(readFileSync(resultsFile));
-      res[res.length - 40] ^= 0xff; // inside the signer certificate or signature
+      res[res.length - 40] = res[res.length - 40]! ^ 0xff; // inside the signer certificate or signature
       writeFileSync(join(files(), "tampered-results.rxb"), res);
       const bad = await atController(["import", join(files(), "tampered-results.rxb")]);
       expect(bad.code).not.toBe(0);

@@ -2,7 +2,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
-import { Agent } from "../../daemon/agent.js";
+import { Agent, LINK_BACKLOG_HIGH_FRAMES, LINK_BACKLOG_LOW_FRAMES } from "../../daemon/agent.js";
 import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
 import { MemoryLedger, type LedgerEntry } from "../../daemon/ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
@@ -49,7 +49,7 @@ class RecordingLedger extends MemoryLedger {
 const statusesIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.statuses.map((s) => `${s.taskId}:${TaskState[s.state]}`));
 const outputIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}:${text(c.data)}`));
 
-function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualClock } = {}) {
+function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualClock; maxUnackedOutputBytes?: number } = {}) {
   const clock = opts.clock ?? new ManualClock();
   const ledger = opts.ledger ?? new RecordingLedger();
   const executor = new FakeExecutor();
@@ -71,6 +71,7 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
     clock,
     log: silentLogger,
     capacity: opts.capacity ?? 2,
+    maxUnackedOutputBytes: opts.maxUnackedOutputBytes,
   });
   const link = () => links.at(-1)!;
   /** A frame from the proxy on the current link. */
@@ -350,5 +351,112 @@ describe("Agent: recovery after a restart", () => {
     await second.agent.start();
     await flush();
     expect(statusesIn(second.link().sent)).toContain("t1:SUCCEEDED");
+  });
+});
+
+describe("Agent: back-pressure on output", () => {
+  // Outbox sizes as Backlog counts them: a status 64 bytes, a chunk its data + 32.
+  const bytes300 = new Uint8Array(300);
+
+  /** Starts t1 and returns its run and a counter of the resumes the agent announced. */
+  async function running(t: ReturnType<typeof setup>) {
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1")] });
+    await flush();
+    const run = t.executor.runs[0]!;
+    const flow = run.io.flow!;
+    const seen = { resumes: 0 };
+    flow.onResume(() => seen.resumes++);
+    return { run, flow, seen };
+  }
+
+  it("pauses the executor's output once unacknowledged results pass the mark and resumes when acks bring them to half", async () => {
+    const t = setup({ maxUnackedOutputBytes: 1000 });
+    const { run, flow, seen } = await running(t);
+    expect(flow.paused()).toBe(false);
+
+    // DELIVERED + RUNNING (128) + two chunks (664) = 792: under the mark.
+    run.io.onOutput(OutputStream.STDOUT, bytes300, 1);
+    run.io.onOutput(OutputStream.STDOUT, bytes300, 2);
+    expect(flow.paused()).toBe(false);
+    // A third: 1124 > 1000.
+    run.io.onOutput(OutputStream.STDOUT, bytes300, 3);
+    expect(flow.paused()).toBe(true);
+    expect(t.agent.outputPaused).toBe(true);
+    await flush();
+    // Paused is not dropped: what was produced goes out.
+    expect(t.link().sent.flatMap((f) => f.output).map((c) => Number(c.seq))).toEqual([1, 2, 3]);
+
+    // Ack of chunk 1: 792, still above the low-water mark of 500.
+    t.fromProxy({ outputAcks: [{ taskId: "t1", seq: 1n }] });
+    await flush();
+    expect(flow.paused()).toBe(true);
+    expect(seen.resumes).toBe(0);
+
+    // Acks of the statuses and chunk 2: 332 ≤ 500, output flows again.
+    t.fromProxy({ outputAcks: [{ taskId: "t1", seq: 2n }], statusAcks: [{ taskId: "t1", state: TaskState.RUNNING }] });
+    await flush();
+    expect(flow.paused()).toBe(false);
+    expect(t.agent.outputPaused).toBe(false);
+    expect(seen.resumes).toBe(1);
+    run.finish({ outputChunks: 3 });
+    await flush();
+  });
+
+  it("pauses while no proxy is connected and resumes on the acks of the next stream", async () => {
+    const t = setup({ maxUnackedOutputBytes: 1000 });
+    const { run, flow, seen } = await running(t);
+    t.link().end();
+    await flush();
+    expect(t.agent.connected).toBe(false);
+    for (let seq = 1; seq <= 3; seq++) run.io.onOutput(OutputStream.STDOUT, bytes300, seq);
+    expect(flow.paused()).toBe(true);
+
+    t.clock.advance(5000); // dials again and sends everything not acknowledged
+    await flush();
+    expect(t.links).toHaveLength(2);
+    expect(flow.paused()).toBe(true);
+    expect(t.link().sent.flatMap((f) => f.output).map((c) => Number(c.seq))).toEqual([1, 2, 3]);
+    t.fromProxy({ welcome: { proxy: "px-a", region: "eu", heartbeatMs: 10_000 } });
+    t.fromProxy({ outputAcks: [{ taskId: "t1", seq: 3n }], statusAcks: [{ taskId: "t1", state: TaskState.RUNNING }] });
+    await flush();
+    expect(flow.paused()).toBe(false);
+    expect(seen.resumes).toBe(1);
+    run.finish({ outputChunks: 3 });
+    await flush();
+  });
+
+  it("pauses while the link has more unwritten frames than it should and resumes as they drain", async () => {
+    const t = setup();
+    const { run, flow, seen } = await running(t);
+    const link = t.link() as { backlog: number };
+    link.backlog = LINK_BACKLOG_HIGH_FRAMES + 1; // the stream is not taking frames
+    run.io.onOutput(OutputStream.STDOUT, bytes300, 1);
+    await flush(); // the frame with the chunk is sent: the agent looks at the link
+    expect(flow.paused()).toBe(true);
+
+    link.backlog = LINK_BACKLOG_LOW_FRAMES + 1;
+    t.clock.advance(1000);
+    expect(flow.paused()).toBe(true);
+    // Frames drain without an event: the agent looks again while paused.
+    link.backlog = LINK_BACKLOG_LOW_FRAMES;
+    t.clock.advance(1000);
+    expect(flow.paused()).toBe(false);
+    expect(seen.resumes).toBe(1);
+    run.finish({ outputChunks: 1 });
+    await flush();
+  });
+
+  it("uses 16 MiB by default and refuses a negative mark", async () => {
+    const t = setup();
+    const { run, flow } = await running(t);
+    const mib = new Uint8Array(1024 * 1024);
+    for (let seq = 1; seq <= 15; seq++) run.io.onOutput(OutputStream.STDOUT, mib, seq);
+    expect(flow.paused()).toBe(false);
+    run.io.onOutput(OutputStream.STDOUT, mib, 16);
+    expect(flow.paused()).toBe(true);
+    run.finish({ outputChunks: 16 });
+    await flush();
+    expect(() => setup({ maxUnackedOutputBytes: -1 })).toThrow(/maxUnackedOutputBytes/);
   });
 });
