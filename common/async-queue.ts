@@ -9,6 +9,24 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
   private failWaiter: ((e: unknown) => void) | undefined;
   private closed = false;
   private error: unknown;
+  private readonly shrinkWaiters: { below: number; resolve: () => void }[] = [];
+
+  /** Resolves once fewer than `below` items wait (at once if that is already so, or when closed). */
+  waitBelow(below: number): Promise<void> {
+    if (this.size < below || this.closed) return Promise.resolve();
+    return new Promise((resolve) => this.shrinkWaiters.push({ below, resolve }));
+  }
+
+  private shrunk(): void {
+    if (this.shrinkWaiters.length === 0) return;
+    for (let i = this.shrinkWaiters.length - 1; i >= 0; i--) {
+      const w = this.shrinkWaiters[i]!;
+      if (this.size < w.below || this.closed) {
+        this.shrinkWaiters.splice(i, 1);
+        w.resolve();
+      }
+    }
+  }
 
   get size(): number {
     return this.items.length - this.head;
@@ -33,6 +51,7 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
   close(error?: unknown): void {
     if (this.closed) return;
     this.closed = true;
+    this.shrunk();
     this.error = error;
     if (error !== undefined) {
       this.items = [];
@@ -54,6 +73,7 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
         this.items = this.items.slice(this.head);
         this.head = 0;
       }
+      this.shrunk();
       return Promise.resolve({ value, done: false });
     }
     if (this.closed) {

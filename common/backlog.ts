@@ -36,11 +36,29 @@ export interface Backlog {
   ackStatus(taskId: string, state: TaskState): Promise<void>;
   /** Everything held, oldest first. */
   all(): UpwardItem[];
+  /** Items pushed after position `after` (0: from the start), oldest first, about maxBytes (at least one). */
+  after(after: number, maxBytes: number): { n: number; item: UpwardItem }[];
+}
+
+/** Picks items after a position up to a byte budget; shared by the backlogs. */
+export function takeAfter(entries: Iterable<{ n: number; item: UpwardItem }>, after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+  const out: { n: number; item: UpwardItem }[] = [];
+  let bytes = 0;
+  for (const e of entries) {
+    if (e.n <= after) continue;
+    const size = itemBytes(e.item);
+    if (out.length > 0 && bytes + size > maxBytes) break;
+    out.push(e);
+    bytes += size;
+  }
+  return out;
 }
 
 /** A backlog in memory: for tests and throwaway meshes. */
 export class MemoryBacklog implements Backlog {
   private readonly items = new Map<string, UpwardItem>();
+  private readonly numbers = new Map<string, number>();
+  private next = 1;
   private readonly ackedSeq = new Map<string, number>();
   private bytesHeld = 0;
 
@@ -57,6 +75,7 @@ export class MemoryBacklog implements Backlog {
       const key = upwardKey(item);
       if (this.items.has(key)) continue;
       this.items.set(key, item);
+      this.numbers.set(key, this.next++);
       this.bytesHeld += itemBytes(item);
     }
   }
@@ -65,6 +84,7 @@ export class MemoryBacklog implements Backlog {
     const item = this.items.get(key);
     if (!item) return;
     this.items.delete(key);
+    this.numbers.delete(key);
     this.bytesHeld -= itemBytes(item);
   }
 
@@ -81,5 +101,10 @@ export class MemoryBacklog implements Backlog {
 
   all(): UpwardItem[] {
     return [...this.items.values()];
+  }
+
+  after(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+    const entries = [...this.items].map(([key, item]) => ({ n: this.numbers.get(key)!, item }));
+    return takeAfter(entries, after, maxBytes);
   }
 }

@@ -27,6 +27,10 @@ class QueueLink<Out, In> implements FrameLink<Out, In> {
     return this.outgoing.size;
   }
 
+  whenWritable(frames: number): Promise<void> {
+    return this.outgoing.waitBelow(frames);
+  }
+
   close(error?: Error): void {
     if (this.outgoing.isClosed) return;
     this.outgoing.close(error);

@@ -11,6 +11,8 @@ export interface FrameLink<Out, In> {
   send(frame: Out): void;
   /** Frames queued but not yet written; for back-pressure decisions. */
   readonly backlog: number;
+  /** Resolves once fewer than `frames` frames wait to be written (or the link has closed). */
+  whenWritable(frames: number): Promise<void>;
   /** Ends the stream: gracefully without an error, as a failure with one. */
   close(error?: Error): void;
   /** Resolves when the stream has ended, whichever side ended it. */

@@ -53,6 +53,20 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
     return this.call.writableLength;
   }
 
+  whenWritable(frames: number): Promise<void> {
+    if (this.done || this.call.writableLength < frames) return Promise.resolve();
+    return new Promise((resolve) => {
+      const check = () => {
+        if (this.done || this.call.writableLength < frames) {
+          this.call.off("drain", check);
+          resolve();
+        }
+      };
+      this.call.on("drain", check);
+      void this.closed.then(check);
+    });
+  }
+
   send(frame: Out): void {
     if (this.done || this.call.writableEnded || this.call.destroyed) return;
     (this.call as grpc.ClientDuplexStream<Out, In>).write(frame);

@@ -1,7 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskState, TaskStatusSchema } from "../gen/rexmesh/v1/task_pb.js";
-import { itemBytes, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
+import { itemBytes, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
 import { isTerminal } from "./task-state.js";
 
 const STATUS = 1;
@@ -95,6 +95,21 @@ export class LmdbBacklog implements Backlog {
     for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(`s/${taskId}/${s}`, writes);
     if (isTerminal(state)) this.ackedSeq.delete(taskId);
     return Promise.all(writes).then(() => undefined);
+  }
+
+  after(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+    const self = this;
+    function* entries(): Generator<{ n: number; item: UpwardItem }> {
+      let last = after;
+      for (const { key, value } of self.db.getRange({ start: [self.scope, after + 1], end: [self.scope, Number.MAX_SAFE_INTEGER] })) {
+        const n = key[1] as number;
+        if (!self.sizes.has(n)) continue;
+        last = n;
+        yield { n, item: decodeItem(value) };
+      }
+      for (const [n, item] of self.inFlight) if (n > last) yield { n, item };
+    }
+    return takeAfter(entries(), after, maxBytes);
   }
 
   /** Committed items in order, then those whose write is still in flight (always the newest). */

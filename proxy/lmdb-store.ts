@@ -87,6 +87,10 @@ export class LmdbProxyStore implements ProxyStore {
     return this.backlog.all();
   }
 
+  upwardAfter(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+    return this.backlog.after(after, maxBytes);
+  }
+
   upwardSize(): number {
     return this.backlog.size;
   }

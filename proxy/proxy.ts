@@ -32,7 +32,8 @@ import {
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
 import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
-import { itemBytes, specBytes } from "../common/backlog.js";
+import { specBytes } from "../common/backlog.js";
+import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 
 export type AgentLink = FrameLink<AgentStreamResponse, AgentStreamRequest>;
 export type ControllerLink = FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
@@ -47,6 +48,20 @@ export interface ProxyCoreOptions {
   heartbeatMs?: number;
   /** How often queued tasks are checked against their delivery deadline. Default 1 s. */
   sweepMs?: number;
+}
+
+/** Frames queued toward the controller above which the pump waits for the link to drain. */
+const UPLINK_HIGH_FRAMES = 4;
+const UPLINK_LOW_FRAMES = 2;
+
+interface ControllerSession {
+  link: ControllerLink;
+  out: Coalescer<ProxyStreamRequest>;
+  heartbeat: Heartbeat;
+  /** Backlog position sent on this link so far; the next frame starts after it. */
+  sentUpTo: number;
+  pumping: boolean;
+  waiting: boolean;
 }
 
 class HostSession {
@@ -85,7 +100,7 @@ export class ProxyCore {
   private readonly log: Logger;
   private readonly heartbeatMs: number;
   private readonly hosts = new Map<string, HostSession>();
-  private controller: { link: ControllerLink; out: Coalescer<ProxyStreamRequest>; heartbeat: Heartbeat } | undefined;
+  private controller: ControllerSession | undefined;
   private sweepTimer: Timer | undefined;
   private readonly sweepMs: number;
   private stopped = false;
@@ -288,13 +303,44 @@ export class ProxyCore {
     }
   }
 
-  private sendUp(items: readonly UpwardItem[]): void {
+  /** New results are in the backlog: let the pump send them. */
+  private sendUp(_items: readonly UpwardItem[]): void {
+    this.pump();
+  }
+
+  /**
+   * Sends results to the controller from the durable backlog, past what this
+   * link already carried, while the link keeps up. When it is backed up the
+   * pump waits for it to drain, so a slow controller link costs disk (the
+   * backlog), never memory. A new link starts again from the beginning: that
+   * is the replay after a reconnect.
+   */
+  private pump(): void {
     const c = this.controller;
-    if (!c) return;
-    for (const item of items) {
-      const frame = c.out.frameFor(itemBytes(item));
-      if (item.kind === "output") frame.output.push(item.chunk);
-      else frame.statuses.push(item.status);
+    if (!c || c.pumping || c.waiting) return;
+    c.pumping = true;
+    try {
+      while (this.controller === c && c.link.backlog < UPLINK_HIGH_FRAMES) {
+        const batch = this.store.upwardAfter(c.sentUpTo, MAX_FRAME_BYTES);
+        if (batch.length === 0) return;
+        const frame = create(ProxyStreamRequestSchema);
+        for (const { n, item } of batch) {
+          if (item.kind === "output") frame.output.push(item.chunk);
+          else frame.statuses.push(item.status);
+          c.sentUpTo = n;
+        }
+        c.heartbeat.sent();
+        c.link.send(frame);
+      }
+      if (this.controller === c) {
+        c.waiting = true;
+        void c.link.whenWritable(UPLINK_LOW_FRAMES).then(() => {
+          c.waiting = false;
+          this.pump();
+        });
+      }
+    } finally {
+      c.pumping = false;
     }
   }
 
@@ -325,10 +371,10 @@ export class ProxyCore {
         },
       }),
     );
-    const session = { link, out, heartbeat };
+    const session: ControllerSession = { link, out, heartbeat, sentUpTo: 0, pumping: false, waiting: false };
     this.controller = session;
     // Everything the controller has not acknowledged goes again, in order.
-    this.sendUp(this.store.upward());
+    this.pump();
     this.log.info("controller link up");
     try {
       for await (const frame of link.incoming) {
@@ -350,8 +396,8 @@ export class ProxyCore {
     for (const spec of frame.tasks) {
       const known = this.store.getTask(spec.taskId);
       if (known) {
-        // A resend: the controller missed our ack. Report where the task is.
-        this.sendUp([{ kind: "status", status: this.status(known, known.state === TaskState.QUEUED ? TaskState.QUEUED : known.state) }]);
+        // A resend: the controller missed our ack. Report where the task is (not stored: it is a reminder).
+        this.controller?.out.frame.statuses.push(this.status(known, known.state));
         continue;
       }
       const task: QueuedTask = { spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };

@@ -34,6 +34,8 @@ export interface ProxyStore {
   ackStatus(taskId: string, state: TaskState): Promise<void>;
   /** The whole backlog in the order it was pushed. */
   upward(): UpwardItem[];
+  /** Backlog items after a position, oldest first, about maxBytes: what a paced sender reads next. */
+  upwardAfter(after: number, maxBytes: number): { n: number; item: UpwardItem }[];
   upwardSize(): number;
   /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
   checkRoomForWork?(what: string): void;
@@ -86,6 +88,10 @@ export class MemoryProxyStore implements ProxyStore {
 
   upward(): UpwardItem[] {
     return this.backlog.all();
+  }
+
+  upwardAfter(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+    return this.backlog.after(after, maxBytes);
   }
 
   upwardSize(): number {

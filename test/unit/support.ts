@@ -29,8 +29,21 @@ export class FakeLink<Out, In> implements FrameLink<Out, In> {
   readonly queue = new AsyncQueue<In>();
   readonly incoming: AsyncIterable<In> = this.queue;
   readonly sent: Out[] = [];
-  readonly backlog = 0;
+  /** Frames "queued but not written"; tests raise it to simulate a slow peer. */
+  backlog = 0;
   isClosed = false;
+  private readonly drainWaiters: (() => void)[] = [];
+
+  whenWritable(frames: number): Promise<void> {
+    if (this.backlog < frames || this.isClosed) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /** The peer has read everything queued. */
+  drain(): void {
+    this.backlog = 0;
+    for (const w of this.drainWaiters.splice(0)) w();
+  }
   closeError: Error | undefined;
   private resolveClosed!: () => void;
   readonly closed = new Promise<void>((r) => (this.resolveClosed = r));
