@@ -2,14 +2,18 @@ import { X509Certificate } from "node:crypto";
 import type { PeerCertificate } from "node:tls";
 import { InvalidArgumentError, PermissionDeniedError, UnauthenticatedError } from "../common/errors.js";
 
-/** What a certificate lets its holder be. A certificate holds exactly one role. */
-export type Role = "host" | "proxy" | "operator" | "controller";
+/**
+ * What a certificate lets its holder be. A certificate holds exactly one role.
+ * `enroll` is a tenant's zero certificate: it can only call EnrollService
+ * (every other service names the roles it accepts, and none names enroll).
+ */
+export type Role = "host" | "proxy" | "operator" | "controller" | "enroll";
 
-export const ROLES: readonly Role[] = ["host", "proxy", "operator", "controller"];
+export const ROLES: readonly Role[] = ["host", "proxy", "operator", "controller", "enroll"];
 
 /**
  * Who a peer is, as its certificate's SAN URI says. `scope` is the tenant for
- * hosts and operators, the region for proxies, and "mesh" for the controller.
+ * hosts, operators and enroll certificates, the region for proxies, and "mesh" for the controller.
  */
 export interface PeerIdentity {
   readonly role: Role;

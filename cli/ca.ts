@@ -11,12 +11,12 @@ import type { Io } from "./operator.js";
 
 const caOptions: Record<string, OptionSpec> = {
   dir: { type: "string", doc: "CA directory (default: REXMESH_CA_DIR or ./rexmesh-ca)", value: "DIR" },
-  role: { type: "string", doc: "issue: host, proxy, operator or controller", value: "ROLE" },
-  id: { type: "string", doc: "issue: host id, proxy name, operator name or controller name", value: "ID" },
-  tenant: { type: "string", doc: "issue: tenant of a host or operator (default: default)", value: "TENANT" },
+  role: { type: "string", doc: "issue: host, proxy, operator, controller or enroll (a tenant's zero certificate: it can only enroll hosts)", value: "ROLE" },
+  id: { type: "string", doc: "issue: host id, proxy name, operator name, controller name or zero certificate name", value: "ID" },
+  tenant: { type: "string", doc: "issue: tenant of a host, operator or zero certificate (default: default)", value: "TENANT" },
   region: { type: "string", doc: "issue: region of a proxy", value: "REGION" },
   out: { type: "string", doc: "issue: where to write ID.crt, ID.key and ca.crt (default: the current directory)", value: "DIR" },
-  validity: { type: "string", doc: "issue: lifetime (default 24h for hosts, 90d otherwise)", value: "DURATION" },
+  validity: { type: "string", doc: "issue: lifetime (default 24h for hosts, 7d for zero certificates, 90d otherwise)", value: "DURATION" },
   dns: { type: "string", multiple: true, doc: "issue: DNS name the certificate serves (controller, proxy; repeatable)", value: "NAME" },
   ip: { type: "string", multiple: true, doc: "issue: IP address the certificate serves (repeatable)", value: "ADDR" },
   force: { type: "boolean", doc: "init: replace an existing CA" },
@@ -25,7 +25,7 @@ const caOptions: Record<string, OptionSpec> = {
 
 /** Builds the identity a certificate will name; the scope depends on the role. */
 export function identityFor(role: string, id: string, opts: { tenant?: string; region?: string }): PeerIdentity {
-  if (!isRole(role)) throw new InvalidArgumentError(`--role must be host, proxy, operator or controller, not ${JSON.stringify(role)}`);
+  if (!isRole(role)) throw new InvalidArgumentError(`--role must be host, proxy, operator or controller (or enroll, for a zero certificate), not ${JSON.stringify(role)}`);
   let scope: string;
   if (role === "proxy") {
     if (!opts.region) throw new InvalidArgumentError("a proxy certificate needs --region");
@@ -48,6 +48,7 @@ export async function caCommand(argv: string[], io: Io): Promise<number> {
         "rexmesh ca issue --dir ./ca --role proxy --region eu-1 --id px1 --dns px1.eu-1.example.net",
         "rexmesh ca issue --dir ./ca --role operator --tenant default --id alice",
         "rexmesh ca issue --dir ./ca --role host --tenant default --id web-1",
+        "rexmesh ca issue --dir ./ca --role enroll --tenant default --id rack-12   # zero certificate",
       ]),
     );
     return v.help ? 0 : 2;
@@ -64,7 +65,7 @@ export async function caCommand(argv: string[], io: Io): Promise<number> {
     if (typeof v.role !== "string" || typeof v.id !== "string") throw new InvalidArgumentError("issue needs --role and --id");
     const identity = identityFor(v.role, v.id, { tenant: v.tenant as string | undefined, region: v.region as string | undefined });
     const serves = identity.role === "controller" || identity.role === "proxy";
-    const validityMs = typeof v.validity === "string" ? parseDuration(v.validity, "--validity") : identity.role === "host" ? 86_400_000 : 90 * 86_400_000;
+    const validityMs = typeof v.validity === "string" ? parseDuration(v.validity, "--validity") : identity.role === "host" ? 86_400_000 : identity.role === "enroll" ? 7 * 86_400_000 : 90 * 86_400_000;
     const creds = issueKeyAndCertificate(readCa(dir), {
       clock,
       identity,

@@ -26,8 +26,8 @@ export const REXMESH_BIN = join(packageRoot(), "bin", "rexmesh.js");
 export interface MeshPlan {
   dir: string;
   regions: string[];
-  /** Hosts and the region each lives in. */
-  hosts: { id: string; region: string }[];
+  /** Hosts and the region each lives in; `tenant` (in the host's certificate) defaults to the mesh's. */
+  hosts: { id: string; region: string; tenant?: string }[];
   /** Hosts served by one daemon process (each still its own identity, stream and ledger). Default 1. */
   hostsPerProcess?: number;
   tenant?: string;
@@ -137,12 +137,17 @@ export class LocalMesh {
     const shared = this.plan.shareHostKey ? generateKeyPair() : undefined;
     for (const group of this.daemonGroups()) {
       for (const h of group.hosts) {
-        const identity: PeerIdentity = { role: "host", scope: this.plan.tenant, id: h };
+        const identity: PeerIdentity = { role: "host", scope: this.plan.hosts.find((x) => x.id === h)?.tenant ?? this.plan.tenant, id: h };
         const dir = join(this.dir, "hosts", group.name);
         if (!shared) issue(identity, dir, false, 1);
         else writeCredentials(dir, h, { certPem: issueCertificate(this.caMaterial, { clock, identity, validityMs: 86_400_000, publicKeyPem: shared.publicKeyPem }), keyPem: shared.privateKeyPem, caPem: this.caMaterial.certPem });
       }
     }
+  }
+
+  /** The mesh CA certificate file: what a host being enrolled is given to verify servers with. */
+  get caCertFile(): string {
+    return join(this.dir, "ca", "ca.crt");
   }
 
   /** Issues a certificate with the mesh CA, for tests that need extra identities. */
@@ -188,7 +193,9 @@ export class LocalMesh {
   }
 
   async startController(): Promise<void> {
-    this.controller = this.spawnRole("controller", "controller", ["--listen", "127.0.0.1:0", ...this.creds(this.identityDir, "controller"), ...(this.plan.controllerArgs ?? [])]);
+    // The dev controller holds the CA key, so that hosts can enroll (docs/enrollment.md).
+    const caKey = ["--ca-key", join(this.dir, "ca", "ca.key")];
+    this.controller = this.spawnRole("controller", "controller", ["--listen", "127.0.0.1:0", ...this.creds(this.identityDir, "controller"), ...caKey, ...(this.plan.controllerArgs ?? [])]);
     await this.ready(this.controller);
     this.controllerAddress = String(this.controller.info!.address);
   }

@@ -1,8 +1,11 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RexmeshError } from "../common/errors.js";
 import { codeOf } from "../common/rpc-errors.js";
+import { auditCommand } from "./audit.js";
 import { bundleCommand, proxyBundleCommand } from "./bundle.js";
 import { caCommand } from "./ca.js";
+import { tokensCommand } from "./tokens.js";
+import { revokeCommand } from "./revoke.js";
 import { devCommand } from "./dev.js";
 import { hostsCommand, jobsCommand, runCommand, type Io } from "./operator.js";
 import { runRole } from "./roles.js";
@@ -13,8 +16,9 @@ usage: rexmesh COMMAND [options]   (rexmesh COMMAND --help for each)
 
 operators:
   run        run a command on hosts, stream their output live
-  hosts      list hosts with their region, proxy and connection
+  hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
+  audit      who did what on which hosts, and what was decided
   bundle     export a region's tasks / import its results (sites with no link)
 
 roles:
@@ -24,7 +28,8 @@ roles:
   daemon     runs on every host
 
 setup:
-  ca         create a CA and issue certificates
+  ca         create a CA and issue certificates (--role enroll: a zero certificate)
+  tokens     create join tokens that new hosts enroll with
   dev        start a whole mesh on this machine (loopback)
 
 Operator commands find the controller and credentials from
@@ -48,6 +53,9 @@ export async function main(argv: string[]): Promise<number> {
     });
   }
   if (command === "proxy" && rest[0] === "bundle") return proxyBundleCommand(rest.slice(1), io);
+  if ((command === "hosts" || command === "proxies" || command === "operators") && rest[0] === "revoke") {
+    return revokeCommand(command === "hosts" ? "host" : command === "proxies" ? "proxy" : "operator", rest.slice(1), io);
+  }
   switch (command) {
     case "bundle":
       return bundleCommand(rest, io);
@@ -59,10 +67,14 @@ export async function main(argv: string[]): Promise<number> {
       return runCommand(rest, io);
     case "hosts":
       return hostsCommand(rest, io);
+    case "audit":
+      return auditCommand(rest, io);
     case "jobs":
       return jobsCommand(rest, io);
     case "ca":
       return caCommand(rest, io);
+    case "tokens":
+      return tokensCommand(rest, io);
     case "dev":
       return devCommand(rest, io);
     case undefined:

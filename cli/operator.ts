@@ -20,6 +20,7 @@ export interface Io {
 const runOptions: Record<string, OptionSpec> = {
   hosts: { type: "string", short: "H", doc: "comma-separated host ids to run on", value: "IDS" },
   all: { type: "boolean", short: "a", doc: "run on every host of your tenant" },
+  target: { type: "string", short: "t", doc: "run on the hosts matching a query, e.g. 'env=prod and role in (web,db)'", value: "QUERY" },
   shell: { type: "string", short: "s", doc: "run SCRIPT with /bin/sh -c instead of a command after --", value: "SCRIPT" },
   timeout: { type: "string", short: "T", doc: "execution timeout per host (e.g. 30s, 5m)", value: "DURATION" },
   deadline: { type: "string", doc: "hosts that have not started the task by then skip it (EXPIRED); default: controller's", value: "DURATION" },
@@ -44,8 +45,9 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const v = p.values;
   if (v.help) {
     io.out(
-      helpText("rexmesh run (--hosts IDS | --all) [options] (-- COMMAND [ARGS...] | --shell SCRIPT)", runOptions, [
+      helpText("rexmesh run (--hosts IDS | --all | -t QUERY) [options] (-- COMMAND [ARGS...] | --shell SCRIPT)", runOptions, [
         "rexmesh run --all -- uname -a",
+        "rexmesh run -t 'env=prod and role in (web,db)' -- uptime",
         "rexmesh run -H web-1,web-2 --timeout 30s -- systemctl restart nginx",
         "rexmesh run --all --shell 'df -h / | tail -1'",
         "rexmesh run --all --json -- hostname | jq -r 'select(.type==\"output\") | .text'",
@@ -56,8 +58,10 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   }
   if (p.positionals.length > 0) throw new InvalidArgumentError(`unexpected ${JSON.stringify(p.positionals[0])}: put the command after --`);
   const hostIds = typeof v.hosts === "string" ? v.hosts.split(",").map((s) => s.trim()).filter(Boolean) : [];
-  if (!v.all && hostIds.length === 0) throw new InvalidArgumentError("say where to run: --hosts IDS or --all");
-  if (v.all && hostIds.length > 0) throw new InvalidArgumentError("--hosts and --all cannot be used together");
+  const target = typeof v.target === "string" ? v.target : undefined;
+  const ways = (v.all ? 1 : 0) + (hostIds.length > 0 ? 1 : 0) + (target !== undefined ? 1 : 0);
+  if (ways === 0) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
+  if (ways > 1) throw new InvalidArgumentError("--hosts, --all and --target cannot be used together");
   let step;
   if (typeof v.shell === "string") {
     if (p.rest.length > 0) throw new InvalidArgumentError("give either --shell SCRIPT or a command after --, not both");
@@ -94,6 +98,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     outputLimitBytes: BigInt(count("outputLimit", false).n ?? 0),
     hostIds,
     allHosts: Boolean(v.all),
+    target,
     steps: [step],
     env,
     workingDir: (v.cwd as string | undefined) ?? "",
@@ -124,21 +129,34 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
 }
 
 const listOptions: Record<string, OptionSpec> = {
+  target: { type: "string", short: "t", doc: "only the hosts matching a query", value: "QUERY" },
+  remove: { type: "string", short: "r", multiple: true, doc: "hosts label: remove this label (repeatable)", value: "KEY" },
   json: { type: "boolean", doc: "JSON output" },
   ...connectionOptions,
   help: { type: "boolean", short: "h", doc: "show this help" },
 };
 
-/** `rexmesh hosts`: every host of the tenant with its region, proxy and connection. */
+/** `rexmesh hosts [-t QUERY]`: hosts of the tenant with their region, proxy, connection and labels; `hosts label` changes labels. */
 export async function hostsCommand(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, listOptions);
   if (p.values.help) {
-    io.out(helpText("rexmesh hosts [--json]", listOptions, ["rexmesh hosts", "rexmesh hosts --json | jq -r '.[] | select(.connected) | .id'"]));
+    io.out(
+      helpText("rexmesh hosts [-t QUERY] [--json] | rexmesh hosts label HOST_ID [KEY=VALUE...] [-r KEY...]", listOptions, [
+        "rexmesh hosts",
+        "rexmesh hosts -t 'role=web and os.family=debian'",
+        "rexmesh hosts --json | jq -r '.[] | select(.connected) | .id'",
+        "rexmesh hosts label web-1 role=web env=prod",
+        "rexmesh hosts label web-1 -r env",
+      ]),
+    );
     return 0;
   }
+  if (p.positionals[0] === "label") return labelHost(p.positionals.slice(1), p.values, io);
+  if (p.positionals.length > 0) throw new InvalidArgumentError(`unknown hosts command ${JSON.stringify(p.positionals[0])} (label)`);
+  if (p.values.remove) throw new InvalidArgumentError("--remove is for rexmesh hosts label");
   const { client, close } = operatorClient(p.values);
   try {
-    const { hosts } = await client.listHosts({}, { signal: io.signal });
+    const { hosts } = await client.listHosts({ target: (p.values.target as string | undefined) ?? "" }, { signal: io.signal });
     const rows = hosts.map((h) => ({
       id: h.id,
       tenant: h.tenant,
@@ -148,14 +166,39 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
       since: h.since ? new Date(timestampMs(h.since)).toISOString() : undefined,
       os: h.facts ? `${h.facts.os}/${h.facts.arch}` : "",
       hostname: h.facts?.hostname ?? "",
+      labels: { ...h.labels },
     }));
     if (p.values.json) {
       io.out(JSON.stringify(rows, null, 2) + "\n");
       return 0;
     }
-    const table = [["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.connected ? "connected" : "disconnected", r.since ?? "", r.os])];
+    const labelText = (l: Record<string, string>) => Object.entries(l).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, val]) => `${k}=${val}`).join(",");
+    const table = [["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.connected ? "connected" : "disconnected", r.since ?? "", r.os, labelText(r.labels)])];
     const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
     io.out(table.map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()).join("\n") + "\n");
+    return 0;
+  } finally {
+    close();
+  }
+}
+
+/** `rexmesh hosts label ID key=value... [-r key...]`. */
+async function labelHost(args: string[], values: Record<string, unknown>, io: Io): Promise<number> {
+  const [hostId, ...pairs] = args;
+  if (!hostId) throw new InvalidArgumentError("rexmesh hosts label needs a host id");
+  const set: Record<string, string> = {};
+  for (const kv of pairs) {
+    const i = kv.indexOf("=");
+    if (i <= 0) throw new InvalidArgumentError(`${JSON.stringify(kv)} is not KEY=VALUE (remove a label with -r KEY)`);
+    set[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  const remove = (values.remove as string[] | undefined) ?? [];
+  if (pairs.length === 0 && remove.length === 0) throw new InvalidArgumentError("give labels to set (KEY=VALUE) or to remove (-r KEY)");
+  const { client, close } = operatorClient(values);
+  try {
+    const { host } = await client.setHostLabels({ hostId, set, remove }, { signal: io.signal });
+    const labels = { ...host?.labels };
+    io.out(values.json ? JSON.stringify({ id: hostId, labels }) + "\n" : `${hostId}: ${Object.entries(labels).map(([k, val]) => `${k}=${val}`).join(" ") || "(no labels)"}\n`);
     return 0;
   } finally {
     close();

@@ -6,14 +6,18 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Credentials } from "../certs/files.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { peerIdentity, serverTlsOptions } from "../certs/tls.js";
-import { UnauthenticatedError } from "./errors.js";
+import { PermissionDeniedError, UnauthenticatedError } from "./errors.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import type { Logger } from "./logger.js";
 
 /** The verified identity of the caller, set for every request from its TLS connection. */
 export const peerKey = createContextKey<PeerIdentity | undefined>(undefined, { description: "rexmesh peer" });
 
+/** Set when the caller's identity is on the deny-list. */
+export const revokedKey = createContextKey<boolean>(false, { description: "rexmesh peer revoked" });
+
 export function callerOf(ctx: HandlerContext): PeerIdentity {
+  if (ctx.values.get(revokedKey)) throw new PermissionDeniedError("this certificate's identity has been revoked");
   const peer = ctx.values.get(peerKey);
   if (!peer) throw new UnauthenticatedError("the client certificate names no rexmesh identity");
   return peer;
@@ -47,12 +51,23 @@ export interface RpcServer {
  * (JSON or binary) for the routes given. HTTP/1.1 is allowed too so that
  * curl and browsers can use the Connect protocol without HTTP/2.
  */
-export function createRpcServer(opts: { creds: Credentials; routes: (router: ConnectRouter) => void; log: Logger }): RpcServer {
+export function createRpcServer(opts: {
+  creds: Credentials;
+  routes: (router: ConnectRouter) => void;
+  log: Logger;
+  /** Checked on every request: a revoked identity is refused even on a connection opened before its revocation. */
+  isRevoked?: (peer: PeerIdentity) => boolean;
+}): RpcServer {
   const handler = connectNodeAdapter({
     routes: opts.routes,
     readMaxBytes: MAX_MESSAGE_BYTES,
     writeMaxBytes: MAX_MESSAGE_BYTES,
-    contextValues: (req) => createContextValues().set(peerKey, identityOfSocket(req.socket as TLSSocket)),
+    contextValues: (req) => {
+      const peer = identityOfSocket(req.socket as TLSSocket);
+      return createContextValues()
+        .set(peerKey, peer)
+        .set(revokedKey, peer !== undefined && (opts.isRevoked?.(peer) ?? false));
+    },
   });
   const server = http2.createSecureServer({ ...serverTlsOptions(opts.creds), allowHTTP1: true }, handler);
   const sessions = new Set<http2.ServerHttp2Session>();

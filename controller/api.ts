@@ -1,10 +1,12 @@
 import { create } from "@bufbuild/protobuf";
-import { durationMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import type { Logger } from "../common/logger.js";
 import { toConnectError } from "../common/rpc-errors.js";
 import {
+  AuditDecision,
+  AuditEventSchema,
   ConnectionState,
   ControllerService,
   HostSchema,
@@ -13,10 +15,13 @@ import {
   TaskSchema,
   TaskStateCountSchema,
   WatchJobResponseSchema,
+  type AuditEvent,
   type Host,
   type Job,
   type Task,
 } from "../gen/rexmesh/v1/controller_pb.js";
+import type { OperatorAccess } from "./access.js";
+import type { AuditEvent as AuditRecord } from "./audit.js";
 import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
 import type { JobManager } from "./jobs.js";
@@ -36,6 +41,24 @@ export function hostToProto(h: HostRecord): Host {
     since: timestampFromMs(h.since),
     facts: h.facts,
     labels: h.labels,
+  });
+}
+
+const DECISIONS = { allowed: AuditDecision.ALLOWED, denied: AuditDecision.DENIED, rejected: AuditDecision.REJECTED } as const;
+
+export function auditToProto(e: AuditRecord): AuditEvent {
+  return create(AuditEventSchema, {
+    id: e.id,
+    time: timestampFromMs(e.time),
+    kind: e.kind,
+    tenant: e.tenant,
+    actor: e.actor,
+    decision: DECISIONS[e.decision] ?? AuditDecision.UNSPECIFIED,
+    reason: e.reason,
+    what: e.what,
+    hostIds: e.hostIds,
+    hostCount: e.hostCount,
+    jobId: e.jobId,
   });
 }
 
@@ -74,11 +97,12 @@ export function taskToProto(t: TaskRecord): Task {
 
 /**
  * The public ControllerService. Handlers only translate: the caller comes
- * from the certificate (operators only), the work is done by the job
- * manager, and every error leaves through toConnectError.
+ * from the certificate (operators only), authorization and audit happen in
+ * OperatorAccess, the work is done by the job manager, and every error
+ * leaves through toConnectError.
  */
-export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inventory; bundles: BundleService; callerOf: CallerOf; log: Logger }): ServiceImpl<typeof ControllerService> {
-  const { jobs, inventory, bundles, log } = deps;
+export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inventory; bundles: BundleService; access: OperatorAccess; callerOf: CallerOf; log: Logger }): ServiceImpl<typeof ControllerService> {
+  const { jobs, bundles, access, log } = deps;
   const operator = (ctx: HandlerContext) => requireRole(deps.callerOf(ctx), "operator");
   const guard = async <T>(method: string, fn: () => Promise<T>): Promise<T> => {
     try {
@@ -90,17 +114,28 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inven
     }
   };
   return {
-    listHosts: (_req, ctx) =>
+    listHosts: (req, ctx) =>
       guard("ListHosts", async () => {
-        const caller = operator(ctx);
-        return { hosts: inventory.list(caller.scope).map(hostToProto) };
+        const hosts = await access.listHosts(operator(ctx), req.target);
+        return { hosts: hosts.map(hostToProto) };
+      }),
+    setHostLabels: (req, ctx) =>
+      guard("SetHostLabels", async () => {
+        const host = await access.setLabels(operator(ctx), req.hostId, req.set, req.remove);
+        return { host: hostToProto(host) };
+      }),
+    listAudit: (req, ctx) =>
+      guard("ListAudit", async () => {
+        const events = await access.listAudit(operator(ctx), { sinceMs: req.since ? timestampMs(req.since) : undefined, limit: req.limit });
+        return { events: events.map(auditToProto) };
       }),
     submitJob: (req, ctx) =>
       guard("SubmitJob", async () => {
         const caller = operator(ctx);
-        const job = await jobs.submit(caller, {
+        const job = await access.submit(caller, {
           hostIds: req.hostIds,
           allHosts: req.allHosts,
+          target: req.target,
           steps: req.steps,
           env: req.env,
           workingDir: req.workingDir,
@@ -123,34 +158,44 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory: Inven
       }),
     getJob: (req, ctx) =>
       guard("GetJob", async () => {
-        const job = jobs.getJobFor(operator(ctx), req.jobId);
+        const caller = operator(ctx);
+        await access.require(caller, "read", `get job ${req.jobId}`);
+        const job = jobs.getJobFor(caller, req.jobId);
         const tasks = jobs.tasksOf(job);
         return { job: jobToProto(job, tasks), tasks: tasks.map(taskToProto) };
       }),
     exportBundle: (req, ctx) =>
       guard("ExportBundle", async () => {
-        const { bundle, tasks } = bundles.export(operator(ctx), req.region);
+        const caller = operator(ctx);
+        await access.require(caller, "bundle", `export bundle of region ${req.region}`);
+        const { bundle, tasks } = bundles.export(caller, req.region);
         return { bundle, tasks };
       }),
     importBundle: (req, ctx) =>
       guard("ImportBundle", async () => {
-        const r = await bundles.import(operator(ctx), req.bundle);
+        const caller = operator(ctx);
+        await access.require(caller, "bundle", "import a results bundle");
+        const r = await bundles.import(caller, req.bundle);
         return { statusesApplied: r.statuses, outputChunksApplied: r.chunks, hosts: r.hosts };
       }),
     listJobs: (req, ctx) =>
       guard("ListJobs", async () => {
-        const list = jobs.listJobs(operator(ctx), req.limit);
+        const caller = operator(ctx);
+        await access.require(caller, "read", "list jobs");
+        const list = jobs.listJobs(caller, req.limit);
         return { jobs: list.map((j) => jobToProto(j, jobs.tasksOf(j))) };
       }),
     cancelJob: (req, ctx) =>
       guard("CancelJob", async () => {
-        const job = await jobs.cancel(operator(ctx), req.jobId);
+        const job = await access.cancel(operator(ctx), req.jobId);
         return { job: jobToProto(job, jobs.tasksOf(job)) };
       }),
     async *watchJob(req, ctx) {
       let job: JobRecord;
       try {
-        job = jobs.getJobFor(operator(ctx), req.jobId);
+        const caller = operator(ctx);
+        await access.require(caller, "read", `watch job ${req.jobId}`);
+        job = jobs.getJobFor(caller, req.jobId);
       } catch (err) {
         throw toConnectError(err);
       }

@@ -6,6 +6,7 @@ import { openBundle, sealBundle } from "../common/bundle.js";
 import type { Clock } from "../common/clock.js";
 import type { IdGenerator } from "../common/ids.js";
 import type { Logger } from "../common/logger.js";
+import type { TaskSigner } from "../common/task-signing.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
 import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
@@ -19,7 +20,7 @@ import type { JobManager, ProxyPort } from "./jobs.js";
  */
 export class BundleService {
   constructor(
-    private readonly deps: { jobs: JobManager; inventory: Inventory; creds: Credentials; clock: Clock; ids: IdGenerator; log: Logger },
+    private readonly deps: { jobs: JobManager; inventory: Inventory; creds: Credentials; clock: Clock; ids: IdGenerator; log: Logger; signer: TaskSigner },
   ) {}
 
   export(caller: PeerIdentity, region: string): { bundle: Uint8Array; tasks: number } {
@@ -29,7 +30,8 @@ export class BundleService {
       {
         kind: BundleKind.TASKS,
         region,
-        tasks: part.tasks,
+        tasks: part.tasks.map((t) => this.deps.signer.sign(t)),
+        signingKeys: [this.deps.signer.key],
         cancels: part.cancels.map((c) => create(CancelTaskSchema, c)),
         statusAcks: part.statusAcks.map((a) => create(StatusAckSchema, a)),
         outputAcks: part.outputAcks.map((a) => create(OutputAckSchema, { taskId: a.taskId, seq: BigInt(a.seq) })),

@@ -1,4 +1,6 @@
 import type { Database } from "lmdb";
+import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { storageError } from "../common/lmdb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { HostRecord } from "./model.js";
 
@@ -19,6 +21,39 @@ export class Inventory {
 
   private save(rec: HostRecord): void {
     void this.db?.put(rec.id, rec);
+  }
+
+  /**
+   * Applies an operator's label change to a host of `tenant` (removals first,
+   * then sets) and resolves once it is stored. Hosts of other tenants are
+   * reported like hosts that do not exist. `check` sees the record before and
+   * after the change and may refuse it (authorization) before anything is kept.
+   */
+  async setLabels(
+    tenant: string,
+    id: string,
+    change: { set: Record<string, string>; remove: readonly string[] },
+    check?: (before: HostRecord, after: HostRecord) => void,
+  ): Promise<HostRecord> {
+    const rec = this.hosts.get(id);
+    if (!rec || rec.tenant !== tenant) throw new NotFoundError(`host ${JSON.stringify(id)} not found`);
+    const labels = { ...rec.labels };
+    for (const key of change.remove) {
+      checkLabelKey(key);
+      delete labels[key];
+    }
+    for (const [key, value] of Object.entries(change.set)) {
+      checkLabelKey(key);
+      checkLabelValue(key, value);
+      labels[key] = value;
+    }
+    if (Object.keys(labels).length > MAX_LABELS) throw new InvalidArgumentError(`a host may have at most ${MAX_LABELS} labels`);
+    check?.(rec, { ...rec, labels });
+    const current = this.hosts.get(id) ?? rec;
+    const next: HostRecord = { ...current, labels };
+    this.hosts.set(id, next);
+    await this.db?.put(id, next).catch((err) => Promise.reject(storageError(err)));
+    return next;
   }
 
   get(id: string): HostRecord | undefined {
@@ -82,5 +117,24 @@ export class Inventory {
       }
     }
     return lost;
+  }
+}
+
+const MAX_LABELS = 64;
+/** Label keys are query names, so that every label can be targeted by its bare name or as `label.<key>`. */
+const LABEL_KEY = /^[A-Za-z0-9_][A-Za-z0-9._/-]{0,62}$/;
+
+function checkLabelKey(key: string): void {
+  if (!LABEL_KEY.test(key)) {
+    throw new InvalidArgumentError(`label key ${JSON.stringify(key)} is not valid: use 1-63 letters, digits, '_', '.', '/' or '-', starting with a letter, digit or '_'`);
+  }
+  if (key.startsWith("label.") || key.startsWith("fact.")) {
+    throw new InvalidArgumentError(`label key ${JSON.stringify(key)} cannot start with "label." or "fact." (those name query namespaces)`);
+  }
+}
+
+function checkLabelValue(key: string, value: string): void {
+  if (value.length > 256 || /[\u0000-\u001f\u007f]/.test(value)) {
+    throw new InvalidArgumentError(`label ${key}: the value must be at most 256 characters without control characters`);
   }
 }

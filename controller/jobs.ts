@@ -19,6 +19,10 @@ import type { JobStore } from "./job-store.js";
 import { storageError } from "../common/lmdb.js";
 import type { HostRecord, JobRate, JobRecord, TaskRecord } from "./model.js";
 import { validateSteps } from "./validate.js";
+import { parseQuery, QuerySyntaxError, selectHosts, type Query } from "./query.js";
+
+/** Decides whether a request may run on the hosts it resolved to; refuses by throwing. */
+export type SubmitAuthorizer = (hosts: readonly HostRecord[], req: SubmitRequest) => void;
 
 /** What the job manager needs of a connected proxy. */
 export interface ProxyPort {
@@ -29,8 +33,11 @@ export interface ProxyPort {
 }
 
 export interface SubmitRequest {
+  /** Where to run: exactly one of hostIds, allHosts and target. */
   hostIds: string[];
   allHosts: boolean;
+  /** A host query (controller/query.ts); present but empty is an error. */
+  target?: string;
   steps: Step[];
   env: Record<string, string>;
   workingDir: string;
@@ -278,7 +285,12 @@ export class JobManager {
 
   // ---- submit -------------------------------------------------------------
 
-  async submit(caller: PeerIdentity, req: SubmitRequest): Promise<JobRecord> {
+  /**
+   * Plans and stores a job. `authorize` is called with the resolved hosts,
+   * inside the caller's tenant and after every check of the request, and
+   * refuses by throwing; nothing is stored unless it returns.
+   */
+  async submit(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Promise<JobRecord> {
     const tenant = caller.scope;
     if (req.idempotencyKey) {
       const existing = this.store.jobByIdempotencyKey(tenant, req.idempotencyKey);
@@ -293,6 +305,7 @@ export class JobManager {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new InvalidArgumentError(`environment variable name ${JSON.stringify(key)} is not valid`);
     }
     const hosts = this.resolveHosts(tenant, req);
+    authorize?.(hosts, req);
     const now = this.clock.now();
     const job: JobRecord = {
       id: this.ids("j"),
@@ -338,12 +351,21 @@ export class JobManager {
     return job;
   }
 
-  private resolveHosts(tenant: string, req: SubmitRequest): HostRecord[] {
-    if (req.allHosts === req.hostIds.length > 0) {
-      throw new InvalidArgumentError("name the hosts to run on, or ask for all hosts (exactly one of the two)");
+  /**
+   * The hosts a request targets, inside the caller's tenant. Never empty: an
+   * empty or unmatched target is refused here, so that authorization always
+   * judges the real host set.
+   */
+  resolveHosts(tenant: string, req: Pick<SubmitRequest, "hostIds" | "allHosts" | "target">): HostRecord[] {
+    const ways = (req.allHosts ? 1 : 0) + (req.hostIds.length > 0 ? 1 : 0) + (req.target !== undefined ? 1 : 0);
+    if (ways !== 1) {
+      throw new InvalidArgumentError("say where to run: host ids, all hosts, or a target query (exactly one of the three)");
     }
     let hosts: HostRecord[];
-    if (req.allHosts) {
+    if (req.target !== undefined) {
+      hosts = selectHosts(parseTarget(req.target), this.inventory.list(tenant));
+      if (hosts.length === 0) throw new InvalidArgumentError(`the target ${JSON.stringify(req.target)} matches no host`);
+    } else if (req.allHosts) {
       hosts = this.inventory.list(tenant);
       if (hosts.length === 0) throw new FailedPreconditionError("there are no hosts in this tenant yet");
     } else {
@@ -736,6 +758,16 @@ export class JobManager {
   close(): void {
     for (const t of this.deadlineTimers.values()) t.cancel();
     this.deadlineTimers.clear();
+  }
+}
+
+/** Parses a target query; a syntax error carries the position and a caret line for the client. */
+export function parseTarget(text: string): Query {
+  try {
+    return parseQuery(text);
+  } catch (err) {
+    if (err instanceof QuerySyntaxError) throw new InvalidArgumentError(`target ${err.message}\n${err.pointer}`, { cause: err });
+    throw err;
   }
 }
 

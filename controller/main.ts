@@ -11,12 +11,26 @@ import type { Logger } from "../common/logger.js";
 import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
 import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { controllerServiceImpl } from "./api.js";
+import { OperatorAccess } from "./access.js";
+import { AuditLog, LmdbAuditStore } from "./audit.js";
+import { Authorizer } from "./authz.js";
 import { BundleService } from "./bundles.js";
+import { TaskSigner } from "../common/task-signing.js";
+import { Revocations } from "./revocation.js";
+import { revocationServiceImpl } from "./revocation-api.js";
+import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
 import { Inventory } from "./inventory.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
 import { serveProxyLink } from "./proxy-link.js";
+import { readFileSync } from "node:fs";
+import { createPublicKey } from "node:crypto";
+import type { CaMaterial } from "../certs/ca.js";
+import { createOpenUnaryServer } from "../common/open-unary-server.js";
+import { EnrollService, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
+import { enrollAnonymous, enrollServiceImpl, EnrollmentAuthority, tokenServiceImpl } from "./enroll.js";
+import { LmdbEnrollStore } from "./enroll-store.js";
 
 export const controllerSchema = {
   listen: { type: "string", default: "127.0.0.1:7443", doc: "address for the public API and proxy links (host:port; port 0 picks one)" },
@@ -30,6 +44,10 @@ export const controllerSchema = {
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
+  caKey: { type: "string", doc: "mesh CA private key (PEM); needed to enroll hosts (docs/enrollment.md)" },
+  hostCertTtl: { type: "duration", default: "24h", doc: "lifetime of host certificates issued by enrollment" },
+  enrollListen: { type: "string", doc: "extra address serving only EnrollService without asking for a client certificate, for daemons with a join token that reach the controller directly (host:port; port 0 picks one); off by default" },
+  policy: { type: "string", doc: "authorization policy file (YAML or JSON, docs/authorization.md), reloaded on SIGHUP; without one every operator has full access within its tenant" },
 } satisfies Schema;
 
 export type ControllerConfig = Resolved<typeof controllerSchema>;
@@ -50,27 +68,91 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const inventory = new Inventory(env.db("hosts"));
   const ids = timeOrderedIds(clock);
   const jobs = new JobManager({ store, inventory, clock, ids, log, defaultDeliveryDeadlineMs: config.deliveryDeadline });
-  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log });
+  // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running.
+  const signer = new TaskSigner(creds, clock);
+  const revocations = new Revocations(env.db("revoked"), creds, clock, log);
+  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer });
   jobs.recover();
-  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat };
+  const authz = new Authorizer({ policyFile: config.policy, log });
+  const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
+  const access = new OperatorAccess({ authz, audit, jobs, inventory, log });
+  // SIGHUP reloads the policy (the usual daemon convention). Installed here, not in
+  // runService, because only the controller has something to reload; a listener
+  // also replaces Node's default of exiting on SIGHUP. Removed on stop.
+  const onHangup = () => void authz.reload();
+  const enrollment = new EnrollmentAuthority({
+    store: new LmdbEnrollStore(env),
+    ca: readCaKey(config.caKey, creds.caPem),
+    clock,
+    log,
+    hostCertTtlMs: config.hostCertTtl,
+    knownHost: (id) => inventory.get(id),
+    audit: (e) =>
+      audit
+        .append({
+          kind: e.action,
+          tenant: e.tenant ?? "",
+          actor: e.caller,
+          decision: e.decision === "allowed" ? "allowed" : "denied",
+          reason: e.reason,
+          what: [e.credential, e.relayedBy && `relayed by proxy ${e.relayedBy}`, e.serial && `certificate ${e.serial}`].filter(Boolean).join(", "),
+          hostIds: e.hostId ? [e.hostId] : [],
+        })
+        .then(() => undefined),
+  });
+  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations };
   const server = createRpcServer({
     creds,
     log,
+    isRevoked: (peer) => revocations.isRevoked(peer),
     routes: (router) => {
-      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, callerOf, log }));
+      router.service(RevocationService, revocationServiceImpl(revocations, log));
+      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }));
+      router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
+      router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ProxyLinkService, {
         proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
       });
     },
   });
   const address = await server.listen(host, port);
+  let enrollServer: ReturnType<typeof createOpenUnaryServer> | undefined;
+  let enrollAddress: string | undefined;
+  if (config.enrollListen) {
+    const e = parseHostPort(config.enrollListen, "enrollListen");
+    enrollServer = createOpenUnaryServer({ creds, log, handlers: [{ method: EnrollService.method.enroll, handle: (req) => enrollAnonymous(enrollment, req) }] });
+    enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
+  }
+  process.on("SIGHUP", onHangup);
   return {
     address,
-    info: { role: "controller", address: `${address.address}:${address.port}` },
+    info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}) },
     async stop(graceMs) {
-      await server.close(graceMs);
+      process.off("SIGHUP", onHangup);
+      await Promise.all([server.close(graceMs), enrollServer?.close(graceMs)]);
       jobs.close();
       await store.close();
     },
   };
+}
+
+/** The CA key, checked against the CA certificate so that a wrong file fails at start, not at the first enrollment. */
+function readCaKey(path: string | undefined, caPem: string): CaMaterial | undefined {
+  if (!path) return undefined;
+  let keyPem: string;
+  try {
+    keyPem = readFileSync(path, "utf8");
+  } catch (cause) {
+    throw new ConfigError(`caKey: cannot read ${path}`, { cause });
+  }
+  let matches = false;
+  try {
+    const fromKey = createPublicKey(keyPem).export({ type: "spki", format: "der" });
+    const fromCert = createPublicKey(caPem).export({ type: "spki", format: "der" });
+    matches = fromKey.equals(fromCert);
+  } catch (cause) {
+    throw new ConfigError(`caKey: ${path} is not a PEM private key`, { cause });
+  }
+  if (!matches) throw new ConfigError(`caKey: ${path} is not the key of the CA certificate (--ca)`);
+  return { certPem: caPem, keyPem };
 }

@@ -17,6 +17,8 @@ import {
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import type { Inventory } from "./inventory.js";
 import { specBytes } from "../common/backlog.js";
+import type { TaskSigner } from "../common/task-signing.js";
+import type { Revocations } from "./revocation.js";
 import type { JobManager, ProxyPort } from "./jobs.js";
 
 export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
@@ -27,6 +29,8 @@ export interface ProxyLinkDeps {
   clock: Clock;
   log: Logger;
   heartbeatMs: number;
+  signer: TaskSigner;
+  revocations: Revocations;
 }
 
 /**
@@ -64,10 +68,17 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   const port: ProxyPort = {
     name: peer.id,
     region: peer.scope,
-    sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(spec),
+    sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(deps.signer.sign(spec)),
     sendCancel: (taskId, hostId) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId })),
   };
   out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs };
+  out.frame.signingKeys.push(deps.signer.key);
+  // The deny-list goes with every welcome (a proxy that was away catches up) and with every change.
+  out.frame.denyList = deps.revocations.current;
+  const unsubscribe = deps.revocations.onChange((signed) => {
+    if (deps.revocations.isRevoked(peer)) link.close(new PermissionDeniedError("this proxy's identity has been revoked"));
+    else out.frame.denyList = signed;
+  });
   jobs.proxyConnected(port);
   inventory.proxyLost(port.name, clock.now());
   const presence = (hosts: readonly HostPresence[]) => {
@@ -88,6 +99,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       await handleFrame(next.value);
     }
   } finally {
+    unsubscribe();
     heartbeat.stop();
     out.flush();
     jobs.proxyDisconnected(port);

@@ -18,9 +18,11 @@ import {
   OutputChunkSchema,
   TaskState,
   TaskStatusSchema,
+  type SignedTask,
   type TaskSpec,
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
+import { peekSpec, TaskRejected, type TaskVerifier } from "../common/task-signing.js";
 import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
 
@@ -37,6 +39,8 @@ export interface AgentOptions {
   dial: Dialer;
   executor: Executor;
   ledger: Ledger;
+  /** Checks every task's signature before anything else happens to it. */
+  verifier: TaskVerifier;
   /** Results not yet acknowledged by the proxy; durable in a real daemon. Default: in memory. */
   outbox?: Backlog;
   facts: HostFacts;
@@ -352,7 +356,8 @@ export class Agent {
       void this.outbox.ackStatus(ack.taskId, ack.state);
       if (isTerminal(ack.state)) await this.markReported(ack.taskId);
     }
-    for (const spec of frame.tasks) await this.accept(spec);
+    if (frame.signingKeys.length > 0) this.opts.verifier.addKeys(frame.signingKeys);
+    for (const signed of frame.tasks) await this.acceptSigned(signed);
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId);
     this.updateFlow();
     this.pump();
@@ -370,7 +375,28 @@ export class Agent {
     });
   }
 
-  /** Takes a task into the ledger, or answers from the ledger if it was taken before. */
+  /**
+   * Verifies a task before anything else: one that is unsigned, signed with
+   * an unknown key, or altered is refused (REJECTED, with the reason) and
+   * never reaches the ledger, so a forged copy cannot shadow the real task.
+   */
+  private async acceptSigned(signed: SignedTask): Promise<void> {
+    let spec: TaskSpec;
+    try {
+      spec = this.opts.verifier.verify(signed);
+    } catch (err) {
+      const claimed = peekSpec(signed);
+      const reason = err instanceof TaskRejected ? err.message : "the task cannot be read";
+      this.opts.log.warn("task refused", { task: claimed?.taskId, reason });
+      if (claimed?.taskId && !this.opts.ledger.get(claimed.taskId)) {
+        this.emit([{ kind: "status", status: this.status(claimed, TaskState.REJECTED, { message: reason }) }]);
+      }
+      return;
+    }
+    await this.accept(spec);
+  }
+
+  /** Takes a verified task into the ledger, or answers from the ledger if it was taken before. */
   private async accept(spec: TaskSpec): Promise<void> {
     const known = this.opts.ledger.get(spec.taskId);
     if (known) {

@@ -15,6 +15,9 @@ import { collectFacts } from "./facts.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import { LmdbLedger } from "./lmdb-ledger.js";
+import { readFileSync } from "node:fs";
+import { ensureEnrolled, type BootstrapCredential } from "./enroll.js";
+import { TaskVerifier } from "../common/task-signing.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -30,6 +33,12 @@ export const daemonSchema = {
   maxUnackedOutput: { type: "int", default: 16 * 1024 * 1024, min: 65536, doc: "output bytes per host not yet acknowledged by the proxy; above it, tasks block in write() until acks arrive" },
   killGrace: { type: "duration", default: "2s", doc: "time between SIGTERM and SIGKILL when a task is stopped" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
+  hostId: { type: "string", doc: "enrollment: this host's id; with --identities DIR, the daemon enrolls when DIR holds no valid certificate for it (docs/enrollment.md)" },
+  joinToken: { type: "string", doc: "enrollment: a join token (rexmesh tokens create); prefer REXMESH_JOIN_TOKEN or a config file to keep it out of the process list" },
+  enrollCert: { type: "string", doc: "enrollment: a zero certificate (role enroll) to enroll with instead of a token" },
+  enrollKey: { type: "string", doc: "enrollment: the zero certificate's key" },
+  enrollVia: { type: "list", doc: "enrollment: enroll addresses of proxies (their --enroll-listen) or of the controller, tried in order; --ca is the CA they are verified against" },
+  tenant: { type: "string", doc: "enrollment: the tenant to join; the credential must be of it (default: the credential's)" },
   readyFile: { type: "string", doc: "file written once the daemon runs" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
 } satisfies Schema;
@@ -55,6 +64,7 @@ export function grpcDialer(creds: Credentials): Dialer {
 /** Starts one agent per host identity this process serves. */
 export async function startDaemon(config: DaemonConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { agents: Agent[] }> {
   if (!config.proxies || config.proxies.length === 0) throw new ConfigError("proxies is required (--proxies HOST:PORT[,HOST:PORT...])");
+  if (config.hostId) await enrollIfNeeded(config, log, clock);
   const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace });
   const facts = collectFacts();
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
@@ -70,6 +80,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       dial: grpcDialer(creds),
       executor,
       ledger: new LmdbLedger(ledgers, me.id),
+      verifier: new TaskVerifier(creds.caPem, clock),
       outbox: new LmdbBacklog(outboxes, me.id),
       facts,
       clock,
@@ -88,4 +99,32 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       await env.close();
     },
   };
+}
+
+/** Enrollment before the agents start: a no-op while --identities holds a valid certificate for --host-id. */
+async function enrollIfNeeded(config: DaemonConfig, log: Logger, clock: Clock): Promise<void> {
+  if (!config.identities) throw new ConfigError("hostId needs identities: the directory enrollment writes the host's key and certificate to");
+  if (!config.ca) throw new ConfigError("ca is required to enroll: the mesh CA certificate that enrollment servers are verified against");
+  if (config.joinToken && (config.enrollCert || config.enrollKey)) throw new ConfigError("give one bootstrap credential: joinToken, or enrollCert and enrollKey");
+  if (Boolean(config.enrollCert) !== Boolean(config.enrollKey)) throw new ConfigError("enrollCert and enrollKey go together");
+  const read = (path: string, what: string) => {
+    try {
+      return readFileSync(path, "utf8");
+    } catch (cause) {
+      throw new ConfigError(`cannot read ${what} ${path}`, { cause });
+    }
+  };
+  let credential: BootstrapCredential | undefined;
+  if (config.joinToken) credential = { token: config.joinToken };
+  else if (config.enrollCert && config.enrollKey) credential = { certPem: read(config.enrollCert, "enrollCert"), keyPem: read(config.enrollKey, "enrollKey") };
+  await ensureEnrolled({
+    dir: config.identities,
+    hostId: config.hostId!,
+    tenant: config.tenant,
+    via: config.enrollVia ?? [],
+    caPem: read(config.ca, "ca"),
+    credential,
+    clock,
+    log,
+  });
 }

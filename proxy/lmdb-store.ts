@@ -2,11 +2,13 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import type { LmdbEnv } from "../common/lmdb.js";
-import { TaskSpecSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import { SignedDenyListSchema, type SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
+import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type TaskSigningKey, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
 
 interface StoredTask {
-  spec: Uint8Array;
+  /** The SignedTask, serialized. */
+  signed: Uint8Array;
   state: TaskState;
   cancelRequested: boolean;
   outputSeq: number;
@@ -23,14 +25,23 @@ export class LmdbProxyStore implements ProxyStore {
   private readonly backlog: LmdbBacklog;
   private readonly tasks = new Map<string, QueuedTask>();
   private readonly byHost = new Map<string, Set<string>>();
+  private readonly keysDb: Database<Buffer, string>;
+  private readonly keys = new Map<string, TaskSigningKey>();
 
   constructor(private readonly env: LmdbEnv) {
     this.db = env.db("proxy-tasks");
+    this.keysDb = env.db("proxy-signing-keys", "binary");
     this.backlog = new LmdbBacklog(env.db("proxy-backlog", "binary"), "");
     for (const { key, value } of this.db.getRange()) {
-      const task: QueuedTask = { spec: fromBinary(TaskSpecSchema, value.spec), state: value.state, cancelRequested: value.cancelRequested, outputSeq: value.outputSeq };
+      const signed = fromBinary(SignedTaskSchema, value.signed);
+      const task: QueuedTask = { signed, spec: fromBinary(TaskSpecSchema, signed.spec), state: value.state, cancelRequested: value.cancelRequested, outputSeq: value.outputSeq };
       this.index(task);
       void key;
+    }
+    for (const { key, value } of this.keysDb.getRange()) {
+      if (key === "\0deny-list") continue;
+      const k = fromBinary(TaskSigningKeySchema, value);
+      this.keys.set(k.keyId, k);
     }
   }
 
@@ -48,7 +59,7 @@ export class LmdbProxyStore implements ProxyStore {
   putTask(task: QueuedTask): Promise<void> {
     this.index(task);
     return this.db
-      .put(task.spec.taskId, { spec: toBinary(TaskSpecSchema, task.spec), state: task.state, cancelRequested: task.cancelRequested, outputSeq: task.outputSeq })
+      .put(task.spec.taskId, { signed: toBinary(SignedTaskSchema, task.signed), state: task.state, cancelRequested: task.cancelRequested, outputSeq: task.outputSeq })
       .then(() => undefined);
   }
 
@@ -93,6 +104,29 @@ export class LmdbProxyStore implements ProxyStore {
 
   upwardSize(): number {
     return this.backlog.size;
+  }
+
+  denyList(): SignedDenyList | undefined {
+    const raw = this.keysDb.get("\0deny-list");
+    return raw ? fromBinary(SignedDenyListSchema, raw) : undefined;
+  }
+
+  setDenyList(list: SignedDenyList): Promise<void> {
+    return this.keysDb.put("\0deny-list", Buffer.from(toBinary(SignedDenyListSchema, list))).then(() => undefined);
+  }
+
+  signingKeys(): TaskSigningKey[] {
+    return [...this.keys.values()];
+  }
+
+  addSigningKeys(keys: readonly TaskSigningKey[]): Promise<void> {
+    const writes: Promise<unknown>[] = [];
+    for (const k of keys) {
+      if (this.keys.has(k.keyId)) continue;
+      this.keys.set(k.keyId, k);
+      writes.push(this.keysDb.put(k.keyId, Buffer.from(toBinary(TaskSigningKeySchema, k))));
+    }
+    return Promise.all(writes).then(() => undefined);
   }
 
   checkRoomForWork(what: string): void {

@@ -8,6 +8,7 @@ import { openFrameLink } from "../common/connect-link.js";
 import { createGrpcLinkServer, type UnaryHandler } from "../common/grpc-link.js";
 import { create } from "@bufbuild/protobuf";
 import { openBundle, sealBundle } from "../common/bundle.js";
+import { openDenyList } from "../common/deny-list.js";
 import { PermissionDeniedError } from "../common/errors.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
@@ -21,6 +22,8 @@ import { requireFiles } from "../controller/main.js";
 import { ProxyCore } from "./proxy.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbProxyStore } from "./lmdb-store.js";
+import { createOpenUnaryServer } from "../common/open-unary-server.js";
+import { EnrollService, type EnrollRequest } from "../gen/rexmesh/v1/enroll_pb.js";
 
 export const proxySchema = {
   listen: { type: "string", default: "127.0.0.1:7444", doc: "address daemons connect to (host:port; port 0 picks one)" },
@@ -32,6 +35,7 @@ export const proxySchema = {
   storeSize: { type: "int", default: 8 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold; new tasks are refused above 90% of it" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on both links" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
+  enrollListen: { type: "string", doc: "address serving only EnrollService without asking for a client certificate; requests are relayed to the controller (host:port; port 0 picks one); off by default" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
 } satisfies Schema;
@@ -47,7 +51,15 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const { host, port } = parseHostPort(config.listen, "listen");
   log = log.child({ proxy: me.id, region: me.scope });
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
-  const core = new ProxyCore({ name: me.id, region: me.scope, clock, store: new LmdbProxyStore(env), log, heartbeatMs: config.heartbeat });
+  const core = new ProxyCore({
+    name: me.id,
+    region: me.scope,
+    clock,
+    store: new LmdbProxyStore(env),
+    log,
+    heartbeatMs: config.heartbeat,
+    openDenyList: (signed) => openDenyList(signed, creds.caPem, clock),
+  });
   // Daemons: grpc-js, for its lower memory per idle stream (docs/transport.md).
   // Bundles for a site with no link, handled for the proxy's own certificate only.
   const self = (peer: PeerIdentity) => {
@@ -77,6 +89,32 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const server = createGrpcLinkServer({ creds, log, method: AgentLinkService.method.agentStream, serve: (link, peer) => core.serveHost(link, peer), unary: admin });
   const address = { address: host, port: await server.listen(host, port) };
 
+  // Enrollment relay: daemons without a certificate yet reach the
+  // controller's EnrollService through this proxy, which calls it with its
+  // own certificate; the controller decides, and records the relay.
+  let enrollServer: ReturnType<typeof createOpenUnaryServer> | undefined;
+  let enrollChannel: ReturnType<typeof openChannel> | undefined;
+  let enrollAddress: string | undefined;
+  if (config.enrollListen) {
+    const e = parseHostPort(config.enrollListen, "enrollListen");
+    const channel = (enrollChannel = openChannel(controllerAddress, creds, ["controller"]));
+    const enrollClient = clientFor(EnrollService, channel);
+    enrollServer = createOpenUnaryServer({
+      creds,
+      log,
+      handlers: [
+        {
+          method: EnrollService.method.enroll,
+          handle: async (req: EnrollRequest) => {
+            log.debug("relaying enrollment", { host: req.hostId });
+            return enrollClient.enroll(req, { timeoutMs: 30_000 });
+          },
+        },
+      ],
+    });
+    enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
+  }
+
   const stop = new AbortController();
   const uplink = (async () => {
     const backoff = new Backoff({ initialMs: 500, maxMs: 30_000 });
@@ -103,11 +141,12 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   return {
     address,
     core,
-    info: { role: "proxy", name: me.id, region: me.scope, address: `${address.address}:${address.port}` },
+    info: { role: "proxy", name: me.id, region: me.scope, address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}) },
     async stop(graceMs) {
       stop.abort();
       core.stop();
-      await Promise.all([server.close(graceMs), uplink]);
+      await Promise.all([server.close(graceMs), enrollServer?.close(graceMs), uplink]);
+      enrollChannel?.close();
       await env.close();
     },
   };

@@ -34,6 +34,9 @@ import {
 import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
 import { specBytes } from "../common/backlog.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
+import { peekSpec } from "../common/task-signing.js";
+import { DenySet } from "../common/deny-list.js";
+import type { DenyList, SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 
 export type AgentLink = FrameLink<AgentStreamResponse, AgentStreamRequest>;
 export type ControllerLink = FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
@@ -48,6 +51,8 @@ export interface ProxyCoreOptions {
   heartbeatMs?: number;
   /** How often queued tasks are checked against their delivery deadline. Default 1 s. */
   sweepMs?: number;
+  /** Verifies a signed deny-list (it must come from a controller of this mesh); returns its content. */
+  openDenyList?: (signed: SignedDenyList) => DenyList;
 }
 
 /** Frames queued toward the controller above which the pump waits for the link to drain. */
@@ -109,6 +114,9 @@ export class ProxyCore {
    * (it was in flight on a stream that broke); it is then cancelled at once.
    */
   private readonly cancelledUnknown = new Set<string>();
+  /** Identities refused here: hosts on it are disconnected and cannot come back. */
+  private readonly deny = new DenySet();
+  private readonly openDenyList: ((signed: SignedDenyList) => DenyList) | undefined;
 
   constructor(opts: ProxyCoreOptions) {
     this.name = opts.name;
@@ -118,6 +126,9 @@ export class ProxyCore {
     this.log = opts.log;
     this.heartbeatMs = opts.heartbeatMs ?? 10_000;
     this.sweepMs = opts.sweepMs ?? 1000;
+    this.openDenyList = opts.openDenyList;
+    const stored = this.store.denyList();
+    if (stored) void this.applyDenyList(stored);
     this.scheduleSweep();
   }
 
@@ -134,6 +145,7 @@ export class ProxyCore {
   /** Serves one daemon's stream until it ends. */
   async serveHost(link: AgentLink, peer: PeerIdentity): Promise<void> {
     requireRole(peer, "host");
+    if (this.deny.has(peer)) throw new PermissionDeniedError("this host's identity has been revoked");
     const iterator = link.incoming[Symbol.asyncIterator]();
     const first = await iterator.next();
     if (first.done) return;
@@ -154,6 +166,8 @@ export class ProxyCore {
       () => link.close(new Error("host heartbeat lost")),
     );
     session.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
+    // The keys the daemon verifies task signatures with (it checks their endorsement itself).
+    session.out.frame.signingKeys.push(...this.store.signingKeys());
     log.info("host connected");
     this.reportPresence(session, true);
     try {
@@ -244,7 +258,7 @@ export class ProxyCore {
   /** After a reconnect, tasks handed out before may not have reached the daemon: send them again (its ledger drops duplicates). */
   private resendHandedOut(session: HostSession): void {
     for (const task of this.store.tasksFor(session.hostId)) {
-      if (task.state === TaskState.DISPATCHED) session.out.frameFor(specBytes(task.spec)).tasks.push(task.spec);
+      if (task.state === TaskState.DISPATCHED) session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
       if (task.cancelRequested && task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) {
         session.out.frame.cancelTaskIds.push(task.spec.taskId);
       }
@@ -265,7 +279,7 @@ export class ProxyCore {
       }
       task.state = TaskState.DISPATCHED;
       session.credits--;
-      session.out.frameFor(specBytes(task.spec)).tasks.push(task.spec);
+      session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
       items.push({ kind: "status", status: this.status(task, TaskState.DISPATCHED) });
     }
     if (items.length > 0) void this.persistUp(items);
@@ -393,14 +407,26 @@ export class ProxyCore {
     const items: UpwardItem[] = [];
     const touched = new Set<string>();
     const now = this.clock.now();
-    for (const spec of frame.tasks) {
+    if (frame.denyList) await this.applyDenyList(frame.denyList);
+    if (frame.signingKeys.length > 0) {
+      const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));
+      await this.store.addSigningKeys(fresh);
+      for (const session of this.hosts.values()) session.out.frame.signingKeys.push(...fresh);
+    }
+    for (const signed of frame.tasks) {
+      // Decoded only to route it; the daemon verifies the signature over these exact bytes.
+      const spec = peekSpec(signed);
+      if (!spec?.taskId || !spec.hostId) {
+        this.log.warn("a task that cannot be decoded was dropped");
+        continue;
+      }
       const known = this.store.getTask(spec.taskId);
       if (known) {
         // A resend: the controller missed our ack. Report where the task is (not stored: it is a reminder).
         this.controller?.out.frame.statuses.push(this.status(known, known.state));
         continue;
       }
-      const task: QueuedTask = { spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
+      const task: QueuedTask = { signed, spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
       if (this.cancelledUnknown.delete(spec.taskId)) {
         task.cancelRequested = true;
         items.push(this.finish(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
@@ -448,6 +474,31 @@ export class ProxyCore {
     }
   }
 
+  // ---- revocation -------------------------------------------------------------
+
+  /**
+   * Takes a newer signed deny-list: stores it (a restart keeps enforcing it)
+   * and closes the streams of hosts it names at once.
+   */
+  private async applyDenyList(signed: SignedDenyList): Promise<void> {
+    if (!this.openDenyList) return;
+    let list: DenyList;
+    try {
+      list = this.openDenyList(signed);
+    } catch (err) {
+      this.log.warn("deny-list refused", { err });
+      return;
+    }
+    if (!this.deny.update(list)) return;
+    await this.store.setDenyList(signed);
+    for (const session of this.hosts.values()) {
+      if (this.deny.has({ role: "host", scope: session.tenant, id: session.hostId })) {
+        this.log.warn("closing the stream of a revoked host", { host: session.hostId });
+        session.link.close(new PermissionDeniedError("this host's identity has been revoked"));
+      }
+    }
+  }
+
   // ---- bundles (sites with no link) -------------------------------------------
 
   /**
@@ -457,9 +508,9 @@ export class ProxyCore {
    */
   async importTasks(payload: BundlePayload): Promise<{ added: number; known: number }> {
     if (payload.region !== this.region) throw new PermissionDeniedError(`this bundle is for region ${payload.region}; this proxy serves region ${this.region}`);
-    const known = payload.tasks.filter((t) => this.store.getTask(t.taskId) !== undefined).length;
+    const known = payload.tasks.filter((t) => this.store.getTask(peekSpec(t)?.taskId ?? "") !== undefined).length;
     await this.handleControllerFrame(
-      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks }),
+      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks, signingKeys: payload.signingKeys }),
     );
     return { added: payload.tasks.length - known, known };
   }

@@ -1,4 +1,5 @@
-import type { TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+import type { SignedTask, TaskSigningKey, TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+import type { SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { MemoryBacklog, type UpwardItem } from "../common/backlog.js";
 
@@ -6,6 +7,9 @@ export type { UpwardItem };
 
 /** A task the proxy holds for one of its hosts. */
 export interface QueuedTask {
+  /** The task as the controller signed it: what the daemon receives, unchanged. */
+  signed: SignedTask;
+  /** Its spec, decoded (untrusted here: the proxy only routes by it). */
   spec: TaskSpec;
   state: TaskState;
   /** A cancel arrived; tell the daemon (or never hand the task out). */
@@ -39,12 +43,36 @@ export interface ProxyStore {
   upwardSize(): number;
   /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
   checkRoomForWork?(what: string): void;
+  /** The controller's task-signing keys, passed on to daemons (they verify them). */
+  signingKeys(): TaskSigningKey[];
+  addSigningKeys(keys: readonly TaskSigningKey[]): Promise<void>;
+  /** The newest signed deny-list received, kept so that a restarted proxy enforces it before it reaches the controller. */
+  denyList(): SignedDenyList | undefined;
+  setDenyList(list: SignedDenyList): Promise<void>;
 }
 
 export class MemoryProxyStore implements ProxyStore {
   private readonly tasks = new Map<string, QueuedTask>();
   private readonly byHost = new Map<string, Set<string>>();
   private readonly backlog = new MemoryBacklog();
+  private readonly keys = new Map<string, TaskSigningKey>();
+  private deny: SignedDenyList | undefined;
+
+  denyList(): SignedDenyList | undefined {
+    return this.deny;
+  }
+
+  async setDenyList(list: SignedDenyList): Promise<void> {
+    this.deny = list;
+  }
+
+  signingKeys(): TaskSigningKey[] {
+    return [...this.keys.values()];
+  }
+
+  async addSigningKeys(keys: readonly TaskSigningKey[]): Promise<void> {
+    for (const k of keys) this.keys.set(k.keyId, k);
+  }
 
   getTask(taskId: string): QueuedTask | undefined {
     return this.tasks.get(taskId);

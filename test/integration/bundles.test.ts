@@ -6,6 +6,7 @@ import { fromBinary } from "@bufbuild/protobuf";
 import { credentialPaths } from "../../certs/files.js";
 import { LocalMesh } from "../../cli/launcher.js";
 import { isTerminal } from "../../common/task-state.js";
+import { peekSpec } from "../../common/task-signing.js";
 import { BundlePayloadSchema, BundleSchema } from "../../gen/rexmesh/v1/bundle_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
@@ -63,7 +64,7 @@ describe("bundles through an air-gapped proxy", () => {
       const tasksFile = join(files(), "tasks.rxb");
       const out = await atController(["export", "--region", "air", tasksFile]);
       expect(out.stdout, out.stderr).toMatch(/^3 tasks for region air/);
-      expect(payloadOf(tasksFile).tasks.map((t) => t.hostId).sort()).toEqual(hosts);
+      expect(payloadOf(tasksFile).tasks.map((t) => peekSpec(t)?.hostId).sort()).toEqual(hosts);
 
       // 4. A tampered copy is refused at the site; the real one is taken; taking it again adds nothing.
       const raw = readFileSync(tasksFile);

@@ -7,8 +7,8 @@ import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
 import { MemoryLedger, type LedgerEntry } from "../../daemon/ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
-import { OutputStream, TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { FakeLink, flush, taskSpec, text } from "./support.js";
+import { OutputStream, TaskState, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
+import { FakeLink, asSigned, flush, taskSpec, testVerifier, text } from "./support.js";
 
 type AgentSide = FakeLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -67,6 +67,7 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
     },
     executor: executor as unknown as Executor,
     ledger,
+    verifier: testVerifier(clock),
     facts: create(HostFactsSchema, { hostname: "h1.example", os: "linux" }),
     clock,
     log: silentLogger,
@@ -75,7 +76,8 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
   });
   const link = () => links.at(-1)!;
   /** A frame from the proxy on the current link. */
-  const fromProxy = (init: MessageInitShape<typeof AgentStreamResponseSchema>) => link().deliver(create(AgentStreamResponseSchema, init));
+  const fromProxy = (init: Omit<MessageInitShape<typeof AgentStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
+    link().deliver(create(AgentStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
   /** The proxy drops the stream; the agent backs off (≤ 1.2 s on the first retry) and dials again. */
   const reconnect = async () => {
     const before = links.length;

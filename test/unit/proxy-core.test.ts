@@ -10,10 +10,10 @@ import {
   type ProxyStreamRequest,
   type ProxyStreamResponse,
 } from "../../gen/rexmesh/v1/proxy_link_pb.js";
-import { TaskState, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
+import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 import { ProxyCore } from "../../proxy/proxy.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
-import { FakeLink, chunk, flush, hostPeer, status, taskSpec } from "./support.js";
+import { FakeLink, asSigned, chunk, flush, hostPeer, signedId, status, taskSpec } from "./support.js";
 
 type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
 type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
@@ -25,7 +25,7 @@ const upStatuses = (l: ControllerSide) => l.sent.flatMap((f) => f.statuses.map(S
 const upOutput = (l: ControllerSide) => l.sent.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}`));
 const upHosts = (l: ControllerSide) => l.sent.flatMap((f) => [...(f.hello?.hosts ?? []), ...f.hosts].map((h) => `${h.hostId}:${h.tenant}:${h.connected}`));
 /** Tasks the proxy handed to a host, in order. */
-const handed = (l: HostSide) => l.sent.flatMap((f) => f.tasks.map((t) => t.taskId));
+const handed = (l: HostSide) => l.sent.flatMap((f) => f.tasks.map(signedId));
 const cancelsTo = (l: HostSide) => l.sent.flatMap((f) => f.cancelTaskIds);
 const outputAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.outputAcks.map((a) => `${a.taskId}:${a.seq}`));
 const statusAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
@@ -41,7 +41,9 @@ function setup(opts: { sweepMs?: number } = {}) {
       () => undefined,
       (e: unknown) => e,
     );
-    const send = (init: MessageInitShape<typeof ProxyStreamResponseSchema>) => link.deliver(create(ProxyStreamResponseSchema, init));
+    /** A frame from the controller; plain specs are signed as the controller would. */
+    const send = (init: Omit<MessageInitShape<typeof ProxyStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
+      link.deliver(create(ProxyStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
     return { link, settled, send };
   };
 

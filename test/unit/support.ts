@@ -8,6 +8,9 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { AsyncQueue } from "../../common/async-queue.js";
 import type { FrameLink } from "../../common/frame-link.js";
+import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
+import { ManualClock } from "../../common/clock.js";
+import { peekSpec, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
 import {
   OutputChunkSchema,
   OutputStream,
@@ -15,6 +18,7 @@ import {
   TaskSpecSchema,
   TaskStatusSchema,
   type OutputChunk,
+  type SignedTask,
   type Step,
   type TaskSpec,
   type TaskState,
@@ -114,3 +118,36 @@ export function chunk(taskId: string, seq: number, text = `chunk ${seq}\n`, stre
 }
 
 export const text = (data: Uint8Array): string => new TextDecoder().decode(data);
+
+let signing: { signer: TaskSigner; caPem: string } | undefined;
+
+/**
+ * A controller signing key for tests, endorsed by a test CA (long-lived, and
+ * valid at ManualClock's default time), so that tests can hand proxies and
+ * daemons tasks as the controller would.
+ */
+export function testSigning(): { signer: TaskSigner; caPem: string } {
+  if (!signing) {
+    const clock = new ManualClock(Date.UTC(2025, 0, 1));
+    const tenYears = 10 * 365 * 86_400_000;
+    const ca = createCa({ clock, validityDays: 3650 });
+    const creds = issueKeyAndCertificate(ca, { clock, identity: { role: "controller", scope: "mesh", id: "ctl" }, validityMs: tenYears });
+    signing = { signer: new TaskSigner(creds, clock, tenYears), caPem: ca.certPem };
+  }
+  return signing;
+}
+
+/** A task as the test controller signs it; a SignedTask passes through untouched. */
+export function asSigned(task: TaskSpec | SignedTask): SignedTask {
+  return task.$typeName === "rexmesh.v1.TaskSpec" ? testSigning().signer.sign(task) : task;
+}
+
+/** A verifier that trusts the test controller's key. */
+export function testVerifier(clock: ManualClock): TaskVerifier {
+  const v = new TaskVerifier(testSigning().caPem, clock);
+  v.addKeys([testSigning().signer.key]);
+  return v;
+}
+
+/** The task id inside a signed task. */
+export const signedId = (t: SignedTask): string => peekSpec(t)?.taskId ?? "?";

@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { HostFacts } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
-import type { OutputAck, OutputChunk, StatusAck, TaskSpec, TaskStatus } from "./task_pb.js";
+import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/agent_link.proto.
  */
 export const file_rexmesh_v1_agent_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEisAEKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBAUIKCghfY3JlZGl0cyJZCgpBZ2VudEhlbGxvEg8KB2hvc3RfaWQYASABKAkSJAoFZmFjdHMYAiABKAsyFS5yZXhtZXNoLnYxLkhvc3RGYWN0cxIUCgxoZWFydGJlYXRfbXMYAyABKA0i1gEKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiMKBXRhc2tzGAIgAygLMhQucmV4bWVzaC52MS5UYXNrU3BlYxIXCg9jYW5jZWxfdGFza19pZHMYAyADKAkSKgoLb3V0cHV0X2Fja3MYBCADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgFIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrIkMKDEFnZW50V2VsY29tZRINCgVwcm94eRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNMmYKEEFnZW50TGlua1NlcnZpY2USUgoLQWdlbnRTdHJlYW0SHi5yZXhtZXNoLnYxLkFnZW50U3RyZWFtUmVxdWVzdBofLnJleG1lc2gudjEuQWdlbnRTdHJlYW1SZXNwb25zZSgBMAFiBnByb3RvMw", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEisAEKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBAUIKCghfY3JlZGl0cyJZCgpBZ2VudEhlbGxvEg8KB2hvc3RfaWQYASABKAkSJAoFZmFjdHMYAiABKAsyFS5yZXhtZXNoLnYxLkhvc3RGYWN0cxIUCgxoZWFydGJlYXRfbXMYAyABKA0iigIKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleSJDCgxBZ2VudFdlbGNvbWUSDQoFcHJveHkYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDTJmChBBZ2VudExpbmtTZXJ2aWNlElIKC0FnZW50U3RyZWFtEh4ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLkFnZW50U3RyZWFtUmVzcG9uc2UoATABYgZwcm90bzM", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * Daemon to proxy.
@@ -99,9 +99,9 @@ export type AgentStreamResponse = Message<"rexmesh.v1.AgentStreamResponse"> & {
   welcome?: AgentWelcome | undefined;
 
   /**
-   * @generated from field: repeated rexmesh.v1.TaskSpec tasks = 2;
+   * @generated from field: repeated rexmesh.v1.SignedTask tasks = 2;
    */
-  tasks: TaskSpec[];
+  tasks: SignedTask[];
 
   /**
    * @generated from field: repeated string cancel_task_ids = 3;
@@ -117,6 +117,13 @@ export type AgentStreamResponse = Message<"rexmesh.v1.AgentStreamResponse"> & {
    * @generated from field: repeated rexmesh.v1.StatusAck status_acks = 5;
    */
   statusAcks: StatusAck[];
+
+  /**
+   * Task-signing keys the receiver should trust (after checking their endorsement).
+   *
+   * @generated from field: repeated rexmesh.v1.TaskSigningKey signing_keys = 6;
+   */
+  signingKeys: TaskSigningKey[];
 };
 
 /**

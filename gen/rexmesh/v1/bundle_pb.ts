@@ -8,7 +8,7 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { CancelTask, HostPresence } from "./proxy_link_pb.js";
 import { file_rexmesh_v1_proxy_link } from "./proxy_link_pb.js";
-import type { OutputAck, OutputChunk, StatusAck, TaskSpec, TaskStatus } from "./task_pb.js";
+import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/bundle.proto.
  */
 export const file_rexmesh_v1_bundle: GenFile = /*@__PURE__*/
-  fileDesc("ChdyZXhtZXNoL3YxL2J1bmRsZS5wcm90bxIKcmV4bWVzaC52MSJICgZCdW5kbGUSDwoHcGF5bG9hZBgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSGgoSc2lnbmVyX2NlcnRpZmljYXRlGAMgASgJIrIDCg1CdW5kbGVQYXlsb2FkEgoKAmlkGAEgASgJEiQKBGtpbmQYAiABKA4yFi5yZXhtZXNoLnYxLkJ1bmRsZUtpbmQSDgoGcmVnaW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiMKBXRhc2tzGAUgAygLMhQucmV4bWVzaC52MS5UYXNrU3BlYxInCgdjYW5jZWxzGAYgAygLMhYucmV4bWVzaC52MS5DYW5jZWxUYXNrEioKC291dHB1dF9hY2tzGAcgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYCCADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIoCghzdGF0dXNlcxgJIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYCiADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEicKBWhvc3RzGAsgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2USDQoFcHJveHkYDCABKAkqWQoKQnVuZGxlS2luZBIbChdCVU5ETEVfS0lORF9VTlNQRUNJRklFRBAAEhUKEUJVTkRMRV9LSU5EX1RBU0tTEAESFwoTQlVORExFX0tJTkRfUkVTVUxUUxACYgZwcm90bzM", [file_google_protobuf_timestamp, file_rexmesh_v1_proxy_link, file_rexmesh_v1_task]);
+  fileDesc("ChdyZXhtZXNoL3YxL2J1bmRsZS5wcm90bxIKcmV4bWVzaC52MSJICgZCdW5kbGUSDwoHcGF5bG9hZBgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSGgoSc2lnbmVyX2NlcnRpZmljYXRlGAMgASgJIuYDCg1CdW5kbGVQYXlsb2FkEgoKAmlkGAEgASgJEiQKBGtpbmQYAiABKA4yFi5yZXhtZXNoLnYxLkJ1bmRsZUtpbmQSDgoGcmVnaW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXRhc2tzGAUgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYBiADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYByADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgIIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEigKCHN0YXR1c2VzGAkgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgKIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSJwoFaG9zdHMYCyADKAsyGC5yZXhtZXNoLnYxLkhvc3RQcmVzZW5jZRINCgVwcm94eRgMIAEoCRIwCgxzaWduaW5nX2tleXMYDSADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5KlkKCkJ1bmRsZUtpbmQSGwoXQlVORExFX0tJTkRfVU5TUEVDSUZJRUQQABIVChFCVU5ETEVfS0lORF9UQVNLUxABEhcKE0JVTkRMRV9LSU5EX1JFU1VMVFMQAmIGcHJvdG8z", [file_google_protobuf_timestamp, file_rexmesh_v1_proxy_link, file_rexmesh_v1_task]);
 
 /**
  * Work and results carried by hand to and from a site with no network link.
@@ -80,9 +80,9 @@ export type BundlePayload = Message<"rexmesh.v1.BundlePayload"> & {
   createdAt?: Timestamp | undefined;
 
   /**
-   * @generated from field: repeated rexmesh.v1.TaskSpec tasks = 5;
+   * @generated from field: repeated rexmesh.v1.SignedTask tasks = 5;
    */
-  tasks: TaskSpec[];
+  tasks: SignedTask[];
 
   /**
    * @generated from field: repeated rexmesh.v1.CancelTask cancels = 6;
@@ -120,6 +120,13 @@ export type BundlePayload = Message<"rexmesh.v1.BundlePayload"> & {
    * @generated from field: string proxy = 12;
    */
   proxy: string;
+
+  /**
+   * For tasks: the keys their signatures verify with.
+   *
+   * @generated from field: repeated rexmesh.v1.TaskSigningKey signing_keys = 13;
+   */
+  signingKeys: TaskSigningKey[];
 };
 
 /**

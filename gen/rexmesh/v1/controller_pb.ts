@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiEgoQTGlzdEhvc3RzUmVxdWVzdCI0ChFMaXN0SG9zdHNSZXNwb25zZRIfCgVob3N0cxgBIAMoCzIQLnJleG1lc2gudjEuSG9zdCKuAwoQU3VibWl0Sm9iUmVxdWVzdBIQCghob3N0X2lkcxgBIAMoCRIRCglhbGxfaG9zdHMYAiABKAgSHwoFc3RlcHMYAyADKAsyEC5yZXhtZXNoLnYxLlN0ZXASMgoDZW52GAQgAygLMiUucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAUgASgJEg0KBXN0ZGluGAYgASgMEioKB3RpbWVvdXQYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNAoRZGVsaXZlcnlfZGVhZGxpbmUYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFwoPaWRlbXBvdGVuY3lfa2V5GAkgASgJEhIKCmlkZW1wb3RlbnQYCiABKAgSJQoEcmF0ZRgLIAEoCzIXLnJleG1lc2gudjEuUmF0ZUNvbnRyb2wSGgoSb3V0cHV0X2xpbWl0X2J5dGVzGAwgASgEGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYip2Cg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAipQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIy6AQKEUNvbnRyb2xsZXJTZXJ2aWNlEkgKCUxpc3RIb3N0cxIcLnJleG1lc2gudjEuTGlzdEhvc3RzUmVxdWVzdBodLnJleG1lc2gudjEuTGlzdEhvc3RzUmVzcG9uc2USSAoJU3VibWl0Sm9iEhwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0Gh0ucmV4bWVzaC52MS5TdWJtaXRKb2JSZXNwb25zZRI/CgZHZXRKb2ISGS5yZXhtZXNoLnYxLkdldEpvYlJlcXVlc3QaGi5yZXhtZXNoLnYxLkdldEpvYlJlc3BvbnNlEkcKCFdhdGNoSm9iEhsucmV4bWVzaC52MS5XYXRjaEpvYlJlcXVlc3QaHC5yZXhtZXNoLnYxLldhdGNoSm9iUmVzcG9uc2UwARJICglDYW5jZWxKb2ISHC5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlc3BvbnNlEkUKCExpc3RKb2JzEhsucmV4bWVzaC52MS5MaXN0Sm9ic1JlcXVlc3QaHC5yZXhtZXNoLnYxLkxpc3RKb2JzUmVzcG9uc2USUQoMRXhwb3J0QnVuZGxlEh8ucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXF1ZXN0GiAucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXNwb25zZRJRCgxJbXBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QizgMKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB190YXJnZXQizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiKbAQoUU2V0SG9zdExhYmVsc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRI2CgNzZXQYAiADKAsyKS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0LlNldEVudHJ5Eg4KBnJlbW92ZRgDIAMoCRoqCghTZXRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjcKFVNldEhvc3RMYWJlbHNSZXNwb25zZRIeCgRob3N0GAEgASgLMhAucmV4bWVzaC52MS5Ib3N0IkwKEExpc3RBdWRpdFJlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAIgASgNIjsKEUxpc3RBdWRpdFJlc3BvbnNlEiYKBmV2ZW50cxgBIAMoCzIWLnJleG1lc2gudjEuQXVkaXRFdmVudCLwAQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRraW5kGAMgASgJEg4KBnRlbmFudBgEIAEoCRINCgVhY3RvchgFIAEoCRIrCghkZWNpc2lvbhgGIAEoDjIZLnJleG1lc2gudjEuQXVkaXREZWNpc2lvbhIOCgZyZWFzb24YByABKAkSDAoEd2hhdBgIIAEoCRIQCghob3N0X2lkcxgJIAMoCRISCgpob3N0X2NvdW50GAogASgNEg4KBmpvYl9pZBgLIAEoCSp2Cg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAipQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqgwEKDUF1ZGl0RGVjaXNpb24SHgoaQVVESVRfREVDSVNJT05fVU5TUEVDSUZJRUQQABIaChZBVURJVF9ERUNJU0lPTl9BTExPV0VEEAESGQoVQVVESVRfREVDSVNJT05fREVOSUVEEAISGwoXQVVESVRfREVDSVNJT05fUkVKRUNURUQQAzKIBgoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -78,6 +78,13 @@ export const HostSchema: GenMessage<Host> = /*@__PURE__*/
  * @generated from message rexmesh.v1.ListHostsRequest
  */
 export type ListHostsRequest = Message<"rexmesh.v1.ListHostsRequest"> & {
+  /**
+   * A host query (label and fact conditions, see docs/authorization.md);
+   * empty lists every host of the caller's tenant.
+   *
+   * @generated from field: string target = 1;
+   */
+  target: string;
 };
 
 /**
@@ -109,7 +116,7 @@ export const ListHostsResponseSchema: GenMessage<ListHostsResponse> = /*@__PURE_
  */
 export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
   /**
-   * Explicit host ids. Exactly one of host_ids and all_hosts.
+   * Explicit host ids. Exactly one of host_ids, all_hosts and target.
    *
    * @generated from field: repeated string host_ids = 1;
    */
@@ -181,6 +188,15 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
    * @generated from field: uint64 output_limit_bytes = 12;
    */
   outputLimitBytes: bigint;
+
+  /**
+   * A host query resolved at submit time inside the caller's tenant, e.g.
+   * `env=prod and role in (web,db)`. Set but empty is an error: every host is
+   * asked for with `all`.
+   *
+   * @generated from field: optional string target = 13;
+   */
+  target?: string | undefined;
 };
 
 /**
@@ -664,6 +680,178 @@ export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE_
   messageDesc(file_rexmesh_v1_controller, 20);
 
 /**
+ * @generated from message rexmesh.v1.SetHostLabelsRequest
+ */
+export type SetHostLabelsRequest = Message<"rexmesh.v1.SetHostLabelsRequest"> & {
+  /**
+   * @generated from field: string host_id = 1;
+   */
+  hostId: string;
+
+  /**
+   * Labels to add or overwrite.
+   *
+   * @generated from field: map<string, string> set = 2;
+   */
+  set: { [key: string]: string };
+
+  /**
+   * Label keys to remove (applied before set).
+   *
+   * @generated from field: repeated string remove = 3;
+   */
+  remove: string[];
+};
+
+/**
+ * Describes the message rexmesh.v1.SetHostLabelsRequest.
+ * Use `create(SetHostLabelsRequestSchema)` to create a new message.
+ */
+export const SetHostLabelsRequestSchema: GenMessage<SetHostLabelsRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 21);
+
+/**
+ * @generated from message rexmesh.v1.SetHostLabelsResponse
+ */
+export type SetHostLabelsResponse = Message<"rexmesh.v1.SetHostLabelsResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.Host host = 1;
+   */
+  host?: Host | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.SetHostLabelsResponse.
+ * Use `create(SetHostLabelsResponseSchema)` to create a new message.
+ */
+export const SetHostLabelsResponseSchema: GenMessage<SetHostLabelsResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 22);
+
+/**
+ * @generated from message rexmesh.v1.ListAuditRequest
+ */
+export type ListAuditRequest = Message<"rexmesh.v1.ListAuditRequest"> & {
+  /**
+   * Only events at or after this time; unset means from the oldest kept.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 1;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * At most this many of the newest matching events (default 100, at most 1000).
+   *
+   * @generated from field: uint32 limit = 2;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.ListAuditRequest.
+ * Use `create(ListAuditRequestSchema)` to create a new message.
+ */
+export const ListAuditRequestSchema: GenMessage<ListAuditRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 23);
+
+/**
+ * @generated from message rexmesh.v1.ListAuditResponse
+ */
+export type ListAuditResponse = Message<"rexmesh.v1.ListAuditResponse"> & {
+  /**
+   * @generated from field: repeated rexmesh.v1.AuditEvent events = 1;
+   */
+  events: AuditEvent[];
+};
+
+/**
+ * Describes the message rexmesh.v1.ListAuditResponse.
+ * Use `create(ListAuditResponseSchema)` to create a new message.
+ */
+export const ListAuditResponseSchema: GenMessage<ListAuditResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 24);
+
+/**
+ * One entry of the audit log: who did what, where, and what was decided.
+ *
+ * @generated from message rexmesh.v1.AuditEvent
+ */
+export type AuditEvent = Message<"rexmesh.v1.AuditEvent"> & {
+  /**
+   * Time-ordered id.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 2;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * submit, cancel, label, audit, enroll, revoke, ...
+   *
+   * @generated from field: string kind = 3;
+   */
+  kind: string;
+
+  /**
+   * @generated from field: string tenant = 4;
+   */
+  tenant: string;
+
+  /**
+   * Who acted, e.g. "operator:acme/alice".
+   *
+   * @generated from field: string actor = 5;
+   */
+  actor: string;
+
+  /**
+   * @generated from field: rexmesh.v1.AuditDecision decision = 6;
+   */
+  decision: AuditDecision;
+
+  /**
+   * Why it was refused, or the role that allowed it.
+   *
+   * @generated from field: string reason = 7;
+   */
+  reason: string;
+
+  /**
+   * What was asked: command or steps summary, label changes, job id.
+   *
+   * @generated from field: string what = 8;
+   */
+  what: string;
+
+  /**
+   * The hosts concerned (at most the first 20) and how many there were.
+   *
+   * @generated from field: repeated string host_ids = 9;
+   */
+  hostIds: string[];
+
+  /**
+   * @generated from field: uint32 host_count = 10;
+   */
+  hostCount: number;
+
+  /**
+   * @generated from field: string job_id = 11;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.AuditEvent.
+ * Use `create(AuditEventSchema)` to create a new message.
+ */
+export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 25);
+
+/**
  * @generated from enum rexmesh.v1.ConnectionState
  */
 export enum ConnectionState {
@@ -718,6 +906,43 @@ export enum JobState {
  */
 export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
   enumDesc(file_rexmesh_v1_controller, 1);
+
+/**
+ * @generated from enum rexmesh.v1.AuditDecision
+ */
+export enum AuditDecision {
+  /**
+   * @generated from enum value: AUDIT_DECISION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Authorized and done.
+   *
+   * @generated from enum value: AUDIT_DECISION_ALLOWED = 1;
+   */
+  ALLOWED = 1,
+
+  /**
+   * Refused by authorization (PERMISSION_DENIED).
+   *
+   * @generated from enum value: AUDIT_DECISION_DENIED = 2;
+   */
+  DENIED = 2,
+
+  /**
+   * Refused as malformed or naming what does not exist (INVALID_ARGUMENT, NOT_FOUND, ...).
+   *
+   * @generated from enum value: AUDIT_DECISION_REJECTED = 3;
+   */
+  REJECTED = 3,
+}
+
+/**
+ * Describes the enum rexmesh.v1.AuditDecision.
+ */
+export const AuditDecisionSchema: GenEnum<AuditDecision> = /*@__PURE__*/
+  enumDesc(file_rexmesh_v1_controller, 2);
 
 /**
  * The public API of rexmesh, served by the controller over HTTP/2 with TLS
@@ -800,6 +1025,26 @@ export const ControllerService: GenService<{
     methodKind: "unary";
     input: typeof ImportBundleRequestSchema;
     output: typeof ImportBundleResponseSchema;
+  },
+  /**
+   * Sets and removes operator labels of one host of the caller's tenant.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.SetHostLabels
+   */
+  setHostLabels: {
+    methodKind: "unary";
+    input: typeof SetHostLabelsRequestSchema;
+    output: typeof SetHostLabelsResponseSchema;
+  },
+  /**
+   * Audit events of the caller's tenant, oldest first.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ListAudit
+   */
+  listAudit: {
+    methodKind: "unary";
+    input: typeof ListAuditRequestSchema;
+    output: typeof ListAuditResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);

@@ -8,7 +8,9 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { HostFacts } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
-import type { OutputAck, OutputChunk, StatusAck, TaskSpec, TaskStatus } from "./task_pb.js";
+import type { SignedDenyList } from "./revocation_pb.js";
+import { file_rexmesh_v1_revocation } from "./revocation_pb.js";
+import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -16,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/proxy_link.proto.
  */
 export const file_rexmesh_v1_proxy_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi3AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkImkKClByb3h5SGVsbG8SDAoEbmFtZRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNEicKBWhvc3RzGAQgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2UikwEKDEhvc3RQcmVzZW5jZRIPCgdob3N0X2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIRCgljb25uZWN0ZWQYAyABKAgSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAUgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMiUQoJUHJveHlMb2FkEhcKD2Nvbm5lY3RlZF9ob3N0cxgBIAEoDRIUCgxxdWV1ZWRfdGFza3MYAiABKA0SFQoNcnVubmluZ190YXNrcxgDIAEoDSLmAQoTUHJveHlTdHJlYW1SZXNwb25zZRIpCgd3ZWxjb21lGAEgASgLMhgucmV4bWVzaC52MS5Qcm94eVdlbGNvbWUSIwoFdGFza3MYAiADKAsyFC5yZXhtZXNoLnYxLlRhc2tTcGVjEicKB2NhbmNlbHMYAyADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYBCADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgFIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrIiQKDFByb3h5V2VsY29tZRIUCgxoZWFydGJlYXRfbXMYASABKA0iLgoKQ2FuY2VsVGFzaxIPCgd0YXNrX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkyZgoQUHJveHlMaW5rU2VydmljZRJSCgtQcm94eVN0cmVhbRIeLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi3AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkImkKClByb3h5SGVsbG8SDAoEbmFtZRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNEicKBWhvc3RzGAQgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2UikwEKDEhvc3RQcmVzZW5jZRIPCgdob3N0X2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIRCgljb25uZWN0ZWQYAyABKAgSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAUgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMiUQoJUHJveHlMb2FkEhcKD2Nvbm5lY3RlZF9ob3N0cxgBIAEoDRIUCgxxdWV1ZWRfdGFza3MYAiABKA0SFQoNcnVubmluZ190YXNrcxgDIAEoDSLJAgoTUHJveHlTdHJlYW1SZXNwb25zZRIpCgd3ZWxjb21lGAEgASgLMhgucmV4bWVzaC52MS5Qcm94eVdlbGNvbWUSJQoFdGFza3MYAiADKAsyFi5yZXhtZXNoLnYxLlNpZ25lZFRhc2sSJwoHY2FuY2VscxgDIAMoCzIWLnJleG1lc2gudjEuQ2FuY2VsVGFzaxIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRItCglkZW55X2xpc3QYByABKAsyGi5yZXhtZXNoLnYxLlNpZ25lZERlbnlMaXN0IiQKDFByb3h5V2VsY29tZRIUCgxoZWFydGJlYXRfbXMYASABKA0iLgoKQ2FuY2VsVGFzaxIPCgd0YXNrX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkyZgoQUHJveHlMaW5rU2VydmljZRJSCgtQcm94eVN0cmVhbRIeLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_task]);
 
 /**
  * Proxy to controller.
@@ -175,9 +177,9 @@ export type ProxyStreamResponse = Message<"rexmesh.v1.ProxyStreamResponse"> & {
   welcome?: ProxyWelcome | undefined;
 
   /**
-   * @generated from field: repeated rexmesh.v1.TaskSpec tasks = 2;
+   * @generated from field: repeated rexmesh.v1.SignedTask tasks = 2;
    */
-  tasks: TaskSpec[];
+  tasks: SignedTask[];
 
   /**
    * @generated from field: repeated rexmesh.v1.CancelTask cancels = 3;
@@ -193,6 +195,20 @@ export type ProxyStreamResponse = Message<"rexmesh.v1.ProxyStreamResponse"> & {
    * @generated from field: repeated rexmesh.v1.StatusAck status_acks = 5;
    */
   statusAcks: StatusAck[];
+
+  /**
+   * Task-signing keys the receiver should trust (after checking their endorsement).
+   *
+   * @generated from field: repeated rexmesh.v1.TaskSigningKey signing_keys = 6;
+   */
+  signingKeys: TaskSigningKey[];
+
+  /**
+   * The newest deny-list: sent on connect and whenever it changes.
+   *
+   * @generated from field: rexmesh.v1.SignedDenyList deny_list = 7;
+   */
+  denyList?: SignedDenyList | undefined;
 };
 
 /**

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/task.proto.
  */
 export const file_rexmesh_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJImoKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIAEIGCgR0b29sIqUDCghUYXNrU3BlYxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgNlbnYYBiADKAsyHS5yZXhtZXNoLnYxLlRhc2tTcGVjLkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAcgASgJEg0KBXN0ZGluGAggASgMEioKB3RpbWVvdXQYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZGVsaXZlcl9ieRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaWRlbXBvdGVudBgLIAEoCBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJjCgtPdXRwdXRDaHVuaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoCgZzdHJlYW0YAyABKA4yGC5yZXhtZXNoLnYxLk91dHB1dFN0cmVhbRIMCgRkYXRhGAQgASgMIvYBCgpUYXNrU3RhdHVzEg8KB3Rhc2tfaWQYASABKAkSJAoFc3RhdGUYAiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCglleGl0X2NvZGUYBCABKAVIAIgBARIOCgZzaWduYWwYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIVCg1vdXRwdXRfY2h1bmtzGAcgASgEEhgKEG91dHB1dF90cnVuY2F0ZWQYCCABKAgSDwoHaG9zdF9pZBgJIAEoCUIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJCCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlKu0CCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhYKElRBU0tfU1RBVEVfUEVORElORxABEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAISGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAMSGAoUVEFTS19TVEFURV9ERUxJVkVSRUQQBBIWChJUQVNLX1NUQVRFX1JVTk5JTkcQBRIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAKEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAsSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQDBIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBANEhoKFlRBU0tfU1RBVEVfSU5URVJSVVBURUQQDhIWChJUQVNLX1NUQVRFX0VYUElSRUQQDxIXChNUQVNLX1NUQVRFX1JFSkVDVEVEEBASFgoSVEFTS19TVEFURV9TS0lQUEVEEBEqYQoMT3V0cHV0U3RyZWFtEh0KGU9VVFBVVF9TVFJFQU1fVU5TUEVDSUZJRUQQABIYChRPVVRQVVRfU1RSRUFNX1NURE9VVBABEhgKFE9VVFBVVF9TVFJFQU1fU1RERVJSEAJiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJImoKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIAEIGCgR0b29sIqUDCghUYXNrU3BlYxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgNlbnYYBiADKAsyHS5yZXhtZXNoLnYxLlRhc2tTcGVjLkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAcgASgJEg0KBXN0ZGluGAggASgMEioKB3RpbWVvdXQYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZGVsaXZlcl9ieRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaWRlbXBvdGVudBgLIAEoCBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJjCgtPdXRwdXRDaHVuaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoCgZzdHJlYW0YAyABKA4yGC5yZXhtZXNoLnYxLk91dHB1dFN0cmVhbRIMCgRkYXRhGAQgASgMIvYBCgpUYXNrU3RhdHVzEg8KB3Rhc2tfaWQYASABKAkSJAoFc3RhdGUYAiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCglleGl0X2NvZGUYBCABKAVIAIgBARIOCgZzaWduYWwYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIVCg1vdXRwdXRfY2h1bmtzGAcgASgEEhgKEG91dHB1dF90cnVuY2F0ZWQYCCABKAgSDwoHaG9zdF9pZBgJIAEoCUIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJCCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkq7QIKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQESphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Runs argv directly, without a shell: arguments are never interpreted.
@@ -340,6 +340,91 @@ export type StatusAck = Message<"rexmesh.v1.StatusAck"> & {
  */
 export const StatusAckSchema: GenMessage<StatusAck> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_task, 7);
+
+/**
+ * A task exactly as the controller signed it. Proxies relay it unchanged
+ * (they decode spec only to route it); a daemon runs nothing whose
+ * signature does not verify with an endorsed controller key.
+ *
+ * @generated from message rexmesh.v1.SignedTask
+ */
+export type SignedTask = Message<"rexmesh.v1.SignedTask"> & {
+  /**
+   * A serialized TaskSpec: exactly the signed bytes.
+   *
+   * @generated from field: bytes spec = 1;
+   */
+  spec: Uint8Array;
+
+  /**
+   * Ed25519 signature of spec.
+   *
+   * @generated from field: bytes signature = 2;
+   */
+  signature: Uint8Array;
+
+  /**
+   * Which TaskSigningKey made it.
+   *
+   * @generated from field: string key_id = 3;
+   */
+  keyId: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.SignedTask.
+ * Use `create(SignedTaskSchema)` to create a new message.
+ */
+export const SignedTaskSchema: GenMessage<SignedTask> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 8);
+
+/**
+ * The controller's task-signing key (Ed25519, fast enough to sign every
+ * task), endorsed by the controller's certificate key. Daemons accept it
+ * only when the certificate chains to the mesh CA and names a controller.
+ *
+ * @generated from message rexmesh.v1.TaskSigningKey
+ */
+export type TaskSigningKey = Message<"rexmesh.v1.TaskSigningKey"> & {
+  /**
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * SPKI DER of the Ed25519 public key.
+   *
+   * @generated from field: bytes public_key = 2;
+   */
+  publicKey: Uint8Array;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp not_after = 3;
+   */
+  notAfter?: Timestamp | undefined;
+
+  /**
+   * RSA-SHA256 signature by the controller certificate's key over
+   * key_id, public_key and not_after (see common/task-signing.ts).
+   *
+   * @generated from field: bytes endorsement = 4;
+   */
+  endorsement: Uint8Array;
+
+  /**
+   * The endorsing controller certificate, PEM.
+   *
+   * @generated from field: string controller_certificate = 5;
+   */
+  controllerCertificate: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.TaskSigningKey.
+ * Use `create(TaskSigningKeySchema)` to create a new message.
+ */
+export const TaskSigningKeySchema: GenMessage<TaskSigningKey> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 9);
 
 /**
  * The life of one task (one job on one host). Every accepted task reaches

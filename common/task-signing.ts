@@ -1,0 +1,114 @@
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Credentials } from "../certs/files.js";
+import { identityFromCertificate } from "../certs/identity.js";
+import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+import type { Clock } from "./clock.js";
+
+/** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
+function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {
+  const id = Buffer.from(keyId, "utf8");
+  const head = Buffer.alloc(12);
+  head.writeUInt32BE(id.length, 0);
+  head.writeBigUInt64BE(BigInt(notAfterMs), 4);
+  return Buffer.concat([Buffer.from("rexmesh task-signing key v1\0"), head, id, Buffer.from(publicKey)]);
+}
+
+/**
+ * Signs every task the controller sends. The Ed25519 key lives only in the
+ * controller's memory (a new one each start); its public half is endorsed by
+ * the controller certificate's key, so daemons can check it against the
+ * mesh CA without any other channel.
+ */
+export class TaskSigner {
+  private readonly privateKey: KeyObject;
+  readonly key: TaskSigningKey;
+
+  constructor(creds: Credentials, clock: Clock, lifetimeMs = 30 * 86_400_000) {
+    const { publicKey, privateKey } = generateKeyPairSync("ed25519");
+    this.privateKey = privateKey;
+    const der = publicKey.export({ type: "spki", format: "der" });
+    const keyId = createHash("sha256").update(der).digest("hex").slice(0, 16);
+    const notAfter = clock.now() + lifetimeMs;
+    this.key = create(TaskSigningKeySchema, {
+      keyId,
+      publicKey: der,
+      notAfter: timestampFromMs(notAfter),
+      endorsement: sign("sha256", endorsedBytes(keyId, der, notAfter), createPrivateKey(creds.keyPem)),
+      controllerCertificate: creds.certPem,
+    });
+  }
+
+  sign(spec: TaskSpec): SignedTask {
+    const bytes = toBinary(TaskSpecSchema, spec);
+    return create(SignedTaskSchema, { spec: bytes, signature: sign(null, bytes, this.privateKey), keyId: this.key.keyId });
+  }
+}
+
+/** Decodes a signed task's spec without trusting it: for routing at a proxy, and for naming a task a daemon refuses. */
+export function peekSpec(task: SignedTask): TaskSpec | undefined {
+  try {
+    return fromBinary(TaskSpecSchema, task.spec);
+  } catch {
+    return undefined;
+  }
+}
+
+export class TaskRejected extends Error {}
+
+/**
+ * The daemon's check before it runs anything: keys are trusted only when a
+ * certificate chaining to the mesh CA, valid now and naming a controller,
+ * endorsed them; a task only when one of those keys signed exactly its bytes.
+ */
+export class TaskVerifier {
+  private readonly keys = new Map<string, { publicKey: KeyObject; notAfter: number }>();
+  private readonly ca: X509Certificate;
+
+  constructor(
+    caPem: string,
+    private readonly clock: Clock,
+  ) {
+    this.ca = new X509Certificate(caPem);
+  }
+
+  get size(): number {
+    return this.keys.size;
+  }
+
+  /** Adds the keys whose endorsement holds; returns how many were accepted. */
+  addKeys(keys: readonly TaskSigningKey[]): number {
+    let added = 0;
+    for (const k of keys) {
+      if (this.keys.has(k.keyId)) continue;
+      try {
+        const cert = new X509Certificate(k.controllerCertificate);
+        const now = this.clock.now();
+        if (!cert.checkIssued(this.ca) || !cert.verify(this.ca.publicKey)) continue;
+        if (now < Date.parse(cert.validFrom) || now > Date.parse(cert.validTo)) continue;
+        if (identityFromCertificate(cert).role !== "controller") continue;
+        const notAfter = k.notAfter ? timestampMs(k.notAfter) : 0;
+        if (notAfter <= now) continue;
+        if (!verify("sha256", endorsedBytes(k.keyId, k.publicKey, notAfter), cert.publicKey, k.endorsement)) continue;
+        const publicKey = createPublicKey({ key: Buffer.from(k.publicKey), format: "der", type: "spki" });
+        if (publicKey.asymmetricKeyType !== "ed25519") continue;
+        this.keys.set(k.keyId, { publicKey, notAfter });
+        added++;
+      } catch {
+        // An unreadable key is simply not trusted.
+      }
+    }
+    return added;
+  }
+
+  /** The spec of a task whose signature holds; throws TaskRejected with the reason otherwise. */
+  verify(task: SignedTask): TaskSpec {
+    if (task.signature.length === 0) throw new TaskRejected("the task is not signed");
+    const key = this.keys.get(task.keyId);
+    if (!key) throw new TaskRejected(`the task is signed with an unknown key ${JSON.stringify(task.keyId)}`);
+    if (key.notAfter <= this.clock.now()) throw new TaskRejected("the task is signed with an expired key");
+    if (!verify(null, task.spec, key.publicKey, task.signature)) throw new TaskRejected("the task's signature does not match: it was altered on the way");
+    return fromBinary(TaskSpecSchema, task.spec);
+  }
+}

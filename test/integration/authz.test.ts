@@ -1,0 +1,187 @@
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { operatorClient } from "../../cli/client.js";
+import { LocalMesh } from "../../cli/launcher.js";
+import type { CredentialPaths } from "../../certs/files.js";
+import { ConnectionState } from "../../gen/rexmesh/v1/controller_pb.js";
+import { rexmesh, tempDir } from "./support.js";
+
+/**
+ * Authorization and audit end to end: a controller started with a policy
+ * file, six hosts of two tenants (tenant from each host's certificate)
+ * labelled role=web/db, and operators of both tenants using the real CLI.
+ */
+describe("authorization and audit on a real mesh", () => {
+  const work = tempDir("authz");
+  const policyFile = join(work, "policy.yaml");
+  const policy = (webHosts: string) => `
+roles:
+  admin:
+    hosts: all
+    actions: ["*"]
+    commands: ["*"]
+    shell: true
+  web-ops:
+    hosts: ${JSON.stringify(webHosts)}
+    actions: [read, submit, cancel, audit]
+    commands:
+      - hostname
+      - program: echo
+        args: ["[a-z0-9-]+"]
+bindings:
+  acme/dev: [admin]
+  acme/alice: [web-ops]
+  beta/admin: [admin]
+`;
+  writeFileSync(policyFile, policy("role=web"));
+  const hosts = [
+    { id: "web-1", region: "east", tenant: "acme", role: "web" },
+    { id: "web-2", region: "west", tenant: "acme", role: "web" },
+    { id: "db-1", region: "east", tenant: "acme", role: "db" },
+    { id: "bweb-1", region: "west", tenant: "beta", role: "web" },
+    { id: "bweb-2", region: "east", tenant: "beta", role: "web" },
+    { id: "bdb-1", region: "west", tenant: "beta", role: "db" },
+  ];
+  const mesh = new LocalMesh({
+    dir: join(work, "mesh"),
+    regions: ["east", "west"],
+    tenant: "acme",
+    hosts: hosts.map(({ id, region, tenant }) => ({ id, region, tenant })),
+    controllerArgs: ["--policy", policyFile],
+  });
+  let alice: CredentialPaths;
+  let betaAdmin: CredentialPaths;
+  const envOf = (c: CredentialPaths) => ({ REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: c.cert, REXMESH_KEY: c.key, REXMESH_CA: c.ca });
+  const asAlice = (args: string[]) => rexmesh(args, envOf(alice));
+  const asDev = (args: string[]) => rexmesh(args, mesh.exports());
+  const asBeta = (args: string[]) => rexmesh(args, envOf(betaAdmin));
+
+  beforeAll(async () => {
+    await mesh.start();
+    alice = mesh.issue({ role: "operator", scope: "acme", id: "alice" }, join(work, "alice"));
+    betaAdmin = mesh.issue({ role: "operator", scope: "beta", id: "admin" }, join(work, "beta-admin"));
+    await mesh.waitForHosts(3);
+    // Tenant beta's hosts, seen through beta's own operator.
+    const { client, close } = operatorClient({}, envOf(betaAdmin));
+    try {
+      for (let delay = 20; ; delay = Math.min(delay * 2, 250)) {
+        const { hosts: listed } = await client.listHosts({});
+        if (listed.filter((h) => h.connection === ConnectionState.CONNECTED).length >= 3) break;
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    } finally {
+      close();
+    }
+    for (const h of hosts) {
+      const r = await (h.tenant === "acme" ? asDev : asBeta)(["hosts", "label", h.id, `role=${h.role}`, "env=test"]);
+      expect(r.code, r.stderr).toBe(0);
+    }
+  });
+
+  afterAll(async () => {
+    await mesh.stop();
+  });
+
+  it("keeps labels, and lists hosts by query", async () => {
+    const r = await asAlice(["hosts", "-t", "role=web", "--json"]);
+    expect(r.code, r.stderr).toBe(0);
+    const rows = JSON.parse(r.stdout) as { id: string; labels: Record<string, string> }[];
+    expect(rows.map((h) => h.id)).toEqual(["web-1", "web-2"]);
+    expect(rows[0]!.labels).toEqual({ role: "web", env: "test" });
+    const removed = await asDev(["hosts", "label", "web-2", "-r", "env"]);
+    expect(removed.stdout).toBe("web-2: role=web\n");
+  });
+
+  it("lets an operator limited to role=web run on web hosts", async () => {
+    const r = await asAlice(["run", "-t", "role=web", "--", "echo", "hello"]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/web-1 out\| hello/);
+    expect(r.stdout).toMatch(/web-2 out\| hello/);
+    expect(r.stdout).not.toMatch(/db-1/);
+  });
+
+  it("refuses a db host, --all and `-t all` with PERMISSION_DENIED naming db-1, and an empty target as INVALID_ARGUMENT", async () => {
+    for (const where of [["-H", "db-1"], ["--all"], ["-t", "all"], ["-t", "role=web or role=db"]]) {
+      const r = await asAlice(["run", ...where, "--", "hostname"]);
+      expect(r.code, where.join(" ")).toBe(1);
+      expect(r.stderr).toMatch(/PermissionDenied: .*db-1/);
+      expect(r.stderr).toContain("web-ops");
+      expect(r.stdout).toBe("");
+    }
+    const cmd = await asAlice(["run", "-t", "role=web", "--", "echo", "$(reboot)"]);
+    expect(cmd.stderr).toMatch(/PermissionDenied: .*arguments of "echo"/);
+    const empty = await asAlice(["run", "-t", "", "--", "hostname"]);
+    expect(empty.code).toBe(2);
+    expect(empty.stderr).toMatch(/InvalidArgument: target at 0: /);
+    const bad = await asAlice(["run", "-t", "role in (web", "--", "hostname"]);
+    expect(bad.stderr).toContain("InvalidArgument: target at 12:");
+    expect(bad.stderr).toContain("role in (web\n            ^");
+    // Nothing of the above became a job.
+    const jobs = JSON.parse((await asAlice(["jobs", "--json"])).stdout) as { id: string }[];
+    expect(jobs).toHaveLength(1);
+  });
+
+  it("records every refusal in the audit log, with who, what, where and why", async () => {
+    const r = await asAlice(["audit", "--since", "1h", "--json"]);
+    expect(r.code, r.stderr).toBe(0);
+    const events = r.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    const denied = events.filter((e) => e.kind === "submit" && e.decision === "denied" && e.actor === "operator:acme/alice");
+    expect(denied.map((e) => e.what)).toEqual([
+      "hosts db-1: exec hostname",
+      "all hosts: exec hostname",
+      'target "all": exec hostname',
+      'target "role=web or role=db": exec hostname',
+      'target "role=web": exec echo "$(reboot)"',
+    ]);
+    for (const e of denied.slice(0, 4)) {
+      expect(e.hosts).toContain("db-1");
+      expect(e.reason).toMatch(/db-1/);
+    }
+    const rejected = events.filter((e) => e.decision === "rejected").map((e) => e.what);
+    expect(rejected).toEqual(['target "": exec hostname', 'target "role in (web": exec hostname']);
+    const allowed = events.filter((e) => e.kind === "submit" && e.decision === "allowed");
+    expect(allowed).toHaveLength(1);
+    expect(allowed[0]).toMatchObject({ hosts: ["web-1", "web-2"], reason: "role web-ops" });
+    expect(events.filter((e) => e.kind === "label")).toHaveLength(4);
+    // Text form, too.
+    expect((await asAlice(["audit"])).stdout).toMatch(/DENIED +submit +operator:acme\/alice +hosts db-1: exec hostname +on db-1 +-- .*web-ops/);
+    // alice may not label; that refusal is audited as well.
+    const label = await asAlice(["hosts", "label", "web-1", "owner=alice"]);
+    expect(label.stderr).toMatch(/PermissionDenied: operator acme\/alice may not label/);
+    const after = (await asAlice(["audit", "--json"])).stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(after.at(-1)).toMatchObject({ kind: "label", decision: "denied", hosts: ["web-1"] });
+  });
+
+  it("shows an operator of tenant A none of tenant B's hosts, by id or by query", async () => {
+    const list = JSON.parse((await asAlice(["hosts", "--json"])).stdout) as { id: string }[];
+    expect(list.map((h) => h.id)).toEqual(["db-1", "web-1", "web-2"]);
+    const byId = await asAlice(["run", "-H", "bweb-1", "--", "hostname"]);
+    expect(byId.stderr).toMatch(/NotFound: unknown host: bweb-1/);
+    const byQuery = await asAlice(["run", "-t", "#bweb-1", "--", "hostname"]);
+    expect(byQuery.stderr).toMatch(/InvalidArgument: the target "#bweb-1" matches no host/);
+    expect(JSON.parse((await asDev(["hosts", "-t", "role=web", "--json"])).stdout).map((h: { id: string }) => h.id)).toEqual(["web-1", "web-2"]);
+    const beta = JSON.parse((await asBeta(["hosts", "--json"])).stdout) as { id: string }[];
+    expect(beta.map((h) => h.id)).toEqual(["bdb-1", "bweb-1", "bweb-2"]);
+    // Beta's admin may run anywhere in beta, and still nowhere in acme.
+    const r = await asBeta(["run", "--all", "--", "hostname"]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/3 hosts: 3 succeeded/);
+    expect((await asBeta(["run", "-H", "web-1", "--", "hostname"])).stderr).toMatch(/NotFound/);
+    // And tenant A's audit never shows tenant B's events.
+    const audit = (await asAlice(["audit", "--json"])).stdout;
+    expect(audit).not.toContain("beta");
+  });
+
+  it("reloads the policy on SIGHUP", async () => {
+    writeFileSync(policyFile, policy("role in (web, db)"));
+    const before = readFileSync(mesh.controller.logFile, "utf8").split("authorization policy reloaded").length;
+    mesh.controller.proc.kill("SIGHUP");
+    for (let delay = 10; readFileSync(mesh.controller.logFile, "utf8").split("authorization policy reloaded").length === before; delay = Math.min(delay * 2, 200)) {
+      await new Promise((r) => setTimeout(r, delay));
+    }
+    const r = await asAlice(["run", "-H", "db-1", "--", "hostname"]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(mesh.controller.proc.exitCode).toBe(null);
+  });
+});

@@ -1,0 +1,150 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { readCredentials } from "../../certs/files.js";
+import { clientFor, openChannel } from "../../common/connect-dial.js";
+import { openFrameLink } from "../../common/connect-link.js";
+import type { FrameLink } from "../../common/frame-link.js";
+import { createGrpcLinkServer, type GrpcLinkServer } from "../../common/grpc-link.js";
+import { silentLogger } from "../../common/logger.js";
+import { peekSpec } from "../../common/task-signing.js";
+import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
+import { AgentLinkService, AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
+import { ProxyLinkService, ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { SignedTaskSchema, StatusAckSchema, TaskSpecSchema, TaskState, type SignedTask, type TaskSigningKey, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
+import { clientOf, collectJob, tempDir } from "./support.js";
+
+/**
+ * A proxy with a valid proxy certificate that misbehaves: it relays like a
+ * proxy, but can alter a task's bytes or hand one host's task to another.
+ * The controller (real) signs; the daemons (real processes) must refuse.
+ */
+class EvilProxy {
+  readonly hosts = new Map<string, FrameLink<AgentStreamResponse, AgentStreamRequest>>();
+  readonly seen: { host: string; status: TaskStatus }[] = [];
+  keys: TaskSigningKey[] = [];
+  mode: { alter?: string; replayTo?: string } = {};
+  private up!: FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
+  server!: GrpcLinkServer;
+  address = "";
+
+  constructor(private readonly controller: string, private readonly creds: ReturnType<typeof readCredentials>) {}
+
+  async start(): Promise<void> {
+    this.server = createGrpcLinkServer({
+      creds: this.creds,
+      log: silentLogger,
+      method: AgentLinkService.method.agentStream,
+      serve: async (link, peer) => {
+        this.hosts.set(peer.id, link);
+        link.send(create(AgentStreamResponseSchema, { welcome: { proxy: "px-evil", region: "evil", heartbeatMs: 60_000 }, signingKeys: this.keys }));
+        this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true }] }));
+        for await (const frame of link.incoming) {
+          for (const s of frame.statuses) this.seen.push({ host: peer.id, status: s });
+          if (frame.statuses.length || frame.output.length) {
+            this.up.send(create(ProxyStreamRequestSchema, { statuses: frame.statuses.filter((s) => peekOwner(s) === peer.id || !this.mode.replayTo), output: frame.output }));
+            link.send(create(AgentStreamResponseSchema, { statusAcks: frame.statuses.map((s) => create(StatusAckSchema, { taskId: s.taskId, state: s.state })) }));
+          }
+        }
+      },
+    });
+    this.address = `127.0.0.1:${await this.server.listen("127.0.0.1", 0)}`;
+    const channel = openChannel(this.controller, this.creds, ["controller"]);
+    const client = clientFor(ProxyLinkService, channel);
+    this.up = openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), () => channel.close());
+    this.up.send(create(ProxyStreamRequestSchema, { hello: { name: "px-evil", region: "evil", heartbeatMs: 60_000 } }));
+    void (async () => {
+      for await (const frame of this.up.incoming) {
+        if (frame.signingKeys.length) this.keys = frame.signingKeys;
+        for (const signed of frame.tasks) this.relay(signed);
+      }
+    })().catch(() => undefined);
+  }
+
+  private relay(signed: SignedTask): void {
+    const spec = peekSpec(signed)!;
+    let out = signed;
+    if (this.mode.alter === spec.hostId) {
+      // Change the command, keep the signature: exactly what a compromised relay would try.
+      const altered = fromBinary(TaskSpecSchema, signed.spec);
+      altered.steps = [{ $typeName: "rexmesh.v1.Step", name: "", tool: { case: "shell", value: { $typeName: "rexmesh.v1.ShellTool", script: 'echo "$REXMESH_HOST_ID" >> "$MARK/pwned"', interpreter: [] } } }];
+      out = create(SignedTaskSchema, { ...signed, spec: toBinary(TaskSpecSchema, altered) });
+    }
+    this.hosts.get(spec.hostId)?.send(create(AgentStreamResponseSchema, { tasks: [out] }));
+    if (this.mode.replayTo) this.hosts.get(this.mode.replayTo)?.send(create(AgentStreamResponseSchema, { tasks: [signed] }));
+  }
+}
+
+const owners = new Map<string, string>();
+const peekOwner = (s: TaskStatus) => owners.get(s.taskId);
+
+describe("signed tasks: a proxy can delay work but never forge or redirect it", () => {
+  const mesh = new LocalMesh({ dir: tempDir("signed"), regions: [], hosts: [] });
+  const daemons: ChildProcess[] = [];
+  let evil: EvilProxy;
+  const marks = () => join(mesh.dir, "marks");
+
+  beforeAll(async () => {
+    mesh.prepare();
+    mkdirSync(marks(), { recursive: true });
+    await mesh.startController();
+    const px = mesh.issue({ role: "proxy", scope: "evil", id: "px-evil" }, join(mesh.dir, "evil"), true);
+    evil = new EvilProxy(mesh.controllerAddress, readCredentials(px));
+    await evil.start();
+    for (const id of ["s1", "s2"]) {
+      const c = mesh.issue({ role: "host", scope: "default", id }, join(mesh.dir, "hosts-evil"));
+      daemons.push(spawn(process.execPath, [REXMESH_BIN, "daemon", "--proxies", evil.address, "--cert", c.cert, "--key", c.key, "--ca", c.ca, "--data", join(mesh.dir, "data", id)], { stdio: "ignore" }));
+    }
+    await mesh.waitForHosts(2);
+  }, 60_000);
+
+  afterAll(async () => {
+    for (const d of daemons) d.kill("SIGTERM");
+    await evil?.server.close(100);
+    await mesh.stop();
+  });
+
+  const submit = async (host: string) => {
+    const conn = clientOf(mesh);
+    const { job } = await conn.client.submitJob(
+      create(SubmitJobRequestSchema, { hostIds: [host], env: { MARK: marks() }, steps: [{ tool: { case: "shell", value: { script: 'echo "$REXMESH_HOST_ID" >> "$MARK/$REXMESH_TASK_ID"' } } }] }),
+    );
+    const { tasks } = await conn.client.getJob({ jobId: job!.id });
+    owners.set(tasks[0]!.id, host);
+    return { conn, job: job! };
+  };
+
+  it("a task whose command was altered on the way is REJECTED and nothing of it runs", async () => {
+    evil.mode = { alter: "s1" };
+    const { conn, job } = await submit("s1");
+    try {
+      const r = await collectJob(conn.client, job.id);
+      const t = r.tasks.get("s1")!;
+      expect(t.state).toBe(TaskState.REJECTED);
+      expect(t.message).toMatch(/signature does not match: it was altered/);
+      expect(existsSync(join(marks(), "pwned"))).toBe(false);
+      expect(existsSync(join(marks(), t.id))).toBe(false);
+    } finally {
+      conn.close();
+    }
+  });
+
+  it("a task replayed to another host is REJECTED there and runs only on its own host", async () => {
+    evil.mode = { replayTo: "s2" };
+    const { conn, job } = await submit("s1");
+    try {
+      const r = await collectJob(conn.client, job.id);
+      const t = r.tasks.get("s1")!;
+      expect(t.state).toBe(TaskState.SUCCEEDED);
+      const onS2 = evil.seen.filter((x) => x.host === "s2" && x.status.taskId === t.id);
+      expect(onS2.map((x) => TaskState[x.status.state])).toEqual(["REJECTED"]);
+      expect(onS2[0]!.status.message).toMatch(/addressed to host default\/s1, not to this host/);
+      expect(readFileSync(join(marks(), t.id), "utf8")).toBe("s1\n");
+    } finally {
+      conn.close();
+    }
+  });
+});

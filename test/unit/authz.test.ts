@@ -1,0 +1,147 @@
+import { create } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import { ConfigError, PermissionDeniedError } from "../../common/errors.js";
+import { silentLogger } from "../../common/logger.js";
+import { Authorizer, compilePolicy, decide, parsePolicy, type Policy } from "../../controller/authz.js";
+import type { HostRecord } from "../../controller/model.js";
+import { StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
+import { execStep, operator } from "./support.js";
+
+const shellStep = (script: string) => create(StepSchema, { tool: { case: "shell", value: { script } } });
+
+const host = (id: string, labels: Record<string, string>, tenant = "acme"): HostRecord => ({ id, tenant, region: "eu", proxy: "px", connected: true, since: 0, labels });
+const web1 = host("web-1", { role: "web" });
+const web2 = host("web-2", { role: "web" });
+const db1 = host("db-1", { role: "db" });
+
+const POLICY = `
+roles:
+  web-ops:
+    hosts: role=web
+    actions: [read, submit, cancel, label, audit]
+    commands:
+      - uptime
+      - program: systemctl
+        args: ["status|restart", "nginx(\\\\.service)?"]
+  db-ops:
+    hosts: role=db
+    actions: [submit]
+    shell: true
+  viewer:
+    hosts: all
+    actions: [read]
+bindings:
+  acme/alice: [web-ops]
+  acme/dba: db-ops
+  acme/*: [viewer]
+`;
+
+describe("authorization policy", () => {
+  const policy: Policy = parsePolicy(POLICY);
+  const alice = operator("acme", "alice");
+
+  it("allows a permitted command on hosts inside the role's selector", () => {
+    expect(decide(policy, alice, { action: "submit", hosts: [web1, web2], steps: [execStep("uptime")] })).toEqual({ allowed: true, role: "web-ops" });
+    expect(decide(policy, alice, { action: "submit", hosts: [web1], steps: [execStep("systemctl", "restart", "nginx.service")] }).allowed).toBe(true);
+  });
+
+  it("refuses a resolved set with any host outside the selector, naming the host and the role", () => {
+    const d = decide(policy, alice, { action: "submit", hosts: [web1, db1, web2], steps: [execStep("uptime")] });
+    expect(d.allowed).toBe(false);
+    if (d.allowed) return;
+    expect(d.reason).toContain("db-1");
+    expect(d.reason).toContain("web-ops");
+    expect(d.reason).not.toContain("web-1");
+  });
+
+  it("names the first refused hosts and counts the rest", () => {
+    const many = Array.from({ length: 9 }, (_, i) => host(`db-${i}`, { role: "db" }));
+    const d = decide(policy, alice, { action: "submit", hosts: [web1, ...many], steps: [execStep("uptime")] });
+    expect(d.allowed ? "" : d.reason).toMatch(/9 hosts .*db-0, db-1, db-2, db-3, db-4, and 4 more/);
+  });
+
+  it("checks programs by glob on argv[0] exactly, and arguments against anchored patterns", () => {
+    const no = (steps: ReturnType<typeof execStep>[]) => decide(policy, alice, { action: "submit", hosts: [web1], steps });
+    expect(no([execStep("rm", "-rf", "/")]).allowed).toBe(false);
+    expect(no([execStep("/tmp/evil/uptime")]).allowed).toBe(false);
+    expect(no([execStep("systemctl", "stop", "nginx")]).allowed).toBe(false);
+    // A pattern matches whole arguments, never a substring.
+    expect(no([execStep("systemctl", "restart", "nginx; reboot")]).allowed).toBe(false);
+    expect(no([execStep("systemctl", "xrestart", "nginx")]).allowed).toBe(false);
+    // Every step must be allowed.
+    expect(no([execStep("uptime"), execStep("reboot")]).allowed).toBe(false);
+    const d = no([execStep("reboot")]);
+    expect(d.allowed ? "" : d.reason).toContain('program "reboot"');
+  });
+
+  it("refuses shell scripts unless the role says shell: true", () => {
+    expect(decide(policy, alice, { action: "submit", hosts: [web1], steps: [shellStep("uptime")] }).allowed).toBe(false);
+    expect(decide(policy, operator("acme", "dba"), { action: "submit", hosts: [db1], steps: [shellStep("pg_dump x")] }).allowed).toBe(true);
+  });
+
+  it("fails closed: no binding, an action no role grants, an unknown action, a non-operator", () => {
+    const nobody = operator("other", "mallory");
+    expect(decide(policy, nobody, { action: "read" })).toMatchObject({ allowed: false, reason: expect.stringContaining("no role") });
+    // acme/* gives bob the viewer role: reading, nothing else.
+    const bob = operator("acme", "bob");
+    expect(decide(policy, bob, { action: "read" }).allowed).toBe(true);
+    expect(decide(policy, bob, { action: "submit", hosts: [web1], steps: [execStep("uptime")] }).allowed).toBe(false);
+    expect(decide(policy, bob, { action: "cancel" }).allowed).toBe(false);
+    expect(decide(policy, alice, { action: "bundle" }).allowed).toBe(false);
+    expect(decide(policy, alice, { action: "frobnicate" } as never).allowed).toBe(false);
+    expect(decide(undefined, { role: "host", scope: "acme", id: "web-1" }, { action: "read" }).allowed).toBe(false);
+    // An empty resolved set is never "all allowed".
+    expect(decide(policy, alice, { action: "submit", hosts: [], steps: [execStep("uptime")] }).allowed).toBe(false);
+  });
+
+  it("turns an evaluation error into a refusal", () => {
+    const broken = { roles: new Map(), bindings: { get: () => { throw new Error("boom"); } } } as unknown as Policy;
+    expect(decide(broken, alice, { action: "read" })).toMatchObject({ allowed: false });
+  });
+
+  it("allows a label change only when the host is inside the role before and after it", () => {
+    expect(decide(policy, alice, { action: "label", before: web1, after: { ...web1, labels: { role: "web", env: "prod" } } }).allowed).toBe(true);
+    // Labelling a db host into one's own scope would widen it.
+    const into = decide(policy, alice, { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } });
+    expect(into.allowed ? "" : into.reason).toContain("db-1");
+    // Labelling a web host out would hand it to someone else's scope.
+    expect(decide(policy, alice, { action: "label", before: web1, after: { ...web1, labels: { role: "db" } } }).allowed).toBe(false);
+  });
+
+  it("without a policy allows everything (tenant isolation is enforced before)", () => {
+    expect(decide(undefined, alice, { action: "submit", hosts: [db1], steps: [shellStep("x")] }).allowed).toBe(true);
+  });
+
+  it("refuses invalid policies with a message naming the place", () => {
+    const bad = (doc: unknown, msg: RegExp) => expect(() => compilePolicy(doc, "p.yaml")).toThrow(msg);
+    bad({ roles: { r: { actions: ["read"] } } }, /roles\.r\.hosts: is required/);
+    bad({ roles: { r: { hosts: "role=" } } }, /roles\.r\.hosts: is not a valid query: at 5/);
+    bad({ roles: { r: { hosts: "all", actions: ["nuke"] } } }, /unknown action "nuke"/);
+    bad({ roles: { r: { hosts: "all", commands: [{ program: "x", args: ["("] }] } } }, /commands\[0\]\.args\[0\]/);
+    bad({ roles: { r: { hosts: "all", extra: 1 } } }, /unknown key "extra"/);
+    bad({ roles: {}, bindings: { "acme/alice": ["ghost"] } }, /unknown role "ghost"/);
+    bad({ roles: { r: { hosts: "all" } }, bindings: { alice: ["r"] } }, /<tenant>\/<operator-id>/);
+    bad({ roles: { r: { hosts: "all" } }, bindings: { "*/*": ["r"] } }, /<tenant>/);
+    expect(() => parsePolicy("roles: [", "p.yaml")).toThrow(ConfigError);
+  });
+});
+
+describe("Authorizer", () => {
+  it("loads at start, keeps the previous policy when a reload is invalid, and takes a valid one", () => {
+    let text = POLICY;
+    const a = new Authorizer({ policyFile: "p.yaml", log: silentLogger, readFile: () => text });
+    const alice = operator("acme", "alice");
+    expect(a.require(alice, { action: "audit" })).toBe("web-ops");
+    text = "roles: {bad";
+    expect(a.reload()).toBe(false);
+    expect(a.decide(alice, { action: "audit" }).allowed).toBe(true);
+    text = "roles: {r: {hosts: all, actions: [read]}}\nbindings: {acme/alice: [r]}";
+    expect(a.reload()).toBe(true);
+    expect(() => a.require(alice, { action: "audit" })).toThrow(PermissionDeniedError);
+  });
+
+  it("refuses to start on an invalid or unreadable policy", () => {
+    expect(() => new Authorizer({ policyFile: "p.yaml", log: silentLogger, readFile: () => "roles: 3" })).toThrow(ConfigError);
+    expect(() => new Authorizer({ policyFile: "/nonexistent/policy.yaml", log: silentLogger })).toThrow(/cannot read policy file/);
+  });
+});
