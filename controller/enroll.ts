@@ -57,6 +57,8 @@ export interface EnrollmentOptions {
   hostCertTtlMs: number;
   /** Hosts the controller knows of otherwise (certificates issued by hand): treated as enrolled with an unknown key. */
   knownHost?: (id: string) => { tenant: string } | undefined;
+  /** Revoked identities: a revoked host id is never enrolled again, not even with a bound token. */
+  isRevoked?: (identity: { role: "host"; scope: string; id: string }) => boolean;
   audit?: EnrollmentAudit;
 }
 
@@ -218,6 +220,9 @@ export class EnrollmentAuthority {
   }
 
   private checkHost(hostId: string, tenant: string, fingerprint: string, host: EnrolledHost | undefined, cred: Credential): void {
+    if (this.opts.isRevoked?.({ role: "host", scope: tenant, id: hostId })) {
+      throw new PermissionDeniedError(`host id ${hostId} was revoked: it is never enrolled again`);
+    }
     const known = host ?? this.opts.knownHost?.(hostId);
     if (!known) return;
     const taken = `host id ${hostId} is enrolled already`;

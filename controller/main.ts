@@ -87,6 +87,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     log,
     hostCertTtlMs: config.hostCertTtl,
     knownHost: (id) => inventory.get(id),
+    isRevoked: (identity) => revocations.isRevoked(identity),
     audit: (e) =>
       audit
         .append({

@@ -36,6 +36,7 @@ const run = promisify(execFile);
  */
 describe("authentication and the public API", () => {
   const dir = tempDir("auth");
+  const dir_ = () => dir;
   const mesh = new LocalMesh({ dir, regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
   let hostCreds: CredentialPaths;
   let proxyCreds: CredentialPaths;
@@ -143,6 +144,47 @@ describe("authentication and the public API", () => {
       expect(err.message).toMatch(/unknown ca|certificate|alert|ECONNRESET|socket hang up|closed/i);
     } finally {
       close();
+    }
+  });
+
+  it("never lets a leaf certificate act as a CA", async () => {
+    // A host signs an "operator" certificate with its own key and presents the chain.
+    const forge = (await import("node-forge")).default;
+    const host = readCredentials(hostCreds);
+    const hostCert = forge.pki.certificateFromPem(host.certPem);
+    const keys = forge.pki.rsa.generateKeyPair(1024);
+    const forged = forge.pki.createCertificate();
+    forged.publicKey = keys.publicKey;
+    forged.serialNumber = "01";
+    forged.validity.notBefore = new Date(Date.now() - 60_000);
+    forged.validity.notAfter = new Date(Date.now() + 3_600_000);
+    forged.setSubject([{ name: "commonName", value: "mallory" }]);
+    forged.setIssuer(hostCert.subject.attributes);
+    forged.setExtensions([{ name: "subjectAltName", altNames: [{ type: 6, value: "rexmesh://operator/default/mallory" }] }]);
+    forged.sign(forge.pki.privateKeyFromPem(host.keyPem), forge.md.sha256.create());
+    const dir = join(dir_(), "forged");
+    const { mkdirSync, writeFileSync } = await import("node:fs");
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "m.crt"), forge.pki.certificateToPem(forged) + host.certPem);
+    writeFileSync(join(dir, "m.key"), forge.pki.privateKeyToPem(keys.privateKey));
+    const { client, close } = controllerWith({ cert: join(dir, "m.crt"), key: join(dir, "m.key"), ca: mesh.operator.ca });
+    try {
+      const err = ConnectError.from(await client.listHosts({}).then(() => new Error("succeeded"), (e) => e));
+      expect(err.code).not.toBe(Code.PermissionDenied); // refused by TLS, before any handler
+      expect(err.message).not.toMatch(/succeeded/);
+    } finally {
+      close();
+    }
+  });
+
+  it("refuses plain HTTP", async () => {
+    for (const args of [["--http1.1"], ["--http2-prior-knowledge"]]) {
+      const r = await run("curl", ["-sS", ...args, "-H", "Content-Type: application/json", "-d", "{}", `http://${mesh.controllerAddress}/rexmesh.v1.ControllerService/ListHosts`]).then(
+        ({ stdout }) => ({ code: 0, stdout }),
+        (e: { code: number; stdout: string }) => e,
+      );
+      expect(r.code, args.join(" ")).not.toBe(0);
+      expect(r.stdout).not.toMatch(/hosts/);
     }
   });
 

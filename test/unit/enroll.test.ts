@@ -175,6 +175,22 @@ describe("enrollment", () => {
     expect(identityFromCertificate(issued.certPem).id).toBe("h1");
   });
 
+  it("never enrolls a revoked host id again, not even with a bound token and its old key", async () => {
+    const revoked = new Set(["acme/h9"]);
+    const authority = new EnrollmentAuthority({
+      store: new MemoryEnrollStore(),
+      ca,
+      clock,
+      log: silentLogger,
+      hostCertTtlMs: HOUR,
+      isRevoked: (i) => revoked.has(`${i.scope}/${i.id}`),
+    });
+    const bound = await authority.createToken(alice, { hostId: "h9" });
+    await expect(authority.enroll(request("h9", { token: bound.token }), undefined)).rejects.toThrow(/revoked: it is never enrolled again/);
+    const other = await authority.createToken(alice, {});
+    expect(identityFromCertificate((await authority.enroll(request("h10", { token: other.token }), undefined)).certPem).id).toBe("h10");
+  });
+
   it("treats hosts known from hand-issued certificates as taken", async () => {
     const { authority } = setup(new MemoryEnrollStore(), { old: "acme", theirs: "globex" });
     const token = (await authority.createToken(alice, {})).token;
