@@ -87,7 +87,12 @@ export function verifyZeroCertificate(
   if (cert.ca || !cert.checkIssued(ca) || !cert.verify(ca.publicKey)) throw new UnauthenticatedError("the bootstrap certificate was not issued by this mesh's CA");
   if (opts.now < Date.parse(cert.validFrom) || opts.now > Date.parse(cert.validTo)) throw new UnauthenticatedError("the bootstrap certificate is not valid now (expired?)");
   const identity = identityFromCertificate(cert);
-  if (identity.role !== "enroll") throw new PermissionDeniedError(`a ${identity.role} certificate is not a bootstrap (enroll) certificate`);
+  // A host may renew itself: its current certificate is the proof, for its own id only.
+  if (identity.role === "host") {
+    if (identity.id !== request.hostId) throw new PermissionDeniedError(`a certificate of host ${identity.id} can renew only that host, not ${request.hostId}`);
+  } else if (identity.role !== "enroll") {
+    throw new PermissionDeniedError(`a ${identity.role} certificate is not a bootstrap (enroll) certificate`);
+  }
   let ok = false;
   try {
     ok = verify("sha256", enrollmentPayload(request.hostId, request.tenant, request.csrPem), cert.publicKey, opts.signature);

@@ -151,8 +151,8 @@ export class LocalMesh {
   }
 
   /** Issues a certificate with the mesh CA, for tests that need extra identities. */
-  issue(identity: PeerIdentity, dir: string, serves = false): CredentialPaths {
-    writeCredentials(dir, identity.id, issueKeyAndCertificate(this.caMaterial, { clock: systemClock, identity, validityMs: 86_400_000, ...(serves ? SERVE_NAMES : {}) }));
+  issue(identity: PeerIdentity, dir: string, serves = false, validityMs = 86_400_000): CredentialPaths {
+    writeCredentials(dir, identity.id, issueKeyAndCertificate(this.caMaterial, { clock: systemClock, identity, validityMs, ...(serves ? SERVE_NAMES : {}) }));
     return credentialPaths(dir, identity.id);
   }
 

@@ -78,9 +78,10 @@ export interface IssuedCertificate {
   notAfter: number;
 }
 
-type Credential = { kind: "token"; hash: string; record: JoinTokenRecord } | { kind: "zero"; identity: PeerIdentity };
+type Credential = { kind: "token"; hash: string; record: JoinTokenRecord } | { kind: "zero"; identity: PeerIdentity } | { kind: "renew"; identity: PeerIdentity };
 
 function credentialName(c: Credential): string {
+  if (c.kind === "renew") return `renew:${c.identity.scope}/${c.identity.id}`;
   return c.kind === "token" ? `token:${c.record.id}` : `enroll:${c.identity.scope}/${c.identity.id}`;
 }
 
@@ -212,7 +213,7 @@ export class EnrollmentAuthority {
         { certPem: input.bootstrapCertificatePem, signature: input.bootstrapSignature, caPem: this.opts.ca!.certPem, now },
         { hostId: input.hostId, tenant: input.tenant, csrPem: input.csrPem },
       );
-      return { kind: "zero", identity };
+      return identity.role === "host" ? { kind: "renew", identity } : { kind: "zero", identity };
     }
     if (input.token === "") throw new InvalidArgumentError("no bootstrap credential: send a join token or use a zero certificate");
     const hash = lookupHash(input.token);
@@ -228,6 +229,11 @@ export class EnrollmentAuthority {
     const taken = `host id ${hostId} is enrolled already`;
     // The same message whatever the tenant, so ids of other tenants are not revealed.
     if (known.tenant !== tenant) throw new PermissionDeniedError(taken);
+    // Renewal: the host proved it holds its current, valid, unrevoked certificate; the same key is certified again.
+    if (cred.kind === "renew") {
+      if (host && host.keyFingerprint !== fingerprint) throw new PermissionDeniedError(`${taken} with another key: renew with the same key`);
+      return;
+    }
     if (host && host.keyFingerprint !== fingerprint) throw new PermissionDeniedError(`${taken} with another key: host ids are never reissued to another machine`);
     const boundToken = cred.kind === "token" && cred.record.hostId === hostId;
     if (!boundToken) throw new PermissionDeniedError(`${taken}; enrolling it again needs a join token bound to it (rexmesh tokens create --host-id ${hostId})`);

@@ -17,6 +17,7 @@ import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import { LmdbLedger } from "./lmdb-ledger.js";
 import { readFileSync } from "node:fs";
 import { ensureEnrolled, type BootstrapCredential } from "./enroll.js";
+import { keepRenewed } from "./renew.js";
 import { TaskVerifier } from "../common/task-signing.js";
 
 export const daemonSchema = {
@@ -28,6 +29,7 @@ export const daemonSchema = {
   data: { type: "string", default: "rexmesh-data/daemon", doc: "directory of the daemon's LMDB store (ledger of accepted tasks, output not yet delivered)" },
   storeSize: { type: "int", default: 2 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold" },
   capacity: { type: "int", default: 4, min: 1, doc: "tasks run at once per host" },
+  renewBefore: { type: "duration", default: "8h", doc: "renew the host certificate this long before it expires (over the link to a proxy)" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval" },
   outputLimit: { type: "int", default: 64 * 1024 * 1024, min: 0, doc: "output bytes kept per task when the job sets no limit" },
   maxUnackedOutput: { type: "int", default: 16 * 1024 * 1024, min: 65536, doc: "output bytes per host not yet acknowledged by the proxy; above it, tasks block in write() until acks arrive" },
@@ -56,9 +58,13 @@ function identityPaths(config: DaemonConfig): CredentialPaths[] {
   return [{ cert: config.cert, key: config.key, ca: config.ca }];
 }
 
-/** Dials a proxy's AgentLink over grpc-js (see docs/transport.md for why grpc-js here). */
-export function grpcDialer(creds: Credentials): Dialer {
-  return async (address) => openGrpcLink(address, creds, ["proxy"], AgentLinkService.method.agentStream);
+/**
+ * Dials a proxy's AgentLink over grpc-js (docs/transport.md for why grpc-js
+ * here). The credentials are read at every dial, so a renewed certificate is
+ * used from the next connection on.
+ */
+export function grpcDialer(paths: CredentialPaths): Dialer {
+  return async (address) => openGrpcLink(address, readCredentials(paths), ["proxy"], AgentLinkService.method.agentStream);
 }
 
 /** Starts one agent per host identity this process serves. */
@@ -70,14 +76,15 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const ledgers = env.db<never>("ledger") as never;
   const outboxes = env.db<Buffer>("outbox", "binary") as never;
-  const agents = identityPaths(config).map((paths) => {
+  const allPaths = identityPaths(config);
+  const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
     return new Agent({
       hostId: me.id,
       tenant: me.scope,
       proxies: config.proxies!,
-      dial: grpcDialer(creds),
+      dial: grpcDialer(paths),
       executor,
       ledger: new LmdbLedger(ledgers, me.id),
       verifier: new TaskVerifier(creds.caPem, clock),
@@ -91,10 +98,16 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     });
   });
   await Promise.all(agents.map((a) => a.start()));
+  const renewing = new AbortController();
+  const renewals = allPaths.map((paths) =>
+    keepRenewed({ paths, proxies: config.proxies!, renewBeforeMs: config.renewBefore, clock, log, signal: renewing.signal }).catch((err) => log.error("certificate renewal stopped", { err })),
+  );
   return {
     agents,
     info: { role: "daemon", hosts: agents.map((a) => a.hostId) },
     async stop(graceMs) {
+      renewing.abort();
+      await Promise.all(renewals);
       await Promise.all(agents.map((a) => a.stop(graceMs)));
       await env.close();
     },

@@ -65,7 +65,18 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const self = (peer: PeerIdentity) => {
     if (peer.role !== "proxy" || peer.id !== me.id || peer.scope !== me.scope) throw new PermissionDeniedError("bundle commands need this proxy's own certificate");
   };
+  // Renewal: a host renews its own certificate over its authenticated link; relayed like enrollment.
+  let renewChannel: ReturnType<typeof openChannel> | undefined;
+  const renewClient = () => clientFor(EnrollService, (renewChannel ??= openChannel(controllerAddress, creds, ["controller"])));
   const admin: UnaryHandler[] = [
+    {
+      method: EnrollService.method.enroll,
+      handle: async (req: EnrollRequest, peer) => {
+        if (peer.role !== "host" || peer.id !== req.hostId) throw new PermissionDeniedError("on this port a host may only renew its own certificate");
+        log.debug("relaying renewal", { host: req.hostId });
+        return renewClient().enroll(req, { timeoutMs: 30_000 });
+      },
+    },
     {
       method: ProxyAdminService.method.importTasks,
       handle: async (req: ImportTasksRequest, peer) => {
@@ -147,6 +158,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       core.stop();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs), uplink]);
       enrollChannel?.close();
+      renewChannel?.close();
       await env.close();
     },
   };
