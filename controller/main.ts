@@ -107,7 +107,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     log,
     isRevoked: (peer) => revocations.isRevoked(peer),
     routes: (router) => {
-      router.service(RevocationService, revocationServiceImpl(revocations, log));
+      router.service(RevocationService, revocationServiceImpl(revocations, log, audit));
       router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
