@@ -210,6 +210,16 @@ export class LocalMesh {
     for (const p of this.proxies) p.address = String(p.info!.address);
   }
 
+  /** Starts one more proxy in a region (a region may have several), with its own identity. */
+  async startExtraProxy(region: string, name: string): Promise<RoleProcess & { region: string; address?: string }> {
+    this.issue({ role: "proxy", scope: region, id: name }, this.identityDir, true, 30 * 86_400_000);
+    const p = { ...this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", this.controllerAddressForProxies ?? this.controllerAddress, ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]), region };
+    this.proxies.push(p);
+    await this.ready(p);
+    (p as { address?: string }).address = String(p.info!.address);
+    return p;
+  }
+
   async startDaemons(): Promise<void> {
     for (const group of this.daemonGroups()) {
       const proxy = this.proxies.find((p) => p.region === group.region)!;
