@@ -160,41 +160,58 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   };
   server.addService(definition, { [method.localName]: handler });
   for (const u of opts.unary ?? []) {
-    const m = u.method;
-    server.addService(
-      {
-        [m.localName]: {
-          path: pathOf(m),
-          requestStream: false,
-          responseStream: false,
-          requestSerialize: (x: any) => Buffer.from(toBinary(m.input, x)),
-          requestDeserialize: (b: Buffer) => fromBinary(m.input, b),
-          responseSerialize: (x: any) => Buffer.from(toBinary(m.output, x)),
-          responseDeserialize: (b: Buffer) => fromBinary(m.output, b),
-        },
-      },
-      {
-        // grpc-js types requests as any; the deserializer above makes them m.input messages.
-        [m.localName]: (call: grpc.ServerUnaryCall<any, unknown>, callback: grpc.sendUnaryData<unknown>) => {
-          Promise.resolve()
-            .then(() => u.handle(call.request, peerOf(call)))
-            .then(
-              (res) => callback(null, res),
-              (err) => {
-                opts.log.info("request refused", { method: m.name, err });
-                const { code, details } = toGrpcStatus(err);
-                callback({ code, details });
-              },
-            );
-        },
-      },
-    );
+    addUnaryMethod(server, u.method, (call) => u.handle(call.request, peerOf(call)), (err) => opts.log.info("request refused", { method: u.method.name, err }));
   }
   const credentials = grpc.ServerCredentials.createSsl(
     Buffer.from(opts.creds.caPem),
     [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }],
     true,
   );
+  return serverLifecycle(server, credentials);
+}
+
+/**
+ * Registers a unary method on a grpc-js server: protobuf-es serialization,
+ * and domain errors turned into gRPC statuses at this one boundary.
+ */
+export function addUnaryMethod(
+  server: grpc.Server,
+  m: DescMethodUnary,
+  run: (call: grpc.ServerUnaryCall<any, unknown>) => Promise<unknown>,
+  onError?: (err: unknown) => void,
+): void {
+  server.addService(
+    {
+      [m.localName]: {
+        path: pathOf(m),
+        requestStream: false,
+        responseStream: false,
+        requestSerialize: (x: any) => Buffer.from(toBinary(m.input, x)),
+        requestDeserialize: (b: Buffer) => fromBinary(m.input, b),
+        responseSerialize: (x: any) => Buffer.from(toBinary(m.output, x)),
+        responseDeserialize: (b: Buffer) => fromBinary(m.output, b),
+      },
+    },
+    {
+      // grpc-js types requests as any; the deserializer above makes them m.input messages.
+      [m.localName]: (call: grpc.ServerUnaryCall<any, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+        Promise.resolve()
+          .then(() => run(call))
+          .then(
+            (res) => callback(null, res),
+            (err) => {
+              onError?.(err);
+              const { code, details } = toGrpcStatus(err);
+              callback({ code, details });
+            },
+          );
+      },
+    },
+  );
+}
+
+/** Binding and a graceful-then-forced shutdown for a grpc-js server. */
+export function serverLifecycle(server: grpc.Server, credentials: grpc.ServerCredentials): GrpcLinkServer {
   return {
     listen: (host, port) =>
       new Promise((resolve, reject) =>
