@@ -64,6 +64,23 @@ describe("role configuration", () => {
     expect(flag.stderr).toMatch(/no-such-flag/);
   });
 
+  it("the deployment examples in deploy/ are valid configurations", async () => {
+    for (const role of ["controller", "proxy", "daemon"]) {
+      const r = await rexmesh([role, "--config", `deploy/${role}.yaml`, "--print-config"]);
+      expect(r.code, `${role}: ${r.stderr}`).toBe(0);
+      expect(JSON.parse(r.stdout)).toHaveProperty("data");
+    }
+  });
+
+  it("the systemd units in deploy/ pass systemd-analyze verify", async () => {
+    const { execFile } = await import("node:child_process");
+    const { promisify } = await import("node:util");
+    for (const unit of ["rexmesh-controller.service", "rexmesh-proxy.service", "rexmesh-daemon.service"]) {
+      const { stderr } = await promisify(execFile)("systemd-analyze", ["verify", `deploy/${unit}`]);
+      expect(stderr, unit).toBe("");
+    }
+  });
+
   it("every command has --help with examples", async () => {
     for (const cmd of [["run"], ["hosts"], ["jobs"], ["ca"], ["dev"], ["controller"], ["proxy"], ["daemon"]]) {
       const r = await rexmesh([...cmd, "--help"]);
