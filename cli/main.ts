@@ -1,9 +1,12 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RexmeshError } from "../common/errors.js";
 import { codeOf } from "../common/rpc-errors.js";
+import { artifactsCommand } from "./artifacts.js";
 import { auditCommand } from "./audit.js";
 import { bundleCommand, proxyBundleCommand } from "./bundle.js";
 import { caCommand } from "./ca.js";
+import { completionCommand } from "./completion.js";
+import { docsCommand } from "./docs.js";
 import { tokensCommand } from "./tokens.js";
 import { revokeCommand } from "./revoke.js";
 import { devCommand } from "./dev.js";
@@ -18,6 +21,8 @@ operators:
   run        run a command on hosts, stream their output live
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
+  docs       store command documents (put FILE), list and show them
+  artifacts  put a file in the artifact repository (for script and file.put steps)
   audit      who did what on which hosts, and what was decided
   bundle     export a region's tasks / import its results (sites with no link)
 
@@ -57,6 +62,8 @@ export async function main(argv: string[]): Promise<number> {
     return revokeCommand(command === "hosts" ? "host" : command === "proxies" ? "proxy" : "operator", rest.slice(1), io);
   }
   switch (command) {
+    case "completion":
+      return completionCommand(rest, io);
     case "bundle":
       return bundleCommand(rest, io);
     case "controller":
@@ -69,8 +76,12 @@ export async function main(argv: string[]): Promise<number> {
       return hostsCommand(rest, io);
     case "audit":
       return auditCommand(rest, io);
+    case "artifacts":
+      return artifactsCommand(rest, io);
     case "jobs":
       return jobsCommand(rest, io);
+    case "docs":
+      return docsCommand(rest, io);
     case "ca":
       return caCommand(rest, io);
     case "tokens":

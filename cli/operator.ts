@@ -1,13 +1,14 @@
 import { readFileSync } from "node:fs";
-import { create } from "@bufbuild/protobuf";
+import { create, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { parseDuration } from "../common/duration.js";
 import { InvalidArgumentError } from "../common/errors.js";
-import { ConnectionState, SubmitJobRequestSchema } from "../gen/rexmesh/v1/controller_pb.js";
-import { StepSchema } from "../gen/rexmesh/v1/task_pb.js";
+import { ConnectionState, SubmitJobRequestSchema, type PlannedTask } from "../gen/rexmesh/v1/controller_pb.js";
+import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
 import { JobPrinter, jobJson, taskJson } from "./printer.js";
+import { artifactRunOptions, artifactStep } from "./artifacts.js";
 
 export interface Io {
   out: (s: string) => void;
@@ -22,6 +23,9 @@ const runOptions: Record<string, OptionSpec> = {
   all: { type: "boolean", short: "a", doc: "run on every host of your tenant" },
   target: { type: "string", short: "t", doc: "run on the hosts matching a query, e.g. 'env=prod and role in (web,db)'", value: "QUERY" },
   shell: { type: "string", short: "s", doc: "run SCRIPT with /bin/sh -c instead of a command after --", value: "SCRIPT" },
+  doc: { type: "string", doc: "run a stored document (rexmesh docs) instead of a command", value: "NAME[@VERSION]" },
+  param: { type: "string", short: "p", multiple: true, doc: "a document parameter (repeatable; repeating a list parameter adds elements)", value: "K=V" },
+  "dry-run": { type: "boolean", doc: "show the hosts, the proxy each goes through and the rendered steps; run nothing" },
   timeout: { type: "string", short: "T", doc: "execution timeout per host (e.g. 30s, 5m)", value: "DURATION" },
   deadline: { type: "string", doc: "hosts that have not started the task by then skip it (EXPIRED); default: controller's", value: "DURATION" },
   env: { type: "string", short: "e", multiple: true, doc: "environment variable for the command (repeatable)", value: "K=V" },
@@ -34,7 +38,9 @@ const runOptions: Record<string, OptionSpec> = {
   batch: { type: "string", doc: "canary: the first N hosts must succeed before the others start", value: "N" },
   "output-limit": { type: "string", doc: "output bytes kept per host; the rest is dropped and marked truncated", value: "BYTES" },
   json: { type: "boolean", doc: "one JSON object per line per event (docs/cli-json.md)" },
+  group: { type: "boolean", short: "b", doc: "collapse identical output of several hosts into one block with the host list, shown at the end" },
   detach: { type: "boolean", short: "d", doc: "print the job id and return without waiting" },
+  ...artifactRunOptions,
   ...connectionOptions,
   help: { type: "boolean", short: "h", doc: "show this help" },
 };
@@ -52,6 +58,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
         "rexmesh run --all --shell 'df -h / | tail -1'",
         "rexmesh run --all --json -- hostname | jq -r 'select(.type==\"output\") | .text'",
         "rexmesh run --all --batch 2 --concurrency 10% --max-errors 3 -- apt-get -y upgrade",
+        "rexmesh run --doc restart-service@2 -p service=nginx -t 'role=web' --dry-run",
       ]),
     );
     return 0;
@@ -62,8 +69,24 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const ways = (v.all ? 1 : 0) + (hostIds.length > 0 ? 1 : 0) + (target !== undefined ? 1 : 0);
   if (ways === 0) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
   if (ways > 1) throw new InvalidArgumentError("--hosts, --all and --target cannot be used together");
-  let step;
-  if (typeof v.shell === "string") {
+  const parameters: Record<string, string> = {};
+  const given = new Map<string, string[]>();
+  for (const kv of (v.param as string[] | undefined) ?? []) {
+    const i = kv.indexOf("=");
+    if (i <= 0) throw new InvalidArgumentError(`-p ${JSON.stringify(kv)} is not KEY=VALUE`);
+    const list = given.get(kv.slice(0, i)) ?? [];
+    list.push(kv.slice(i + 1));
+    given.set(kv.slice(0, i), list);
+  }
+  for (const [k, list] of given) parameters[k] = list.length === 1 ? list[0]! : JSON.stringify(list);
+  const document = typeof v.doc === "string" ? v.doc : "";
+  if (given.size > 0 && !document) throw new InvalidArgumentError("-p is for document parameters: add --doc NAME");
+  let step = document ? undefined : artifactStep(v, p.rest);
+  if (document) {
+    if (typeof v.shell === "string" || p.rest.length > 0) throw new InvalidArgumentError("give either --doc or a command (after --, --shell, --script or --put), not both");
+  } else if (step !== undefined) {
+    if (typeof v.shell === "string") throw new InvalidArgumentError("--shell cannot be combined with --script or --put");
+  } else if (typeof v.shell === "string") {
     if (p.rest.length > 0) throw new InvalidArgumentError("give either --shell SCRIPT or a command after --, not both");
     step = create(StepSchema, { tool: { case: "shell", value: { script: v.shell } } });
   } else {
@@ -99,7 +122,10 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     hostIds,
     allHosts: Boolean(v.all),
     target,
-    steps: [step],
+    steps: step ? [step] : [],
+    document,
+    parameters,
+    dryRun: Boolean(v.dryRun),
     env,
     workingDir: (v.cwd as string | undefined) ?? "",
     stdin: typeof v.stdin === "string" ? readFileSync(v.stdin) : new Uint8Array(),
@@ -109,20 +135,60 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   });
   const { client, close } = operatorClient(v);
   try {
-    const { job } = await client.submitJob(req, { signal: io.signal });
+    const { job, plan } = await client.submitJob(req, { signal: io.signal });
+    if (req.dryRun) {
+      printPlan(plan, Boolean(v.json), io);
+      return 0;
+    }
     if (!job) throw new Error("the controller returned no job");
     if (v.detach) {
       io.out(v.json ? JSON.stringify({ type: "job", job: jobJson(job) }) + "\n" : `${job.id}\n`);
       return 0;
     }
-    return await watch(client, job.id, Boolean(v.json), io);
+    return await watch(client, job.id, Boolean(v.json), io, Boolean(v.group));
   } finally {
     close();
   }
 }
 
-async function watch(client: ReturnType<typeof operatorClient>["client"], jobId: string, json: boolean, io: Io): Promise<number> {
-  const printer = new JobPrinter({ json, write: io.out, color: io.isTTY && !json });
+/** A dry run's plan: per host, the proxy it would go through and its rendered steps (or why it is rejected). */
+function printPlan(plan: readonly PlannedTask[], json: boolean, io: Io): void {
+  if (json) {
+    const hosts = plan.map((t) => ({
+      host: t.hostId,
+      region: t.region,
+      proxy: t.proxy,
+      connected: t.connected,
+      steps: t.steps.map((s) => toJson(StepSchema, s)),
+      ...(t.rejected ? { rejected: t.rejected } : {}),
+    }));
+    io.out(JSON.stringify({ type: "plan", hosts }) + "\n");
+    return;
+  }
+  for (const t of plan) {
+    io.out(`${t.hostId}  ${t.region}  via ${t.proxy || "(no proxy yet)"}  ${t.connected ? "connected" : "disconnected"}\n`);
+    if (t.rejected) io.out(`  REJECTED: ${t.rejected}\n`);
+    t.steps.forEach((s, i) => io.out(`  ${i + 1}. ${describeStep(s)}\n`));
+  }
+  const rejected = plan.filter((t) => t.rejected).length;
+  io.out(`dry run: ${plan.length} host${plan.length === 1 ? "" : "s"}, ${plan.length - rejected} would run, ${rejected} rejected; nothing was stored or run\n`);
+}
+
+function describeStep(s: Step): string {
+  const name = s.name ? `${s.name}: ` : "";
+  switch (s.tool.case) {
+    case "exec":
+      return `${name}exec ${JSON.stringify(s.tool.value.argv)}`;
+    case "shell":
+      return `${name}shell ${s.tool.value.script.includes("\n") ? "\n" + s.tool.value.script.replace(/^/gm, "       ") : s.tool.value.script}`;
+    default:
+      return `${name}${JSON.stringify(toJson(StepSchema, s))}`;
+  }
+}
+
+async function watch(client: ReturnType<typeof operatorClient>["client"], jobId: string, json: boolean, io: Io, group = false): Promise<number> {
+  // On a terminal a progress line (done/failed/pending) follows the fan-out.
+  const printer = new JobPrinter({ json, write: io.out, color: io.isTTY && !json, group, progress: io.isTTY && !json });
   for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) printer.handle(batch);
   printer.summary();
   return printer.succeeded ? 0 : 1;
@@ -238,10 +304,14 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
     switch (verb) {
       case "show": {
         const { job, tasks } = await client.getJob({ jobId }, { signal: io.signal });
-        if (json) io.out(JSON.stringify({ job: job && jobJson(job), tasks: tasks.map(taskJson) }, null, 2) + "\n");
-        else {
+        const doc = job?.document ? { document: job.document, parameters: { ...job.parameters } } : {};
+        if (json) {
+          const shown = tasks.map((t) => ({ ...taskJson(t), ...(t.steps.length ? { steps: t.steps.map((x) => toJson(StepSchema, x)) } : {}) }));
+          io.out(JSON.stringify({ job: job && { ...jobJson(job), ...doc }, tasks: shown }, null, 2) + "\n");
+        } else {
           const j = jobJson(job!);
           io.out(`job ${j.id}  ${j.state}  ${j.tasks} tasks  ${Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")}\n`);
+          if (job?.document) io.out(`document ${job.document}  ${Object.entries(job.parameters).map(([k, val]) => `${k}=${val}`).join(" ")}\n`);
           for (const t of tasks.map(taskJson)) io.out(`  ${t.host}  ${t.region}  ${t.state}${t.exitCode !== undefined ? ` exit=${t.exitCode}` : ""}${t.message ? `  ${t.message}` : ""}\n`);
         }
         return 0;

@@ -9,7 +9,14 @@ export interface PrinterOptions {
   write: (s: string) => void;
   /** Colour the host prefixes. */
   color?: boolean;
+  /** Collapse identical output across hosts into one block with the host list, printed at the end. */
+  group?: boolean;
+  /** Keep a progress line (done/failed/pending) at the bottom: for terminals. */
+  progress?: boolean;
 }
+
+/** Output kept per host for grouping; beyond it the block is marked cut. */
+const GROUP_LIMIT = 1 << 20;
 
 const COLORS = [36, 33, 35, 32, 34, 91, 96, 93];
 const utf8 = new TextDecoder("utf-8", { fatal: true });
@@ -32,6 +39,8 @@ export class JobPrinter {
   private readonly partial = new Map<string, Buffer>();
   private job: Job | undefined;
   private width = 0;
+  private readonly grouped = new Map<string, Buffer[]>();
+  private progressShown = false;
 
   constructor(private readonly opts: PrinterOptions) {}
 
@@ -53,13 +62,60 @@ export class JobPrinter {
       if (this.opts.json) {
         const text = textOf(c.data);
         this.emit({ type: "output", host, task: c.taskId, stream, seq: Number(c.seq), data: Buffer.from(c.data).toString("base64"), ...(text !== undefined ? { text } : {}) });
+      } else if (this.opts.group) {
+        let list = this.grouped.get(c.taskId);
+        if (!list) this.grouped.set(c.taskId, (list = []));
+        const held = list.reduce((n, b) => n + b.length, 0);
+        if (held < GROUP_LIMIT) list.push(Buffer.from(c.data.subarray(0, GROUP_LIMIT - held)));
       } else {
+        this.clearProgress();
         this.lines(host, c.taskId, stream, Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength));
       }
     }
-    if (!this.opts.json) {
+    if (!this.opts.json && !this.opts.group) {
       for (const t of batch.tasks) if (isTerminal(t.state)) this.flushTask(t);
     }
+    this.drawProgress();
+  }
+
+  /** The progress line: how many hosts are done, failed and pending. */
+  progressLine(): string {
+    const all = [...this.tasks.values()];
+    const done = all.filter((t) => isTerminal(t.state)).length;
+    const failed = all.filter((t) => isTerminal(t.state) && t.state !== TaskState.SUCCEEDED).length;
+    const total = this.job?.taskCount ?? all.length;
+    const width = 24;
+    const filled = total ? Math.round((done / total) * width) : 0;
+    return `[${"#".repeat(filled)}${"-".repeat(width - filled)}] ${done}/${total} done, ${failed} failed, ${total - done} pending`;
+  }
+
+  private drawProgress(): void {
+    if (!this.opts.progress || this.opts.json) return;
+    this.opts.write(`\r\x1b[K${this.progressLine()}`);
+    this.progressShown = true;
+  }
+
+  private clearProgress(): void {
+    if (!this.progressShown) return;
+    this.opts.write("\r\x1b[K");
+    this.progressShown = false;
+  }
+
+  /** Identical output of several hosts as one block headed by their names. */
+  private printGroups(): void {
+    const blocks = new Map<string, { text: string; hosts: string[] }>();
+    for (const t of [...this.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId))) {
+      const text = Buffer.concat(this.grouped.get(t.id) ?? []).toString("utf8");
+      const block = blocks.get(text);
+      if (block) block.hosts.push(t.hostId);
+      else blocks.set(text, { text, hosts: [t.hostId] });
+    }
+    const out: string[] = [];
+    for (const b of [...blocks.values()].sort((x, y) => y.hosts.length - x.hosts.length)) {
+      out.push(`==== ${b.hosts.length} host${b.hosts.length === 1 ? "" : "s"}: ${b.hosts.join(", ")}`);
+      out.push(b.text === "" ? "(no output)" : b.text.replace(/\n$/, ""));
+    }
+    this.opts.write(out.join("\n") + "\n");
   }
 
   private prefix(host: string, stream: string): string {
@@ -110,6 +166,8 @@ export class JobPrinter {
 
   /** The closing summary: counts per state, then every host that did not succeed. */
   summary(): void {
+    this.clearProgress();
+    if (this.opts.group && !this.opts.json) this.printGroups();
     const tasks = [...this.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId));
     const counts = new Map<string, number>();
     for (const t of tasks) counts.set(stateName(t.state), (counts.get(stateName(t.state)) ?? 0) + 1);

@@ -122,6 +122,8 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   serve: (link: FrameLink<MessageShape<O>, MessageShape<I>>, peer: PeerIdentity) => Promise<void>;
   log: Logger;
   unary?: UnaryHandler[];
+  /** Adds more services to the same server (health checking, ...). */
+  extend?: (server: grpc.Server) => void;
 }): GrpcLinkServer {
   const server = new grpc.Server({ ...CHANNEL_OPTIONS, "grpc.max_concurrent_streams": 4 });
   const { method } = opts;
@@ -162,6 +164,7 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   for (const u of opts.unary ?? []) {
     addUnaryMethod(server, u.method, (call) => u.handle(call.request, peerOf(call)), (err) => opts.log.info("request refused", { method: u.method.name, err }));
   }
+  opts.extend?.(server);
   const credentials = grpc.ServerCredentials.createSsl(
     Buffer.from(opts.creds.caPem),
     [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }],

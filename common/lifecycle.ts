@@ -9,6 +9,8 @@ export interface Service {
   readonly info: Record<string, unknown>;
   /** Stops taking new work, finishes or hands back what is in flight within graceMs, then releases everything. */
   stop(graceMs: number): Promise<void>;
+  /** Called first when a stop begins: health turns NOT_SERVING so balancers move away. */
+  draining?(): void;
 }
 
 export interface RunOptions {
@@ -44,6 +46,7 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
     }
     state = "draining";
     log.info("draining", { signal, graceMs });
+    service?.draining?.();
     const force = setTimeout(() => {
       log.error("graceful stop took too long: exiting");
       process.exit(1);

@@ -5,29 +5,34 @@
  * malformed — before answering. The RPC handlers only translate.
  */
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
-import { PermissionDeniedError, RexmeshError } from "../common/errors.js";
+import { FailedPreconditionError, PermissionDeniedError, RexmeshError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { AuditDecision, AuditEvent, AuditInput, AuditLog } from "./audit.js";
 import type { Action, Authorizer } from "./authz.js";
 import type { Inventory } from "./inventory.js";
-import { parseTarget, type JobManager, type SubmitRequest } from "./jobs.js";
+import { parseTarget, type JobManager, type PlannedHost, type SubmitRequest } from "./jobs.js";
+import type { DocumentStore, StoredDocument } from "./document-store.js";
+import { parseDocumentText } from "./documents.js";
 import type { HostRecord, JobRecord } from "./model.js";
 import { selectHosts } from "./query.js";
 
 export class OperatorAccess {
-  constructor(private readonly deps: { authz: Authorizer; audit: AuditLog; jobs: JobManager; inventory: Inventory; log: Logger }) {}
+  constructor(private readonly deps: { authz: Authorizer; audit: AuditLog; jobs: JobManager; inventory: Inventory; log: Logger; documents?: DocumentStore }) {}
 
-  /** Submits a job if the policy allows its steps on every host it resolves to. */
+  /**
+   * Submits a job if the policy allows its steps on every host it resolves
+   * to; a document run is authorized on the steps rendered for its hosts.
+   */
   async submit(caller: PeerIdentity, req: SubmitRequest): Promise<JobRecord> {
     let hosts: readonly HostRecord[] = [];
     let role = "";
-    const what = `${describeTarget(req)}: ${describeSteps(req.steps)}`;
+    const what = `${describeTarget(req)}: ${describeRequest(req)}`;
     let job: JobRecord;
     try {
-      job = await this.deps.jobs.submit(caller, req, (resolved, r) => {
+      job = await this.deps.jobs.submit(caller, req, (resolved, _r, steps) => {
         hosts = resolved;
-        role = this.deps.authz.require(caller, { action: "submit", hosts: resolved, steps: r.steps });
+        role = this.deps.authz.require(caller, { action: "submit", hosts: resolved, steps });
       });
     } catch (err) {
       await this.record(caller, "submit", refusal(err), { what, hostIds: hosts.map((h) => h.id) });
@@ -35,8 +40,65 @@ export class OperatorAccess {
     }
     // No role: the idempotency key named a job already submitted (and authorized then).
     const reason = role ? `role ${role}` : `idempotent replay of job ${job.id}`;
-    await this.record(caller, "submit", { decision: "allowed", reason }, { what, hostIds: hostsOf(this.deps.jobs, job), jobId: job.id });
+    const done = job.document ? `${describeTarget(req)}: document ${job.document} ${describeParams(job.parameters ?? {})}` : what;
+    await this.record(caller, "submit", { decision: "allowed", reason }, { what: done, hostIds: hostsOf(this.deps.jobs, job), jobId: job.id });
     return job;
+  }
+
+  /** A dry run: authorized and audited like a submit, but nothing is stored or run. */
+  async dryRun(caller: PeerIdentity, req: SubmitRequest): Promise<PlannedHost[]> {
+    let hosts: readonly HostRecord[] = [];
+    let role = "";
+    const what = `dry run, ${describeTarget(req)}: ${describeRequest(req)}`;
+    try {
+      const plan = this.deps.jobs.dryRun(caller, req, (resolved, _r, steps) => {
+        hosts = resolved;
+        role = this.deps.authz.require(caller, { action: "submit", hosts: resolved, steps });
+      });
+      await this.record(caller, "dry-run", { decision: "allowed", reason: `role ${role}` }, { what, hostIds: plan.map((p) => p.host.id) });
+      return plan;
+    } catch (err) {
+      await this.record(caller, "dry-run", refusal(err), { what, hostIds: hosts.map((h) => h.id) });
+      throw err;
+    }
+  }
+
+  /**
+   * Stores a document (YAML or JSON text) as its next version. A document
+   * runs nothing by itself — every run of it is authorized on the steps it
+   * renders — so storing one needs the read action (authz.ts has no
+   * host-less check of submit yet).
+   */
+  async putDocument(caller: PeerIdentity, text: string): Promise<StoredDocument> {
+    let what = "put document";
+    try {
+      const d = this.deps.authz.decide(caller, { action: "read" });
+      if (!d.allowed) throw new PermissionDeniedError(d.reason);
+      const docs = this.documentStore();
+      const doc = parseDocumentText(text);
+      what = `put document ${doc.name}`;
+      const stored = await docs.put(caller.scope, formatIdentity(caller), doc);
+      await this.record(caller, "document", { decision: "allowed", reason: `role ${d.role}` }, { what: `put document ${stored.name}@${stored.version}` });
+      return stored;
+    } catch (err) {
+      await this.record(caller, "document", refusal(err), { what });
+      throw err;
+    }
+  }
+
+  async getDocument(caller: PeerIdentity, ref: string): Promise<StoredDocument> {
+    await this.require(caller, "read", `get document ${ref}`);
+    return this.documentStore().get(caller.scope, ref);
+  }
+
+  async listDocuments(caller: PeerIdentity): Promise<StoredDocument[]> {
+    await this.require(caller, "read", "list documents");
+    return this.documentStore().list(caller.scope);
+  }
+
+  private documentStore(): DocumentStore {
+    if (!this.deps.documents) throw new FailedPreconditionError("this controller does not keep documents");
+    return this.deps.documents;
   }
 
   async cancel(caller: PeerIdentity, jobId: string): Promise<JobRecord> {
@@ -109,6 +171,18 @@ function refusal(err: unknown): { decision: AuditDecision; reason: string } {
 
 function hostsOf(jobs: JobManager, job: JobRecord): string[] {
   return jobs.tasksOf(job).map((t) => t.hostId);
+}
+
+/** What a request runs, for the audit log: steps, or a document and the NAMES of its parameters (values may be sensitive). */
+function describeRequest(req: SubmitRequest): string {
+  if (!req.document) return describeSteps(req.steps);
+  const names = Object.keys(req.parameters ?? {});
+  return `document ${req.document}${names.length ? ` (parameters given: ${names.join(", ")})` : ""}`;
+}
+
+/** Redacted parameters as `k=v` words. */
+function describeParams(params: Record<string, string>): string {
+  return Object.entries(params).map(([k, v]) => `${k}=${quoteArg(v)}`).join(" ");
 }
 
 function describeTarget(req: SubmitRequest): string {

@@ -8,6 +8,8 @@ import {
   AuditDecision,
   AuditEventSchema,
   ConnectionState,
+  DocumentSchema,
+  PlannedTaskSchema,
   ControllerService,
   HostSchema,
   JobSchema,
@@ -16,6 +18,8 @@ import {
   TaskStateCountSchema,
   WatchJobResponseSchema,
   type AuditEvent,
+  type Document,
+  type PlannedTask,
   type Host,
   type Job,
   type Task,
@@ -24,7 +28,9 @@ import type { OperatorAccess } from "./access.js";
 import type { AuditEvent as AuditRecord } from "./audit.js";
 import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
-import type { JobManager } from "./jobs.js";
+import type { JobManager, PlannedHost } from "./jobs.js";
+import type { StoredDocument } from "./document-store.js";
+import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 
@@ -75,10 +81,35 @@ export function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
     steps: job.steps,
     counts: [...counts].sort((a, b) => a[0] - b[0]).map(([state, count]) => create(TaskStateCountSchema, { state, count })),
     taskCount: job.taskIds.length,
+    document: job.document ?? "",
+    parameters: job.parameters ?? {},
   });
 }
 
-export function taskToProto(t: TaskRecord): Task {
+export function documentToProto(d: StoredDocument): Document {
+  return create(DocumentSchema, {
+    name: d.name,
+    version: d.version,
+    description: d.description,
+    createdAt: timestampFromMs(d.createdAt),
+    createdBy: d.createdBy,
+    content: d.content,
+  });
+}
+
+export function plannedToProto(p: PlannedHost): PlannedTask {
+  return create(PlannedTaskSchema, {
+    hostId: p.host.id,
+    region: p.host.region,
+    proxy: p.host.proxy,
+    connected: p.host.connected,
+    steps: p.steps,
+    rejected: p.rejected ?? "",
+  });
+}
+
+/** A task for clients; `steps` (a document run's redacted steps for the host) only where asked. */
+export function taskToProto(t: TaskRecord, steps?: Step[]): Task {
   return create(TaskSchema, {
     id: t.id,
     jobId: t.jobId,
@@ -92,6 +123,7 @@ export function taskToProto(t: TaskRecord): Task {
     updatedAt: timestampFromMs(t.updatedAt),
     outputTruncated: t.outputTruncated,
     outputChunks: BigInt(t.outputChunks),
+    steps: steps ?? [],
   });
 }
 
@@ -132,7 +164,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
     submitJob: (req, ctx) =>
       guard("SubmitJob", async () => {
         const caller = operator(ctx);
-        const job = await access.submit(caller, {
+        const request = {
           hostIds: req.hostIds,
           allHosts: req.allHosts,
           target: req.target,
@@ -153,7 +185,14 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
             maxErrorsPercent: req.rate.maxErrorsPercent,
             batch: req.rate.batch,
           },
-        });
+          document: req.document || undefined,
+          parameters: req.parameters,
+        };
+        if (req.dryRun) {
+          const plan = await access.dryRun(caller, request);
+          return { plan: plan.map(plannedToProto) };
+        }
+        const job = await access.submit(caller, request);
         return { job: jobToProto(job, jobs.tasksOf(job)) };
       }),
     getJob: (req, ctx) =>
@@ -162,7 +201,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
         await access.require(caller, "read", `get job ${req.jobId}`);
         const job = jobs.getJobFor(caller, req.jobId);
         const tasks = jobs.tasksOf(job);
-        return { job: jobToProto(job, tasks), tasks: tasks.map(taskToProto) };
+        return { job: jobToProto(job, tasks), tasks: tasks.map((t) => taskToProto(t, job.document ? jobs.shownSteps(t) : undefined)) };
       }),
     exportBundle: (req, ctx) =>
       guard("ExportBundle", async () => {
@@ -178,6 +217,12 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
         const r = await bundles.import(caller, req.bundle);
         return { statusesApplied: r.statuses, outputChunksApplied: r.chunks, hosts: r.hosts };
       }),
+    putDocument: (req, ctx) =>
+      guard("PutDocument", async () => ({ document: documentToProto(await access.putDocument(operator(ctx), req.content)) })),
+    getDocument: (req, ctx) =>
+      guard("GetDocument", async () => ({ document: documentToProto(await access.getDocument(operator(ctx), req.name)) })),
+    listDocuments: (_req, ctx) =>
+      guard("ListDocuments", async () => ({ documents: (await access.listDocuments(operator(ctx))).map(documentToProto) })),
     listJobs: (req, ctx) =>
       guard("ListJobs", async () => {
         const caller = operator(ctx);
@@ -202,7 +247,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
       for await (const batch of watchJob(jobs, job, { noOutput: req.noOutput, signal: ctx.signal })) {
         yield create(WatchJobResponseSchema, {
           job: batch.job ? jobToProto(batch.job, jobs.tasksOf(batch.job)) : undefined,
-          tasks: batch.tasks.map(taskToProto),
+          tasks: batch.tasks.map((t) => taskToProto(t)),
           output: batch.output,
         });
       }

@@ -60,6 +60,11 @@ export class Inventory {
     return this.hosts.get(id);
   }
 
+  /** Every host of every tenant (for metrics). */
+  all(): HostRecord[] {
+    return [...this.hosts.values()];
+  }
+
   /** Hosts of one tenant, sorted by id. */
   list(tenant: string): HostRecord[] {
     return [...this.hosts.values()].filter((h) => h.tenant === tenant).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));

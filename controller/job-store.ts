@@ -1,5 +1,5 @@
 import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
-import type { JobRecord, TaskRecord } from "./model.js";
+import type { JobRecord, TaskRecord, TaskSteps } from "./model.js";
 
 /**
  * Where the controller keeps jobs, tasks and output. Reads are synchronous
@@ -8,7 +8,10 @@ import type { JobRecord, TaskRecord } from "./model.js";
  * Implementations batch concurrent writes into one commit.
  */
 export interface JobStore {
-  putJob(job: JobRecord, tasks?: readonly TaskRecord[]): Promise<void>;
+  /** Stores a job with its tasks and, for a document run, each task's own steps (written once, with the job). */
+  putJob(job: JobRecord, tasks?: readonly TaskRecord[], steps?: ReadonlyMap<string, TaskSteps>): Promise<void>;
+  /** A task's own steps (document runs only). */
+  taskSteps(taskId: string): TaskSteps | undefined;
   putTask(task: TaskRecord): Promise<void>;
   /** Stores a chunk and the task record that counts it, atomically. */
   appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void>;
@@ -33,9 +36,11 @@ export class MemoryJobStore implements JobStore {
   private readonly tasks = new Map<string, TaskRecord>();
   private readonly output = new Map<string, OutputChunk[]>();
   private readonly keys = new Map<string, string>();
+  private readonly steps = new Map<string, TaskSteps>();
 
-  async putJob(job: JobRecord, tasks: readonly TaskRecord[] = []): Promise<void> {
+  async putJob(job: JobRecord, tasks: readonly TaskRecord[] = [], steps?: ReadonlyMap<string, TaskSteps>): Promise<void> {
     this.jobs.set(job.id, structuredClone(job));
+    for (const [id, s] of steps ?? []) this.steps.set(id, s);
     if (job.idempotencyKey) this.keys.set(`${job.tenant}\0${job.idempotencyKey}`, job.id);
     for (const t of tasks) this.tasks.set(t.id, { ...t });
   }
@@ -59,6 +64,10 @@ export class MemoryJobStore implements JobStore {
   getTask(id: string): TaskRecord | undefined {
     const t = this.tasks.get(id);
     return t && { ...t };
+  }
+
+  taskSteps(taskId: string): TaskSteps | undefined {
+    return this.steps.get(taskId);
   }
 
   tasksOf(job: JobRecord): TaskRecord[] {

@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
@@ -7,6 +7,7 @@ import type { Logger } from "../common/logger.js";
 import { advances, isTerminal } from "../common/task-state.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import {
+  StepSchema,
   TaskSpecSchema,
   TaskState,
   type OutputChunk,
@@ -17,12 +18,37 @@ import {
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
 import { storageError } from "../common/lmdb.js";
-import type { HostRecord, JobRate, JobRecord, TaskRecord } from "./model.js";
+import type { HostRecord, JobRate, JobRecord, TaskRecord, TaskSteps } from "./model.js";
+import type { DocumentStore } from "./document-store.js";
+import { planHost } from "./documents.js";
+import { redactParams, resolveParams, type ParamValue } from "./params.js";
 import { validateSteps } from "./validate.js";
 import { parseQuery, QuerySyntaxError, selectHosts, type Query } from "./query.js";
 
-/** Decides whether a request may run on the hosts it resolved to; refuses by throwing. */
-export type SubmitAuthorizer = (hosts: readonly HostRecord[], req: SubmitRequest) => void;
+/**
+ * Decides whether a request may run on the hosts it resolved to; refuses by
+ * throwing. `steps` are what would run: the request's steps, or for a
+ * document run every distinct step rendered for any of the hosts (with real
+ * parameter values).
+ */
+export type SubmitAuthorizer = (hosts: readonly HostRecord[], req: SubmitRequest, steps: readonly Step[]) => void;
+
+/** What one host would get, as a dry run shows it (sensitive parameters redacted). */
+export interface PlannedHost {
+  host: HostRecord;
+  steps: Step[];
+  /** Set when the host fits no alternative of some step: its task ends REJECTED. */
+  rejected?: string;
+}
+
+/** A request checked, resolved, rendered and authorized: everything submit needs, nothing stored yet. */
+interface Prepared {
+  hosts: HostRecord[];
+  /** Document runs: per host id, its steps or why it is rejected. */
+  perHost?: Map<string, { steps?: TaskSteps; rejected?: string }>;
+  document?: string;
+  parameters?: Record<string, string>;
+}
 
 /** What the job manager needs of a connected proxy. */
 export interface ProxyPort {
@@ -49,6 +75,10 @@ export interface SubmitRequest {
   idempotent: boolean;
   outputLimitBytes?: number;
   rate?: RateRequest;
+  /** A stored document to run instead of steps: "NAME" or "NAME@VERSION". */
+  document?: string;
+  /** The document's parameters as given (text; a list as a JSON array or one value). */
+  parameters?: Record<string, string | string[]>;
 }
 
 /** Rate control as asked for: absolute numbers or percentages of the job's task count. */
@@ -89,6 +119,8 @@ export interface JobManagerOptions {
   maxStdinBytes?: number;
   /** Most hosts one job may target. Default 200,000. */
   maxHostsPerJob?: number;
+  /** Stored documents, for document runs; without it a document run is refused. */
+  documents?: DocumentStore;
 }
 
 /**
@@ -106,6 +138,7 @@ export class JobManager {
   private readonly defaultDeliveryDeadlineMs: number;
   private readonly maxStdinBytes: number;
   private readonly maxHostsPerJob: number;
+  private readonly documents: DocumentStore | undefined;
 
   private readonly proxies = new Map<string, ProxyPort>();
   /** Tasks at the controller not yet taken by a proxy, by host. */
@@ -147,6 +180,7 @@ export class JobManager {
     this.defaultDeliveryDeadlineMs = opts.defaultDeliveryDeadlineMs ?? 3_600_000;
     this.maxStdinBytes = opts.maxStdinBytes ?? 1 << 20;
     this.maxHostsPerJob = opts.maxHostsPerJob ?? 200_000;
+    this.documents = opts.documents;
   }
 
   /** Rebuilds in-memory indexes from the store after a restart. */
@@ -166,6 +200,11 @@ export class JobManager {
     this.open.set(job.id, open);
     if (job.rate) this.gates.set(job.id, this.buildGate(job.rate, tasks));
     this.armDeadline(job);
+    for (const task of tasks) {
+      if (task.rejectAtSubmit !== undefined && task.state === TaskState.PENDING) {
+        void this.finishHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
+      }
+    }
   }
 
   private buildGate(rate: JobRate, tasks: readonly TaskRecord[]): Gate {
@@ -296,23 +335,14 @@ export class JobManager {
       const existing = this.store.jobByIdempotencyKey(tenant, req.idempotencyKey);
       if (existing) return existing;
     }
-    validateSteps(req.steps);
-    if (req.stdin.length > this.maxStdinBytes) {
-      throw new InvalidArgumentError(`stdin is ${req.stdin.length} bytes; the limit is ${this.maxStdinBytes}`);
-    }
-    if (req.timeoutMs < 0 || req.deliveryDeadlineMs < 0) throw new InvalidArgumentError("timeouts cannot be negative");
-    for (const key of Object.keys(req.env)) {
-      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new InvalidArgumentError(`environment variable name ${JSON.stringify(key)} is not valid`);
-    }
-    const hosts = this.resolveHosts(tenant, req);
-    authorize?.(hosts, req);
+    const { hosts, perHost, document, parameters } = this.prepare(caller, req, authorize);
     const now = this.clock.now();
     const job: JobRecord = {
       id: this.ids("j"),
       tenant,
       submittedBy: caller.id,
       createdAt: now,
-      steps: req.steps,
+      steps: document ? [] : req.steps,
       env: req.env,
       workingDir: req.workingDir,
       stdin: req.stdin,
@@ -324,6 +354,10 @@ export class JobManager {
       taskIds: [],
       outputLimitBytes: req.outputLimitBytes ?? 0,
     };
+    if (document) {
+      job.document = document;
+      job.parameters = parameters;
+    }
     const gated = req.rate !== undefined && hasLimits(req.rate);
     const tasks: TaskRecord[] = hosts.map((h) => ({
       id: this.ids("t"),
@@ -341,14 +375,96 @@ export class JobManager {
       released: !gated,
     }));
     job.taskIds = tasks.map((t) => t.id);
-    if (gated) job.rate = resolveRate(req.rate!, job.taskIds);
+    // Tasks of hosts that fit no alternative end REJECTED as soon as they are tracked; they never hold a canary place.
+    const steps = new Map<string, TaskSteps>();
+    if (perHost) {
+      for (const t of tasks) {
+        const p = perHost.get(t.hostId);
+        if (p?.steps) steps.set(t.id, p.steps);
+        else {
+          t.rejectAtSubmit = p?.rejected ?? "no steps were rendered for this host";
+          t.released = false;
+        }
+      }
+    }
+    const rejected = tasks.filter((t) => t.rejectAtSubmit !== undefined).length;
+    if (gated) job.rate = resolveRate(req.rate!, tasks.filter((t) => t.rejectAtSubmit === undefined).map((t) => t.id));
     this.checkRoom("a new job");
-    await this.store.putJob(job, tasks).catch((err) => Promise.reject(storageError(err)));
-    this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length });
+    await this.store.putJob(job, tasks, steps).catch((err) => Promise.reject(storageError(err)));
+    this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length, ...(document ? { document, rejected } : {}) });
     this.track(job, tasks);
     if (job.rate) this.release(job.id, job);
     else for (const task of tasks) this.dispatch(task, job);
     return job;
+  }
+
+  /**
+   * Resolves, renders and authorizes a request exactly as submit would, and
+   * returns what each host would run — storing and sending nothing.
+   */
+  dryRun(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): PlannedHost[] {
+    const { hosts, perHost } = this.prepare(caller, req, authorize);
+    return hosts.map((host) => {
+      if (!perHost) return { host, steps: req.steps };
+      const p = perHost.get(host.id);
+      return p?.steps ? { host, steps: p.steps.shown } : { host, steps: [], rejected: p?.rejected ?? "no steps were rendered for this host" };
+    });
+  }
+
+  /** Every check of a request, the host set, per-host rendering of a document, then authorization. */
+  private prepare(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Prepared {
+    const tenant = caller.scope;
+    const params = req.parameters ?? {};
+    let loaded: ReturnType<DocumentStore["load"]> | undefined;
+    if (req.document) {
+      if (req.steps.length > 0) throw new InvalidArgumentError("give either steps or a document, not both");
+      if (!this.documents) throw new FailedPreconditionError("this controller does not keep documents");
+      loaded = this.documents.load(tenant, req.document);
+    } else {
+      if (Object.keys(params).length > 0) throw new InvalidArgumentError("parameters are given to a document (--doc NAME)");
+      validateSteps(req.steps);
+    }
+    if (req.stdin.length > this.maxStdinBytes) {
+      throw new InvalidArgumentError(`stdin is ${req.stdin.length} bytes; the limit is ${this.maxStdinBytes}`);
+    }
+    if (req.timeoutMs < 0 || req.deliveryDeadlineMs < 0) throw new InvalidArgumentError("timeouts cannot be negative");
+    for (const key of Object.keys(req.env)) {
+      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new InvalidArgumentError(`environment variable name ${JSON.stringify(key)} is not valid`);
+    }
+    if (!loaded) {
+      const hosts = this.resolveHosts(tenant, req);
+      authorize?.(hosts, req, req.steps);
+      return { hosts };
+    }
+    const { stored, doc } = loaded;
+    const values = resolveParams(doc.parameters, params);
+    const redacted = redactParams(doc.parameters, values) as Record<string, ParamValue>;
+    const hosts = this.resolveHosts(tenant, req);
+    const perHost = new Map<string, { steps?: TaskSteps; rejected?: string }>();
+    const distinct = new Map<string, Step>();
+    for (const h of hosts) {
+      const real = planHost(doc, values, h);
+      if (real.rejected !== undefined) {
+        perHost.set(h.id, { rejected: real.rejected });
+        continue;
+      }
+      try {
+        validateSteps(real.steps);
+      } catch (err) {
+        throw new InvalidArgumentError(`document ${stored.name}@${stored.version} on host ${JSON.stringify(h.id)}: ${(err as Error).message}`, { cause: err });
+      }
+      const shown = planHost(doc, redacted, h).steps ?? [];
+      perHost.set(h.id, { steps: { run: real.steps, shown } });
+      for (const step of real.steps) distinct.set(Buffer.from(toBinary(StepSchema, step)).toString("base64"), step);
+    }
+    authorize?.(hosts, req, [...distinct.values()]);
+    const parameters = Object.fromEntries(Object.entries(redacted).map(([k, v]) => [k, typeof v === "string" ? v : JSON.stringify(v)]));
+    return { hosts, perHost, document: `${stored.name}@${stored.version}`, parameters };
+  }
+
+  /** A document run's steps for one task as listings show them (sensitive values redacted). */
+  shownSteps(task: TaskRecord): Step[] | undefined {
+    return this.store.taskSteps(task.id)?.shown;
   }
 
   /**
@@ -431,7 +547,7 @@ export class JobManager {
       jobId: job.id,
       tenant: job.tenant,
       hostId: task.hostId,
-      steps: job.steps,
+      steps: job.document ? (this.store.taskSteps(task.id)?.run ?? []) : job.steps,
       env: job.env,
       workingDir: job.workingDir,
       stdin: job.stdin,

@@ -1,10 +1,10 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import type { LmdbEnv } from "../common/lmdb.js";
-import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream } from "../gen/rexmesh/v1/task_pb.js";
+import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { create } from "@bufbuild/protobuf";
 import type { JobStore } from "./job-store.js";
-import type { JobRecord, TaskRecord } from "./model.js";
+import type { JobRecord, TaskRecord, TaskSteps } from "./model.js";
 
 type StoredJob = Omit<JobRecord, "steps"> & { steps: Uint8Array[] };
 
@@ -20,6 +20,8 @@ export class LmdbJobStore implements JobStore {
   private readonly output: Database<Buffer, (string | number)[]>;
   private readonly keys: Database<string, string>;
   private readonly unfinished: Database<boolean, string>;
+  /** Task id → its own steps (document runs), each step as protobuf binary. */
+  private readonly steps: Database<{ run: Uint8Array[]; shown: Uint8Array[] }, string>;
 
   constructor(private readonly env: LmdbEnv) {
     this.jobs = env.db("jobs");
@@ -27,15 +29,18 @@ export class LmdbJobStore implements JobStore {
     this.output = env.db("output", "binary");
     this.keys = env.db("idempotency", "string");
     this.unfinished = env.db("unfinished");
+    this.steps = env.db("task-steps");
   }
 
-  putJob(job: JobRecord, tasks: readonly TaskRecord[] = []): Promise<void> {
+  putJob(job: JobRecord, tasks: readonly TaskRecord[] = [], steps?: ReadonlyMap<string, TaskSteps>): Promise<void> {
     const stored: StoredJob = { ...job, steps: job.steps.map((s) => toBinary(StepSchema, s)) };
     const writes: Promise<unknown>[] = [this.jobs.put(job.id, stored)];
     if (job.finishedAt === undefined) writes.push(this.unfinished.put(job.id, true));
     else writes.push(this.unfinished.remove(job.id));
     if (job.idempotencyKey) writes.push(this.keys.put(`${job.tenant}\0${job.idempotencyKey}`, job.id));
     for (const t of tasks) writes.push(this.tasks.put(t.id, t));
+    const bin = (list: readonly Step[]) => list.map((x) => toBinary(StepSchema, x));
+    for (const [id, s] of steps ?? []) writes.push(this.steps.put(id, { run: bin(s.run), shown: bin(s.shown) }));
     return Promise.all(writes).then(() => undefined);
   }
 
@@ -59,6 +64,13 @@ export class LmdbJobStore implements JobStore {
   getTask(id: string): TaskRecord | undefined {
     const t = this.tasks.get(id);
     return t && { ...t };
+  }
+
+  taskSteps(taskId: string): TaskSteps | undefined {
+    const s = this.steps.get(taskId);
+    if (!s) return undefined;
+    const parse = (list: readonly Uint8Array[]) => list.map((b) => fromBinary(StepSchema, b));
+    return { run: parse(s.run), shown: parse(s.shown) };
   }
 
   tasksOf(job: JobRecord): TaskRecord[] {

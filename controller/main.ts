@@ -19,10 +19,14 @@ import { TaskSigner } from "../common/task-signing.js";
 import { Revocations } from "./revocation.js";
 import { revocationServiceImpl } from "./revocation-api.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { healthServiceImpl, HealthState } from "../common/health.js";
+import { Metrics } from "../common/metrics.js";
 import { Inventory } from "./inventory.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
+import { DocumentStore, LmdbDocumentBackend } from "./document-store.js";
 import { serveProxyLink } from "./proxy-link.js";
 import { readFileSync } from "node:fs";
 import { createPublicKey } from "node:crypto";
@@ -31,6 +35,9 @@ import { createOpenUnaryServer } from "../common/open-unary-server.js";
 import { EnrollService, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
 import { enrollAnonymous, enrollServiceImpl, EnrollmentAuthority, tokenServiceImpl } from "./enroll.js";
 import { LmdbEnrollStore } from "./enroll-store.js";
+import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
+import { ArtifactStore, artifactServiceImpl } from "./artifacts.js";
+import { join } from "node:path";
 
 export const controllerSchema = {
   listen: { type: "string", default: "127.0.0.1:7443", doc: "address for the public API and proxy links (host:port; port 0 picks one)" },
@@ -40,6 +47,7 @@ export const controllerSchema = {
   data: { type: "string", default: "rexmesh-data/controller", doc: "directory of the controller's LMDB store (jobs, tasks, output, inventory)" },
   storeSize: { type: "int", default: 8 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold; new jobs are refused (RESOURCE_EXHAUSTED) above 90% of it" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on proxy links" },
+  metricsListen: { type: "string", doc: "address for Prometheus metrics over plain HTTP (GET /metrics); off when unset" },
   deliveryDeadline: { type: "duration", default: "1h", doc: "delivery deadline of jobs that set none" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
@@ -67,7 +75,8 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const store = new LmdbJobStore(env);
   const inventory = new Inventory(env.db("hosts"));
   const ids = timeOrderedIds(clock);
-  const jobs = new JobManager({ store, inventory, clock, ids, log, defaultDeliveryDeadlineMs: config.deliveryDeadline });
+  const documents = new DocumentStore(new LmdbDocumentBackend(env), clock);
+  const jobs = new JobManager({ store, inventory, clock, ids, log, defaultDeliveryDeadlineMs: config.deliveryDeadline, documents });
   // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running.
   const signer = new TaskSigner(creds, clock);
   const revocations = new Revocations(env.db("revoked"), creds, clock, log);
@@ -75,7 +84,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   jobs.recover();
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
-  const access = new OperatorAccess({ authz, audit, jobs, inventory, log });
+  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents });
   // SIGHUP reloads the policy (the usual daemon convention). Installed here, not in
   // runService, because only the controller has something to reload; a listener
   // also replaces Node's default of exiting on SIGHUP. Removed on stop.
@@ -101,16 +110,31 @@ export async function startController(config: ControllerConfig, log: Logger, clo
         })
         .then(() => undefined),
   });
-  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations };
+  const metrics = new Metrics();
+  const stopProcessGauges = metrics.processGauges();
+  const counters = {
+    outputBytes: metrics.counter("output_bytes_total", "output bytes received from proxies, by region"),
+    tasksEnded: metrics.counter("tasks_ended_total", "tasks that reached a terminal state, by state and region"),
+  };
+  metrics.gauge("hosts", "hosts known, by region and connection", () => {
+    const n = new Map<string, number>();
+    for (const h of inventory.all()) n.set(`${h.region}\0${h.connected}`, (n.get(`${h.region}\0${h.connected}`) ?? 0) + 1);
+    return [...n].map(([k, value]) => ({ labels: { region: k.split("\0")[0]!, connected: k.split("\0")[1]! }, value }));
+  });
+  metrics.gauge("store_used_bytes", "bytes in use in the controller's LMDB store", () => env.usedBytes());
+  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters };
+  const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   const server = createRpcServer({
     creds,
     log,
     isRevoked: (peer) => revocations.isRevoked(peer),
     routes: (router) => {
       router.service(RevocationService, revocationServiceImpl(revocations, log, audit));
+      router.service(Health, healthServiceImpl(health));
       router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
+      router.service(ArtifactService, artifactServiceImpl({ store: new ArtifactStore(join(config.data, "artifacts")), callerOf, log }));
       router.service(ProxyLinkService, {
         proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
       });
@@ -125,11 +149,15 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
   }
   process.on("SIGHUP", onHangup);
+  const metricsServer = config.metricsListen ? await metrics.serve(parseHostPort(config.metricsListen, "metricsListen").host, parseHostPort(config.metricsListen, "metricsListen").port) : undefined;
   return {
     address,
-    info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}) },
+    info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
+    draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
+      stopProcessGauges();
+      await metricsServer?.close();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs)]);
       jobs.close();
       await store.close();

@@ -24,6 +24,19 @@ export interface JobRecord {
   outputLimitBytes: number;
   /** Fan-out limits; absent means every task is released at once. */
   rate?: JobRate;
+  /** A document run: "NAME@VERSION"; its steps are rendered per host and kept per task ({@link TaskSteps}). */
+  document?: string;
+  /** A document run's parameters, sensitive ones redacted, each as JSON text. */
+  parameters?: Record<string, string>;
+}
+
+/**
+ * The steps of one task of a document run: what the host runs (with real
+ * parameter values) and what listings show (sensitive values redacted).
+ */
+export interface TaskSteps {
+  run: Step[];
+  shown: Step[];
 }
 
 /** Rate control resolved to absolute numbers at submit. */
@@ -58,6 +71,12 @@ export interface TaskRecord {
   outputTruncated: boolean;
   /** Released for dispatch by rate control (absent on jobs without it: always released). */
   released?: boolean;
+  /**
+   * Set at submit on a task whose host fits no alternative of a document
+   * step: the task ends REJECTED with this reason at the controller, stored
+   * with the job so that a restart in between still rejects it.
+   */
+  rejectAtSubmit?: string;
 }
 
 export interface HostRecord {

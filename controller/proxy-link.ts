@@ -14,7 +14,8 @@ import {
   type ProxyStreamRequest,
   type ProxyStreamResponse,
 } from "../gen/rexmesh/v1/proxy_link_pb.js";
-import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
+import { OutputAckSchema, StatusAckSchema, TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import { isTerminal } from "../common/task-state.js";
 import type { Inventory } from "./inventory.js";
 import { specBytes } from "../common/backlog.js";
 import type { TaskSigner } from "../common/task-signing.js";
@@ -31,6 +32,8 @@ export interface ProxyLinkDeps {
   heartbeatMs: number;
   signer: TaskSigner;
   revocations: Revocations;
+  /** Counts what the controller receives (optional). */
+  counters?: { outputBytes: (n: number, labels: Record<string, string>) => void; tasksEnded: (n: number, labels: Record<string, string>) => void };
 }
 
 /**
@@ -114,6 +117,12 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     const highest = new Map<string, number>();
     for (const [taskId, seq] of acked) highest.set(taskId, Math.max(highest.get(taskId) ?? 0, seq));
     await Promise.all(frame.statuses.map((s) => jobs.applyStatus(port, s)));
+    if (deps.counters) {
+      let bytes = 0;
+      for (const c of frame.output) bytes += c.data.length;
+      if (bytes) deps.counters.outputBytes(bytes, { region: port.region });
+      for (const s of frame.statuses) if (isTerminal(s.state)) deps.counters.tasksEnded(1, { state: TaskState[s.state] ?? String(s.state), region: port.region });
+    }
     const reply = out.frame;
     for (const [taskId, seq] of highest) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
     for (const s of frame.statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));

@@ -1,4 +1,6 @@
 import { InvalidArgumentError } from "../common/errors.js";
+import { isDigest } from "../common/digest.js";
+import { baseDirProblem, relativePathProblem } from "../common/put-path.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 
 const MAX_STEPS = 64;
@@ -22,10 +24,32 @@ export function validateSteps(steps: readonly Step[]): void {
         checkText(where, "script", step.tool.value.script);
         for (const arg of step.tool.value.interpreter) checkText(where, "interpreter", arg);
         break;
+      case "script": {
+        const t = step.tool.value;
+        checkDigest(where, t.artifact);
+        if (t.interpreter.length > 0 && t.interpreter[0] === "") throw new InvalidArgumentError(`${where}: script interpreter has an empty program name`);
+        for (const arg of [...t.interpreter, ...t.args]) checkText(where, "script argument", arg);
+        break;
+      }
+      case "filePut": {
+        const t = step.tool.value;
+        checkDigest(where, t.artifact);
+        // Checked here so that a path escape is refused at submit; the daemon checks again, and resolves symlinks.
+        const problem = baseDirProblem(t.baseDir) ?? relativePathProblem(t.path);
+        if (problem !== undefined) throw new InvalidArgumentError(`${where}: file.put refused: ${problem}`);
+        checkText(where, "path", t.path);
+        checkText(where, "base_dir", t.baseDir);
+        if (t.mode > 0o777) throw new InvalidArgumentError(`${where}: file.put mode ${t.mode.toString(8)} is more than 0777`);
+        break;
+      }
       default:
-        throw new InvalidArgumentError(`${where}: names no tool (use exec or shell)`);
+        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script or file.put)`);
     }
   });
+}
+
+function checkDigest(where: string, digest: string): void {
+  if (!isDigest(digest)) throw new InvalidArgumentError(`${where}: artifact ${JSON.stringify(digest.slice(0, 80))} is not a digest of the form sha256:<64 lowercase hex digits>`);
 }
 
 function checkText(where: string, field: string, value: string): void {

@@ -8,11 +8,14 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
-import { stat } from "node:fs/promises";
+import { chmod, rm, stat } from "node:fs/promises";
 import type { Readable } from "node:stream";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
+import { isDigest, verifyFile } from "../common/digest.js";
 import { ConfigError } from "../common/errors.js";
+import type { ArtifactFetcher } from "./artifact-fetch.js";
+import { baseDirProblem, putFile, relativePathProblem } from "./file-put.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 
 /** Options of {@link Executor}; everything but the clock has a default. */
@@ -29,6 +32,11 @@ export interface ExecutorOptions {
    * Injectable so that a daemon can run tasks in a reduced environment.
    */
   baseEnv?: Readonly<Record<string, string | undefined>>;
+  /**
+   * Fetches artifacts for the `script` and `file.put` tools (through the
+   * host's proxy). Absent: those steps fail with a message saying so.
+   */
+  fetchArtifact?: ArtifactFetcher;
 }
 
 /**
@@ -98,6 +106,8 @@ const DEFAULT_KILL_GRACE_MS = 2000;
 /** Chunks are bounded so that one chunk always fits a message on every hop. */
 const MAX_CHUNK_BYTES = 256 * 1024;
 const DEFAULT_INTERPRETER: readonly string[] = ["/bin/sh", "-c"];
+const DEFAULT_SCRIPT_INTERPRETER: readonly string[] = ["/bin/sh"];
+const DEFAULT_PUT_MODE = 0o644;
 /** How often a terminating group is looked at when no pipe or exit event will say it is gone. */
 const GROUP_POLL_MS = 25;
 /** Linux task flag: the task is inside exit() and cannot come back. */
@@ -108,6 +118,7 @@ interface ResolvedOptions {
   defaultOutputLimit: number;
   killGraceMs: number;
   baseEnv: Readonly<Record<string, string | undefined>> | undefined;
+  fetchArtifact: ArtifactFetcher | undefined;
 }
 
 /**
@@ -127,7 +138,7 @@ export class Executor {
     if (!Number.isFinite(killGraceMs) || killGraceMs < 0) {
       throw new ConfigError(`killGraceMs must be a non-negative number, got ${killGraceMs}`);
     }
-    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv };
+    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv, fetchArtifact: opts.fetchArtifact };
   }
 
   /**
@@ -157,10 +168,11 @@ interface StepExit {
 }
 type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined };
 
-interface PlannedStep {
-  label: string;
-  argv: string[];
-}
+/** A step as it will run: a process (argv, or an artifact run as a script) or a file written. */
+type PlannedStep =
+  | { kind: "process"; label: string; argv: string[] }
+  | { kind: "script"; label: string; artifact: string; interpreter: string[]; args: string[] }
+  | { kind: "put"; label: string; artifact: string; path: string; baseDir: string; mode: number };
 
 /** The state of one `Executor.run`. */
 class TaskRun {
@@ -174,6 +186,8 @@ class TaskRun {
   /** Pauses or resumes the running step's pipes as the flow says; set while a step runs. */
   private applyFlowCurrent: (() => void) | undefined;
   private readonly limit: number;
+  /** Aborted when the task is stopped, so that a fetch in progress ends too. */
+  private readonly fetchAbort = new AbortController();
 
   constructor(
     private readonly opts: ResolvedOptions,
@@ -226,7 +240,31 @@ class TaskRun {
       if (cwdProblem !== undefined) return this.outcome(TaskState.FAILED, cwdProblem);
       if (this.stopped()) break;
 
-      const result = await this.runStep(step.argv, env, cwd);
+      let result: StepResult;
+      if (step.kind === "put") {
+        const problem = await this.putStep(step);
+        const stop = this.stopped();
+        if (stop) return this.outcome(stop.state, stop.message, last);
+        if (problem !== undefined) return this.outcome(TaskState.FAILED, prefix(step) + problem, last);
+        continue;
+      } else if (step.kind === "script") {
+        const fetched = await this.fetchVerified(step.artifact);
+        const stopNow = this.stopped();
+        if (typeof fetched !== "string") {
+          if (stopNow) return this.outcome(stopNow.state, stopNow.message, last);
+          return this.outcome(TaskState.FAILED, prefix(step) + fetched.problem, last);
+        }
+        try {
+          if (stopNow) break;
+          // Only the daemon's user may read or run it (the fetcher's directory is 0700 too).
+          await chmod(fetched, 0o700);
+          result = await this.runStep([...step.interpreter, fetched, ...step.args], env, cwd);
+        } finally {
+          await rm(fetched, { force: true });
+        }
+      } else {
+        result = await this.runStep(step.argv, env, cwd);
+      }
       const stop = this.stopped();
       if (result.kind === "failed") {
         if (stop) return this.outcome(stop.state, stop.message);
@@ -244,6 +282,44 @@ class TaskRun {
     return this.outcome(TaskState.SUCCEEDED, last ? describeExit(last) : "succeeded", last);
   }
 
+  /**
+   * Fetches an artifact and checks its digest again here, whoever fetched
+   * it: the path of a private file the caller removes, or why it cannot be used.
+   */
+  private async fetchVerified(artifact: string): Promise<string | { problem: string }> {
+    const fetch = this.opts.fetchArtifact;
+    if (!fetch) return { problem: `artifact ${artifact}: this daemon has no artifact source` };
+    let path: string;
+    try {
+      path = await fetch(artifact, this.fetchAbort.signal);
+    } catch (err) {
+      const text = errorText(err);
+      return { problem: text.includes(artifact) ? text : `artifact ${artifact}: ${text}` };
+    }
+    try {
+      await verifyFile(path, artifact);
+      return path;
+    } catch (err) {
+      await rm(path, { force: true });
+      return { problem: errorText(err) };
+    }
+  }
+
+  /** Runs a file.put step; returns why it failed, or undefined. */
+  private async putStep(step: Extract<PlannedStep, { kind: "put" }>): Promise<string | undefined> {
+    const fetched = await this.fetchVerified(step.artifact);
+    if (typeof fetched !== "string") return fetched.problem;
+    try {
+      if (this.stopped()) return undefined;
+      await putFile(fetched, step.baseDir, step.path, step.mode);
+      return undefined;
+    } catch (err) {
+      return `file.put ${JSON.stringify(step.path)} in ${step.baseDir} refused: ${errorText(err)}`;
+    } finally {
+      await rm(fetched, { force: true });
+    }
+  }
+
   /** Read through a method: the stop is set by timers and listeners while awaits are pending. */
   private stopped(): Stop | undefined {
     return this.stop;
@@ -253,6 +329,7 @@ class TaskRun {
   private requestStop(stop: Stop): void {
     if (this.stop) return;
     this.stop = stop;
+    this.fetchAbort.abort(new Error(stop.message));
     this.terminateCurrent?.();
   }
 
@@ -486,7 +563,7 @@ function planSteps(steps: Step[]): PlannedStep[] | string {
       case "exec": {
         const argv = tool.value.argv;
         if (argv.length === 0 || argv[0] === "") return `${label}: exec tool has an empty argv`;
-        plan.push({ label, argv: [...argv] });
+        plan.push({ kind: "process", label, argv: [...argv] });
         break;
       }
       case "shell": {
@@ -494,7 +571,24 @@ function planSteps(steps: Step[]): PlannedStep[] | string {
         if (script.trim() === "") return `${label}: shell tool has an empty script`;
         const prefix = interpreter.length > 0 ? interpreter : DEFAULT_INTERPRETER;
         if (prefix[0] === "") return `${label}: shell interpreter has an empty program name`;
-        plan.push({ label, argv: [...prefix, script] });
+        plan.push({ kind: "process", label, argv: [...prefix, script] });
+        break;
+      }
+      case "script": {
+        const { artifact, interpreter, args } = tool.value;
+        if (!isDigest(artifact)) return `${label}: script artifact ${JSON.stringify(artifact)} is not a sha256:<hex> digest`;
+        const prefix = interpreter.length > 0 ? interpreter : DEFAULT_SCRIPT_INTERPRETER;
+        if (prefix[0] === "") return `${label}: script interpreter has an empty program name`;
+        plan.push({ kind: "script", label, artifact, interpreter: [...prefix], args: [...args] });
+        break;
+      }
+      case "filePut": {
+        const { artifact, path, baseDir, mode } = tool.value;
+        if (!isDigest(artifact)) return `${label}: file.put artifact ${JSON.stringify(artifact)} is not a sha256:<hex> digest`;
+        const problem = baseDirProblem(baseDir) ?? relativePathProblem(path);
+        if (problem !== undefined) return `${label}: file.put refused: ${problem}`;
+        if (mode > 0o777) return `${label}: file.put mode ${mode.toString(8)} is more than 0777`;
+        plan.push({ kind: "put", label, artifact, path, baseDir, mode: mode === 0 ? DEFAULT_PUT_MODE : mode });
         break;
       }
       default:

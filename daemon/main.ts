@@ -1,4 +1,4 @@
-import { readdirSync } from "node:fs";
+import { readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { readCredentials, type CredentialPaths, type Credentials } from "../certs/files.js";
 import { identityFromCertificate, requireRole } from "../certs/identity.js";
@@ -18,7 +18,10 @@ import { LmdbLedger } from "./lmdb-ledger.js";
 import { readFileSync } from "node:fs";
 import { ensureEnrolled, type BootstrapCredential } from "./enroll.js";
 import { keepRenewed } from "./renew.js";
+import { Metrics } from "../common/metrics.js";
+import { parseHostPort } from "../common/lifecycle.js";
 import { TaskVerifier } from "../common/task-signing.js";
+import { proxyArtifactFetcher } from "./artifact-fetch.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -29,6 +32,7 @@ export const daemonSchema = {
   data: { type: "string", default: "rexmesh-data/daemon", doc: "directory of the daemon's LMDB store (ledger of accepted tasks, output not yet delivered)" },
   storeSize: { type: "int", default: 2 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold" },
   capacity: { type: "int", default: 4, min: 1, doc: "tasks run at once per host" },
+  metricsListen: { type: "string", doc: "address for Prometheus metrics over plain HTTP (GET /metrics); off when unset" },
   renewBefore: { type: "duration", default: "8h", doc: "renew the host certificate this long before it expires (over the link to a proxy)" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval" },
   outputLimit: { type: "int", default: 64 * 1024 * 1024, min: 0, doc: "output bytes kept per task when the job sets no limit" },
@@ -71,15 +75,19 @@ export function grpcDialer(paths: CredentialPaths): Dialer {
 export async function startDaemon(config: DaemonConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { agents: Agent[] }> {
   if (!config.proxies || config.proxies.length === 0) throw new ConfigError("proxies is required (--proxies HOST:PORT[,HOST:PORT...])");
   if (config.hostId) await enrollIfNeeded(config, log, clock);
-  const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace });
   const facts = collectFacts();
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const ledgers = env.db<never>("ledger") as never;
   const outboxes = env.db<Buffer>("outbox", "binary") as never;
   const allPaths = identityPaths(config);
+  // Fetched artifacts are private temporaries of running steps: any left by a crash are stale.
+  rmSync(join(config.data, "artifacts"), { recursive: true, force: true });
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
+    // One executor per host: artifacts are fetched through the proxies with this host's own certificate.
+    const fetchArtifact = proxyArtifactFetcher({ proxies: config.proxies!, credentials: () => readCredentials(paths), dir: join(config.data, "artifacts", me.id) });
+    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact });
     return new Agent({
       hostId: me.id,
       tenant: me.scope,
@@ -98,15 +106,23 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     });
   });
   await Promise.all(agents.map((a) => a.start()));
+  const metrics = new Metrics();
+  const stopProcessGauges = metrics.processGauges();
+  metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
+  metrics.gauge("hosts", "hosts this process serves", () => agents.length);
+  metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
+  const metricsServer = config.metricsListen ? await metrics.serve(parseHostPort(config.metricsListen, "metricsListen").host, parseHostPort(config.metricsListen, "metricsListen").port) : undefined;
   const renewing = new AbortController();
   const renewals = allPaths.map((paths) =>
     keepRenewed({ paths, proxies: config.proxies!, renewBeforeMs: config.renewBefore, clock, log, signal: renewing.signal }).catch((err) => log.error("certificate renewal stopped", { err })),
   );
   return {
     agents,
-    info: { role: "daemon", hosts: agents.map((a) => a.hostId) },
+    info: { role: "daemon", hosts: agents.map((a) => a.hostId), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
     async stop(graceMs) {
       renewing.abort();
+      stopProcessGauges();
+      await metricsServer?.close();
       await Promise.all(renewals);
       await Promise.all(agents.map((a) => a.stop(graceMs)));
       await env.close();

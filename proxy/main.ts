@@ -9,6 +9,9 @@ import { createGrpcLinkServer, type UnaryHandler } from "../common/grpc-link.js"
 import { create } from "@bufbuild/protobuf";
 import { openBundle, sealBundle } from "../common/bundle.js";
 import { openDenyList } from "../common/deny-list.js";
+import { addHealthToGrpc, HealthState } from "../common/health.js";
+import { Metrics } from "../common/metrics.js";
+import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { PermissionDeniedError } from "../common/errors.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
@@ -24,6 +27,9 @@ import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbProxyStore } from "./lmdb-store.js";
 import { createOpenUnaryServer } from "../common/open-unary-server.js";
 import { EnrollService, type EnrollRequest } from "../gen/rexmesh/v1/enroll_pb.js";
+import { join } from "node:path";
+import { ArtifactCacheService, ArtifactService, GetArtifactChunkResponseSchema, type GetArtifactChunkRequest } from "../gen/rexmesh/v1/artifact_pb.js";
+import { ArtifactCache } from "./artifact-cache.js";
 
 export const proxySchema = {
   listen: { type: "string", default: "127.0.0.1:7444", doc: "address daemons connect to (host:port; port 0 picks one)" },
@@ -34,6 +40,7 @@ export const proxySchema = {
   data: { type: "string", default: "rexmesh-data/proxy", doc: "directory of the proxy's LMDB store (queued tasks, results not yet delivered)" },
   storeSize: { type: "int", default: 8 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold; new tasks are refused above 90% of it" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on both links" },
+  metricsListen: { type: "string", doc: "address for Prometheus metrics over plain HTTP (GET /metrics); off when unset" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
   enrollListen: { type: "string", doc: "address serving only EnrollService without asking for a client certificate; requests are relayed to the controller (host:port; port 0 picks one); off by default" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
@@ -68,7 +75,25 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   // Renewal: a host renews its own certificate over its authenticated link; relayed like enrollment.
   let renewChannel: ReturnType<typeof openChannel> | undefined;
   const renewClient = () => clientFor(EnrollService, (renewChannel ??= openChannel(controllerAddress, creds, ["controller"])));
+  // Artifacts: served to hosts from a disk cache, fetched from the controller once per digest.
+  let artifactChannel: ReturnType<typeof openChannel> | undefined;
+  const artifacts = new ArtifactCache({
+    dir: join(config.data, "artifacts"),
+    log,
+    fetch: async function* (digest) {
+      const client = clientFor(ArtifactService, (artifactChannel ??= openChannel(controllerAddress, creds, ["controller"])));
+      for await (const r of client.getArtifact({ digest }, { timeoutMs: 10 * 60_000 })) yield r.data;
+    },
+  });
   const admin: UnaryHandler[] = [
+    {
+      method: ArtifactCacheService.method.getArtifactChunk,
+      handle: async (req: GetArtifactChunkRequest, peer) => {
+        if (peer.role !== "host") throw new PermissionDeniedError("artifacts are served to hosts");
+        const r = await artifacts.chunk(req.digest, Number(req.offset));
+        return create(GetArtifactChunkResponseSchema, { size: BigInt(r.size), data: r.data });
+      },
+    },
     {
       method: EnrollService.method.enroll,
       handle: async (req: EnrollRequest, peer) => {
@@ -97,7 +122,15 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       },
     },
   ];
-  const server = createGrpcLinkServer({ creds, log, method: AgentLinkService.method.agentStream, serve: (link, peer) => core.serveHost(link, peer), unary: admin });
+  const health = new HealthState([AgentLinkService.typeName]);
+  const server = createGrpcLinkServer({
+    creds,
+    log,
+    method: AgentLinkService.method.agentStream,
+    serve: (link, peer) => core.serveHost(link, peer),
+    unary: admin,
+    extend: (s) => addHealthToGrpc(s, health),
+  });
   const address = { address: host, port: await server.listen(host, port) };
 
   // Enrollment relay: daemons without a certificate yet reach the
@@ -126,10 +159,25 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
   }
 
+  const metrics = new Metrics();
+  const stopProcessGauges = metrics.processGauges();
+  const store = core.store;
+  metrics.gauge("connected_hosts", "host streams held now", () => core.connectedHosts);
+  metrics.gauge("controller_link_up", "1 while the link to the controller is up", () => (core.controllerConnected ? 1 : 0));
+  metrics.gauge("queued_tasks", "tasks held for this region's hosts, by state", () => {
+    const n = new Map<string, number>();
+    for (const t of store.allTasks()) n.set(TaskState[t.state] ?? String(t.state), (n.get(TaskState[t.state] ?? String(t.state)) ?? 0) + 1);
+    return [...n].map(([state, value]) => ({ labels: { state }, value }));
+  });
+  metrics.gauge("result_backlog_items", "statuses and output chunks not yet acknowledged by the controller", () => store.upwardSize());
+  metrics.gauge("store_used_bytes", "bytes in use in the proxy's LMDB store", () => env.usedBytes());
+  const reconnects = metrics.counter("controller_link_attempts_total", "attempts to open the link to the controller");
+  const metricsServer = config.metricsListen ? await metrics.serve(parseHostPort(config.metricsListen, "metricsListen").host, parseHostPort(config.metricsListen, "metricsListen").port) : undefined;
   const stop = new AbortController();
   const uplink = (async () => {
     const backoff = new Backoff({ initialMs: 500, maxMs: 30_000 });
     while (!stop.signal.aborted) {
+      reconnects();
       const channel = openChannel(controllerAddress, creds, ["controller"]);
       const client = clientFor(ProxyLinkService, channel);
       const link = openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), (err) => channel.close(err));
@@ -152,13 +200,17 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   return {
     address,
     core,
-    info: { role: "proxy", name: me.id, region: me.scope, address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}) },
+    info: { role: "proxy", name: me.id, region: me.scope, address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
+    draining: () => health.draining(),
     async stop(graceMs) {
       stop.abort();
+      stopProcessGauges();
+      await metricsServer?.close();
       core.stop();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs), uplink]);
       enrollChannel?.close();
       renewChannel?.close();
+      artifactChannel?.close();
       await env.close();
     },
   };

@@ -101,7 +101,7 @@ export class ProxyCore {
   readonly name: string;
   readonly region: string;
   private readonly clock: Clock;
-  private readonly store: ProxyStore;
+  readonly store: ProxyStore;
   private readonly log: Logger;
   private readonly heartbeatMs: number;
   private readonly hosts = new Map<string, HostSession>();

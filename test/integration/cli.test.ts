@@ -81,6 +81,19 @@ describe("role configuration", () => {
     }
   });
 
+  it("completes commands and options in bash", async () => {
+    const { execFile } = await import("node:child_process");
+    const { promisify } = await import("node:util");
+    const script = (await rexmesh(["completion", "bash"])).stdout;
+    const complete = async (...words: string[]) => {
+      const { stdout } = await promisify(execFile)("bash", ["-c", `${script}\nCOMP_WORDS=(${words.map((w) => `'${w}'`).join(" ")}); COMP_CWORD=${words.length - 1}; _rexmesh; printf '%s\\n' "\${COMPREPLY[@]}"`]);
+      return stdout.trim().split("\n");
+    };
+    expect(await complete("rexmesh", "ru")).toEqual(["run"]);
+    expect(await complete("rexmesh", "jobs", "c")).toEqual(["cancel"]);
+    expect(await complete("rexmesh", "run", "--max")).toEqual(["--max-errors"]);
+  });
+
   it("every command has --help with examples", async () => {
     for (const cmd of [["run"], ["hosts"], ["jobs"], ["ca"], ["dev"], ["controller"], ["proxy"], ["daemon"]]) {
       const r = await rexmesh([...cmd, "--help"]);

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QizgMKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB190YXJnZXQizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCIxChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIp4CCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDSKgAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKARCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiKbAQoUU2V0SG9zdExhYmVsc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRI2CgNzZXQYAiADKAsyKS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0LlNldEVudHJ5Eg4KBnJlbW92ZRgDIAMoCRoqCghTZXRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjcKFVNldEhvc3RMYWJlbHNSZXNwb25zZRIeCgRob3N0GAEgASgLMhAucmV4bWVzaC52MS5Ib3N0IkwKEExpc3RBdWRpdFJlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAIgASgNIjsKEUxpc3RBdWRpdFJlc3BvbnNlEiYKBmV2ZW50cxgBIAMoCzIWLnJleG1lc2gudjEuQXVkaXRFdmVudCLwAQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRraW5kGAMgASgJEg4KBnRlbmFudBgEIAEoCRINCgVhY3RvchgFIAEoCRIrCghkZWNpc2lvbhgGIAEoDjIZLnJleG1lc2gudjEuQXVkaXREZWNpc2lvbhIOCgZyZWFzb24YByABKAkSDAoEd2hhdBgIIAEoCRIQCghob3N0X2lkcxgJIAMoCRISCgpob3N0X2NvdW50GAogASgNEg4KBmpvYl9pZBgLIAEoCSp2Cg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAipQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqgwEKDUF1ZGl0RGVjaXNpb24SHgoaQVVESVRfREVDSVNJT05fVU5TUEVDSUZJRUQQABIaChZBVURJVF9ERUNJU0lPTl9BTExPV0VEEAESGQoVQVVESVRfREVDSVNJT05fREVOSUVEEAISGwoXQVVESVRfREVDSVNJT05fUkVKRUNURUQQAzKIBgoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3Qi5gQKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARIQCghkb2N1bWVudBgOIAEoCRJACgpwYXJhbWV0ZXJzGA8gAygLMiwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LlBhcmFtZXRlcnNFbnRyeRIPCgdkcnlfcnVuGBAgASgIGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMQoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCQoHX3RhcmdldCLOAQoLUmF0ZUNvbnRyb2wSEwoLY29uY3VycmVuY3kYASABKA0SGwoTY29uY3VycmVuY3lfcGVyY2VudBgCIAEoDRIeChZjb25jdXJyZW5jeV9wZXJfcmVnaW9uGAMgASgNEhcKCm1heF9lcnJvcnMYBCABKA1IAIgBARIfChJtYXhfZXJyb3JzX3BlcmNlbnQYBSABKA1IAYgBARINCgViYXRjaBgGIAEoDUINCgtfbWF4X2Vycm9yc0IVChNfbWF4X2Vycm9yc19wZXJjZW50IlgKEVN1Ym1pdEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEiUKBHBsYW4YAiADKAsyFy5yZXhtZXNoLnYxLlBsYW5uZWRUYXNrIoMBCgtQbGFubmVkVGFzaxIPCgdob3N0X2lkGAEgASgJEg4KBnJlZ2lvbhgCIAEoCRINCgVwcm94eRgDIAEoCRIRCgljb25uZWN0ZWQYBCABKAgSHwoFc3RlcHMYBSADKAsyEC5yZXhtZXNoLnYxLlN0ZXASEAoIcmVqZWN0ZWQYBiABKAkiRQoOVGFza1N0YXRlQ291bnQSJAoFc3RhdGUYASABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRINCgVjb3VudBgCIAEoDSKYAwoDSm9iEgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIUCgxzdWJtaXR0ZWRfYnkYAyABKAkSIwoFc3RhdGUYBCABKA4yFC5yZXhtZXNoLnYxLkpvYlN0YXRlEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIfCgVzdGVwcxgHIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgZjb3VudHMYCCADKAsyGi5yZXhtZXNoLnYxLlRhc2tTdGF0ZUNvdW50EhIKCnRhc2tfY291bnQYCSABKA0SEAoIZG9jdW1lbnQYCiABKAkSMwoKcGFyYW1ldGVycxgLIAMoCzIfLnJleG1lc2gudjEuSm9iLlBhcmFtZXRlcnNFbnRyeRoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLBAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKAQSHwoFc3RlcHMYDSADKAsyEC5yZXhtZXNoLnYxLlN0ZXBCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiKbAQoUU2V0SG9zdExhYmVsc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRI2CgNzZXQYAiADKAsyKS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0LlNldEVudHJ5Eg4KBnJlbW92ZRgDIAMoCRoqCghTZXRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjcKFVNldEhvc3RMYWJlbHNSZXNwb25zZRIeCgRob3N0GAEgASgLMhAucmV4bWVzaC52MS5Ib3N0IkwKEExpc3RBdWRpdFJlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAIgASgNIjsKEUxpc3RBdWRpdFJlc3BvbnNlEiYKBmV2ZW50cxgBIAMoCzIWLnJleG1lc2gudjEuQXVkaXRFdmVudCLwAQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRraW5kGAMgASgJEg4KBnRlbmFudBgEIAEoCRINCgVhY3RvchgFIAEoCRIrCghkZWNpc2lvbhgGIAEoDjIZLnJleG1lc2gudjEuQXVkaXREZWNpc2lvbhIOCgZyZWFzb24YByABKAkSDAoEd2hhdBgIIAEoCRIQCghob3N0X2lkcxgJIAMoCRISCgpob3N0X2NvdW50GAogASgNEg4KBmpvYl9pZBgLIAEoCSKTAQoIRG9jdW1lbnQSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNEhMKC2Rlc2NyaXB0aW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmNyZWF0ZWRfYnkYBSABKAkSDwoHY29udGVudBgGIAEoCSIlChJQdXREb2N1bWVudFJlcXVlc3QSDwoHY29udGVudBgBIAEoCSI9ChNQdXREb2N1bWVudFJlc3BvbnNlEiYKCGRvY3VtZW50GAEgASgLMhQucmV4bWVzaC52MS5Eb2N1bWVudCIiChJHZXREb2N1bWVudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI9ChNHZXREb2N1bWVudFJlc3BvbnNlEiYKCGRvY3VtZW50GAEgASgLMhQucmV4bWVzaC52MS5Eb2N1bWVudCIWChRMaXN0RG9jdW1lbnRzUmVxdWVzdCJAChVMaXN0RG9jdW1lbnRzUmVzcG9uc2USJwoJZG9jdW1lbnRzGAEgAygLMhQucmV4bWVzaC52MS5Eb2N1bWVudCp2Cg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAipQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqgwEKDUF1ZGl0RGVjaXNpb24SHgoaQVVESVRfREVDSVNJT05fVU5TUEVDSUZJRUQQABIaChZBVURJVF9ERUNJU0lPTl9BTExPV0VEEAESGQoVQVVESVRfREVDSVNJT05fREVOSUVEEAISGwoXQVVESVRfREVDSVNJT05fUkVKRUNURUQQAzL+BwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlEk4KC1B1dERvY3VtZW50Eh4ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLlB1dERvY3VtZW50UmVzcG9uc2USTgoLR2V0RG9jdW1lbnQSHi5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVxdWVzdBofLnJleG1lc2gudjEuR2V0RG9jdW1lbnRSZXNwb25zZRJUCg1MaXN0RG9jdW1lbnRzEiAucmV4bWVzaC52MS5MaXN0RG9jdW1lbnRzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -197,6 +197,30 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
    * @generated from field: optional string target = 13;
    */
   target?: string | undefined;
+
+  /**
+   * A stored document to run instead of steps: "NAME" (newest version) or
+   * "NAME@VERSION". Exactly one of steps and document.
+   *
+   * @generated from field: string document = 14;
+   */
+  document: string;
+
+  /**
+   * The document's parameters as text; a list parameter takes a JSON array
+   * (`["a","b"]`) or a single value.
+   *
+   * @generated from field: map<string, string> parameters = 15;
+   */
+  parameters: { [key: string]: string };
+
+  /**
+   * Resolve, authorize and render, but store and run nothing: the response
+   * carries the plan instead of a job.
+   *
+   * @generated from field: bool dry_run = 16;
+   */
+  dryRun: boolean;
 };
 
 /**
@@ -263,9 +287,18 @@ export const RateControlSchema: GenMessage<RateControl> = /*@__PURE__*/
  */
 export type SubmitJobResponse = Message<"rexmesh.v1.SubmitJobResponse"> & {
   /**
+   * Unset on a dry run.
+   *
    * @generated from field: rexmesh.v1.Job job = 1;
    */
   job?: Job | undefined;
+
+  /**
+   * A dry run: what each resolved host would get.
+   *
+   * @generated from field: repeated rexmesh.v1.PlannedTask plan = 2;
+   */
+  plan: PlannedTask[];
 };
 
 /**
@@ -274,6 +307,56 @@ export type SubmitJobResponse = Message<"rexmesh.v1.SubmitJobResponse"> & {
  */
 export const SubmitJobResponseSchema: GenMessage<SubmitJobResponse> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_controller, 5);
+
+/**
+ * What one host would run, as shown by a dry run (sensitive parameters redacted).
+ *
+ * @generated from message rexmesh.v1.PlannedTask
+ */
+export type PlannedTask = Message<"rexmesh.v1.PlannedTask"> & {
+  /**
+   * @generated from field: string host_id = 1;
+   */
+  hostId: string;
+
+  /**
+   * @generated from field: string region = 2;
+   */
+  region: string;
+
+  /**
+   * The proxy the task would go through: the one holding the host's stream now, or the last one that did.
+   *
+   * @generated from field: string proxy = 3;
+   */
+  proxy: string;
+
+  /**
+   * @generated from field: bool connected = 4;
+   */
+  connected: boolean;
+
+  /**
+   * The steps rendered for this host.
+   *
+   * @generated from field: repeated rexmesh.v1.Step steps = 5;
+   */
+  steps: Step[];
+
+  /**
+   * Set when the host supports none of a step's alternatives: its task would end REJECTED.
+   *
+   * @generated from field: string rejected = 6;
+   */
+  rejected: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.PlannedTask.
+ * Use `create(PlannedTaskSchema)` to create a new message.
+ */
+export const PlannedTaskSchema: GenMessage<PlannedTask> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 6);
 
 /**
  * @generated from message rexmesh.v1.TaskStateCount
@@ -295,7 +378,7 @@ export type TaskStateCount = Message<"rexmesh.v1.TaskStateCount"> & {
  * Use `create(TaskStateCountSchema)` to create a new message.
  */
 export const TaskStateCountSchema: GenMessage<TaskStateCount> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 6);
+  messageDesc(file_rexmesh_v1_controller, 7);
 
 /**
  * @generated from message rexmesh.v1.Job
@@ -347,6 +430,18 @@ export type Job = Message<"rexmesh.v1.Job"> & {
    * @generated from field: uint32 task_count = 9;
    */
   taskCount: number;
+
+  /**
+   * For a document run: "NAME@VERSION", and its parameters with sensitive values redacted (JSON values).
+   *
+   * @generated from field: string document = 10;
+   */
+  document: string;
+
+  /**
+   * @generated from field: map<string, string> parameters = 11;
+   */
+  parameters: { [key: string]: string };
 };
 
 /**
@@ -354,7 +449,7 @@ export type Job = Message<"rexmesh.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 7);
+  messageDesc(file_rexmesh_v1_controller, 8);
 
 /**
  * A task as the client sees it.
@@ -423,6 +518,13 @@ export type Task = Message<"rexmesh.v1.Task"> & {
    * @generated from field: uint64 output_chunks = 12;
    */
   outputChunks: bigint;
+
+  /**
+   * For a document run (in GetJob): the steps rendered for this host, sensitive parameters redacted.
+   *
+   * @generated from field: repeated rexmesh.v1.Step steps = 13;
+   */
+  steps: Step[];
 };
 
 /**
@@ -430,7 +532,7 @@ export type Task = Message<"rexmesh.v1.Task"> & {
  * Use `create(TaskSchema)` to create a new message.
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 8);
+  messageDesc(file_rexmesh_v1_controller, 9);
 
 /**
  * @generated from message rexmesh.v1.GetJobRequest
@@ -447,7 +549,7 @@ export type GetJobRequest = Message<"rexmesh.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 9);
+  messageDesc(file_rexmesh_v1_controller, 10);
 
 /**
  * @generated from message rexmesh.v1.GetJobResponse
@@ -469,7 +571,7 @@ export type GetJobResponse = Message<"rexmesh.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 10);
+  messageDesc(file_rexmesh_v1_controller, 11);
 
 /**
  * @generated from message rexmesh.v1.WatchJobRequest
@@ -493,7 +595,7 @@ export type WatchJobRequest = Message<"rexmesh.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 11);
+  messageDesc(file_rexmesh_v1_controller, 12);
 
 /**
  * Every response is a batch of what changed since the previous one.
@@ -522,7 +624,7 @@ export type WatchJobResponse = Message<"rexmesh.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 12);
+  messageDesc(file_rexmesh_v1_controller, 13);
 
 /**
  * @generated from message rexmesh.v1.ListJobsRequest
@@ -541,7 +643,7 @@ export type ListJobsRequest = Message<"rexmesh.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 13);
+  messageDesc(file_rexmesh_v1_controller, 14);
 
 /**
  * @generated from message rexmesh.v1.ListJobsResponse
@@ -558,7 +660,7 @@ export type ListJobsResponse = Message<"rexmesh.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 14);
+  messageDesc(file_rexmesh_v1_controller, 15);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleRequest
@@ -575,7 +677,7 @@ export type ExportBundleRequest = Message<"rexmesh.v1.ExportBundleRequest"> & {
  * Use `create(ExportBundleRequestSchema)` to create a new message.
  */
 export const ExportBundleRequestSchema: GenMessage<ExportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 15);
+  messageDesc(file_rexmesh_v1_controller, 16);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleResponse
@@ -599,7 +701,7 @@ export type ExportBundleResponse = Message<"rexmesh.v1.ExportBundleResponse"> & 
  * Use `create(ExportBundleResponseSchema)` to create a new message.
  */
 export const ExportBundleResponseSchema: GenMessage<ExportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 16);
+  messageDesc(file_rexmesh_v1_controller, 17);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleRequest
@@ -616,7 +718,7 @@ export type ImportBundleRequest = Message<"rexmesh.v1.ImportBundleRequest"> & {
  * Use `create(ImportBundleRequestSchema)` to create a new message.
  */
 export const ImportBundleRequestSchema: GenMessage<ImportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 17);
+  messageDesc(file_rexmesh_v1_controller, 18);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleResponse
@@ -643,7 +745,7 @@ export type ImportBundleResponse = Message<"rexmesh.v1.ImportBundleResponse"> & 
  * Use `create(ImportBundleResponseSchema)` to create a new message.
  */
 export const ImportBundleResponseSchema: GenMessage<ImportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 18);
+  messageDesc(file_rexmesh_v1_controller, 19);
 
 /**
  * @generated from message rexmesh.v1.CancelJobRequest
@@ -660,7 +762,7 @@ export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 19);
+  messageDesc(file_rexmesh_v1_controller, 20);
 
 /**
  * @generated from message rexmesh.v1.CancelJobResponse
@@ -677,7 +779,7 @@ export type CancelJobResponse = Message<"rexmesh.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 20);
+  messageDesc(file_rexmesh_v1_controller, 21);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsRequest
@@ -708,7 +810,7 @@ export type SetHostLabelsRequest = Message<"rexmesh.v1.SetHostLabelsRequest"> & 
  * Use `create(SetHostLabelsRequestSchema)` to create a new message.
  */
 export const SetHostLabelsRequestSchema: GenMessage<SetHostLabelsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 21);
+  messageDesc(file_rexmesh_v1_controller, 22);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsResponse
@@ -725,7 +827,7 @@ export type SetHostLabelsResponse = Message<"rexmesh.v1.SetHostLabelsResponse"> 
  * Use `create(SetHostLabelsResponseSchema)` to create a new message.
  */
 export const SetHostLabelsResponseSchema: GenMessage<SetHostLabelsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 22);
+  messageDesc(file_rexmesh_v1_controller, 23);
 
 /**
  * @generated from message rexmesh.v1.ListAuditRequest
@@ -751,7 +853,7 @@ export type ListAuditRequest = Message<"rexmesh.v1.ListAuditRequest"> & {
  * Use `create(ListAuditRequestSchema)` to create a new message.
  */
 export const ListAuditRequestSchema: GenMessage<ListAuditRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 23);
+  messageDesc(file_rexmesh_v1_controller, 24);
 
 /**
  * @generated from message rexmesh.v1.ListAuditResponse
@@ -768,7 +870,7 @@ export type ListAuditResponse = Message<"rexmesh.v1.ListAuditResponse"> & {
  * Use `create(ListAuditResponseSchema)` to create a new message.
  */
 export const ListAuditResponseSchema: GenMessage<ListAuditResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 24);
+  messageDesc(file_rexmesh_v1_controller, 25);
 
 /**
  * One entry of the audit log: who did what, where, and what was decided.
@@ -849,7 +951,157 @@ export type AuditEvent = Message<"rexmesh.v1.AuditEvent"> & {
  * Use `create(AuditEventSchema)` to create a new message.
  */
 export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 25);
+  messageDesc(file_rexmesh_v1_controller, 26);
+
+/**
+ * A named, versioned command specification (docs/documents.md).
+ *
+ * @generated from message rexmesh.v1.Document
+ */
+export type Document = Message<"rexmesh.v1.Document"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: uint32 version = 2;
+   */
+  version: number;
+
+  /**
+   * @generated from field: string description = 3;
+   */
+  description: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 4;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * Who stored this version, e.g. "operator:acme/alice".
+   *
+   * @generated from field: string created_by = 5;
+   */
+  createdBy: string;
+
+  /**
+   * The document as JSON (parameters and steps), exactly as validated.
+   *
+   * @generated from field: string content = 6;
+   */
+  content: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.Document.
+ * Use `create(DocumentSchema)` to create a new message.
+ */
+export const DocumentSchema: GenMessage<Document> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 27);
+
+/**
+ * @generated from message rexmesh.v1.PutDocumentRequest
+ */
+export type PutDocumentRequest = Message<"rexmesh.v1.PutDocumentRequest"> & {
+  /**
+   * The document as YAML or JSON text.
+   *
+   * @generated from field: string content = 1;
+   */
+  content: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.PutDocumentRequest.
+ * Use `create(PutDocumentRequestSchema)` to create a new message.
+ */
+export const PutDocumentRequestSchema: GenMessage<PutDocumentRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 28);
+
+/**
+ * @generated from message rexmesh.v1.PutDocumentResponse
+ */
+export type PutDocumentResponse = Message<"rexmesh.v1.PutDocumentResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.Document document = 1;
+   */
+  document?: Document | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.PutDocumentResponse.
+ * Use `create(PutDocumentResponseSchema)` to create a new message.
+ */
+export const PutDocumentResponseSchema: GenMessage<PutDocumentResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 29);
+
+/**
+ * @generated from message rexmesh.v1.GetDocumentRequest
+ */
+export type GetDocumentRequest = Message<"rexmesh.v1.GetDocumentRequest"> & {
+  /**
+   * "NAME" (newest version) or "NAME@VERSION".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.GetDocumentRequest.
+ * Use `create(GetDocumentRequestSchema)` to create a new message.
+ */
+export const GetDocumentRequestSchema: GenMessage<GetDocumentRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 30);
+
+/**
+ * @generated from message rexmesh.v1.GetDocumentResponse
+ */
+export type GetDocumentResponse = Message<"rexmesh.v1.GetDocumentResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.Document document = 1;
+   */
+  document?: Document | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.GetDocumentResponse.
+ * Use `create(GetDocumentResponseSchema)` to create a new message.
+ */
+export const GetDocumentResponseSchema: GenMessage<GetDocumentResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 31);
+
+/**
+ * @generated from message rexmesh.v1.ListDocumentsRequest
+ */
+export type ListDocumentsRequest = Message<"rexmesh.v1.ListDocumentsRequest"> & {
+};
+
+/**
+ * Describes the message rexmesh.v1.ListDocumentsRequest.
+ * Use `create(ListDocumentsRequestSchema)` to create a new message.
+ */
+export const ListDocumentsRequestSchema: GenMessage<ListDocumentsRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 32);
+
+/**
+ * @generated from message rexmesh.v1.ListDocumentsResponse
+ */
+export type ListDocumentsResponse = Message<"rexmesh.v1.ListDocumentsResponse"> & {
+  /**
+   * @generated from field: repeated rexmesh.v1.Document documents = 1;
+   */
+  documents: Document[];
+};
+
+/**
+ * Describes the message rexmesh.v1.ListDocumentsResponse.
+ * Use `create(ListDocumentsResponseSchema)` to create a new message.
+ */
+export const ListDocumentsResponseSchema: GenMessage<ListDocumentsResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 33);
 
 /**
  * @generated from enum rexmesh.v1.ConnectionState
@@ -1045,6 +1297,36 @@ export const ControllerService: GenService<{
     methodKind: "unary";
     input: typeof ListAuditRequestSchema;
     output: typeof ListAuditResponseSchema;
+  },
+  /**
+   * Stores a command document as its next immutable version (1, 2, ...) in the caller's tenant.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.PutDocument
+   */
+  putDocument: {
+    methodKind: "unary";
+    input: typeof PutDocumentRequestSchema;
+    output: typeof PutDocumentResponseSchema;
+  },
+  /**
+   * One version of a document (the newest when none is named).
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.GetDocument
+   */
+  getDocument: {
+    methodKind: "unary";
+    input: typeof GetDocumentRequestSchema;
+    output: typeof GetDocumentResponseSchema;
+  },
+  /**
+   * The newest version of every document of the caller's tenant.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ListDocuments
+   */
+  listDocuments: {
+    methodKind: "unary";
+    input: typeof ListDocumentsRequestSchema;
+    output: typeof ListDocumentsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);

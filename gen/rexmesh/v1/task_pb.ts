@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/task.proto.
  */
 export const file_rexmesh_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJImoKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIAEIGCgR0b29sIqUDCghUYXNrU3BlYxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgNlbnYYBiADKAsyHS5yZXhtZXNoLnYxLlRhc2tTcGVjLkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAcgASgJEg0KBXN0ZGluGAggASgMEioKB3RpbWVvdXQYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZGVsaXZlcl9ieRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaWRlbXBvdGVudBgLIAEoCBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJjCgtPdXRwdXRDaHVuaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoCgZzdHJlYW0YAyABKA4yGC5yZXhtZXNoLnYxLk91dHB1dFN0cmVhbRIMCgRkYXRhGAQgASgMIvYBCgpUYXNrU3RhdHVzEg8KB3Rhc2tfaWQYASABKAkSJAoFc3RhdGUYAiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCglleGl0X2NvZGUYBCABKAVIAIgBARIOCgZzaWduYWwYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIVCg1vdXRwdXRfY2h1bmtzGAcgASgEEhgKEG91dHB1dF90cnVuY2F0ZWQYCCABKAgSDwoHaG9zdF9pZBgJIAEoCUIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJCCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkq7QIKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQESphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0iwQEKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIABIoCgZzY3JpcHQYBCABKAsyFi5yZXhtZXNoLnYxLlNjcmlwdFRvb2xIABIrCghmaWxlX3B1dBgFIAEoCzIXLnJleG1lc2gudjEuRmlsZVB1dFRvb2xIAEIGCgR0b29sIqUDCghUYXNrU3BlYxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgNlbnYYBiADKAsyHS5yZXhtZXNoLnYxLlRhc2tTcGVjLkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAcgASgJEg0KBXN0ZGluGAggASgMEioKB3RpbWVvdXQYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZGVsaXZlcl9ieRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaWRlbXBvdGVudBgLIAEoCBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJjCgtPdXRwdXRDaHVuaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoCgZzdHJlYW0YAyABKA4yGC5yZXhtZXNoLnYxLk91dHB1dFN0cmVhbRIMCgRkYXRhGAQgASgMIvYBCgpUYXNrU3RhdHVzEg8KB3Rhc2tfaWQYASABKAkSJAoFc3RhdGUYAiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCglleGl0X2NvZGUYBCABKAVIAIgBARIOCgZzaWduYWwYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIVCg1vdXRwdXRfY2h1bmtzGAcgASgEEhgKEG91dHB1dF90cnVuY2F0ZWQYCCABKAgSDwoHaG9zdF9pZBgJIAEoCUIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJCCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkq7QIKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQESphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Runs argv directly, without a shell: arguments are never interpreted.
@@ -60,6 +60,84 @@ export const ShellToolSchema: GenMessage<ShellTool> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_task, 1);
 
 /**
+ * Runs an artifact from the repository (artifact.proto) as a script: the
+ * daemon fetches it through its proxy, verifies its digest, writes it to a
+ * private file and runs interpreter + [file] + args.
+ *
+ * @generated from message rexmesh.v1.ScriptTool
+ */
+export type ScriptTool = Message<"rexmesh.v1.ScriptTool"> & {
+  /**
+   * "sha256:<hex>" of the script.
+   *
+   * @generated from field: string artifact = 1;
+   */
+  artifact: string;
+
+  /**
+   * Interpreter argv prefix; empty means ["/bin/sh"].
+   *
+   * @generated from field: repeated string interpreter = 2;
+   */
+  interpreter: string[];
+
+  /**
+   * @generated from field: repeated string args = 3;
+   */
+  args: string[];
+};
+
+/**
+ * Describes the message rexmesh.v1.ScriptTool.
+ * Use `create(ScriptToolSchema)` to create a new message.
+ */
+export const ScriptToolSchema: GenMessage<ScriptTool> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 2);
+
+/**
+ * Writes an artifact from the repository to base_dir/path, never outside
+ * base_dir: no absolute path, no ".." segment, no symlink leading out.
+ *
+ * @generated from message rexmesh.v1.FilePutTool
+ */
+export type FilePutTool = Message<"rexmesh.v1.FilePutTool"> & {
+  /**
+   * "sha256:<hex>" of the content.
+   *
+   * @generated from field: string artifact = 1;
+   */
+  artifact: string;
+
+  /**
+   * Relative to base_dir. Its parent directory must exist.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * The directory the document or job allows writing in; absolute.
+   *
+   * @generated from field: string base_dir = 3;
+   */
+  baseDir: string;
+
+  /**
+   * Permission bits (at most 0777); zero means 0644.
+   *
+   * @generated from field: uint32 mode = 4;
+   */
+  mode: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.FilePutTool.
+ * Use `create(FilePutToolSchema)` to create a new message.
+ */
+export const FilePutToolSchema: GenMessage<FilePutTool> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 3);
+
+/**
  * One step of a task: exactly one tool.
  *
  * @generated from message rexmesh.v1.Step
@@ -85,6 +163,18 @@ export type Step = Message<"rexmesh.v1.Step"> & {
      */
     value: ShellTool;
     case: "shell";
+  } | {
+    /**
+     * @generated from field: rexmesh.v1.ScriptTool script = 4;
+     */
+    value: ScriptTool;
+    case: "script";
+  } | {
+    /**
+     * @generated from field: rexmesh.v1.FilePutTool file_put = 5;
+     */
+    value: FilePutTool;
+    case: "filePut";
   } | { case: undefined; value?: undefined };
 };
 
@@ -93,7 +183,7 @@ export type Step = Message<"rexmesh.v1.Step"> & {
  * Use `create(StepSchema)` to create a new message.
  */
 export const StepSchema: GenMessage<Step> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 2);
+  messageDesc(file_rexmesh_v1_task, 4);
 
 /**
  * Everything a daemon needs to run one task. It travels unchanged from the
@@ -185,7 +275,7 @@ export type TaskSpec = Message<"rexmesh.v1.TaskSpec"> & {
  * Use `create(TaskSpecSchema)` to create a new message.
  */
 export const TaskSpecSchema: GenMessage<TaskSpec> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 3);
+  messageDesc(file_rexmesh_v1_task, 5);
 
 /**
  * A slice of a task's output. seq counts chunks of one task from 1, across
@@ -221,7 +311,7 @@ export type OutputChunk = Message<"rexmesh.v1.OutputChunk"> & {
  * Use `create(OutputChunkSchema)` to create a new message.
  */
 export const OutputChunkSchema: GenMessage<OutputChunk> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 4);
+  messageDesc(file_rexmesh_v1_task, 6);
 
 /**
  * A state change of a task, reported upwards by the hop that observed it.
@@ -291,7 +381,7 @@ export type TaskStatus = Message<"rexmesh.v1.TaskStatus"> & {
  * Use `create(TaskStatusSchema)` to create a new message.
  */
 export const TaskStatusSchema: GenMessage<TaskStatus> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 5);
+  messageDesc(file_rexmesh_v1_task, 7);
 
 /**
  * Acknowledges every output chunk of a task up to and including seq.
@@ -315,7 +405,7 @@ export type OutputAck = Message<"rexmesh.v1.OutputAck"> & {
  * Use `create(OutputAckSchema)` to create a new message.
  */
 export const OutputAckSchema: GenMessage<OutputAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 6);
+  messageDesc(file_rexmesh_v1_task, 8);
 
 /**
  * Acknowledges that a status (and every earlier one of the task) is stored.
@@ -339,7 +429,7 @@ export type StatusAck = Message<"rexmesh.v1.StatusAck"> & {
  * Use `create(StatusAckSchema)` to create a new message.
  */
 export const StatusAckSchema: GenMessage<StatusAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 7);
+  messageDesc(file_rexmesh_v1_task, 9);
 
 /**
  * A task exactly as the controller signed it. Proxies relay it unchanged
@@ -376,7 +466,7 @@ export type SignedTask = Message<"rexmesh.v1.SignedTask"> & {
  * Use `create(SignedTaskSchema)` to create a new message.
  */
 export const SignedTaskSchema: GenMessage<SignedTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 8);
+  messageDesc(file_rexmesh_v1_task, 10);
 
 /**
  * The controller's task-signing key (Ed25519, fast enough to sign every
@@ -424,7 +514,7 @@ export type TaskSigningKey = Message<"rexmesh.v1.TaskSigningKey"> & {
  * Use `create(TaskSigningKeySchema)` to create a new message.
  */
 export const TaskSigningKeySchema: GenMessage<TaskSigningKey> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 9);
+  messageDesc(file_rexmesh_v1_task, 11);
 
 /**
  * The life of one task (one job on one host). Every accepted task reaches

@@ -1,0 +1,50 @@
+import { InvalidArgumentError } from "../common/errors.js";
+import type { Io } from "./operator.js";
+
+/** Commands and the words that may follow them, for shell completion. */
+const TREE: Record<string, string[]> = {
+  run: ["--hosts", "--all", "--target", "--shell", "--timeout", "--deadline", "--env", "--cwd", "--stdin", "--json", "--detach", "--concurrency", "--concurrency-per-region", "--max-errors", "--batch", "--output-limit", "--doc", "--param", "--dry-run", "--script", "--put", "--to", "--base-dir", "--mode", "--idempotency-key", "--help"],
+  hosts: ["label", "revoke", "--target", "--json", "--help"],
+  jobs: ["show", "watch", "cancel", "--json", "--help"],
+  proxies: ["revoke"],
+  operators: ["revoke"],
+  tokens: ["create"],
+  audit: ["--since", "--limit", "--json", "--help"],
+  docs: ["put", "list", "show"],
+  artifacts: ["put"],
+  bundle: ["export", "import", "--region"],
+  ca: ["init", "issue", "--dir", "--role", "--id", "--tenant", "--region", "--out"],
+  dev: ["--hosts", "--regions", "--dir", "--demo", "--help"],
+  controller: ["--config", "--print-config", "--help"],
+  proxy: ["bundle", "--config", "--print-config", "--help"],
+  daemon: ["--config", "--print-config", "--help"],
+  completion: ["bash", "zsh"],
+};
+
+function bash(): string {
+  const cases = Object.entries(TREE)
+    .map(([cmd, words]) => `    ${cmd}) COMPREPLY=( $(compgen -W "${words.join(" ")}" -- "$cur") ) ;;`)
+    .join("\n");
+  return `# rexmesh bash completion: source <(rexmesh completion bash)
+_rexmesh() {
+  local cur="\${COMP_WORDS[COMP_CWORD]}"
+  if [ "$COMP_CWORD" -eq 1 ]; then
+    COMPREPLY=( $(compgen -W "${Object.keys(TREE).join(" ")} help" -- "$cur") )
+    return
+  fi
+  case "\${COMP_WORDS[1]}" in
+${cases}
+  esac
+}
+complete -o default -F _rexmesh rexmesh
+`;
+}
+
+/** `rexmesh completion bash|zsh`: a completion script for the shell. */
+export async function completionCommand(argv: string[], io: Io): Promise<number> {
+  const shell = argv[0];
+  if (shell === "bash") io.out(bash());
+  else if (shell === "zsh") io.out(`# rexmesh zsh completion: source <(rexmesh completion zsh)\nautoload -U +X bashcompinit && bashcompinit\n${bash()}`);
+  else throw new InvalidArgumentError("say which shell: rexmesh completion bash | zsh");
+  return 0;
+}

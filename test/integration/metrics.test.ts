@@ -1,0 +1,61 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { create } from "@bufbuild/protobuf";
+import { LocalMesh } from "../../cli/launcher.js";
+import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { clientOf, collectJob, tempDir } from "./support.js";
+
+const scrape = async (address: unknown) => (await fetch(`http://${String(address)}/metrics`)).text();
+const value = (text: string, series: string) => {
+  const line = text.split("\n").find((l) => l.startsWith(series + " "));
+  return line === undefined ? undefined : Number(line.slice(series.length + 1));
+};
+
+describe("Prometheus metrics", () => {
+  const listen = ["--metrics-listen", "127.0.0.1:0"];
+  const mesh = new LocalMesh({
+    dir: tempDir("metrics"),
+    regions: ["m"],
+    hosts: [{ id: "m1", region: "m" }, { id: "m2", region: "m" }],
+    hostsPerProcess: 2,
+    controllerArgs: listen,
+    proxyArgs: listen,
+    daemonArgs: listen,
+  });
+  beforeAll(async () => {
+    await mesh.start();
+    await mesh.waitForHosts(2);
+  });
+  afterAll(() => mesh.stop());
+
+  it("shows a running job at the proxy and its results at the controller, with counts that match the job", async () => {
+    const conn = clientOf(mesh);
+    try {
+      const script = "head -c 1000 /dev/zero; sleep 1";
+      const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { allHosts: true, steps: [{ tool: { case: "shell", value: { script } } }] }));
+      // While it runs: both tasks are RUNNING at the proxy, both hosts connected.
+      for (let i = 0; ; i++) {
+        const p = await scrape(mesh.proxies[0]!.info!.metricsAddress);
+        if (value(p, 'rexmesh_queued_tasks{state="RUNNING"}') === 2) {
+          expect(value(p, "rexmesh_connected_hosts")).toBe(2);
+          expect(value(p, "rexmesh_controller_link_up")).toBe(1);
+          break;
+        }
+        if (i > 100) throw new Error("never saw the running tasks:\n" + p);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const d = await scrape(mesh.daemons[0]!.info!.metricsAddress);
+      expect(value(d, "rexmesh_hosts_connected")).toBe(2);
+      const r = await collectJob(conn.client, job!.id);
+      expect([...r.tasks.values()].every((t) => t.state === TaskState.SUCCEEDED)).toBe(true);
+      const c = await scrape(mesh.controller.info!.metricsAddress);
+      expect(value(c, 'rexmesh_tasks_ended_total{region="m",state="SUCCEEDED"}')).toBe(2);
+      expect(value(c, 'rexmesh_output_bytes_total{region="m"}')).toBe(2000);
+      expect(value(c, 'rexmesh_hosts{connected="true",region="m"}')).toBe(2);
+      expect(value(c, "rexmesh_store_used_bytes")).toBeGreaterThan(0);
+      expect(c).toMatch(/^rexmesh_event_loop_delay_p99_seconds \d/m);
+    } finally {
+      conn.close();
+    }
+  });
+});

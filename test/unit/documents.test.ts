@@ -1,0 +1,348 @@
+import { create } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import { ManualClock } from "../../common/clock.js";
+import { InvalidArgumentError, NotFoundError } from "../../common/errors.js";
+import { silentLogger } from "../../common/logger.js";
+import { DocumentStore, MemoryDocumentBackend } from "../../controller/document-store.js";
+import { compileDocument, parseDocumentRef, parseDocumentText, planHost } from "../../controller/documents.js";
+import { Inventory } from "../../controller/inventory.js";
+import { MemoryJobStore } from "../../controller/job-store.js";
+import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
+import type { HostRecord } from "../../controller/model.js";
+import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
+import { TaskState, type Step, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
+import { counterIds, flush, operator } from "./support.js";
+import { AuditLog, MemoryAuditStore } from "../../controller/audit.js";
+import { Authorizer } from "../../controller/authz.js";
+import { OperatorAccess } from "../../controller/access.js";
+
+const host = (id: string, region: string, tools = ["exec", "shell"], labels: Record<string, string> = {}): HostRecord => ({
+  id,
+  tenant: "acme",
+  region,
+  proxy: `px-${region}`,
+  connected: true,
+  since: 0,
+  labels,
+  facts: create(HostFactsSchema, { os: "linux", hostname: `${id}.example`, tools }),
+});
+
+const DOC = `
+name: greet
+description: says hello
+parameters:
+  - { name: msg, type: string, pattern: "[A-Za-z0-9 ]+" }
+  - { name: token, type: string, sensitive: true, default: "s3cret" }
+  - { name: files, type: list, default: [a, b] }
+steps:
+  - exec: { argv: [echo, "{{host.id}}", "{{param.msg}}", "{{param.files}}"] }
+  - shell: { script: "echo {{fact.hostname}} {{host.region}} {{param.token}}" }
+  - alternatives:
+      - when: "region=eu"
+        shell: { script: "echo eu {{param.msg}}" }
+      - exec: { argv: [echo, other] }
+`;
+
+function argv(s: Step | undefined): string[] {
+  if (s?.tool.case !== "exec") throw new Error("not exec");
+  return s.tool.value.argv;
+}
+function script(s: Step | undefined): string {
+  if (s?.tool.case !== "shell") throw new Error("not shell");
+  return s.tool.value.script;
+}
+
+describe("document format", () => {
+  it("parses YAML and JSON alike and keeps the source", () => {
+    const doc = parseDocumentText(DOC);
+    expect(doc.name).toBe("greet");
+    expect(doc.parameters.map((p) => p.name)).toEqual(["msg", "token", "files"]);
+    expect(doc.steps).toHaveLength(3);
+    expect(doc.steps[2]!.alternatives.map((a) => a.tool)).toEqual(["shell", "exec"]);
+    const again = parseDocumentText(JSON.stringify(doc.source));
+    expect(again.source).toEqual(doc.source);
+  });
+
+  it("refuses unknown placeholders at put time, naming the step and field", () => {
+    const bad = { name: "x", steps: [{ exec: { argv: ["echo", "ok"] } }, { name: "two", exec: { argv: ["echo", "{{param.nope}}"] } }] };
+    expect(() => compileDocument(bad)).toThrow(/step 2 \(two\): field exec\.argv\[1\]: .*param\.nope.*names no declared parameter/);
+    expect(() => compileDocument({ name: "x", steps: [{ shell: { script: "echo {{ host.nope }}" } }] })).toThrow(/step 1: field shell\.script: .*unknown placeholder/);
+    expect(() => compileDocument({ name: "x", steps: [{ shell: { script: "echo '{{host.id}}'" } }] })).toThrow(/inside single quotes/);
+  });
+
+  it("refuses malformed documents with INVALID_ARGUMENT", () => {
+    const cases: unknown[] = [
+      { steps: [{ exec: { argv: ["a"] } }] },
+      { name: "a@b", steps: [{ exec: { argv: ["a"] } }] },
+      { name: "x", steps: [] },
+      { name: "x", steps: [{ bogus: 1 }] },
+      { name: "x", steps: [{ name: "no tool" }] },
+      { name: "x", extra: 1, steps: [{ exec: { argv: ["a"] } }] },
+      { name: "x", parameters: [{ name: "p", type: "float" }], steps: [{ exec: { argv: ["a"] } }] },
+      { name: "x", parameters: [{ name: "p", type: "string", colour: "red" }], steps: [{ exec: { argv: ["a"] } }] },
+      { name: "x", steps: [{ alternatives: [{ when: "region = (", exec: { argv: ["a"] } }] }] },
+      { name: "x", steps: [{ when: "all", exec: { argv: ["a"] } }] },
+      { name: "x", steps: [{ alternatives: [] }] },
+    ];
+    for (const c of cases) expect(() => compileDocument(c), JSON.stringify(c)).toThrow(InvalidArgumentError);
+  });
+
+  it("reads NAME and NAME@VERSION", () => {
+    expect(parseDocumentRef("greet")).toEqual({ name: "greet", version: 0 });
+    expect(parseDocumentRef("greet@3")).toEqual({ name: "greet", version: 3 });
+    expect(() => parseDocumentRef("greet@0")).toThrow(InvalidArgumentError);
+    expect(() => parseDocumentRef("greet@x")).toThrow(InvalidArgumentError);
+  });
+});
+
+describe("per-host rendering", () => {
+  const doc = parseDocumentText(DOC);
+  const params = { msg: "hi there", token: "s3cret", files: ["a b", "c"] };
+
+  it("renders each host from its own id, region and facts; lists spread in argv, values quoted in shell", () => {
+    const eu = planHost(doc, params, host("h1", "eu"));
+    const us = planHost(doc, params, host("h2", "us"));
+    expect(argv(eu.steps?.[0])).toEqual(["echo", "h1", "hi there", "a b", "c"]);
+    expect(script(eu.steps?.[1])).toBe("echo 'h1.example' 'eu' 's3cret'");
+    expect(script(us.steps?.[1])).toBe("echo 'h2.example' 'us' 's3cret'");
+    expect(script(eu.steps?.[2])).toBe("echo eu 'hi there'");
+    expect(argv(us.steps?.[2])).toEqual(["echo", "other"]);
+  });
+
+  it("an injection attempt stays one literal argument or one quoted word", () => {
+    const evil = "x; rm -rf / | $(touch /tmp/p) `id`\n-rf '\"";
+    const d = compileDocument({ name: "e", parameters: [{ name: "v", type: "string" }], steps: [{ exec: { argv: ["echo", "{{param.v}}"] } }, { shell: { script: "printf %s {{param.v}}" } }] });
+    const plan = planHost(d, { v: evil }, host("h1", "eu"));
+    expect(argv(plan.steps?.[0])).toEqual(["echo", evil]);
+    expect(script(plan.steps?.[1])).toBe(`printf %s '${evil.replaceAll("'", "'\\''")}'`);
+  });
+
+  it("takes the first alternative the host matches and supports; rejects a host that fits none, with the reason", () => {
+    const d = compileDocument({
+      name: "alt",
+      steps: [{ alternatives: [{ when: "region=eu", shell: { script: "echo eu" } }, { when: "label.kind=legacy", exec: { argv: ["echo", "legacy"] } }] }],
+    });
+    expect(script(planHost(d, {}, host("h1", "eu")).steps?.[0])).toBe("echo eu");
+    // eu host without shell falls through to the next alternative, which it does not match either.
+    const noShell = planHost(d, {}, host("h2", "eu", ["exec"]));
+    expect(noShell.rejected).toMatch(/does not support shell.*does not match "label.kind=legacy"/);
+    expect(argv(planHost(d, {}, host("h3", "us", ["exec"], { kind: "legacy" })).steps?.[0])).toEqual(["echo", "legacy"]);
+    const none = planHost(d, {}, host("h4", "us"));
+    expect(none.rejected).toMatch(/^step 1: no alternative fits host h4/);
+  });
+
+  it("renders tools it does not know by name (file.put, script) through protobuf-JSON, and names them as hosts report them", () => {
+    const digest = `sha256:${"a".repeat(64)}`;
+    const d = compileDocument({
+      name: "put",
+      parameters: [{ name: "dir", type: "string", pattern: "[a-z]+" }],
+      steps: [
+        { alternatives: [{ filePut: { artifact: digest, path: "{{param.dir}}/{{host.id}}.conf", baseDir: "/srv" } }, { exec: { argv: ["true"] } }] },
+        { script: { artifact: digest, args: ["{{host.region}}", "{{param.dir}}"] } },
+      ],
+    });
+    expect(d.steps[0]!.alternatives.map((a) => a.tool)).toEqual(["file.put", "exec"]);
+    const plan = planHost(d, { dir: "etc" }, host("h1", "eu", ["exec", "shell", "script", "file.put"]));
+    const [put, run] = plan.steps ?? [];
+    expect(put?.tool.case === "filePut" && put.tool.value.path).toBe("etc/h1.conf");
+    expect(run?.tool.case === "script" && run.tool.value.args).toEqual(["eu", "etc"]);
+    // A host without file.put takes the exec alternative.
+    expect(argv(planHost(d, { dir: "etc" }, host("h2", "eu", ["exec", "script"])).steps?.[0])).toEqual(["true"]);
+  });
+
+  it("a fact the host lacks is an error naming host, step and field, unless defaulted", () => {
+    const d = compileDocument({ name: "f", steps: [{ exec: { argv: ["echo", "{{fact.kernel}}"] } }] });
+    expect(() => planHost(d, {}, host("h1", "eu"))).toThrow(/host "h1": step 1: field exec\.argv: .*fact\.kernel/);
+    const ok = compileDocument({ name: "f", steps: [{ exec: { argv: ["echo", '{{fact.kernel | default "?"}}'] } }] });
+    expect(argv(planHost(ok, {}, host("h1", "eu")).steps?.[0])).toEqual(["echo", "?"]);
+  });
+});
+
+class FakePort implements ProxyPort {
+  readonly tasks: TaskSpec[] = [];
+  constructor(readonly name: string, readonly region: string) {}
+  sendTask(spec: TaskSpec): void {
+    this.tasks.push(spec);
+  }
+  sendCancel(): void {}
+}
+
+describe("document runs in the job manager", () => {
+  function setup() {
+    const clock = new ManualClock();
+    const store = new MemoryJobStore();
+    const inventory = new Inventory();
+    const documents = new DocumentStore(new MemoryDocumentBackend(), clock);
+    const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, documents });
+    const ports = { eu: new FakePort("px-eu", "eu"), us: new FakePort("px-us", "us") };
+    jobs.proxyConnected(ports.eu);
+    jobs.proxyConnected(ports.us);
+    const add = (id: string, region: "eu" | "us", tools = ["exec", "shell"]) => {
+      const rec = inventory.connected({ id, tenant: "acme", facts: create(HostFactsSchema, { hostname: `${id}.example`, tools }) }, region, ports[region].name, clock.now());
+      jobs.hostConnected(rec);
+    };
+    add("e1", "eu");
+    add("u1", "us");
+    add("u2", "us", ["exec"]);
+    return { clock, store, jobs, documents, ports };
+  }
+  const req = (more: Partial<SubmitRequest>): SubmitRequest => ({
+    hostIds: [],
+    allHosts: true,
+    steps: [],
+    env: {},
+    workingDir: "",
+    stdin: new Uint8Array(),
+    timeoutMs: 0,
+    deliveryDeadlineMs: 0,
+    idempotencyKey: "",
+    idempotent: false,
+    ...more,
+  });
+  const doc = compileDocument({
+    name: "d",
+    parameters: [
+      { name: "msg", type: "string", pattern: "[a-z]+" },
+      { name: "secret", type: "string", sensitive: true },
+    ],
+    steps: [{ alternatives: [{ shell: { script: "echo {{host.id}} {{param.msg}} {{param.secret}}" } }, { when: "region=eu", exec: { argv: ["echo", "{{param.secret}}"] } }] }],
+  });
+
+  it("stores versions per tenant, newest by default; other tenants see nothing", async () => {
+    const t = setup();
+    expect((await t.documents.put("acme", "op", doc)).version).toBe(1);
+    expect((await t.documents.put("acme", "op", doc)).version).toBe(2);
+    expect(t.documents.get("acme", "d").version).toBe(2);
+    expect(t.documents.get("acme", "d@1").version).toBe(1);
+    expect(() => t.documents.get("other", "d")).toThrow(NotFoundError);
+    expect(t.documents.list("acme").map((d) => `${d.name}@${d.version}`)).toEqual(["d@2"]);
+  });
+
+  it("renders per host, sends real values to hosts, shows redacted ones, rejects the host that fits no alternative", async () => {
+    const t = setup();
+    await t.documents.put("acme", "op", doc);
+    let authorized: Step[] = [];
+    const job = await t.jobs.submit(operator("acme"), req({ document: "d", parameters: { msg: "hello", secret: "pw" } }), (_h, _r, steps) => {
+      authorized = [...steps];
+    });
+    await flush();
+    expect(job.document).toBe("d@1");
+    expect(job.parameters).toEqual({ msg: "hello", secret: "[sensitive]" });
+    expect(authorized.map(script)).toEqual(["echo 'e1' 'hello' 'pw'", "echo 'u1' 'hello' 'pw'"]);
+    expect(t.ports.eu.tasks.map((s) => script(s.steps[0]))).toEqual(["echo 'e1' 'hello' 'pw'"]);
+    expect(t.ports.us.tasks.map((s) => script(s.steps[0]))).toEqual(["echo 'u1' 'hello' 'pw'"]);
+    const tasks = t.jobs.tasksOf(job);
+    const u2 = tasks.find((x) => x.hostId === "u2")!;
+    expect(u2.state).toBe(TaskState.REJECTED);
+    expect(u2.message).toMatch(/no alternative fits host u2/);
+    const e1 = tasks.find((x) => x.hostId === "e1")!;
+    expect(script(t.jobs.shownSteps(e1)?.[0])).toBe("echo 'e1' 'hello' '[sensitive]'");
+  });
+
+  it("refuses a parameter that fails its pattern, naming it, and stores nothing", async () => {
+    const t = setup();
+    await t.documents.put("acme", "op", doc);
+    await expect(t.jobs.submit(operator("acme"), req({ document: "d", parameters: { msg: "x; rm", secret: "pw" } }))).rejects.toThrow(/parameter "msg"/);
+    expect(t.store.listJobs("acme", 10)).toHaveLength(0);
+    await expect(t.jobs.submit(operator("acme"), req({ document: "d", steps: [doc.steps[0]!.alternatives[0]!.step as never], parameters: {} }))).rejects.toThrow(InvalidArgumentError);
+  });
+
+  it("a dry run plans every host and stores nothing", async () => {
+    const t = setup();
+    await t.documents.put("acme", "op", doc);
+    const plan = t.jobs.dryRun(operator("acme"), req({ document: "d", parameters: { msg: "hello", secret: "pw" } }));
+    expect(plan.map((p) => [p.host.id, p.host.proxy, p.rejected ? "rejected" : script(p.steps[0])])).toEqual([
+      ["e1", "px-eu", "echo 'e1' 'hello' '[sensitive]'"],
+      ["u1", "px-us", "echo 'u1' 'hello' '[sensitive]'"],
+      ["u2", "px-us", "rejected"],
+    ]);
+    expect(t.store.listJobs("acme", 10)).toHaveLength(0);
+    expect(t.ports.eu.tasks).toHaveLength(0);
+  });
+
+  it("a job whose every host is rejected finishes", async () => {
+    const t = setup();
+    await t.documents.put("acme", "op", compileDocument({ name: "n", steps: [{ alternatives: [{ when: "region=nowhere", exec: { argv: ["true"] } }] }] }));
+    const job = await t.jobs.submit(operator("acme"), req({ document: "n" }));
+    await flush();
+    expect(t.store.getJob(job.id)?.finishedAt).toBeDefined();
+    expect(t.jobs.tasksOf(job).every((x) => x.state === TaskState.REJECTED)).toBe(true);
+  });
+});
+
+describe("document runs through OperatorAccess: authorized on the rendered steps, audited without sensitive values", () => {
+  const policy = `
+roles:
+  echo-only:
+    hosts: all
+    actions: [read, submit]
+    commands:
+      - program: echo
+        args: ["[a-z0-9-]+"]
+bindings:
+  acme/alice: [echo-only]
+`;
+  async function setup() {
+    const clock = new ManualClock();
+    const store = new MemoryJobStore();
+    const inventory = new Inventory();
+    const documents = new DocumentStore(new MemoryDocumentBackend(), clock);
+    const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, documents });
+    inventory.connected({ id: "h1", tenant: "acme", facts: create(HostFactsSchema, { tools: ["exec", "shell"] }) }, "eu", "px", clock.now());
+    const auditStore = new MemoryAuditStore();
+    const audit = new AuditLog({ store: auditStore, clock, ids: counterIds() });
+    const authz = new Authorizer({ policyFile: "p.yaml", log: silentLogger, readFile: () => policy });
+    const access = new OperatorAccess({ authz, audit, jobs, inventory, log: silentLogger, documents });
+    const alice = operator("acme", "alice");
+    await access.putDocument(
+      alice,
+      JSON.stringify({
+        name: "say",
+        parameters: [{ name: "word", type: "string" }, { name: "pin", type: "string", sensitive: true, default: "1234" }],
+        steps: [{ exec: { argv: ["echo", "{{param.word}}", "{{param.pin}}"] } }],
+      }),
+    );
+    const req = (word: string): SubmitRequest => ({
+      hostIds: ["h1"],
+      allHosts: false,
+      steps: [],
+      env: {},
+      workingDir: "",
+      stdin: new Uint8Array(),
+      timeoutMs: 0,
+      deliveryDeadlineMs: 0,
+      idempotencyKey: "",
+      idempotent: false,
+      document: "say",
+      parameters: { word },
+    });
+    return { access, alice, req, audit, store };
+  }
+
+  it("allows what the role allows once rendered, refuses what it does not, for runs and dry runs alike", async () => {
+    const t = await setup();
+    const job = await t.access.submit(t.alice, t.req("hello"));
+    expect(job.document).toBe("say@1");
+    await expect(t.access.submit(t.alice, t.req("$(reboot)"))).rejects.toThrow(/arguments of "echo"/);
+    await expect(t.access.dryRun(t.alice, t.req("$(reboot)"))).rejects.toThrow(/arguments of "echo"/);
+    expect((await t.access.dryRun(t.alice, t.req("fine"))).map((p) => argv(p.steps[0]))).toEqual([["echo", "fine", "[sensitive]"]]);
+    const events = await t.audit.list("acme", {});
+    const text = JSON.stringify(events);
+    expect(text).not.toContain("1234");
+    expect(events.map((e) => `${e.kind} ${e.decision}`)).toEqual(["document allowed", "submit allowed", "submit denied", "dry-run denied", "dry-run allowed"]);
+    expect(events[1]!.what).toBe('hosts h1: document say@1 word=hello pin="[sensitive]"');
+  });
+
+  it("a task rejected at submit is still rejected after a restart before its rejection was stored", async () => {
+    const clock = new ManualClock();
+    const store = new MemoryJobStore();
+    const inventory = new Inventory();
+    const job = { id: "j1", tenant: "acme", submittedBy: "a", createdAt: 0, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 3_600_000, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: ["t1"], outputLimitBytes: 0, document: "d@1" };
+    await store.putJob(job, [{ id: "t1", jobId: "j1", tenant: "acme", hostId: "h1", region: "eu", proxy: "", state: TaskState.PENDING, signal: "", message: "", updatedAt: 0, outputChunks: 0, outputTruncated: false, released: false, rejectAtSubmit: "step 1: no alternative fits host h1" }]);
+    const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger });
+    jobs.recover();
+    await flush();
+    expect(store.getTask("t1")).toMatchObject({ state: TaskState.REJECTED, message: "step 1: no alternative fits host h1" });
+    expect(store.getJob("j1")?.finishedAt).toBeDefined();
+  });
+});
