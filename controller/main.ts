@@ -22,6 +22,8 @@ import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { healthServiceImpl, HealthState } from "../common/health.js";
 import { Metrics } from "../common/metrics.js";
+import { reflectionServiceImpl } from "../common/reflection.js";
+import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { Inventory } from "./inventory.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
@@ -131,6 +133,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     routes: (router) => {
       router.service(RevocationService, revocationServiceImpl(revocations, log, audit));
       router.service(Health, healthServiceImpl(health));
+      router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, Health]));
       router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));

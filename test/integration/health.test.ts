@@ -45,6 +45,41 @@ describe("health checking (grpc.health.v1)", () => {
     }
   });
 
+  it("answers gRPC server reflection: the services, and each one's .proto with its imports", async () => {
+    const { ServerReflectionRequestSchema, ServerReflectionResponseSchema } = await import("../../gen/grpc/reflection/v1/reflection_pb.js");
+    const { FileDescriptorProtoSchema } = await import("@bufbuild/protobuf/wkt");
+    const c = readCredentials(mesh.operator);
+    const client = new grpc.Client(mesh.controllerAddress, grpc.credentials.createSsl(Buffer.from(c.caPem), Buffer.from(c.keyPem), Buffer.from(c.certPem)));
+    try {
+      const call = client.makeBidiStreamRequest(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        (m: ReturnType<typeof create<typeof ServerReflectionRequestSchema>>) => Buffer.from(toBinary(ServerReflectionRequestSchema, m)),
+        (b: Buffer) => fromBinary(ServerReflectionResponseSchema, b),
+      );
+      const replies: ReturnType<typeof fromBinary<typeof ServerReflectionResponseSchema>>[] = [];
+      const done = new Promise<void>((resolve, reject) => {
+        call.on("data", (r) => {
+          replies.push(r);
+          if (replies.length === 2) resolve();
+        });
+        call.on("error", reject);
+      });
+      call.write(create(ServerReflectionRequestSchema, { messageRequest: { case: "listServices", value: "" } }));
+      call.write(create(ServerReflectionRequestSchema, { messageRequest: { case: "fileContainingSymbol", value: "rexmesh.v1.ControllerService.SubmitJob" } }));
+      await done;
+      call.end();
+      const list = replies[0]!.messageResponse;
+      expect(list.case === "listServicesResponse" && list.value.service.map((s) => s.name)).toEqual(expect.arrayContaining(["rexmesh.v1.ControllerService", "grpc.health.v1.Health"]));
+      const files = replies[1]!.messageResponse;
+      expect(files.case).toBe("fileDescriptorResponse");
+      const names = files.case === "fileDescriptorResponse" ? files.value.fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b).name) : [];
+      expect(names[0]).toBe("rexmesh/v1/controller.proto");
+      expect(names).toEqual(expect.arrayContaining(["rexmesh/v1/task.proto", "google/protobuf/timestamp.proto"]));
+    } finally {
+      client.close();
+    }
+  });
+
   it("turns NOT_SERVING as soon as the controller starts draining", async () => {
     const ctl = healthClient(mesh.controllerAddress, mesh.operator);
     try {
