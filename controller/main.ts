@@ -9,7 +9,7 @@ import { timeOrderedIds } from "../common/ids.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
 import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
-import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { ProxyLinkService, type ProxyLoad } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { controllerServiceImpl } from "./api.js";
 import { OperatorAccess } from "./access.js";
 import { AuditLog, LmdbAuditStore } from "./audit.js";
@@ -124,7 +124,13 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     return [...n].map(([k, value]) => ({ labels: { region: k.split("\0")[0]!, connected: k.split("\0")[1]! }, value }));
   });
   metrics.gauge("store_used_bytes", "bytes in use in the controller's LMDB store", () => env.usedBytes());
-  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters };
+  const loads = new Map<string, { region: string; load: ProxyLoad }>();
+  metrics.gauge("proxy_connected_hosts", "hosts each connected proxy holds, as it last reported", () =>
+    [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.connectedHosts })),
+  );
+  metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })));
+  metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })));
+  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads };
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   const server = createRpcServer({
     creds,

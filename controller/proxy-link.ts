@@ -11,6 +11,7 @@ import {
   CancelTaskSchema,
   ProxyStreamResponseSchema,
   type HostPresence,
+  type ProxyLoad,
   type ProxyStreamRequest,
   type ProxyStreamResponse,
 } from "../gen/rexmesh/v1/proxy_link_pb.js";
@@ -32,6 +33,8 @@ export interface ProxyLinkDeps {
   heartbeatMs: number;
   signer: TaskSigner;
   revocations: Revocations;
+  /** The latest load each connected proxy reported (for metrics and operators). */
+  loads?: Map<string, { region: string; load: ProxyLoad }>;
   /** Counts what the controller receives (optional). */
   counters?: { outputBytes: (n: number, labels: Record<string, string>) => void; tasksEnded: (n: number, labels: Record<string, string>) => void };
 }
@@ -102,6 +105,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       await handleFrame(next.value);
     }
   } finally {
+    deps.loads?.delete(port.name);
     unsubscribe();
     heartbeat.stop();
     out.flush();
@@ -111,6 +115,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
 
   async function handleFrame(frame: ProxyStreamRequest): Promise<void> {
     heartbeat.received();
+    if (frame.load) deps.loads?.set(port.name, { region: port.region, load: frame.load });
     if (frame.hosts.length > 0) presence(frame.hosts);
     // Output before statuses: a frame may carry a task's last chunks and its end together.
     const acked = await Promise.all(frame.output.map((c) => jobs.applyOutput(c).then((seq) => [c.taskId, seq] as const)));

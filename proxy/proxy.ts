@@ -19,6 +19,8 @@ import {
   HostPresenceSchema,
   ProxyStreamRequestSchema,
   ProxyStreamResponseSchema,
+  ProxyLoadSchema,
+  type ProxyLoad,
   type HostPresence,
   type ProxyStreamRequest,
   type ProxyStreamResponse,
@@ -387,6 +389,14 @@ export class ProxyCore {
     );
     const session: ControllerSession = { link, out, heartbeat, sentUpTo: 0, pumping: false, waiting: false };
     this.controller = session;
+    // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
+    let loadTimer: Timer | undefined;
+    const reportLoad = () => {
+      if (this.controller !== session) return;
+      out.frame.load = this.load();
+      loadTimer = this.clock.setTimeout(reportLoad, this.heartbeatMs);
+    };
+    reportLoad();
     // Everything the controller has not acknowledged goes again, in order.
     this.pump();
     this.log.info("controller link up");
@@ -396,6 +406,7 @@ export class ProxyCore {
         await this.handleControllerFrame(frame);
       }
     } finally {
+      loadTimer?.cancel();
       heartbeat.stop();
       out.discard();
       if (this.controller === session) this.controller = undefined;
@@ -472,6 +483,17 @@ export class ProxyCore {
       const session = this.hosts.get(hostId);
       if (session) this.deliver(session);
     }
+  }
+
+  /** Hosts held, tasks waiting and tasks running here now. */
+  load(): ProxyLoad {
+    let queued = 0;
+    let running = 0;
+    for (const t of this.store.allTasks()) {
+      if (t.state === TaskState.QUEUED) queued++;
+      else if (t.state === TaskState.RUNNING) running++;
+    }
+    return create(ProxyLoadSchema, { connectedHosts: this.hosts.size, queuedTasks: queued, runningTasks: running });
   }
 
   // ---- revocation -------------------------------------------------------------

@@ -19,7 +19,7 @@ describe("Prometheus metrics", () => {
     hosts: [{ id: "m1", region: "m" }, { id: "m2", region: "m" }],
     hostsPerProcess: 2,
     controllerArgs: listen,
-    proxyArgs: listen,
+    proxyArgs: [...listen, "--heartbeat", "1s"],
     daemonArgs: listen,
   });
   beforeAll(async () => {
@@ -54,6 +54,11 @@ describe("Prometheus metrics", () => {
       expect(value(c, 'rexmesh_hosts{connected="true",region="m"}')).toBe(2);
       expect(value(c, "rexmesh_store_used_bytes")).toBeGreaterThan(0);
       expect(c).toMatch(/^rexmesh_event_loop_delay_p99_seconds \d/m);
+      // Each proxy reports its load; the controller shows it per proxy.
+      for (let i = 0; value(await scrape(mesh.controller.info!.metricsAddress), 'rexmesh_proxy_connected_hosts{proxy="proxy-m",region="m"}') !== 2; i++) {
+        if (i > 60) throw new Error("the proxy's load never reached the controller");
+        await new Promise((r) => setTimeout(r, 100));
+      }
     } finally {
       conn.close();
     }
