@@ -73,8 +73,9 @@ class EvilProxy {
       altered.steps = [{ $typeName: "rexmesh.v1.Step", name: "", tool: { case: "shell", value: { $typeName: "rexmesh.v1.ShellTool", script: 'echo "$REXMESH_HOST_ID" >> "$MARK/pwned"', interpreter: [] } } }];
       out = create(SignedTaskSchema, { ...signed, spec: toBinary(TaskSpecSchema, altered) });
     }
-    this.hosts.get(spec.hostId)?.send(create(AgentStreamResponseSchema, { tasks: [out] }));
-    if (this.mode.replayTo) this.hosts.get(this.mode.replayTo)?.send(create(AgentStreamResponseSchema, { tasks: [signed] }));
+    // Keys go with the tasks: hosts may have connected before the controller's welcome brought them.
+    this.hosts.get(spec.hostId)?.send(create(AgentStreamResponseSchema, { tasks: [out], signingKeys: this.keys }));
+    if (this.mode.replayTo) this.hosts.get(this.mode.replayTo)?.send(create(AgentStreamResponseSchema, { tasks: [signed], signingKeys: this.keys }));
   }
 }
 
