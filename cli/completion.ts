@@ -19,6 +19,7 @@ const TREE: Record<string, string[]> = {
   proxy: ["bundle", "--config", "--print-config", "--help"],
   daemon: ["--config", "--print-config", "--help"],
   completion: ["bash", "zsh"],
+  ping: ["--hosts", "--all", "--target", "--timeout", "--json", "--help"],
 };
 
 function bash(): string {

@@ -6,6 +6,7 @@ import { auditCommand } from "./audit.js";
 import { bundleCommand, proxyBundleCommand } from "./bundle.js";
 import { caCommand } from "./ca.js";
 import { completionCommand } from "./completion.js";
+import { pingCommand } from "./ping.js";
 import { docsCommand } from "./docs.js";
 import { tokensCommand } from "./tokens.js";
 import { revokeCommand } from "./revoke.js";
@@ -19,6 +20,7 @@ usage: rexmesh COMMAND [options]   (rexmesh COMMAND --help for each)
 
 operators:
   run        run a command on hosts, stream their output live
+  ping       check that hosts answer (no process is started)
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them
@@ -64,6 +66,8 @@ export async function main(argv: string[]): Promise<number> {
   switch (command) {
     case "completion":
       return completionCommand(rest, io);
+    case "ping":
+      return pingCommand(rest, io);
     case "bundle":
       return bundleCommand(rest, io);
     case "controller":

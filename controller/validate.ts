@@ -42,8 +42,10 @@ export function validateSteps(steps: readonly Step[]): void {
         if (t.mode > 0o777) throw new InvalidArgumentError(`${where}: file.put mode ${t.mode.toString(8)} is more than 0777`);
         break;
       }
+      case "ping":
+        break;
       default:
-        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script or file.put)`);
+        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script, file.put or ping)`);
     }
   });
 }

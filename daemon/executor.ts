@@ -591,6 +591,9 @@ function planSteps(steps: Step[]): PlannedStep[] | string {
         plan.push({ kind: "put", label, artifact, path, baseDir, mode: mode === 0 ? DEFAULT_PUT_MODE : mode });
         break;
       }
+      case "ping":
+        // Nothing to run: a liveness step.
+        break;
       default:
         return `${label}: no tool given`;
     }

@@ -157,6 +157,14 @@ describe("a mesh of real processes", () => {
     expect(events.filter((e) => e.type === "task").at(-1).task).toMatchObject({ state: "SUCCEEDED", outputTruncated: true });
   });
 
+  it("rexmesh ping: every host answers without starting a process", async () => {
+    const r = await rexmesh(["ping", "--all", "--json"], mesh.exports());
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.stdout.trim().split("\n").map((l) => JSON.parse(l));
+    expect(lines.at(-1)).toMatchObject({ type: "summary", hosts: 20, replied: 20 });
+    expect(lines.filter((l) => l.type === "host" && l.ok).map((l) => l.host).sort()).toEqual(hosts);
+  });
+
   it("reports an unknown host as NOT_FOUND and runs nothing", async () => {
     await expect(
       conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h01", "nope"], steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] })),

@@ -7,7 +7,7 @@ import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
 import { MemoryLedger, type LedgerEntry } from "../../daemon/ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
-import { OutputStream, TaskState, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
+import { OutputStream, StepSchema, TaskState, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
 import { FakeLink, asSigned, flush, taskSpec, testVerifier, text } from "./support.js";
 
 type AgentSide = FakeLink<AgentStreamRequest, AgentStreamResponse>;
@@ -460,5 +460,19 @@ describe("Agent: back-pressure on output", () => {
     run.finish({ outputChunks: 16 });
     await flush();
     expect(() => setup({ maxUnackedOutputBytes: -1 })).toThrow(/maxUnackedOutputBytes/);
+  });
+});
+
+describe("Agent: ping", () => {
+  it("answers a ping task at once: SUCCEEDED, no process, no ledger entry", async () => {
+    const t = setup();
+    await t.start();
+    const ping = taskSpec("p1", "h1", { deliverByMs: t.clock.now() + 60_000 });
+    ping.steps = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    t.fromProxy({ tasks: [ping] });
+    await flush();
+    expect(t.executor.runs).toHaveLength(0);
+    expect(t.ledger.get("p1")).toBeUndefined();
+    expect(statusesIn(t.link().sent)).toContain("p1:SUCCEEDED");
   });
 });

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/task.proto.
  */
 export const file_rexmesh_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0iwQEKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIABIoCgZzY3JpcHQYBCABKAsyFi5yZXhtZXNoLnYxLlNjcmlwdFRvb2xIABIrCghmaWxlX3B1dBgFIAEoCzIXLnJleG1lc2gudjEuRmlsZVB1dFRvb2xIAEIGCgR0b29sIqUDCghUYXNrU3BlYxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgNlbnYYBiADKAsyHS5yZXhtZXNoLnYxLlRhc2tTcGVjLkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAcgASgJEg0KBXN0ZGluGAggASgMEioKB3RpbWVvdXQYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZGVsaXZlcl9ieRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaWRlbXBvdGVudBgLIAEoCBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJjCgtPdXRwdXRDaHVuaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoCgZzdHJlYW0YAyABKA4yGC5yZXhtZXNoLnYxLk91dHB1dFN0cmVhbRIMCgRkYXRhGAQgASgMIvYBCgpUYXNrU3RhdHVzEg8KB3Rhc2tfaWQYASABKAkSJAoFc3RhdGUYAiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCglleGl0X2NvZGUYBCABKAVIAIgBARIOCgZzaWduYWwYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIVCg1vdXRwdXRfY2h1bmtzGAcgASgEEhgKEG91dHB1dF90cnVuY2F0ZWQYCCABKAgSDwoHaG9zdF9pZBgJIAEoCUIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJCCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkq7QIKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQESphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0i5wEKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIABIoCgZzY3JpcHQYBCABKAsyFi5yZXhtZXNoLnYxLlNjcmlwdFRvb2xIABIrCghmaWxlX3B1dBgFIAEoCzIXLnJleG1lc2gudjEuRmlsZVB1dFRvb2xIABIkCgRwaW5nGAYgASgLMhQucmV4bWVzaC52MS5QaW5nVG9vbEgAQgYKBHRvb2wiCgoIUGluZ1Rvb2wipQMKCFRhc2tTcGVjEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIPCgdob3N0X2lkGAQgASgJEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEioKA2VudhgGIAMoCzIdLnJleG1lc2gudjEuVGFza1NwZWMuRW52RW50cnkSEwoLd29ya2luZ19kaXIYByABKAkSDQoFc3RkaW4YCCABKAwSKgoHdGltZW91dBgJIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgpkZWxpdmVyX2J5GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgppZGVtcG90ZW50GAsgASgIEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImMKC091dHB1dENodW5rEg8KB3Rhc2tfaWQYASABKAkSCwoDc2VxGAIgASgEEigKBnN0cmVhbRgDIAEoDjIYLnJleG1lc2gudjEuT3V0cHV0U3RyZWFtEgwKBGRhdGEYBCABKAwi9gEKClRhc2tTdGF0dXMSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKCWV4aXRfY29kZRgEIAEoBUgAiAEBEg4KBnNpZ25hbBgFIAEoCRIPCgdtZXNzYWdlGAYgASgJEhUKDW91dHB1dF9jaHVua3MYByABKAQSGAoQb3V0cHV0X3RydW5jYXRlZBgIIAEoCBIPCgdob3N0X2lkGAkgASgJQgwKCl9leGl0X2NvZGUiKQoJT3V0cHV0QWNrEg8KB3Rhc2tfaWQYASABKAkSCwoDc2VxGAIgASgEIkIKCVN0YXR1c0FjaxIPCgd0YXNrX2lkGAEgASgJEiQKBXN0YXRlGAIgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUiPQoKU2lnbmVkVGFzaxIMCgRzcGVjGAEgASgMEhEKCXNpZ25hdHVyZRgCIAEoDBIOCgZrZXlfaWQYAyABKAkimAEKDlRhc2tTaWduaW5nS2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZW5kb3JzZW1lbnQYBCABKAwSHgoWY29udHJvbGxlcl9jZXJ0aWZpY2F0ZRgFIAEoCSrtAgoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJUQVNLX1NUQVRFX1BFTkRJTkcQARIVChFUQVNLX1NUQVRFX1FVRVVFRBACEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBADEhgKFFRBU0tfU1RBVEVfREVMSVZFUkVEEAQSFgoSVEFTS19TVEFURV9SVU5OSU5HEAUSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQChIVChFUQVNLX1NUQVRFX0ZBSUxFRBALEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAwSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQDRIaChZUQVNLX1NUQVRFX0lOVEVSUlVQVEVEEA4SFgoSVEFTS19TVEFURV9FWFBJUkVEEA8SFwoTVEFTS19TVEFURV9SRUpFQ1RFRBAQEhYKElRBU0tfU1RBVEVfU0tJUFBFRBARKmEKDE91dHB1dFN0cmVhbRIdChlPVVRQVVRfU1RSRUFNX1VOU1BFQ0lGSUVEEAASGAoUT1VUUFVUX1NUUkVBTV9TVERPVVQQARIYChRPVVRQVVRfU1RSRUFNX1NUREVSUhACYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Runs argv directly, without a shell: arguments are never interpreted.
@@ -175,6 +175,12 @@ export type Step = Message<"rexmesh.v1.Step"> & {
      */
     value: FilePutTool;
     case: "filePut";
+  } | {
+    /**
+     * @generated from field: rexmesh.v1.PingTool ping = 6;
+     */
+    value: PingTool;
+    case: "ping";
   } | { case: undefined; value?: undefined };
 };
 
@@ -184,6 +190,22 @@ export type Step = Message<"rexmesh.v1.Step"> & {
  */
 export const StepSchema: GenMessage<Step> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_task, 4);
+
+/**
+ * Answered by the daemon itself, with no process: the liveness check
+ * (rexmesh ping) and the cheapest possible task.
+ *
+ * @generated from message rexmesh.v1.PingTool
+ */
+export type PingTool = Message<"rexmesh.v1.PingTool"> & {
+};
+
+/**
+ * Describes the message rexmesh.v1.PingTool.
+ * Use `create(PingToolSchema)` to create a new message.
+ */
+export const PingToolSchema: GenMessage<PingTool> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 5);
 
 /**
  * Everything a daemon needs to run one task. It travels unchanged from the
@@ -275,7 +297,7 @@ export type TaskSpec = Message<"rexmesh.v1.TaskSpec"> & {
  * Use `create(TaskSpecSchema)` to create a new message.
  */
 export const TaskSpecSchema: GenMessage<TaskSpec> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 5);
+  messageDesc(file_rexmesh_v1_task, 6);
 
 /**
  * A slice of a task's output. seq counts chunks of one task from 1, across
@@ -311,7 +333,7 @@ export type OutputChunk = Message<"rexmesh.v1.OutputChunk"> & {
  * Use `create(OutputChunkSchema)` to create a new message.
  */
 export const OutputChunkSchema: GenMessage<OutputChunk> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 6);
+  messageDesc(file_rexmesh_v1_task, 7);
 
 /**
  * A state change of a task, reported upwards by the hop that observed it.
@@ -381,7 +403,7 @@ export type TaskStatus = Message<"rexmesh.v1.TaskStatus"> & {
  * Use `create(TaskStatusSchema)` to create a new message.
  */
 export const TaskStatusSchema: GenMessage<TaskStatus> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 7);
+  messageDesc(file_rexmesh_v1_task, 8);
 
 /**
  * Acknowledges every output chunk of a task up to and including seq.
@@ -405,7 +427,7 @@ export type OutputAck = Message<"rexmesh.v1.OutputAck"> & {
  * Use `create(OutputAckSchema)` to create a new message.
  */
 export const OutputAckSchema: GenMessage<OutputAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 8);
+  messageDesc(file_rexmesh_v1_task, 9);
 
 /**
  * Acknowledges that a status (and every earlier one of the task) is stored.
@@ -429,7 +451,7 @@ export type StatusAck = Message<"rexmesh.v1.StatusAck"> & {
  * Use `create(StatusAckSchema)` to create a new message.
  */
 export const StatusAckSchema: GenMessage<StatusAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 9);
+  messageDesc(file_rexmesh_v1_task, 10);
 
 /**
  * A task exactly as the controller signed it. Proxies relay it unchanged
@@ -466,7 +488,7 @@ export type SignedTask = Message<"rexmesh.v1.SignedTask"> & {
  * Use `create(SignedTaskSchema)` to create a new message.
  */
 export const SignedTaskSchema: GenMessage<SignedTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 10);
+  messageDesc(file_rexmesh_v1_task, 11);
 
 /**
  * The controller's task-signing key (Ed25519, fast enough to sign every
@@ -514,7 +536,7 @@ export type TaskSigningKey = Message<"rexmesh.v1.TaskSigningKey"> & {
  * Use `create(TaskSigningKeySchema)` to create a new message.
  */
 export const TaskSigningKeySchema: GenMessage<TaskSigningKey> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 11);
+  messageDesc(file_rexmesh_v1_task, 12);
 
 /**
  * The life of one task (one job on one host). Every accepted task reaches
