@@ -237,8 +237,8 @@ export class ProxyCore {
       changed.add(task);
     }
     if (items.length > 0) {
-      await this.store.pushUpward(items);
-      for (const task of changed) await this.store.putTask(task);
+      // One commit for the whole frame: every write is issued, then awaited together.
+      await Promise.all([this.store.pushUpward(items), ...[...changed].map((task) => this.store.putTask(task))]);
       this.sendUp(items);
     }
     for (const [taskId, seq] of outputAcks) session.out.frame.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
@@ -306,13 +306,14 @@ export class ProxyCore {
 
   private async persistUp(items: UpwardItem[]): Promise<void> {
     try {
-      await this.store.pushUpward(items);
+      const writes: Promise<void>[] = [this.store.pushUpward(items)];
       for (const item of items) {
         if (item.kind === "status") {
           const task = this.store.getTask(item.status.taskId);
-          if (task) await this.store.putTask(task);
+          if (task) writes.push(this.store.putTask(task));
         }
       }
+      await Promise.all(writes);
       this.sendUp(items);
     } catch (err) {
       this.log.error("storing results failed", { err });
@@ -418,6 +419,8 @@ export class ProxyCore {
     const items: UpwardItem[] = [];
     const touched = new Set<string>();
     const now = this.clock.now();
+    // Writes are issued as the frame is read and awaited together: one commit per frame, not one per task.
+    const writes: Promise<void>[] = [];
     if (frame.denyList) await this.applyDenyList(frame.denyList);
     if (frame.signingKeys.length > 0) {
       const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));
@@ -446,7 +449,7 @@ export class ProxyCore {
       } else {
         items.push({ kind: "status", status: this.status(task, TaskState.QUEUED) });
       }
-      await this.store.putTask(task);
+      writes.push(this.store.putTask(task));
       touched.add(spec.hostId);
     }
     for (const cancel of frame.cancels) {
@@ -468,17 +471,16 @@ export class ProxyCore {
       } else {
         this.hosts.get(task.spec.hostId)?.out.frame.cancelTaskIds.push(task.spec.taskId);
       }
-      await this.store.putTask(task);
+      writes.push(this.store.putTask(task));
     }
-    if (items.length > 0) {
-      await this.store.pushUpward(items);
-      this.sendUp(items);
-    }
-    for (const ack of frame.outputAcks) await this.store.ackOutput(ack.taskId, Number(ack.seq));
+    if (items.length > 0) writes.push(this.store.pushUpward(items));
+    for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq)));
     for (const ack of frame.statusAcks) {
-      await this.store.ackStatus(ack.taskId, ack.state);
-      if (isTerminal(ack.state)) await this.store.removeTask(ack.taskId);
+      writes.push(this.store.ackStatus(ack.taskId, ack.state));
+      if (isTerminal(ack.state)) writes.push(this.store.removeTask(ack.taskId));
     }
+    await Promise.all(writes);
+    if (items.length > 0) this.sendUp(items);
     for (const hostId of touched) {
       const session = this.hosts.get(hostId);
       if (session) this.deliver(session);
