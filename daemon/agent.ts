@@ -358,6 +358,9 @@ export class Agent {
     }
     if (frame.signingKeys.length > 0) this.opts.verifier.addKeys(frame.signingKeys);
     for (const signed of frame.tasks) await this.acceptSigned(signed);
+    // The proxy spent a credit on every task it sent; tasks that took no slot here (a ping, a refusal,
+    // a duplicate) would leave its count too low for good, so the true count always goes back.
+    if (frame.tasks.length > 0) this.lastCredits = -1;
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId);
     this.updateFlow();
     this.pump();

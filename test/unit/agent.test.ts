@@ -476,3 +476,18 @@ describe("Agent: ping", () => {
     expect(statusesIn(t.link().sent)).toContain("p1:SUCCEEDED");
   });
 });
+
+describe("Agent: credits", () => {
+  it("reports its true credits after tasks that take no slot (pings, refusals), so the proxy never runs dry", async () => {
+    const t = setup({ capacity: 2 });
+    await t.start();
+    const before = t.link().sent.length;
+    const ping = taskSpec("p1", "h1", { deliverByMs: t.clock.now() + 60_000 });
+    ping.steps = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    const elsewhere = taskSpec("x1", "h2", { deliverByMs: t.clock.now() + 60_000 });
+    t.fromProxy({ tasks: [ping, elsewhere] });
+    await flush();
+    const credits = t.link().sent.slice(before).map((f) => f.credits).filter((c) => c !== undefined);
+    expect(credits).toContain(2);
+  });
+});
