@@ -12,14 +12,19 @@ export const connectionOptions: Record<string, OptionSpec> = {
   ca: { type: "string", doc: "mesh CA certificate (REXMESH_CA)", value: "FILE" },
 };
 
-/** A ControllerService client with the operator's credentials. */
-export function operatorClient(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env) {
+/** A connection to the controller with the operator's credentials, from flags or REXMESH_* variables. */
+export function operatorChannel(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env) {
   const pick = (name: string) => {
     const v = (values[name] as string | undefined) ?? env[`REXMESH_${name.toUpperCase()}`];
     if (!v) throw new InvalidArgumentError(`--${name} or REXMESH_${name.toUpperCase()} is required (rexmesh dev prints the exports to use)`);
     return v;
   };
   const creds = readCredentials({ cert: pick("cert"), key: pick("key"), ca: pick("ca") });
-  const channel = openChannel(pick("controller"), creds, ["controller"]);
+  return openChannel(pick("controller"), creds, ["controller"]);
+}
+
+/** A ControllerService client with the operator's credentials. */
+export function operatorClient(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env) {
+  const channel = operatorChannel(values, env);
   return { client: clientFor(ControllerService, channel), close: () => channel.close() };
 }

@@ -1,9 +1,8 @@
 import { InvalidArgumentError } from "../common/errors.js";
-import { clientFor, openChannel } from "../common/connect-dial.js";
-import { readCredentials } from "../certs/files.js";
+import { clientFor } from "../common/connect-dial.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
-import { connectionOptions } from "./client.js";
+import { connectionOptions, operatorChannel } from "./client.js";
 import type { Io } from "./operator.js";
 
 const options: Record<string, OptionSpec> = {
@@ -31,12 +30,7 @@ export async function revokeCommand(role: "host" | "proxy" | "operator", argv: s
   if (!id) throw new InvalidArgumentError(`rexmesh ${noun} revoke needs an id`);
   const scope = role === "proxy" ? p.values.region : p.values.tenant;
   if (role === "proxy" && typeof scope !== "string") throw new InvalidArgumentError("a proxy is named with its region: --region REGION");
-  const pick = (name: string) => {
-    const v = (p.values[name] as string | undefined) ?? env[`REXMESH_${name.toUpperCase()}`];
-    if (!v) throw new InvalidArgumentError(`--${name} or REXMESH_${name.toUpperCase()} is required`);
-    return v;
-  };
-  const channel = openChannel(pick("controller"), readCredentials({ cert: pick("cert"), key: pick("key"), ca: pick("ca") }), ["controller"]);
+  const channel = operatorChannel(p.values, env);
   try {
     const client = clientFor(RevocationService, channel);
     const r = await client.revoke({ role, scope: (scope as string | undefined) ?? "", id, reason: (p.values.reason as string | undefined) ?? "" }, { signal: io.signal });

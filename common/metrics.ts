@@ -1,6 +1,7 @@
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { monitorEventLoopDelay } from "node:perf_hooks";
+import { parseHostPort } from "./lifecycle.js";
 
 type Labels = Record<string, string>;
 
@@ -81,6 +82,13 @@ export class Metrics {
       }
     }
     return out.join("\n") + "\n";
+  }
+
+  /** Serves GET /metrics at "host:port" when an address is configured; nothing otherwise. */
+  async serveAt(listen: string | undefined): Promise<{ address: string; close: () => Promise<void> } | undefined> {
+    if (!listen) return undefined;
+    const { host, port } = parseHostPort(listen, "metricsListen");
+    return this.serve(host, port);
   }
 
   /** Serves GET /metrics on its own port (plain HTTP: bind it to an internal address). */

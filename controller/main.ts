@@ -158,7 +158,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
   }
   process.on("SIGHUP", onHangup);
-  const metricsServer = config.metricsListen ? await metrics.serve(parseHostPort(config.metricsListen, "metricsListen").host, parseHostPort(config.metricsListen, "metricsListen").port) : undefined;
+  const metricsServer = await metrics.serveAt(config.metricsListen);
   return {
     address,
     info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },

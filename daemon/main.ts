@@ -19,7 +19,6 @@ import { readFileSync } from "node:fs";
 import { ensureEnrolled, type BootstrapCredential } from "./enroll.js";
 import { keepRenewed } from "./renew.js";
 import { Metrics } from "../common/metrics.js";
-import { parseHostPort } from "../common/lifecycle.js";
 import { TaskVerifier } from "../common/task-signing.js";
 import { proxyArtifactFetcher } from "./artifact-fetch.js";
 
@@ -111,7 +110,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
   metrics.gauge("hosts", "hosts this process serves", () => agents.length);
   metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
-  const metricsServer = config.metricsListen ? await metrics.serve(parseHostPort(config.metricsListen, "metricsListen").host, parseHostPort(config.metricsListen, "metricsListen").port) : undefined;
+  const metricsServer = await metrics.serveAt(config.metricsListen);
   const renewing = new AbortController();
   const renewals = allPaths.map((paths) =>
     keepRenewed({ paths, proxies: config.proxies!, renewBeforeMs: config.renewBefore, clock, log, signal: renewing.signal }).catch((err) => log.error("certificate renewal stopped", { err })),

@@ -172,7 +172,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   metrics.gauge("result_backlog_items", "statuses and output chunks not yet acknowledged by the controller", () => store.upwardSize());
   metrics.gauge("store_used_bytes", "bytes in use in the proxy's LMDB store", () => env.usedBytes());
   const reconnects = metrics.counter("controller_link_attempts_total", "attempts to open the link to the controller");
-  const metricsServer = config.metricsListen ? await metrics.serve(parseHostPort(config.metricsListen, "metricsListen").host, parseHostPort(config.metricsListen, "metricsListen").port) : undefined;
+  const metricsServer = await metrics.serveAt(config.metricsListen);
   const stop = new AbortController();
   const uplink = (async () => {
     const backoff = new Backoff({ initialMs: 500, maxMs: 30_000 });
