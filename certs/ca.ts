@@ -1,4 +1,4 @@
-import { generateKeyPairSync, randomBytes } from "node:crypto";
+import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from "node:crypto";
 import forge from "node-forge";
 import type { Clock } from "../common/clock.js";
 import { InvalidArgumentError } from "../common/errors.js";
@@ -37,6 +37,43 @@ function serialNumber(): string {
   return bytes.toString("hex");
 }
 
+/**
+ * Signs a certificate with sha256WithRSAEncryption using Node's native RSA:
+ * forge builds the TBSCertificate, OpenSSL signs it. forge's own signing (pure
+ * JS, and a fresh parse of the CA key each time) cost about 60 ms per
+ * certificate; enrollment, renewal and large test meshes issue many.
+ */
+function signNatively(cert: forge.pki.Certificate, keyPem: string): void {
+  const oid = forge.pki.oids.sha256WithRSAEncryption!;
+  cert.signatureOid = oid;
+  (cert as unknown as { siginfo: { algorithmOid: string } }).siginfo.algorithmOid = oid;
+  const tbs = forge.asn1.toDer((forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert)).getBytes();
+  cert.signature = sign("sha256", Buffer.from(tbs, "binary"), privateKeyObject(keyPem)).toString("binary");
+}
+
+const keyObjects = new Map<string, KeyObject>();
+function privateKeyObject(pem: string): KeyObject {
+  let key = keyObjects.get(pem);
+  if (!key) {
+    key = createPrivateKey(pem);
+    if (keyObjects.size > 16) keyObjects.clear();
+    keyObjects.set(pem, key);
+  }
+  return key;
+}
+
+const caCerts = new Map<string, { cert: forge.pki.Certificate; keyIdentifier: string }>();
+function parsedCaCert(pem: string): { cert: forge.pki.Certificate; keyIdentifier: string } {
+  let entry = caCerts.get(pem);
+  if (!entry) {
+    const cert = forge.pki.certificateFromPem(pem);
+    entry = { cert, keyIdentifier: cert.generateSubjectKeyIdentifier().getBytes() };
+    if (caCerts.size > 16) caCerts.clear();
+    caCerts.set(pem, entry);
+  }
+  return entry;
+}
+
 export interface CreateCaOptions {
   clock: Clock;
   commonName?: string;
@@ -47,7 +84,6 @@ export interface CreateCaOptions {
 export function createCa(opts: CreateCaOptions): CaMaterial {
   const keys = generateKeyPair(3072);
   const publicKey = forge.pki.publicKeyFromPem(keys.publicKeyPem);
-  const privateKey = forge.pki.privateKeyFromPem(keys.privateKeyPem);
   const cert = forge.pki.createCertificate();
   const now = opts.clock.now();
   cert.publicKey = publicKey;
@@ -65,7 +101,7 @@ export function createCa(opts: CreateCaOptions): CaMaterial {
     { name: "keyUsage", keyCertSign: true, cRLSign: true, critical: true },
     { name: "subjectKeyIdentifier" },
   ]);
-  cert.sign(privateKey, forge.md.sha256.create());
+  signNatively(cert, keys.privateKeyPem);
   return { certPem: forge.pki.certificateToPem(cert), keyPem: keys.privateKeyPem };
 }
 
@@ -86,8 +122,7 @@ export interface IssueOptions {
  */
 export function issueCertificate(ca: CaMaterial, opts: IssueOptions): string {
   if (!(opts.validityMs > 0)) throw new InvalidArgumentError("certificate validity must be positive");
-  const caCert = forge.pki.certificateFromPem(ca.certPem);
-  const caKey = forge.pki.privateKeyFromPem(ca.keyPem);
+  const caCert = parsedCaCert(ca.certPem);
   const cert = forge.pki.createCertificate();
   const now = opts.clock.now();
   cert.publicKey = forge.pki.publicKeyFromPem(opts.publicKeyPem);
@@ -99,7 +134,7 @@ export function issueCertificate(ca: CaMaterial, opts: IssueOptions): string {
     { name: "commonName", value: `${opts.identity.role}/${opts.identity.scope}/${opts.identity.id}` },
     { name: "organizationName", value: "rexmesh" },
   ]);
-  cert.setIssuer(caCert.subject.attributes);
+  cert.setIssuer(caCert.cert.subject.attributes);
   const altNames: object[] = [{ type: 6, value: uri }];
   for (const dns of opts.dnsNames ?? []) altNames.push({ type: 2, value: dns });
   for (const ip of opts.ipAddresses ?? []) altNames.push({ type: 7, ip });
@@ -109,9 +144,9 @@ export function issueCertificate(ca: CaMaterial, opts: IssueOptions): string {
     { name: "extKeyUsage", serverAuth: true, clientAuth: true },
     { name: "subjectAltName", altNames },
     { name: "subjectKeyIdentifier" },
-    { name: "authorityKeyIdentifier", keyIdentifier: caCert.generateSubjectKeyIdentifier().getBytes() },
+    { name: "authorityKeyIdentifier", keyIdentifier: caCert.keyIdentifier },
   ]);
-  cert.sign(caKey, forge.md.sha256.create());
+  signNatively(cert, ca.keyPem);
   return forge.pki.certificateToPem(cert);
 }
 
