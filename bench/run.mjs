@@ -1,126 +1,107 @@
-// npm run bench — rexmesh's benchmark suite (issue 7, first scenarios).
-// Each scenario starts a real mesh (controller, proxies, daemon processes, mTLS,
-// LMDB) on loopback, measures, and writes bench/results/<scenario>.json; the
-// run ends with bench/results/summary.md. A scenario runs alone with
-// `node bench/run.mjs <scenario> [--hosts N] [--jobs N] ...`.
-import { execSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
-import os from "node:os";
+// npm run bench — rexmesh's benchmark suite (issue 7).
+//
+// Every scenario starts real processes on loopback (controller, proxies,
+// daemons or the host simulator, mTLS, LMDB), measures, and writes
+// bench/results/<scenario>.json. A full run (no scenario named) also writes
+// bench/results/summary.md with the table and bench/results/plots/*.svg.
+//
+//   node bench/run.mjs                       every scenario, in order
+//   node bench/run.mjs durable-jobs --jobs 500   one scenario with its own sizes
+//   node bench/run.mjs --list                the scenarios and their targets
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { LocalMesh } from "../dist/cli/launcher.js";
-import { operatorClient } from "../dist/cli/client.js";
+import { commit, machine } from "./lib/common.mjs";
+import { barChart } from "./lib/plot.mjs";
+
+/** The scenarios, in the order a full run takes them (files in bench/scenarios). */
+const ORDER = [
+  "daemon-idle-memory",
+  "idle-streams",
+  "ping-10k",
+  "ping-50k",
+  "ping-fanout-500",
+  "hostname-500",
+  "durable-jobs",
+  "output-throughput",
+  "reconnect-storm",
+];
 
 const args = process.argv.slice(2);
-const opt = (name, dflt) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? Number(args[i + 1]) : dflt;
-};
-const only = args.find((a) => !a.startsWith("--") && Number.isNaN(Number(a)));
-const results = new URL("./results/", import.meta.url).pathname;
-mkdirSync(results, { recursive: true });
+const named = args.filter((a, i) => !a.startsWith("--") && !(i > 0 && args[i - 1].startsWith("--")));
+const here = new URL(".", import.meta.url).pathname;
+const results = join(here, "results");
+mkdirSync(join(results, "plots"), { recursive: true });
 
-const machine = { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), node: process.version, platform: `${os.platform()} ${os.release()}` };
-const commit = (() => {
+const available = [];
+for (const name of ORDER) {
+  const file = join(here, "scenarios", `${name}.mjs`);
+  if (existsSync(file)) available.push((await import(file)).default);
+}
+if (args.includes("--list")) {
+  for (const s of available) process.stdout.write(`${s.name.padEnd(20)} ${s.target}\n`);
+  process.exit(0);
+}
+for (const n of named) if (!available.some((s) => s.name === n)) throw new Error(`unknown scenario ${n} (${available.map((s) => s.name).join(", ")})`);
+const chosen = named.length ? available.filter((s) => named.includes(s.name)) : available;
+
+const runCommit = commit();
+const runMachine = machine();
+const started = Date.now();
+for (const s of chosen) {
+  process.stderr.write(`running ${s.name}: ${s.title}\n`);
+  const t0 = Date.now();
+  let record;
   try {
-    return execSync("git rev-parse --short HEAD", { encoding: "utf8" }).trim();
-  } catch {
-    return "unknown";
+    const result = await s.run();
+    record = { scenario: s.name, title: s.title, target: s.target, date: new Date().toISOString(), commit: runCommit, machine: runMachine, seconds: Math.round((Date.now() - t0) / 1000), result };
+  } catch (err) {
+    record = { scenario: s.name, title: s.title, target: s.target, date: new Date().toISOString(), commit: runCommit, machine: runMachine, seconds: Math.round((Date.now() - t0) / 1000), error: String(err?.stack ?? err) };
   }
-})();
+  writeFileSync(join(results, `${s.name}.json`), JSON.stringify(record, null, 2) + "\n");
+  process.stderr.write(`${s.name} (${record.seconds} s): ${record.error ?? JSON.stringify(record.result)}\n`);
+}
 
-const pct = (xs, p) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
-};
-const ping = { tool: { case: "ping", value: {} } };
+if (!named.length) writeSummary();
 
-async function withMesh(plan, fn) {
-  const mesh = new LocalMesh({ dir: mkdtempSync(join(os.tmpdir(), "rexmesh-bench-")), shareHostKey: true, logLevel: "warn", ...plan });
-  try {
-    await mesh.start();
-    await mesh.waitForHosts(plan.hosts.length, 180_000);
-    const conn = operatorClient({}, mesh.exports());
-    try {
-      return await fn(conn.client, mesh);
-    } finally {
-      conn.close();
+/** Builds summary.md and the plots from every result file on disk. */
+function writeSummary() {
+  const rows = [];
+  const plots = [];
+  const notes = [];
+  for (const s of available) {
+    const file = join(results, `${s.name}.json`);
+    if (!existsSync(file)) continue;
+    const rec = JSON.parse(readFileSync(file, "utf8"));
+    if (rec.error) {
+      rows.push(`| ${s.title} | ${s.target} | failed: ${rec.error.split("\n")[0]} | ✗ |`);
+      continue;
     }
-  } finally {
-    await mesh.stop();
+    const v = s.verdict(rec.result);
+    rows.push(`| ${s.title} | ${s.target} | ${v.figure} | ${v.met === undefined ? "–" : v.met ? "✓" : "✗"} |`);
+    if (rec.result.notes) notes.push(`### ${s.name}\n\n${rec.result.notes}\n`);
+    for (const [i, spec] of (s.plot ? [s.plot(rec.result)].flat() : []).entries()) {
+      const name = `${s.name}${i ? `-${i}` : ""}.svg`;
+      writeFileSync(join(results, "plots", name), barChart(spec));
+      plots.push(`![${spec.title}](plots/${name})`);
+    }
   }
+  const m = runMachine;
+  const md = [
+    `# rexmesh benchmarks`,
+    ``,
+    `Run of ${new Date(started).toISOString()} at commit ${runCommit}, ${Math.round((Date.now() - started) / 60000)} min.`,
+    `Machine: ${m.cpus} × ${m.cpu}, ${m.memGiB} GiB, Node ${m.node}, ${m.platform}, ${m.fdLimit} file descriptors per process.`,
+    `Reproduce: \`npm run bench\` (all), or \`node bench/run.mjs <scenario> [--sizes]\` for one; raw figures in bench/results/<scenario>.json.`,
+    ``,
+    `| scenario | target | measured | met |`,
+    `| --- | --- | --- | --- |`,
+    ...rows,
+    ``,
+    ...(notes.length ? [`## Notes: bottlenecks and limits`, ``, ...notes] : []),
+    `## Plots`,
+    ``,
+    ...plots.map((p) => `${p}\n`),
+  ];
+  writeFileSync(join(results, "summary.md"), md.join("\n"));
+  process.stderr.write(md.join("\n") + "\n");
 }
-
-async function untilDone(client, jobId) {
-  for await (const b of client.watchJob({ jobId, noOutput: true })) if (b.job && b.job.state === 2) return b.job;
-}
-
-const scenarios = {
-  /** Ping every host through 2 proxies: the time until the last reply. */
-  async "ping-fanout"() {
-    const n = opt("hosts", 1000);
-    const regions = ["r1", "r2"];
-    const hosts = Array.from({ length: n }, (_, i) => ({ id: `p${i}`, region: regions[i % 2] }));
-    return withMesh({ regions, hosts, hostsPerProcess: 100 }, async (client) => {
-      const runs = [];
-      for (let r = 0; r < opt("runs", 5); r++) {
-        const t0 = performance.now();
-        const { job } = await client.submitJob({ allHosts: true, steps: [ping] });
-        const done = await untilDone(client, job.id);
-        const ms = performance.now() - t0;
-        const ok = done.counts.find((c) => c.state === 10)?.count ?? 0;
-        runs.push({ ms: Math.round(ms), succeeded: ok });
-      }
-      return { hosts: n, proxies: 2, runs, lastReplyMsP50: pct(runs.map((r) => r.ms), 50), lastReplyMsBest: Math.min(...runs.map((r) => r.ms)) };
-    });
-  },
-
-  /** Durable single-host jobs (ping: no spawn), submit → done, many at once. */
-  async "durable-jobs"() {
-    const total = opt("jobs", 2000);
-    const concurrency = opt("concurrency", 64);
-    return withMesh({ regions: ["r1"], hosts: [{ id: "j0", region: "r1" }], daemonArgs: ["--capacity", "64"] }, async (client) => {
-      const lat = [];
-      let next = 0;
-      const t0 = performance.now();
-      await Promise.all(
-        Array.from({ length: concurrency }, async () => {
-          while (next < total) {
-            next++;
-            const s = performance.now();
-            const { job } = await client.submitJob({ hostIds: ["j0"], steps: [ping] });
-            await untilDone(client, job.id);
-            lat.push(performance.now() - s);
-          }
-        }),
-      );
-      const secs = (performance.now() - t0) / 1000;
-      return { jobs: lat.length, concurrency, jobsPerSecond: Math.round(lat.length / secs), p50Ms: +pct(lat, 50).toFixed(1), p99Ms: +pct(lat, 99).toFixed(1) };
-    });
-  },
-};
-
-const names = only ? [only] : Object.keys(scenarios);
-const summary = [];
-for (const name of names) {
-  if (!scenarios[name]) throw new Error(`unknown scenario ${name} (${Object.keys(scenarios).join(", ")})`);
-  process.stderr.write(`running ${name}...\n`);
-  const result = await scenarios[name]();
-  const record = { scenario: name, date: new Date().toISOString(), commit, machine, result };
-  writeFileSync(join(results, `${name}.json`), JSON.stringify(record, null, 2) + "\n");
-  summary.push(record);
-  process.stderr.write(`${name}: ${JSON.stringify(result)}\n`);
-}
-const md = [
-  `# rexmesh benchmarks`,
-  ``,
-  `commit ${commit}, ${new Date().toISOString()}; ${machine.cpus} × ${machine.cpu}, ${machine.memGiB} GiB, Node ${machine.node}, ${machine.platform}`,
-  ``,
-  `| scenario | figures |`,
-  `| --- | --- |`,
-  ...summary.map((r) => `| ${r.scenario} | ${Object.entries(r.result).filter(([, v]) => typeof v !== "object").map(([k, v]) => `${k} ${v}`).join(", ")} |`),
-  ``,
-  `Not measured yet (issue 7): idle streams per proxy with a host simulator, 10k/50k-host fan-out, real-process fan-out vs xargs and pdsh, output throughput with a slow reader, reconnect storm, daemon idle memory; the NATS and pdsh baselines. The link-transport comparison is \`node bench/link-transport/run.mjs\` (docs/transport.md).`,
-  ``,
-];
-if (!only) writeFileSync(join(results, "summary.md"), md.join("\n"));
-process.stderr.write(md.join("\n"));

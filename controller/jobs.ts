@@ -198,6 +198,11 @@ export class JobManager {
       if (task.state === TaskState.PENDING) this.addPending(task);
     }
     this.open.set(job.id, open);
+    if (open === 0 && tasks.length > 0) {
+      // Every task ended but the controller stopped before recording the job as finished.
+      void this.finishJob(job.id).catch((err) => this.log.error("finishing a recovered job failed", { job: job.id, err }));
+      return;
+    }
     if (job.rate) this.gates.set(job.id, this.buildGate(job.rate, tasks));
     this.armDeadline(job);
     for (const task of tasks) {
@@ -659,7 +664,12 @@ export class JobManager {
     const left = (this.open.get(task.jobId) ?? 1) - 1;
     this.open.set(task.jobId, left);
     if (left > 0) return;
-    const job = this.store.getJob(task.jobId);
+    await this.finishJob(task.jobId);
+  }
+
+  /** Records a job as finished (every task terminal) and drops its in-memory state. */
+  private async finishJob(jobId: string): Promise<void> {
+    const job = this.store.getJob(jobId);
     if (!job || job.finishedAt !== undefined) return;
     job.finishedAt = this.clock.now();
     await this.store.putJob(job);
@@ -672,6 +682,7 @@ export class JobManager {
       this.committedChunks.delete(id);
     }
     this.log.info("job finished", { job: job.id, tasks: job.taskIds.length });
+    this.notify(job.id);
   }
 
   // ---- cancel and deadlines ----------------------------------------------

@@ -84,7 +84,8 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
         tasks.push(task);
       }
       const current = jobs.getJobRecord(job.id) ?? job;
-      const last = open === 0 && changed.size === 0;
+      // The job is recorded finished just after its last task: wait for that, so the last batch says DONE.
+      const last = open === 0 && changed.size === 0 && current.finishedAt !== undefined;
       if (first || last || tasks.length > 0 || output.length > 0) {
         yield { job: first || last ? current : undefined, tasks, output };
       }

@@ -1,0 +1,104 @@
+// Shared helpers for the benchmark scenarios (bench/scenarios/*.mjs).
+import { execSync } from "node:child_process";
+import { mkdtempSync, readFileSync } from "node:fs";
+import os from "node:os";
+import { join } from "node:path";
+import { LocalMesh } from "../../dist/cli/launcher.js";
+import { operatorClient } from "../../dist/cli/client.js";
+
+export { LocalMesh, operatorClient };
+
+/** Task states as numbers (rexmesh.v1.TaskState). */
+export const SUCCEEDED = 10;
+/** Job state DONE (rexmesh.v1.JobState). */
+export const JOB_DONE = 2;
+/** The built-in no-spawn ping step. */
+export const pingStep = { tool: { case: "ping", value: {} } };
+
+/** The value of `--name N` on the command line (numbers), or the default. */
+export function opt(name, dflt) {
+  const args = process.argv.slice(2);
+  const i = args.indexOf(`--${name}`);
+  if (i < 0) return dflt;
+  const v = args[i + 1];
+  return typeof dflt === "number" ? Number(v) : v;
+}
+
+/** Percentile p (0..100) of a list of numbers. */
+export function pct(xs, p) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+}
+
+export const median = (xs) => pct(xs, 50);
+
+export function machine() {
+  const cpus = os.cpus();
+  return {
+    cpus: cpus.length,
+    cpu: cpus[0]?.model,
+    memGiB: Math.round(os.totalmem() / 2 ** 30),
+    node: process.version,
+    platform: `${os.platform()} ${os.release()}`,
+    fdLimit: (() => {
+      try {
+        return Number(execSync("sh -c 'ulimit -n'", { encoding: "utf8" }).trim());
+      } catch {
+        return undefined;
+      }
+    })(),
+  };
+}
+
+export function commit() {
+  try {
+    const sha = execSync("git rev-parse --short HEAD", { encoding: "utf8" }).trim();
+    const dirty = execSync("git status --porcelain --untracked-files=no", { encoding: "utf8" }).trim() !== "";
+    return dirty ? `${sha}+dirty` : sha;
+  } catch {
+    return "unknown";
+  }
+}
+
+/** Resident set size of a process in bytes, from /proc (0 when it is gone). */
+export function rssBytes(pid) {
+  try {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** A fresh scratch directory under the OS temp dir. */
+export const scratch = (tag) => mkdtempSync(join(os.tmpdir(), `rexmesh-bench-${tag}-`));
+
+/**
+ * Starts a LocalMesh (real controller, proxies and daemon processes, mTLS,
+ * LMDB), waits for its hosts, runs fn(client, mesh) and always stops it.
+ */
+export async function withMesh(plan, fn, { waitHosts = true } = {}) {
+  const mesh = new LocalMesh({ dir: scratch("mesh"), shareHostKey: true, logLevel: "warn", ...plan });
+  try {
+    await mesh.start();
+    if (waitHosts) await mesh.waitForHosts(plan.hosts.length, 300_000);
+    const conn = operatorClient({}, mesh.exports());
+    try {
+      return await fn(conn.client, mesh);
+    } finally {
+      conn.close();
+    }
+  } finally {
+    await mesh.stop();
+  }
+}
+
+/** Follows a job (no output) until it is DONE; returns the final Job. */
+export async function untilDone(client, jobId) {
+  for await (const b of client.watchJob({ jobId, noOutput: true })) if (b.job && b.job.state === JOB_DONE) return b.job;
+  throw new Error(`watch of ${jobId} ended before the job was done`);
+}
+
+export const succeededCount = (job) => job.counts.find((c) => c.state === SUCCEEDED)?.count ?? 0;
+
+export const log = (msg) => process.stderr.write(`  ${msg}\n`);
