@@ -99,6 +99,17 @@ class HostSession {
  * against the daemon's credits, oldest first), results wait in its backlog
  * until the controller acknowledges them. Either side may come and go.
  */
+/** Hosts named in the hello itself; the others follow in ordinary frames. */
+const HELLO_HOSTS = 1000;
+
+/** About how many bytes a host presence takes in a frame (id, tenant, facts). */
+function presenceBytes(p: HostPresence): number {
+  let bytes = 64 + p.hostId.length + p.tenant.length;
+  const f = p.facts;
+  if (f) bytes += JSON.stringify(f, (_k, v) => (typeof v === "bigint" ? String(v) : v)).length;
+  return bytes;
+}
+
 export class ProxyCore {
   readonly name: string;
   readonly region: string;
@@ -194,7 +205,8 @@ export class ProxyCore {
   }
 
   private reportPresence(session: HostSession, connected: boolean): void {
-    this.controller?.out.frame.hosts.push(this.presence(session, connected));
+    const p = this.presence(session, connected);
+    this.controller?.out.frameFor(presenceBytes(p)).hosts.push(p);
   }
 
   private presence(session: HostSession, connected: boolean): HostPresence {
@@ -378,16 +390,19 @@ export class ProxyCore {
       () => link.send(create(ProxyStreamRequestSchema)),
       () => link.close(new Error("controller heartbeat lost")),
     );
+    const held = [...this.hosts.values()].map((s) => this.presence(s, true));
     link.send(
       create(ProxyStreamRequestSchema, {
         hello: {
           name: this.name,
           region: this.region,
           heartbeatMs: this.heartbeatMs,
-          hosts: [...this.hosts.values()].map((s) => this.presence(s, true)),
+          hosts: held.slice(0, HELLO_HOSTS),
         },
       }),
     );
+    // The rest of the hosts follow in frames of bounded size (20,000 hosts with facts would pass the message limit).
+    for (const p of held.slice(HELLO_HOSTS)) out.frameFor(presenceBytes(p)).hosts.push(p);
     const session: ControllerSession = { link, out, heartbeat, sentUpTo: 0, pumping: false, waiting: false };
     this.controller = session;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
