@@ -38,6 +38,8 @@ export interface MeshPlan {
    * generation dominates their start-up otherwise.
    */
   shareHostKey?: boolean;
+  /** Flags for node itself before the script, for every role process (e.g. `--cpu-prof`). */
+  nodeArgs?: string[];
   /** Extra flags per role. */
   controllerArgs?: string[];
   proxyArgs?: string[];
@@ -103,7 +105,7 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
  */
 export class LocalMesh {
   readonly dir: string;
-  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "shareHostKey">> & MeshPlan;
+  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "shareHostKey" | "nodeArgs">> & MeshPlan;
   controller!: RoleProcess;
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
   readonly daemons: (RoleProcess & { hosts: string[] })[] = [];
@@ -172,7 +174,7 @@ export class LocalMesh {
     const logFile = join(this.dir, "logs", `${name}.log`);
     rmSync(readyFile, { force: true });
     const fd = openSync(logFile, "a");
-    const fullArgs = [REXMESH_BIN, role, ...args, "--data", join(this.dir, "data", name), "--ready-file", readyFile, "--log-level", this.plan.logLevel];
+    const fullArgs = [...(this.plan.nodeArgs ?? []), REXMESH_BIN, role, ...args, "--data", join(this.dir, "data", name), "--ready-file", readyFile, "--log-level", this.plan.logLevel];
     const proc = spawn(process.execPath, fullArgs, { stdio: ["ignore", fd, fd], env: cleanEnv() });
     closeSync(fd);
     return { name, args: fullArgs, proc, readyFile, logFile };

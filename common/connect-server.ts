@@ -1,4 +1,5 @@
 import http2 from "node:http2";
+import type { IncomingMessage } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { createContextKey, createContextValues, type ConnectRouter, type HandlerContext } from "@connectrpc/connect";
@@ -24,17 +25,29 @@ export function callerOf(ctx: HandlerContext): PeerIdentity {
 }
 
 /** Identities are parsed once per TLS connection, not once per request. */
-const identities = new WeakMap<TLSSocket, PeerIdentity | null>();
+const identities = new WeakMap<object, PeerIdentity | null>();
 
-function identityOfSocket(socket: TLSSocket): PeerIdentity | undefined {
-  let id = identities.get(socket);
+/**
+ * The connection a request came on: its HTTP/2 session, or the socket for
+ * HTTP/1.1. (req.socket of an HTTP/2 request is a new proxy object per
+ * stream, useless as a cache key.)
+ */
+function connectionOf(req: http2.Http2ServerRequest | IncomingMessage): { key: object; socket: TLSSocket } {
+  const session = "stream" in req ? req.stream.session : undefined;
+  if (session) return { key: session, socket: session.socket as TLSSocket };
+  return { key: req.socket, socket: req.socket as TLSSocket };
+}
+
+function identityOfConnection(req: http2.Http2ServerRequest | IncomingMessage): PeerIdentity | undefined {
+  const { key, socket } = connectionOf(req);
+  let id = identities.get(key);
   if (id === undefined) {
     try {
       id = peerIdentity(socket);
     } catch {
       id = null;
     }
-    identities.set(socket, id);
+    identities.set(key, id);
   }
   return id ?? undefined;
 }
@@ -63,7 +76,7 @@ export function createRpcServer(opts: {
     readMaxBytes: MAX_MESSAGE_BYTES,
     writeMaxBytes: MAX_MESSAGE_BYTES,
     contextValues: (req) => {
-      const peer = identityOfSocket(req.socket as TLSSocket);
+      const peer = identityOfConnection(req);
       return createContextValues()
         .set(peerKey, peer)
         .set(revokedKey, peer !== undefined && (opts.isRevoked?.(peer) ?? false));

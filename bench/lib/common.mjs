@@ -78,7 +78,7 @@ export const scratch = (tag) => mkdtempSync(join(os.tmpdir(), `rexmesh-bench-${t
  * LMDB), waits for its hosts, runs fn(client, mesh) and always stops it.
  */
 export async function withMesh(plan, fn, { waitHosts = true } = {}) {
-  const mesh = new LocalMesh({ dir: scratch("mesh"), shareHostKey: true, logLevel: "warn", ...plan });
+  const mesh = new LocalMesh({ dir: scratch("mesh"), shareHostKey: true, logLevel: "warn", nodeArgs: benchNodeArgs(), ...plan });
   try {
     await mesh.start();
     if (waitHosts) await mesh.waitForHosts(plan.hosts.length, 300_000);
@@ -91,6 +91,14 @@ export async function withMesh(plan, fn, { waitHosts = true } = {}) {
   } finally {
     await mesh.stop();
   }
+}
+
+/**
+ * Node flags for every mesh process, from BENCH_NODE_ARGS (node refuses
+ * --cpu-prof in NODE_OPTIONS): BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof".
+ */
+export function benchNodeArgs() {
+  return (process.env.BENCH_NODE_ARGS ?? "").split(/\s+/).filter(Boolean);
 }
 
 /** Follows a job (no output) until it is DONE; returns the final Job. */
