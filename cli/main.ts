@@ -1,5 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RexmeshError } from "../common/errors.js";
+import { installFastText } from "../common/fast-text.js";
 import { codeOf } from "../common/rpc-errors.js";
 import { artifactsCommand } from "./artifacts.js";
 import { auditCommand } from "./audit.js";
@@ -13,6 +14,8 @@ import { revokeCommand } from "./revoke.js";
 import { devCommand } from "./dev.js";
 import { hostsCommand, jobsCommand, runCommand, type Io } from "./operator.js";
 import { runRole } from "./roles.js";
+
+installFastText();
 
 const USAGE = `rexmesh: run commands on many hosts and get every byte of output back
 

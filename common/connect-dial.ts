@@ -24,7 +24,8 @@ export function openChannel(address: string, creds: Credentials, serverRoles: re
     { pingIntervalMs: opts.pingIntervalMs ?? 30_000, pingTimeoutMs: 15_000, idleConnectionTimeoutMs: 2 ** 31 - 1 },
     clientTlsOptions(creds, serverRoles),
   );
-  const transport = createGrpcTransport({ baseUrl: url, sessionManager: sessions, readMaxBytes: MAX_MESSAGE_BYTES, writeMaxBytes: MAX_MESSAGE_BYTES });
+  // No compression: gzip of task and result frames cost more CPU than the link saves (docs/transport.md).
+  const transport = createGrpcTransport({ baseUrl: url, sessionManager: sessions, readMaxBytes: MAX_MESSAGE_BYTES, writeMaxBytes: MAX_MESSAGE_BYTES, acceptCompression: [] });
   return { transport, close: (reason) => sessions.abort(reason) };
 }
 

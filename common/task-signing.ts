@@ -40,10 +40,24 @@ export class TaskSigner {
     });
   }
 
+  /** Signs a task; a ping-only task goes unsigned (see isPingOnly). */
   sign(spec: TaskSpec): SignedTask {
     const bytes = toBinary(TaskSpecSchema, spec);
+    if (isPingOnly(spec)) return create(SignedTaskSchema, { spec: bytes });
     return create(SignedTaskSchema, { spec: bytes, signature: sign(null, bytes, this.privateKey), keyId: this.key.keyId });
   }
+}
+
+/**
+ * A task whose every step is the built-in ping. It runs nothing, reads
+ * nothing and writes nothing on the host: the daemon only answers that it is
+ * there, which the proxy in between could claim by itself anyway. So pings
+ * are neither signed nor verified, which takes two public-key operations per
+ * host off `rexmesh ping` across a fleet (about 40 µs at the controller and
+ * 250 µs at the daemon each, measured in the issue-7 ping profile).
+ */
+export function isPingOnly(spec: TaskSpec): boolean {
+  return spec.steps.length > 0 && spec.steps.every((s) => s.tool.case === "ping");
 }
 
 /** Decodes a signed task's spec without trusting it: for routing at a proxy, and for naming a task a daemon refuses. */
@@ -104,7 +118,11 @@ export class TaskVerifier {
 
   /** The spec of a task whose signature holds; throws TaskRejected with the reason otherwise. */
   verify(task: SignedTask): TaskSpec {
-    if (task.signature.length === 0) throw new TaskRejected("the task is not signed");
+    if (task.signature.length === 0) {
+      const spec = peekSpec(task);
+      if (spec && isPingOnly(spec)) return spec;
+      throw new TaskRejected("the task is not signed");
+    }
     const key = this.keys.get(task.keyId);
     if (!key) throw new TaskRejected(`the task is signed with an unknown key ${JSON.stringify(task.keyId)}`);
     if (key.notAfter <= this.clock.now()) throw new TaskRejected("the task is signed with an expired key");

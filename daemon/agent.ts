@@ -22,7 +22,7 @@ import {
   type TaskSpec,
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
-import { peekSpec, TaskRejected, type TaskVerifier } from "../common/task-signing.js";
+import { isPingOnly, peekSpec, TaskRejected, type TaskVerifier } from "../common/task-signing.js";
 import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
 
@@ -415,7 +415,7 @@ export class Agent {
       await this.finishTask(entry, { state: TaskState.EXPIRED, message: "the delivery deadline passed before the task reached the host", outputChunks: 0, outputTruncated: false });
       return;
     }
-    if (spec.steps.length > 0 && spec.steps.every((s) => s.tool.case === "ping")) {
+    if (isPingOnly(spec)) {
       // A ping runs nothing, so running it twice is harmless: answered at once, no ledger write.
       this.emit([{ kind: "status", status: this.status(spec, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" }) }]);
       return;

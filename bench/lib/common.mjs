@@ -110,3 +110,28 @@ export async function untilDone(client, jobId) {
 export const succeededCount = (job) => job.counts.find((c) => c.state === SUCCEEDED)?.count ?? 0;
 
 export const log = (msg) => process.stderr.write(`  ${msg}\n`);
+
+/** CPU time (user + system) a process has used so far, in ms, from /proc (0 when it is gone). */
+export function cpuMs(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return ((Number(f[11]) + Number(f[12])) * 1000) / 100; // utime, stime in clock ticks (100/s)
+  } catch {
+    return 0;
+  }
+}
+
+/** CPU ms used per role of a LocalMesh while fn runs: { controller, proxies, daemons, bench }. */
+export async function cpuDuring(mesh, fn) {
+  const groups = { controller: [mesh.controller], proxies: mesh.proxies, daemons: mesh.daemons };
+  const read = () => Object.fromEntries(Object.entries(groups).map(([k, ps]) => [k, ps.reduce((a, p) => a + cpuMs(p.proc.pid), 0)]));
+  const before = read();
+  const self0 = process.cpuUsage();
+  const value = await fn();
+  const after = read();
+  const self = process.cpuUsage(self0);
+  const cpu = Object.fromEntries(Object.keys(before).map((k) => [k, Math.round(after[k] - before[k])]));
+  cpu.bench = Math.round((self.user + self.system) / 1000);
+  return { value, cpu };
+}

@@ -1,5 +1,5 @@
 // Ping every real daemon (500 hosts in daemon processes of 100) through 2 proxies.
-import { median, opt, pingStep, succeededCount, untilDone, withMesh } from "../lib/common.mjs";
+import { cpuDuring, median, opt, pingStep, succeededCount, untilDone, withMesh } from "../lib/common.mjs";
 
 export default {
   name: "ping-fanout-500",
@@ -9,16 +9,20 @@ export default {
     const n = opt("hosts", 500);
     const regions = ["r1", "r2"];
     const hosts = Array.from({ length: n }, (_, i) => ({ id: `p${i}`, region: regions[i % 2] }));
-    return withMesh({ regions, hosts, hostsPerProcess: 100 }, async (client) => {
+    return withMesh({ regions, hosts, hostsPerProcess: 100 }, async (client, mesh) => {
       const runs = [];
-      for (let r = 0; r < opt("runs", 5); r++) {
-        const t0 = performance.now();
-        const { job } = await client.submitJob({ allHosts: true, steps: [pingStep] });
-        const done = await untilDone(client, job.id);
-        runs.push({ ms: Math.round(performance.now() - t0), succeeded: succeededCount(done) });
-      }
+      const count = opt("runs", 5);
+      const { cpu } = await cpuDuring(mesh, async () => {
+        for (let r = 0; r < count; r++) {
+          const t0 = performance.now();
+          const { job } = await client.submitJob({ allHosts: true, steps: [pingStep] });
+          const done = await untilDone(client, job.id);
+          runs.push({ ms: Math.round(performance.now() - t0), succeeded: succeededCount(done) });
+        }
+      });
       const ms = runs.map((r) => r.ms);
-      return { hosts: n, proxies: 2, runs, lastReplyMsP50: median(ms), lastReplyMsBest: Math.min(...ms) };
+      const cpuMsPerRun = Object.fromEntries(Object.entries(cpu).map(([k, v]) => [k, Math.round(v / count)]));
+      return { hosts: n, proxies: 2, runs, lastReplyMsP50: median(ms), lastReplyMsBest: Math.min(...ms), cpuMsPerRun };
     });
   },
   verdict: (r) => ({ figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts)`, met: undefined }),

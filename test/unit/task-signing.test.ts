@@ -3,7 +3,7 @@ import { create } from "@bufbuild/protobuf";
 import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
 import { ManualClock } from "../../common/clock.js";
 import { TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
-import { SignedTaskSchema } from "../../gen/rexmesh/v1/task_pb.js";
+import { SignedTaskSchema, StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
 import { taskSpec, testSigning } from "./support.js";
 
 const clock = new ManualClock(Date.UTC(2025, 6, 1));
@@ -26,6 +26,22 @@ describe("TaskVerifier", () => {
     expect(() => v.verify(altered)).toThrow(/altered on the way/);
     expect(() => v.verify(create(SignedTaskSchema, { spec: signed.spec, keyId: signed.keyId }))).toThrow(/not signed/);
     expect(() => v.verify(create(SignedTaskSchema, { ...signed, keyId: "nope" }))).toThrow(TaskRejected);
+  });
+
+  it("sends a ping-only task unsigned and accepts it unsigned; anything else unsigned is refused", () => {
+    const { signer, caPem } = testSigning();
+    const v = new TaskVerifier(caPem, clock);
+    v.addKeys([signer.key]);
+    const ping = taskSpec("t2", "h1", { deliverByMs: clock.now() + 60_000 });
+    ping.steps = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    const signedPing = signer.sign(ping);
+    expect(signedPing.signature.length).toBe(0);
+    expect(v.verify(signedPing).taskId).toBe("t2");
+    // A ping with a command smuggled in beside it is not a ping: unsigned, it is refused.
+    const mixed = taskSpec("t3", "h1", { deliverByMs: clock.now() + 60_000 });
+    mixed.steps = [create(StepSchema, { tool: { case: "ping", value: {} } }), ...spec.steps];
+    expect(signer.sign(mixed).signature.length).toBeGreaterThan(0);
+    expect(() => v.verify(create(SignedTaskSchema, { spec: signer.sign(mixed).spec }))).toThrow(/not signed/);
   });
 
   it("trusts no key endorsed by a host certificate, by another CA, or past its expiry", () => {

@@ -194,4 +194,32 @@ describe("watchJob", () => {
     expect(last.tasks.map((x) => x.state)).toEqual([TaskState.EXPIRED]);
     expect(last.job?.finishedAt).toBe(t.clock.now());
   });
+
+  it("ends with the job DONE even when it starts between the last task's commit and the job's", async () => {
+    // A store that holds the write recording the job finished until released.
+    class SlowFinish extends MemoryJobStore {
+      release!: () => void;
+      override async putJob(...args: Parameters<MemoryJobStore["putJob"]>): Promise<void> {
+        if (args[0].finishedAt !== undefined) await new Promise<void>((r) => (this.release = r));
+        return super.putJob(...args);
+      }
+    }
+    const store = new SlowFinish();
+    const clock = new ManualClock();
+    const inventory = new Inventory();
+    const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger });
+    jobs.proxyConnected(port);
+    jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, "eu", "px1", clock.now()));
+    const job = await jobs.submit(operator(), { hostIds: ["h1"], allHosts: false, steps: [execStep("echo")], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliveryDeadlineMs: 0, idempotencyKey: "", idempotent: false });
+    const applied = jobs.applyStatus(port, status(job.taskIds[0]!, TaskState.SUCCEEDED));
+    await flush();
+    expect(store.release).toBeDefined(); // the task is stored, the job's finish is held
+    const w = collect(jobs, jobs.getJobRecord(job.id)!, { noOutput: true });
+    await flush();
+    expect(w.ended()).toBe(false); // it waits for the job instead of ending on a RUNNING job
+    store.release();
+    await applied;
+    await w.done;
+    expect(w.batches.at(-1)!.job?.finishedAt).toBeDefined();
+  });
 });
