@@ -22,6 +22,22 @@ function taskSignature(t: TaskRecord): string {
   return `${t.state}|${t.exitCode ?? ""}|${t.signal}|${t.proxy}|${t.outputTruncated}|${t.message}`;
 }
 
+/** A batch with at least this many task changes makes the next one wait COALESCE_MS. */
+const COALESCE_AFTER_TASKS = 200;
+const COALESCE_MS = 20;
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done);
+  });
+}
+
 /**
  * Streams a job from the beginning: a snapshot of every task, the output
  * stored so far, then changes as they happen, until every task is terminal
@@ -91,6 +107,10 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
       }
       first = false;
       if (last) return;
+      // A big fan-out changes thousands of tasks within milliseconds, most of them several times
+      // (queued, dispatched, ended): after a large batch, let changes gather briefly so each task
+      // goes out once in its latest state instead of once per state. Small jobs are not delayed.
+      if (tasks.length >= COALESCE_AFTER_TASKS && !opts.signal.aborted) await sleep(COALESCE_MS, opts.signal);
     }
   } finally {
     unsubscribe();
