@@ -2,18 +2,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { RexmeshError } from "../common/errors.js";
 import { installFastText } from "../common/fast-text.js";
 import { codeOf } from "../common/rpc-errors.js";
-import { artifactsCommand } from "./artifacts.js";
-import { auditCommand } from "./audit.js";
-import { bundleCommand, proxyBundleCommand } from "./bundle.js";
-import { caCommand } from "./ca.js";
-import { completionCommand } from "./completion.js";
-import { pingCommand } from "./ping.js";
-import { docsCommand } from "./docs.js";
-import { tokensCommand } from "./tokens.js";
-import { revokeCommand } from "./revoke.js";
-import { devCommand } from "./dev.js";
-import { hostsCommand, jobsCommand, runCommand, type Io } from "./operator.js";
-import { runRole } from "./roles.js";
+import type { Io } from "./operator.js";
 
 installFastText();
 
@@ -62,39 +51,40 @@ export async function main(argv: string[]): Promise<number> {
       process.exit(130);
     });
   }
-  if (command === "proxy" && rest[0] === "bundle") return proxyBundleCommand(rest.slice(1), io);
+  if (command === "proxy" && rest[0] === "bundle") return (await import("./bundle.js")).proxyBundleCommand(rest.slice(1), io);
   if ((command === "hosts" || command === "proxies" || command === "operators") && rest[0] === "revoke") {
-    return revokeCommand(command === "hosts" ? "host" : command === "proxies" ? "proxy" : "operator", rest.slice(1), io);
+    return (await import("./revoke.js")).revokeCommand(command === "hosts" ? "host" : command === "proxies" ? "proxy" : "operator", rest.slice(1), io);
   }
+  // Each command's modules load only when it runs (a daemon never loads the controller's).
   switch (command) {
     case "completion":
-      return completionCommand(rest, io);
+      return (await import("./completion.js")).completionCommand(rest, io);
     case "ping":
-      return pingCommand(rest, io);
+      return (await import("./ping.js")).pingCommand(rest, io);
     case "bundle":
-      return bundleCommand(rest, io);
+      return (await import("./bundle.js")).bundleCommand(rest, io);
     case "controller":
     case "proxy":
     case "daemon":
-      return runRole(command, rest, io.out);
+      return (await import("./roles.js")).runRole(command, rest, io.out);
     case "run":
-      return runCommand(rest, io);
+      return (await import("./operator.js")).runCommand(rest, io);
     case "hosts":
-      return hostsCommand(rest, io);
+      return (await import("./operator.js")).hostsCommand(rest, io);
     case "audit":
-      return auditCommand(rest, io);
+      return (await import("./audit.js")).auditCommand(rest, io);
     case "artifacts":
-      return artifactsCommand(rest, io);
+      return (await import("./artifacts.js")).artifactsCommand(rest, io);
     case "jobs":
-      return jobsCommand(rest, io);
+      return (await import("./operator.js")).jobsCommand(rest, io);
     case "docs":
-      return docsCommand(rest, io);
+      return (await import("./docs.js")).docsCommand(rest, io);
     case "ca":
-      return caCommand(rest, io);
+      return (await import("./ca.js")).caCommand(rest, io);
     case "tokens":
-      return tokensCommand(rest, io);
+      return (await import("./tokens.js")).tokensCommand(rest, io);
     case "dev":
-      return devCommand(rest, io);
+      return (await import("./dev.js")).devCommand(rest, io);
     case undefined:
     case "help":
     case "--help":

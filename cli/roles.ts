@@ -1,31 +1,38 @@
 import { describeConfig, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
 import { runService, type Service } from "../common/lifecycle.js";
 import { createLogger, parseLevel, type Logger } from "../common/logger.js";
-import { controllerSchema, startController } from "../controller/main.js";
-import { daemonSchema, startDaemon } from "../daemon/main.js";
-import { proxySchema, startProxy } from "../proxy/main.js";
 import { helpText, parse, schemaOptions, type OptionSpec } from "./args.js";
 
 interface RoleDef {
   schema: Schema;
   start: (config: never, log: Logger) => Promise<Service>;
-  examples: string[];
 }
 
-const ROLES: Record<string, RoleDef> = {
+/**
+ * Each role's code is loaded only when that role runs: a daemon never loads
+ * the controller's or the proxy's modules (and their libraries), which keeps
+ * its memory and start-up small.
+ */
+const ROLES: Record<string, { load: () => Promise<RoleDef>; examples: string[] }> = {
   controller: {
-    schema: controllerSchema,
-    start: startController as RoleDef["start"],
+    load: async () => {
+      const m = await import("../controller/main.js");
+      return { schema: m.controllerSchema, start: m.startController as RoleDef["start"] };
+    },
     examples: ["rexmesh controller --listen 0.0.0.0:7443 --cert controller.crt --key controller.key --ca ca.crt"],
   },
   proxy: {
-    schema: proxySchema,
-    start: startProxy as RoleDef["start"],
+    load: async () => {
+      const m = await import("../proxy/main.js");
+      return { schema: m.proxySchema, start: m.startProxy as RoleDef["start"] };
+    },
     examples: ["rexmesh proxy --listen 0.0.0.0:7444 --controller ctl.example.net:7443 --cert proxy.crt --key proxy.key --ca ca.crt"],
   },
   daemon: {
-    schema: daemonSchema,
-    start: startDaemon as RoleDef["start"],
+    load: async () => {
+      const m = await import("../daemon/main.js");
+      return { schema: m.daemonSchema, start: m.startDaemon as RoleDef["start"] };
+    },
     examples: ["rexmesh daemon --proxies px1.dc1:7444,px2.dc1:7444 --cert host.crt --key host.key --ca ca.crt"],
   },
 };
@@ -36,7 +43,8 @@ const ROLES: Record<string, RoleDef> = {
  * REXMESH_* environment < flags.
  */
 export async function runRole(role: string, argv: string[], out: (s: string) => void): Promise<number> {
-  const def = ROLES[role]!;
+  const role_ = ROLES[role]!;
+  const def = { ...(await role_.load()), examples: role_.examples };
   const options: Record<string, OptionSpec> = {
     ...schemaOptions(def.schema),
     config: { type: "string", doc: "YAML or JSON file with any of these options (camelCase keys)", value: "FILE" },
