@@ -36,7 +36,7 @@ import {
 import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
 import { specBytes } from "../common/backlog.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
-import { peekSpec } from "../common/task-signing.js";
+import { isPingOnly, peekSpec } from "../common/task-signing.js";
 import { DenySet } from "../common/deny-list.js";
 import type { DenyList, SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 
@@ -294,7 +294,10 @@ export class ProxyCore {
       task.state = TaskState.DISPATCHED;
       session.credits--;
       session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
-      items.push({ kind: "status", status: this.status(task, TaskState.DISPATCHED) });
+      // A ping is answered within moments and is harmless to hand out again after a restart, so
+      // its hand-over is neither stored nor reported: a third fewer writes and statuses per host
+      // in a fleet-wide ping.
+      if (!isPingOnly(task.spec)) items.push({ kind: "status", status: this.status(task, TaskState.DISPATCHED) });
     }
     if (items.length > 0) void this.persistUp(items);
   }

@@ -10,7 +10,7 @@ import {
   type ProxyStreamRequest,
   type ProxyStreamResponse,
 } from "../../gen/rexmesh/v1/proxy_link_pb.js";
-import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
+import { StepSchema, TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 import { ProxyCore } from "../../proxy/proxy.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
 import { FakeLink, asSigned, chunk, flush, hostPeer, signedId, status, taskSpec } from "./support.js";
@@ -140,6 +140,21 @@ describe("ProxyCore: tasks going down", () => {
     h.send({ credits: 1 });
     await flush();
     expect(handed(h.link)).toEqual(["t1", "t2", "t3"]);
+  });
+
+  it("hands a ping out without storing or reporting DISPATCHED; its answer goes up as usual", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    const ping = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    ctl.send({ tasks: [taskSpec("p1", "h1", { deliverByMs: t.future(), steps: ping }), taskSpec("x1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    const h = t.connectHost("h1", 2);
+    await flush();
+    expect(handed(h.link)).toEqual(["p1", "x1"]);
+    expect(upStatuses(ctl.link)).toEqual(["p1:QUEUED", "x1:QUEUED", "x1:DISPATCHED"]);
+    h.send({ statuses: [status("p1", TaskState.SUCCEEDED)] });
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["p1:QUEUED", "x1:QUEUED", "x1:DISPATCHED", "p1:SUCCEEDED"]);
   });
 
   it("hands a task that arrives while the host is connected with credits at once", async () => {
