@@ -416,8 +416,10 @@ export class Agent {
       return;
     }
     if (isPingOnly(spec)) {
-      // A ping runs nothing, so running it twice is harmless: answered at once, no ledger write.
-      this.emit([{ kind: "status", status: this.status(spec, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" }) }]);
+      // A ping runs nothing, so answering it twice is harmless: answered at once, with no ledger
+      // write and nothing kept for an ack (the proxy sends none: if this answer is lost with the
+      // link, the proxy hands the ping out again on the next one).
+      if (this.out) this.addToFrame(this.out, [{ kind: "status", status: this.status(spec, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" }) }]);
       return;
     }
     await this.opts.ledger.put(entry);

@@ -241,7 +241,8 @@ export class ProxyCore {
     const changed = new Set<QueuedTask>();
     for (const status of frame.statuses) {
       const task = this.ownTask(session, status.taskId);
-      statusAcks.push(status);
+      // A daemon keeps no ping answer for an ack (daemon/agent.ts): none is sent.
+      if (!task || !isPingOnly(task.spec)) statusAcks.push(status);
       if (!task || !advances(task.state, status.state)) continue;
       task.state = status.state;
       status.hostId = session.hostId;

@@ -475,6 +475,18 @@ describe("Agent: ping", () => {
     expect(t.ledger.get("p1")).toBeUndefined();
     expect(statusesIn(t.link().sent)).toContain("p1:SUCCEEDED");
   });
+
+  it("keeps no ping answer for an ack: after a reconnect it is not sent again", async () => {
+    const t = setup();
+    await t.start();
+    const ping = taskSpec("p1", "h1", { deliverByMs: t.clock.now() + 60_000 });
+    ping.steps = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    t.fromProxy({ tasks: [ping] });
+    await flush();
+    expect(statusesIn(t.link().sent)).toEqual(["p1:SUCCEEDED"]);
+    await t.reconnect();
+    expect(statusesIn(t.link().sent)).toEqual([]);
+  });
 });
 
 describe("Agent: credits", () => {
