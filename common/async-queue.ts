@@ -68,7 +68,9 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
 
   next(): Promise<IteratorResult<T>> {
     if (this.head < this.items.length) {
-      const value = this.items[this.head++]!;
+      const value = this.items[this.head]!;
+      // Drop the reference: a frame written must not stay alive until the array is compacted.
+      this.items[this.head++] = undefined as T;
       if (this.head > 1024 && this.head * 2 > this.items.length) {
         this.items = this.items.slice(this.head);
         this.head = 0;

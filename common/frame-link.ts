@@ -28,10 +28,41 @@ export function untilClosed<T>(source: AsyncIterable<T>, closed: Promise<void>):
   return {
     [Symbol.asyncIterator]() {
       const it = source[Symbol.asyncIterator]();
-      const end = closed.then((): IteratorResult<T> => ({ done: true, value: undefined }));
+      let ended = false;
+      let pending: { resolve: (r: IteratorResult<T>) => void; reject: (e: unknown) => void } | undefined;
+      // One reaction on `closed` for the whole iteration. (Racing every next() against `closed`
+      // left a reaction per frame on that long-lived promise, each holding its frame: a link kept
+      // every frame it ever received until it closed.)
+      const end = () => {
+        ended = true;
+        const p = pending;
+        pending = undefined;
+        p?.resolve({ done: true, value: undefined });
+      };
+      closed.then(end, end);
       return {
-        next: () => Promise.race([it.next(), end]),
+        next: () => {
+          if (ended) return Promise.resolve({ done: true, value: undefined });
+          return new Promise<IteratorResult<T>>((resolve, reject) => {
+            const me = { resolve, reject };
+            pending = me;
+            it.next().then(
+              (r) => {
+                if (pending !== me) return; // the link closed first
+                pending = undefined;
+                resolve(r);
+              },
+              (err: unknown) => {
+                if (pending !== me) return;
+                pending = undefined;
+                reject(err);
+              },
+            );
+          });
+        },
         return: async () => {
+          ended = true;
+          pending = undefined;
           void it.return?.().catch(() => undefined);
           return { done: true, value: undefined };
         },

@@ -25,7 +25,7 @@ const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 /** A script URL made short: relative to the repository, node_modules/<pkg>/…, node:… as is. */
 export function shortUrl(url) {
   if (!url) return "";
-  let u = url.startsWith("file://") ? fileURLToPath(url) : url;
+  const u = url.startsWith("file://") ? fileURLToPath(url) : url;
   const nm = u.lastIndexOf("/node_modules/");
   if (nm >= 0) return u.slice(nm + 1);
   if (u.startsWith(ROOT)) return relative(ROOT, u);
@@ -117,8 +117,9 @@ export function toMarkdown(label, s, { top = 10 } = {}) {
  * themselves into dir: pass to a child's env, or set on process.env around
  * LocalMesh.start(). window: profile only between a first and a second
  * SIGUSR2 (the profile is written at the second, or at exit). memory: also
- * sample process.memoryUsage() every 250 ms and write the peaks to
- * MEM.<pid>.json in dir at exit (V8 heap vs. buffers vs. the rest of RSS).
+ * sample process.memoryUsage() every 250 ms and write the peaks, the current
+ * values, GC counts and V8 heap spaces to MEM.<pid>.json in dir at exit and
+ * at every SIGUSR2 (V8 heap vs. buffers vs. the rest of RSS).
  */
 export function profilingEnv(dir, { cpu = true, window = false, memory = false, base = process.env.NODE_OPTIONS } = {}) {
   return {
@@ -154,14 +155,17 @@ async function preload(dir, what) {
         g.ms += e.duration;
       }
     }).observe({ entryTypes: ["gc"] });
-    process.on("exit", () => {
+    // Written at exit, and at every SIGUSR2 (a snapshot while the process still runs, e.g. idle).
+    const report = (when) => {
       const last = process.memoryUsage();
       sample();
-      for (const g of Object.values(gc)) g.ms = Math.round(g.ms);
-      // V8's heap by space at exit: size (committed) and used bytes.
+      const gcMs = Object.fromEntries(Object.entries(gc).map(([k, g]) => [k, { count: g.count, ms: Math.round(g.ms) }]));
+      // V8's heap by space now: size (committed) and used bytes.
       const spaces = Object.fromEntries(v8.getHeapSpaceStatistics().map((x) => [x.space_name, { size: x.space_size, used: x.space_used_size }]));
-      write(`MEM.${process.pid}.json`, JSON.stringify({ pid: process.pid, argv: process.argv.slice(1, 3), peak, last, gc, spaces }));
-    });
+      write(`MEM.${process.pid}.json`, JSON.stringify({ pid: process.pid, when, argv: process.argv.slice(1, 3), peak, last, gc: gcMs, spaces }));
+    };
+    process.on("SIGUSR2", () => report("signal"));
+    process.on("exit", () => report("exit"));
   }
   if (!what.includes("cpu")) return;
   const inspector = await import("node:inspector");
