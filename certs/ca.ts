@@ -1,4 +1,4 @@
-import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from "node:crypto";
+import { createPrivateKey, randomBytes, sign, type KeyObject } from "node:crypto";
 import forge from "node-forge";
 import type { Clock } from "../common/clock.js";
 import { InvalidArgumentError } from "../common/errors.js";
@@ -10,26 +10,11 @@ export interface CaMaterial {
   readonly keyPem: string;
 }
 
-export interface KeyPair {
-  readonly publicKeyPem: string;
-  readonly privateKeyPem: string;
-}
+export { generateKeyPair, type KeyPair } from "./keys.js";
+import { generateKeyPair } from "./keys.js";
 
 /** Certificates are valid from a little before issue, so peers with slightly slow clocks accept them. */
 const BACKDATE_MS = 5 * 60 * 1000;
-
-/**
- * Generates an RSA key natively (node-forge's pure-JS key generation is far
- * slower); forge is used only to build and sign certificates.
- */
-export function generateKeyPair(bits = 2048): KeyPair {
-  const { publicKey, privateKey } = generateKeyPairSync("rsa", {
-    modulusLength: bits,
-    publicKeyEncoding: { type: "spki", format: "pem" },
-    privateKeyEncoding: { type: "pkcs8", format: "pem" },
-  });
-  return { publicKeyPem: publicKey, privateKeyPem: privateKey };
-}
 
 function serialNumber(): string {
   const bytes = randomBytes(16);

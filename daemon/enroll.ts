@@ -2,8 +2,7 @@ import { createPrivateKey, createPublicKey, X509Certificate } from "node:crypto"
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { fromBinary, toBinary, create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
-import { generateKeyPair, type KeyPair } from "../certs/ca.js";
-import { createCsr, signEnrollment } from "../certs/enrollment.js";
+import { generateKeyPair, type KeyPair } from "../certs/keys.js";
 import { credentialPaths, writeFileAtomic, type CredentialPaths } from "../certs/files.js";
 import { checkSegment, identityFromCertificate } from "../certs/identity.js";
 import { clientTlsOptions } from "../certs/tls.js";
@@ -84,6 +83,8 @@ export async function ensureEnrolled(opts: EnrollOptions): Promise<CredentialPat
   opts.log.info("enrolling", { host: opts.hostId, reason: problem, via: opts.via });
   mkdirSync(opts.dir, { recursive: true, mode: 0o700 });
   const keys = readOrCreateKey(paths.key);
+  // node-forge (CSRs) is loaded only when a host actually enrolls: it is most of a daemon's idle memory otherwise.
+  const { createCsr, signEnrollment } = await import("../certs/enrollment.js");
   const csrPem = createCsr(opts.hostId, keys);
   const tenant = opts.tenant ?? "";
   const request = create(EnrollRequestSchema, { hostId: opts.hostId, csrPem, tenant });

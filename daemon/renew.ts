@@ -1,6 +1,5 @@
 import { createPrivateKey, createPublicKey, X509Certificate } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
-import { createCsr, signEnrollment } from "../certs/enrollment.js";
 import { readCredentials, writeFileAtomic, type CredentialPaths } from "../certs/files.js";
 import { identityFromCertificate } from "../certs/identity.js";
 import { Backoff } from "../common/backoff.js";
@@ -53,6 +52,7 @@ export async function keepRenewed(opts: RenewOptions): Promise<void> {
     }
     const me = identityFromCertificate(cert);
     const publicKeyPem = createPublicKey(creds.keyPem).export({ type: "spki", format: "pem" }).toString();
+    const { createCsr, signEnrollment } = await import("../certs/enrollment.js"); // node-forge, only when renewing
     const csrPem = createCsr(me.id, { publicKeyPem, privateKeyPem: creds.keyPem });
     const request = create(EnrollRequestSchema, {
       hostId: me.id,
