@@ -1,7 +1,7 @@
 import { X509Certificate, createPrivateKey } from "node:crypto";
 import type { PeerCertificate } from "node:tls";
 import { beforeAll, describe, expect, it } from "vitest";
-import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate, type CaMaterial, type KeyPair } from "../../certs/ca.js";
+import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate, serialNumber, type CaMaterial, type KeyPair } from "../../certs/ca.js";
 import {
   checkSegment,
   formatIdentity,
@@ -197,5 +197,15 @@ describe("certificate authority", () => {
       expect(err).toBeInstanceOf(Error);
       expect(err).not.toBeInstanceOf(PermissionDeniedError);
     });
+  });
+});
+
+describe("certificate serial numbers", () => {
+  it("are positive and never start with a zero byte (a 00 00 prefix made forge encode an INTEGER OpenSSL refuses)", () => {
+    for (let i = 0; i < 5000; i++) {
+      const first = parseInt(serialNumber().slice(0, 2), 16);
+      expect(first).toBeGreaterThanOrEqual(0x40);
+      expect(first).toBeLessThanOrEqual(0x7f);
+    }
   });
 });

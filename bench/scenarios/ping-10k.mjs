@@ -1,0 +1,58 @@
+// Ping 10,000 simulated daemons (bench/sim) through 2 proxies, and raw NATS
+// request/reply to as many connections in the same run for comparison.
+import { log, opt } from "../lib/common.mjs";
+import { withSimMesh } from "../sim/mesh.mjs";
+import { pingRuns } from "../sim/ping.mjs";
+
+const TARGET_MS = 1500;
+
+async function natsBaseline(subscribers, runs) {
+  try {
+    const mod = await import(new URL("../baselines/nats.mjs", import.meta.url).href);
+    const r = await mod.natsFanout({ subscribers, runs });
+    return r;
+  } catch (err) {
+    return { skipped: String(err?.message ?? err).split("\n")[0] };
+  }
+}
+
+export default {
+  name: "ping-10k",
+  title: "ping 10,000 simulated daemons through 2 proxies",
+  target: `last reply ≤ ${TARGET_MS / 1000} s; compared with NATS request/reply`,
+  async run() {
+    const n = opt("hosts", 10_000);
+    const runs = opt("runs", 5);
+    const regions = ["r1", "r2"];
+    const result = await withSimMesh(
+      {
+        regions,
+        fleet: { hosts: n, perProcess: opt("per-process", 5000), heartbeatMs: opt("heartbeat-ms", 10_000), proxiesFor: (_k, mesh) => mesh.proxies.map((p) => p.address) },
+      },
+      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS }),
+    );
+    log(`nats baseline (${n} subscribers)`);
+    result.nats = await natsBaseline(n, runs);
+    result.notes += natsNote(result.nats, n);
+    return result;
+  },
+  verdict: (r) => ({
+    figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies)` + (r.nats?.available ? `; NATS p50 ${r.nats.medianMs} ms` : r.nats?.skipped ? `; NATS skipped` : ""),
+    met: r.hosts >= 10_000 && r.lastReplyMsP50 <= TARGET_MS,
+  }),
+  plot: (r) => ({
+    title: `ping ${r.hosts} hosts: submit → last reply`,
+    unit: "ms",
+    bars: [
+      { label: "rexmesh p50", value: r.lastReplyMsP50, ref: TARGET_MS },
+      { label: "rexmesh best", value: r.lastReplyMsBest, ref: TARGET_MS },
+      ...(r.nats?.available ? [{ label: "NATS req/reply p50", value: r.nats.medianMs }] : []),
+    ],
+  }),
+};
+
+function natsNote(nats, n) {
+  if (!nats) return "";
+  if (!nats.available) return `\n\nNATS baseline skipped: ${nats.skipped ?? "not available"}.`;
+  return `\n\nNATS baseline, same machine, same run: request/reply to ${nats.subscribers ?? n} connections, median ${nats.medianMs} ms` + (nats.note ? ` (${nats.note})` : "") + ".";
+}

@@ -1,0 +1,412 @@
+// The host simulator (issue 7): many daemon identities in one process, for
+// benchmarks only. Started and driven by bench/sim/fleet.mjs over the IPC
+// channel of child_process.fork.
+//
+// Every simulated host is a real peer on the wire: its own certificate (one
+// shared RSA key pair, one certificate per identity, issued here with the
+// mesh CA), its own TLS connection from this process's loopback source
+// address, one HTTP/2 session and one AgentStream (gRPC, length-prefixed
+// protobuf frames written by hand over node:http2, no grpc-js channel).
+//
+// What it speaks, exactly as daemon/agent.ts does:
+//   → hello {host_id, facts, heartbeat_ms} + credits (first frame)
+//   ← welcome (+ signing keys, acks)
+//   ← tasks      → one frame: a status per task + credits again (the daemon
+//                  re-reports its credits after every frame carrying tasks)
+//                  all-ping task: SUCCEEDED, exit 0, "pong" (no ledger, no spawn)
+//                  anything else: REJECTED "the host simulator runs only ping"
+//   ← status acks: the status leaves the outbox; unacknowledged statuses are
+//                  sent again after a reconnect, as the daemon does.
+//   ↔ heartbeats: an empty frame when nothing was sent for heartbeat_ms; the
+//                  stream is dropped after 3 intervals without a frame.
+// Simplifications (documented in the results): task signatures are NOT
+// verified (a real host verifies on its own CPU, in parallel with every other
+// host; here 10,000 hosts share two cores), cancels are ignored, nothing is
+// persisted. The proxy's certificate IS verified (chain to the mesh CA by
+// OpenSSL, host name and role proxy as certs/tls.ts does).
+//
+// Reconnects follow the daemon's backoff shape (common/backoff.ts): 1 s × 1.6
+// per failed attempt, ±20 % jitter, capped (default 10 s here), reset after
+// a healthy connection; a connection attempt without a welcome is given up
+// after 20 s (grpc-js's connect timeout); once connected, a stream with no
+// frame from the proxy (not even the welcome) for 3 heartbeat intervals is
+// dropped, as the daemon's Heartbeat does.
+import http2 from "node:http2";
+import tls from "node:tls";
+import { X509Certificate } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { AgentStreamRequestSchema, AgentStreamResponseSchema } from "../../dist/gen/rexmesh/v1/agent_link_pb.js";
+import { TaskSpecSchema, TaskStatusSchema, TaskState } from "../../dist/gen/rexmesh/v1/task_pb.js";
+import { HostFactsSchema } from "../../dist/gen/rexmesh/v1/host_pb.js";
+import { issueCertificate } from "../../dist/certs/ca.js";
+
+const METHOD_PATH = "/rexmesh.v1.AgentLinkService/AgentStream";
+const EMPTY_FRAME = Buffer.from([0, 0, 0, 0, 0]);
+const CREDITS = 4;
+
+let cfg;
+let hosts = [];
+const verifiedProxyCerts = new Map(); // host + fingerprint256 → Error or null
+let stopping = false;
+
+const stats = {
+  connected: 0,
+  welcomes: 0,
+  reconnects: 0,
+  failures: 0,
+  firstError: undefined,
+  pongs: 0,
+  rejected: 0,
+  firstTaskAt: 0,
+  lastPongAt: 0,
+  fullAt: 0,
+  unreadableCerts: 0,
+  contextErrors: 0,
+  unreadableCertError: undefined,
+};
+
+// ---- framing ----------------------------------------------------------------
+
+function grpcFrame(bytes) {
+  const out = Buffer.allocUnsafe(5 + bytes.byteLength);
+  out[0] = 0;
+  out.writeUInt32BE(bytes.byteLength, 1);
+  out.set(bytes, 5);
+  return out;
+}
+
+function deframer(onMessage) {
+  let buf;
+  return (chunk) => {
+    buf = buf === undefined ? chunk : Buffer.concat([buf, chunk]);
+    while (buf !== undefined && buf.length >= 5) {
+      const len = buf.readUInt32BE(1);
+      if (buf.length < 5 + len) break;
+      const msg = buf.subarray(5, 5 + len);
+      buf = buf.length === 5 + len ? undefined : buf.subarray(5 + len);
+      onMessage(msg);
+    }
+  };
+}
+
+// ---- proxy certificate check --------------------------------------------------
+// OpenSSL verifies the chain against the mesh CA (the only CA in every
+// context: no root store is loaded); this adds what clientTlsOptions adds
+// (certs/tls.ts): the usual host-name check and the role proxy, once per
+// distinct proxy certificate.
+
+function checkServerIdentity(host, cert) {
+  const key = `${host}\0${cert.fingerprint256}`;
+  let verdict = verifiedProxyCerts.get(key);
+  if (verdict === undefined) {
+    verdict = tls.checkServerIdentity(host, cert) ?? null;
+    if (!verdict && !/URI:rexmesh:\/\/proxy\//.test(cert.subjectaltname ?? "")) verdict = new Error("the server is not a rexmesh proxy");
+    verifiedProxyCerts.set(key, verdict);
+  }
+  return verdict ?? undefined;
+}
+
+// ---- one simulated host -------------------------------------------------------
+
+class SimHost {
+  constructor(id, certPem, proxy) {
+    this.id = id;
+    this.certPem = certPem;
+    const [host, port] = proxy.split(":");
+    this.host = host;
+    this.port = Number(port);
+    this.session = undefined;
+    this.stream = undefined;
+    this.connected = false;
+    this.lastSent = 0;
+    this.lastRecv = 0;
+    this.nextBackoff = cfg.backoff.initialMs;
+    this.connectedAt = 0;
+    this.outbox = new Map(); // taskId → TaskStatus, until acknowledged
+    this.retry = undefined;
+    this.welcomeTimer = undefined;
+  }
+
+  helloBytes() {
+    const frame = create(AgentStreamRequestSchema, {
+      hello: {
+        hostId: this.id,
+        heartbeatMs: cfg.heartbeatMs,
+        facts: create(HostFactsSchema, {
+          os: "linux", osFamily: "debian", arch: "x86_64", kernel: "6.1.0-sim", hostname: this.id,
+          addresses: [cfg.localAddress], daemonVersion: "sim", tools: ["ping"],
+        }),
+      },
+      credits: CREDITS,
+      statuses: [...this.outbox.values()],
+    });
+    return grpcFrame(toBinary(AgentStreamRequestSchema, frame));
+  }
+
+  connect(onSettled) {
+    if (stopping) return;
+    let settled = false;
+    const settle = (ok) => {
+      if (settled) return;
+      settled = true;
+      onSettled?.(ok);
+    };
+    // One context per identity (its own certificate), made on the first connect and kept: building one
+    // (key parse, certificate, CA) costs ~1-2 ms of this process's CPU, which would otherwise be paid again
+    // at every reconnect of a storm. The mesh CA is its only trust anchor (no root store is loaded).
+    let secureContext;
+    try {
+      secureContext = this.secureContext ??= tls.createSecureContext({ key: cfg.keyPem, cert: this.certPem, ca: cfg.caPem, minVersion: "TLSv1.3" });
+    } catch (err) {
+      stats.failures++;
+      stats.firstError ??= `${this.id}: ${err.code ?? ""} ${err.message}`;
+      stats.contextErrors++;
+      settle(false);
+      return;
+    }
+    const session = http2.connect(`https://${this.host}:${this.port}`, {
+      createConnection: () => {
+        const socket = tls.connect({
+          host: this.host,
+          port: this.port,
+          localAddress: cfg.localAddress,
+          secureContext,
+          ALPNProtocols: ["h2"],
+          checkServerIdentity,
+        });
+        return socket;
+      },
+    });
+    this.session = session;
+    session.on("error", () => {});
+    const stream = session.request({ ":method": "POST", ":path": METHOD_PATH, "content-type": "application/grpc", te: "trailers" });
+    this.stream = stream;
+    stream.on("error", () => {});
+    stream.on("data", deframer((bytes) => this.onFrame(bytes, settle)));
+    let errorText;
+    stream.on("response", (headers) => {
+      const st = headers["grpc-status"];
+      if (st !== undefined && st !== "0") errorText = `grpc-status ${st}: ${headers["grpc-message"] ?? ""}`;
+    });
+    stream.on("trailers", (t) => {
+      if (t["grpc-status"] !== undefined && t["grpc-status"] !== "0") errorText = `grpc-status ${t["grpc-status"]}: ${decodeURIComponent(t["grpc-message"] ?? "")}`;
+    });
+    const onGone = (err) => {
+      if (this.session !== session) return;
+      this.drop(errorText ?? err?.message ?? "stream closed");
+      settle(false);
+    };
+    stream.on("close", () => onGone());
+    session.on("close", () => onGone());
+    session.on("goaway", () => {});
+    // As with grpc-js: the connection (TCP, TLS, HTTP/2 settings) must be up within the connect timeout;
+    // after that the heartbeat rule applies (no frame, not even the welcome, for 3 intervals: dropped).
+    this.linkUp = false;
+    session.once("connect", () => {
+      clearTimeout(this.welcomeTimer);
+      this.linkUp = true;
+      this.lastRecv = Date.now();
+    });
+    this.welcomeTimer = setTimeout(() => {
+      if (this.session === session && !this.linkUp) session.destroy(new Error(`not connected after ${cfg.connectTimeoutMs} ms`));
+    }, cfg.connectTimeoutMs);
+    stream.write(this.helloBytes());
+    this.lastSent = Date.now();
+  }
+
+  drop(reason) {
+    clearTimeout(this.welcomeTimer);
+    const session = this.session;
+    this.session = undefined;
+    this.stream = undefined;
+    this.linkUp = false;
+    if (this.connected) {
+      this.connected = false;
+      stats.connected--;
+      stats.fullAt = 0;
+      if (Date.now() - this.connectedAt > cfg.healthyAfterMs) this.nextBackoff = cfg.backoff.initialMs;
+    } else {
+      stats.failures++;
+      stats.firstError ??= reason;
+    }
+    session?.destroy();
+    if (!stopping) this.scheduleReconnect();
+  }
+
+  scheduleReconnect() {
+    const base = this.nextBackoff;
+    this.nextBackoff = Math.min(cfg.backoff.maxMs, base * cfg.backoff.multiplier);
+    const spread = base * cfg.backoff.jitter;
+    const delay = Math.max(0, Math.round(base - spread + Math.random() * 2 * spread));
+    this.retry = setTimeout(() => {
+      this.retry = undefined;
+      stats.reconnects++;
+      this.connect();
+    }, delay);
+  }
+
+  send(frame) {
+    if (!this.stream || this.stream.destroyed) return;
+    this.stream.write(frame);
+    this.lastSent = Date.now();
+  }
+
+  onFrame(bytes, settle) {
+    this.lastRecv = Date.now();
+    const frame = fromBinary(AgentStreamResponseSchema, bytes);
+    if (frame.welcome && !this.connected) {
+      clearTimeout(this.welcomeTimer);
+      this.connected = true;
+      this.connectedAt = Date.now();
+      stats.connected++;
+      stats.welcomes++;
+      if (stats.connected === hosts.length) stats.fullAt = Date.now();
+      settle(true);
+    }
+    for (const ack of frame.statusAcks) this.outbox.delete(ack.taskId);
+    if (frame.tasks.length === 0) return;
+    const now = Date.now();
+    if (!stats.firstTaskAt) stats.firstTaskAt = now;
+    const statuses = [];
+    for (const signed of frame.tasks) {
+      let spec;
+      try {
+        spec = fromBinary(TaskSpecSchema, signed.spec);
+      } catch {
+        continue;
+      }
+      const isPing = spec.steps.length > 0 && spec.steps.every((s) => s.tool.case === "ping");
+      const ok = isPing && spec.hostId === this.id;
+      const status = create(TaskStatusSchema, ok
+        ? { taskId: spec.taskId, hostId: this.id, state: TaskState.SUCCEEDED, time: timestampFromMs(now), exitCode: 0, message: "pong" }
+        : { taskId: spec.taskId, hostId: this.id, state: TaskState.REJECTED, time: timestampFromMs(now), message: spec.hostId === this.id ? "the host simulator runs only ping" : "the task is addressed to another host" });
+      if (ok) stats.pongs++;
+      else stats.rejected++;
+      this.outbox.set(spec.taskId, status);
+      statuses.push(status);
+    }
+    // The proxy spent a credit per task; the daemon sends its true count back after every frame with tasks.
+    this.send(grpcFrame(toBinary(AgentStreamRequestSchema, create(AgentStreamRequestSchema, { statuses, credits: CREDITS }))));
+    stats.lastPongAt = Date.now();
+  }
+
+  close() {
+    clearTimeout(this.retry);
+    clearTimeout(this.welcomeTimer);
+    this.session?.destroy();
+  }
+}
+
+// ---- heartbeats: one sweep per second over all hosts ---------------------------
+
+function heartbeatSweep() {
+  const now = Date.now();
+  for (const h of hosts) {
+    if (!h.session || !h.linkUp) continue;
+    if (now - h.lastRecv > cfg.heartbeatMs * 3) {
+      h.drop("proxy heartbeat lost");
+      continue;
+    }
+    if (now - h.lastSent >= cfg.heartbeatMs) h.send(EMPTY_FRAME);
+  }
+}
+
+// ---- commands -------------------------------------------------------------------
+
+async function start(msg) {
+  cfg = {
+    heartbeatMs: 10_000,
+    connectTimeoutMs: 20_000,
+    healthyAfterMs: 10_000,
+    concurrency: 64,
+    ...msg,
+    backoff: { initialMs: 1000, multiplier: 1.6, jitter: 0.2, maxMs: 10_000, ...(msg.backoff ?? {}) },
+  };
+  const ca = { certPem: readFileSync(cfg.caCertFile, "utf8"), keyPem: readFileSync(cfg.caKeyFile, "utf8") };
+  cfg.caPem = ca.certPem;
+  const clock = { now: () => Date.now() };
+  const t0 = performance.now();
+  for (let i = 0; i < cfg.ids.length; i++) {
+    const id = cfg.ids[i];
+    let certPem;
+    for (let attempt = 0; ; attempt++) {
+      certPem = issueCertificate(ca, { clock, identity: { role: "host", scope: cfg.tenant ?? "default", id }, publicKeyPem: cfg.publicKeyPem, validityMs: 86_400_000 });
+      // About 1 in 65,536 certificates from certs/ca.ts cannot be read by OpenSSL (a serial number whose
+      // DER INTEGER keeps a redundant leading zero: ERR_OSSL_ASN1_ILLEGAL_PADDING); issue that one again.
+      try {
+        new X509Certificate(certPem);
+        break;
+      } catch (err) {
+        stats.unreadableCerts++;
+        stats.unreadableCertError ??= `${err.code ?? ""} ${err.message}`;
+        if (attempt > 5) throw err;
+      }
+    }
+    hosts.push(new SimHost(id, certPem, cfg.proxies[i % cfg.proxies.length]));
+  }
+  const issueMs = Math.round(performance.now() - t0);
+  setInterval(heartbeatSweep, 1000).unref();
+  return { issued: hosts.length, issueMs };
+}
+
+/** Opens every host's stream, at most `concurrency` handshakes in flight. */
+async function open() {
+  const t0 = performance.now();
+  let next = 0;
+  await new Promise((resolve) => {
+    let inFlight = 0;
+    const pump = () => {
+      while (inFlight < cfg.concurrency && next < hosts.length) {
+        const h = hosts[next++];
+        inFlight++;
+        h.connect(() => {
+          inFlight--;
+          pump();
+        });
+      }
+      if (inFlight === 0 && next >= hosts.length) resolve();
+    };
+    pump();
+  });
+  return { openMs: Math.round(performance.now() - t0), connected: stats.connected };
+}
+
+function report() {
+  const m = process.memoryUsage();
+  const cpu = process.cpuUsage();
+  return { ...stats, hosts: hosts.length, rss: m.rss, heapUsed: m.heapUsed, cpuMs: Math.round((cpu.user + cpu.system) / 1000) };
+}
+
+process.on("message", async (msg) => {
+  try {
+    let r;
+    switch (msg.cmd) {
+      case "start": r = await start(msg); break;
+      case "open": r = await open(); break;
+      case "stats": r = report(); break;
+      case "reset-task-stats": stats.firstTaskAt = 0; stats.lastPongAt = 0; stats.pongs = 0; stats.rejected = 0; r = {}; break;
+      case "stop":
+        stopping = true;
+        for (const h of hosts) h.close();
+        r = {};
+        setTimeout(() => process.exit(0), 50);
+        break;
+      default: throw new Error(`unknown command ${msg.cmd}`);
+    }
+    process.send({ id: msg.id, ...r });
+  } catch (e) {
+    process.send({ id: msg.id, error: String(e?.stack ?? e) });
+  }
+});
+process.on("disconnect", () => process.exit(0));
+// Counts go to the parent twice a second while they change.
+let lastSentCount = -1;
+setInterval(() => {
+  if (stats.connected !== lastSentCount) {
+    lastSentCount = stats.connected;
+    process.send?.({ event: "count", connected: stats.connected, fullAt: stats.fullAt, at: Date.now() });
+  }
+}, 250).unref();
+process.send({ ready: true, pid: process.pid });

@@ -1,0 +1,65 @@
+// A LocalMesh with no daemons (hosts: []) plus a Fleet of simulated hosts,
+// with Prometheus metrics on the controller and every proxy; everything is
+// stopped (and the simulator processes killed) whatever happens.
+import { readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { LocalMesh, operatorClient, scratch } from "../lib/common.mjs";
+import { Fleet, scrapeSum, waitControllerHosts } from "./fleet.mjs";
+
+const METRICS = ["--metrics-listen", "127.0.0.1:0"];
+
+function benchNodeArgs() {
+  return (process.env.BENCH_NODE_ARGS ?? "").split(/\s+/).filter(Boolean);
+}
+
+/** CPU time (user + system, ms) a process has used, from /proc (0 when it is gone). */
+export function cpuMsOf(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+  } catch {
+    return 0;
+  }
+}
+
+/**
+ * plan: { regions, extraProxies?: [{ region, name }], proxyArgs?, controllerArgs?, fleet: { hosts, perProcess, proxiesFor(k, mesh), ... } }
+ * fn(ctx) with ctx = { mesh, client, fleet, controllerMetrics, proxyMetrics(p) }.
+ */
+export async function withSimMesh(plan, fn) {
+  const mesh = new LocalMesh({
+    dir: scratch("sim"),
+    regions: plan.regions,
+    hosts: [],
+    logLevel: "warn",
+    nodeArgs: benchNodeArgs(),
+    controllerArgs: [...METRICS, ...(plan.controllerArgs ?? [])],
+    proxyArgs: [...METRICS, ...(plan.proxyArgs ?? [])],
+  });
+  let fleet;
+  let conn;
+  try {
+    await mesh.start();
+    for (const x of plan.extraProxies ?? []) await mesh.startExtraProxy(x.region, x.name);
+    const f = plan.fleet;
+    fleet = new Fleet({ ...f, caDir: join(mesh.dir, "ca"), proxiesFor: (k) => f.proxiesFor(k, mesh) });
+    conn = operatorClient({}, mesh.exports());
+    const ctx = {
+      mesh,
+      client: conn.client,
+      fleet,
+      controllerMetrics: String(mesh.controller.info.metricsAddress),
+      proxyMetrics: (p) => String(p.info.metricsAddress),
+      /** Hosts a proxy holds now, from its metrics. */
+      proxyHosts: (p) => scrapeSum(String(p.info.metricsAddress), "rexmesh_connected_hosts"),
+      waitController: (n, timeoutMs) => waitControllerHosts(String(mesh.controller.info.metricsAddress), n, timeoutMs),
+    };
+    return await fn(ctx);
+  } finally {
+    conn?.close();
+    await fleet?.stop().catch(() => {});
+    await mesh.stop();
+    if (!process.env.BENCH_KEEP) rmSync(mesh.dir, { recursive: true, force: true });
+  }
+}
