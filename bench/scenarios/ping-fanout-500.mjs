@@ -25,5 +25,6 @@ export default {
       return { hosts: n, proxies: 2, runs, lastReplyMsP50: median(ms), lastReplyMsBest: Math.min(...ms), cpuMsPerRun };
     });
   },
+  plot: (r) => ({ title: `ping ${r.hosts} real daemons: last reply per run (ms)`, unit: "ms", bars: r.runs.map((x, i) => ({ label: `run ${i + 1}`, value: x.ms })) }),
   verdict: (r) => ({ figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts)`, met: undefined }),
 };
