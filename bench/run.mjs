@@ -8,6 +8,7 @@
 //   node bench/run.mjs                       every scenario, in order
 //   node bench/run.mjs durable-jobs --jobs 500   one scenario with its own sizes
 //   node bench/run.mjs --list                the scenarios and their targets
+//   node bench/run.mjs a b --summary         run a and b, then rebuild the summary from every result file
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { commit, machine } from "./lib/common.mjs";
@@ -44,6 +45,13 @@ if (args.includes("--list")) {
 for (const n of named) if (!available.some((s) => s.name === n)) throw new Error(`unknown scenario ${n} (${available.map((s) => s.name).join(", ")})`);
 const chosen = named.length ? available.filter((s) => named.includes(s.name)) : available;
 
+// A library may emit an 'error' nobody listens to (connect-node's HTTP/2 session, when its
+// keep-alive PING times out against a controller that is too busy to answer): that must fail the
+// scenario at hand, not kill the whole run.
+process.on("uncaughtException", (err) => {
+  process.stderr.write(`uncaught error during a scenario (it fails, the run goes on): ${err?.stack ?? err}\n`);
+});
+
 const runCommit = commit();
 const runMachine = machine();
 const started = Date.now();
@@ -61,7 +69,7 @@ for (const s of chosen) {
   process.stderr.write(`${s.name} (${record.seconds} s): ${record.error ?? JSON.stringify(record.result)}\n`);
 }
 
-if (!named.length) writeSummary();
+if (!named.length || args.includes("--summary")) writeSummary();
 
 /** Builds summary.md and the plots from every result file on disk. */
 function writeSummary() {
