@@ -129,6 +129,9 @@ export interface JobManagerOptions {
  * wins), output (contiguous by seq, duplicates dropped). Every update is
  * stored before it is acknowledged and before watchers see it.
  */
+/** Tasks a submit sends to proxies per turn of the event loop (see dispatchInSlices). */
+const DISPATCH_SLICE = 1000;
+
 export class JobManager {
   private readonly store: JobStore;
   private readonly inventory: Inventory;
@@ -399,8 +402,21 @@ export class JobManager {
     this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length, ...(document ? { document, rejected } : {}) });
     this.track(job, tasks);
     if (job.rate) this.release(job.id, job);
-    else for (const task of tasks) this.dispatch(task, job);
+    else this.dispatchInSlices(tasks, job);
     return job;
+  }
+
+  /**
+   * Sends a big job's tasks a slice at a time, yielding to the event loop
+   * between slices: each slice leaves for the proxies as its own frame, so
+   * they start storing and delivering while later slices are still being
+   * prepared, and heartbeats and other calls are answered meanwhile. A task
+   * whose state changed in between (cancelled, say) is skipped by dispatch().
+   */
+  private dispatchInSlices(tasks: readonly TaskRecord[], job: JobRecord, from = 0): void {
+    const end = Math.min(tasks.length, from + DISPATCH_SLICE);
+    for (let i = from; i < end; i++) this.dispatch(tasks[i]!, job);
+    if (end < tasks.length) setImmediate(() => this.dispatchInSlices(tasks, job, end));
   }
 
   /**

@@ -174,6 +174,21 @@ describe("JobManager.submit", () => {
 });
 
 describe("JobManager dispatch", () => {
+  it("sends a big job's tasks a slice per turn of the event loop, all of them in the end, and skips one cancelled meanwhile", async () => {
+    const t = setup();
+    const ids = Array.from({ length: 2500 }, (_, i) => `b${i}`);
+    for (const id of ids) t.connect(id);
+    const job = await t.jobs.submit(t.acme, request({ hostIds: ids }));
+    expect(t.px1.tasks.length).toBe(1000); // the first slice at once
+    await t.jobs.cancel(t.acme, job.id); // the rest is not sent: cancelled before it left
+    await new Promise((r) => setImmediate(r));
+    await new Promise((r) => setImmediate(r));
+    expect(t.px1.tasks.length).toBe(1000);
+    const job2 = await t.jobs.submit(t.acme, request({ hostIds: ids }));
+    for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+    expect(t.px1.tasks.filter((x) => x.jobId === job2.id).map((x) => x.hostId)).toEqual(ids);
+  });
+
   it("sends a task for an offline host only when the host connects", async () => {
     const t = setup();
     const job = await t.jobs.submit(t.acme, request({ hostIds: ["h3"] }));
