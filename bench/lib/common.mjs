@@ -53,7 +53,7 @@ export function machine() {
 export function commit() {
   try {
     const sha = execSync("git rev-parse --short HEAD", { encoding: "utf8" }).trim();
-    const dirty = execSync("git status --porcelain --untracked-files=no", { encoding: "utf8" }).trim() !== "";
+    const dirty = execSync("git status --porcelain --untracked-files=no -- . ':!bench/results'", { encoding: "utf8" }).trim() !== "";
     return dirty ? `${sha}+dirty` : sha;
   } catch {
     return "unknown";
