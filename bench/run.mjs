@@ -81,11 +81,11 @@ function writeSummary() {
     if (!existsSync(file)) continue;
     const rec = JSON.parse(readFileSync(file, "utf8"));
     if (rec.error) {
-      rows.push(`| ${s.title} | ${s.target} | failed: ${rec.error.split("\n")[0]} | ✗ |`);
+      rows.push(`| ${s.title} | ${s.target} | failed: ${rec.error.split("\n")[0]} | ✗ | ${rec.commit}, ${rec.date.slice(0, 16).replace("T", " ")} |`);
       continue;
     }
     const v = s.verdict(rec.result);
-    rows.push(`| ${s.title} | ${s.target} | ${v.figure} | ${v.met === undefined ? "–" : v.met ? "✓" : "✗"} |`);
+    rows.push(`| ${s.title} | ${s.target} | ${v.figure} | ${v.met === undefined ? "–" : v.met ? "✓" : "✗"} | ${rec.commit}, ${rec.date.slice(0, 16).replace("T", " ")} |`);
     if (rec.result.notes) notes.push(`### ${s.name}\n\n${rec.result.notes}\n`);
     for (const [i, spec] of (s.plot ? [s.plot(rec.result)].flat() : []).entries()) {
       const name = `${s.name}${i ? `-${i}` : ""}.svg`;
@@ -97,12 +97,12 @@ function writeSummary() {
   const md = [
     `# rexmesh benchmarks`,
     ``,
-    `Run of ${new Date(started).toISOString()} at commit ${runCommit}, ${Math.round((Date.now() - started) / 60000)} min.`,
+    `The latest result of each scenario (its commit and start time in the last column; this summary written ${new Date().toISOString().slice(0, 16).replace("T", " ")} UTC).`,
     `Machine: ${m.cpus} × ${m.cpu}, ${m.memGiB} GiB, Node ${m.node}, ${m.platform}, ${m.fdLimit} file descriptors per process.`,
     `Reproduce: \`npm run bench\` (all), or \`node bench/run.mjs <scenario> [--sizes]\` for one; raw figures in bench/results/<scenario>.json.`,
     ``,
-    `| scenario | target | measured | met |`,
-    `| --- | --- | --- | --- |`,
+    `| scenario | target | measured | met | commit, UTC |`,
+    `| --- | --- | --- | --- | --- |`,
     ...rows,
     ``,
     ...(notes.length ? [`## Notes: bottlenecks and limits`, ``, ...notes] : []),
