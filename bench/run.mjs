@@ -9,6 +9,7 @@
 //   node bench/run.mjs durable-jobs --jobs 500   one scenario with its own sizes
 //   node bench/run.mjs --list                the scenarios and their targets
 //   node bench/run.mjs a b --summary         run a and b, then rebuild the summary from every result file
+//   node bench/run.mjs --summary             only rebuild the summary
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { commit, machine } from "./lib/common.mjs";
@@ -43,7 +44,8 @@ if (args.includes("--list")) {
   process.exit(0);
 }
 for (const n of named) if (!available.some((s) => s.name === n)) throw new Error(`unknown scenario ${n} (${available.map((s) => s.name).join(", ")})`);
-const chosen = named.length ? available.filter((s) => named.includes(s.name)) : available;
+// `--summary` alone rebuilds the summary from the result files and runs nothing.
+const chosen = named.length ? available.filter((s) => named.includes(s.name)) : args.includes("--summary") ? [] : available;
 
 // A library may emit an 'error' nobody listens to (connect-node's HTTP/2 session, when its
 // keep-alive PING times out against a controller that is too busy to answer): that must fail the
