@@ -3,25 +3,13 @@
 // stopped (and the simulator processes killed) whatever happens.
 import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { LocalMesh, operatorClient, scratch } from "../lib/common.mjs";
+import { benchNodeArgs, cpuMs, LocalMesh, operatorClient, scratch } from "../lib/common.mjs";
 import { Fleet, scrapeSum, waitControllerHosts } from "./fleet.mjs";
 
 const METRICS = ["--metrics-listen", "127.0.0.1:0"];
 
-function benchNodeArgs() {
-  return (process.env.BENCH_NODE_ARGS ?? "").split(/\s+/).filter(Boolean);
-}
-
 /** CPU time (user + system, ms) a process has used, from /proc (0 when it is gone). */
-export function cpuMsOf(pid) {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
-  } catch {
-    return 0;
-  }
-}
+export const cpuMsOf = cpuMs;
 
 /**
  * plan: { regions, extraProxies?: [{ region, name }], proxyArgs?, controllerArgs?, fleet: { hosts, perProcess, proxiesFor(k, mesh), ... } }
