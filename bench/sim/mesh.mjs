@@ -1,7 +1,7 @@
 // A LocalMesh with no daemons (hosts: []) plus a Fleet of simulated hosts,
 // with Prometheus metrics on the controller and every proxy; everything is
 // stopped (and the simulator processes killed) whatever happens.
-import { readFileSync, rmSync } from "node:fs";
+import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { benchNodeArgs, cpuMs, LocalMesh, operatorClient, scratch } from "../lib/common.mjs";
 import { Fleet, scrapeSum, waitControllerHosts } from "./fleet.mjs";
