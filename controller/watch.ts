@@ -1,4 +1,5 @@
 import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
+import { systemClock } from "../common/clock.js";
 import { isTerminal } from "../common/task-state.js";
 import type { JobManager } from "./jobs.js";
 import type { JobRecord, TaskRecord } from "./model.js";
@@ -25,18 +26,6 @@ function taskSignature(t: TaskRecord): string {
 /** A batch with at least this many task changes makes the next one wait COALESCE_MS. */
 const COALESCE_AFTER_TASKS = 200;
 const COALESCE_MS = 20;
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done);
-  });
-}
 
 /**
  * Streams a job from the beginning: a snapshot of every task, the output
@@ -110,7 +99,7 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
       // A big fan-out changes thousands of tasks within milliseconds, most of them several times
       // (queued, dispatched, ended): after a large batch, let changes gather briefly so each task
       // goes out once in its latest state instead of once per state. Small jobs are not delayed.
-      if (tasks.length >= COALESCE_AFTER_TASKS && !opts.signal.aborted) await sleep(COALESCE_MS, opts.signal);
+      if (tasks.length >= COALESCE_AFTER_TASKS && !opts.signal.aborted) await systemClock.sleep(COALESCE_MS, opts.signal).catch(() => undefined);
     }
   } finally {
     unsubscribe();

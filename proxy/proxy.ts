@@ -106,7 +106,10 @@ const HELLO_HOSTS = 1000;
 function presenceBytes(p: HostPresence): number {
   let bytes = 64 + p.hostId.length + p.tenant.length;
   const f = p.facts;
-  if (f) bytes += JSON.stringify(f, (_k, v) => (typeof v === "bigint" ? String(v) : v)).length;
+  if (f) {
+    bytes += f.os.length + f.osFamily.length + f.arch.length + f.kernel.length + f.hostname.length + f.daemonVersion.length;
+    for (const s of [...f.addresses, ...f.tools]) bytes += s.length + 2;
+  }
   return bytes;
 }
 
