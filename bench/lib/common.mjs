@@ -60,15 +60,19 @@ export function commit() {
   }
 }
 
-/** Resident set size of a process in bytes, from /proc (0 when it is gone). */
-export function rssBytes(pid) {
+/** Memory of a process from /proc/PID/status, in bytes: VmRSS, RssAnon, RssFile, VmHWM (zeros when it is gone). */
+export function procMemory(pid) {
   try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-    return m ? Number(m[1]) * 1024 : 0;
+    const s = readFileSync(`/proc/${pid}/status`, "utf8");
+    const kb = (k) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(s)?.[1] ?? 0) * 1024;
+    return { rss: kb("VmRSS"), anon: kb("RssAnon"), file: kb("RssFile"), hwm: kb("VmHWM") };
   } catch {
-    return 0;
+    return { rss: 0, anon: 0, file: 0, hwm: 0 };
   }
 }
+
+/** Resident set size of a process in bytes (0 when it is gone). */
+export const rssBytes = (pid) => procMemory(pid).rss;
 
 /** A fresh scratch directory under the OS temp dir. */
 export const scratch = (tag) => mkdtempSync(join(os.tmpdir(), `rexmesh-bench-${tag}-`));
@@ -111,16 +115,20 @@ export const succeededCount = (job) => job.counts.find((c) => c.state === SUCCEE
 
 export const log = (msg) => process.stderr.write(`  ${msg}\n`);
 
-/** CPU time (user + system) a process has used so far, in ms, from /proc (0 when it is gone). */
-export function cpuMs(pid) {
+/** CPU ms a process has used so far: its own (utime + stime) and its reaped children's (cutime + cstime); zeros when it is gone. */
+export function procCpu(pid) {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
     const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return ((Number(f[11]) + Number(f[12])) * 1000) / 100; // utime, stime in clock ticks (100/s)
+    const tick = 10; // ms per clock tick (CLK_TCK 100)
+    return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
   } catch {
-    return 0;
+    return { self: 0, children: 0 };
   }
 }
+
+/** CPU time (user + system) a process has used so far, in ms. */
+export const cpuMs = (pid) => procCpu(pid).self;
 
 /** CPU ms used per role of a LocalMesh while fn runs: { controller, proxies, daemons, bench }. */
 export async function cpuDuring(mesh, fn) {

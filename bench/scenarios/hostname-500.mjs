@@ -4,8 +4,7 @@
 //
 //   node bench/run.mjs hostname-500 [--hosts 500] [--runs 5] [--per-process 50]
 //                                   [--pdsh-runs 1] [--pdsh-fanout 16] [--skip-pdsh 1]
-import { readFileSync } from "node:fs";
-import { JOB_DONE, SUCCEEDED, log, median, opt, rssBytes, withMesh } from "../lib/common.mjs";
+import { JOB_DONE, SUCCEEDED, log, median, opt, procCpu, rssBytes, withMesh } from "../lib/common.mjs";
 import { pdshFanout } from "../baselines/pdsh.mjs";
 import { nodeSpawnProbe, xargsSpawn } from "../baselines/spawn.mjs";
 import { hostname as osHostname, loadavg } from "node:os";
@@ -13,18 +12,6 @@ import { hostname as osHostname, loadavg } from "node:os";
 const hostnameStep = { tool: { case: "exec", value: { argv: ["hostname"] } } };
 /** Reference figure from the issue, used only when pdsh cannot run here. */
 const PDSH_REFERENCE_MS = 78_000;
-
-/** CPU ms of a process so far: its own (utime + stime) and its reaped children's (cutime + cstime). */
-function procCpu(pid) {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    const tick = 10; // ms per clock tick (CLK_TCK 100)
-    return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
-  } catch {
-    return { self: 0, children: 0 };
-  }
-}
 
 function cpuSnapshot(mesh) {
   const sum = (ps) => ps.reduce((a, p) => {

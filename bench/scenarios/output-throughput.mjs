@@ -15,10 +15,10 @@
 //        [--part a|b|ab] [--content zero|random] [--profile auto|1|0] [--profile-mb 256]
 import { execFile } from "node:child_process";
 import { createHash, randomFillSync } from "node:crypto";
-import { closeSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
+import { closeSync, openSync, rmSync, writeSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
-import { JOB_DONE, SUCCEEDED, log, opt, scratch, withMesh } from "../lib/common.mjs";
+import { JOB_DONE, SUCCEEDED, log, opt, procCpu, procMemory, scratch, withMesh } from "../lib/common.mjs";
 import { memoryReports, profilingEnv, summariseDir, toMarkdown } from "../lib/cpuprofile.mjs";
 
 const MiB = 1 << 20;
@@ -27,28 +27,12 @@ const TARGET_MBPS = 100;
 const TARGET_PROXY_RSS = 256 * MB;
 const HOST = "out0";
 
-/** VmRSS, RssAnon, RssFile and VmHWM of a process, in bytes (zeros when it is gone). */
-function memOf(pid) {
-  try {
-    const s = readFileSync(`/proc/${pid}/status`, "utf8");
-    const kb = (k) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(s)?.[1] ?? 0) * 1024;
-    return { rss: kb("VmRSS"), anon: kb("RssAnon"), file: kb("RssFile"), hwm: kb("VmHWM") };
-  } catch {
-    return { rss: 0, anon: 0, file: 0, hwm: 0 };
-  }
-}
+const memOf = procMemory;
 
 /** CPU seconds (user + system) a process has used, with its reaped children's. */
 function cpuSeconds(pid) {
-  try {
-    const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-    // Fields from 3 on: utime is field 14, stime 15, cutime 16, cstime 17.
-    const own = Number(f[11]) + Number(f[12]);
-    const children = Number(f[13]) + Number(f[14]);
-    return { own: own / 100, children: children / 100 };
-  } catch {
-    return { own: 0, children: 0 };
-  }
+  const c = procCpu(pid);
+  return { own: c.self / 1000, children: c.children / 1000 };
 }
 
 /** Every mesh role process (plus this one, the client) by name. */
