@@ -28,3 +28,5 @@ export class UnavailableError extends RexmeshError {}
 export class DeadlineExceededError extends RexmeshError {}
 /** A configuration value is wrong; the message names the key. */
 export class ConfigError extends RexmeshError {}
+/** The thing to create exists already, and differs from what was asked. */
+export class AlreadyExistsError extends RexmeshError {}

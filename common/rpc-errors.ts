@@ -1,6 +1,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import {
+  AlreadyExistsError,
   ConfigError,
   DeadlineExceededError,
   FailedPreconditionError,
@@ -24,6 +25,7 @@ export function codeOf(err: unknown): Code {
   if (err instanceof PermissionDeniedError) return Code.PermissionDenied;
   if (err instanceof UnauthenticatedError) return Code.Unauthenticated;
   if (err instanceof FailedPreconditionError) return Code.FailedPrecondition;
+  if (err instanceof AlreadyExistsError) return Code.AlreadyExists;
   if (err instanceof ResourceExhaustedError) return Code.ResourceExhausted;
   if (err instanceof UnavailableError) return Code.Unavailable;
   if (err instanceof DeadlineExceededError) return Code.DeadlineExceeded;

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEioAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3Qi5gQKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARIQCghkb2N1bWVudBgOIAEoCRJACgpwYXJhbWV0ZXJzGA8gAygLMiwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LlBhcmFtZXRlcnNFbnRyeRIPCgdkcnlfcnVuGBAgASgIGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMQoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCQoHX3RhcmdldCLOAQoLUmF0ZUNvbnRyb2wSEwoLY29uY3VycmVuY3kYASABKA0SGwoTY29uY3VycmVuY3lfcGVyY2VudBgCIAEoDRIeChZjb25jdXJyZW5jeV9wZXJfcmVnaW9uGAMgASgNEhcKCm1heF9lcnJvcnMYBCABKA1IAIgBARIfChJtYXhfZXJyb3JzX3BlcmNlbnQYBSABKA1IAYgBARINCgViYXRjaBgGIAEoDUINCgtfbWF4X2Vycm9yc0IVChNfbWF4X2Vycm9yc19wZXJjZW50IlgKEVN1Ym1pdEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEiUKBHBsYW4YAiADKAsyFy5yZXhtZXNoLnYxLlBsYW5uZWRUYXNrIoMBCgtQbGFubmVkVGFzaxIPCgdob3N0X2lkGAEgASgJEg4KBnJlZ2lvbhgCIAEoCRINCgVwcm94eRgDIAEoCRIRCgljb25uZWN0ZWQYBCABKAgSHwoFc3RlcHMYBSADKAsyEC5yZXhtZXNoLnYxLlN0ZXASEAoIcmVqZWN0ZWQYBiABKAkiRQoOVGFza1N0YXRlQ291bnQSJAoFc3RhdGUYASABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRINCgVjb3VudBgCIAEoDSKYAwoDSm9iEgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIUCgxzdWJtaXR0ZWRfYnkYAyABKAkSIwoFc3RhdGUYBCABKA4yFC5yZXhtZXNoLnYxLkpvYlN0YXRlEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIfCgVzdGVwcxgHIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgZjb3VudHMYCCADKAsyGi5yZXhtZXNoLnYxLlRhc2tTdGF0ZUNvdW50EhIKCnRhc2tfY291bnQYCSABKA0SEAoIZG9jdW1lbnQYCiABKAkSMwoKcGFyYW1ldGVycxgLIAMoCzIfLnJleG1lc2gudjEuSm9iLlBhcmFtZXRlcnNFbnRyeRoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLBAgoEVGFzaxIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIOCgZyZWdpb24YBCABKAkSDQoFcHJveHkYBSABKAkSJAoFc3RhdGUYBiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYByABKAVIAIgBARIOCgZzaWduYWwYCCABKAkSDwoHbWVzc2FnZRgJIAEoCRIuCgp1cGRhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBvdXRwdXRfdHJ1bmNhdGVkGAsgASgIEhUKDW91dHB1dF9jaHVua3MYDCABKAQSHwoFc3RlcHMYDSADKAsyEC5yZXhtZXNoLnYxLlN0ZXBCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiKbAQoUU2V0SG9zdExhYmVsc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRI2CgNzZXQYAiADKAsyKS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0LlNldEVudHJ5Eg4KBnJlbW92ZRgDIAMoCRoqCghTZXRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjcKFVNldEhvc3RMYWJlbHNSZXNwb25zZRIeCgRob3N0GAEgASgLMhAucmV4bWVzaC52MS5Ib3N0IkwKEExpc3RBdWRpdFJlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAIgASgNIjsKEUxpc3RBdWRpdFJlc3BvbnNlEiYKBmV2ZW50cxgBIAMoCzIWLnJleG1lc2gudjEuQXVkaXRFdmVudCLwAQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRraW5kGAMgASgJEg4KBnRlbmFudBgEIAEoCRINCgVhY3RvchgFIAEoCRIrCghkZWNpc2lvbhgGIAEoDjIZLnJleG1lc2gudjEuQXVkaXREZWNpc2lvbhIOCgZyZWFzb24YByABKAkSDAoEd2hhdBgIIAEoCRIQCghob3N0X2lkcxgJIAMoCRISCgpob3N0X2NvdW50GAogASgNEg4KBmpvYl9pZBgLIAEoCSKTAQoIRG9jdW1lbnQSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNEhMKC2Rlc2NyaXB0aW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmNyZWF0ZWRfYnkYBSABKAkSDwoHY29udGVudBgGIAEoCSIlChJQdXREb2N1bWVudFJlcXVlc3QSDwoHY29udGVudBgBIAEoCSI9ChNQdXREb2N1bWVudFJlc3BvbnNlEiYKCGRvY3VtZW50GAEgASgLMhQucmV4bWVzaC52MS5Eb2N1bWVudCIiChJHZXREb2N1bWVudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI9ChNHZXREb2N1bWVudFJlc3BvbnNlEiYKCGRvY3VtZW50GAEgASgLMhQucmV4bWVzaC52MS5Eb2N1bWVudCIWChRMaXN0RG9jdW1lbnRzUmVxdWVzdCJAChVMaXN0RG9jdW1lbnRzUmVzcG9uc2USJwoJZG9jdW1lbnRzGAEgAygLMhQucmV4bWVzaC52MS5Eb2N1bWVudCp2Cg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAipQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqgwEKDUF1ZGl0RGVjaXNpb24SHgoaQVVESVRfREVDSVNJT05fVU5TUEVDSUZJRUQQABIaChZBVURJVF9ERUNJU0lPTl9BTExPV0VEEAESGQoVQVVESVRfREVDSVNJT05fREVOSUVEEAISGwoXQVVESVRfREVDSVNJT05fUkVKRUNURUQQAzL+BwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlEk4KC1B1dERvY3VtZW50Eh4ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLlB1dERvY3VtZW50UmVzcG9uc2USTgoLR2V0RG9jdW1lbnQSHi5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVxdWVzdBofLnJleG1lc2gudjEuR2V0RG9jdW1lbnRSZXNwb25zZRJUCg1MaXN0RG9jdW1lbnRzEiAucmV4bWVzaC52MS5MaXN0RG9jdW1lbnRzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QilQUKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARIQCghkb2N1bWVudBgOIAEoCRJACgpwYXJhbWV0ZXJzGA8gAygLMiwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LlBhcmFtZXRlcnNFbnRyeRIPCgdkcnlfcnVuGBAgASgIEi0KCmxvc3RfYWZ0ZXIYESABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24aKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIJCgdfdGFyZ2V0Is4BCgtSYXRlQ29udHJvbBITCgtjb25jdXJyZW5jeRgBIAEoDRIbChNjb25jdXJyZW5jeV9wZXJjZW50GAIgASgNEh4KFmNvbmN1cnJlbmN5X3Blcl9yZWdpb24YAyABKA0SFwoKbWF4X2Vycm9ycxgEIAEoDUgAiAEBEh8KEm1heF9lcnJvcnNfcGVyY2VudBgFIAEoDUgBiAEBEg0KBWJhdGNoGAYgASgNQg0KC19tYXhfZXJyb3JzQhUKE19tYXhfZXJyb3JzX3BlcmNlbnQiWAoRU3VibWl0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISJQoEcGxhbhgCIAMoCzIXLnJleG1lc2gudjEuUGxhbm5lZFRhc2sigwEKC1BsYW5uZWRUYXNrEg8KB2hvc3RfaWQYASABKAkSDgoGcmVnaW9uGAIgASgJEg0KBXByb3h5GAMgASgJEhEKCWNvbm5lY3RlZBgEIAEoCBIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIQCghyZWplY3RlZBgGIAEoCSJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIpgDCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDRIQCghkb2N1bWVudBgKIAEoCRIzCgpwYXJhbWV0ZXJzGAsgAygLMh8ucmV4bWVzaC52MS5Kb2IuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqcDCgRUYXNrEgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdob3N0X2lkGAMgASgJEg4KBnJlZ2lvbhgEIAEoCRINCgVwcm94eRgFIAEoCRIkCgVzdGF0ZRgGIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgHIAEoBUgAiAEBEg4KBnNpZ25hbBgIIAEoCRIPCgdtZXNzYWdlGAkgASgJEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEG91dHB1dF90cnVuY2F0ZWQYCyABKAgSFQoNb3V0cHV0X2NodW5rcxgMIAEoBBIfCgVzdGVwcxgNIAMoCzIQLnJleG1lc2gudjEuU3RlcBIeChZvdXRwdXRfY2h1bmtzX2V4cGVjdGVkGA4gASgEEhcKD291dHB1dF9jb21wbGV0ZRgPIAEoCBIrCgtsYXRlX3JlcG9ydBgQIAEoCzIWLnJleG1lc2gudjEuTGF0ZVJlcG9ydEIMCgpfZXhpdF9jb2RlIqMBCgpMYXRlUmVwb3J0EiQKBXN0YXRlGAEgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSFgoJZXhpdF9jb2RlGAIgASgFSACIAQESDgoGc2lnbmFsGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSKAoEdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCDAoKX2V4aXRfY29kZSIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJPCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzayI0Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCW5vX291dHB1dBgCIAEoCCJ6ChBXYXRjaEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrEicKBm91dHB1dBgDIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsiIAoPTGlzdEpvYnNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgNIjEKEExpc3RKb2JzUmVzcG9uc2USHQoEam9icxgBIAMoCzIPLnJleG1lc2gudjEuSm9iIiUKE0V4cG9ydEJ1bmRsZVJlcXVlc3QSDgoGcmVnaW9uGAEgASgJIjUKFEV4cG9ydEJ1bmRsZVJlc3BvbnNlEg4KBmJ1bmRsZRgBIAEoDBINCgV0YXNrcxgCIAEoDSIlChNJbXBvcnRCdW5kbGVSZXF1ZXN0Eg4KBmJ1bmRsZRgBIAEoDCJeChRJbXBvcnRCdW5kbGVSZXNwb25zZRIYChBzdGF0dXNlc19hcHBsaWVkGAEgASgNEh0KFW91dHB1dF9jaHVua3NfYXBwbGllZBgCIAEoDRINCgVob3N0cxgDIAEoDSIiChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIxChFDYW5jZWxKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYiKbAQoUU2V0SG9zdExhYmVsc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRI2CgNzZXQYAiADKAsyKS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0LlNldEVudHJ5Eg4KBnJlbW92ZRgDIAMoCRoqCghTZXRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjcKFVNldEhvc3RMYWJlbHNSZXNwb25zZRIeCgRob3N0GAEgASgLMhAucmV4bWVzaC52MS5Ib3N0IkwKEExpc3RBdWRpdFJlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAIgASgNIjsKEUxpc3RBdWRpdFJlc3BvbnNlEiYKBmV2ZW50cxgBIAMoCzIWLnJleG1lc2gudjEuQXVkaXRFdmVudCLwAQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRraW5kGAMgASgJEg4KBnRlbmFudBgEIAEoCRINCgVhY3RvchgFIAEoCRIrCghkZWNpc2lvbhgGIAEoDjIZLnJleG1lc2gudjEuQXVkaXREZWNpc2lvbhIOCgZyZWFzb24YByABKAkSDAoEd2hhdBgIIAEoCRIQCghob3N0X2lkcxgJIAMoCRISCgpob3N0X2NvdW50GAogASgNEg4KBmpvYl9pZBgLIAEoCSKTAQoIRG9jdW1lbnQSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNEhMKC2Rlc2NyaXB0aW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmNyZWF0ZWRfYnkYBSABKAkSDwoHY29udGVudBgGIAEoCSIlChJQdXREb2N1bWVudFJlcXVlc3QSDwoHY29udGVudBgBIAEoCSI9ChNQdXREb2N1bWVudFJlc3BvbnNlEiYKCGRvY3VtZW50GAEgASgLMhQucmV4bWVzaC52MS5Eb2N1bWVudCIiChJHZXREb2N1bWVudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI9ChNHZXREb2N1bWVudFJlc3BvbnNlEiYKCGRvY3VtZW50GAEgASgLMhQucmV4bWVzaC52MS5Eb2N1bWVudCIWChRMaXN0RG9jdW1lbnRzUmVxdWVzdCJAChVMaXN0RG9jdW1lbnRzUmVzcG9uc2USJwoJZG9jdW1lbnRzGAEgAygLMhQucmV4bWVzaC52MS5Eb2N1bWVudCqUAQoPQ29ubmVjdGlvblN0YXRlEiAKHENPTk5FQ1RJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIeChpDT05ORUNUSU9OX1NUQVRFX0NPTk5FQ1RFRBABEiEKHUNPTk5FQ1RJT05fU1RBVEVfRElTQ09OTkVDVEVEEAISHAoYQ09OTkVDVElPTl9TVEFURV9SRVZPS0VEEAMqUAoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRSk9CX1NUQVRFX1JVTk5JTkcQARISCg5KT0JfU1RBVEVfRE9ORRACKoMBCg1BdWRpdERlY2lzaW9uEh4KGkFVRElUX0RFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASGgoWQVVESVRfREVDSVNJT05fQUxMT1dFRBABEhkKFUFVRElUX0RFQ0lTSU9OX0RFTklFRBACEhsKF0FVRElUX0RFQ0lTSU9OX1JFSkVDVEVEEAMy/gcKEUNvbnRyb2xsZXJTZXJ2aWNlEkgKCUxpc3RIb3N0cxIcLnJleG1lc2gudjEuTGlzdEhvc3RzUmVxdWVzdBodLnJleG1lc2gudjEuTGlzdEhvc3RzUmVzcG9uc2USSAoJU3VibWl0Sm9iEhwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0Gh0ucmV4bWVzaC52MS5TdWJtaXRKb2JSZXNwb25zZRI/CgZHZXRKb2ISGS5yZXhtZXNoLnYxLkdldEpvYlJlcXVlc3QaGi5yZXhtZXNoLnYxLkdldEpvYlJlc3BvbnNlEkcKCFdhdGNoSm9iEhsucmV4bWVzaC52MS5XYXRjaEpvYlJlcXVlc3QaHC5yZXhtZXNoLnYxLldhdGNoSm9iUmVzcG9uc2UwARJICglDYW5jZWxKb2ISHC5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlc3BvbnNlEkUKCExpc3RKb2JzEhsucmV4bWVzaC52MS5MaXN0Sm9ic1JlcXVlc3QaHC5yZXhtZXNoLnYxLkxpc3RKb2JzUmVzcG9uc2USUQoMRXhwb3J0QnVuZGxlEh8ucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXF1ZXN0GiAucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXNwb25zZRJRCgxJbXBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlc3BvbnNlElQKDVNldEhvc3RMYWJlbHMSIC5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0GiEucmV4bWVzaC52MS5TZXRIb3N0TGFiZWxzUmVzcG9uc2USSAoJTGlzdEF1ZGl0EhwucmV4bWVzaC52MS5MaXN0QXVkaXRSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0QXVkaXRSZXNwb25zZRJOCgtQdXREb2N1bWVudBIeLnJleG1lc2gudjEuUHV0RG9jdW1lbnRSZXF1ZXN0Gh8ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlc3BvbnNlEk4KC0dldERvY3VtZW50Eh4ucmV4bWVzaC52MS5HZXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVzcG9uc2USVAoNTGlzdERvY3VtZW50cxIgLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1JlcXVlc3QaIS5yZXhtZXNoLnYxLkxpc3REb2N1bWVudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -65,6 +65,13 @@ export type Host = Message<"rexmesh.v1.Host"> & {
    * @generated from field: map<string, string> labels = 8;
    */
   labels: { [key: string]: string };
+
+  /**
+   * Why the host was revoked (connection REVOKED).
+   *
+   * @generated from field: string revoked_reason = 9;
+   */
+  revokedReason: string;
 };
 
 /**
@@ -221,6 +228,16 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
    * @generated from field: bool dry_run = 16;
    */
   dryRun: boolean;
+
+  /**
+   * A task whose host stays unreachable this long ends LOST (a task not yet
+   * delivered: only once its delivery deadline has passed as well). Zero:
+   * the controller default (15 minutes). Raise it for sites that are
+   * expected to be cut off for hours.
+   *
+   * @generated from field: google.protobuf.Duration lost_after = 17;
+   */
+  lostAfter?: Duration | undefined;
 };
 
 /**
@@ -525,6 +542,31 @@ export type Task = Message<"rexmesh.v1.Task"> & {
    * @generated from field: repeated rexmesh.v1.Step steps = 13;
    */
   steps: Step[];
+
+  /**
+   * Output chunks the host reported on the terminal state (0 before it).
+   *
+   * @generated from field: uint64 output_chunks_expected = 14;
+   */
+  outputChunksExpected: bigint;
+
+  /**
+   * Terminal, and every chunk the host reported is stored: the output is
+   * exactly what the process wrote (or its first output_limit bytes, when
+   * output_truncated). False on a terminal task means chunks are still on
+   * their way (held by a proxy that is away) or were lost.
+   *
+   * @generated from field: bool output_complete = 15;
+   */
+  outputComplete: boolean;
+
+  /**
+   * A report from the host that arrived after the controller had already
+   * ended the task (LOST, or CANCELLED while the host was unreachable).
+   *
+   * @generated from field: rexmesh.v1.LateReport late_report = 16;
+   */
+  lateReport?: LateReport | undefined;
 };
 
 /**
@@ -533,6 +575,45 @@ export type Task = Message<"rexmesh.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_controller, 9);
+
+/**
+ * What the host said about a task after the controller had ended it.
+ *
+ * @generated from message rexmesh.v1.LateReport
+ */
+export type LateReport = Message<"rexmesh.v1.LateReport"> & {
+  /**
+   * @generated from field: rexmesh.v1.TaskState state = 1;
+   */
+  state: TaskState;
+
+  /**
+   * @generated from field: optional int32 exit_code = 2;
+   */
+  exitCode?: number | undefined;
+
+  /**
+   * @generated from field: string signal = 3;
+   */
+  signal: string;
+
+  /**
+   * @generated from field: string message = 4;
+   */
+  message: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 5;
+   */
+  time?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.LateReport.
+ * Use `create(LateReportSchema)` to create a new message.
+ */
+export const LateReportSchema: GenMessage<LateReport> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 10);
 
 /**
  * @generated from message rexmesh.v1.GetJobRequest
@@ -549,7 +630,7 @@ export type GetJobRequest = Message<"rexmesh.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 10);
+  messageDesc(file_rexmesh_v1_controller, 11);
 
 /**
  * @generated from message rexmesh.v1.GetJobResponse
@@ -571,7 +652,7 @@ export type GetJobResponse = Message<"rexmesh.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 11);
+  messageDesc(file_rexmesh_v1_controller, 12);
 
 /**
  * @generated from message rexmesh.v1.WatchJobRequest
@@ -595,7 +676,7 @@ export type WatchJobRequest = Message<"rexmesh.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 12);
+  messageDesc(file_rexmesh_v1_controller, 13);
 
 /**
  * Every response is a batch of what changed since the previous one.
@@ -624,7 +705,7 @@ export type WatchJobResponse = Message<"rexmesh.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 13);
+  messageDesc(file_rexmesh_v1_controller, 14);
 
 /**
  * @generated from message rexmesh.v1.ListJobsRequest
@@ -643,7 +724,7 @@ export type ListJobsRequest = Message<"rexmesh.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 14);
+  messageDesc(file_rexmesh_v1_controller, 15);
 
 /**
  * @generated from message rexmesh.v1.ListJobsResponse
@@ -660,7 +741,7 @@ export type ListJobsResponse = Message<"rexmesh.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 15);
+  messageDesc(file_rexmesh_v1_controller, 16);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleRequest
@@ -677,7 +758,7 @@ export type ExportBundleRequest = Message<"rexmesh.v1.ExportBundleRequest"> & {
  * Use `create(ExportBundleRequestSchema)` to create a new message.
  */
 export const ExportBundleRequestSchema: GenMessage<ExportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 16);
+  messageDesc(file_rexmesh_v1_controller, 17);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleResponse
@@ -701,7 +782,7 @@ export type ExportBundleResponse = Message<"rexmesh.v1.ExportBundleResponse"> & 
  * Use `create(ExportBundleResponseSchema)` to create a new message.
  */
 export const ExportBundleResponseSchema: GenMessage<ExportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 17);
+  messageDesc(file_rexmesh_v1_controller, 18);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleRequest
@@ -718,7 +799,7 @@ export type ImportBundleRequest = Message<"rexmesh.v1.ImportBundleRequest"> & {
  * Use `create(ImportBundleRequestSchema)` to create a new message.
  */
 export const ImportBundleRequestSchema: GenMessage<ImportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 18);
+  messageDesc(file_rexmesh_v1_controller, 19);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleResponse
@@ -745,7 +826,7 @@ export type ImportBundleResponse = Message<"rexmesh.v1.ImportBundleResponse"> & 
  * Use `create(ImportBundleResponseSchema)` to create a new message.
  */
 export const ImportBundleResponseSchema: GenMessage<ImportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 19);
+  messageDesc(file_rexmesh_v1_controller, 20);
 
 /**
  * @generated from message rexmesh.v1.CancelJobRequest
@@ -762,7 +843,7 @@ export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 20);
+  messageDesc(file_rexmesh_v1_controller, 21);
 
 /**
  * @generated from message rexmesh.v1.CancelJobResponse
@@ -779,7 +860,7 @@ export type CancelJobResponse = Message<"rexmesh.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 21);
+  messageDesc(file_rexmesh_v1_controller, 22);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsRequest
@@ -810,7 +891,7 @@ export type SetHostLabelsRequest = Message<"rexmesh.v1.SetHostLabelsRequest"> & 
  * Use `create(SetHostLabelsRequestSchema)` to create a new message.
  */
 export const SetHostLabelsRequestSchema: GenMessage<SetHostLabelsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 22);
+  messageDesc(file_rexmesh_v1_controller, 23);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsResponse
@@ -827,7 +908,7 @@ export type SetHostLabelsResponse = Message<"rexmesh.v1.SetHostLabelsResponse"> 
  * Use `create(SetHostLabelsResponseSchema)` to create a new message.
  */
 export const SetHostLabelsResponseSchema: GenMessage<SetHostLabelsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 23);
+  messageDesc(file_rexmesh_v1_controller, 24);
 
 /**
  * @generated from message rexmesh.v1.ListAuditRequest
@@ -853,7 +934,7 @@ export type ListAuditRequest = Message<"rexmesh.v1.ListAuditRequest"> & {
  * Use `create(ListAuditRequestSchema)` to create a new message.
  */
 export const ListAuditRequestSchema: GenMessage<ListAuditRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 24);
+  messageDesc(file_rexmesh_v1_controller, 25);
 
 /**
  * @generated from message rexmesh.v1.ListAuditResponse
@@ -870,7 +951,7 @@ export type ListAuditResponse = Message<"rexmesh.v1.ListAuditResponse"> & {
  * Use `create(ListAuditResponseSchema)` to create a new message.
  */
 export const ListAuditResponseSchema: GenMessage<ListAuditResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 25);
+  messageDesc(file_rexmesh_v1_controller, 26);
 
 /**
  * One entry of the audit log: who did what, where, and what was decided.
@@ -951,7 +1032,7 @@ export type AuditEvent = Message<"rexmesh.v1.AuditEvent"> & {
  * Use `create(AuditEventSchema)` to create a new message.
  */
 export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 26);
+  messageDesc(file_rexmesh_v1_controller, 27);
 
 /**
  * A named, versioned command specification (docs/documents.md).
@@ -999,7 +1080,7 @@ export type Document = Message<"rexmesh.v1.Document"> & {
  * Use `create(DocumentSchema)` to create a new message.
  */
 export const DocumentSchema: GenMessage<Document> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 27);
+  messageDesc(file_rexmesh_v1_controller, 28);
 
 /**
  * @generated from message rexmesh.v1.PutDocumentRequest
@@ -1018,7 +1099,7 @@ export type PutDocumentRequest = Message<"rexmesh.v1.PutDocumentRequest"> & {
  * Use `create(PutDocumentRequestSchema)` to create a new message.
  */
 export const PutDocumentRequestSchema: GenMessage<PutDocumentRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 28);
+  messageDesc(file_rexmesh_v1_controller, 29);
 
 /**
  * @generated from message rexmesh.v1.PutDocumentResponse
@@ -1035,7 +1116,7 @@ export type PutDocumentResponse = Message<"rexmesh.v1.PutDocumentResponse"> & {
  * Use `create(PutDocumentResponseSchema)` to create a new message.
  */
 export const PutDocumentResponseSchema: GenMessage<PutDocumentResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 29);
+  messageDesc(file_rexmesh_v1_controller, 30);
 
 /**
  * @generated from message rexmesh.v1.GetDocumentRequest
@@ -1054,7 +1135,7 @@ export type GetDocumentRequest = Message<"rexmesh.v1.GetDocumentRequest"> & {
  * Use `create(GetDocumentRequestSchema)` to create a new message.
  */
 export const GetDocumentRequestSchema: GenMessage<GetDocumentRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 30);
+  messageDesc(file_rexmesh_v1_controller, 31);
 
 /**
  * @generated from message rexmesh.v1.GetDocumentResponse
@@ -1071,7 +1152,7 @@ export type GetDocumentResponse = Message<"rexmesh.v1.GetDocumentResponse"> & {
  * Use `create(GetDocumentResponseSchema)` to create a new message.
  */
 export const GetDocumentResponseSchema: GenMessage<GetDocumentResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 31);
+  messageDesc(file_rexmesh_v1_controller, 32);
 
 /**
  * @generated from message rexmesh.v1.ListDocumentsRequest
@@ -1084,7 +1165,7 @@ export type ListDocumentsRequest = Message<"rexmesh.v1.ListDocumentsRequest"> & 
  * Use `create(ListDocumentsRequestSchema)` to create a new message.
  */
 export const ListDocumentsRequestSchema: GenMessage<ListDocumentsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 32);
+  messageDesc(file_rexmesh_v1_controller, 33);
 
 /**
  * @generated from message rexmesh.v1.ListDocumentsResponse
@@ -1101,7 +1182,7 @@ export type ListDocumentsResponse = Message<"rexmesh.v1.ListDocumentsResponse"> 
  * Use `create(ListDocumentsResponseSchema)` to create a new message.
  */
 export const ListDocumentsResponseSchema: GenMessage<ListDocumentsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 33);
+  messageDesc(file_rexmesh_v1_controller, 34);
 
 /**
  * @generated from enum rexmesh.v1.ConnectionState
@@ -1121,6 +1202,14 @@ export enum ConnectionState {
    * @generated from enum value: CONNECTION_STATE_DISCONNECTED = 2;
    */
   DISCONNECTED = 2,
+
+  /**
+   * The host's identity is on the deny-list: it cannot connect, and jobs
+   * naming it end REJECTED at once.
+   *
+   * @generated from enum value: CONNECTION_STATE_REVOKED = 3;
+   */
+  REVOKED = 3,
 }
 
 /**
