@@ -7,7 +7,7 @@ import { ConnectionState, SubmitJobRequestSchema, type PlannedTask } from "../ge
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
-import { JobPrinter, jobJson, taskJson } from "./printer.js";
+import { JobPrinter, jobJson, taskJson, taskLine } from "./printer.js";
 import { artifactRunOptions, artifactStep } from "./artifacts.js";
 
 export interface Io {
@@ -28,6 +28,7 @@ const runOptions: Record<string, OptionSpec> = {
   "dry-run": { type: "boolean", doc: "show the hosts, the proxy each goes through and the rendered steps; run nothing" },
   timeout: { type: "string", short: "T", doc: "execution timeout per host (e.g. 30s, 5m)", value: "DURATION" },
   deadline: { type: "string", doc: "hosts that have not started the task by then skip it (EXPIRED); default: controller's", value: "DURATION" },
+  "lost-after": { type: "string", doc: "a host unreachable this long ends its task LOST (default: controller's, 15m); raise it for sites cut off for hours", value: "DURATION" },
   env: { type: "string", short: "e", multiple: true, doc: "environment variable for the command (repeatable)", value: "K=V" },
   cwd: { type: "string", doc: "working directory on the host", value: "DIR" },
   stdin: { type: "string", doc: "file whose content is the command's standard input", value: "FILE" },
@@ -131,6 +132,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     stdin: typeof v.stdin === "string" ? readFileSync(v.stdin) : new Uint8Array(),
     timeout: typeof v.timeout === "string" ? durationFromMs(parseDuration(v.timeout, "--timeout")) : undefined,
     deliveryDeadline: typeof v.deadline === "string" ? durationFromMs(parseDuration(v.deadline, "--deadline")) : undefined,
+    lostAfter: typeof v.lostAfter === "string" ? durationFromMs(parseDuration(v.lostAfter, "--lost-after")) : undefined,
     idempotencyKey: (v.idempotencyKey as string | undefined) ?? "",
   });
   const { client, close } = operatorClient(v);
@@ -229,6 +231,8 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
       region: h.region,
       proxy: h.proxy,
       connected: h.connection === ConnectionState.CONNECTED,
+      state: h.connection === ConnectionState.REVOKED ? "revoked" : h.connection === ConnectionState.CONNECTED ? "connected" : "disconnected",
+      ...(h.revokedReason ? { revokedReason: h.revokedReason } : {}),
       since: h.since ? new Date(timestampMs(h.since)).toISOString() : undefined,
       os: h.facts ? `${h.facts.os}/${h.facts.arch}` : "",
       hostname: h.facts?.hostname ?? "",
@@ -239,7 +243,7 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
       return 0;
     }
     const labelText = (l: Record<string, string>) => Object.entries(l).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, val]) => `${k}=${val}`).join(",");
-    const table = [["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.connected ? "connected" : "disconnected", r.since ?? "", r.os, labelText(r.labels)])];
+    const table = [["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.state, r.since ?? "", r.os, labelText(r.labels)])];
     const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
     io.out(table.map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()).join("\n") + "\n");
     return 0;
@@ -312,7 +316,7 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
           const j = jobJson(job!);
           io.out(`job ${j.id}  ${j.state}  ${j.tasks} tasks  ${Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")}\n`);
           if (job?.document) io.out(`document ${job.document}  ${Object.entries(job.parameters).map(([k, val]) => `${k}=${val}`).join(" ")}\n`);
-          for (const t of tasks.map(taskJson)) io.out(`  ${t.host}  ${t.region}  ${t.state}${t.exitCode !== undefined ? ` exit=${t.exitCode}` : ""}${t.message ? `  ${t.message}` : ""}\n`);
+          for (const t of tasks) io.out(`  ${t.id}  ${t.hostId}  ${t.region}  ${taskLine(t)}\n`);
         }
         return 0;
       }

@@ -1,7 +1,7 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { formatDuration } from "../common/duration.js";
 import { isTerminal, stateName } from "../common/task-state.js";
-import type { Job, Task, WatchJobResponse } from "../gen/rexmesh/v1/controller_pb.js";
+import { JobState, type Job, type Task, type WatchJobResponse } from "../gen/rexmesh/v1/controller_pb.js";
 import { OutputStream, TaskState } from "../gen/rexmesh/v1/task_pb.js";
 
 export interface PrinterOptions {
@@ -45,19 +45,23 @@ export class JobPrinter {
   constructor(private readonly opts: PrinterOptions) {}
 
   handle(batch: WatchJobResponse): void {
-    if (batch.job) {
-      this.job = batch.job;
-      if (this.opts.json) this.emit({ type: "job", job: jobJson(batch.job) });
-    }
+    // JSON events follow the job's life: a job that is done is announced after its last task's end,
+    // and a task's end after its last output.
+    const done = batch.job?.state === JobState.DONE;
+    if (batch.job) this.job = batch.job;
+    if (batch.job && this.opts.json && !done) this.emit({ type: "job", job: jobJson(batch.job) });
+    const ended: Task[] = [];
     for (const t of batch.tasks) {
       const prev = this.tasks.get(t.id);
       this.tasks.set(t.id, t);
       this.width = Math.max(this.width, t.hostId.length);
-      if (this.opts.json && (!prev || prev.state !== t.state)) this.emit({ type: "task", task: taskJson(t) });
+      if (!this.opts.json || (prev && prev.state === t.state && sameLate(prev, t))) continue;
+      if (isTerminal(t.state)) ended.push(t);
+      else this.emit({ type: "task", task: taskJson(t) });
     }
     for (const c of batch.output) {
       const task = this.tasks.get(c.taskId);
-      const host = task?.hostId ?? c.taskId;
+      const host = c.hostId || task?.hostId || c.taskId;
       const stream = c.stream === OutputStream.STDERR ? "stderr" : "stdout";
       if (this.opts.json) {
         const text = textOf(c.data);
@@ -72,6 +76,8 @@ export class JobPrinter {
         this.lines(host, c.taskId, stream, Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength));
       }
     }
+    for (const t of ended) this.emit({ type: "task", task: taskJson(t) });
+    if (batch.job && this.opts.json && done) this.emit({ type: "job", job: jobJson(batch.job) });
     if (!this.opts.json && !this.opts.group) {
       for (const t of batch.tasks) if (isTerminal(t.state)) this.flushTask(t);
     }
@@ -179,9 +185,8 @@ export class JobPrinter {
     const parts = [...counts].map(([s, n]) => `${n} ${s.toLowerCase().replace("_", " ")}`);
     const lines = [`\n${tasks.length} host${tasks.length === 1 ? "" : "s"}: ${parts.join(", ")}${elapsed !== undefined ? ` in ${formatDuration(elapsed)}` : ""} (job ${this.job?.id ?? "?"})`];
     for (const t of tasks) {
-      if (t.state === TaskState.SUCCEEDED) continue;
-      const detail = [t.exitCode !== undefined ? `exit ${t.exitCode}` : "", t.signal, t.message].filter(Boolean).join(", ");
-      lines.push(`  ${t.hostId.padEnd(this.width)} ${t.region ? `[${t.region}] ` : ""}${stateName(t.state)}${detail ? `: ${detail}` : ""}`);
+      if (t.state === TaskState.SUCCEEDED && outputWhole(t)) continue;
+      lines.push(`  ${t.hostId.padEnd(this.width)} ${t.region ? `[${t.region}] ` : ""}${taskLine(t)}`);
     }
     this.opts.write(lines.join("\n") + "\n");
   }
@@ -211,5 +216,30 @@ export function taskJson(t: Task) {
     signal: t.signal || undefined,
     message: t.message || undefined,
     outputTruncated: t.outputTruncated || undefined,
+    ...(isTerminal(t.state) ? { outputComplete: t.outputComplete, outputChunks: Number(t.outputChunks), outputChunksExpected: Number(t.outputChunksExpected) } : {}),
+    ...(t.lateReport ? { lateReport: { state: stateName(t.lateReport.state), exitCode: t.lateReport.exitCode, signal: t.lateReport.signal || undefined, message: t.lateReport.message || undefined } } : {}),
   };
+}
+
+/** A terminal task whose output arrived whole (or whose state says nothing of output). */
+function outputWhole(t: Task): boolean {
+  return !isTerminal(t.state) || t.outputComplete || t.outputChunksExpected === 0n;
+}
+
+function sameLate(a: Task, b: Task): boolean {
+  return (a.lateReport?.state ?? 0) === (b.lateReport?.state ?? 0);
+}
+
+/** A task's state in one line, as summaries and `jobs show` print it: exit, signal, message, output and late report. */
+export function taskLine(t: Task): string {
+  const detail = [t.exitCode !== undefined ? `exit ${t.exitCode}` : "", t.signal, t.message].filter(Boolean).join(", ");
+  let line = `${stateName(t.state)}${detail ? `: ${detail}` : ""}`;
+  if (t.outputTruncated) line += " (output truncated at the limit)";
+  if (!outputWhole(t)) line += ` (output incomplete: ${t.outputChunks} of ${t.outputChunksExpected} chunks received so far)`;
+  const late = t.lateReport;
+  if (late) {
+    const lateDetail = [late.exitCode !== undefined ? `exit ${late.exitCode}` : "", late.signal, late.message].filter(Boolean).join(", ");
+    line += `; the host reported later: ${stateName(late.state)}${lateDetail ? ` (${lateDetail})` : ""}`;
+  }
+  return line;
 }

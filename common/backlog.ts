@@ -4,8 +4,17 @@ import { isTerminal } from "./task-state.js";
 /** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
 export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk };
 
+/**
+ * An item's identity in a backlog: a second item with the same identity is
+ * a duplicate. A proxy's own end of its copy of a task (at_proxy) and the
+ * host's end of the task may share a state and both be on their way.
+ */
 export function upwardKey(item: UpwardItem): string {
-  return item.kind === "output" ? `o/${item.chunk.taskId}/${item.chunk.seq}` : `s/${item.status.taskId}/${item.status.state}`;
+  return item.kind === "output" ? `o/${item.chunk.taskId}/${item.chunk.seq}` : statusKey(item.status.taskId, item.status.state, item.status.atProxy);
+}
+
+export function statusKey(taskId: string, state: TaskState, atProxy: boolean): string {
+  return `s/${taskId}/${state}${atProxy ? "/p" : ""}`;
 }
 
 /** Rough wire size of a task spec, for frame sizing. */
@@ -33,7 +42,8 @@ export interface Backlog {
   readonly bytes: number;
   push(items: readonly UpwardItem[]): Promise<void>;
   ackOutput(taskId: string, seq: number): Promise<void>;
-  ackStatus(taskId: string, state: TaskState): Promise<void>;
+  /** Drops the task's statuses up to `state` from one source: the host's, or (atProxy) the proxy's own. */
+  ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
   /** Everything held, oldest first. */
   all(): UpwardItem[];
   /** Items pushed after position `after` (0: from the start), oldest first, about maxBytes (at least one). */
@@ -94,9 +104,9 @@ export class MemoryBacklog implements Backlog {
     if (seq > from) this.ackedSeq.set(taskId, seq);
   }
 
-  async ackStatus(taskId: string, state: TaskState): Promise<void> {
-    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(`s/${taskId}/${s}`);
-    if (isTerminal(state)) this.ackedSeq.delete(taskId);
+  async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
+    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(statusKey(taskId, s, atProxy));
+    if (isTerminal(state) && !atProxy) this.ackedSeq.delete(taskId);
   }
 
   all(): UpwardItem[] {

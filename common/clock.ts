@@ -15,11 +15,26 @@ export interface Clock {
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
 }
 
+/**
+ * The longest delay Node's setTimeout honours (2^31-1 ms, about 24.8 days);
+ * a longer one fires after 1 ms. Longer delays are chained in steps of it.
+ */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export const systemClock: Clock = {
   now: () => Date.now(),
   setTimeout(fn, ms) {
-    const t = setTimeout(fn, ms);
-    t.unref();
+    let t: NodeJS.Timeout;
+    const at = Date.now() + ms;
+    const arm = (delay: number) => {
+      t = setTimeout(() => {
+        const left = at - Date.now();
+        if (left > 0) arm(left);
+        else fn();
+      }, Math.min(Math.max(0, delay), MAX_TIMER_MS));
+      t.unref();
+    };
+    arm(Number.isFinite(ms) ? ms : MAX_TIMER_MS);
     return { cancel: () => clearTimeout(t) };
   },
   sleep: (ms, signal) => sleepWith(systemClock, ms, signal),

@@ -11,6 +11,7 @@ export class Heartbeat {
   private lastReceived: number;
   private timer: Timer | undefined;
   private stopped = false;
+  private lastTick: number;
 
   constructor(
     private readonly clock: Clock,
@@ -19,7 +20,7 @@ export class Heartbeat {
     private readonly onDead: () => void,
     private readonly deadAfter = 3,
   ) {
-    this.lastSent = this.lastReceived = clock.now();
+    this.lastSent = this.lastReceived = this.lastTick = clock.now();
     this.schedule();
   }
 
@@ -44,6 +45,13 @@ export class Heartbeat {
   private tick(): void {
     if (this.stopped) return;
     const now = this.clock.now();
+    // A tick far later than scheduled means this process stalled (a long
+    // synchronous task, an overloaded machine): the peer's frames may be
+    // sitting unread in the socket. Silence is counted from here on, not
+    // through the stall, so that our own pause never kills a live link.
+    const tickEvery = Math.max(50, Math.floor(this.intervalMs / 2));
+    if (now - this.lastTick > tickEvery + this.intervalMs) this.lastReceived = Math.max(this.lastReceived, now - this.intervalMs);
+    this.lastTick = now;
     if (now - this.lastReceived > this.intervalMs * this.deadAfter) {
       this.stop();
       this.onDead();

@@ -1,7 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskState, TaskStatusSchema } from "../gen/rexmesh/v1/task_pb.js";
-import { itemBytes, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
+import { itemBytes, statusKey, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
 import { isTerminal } from "./task-state.js";
 
 const STATUS = 1;
@@ -90,10 +90,10 @@ export class LmdbBacklog implements Backlog {
     return Promise.all(writes).then(() => undefined);
   }
 
-  ackStatus(taskId: string, state: TaskState): Promise<void> {
+  ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     const writes: Promise<unknown>[] = [];
-    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(`s/${taskId}/${s}`, writes);
-    if (isTerminal(state)) this.ackedSeq.delete(taskId);
+    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(statusKey(taskId, s, atProxy), writes);
+    if (isTerminal(state) && !atProxy) this.ackedSeq.delete(taskId);
     return Promise.all(writes).then(() => undefined);
   }
 

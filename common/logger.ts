@@ -25,6 +25,8 @@ function errorFields(value: unknown): unknown {
   if (value instanceof Error) {
     const out: Record<string, unknown> = { name: value.name, message: value.message };
     if (value.cause !== undefined) out.cause = errorFields(value.cause);
+    // A bug, not a refusal: where it happened is what the reader needs.
+    if (value instanceof TypeError || value instanceof RangeError || value instanceof ReferenceError) out.stack = value.stack?.split("\n").slice(1, 6).map((l) => l.trim());
     return out;
   }
   return value;

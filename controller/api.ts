@@ -14,6 +14,7 @@ import {
   HostSchema,
   JobSchema,
   JobState,
+  LateReportSchema,
   TaskSchema,
   TaskStateCountSchema,
   WatchJobResponseSchema,
@@ -28,7 +29,7 @@ import type { OperatorAccess } from "./access.js";
 import type { AuditEvent as AuditRecord } from "./audit.js";
 import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
-import type { JobManager, PlannedHost } from "./jobs.js";
+import { outputComplete, type JobManager, type PlannedHost } from "./jobs.js";
 import type { StoredDocument } from "./document-store.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
@@ -37,13 +38,15 @@ import { watchJob } from "./watch.js";
 /** How a handler learns who is calling; set from the TLS peer certificate. */
 export type CallerOf = (context: HandlerContext) => PeerIdentity;
 
-export function hostToProto(h: HostRecord): Host {
+/** A host for clients; `revoked` is why its identity is on the deny-list, if it is. */
+export function hostToProto(h: HostRecord, revoked?: string): Host {
   return create(HostSchema, {
     id: h.id,
     tenant: h.tenant,
     region: h.region,
     proxy: h.proxy,
-    connection: h.connected ? ConnectionState.CONNECTED : ConnectionState.DISCONNECTED,
+    connection: revoked !== undefined ? ConnectionState.REVOKED : h.connected ? ConnectionState.CONNECTED : ConnectionState.DISCONNECTED,
+    revokedReason: revoked ?? "",
     since: timestampFromMs(h.since),
     facts: h.facts,
     labels: h.labels,
@@ -124,6 +127,9 @@ export function taskToProto(t: TaskRecord, steps?: Step[]): Task {
     outputTruncated: t.outputTruncated,
     outputChunks: BigInt(t.outputChunks),
     steps: steps ?? [],
+    outputChunksExpected: BigInt(t.expectedChunks ?? 0),
+    outputComplete: outputComplete(t),
+    lateReport: t.late && create(LateReportSchema, { state: t.late.state, exitCode: t.late.exitCode, signal: t.late.signal, message: t.late.message, time: timestampFromMs(t.late.time) }),
   });
 }
 
@@ -133,7 +139,7 @@ export function taskToProto(t: TaskRecord, steps?: Step[]): Task {
  * OperatorAccess, the work is done by the job manager, and every error
  * leaves through toConnectError.
  */
-export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inventory; bundles: BundleService; access: OperatorAccess; callerOf: CallerOf; log: Logger }): ServiceImpl<typeof ControllerService> {
+export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inventory; bundles: BundleService; access: OperatorAccess; callerOf: CallerOf; log: Logger; revoked?: (host: HostRecord) => string | undefined }): ServiceImpl<typeof ControllerService> {
   const { jobs, bundles, access, log } = deps;
   const operator = (ctx: HandlerContext) => requireRole(deps.callerOf(ctx), "operator");
   const guard = async <T>(method: string, fn: () => Promise<T>): Promise<T> => {
@@ -149,12 +155,12 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
     listHosts: (req, ctx) =>
       guard("ListHosts", async () => {
         const hosts = await access.listHosts(operator(ctx), req.target);
-        return { hosts: hosts.map(hostToProto) };
+        return { hosts: hosts.map((h) => hostToProto(h, deps.revoked?.(h))) };
       }),
     setHostLabels: (req, ctx) =>
       guard("SetHostLabels", async () => {
         const host = await access.setLabels(operator(ctx), req.hostId, req.set, req.remove);
-        return { host: hostToProto(host) };
+        return { host: hostToProto(host, deps.revoked?.(host)) };
       }),
     listAudit: (req, ctx) =>
       guard("ListAudit", async () => {
@@ -174,6 +180,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
           stdin: req.stdin,
           timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
           deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
+          lostAfterMs: req.lostAfter ? durationMs(req.lostAfter) : 0,
           idempotencyKey: req.idempotencyKey,
           idempotent: req.idempotent,
           outputLimitBytes: Number(req.outputLimitBytes),
@@ -207,7 +214,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; inventory?: Inve
       guard("ExportBundle", async () => {
         const caller = operator(ctx);
         await access.require(caller, "bundle", `export bundle of region ${req.region}`);
-        const { bundle, tasks } = bundles.export(caller, req.region);
+        const { bundle, tasks } = await bundles.export(caller, req.region);
         return { bundle, tasks };
       }),
     importBundle: (req, ctx) =>

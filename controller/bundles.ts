@@ -11,7 +11,7 @@ import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
 import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import type { Inventory } from "./inventory.js";
-import type { JobManager, ProxyPort } from "./jobs.js";
+import type { JobManager } from "./jobs.js";
 
 /**
  * Bundles for sites with no link to the controller: the region's queued
@@ -23,9 +23,9 @@ export class BundleService {
     private readonly deps: { jobs: JobManager; inventory: Inventory; creds: Credentials; clock: Clock; ids: IdGenerator; log: Logger; signer: TaskSigner },
   ) {}
 
-  export(caller: PeerIdentity, region: string): { bundle: Uint8Array; tasks: number } {
+  async export(caller: PeerIdentity, region: string): Promise<{ bundle: Uint8Array; tasks: number }> {
     checkSegment("region", region);
-    const part = this.deps.jobs.exportForRegion(caller.scope, region);
+    const part = await this.deps.jobs.exportForRegion(caller.scope, region);
     const bundle = sealBundle(
       {
         kind: BundleKind.TASKS,
@@ -46,7 +46,7 @@ export class BundleService {
 
   async import(caller: PeerIdentity, bytes: Uint8Array): Promise<{ statuses: number; chunks: number; hosts: number }> {
     const { payload, signer } = openBundle(bytes, { caPem: this.deps.creds.caPem, signerRole: "proxy", kind: BundleKind.RESULTS, clock: this.deps.clock });
-    const port: ProxyPort = { name: signer.id, region: signer.scope, sendTask: () => {}, sendCancel: () => {} };
+    const port = { name: signer.id, region: signer.scope };
     let hosts = 0;
     for (const h of payload.hosts) {
       // A site reports its hosts; only those of the importing operator's tenant are taken from this import.

@@ -13,10 +13,19 @@ import type { HostRecord } from "./model.js";
 export class Inventory {
   private readonly hosts = new Map<string, HostRecord>();
 
-  /** With a database, hosts survive a restart (as disconnected until their proxy reports them). */
-  constructor(private readonly db?: Database<HostRecord, string>) {
+  /**
+   * With a database, hosts survive a restart, as disconnected until their
+   * proxy reports them. A host that was connected when the controller
+   * stopped counts as disconnected from `startedAt` (the restart), not from
+   * when it connected: how long a host has been unreachable bounds its
+   * tasks (controller/task-bounds.ts).
+   */
+  constructor(
+    private readonly db?: Database<HostRecord, string>,
+    startedAt: number = Date.now(),
+  ) {
     if (!db) return;
-    for (const { value } of db.getRange()) this.hosts.set(value.id, { ...value, connected: false });
+    for (const { value } of db.getRange()) this.hosts.set(value.id, { ...value, connected: false, since: value.connected ? startedAt : value.since });
   }
 
   private save(rec: HostRecord): void {

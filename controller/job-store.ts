@@ -1,5 +1,5 @@
 import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
-import type { JobRecord, TaskRecord, TaskSteps } from "./model.js";
+import type { JobRecord, Recall, TaskRecord, TaskSteps } from "./model.js";
 
 /**
  * Where the controller keeps jobs, tasks and output. Reads are synchronous
@@ -27,6 +27,11 @@ export interface JobStore {
   listJobs(tenant: string, limit: number): JobRecord[];
   /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
   checkRoomForWork?(what: string): void;
+  /** Stores cancels owed to proxies (replacing any for the same proxy and task). */
+  putRecalls(recalls: readonly Recall[]): Promise<void>;
+  removeRecall(proxy: string, taskId: string): Promise<void>;
+  /** The cancels owed to one proxy (or "bundle:<region>"), oldest task first. */
+  recallsFor(proxy: string): Recall[];
   close(): Promise<void>;
 }
 
@@ -34,9 +39,22 @@ export interface JobStore {
 export class MemoryJobStore implements JobStore {
   private readonly jobs = new Map<string, JobRecord>();
   private readonly tasks = new Map<string, TaskRecord>();
-  private readonly output = new Map<string, OutputChunk[]>();
+  private readonly output = new Map<string, Map<number, OutputChunk>>();
   private readonly keys = new Map<string, string>();
   private readonly steps = new Map<string, TaskSteps>();
+  private readonly recalls = new Map<string, Recall>();
+
+  async putRecalls(recalls: readonly Recall[]): Promise<void> {
+    for (const r of recalls) this.recalls.set(`${r.proxy}\0${r.taskId}`, { ...r });
+  }
+
+  async removeRecall(proxy: string, taskId: string): Promise<void> {
+    this.recalls.delete(`${proxy}\0${taskId}`);
+  }
+
+  recallsFor(proxy: string): Recall[] {
+    return [...this.recalls.values()].filter((r) => r.proxy === proxy).sort((a, b) => (a.taskId < b.taskId ? -1 : 1));
+  }
 
   async putJob(job: JobRecord, tasks: readonly TaskRecord[] = [], steps?: ReadonlyMap<string, TaskSteps>): Promise<void> {
     this.jobs.set(job.id, structuredClone(job));
@@ -50,9 +68,9 @@ export class MemoryJobStore implements JobStore {
   }
 
   async appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void> {
-    let list = this.output.get(task.id);
-    if (!list) this.output.set(task.id, (list = []));
-    list.push(chunk);
+    let chunks = this.output.get(task.id);
+    if (!chunks) this.output.set(task.id, (chunks = new Map()));
+    chunks.set(Number(chunk.seq), chunk);
     this.tasks.set(task.id, { ...task });
   }
 
@@ -75,11 +93,12 @@ export class MemoryJobStore implements JobStore {
   }
 
   readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {
-    const list = this.output.get(taskId) ?? [];
+    const chunks = this.output.get(taskId) ?? new Map<number, OutputChunk>();
+    const seqs = [...chunks.keys()].filter((s) => s >= fromSeq).sort((a, b) => a - b);
     const out: OutputChunk[] = [];
     let bytes = 0;
-    for (let i = Math.max(0, fromSeq - 1); i < list.length; i++) {
-      const c = list[i]!;
+    for (const seq of seqs) {
+      const c = chunks.get(seq)!;
       if (out.length > 0 && bytes + c.data.length > maxBytes) break;
       out.push(c);
       bytes += c.data.length;

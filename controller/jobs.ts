@@ -1,111 +1,27 @@
-import { create, toBinary } from "@bufbuild/protobuf";
-import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import type { Clock, Timer } from "../common/clock.js";
-import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Clock } from "../common/clock.js";
+import { AlreadyExistsError, NotFoundError } from "../common/errors.js";
 import type { IdGenerator } from "../common/ids.js";
+import { storageError } from "../common/lmdb.js";
 import type { Logger } from "../common/logger.js";
 import { advances, isTerminal } from "../common/task-state.js";
 import type { PeerIdentity } from "../certs/identity.js";
-import {
-  StepSchema,
-  TaskSpecSchema,
-  TaskState,
-  type OutputChunk,
-  type Step,
-  type TaskSpec,
-  type TaskStatus,
-} from "../gen/rexmesh/v1/task_pb.js";
+import { TaskSpecSchema, TaskState, type OutputChunk, type Step, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import type { DocumentStore } from "./document-store.js";
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
-import { storageError } from "../common/lmdb.js";
-import type { HostRecord, JobRate, JobRecord, TaskRecord, TaskSteps } from "./model.js";
-import type { DocumentStore } from "./document-store.js";
-import { planHost } from "./documents.js";
-import { redactParams, resolveParams, type ParamValue } from "./params.js";
-import { validateSteps } from "./validate.js";
-import { parseQuery, QuerySyntaxError, selectHosts, type Query } from "./query.js";
+import type { HostRecord, JobRecord, TaskRecord, TaskSteps } from "./model.js";
+import { Planner, requestDigest, type PlannedHost, type SubmitAuthorizer, type SubmitRequest } from "./planner.js";
+import { hasLimits, resolveRate, Rollout } from "./rollout.js";
+import { bundleHolder, Router, type ProxyPort } from "./router.js";
+import { TaskBounds } from "./task-bounds.js";
+import { TaskTable } from "./task-table.js";
 
-/**
- * Decides whether a request may run on the hosts it resolved to; refuses by
- * throwing. `steps` are what would run: the request's steps, or for a
- * document run every distinct step rendered for any of the hosts (with real
- * parameter values).
- */
-export type SubmitAuthorizer = (hosts: readonly HostRecord[], req: SubmitRequest, steps: readonly Step[]) => void;
-
-/** What one host would get, as a dry run shows it (sensitive parameters redacted). */
-export interface PlannedHost {
-  host: HostRecord;
-  steps: Step[];
-  /** Set when the host fits no alternative of some step: its task ends REJECTED. */
-  rejected?: string;
-}
-
-/** A request checked, resolved, rendered and authorized: everything submit needs, nothing stored yet. */
-interface Prepared {
-  hosts: HostRecord[];
-  /** Document runs: per host id, its steps or why it is rejected. */
-  perHost?: Map<string, { steps?: TaskSteps; rejected?: string }>;
-  document?: string;
-  parameters?: Record<string, string>;
-}
-
-/** What the job manager needs of a connected proxy. */
-export interface ProxyPort {
-  readonly name: string;
-  readonly region: string;
-  sendTask(spec: TaskSpec): void;
-  sendCancel(taskId: string, hostId: string): void;
-}
-
-export interface SubmitRequest {
-  /** Where to run: exactly one of hostIds, allHosts and target. */
-  hostIds: string[];
-  allHosts: boolean;
-  /** A host query (controller/query.ts); present but empty is an error. */
-  target?: string;
-  steps: Step[];
-  env: Record<string, string>;
-  workingDir: string;
-  stdin: Uint8Array;
-  timeoutMs: number;
-  /** Zero means the controller default. */
-  deliveryDeadlineMs: number;
-  idempotencyKey: string;
-  idempotent: boolean;
-  outputLimitBytes?: number;
-  rate?: RateRequest;
-  /** A stored document to run instead of steps: "NAME" or "NAME@VERSION". */
-  document?: string;
-  /** The document's parameters as given (text; a list as a JSON array or one value). */
-  parameters?: Record<string, string | string[]>;
-}
-
-/** Rate control as asked for: absolute numbers or percentages of the job's task count. */
-export interface RateRequest {
-  concurrency?: number;
-  concurrencyPercent?: number;
-  concurrencyPerRegion?: number;
-  maxErrors?: number;
-  maxErrorsPercent?: number;
-  batch?: number;
-}
-
-/** Terminal states that spend a job's error budget. */
-const ERROR_STATES = new Set([TaskState.FAILED, TaskState.TIMED_OUT, TaskState.INTERRUPTED, TaskState.REJECTED, TaskState.EXPIRED]);
-
-/** In-memory fan-out state of a rate-controlled job. */
-interface Gate {
-  rate: JobRate;
-  /** Unreleased task ids per region, in submission order. */
-  queues: Map<string, string[]>;
-  inFlight: number;
-  inFlightByRegion: Map<string, number>;
-  failures: number;
-  canaryOpen: Set<string>;
-  /** No more releases: the error budget is spent or the canary failed. */
-  stopped: string | undefined;
-}
+export type { PlannedHost, SubmitAuthorizer, SubmitRequest, RateRequest } from "./planner.js";
+export { parseTarget } from "./planner.js";
+export { resolveRate } from "./rollout.js";
+export type { ProxyPort } from "./router.js";
 
 export interface JobManagerOptions {
   store: JobStore;
@@ -115,23 +31,37 @@ export interface JobManagerOptions {
   log: Logger;
   /** Delivery deadline when a job gives none. Default 1 hour. */
   defaultDeliveryDeadlineMs?: number;
+  /** How long a host may stay unreachable before its tasks end LOST, when a job gives none. Default 15 minutes. */
+  defaultLostAfterMs?: number;
+  /** After a cancel, how long a reachable host has to confirm before the controller ends the task itself. Default 10 s. */
+  cancelGraceMs?: number;
+  /** How often the bounds of open tasks are checked. Default 1 s. */
+  boundsSweepMs?: number;
   /** Largest stdin a job may carry. Default 1 MiB. */
   maxStdinBytes?: number;
   /** Most hosts one job may target. Default 200,000. */
   maxHostsPerJob?: number;
   /** Stored documents, for document runs; without it a document run is refused. */
   documents?: DocumentStore;
+  /** Why a host's identity is revoked (undefined when it is not): its tasks end REJECTED at submit. */
+  revoked?: (host: HostRecord) => string | undefined;
 }
 
-/**
- * Plans jobs into tasks, routes each task to the proxy that holds its host,
- * and applies what comes back: statuses (only forward, first terminal state
- * wins), output (contiguous by seq, duplicates dropped). Every update is
- * stored before it is acknowledged and before watchers see it.
- */
-/** Tasks a submit sends to proxies per turn of the event loop (see dispatchInSlices). */
+/** Tasks a submit sends to proxies per turn of the event loop (see sendInSlices). */
 const DISPATCH_SLICE = 1000;
 
+/**
+ * The controller's jobs: plans a request into tasks (planner.ts), gates
+ * their release (rollout.ts), routes them to the proxies holding their
+ * hosts (router.ts), applies what comes back through the one write path
+ * (task-table.ts), and ends every task within its bound (task-bounds.ts).
+ *
+ * Statuses only move a task forward and the first terminal state wins;
+ * output is kept by seq, each chunk once, whatever order and path it takes;
+ * every update is stored before it is acknowledged and before watchers see
+ * it. A host's report that comes after the controller ended the task itself
+ * is kept beside it (late) without changing it.
+ */
 export class JobManager {
   private readonly store: JobStore;
   private readonly inventory: Inventory;
@@ -139,40 +69,16 @@ export class JobManager {
   private readonly ids: IdGenerator;
   private readonly log: Logger;
   private readonly defaultDeliveryDeadlineMs: number;
-  private readonly maxStdinBytes: number;
-  private readonly maxHostsPerJob: number;
-  private readonly documents: DocumentStore | undefined;
-
-  private readonly proxies = new Map<string, ProxyPort>();
-  /** Tasks at the controller not yet taken by a proxy, by host. */
-  private readonly pendingByHost = new Map<string, Set<string>>();
-  /** Task id → proxy it was sent to on the current stream, while the proxy has not confirmed it. */
-  private readonly sentTo = new Map<string, string>();
-  /**
-   * Task id → proxies it was ever sent to while unconfirmed. Unlike sentTo it
-   * survives a lost stream: such a task may have arrived, so a cancel must go
-   * through that proxy (which answers even for tasks it never got).
-   */
-  private readonly mayHaveReached = new Map<string, Set<string>>();
-  private readonly watchers = new Map<string, Set<(taskId?: string) => void>>();
-  private readonly deadlineTimers = new Map<string, Timer>();
-  /**
-   * The current record of every task of an unfinished job. Updates change it
-   * synchronously and queue a store write; writes of one event-loop turn
-   * commit together, in order, and peers are acknowledged once that commit
-   * resolves. Nothing waits for a commit before taking the next update.
-   */
-  private readonly live = new Map<string, TaskRecord>();
-  /** Tasks not yet terminal, per unfinished job. */
-  private readonly open = new Map<string, number>();
-  /** Output chunks committed per live task: what watchers may read. */
-  private readonly committedChunks = new Map<string, number>();
-  /** The last write queued for a task; a duplicate is acknowledged after it. */
-  private readonly lastWrite = new Map<string, Promise<unknown>>();
-  /** Fan-out state of unfinished rate-controlled jobs. */
-  private readonly gates = new Map<string, Gate>();
+  private readonly defaultLostAfterMs: number;
+  private readonly planner: Planner;
+  private readonly table: TaskTable;
+  private readonly rollout: Rollout;
+  private readonly router: Router;
+  private readonly bounds: TaskBounds;
+  /** Jobs being submitted: their first releases are routed with the job's first write, not one by one. */
+  private readonly submitting = new Set<string>();
   /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
-  private readonly bundleAcks = new Map<string, Map<string, { state: TaskState; seq: number }>>();
+  private readonly bundleAcks = new Map<string, Map<string, { state: TaskState; own: TaskState; seq: number }>>();
 
   constructor(opts: JobManagerOptions) {
     this.store = opts.store;
@@ -181,153 +87,99 @@ export class JobManager {
     this.ids = opts.ids;
     this.log = opts.log;
     this.defaultDeliveryDeadlineMs = opts.defaultDeliveryDeadlineMs ?? 3_600_000;
-    this.maxStdinBytes = opts.maxStdinBytes ?? 1 << 20;
-    this.maxHostsPerJob = opts.maxHostsPerJob ?? 200_000;
-    this.documents = opts.documents;
+    this.defaultLostAfterMs = opts.defaultLostAfterMs ?? 15 * 60_000;
+    const now = () => this.clock.now();
+    this.planner = new Planner({ inventory: opts.inventory, documents: opts.documents, revoked: opts.revoked, maxStdinBytes: opts.maxStdinBytes, maxHostsPerJob: opts.maxHostsPerJob });
+    this.table = new TaskTable({ store: this.store, log: this.log, now, ended: (task) => this.taskEnded(task), jobFinished: (job) => this.rollout.forget(job.id) });
+    this.router = new Router({
+      inventory: this.inventory,
+      store: this.store,
+      log: this.log,
+      now,
+      jobOf: (task) => this.jobOf(task.jobId),
+      specOf: (job, task) => this.taskSpec(job, task),
+      write: (task) => this.table.write(task),
+    });
+    this.rollout = new Rollout({
+      task: (id) => this.table.liveRecord(id),
+      release: (task) => {
+        if (this.submitting.has(task.jobId)) {
+          const job = this.jobOf(task.jobId);
+          if (job) this.router.preRoute(task, job);
+          return;
+        }
+        // Stored as released with its first holder in one write, then sent.
+        this.router.route(task);
+        if (!task.proxies?.length) void this.table.write(task).catch(() => undefined);
+      },
+      skip: (task, reason) => void this.endHere(task, TaskState.SKIPPED, reason)?.catch(() => undefined),
+    });
+    this.bounds = new TaskBounds({
+      clock: this.clock,
+      log: this.log,
+      router: this.router,
+      inventory: this.inventory,
+      sweepMs: opts.boundsSweepMs,
+      defaultLostAfterMs: this.defaultLostAfterMs,
+      cancelGraceMs: opts.cancelGraceMs,
+      jobOf: (task) => this.jobOf(task.jobId),
+      end: (task, state, message, recall) => this.endHere(task, state, message, recall),
+    });
+    this.bounds.start();
   }
 
-  /** Rebuilds in-memory indexes from the store after a restart. */
+  /** An unfinished job's record as kept in memory (a cancel changes it there), else the stored one. */
+  private jobOf(jobId: string): JobRecord | undefined {
+    return this.table.job(jobId) ?? this.store.getJob(jobId);
+  }
+
+  /** Rebuilds in-memory state from the store after a restart. */
   recover(): void {
     for (const job of this.store.unfinishedJobs()) this.track(job, this.store.tasksOf(job));
   }
 
   /** Keeps an unfinished job's tasks in memory. */
   private track(job: JobRecord, tasks: readonly TaskRecord[]): void {
-    let open = 0;
-    for (const task of tasks) {
-      this.live.set(task.id, task);
-      this.committedChunks.set(task.id, task.outputChunks);
-      if (!isTerminal(task.state)) open++;
-      if (task.state === TaskState.PENDING) this.addPending(task);
-    }
-    this.open.set(job.id, open);
+    const open = this.table.track(job, tasks);
     if (open === 0 && tasks.length > 0) {
       // Every task ended but the controller stopped before recording the job as finished.
-      void this.finishJob(job.id).catch((err) => this.log.error("finishing a recovered job failed", { job: job.id, err }));
+      void this.table.finishJob(job.id).catch((err) => this.log.error("finishing a recovered job failed", { job: job.id, err }));
       return;
     }
-    if (job.rate) this.gates.set(job.id, this.buildGate(job.rate, tasks));
-    this.armDeadline(job);
+    for (const task of tasks) this.router.track(task);
+    if (job.rate) this.rollout.add(job.id, job.rate, tasks);
     for (const task of tasks) {
       if (task.rejectAtSubmit !== undefined && task.state === TaskState.PENDING) {
-        void this.finishHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
+        void this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
       }
     }
   }
 
-  private buildGate(rate: JobRate, tasks: readonly TaskRecord[]): Gate {
-    const gate: Gate = { rate, queues: new Map(), inFlight: 0, inFlightByRegion: new Map(), failures: 0, canaryOpen: new Set(), stopped: undefined };
-    const canary = new Set(rate.canary);
-    for (const t of tasks) {
-      if (ERROR_STATES.has(t.state)) gate.failures++;
-      if (canary.has(t.id) && !isTerminal(t.state)) gate.canaryOpen.add(t.id);
-      if (t.released) {
-        if (!isTerminal(t.state)) this.countFlight(gate, t, 1);
-      } else if (t.state === TaskState.PENDING) {
-        let q = gate.queues.get(t.region);
-        if (!q) gate.queues.set(t.region, (q = []));
-        q.push(t.id);
-      }
-    }
-    return gate;
-  }
-
-  private countFlight(gate: Gate, task: TaskRecord, delta: number): void {
-    gate.inFlight += delta;
-    gate.inFlightByRegion.set(task.region, (gate.inFlightByRegion.get(task.region) ?? 0) + delta);
-  }
-
-  /**
-   * Releases as many waiting tasks of a rate-controlled job as its limits
-   * allow, taking regions in turn so that one region cannot starve another.
-   */
-  private release(jobId: string, job?: JobRecord): void {
-    const gate = this.gates.get(jobId);
-    if (!gate || gate.stopped) return;
-    const { rate } = gate;
-    const limit = rate.concurrency || Infinity;
-    const canaryPhase = gate.canaryOpen.size > 0;
-    const regions = [...gate.queues.keys()];
-    let progress = true;
-    while (progress && gate.inFlight < limit) {
-      progress = false;
-      for (const region of regions) {
-        if (gate.inFlight >= limit) break;
-        if (rate.perRegion && (gate.inFlightByRegion.get(region) ?? 0) >= rate.perRegion) continue;
-        const queue = gate.queues.get(region)!;
-        let id: string | undefined;
-        // During the canary phase only canary tasks leave their queues.
-        const at = canaryPhase ? queue.findIndex((t) => gate.canaryOpen.has(t)) : 0;
-        if (at < 0 || queue.length === 0) continue;
-        [id] = queue.splice(at, 1);
-        const task = id && this.live.get(id);
-        if (!task || task.state !== TaskState.PENDING || task.released) continue;
-        task.released = true;
-        this.countFlight(gate, task, 1);
-        void this.write(task).catch(() => undefined);
-        this.dispatch(task, job);
-        progress = true;
-      }
-    }
-  }
-
-  /** A task of a rate-controlled job ended: free its slot, count errors, and release or stop. */
-  private gateTaskEnded(task: TaskRecord): void {
-    const gate = this.gates.get(task.jobId);
-    if (!gate) return;
-    if (task.released) this.countFlight(gate, task, -1);
-    if (ERROR_STATES.has(task.state)) gate.failures++;
-    const wasCanary = gate.canaryOpen.delete(task.id);
-    if (!gate.stopped) {
-      if (gate.rate.maxErrors !== undefined && gate.failures > gate.rate.maxErrors) {
-        gate.stopped = `skipped: the job's error budget (${gate.rate.maxErrors}) was spent`;
-      } else if (wasCanary && task.state !== TaskState.SUCCEEDED) {
-        gate.stopped = `skipped: canary task on ${task.hostId} ended ${TaskState[task.state]}`;
-      }
-      if (gate.stopped) {
-        for (const queue of gate.queues.values()) {
-          for (const id of queue.splice(0)) {
-            const t = this.live.get(id);
-            if (t && !t.released) void this.finishHere(t, TaskState.SKIPPED, gate.stopped);
-          }
-        }
-        return;
-      }
-    }
-    this.release(task.jobId);
+  /** A task's terminal state is stored: it leaves the open index and frees its rate slot. */
+  private taskEnded(task: TaskRecord): void {
+    this.router.untrack(task);
+    this.rollout.ended(task);
+    // Other proxies holding an undelivered copy can drop it now.
+    if (!task.endedHere && (task.proxies?.length ?? 0) > 1) this.router.cancel(task);
   }
 
   // ---- proxies and hosts -------------------------------------------------
 
   proxyConnected(port: ProxyPort): void {
-    const prev = this.proxies.get(port.name);
-    this.proxies.set(port.name, port);
-    if (prev && prev !== port) {
-      // What was sent on the old stream may be lost; the new stream gets it again (the proxy drops duplicates).
-      this.forgetSent(port.name);
-      this.log.info("proxy link replaced", { proxy: port.name });
-    }
-  }
-
-  private forgetSent(proxy: string): void {
-    for (const [taskId, name] of this.sentTo) if (name === proxy) this.sentTo.delete(taskId);
+    this.router.proxyConnected(port);
   }
 
   proxyDisconnected(port: ProxyPort): void {
-    if (this.proxies.get(port.name) !== port) return;
-    this.proxies.delete(port.name);
-    this.inventory.proxyLost(port.name, this.clock.now());
-    this.forgetSent(port.name);
+    this.router.proxyDisconnected(port);
+  }
+
+  proxyReady(port: ProxyPort): void {
+    this.router.proxyReady(port);
   }
 
   /** A host's stream opened at a proxy: its pending tasks can go now. */
   hostConnected(host: HostRecord): void {
-    const pending = this.pendingByHost.get(host.id);
-    if (!pending) return;
-    for (const taskId of pending) {
-      const task = this.live.get(taskId);
-      if (task) this.dispatch(task);
-    }
+    this.router.hostConnected(host);
   }
 
   // ---- submit -------------------------------------------------------------
@@ -335,39 +187,50 @@ export class JobManager {
   /**
    * Plans and stores a job. `authorize` is called with the resolved hosts,
    * inside the caller's tenant and after every check of the request, and
-   * refuses by throwing; nothing is stored unless it returns.
+   * refuses by throwing; nothing is stored unless it returns. An idempotency
+   * key names at most one request: the same request again returns its job
+   * (authorized again), another one is refused with ALREADY_EXISTS.
    */
   async submit(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Promise<JobRecord> {
     const tenant = caller.scope;
+    // Checked, resolved and authorized first, a replay of an idempotent submit too.
+    const plan = this.planner.plan(caller, req, authorize);
+    const digest = requestDigest(req);
     if (req.idempotencyKey) {
       const existing = this.store.jobByIdempotencyKey(tenant, req.idempotencyKey);
-      if (existing) return existing;
+      if (existing) {
+        if (existing.requestDigest !== undefined && existing.requestDigest !== digest) {
+          throw new AlreadyExistsError(`idempotency key ${JSON.stringify(req.idempotencyKey)} was already used for job ${existing.id}, with a different request`);
+        }
+        return existing;
+      }
     }
-    const { hosts, perHost, document, parameters } = this.prepare(caller, req, authorize);
     const now = this.clock.now();
     const job: JobRecord = {
       id: this.ids("j"),
       tenant,
       submittedBy: caller.id,
       createdAt: now,
-      steps: document ? [] : req.steps,
+      steps: plan.document ? [] : req.steps,
       env: req.env,
       workingDir: req.workingDir,
       stdin: req.stdin,
       timeoutMs: req.timeoutMs,
       deliverBy: now + (req.deliveryDeadlineMs || this.defaultDeliveryDeadlineMs),
+      lostAfterMs: req.lostAfterMs || this.defaultLostAfterMs,
       idempotent: req.idempotent,
       idempotencyKey: req.idempotencyKey,
+      requestDigest: digest,
       cancelRequested: false,
       taskIds: [],
       outputLimitBytes: req.outputLimitBytes ?? 0,
     };
-    if (document) {
-      job.document = document;
-      job.parameters = parameters;
+    if (plan.document) {
+      job.document = plan.document;
+      job.parameters = plan.parameters;
     }
     const gated = req.rate !== undefined && hasLimits(req.rate);
-    const tasks: TaskRecord[] = hosts.map((h) => ({
+    const tasks: TaskRecord[] = plan.hosts.map((h) => ({
       id: this.ids("t"),
       jobId: job.id,
       tenant,
@@ -383,26 +246,48 @@ export class JobManager {
       released: !gated,
     }));
     job.taskIds = tasks.map((t) => t.id);
-    // Tasks of hosts that fit no alternative end REJECTED as soon as they are tracked; they never hold a canary place.
+    // Tasks of revoked hosts and of hosts that fit no alternative end REJECTED as soon as they are tracked; they never hold a canary place.
     const steps = new Map<string, TaskSteps>();
-    if (perHost) {
-      for (const t of tasks) {
-        const p = perHost.get(t.hostId);
-        if (p?.steps) steps.set(t.id, p.steps);
-        else {
-          t.rejectAtSubmit = p?.rejected ?? "no steps were rendered for this host";
-          t.released = false;
-        }
+    for (const t of tasks) {
+      const rejected = plan.rejected.get(t.hostId);
+      if (rejected !== undefined) {
+        t.rejectAtSubmit = rejected;
+        t.released = false;
+        continue;
       }
+      const s = plan.perHost?.get(t.hostId);
+      if (s) steps.set(t.id, s);
     }
-    const rejected = tasks.filter((t) => t.rejectAtSubmit !== undefined).length;
     if (gated) job.rate = resolveRate(req.rate!, tasks.filter((t) => t.rejectAtSubmit === undefined).map((t) => t.id));
-    this.checkRoom("a new job");
-    await this.store.putJob(job, tasks, steps).catch((err) => Promise.reject(storageError(err)));
-    this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length, ...(document ? { document, rejected } : {}) });
-    this.track(job, tasks);
-    if (job.rate) this.release(job.id, job);
-    else this.dispatchInSlices(tasks, job);
+    this.store.checkRoomForWork?.("a new job");
+    // Tracked before the first write, so that the rate gate and the router see the tasks; each task
+    // leaves with its first holder in that same write (router.preRoute), and is sent once it is durable.
+    this.table.track(job, tasks);
+    this.submitting.add(job.id);
+    try {
+      if (job.rate) {
+        this.rollout.add(job.id, job.rate, tasks);
+        this.rollout.release(job.id);
+      } else {
+        for (const t of tasks) this.router.preRoute(t, job);
+      }
+    } finally {
+      this.submitting.delete(job.id);
+    }
+    try {
+      await this.store.putJob(job, tasks, steps);
+    } catch (err) {
+      this.table.untrack(job);
+      this.rollout.forget(job.id);
+      throw storageError(err);
+    }
+    const rejected = plan.rejected.size;
+    this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length, ...(plan.document ? { document: plan.document } : {}), ...(rejected ? { rejected } : {}) });
+    for (const task of tasks) this.router.track(task);
+    for (const task of tasks) {
+      if (task.rejectAtSubmit !== undefined) void this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
+    }
+    this.sendInSlices(tasks, job);
     return job;
   }
 
@@ -411,12 +296,12 @@ export class JobManager {
    * between slices: each slice leaves for the proxies as its own frame, so
    * they start storing and delivering while later slices are still being
    * prepared, and heartbeats and other calls are answered meanwhile. A task
-   * whose state changed in between (cancelled, say) is skipped by dispatch().
+   * whose state changed in between (cancelled, say) is skipped.
    */
-  private dispatchInSlices(tasks: readonly TaskRecord[], job: JobRecord, from = 0): void {
+  private sendInSlices(tasks: readonly TaskRecord[], job: JobRecord, from = 0): void {
     const end = Math.min(tasks.length, from + DISPATCH_SLICE);
-    for (let i = from; i < end; i++) this.dispatch(tasks[i]!, job);
-    if (end < tasks.length) setImmediate(() => this.dispatchInSlices(tasks, job, end));
+    for (let i = from; i < end; i++) this.router.sendRouted(tasks[i]!, job);
+    if (end < tasks.length) setImmediate(() => this.sendInSlices(tasks, job, end));
   }
 
   /**
@@ -424,142 +309,17 @@ export class JobManager {
    * returns what each host would run — storing and sending nothing.
    */
   dryRun(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): PlannedHost[] {
-    const { hosts, perHost } = this.prepare(caller, req, authorize);
-    return hosts.map((host) => {
-      if (!perHost) return { host, steps: req.steps };
-      const p = perHost.get(host.id);
-      return p?.steps ? { host, steps: p.steps.shown } : { host, steps: [], rejected: p?.rejected ?? "no steps were rendered for this host" };
-    });
+    return this.planner.dryRun(caller, req, authorize);
   }
 
-  /** Every check of a request, the host set, per-host rendering of a document, then authorization. */
-  private prepare(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Prepared {
-    const tenant = caller.scope;
-    const params = req.parameters ?? {};
-    let loaded: ReturnType<DocumentStore["load"]> | undefined;
-    if (req.document) {
-      if (req.steps.length > 0) throw new InvalidArgumentError("give either steps or a document, not both");
-      if (!this.documents) throw new FailedPreconditionError("this controller does not keep documents");
-      loaded = this.documents.load(tenant, req.document);
-    } else {
-      if (Object.keys(params).length > 0) throw new InvalidArgumentError("parameters are given to a document (--doc NAME)");
-      validateSteps(req.steps);
-    }
-    if (req.stdin.length > this.maxStdinBytes) {
-      throw new InvalidArgumentError(`stdin is ${req.stdin.length} bytes; the limit is ${this.maxStdinBytes}`);
-    }
-    if (req.timeoutMs < 0 || req.deliveryDeadlineMs < 0) throw new InvalidArgumentError("timeouts cannot be negative");
-    for (const key of Object.keys(req.env)) {
-      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new InvalidArgumentError(`environment variable name ${JSON.stringify(key)} is not valid`);
-    }
-    if (!loaded) {
-      const hosts = this.resolveHosts(tenant, req);
-      authorize?.(hosts, req, req.steps);
-      return { hosts };
-    }
-    const { stored, doc } = loaded;
-    const values = resolveParams(doc.parameters, params);
-    const redacted = redactParams(doc.parameters, values) as Record<string, ParamValue>;
-    const hosts = this.resolveHosts(tenant, req);
-    const perHost = new Map<string, { steps?: TaskSteps; rejected?: string }>();
-    const distinct = new Map<string, Step>();
-    for (const h of hosts) {
-      const real = planHost(doc, values, h);
-      if (real.rejected !== undefined) {
-        perHost.set(h.id, { rejected: real.rejected });
-        continue;
-      }
-      try {
-        validateSteps(real.steps);
-      } catch (err) {
-        throw new InvalidArgumentError(`document ${stored.name}@${stored.version} on host ${JSON.stringify(h.id)}: ${(err as Error).message}`, { cause: err });
-      }
-      const shown = planHost(doc, redacted, h).steps ?? [];
-      perHost.set(h.id, { steps: { run: real.steps, shown } });
-      for (const step of real.steps) distinct.set(Buffer.from(toBinary(StepSchema, step)).toString("base64"), step);
-    }
-    authorize?.(hosts, req, [...distinct.values()]);
-    const parameters = Object.fromEntries(Object.entries(redacted).map(([k, v]) => [k, typeof v === "string" ? v : JSON.stringify(v)]));
-    return { hosts, perHost, document: `${stored.name}@${stored.version}`, parameters };
+  /** The hosts a request targets, inside the caller's tenant (see Planner.resolveHosts). */
+  resolveHosts(tenant: string, req: Pick<SubmitRequest, "hostIds" | "allHosts" | "target">): HostRecord[] {
+    return this.planner.resolveHosts(tenant, req);
   }
 
   /** A document run's steps for one task as listings show them (sensitive values redacted). */
   shownSteps(task: TaskRecord): Step[] | undefined {
     return this.store.taskSteps(task.id)?.shown;
-  }
-
-  /**
-   * The hosts a request targets, inside the caller's tenant. Never empty: an
-   * empty or unmatched target is refused here, so that authorization always
-   * judges the real host set.
-   */
-  resolveHosts(tenant: string, req: Pick<SubmitRequest, "hostIds" | "allHosts" | "target">): HostRecord[] {
-    const ways = (req.allHosts ? 1 : 0) + (req.hostIds.length > 0 ? 1 : 0) + (req.target !== undefined ? 1 : 0);
-    if (ways !== 1) {
-      throw new InvalidArgumentError("say where to run: host ids, all hosts, or a target query (exactly one of the three)");
-    }
-    let hosts: HostRecord[];
-    if (req.target !== undefined) {
-      hosts = selectHosts(parseTarget(req.target), this.inventory.list(tenant));
-      if (hosts.length === 0) throw new InvalidArgumentError(`the target ${JSON.stringify(req.target)} matches no host`);
-    } else if (req.allHosts) {
-      hosts = this.inventory.list(tenant);
-      if (hosts.length === 0) throw new FailedPreconditionError("there are no hosts in this tenant yet");
-    } else {
-      const ids = [...new Set(req.hostIds)];
-      const unknown: string[] = [];
-      hosts = [];
-      for (const id of ids) {
-        const h = this.inventory.get(id);
-        // Hosts of other tenants are reported exactly like hosts that do not exist.
-        if (!h || h.tenant !== tenant) unknown.push(id);
-        else hosts.push(h);
-      }
-      if (unknown.length > 0) {
-        const shown = unknown.slice(0, 10).join(", ") + (unknown.length > 10 ? `, and ${unknown.length - 10} more` : "");
-        throw new NotFoundError(`unknown host${unknown.length > 1 ? "s" : ""}: ${shown}`);
-      }
-    }
-    if (hosts.length > this.maxHostsPerJob) {
-      throw new InvalidArgumentError(`the job targets ${hosts.length} hosts; the limit is ${this.maxHostsPerJob}`);
-    }
-    return hosts;
-  }
-
-  private checkRoom(what: string): void {
-    this.store.checkRoomForWork?.(what);
-  }
-
-  private addPending(task: TaskRecord): void {
-    let set = this.pendingByHost.get(task.hostId);
-    if (!set) this.pendingByHost.set(task.hostId, (set = new Set()));
-    set.add(task.id);
-  }
-
-  private removePending(task: TaskRecord): void {
-    const set = this.pendingByHost.get(task.hostId);
-    this.sentTo.delete(task.id);
-    this.mayHaveReached.delete(task.id);
-    if (!set) return;
-    set.delete(task.id);
-    if (set.size === 0) this.pendingByHost.delete(task.hostId);
-  }
-
-  /** Sends a pending task to the proxy holding its host, if any holds it now. */
-  private dispatch(task: TaskRecord, knownJob?: JobRecord): void {
-    if (task.state !== TaskState.PENDING || task.released === false) return;
-    const host = this.inventory.get(task.hostId);
-    if (!host?.connected) return;
-    const port = this.proxies.get(host.proxy);
-    if (!port || this.sentTo.get(task.id) === port.name) return;
-    const job = knownJob ?? this.store.getJob(task.jobId);
-    if (!job || job.cancelRequested) return;
-    if (this.clock.now() >= job.deliverBy) return;
-    this.sentTo.set(task.id, port.name);
-    let reached = this.mayHaveReached.get(task.id);
-    if (!reached) this.mayHaveReached.set(task.id, (reached = new Set()));
-    reached.add(port.name);
-    port.sendTask(this.taskSpec(job, task));
   }
 
   taskSpec(job: JobRecord, task: TaskRecord): TaskSpec {
@@ -583,55 +343,40 @@ export class JobManager {
   // ---- updates from proxies ----------------------------------------------
 
   /**
-   * Queues a write of a task's record; watchers hear of it once committed.
-   * A terminal state also settles the job first, so that a watcher that sees
-   * the last task end also sees the job finished.
-   */
-  private write(task: TaskRecord, chunk?: OutputChunk): Promise<void> {
-    const snapshot = { ...task };
-    const p = (chunk ? this.store.appendOutput(snapshot, chunk) : this.store.putTask(snapshot)).then(
-      async () => {
-        if (chunk && this.live.has(task.id)) this.committedChunks.set(task.id, Math.max(this.committedChunks.get(task.id) ?? 0, snapshot.outputChunks));
-        if (!chunk && isTerminal(snapshot.state)) await this.taskFinished(task);
-        this.notify(task.jobId, task.id);
-      },
-      (err) => {
-        this.log.error("storing a task update failed", { task: task.id, err });
-        throw storageError(err);
-      },
-    );
-    this.lastWrite.set(task.id, p);
-    void p.then(
-      () => this.lastWrite.get(task.id) === p && this.lastWrite.delete(task.id),
-      () => this.lastWrite.get(task.id) === p && this.lastWrite.delete(task.id),
-    );
-    return p;
-  }
-
-  private afterLastWrite(taskId: string): Promise<void> {
-    return (this.lastWrite.get(taskId) ?? Promise.resolve()).then(
-      () => undefined,
-      () => undefined,
-    );
-  }
-
-  /** A live task, or a finished one from the store (replays of finished tasks are acknowledged without effect). */
-  private taskFor(taskId: string): TaskRecord | undefined {
-    return this.live.get(taskId) ?? this.store.getTask(taskId);
-  }
-
-  /**
    * Applies a status reported through a proxy. Resolves once it is stored;
-   * the caller acknowledges then. Statuses that do not move the task forward
-   * (replays, stale reports) are acknowledged without effect.
+   * the caller acknowledges then. A status that does not move the task
+   * forward (a replay, a stale report) is acknowledged without effect; one
+   * from a proxy that may not report on the task is dropped. A proxy that
+   * ended its own copy (at_proxy) ends the task only if no other proxy may
+   * still hand it over. After the controller ended a task itself, the
+   * host's own end is kept as its late report.
    */
-  applyStatus(proxy: ProxyPort, status: TaskStatus): Promise<void> {
-    const task = this.live.get(status.taskId);
-    if (!task) {
-      if (!this.store.getTask(status.taskId)) this.log.warn("status for an unknown task dropped", { task: status.taskId, proxy: proxy.name });
-      return this.afterLastWrite(status.taskId);
+  applyStatus(proxy: { name: string; region: string }, status: TaskStatus): Promise<void> {
+    const seen = this.table.get(status.taskId);
+    if (!seen) {
+      this.log.warn("status for an unknown task dropped", { task: status.taskId, proxy: proxy.name });
+      return this.table.afterLastWrite(status.taskId);
     }
-    if (!advances(task.state, status.state)) return this.afterLastWrite(task.id);
+    if (!this.router.mayReport(proxy, seen) || (status.hostId !== "" && status.hostId !== seen.hostId)) {
+      this.log.warn("status from a proxy that does not hold the task dropped", { task: status.taskId, proxy: proxy.name, host: status.hostId });
+      return this.table.afterLastWrite(status.taskId);
+    }
+    const task = this.table.mutable(status.taskId)!;
+    let changed = this.router.reported(proxy, task, status);
+    if (isTerminal(task.state)) {
+      if (task.endedHere && task.late === undefined && !status.atProxy && isTerminal(status.state)) {
+        task.late = { state: status.state, exitCode: status.exitCode, signal: status.signal, message: status.message, time: status.time ? timestampMs(status.time) : this.clock.now() };
+        changed = true;
+      }
+      return changed ? this.table.write(task) : this.table.afterLastWrite(task.id);
+    }
+    const ownCopyEnded = status.atProxy && isTerminal(status.state);
+    if (ownCopyEnded && ((task.proxies?.length ?? 0) > 0 || task.state >= TaskState.DELIVERED)) {
+      return changed ? this.table.write(task) : this.table.afterLastWrite(task.id);
+    }
+    if (!advances(task.state, status.state) || status.state === TaskState.LOST) {
+      return changed ? this.table.write(task) : this.table.afterLastWrite(task.id);
+    }
     task.state = status.state;
     task.proxy = proxy.name;
     task.region = proxy.region;
@@ -639,153 +384,84 @@ export class JobManager {
     task.message = status.message;
     task.signal = status.signal;
     if (status.exitCode !== undefined) task.exitCode = status.exitCode;
-    if (isTerminal(status.state)) {
+    const ends = isTerminal(status.state);
+    if (ends) {
       task.expectedChunks = Number(status.outputChunks);
       task.outputTruncated = status.outputTruncated;
     }
-    if (task.state !== TaskState.PENDING) this.removePending(task);
-    return this.write(task);
-  }
-
-  /** Stores an output chunk if it is the next one of its task; resolves, once stored, to the highest contiguous seq held. */
-  applyOutput(chunk: OutputChunk): Promise<number> {
-    const task = this.taskFor(chunk.taskId);
-    if (!task) return Promise.resolve(Number(chunk.seq));
-    const seq = Number(chunk.seq);
-    if (seq === task.outputChunks + 1 && this.live.has(task.id)) {
-      task.outputChunks = seq;
-      return this.write(task, chunk).then(() => seq);
-    }
-    const held = task.outputChunks;
-    return this.afterLastWrite(task.id).then(() => held);
+    return this.table.write(task, { ends });
   }
 
   /**
-   * Marks a task terminal at the controller itself (cancelled or expired
-   * before any proxy could have it). Resolves once stored.
+   * Stores an output chunk the first time it arrives, whichever proxy brings
+   * it and in whatever order (after a failover, newer chunks can come
+   * through the new proxy before older ones held by the old). Resolves, once
+   * stored, to the seq to acknowledge to that proxy: this chunk's.
    */
-  private finishHere(task: TaskRecord, state: TaskState, message: string): Promise<void> | undefined {
+  applyOutput(proxy: { name: string; region: string }, chunk: OutputChunk): Promise<number> {
+    const seq = Number(chunk.seq);
+    const seen = this.table.get(chunk.taskId);
+    if (!seen || seq < 1 || !Number.isSafeInteger(seq)) return Promise.resolve(seq);
+    if (!this.router.mayReport(proxy, seen) || (chunk.hostId !== "" && chunk.hostId !== seen.hostId)) {
+      this.log.warn("output from a proxy that does not hold the task dropped", { task: chunk.taskId, proxy: proxy.name, host: chunk.hostId });
+      return Promise.resolve(seq);
+    }
+    if (hasChunk(seen, seq)) return this.table.afterLastWrite(seen.id).then(() => seq);
+    const task = this.table.mutable(chunk.taskId)!;
+    addChunk(task, seq);
+    this.router.reported(proxy, task);
+    return this.table.write(task, { chunk }).then(() => seq);
+  }
+
+  /**
+   * Ends a task at the controller itself (never handed over, cancelled,
+   * expired, lost). With `recall`, the proxies that may hold it are owed a
+   * cancel (kept until they confirm), so that a host that returns is told.
+   * Resolves once stored.
+   */
+  private endHere(task: TaskRecord, state: TaskState, message: string, recall?: { withdraw: boolean }): Promise<void> | undefined {
     if (!advances(task.state, state)) return undefined;
     task.state = state;
     task.message = message;
     task.updatedAt = this.clock.now();
-    task.expectedChunks = task.outputChunks;
-    this.removePending(task);
-    return this.write(task);
+    task.endedHere = true;
+    const writes = [this.table.write(task, { ends: true })];
+    if (recall) writes.push(this.router.recall(task, recall.withdraw));
+    return Promise.all(writes).then(() => undefined);
   }
 
-  /** A task became terminal: the job finishes with its last task. */
-  private async taskFinished(task: TaskRecord): Promise<void> {
-    this.gateTaskEnded(task);
-    const left = (this.open.get(task.jobId) ?? 1) - 1;
-    this.open.set(task.jobId, left);
-    if (left > 0) return;
-    await this.finishJob(task.jobId);
-  }
+  // ---- cancel ---------------------------------------------------------------
 
-  /** Records a job as finished (every task terminal) and drops its in-memory state. */
-  private async finishJob(jobId: string): Promise<void> {
-    const job = this.store.getJob(jobId);
-    if (!job || job.finishedAt !== undefined) return;
-    job.finishedAt = this.clock.now();
-    await this.store.putJob(job);
-    this.deadlineTimers.get(job.id)?.cancel();
-    this.deadlineTimers.delete(job.id);
-    this.open.delete(job.id);
-    this.gates.delete(job.id);
-    for (const id of job.taskIds) {
-      this.live.delete(id);
-      this.committedChunks.delete(id);
-    }
-    this.log.info("job finished", { job: job.id, tasks: job.taskIds.length });
-    this.notify(job.id);
-  }
-
-  // ---- cancel and deadlines ----------------------------------------------
-
+  /**
+   * Cancels a job. Tasks that never left the controller, and tasks whose
+   * host is unreachable, end CANCELLED at once (the proxies that may hold
+   * them are owed the cancel and tell the host when it returns); the others
+   * are cancelled by their host, and end here anyway if it does not confirm
+   * within the cancel grace.
+   */
   async cancel(caller: PeerIdentity, jobId: string): Promise<JobRecord> {
-    const job = this.getJobFor(caller, jobId);
-    if (job.finishedAt !== undefined) return job;
+    const stored = this.getJobFor(caller, jobId);
+    if (stored.finishedAt !== undefined) return stored;
+    const job = this.table.job(stored.id) ?? stored;
     if (!job.cancelRequested) {
       job.cancelRequested = true;
-      await this.store.putJob(job);
+      job.cancelRequestedAt = this.clock.now();
+      await this.store.putJob(job).catch((err) => Promise.reject(storageError(err)));
     }
     this.log.info("job cancel requested", { job: job.id, by: caller.id });
     const writes: Promise<void>[] = [];
     for (const id of job.taskIds) {
-      const task = this.live.get(id);
+      const task = this.table.liveRecord(id);
       if (!task || isTerminal(task.state)) continue;
-      const proxies = this.proxiesHolding(task);
-      if (proxies.length === 0) {
-        const w = this.finishHere(task, TaskState.CANCELLED, "cancelled before delivery");
-        if (w) writes.push(w);
-      } else {
-        // Proxies that are away get the cancel when they return (proxyReady); sites by bundle in the next one.
-        for (const name of proxies) this.proxies.get(name)?.sendCancel(task.id, task.hostId);
-      }
+      const host = this.inventory.get(task.hostId);
+      let w: Promise<void> | undefined;
+      if (!task.proxies?.length || this.router.takeBack(task)) w = this.endHere(task, TaskState.CANCELLED, "cancelled before delivery");
+      else if (!this.router.reachable(host)) w = this.endHere(task, TaskState.CANCELLED, `cancelled at the controller: host ${task.hostId} is unreachable${host && !host.connected ? ` since ${new Date(host.since).toISOString()}` : ""}; it is told when it returns`, { withdraw: false });
+      else this.router.cancel(task);
+      if (w) writes.push(w);
     }
     await Promise.all(writes);
     return this.store.getJob(job.id) ?? job;
-  }
-
-  /** Every proxy that holds the task or may have received it. */
-  private proxiesHolding(task: TaskRecord): string[] {
-    const names = new Set(this.mayHaveReached.get(task.id));
-    if (task.proxy) names.add(task.proxy);
-    return [...names];
-  }
-
-  /**
-   * A proxy (re)connected and told us the hosts it holds: tasks it may have
-   * received but never confirmed go to it again, even past their deadline
-   * or cancelled, because only the proxy can say what became of them (it
-   * drops duplicates, expires late ones and cancels cancelled ones). Then
-   * cancels it may have missed.
-   */
-  proxyReady(port: ProxyPort): void {
-    for (const [taskId, proxies] of this.mayHaveReached) {
-      if (!proxies.has(port.name) || this.sentTo.get(taskId) === port.name) continue;
-      const task = this.live.get(taskId);
-      const job = task && this.store.getJob(task.jobId);
-      if (!task || !job || task.state !== TaskState.PENDING) continue;
-      this.sentTo.set(taskId, port.name);
-      port.sendTask(this.taskSpec(job, task));
-    }
-    for (const job of this.store.unfinishedJobs()) {
-      if (!job.cancelRequested) continue;
-      for (const id of job.taskIds) {
-        const task = this.live.get(id);
-        if (task && !isTerminal(task.state) && this.proxiesHolding(task).includes(port.name)) port.sendCancel(task.id, task.hostId);
-      }
-    }
-  }
-
-  private armDeadline(job: JobRecord): void {
-    if (job.finishedAt !== undefined || this.deadlineTimers.has(job.id)) return;
-    const delay = Math.max(0, job.deliverBy - this.clock.now());
-    this.deadlineTimers.set(
-      job.id,
-      this.clock.setTimeout(() => {
-        this.deadlineTimers.delete(job.id);
-        void this.expire(job.id).catch((err) => this.log.error("expiring tasks failed", { job: job.id, err }));
-      }, delay),
-    );
-  }
-
-  /** Tasks still at the controller when the delivery deadline passes will never run. */
-  private async expire(jobId: string): Promise<void> {
-    const job = this.store.getJob(jobId);
-    if (!job) return;
-    const writes: Promise<void>[] = [];
-    for (const id of job.taskIds) {
-      const task = this.live.get(id);
-      // A task that may sit at a proxy is expired there (the proxy enforces the same deadline).
-      if (task && task.state === TaskState.PENDING && this.proxiesHolding(task).length === 0) {
-        const w = this.finishHere(task, TaskState.EXPIRED, "the delivery deadline passed before the host could be reached");
-        if (w) writes.push(w);
-      }
-    }
-    await Promise.all(writes);
   }
 
   // ---- reading and watching ----------------------------------------------
@@ -798,65 +474,7 @@ export class JobManager {
   }
 
   tasksOf(job: JobRecord): TaskRecord[] {
-    return job.taskIds.map((id) => this.taskFor(id)).filter((t): t is TaskRecord => t !== undefined);
-  }
-
-  /**
-   * Everything a region with no link should receive: its released tasks not
-   * yet confirmed by any proxy, cancels of cancelled jobs, and acks of the
-   * results already received (so the site can drop them). Exported tasks are
-   * recorded as possibly delivered, so a later cancel reaches them too.
-   */
-  exportForRegion(tenant: string, region: string): { tasks: TaskSpec[]; cancels: { taskId: string; hostId: string }[]; statusAcks: { taskId: string; state: TaskState }[]; outputAcks: { taskId: string; seq: number }[] } {
-    const via = `bundle:${region}`;
-    const out = { tasks: [] as TaskSpec[], cancels: [] as { taskId: string; hostId: string }[], statusAcks: [] as { taskId: string; state: TaskState }[], outputAcks: [] as { taskId: string; seq: number }[] };
-    for (const task of this.live.values()) {
-      if (task.tenant !== tenant || this.inventory.get(task.hostId)?.region !== region) continue;
-      const job = this.store.getJob(task.jobId);
-      if (!job) continue;
-      if (task.state === TaskState.PENDING && task.released !== false && !job.cancelRequested && this.clock.now() < job.deliverBy) {
-        out.tasks.push(this.taskSpec(job, task));
-        let reached = this.mayHaveReached.get(task.id);
-        if (!reached) this.mayHaveReached.set(task.id, (reached = new Set()));
-        reached.add(via);
-      } else if (job.cancelRequested && !isTerminal(task.state) && this.proxiesHolding(task).length > 0) {
-        out.cancels.push({ taskId: task.id, hostId: task.hostId });
-      }
-    }
-    const acks = this.bundleAcks.get(region);
-    if (acks) {
-      for (const [taskId, a] of acks) {
-        out.statusAcks.push({ taskId, state: a.state });
-        out.outputAcks.push({ taskId, seq: a.seq });
-      }
-      this.bundleAcks.delete(region);
-    }
-    return out;
-  }
-
-  /** Applies results carried from a site; remembers what to acknowledge in the next tasks bundle. */
-  async importResults(port: ProxyPort, statuses: readonly TaskStatus[], output: readonly OutputChunk[]): Promise<{ statuses: number; chunks: number }> {
-    let chunks = 0;
-    let applied = 0;
-    let acks = this.bundleAcks.get(port.region);
-    if (!acks) this.bundleAcks.set(port.region, (acks = new Map()));
-    for (const c of output) {
-      const before = this.taskFor(c.taskId)?.outputChunks ?? 0;
-      const held = await this.applyOutput(c);
-      if (held > before) chunks++;
-      const a = acks.get(c.taskId) ?? { state: TaskState.PENDING, seq: 0 };
-      a.seq = Math.max(a.seq, held);
-      acks.set(c.taskId, a);
-    }
-    for (const st of statuses) {
-      const before = this.taskFor(st.taskId)?.state;
-      await this.applyStatus(port, st);
-      if (before !== undefined && this.taskFor(st.taskId)?.state !== before) applied++;
-      const a = acks.get(st.taskId) ?? { state: TaskState.PENDING, seq: 0 };
-      if (st.state > a.state) a.state = st.state;
-      acks.set(st.taskId, a);
-    }
-    return { statuses: applied, chunks };
+    return job.taskIds.map((id) => this.table.get(id)).filter((t): t is TaskRecord => t !== undefined);
   }
 
   /** The newest jobs of the caller's tenant. */
@@ -869,13 +487,13 @@ export class JobManager {
   }
 
   getTaskRecord(id: string): TaskRecord | undefined {
-    const t = this.taskFor(id);
+    const t = this.table.get(id);
     return t && { ...t };
   }
 
-  /** Output chunks of a task that are committed, so a reader finds them in the store. */
+  /** Output chunks of a task that are committed, contiguous from 1, so a reader finds them in the store. */
   outputCommitted(task: TaskRecord): number {
-    return this.committedChunks.get(task.id) ?? task.outputChunks;
+    return this.table.committedChunks(task);
   }
 
   readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {
@@ -884,56 +502,119 @@ export class JobManager {
 
   /** Calls fn with the task that changed (none: the job itself) whenever something of the job changes; returns the unsubscribe function. */
   subscribe(jobId: string, fn: (taskId?: string) => void): () => void {
-    let set = this.watchers.get(jobId);
-    if (!set) this.watchers.set(jobId, (set = new Set()));
-    set.add(fn);
-    return () => {
-      set.delete(fn);
-      if (set.size === 0) this.watchers.delete(jobId);
-    };
+    return this.table.subscribe(jobId, fn);
   }
 
-  private notify(jobId: string, taskId?: string): void {
-    const set = this.watchers.get(jobId);
-    if (set) for (const fn of [...set]) fn(taskId);
+  // ---- bundles (sites with no link) -------------------------------------------
+
+  /**
+   * Everything a region with no link should receive: its released tasks not
+   * yet confirmed by any proxy, cancels (of cancelled jobs, and those owed
+   * for tasks the controller ended itself), and acks of the results already
+   * received (so the site can drop them). Exported tasks are stored as held
+   * by the region's bundle first, so a later cancel reaches them too.
+   */
+  async exportForRegion(tenant: string, region: string): Promise<{ tasks: TaskSpec[]; cancels: { taskId: string; hostId: string; withdraw: boolean }[]; statusAcks: { taskId: string; state: TaskState; atProxy: boolean }[]; outputAcks: { taskId: string; seq: number }[] }> {
+    const via = bundleHolder(region);
+    const out = { tasks: [] as TaskSpec[], cancels: [] as { taskId: string; hostId: string; withdraw: boolean }[], statusAcks: [] as { taskId: string; state: TaskState; atProxy: boolean }[], outputAcks: [] as { taskId: string; seq: number }[] };
+    const writes: Promise<void>[] = [];
+    for (const task of this.table.liveTasks()) {
+      if (task.tenant !== tenant || isTerminal(task.state) || this.inventory.get(task.hostId)?.region !== region) continue;
+      const job = this.jobOf(task.jobId);
+      if (!job) continue;
+      if (task.state < TaskState.DELIVERED && task.released !== false && task.rejectAtSubmit === undefined && !job.cancelRequested && this.clock.now() < job.deliverBy) {
+        out.tasks.push(this.taskSpec(job, task));
+        if (!task.proxies?.includes(via)) {
+          task.proxies = [...(task.proxies ?? []), via];
+          writes.push(this.table.write(task));
+        }
+      } else if (job.cancelRequested && task.proxies?.length) {
+        out.cancels.push({ taskId: task.id, hostId: task.hostId, withdraw: false });
+      }
+    }
+    for (const r of this.store.recallsFor(via)) out.cancels.push({ taskId: r.taskId, hostId: r.hostId, withdraw: r.withdraw });
+    await Promise.all(writes);
+    const acks = this.bundleAcks.get(region);
+    if (acks) {
+      for (const [taskId, a] of acks) {
+        if (a.state !== TaskState.PENDING) out.statusAcks.push({ taskId, state: a.state, atProxy: false });
+        if (a.own !== TaskState.PENDING) out.statusAcks.push({ taskId, state: a.own, atProxy: true });
+        if (a.seq > 0) out.outputAcks.push({ taskId, seq: a.seq });
+      }
+      this.bundleAcks.delete(region);
+    }
+    return out;
+  }
+
+  /** Applies results carried from a site; remembers what to acknowledge in the next tasks bundle. */
+  async importResults(proxy: { name: string; region: string }, statuses: readonly TaskStatus[], output: readonly OutputChunk[]): Promise<{ statuses: number; chunks: number }> {
+    let chunks = 0;
+    let applied = 0;
+    let acks = this.bundleAcks.get(proxy.region);
+    if (!acks) this.bundleAcks.set(proxy.region, (acks = new Map()));
+    for (const c of output) {
+      const before = this.table.get(c.taskId);
+      const had = before ? hasChunk(before, Number(c.seq)) : true;
+      const seq = await this.applyOutput(proxy, c);
+      if (!had && this.table.get(c.taskId) && hasChunk(this.table.get(c.taskId)!, seq)) chunks++;
+      const a = acks.get(c.taskId) ?? { state: TaskState.PENDING, own: TaskState.PENDING, seq: 0 };
+      a.seq = Math.max(a.seq, seq);
+      acks.set(c.taskId, a);
+    }
+    for (const st of statuses) {
+      const before = this.table.get(st.taskId)?.state;
+      await this.applyStatus(proxy, st);
+      if (before !== undefined && this.table.get(st.taskId)?.state !== before) applied++;
+      const a = acks.get(st.taskId) ?? { state: TaskState.PENDING, own: TaskState.PENDING, seq: 0 };
+      if (st.atProxy) a.own = Math.max(a.own, st.state);
+      else a.state = Math.max(a.state, st.state);
+      acks.set(st.taskId, a);
+    }
+    return { statuses: applied, chunks };
   }
 
   close(): void {
-    for (const t of this.deadlineTimers.values()) t.cancel();
-    this.deadlineTimers.clear();
+    this.bounds.stop();
   }
 }
 
-/** Parses a target query; a syntax error carries the position and a caret line for the client. */
-export function parseTarget(text: string): Query {
-  try {
-    return parseQuery(text);
-  } catch (err) {
-    if (err instanceof QuerySyntaxError) throw new InvalidArgumentError(`target ${err.message}\n${err.pointer}`, { cause: err });
-    throw err;
+/** Whether a task's output already holds chunk `seq`. */
+export function hasChunk(task: TaskRecord, seq: number): boolean {
+  if (seq <= task.outputChunks) return true;
+  for (const [from, to] of task.outputBeyond ?? []) {
+    if (seq < from) return false;
+    if (seq <= to) return true;
   }
+  return false;
 }
 
-function hasLimits(r: RateRequest): boolean {
-  return Boolean(r.concurrency || r.concurrencyPercent || r.concurrencyPerRegion || r.batch) || r.maxErrors !== undefined || r.maxErrorsPercent !== undefined;
+/** Counts chunk `seq` as held: it extends the contiguous prefix (merging ranges it reaches) or joins the ranges above a gap. */
+export function addChunk(task: TaskRecord, seq: number): void {
+  const ranges = task.outputBeyond ?? [];
+  if (seq === task.outputChunks + 1) {
+    task.outputChunks = seq;
+    while (ranges.length > 0 && ranges[0]![0] <= task.outputChunks + 1) task.outputChunks = Math.max(task.outputChunks, ranges.shift()![1]);
+  } else {
+    let i = 0;
+    while (i < ranges.length && ranges[i]![1] < seq - 1) i++;
+    if (i < ranges.length && ranges[i]![0] <= seq + 1) {
+      const r = ranges[i]!;
+      r[0] = Math.min(r[0], seq);
+      r[1] = Math.max(r[1], seq);
+      const next = ranges[i + 1];
+      if (next && next[0] <= r[1] + 1) {
+        r[1] = Math.max(r[1], next[1]);
+        ranges.splice(i + 1, 1);
+      }
+    } else {
+      ranges.splice(i, 0, [seq, seq]);
+    }
+  }
+  if (ranges.length > 0) task.outputBeyond = ranges;
+  else delete task.outputBeyond;
 }
 
-/** Turns percentages into task counts (at least 1 where a limit is asked for) and picks the canary tasks. */
-export function resolveRate(r: RateRequest, taskIds: readonly string[]): JobRate {
-  const n = taskIds.length;
-  const pct = (p: number) => Math.max(1, Math.floor((n * p) / 100));
-  for (const [name, v] of Object.entries(r)) {
-    if (v !== undefined && (!Number.isInteger(v) || v < 0)) throw new InvalidArgumentError(`rate ${name} must be a whole number, got ${v}`);
-  }
-  if ((r.concurrencyPercent ?? 0) > 100 || (r.maxErrorsPercent ?? 0) > 100) throw new InvalidArgumentError("a percentage cannot be above 100");
-  if (r.concurrency && r.concurrencyPercent) throw new InvalidArgumentError("give concurrency as a number or a percentage, not both");
-  if (r.maxErrors !== undefined && r.maxErrorsPercent !== undefined) throw new InvalidArgumentError("give max errors as a number or a percentage, not both");
-  const rate: JobRate = {
-    concurrency: r.concurrency || (r.concurrencyPercent ? pct(r.concurrencyPercent) : 0),
-    perRegion: r.concurrencyPerRegion ?? 0,
-    canary: taskIds.slice(0, Math.min(r.batch ?? 0, n)),
-  };
-  if (r.maxErrors !== undefined) rate.maxErrors = r.maxErrors;
-  else if (r.maxErrorsPercent !== undefined) rate.maxErrors = Math.floor((n * r.maxErrorsPercent) / 100);
-  return rate;
+/** A terminal task whose every reported chunk is stored. */
+export function outputComplete(task: TaskRecord): boolean {
+  return isTerminal(task.state) && task.expectedChunks !== undefined && task.outputChunks >= task.expectedChunks;
 }

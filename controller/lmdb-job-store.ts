@@ -4,7 +4,7 @@ import type { LmdbEnv } from "../common/lmdb.js";
 import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { create } from "@bufbuild/protobuf";
 import type { JobStore } from "./job-store.js";
-import type { JobRecord, TaskRecord, TaskSteps } from "./model.js";
+import type { JobRecord, Recall, TaskRecord, TaskSteps } from "./model.js";
 
 type StoredJob = Omit<JobRecord, "steps"> & { steps: Uint8Array[] };
 
@@ -22,6 +22,8 @@ export class LmdbJobStore implements JobStore {
   private readonly unfinished: Database<boolean, string>;
   /** Task id → its own steps (document runs), each step as protobuf binary. */
   private readonly steps: Database<{ run: Uint8Array[]; shown: Uint8Array[] }, string>;
+  /** [proxy, taskId] → cancel owed to that proxy. */
+  private readonly recalls: Database<Recall, string[]>;
 
   constructor(private readonly env: LmdbEnv) {
     this.jobs = env.db("jobs");
@@ -30,6 +32,21 @@ export class LmdbJobStore implements JobStore {
     this.keys = env.db("idempotency", "string");
     this.unfinished = env.db("unfinished");
     this.steps = env.db("task-steps");
+    this.recalls = env.db("recalls");
+  }
+
+  putRecalls(recalls: readonly Recall[]): Promise<void> {
+    return Promise.all(recalls.map((r) => this.recalls.put([r.proxy, r.taskId], r))).then(() => undefined);
+  }
+
+  removeRecall(proxy: string, taskId: string): Promise<void> {
+    return this.recalls.remove([proxy, taskId]).then(() => undefined);
+  }
+
+  recallsFor(proxy: string): Recall[] {
+    const out: Recall[] = [];
+    for (const { value } of this.recalls.getRange({ start: [proxy], end: [proxy, "\uffff"] })) out.push(value);
+    return out;
   }
 
   putJob(job: JobRecord, tasks: readonly TaskRecord[] = [], steps?: ReadonlyMap<string, TaskSteps>): Promise<void> {

@@ -51,6 +51,8 @@ export const controllerSchema = {
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on proxy links" },
   metricsListen: { type: "string", doc: "address for Prometheus metrics over plain HTTP (GET /metrics); off when unset" },
   deliveryDeadline: { type: "duration", default: "1h", doc: "delivery deadline of jobs that set none" },
+  lostAfter: { type: "duration", default: "15m", doc: "a task whose host stays unreachable this long ends LOST (jobs may set their own)" },
+  cancelGrace: { type: "duration", default: "10s", doc: "after a cancel, how long a reachable host has to confirm before the controller ends the task itself" },
   grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
@@ -75,13 +77,28 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const { host, port } = parseHostPort(config.listen, "listen");
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const store = new LmdbJobStore(env);
-  const inventory = new Inventory(env.db("hosts"));
+  const inventory = new Inventory(env.db("hosts"), clock.now());
   const ids = timeOrderedIds(clock);
   const documents = new DocumentStore(new LmdbDocumentBackend(env), clock);
-  const jobs = new JobManager({ store, inventory, clock, ids, log, defaultDeliveryDeadlineMs: config.deliveryDeadline, documents });
   // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running.
   const signer = new TaskSigner(creds, clock);
   const revocations = new Revocations(env.db("revoked"), creds, clock, log);
+  const revokedHost = (host: { id: string; tenant: string }) => revocations.revocationOf({ role: "host", scope: host.tenant, id: host.id })?.reason;
+  const jobs = new JobManager({
+    store,
+    inventory,
+    clock,
+    ids,
+    log,
+    defaultDeliveryDeadlineMs: config.deliveryDeadline,
+    defaultLostAfterMs: config.lostAfter,
+    cancelGraceMs: config.cancelGrace,
+    documents,
+    revoked: (host) => {
+      const r = revokedHost(host);
+      return r && `host ${host.id} is revoked: ${r}`;
+    },
+  });
   const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer });
   jobs.recover();
   const authz = new Authorizer({ policyFile: config.policy, log });
@@ -140,7 +157,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(revocations, log, audit));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, Health]));
-      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }));
+      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log, revoked: revokedHost }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: new ArtifactStore(join(config.data, "artifacts")), callerOf, log }));

@@ -16,9 +16,15 @@ export interface JobRecord {
   timeoutMs: number;
   /** Epoch ms after which a task that has not started never runs. */
   deliverBy: number;
+  /** A task whose host stays unreachable this long ends LOST (see task-bounds.ts). */
+  lostAfterMs: number;
   idempotent: boolean;
   idempotencyKey: string;
+  /** SHA-256 of the request as submitted: an idempotency key reused with another request is refused. */
+  requestDigest?: string;
   cancelRequested: boolean;
+  /** When the cancel was asked for: its tasks end by then plus the cancel grace, confirmed or not. */
+  cancelRequestedAt?: number;
   taskIds: string[];
   /** Output bytes kept per task (0: the daemon's default). */
   outputLimitBytes: number;
@@ -66,9 +72,27 @@ export interface TaskRecord {
   updatedAt: number;
   /** Output chunks stored, contiguous from seq 1. */
   outputChunks: number;
+  /**
+   * Chunks stored above a gap, as inclusive seq ranges in order: after a
+   * failover the host's newer output can arrive through its new proxy
+   * before older chunks held by the proxy it left.
+   */
+  outputBeyond?: [number, number][];
   /** Chunks the daemon reported on the terminal status. */
   expectedChunks?: number;
   outputTruncated: boolean;
+  /**
+   * Proxies (or "bundle:<region>") that may hold a copy of the task. A proxy
+   * is added, and stored, before the task is sent to it; it leaves the list
+   * when it reports the task ended at its end.
+   */
+  proxies?: string[];
+  /** Holders that have reported on the task, so that a reconnect need not send it to them again. */
+  confirmed?: string[];
+  /** The controller ended the task itself (LOST, or a cancel the host could not confirm): what the host says later is kept as {@link late}. */
+  endedHere?: boolean;
+  /** The host's own terminal report, when it came after the controller had ended the task. */
+  late?: LateReport;
   /** Released for dispatch by rate control (absent on jobs without it: always released). */
   released?: boolean;
   /**
@@ -77,6 +101,29 @@ export interface TaskRecord {
    * with the job so that a restart in between still rejects it.
    */
   rejectAtSubmit?: string;
+}
+
+/**
+ * A cancel the controller owes a proxy: it ended a task itself (LOST, or a
+ * cancel the host could not confirm in time) while that proxy may still hold
+ * a copy. Kept until the proxy reports the task ended at its end, and sent
+ * again on every reconnect, so that a host that returns is told.
+ */
+export interface Recall {
+  proxy: string;
+  taskId: string;
+  hostId: string;
+  /** Stop the task only if it has not started (LOST): a running process is left to finish. */
+  withdraw: boolean;
+  at: number;
+}
+
+export interface LateReport {
+  state: TaskState;
+  exitCode?: number;
+  signal: string;
+  message: string;
+  time: number;
 }
 
 export interface HostRecord {

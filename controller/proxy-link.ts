@@ -2,10 +2,9 @@ import { create } from "@bufbuild/protobuf";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import type { Clock } from "../common/clock.js";
-import { Coalescer } from "../common/coalescer.js";
 import { InvalidArgumentError, PermissionDeniedError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
-import { Heartbeat } from "../common/heartbeat.js";
+import { LinkSession } from "../common/link-session.js";
 import type { Logger } from "../common/logger.js";
 import {
   CancelTaskSchema,
@@ -46,36 +45,25 @@ export interface ProxyLinkDeps {
  */
 export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtController, peer: PeerIdentity): Promise<void> {
   requireRole(peer, "proxy");
-  const iterator = link.incoming[Symbol.asyncIterator]();
-  const first = await iterator.next();
-  if (first.done) return;
-  const hello = first.value.hello;
+  const { jobs, inventory, clock } = deps;
+  const ls = new LinkSession<ProxyStreamResponse, ProxyStreamRequest>(link, { clock, empty: () => create(ProxyStreamResponseSchema), peer: "proxy" });
+  const first = await ls.first();
+  if (!first) return;
+  const hello = first.hello;
   if (!hello) throw new InvalidArgumentError("the first frame of a proxy stream must be a hello");
   if (hello.name !== peer.id || hello.region !== peer.scope) {
     throw new PermissionDeniedError(
       `the stream claims proxy ${hello.region}/${hello.name} but the certificate is for proxy ${peer.scope}/${peer.id}`,
     );
   }
-  const { jobs, inventory, clock } = deps;
   const log = deps.log.child({ proxy: peer.id, region: peer.scope });
-  const heartbeat = new Heartbeat(
-    clock,
-    hello.heartbeatMs || deps.heartbeatMs,
-    () => link.send(create(ProxyStreamResponseSchema)),
-    () => link.close(new Error("proxy heartbeat lost")),
-  );
-  const out = new Coalescer(
-    () => create(ProxyStreamResponseSchema),
-    (frame) => {
-      heartbeat.sent();
-      link.send(frame);
-    },
-  );
+  ls.startHeartbeat(hello.heartbeatMs || deps.heartbeatMs);
+  const out = ls.out;
   const port: ProxyPort = {
     name: peer.id,
     region: peer.scope,
     sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(deps.signer.sign(spec)),
-    sendCancel: (taskId, hostId) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId })),
+    sendCancel: (taskId, hostId, withdraw = false) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId, withdraw })),
   };
   out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs };
   out.frame.signingKeys.push(deps.signer.key);
@@ -98,27 +86,25 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   jobs.proxyReady(port);
   log.info("proxy connected", { hosts: hello.hosts.length });
   try {
-    await handleFrame(first.value);
-    for (;;) {
-      const next = await iterator.next();
-      if (next.done) break;
-      await handleFrame(next.value);
-    }
+    await handleFrame(first);
+    await ls.forEach(handleFrame);
+  } catch (err) {
+    // The proxy sees only a status code; the reason stays here.
+    log.error("proxy link failed", { err });
+    throw err;
   } finally {
     deps.loads?.delete(port.name);
     unsubscribe();
-    heartbeat.stop();
-    out.flush();
+    ls.end("flush");
     jobs.proxyDisconnected(port);
     log.info("proxy disconnected");
   }
 
   async function handleFrame(frame: ProxyStreamRequest): Promise<void> {
-    heartbeat.received();
     if (frame.load) deps.loads?.set(port.name, { region: port.region, load: frame.load });
     if (frame.hosts.length > 0) presence(frame.hosts);
     // Output before statuses: a frame may carry a task's last chunks and its end together.
-    const acked = await Promise.all(frame.output.map((c) => jobs.applyOutput(c).then((seq) => [c.taskId, seq] as const)));
+    const acked = await Promise.all(frame.output.map((c) => jobs.applyOutput(port, c).then((seq) => [c.taskId, seq] as const)));
     const highest = new Map<string, number>();
     for (const [taskId, seq] of acked) highest.set(taskId, Math.max(highest.get(taskId) ?? 0, seq));
     await Promise.all(frame.statuses.map((s) => jobs.applyStatus(port, s)));
@@ -126,10 +112,10 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       let bytes = 0;
       for (const c of frame.output) bytes += c.data.length;
       if (bytes) deps.counters.outputBytes(bytes, { region: port.region });
-      for (const s of frame.statuses) if (isTerminal(s.state)) deps.counters.tasksEnded(1, { state: TaskState[s.state] ?? String(s.state), region: port.region });
+      for (const s of frame.statuses) if (isTerminal(s.state) && !s.atProxy) deps.counters.tasksEnded(1, { state: TaskState[s.state] ?? String(s.state), region: port.region });
     }
     const reply = out.frame;
     for (const [taskId, seq] of highest) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-    for (const s of frame.statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+    for (const s of frame.statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
   }
 }

@@ -67,6 +67,14 @@ export class Revocations {
     return this.set.has(identity);
   }
 
+  /** The deny-list entry of an identity, or undefined when it is not revoked. */
+  revocationOf(identity: PeerIdentity): { reason: string; revokedAt: number; revokedBy: string } | undefined {
+    if (!this.set.has(identity)) return undefined;
+    const uri = identityUri(identity);
+    const e = this.entries.find((x) => x.uri === uri);
+    return { reason: e?.reason || "revoked", revokedAt: e?.revokedAt ?? 0, revokedBy: e?.revokedBy ?? "" };
+  }
+
   /** Calls fn with every new signed deny-list; returns the unsubscribe function. */
   onChange(fn: (signed: SignedDenyList) => void): () => void {
     this.listeners.add(fn);

@@ -20,7 +20,13 @@ export interface WatchOptions {
 }
 
 function taskSignature(t: TaskRecord): string {
-  return `${t.state}|${t.exitCode ?? ""}|${t.signal}|${t.proxy}|${t.outputTruncated}|${t.message}`;
+  return `${t.state}|${t.exitCode ?? ""}|${t.signal}|${t.proxy}|${t.outputTruncated}|${t.message}|${t.expectedChunks ?? ""}|${t.late?.state ?? ""}`;
+}
+
+/** The highest output seq a task's record counts as stored, above any gap. */
+function lastHeld(t: TaskRecord): number {
+  const beyond = t.outputBeyond;
+  return beyond && beyond.length > 0 ? Math.max(t.outputChunks, beyond[beyond.length - 1]![1]) : t.outputChunks;
 }
 
 /** A batch with at least this many task changes makes the next one wait COALESCE_MS. */
@@ -49,6 +55,7 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
   opts.signal.addEventListener("abort", onAbort);
   const sent = new Map<string, string>();
   const cursor = new Map<string, number>();
+  const ended = new Set<string>();
   let first = true;
   let open = job.taskIds.length;
   try {
@@ -67,24 +74,37 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
       for (const id of ids) {
         const task = jobs.getTaskRecord(id);
         if (!task) continue;
+        const terminal = isTerminal(task.state);
+        // Chunks a reader may have: the committed contiguous prefix; once the task ended, also
+        // chunks above a gap (the rest is held by a proxy that is away, or lost).
         const stored = jobs.outputCommitted(task);
-        let next = cursor.get(id) ?? (opts.noOutput ? stored + 1 : 1);
-        while (!opts.noOutput && next <= stored && budget > 0) {
-          const chunks = jobs.readOutput(id, next, budget);
+        const held = terminal ? lastHeld(task) : task.outputChunks;
+        let next = cursor.get(id) ?? (opts.noOutput ? held + 1 : 1);
+        while (!opts.noOutput && budget > 0 && (next <= stored || (terminal && next <= held))) {
+          const limit = terminal ? held : stored;
+          const chunks = jobs.readOutput(id, next, budget).filter((c) => Number(c.seq) <= limit);
           if (chunks.length === 0) break;
-          for (const c of chunks) budget -= c.data.length;
+          // A chunk names its host: a client may see it before the task's first state (the terminal
+          // state of a task waits for all of its output).
+          for (const c of chunks) {
+            c.hostId = task.hostId;
+            budget -= c.data.length;
+          }
           output.push(...chunks);
-          next += chunks.length;
+          next = Number(chunks[chunks.length - 1]!.seq) + 1;
         }
-        if (opts.noOutput) next = stored + 1;
+        if (opts.noOutput) next = held + 1;
         cursor.set(id, next);
-        // Output counted but not yet committed: its commit notifies again.
-        const caughtUp = next > task.outputChunks;
-        if (next <= stored) changed.add(id);
+        // Output counted but not yet committed: its commit notifies again. Out of budget: next round.
+        const caughtUp = next > held;
+        if (budget <= 0 && next <= (terminal ? held : stored)) changed.add(id);
         const sig = taskSignature(task);
         if (sent.get(id) === sig) continue;
-        if (isTerminal(task.state) && !caughtUp) continue;
-        if (isTerminal(task.state)) open--;
+        if (terminal && !caughtUp) continue;
+        if (terminal && !ended.has(id)) {
+          ended.add(id);
+          open--;
+        }
         sent.set(id, sig);
         tasks.push(task);
       }

@@ -1,11 +1,12 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { Backoff, type BackoffOptions } from "../common/backoff.js";
+import type { BackoffOptions } from "../common/backoff.js";
 import { itemBytes, MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
 import type { Clock, Timer } from "../common/clock.js";
-import { Coalescer } from "../common/coalescer.js";
+import type { Coalescer } from "../common/coalescer.js";
 import type { FrameLink } from "../common/frame-link.js";
-import { Heartbeat } from "../common/heartbeat.js";
+import { LinkSession } from "../common/link-session.js";
+import { reconnectLoop } from "../common/reconnect.js";
 import type { Logger } from "../common/logger.js";
 import { isTerminal } from "../common/task-state.js";
 import {
@@ -16,6 +17,7 @@ import {
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import {
   OutputChunkSchema,
+  TaskSpecSchema,
   TaskState,
   TaskStatusSchema,
   type SignedTask,
@@ -25,6 +27,7 @@ import {
 import { isPingOnly, peekSpec, TaskRejected, type TaskVerifier } from "../common/task-signing.js";
 import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
+import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRef } from "./orphans.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -65,6 +68,22 @@ export interface AgentOptions {
    * task. Default 16 MiB; Infinity turns the byte mark off.
    */
   maxUnackedOutputBytes?: number;
+  /** How long a proxy has to answer the hello (TLS handshake included). Default 20 s. */
+  connectTimeoutMs?: number;
+  /** Time between SIGTERM and SIGKILL for what an interrupted task left running. Default 2 s. */
+  killGraceMs?: number;
+  /** Ends what an interrupted task left running (orphans.ts); injectable for tests. */
+  endLeftovers?: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
+  /**
+   * A ledger entry of an ended task is dropped this long after the task's
+   * delivery deadline (no proxy hands it out past it), or this long after
+   * the task ended when it had none. Default 1 hour.
+   */
+  ledgerMarginMs?: number;
+  /** How often the ledger is pruned. Default 10 minutes. */
+  pruneEveryMs?: number;
+  /** Random source of the reconnect jitter. */
+  random?: () => number;
 }
 
 /** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
@@ -86,13 +105,14 @@ const FLOW_CHECK_MS = 50;
  * reconnect.
  */
 export class Agent {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox">> & { backoff: BackoffOptions };
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random">> & { backoff: BackoffOptions; random?: () => number };
+  private readonly endLeftovers: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
   private readonly outbox: Backlog;
   private readonly waiting: TaskSpec[] = [];
   private readonly running = new Map<string, AbortController>();
   private link: ProxyLinkToAgent | undefined;
   private out: Coalescer<AgentStreamRequest> | undefined;
-  private heartbeat: Heartbeat | undefined;
+  private pruneTimer: Timer | undefined;
   private readonly stopController = new AbortController();
   private loop: Promise<void> | undefined;
   private lastCredits = -1;
@@ -117,9 +137,14 @@ export class Agent {
       heartbeatMs: 10_000,
       healthyAfterMs: 10_000,
       backoff: {},
+      killGraceMs: 2000,
+      connectTimeoutMs: 20_000,
+      ledgerMarginMs: 3_600_000,
+      pruneEveryMs: 600_000,
       ...opts,
       maxUnackedOutputBytes: opts.maxUnackedOutputBytes ?? DEFAULT_MAX_UNACKED_OUTPUT_BYTES,
     };
+    this.endLeftovers = opts.endLeftovers ?? ((taskId, groups) => endTaskProcesses(taskId, groups, this.opts.clock, this.opts.killGraceMs));
     if (!(this.opts.capacity >= 1)) throw new Error("capacity must be at least 1");
     if (!(this.opts.maxUnackedOutputBytes >= 0)) throw new Error(`maxUnackedOutputBytes must be a non-negative number, got ${this.opts.maxUnackedOutputBytes}`);
     this.outbox = opts.outbox ?? new MemoryBacklog();
@@ -147,7 +172,20 @@ export class Agent {
   /** Recovers the ledger and starts the connect loop. */
   async start(): Promise<void> {
     await this.recover();
-    this.loop = this.connectLoop();
+    this.schedulePrune();
+    this.loop = reconnectLoop<ProxyLinkToAgent>({
+      targets: this.opts.proxies,
+      what: "proxy link",
+      clock: this.opts.clock,
+      log: this.opts.log,
+      signal: this.stopController.signal,
+      backoff: this.opts.backoff,
+      healthyAfterMs: this.opts.healthyAfterMs,
+      random: this.opts.random,
+      dial: (address, signal) => this.opts.dial(address, signal),
+      serve: (link, address, up) => this.serve(link, address, up),
+      close: (link) => link.close(),
+    });
   }
 
   /**
@@ -169,6 +207,7 @@ export class Agent {
     // Cancel rather than half-close: nothing is gained by waiting for the proxy to end the stream.
     this.link?.close(new Error("daemon stopping"));
     await this.loop;
+    this.pruneTimer?.cancel();
     this.flowTimer?.cancel();
     this.flowTimer = undefined;
   }
@@ -191,92 +230,86 @@ export class Agent {
     // Final statuses the proxy never acknowledged are reported again.
     await this.outbox.push(this.opts.ledger.unreported().map((e) => ({ kind: "status" as const, status: e.final! })));
     for (const entry of this.opts.ledger.unfinished()) {
-      if (entry.state === TaskState.RUNNING && !entry.spec.idempotent) {
-        await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: "the daemon stopped while the task ran; not run again", outputChunks: 0, outputTruncated: false });
-      } else {
+      if (entry.state !== TaskState.RUNNING) {
         this.waiting.push(entry.spec);
+        continue;
+      }
+      // Whatever the task left running (re-parented to init when the daemon died) is ended first.
+      const cleanup = await this.endLeftovers(entry.spec.taskId, entry.groups ?? []).catch((err: unknown): Cleanup => ({ killed: [], failed: [String(err)] }));
+      const what = describeCleanup(cleanup);
+      if (cleanup.killed.length > 0 || cleanup.failed.length > 0) this.opts.log.warn("ended what an interrupted task left running", { task: entry.spec.taskId, what });
+      if (entry.spec.idempotent) {
+        entry.groups = [];
+        this.waiting.push(entry.spec);
+      } else {
+        await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: `the daemon stopped while the task ran; not run again (${what})`, outputChunks: 0, outputTruncated: false });
       }
     }
+    await this.pruneLedger();
+  }
+
+  private schedulePrune(): void {
+    if (this.stopController.signal.aborted) return;
+    this.pruneTimer = this.opts.clock.setTimeout(() => {
+      void this.pruneLedger()
+        .catch((err) => this.opts.log.error("pruning the ledger failed", { err }))
+        .finally(() => this.schedulePrune());
+    }, this.opts.pruneEveryMs);
+  }
+
+  /**
+   * Drops ledger entries no proxy can hand out again: ended, acknowledged,
+   * and past the task's delivery deadline (or its end, without one) by the
+   * margin. Resolves to how many were dropped.
+   */
+  async pruneLedger(): Promise<number> {
+    const now = this.opts.clock.now();
+    const margin = this.opts.ledgerMarginMs;
+    const gone: string[] = [];
+    for (const e of this.opts.ledger.all()) {
+      if (!e.final || !e.finalAcked) continue;
+      const from = e.spec.deliverBy ? timestampMs(e.spec.deliverBy) : (e.endedAt ?? now);
+      if (now >= from + margin) gone.push(e.spec.taskId);
+    }
+    await Promise.all(gone.map((id) => this.opts.ledger.remove(id)));
+    return gone.length;
   }
 
   // ---- connection ------------------------------------------------------------
 
-  private async connectLoop(): Promise<void> {
-    const backoff = new Backoff(this.opts.backoff);
-    const stop = this.stopController.signal;
-    let index = 0;
-    while (!stop.aborted) {
-      const address = this.opts.proxies[index % this.opts.proxies.length]!;
-      const startedAt = this.opts.clock.now();
-      try {
-        const link = await this.opts.dial(address, stop);
-        try {
-          await this.serve(link, address);
-        } finally {
-          link.close();
-        }
-      } catch (err) {
-        if (stop.aborted) break;
-        this.opts.log.warn("proxy link failed", { proxy: address, err });
-      }
-      if (stop.aborted) break;
-      if (this.opts.clock.now() - startedAt > this.opts.healthyAfterMs) {
-        backoff.reset();
-      } else {
-        index++;
-      }
-      try {
-        await this.opts.clock.sleep(backoff.next(), stop);
-      } catch {
-        break;
-      }
-    }
-  }
-
-  private async serve(link: ProxyLinkToAgent, address: string): Promise<void> {
+  private async serve(link: ProxyLinkToAgent, address: string, up: (peer?: string) => void): Promise<void> {
     const log = this.opts.log;
-    const out = new Coalescer(
-      () => create(AgentStreamRequestSchema),
-      (frame) => {
-        heartbeat.sent();
-        link.send(frame);
-        this.updateFlow();
-      },
-    );
-    const heartbeat = new Heartbeat(
-      this.opts.clock,
-      this.opts.heartbeatMs,
-      () => link.send(create(AgentStreamRequestSchema)),
-      () => link.close(new Error("proxy heartbeat lost")),
-    );
+    const ls = new LinkSession<AgentStreamRequest, AgentStreamResponse>(link, {
+      clock: this.opts.clock,
+      empty: () => create(AgentStreamRequestSchema),
+      peer: "proxy",
+      afterSend: () => this.updateFlow(),
+    });
     // The hello, the credits and everything not yet acknowledged, in order.
-    const hello = out.frame;
+    const hello = ls.out.frame;
     hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs };
     hello.credits = this.credits();
     this.lastCredits = hello.credits;
-    this.addToFrame(out, this.outbox.all());
+    this.addToFrame(ls.out, this.outbox.all());
     this.link = link;
-    this.out = out;
-    this.heartbeat = heartbeat;
+    this.out = ls.out;
     this.updateFlow();
-    let welcomed = false;
     try {
-      for await (const frame of link.incoming) {
-        heartbeat.received();
-        if (frame.welcome && !welcomed) {
-          welcomed = true;
-          log.info("connected to proxy", { proxy: frame.welcome.proxy, region: frame.welcome.region, address });
-          for (const fn of this.connectedListeners) fn(frame.welcome.proxy);
-        }
-        await this.handleFrame(frame);
+      const first = await ls.first(this.opts.connectTimeoutMs);
+      if (!first) return;
+      ls.startHeartbeat(this.opts.heartbeatMs);
+      if (first.welcome) {
+        up(first.welcome.proxy);
+        log.debug("welcomed by proxy", { proxy: first.welcome.proxy, region: first.welcome.region, address });
+        for (const fn of this.connectedListeners) fn(first.welcome.proxy);
       }
+      await this.handleFrame(first);
+      await ls.forEach((frame) => this.handleFrame(frame));
     } finally {
-      heartbeat.stop();
-      out.discard();
+      ls.end("discard");
       if (this.link === link) {
         this.link = undefined;
         this.out = undefined;
-        this.heartbeat = undefined;
         // Frames queued on the closed link no longer hold output back.
         this.updateFlow();
       }
@@ -361,7 +394,8 @@ export class Agent {
     // The proxy spent a credit on every task it sent; tasks that took no slot here (a ping, a refusal,
     // a duplicate) would leave its count too low for good, so the true count always goes back.
     if (frame.tasks.length > 0) this.lastCredits = -1;
-    for (const taskId of frame.cancelTaskIds) this.cancel(taskId);
+    for (const taskId of frame.cancelTaskIds) this.cancel(taskId, false);
+    for (const taskId of frame.withdrawTaskIds) this.cancel(taskId, true);
     this.updateFlow();
     this.pump();
   }
@@ -431,17 +465,24 @@ export class Agent {
     return spec.deliverBy !== undefined && timestampMs(spec.deliverBy) <= this.opts.clock.now();
   }
 
-  private cancel(taskId: string): void {
+  /**
+   * Cancels a task: a running one has its process group terminated, a
+   * waiting one ends at once. A withdrawal (the controller gave up on this
+   * host) only drops a task that has not started.
+   */
+  private cancel(taskId: string, withdraw: boolean): void {
     const running = this.running.get(taskId);
     if (running) {
-      running.abort(new Error("cancelled"));
+      if (!withdraw) running.abort(new Error("cancelled"));
       return;
     }
     const i = this.waiting.findIndex((s) => s.taskId === taskId);
     if (i < 0) return;
     const [spec] = this.waiting.splice(i, 1);
     const entry = this.opts.ledger.get(taskId) ?? { spec: spec!, state: TaskState.DELIVERED };
-    void this.finishTask(entry, { state: TaskState.CANCELLED, message: "cancelled before it started", outputChunks: 0, outputTruncated: false });
+    const message = withdraw ? "withdrawn before it started: the controller had given up waiting for this host" : "cancelled before it started";
+    void this.finishTask(entry, { state: TaskState.CANCELLED, message, outputChunks: 0, outputTruncated: false }).catch((err) => this.opts.log.error("recording a cancel failed", { task: taskId, err }));
+    this.reportCredits();
   }
 
   private pump(): void {
@@ -470,6 +511,11 @@ export class Agent {
       const outcome = await this.opts.executor.run({ ...spec, env }, {
         signal: abort.signal,
         flow: this.outputFlow,
+        // Each step's process group is noted, so that a restarted daemon can end what a crash left running.
+        onStart: (pid) => {
+          entry.groups = [...(entry.groups ?? []), groupRef(pid)];
+          void this.opts.ledger.put(entry).catch((err) => this.opts.log.error("noting a process group failed", { task: spec.taskId, err }));
+        },
         onOutput: (stream, data, seq) => {
           const chunk = create(OutputChunkSchema, { taskId: spec.taskId, seq: BigInt(seq), stream, data: Uint8Array.prototype.slice.call(data) });
           this.emit([{ kind: "output", chunk }]);
@@ -501,6 +547,10 @@ export class Agent {
     });
     entry.state = outcome.state;
     entry.final = final;
+    entry.endedAt = this.opts.clock.now();
+    entry.groups = undefined;
+    // What identifies the task is all that is kept: its environment, stdin and steps may hold secrets.
+    entry.spec = create(TaskSpecSchema, { taskId: entry.spec.taskId, jobId: entry.spec.jobId, tenant: entry.spec.tenant, hostId: entry.spec.hostId, deliverBy: entry.spec.deliverBy, idempotent: entry.spec.idempotent });
     await this.opts.ledger.put(entry);
     if (!isTerminal(final.state)) throw new Error(`executor returned a non-terminal state ${final.state}`);
     this.emit([{ kind: "status", status: final }]);

@@ -1,10 +1,15 @@
 import type { TaskSpec, TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import type { GroupRef } from "./orphans.js";
 
 /**
  * The daemon's record of every task it accepted. An entry is written before
  * anything is spawned, so a task delivered twice, or found RUNNING after a
- * restart, is answered from here and never started again.
+ * restart, is answered from here and never started again. Once a task has
+ * ended its spec is cut down to what identifies it (no environment, stdin or
+ * steps: they may hold secrets), and the entry is dropped once no proxy can
+ * hand the task out again (past its delivery deadline and a margin) and its
+ * end was acknowledged.
  */
 export interface LedgerEntry {
   spec: TaskSpec;
@@ -14,11 +19,18 @@ export interface LedgerEntry {
   final?: TaskStatus;
   /** The proxy acknowledged the terminal status; until then it is reported again after a restart. */
   finalAcked?: boolean;
+  /** Process groups the task's steps started (see orphans.ts): what to end if the daemon dies meanwhile. */
+  groups?: GroupRef[];
+  /** When the task ended (epoch ms), for pruning tasks without a delivery deadline. */
+  endedAt?: number;
 }
 
 export interface Ledger {
   get(taskId: string): LedgerEntry | undefined;
   put(entry: LedgerEntry): Promise<void>;
+  remove(taskId: string): Promise<void>;
+  /** Every entry (for pruning). */
+  all(): LedgerEntry[];
   /** Entries not yet terminal, for recovery after a restart. */
   unfinished(): LedgerEntry[];
   /** Terminal entries whose final status was never acknowledged. */
@@ -36,6 +48,14 @@ export class MemoryLedger implements Ledger {
     this.entries.set(entry.spec.taskId, entry);
   }
 
+  async remove(taskId: string): Promise<void> {
+    this.entries.delete(taskId);
+  }
+
+  all(): LedgerEntry[] {
+    return [...this.entries.values()];
+  }
+
   unfinished(): LedgerEntry[] {
     return [...this.entries.values()].filter((e) => e.final === undefined);
   }
@@ -44,4 +64,3 @@ export class MemoryLedger implements Ledger {
     return [...this.entries.values()].filter((e) => e.final !== undefined && !e.finalAcked);
   }
 }
-

@@ -2,12 +2,15 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { TaskSpecSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
+import type { GroupRef } from "./orphans.js";
 
 interface StoredEntry {
   spec: Uint8Array;
   state: TaskState;
   final?: Uint8Array;
   finalAcked?: boolean;
+  groups?: GroupRef[];
+  endedAt?: number;
 }
 
 /**
@@ -26,6 +29,8 @@ export class LmdbLedger implements Ledger {
       const entry: LedgerEntry = { spec: fromBinary(TaskSpecSchema, value.spec), state: value.state };
       if (value.final) entry.final = fromBinary(TaskStatusSchema, value.final);
       if (value.finalAcked) entry.finalAcked = true;
+      if (value.groups) entry.groups = value.groups;
+      if (value.endedAt !== undefined) entry.endedAt = value.endedAt;
       this.cache.set(key[1]!, entry);
     }
   }
@@ -39,7 +44,18 @@ export class LmdbLedger implements Ledger {
     const stored: StoredEntry = { spec: toBinary(TaskSpecSchema, entry.spec), state: entry.state };
     if (entry.final) stored.final = toBinary(TaskStatusSchema, entry.final);
     if (entry.finalAcked) stored.finalAcked = true;
+    if (entry.groups?.length) stored.groups = entry.groups;
+    if (entry.endedAt !== undefined) stored.endedAt = entry.endedAt;
     return this.db.put([this.hostId, entry.spec.taskId], stored).then(() => undefined);
+  }
+
+  remove(taskId: string): Promise<void> {
+    this.cache.delete(taskId);
+    return this.db.remove([this.hostId, taskId]).then(() => undefined);
+  }
+
+  all(): LedgerEntry[] {
+    return [...this.cache.values()];
   }
 
   unfinished(): LedgerEntry[] {

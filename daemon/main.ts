@@ -102,6 +102,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       capacity: config.capacity,
       heartbeatMs: config.heartbeat,
       maxUnackedOutputBytes: config.maxUnackedOutput,
+      killGraceMs: config.killGrace,
     });
   });
   await Promise.all(agents.map((a) => a.start()));

@@ -4,14 +4,17 @@ import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import { SignedDenyListSchema, type SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
-import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
+import { TaskIndex, type ProxyStore, type QueuedTask, type TaskMark, type UpwardItem } from "./store.js";
 
 interface StoredTask {
-  /** The SignedTask, serialized. */
-  signed: Uint8Array;
+  /** The SignedTask, serialized; absent for a task learned from its host's reports. */
+  signed?: Uint8Array;
+  hostId: string;
   state: TaskState;
   cancelRequested: boolean;
+  withdraw?: boolean;
   outputSeq: number;
+  endedHere?: boolean;
 }
 
 /**
@@ -27,29 +30,38 @@ function signedBytes(signed: SignedTask): Uint8Array {
 }
 
 /**
- * The proxy's tasks and result backlog in LMDB, so that a proxy killed at
- * any moment comes back with every task it acknowledged and every result it
- * has not yet handed to the controller. Task records are cached in memory
- * (they are small and their number is bounded by the region's queue).
+ * The proxy's tasks, marks and result backlog in LMDB, so that a proxy
+ * killed at any moment comes back with every task it acknowledged, the
+ * highest output seq it acknowledged of each, every result it has not yet
+ * handed to the controller, and what it must refuse to take twice. Task
+ * records and marks are cached in memory (their number is bounded by the
+ * region's queue and by the marks' lifetime).
  */
 export class LmdbProxyStore implements ProxyStore {
   private readonly db: Database<StoredTask, string>;
+  private readonly marksDb: Database<{ kind: TaskMark; until: number }, string>;
   private readonly backlog: LmdbBacklog;
-  private readonly tasks = new Map<string, QueuedTask>();
-  private readonly byHost = new Map<string, Set<string>>();
+  private readonly index = new TaskIndex();
   private readonly keysDb: Database<Buffer, string>;
   private readonly keys = new Map<string, TaskSigningKey>();
 
   constructor(private readonly env: LmdbEnv) {
     this.db = env.db("proxy-tasks");
+    this.marksDb = env.db("proxy-task-marks");
     this.keysDb = env.db("proxy-signing-keys", "binary");
     this.backlog = new LmdbBacklog(env.db("proxy-backlog", "binary"), "");
     for (const { key, value } of this.db.getRange()) {
-      const signed = fromBinary(SignedTaskSchema, value.signed);
-      const task: QueuedTask = { signed, spec: fromBinary(TaskSpecSchema, signed.spec), state: value.state, cancelRequested: value.cancelRequested, outputSeq: value.outputSeq };
-      this.index(task);
-      void key;
+      const task: QueuedTask = { id: key, hostId: value.hostId, state: value.state, cancelRequested: value.cancelRequested, outputSeq: value.outputSeq };
+      if (value.signed) {
+        task.signed = fromBinary(SignedTaskSchema, value.signed);
+        task.spec = fromBinary(TaskSpecSchema, task.signed.spec);
+        task.hostId ||= task.spec.hostId;
+      }
+      if (value.withdraw) task.withdraw = true;
+      if (value.endedHere) task.endedHere = true;
+      this.index.put(task);
     }
+    for (const { key, value } of this.marksDb.getRange()) this.index.marks.set(key, value);
     for (const { key, value } of this.keysDb.getRange()) {
       if (key === "\0deny-list") continue;
       const k = fromBinary(TaskSigningKeySchema, value);
@@ -57,41 +69,49 @@ export class LmdbProxyStore implements ProxyStore {
     }
   }
 
-  private index(task: QueuedTask): void {
-    this.tasks.set(task.spec.taskId, task);
-    let set = this.byHost.get(task.spec.hostId);
-    if (!set) this.byHost.set(task.spec.hostId, (set = new Set()));
-    set.add(task.spec.taskId);
-  }
-
   getTask(taskId: string): QueuedTask | undefined {
-    return this.tasks.get(taskId);
+    return this.index.tasks.get(taskId);
   }
 
   putTask(task: QueuedTask): Promise<void> {
-    this.index(task);
-    return this.db
-      .put(task.spec.taskId, { signed: signedBytes(task.signed), state: task.state, cancelRequested: task.cancelRequested, outputSeq: task.outputSeq })
-      .then(() => undefined);
+    this.index.put(task);
+    const stored: StoredTask = { hostId: task.hostId, state: task.state, cancelRequested: task.cancelRequested, outputSeq: task.outputSeq };
+    if (task.signed) stored.signed = signedBytes(task.signed);
+    if (task.withdraw) stored.withdraw = true;
+    if (task.endedHere) stored.endedHere = true;
+    return this.db.put(task.id, stored).then(() => undefined);
   }
 
   removeTask(taskId: string): Promise<void> {
-    const task = this.tasks.get(taskId);
-    if (task) {
-      this.tasks.delete(taskId);
-      const set = this.byHost.get(task.spec.hostId);
-      set?.delete(taskId);
-      if (set?.size === 0) this.byHost.delete(task.spec.hostId);
-    }
+    this.index.remove(taskId);
     return this.db.remove(taskId).then(() => undefined);
   }
 
   tasksFor(hostId: string): QueuedTask[] {
-    return [...(this.byHost.get(hostId) ?? [])].map((id) => this.tasks.get(id)!).filter(Boolean);
+    return this.index.tasksFor(hostId);
   }
 
   allTasks(): QueuedTask[] {
-    return [...this.tasks.values()];
+    return [...this.index.tasks.values()];
+  }
+
+  markOf(taskId: string): TaskMark | undefined {
+    return this.index.marks.get(taskId)?.kind;
+  }
+
+  mark(taskId: string, kind: TaskMark, until: number): Promise<void> {
+    this.index.marks.set(taskId, { kind, until });
+    return this.marksDb.put(taskId, { kind, until }).then(() => undefined);
+  }
+
+  unmark(taskId: string): Promise<void> {
+    this.index.marks.delete(taskId);
+    return this.marksDb.remove(taskId).then(() => undefined);
+  }
+
+  pruneMarks(now: number): Promise<number> {
+    const gone = this.index.expiredMarks(now);
+    return Promise.all(gone.map((id) => this.marksDb.remove(id))).then(() => gone.length);
   }
 
   pushUpward(items: readonly UpwardItem[]): Promise<void> {
@@ -102,8 +122,8 @@ export class LmdbProxyStore implements ProxyStore {
     return this.backlog.ackOutput(taskId, seq);
   }
 
-  ackStatus(taskId: string, state: TaskState): Promise<void> {
-    return this.backlog.ackStatus(taskId, state);
+  ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
+    return this.backlog.ackStatus(taskId, state, atProxy);
   }
 
   upward(): UpwardItem[] {

@@ -1,6 +1,5 @@
 import { readCredentials } from "../certs/files.js";
 import { identityFromCertificate, requireRole } from "../certs/identity.js";
-import { Backoff } from "../common/backoff.js";
 import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
@@ -22,7 +21,8 @@ import type { Logger } from "../common/logger.js";
 import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyLinkService, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { requireFiles } from "../controller/main.js";
-import { ProxyCore } from "./proxy.js";
+import { ProxyCore, type ControllerLink } from "./proxy.js";
+import { reconnectLoop } from "../common/reconnect.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbProxyStore } from "./lmdb-store.js";
 import { createOpenUnaryServer } from "../common/open-unary-server.js";
@@ -174,28 +174,22 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const reconnects = metrics.counter("controller_link_attempts_total", "attempts to open the link to the controller");
   const metricsServer = await metrics.serveAt(config.metricsListen);
   const stop = new AbortController();
-  const uplink = (async () => {
-    const backoff = new Backoff({ initialMs: 500, maxMs: 30_000 });
-    while (!stop.signal.aborted) {
-      reconnects();
+  const uplink = reconnectLoop<ControllerLink>({
+    targets: [controllerAddress],
+    what: "controller link",
+    clock,
+    log,
+    signal: stop.signal,
+    backoff: { initialMs: 500, maxMs: 30_000 },
+    onAttempt: () => reconnects(),
+    dial: async () => {
       const channel = openChannel(controllerAddress, creds, ["controller"]);
       const client = clientFor(ProxyLinkService, channel);
-      const link = openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), (err) => channel.close(err));
-      const onStop = () => link.close();
-      stop.signal.addEventListener("abort", onStop);
-      const started = clock.now();
-      try {
-        await core.serveController(link);
-      } catch (err) {
-        if (!stop.signal.aborted) log.warn("controller link failed", { controller: controllerAddress, err });
-      } finally {
-        stop.signal.removeEventListener("abort", onStop);
-        link.close();
-      }
-      if (clock.now() - started > 10_000) backoff.reset();
-      await clock.sleep(backoff.next(), stop.signal).catch(() => undefined);
-    }
-  })();
+      return openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), (err) => channel.close(err));
+    },
+    serve: (link, _target, up) => core.serveController(link, () => up()),
+    close: (link) => link.close(),
+  });
 
   return {
     address,

@@ -1,10 +1,9 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
-import { Coalescer } from "../common/coalescer.js";
 import { PermissionDeniedError, InvalidArgumentError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
-import { Heartbeat } from "../common/heartbeat.js";
+import { LinkSession } from "../common/link-session.js";
 import type { Logger } from "../common/logger.js";
 import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import { advances, isTerminal } from "../common/task-state.js";
@@ -33,7 +32,7 @@ import {
   type OutputChunk,
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
-import type { ProxyStore, QueuedTask, UpwardItem } from "./store.js";
+import { deliverByOf, type ProxyStore, type QueuedTask, type UpwardItem } from "./store.js";
 import { specBytes } from "../common/backlog.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec } from "../common/task-signing.js";
@@ -60,47 +59,37 @@ export interface ProxyCoreOptions {
 /** Frames queued toward the controller above which the pump waits for the link to drain. */
 const UPLINK_HIGH_FRAMES = 4;
 const UPLINK_LOW_FRAMES = 2;
+/** How long the controller has to answer the hello (TLS handshake included). */
+const CONNECT_TIMEOUT_MS = 20_000;
+/** Hosts named in the hello itself; the others follow in ordinary frames. */
+const HELLO_HOSTS = 1000;
+/**
+ * How long a task that ended here is remembered past its delivery deadline
+ * (or from its end, when the deadline is not known), so that a replay of it
+ * (a resend, a bundle imported again) is refused. Past the deadline a replay
+ * could not run anyway: it expires on arrival.
+ */
+const MARK_MARGIN_MS = 3_600_000;
+const MARK_UNKNOWN_DEADLINE_MS = 24 * 3_600_000;
 
 interface ControllerSession {
+  session: LinkSession<ProxyStreamRequest, ProxyStreamResponse>;
   link: ControllerLink;
-  out: Coalescer<ProxyStreamRequest>;
-  heartbeat: Heartbeat;
   /** Backlog position sent on this link so far; the next frame starts after it. */
   sentUpTo: number;
   pumping: boolean;
   waiting: boolean;
 }
 
-class HostSession {
-  credits = 0;
-  readonly out: Coalescer<AgentStreamResponse>;
-  heartbeat?: Heartbeat;
-
-  constructor(
-    readonly hostId: string,
-    readonly tenant: string,
-    readonly facts: HostFacts | undefined,
-    readonly since: number,
-    readonly link: AgentLink,
-  ) {
-    this.out = new Coalescer(
-      () => create(AgentStreamResponseSchema),
-      (frame) => {
-        this.heartbeat?.sent();
-        link.send(frame);
-      },
-    );
-  }
+interface HostSession {
+  hostId: string;
+  tenant: string;
+  facts: HostFacts | undefined;
+  since: number;
+  link: AgentLink;
+  session: LinkSession<AgentStreamResponse, AgentStreamRequest>;
+  credits: number;
 }
-
-/**
- * The regional relay. It holds one stream per host and one to the
- * controller; tasks wait in its store until their daemon takes them (only
- * against the daemon's credits, oldest first), results wait in its backlog
- * until the controller acknowledges them. Either side may come and go.
- */
-/** Hosts named in the hello itself; the others follow in ordinary frames. */
-const HELLO_HOSTS = 1000;
 
 /** About how many bytes a host presence takes in a frame (id, tenant, facts). */
 function presenceBytes(p: HostPresence): number {
@@ -113,6 +102,18 @@ function presenceBytes(p: HostPresence): number {
   return bytes;
 }
 
+/**
+ * The regional relay. It holds one stream per host and one to the
+ * controller; tasks wait in its store until their daemon takes them (only
+ * against the daemon's credits, oldest first), results wait in its backlog
+ * until the controller acknowledges them. Either side may come and go.
+ *
+ * What it stores before it acknowledges (docs/delivery.md has the rules per
+ * hop): a task from the controller, before its QUEUED goes up; a host's
+ * statuses and output, and the highest output seq per task, before the
+ * host is acknowledged. A host that failed over from another proxy brings
+ * its tasks along: their reports are taken here like any other.
+ */
 export class ProxyCore {
   readonly name: string;
   readonly region: string;
@@ -125,11 +126,7 @@ export class ProxyCore {
   private sweepTimer: Timer | undefined;
   private readonly sweepMs: number;
   private stopped = false;
-  /**
-   * Cancels for tasks this proxy never received. The task may still arrive
-   * (it was in flight on a stream that broke); it is then cancelled at once.
-   */
-  private readonly cancelledUnknown = new Set<string>();
+  private pumpScheduled = false;
   /** Identities refused here: hosts on it are disconnected and cannot come back. */
   private readonly deny = new DenySet();
   private readonly openDenyList: ((signed: SignedDenyList) => DenyList) | undefined;
@@ -162,54 +159,48 @@ export class ProxyCore {
   async serveHost(link: AgentLink, peer: PeerIdentity): Promise<void> {
     requireRole(peer, "host");
     if (this.deny.has(peer)) throw new PermissionDeniedError("this host's identity has been revoked");
-    const iterator = link.incoming[Symbol.asyncIterator]();
-    const first = await iterator.next();
-    if (first.done) return;
-    const hello = first.value.hello;
+    const ls = new LinkSession<AgentStreamResponse, AgentStreamRequest>(link, { clock: this.clock, empty: () => create(AgentStreamResponseSchema), peer: "host" });
+    const first = await ls.first();
+    if (!first) return;
+    const hello = first.hello;
     if (!hello) throw new InvalidArgumentError("the first frame of a host stream must be a hello");
     if (hello.hostId !== peer.id) {
       throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(peer.id)}`);
     }
-    const session = new HostSession(peer.id, peer.scope, hello.facts, this.clock.now(), link);
+    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0 };
     const previous = this.hosts.get(session.hostId);
     if (previous) previous.link.close(new Error("replaced by a newer stream of the same host"));
     this.hosts.set(session.hostId, session);
     const log = this.log.child({ host: session.hostId });
-    session.heartbeat = new Heartbeat(
-      this.clock,
-      hello.heartbeatMs || this.heartbeatMs,
-      () => link.send(create(AgentStreamResponseSchema)),
-      () => link.close(new Error("host heartbeat lost")),
-    );
-    session.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
+    ls.startHeartbeat(hello.heartbeatMs || this.heartbeatMs);
+    ls.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
     // The keys the daemon verifies task signatures with (it checks their endorsement itself).
-    session.out.frame.signingKeys.push(...this.store.signingKeys());
+    ls.out.frame.signingKeys.push(...this.store.signingKeys());
     log.info("host connected");
     this.reportPresence(session, true);
+    let why: unknown;
     try {
       // Tasks handed out on an earlier stream go first; the hello's credits then hand out new ones.
       this.resendHandedOut(session);
-      await this.handleHostFrame(session, first.value);
+      await this.handleHostFrame(session, first);
       this.deliver(session);
-      for (;;) {
-        const next = await iterator.next();
-        if (next.done) break;
-        await this.handleHostFrame(session, next.value);
-      }
+      await ls.forEach((frame) => this.handleHostFrame(session, frame));
+    } catch (err) {
+      why = err;
+      throw err;
     } finally {
-      session.heartbeat.stop();
-      session.out.flush();
+      ls.end("flush");
       if (this.hosts.get(session.hostId) === session) {
         this.hosts.delete(session.hostId);
         this.reportPresence(session, false);
-        log.info("host disconnected");
+        log.info("host disconnected", { ...(ls.lostHeartbeat ? { reason: "heartbeat lost" } : {}), ...(why ? { err: why } : {}) });
       }
     }
   }
 
   private reportPresence(session: HostSession, connected: boolean): void {
     const p = this.presence(session, connected);
-    this.controller?.out.frameFor(presenceBytes(p)).hosts.push(p);
+    this.controller?.session.out.frameFor(presenceBytes(p)).hosts.push(p);
   }
 
   private presence(session: HostSession, connected: boolean): HostPresence {
@@ -222,64 +213,100 @@ export class ProxyCore {
     });
   }
 
+  /**
+   * Takes a frame of a host's results: stores what is new (every chunk above
+   * the highest seq held, every status that moves the task forward, and the
+   * task records that count them) in one commit, then acknowledges it to the
+   * host and lets it go up.
+   */
   private async handleHostFrame(session: HostSession, frame: AgentStreamRequest): Promise<void> {
-    session.heartbeat?.received();
     if (frame.credits !== undefined) session.credits = frame.credits;
     const items: UpwardItem[] = [];
     const outputAcks = new Map<string, number>();
+    const changed = new Set<QueuedTask>();
     for (const chunk of frame.output) {
-      const task = this.ownTask(session, chunk.taskId);
-      if (!task) {
-        // Already finished and acknowledged upstream: a replay; acknowledge so the daemon stops sending it.
-        outputAcks.set(chunk.taskId, Math.max(outputAcks.get(chunk.taskId) ?? 0, Number(chunk.seq)));
-        continue;
+      const seq = Number(chunk.seq);
+      const task = this.reportedTask(session, chunk.taskId, changed);
+      if (task) {
+        // A host sends a task's chunks in order and forgets only what was acknowledged, so a
+        // chunk above the highest held is new even after a gap (the rest went through another proxy).
+        if (seq > task.outputSeq) {
+          task.outputSeq = seq;
+          chunk.hostId = session.hostId;
+          items.push({ kind: "output", chunk });
+          changed.add(task);
+        }
+        outputAcks.set(chunk.taskId, task.outputSeq);
+      } else {
+        // Ended and acknowledged upstream long ago: a replay. Acknowledged so the host stops sending it.
+        outputAcks.set(chunk.taskId, Math.max(outputAcks.get(chunk.taskId) ?? 0, seq));
       }
-      if (Number(chunk.seq) === task.outputSeq + 1) {
-        task.outputSeq++;
-        items.push({ kind: "output", chunk });
-      }
-      outputAcks.set(chunk.taskId, task.outputSeq);
     }
     const statusAcks: TaskStatus[] = [];
-    const changed = new Set<QueuedTask>();
     for (const status of frame.statuses) {
-      const task = this.ownTask(session, status.taskId);
+      const task = this.reportedTask(session, status.taskId, changed);
       // A daemon keeps no ping answer for an ack (daemon/agent.ts): none is sent.
-      if (!task || !isPingOnly(task.spec)) statusAcks.push(status);
-      if (!task || !advances(task.state, status.state)) continue;
-      task.state = status.state;
+      if (!task || !task.spec || !isPingOnly(task.spec)) statusAcks.push(status);
+      if (!task) continue;
+      // Only a proxy speaks for its own copy: what a host says is the host's.
+      status.atProxy = false;
       status.hostId = session.hostId;
-      items.push({ kind: "status", status });
-      changed.add(task);
+      if (task.endedHere ? status.state !== TaskState.UNSPECIFIED : advances(task.state, status.state)) {
+        task.state = status.state;
+        task.endedHere = false;
+        items.push({ kind: "status", status });
+        changed.add(task);
+      }
+      // A cancel that came while the host had the task elsewhere: tell it now.
+      if (task.cancelRequested && !isTerminal(status.state) && status.state >= TaskState.DELIVERED) this.tellCancel(session, task);
     }
-    if (items.length > 0) {
+    if (items.length > 0 || changed.size > 0) {
       // One commit for the whole frame: every write is issued, then awaited together.
-      await Promise.all([this.store.pushUpward(items), ...[...changed].map((task) => this.store.putTask(task))]);
-      this.sendUp(items);
+      await Promise.all([items.length > 0 ? this.store.pushUpward(items) : undefined, ...[...changed].map((task) => this.store.putTask(task))]);
+      if (items.length > 0) this.sendUp();
     }
-    for (const [taskId, seq] of outputAcks) session.out.frame.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-    for (const s of statusAcks) session.out.frame.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+    const reply = session.session.out.frame;
+    for (const [taskId, seq] of outputAcks) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
+    for (const s of statusAcks) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
     if (frame.credits !== undefined || changed.size > 0) this.deliver(session);
   }
 
-  /** The proxy's record of a task, only if it belongs to this host: a host cannot report for another. */
-  private ownTask(session: HostSession, taskId: string): QueuedTask | undefined {
+  /**
+   * The proxy's record of a task a host reports on. A task of another host
+   * is refused. A task unknown here was handed to the host by another proxy
+   * of the region before it failed over to this one: it is taken on, so its
+   * output and status flow on. Only a task whose end was acknowledged here
+   * is not (its repeats are acknowledged and dropped).
+   */
+  private reportedTask(session: HostSession, taskId: string, changed: Set<QueuedTask>): QueuedTask | undefined {
     const task = this.store.getTask(taskId);
-    if (!task) return undefined;
-    if (task.spec.hostId !== session.hostId) {
+    if (task) {
+      if (task.hostId === session.hostId) return task;
       this.log.warn("host reported on a task of another host; dropped", { host: session.hostId, task: taskId });
       return undefined;
     }
-    return task;
+    const mark = this.store.markOf(taskId);
+    if (mark === "done") return undefined;
+    const taken: QueuedTask = { id: taskId, hostId: session.hostId, state: TaskState.DELIVERED, cancelRequested: mark === "cancelled", outputSeq: 0 };
+    if (mark === "cancelled") void this.store.unmark(taskId).catch(() => undefined);
+    // Indexed now (the frame's later items find it), stored with the frame's commit.
+    this.store.putTask(taken).catch((err) => this.log.error("storing a task failed", { task: taskId, err }));
+    changed.add(taken);
+    this.log.info("taking on a task the host brought from another proxy", { host: session.hostId, task: taskId });
+    return taken;
+  }
+
+  private tellCancel(session: HostSession, task: QueuedTask): void {
+    const frame = session.session.out.frame;
+    if (task.withdraw) frame.withdrawTaskIds.push(task.id);
+    else frame.cancelTaskIds.push(task.id);
   }
 
   /** After a reconnect, tasks handed out before may not have reached the daemon: send them again (its ledger drops duplicates). */
   private resendHandedOut(session: HostSession): void {
     for (const task of this.store.tasksFor(session.hostId)) {
-      if (task.state === TaskState.DISPATCHED) session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
-      if (task.cancelRequested && task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) {
-        session.out.frame.cancelTaskIds.push(task.spec.taskId);
-      }
+      if (task.state === TaskState.DISPATCHED && task.signed && task.spec) session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
+      if (task.cancelRequested && task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) this.tellCancel(session, task);
     }
   }
 
@@ -287,53 +314,54 @@ export class ProxyCore {
   private deliver(session: HostSession): void {
     if (session.credits <= 0) return;
     const items: UpwardItem[] = [];
+    const changed: QueuedTask[] = [];
     const now = this.clock.now();
     for (const task of this.store.tasksFor(session.hostId)) {
       if (session.credits <= 0) break;
-      if (task.state !== TaskState.QUEUED || task.cancelRequested) continue;
-      if (task.spec.deliverBy && timestampMs(task.spec.deliverBy) <= now) {
-        items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed while the task waited at the proxy"));
+      if (task.state !== TaskState.QUEUED || task.cancelRequested || !task.signed || !task.spec) continue;
+      const deliverBy = deliverByOf(task);
+      if (deliverBy !== undefined && deliverBy <= now) {
+        items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed while the task waited at the proxy"));
+        changed.push(task);
         continue;
       }
       task.state = TaskState.DISPATCHED;
       session.credits--;
-      session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
+      session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
       // A ping is answered within moments and is harmless to hand out again after a restart, so
       // its hand-over is neither stored nor reported: a third fewer writes and statuses per host
       // in a fleet-wide ping.
-      if (!isPingOnly(task.spec)) items.push({ kind: "status", status: this.status(task, TaskState.DISPATCHED) });
+      if (!isPingOnly(task.spec)) {
+        items.push({ kind: "status", status: this.ownStatus(task, TaskState.DISPATCHED) });
+        changed.push(task);
+      }
     }
-    if (items.length > 0) void this.persistUp(items);
+    if (items.length > 0) void this.persistUp(items, changed);
   }
 
-  private status(task: QueuedTask, state: TaskState, message = ""): TaskStatus {
+  /** A status the proxy itself decides about its copy of a task (at_proxy). */
+  private ownStatus(task: QueuedTask, state: TaskState, message = ""): TaskStatus {
     return create(TaskStatusSchema, {
-      taskId: task.spec.taskId,
-      hostId: task.spec.hostId,
+      taskId: task.id,
+      hostId: task.hostId,
       state,
       time: timestampFromMs(this.clock.now()),
       message,
-      outputChunks: isTerminal(state) ? BigInt(task.outputSeq) : 0n,
+      atProxy: true,
     });
   }
 
-  /** Ends a task at the proxy (it never reached the daemon). */
-  private finish(task: QueuedTask, state: TaskState, message: string): UpwardItem {
+  /** Ends the proxy's own copy of a task (it never reached the host through this proxy). */
+  private endOwnCopy(task: QueuedTask, state: TaskState, message: string): UpwardItem {
     task.state = state;
-    return { kind: "status", status: this.status(task, state, message) };
+    task.endedHere = true;
+    return { kind: "status", status: this.ownStatus(task, state, message) };
   }
 
-  private async persistUp(items: UpwardItem[]): Promise<void> {
+  private async persistUp(items: UpwardItem[], tasks: readonly QueuedTask[]): Promise<void> {
     try {
-      const writes: Promise<void>[] = [this.store.pushUpward(items)];
-      for (const item of items) {
-        if (item.kind === "status") {
-          const task = this.store.getTask(item.status.taskId);
-          if (task) writes.push(this.store.putTask(task));
-        }
-      }
-      await Promise.all(writes);
-      this.sendUp(items);
+      await Promise.all([this.store.pushUpward(items), ...tasks.map((t) => this.store.putTask(t))]);
+      this.sendUp();
     } catch (err) {
       this.log.error("storing results failed", { err });
     }
@@ -345,7 +373,7 @@ export class ProxyCore {
    * uncommitted tail again each time: quadratic when 17,000 hosts answer a
    * ping within a moment.)
    */
-  private sendUp(_items: readonly UpwardItem[]): void {
+  private sendUp(): void {
     if (this.pumpScheduled) return;
     this.pumpScheduled = true;
     setImmediate(() => {
@@ -354,20 +382,20 @@ export class ProxyCore {
     });
   }
 
-  private pumpScheduled = false;
-
   /**
    * Sends results to the controller from the durable backlog, past what this
    * link already carried, while the link keeps up. When it is backed up the
    * pump waits for it to drain, so a slow controller link costs disk (the
    * backlog), never memory. A new link starts again from the beginning: that
-   * is the replay after a reconnect.
+   * is the replay after a reconnect. Presence goes first, so that the
+   * controller knows which hosts this proxy holds before their results.
    */
   private pump(): void {
     const c = this.controller;
     if (!c || c.pumping || c.waiting) return;
     c.pumping = true;
     try {
+      c.session.out.flush();
       while (this.controller === c && c.link.backlog < UPLINK_HIGH_FRAMES) {
         const batch = this.store.upwardAfter(c.sentUpTo, MAX_FRAME_BYTES);
         if (batch.length === 0) return;
@@ -377,7 +405,6 @@ export class ProxyCore {
           else frame.statuses.push(item.status);
           c.sentUpTo = n;
         }
-        c.heartbeat.sent();
         c.link.send(frame);
       }
       if (this.controller === c) {
@@ -394,21 +421,12 @@ export class ProxyCore {
 
   // ---- the controller side -------------------------------------------------
 
-  /** Serves the stream to the controller until it ends. */
-  async serveController(link: ControllerLink): Promise<void> {
-    const out = new Coalescer(
-      () => create(ProxyStreamRequestSchema),
-      (frame) => {
-        heartbeat.sent();
-        link.send(frame);
-      },
-    );
-    const heartbeat = new Heartbeat(
-      this.clock,
-      this.heartbeatMs,
-      () => link.send(create(ProxyStreamRequestSchema)),
-      () => link.close(new Error("controller heartbeat lost")),
-    );
+  /**
+   * Serves the stream to the controller until it ends. `up` is called once
+   * the controller has answered the hello.
+   */
+  async serveController(link: ControllerLink, up?: () => void): Promise<void> {
+    const ls = new LinkSession<ProxyStreamRequest, ProxyStreamResponse>(link, { clock: this.clock, empty: () => create(ProxyStreamRequestSchema), peer: "controller" });
     const held = [...this.hosts.values()].map((s) => this.presence(s, true));
     link.send(
       create(ProxyStreamRequestSchema, {
@@ -421,45 +439,45 @@ export class ProxyCore {
       }),
     );
     // The rest of the hosts follow in frames of bounded size (20,000 hosts with facts would pass the message limit).
-    for (const p of held.slice(HELLO_HOSTS)) out.frameFor(presenceBytes(p)).hosts.push(p);
-    const session: ControllerSession = { link, out, heartbeat, sentUpTo: 0, pumping: false, waiting: false };
-    this.controller = session;
+    for (const p of held.slice(HELLO_HOSTS)) ls.out.frameFor(presenceBytes(p)).hosts.push(p);
+    const c: ControllerSession = { session: ls, link, sentUpTo: 0, pumping: false, waiting: false };
+    this.controller = c;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
     let loadTimer: Timer | undefined;
     const reportLoad = () => {
-      if (this.controller !== session) return;
-      out.frame.load = this.load();
+      if (this.controller !== c) return;
+      ls.out.frame.load = this.load();
       loadTimer = this.clock.setTimeout(reportLoad, this.heartbeatMs);
     };
     reportLoad();
     // Everything the controller has not acknowledged goes again, in order.
     this.pump();
-    this.log.info("controller link up");
     try {
-      for await (const frame of link.incoming) {
-        heartbeat.received();
-        await this.handleControllerFrame(frame);
-      }
+      const first = await ls.first(CONNECT_TIMEOUT_MS);
+      if (!first) return;
+      ls.startHeartbeat(this.heartbeatMs);
+      up?.();
+      await this.handleControllerFrame(first);
+      await ls.forEach((frame) => this.handleControllerFrame(frame));
     } finally {
       loadTimer?.cancel();
-      heartbeat.stop();
-      out.discard();
-      if (this.controller === session) this.controller = undefined;
-      this.log.info("controller link down");
+      ls.end("discard");
+      if (this.controller === c) this.controller = undefined;
     }
   }
 
   private async handleControllerFrame(frame: ProxyStreamResponse): Promise<void> {
     const items: UpwardItem[] = [];
     const touched = new Set<string>();
+    const changed = new Set<QueuedTask>();
     const now = this.clock.now();
     // Writes are issued as the frame is read and awaited together: one commit per frame, not one per task.
-    const writes: Promise<void>[] = [];
+    const writes: Promise<unknown>[] = [];
     if (frame.denyList) await this.applyDenyList(frame.denyList);
     if (frame.signingKeys.length > 0) {
       const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));
       await this.store.addSigningKeys(fresh);
-      for (const session of this.hosts.values()) session.out.frame.signingKeys.push(...fresh);
+      for (const session of this.hosts.values()) session.session.out.frame.signingKeys.push(...fresh);
     }
     for (const signed of frame.tasks) {
       // Decoded only to route it; the daemon verifies the signature over these exact bytes.
@@ -468,56 +486,96 @@ export class ProxyCore {
         this.log.warn("a task that cannot be decoded was dropped");
         continue;
       }
+      const mark = this.store.markOf(spec.taskId);
+      // A replay of a task that ended here (a resend, a bundle imported again) is not taken twice.
+      if (mark === "done" || mark === "dropped") continue;
       const known = this.store.getTask(spec.taskId);
       if (known) {
-        // A resend: the controller missed our ack. Report where the task is (not stored: it is a reminder).
-        this.controller?.out.frame.statuses.push(this.status(known, known.state));
+        if (!known.signed) {
+          // Taken on from the host's reports; now the task itself has come.
+          known.signed = signed;
+          known.spec = spec;
+          changed.add(known);
+        } else if (!isTerminal(known.state)) {
+          // A resend: the controller missed our QUEUED. A reminder of where the task is (not stored).
+          const reminder = known.state <= TaskState.DISPATCHED ? this.ownStatus(known, known.state) : create(TaskStatusSchema, { taskId: known.id, hostId: known.hostId, state: known.state, time: timestampFromMs(now) });
+          this.controller?.session.out.frame.statuses.push(reminder);
+        }
         continue;
       }
-      const task: QueuedTask = { signed, spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
-      if (this.cancelledUnknown.delete(spec.taskId)) {
+      const task: QueuedTask = { id: spec.taskId, hostId: spec.hostId, signed, spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
+      const deliverBy = deliverByOf(task);
+      if (mark === "cancelled") {
+        writes.push(this.store.unmark(task.id));
         task.cancelRequested = true;
-        items.push(this.finish(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
-      } else if (spec.deliverBy && timestampMs(spec.deliverBy) <= now) {
-        items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed before the task reached the proxy"));
+        items.push(this.endOwnCopy(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
+      } else if (deliverBy !== undefined && deliverBy <= now) {
+        items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed before the task reached the proxy"));
       } else {
-        items.push({ kind: "status", status: this.status(task, TaskState.QUEUED) });
+        items.push({ kind: "status", status: this.ownStatus(task, TaskState.QUEUED) });
       }
-      writes.push(this.store.putTask(task));
-      touched.add(spec.hostId);
+      changed.add(task);
+      touched.add(task.hostId);
     }
     for (const cancel of frame.cancels) {
       const task = this.store.getTask(cancel.taskId);
       if (!task) {
-        // Never received here: it cannot run through this proxy any more.
-        this.cancelledUnknown.add(cancel.taskId);
-        if (this.cancelledUnknown.size > 100_000) this.cancelledUnknown.delete(this.cancelledUnknown.values().next().value!);
+        const mark = this.store.markOf(cancel.taskId);
+        if (mark !== "done" && mark !== "dropped") {
+          // Never received here: it cannot run through this proxy any more, and is cancelled if it comes.
+          writes.push(this.store.mark(cancel.taskId, "cancelled", now + MARK_UNKNOWN_DEADLINE_MS));
+        }
         items.push({
           kind: "status",
-          status: create(TaskStatusSchema, { taskId: cancel.taskId, hostId: cancel.hostId, state: TaskState.CANCELLED, time: timestampFromMs(now), message: "cancelled before it reached the proxy" }),
+          status: create(TaskStatusSchema, { taskId: cancel.taskId, hostId: cancel.hostId, state: TaskState.CANCELLED, time: timestampFromMs(now), message: "cancelled before it reached the proxy", atProxy: true }),
         });
         continue;
       }
-      if (isTerminal(task.state)) continue;
+      if (isTerminal(task.state) && !task.endedHere) continue;
+      const first = !task.cancelRequested;
       task.cancelRequested = true;
+      // A withdrawal stays one only while every cancel asks no more.
+      task.withdraw = (first || task.withdraw === true) && cancel.withdraw;
+      changed.add(task);
       if (task.state === TaskState.QUEUED) {
-        items.push(this.finish(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
+        items.push(this.endOwnCopy(task, TaskState.CANCELLED, cancel.withdraw ? "withdrawn before delivery to the host" : "cancelled before delivery to the host"));
       } else {
-        this.hosts.get(task.spec.hostId)?.out.frame.cancelTaskIds.push(task.spec.taskId);
+        const session = this.hosts.get(task.hostId);
+        if (session) this.tellCancel(session, task);
       }
-      writes.push(this.store.putTask(task));
     }
+    for (const task of changed) writes.push(this.store.putTask(task));
     if (items.length > 0) writes.push(this.store.pushUpward(items));
     for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq)));
     for (const ack of frame.statusAcks) {
-      writes.push(this.store.ackStatus(ack.taskId, ack.state));
-      if (isTerminal(ack.state)) writes.push(this.store.removeTask(ack.taskId));
+      writes.push(this.store.ackStatus(ack.taskId, ack.state, ack.atProxy));
+      if (isTerminal(ack.state)) writes.push(this.settled(ack.taskId, ack.atProxy));
     }
     await Promise.all(writes);
-    if (items.length > 0) this.sendUp(items);
+    if (items.length > 0) this.sendUp();
     for (const hostId of touched) {
       const session = this.hosts.get(hostId);
       if (session) this.deliver(session);
+    }
+  }
+
+  /**
+   * The controller has an end of a task from here: the task is dropped, and
+   * remembered long enough to refuse a replay of it. An end of the host's
+   * own settles the task; the end of this proxy's copy does not stop the
+   * host's later reports (it may have the task from another proxy).
+   */
+  private async settled(taskId: string, atProxy: boolean): Promise<void> {
+    const task = this.store.getTask(taskId);
+    if (!task) return;
+    if (atProxy && !task.endedHere) return; // the host's reports since took over the record
+    if (!atProxy && !isTerminal(task.state)) return;
+    const ping = task.spec !== undefined && isPingOnly(task.spec);
+    await this.store.removeTask(taskId);
+    if (!ping) {
+      const deliverBy = deliverByOf(task);
+      const until = deliverBy !== undefined ? deliverBy + MARK_MARGIN_MS : this.clock.now() + MARK_UNKNOWN_DEADLINE_MS;
+      await this.store.mark(taskId, atProxy ? "dropped" : "done", until);
     }
   }
 
@@ -561,12 +619,14 @@ export class ProxyCore {
 
   /**
    * Takes a tasks bundle (already verified) exactly as if it had come over
-   * the controller link: known tasks are dropped by id, so importing the same
-   * bundle twice changes nothing.
+   * the controller link: known tasks, and tasks that ended here, are dropped
+   * by id, so importing the same bundle twice — even after its results were
+   * acknowledged — changes nothing.
    */
   async importTasks(payload: BundlePayload): Promise<{ added: number; known: number }> {
     if (payload.region !== this.region) throw new PermissionDeniedError(`this bundle is for region ${payload.region}; this proxy serves region ${this.region}`);
-    const known = payload.tasks.filter((t) => this.store.getTask(peekSpec(t)?.taskId ?? "") !== undefined).length;
+    const isKnown = (id: string) => this.store.getTask(id) !== undefined || this.store.markOf(id) === "done" || this.store.markOf(id) === "dropped";
+    const known = payload.tasks.filter((t) => isKnown(peekSpec(t)?.taskId ?? "")).length;
     await this.handleControllerFrame(
       create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks, signingKeys: payload.signingKeys }),
     );
@@ -594,16 +654,20 @@ export class ProxyCore {
     }, this.sweepMs);
   }
 
-  /** Queued tasks whose deadline passed while their host was away will never run. */
+  /** Queued tasks whose deadline passed while their host was away will never run; marks past their time are forgotten. */
   private sweep(): void {
     const now = this.clock.now();
     const items: UpwardItem[] = [];
+    const changed: QueuedTask[] = [];
     for (const task of this.store.allTasks()) {
-      if (task.state === TaskState.QUEUED && task.spec.deliverBy && timestampMs(task.spec.deliverBy) <= now) {
-        items.push(this.finish(task, TaskState.EXPIRED, "the delivery deadline passed while the host was not connected"));
+      const deliverBy = deliverByOf(task);
+      if (task.state === TaskState.QUEUED && deliverBy !== undefined && deliverBy <= now) {
+        items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed while the host was not connected"));
+        changed.push(task);
       }
     }
-    if (items.length > 0) void this.persistUp(items);
+    if (items.length > 0) void this.persistUp(items, changed);
+    void this.store.pruneMarks(now).catch((err) => this.log.error("forgetting old task marks failed", { err }));
   }
 
   stop(): void {
@@ -613,4 +677,3 @@ export class ProxyCore {
     this.controller?.link.close();
   }
 }
-

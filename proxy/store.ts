@@ -1,22 +1,48 @@
 import type { SignedTask, TaskSigningKey, TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { MemoryBacklog, type UpwardItem } from "../common/backlog.js";
 
 export type { UpwardItem };
 
 /** A task the proxy holds for one of its hosts. */
 export interface QueuedTask {
-  /** The task as the controller signed it: what the daemon receives, unchanged. */
-  signed: SignedTask;
+  id: string;
+  hostId: string;
+  /**
+   * The task as the controller signed it: what the daemon receives,
+   * unchanged. Absent for a task learned only from its host's reports (the
+   * host got it through another proxy of the region and failed over here).
+   */
+  signed?: SignedTask;
   /** Its spec, decoded (untrusted here: the proxy only routes by it). */
-  spec: TaskSpec;
+  spec?: TaskSpec;
   state: TaskState;
   /** A cancel arrived; tell the daemon (or never hand the task out). */
   cancelRequested: boolean;
-  /** Output chunks held, contiguous from seq 1. */
+  /** The cancel asks only that the task not start: a running process is left alone. */
+  withdraw?: boolean;
+  /** Highest output seq stored here; a chunk at or below it is a duplicate. */
   outputSeq: number;
+  /**
+   * The proxy ended its own copy (expired or cancelled before handing it
+   * over). The host may still have the task from another proxy: its reports
+   * on it are still taken.
+   */
+  endedHere?: boolean;
 }
+
+/**
+ * What a proxy remembers of a task it no longer holds, until `until`:
+ * - done: the host's end was acknowledged by the controller; a replay of the
+ *   task is ignored and the host's repeats are only acknowledged;
+ * - dropped: its own copy ended and was acknowledged; a replay is ignored,
+ *   but the host's reports (it may have the task from elsewhere) are taken;
+ * - cancelled: a cancel came before the task; if the task comes, it is
+ *   cancelled at once.
+ */
+export type TaskMark = "done" | "dropped" | "cancelled";
 
 /**
  * What the proxy keeps: tasks per host until the daemon has them, and
@@ -30,12 +56,17 @@ export interface ProxyStore {
   /** Tasks of a host in arrival order. */
   tasksFor(hostId: string): QueuedTask[];
   allTasks(): QueuedTask[];
+  markOf(taskId: string): TaskMark | undefined;
+  mark(taskId: string, kind: TaskMark, until: number): Promise<void>;
+  unmark(taskId: string): Promise<void>;
+  /** Forgets marks whose time has passed; resolves to how many. */
+  pruneMarks(now: number): Promise<number>;
   /** Appends to the upward backlog; resolves when stored. */
   pushUpward(items: readonly UpwardItem[]): Promise<void>;
   /** Drops a task's output chunks with seq ≤ seq from the backlog. */
   ackOutput(taskId: string, seq: number): Promise<void>;
-  /** Drops a task's statuses at or before state from the backlog. */
-  ackStatus(taskId: string, state: TaskState): Promise<void>;
+  /** Drops a task's statuses at or before state, from one source, from the backlog. */
+  ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
   /** The whole backlog in the order it was pushed. */
   upward(): UpwardItem[];
   /** Backlog items after a position, oldest first, about maxBytes: what a paced sender reads next. */
@@ -51,9 +82,48 @@ export interface ProxyStore {
   setDenyList(list: SignedDenyList): Promise<void>;
 }
 
-export class MemoryProxyStore implements ProxyStore {
-  private readonly tasks = new Map<string, QueuedTask>();
+/** The in-memory index both stores keep: tasks by id and by host, and marks. */
+export class TaskIndex {
+  readonly tasks = new Map<string, QueuedTask>();
   private readonly byHost = new Map<string, Set<string>>();
+  readonly marks = new Map<string, { kind: TaskMark; until: number }>();
+
+  put(task: QueuedTask): void {
+    this.tasks.set(task.id, task);
+    let set = this.byHost.get(task.hostId);
+    if (!set) this.byHost.set(task.hostId, (set = new Set()));
+    set.add(task.id);
+  }
+
+  remove(taskId: string): void {
+    const task = this.tasks.get(taskId);
+    if (!task) return;
+    this.tasks.delete(taskId);
+    const set = this.byHost.get(task.hostId);
+    set?.delete(taskId);
+    if (set?.size === 0) this.byHost.delete(task.hostId);
+  }
+
+  tasksFor(hostId: string): QueuedTask[] {
+    const out: QueuedTask[] = [];
+    for (const id of this.byHost.get(hostId) ?? []) {
+      const t = this.tasks.get(id);
+      if (t) out.push(t);
+    }
+    return out;
+  }
+
+  /** Marks past their time, removed from the index. */
+  expiredMarks(now: number): string[] {
+    const out: string[] = [];
+    for (const [id, m] of this.marks) if (m.until <= now) out.push(id);
+    for (const id of out) this.marks.delete(id);
+    return out;
+  }
+}
+
+export class MemoryProxyStore implements ProxyStore {
+  private readonly index = new TaskIndex();
   private readonly backlog = new MemoryBacklog();
   private readonly keys = new Map<string, TaskSigningKey>();
   private deny: SignedDenyList | undefined;
@@ -75,31 +145,39 @@ export class MemoryProxyStore implements ProxyStore {
   }
 
   getTask(taskId: string): QueuedTask | undefined {
-    return this.tasks.get(taskId);
+    return this.index.tasks.get(taskId);
   }
 
   async putTask(task: QueuedTask): Promise<void> {
-    this.tasks.set(task.spec.taskId, task);
-    let set = this.byHost.get(task.spec.hostId);
-    if (!set) this.byHost.set(task.spec.hostId, (set = new Set()));
-    set.add(task.spec.taskId);
+    this.index.put(task);
   }
 
   async removeTask(taskId: string): Promise<void> {
-    const task = this.tasks.get(taskId);
-    if (!task) return;
-    this.tasks.delete(taskId);
-    const set = this.byHost.get(task.spec.hostId);
-    set?.delete(taskId);
-    if (set?.size === 0) this.byHost.delete(task.spec.hostId);
+    this.index.remove(taskId);
   }
 
   tasksFor(hostId: string): QueuedTask[] {
-    return [...(this.byHost.get(hostId) ?? [])].map((id) => this.tasks.get(id)!).filter(Boolean);
+    return this.index.tasksFor(hostId);
   }
 
   allTasks(): QueuedTask[] {
-    return [...this.tasks.values()];
+    return [...this.index.tasks.values()];
+  }
+
+  markOf(taskId: string): TaskMark | undefined {
+    return this.index.marks.get(taskId)?.kind;
+  }
+
+  async mark(taskId: string, kind: TaskMark, until: number): Promise<void> {
+    this.index.marks.set(taskId, { kind, until });
+  }
+
+  async unmark(taskId: string): Promise<void> {
+    this.index.marks.delete(taskId);
+  }
+
+  async pruneMarks(now: number): Promise<number> {
+    return this.index.expiredMarks(now).length;
   }
 
   async pushUpward(items: readonly UpwardItem[]): Promise<void> {
@@ -110,8 +188,8 @@ export class MemoryProxyStore implements ProxyStore {
     this.backlog.ackOutput(taskId, seq);
   }
 
-  async ackStatus(taskId: string, state: TaskState): Promise<void> {
-    this.backlog.ackStatus(taskId, state);
+  async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
+    this.backlog.ackStatus(taskId, state, atProxy);
   }
 
   upward(): UpwardItem[] {
@@ -125,4 +203,9 @@ export class MemoryProxyStore implements ProxyStore {
   upwardSize(): number {
     return this.backlog.size;
   }
+}
+
+/** A task's delivery deadline in epoch ms, if the proxy knows it. */
+export function deliverByOf(task: QueuedTask): number | undefined {
+  return task.spec?.deliverBy ? timestampMs(task.spec.deliverBy) : undefined;
 }

@@ -44,7 +44,7 @@ describe("LMDB storage of documents and per-task steps", () => {
   it("keeps each task's run and shown steps apart from the job", async () => {
     const store = new LmdbJobStore(open());
     const step = (s: string) => create(StepSchema, { tool: { case: "shell", value: { script: s } } });
-    const job = { id: "j1", tenant: "acme", submittedBy: "a", createdAt: 0, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 1, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: ["t1"], outputLimitBytes: 0, document: "d@1", parameters: { p: "[sensitive]" } };
+    const job = { id: "j1", tenant: "acme", submittedBy: "a", createdAt: 0, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 1, lostAfterMs: 60_000, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: ["t1"], outputLimitBytes: 0, document: "d@1", parameters: { p: "[sensitive]" } };
     const task = { id: "t1", jobId: "j1", tenant: "acme", hostId: "h1", region: "eu", proxy: "", state: TaskState.PENDING, signal: "", message: "", updatedAt: 0, outputChunks: 0, outputTruncated: false };
     await store.putJob(job, [task], new Map([["t1", { run: [step("echo 'pw'")], shown: [step("echo '[sensitive]'")] }]]));
     const got = store.taskSteps("t1")!;

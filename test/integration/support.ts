@@ -39,7 +39,7 @@ export async function collectJob(client: Client<typeof ControllerService>, jobId
       result.tasks.set(t.hostId, t);
     }
     for (const c of batch.output) {
-      const host = hostOf.get(c.taskId)!;
+      const host = c.hostId || hostOf.get(c.taskId)!;
       const key = `${host}\0${c.stream === OutputStream.STDERR ? "err" : "out"}`;
       let list = parts.get(key);
       if (!list) parts.set(key, (list = []));

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { AsyncQueue } from "../../common/async-queue.js";
 import { MemoryBacklog, itemBytes, upwardKey, type UpwardItem } from "../../common/backlog.js";
-import { ManualClock } from "../../common/clock.js";
+import { ManualClock, type Clock } from "../../common/clock.js";
 import { Coalescer } from "../../common/coalescer.js";
 import { Heartbeat } from "../../common/heartbeat.js";
 import { advances, isTerminal, parseStateName, stateName } from "../../common/task-state.js";
@@ -84,6 +84,43 @@ describe("Heartbeat", () => {
     t.clock.advance(10_000);
     expect(t.dead()).toBe(1);
     expect(t.sent()).toBe(sentAtDeath);
+  });
+
+  it("does not count its own stall as the peer's silence: a late tick gives the peer another window", () => {
+    // A clock whose timers can fire late, as in a process that was stalled.
+    let now = 0;
+    let timers: { at: number; fn: () => void }[] = [];
+    const clock: Clock = {
+      now: () => now,
+      setTimeout: (fn, ms) => {
+        const t = { at: now + ms, fn };
+        timers.push(t);
+        return { cancel: () => (timers = timers.filter((x) => x !== t)) };
+      },
+      sleep: () => Promise.resolve(),
+    };
+    /** Moves time to `to`, firing timers on time (at their own time) unless `late`: then at `to`. */
+    const run = (to: number, late = false) => {
+      for (;;) {
+        const due = timers.filter((t) => t.at <= to).sort((a, b) => a.at - b.at)[0];
+        if (!due) break;
+        timers = timers.filter((t) => t !== due);
+        now = late ? to : due.at;
+        due.fn();
+      }
+      now = to;
+    };
+    let dead = 0;
+    new Heartbeat(clock, 1000, () => {}, () => dead++);
+    run(500);
+    // The process stalls for 10 s: the next tick fires 9.5 s late; frames may wait unread.
+    run(10_500, true);
+    expect(dead).toBe(0);
+    // Still nothing from the peer once the process runs again: dead three intervals after the stall.
+    run(12_000);
+    expect(dead).toBe(0);
+    run(13_000);
+    expect(dead).toBe(1);
   });
 
   it("stays alive while the peer keeps sending", () => {

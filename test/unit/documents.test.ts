@@ -337,7 +337,7 @@ bindings:
     const clock = new ManualClock();
     const store = new MemoryJobStore();
     const inventory = new Inventory();
-    const job = { id: "j1", tenant: "acme", submittedBy: "a", createdAt: 0, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 3_600_000, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: ["t1"], outputLimitBytes: 0, document: "d@1" };
+    const job = { id: "j1", tenant: "acme", submittedBy: "a", createdAt: 0, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 3_600_000, lostAfterMs: 60_000, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: ["t1"], outputLimitBytes: 0, document: "d@1" };
     await store.putJob(job, [{ id: "t1", jobId: "j1", tenant: "acme", hostId: "h1", region: "eu", proxy: "", state: TaskState.PENDING, signal: "", message: "", updatedAt: 0, outputChunks: 0, outputTruncated: false, released: false, rejectAtSubmit: "step 1: no alternative fits host h1" }]);
     const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger });
     jobs.recover();

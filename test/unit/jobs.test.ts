@@ -1,7 +1,7 @@
 import { durationMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
-import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
@@ -161,15 +161,36 @@ describe("JobManager.submit", () => {
     await expect(jobs.submit(operator(), request({ allHosts: true }))).rejects.toThrow(/limit is 1/);
   });
 
-  it("returns the same job for the same idempotency key in the same tenant, and sends nothing again", async () => {
+  it("returns the same job for the same request under the same idempotency key in the same tenant, and sends nothing again", async () => {
     const t = setup();
     const a = await t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }));
-    const b = await t.jobs.submit(t.acme, request({ hostIds: ["h1", "h2"], idempotencyKey: "k1" }));
+    const b = await t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }));
     expect(b.id).toBe(a.id);
     expect(b.taskIds).toEqual(a.taskIds);
     expect(t.px1.tasks).toHaveLength(1);
     const c = await t.jobs.submit(t.other, request({ hostIds: ["x1"], idempotencyKey: "k1" }));
     expect(c.id).not.toBe(a.id);
+  });
+
+  it("refuses an idempotency key reused with a different request, naming the job it belongs to (ALREADY_EXISTS)", async () => {
+    const t = setup();
+    const a = await t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }));
+    for (const other of [request({ hostIds: ["h1", "h2"], idempotencyKey: "k1" }), request({ hostIds: ["h1"], idempotencyKey: "k1", env: { A: "1" } }), request({ hostIds: ["h1"], idempotencyKey: "k1", steps: [execStep("echo", "bye")] })]) {
+      const err = await t.jobs.submit(t.acme, other).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(AlreadyExistsError);
+      expect((err as Error).message).toContain(a.id);
+    }
+    expect(t.store.listJobs("acme", 10)).toHaveLength(1);
+  });
+
+  it("authorizes a replay of an idempotent submit again: a caller who may not run it now gets no job", async () => {
+    const t = setup();
+    await t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }));
+    await expect(
+      t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }), () => {
+        throw new PermissionDeniedError("no");
+      }),
+    ).rejects.toThrow(PermissionDeniedError);
   });
 });
 
@@ -194,9 +215,14 @@ describe("JobManager dispatch", () => {
     const job = await t.jobs.submit(t.acme, request({ hostIds: ["h3"] }));
     expect(t.px1.tasks).toHaveLength(0);
     t.connect("h3");
+    // The proxy is stored as the task's holder first, then the task goes.
+    expect(t.px1.tasks).toHaveLength(0);
+    await flush();
+    expect(t.task(job.taskIds[0]!).proxies).toEqual(["px1"]);
     expect(t.px1.taskIds).toEqual(job.taskIds);
     // A second presence report of the same host does not send it twice.
     t.connect("h3");
+    await flush();
     expect(t.px1.tasks).toHaveLength(1);
   });
 
@@ -289,14 +315,18 @@ describe("JobManager statuses and output", () => {
     await expect(t.jobs.applyStatus(t.px1, status("t-unknown", TaskState.RUNNING))).resolves.toBeUndefined();
   });
 
-  it("stores output only contiguously and returns the highest contiguous seq", async () => {
+  it("stores each chunk once whatever the order, counting the contiguous prefix, and acknowledges each chunk's seq", async () => {
     const t = await oneTask();
-    expect(await t.jobs.applyOutput(chunk(t.id, 1, "a"))).toBe(1);
-    expect(await t.jobs.applyOutput(chunk(t.id, 1, "dup"))).toBe(1);
-    expect(await t.jobs.applyOutput(chunk(t.id, 3, "c"))).toBe(1);
+    expect(await t.jobs.applyOutput(t.px1, chunk(t.id, 1, "a"))).toBe(1);
+    expect(await t.jobs.applyOutput(t.px1, chunk(t.id, 1, "dup"))).toBe(1);
+    // Above a gap (after a failover, newer chunks can come first): kept, not yet counted as contiguous.
+    expect(await t.jobs.applyOutput(t.px1, chunk(t.id, 3, "c"))).toBe(3);
     expect(t.task(t.id).outputChunks).toBe(1);
-    expect(await t.jobs.applyOutput(chunk(t.id, 2, "b"))).toBe(2);
-    expect(await t.jobs.applyOutput(chunk(t.id, 3, "c"))).toBe(3);
+    expect(t.task(t.id).outputBeyond).toEqual([[3, 3]]);
+    expect(await t.jobs.applyOutput(t.px1, chunk(t.id, 2, "b"))).toBe(2);
+    expect(t.task(t.id).outputChunks).toBe(3);
+    expect(t.task(t.id).outputBeyond).toBeUndefined();
+    expect(await t.jobs.applyOutput(t.px1, chunk(t.id, 3, "dup"))).toBe(3);
     const stored = t.jobs.readOutput(t.id, 1, 1 << 20);
     expect(stored.map((c) => text(c.data)).join("")).toBe("abc");
     expect(stored.map((c) => Number(c.seq))).toEqual([1, 2, 3]);
@@ -469,15 +499,33 @@ describe("JobManager delivery deadline", () => {
     const px = new FakePort("px1");
     restarted.proxyConnected(px);
     restarted.hostConnected(t.inventory.connected({ id: "h3", tenant: "acme" }, "eu", "px1", t.clock.now()));
+    await flush();
+    // a was sent before the restart: the stored holder says px1 may have it, so it is not sent again on
+    // this link unasked (the proxy's replay would confirm it) but it is not forgotten either.
     expect(px.taskIds).toEqual([c]);
     t.clock.advance(10_000);
     await flush();
-    // Never sent anywhere: the controller expires it itself.
-    expect(t.state(a)).toBe(TaskState.EXPIRED);
-    // Sent to px1: only the proxy knows whether it got it; it enforces the same deadline and says so.
+    // Both were handed to px1: only the proxy knows whether it still has them; it enforces the same
+    // deadline and says so. The controller does not expire them behind its back.
+    expect(t.state(a)).toBe(TaskState.PENDING);
     expect(t.state(c)).toBe(TaskState.PENDING);
-    await restarted.applyStatus(px, status(c, TaskState.EXPIRED));
+    await restarted.applyStatus(px, status(c, TaskState.EXPIRED, { atProxy: true }));
+    await restarted.applyStatus(px, status(a, TaskState.EXPIRED, { atProxy: true }));
     expect(t.state(c)).toBe(TaskState.EXPIRED);
+    expect(t.state(a)).toBe(TaskState.EXPIRED);
+    restarted.close();
+  });
+
+  it("recover() expires at the deadline a task that never left the controller", async () => {
+    const t = setup();
+    const job = await t.jobs.submit(t.acme, request({ hostIds: ["h3"], deliveryDeadlineMs: 10_000 }));
+    t.jobs.close();
+    const restarted = new JobManager({ store: t.store, inventory: t.inventory, clock: t.clock, ids: counterIds(), log: silentLogger });
+    restarted.recover();
+    t.clock.advance(10_000);
+    await flush();
+    expect(t.state(job.taskIds[0]!)).toBe(TaskState.EXPIRED);
+    restarted.close();
   });
 });
 

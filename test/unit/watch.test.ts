@@ -76,10 +76,10 @@ describe("watchJob", () => {
     await flush();
     await t.jobs.applyStatus(port, status(a, TaskState.RUNNING));
     await flush();
-    await t.jobs.applyOutput(chunk(a, 1, "one "));
+    await t.jobs.applyOutput(port, chunk(a, 1, "one "));
     await flush();
     // Applied together, as a proxy frame would carry them: the watcher sees them after.
-    await Promise.all([t.jobs.applyOutput(chunk(a, 2, "two ")), t.jobs.applyOutput(chunk(a, 3, "three"))]);
+    await Promise.all([t.jobs.applyOutput(port, chunk(a, 2, "two ")), t.jobs.applyOutput(port, chunk(a, 3, "three"))]);
     await t.jobs.applyStatus(port, status(a, TaskState.SUCCEEDED, { outputChunks: 3n }));
     await flush();
     expect(w.ended()).toBe(false);
@@ -100,7 +100,7 @@ describe("watchJob", () => {
   it("holds a terminal state back until the output before it has been sent, across small batches", async () => {
     const t = await setup(["h1"]);
     const [a] = t.ids as [string];
-    for (let i = 1; i <= 4; i++) await t.jobs.applyOutput(chunk(a, i, "0123456789"));
+    for (let i = 1; i <= 4; i++) await t.jobs.applyOutput(port, chunk(a, i, "0123456789"));
     await t.jobs.applyStatus(port, status(a, TaskState.SUCCEEDED, { outputChunks: 4n }));
     const w = collect(t.jobs, t.jobs.getJobRecord(t.job.id)!, { maxBatchBytes: 10 });
     await w.done;
@@ -113,9 +113,9 @@ describe("watchJob", () => {
   it("replays everything to a watcher opened after the job finished, in one batch, then ends", async () => {
     const t = await setup(["h1", "h2"]);
     const [a, b] = t.ids as [string, string];
-    await t.jobs.applyOutput(chunk(a, 1, "x"));
-    await t.jobs.applyOutput(chunk(a, 2, "y"));
-    await t.jobs.applyOutput(chunk(b, 1, "z"));
+    await t.jobs.applyOutput(port, chunk(a, 1, "x"));
+    await t.jobs.applyOutput(port, chunk(a, 2, "y"));
+    await t.jobs.applyOutput(port, chunk(b, 1, "z"));
     await t.jobs.applyStatus(port, status(a, TaskState.SUCCEEDED, { outputChunks: 2n }));
     await t.jobs.applyStatus(port, status(b, TaskState.FAILED, { outputChunks: 1n }));
     const finished = t.jobs.getJobRecord(t.job.id)!;
@@ -135,10 +135,10 @@ describe("watchJob", () => {
   it("sends no output with noOutput, but still every state", async () => {
     const t = await setup(["h1"]);
     const [a] = t.ids as [string];
-    await t.jobs.applyOutput(chunk(a, 1, "secret"));
+    await t.jobs.applyOutput(port, chunk(a, 1, "secret"));
     const w = collect(t.jobs, t.job, { noOutput: true });
     await flush();
-    await t.jobs.applyOutput(chunk(a, 2, "more"));
+    await t.jobs.applyOutput(port, chunk(a, 2, "more"));
     await t.jobs.applyStatus(port, status(a, TaskState.SUCCEEDED, { outputChunks: 2n }));
     await w.done;
     expect(w.batches.flatMap((b) => b.output)).toEqual([]);

@@ -1,0 +1,100 @@
+import type { Clock } from "./clock.js";
+import { Coalescer } from "./coalescer.js";
+import type { FrameLink } from "./frame-link.js";
+import { Heartbeat } from "./heartbeat.js";
+
+export interface LinkSessionOptions<Out> {
+  clock: Clock;
+  /** A new empty frame: what the coalescer fills, and the heartbeat. */
+  empty: () => Out;
+  /** What the peer is called in the error when it falls silent ("proxy", "host", ...). */
+  peer: string;
+  /** Called after each coalesced frame is queued for writing (flow control looks at the link's backlog then). */
+  afterSend?: () => void;
+}
+
+/**
+ * One side of one of the mesh's long-lived streams (AgentLink at the daemon
+ * and the proxy, ProxyLink at the proxy and the controller): every link
+ * batches what it sends into one frame per turn of the event loop, keeps
+ * itself alive with heartbeats in both directions, and reads the peer's
+ * frames strictly in order, one at a time, so that a frame's writes are
+ * issued before the next frame is looked at.
+ *
+ * Both sides start their heartbeat once the peer's first frame arrived
+ * (the accepting side may take the interval the hello asks for); until
+ * then the dialling side waits at most a connect timeout, so that a slow
+ * TLS handshake on a busy machine is not mistaken for a dead peer.
+ */
+export class LinkSession<Out, In> {
+  readonly out: Coalescer<Out>;
+  private heartbeat: Heartbeat | undefined;
+  private readonly iterator: AsyncIterator<In>;
+  private readonly opts: LinkSessionOptions<Out>;
+  /** Set when this side closed the link because the peer fell silent. */
+  lostHeartbeat = false;
+
+  constructor(
+    readonly link: FrameLink<Out, In>,
+    opts: LinkSessionOptions<Out>,
+  ) {
+    this.opts = opts;
+    this.iterator = link.incoming[Symbol.asyncIterator]();
+    this.out = new Coalescer(opts.empty, (frame) => {
+      this.heartbeat?.sent();
+      link.send(frame);
+      opts.afterSend?.();
+    });
+  }
+
+  /**
+   * Sends an empty frame after `intervalMs` of our silence, and declares the
+   * peer dead (closing the link) after three intervals without a frame.
+   */
+  startHeartbeat(intervalMs: number): void {
+    this.heartbeat?.stop();
+    this.heartbeat = new Heartbeat(
+      this.opts.clock,
+      intervalMs,
+      () => this.link.send(this.opts.empty()),
+      () => {
+        this.lostHeartbeat = true;
+        this.link.close(new Error(`${this.opts.peer} heartbeat lost`));
+      },
+    );
+  }
+
+  /**
+   * The peer's first frame (its hello or welcome), or undefined if the
+   * stream ended before one. With `timeoutMs`, a peer that has not answered
+   * by then is given up on: the link is closed.
+   */
+  async first(timeoutMs?: number): Promise<In | undefined> {
+    const timer = timeoutMs === undefined ? undefined : this.opts.clock.setTimeout(() => this.link.close(new Error(`no answer from the ${this.opts.peer} within ${timeoutMs} ms`)), timeoutMs);
+    try {
+      const r = await this.iterator.next();
+      if (r.done) return undefined;
+      this.heartbeat?.received();
+      return r.value;
+    } finally {
+      timer?.cancel();
+    }
+  }
+
+  /** Hands every following frame to `fn`, in order, awaiting each, until the stream ends (or throws when it fails). */
+  async forEach(fn: (frame: In) => Promise<void> | void): Promise<void> {
+    for (;;) {
+      const r = await this.iterator.next();
+      if (r.done) return;
+      this.heartbeat?.received();
+      await fn(r.value);
+    }
+  }
+
+  /** Stops the heartbeat, and either sends what is gathered (the stream may still carry it) or drops it. */
+  end(pending: "flush" | "discard"): void {
+    this.heartbeat?.stop();
+    if (pending === "flush") this.out.flush();
+    else this.out.discard();
+  }
+}
