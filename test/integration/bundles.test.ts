@@ -120,6 +120,12 @@ describe("bundles through an air-gapped proxy", () => {
       expect((await atSite(["import", acks])).code).toBe(0);
       await atSite(["export-results", resultsFile]);
       expect(payloadOf(resultsFile).statuses).toHaveLength(0);
+      // 9. The first tasks bundle imported once more after its results came home: the site
+      // remembers the tasks ended there and queues nothing again.
+      const replay = await atSite(["import", tasksFile]);
+      expect(replay.stdout, replay.stderr).toMatch(/0 new tasks, 3 already known/);
+      await atSite(["export-results", resultsFile]);
+      expect(payloadOf(resultsFile).statuses).toHaveLength(0);
       expect(readdirSync(marks())).toHaveLength(3);
     } finally {
       conn.close();

@@ -503,3 +503,42 @@ describe("Agent: credits", () => {
     expect(credits).toContain(2);
   });
 });
+
+describe("Agent: the ledger keeps no secrets and does not grow without end", () => {
+  it("keeps only what identifies an ended task (no env, stdin or steps), and drops it once no proxy can hand it out again", async () => {
+    const t = setup();
+    await t.start();
+    const deliverByMs = t.clock.now() + 60_000;
+    t.fromProxy({ tasks: [t.spec("t1", { env: { DB_PASSWORD: "hunter2" }, stdin: new TextEncoder().encode("secret input"), deliverByMs })] });
+    await flush();
+    t.executor.runs[0]!.finish();
+    await flush();
+    const ended = t.ledger.get("t1")!;
+    expect(ended.state).toBe(TaskState.SUCCEEDED);
+    expect(ended.spec.env).toEqual({});
+    expect(ended.spec.stdin.length).toBe(0);
+    expect(ended.spec.steps).toEqual([]);
+    // A duplicate delivery is still answered from the ledger, never run again.
+    t.fromProxy({ tasks: [t.spec("t1", { deliverByMs })], statusAcks: [{ taskId: "t1", state: TaskState.SUCCEEDED }] });
+    await flush();
+    expect(t.executor.runs).toHaveLength(1);
+    // Acknowledged, and past the deadline plus the margin (1 h): no proxy hands it out any more.
+    t.clock.advance(60_000 + 3_600_000);
+    expect(await t.agent.pruneLedger()).toBe(1);
+    expect(t.ledger.get("t1")).toBeUndefined();
+    await t.agent.stop();
+  });
+
+  it("keeps an ended task whose end the proxy has not acknowledged", async () => {
+    const t = setup();
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1", { deliverByMs: t.clock.now() + 1000 })] });
+    await flush();
+    t.executor.runs[0]!.finish();
+    await flush();
+    t.clock.advance(10 * 3_600_000);
+    expect(await t.agent.pruneLedger()).toBe(0);
+    expect(t.ledger.get("t1")?.final).toBeDefined();
+    await t.agent.stop();
+  });
+});

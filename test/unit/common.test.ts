@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { AsyncQueue } from "../../common/async-queue.js";
 import { MemoryBacklog, itemBytes, upwardKey, type UpwardItem } from "../../common/backlog.js";
-import { ManualClock, type Clock } from "../../common/clock.js";
+import { ManualClock, systemClock, type Clock } from "../../common/clock.js";
 import { Coalescer } from "../../common/coalescer.js";
 import { Heartbeat } from "../../common/heartbeat.js";
 import { advances, isTerminal, parseStateName, stateName } from "../../common/task-state.js";
@@ -318,5 +318,16 @@ describe("task states", () => {
     expect(stateName(TaskState.TIMED_OUT)).toBe("TIMED_OUT");
     expect(parseStateName("succeeded")).toBe(TaskState.SUCCEEDED);
     expect(parseStateName("nope")).toBeUndefined();
+  });
+});
+
+describe("systemClock", () => {
+  it("honours delays past Node's 24.8-day timer limit instead of firing at once", async () => {
+    let fired = 0;
+    const long = systemClock.setTimeout(() => fired++, 25 * 86_400_000);
+    const short = await new Promise<number>((resolve) => systemClock.setTimeout(() => resolve(fired), 30));
+    long.cancel();
+    expect(short).toBe(0);
+    expect(fired).toBe(0);
   });
 });

@@ -27,4 +27,29 @@ describe("JobPrinter", () => {
     expect(p.progressLine()).toBe("[############------------] 2/4 done, 1 failed, 2 pending");
     expect(out).toContain("\r\x1b[K[############------------] 2/4 done, 1 failed, 2 pending");
   });
+
+  it("--json follows the job's life: a task's end after its last output, the job's DONE after its last task's end", () => {
+    let out = "";
+    const p = new JobPrinter({ json: true, write: (s) => (out += s) });
+    p.handle(create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 1, state: 1 }), tasks: [task("t1", "a", TaskState.RUNNING)] }));
+    // The last batch of a watch carries the finished job, the task's end and its last chunk together.
+    p.handle(create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 1, state: 2 }), tasks: [task("t1", "a", TaskState.SUCCEEDED)], output: [chunk("t1", 1, "last\n")] }));
+    const events = out
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { type: string; job?: { state: string }; task?: { state: string } })
+      .map((e) => (e.type === "job" ? `job:${e.job!.state}` : e.type === "task" ? `task:${e.task!.state}` : e.type));
+    expect(events).toEqual(["job:RUNNING", "task:RUNNING", "output", "task:SUCCEEDED", "job:DONE"]);
+  });
+
+  it("says in the summary when a host's output is incomplete and what a lost host reported later", () => {
+    let out = "";
+    const p = new JobPrinter({ json: false, write: (s) => (out += s) });
+    const incomplete = create(TaskSchema, { id: "t1", hostId: "a", state: TaskState.SUCCEEDED, exitCode: 0, outputChunks: 3n, outputChunksExpected: 5n, outputComplete: false });
+    const lost = create(TaskSchema, { id: "t2", hostId: "b", state: TaskState.LOST, message: "host b unreachable", lateReport: { state: TaskState.SUCCEEDED, exitCode: 0 } });
+    p.handle(create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 2, state: 2 }), tasks: [incomplete, lost] }));
+    p.summary();
+    expect(out).toContain("a SUCCEEDED: exit 0 (output incomplete: 3 of 5 chunks received so far)");
+    expect(out).toContain("b LOST: host b unreachable; the host reported later: SUCCEEDED (exit 0)");
+  });
 });

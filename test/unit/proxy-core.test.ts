@@ -13,6 +13,11 @@ import {
 import { StepSchema, TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 import { ProxyCore } from "../../proxy/proxy.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
+import { LmdbProxyStore } from "../../proxy/lmdb-store.js";
+import { LmdbEnv } from "../../common/lmdb.js";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { FakeLink, asSigned, chunk, flush, hostPeer, signedId, status, taskSpec } from "./support.js";
 
 type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
@@ -60,6 +65,20 @@ function setup(opts: { sweepMs?: number } = {}) {
 
   const future = (ms = 60_000) => clock.now() + ms;
   return { clock, store, core, connectController, connectHost, future };
+}
+
+/** A proxy with a controller link, and task(s) handed to host h1. */
+async function dispatched(taskIds = ["t1"]) {
+  const t = setup();
+  const ctl = t.connectController();
+  ctl.send({ tasks: taskIds.map((id) => taskSpec(id, "h1", { deliverByMs: t.future() })) });
+  await flush();
+  const h = t.connectHost("h1", 0);
+  await flush();
+  h.send({ credits: taskIds.length });
+  await flush();
+  expect(handed(h.link)).toEqual(taskIds);
+  return { ...t, ctl, h };
 }
 
 describe("ProxyCore: who may connect", () => {
@@ -327,18 +346,6 @@ describe("ProxyCore: cancels and deadlines", () => {
 });
 
 describe("ProxyCore: results going up", () => {
-  async function dispatched(taskIds = ["t1"]) {
-    const t = setup();
-    const ctl = t.connectController();
-    ctl.send({ tasks: taskIds.map((id) => taskSpec(id, "h1", { deliverByMs: t.future() })) });
-    await flush();
-    const h = t.connectHost("h1", 0);
-    await flush();
-    h.send({ credits: taskIds.length });
-    await flush();
-    expect(handed(h.link)).toEqual(taskIds);
-    return { ...t, ctl, h };
-  }
 
   it("forwards the host's statuses up, stamped with its host id, and acks them to the host", async () => {
     const t = await dispatched();
@@ -452,5 +459,129 @@ describe("ProxyCore: results going up", () => {
     expect(final.outputChunks).toBe(1n);
     expect(final.exitCode).toBe(0);
     expect(upOutput(t.ctl.link)).toEqual(["t1:1"]);
+  });
+});
+
+describe("ProxyCore: a host that failed over, and tasks that ended here", () => {
+  it("takes on a task it never held from the host's reports: output and status go up stamped with the host, and are acked", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    await flush();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    // The host got t7 through another proxy of the region, which then went away; chunks 1-2 went through it.
+    h.send({ statuses: [status("t7", TaskState.RUNNING)], output: [chunk("t7", 3), chunk("t7", 4)] });
+    await flush();
+    expect(upOutput(ctl.link)).toEqual(["t7:3", "t7:4"]);
+    expect(upStatuses(ctl.link)).toEqual(["t7:RUNNING"]);
+    const up = ctl.link.sent.flatMap((f) => [...f.statuses.map((x) => x.hostId), ...f.output.map((c) => c.hostId)]);
+    expect(up.every((x) => x === "h1")).toBe(true);
+    expect(outputAcksTo(h.link)).toEqual(["t7:4"]);
+    expect(statusAcksTo(h.link)).toEqual(["t7:RUNNING"]);
+    expect(t.store.getTask("t7")).toMatchObject({ hostId: "h1", state: TaskState.RUNNING, outputSeq: 4 });
+  });
+
+  it("a cancel for a task it never held reaches the host once the host reports that task", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ cancels: [{ taskId: "t7", hostId: "h1" }] });
+    await flush();
+    expect(t.store.markOf("t7")).toBe("cancelled");
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ statuses: [status("t7", TaskState.RUNNING)] });
+    await flush();
+    expect(cancelsTo(h.link)).toEqual(["t7"]);
+  });
+
+  it("remembers a task whose end the controller acknowledged: a replay of it is not queued again, the host's repeats are only acked", async () => {
+    const t = await dispatched();
+    t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 0n })] });
+    await flush();
+    t.ctl.send({ statusAcks: [{ taskId: "t1", state: TaskState.SUCCEEDED }, { taskId: "t1", state: TaskState.DISPATCHED, atProxy: true }] });
+    await flush();
+    expect(t.store.getTask("t1")).toBeUndefined();
+    expect(t.store.markOf("t1")).toBe("done");
+    const before = upStatuses(t.ctl.link).length;
+    // The controller (or a bundle imported again) sends it once more: nothing is queued or handed out.
+    t.ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    t.h.send({ credits: 1 });
+    await flush();
+    expect(handed(t.h.link)).toEqual(["t1"]);
+    expect(t.store.getTask("t1")).toBeUndefined();
+    // The host repeats its end (it missed the ack): acked, not sent up again.
+    t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED)] });
+    await flush();
+    expect(upStatuses(t.ctl.link).length).toBe(before);
+    expect(statusAcksTo(t.h.link).filter((x) => x === "t1:SUCCEEDED")).toHaveLength(2);
+  });
+
+  it("after its own copy expired, still takes the host's reports on that task (the host may have it from another proxy)", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.clock.now() + 1000 })] });
+    await flush();
+    t.clock.advance(1500);
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t1:EXPIRED"]);
+    expect(ctl.link.sent.flatMap((f) => f.statuses).every((x) => x.atProxy)).toBe(true);
+    ctl.send({ statusAcks: [{ taskId: "t1", state: TaskState.EXPIRED, atProxy: true }] });
+    await flush();
+    expect(t.store.markOf("t1")).toBe("dropped");
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ statuses: [status("t1", TaskState.SUCCEEDED)], output: [chunk("t1", 1)] });
+    await flush();
+    expect(upStatuses(ctl.link).slice(2)).toEqual(["t1:SUCCEEDED"]);
+    expect(upOutput(ctl.link)).toEqual(["t1:1"]);
+  });
+});
+
+/** Waits (in real time: LMDB commits in its own thread) until a condition holds, at most 5 s. */
+async function until(ok: () => boolean): Promise<void> {
+  const deadline = Date.now() + 5000;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error("condition not met within 5 s");
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
+  it("keeps each task's highest output seq, so the chunks a host sends again after the restart are taken, not dropped as out of order", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-proxy-lmdb-"));
+    const clock = new ManualClock();
+    const start = () => {
+      const env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
+      const core = new ProxyCore({ name: "px1", region: "eu", clock, store: new LmdbProxyStore(env), log: silentLogger, heartbeatMs: 10_000 });
+      const ctl: ControllerSide = new FakeLink();
+      void core.serveController(ctl).catch(() => undefined);
+      const host: HostSide = new FakeLink();
+      void core.serveHost(host, hostPeer("h1")).catch(() => undefined);
+      const send = (init: MessageInitShape<typeof AgentStreamRequestSchema>) => host.deliver(create(AgentStreamRequestSchema, init));
+      send({ hello: { hostId: "h1", heartbeatMs: 0 }, credits: 1 });
+      return { env, core, ctl, host, send };
+    };
+    const a = start();
+    a.ctl.deliver(create(ProxyStreamResponseSchema, { tasks: [asSigned(taskSpec("t1", "h1", { deliverByMs: clock.now() + 60_000 }))] }));
+    await flush(10);
+    a.send({ statuses: [status("t1", TaskState.RUNNING)] });
+    await until(() => statusAcksTo(a.host).length > 0);
+    // Output alone, no state change with it.
+    a.send({ output: [chunk("t1", 1), chunk("t1", 2)] });
+    await until(() => outputAcksTo(a.host).length > 0);
+    expect(outputAcksTo(a.host)).toEqual(["t1:2"]);
+    // The proxy stops (a kill would keep the same committed state) and comes back on the same store.
+    a.core.stop();
+    await a.env.close();
+    const b = start();
+    await flush(10);
+    // The host resends what it did not see acknowledged plus what came since: 2 is a duplicate, 3 and 4 are new.
+    b.send({ output: [chunk("t1", 2), chunk("t1", 3), chunk("t1", 4)], statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 4n })] });
+    await until(() => outputAcksTo(b.host).length > 0 && upOutput(b.ctl).length >= 4);
+    expect(outputAcksTo(b.host)).toEqual(["t1:4"]);
+    expect(upOutput(b.ctl)).toEqual(["t1:1", "t1:2", "t1:3", "t1:4"]);
+    b.core.stop();
+    await b.env.close();
   });
 });
