@@ -108,8 +108,8 @@ export class OperatorAccess {
 
   /**
    * Changes a host's labels. Allowed when a role granting `label` covers
-   * the host before and after the change, and the change moves the host
-   * into or out of none of the caller's own roles (controller/authz.ts).
+   * the host before and after the change, and the change gives the caller
+   * no power on the host it did not hold before (controller/authz.ts).
    */
   async setLabels(caller: PeerIdentity, hostId: string, set: Record<string, string>, remove: readonly string[]): Promise<HostRecord> {
     const what = describeLabels(set, remove);

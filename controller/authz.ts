@@ -367,22 +367,41 @@ function envRefusal(role: RoleDef, env: Readonly<Record<string, string>>, protec
 
 /**
  * A label change is allowed when a role granting `label` covers the host
- * both before and after it, and none of the caller's roles — whatever they
- * grant — covers the host after the change where it did not before, or the
- * reverse. Labels decide scopes: an operator may move hosts between other
- * people's scopes if the policy lets it label them, but never into or out
- * of its own.
+ * both before and after it (labelling a host out of the labeller's own
+ * scope would hand it on unseen), and it gives the caller on that host no
+ * power it did not hold before: every role of the caller — whatever it
+ * grants — that covers the host only after the change must be matched by a
+ * role that covered it before and allows at least as much. Labels decide
+ * scopes: an operator may move hosts between other people's scopes if the
+ * policy lets it label them, but never widen its own.
  */
 function decideLabel(who: string, roles: RoleDef[], withLabel: RoleDef[], before: HostRecord, after: HostRecord): Decision {
   const b = hostView(before);
   const a = hostView(after);
-  const moved = roles.find((r) => matchHost(r.hosts, b) !== matchHost(r.hosts, a));
-  if (moved) {
-    const way = matchHost(moved.hosts, a) ? "into" : "out of";
-    return { allowed: false, reason: `${who} may not label ${before.id} so that it moves ${way} role ${moved.name} (hosts: ${moved.hostsText}), one of the operator's own roles` };
+  const labeller = withLabel.find((r) => matchHost(r.hosts, b) && matchHost(r.hosts, a));
+  if (!labeller) {
+    const inside = withLabel.find((r) => matchHost(r.hosts, b));
+    if (inside) return { allowed: false, reason: `${who} may not label ${before.id} so that it leaves role ${inside.name} (hosts: ${inside.hostsText})` };
+    return { allowed: false, reason: `${who} may not label ${before.id}: it is outside role${withLabel.length > 1 ? "s" : ""} ${names(withLabel)}` };
   }
-  for (const role of withLabel) if (matchHost(role.hosts, b) && matchHost(role.hosts, a)) return { allowed: true, role: role.name };
-  return { allowed: false, reason: `${who} may not label ${before.id}: it is outside role${withLabel.length > 1 ? "s" : ""} ${names(withLabel)}` };
+  const held = roles.filter((r) => matchHost(r.hosts, b));
+  const gained = roles.find((r) => !matchHost(r.hosts, b) && matchHost(r.hosts, a) && !held.some((h) => allowsAll(h, r)));
+  if (gained) {
+    return { allowed: false, reason: `${who} may not label ${before.id} so that it moves into role ${gained.name} (hosts: ${gained.hostsText}): that would widen the operator's own reach` };
+  }
+  return { allowed: true, role: labeller.name };
+}
+
+/** Whether role `a` allows everything role `b` allows (on a host both cover). Conservative: compares what the policy wrote. */
+function allowsAll(a: RoleDef, b: RoleDef): boolean {
+  const all = (xs: readonly string[]) => xs.includes("*");
+  const anyProgram = a.commands.some((c) => c.program === "*" && !c.args);
+  return (
+    [...b.actions].every((x) => a.actions.has(x)) &&
+    [...b.tools].every((x) => a.tools.has(x)) &&
+    (all(a.env) || b.env.every((x) => a.env.includes(x))) &&
+    (anyProgram || b.commands.every((c) => a.commands.some((d) => d.source === c.source)))
+  );
 }
 
 /**

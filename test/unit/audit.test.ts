@@ -118,7 +118,7 @@ describe("OperatorAccess", () => {
     expect(h.labels).toEqual({ role: "web", env: "prod" });
     await expect(t.access.setLabels(t.alice, "db-1", { role: "web" }, [])).rejects.toThrow(PermissionDeniedError);
     expect(t.inventory.get("db-1")!.labels).toEqual({ role: "db" });
-    await expect(t.access.setLabels(t.alice, "web-1", {}, ["role"])).rejects.toThrow(/moves out of role web-ops/);
+    await expect(t.access.setLabels(t.alice, "web-1", {}, ["role"])).rejects.toThrow(/leaves role web-ops/);
     expect(t.audit.list("acme").map((e) => `${e.kind}:${e.decision}:${e.what}`)).toEqual(["label:allowed:labels env=prod", "label:denied:labels role=web", "label:denied:labels -role"]);
   });
 

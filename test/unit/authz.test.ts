@@ -227,14 +227,32 @@ bindings:
     expect(d.allowed ? "" : d.reason).toMatch(/may not cancel on 1 host outside role web-ops .*db-1/);
   });
 
-  it("never lets a label change move a host into or out of one of the caller's own roles", () => {
+  it("never lets a label change give the caller power on the host it did not hold before", () => {
     // narrow may label anything (labeller: hosts all) and submit on role=web (web-submit).
     const into = decide(policy, as("narrow"), { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } });
-    expect(into.allowed ? "" : into.reason).toMatch(/moves into role web-submit/);
-    const out = decide(policy, as("narrow"), { action: "label", before: web1, after: { ...web1, labels: { role: "db" } } });
-    expect(out.allowed ? "" : out.reason).toMatch(/moves out of role web-submit/);
+    expect(into.allowed ? "" : into.reason).toMatch(/moves into role web-submit .*widen the operator's own reach/);
+    // Moving a host out of one's own roles, or labels that move nothing, widen nothing.
+    expect(decide(policy, as("narrow"), { action: "label", before: web1, after: { ...web1, labels: { role: "db" } } }).allowed).toBe(true);
     expect(decide(policy, as("narrow"), { action: "label", before: web1, after: { ...web1, labels: { role: "web", owner: "me" } } }).allowed).toBe(true);
-    expect(decide(policy, as("narrow"), { action: "label", before: db1, after: { ...db1, labels: { role: "db", owner: "me" } } }).allowed).toBe(true);
+    // An admin whose role covers everything already holds whatever a narrower role of its tenant gives.
+    const wide = parsePolicy(`
+roles:
+  admin: { hosts: all, actions: ["*"], commands: ["*"], tools: ["*"], env: ["*"] }
+  viewer: { hosts: role=web, actions: [read] }
+bindings:
+  acme/root: admin
+  acme/*: viewer
+`);
+    expect(decide(wide, as("root"), { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } }).allowed).toBe(true);
+    // While a viewer-only labeller may not label a host into a read scope it lacks there.
+    const peek = parsePolicy(`
+roles:
+  labeller: { hosts: all, actions: [label] }
+  viewer: { hosts: role=web, actions: [read] }
+bindings:
+  acme/lab: [labeller, viewer]
+`);
+    expect(decide(peek, as("lab"), { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } }).allowed).toBe(false);
   });
 
   it("shows reads only on the hosts a read role covers", () => {
