@@ -197,9 +197,9 @@ export function guardUnary(
   if ("open" in declared.declaration) return handler;
   return {
     method: handler.method,
-    handle: (request, peer) => {
+    handle: async (request, peer) => {
       const grant = admitLogged({ declared, peer, revoked: opts.isRevoked(peer), request }, opts.log);
-      return handler.handle(request, grant.peer!);
+      return handler.handle(request, grant.peer);
     },
   };
 }
@@ -215,12 +215,12 @@ export function guardLink<L>(
   if (!declared) throw new ConfigError(`${pathOf(method)} has no authorization declaration`);
   return async (link, peer) => {
     const grant = admitLogged({ declared, peer, revoked: opts.isRevoked(peer), request: undefined }, opts.log);
-    await serve(link, grant.peer!);
+    await serve(link, grant.peer);
   };
 }
 
 /** Admits a peer call where no audit log is kept (proxies): every refusal is logged, allowed calls at debug. */
-function admitLogged(call: Call, log: Logger): Grant {
+function admitLogged(call: Call, log: Logger): Grant & { peer: PeerIdentity } {
   const method = pathOf(call.declared.method);
   const who = call.peer ? formatIdentity(call.peer) : "unidentified";
   try {

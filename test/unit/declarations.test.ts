@@ -5,7 +5,11 @@ import { systemClock } from "../../common/clock.js";
 import { boundaryInterceptor, createRpcServer } from "../../common/connect-server.js";
 import { ConfigError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
-import { DeclarationTable } from "../../common/rpc-access.js";
+import { DeclarationTable, guardLink, guardUnary } from "../../common/rpc-access.js";
+import { PermissionDeniedError } from "../../common/errors.js";
+import { AgentLinkService } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import { ArtifactCacheService } from "../../gen/rexmesh/v1/artifact_pb.js";
+import { ProxyAdminService } from "../../gen/rexmesh/v1/proxy_admin_pb.js";
 import { CONTROLLER_DECLARATIONS, ENROLL_LISTENER_DECLARATIONS } from "../../controller/declarations.js";
 import { ServerReflection } from "../../gen/grpc/reflection/v1/reflection_pb.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
@@ -150,5 +154,45 @@ describe("a method without a declaration is never served", () => {
       );
     expect(failed).toBe(true);
     expect(touched).toBe(false);
+  });
+});
+
+describe("the proxy's boundary (grpc-js)", () => {
+  const me = { role: "proxy" as const, scope: "eu", id: "px1" };
+  const table = proxyDeclarations(me);
+  const revoked = new Set<string>();
+  const opts = { isRevoked: (p: { id: string }) => revoked.has(p.id), log: silentLogger };
+  const host = (id: string) => ({ role: "host" as const, scope: "acme", id });
+  const ran: string[] = [];
+  const handler = (method: Parameters<typeof guardUnary>[1]["method"]) => guardUnary(table, { method, handle: async () => void ran.push(method.name) }, opts);
+
+  it("refuses to wire a handler whose method is not declared", () => {
+    expect(() => guardUnary(new DeclarationTable(), { method: ArtifactCacheService.method.getArtifactChunk, handle: async () => undefined }, opts)).toThrow(ConfigError);
+  });
+
+  it("admits hosts to the cache and their own renewal, this proxy to its bundle commands, and nobody else", async () => {
+    const chunk = handler(ArtifactCacheService.method.getArtifactChunk);
+    const renew = handler(EnrollService.method.enroll);
+    const importTasks = handler(ProxyAdminService.method.importTasks);
+    await chunk.handle({}, host("h1"));
+    await renew.handle({ hostId: "h1" }, host("h1"));
+    await importTasks.handle({}, me);
+    expect(ran).toEqual(["GetArtifactChunk", "Enroll", "ImportTasks"]);
+    await expect(renew.handle({ hostId: "h2" }, host("h1"))).rejects.toThrow(/only renew its own certificate/);
+    await expect(importTasks.handle({}, { ...me, id: "px2" })).rejects.toThrow(/this proxy's own certificate/);
+    await expect(importTasks.handle({}, host("h1"))).rejects.toThrow(PermissionDeniedError);
+    await expect(chunk.handle({}, { role: "operator", scope: "acme", id: "alice" })).rejects.toThrow(/an operator certificate cannot be used here/);
+    expect(ran).toHaveLength(3);
+  });
+
+  it("refuses a revoked host every method, its link included", async () => {
+    revoked.add("h9");
+    await expect(handler(ArtifactCacheService.method.getArtifactChunk).handle({}, host("h9"))).rejects.toThrow(/revoked/);
+    let served = false;
+    const link = guardLink(table, AgentLinkService.method.agentStream, async () => void (served = true), opts);
+    await expect(link(undefined, host("h9"))).rejects.toThrow(/revoked/);
+    expect(served).toBe(false);
+    await link(undefined, host("h1"));
+    expect(served).toBe(true);
   });
 });
