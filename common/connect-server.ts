@@ -2,14 +2,19 @@ import http2 from "node:http2";
 import type { IncomingMessage } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { TLSSocket } from "node:tls";
-import { createContextKey, createContextValues, type ConnectRouter, type HandlerContext } from "@connectrpc/connect";
+import type { DescMethod } from "@bufbuild/protobuf";
+import { Code, createContextKey, createContextValues, type ConnectError, type ConnectRouter, type HandlerContext, type Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
+import type { UniversalServerRequest } from "@connectrpc/connect/protocol";
 import type { Credentials } from "../certs/files.js";
-import type { PeerIdentity } from "../certs/identity.js";
+import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
 import { peerIdentity, serverTlsOptions } from "../certs/tls.js";
-import { PermissionDeniedError, UnauthenticatedError } from "./errors.js";
+import { InvalidArgumentError, PermissionDeniedError, UnauthenticatedError } from "./errors.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import type { Logger } from "./logger.js";
+import { pathOf, type Call, type DeclarationTable, type Grant } from "./rpc-access.js";
+import { isDecodeFailure, toConnectError } from "./rpc-errors.js";
+import { mapUndecodableRequests } from "./undecodable-request.js";
 
 /** The verified identity of the caller, set for every request from its TLS connection. */
 export const peerKey = createContextKey<PeerIdentity | undefined>(undefined, { description: "rexmesh peer" });
@@ -17,6 +22,27 @@ export const peerKey = createContextKey<PeerIdentity | undefined>(undefined, { d
 /** Set when the caller's identity is on the deny-list. */
 export const revokedKey = createContextKey<boolean>(false, { description: "rexmesh peer revoked" });
 
+/** What the boundary allowed for this call; set by the interceptor before any handler runs. */
+export const grantKey = createContextKey<Grant | undefined>(undefined, { description: "rexmesh grant" });
+
+/**
+ * The grant of this call. A handler acts only on what the boundary allowed:
+ * without a grant (a handler reached some other way) nothing is done.
+ */
+export function grantOf(ctx: HandlerContext): Grant {
+  const grant = ctx.values.get(grantKey);
+  if (!grant) throw new PermissionDeniedError("this call was not authorized");
+  return grant;
+}
+
+/** Who the boundary allowed this call for: the peer of its grant. */
+export function grantedPeer(ctx: HandlerContext): PeerIdentity {
+  const peer = grantOf(ctx).peer;
+  if (!peer) throw new UnauthenticatedError("this call has no verified caller");
+  return peer;
+}
+
+/** The verified peer of a call, for code that runs behind a session helper (links, enrollment). */
 export function callerOf(ctx: HandlerContext): PeerIdentity {
   if (ctx.values.get(revokedKey)) throw new PermissionDeniedError("this certificate's identity has been revoked");
   const peer = ctx.values.get(peerKey);
@@ -54,6 +80,8 @@ function identityOfConnection(req: http2.Http2ServerRequest | IncomingMessage): 
 
 export interface RpcServer {
   readonly server: http2.Http2SecureServer;
+  /** Every method served, each with a declaration (checked when the server was made). */
+  readonly served: readonly DescMethod[];
   listen(host: string, port: number): Promise<AddressInfo>;
   /** Stops accepting, lets open calls finish for graceMs, then closes every session. */
   close(graceMs: number): Promise<void>;
@@ -63,6 +91,11 @@ export interface RpcServer {
  * An HTTP/2 server with mutual TLS that speaks gRPC, gRPC-Web and Connect
  * (JSON or binary) for the routes given. HTTP/1.1 is allowed too so that
  * curl and browsers can use the Connect protocol without HTTP/2.
+ *
+ * Every call passes one boundary ({@link boundaryInterceptor}): its
+ * method's declaration, the caller's certificate and `decide` allow it or
+ * not, and every error leaves through common/rpc-errors.ts. Creating the
+ * server throws if a route serves a method the table does not declare.
  */
 export function createRpcServer(opts: {
   creds: Credentials;
@@ -70,9 +103,25 @@ export function createRpcServer(opts: {
   log: Logger;
   /** Checked on every request: a revoked identity is refused even on a connection opened before its revocation. */
   isRevoked?: (peer: PeerIdentity) => boolean;
+  declarations: DeclarationTable;
+  /** Decides a call that is not open (policy, audit); refuses by throwing. */
+  decide: (call: Call) => Promise<Grant>;
 }): RpcServer {
+  let served: DescMethod[] = [];
+  const refusedUndecodable = (method: DescMethod) => (err: ConnectError, req: UniversalServerRequest) => {
+    const peer = req.contextValues?.get(peerKey);
+    opts.log.warn("malformed request refused", { method: pathOf(method), peer: peer ? formatIdentity(peer) : "unidentified", code: err.code, err });
+  };
   const handler = connectNodeAdapter({
-    routes: opts.routes,
+    routes: (router) => {
+      opts.routes(router);
+      served = router.handlers.map((h) => h.method);
+      opts.declarations.requireDeclared(served);
+      router.handlers.forEach((h, i) => {
+        router.handlers[i] = mapUndecodableRequests(h, refusedUndecodable(h.method));
+      });
+    },
+    interceptors: [boundaryInterceptor(opts)],
     readMaxBytes: MAX_MESSAGE_BYTES,
     writeMaxBytes: MAX_MESSAGE_BYTES,
     // Responses go uncompressed even to clients that accept gzip: compressing
@@ -96,6 +145,7 @@ export function createRpcServer(opts: {
   server.on("tlsClientError", (err) => opts.log.debug("TLS handshake refused", { err }));
   return {
     server,
+    served,
     listen: (host, port) =>
       new Promise((resolve, reject) => {
         server.once("error", reject);
@@ -115,4 +165,76 @@ export function createRpcServer(opts: {
       clearTimeout(timer);
     },
   };
+}
+
+/**
+ * The boundary of a connect-node server: finds the method's declaration
+ * (none: refused), lets an open method through, has `decide` allow or
+ * refuse any other, stores the grant for the handler, and maps every error
+ * the call ends with — refusals, domain errors of the handler, requests
+ * that do not decode — through common/rpc-errors.ts, logging each refusal.
+ */
+export function boundaryInterceptor(opts: { declarations: DeclarationTable; decide: (call: Call) => Promise<Grant>; log: Logger }): Interceptor {
+  return (next) => async (req) => {
+    const peer = req.contextValues.get(peerKey);
+    const method = pathOf(req.method);
+    const refused = (err: unknown): ConnectError => {
+      const wire = toConnectError(err);
+      const fields = { method, peer: peer ? formatIdentity(peer) : "unidentified", code: wire.code, err };
+      if (wire.code === Code.Internal) opts.log.error("request failed", fields);
+      else if (wire.code === Code.InvalidArgument && isMalformed(err)) opts.log.warn("malformed request refused", fields);
+      else if (wire.code !== Code.Canceled) opts.log.info("request refused", fields);
+      return wire;
+    };
+    let grant: Grant;
+    try {
+      const declared = opts.declarations.get(req.method);
+      if (!declared) throw new PermissionDeniedError(`${method} is not served: it has no authorization declaration`);
+      grant = "open" in declared.declaration
+        ? { peer, action: "open", by: "open" }
+        : await opts.decide({ declared, peer, revoked: req.contextValues.get(revokedKey), request: req.stream ? undefined : req.message });
+    } catch (err) {
+      throw refused(err);
+    }
+    req.contextValues.set(grantKey, grant);
+    if (!req.stream) {
+      try {
+        return await next(req);
+      } catch (err) {
+        throw refused(err);
+      }
+    }
+    try {
+      const res = await next({ ...req, message: decoded(req.message) });
+      if (!res.stream) return res;
+      return { ...res, message: mapped(res.message, refused) };
+    } catch (err) {
+      throw refused(err);
+    }
+  };
+}
+
+/** A stream's requests; one that does not decode ends the stream as a malformed request. */
+async function* decoded<T>(messages: AsyncIterable<T>): AsyncGenerator<T> {
+  try {
+    yield* messages;
+  } catch (err) {
+    if (isDecodeFailure(err)) throw new MalformedRequestError("the request is not a valid protobuf message", { cause: err });
+    throw err;
+  }
+}
+
+async function* mapped<T>(messages: AsyncIterable<T>, refused: (err: unknown) => ConnectError): AsyncGenerator<T> {
+  try {
+    yield* messages;
+  } catch (err) {
+    throw refused(err);
+  }
+}
+
+/** A request message that does not decode. */
+class MalformedRequestError extends InvalidArgumentError {}
+
+function isMalformed(err: unknown): boolean {
+  return err instanceof MalformedRequestError || isDecodeFailure(err) || (err instanceof Error && isDecodeFailure(err.cause));
 }

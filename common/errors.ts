@@ -29,4 +29,7 @@ export class DeadlineExceededError extends RexmeshError {}
 /** A configuration value is wrong; the message names the key. */
 export class ConfigError extends RexmeshError {}
 /** The thing to create exists already, and differs from what was asked. */
-export class AlreadyExistsError extends RexmeshError {}
+export class AlreadyExistsError extends RexmeshError {
+  /** The job that holds a reused idempotency key, when that is what exists. */
+  jobId?: string;
+}

@@ -19,6 +19,7 @@ import {
  * in the log, never on the wire.
  */
 export function codeOf(err: unknown): Code {
+  if (isDecodeFailure(err)) return Code.InvalidArgument;
   if (err instanceof ConnectError) return err.code;
   if (err instanceof InvalidArgumentError || err instanceof ConfigError) return Code.InvalidArgument;
   if (err instanceof NotFoundError) return Code.NotFound;
@@ -33,10 +34,21 @@ export function codeOf(err: unknown): Code {
 }
 
 export function toConnectError(err: unknown): ConnectError {
+  if (isDecodeFailure(err)) return new ConnectError("the request is not a valid protobuf message", Code.InvalidArgument, undefined, undefined, err);
   if (err instanceof ConnectError) return err;
   const code = codeOf(err);
   const message = code === Code.Internal ? "internal error" : err instanceof Error ? err.message : String(err);
   return new ConnectError(message, code, undefined, undefined, err);
+}
+
+/**
+ * A request connect-es could not decode: it reports one as INTERNAL
+ * ("parse binary: ..."), though the caller sent it, so it is mapped here
+ * like any malformed request. (JSON that does not parse is already
+ * INVALID_ARGUMENT.)
+ */
+export function isDecodeFailure(err: unknown): boolean {
+  return err instanceof ConnectError && err.code === Code.Internal && err.rawMessage.startsWith("parse binary:");
 }
 
 /** Connect and gRPC share code numbers; grpc-js wants its own enum. */

@@ -1,125 +1,120 @@
 /**
- * What an operator may do, decided and recorded in one place: each method
- * authorizes (controller/authz.ts) on the resolved hosts, acts, and appends
- * the outcome to the audit log — allowed, denied by policy, or rejected as
- * malformed — before answering. The RPC handlers only translate.
+ * What an operator may do, decided and recorded in one place.
+ *
+ * {@link OperatorAccess.decideCall} is the controller's boundary decider
+ * (common/connect-server.ts calls it for every call that is not open): it
+ * admits the caller by certificate, checks that a role grants the declared
+ * action, decides scopes the request itself shows (the tenant, named
+ * hosts), and audits. Calls whose scope is the hosts a request resolves to
+ * (a target, a job's tasks, a region) are then decided here, by the method
+ * the handler calls, on the resolved hosts — allowed, denied by policy, or
+ * rejected as malformed — and audited before the caller gets its answer.
+ * The RPC handlers only translate.
  */
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
-import { FailedPreconditionError, PermissionDeniedError, RexmeshError } from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, RexmeshError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
+import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/rpc-access.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import type { DenyList, RevokedIdentity } from "../gen/rexmesh/v1/revocation_pb.js";
 import type { AuditDecision, AuditEvent, AuditInput, AuditLog } from "./audit.js";
-import type { Action, Authorizer } from "./authz.js";
+import { isAction, type AccessRequest, type Action, type Authorizer } from "./authz.js";
+import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
 import { parseTarget, type JobManager, type PlannedHost, type SubmitRequest } from "./jobs.js";
 import type { DocumentStore, StoredDocument } from "./document-store.js";
 import { parseDocumentText } from "./documents.js";
-import type { HostRecord, JobRecord } from "./model.js";
+import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { selectHosts } from "./query.js";
+import type { Revocations } from "./revocation.js";
+
+/** Which artifacts a tenant holds (controller/artifacts.ts). */
+export interface ArtifactIndex {
+  has(tenant: string, digest: string): boolean;
+}
+
+export interface OperatorAccessDeps {
+  authz: Authorizer;
+  audit: AuditLog;
+  jobs: JobManager;
+  inventory: Inventory;
+  log: Logger;
+  documents?: DocumentStore;
+  /** Without it, a step that uses an artifact is refused. */
+  artifacts?: ArtifactIndex;
+  revocations?: Revocations;
+  bundles?: BundleService;
+}
+
+/** A job as the caller may see it: the tasks on hosts its read roles cover. */
+export interface VisibleJob {
+  job: JobRecord;
+  tasks: TaskRecord[];
+}
 
 export class OperatorAccess {
-  constructor(private readonly deps: { authz: Authorizer; audit: AuditLog; jobs: JobManager; inventory: Inventory; log: Logger; documents?: DocumentStore }) {}
+  constructor(private readonly deps: OperatorAccessDeps) {}
+
+  // ---- the boundary ---------------------------------------------------------
 
   /**
-   * Submits a job if the policy allows its steps on every host it resolves
-   * to; a document run is authorized on the steps rendered for its hosts.
+   * Decides a call at the boundary: the caller's certificate and the
+   * method's declaration, the policy action, and the scope when the
+   * request names it. Every refusal is audited here; an allowed call too,
+   * unless its scope is decided (and audited) by the method it reaches.
    */
-  async submit(caller: PeerIdentity, req: SubmitRequest): Promise<JobRecord> {
-    let hosts: readonly HostRecord[] = [];
-    let role = "";
-    const what = `${describeTarget(req)}: ${describeRequest(req)}`;
-    let job: JobRecord;
+  async decideCall(call: Call): Promise<Grant> {
+    const d = call.declared.declaration;
+    const method = pathOf(call.declared.method);
+    const summary = "open" in d || !d.summary || call.request === undefined ? undefined : d.summary(call.request);
+    const what = summary?.what ?? method.slice(method.lastIndexOf(".") + 1);
+    let kind = "open" in d ? "open" : d.operator ? (typeof d.operator.action === "string" ? d.operator.action : "call") : (d.peer?.action ?? "call");
+    let hostIds: string[] = summary?.hostIds ?? [];
     try {
-      job = await this.deps.jobs.submit(caller, req, (resolved, _r, steps) => {
-        hosts = resolved;
-        role = this.deps.authz.require(caller, { action: "submit", hosts: resolved, steps });
-      });
+      if ("open" in d) return { peer: call.peer, action: "open", by: "open" };
+      const { peer, operator, peerRule } = admit(call);
+      if (peerRule) {
+        const grant = { peer, action: peerRule.action, by: peerRule.scope };
+        if (d.auditedBy !== "service") await this.record(peer, peerRule.action, { decision: "allowed", reason: `${peer.role} certificate` }, { what });
+        return grant;
+      }
+      const action = operatorAction(operator!, call.request);
+      kind = action;
+      if (!isAction(action)) throw new PermissionDeniedError(`unknown action ${JSON.stringify(action)}`);
+      const named = operator!.scope === "hosts" && operator!.hostsOf ? operator!.hostsOf(call.request).filter((id) => id !== "") : [];
+      if (named.length > 0) hostIds = named;
+      const decision = named.length > 0 ? this.deps.authz.decide(peer, { action, hosts: named.map((id) => this.hostFor(peer.scope, id)) } as AccessRequest) : this.deps.authz.holds(peer, action);
+      if (!decision.allowed) throw new PermissionDeniedError(decision.reason);
+      const decidedLater = operator!.scope === "hosts" && !operator!.hostsOf;
+      if (!decidedLater && d.auditedBy !== "service") await this.record(peer, action, { decision: "allowed", reason: `role ${decision.role}` }, { what, hostIds });
+      return { peer, action, by: decision.role };
     } catch (err) {
-      await this.record(caller, "submit", refusal(err), { what, hostIds: hosts.map((h) => h.id) });
+      await this.record(call.peer, kind, refusal(err), { what, hostIds });
       throw err;
     }
-    // No role: the idempotency key named a job already submitted (and authorized then).
-    const reason = role ? `role ${role}` : `idempotent replay of job ${job.id}`;
-    const done = job.document ? `${describeTarget(req)}: document ${job.document} ${describeParams(job.parameters ?? {})}` : what;
-    await this.record(caller, "submit", { decision: "allowed", reason }, { what: done, hostIds: hostsOf(this.deps.jobs, job), jobId: job.id });
-    return job;
   }
 
-  /** A dry run: authorized and audited like a submit, but nothing is stored or run. */
-  async dryRun(caller: PeerIdentity, req: SubmitRequest): Promise<PlannedHost[]> {
-    let hosts: readonly HostRecord[] = [];
-    let role = "";
-    const what = `dry run, ${describeTarget(req)}: ${describeRequest(req)}`;
-    try {
-      const plan = this.deps.jobs.dryRun(caller, req, (resolved, _r, steps) => {
-        hosts = resolved;
-        role = this.deps.authz.require(caller, { action: "submit", hosts: resolved, steps });
-      });
-      await this.record(caller, "dry-run", { decision: "allowed", reason: `role ${role}` }, { what, hostIds: plan.map((p) => p.host.id) });
-      return plan;
-    } catch (err) {
-      await this.record(caller, "dry-run", refusal(err), { what, hostIds: hosts.map((h) => h.id) });
-      throw err;
-    }
+  // ---- hosts ------------------------------------------------------------------
+
+  /** The hosts of the caller's tenant its read roles cover: all, or those matching a query. */
+  async listHosts(caller: PeerIdentity, target: string): Promise<HostRecord[]> {
+    return this.decided(caller, "read", target === "" ? "list hosts" : `list hosts ${JSON.stringify(target)}`, async () => {
+      const hosts = this.readable(caller, this.deps.inventory.list(caller.scope));
+      const shown = target === "" ? hosts : selectHosts(parseTarget(target), hosts);
+      return { value: shown, hostIds: shown.map((h) => h.id) };
+    });
   }
 
   /**
-   * Stores a document (YAML or JSON text) as its next version. A document
-   * runs nothing by itself — every run of it is authorized on the steps it
-   * renders — so storing one needs the read action (authz.ts has no
-   * host-less check of submit yet).
+   * Changes a host's labels. Allowed when a role granting `label` covers
+   * the host before and after the change, and the change gives the caller
+   * no power on the host it did not hold before (controller/authz.ts).
    */
-  async putDocument(caller: PeerIdentity, text: string): Promise<StoredDocument> {
-    let what = "put document";
-    try {
-      const d = this.deps.authz.decide(caller, { action: "read" });
-      if (!d.allowed) throw new PermissionDeniedError(d.reason);
-      const docs = this.documentStore();
-      const doc = parseDocumentText(text);
-      what = `put document ${doc.name}`;
-      const stored = await docs.put(caller.scope, formatIdentity(caller), doc);
-      await this.record(caller, "document", { decision: "allowed", reason: `role ${d.role}` }, { what: `put document ${stored.name}@${stored.version}` });
-      return stored;
-    } catch (err) {
-      await this.record(caller, "document", refusal(err), { what });
-      throw err;
-    }
-  }
-
-  async getDocument(caller: PeerIdentity, ref: string): Promise<StoredDocument> {
-    await this.require(caller, "read", `get document ${ref}`);
-    return this.documentStore().get(caller.scope, ref);
-  }
-
-  async listDocuments(caller: PeerIdentity): Promise<StoredDocument[]> {
-    await this.require(caller, "read", "list documents");
-    return this.documentStore().list(caller.scope);
-  }
-
-  private documentStore(): DocumentStore {
-    if (!this.deps.documents) throw new FailedPreconditionError("this controller does not keep documents");
-    return this.deps.documents;
-  }
-
-  async cancel(caller: PeerIdentity, jobId: string): Promise<JobRecord> {
-    const what = `cancel job ${jobId}`;
-    let job: JobRecord;
-    try {
-      const role = this.deps.authz.require(caller, { action: "cancel" });
-      job = await this.deps.jobs.cancel(caller, jobId);
-      await this.record(caller, "cancel", { decision: "allowed", reason: `role ${role}` }, { what, jobId, hostIds: hostsOf(this.deps.jobs, job) });
-      return job;
-    } catch (err) {
-      await this.record(caller, "cancel", refusal(err), { what, jobId });
-      throw err;
-    }
-  }
-
-  /** Changes a host's labels if the host is inside the caller's scope before and after the change. */
   async setLabels(caller: PeerIdentity, hostId: string, set: Record<string, string>, remove: readonly string[]): Promise<HostRecord> {
     const what = describeLabels(set, remove);
     let role = "";
     try {
+      this.holds(caller, "label");
       const host = await this.deps.inventory.setLabels(caller.scope, hostId, { set, remove }, (before, after) => {
         role = this.deps.authz.require(caller, { action: "label", before, after });
       });
@@ -131,29 +126,286 @@ export class OperatorAccess {
     }
   }
 
-  /** Hosts of the caller's tenant, all or those matching a query. */
-  async listHosts(caller: PeerIdentity, target: string): Promise<HostRecord[]> {
-    await this.require(caller, "read", "list hosts");
-    const hosts = this.deps.inventory.list(caller.scope);
-    return target === "" ? hosts : selectHosts(parseTarget(target), hosts);
+  // ---- jobs -------------------------------------------------------------------
+
+  /**
+   * Submits a job if one role allows its steps, its environment and every
+   * host it resolves to; a document run is authorized on the steps
+   * rendered for its hosts. An idempotency key that names a job already
+   * submitted is authorized exactly like a new submit, and returns that
+   * job only when it is the job this request describes.
+   */
+  async submit(caller: PeerIdentity, req: SubmitRequest): Promise<JobRecord> {
+    let hosts: readonly HostRecord[] = [];
+    let role = "";
+    const what = `${describeTarget(req)}: ${describeRequest(req)}`;
+    const authorize = (resolved: readonly HostRecord[], _r: SubmitRequest, steps: readonly Step[]) => {
+      hosts = resolved;
+      role = this.authorizeRun(caller, resolved, steps, req.env);
+    };
+    let job: JobRecord;
+    try {
+      this.holds(caller, "submit");
+      // A replay passes what a new submit passes (the job manager resolves and authorizes it first) and
+      // returns the job only for the same request; another request under the key is ALREADY_EXISTS.
+      job = await this.deps.jobs.submit(caller, req, authorize);
+    } catch (err) {
+      const shown = this.hideUnreadableJob(caller, err);
+      await this.record(caller, "submit", refusal(shown), { what, hostIds: hosts.map((h) => h.id) });
+      throw shown;
+    }
+    const done = job.document ? `${describeTarget(req)}: document ${job.document} ${describeParams(job.parameters ?? {})}` : what;
+    await this.record(caller, "submit", { decision: "allowed", reason: `role ${role}` }, { what: done, hostIds: hostsOf(this.deps.jobs, job), jobId: job.id });
+    return job;
+  }
+
+  /** A dry run: authorized and audited like a submit, but nothing is stored or run. */
+  async dryRun(caller: PeerIdentity, req: SubmitRequest): Promise<PlannedHost[]> {
+    let hosts: readonly HostRecord[] = [];
+    let role = "";
+    const what = `dry run, ${describeTarget(req)}: ${describeRequest(req)}`;
+    try {
+      this.holds(caller, "submit");
+      const plan = this.deps.jobs.dryRun(caller, req, (resolved, _r, steps) => {
+        hosts = resolved;
+        role = this.authorizeRun(caller, resolved, steps, req.env);
+      });
+      await this.record(caller, "dry-run", { decision: "allowed", reason: `role ${role}` }, { what, hostIds: plan.map((p) => p.host.id) });
+      return plan;
+    } catch (err) {
+      await this.record(caller, "dry-run", refusal(err), { what, hostIds: hosts.map((h) => h.id) });
+      throw err;
+    }
+  }
+
+  /** The policy decision for running steps on hosts, then the artifacts they use: the caller's tenant must hold them. */
+  private authorizeRun(caller: PeerIdentity, hosts: readonly HostRecord[], steps: readonly Step[], env: Readonly<Record<string, string>>): string {
+    const role = this.deps.authz.require(caller, { action: "submit", hosts, steps, env });
+    for (const step of steps) {
+      const digest = step.tool.case === "script" || step.tool.case === "filePut" ? step.tool.value.artifact : undefined;
+      if (digest !== undefined && !this.deps.artifacts?.has(caller.scope, digest)) throw new NotFoundError(`no artifact ${digest}`);
+    }
+    return role;
+  }
+
+  /** A reused idempotency key names its job only to a caller who may read that job. */
+  private hideUnreadableJob(caller: PeerIdentity, err: unknown): unknown {
+    if (!(err instanceof AlreadyExistsError) || err.jobId === undefined) return err;
+    const job = this.deps.jobs.getJobRecord(err.jobId);
+    if (job && this.visible(caller, job)) return err;
+    return new AlreadyExistsError("this idempotency key was already used, with a different request", { cause: err });
+  }
+
+  /** Cancels a job if one role granting `cancel` covers the hosts of all its tasks. */
+  async cancel(caller: PeerIdentity, jobId: string): Promise<JobRecord> {
+    const what = `cancel job ${jobId}`;
+    let hostIds: string[] = [];
+    try {
+      this.holds(caller, "cancel");
+      const job = this.deps.jobs.getJobFor(caller, jobId);
+      const hosts = this.hostsOfTasks(caller, this.deps.jobs.tasksOf(job));
+      hostIds = hosts.map((h) => h.id);
+      const role = this.deps.authz.require(caller, { action: "cancel", hosts });
+      const cancelled = await this.deps.jobs.cancel(caller, jobId);
+      await this.record(caller, "cancel", { decision: "allowed", reason: `role ${role}` }, { what, jobId, hostIds });
+      return cancelled;
+    } catch (err) {
+      await this.record(caller, "cancel", refusal(err), { what, jobId, hostIds });
+      throw err;
+    }
+  }
+
+  /**
+   * A job the caller may read: one with a task on a host its read roles
+   * cover, with only those tasks. Any other job is NOT_FOUND, exactly like
+   * one that does not exist.
+   */
+  async getJob(caller: PeerIdentity, jobId: string, what = `get job ${jobId}`): Promise<VisibleJob> {
+    return this.decided(caller, "read", what, async () => {
+      const visible = this.visible(caller, this.deps.jobs.getJobFor(caller, jobId));
+      if (!visible) throw new NotFoundError(`job ${JSON.stringify(jobId)} not found`);
+      return { value: visible, hostIds: visible.tasks.map((t) => t.hostId), jobId };
+    });
+  }
+
+  /** The newest jobs of the tenant the caller may read, each with the tasks it may read. */
+  async listJobs(caller: PeerIdentity, limit: number): Promise<VisibleJob[]> {
+    return this.decided(caller, "read", "list jobs", async () => {
+      const list = this.deps.jobs.listJobs(caller, limit).map((j) => this.visible(caller, j)).filter((v): v is VisibleJob => v !== undefined);
+      return { value: list };
+    });
+  }
+
+  private visible(caller: PeerIdentity, job: JobRecord): VisibleJob | undefined {
+    const tasks = this.deps.jobs.tasksOf(job);
+    const readable = new Set(this.readable(caller, this.hostsOfTasks(caller, tasks)).map((h) => h.id));
+    const shown = tasks.filter((t) => readable.has(t.hostId));
+    return shown.length > 0 ? { job, tasks: shown } : undefined;
+  }
+
+  // ---- documents, audit -------------------------------------------------------
+
+  /**
+   * Stores a document (YAML or JSON text) as its next version. A document
+   * runs nothing by itself — every run of it is authorized on the steps it
+   * renders — but a new version changes what a run by name does, so
+   * storing one is its own action (`document`), checked at the boundary.
+   */
+  async putDocument(caller: PeerIdentity, text: string): Promise<StoredDocument> {
+    const stored = await this.documentStore().put(caller.scope, formatIdentity(caller), parseDocumentText(text));
+    this.deps.log.info("document stored", { document: `${stored.name}@${stored.version}`, by: formatIdentity(caller) });
+    return stored;
+  }
+
+  async getDocument(caller: PeerIdentity, ref: string): Promise<StoredDocument> {
+    return this.documentStore().get(caller.scope, ref);
+  }
+
+  async listDocuments(caller: PeerIdentity): Promise<StoredDocument[]> {
+    return this.documentStore().list(caller.scope);
+  }
+
+  private documentStore(): DocumentStore {
+    if (!this.deps.documents) throw new FailedPreconditionError("this controller does not keep documents");
+    return this.deps.documents;
   }
 
   async listAudit(caller: PeerIdentity, opts: { sinceMs?: number; limit?: number }): Promise<AuditEvent[]> {
-    await this.require(caller, "audit", "read the audit log");
     return this.deps.audit.list(caller.scope, opts);
   }
 
-  /** Checks an action that concerns no particular host; a refusal is audited. */
-  async require(caller: PeerIdentity, action: Exclude<Action, "submit" | "label">, what: string): Promise<void> {
-    const d = this.deps.authz.decide(caller, { action });
-    if (d.allowed) return;
-    await this.record(caller, action, { decision: "denied", reason: d.reason }, { what });
-    throw new PermissionDeniedError(d.reason);
+  // ---- bundles ------------------------------------------------------------------
+
+  /** A region's tasks bundle, if one role granting `bundle` covers every host of the caller's tenant in that region. */
+  async exportBundle(caller: PeerIdentity, region: string): Promise<{ bundle: Uint8Array; tasks: number }> {
+    const what = `export bundle of region ${region}`;
+    let hostIds: string[] = [];
+    try {
+      const hosts = this.deps.inventory.list(caller.scope).filter((h) => h.region === region);
+      hostIds = hosts.map((h) => h.id);
+      const role = this.deps.authz.require(caller, hosts.length > 0 ? { action: "bundle", hosts } : { action: "bundle" });
+      const out = await this.bundleService().export(caller, region);
+      await this.record(caller, "bundle", { decision: "allowed", reason: `role ${role}` }, { what: `${what}: ${out.tasks} tasks`, hostIds });
+      return out;
+    } catch (err) {
+      await this.record(caller, "bundle", refusal(err), { what, hostIds });
+      throw err;
+    }
+  }
+
+  /**
+   * Imports a results bundle: the caller's tenant's part of it, if one role
+   * granting `bundle` covers every host it reports on. (The bundle itself is
+   * checked by BundleService: signer, revocation, region of every task.)
+   */
+  async importBundle(caller: PeerIdentity, bytes: Uint8Array): Promise<{ statuses: number; chunks: number; hosts: number }> {
+    let hostIds: string[] = [];
+    let role = "";
+    try {
+      this.holds(caller, "bundle");
+      const r = await this.bundleService().import(caller, bytes, (ids) => {
+        hostIds = [...ids];
+        const hosts = ids.map((id) => this.hostFor(caller.scope, id));
+        role = this.deps.authz.require(caller, hosts.length > 0 ? { action: "bundle", hosts } : { action: "bundle" });
+      });
+      await this.record(caller, "bundle", { decision: "allowed", reason: `role ${role}` }, { what: `import results bundle: ${r.statuses} statuses, ${r.chunks} output chunks`, hostIds });
+      return r;
+    } catch (err) {
+      await this.record(caller, "bundle", refusal(err), { what: "import results bundle", hostIds });
+      throw err;
+    }
+  }
+
+  private bundleService(): BundleService {
+    if (!this.deps.bundles) throw new FailedPreconditionError("this controller does not make bundles");
+    return this.deps.bundles;
+  }
+
+  // ---- revocation -------------------------------------------------------------
+
+  /**
+   * Revokes an identity. A host of the caller's tenant needs a role
+   * granting `revoke` whose selector covers it (an id the controller does
+   * not know is judged by its id alone); an operator of the caller's tenant
+   * needs `revoke.operator`; a proxy, shared by every tenant, needs
+   * `revoke.proxy`, which a role must name.
+   */
+  async revoke(caller: PeerIdentity, req: { role: string; scope: string; id: string; reason: string }): Promise<RevokedIdentity> {
+    const action: Action = req.role === "proxy" ? "revoke.proxy" : req.role === "operator" ? "revoke.operator" : "revoke";
+    const scope = req.scope || (req.role === "proxy" ? "" : caller.scope);
+    const what = `revoke ${req.role} ${scope ? `${scope}/` : ""}${req.id}${req.reason ? ` (${req.reason})` : ""}`;
+    const hostIds = req.role === "host" ? [req.id] : [];
+    try {
+      if (!["host", "operator", "proxy"].includes(req.role)) throw new InvalidArgumentError("role must be host, proxy or operator");
+      if (req.role !== "proxy" && scope !== caller.scope) throw new PermissionDeniedError(`an operator of tenant ${caller.scope} cannot revoke identities of tenant ${scope}`);
+      const role = this.deps.authz.require(caller, req.role === "host" ? { action: "revoke", hosts: [this.hostFor(caller.scope, req.id)] } : { action } as AccessRequest);
+      const entry = await this.revocations().revoke(caller, req);
+      await this.record(caller, action, { decision: "allowed", reason: `role ${role}${req.reason ? `; reason given: ${req.reason}` : ""}` }, { what: entry.uri, hostIds });
+      return entry;
+    } catch (err) {
+      await this.record(caller, action, refusal(err), { what, hostIds });
+      throw err;
+    }
+  }
+
+  /** The deny-list as the caller may see it: its own tenant's identities, and the proxies every tenant shares. */
+  listRevoked(caller: PeerIdentity): DenyList {
+    const list = this.revocations().denyList;
+    const own = [`rexmesh://host/${caller.scope}/`, `rexmesh://operator/${caller.scope}/`, `rexmesh://enroll/${caller.scope}/`, "rexmesh://proxy/"];
+    return { ...list, entries: list.entries.filter((e) => own.some((p) => e.uri.startsWith(p))) };
+  }
+
+  private revocations(): Revocations {
+    if (!this.deps.revocations) throw new FailedPreconditionError("this controller keeps no deny-list");
+    return this.deps.revocations;
+  }
+
+  // ---- helpers ------------------------------------------------------------------
+
+  /** Refuses unless some role grants the action at all (what the boundary checked; scoped methods ask it first too). */
+  private holds(caller: PeerIdentity, action: Action): void {
+    const d = this.deps.authz.holds(caller, action);
+    if (!d.allowed) throw new PermissionDeniedError(d.reason);
+  }
+
+  /** A read decided on what it returns: audited as allowed with the hosts shown, or as refused. */
+  private async decided<T>(caller: PeerIdentity, action: Action, what: string, fn: () => Promise<{ value: T; hostIds?: string[]; jobId?: string }>): Promise<T> {
+    try {
+      this.holds(caller, action);
+      const { value, hostIds, jobId } = await fn();
+      await this.record(caller, action, { decision: "allowed", reason: "hosts covered by the caller's read roles" }, { what, hostIds, jobId });
+      return value;
+    } catch (err) {
+      await this.record(caller, action, refusal(err), { what });
+      throw err;
+    }
+  }
+
+  private readable(caller: PeerIdentity, hosts: readonly HostRecord[]): HostRecord[] {
+    return this.deps.authz.covered(caller, "read", hosts);
+  }
+
+  /** The hosts of tasks, as records of the caller's tenant. */
+  private hostsOfTasks(caller: PeerIdentity, tasks: readonly TaskRecord[]): HostRecord[] {
+    const ids = [...new Set(tasks.map((t) => t.hostId))];
+    return ids.map((id) => this.hostFor(caller.scope, id));
+  }
+
+  /**
+   * A host of the tenant as the policy judges it. An id the controller does
+   * not know in this tenant (not yet connected, or another tenant's) is
+   * judged by its id alone: no labels, no facts.
+   */
+  private hostFor(tenant: string, id: string): HostRecord {
+    const h = this.deps.inventory.get(id);
+    if (h && h.tenant === tenant) return h;
+    return { id, tenant, region: "", proxy: "", connected: false, since: 0, labels: {} };
   }
 
   /** Writes an audit event; a failure to write is logged and, for refusals, never hides the refusal. */
-  private async record(caller: PeerIdentity, kind: string, outcome: { decision: AuditDecision; reason: string }, more: Pick<AuditInput, "what" | "hostIds" | "jobId">): Promise<void> {
-    const input: AuditInput = { kind, tenant: caller.scope, actor: formatIdentity(caller), ...outcome, ...more };
+  private async record(caller: PeerIdentity | undefined, kind: string, outcome: { decision: AuditDecision; reason: string }, more: Pick<AuditInput, "what" | "hostIds" | "jobId">): Promise<void> {
+    const tenant = caller && caller.role !== "proxy" && caller.role !== "controller" ? caller.scope : "";
+    const input: AuditInput = { kind, tenant, actor: caller ? formatIdentity(caller) : "unidentified", ...outcome, ...more };
     try {
       await this.deps.audit.append(input);
     } catch (err) {
@@ -174,7 +426,7 @@ function hostsOf(jobs: JobManager, job: JobRecord): string[] {
 }
 
 /** What a request runs, for the audit log: steps, or a document and the NAMES of its parameters (values may be sensitive). */
-function describeRequest(req: SubmitRequest): string {
+export function describeRequest(req: Pick<SubmitRequest, "document" | "steps" | "parameters">): string {
   if (!req.document) return describeSteps(req.steps);
   const names = Object.keys(req.parameters ?? {});
   return `document ${req.document}${names.length ? ` (parameters given: ${names.join(", ")})` : ""}`;
@@ -185,7 +437,7 @@ function describeParams(params: Record<string, string>): string {
   return Object.entries(params).map(([k, v]) => `${k}=${quoteArg(v)}`).join(" ");
 }
 
-function describeTarget(req: SubmitRequest): string {
+export function describeTarget(req: Pick<SubmitRequest, "target" | "allHosts" | "hostIds">): string {
   if (req.target !== undefined) return `target ${JSON.stringify(req.target)}`;
   if (req.allHosts) return "all hosts";
   return `hosts ${req.hostIds.slice(0, 10).join(",")}${req.hostIds.length > 10 ? ",…" : ""}`;
@@ -200,6 +452,10 @@ export function describeSteps(steps: readonly Step[]): string {
           return `exec ${s.tool.value.argv.map(quoteArg).join(" ")}`;
         case "shell":
           return `shell ${JSON.stringify(s.tool.value.script)}`;
+        case "script":
+          return `script ${s.tool.value.artifact}`;
+        case "filePut":
+          return `file.put ${s.tool.value.artifact} to ${JSON.stringify(s.tool.value.baseDir)}/${JSON.stringify(s.tool.value.path)}`;
         default:
           return `tool ${s.tool.case ?? "none"}`;
       }
@@ -211,7 +467,7 @@ function quoteArg(a: string): string {
   return /^[A-Za-z0-9_./:=@%+,-]+$/.test(a) ? a : JSON.stringify(a);
 }
 
-function describeLabels(set: Record<string, string>, remove: readonly string[]): string {
+export function describeLabels(set: Record<string, string>, remove: readonly string[]): string {
   const parts = [...remove.map((k) => `-${k}`), ...Object.entries(set).map(([k, v]) => `${k}=${quoteArg(v)}`)];
   return `labels ${parts.join(" ")}`;
 }

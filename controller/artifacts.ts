@@ -4,15 +4,22 @@
  * file, hashed as it arrives, synced, checked against the digest the caller
  * expected and only then renamed into place, so a stored blob is always
  * whole and always matches its name.
+ *
+ * Artifacts belong to tenants: a blob is stored once, and each tenant that
+ * put it holds a marker `<data>/artifacts/tenants/<tenant>/<hex>`. An
+ * operator reads, and runs, only what its own tenant put; to any other
+ * tenant the artifact does not exist (even `created` says nothing of other
+ * tenants). Proxies fetch by digest for every tenant of their region.
  */
-import { createReadStream, rmSync } from "node:fs";
+import { createReadStream, existsSync, rmSync } from "node:fs";
 import { mkdir, open, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
-import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import type { ServiceImpl } from "@connectrpc/connect";
 import { create } from "@bufbuild/protobuf";
-import type { PeerIdentity } from "../certs/identity.js";
+import { checkSegment, formatIdentity } from "../certs/identity.js";
+import { grantedPeer } from "../common/connect-server.js";
 import { digestHex, DigestBuilder, DigestMismatchError } from "../common/digest.js";
-import { InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError } from "../common/errors.js";
+import { InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { storageError } from "../common/lmdb.js";
 import {
@@ -36,6 +43,7 @@ export interface PutResult {
 
 export class ArtifactStore {
   private readonly blobs: string;
+  private readonly tenants: string;
   private readonly tmp: string;
   private seq = 0;
 
@@ -44,6 +52,7 @@ export class ArtifactStore {
     private readonly maxBytes = MAX_ARTIFACT_BYTES,
   ) {
     this.blobs = join(dir, "sha256");
+    this.tenants = join(dir, "tenants");
     this.tmp = join(dir, "tmp");
     // Leftovers of writes cut short by a crash; nothing else is ever in there.
     rmSync(this.tmp, { recursive: true, force: true });
@@ -54,11 +63,42 @@ export class ArtifactStore {
     return join(this.blobs, digestHex(digest));
   }
 
+  /** The marker of a tenant's artifact; throws InvalidArgumentError for a malformed digest. */
+  private markerOf(tenant: string, digest: string): string {
+    return join(this.tenants, checkSegment("tenant", tenant), digestHex(digest));
+  }
+
+  /** Whether a tenant holds an artifact (put it). */
+  has(tenant: string, digest: string): boolean {
+    try {
+      return existsSync(this.markerOf(tenant, digest));
+    } catch {
+      return false;
+    }
+  }
+
   /**
-   * Stores content arriving in chunks. With `expected`, content that hashes
-   * to anything else is refused (DigestMismatchError) and nothing is kept.
+   * Stores content arriving in chunks for a tenant. With `expected`,
+   * content that hashes to anything else is refused (DigestMismatchError)
+   * and nothing is kept. `created` is false when the tenant held it already.
    */
-  async put(chunks: AsyncIterable<Uint8Array>, expected?: string): Promise<PutResult> {
+  async put(tenant: string, chunks: AsyncIterable<Uint8Array>, expected?: string): Promise<PutResult> {
+    const r = await this.putBlob(chunks, expected);
+    const marker = this.markerOf(tenant, r.digest);
+    const held = existsSync(marker);
+    if (!held) {
+      try {
+        await mkdir(join(this.tenants, tenant), { recursive: true, mode: 0o700 });
+        const file = await open(marker, "w", 0o600);
+        await file.sync().finally(() => file.close());
+      } catch (err) {
+        throw storageError(err);
+      }
+    }
+    return { ...r, created: !held };
+  }
+
+  private async putBlob(chunks: AsyncIterable<Uint8Array>, expected?: string): Promise<PutResult> {
     if (expected !== undefined) digestHex(expected);
     await mkdir(this.blobs, { recursive: true, mode: 0o700 });
     await mkdir(this.tmp, { recursive: true, mode: 0o700 });
@@ -92,8 +132,12 @@ export class ArtifactStore {
     }
   }
 
-  /** The size of a stored blob; NotFoundError when there is none. */
-  async size(digest: string): Promise<number> {
+  /** The size of a stored blob; NotFoundError when there is none, or `tenant` does not hold it. */
+  async size(digest: string, tenant?: string): Promise<number> {
+    if (tenant !== undefined && !this.has(tenant, digest)) {
+      digestHex(digest);
+      throw new NotFoundError(`no artifact ${digest}`);
+    }
     try {
       return (await stat(this.pathOf(digest))).size;
     } catch (err) {
@@ -110,21 +154,17 @@ export class ArtifactStore {
 }
 
 /**
- * ArtifactService for the controller's router. Operators put; proxies (and
- * operators) get. `onServe` is told each time a blob is sent, which the
- * controller logs ("artifact served") so that a download per datacenter can
- * be counted.
+ * ArtifactService for the controller's router. The boundary admitted the
+ * caller: an operator with `artifact.write` puts into its tenant, one with
+ * `artifact.read` gets from it; a proxy gets any artifact, for the hosts of
+ * every tenant in its region. Each blob served is logged ("artifact
+ * served"), so that a download per datacenter can be counted.
  */
-export function artifactServiceImpl(deps: {
-  store: ArtifactStore;
-  callerOf: (ctx: HandlerContext) => PeerIdentity;
-  log: Logger;
-}): ServiceImpl<typeof ArtifactService> {
+export function artifactServiceImpl(deps: { store: ArtifactStore; log: Logger }): ServiceImpl<typeof ArtifactService> {
   const { store, log } = deps;
   return {
     async putArtifact(requests: AsyncIterable<PutArtifactRequest>, ctx) {
-      const caller = deps.callerOf(ctx);
-      if (caller.role !== "operator") throw new PermissionDeniedError("only operators may store artifacts");
+      const caller = grantedPeer(ctx);
       let expected: string | undefined;
       let first = true;
       async function* chunks() {
@@ -144,15 +184,14 @@ export function artifactServiceImpl(deps: {
           for (let n = await it.next(); !n.done; n = await it.next()) yield n.value;
         },
       };
-      const r = await store.put(rest, expected);
-      log.info("artifact stored", { digest: r.digest, size: r.size, created: r.created, by: `${caller.role}/${caller.scope}/${caller.id}` });
+      const r = await store.put(caller.scope, rest, expected);
+      log.info("artifact stored", { digest: r.digest, size: r.size, created: r.created, by: formatIdentity(caller) });
       return create(PutArtifactResponseSchema, { digest: r.digest, size: BigInt(r.size), created: r.created });
     },
     async *getArtifact(req, ctx): AsyncGenerator<GetArtifactResponse> {
-      const caller = deps.callerOf(ctx);
-      if (caller.role !== "proxy" && caller.role !== "operator") throw new PermissionDeniedError("artifacts are fetched by proxies and operators");
-      const size = await store.size(req.digest);
-      log.info("artifact served", { digest: req.digest, size, to: `${caller.role}/${caller.scope}/${caller.id}` });
+      const caller = grantedPeer(ctx);
+      const size = await store.size(req.digest, caller.role === "operator" ? caller.scope : undefined);
+      log.info("artifact served", { digest: req.digest, size, to: formatIdentity(caller) });
       let firstChunk = true;
       for await (const data of store.read(req.digest)) {
         yield create(GetArtifactResponseSchema, { size: firstChunk ? BigInt(size) : 0n, data });

@@ -6,8 +6,8 @@
  *
  * Decisions fail closed: an operator with no binding, an action the policy
  * does not grant or does not know, a step whose tool or program no role
- * allows, a host outside the role's selector, or any error while evaluating
- * all refuse. Host decisions are taken on the hosts a request RESOLVED to,
+ * allows, a protected environment variable no role names, a host outside
+ * the role's selector, or any error while evaluating all refuse. Host decisions are taken on the hosts a request RESOLVED to,
  * so a wildcard target is judged by what it really reaches and is refused,
  * never silently narrowed.
  */
@@ -20,13 +20,64 @@ import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord } from "./model.js";
 import { formatQuery, globMatch, hostView, matchHost, parseQuery, QuerySyntaxError, type Query } from "./query.js";
 
-/** Everything an operator can be allowed to do. */
-export const ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle"] as const;
+/**
+ * What an operator can be allowed to do within its own tenant. Every RPC an
+ * operator may call declares one of these (controller/declarations.ts);
+ * `"*"` in a role grants all of them.
+ */
+export const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "revoke", "revoke.operator", "artifact.read", "artifact.write"] as const;
+/**
+ * Actions on what every tenant shares (proxies). `"*"` never grants them: a
+ * role must name them, and without a policy nobody holds them.
+ */
+export const MESH_ACTIONS = ["revoke.proxy"] as const;
+export const ACTIONS = [...TENANT_ACTIONS, ...MESH_ACTIONS] as const;
 export type Action = (typeof ACTIONS)[number];
 
 export function isAction(value: string): value is Action {
   return (ACTIONS as readonly string[]).includes(value);
 }
+
+function isMeshAction(action: Action): boolean {
+  return (MESH_ACTIONS as readonly string[]).includes(action);
+}
+
+/** Step tools, by the names a policy uses (`file.put` is the proto's `filePut`). */
+export const TOOLS = ["exec", "shell", "script", "file.put", "ping"] as const;
+export type Tool = (typeof TOOLS)[number];
+/** Tools a role has when it names none: a ping runs nothing, exec is limited by `commands`. */
+const DEFAULT_TOOLS: readonly Tool[] = ["exec", "ping"];
+
+function toolOf(step: Step): Tool | undefined {
+  switch (step.tool.case) {
+    case "exec":
+    case "shell":
+    case "script":
+    case "ping":
+      return step.tool.case;
+    case "filePut":
+      return "file.put";
+    default:
+      return undefined;
+  }
+}
+
+/**
+ * Environment variables that change which program runs or what it loads:
+ * refused in a job unless one of the role's `env` patterns names them. A
+ * policy adds its own with `protectedEnv`. Globs, matched case-sensitively
+ * (the loader and shells read exactly these names).
+ */
+export const PROTECTED_ENV: readonly string[] = [
+  // program lookup, the dynamic loader and libc
+  "PATH", "LD_*", "DYLD_*", "GCONV_PATH", "GLIBC_TUNABLES", "HOSTALIASES", "LOCPATH", "NLSPATH",
+  // shells
+  "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PROMPT_COMMAND", "CDPATH",
+  // interpreters and runtimes
+  "PYTHON*", "PERL*", "RUBY*", "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH",
+  // helper programs that tools start on their own
+  "GIT_*", "SSH_ASKPASS", "SUDO_ASKPASS", "PAGER", "MANPAGER", "SYSTEMD_PAGER", "SYSTEMD_EDITOR", "LESSOPEN", "LESSCLOSE", "EDITOR", "VISUAL", "BROWSER",
+];
 
 /** One allowed program for the `exec` tool. */
 export interface CommandRule {
@@ -44,7 +95,9 @@ export interface RoleDef {
   hostsText: string;
   actions: ReadonlySet<Action>;
   commands: CommandRule[];
-  shell: boolean;
+  tools: ReadonlySet<Tool>;
+  /** Globs of protected environment variables this role may set. */
+  env: readonly string[];
 }
 
 /** A validated policy, ready for decisions. */
@@ -52,13 +105,19 @@ export interface Policy {
   roles: ReadonlyMap<string, RoleDef>;
   /** "<tenant>/<operator>" or "<tenant>/*" → role names. */
   bindings: ReadonlyMap<string, readonly string[]>;
+  /** {@link PROTECTED_ENV} and the policy's own `protectedEnv`. */
+  protectedEnv: readonly string[];
 }
 
-/** What is asked. Hosts are always the resolved set, inside the caller's tenant. */
+/**
+ * What is asked. Hosts are always the resolved set, inside the caller's
+ * tenant. An action with `hosts` needs one role granting it whose selector
+ * covers every one of them; without, a role granting it at all.
+ */
 export type AccessRequest =
-  | { action: "submit"; hosts: readonly HostRecord[]; steps: readonly Step[] }
+  | { action: "submit"; hosts: readonly HostRecord[]; steps: readonly Step[]; env?: Readonly<Record<string, string>> }
   | { action: "label"; before: HostRecord; after: HostRecord }
-  | { action: "read" | "cancel" | "audit" | "bundle" };
+  | { action: Exclude<Action, "submit" | "label">; hosts?: readonly HostRecord[] };
 
 export type Decision = { allowed: true; role: string } | { allowed: false; reason: string };
 
@@ -78,19 +137,19 @@ export function parsePolicy(text: string, source = "policy"): Policy {
   return compilePolicy(data, source);
 }
 
-/** Validates a decoded policy document; unknown keys, actions and roles are errors, not ignored. */
+/** Validates a decoded policy document; unknown keys, actions, tools and roles are errors, not ignored. */
 export function compilePolicy(data: unknown, source = "policy"): Policy {
   const fail = (where: string, problem: string): never => {
     throw new ConfigError(`${source}: ${where}: ${problem}`);
   };
   const doc = record(data, source, fail);
-  onlyKeys(doc, ["roles", "bindings"], source, fail);
+  onlyKeys(doc, ["roles", "bindings", "protectedEnv"], source, fail);
   const roles = new Map<string, RoleDef>();
   for (const [name, raw] of Object.entries(record(doc.roles ?? {}, "roles", fail))) {
     const where = `roles.${name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) fail(where, "a role name uses letters, digits, '.', '_' or '-'");
     const r = record(raw, where, fail);
-    onlyKeys(r, ["hosts", "actions", "commands", "shell"], where, fail);
+    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env"], where, fail);
     if (typeof r.hosts !== "string") return fail(`${where}.hosts`, 'is required: a host query the role\'s hosts must match ("all" for every host of the tenant)');
     let hosts: Query;
     try {
@@ -101,16 +160,24 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     }
     const actions = new Set<Action>();
     for (const a of stringList(r.actions ?? [], `${where}.actions`, fail)) {
-      if (a === "*") ACTIONS.forEach((x) => actions.add(x));
+      if (a === "*") TENANT_ACTIONS.forEach((x) => actions.add(x));
       else if (isAction(a)) actions.add(a);
-      else fail(`${where}.actions`, `unknown action ${JSON.stringify(a)} (known: ${ACTIONS.join(", ")}, or "*")`);
+      else fail(`${where}.actions`, `unknown action ${JSON.stringify(a)} (known: ${ACTIONS.join(", ")}, or "*" for every one but ${MESH_ACTIONS.join(", ")})`);
     }
     const commands: CommandRule[] = [];
     const rawCommands = r.commands ?? [];
     if (!Array.isArray(rawCommands)) return fail(`${where}.commands`, "must be a list");
     rawCommands.forEach((c, i) => commands.push(compileCommand(c, `${where}.commands[${i}]`, fail)));
     if (r.shell !== undefined && typeof r.shell !== "boolean") fail(`${where}.shell`, "must be true or false");
-    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, shell: r.shell === true });
+    const tools = new Set<Tool>(r.tools === undefined ? DEFAULT_TOOLS : []);
+    for (const t of stringList(r.tools ?? [], `${where}.tools`, fail)) {
+      if (t === "*") TOOLS.forEach((x) => tools.add(x));
+      else if ((TOOLS as readonly string[]).includes(t)) tools.add(t as Tool);
+      else fail(`${where}.tools`, `unknown tool ${JSON.stringify(t)} (known: ${TOOLS.join(", ")}, or "*")`);
+    }
+    if (r.shell === true) tools.add("shell");
+    const env = stringList(r.env ?? [], `${where}.env`, fail);
+    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env });
   }
   const bindings = new Map<string, string[]>();
   for (const [who, raw] of Object.entries(record(doc.bindings ?? {}, "bindings", fail))) {
@@ -122,7 +189,8 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     for (const n of names) if (!roles.has(n)) fail(where, `unknown role ${JSON.stringify(n)}`);
     bindings.set(who, names);
   }
-  return { roles, bindings };
+  const protectedEnv = [...PROTECTED_ENV, ...stringList(doc.protectedEnv ?? [], "protectedEnv", fail)];
+  return { roles, bindings, protectedEnv };
 }
 
 type Fail = (where: string, problem: string) => never;
@@ -168,10 +236,11 @@ export function rolesOf(policy: Policy, caller: PeerIdentity): RoleDef[] {
 }
 
 /**
- * Decides one request. Without a policy every operator may do everything
- * within its own tenant (tenant isolation is enforced before this is
- * asked). With one, a single role must allow the whole request: the action,
- * every step, and every host. Any exception while deciding is a refusal.
+ * Decides one request. Without a policy every operator may do every tenant
+ * action within its own tenant (tenant isolation is enforced before this
+ * is asked) and no mesh action. With one, a single role must allow the
+ * whole request: the action, every step and variable, and every host. Any
+ * exception while deciding is a refusal.
  */
 export function decide(policy: Policy | undefined, caller: PeerIdentity, req: AccessRequest): Decision {
   try {
@@ -182,80 +251,175 @@ export function decide(policy: Policy | undefined, caller: PeerIdentity, req: Ac
 }
 
 function decideUnsafe(policy: Policy | undefined, caller: PeerIdentity, req: AccessRequest): Decision {
-  const who = `operator ${caller.scope}/${caller.id}`;
-  if (caller.role !== "operator") return { allowed: false, reason: `a ${caller.role} certificate cannot act as an operator` };
-  if (!isAction(req.action)) return { allowed: false, reason: `unknown action ${JSON.stringify(req.action)}` };
-  if (!policy) return { allowed: true, role: "(no policy: full access within the tenant)" };
-  const roles = rolesOf(policy, caller);
-  if (roles.length === 0) return { allowed: false, reason: `${who} has no role in the authorization policy` };
-  const withAction = roles.filter((r) => r.actions.has(req.action));
-  if (withAction.length === 0) return { allowed: false, reason: `${who} may not ${req.action} (roles: ${names(roles)})` };
+  const p = prelude(policy, caller, req.action);
+  if ("decision" in p) return p.decision;
+  const { who, roles, withAction } = p;
   switch (req.action) {
     case "submit":
-      return decideSubmit(who, withAction, req.hosts, req.steps);
+      return decideSubmit(who, withAction, req.hosts, req.steps, req.env ?? {}, p.policy.protectedEnv);
     case "label":
-      return decideLabel(who, withAction, req.before, req.after);
+      return decideLabel(who, roles, withAction, req.before, req.after);
     default:
-      return { allowed: true, role: withAction[0]!.name };
+      return req.hosts ? decideOnHosts(who, req.action, withAction, req.hosts) : { allowed: true, role: withAction[0]!.name };
   }
 }
 
-function decideSubmit(who: string, roles: RoleDef[], hosts: readonly HostRecord[], steps: readonly Step[]): Decision {
+/**
+ * Whether the caller holds an action at all, whatever its scope: what the
+ * boundary checks before a request's hosts are known.
+ */
+export function holds(policy: Policy | undefined, caller: PeerIdentity, action: Action): Decision {
+  try {
+    const p = prelude(policy, caller, action);
+    return "decision" in p ? p.decision : { allowed: true, role: p.withAction[0]!.name };
+  } catch {
+    return { allowed: false, reason: "the authorization policy could not be evaluated for this request" };
+  }
+}
+
+/** The checks every decision starts with; a decision when they settle it, else the roles granting the action. */
+function prelude(policy: Policy | undefined, caller: PeerIdentity, action: string): { decision: Decision } | { who: string; policy: Policy; roles: RoleDef[]; withAction: RoleDef[] } {
+  const who = `operator ${caller.scope}/${caller.id}`;
+  if (caller.role !== "operator") return { decision: { allowed: false, reason: `a ${caller.role} certificate cannot act as an operator` } };
+  if (!isAction(action)) return { decision: { allowed: false, reason: `unknown action ${JSON.stringify(action)}` } };
+  if (!policy) {
+    if (isMeshAction(action)) return { decision: { allowed: false, reason: `${action} concerns every tenant: it needs a policy (--policy) with a role that names it` } };
+    return { decision: { allowed: true, role: "(no policy: full access within the tenant)" } };
+  }
+  const roles = rolesOf(policy, caller);
+  if (roles.length === 0) return { decision: { allowed: false, reason: `${who} has no role in the authorization policy` } };
+  const withAction = roles.filter((r) => r.actions.has(action));
+  if (withAction.length === 0) return { decision: { allowed: false, reason: `${who} may not ${action} (roles: ${names(roles)})` } };
+  return { who, policy, roles, withAction };
+}
+
+/** One role must cover every host; the refusal names the first hosts left out by the role that came closest. */
+function decideOnHosts(who: string, action: Action, roles: RoleDef[], hosts: readonly HostRecord[]): Decision {
   if (hosts.length === 0) return { allowed: false, reason: "no hosts to authorize" };
   const views = hosts.map((h) => ({ id: h.id, view: hostView(h) }));
   let best: { role: RoleDef; refused: string[] } | undefined;
-  let commandRefusal: string | undefined;
   for (const role of roles) {
-    const stepProblem = steps.map((s, i) => stepRefusal(role, s, i)).find((p) => p !== undefined);
-    if (stepProblem) {
-      commandRefusal ??= stepProblem;
-      continue;
-    }
     const refused = views.filter((h) => !matchHost(role.hosts, h.view)).map((h) => h.id);
     if (refused.length === 0) return { allowed: true, role: role.name };
     if (!best || refused.length < best.refused.length) best = { role, refused };
   }
-  if (best) {
-    const shown = best.refused.slice(0, NAMED_HOSTS).join(", ") + (best.refused.length > NAMED_HOSTS ? `, and ${best.refused.length - NAMED_HOSTS} more` : "");
-    const n = best.refused.length;
-    return {
-      allowed: false,
-      reason: `${who} may not run on ${n} host${n > 1 ? "s" : ""} outside role ${best.role.name} (hosts: ${best.role.hostsText}): ${shown}`,
-    };
+  const { role, refused } = best!;
+  const shown = refused.slice(0, NAMED_HOSTS).join(", ") + (refused.length > NAMED_HOSTS ? `, and ${refused.length - NAMED_HOSTS} more` : "");
+  const n = refused.length;
+  const verb = action === "submit" ? "run" : action;
+  return { allowed: false, reason: `${who} may not ${verb} on ${n} host${n > 1 ? "s" : ""} outside role ${role.name} (hosts: ${role.hostsText}): ${shown}` };
+}
+
+function decideSubmit(who: string, roles: RoleDef[], hosts: readonly HostRecord[], steps: readonly Step[], env: Readonly<Record<string, string>>, protectedEnv: readonly string[]): Decision {
+  if (hosts.length === 0) return { allowed: false, reason: "no hosts to authorize" };
+  let refusal: string | undefined;
+  const fit: RoleDef[] = [];
+  for (const role of roles) {
+    const problem = steps.map((s, i) => stepRefusal(role, s, i)).find((p) => p !== undefined) ?? envRefusal(role, env, protectedEnv);
+    if (problem) refusal ??= problem;
+    else fit.push(role);
   }
-  return { allowed: false, reason: `${who} may not run this: ${commandRefusal ?? "no role allows it"} (roles: ${names(roles)})` };
+  if (fit.length === 0) return { allowed: false, reason: `${who} may not run this: ${refusal ?? "no role allows it"} (roles: ${names(roles)})` };
+  return decideOnHosts(who, "submit", fit, hosts);
+}
+
+/**
+ * A program named by a relative path with a slash (`./x`, `bin/x`) is
+ * whatever the job's working directory holds, and `/usr/bin/../../tmp/x`
+ * is not what a rule for `/usr/bin/*` means: both are refused by every
+ * role. A bare name is resolved on the host with the PATH the daemon starts
+ * children with, which a job changes only where a role allows PATH.
+ */
+function programPathProblem(program: string): string | undefined {
+  if (program.includes("/") && !program.startsWith("/")) return "is a relative path (give a bare name or an absolute path)";
+  if (program.startsWith("/") && /(^|\/)\.{1,2}(\/|$)|\/\/|\/$/.test(program)) return "is not a normalized absolute path";
+  return undefined;
 }
 
 /** Why a role refuses a step, or undefined when it allows it. */
 function stepRefusal(role: RoleDef, step: Step, index: number): string | undefined {
   const where = `step ${index + 1}`;
-  switch (step.tool.case) {
-    case "shell":
-      return role.shell ? undefined : `${where} is a shell script and role ${role.name} does not allow shell`;
-    case "exec": {
-      const [program = "", ...args] = step.tool.value.argv;
-      const rules = role.commands.filter((c) => globMatch(c.program, program));
-      if (rules.length === 0) return `${where}: program ${JSON.stringify(program)} is not allowed by role ${role.name}`;
-      if (rules.some((c) => !c.args || args.every((a) => c.args!.some((re) => re.test(a))))) return undefined;
-      return `${where}: the arguments of ${JSON.stringify(program)} do not match what role ${role.name} allows`;
-    }
-    default:
-      return `${where}: tool ${JSON.stringify(step.tool.case ?? "none")} is not allowed by role ${role.name}`;
+  const tool = toolOf(step);
+  if (!tool) return `${where}: tool ${JSON.stringify(step.tool.case ?? "none")} is not known to this controller`;
+  if (!role.tools.has(tool)) {
+    if (tool === "shell") return `${where} is a shell script and role ${role.name} does not allow shell`;
+    return `${where}: tool ${JSON.stringify(tool)} is not allowed by role ${role.name} (tools: ${[...role.tools].join(", ") || "none"})`;
   }
+  if (step.tool.case !== "exec") return undefined;
+  const [program = "", ...args] = step.tool.value.argv;
+  const pathProblem = programPathProblem(program);
+  if (pathProblem) return `${where}: program ${JSON.stringify(program)} ${pathProblem}`;
+  const rules = role.commands.filter((c) => globMatch(c.program, program));
+  if (rules.length === 0) return `${where}: program ${JSON.stringify(program)} is not allowed by role ${role.name}`;
+  if (rules.some((c) => !c.args || args.every((a) => c.args!.some((re) => re.test(a))))) return undefined;
+  return `${where}: the arguments of ${JSON.stringify(program)} do not match what role ${role.name} allows`;
+}
+
+/** Why a role refuses a job's environment: a protected variable the role's `env` does not name. */
+function envRefusal(role: RoleDef, env: Readonly<Record<string, string>>, protectedEnv: readonly string[]): string | undefined {
+  for (const name of Object.keys(env)) {
+    if (!protectedEnv.some((p) => globMatch(p, name))) continue;
+    if (role.env.some((p) => globMatch(p, name))) continue;
+    return `environment variable ${name} changes what runs and role ${role.name} does not allow it (env)`;
+  }
+  return undefined;
 }
 
 /**
- * A label change is allowed when the host is inside the role's hosts both
- * before and after it: labelling a host into one's own scope would widen
- * it, labelling it out would widen someone else's.
+ * A label change is allowed when a role granting `label` covers the host
+ * both before and after it (labelling a host out of the labeller's own
+ * scope would hand it on unseen), and it gives the caller on that host no
+ * power it did not hold before: every role of the caller — whatever it
+ * grants — that covers the host only after the change must be matched by a
+ * role that covered it before and allows at least as much. Labels decide
+ * scopes: an operator may move hosts between other people's scopes if the
+ * policy lets it label them, but never widen its own.
  */
-function decideLabel(who: string, roles: RoleDef[], before: HostRecord, after: HostRecord): Decision {
+function decideLabel(who: string, roles: RoleDef[], withLabel: RoleDef[], before: HostRecord, after: HostRecord): Decision {
   const b = hostView(before);
   const a = hostView(after);
-  for (const role of roles) if (matchHost(role.hosts, b) && matchHost(role.hosts, a)) return { allowed: true, role: role.name };
-  const inside = roles.find((r) => matchHost(r.hosts, b));
-  if (inside) return { allowed: false, reason: `${who} may not label ${before.id} so that it leaves role ${inside.name} (hosts: ${inside.hostsText})` };
-  return { allowed: false, reason: `${who} may not label ${before.id}: it is outside role${roles.length > 1 ? "s" : ""} ${names(roles)}` };
+  const labeller = withLabel.find((r) => matchHost(r.hosts, b) && matchHost(r.hosts, a));
+  if (!labeller) {
+    const inside = withLabel.find((r) => matchHost(r.hosts, b));
+    if (inside) return { allowed: false, reason: `${who} may not label ${before.id} so that it leaves role ${inside.name} (hosts: ${inside.hostsText})` };
+    return { allowed: false, reason: `${who} may not label ${before.id}: it is outside role${withLabel.length > 1 ? "s" : ""} ${names(withLabel)}` };
+  }
+  const held = roles.filter((r) => matchHost(r.hosts, b));
+  const gained = roles.find((r) => !matchHost(r.hosts, b) && matchHost(r.hosts, a) && !held.some((h) => allowsAll(h, r)));
+  if (gained) {
+    return { allowed: false, reason: `${who} may not label ${before.id} so that it moves into role ${gained.name} (hosts: ${gained.hostsText}): that would widen the operator's own reach` };
+  }
+  return { allowed: true, role: labeller.name };
+}
+
+/** Whether role `a` allows everything role `b` allows (on a host both cover). Conservative: compares what the policy wrote. */
+function allowsAll(a: RoleDef, b: RoleDef): boolean {
+  const all = (xs: readonly string[]) => xs.includes("*");
+  const anyProgram = a.commands.some((c) => c.program === "*" && !c.args);
+  return (
+    [...b.actions].every((x) => a.actions.has(x)) &&
+    [...b.tools].every((x) => a.tools.has(x)) &&
+    (all(a.env) || b.env.every((x) => a.env.includes(x))) &&
+    (anyProgram || b.commands.every((c) => a.commands.some((d) => d.source === c.source)))
+  );
+}
+
+/**
+ * The hosts among `hosts` that some role granting `action` covers: what a
+ * read shows. Without a policy, all of them.
+ */
+export function covered(policy: Policy | undefined, caller: PeerIdentity, action: Action, hosts: readonly HostRecord[]): HostRecord[] {
+  if (caller.role !== "operator") return [];
+  if (!policy) return isMeshAction(action) ? [] : [...hosts];
+  try {
+    const roles = rolesOf(policy, caller).filter((r) => r.actions.has(action));
+    return hosts.filter((h) => {
+      const view = hostView(h);
+      return roles.some((r) => matchHost(r.hosts, view));
+    });
+  } catch {
+    return [];
+  }
 }
 
 function names(roles: readonly RoleDef[]): string {
@@ -320,6 +484,16 @@ export class Authorizer {
 
   decide(caller: PeerIdentity, req: AccessRequest): Decision {
     return decide(this.policy, caller, req);
+  }
+
+  /** Whether the caller holds the action at all (see {@link holds}). */
+  holds(caller: PeerIdentity, action: Action): Decision {
+    return holds(this.policy, caller, action);
+  }
+
+  /** The hosts among `hosts` that some role of the caller granting `action` covers. */
+  covered(caller: PeerIdentity, action: Action, hosts: readonly HostRecord[]): HostRecord[] {
+    return covered(this.policy, caller, action, hosts);
   }
 
   /** Throws PermissionDeniedError with the reason unless allowed; returns the allowing role. */

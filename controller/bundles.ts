@@ -5,6 +5,7 @@ import { checkSegment, type PeerIdentity } from "../certs/identity.js";
 import { openBundle, sealBundle } from "../common/bundle.js";
 import type { Clock } from "../common/clock.js";
 import type { IdGenerator } from "../common/ids.js";
+import { PermissionDeniedError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import type { TaskSigner } from "../common/task-signing.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
@@ -12,15 +13,27 @@ import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import type { Inventory } from "./inventory.js";
 import type { JobManager } from "./jobs.js";
+import type { TaskRecord } from "./model.js";
 
 /**
  * Bundles for sites with no link to the controller: the region's queued
  * tasks go out signed by the controller; results come back signed by the
- * site's proxy and are applied exactly as if they had come over ProxyLink.
+ * site's proxy and are applied exactly as if they had come over ProxyLink
+ * (authorization: controller/access.ts).
  */
 export class BundleService {
   constructor(
-    private readonly deps: { jobs: JobManager; inventory: Inventory; creds: Credentials; clock: Clock; ids: IdGenerator; log: Logger; signer: TaskSigner },
+    private readonly deps: {
+      jobs: JobManager;
+      inventory: Inventory;
+      creds: Credentials;
+      clock: Clock;
+      ids: IdGenerator;
+      log: Logger;
+      signer: TaskSigner;
+      /** The deny-list: a revoked proxy's results bundle is refused. */
+      isRevoked: (identity: PeerIdentity) => boolean;
+    },
   ) {}
 
   async export(caller: PeerIdentity, region: string): Promise<{ bundle: Uint8Array; tasks: number }> {
@@ -44,18 +57,43 @@ export class BundleService {
     return { bundle, tasks: part.tasks.length };
   }
 
-  async import(caller: PeerIdentity, bytes: Uint8Array): Promise<{ statuses: number; chunks: number; hosts: number }> {
+  /**
+   * Applies a results bundle as if it had come over the signer's ProxyLink:
+   * only from a proxy whose identity is not revoked, only for tasks routed
+   * to that proxy's region, and only the importing operator's tenant's part
+   * (another tenant's operator imports the same bundle for its own).
+   * `authorize` sees the ids of the hosts the applied part reports on, and
+   * refuses by throwing before anything is applied.
+   */
+  async import(caller: PeerIdentity, bytes: Uint8Array, authorize?: (hostIds: readonly string[]) => void): Promise<{ statuses: number; chunks: number; hosts: number }> {
     const { payload, signer } = openBundle(bytes, { caPem: this.deps.creds.caPem, signerRole: "proxy", kind: BundleKind.RESULTS, clock: this.deps.clock });
-    const port = { name: signer.id, region: signer.scope };
-    let hosts = 0;
-    for (const h of payload.hosts) {
-      // A site reports its hosts; only those of the importing operator's tenant are taken from this import.
-      if (h.tenant !== caller.scope) continue;
-      this.deps.inventory.seen({ id: h.hostId, tenant: h.tenant, facts: h.facts }, signer.scope, signer.id, h.since ? timestampMs(h.since) : this.deps.clock.now());
-      hosts++;
+    const from = `proxy ${signer.scope}/${signer.id}`;
+    if (this.deps.isRevoked(signer)) throw new PermissionDeniedError(`the bundle is signed by ${from}, whose identity has been revoked`);
+    if (payload.region !== "" && payload.region !== signer.scope) throw new PermissionDeniedError(`the bundle says region ${payload.region} but is signed by ${from}`);
+    const tasks = new Map<string, TaskRecord | undefined>();
+    for (const id of [...payload.statuses.map((s) => s.taskId), ...payload.output.map((c) => c.taskId)]) {
+      if (!tasks.has(id)) tasks.set(id, this.deps.jobs.getTaskRecord(id));
     }
-    const applied = await this.deps.jobs.importResults(port, payload.statuses, payload.output);
-    this.deps.log.info("results bundle imported", { bundle: payload.id, region: signer.scope, proxy: signer.id, by: caller.id, ...applied, hosts });
-    return { ...applied, hosts };
+    const foreign = [...tasks].filter(([, t]) => t !== undefined && t.region !== signer.scope && this.deps.inventory.get(t.hostId)?.region !== signer.scope).map(([id]) => id);
+    if (foreign.length > 0) {
+      throw new PermissionDeniedError(`the bundle of ${from} reports ${foreign.length} task${foreign.length > 1 ? "s" : ""} not routed to region ${signer.scope}: ${foreign.slice(0, 5).join(", ")}${foreign.length > 5 ? ", …" : ""}`);
+    }
+    // Unknown task ids are passed on: the job manager ignores them and acknowledges them in the next tasks bundle.
+    const ours = (taskId: string) => {
+      const t = tasks.get(taskId);
+      return t === undefined || t.tenant === caller.scope;
+    };
+    const statuses = payload.statuses.filter((s) => ours(s.taskId));
+    const output = payload.output.filter((c) => ours(c.taskId));
+    const reported = payload.hosts.filter((h) => h.tenant === caller.scope);
+    const hostIds = new Set([...reported.map((h) => h.hostId), ...[...tasks.values()].filter((t): t is TaskRecord => t !== undefined && t.tenant === caller.scope).map((t) => t.hostId)]);
+    authorize?.([...hostIds]);
+    const port = { name: signer.id, region: signer.scope };
+    for (const h of reported) {
+      this.deps.inventory.seen({ id: h.hostId, tenant: h.tenant, facts: h.facts }, signer.scope, signer.id, h.since ? timestampMs(h.since) : this.deps.clock.now());
+    }
+    const applied = await this.deps.jobs.importResults(port, statuses, output);
+    this.deps.log.info("results bundle imported", { bundle: payload.id, region: signer.scope, proxy: signer.id, by: caller.id, ...applied, hosts: reported.length });
+    return { ...applied, hosts: reported.length };
   }
 }

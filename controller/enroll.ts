@@ -227,8 +227,8 @@ export class EnrollmentAuthority {
     const known = host ?? this.opts.knownHost?.(hostId);
     if (!known) return;
     const taken = `host id ${hostId} is enrolled already`;
-    // The same message whatever the tenant, so ids of other tenants are not revealed.
-    if (known.tenant !== tenant) throw new PermissionDeniedError(taken);
+    // Worded as the refusal of an id of one's own tenant enrolled with another key, so ids of other tenants are not revealed.
+    if (known.tenant !== tenant) throw new PermissionDeniedError(`${taken} with another key: host ids are never reissued to another machine`);
     // Renewal: the host proved it holds its current, valid, unrevoked certificate; the same key is certified again.
     if (cred.kind === "renew") {
       if (host && host.keyFingerprint !== fingerprint) throw new PermissionDeniedError(`${taken} with another key: renew with the same key`);

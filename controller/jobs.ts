@@ -200,7 +200,9 @@ export class JobManager {
       const existing = this.store.jobByIdempotencyKey(tenant, req.idempotencyKey);
       if (existing) {
         if (existing.requestDigest !== undefined && existing.requestDigest !== digest) {
-          throw new AlreadyExistsError(`idempotency key ${JSON.stringify(req.idempotencyKey)} was already used for job ${existing.id}, with a different request`);
+          const err = new AlreadyExistsError(`idempotency key ${JSON.stringify(req.idempotencyKey)} was already used for job ${existing.id}, with a different request`);
+          err.jobId = existing.id;
+          throw err;
         }
         return existing;
       }

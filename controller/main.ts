@@ -25,6 +25,8 @@ import { Metrics } from "../common/metrics.js";
 import { reflectionServiceImpl } from "../common/reflection.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { Inventory } from "./inventory.js";
+import { CONTROLLER_DECLARATIONS, ENROLL_LISTENER_DECLARATIONS } from "./declarations.js";
+import type { DescMethod } from "@bufbuild/protobuf";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
@@ -72,7 +74,7 @@ export function requireFiles(config: { cert?: string; key?: string; ca?: string 
 }
 
 /** Wires the controller's parts together and starts serving. */
-export async function startController(config: ControllerConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: AddressInfo }> {
+export async function startController(config: ControllerConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: AddressInfo; served: readonly DescMethod[] }> {
   const creds = readCredentials(requireFiles(config));
   const { host, port } = parseHostPort(config.listen, "listen");
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
@@ -99,11 +101,12 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       return r && `host ${host.id} is revoked: ${r}`;
     },
   });
-  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer });
+  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer) });
   jobs.recover();
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
-  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents });
+  const artifacts = new ArtifactStore(join(config.data, "artifacts"));
+  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents, artifacts, revocations, bundles });
   // SIGHUP reloads the policy (the usual daemon convention). Installed here, not in
   // runService, because only the controller has something to reload; a listener
   // also replaces Node's default of exiting on SIGHUP. Removed on stop.
@@ -149,18 +152,21 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })));
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads };
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
+  // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.
   const server = createRpcServer({
     creds,
     log,
     isRevoked: (peer) => revocations.isRevoked(peer),
+    declarations: CONTROLLER_DECLARATIONS,
+    decide: (call) => access.decideCall(call),
     routes: (router) => {
-      router.service(RevocationService, revocationServiceImpl(revocations, log, audit));
+      router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
-      router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, Health]));
-      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log, revoked: revokedHost }));
+      router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
+      router.service(ControllerService, controllerServiceImpl({ jobs, access, revoked: revokedHost }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
-      router.service(ArtifactService, artifactServiceImpl({ store: new ArtifactStore(join(config.data, "artifacts")), callerOf, log }));
+      router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));
       router.service(ProxyLinkService, {
         proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
       });
@@ -171,6 +177,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   let enrollAddress: string | undefined;
   if (config.enrollListen) {
     const e = parseHostPort(config.enrollListen, "enrollListen");
+    ENROLL_LISTENER_DECLARATIONS.requireDeclared([EnrollService.method.enroll]);
     enrollServer = createOpenUnaryServer({ creds, log, handlers: [{ method: EnrollService.method.enroll, handle: (req) => enrollAnonymous(enrollment, req) }] });
     enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
   }
@@ -178,6 +185,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const metricsServer = await metrics.serveAt(config.metricsListen);
   return {
     address,
+    served: server.served,
     info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
     draining: () => health.draining(),
     async stop(graceMs) {

@@ -82,8 +82,11 @@ export class Revocations {
   }
 
   /**
-   * Revokes an identity. Hosts and operators of the caller's own tenant;
-   * proxies (shared infrastructure) by any operator.
+   * Revokes an identity: hosts and operators of the caller's own tenant,
+   * or a proxy (shared by every tenant). Who may revoke what — the
+   * `revoke`, `revoke.operator` and `revoke.proxy` actions and their
+   * scopes — is decided before this is called (controller/access.ts); the
+   * tenant rule is kept here too, as an invariant of the deny-list.
    */
   async revoke(caller: PeerIdentity, req: { role: string; scope: string; id: string; reason: string }): Promise<RevokedIdentity> {
     if (!isRole(req.role) || req.role === "controller") throw new InvalidArgumentError("role must be host, proxy or operator");

@@ -7,11 +7,13 @@ import { openFrameLink } from "../common/connect-link.js";
 import { createGrpcLinkServer, type UnaryHandler } from "../common/grpc-link.js";
 import { create } from "@bufbuild/protobuf";
 import { openBundle, sealBundle } from "../common/bundle.js";
-import { openDenyList } from "../common/deny-list.js";
+import { DenySet, openDenyList } from "../common/deny-list.js";
+import { guardLink, guardUnary } from "../common/rpc-access.js";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { PROXY_ENROLL_LISTENER_DECLARATIONS, proxyDeclarations } from "./declarations.js";
 import { addHealthToGrpc, HealthState } from "../common/health.js";
 import { Metrics } from "../common/metrics.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
-import { PermissionDeniedError } from "../common/errors.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
 import { ExportResultsResponseSchema, ImportTasksResponseSchema, ProxyAdminService, type ImportTasksRequest } from "../gen/rexmesh/v1/proxy_admin_pb.js";
@@ -58,6 +60,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const { host, port } = parseHostPort(config.listen, "listen");
   log = log.child({ proxy: me.id, region: me.scope });
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
+  const denied = new DenySet();
   const core = new ProxyCore({
     name: me.id,
     region: me.scope,
@@ -65,13 +68,17 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     store: new LmdbProxyStore(env),
     log,
     heartbeatMs: config.heartbeat,
-    openDenyList: (signed) => openDenyList(signed, creds.caPem, clock),
+    // The boundary below asks the same deny-list as the core: every list the core takes is mirrored here.
+    openDenyList: (signed) => {
+      const list = openDenyList(signed, creds.caPem, clock);
+      denied.update(list);
+      return list;
+    },
   });
   // Daemons: grpc-js, for its lower memory per idle stream (docs/transport.md).
-  // Bundles for a site with no link, handled for the proxy's own certificate only.
-  const self = (peer: PeerIdentity) => {
-    if (peer.role !== "proxy" || peer.id !== me.id || peer.scope !== me.scope) throw new PermissionDeniedError("bundle commands need this proxy's own certificate");
-  };
+  // Every method passes the boundary of proxy/declarations.ts first.
+  const declarations = proxyDeclarations(me);
+  const boundary = { isRevoked: (peer: PeerIdentity) => denied.has(peer), log };
   // Renewal: a host renews its own certificate over its authenticated link; relayed like enrollment.
   let renewChannel: ReturnType<typeof openChannel> | undefined;
   const renewClient = () => clientFor(EnrollService, (renewChannel ??= openChannel(controllerAddress, creds, ["controller"])));
@@ -88,24 +95,21 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const admin: UnaryHandler[] = [
     {
       method: ArtifactCacheService.method.getArtifactChunk,
-      handle: async (req: GetArtifactChunkRequest, peer) => {
-        if (peer.role !== "host") throw new PermissionDeniedError("artifacts are served to hosts");
+      handle: async (req: GetArtifactChunkRequest) => {
         const r = await artifacts.chunk(req.digest, Number(req.offset));
         return create(GetArtifactChunkResponseSchema, { size: BigInt(r.size), data: r.data });
       },
     },
     {
       method: EnrollService.method.enroll,
-      handle: async (req: EnrollRequest, peer) => {
-        if (peer.role !== "host" || peer.id !== req.hostId) throw new PermissionDeniedError("on this port a host may only renew its own certificate");
+      handle: async (req: EnrollRequest) => {
         log.debug("relaying renewal", { host: req.hostId });
         return renewClient().enroll(req, { timeoutMs: 30_000 });
       },
     },
     {
       method: ProxyAdminService.method.importTasks,
-      handle: async (req: ImportTasksRequest, peer) => {
-        self(peer);
+      handle: async (req: ImportTasksRequest) => {
         const { payload } = openBundle(req.bundle, { caPem: creds.caPem, signerRole: "controller", kind: BundleKind.TASKS, clock });
         const r = await core.importTasks(payload);
         log.info("tasks bundle imported", { bundle: payload.id, ...r });
@@ -114,20 +118,20 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     },
     {
       method: ProxyAdminService.method.exportResults,
-      handle: async (_req: unknown, peer) => {
-        self(peer);
+      handle: async () => {
         const r = core.resultsForBundle();
         const bundle = sealBundle({ kind: BundleKind.RESULTS, region: me.scope, proxy: me.id, ...r }, creds, clock, `r${clock.now().toString(36)}`);
         return create(ExportResultsResponseSchema, { bundle, statuses: r.statuses.length, outputChunks: r.output.length });
       },
     },
-  ];
+  ].map((h) => guardUnary(declarations, h, boundary));
+  declarations.requireDeclared([AgentLinkService.method.agentStream, ...admin.map((h) => h.method), ...Health.methods]);
   const health = new HealthState([AgentLinkService.typeName]);
   const server = createGrpcLinkServer({
     creds,
     log,
     method: AgentLinkService.method.agentStream,
-    serve: (link, peer) => core.serveHost(link, peer),
+    serve: guardLink(declarations, AgentLinkService.method.agentStream, (link: Parameters<ProxyCore["serveHost"]>[0], peer) => core.serveHost(link, peer), boundary),
     unary: admin,
     extend: (s) => addHealthToGrpc(s, health),
   });
@@ -141,6 +145,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   let enrollAddress: string | undefined;
   if (config.enrollListen) {
     const e = parseHostPort(config.enrollListen, "enrollListen");
+    PROXY_ENROLL_LISTENER_DECLARATIONS.requireDeclared([EnrollService.method.enroll]);
     const channel = (enrollChannel = openChannel(controllerAddress, creds, ["controller"]));
     const enrollClient = clientFor(EnrollService, channel);
     enrollServer = createOpenUnaryServer({

@@ -3,7 +3,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
-import type { HandlerContext } from "@connectrpc/connect";
+import { createContextValues, type HandlerContext } from "@connectrpc/connect";
+import { grantKey } from "../../common/connect-server.js";
 import { ArtifactStore, artifactServiceImpl } from "../../controller/artifacts.js";
 import { InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../../common/errors.js";
 import { GetArtifactRequestSchema, PutArtifactRequestSchema } from "../../gen/rexmesh/v1/artifact_pb.js";
@@ -42,12 +43,31 @@ describe("controller artifact store", () => {
     const dir = temp("store");
     const store = new ArtifactStore(dir);
     const d = digestOf(Buffer.from("abcdef"));
-    expect(await store.put(once("abc", "def"), d)).toEqual({ digest: d, size: 6, created: true });
+    expect(await store.put("acme", once("abc", "def"), d)).toEqual({ digest: d, size: 6, created: true });
     expect(readFileSync(join(dir, "sha256", d.slice(7)), "utf8")).toBe("abcdef");
-    expect((await store.put(once("abcdef"))).created).toBe(false);
-    await expect(store.put(once("abcdeX"), d)).rejects.toBeInstanceOf(DigestMismatchError);
+    expect((await store.put("acme", once("abcdef"))).created).toBe(false);
+    await expect(store.put("acme", once("abcdeX"), d)).rejects.toBeInstanceOf(DigestMismatchError);
     expect(readdirSync(join(dir, "sha256"))).toEqual([d.slice(7)]);
     expect(readdirSync(join(dir, "tmp"))).toEqual([]);
+  });
+});
+
+describe("artifacts belong to tenants", () => {
+  it("are held, sized and created per tenant, one blob on disk for all", async () => {
+    const dir = temp("tenants");
+    const store = new ArtifactStore(dir);
+    const d = digestOf(Buffer.from("shared"));
+    expect((await store.put("acme", once("shared"))).created).toBe(true);
+    expect(store.has("acme", d)).toBe(true);
+    expect(store.has("beta", d)).toBe(false);
+    await expect(store.size(d, "beta")).rejects.toBeInstanceOf(NotFoundError);
+    expect(await store.size(d, "acme")).toBe(6);
+    // Beta storing the same bytes learns nothing of acme: for beta it is new.
+    expect((await store.put("beta", once("shared"))).created).toBe(true);
+    expect(readdirSync(join(dir, "sha256"))).toEqual([d.slice(7)]);
+    // Proxies size any blob.
+    expect(await store.size(d)).toBe(6);
+    expect(store.has("../acme", d)).toBe(false);
   });
 });
 
@@ -158,9 +178,10 @@ describe("file.put path safety", () => {
 
 describe("ArtifactService handlers", () => {
   const peer = (role: "operator" | "proxy" | "host") => ({ role, scope: role === "proxy" ? "dc1" : "default", id: `${role}-1` });
-  const impl = (role: "operator" | "proxy" | "host", dir = temp("svc")) =>
-    artifactServiceImpl({ store: new ArtifactStore(dir), callerOf: () => peer(role), log: silentLogger });
-  const ctx = {} as HandlerContext;
+  // The boundary (common/connect-server.ts) has admitted the caller: its grant is in the context.
+  const impl = (dir = temp("svc")) => artifactServiceImpl({ store: new ArtifactStore(dir), log: silentLogger });
+  const ctx = (role: "operator" | "proxy" | "host" | undefined) =>
+    ({ values: createContextValues().set(grantKey, role && { peer: peer(role), action: "artifact", by: "test" }) }) as HandlerContext;
   const reqs = (digest: string, ...parts: string[]) =>
     (async function* () {
       let first = true;
@@ -175,22 +196,22 @@ describe("ArtifactService handlers", () => {
     return Buffer.concat(out).toString();
   };
 
-  it("lets operators put and proxies get; refuses hosts both", async () => {
-    const dir = temp("svc-roles");
+  it("puts into the operator's tenant and gets from it; proxies get any; nothing without a grant", async () => {
+    const svc = impl(temp("svc-roles"));
     const d = digestOf(Buffer.from("abc"));
-    const put = await impl("operator", dir).putArtifact!(reqs(d, "a", "bc"), ctx);
+    const put = await svc.putArtifact!(reqs(d, "a", "bc"), ctx("operator"));
     expect(put.digest).toBe(d);
-    expect(await drain(impl("proxy", dir).getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx))).toBe("abc");
-    await expect(impl("host", dir).putArtifact!(reqs(d, "abc"), ctx)).rejects.toBeInstanceOf(PermissionDeniedError);
-    await expect(drain(impl("host", dir).getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx))).rejects.toBeInstanceOf(PermissionDeniedError);
-    await expect(impl("proxy", dir).putArtifact!(reqs(d, "abc"), ctx)).rejects.toBeInstanceOf(PermissionDeniedError);
+    expect(await drain(svc.getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx("operator")))).toBe("abc");
+    expect(await drain(svc.getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx("proxy")))).toBe("abc");
+    await expect(svc.putArtifact!(reqs(d, "abc"), ctx(undefined))).rejects.toBeInstanceOf(PermissionDeniedError);
+    await expect(drain(svc.getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx(undefined)))).rejects.toBeInstanceOf(PermissionDeniedError);
   });
 
   it("refuses a put whose content does not match the digest sent with it, and names unknown or malformed digests", async () => {
-    const dir = temp("svc-bad");
+    const svc = impl(temp("svc-bad"));
     const d = digestOf(Buffer.from("abc"));
-    await expect(impl("operator", dir).putArtifact!(reqs(d, "abX"), ctx)).rejects.toBeInstanceOf(DigestMismatchError);
-    await expect(drain(impl("proxy", dir).getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx))).rejects.toBeInstanceOf(NotFoundError);
-    await expect(drain(impl("proxy", dir).getArtifact!(create(GetArtifactRequestSchema, { digest: "sha256:../../etc" }), ctx))).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(svc.putArtifact!(reqs(d, "abX"), ctx("operator"))).rejects.toBeInstanceOf(DigestMismatchError);
+    await expect(drain(svc.getArtifact!(create(GetArtifactRequestSchema, { digest: d }), ctx("proxy")))).rejects.toBeInstanceOf(NotFoundError);
+    await expect(drain(svc.getArtifact!(create(GetArtifactRequestSchema, { digest: "sha256:../../etc" }), ctx("proxy")))).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 });

@@ -2,7 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { ConfigError, PermissionDeniedError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
-import { Authorizer, compilePolicy, decide, parsePolicy, type Policy } from "../../controller/authz.js";
+import { Authorizer, compilePolicy, covered, decide, holds, parsePolicy, type Policy } from "../../controller/authz.js";
 import type { HostRecord } from "../../controller/model.js";
 import { StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
 import { execStep, operator } from "./support.js";
@@ -113,6 +113,9 @@ describe("authorization policy", () => {
   });
 
   it("refuses invalid policies with a message naming the place", () => {
+    const badTool = () => compilePolicy({ roles: { r: { hosts: "all", tools: ["nuke"] } } }, "p.yaml");
+    expect(badTool).toThrow(/roles\.r\.tools: unknown tool "nuke"/);
+    expect(() => compilePolicy({ roles: { r: { hosts: "all", env: "PATH" } } }, "p.yaml")).toThrow(/roles\.r\.env: must be a list/);
     const bad = (doc: unknown, msg: RegExp) => expect(() => compilePolicy(doc, "p.yaml")).toThrow(msg);
     bad({ roles: { r: { actions: ["read"] } } }, /roles\.r\.hosts: is required/);
     bad({ roles: { r: { hosts: "role=" } } }, /roles\.r\.hosts: is not a valid query: at 5/);
@@ -143,5 +146,119 @@ describe("Authorizer", () => {
   it("refuses to start on an invalid or unreadable policy", () => {
     expect(() => new Authorizer({ policyFile: "p.yaml", log: silentLogger, readFile: () => "roles: 3" })).toThrow(ConfigError);
     expect(() => new Authorizer({ policyFile: "/nonexistent/policy.yaml", log: silentLogger })).toThrow(/cannot read policy file/);
+  });
+});
+
+const ping = create(StepSchema, { tool: { case: "ping", value: {} } });
+const script = create(StepSchema, { tool: { case: "script", value: { artifact: `sha256:${"a".repeat(64)}` } } });
+const filePut = create(StepSchema, { tool: { case: "filePut", value: { artifact: `sha256:${"a".repeat(64)}`, path: "x", baseDir: "/srv" } } });
+
+describe("issue 12: every tool, variable and host decided the same way", () => {
+  const policy = parsePolicy(`
+roles:
+  admin: { hosts: all, actions: ["*"], commands: ["*"], shell: true }
+  builder: { hosts: all, actions: [submit], commands: ["*"], tools: ["*"] }
+  putter: { hosts: all, actions: [submit], tools: [file.put] }
+  web-ops: { hosts: role=web, actions: [read, submit, cancel], commands: [uptime, /usr/bin/uptime] }
+  web-path: { hosts: role=web, actions: [submit], commands: [uptime], env: [PATH, "LD_*"] }
+  web-submit: { hosts: role=web, actions: [read, submit], commands: [hostname] }
+  labeller: { hosts: all, actions: [label] }
+  mesh: { hosts: all, actions: [revoke.proxy] }
+protectedEnv: [APP_PLUGIN_DIR]
+bindings:
+  acme/admin: admin
+  acme/builder: builder
+  acme/putter: putter
+  acme/web: web-ops
+  acme/pathfinder: web-path
+  acme/narrow: [web-submit, labeller]
+  acme/mesh: mesh
+`);
+  const as = (id: string) => operator("acme", id);
+  const submit = (id: string, steps: ReturnType<typeof execStep>[], env: Record<string, string> = {}, hosts = [web1]) => decide(policy, as(id), { action: "submit", hosts, steps, env });
+
+  it("allows ping wherever submit is allowed, also with actions: ['*']", () => {
+    expect(submit("admin", [ping]).allowed).toBe(true);
+    expect(submit("web", [ping]).allowed).toBe(true);
+  });
+
+  it("allows script and file.put only to roles that name them (or tools: ['*']); shell: true is not enough", () => {
+    expect(submit("admin", [script])).toMatchObject({ allowed: false, reason: expect.stringContaining('tool "script" is not allowed by role admin') });
+    expect(submit("admin", [filePut]).allowed).toBe(false);
+    expect(submit("builder", [script, filePut, shellStep("x"), ping, execStep("anything")]).allowed).toBe(true);
+    expect(submit("putter", [filePut]).allowed).toBe(true);
+    expect(submit("putter", [script]).allowed).toBe(false);
+    // No commands: a role that names tools without exec runs no program.
+    expect(submit("putter", [execStep("uptime")]).allowed).toBe(false);
+  });
+
+  it("refuses variables that change what runs unless the role's env names them", () => {
+    for (const name of ["PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "PYTHONPATH", "NODE_OPTIONS", "GIT_SSH_COMMAND", "APP_PLUGIN_DIR"]) {
+      const d = submit("web", [execStep("uptime")], { [name]: "/tmp/x" });
+      expect(d.allowed, name).toBe(false);
+      expect(d.allowed ? "" : d.reason).toContain(`environment variable ${name} changes what runs`);
+    }
+    expect(submit("web", [execStep("uptime")], { GREETING: "hi", path: "lowercase is not PATH" }).allowed).toBe(true);
+    expect(submit("pathfinder", [execStep("uptime")], { PATH: "/usr/bin", LD_LIBRARY_PATH: "/opt/lib" }).allowed).toBe(true);
+    expect(submit("pathfinder", [execStep("uptime")], { BASH_ENV: "/tmp/x" }).allowed).toBe(false);
+    // The role that allows PATH must also allow the rest of the request: roles are not mixed.
+    expect(submit("pathfinder", [execStep("hostname")], { PATH: "/usr/bin" }).allowed).toBe(false);
+  });
+
+  it("refuses a program named by a relative path or a path that is not normalized, whatever the rule", () => {
+    expect(submit("web", [execStep("/usr/bin/uptime")]).allowed).toBe(true);
+    for (const program of ["./uptime", "bin/uptime", "/usr/bin/../../tmp/uptime", "/usr//bin/uptime"]) {
+      expect(submit("builder", [execStep(program)]).allowed, program).toBe(false);
+    }
+  });
+
+  it("keeps mesh actions out of '*': only a role that names revoke.proxy holds it, and nobody without a policy", () => {
+    expect(holds(policy, as("admin"), "revoke").allowed).toBe(true);
+    expect(holds(policy, as("admin"), "revoke.proxy").allowed).toBe(false);
+    expect(holds(policy, as("mesh"), "revoke.proxy").allowed).toBe(true);
+    expect(holds(undefined, as("anyone"), "revoke.proxy").allowed).toBe(false);
+    expect(holds(undefined, as("anyone"), "token").allowed).toBe(true);
+    expect(holds(policy, as("nobody"), "token")).toMatchObject({ allowed: false, reason: expect.stringContaining("no role") });
+  });
+
+  it("decides host-scoped actions on every host: cancel on a db host is refused to a web role", () => {
+    expect(decide(policy, as("web"), { action: "cancel", hosts: [web1, web2] }).allowed).toBe(true);
+    const d = decide(policy, as("web"), { action: "cancel", hosts: [web1, db1] });
+    expect(d.allowed ? "" : d.reason).toMatch(/may not cancel on 1 host outside role web-ops .*db-1/);
+  });
+
+  it("never lets a label change give the caller power on the host it did not hold before", () => {
+    // narrow may label anything (labeller: hosts all) and submit on role=web (web-submit).
+    const into = decide(policy, as("narrow"), { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } });
+    expect(into.allowed ? "" : into.reason).toMatch(/moves into role web-submit .*widen the operator's own reach/);
+    // Moving a host out of one's own roles, or labels that move nothing, widen nothing.
+    expect(decide(policy, as("narrow"), { action: "label", before: web1, after: { ...web1, labels: { role: "db" } } }).allowed).toBe(true);
+    expect(decide(policy, as("narrow"), { action: "label", before: web1, after: { ...web1, labels: { role: "web", owner: "me" } } }).allowed).toBe(true);
+    // An admin whose role covers everything already holds whatever a narrower role of its tenant gives.
+    const wide = parsePolicy(`
+roles:
+  admin: { hosts: all, actions: ["*"], commands: ["*"], tools: ["*"], env: ["*"] }
+  viewer: { hosts: role=web, actions: [read] }
+bindings:
+  acme/root: admin
+  acme/*: viewer
+`);
+    expect(decide(wide, as("root"), { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } }).allowed).toBe(true);
+    // While a viewer-only labeller may not label a host into a read scope it lacks there.
+    const peek = parsePolicy(`
+roles:
+  labeller: { hosts: all, actions: [label] }
+  viewer: { hosts: role=web, actions: [read] }
+bindings:
+  acme/lab: [labeller, viewer]
+`);
+    expect(decide(peek, as("lab"), { action: "label", before: db1, after: { ...db1, labels: { role: "web" } } }).allowed).toBe(false);
+  });
+
+  it("shows reads only on the hosts a read role covers", () => {
+    expect(covered(policy, as("web"), "read", [web1, db1, web2]).map((h) => h.id)).toEqual(["web-1", "web-2"]);
+    expect(covered(policy, as("builder"), "read", [web1])).toEqual([]);
+    expect(covered(undefined, as("anyone"), "read", [web1, db1]).map((h) => h.id)).toEqual(["web-1", "db-1"]);
+    expect(covered(policy, { role: "host", scope: "acme", id: "web-1" }, "read", [web1])).toEqual([]);
   });
 });

@@ -1,0 +1,98 @@
+/**
+ * What every RPC the controller serves needs (common/rpc-access.ts): the
+ * policy action and scope for operators, the certificate role for other
+ * mesh identities, or why it is open. The server refuses to start when it
+ * serves a method that is not declared here, and TypeScript refuses a
+ * service here with a method left out. docs/authorization.md has the same
+ * table in words; test/unit/declarations.test.ts checks both.
+ */
+import { DeclarationTable } from "../common/rpc-access.js";
+import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
+import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
+import { EnrollService, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
+import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
+import { describeLabels, describeRequest, describeTarget } from "./access.js";
+import type { Action } from "./authz.js";
+
+/**
+ * Decided on the hosts the request resolves to, by controller/access.ts,
+ * which audits it; `summary` words a refusal at the boundary for the audit log.
+ */
+const onResolvedHosts = <Req>(action: Action, summary?: (request: Req) => { what: string; hostIds?: string[] }) => ({
+  operator: { action, scope: "hosts" as const },
+  auditedBy: "service" as const,
+  ...(summary ? { summary } : {}),
+});
+/** Decided at the boundary for the caller's tenant as a whole. */
+const inTenant = (action: Action) => ({ operator: { action, scope: "tenant" as const } });
+
+/** The controller's main port (mutual TLS). */
+export const CONTROLLER_DECLARATIONS = new DeclarationTable()
+  .service(ControllerService, {
+    listHosts: onResolvedHosts("read", (req) => ({ what: req.target ? `list hosts ${JSON.stringify(req.target)}` : "list hosts" })),
+    submitJob: onResolvedHosts("submit", (req) => ({
+      what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
+      hostIds: req.hostIds,
+    })),
+    getJob: onResolvedHosts("read", (req) => ({ what: `get job ${req.jobId}` })),
+    watchJob: onResolvedHosts("read"),
+    cancelJob: onResolvedHosts("cancel", (req) => ({ what: `cancel job ${req.jobId}` })),
+    listJobs: onResolvedHosts("read", () => ({ what: "list jobs" })),
+    exportBundle: onResolvedHosts("bundle", (req) => ({ what: `export bundle of region ${req.region}` })),
+    importBundle: onResolvedHosts("bundle", () => ({ what: "import results bundle" })),
+    setHostLabels: onResolvedHosts("label", (req) => ({ what: describeLabels(req.set, req.remove), hostIds: [req.hostId] })),
+    listAudit: inTenant("audit"),
+    putDocument: inTenant("document"),
+    getDocument: inTenant("read"),
+    listDocuments: inTenant("read"),
+  })
+  .service(TokenService, {
+    // A token bound to a host id is decided on that host; an unbound one on the tenant.
+    createJoinToken: {
+      operator: { action: "token", scope: "hosts", hostsOf: (req) => (req.hostId ? [req.hostId] : []) },
+      summary: (req) => ({ what: `create join token${req.hostId ? ` bound to ${req.hostId}` : ""}, ${req.uses || 1} use(s)` }),
+    },
+  })
+  .service(RevocationService, {
+    revoke: {
+      operator: {
+        action: (req) => (req.role === "proxy" ? "revoke.proxy" : req.role === "operator" ? "revoke.operator" : "revoke"),
+        actions: ["revoke", "revoke.operator", "revoke.proxy"],
+        scope: "hosts",
+      },
+      auditedBy: "service",
+      summary: (req) => ({ what: `revoke ${req.role} ${req.scope ? `${req.scope}/` : ""}${req.id}`, hostIds: req.role === "host" ? [req.id] : [] }),
+    },
+    listRevoked: inTenant("read"),
+  })
+  .service(ArtifactService, {
+    putArtifact: inTenant("artifact.write"),
+    getArtifact: {
+      operator: { action: "artifact.read", scope: "tenant" },
+      peer: { roles: ["proxy"], action: "artifact.read", scope: "any artifact, for the hosts of every tenant in its region" },
+    },
+  })
+  .service(EnrollService, {
+    enroll: {
+      peer: { roles: ["enroll", "proxy"], action: "enroll", scope: "the bootstrap credential in the request, decided and audited by controller/enroll.ts" },
+      auditedBy: "service",
+    },
+  })
+  .service(ProxyLinkService, {
+    proxyStream: { peer: { roles: ["proxy"], action: "link", scope: "its own name and region: the hello must match the certificate (controller/proxy-link.ts)" } },
+  })
+  .service(Health, {
+    check: { open: "health checks, for load balancers and probes; reveal nothing but serving status" },
+    watch: { open: "health checks, for load balancers and probes; reveal nothing but serving status" },
+  })
+  .service(ServerReflection, {
+    serverReflectionInfo: inTenant("read"),
+  });
+
+/** The optional enroll listener: no client certificate, EnrollService only. */
+export const ENROLL_LISTENER_DECLARATIONS = new DeclarationTable().service(EnrollService, {
+  enroll: { open: "callers have no certificate yet: the bootstrap credential in the request is decided and audited by controller/enroll.ts" },
+});
