@@ -1,3 +1,5 @@
+import type { PeerIdentity } from "../certs/identity.js";
+
 /**
  * One open bidirectional stream, as session logic sees it, whatever RPC
  * library carries it. On the serving side the peer's identity is passed
@@ -17,6 +19,8 @@ export interface FrameLink<Out, In> {
   close(error?: Error): void;
   /** Resolves when the stream has ended, whichever side ended it. */
   readonly closed: Promise<void>;
+  /** On the dialling side: the identity in the server's certificate, once the handshake is done. */
+  readonly peer?: PeerIdentity;
 }
 
 /**

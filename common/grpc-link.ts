@@ -39,6 +39,7 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
     private readonly call: grpc.ClientDuplexStream<Out, In> | grpc.ServerDuplexStream<In, Out>,
     private readonly end: (error?: Error) => void,
     private readonly release: () => void = () => {},
+    private readonly server?: { peer?: PeerIdentity },
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
     call.on("close", () => this.finish());
@@ -51,6 +52,10 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
 
   get backlog(): number {
     return this.call.writableLength;
+  }
+
+  get peer(): PeerIdentity | undefined {
+    return this.server?.peer;
   }
 
   whenWritable(frames: number): Promise<void> {
@@ -247,8 +252,14 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
   method: Method<I, O>,
 ): FrameLink<MessageShape<I>, MessageShape<O>> {
   const tls = clientTlsOptions(creds, serverRoles);
+  // The server's identity, as its certificate names it, once the handshake accepted it.
+  const server: { peer?: PeerIdentity } = {};
   const credentials = grpc.credentials.createSsl(Buffer.from(creds.caPem), Buffer.from(creds.keyPem), Buffer.from(creds.certPem), {
-    checkServerIdentity: tls.checkServerIdentity,
+    checkServerIdentity: (host, cert) => {
+      const err = tls.checkServerIdentity(host, cert);
+      if (!err) server.peer = identityFromCertificate(cert);
+      return err;
+    },
   });
   const client = new grpc.Client(address, credentials, CHANNEL_OPTIONS);
   const call = client.makeBidiStreamRequest(
@@ -263,6 +274,7 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
       else call.end();
     },
     () => client.close(),
+    server,
   );
 }
 

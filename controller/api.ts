@@ -123,6 +123,7 @@ export function taskToProto(t: TaskRecord, steps?: Step[]): Task {
     steps: steps ?? [],
     outputChunksExpected: BigInt(t.expectedChunks ?? 0),
     outputComplete: outputComplete(t),
+    resultCheck: t.resultCheck,
     lateReport: t.late && create(LateReportSchema, { state: t.late.state, exitCode: t.late.exitCode, signal: t.late.signal, message: t.late.message, time: timestampFromMs(t.late.time) }),
   });
 }

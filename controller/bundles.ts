@@ -13,6 +13,7 @@ import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import type { Inventory } from "./inventory.js";
 import type { JobManager } from "./jobs.js";
+import type { HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskRecord } from "./model.js";
 
 /**
@@ -33,6 +34,8 @@ export class BundleService {
       signer: TaskSigner;
       /** The deny-list: a revoked proxy's results bundle is refused. */
       isRevoked: (identity: PeerIdentity) => boolean;
+      /** Takes a reported host's report key, if its endorsement holds, so its signed results can be checked. */
+      acceptReportKey?: (key: HostReportKey | undefined, host: PeerIdentity) => boolean;
     },
   ) {}
 
@@ -90,6 +93,7 @@ export class BundleService {
     authorize?.([...hostIds]);
     const port = { name: signer.id, region: signer.scope };
     for (const h of reported) {
+      this.deps.acceptReportKey?.(h.reportKey, { role: "host", scope: h.tenant, id: h.hostId });
       this.deps.inventory.seen({ id: h.hostId, tenant: h.tenant, facts: h.facts }, signer.scope, signer.id, h.since ? timestampMs(h.since) : this.deps.clock.now());
     }
     const applied = await this.deps.jobs.importResults(port, statuses, output);

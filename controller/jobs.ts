@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Clock } from "../common/clock.js";
@@ -7,6 +8,8 @@ import { storageError } from "../common/lmdb.js";
 import type { Logger } from "../common/logger.js";
 import { advances, isTerminal } from "../common/task-state.js";
 import type { PeerIdentity } from "../certs/identity.js";
+import { isPingOnly } from "../common/task-signing.js";
+import { ResultCheck } from "../gen/rexmesh/v1/controller_pb.js";
 import { TaskSpecSchema, TaskState, type OutputChunk, type Step, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import type { DocumentStore } from "./document-store.js";
 import type { Inventory } from "./inventory.js";
@@ -45,6 +48,8 @@ export interface JobManagerOptions {
   documents?: DocumentStore;
   /** Why a host's identity is revoked (undefined when it is not): its tasks end REJECTED at submit. */
   revoked?: (host: HostRecord) => string | undefined;
+  /** Checks a task end against its host's signature (common/host-signing.ts); absent: results are not checked. */
+  checkEnd?: (status: TaskStatus, host: PeerIdentity) => "ok" | "unknown" | "bad";
 }
 
 /** Tasks a submit sends to proxies per turn of the event loop (see sendInSlices). */
@@ -77,6 +82,9 @@ export class JobManager {
   private readonly bounds: TaskBounds;
   /** Jobs being submitted: their first releases are routed with the job's first write, not one by one. */
   private readonly submitting = new Set<string>();
+  private readonly checkEnd: JobManagerOptions["checkEnd"];
+  /** Tasks whose stored output is being hashed against what the host signed. */
+  private readonly checking = new Set<string>();
   /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
   private readonly bundleAcks = new Map<string, Map<string, { state: TaskState; own: TaskState; seq: number }>>();
 
@@ -88,6 +96,7 @@ export class JobManager {
     this.log = opts.log;
     this.defaultDeliveryDeadlineMs = opts.defaultDeliveryDeadlineMs ?? 3_600_000;
     this.defaultLostAfterMs = opts.defaultLostAfterMs ?? 15 * 60_000;
+    this.checkEnd = opts.checkEnd;
     const now = () => this.clock.now();
     this.planner = new Planner({ inventory: opts.inventory, documents: opts.documents, revoked: opts.revoked, maxStdinBytes: opts.maxStdinBytes, maxHostsPerJob: opts.maxHostsPerJob });
     this.table = new TaskTable({ store: this.store, log: this.log, now, ended: (task) => this.taskEnded(task), jobFinished: (job) => this.rollout.forget(job.id) });
@@ -388,10 +397,54 @@ export class JobManager {
     if (status.exitCode !== undefined) task.exitCode = status.exitCode;
     const ends = isTerminal(status.state);
     if (ends) {
-      task.expectedChunks = Number(status.outputChunks);
       task.outputTruncated = status.outputTruncated;
+      if (status.outputSha256.length > 0) {
+        task.expectedChunks = Number(status.outputChunks);
+        task.outputSha256 = status.outputSha256;
+        task.outputBytes = Number(status.outputBytes);
+      } else {
+        // The host cannot know its output (it ended after a crash): what is stored is what there is.
+        task.expectedChunks = Math.max(Number(status.outputChunks), task.outputChunks);
+      }
+      task.resultCheck = this.resultCheckOf(task, status);
     }
-    return this.table.write(task, { ends });
+    return this.table.write(task, { ends }).then(() => this.checkOutput(task));
+  }
+
+  /** The first check of a host's end: its signature; the output follows once all of it is stored. */
+  private resultCheckOf(task: TaskRecord, status: TaskStatus): ResultCheck {
+    if (!this.checkEnd) return ResultCheck.UNSPECIFIED;
+    const job = this.jobOf(task.jobId);
+    // A ping runs nothing and is answered unsigned.
+    if (job && job.steps.length > 0 && isPingOnly(create(TaskSpecSchema, { steps: job.steps }))) return ResultCheck.UNSPECIFIED;
+    const check = this.checkEnd(status, { role: "host", scope: task.tenant, id: task.hostId });
+    if (check === "bad") return ResultCheck.MISMATCH;
+    if (check === "unknown") return ResultCheck.UNVERIFIED;
+    return status.outputSha256.length > 0 ? ResultCheck.OUTPUT_PENDING : ResultCheck.VERIFIED;
+  }
+
+  /**
+   * Once every chunk a host signed for is stored, hashes the stored output
+   * (a slice at a time) and compares it with what the host signed.
+   */
+  private checkOutput(task: TaskRecord): void {
+    if (task.resultCheck !== ResultCheck.OUTPUT_PENDING || !outputComplete(task) || this.checking.has(task.id)) return;
+    this.checking.add(task.id);
+    const id = task.id;
+    const expected = task.expectedChunks ?? 0;
+    void this.table
+      .afterLastWrite(id)
+      .then(() => digestOutput(this.store, id, expected))
+      .then((got) => {
+        const rec = this.table.mutable(id);
+        if (!rec || rec.resultCheck !== ResultCheck.OUTPUT_PENDING) return;
+        const same = rec.outputSha256 !== undefined && Buffer.from(got.sha256).equals(Buffer.from(rec.outputSha256)) && got.bytes === rec.outputBytes;
+        rec.resultCheck = same ? ResultCheck.VERIFIED : ResultCheck.MISMATCH;
+        if (!same) this.log.warn("stored output differs from what the host signed", { task: id, host: rec.hostId, bytes: got.bytes, signedBytes: rec.outputBytes });
+        return this.table.write(rec);
+      })
+      .catch((err) => this.log.error("checking a task's output failed", { task: id, err }))
+      .finally(() => this.checking.delete(id));
   }
 
   /**
@@ -412,7 +465,10 @@ export class JobManager {
     const task = this.table.mutable(chunk.taskId)!;
     addChunk(task, seq);
     this.router.reported(proxy, task);
-    return this.table.write(task, { chunk }).then(() => seq);
+    return this.table.write(task, { chunk }).then(() => {
+      this.checkOutput(task);
+      return seq;
+    });
   }
 
   /**
@@ -614,6 +670,23 @@ export function addChunk(task: TaskRecord, seq: number): void {
   }
   if (ranges.length > 0) task.outputBeyond = ranges;
   else delete task.outputBeyond;
+}
+
+/** SHA-256 and length of a task's stored output, chunks 1..`chunks` in seq order, read a slice per turn of the event loop. */
+async function digestOutput(store: JobStore, taskId: string, chunks: number): Promise<{ sha256: Uint8Array; bytes: number }> {
+  const hash = createHash("sha256");
+  let bytes = 0;
+  for (let next = 1; next <= chunks; ) {
+    const slice = store.readOutput(taskId, next, 4 << 20).filter((c) => Number(c.seq) <= chunks);
+    if (slice.length === 0) break;
+    for (const c of slice) {
+      hash.update(c.data);
+      bytes += c.data.length;
+    }
+    next = Number(slice[slice.length - 1]!.seq) + 1;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  return { sha256: hash.digest(), bytes };
 }
 
 /** A terminal task whose every reported chunk is stored. */

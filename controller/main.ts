@@ -42,6 +42,9 @@ import { LmdbEnrollStore } from "./enroll-store.js";
 import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
 import { ArtifactStore, artifactServiceImpl } from "./artifacts.js";
 import { join } from "node:path";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { HostKeyVerifier } from "../common/host-signing.js";
+import { HostReportKeySchema } from "../gen/rexmesh/v1/host_pb.js";
 
 export const controllerSchema = {
   listen: { type: "string", default: "127.0.0.1:7443", doc: "address for the public API and proxy links (host:port; port 0 picks one)" },
@@ -86,6 +89,17 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const signer = new TaskSigner(creds, clock);
   const revocations = new Revocations(env.db("revoked"), creds, clock, log);
   const revokedHost = (host: { id: string; tenant: string }) => revocations.revocationOf({ role: "host", scope: host.tenant, id: host.id })?.reason;
+  // Hosts' report keys: presence proofs and signed task ends are checked against them (common/host-signing.ts).
+  const reportKeys = env.db<Buffer>("report-keys", "binary");
+  const hostKeys = new HostKeyVerifier(creds.caPem, clock, (host) => revocations.isRevoked(host), {
+    get: (keyId) => {
+      const raw = reportKeys.get(keyId);
+      return raw ? fromBinary(HostReportKeySchema, raw) : undefined;
+    },
+    put: (key) => {
+      reportKeys.put(key.keyId, Buffer.from(toBinary(HostReportKeySchema, key))).catch((err: unknown) => log.error("storing a report key failed", { err }));
+    },
+  });
   const jobs = new JobManager({
     store,
     inventory,
@@ -96,12 +110,13 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     defaultLostAfterMs: config.lostAfter,
     cancelGraceMs: config.cancelGrace,
     documents,
+    checkEnd: (status, host) => hostKeys.checkEnd(status, host),
     revoked: (host) => {
       const r = revokedHost(host);
       return r && `host ${host.id} is revoked: ${r}`;
     },
   });
-  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer) });
+  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer), acceptReportKey: (key, host) => hostKeys.accept(key, host).ok });
   jobs.recover();
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
@@ -150,7 +165,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   );
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })));
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })));
-  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads };
+  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.
   const server = createRpcServer({

@@ -1,5 +1,6 @@
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import type { ResultCheck } from "../gen/rexmesh/v1/controller_pb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 
 /** A job as the controller stores it; tasks are stored apart, one per host. */
@@ -93,6 +94,11 @@ export interface TaskRecord {
   endedHere?: boolean;
   /** The host's own terminal report, when it came after the controller had ended the task. */
   late?: LateReport;
+  /** How the end checks against the host's signature (see common/host-signing.ts). */
+  resultCheck?: ResultCheck;
+  /** What the host signed of its output: SHA-256 and length. */
+  outputSha256?: Uint8Array;
+  outputBytes?: number;
   /** Released for dispatch by rate control (absent on jobs without it: always released). */
   released?: boolean;
   /**

@@ -21,6 +21,8 @@ import { specBytes } from "../common/backlog.js";
 import type { TaskSigner } from "../common/task-signing.js";
 import type { Revocations } from "./revocation.js";
 import type { JobManager, ProxyPort } from "./jobs.js";
+import { randomBytes } from "node:crypto";
+import type { HostKeyVerifier } from "../common/host-signing.js";
 
 export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
 
@@ -36,6 +38,13 @@ export interface ProxyLinkDeps {
   loads?: Map<string, { region: string; load: ProxyLoad }>;
   /** Counts what the controller receives (optional). */
   counters?: { outputBytes: (n: number, labels: Record<string, string>) => void; tasksEnded: (n: number, labels: Record<string, string>) => void };
+  /**
+   * Checks hosts' report keys and presence proofs. A host counts as held by
+   * a proxy only with a valid proof over that link's nonce, so a proxy
+   * cannot claim a host it does not hold. Absent: presence is taken on the
+   * proxy's word (logic tests only).
+   */
+  hostKeys?: HostKeyVerifier;
 }
 
 /**
@@ -65,7 +74,9 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(deps.signer.sign(spec)),
     sendCancel: (taskId, hostId, withdraw = false) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId, withdraw })),
   };
-  out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs };
+  // New for every link: a host's presence proof over it cannot be replayed on another link.
+  const nonce = randomBytes(16);
+  out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs, presenceNonce: nonce };
   out.frame.signingKeys.push(deps.signer.key);
   // The deny-list goes with every welcome (a proxy that was away catches up) and with every change.
   out.frame.denyList = deps.revocations.current;
@@ -75,11 +86,25 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   });
   jobs.proxyConnected(port);
   inventory.proxyLost(port.name, clock.now());
+  let refusedPresence = 0;
   const presence = (hosts: readonly HostPresence[]) => {
     for (const h of hosts) {
       const since = h.since ? timestampMs(h.since) : clock.now();
-      if (h.connected) jobs.hostConnected(inventory.connected({ id: h.hostId, tenant: h.tenant, facts: h.facts }, port.region, port.name, since));
-      else inventory.disconnected(h.hostId, port.name, since);
+      if (!h.connected) {
+        inventory.disconnected(h.hostId, port.name, since);
+        continue;
+      }
+      if (deps.hostKeys) {
+        const host: PeerIdentity = { role: "host", scope: h.tenant, id: h.hostId };
+        const check = deps.hostKeys.accept(h.reportKey, host);
+        const proved = check.ok ? deps.hostKeys.checkPresence(h.reportKey!.keyId, h.proof, nonce, peer, host) : check;
+        if (!proved.ok) {
+          // Logged for the first few of a link: a proxy that cannot prove a host does not hold it here.
+          if (refusedPresence++ < 10) log.warn("host presence refused", { host: h.hostId, tenant: h.tenant, reason: proved.reason });
+          continue;
+        }
+      }
+      jobs.hostConnected(inventory.connected({ id: h.hostId, tenant: h.tenant, facts: h.facts }, port.region, port.name, since));
     }
   };
   presence(hello.hosts);

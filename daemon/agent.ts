@@ -28,6 +28,7 @@ import { isPingOnly, peekSpec, TaskRejected, type TaskVerifier } from "../common
 import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
 import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRef } from "./orphans.js";
+import { OutputDigest, type HostReporter } from "../common/host-signing.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -84,6 +85,14 @@ export interface AgentOptions {
   pruneEveryMs?: number;
   /** Random source of the reconnect jitter. */
   random?: () => number;
+  /**
+   * The host's report key: presence proofs for the controller and a
+   * signature on every task end (common/host-signing.ts); asked for at every
+   * connection, so that a renewed certificate endorses a new key. Absent:
+   * the host proves nothing and signs nothing (a controller that requires
+   * proofs does not count it as connected).
+   */
+  reporter?: () => HostReporter;
 }
 
 /** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
@@ -105,7 +114,7 @@ const FLOW_CHECK_MS = 50;
  * reconnect.
  */
 export class Agent {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random">> & { backoff: BackoffOptions; random?: () => number };
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter">> & { backoff: BackoffOptions; random?: () => number; reporter?: () => HostReporter };
   private readonly endLeftovers: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
   private readonly outbox: Backlog;
   private readonly waiting: TaskSpec[] = [];
@@ -113,6 +122,8 @@ export class Agent {
   private link: ProxyLinkToAgent | undefined;
   private out: Coalescer<AgentStreamRequest> | undefined;
   private pruneTimer: Timer | undefined;
+  /** The report key of the current connection (see AgentOptions.reporter). */
+  private reporter: HostReporter | undefined;
   private readonly stopController = new AbortController();
   private loop: Promise<void> | undefined;
   private lastCredits = -1;
@@ -242,7 +253,7 @@ export class Agent {
         entry.groups = [];
         this.waiting.push(entry.spec);
       } else {
-        await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: `the daemon stopped while the task ran; not run again (${what})`, outputChunks: 0, outputTruncated: false });
+        await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: `the daemon stopped while the task ran; not run again (${what})`, outputChunks: 0, outputTruncated: false }, "unknown");
       }
     }
     await this.pruneLedger();
@@ -287,7 +298,8 @@ export class Agent {
     });
     // The hello, the credits and everything not yet acknowledged, in order.
     const hello = ls.out.frame;
-    hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs };
+    this.reporter = this.opts.reporter?.();
+    hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs, reportKey: this.reporter?.key };
     hello.credits = this.credits();
     this.lastCredits = hello.credits;
     this.addToFrame(ls.out, this.outbox.all());
@@ -303,8 +315,8 @@ export class Agent {
         log.debug("welcomed by proxy", { proxy: first.welcome.proxy, region: first.welcome.region, address });
         for (const fn of this.connectedListeners) fn(first.welcome.proxy);
       }
-      await this.handleFrame(first);
-      await ls.forEach((frame) => this.handleFrame(frame));
+      await this.handleFrame(first, link);
+      await ls.forEach((frame) => this.handleFrame(frame, link));
     } finally {
       ls.end("discard");
       if (this.link === link) {
@@ -383,7 +395,13 @@ export class Agent {
     }
   }
 
-  private async handleFrame(frame: AgentStreamResponse): Promise<void> {
+  private async handleFrame(frame: AgentStreamResponse, link?: ProxyLinkToAgent): Promise<void> {
+    // The controller asks, through the proxy, for proof that this host holds this stream.
+    if (frame.presenceNonce.length > 0 && this.reporter && this.out) {
+      const f = this.out.frame;
+      f.presenceNonce = frame.presenceNonce;
+      f.presenceProof = this.reporter.prove(frame.presenceNonce, link?.peer);
+    }
     for (const ack of frame.outputAcks) void this.outbox.ackOutput(ack.taskId, Number(ack.seq));
     for (const ack of frame.statusAcks) {
       void this.outbox.ackStatus(ack.taskId, ack.state);
@@ -508,6 +526,7 @@ export class Agent {
       this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING) }]);
       // The task learns who and what it is; these names cannot be overridden by the job.
       const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: spec.taskId, REXMESH_JOB_ID: spec.jobId };
+      const digest = new OutputDigest();
       const outcome = await this.opts.executor.run({ ...spec, env }, {
         signal: abort.signal,
         flow: this.outputFlow,
@@ -518,10 +537,11 @@ export class Agent {
         },
         onOutput: (stream, data, seq) => {
           const chunk = create(OutputChunkSchema, { taskId: spec.taskId, seq: BigInt(seq), stream, data: Uint8Array.prototype.slice.call(data) });
+          digest.add(chunk.data);
           this.emit([{ kind: "output", chunk }]);
         },
       });
-      await this.finishTask(entry, outcome);
+      await this.finishTask(entry, outcome, digest);
     } finally {
       this.running.delete(spec.taskId);
       this.pump();
@@ -536,7 +556,12 @@ export class Agent {
     await this.opts.ledger.put(entry);
   }
 
-  private async finishTask(entry: LedgerEntry, outcome: TaskOutcome): Promise<void> {
+  /**
+   * Records a task's end in the ledger, then reports it, signed with the
+   * report key over its state and output (`digest`: the output it emitted;
+   * absent: none; "unknown": the daemon cannot know it, after a crash).
+   */
+  private async finishTask(entry: LedgerEntry, outcome: TaskOutcome, digest?: OutputDigest | "unknown"): Promise<void> {
     if (entry.final) return;
     const final = this.status(entry.spec, outcome.state, {
       exitCode: outcome.exitCode,
@@ -545,6 +570,12 @@ export class Agent {
       outputChunks: BigInt(outcome.outputChunks),
       outputTruncated: outcome.outputTruncated,
     });
+    if (digest !== "unknown") {
+      const d = digest ?? new OutputDigest();
+      final.outputBytes = BigInt(d.bytes);
+      final.outputSha256 = d.digest();
+    }
+    (this.reporter ?? this.opts.reporter?.())?.signEnd(final);
     entry.state = outcome.state;
     entry.final = final;
     entry.endedAt = this.opts.clock.now();

@@ -21,6 +21,7 @@ import { keepRenewed } from "./renew.js";
 import { Metrics } from "../common/metrics.js";
 import { TaskVerifier } from "../common/task-signing.js";
 import { proxyArtifactFetcher } from "./artifact-fetch.js";
+import { HostReporter } from "../common/host-signing.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -87,7 +88,15 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     // One executor per host: artifacts are fetched through the proxies with this host's own certificate.
     const fetchArtifact = proxyArtifactFetcher({ proxies: config.proxies!, credentials: () => readCredentials(paths), dir: join(config.data, "artifacts", me.id) });
     const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact });
+    // A new report key whenever the certificate changed (renewal), endorsed by the new one.
+    let reporter = { pem: creds.certPem, key: new HostReporter(creds, clock, me) };
+    const currentReporter = () => {
+      const now = readCredentials(paths);
+      if (now.certPem !== reporter.pem) reporter = { pem: now.certPem, key: new HostReporter(now, clock, me) };
+      return reporter.key;
+    };
     return new Agent({
+      reporter: currentReporter,
       hostId: me.id,
       tenant: me.scope,
       proxies: config.proxies!,

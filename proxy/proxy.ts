@@ -12,7 +12,7 @@ import {
   type AgentStreamRequest,
   type AgentStreamResponse,
 } from "../gen/rexmesh/v1/agent_link_pb.js";
-import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import type { HostFacts, HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { BundlePayload } from "../gen/rexmesh/v1/bundle_pb.js";
 import {
   HostPresenceSchema,
@@ -61,8 +61,6 @@ const UPLINK_HIGH_FRAMES = 4;
 const UPLINK_LOW_FRAMES = 2;
 /** How long the controller has to answer the hello (TLS handshake included). */
 const CONNECT_TIMEOUT_MS = 20_000;
-/** Hosts named in the hello itself; the others follow in ordinary frames. */
-const HELLO_HOSTS = 1000;
 /**
  * How long a task that ended here is remembered past its delivery deadline
  * (or from its end, when the deadline is not known), so that a replay of it
@@ -89,6 +87,9 @@ interface HostSession {
   link: AgentLink;
   session: LinkSession<AgentStreamResponse, AgentStreamRequest>;
   credits: number;
+  reportKey: HostReportKey | undefined;
+  /** The host's proof of presence over the current controller link's nonce. */
+  proof: Uint8Array | undefined;
 }
 
 /** About how many bytes a host presence takes in a frame (id, tenant, facts). */
@@ -127,6 +128,8 @@ export class ProxyCore {
   private readonly sweepMs: number;
   private stopped = false;
   private pumpScheduled = false;
+  /** The controller's presence nonce for the current link: hosts prove their presence over it. */
+  private nonce: Uint8Array | undefined;
   /** Identities refused here: hosts on it are disconnected and cannot come back. */
   private readonly deny = new DenySet();
   private readonly openDenyList: ((signed: SignedDenyList) => DenyList) | undefined;
@@ -167,7 +170,7 @@ export class ProxyCore {
     if (hello.hostId !== peer.id) {
       throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(peer.id)}`);
     }
-    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0 };
+    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0, reportKey: hello.reportKey, proof: undefined };
     const previous = this.hosts.get(session.hostId);
     if (previous) previous.link.close(new Error("replaced by a newer stream of the same host"));
     this.hosts.set(session.hostId, session);
@@ -176,8 +179,9 @@ export class ProxyCore {
     ls.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
     // The keys the daemon verifies task signatures with (it checks their endorsement itself).
     ls.out.frame.signingKeys.push(...this.store.signingKeys());
+    // The controller counts the host as held here once it proves it (its answer goes up as its presence).
+    if (this.nonce) ls.out.frame.presenceNonce = this.nonce;
     log.info("host connected");
-    this.reportPresence(session, true);
     let why: unknown;
     try {
       // Tasks handed out on an earlier stream go first; the hello's credits then hand out new ones.
@@ -199,6 +203,8 @@ export class ProxyCore {
   }
 
   private reportPresence(session: HostSession, connected: boolean): void {
+    // A host that has not proved its presence on this link was never reported held.
+    if (connected && !session.proof) return;
     const p = this.presence(session, connected);
     this.controller?.session.out.frameFor(presenceBytes(p)).hosts.push(p);
   }
@@ -210,7 +216,18 @@ export class ProxyCore {
       connected,
       since: timestampFromMs(connected ? session.since : this.clock.now()),
       facts: connected ? session.facts : undefined,
+      reportKey: connected ? session.reportKey : undefined,
+      proof: connected ? session.proof : undefined,
     });
+  }
+
+  /** A new controller link: every host is asked to prove its presence over its nonce. */
+  private askForPresence(nonce: Uint8Array): void {
+    this.nonce = nonce;
+    for (const s of this.hosts.values()) {
+      s.proof = undefined;
+      s.session.out.frame.presenceNonce = nonce;
+    }
   }
 
   /**
@@ -221,6 +238,10 @@ export class ProxyCore {
    */
   private async handleHostFrame(session: HostSession, frame: AgentStreamRequest): Promise<void> {
     if (frame.credits !== undefined) session.credits = frame.credits;
+    if (frame.presenceProof.length > 0 && this.nonce && Buffer.from(frame.presenceNonce).equals(this.nonce)) {
+      session.proof = frame.presenceProof;
+      this.reportPresence(session, true);
+    }
     const items: UpwardItem[] = [];
     const outputAcks = new Map<string, number>();
     const changed = new Set<QueuedTask>();
@@ -427,19 +448,8 @@ export class ProxyCore {
    */
   async serveController(link: ControllerLink, up?: () => void): Promise<void> {
     const ls = new LinkSession<ProxyStreamRequest, ProxyStreamResponse>(link, { clock: this.clock, empty: () => create(ProxyStreamRequestSchema), peer: "controller" });
-    const held = [...this.hosts.values()].map((s) => this.presence(s, true));
-    link.send(
-      create(ProxyStreamRequestSchema, {
-        hello: {
-          name: this.name,
-          region: this.region,
-          heartbeatMs: this.heartbeatMs,
-          hosts: held.slice(0, HELLO_HOSTS),
-        },
-      }),
-    );
-    // The rest of the hosts follow in frames of bounded size (20,000 hosts with facts would pass the message limit).
-    for (const p of held.slice(HELLO_HOSTS)) ls.out.frameFor(presenceBytes(p)).hosts.push(p);
+    // The hosts held follow as they prove their presence over this link's nonce (askForPresence).
+    link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs } }));
     const c: ControllerSession = { session: ls, link, sentUpTo: 0, pumping: false, waiting: false };
     this.controller = c;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
@@ -456,13 +466,17 @@ export class ProxyCore {
       const first = await ls.first(CONNECT_TIMEOUT_MS);
       if (!first) return;
       ls.startHeartbeat(this.heartbeatMs);
+      if (first.welcome) this.askForPresence(first.welcome.presenceNonce);
       up?.();
       await this.handleControllerFrame(first);
       await ls.forEach((frame) => this.handleControllerFrame(frame));
     } finally {
       loadTimer?.cancel();
       ls.end("discard");
-      if (this.controller === c) this.controller = undefined;
+      if (this.controller === c) {
+        this.controller = undefined;
+        this.nonce = undefined;
+      }
     }
   }
 
@@ -641,7 +655,8 @@ export class ProxyCore {
       if (item.kind === "status") statuses.push(item.status);
       else output.push(item.chunk);
     }
-    return { statuses, output, hosts: [...this.hosts.values()].map((s) => this.presence(s, true)) };
+    // No nonce travels with a bundle: the hosts' report keys do (their results are checked against them).
+    return { statuses, output, hosts: [...this.hosts.values()].map((s) => ({ ...this.presence(s, true), proof: new Uint8Array() })) };
   }
 
   // ---- deadlines -----------------------------------------------------------

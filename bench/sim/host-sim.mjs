@@ -9,8 +9,10 @@
 // protobuf frames written by hand over node:http2, no grpc-js channel).
 //
 // What it speaks, exactly as daemon/agent.ts does:
-//   → hello {host_id, facts, heartbeat_ms} + credits (first frame)
-//   ← welcome (+ signing keys, acks)
+//   → hello {host_id, facts, heartbeat_ms, report_key} + credits (first frame)
+//   ← welcome (+ signing keys, acks, the controller's presence nonce)
+//   → a presence proof over the nonce, signed with the report key (as the
+//     daemon does: common/host-signing.ts), whenever a nonce comes
 //   ← tasks      → one frame: a status per task + credits again (the daemon
 //                  re-reports its credits after every frame carrying tasks)
 //                  all-ping task: SUCCEEDED, exit 0, "pong" (no ledger, no spawn)
@@ -41,6 +43,7 @@ import { AgentStreamRequestSchema, AgentStreamResponseSchema } from "../../dist/
 import { TaskSpecSchema, TaskStatusSchema, TaskState } from "../../dist/gen/rexmesh/v1/task_pb.js";
 import { HostFactsSchema } from "../../dist/gen/rexmesh/v1/host_pb.js";
 import { issueCertificate } from "../../dist/certs/ca.js";
+import { HostReporter } from "../../dist/common/host-signing.js";
 
 const METHOD_PATH = "/rexmesh.v1.AgentLinkService/AgentStream";
 const EMPTY_FRAME = Buffer.from([0, 0, 0, 0, 0]);
@@ -114,6 +117,8 @@ class SimHost {
   constructor(id, certPem, proxy) {
     this.id = id;
     this.certPem = certPem;
+    // Its report key, endorsed by its own certificate: the controller counts it as held by its proxy only with a proof.
+    this.reporter = new HostReporter({ certPem, keyPem: cfg.keyPem, caPem: cfg.caPem }, { now: () => Date.now() }, { role: "host", scope: cfg.tenant ?? "default", id });
     const [host, port] = proxy.split(":");
     this.host = host;
     this.port = Number(port);
@@ -134,6 +139,7 @@ class SimHost {
       hello: {
         hostId: this.id,
         heartbeatMs: cfg.heartbeatMs,
+        reportKey: this.reporter.key,
         facts: create(HostFactsSchema, {
           os: "linux", osFamily: "debian", arch: "x86_64", kernel: "6.1.0-sim", hostname: this.id,
           addresses: [cfg.localAddress], daemonVersion: "sim", tools: ["ping"],
@@ -266,6 +272,11 @@ class SimHost {
       settle(true);
     }
     for (const ack of frame.statusAcks) this.outbox.delete(ack.taskId);
+    if (frame.presenceNonce.length > 0) {
+      // Bound to the link by the nonce; the proxy name is left out (the simulator checks proxies by role only).
+      const proof = this.reporter.prove(frame.presenceNonce, undefined);
+      this.send(grpcFrame(toBinary(AgentStreamRequestSchema, create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: proof }))));
+    }
     if (frame.tasks.length === 0) return;
     const now = Date.now();
     if (!stats.firstTaskAt) stats.firstTaskAt = now;

@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { HostFacts } from "./host_pb.js";
+import type { HostFacts, HostReportKey } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
 import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/agent_link.proto.
  */
 export const file_rexmesh_v1_agent_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEisAEKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBAUIKCghfY3JlZGl0cyJZCgpBZ2VudEhlbGxvEg8KB2hvc3RfaWQYASABKAkSJAoFZmFjdHMYAiABKAsyFS5yZXhtZXNoLnYxLkhvc3RGYWN0cxIUCgxoZWFydGJlYXRfbXMYAyABKA0ipQIKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCSJDCgxBZ2VudFdlbGNvbWUSDQoFcHJveHkYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDTJmChBBZ2VudExpbmtTZXJ2aWNlElIKC0FnZW50U3RyZWFtEh4ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLkFnZW50U3RyZWFtUmVzcG9uc2UoATABYgZwcm90bzM", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEi4AEKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDEIKCghfY3JlZGl0cyKIAQoKQWdlbnRIZWxsbxIPCgdob3N0X2lkGAEgASgJEiQKBWZhY3RzGAIgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSFAoMaGVhcnRiZWF0X21zGAMgASgNEi0KCnJlcG9ydF9rZXkYBCABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkivQIKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCRIWCg5wcmVzZW5jZV9ub25jZRgIIAEoDCJDCgxBZ2VudFdlbGNvbWUSDQoFcHJveHkYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDTJmChBBZ2VudExpbmtTZXJ2aWNlElIKC0FnZW50U3RyZWFtEh4ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLkFnZW50U3RyZWFtUmVzcG9uc2UoATABYgZwcm90bzM", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * Daemon to proxy.
@@ -45,6 +45,22 @@ export type AgentStreamRequest = Message<"rexmesh.v1.AgentStreamRequest"> & {
    * @generated from field: optional uint32 credits = 4;
    */
   credits?: number | undefined;
+
+  /**
+   * A presence proof: the report key's signature over the controller's
+   * presence nonce (as relayed by the proxy), the proxy's identity from its
+   * certificate, and the host's identity (common/host-signing.ts).
+   *
+   * @generated from field: bytes presence_proof = 5;
+   */
+  presenceProof: Uint8Array;
+
+  /**
+   * The nonce the proof answers.
+   *
+   * @generated from field: bytes presence_nonce = 6;
+   */
+  presenceNonce: Uint8Array;
 };
 
 /**
@@ -76,6 +92,13 @@ export type AgentHello = Message<"rexmesh.v1.AgentHello"> & {
    * @generated from field: uint32 heartbeat_ms = 3;
    */
   heartbeatMs: number;
+
+  /**
+   * The key the daemon proves its presence and signs its results with.
+   *
+   * @generated from field: rexmesh.v1.HostReportKey report_key = 4;
+   */
+  reportKey?: HostReportKey | undefined;
 };
 
 /**
@@ -131,6 +154,14 @@ export type AgentStreamResponse = Message<"rexmesh.v1.AgentStreamResponse"> & {
    * @generated from field: repeated string withdraw_task_ids = 7;
    */
   withdrawTaskIds: string[];
+
+  /**
+   * The controller's presence nonce for this proxy's link: the daemon
+   * answers with a presence proof. Sent when the link (re)opens.
+   *
+   * @generated from field: bytes presence_nonce = 8;
+   */
+  presenceNonce: Uint8Array;
 };
 
 /**

@@ -4,13 +4,15 @@
 
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file rexmesh/v1/host.proto.
  */
 export const file_rexmesh_v1_host: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL2hvc3QucHJvdG8SCnJleG1lc2gudjEilAEKCUhvc3RGYWN0cxIKCgJvcxgBIAEoCRIRCglvc19mYW1pbHkYAiABKAkSDAoEYXJjaBgDIAEoCRIOCgZrZXJuZWwYBCABKAkSEAoIaG9zdG5hbWUYBSABKAkSEQoJYWRkcmVzc2VzGAYgAygJEhYKDmRhZW1vbl92ZXJzaW9uGAcgASgJEg0KBXRvb2xzGAggAygJYgZwcm90bzM");
+  fileDesc("ChVyZXhtZXNoL3YxL2hvc3QucHJvdG8SCnJleG1lc2gudjEilAEKCUhvc3RGYWN0cxIKCgJvcxgBIAEoCRIRCglvc19mYW1pbHkYAiABKAkSDAoEYXJjaBgDIAEoCRIOCgZrZXJuZWwYBCABKAkSEAoIaG9zdG5hbWUYBSABKAkSEQoJYWRkcmVzc2VzGAYgAygJEhYKDmRhZW1vbl92ZXJzaW9uGAcgASgJEg0KBXRvb2xzGAggAygJIpEBCg1Ib3N0UmVwb3J0S2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZW5kb3JzZW1lbnQYBCABKAwSGAoQaG9zdF9jZXJ0aWZpY2F0ZRgFIAEoDGIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * What a daemon reports about its host.
@@ -67,4 +69,54 @@ export type HostFacts = Message<"rexmesh.v1.HostFacts"> & {
  */
 export const HostFactsSchema: GenMessage<HostFacts> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_host, 0);
+
+/**
+ * A daemon's report key: an Ed25519 key the daemon makes when it starts,
+ * endorsed by its host certificate's key. With it the daemon proves to the
+ * controller that it holds a stream at a proxy (a presence proof) and signs
+ * the end of every task it ran, so that a proxy can relay and delay what a
+ * host says, but never make it up.
+ *
+ * @generated from message rexmesh.v1.HostReportKey
+ */
+export type HostReportKey = Message<"rexmesh.v1.HostReportKey"> & {
+  /**
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * SPKI DER of the Ed25519 public key.
+   *
+   * @generated from field: bytes public_key = 2;
+   */
+  publicKey: Uint8Array;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp not_after = 3;
+   */
+  notAfter?: Timestamp | undefined;
+
+  /**
+   * Signature by the host certificate's key over key_id, public_key and
+   * not_after (see common/host-signing.ts).
+   *
+   * @generated from field: bytes endorsement = 4;
+   */
+  endorsement: Uint8Array;
+
+  /**
+   * The endorsing host certificate, DER.
+   *
+   * @generated from field: bytes host_certificate = 5;
+   */
+  hostCertificate: Uint8Array;
+};
+
+/**
+ * Describes the message rexmesh.v1.HostReportKey.
+ * Use `create(HostReportKeySchema)` to create a new message.
+ */
+export const HostReportKeySchema: GenMessage<HostReportKey> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_host, 1);
 

@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { HostFacts } from "./host_pb.js";
+import type { HostFacts, HostReportKey } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
 import type { SignedDenyList } from "./revocation_pb.js";
 import { file_rexmesh_v1_revocation } from "./revocation_pb.js";
@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/proxy_link.proto.
  */
 export const file_rexmesh_v1_proxy_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi3AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkImkKClByb3h5SGVsbG8SDAoEbmFtZRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNEicKBWhvc3RzGAQgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2UikwEKDEhvc3RQcmVzZW5jZRIPCgdob3N0X2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIRCgljb25uZWN0ZWQYAyABKAgSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAUgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMiUQoJUHJveHlMb2FkEhcKD2Nvbm5lY3RlZF9ob3N0cxgBIAEoDRIUCgxxdWV1ZWRfdGFza3MYAiABKA0SFQoNcnVubmluZ190YXNrcxgDIAEoDSLJAgoTUHJveHlTdHJlYW1SZXNwb25zZRIpCgd3ZWxjb21lGAEgASgLMhgucmV4bWVzaC52MS5Qcm94eVdlbGNvbWUSJQoFdGFza3MYAiADKAsyFi5yZXhtZXNoLnYxLlNpZ25lZFRhc2sSJwoHY2FuY2VscxgDIAMoCzIWLnJleG1lc2gudjEuQ2FuY2VsVGFzaxIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRItCglkZW55X2xpc3QYByABKAsyGi5yZXhtZXNoLnYxLlNpZ25lZERlbnlMaXN0IiQKDFByb3h5V2VsY29tZRIUCgxoZWFydGJlYXRfbXMYASABKA0iQAoKQ2FuY2VsVGFzaxIPCgd0YXNrX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEAoId2l0aGRyYXcYAyABKAgyZgoQUHJveHlMaW5rU2VydmljZRJSCgtQcm94eVN0cmVhbRIeLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi3AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkImkKClByb3h5SGVsbG8SDAoEbmFtZRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNEicKBWhvc3RzGAQgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2Ui0QEKDEhvc3RQcmVzZW5jZRIPCgdob3N0X2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIRCgljb25uZWN0ZWQYAyABKAgSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAUgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLQoKcmVwb3J0X2tleRgGIAEoCzIZLnJleG1lc2gudjEuSG9zdFJlcG9ydEtleRINCgVwcm9vZhgHIAEoDCJRCglQcm94eUxvYWQSFwoPY29ubmVjdGVkX2hvc3RzGAEgASgNEhQKDHF1ZXVlZF90YXNrcxgCIAEoDRIVCg1ydW5uaW5nX3Rhc2tzGAMgASgNIskCChNQcm94eVN0cmVhbVJlc3BvbnNlEikKB3dlbGNvbWUYASABKAsyGC5yZXhtZXNoLnYxLlByb3h5V2VsY29tZRIlCgV0YXNrcxgCIAMoCzIWLnJleG1lc2gudjEuU2lnbmVkVGFzaxInCgdjYW5jZWxzGAMgAygLMhYucmV4bWVzaC52MS5DYW5jZWxUYXNrEioKC291dHB1dF9hY2tzGAQgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYBSADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIwCgxzaWduaW5nX2tleXMYBiADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5Ei0KCWRlbnlfbGlzdBgHIAEoCzIaLnJleG1lc2gudjEuU2lnbmVkRGVueUxpc3QiPAoMUHJveHlXZWxjb21lEhQKDGhlYXJ0YmVhdF9tcxgBIAEoDRIWCg5wcmVzZW5jZV9ub25jZRgCIAEoDCJACgpDYW5jZWxUYXNrEg8KB3Rhc2tfaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIQCgh3aXRoZHJhdxgDIAEoCDJmChBQcm94eUxpbmtTZXJ2aWNlElIKC1Byb3h5U3RyZWFtEh4ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLlByb3h5U3RyZWFtUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_task]);
 
 /**
  * Proxy to controller.
@@ -127,6 +127,20 @@ export type HostPresence = Message<"rexmesh.v1.HostPresence"> & {
    * @generated from field: rexmesh.v1.HostFacts facts = 5;
    */
   facts?: HostFacts | undefined;
+
+  /**
+   * For connected: the host's report key and its signature over this
+   * link's presence nonce, the proxy's identity and the host's. Without a
+   * valid one the controller does not count the host as held here.
+   *
+   * @generated from field: rexmesh.v1.HostReportKey report_key = 6;
+   */
+  reportKey?: HostReportKey | undefined;
+
+  /**
+   * @generated from field: bytes proof = 7;
+   */
+  proof: Uint8Array;
 };
 
 /**
@@ -226,6 +240,14 @@ export type ProxyWelcome = Message<"rexmesh.v1.ProxyWelcome"> & {
    * @generated from field: uint32 heartbeat_ms = 1;
    */
   heartbeatMs: number;
+
+  /**
+   * Random, new for every link: a host counts as held by this proxy only
+   * with a presence proof over this nonce (HostPresence.proof).
+   *
+   * @generated from field: bytes presence_nonce = 2;
+   */
+  presenceNonce: Uint8Array;
 };
 
 /**

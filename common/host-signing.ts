@@ -1,0 +1,206 @@
+/**
+ * What a host signs, so that a proxy can relay and delay what a host says
+ * but never make it up: that it holds a stream at that proxy (a presence
+ * proof over the controller's per-link nonce), and how each task it ran
+ * ended (its state, exit code and the SHA-256 of its output).
+ *
+ * The daemon makes an Ed25519 report key when it starts and endorses it
+ * with its host certificate's key (RSA is too slow to sign every task end;
+ * Ed25519 signs in tens of microseconds). The controller trusts a report
+ * key only when the endorsing certificate chains to the mesh CA, is valid,
+ * names that very host, and is not revoked.
+ */
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Credentials } from "../certs/files.js";
+import { identityFromCertificate, identityUri, type PeerIdentity } from "../certs/identity.js";
+import { HostReportKeySchema, type HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
+import type { TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import type { Clock } from "./clock.js";
+
+/** Length-prefixed fields under a purpose label: no two different messages frame to the same bytes. */
+function framed(label: string, ...fields: (string | Uint8Array | bigint | number)[]): Buffer {
+  const parts: Buffer[] = [Buffer.from(`rexmesh ${label} v1\0`)];
+  for (const f of fields) {
+    const b = typeof f === "string" ? Buffer.from(f, "utf8") : typeof f === "number" || typeof f === "bigint" ? Buffer.from(BigInt.asIntN(64, BigInt(f)).toString()) : Buffer.from(f);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(b.length);
+    parts.push(len, b);
+  }
+  return Buffer.concat(parts);
+}
+
+function endorsed(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {
+  return framed("host report key", keyId, publicKey, notAfterMs);
+}
+
+function presence(nonce: Uint8Array, proxy: PeerIdentity | undefined, host: PeerIdentity): Buffer {
+  return framed("host presence", nonce, proxy ? identityUri(proxy) : "", identityUri(host));
+}
+
+/** The fields of a task's end that the host signs. */
+function ending(s: TaskStatus): Buffer {
+  return framed("task end", s.taskId, s.state, s.exitCode === undefined ? "" : String(s.exitCode), s.signal, s.outputChunks, s.outputBytes, s.outputSha256, s.outputTruncated ? "1" : "0");
+}
+
+/** The daemon's side: its report key, presence proofs and signed task ends. */
+export class HostReporter {
+  readonly key: HostReportKey;
+  private readonly privateKey: KeyObject;
+
+  constructor(
+    creds: Credentials,
+    clock: Clock,
+    private readonly self: PeerIdentity,
+    lifetimeMs = 365 * 86_400_000,
+  ) {
+    const { publicKey, privateKey } = generateKeyPairSync("ed25519");
+    this.privateKey = privateKey;
+    const der = publicKey.export({ type: "spki", format: "der" });
+    const keyId = createHash("sha256").update(der).digest("hex").slice(0, 16);
+    const notAfter = clock.now() + lifetimeMs;
+    this.key = create(HostReportKeySchema, {
+      keyId,
+      publicKey: der,
+      notAfter: timestampFromMs(notAfter),
+      endorsement: sign("sha256", endorsed(keyId, der, notAfter), createPrivateKey(creds.keyPem)),
+      hostCertificate: new X509Certificate(creds.certPem).raw,
+    });
+  }
+
+  /** A presence proof over the controller's nonce, for the proxy whose certificate the daemon saw. */
+  prove(nonce: Uint8Array, proxy: PeerIdentity | undefined): Uint8Array {
+    return sign(null, presence(nonce, proxy, this.self), this.privateKey);
+  }
+
+  /** Signs a terminal status (its output fields set) in place. */
+  signEnd(status: TaskStatus): void {
+    status.keyId = this.key.keyId;
+    status.signature = sign(null, ending(status), this.privateKey);
+  }
+}
+
+/** A report key the controller has checked, for the host it belongs to. */
+interface Trusted {
+  publicKey: KeyObject;
+  host: PeerIdentity;
+  notAfter: number;
+}
+
+export type KeyCheck = { ok: true } | { ok: false; reason: string };
+
+/**
+ * The controller's side: which report keys belong to which host, checked
+ * against the mesh CA; presence proofs and task ends checked against them.
+ * Checked keys are kept (bounded), so a host's reconnects cost one
+ * Ed25519 verification each.
+ */
+/** Where accepted report keys are kept, so that a restarted controller still checks results against them. */
+export interface ReportKeyStore {
+  get(keyId: string): HostReportKey | undefined;
+  put(key: HostReportKey): void;
+}
+
+export class HostKeyVerifier {
+  private readonly ca: X509Certificate;
+  private readonly keys = new Map<string, Trusted>();
+
+  constructor(
+    caPem: string,
+    private readonly clock: Clock,
+    private readonly isRevoked: (host: PeerIdentity) => boolean = () => false,
+    private readonly store?: ReportKeyStore,
+    private readonly maxKeys = 200_000,
+  ) {
+    this.ca = new X509Certificate(caPem);
+  }
+
+  /**
+   * Takes a report key for a host if its endorsement holds (see the class
+   * comment). A key accepted before (from the store) need not be endorsed
+   * by a certificate still valid now: host certificates are short-lived,
+   * and what the key signed while the certificate was valid stays genuine.
+   */
+  accept(key: HostReportKey | undefined, host: PeerIdentity, acceptedBefore = false): KeyCheck {
+    if (!key || key.keyId === "") return { ok: false, reason: "no report key" };
+    const known = this.keys.get(key.keyId);
+    if (known) return sameHost(known.host, host) ? { ok: true } : { ok: false, reason: "the report key belongs to another host" };
+    try {
+      const cert = new X509Certificate(Buffer.from(key.hostCertificate));
+      const now = this.clock.now();
+      if (!cert.checkIssued(this.ca) || !cert.verify(this.ca.publicKey)) return { ok: false, reason: "the report key's certificate is not from this mesh's CA" };
+      if (!acceptedBefore && (now < Date.parse(cert.validFrom) || now > Date.parse(cert.validTo))) return { ok: false, reason: "the report key's certificate is not valid now" };
+      const id = identityFromCertificate(cert);
+      if (!sameHost(id, host)) return { ok: false, reason: "the report key's certificate names another host" };
+      const notAfter = key.notAfter ? timestampMs(key.notAfter) : 0;
+      if (notAfter <= now && !acceptedBefore) return { ok: false, reason: "the report key has expired" };
+      if (!verify("sha256", endorsed(key.keyId, key.publicKey, notAfter), cert.publicKey, key.endorsement)) return { ok: false, reason: "the report key's endorsement does not hold" };
+      const publicKey = createPublicKey({ key: Buffer.from(key.publicKey), format: "der", type: "spki" });
+      if (publicKey.asymmetricKeyType !== "ed25519") return { ok: false, reason: "the report key is not Ed25519" };
+      if (this.keys.size >= this.maxKeys) this.keys.delete(this.keys.keys().next().value!);
+      this.keys.set(key.keyId, { publicKey, host: id, notAfter });
+      if (this.store && !this.store.get(key.keyId)) this.store.put(key);
+      return { ok: true };
+    } catch {
+      return { ok: false, reason: "the report key cannot be read" };
+    }
+  }
+
+  private usable(keyId: string, host: PeerIdentity): Trusted | undefined {
+    const k = this.keys.get(keyId);
+    if (!k || !sameHost(k.host, host) || k.notAfter <= this.clock.now() || this.isRevoked(host)) return undefined;
+    return k;
+  }
+
+  /** A presence proof of `host` over this link's nonce, at `proxy`, with an accepted key. */
+  checkPresence(keyId: string, proof: Uint8Array, nonce: Uint8Array, proxy: PeerIdentity, host: PeerIdentity): KeyCheck {
+    const k = this.usable(keyId, host);
+    if (!k) return { ok: false, reason: "no valid report key" };
+    if (proof.length === 0) return { ok: false, reason: "no presence proof" };
+    // The daemon names the proxy whose certificate it saw; a proof without a proxy name is bound by the nonce alone.
+    if (verify(null, presence(nonce, proxy, host), k.publicKey, proof) || verify(null, presence(nonce, undefined, host), k.publicKey, proof)) return { ok: true };
+    return { ok: false, reason: "the presence proof does not hold" };
+  }
+
+  /**
+   * The host's signature over a task end: "ok", "unknown" (no key the
+   * controller accepted for it: it cannot tell), or "bad" (it does not hold).
+   */
+  checkEnd(status: TaskStatus, host: PeerIdentity): "ok" | "unknown" | "bad" {
+    if (status.signature.length === 0 || status.keyId === "") return "unknown";
+    if (!this.keys.has(status.keyId)) {
+      // Accepted before this controller started, perhaps: checked again from the store.
+      const stored = this.store?.get(status.keyId);
+      if (stored) this.accept(stored, host, true);
+    }
+    const k = this.keys.get(status.keyId);
+    if (!k) return "unknown";
+    if (!sameHost(k.host, host)) return "bad";
+    return verify(null, ending(status), k.publicKey, status.signature) ? "ok" : "bad";
+  }
+
+  /** Whether the controller holds an accepted report key by this id. */
+  knows(keyId: string): boolean {
+    return this.keys.has(keyId);
+  }
+}
+
+function sameHost(a: PeerIdentity, b: PeerIdentity): boolean {
+  return a.role === "host" && b.role === "host" && a.scope === b.scope && a.id === b.id;
+}
+
+/** Running SHA-256 and length of a task's output, in seq order, as the daemon signs it. */
+export class OutputDigest {
+  private readonly hash = createHash("sha256");
+  bytes = 0;
+
+  add(data: Uint8Array): void {
+    this.hash.update(data);
+    this.bytes += data.length;
+  }
+
+  digest(): Uint8Array {
+    return this.hash.digest();
+  }
+}
