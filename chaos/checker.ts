@@ -82,7 +82,10 @@ export function firstDifference(expected: Buffer, got: Buffer): string {
     return JSON.stringify(b.subarray(start, end < 0 ? Math.min(b.length, start + 120) : Math.min(end, start + 120)).toString());
   };
   const lineNo = expected.subarray(0, i).toString().split("\n").length;
-  if (i === got.length) return `got ${got.length} of ${expected.length} bytes: ends inside line ${lineNo}; expected there ${line(expected)}`;
+  if (i === got.length) {
+    const where = i === 0 || expected[i - 1] === 10 ? `stops before line ${lineNo}` : `stops inside line ${lineNo}`;
+    return `got ${got.length} of ${expected.length} bytes: ${where}; expected there ${line(expected)}`;
+  }
   if (i === expected.length) return `got ${got.length - expected.length} bytes too many after the last expected line: ${line(got)}`;
   return `differs at byte ${i} (line ${lineNo}): expected ${line(expected)}, got ${line(got)}`;
 }

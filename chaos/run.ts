@@ -126,6 +126,31 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
     const background: Promise<unknown>[] = [];
     const healedAt: number[] = [];
 
+    // Task processes running on some hosts now, from the spawn markers.
+    const liveTasksOn = (hosts: string[]) => {
+      const live: { taskId: string; pid: number }[] = [];
+      for (const [taskId, pids] of readSpawns(marksDir)) {
+        const host = o.tasks.get(taskId)?.hostId;
+        if (host && hosts.includes(host)) for (const pid of pids) if (liveTaskProcess(pid, token)) live.push({ taskId, pid });
+      }
+      return live;
+    };
+    // A daemon that comes back finds the processes its predecessor left and ends them (issue 11): give it a few seconds.
+    const noteOrphans = async (f: FaultStep, procs: { taskId: string; pid: number }[]) => {
+      const deadline = clock.now() + 5000;
+      let alive = procs;
+      while (alive.length > 0 && clock.now() < deadline) {
+        await clock.sleep(250, signal);
+        alive = alive.filter((p) => liveTaskProcess(p.pid, token));
+      }
+      for (const p of alive) {
+        const t = o.tasks.get(p.taskId);
+        const last = t?.history[t.history.length - 1];
+        notes.push(`orphan: task ${p.taskId} on ${t?.hostId ?? "?"} (${last ? stateName(last.state) : "?"}): its process ${p.pid} outlived the ${f.signal} of ${f.target} (fault ${f.id}) and still ran 5 s after the daemon was back`);
+      }
+      if (alive.length > 0) log(`fault ${f.id}: ${alive.length} task process(es) of ${f.target} still running 5 s after it came back`);
+    };
+
     const runFault = async (f: FaultStep) => {
       await until(f.at);
       const hosts = hostsBehind(f.target);
@@ -147,14 +172,18 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
             for (const l of links) mesh.relay(l).restore();
           }
         } else {
+          let orphans: { taskId: string; pid: number }[] = [];
           const waited = await mesh.exclusive(f.target, async () => {
+            const before = f.target.startsWith("daemon-") ? liveTasksOn(hostsBehind(f.target)) : [];
             await mesh.kill(f.target, f.signal!, t0);
             log(`fault ${f.id}: ${f.target} exited`);
             await clock.sleep(f.downMs, signal);
             await mesh.restart(f.target, t0);
+            orphans = before;
           });
           if (waited > 100) log(`fault ${f.id}: struck ${(waited / 1000).toFixed(1)} s late, after an earlier fault on ${f.target} had healed`);
           if (f.target === "controller") background.push(o.audit(`after the controller restart of fault ${f.id}`));
+          if (orphans.length > 0) background.push(noteOrphans(f, orphans));
         }
         log(`fault ${f.id}: healed`);
       } catch (err) {
@@ -263,6 +292,15 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
       }
     }
     const spawnCount = [...spawns.entries()].filter(([id]) => known.has(id)).reduce((n, [, p]) => n + p.length, 0);
+    // Every task as it ended, for reading a failure beside the logs.
+    const rows = ["job\tpurpose\ttask\thost\tstate\texit\tproxy\tspawns\tmessage"];
+    for (const job of jobs) {
+      for (const [host, id] of job.taskIds) {
+        const t = finals.get(job.jobId)?.tasks.get(id) ?? o.tasks.get(id)?.last;
+        rows.push([job.plan.index, job.plan.purpose, id, host, t ? stateName(t.state) : "UNSEEN", t?.exitCode ?? "", t?.proxy ?? "", spawns.get(id)?.length ?? 0, t?.message ?? ""].join("\t"));
+      }
+    }
+    writeFileSync(join(dir, "tasks.tsv"), `${rows.join("\n")}\n`);
     result = {
       seed: opts.seed,
       minutes: opts.minutes,
@@ -339,7 +377,7 @@ export function formatResult(r: RunResult, maxPerInvariant = 5): string {
   if (!r.ok) {
     lines.push(`  fault log (seed ${r.seed}, ${r.minutes} min; times from the schedule's start):`);
     for (const e of r.faultLog) lines.push(`    +${(e.at / 1000).toFixed(1)}s ${e.text}`);
-    lines.push(`  mesh directory (logs, LMDB, spawn markers, report.txt with every violation): ${r.dir}`);
+    lines.push(`  mesh directory (logs, LMDB, spawn markers, report.txt with every violation, tasks.tsv): ${r.dir}`);
     lines.push(`  replay: npm run chaos -- --seed ${r.seed} --minutes ${r.minutes}`);
   }
   return lines.join("\n");
