@@ -123,10 +123,9 @@ export class Observer {
     return this.clock.now() - this.t0;
   }
 
-  /** Calls fn until it succeeds, fails for good, or retryForMs passes; counts attempts. */
-  private async retry<T>(fn: (signal: AbortSignal) => Promise<T>, onAttempt?: () => void): Promise<T> {
+  /** Calls fn until it succeeds, fails for good, or retryForMs (or the given deadline) passes; counts attempts. */
+  private async retry<T>(fn: (signal: AbortSignal) => Promise<T>, onAttempt?: () => void, deadline = this.clock.now() + this.env.retryForMs): Promise<T> {
     const backoff = new Backoff({ initialMs: 200, maxMs: 2000, jitter: 0 });
-    const deadline = this.clock.now() + this.env.retryForMs;
     for (;;) {
       onAttempt?.();
       try {
@@ -233,15 +232,18 @@ export class Observer {
   }
 
   /** Looks at every job that still has tasks not seen terminal (GetJob): a second pair of eyes beside the watches. */
-  async pollOpen(): Promise<number> {
+  async pollOpen(budgetMs = 10_000): Promise<number> {
     let open = 0;
+    const deadline = this.clock.now() + budgetMs;
     for (const job of this.jobs.values()) {
       const ids = [...job.taskIds.values()];
       if (ids.length === job.plan.hosts.length && ids.every((id) => this.tasks.get(id)?.terminal)) continue;
       const since = this.now();
       try {
-        const res = await this.client.getJob({ jobId: job.jobId }, { signal: AbortSignal.timeout(10_000) });
-        for (const t of res.tasks) this.sawTask(job, t, since, "get");
+        if (this.clock.now() < deadline) {
+          const res = await this.client.getJob({ jobId: job.jobId }, { signal: AbortSignal.timeout(Math.max(1, deadline - this.clock.now())) });
+          for (const t of res.tasks) this.sawTask(job, t, since, "get");
+        }
       } catch {
         /* the watch and the next poll will tell */
       }
@@ -262,10 +264,12 @@ export class Observer {
 
   /** Checks that every acknowledged job is still there with all its tasks. */
   async audit(reason: string): Promise<void> {
+    // One budget for the whole audit: a controller that never answers costs retryForMs, not that per job.
+    const deadline = this.clock.now() + this.env.retryForMs;
     for (const job of this.jobs.values()) {
       const since = this.now();
       try {
-        const res = await this.retry((signal) => this.client.getJob({ jobId: job.jobId }, { signal }));
+        const res = await this.retry((signal) => this.client.getJob({ jobId: job.jobId }, { signal }), undefined, deadline);
         for (const t of res.tasks) this.sawTask(job, t, since, "get");
         this.audits.push({ at: this.now(), reason, jobId: job.jobId, found: res.job !== undefined, tasks: res.tasks.map((t) => ({ id: t.id, hostId: t.hostId })) });
       } catch (err) {

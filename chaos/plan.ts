@@ -205,7 +205,7 @@ export function makePlan(opts: PlanOptions): ChaosPlan {
   for (const f of faults) {
     const hosts = hostsBehind(f.target);
     const lead = jrng.int(800, 2000);
-    const victim: Omit<JobPlan, "index"> = { at: Math.max(0, f.at - lead), purpose: "victim", fault: f.id, hosts, params: victimParams(jrng, lead + f.downMs + 2000) };
+    const victim: Omit<JobPlan, "index"> = { at: Math.max(0, f.at - lead), purpose: "victim", fault: f.id, hosts, params: victimParams(jrng, lead + f.downMs + jrng.int(3000, 6000)) };
     if (jrng.chance(0.3)) victim.cancelAt = f.at + Math.round(f.downMs * (0.2 + 0.6 * jrng.next())) + 100;
     add(victim);
     const down = f.kind === "daemon-kill" || f.kind === "daemon-term" || f.kind === "host-lost" || f.kind === "isolate-daemon";

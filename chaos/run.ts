@@ -126,31 +126,6 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
     const background: Promise<unknown>[] = [];
     const healedAt: number[] = [];
 
-    // Task processes running on some hosts now, from the spawn markers.
-    const liveTasksOn = (hosts: string[]) => {
-      const live: { taskId: string; pid: number }[] = [];
-      for (const [taskId, pids] of readSpawns(marksDir)) {
-        const host = o.tasks.get(taskId)?.hostId;
-        if (host && hosts.includes(host)) for (const pid of pids) if (liveTaskProcess(pid, token)) live.push({ taskId, pid });
-      }
-      return live;
-    };
-    // A daemon that comes back finds the processes its predecessor left and ends them (issue 11): give it a few seconds.
-    const noteOrphans = async (f: FaultStep, procs: { taskId: string; pid: number }[]) => {
-      const deadline = clock.now() + 5000;
-      let alive = procs;
-      while (alive.length > 0 && clock.now() < deadline) {
-        await clock.sleep(250, signal);
-        alive = alive.filter((p) => liveTaskProcess(p.pid, token));
-      }
-      for (const p of alive) {
-        const t = o.tasks.get(p.taskId);
-        const last = t?.history[t.history.length - 1];
-        notes.push(`orphan: task ${p.taskId} on ${t?.hostId ?? "?"} (${last ? stateName(last.state) : "?"}): its process ${p.pid} outlived the ${f.signal} of ${f.target} (fault ${f.id}) and still ran 5 s after the daemon was back`);
-      }
-      if (alive.length > 0) log(`fault ${f.id}: ${alive.length} task process(es) of ${f.target} still running 5 s after it came back`);
-    };
-
     const runFault = async (f: FaultStep) => {
       await until(f.at);
       const hosts = hostsBehind(f.target);
@@ -172,18 +147,14 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
             for (const l of links) mesh.relay(l).restore();
           }
         } else {
-          let orphans: { taskId: string; pid: number }[] = [];
           const waited = await mesh.exclusive(f.target, async () => {
-            const before = f.target.startsWith("daemon-") ? liveTasksOn(hostsBehind(f.target)) : [];
             await mesh.kill(f.target, f.signal!, t0);
             log(`fault ${f.id}: ${f.target} exited`);
             await clock.sleep(f.downMs, signal);
             await mesh.restart(f.target, t0);
-            orphans = before;
           });
           if (waited > 100) log(`fault ${f.id}: struck ${(waited / 1000).toFixed(1)} s late, after an earlier fault on ${f.target} had healed`);
           if (f.target === "controller") background.push(o.audit(`after the controller restart of fault ${f.id}`));
-          if (orphans.length > 0) background.push(noteOrphans(f, orphans));
         }
         log(`fault ${f.id}: healed`);
       } catch (err) {
@@ -266,7 +237,8 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
     await o.audit("final");
     const spawns = readSpawns(marksDir);
 
-    // Task processes still alive now that the run is over: every task of theirs should have ended.
+    // Task processes still alive now that the run is over: every task of theirs should have ended. (A task's
+    // process dies with its daemon at its next write, by SIGPIPE: the workload writes all the time.)
     const known = new Map([...o.tasks.values()].map((t) => [t.taskId, t]));
     for (const [taskId, pids] of spawns) {
       for (const pid of pids) {
