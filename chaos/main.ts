@@ -19,6 +19,7 @@ Runs seeded fault schedules against a real mesh and checks invariants I1-I4
   --dir DIR         where mesh directories go (default: the temp dir)
   --keep            keep every mesh directory (failed runs are always kept)
   --plan            print each seed's schedule and exit without running anything
+  --no-faults       the workload alone, no fault: a control run that must pass
   --verbose         print the schedule's events as they happen
   --stop-on-failure stop after the first failing seed
   --show N          violations printed per invariant (default 5)
@@ -64,6 +65,7 @@ async function main(argv: string[]): Promise<number> {
       dir: { type: "string" },
       keep: { type: "boolean" },
       plan: { type: "boolean" },
+      "no-faults": { type: "boolean" },
       verbose: { type: "boolean" },
       "stop-on-failure": { type: "boolean" },
       show: { type: "string" },
@@ -85,7 +87,7 @@ async function main(argv: string[]): Promise<number> {
 
   if (v.plan) {
     for (const seed of seeds) {
-      const plan = makePlan({ seed, minutes, lostAfterMs: bounds.lostAfterMs });
+      const plan = makePlan({ seed, minutes, lostAfterMs: bounds.lostAfterMs, noFaults: v["no-faults"] });
       process.stdout.write(`seed ${seed}: ${plan.faults.length} faults, ${plan.jobs.length} jobs\n`);
       for (const f of plan.faults) process.stdout.write(`  +${(f.at / 1000).toFixed(1)}s fault ${f.id}: ${describeFault(f)}\n`);
       for (const j of plan.jobs.filter((x) => x.purpose === "deadline" || x.cancelAt !== undefined)) {
@@ -107,7 +109,7 @@ async function main(argv: string[]): Promise<number> {
   for (const seed of seeds) {
     if (abort.signal.aborted) break;
     try {
-      const r = await runSeed({ seed, minutes, bounds, baseDir: v.dir, keep: v.keep, signal: abort.signal, progress: v.verbose ? (l) => process.stderr.write(`${l}\n`) : undefined });
+      const r = await runSeed({ seed, minutes, bounds, noFaults: v["no-faults"], baseDir: v.dir, keep: v.keep, signal: abort.signal, progress: v.verbose ? (l) => process.stderr.write(`${l}\n`) : undefined });
       ran++;
       process.stdout.write(`${formatResult(r, show)}\n`);
       if (!r.ok) failed.push(seed);

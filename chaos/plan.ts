@@ -72,6 +72,8 @@ export interface PlanOptions {
   minutes: number;
   /** The jobs' lost_after (host-lost faults last longer than it). Default 20 s. */
   lostAfterMs?: number;
+  /** No faults at all (the same workload): a control run, which must pass. */
+  noFaults?: boolean;
   /** Jobs submitted after the faults. Default 6 s. */
   afterMs?: number;
 }
@@ -168,7 +170,7 @@ export function makePlan(opts: PlanOptions): ChaosPlan {
   const faults: FaultStep[] = [];
   let deck: FaultKind[] = [];
   const active: { until: number; uses: string[] }[] = [];
-  for (let at = frng.int(2500, 4000), guard = 0; at < faultPhaseMs && guard < 1000; guard++) {
+  for (let at = frng.int(2500, 4000), guard = 0; at < faultPhaseMs && guard < 1000 && !opts.noFaults; guard++) {
     const live = active.filter((a) => a.until > at);
     let placed: FaultStep | undefined;
     if (live.length < 2) {

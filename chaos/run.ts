@@ -16,6 +16,8 @@ export interface RunOptions {
   seed: number;
   /** Length of the fault phase. */
   minutes: number;
+  /** The workload without any fault: a control run. */
+  noFaults?: boolean;
   bounds?: Partial<Bounds>;
   /** Where the mesh goes (a fresh directory inside it). Default: the system temp dir. */
   baseDir?: string;
@@ -88,7 +90,7 @@ function liveTaskProcess(pid: number, token: string): boolean {
 export async function runSeed(opts: RunOptions): Promise<RunResult> {
   const clock = opts.clock ?? systemClock;
   const bounds: Bounds = { ...DEFAULT_BOUNDS, ...opts.bounds };
-  const plan = makePlan({ seed: opts.seed, minutes: opts.minutes, lostAfterMs: bounds.lostAfterMs });
+  const plan = makePlan({ seed: opts.seed, minutes: opts.minutes, lostAfterMs: bounds.lostAfterMs, noFaults: opts.noFaults });
   const base = opts.baseDir ?? tmpdir();
   mkdirSync(base, { recursive: true });
   const dir = mkdtempSync(join(base, `rexmesh-chaos-${opts.seed}-`));
@@ -350,7 +352,7 @@ export function formatResult(r: RunResult, maxPerInvariant = 5): string {
     lines.push(`  fault log (seed ${r.seed}, ${r.minutes} min; times from the schedule's start):`);
     for (const e of r.faultLog) lines.push(`    +${(e.at / 1000).toFixed(1)}s ${e.text}`);
     lines.push(`  mesh directory (logs, LMDB, spawn markers, report.txt with every violation, tasks.tsv): ${r.dir}`);
-    lines.push(`  replay: npm run chaos -- --seed ${r.seed} --minutes ${r.minutes}`);
+    lines.push(`  replay: npm run chaos -- --seed ${r.seed} --minutes ${r.minutes}${r.plan.faults.length === 0 ? " --no-faults" : ""}`);
   }
   return lines.join("\n");
 }
