@@ -185,9 +185,10 @@ export async function runSeed(opts: RunOptions): Promise<RunResult> {
         );
       }
     }
-    const faults = plan.faults.map(runFault);
-    await Promise.all([...faults, ...work]);
-    await Promise.all(background);
+    // Every step ends by itself (errors are logged or recorded); only an abort rejects, once all have stopped.
+    await Promise.allSettled([...plan.faults.map(runFault), ...work]);
+    await Promise.allSettled(background);
+    if (signal.aborted) throw signal.reason;
 
     // Every role back, every link open: from here no fault is active.
     let healPhaseAt = 0;
