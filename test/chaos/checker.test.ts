@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -131,14 +131,18 @@ describe("chaos checker", () => {
 describe("chaos workload", () => {
   it("the task script writes exactly the expected bytes and one spawn marker", async () => {
     const marks = mkdtempSync(join(tmpdir(), "rexmesh-chaos-marks-"));
-    const p = { ...params, exitCode: 3 };
-    const run = promisify(execFile)("/bin/sh", ["-c", taskScript("unit")], { env: { ...process.env, ...taskEnv(p, marks), REXMESH_TASK_ID: "t01abc" } });
-    const err = await run.then(() => undefined, (e: { code: number; stdout: string; stderr: string }) => e);
-    expect(err?.code).toBe(3);
-    const expected = expectedOutput("t01abc", p);
-    expect(err?.stdout).toBe(expected.stdout.toString());
-    expect(err?.stderr).toBe(expected.stderr.toString());
-    expect(readFileSync(join(marks, "t01abc"), "utf8")).toMatch(/^t01abc \d+\n$/);
+    try {
+      const p = { ...params, exitCode: 3 };
+      const run = promisify(execFile)("/bin/sh", ["-c", taskScript("unit")], { env: { ...process.env, ...taskEnv(p, marks), REXMESH_TASK_ID: "t01abc" } });
+      const err = await run.then(() => undefined, (e: { code: number; stdout: string; stderr: string }) => e);
+      expect(err?.code).toBe(3);
+      const expected = expectedOutput("t01abc", p);
+      expect(err?.stdout).toBe(expected.stdout.toString());
+      expect(err?.stderr).toBe(expected.stderr.toString());
+      expect(readFileSync(join(marks, "t01abc"), "utf8")).toMatch(/^t01abc \d+\n$/);
+    } finally {
+      rmSync(marks, { recursive: true, force: true });
+    }
   });
 });
 
