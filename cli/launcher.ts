@@ -23,9 +23,35 @@ function packageRoot(): string {
 /** The CLI entry point (the compiled one: role processes never run from source). */
 export const REXMESH_BIN = join(packageRoot(), "bin", "rexmesh.js");
 
+/** One connection a role process dials: from the dialler's role name to the server's. */
+export interface MeshLink {
+  /** The dialling role: `proxy-<region>…` or `daemon-<group>`. */
+  from: string;
+  /** The role dialled: `controller` or a proxy's name. */
+  to: string;
+  /** Where the server listens. */
+  address: string;
+}
+
 export interface MeshPlan {
   dir: string;
   regions: string[];
+  /**
+   * Proxies per region, one number for every region or one per region name
+   * (default 1). A region with one proxy names it `proxy-<region>`; with
+   * more, `proxy-<region>-1`, `proxy-<region>-2`, … Every daemon is given all
+   * the proxies of its region, so that it fails over between them; the list
+   * starts at a different proxy for each daemon process of the region, so
+   * that the hosts spread over them.
+   */
+  proxiesPerRegion?: number | Record<string, number>;
+  /**
+   * Where a role dials another, when not directly: called once per link as
+   * the mesh is wired (before the dialling process starts) and returns the
+   * address to dial instead, e.g. a fault-injecting relay in front of the
+   * server. Restarts keep what it returned.
+   */
+  route?: (link: MeshLink) => string | Promise<string>;
   /** Hosts and the region each lives in; `tenant` (in the host's certificate) defaults to the mesh's. */
   hosts: { id: string; region: string; tenant?: string }[];
   /** Hosts served by one daemon process (each still its own identity, stream and ledger). Default 1. */
@@ -99,16 +125,17 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
 }
 
 /**
- * A whole mesh on loopback as real processes: a CA, a controller, one proxy
- * per region and the daemons, every link with mutual TLS. Used by
- * `rexmesh dev` and by the integration tests.
+ * A whole mesh on loopback as real processes: a CA, a controller, one or
+ * more proxies per region and the daemons, every link with mutual TLS. Used
+ * by `rexmesh dev`, the integration tests and the chaos harness.
  */
 export class LocalMesh {
   readonly dir: string;
-  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "shareHostKey" | "nodeArgs">> & MeshPlan;
+  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route">> & MeshPlan;
   controller!: RoleProcess;
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
-  readonly daemons: (RoleProcess & { hosts: string[] })[] = [];
+  /** Daemon processes, each with its hosts and the names of the proxies it was given, in dialling order. */
+  readonly daemons: (RoleProcess & { hosts: string[]; proxies: string[] })[] = [];
   controllerAddress = "";
   /** Where proxies dial the controller, when not directly (a test relay in between). */
   controllerAddressForProxies: string | undefined;
@@ -133,7 +160,7 @@ export class LocalMesh {
     const issue = (identity: PeerIdentity, dir: string, serves: boolean, days = 30) =>
       writeCredentials(dir, identity.id, issueKeyAndCertificate(this.caMaterial, { clock, identity, validityMs: days * 86_400_000, ...(serves ? SERVE_NAMES : {}) }));
     issue({ role: "controller", scope: "mesh", id: "controller" }, this.identityDir, true);
-    for (const region of this.plan.regions) issue({ role: "proxy", scope: region, id: `proxy-${region}` }, this.identityDir, true);
+    for (const region of this.plan.regions) for (const name of this.proxyNames(region)) issue({ role: "proxy", scope: region, id: name }, this.identityDir, true);
     issue({ role: "operator", scope: this.plan.tenant, id: "dev" }, this.identityDir, false);
     this.operator = credentialPaths(this.identityDir, "dev");
     const shared = this.plan.shareHostKey ? generateKeyPair() : undefined;
@@ -156,6 +183,29 @@ export class LocalMesh {
   issue(identity: PeerIdentity, dir: string, serves = false, validityMs = 86_400_000): CredentialPaths {
     writeCredentials(dir, identity.id, issueKeyAndCertificate(this.caMaterial, { clock: systemClock, identity, validityMs, ...(serves ? SERVE_NAMES : {}) }));
     return credentialPaths(dir, identity.id);
+  }
+
+  /** The names of a region's proxies as the plan makes them (extra proxies started later not included). */
+  proxyNames(region: string): string[] {
+    const per = this.plan.proxiesPerRegion;
+    const count = typeof per === "number" ? per : (per?.[region] ?? 1);
+    if (!Number.isInteger(count) || count < 1) throw new Error(`proxies per region must be a whole number of at least 1 (${region}: ${count})`);
+    return count === 1 ? [`proxy-${region}`] : Array.from({ length: count }, (_, i) => `proxy-${region}-${i + 1}`);
+  }
+
+  /** A role process by name (`controller`, `proxy-east`, `daemon-east-1`, …). */
+  role(name: string): RoleProcess {
+    const p = this.all().find((r) => r.name === name);
+    if (!p) throw new Error(`no role process named ${name}`);
+    return p;
+  }
+
+  private async dialAddress(from: string, to: string, address: string): Promise<string> {
+    return this.plan.route ? await this.plan.route({ from, to, address }) : address;
+  }
+
+  private async controllerFor(proxy: string): Promise<string> {
+    return this.controllerAddressForProxies ?? (await this.dialAddress(proxy, "controller", this.controllerAddress));
   }
 
   private daemonGroups(): { name: string; region: string; hosts: string[] }[] {
@@ -203,19 +253,22 @@ export class LocalMesh {
   }
 
   async startProxies(): Promise<void> {
+    const started: (RoleProcess & { region: string; address?: string })[] = [];
     for (const region of this.plan.regions) {
-      const name = `proxy-${region}`;
-      const p = this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", this.controllerAddressForProxies ?? this.controllerAddress, ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]);
-      this.proxies.push({ ...p, region });
+      for (const name of this.proxyNames(region)) {
+        const p = this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", await this.controllerFor(name), ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]);
+        started.push({ ...p, region });
+      }
     }
-    await Promise.all(this.proxies.map((p) => this.ready(p)));
-    for (const p of this.proxies) p.address = String(p.info!.address);
+    this.proxies.push(...started);
+    await Promise.all(started.map((p) => this.ready(p)));
+    for (const p of started) p.address = String(p.info!.address);
   }
 
   /** Starts one more proxy in a region (a region may have several), with its own identity. */
   async startExtraProxy(region: string, name: string): Promise<RoleProcess & { region: string; address?: string }> {
     this.issue({ role: "proxy", scope: region, id: name }, this.identityDir, true, 30 * 86_400_000);
-    const p = { ...this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", this.controllerAddressForProxies ?? this.controllerAddress, ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]), region };
+    const p = { ...this.spawnRole(name, "proxy", ["--listen", "127.0.0.1:0", "--controller", await this.controllerFor(name), ...this.creds(this.identityDir, name), ...(this.plan.proxyArgs ?? [])]), region };
     this.proxies.push(p);
     await this.ready(p);
     (p as { address?: string }).address = String(p.info!.address);
@@ -223,12 +276,23 @@ export class LocalMesh {
   }
 
   async startDaemons(): Promise<void> {
+    const perRegion = new Map<string, number>();
+    const started: (RoleProcess & { hosts: string[]; proxies: string[] })[] = [];
     for (const group of this.daemonGroups()) {
-      const proxy = this.proxies.find((p) => p.region === group.region)!;
-      const p = this.spawnRole(`daemon-${group.name}`, "daemon", ["--proxies", proxy.address!, "--identities", join(this.dir, "hosts", group.name), ...(this.plan.daemonArgs ?? [])]);
-      this.daemons.push({ ...p, hosts: group.hosts });
+      const ofRegion = this.proxies.filter((p) => p.region === group.region);
+      if (ofRegion.length === 0) throw new Error(`no proxy started for region ${group.region}`);
+      const nth = perRegion.get(group.region) ?? 0;
+      perRegion.set(group.region, nth + 1);
+      const shift = nth % ofRegion.length;
+      const order = [...ofRegion.slice(shift), ...ofRegion.slice(0, shift)];
+      const name = `daemon-${group.name}`;
+      const addresses = [];
+      for (const proxy of order) addresses.push(await this.dialAddress(name, proxy.name, proxy.address!));
+      const p = this.spawnRole(name, "daemon", ["--proxies", addresses.join(","), "--identities", join(this.dir, "hosts", group.name), ...(this.plan.daemonArgs ?? [])]);
+      started.push({ ...p, hosts: group.hosts, proxies: order.map((o) => o.name) });
     }
-    await Promise.all(this.daemons.map((d) => this.ready(d)));
+    this.daemons.push(...started);
+    await Promise.all(started.map((d) => this.ready(d)));
   }
 
   async start(): Promise<void> {
@@ -265,6 +329,8 @@ export class LocalMesh {
    * server, on the same address, so that its peers find it again.
    */
   async restart(p: RoleProcess): Promise<void> {
+    // A second process on the same data directory and address would fight the first, which nothing would stop.
+    if (p.proc.exitCode === null && p.proc.signalCode === null) throw new Error(`${p.name} is still running (pid ${p.proc.pid})`);
     const listen = p.args.indexOf("--listen");
     if (listen >= 0 && p.info?.address) p.args[listen + 1] = String(p.info.address);
     rmSync(p.readyFile, { force: true });
