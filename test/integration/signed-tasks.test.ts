@@ -12,7 +12,7 @@ import { silentLogger } from "../../common/logger.js";
 import { peekSpec } from "../../common/task-signing.js";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { AgentLinkService, AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
-import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
+import { ResultCheck, SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { ProxyLinkService, ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { SignedTaskSchema, StatusAckSchema, TaskSpecSchema, TaskState, type SignedTask, type TaskSigningKey, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, tempDir } from "./support.js";
@@ -25,9 +25,12 @@ import { clientOf, collectJob, tempDir } from "./support.js";
 class EvilProxy {
   readonly hosts = new Map<string, FrameLink<AgentStreamResponse, AgentStreamRequest>>();
   readonly seen: { host: string; status: TaskStatus }[] = [];
+  /** What each host's hello said: its report key (what a proxy could try to reuse). */
+  readonly hellos = new Map<string, AgentStreamRequest>();
   keys: TaskSigningKey[] = [];
-  mode: { alter?: string; replayTo?: string } = {};
-  private up!: FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
+  mode: { alter?: string; replayTo?: string; forgeOutput?: boolean; forgeExit?: boolean; stripSignature?: boolean } = {};
+  nonce: Uint8Array | undefined;
+  up!: FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
   server!: GrpcLinkServer;
   address = "";
 
@@ -40,13 +43,27 @@ class EvilProxy {
       method: AgentLinkService.method.agentStream,
       serve: async (link, peer) => {
         this.hosts.set(peer.id, link);
-        link.send(create(AgentStreamResponseSchema, { welcome: { proxy: "px-evil", region: "evil", heartbeatMs: 60_000 }, signingKeys: this.keys }));
-        this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true }] }));
+        link.send(create(AgentStreamResponseSchema, { welcome: { proxy: "px-evil", region: "evil", heartbeatMs: 60_000 }, signingKeys: this.keys, presenceNonce: this.nonce }));
         for await (const frame of link.incoming) {
+          if (frame.hello) this.hellos.set(peer.id, frame);
+          // Presence is relayed faithfully: the host's own proof over the controller's nonce.
+          if (frame.presenceProof.length > 0) {
+            const reportKey = this.hellos.get(peer.id)?.hello?.reportKey;
+            this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true, reportKey, proof: frame.presenceProof }] }));
+          }
           for (const s of frame.statuses) this.seen.push({ host: peer.id, status: s });
           if (frame.statuses.length || frame.output.length) {
-            this.up.send(create(ProxyStreamRequestSchema, { statuses: frame.statuses.filter((s) => peekOwner(s) === peer.id || !this.mode.replayTo), output: frame.output }));
-            link.send(create(AgentStreamResponseSchema, { statusAcks: frame.statuses.map((s) => create(StatusAckSchema, { taskId: s.taskId, state: s.state })) }));
+            const statuses = frame.statuses.filter((s) => peekOwner(s) === peer.id || !this.mode.replayTo);
+            for (const s of statuses) {
+              if (this.mode.forgeExit && s.state === TaskState.FAILED) {
+                s.state = TaskState.SUCCEEDED;
+                s.exitCode = 0;
+              }
+              if (this.mode.stripSignature) s.signature = new Uint8Array();
+            }
+            const output = frame.output.map((c) => (this.mode.forgeOutput ? { ...c, data: new TextEncoder().encode("all good\n") } : c));
+            this.up.send(create(ProxyStreamRequestSchema, { statuses, output }));
+            link.send(create(AgentStreamResponseSchema, { statusAcks: frame.statuses.map((s) => create(StatusAckSchema, { taskId: s.taskId, state: s.state })), outputAcks: frame.output.map((c) => ({ taskId: c.taskId, seq: c.seq })) }));
           }
         }
       },
@@ -58,6 +75,10 @@ class EvilProxy {
     this.up.send(create(ProxyStreamRequestSchema, { hello: { name: "px-evil", region: "evil", heartbeatMs: 60_000 } }));
     void (async () => {
       for await (const frame of this.up.incoming) {
+        if (frame.welcome) {
+          this.nonce = frame.welcome.presenceNonce;
+          for (const h of this.hosts.values()) h.send(create(AgentStreamResponseSchema, { presenceNonce: this.nonce }));
+        }
         if (frame.signingKeys.length) this.keys = frame.signingKeys;
         for (const signed of frame.tasks) this.relay(signed);
       }
@@ -147,5 +168,72 @@ describe("signed tasks: a proxy can delay work but never forge or redirect it", 
     } finally {
       conn.close();
     }
+  });
+
+  it("a proxy cannot claim a host it does not hold: no proof, a forged one, or another host's key are refused", async () => {
+    mesh.issue({ role: "host", scope: "default", id: "s9" }, join(mesh.dir, "hosts-absent"));
+    const stolen = evil.hellos.get("s1")!.hello!.reportKey!;
+    evil.up.send(
+      create(ProxyStreamRequestSchema, {
+        hosts: [
+          { hostId: "s9", tenant: "default", connected: true },
+          { hostId: "s9", tenant: "default", connected: true, reportKey: stolen, proof: new Uint8Array(64).fill(1) },
+          { hostId: "s1", tenant: "default", connected: true, reportKey: stolen, proof: new Uint8Array(64).fill(1) },
+        ],
+      }),
+    );
+    const conn = clientOf(mesh);
+    try {
+      await new Promise((r) => setTimeout(r, 500));
+      const hosts = (await conn.client.listHosts({})).hosts;
+      expect(hosts.map((h) => h.id).sort()).toEqual(["s1", "s2"]);
+      const log = readFileSync(mesh.controller.logFile, "utf8");
+      expect(log).toMatch(/host presence refused.*"host":"s9".*no report key/);
+      expect(log).toMatch(/host presence refused.*"host":"s9".*another host/);
+      expect(log).toMatch(/host presence refused.*"host":"s1".*presence proof does not hold/);
+    } finally {
+      conn.close();
+    }
+  });
+
+  const ended = async (host: string, script: string) => {
+    const conn = clientOf(mesh);
+    try {
+      const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: [host], steps: [{ tool: { case: "shell", value: { script } } }] }));
+      const r = await collectJob(conn.client, job!.id);
+      // The output check runs once the last chunk is stored: wait for it to settle.
+      for (let i = 0; i < 100; i++) {
+        const t = (await conn.client.getJob({ jobId: job!.id })).tasks[0]!;
+        if (t.resultCheck !== ResultCheck.OUTPUT_PENDING) return { task: t, stdout: r.stdout.get(host)?.toString() ?? "" };
+        await new Promise((res) => setTimeout(res, 50));
+      }
+      throw new Error("the result check never settled");
+    } finally {
+      conn.close();
+    }
+  };
+
+  it("an honest relay's results check out against the host's signature", async () => {
+    evil.mode = {};
+    const { task } = await ended("s1", "echo fine; exit 3");
+    expect(task.state).toBe(TaskState.FAILED);
+    expect(task.resultCheck).toBe(ResultCheck.VERIFIED);
+  });
+
+  it("output altered on the way is visible: the task is marked MISMATCH", async () => {
+    evil.mode = { forgeOutput: true };
+    const { task, stdout } = await ended("s1", "echo 'rm -rf / happened'");
+    expect(stdout).toBe("all good\n");
+    expect(task.resultCheck).toBe(ResultCheck.MISMATCH);
+  });
+
+  it("a failure turned into a success on the way is visible: MISMATCH; a status stripped of its signature is UNVERIFIED", async () => {
+    evil.mode = { forgeExit: true };
+    const forged = await ended("s1", "exit 7");
+    expect(forged.task.state).toBe(TaskState.SUCCEEDED);
+    expect(forged.task.resultCheck).toBe(ResultCheck.MISMATCH);
+    evil.mode = { stripSignature: true };
+    const stripped = await ended("s2", "exit 0");
+    expect(stripped.task.resultCheck).toBe(ResultCheck.UNVERIFIED);
   });
 });

@@ -102,17 +102,31 @@ describe("ProxyCore: who may connect", () => {
     expect(t.core.connectedHosts).toBe(0);
   });
 
-  it("reports host presence to the controller, in the hello and as it changes", async () => {
+  it("reports a host as held once it proves its presence over the controller's nonce, and when it leaves", async () => {
     const t = setup();
     const h1 = t.connectHost("h1", 0);
     await flush();
     const ctl = t.connectController();
+    const nonce = new Uint8Array([1, 2, 3]);
+    ctl.send({ welcome: { heartbeatMs: 10_000, presenceNonce: nonce } });
     const h2 = t.connectHost("h2", 0);
+    await flush();
+    // Both hosts are asked to prove their presence over this link's nonce; nothing goes up before they do.
+    expect(h1.link.sent.flatMap((f) => (f.presenceNonce.length ? [[...f.presenceNonce]] : []))).toEqual([[1, 2, 3]]);
+    expect(h2.link.sent[0]?.presenceNonce).toEqual(nonce);
+    expect(upHosts(ctl.link)).toEqual([]);
+    h1.send({ presenceNonce: nonce, presenceProof: new Uint8Array([9]) });
+    // A proof over another nonce (a stale link's) is not passed on.
+    h2.send({ presenceNonce: new Uint8Array([7]), presenceProof: new Uint8Array([9]) });
+    await flush();
+    h2.send({ presenceNonce: nonce, presenceProof: new Uint8Array([8]) });
     await flush();
     h1.link.end();
     await h1.settled;
     await flush();
     expect(upHosts(ctl.link)).toEqual(["h1:acme:true", "h2:acme:true", "h1:acme:false"]);
+    const proofs = ctl.link.sent.flatMap((f) => f.hosts.filter((h) => h.connected).map((h) => [...h.proof]));
+    expect(proofs).toEqual([[9], [8]]);
     expect(t.core.connectedHosts).toBe(1);
     expect(h2.link.sent[0]?.welcome?.proxy).toBe("px1");
   });
