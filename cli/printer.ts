@@ -232,7 +232,10 @@ function sameLate(a: Task, b: Task): boolean {
 
 /** A task's state in one line, as summaries and `jobs show` print it: exit, signal, message, output and late report. */
 export function taskLine(t: Task): string {
-  const detail = [t.exitCode !== undefined ? `exit ${t.exitCode}` : "", t.signal, t.message].filter(Boolean).join(", ");
+  // The daemon's message often says it already ("exit code 3", "killed by SIGKILL").
+  const exit = t.exitCode !== undefined && !/exit code/.test(t.message) ? `exit ${t.exitCode}` : "";
+  const signal = t.signal && !t.message.includes(t.signal) ? t.signal : "";
+  const detail = [exit, signal, t.message].filter(Boolean).join(", ");
   let line = `${stateName(t.state)}${detail ? `: ${detail}` : ""}`;
   if (t.outputTruncated) line += " (output truncated at the limit)";
   if (!outputWhole(t)) line += ` (output incomplete: ${t.outputChunks} of ${t.outputChunksExpected} chunks received so far)`;

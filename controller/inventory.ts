@@ -25,7 +25,11 @@ export class Inventory {
     startedAt: number = Date.now(),
   ) {
     if (!db) return;
-    for (const { value } of db.getRange()) this.hosts.set(value.id, { ...value, connected: false, since: value.connected ? startedAt : value.since });
+    for (const { value } of db.getRange()) {
+      // Held by its proxy until the controller stopped, as far as it knows.
+      const heldUntil = value.connected ? { ...value.heldUntil, [value.proxy]: startedAt } : value.heldUntil;
+      this.hosts.set(value.id, { ...value, connected: false, since: value.connected ? startedAt : value.since, heldUntil });
+    }
   }
 
   private save(rec: HostRecord): void {
@@ -81,6 +85,10 @@ export class Inventory {
 
   connected(host: { id: string; tenant: string; facts?: HostFacts }, region: string, proxy: string, since: number): HostRecord {
     const prev = this.hosts.get(host.id);
+    const heldUntil = { ...prev?.heldUntil };
+    // The proxy it leaves (if it moved without a disconnect being reported) held it until now.
+    if (prev?.connected && prev.proxy !== proxy) heldUntil[prev.proxy] = since;
+    heldUntil[proxy] = 0;
     const rec: HostRecord = {
       id: host.id,
       tenant: host.tenant,
@@ -90,6 +98,7 @@ export class Inventory {
       since,
       facts: host.facts ?? prev?.facts,
       labels: prev?.labels ?? {},
+      heldUntil,
     };
     this.hosts.set(host.id, rec);
     this.save(rec);
@@ -115,6 +124,7 @@ export class Inventory {
     if (!rec || rec.proxy !== proxy || !rec.connected) return undefined;
     rec.connected = false;
     rec.since = since;
+    rec.heldUntil = { ...rec.heldUntil, [proxy]: since };
     this.save(rec);
     return rec;
   }
@@ -126,6 +136,7 @@ export class Inventory {
       if (rec.proxy === proxy && rec.connected) {
         rec.connected = false;
         rec.since = since;
+        rec.heldUntil = { ...rec.heldUntil, [proxy]: since };
         this.save(rec);
         lost.push(rec);
       }

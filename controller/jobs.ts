@@ -294,9 +294,11 @@ export class JobManager {
     }
     const rejected = plan.rejected.size;
     this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length, ...(plan.document ? { document: plan.document } : {}), ...(rejected ? { rejected } : {}) });
-    for (const task of tasks) this.router.track(task);
     for (const task of tasks) {
+      this.router.track(task);
       if (task.rejectAtSubmit !== undefined) void this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
+      // Its host may have connected while the job was being stored: routed now, not at its next connect.
+      else if (!task.proxies?.length) this.router.route(task, job);
     }
     this.sendInSlices(tasks, job);
     return job;
@@ -352,6 +354,21 @@ export class JobManager {
   }
 
   // ---- updates from proxies ----------------------------------------------
+
+  /**
+   * A report a proxy sends on a task of a host it has not yet been seen to
+   * hold (its presence proof is still on its way, or it reached the host
+   * while cut off from the controller): it is held back — neither taken nor
+   * acknowledged — so that the proxy sends it again once it is. Reports on
+   * unknown tasks and from outside the host's region are not held back
+   * (they are dropped by applyStatus/applyOutput).
+   */
+  holdsBack(proxy: { name: string; region: string }, taskId: string, hostId: string): boolean {
+    const task = this.table.get(taskId);
+    if (!task || (hostId !== "" && hostId !== task.hostId)) return false;
+    if (this.router.mayReport(proxy, task)) return false;
+    return this.inventory.get(task.hostId)?.region === proxy.region;
+  }
 
   /**
    * Applies a status reported through a proxy. Resolves once it is stored;

@@ -139,6 +139,12 @@ export interface HostRecord {
   proxy: string;
   connected: boolean;
   since: number;
+  /**
+   * Per proxy that held the host's stream: until when (epoch ms; 0 while it
+   * holds it now). A proxy may report on a task of the host only if it held
+   * the host at some time since the task's job was created.
+   */
+  heldUntil?: Record<string, number>;
   facts?: HostFacts;
   labels: Record<string, string>;
 }

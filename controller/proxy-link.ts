@@ -87,6 +87,8 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   jobs.proxyConnected(port);
   inventory.proxyLost(port.name, clock.now());
   let refusedPresence = 0;
+  /** Hosts whose reports from this proxy were held back: once it is seen to hold one, it replays its backlog. */
+  const heldBack = new Set<string>();
   const presence = (hosts: readonly HostPresence[]) => {
     for (const h of hosts) {
       const since = h.since ? timestampMs(h.since) : clock.now();
@@ -105,6 +107,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
         }
       }
       jobs.hostConnected(inventory.connected({ id: h.hostId, tenant: h.tenant, facts: h.facts }, port.region, port.name, since));
+      if (heldBack.delete(h.hostId)) out.frame.replay = true;
     }
   };
   presence(hello.hosts);
@@ -128,11 +131,20 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   async function handleFrame(frame: ProxyStreamRequest): Promise<void> {
     if (frame.load) deps.loads?.set(port.name, { region: port.region, load: frame.load });
     if (frame.hosts.length > 0) presence(frame.hosts);
+    // Reports on hosts this proxy is not yet seen to hold are held back: not taken, not acknowledged.
+    const taken = <T extends { taskId: string; hostId: string }>(items: readonly T[]) =>
+      items.filter((x) => {
+        if (!jobs.holdsBack(port, x.taskId, x.hostId)) return true;
+        if (x.hostId) heldBack.add(x.hostId);
+        return false;
+      });
+    const output = taken(frame.output);
+    const statuses = taken(frame.statuses);
     // Output before statuses: a frame may carry a task's last chunks and its end together.
-    const acked = await Promise.all(frame.output.map((c) => jobs.applyOutput(port, c).then((seq) => [c.taskId, seq] as const)));
+    const acked = await Promise.all(output.map((c) => jobs.applyOutput(port, c).then((seq) => [c.taskId, seq] as const)));
     const highest = new Map<string, number>();
     for (const [taskId, seq] of acked) highest.set(taskId, Math.max(highest.get(taskId) ?? 0, seq));
-    await Promise.all(frame.statuses.map((s) => jobs.applyStatus(port, s)));
+    await Promise.all(statuses.map((s) => jobs.applyStatus(port, s)));
     if (deps.counters) {
       let bytes = 0;
       for (const c of frame.output) bytes += c.data.length;
@@ -141,6 +153,6 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     }
     const reply = out.frame;
     for (const [taskId, seq] of highest) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-    for (const s of frame.statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
+    for (const s of statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
   }
 }

@@ -217,14 +217,21 @@ export class Router {
 
   /**
    * May this proxy report on the task? Only one that holds it (it was sent
-   * the task, or has reported on it before), or that holds the task's host
-   * now (a host brings its tasks with it when it fails over), or a site's
-   * proxy for a task exported to its region by bundle.
+   * the task, or has reported on it before), or a site's proxy for a task
+   * exported to its region by bundle, or one that held the task's host at
+   * some time since the task's job was created (a host brings its tasks
+   * with it when it fails over, and the proxy it reached may pass them on
+   * much later, after a cut). Anything else is held back, not taken.
    */
   mayReport(proxy: { name: string; region: string }, task: TaskRecord): boolean {
     if (task.proxies?.includes(proxy.name) || task.proxies?.includes(bundleHolder(proxy.region))) return true;
     const host = this.opts.inventory.get(task.hostId);
-    return host !== undefined && host.proxy === proxy.name && host.region === proxy.region;
+    if (!host || host.region !== proxy.region) return false;
+    const until = host.heldUntil?.[proxy.name];
+    if (until === undefined) return false;
+    if (until === 0) return true;
+    const job = this.opts.jobOf(task);
+    return job !== undefined && until >= job.createdAt;
   }
 
   /**

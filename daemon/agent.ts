@@ -296,20 +296,24 @@ export class Agent {
       peer: "proxy",
       afterSend: () => this.updateFlow(),
     });
-    // The hello, the credits and everything not yet acknowledged, in order.
+    // The hello and the credits first; everything not yet acknowledged follows the proxy's welcome, after
+    // the proof of presence it asks for, so that the controller knows this proxy holds the host before its
+    // results arrive through it.
     const hello = ls.out.frame;
     this.reporter = this.opts.reporter?.();
     hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs, reportKey: this.reporter?.key };
     hello.credits = this.credits();
     this.lastCredits = hello.credits;
-    this.addToFrame(ls.out, this.outbox.all());
+    ls.out.flush();
     this.link = link;
-    this.out = ls.out;
     this.updateFlow();
     try {
       const first = await ls.first(this.opts.connectTimeoutMs);
       if (!first) return;
       ls.startHeartbeat(this.opts.heartbeatMs);
+      this.out = ls.out;
+      this.prove(first, link);
+      this.addToFrame(ls.out, this.outbox.all());
       if (first.welcome) {
         up(first.welcome.proxy);
         log.debug("welcomed by proxy", { proxy: first.welcome.proxy, region: first.welcome.region, address });
@@ -395,13 +399,16 @@ export class Agent {
     }
   }
 
+  /** The controller asks, through the proxy, for proof that this host holds this stream. */
+  private prove(frame: AgentStreamResponse, link: ProxyLinkToAgent | undefined): void {
+    if (frame.presenceNonce.length === 0 || !this.reporter || !this.out) return;
+    const f = this.out.frame;
+    f.presenceNonce = frame.presenceNonce;
+    f.presenceProof = this.reporter.prove(frame.presenceNonce, link?.peer);
+  }
+
   private async handleFrame(frame: AgentStreamResponse, link?: ProxyLinkToAgent): Promise<void> {
-    // The controller asks, through the proxy, for proof that this host holds this stream.
-    if (frame.presenceNonce.length > 0 && this.reporter && this.out) {
-      const f = this.out.frame;
-      f.presenceNonce = frame.presenceNonce;
-      f.presenceProof = this.reporter.prove(frame.presenceNonce, link?.peer);
-    }
+    this.prove(frame, link);
     for (const ack of frame.outputAcks) void this.outbox.ackOutput(ack.taskId, Number(ack.seq));
     for (const ack of frame.statusAcks) {
       void this.outbox.ackStatus(ack.taskId, ack.state);

@@ -1,7 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
-import { PermissionDeniedError, InvalidArgumentError } from "../common/errors.js";
+import { FailedPreconditionError, PermissionDeniedError, InvalidArgumentError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { LinkSession } from "../common/link-session.js";
 import type { Logger } from "../common/logger.js";
@@ -171,8 +171,13 @@ export class ProxyCore {
       throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(peer.id)}`);
     }
     const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0, reportKey: hello.reportKey, proof: undefined };
-    const previous = this.hosts.get(session.hostId);
-    if (previous) previous.link.close(new Error("replaced by a newer stream of the same host"));
+    // A live stream is never replaced by another one of the same host id: the second could be a stolen
+    // key. A daemon that restarted while its old connection stayed half-open gets in once that one is
+    // declared dead by its heartbeat (three intervals), or fails over to another proxy meanwhile.
+    if (this.hosts.has(session.hostId)) {
+      this.log.warn("a second stream of a host was refused: its first one is still live", { host: session.hostId });
+      throw new FailedPreconditionError(`host ${session.hostId} already holds a live stream at this proxy; another is refused until that one ends`);
+    }
     this.hosts.set(session.hostId, session);
     const log = this.log.child({ host: session.hostId });
     ls.startHeartbeat(hello.heartbeatMs || this.heartbeatMs);
@@ -481,6 +486,11 @@ export class ProxyCore {
   }
 
   private async handleControllerFrame(frame: ProxyStreamResponse): Promise<void> {
+    if (frame.replay && this.controller) {
+      // Reports the controller held back (it did not yet know this proxy held their host) go again.
+      this.controller.sentUpTo = 0;
+      this.sendUp();
+    }
     const items: UpwardItem[] = [];
     const touched = new Set<string>();
     const changed = new Set<QueuedTask>();

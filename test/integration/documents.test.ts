@@ -164,7 +164,7 @@ steps:
     expect(us1.state).toBe(TaskState.REJECTED);
     expect(us1.message).toMatch(/no alternative fits host us-1: alternative 1 \(shell\): the host does not match "region=eu-west"; alternative 2 \(exec\)/);
     const show = await cli(["jobs", "show", job!.id]);
-    expect(show.stdout).toMatch(/us-1 +us-east +REJECTED +step 1: no alternative fits host us-1/);
+    expect(show.stdout).toMatch(/us-1 +us-east +REJECTED: step 1: no alternative fits host us-1/);
   });
 
   it("--dry-run lists hosts, proxies and rendered steps, and creates no job", async () => {

@@ -78,7 +78,7 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
   /** A frame from the proxy on the current link. */
   const fromProxy = (init: Omit<MessageInitShape<typeof AgentStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
     link().deliver(create(AgentStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
-  /** The proxy drops the stream; the agent backs off (≤ 1.2 s on the first retry) and dials again. */
+  /** The proxy drops the stream; the agent backs off (≤ 1.2 s on the first retry) and dials again; the proxy welcomes it. */
   const reconnect = async () => {
     const before = links.length;
     link().end();
@@ -86,6 +86,8 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
     clock.advance(5000);
     await flush();
     expect(links.length).toBe(before + 1);
+    fromProxy({ welcome: { proxy: "px-a", region: "eu", heartbeatMs: 10_000 } });
+    await flush();
   };
   const spec = (id: string, more: Parameters<typeof taskSpec>[2] = {}) => taskSpec(id, "h1", { deliverByMs: clock.now() + 3_600_000, ...more });
   /** Starts the agent and lets the proxy welcome it. */
@@ -305,6 +307,10 @@ describe("Agent: results until acknowledged", () => {
     t.clock.advance(5000);
     await flush();
     expect(t.links).toHaveLength(2);
+    // What is not acknowledged follows the proxy's welcome.
+    expect(outputIn(t.link().sent)).toEqual([]);
+    t.fromProxy({ welcome: { proxy: "px-a", region: "eu", heartbeatMs: 10_000 } });
+    await flush();
     expect(outputIn(t.link().sent)).toEqual(["t1:1:x"]);
     expect(statusesIn(t.link().sent)).toEqual(["t1:DELIVERED", "t1:RUNNING", "t1:SUCCEEDED"]);
   });
@@ -322,12 +328,12 @@ describe("Agent: recovery after a restart", () => {
     await t.agent.start();
     await flush();
     const hello = t.link().sent[0]!;
-    expect(statusesIn([hello])).toEqual(["t1:INTERRUPTED"]);
     expect(hello.credits).toBe(0); // t2 and t3 are waiting
     expect(ledger.get("t1")?.final?.state).toBe(TaskState.INTERRUPTED);
     expect(t.executor.runs).toHaveLength(0);
     t.fromProxy({ welcome: { proxy: "px-a", region: "eu", heartbeatMs: 10_000 } });
     await flush();
+    expect(statusesIn(t.link().sent)).toContain("t1:INTERRUPTED");
     expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["t2", "t3"]);
   });
 
@@ -350,8 +356,7 @@ describe("Agent: recovery after a restart", () => {
     expect(ledger.get("t1")?.final?.state).toBe(TaskState.SUCCEEDED);
     // The daemon stops before the proxy acknowledged SUCCEEDED; a new process starts on the same ledger.
     const second = setup({ ledger, clock });
-    await second.agent.start();
-    await flush();
+    await second.start();
     expect(statusesIn(second.link().sent)).toContain("t1:SUCCEEDED");
   });
 });
@@ -414,12 +419,13 @@ describe("Agent: back-pressure on output", () => {
     for (let seq = 1; seq <= 3; seq++) run.io.onOutput(OutputStream.STDOUT, bytes300, seq);
     expect(flow.paused()).toBe(true);
 
-    t.clock.advance(5000); // dials again and sends everything not acknowledged
+    t.clock.advance(5000); // dials again and, once welcomed, sends everything not acknowledged
     await flush();
     expect(t.links).toHaveLength(2);
     expect(flow.paused()).toBe(true);
-    expect(t.link().sent.flatMap((f) => f.output).map((c) => Number(c.seq))).toEqual([1, 2, 3]);
     t.fromProxy({ welcome: { proxy: "px-a", region: "eu", heartbeatMs: 10_000 } });
+    await flush();
+    expect(t.link().sent.flatMap((f) => f.output).map((c) => Number(c.seq))).toEqual([1, 2, 3]);
     t.fromProxy({ outputAcks: [{ taskId: "t1", seq: 3n }], statusAcks: [{ taskId: "t1", state: TaskState.RUNNING }] });
     await flush();
     expect(flow.paused()).toBe(false);

@@ -196,4 +196,28 @@ describe("routing across a failover", () => {
     expect(t.state(id)).toBe(TaskState.RUNNING);
     expect(t.store.getTask(id)!.proxies).toContain("px2");
   });
+
+  it("takes reports from a proxy that held the host at some time during the job, also after the host moved on; not from one that held it only before", async () => {
+    const t = setup();
+    const px3 = new Port("px3");
+    t.jobs.proxyConnected(px3);
+    // px3 held h1 before the job; it left before the job was submitted.
+    t.at(px3);
+    t.away(px3);
+    t.clock.advance(1000);
+    t.at(t.px1);
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    expect(t.jobs.holdsBack(px3, id, "h1")).toBe(true);
+    // h1 fails over to px2 during the job, then on to px1 again: px2 may still pass on what it got.
+    t.clock.advance(1000);
+    t.at(t.px2);
+    t.clock.advance(1000);
+    t.at(t.px1);
+    expect(t.jobs.holdsBack(t.px2, id, "h1")).toBe(false);
+    await t.jobs.applyOutput(t.px2, chunk(id, 1, "through px2"));
+    expect(t.store.getTask(id)!.outputChunks).toBe(1);
+    await t.jobs.applyOutput(px3, chunk(id, 2, "px3 never held h1 during the job"));
+    expect(t.store.getTask(id)!.outputChunks).toBe(1);
+  });
 });

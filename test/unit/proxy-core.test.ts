@@ -2,7 +2,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
-import { PermissionDeniedError } from "../../common/errors.js";
+import { FailedPreconditionError, PermissionDeniedError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import {
@@ -131,15 +131,21 @@ describe("ProxyCore: who may connect", () => {
     expect(h2.link.sent[0]?.welcome?.proxy).toBe("px1");
   });
 
-  it("closes the older stream when the same host connects again", async () => {
+  it("never lets a second stream of a host replace a live one; takes it once the first has ended", async () => {
     const t = setup();
     const a = t.connectHost("h1", 0);
     await flush();
     const b = t.connectHost("h1", 0);
     await flush();
-    expect(a.link.isClosed).toBe(true);
-    expect(await a.settled).toBeInstanceOf(Error);
-    expect(b.link.isClosed).toBe(false);
+    expect(await b.settled).toBeInstanceOf(FailedPreconditionError);
+    expect(a.link.isClosed).toBe(false);
+    expect(t.core.connectedHosts).toBe(1);
+    a.link.end();
+    await a.settled;
+    const c = t.connectHost("h1", 0);
+    await flush();
+    expect(c.link.isClosed).toBe(false);
+    expect(c.link.sent[0]?.welcome).toBeDefined();
     expect(t.core.connectedHosts).toBe(1);
   });
 });
