@@ -21,7 +21,7 @@ import type { HostRecord } from "./model.js";
 import { formatQuery, globMatch, hostView, matchHost, parseQuery, QuerySyntaxError, type Query } from "./query.js";
 
 /** Everything an operator can be allowed to do. */
-export const ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle"] as const;
+export const ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "rekey"] as const;
 export type Action = (typeof ACTIONS)[number];
 
 export function isAction(value: string): value is Action {
@@ -58,7 +58,7 @@ export interface Policy {
 export type AccessRequest =
   | { action: "submit"; hosts: readonly HostRecord[]; steps: readonly Step[] }
   | { action: "label"; before: HostRecord; after: HostRecord }
-  | { action: "read" | "cancel" | "audit" | "bundle" };
+  | { action: "read" | "cancel" | "audit" | "bundle" | "rekey" };
 
 export type Decision = { allowed: true; role: string } | { allowed: false; reason: string };
 

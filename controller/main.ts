@@ -99,6 +99,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     hostCertTtlMs: config.hostCertTtl,
     knownHost: (id) => inventory.get(id),
     isRevoked: (identity) => revocations.isRevoked(identity),
+    authorizeRekey: (caller) => authz.require(caller, { action: "rekey" }),
     audit: (e) =>
       audit
         .append({
@@ -107,7 +108,14 @@ export async function startController(config: ControllerConfig, log: Logger, clo
           actor: e.caller,
           decision: e.decision === "allowed" ? "allowed" : "denied",
           reason: e.reason,
-          what: [e.credential, e.relayedBy && `relayed by proxy ${e.relayedBy}`, e.serial && `certificate ${e.serial}`].filter(Boolean).join(", "),
+          what: [
+            e.credential,
+            e.rekey && `re-key${e.previousKeyFingerprint ? ` (previous key ${e.previousKeyFingerprint.slice(0, 16)})` : ""}`,
+            e.relayedBy && `relayed by proxy ${e.relayedBy}`,
+            e.serial && `certificate ${e.serial}`,
+          ]
+            .filter(Boolean)
+            .join(", "),
           hostIds: e.hostId ? [e.hostId] : [],
         })
         .then(() => undefined),

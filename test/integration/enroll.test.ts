@@ -17,6 +17,7 @@ import { EnrollRequestSchema } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
 
+const ALREADY_EXISTS = 6;
 const PERMISSION_DENIED = 7;
 const UNAUTHENTICATED = 16;
 
@@ -98,7 +99,7 @@ describe("enrollment", () => {
     // The token is spent, and the host id is now fresh-1's: neither can be used again.
     expect(await refusal(requestEnrollment(enrollAddress, caPem, enrollRequest("fresh-2", { token })))).toBe(UNAUTHENTICATED);
     const another = await createToken();
-    expect(await refusal(requestEnrollment(enrollAddress, caPem, enrollRequest("fresh-1", { token: another })))).toBe(PERMISSION_DENIED);
+    expect(await refusal(requestEnrollment(enrollAddress, caPem, enrollRequest("fresh-1", { token: another })))).toBe(ALREADY_EXISTS);
   });
 
   it("100 parallel enrollments with one one-use token give exactly one certificate", async () => {
