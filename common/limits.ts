@@ -44,8 +44,10 @@ export const LIMITS = {
   openConnections: 1024,
   /** Time a new connection has to complete its TLS handshake. */
   openHandshakeMs: 10_000,
-  /** A connection with no call in flight for this long is closed. */
+  /** A connection with no call in flight for this long is closed (the handshake counts). */
   openIdleMs: 30_000,
+  /** One call, from its first frame to its answer (the relay to the controller waits 30 s at most). */
+  openCallMs: 60_000,
 
   // ---- hosts (controller/inventory.ts, controller/request-limits.ts) ---------
   labelsPerHost: 64,

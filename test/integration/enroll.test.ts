@@ -19,6 +19,7 @@ import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
 
 const ALREADY_EXISTS = 6;
 const PERMISSION_DENIED = 7;
+const UNAVAILABLE = 14;
 const UNAUTHENTICATED = 16;
 
 /** Enrollment (issue 4): bootstrap credentials turn into host certificates, through a proxy. */
@@ -109,7 +110,8 @@ describe("enrollment", () => {
     const issued = results.filter((r) => r.status === "fulfilled");
     expect(issued).toHaveLength(1);
     for (const r of results) {
-      if (r.status === "rejected") expect([PERMISSION_DENIED, UNAUTHENTICATED], String(r.reason)).toContain((r.reason as { code: number }).code);
+      // UNAVAILABLE: beyond its connections per address the proxy's open listener refuses (daemons retry).
+      if (r.status === "rejected") expect([PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE], String(r.reason)).toContain((r.reason as { code: number }).code);
     }
     const cert = (issued[0] as PromiseFulfilledResult<{ certificatePem: string }>).value.certificatePem;
     expect(identityFromCertificate(cert).id).toMatch(/^race-\d+$/);
