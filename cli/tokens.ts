@@ -1,12 +1,11 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { readCredentials } from "../certs/files.js";
-import { clientFor, openChannel } from "../common/connect-dial.js";
+import { clientFor } from "../common/connect-dial.js";
 import { parseDuration } from "../common/duration.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { CreateJoinTokenRequestSchema, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
-import { connectionOptions } from "./client.js";
+import { connectionOptions, operatorChannel } from "./client.js";
 import type { Io } from "./operator.js";
 
 const tokenOptions: Record<string, OptionSpec> = {
@@ -49,13 +48,7 @@ export async function tokensCommand(argv: string[], io: Io): Promise<number> {
     hostId: (v.hostId as string | undefined) ?? "",
     rekey: v.rekey === true,
   });
-  const pick = (name: string) => {
-    const value = (v[name] as string | undefined) ?? process.env[`REXMESH_${name.toUpperCase()}`];
-    if (!value) throw new InvalidArgumentError(`--${name} or REXMESH_${name.toUpperCase()} is required`);
-    return value;
-  };
-  const creds = readCredentials({ cert: pick("cert"), key: pick("key"), ca: pick("ca") });
-  const channel = openChannel(pick("controller"), creds, ["controller"]);
+  const channel = operatorChannel(v);
   try {
     const res = await clientFor(TokenService, channel).createJoinToken(req, { signal: io.signal });
     const expiresAt = res.expiresAt ? new Date(timestampMs(res.expiresAt)).toISOString() : "";
