@@ -18,6 +18,7 @@
 import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { parse as parseYaml } from "yaml";
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord } from "./model.js";
 import { validateParamSpecs, type ParamSpec, type ParamValue } from "./params.js";
@@ -25,11 +26,11 @@ import { hostView, matchHost, parseQuery, QuerySyntaxError, type HostView, type 
 import { renderArgv, renderShell, renderText, templateRefs, validateTemplate, type RenderContext } from "./template.js";
 
 /** Most steps a document may declare (as a job may carry). */
-export const MAX_DOCUMENT_STEPS = 64;
+export const MAX_DOCUMENT_STEPS = LIMITS.documentSteps;
 /** Most alternatives one step may offer. */
-export const MAX_ALTERNATIVES = 16;
+export const MAX_ALTERNATIVES = LIMITS.alternativesPerStep;
 /** Largest document accepted, in characters. */
-export const MAX_DOCUMENT_LENGTH = 1024 * 1024;
+export const MAX_DOCUMENT_LENGTH = LIMITS.documentChars;
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const DOC_KEYS = ["name", "description", "parameters", "steps"];

@@ -25,6 +25,7 @@ import { Metrics } from "../common/metrics.js";
 import { reflectionServiceImpl } from "../common/reflection.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { Inventory } from "./inventory.js";
+import { withRequestLimits } from "./request-limits.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
@@ -148,7 +149,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(revocations, log, audit));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, Health]));
-      router.service(ControllerService, controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, inventory, bundles, access, callerOf, log }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: new ArtifactStore(join(config.data, "artifacts")), callerOf, log }));

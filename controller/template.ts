@@ -44,6 +44,7 @@
  *   a pattern or an `int` type.
  */
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import type { ParamSpec, ParamValue } from "./params.js";
 import { lookupField, type HostView } from "./query.js";
 
@@ -51,7 +52,7 @@ import { lookupField, type HostView } from "./query.js";
 export type RenderContext = { params: Record<string, ParamValue>; host: HostView };
 
 /** Longest template accepted, in characters. */
-export const MAX_TEMPLATE_LENGTH = 1024 * 1024;
+export const MAX_TEMPLATE_LENGTH = LIMITS.templateChars;
 
 type RefKind = "param" | "host" | "label" | "fact";
 
