@@ -144,7 +144,7 @@ export class EnrollmentAuthority {
     const rekey = req.rekey === true ? true : undefined;
     try {
       requireRole(caller, "operator");
-      const tenant = req.tenant || caller.scope;
+      const tenant = checkChars("tenant", req.tenant || caller.scope, LIMITS.idChars);
       if (tenant !== caller.scope) throw new PermissionDeniedError(`an operator of tenant ${caller.scope} cannot create join tokens for tenant ${tenant}`);
       if (rekey) {
         if (!req.hostId) throw new InvalidArgumentError("a re-key token names the host id it re-keys (--host-id ID --rekey)");

@@ -78,9 +78,12 @@ describe("join tokens", () => {
   it("can be created by operators for their own tenant only", async () => {
     const { authority, events } = setup();
     await expect(authority.createToken(alice, { tenant: "globex" })).rejects.toThrow(PermissionDeniedError);
+    const huge = await authority.createToken(alice, { tenant: "t".repeat(1 << 20) }).catch((e: Error) => e.message);
+    expect(huge).toMatch(/tenant is longer than 128/);
+    expect(String(huge).length).toBeLessThan(200);
     await expect(authority.createToken(proxy, {})).rejects.toThrow(PermissionDeniedError);
     await expect(authority.createToken({ role: "enroll", scope: "acme", id: "z" }, {})).rejects.toThrow(PermissionDeniedError);
-    expect(events.filter((e) => e.decision === "refused")).toHaveLength(3);
+    expect(events.filter((e) => e.decision === "refused")).toHaveLength(4);
   });
 
   it("validate ttl, uses and host id", () => {
