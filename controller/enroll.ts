@@ -114,9 +114,9 @@ function credentialName(c: Credential): string {
  * ALREADY_EXISTS, in the same words whatever tenant holds the id.
  *
  * Order of checks, cheapest first, so that an unauthenticated caller cannot
- * make the controller work: sizes of every field, the credential, the host
- * id, and only then the CSR (its key judged from its encoding before its
- * signature is checked natively).
+ * make the controller work: the sizes of the credential fields, the
+ * credential, the host id, and only then the CSR (its key judged from its
+ * encoding before its signature is checked natively).
  */
 export class EnrollmentAuthority {
   /** Token uses held by enrollments between their check and their commit. */
@@ -162,7 +162,8 @@ export class EnrollmentAuthority {
       this.opts.log.info("join token created", { token: record.id, tenant, uses: record.usesLeft, expiresAt: record.expiresAt, hostId: record.hostId, rekey, by: who });
       return { token: minted.token, id: record.id, expiresAt: record.expiresAt };
     } catch (err) {
-      await this.audit({ action: "create-join-token", decision: "refused", caller: who, tenant: req.tenant || caller.scope, hostId: req.hostId || undefined, rekey, reason: (err as Error).message });
+      const tenant = req.tenant || (caller.role === "operator" ? caller.scope : undefined);
+      await this.audit({ action: "create-join-token", decision: "refused", caller: who, tenant, hostId: req.hostId || undefined, rekey, reason: (err as Error).message });
       throw err;
     }
   }
