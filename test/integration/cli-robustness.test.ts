@@ -7,8 +7,13 @@ import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { clientOf, SilentCut, tempDir } from "./support.js";
 
-/** Runs the real CLI, killing it after `killMs`; resolves with its exit code, output and how long it ran. */
-function cli(args: string[], env: Record<string, string>, killMs: number): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string; ms: number }> {
+type Ran = { code: number | null; signal: string | null; stdout: string; stderr: string; ms: number };
+
+/**
+ * Runs the real CLI, killing it after `killMs`; resolves with its exit code,
+ * output and how long it ran. `onStdout` sees the output as it comes.
+ */
+function cli(args: string[], env: Record<string, string>, killMs: number, onStdout?: (soFar: string) => void): Promise<Ran> {
   const clean: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
   const t0 = Date.now();
@@ -17,6 +22,8 @@ function cli(args: string[], env: Record<string, string>, killMs: number): Promi
       const e = err as (Error & { code?: number; signal?: string }) | null;
       resolve({ code: e ? (typeof e.code === "number" ? e.code : null) : 0, signal: e?.signal ?? null, stdout, stderr, ms: Date.now() - t0 });
     });
+    let soFar = "";
+    child.stdout?.on("data", (d: Buffer) => onStdout?.((soFar += d.toString())));
     child.stdin?.end();
   });
 }
@@ -68,15 +75,14 @@ describe("the CLI against silent peers", () => {
 
   it("ends with a clear error, not a crash, when a keep-alive PING goes unanswered", async () => {
     const { client, close } = clientOf(mesh);
-    const { job } = await client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], steps: [{ tool: { case: "shell", value: { script: "for i in 1 2 3 4 5 6 7 8 9 10; do echo tick $i; sleep 1; done" } } }] }));
+    const { job } = await client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], steps: [{ tool: { case: "shell", value: { script: "for i in $(seq 1 30); do echo tick $i; sleep 1; done" } } }] }));
     close();
     const relay = await SilentCut.start(mesh.controllerAddress);
     try {
-      const watching = cli(["jobs", "watch", job!.id, "--keepalive", "500ms"], { ...mesh.exports(), REXMESH_CONTROLLER: relay.address }, 30_000);
       // Cut the link once output flows: every byte is held, nothing is closed.
-      await new Promise((r) => setTimeout(r, 2500));
-      relay.stop();
-      const r = await watching;
+      const r = await cli(["jobs", "watch", job!.id, "--keepalive", "500ms"], { ...mesh.exports(), REXMESH_CONTROLLER: relay.address }, 40_000, (soFar) => {
+        if (soFar.includes("tick 1")) relay.stop();
+      });
       expect(r.signal, "killed: the CLI hung").toBeNull();
       expect(r.code).toBe(1);
       expect(r.stdout).toMatch(/tick 1/);
