@@ -1,6 +1,7 @@
-import { createHash, createPublicKey, sign, verify, X509Certificate } from "node:crypto";
+import { createHash, createPublicKey, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
 import forge from "node-forge";
 import { InvalidArgumentError, PermissionDeniedError, UnauthenticatedError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import { identityFromCertificate, type PeerIdentity } from "./identity.js";
 
 /**
@@ -11,8 +12,7 @@ import { identityFromCertificate, type PeerIdentity } from "./identity.js";
  */
 
 /** Larger CSRs are refused before parsing: they come from unauthenticated callers. */
-export const MAX_CSR_BYTES = 16 * 1024;
-const MIN_RSA_BITS = 2048;
+export const MAX_CSR_BYTES = LIMITS.csrBytes;
 
 /** A PKCS#10 request for the host's own key; the controller uses only its public key. */
 export function createCsr(hostId: string, keys: { publicKeyPem: string; privateKeyPem: string }): string {
@@ -29,28 +29,170 @@ export function keyFingerprint(publicKeyPem: string): string {
 }
 
 /**
- * Parses a CSR and checks its self-signature, which proves that the sender
- * holds the private key of the public key it asks to certify.
+ * Reads a CSR sent by an unauthenticated caller and checks its
+ * self-signature, which proves that the sender holds the private key of the
+ * public key it asks to certify. Nothing costly happens before the key is
+ * judged: the size of the text, then the DER structure, then the key's type
+ * and size (RSA of {@link LIMITS.rsaMinBits}–{@link LIMITS.rsaMaxBits} bits
+ * with exponent 65537) read from its encoding; only then is the signature
+ * checked, natively (OpenSSL). A pure-JS check of a 16384-bit modulus and
+ * exponent once blocked the controller for about a minute.
  */
 export function readCsr(csrPem: string): { publicKeyPem: string; fingerprint: string } {
-  if (Buffer.byteLength(csrPem) > MAX_CSR_BYTES) throw new InvalidArgumentError(`the CSR is larger than ${MAX_CSR_BYTES} bytes`);
-  let csr: ReturnType<typeof forge.pki.certificationRequestFromPem>;
+  if (typeof csrPem !== "string" || csrPem.length > LIMITS.csrBytes || Buffer.byteLength(csrPem) > LIMITS.csrBytes) {
+    throw new InvalidArgumentError(`the CSR is larger than ${LIMITS.csrBytes} bytes`);
+  }
+  const der = pemBody(csrPem);
+  const csr = parseCsrDer(der);
+  checkRsaKey(der, csr.spki);
+  const hash = SIGNATURE_HASHES.get(der.subarray(csr.sigAlg.start, csr.sigAlg.end).toString("hex"));
+  if (!hash) throw new InvalidArgumentError("the CSR must be signed with sha256WithRSAEncryption (or SHA-384/512 with RSA)");
+  let key: KeyObject;
   try {
-    csr = forge.pki.certificationRequestFromPem(csrPem);
+    key = createPublicKey({ key: der.subarray(csr.spki.start, csr.spki.end), format: "der", type: "spki" });
   } catch (cause) {
-    throw new InvalidArgumentError("csr_pem is not a PEM PKCS#10 certificate request with an RSA key", { cause });
+    throw new InvalidArgumentError("the CSR's public key cannot be read", { cause });
   }
   let valid = false;
   try {
-    valid = csr.verify();
+    valid = verify(hash, der.subarray(csr.info.start, csr.info.end), key, csr.signature);
   } catch {
     valid = false;
   }
-  if (!valid || !csr.publicKey) throw new InvalidArgumentError("the CSR's signature does not match its public key");
-  const key = csr.publicKey as forge.pki.rsa.PublicKey;
-  if (!key.n || key.n.bitLength() < MIN_RSA_BITS) throw new InvalidArgumentError(`the CSR's key must be RSA of at least ${MIN_RSA_BITS} bits`);
-  const publicKeyPem = forge.pki.publicKeyToPem(key);
-  return { publicKeyPem, fingerprint: keyFingerprint(publicKeyPem) };
+  if (!valid) throw new InvalidArgumentError("the CSR's signature does not match its public key");
+  const spkiDer = key.export({ type: "spki", format: "der" });
+  return { publicKeyPem: key.export({ type: "spki", format: "pem" }).toString(), fingerprint: createHash("sha256").update(spkiDer).digest("hex") };
+}
+
+const NOT_A_CSR = "csr_pem is not a PEM PKCS#10 certificate request";
+const PEM = /^-----BEGIN (NEW )?CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END (NEW )?CERTIFICATE REQUEST-----\s*$/;
+
+function pemBody(pem: string): Buffer {
+  const m = PEM.exec(pem.trimStart());
+  if (!m) throw new InvalidArgumentError(NOT_A_CSR);
+  const b64 = m[2]!.replace(/[\r\n]/g, "");
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(b64) || b64.length % 4 !== 0) throw new InvalidArgumentError(`${NOT_A_CSR} (bad base64)`);
+  return Buffer.from(b64, "base64");
+}
+
+/** One DER element: its tag, and where it and its content start and end in the buffer. */
+interface Tlv {
+  tag: number;
+  start: number;
+  content: number;
+  end: number;
+}
+
+/** Reads the element at `at`, which must end by `limit`: definite, minimal lengths only (DER, not BER). */
+function readTlv(der: Buffer, at: number, limit: number): Tlv {
+  const bad = (why: string): never => {
+    throw new InvalidArgumentError(`${NOT_A_CSR} (${why} at byte ${at})`);
+  };
+  if (at + 2 > limit) bad("truncated");
+  const tag = der[at]!;
+  if ((tag & 0x1f) === 0x1f) bad("unexpected tag");
+  let len = der[at + 1]!;
+  let p = at + 2;
+  if (len & 0x80) {
+    const n = len & 0x7f;
+    if (n === 0) bad("indefinite length");
+    if (n > 3) bad("length too large");
+    if (p + n > limit) bad("truncated");
+    if (der[p] === 0) bad("non-minimal length");
+    len = 0;
+    for (let i = 0; i < n; i++) len = len * 256 + der[p++]!;
+    if (len < 0x80) bad("non-minimal length");
+  }
+  if (p + len > limit) bad("truncated");
+  return { tag, start: at, content: p, end: p + len };
+}
+
+/** The elements inside a constructed element, which must fill it exactly. */
+function children(der: Buffer, parent: Tlv): Tlv[] {
+  const out: Tlv[] = [];
+  for (let at = parent.content; at < parent.end; ) {
+    const t = readTlv(der, at, parent.end);
+    out.push(t);
+    at = t.end;
+  }
+  return out;
+}
+
+const SEQUENCE = 0x30;
+const INTEGER = 0x02;
+const BIT_STRING = 0x03;
+const NULL = 0x05;
+const OID = 0x06;
+const CONTEXT_0 = 0xa0;
+
+function expectTag(t: Tlv | undefined, tag: number, what: string): Tlv {
+  if (!t || t.tag !== tag) throw new InvalidArgumentError(`${NOT_A_CSR} (${what} expected)`);
+  return t;
+}
+
+/**
+ * CertificationRequest ::= SEQUENCE { info SEQUENCE { version, subject,
+ * subjectPKInfo, [0] attributes }, signatureAlgorithm, signature BIT STRING }
+ * (RFC 2986), located without interpreting anything costly.
+ */
+function parseCsrDer(der: Buffer): { info: Tlv; spki: Tlv; sigAlg: Tlv; signature: Buffer } {
+  const outer = expectTag(readTlv(der, 0, der.length), SEQUENCE, "a SEQUENCE");
+  if (outer.end !== der.length) throw new InvalidArgumentError(`${NOT_A_CSR} (bytes after the request)`);
+  const [info, sigAlg, sig, ...rest] = children(der, outer);
+  if (rest.length > 0) throw new InvalidArgumentError(`${NOT_A_CSR} (unexpected fields)`);
+  expectTag(info, SEQUENCE, "certificationRequestInfo");
+  expectTag(sigAlg, SEQUENCE, "signatureAlgorithm");
+  expectTag(sig, BIT_STRING, "signature");
+  const [version, subject, spki, attributes, ...more] = children(der, info!);
+  expectTag(version, INTEGER, "version");
+  if (version!.end - version!.content !== 1 || der[version!.content] !== 0) throw new InvalidArgumentError(`${NOT_A_CSR} (version must be 0)`);
+  expectTag(subject, SEQUENCE, "subject");
+  expectTag(spki, SEQUENCE, "subjectPKInfo");
+  if ((attributes && attributes.tag !== CONTEXT_0) || more.length > 0) throw new InvalidArgumentError(`${NOT_A_CSR} (unexpected fields)`);
+  if (sig!.end - sig!.content < 2 || der[sig!.content] !== 0) throw new InvalidArgumentError(`${NOT_A_CSR} (malformed signature)`);
+  return { info: info!, spki: spki!, sigAlg: sigAlg!, signature: der.subarray(sig!.content + 1, sig!.end) };
+}
+
+/** DER of the OIDs, hex, with a NULL parameter: what forge and OpenSSL write. */
+const RSA_ENCRYPTION = "06092a864886f70d010101";
+const SIGNATURE_HASHES = new Map([
+  ["300d06092a864886f70d01010b0500", "sha256"],
+  ["300d06092a864886f70d01010c0500", "sha384"],
+  ["300d06092a864886f70d01010d0500", "sha512"],
+  ["300b06092a864886f70d01010b", "sha256"],
+  ["300b06092a864886f70d01010c", "sha384"],
+  ["300b06092a864886f70d01010d", "sha512"],
+]);
+
+/** The key must be RSA with a modulus of the allowed size and exponent 65537, judged from the encoding alone. */
+function checkRsaKey(der: Buffer, spki: Tlv): void {
+  const wrongKey = () =>
+    new InvalidArgumentError(`the CSR's key must be an RSA key of ${LIMITS.rsaMinBits} to ${LIMITS.rsaMaxBits} bits with public exponent ${LIMITS.rsaExponent}`);
+  const [alg, bits, ...rest] = children(der, spki);
+  if (rest.length > 0 || !alg || alg.tag !== SEQUENCE || !bits || bits.tag !== BIT_STRING) throw new InvalidArgumentError(`${NOT_A_CSR} (malformed subjectPKInfo)`);
+  const [oid, params, ...extra] = children(der, alg);
+  if (!oid || oid.tag !== OID || der.subarray(oid.start, oid.end).toString("hex") !== RSA_ENCRYPTION) throw wrongKey();
+  if (extra.length > 0 || (params && (params.tag !== NULL || params.end !== params.content))) throw wrongKey();
+  if (bits.end - bits.content < 2 || der[bits.content] !== 0) throw wrongKey();
+  const inner = readTlv(der, bits.content + 1, bits.end);
+  if (inner.tag !== SEQUENCE || inner.end !== bits.end) throw wrongKey();
+  const [n, e, ...others] = children(der, inner);
+  if (!n || n.tag !== INTEGER || !e || e.tag !== INTEGER || others.length > 0) throw wrongKey();
+  const modulusBits = positiveBits(der, n);
+  if (modulusBits < LIMITS.rsaMinBits || modulusBits > LIMITS.rsaMaxBits) throw wrongKey();
+  if (e.end - e.content > 4 || positiveBits(der, e) === 0 || der.readUIntBE(e.content, e.end - e.content) !== LIMITS.rsaExponent) throw wrongKey();
+}
+
+/** Bit length of a positive, minimally encoded INTEGER; 0 for anything else. */
+function positiveBits(der: Buffer, t: Tlv): number {
+  let start = t.content;
+  const len = t.end - start;
+  if (len === 0 || der[start]! & 0x80) return 0;
+  if (der[start] === 0) {
+    if (len === 1 || !(der[start + 1]! & 0x80)) return 0;
+    start++;
+  }
+  return (t.end - start - 1) * 8 + (32 - Math.clz32(der[start]!));
 }
 
 /**

@@ -1,6 +1,7 @@
 import { X509Certificate } from "node:crypto";
 import type { PeerCertificate } from "node:tls";
 import { InvalidArgumentError, PermissionDeniedError, UnauthenticatedError } from "../common/errors.js";
+import { preview } from "../common/limits.js";
 
 /**
  * What a certificate lets its holder be. A certificate holds exactly one role.
@@ -21,14 +22,16 @@ export interface PeerIdentity {
   readonly id: string;
 }
 
+/** At most LIMITS.idChars (common/limits.ts) characters. */
 const SEGMENT = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const SCHEME = "rexmesh:";
 
 /** Validates one id or scope segment; the message names the field. */
 export function checkSegment(field: string, value: string): string {
-  if (!SEGMENT.test(value)) {
+  if (typeof value !== "string" || !SEGMENT.test(value)) {
+    // The value is shown cut short: it may come from an unauthenticated caller.
     throw new InvalidArgumentError(
-      `${field} ${JSON.stringify(value)} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`,
+      `${field} ${preview(String(value))} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`,
     );
   }
   return value;

@@ -1,9 +1,11 @@
 import type { DescMethodUnary } from "@bufbuild/protobuf";
-import * as grpc from "@grpc/grpc-js";
+import http2 from "node:http2";
+import type { AddressInfo, Socket } from "node:net";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Credentials } from "../certs/files.js";
-import type { GrpcLinkServer } from "./grpc-link.js";
+import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
-import { addUnaryMethod, serverLifecycle } from "./grpc-link.js";
+import { toConnectError } from "./rpc-errors.js";
 
 /** A unary method served to callers without a certificate; the handler sees only the request. */
 export interface OpenUnaryHandler {
@@ -12,23 +14,170 @@ export interface OpenUnaryHandler {
   handle: (request: any) => Promise<unknown>;
 }
 
-export type { GrpcLinkServer as OpenUnaryServer } from "./grpc-link.js";
+export interface OpenUnaryServer {
+  /** Binds and starts; resolves to the port bound. */
+  listen(host: string, port: number): Promise<number>;
+  /** Stops taking connections; after graceMs closes the ones still open. */
+  close(graceMs: number): Promise<void>;
+}
+
+/** What an open listener allows one caller; defaults from common/limits.ts. */
+export interface OpenListenerLimits {
+  messageBytes: number;
+  streamsPerConnection: number;
+  connectionsPerAddress: number;
+  connections: number;
+  handshakeMs: number;
+  idleMs: number;
+  callMs: number;
+}
+
+function resolveLimits(given: Partial<OpenListenerLimits> = {}): OpenListenerLimits {
+  return {
+    messageBytes: given.messageBytes ?? LIMITS.openMessageBytes,
+    streamsPerConnection: given.streamsPerConnection ?? LIMITS.openStreamsPerConnection,
+    connectionsPerAddress: given.connectionsPerAddress ?? LIMITS.openConnectionsPerAddress,
+    connections: given.connections ?? LIMITS.openConnections,
+    handshakeMs: given.handshakeMs ?? LIMITS.openHandshakeMs,
+    idleMs: given.idleMs ?? LIMITS.openIdleMs,
+    callMs: given.callMs ?? LIMITS.openCallMs,
+  };
+}
 
 /**
- * A grpc-js server with TLS that does not ask for a client certificate,
- * serving only the unary methods given (enrollment: the caller has no
- * certificate yet). Clients still verify this server against the mesh CA.
- * Every other path is UNIMPLEMENTED, and messages are kept small because
- * the callers are unauthenticated.
+ * An HTTP/2 server with TLS that does not ask for a client certificate,
+ * serving only the unary methods given, over gRPC (and Connect) — for
+ * enrollment, whose callers have no certificate yet. Clients still verify
+ * this server against the mesh CA. Every other path is UNIMPLEMENTED.
+ *
+ * Because anyone can connect, every resource a caller can hold is bounded
+ * (common/limits.ts, docs/security.md): the TLS handshake must finish within
+ * `handshakeMs`; a connection with no call in flight is closed after
+ * `idleMs`; a call lasts at most `callMs`, and counts as over once its
+ * answer is sent; one remote address holds at most `connectionsPerAddress`
+ * connections and the server at most `connections`; a connection carries at
+ * most `streamsPerConnection` calls at once; messages are at most
+ * `messageBytes`. Domain errors leave through toConnectError.
  */
-export function createOpenUnaryServer(opts: { creds: Credentials; handlers: OpenUnaryHandler[]; log: Logger; maxMessageBytes?: number; maxConcurrentStreams?: number }): GrpcLinkServer {
-  const max = opts.maxMessageBytes ?? 64 * 1024;
-  const server = new grpc.Server({
-    "grpc.max_receive_message_length": max,
-    "grpc.max_send_message_length": max,
-    "grpc.max_concurrent_streams": opts.maxConcurrentStreams ?? 128,
+export function createOpenUnaryServer(opts: { creds: Credentials; handlers: OpenUnaryHandler[]; log: Logger; limits?: Partial<OpenListenerLimits> }): OpenUnaryServer {
+  const limits = resolveLimits(opts.limits);
+  const handler = connectNodeAdapter({
+    routes: (router) => {
+      for (const h of opts.handlers) {
+        router.rpc(h.method, async (req: unknown) => {
+          try {
+            return (await h.handle(req)) as never;
+          } catch (err) {
+            const wire = toConnectError(err);
+            opts.log[wire.code === 13 ? "error" : "info"]("open request refused", { method: h.method.name, code: wire.code, err });
+            throw wire;
+          }
+        });
+      }
+    },
+    readMaxBytes: limits.messageBytes,
+    writeMaxBytes: limits.messageBytes,
   });
-  for (const h of opts.handlers) addUnaryMethod(server, h.method, (call) => h.handle(call.request));
-  const credentials = grpc.ServerCredentials.createSsl(null, [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }], false);
-  return serverLifecycle(server, credentials);
+  const server = http2.createSecureServer(
+    {
+      cert: opts.creds.certPem,
+      key: opts.creds.keyPem,
+      minVersion: "TLSv1.3",
+      requestCert: false,
+      allowHTTP1: false,
+      handshakeTimeout: limits.handshakeMs,
+      settings: { maxConcurrentStreams: limits.streamsPerConnection },
+      maxSessionMemory: 4,
+    },
+    handler,
+  );
+  server.maxConnections = limits.connections;
+
+  // Per connection, by remote endpoint: its sockets and idle timer. (An
+  // HTTP/2 session exposes only a proxy of its socket, which cannot be
+  // destroyed; the TLS socket takes over the TCP socket's handle.)
+  type Connection = { socket: Socket; tls?: Socket; streams: number; idle?: NodeJS.Timeout };
+  const perAddress = new Map<string, number>();
+  const connections = new Map<string, Connection>();
+  const endpoint = (s: { remoteAddress?: string; remotePort?: number }) => `${s.remoteAddress ?? "?"}|${s.remotePort ?? 0}`;
+  const arm = (c: Connection) => {
+    clearTimeout(c.idle);
+    c.idle = setTimeout(() => (c.tls ?? c.socket).destroy(), limits.idleMs);
+    c.idle.unref();
+  };
+  server.on("connection", (socket: Socket) => {
+    const address = socket.remoteAddress ?? "?";
+    const n = (perAddress.get(address) ?? 0) + 1;
+    if (n > limits.connectionsPerAddress) {
+      opts.log.debug("open listener: too many connections from one address", { address, limit: limits.connectionsPerAddress });
+      socket.destroy();
+      return;
+    }
+    perAddress.set(address, n);
+    const key = endpoint(socket);
+    const c: Connection = { socket, streams: 0 };
+    connections.set(key, c);
+    // Idle from the first byte: the handshake and the wait for a first call count too.
+    arm(c);
+    socket.once("close", () => {
+      clearTimeout(c.idle);
+      connections.delete(key);
+      const left = (perAddress.get(address) ?? 1) - 1;
+      if (left > 0) perAddress.set(address, left);
+      else perAddress.delete(address);
+    });
+  });
+  server.on("secureConnection", (tls: Socket) => {
+    const c = connections.get(endpoint(tls));
+    if (c) c.tls = tls;
+    else tls.destroy();
+  });
+  server.on("tlsClientError", (err) => opts.log.debug("open listener: TLS handshake failed", { err }));
+
+  const sessions = new Set<http2.ServerHttp2Session>();
+  server.on("session", (session) => {
+    sessions.add(session);
+    const c = connections.get(endpoint(session.socket));
+    session.on("stream", (stream) => {
+      // No call outlives its limit, even one whose request never ends.
+      const deadline = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), limits.callMs);
+      deadline.unref();
+      if (!c) return;
+      c.streams++;
+      clearTimeout(c.idle);
+      // A call is over once its answer is sent, even if the caller never ends its request.
+      let ended = false;
+      const end = () => {
+        if (ended) return;
+        ended = true;
+        clearTimeout(deadline);
+        if (--c.streams === 0) arm(c);
+      };
+      stream.once("finish", end);
+      stream.once("close", end);
+    });
+    session.on("error", () => undefined);
+    session.once("close", () => sessions.delete(session));
+  });
+
+  return {
+    listen: (host, port) =>
+      new Promise((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(port, host, () => {
+          server.off("error", reject);
+          resolve((server.address() as AddressInfo).port);
+        });
+      }),
+    close: async (graceMs) => {
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      for (const s of sessions) s.close();
+      const force = setTimeout(() => {
+        for (const s of sessions) s.destroy();
+      }, graceMs);
+      force.unref();
+      await closed;
+      clearTimeout(force);
+    },
+  };
 }

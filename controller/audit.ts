@@ -7,6 +7,7 @@
 import type { Database } from "lmdb";
 import type { Clock } from "../common/clock.js";
 import type { IdGenerator } from "../common/ids.js";
+import { LIMITS, truncate } from "../common/limits.js";
 import { storageError } from "../common/lmdb.js";
 
 export type AuditDecision = "allowed" | "denied" | "rejected";
@@ -44,9 +45,7 @@ export interface AuditEvent {
 }
 
 /** Host ids kept per event; hostCount says how many there were. */
-export const MAX_AUDIT_HOSTS = 20;
-/** Longest `what` and `reason` kept, in characters. */
-const MAX_TEXT = 1000;
+export const MAX_AUDIT_HOSTS = LIMITS.auditHosts;
 
 /** Where events are kept: ordered by id (time-ordered ids, so by time). */
 export interface AuditStore {
@@ -80,21 +79,28 @@ export class LmdbAuditStore implements AuditStore {
 export class AuditLog {
   constructor(private readonly deps: { store: AuditStore; clock: Clock; ids: IdGenerator }) {}
 
-  /** Appends an event; resolves once it is committed. */
+  /**
+   * Appends an event; resolves once it is committed. Every field is cut to
+   * its limit (common/limits.ts) with a visible marker rather than refused:
+   * inputs echoed here may come from unauthenticated callers, and an event
+   * must never be lost, nor make the tenant's log unreadable, because a
+   * field was huge.
+   */
   async append(input: AuditInput): Promise<AuditEvent> {
     const hostIds = input.hostIds ?? [];
+    const field = (s: string) => truncate(s, LIMITS.auditFieldChars);
     const event: AuditEvent = {
       id: this.deps.ids("a"),
       time: this.deps.clock.now(),
-      kind: input.kind,
-      tenant: input.tenant,
-      actor: input.actor,
+      kind: field(input.kind),
+      tenant: field(input.tenant),
+      actor: field(input.actor),
       decision: input.decision,
-      reason: cap(input.reason ?? ""),
-      what: cap(input.what ?? ""),
-      hostIds: hostIds.slice(0, MAX_AUDIT_HOSTS),
+      reason: truncate(input.reason ?? "", LIMITS.auditTextChars),
+      what: truncate(input.what ?? "", LIMITS.auditTextChars),
+      hostIds: hostIds.slice(0, MAX_AUDIT_HOSTS).map(field),
       hostCount: hostIds.length,
-      jobId: input.jobId ?? "",
+      jobId: field(input.jobId ?? ""),
     };
     await this.deps.store.put(event);
     return event;
@@ -112,8 +118,4 @@ export class AuditLog {
     }
     return out.reverse();
   }
-}
-
-function cap(s: string): string {
-  return s.length > MAX_TEXT ? s.slice(0, MAX_TEXT - 1) + "…" : s;
 }

@@ -18,18 +18,19 @@
 import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { parse as parseYaml } from "yaml";
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord } from "./model.js";
 import { validateParamSpecs, type ParamSpec, type ParamValue } from "./params.js";
 import { hostView, matchHost, parseQuery, QuerySyntaxError, type HostView, type Query } from "./query.js";
-import { renderArgv, renderShell, renderText, validateTemplate, type RenderContext } from "./template.js";
+import { renderArgv, renderShell, renderText, templateRefs, validateTemplate, type RenderContext } from "./template.js";
 
 /** Most steps a document may declare (as a job may carry). */
-export const MAX_DOCUMENT_STEPS = 64;
+export const MAX_DOCUMENT_STEPS = LIMITS.documentSteps;
 /** Most alternatives one step may offer. */
-export const MAX_ALTERNATIVES = 16;
+export const MAX_ALTERNATIVES = LIMITS.alternativesPerStep;
 /** Largest document accepted, in characters. */
-export const MAX_DOCUMENT_LENGTH = 1024 * 1024;
+export const MAX_DOCUMENT_LENGTH = LIMITS.documentChars;
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const DOC_KEYS = ["name", "description", "parameters", "steps"];
@@ -142,11 +143,48 @@ function compileAlternative(o: Record<string, unknown>, where: string, params: r
   forEachString(step, [], (value, path) => {
     try {
       validateTemplate(value, modeOf(path), params);
+      if (path[1] === "interpreter" && templateRefs(value).length > 0) {
+        throw new InvalidArgumentError("an interpreter is not a template: no parameter may choose the program that runs a script");
+      }
     } catch (err) {
       throw new InvalidArgumentError(`${label}: field ${showPath(path)}: ${(err as Error).message}`, { cause: err });
     }
   });
+  checkShellContexts(parsed, label);
   return alt;
+}
+
+const POSIX_SHELLS = new Set(["sh", "bash", "dash"]);
+const SHELLS = new Set([...POSIX_SHELLS, "ash", "ksh", "mksh", "zsh", "busybox"]);
+const baseName = (path: string) => path.slice(path.lastIndexOf("/") + 1);
+
+/**
+ * Placeholders reach a shell only through a shell step, whose values are
+ * quoted for POSIX shells: such a script must run in sh, bash or dash with
+ * `-c`, and an exec step that calls a shell with `-c` may not put a
+ * placeholder in the command string (it would be code, unquoted); the
+ * arguments after it (`$0`, `$1`, …) are plain values and may.
+ */
+function checkShellContexts(step: Step, label: string): void {
+  const tool = step.tool;
+  if (tool.case === "shell" && templateRefs(tool.value.script).length > 0 && tool.value.interpreter.length > 0) {
+    const [program = "", ...flags] = tool.value.interpreter;
+    const last = flags[flags.length - 1] ?? "";
+    if (!POSIX_SHELLS.has(baseName(program)) || !flags.every((f) => /^-[A-Za-z]+$/.test(f)) || !/^-[A-Za-z]*c$/.test(last)) {
+      throw new InvalidArgumentError(
+        `${label}: field shell.interpreter: a script with placeholders runs in sh, bash or dash with -c (its values are quoted for POSIX shells), not ${JSON.stringify(tool.value.interpreter)}`,
+      );
+    }
+  }
+  if (tool.case === "exec" && SHELLS.has(baseName(tool.value.argv[0] ?? ""))) {
+    const argv = tool.value.argv;
+    const c = argv.findIndex((a, i) => i > 0 && /^-[A-Za-z]*c[A-Za-z]*$/.test(a));
+    if (c > 0 && c + 1 < argv.length && templateRefs(argv[c + 1]!).length > 0) {
+      throw new InvalidArgumentError(
+        `${label}: field exec.argv[${c + 1}]: a placeholder in the command string of ${baseName(argv[0]!)} ${argv[c]} would be shell code; use a shell step (its values are quoted) or pass the value as an argument after the command string ("$1")`,
+      );
+    }
+  }
 }
 
 /** The tool a step uses, as hosts name it in facts.tools: the oneof field's proto name with "_" as "." (file_put → file.put). */

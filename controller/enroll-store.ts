@@ -18,9 +18,15 @@ export interface EnrolledHost {
   readonly relayedBy?: string;
 }
 
+/**
+ * A join token as kept: the record of controller/tokens.ts, plus whether it
+ * re-keys its bound host id (created with --rekey by an operator allowed to).
+ */
+export type StoredToken = JoinTokenRecord & { readonly rekey?: boolean };
+
 /** What one enrollment writes, together or not at all. */
 export interface EnrollWrite {
-  readonly token?: { hash: string; record: JoinTokenRecord };
+  readonly token?: { hash: string; record: StoredToken };
   readonly host: EnrolledHost;
 }
 
@@ -31,29 +37,29 @@ export interface EnrollWrite {
  * atomic, durable step whatever happens concurrently.
  */
 export interface EnrollStore {
-  getToken(hash: string): JoinTokenRecord | undefined;
-  putToken(hash: string, record: JoinTokenRecord): Promise<void>;
+  getToken(hash: string): StoredToken | undefined;
+  putToken(hash: string, record: StoredToken): Promise<void>;
   getHost(id: string): EnrolledHost | undefined;
   /** `check` throws to refuse; it must not have side effects. Resolves once durable. */
-  commit(tokenHash: string | undefined, hostId: string, check: (token: JoinTokenRecord | undefined, host: EnrolledHost | undefined) => EnrollWrite): Promise<void>;
+  commit(tokenHash: string | undefined, hostId: string, check: (token: StoredToken | undefined, host: EnrolledHost | undefined) => EnrollWrite): Promise<void>;
   /** Removes tokens that expired before `before`. */
   pruneTokens(before: number): Promise<number>;
 }
 
 export class MemoryEnrollStore implements EnrollStore {
-  readonly tokens = new Map<string, JoinTokenRecord>();
+  readonly tokens = new Map<string, StoredToken>();
   readonly hosts = new Map<string, EnrolledHost>();
 
   getToken(hash: string) {
     return this.tokens.get(hash);
   }
-  async putToken(hash: string, record: JoinTokenRecord) {
+  async putToken(hash: string, record: StoredToken) {
     this.tokens.set(hash, record);
   }
   getHost(id: string) {
     return this.hosts.get(id);
   }
-  async commit(tokenHash: string | undefined, hostId: string, check: (t: JoinTokenRecord | undefined, h: EnrolledHost | undefined) => EnrollWrite) {
+  async commit(tokenHash: string | undefined, hostId: string, check: (t: StoredToken | undefined, h: EnrolledHost | undefined) => EnrollWrite) {
     const w = check(tokenHash === undefined ? undefined : this.tokens.get(tokenHash), this.hosts.get(hostId));
     if (w.token) this.tokens.set(w.token.hash, w.token.record);
     this.hosts.set(w.host.id, w.host);
@@ -69,7 +75,7 @@ type Outcome = { ok: true } | { ok: false; error: unknown };
 
 /** The store in the controller's LMDB environment (databases `join-tokens` and `enrolled-hosts`). */
 export class LmdbEnrollStore implements EnrollStore {
-  private readonly tokens: Database<JoinTokenRecord, string>;
+  private readonly tokens: Database<StoredToken, string>;
   private readonly hosts: Database<EnrolledHost, string>;
 
   constructor(private readonly env: LmdbEnv) {
@@ -80,7 +86,7 @@ export class LmdbEnrollStore implements EnrollStore {
   getToken(hash: string) {
     return this.tokens.get(hash);
   }
-  async putToken(hash: string, record: JoinTokenRecord) {
+  async putToken(hash: string, record: StoredToken) {
     this.env.checkRoomForWork("creating a join token");
     await this.tokens.put(hash, record).catch((err) => Promise.reject(storageError(err)));
   }
@@ -88,7 +94,7 @@ export class LmdbEnrollStore implements EnrollStore {
     return this.hosts.get(id);
   }
 
-  async commit(tokenHash: string | undefined, hostId: string, check: (t: JoinTokenRecord | undefined, h: EnrolledHost | undefined) => EnrollWrite) {
+  async commit(tokenHash: string | undefined, hostId: string, check: (t: StoredToken | undefined, h: EnrolledHost | undefined) => EnrollWrite) {
     this.env.checkRoomForWork("enrollment");
     // The callback runs inside the write transaction: its reads see every
     // earlier commit and nothing can interleave, so a use is spent once.

@@ -1,5 +1,6 @@
 import type { Database } from "lmdb";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { checkChars, clampFacts, LIMITS, preview } from "../common/limits.js";
 import { storageError } from "../common/lmdb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { HostRecord } from "./model.js";
@@ -28,7 +29,9 @@ export class Inventory {
     for (const { value } of db.getRange()) {
       // Held by its proxy until the controller stopped, as far as it knows.
       const heldUntil = value.connected ? { ...value.heldUntil, [value.proxy]: startedAt } : value.heldUntil;
-      this.hosts.set(value.id, { ...value, connected: false, since: value.connected ? startedAt : value.since, heldUntil });
+      // Facts stored before their limits existed are cut on load, so that one host cannot break listings for good.
+      const facts = value.facts && clampFacts(value.facts).facts;
+      this.hosts.set(value.id, { ...value, connected: false, since: value.connected ? startedAt : value.since, heldUntil, facts });
     }
   }
 
@@ -48,6 +51,7 @@ export class Inventory {
     change: { set: Record<string, string>; remove: readonly string[] },
     check?: (before: HostRecord, after: HostRecord) => void,
   ): Promise<HostRecord> {
+    checkChars("host id", id, LIMITS.idChars);
     const rec = this.hosts.get(id);
     if (!rec || rec.tenant !== tenant) throw new NotFoundError(`host ${JSON.stringify(id)} not found`);
     const labels = { ...rec.labels };
@@ -83,6 +87,11 @@ export class Inventory {
     return [...this.hosts.values()].filter((h) => h.tenant === tenant).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   }
 
+  /**
+   * A host's stream opened at a proxy. Its facts are cut to the fact limits
+   * (common/limits.ts): what a host reports about itself is its own word,
+   * and must never make the tenant's listings too large to answer.
+   */
   connected(host: { id: string; tenant: string; facts?: HostFacts }, region: string, proxy: string, since: number): HostRecord {
     const prev = this.hosts.get(host.id);
     const heldUntil = { ...prev?.heldUntil };
@@ -96,7 +105,7 @@ export class Inventory {
       proxy,
       connected: true,
       since,
-      facts: host.facts ?? prev?.facts,
+      facts: host.facts ? clampFacts(host.facts).facts : prev?.facts,
       labels: prev?.labels ?? {},
       heldUntil,
     };
@@ -112,7 +121,7 @@ export class Inventory {
   seen(host: { id: string; tenant: string; facts?: HostFacts }, region: string, proxy: string, since: number): HostRecord {
     const prev = this.hosts.get(host.id);
     if (prev?.connected) return prev;
-    const rec: HostRecord = { id: host.id, tenant: host.tenant, region, proxy, connected: false, since, facts: host.facts ?? prev?.facts, labels: prev?.labels ?? {} };
+    const rec: HostRecord = { id: host.id, tenant: host.tenant, region, proxy, connected: false, since, facts: host.facts ? clampFacts(host.facts).facts : prev?.facts, labels: prev?.labels ?? {} };
     this.hosts.set(host.id, rec);
     this.save(rec);
     return rec;
@@ -145,13 +154,13 @@ export class Inventory {
   }
 }
 
-const MAX_LABELS = 64;
-/** Label keys are query names, so that every label can be targeted by its bare name or as `label.<key>`. */
+const MAX_LABELS = LIMITS.labelsPerHost;
+/** Label keys are query names, so that every label can be targeted by its bare name or as `label.<key>` (at most LIMITS.labelKeyChars). */
 const LABEL_KEY = /^[A-Za-z0-9_][A-Za-z0-9._/-]{0,62}$/;
 
 function checkLabelKey(key: string): void {
   if (!LABEL_KEY.test(key)) {
-    throw new InvalidArgumentError(`label key ${JSON.stringify(key)} is not valid: use 1-63 letters, digits, '_', '.', '/' or '-', starting with a letter, digit or '_'`);
+    throw new InvalidArgumentError(`label key ${preview(key)} is not valid: use 1-63 letters, digits, '_', '.', '/' or '-', starting with a letter, digit or '_'`);
   }
   if (key.startsWith("label.") || key.startsWith("fact.")) {
     throw new InvalidArgumentError(`label key ${JSON.stringify(key)} cannot start with "label." or "fact." (those name query namespaces)`);
@@ -159,7 +168,7 @@ function checkLabelKey(key: string): void {
 }
 
 function checkLabelValue(key: string, value: string): void {
-  if (value.length > 256 || /[\u0000-\u001f\u007f]/.test(value)) {
-    throw new InvalidArgumentError(`label ${key}: the value must be at most 256 characters without control characters`);
+  if (value.length > LIMITS.labelValueChars || /[\u0000-\u001f\u007f]/.test(value)) {
+    throw new InvalidArgumentError(`label ${key}: the value must be at most ${LIMITS.labelValueChars} characters without control characters`);
   }
 }

@@ -27,6 +27,7 @@ import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { Inventory } from "./inventory.js";
 import { CONTROLLER_DECLARATIONS, ENROLL_LISTENER_DECLARATIONS } from "./declarations.js";
 import type { DescMethod } from "@bufbuild/protobuf";
+import { withRequestLimits } from "./request-limits.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
@@ -134,6 +135,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     hostCertTtlMs: config.hostCertTtl,
     knownHost: (id) => inventory.get(id),
     isRevoked: (identity) => revocations.isRevoked(identity),
+    authorizeRekey: (caller) => authz.require(caller, { action: "rekey" }),
     audit: (e) =>
       audit
         .append({
@@ -142,7 +144,14 @@ export async function startController(config: ControllerConfig, log: Logger, clo
           actor: e.caller,
           decision: e.decision === "allowed" ? "allowed" : "denied",
           reason: e.reason,
-          what: [e.credential, e.relayedBy && `relayed by proxy ${e.relayedBy}`, e.serial && `certificate ${e.serial}`].filter(Boolean).join(", "),
+          what: [
+            e.credential,
+            e.rekey && `re-key${e.previousKeyFingerprint ? ` (previous key ${e.previousKeyFingerprint.slice(0, 16)})` : ""}`,
+            e.relayedBy && `relayed by proxy ${e.relayedBy}`,
+            e.serial && `certificate ${e.serial}`,
+          ]
+            .filter(Boolean)
+            .join(", "),
           hostIds: e.hostId ? [e.hostId] : [],
         })
         .then(() => undefined),
@@ -178,7 +187,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, controllerServiceImpl({ jobs, access, revoked: revokedHost }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, revoked: revokedHost }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));

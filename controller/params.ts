@@ -6,15 +6,18 @@
  * with INVALID_ARGUMENT naming the parameter instead of reaching a host.
  */
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
+import { compileWholeMatch, type WholeMatch } from "./linear-pattern.js";
 
 export type ParamType = "string" | "int" | "bool" | "enum" | "list";
 
 /**
  * One declared parameter, as written in a document (YAML or JSON).
  *
- * - `pattern` is a JavaScript regular expression (Unicode mode) that must
- *   match the WHOLE value — it is anchored for you — and is applied to a
+ * - `pattern` is a regular expression (JavaScript syntax, Unicode mode) that
+ *   must match the WHOLE value — it is anchored for you — and is applied to a
  *   string value or to each element of a list. Allowed on `string` and `list`.
+ *   It runs in RE2 (linear time): backreferences and lookaround are refused.
  * - `values` lists the accepted values of an `enum` (and only of an enum).
  * - `maxLength` caps a string value or each list element, in characters;
  *   defaults to {@link DEFAULT_MAX_LENGTH}, at most {@link MAX_LENGTH_LIMIT}.
@@ -43,13 +46,13 @@ export type ParamValue = string | number | boolean | string[];
 /** What {@link redactParams} puts in place of a sensitive value. */
 export const SENSITIVE = "[sensitive]" as const;
 /** Default cap on a string value or list element, in characters. */
-export const DEFAULT_MAX_LENGTH = 4096;
+export const DEFAULT_MAX_LENGTH = LIMITS.paramValueChars;
 /** Largest `maxLength` a document may declare: the size of one argv element a job may carry. */
-export const MAX_LENGTH_LIMIT = 128 * 1024;
+export const MAX_LENGTH_LIMIT = LIMITS.paramMaxLengthLimit;
 /** Most elements a list parameter may hold. */
-export const MAX_LIST_ITEMS = 1024;
+export const MAX_LIST_ITEMS = LIMITS.paramListItems;
 /** Most parameters a document may declare. */
-export const MAX_PARAMS = 256;
+export const MAX_PARAMS = LIMITS.paramsPerDocument;
 
 const TYPES: ReadonlySet<string> = new Set<ParamType>(["string", "int", "bool", "enum", "list"]);
 /**
@@ -240,28 +243,19 @@ function checkText(spec: ParamSpec, value: string, subject: string): void {
   if (spec.pattern !== undefined && !compilePattern(spec).test(value)) fail(`does not match the pattern ${spec.pattern}${got(spec, value)}`);
 }
 
-const compiled = new WeakMap<ParamSpec, { source: string; re: RegExp }>();
+const compiled = new WeakMap<ParamSpec, WholeMatch>();
 
 /**
- * Compiles a spec's pattern, anchored to the whole value. The pattern is first
- * compiled on its own: that refuses one like `a)|(b` which would otherwise
- * escape the anchoring group and match any value ending in `b`.
+ * Compiles a spec's pattern, anchored to the whole value, for RE2 (linear
+ * time in the value, whatever the pattern: controller/linear-pattern.ts).
+ * Patterns run at `docs put` (defaults) and at submit, before authorization,
+ * so a backtracking engine would let any reader stall the controller.
  */
-function compilePattern(spec: ParamSpec): RegExp {
-  const source = spec.pattern;
+function compilePattern(spec: ParamSpec): WholeMatch {
   const hit = compiled.get(spec);
-  if (hit && hit.source === source) return hit.re;
-  if (typeof source !== "string") throw new InvalidArgumentError(`${label(spec.name)}: pattern must be text`);
-  let re: RegExp;
-  try {
-    new RegExp(source, "u");
-    re = new RegExp(`^(?:${source})$`, "u");
-  } catch (err) {
-    throw new InvalidArgumentError(`${label(spec.name)}: pattern is not a valid regular expression (${(err as Error).message})`, {
-      cause: err,
-    });
-  }
-  compiled.set(spec, { source, re });
+  if (hit && hit.source === spec.pattern) return hit;
+  const re = compileWholeMatch(spec.pattern as string, label(spec.name));
+  compiled.set(spec, re);
   return re;
 }
 

@@ -60,17 +60,26 @@
  * - An empty query is an error (“expected a condition”): selecting every host
  *   must be written `all`, so that a forgotten `-t` never fans out a job to a
  *   whole tenant.
- * - A query is at most {@link MAX_QUERY_LENGTH} characters and nests
- *   parentheses and `not` at most {@link MAX_QUERY_DEPTH} deep; both limits keep
- *   the parser and the matcher bounded on hostile input.
+ * - A query is at most {@link MAX_QUERY_LENGTH} characters, nests
+ *   parentheses and `not` at most {@link MAX_QUERY_DEPTH} deep, and each glob
+ *   is at most {@link MAX_GLOB_LENGTH} characters; these limits keep the parser
+ *   and the matcher bounded on hostile input. No regular expression is ever
+ *   built from a query.
  */
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import type { HostRecord } from "./model.js";
 
 /** Longest query accepted, in characters (UTF-16 code units). */
-export const MAX_QUERY_LENGTH = 64 * 1024;
+export const MAX_QUERY_LENGTH = LIMITS.queryChars;
 /** Deepest nesting of parentheses and `not` accepted. */
-export const MAX_QUERY_DEPTH = 64;
+export const MAX_QUERY_DEPTH = LIMITS.queryDepth;
+/**
+ * Longest `~`/`!~` glob. Matching costs at most (longest run between two
+ * `*`) × (value length) per host and value; with values capped by the fact
+ * and label limits, that keeps a query over a whole tenant bounded.
+ */
+export const MAX_GLOB_LENGTH = LIMITS.globChars;
 
 /** Where a key is looked up; see the module documentation for the order. */
 export type QueryScope = "host" | "label" | "fact" | "auto";
@@ -222,7 +231,11 @@ class Parser {
     const key = this.text.slice(keyTok.pos, keyTok.end);
     const tok = this.take();
     if (tok.t === "op") {
-      const value = this.value(this.take(), `after "${tok.v}"`);
+      const valueTok = this.take();
+      const value = this.value(valueTok, `after "${tok.v}"`);
+      if ((tok.v === "~" || tok.v === "!~") && value.length > MAX_GLOB_LENGTH) {
+        this.fail(valueTok, `a glob is at most ${MAX_GLOB_LENGTH} characters (this one has ${value.length})`);
+      }
       return { kind: "cmp", field, op: tok.v, value };
     }
     if (this.isWord(tok, "in")) return { kind: "in", field, negated: false, values: this.list() };

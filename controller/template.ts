@@ -29,17 +29,22 @@
  *   value goes in as-is; a list is joined with ",".
  * - {@link renderArgv}: an exec step's argv; an element that is exactly one
  *   placeholder of a list value becomes one element per item.
- * - {@link renderShell}: a script for `/bin/sh -c`. Each value is single-quoted
- *   ({@link shellQuote}); a list becomes several quoted words. Quoting only
- *   protects a value where the shell reads a plain word, so the script around
- *   each placeholder is lexed and a placeholder inside quotes, `${…}`,
- *   arithmetic, backquotes, a comment, a here-document, or right after `\` or
- *   `$` is refused with the reason. What quoting cannot prevent is a command
- *   that itself treats its argument as code (`eval`, `sh -c`, bash `let` or
- *   `[[ … -eq … ]]`); a document that does that must restrict the parameter
- *   with a pattern or an `int` type.
+ * - {@link renderShell}: a script for `/bin/sh -c`. Each value is assigned,
+ *   single-quoted ({@link shellQuote}), to a read-only shell variable before
+ *   the script, and the placeholder becomes a double-quoted reference to it;
+ *   a list becomes several such words. The script up to its last placeholder
+ *   is checked by a lexer that knows a small part of the shell completely
+ *   ({@link lexShell}): a placeholder inside quotes, `${…}`, a comment, or
+ *   right after `\` or `$` is refused, and so is, before the last
+ *   placeholder, anything the lexer does not fully understand (`$( )`,
+ *   backquotes, `${` with an operator, arithmetic, `[[ ]]`, here-documents,
+ *   `$'…'`). What no template check can prevent is a command that itself
+ *   treats its argument as code (`eval`, `sh -c "$v"`, bash `let` or
+ *   `declare -i`); a document that does that must restrict the parameter with
+ *   a pattern or an `int` type.
  */
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import type { ParamSpec, ParamValue } from "./params.js";
 import { lookupField, type HostView } from "./query.js";
 
@@ -47,7 +52,7 @@ import { lookupField, type HostView } from "./query.js";
 export type RenderContext = { params: Record<string, ParamValue>; host: HostView };
 
 /** Longest template accepted, in characters. */
-export const MAX_TEMPLATE_LENGTH = 1024 * 1024;
+export const MAX_TEMPLATE_LENGTH = LIMITS.templateChars;
 
 type RefKind = "param" | "host" | "label" | "fact";
 
@@ -96,15 +101,30 @@ export function renderText(template: string, ctx: RenderContext): string {
   return out;
 }
 
+/** Shell variables that carry values into a rendered script: `rexmesh_v1`, `rexmesh_v2`, … */
+export const SHELL_VALUE_PREFIX = "rexmesh_v";
+
 /**
- * Renders a script for `/bin/sh -c`: every value single-quoted, a list as
- * several quoted words (it must then stand as a whole word). Refuses a
- * placeholder where quoting would not protect it (see the module notes), so
- * that a parameter always reaches the command as literal words.
+ * Renders a script for `/bin/sh -c` (or bash, dash). Values never appear in
+ * the script's text where it uses them: each one (each element of a list) is
+ * assigned, single-quoted, to a read-only variable on a first statement
+ * (`readonly rexmesh_v1='…' …;`), read before anything of the template, and
+ * each placeholder becomes `"${rexmesh_v1}"` (a list: several such words,
+ * and it must stand as a whole word). A variable's value is never parsed
+ * again as code, even where a script changes its own syntax at run time
+ * (dash expands aliases in scripts, which no lexer of the text can follow);
+ * {@link lexShell} in addition refuses a placeholder anywhere it would not
+ * be exactly one literal word.
  */
 export function renderShell(template: string, ctx: RenderContext): string {
   const parsed = parse(template);
   const words = shellWords(parsed);
+  const assignments: string[] = [];
+  const variable = (value: string): string => {
+    const name = `${SHELL_VALUE_PREFIX}${assignments.length + 1}`;
+    assignments.push(`${name}=${shellQuote(value)}`);
+    return `"\${${name}}"`;
+  };
   let out = "";
   let n = 0;
   for (const seg of parsed.segments) {
@@ -115,13 +135,13 @@ export function renderShell(template: string, ctx: RenderContext): string {
     const v = valueOf(seg, ctx);
     if (Array.isArray(v)) {
       if (!words[n]) throw new InvalidArgumentError(`template: list placeholder ${show(seg)} at ${seg.at} must stand as a whole word in a shell script`);
-      out += v.map(shellQuote).join(" ");
+      out += v.map(variable).join(" ");
     } else {
-      out += shellQuote(v);
+      out += variable(v);
     }
     n++;
   }
-  return out;
+  return assignments.length === 0 ? out : `readonly ${assignments.join(" ")}; ${out}`;
 }
 
 /**
@@ -327,231 +347,148 @@ function shellWords(parsed: Parsed): boolean[] {
   return parsed.shellWords;
 }
 
-type Frame =
-  | { k: "cmd"; sub: boolean; depth: number }
-  | { k: "param" | "arith"; depth: number }
-  | { k: "sq" | "dq" | "ansi" | "bt" | "comment" };
-
-const INSIDE: Record<Exclude<Frame["k"], "cmd">, string> = {
-  sq: "inside single quotes",
-  dq: "inside double quotes",
-  ansi: "inside $'…' quotes",
-  bt: "inside backquotes (use $( ) instead)",
-  param: "inside ${…}",
-  arith: "inside an arithmetic expression",
-  comment: "inside a comment",
-};
-const WORD_BREAK = " \t\n;&|()<>";
 const WORD_EDGE = " \t\n;&|()";
+const OPERATOR = ";&|()<>";
+const NAME_START = /[A-Za-z_]/;
+const NAME_CHAR = /[A-Za-z0-9_]/;
+/** What may stand between `${` and `}`: a name, a positional or special parameter, optionally its length. */
+const PLAIN_BRACED = /^#?(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!-])$/;
 
 /**
- * A small POSIX shell lexer run over the script with each placeholder as a
- * NUL (the template itself may not contain NUL). It tracks only what changes
- * how the shell reads a word — quotes, escapes, `$(…)`, `${…}`, arithmetic,
- * backquotes, comments and here-documents — and refuses a placeholder
- * anywhere but a plain word. Where it cannot be sure (a here-document that
- * starts inside a nested construct, `case` inside `$(…)`, bash's `$[…]`), it refuses the
- * script rather than guess. Returns, per placeholder, whether it is a whole
- * word (for lists).
+ * Checks where the placeholders of a shell script land, with a lexer that
+ * understands a small part of the POSIX shell language completely and
+ * refuses everything else. It reads the script (each placeholder a NUL, which
+ * a template may not contain) up to its LAST placeholder — what follows
+ * cannot change how an earlier word was read — and knows only: blanks and
+ * operators, words, backslash escapes and line continuations, single quotes,
+ * double quotes, `$name`, `${name}` and `${#name}` (also inside double
+ * quotes), and comments. A placeholder must stand in a plain word: not in
+ * quotes, not after `\` or `$`, not in a comment. Anything else before the
+ * last placeholder — `$( )`, backquotes, `${` with an operator, `$(( ))`,
+ * `(( ))`, `[[ ]]`, here-documents, `$'…'`, `$"…"`, `$[ ]` — is refused
+ * with the reason: where the shell's reading depends on its dialect or on
+ * nesting, the lexer does not guess. Returns, per placeholder, whether it is
+ * a whole word (for lists).
  */
 function lexShell(parsed: Parsed): boolean[] {
   const s = parsed.segments.map((seg) => (typeof seg === "string" ? seg : "\0")).join("");
+  const end = s.lastIndexOf("\0") + 1;
   const words: boolean[] = [];
-  const stack: Frame[] = [{ k: "cmd", sub: false, depth: 0 }];
-  const heredocs: { delim: string; strip: boolean }[] = [];
   let i = 0;
+  /** Whether the next character starts a word (so that `#` starts a comment). */
+  let wordStart = true;
   const bad = (why: string): never => {
     const ref = parsed.refs[words.length]!;
     throw new InvalidArgumentError(
       `template: placeholder ${show(ref)} at ${ref.at} is ${why}; in a shell script a placeholder must stand outside quotes (each value is quoted for you)`,
     );
   };
-  const unsure = (why: string): never => {
-    throw new InvalidArgumentError(`template: cannot tell where placeholders land in this shell script: ${why}`);
+  const unsure = (what: string, at: number): never => {
+    const ref = parsed.refs[words.length]!;
+    throw new InvalidArgumentError(
+      `template: ${what} at ${at} comes before placeholder ${show(ref)}; a shell script may use it only after its last placeholder ` +
+        "(pass the value through a variable first: v={{ param.x }} … \"$v\")",
+    );
   };
-  const wordStart = (at: number): boolean => at === 0 || WORD_BREAK.includes(s[at - 1]!);
-  const escape = (): void => {
-    if (s[i + 1] === "\0") bad("right after a backslash");
-    i += 2;
-  };
-  const dollar = (quoted: boolean): void => {
+  /** `$` at i; returns the index after what it starts. */
+  const dollar = (quoted: boolean): number => {
     const n = s[i + 1];
     if (n === "\0") bad('right after "$"');
-    if (n === "[") unsure(`obsolete "$[" arithmetic at ${i}; write $(( ))`);
-    if (n === "(" && s[i + 2] === "(") {
-      stack.push({ k: "arith", depth: 0 });
-      i += 3;
-    } else if (n === "(") {
-      stack.push({ k: "cmd", sub: true, depth: 0 });
-      i += 2;
-    } else if (n === "{") {
-      stack.push({ k: "param", depth: 0 });
-      i += 2;
-    } else if (!quoted && n === "'") {
-      stack.push({ k: "ansi" });
-      i += 2;
-    } else if (!quoted && n === '"') {
-      stack.push({ k: "dq" });
-      i += 2;
-    } else {
-      i++;
+    if (n === "(") unsure(s[i + 2] === "(" ? "arithmetic $(( ))" : "command substitution $( )", i);
+    if (n === "[") unsure('arithmetic "$["', i);
+    if (n === "{") {
+      const close = s.indexOf("}", i + 2);
+      const inner = close < 0 ? s.slice(i + 2) : s.slice(i + 2, close);
+      if (inner.includes("\0")) bad("inside ${…}");
+      if (close < 0 || !PLAIN_BRACED.test(inner)) unsure("a parameter expansion with an operator ${…}", i);
+      return close + 1;
     }
+    if (!quoted && (n === "'" || n === '"')) unsure(n === "'" ? "$'…' quoting" : '$"…" quoting', i);
+    if (n !== undefined && NAME_START.test(n)) {
+      let j = i + 2;
+      while (j < s.length && NAME_CHAR.test(s[j]!)) j++;
+      return j;
+    }
+    if (n !== undefined && /[0-9@*#?$!-]/.test(n)) return i + 2;
+    return i + 1;
   };
 
-  while (i < s.length) {
+  while (i < end) {
     const c = s[i]!;
-    const top = stack[stack.length - 1]!;
     if (c === "\0") {
-      if (top.k !== "cmd") bad(INSIDE[top.k]);
       const prev = s[i - 1];
       const next = s[i + 1];
       words.push((prev === undefined || WORD_EDGE.includes(prev)) && (next === undefined || WORD_EDGE.includes(next)));
+      wordStart = false;
       i++;
       continue;
     }
-    if (c === "\n" && heredocs.length > 0 && top.k !== "comment" && !(top.k === "cmd" && stack.length === 1)) {
-      unsure("a here-document whose command line continues inside a nested or quoted construct");
-    }
-    switch (top.k) {
-      case "sq":
-        if (c === "'") stack.pop();
+    switch (c) {
+      case "\\":
+        if (s[i + 1] === "\0") bad("right after a backslash");
+        // A line continuation joins two lines into one word: it changes nothing.
+        if (s[i + 1] !== "\n") wordStart = false;
+        i += 2;
+        break;
+      case "'": {
+        const close = s.indexOf("'", i + 1);
+        if ((close < 0 ? s.slice(i + 1) : s.slice(i + 1, close)).includes("\0")) bad("inside single quotes");
+        i = close < 0 ? s.length : close + 1;
+        wordStart = false;
+        break;
+      }
+      case '"':
+        i = doubleQuoted(i + 1);
+        wordStart = false;
+        break;
+      case "$":
+        i = dollar(false);
+        wordStart = false;
+        break;
+      case "`":
+        unsure("a backquoted command", i);
+        break;
+      case "#":
+        if (wordStart) {
+          const nl = s.indexOf("\n", i);
+          if ((nl < 0 ? s.slice(i) : s.slice(i, nl)).includes("\0")) bad("inside a comment");
+          i = nl < 0 ? s.length : nl;
+        } else i++;
+        break;
+      case "<":
+        if (s[i + 1] === "<") unsure("a here-document", i);
+        wordStart = true;
         i++;
         break;
-      case "ansi":
-        if (c === "\\") escape();
-        else {
-          if (c === "'") stack.pop();
-          i++;
-        }
+      case "(":
+        if (s[i + 1] === "(") unsure("arithmetic (( ))", i);
+        wordStart = true;
+        i++;
         break;
-      case "bt":
-        if (c === "\\") escape();
-        else {
-          if (c === "`") stack.pop();
-          i++;
-        }
+      case "[":
+        if (wordStart && s[i + 1] === "[") unsure("[[ ]]", i);
+        wordStart = false;
+        i++;
         break;
-      case "comment":
-        if (c === "\n") stack.pop();
-        else i++;
-        break;
-      case "dq":
-        if (c === "\\") escape();
-        else if (c === "$") dollar(true);
-        else {
-          if (c === '"') stack.pop();
-          else if (c === "`") stack.push({ k: "bt" });
-          i++;
-        }
-        break;
-      case "param":
-      case "arith":
-        if (c === "\\") escape();
-        else if (c === "$") dollar(true);
-        else {
-          if (c === "'") stack.push({ k: "sq" });
-          else if (c === '"') stack.push({ k: "dq" });
-          else if (c === "`") stack.push({ k: "bt" });
-          else if (top.k === "param" && c === "{") top.depth++;
-          else if (top.k === "param" && c === "}") {
-            if (top.depth === 0) stack.pop();
-            else top.depth--;
-          } else if (top.k === "arith" && c === "(") top.depth++;
-          else if (top.k === "arith" && c === ")") {
-            if (top.depth > 0) top.depth--;
-            else if (s[i + 1] === ")") {
-              stack.pop();
-              i++;
-            } else unsure(`"((" at ${i} that is not closed by "))"; write "( (" for nested subshells`);
-          }
-          i++;
-        }
-        break;
-      case "cmd":
-        if (c === "\\") escape();
-        else if (c === "$") dollar(false);
-        else if (c === "'") {
-          stack.push({ k: "sq" });
-          i++;
-        } else if (c === '"') {
-          stack.push({ k: "dq" });
-          i++;
-        } else if (c === "`") {
-          stack.push({ k: "bt" });
-          i++;
-        } else if (c === "#" && wordStart(i)) {
-          stack.push({ k: "comment" });
-          i++;
-        } else if (c === "(" && s[i + 1] === "(" && wordStart(i)) {
-          stack.push({ k: "arith", depth: 0 });
-          i += 2;
-        } else if (c === "(") {
-          top.depth++;
-          i++;
-        } else if (c === ")") {
-          if (top.depth > 0) top.depth--;
-          else if (top.sub) stack.pop();
-          i++;
-        } else if (c === "<" && s[i + 1] === "<") {
-          if (s[i + 2] === "<") i += 3;
-          else i = heredocOperator(i + 2);
-        } else if (c === "\n" && heredocs.length > 0) {
-          i = heredocBodies(i + 1);
-        } else if (top.sub && c === "c" && wordStart(i) && /^case(?=[\s;&|()<>]|$)/.test(s.slice(i, i + 5))) {
-          unsure(`"case" inside $( ) at ${i}; move it into a function or its own line`);
-        } else {
-          i++;
-        }
-        break;
+      default:
+        wordStart = c === " " || c === "\t" || c === "\n" || OPERATOR.includes(c);
+        i++;
     }
   }
   return words;
 
-  /** Reads the delimiter after `<<` / `<<-` at `j`; returns where the command line resumes. */
-  function heredocOperator(j: number): number {
-    let strip = false;
-    if (s[j] === "-") {
-      strip = true;
-      j++;
+  /** Skips a double-quoted string whose content starts at j; returns the index after its closing quote. */
+  function doubleQuoted(j: number): number {
+    i = j;
+    while (i < s.length) {
+      const c = s[i]!;
+      if (c === "\0") bad("inside double quotes");
+      if (c === '"') return i + 1;
+      if (c === "\\") i += 2;
+      else if (c === "$") i = dollar(true);
+      else if (c === "`") unsure("a backquoted command", i);
+      else i++;
     }
-    while (s[j] === " " || s[j] === "\t") j++;
-    let delim = "";
-    while (j < s.length && !WORD_BREAK.includes(s[j]!)) {
-      const d = s[j]!;
-      if (d === "\0") bad("in a here-document delimiter");
-      if (d === "'" || d === '"') {
-        const end = s.indexOf(d, j + 1);
-        if (end < 0) unsure(`unterminated quote in the here-document delimiter at ${j}`);
-        const part = s.slice(j + 1, end);
-        if (part.includes("\0")) bad("in a here-document delimiter");
-        delim += d === '"' ? part.replace(/\\([$`"\\])/g, "$1") : part;
-        j = end + 1;
-      } else if (d === "\\") {
-        if (s[j + 1] === "\0") bad("in a here-document delimiter");
-        delim += s[j + 1] ?? "";
-        j += 2;
-      } else {
-        delim += d;
-        j++;
-      }
-    }
-    if (delim !== "") heredocs.push({ delim, strip });
-    return j;
-  }
-
-  /** Skips the pending here-document bodies starting at `j`; none may hold a placeholder. */
-  function heredocBodies(j: number): number {
-    for (const doc of heredocs) {
-      while (j < s.length) {
-        const nl = s.indexOf("\n", j);
-        const lineEnd = nl < 0 ? s.length : nl;
-        const line = s.slice(j, lineEnd);
-        j = nl < 0 ? s.length : nl + 1;
-        if ((doc.strip ? line.replace(/^\t+/, "") : line) === doc.delim) break;
-        if (line.includes("\0")) bad("inside a here-document");
-      }
-    }
-    heredocs.length = 0;
-    return j;
+    return i;
   }
 }

@@ -1,10 +1,11 @@
 import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import { isDigest } from "../common/digest.js";
 import { baseDirProblem, relativePathProblem } from "../common/put-path.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 
-const MAX_STEPS = 64;
-const MAX_ARG_BYTES = 128 * 1024;
+const MAX_STEPS = LIMITS.jobSteps;
+const MAX_ARG_BYTES = LIMITS.argBytes;
 
 /** Refuses step lists a daemon could not run, naming the step and field at fault. */
 export function validateSteps(steps: readonly Step[]): void {

@@ -9,6 +9,7 @@ import { clientTlsOptions } from "../certs/tls.js";
 import { Backoff } from "../common/backoff.js";
 import type { Clock } from "../common/clock.js";
 import {
+  AlreadyExistsError,
   ConfigError,
   DeadlineExceededError,
   FailedPreconditionError,
@@ -198,6 +199,8 @@ function domainError(err: unknown, address: string): RexmeshError {
       return new InvalidArgumentError(message, { cause: err });
     case grpc.status.FAILED_PRECONDITION:
       return new FailedPreconditionError(message, { cause: err });
+    case grpc.status.ALREADY_EXISTS:
+      return new AlreadyExistsError(message, { cause: err });
     case grpc.status.DEADLINE_EXCEEDED:
       return new DeadlineExceededError(message, { cause: err });
     default:

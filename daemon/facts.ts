@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { readFileSync } from "node:fs";
 import os from "node:os";
+import { clampFacts } from "../common/limits.js";
 import { HostFactsSchema, type HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 
 export const DAEMON_VERSION = "0.1.0";
@@ -18,13 +19,17 @@ function osFamily(): string {
   }
 }
 
-/** What this host reports about itself when it connects. */
+/**
+ * What this host reports about itself when it connects, cut to the fact
+ * limits (common/limits.ts): the controller keeps no more than that, so the
+ * daemon never sends more (a host with thousands of addresses, say).
+ */
 export function collectFacts(): HostFacts {
   const addresses = Object.values(os.networkInterfaces())
     .flat()
     .filter((a): a is os.NetworkInterfaceInfo => a !== undefined && !a.internal)
     .map((a) => a.address);
-  return create(HostFactsSchema, {
+  const facts = create(HostFactsSchema, {
     os: os.platform(),
     osFamily: osFamily(),
     arch: os.arch(),
@@ -34,4 +39,5 @@ export function collectFacts(): HostFacts {
     daemonVersion: DAEMON_VERSION,
     tools: [...TOOLS],
   });
+  return clampFacts(facts).facts;
 }

@@ -76,6 +76,17 @@ steps:
     expect((await cli(["docs", "show", "bad"])).stderr).toMatch(/NotFound/);
   });
 
+  it("refuses at docs put the template of issue 12 that /bin/sh read differently, and a ReDoS pattern at once", async () => {
+    const finding = await put("finding", { name: "finding", parameters: [{ name: "v", type: "string" }], steps: [{ shell: { script: `echo "\${u-'}" '}" {{param.v}} '` } }] });
+    expect(finding.code).toBe(2);
+    expect(finding.stderr).toMatch(/InvalidArgument: step 1: field shell\.script: .*parameter expansion with an operator/);
+    const t0 = Date.now();
+    const redos = await put("redos", { name: "redos", parameters: [{ name: "v", type: "string", pattern: "(a|a)+", default: "a".repeat(30) + "!" }], steps: [{ exec: { argv: ["true"] } }] });
+    expect(redos.code).toBe(2);
+    expect(redos.stderr).toMatch(/InvalidArgument: parameter "v": default does not match/);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+  });
+
   it("runs on hosts of both regions; each host's rendered steps carry its own facts; sensitive values reach hosts but no listing", async () => {
     const r = await cli(["run", "--doc", "greet", "-p", "msg=hello world", "-p", "count=3", "-p", `token=${SECRET}`, "--all", "--json"]);
     expect(r.code, r.stderr).toBe(0);
@@ -92,7 +103,9 @@ steps:
     expect(job?.parameters).toEqual({ msg: "hello world", count: "3", token: "[sensitive]" });
     const eu1 = tasks.find((t) => t.hostId === "eu-1")!;
     const step = eu1.steps[1]!;
-    expect(step.tool.case === "shell" && step.tool.value.script).toBe("echo host='eu-1' region='eu-west' count='3' msg='hello world' token='[sensitive]'");
+    expect(step.tool.case === "shell" && step.tool.value.script).toBe(
+      `readonly rexmesh_v1='eu-1' rexmesh_v2='eu-west' rexmesh_v3='3' rexmesh_v4='hello world' rexmesh_v5='[sensitive]'; echo host="\${rexmesh_v1}" region="\${rexmesh_v2}" count="\${rexmesh_v3}" msg="\${rexmesh_v4}" token="\${rexmesh_v5}"`,
+    );
     const listings = JSON.stringify([job, tasks, (await conn.client.listJobs({})).jobs, (await conn.client.listAudit({ limit: 1000 })).events], (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v));
     expect(listings).not.toContain(SECRET);
     expect(readFileSync(mesh.controller.logFile, "utf8")).not.toContain(SECRET);
@@ -171,15 +184,15 @@ steps:
     const before = (await conn.client.listJobs({ limit: 1000 })).jobs.length;
     const r = await cli(["run", "--doc", "greet", "-p", "msg=dry", "-p", `token=${SECRET}`, "-t", "region=us-east or #eu-1", "--dry-run"]);
     expect(r.code, r.stderr).toBe(0);
-    expect(r.stdout).toMatch(/^eu-1 +eu-west +via proxy-eu-west +connected\n  1\. exec \["printf","%s\|%s\|%s\\\\n","eu-1",".+","eu-west"\]\n  2\. shell echo host='eu-1' region='eu-west' count='1' msg='dry' token='\[sensitive\]'\n/);
+    expect(r.stdout).toMatch(/^eu-1 +eu-west +via proxy-eu-west +connected\n  1\. exec \["printf","%s\|%s\|%s\\\\n","eu-1",".+","eu-west"\]\n  2\. shell readonly rexmesh_v1='eu-1' rexmesh_v2='eu-west' rexmesh_v3='1' rexmesh_v4='dry' rexmesh_v5='\[sensitive\]'; echo host="\$\{rexmesh_v1\}" region="\$\{rexmesh_v2\}" count="\$\{rexmesh_v3\}" msg="\$\{rexmesh_v4\}" token="\$\{rexmesh_v5\}"\n/);
     expect(r.stdout).toMatch(/us-2 +us-east +via proxy-us-east +connected\n/);
     expect(r.stdout).toContain("dry run: 3 hosts, 3 would run, 0 rejected; nothing was stored or run");
     expect(r.stdout).not.toContain(SECRET);
     const j = await cli(["run", "--doc", "alt", "--all", "--dry-run", "--json"]);
     const plan = JSON.parse(j.stdout) as { hosts: { host: string; proxy: string; steps: unknown[]; rejected?: string }[] };
     expect(plan.hosts.map((h) => [h.host, h.proxy, h.rejected ? "rejected" : JSON.stringify(h.steps)])).toEqual([
-      ["eu-1", "proxy-eu-west", JSON.stringify([{ shell: { script: "echo shell on 'eu-1'" } }])],
-      ["eu-2", "proxy-eu-west", JSON.stringify([{ shell: { script: "echo shell on 'eu-2'" } }])],
+      ["eu-1", "proxy-eu-west", JSON.stringify([{ shell: { script: `readonly rexmesh_v1='eu-1'; echo shell on "\${rexmesh_v1}"` } }])],
+      ["eu-2", "proxy-eu-west", JSON.stringify([{ shell: { script: `readonly rexmesh_v1='eu-2'; echo shell on "\${rexmesh_v1}"` } }])],
       ["us-1", "proxy-us-east", "rejected"],
       ["us-2", "proxy-us-east", JSON.stringify([{ exec: { argv: ["echo", "exec on", "us-2"] } }])],
     ]);

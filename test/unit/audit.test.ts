@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
 import { InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../../common/errors.js";
+import { LIMITS, TRUNCATED } from "../../common/limits.js";
 import { silentLogger } from "../../common/logger.js";
 import { OperatorAccess } from "../../controller/access.js";
 import { AuditLog, MAX_AUDIT_HOSTS, MemoryAuditStore, type AuditStore } from "../../controller/audit.js";
@@ -29,6 +30,21 @@ describe("AuditLog", () => {
     expect(log.list("acme", { sinceMs: clock.now() - 500 }).map((e) => e.decision)).toEqual(["denied"]);
     expect(log.list("acme", { limit: 1 }).map((e) => e.decision)).toEqual(["denied"]);
     expect(log.list("other").map((e) => e.kind)).toEqual(["enroll"]);
+  });
+
+  it("truncates every field with a marker, so a 10 MB host id or actor cannot bloat the log (issue 12)", async () => {
+    const store = new MemoryAuditStore();
+    const log = new AuditLog({ store, clock: new ManualClock(), ids: counterIds() });
+    const huge = "h".repeat(10 << 20);
+    const e = await log.append({ kind: "k".repeat(5000), tenant: "t".repeat(5000), actor: "a".repeat(5000), decision: "rejected", reason: huge, what: huge, hostIds: [huge, "ok"], jobId: "j".repeat(5000) });
+    for (const field of [e.kind, e.tenant, e.actor, e.jobId, e.hostIds[0]!]) {
+      expect(field.length).toBeLessThanOrEqual(LIMITS.auditFieldChars);
+      expect(field.endsWith(TRUNCATED)).toBe(true);
+    }
+    expect(e.hostIds[1]).toBe("ok");
+    expect(e.reason.length).toBeLessThanOrEqual(LIMITS.auditTextChars);
+    expect(e.what.endsWith(TRUNCATED)).toBe(true);
+    expect(JSON.stringify(store.events).length).toBeLessThan(8 * 1024);
   });
 });
 

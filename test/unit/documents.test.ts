@@ -9,6 +9,7 @@ import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
 import type { HostRecord } from "../../controller/model.js";
+import { shellQuote } from "../../controller/template.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
 import { TaskState, type Step, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
 import { counterIds, flush, operator } from "./support.js";
@@ -50,6 +51,12 @@ function argv(s: Step | undefined): string[] {
 function script(s: Step | undefined): string {
   if (s?.tool.case !== "shell") throw new Error("not shell");
   return s.tool.value.script;
+}
+
+/** What renderShell makes of `body`: the values in read-only variables, each § a reference to the next one. */
+function rendered(body: string, ...values: string[]): string {
+  let n = 0;
+  return `readonly ${values.map((v, i) => `rexmesh_v${i + 1}=${shellQuote(v)}`).join(" ")}; ${body.replaceAll("§", () => `"\${rexmesh_v${++n}}"`)}`;
 }
 
 describe("document format", () => {
@@ -103,10 +110,29 @@ describe("per-host rendering", () => {
     const eu = planHost(doc, params, host("h1", "eu"));
     const us = planHost(doc, params, host("h2", "us"));
     expect(argv(eu.steps?.[0])).toEqual(["echo", "h1", "hi there", "a b", "c"]);
-    expect(script(eu.steps?.[1])).toBe("echo 'h1.example' 'eu' 's3cret'");
-    expect(script(us.steps?.[1])).toBe("echo 'h2.example' 'us' 's3cret'");
-    expect(script(eu.steps?.[2])).toBe("echo eu 'hi there'");
+    expect(script(eu.steps?.[1])).toBe(rendered("echo § § §", "h1.example", "eu", "s3cret"));
+    expect(script(us.steps?.[1])).toBe(rendered("echo § § §", "h2.example", "us", "s3cret"));
+    expect(script(eu.steps?.[2])).toBe(rendered("echo eu §", "hi there"));
     expect(argv(us.steps?.[2])).toEqual(["echo", "other"]);
+  });
+
+  it("lets placeholders reach a shell only through a shell step run by sh, bash or dash -c (issue 12)", () => {
+    const v = [{ name: "v", type: "string" }];
+    const doc = (step: object) => () => compileDocument({ name: "s", parameters: v, steps: [step] });
+    expect(doc({ shell: { script: "echo {{param.v}}", interpreter: ["/bin/bash", "-e", "-c"] } })).not.toThrow();
+    expect(doc({ shell: { script: "echo {{param.v}}", interpreter: ["dash", "-ec"] } })).not.toThrow();
+    expect(doc({ shell: { script: "print({{param.v}})", interpreter: ["python3", "-c"] } })).toThrow(/runs in sh, bash or dash with -c/);
+    expect(doc({ shell: { script: "echo {{param.v}}", interpreter: ["zsh", "-c"] } })).toThrow(/runs in sh, bash or dash/);
+    expect(doc({ shell: { script: "echo {{param.v}}", interpreter: ["sh", "-c", "x"] } })).toThrow(/runs in sh, bash or dash/);
+    // Without placeholders the interpreter is the author's choice.
+    expect(doc({ shell: { script: "print(1)", interpreter: ["python3", "-c"] } })).not.toThrow();
+    // A parameter never chooses the program.
+    expect(doc({ shell: { script: "echo hi", interpreter: ["{{param.v}}", "-c"] } })).toThrow(/interpreter is not a template/);
+    expect(doc({ script: { artifact: `sha256:${"0".repeat(64)}`, interpreter: ["{{param.v}}"] } })).toThrow(/interpreter is not a template/);
+    // sh -c with a placeholder in its command string is shell code; after it, a plain argument.
+    expect(doc({ exec: { argv: ["/bin/sh", "-c", "echo {{param.v}}"] } })).toThrow(/command string of sh -c/);
+    expect(doc({ exec: { argv: ["bash", "-xc", "echo {{param.v}}"] } })).toThrow(/command string of bash -xc/);
+    expect(doc({ exec: { argv: ["sh", "-c", 'echo "$1"', "sh", "{{param.v}}"] } })).not.toThrow();
   });
 
   it("an injection attempt stays one literal argument or one quoted word", () => {
@@ -114,7 +140,7 @@ describe("per-host rendering", () => {
     const d = compileDocument({ name: "e", parameters: [{ name: "v", type: "string" }], steps: [{ exec: { argv: ["echo", "{{param.v}}"] } }, { shell: { script: "printf %s {{param.v}}" } }] });
     const plan = planHost(d, { v: evil }, host("h1", "eu"));
     expect(argv(plan.steps?.[0])).toEqual(["echo", evil]);
-    expect(script(plan.steps?.[1])).toBe(`printf %s '${evil.replaceAll("'", "'\\''")}'`);
+    expect(script(plan.steps?.[1])).toBe(`readonly rexmesh_v1='${evil.replaceAll("'", "'\\''")}'; printf %s "\${rexmesh_v1}"`);
   });
 
   it("takes the first alternative the host matches and supports; rejects a host that fits none, with the reason", () => {
@@ -228,15 +254,15 @@ describe("document runs in the job manager", () => {
     await flush();
     expect(job.document).toBe("d@1");
     expect(job.parameters).toEqual({ msg: "hello", secret: "[sensitive]" });
-    expect(authorized.map(script)).toEqual(["echo 'e1' 'hello' 'pw'", "echo 'u1' 'hello' 'pw'"]);
-    expect(t.ports.eu.tasks.map((s) => script(s.steps[0]))).toEqual(["echo 'e1' 'hello' 'pw'"]);
-    expect(t.ports.us.tasks.map((s) => script(s.steps[0]))).toEqual(["echo 'u1' 'hello' 'pw'"]);
+    expect(authorized.map(script)).toEqual([rendered("echo § § §", "e1", "hello", "pw"), rendered("echo § § §", "u1", "hello", "pw")]);
+    expect(t.ports.eu.tasks.map((s) => script(s.steps[0]))).toEqual([rendered("echo § § §", "e1", "hello", "pw")]);
+    expect(t.ports.us.tasks.map((s) => script(s.steps[0]))).toEqual([rendered("echo § § §", "u1", "hello", "pw")]);
     const tasks = t.jobs.tasksOf(job);
     const u2 = tasks.find((x) => x.hostId === "u2")!;
     expect(u2.state).toBe(TaskState.REJECTED);
     expect(u2.message).toMatch(/no alternative fits host u2/);
     const e1 = tasks.find((x) => x.hostId === "e1")!;
-    expect(script(t.jobs.shownSteps(e1)?.[0])).toBe("echo 'e1' 'hello' '[sensitive]'");
+    expect(script(t.jobs.shownSteps(e1)?.[0])).toBe(rendered("echo § § §", "e1", "hello", "[sensitive]"));
   });
 
   it("refuses a parameter that fails its pattern, naming it, and stores nothing", async () => {
@@ -252,8 +278,8 @@ describe("document runs in the job manager", () => {
     await t.documents.put("acme", "op", doc);
     const plan = t.jobs.dryRun(operator("acme"), req({ document: "d", parameters: { msg: "hello", secret: "pw" } }));
     expect(plan.map((p) => [p.host.id, p.host.proxy, p.rejected ? "rejected" : script(p.steps[0])])).toEqual([
-      ["e1", "px-eu", "echo 'e1' 'hello' '[sensitive]'"],
-      ["u1", "px-us", "echo 'u1' 'hello' '[sensitive]'"],
+      ["e1", "px-eu", rendered("echo § § §", "e1", "hello", "[sensitive]")],
+      ["u1", "px-us", rendered("echo § § §", "u1", "hello", "[sensitive]")],
       ["u2", "px-us", "rejected"],
     ]);
     expect(t.store.listJobs("acme", 10)).toHaveLength(0);

@@ -9,8 +9,10 @@ import { createCsr, keyFingerprint, readCsr, signEnrollment, verifyZeroCertifica
 import { identityFromCertificate, requireRole, type PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
 import {
+  AlreadyExistsError,
   FailedPreconditionError,
   InvalidArgumentError,
+  NotFoundError,
   PermissionDeniedError,
   UnauthenticatedError,
 } from "../../common/errors.js";
@@ -35,7 +37,7 @@ beforeAll(() => {
   otherKeys = generateKeyPair();
 });
 
-function setup(store: EnrollStore = new MemoryEnrollStore(), known?: Record<string, string>) {
+function setup(store: EnrollStore = new MemoryEnrollStore(), known?: Record<string, string>, more: { revoked?: Set<string>; rekeyers?: Set<string> } = {}) {
   const events: EnrollmentEvent[] = [];
   const authority = new EnrollmentAuthority({
     store,
@@ -44,6 +46,11 @@ function setup(store: EnrollStore = new MemoryEnrollStore(), known?: Record<stri
     log: silentLogger,
     hostCertTtlMs: 24 * HOUR,
     knownHost: (id) => (known?.[id] ? { tenant: known[id]! } : undefined),
+    isRevoked: (i) => more.revoked?.has(`${i.role}:${i.scope}/${i.id}`) ?? false,
+    authorizeRekey: (caller) => {
+      if (!(more.rekeyers ?? new Set(["alice"])).has(caller.id)) throw new PermissionDeniedError(`operator ${caller.scope}/${caller.id} may not rekey`);
+      return "admin";
+    },
     audit: (e) => void events.push(e),
   });
   return { authority, events, store };
@@ -71,9 +78,12 @@ describe("join tokens", () => {
   it("can be created by operators for their own tenant only", async () => {
     const { authority, events } = setup();
     await expect(authority.createToken(alice, { tenant: "globex" })).rejects.toThrow(PermissionDeniedError);
+    const huge = await authority.createToken(alice, { tenant: "t".repeat(1 << 20) }).catch((e: Error) => e.message);
+    expect(huge).toMatch(/tenant is longer than 128/);
+    expect(String(huge).length).toBeLessThan(200);
     await expect(authority.createToken(proxy, {})).rejects.toThrow(PermissionDeniedError);
     await expect(authority.createToken({ role: "enroll", scope: "acme", id: "z" }, {})).rejects.toThrow(PermissionDeniedError);
-    expect(events.filter((e) => e.decision === "refused")).toHaveLength(3);
+    expect(events.filter((e) => e.decision === "refused")).toHaveLength(4);
   });
 
   it("validate ttl, uses and host id", () => {
@@ -169,10 +179,28 @@ describe("enrollment", () => {
     await expect(authority.enroll(request("h1", { token: await t() }, otherKeys), undefined)).rejects.toThrow(/another key/);
     await expect(authority.enroll(request("h1", { token: await t() }), undefined)).rejects.toThrow(/bound to it/);
     const bound = await authority.createToken(alice, { hostId: "h1" });
-    await expect(authority.enroll(request("h1", { token: bound.token }, otherKeys), undefined)).rejects.toThrow(/another key/);
+    await expect(authority.enroll(request("h1", { token: bound.token }, otherKeys), undefined)).rejects.toThrow(AlreadyExistsError);
     const again = await authority.createToken(alice, { hostId: "h1" });
     const issued = await authority.enroll(request("h1", { token: again.token }), undefined);
     expect(identityFromCertificate(issued.certPem).id).toBe("h1");
+  });
+
+  it("re-keys an enrolled host id only with a --rekey token, which needs its own policy action and is audited", async () => {
+    const { authority, events, store } = setup(new MemoryEnrollStore(), undefined, { rekeyers: new Set(["alice"]) });
+    await authority.enroll(request("h2", { token: (await authority.createToken(alice, {})).token }), undefined);
+    const bob: PeerIdentity = { role: "operator", scope: "acme", id: "bob" };
+    await expect(authority.createToken(bob, { hostId: "h2", rekey: true })).rejects.toThrow(/may not rekey/);
+    expect(events.at(-1)).toMatchObject({ action: "create-join-token", decision: "refused", hostId: "h2", rekey: true });
+    await expect(authority.createToken(alice, { rekey: true })).rejects.toThrow(/--host-id/);
+    await expect(authority.createToken(alice, { hostId: "elsewhere", rekey: true })).rejects.toThrow(NotFoundError);
+    const rekey = await authority.createToken(alice, { hostId: "h2", rekey: true });
+    expect(events.at(-1)).toMatchObject({ action: "create-join-token", decision: "allowed", hostId: "h2", rekey: true });
+    const before = store.getHost("h2")!.keyFingerprint;
+    await authority.enroll(request("h2", { token: rekey.token }, otherKeys), undefined);
+    expect(store.getHost("h2")!.keyFingerprint).toBe(keyFingerprint(otherKeys.publicKeyPem));
+    expect(events.at(-1)).toMatchObject({ action: "enroll", decision: "allowed", hostId: "h2", rekey: true, previousKeyFingerprint: before });
+    // Used once: the old key cannot come back with it.
+    await expect(authority.enroll(request("h2", { token: rekey.token }), undefined)).rejects.toThrow(/used up/);
   });
 
   it("never enrolls a revoked host id again, not even with a bound token and its old key", async () => {
@@ -191,13 +219,45 @@ describe("enrollment", () => {
     expect(identityFromCertificate((await authority.enroll(request("h10", { token: other.token }), undefined)).certPem).id).toBe("h10");
   });
 
-  it("treats hosts known from hand-issued certificates as taken", async () => {
+  it("treats hosts known from hand-issued certificates as taken: a bound token cannot give them a key, a re-key token can", async () => {
     const { authority } = setup(new MemoryEnrollStore(), { old: "acme", theirs: "globex" });
-    const token = (await authority.createToken(alice, {})).token;
+    const token = (await authority.createToken(alice, { uses: 5 })).token;
     await expect(authority.enroll(request("old", { token }), undefined)).rejects.toThrow(/enrolled already/);
     await expect(authority.enroll(request("theirs", { token }), undefined)).rejects.toThrow(/enrolled already/);
+    // The key of a hand-issued certificate is unknown: a bound token is not enough to name one.
     const bound = await authority.createToken(alice, { hostId: "old" });
-    await authority.enroll(request("old", { token: bound.token }), undefined);
+    await expect(authority.enroll(request("old", { token: bound.token }), undefined)).rejects.toThrow(AlreadyExistsError);
+    // Another tenant's id is refused with the same words as one's own, so tenants stay hidden.
+    const refusal = (p: Promise<unknown>) => p.then(() => "enrolled", (e: Error) => e.message);
+    const mine = await refusal(authority.enroll(request("old", { token: bound.token }, otherKeys), undefined));
+    const theirs = await refusal(authority.enroll(request("theirs", { token }, otherKeys), undefined));
+    expect(mine.replaceAll("old", "ID")).toBe(theirs.replaceAll("theirs", "ID"));
+    await expect(authority.createToken(alice, { hostId: "theirs", rekey: true })).rejects.toThrow(NotFoundError);
+    const rekey = await authority.createToken(alice, { hostId: "old", rekey: true });
+    expect(identityFromCertificate((await authority.enroll(request("old", { token: rekey.token }), undefined)).certPem).id).toBe("old");
+  });
+
+  it("checks the credential before anything costly: without one, even a garbage CSR is UNAUTHENTICATED", async () => {
+    const { authority } = setup();
+    await expect(authority.enroll(request("g1", { token: "rxj1_nope", csrPem: "garbage" }), undefined)).rejects.toThrow(UnauthenticatedError);
+    const { token } = await authority.createToken(alice, {});
+    await expect(authority.enroll(request("g1", { token, csrPem: "garbage" }), undefined)).rejects.toThrow(InvalidArgumentError);
+  });
+
+  it("refuses a revoked zero certificate presented in the request body", async () => {
+    const revoked = new Set<string>();
+    const { authority } = setup(new MemoryEnrollStore(), undefined, { revoked });
+    const zeroKeys = generateKeyPair();
+    const zeroPem = issueCertificate(ca, { clock, identity: { role: "enroll", scope: "acme", id: "rack-2" }, publicKeyPem: zeroKeys.publicKeyPem, validityMs: HOUR });
+    const signed = (hostId: string) => {
+      const r = request(hostId, { tenant: "acme", bootstrapCertificatePem: zeroPem });
+      r.bootstrapSignature = signEnrollment(zeroKeys.privateKeyPem, hostId, "acme", r.csrPem);
+      return r;
+    };
+    await authority.enroll(signed("rb1"), proxy);
+    revoked.add("enroll:acme/rack-2");
+    await expect(authority.enroll(signed("rb2"), proxy)).rejects.toThrow(/revoked/);
+    await expect(authority.enroll(signed("rb3"), undefined)).rejects.toThrow(PermissionDeniedError);
   });
 
   it("accepts a zero certificate over TLS or as a signed proof, and refuses one of another tenant", async () => {

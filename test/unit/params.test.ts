@@ -167,3 +167,40 @@ describe("validateParamSpecs", () => {
     expect(refusal(() => resolveParams([{ name: "x", type: "string", pattern: "(" }], { x: "a" }))).toContain('parameter "x": pattern is not a valid');
   });
 });
+
+/** Issue 12, ReDoS: `(a|a)+` against 30 characters blocked the controller for over a minute at `docs put` and at submit. */
+describe("patterns run in linear time", () => {
+  const hostile = "a".repeat(30) + "!";
+  const timed = (fn: () => unknown): { ms: number; threw: unknown } => {
+    const t0 = performance.now();
+    try {
+      fn();
+      return { ms: performance.now() - t0, threw: undefined };
+    } catch (err) {
+      return { ms: performance.now() - t0, threw: err };
+    }
+  };
+
+  it("(a|a)+ checks a default at docs put and a value at submit in milliseconds", () => {
+    const atPut = timed(() => validateParamSpecs([{ name: "v", type: "string", pattern: "(a|a)+", default: hostile }]));
+    expect(atPut.threw).toBeInstanceOf(InvalidArgumentError);
+    expect(atPut.ms).toBeLessThan(200);
+    const atSubmit = timed(() => resolveParams([{ name: "v", type: "list", pattern: "(a|a)+", default: [] }], { v: [hostile, "a".repeat(4000) + "!"] }));
+    expect(atSubmit.threw).toBeInstanceOf(InvalidArgumentError);
+    expect(atSubmit.ms).toBeLessThan(200);
+    for (const p of ["(a*)*b", "(a+)+$", "(x+x+)+y", "(.*a){20}"]) {
+      expect(timed(() => resolveParams([{ name: "v", type: "string", pattern: p }], { v: "a".repeat(4096) })).ms, p).toBeLessThan(200);
+    }
+    // Still a whole match, as before.
+    expect(resolveParams([{ name: "v", type: "string", pattern: "(a|a)+" }], { v: "aaa" })).toEqual({ v: "aaa" });
+    expect(refusal(() => resolveParams([{ name: "v", type: "string", pattern: "[a-z]+" }], { v: "abc1" }))).toMatch(/does not match/);
+  });
+
+  it("refuses patterns that need backtracking, escape their anchors, or are too long", () => {
+    expect(refusal(() => validateParamSpecs([{ name: "v", type: "string", pattern: "(a)\\1" }]))).toMatch(/linear time/);
+    expect(refusal(() => validateParamSpecs([{ name: "v", type: "string", pattern: "a(?=b)" }]))).toMatch(/linear time/);
+    expect(refusal(() => validateParamSpecs([{ name: "v", type: "string", pattern: "(?<=a)b" }]))).toMatch(/linear time/);
+    expect(refusal(() => validateParamSpecs([{ name: "v", type: "string", pattern: "a)|(b" }]))).toMatch(/not a valid regular expression/);
+    expect(refusal(() => validateParamSpecs([{ name: "v", type: "string", pattern: "a".repeat(2000) }]))).toMatch(/longer than/);
+  });
+});

@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { InvalidArgumentError } from "../../common/errors.js";
+import { LIMITS } from "../../common/limits.js";
 import {
   MAX_QUERY_DEPTH,
   MAX_QUERY_LENGTH,
@@ -152,7 +153,7 @@ describe("query selection over a 60-host inventory", () => {
   });
 
   it("handles long flat chains without recursion and hostile globs in linear-ish time", () => {
-    const chain = Array.from({ length: 3000 }, (_, i) => `id = x${i}`).join(" or ") + " or id = h05";
+    const chain = Array.from({ length: 600 }, (_, i) => `id = x${i}`).join(" or ") + " or id = h05";
     expect(ids(selectHosts(parseQuery(chain), HOSTS))).toEqual(["h05"]);
     expect(globMatch("*a".repeat(40) + "b", "a".repeat(5000))).toBe(false);
     expect(globMatch("*a*?c", "xxabyc")).toBe(true);
@@ -226,5 +227,24 @@ describe("malformed queries give a positioned error saying what was expected", (
     const long = `a = "${"x".repeat(MAX_QUERY_LENGTH)}"`;
     expect(() => parseQuery(long)).toThrow(InvalidArgumentError);
     expect(() => parseQuery(long)).not.toThrow(QuerySyntaxError);
+  });
+
+  it("limits queries to 8 KiB and globs to 256 characters, keeping a hostile glob over many hosts bounded (issue 12)", () => {
+    expect(() => parseQuery(`a = "${"x".repeat(LIMITS.queryChars)}"`)).toThrow(/longer than 8192/);
+    const glob = `"${"*a".repeat(127)}*b"`;
+    expect(() => parseQuery(`hostname ~ ${glob}`)).not.toThrow();
+    expect(() => parseQuery(`hostname ~ "${"*a".repeat(200)}"`)).toThrow(/glob.*256/);
+    expect(() => parseQuery(`hostname !~ "${"?".repeat(300)}"`)).toThrow(/glob.*256/);
+    // "=" compares exactly, so a long value costs nothing and is not a glob.
+    expect(() => parseQuery(`hostname = "${"*".repeat(300)}"`)).not.toThrow();
+    // The worst glob against 2,000 hosts whose every fact is at its limit.
+    const q = parseQuery(`hostname ~ ${glob} or kernel ~ ${glob}`);
+    const long = "a".repeat(LIMITS.factChars);
+    const hosts = Array.from({ length: 2000 }, (_, i) =>
+      hostView({ id: `h${i}`, tenant: "t", region: "r", proxy: "p", connected: true, since: 0, labels: {}, facts: create(HostFactsSchema, { hostname: long, kernel: long }) }),
+    );
+    const t0 = performance.now();
+    expect(hosts.filter((h) => matchHost(q, h))).toHaveLength(0);
+    expect(performance.now() - t0).toBeLessThan(5000);
   });
 });

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/enroll.proto.
  */
 export const file_rexmesh_v1_enroll: GenFile = /*@__PURE__*/
-  fileDesc("ChdyZXhtZXNoL3YxL2Vucm9sbC5wcm90bxIKcmV4bWVzaC52MSKQAQoNRW5yb2xsUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEg8KB2Nzcl9wZW0YAiABKAkSDQoFdG9rZW4YAyABKAkSDgoGdGVuYW50GAQgASgJEiEKGWJvb3RzdHJhcF9jZXJ0aWZpY2F0ZV9wZW0YBSABKAkSGwoTYm9vdHN0cmFwX3NpZ25hdHVyZRgGIAEoDCJoCg5FbnJvbGxSZXNwb25zZRIXCg9jZXJ0aWZpY2F0ZV9wZW0YASABKAkSDgoGY2FfcGVtGAIgASgJEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAibwoWQ3JlYXRlSm9pblRva2VuUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSJgoDdHRsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEgwKBHVzZXMYAyABKA0SDwoHaG9zdF9pZBgEIAEoCSJqChdDcmVhdGVKb2luVG9rZW5SZXNwb25zZRINCgV0b2tlbhgBIAEoCRIQCgh0b2tlbl9pZBgCIAEoCRIuCgpleHBpcmVzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcDJQCg1FbnJvbGxTZXJ2aWNlEj8KBkVucm9sbBIZLnJleG1lc2gudjEuRW5yb2xsUmVxdWVzdBoaLnJleG1lc2gudjEuRW5yb2xsUmVzcG9uc2UyagoMVG9rZW5TZXJ2aWNlEloKD0NyZWF0ZUpvaW5Ub2tlbhIiLnJleG1lc2gudjEuQ3JlYXRlSm9pblRva2VuUmVxdWVzdBojLnJleG1lc2gudjEuQ3JlYXRlSm9pblRva2VuUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChdyZXhtZXNoL3YxL2Vucm9sbC5wcm90bxIKcmV4bWVzaC52MSKQAQoNRW5yb2xsUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEg8KB2Nzcl9wZW0YAiABKAkSDQoFdG9rZW4YAyABKAkSDgoGdGVuYW50GAQgASgJEiEKGWJvb3RzdHJhcF9jZXJ0aWZpY2F0ZV9wZW0YBSABKAkSGwoTYm9vdHN0cmFwX3NpZ25hdHVyZRgGIAEoDCJoCg5FbnJvbGxSZXNwb25zZRIXCg9jZXJ0aWZpY2F0ZV9wZW0YASABKAkSDgoGY2FfcGVtGAIgASgJEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAifgoWQ3JlYXRlSm9pblRva2VuUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSJgoDdHRsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEgwKBHVzZXMYAyABKA0SDwoHaG9zdF9pZBgEIAEoCRINCgVyZWtleRgFIAEoCCJqChdDcmVhdGVKb2luVG9rZW5SZXNwb25zZRINCgV0b2tlbhgBIAEoCRIQCgh0b2tlbl9pZBgCIAEoCRIuCgpleHBpcmVzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcDJQCg1FbnJvbGxTZXJ2aWNlEj8KBkVucm9sbBIZLnJleG1lc2gudjEuRW5yb2xsUmVxdWVzdBoaLnJleG1lc2gudjEuRW5yb2xsUmVzcG9uc2UyagoMVG9rZW5TZXJ2aWNlEloKD0NyZWF0ZUpvaW5Ub2tlbhIiLnJleG1lc2gudjEuQ3JlYXRlSm9pblRva2VuUmVxdWVzdBojLnJleG1lc2gudjEuQ3JlYXRlSm9pblRva2VuUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message rexmesh.v1.EnrollRequest
@@ -133,6 +133,15 @@ export type CreateJoinTokenRequest = Message<"rexmesh.v1.CreateJoinTokenRequest"
    * @generated from field: string host_id = 4;
    */
   hostId: string;
+
+  /**
+   * A re-key token: lets host_id (an enrolled host of the caller's tenant)
+   * enroll with a NEW key, once. Needs the policy action "rekey"; audited.
+   * Without it, a host id that has a key never gets another one.
+   *
+   * @generated from field: bool rekey = 5;
+   */
+  rekey: boolean;
 };
 
 /**

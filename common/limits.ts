@@ -1,0 +1,229 @@
+/**
+ * Every size limit on what enters rexmesh, in one place. Each limit is
+ * enforced where the input enters (the module named beside it) and listed in
+ * docs/security.md, "Input limits", with the test that proves it. Inputs from
+ * callers are refused with INVALID_ARGUMENT naming the limit; what a peer
+ * reports about itself (facts) and what the audit log keeps are truncated
+ * with {@link TRUNCATED} instead, so that a record is never lost because a
+ * field was too long.
+ */
+import { create } from "@bufbuild/protobuf";
+import { HostFactsSchema, type HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import { InvalidArgumentError, ResourceExhaustedError } from "./errors.js";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+export const LIMITS = {
+  // ---- identities (certs/identity.ts) ---------------------------------------
+  /** Host ids, tenants, regions, proxy and operator names: one SAN URI segment. */
+  idChars: 128,
+
+  // ---- enrollment (certs/enrollment.ts, controller/enroll.ts; unauthenticated) ----
+  /** A CSR in PEM, refused before it is decoded. */
+  csrBytes: 16 * KiB,
+  /** A zero certificate sent in the request body, refused before it is parsed. */
+  bootstrapCertificateBytes: 16 * KiB,
+  /** The zero certificate key's signature over the request (RSA 4096 is 512 bytes). */
+  bootstrapSignatureBytes: 1 * KiB,
+  /** A join token as presented, refused before it is hashed. */
+  tokenChars: 256,
+  /** RSA keys certified for hosts: modulus size in bits, and the only public exponent accepted. */
+  rsaMinBits: 2048,
+  rsaMaxBits: 4096,
+  rsaExponent: 65537,
+
+  // ---- open (unauthenticated) listeners (common/open-unary-server.ts) --------
+  /** Largest request or response message. */
+  openMessageBytes: 64 * KiB,
+  /** Calls in flight on one connection. */
+  openStreamsPerConnection: 8,
+  /** Connections open at once from one remote address. */
+  openConnectionsPerAddress: 32,
+  /** Connections open at once in all. */
+  openConnections: 1024,
+  /** Time a new connection has to complete its TLS handshake. */
+  openHandshakeMs: 10_000,
+  /** A connection with no call in flight for this long is closed (the handshake counts). */
+  openIdleMs: 30_000,
+  /** One call, from its first frame to its answer (the relay to the controller waits 30 s at most). */
+  openCallMs: 60_000,
+
+  // ---- hosts (controller/inventory.ts, controller/request-limits.ts) ---------
+  labelsPerHost: 64,
+  labelKeyChars: 63,
+  labelValueChars: 256,
+  /** Label keys set plus removed in one SetHostLabels request. */
+  labelChangesPerRequest: 128,
+  /** Each text fact (os, kernel, hostname, ...), truncated beyond. */
+  factChars: 256,
+  /** Elements of a list fact (addresses, tools), dropped beyond. */
+  factListItems: 64,
+  /** All facts of one host together, in characters; list elements are dropped from the end beyond. */
+  factsTotalChars: 8 * KiB,
+
+  // ---- queries (controller/query.ts) -----------------------------------------
+  queryChars: 8 * KiB,
+  queryDepth: 64,
+  /** A `~` glob value: matching costs pattern × value length per host. */
+  globChars: 256,
+
+  // ---- documents (controller/documents.ts, params.ts, template.ts) ----------
+  documentChars: 1 * MiB,
+  documentSteps: 64,
+  alternativesPerStep: 16,
+  paramsPerDocument: 256,
+  /** A parameter `pattern`, in characters (compiled by a linear-time engine). */
+  patternChars: 1 * KiB,
+  /** A string parameter's value unless its `maxLength` says otherwise, and the largest `maxLength`. */
+  paramValueChars: 4 * KiB,
+  paramMaxLengthLimit: 128 * KiB,
+  paramListItems: 1024,
+  templateChars: 1 * MiB,
+
+  // ---- jobs (controller/validate.ts, controller/request-limits.ts) ----------
+  jobSteps: 64,
+  /** One argv element, script, path or interpreter argument (Linux MAX_ARG_STRLEN). */
+  argBytes: 128 * KiB,
+  envVars: 128,
+  envNameChars: 128,
+  envValueBytes: 32 * KiB,
+  /** Names and values of all variables together. */
+  envTotalBytes: 256 * KiB,
+  stdinBytes: 1 * MiB,
+  workingDirBytes: 4 * KiB,
+  /** Explicit host ids in one submit. */
+  hostIdsPerJob: 100_000,
+  idempotencyKeyChars: 256,
+  /** Parameter values given to a document run (each is also checked by its declaration). */
+  paramsGivenPerJob: 256,
+  paramGivenBytes: 256 * KiB,
+  /** Job ids, document names and references in requests. */
+  refChars: 256,
+  /** A results or tasks bundle given to ImportBundle (the RPC message limit is 16 MiB). */
+  bundleBytes: 16 * MiB,
+
+  // ---- audit (controller/audit.ts): truncated with TRUNCATED, never refused --
+  /** `what` and `reason`. */
+  auditTextChars: 1000,
+  /** `kind`, `tenant`, `actor`, `jobId` and each host id. */
+  auditFieldChars: 256,
+  /** Host ids kept per event; `hostCount` still counts them all. */
+  auditHosts: 20,
+
+  // ---- operators (controller/request-limits.ts) ------------------------------
+  /** WatchJob streams one operator identity may hold open at once. */
+  watchesPerOperator: 16,
+
+  // ---- clients (common/connect-dial.ts) --------------------------------------
+  /** Dialling plus the TLS handshake; a silent address fails after this. */
+  connectTimeoutMs: 10_000,
+  /** Keep-alive PING interval on an open connection, and how long an answer may take. */
+  keepaliveMs: 30_000,
+  keepaliveTimeoutMs: 15_000,
+} as const;
+
+/** What ends a truncated text: the reader sees that something was cut. */
+export const TRUNCATED = "…[truncated]";
+
+/** `text` cut to at most `max` characters, the cut marked with {@link TRUNCATED}. */
+export function truncate(text: string, max: number): string {
+  if (text.length <= max) return text;
+  if (max <= TRUNCATED.length) return TRUNCATED.slice(0, max);
+  return text.slice(0, max - TRUNCATED.length) + TRUNCATED;
+}
+
+/** A value for an error message: cut short, so a huge input never travels back in the refusal. */
+export function preview(text: string, max = 64): string {
+  return JSON.stringify(text.length > max ? `${text.slice(0, max)}…` : text);
+}
+
+/** Throws InvalidArgumentError unless `value` is at most `max` characters. */
+export function checkChars(field: string, value: string, max: number): string {
+  if (value.length > max) throw new InvalidArgumentError(`${field} is longer than ${max} characters (${value.length})`);
+  return value;
+}
+
+/** Throws InvalidArgumentError unless `value` is at most `max` bytes (UTF-8 for text). */
+export function checkBytes(field: string, value: string | Uint8Array, max: number): void {
+  // A string has at most 3 UTF-8 bytes per UTF-16 unit: skip the count when it cannot exceed.
+  const n = typeof value === "string" ? (value.length * 3 <= max ? 0 : Buffer.byteLength(value)) : value.length;
+  if (n > max) throw new InvalidArgumentError(`${field} is larger than ${max} bytes (${n})`);
+}
+
+/** Throws InvalidArgumentError unless a list or map holds at most `max` entries. */
+export function checkCount(field: string, count: number, max: number): void {
+  if (count > max) throw new InvalidArgumentError(`${field}: at most ${max} allowed (${count} given)`);
+}
+
+/**
+ * Host facts as a daemon reports them, cut to the fact limits: each text
+ * truncated, each list to {@link LIMITS.factListItems} elements (each
+ * truncated), and list elements dropped from the end until all fit in
+ * {@link LIMITS.factsTotalChars}. A peer that reports too much loses the
+ * excess, never its place in the inventory. `truncated` says whether anything was cut.
+ */
+export function clampFacts(facts: HostFacts): { facts: HostFacts; truncated: boolean } {
+  let truncated = false;
+  const text = (s: string) => {
+    const t = truncate(s, LIMITS.factChars);
+    if (t !== s) truncated = true;
+    return t;
+  };
+  const list = (l: readonly string[]) => {
+    if (l.length > LIMITS.factListItems) truncated = true;
+    return l.slice(0, LIMITS.factListItems).map(text);
+  };
+  const out = create(HostFactsSchema, {
+    os: text(facts.os),
+    osFamily: text(facts.osFamily),
+    arch: text(facts.arch),
+    kernel: text(facts.kernel),
+    hostname: text(facts.hostname),
+    addresses: list(facts.addresses),
+    daemonVersion: text(facts.daemonVersion),
+    tools: list(facts.tools),
+  });
+  const size = () =>
+    out.os.length + out.osFamily.length + out.arch.length + out.kernel.length + out.hostname.length + out.daemonVersion.length +
+    out.addresses.reduce((n, a) => n + a.length, 0) + out.tools.reduce((n, t) => n + t.length, 0);
+  while (size() > LIMITS.factsTotalChars && (out.addresses.length > 0 || out.tools.length > 0)) {
+    truncated = true;
+    if (out.addresses.length >= out.tools.length) out.addresses.pop();
+    else out.tools.pop();
+  }
+  return { facts: out, truncated };
+}
+
+/**
+ * Counts what one key (an operator, a remote address) holds open at once,
+ * refusing more than `max` with RESOURCE_EXHAUSTED. `acquire` returns the
+ * release function; call it exactly once.
+ */
+export class ConcurrencyLimit {
+  private readonly held = new Map<string, number>();
+
+  constructor(
+    private readonly max: number,
+    private readonly what: string,
+  ) {}
+
+  acquire(key: string): () => void {
+    const n = this.held.get(key) ?? 0;
+    if (n >= this.max) throw new ResourceExhaustedError(`too many ${this.what} at once (at most ${this.max})`);
+    this.held.set(key, n + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.held.get(key) ?? 1) - 1;
+      if (left > 0) this.held.set(key, left);
+      else this.held.delete(key);
+    };
+  }
+
+  /** How many `key` holds now. */
+  count(key: string): number {
+    return this.held.get(key) ?? 0;
+  }
+}
