@@ -336,7 +336,8 @@ export class OperatorAccess {
     const what = `revoke ${req.role} ${scope ? `${scope}/` : ""}${req.id}${req.reason ? ` (${req.reason})` : ""}`;
     const hostIds = req.role === "host" ? [req.id] : [];
     try {
-      if (!["host", "operator", "proxy"].includes(req.role)) throw new InvalidArgumentError("role must be host, proxy or operator");
+      // Zero certificates (role enroll) are a tenant's own credentials, revoked like its hosts.
+      if (!["host", "operator", "proxy", "enroll"].includes(req.role)) throw new InvalidArgumentError("role must be host, proxy, operator or enroll");
       if (req.role !== "proxy" && scope !== caller.scope) throw new PermissionDeniedError(`an operator of tenant ${caller.scope} cannot revoke identities of tenant ${scope}`);
       const role = this.deps.authz.require(caller, req.role === "host" ? { action: "revoke", hosts: [this.hostFor(caller.scope, req.id)] } : { action } as AccessRequest);
       const entry = await this.revocations().revoke(caller, req);

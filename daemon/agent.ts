@@ -107,6 +107,22 @@ export const LINK_BACKLOG_LOW_FRAMES = 2;
  */
 const FLOW_CHECK_MS = 50;
 
+/** The end of the queue of tasks waiting for their turn to spawn (see spawnTurn). */
+let lastTurn: Promise<void> = Promise.resolve();
+
+/**
+ * Waits for this task's turn to start its process: one start per turn of the
+ * event loop, across every host this process serves. Spawning forks the
+ * daemon, which takes milliseconds; two hundred tasks starting at once
+ * would otherwise hold the event loop for seconds, and with it every
+ * status, heartbeat and ack of every host's stream.
+ */
+function spawnTurn(): Promise<void> {
+  const turn = lastTurn.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
+  lastTurn = turn;
+  return turn;
+}
+
 /**
  * One host: it keeps a stream to a proxy of its region, accepts tasks into
  * its ledger before it starts them, runs them, and keeps every status and
@@ -531,6 +547,7 @@ export class Agent {
       entry.state = TaskState.RUNNING;
       await this.opts.ledger.put(entry);
       this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING) }]);
+      await spawnTurn();
       // The task learns who and what it is; these names cannot be overridden by the job.
       const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: spec.taskId, REXMESH_JOB_ID: spec.jobId };
       const digest = new OutputDigest();

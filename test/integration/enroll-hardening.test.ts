@@ -36,9 +36,11 @@ describe("enrollment hardening", () => {
 roles:
   admin: { hosts: all, actions: ["*"], commands: ["*"], shell: true }
   reader: { hosts: all, actions: [read, audit] }
+  enroller: { hosts: all, actions: [read, token] }
 bindings:
   default/dev: [admin]
   default/ro: [reader]
+  default/en: [enroller]
 `,
   );
   const mesh = new LocalMesh({
@@ -143,10 +145,16 @@ bindings:
     expect((taken as { code: number }).code).toBe(ALREADY_EXISTS);
     expect((taken as { details: string }).details).toMatch(/--rekey/);
 
-    // Re-keying is its own policy action: an operator without it cannot create such a token.
-    const denied = await rexmesh(["tokens", "create", "--host-id", "h1", "--rekey"], { REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: reader.cert, REXMESH_KEY: reader.key, REXMESH_CA: reader.ca });
+    // Re-keying is its own policy action: an operator who may create tokens but not re-key cannot create such a token.
+    const enroller = mesh.issue({ role: "operator", scope: "default", id: "en" }, join(work, "en"));
+    const asEnroller = { REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: enroller.cert, REXMESH_KEY: enroller.key, REXMESH_CA: enroller.ca };
+    expect((await rexmesh(["tokens", "create", "--host-id", "h1"], asEnroller)).code).toBe(0);
+    const denied = await rexmesh(["tokens", "create", "--host-id", "h1", "--rekey"], asEnroller);
     expect(denied.code).not.toBe(0);
     expect(denied.stderr).toMatch(/PermissionDenied.*rekey/);
+    // One who may not create tokens at all is refused at the boundary.
+    const reading = await rexmesh(["tokens", "create", "--host-id", "h1", "--rekey"], { REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: reader.cert, REXMESH_KEY: reader.key, REXMESH_CA: reader.ca });
+    expect(reading.stderr).toMatch(/PermissionDenied.*may not token/);
     // A re-key token names a host id, and only one of the caller's hosts.
     expect((await rexmesh(["tokens", "create", "--rekey"], mesh.exports())).stderr).toMatch(/--host-id/);
     expect((await rexmesh(["tokens", "create", "--rekey", "--host-id", "nobody"], mesh.exports())).stderr).toMatch(/NotFound/);

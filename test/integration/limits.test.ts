@@ -2,6 +2,8 @@ import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { HostReporter } from "../../common/host-signing.js";
+import { systemClock } from "../../common/clock.js";
 import { readCredentials } from "../../certs/files.js";
 import { operatorClient } from "../../cli/client.js";
 import { LocalMesh } from "../../cli/launcher.js";
@@ -57,10 +59,12 @@ describe("input limits on a real mesh", () => {
     const channel = openChannel(mesh.proxies[0]!.address!, big, ["proxy"]);
     const out = new AsyncQueue<AgentStreamRequest>();
     const facts = create(HostFactsSchema, { os: "linux", hostname: "h".repeat(4 << 20), kernel: "k".repeat(4 << 20), addresses: Array.from({ length: 5000 }, (_, i) => `10.0.${i >> 8}.${i & 255}`), tools: ["exec"] });
-    out.push(create(AgentStreamRequestSchema, { hello: { hostId: "big-1", facts }, credits: 0 }));
+    // A host that proves its presence (common/host-signing.ts), so that the controller counts it as connected.
+    const reporter = new HostReporter(big, systemClock, { role: "host", scope: "default", id: "big-1" });
+    out.push(create(AgentStreamRequestSchema, { hello: { hostId: "big-1", facts, reportKey: reporter.key }, credits: 0 }));
     const stream = (async () => {
-      for await (const _ of clientFor(AgentLinkService, channel).agentStream(out)) {
-        /* keep the stream open */
+      for await (const frame of clientFor(AgentLinkService, channel).agentStream(out)) {
+        if (frame.presenceNonce.length > 0) out.push(create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: reporter.prove(frame.presenceNonce, undefined) }));
       }
     })().catch(() => undefined);
     try {

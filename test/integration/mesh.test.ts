@@ -104,7 +104,7 @@ describe("a mesh of real processes", () => {
     expect(r.stdout).toMatch(/^h01 out\| hi h01$/m);
     expect(r.stdout).toMatch(/^h02 out\| hi h02$/m);
     expect(r.stdout).toMatch(/^3 hosts: 2 succeeded, 1 failed/m);
-    expect(r.stdout).toMatch(/^ {2}h02 \[west\] FAILED: exit 1/m);
+    expect(r.stdout).toMatch(/^ {2}h02 \[west\] FAILED: exit code 1/m);
     const ok = await rexmesh(["run", "--all", "--", "true"], mesh.exports());
     expect(ok.code).toBe(0);
     expect(ok.stdout).toMatch(/^20 hosts: 20 succeeded/m);
