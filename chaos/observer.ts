@@ -228,7 +228,8 @@ export class Observer {
       }
     })();
     this.watchers.add(p);
-    void p.finally(() => this.watchers.delete(p));
+    const forget = () => this.watchers.delete(p);
+    p.then(forget, forget);
   }
 
   /** Looks at every job that still has tasks not seen terminal (GetJob): a second pair of eyes beside the watches. */

@@ -55,7 +55,10 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
       if (stopping) return;
       stopping = true;
       io.err("\nstopping the mesh...\n");
-      void mesh.stop().then(resolve);
+      mesh.stop().then(resolve, (err: unknown) => {
+        io.err(`stopping the mesh failed: ${err instanceof Error ? err.message : String(err)}\n`);
+        resolve();
+      });
     };
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);

@@ -67,7 +67,7 @@ export function untilClosed<T>(source: AsyncIterable<T>, closed: Promise<void>):
         return: async () => {
           ended = true;
           pending = undefined;
-          void it.return?.().catch(() => undefined);
+          it.return?.()?.catch(() => undefined);
           return { done: true, value: undefined };
         },
       };

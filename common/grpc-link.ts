@@ -68,7 +68,7 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
         }
       };
       this.call.on("drain", check);
-      void this.closed.then(check);
+      this.closed.then(check, check);
     });
   }
 

@@ -102,8 +102,9 @@ export class LmdbEnrollStore implements EnrollStore {
       .transaction((): Outcome => {
         try {
           const w = check(tokenHash === undefined ? undefined : this.tokens.get(tokenHash), this.hosts.get(hostId));
-          if (w.token) void this.tokens.put(w.token.hash, w.token.record);
-          void this.hosts.put(w.host.id, w.host);
+          // Inside the transaction these resolve with its commit; a failure rejects the transaction itself.
+          if (w.token) this.tokens.put(w.token.hash, w.token.record).catch(() => undefined);
+          this.hosts.put(w.host.id, w.host).catch(() => undefined);
           return { ok: true };
         } catch (error) {
           return { ok: false, error };

@@ -24,6 +24,7 @@ export class Inventory {
   constructor(
     private readonly db?: Database<HostRecord, string>,
     startedAt: number = Date.now(),
+    private readonly onStoreError?: (err: unknown, hostId: string) => void,
   ) {
     if (!db) return;
     for (const { value } of db.getRange()) {
@@ -36,7 +37,8 @@ export class Inventory {
   }
 
   private save(rec: HostRecord): void {
-    void this.db?.put(rec.id, rec);
+    // A host's connection state is kept in memory first; a failed write is logged, and corrected by the next one.
+    this.db?.put(rec.id, rec).catch((err: unknown) => this.onStoreError?.(err, rec.id));
   }
 
   /**

@@ -121,7 +121,9 @@ export class JobManager {
         this.router.route(task);
         if (!task.proxies?.length) void this.table.write(task).catch(() => undefined);
       },
-      skip: (task, reason) => void this.endHere(task, TaskState.SKIPPED, reason)?.catch(() => undefined),
+      skip: (task, reason) => {
+        this.endHere(task, TaskState.SKIPPED, reason).catch((err) => this.log.error("skipping a task failed", { task: task.id, err }));
+      },
     });
     this.bounds = new TaskBounds({
       clock: this.clock,
@@ -159,7 +161,7 @@ export class JobManager {
     if (job.rate) this.rollout.add(job.id, job.rate, tasks);
     for (const task of tasks) {
       if (task.rejectAtSubmit !== undefined && task.state === TaskState.PENDING) {
-        void this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
+        this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit).catch((err) => this.log.error("rejecting a task failed", { task: task.id, err }));
       }
     }
   }
@@ -296,7 +298,7 @@ export class JobManager {
     this.log.info("job submitted", { job: job.id, tenant, by: caller.id, hosts: tasks.length, ...(plan.document ? { document: plan.document } : {}), ...(rejected ? { rejected } : {}) });
     for (const task of tasks) {
       this.router.track(task);
-      if (task.rejectAtSubmit !== undefined) void this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit)?.catch(() => undefined);
+      if (task.rejectAtSubmit !== undefined) this.endHere(task, TaskState.REJECTED, task.rejectAtSubmit).catch((err) => this.log.error("rejecting a task failed", { task: task.id, err }));
       // Its host may have connected while the job was being stored: routed now, not at its next connect.
       else if (!task.proxies?.length) this.router.route(task, job);
     }
@@ -494,8 +496,8 @@ export class JobManager {
    * cancel (kept until they confirm), so that a host that returns is told.
    * Resolves once stored.
    */
-  private endHere(task: TaskRecord, state: TaskState, message: string, recall?: { withdraw: boolean }): Promise<void> | undefined {
-    if (!advances(task.state, state)) return undefined;
+  private endHere(task: TaskRecord, state: TaskState, message: string, recall?: { withdraw: boolean }): Promise<void> {
+    if (!advances(task.state, state)) return Promise.resolve();
     task.state = state;
     task.message = message;
     task.updatedAt = this.clock.now();

@@ -83,7 +83,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const { host, port } = parseHostPort(config.listen, "listen");
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const store = new LmdbJobStore(env);
-  const inventory = new Inventory(env.db("hosts"), clock.now());
+  const inventory = new Inventory(env.db("hosts"), clock.now(), (err, host) => log.error("storing a host record failed", { host, err }));
   const ids = timeOrderedIds(clock);
   const documents = new DocumentStore(new LmdbDocumentBackend(env), clock);
   // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running.

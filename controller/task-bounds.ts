@@ -13,7 +13,7 @@ export interface TaskBoundsOptions {
   inventory: Inventory;
   jobOf: (task: TaskRecord) => JobRecord | undefined;
   /** Ends a task at the controller; with `recall`, its holders are owed a cancel. */
-  end: (task: TaskRecord, state: TaskState, message: string, recall?: { withdraw: boolean }) => Promise<void> | undefined;
+  end: (task: TaskRecord, state: TaskState, message: string, recall?: { withdraw: boolean }) => Promise<void>;
   /** How often open tasks are looked at. Default 1 s. */
   sweepMs?: number;
   /** lost_after of jobs stored without one. Default 15 minutes. */
@@ -118,7 +118,7 @@ export class TaskBounds {
     }
     for (const [task, state, message, recall] of due) {
       this.opts.log.warn("task ended at the controller", { task: task.id, host: task.hostId, state: TaskState[state], message });
-      void this.opts.end(task, state, message, recall)?.catch((err) => this.opts.log.error("ending a task failed", { task: task.id, err }));
+      this.opts.end(task, state, message, recall).catch((err) => this.opts.log.error("ending a task failed", { task: task.id, err }));
     }
   }
 }

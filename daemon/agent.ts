@@ -425,9 +425,10 @@ export class Agent {
 
   private async handleFrame(frame: AgentStreamResponse, link?: ProxyLinkToAgent): Promise<void> {
     this.prove(frame, link);
-    for (const ack of frame.outputAcks) void this.outbox.ackOutput(ack.taskId, Number(ack.seq));
+    const dropFailed = (err: unknown) => this.opts.log.error("dropping acknowledged results failed", { err });
+    for (const ack of frame.outputAcks) this.outbox.ackOutput(ack.taskId, Number(ack.seq)).catch(dropFailed);
     for (const ack of frame.statusAcks) {
-      void this.outbox.ackStatus(ack.taskId, ack.state);
+      this.outbox.ackStatus(ack.taskId, ack.state).catch(dropFailed);
       if (isTerminal(ack.state)) await this.markReported(ack.taskId);
     }
     if (frame.signingKeys.length > 0) this.opts.verifier.addKeys(frame.signingKeys);

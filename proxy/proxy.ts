@@ -144,7 +144,7 @@ export class ProxyCore {
     this.sweepMs = opts.sweepMs ?? 1000;
     this.openDenyList = opts.openDenyList;
     const stored = this.store.denyList();
-    if (stored) void this.applyDenyList(stored);
+    if (stored) this.applyDenyList(stored).catch((err) => this.log.error("applying the stored deny-list failed", { err }));
     this.scheduleSweep();
   }
 
@@ -362,7 +362,7 @@ export class ProxyCore {
         changed.push(task);
       }
     }
-    if (items.length > 0) void this.persistUp(items, changed);
+    if (items.length > 0) this.persistUp(items, changed);
   }
 
   /** A status the proxy itself decides about its copy of a task (at_proxy). */
@@ -384,13 +384,11 @@ export class ProxyCore {
     return { kind: "status", status: this.ownStatus(task, state, message) };
   }
 
-  private async persistUp(items: UpwardItem[], tasks: readonly QueuedTask[]): Promise<void> {
-    try {
-      await Promise.all([this.store.pushUpward(items), ...tasks.map((t) => this.store.putTask(t))]);
-      this.sendUp();
-    } catch (err) {
-      this.log.error("storing results failed", { err });
-    }
+  private persistUp(items: UpwardItem[], tasks: readonly QueuedTask[]): void {
+    Promise.all([this.store.pushUpward(items), ...tasks.map((t) => this.store.putTask(t))]).then(
+      () => this.sendUp(),
+      (err) => this.log.error("storing results failed", { err }),
+    );
   }
 
   /**
@@ -435,10 +433,13 @@ export class ProxyCore {
       }
       if (this.controller === c) {
         c.waiting = true;
-        void c.link.whenWritable(UPLINK_LOW_FRAMES).then(() => {
-          c.waiting = false;
-          this.pump();
-        });
+        c.link.whenWritable(UPLINK_LOW_FRAMES).then(
+          () => {
+            c.waiting = false;
+            this.pump();
+          },
+          (err) => this.log.error("waiting for the controller link to drain failed", { err }),
+        );
       }
     } finally {
       c.pumping = false;
@@ -691,7 +692,7 @@ export class ProxyCore {
         changed.push(task);
       }
     }
-    if (items.length > 0) void this.persistUp(items, changed);
+    if (items.length > 0) this.persistUp(items, changed);
     void this.store.pruneMarks(now).catch((err) => this.log.error("forgetting old task marks failed", { err }));
   }
 

@@ -180,16 +180,16 @@ export class MemoryProxyStore implements ProxyStore {
     return this.index.expiredMarks(now).length;
   }
 
-  async pushUpward(items: readonly UpwardItem[]): Promise<void> {
-    this.backlog.push(items);
+  pushUpward(items: readonly UpwardItem[]): Promise<void> {
+    return this.backlog.push(items);
   }
 
-  async ackOutput(taskId: string, seq: number): Promise<void> {
-    this.backlog.ackOutput(taskId, seq);
+  ackOutput(taskId: string, seq: number): Promise<void> {
+    return this.backlog.ackOutput(taskId, seq);
   }
 
-  async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
-    this.backlog.ackStatus(taskId, state, atProxy);
+  ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
+    return this.backlog.ackStatus(taskId, state, atProxy);
   }
 
   upward(): UpwardItem[] {

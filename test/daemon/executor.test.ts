@@ -460,7 +460,10 @@ function isSleeping(pid: number): boolean {
  */
 async function blockedInWrite(pid: number, done: Promise<unknown>): Promise<void> {
   let settled = false;
-  void done.then(() => (settled = true));
+  done.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
   let last = -1;
   const deadline = Date.now() + 10_000;
   for (;;) {

@@ -201,47 +201,47 @@ describe("MemoryBacklog", () => {
   const st = (taskId: string, state: TaskState): UpwardItem => ({ kind: "status", status: status(taskId, state) });
   const keys = (b: MemoryBacklog) => b.all().map(upwardKey);
 
-  it("keeps items in the order produced and drops duplicates by key", () => {
+  it("keeps items in the order produced and drops duplicates by key", async () => {
     const b = new MemoryBacklog();
-    b.push([st("t1", TaskState.DELIVERED), st("t1", TaskState.RUNNING), out("t1", 1), out("t1", 2)]);
-    b.push([out("t1", 2), st("t1", TaskState.RUNNING), st("t1", TaskState.SUCCEEDED)]);
+    await b.push([st("t1", TaskState.DELIVERED), st("t1", TaskState.RUNNING), out("t1", 1), out("t1", 2)]);
+    await b.push([out("t1", 2), st("t1", TaskState.RUNNING), st("t1", TaskState.SUCCEEDED)]);
     expect(keys(b)).toEqual(["s/t1/4", "s/t1/5", "o/t1/1", "o/t1/2", "s/t1/10"]);
     expect(b.size).toBe(5);
   });
 
-  it("acks output up to a seq, per task", () => {
+  it("acks output up to a seq, per task", async () => {
     const b = new MemoryBacklog();
-    b.push([out("t1", 1), out("t2", 1), out("t1", 2), out("t1", 3)]);
-    b.ackOutput("t1", 2);
+    await b.push([out("t1", 1), out("t2", 1), out("t1", 2), out("t1", 3)]);
+    await b.ackOutput("t1", 2);
     expect(keys(b)).toEqual(["o/t2/1", "o/t1/3"]);
-    b.ackOutput("t1", 1); // stale ack: nothing changes
+    await b.ackOutput("t1", 1); // stale ack: nothing changes
     expect(keys(b)).toEqual(["o/t2/1", "o/t1/3"]);
-    b.ackOutput("t1", 3);
+    await b.ackOutput("t1", 3);
     expect(keys(b)).toEqual(["o/t2/1"]);
   });
 
-  it("acks statuses up to a state and keeps later ones", () => {
+  it("acks statuses up to a state and keeps later ones", async () => {
     const b = new MemoryBacklog();
-    b.push([st("t1", TaskState.DELIVERED), st("t1", TaskState.RUNNING), st("t1", TaskState.SUCCEEDED), st("t2", TaskState.DELIVERED)]);
-    b.ackStatus("t1", TaskState.RUNNING);
+    await b.push([st("t1", TaskState.DELIVERED), st("t1", TaskState.RUNNING), st("t1", TaskState.SUCCEEDED), st("t2", TaskState.DELIVERED)]);
+    await b.ackStatus("t1", TaskState.RUNNING);
     expect(keys(b)).toEqual(["s/t1/10", "s/t2/4"]);
-    b.ackStatus("t1", TaskState.SUCCEEDED);
+    await b.ackStatus("t1", TaskState.SUCCEEDED);
     expect(keys(b)).toEqual(["s/t2/4"]);
   });
 
-  it("counts the bytes it holds", () => {
+  it("counts the bytes it holds", async () => {
     const b = new MemoryBacklog();
     const items = [out("t1", 1), st("t1", TaskState.RUNNING)];
-    b.push(items);
+    await b.push(items);
     expect(b.bytes).toBe(itemBytes(items[0]!) + itemBytes(items[1]!));
-    b.ackOutput("t1", 1);
-    b.ackStatus("t1", TaskState.RUNNING);
+    await b.ackOutput("t1", 1);
+    await b.ackStatus("t1", TaskState.RUNNING);
     expect(b.bytes).toBe(0);
     expect(b.size).toBe(0);
   });
 });
 
-describe("AsyncQueue", () => {
+describe("AsyncQueue", async () => {
   it("hands items pushed before and after the consumer waits, in order", async () => {
     const q = new AsyncQueue<number>();
     q.push(1);

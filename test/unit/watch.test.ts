@@ -43,7 +43,10 @@ function collect(jobs: JobManager, job: JobRecord, opts: { noOutput?: boolean; m
     }
   })();
   let ended = false;
-  void done.then(() => (ended = true));
+  done.then(
+    () => (ended = true),
+    () => (ended = true),
+  );
   return { batches, done, ended: () => ended };
 }
 
