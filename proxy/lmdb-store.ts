@@ -4,7 +4,7 @@ import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import { SignedDenyListSchema, type SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
-import { TaskIndex, type ProxyStore, type QueuedTask, type TaskMark, type UpwardItem } from "./store.js";
+import { BacklogHolder, TaskIndex, type ProxyStore, type QueuedTask, type TaskMark } from "./store.js";
 
 interface StoredTask {
   /** The SignedTask, serialized; absent for a task learned from its host's reports. */
@@ -37,15 +37,16 @@ function signedBytes(signed: SignedTask): Uint8Array {
  * records and marks are cached in memory (their number is bounded by the
  * region's queue and by the marks' lifetime).
  */
-export class LmdbProxyStore implements ProxyStore {
+export class LmdbProxyStore extends BacklogHolder implements ProxyStore {
   private readonly db: Database<StoredTask, string>;
   private readonly marksDb: Database<{ kind: TaskMark; until: number }, string>;
-  private readonly backlog: LmdbBacklog;
+  protected readonly backlog: LmdbBacklog;
   private readonly index = new TaskIndex();
   private readonly keysDb: Database<Buffer, string>;
   private readonly keys = new Map<string, TaskSigningKey>();
 
   constructor(private readonly env: LmdbEnv) {
+    super();
     this.db = env.db("proxy-tasks");
     this.marksDb = env.db("proxy-task-marks");
     this.keysDb = env.db("proxy-signing-keys", "binary");
@@ -112,30 +113,6 @@ export class LmdbProxyStore implements ProxyStore {
   pruneMarks(now: number): Promise<number> {
     const gone = this.index.expiredMarks(now);
     return Promise.all(gone.map((id) => this.marksDb.remove(id))).then(() => gone.length);
-  }
-
-  pushUpward(items: readonly UpwardItem[]): Promise<void> {
-    return this.backlog.push(items);
-  }
-
-  ackOutput(taskId: string, seq: number): Promise<void> {
-    return this.backlog.ackOutput(taskId, seq);
-  }
-
-  ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
-    return this.backlog.ackStatus(taskId, state, atProxy);
-  }
-
-  upward(): UpwardItem[] {
-    return this.backlog.all();
-  }
-
-  upwardAfter(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
-    return this.backlog.after(after, maxBytes);
-  }
-
-  upwardSize(): number {
-    return this.backlog.size;
   }
 
   denyList(): SignedDenyList | undefined {

@@ -2,7 +2,7 @@ import type { SignedTask, TaskSigningKey, TaskSpec } from "../gen/rexmesh/v1/tas
 import type { SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
-import { MemoryBacklog, type UpwardItem } from "../common/backlog.js";
+import { MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
 
 export type { UpwardItem };
 
@@ -122,9 +122,38 @@ export class TaskIndex {
   }
 }
 
-export class MemoryProxyStore implements ProxyStore {
+/** The upward half of a proxy store: its results backlog, held by either store. */
+export abstract class BacklogHolder {
+  protected abstract readonly backlog: Backlog;
+
+  pushUpward(items: readonly UpwardItem[]): Promise<void> {
+    return this.backlog.push(items);
+  }
+
+  ackOutput(taskId: string, seq: number): Promise<void> {
+    return this.backlog.ackOutput(taskId, seq);
+  }
+
+  ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
+    return this.backlog.ackStatus(taskId, state, atProxy);
+  }
+
+  upward(): UpwardItem[] {
+    return this.backlog.all();
+  }
+
+  upwardAfter(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+    return this.backlog.after(after, maxBytes);
+  }
+
+  upwardSize(): number {
+    return this.backlog.size;
+  }
+}
+
+export class MemoryProxyStore extends BacklogHolder implements ProxyStore {
   private readonly index = new TaskIndex();
-  private readonly backlog = new MemoryBacklog();
+  protected readonly backlog = new MemoryBacklog();
   private readonly keys = new Map<string, TaskSigningKey>();
   private deny: SignedDenyList | undefined;
 
@@ -180,29 +209,6 @@ export class MemoryProxyStore implements ProxyStore {
     return this.index.expiredMarks(now).length;
   }
 
-  pushUpward(items: readonly UpwardItem[]): Promise<void> {
-    return this.backlog.push(items);
-  }
-
-  ackOutput(taskId: string, seq: number): Promise<void> {
-    return this.backlog.ackOutput(taskId, seq);
-  }
-
-  ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
-    return this.backlog.ackStatus(taskId, state, atProxy);
-  }
-
-  upward(): UpwardItem[] {
-    return this.backlog.all();
-  }
-
-  upwardAfter(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
-    return this.backlog.after(after, maxBytes);
-  }
-
-  upwardSize(): number {
-    return this.backlog.size;
-  }
 }
 
 /** A task's delivery deadline in epoch ms, if the proxy knows it. */
