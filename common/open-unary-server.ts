@@ -59,6 +59,11 @@ function resolveLimits(given: Partial<OpenListenerLimits> = {}): OpenListenerLim
  * most `streamsPerConnection` calls at once; messages are at most
  * `messageBytes`. Domain errors leave through toConnectError.
  */
+/** How long a connection stays after its last call was answered. */
+const AFTER_CALL_MS = 1000;
+/** How long a connection may wait after its handshake before its first call. */
+const FIRST_CALL_MS = 5000;
+
 export function createOpenUnaryServer(opts: { creds: Credentials; handlers: OpenUnaryHandler[]; log: Logger; limits?: Partial<OpenListenerLimits> }): OpenUnaryServer {
   const limits = resolveLimits(opts.limits);
   const handler = connectNodeAdapter({
@@ -96,13 +101,13 @@ export function createOpenUnaryServer(opts: { creds: Credentials; handlers: Open
   // Per connection, by remote endpoint: its sockets and idle timer. (An
   // HTTP/2 session exposes only a proxy of its socket, which cannot be
   // destroyed; the TLS socket takes over the TCP socket's handle.)
-  type Connection = { socket: Socket; tls?: Socket; streams: number; idle?: NodeJS.Timeout };
+  type Connection = { socket: Socket; tls?: Socket; streams: number; idle?: NodeJS.Timeout; release?: () => void };
   const perAddress = new Map<string, number>();
   const connections = new Map<string, Connection>();
   const endpoint = (s: { remoteAddress?: string; remotePort?: number }) => `${s.remoteAddress ?? "?"}|${s.remotePort ?? 0}`;
-  const arm = (c: Connection) => {
+  const arm = (c: Connection, ms = limits.idleMs) => {
     clearTimeout(c.idle);
-    c.idle = setTimeout(() => (c.tls ?? c.socket).destroy(), limits.idleMs);
+    c.idle = setTimeout(() => (c.tls ?? c.socket).destroy(), ms);
     c.idle.unref();
   };
   server.on("connection", (socket: Socket) => {
@@ -119,20 +124,36 @@ export function createOpenUnaryServer(opts: { creds: Credentials; handlers: Open
     connections.set(key, c);
     // Idle from the first byte: the handshake and the wait for a first call count too.
     arm(c);
-    socket.once("close", () => {
+    // Counted out once, when the connection closes: the TCP socket does not always say so once the TLS
+    // socket has taken its handle over, so whichever of the two closes first does.
+    let gone = false;
+    c.release = () => {
+      if (gone) return;
+      gone = true;
       clearTimeout(c.idle);
       connections.delete(key);
       const left = (perAddress.get(address) ?? 1) - 1;
       if (left > 0) perAddress.set(address, left);
       else perAddress.delete(address);
-    });
+    };
+    socket.once("close", c.release);
   });
   server.on("secureConnection", (tls: Socket) => {
     const c = connections.get(endpoint(tls));
-    if (c) c.tls = tls;
-    else tls.destroy();
+    if (!c) {
+      tls.destroy();
+      return;
+    }
+    c.tls = tls;
+    tls.once("close", () => c.release?.());
+    // A caller sends its call right after the handshake; a connection that does not is not kept for long.
+    if (c.streams === 0) arm(c, Math.min(limits.idleMs, FIRST_CALL_MS));
   });
-  server.on("tlsClientError", (err) => opts.log.debug("open listener: TLS handshake failed", { err }));
+  server.on("tlsClientError", (err, tls: Socket) => {
+    opts.log.debug("open listener: TLS handshake failed", { err });
+    // A handshake that failed never reaches secureConnection, and its TCP socket no longer reports its close.
+    connections.get(endpoint(tls))?.release?.();
+  });
 
   const sessions = new Set<http2.ServerHttp2Session>();
   server.on("session", (session) => {
@@ -151,7 +172,9 @@ export function createOpenUnaryServer(opts: { creds: Credentials; handlers: Open
         if (ended) return;
         ended = true;
         clearTimeout(deadline);
-        if (--c.streams === 0) arm(c);
+        // A caller gets one answer here (an enrollment) and has no use for the connection after it:
+        // it goes soon, so that callers that keep theirs open cannot hold the address's share.
+        if (--c.streams === 0) arm(c, Math.min(limits.idleMs, AFTER_CALL_MS));
       };
       stream.once("finish", end);
       stream.once("close", end);

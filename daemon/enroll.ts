@@ -165,7 +165,9 @@ export function requestEnrollment(
 ): Promise<EnrollResponse> {
   const { checkServerIdentity } = clientTlsOptions({ caPem, certPem: "", keyPem: "" }, ["proxy", "controller"]);
   const credentials = grpc.credentials.createSsl(Buffer.from(caPem), zero ? Buffer.from(zero.keyPem) : null, zero ? Buffer.from(zero.certPem) : null, { checkServerIdentity });
-  const client = new grpc.Client(address, credentials, { "grpc.max_receive_message_length": 1 << 20 });
+  // Its own subchannel pool: closing the client closes the connection at once (an open enroll listener counts
+  // connections per address, and a shared pool would keep this one open for the next caller).
+  const client = new grpc.Client(address, credentials, { "grpc.max_receive_message_length": 1 << 20, "grpc.use_local_subchannel_pool": 1 });
   const m = EnrollService.method.enroll;
   return new Promise<EnrollResponse>((resolve, reject) => {
     const call = client.makeUnaryRequest(
