@@ -10,7 +10,7 @@
  * key only when the endorsing certificate chains to the mesh CA, is valid,
  * names that very host, and is not revoked.
  */
-import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
@@ -35,8 +35,8 @@ function endorsed(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buf
   return framed("host report key", keyId, publicKey, notAfterMs);
 }
 
-function presence(nonce: Uint8Array, proxy: PeerIdentity | undefined, host: PeerIdentity): Buffer {
-  return framed("host presence", nonce, proxy ? identityUri(proxy) : "", identityUri(host));
+function presence(nonce: Uint8Array, salt: Uint8Array, proxy: PeerIdentity | undefined, host: PeerIdentity): Buffer {
+  return framed("host presence", nonce, salt, proxy ? identityUri(proxy) : "", identityUri(host));
 }
 
 /** The fields of a task's end that the host signs. */
@@ -69,9 +69,14 @@ export class HostReporter {
     });
   }
 
-  /** A presence proof over the controller's nonce, for the proxy whose certificate the daemon saw. */
-  prove(nonce: Uint8Array, proxy: PeerIdentity | undefined): Uint8Array {
-    return sign(null, presence(nonce, proxy, this.self), this.privateKey);
+  /**
+   * A presence proof over the controller's nonce, for the proxy whose
+   * certificate the daemon saw, with a fresh salt (the controller takes
+   * each proof once).
+   */
+  prove(nonce: Uint8Array, proxy: PeerIdentity | undefined): { proof: Uint8Array; salt: Uint8Array } {
+    const salt = randomBytes(16);
+    return { proof: sign(null, presence(nonce, salt, proxy, this.self), this.privateKey), salt };
   }
 
   /** Signs a terminal status (its output fields set) in place. */
@@ -153,13 +158,18 @@ export class HostKeyVerifier {
     return k;
   }
 
-  /** A presence proof of `host` over this link's nonce, at `proxy`, with an accepted key. */
-  checkPresence(keyId: string, proof: Uint8Array, nonce: Uint8Array, proxy: PeerIdentity, host: PeerIdentity): KeyCheck {
+  /**
+   * A presence proof of `host` over this link's nonce and the proof's salt,
+   * at `proxy`, with an accepted key. (Taking each proof once is the
+   * caller's part: it knows the salts already used on the link.)
+   */
+  checkPresence(keyId: string, proof: Uint8Array, salt: Uint8Array, nonce: Uint8Array, proxy: PeerIdentity, host: PeerIdentity): KeyCheck {
     const k = this.usable(keyId, host);
     if (!k) return { ok: false, reason: "no valid report key" };
     if (proof.length === 0) return { ok: false, reason: "no presence proof" };
+    if (salt.length < 16) return { ok: false, reason: "the presence proof has no salt" };
     // The daemon names the proxy whose certificate it saw; a proof without a proxy name is bound by the nonce alone.
-    if (verify(null, presence(nonce, proxy, host), k.publicKey, proof) || verify(null, presence(nonce, undefined, host), k.publicKey, proof)) return { ok: true };
+    if (verify(null, presence(nonce, salt, proxy, host), k.publicKey, proof) || verify(null, presence(nonce, salt, undefined, host), k.publicKey, proof)) return { ok: true };
     return { ok: false, reason: "the presence proof does not hold" };
   }
 

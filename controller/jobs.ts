@@ -15,7 +15,7 @@ import type { DocumentStore } from "./document-store.js";
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
 import type { HostRecord, JobRecord, TaskRecord, TaskSteps } from "./model.js";
-import { Planner, requestDigest, type PlannedHost, type SubmitAuthorizer, type SubmitRequest } from "./planner.js";
+import { Planner, requestDigest, type Plan, type PlannedHost, type SubmitAuthorizer, type SubmitRequest } from "./planner.js";
 import { hasLimits, resolveRate, Rollout } from "./rollout.js";
 import { bundleHolder, Router, type ProxyPort } from "./router.js";
 import { TaskBounds } from "./task-bounds.js";
@@ -80,6 +80,8 @@ export class JobManager {
   private readonly rollout: Rollout;
   private readonly router: Router;
   private readonly bounds: TaskBounds;
+  /** Idempotency keys of submits being stored, so that a retry meanwhile waits for that job. */
+  private readonly submittingKeys = new Map<string, Promise<JobRecord>>();
   /** Jobs being submitted: their first releases are routed with the job's first write, not one by one. */
   private readonly submitting = new Set<string>();
   private readonly checkEnd: JobManagerOptions["checkEnd"];
@@ -207,17 +209,31 @@ export class JobManager {
     // Checked, resolved and authorized first, a replay of an idempotent submit too.
     const plan = this.planner.plan(caller, req, authorize);
     const digest = requestDigest(req);
-    if (req.idempotencyKey) {
-      const existing = this.store.jobByIdempotencyKey(tenant, req.idempotencyKey);
-      if (existing) {
-        if (existing.requestDigest !== undefined && existing.requestDigest !== digest) {
-          const err = new AlreadyExistsError(`idempotency key ${JSON.stringify(req.idempotencyKey)} was already used for job ${existing.id}, with a different request`);
-          err.jobId = existing.id;
-          throw err;
-        }
-        return existing;
+    if (!req.idempotencyKey) return this.create(caller, req, plan, digest);
+    // A key names one job: a retry that arrives while the first submit is still being stored waits for it.
+    const key = `${tenant}\0${req.idempotencyKey}`;
+    for (let pending = this.submittingKeys.get(key); pending; pending = this.submittingKeys.get(key)) await pending.catch(() => undefined);
+    const existing = this.store.jobByIdempotencyKey(tenant, req.idempotencyKey);
+    if (existing) {
+      if (existing.requestDigest !== undefined && existing.requestDigest !== digest) {
+        const err = new AlreadyExistsError(`idempotency key ${JSON.stringify(req.idempotencyKey)} was already used for job ${existing.id}, with a different request`);
+        err.jobId = existing.id;
+        throw err;
       }
+      return existing;
     }
+    const created = this.create(caller, req, plan, digest);
+    this.submittingKeys.set(key, created);
+    try {
+      return await created;
+    } finally {
+      if (this.submittingKeys.get(key) === created) this.submittingKeys.delete(key);
+    }
+  }
+
+  /** Stores a planned job and sends its tasks (see submit). */
+  private async create(caller: PeerIdentity, req: SubmitRequest, plan: Plan, digest: string): Promise<JobRecord> {
+    const tenant = caller.scope;
     const now = this.clock.now();
     const job: JobRecord = {
       id: this.ids("j"),

@@ -89,9 +89,13 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   let refusedPresence = 0;
   /** Hosts whose reports from this proxy were held back: once it is seen to hold one, it replays its backlog. */
   const heldBack = new Set<string>();
+  /** Presence proofs taken on this link, by their salt: a proof is good once (a proxy cannot re-claim a host that left it by sending its old proof again). */
+  const usedSalts = new Map<string, Set<string>>();
   const presence = (hosts: readonly HostPresence[]) => {
     for (const h of hosts) {
-      const since = h.since ? timestampMs(h.since) : clock.now();
+      // The proxy's clock says when; never later than ours (a "since" in the future would stop the host's tasks from ever ending LOST).
+      const now = clock.now();
+      const since = h.since ? Math.min(timestampMs(h.since), now) : now;
       if (!h.connected) {
         inventory.disconnected(h.hostId, port.name, since);
         continue;
@@ -99,12 +103,21 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       if (deps.hostKeys) {
         const host: PeerIdentity = { role: "host", scope: h.tenant, id: h.hostId };
         const check = deps.hostKeys.accept(h.reportKey, host);
-        const proved = check.ok ? deps.hostKeys.checkPresence(h.reportKey!.keyId, h.proof, nonce, peer, host) : check;
+        const salt = Buffer.from(h.proofSalt).toString("base64");
+        const seen = usedSalts.get(h.hostId);
+        const proved = !check.ok
+          ? check
+          : seen?.has(salt)
+            ? { ok: false as const, reason: "the presence proof was already used on this link" }
+            : deps.hostKeys.checkPresence(h.reportKey!.keyId, h.proof, h.proofSalt, nonce, peer, host);
         if (!proved.ok) {
           // Logged for the first few of a link: a proxy that cannot prove a host does not hold it here.
           if (refusedPresence++ < 10) log.warn("host presence refused", { host: h.hostId, tenant: h.tenant, reason: proved.reason });
           continue;
         }
+        // One set per host, bounded by how often a host can (re)connect over one link.
+        if (seen) seen.add(salt);
+        else usedSalts.set(h.hostId, new Set([salt]));
       }
       jobs.hostConnected(inventory.connected({ id: h.hostId, tenant: h.tenant, facts: h.facts }, port.region, port.name, since));
       if (heldBack.delete(h.hostId)) out.frame.replay = true;

@@ -34,6 +34,8 @@ export interface TaskBoundsOptions {
  *
  * - never handed to any proxy and past its delivery deadline: EXPIRED;
  * - of a cancelled job, unconfirmed past the cancel grace: CANCELLED;
+ * - not yet delivered past its delivery deadline plus the expiry grace,
+ *   while its host is reachable: EXPIRED (its proxy should have said so);
  * - its host unreachable (no stream at a proxy whose link is up) for the
  *   job's lost_after — for a task not yet delivered, also past its delivery
  *   deadline plus the expiry grace: LOST. The proxies that may hold it are
@@ -104,6 +106,12 @@ export class TaskBounds {
         }
         if (job.cancelRequested && now >= (job.cancelRequestedAt ?? now) + this.cancelGraceMs) {
           due.push([task, TaskState.CANCELLED, `cancelled at the controller: host ${hostId} did not confirm within ${Math.round(this.cancelGraceMs / 1000)}s; it is told when it can be reached`, { withdraw: false }]);
+          continue;
+        }
+        // Past its delivery deadline and the proxies' grace, a task no host has reported delivered ends here,
+        // also when its host is reachable: a proxy that holds it back (stuck, or compromised) cannot keep it open.
+        if (reachable && task.state < TaskState.DELIVERED && now >= job.deliverBy + this.expiryGraceMs) {
+          due.push([task, TaskState.EXPIRED, "the delivery deadline passed and no proxy holding the task reported it delivered", { withdraw: true }]);
           continue;
         }
         if (reachable) continue;

@@ -133,6 +133,7 @@ export class TaskTable {
       },
       (err) => {
         this.log.error("storing a task update failed", { task: task.id, err });
+        this.revert(task);
         throw storageError(err);
       },
     );
@@ -144,6 +145,19 @@ export class TaskTable {
     };
     p.then(forget, forget);
     return p;
+  }
+
+  /**
+   * A write failed: the record in memory goes back to what is stored, so
+   * that the update, sent again by its proxy (it was not acknowledged), is
+   * applied again rather than taken for a duplicate of what never landed.
+   */
+  private revert(task: TaskRecord): void {
+    const stored = this.store.getTask(task.id);
+    this.settling.delete(task.id);
+    if (!stored) return;
+    for (const key of Object.keys(task)) delete (task as unknown as Record<string, unknown>)[key];
+    Object.assign(task, stored);
   }
 
   /** Resolves once every write queued so far for the task has settled. */

@@ -420,7 +420,9 @@ export class Agent {
     if (frame.presenceNonce.length === 0 || !this.reporter || !this.out) return;
     const f = this.out.frame;
     f.presenceNonce = frame.presenceNonce;
-    f.presenceProof = this.reporter.prove(frame.presenceNonce, link?.peer);
+    const { proof, salt } = this.reporter.prove(frame.presenceNonce, link?.peer);
+    f.presenceProof = proof;
+    f.presenceSalt = salt;
   }
 
   private async handleFrame(frame: AgentStreamResponse, link?: ProxyLinkToAgent): Promise<void> {

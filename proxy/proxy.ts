@@ -88,8 +88,8 @@ interface HostSession {
   session: LinkSession<AgentStreamResponse, AgentStreamRequest>;
   credits: number;
   reportKey: HostReportKey | undefined;
-  /** The host's proof of presence over the current controller link's nonce. */
-  proof: Uint8Array | undefined;
+  /** The host's proof of presence over the current controller link's nonce, with its salt. */
+  proof: { proof: Uint8Array; salt: Uint8Array } | undefined;
 }
 
 /** About how many bytes a host presence takes in a frame (id, tenant, facts). */
@@ -222,7 +222,8 @@ export class ProxyCore {
       since: timestampFromMs(connected ? session.since : this.clock.now()),
       facts: connected ? session.facts : undefined,
       reportKey: connected ? session.reportKey : undefined,
-      proof: connected ? session.proof : undefined,
+      proof: connected ? session.proof?.proof : undefined,
+      proofSalt: connected ? session.proof?.salt : undefined,
     });
   }
 
@@ -244,7 +245,7 @@ export class ProxyCore {
   private async handleHostFrame(session: HostSession, frame: AgentStreamRequest): Promise<void> {
     if (frame.credits !== undefined) session.credits = frame.credits;
     if (frame.presenceProof.length > 0 && this.nonce && Buffer.from(frame.presenceNonce).equals(this.nonce)) {
-      session.proof = frame.presenceProof;
+      session.proof = { proof: frame.presenceProof, salt: frame.presenceSalt };
       this.reportPresence(session, true);
     }
     const items: UpwardItem[] = [];
@@ -667,7 +668,7 @@ export class ProxyCore {
       else output.push(item.chunk);
     }
     // No nonce travels with a bundle: the hosts' report keys do (their results are checked against them).
-    return { statuses, output, hosts: [...this.hosts.values()].map((s) => ({ ...this.presence(s, true), proof: new Uint8Array() })) };
+    return { statuses, output, hosts: [...this.hosts.values()].map((s) => ({ ...this.presence(s, true), proof: new Uint8Array(), proofSalt: new Uint8Array() })) };
   }
 
   // ---- deadlines -----------------------------------------------------------

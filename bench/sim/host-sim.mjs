@@ -274,8 +274,8 @@ class SimHost {
     for (const ack of frame.statusAcks) this.outbox.delete(ack.taskId);
     if (frame.presenceNonce.length > 0) {
       // Bound to the link by the nonce; the proxy name is left out (the simulator checks proxies by role only).
-      const proof = this.reporter.prove(frame.presenceNonce, undefined);
-      this.send(grpcFrame(toBinary(AgentStreamRequestSchema, create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: proof }))));
+      const { proof, salt } = this.reporter.prove(frame.presenceNonce, undefined);
+      this.send(grpcFrame(toBinary(AgentStreamRequestSchema, create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: proof, presenceSalt: salt }))));
     }
     if (frame.tasks.length === 0) return;
     const now = Date.now();

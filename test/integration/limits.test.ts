@@ -64,7 +64,10 @@ describe("input limits on a real mesh", () => {
     out.push(create(AgentStreamRequestSchema, { hello: { hostId: "big-1", facts, reportKey: reporter.key }, credits: 0 }));
     const stream = (async () => {
       for await (const frame of clientFor(AgentLinkService, channel).agentStream(out)) {
-        if (frame.presenceNonce.length > 0) out.push(create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: reporter.prove(frame.presenceNonce, undefined) }));
+        if (frame.presenceNonce.length > 0) {
+          const { proof, salt } = reporter.prove(frame.presenceNonce, undefined);
+          out.push(create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: proof, presenceSalt: salt }));
+        }
       }
     })().catch(() => undefined);
     try {

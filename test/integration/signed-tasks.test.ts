@@ -49,7 +49,7 @@ class EvilProxy {
           // Presence is relayed faithfully: the host's own proof over the controller's nonce.
           if (frame.presenceProof.length > 0) {
             const reportKey = this.hellos.get(peer.id)?.hello?.reportKey;
-            this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true, reportKey, proof: frame.presenceProof }] }));
+            this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true, reportKey, proof: frame.presenceProof, proofSalt: frame.presenceSalt }] }));
           }
           for (const s of frame.statuses) this.seen.push({ host: peer.id, status: s });
           if (frame.statuses.length || frame.output.length) {
@@ -177,8 +177,8 @@ describe("signed tasks: a proxy can delay work but never forge or redirect it", 
       create(ProxyStreamRequestSchema, {
         hosts: [
           { hostId: "s9", tenant: "default", connected: true },
-          { hostId: "s9", tenant: "default", connected: true, reportKey: stolen, proof: new Uint8Array(64).fill(1) },
-          { hostId: "s1", tenant: "default", connected: true, reportKey: stolen, proof: new Uint8Array(64).fill(1) },
+          { hostId: "s9", tenant: "default", connected: true, reportKey: stolen, proof: new Uint8Array(64).fill(1), proofSalt: new Uint8Array(16).fill(2) },
+          { hostId: "s1", tenant: "default", connected: true, reportKey: stolen, proof: new Uint8Array(64).fill(1), proofSalt: new Uint8Array(16).fill(2) },
         ],
       }),
     );

@@ -26,11 +26,16 @@ describe("host report keys", () => {
     const v = new HostKeyVerifier(ca.certPem, clock);
     expect(v.accept(r.key, host("h1"))).toEqual({ ok: true });
     const nonce = new Uint8Array([1, 2, 3, 4]);
-    expect(v.checkPresence(r.key.keyId, r.prove(nonce, proxy), nonce, proxy, host("h1")).ok).toBe(true);
-    // Another link's nonce, another proxy, another host: refused.
-    expect(v.checkPresence(r.key.keyId, r.prove(nonce, proxy), new Uint8Array([9]), proxy, host("h1")).ok).toBe(false);
-    expect(v.checkPresence(r.key.keyId, r.prove(nonce, proxy), nonce, { ...proxy, id: "px2" }, host("h1")).ok).toBe(false);
-    expect(v.checkPresence(r.key.keyId, r.prove(nonce, proxy), nonce, proxy, host("h2")).ok).toBe(false);
+    const p = r.prove(nonce, proxy);
+    expect(v.checkPresence(r.key.keyId, p.proof, p.salt, nonce, proxy, host("h1")).ok).toBe(true);
+    // Each proof has its own salt.
+    expect(Buffer.from(r.prove(nonce, proxy).salt).equals(Buffer.from(p.salt))).toBe(false);
+    // Another link's nonce, another proxy, another host, another salt, no salt: refused.
+    expect(v.checkPresence(r.key.keyId, p.proof, p.salt, new Uint8Array([9]), proxy, host("h1")).ok).toBe(false);
+    expect(v.checkPresence(r.key.keyId, p.proof, p.salt, nonce, { ...proxy, id: "px2" }, host("h1")).ok).toBe(false);
+    expect(v.checkPresence(r.key.keyId, p.proof, p.salt, nonce, proxy, host("h2")).ok).toBe(false);
+    expect(v.checkPresence(r.key.keyId, p.proof, new Uint8Array(16), nonce, proxy, host("h1")).ok).toBe(false);
+    expect(v.checkPresence(r.key.keyId, p.proof, new Uint8Array(), nonce, proxy, host("h1")).ok).toBe(false);
     const s = end("t1", "hello\n");
     r.signEnd(s);
     expect(v.checkEnd(s, host("h1"))).toBe("ok");
@@ -60,7 +65,8 @@ describe("host report keys", () => {
     v.accept(r.key, host("h1"));
     const nonce = new Uint8Array([5]);
     revoked = true;
-    expect(v.checkPresence(r.key.keyId, r.prove(nonce, proxy), nonce, proxy, host("h1")).ok).toBe(false);
+    const p = r.prove(nonce, proxy);
+    expect(v.checkPresence(r.key.keyId, p.proof, p.salt, nonce, proxy, host("h1")).ok).toBe(false);
   });
 
   it("checks results after a restart with keys it accepted before, even once their short-lived certificate expired", () => {
