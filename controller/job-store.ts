@@ -32,6 +32,8 @@ export interface JobStore {
   removeRecall(proxy: string, taskId: string): Promise<void>;
   /** The cancels owed to one proxy (or "bundle:<region>"), oldest task first. */
   recallsFor(proxy: string): Recall[];
+  /** Every cancel owed to any proxy (read once at start, to index them by host). */
+  allRecalls(): Recall[];
   close(): Promise<void>;
 }
 
@@ -54,6 +56,10 @@ export class MemoryJobStore implements JobStore {
 
   recallsFor(proxy: string): Recall[] {
     return [...this.recalls.values()].filter((r) => r.proxy === proxy).sort((a, b) => (a.taskId < b.taskId ? -1 : 1));
+  }
+
+  allRecalls(): Recall[] {
+    return [...this.recalls.values()].map((r) => ({ ...r }));
   }
 
   async putJob(job: JobRecord, tasks: readonly TaskRecord[] = [], steps?: ReadonlyMap<string, TaskSteps>): Promise<void> {

@@ -381,11 +381,23 @@ export class JobManager {
    * unknown tasks and from outside the host's region are not held back
    * (they are dropped by applyStatus/applyOutput).
    */
-  holdsBack(proxy: { name: string; region: string }, taskId: string, hostId: string): boolean {
+  holdsBack(proxy: { name: string; region: string }, taskId: string, hostId: string, status?: TaskStatus): boolean {
     const task = this.table.get(taskId);
     if (!task || (hostId !== "" && hostId !== task.hostId)) return false;
-    if (this.router.mayReport(proxy, task)) return false;
+    if (this.router.mayReport(proxy, task) || (status !== undefined && this.signedEnd(proxy, task, status))) return false;
     return this.inventory.get(task.hostId)?.region === proxy.region;
+  }
+
+  /**
+   * A task's end signed by its host, relayed by any proxy of the host's
+   * region: taken even from a proxy not seen to hold the host (the host
+   * failed over to it while it was cut off, and has since left it), since
+   * the signature, not the proxy, vouches for it.
+   */
+  private signedEnd(proxy: { name: string; region: string }, task: TaskRecord, status: TaskStatus): boolean {
+    if (!this.checkEnd || !isTerminal(status.state) || status.atProxy || status.signature.length === 0) return false;
+    if ((status.hostId !== "" && status.hostId !== task.hostId) || this.inventory.get(task.hostId)?.region !== proxy.region) return false;
+    return this.checkEnd(status, { role: "host", scope: task.tenant, id: task.hostId }) === "ok";
   }
 
   /**
@@ -403,7 +415,7 @@ export class JobManager {
       this.log.warn("status for an unknown task dropped", { task: status.taskId, proxy: proxy.name });
       return this.table.afterLastWrite(status.taskId);
     }
-    if (!this.router.mayReport(proxy, seen) || (status.hostId !== "" && status.hostId !== seen.hostId)) {
+    if ((!this.router.mayReport(proxy, seen) && !this.signedEnd(proxy, seen, status)) || (status.hostId !== "" && status.hostId !== seen.hostId)) {
       this.log.warn("status from a proxy that does not hold the task dropped", { task: status.taskId, proxy: proxy.name, host: status.hostId });
       return this.table.afterLastWrite(status.taskId);
     }
@@ -438,10 +450,16 @@ export class JobManager {
         task.outputSha256 = status.outputSha256;
         task.outputBytes = Number(status.outputBytes);
       } else {
-        // The host cannot know its output (it ended after a crash): what is stored is what there is.
-        task.expectedChunks = Math.max(Number(status.outputChunks), task.outputChunks);
+        // The host cannot know its output (it ended after a crash): what it counted, or the highest chunk
+        // stored, whichever is more — so a gap below a chunk that came through another proxy stays a gap.
+        task.expectedChunks = Math.max(Number(status.outputChunks), lastHeld(task));
       }
       task.resultCheck = this.resultCheckOf(task, status);
+      if (task.outputSha256 !== undefined && lastHeld(task) > task.expectedChunks) {
+        // Chunks the host did not sign for were relayed (and may have been read): the output is not the host's.
+        this.log.warn("output beyond what the host signed for was relayed", { task: task.id, host: task.hostId, signed: task.expectedChunks, held: lastHeld(task), proxy: proxy.name });
+        if (task.resultCheck !== ResultCheck.UNSPECIFIED) task.resultCheck = ResultCheck.MISMATCH;
+      }
     }
     return this.table.write(task, { ends }).then(() => this.checkOutput(task));
   }
@@ -497,6 +515,11 @@ export class JobManager {
       return Promise.resolve(seq);
     }
     if (hasChunk(seen, seq)) return this.table.afterLastWrite(seen.id).then(() => seq);
+    if (seen.outputSha256 !== undefined && seen.expectedChunks !== undefined && seq > seen.expectedChunks) {
+      // The host signed for fewer chunks: this one is not its output (acknowledged, so the proxy drops it).
+      this.log.warn("output beyond what the host signed for dropped", { task: chunk.taskId, proxy: proxy.name, seq, signed: seen.expectedChunks });
+      return Promise.resolve(seq);
+    }
     const task = this.table.mutable(chunk.taskId)!;
     addChunk(task, seq);
     this.router.reported(proxy, task);
@@ -722,6 +745,22 @@ async function digestOutput(store: JobStore, taskId: string, chunks: number): Pr
     await new Promise((resolve) => setImmediate(resolve));
   }
   return { sha256: hash.digest(), bytes };
+}
+
+/** The highest output seq a task's record counts as stored, above any gap. */
+export function lastHeld(task: TaskRecord): number {
+  const beyond = task.outputBeyond;
+  return beyond && beyond.length > 0 ? Math.max(task.outputChunks, beyond[beyond.length - 1]![1]) : task.outputChunks;
+}
+
+/** The first output seq at or above `from` that the task's record does not count as stored. */
+export function firstMissing(task: TaskRecord, from: number): number {
+  let next = Math.max(from, task.outputChunks + 1);
+  for (const [lo, hi] of task.outputBeyond ?? []) {
+    if (next < lo) break;
+    if (next <= hi) next = hi + 1;
+  }
+  return next;
 }
 
 /** A terminal task whose every reported chunk is stored. */

@@ -49,6 +49,10 @@ export class LmdbJobStore implements JobStore {
     return out;
   }
 
+  allRecalls(): Recall[] {
+    return [...this.recalls.getRange({}).map(({ value }) => value)];
+  }
+
   putJob(job: JobRecord, tasks: readonly TaskRecord[] = [], steps?: ReadonlyMap<string, TaskSteps>): Promise<void> {
     const stored: StoredJob = { ...job, steps: job.steps.map((s) => toBinary(StepSchema, s)) };
     const writes: Promise<unknown>[] = [this.jobs.put(job.id, stored)];

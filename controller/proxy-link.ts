@@ -20,7 +20,7 @@ import type { Inventory } from "./inventory.js";
 import { specBytes } from "../common/backlog.js";
 import type { TaskSigner } from "../common/task-signing.js";
 import type { Revocations } from "./revocation.js";
-import type { JobManager, ProxyPort } from "./jobs.js";
+import { firstMissing, type JobManager, type ProxyPort } from "./jobs.js";
 import { randomBytes } from "node:crypto";
 import type { HostKeyVerifier } from "../common/host-signing.js";
 
@@ -89,6 +89,8 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   let refusedPresence = 0;
   /** Hosts whose reports from this proxy were held back: once it is seen to hold one, it replays its backlog. */
   const heldBack = new Set<string>();
+  /** Per task, the lowest and highest output seq held back from this link and maybe not stored yet (see the acks below). */
+  const heldOutput = new Map<string, { min: number; max: number }>();
   /** Presence proofs taken on this link, by their salt: a proof is good once (a proxy cannot re-claim a host that left it by sending its old proof again). */
   const usedSalts = new Map<string, Set<string>>();
   const presence = (hosts: readonly HostPresence[]) => {
@@ -145,18 +147,33 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     if (frame.load) deps.loads?.set(port.name, { region: port.region, load: frame.load });
     if (frame.hosts.length > 0) presence(frame.hosts);
     // Reports on hosts this proxy is not yet seen to hold are held back: not taken, not acknowledged.
-    const taken = <T extends { taskId: string; hostId: string }>(items: readonly T[]) =>
-      items.filter((x) => {
-        if (!jobs.holdsBack(port, x.taskId, x.hostId)) return true;
-        if (x.hostId) heldBack.add(x.hostId);
-        return false;
-      });
-    const output = taken(frame.output);
-    const statuses = taken(frame.statuses);
+    const output = frame.output.filter((c) => {
+      if (!jobs.holdsBack(port, c.taskId, c.hostId)) return true;
+      if (c.hostId) heldBack.add(c.hostId);
+      const h = heldOutput.get(c.taskId);
+      const seq = Number(c.seq);
+      if (!h) heldOutput.set(c.taskId, { min: seq, max: seq });
+      else ((h.min = Math.min(h.min, seq)), (h.max = Math.max(h.max, seq)));
+      return false;
+    });
+    const statuses = frame.statuses.filter((st) => {
+      if (!jobs.holdsBack(port, st.taskId, st.hostId, st)) return true;
+      if (st.hostId) heldBack.add(st.hostId);
+      return false;
+    });
     // Output before statuses: a frame may carry a task's last chunks and its end together.
     const acked = await Promise.all(output.map((c) => jobs.applyOutput(port, c).then((seq) => [c.taskId, seq] as const)));
     const highest = new Map<string, number>();
     for (const [taskId, seq] of acked) highest.set(taskId, Math.max(highest.get(taskId) ?? 0, seq));
+    // An output ack is cumulative (the proxy drops every chunk up to it): never past a chunk held back from this link until it is stored.
+    for (const [taskId, seq] of highest) {
+      const h = heldOutput.get(taskId);
+      const task = h && jobs.getTaskRecord(taskId);
+      if (!h || !task) continue;
+      const missing = firstMissing(task, h.min);
+      if (missing > h.max) heldOutput.delete(taskId);
+      else if (missing <= seq) highest.set(taskId, missing - 1);
+    }
     await Promise.all(statuses.map((s) => jobs.applyStatus(port, s)));
     if (deps.counters) {
       let bytes = 0;
@@ -165,7 +182,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       for (const s of frame.statuses) if (isTerminal(s.state) && !s.atProxy) deps.counters.tasksEnded(1, { state: TaskState[s.state] ?? String(s.state), region: port.region });
     }
     const reply = out.frame;
-    for (const [taskId, seq] of highest) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
+    for (const [taskId, seq] of highest) if (seq > 0) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
     for (const s of statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
   }
 }

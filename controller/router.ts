@@ -53,9 +53,15 @@ export class Router {
   private readonly sentOn = new WeakMap<ProxyPort, Set<string>>();
   /** Tasks of a job being submitted, given their proxy but not sent yet (see sendRouted). */
   private readonly unsent = new Set<string>();
+  /**
+   * Cancels owed (recalls), per host and then per task: a host that returns
+   * through a proxy other than the one owed the cancel is told by that one.
+   */
+  private readonly recallsByHost = new Map<string, Map<string, Recall[]>>();
 
   constructor(opts: RouterOptions) {
     this.opts = opts;
+    for (const r of opts.store.allRecalls()) this.indexRecall(r);
   }
 
   // ---- the index of open tasks ------------------------------------------
@@ -133,9 +139,14 @@ export class Router {
    */
   hostConnected(host: HostRecord): void {
     const ids = this.byHost.get(host.id);
-    if (!ids) return;
     const port = this.proxies.get(host.proxy);
     if (!port) return;
+    // Tasks the controller ended while the host was away (it may still run them): the proxy it came back through tells it.
+    for (const recalls of this.recallsByHost.get(host.id)?.values() ?? []) {
+      const r = recalls[0]!;
+      if (!recalls.some((x) => x.proxy === port.name)) port.sendCancel(r.taskId, r.hostId, recalls.every((x) => x.withdraw));
+    }
+    if (!ids) return;
     for (const id of ids) {
       const task = this.tasks.get(id);
       if (!task) continue;
@@ -259,10 +270,31 @@ export class Router {
       }
     }
     if (status && isTerminal(status.state)) {
-      void this.opts.store.removeRecall(name, task.id).catch((err) => this.opts.log.error("settling a recall failed", { task: task.id, err }));
-      if (proxy.region) void this.opts.store.removeRecall(bundleHolder(proxy.region), task.id).catch(() => undefined);
+      // A proxy's own copy ended settles what that proxy was owed; the host's own end settles every
+      // cancel owed for the task (the host's ledger answers any copy still on its way).
+      const settled = new Set(status.atProxy ? [name, bundleHolder(proxy.region)] : (this.recallsByHost.get(task.hostId)?.get(task.id) ?? []).map((r) => r.proxy));
+      if (!status.atProxy) settled.add(name).add(bundleHolder(proxy.region));
+      this.unindexRecalls(task, settled);
+      for (const p of settled) void this.opts.store.removeRecall(p, task.id).catch((err) => this.opts.log.error("settling a recall failed", { task: task.id, err }));
     }
     return changed;
+  }
+
+  private indexRecall(r: Recall): void {
+    let tasks = this.recallsByHost.get(r.hostId);
+    if (!tasks) this.recallsByHost.set(r.hostId, (tasks = new Map()));
+    const list = (tasks.get(r.taskId) ?? []).filter((x) => x.proxy !== r.proxy);
+    tasks.set(r.taskId, [...list, r]);
+  }
+
+  private unindexRecalls(task: TaskRecord, proxies: ReadonlySet<string>): void {
+    const tasks = this.recallsByHost.get(task.hostId);
+    const list = tasks?.get(task.id);
+    if (!tasks || !list) return;
+    const left = list.filter((r) => !proxies.has(r.proxy));
+    if (left.length > 0) tasks.set(task.id, left);
+    else tasks.delete(task.id);
+    if (tasks.size === 0) this.recallsByHost.delete(task.hostId);
   }
 
   // ---- cancels ---------------------------------------------------------------
@@ -272,9 +304,21 @@ export class Router {
     return [...(task.proxies ?? [])];
   }
 
-  /** Asks every connected holder to cancel the task (not stored: see {@link recall}). */
+  /**
+   * Every proxy that may hold the task or its host: its holders, and the
+   * proxy that holds the host's stream now (a host that failed over brings
+   * its running tasks with it, maybe before its new proxy reported on them).
+   */
+  private cancelTargets(task: TaskRecord): string[] {
+    const names = this.holders(task);
+    const host = this.opts.inventory.get(task.hostId);
+    if (host?.connected && host.proxy && !names.includes(host.proxy)) names.push(host.proxy);
+    return names;
+  }
+
+  /** Asks every connected holder, and the host's proxy, to cancel the task (not stored: see {@link recall}). */
   cancel(task: TaskRecord, withdraw = false): void {
-    for (const name of this.holders(task)) this.proxies.get(name)?.sendCancel(task.id, task.hostId, withdraw);
+    for (const name of this.cancelTargets(task)) this.proxies.get(name)?.sendCancel(task.id, task.hostId, withdraw);
   }
 
   /**
@@ -287,6 +331,7 @@ export class Router {
     if (holders.length === 0) return Promise.resolve();
     const at = this.opts.now();
     const recalls: Recall[] = holders.map((proxy) => ({ proxy, taskId: task.id, hostId: task.hostId, withdraw, at }));
+    for (const r of recalls) this.indexRecall(r);
     this.cancel(task, withdraw);
     return this.opts.store.putRecalls(recalls);
   }

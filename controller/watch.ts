@@ -1,7 +1,7 @@
 import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
 import { systemClock } from "../common/clock.js";
 import { isTerminal } from "../common/task-state.js";
-import type { JobManager } from "./jobs.js";
+import { lastHeld, type JobManager } from "./jobs.js";
 import type { JobRecord, TaskRecord } from "./model.js";
 
 /** One message of a watch: what changed since the previous one. */
@@ -23,10 +23,10 @@ function taskSignature(t: TaskRecord): string {
   return `${t.state}|${t.exitCode ?? ""}|${t.signal}|${t.proxy}|${t.outputTruncated}|${t.message}|${t.expectedChunks ?? ""}|${t.late?.state ?? ""}`;
 }
 
-/** The highest output seq a task's record counts as stored, above any gap. */
-function lastHeld(t: TaskRecord): number {
-  const beyond = t.outputBeyond;
-  return beyond && beyond.length > 0 ? Math.max(t.outputChunks, beyond[beyond.length - 1]![1]) : t.outputChunks;
+/** What a reader of an ended task may read: every chunk stored, but none beyond what its host signed for. */
+function readable(t: TaskRecord): number {
+  const held = lastHeld(t);
+  return t.outputSha256 !== undefined && t.expectedChunks !== undefined ? Math.min(held, t.expectedChunks) : held;
 }
 
 /** A batch with at least this many task changes makes the next one wait COALESCE_MS. */
@@ -78,7 +78,7 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
         // Chunks a reader may have: the committed contiguous prefix; once the task ended, also
         // chunks above a gap (the rest is held by a proxy that is away, or lost).
         const stored = jobs.outputCommitted(task);
-        const held = terminal ? lastHeld(task) : task.outputChunks;
+        const held = terminal ? readable(task) : task.outputChunks;
         let next = cursor.get(id) ?? (opts.noOutput ? held + 1 : 1);
         while (!opts.noOutput && budget > 0 && (next <= stored || (terminal && next <= held))) {
           const limit = terminal ? held : stored;

@@ -196,4 +196,130 @@ describe("controller under faults and a hostile proxy", () => {
     link.end();
     await served;
   });
+  it("F4 a host's signed end that a proxy collected while cut off is taken after the host left that proxy; an unsigned one stays held back", async () => {
+    const t = setup(new MemoryJobStore(), { checkEnd: (s) => (s.signature[0] === 1 ? "ok" : "bad") });
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
+    // px1 died; h1 failed over to px2 while px2's controller link was down; px2 took on the task,
+    // stored its end and acked the host. h1 then went back to px1. px2's link returns: no presence of h1.
+    t.at(t.px1);
+    const forged = status(id, TaskState.SUCCEEDED, { hostId: "h1", exitCode: 0, keyId: "k", signature: new Uint8Array([2]) });
+    expect(t.jobs.holdsBack(t.px2, id, "h1", forged)).toBe(true);
+    await t.jobs.applyStatus(t.px2, forged);
+    expect(t.state(id)).toBe(TaskState.RUNNING);
+    const signed = status(id, TaskState.FAILED, { hostId: "h1", exitCode: 3, keyId: "k", signature: new Uint8Array([1]) });
+    expect(t.jobs.holdsBack(t.px2, id, "h1", signed)).toBe(false);
+    expect(t.jobs.holdsBack(t.px2, id, "h1")).toBe(true); // output is still held back: nothing vouches for it
+    await t.jobs.applyStatus(t.px2, signed);
+    expect(t.state(id)).toBe(TaskState.FAILED);
+    expect(t.store.getTask(id)!.exitCode).toBe(3);
+  });
+  it("F5 a host that returns through another proxy is told of a cancel the controller decided while it was away", async () => {
+    const t = setup();
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
+    t.away(t.px1);
+    await t.jobs.cancel(t.acme, job.id);
+    expect(t.state(id)).toBe(TaskState.CANCELLED); // message: "...; it is told when it returns"
+    t.at(t.px2); // it returns, through px2 (px1 is gone for good)
+    await flush();
+    expect(t.px2.cancels).toContain(`cancel:${id}`);
+  });
+  it("F6 output a proxy appends after the signed end never reaches a client, and output relayed beyond it before the end marks the task MISMATCH", async () => {
+    const t = setup(new MemoryJobStore(), { checkEnd: () => "ok" });
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    const real = "real output\n";
+    await t.jobs.applyOutput(t.px1, chunk(id, 1, real));
+    await t.jobs.applyStatus(
+      t.px1,
+      status(id, TaskState.SUCCEEDED, {
+        hostId: "h1",
+        exitCode: 0,
+        outputChunks: 1n,
+        outputBytes: BigInt(real.length),
+        outputSha256: createHash("sha256").update(real).digest(),
+        keyId: "k",
+        signature: new Uint8Array([1]),
+      }),
+    );
+    await t.jobs.applyOutput(t.px1, chunk(id, 2, "FORGED by the relay\n"));
+    await flush(10);
+    const ac = new AbortController();
+    let seen = "";
+    for await (const b of watchJob(t.jobs, t.store.getJob(job.id)!, { noOutput: false, signal: ac.signal })) {
+      for (const c of b.output) seen += text(c.data);
+      if (b.job?.finishedAt !== undefined) break;
+    }
+    expect(seen).toBe(real);
+    expect(t.store.getTask(id)!.resultCheck).toBe(ResultCheck.VERIFIED);
+    // The same forgery sent before the end: a live reader may have read it, so the task cannot say VERIFIED.
+    const job2 = await t.jobs.submit(t.acme, req());
+    const id2 = job2.taskIds[0]!;
+    await t.jobs.applyOutput(t.px1, chunk(id2, 1, real));
+    await t.jobs.applyOutput(t.px1, chunk(id2, 2, "FORGED by the relay\n"));
+    await t.jobs.applyStatus(
+      t.px1,
+      status(id2, TaskState.SUCCEEDED, { hostId: "h1", exitCode: 0, outputChunks: 1n, outputBytes: BigInt(real.length), outputSha256: createHash("sha256").update(real).digest(), keyId: "k", signature: new Uint8Array([1]) }),
+    );
+    await flush(10);
+    expect(t.store.getTask(id2)!.resultCheck).toBe(ResultCheck.MISMATCH);
+  });
+  it("F7 the controller never acknowledges (cumulatively) output chunks it held back", async () => {
+    const t = setup();
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
+    const revocations = { current: create(SignedDenyListSchema), onChange: () => () => undefined, isRevoked: () => false } as unknown as Revocations;
+    const link = new FakeLink<ProxyStreamResponse, ProxyStreamRequest>();
+    const served = serveProxyLink(
+      { jobs: t.jobs, inventory: t.inventory, clock: t.clock, log: silentLogger, heartbeatMs: 10_000, signer: testSigning().signer, revocations },
+      link,
+      { role: "proxy", scope: "eu", id: "px2" },
+    ).catch((e: unknown) => e);
+    const up = (init: Parameters<typeof create<typeof ProxyStreamRequestSchema>>[1]) => link.deliver(create(ProxyStreamRequestSchema, init));
+    up({ hello: { name: "px2", region: "eu" } });
+    await flush();
+    // px2's backlog replay starts before h1 proved its presence on this link: chunk 1 is held back.
+    up({ output: [{ ...chunk(id, 1, "one"), hostId: "h1" }] });
+    await flush();
+    // h1's proof arrives (on the proxy's word here: no hostKeys), then the next backlog frame.
+    up({ hosts: [{ hostId: "h1", tenant: "acme", connected: true }] });
+    await flush();
+    up({ output: [{ ...chunk(id, 2, "two"), hostId: "h1" }] });
+    await flush();
+    const acks = link.sent.flatMap((f) => f.outputAcks.map((a) => [a.taskId, Number(a.seq)] as const));
+    const highest = Math.max(0, ...acks.filter(([tid]) => tid === id).map(([, s]) => s));
+    // OutputAck means "every chunk up to and including seq": the proxy drops chunk 1 on this ack.
+    const task = t.store.getTask(id)!;
+    for (let s = 1; s <= highest; s++) expect(hasChunk(task, s)).toBe(true);
+    link.end();
+    await served;
+  });
+  it("F5b a cancel reaches a running task whose host failed over to a proxy that never reported on it", async () => {
+    const t = setup();
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
+    // h1 fails over to px2; its RUNNING was acked by px1 and the task prints nothing: px2 has nothing to report.
+    t.at(t.px2);
+    await t.jobs.cancel(t.acme, job.id);
+    expect(t.px2.cancels).toContain(`cancel:${id}`); // only px1 (where h1 no longer is) is told
+  });
+  it("F8 an INTERRUPTED end after a failover does not say the output is complete while chunks below the highest are missing", async () => {
+    const t = setup(new MemoryJobStore(), { checkEnd: () => "ok" });
+    const job = await t.jobs.submit(t.acme, req());
+    const id = job.taskIds[0]!;
+    // chunks 1..2 went through px1 (away, not passed on yet); 3..4 arrive through px2, then the daemon's
+    // INTERRUPTED end (after a daemon crash: outputChunks 0, no digest).
+    t.at(t.px2);
+    await t.jobs.applyOutput(t.px2, chunk(id, 3, "three"));
+    await t.jobs.applyOutput(t.px2, chunk(id, 4, "four"));
+    await t.jobs.applyStatus(t.px2, status(id, TaskState.INTERRUPTED, { hostId: "h1", outputChunks: 0n, keyId: "k", signature: new Uint8Array([1]) }));
+    const task = t.store.getTask(id)!;
+    const { outputComplete } = await import("../../controller/jobs.js");
+    expect(outputComplete(task)).toBe(false);
+  });
 });
