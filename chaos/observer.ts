@@ -83,6 +83,9 @@ export interface JobAudit {
 
 const FATAL = new Set([Code.InvalidArgument, Code.PermissionDenied, Code.Unauthenticated, Code.FailedPrecondition, Code.AlreadyExists, Code.NotFound, Code.ResourceExhausted]);
 
+/** How often a job whose watch the controller refused (too many open) is looked at with GetJob instead. */
+const POLL_REFUSED_MS = 1000;
+
 function retryable(err: unknown): boolean {
   return !FATAL.has(ConnectError.from(err).code);
 }
@@ -204,7 +207,14 @@ export class Observer {
     else if (!versions.some((v) => v.sha === seen.sha && v.stream === seen.stream)) versions.push(seen);
   }
 
-  /** Watches a job from its start to its end, reconnecting after failures until stopped. */
+  /**
+   * Watches a job from its start to its end, reconnecting after failures
+   * until stopped. The controller holds at most 16 WatchJob streams per
+   * operator (`watchesPerOperator`, docs/security.md) and the workload often
+   * has more jobs open than that: a refused watch is replaced by a GetJob
+   * look every POLL_REFUSED_MS until a watch is accepted, so the client
+   * still sees every end within moments (I1 times what the client saw).
+   */
   private watch(job: JobObs): void {
     const p = (async () => {
       const backoff = new Backoff({ initialMs: 200, maxMs: 2000, jitter: 0 });
@@ -212,6 +222,7 @@ export class Observer {
       while (!signal.aborted) {
         // A stream's batches come in order: each one shows the job as it was after the previous one arrived.
         let since = this.now();
+        let delay: number | undefined;
         try {
           for await (const batch of this.client.watchJob({ jobId: job.jobId }, { signal })) {
             for (const t of batch.tasks) this.sawTask(job, t, since, "watch");
@@ -221,15 +232,32 @@ export class Observer {
           }
           const ids = [...job.taskIds.values()];
           if (ids.length > 0 && ids.every((id) => this.tasks.get(id)?.terminal)) return;
-        } catch {
+        } catch (err) {
           if (signal.aborted) return;
+          if (ConnectError.from(err).code === Code.ResourceExhausted) {
+            if (await this.look(job, signal)) return;
+            delay = POLL_REFUSED_MS;
+          }
         }
-        await this.clock.sleep(backoff.next(), signal).catch(() => undefined);
+        await this.clock.sleep(delay ?? backoff.next(), signal).catch(() => undefined);
       }
     })();
     this.watchers.add(p);
     const forget = () => this.watchers.delete(p);
     p.then(forget, forget);
+  }
+
+  /** One GetJob look at a job (for a refused watch); true once every task of it has been seen terminal. */
+  private async look(job: JobObs, signal: AbortSignal): Promise<boolean> {
+    const since = this.now();
+    try {
+      const res = await this.client.getJob({ jobId: job.jobId }, { signal: AbortSignal.any([signal, AbortSignal.timeout(10_000)]) });
+      for (const t of res.tasks) this.sawTask(job, t, since, "get");
+    } catch {
+      /* the next look, or the watch, will tell */
+    }
+    const ids = [...job.taskIds.values()];
+    return ids.length === job.plan.hosts.length && ids.every((id) => this.tasks.get(id)?.terminal);
   }
 
   /** Looks at every job that still has tasks not seen terminal (GetJob): a second pair of eyes beside the watches. */
