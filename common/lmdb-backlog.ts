@@ -1,7 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskState, TaskStatusSchema } from "../gen/rexmesh/v1/task_pb.js";
-import { itemBytes, statusKey, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
+import { itemBytes, OutputAcks, outputKey, statusKey, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
 import { isTerminal } from "./task-state.js";
 
 const STATUS = 1;
@@ -29,7 +29,7 @@ export function decodeItem(buf: Uint8Array): UpwardItem {
 export class LmdbBacklog implements Backlog {
   private readonly index = new Map<string, number>();
   private readonly sizes = new Map<number, number>();
-  private readonly ackedSeq = new Map<string, number>();
+  private readonly outputAcks = new OutputAcks();
   private next = 1;
   private bytesHeld = 0;
   /** Items pushed whose write has not committed yet: all() must include them too. */
@@ -59,6 +59,7 @@ export class LmdbBacklog implements Backlog {
 
   push(items: readonly UpwardItem[]): Promise<void> {
     const writes: Promise<unknown>[] = [];
+    const pushed: { key: string; n: number }[] = [];
     for (const item of items) {
       const key = upwardKey(item);
       if (this.index.has(key)) continue;
@@ -67,9 +68,24 @@ export class LmdbBacklog implements Backlog {
       this.sizes.set(n, itemBytes(item));
       this.bytesHeld += itemBytes(item);
       this.inFlight.set(n, item);
+      pushed.push({ key, n });
       writes.push(this.db.put([this.scope, n], encodeItem(item)).finally(() => this.inFlight.delete(n)));
     }
-    return Promise.all(writes).then(() => undefined);
+    // An item whose write failed is forgotten before the caller hears of it: were it left in the
+    // index, the sender's resend of it would pass for a duplicate and be acknowledged unstored.
+    return Promise.allSettled(writes).then((results) => {
+      let failure: PromiseRejectedResult | undefined;
+      results.forEach((r, i) => {
+        if (r.status === "fulfilled") return;
+        failure ??= r;
+        const { key, n } = pushed[i]!;
+        if (this.index.get(key) !== n) return; // acknowledged meanwhile: drop() has undone it
+        this.index.delete(key);
+        this.bytesHeld -= this.sizes.get(n) ?? 0;
+        this.sizes.delete(n);
+      });
+      if (failure) throw failure.reason;
+    });
   }
 
   private drop(key: string, writes: Promise<unknown>[]): void {
@@ -82,18 +98,16 @@ export class LmdbBacklog implements Backlog {
     writes.push(this.db.remove([this.scope, n]));
   }
 
-  ackOutput(taskId: string, seq: number): Promise<void> {
+  ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
     const writes: Promise<unknown>[] = [];
-    const from = this.ackedSeq.get(taskId) ?? 0;
-    for (let s = from + 1; s <= seq; s++) this.drop(`o/${taskId}/${s}`, writes);
-    if (seq > from) this.ackedSeq.set(taskId, seq);
+    for (const s of this.outputAcks.take(taskId, seq, keepUpTo, (s) => this.index.get(outputKey(taskId, s)))) this.drop(outputKey(taskId, s), writes);
     return Promise.all(writes).then(() => undefined);
   }
 
   ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     const writes: Promise<unknown>[] = [];
     for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(statusKey(taskId, s, atProxy), writes);
-    if (isTerminal(state) && !atProxy) this.ackedSeq.delete(taskId);
+    if (isTerminal(state) && !atProxy) this.outputAcks.forget(taskId);
     return Promise.all(writes).then(() => undefined);
   }
 

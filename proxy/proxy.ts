@@ -33,6 +33,7 @@ import {
   type TaskStatus,
 } from "../gen/rexmesh/v1/task_pb.js";
 import { deliverByOf, type ProxyStore, type QueuedTask, type UpwardItem } from "./store.js";
+import { TaskUndo } from "./task-undo.js";
 import { specBytes } from "../common/backlog.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec } from "../common/task-signing.js";
@@ -75,6 +76,14 @@ interface ControllerSession {
   link: ControllerLink;
   /** Backlog position sent on this link so far; the next frame starts after it. */
   sentUpTo: number;
+  /**
+   * Backlog position sent on this link before the controller last asked for
+   * a replay. The controller held some of those reports back (not taken, not
+   * acknowledged) and acknowledges each output frame with its highest seq
+   * per task, so a chunk up to here goes only with an ack of its own seq:
+   * an ack of a later chunk says nothing of it.
+   */
+  replayUpTo: number;
   pumping: boolean;
   waiting: boolean;
 }
@@ -251,13 +260,15 @@ export class ProxyCore {
     const items: UpwardItem[] = [];
     const outputAcks = new Map<string, number>();
     const changed = new Set<QueuedTask>();
+    const undo = new TaskUndo();
     for (const chunk of frame.output) {
       const seq = Number(chunk.seq);
-      const task = this.reportedTask(session, chunk.taskId, changed);
+      const task = this.reportedTask(session, chunk.taskId, changed, undo);
       if (task) {
         // A host sends a task's chunks in order and forgets only what was acknowledged, so a
         // chunk above the highest held is new even after a gap (the rest went through another proxy).
         if (seq > task.outputSeq) {
+          undo.touch(task);
           task.outputSeq = seq;
           chunk.hostId = session.hostId;
           items.push({ kind: "output", chunk });
@@ -271,7 +282,7 @@ export class ProxyCore {
     }
     const statusAcks: TaskStatus[] = [];
     for (const status of frame.statuses) {
-      const task = this.reportedTask(session, status.taskId, changed);
+      const task = this.reportedTask(session, status.taskId, changed, undo);
       // A daemon keeps no ping answer for an ack (daemon/agent.ts): none is sent.
       if (!task || !task.spec || !isPingOnly(task.spec)) statusAcks.push(status);
       if (!task) continue;
@@ -279,6 +290,7 @@ export class ProxyCore {
       status.atProxy = false;
       status.hostId = session.hostId;
       if (task.endedHere ? status.state !== TaskState.UNSPECIFIED : advances(task.state, status.state)) {
+        undo.touch(task);
         task.state = status.state;
         task.endedHere = false;
         items.push({ kind: "status", status });
@@ -289,8 +301,21 @@ export class ProxyCore {
     }
     if (items.length > 0 || changed.size > 0) {
       // One commit for the whole frame: every write is issued, then awaited together.
-      await Promise.all([items.length > 0 ? this.store.pushUpward(items) : undefined, ...[...changed].map((task) => this.store.putTask(task))]);
+      const writes = Promise.all([items.length > 0 ? this.store.pushUpward(items) : undefined, ...[...changed].map((task) => this.store.putTask(task))]);
+      undo.issued();
+      try {
+        await writes;
+      } catch (err) {
+        // Nothing of this frame is acknowledged (the stream ends with the error); its changes to the
+        // task records are undone, so that the host's resend is taken as new and goes up.
+        await undo.undo(this.store, (e, taskId) => this.log.error("undoing a task's change after a failed write failed", { task: taskId, err: e }));
+        throw err;
+      }
       if (items.length > 0) this.sendUp();
+      // A cancel that came before the task is now on its record (cancelRequested): the mark can go.
+      for (const task of undo.created()) {
+        if (this.store.markOf(task.id) === "cancelled") this.store.unmark(task.id).catch((err) => this.log.error("forgetting a task's cancel mark failed", { task: task.id, err }));
+      }
     }
     const reply = session.session.out.frame;
     for (const [taskId, seq] of outputAcks) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
@@ -305,7 +330,7 @@ export class ProxyCore {
    * output and status flow on. Only a task whose end was acknowledged here
    * is not (its repeats are acknowledged and dropped).
    */
-  private reportedTask(session: HostSession, taskId: string, changed: Set<QueuedTask>): QueuedTask | undefined {
+  private reportedTask(session: HostSession, taskId: string, changed: Set<QueuedTask>, undo: TaskUndo): QueuedTask | undefined {
     const task = this.store.getTask(taskId);
     if (task) {
       if (task.hostId === session.hostId) return task;
@@ -315,7 +340,7 @@ export class ProxyCore {
     const mark = this.store.markOf(taskId);
     if (mark === "done") return undefined;
     const taken: QueuedTask = { id: taskId, hostId: session.hostId, state: TaskState.DELIVERED, cancelRequested: mark === "cancelled", outputSeq: 0 };
-    if (mark === "cancelled") void this.store.unmark(taskId).catch(() => undefined);
+    undo.taken(taken);
     // Indexed now (the frame's later items find it), stored with the frame's commit.
     this.store.putTask(taken).catch((err) => this.log.error("storing a task failed", { task: taskId, err }));
     changed.add(taken);
@@ -337,33 +362,64 @@ export class ProxyCore {
     }
   }
 
-  /** Hands queued tasks to a host, oldest first, as far as its credits go. */
+  /**
+   * Hands queued tasks to a host, oldest first, as far as its credits go. A
+   * task goes out once its DISPATCHED is stored: a proxy restarted before
+   * that would hold it as QUEUED, hand it out again, and end its own copy
+   * EXPIRED at the deadline while the host runs it.
+   */
   private deliver(session: HostSession): void {
     if (session.credits <= 0) return;
     const items: UpwardItem[] = [];
     const changed: QueuedTask[] = [];
+    const handed: QueuedTask[] = [];
+    const undo = new TaskUndo();
     const now = this.clock.now();
     for (const task of this.store.tasksFor(session.hostId)) {
       if (session.credits <= 0) break;
       if (task.state !== TaskState.QUEUED || task.cancelRequested || !task.signed || !task.spec) continue;
       const deliverBy = deliverByOf(task);
       if (deliverBy !== undefined && deliverBy <= now) {
+        undo.touch(task);
         items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed while the task waited at the proxy"));
         changed.push(task);
         continue;
       }
-      task.state = TaskState.DISPATCHED;
       session.credits--;
-      session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
       // A ping is answered within moments and is harmless to hand out again after a restart, so
-      // its hand-over is neither stored nor reported: a third fewer writes and statuses per host
-      // in a fleet-wide ping.
-      if (!isPingOnly(task.spec)) {
-        items.push({ kind: "status", status: this.ownStatus(task, TaskState.DISPATCHED) });
-        changed.push(task);
+      // its hand-over is neither stored nor reported (it goes at once): a third fewer writes and
+      // statuses per host in a fleet-wide ping.
+      if (isPingOnly(task.spec)) {
+        task.state = TaskState.DISPATCHED;
+        session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
+        continue;
       }
+      undo.touch(task);
+      task.state = TaskState.DISPATCHED;
+      items.push({ kind: "status", status: this.ownStatus(task, TaskState.DISPATCHED) });
+      changed.push(task);
+      handed.push(task);
     }
-    if (items.length > 0) this.persistUp(items, changed);
+    if (items.length === 0) return;
+    this.persistUp(items, changed, undo).then(
+      (stored) => {
+        if (stored) this.handOver(session, handed);
+        // Not handed over: the tasks wait again (undone), and the host's credits are its own again.
+        else if (this.hosts.get(session.hostId) === session) session.credits += handed.length;
+      },
+      (err) => this.log.error("handing tasks over failed", { err }),
+    );
+  }
+
+  /** Tasks whose hand-over is stored go to the host, if it is still on this stream (else resendHandedOut sends them when it is back). */
+  private handOver(session: HostSession, tasks: readonly QueuedTask[]): void {
+    if (this.hosts.get(session.hostId) !== session) return;
+    for (const task of tasks) {
+      if (task.state !== TaskState.DISPATCHED || this.store.getTask(task.id) !== task || !task.signed || !task.spec) continue;
+      session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
+      // A cancel that came while the hand-over was stored went out before the task: it goes again after it.
+      if (task.cancelRequested) this.tellCancel(session, task);
+    }
   }
 
   /** A status the proxy itself decides about its copy of a task (at_proxy). */
@@ -385,11 +441,23 @@ export class ProxyCore {
     return { kind: "status", status: this.ownStatus(task, state, message) };
   }
 
-  private persistUp(items: UpwardItem[], tasks: readonly QueuedTask[]): void {
-    Promise.all([this.store.pushUpward(items), ...tasks.map((t) => this.store.putTask(t))]).then(
-      () => this.sendUp(),
-      (err) => this.log.error("storing results failed", { err }),
-    );
+  /**
+   * Stores results and the task records they changed in one commit, then
+   * lets them go up. Resolves to whether they were stored; when not, the
+   * changes are undone.
+   */
+  private async persistUp(items: UpwardItem[], tasks: readonly QueuedTask[], undo: TaskUndo): Promise<boolean> {
+    const writes = Promise.all([this.store.pushUpward(items), ...tasks.map((t) => this.store.putTask(t))]);
+    undo.issued();
+    try {
+      await writes;
+    } catch (err) {
+      this.log.error("storing results failed", { err });
+      await undo.undo(this.store, (e, taskId) => this.log.error("undoing a task's change after a failed write failed", { task: taskId, err: e }));
+      return false;
+    }
+    this.sendUp();
+    return true;
   }
 
   /**
@@ -425,9 +493,15 @@ export class ProxyCore {
         const batch = this.store.upwardAfter(c.sentUpTo, MAX_FRAME_BYTES);
         if (batch.length === 0) return;
         const frame = create(ProxyStreamRequestSchema);
+        // A chunk sent before a replay was asked for goes last of its task in its frame, so that the
+        // controller's ack of the frame (its highest seq per task) names it and lets it go.
+        const closed = new Set<string>();
         for (const { n, item } of batch) {
-          if (item.kind === "output") frame.output.push(item.chunk);
-          else frame.statuses.push(item.status);
+          if (item.kind === "output") {
+            if (closed.has(item.chunk.taskId)) break;
+            if (n <= c.replayUpTo) closed.add(item.chunk.taskId);
+            frame.output.push(item.chunk);
+          } else frame.statuses.push(item.status);
           c.sentUpTo = n;
         }
         c.link.send(frame);
@@ -457,7 +531,7 @@ export class ProxyCore {
     const ls = new LinkSession<ProxyStreamRequest, ProxyStreamResponse>(link, { clock: this.clock, empty: () => create(ProxyStreamRequestSchema), peer: "controller" });
     // The hosts held follow as they prove their presence over this link's nonce (askForPresence).
     link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs } }));
-    const c: ControllerSession = { session: ls, link, sentUpTo: 0, pumping: false, waiting: false };
+    const c: ControllerSession = { session: ls, link, sentUpTo: 0, replayUpTo: 0, pumping: false, waiting: false };
     this.controller = c;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
     let loadTimer: Timer | undefined;
@@ -490,6 +564,7 @@ export class ProxyCore {
   private async handleControllerFrame(frame: ProxyStreamResponse): Promise<void> {
     if (frame.replay && this.controller) {
       // Reports the controller held back (it did not yet know this proxy held their host) go again.
+      this.controller.replayUpTo = Math.max(this.controller.replayUpTo, this.controller.sentUpTo);
       this.controller.sentUpTo = 0;
       this.sendUp();
     }
@@ -572,7 +647,8 @@ export class ProxyCore {
     }
     for (const task of changed) writes.push(this.store.putTask(task));
     if (items.length > 0) writes.push(this.store.pushUpward(items));
-    for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq)));
+    const keepUpTo = this.controller?.replayUpTo ?? 0;
+    for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq), keepUpTo));
     for (const ack of frame.statusAcks) {
       writes.push(this.store.ackStatus(ack.taskId, ack.state, ack.atProxy));
       if (isTerminal(ack.state)) writes.push(this.settled(ack.taskId, ack.atProxy));
@@ -597,12 +673,14 @@ export class ProxyCore {
     if (atProxy && !task.endedHere) return; // the host's reports since took over the record
     if (!atProxy && !isTerminal(task.state)) return;
     const ping = task.spec !== undefined && isPingOnly(task.spec);
-    await this.store.removeTask(taskId);
+    // Issued together, so one commit: a crash between a removal and its mark would let a replay of the task in again.
+    const writes = [this.store.removeTask(taskId)];
     if (!ping) {
       const deliverBy = deliverByOf(task);
       const until = deliverBy !== undefined ? deliverBy + MARK_MARGIN_MS : this.clock.now() + MARK_UNKNOWN_DEADLINE_MS;
-      await this.store.mark(taskId, atProxy ? "dropped" : "done", until);
+      writes.push(this.store.mark(taskId, atProxy ? "dropped" : "done", until));
     }
+    await Promise.all(writes);
   }
 
   /** Hosts held, tasks waiting and tasks running here now. */
@@ -686,14 +764,17 @@ export class ProxyCore {
     const now = this.clock.now();
     const items: UpwardItem[] = [];
     const changed: QueuedTask[] = [];
+    const undo = new TaskUndo();
     for (const task of this.store.allTasks()) {
       const deliverBy = deliverByOf(task);
       if (task.state === TaskState.QUEUED && deliverBy !== undefined && deliverBy <= now) {
+        undo.touch(task);
         items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed while the host was not connected"));
         changed.push(task);
       }
     }
-    if (items.length > 0) this.persistUp(items, changed);
+    // Not stored: the tasks are QUEUED again (undone) and the next sweep tries again.
+    if (items.length > 0) this.persistUp(items, changed, undo).catch((err) => this.log.error("storing expired tasks failed", { err }));
     void this.store.pruneMarks(now).catch((err) => this.log.error("forgetting old task marks failed", { err }));
   }
 

@@ -1,0 +1,112 @@
+/**
+ * The upward backlogs (memory and LMDB): an output ack that must not take
+ * chunks the sender cannot know were taken, and a push whose write failed.
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Database } from "lmdb";
+import { afterAll, describe, expect, it } from "vitest";
+import { MemoryBacklog, upwardKey, type Backlog, type UpwardItem } from "../../common/backlog.js";
+import { LmdbEnv } from "../../common/lmdb.js";
+import { decodeItem, LmdbBacklog } from "../../common/lmdb-backlog.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { chunk, status } from "./support.js";
+
+const out = (taskId: string, seq: number): UpwardItem => ({ kind: "output", chunk: chunk(taskId, seq) });
+const st = (taskId: string, state: TaskState): UpwardItem => ({ kind: "status", status: status(taskId, state) });
+const keys = (b: Backlog) => b.all().map(upwardKey);
+
+const dirs: string[] = [];
+const envs: LmdbEnv[] = [];
+afterAll(async () => {
+  for (const env of envs) await env.close();
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+});
+
+type BacklogDb = Database<Buffer, (string | number)[]>;
+
+/** An LMDB backlog database whose puts fail (ENOSPC) while `failing` says so. */
+function lmdbBacklogDb(): { db: BacklogDb; failing: { when: (item: UpwardItem) => boolean } } {
+  const dir = mkdtempSync(join(tmpdir(), "rexmesh-backlog-"));
+  dirs.push(dir);
+  const env = new LmdbEnv({ path: dir, maxBytes: 16 << 20 });
+  envs.push(env);
+  const real = env.db<Buffer>("backlog", "binary") as BacklogDb;
+  const failing = { when: (_item: UpwardItem) => false };
+  const db = new Proxy(real, {
+    get(target, prop) {
+      if (prop === "put") {
+        return (key: (string | number)[], value: Buffer) =>
+          failing.when(decodeItem(value)) ? Promise.reject(Object.assign(new Error("No space left on device"), { code: "ENOSPC" })) : target.put(key, value);
+      }
+      const v: unknown = Reflect.get(target, prop, target);
+      return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  });
+  return { db, failing };
+}
+
+const kinds: [string, () => Promise<Backlog>][] = [
+  ["MemoryBacklog", async () => new MemoryBacklog()],
+  [
+    "LmdbBacklog",
+    async () => new LmdbBacklog(lmdbBacklogDb().db, "h1"),
+  ],
+];
+
+describe.each(kinds)("%s output acks", (_name, make) => {
+  it("keeps chunks at positions up to keepUpTo past a cumulative ack; an ack of a chunk's own seq takes it", async () => {
+    const b = await make();
+    await b.push([out("t1", 1), out("t1", 2), out("t2", 1), out("t1", 3), out("t1", 4)]);
+    // Positions 1-3 (t1:1, t1:2, t2:1) were sent before a replay was asked for.
+    await b.ackOutput("t1", 3, 3);
+    expect(keys(b)).toEqual(["o/t1/1", "o/t1/2", "o/t2/1", "o/t1/4"]);
+    await b.ackOutput("t1", 1, 3);
+    expect(keys(b)).toEqual(["o/t1/2", "o/t2/1", "o/t1/4"]);
+    await b.ackOutput("t1", 4, 3);
+    expect(keys(b)).toEqual(["o/t1/2", "o/t2/1"]);
+    await b.ackOutput("t1", 2, 3);
+    expect(keys(b)).toEqual(["o/t2/1"]);
+    expect(b.size).toBe(1);
+  });
+
+  it("a chunk passed over is still reached by a later ack that keeps nothing (a new link)", async () => {
+    const b = await make();
+    await b.push([out("t1", 1), out("t1", 2), out("t1", 3)]);
+    await b.ackOutput("t1", 2, 2);
+    expect(keys(b)).toEqual(["o/t1/1", "o/t1/3"]);
+    await b.ackOutput("t1", 3);
+    expect(keys(b)).toEqual([]);
+    expect(b.bytes).toBe(0);
+  });
+});
+
+describe("LmdbBacklog push whose write fails", () => {
+  it("leaves no trace, so the same items pushed again are stored (not taken for duplicates)", async () => {
+    const { db, failing } = lmdbBacklogDb();
+    const b = new LmdbBacklog(db, "h1");
+    await b.push([st("t1", TaskState.RUNNING)]);
+    failing.when = (item) => item.kind === "status" && item.status.state === TaskState.SUCCEEDED;
+    const end = [out("t1", 1), st("t1", TaskState.SUCCEEDED)];
+    await expect(b.push(end)).rejects.toMatchObject({ code: "ENOSPC" });
+    // The chunk's write went through; the end's did not, and is not held.
+    expect(keys(b)).toEqual(["s/t1/5", "o/t1/1"]);
+    expect(b.size).toBe(2);
+    failing.when = () => false;
+    await b.push(end); // the sender's resend
+    expect(keys(b)).toEqual(["s/t1/5", "o/t1/1", "s/t1/10"]);
+    // Durable: a backlog opened again on the same database holds it.
+    expect(keys(new LmdbBacklog(db, "h1"))).toEqual(["s/t1/5", "o/t1/1", "s/t1/10"]);
+  });
+
+  it("counts no bytes for what it failed to store", async () => {
+    const { db, failing } = lmdbBacklogDb();
+    const b = new LmdbBacklog(db, "h1");
+    failing.when = () => true;
+    await expect(b.push([out("t1", 1), out("t1", 2)])).rejects.toThrow(/No space/);
+    expect(b.size).toBe(0);
+    expect(b.bytes).toBe(0);
+    expect(b.all()).toEqual([]);
+  });
+});

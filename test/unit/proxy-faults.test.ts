@@ -1,0 +1,106 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import { ManualClock } from "../../common/clock.js";
+import { silentLogger } from "../../common/logger.js";
+import type { UpwardItem } from "../../common/backlog.js";
+import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import { ProxyStreamResponseSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
+import { ProxyCore } from "../../proxy/proxy.js";
+import { MemoryProxyStore } from "../../proxy/store.js";
+import { FakeLink, asSigned, chunk, flush, hostPeer, status, taskSpec } from "./support.js";
+
+type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
+type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
+const S = (s: TaskStatus) => `${s.taskId}:${TaskState[s.state]}`;
+const upStatuses = (l: ControllerSide) => l.sent.flatMap((f) => f.statuses.map(S));
+const upOutput = (l: ControllerSide) => l.sent.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}`));
+const statusAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
+
+class FlakyStore extends MemoryProxyStore {
+  failNext = false;
+  override pushUpward(items: readonly UpwardItem[]): Promise<void> {
+    if (this.failNext) {
+      this.failNext = false;
+      return Promise.reject(Object.assign(new Error("No space left on device"), { code: "ENOSPC" }));
+    }
+    return super.pushUpward(items);
+  }
+}
+
+function setup() {
+  const clock = new ManualClock();
+  const store = new FlakyStore();
+  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000 });
+  const connectController = () => {
+    const link: ControllerSide = new FakeLink();
+    const settled = core.serveController(link).then(() => undefined, (e: unknown) => e);
+    const send = (init: Omit<MessageInitShape<typeof ProxyStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
+      link.deliver(create(ProxyStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
+    return { link, settled, send };
+  };
+  const connectHost = (hostId: string, credits: number | undefined) => {
+    const link: HostSide = new FakeLink();
+    const settled = core.serveHost(link, hostPeer(hostId)).then(() => undefined, (e: unknown) => e);
+    const send = (init: MessageInitShape<typeof AgentStreamRequestSchema>) => link.deliver(create(AgentStreamRequestSchema, init));
+    send({ hello: { hostId, heartbeatMs: 0 }, credits });
+    return { link, settled, send };
+  };
+  return { clock, store, core, connectController, connectHost, future: (ms = 60_000) => clock.now() + ms };
+}
+
+describe("review: proxy", () => {
+  it("P1 a host's end whose store write failed is never acknowledged to the host without being kept", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    const a = t.connectHost("h1", 1);
+    await flush();
+    a.send({ statuses: [status("t1", TaskState.RUNNING)] });
+    await flush();
+    t.store.failNext = true; // ENOSPC on the frame carrying the end
+    a.send({ statuses: [status("t1", TaskState.SUCCEEDED, { exitCode: 0 })] });
+    await flush();
+    expect(await a.settled).toBeInstanceOf(Error); // the stream fails; nothing acked yet: fine so far
+    // The daemon reconnects and resends its outbox.
+    const b = t.connectHost("h1", 1);
+    await flush();
+    b.send({ statuses: [status("t1", TaskState.SUCCEEDED, { exitCode: 0 })] });
+    await flush();
+    const acked = statusAcksTo(b.link).includes("t1:SUCCEEDED"); // the daemon now forgets the end
+    const kept = t.store.upward().some((i) => i.kind === "status" && i.status.taskId === "t1" && i.status.state === TaskState.SUCCEEDED);
+    expect(acked).toBe(true);
+    expect(upStatuses(ctl.link)).toContain("t1:SUCCEEDED");
+    expect(kept).toBe(true);
+  });
+
+  it("P2 a replay the controller asks for resends held-back chunks even when a later cumulative ack arrives first", async () => {
+    const t = setup();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    // h1 brought t1 from another proxy; its chunk 1 is in px1's backlog.
+    h.send({ output: [chunk("t1", 1, "one")] });
+    await flush();
+    const ctl = t.connectController();
+    await flush();
+    expect(upOutput(ctl.link)).toEqual(["t1:1"]); // replayed before the welcome: the controller holds it back
+    ctl.send({ welcome: { heartbeatMs: 10_000, presenceNonce: new Uint8Array([1]) } });
+    await flush();
+    h.send({ output: [chunk("t1", 2, "two")] });
+    await flush();
+    expect(upOutput(ctl.link)).toEqual(["t1:1", "t1:2"]);
+    // The link is backed up (a long backlog after a cut): the pump waits for it to drain.
+    ctl.link.backlog = 10;
+    h.send({ output: [chunk("t1", 3, "three")] });
+    await flush();
+    // The controller: presence accepted -> replay; chunk 2 (sent after the presence) taken and acked.
+    ctl.send({ replay: true });
+    ctl.send({ outputAcks: [{ taskId: "t1", seq: 2n }] });
+    await flush();
+    ctl.link.drain();
+    await flush();
+    const afterReplay = upOutput(ctl.link).slice(2);
+    expect(afterReplay).toContain("t1:1");
+  });
+});
