@@ -630,6 +630,10 @@ export class ProxyCore {
           kind: "status",
           status: create(TaskStatusSchema, { taskId: cancel.taskId, hostId: cancel.hostId, state: TaskState.CANCELLED, time: timestampFromMs(now), message: "cancelled before it reached the proxy", atProxy: true }),
         });
+        // The host may run it all the same (it brought the task from another proxy and has not reported on it here):
+        // if it is connected here it is told now (a daemon ignores a cancel of a task it does not have).
+        const session = mark === "done" || mark === "dropped" ? undefined : this.hosts.get(cancel.hostId);
+        if (session) (cancel.withdraw ? session.session.out.frame.withdrawTaskIds : session.session.out.frame.cancelTaskIds).push(cancel.taskId);
         continue;
       }
       if (isTerminal(task.state) && !task.endedHere) continue;

@@ -49,7 +49,7 @@ function setup() {
   return { clock, store, core, connectController, connectHost, future: (ms = 60_000) => clock.now() + ms };
 }
 
-describe("review: proxy", () => {
+describe("proxy under faults", () => {
   it("P1 a host's end whose store write failed is never acknowledged to the host without being kept", async () => {
     const t = setup();
     const ctl = t.connectController();
@@ -102,5 +102,17 @@ describe("review: proxy", () => {
     await flush();
     const afterReplay = upOutput(ctl.link).slice(2);
     expect(afterReplay).toContain("t1:1");
+  });
+
+  it("a cancel of a task the proxy never had reaches its host when the host is connected here (it failed over with the task running)", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    await flush();
+    const h = t.connectHost("h1", 1);
+    await flush();
+    ctl.send({ cancels: [{ taskId: "t9", hostId: "h1", withdraw: false }, { taskId: "t8", hostId: "h2", withdraw: false }] });
+    await flush();
+    expect(h.link.sent.flatMap((f) => f.cancelTaskIds)).toEqual(["t9"]);
+    expect(upStatuses(ctl.link)).toEqual(expect.arrayContaining(["t9:CANCELLED", "t8:CANCELLED"]));
   });
 });
