@@ -1,6 +1,6 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import type { BackoffOptions } from "../common/backoff.js";
+import { Backoff, type BackoffOptions } from "../common/backoff.js";
 import { itemBytes, MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
 import type { Clock, Timer } from "../common/clock.js";
 import type { Coalescer } from "../common/coalescer.js";
@@ -28,6 +28,7 @@ import { isPingOnly, peekSpec, TaskRejected, type TaskVerifier } from "../common
 import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
 import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRef } from "./orphans.js";
+import { RunOutput } from "./run-output.js";
 import { OutputDigest, type HostReporter } from "../common/host-signing.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
@@ -107,6 +108,15 @@ export const LINK_BACKLOG_LOW_FRAMES = 2;
  */
 const FLOW_CHECK_MS = 50;
 
+/**
+ * A ledger write that a task cannot go on without (its start, its end, the
+ * seq of output about to leave) and that the store refused (a full map or
+ * disk) is tried again after this backoff, until it is stored or the daemon
+ * stops: the task holds its slot meanwhile, and nothing is answered from a
+ * state that is not stored.
+ */
+const STORE_RETRY: BackoffOptions = { initialMs: 1000, multiplier: 1.6, maxMs: 30_000, jitter: 0.2 };
+
 /** The end of the queue of tasks waiting for their turn to spawn (see spawnTurn). */
 let lastTurn: Promise<void> = Promise.resolve();
 
@@ -135,6 +145,8 @@ export class Agent {
   private readonly outbox: Backlog;
   private readonly waiting: TaskSpec[] = [];
   private readonly running = new Map<string, AbortController>();
+  /** Output of the running tasks, some of which may be held back until its seq is recorded (run-output.ts). */
+  private readonly outputs = new Map<string, RunOutput>();
   private link: ProxyLinkToAgent | undefined;
   private out: Coalescer<AgentStreamRequest> | undefined;
   private pruneTimer: Timer | undefined;
@@ -266,7 +278,7 @@ export class Agent {
       const what = describeCleanup(cleanup);
       if (cleanup.killed.length > 0 || cleanup.failed.length > 0) this.opts.log.warn("ended what an interrupted task left running", { task: entry.spec.taskId, what });
       if (entry.spec.idempotent) {
-        entry.groups = [];
+        // Run again: its entry stays RUNNING until then, which tells run() that an earlier run's output may be out.
         this.waiting.push(entry.spec);
       } else {
         await this.finishTask(entry, { state: TaskState.INTERRUPTED, message: `the daemon stopped while the task ran; not run again (${what})`, outputChunks: 0, outputTruncated: false }, "unknown");
@@ -329,7 +341,7 @@ export class Agent {
       ls.startHeartbeat(this.opts.heartbeatMs);
       this.out = ls.out;
       this.prove(first, link);
-      this.addToFrame(ls.out, this.outbox.all());
+      this.addToFrame(ls.out, this.outbox.all().filter((item) => item.kind !== "output" || !this.outputs.get(item.chunk.taskId)?.holds(Number(item.chunk.seq))));
       if (first.welcome) {
         up(first.welcome.proxy);
         log.debug("welcomed by proxy", { proxy: first.welcome.proxy, region: first.welcome.region, address });
@@ -358,7 +370,21 @@ export class Agent {
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
   private emit(items: UpwardItem[]): void {
-    this.outbox.push(items).catch((err) => this.opts.log.error("spooling results failed", { err }));
+    this.outbox.push(items).catch(this.spoolFailed);
+    this.send(items);
+  }
+
+  /** Keeps items until acknowledged; resolves once they are durable, or their write failed (logged). */
+  private keep(items: UpwardItem[]): Promise<void> {
+    const kept = this.outbox.push(items).catch(this.spoolFailed);
+    this.updateFlow();
+    return kept;
+  }
+
+  private readonly spoolFailed = (err: unknown): void => this.opts.log.error("spooling results failed", { err });
+
+  /** Sends kept items now if a stream is open (a new stream sends what the outbox holds). */
+  private send(items: UpwardItem[]): void {
     if (this.out) this.addToFrame(this.out, items);
     this.reportCredits();
     this.updateFlow();
@@ -525,7 +551,7 @@ export class Agent {
     const [spec] = this.waiting.splice(i, 1);
     const entry = this.opts.ledger.get(taskId) ?? { spec: spec!, state: TaskState.DELIVERED };
     const message = withdraw ? "withdrawn before it started: the controller had given up waiting for this host" : "cancelled before it started";
-    void this.finishTask(entry, { state: TaskState.CANCELLED, message, outputChunks: 0, outputTruncated: false }).catch((err) => this.opts.log.error("recording a cancel failed", { task: taskId, err }));
+    void this.finishTask(entry, { state: TaskState.CANCELLED, message, outputChunks: 0, outputTruncated: false }, undefined, { retry: true }).catch((err) => this.opts.log.error("recording a cancel failed", { task: taskId, err }));
     this.reportCredits();
   }
 
@@ -540,77 +566,134 @@ export class Agent {
   }
 
   private async run(spec: TaskSpec, abort: AbortController): Promise<void> {
-    const entry = this.opts.ledger.get(spec.taskId) ?? { spec, state: TaskState.DELIVERED };
+    const taskId = spec.taskId;
+    let entry = this.opts.ledger.get(taskId) ?? { spec, state: TaskState.DELIVERED };
+    // Found RUNNING: an idempotent task run again after a crash (recover), whose earlier run's output may be out.
+    const again = entry.state === TaskState.RUNNING;
     try {
       if (this.pastDeadline(spec)) {
-        await this.finishTask(entry, { state: TaskState.EXPIRED, message: "the delivery deadline passed before the task could start", outputChunks: 0, outputTruncated: false });
+        await this.finishTask(entry, { state: TaskState.EXPIRED, message: "the delivery deadline passed before the task could start", outputChunks: 0, outputTruncated: false }, undefined, { retry: true });
         return;
       }
+      // This run's output is numbered after every chunk an earlier run may have handed out: those recorded, and those
+      // kept in the outbox (sent again from there) whose record the crash cut off.
+      const from = spec.idempotent && again ? Math.max(this.opts.ledger.outputSeq(taskId), this.outboxTop(taskId)) : 0;
       // Written before the process exists: after a crash this entry means "may have run".
-      entry.state = TaskState.RUNNING;
-      await this.opts.ledger.put(entry);
-      this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING) }]);
+      const started: LedgerEntry = { ...entry, state: TaskState.RUNNING, groups: undefined };
+      await this.untilStored("recording a task's start", taskId, () => this.opts.ledger.put(started));
+      entry = started;
+      if (from > 0) await this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, from));
+      this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING, from > 0 ? { message: rerunNote(from) } : {}) }]);
+      const output = new RunOutput(from, spec.idempotent, {
+        keep: (chunks) => this.keep(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
+        send: (chunks) => this.send(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
+        record: (seq) => this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, seq)),
+      });
+      this.outputs.set(taskId, output);
       await spawnTurn();
       // The task learns who and what it is; these names cannot be overridden by the job.
-      const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: spec.taskId, REXMESH_JOB_ID: spec.jobId };
+      const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: taskId, REXMESH_JOB_ID: spec.jobId };
       const digest = new OutputDigest();
       const outcome = await this.opts.executor.run({ ...spec, env }, {
         signal: abort.signal,
         flow: this.outputFlow,
         // Each step's process group is noted, so that a restarted daemon can end what a crash left running.
         onStart: (pid) => {
-          entry.groups = [...(entry.groups ?? []), groupRef(pid)];
-          void this.opts.ledger.put(entry).catch((err) => this.opts.log.error("noting a process group failed", { task: spec.taskId, err }));
+          const noted: LedgerEntry = { ...entry, groups: [...(entry.groups ?? []), groupRef(pid)] };
+          entry = noted;
+          this.opts.ledger.put(noted).catch((err) => this.opts.log.error("noting a process group failed", { task: taskId, err }));
         },
         onOutput: (stream, data, seq) => {
-          const chunk = create(OutputChunkSchema, { taskId: spec.taskId, seq: BigInt(seq), stream, data: Uint8Array.prototype.slice.call(data) });
+          const chunk = create(OutputChunkSchema, { taskId, seq: BigInt(output.seqOf(seq)), stream, data: Uint8Array.prototype.slice.call(data) });
           digest.add(chunk.data);
-          this.emit([{ kind: "output", chunk }]);
+          output.add(chunk);
         },
       });
-      await this.finishTask(entry, outcome, digest);
+      // Every chunk goes out before the end that counts it.
+      await output.settled();
+      await this.finishTask(entry, outcome, digest, { from, retry: true });
     } finally {
-      this.running.delete(spec.taskId);
+      this.outputs.delete(taskId);
+      this.running.delete(taskId);
       this.pump();
       if (this.running.size === 0) this.idle?.();
+    }
+  }
+
+  /** The highest seq of the task's output in the outbox (0: none). */
+  private outboxTop(taskId: string): number {
+    let top = 0;
+    for (const item of this.outbox.all()) if (item.kind === "output" && item.chunk.taskId === taskId) top = Math.max(top, Number(item.chunk.seq));
+    return top;
+  }
+
+  /**
+   * Writes to the ledger until the write is stored (see STORE_RETRY); the
+   * ledger answers what is stored meanwhile. Rejects once the daemon stops.
+   */
+  private async untilStored(what: string, taskId: string, write: () => Promise<void>): Promise<void> {
+    let backoff: Backoff | undefined;
+    for (;;) {
+      try {
+        await write();
+        return;
+      } catch (err) {
+        if (this.stopController.signal.aborted) throw err;
+        backoff ??= new Backoff(STORE_RETRY, this.opts.random);
+        const inMs = backoff.next();
+        this.opts.log.error(`${what} failed; trying again`, { task: taskId, inMs, err });
+        await this.opts.clock.sleep(inMs, this.stopController.signal);
+      }
     }
   }
 
   private async markReported(taskId: string): Promise<void> {
     const entry = this.opts.ledger.get(taskId);
     if (!entry?.final || entry.finalAcked) return;
-    entry.finalAcked = true;
-    await this.opts.ledger.put(entry);
+    await this.opts.ledger.put({ ...entry, finalAcked: true });
   }
 
   /**
    * Records a task's end in the ledger, then reports it, signed with the
    * report key over its state and output (`digest`: the output it emitted;
    * absent: none; "unknown": the daemon cannot know it, after a crash).
+   * `from`: the chunks before this run's (a run again after a crash); they
+   * are counted, but the host does not know their bytes, so it signs no
+   * digest. With `retry`, a write the store refuses is tried again (the
+   * task's process has ended: its end must not be lost); without, it rejects.
    */
-  private async finishTask(entry: LedgerEntry, outcome: TaskOutcome, digest?: OutputDigest | "unknown"): Promise<void> {
-    if (entry.final) return;
+  private async finishTask(entry: LedgerEntry, outcome: TaskOutcome, digest?: OutputDigest | "unknown", opts: { from?: number; retry?: boolean } = {}): Promise<void> {
+    const taskId = entry.spec.taskId;
+    if (entry.final || this.opts.ledger.get(taskId)?.final) return;
+    const from = opts.from ?? 0;
     const final = this.status(entry.spec, outcome.state, {
       exitCode: outcome.exitCode,
       signal: outcome.signal ?? "",
-      message: outcome.message,
-      outputChunks: BigInt(outcome.outputChunks),
+      message: from > 0 ? [outcome.message, rerunNote(from)].filter((m) => m !== "").join("; ") : outcome.message,
+      outputChunks: BigInt(from + outcome.outputChunks),
       outputTruncated: outcome.outputTruncated,
     });
-    if (digest !== "unknown") {
+    if (digest !== "unknown" && from === 0) {
       const d = digest ?? new OutputDigest();
       final.outputBytes = BigInt(d.bytes);
       final.outputSha256 = d.digest();
     }
     (this.reporter ?? this.opts.reporter?.())?.signEnd(final);
-    entry.state = outcome.state;
-    entry.final = final;
-    entry.endedAt = this.opts.clock.now();
-    entry.groups = undefined;
-    // What identifies the task is all that is kept: its environment, stdin and steps may hold secrets.
-    entry.spec = create(TaskSpecSchema, { taskId: entry.spec.taskId, jobId: entry.spec.jobId, tenant: entry.spec.tenant, hostId: entry.spec.hostId, deliverBy: entry.spec.deliverBy, idempotent: entry.spec.idempotent });
-    await this.opts.ledger.put(entry);
+    const ended: LedgerEntry = {
+      state: outcome.state,
+      final,
+      endedAt: this.opts.clock.now(),
+      // What identifies the task is all that is kept: its environment, stdin and steps may hold secrets.
+      spec: create(TaskSpecSchema, { taskId, jobId: entry.spec.jobId, tenant: entry.spec.tenant, hostId: entry.spec.hostId, deliverBy: entry.spec.deliverBy, idempotent: entry.spec.idempotent }),
+    };
+    if (opts.retry) await this.untilStored("recording a task's end", taskId, () => this.opts.ledger.put(ended));
+    else await this.opts.ledger.put(ended);
     if (!isTerminal(final.state)) throw new Error(`executor returned a non-terminal state ${final.state}`);
     this.emit([{ kind: "status", status: final }]);
   }
+}
+
+/** Says which chunks of a task's output are this run's, for a task run again after a crash. */
+function rerunNote(from: number): string {
+  return `run again after the daemon stopped while it ran (the job is idempotent): output chunks 1-${from} are from the interrupted run, this run's output starts at chunk ${from + 1}`;
 }

@@ -10,6 +10,11 @@ import type { GroupRef } from "./orphans.js";
  * steps: they may hold secrets), and the entry is dropped once no proxy can
  * hand the task out again (past its delivery deadline and a margin) and its
  * end was acknowledged.
+ *
+ * Entries are replaced, never changed in place: a write the store refuses
+ * is undone in memory, so that the daemon never answers from a state that
+ * is not stored (a task answered DELIVERED from memory alone would never
+ * run).
  */
 export interface LedgerEntry {
   spec: TaskSpec;
@@ -27,8 +32,22 @@ export interface LedgerEntry {
 
 export interface Ledger {
   get(taskId: string): LedgerEntry | undefined;
+  /**
+   * Stores the entry in place of the task's previous one; resolves once
+   * durable. When it rejects, get() answers what is stored again.
+   */
   put(entry: LedgerEntry): Promise<void>;
+  /** Drops the task's entry and its output seq; when it rejects, get() answers what is stored again. */
   remove(taskId: string): Promise<void>;
+  /**
+   * The highest output seq recorded for the task (0: none). Output of an
+   * idempotent task leaves the host only once its seq is recorded here, so a
+   * run again after a crash can number its output after every chunk the
+   * cut-short run handed out (see run-output.ts).
+   */
+  outputSeq(taskId: string): number;
+  /** Raises the task's recorded output seq to `seq` (never lowers it); resolves once durable. */
+  putOutputSeq(taskId: string, seq: number): Promise<void>;
   /** Every entry (for pruning). */
   all(): LedgerEntry[];
   /** Entries not yet terminal, for recovery after a restart. */
@@ -39,6 +58,7 @@ export interface Ledger {
 
 export class MemoryLedger implements Ledger {
   private readonly entries = new Map<string, LedgerEntry>();
+  private readonly seqs = new Map<string, number>();
 
   get(taskId: string): LedgerEntry | undefined {
     return this.entries.get(taskId);
@@ -50,6 +70,15 @@ export class MemoryLedger implements Ledger {
 
   async remove(taskId: string): Promise<void> {
     this.entries.delete(taskId);
+    this.seqs.delete(taskId);
+  }
+
+  outputSeq(taskId: string): number {
+    return this.seqs.get(taskId) ?? 0;
+  }
+
+  async putOutputSeq(taskId: string, seq: number): Promise<void> {
+    if (seq > this.outputSeq(taskId)) this.seqs.set(taskId, seq);
   }
 
   all(): LedgerEntry[] {

@@ -13,7 +13,7 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import type { Client } from "@connectrpc/connect";
 import { LocalMesh, REXMESH_BIN, type RoleProcess } from "../../cli/launcher.js";
 import { isTerminal } from "../../common/task-state.js";
-import { ConnectionState, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
+import { ConnectionState, ResultCheck, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, isAlive, rexmesh, tempDir } from "./support.js";
 
@@ -119,6 +119,39 @@ describe("delivery under faults", () => {
       expect(r.seqs.get("h1")).toEqual(Array.from({ length: r.seqs.get("h1")!.length }, (_, i) => i + 1));
     });
   }
+
+  it("an idempotent task whose daemon is SIGKILLed while it prints runs again: all of the second run's output follows the first run's, none taken for a duplicate", async () => {
+    // Each run tags its lines with its shell's pid, so the two runs' output cannot be mistaken for each other.
+    const script = `for i in $(seq 1 30); do echo "$$ line$i"; sleep 0.05; done`;
+    const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], idempotent: true, steps: [{ tool: { case: "shell", value: { script } } }] }));
+    await outputStarted(conn.client, job!.id, 3);
+    await kill(mesh, daemonOf("h1"), "SIGKILL");
+    await mesh.restart(daemonOf("h1"));
+    const r = await collectJob(conn.client, job!.id, AbortSignal.timeout(45_000));
+    const t = r.tasks.get("h1")!;
+    expect(t.state, t.message).toBe(TaskState.SUCCEEDED);
+    expect(t.outputComplete).toBe(true);
+    const seqs = r.seqs.get("h1")!;
+    expect(seqs).toEqual(Array.from({ length: seqs.length }, (_, i) => i + 1));
+    expect(t.outputChunks).toBe(BigInt(seqs.length));
+    // The host's signature holds over its end, chunk count included; it signed no digest over output it cannot know (the
+    // first run's), which the controller would have found to differ from what it stores.
+    expect(t.resultCheck).toBe(ResultCheck.VERIFIED);
+    // The first run's lines (a prefix of its output, as far as it got), then all of the second run's.
+    const lines = r.stdout.get("h1")!.toString().trimEnd().split("\n");
+    const second = lines.slice(-30);
+    const pid = second[0]!.split(" ")[0]!;
+    expect(second).toEqual(Array.from({ length: 30 }, (_, i) => `${pid} line${i + 1}`));
+    const first = lines.slice(0, -30);
+    expect(first.length).toBeGreaterThanOrEqual(3);
+    const firstPid = first[0]!.split(" ")[0]!;
+    expect(firstPid).not.toBe(pid);
+    expect(first).toEqual(Array.from({ length: first.length }, (_, i) => `${firstPid} line${i + 1}`));
+    // The end says where the second run's output starts.
+    const startsAt = Number(/this run's output starts at chunk (\d+)/.exec(t.message)?.[1]);
+    expect(startsAt).toBeGreaterThan(3);
+    expect(startsAt).toBeLessThanOrEqual(seqs.length - 29);
+  });
 
   it("a host failing over to the other proxy of its region brings its running task: it ends, with all its output once the first proxy returns", async () => {
     const at = await until("mover connected", async () => {
