@@ -473,7 +473,7 @@ export class JobManager {
     const check = this.checkEnd(status, { role: "host", scope: task.tenant, id: task.hostId });
     if (check === "bad") return ResultCheck.MISMATCH;
     if (check === "unknown") return ResultCheck.UNVERIFIED;
-    return status.outputSha256.length > 0 ? ResultCheck.OUTPUT_PENDING : ResultCheck.VERIFIED;
+    return status.outputSha256.length > 0 ? ResultCheck.OUTPUT_PENDING : ResultCheck.STATE_ONLY;
   }
 
   /**

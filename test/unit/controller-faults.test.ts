@@ -321,5 +321,7 @@ describe("controller under faults and a hostile proxy", () => {
     const task = t.store.getTask(id)!;
     const { outputComplete } = await import("../../controller/jobs.js");
     expect(outputComplete(task)).toBe(false);
+    // Signed, but over no output digest: the state is the host's, the output is unchecked (not VERIFIED).
+    expect(task.resultCheck).toBe(ResultCheck.STATE_ONLY);
   });
 });
