@@ -1,4 +1,4 @@
-import { createReadStream, statSync } from "node:fs";
+import { createReadStream } from "node:fs";
 import { create } from "@bufbuild/protobuf";
 import { readCredentials } from "../certs/files.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
@@ -8,6 +8,7 @@ import { ArtifactService, PutArtifactRequestSchema, type PutArtifactRequest } fr
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions } from "./client.js";
+import { requireRegularFile } from "./input-file.js";
 import type { Io } from "./operator.js";
 
 const options: Record<string, OptionSpec> = {
@@ -51,7 +52,7 @@ export async function artifactsCommand(argv: string[], io: Io): Promise<number> 
   const [verb, file, ...extra] = p.positionals;
   if (verb !== "put") throw new InvalidArgumentError(`unknown artifacts command ${JSON.stringify(verb ?? "")} (put)`);
   if (!file || extra.length > 0) throw new InvalidArgumentError("rexmesh artifacts put needs exactly one FILE");
-  if (!statSync(file).isFile()) throw new InvalidArgumentError(`${file} is not a regular file`);
+  requireRegularFile(file, "artifacts put");
   // Sent with the content, so that the controller refuses it if the bytes change on the way.
   const digest = await digestOfFile(file);
   async function* requests(): AsyncGenerator<PutArtifactRequest> {

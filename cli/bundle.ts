@@ -1,4 +1,3 @@
-import { readFileSync } from "node:fs";
 import { writeFileAtomic, readCredentials } from "../certs/files.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { callGrpcUnary } from "../common/grpc-link.js";
@@ -6,6 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { ExportResultsRequestSchema, ImportTasksRequestSchema, ProxyAdminService } from "../gen/rexmesh/v1/proxy_admin_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
+import { readInputFile } from "./input-file.js";
 import type { Io } from "./operator.js";
 
 const controllerBundleOptions: Record<string, OptionSpec> = {
@@ -28,21 +28,22 @@ export async function bundleCommand(argv: string[], io: Io): Promise<number> {
     return p.values.help ? 0 : 2;
   }
   if (!file) throw new InvalidArgumentError(`rexmesh bundle ${verb} needs a FILE`);
+  if (verb !== "export" && verb !== "import") throw new InvalidArgumentError(`unknown bundle command ${JSON.stringify(verb)} (export, import)`);
+  if (verb === "export" && typeof p.values.region !== "string") throw new InvalidArgumentError("export needs --region");
+  // Read before connecting: a missing file is the operator's to fix, whatever the controller says.
+  const bundle = verb === "import" ? readInputFile(file, "bundle import") : undefined;
   const { client, close } = operatorClient(p.values);
   try {
-    if (verb === "export") {
-      if (typeof p.values.region !== "string") throw new InvalidArgumentError("export needs --region");
-      const r = await client.exportBundle({ region: p.values.region }, { signal: io.signal });
+    if (bundle === undefined) {
+      const region = p.values.region as string;
+      const r = await client.exportBundle({ region }, { signal: io.signal });
       writeFileAtomic(file, r.bundle);
-      io.out(`${r.tasks} tasks for region ${p.values.region} written to ${file}\n`);
+      io.out(`${r.tasks} tasks for region ${region} written to ${file}\n`);
       return 0;
     }
-    if (verb === "import") {
-      const r = await client.importBundle({ bundle: readFileSync(file) }, { signal: io.signal });
-      io.out(`imported ${file}: ${r.statusesApplied} statuses and ${r.outputChunksApplied} output chunks applied, ${r.hosts} hosts reported\n`);
-      return 0;
-    }
-    throw new InvalidArgumentError(`unknown bundle command ${JSON.stringify(verb)} (export, import)`);
+    const r = await client.importBundle({ bundle }, { signal: io.signal });
+    io.out(`imported ${file}: ${r.statusesApplied} statuses and ${r.outputChunksApplied} output chunks applied, ${r.hosts} hosts reported\n`);
+    return 0;
   } finally {
     close();
   }
@@ -75,10 +76,11 @@ export async function proxyBundleCommand(argv: string[], io: Io): Promise<number
     if (!v) throw new InvalidArgumentError(`--${name} is required (the proxy's own credentials)`);
     return v;
   };
+  const bundle = verb === "import" ? readInputFile(file, "proxy bundle import") : undefined;
   const creds = readCredentials({ cert: pick("cert"), key: pick("key"), ca: pick("ca") });
   const address = (p.values.proxy as string | undefined) ?? "127.0.0.1:7444";
-  if (verb === "import") {
-    const r = await callGrpcUnary(address, creds, ["proxy"], ProxyAdminService.method.importTasks, create(ImportTasksRequestSchema, { bundle: readFileSync(file) }));
+  if (bundle !== undefined) {
+    const r = await callGrpcUnary(address, creds, ["proxy"], ProxyAdminService.method.importTasks, create(ImportTasksRequestSchema, { bundle }));
     io.out(`imported ${file}: ${r.tasksAdded} new tasks, ${r.tasksAlreadyKnown} already known\n`);
     return 0;
   }

@@ -1,9 +1,10 @@
-import { readFileSync } from "node:fs";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
 import type { Document } from "../gen/rexmesh/v1/controller_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
+import { readInputFile } from "./input-file.js";
+import { table } from "./table.js";
 import type { Io } from "./operator.js";
 
 const docsOptions: Record<string, OptionSpec> = {
@@ -49,12 +50,7 @@ export async function docsCommand(argv: string[], io: Io): Promise<number> {
   switch (verb) {
     case "put": {
       if (!arg) throw new InvalidArgumentError("rexmesh docs put needs a file (YAML or JSON)");
-      let content: string;
-      try {
-        content = readFileSync(arg, "utf8");
-      } catch (err) {
-        throw new InvalidArgumentError(`cannot read ${arg}: ${(err as Error).message}`);
-      }
+      const content = readInputFile(arg, "docs put").toString("utf8");
       const { document } = await run((c) => c.putDocument({ content }, { signal: io.signal }));
       io.out(json ? JSON.stringify(docJson(document!)) + "\n" : `stored ${document!.name}@${document!.version}\n`);
       return 0;
@@ -64,7 +60,8 @@ export async function docsCommand(argv: string[], io: Io): Promise<number> {
       const { documents } = await run((c) => c.listDocuments({}, { signal: io.signal }));
       const rows = documents.map(docJson);
       if (json) io.out(JSON.stringify(rows, null, 2) + "\n");
-      else for (const r of rows) io.out(`${String(r.name)}@${String(r.version)}  ${String(r.createdAt ?? "")}  ${String(r.createdBy)}  ${String(r.description)}\n`);
+      // Versions are 1..N and never removed, so the newest names them all; UPDATED and BY are the newest's.
+      else io.out(table([["NAME", "VERSIONS", "UPDATED", "BY", "DESCRIPTION"], ...documents.map((d) => [d.name, d.version === 1 ? "1" : `1..${d.version}`, d.createdAt ? new Date(timestampMs(d.createdAt)).toISOString() : "", d.createdBy, d.description])]));
       return 0;
     }
     case "show": {

@@ -1,5 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import { RexmeshError } from "../common/errors.js";
+import { InvalidArgumentError, RexmeshError } from "../common/errors.js";
 import { installFastText } from "../common/fast-text.js";
 import { codeOf } from "../common/rpc-errors.js";
 import type { Io } from "./operator.js";
@@ -35,8 +35,44 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
+const COMMANDS = new Set(["run", "ping", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+
+/** Options every operator command takes, accepted before the command too: those that take a value. */
+const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
+/** And those that do not. */
+const GLOBAL_FLAGS = new Set(["--json"]);
+
+/**
+ * `rexmesh --json jobs` as `rexmesh jobs --json`: the connection options and
+ * --json may come before the command (each command still checks that it
+ * takes them). Any other option there is an error saying where it goes.
+ */
+function commandFirst(argv: readonly string[]): string[] {
+  const moved: string[] = [];
+  let i = 0;
+  while (i < argv.length && argv[i]!.startsWith("-") && !["-h", "--help"].includes(argv[i]!)) {
+    const arg = argv[i]!;
+    const name = arg.includes("=") ? arg.slice(0, arg.indexOf("=")) : arg;
+    if (GLOBAL_FLAGS.has(arg)) {
+      moved.push(arg);
+      i += 1;
+    } else if (GLOBAL_VALUE_OPTIONS.has(name)) {
+      if (arg === name && (i + 1 >= argv.length || argv[i + 1]!.startsWith("-"))) throw new InvalidArgumentError(`${name} needs a value`);
+      moved.push(...(arg === name ? [arg, argv[i + 1]!] : [arg]));
+      i += arg === name ? 2 : 1;
+    } else {
+      const after = argv.slice(i).find((a) => COMMANDS.has(a));
+      if (after === undefined) throw new InvalidArgumentError(`unknown option ${arg}: rexmesh COMMAND [options] (rexmesh --help lists the commands)`);
+      throw new InvalidArgumentError(`${name} before the command: only ${[...GLOBAL_VALUE_OPTIONS, ...GLOBAL_FLAGS].join(", ")} may come first; put it after the command (rexmesh ${after} ${name} ...)`);
+    }
+  }
+  if (moved.length === 0) return [...argv];
+  if (i >= argv.length) throw new InvalidArgumentError(`${moved[0]} but no command: rexmesh COMMAND [options] (rexmesh --help lists the commands)`);
+  return [argv[i]!, ...moved, ...argv.slice(i + 1)];
+}
+
 export async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
+  const [command, ...rest] = commandFirst(argv);
   const abort = new AbortController();
   const io: Io = {
     out: (s) => void process.stdout.write(s),
@@ -108,6 +144,11 @@ function describe(err: unknown): { message: string; status: number } {
   if (typeof g?.code === "number" && typeof g.details === "string" && g.metadata !== undefined) {
     return { message: `${Code[g.code] ?? g.code}: ${g.details}`, status: g.code === Code.InvalidArgument ? 2 : 1 };
   }
+  // A bug (a TypeError and the like) keeps its stack for the report; anything
+  // else thrown as a plain Error, or by the system (ENOENT, EACCES on a file
+  // named in an option or a config), says what it is in one line.
+  const bug = err instanceof TypeError || err instanceof RangeError || err instanceof ReferenceError || err instanceof SyntaxError;
+  if (err instanceof Error && !bug) return { message: err.message, status: 1 };
   return { message: err instanceof Error ? (err.stack ?? err.message) : String(err), status: 1 };
 }
 

@@ -1,12 +1,12 @@
-import { readFileSync } from "node:fs";
 import { create, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { parseDuration } from "../common/duration.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { ConnectionState, SubmitJobRequestSchema, type PlannedTask } from "../gen/rexmesh/v1/controller_pb.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
-import { helpText, parse, type OptionSpec } from "./args.js";
+import { helpText, parse, positiveDuration, targetQuery, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
+import { readInputFile } from "./input-file.js";
+import { table } from "./table.js";
 import { JobPrinter, jobJson, taskJson, taskLine } from "./printer.js";
 import { artifactRunOptions, artifactStep } from "./artifacts.js";
 
@@ -27,19 +27,19 @@ const runOptions: Record<string, OptionSpec> = {
   param: { type: "string", short: "p", multiple: true, doc: "a document parameter (repeatable; repeating a list parameter adds elements)", value: "K=V" },
   "dry-run": { type: "boolean", doc: "show the hosts, the proxy each goes through and the rendered steps; run nothing" },
   timeout: { type: "string", short: "T", doc: "execution timeout per host (e.g. 30s, 5m)", value: "DURATION" },
-  deadline: { type: "string", doc: "hosts that have not started the task by then skip it (EXPIRED); default: controller's", value: "DURATION" },
+  deadline: { type: "string", doc: "hosts that have not started the task by then skip it (EXPIRED); more than 0; default: controller's", value: "DURATION" },
   "lost-after": { type: "string", doc: "a host unreachable this long ends its task LOST (default: controller's, 15m); raise it for sites cut off for hours", value: "DURATION" },
   env: { type: "string", short: "e", multiple: true, doc: "environment variable for the command (repeatable)", value: "K=V" },
   cwd: { type: "string", doc: "working directory on the host", value: "DIR" },
   stdin: { type: "string", doc: "file whose content is the command's standard input", value: "FILE" },
   "idempotency-key": { type: "string", doc: "submitting again with the same key returns the same job", value: "KEY" },
-  concurrency: { type: "string", short: "c", doc: "hosts running at once, a number or a percentage of the hosts", value: "N|N%" },
-  "concurrency-per-region": { type: "string", doc: "hosts running at once in each region", value: "N" },
-  "max-errors": { type: "string", doc: "failures tolerated; after that, hosts not yet started are SKIPPED", value: "N|N%" },
+  concurrency: { type: "string", short: "c", doc: "hosts running at once, a number or a percentage of the hosts (at least 1 / 1%; default: no limit)", value: "N|N%" },
+  "concurrency-per-region": { type: "string", doc: "hosts running at once in each region (at least 1; default: no limit)", value: "N" },
+  "max-errors": { type: "string", doc: "failures tolerated (0: none); after that, hosts not yet started are SKIPPED", value: "N|N%" },
   batch: { type: "string", doc: "canary: the first N hosts must succeed before the others start", value: "N" },
   "output-limit": { type: "string", doc: "output bytes kept per host; the rest is dropped and marked truncated", value: "BYTES" },
   json: { type: "boolean", doc: "one JSON object per line per event (docs/cli-json.md)" },
-  group: { type: "boolean", short: "b", doc: "collapse identical output of several hosts into one block with the host list, shown at the end" },
+  group: { type: "boolean", short: "b", doc: "at the end, one block per set of hosts with the same outcome and the same output on each stream" },
   detach: { type: "boolean", short: "d", doc: "print the job id and return without waiting" },
   ...artifactRunOptions,
   ...connectionOptions,
@@ -66,7 +66,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   }
   if (p.positionals.length > 0) throw new InvalidArgumentError(`unexpected ${JSON.stringify(p.positionals[0])}: put the command after --`);
   const hostIds = typeof v.hosts === "string" ? v.hosts.split(",").map((s) => s.trim()).filter(Boolean) : [];
-  const target = typeof v.target === "string" ? v.target : undefined;
+  const target = targetQuery(v.target);
   const ways = (v.all ? 1 : 0) + (hostIds.length > 0 ? 1 : 0) + (target !== undefined ? 1 : 0);
   if (ways === 0) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
   if (ways > 1) throw new InvalidArgumentError("--hosts, --all and --target cannot be used together");
@@ -100,26 +100,33 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     if (i <= 0) throw new InvalidArgumentError(`--env ${JSON.stringify(kv)} is not K=V`);
     env[kv.slice(0, i)] = kv.slice(i + 1);
   }
-  const count = (name: string, allowPercent: boolean): { n?: number; pct?: number } => {
+  // Zero means "no limit" (or the default) on the wire; typed on the command
+  // line it is far more likely a mistake, so only --max-errors takes it.
+  const count = (name: string, allowPercent: boolean, unset?: string): { n?: number; pct?: number } => {
     const raw = v[name];
     if (typeof raw !== "string") return {};
+    const flag = `--${name.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase())}`;
     const m = /^(\d+)(%?)$/.exec(raw.trim());
-    if (!m || (m[2] && !allowPercent)) throw new InvalidArgumentError(`--${name.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase())} must be ${allowPercent ? "a whole number or a percentage like 10%" : "a whole number"}, not ${JSON.stringify(raw)}`);
-    return m[2] ? { pct: Number(m[1]) } : { n: Number(m[1]) };
+    if (!m || (m[2] && !allowPercent)) throw new InvalidArgumentError(`${flag} must be ${allowPercent ? "a whole number or a percentage like 10%" : "a whole number"}, not ${JSON.stringify(raw)}`);
+    const n = Number(m[1]);
+    if (m[2] && n > 100) throw new InvalidArgumentError(`${flag} must be a percentage from ${unset ? 1 : 0}% to 100%, not ${JSON.stringify(raw)}`);
+    if (n === 0 && unset) throw new InvalidArgumentError(`${flag} must be at least ${m[2] ? "1%" : "1"}, not ${JSON.stringify(raw)} (leave it out for ${unset})`);
+    return m[2] ? { pct: n } : { n };
   };
-  const conc = count("concurrency", true);
+  const conc = count("concurrency", true, "no limit");
   const errs = count("maxErrors", true);
   const rate = {
     concurrency: conc.n ?? 0,
     concurrencyPercent: conc.pct ?? 0,
-    concurrencyPerRegion: count("concurrencyPerRegion", false).n ?? 0,
+    concurrencyPerRegion: count("concurrencyPerRegion", false, "no limit").n ?? 0,
     maxErrors: errs.n,
     maxErrorsPercent: errs.pct,
-    batch: count("batch", false).n ?? 0,
+    batch: count("batch", false, "no canary batch").n ?? 0,
   };
+  const duration = (ms: number | undefined) => (ms === undefined ? undefined : durationFromMs(ms));
   const req = create(SubmitJobRequestSchema, {
     rate,
-    outputLimitBytes: BigInt(count("outputLimit", false).n ?? 0),
+    outputLimitBytes: BigInt(count("outputLimit", false, "the daemon's default").n ?? 0),
     hostIds,
     allHosts: Boolean(v.all),
     target,
@@ -129,14 +136,15 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     dryRun: Boolean(v.dryRun),
     env,
     workingDir: (v.cwd as string | undefined) ?? "",
-    stdin: typeof v.stdin === "string" ? readFileSync(v.stdin) : new Uint8Array(),
-    timeout: typeof v.timeout === "string" ? durationFromMs(parseDuration(v.timeout, "--timeout")) : undefined,
-    deliveryDeadline: typeof v.deadline === "string" ? durationFromMs(parseDuration(v.deadline, "--deadline")) : undefined,
-    lostAfter: typeof v.lostAfter === "string" ? durationFromMs(parseDuration(v.lostAfter, "--lost-after")) : undefined,
+    stdin: typeof v.stdin === "string" ? readInputFile(v.stdin, "--stdin") : new Uint8Array(),
+    timeout: duration(positiveDuration(v.timeout, "--timeout", "no timeout")),
+    deliveryDeadline: duration(positiveDuration(v.deadline, "--deadline", "the controller's default")),
+    lostAfter: duration(positiveDuration(v.lostAfter, "--lost-after", "the controller's default")),
     idempotencyKey: (v.idempotencyKey as string | undefined) ?? "",
   });
   const { client, close } = operatorClient(v);
   try {
+    if (document) await refuseRepeated(client, document, given, io.signal);
     const { job, plan } = await client.submitJob(req, { signal: io.signal });
     if (req.dryRun) {
       printPlan(plan, Boolean(v.json), io);
@@ -150,6 +158,30 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     return await watch(client, job.id, Boolean(v.json), io, Boolean(v.group));
   } finally {
     close();
+  }
+}
+
+/**
+ * A parameter given with -p more than once is a list's elements, or a
+ * mistake: the controller would see a JSON array and answer with a pattern
+ * or type error that hides the cause. Only asked when something repeats.
+ */
+async function refuseRepeated(client: ReturnType<typeof operatorClient>["client"], document: string, given: Map<string, string[]>, signal: AbortSignal): Promise<void> {
+  const repeated = [...given].filter(([, list]) => list.length > 1);
+  if (repeated.length === 0) return;
+  let specs: { name?: unknown; type?: unknown }[];
+  try {
+    const { document: doc } = await client.getDocument({ name: document }, { signal });
+    specs = (JSON.parse(doc?.content ?? "{}") as { parameters?: { name?: unknown; type?: unknown }[] }).parameters ?? [];
+  } catch {
+    // The submit that follows says what is wrong with the document (not found, not allowed).
+    return;
+  }
+  for (const [name, list] of repeated) {
+    const spec = specs.find((x) => x.name === name);
+    if (spec && spec.type !== "list") {
+      throw new InvalidArgumentError(`parameter ${name} given ${list.length === 2 ? "twice" : `${list.length} times`} (-p ${name}=...), but it is a ${String(spec.type)}, not a list: give it once`);
+    }
   }
 }
 
@@ -176,13 +208,27 @@ function printPlan(plan: readonly PlannedTask[], json: boolean, io: Io): void {
   io.out(`dry run: ${plan.length} host${plan.length === 1 ? "" : "s"}, ${plan.length - rejected} would run, ${rejected} rejected; nothing was stored or run\n`);
 }
 
+/** A step as a dry run shows it: the tool, then its fields in words (a file mode in octal). */
 function describeStep(s: Step): string {
   const name = s.name ? `${s.name}: ` : "";
-  switch (s.tool.case) {
+  const t = s.tool;
+  switch (t.case) {
     case "exec":
-      return `${name}exec ${JSON.stringify(s.tool.value.argv)}`;
-    case "shell":
-      return `${name}shell ${s.tool.value.script.includes("\n") ? "\n" + s.tool.value.script.replace(/^/gm, "       ") : s.tool.value.script}`;
+      return `${name}exec ${JSON.stringify(t.value.argv)}`;
+    case "shell": {
+      const via = t.value.interpreter.length > 0 ? ` (${t.value.interpreter.join(" ")})` : "";
+      return `${name}shell${via} ${t.value.script.includes("\n") ? "\n" + t.value.script.replace(/^/gm, "       ") : t.value.script}`;
+    }
+    case "script": {
+      const via = t.value.interpreter.length > 0 ? ` with ${t.value.interpreter.join(" ")}` : "";
+      return `${name}script ${t.value.artifact}${via}${t.value.args.length > 0 ? ` args ${JSON.stringify(t.value.args)}` : ""}`;
+    }
+    case "filePut": {
+      const mode = t.value.mode === 0 ? "0644 (default)" : `0${t.value.mode.toString(8).padStart(3, "0")}`;
+      return `${name}file.put ${t.value.artifact} to ${t.value.path} in ${t.value.baseDir}, mode ${mode}`;
+    }
+    case "ping":
+      return `${name}ping`;
     default:
       return `${name}${JSON.stringify(toJson(StepSchema, s))}`;
   }
@@ -224,7 +270,7 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
   if (p.values.remove) throw new InvalidArgumentError("--remove is for rexmesh hosts label");
   const { client, close } = operatorClient(p.values);
   try {
-    const { hosts } = await client.listHosts({ target: (p.values.target as string | undefined) ?? "" }, { signal: io.signal });
+    const { hosts } = await client.listHosts({ target: targetQuery(p.values.target) ?? "" }, { signal: io.signal });
     const rows = hosts.map((h) => ({
       id: h.id,
       tenant: h.tenant,
@@ -243,9 +289,7 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
       return 0;
     }
     const labelText = (l: Record<string, string>) => Object.entries(l).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, val]) => `${k}=${val}`).join(",");
-    const table = [["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.state, r.since ?? "", r.os, labelText(r.labels)])];
-    const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
-    io.out(table.map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()).join("\n") + "\n");
+    io.out(table([["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.state, r.since ?? "", r.os, labelText(r.labels)])]));
     return 0;
   } finally {
     close();
@@ -316,7 +360,7 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
           const j = jobJson(job!);
           io.out(`job ${j.id}  ${j.state}  ${j.tasks} tasks  ${Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")}\n`);
           if (job?.document) io.out(`document ${job.document}  ${Object.entries(job.parameters).map(([k, val]) => `${k}=${val}`).join(" ")}\n`);
-          for (const t of tasks) io.out(`  ${t.id}  ${t.hostId}  ${t.region}  ${taskLine(t)}\n`);
+          io.out(table([["TASK", "HOST", "REGION", "STATE"], ...tasks.map((t) => [t.id, t.hostId, t.region, taskLine(t)])], "  "));
         }
         return 0;
       }

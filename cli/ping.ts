@@ -1,11 +1,10 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { parseDuration } from "../common/duration.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { stateName } from "../common/task-state.js";
 import { SubmitJobRequestSchema, type Task } from "../gen/rexmesh/v1/controller_pb.js";
 import { StepSchema, TaskState } from "../gen/rexmesh/v1/task_pb.js";
-import { helpText, parse, type OptionSpec } from "./args.js";
+import { helpText, parse, positiveDuration, targetQuery, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
 import type { Io } from "./operator.js";
 
@@ -32,15 +31,16 @@ export async function pingCommand(argv: string[], io: Io): Promise<number> {
     return 0;
   }
   const hostIds = typeof v.hosts === "string" ? v.hosts.split(",").map((s) => s.trim()).filter(Boolean) : [];
-  const chosen = [hostIds.length > 0, Boolean(v.all), typeof v.target === "string"].filter(Boolean).length;
+  const target = targetQuery(v.target);
+  const chosen = [hostIds.length > 0, Boolean(v.all), target !== undefined].filter(Boolean).length;
   if (chosen !== 1) throw new InvalidArgumentError("say which hosts: exactly one of --hosts, --all or -t QUERY");
-  const timeoutMs = typeof v.timeout === "string" ? parseDuration(v.timeout, "--timeout") : 10_000;
+  const timeoutMs = positiveDuration(v.timeout, "--timeout", "10s") ?? 10_000;
   const { client, close } = operatorClient(v);
   try {
     const req = create(SubmitJobRequestSchema, {
       hostIds,
       allHosts: Boolean(v.all),
-      ...(typeof v.target === "string" ? { target: v.target } : {}),
+      ...(target !== undefined ? { target } : {}),
       steps: [create(StepSchema, { tool: { case: "ping", value: {} } })],
       deliveryDeadline: durationFromMs(timeoutMs),
     });

@@ -9,13 +9,16 @@ export interface PrinterOptions {
   write: (s: string) => void;
   /** Colour the host prefixes. */
   color?: boolean;
-  /** Collapse identical output across hosts into one block with the host list, printed at the end. */
+  /**
+   * Collapse hosts whose output (each stream byte for byte) and outcome (state,
+   * exit code, signal) are the same into one block with the host list, printed at the end.
+   */
   group?: boolean;
   /** Keep a progress line (done/failed/pending) at the bottom: for terminals. */
   progress?: boolean;
 }
 
-/** Output kept per host for grouping; beyond it the block is marked cut. */
+/** Output kept per host for grouping (both streams together); beyond it the block is marked cut. */
 const GROUP_LIMIT = 1 << 20;
 
 const COLORS = [36, 33, 35, 32, 34, 91, 96, 93];
@@ -39,7 +42,7 @@ export class JobPrinter {
   private readonly partial = new Map<string, Buffer>();
   private job: Job | undefined;
   private width = 0;
-  private readonly grouped = new Map<string, Buffer[]>();
+  private readonly grouped = new Map<string, GroupedOutput>();
   private progressShown = false;
 
   constructor(private readonly opts: PrinterOptions) {}
@@ -67,10 +70,15 @@ export class JobPrinter {
         const text = textOf(c.data);
         this.emit({ type: "output", host, task: c.taskId, stream, seq: Number(c.seq), data: Buffer.from(c.data).toString("base64"), ...(text !== undefined ? { text } : {}) });
       } else if (this.opts.group) {
-        let list = this.grouped.get(c.taskId);
-        if (!list) this.grouped.set(c.taskId, (list = []));
-        const held = list.reduce((n, b) => n + b.length, 0);
-        if (held < GROUP_LIMIT) list.push(Buffer.from(c.data.subarray(0, GROUP_LIMIT - held)));
+        let held = this.grouped.get(c.taskId);
+        if (!held) this.grouped.set(c.taskId, (held = { stdout: [], stderr: [], bytes: 0, cut: false }));
+        const room = GROUP_LIMIT - held.bytes;
+        if (c.data.length > room) held.cut = true;
+        if (room > 0) {
+          const kept = Buffer.from(c.data.subarray(0, room));
+          held[stream].push(kept);
+          held.bytes += kept.length;
+        }
       } else {
         this.clearProgress();
         this.lines(host, c.taskId, stream, Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength));
@@ -107,19 +115,32 @@ export class JobPrinter {
     this.progressShown = false;
   }
 
-  /** Identical output of several hosts as one block headed by their names. */
+  /**
+   * Hosts with the same outcome and the same bytes on each stream as one
+   * block headed by their names. A block of hosts that did not succeed says
+   * how they ended; stderr lines are marked `err|` (and stdout lines `out|`
+   * when a block has both), so a failure on stderr never merges with a
+   * success printing the same text on stdout.
+   */
   private printGroups(): void {
-    const blocks = new Map<string, { text: string; hosts: string[] }>();
+    const blocks = new Map<string, { outcome: string; held: GroupedOutput | undefined; hosts: string[] }>();
     for (const t of [...this.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId))) {
-      const text = Buffer.concat(this.grouped.get(t.id) ?? []).toString("utf8");
-      const block = blocks.get(text);
+      const held = this.grouped.get(t.id);
+      const outcome = outcomeOf(t);
+      const key = [outcome, ...(held ? [Buffer.concat(held.stdout).toString("base64"), Buffer.concat(held.stderr).toString("base64"), String(held.cut)] : [])].join("\n");
+      const block = blocks.get(key);
       if (block) block.hosts.push(t.hostId);
-      else blocks.set(text, { text, hosts: [t.hostId] });
+      else blocks.set(key, { outcome, held, hosts: [t.hostId] });
     }
     const out: string[] = [];
     for (const b of [...blocks.values()].sort((x, y) => y.hosts.length - x.hosts.length)) {
-      out.push(`==== ${b.hosts.length} host${b.hosts.length === 1 ? "" : "s"}: ${b.hosts.join(", ")}`);
-      out.push(b.text === "" ? "(no output)" : b.text.replace(/\n$/, ""));
+      out.push(`==== ${b.hosts.length} host${b.hosts.length === 1 ? "" : "s"}: ${b.hosts.join(", ")}${b.outcome === SUCCESS ? "" : ` (${b.outcome})`}`);
+      const stdout = Buffer.concat(b.held?.stdout ?? []).toString("utf8").replace(/\n$/, "");
+      const stderr = Buffer.concat(b.held?.stderr ?? []).toString("utf8").replace(/\n$/, "");
+      if (stdout === "" && stderr === "") out.push("(no output)");
+      if (stdout !== "") out.push(stderr === "" ? stdout : stdout.replace(/^/gm, "out| "));
+      if (stderr !== "") out.push(stderr.replace(/^/gm, "err| "));
+      if (b.held?.cut) out.push(`(output beyond ${GROUP_LIMIT >> 20} MiB per host not shown)`);
     }
     this.opts.write(out.join("\n") + "\n");
   }
@@ -186,10 +207,25 @@ export class JobPrinter {
     const lines = [`\n${tasks.length} host${tasks.length === 1 ? "" : "s"}: ${parts.join(", ")}${elapsed !== undefined ? ` in ${formatDuration(elapsed)}` : ""} (job ${this.job?.id ?? "?"})`];
     for (const t of tasks) {
       if (t.state === TaskState.SUCCEEDED && outputWhole(t)) continue;
-      lines.push(`  ${t.hostId.padEnd(this.width)} ${t.region ? `[${t.region}] ` : ""}${taskLine(t)}`);
+      lines.push(`  ${t.hostId.padEnd(this.width)} ${t.region ? `[${t.region}] ` : ""}${taskLine(t)}  (task ${t.id})`);
     }
     this.opts.write(lines.join("\n") + "\n");
   }
+}
+
+/** Output held for grouping, per stream, up to GROUP_LIMIT bytes in all. */
+interface GroupedOutput {
+  stdout: Buffer[];
+  stderr: Buffer[];
+  bytes: number;
+  cut: boolean;
+}
+
+/** How a task ended, as a group of hosts shares it: state, exit code, signal. */
+const SUCCESS = "SUCCEEDED, exit 0";
+
+function outcomeOf(t: Task): string {
+  return [stateName(t.state), t.exitCode !== undefined ? `exit ${t.exitCode}` : "", t.signal].filter(Boolean).join(", ");
 }
 
 export function jobJson(j: Job) {

@@ -1,5 +1,6 @@
-import { describeConfig, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
-import { runService, type Service } from "../common/lifecycle.js";
+import { describeConfig, flagName, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
+import { ConfigError } from "../common/errors.js";
+import { parseHostPort, runService, type Service } from "../common/lifecycle.js";
 import { createLogger, parseLevel, type Logger } from "../common/logger.js";
 import { helpText, parse, schemaOptions, type OptionSpec } from "./args.js";
 
@@ -64,7 +65,30 @@ export async function runRole(role: string, argv: string[], out: (s: string) => 
     return 0;
   }
   const c = config as Record<string, unknown>;
+  checkBeforeStart(def.schema, c);
   const log = createLogger({ level: parseLevel(c.logLevel as string) }, { role });
   await runService(() => def.start(config as never, log), { log, graceMs: c.grace as number, readyFile: c.readyFile as string | undefined });
   return -1; // keeps running until a signal
+}
+
+/**
+ * Values the schema only knows as strings, checked before the role starts so
+ * that a typo is a one-line usage error (exit 2) naming the option rather
+ * than a failed start: the log level, and every listen address (host:port).
+ */
+function checkBeforeStart(schema: Schema, config: Record<string, unknown>): void {
+  try {
+    parseLevel(config.logLevel as string | undefined);
+  } catch (err) {
+    throw new ConfigError((err as Error).message, { cause: err });
+  }
+  for (const key of Object.keys(schema)) {
+    const value = config[key];
+    if (!/^(listen|.+Listen)$/.test(key) || typeof value !== "string" || value === "") continue;
+    try {
+      parseHostPort(value, `--${flagName(key)}`);
+    } catch (err) {
+      throw new ConfigError((err as Error).message, { cause: err });
+    }
+  }
 }

@@ -111,9 +111,12 @@ bindings:
     }
     const cmd = await asAlice(["run", "-t", "role=web", "--", "echo", "$(reboot)"]);
     expect(cmd.stderr).toMatch(/PermissionDenied: .*arguments of "echo"/);
+    // The CLI refuses an empty query itself (nothing reaches the controller); the controller refuses it too.
     const empty = await asAlice(["run", "-t", "", "--", "hostname"]);
     expect(empty.code).toBe(2);
-    expect(empty.stderr).toMatch(/InvalidArgument: target at 0: /);
+    expect(empty.stderr).toMatch(/-t\/--target needs a query/);
+    const api = operatorClient({}, envOf(alice));
+    await expect(api.client.submitJob({ target: "", steps: [{ tool: { case: "exec", value: { argv: ["hostname"] } } }] }).finally(api.close)).rejects.toThrow(/target at 0: /);
     const bad = await asAlice(["run", "-t", "role in (web", "--", "hostname"]);
     expect(bad.stderr).toContain("InvalidArgument: target at 12:");
     expect(bad.stderr).toContain("role in (web\n            ^");

@@ -17,7 +17,7 @@ describe("JobPrinter", () => {
     expect(out).toBe(""); // nothing live while grouping
     p.handle(create(WatchJobResponseSchema, { tasks: [task("t1", "a", TaskState.SUCCEEDED), task("t2", "b", TaskState.SUCCEEDED), task("t3", "c", TaskState.FAILED)] }));
     p.summary();
-    expect(out).toContain("==== 2 hosts: a, b\nsame\n==== 1 host: c\ndifferent\n");
+    expect(out).toContain("==== 2 hosts: a, b\nsame\n==== 1 host: c (FAILED, exit 1)\ndifferent\n");
   });
 
   it("keeps a progress line of done, failed and pending hosts", () => {

@@ -1,0 +1,200 @@
+import { execFile } from "node:child_process";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
+import { clientOf, rexmesh, tempDir } from "./support.js";
+
+type Ran = Awaited<ReturnType<typeof rexmesh>>;
+
+/**
+ * A role run with bad options, killed after `killMs` should it start anyway
+ * (it would run until stopped): the exit code is then null.
+ */
+function role(args: string[], killMs = 20_000): Promise<Ran> {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) env[k] = v;
+  return new Promise((resolve) => {
+    execFile(process.execPath, [REXMESH_BIN, ...args], { env, timeout: killMs, killSignal: "SIGKILL" }, (err, stdout, stderr) => {
+      const code = err ? (err as { code?: unknown }).code : 0;
+      resolve({ code: typeof code === "number" ? code : (null as unknown as number), stdout, stderr });
+    });
+  });
+}
+
+/** A refusal as an operator should see it: one line on stderr naming the problem, nothing on stdout, no stack. */
+function expectOneLine(r: Ran, message: RegExp, code = 2): void {
+  const shown = `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
+  expect(r.code, shown).toBe(code);
+  expect(r.stdout, shown).toBe("");
+  expect(r.stderr, shown).toMatch(/^rexmesh: [^\n]+\n$/);
+  expect(r.stderr, shown).toMatch(message);
+  expect(r.stderr, shown).not.toMatch(/ {4}at |node:internal|Error: /);
+}
+
+/**
+ * Issue 18, the CLI's rough edges: each case runs the real CLI against one
+ * small mesh (three hosts in one region) and reads its stdout, stderr and
+ * exit code.
+ */
+describe("the CLI's rough edges", () => {
+  const work = tempDir("cli-edges");
+  const mesh = new LocalMesh({ dir: join(work, "mesh"), regions: ["east"], hosts: ["h1", "h2", "h3"].map((id) => ({ id, region: "east" })) });
+  const cli = (args: string[]) => rexmesh(args, mesh.exports());
+  const missing = join(work, "no-such-file");
+
+  beforeAll(async () => {
+    await mesh.start();
+    await mesh.waitForHosts(3);
+  });
+  afterAll(async () => {
+    await mesh.stop();
+  });
+
+  describe("errors are one line with exit 2, not a stack trace", () => {
+    it("a missing file named on the command line (run --stdin, bundle import, artifacts put)", async () => {
+      const [stdin, bundle, artifact] = await Promise.all([cli(["run", "--all", "--stdin", missing, "--", "cat"]), cli(["bundle", "import", missing]), cli(["artifacts", "put", missing])]);
+      expectOneLine(stdin, /^rexmesh: --stdin \S+no-such-file: no such file$/m);
+      expectOneLine(bundle, /^rexmesh: bundle import \S+no-such-file: no such file$/m);
+      expectOneLine(artifact, /^rexmesh: artifacts put \S+no-such-file: no such file$/m);
+    });
+
+    it("a role's bad --listen or --log-level, refused before it starts", async () => {
+      const ids = join(mesh.dir, "identities");
+      const creds = (data: string) => ["--cert", join(ids, "controller.crt"), "--key", join(ids, "controller.key"), "--ca", join(ids, "ca.crt"), "--data", join(work, data)];
+      const [listen, metrics, level, daemonLevel] = await Promise.all([
+        role(["controller", "--listen", "nonsense", ...creds("c1")]),
+        role(["controller", "--listen", "127.0.0.1:0", "--metrics-listen", "somewhere", ...creds("c2")]),
+        role(["controller", "--listen", "127.0.0.1:0", "--log-level", "loud", ...creds("c3")]),
+        role(["daemon", "--proxies", "127.0.0.1:1", "--log-level", "chatty"]),
+      ]);
+      expectOneLine(listen, /^rexmesh: --listen "nonsense" is not host:port$/m);
+      expectOneLine(metrics, /^rexmesh: --metrics-listen "somewhere" is not host:port$/m);
+      expectOneLine(level, /^rexmesh: log level "loud" is not one of debug, info, warn, error$/m);
+      expectOneLine(daemonLevel, /log level "chatty" is not one of/);
+    });
+
+    it("an option value that starts with '-', a missing value and an unknown option", async () => {
+      const [negative, missingValue, unknown, equals] = await Promise.all([
+        cli(["run", "--all", "--timeout", "-5s", "--", "true"]),
+        cli(["hosts", "-t"]),
+        cli(["jobs", "--frobnicate"]),
+        cli(["run", "--all", "--timeout=-5s", "--", "true"]),
+      ]);
+      expectOneLine(negative, /^rexmesh: --timeout needs a value, and "-5s" starts with "-": write --timeout=-5s if that is the value$/m);
+      expectOneLine(missingValue, /^rexmesh: --target needs a value$/m);
+      expectOneLine(unknown, /^rexmesh: unknown option --frobnicate \(--help lists the options\)$/m);
+      expectOneLine(equals, /^rexmesh: --timeout "-5s" is not a duration/m);
+    });
+
+    it("an option before the command: the global ones are taken, any other is named with where it goes", async () => {
+      const [before, after, withValue, other] = await Promise.all([
+        cli(["--json", "jobs"]),
+        cli(["jobs", "--json"]),
+        rexmesh(["--controller", mesh.controllerAddress, "--json", "hosts"], { ...mesh.exports(), REXMESH_CONTROLLER: "127.0.0.1:1" }),
+        cli(["--target", "role=web", "run", "--", "true"]),
+      ]);
+      expect(before.code, before.stderr).toBe(0);
+      expect(JSON.parse(before.stdout)).toEqual(JSON.parse(after.stdout));
+      expect(withValue.code, withValue.stderr).toBe(0);
+      expect((JSON.parse(withValue.stdout) as { id: string }[]).map((h) => h.id).sort()).toEqual(["h1", "h2", "h3"]);
+      expectOneLine(other, /^rexmesh: --target before the command: only --controller, .*--json may come first; put it after the command \(rexmesh run --target \.\.\.\)$/m);
+    });
+  });
+
+  describe("no silent surprises", () => {
+    it("zero for a limit or a duration is refused, not taken as 'no limit' or 'the default'", async () => {
+      const cases: [string[], RegExp][] = [
+        [["--concurrency", "0"], /--concurrency must be at least 1, not "0" \(leave it out for no limit\)/],
+        [["--concurrency", "0%"], /--concurrency must be at least 1%, not "0%"/],
+        [["--concurrency", "150%"], /--concurrency must be a percentage from 1% to 100%/],
+        [["--concurrency-per-region", "0"], /--concurrency-per-region must be at least 1/],
+        [["--batch", "0"], /--batch must be at least 1/],
+        [["--output-limit", "0"], /--output-limit must be at least 1/],
+        [["--deadline", "0s"], /--deadline must be more than 0, not "0s" \(leave it out for the controller's default\)/],
+        [["--timeout", "0"], /--timeout must be more than 0/],
+        [["--lost-after", "0m"], /--lost-after must be more than 0/],
+      ];
+      const runs = await Promise.all(cases.map(([flags]) => cli(["run", "--all", ...flags, "--dry-run", "--", "true"])));
+      runs.forEach((r, i) => expectOneLine(r, cases[i]![1]));
+      expectOneLine(await cli(["ping", "--all", "--timeout", "0s"]), /--timeout must be more than 0/);
+      // --max-errors 0 means something: no failure tolerated.
+      const strict = await cli(["run", "--all", "--max-errors", "0", "--dry-run", "--", "true"]);
+      expect(strict.code, strict.stderr).toBe(0);
+    });
+
+    it("an empty host query is refused by hosts, run and ping alike", async () => {
+      const runs = await Promise.all([cli(["hosts", "-t", ""]), cli(["run", "-t", "", "--", "true"]), cli(["ping", "-t", " "]), cli(["hosts", "--target="])]);
+      for (const r of runs) expectOneLine(r, /^rexmesh: -t\/--target needs a query, e\.g\. 'role=web'; an empty one is refused \(use --all for every host\)$/m);
+    });
+
+    it("a parameter that is not a list, given twice, is named; a list parameter takes repeats", async () => {
+      const file = join(work, "twice.json");
+      writeFileSync(file, JSON.stringify({ name: "twice", parameters: [{ name: "x", type: "string", pattern: "[0-9]+" }, { name: "l", type: "list", default: [] }], steps: [{ exec: { argv: ["echo", "{{param.x}}", "{{param.l}}"] } }] }));
+      expect((await cli(["docs", "put", file])).code).toBe(0);
+      const [twice, thrice, list] = await Promise.all([
+        cli(["run", "--all", "--doc", "twice", "-p", "x=1", "-p", "x=2", "--dry-run"]),
+        cli(["run", "--all", "--doc", "twice@1", "-p", "x=1", "-p", "x=2", "-p", "x=3", "--dry-run"]),
+        cli(["run", "-H", "h1", "--doc", "twice", "-p", "x=1", "-p", "l=a", "-p", "l=b", "--dry-run"]),
+      ]);
+      expectOneLine(twice, /^rexmesh: parameter x given twice \(-p x=\.\.\.\), but it is a string, not a list: give it once$/m);
+      expectOneLine(thrice, /parameter x given 3 times/);
+      expect(list.code, list.stderr).toBe(0);
+      expect(list.stdout).toContain('1. exec ["echo","1","a","b"]');
+    });
+  });
+
+  it("-b groups hosts by stream and outcome: a failure on stderr never joins successes on stdout", async () => {
+    const script = 'if [ "$REXMESH_HOST_ID" = h1 ]; then echo x >&2; exit 3; else echo x; fi';
+    const r = await cli(["run", "--all", "-b", "--shell", script]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stdout).toMatch(/^==== 2 hosts: h2, h3\nx\n==== 1 host: h1 \(FAILED, exit 3\)\nerr\| x\n/);
+    // Both streams on every host, same outcome: one block, the streams told apart.
+    const both = await cli(["run", "--all", "-b", "--shell", "echo a; echo b >&2"]);
+    expect(both.code, both.stderr).toBe(0);
+    expect(both.stdout).toMatch(/^==== 3 hosts: h1, h2, h3\nout\| a\nerr\| b\n/);
+  });
+
+  it("run names the task of every host that did not succeed; jobs show has a TASK column", async () => {
+    const r = await cli(["run", "--all", "--shell", '[ "$REXMESH_HOST_ID" != h2 ]']);
+    expect(r.code).toBe(1);
+    const jobId = /\(job (\S+)\)/.exec(r.stdout)![1]!;
+    const { client, close } = clientOf(mesh);
+    const { tasks } = await client.getJob({ jobId }).finally(close);
+    const h2 = tasks.find((t) => t.hostId === "h2")!;
+    expect(r.stdout).toMatch(new RegExp(`^ {2}h2 \\[east\\] FAILED: exit code 1 {2}\\(task ${h2.id}\\)$`, "m"));
+    const show = await cli(["jobs", "show", jobId]);
+    expect(show.code, show.stderr).toBe(0);
+    expect(show.stdout).toMatch(/^ {2}TASK +HOST +REGION +STATE$/m);
+    for (const t of tasks) expect(show.stdout).toMatch(new RegExp(`^ {2}${t.id} +${t.hostId} +east +(SUCCEEDED|FAILED)`, "m"));
+  });
+
+  it("dry runs print file.put and script steps in words, the mode in octal", async () => {
+    const file = join(work, "app.conf");
+    writeFileSync(file, "listen 80;\n");
+    const digest = (await cli(["artifacts", "put", file])).stdout.trim();
+    expect(digest).toMatch(/^sha256:[0-9a-f]{64}$/);
+    const [put, plain, script] = await Promise.all([
+      cli(["run", "-H", "h1", "--put", digest, "--to", "app.conf", "--base-dir", work, "--mode", "640", "--dry-run"]),
+      cli(["run", "-H", "h1", "--put", digest, "--to", "app.conf", "--base-dir", work, "--dry-run"]),
+      cli(["run", "-H", "h1", "--script", digest, "--dry-run", "--", "--verbose", "x"]),
+    ]);
+    expect(put.code, put.stderr).toBe(0);
+    expect(put.stdout).toContain(`  1. file.put ${digest} to app.conf in ${work}, mode 0640\n`);
+    expect(plain.stdout).toContain(`  1. file.put ${digest} to app.conf in ${work}, mode 0644 (default)\n`);
+    expect(script.stdout).toContain(`  1. script ${digest} args ["--verbose","x"]\n`);
+    for (const r of [put, plain, script]) expect(r.stdout).not.toMatch(/[{}]|416/);
+  });
+
+  it("docs list has a header and shows every document's versions", async () => {
+    const file = join(work, "listed.json");
+    writeFileSync(file, JSON.stringify({ name: "listed", description: "listed twice", steps: [{ exec: { argv: ["true"] } }] }));
+    expect((await cli(["docs", "put", file])).code).toBe(0);
+    expect((await cli(["docs", "put", file])).code).toBe(0);
+    const r = await cli(["docs", "list"]);
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.stdout.trimEnd().split("\n");
+    expect(lines[0]).toMatch(/^NAME +VERSIONS +UPDATED +BY +DESCRIPTION$/);
+    expect(r.stdout).toMatch(/^listed +1\.\.2 +\d{4}-\d\d-\d\dT\S+ +operator:default\/dev +listed twice$/m);
+  });
+});
