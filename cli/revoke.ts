@@ -35,7 +35,8 @@ export async function revokeCommand(role: "host" | "proxy" | "operator", argv: s
     const client = clientFor(RevocationService, channel);
     const r = await client.revoke({ role, scope: (scope as string | undefined) ?? "", id, reason: (p.values.reason as string | undefined) ?? "" }, { signal: io.signal });
     const version = r.denyList?.version ?? 0n;
-    io.out(p.values.json ? JSON.stringify({ revoked: id, role, denyListVersion: Number(version) }) + "\n" : `revoked ${role} ${id} (deny-list version ${version})\n`);
+    io.out(p.values.json ? JSON.stringify({ revoked: id, role, denyListVersion: Number(version), ...(r.unknownHost ? { unknownHost: true } : {}) }) + "\n" : `revoked ${role} ${id} (deny-list version ${version})\n`);
+    if (r.unknownHost && !p.values.json) io.err(`note: no host ${id} has ever connected to this controller; it is revoked all the same (check the id if that is a surprise)\n`);
     return 0;
   } finally {
     channel.close();

@@ -14,7 +14,7 @@ export function revocationServiceImpl(access: OperatorAccess): ServiceImpl<typeo
     async revoke(req, ctx) {
       const caller = grantedPeer(ctx);
       await access.revoke(caller, req);
-      return { denyList: access.listRevoked(caller) };
+      return { denyList: access.listRevoked(caller), unknownHost: req.role === "host" && !access.knowsHost(caller, req.id) };
     },
     async listRevoked(_req, ctx) {
       return { denyList: access.listRevoked(grantedPeer(ctx)) };

@@ -197,4 +197,17 @@ describe("the CLI's rough edges", () => {
     expect(lines[0]).toMatch(/^NAME +VERSIONS +UPDATED +BY +DESCRIPTION$/);
     expect(r.stdout).toMatch(/^listed +1\.\.2 +\d{4}-\d\d-\d\dT\S+ +operator:default\/dev +listed twice$/m);
   });
+
+  it("revoking a host this controller never saw says so (and still revokes it); a host it knows gets no such note", async () => {
+    const unknown = await cli(["hosts", "revoke", "no-such-host", "--reason", "typo?"]);
+    expect(unknown.code, unknown.stderr).toBe(0);
+    expect(unknown.stdout).toMatch(/^revoked host no-such-host \(deny-list version \d+\)$/m);
+    expect(unknown.stderr).toMatch(/^note: no host no-such-host has ever connected to this controller; it is revoked all the same/m);
+    const json = await cli(["hosts", "revoke", "no-such-host-2", "--json"]);
+    expect(JSON.parse(json.stdout)).toMatchObject({ revoked: "no-such-host-2", unknownHost: true });
+    // Last in this file: h3 is revoked for good.
+    const known = await cli(["hosts", "revoke", "h3"]);
+    expect(known.code, known.stderr).toBe(0);
+    expect(known.stderr).toBe("");
+  });
 });

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/revocation.proto.
  */
 export const file_rexmesh_v1_revocation: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL3Jldm9jYXRpb24ucHJvdG8SCnJleG1lc2gudjEiSAoNUmV2b2tlUmVxdWVzdBIMCgRyb2xlGAEgASgJEg0KBXNjb3BlGAIgASgJEgoKAmlkGAMgASgJEg4KBnJlYXNvbhgEIAEoCSI5Cg5SZXZva2VSZXNwb25zZRInCglkZW55X2xpc3QYASABKAsyFC5yZXhtZXNoLnYxLkRlbnlMaXN0IhQKEkxpc3RSZXZva2VkUmVxdWVzdCI+ChNMaXN0UmV2b2tlZFJlc3BvbnNlEicKCWRlbnlfbGlzdBgBIAEoCzIULnJleG1lc2gudjEuRGVueUxpc3QicgoPUmV2b2tlZElkZW50aXR5EgsKA3VyaRgBIAEoCRIuCgpyZXZva2VkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YAyABKAkSEgoKcmV2b2tlZF9ieRgEIAEoCSJJCghEZW55TGlzdBIPCgd2ZXJzaW9uGAEgASgEEiwKB2VudHJpZXMYAiADKAsyGy5yZXhtZXNoLnYxLlJldm9rZWRJZGVudGl0eSJWCg5TaWduZWREZW55TGlzdBIRCglkZW55X2xpc3QYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYAyABKAkypAEKEVJldm9jYXRpb25TZXJ2aWNlEj8KBlJldm9rZRIZLnJleG1lc2gudjEuUmV2b2tlUmVxdWVzdBoaLnJleG1lc2gudjEuUmV2b2tlUmVzcG9uc2USTgoLTGlzdFJldm9rZWQSHi5yZXhtZXNoLnYxLkxpc3RSZXZva2VkUmVxdWVzdBofLnJleG1lc2gudjEuTGlzdFJldm9rZWRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChtyZXhtZXNoL3YxL3Jldm9jYXRpb24ucHJvdG8SCnJleG1lc2gudjEiSAoNUmV2b2tlUmVxdWVzdBIMCgRyb2xlGAEgASgJEg0KBXNjb3BlGAIgASgJEgoKAmlkGAMgASgJEg4KBnJlYXNvbhgEIAEoCSJPCg5SZXZva2VSZXNwb25zZRInCglkZW55X2xpc3QYASABKAsyFC5yZXhtZXNoLnYxLkRlbnlMaXN0EhQKDHVua25vd25faG9zdBgCIAEoCCIUChJMaXN0UmV2b2tlZFJlcXVlc3QiPgoTTGlzdFJldm9rZWRSZXNwb25zZRInCglkZW55X2xpc3QYASABKAsyFC5yZXhtZXNoLnYxLkRlbnlMaXN0InIKD1Jldm9rZWRJZGVudGl0eRILCgN1cmkYASABKAkSLgoKcmV2b2tlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAMgASgJEhIKCnJldm9rZWRfYnkYBCABKAkiSQoIRGVueUxpc3QSDwoHdmVyc2lvbhgBIAEoBBIsCgdlbnRyaWVzGAIgAygLMhsucmV4bWVzaC52MS5SZXZva2VkSWRlbnRpdHkiVgoOU2lnbmVkRGVueUxpc3QSEQoJZGVueV9saXN0GAEgASgMEhEKCXNpZ25hdHVyZRgCIAEoDBIeChZjb250cm9sbGVyX2NlcnRpZmljYXRlGAMgASgJMqQBChFSZXZvY2F0aW9uU2VydmljZRI/CgZSZXZva2USGS5yZXhtZXNoLnYxLlJldm9rZVJlcXVlc3QaGi5yZXhtZXNoLnYxLlJldm9rZVJlc3BvbnNlEk4KC0xpc3RSZXZva2VkEh4ucmV4bWVzaC52MS5MaXN0UmV2b2tlZFJlcXVlc3QaHy5yZXhtZXNoLnYxLkxpc3RSZXZva2VkUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message rexmesh.v1.RevokeRequest
@@ -58,6 +58,15 @@ export type RevokeResponse = Message<"rexmesh.v1.RevokeResponse"> & {
    * @generated from field: rexmesh.v1.DenyList deny_list = 1;
    */
   denyList?: DenyList | undefined;
+
+  /**
+   * A host revoked that this controller has never seen (not in its
+   * inventory): revoked all the same (a certificate or token not yet used
+   * may have leaked), but the id may be mistyped.
+   *
+   * @generated from field: bool unknown_host = 2;
+   */
+  unknownHost: boolean;
 };
 
 /**
