@@ -281,9 +281,15 @@ export class OperatorAccess {
     const what = `export bundle of region ${region}`;
     let hostIds: string[] = [];
     try {
-      const hosts = this.deps.inventory.list(caller.scope).filter((h) => h.region === region);
+      const all = this.deps.inventory.list(caller.scope);
+      const hosts = all.filter((h) => h.region === region);
       hostIds = hosts.map((h) => h.id);
       const role = this.deps.authz.require(caller, hosts.length > 0 ? { action: "bundle", hosts } : { action: "bundle" });
+      if (hosts.length === 0) {
+        // Nothing can be queued for a region with no known host (a site's hosts become known with its first results bundle).
+        const known = [...new Set(all.map((h) => h.region))].sort();
+        throw new NotFoundError(`no host of tenant ${caller.scope} is known in region ${region}${known.length > 0 ? ` (regions with hosts: ${known.join(", ")})` : ""}; a site's hosts become known when its first results bundle is imported`);
+      }
       const out = await this.bundleService().export(caller, region);
       await this.record(caller, "bundle", { decision: "allowed", reason: `role ${role}` }, { what: `${what}: ${out.tasks} tasks`, hostIds });
       return out;

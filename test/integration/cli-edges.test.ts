@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
@@ -196,6 +196,14 @@ describe("the CLI's rough edges", () => {
     const lines = r.stdout.trimEnd().split("\n");
     expect(lines[0]).toMatch(/^NAME +VERSIONS +UPDATED +BY +DESCRIPTION$/);
     expect(r.stdout).toMatch(/^listed +1\.\.2 +\d{4}-\d\d-\d\dT\S+ +operator:default\/dev +listed twice$/m);
+  });
+
+  it("bundle export for a region with no known host is refused with the regions that have hosts, and writes no file", async () => {
+    const file = join(work, "nowhere.rxb");
+    const r = await cli(["bundle", "export", "--region", "nowhere", file]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/no host of tenant default is known in region nowhere \(regions with hosts: east\)/);
+    expect(existsSync(file)).toBe(false);
   });
 
   it("revoking a host this controller never saw says so (and still revokes it); a host it knows gets no such note", async () => {
