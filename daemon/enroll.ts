@@ -169,6 +169,7 @@ export function requestEnrollment(
   // connections per address, and a shared pool would keep this one open for the next caller).
   const client = new grpc.Client(address, credentials, { "grpc.max_receive_message_length": 1 << 20, "grpc.use_local_subchannel_pool": 1 });
   const m = EnrollService.method.enroll;
+  let onAbort: (() => void) | undefined;
   return new Promise<EnrollResponse>((resolve, reject) => {
     const call = client.makeUnaryRequest(
       `/${EnrollService.typeName}/${m.name}`,
@@ -178,8 +179,13 @@ export function requestEnrollment(
       { deadline: Date.now() + timeoutMs },
       (err, res) => (err ? reject(err) : resolve(res!)),
     );
-    signal?.addEventListener("abort", () => call.cancel(), { once: true });
-  }).finally(() => client.close());
+    onAbort = () => call.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+  }).finally(() => {
+    // The signal outlives the call (one per process, shared by every host's renewals): leave no listener on it.
+    if (onAbort) signal?.removeEventListener("abort", onAbort);
+    client.close();
+  });
 }
 
 function codeOfGrpc(err: unknown): number {
