@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import { readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { readCredentials, type CredentialPaths, type Credentials } from "../certs/files.js";
@@ -122,6 +123,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
   const metricsServer = await metrics.serveAt(config.metricsListen);
   const renewing = new AbortController();
+  // Every host's renewal loop waits on this one signal (one listener each while it sleeps or calls): not a leak.
+  setMaxListeners(allPaths.length + 10, renewing.signal);
   const renewals = allPaths.map((paths) =>
     keepRenewed({ paths, proxies: config.proxies!, renewBeforeMs: config.renewBefore, clock, log, signal: renewing.signal }).catch((err) => log.error("certificate renewal stopped", { err })),
   );
