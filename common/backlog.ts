@@ -1,5 +1,4 @@
 import { TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
-import { isTerminal } from "./task-state.js";
 
 /** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
 export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk };
@@ -51,6 +50,7 @@ export interface Backlog {
    * `keepUpTo` go only with an ack of their own seq: the sender cannot tell
    * whether the receiver took them or held them back (a proxy's chunks sent
    * before the controller asked for a replay). Chunk `seq` itself always goes.
+   * An ack costs what the task holds, whatever number it names.
    */
   ackOutput(taskId: string, seq: number, keepUpTo?: number): Promise<void>;
   /** Drops the task's statuses up to `state` from one source: the host's, or (atProxy) the proxy's own. */
@@ -75,90 +75,135 @@ export function takeAfter(entries: Iterable<{ n: number; item: UpwardItem }>, af
   return out;
 }
 
-/**
- * Which of a task's chunks an output ack drops, shared by the backlogs. Each
- * task has a mark below which every chunk was dropped or passed over; chunks
- * passed over (kept, see Backlog.ackOutput) are remembered so that a later
- * ack still reaches them, without walking every seq from 1 again.
- */
-export class OutputAcks {
-  private readonly acked = new Map<string, number>();
-  private readonly passed = new Map<string, Set<number>>();
-
-  /**
-   * The seqs of the task's chunks that an ack of `seq` drops. `positionOf`
-   * gives a chunk's position if it is held, else undefined.
-   */
-  take(taskId: string, seq: number, keepUpTo: number, positionOf: (seq: number) => number | undefined): number[] {
-    const out: number[] = [];
-    const from = this.acked.get(taskId) ?? 0;
-    let passed = this.passed.get(taskId);
-    const consider = (s: number) => {
-      const n = positionOf(s);
-      if (n !== undefined && s !== seq && n <= keepUpTo) {
-        if (!passed) this.passed.set(taskId, (passed = new Set()));
-        passed.add(s);
-        return;
-      }
-      passed?.delete(s);
-      if (n !== undefined) out.push(s);
-    };
-    if (passed) for (const s of [...passed]) if (s <= seq) consider(s);
-    for (let s = from + 1; s <= seq; s++) consider(s);
-    if (seq <= from && !out.includes(seq)) consider(seq);
-    if (seq > from) this.acked.set(taskId, seq);
-    if (passed?.size === 0) this.passed.delete(taskId);
-    return out;
-  }
-
-  /** The task ended upstream: its marks go (a later ack walks from seq 1). */
-  forget(taskId: string): void {
-    this.acked.delete(taskId);
-    this.passed.delete(taskId);
-  }
+/** What a backlog's index keeps of one held item: enough to answer acks without reading the item. */
+interface Held {
+  /** Position in push order. */
+  n: number;
+  bytes: number;
+  taskId: string;
+  output: boolean;
+  /** An output chunk's seq (unused for a status). */
+  seq: number;
+  /** A status's state and source (unused for a chunk). */
+  state: TaskState;
+  atProxy: boolean;
 }
 
-/** A backlog in memory: for tests and throwaway meshes. */
-export class MemoryBacklog implements Backlog {
-  private readonly items = new Map<string, UpwardItem>();
-  private readonly numbers = new Map<string, number>();
-  private next = 1;
-  private readonly outputAcks = new OutputAcks();
+/**
+ * The items a backlog holds, by identity, by position and by task: shared
+ * by the backlogs. An ack looks only at its task's held items, so what it
+ * costs depends on what is held, never on the number it names (a seq of
+ * 10^15 or a state of 2^31-1 once walked every number up to it).
+ */
+export class HeldItems {
+  private readonly byKey = new Map<string, Held>();
+  private readonly byNumber = new Set<number>();
+  private readonly byTask = new Map<string, Set<string>>();
   private bytesHeld = 0;
 
   get size(): number {
-    return this.items.size;
+    return this.byKey.size;
   }
 
   get bytes(): number {
     return this.bytesHeld;
   }
 
+  has(key: string): boolean {
+    return this.byKey.has(key);
+  }
+
+  /** The position of the item held under `key`, if any. */
+  numberOf(key: string): number | undefined {
+    return this.byKey.get(key)?.n;
+  }
+
+  /** Whether an item is held at position `n` (acknowledged items are not, though their removal may be in flight). */
+  holdsNumber(n: number): boolean {
+    return this.byNumber.has(n);
+  }
+
+  add(key: string, n: number, item: UpwardItem): void {
+    const held: Held =
+      item.kind === "output"
+        ? { n, bytes: itemBytes(item), taskId: item.chunk.taskId, output: true, seq: Number(item.chunk.seq), state: TaskState.UNSPECIFIED, atProxy: false }
+        : { n, bytes: itemBytes(item), taskId: item.status.taskId, output: false, seq: 0, state: item.status.state, atProxy: item.status.atProxy };
+    this.byKey.set(key, held);
+    this.byNumber.add(n);
+    let keys = this.byTask.get(held.taskId);
+    if (!keys) this.byTask.set(held.taskId, (keys = new Set()));
+    keys.add(key);
+    this.bytesHeld += held.bytes;
+  }
+
+  /** Forgets the item held under `key`; returns its position, or undefined when none was held. */
+  remove(key: string): number | undefined {
+    const held = this.byKey.get(key);
+    if (!held) return undefined;
+    this.byKey.delete(key);
+    this.byNumber.delete(held.n);
+    const keys = this.byTask.get(held.taskId);
+    keys?.delete(key);
+    if (keys?.size === 0) this.byTask.delete(held.taskId);
+    this.bytesHeld -= held.bytes;
+    return held.n;
+  }
+
+  /**
+   * The keys an output ack drops (Backlog.ackOutput): the task's chunks up
+   * to `seq`, except those at positions up to `keepUpTo` other than chunk
+   * `seq` itself.
+   */
+  outputAcked(taskId: string, seq: number, keepUpTo: number): string[] {
+    return this.select(taskId, (h) => h.output && h.seq <= seq && (h.seq === seq || h.n > keepUpTo));
+  }
+
+  /** The keys a status ack drops: the task's statuses up to `state` from one source. */
+  statusAcked(taskId: string, state: TaskState, atProxy: boolean): string[] {
+    return this.select(taskId, (h) => !h.output && h.atProxy === atProxy && h.state <= state);
+  }
+
+  private select(taskId: string, drops: (h: Held) => boolean): string[] {
+    const out: string[] = [];
+    for (const key of this.byTask.get(taskId) ?? []) if (drops(this.byKey.get(key)!)) out.push(key);
+    return out;
+  }
+}
+
+/** A backlog in memory: for tests and throwaway meshes. */
+export class MemoryBacklog implements Backlog {
+  private readonly items = new Map<string, UpwardItem>();
+  private readonly held = new HeldItems();
+  private next = 1;
+
+  get size(): number {
+    return this.held.size;
+  }
+
+  get bytes(): number {
+    return this.held.bytes;
+  }
+
   async push(items: readonly UpwardItem[]): Promise<void> {
     for (const item of items) {
       const key = upwardKey(item);
-      if (this.items.has(key)) continue;
+      if (this.held.has(key)) continue;
       this.items.set(key, item);
-      this.numbers.set(key, this.next++);
-      this.bytesHeld += itemBytes(item);
+      this.held.add(key, this.next++, item);
     }
   }
 
   private drop(key: string): void {
-    const item = this.items.get(key);
-    if (!item) return;
     this.items.delete(key);
-    this.numbers.delete(key);
-    this.bytesHeld -= itemBytes(item);
+    this.held.remove(key);
   }
 
   async ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
-    for (const s of this.outputAcks.take(taskId, seq, keepUpTo, (s) => this.numbers.get(outputKey(taskId, s)))) this.drop(outputKey(taskId, s));
+    for (const key of this.held.outputAcked(taskId, seq, keepUpTo)) this.drop(key);
   }
 
   async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
-    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(statusKey(taskId, s, atProxy));
-    if (isTerminal(state) && !atProxy) this.outputAcks.forget(taskId);
+    for (const key of this.held.statusAcked(taskId, state, atProxy)) this.drop(key);
   }
 
   all(): UpwardItem[] {
@@ -166,7 +211,7 @@ export class MemoryBacklog implements Backlog {
   }
 
   after(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
-    const entries = [...this.items].map(([key, item]) => ({ n: this.numbers.get(key)!, item }));
+    const entries = [...this.items].map(([key, item]) => ({ n: this.held.numberOf(key)!, item }));
     return takeAfter(entries, after, maxBytes);
   }
 }

@@ -1,8 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
-import { OutputChunkSchema, TaskState, TaskStatusSchema } from "../gen/rexmesh/v1/task_pb.js";
-import { itemBytes, OutputAcks, outputKey, statusKey, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
-import { isTerminal } from "./task-state.js";
+import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import { HeldItems, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
 const OUTPUT = 2;
@@ -23,15 +22,13 @@ export function decodeItem(buf: Uint8Array): UpwardItem {
 /**
  * A backlog in LMDB, under a scope (one per host in a daemon process that
  * serves several). Items are stored in push order under an increasing
- * number; an in-memory index maps each item's identity to its number so
- * that acks delete without scanning. The index is rebuilt at open.
+ * number; an in-memory index (HeldItems) maps each item's identity to its
+ * number, and each task to its items, so that acks delete without
+ * scanning. The index is rebuilt at open.
  */
 export class LmdbBacklog implements Backlog {
-  private readonly index = new Map<string, number>();
-  private readonly sizes = new Map<number, number>();
-  private readonly outputAcks = new OutputAcks();
+  private readonly held = new HeldItems();
   private next = 1;
-  private bytesHeld = 0;
   /** Items pushed whose write has not committed yet: all() must include them too. */
   private readonly inFlight = new Map<number, UpwardItem>();
 
@@ -42,19 +39,17 @@ export class LmdbBacklog implements Backlog {
     for (const { key, value } of db.getRange({ start: [scope, 0], end: [scope, Number.MAX_SAFE_INTEGER] })) {
       const n = key[1] as number;
       const item = decodeItem(value);
-      this.index.set(upwardKey(item), n);
-      this.sizes.set(n, itemBytes(item));
-      this.bytesHeld += itemBytes(item);
+      this.held.add(upwardKey(item), n, item);
       this.next = Math.max(this.next, n + 1);
     }
   }
 
   get size(): number {
-    return this.index.size;
+    return this.held.size;
   }
 
   get bytes(): number {
-    return this.bytesHeld;
+    return this.held.bytes;
   }
 
   push(items: readonly UpwardItem[]): Promise<void> {
@@ -62,11 +57,9 @@ export class LmdbBacklog implements Backlog {
     const pushed: { key: string; n: number }[] = [];
     for (const item of items) {
       const key = upwardKey(item);
-      if (this.index.has(key)) continue;
+      if (this.held.has(key)) continue;
       const n = this.next++;
-      this.index.set(key, n);
-      this.sizes.set(n, itemBytes(item));
-      this.bytesHeld += itemBytes(item);
+      this.held.add(key, n, item);
       this.inFlight.set(n, item);
       pushed.push({ key, n });
       writes.push(this.db.put([this.scope, n], encodeItem(item)).finally(() => this.inFlight.delete(n)));
@@ -79,35 +72,29 @@ export class LmdbBacklog implements Backlog {
         if (r.status === "fulfilled") return;
         failure ??= r;
         const { key, n } = pushed[i]!;
-        if (this.index.get(key) !== n) return; // acknowledged meanwhile: drop() has undone it
-        this.index.delete(key);
-        this.bytesHeld -= this.sizes.get(n) ?? 0;
-        this.sizes.delete(n);
+        if (this.held.numberOf(key) !== n) return; // acknowledged meanwhile: drop() has undone it
+        this.held.remove(key);
       });
       if (failure) throw failure.reason;
     });
   }
 
   private drop(key: string, writes: Promise<unknown>[]): void {
-    const n = this.index.get(key);
+    const n = this.held.remove(key);
     if (n === undefined) return;
-    this.index.delete(key);
-    this.bytesHeld -= this.sizes.get(n) ?? 0;
-    this.sizes.delete(n);
     this.inFlight.delete(n);
     writes.push(this.db.remove([this.scope, n]));
   }
 
   ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
     const writes: Promise<unknown>[] = [];
-    for (const s of this.outputAcks.take(taskId, seq, keepUpTo, (s) => this.index.get(outputKey(taskId, s)))) this.drop(outputKey(taskId, s), writes);
+    for (const key of this.held.outputAcked(taskId, seq, keepUpTo)) this.drop(key, writes);
     return Promise.all(writes).then(() => undefined);
   }
 
   ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     const writes: Promise<unknown>[] = [];
-    for (let s = TaskState.PENDING as number; s <= state; s++) this.drop(statusKey(taskId, s, atProxy), writes);
-    if (isTerminal(state) && !atProxy) this.outputAcks.forget(taskId);
+    for (const key of this.held.statusAcked(taskId, state, atProxy)) this.drop(key, writes);
     return Promise.all(writes).then(() => undefined);
   }
 
@@ -117,7 +104,7 @@ export class LmdbBacklog implements Backlog {
       let last = after;
       for (const { key, value } of self.db.getRange({ start: [self.scope, after + 1], end: [self.scope, Number.MAX_SAFE_INTEGER] })) {
         const n = key[1] as number;
-        if (!self.sizes.has(n)) continue;
+        if (!self.held.holdsNumber(n)) continue;
         last = n;
         yield { n, item: decodeItem(value) };
       }
@@ -132,7 +119,7 @@ export class LmdbBacklog implements Backlog {
     const seen = new Set<number>();
     for (const { key, value } of this.db.getRange({ start: [this.scope, 0], end: [this.scope, Number.MAX_SAFE_INTEGER] })) {
       const n = key[1] as number;
-      if (!this.sizes.has(n)) continue; // acknowledged; its removal is in flight
+      if (!this.held.holdsNumber(n)) continue; // acknowledged; its removal is in flight
       seen.add(n);
       out.push(decodeItem(value));
     }

@@ -23,6 +23,7 @@ import type { Revocations } from "./revocation.js";
 import { firstMissing, type JobManager, type ProxyPort } from "./jobs.js";
 import { randomBytes } from "node:crypto";
 import type { HostKeyVerifier } from "../common/host-signing.js";
+import { screenProxyFrame } from "../common/link-limits.js";
 
 export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
 
@@ -66,6 +67,9 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     );
   }
   const log = deps.log.child({ proxy: peer.id, region: peer.scope });
+  /** Reports and presences no proxy sends are dropped before anything looks them up (common/link-limits.ts). */
+  const screen = (frame: ProxyStreamRequest) => screenProxyFrame(frame).warn(log, "reports no proxy sends were dropped (not acknowledged)");
+  screen(first);
   ls.startHeartbeat(hello.heartbeatMs || deps.heartbeatMs);
   const out = ls.out;
   const port: ProxyPort = {
@@ -144,6 +148,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   }
 
   async function handleFrame(frame: ProxyStreamRequest): Promise<void> {
+    if (frame !== first) screen(frame);
     if (frame.load) deps.loads?.set(port.name, { region: port.region, load: frame.load });
     if (frame.hosts.length > 0) presence(frame.hosts);
     // Reports on hosts this proxy is not yet seen to hold are held back: not taken, not acknowledged.

@@ -30,6 +30,7 @@ import type { Ledger, LedgerEntry } from "./ledger.js";
 import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRef } from "./orphans.js";
 import { RunOutput } from "./run-output.js";
 import { OutputDigest, type HostReporter } from "../common/host-signing.js";
+import { screenAcks } from "../common/link-limits.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -454,6 +455,7 @@ export class Agent {
   private async handleFrame(frame: AgentStreamResponse, link?: ProxyLinkToAgent): Promise<void> {
     this.prove(frame, link);
     const dropFailed = (err: unknown) => this.opts.log.error("dropping acknowledged results failed", { err });
+    screenAcks(frame).warn(this.opts.log, "acknowledgements no proxy sends were ignored");
     for (const ack of frame.outputAcks) this.outbox.ackOutput(ack.taskId, Number(ack.seq)).catch(dropFailed);
     for (const ack of frame.statusAcks) {
       this.outbox.ackStatus(ack.taskId, ack.state).catch(dropFailed);

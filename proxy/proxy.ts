@@ -38,6 +38,7 @@ import { specBytes } from "../common/backlog.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec } from "../common/task-signing.js";
 import { DenySet } from "../common/deny-list.js";
+import { screenControllerFrame, screenHostFrame, TAKEN_ON_TASKS_PER_HOST } from "../common/link-limits.js";
 import type { DenyList, SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 
 export type AgentLink = FrameLink<AgentStreamResponse, AgentStreamRequest>;
@@ -55,6 +56,8 @@ export interface ProxyCoreOptions {
   sweepMs?: number;
   /** Verifies a signed deny-list (it must come from a controller of this mesh); returns its content. */
   openDenyList?: (signed: SignedDenyList) => DenyList;
+  /** Tasks taken on from one host's reports and held at once (see reportedTask). Default TAKEN_ON_TASKS_PER_HOST. */
+  maxTakenOnPerHost?: number;
 }
 
 /** Frames queued toward the controller above which the pump waits for the link to drain. */
@@ -99,6 +102,8 @@ interface HostSession {
   reportKey: HostReportKey | undefined;
   /** The host's proof of presence over the current controller link's nonce, with its salt. */
   proof: { proof: Uint8Array; salt: Uint8Array } | undefined;
+  /** Tasks taken on from this host's reports and held now; counted once per frame that takes one on. */
+  takenOn: number | undefined;
 }
 
 /** About how many bytes a host presence takes in a frame (id, tenant, facts). */
@@ -142,6 +147,7 @@ export class ProxyCore {
   /** Identities refused here: hosts on it are disconnected and cannot come back. */
   private readonly deny = new DenySet();
   private readonly openDenyList: ((signed: SignedDenyList) => DenyList) | undefined;
+  private readonly maxTakenOnPerHost: number;
 
   constructor(opts: ProxyCoreOptions) {
     this.name = opts.name;
@@ -152,6 +158,7 @@ export class ProxyCore {
     this.heartbeatMs = opts.heartbeatMs ?? 10_000;
     this.sweepMs = opts.sweepMs ?? 1000;
     this.openDenyList = opts.openDenyList;
+    this.maxTakenOnPerHost = opts.maxTakenOnPerHost ?? TAKEN_ON_TASKS_PER_HOST;
     const stored = this.store.denyList();
     if (stored) this.applyDenyList(stored).catch((err) => this.log.error("applying the stored deny-list failed", { err }));
     this.scheduleSweep();
@@ -179,7 +186,7 @@ export class ProxyCore {
     if (hello.hostId !== peer.id) {
       throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(peer.id)}`);
     }
-    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0, reportKey: hello.reportKey, proof: undefined };
+    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0, reportKey: hello.reportKey, proof: undefined, takenOn: undefined };
     // A live stream is never replaced by another one of the same host id: the second could be a stolen
     // key. A daemon that restarted while its old connection stayed half-open gets in once that one is
     // declared dead by its heartbeat (three intervals), or fails over to another proxy meanwhile.
@@ -252,6 +259,8 @@ export class ProxyCore {
    * host and lets it go up.
    */
   private async handleHostFrame(session: HostSession, frame: AgentStreamRequest): Promise<void> {
+    screenHostFrame(frame).warn(this.log, "reports no daemon sends were dropped (not acknowledged)", { host: session.hostId });
+    session.takenOn = undefined;
     if (frame.credits !== undefined) session.credits = frame.credits;
     if (frame.presenceProof.length > 0 && this.nonce && Buffer.from(frame.presenceNonce).equals(this.nonce)) {
       session.proof = { proof: frame.presenceProof, salt: frame.presenceSalt };
@@ -261,9 +270,15 @@ export class ProxyCore {
     const outputAcks = new Map<string, number>();
     const changed = new Set<QueuedTask>();
     const undo = new TaskUndo();
+    /** Tasks not taken on (maxTakenOnPerHost): their reports are neither taken nor acknowledged. */
+    const refused = new Set<string>();
     for (const chunk of frame.output) {
       const seq = Number(chunk.seq);
       const task = this.reportedTask(session, chunk.taskId, changed, undo);
+      if (task === "refused") {
+        refused.add(chunk.taskId);
+        continue;
+      }
       if (task) {
         // A host sends a task's chunks in order and forgets only what was acknowledged, so a
         // chunk above the highest held is new even after a gap (the rest went through another proxy).
@@ -283,6 +298,10 @@ export class ProxyCore {
     const statusAcks: TaskStatus[] = [];
     for (const status of frame.statuses) {
       const task = this.reportedTask(session, status.taskId, changed, undo);
+      if (task === "refused") {
+        refused.add(status.taskId);
+        continue;
+      }
       // A daemon keeps no ping answer for an ack (daemon/agent.ts): none is sent.
       if (!task || !task.spec || !isPingOnly(task.spec)) statusAcks.push(status);
       if (!task) continue;
@@ -298,6 +317,9 @@ export class ProxyCore {
       }
       // A cancel that came while the host had the task elsewhere: tell it now.
       if (task.cancelRequested && !isTerminal(status.state) && status.state >= TaskState.DELIVERED) this.tellCancel(session, task);
+    }
+    if (refused.size > 0) {
+      this.log.warn("reports on tasks this proxy never held were refused: the host holds too many such tasks here", { host: session.hostId, tasks: refused.size, max: this.maxTakenOnPerHost });
     }
     if (items.length > 0 || changed.size > 0) {
       // One commit for the whole frame: every write is issued, then awaited together.
@@ -328,9 +350,12 @@ export class ProxyCore {
    * is refused. A task unknown here was handed to the host by another proxy
    * of the region before it failed over to this one: it is taken on, so its
    * output and status flow on. Only a task whose end was acknowledged here
-   * is not (its repeats are acknowledged and dropped).
+   * is not (its repeats are acknowledged and dropped: undefined). Nor is
+   * one beyond maxTakenOnPerHost ("refused": not acknowledged, so the host
+   * sends it again on its next stream): a host cannot fill the proxy's
+   * store with tasks of invented ids.
    */
-  private reportedTask(session: HostSession, taskId: string, changed: Set<QueuedTask>, undo: TaskUndo): QueuedTask | undefined {
+  private reportedTask(session: HostSession, taskId: string, changed: Set<QueuedTask>, undo: TaskUndo): QueuedTask | "refused" | undefined {
     const task = this.store.getTask(taskId);
     if (task) {
       if (task.hostId === session.hostId) return task;
@@ -339,6 +364,9 @@ export class ProxyCore {
     }
     const mark = this.store.markOf(taskId);
     if (mark === "done") return undefined;
+    session.takenOn ??= this.store.tasksFor(session.hostId).filter((t) => !t.signed).length;
+    if (session.takenOn >= this.maxTakenOnPerHost) return "refused";
+    session.takenOn++;
     const taken: QueuedTask = { id: taskId, hostId: session.hostId, state: TaskState.DELIVERED, cancelRequested: mark === "cancelled", outputSeq: 0 };
     undo.taken(taken);
     // Indexed now (the frame's later items find it), stored with the frame's commit.
@@ -562,6 +590,7 @@ export class ProxyCore {
   }
 
   private async handleControllerFrame(frame: ProxyStreamResponse): Promise<void> {
+    screenControllerFrame(frame).warn(this.log, "acknowledgements or cancels no controller sends were dropped");
     if (frame.replay && this.controller) {
       // Reports the controller held back (it did not yet know this proxy held their host) go again.
       this.controller.replayUpTo = Math.max(this.controller.replayUpTo, this.controller.sentUpTo);

@@ -104,23 +104,12 @@ const KNOWN: { id: string; server: string; code: Code; message: RegExp }[] = [
 
 /**
  * Keeps random link frames clear of the findings pinned below, so that the
- * random rounds look for new ones: task ids that fit an LMDB key (F4); at
- * the controller, output seqs whose acknowledgement fits a uint64 (F5); at
- * the proxy, output seqs and task states its acknowledgement loops get
- * through (F7); on both, a heartbeat interval the link outlives while it
- * is fuzzed (F6).
+ * random rounds look for new ones: a heartbeat interval the link outlives
+ * while it is fuzzed (F6).
  */
-function steerAroundKnownFindings(m: MessageShape<DescMessage>, at: "controller" | "proxy"): void {
-  const r = m as unknown as { hello?: { heartbeatMs: number }; statuses?: { taskId: string; state: number }[]; output?: { taskId: string; seq: bigint }[] };
+function steerAroundKnownFindings(m: MessageShape<DescMessage>): void {
+  const r = m as unknown as { hello?: { heartbeatMs: number } };
   if (r.hello && r.hello.heartbeatMs > 0 && r.hello.heartbeatMs < 1000) r.hello.heartbeatMs = 1000;
-  for (const x of [...(r.statuses ?? []), ...(r.output ?? [])]) if (Buffer.byteLength(x.taskId) > 1024) x.taskId = x.taskId.slice(0, 200);
-  if (at === "controller") {
-    // Number(seq) of a seq this close to 2^64 rounds up to 2^64, which no uint64 holds.
-    for (const c of r.output ?? []) if (c.seq > 2n ** 64n - 4096n) c.seq = 2n ** 64n - 4096n;
-  } else {
-    for (const c of r.output ?? []) c.seq %= 1000n;
-    for (const x of r.statuses ?? []) if (x.state > 1000) x.state %= 1000;
-  }
 }
 
 /** Claims of the mesh's real host in a random ProxyLink frame: a proxy that does not hold it must not take it over. */
@@ -224,7 +213,7 @@ bindings:
 
   /** The stream's first frame is its hello, most of the time a valid one (so that later frames reach the session). */
   const helloTweak =
-    (helloDesc: DescMessage, field: "name" | "hostId", valid: Record<string, unknown>, at: "controller" | "proxy") =>
+    (helloDesc: DescMessage, field: "name" | "hostId", valid: Record<string, unknown>) =>
     (m: MessageShape<DescMessage>, rng: Rng, first: boolean) => {
       const r = m as unknown as { hello?: Record<string, unknown> };
       if (!first) {
@@ -232,7 +221,7 @@ bindings:
       } else if (rng.chance(0.75)) {
         r.hello = create(helloDesc, { ...(r.hello ?? {}), ...valid, ...(rng.chance(0.2) ? { [field]: "h1" } : {}) } as never);
       }
-      steerAroundKnownFindings(m, at);
+      steerAroundKnownFindings(m);
     };
 
   const targets: Target[] = [
@@ -255,7 +244,7 @@ bindings:
       wrong: "host",
       opening: () => ({ frames: [proxyHello()], answers: 1 }),
       tweak: (m, rng, first) => {
-        helloTweak(ProxyHelloSchema, "name", { name: "px-fuzz", region: "east" }, "controller")(m, rng, first);
+        helloTweak(ProxyHelloSchema, "name", { name: "px-fuzz", region: "east" })(m, rng, first);
         claimRealHost(m, rng);
       },
     },
@@ -266,7 +255,7 @@ bindings:
       as: "host",
       wrong: "operator",
       opening: () => ({ frames: [agentHello()], answers: 1 }),
-      tweak: helloTweak(AgentHelloSchema, "hostId", { hostId: "fuzz-host" }, "proxy"),
+      tweak: helloTweak(AgentHelloSchema, "hostId", { hostId: "fuzz-host" }),
     },
     { server: proxy, method: ArtifactCacheService.method.getArtifactChunk, as: "host", wrong: "operator", opening: unaryOpening(ArtifactCacheService.method.getArtifactChunk) },
     {
@@ -558,15 +547,15 @@ bindings:
       }
     });
 
-    it.fails("F4a: the controller takes a ProxyLink status naming a task id longer than an LMDB key without INTERNAL", async () => {
+    it("F4a: the controller takes a ProxyLink status naming a task id longer than an LMDB key without INTERNAL", async () => {
       chosen(await linkCall(controller, "proxyPeer", ProxyLinkService.method.proxyStream, [proxyHello(), proxyFrame({ statuses: [{ taskId: "t".repeat(10_000), state: TaskState.RUNNING }] })]));
     });
 
-    it.fails("F4b: the proxy takes an AgentLink output chunk naming a task id longer than an LMDB key without INTERNAL", async () => {
+    it("F4b: the proxy takes an AgentLink output chunk naming a task id longer than an LMDB key without INTERNAL", async () => {
       chosen(await linkCall(proxy, "host", AgentLinkService.method.agentStream, [agentHello(), agentFrame({ output: [{ taskId: "t".repeat(4000), seq: 1n, data: Buffer.from("x") }] })]));
     });
 
-    it.fails("F5: the controller acknowledges a ProxyLink output chunk with seq 2^64-1 without INTERNAL", async () => {
+    it("F5: the controller acknowledges a ProxyLink output chunk with seq 2^64-1 without INTERNAL", async () => {
       chosen(await linkCall(controller, "proxyPeer", ProxyLinkService.method.proxyStream, [proxyHello(), proxyFrame({ output: [{ taskId: "no-such-task", seq: 2n ** 64n - 1n, data: Buffer.from("x") }] })]));
     });
 
@@ -578,8 +567,8 @@ bindings:
       chosen(await linkCall(proxy, "host", AgentLinkService.method.agentStream, [agentFrame({ hello: { hostId: "fuzz-host", heartbeatMs: 1 } })], "1S"));
     });
 
-    // Last: it leaves the proxy's event loop spinning, and the proxy is killed after it.
-    it.fails("F7: the proxy keeps serving after a host reports a task state no version defines (2^31-1) and an output seq of 10^15", async () => {
+    // Last: were the proxy's ack loops to walk every number again, its event loop would spin; it is killed after this test.
+    it("F7: the proxy keeps serving after a host reports a task state no version defines (2^31-1) and an output seq of 10^15", async () => {
       try {
         const report = { statuses: [{ taskId: "t-unknown-state", state: 2 ** 31 - 1 }], output: [{ taskId: "t-huge-seq", seq: 10n ** 15n, data: Buffer.from("x") }] };
         await client(proxy, "host").call(pathOf(AgentLinkService.method.agentStream), { steps: [{ write: agentFrame({ hello: { hostId: "fuzz-host" }, ...report }) }], end: false, headers: { "grpc-timeout": "300m" }, timeoutMs: 1000 });

@@ -280,6 +280,24 @@ describe("Agent: results until acknowledged", () => {
     expect(statusesIn(t.link().sent)).toEqual([]);
   });
 
+  it("ignores an ack of a state no version defines: the task's end is still unreported and its results are sent again", async () => {
+    const t = setup();
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1")] });
+    await flush();
+    const run = t.executor.runs[0]!;
+    run.io.onOutput(OutputStream.STDOUT, new TextEncoder().encode("hello"), 1);
+    run.finish({ outputChunks: 1, exitCode: 0 });
+    await flush();
+    // 2^20 is above every terminal state: taken at its word, it marked the end reported and dropped every status.
+    t.fromProxy({ statusAcks: [{ taskId: "t1", state: 2 ** 20 }] });
+    await flush();
+    expect(t.ledger.unreported().map((e) => e.spec.taskId)).toEqual(["t1"]);
+    await t.reconnect();
+    expect(outputIn(t.link().sent)).toEqual(["t1:1:hello"]);
+    expect(statusesIn(t.link().sent)).toEqual(["t1:DELIVERED", "t1:RUNNING", "t1:SUCCEEDED"]);
+  });
+
   it("copies output data, so that the executor may reuse its buffer", async () => {
     const t = setup();
     await t.start();

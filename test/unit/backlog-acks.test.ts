@@ -1,13 +1,14 @@
 /**
  * The upward backlogs (memory and LMDB): an output ack that must not take
- * chunks the sender cannot know were taken, and a push whose write failed.
+ * chunks the sender cannot know were taken, acks whose cost does not grow
+ * with the number they name, and a push whose write failed.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Database } from "lmdb";
 import { afterAll, describe, expect, it } from "vitest";
-import { MemoryBacklog, upwardKey, type Backlog, type UpwardItem } from "../../common/backlog.js";
+import { itemBytes, MemoryBacklog, upwardKey, type Backlog, type UpwardItem } from "../../common/backlog.js";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { decodeItem, LmdbBacklog } from "../../common/lmdb-backlog.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
@@ -79,6 +80,62 @@ describe.each(kinds)("%s output acks", (_name, make) => {
     await b.ackOutput("t1", 3);
     expect(keys(b)).toEqual([]);
     expect(b.bytes).toBe(0);
+  });
+});
+
+describe.each(kinds)("%s acks naming numbers far beyond anything held (F7)", (_name, make) => {
+  // Big enough that walking every number up to them takes seconds, small enough that a regression fails
+  // rather than hangs (a host's seq of 10^15 or a state of 2^31-1 froze the proxy for good).
+  const SEQ = 100_000_000;
+  const STATE = (2 ** 27) as TaskState;
+  /** Runs `ack` and fails if it takes longer than a walk over the few items held could. */
+  const quickly = async (ack: () => Promise<void>) => {
+    const started = performance.now();
+    await ack();
+    expect(performance.now() - started).toBeLessThan(250);
+  };
+
+  it("an ack costs what its task holds, not the number it names, and drops exactly what it covers", async () => {
+    const b = await make();
+    await b.push([out("t1", 1), out("t1", 2), st("t1", TaskState.RUNNING), out("t2", 1), st("t2", TaskState.RUNNING), st("t1", TaskState.QUEUED)]);
+    await quickly(() => b.ackOutput("t1", SEQ));
+    expect(keys(b)).toEqual(["s/t1/5", "o/t2/1", "s/t2/5", "s/t1/2"]);
+    await quickly(() => b.ackStatus("t1", STATE));
+    expect(keys(b)).toEqual(["o/t2/1", "s/t2/5"]);
+    await quickly(() => b.ackOutput("t-none", SEQ));
+    await quickly(() => b.ackStatus("t-none", STATE, true));
+    expect(keys(b)).toEqual(["o/t2/1", "s/t2/5"]);
+    expect(b.size).toBe(2);
+  });
+
+  it("keeps what a huge ack does not cover: the other source's statuses, and chunks passed over before a replay", async () => {
+    const b = await make();
+    const own = { kind: "status", status: status("t1", TaskState.QUEUED, { atProxy: true }) } as const;
+    await b.push([out("t1", 1), out("t1", 2), own, out("t1", 3), st("t1", TaskState.RUNNING)]);
+    // Positions 1-3 were sent before a replay was asked for: chunks 1 and 2 go only with acks of their own.
+    await quickly(() => b.ackOutput("t1", SEQ, 3));
+    await quickly(() => b.ackStatus("t1", STATE, false));
+    expect(keys(b)).toEqual(["o/t1/1", "o/t1/2", "s/t1/2/p"]);
+    await quickly(() => b.ackOutput("t1", 2, 3));
+    expect(keys(b)).toEqual(["o/t1/1", "s/t1/2/p"]);
+    // A later ack that keeps nothing (a new link) reaches the chunk passed over.
+    await quickly(() => b.ackOutput("t1", SEQ));
+    expect(keys(b)).toEqual(["s/t1/2/p"]);
+  });
+});
+
+describe("LmdbBacklog opened again", () => {
+  it("rebuilds its index by task: a huge ack drops exactly the task's items, durably", async () => {
+    const { db } = lmdbBacklogDb();
+    await new LmdbBacklog(db, "h1").push([out("t1", 1), out("t1", 2), st("t1", TaskState.SUCCEEDED), out("t2", 7)]);
+    const b = new LmdbBacklog(db, "h1");
+    const started = performance.now();
+    await b.ackOutput("t1", 100_000_000);
+    await b.ackStatus("t1", (2 ** 27) as TaskState);
+    expect(performance.now() - started).toBeLessThan(250);
+    expect(keys(b)).toEqual(["o/t2/7"]);
+    expect(b.bytes).toBe(itemBytes(out("t2", 7)));
+    expect(keys(new LmdbBacklog(db, "h1"))).toEqual(["o/t2/7"]);
   });
 });
 

@@ -35,10 +35,10 @@ const cancelsTo = (l: HostSide) => l.sent.flatMap((f) => f.cancelTaskIds);
 const outputAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.outputAcks.map((a) => `${a.taskId}:${a.seq}`));
 const statusAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
 
-function setup(opts: { sweepMs?: number } = {}) {
+function setup(opts: { sweepMs?: number; maxTakenOnPerHost?: number } = {}) {
   const clock = new ManualClock();
   const store = new MemoryProxyStore();
-  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, sweepMs: opts.sweepMs });
+  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, sweepMs: opts.sweepMs, maxTakenOnPerHost: opts.maxTakenOnPerHost });
 
   const connectController = () => {
     const link: ControllerSide = new FakeLink();
@@ -555,6 +555,91 @@ describe("ProxyCore: a host that failed over, and tasks that ended here", () => 
     await flush();
     expect(upStatuses(ctl.link).slice(2)).toEqual(["t1:SUCCEEDED"]);
     expect(upOutput(ctl.link)).toEqual(["t1:1"]);
+  });
+});
+
+describe("ProxyCore: what no peer sends (F4, F7)", () => {
+  const longId = "t".repeat(4000);
+
+  it("drops a host's reports with a 4,000-character task id, a seq beyond 2^53-1 or a state no version defines: not stored, not sent up, not acked; the stream goes on", async () => {
+    const t = await dispatched();
+    t.h.send({
+      statuses: [status("t1", 2 ** 31 - 1), status(longId, TaskState.RUNNING), status("t1", TaskState.RUNNING)],
+      output: [chunk(longId, 1), { ...chunk("t1", 1), seq: 2n ** 64n - 1n }, chunk("t1", 1)],
+    });
+    await flush();
+    expect(t.h.link.isClosed).toBe(false);
+    expect(t.store.getTask(longId)).toBeUndefined();
+    expect(t.store.getTask("t1")).toMatchObject({ state: TaskState.RUNNING, outputSeq: 1 });
+    expect(upStatuses(t.ctl.link)).toEqual(["t1:QUEUED", "t1:DISPATCHED", "t1:RUNNING"]);
+    expect(upOutput(t.ctl.link)).toEqual(["t1:1"]);
+    expect(statusAcksTo(t.h.link)).toEqual(["t1:RUNNING"]);
+    expect(outputAcksTo(t.h.link)).toEqual(["t1:1"]);
+  });
+
+  it("ignores an ack from the controller of a state no version defines, and takes an ack of a seq far beyond anything sent at once", async () => {
+    const t = await dispatched(["t1", "t2"]);
+    t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 2n }), status("t2", TaskState.RUNNING)], output: [chunk("t1", 1), chunk("t1", 2), chunk("t2", 1)] });
+    await flush();
+    // A state above every terminal one passed for an end: the task was settled and its results dropped.
+    t.ctl.send({ statusAcks: [{ taskId: "t1", state: 2 ** 20 }] });
+    await flush();
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.SUCCEEDED);
+    expect(t.store.upward().map((i) => (i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : `${i.status.taskId}:${TaskState[i.status.state]}`))).toEqual([
+      "t1:QUEUED",
+      "t2:QUEUED",
+      "t1:DISPATCHED",
+      "t2:DISPATCHED",
+      "t1:1",
+      "t1:2",
+      "t2:1",
+      "t1:SUCCEEDED",
+      "t2:RUNNING",
+    ]);
+    // Walking every seq up to this one takes seconds (up to 10^15, as in F7: the proxy froze for good).
+    const started = performance.now();
+    t.ctl.send({ outputAcks: [{ taskId: "t1", seq: 100_000_000n }] });
+    await flush();
+    expect(performance.now() - started).toBeLessThan(1000);
+    expect(t.store.upward().filter((i) => i.kind === "output").map((i) => (i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : ""))).toEqual(["t2:1"]);
+  });
+
+  it("takes on at most maxTakenOnPerHost tasks it never held from one host; reports on more are neither taken nor acked, until room is made", async () => {
+    const t = setup({ maxTakenOnPerHost: 2 });
+    const ctl = t.connectController();
+    await flush();
+    const h = t.connectHost("h1", 0);
+    await flush();
+    h.send({ statuses: [status("t7", TaskState.RUNNING), status("t8", TaskState.SUCCEEDED)] });
+    await flush();
+    h.send({ statuses: [status("t9", TaskState.RUNNING)], output: [chunk("t9", 1)] });
+    await flush();
+    expect(h.link.isClosed).toBe(false);
+    expect(upStatuses(ctl.link)).toEqual(["t7:RUNNING", "t8:SUCCEEDED"]);
+    expect(upOutput(ctl.link)).toEqual([]);
+    expect(statusAcksTo(h.link)).toEqual(["t7:RUNNING", "t8:SUCCEEDED"]);
+    expect(outputAcksTo(h.link)).toEqual([]);
+    expect(t.store.getTask("t9")).toBeUndefined();
+    // Another host has a cap of its own.
+    const h2 = t.connectHost("h2", 0);
+    await flush();
+    h2.send({ statuses: [status("t20", TaskState.RUNNING)] });
+    await flush();
+    expect(t.store.getTask("t20")?.hostId).toBe("h2");
+    // The controller settles t8: h1 holds one taken-on task again, and its report on t9 is taken.
+    ctl.send({ statusAcks: [{ taskId: "t8", state: TaskState.SUCCEEDED }] });
+    await flush();
+    expect(t.store.getTask("t8")).toBeUndefined();
+    h.send({ statuses: [status("t9", TaskState.RUNNING)], output: [chunk("t9", 1)] });
+    await flush();
+    expect(t.store.getTask("t9")).toMatchObject({ hostId: "h1", state: TaskState.RUNNING, outputSeq: 1 });
+    expect(outputAcksTo(h.link)).toEqual(["t9:1"]);
+    // A task the controller sent is not taken on: it counts against no cap.
+    ctl.send({ tasks: [taskSpec("t10", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    h.send({ statuses: [status("t10", TaskState.RUNNING)] });
+    await flush();
+    expect(t.store.getTask("t10")?.state).toBe(TaskState.RUNNING);
   });
 });
 

@@ -1,0 +1,129 @@
+/**
+ * Checks of the items that arrive on the links — what a host reports to its
+ * proxy, what a proxy relays to the controller, and the acknowledgements
+ * that come back down — made where a frame enters, before anything is
+ * stored or looked up. Sizes come from {@link LIMITS}.
+ *
+ * An item that fails is dropped with a warning (one per frame) and not
+ * acknowledged; the rest of the frame and the stream go on. Failing the
+ * stream instead would let one host's bad report, relayed by its proxy,
+ * end the link that carries every other host of the region, and a sender
+ * that keeps the item would send it again on every new stream.
+ */
+import type { Logger } from "./logger.js";
+import { LIMITS, preview } from "./limits.js";
+import type { AgentStreamRequest } from "../gen/rexmesh/v1/agent_link_pb.js";
+import type { CancelTask, HostPresence, ProxyStreamRequest, ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { TaskState, type OutputAck, type OutputChunk, type StatusAck, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+
+/** Task ids are made by the controller (a letter and 21 characters); the limit of job ids and other references. */
+export const TASK_ID_CHARS = LIMITS.refChars;
+
+/**
+ * Tasks a proxy takes on from one host's reports (tasks it was never sent:
+ * the host brought them from another proxy of the region) and holds at
+ * once. A host has at most its capacity running and the ends it has not
+ * had acknowledged; beyond this a host is inventing ids. Reports on more
+ * wait, unacknowledged, for the host's next stream.
+ */
+export const TAKEN_ON_TASKS_PER_HOST = 10_000;
+
+const STATES: ReadonlySet<number> = new Set(Object.values(TaskState).filter((v): v is number => typeof v === "number"));
+const MAX_SEQ = BigInt(Number.MAX_SAFE_INTEGER);
+
+/** Why a task id is refused, or undefined. */
+export function taskIdProblem(id: string): string | undefined {
+  if (id === "") return "task_id is empty";
+  if (id.length > TASK_ID_CHARS) return `task_id is longer than ${TASK_ID_CHARS} characters (${id.length}): ${preview(id)}`;
+  return undefined;
+}
+
+/** Why a host id or tenant named beside a report is refused, or undefined. Empty is allowed where the field is optional. */
+export function idProblem(field: string, id: string, optional = true): string | undefined {
+  if (id === "" && !optional) return `${field} is empty`;
+  if (id.length > LIMITS.idChars) return `${field} is longer than ${LIMITS.idChars} characters (${id.length}): ${preview(id)}`;
+  return undefined;
+}
+
+/** Why an output seq (of a chunk or an ack) is refused: chunks count from 1, and every seq must survive Number(). */
+export function seqProblem(seq: bigint): string | undefined {
+  if (seq < 1n || seq > MAX_SEQ) return `seq ${seq} is not an integer from 1 to ${MAX_SEQ}`;
+  return undefined;
+}
+
+/** Why a task state is refused: one this version does not define has no place in the order of progress. */
+export function stateProblem(state: number): string | undefined {
+  return STATES.has(state) ? undefined : `state ${state} is not a task state`;
+}
+
+const first = (...problems: (string | undefined)[]) => problems.find((p) => p !== undefined);
+
+export const outputProblem = (c: OutputChunk) => first(taskIdProblem(c.taskId), seqProblem(c.seq), idProblem("host_id", c.hostId));
+export const statusProblem = (s: TaskStatus) => first(taskIdProblem(s.taskId), stateProblem(s.state), idProblem("host_id", s.hostId));
+export const outputAckProblem = (a: OutputAck) => first(taskIdProblem(a.taskId), seqProblem(a.seq));
+export const statusAckProblem = (a: StatusAck) => first(taskIdProblem(a.taskId), stateProblem(a.state));
+export const cancelProblem = (c: CancelTask) => first(taskIdProblem(c.taskId), idProblem("host_id", c.hostId));
+export const presenceProblem = (h: HostPresence) => first(idProblem("host_id", h.hostId, false), idProblem("tenant", h.tenant, false));
+
+/** What a frame's checks refused: counted, the first reason kept, so that a frame of bad items costs one log line. */
+export class Refused {
+  count = 0;
+  firstReason: string | undefined;
+  firstField: string | undefined;
+
+  /** The items of `list` that pass `problem`; the others are counted under `field`. */
+  keep<T>(field: string, list: readonly T[], problem: (item: T) => string | undefined): T[] {
+    const out: T[] = [];
+    for (const item of list) {
+      const why = problem(item);
+      if (why === undefined) out.push(item);
+      else {
+        this.count++;
+        this.firstReason ??= why;
+        this.firstField ??= field;
+      }
+    }
+    return out;
+  }
+
+  /** One warning for the frame, if anything was refused. */
+  warn(log: Logger, what: string, fields: Record<string, unknown> = {}): void {
+    if (this.count > 0) log.warn(what, { ...fields, refused: this.count, field: this.firstField, reason: this.firstReason });
+  }
+}
+
+/** Drops, in place, the reports of a host's frame (AgentLink at the proxy) that no daemon sends. */
+export function screenHostFrame(frame: AgentStreamRequest): Refused {
+  const r = new Refused();
+  frame.output = r.keep("output", frame.output, outputProblem);
+  frame.statuses = r.keep("statuses", frame.statuses, statusProblem);
+  return r;
+}
+
+/** Drops, in place, the reports and presences of a proxy's frame (ProxyLink at the controller) that no proxy sends. */
+export function screenProxyFrame(frame: ProxyStreamRequest): Refused {
+  const r = new Refused();
+  frame.hosts = r.keep("hosts", frame.hosts, presenceProblem);
+  frame.output = r.keep("output", frame.output, outputProblem);
+  frame.statuses = r.keep("statuses", frame.statuses, statusProblem);
+  if (frame.hello) frame.hello.hosts = r.keep("hello.hosts", frame.hello.hosts, presenceProblem);
+  return r;
+}
+
+/**
+ * Drops, in place, acknowledgements no receiver sends (toward a proxy from
+ * the controller or a tasks bundle, toward a daemon from its proxy): an ack
+ * names a task id, a seq it could have been sent, and a defined state.
+ */
+export function screenAcks(frame: { outputAcks: OutputAck[]; statusAcks: StatusAck[] }, r = new Refused()): Refused {
+  frame.outputAcks = r.keep("output_acks", frame.outputAcks, outputAckProblem);
+  frame.statusAcks = r.keep("status_acks", frame.statusAcks, statusAckProblem);
+  return r;
+}
+
+/** Drops, in place, the acknowledgements and cancels of a controller's frame (ProxyLink at the proxy, or a tasks bundle) that no controller sends. */
+export function screenControllerFrame(frame: ProxyStreamResponse): Refused {
+  const r = screenAcks(frame);
+  frame.cancels = r.keep("cancels", frame.cancels, cancelProblem);
+  return r;
+}
