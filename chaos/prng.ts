@@ -10,13 +10,27 @@ export class Prng {
     this.state = seed >>> 0;
   }
 
-  /** A float in [0, 1). */
-  next(): number {
+  /** The next 32 random bits, as an unsigned integer. */
+  u32(): number {
     this.state = (this.state + 0x6d2b79f5) >>> 0;
     let t = this.state;
     t = Math.imul(t ^ (t >>> 15), t | 1);
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    return (t ^ (t >>> 14)) >>> 0;
+  }
+
+  /** A float in [0, 1). */
+  next(): number {
+    return this.u32() / 4294967296;
+  }
+
+  /** n random bytes. */
+  bytes(n: number): Buffer {
+    const out = Buffer.alloc(n);
+    let i = 0;
+    for (; i + 4 <= n; i += 4) out.writeUInt32LE(this.u32(), i);
+    for (; i < n; i++) out[i] = this.u32() & 0xff;
+    return out;
   }
 
   /** An integer in [min, max]. */

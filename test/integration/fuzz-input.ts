@@ -1,55 +1,13 @@
 import { create, toBinary, ScalarType, type DescField, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import type { Prng } from "../../chaos/prng.js";
 
 /**
- * Seeded inputs for the RPC fuzz test: a small PRNG (mulberry32, so that a
- * failing seed replays exactly) and protobuf messages of any type built
+ * Seeded inputs for the RPC fuzz test (the chaos harness's PRNG, so that a
+ * failing seed replays exactly): protobuf messages of any type built
  * from their descriptors with hostile field values — oversized strings,
  * huge repeated fields, extreme and negative numbers, enum values no
  * version of the API defines.
  */
-
-export class Rng {
-  private state: number;
-
-  constructor(seed: number) {
-    this.state = seed >>> 0;
-  }
-
-  /** The next 32 random bits. */
-  next(): number {
-    this.state = (this.state + 0x6d2b79f5) >>> 0;
-    let t = this.state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-
-  /** In [0, 1). */
-  float(): number {
-    return this.next() / 2 ** 32;
-  }
-
-  /** In [lo, hi], both included. */
-  int(lo: number, hi: number): number {
-    return lo + Math.floor(this.float() * (hi - lo + 1));
-  }
-
-  chance(p: number): boolean {
-    return this.float() < p;
-  }
-
-  pick<T>(items: readonly T[]): T {
-    return items[this.int(0, items.length - 1)]!;
-  }
-
-  bytes(n: number): Buffer {
-    const out = Buffer.alloc(n);
-    let i = 0;
-    for (; i + 4 <= n; i += 4) out.writeUInt32LE(this.next(), i);
-    for (; i < n; i++) out[i] = this.next() & 0xff;
-    return out;
-  }
-}
 
 /** FNV-1a of the parts: one independent seed per RPC, so that one RPC's inputs do not depend on the others'. */
 export function seedOf(...parts: (string | number)[]): number {
@@ -121,8 +79,8 @@ export interface Budget {
 const SHORT_NASTY_STRINGS = NASTY_STRINGS.filter((s) => s.length <= 64);
 
 /** A string: a nasty one, a short random one, or (not when `small`) one around or over a size limit. */
-export function randomString(rng: Rng, budget: Budget, small = false): string {
-  const r = rng.float();
+export function randomString(rng: Prng, budget: Budget, small = false): string {
+  const r = rng.next();
   if (r < 0.35) return rng.pick(small ? SHORT_NASTY_STRINGS : NASTY_STRINGS);
   if (small || r < 0.8) {
     let s = "";
@@ -136,7 +94,7 @@ export function randomString(rng: Rng, budget: Budget, small = false): string {
   return rng.chance(0.5) ? rng.pick(["x", "é", "(", "*", "\u0000"]).repeat(n) : rng.bytes(Math.ceil(n / 2)).toString("hex");
 }
 
-function randomBytes(rng: Rng, budget: Budget, small = false): Uint8Array {
+function randomBytes(rng: Prng, budget: Budget, small = false): Uint8Array {
   if (small || rng.chance(0.9)) return rng.bytes(rng.int(0, 64));
   const n = rng.pick([1024, 65_537, 1_048_577, 2_000_000]);
   if (n > budget.bytesLeft) return rng.bytes(rng.int(0, 64));
@@ -150,7 +108,7 @@ const INT64 = [0n, 1n, -1n, 2n ** 63n - 1n, -(2n ** 63n), 2n ** 53n + 1n, -(2n *
 const UINT64 = [0n, 1n, 2n ** 64n - 1n, 2n ** 63n, 2n ** 53n + 1n];
 const DOUBLES = [0, -0, NaN, Infinity, -Infinity, 1e308, 5e-324, -1];
 
-function randomScalar(rng: Rng, type: ScalarType, longAsString: boolean, budget: Budget, small: boolean): unknown {
+function randomScalar(rng: Prng, type: ScalarType, longAsString: boolean, budget: Budget, small: boolean): unknown {
   const long = (v: bigint) => (longAsString ? v.toString() : v);
   switch (type) {
     case ScalarType.STRING:
@@ -161,25 +119,25 @@ function randomScalar(rng: Rng, type: ScalarType, longAsString: boolean, budget:
       return rng.chance(0.5);
     case ScalarType.DOUBLE:
     case ScalarType.FLOAT:
-      return rng.chance(0.6) ? rng.pick(DOUBLES) : (rng.float() - 0.5) * 2 ** rng.int(0, 80);
+      return rng.chance(0.6) ? rng.pick(DOUBLES) : (rng.next() - 0.5) * 2 ** rng.int(0, 80);
     case ScalarType.INT32:
     case ScalarType.SINT32:
     case ScalarType.SFIXED32:
-      return rng.chance(0.6) ? rng.pick(INT32) : rng.next() | 0;
+      return rng.chance(0.6) ? rng.pick(INT32) : rng.u32() | 0;
     case ScalarType.UINT32:
     case ScalarType.FIXED32:
-      return rng.chance(0.6) ? rng.pick(UINT32) : rng.next();
+      return rng.chance(0.6) ? rng.pick(UINT32) : rng.u32();
     case ScalarType.INT64:
     case ScalarType.SINT64:
     case ScalarType.SFIXED64:
-      return long(rng.chance(0.6) ? rng.pick(INT64) : BigInt.asIntN(64, (BigInt(rng.next()) << 32n) | BigInt(rng.next())));
+      return long(rng.chance(0.6) ? rng.pick(INT64) : BigInt.asIntN(64, (BigInt(rng.u32()) << 32n) | BigInt(rng.u32())));
     case ScalarType.UINT64:
     case ScalarType.FIXED64:
-      return long(rng.chance(0.6) ? rng.pick(UINT64) : (BigInt(rng.next()) << 32n) | BigInt(rng.next()));
+      return long(rng.chance(0.6) ? rng.pick(UINT64) : (BigInt(rng.u32()) << 32n) | BigInt(rng.u32()));
   }
 }
 
-function randomEnum(rng: Rng, field: { enum: { values: readonly { number: number }[] } }): number {
+function randomEnum(rng: Prng, field: { enum: { values: readonly { number: number }[] } }): number {
   // Known values mostly; then values no version of the API defines.
   return rng.chance(0.6) ? rng.pick(field.enum.values).number : rng.pick([-1, 42, 999, 2 ** 31 - 1, -(2 ** 31)]);
 }
@@ -188,7 +146,7 @@ function randomEnum(rng: Rng, field: { enum: { values: readonly { number: number
  * How many elements a repeated field or map gets: a few, or (now and then)
  * thousands of small ones — at most 2,000 messages, which may be larger.
  */
-function randomCount(rng: Rng, budget: Budget, small: boolean, messages: boolean): { n: number; small: boolean } {
+function randomCount(rng: Prng, budget: Budget, small: boolean, messages: boolean): { n: number; small: boolean } {
   if (small || rng.chance(0.9)) return { n: rng.int(0, small ? 2 : 4), small };
   // Around the count limits: labels (64, 128 changes), env (128), params (256), list items (1024), hosts per job (100,000).
   const n = rng.pick(messages ? [65, 129, 257, 1025, 2000] : [65, 129, 257, 1025, 5000, 100_001]);
@@ -198,7 +156,7 @@ function randomCount(rng: Rng, budget: Budget, small: boolean, messages: boolean
   return { n, small: true };
 }
 
-function randomValue(rng: Rng, field: DescField, depth: number, budget: Budget, small: boolean): unknown {
+function randomValue(rng: Prng, field: DescField, depth: number, budget: Budget, small: boolean): unknown {
   switch (field.fieldKind) {
     case "scalar":
       return randomScalar(rng, field.scalar, field.longAsString, budget, small);
@@ -238,7 +196,7 @@ function randomValue(rng: Rng, field: DescField, depth: number, budget: Budget, 
 const MAX_DEPTH = 4;
 
 /** An init object for `create`: some fields set, with hostile values; oneofs get one of their cases. */
-export function randomInit(rng: Rng, desc: DescMessage, depth = 0, budget: Budget = { bytesLeft: 4 << 20 }, small = false): Record<string, unknown> {
+export function randomInit(rng: Prng, desc: DescMessage, depth = 0, budget: Budget = { bytesLeft: 4 << 20 }, small = false): Record<string, unknown> {
   const init: Record<string, unknown> = {};
   if (depth >= MAX_DEPTH) return init;
   for (const member of desc.members) {
@@ -255,7 +213,7 @@ export function randomInit(rng: Rng, desc: DescMessage, depth = 0, budget: Budge
   return init;
 }
 
-export function randomMessage<D extends DescMessage>(rng: Rng, desc: D, budget?: Budget): MessageShape<D> {
+export function randomMessage<D extends DescMessage>(rng: Prng, desc: D, budget?: Budget): MessageShape<D> {
   return create(desc, randomInit(rng, desc, 0, budget) as never) as MessageShape<D>;
 }
 
@@ -274,11 +232,11 @@ function varint(n: number): number[] {
  * Bytes that decode as the message with a field it does not know (a high
  * field number of a random wire type): a server must ignore it.
  */
-export function withUnknownField(rng: Rng, bytes: Uint8Array): Buffer {
+export function withUnknownField(rng: Prng, bytes: Uint8Array): Buffer {
   const field = rng.int(1000, 536_870_911);
   const wire = rng.pick([0, 1, 2, 5]);
   const tag = varint(field * 8 + wire);
-  const value = wire === 0 ? varint(rng.next()) : wire === 1 ? [...rng.bytes(8)] : wire === 5 ? [...rng.bytes(4)] : [...varint(7), ...rng.bytes(7)];
+  const value = wire === 0 ? varint(rng.u32()) : wire === 1 ? [...rng.bytes(8)] : wire === 5 ? [...rng.bytes(4)] : [...varint(7), ...rng.bytes(7)];
   return Buffer.concat([Buffer.from(bytes), Buffer.from([...tag, ...value])]);
 }
 

@@ -19,7 +19,8 @@ import { EnrollService, TokenService } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyAdminService } from "../../gen/rexmesh/v1/proxy_admin_pb.js";
 import { ProxyHelloSchema, ProxyLinkService } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
-import { encode, MISTYPED_FIELDS, randomMessage, Rng, seedOf, withUnknownField } from "./fuzz-input.js";
+import { Prng } from "../../chaos/prng.js";
+import { encode, MISTYPED_FIELDS, randomMessage, seedOf, withUnknownField } from "./fuzz-input.js";
 import { envelope, RawGrpcClient, type Outcome, type RawCall } from "./raw-grpc.js";
 import { isAlive, tempDir } from "./support.js";
 
@@ -113,7 +114,7 @@ function steerAroundKnownFindings(m: MessageShape<DescMessage>): void {
 }
 
 /** Claims of the mesh's real host in a random ProxyLink frame: a proxy that does not hold it must not take it over. */
-function claimRealHost(m: MessageShape<DescMessage>, rng: Rng): void {
+function claimRealHost(m: MessageShape<DescMessage>, rng: Prng): void {
   const r = m as unknown as { hosts?: { hostId: string; tenant: string }[]; hello?: { hosts?: { hostId: string; tenant: string }[] } };
   for (const h of [...(r.hosts ?? []), ...(r.hello?.hosts ?? [])]) {
     if (rng.chance(0.3)) Object.assign(h, { hostId: "h1", tenant: "default" });
@@ -141,7 +142,7 @@ interface Target {
   /** The frames of a valid opening, and how many answers to wait for before going on. */
   opening: () => { frames: Buffer[]; answers: number };
   /** Makes a random request go deeper: a valid hello, a real id, a bundle that decodes. */
-  tweak?: (request: MessageShape<DescMessage>, rng: Rng, first: boolean) => void;
+  tweak?: (request: MessageShape<DescMessage>, rng: Prng, first: boolean) => void;
 }
 
 /** What one input class may be answered with, besides REFUSALS. */
@@ -214,7 +215,7 @@ bindings:
   /** The stream's first frame is its hello, most of the time a valid one (so that later frames reach the session). */
   const helloTweak =
     (helloDesc: DescMessage, field: "name" | "hostId", valid: Record<string, unknown>) =>
-    (m: MessageShape<DescMessage>, rng: Rng, first: boolean) => {
+    (m: MessageShape<DescMessage>, rng: Prng, first: boolean) => {
       const r = m as unknown as { hello?: Record<string, unknown> };
       if (!first) {
         if (rng.chance(0.7)) r.hello = undefined;
@@ -294,7 +295,7 @@ bindings:
   };
 
   /** The fixed cases every RPC gets, then its random ones. */
-  function casesFor(t: Target, rng: Rng): Case[] {
+  function casesFor(t: Target, rng: Prng): Case[] {
     const lib = LIBRARY[t.server.stack];
     const grpcJs = t.server.stack === "grpc-js";
     // A link at the proxy is never half-closed (F2: it would never be answered); like a real peer that
@@ -466,7 +467,7 @@ bindings:
 
   for (const t of targets) {
     it(`${t.server.name}: ${t.method.parent.name}/${t.method.name}`, async () => {
-      const rng = new Rng(seedOf(SEED, t.server.name, pathOf(t.method)));
+      const rng = new Prng(seedOf(SEED, t.server.name, pathOf(t.method)));
       const cases = casesFor(t, rng);
       const failures: string[] = [];
       for (const [i, c] of cases.entries()) {

@@ -3,35 +3,10 @@ import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
-import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
-import { TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { chunk, counterIds, execStep, flush, operator, status } from "./support.js";
+import { JobManager } from "../../controller/jobs.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { chunk, counterIds, flush, operator, RecordingPort, status, submitRequest } from "./support.js";
 
-class Port implements ProxyPort {
-  readonly tasks: TaskSpec[] = [];
-  readonly cancels: string[] = [];
-  constructor(readonly name: string, readonly region = "eu") {}
-  sendTask(spec: TaskSpec): void {
-    this.tasks.push(spec);
-  }
-  sendCancel(taskId: string, _hostId: string, withdraw = false): void {
-    this.cancels.push(`${withdraw ? "withdraw" : "cancel"}:${taskId}`);
-  }
-}
-
-const req = (more: Partial<SubmitRequest> = {}): SubmitRequest => ({
-  hostIds: ["h1"],
-  allHosts: false,
-  steps: [execStep("true")],
-  env: {},
-  workingDir: "",
-  stdin: new Uint8Array(),
-  timeoutMs: 0,
-  deliveryDeadlineMs: 0,
-  idempotencyKey: "",
-  idempotent: false,
-  ...more,
-});
 
 /** Host h1 of tenant acme behind px1 (region eu), a second proxy px2 of the same region, lost_after 60 s. */
 function setup() {
@@ -39,12 +14,12 @@ function setup() {
   const store = new MemoryJobStore();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000 });
-  const px1 = new Port("px1");
-  const px2 = new Port("px2");
+  const px1 = new RecordingPort("px1");
+  const px2 = new RecordingPort("px2");
   jobs.proxyConnected(px1);
   jobs.proxyConnected(px2);
-  const at = (port: Port) => jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, port.region, port.name, clock.now()));
-  const away = (port: Port) => inventory.disconnected("h1", port.name, clock.now());
+  const at = (port: RecordingPort) => jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, port.region, port.name, clock.now()));
+  const away = (port: RecordingPort) => inventory.disconnected("h1", port.name, clock.now());
   at(px1);
   const state = (id: string) => store.getTask(id)!.state;
   /** Time passes in one-second steps (the bounds sweep runs every second). */
@@ -60,7 +35,7 @@ function setup() {
 describe("task bounds: every task ends in bounded time", () => {
   it("a task whose host stays unreachable ends LOST after lost_after; its holder is owed a withdrawal; the host's later report is kept beside it", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     t.away(t.px1);
@@ -85,7 +60,7 @@ describe("task bounds: every task ends in bounded time", () => {
 
   it("a reachable host's running task never ends LOST", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     await t.jobs.applyStatus(t.px1, status(job.taskIds[0]!, TaskState.RUNNING, { hostId: "h1" }));
     await t.pass(300_000);
     expect(t.state(job.taskIds[0]!)).toBe(TaskState.RUNNING);
@@ -94,14 +69,14 @@ describe("task bounds: every task ends in bounded time", () => {
   it("a task not yet delivered waits for its delivery deadline (plus the proxies' grace) before it can be LOST", async () => {
     const t = setup();
     t.away(t.px1);
-    const job = await t.jobs.submit(t.acme, req({ deliveryDeadlineMs: 300_000 }));
+    const job = await t.jobs.submit(t.acme, submitRequest({ deliveryDeadlineMs: 300_000 }));
     const id = job.taskIds[0]!;
     // Never handed to a proxy: EXPIRED at the deadline by the controller itself.
     await t.pass(301_000);
     expect(t.state(id)).toBe(TaskState.EXPIRED);
 
     const t2 = setup();
-    const job2 = await t2.jobs.submit(t2.acme, req({ deliveryDeadlineMs: 300_000 }));
+    const job2 = await t2.jobs.submit(t2.acme, submitRequest({ deliveryDeadlineMs: 300_000 }));
     const id2 = job2.taskIds[0]!;
     await t2.jobs.applyStatus(t2.px1, status(id2, TaskState.QUEUED, { hostId: "h1", atProxy: true }));
     t2.away(t2.px1);
@@ -114,14 +89,14 @@ describe("task bounds: every task ends in bounded time", () => {
 
   it("a cancel ends a task at once when its host is unreachable, and the proxy that holds it is told when it returns", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     t.jobs.proxyDisconnected(t.px1);
     await t.jobs.cancel(t.acme, job.id);
     expect(t.state(id)).toBe(TaskState.CANCELLED);
     expect(t.store.getTask(id)!.message).toMatch(/unreachable/);
-    const back = new Port("px1");
+    const back = new RecordingPort("px1");
     t.jobs.proxyConnected(back);
     t.jobs.proxyReady(back);
     expect(back.cancels).toEqual([`cancel:${id}`]);
@@ -133,7 +108,7 @@ describe("task bounds: every task ends in bounded time", () => {
 
   it("a cancel the reachable host does not confirm ends the task after the cancel grace", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     await t.jobs.cancel(t.acme, job.id);
@@ -150,7 +125,7 @@ describe("routing across a failover", () => {
   it("a host that moves to another proxy gets its undelivered tasks there; one proxy's expiry of its copy does not end a task another still holds", async () => {
     const t = setup();
     t.away(t.px1);
-    const job = await t.jobs.submit(t.acme, req({ deliveryDeadlineMs: 60_000 }));
+    const job = await t.jobs.submit(t.acme, submitRequest({ deliveryDeadlineMs: 60_000 }));
     const id = job.taskIds[0]!;
     t.at(t.px1);
     await flush();
@@ -171,7 +146,7 @@ describe("routing across a failover", () => {
 
   it("the last holder's own expiry ends an undelivered task", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.EXPIRED, { hostId: "h1", atProxy: true, message: "deadline" }));
     expect(t.state(id)).toBe(TaskState.EXPIRED);
@@ -179,9 +154,9 @@ describe("routing across a failover", () => {
 
   it("takes reports on a task from a proxy that holds it or holds its host now, and drops them from any other", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
-    const rogue = new Port("px-rogue", "us");
+    const rogue = new RecordingPort("px-rogue", "us");
     t.jobs.proxyConnected(rogue);
     await t.jobs.applyStatus(rogue, status(id, TaskState.SUCCEEDED, { hostId: "h1", exitCode: 0 }));
     expect(await t.jobs.applyOutput(rogue, chunk(id, 1, "forged"))).toBe(1);
@@ -199,14 +174,14 @@ describe("routing across a failover", () => {
 
   it("takes reports from a proxy that held the host at some time during the job, also after the host moved on; not from one that held it only before", async () => {
     const t = setup();
-    const px3 = new Port("px3");
+    const px3 = new RecordingPort("px3");
     t.jobs.proxyConnected(px3);
     // px3 held h1 before the job; it left before the job was submitted.
     t.at(px3);
     t.away(px3);
     t.clock.advance(1000);
     t.at(t.px1);
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     expect(t.jobs.holdsBack(px3, id, "h1")).toBe(true);
     // h1 fails over to px2 during the job, then on to px1 again: px2 may still pass on what it got.

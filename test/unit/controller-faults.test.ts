@@ -5,7 +5,7 @@ import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
-import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
+import { hasChunk, JobManager, outputComplete } from "../../controller/jobs.js";
 import type { TaskRecord } from "../../controller/model.js";
 import { serveProxyLink } from "../../controller/proxy-link.js";
 import type { Revocations } from "../../controller/revocation.js";
@@ -13,46 +13,20 @@ import { watchJob } from "../../controller/watch.js";
 import { ResultCheck } from "../../gen/rexmesh/v1/controller_pb.js";
 import { ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { SignedDenyListSchema } from "../../gen/rexmesh/v1/revocation_pb.js";
-import { TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { hasChunk } from "../../controller/jobs.js";
-import { FakeLink, chunk, counterIds, execStep, flush, operator, status, testSigning, text } from "./support.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { chunk, counterIds, FakeLink, flush, operator, RecordingPort, status, submitRequest, testSigning, text } from "./support.js";
 
-class Port implements ProxyPort {
-  readonly tasks: TaskSpec[] = [];
-  readonly cancels: string[] = [];
-  constructor(readonly name: string, readonly region = "eu") {}
-  sendTask(spec: TaskSpec): void {
-    this.tasks.push(spec);
-  }
-  sendCancel(taskId: string, _hostId: string, withdraw = false): void {
-    this.cancels.push(`${withdraw ? "withdraw" : "cancel"}:${taskId}`);
-  }
-}
-
-const req = (more: Partial<SubmitRequest> = {}): SubmitRequest => ({
-  hostIds: ["h1"],
-  allHosts: false,
-  steps: [execStep("true")],
-  env: {},
-  workingDir: "",
-  stdin: new Uint8Array(),
-  timeoutMs: 0,
-  deliveryDeadlineMs: 0,
-  idempotencyKey: "",
-  idempotent: false,
-  ...more,
-});
 
 function setup(store: MemoryJobStore = new MemoryJobStore(), more: Partial<ConstructorParameters<typeof JobManager>[0]> = {}) {
   const clock = new ManualClock();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000, ...more });
-  const px1 = new Port("px1");
-  const px2 = new Port("px2");
+  const px1 = new RecordingPort("px1");
+  const px2 = new RecordingPort("px2");
   jobs.proxyConnected(px1);
   jobs.proxyConnected(px2);
-  const at = (port: Port) => jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, port.region, port.name, clock.now()));
-  const away = (port: Port) => inventory.disconnected("h1", port.name, clock.now());
+  const at = (port: RecordingPort) => jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, port.region, port.name, clock.now()));
+  const away = (port: RecordingPort) => inventory.disconnected("h1", port.name, clock.now());
   at(px1);
   const state = (id: string) => store.getTask(id)!.state;
   const pass = async (ms: number) => {
@@ -87,7 +61,7 @@ class FailOnceStore extends MemoryJobStore {
 describe("controller under faults and a hostile proxy", () => {
   it("F1 an idempotency key retried while the first submit is committing yields ONE job", async () => {
     const t = setup(new CommitLaterStore());
-    const r = req({ idempotencyKey: "deploy-42" });
+    const r = submitRequest({ idempotencyKey: "deploy-42" });
     const [a, b] = await Promise.all([t.jobs.submit(t.acme, r), t.jobs.submit(t.acme, r)]);
     // Both calls passed the key check before either commit: two jobs, the host runs the command twice.
     expect(t.px1.tasks.length).toBe(1);
@@ -97,7 +71,7 @@ describe("controller under faults and a hostile proxy", () => {
   it("F2 a status acknowledged after a failed write is stored (not only in memory)", async () => {
     const store = new FailOnceStore();
     const t = setup(store);
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     store.failNext = true;
@@ -112,7 +86,7 @@ describe("controller under faults and a hostile proxy", () => {
 
   it("F3 a task a proxy keeps QUEUED for a reachable host ends by its delivery deadline (compromised or stuck proxy)", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req({ deliveryDeadlineMs: 60_000 }));
+    const job = await t.jobs.submit(t.acme, submitRequest({ deliveryDeadlineMs: 60_000 }));
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.QUEUED, { hostId: "h1", atProxy: true }));
     // px1 holds h1's stream (heartbeats flow) but never hands the task over nor reports its expiry.
@@ -140,7 +114,7 @@ describe("controller under faults and a hostile proxy", () => {
     await flush();
     up({ hosts: [{ hostId: "h1", tenant: "acme", connected: true }] }); // h1 really is at px3
     await flush();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await flush();
     up({ statuses: [{ ...status(id, TaskState.RUNNING), hostId: "h1" }] });
@@ -188,7 +162,7 @@ describe("controller under faults and a hostile proxy", () => {
     t.clock.advance(1000);
     up({ hosts: [presence] }); // px3 (compromised) sends the proof it saw again, on the same link
     await flush();
-    const job = await t.jobs.submit(t.acme, req({ env: { SECRET: "s3cr3t" } }));
+    const job = await t.jobs.submit(t.acme, submitRequest({ env: { SECRET: "s3cr3t" } }));
     await flush();
     const toPx3 = link.sent.flatMap((f) => f.tasks.map(signedId));
     expect(toPx3).not.toContain(job.taskIds[0]); // fails: the new task (env SECRET) goes to px3
@@ -198,7 +172,7 @@ describe("controller under faults and a hostile proxy", () => {
   });
   it("F4 a host's signed end that a proxy collected while cut off is taken after the host left that proxy; an unsigned one stays held back", async () => {
     const t = setup(new MemoryJobStore(), { checkEnd: (s) => (s.signature[0] === 1 ? "ok" : "bad") });
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     // px1 died; h1 failed over to px2 while px2's controller link was down; px2 took on the task,
@@ -217,7 +191,7 @@ describe("controller under faults and a hostile proxy", () => {
   });
   it("F5 a host that returns through another proxy is told of a cancel the controller decided while it was away", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     t.away(t.px1);
@@ -229,7 +203,7 @@ describe("controller under faults and a hostile proxy", () => {
   });
   it("F6 output a proxy appends after the signed end never reaches a client, and output relayed beyond it before the end marks the task MISMATCH", async () => {
     const t = setup(new MemoryJobStore(), { checkEnd: () => "ok" });
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     const real = "real output\n";
     await t.jobs.applyOutput(t.px1, chunk(id, 1, real));
@@ -256,7 +230,7 @@ describe("controller under faults and a hostile proxy", () => {
     expect(seen).toBe(real);
     expect(t.store.getTask(id)!.resultCheck).toBe(ResultCheck.VERIFIED);
     // The same forgery sent before the end: a live reader may have read it, so the task cannot say VERIFIED.
-    const job2 = await t.jobs.submit(t.acme, req());
+    const job2 = await t.jobs.submit(t.acme, submitRequest());
     const id2 = job2.taskIds[0]!;
     await t.jobs.applyOutput(t.px1, chunk(id2, 1, real));
     await t.jobs.applyOutput(t.px1, chunk(id2, 2, "FORGED by the relay\n"));
@@ -269,7 +243,7 @@ describe("controller under faults and a hostile proxy", () => {
   });
   it("F7 the controller never acknowledges (cumulatively) output chunks it held back", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     const revocations = { current: create(SignedDenyListSchema), onChange: () => () => undefined, isRevoked: () => false } as unknown as Revocations;
@@ -300,7 +274,7 @@ describe("controller under faults and a hostile proxy", () => {
   });
   it("F5b a cancel reaches a running task whose host failed over to a proxy that never reported on it", async () => {
     const t = setup();
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     // h1 fails over to px2; its RUNNING was acked by px1 and the task prints nothing: px2 has nothing to report.
@@ -310,7 +284,7 @@ describe("controller under faults and a hostile proxy", () => {
   });
   it("F8 an INTERRUPTED end after a failover does not say the output is complete while chunks below the highest are missing", async () => {
     const t = setup(new MemoryJobStore(), { checkEnd: () => "ok" });
-    const job = await t.jobs.submit(t.acme, req());
+    const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     // chunks 1..2 went through px1 (away, not passed on yet); 3..4 arrive through px2, then the daemon's
     // INTERRUPTED end (after a daemon crash: outputChunks 0, no digest).
@@ -319,7 +293,6 @@ describe("controller under faults and a hostile proxy", () => {
     await t.jobs.applyOutput(t.px2, chunk(id, 4, "four"));
     await t.jobs.applyStatus(t.px2, status(id, TaskState.INTERRUPTED, { hostId: "h1", outputChunks: 0n, keyId: "k", signature: new Uint8Array([1]) }));
     const task = t.store.getTask(id)!;
-    const { outputComplete } = await import("../../controller/jobs.js");
     expect(outputComplete(task)).toBe(false);
     // Signed, but over no output digest: the state is the host's, the output is unchecked (not VERIFIED).
     expect(task.resultCheck).toBe(ResultCheck.STATE_ONLY);

@@ -12,7 +12,7 @@ import type { HostRecord } from "../../controller/model.js";
 import { shellQuote } from "../../controller/template.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
 import { TaskState, type Step, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { counterIds, flush, operator } from "./support.js";
+import { counterIds, flush, operator, submitRequest } from "./support.js";
 import { AuditLog, MemoryAuditStore } from "../../controller/audit.js";
 import { Authorizer } from "../../controller/authz.js";
 import { OperatorAccess } from "../../controller/access.js";
@@ -212,19 +212,7 @@ describe("document runs in the job manager", () => {
     add("u2", "us", ["exec"]);
     return { clock, store, jobs, documents, ports };
   }
-  const req = (more: Partial<SubmitRequest>): SubmitRequest => ({
-    hostIds: [],
-    allHosts: true,
-    steps: [],
-    env: {},
-    workingDir: "",
-    stdin: new Uint8Array(),
-    timeoutMs: 0,
-    deliveryDeadlineMs: 0,
-    idempotencyKey: "",
-    idempotent: false,
-    ...more,
-  });
+  const req = (more: Partial<SubmitRequest>): SubmitRequest => submitRequest({ hostIds: [], allHosts: true, steps: [], ...more });
   const doc = compileDocument({
     name: "d",
     parameters: [

@@ -7,7 +7,7 @@ import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
 import { TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { chunk, counterIds, execStep, flush, operator, status, text } from "./support.js";
+import { chunk, counterIds, execStep, flush, operator, status, submitRequest, text } from "./support.js";
 
 class FakePort implements ProxyPort {
   readonly tasks: TaskSpec[] = [];
@@ -27,21 +27,7 @@ class FakePort implements ProxyPort {
   }
 }
 
-function request(more: Partial<SubmitRequest> = {}): SubmitRequest {
-  return {
-    hostIds: [],
-    allHosts: false,
-    steps: [execStep("echo", "hi")],
-    env: {},
-    workingDir: "",
-    stdin: new Uint8Array(),
-    timeoutMs: 0,
-    deliveryDeadlineMs: 0,
-    idempotencyKey: "",
-    idempotent: false,
-    ...more,
-  };
-}
+const request = (more: Partial<SubmitRequest> = {}): SubmitRequest => submitRequest({ hostIds: [], steps: [execStep("echo", "hi")], ...more });
 
 /**
  * A controller with hosts h1, h2 (acme, connected via px1), h3 (acme, known

@@ -1,16 +1,11 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
-import type { PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
 import { FailedPreconditionError, PermissionDeniedError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
-import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
-import {
-  ProxyStreamResponseSchema,
-  type ProxyStreamRequest,
-  type ProxyStreamResponse,
-} from "../../gen/rexmesh/v1/proxy_link_pb.js";
-import { StepSchema, TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
+import { AgentStreamRequestSchema } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import { ProxyStreamResponseSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { StepSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { ProxyCore } from "../../proxy/proxy.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
 import { LmdbProxyStore } from "../../proxy/lmdb-store.js";
@@ -18,53 +13,15 @@ import { LmdbEnv } from "../../common/lmdb.js";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { FakeLink, asSigned, chunk, flush, hostPeer, signedId, status, taskSpec } from "./support.js";
+import { FakeLink, asSigned, chunk, flush, hostPeer, status, taskSpec } from "./support.js";
+import { handed, proxyHarness, statusAcksTo, upOutput, upStatuses, type ControllerSide, type HostSide } from "./proxy-harness.js";
 
-type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
-type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
-
-const S = (s: TaskStatus) => `${s.taskId}:${TaskState[s.state]}`;
-
-/** Statuses the proxy sent up a controller link, in order, as "task:STATE". */
-const upStatuses = (l: ControllerSide) => l.sent.flatMap((f) => f.statuses.map(S));
-const upOutput = (l: ControllerSide) => l.sent.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}`));
 const upHosts = (l: ControllerSide) => l.sent.flatMap((f) => [...(f.hello?.hosts ?? []), ...f.hosts].map((h) => `${h.hostId}:${h.tenant}:${h.connected}`));
-/** Tasks the proxy handed to a host, in order. */
-const handed = (l: HostSide) => l.sent.flatMap((f) => f.tasks.map(signedId));
 const cancelsTo = (l: HostSide) => l.sent.flatMap((f) => f.cancelTaskIds);
 const outputAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.outputAcks.map((a) => `${a.taskId}:${a.seq}`));
-const statusAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
 
 function setup(opts: { sweepMs?: number; maxTakenOnPerHost?: number } = {}) {
-  const clock = new ManualClock();
-  const store = new MemoryProxyStore();
-  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, sweepMs: opts.sweepMs, maxTakenOnPerHost: opts.maxTakenOnPerHost });
-
-  const connectController = () => {
-    const link: ControllerSide = new FakeLink();
-    const settled = core.serveController(link).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    /** A frame from the controller; plain specs are signed as the controller would. */
-    const send = (init: Omit<MessageInitShape<typeof ProxyStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
-      link.deliver(create(ProxyStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
-    return { link, settled, send };
-  };
-
-  const connectHost = (hostId: string, credits: number | undefined, o: { peer?: PeerIdentity; claim?: string } = {}) => {
-    const link: HostSide = new FakeLink();
-    const settled = core.serveHost(link, o.peer ?? hostPeer(hostId)).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    const send = (init: MessageInitShape<typeof AgentStreamRequestSchema>) => link.deliver(create(AgentStreamRequestSchema, init));
-    send({ hello: { hostId: o.claim ?? hostId, heartbeatMs: 0 }, credits });
-    return { link, settled, send };
-  };
-
-  const future = (ms = 60_000) => clock.now() + ms;
-  return { clock, store, core, connectController, connectHost, future };
+  return proxyHarness(new MemoryProxyStore(), opts);
 }
 
 /** A proxy with a controller link, and task(s) handed to host h1. */

@@ -5,23 +5,13 @@
  * that fails leaves the task as it was; a settled task is removed and marked
  * in one commit.
  */
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import type { UpwardItem } from "../../common/backlog.js";
-import { ManualClock } from "../../common/clock.js";
-import { silentLogger } from "../../common/logger.js";
-import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
-import { ProxyStreamResponseSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
-import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
-import { ProxyCore } from "../../proxy/proxy.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { MemoryProxyStore, type TaskMark } from "../../proxy/store.js";
-import { FakeLink, asSigned, chunk, flush, hostPeer, signedId, status, taskSpec } from "./support.js";
+import { chunk, flush, status, taskSpec } from "./support.js";
+import { handed, proxyHarness, upStatuses } from "./proxy-harness.js";
 
-type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
-type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
-const S = (s: TaskStatus) => `${s.taskId}:${TaskState[s.state]}`;
-const upStatuses = (l: ControllerSide) => l.sent.flatMap((f) => f.statuses.map(S));
-const handed = (l: HostSide) => l.sent.flatMap((f) => f.tasks.map(signedId));
 const heldChunks = (store: MemoryProxyStore) => store.upward().flatMap((i) => (i.kind === "output" ? [`${i.chunk.taskId}:${i.chunk.seq}`] : []));
 const enospc = () => Object.assign(new Error("No space left on device"), { code: "ENOSPC" });
 
@@ -53,24 +43,7 @@ class TestStore extends MemoryProxyStore {
 }
 
 function setup(opts: { sweepMs?: number } = {}) {
-  const clock = new ManualClock();
-  const store = new TestStore();
-  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, sweepMs: opts.sweepMs ?? 1e9 });
-  const connectController = () => {
-    const link: ControllerSide = new FakeLink();
-    const settled = core.serveController(link).then(() => undefined, (e: unknown) => e);
-    const send = (init: Omit<MessageInitShape<typeof ProxyStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
-      link.deliver(create(ProxyStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
-    return { link, settled, send };
-  };
-  const connectHost = (hostId: string, credits: number | undefined) => {
-    const link: HostSide = new FakeLink();
-    const settled = core.serveHost(link, hostPeer(hostId)).then(() => undefined, (e: unknown) => e);
-    const send = (init: MessageInitShape<typeof AgentStreamRequestSchema>) => link.deliver(create(AgentStreamRequestSchema, init));
-    send({ hello: { hostId, heartbeatMs: 0 }, credits });
-    return { link, settled, send };
-  };
-  return { clock, store, core, connectController, connectHost, future: (ms = 60_000) => clock.now() + ms };
+  return proxyHarness(new TestStore(), { sweepMs: opts.sweepMs ?? 1e9 });
 }
 
 /**

@@ -1,21 +1,9 @@
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
-import { ManualClock } from "../../common/clock.js";
-import { silentLogger } from "../../common/logger.js";
 import type { UpwardItem } from "../../common/backlog.js";
-import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
-import { ProxyStreamResponseSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
-import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
-import { ProxyCore } from "../../proxy/proxy.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
-import { FakeLink, asSigned, chunk, flush, hostPeer, status, taskSpec } from "./support.js";
-
-type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
-type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
-const S = (s: TaskStatus) => `${s.taskId}:${TaskState[s.state]}`;
-const upStatuses = (l: ControllerSide) => l.sent.flatMap((f) => f.statuses.map(S));
-const upOutput = (l: ControllerSide) => l.sent.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}`));
-const statusAcksTo = (l: HostSide) => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
+import { chunk, flush, status, taskSpec } from "./support.js";
+import { proxyHarness, statusAcksTo, upOutput, upStatuses } from "./proxy-harness.js";
 
 class FlakyStore extends MemoryProxyStore {
   failNext = false;
@@ -29,24 +17,7 @@ class FlakyStore extends MemoryProxyStore {
 }
 
 function setup() {
-  const clock = new ManualClock();
-  const store = new FlakyStore();
-  const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000 });
-  const connectController = () => {
-    const link: ControllerSide = new FakeLink();
-    const settled = core.serveController(link).then(() => undefined, (e: unknown) => e);
-    const send = (init: Omit<MessageInitShape<typeof ProxyStreamResponseSchema>, "tasks" | "$typeName"> & { tasks?: (TaskSpec | SignedTask)[] }) =>
-      link.deliver(create(ProxyStreamResponseSchema, { ...init, tasks: (init.tasks ?? []).map(asSigned) }));
-    return { link, settled, send };
-  };
-  const connectHost = (hostId: string, credits: number | undefined) => {
-    const link: HostSide = new FakeLink();
-    const settled = core.serveHost(link, hostPeer(hostId)).then(() => undefined, (e: unknown) => e);
-    const send = (init: MessageInitShape<typeof AgentStreamRequestSchema>) => link.deliver(create(AgentStreamRequestSchema, init));
-    send({ hello: { hostId, heartbeatMs: 0 }, credits });
-    return { link, settled, send };
-  };
-  return { clock, store, core, connectController, connectHost, future: (ms = 60_000) => clock.now() + ms };
+  return proxyHarness(new FlakyStore());
 }
 
 describe("proxy under faults", () => {

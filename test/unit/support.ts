@@ -6,6 +6,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { PeerIdentity } from "../../certs/identity.js";
+import type { ProxyPort, SubmitRequest } from "../../controller/jobs.js";
 import { AsyncQueue } from "../../common/async-queue.js";
 import type { FrameLink } from "../../common/frame-link.js";
 import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
@@ -151,3 +152,36 @@ export function testVerifier(clock: ManualClock): TaskVerifier {
 
 /** The task id inside a signed task. */
 export const signedId = (t: SignedTask): string => peekSpec(t)?.taskId ?? "?";
+
+/** A proxy as the controller sees it, recording the tasks it is sent and its cancels as "cancel:<task>" / "withdraw:<task>". */
+export class RecordingPort implements ProxyPort {
+  readonly tasks: TaskSpec[] = [];
+  readonly cancels: string[] = [];
+  constructor(
+    readonly name: string,
+    readonly region = "eu",
+  ) {}
+  sendTask(spec: TaskSpec): void {
+    this.tasks.push(spec);
+  }
+  sendCancel(taskId: string, _hostId: string, withdraw = false): void {
+    this.cancels.push(`${withdraw ? "withdraw" : "cancel"}:${taskId}`);
+  }
+}
+
+/** A submit request to h1 running `true`, every other field at its default; `more` on top. */
+export function submitRequest(more: Partial<SubmitRequest> = {}): SubmitRequest {
+  return {
+    hostIds: ["h1"],
+    allHosts: false,
+    steps: [execStep("true")],
+    env: {},
+    workingDir: "",
+    stdin: new Uint8Array(),
+    timeoutMs: 0,
+    deliveryDeadlineMs: 0,
+    idempotencyKey: "",
+    idempotent: false,
+    ...more,
+  };
+}

@@ -8,7 +8,7 @@ import { JobManager, type ProxyPort } from "../../controller/jobs.js";
 import type { JobRecord } from "../../controller/model.js";
 import { watchJob, type WatchBatch } from "../../controller/watch.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { chunk, counterIds, execStep, flush, operator, status, text } from "./support.js";
+import { chunk, counterIds, execStep, flush, operator, status, submitRequest, text } from "./support.js";
 
 const port: ProxyPort = { name: "px1", region: "eu", sendTask: () => {}, sendCancel: () => {} };
 
@@ -19,18 +19,7 @@ async function setup(hostIds: string[], opts: { offline?: boolean } = {}) {
   jobs.proxyConnected(port);
   for (const id of hostIds) jobs.hostConnected(inventory.connected({ id, tenant: "acme" }, "eu", "px1", clock.now()));
   if (opts.offline) jobs.proxyDisconnected(port);
-  const job = await jobs.submit(operator(), {
-    hostIds,
-    allHosts: false,
-    steps: [execStep("echo")],
-    env: {},
-    workingDir: "",
-    stdin: new Uint8Array(),
-    timeoutMs: 0,
-    deliveryDeadlineMs: 0,
-    idempotencyKey: "",
-    idempotent: false,
-  });
+  const job = await jobs.submit(operator(), submitRequest({ hostIds, steps: [execStep("echo")] }));
   return { clock, jobs, job, ids: job.taskIds };
 }
 
