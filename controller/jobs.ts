@@ -16,6 +16,7 @@ import type { DocumentStore } from "./document-store.js";
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
 import type { HostRecord, JobRecord, TaskRecord, TaskSteps } from "./model.js";
+import { addChunk, firstMissing, hasChunk, lastHeld } from "./output-ranges.js";
 import { Planner, requestDigest, type Plan, type PlannedHost, type SubmitAuthorizer, type SubmitRequest } from "./planner.js";
 import { hasLimits, resolveRate, Rollout } from "./rollout.js";
 import { bundleHolder, Router, type ProxyPort } from "./router.js";
@@ -708,42 +709,6 @@ export class JobManager {
   }
 }
 
-/** Whether a task's output already holds chunk `seq`. */
-export function hasChunk(task: TaskRecord, seq: number): boolean {
-  if (seq <= task.outputChunks) return true;
-  for (const [from, to] of task.outputBeyond ?? []) {
-    if (seq < from) return false;
-    if (seq <= to) return true;
-  }
-  return false;
-}
-
-/** Counts chunk `seq` as held: it extends the contiguous prefix (merging ranges it reaches) or joins the ranges above a gap. */
-export function addChunk(task: TaskRecord, seq: number): void {
-  const ranges = task.outputBeyond ?? [];
-  if (seq === task.outputChunks + 1) {
-    task.outputChunks = seq;
-    while (ranges.length > 0 && ranges[0]![0] <= task.outputChunks + 1) task.outputChunks = Math.max(task.outputChunks, ranges.shift()![1]);
-  } else {
-    let i = 0;
-    while (i < ranges.length && ranges[i]![1] < seq - 1) i++;
-    if (i < ranges.length && ranges[i]![0] <= seq + 1) {
-      const r = ranges[i]!;
-      r[0] = Math.min(r[0], seq);
-      r[1] = Math.max(r[1], seq);
-      const next = ranges[i + 1];
-      if (next && next[0] <= r[1] + 1) {
-        r[1] = Math.max(r[1], next[1]);
-        ranges.splice(i + 1, 1);
-      }
-    } else {
-      ranges.splice(i, 0, [seq, seq]);
-    }
-  }
-  if (ranges.length > 0) task.outputBeyond = ranges;
-  else delete task.outputBeyond;
-}
-
 /** SHA-256 and length of a task's stored output, chunks 1..`chunks` in seq order, read a slice per turn of the event loop. */
 async function digestOutput(store: JobStore, taskId: string, chunks: number): Promise<{ sha256: Uint8Array; bytes: number }> {
   const hash = createHash("sha256");
@@ -759,22 +724,6 @@ async function digestOutput(store: JobStore, taskId: string, chunks: number): Pr
     await new Promise((resolve) => setImmediate(resolve));
   }
   return { sha256: hash.digest(), bytes };
-}
-
-/** The highest output seq a task's record counts as stored, above any gap. */
-export function lastHeld(task: TaskRecord): number {
-  const beyond = task.outputBeyond;
-  return beyond && beyond.length > 0 ? Math.max(task.outputChunks, beyond[beyond.length - 1]![1]) : task.outputChunks;
-}
-
-/** The first output seq at or above `from` that the task's record does not count as stored. */
-export function firstMissing(task: TaskRecord, from: number): number {
-  let next = Math.max(from, task.outputChunks + 1);
-  for (const [lo, hi] of task.outputBeyond ?? []) {
-    if (next < lo) break;
-    if (next <= hi) next = hi + 1;
-  }
-  return next;
 }
 
 /** A terminal task whose every reported chunk is stored. */

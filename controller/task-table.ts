@@ -4,6 +4,7 @@ import { isTerminal } from "../common/task-state.js";
 import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
 import type { JobStore } from "./job-store.js";
 import type { JobRecord, TaskRecord } from "./model.js";
+import { removeChunk } from "./output-ranges.js";
 
 /**
  * The controller's current record of every task of an unfinished job, and
@@ -127,13 +128,14 @@ export class TaskTable {
     const { chunk, ends } = opts;
     const p = (chunk ? this.store.appendOutput(snapshot, chunk) : this.store.putTask(snapshot)).then(
       () => {
-        if (this.live.has(task.id)) this.committed.set(task.id, Math.max(this.committed.get(task.id) ?? 0, snapshot.outputChunks));
+        // Never above what the live record counts: a chunk whose own write failed is no longer counted, though a later snapshot did.
+        if (this.live.has(task.id)) this.committed.set(task.id, Math.min(Math.max(this.committed.get(task.id) ?? 0, snapshot.outputChunks), task.outputChunks));
         if (ends) this.taskEnded(task);
         this.notify(task.jobId, task.id);
       },
       (err) => {
         this.log.error("storing a task update failed", { task: task.id, err });
-        this.revert(task);
+        this.undo(task, p, chunk);
         throw storageError(err);
       },
     );
@@ -148,16 +150,26 @@ export class TaskTable {
   }
 
   /**
-   * A write failed: the record in memory goes back to what is stored, so
-   * that the update, sent again by its proxy (it was not acknowledged), is
-   * applied again rather than taken for a duplicate of what never landed.
+   * A write failed: what it changed is taken back in memory, so that the
+   * update, sent again by its proxy (it was not acknowledged), is applied
+   * again rather than taken for a duplicate of what never landed. With no
+   * later write queued, the record goes back to what is stored. A later
+   * write's snapshot already carries this one's changes and lands them —
+   * except a chunk, whose bytes only this write carried: it is no longer
+   * counted, and the record is written again so the store stops counting
+   * it too.
    */
-  private revert(task: TaskRecord): void {
-    const stored = this.store.getTask(task.id);
-    this.settling.delete(task.id);
-    if (!stored) return;
-    for (const key of Object.keys(task)) delete (task as unknown as Record<string, unknown>)[key];
-    Object.assign(task, stored);
+  private undo(task: TaskRecord, failed: Promise<void>, chunk: OutputChunk | undefined): void {
+    if (this.lastWrite.get(task.id) === failed) {
+      const stored = this.store.getTask(task.id);
+      this.settling.delete(task.id);
+      if (!stored) return;
+      for (const key of Object.keys(task)) delete (task as unknown as Record<string, unknown>)[key];
+      Object.assign(task, stored);
+    } else if (chunk) {
+      removeChunk(task, Number(chunk.seq));
+      this.write(task).catch(() => undefined);
+    }
   }
 
   /** Resolves once every write queued so far for the task has settled. */

@@ -1,7 +1,8 @@
 import type { OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
 import { systemClock } from "../common/clock.js";
 import { isTerminal } from "../common/task-state.js";
-import { lastHeld, type JobManager } from "./jobs.js";
+import type { JobManager } from "./jobs.js";
+import { lastHeld } from "./output-ranges.js";
 import type { JobRecord, TaskRecord } from "./model.js";
 
 /** One message of a watch: what changed since the previous one. */

@@ -5,7 +5,8 @@ import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
-import { hasChunk, JobManager, outputComplete } from "../../controller/jobs.js";
+import { JobManager, outputComplete } from "../../controller/jobs.js";
+import { hasChunk } from "../../controller/output-ranges.js";
 import type { TaskRecord } from "../../controller/model.js";
 import { serveProxyLink } from "../../controller/proxy-link.js";
 import type { Revocations } from "../../controller/revocation.js";
@@ -58,6 +59,25 @@ class FailOnceStore extends MemoryJobStore {
   }
 }
 
+/** LMDB-like: writes commit in the order issued, a few turns after the call; the next append can be made to fail (a full disk). */
+class SlowAppendStore extends MemoryJobStore {
+  failNext = false;
+  private last: Promise<unknown> = Promise.resolve();
+  private inOrder<T>(write: () => Promise<T>, fail = false): Promise<T> {
+    const p = this.last.then(() => flush(3)).then(() => (fail ? Promise.reject(Object.assign(new Error("MDB_MAP_FULL: Environment mapsize limit reached"), { code: "MDB_MAP_FULL" })) : write()));
+    this.last = p.catch(() => undefined);
+    return p;
+  }
+  override appendOutput(...args: Parameters<MemoryJobStore["appendOutput"]>): Promise<void> {
+    const fail = this.failNext;
+    this.failNext = false;
+    return this.inOrder(() => super.appendOutput(...args), fail);
+  }
+  override putTask(task: TaskRecord): Promise<void> {
+    return this.inOrder(() => super.putTask(task));
+  }
+}
+
 describe("controller under faults and a hostile proxy", () => {
   it("F1 an idempotency key retried while the first submit is committing yields ONE job", async () => {
     const t = setup(new CommitLaterStore());
@@ -82,6 +102,36 @@ describe("controller under faults and a hostile proxy", () => {
     await flush();
     expect(store.getTask(id)!.state).toBe(TaskState.SUCCEEDED);
     expect(store.getJob(job.id)!.finishedAt).toBeDefined();
+  });
+
+  it("F2b a chunk whose write failed while a later chunk's write was queued is taken again on resend and read by a watcher", async () => {
+    const store = new SlowAppendStore();
+    const t = setup(store);
+    const job = await t.jobs.submit(t.acme, submitRequest());
+    const id = job.taskIds[0]!;
+    const ac = new AbortController();
+    let seen = "";
+    const watching = (async () => {
+      for await (const b of watchJob(t.jobs, t.store.getJob(job.id)!, { noOutput: false, signal: ac.signal })) {
+        for (const c of b.output) seen += text(c.data);
+        if (b.job?.finishedAt !== undefined) break;
+      }
+    })();
+    store.failNext = true;
+    const one = t.jobs.applyOutput(t.px1, chunk(id, 1, "one\n"));
+    const two = t.jobs.applyOutput(t.px1, chunk(id, 2, "two\n"));
+    await expect(one).rejects.toThrow();
+    await two;
+    await flush(10);
+    expect(hasChunk(store.getTask(id)!, 1)).toBe(false); // the store no longer counts what it does not hold
+    // The proxy was not acknowledged chunk 1 and sends it again.
+    await t.jobs.applyOutput(t.px1, chunk(id, 1, "one\n"));
+    await t.jobs.applyStatus(t.px1, status(id, TaskState.SUCCEEDED, { hostId: "h1", exitCode: 0, outputChunks: 2n }));
+    await watching;
+    ac.abort();
+    expect(store.getTask(id)!.outputChunks).toBe(2);
+    expect(store.readOutput(id, 1, 1 << 20).map((c) => text(c.data))).toEqual(["one\n", "two\n"]);
+    expect(seen).toBe("one\ntwo\n");
   });
 
   it("F3 a task a proxy keeps QUEUED for a reachable host ends by its delivery deadline (compromised or stuck proxy)", async () => {
