@@ -18,7 +18,7 @@ import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { DenyList, RevokedIdentity } from "../gen/rexmesh/v1/revocation_pb.js";
 import type { AuditDecision, AuditEvent, AuditInput, AuditLog } from "./audit.js";
-import { isAction, type AccessRequest, type Action, type Authorizer } from "./authz.js";
+import { isAction, revokeAction, type AccessRequest, type Action, type Authorizer } from "./authz.js";
 import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
 import { parseTarget, type JobManager, type PlannedHost, type SubmitRequest } from "./jobs.js";
@@ -337,7 +337,7 @@ export class OperatorAccess {
    * `revoke.proxy`, which a role must name.
    */
   async revoke(caller: PeerIdentity, req: { role: string; scope: string; id: string; reason: string }): Promise<RevokedIdentity> {
-    const action: Action = req.role === "proxy" ? "revoke.proxy" : req.role === "operator" ? "revoke.operator" : "revoke";
+    const action = revokeAction(req.role);
     const scope = req.scope || (req.role === "proxy" ? "" : caller.scope);
     const what = `revoke ${req.role} ${scope ? `${scope}/` : ""}${req.id}${req.reason ? ` (${req.reason})` : ""}`;
     const hostIds = req.role === "host" ? [req.id] : [];

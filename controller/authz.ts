@@ -34,6 +34,17 @@ export const MESH_ACTIONS = ["revoke.proxy"] as const;
 export const ACTIONS = [...TENANT_ACTIONS, ...MESH_ACTIONS] as const;
 export type Action = (typeof ACTIONS)[number];
 
+/**
+ * The action a revocation needs, by the role of the identity revoked: a host
+ * needs `revoke` on that host; an operator `revoke.operator`; a proxy
+ * `revoke.proxy`; a zero certificate (role enroll) — the tenant's own
+ * enrollment credential, which stops every enrollment with it — `token`,
+ * the action that issues enrollment credentials, not a host-scoped `revoke`.
+ */
+export function revokeAction(role: string): Action {
+  return role === "proxy" ? "revoke.proxy" : role === "operator" ? "revoke.operator" : role === "enroll" ? "token" : "revoke";
+}
+
 export function isAction(value: string): value is Action {
   return (ACTIONS as readonly string[]).includes(value);
 }

@@ -15,7 +15,7 @@ import { EnrollService, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
 import { describeLabels, describeRequest, describeTarget } from "./access.js";
-import type { Action } from "./authz.js";
+import { revokeAction, type Action } from "./authz.js";
 
 /**
  * Decided on the hosts the request resolves to, by controller/access.ts,
@@ -59,8 +59,8 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
   .service(RevocationService, {
     revoke: {
       operator: {
-        action: (req) => (req.role === "proxy" ? "revoke.proxy" : req.role === "operator" ? "revoke.operator" : "revoke"),
-        actions: ["revoke", "revoke.operator", "revoke.proxy"],
+        action: (req) => revokeAction(req.role),
+        actions: ["revoke", "revoke.operator", "revoke.proxy", "token"],
         scope: "hosts",
       },
       auditedBy: "service",

@@ -67,6 +67,9 @@ roles:
   web-reader:
     hosts: role=web
     actions: [read]
+  web-revoker:
+    hosts: role=web
+    actions: [revoke]
 bindings:
   acme/dev: admin
   acme/admin: admin
@@ -76,6 +79,7 @@ bindings:
   acme/pathfinder: web-path
   acme/narrow: [web-submit, labeller]
   acme/reader: web-reader
+  acme/webrevoker: web-revoker
   beta/admin: admin
   beta/builder: builder
 `,
@@ -127,7 +131,7 @@ bindings:
 
   beforeAll(async () => {
     mesh.prepare();
-    for (const [tenant, id] of [["acme", "admin"], ["acme", "builder"], ["acme", "meshadmin"], ["acme", "web"], ["acme", "pathfinder"], ["acme", "narrow"], ["acme", "reader"], ["acme", "nobody"], ["beta", "admin"], ["beta", "builder"]] as const) {
+    for (const [tenant, id] of [["acme", "admin"], ["acme", "builder"], ["acme", "meshadmin"], ["acme", "web"], ["acme", "pathfinder"], ["acme", "narrow"], ["acme", "reader"], ["acme", "webrevoker"], ["acme", "nobody"], ["beta", "admin"], ["beta", "builder"]] as const) {
       ids[`${tenant}/${id}`] = issue({ role: "operator", scope: tenant, id });
     }
     await mesh.startController();
@@ -154,6 +158,12 @@ bindings:
     it("refuses revocation of another operator to an operator with no role", async () => {
       const err = await failure(as("acme/nobody").revocation.revoke({ role: "operator", id: "victim" }));
       expect(err.code).toBe(Code.PermissionDenied);
+    });
+
+    it("keeps the tenant's enrollment credential (a zero certificate) out of reach of an operator who may revoke only some hosts", async () => {
+      const err = await failure(as("acme/webrevoker").revocation.revoke({ role: "enroll", id: "rack-1", reason: "test" }));
+      expect(err.code).toBe(Code.PermissionDenied);
+      expect(err.rawMessage).toMatch(/token/);
     });
 
     it("keeps proxies (shared by every tenant) out of reach of a tenant's admin", async () => {

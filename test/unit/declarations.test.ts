@@ -42,7 +42,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/GetDocument": "operator read (tenant)",
       "rexmesh.v1.ControllerService/ListDocuments": "operator read (tenant)",
       "rexmesh.v1.TokenService/CreateJoinToken": "operator token (hosts named)",
-      "rexmesh.v1.RevocationService/Revoke": "operator revoke | revoke.operator | revoke.proxy (hosts resolved)",
+      "rexmesh.v1.RevocationService/Revoke": "operator revoke | revoke.operator | revoke.proxy | token (hosts resolved)",
       "rexmesh.v1.RevocationService/ListRevoked": "operator read (tenant)",
       "rexmesh.v1.ArtifactService/PutArtifact": "operator artifact.write (tenant)",
       "rexmesh.v1.ArtifactService/GetArtifact": "operator artifact.read (tenant); proxy artifact.read (any artifact, for the hosts of every tenant in its region)",
