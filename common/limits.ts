@@ -111,6 +111,12 @@ export const LIMITS = {
   /** Host ids kept per event; `hostCount` still counts them all. */
   auditHosts: 20,
 
+  // ---- link frames (common/link-limits.ts) -----------------------------------
+  /** Task ids in link frames and bundles (the controller makes them: a letter and 21 characters). */
+  taskIdChars: 256,
+  /** Tasks a proxy takes on from one host's reports (never sent them: the host brought them along) and holds at once. */
+  takenOnTasksPerHost: 10_000,
+
   // ---- operators (controller/request-limits.ts) ------------------------------
   /** WatchJob streams one operator identity may hold open at once. */
   watchesPerOperator: 16,

@@ -16,8 +16,8 @@ import type { AgentStreamRequest } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { CancelTask, HostPresence, ProxyStreamRequest, ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { TaskState, type OutputAck, type OutputChunk, type StatusAck, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 
-/** Task ids are made by the controller (a letter and 21 characters); the limit of job ids and other references. */
-export const TASK_ID_CHARS = LIMITS.refChars;
+/** Task ids are made by the controller; this bounds what a peer may name. */
+export const TASK_ID_CHARS = LIMITS.taskIdChars;
 
 /**
  * Tasks a proxy takes on from one host's reports (tasks it was never sent:
@@ -26,7 +26,7 @@ export const TASK_ID_CHARS = LIMITS.refChars;
  * had acknowledged; beyond this a host is inventing ids. Reports on more
  * wait, unacknowledged, for the host's next stream.
  */
-export const TAKEN_ON_TASKS_PER_HOST = 10_000;
+export const TAKEN_ON_TASKS_PER_HOST = LIMITS.takenOnTasksPerHost;
 
 const STATES: ReadonlySet<number> = new Set(Object.values(TaskState).filter((v): v is number => typeof v === "number"));
 const MAX_SEQ = BigInt(Number.MAX_SAFE_INTEGER);
@@ -39,51 +39,52 @@ export function taskIdProblem(id: string): string | undefined {
 }
 
 /** Why a host id or tenant named beside a report is refused, or undefined. Empty is allowed where the field is optional. */
-export function idProblem(field: string, id: string, optional = true): string | undefined {
+function idProblem(field: string, id: string, optional = true): string | undefined {
   if (id === "" && !optional) return `${field} is empty`;
   if (id.length > LIMITS.idChars) return `${field} is longer than ${LIMITS.idChars} characters (${id.length}): ${preview(id)}`;
   return undefined;
 }
 
 /** Why an output seq (of a chunk or an ack) is refused: chunks count from 1, and every seq must survive Number(). */
-export function seqProblem(seq: bigint): string | undefined {
+function seqProblem(seq: bigint): string | undefined {
   if (seq < 1n || seq > MAX_SEQ) return `seq ${seq} is not an integer from 1 to ${MAX_SEQ}`;
   return undefined;
 }
 
 /** Why a task state is refused: one this version does not define has no place in the order of progress. */
-export function stateProblem(state: number): string | undefined {
+function stateProblem(state: number): string | undefined {
   return STATES.has(state) ? undefined : `state ${state} is not a task state`;
 }
 
-const first = (...problems: (string | undefined)[]) => problems.find((p) => p !== undefined);
-
-export const outputProblem = (c: OutputChunk) => first(taskIdProblem(c.taskId), seqProblem(c.seq), idProblem("host_id", c.hostId));
-export const statusProblem = (s: TaskStatus) => first(taskIdProblem(s.taskId), stateProblem(s.state), idProblem("host_id", s.hostId));
-export const outputAckProblem = (a: OutputAck) => first(taskIdProblem(a.taskId), seqProblem(a.seq));
-export const statusAckProblem = (a: StatusAck) => first(taskIdProblem(a.taskId), stateProblem(a.state));
-export const cancelProblem = (c: CancelTask) => first(taskIdProblem(c.taskId), idProblem("host_id", c.hostId));
-export const presenceProblem = (h: HostPresence) => first(idProblem("host_id", h.hostId, false), idProblem("tenant", h.tenant, false));
+// Each stops at the first problem: items are checked on every frame.
+const outputProblem = (c: OutputChunk) => taskIdProblem(c.taskId) ?? seqProblem(c.seq) ?? idProblem("host_id", c.hostId);
+const statusProblem = (s: TaskStatus) => taskIdProblem(s.taskId) ?? stateProblem(s.state) ?? idProblem("host_id", s.hostId);
+const outputAckProblem = (a: OutputAck) => taskIdProblem(a.taskId) ?? seqProblem(a.seq);
+const statusAckProblem = (a: StatusAck) => taskIdProblem(a.taskId) ?? stateProblem(a.state);
+const cancelProblem = (c: CancelTask) => taskIdProblem(c.taskId) ?? idProblem("host_id", c.hostId);
+const presenceProblem = (h: HostPresence) => idProblem("host_id", h.hostId, false) ?? idProblem("tenant", h.tenant, false);
 
 /** What a frame's checks refused: counted, the first reason kept, so that a frame of bad items costs one log line. */
-export class Refused {
+class Refused {
   count = 0;
   firstReason: string | undefined;
   firstField: string | undefined;
 
-  /** The items of `list` that pass `problem`; the others are counted under `field`. */
-  keep<T>(field: string, list: readonly T[], problem: (item: T) => string | undefined): T[] {
-    const out: T[] = [];
-    for (const item of list) {
-      const why = problem(item);
-      if (why === undefined) out.push(item);
-      else {
-        this.count++;
-        this.firstReason ??= why;
-        this.firstField ??= field;
+  /** The items of `list` that pass `problem` (`list` itself when all do); the others are counted under `field`. */
+  keep<T>(field: string, list: T[], problem: (item: T) => string | undefined): T[] {
+    let out: T[] | undefined;
+    for (let i = 0; i < list.length; i++) {
+      const why = problem(list[i]!);
+      if (why === undefined) {
+        out?.push(list[i]!);
+        continue;
       }
+      out ??= list.slice(0, i);
+      this.count++;
+      this.firstReason ??= why;
+      this.firstField ??= field;
     }
-    return out;
+    return out ?? list;
   }
 
   /** One warning for the frame, if anything was refused. */
@@ -100,12 +101,22 @@ export function screenHostFrame(frame: AgentStreamRequest): Refused {
   return r;
 }
 
-/** Drops, in place, the reports and presences of a proxy's frame (ProxyLink at the controller) that no proxy sends. */
-export function screenProxyFrame(frame: ProxyStreamRequest): Refused {
+/**
+ * Drops, in place, the reports and presences no proxy sends: of a proxy's
+ * frame (ProxyLink at the controller), or of a results bundle, which is
+ * applied like the frames of the proxy that signed it.
+ */
+export function screenProxyReports(reports: { hosts: HostPresence[]; output: OutputChunk[]; statuses: TaskStatus[] }): Refused {
   const r = new Refused();
-  frame.hosts = r.keep("hosts", frame.hosts, presenceProblem);
-  frame.output = r.keep("output", frame.output, outputProblem);
-  frame.statuses = r.keep("statuses", frame.statuses, statusProblem);
+  reports.hosts = r.keep("hosts", reports.hosts, presenceProblem);
+  reports.output = r.keep("output", reports.output, outputProblem);
+  reports.statuses = r.keep("statuses", reports.statuses, statusProblem);
+  return r;
+}
+
+/** {@link screenProxyReports} of a proxy's frame, its hello's hosts included. */
+export function screenProxyFrame(frame: ProxyStreamRequest): Refused {
+  const r = screenProxyReports(frame);
   if (frame.hello) frame.hello.hosts = r.keep("hello.hosts", frame.hello.hosts, presenceProblem);
   return r;
 }

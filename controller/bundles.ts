@@ -1,5 +1,4 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
 import { checkSegment, type PeerIdentity } from "../certs/identity.js";
 import { openBundle, sealBundle } from "../common/bundle.js";
@@ -11,7 +10,8 @@ import type { TaskSigner } from "../common/task-signing.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
 import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
-import type { Inventory } from "./inventory.js";
+import { reportedSince, type Inventory } from "./inventory.js";
+import { screenProxyReports } from "../common/link-limits.js";
 import type { JobManager } from "./jobs.js";
 import type { HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskRecord } from "./model.js";
@@ -73,6 +73,8 @@ export class BundleService {
     const from = `proxy ${signer.scope}/${signer.id}`;
     if (this.deps.isRevoked(signer)) throw new PermissionDeniedError(`the bundle is signed by ${from}, whose identity has been revoked`);
     if (payload.region !== "" && payload.region !== signer.scope) throw new PermissionDeniedError(`the bundle says region ${payload.region} but is signed by ${from}`);
+    // Checked as on the link, before anything is looked up: what no proxy sends is neither applied nor acknowledged.
+    screenProxyReports(payload).warn(this.deps.log, "results no proxy sends were dropped from a bundle", { proxy: from });
     const tasks = new Map<string, TaskRecord | undefined>();
     for (const id of [...payload.statuses.map((s) => s.taskId), ...payload.output.map((c) => c.taskId)]) {
       if (!tasks.has(id)) tasks.set(id, this.deps.jobs.getTaskRecord(id));
@@ -94,7 +96,7 @@ export class BundleService {
     const port = { name: signer.id, region: signer.scope };
     for (const h of reported) {
       this.deps.acceptReportKey?.(h.reportKey, { role: "host", scope: h.tenant, id: h.hostId });
-      this.deps.inventory.seen({ id: h.hostId, tenant: h.tenant, facts: h.facts }, signer.scope, signer.id, h.since ? timestampMs(h.since) : this.deps.clock.now());
+      this.deps.inventory.seen({ id: h.hostId, tenant: h.tenant, facts: h.facts }, signer.scope, signer.id, reportedSince(h.since, this.deps.clock.now()));
     }
     const applied = await this.deps.jobs.importResults(port, statuses, output);
     this.deps.log.info("results bundle imported", { bundle: payload.id, region: signer.scope, proxy: signer.id, by: caller.id, ...applied, hosts: reported.length });

@@ -2,6 +2,7 @@ import type { Database } from "lmdb";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { checkChars, clampFacts, LIMITS, preview } from "../common/limits.js";
 import { storageError } from "../common/lmdb.js";
+import { timestampMs, type Timestamp } from "@bufbuild/protobuf/wkt";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { HostRecord } from "./model.js";
 
@@ -11,6 +12,16 @@ import type { HostRecord } from "./model.js";
  * opens or closes; a host seen once stays known while offline, so that
  * jobs can target it and it receives its tasks when it returns.
  */
+/**
+ * When a proxy says a host came or went, by the proxy's clock but never later
+ * than the controller's: a "since" in the future would stop the host's tasks
+ * from ever ending LOST. Every report of a host's presence (link or bundle)
+ * goes through it.
+ */
+export function reportedSince(since: Timestamp | undefined, now: number): number {
+  return since ? Math.min(timestampMs(since), now) : now;
+}
+
 export class Inventory {
   private readonly hosts = new Map<string, HostRecord>();
 

@@ -5,11 +5,11 @@ import type { Clock } from "../common/clock.js";
 import { AlreadyExistsError, NotFoundError } from "../common/errors.js";
 import type { IdGenerator } from "../common/ids.js";
 import { storageError } from "../common/lmdb.js";
+import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import { advances, isTerminal } from "../common/task-state.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { isPingOnly } from "../common/task-signing.js";
-import { outputProblem, statusProblem, taskIdProblem } from "../common/link-limits.js";
 import { ResultCheck } from "../gen/rexmesh/v1/controller_pb.js";
 import { TaskSpecSchema, TaskState, type OutputChunk, type Step, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import type { DocumentStore } from "./document-store.js";
@@ -506,15 +506,11 @@ export class JobManager {
    * Stores an output chunk the first time it arrives, whichever proxy brings
    * it and in whatever order (after a failover, newer chunks can come
    * through the new proxy before older ones held by the old). Resolves, once
-   * stored, to the seq to acknowledge to that proxy: this chunk's, or 0 (no
-   * acknowledgement) for a chunk no host sends (common/link-limits.ts).
+   * stored, to the seq to acknowledge to that proxy: this chunk's. Chunks
+   * were screened where they entered (common/link-limits.ts: the link or the
+   * bundle), so their ids and seqs are within bounds.
    */
   applyOutput(proxy: { name: string; region: string }, chunk: OutputChunk): Promise<number> {
-    const problem = outputProblem(chunk);
-    if (problem !== undefined) {
-      this.log.warn("output no host sends dropped", { proxy: proxy.name, reason: problem });
-      return Promise.resolve(0);
-    }
     const seq = Number(chunk.seq);
     const seen = this.table.get(chunk.taskId);
     if (!seen) return Promise.resolve(seq);
@@ -612,7 +608,7 @@ export class JobManager {
 
   getTaskRecord(id: string): TaskRecord | undefined {
     // An id no task can have is not looked up (the store refuses keys that long with an error).
-    if (taskIdProblem(id) !== undefined) return undefined;
+    if (id.length > LIMITS.taskIdChars) return undefined;
     const t = this.table.get(id);
     return t && { ...t };
   }
@@ -673,12 +669,7 @@ export class JobManager {
   }
 
   /** Applies results carried from a site; remembers what to acknowledge in the next tasks bundle. */
-  async importResults(proxy: { name: string; region: string }, allStatuses: readonly TaskStatus[], allOutput: readonly OutputChunk[]): Promise<{ statuses: number; chunks: number }> {
-    // Checked as on the link: what no proxy sends is neither applied nor acknowledged.
-    const output = allOutput.filter((c) => outputProblem(c) === undefined);
-    const statuses = allStatuses.filter((s) => statusProblem(s) === undefined);
-    const refused = allOutput.length - output.length + allStatuses.length - statuses.length;
-    if (refused > 0) this.log.warn("results no proxy sends were dropped from a bundle", { proxy: proxy.name, refused });
+  async importResults(proxy: { name: string; region: string }, statuses: readonly TaskStatus[], output: readonly OutputChunk[]): Promise<{ statuses: number; chunks: number }> {
     let chunks = 0;
     let applied = 0;
     let acks = this.bundleAcks.get(proxy.region);

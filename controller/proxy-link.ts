@@ -1,5 +1,4 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import type { Clock } from "../common/clock.js";
 import { InvalidArgumentError, PermissionDeniedError } from "../common/errors.js";
@@ -16,7 +15,7 @@ import {
 } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema, TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "../common/task-state.js";
-import type { Inventory } from "./inventory.js";
+import { reportedSince, type Inventory } from "./inventory.js";
 import { specBytes } from "../common/backlog.js";
 import type { TaskSigner } from "../common/task-signing.js";
 import type { Revocations } from "./revocation.js";
@@ -100,9 +99,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   const usedSalts = new Map<string, Set<string>>();
   const presence = (hosts: readonly HostPresence[]) => {
     for (const h of hosts) {
-      // The proxy's clock says when; never later than ours (a "since" in the future would stop the host's tasks from ever ending LOST).
-      const now = clock.now();
-      const since = h.since ? Math.min(timestampMs(h.since), now) : now;
+      const since = reportedSince(h.since, clock.now());
       if (!h.connected) {
         inventory.disconnected(h.hostId, port.name, since);
         continue;
