@@ -398,15 +398,16 @@ export class OperatorAccess {
     return ids.map((id) => this.hostFor(caller.scope, id));
   }
 
+  /** Whether the caller's tenant has a host of this id in the inventory (it connected at least once). */
+  knowsHost(caller: PeerIdentity, id: string): boolean {
+    return this.deps.inventory.get(id)?.tenant === caller.scope;
+  }
+
   /**
    * A host of the tenant as the policy judges it. An id the controller does
    * not know in this tenant (not yet connected, or another tenant's) is
    * judged by its id alone: no labels, no facts.
    */
-  /** Whether the caller's tenant has a host of this id in the inventory (it connected at least once). */
-  knowsHost(caller: PeerIdentity, id: string): boolean {
-    return this.deps.inventory.get(id)?.tenant === caller.scope;
-  }
 
   private hostFor(tenant: string, id: string): HostRecord {
     const h = this.deps.inventory.get(id);

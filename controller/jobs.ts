@@ -87,6 +87,8 @@ export class JobManager {
   /** Jobs being submitted: their first releases are routed with the job's first write, not one by one. */
   private readonly submitting = new Set<string>();
   private readonly checkEnd: JobManagerOptions["checkEnd"];
+  /** Signature checks of the status messages in hand (see checkEndOnce). */
+  private readonly endChecks = new WeakMap<TaskStatus, "ok" | "unknown" | "bad">();
   /** Tasks whose stored output is being hashed against what the host signed. */
   private readonly checking = new Set<string>();
   /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
@@ -399,7 +401,7 @@ export class JobManager {
   private signedEnd(proxy: { name: string; region: string }, task: TaskRecord, status: TaskStatus): boolean {
     if (!this.checkEnd || !isTerminal(status.state) || status.atProxy || status.signature.length === 0) return false;
     if ((status.hostId !== "" && status.hostId !== task.hostId) || this.inventory.get(task.hostId)?.region !== proxy.region) return false;
-    return this.checkEnd(status, { role: "host", scope: task.tenant, id: task.hostId }) === "ok";
+    return this.checkEndOnce(status, task) === "ok";
   }
 
   /**
@@ -466,13 +468,24 @@ export class JobManager {
     return this.table.write(task, { ends }).then(() => this.checkOutput(task));
   }
 
+  /**
+   * The host's signature over a reported end, checked once per status
+   * message: deciding whether to take it (held back or not) and judging it
+   * ask the same question of the same bytes.
+   */
+  private checkEndOnce(status: TaskStatus, task: TaskRecord): "ok" | "unknown" | "bad" {
+    let check = this.endChecks.get(status);
+    if (check === undefined) this.endChecks.set(status, (check = this.checkEnd!(status, { role: "host", scope: task.tenant, id: task.hostId })));
+    return check;
+  }
+
   /** The first check of a host's end: its signature; the output follows once all of it is stored. */
   private resultCheckOf(task: TaskRecord, status: TaskStatus): ResultCheck {
     if (!this.checkEnd) return ResultCheck.UNSPECIFIED;
     const job = this.jobOf(task.jobId);
     // A ping runs nothing and is answered unsigned.
     if (job && job.steps.length > 0 && isPingOnly(create(TaskSpecSchema, { steps: job.steps }))) return ResultCheck.UNSPECIFIED;
-    const check = this.checkEnd(status, { role: "host", scope: task.tenant, id: task.hostId });
+    const check = this.checkEndOnce(status, task);
     if (check === "bad") return ResultCheck.MISMATCH;
     if (check === "unknown") return ResultCheck.UNVERIFIED;
     return status.outputSha256.length > 0 ? ResultCheck.OUTPUT_PENDING : ResultCheck.STATE_ONLY;
@@ -604,6 +617,12 @@ export class JobManager {
 
   getJobRecord(id: string): JobRecord | undefined {
     return this.store.getJob(id);
+  }
+
+  /** The first output seq at or above `from` that the task does not hold yet (no copy of its record). */
+  firstMissingChunk(taskId: string, from: number): number | undefined {
+    const t = this.table.get(taskId);
+    return t && firstMissing(t, from);
   }
 
   getTaskRecord(id: string): TaskRecord | undefined {

@@ -20,7 +20,6 @@ import { specBytes } from "../common/backlog.js";
 import type { TaskSigner } from "../common/task-signing.js";
 import type { Revocations } from "./revocation.js";
 import type { JobManager, ProxyPort } from "./jobs.js";
-import { firstMissing } from "./output-ranges.js";
 import { randomBytes } from "node:crypto";
 import type { HostKeyVerifier } from "../common/host-signing.js";
 import { screenProxyFrame } from "../common/link-limits.js";
@@ -171,9 +170,8 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     // An output ack is cumulative (the proxy drops every chunk up to it): never past a chunk held back from this link until it is stored.
     for (const [taskId, seq] of highest) {
       const h = heldOutput.get(taskId);
-      const task = h && jobs.getTaskRecord(taskId);
-      if (!h || !task) continue;
-      const missing = firstMissing(task, h.min);
+      const missing = h && jobs.firstMissingChunk(taskId, h.min);
+      if (!h || missing === undefined) continue;
       if (missing > h.max) heldOutput.delete(taskId);
       else if (missing <= seq) highest.set(taskId, missing - 1);
     }

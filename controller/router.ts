@@ -271,11 +271,11 @@ export class Router {
     }
     if (status && isTerminal(status.state)) {
       // A proxy's own copy ended settles what that proxy was owed; the host's own end settles every
-      // cancel owed for the task (the host's ledger answers any copy still on its way).
-      const settled = new Set(status.atProxy ? [name, bundleHolder(proxy.region)] : (this.recallsByHost.get(task.hostId)?.get(task.id) ?? []).map((r) => r.proxy));
-      if (!status.atProxy) settled.add(name).add(bundleHolder(proxy.region));
-      this.unindexRecalls(task, settled);
-      for (const p of settled) void this.opts.store.removeRecall(p, task.id).catch((err) => this.opts.log.error("settling a recall failed", { task: task.id, err }));
+      // cancel owed for the task (the host's ledger answers any copy still on its way). The index
+      // knows every recall stored, so nothing is removed that was never owed.
+      const own = [name, bundleHolder(proxy.region)];
+      const settled = this.unindexRecalls(task, (r) => !status.atProxy || own.includes(r.proxy));
+      for (const r of settled) void this.opts.store.removeRecall(r.proxy, task.id).catch((err) => this.opts.log.error("settling a recall failed", { task: task.id, err }));
     }
     return changed;
   }
@@ -287,15 +287,18 @@ export class Router {
     tasks.set(r.taskId, [...list, r]);
   }
 
-  private unindexRecalls(task: TaskRecord, proxies: ReadonlySet<string>): void {
+  /** Takes the task's recalls that `settles` out of the index; returns them. */
+  private unindexRecalls(task: TaskRecord, settles: (r: Recall) => boolean): Recall[] {
     const tasks = this.recallsByHost.get(task.hostId);
     const list = tasks?.get(task.id);
-    if (!tasks || !list) return;
-    const left = list.filter((r) => !proxies.has(r.proxy));
+    if (!tasks || !list) return [];
+    const left = list.filter((r) => !settles(r));
     if (left.length > 0) tasks.set(task.id, left);
     else tasks.delete(task.id);
     if (tasks.size === 0) this.recallsByHost.delete(task.hostId);
+    return list.filter(settles);
   }
+
 
   // ---- cancels ---------------------------------------------------------------
 

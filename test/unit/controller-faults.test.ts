@@ -233,6 +233,12 @@ describe("controller under faults and a hostile proxy", () => {
     await t.jobs.applyStatus(t.px2, forged);
     expect(t.state(id)).toBe(TaskState.RUNNING);
     const signed = status(id, TaskState.FAILED, { hostId: "h1", exitCode: 3, keyId: "k", signature: new Uint8Array([1]) });
+    // The signature vouches for the end only through a proxy of the host's region, and only for that host.
+    const elsewhere = new RecordingPort("px-us", "us");
+    t.jobs.proxyConnected(elsewhere);
+    await t.jobs.applyStatus(elsewhere, signed);
+    await t.jobs.applyStatus(t.px2, { ...signed, hostId: "h2" });
+    expect(t.state(id)).toBe(TaskState.RUNNING);
     expect(t.jobs.holdsBack(t.px2, id, "h1", signed)).toBe(false);
     expect(t.jobs.holdsBack(t.px2, id, "h1")).toBe(true); // output is still held back: nothing vouches for it
     await t.jobs.applyStatus(t.px2, signed);
@@ -250,6 +256,28 @@ describe("controller under faults and a hostile proxy", () => {
     t.at(t.px2); // it returns, through px2 (px1 is gone for good)
     await flush();
     expect(t.px2.cancels).toContain(`cancel:${id}`);
+    // The host's own end, through px2, settles what px1 was owed too.
+    await t.jobs.applyStatus(t.px2, status(id, TaskState.CANCELLED, { hostId: "h1" }));
+    await flush();
+    expect(t.store.recallsFor("px1")).toEqual([]);
+  });
+
+  it("F5c a restarted controller still tells a host that returns through another proxy of a cancel decided before the restart", async () => {
+    const t = setup();
+    const job = await t.jobs.submit(t.acme, submitRequest());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
+    t.away(t.px1);
+    await t.jobs.cancel(t.acme, job.id);
+    t.jobs.close();
+    // A new controller process on the same store (and inventory) indexes the stored recalls.
+    const jobs = new JobManager({ store: t.store, inventory: t.inventory, clock: t.clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000 });
+    const px2 = new RecordingPort("px2");
+    jobs.proxyConnected(px2);
+    jobs.hostConnected(t.inventory.connected({ id: "h1", tenant: "acme" }, "eu", "px2", t.clock.now()));
+    await flush();
+    expect(px2.cancels).toContain(`cancel:${id}`);
+    jobs.close();
   });
   it("F6 output a proxy appends after the signed end never reaches a client, and output relayed beyond it before the end marks the task MISMATCH", async () => {
     const t = setup(new MemoryJobStore(), { checkEnd: () => "ok" });
