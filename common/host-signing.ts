@@ -167,7 +167,7 @@ export class HostKeyVerifier {
     const k = this.usable(keyId, host);
     if (!k) return { ok: false, reason: "no valid report key" };
     if (proof.length === 0) return { ok: false, reason: "no presence proof" };
-    if (salt.length < 16) return { ok: false, reason: "the presence proof has no salt" };
+    if (salt.length < 16 || salt.length > 64) return { ok: false, reason: `the presence proof's salt is ${salt.length} bytes (16 to 64)` };
     // The daemon names the proxy whose certificate it saw; a proof without a proxy name is bound by the nonce alone.
     if (verify(null, presence(nonce, salt, proxy, host), k.publicKey, proof) || verify(null, presence(nonce, salt, undefined, host), k.publicKey, proof)) return { ok: true };
     return { ok: false, reason: "the presence proof does not hold" };
