@@ -5,7 +5,7 @@
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["dist/**", "gen/**", "node_modules/**", "bench/**", "examples/**", "**/*.js", "**/*.mjs"] },
+  { ignores: [".tmp/**", "dist/**", "gen/**", "node_modules/**", "bench/**", "examples/**", "**/*.js", "**/*.mjs"] },
   {
     files: ["**/*.ts"],
     languageOptions: {
