@@ -46,13 +46,11 @@ export interface Backlog {
   readonly bytes: number;
   push(items: readonly UpwardItem[]): Promise<void>;
   /**
-   * Drops the task's chunks up to `seq`. Chunks held at positions up to
-   * `keepUpTo` go only with an ack of their own seq: the sender cannot tell
-   * whether the receiver took them or held them back (a proxy's chunks sent
-   * before the controller asked for a replay). Chunk `seq` itself always goes.
-   * An ack costs what the task holds, whatever number it names.
+   * Drops the task's chunks up to `seq`: an output ack is cumulative (the
+   * receiver never acknowledges past a chunk it has not stored). An ack
+   * costs what the task holds, whatever number it names.
    */
-  ackOutput(taskId: string, seq: number, keepUpTo?: number): Promise<void>;
+  ackOutput(taskId: string, seq: number): Promise<void>;
   /** Drops the task's statuses up to `state` from one source: the host's, or (atProxy) the proxy's own. */
   ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
   /** Everything held, oldest first. */
@@ -149,13 +147,9 @@ export class HeldItems {
     return held.n;
   }
 
-  /**
-   * The keys an output ack drops (Backlog.ackOutput): the task's chunks up
-   * to `seq`, except those at positions up to `keepUpTo` other than chunk
-   * `seq` itself.
-   */
-  outputAcked(taskId: string, seq: number, keepUpTo: number): string[] {
-    return this.select(taskId, (h) => h.output && h.seq <= seq && (h.seq === seq || h.n > keepUpTo));
+  /** The keys an output ack drops (Backlog.ackOutput): the task's chunks up to `seq`. */
+  outputAcked(taskId: string, seq: number): string[] {
+    return this.select(taskId, (h) => h.output && h.seq <= seq);
   }
 
   /** The keys a status ack drops: the task's statuses up to `state` from one source. */
@@ -198,8 +192,8 @@ export class MemoryBacklog implements Backlog {
     this.held.remove(key);
   }
 
-  async ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
-    for (const key of this.held.outputAcked(taskId, seq, keepUpTo)) this.drop(key);
+  async ackOutput(taskId: string, seq: number): Promise<void> {
+    for (const key of this.held.outputAcked(taskId, seq)) this.drop(key);
   }
 
   async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {

@@ -86,9 +86,9 @@ export class LmdbBacklog implements Backlog {
     writes.push(this.db.remove([this.scope, n]));
   }
 
-  ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
+  ackOutput(taskId: string, seq: number): Promise<void> {
     const writes: Promise<unknown>[] = [];
-    for (const key of this.held.outputAcked(taskId, seq, keepUpTo)) this.drop(key, writes);
+    for (const key of this.held.outputAcked(taskId, seq)) this.drop(key, writes);
     return Promise.all(writes).then(() => undefined);
   }
 
