@@ -69,6 +69,41 @@ describe.each(kinds)("%s output acks", (_name, make) => {
     expect(b.size).toBe(1);
     expect(b.bytes).toBe(itemBytes(out("t2", 1)));
   });
+
+  it("take a chunk pushed after a later one (its first write failed) by its seq, not by when it was pushed", async () => {
+    const b = await make();
+    await b.push([out("t1", 1), out("t1", 3)]);
+    await b.push([out("t1", 2)]);
+    await b.ackOutput("t1", 2);
+    expect(keys(b)).toEqual(["o/t1/3"]);
+    await b.push([out("t1", 5), out("t1", 4)]);
+    await b.ackOutput("t1", 4);
+    expect(keys(b)).toEqual(["o/t1/5"]);
+    await b.ackOutput("t1", 5);
+    expect(keys(b)).toEqual([]);
+    expect(b.bytes).toBe(0);
+  });
+});
+
+describe("MemoryBacklog under many acks", () => {
+  // Each ack takes chunks off the front of its task's seq-ordered list: it visits what it drops and stops at the
+  // first chunk above its seq. (Walking every chunk the task held on every ack took 3.7 s for these numbers.)
+  it("drops exactly what each ack covers while 100,000 chunks of two tasks are acknowledged every 100", async () => {
+    const b = new MemoryBacklog();
+    const N = 100_000;
+    for (let seq = 1; seq <= N; seq++) {
+      await b.push([out("t1", seq), out("t2", seq)]);
+      if (seq % 100 === 0) {
+        await b.ackOutput("t1", seq);
+        await b.ackOutput("t2", seq - 50);
+      }
+    }
+    expect(b.size).toBe(50);
+    expect(keys(b)[0]).toBe(`o/t2/${N - 49}`);
+    await b.ackOutput("t2", Number.MAX_SAFE_INTEGER);
+    expect(b.size).toBe(0);
+    expect(b.bytes).toBe(0);
+  });
 });
 
 describe.each(kinds)("%s acks naming numbers far beyond anything held (F7)", (_name, make) => {
