@@ -53,6 +53,8 @@ export interface Backlog {
   ackOutput(taskId: string, seq: number): Promise<void>;
   /** Drops the task's statuses up to `state` from one source: the host's, or (atProxy) the proxy's own. */
   ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
+  /** The highest seq of the task's chunks held (0: none); costs nothing like reading them. */
+  topOutputSeq(taskId: string): number;
   /** Everything held, oldest first. */
   all(): UpwardItem[];
   /** Items pushed after position `after` (0: from the start), oldest first, about maxBytes (at least one). */
@@ -235,6 +237,11 @@ export class HeldItems {
     return taken;
   }
 
+  /** The highest seq of the task's chunks held (0: none). */
+  topOutputSeq(taskId: string): number {
+    return this.byTask.get(taskId)?.topSeq() ?? 0;
+  }
+
   /** Drops an item, already out of its task's lists, from the other indexes. */
   private forget(held: Held, task: TaskHeld): void {
     this.byKey.delete(held.key);
@@ -273,6 +280,10 @@ export class MemoryBacklog implements Backlog {
 
   async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     for (const { key } of this.held.takeStatusAcked(taskId, state, atProxy)) this.items.delete(key);
+  }
+
+  topOutputSeq(taskId: string): number {
+    return this.held.topOutputSeq(taskId);
   }
 
   all(): UpwardItem[] {

@@ -113,6 +113,10 @@ export class LmdbBacklog implements Backlog {
   }
 
   /** Committed items in order, then those whose write is still in flight (always the newest). */
+  topOutputSeq(taskId: string): number {
+    return this.held.topOutputSeq(taskId);
+  }
+
   all(): UpwardItem[] {
     const out: UpwardItem[] = [];
     const seen = new Set<number>();

@@ -371,18 +371,26 @@ export class Agent {
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
   private emit(items: UpwardItem[]): void {
-    this.outbox.push(items).catch(this.spoolFailed);
+    void this.keep(items);
     this.send(items);
   }
 
-  /** Keeps items until acknowledged; resolves once they are durable, or their write failed (logged). */
+  /**
+   * Keeps items in the outbox until acknowledged; resolves once they are
+   * durable. A write the store refuses is tried again (STORE_RETRY) until it
+   * is stored or the daemon stops: an item already on the stream but not in
+   * the outbox would be lost with the stream, since a new stream resends
+   * only what the outbox holds.
+   */
   private keep(items: UpwardItem[]): Promise<void> {
-    const kept = this.outbox.push(items).catch(this.spoolFailed);
+    const first = items[0];
+    const taskId = first ? (first.kind === "output" ? first.chunk.taskId : first.status.taskId) : "";
+    const kept = this.untilStored("spooling results", taskId, () => this.outbox.push(items)).catch((err: unknown) =>
+      this.opts.log.error("spooling results failed; the daemon stops", { task: taskId, err }),
+    );
     this.updateFlow();
     return kept;
   }
-
-  private readonly spoolFailed = (err: unknown): void => this.opts.log.error("spooling results failed", { err });
 
   /** Sends kept items now if a stream is open (a new stream sends what the outbox holds). */
   private send(items: UpwardItem[]): void {
@@ -579,7 +587,7 @@ export class Agent {
       }
       // This run's output is numbered after every chunk an earlier run may have handed out: those recorded, and those
       // kept in the outbox (sent again from there) whose record the crash cut off.
-      const from = spec.idempotent && again ? Math.max(this.opts.ledger.outputSeq(taskId), this.outboxTop(taskId)) : 0;
+      const from = spec.idempotent && again ? Math.max(this.opts.ledger.outputSeq(taskId), this.outbox.topOutputSeq(taskId)) : 0;
       // Written before the process exists: after a crash this entry means "may have run".
       const started: LedgerEntry = { ...entry, state: TaskState.RUNNING, groups: undefined };
       await this.untilStored("recording a task's start", taskId, () => this.opts.ledger.put(started));
@@ -622,16 +630,10 @@ export class Agent {
     }
   }
 
-  /** The highest seq of the task's output in the outbox (0: none). */
-  private outboxTop(taskId: string): number {
-    let top = 0;
-    for (const item of this.outbox.all()) if (item.kind === "output" && item.chunk.taskId === taskId) top = Math.max(top, Number(item.chunk.seq));
-    return top;
-  }
-
   /**
-   * Writes to the ledger until the write is stored (see STORE_RETRY); the
-   * ledger answers what is stored meanwhile. Rejects once the daemon stops.
+   * Writes to the ledger or the outbox until the write is stored (see
+   * STORE_RETRY); the store answers what is stored meanwhile. Rejects once
+   * the daemon stops.
    */
   private async untilStored(what: string, taskId: string, write: () => Promise<void>): Promise<void> {
     let backoff: Backoff | undefined;

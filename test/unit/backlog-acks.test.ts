@@ -77,10 +77,12 @@ describe.each(kinds)("%s output acks", (_name, make) => {
     await b.ackOutput("t1", 2);
     expect(keys(b)).toEqual(["o/t1/3"]);
     await b.push([out("t1", 5), out("t1", 4)]);
+    expect(b.topOutputSeq("t1")).toBe(5);
     await b.ackOutput("t1", 4);
     expect(keys(b)).toEqual(["o/t1/5"]);
     await b.ackOutput("t1", 5);
     expect(keys(b)).toEqual([]);
+    expect(b.topOutputSeq("t1")).toBe(0);
     expect(b.bytes).toBe(0);
   });
 });
