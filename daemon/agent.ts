@@ -371,26 +371,26 @@ export class Agent {
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
   private emit(items: UpwardItem[]): void {
-    void this.keep(items);
+    this.keep(items).catch(this.spoolFailed);
     this.send(items);
   }
 
   /**
    * Keeps items in the outbox until acknowledged; resolves once they are
    * durable. A write the store refuses is tried again (STORE_RETRY) until it
-   * is stored or the daemon stops: an item already on the stream but not in
-   * the outbox would be lost with the stream, since a new stream resends
-   * only what the outbox holds.
+   * is stored, and rejects only when the daemon stops: an item already on
+   * the stream but not in the outbox would be lost with the stream, since a
+   * new stream resends only what the outbox holds.
    */
   private keep(items: UpwardItem[]): Promise<void> {
     const first = items[0];
     const taskId = first ? (first.kind === "output" ? first.chunk.taskId : first.status.taskId) : "";
-    const kept = this.untilStored("spooling results", taskId, () => this.outbox.push(items)).catch((err: unknown) =>
-      this.opts.log.error("spooling results failed; the daemon stops", { task: taskId, err }),
-    );
+    const kept = this.untilStored("spooling results", taskId, () => this.outbox.push(items));
     this.updateFlow();
     return kept;
   }
+
+  private readonly spoolFailed = (err: unknown): void => this.opts.log.error("spooling results stopped with the daemon", { err });
 
   /** Sends kept items now if a stream is open (a new stream sends what the outbox holds). */
   private send(items: UpwardItem[]): void {
@@ -595,7 +595,7 @@ export class Agent {
       if (from > 0) await this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, from));
       this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING, from > 0 ? { message: rerunNote(from) } : {}) }]);
       const output = new RunOutput(from, spec.idempotent, {
-        keep: (chunks) => this.keep(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
+        keep: (chunks) => this.keep(chunks.map((chunk) => ({ kind: "output" as const, chunk }))).catch(this.spoolFailed),
         send: (chunks) => this.send(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
         record: (seq) => this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, seq)),
       });
