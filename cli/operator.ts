@@ -59,7 +59,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const v = p.values;
   if (v.help) {
     io.out(
-      helpText("rexmesh run (--hosts IDS | --all | -t QUERY) [options] (-- COMMAND [ARGS...] | --shell SCRIPT)", runOptions, [
+      helpText("rexmesh run (--hosts IDS | --all | -t QUERY) [options] (-- COMMAND [ARGS...] | --shell SCRIPT | --alt ALT... | --doc NAME)", runOptions, [
         "rexmesh run --all -- uname -a",
         "rexmesh run -t 'env=prod and role in (web,db)' -- uptime",
         "rexmesh run -H web-1,web-2 --timeout 30s -- systemctl restart nginx",
