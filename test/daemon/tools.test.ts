@@ -112,7 +112,7 @@ describe("the python tool (real python3)", () => {
 });
 
 describe("the ansible tool (real ansible-playbook, -c local)", () => {
-  it("runs a playbook against this host only, with vars that Jinja never evaluates", { timeout: 60_000 }, async () => {
+  it("runs a playbook against this host only, with vars that Jinja never evaluates", { timeout: 120_000 }, async () => {
     const out = join(tmp, "playbook-out");
     const playbook = `- hosts: all
   gather_facts: false
@@ -127,7 +127,7 @@ describe("the ansible tool (real ansible-playbook, -c local)", () => {
     expect(r.stdout).toMatch(/localhost\s+: ok=1\s+changed=1/);
   });
 
-  it("runs one module with its arguments, unsafe too, and fails when the module fails", { timeout: 60_000 }, async () => {
+  it("runs one module with its arguments, unsafe too, and fails when the module fails", { timeout: 120_000 }, async () => {
     const out = join(tmp, "module-out");
     const r = await run([ansibleStep({ module: "ansible.builtin.copy", moduleArgs: { dest: out, content: "{{ 7 * 6 }}" } })]);
     expect(r.outcome.state, r.stdout + r.stderr).toBe(TaskState.SUCCEEDED);
