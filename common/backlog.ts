@@ -1,4 +1,5 @@
-import { TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import { toBinary } from "@bufbuild/protobuf";
+import { StepSchema, TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 
 /** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
 export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk };
@@ -26,6 +27,8 @@ export function specBytes(spec: TaskSpec): number {
   for (const step of spec.steps) {
     if (step.tool.case === "exec") for (const a of step.tool.value.argv) n += a.length + 4;
     else if (step.tool.case === "shell") n += step.tool.value.script.length + 8;
+    // A python script or playbook is as large as a shell script; their maps count per entry.
+    else n += toBinary(StepSchema, step).length;
   }
   for (const [k, v] of Object.entries(spec.env)) n += k.length + v.length + 8;
   return n;

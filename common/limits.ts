@@ -102,6 +102,8 @@ export const LIMITS = {
   jobSteps: 64,
   /** One argv element, script, path or interpreter argument (Linux MAX_ARG_STRLEN). */
   argBytes: 128 * KiB,
+  /** Entries of an ansible step's `vars` or `module_args` (each name and value is an argument: `argBytes`). */
+  toolVars: 64,
   envVars: 128,
   envNameChars: 128,
   envValueBytes: 32 * KiB,

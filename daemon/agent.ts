@@ -31,6 +31,7 @@ import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRe
 import { RunOutput } from "./run-output.js";
 import { OutputDigest, type HostReporter } from "../common/host-signing.js";
 import { screenAcks } from "../common/link-limits.js";
+import { missingTool } from "../common/step-tool.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -50,6 +51,12 @@ export interface AgentOptions {
   /** Results not yet acknowledged by the proxy; durable in a real daemon. Default: in memory. */
   outbox?: Backlog;
   facts: HostFacts;
+  /**
+   * The tools this host runs (daemon/tools.ts): a task with a step of any
+   * other tool is REJECTED with the reason. Absent: no check (the executor
+   * still fails a step it cannot run).
+   */
+  tools?: readonly string[];
   clock: Clock;
   log: Logger;
   /** Tasks run at once. Default 4. */
@@ -141,7 +148,7 @@ function spawnTurn(): Promise<void> {
  * reconnect.
  */
 export class Agent {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter">> & { backoff: BackoffOptions; random?: () => number; reporter?: () => HostReporter };
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools">> & { backoff: BackoffOptions; tools?: readonly string[]; random?: () => number; reporter?: () => HostReporter };
   private readonly endLeftovers: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
   private readonly outbox: Backlog;
   private readonly waiting: TaskSpec[] = [];
@@ -523,6 +530,11 @@ export class Agent {
     const entry: LedgerEntry = { spec, state: TaskState.DELIVERED };
     if (spec.hostId !== this.opts.hostId || spec.tenant !== this.opts.tenant) {
       await this.finishTask(entry, { state: TaskState.REJECTED, message: `the task is addressed to host ${spec.tenant}/${spec.hostId}, not to this host`, outputChunks: 0, outputTruncated: false });
+      return;
+    }
+    const missing = this.opts.tools && missingTool(spec.steps, this.opts.tools);
+    if (missing) {
+      await this.finishTask(entry, { state: TaskState.REJECTED, message: missing, outputChunks: 0, outputTruncated: false });
       return;
     }
     if (this.pastDeadline(spec)) {
