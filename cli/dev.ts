@@ -71,7 +71,8 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, devOptions);
   const v = p.values;
   if (v.help) {
-    io.out(helpText(USAGE, { ...devOptions, ...controlOptions }, EXAMPLES));
+    const { help: _help, ...startOptions } = devOptions;
+    io.out(helpText(USAGE, { ...startOptions, ...controlOptions }, EXAMPLES));
     return 0;
   }
   const first = p.positionals[0];
@@ -124,7 +125,8 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
   });
 
   const proxyCount = plan.regions.length * proxiesPerRegion;
-  io.err(`starting a mesh: 1 controller, ${proxyCount} ${proxyCount === 1 ? "proxy" : "proxies"} (${plan.regions.join(", ")}${proxiesPerRegion > 1 ? `, ${proxiesPerRegion} each` : ""}), ${hostCount} hosts in ${plan.tenants.length > 1 ? `${plan.tenants.length} tenants, ` : ""}${countDaemons(plan, perProcess)} daemon processes\n`);
+  const daemons = mesh.daemonGroups().length;
+  io.err(`starting a mesh: 1 controller, ${proxyCount} ${proxyCount === 1 ? "proxy" : "proxies"} (${plan.regions.join(", ")}${proxiesPerRegion > 1 ? `, ${proxiesPerRegion} each` : ""}), ${hostCount} hosts in ${plan.tenants.length > 1 ? `${plan.tenants.length} tenants, ` : ""}${daemons} daemon ${daemons === 1 ? "process" : "processes"}\n`);
   let exportsByTenant: Map<string, Record<string, string>>;
   try {
     await mesh.start();
@@ -153,10 +155,6 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
   await stopped;
   io.err("mesh stopped\n");
   return 0;
-}
-
-function countDaemons(plan: DevPlan, perProcess: number): number {
-  return plan.regions.reduce((n, r) => n + Math.ceil(plan.hosts.filter((h) => h.region === r).length / perProcess), 0);
 }
 
 /** The operator exports of every tenant: the mesh's own operator for the first, one issued here for each other. */

@@ -219,7 +219,8 @@ export class LocalMesh {
     return this.controllerAddressForProxies ?? (await this.dialAddress(proxy, "controller", this.controllerAddress));
   }
 
-  private daemonGroups(): { name: string; region: string; hosts: string[] }[] {
+  /** How the hosts are split into daemon processes: `daemon-<name>` each, with its region and hosts. */
+  daemonGroups(): { name: string; region: string; hosts: string[] }[] {
     const groups: { name: string; region: string; hosts: string[] }[] = [];
     for (const region of this.plan.regions) {
       const hosts = this.plan.hosts.filter((h) => h.region === region).map((h) => h.id);
