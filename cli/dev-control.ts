@@ -18,6 +18,8 @@ export const CONTROL_FILE = "control.json";
 
 /** A request line longer than this is refused: the requests are a few words. */
 const MAX_REQUEST_BYTES = 4096;
+/** How long the server waits for a request line. */
+const REQUEST_TIMEOUT_MS = 10_000;
 /** How long a command waits for an answer: a restart waits for the role to be ready. */
 const ANSWER_TIMEOUT_MS = 120_000;
 
@@ -47,16 +49,22 @@ export async function serveControl(dir: string, handle: (req: ControlRequest) =>
   const server: Server = createServer((socket) => {
     sockets.add(socket);
     socket.on("close", () => sockets.delete(socket));
+    // A request is one short line: a connection that sends none is not kept.
+    socket.setTimeout(REQUEST_TIMEOUT_MS, () => socket.destroy());
     socket.on("error", () => socket.destroy());
     let buffered = "";
     const onData = (data: Buffer) => {
       buffered += data.toString("utf8");
       const end = buffered.indexOf("\n");
       if (end < 0) {
-        if (buffered.length > MAX_REQUEST_BYTES) socket.end(JSON.stringify({ ok: false, error: "request too long" }) + "\n");
+        if (buffered.length > MAX_REQUEST_BYTES) {
+          socket.off("data", onData);
+          socket.end(JSON.stringify({ ok: false, error: "request too long" }) + "\n");
+        }
         return;
       }
       socket.off("data", onData);
+      socket.setTimeout(0); // the answer may take a while: a restart waits for the role to be ready
       answer(buffered.slice(0, end)).then(
         (a) => socket.end(JSON.stringify(a) + "\n"),
         () => socket.destroy(),
@@ -114,6 +122,9 @@ export async function askMesh(dir: string, req: ControlRequest): Promise<Control
     control = JSON.parse(readFileSync(file, "utf8")) as ControlFile;
   } catch (err) {
     throw new NoMeshError(`no dev mesh running in ${dir} (${CONTROL_FILE} cannot be read: ${(err as Error).message.split("\n")[0]})`);
+  }
+  if (!Number.isInteger(control?.port) || control.port < 1 || control.port > 65535 || typeof control.token !== "string") {
+    throw new NoMeshError(`no dev mesh running in ${dir} (${CONTROL_FILE} is not one that rexmesh dev wrote)`);
   }
   const line = await new Promise<string>((resolve, reject) => {
     const socket = createConnection({ host: "127.0.0.1", port: control.port });
