@@ -14,7 +14,7 @@ const TREE: Record<string, string[]> = {
   artifacts: ["put"],
   bundle: ["export", "import", "--region"],
   ca: ["init", "issue", "--dir", "--role", "--id", "--tenant", "--region", "--out"],
-  dev: ["--hosts", "--regions", "--dir", "--demo", "--help"],
+  dev: ["roles", "kill", "restart", "--hosts", "--regions", "--proxies-per-region", "--tenants", "--label", "--inventory", "--dir", "--hosts-per-process", "--demo", "--log-level", "--signal", "--json", "--help"],
   controller: ["--config", "--print-config", "--help"],
   proxy: ["bundle", "--config", "--print-config", "--help"],
   daemon: ["--config", "--print-config", "--help"],

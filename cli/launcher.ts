@@ -66,6 +66,12 @@ export interface MeshPlan {
   shareHostKey?: boolean;
   /** Flags for node itself before the script, for every role process (e.g. `--cpu-prof`). */
   nodeArgs?: string[];
+  /**
+   * Called whenever a role process the mesh started exits, whatever the
+   * reason (a stop, a kill, a crash); `rexmesh dev` reports deaths with it.
+   * Restarted processes are watched too.
+   */
+  onExit?: (p: RoleProcess, code: number | null, signal: NodeJS.Signals | null) => void;
   /** Extra flags per role. */
   controllerArgs?: string[];
   proxyArgs?: string[];
@@ -81,6 +87,11 @@ export interface RoleProcess {
   readyFile: string;
   logFile: string;
   info?: Record<string, unknown>;
+}
+
+/** Whether a role's current process has not exited yet. */
+export function isRunning(p: RoleProcess): boolean {
+  return p.proc.exitCode === null && p.proc.signalCode === null;
 }
 
 const SERVE_NAMES = { dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"] };
@@ -133,7 +144,7 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
  */
 export class LocalMesh {
   readonly dir: string;
-  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "daemonArgsFor" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route">> & MeshPlan;
+  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "daemonArgsFor" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route" | "onExit">> & MeshPlan;
   controller!: RoleProcess;
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
   /** Daemon processes, each with its hosts and the names of the proxies it was given, in dialling order. */
@@ -210,7 +221,8 @@ export class LocalMesh {
     return this.controllerAddressForProxies ?? (await this.dialAddress(proxy, "controller", this.controllerAddress));
   }
 
-  private daemonGroups(): { name: string; region: string; hosts: string[] }[] {
+  /** How the hosts are split into daemon processes: `daemon-<name>` each, with its region and hosts. */
+  daemonGroups(): { name: string; region: string; hosts: string[] }[] {
     const groups: { name: string; region: string; hosts: string[] }[] = [];
     for (const region of this.plan.regions) {
       const hosts = this.plan.hosts.filter((h) => h.region === region).map((h) => h.id);
@@ -224,12 +236,21 @@ export class LocalMesh {
   private spawnRole(name: string, role: string, args: string[]): RoleProcess {
     const readyFile = join(this.dir, "run", `${name}.ready`);
     const logFile = join(this.dir, "logs", `${name}.log`);
-    rmSync(readyFile, { force: true });
-    const fd = openSync(logFile, "a");
     const fullArgs = [...(this.plan.nodeArgs ?? []), REXMESH_BIN, role, ...args, "--data", join(this.dir, "data", name), "--ready-file", readyFile, "--log-level", this.plan.logLevel];
-    const proc = spawn(process.execPath, fullArgs, { stdio: ["ignore", fd, fd], env: cleanEnv() });
+    const p = { name, args: fullArgs, readyFile, logFile } as RoleProcess;
+    this.launch(p);
+    return p;
+  }
+
+  /** Starts (or starts again) a role's process from its arguments, its output appended to its log. */
+  private launch(p: RoleProcess): void {
+    rmSync(p.readyFile, { force: true });
+    const fd = openSync(p.logFile, "a");
+    const proc = spawn(process.execPath, p.args, { stdio: ["ignore", fd, fd], env: cleanEnv() });
     closeSync(fd);
-    return { name, args: fullArgs, proc, readyFile, logFile };
+    p.proc = proc;
+    const onExit = this.plan.onExit;
+    if (onExit) proc.once("exit", (code, signal) => onExit(p, code, signal));
   }
 
   private async ready(p: RoleProcess, timeoutMs = 30_000): Promise<void> {
@@ -309,9 +330,13 @@ export class LocalMesh {
     return { REXMESH_CONTROLLER: this.controllerAddress, REXMESH_CERT: this.operator.cert, REXMESH_KEY: this.operator.key, REXMESH_CA: this.operator.ca };
   }
 
-  /** Waits until the controller sees `count` connected hosts (checked through the public API). */
-  async waitForHosts(count: number, timeoutMs = 60_000): Promise<void> {
-    const { client, close } = operatorClient({}, this.exports());
+  /**
+   * Waits until the controller sees `count` connected hosts (checked through
+   * the public API), as the operator of `exports` sees them: the mesh's own
+   * tenant by default.
+   */
+  async waitForHosts(count: number, timeoutMs = 60_000, exports = this.exports()): Promise<void> {
+    const { client, close } = operatorClient({}, exports);
     const deadline = Date.now() + timeoutMs;
     try {
       for (let delay = 20; ; delay = Math.min(delay * 2, 250)) {
@@ -332,19 +357,26 @@ export class LocalMesh {
    */
   async restart(p: RoleProcess): Promise<void> {
     // A second process on the same data directory and address would fight the first, which nothing would stop.
-    if (p.proc.exitCode === null && p.proc.signalCode === null) throw new Error(`${p.name} is still running (pid ${p.proc.pid})`);
+    if (isRunning(p)) throw new Error(`${p.name} is still running (pid ${p.proc.pid})`);
     const listen = p.args.indexOf("--listen");
     if (listen >= 0 && p.info?.address) p.args[listen + 1] = String(p.info.address);
-    rmSync(p.readyFile, { force: true });
-    const fd = openSync(p.logFile, "a");
-    p.proc = spawn(process.execPath, p.args, { stdio: ["ignore", fd, fd], env: cleanEnv() });
-    closeSync(fd);
+    this.launch(p);
     await this.ready(p);
+  }
+
+  /** Signals a role process and waits for it to exit; SIGKILL follows after forceMs if it has not. */
+  async kill(p: RoleProcess, signal: NodeJS.Signals = "SIGKILL", forceMs = 10_000): Promise<void> {
+    if (!isRunning(p)) return;
+    const exited = this.exited(p);
+    p.proc.kill(signal);
+    const force = setTimeout(() => p.proc.kill("SIGKILL"), forceMs);
+    await exited;
+    clearTimeout(force);
   }
 
   /** Resolves when a role process has exited. */
   exited(p: RoleProcess): Promise<void> {
-    if (p.proc.exitCode !== null || p.proc.signalCode !== null) return Promise.resolve();
+    if (!isRunning(p)) return Promise.resolve();
     return new Promise((resolve) => p.proc.once("exit", () => resolve()));
   }
 
@@ -354,22 +386,13 @@ export class LocalMesh {
 
   /** Stops every process (daemons first), with SIGTERM and then SIGKILL after graceMs. */
   async stop(graceMs = 5000): Promise<void> {
-    const stopOne = (p: RoleProcess) =>
-      new Promise<void>((res) => {
-        if (p.proc.exitCode !== null || p.proc.signalCode !== null) return res();
-        const t = setTimeout(() => p.proc.kill("SIGKILL"), graceMs);
-        p.proc.once("exit", () => {
-          clearTimeout(t);
-          res();
-        });
-        p.proc.kill("SIGTERM");
-      });
+    const stopOne = (p: RoleProcess) => this.kill(p, "SIGTERM", graceMs);
     await Promise.all(this.daemons.map(stopOne));
     await Promise.all(this.proxies.map(stopOne));
     if (this.controller) await stopOne(this.controller);
   }
 
-  writeEnvFile(path: string): void {
-    writeFileSync(path, Object.entries(this.exports()).map(([k, v]) => `export ${k}=${v}`).join("\n") + "\n");
+  writeEnvFile(path: string, exports = this.exports()): void {
+    writeFileSync(path, Object.entries(exports).map(([k, v]) => `export ${k}=${v}`).join("\n") + "\n");
   }
 }
