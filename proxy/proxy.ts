@@ -90,7 +90,10 @@ interface HostSession {
   since: number;
   link: AgentLink;
   session: LinkSession<AgentStreamResponse, AgentStreamRequest>;
+  /** Free slots the daemon last reported (absolute), less the tasks handed out since. */
   credits: number;
+  /** How many credit reports came on this stream: a failed hand-over gives its credits back only if none came since. */
+  creditReports: number;
   reportKey: HostReportKey | undefined;
   /** The host's proof of presence over the current controller link's nonce, with its salt. */
   proof: { proof: Uint8Array; salt: Uint8Array } | undefined;
@@ -129,6 +132,8 @@ export class ProxyCore {
   private readonly log: Logger;
   private readonly heartbeatMs: number;
   private readonly hosts = new Map<string, HostSession>();
+  /** Tasks whose hand-over (DISPATCHED) is on its way to the store: they go to the host once it is stored, not before. */
+  private readonly handing = new Set<string>();
   private controller: ControllerSession | undefined;
   private sweepTimer: Timer | undefined;
   private readonly sweepMs: number;
@@ -178,7 +183,7 @@ export class ProxyCore {
     if (hello.hostId !== peer.id) {
       throw new PermissionDeniedError(`the stream claims host ${JSON.stringify(hello.hostId)} but the certificate is for host ${JSON.stringify(peer.id)}`);
     }
-    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0, reportKey: hello.reportKey, proof: undefined, takenOn: undefined };
+    const session: HostSession = { hostId: peer.id, tenant: peer.scope, facts: hello.facts, since: this.clock.now(), link, session: ls, credits: 0, creditReports: 0, reportKey: hello.reportKey, proof: undefined, takenOn: undefined };
     // A live stream is never replaced by another one of the same host id: the second could be a stolen
     // key. A daemon that restarted while its old connection stayed half-open gets in once that one is
     // declared dead by its heartbeat (three intervals), or fails over to another proxy meanwhile.
@@ -253,7 +258,10 @@ export class ProxyCore {
   private async handleHostFrame(session: HostSession, frame: AgentStreamRequest): Promise<void> {
     screenHostFrame(frame).warn(this.log, "reports no daemon sends were dropped (not acknowledged)", { host: session.hostId });
     session.takenOn = undefined;
-    if (frame.credits !== undefined) session.credits = frame.credits;
+    if (frame.credits !== undefined) {
+      session.credits = frame.credits;
+      session.creditReports++;
+    }
     if (frame.presenceProof.length > 0 && this.nonce && Buffer.from(frame.presenceNonce).equals(this.nonce)) {
       session.proof = { proof: frame.presenceProof, salt: frame.presenceSalt };
       this.reportPresence(session, true);
@@ -377,7 +385,7 @@ export class ProxyCore {
   /** After a reconnect, tasks handed out before may not have reached the daemon: send them again (its ledger drops duplicates). */
   private resendHandedOut(session: HostSession): void {
     for (const task of this.store.tasksFor(session.hostId)) {
-      if (task.state === TaskState.DISPATCHED && task.signed && task.spec) session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
+      if (task.state === TaskState.DISPATCHED && task.signed && task.spec && !this.handing.has(task.id)) session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
       if (task.cancelRequested && task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) this.tellCancel(session, task);
     }
   }
@@ -421,19 +429,32 @@ export class ProxyCore {
       handed.push(task);
     }
     if (items.length === 0) return;
-    this.persistUp(items, changed, undo).then(
-      (stored) => {
-        if (stored) this.handOver(session, handed);
-        // Not handed over: the tasks wait again (undone), and the host's credits are its own again.
-        else if (this.hosts.get(session.hostId) === session) session.credits += handed.length;
-      },
-      (err) => this.log.error("handing tasks over failed", { err }),
-    );
+    for (const task of handed) this.handing.add(task.id);
+    const reports = session.creditReports;
+    this.persistUp(items, changed, undo)
+      .then(
+        (stored) => {
+          if (stored) this.handOver(session.hostId, handed);
+          // Not handed over: the tasks wait again (undone; the sweep tries again), and the host's credits are its own
+          // again unless it reported its free slots since (they are absolute: those would count them twice).
+          else if (this.hosts.get(session.hostId) === session && session.creditReports === reports) session.credits += handed.length;
+        },
+        (err) => this.log.error("handing tasks over failed", { err }),
+      )
+      .finally(() => {
+        for (const task of handed) this.handing.delete(task.id);
+      });
   }
 
-  /** Tasks whose hand-over is stored go to the host, if it is still on this stream (else resendHandedOut sends them when it is back). */
-  private handOver(session: HostSession, tasks: readonly QueuedTask[]): void {
-    if (this.hosts.get(session.hostId) !== session) return;
+  /**
+   * Tasks whose hand-over is stored go to the host on the stream it holds
+   * now, which may be a newer one than they were handed out on (its
+   * resendHandedOut left them to this); with none, resendHandedOut sends
+   * them when it is back.
+   */
+  private handOver(hostId: string, tasks: readonly QueuedTask[]): void {
+    const session = this.hosts.get(hostId);
+    if (!session) return;
     for (const task of tasks) {
       if (task.state !== TaskState.DISPATCHED || this.store.getTask(task.id) !== task || !task.signed || !task.spec) continue;
       session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
@@ -793,6 +814,8 @@ export class ProxyCore {
     }
     // Not stored: the tasks are QUEUED again (undone) and the next sweep tries again.
     if (items.length > 0) this.persistUp(items, changed, undo).catch((err) => this.log.error("storing expired tasks failed", { err }));
+    // Hand-overs whose write failed are QUEUED again: they go now to a host with free slots, not only at its next report.
+    for (const session of this.hosts.values()) this.deliver(session);
     void this.store.pruneMarks(now).catch((err) => this.log.error("forgetting old task marks failed", { err }));
   }
 

@@ -3,7 +3,7 @@ import type { UpwardItem } from "../../common/backlog.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
 import { chunk, flush, status, taskSpec } from "./support.js";
-import { proxyHarness, statusAcksTo, upOutput, upStatuses } from "./proxy-harness.js";
+import { handed, proxyHarness, statusAcksTo, upOutput, upStatuses } from "./proxy-harness.js";
 import { nonceSentTo, realController } from "./real-controller.js";
 
 class FlakyStore extends MemoryProxyStore {
@@ -19,6 +19,21 @@ class FlakyStore extends MemoryProxyStore {
 
 function setup() {
   return proxyHarness(new FlakyStore());
+}
+
+/** A store whose upward writes wait, while `held`, until the test lets each one commit or fail. */
+class GatedStore extends MemoryProxyStore {
+  held = false;
+  readonly waiting: { commit: () => void; fail: () => void }[] = [];
+  override pushUpward(items: readonly UpwardItem[]): Promise<void> {
+    if (!this.held) return super.pushUpward(items);
+    return new Promise((resolve, reject) =>
+      this.waiting.push({
+        commit: () => resolve(super.pushUpward(items)),
+        fail: () => reject(Object.assign(new Error("No space left on device"), { code: "ENOSPC" })),
+      }),
+    );
+  }
 }
 
 describe("proxy under faults", () => {
@@ -95,5 +110,69 @@ describe("proxy under faults", () => {
     await flush();
     expect(h.link.sent.flatMap((f) => f.cancelTaskIds)).toEqual(["t9"]);
     expect(upStatuses(ctl.link)).toEqual(expect.arrayContaining(["t9:CANCELLED", "t8:CANCELLED"]));
+  });
+
+  it("P3 a task whose hand-over is not yet stored is not sent on a host's new stream before it is; it goes there once stored", async () => {
+    const t = proxyHarness(new GatedStore());
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    t.store.held = true;
+    const a = t.connectHost("h1", 1);
+    await flush();
+    expect(t.store.waiting).toHaveLength(1); // DISPATCHED on its way to the store
+    a.link.end();
+    await flush();
+    const b = t.connectHost("h1", 1);
+    await flush();
+    // Sent now, a crash before the write lands would leave the task QUEUED here while the host runs it.
+    expect(handed(a.link)).toEqual([]);
+    expect(handed(b.link)).toEqual([]);
+    t.store.waiting.shift()!.commit();
+    await flush();
+    expect(handed(b.link)).toEqual(["t1"]);
+  });
+
+  it("P4 a hand-over whose write failed is tried again without waiting for the host to report, and gives back only credits the host did not report again meanwhile", async () => {
+    const t = proxyHarness(new GatedStore(), { sweepMs: 1000 });
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() }), taskSpec("t2", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    t.store.held = true;
+    const a = t.connectHost("h1", 1);
+    await flush();
+    expect(t.store.waiting).toHaveLength(1); // t1's hand-over
+    // The daemon reports one free slot again (its credits are absolute): t2 takes it.
+    a.send({ credits: 1 });
+    await flush();
+    expect(t.store.waiting).toHaveLength(2);
+    t.store.held = false;
+    t.store.waiting.shift()!.fail(); // t1's write: ENOSPC
+    t.store.waiting.shift()!.commit(); // t2's
+    await flush();
+    expect(handed(a.link)).toEqual(["t2"]);
+    // The slot t1 took was reported again since: t1 waits for the next free one, it does not make a second task run.
+    t.clock.advance(1000);
+    await flush();
+    expect(handed(a.link)).toEqual(["t2"]);
+    // A slot frees and is reported; a failed hand-over is also retried by the sweep when the host stays silent.
+    a.send({ credits: 1 });
+    await flush();
+    expect(handed(a.link)).toEqual(["t2", "t1"]);
+
+    const u = proxyHarness(new GatedStore(), { sweepMs: 1000 });
+    const ctl2 = u.connectController();
+    ctl2.send({ tasks: [taskSpec("t3", "h2", { deliverByMs: u.future() })] });
+    await flush();
+    u.store.held = true;
+    const h = u.connectHost("h2", 1);
+    await flush();
+    u.store.held = false;
+    u.store.waiting.shift()!.fail();
+    await flush();
+    expect(handed(h.link)).toEqual([]);
+    u.clock.advance(1000);
+    await flush();
+    expect(handed(h.link)).toEqual(["t3"]);
   });
 });
