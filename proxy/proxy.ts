@@ -610,6 +610,8 @@ export class ProxyCore {
     const now = this.clock.now();
     // Writes are issued as the frame is read and awaited together: one commit per frame, not one per task.
     const writes: Promise<unknown>[] = [];
+    // Records change as the frame is read; if its commit fails they are put back (the link fails, the controller sends again).
+    const undo = new TaskUndo();
     if (frame.denyList) await this.applyDenyList(frame.denyList);
     if (frame.signingKeys.length > 0) {
       const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));
@@ -630,6 +632,7 @@ export class ProxyCore {
       if (known) {
         if (!known.signed) {
           // Taken on from the host's reports; now the task itself has come.
+          undo.touch(known);
           known.signed = signed;
           known.spec = spec;
           changed.add(known);
@@ -641,6 +644,7 @@ export class ProxyCore {
         continue;
       }
       const task: QueuedTask = { id: spec.taskId, hostId: spec.hostId, signed, spec, state: TaskState.QUEUED, cancelRequested: false, outputSeq: 0 };
+      undo.added(task);
       const deliverBy = deliverByOf(task);
       if (mark === "cancelled") {
         writes.push(this.store.unmark(task.id));
@@ -673,6 +677,7 @@ export class ProxyCore {
         continue;
       }
       if (isTerminal(task.state) && !task.endedHere) continue;
+      undo.touch(task);
       const first = !task.cancelRequested;
       task.cancelRequested = true;
       // A withdrawal stays one only while every cancel asks no more.
@@ -692,7 +697,13 @@ export class ProxyCore {
       writes.push(this.store.ackStatus(ack.taskId, ack.state, ack.atProxy));
       if (isTerminal(ack.state)) writes.push(this.settled(ack.taskId, ack.atProxy));
     }
-    await Promise.all(writes);
+    undo.issued();
+    try {
+      await Promise.all(writes);
+    } catch (err) {
+      await undo.undo(this.store, (e, taskId) => this.log.error("undoing a task's change after a failed write failed", { task: taskId, err: e }));
+      throw err;
+    }
     if (items.length > 0) this.sendUp();
     for (const hostId of touched) {
       const session = this.hosts.get(hostId);

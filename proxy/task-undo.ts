@@ -1,18 +1,35 @@
-import type { TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import type { SignedTask, TaskSpec, TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { ProxyStore, QueuedTask } from "./store.js";
 
-/** The fields of a task record that a host's reports, a hand-over or an expiry move. */
+/** The fields of a task record that a host's reports, a hand-over, an expiry or a controller's frame move. */
 interface Progress {
   state: TaskState;
   endedHere: boolean | undefined;
   outputSeq: number;
+  cancelRequested: boolean;
+  withdraw: boolean | undefined;
+  signed: SignedTask | undefined;
+  spec: TaskSpec | undefined;
 }
 
-const progressOf = (t: QueuedTask): Progress => ({ state: t.state, endedHere: t.endedHere, outputSeq: t.outputSeq });
+const FIELDS = ["state", "endedHere", "outputSeq", "cancelRequested", "withdraw", "signed", "spec"] as const;
+
+const progressOf = (t: QueuedTask): Progress => ({
+  state: t.state,
+  endedHere: t.endedHere,
+  outputSeq: t.outputSeq,
+  cancelRequested: t.cancelRequested,
+  withdraw: t.withdraw,
+  signed: t.signed,
+  spec: t.spec,
+});
+
+/** How a record came into the write: changed, created from a host's reports, or created by the write (a new task). */
+type Origin = "touched" | "taken" | "added";
 
 /**
- * What one write's worth of changes (a host's frame, a hand-over, a sweep)
- * did to the proxy's task records. The records change before the write
+ * What one write's worth of changes (a host's frame, a hand-over, a sweep,
+ * a controller's frame) did to the proxy's task records. The records change before the write
  * commits (later items of a frame, and other paths, read them), so when the
  * write fails they are put back. A host is not acknowledged then and sends
  * the same reports again: they must count as new, else they would be
@@ -20,22 +37,27 @@ const progressOf = (t: QueuedTask): Progress => ({ state: t.state, endedHere: t.
  * waits again.
  */
 export class TaskUndo {
-  private readonly before = new Map<QueuedTask, { was: Progress; taken: boolean }>();
+  private readonly before = new Map<QueuedTask, { was: Progress; origin: Origin }>();
   private readonly set = new Map<QueuedTask, Progress>();
 
   /** Call before changing a task. */
   touch(task: QueuedTask): void {
-    if (!this.before.has(task)) this.before.set(task, { was: progressOf(task), taken: false });
+    if (!this.before.has(task)) this.before.set(task, { was: progressOf(task), origin: "touched" });
   }
 
-  /** A record the frame creates (a task the host brought from another proxy). */
+  /** A record the frame creates from a host's reports (a task the host brought from another proxy). */
   taken(task: QueuedTask): void {
-    this.before.set(task, { was: progressOf(task), taken: true });
+    this.before.set(task, { was: progressOf(task), origin: "taken" });
   }
 
-  /** The records the frame created. */
+  /** A record the write creates for a task the controller sent: removed if the write fails. */
+  added(task: QueuedTask): void {
+    this.before.set(task, { was: progressOf(task), origin: "added" });
+  }
+
+  /** The records the frame took on from a host's reports. */
   created(): QueuedTask[] {
-    return [...this.before].filter(([, b]) => b.taken).map(([task]) => task);
+    return [...this.before].filter(([, b]) => b.origin === "taken").map(([task]) => task);
   }
 
   /** The writes are issued: what they set is noted, so that undo leaves alone what other paths changed since. */
@@ -51,14 +73,14 @@ export class TaskUndo {
    */
   async undo(store: ProxyStore, failed: (err: unknown, taskId: string) => void): Promise<void> {
     const writes: Promise<void>[] = [];
-    for (const [task, { was, taken }] of this.before) {
+    for (const [task, { was, origin }] of this.before) {
       if (store.getTask(task.id) !== task) continue; // settled or replaced meanwhile
       const set = this.set.get(task) ?? progressOf(task);
-      if (task.state === set.state) task.state = was.state;
-      if (task.endedHere === set.endedHere) task.endedHere = was.endedHere;
-      if (task.outputSeq === set.outputSeq) task.outputSeq = was.outputSeq;
-      // A record created by the frame goes, unless the controller has since sent the task itself.
-      const write = taken && !task.signed ? store.removeTask(task.id) : store.putTask(task);
+      const record = task as unknown as Record<string, unknown>;
+      for (const f of FIELDS) if (task[f] === set[f]) record[f] = was[f];
+      // A record created by the write goes; one taken on from a host's reports stays if the controller has since sent the task itself.
+      const gone = origin === "added" || (origin === "taken" && !task.signed);
+      const write = gone ? store.removeTask(task.id) : store.putTask(task);
       writes.push(write.catch((err: unknown) => failed(err, task.id)));
     }
     await Promise.all(writes);

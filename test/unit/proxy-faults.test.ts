@@ -175,4 +175,23 @@ describe("proxy under faults", () => {
     await flush();
     expect(handed(h.link)).toEqual(["t3"]);
   });
+
+  it("P5 a controller frame whose commit failed leaves nothing in memory the store lacks: the task sent again is taken as new and kept", async () => {
+    const t = setup();
+    const a = t.connectController();
+    await flush();
+    t.store.failNext = true; // ENOSPC on the frame's commit
+    a.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    expect(await a.settled).toBeInstanceOf(Error); // the link fails: the controller sends the task again
+    expect(t.store.getTask("t1")).toBeUndefined();
+    const b = t.connectController();
+    await flush();
+    b.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    // Taken as new: its QUEUED is stored, where a record left in memory took the resend for a reminder and kept nothing.
+    const kept = t.store.upward().some((i) => i.kind === "status" && i.status.taskId === "t1" && i.status.state === TaskState.QUEUED);
+    expect(kept).toBe(true);
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.QUEUED);
+  });
 });
