@@ -119,6 +119,9 @@ export function createRpcServer(opts: {
     opts.log.warn("malformed request refused", { method: pathOf(method), peer: peer ? formatIdentity(peer) : "unidentified", code: err.code, err });
   };
   const handler = connectNodeAdapter({
+    // A JSON field the message does not have is refused (INVALID_ARGUMENT, naming it), not dropped: connect-es ignores
+    // them by default, and a misspelt "hostIDs" would then be a request without its target.
+    jsonOptions: { ignoreUnknownFields: false },
     routes: (router) => {
       opts.routes(router);
       served = router.handlers.map((h) => h.method);

@@ -71,6 +71,9 @@ const FIRST_CALL_MS = 5000;
 export function createOpenUnaryServer(opts: { creds: Credentials; handlers: OpenUnaryHandler[]; log: Logger; limits?: Partial<OpenListenerLimits> }): OpenUnaryServer {
   const limits = resolveLimits(opts.limits);
   const handler = connectNodeAdapter({
+    // A JSON field the message does not have is refused (INVALID_ARGUMENT, naming it), not dropped: connect-es ignores
+    // them by default, and a misspelt "hostIDs" would then be a request without its target.
+    jsonOptions: { ignoreUnknownFields: false },
     routes: (router) => {
       for (const h of opts.handlers) {
         router.rpc(h.method, async (req: unknown) => {

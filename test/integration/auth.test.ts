@@ -283,5 +283,10 @@ describe("authentication and the public API", () => {
     // Unknown job: a Connect error with the right code, as JSON.
     const notFound = await run("curl", ["-sS", "--cert", mesh.operator.cert, "--key", mesh.operator.key, "--cacert", mesh.operator.ca, "-H", "Content-Type: application/json", "-d", '{"jobId":"nope"}', `${base}/GetJob`]);
     expect(JSON.parse(notFound.stdout)).toMatchObject({ code: "not_found" });
+    // A misspelt field is refused by name, not dropped: `hostIDs` would otherwise submit a job with no target.
+    const misspelt = await run("curl", ["-sS", "--cert", mesh.operator.cert, "--key", mesh.operator.key, "--cacert", mesh.operator.ca, "-H", "Content-Type: application/json", "-d", '{"hostIDs":["h1"],"steps":[{"exec":{"argv":["true"]}}]}', `${base}/SubmitJob`]);
+    const refused = JSON.parse(misspelt.stdout) as { code: string; message: string };
+    expect(refused.code).toBe("invalid_argument");
+    expect(refused.message).toMatch(/hostIDs/);
   });
 });
