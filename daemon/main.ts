@@ -117,7 +117,6 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   });
   await Promise.all(agents.map((a) => a.start()));
   const metrics = new Metrics();
-  const stopProcessGauges = metrics.processGauges();
   metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
   metrics.gauge("hosts", "hosts this process serves", () => agents.length);
   metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
@@ -133,7 +132,6 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     info: { role: "daemon", hosts: agents.map((a) => a.hostId), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
     async stop(graceMs) {
       renewing.abort();
-      stopProcessGauges();
       await metricsServer?.close();
       await Promise.all(renewals);
       await Promise.all(agents.map((a) => a.stop(graceMs)));

@@ -165,7 +165,6 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   }
 
   const metrics = new Metrics();
-  const stopProcessGauges = metrics.processGauges();
   const store = core.store;
   metrics.gauge("connected_hosts", "host streams held now", () => core.connectedHosts);
   metrics.gauge("controller_link_up", "1 while the link to the controller is up", () => (core.controllerConnected ? 1 : 0));
@@ -173,7 +172,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     const n = new Map<string, number>();
     for (const t of store.allTasks()) n.set(TaskState[t.state] ?? String(t.state), (n.get(TaskState[t.state] ?? String(t.state)) ?? 0) + 1);
     return [...n].map(([state, value]) => ({ labels: { state }, value }));
-  });
+  }, ["state"]);
   metrics.gauge("result_backlog_items", "statuses and output chunks not yet acknowledged by the controller", () => store.upwardSize());
   metrics.gauge("store_used_bytes", "bytes in use in the proxy's LMDB store", () => env.usedBytes());
   const reconnects = metrics.counter("controller_link_attempts_total", "attempts to open the link to the controller");
@@ -186,7 +185,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     log,
     signal: stop.signal,
     backoff: { initialMs: 500, maxMs: 30_000 },
-    onAttempt: () => reconnects(),
+    onAttempt: () => reconnects.inc(),
     dial: async () => {
       const channel = openChannel(controllerAddress, creds, ["controller"]);
       const client = clientFor(ProxyLinkService, channel);
@@ -203,7 +202,6 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     draining: () => health.draining(),
     async stop(graceMs) {
       stop.abort();
-      stopProcessGauges();
       await metricsServer?.close();
       core.stop();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs), uplink]);
