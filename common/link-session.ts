@@ -3,6 +3,12 @@ import { Coalescer } from "./coalescer.js";
 import type { FrameLink } from "./frame-link.js";
 import { Heartbeat } from "./heartbeat.js";
 
+/** What every link frame carries for measuring round trips (see LinkSession). */
+export interface RoundTripFields {
+  ping: number;
+  pong: number;
+}
+
 export interface LinkSessionOptions<Out> {
   clock: Clock;
   /** A new empty frame: what the coalescer fills, and the heartbeat. */
@@ -11,6 +17,13 @@ export interface LinkSessionOptions<Out> {
   peer: string;
   /** Called after each coalesced frame is queued for writing (flow control looks at the link's backlog then). */
   afterSend?: () => void;
+  /**
+   * Measures the link's round trip: this side puts a new ping in a frame
+   * once per heartbeat interval and is told, in milliseconds, when the
+   * peer's pong for it comes back. The dialling side sets it; every side
+   * answers pings.
+   */
+  onRoundTrip?: (ms: number) => void;
 }
 
 /**
@@ -26,13 +39,17 @@ export interface LinkSessionOptions<Out> {
  * then the dialling side waits at most a connect timeout, so that a slow
  * TLS handshake on a busy machine is not mistaken for a dead peer.
  */
-export class LinkSession<Out, In> {
+export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields> {
   readonly out: Coalescer<Out>;
   private heartbeat: Heartbeat | undefined;
   private readonly iterator: AsyncIterator<In>;
   private readonly opts: LinkSessionOptions<Out>;
   /** Set when this side closed the link because the peer fell silent. */
   lostHeartbeat = false;
+  /** The ping awaiting its pong, and when it was queued. */
+  private ping: { id: number; at: number } | undefined;
+  private lastPingAt = Number.NEGATIVE_INFINITY;
+  private pings = 0;
 
   constructor(
     readonly link: FrameLink<Out, In>,
@@ -50,6 +67,9 @@ export class LinkSession<Out, In> {
   /**
    * Sends an empty frame after `intervalMs` of our silence, and declares the
    * peer dead (closing the link) after three intervals without a frame.
+   * With onRoundTrip, a ping goes out once per interval, busy or idle; an
+   * idle link's ping frame is its heartbeat, and the peer's pong its own,
+   * so measuring adds no frames to an idle link.
    */
   startHeartbeat(intervalMs: number): void {
     this.heartbeat?.stop();
@@ -61,7 +81,32 @@ export class LinkSession<Out, In> {
         this.lostHeartbeat = true;
         this.link.close(new Error(`${this.opts.peer} heartbeat lost`));
       },
+      3,
+      this.opts.onRoundTrip ? (now) => this.pingIfDue(now, intervalMs) : undefined,
     );
+  }
+
+  /** Queues a new ping once an interval has passed since the last one; true when it did. */
+  private pingIfDue(now: number, intervalMs: number): boolean {
+    if (now - this.lastPingAt < intervalMs) return false;
+    // 1 to 2^32-1: 0 means no ping on the wire.
+    this.pings = (this.pings % 0xffffffff) + 1;
+    this.ping = { id: this.pings, at: now };
+    this.lastPingAt = now;
+    this.out.frame.ping = this.pings;
+    return true;
+  }
+
+  /** Answers the peer's ping, and takes the pong of ours. */
+  private roundTrip(frame: In): void {
+    if (frame.ping !== 0) {
+      this.out.frame.pong = frame.ping;
+      this.heartbeat?.pinged();
+    }
+    if (frame.pong !== 0 && this.ping?.id === frame.pong) {
+      this.opts.onRoundTrip?.(this.opts.clock.now() - this.ping.at);
+      this.ping = undefined;
+    }
   }
 
   /**
@@ -75,6 +120,7 @@ export class LinkSession<Out, In> {
       const r = await this.iterator.next();
       if (r.done) return undefined;
       this.heartbeat?.received();
+      this.roundTrip(r.value);
       return r.value;
     } finally {
       timer?.cancel();
@@ -87,6 +133,7 @@ export class LinkSession<Out, In> {
       const r = await this.iterator.next();
       if (r.done) return;
       this.heartbeat?.received();
+      this.roundTrip(r.value);
       await fn(r.value);
     }
   }
