@@ -70,6 +70,8 @@ export interface MeshPlan {
   controllerArgs?: string[];
   proxyArgs?: string[];
   daemonArgs?: string[];
+  /** Extra flags for the daemon process serving these hosts (after daemonArgs), e.g. to hide tools on some. */
+  daemonArgsFor?: (hosts: readonly string[]) => string[];
 }
 
 export interface RoleProcess {
@@ -131,7 +133,7 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
  */
 export class LocalMesh {
   readonly dir: string;
-  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route">> & MeshPlan;
+  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "daemonArgsFor" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route">> & MeshPlan;
   controller!: RoleProcess;
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
   /** Daemon processes, each with its hosts and the names of the proxies it was given, in dialling order. */
@@ -288,7 +290,7 @@ export class LocalMesh {
       const name = `daemon-${group.name}`;
       const addresses = [];
       for (const proxy of order) addresses.push(await this.dialAddress(name, proxy.name, proxy.address!));
-      const p = this.spawnRole(name, "daemon", ["--proxies", addresses.join(","), "--identities", join(this.dir, "hosts", group.name), ...(this.plan.daemonArgs ?? [])]);
+      const p = this.spawnRole(name, "daemon", ["--proxies", addresses.join(","), "--identities", join(this.dir, "hosts", group.name), ...(this.plan.daemonArgs ?? []), ...(this.plan.daemonArgsFor?.(group.hosts) ?? [])]);
       started.push({ ...p, hosts: group.hosts, proxies: order.map((o) => o.name) });
     }
     this.daemons.push(...started);

@@ -9,6 +9,7 @@ import { readInputFile } from "./input-file.js";
 import { table } from "./table.js";
 import { JobPrinter, jobJson, taskJson, taskLine } from "./printer.js";
 import { artifactRunOptions, artifactStep } from "./artifacts.js";
+import { alternativesDocument } from "./alternatives.js";
 
 export interface Io {
   out: (s: string) => void;
@@ -24,6 +25,12 @@ const runOptions: Record<string, OptionSpec> = {
   target: { type: "string", short: "t", doc: "run on the hosts matching a query, e.g. 'env=prod and role in (web,db)'", value: "QUERY" },
   shell: { type: "string", short: "s", doc: "run SCRIPT with /bin/sh -c instead of a command after --", value: "SCRIPT" },
   doc: { type: "string", doc: "run a stored document (rexmesh docs) instead of a command", value: "NAME[@VERSION]" },
+  alt: {
+    type: "string",
+    multiple: true,
+    doc: "one way to run the step (repeatable): each host runs the first whose tool it has and whose query it matches; TOOL is exec, shell, python or ansible (docs/tools.md)",
+    value: "'TOOL[ when QUERY]: BODY'",
+  },
   param: { type: "string", short: "p", multiple: true, doc: "a document parameter (repeatable; repeating a list parameter adds elements)", value: "K=V" },
   "dry-run": { type: "boolean", doc: "show the hosts, the proxy each goes through and the rendered steps; run nothing" },
   timeout: { type: "string", short: "T", doc: "execution timeout per host (e.g. 30s, 5m)", value: "DURATION" },
@@ -52,7 +59,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const v = p.values;
   if (v.help) {
     io.out(
-      helpText("rexmesh run (--hosts IDS | --all | -t QUERY) [options] (-- COMMAND [ARGS...] | --shell SCRIPT)", runOptions, [
+      helpText("rexmesh run (--hosts IDS | --all | -t QUERY) [options] (-- COMMAND [ARGS...] | --shell SCRIPT | --alt ALT... | --doc NAME)", runOptions, [
         "rexmesh run --all -- uname -a",
         "rexmesh run -t 'env=prod and role in (web,db)' -- uptime",
         "rexmesh run -H web-1,web-2 --timeout 30s -- systemctl restart nginx",
@@ -60,6 +67,9 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
         "rexmesh run --all --json -- hostname | jq -r 'select(.type==\"output\") | .text'",
         "rexmesh run --all --batch 2 --concurrency 10% --max-errors 3 -- apt-get -y upgrade",
         "rexmesh run --doc restart-service@2 -p service=nginx -t 'role=web' --dry-run",
+        "rexmesh run --all --alt 'ansible: ansible.builtin.service name=nginx state=restarted' --alt 'shell: systemctl restart nginx'",
+        "rexmesh run --all --alt 'python: import platform; print(platform.node())' --alt 'exec: uname -n'",
+        "rexmesh run --all --alt 'ansible when env=prod: @site.yml release=42' --alt 'python: @deploy.py 42'",
       ]),
     );
     return 0;
@@ -82,8 +92,13 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   for (const [k, list] of given) parameters[k] = list.length === 1 ? list[0]! : JSON.stringify(list);
   const document = typeof v.doc === "string" ? v.doc : "";
   if (given.size > 0 && !document) throw new InvalidArgumentError("-p is for document parameters: add --doc NAME");
-  let step = document ? undefined : artifactStep(v, p.rest);
-  if (document) {
+  const alts = (v.alt as string[] | undefined) ?? [];
+  let step = document || alts.length > 0 ? undefined : artifactStep(v, p.rest);
+  if (alts.length > 0) {
+    if (document || typeof v.shell === "string" || p.rest.length > 0 || v.script !== undefined || v.put !== undefined) {
+      throw new InvalidArgumentError("--alt gives the whole step: leave out --doc, --shell, --script, --put and a command after --");
+    }
+  } else if (document) {
     if (typeof v.shell === "string" || p.rest.length > 0) throw new InvalidArgumentError("give either --doc or a command (after --, --shell, --script or --put), not both");
   } else if (step !== undefined) {
     if (typeof v.shell === "string") throw new InvalidArgumentError("--shell cannot be combined with --script or --put");
@@ -132,6 +147,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     target,
     steps: step ? [step] : [],
     document,
+    documentContent: alts.length > 0 ? alternativesDocument(alts) : "",
     parameters,
     dryRun: Boolean(v.dryRun),
     env,
@@ -208,6 +224,11 @@ function printPlan(plan: readonly PlannedTask[], json: boolean, io: Io): void {
   io.out(`dry run: ${plan.length} host${plan.length === 1 ? "" : "s"}, ${plan.length - rejected} would run, ${rejected} rejected; nothing was stored or run\n`);
 }
 
+/** A script as a dry run shows it: on the line, or indented below when it has several lines. */
+function textBlock(text: string): string {
+  return text.includes("\n") ? "\n" + text.replace(/^/gm, "       ") : text;
+}
+
 /** A step as a dry run shows it: the tool, then its fields in words (a file mode in octal). */
 function describeStep(s: Step): string {
   const name = s.name ? `${s.name}: ` : "";
@@ -217,7 +238,17 @@ function describeStep(s: Step): string {
       return `${name}exec ${JSON.stringify(t.value.argv)}`;
     case "shell": {
       const via = t.value.interpreter.length > 0 ? ` (${t.value.interpreter.join(" ")})` : "";
-      return `${name}shell${via} ${t.value.script.includes("\n") ? "\n" + t.value.script.replace(/^/gm, "       ") : t.value.script}`;
+      return `${name}shell${via} ${textBlock(t.value.script)}`;
+    }
+    case "python": {
+      const args = t.value.args.length > 0 ? ` args ${JSON.stringify(t.value.args)}` : "";
+      return `${name}python${args} ${t.value.artifact || textBlock(t.value.script)}`;
+    }
+    case "ansible": {
+      const { module, moduleArgs, artifact, playbook, vars } = t.value;
+      const withVars = Object.keys(vars).length > 0 ? ` vars ${JSON.stringify(vars)}` : "";
+      if (module) return `${name}ansible module ${module} ${JSON.stringify(moduleArgs)}${withVars}`;
+      return `${name}ansible playbook${withVars} ${artifact || textBlock(playbook)}`;
     }
     case "script": {
       const via = t.value.interpreter.length > 0 ? ` with ${t.value.interpreter.join(" ")}` : "";

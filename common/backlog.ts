@@ -1,4 +1,5 @@
-import { TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import { toBinary } from "@bufbuild/protobuf";
+import { StepSchema, TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 
 /** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
 export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk };
@@ -26,6 +27,8 @@ export function specBytes(spec: TaskSpec): number {
   for (const step of spec.steps) {
     if (step.tool.case === "exec") for (const a of step.tool.value.argv) n += a.length + 4;
     else if (step.tool.case === "shell") n += step.tool.value.script.length + 8;
+    // A python script or playbook is as large as a shell script; their maps count per entry.
+    else n += toBinary(StepSchema, step).length;
   }
   for (const [k, v] of Object.entries(spec.env)) n += k.length + v.length + 8;
   return n;
@@ -46,15 +49,15 @@ export interface Backlog {
   readonly bytes: number;
   push(items: readonly UpwardItem[]): Promise<void>;
   /**
-   * Drops the task's chunks up to `seq`. Chunks held at positions up to
-   * `keepUpTo` go only with an ack of their own seq: the sender cannot tell
-   * whether the receiver took them or held them back (a proxy's chunks sent
-   * before the controller asked for a replay). Chunk `seq` itself always goes.
-   * An ack costs what the task holds, whatever number it names.
+   * Drops the task's chunks up to `seq`: an output ack is cumulative (the
+   * receiver never acknowledges past a chunk it has not stored). An ack
+   * costs what the task holds, whatever number it names.
    */
-  ackOutput(taskId: string, seq: number, keepUpTo?: number): Promise<void>;
+  ackOutput(taskId: string, seq: number): Promise<void>;
   /** Drops the task's statuses up to `state` from one source: the host's, or (atProxy) the proxy's own. */
   ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
+  /** The highest seq of the task's chunks held (0: none); costs nothing like reading them. */
+  topOutputSeq(taskId: string): number;
   /** Everything held, oldest first. */
   all(): UpwardItem[];
   /** Items pushed after position `after` (0: from the start), oldest first, about maxBytes (at least one). */
@@ -76,7 +79,9 @@ export function takeAfter(entries: Iterable<{ n: number; item: UpwardItem }>, af
 }
 
 /** What a backlog's index keeps of one held item: enough to answer acks without reading the item. */
-interface Held {
+export interface Held {
+  /** The item's identity (upwardKey). */
+  key: string;
   /** Position in push order. */
   n: number;
   bytes: number;
@@ -90,15 +95,81 @@ interface Held {
 }
 
 /**
+ * One task's held items: its chunks in seq order (from `head` on; those
+ * before it are acknowledged and wait to be cut off), its statuses in push
+ * order (a few: one per state and source at most).
+ */
+class TaskHeld {
+  chunks: Held[] = [];
+  head = 0;
+  statuses: Held[] = [];
+
+  get empty(): boolean {
+    return this.head === this.chunks.length && this.statuses.length === 0;
+  }
+
+  /** The first position at or after head whose chunk's seq is not below `seq` (binary search). */
+  private seek(seq: number): number {
+    let lo = this.head;
+    let hi = this.chunks.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.chunks[mid]!.seq < seq) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  addChunk(held: Held): void {
+    const last = this.chunks.length > this.head ? this.chunks[this.chunks.length - 1]! : undefined;
+    // Pushes come in seq order; a chunk pushed again after its write failed may come after later ones.
+    if (!last || last.seq < held.seq) this.chunks.push(held);
+    else this.chunks.splice(this.seek(held.seq), 0, held);
+  }
+
+  removeChunk(held: Held): void {
+    // Seqs past 2^53 may share a number: the item itself is looked for among them.
+    for (let i = this.seek(held.seq); i < this.chunks.length && this.chunks[i]!.seq === held.seq; i++) {
+      if (this.chunks[i] === held) {
+        this.chunks.splice(i, 1);
+        return;
+      }
+    }
+  }
+
+  /** Takes the chunks up to `seq` off the front: costs what it takes. */
+  takeChunksUpTo(seq: number): Held[] {
+    const from = this.head;
+    while (this.head < this.chunks.length && this.chunks[this.head]!.seq <= seq) this.head++;
+    const taken = this.chunks.slice(from, this.head);
+    // The acknowledged front is cut off once it is most of the array: amortized, each chunk is moved about once.
+    if (this.head === this.chunks.length) {
+      this.chunks = [];
+      this.head = 0;
+    } else if (this.head > 64 && this.head * 2 > this.chunks.length) {
+      this.chunks = this.chunks.slice(this.head);
+      this.head = 0;
+    }
+    return taken;
+  }
+
+  topSeq(): number {
+    return this.chunks.length > this.head ? this.chunks[this.chunks.length - 1]!.seq : 0;
+  }
+}
+
+/**
  * The items a backlog holds, by identity, by position and by task: shared
- * by the backlogs. An ack looks only at its task's held items, so what it
- * costs depends on what is held, never on the number it names (a seq of
- * 10^15 or a state of 2^31-1 once walked every number up to it).
+ * by the backlogs. An ack looks only at its task's held items and costs
+ * what it drops: a task's chunks are kept in seq order and an output ack
+ * takes them off the front while their seq is up to the ack's, so that
+ * neither the number it names (a seq of 10^15 or a state of 2^31-1 once
+ * walked every number up to it) nor the chunks it leaves count.
  */
 export class HeldItems {
   private readonly byKey = new Map<string, Held>();
   private readonly byNumber = new Set<number>();
-  private readonly byTask = new Map<string, Set<string>>();
+  private readonly byTask = new Map<string, TaskHeld>();
   private bytesHeld = 0;
 
   get size(): number {
@@ -126,13 +197,14 @@ export class HeldItems {
   add(key: string, n: number, item: UpwardItem): void {
     const held: Held =
       item.kind === "output"
-        ? { n, bytes: itemBytes(item), taskId: item.chunk.taskId, output: true, seq: Number(item.chunk.seq), state: TaskState.UNSPECIFIED, atProxy: false }
-        : { n, bytes: itemBytes(item), taskId: item.status.taskId, output: false, seq: 0, state: item.status.state, atProxy: item.status.atProxy };
+        ? { key, n, bytes: itemBytes(item), taskId: item.chunk.taskId, output: true, seq: Number(item.chunk.seq), state: TaskState.UNSPECIFIED, atProxy: false }
+        : { key, n, bytes: itemBytes(item), taskId: item.status.taskId, output: false, seq: 0, state: item.status.state, atProxy: item.status.atProxy };
     this.byKey.set(key, held);
     this.byNumber.add(n);
-    let keys = this.byTask.get(held.taskId);
-    if (!keys) this.byTask.set(held.taskId, (keys = new Set()));
-    keys.add(key);
+    let task = this.byTask.get(held.taskId);
+    if (!task) this.byTask.set(held.taskId, (task = new TaskHeld()));
+    if (held.output) task.addChunk(held);
+    else task.statuses.push(held);
     this.bytesHeld += held.bytes;
   }
 
@@ -140,33 +212,45 @@ export class HeldItems {
   remove(key: string): number | undefined {
     const held = this.byKey.get(key);
     if (!held) return undefined;
-    this.byKey.delete(key);
-    this.byNumber.delete(held.n);
-    const keys = this.byTask.get(held.taskId);
-    keys?.delete(key);
-    if (keys?.size === 0) this.byTask.delete(held.taskId);
-    this.bytesHeld -= held.bytes;
+    const task = this.byTask.get(held.taskId)!;
+    if (held.output) task.removeChunk(held);
+    else task.statuses.splice(task.statuses.indexOf(held), 1);
+    this.forget(held, task);
     return held.n;
   }
 
-  /**
-   * The keys an output ack drops (Backlog.ackOutput): the task's chunks up
-   * to `seq`, except those at positions up to `keepUpTo` other than chunk
-   * `seq` itself.
-   */
-  outputAcked(taskId: string, seq: number, keepUpTo: number): string[] {
-    return this.select(taskId, (h) => h.output && h.seq <= seq && (h.seq === seq || h.n > keepUpTo));
+  /** Takes the items an output ack drops (Backlog.ackOutput): the task's chunks up to `seq`. */
+  takeOutputAcked(taskId: string, seq: number): Held[] {
+    const task = this.byTask.get(taskId);
+    if (!task) return [];
+    const taken = task.takeChunksUpTo(seq);
+    for (const held of taken) this.forget(held, task);
+    return taken;
   }
 
-  /** The keys a status ack drops: the task's statuses up to `state` from one source. */
-  statusAcked(taskId: string, state: TaskState, atProxy: boolean): string[] {
-    return this.select(taskId, (h) => !h.output && h.atProxy === atProxy && h.state <= state);
+  /** Takes the items a status ack drops: the task's statuses up to `state` from one source. */
+  takeStatusAcked(taskId: string, state: TaskState, atProxy: boolean): Held[] {
+    const task = this.byTask.get(taskId);
+    if (!task) return [];
+    const taken: Held[] = [];
+    const kept: Held[] = [];
+    for (const held of task.statuses) (held.atProxy === atProxy && held.state <= state ? taken : kept).push(held);
+    task.statuses = kept;
+    for (const held of taken) this.forget(held, task);
+    return taken;
   }
 
-  private select(taskId: string, drops: (h: Held) => boolean): string[] {
-    const out: string[] = [];
-    for (const key of this.byTask.get(taskId) ?? []) if (drops(this.byKey.get(key)!)) out.push(key);
-    return out;
+  /** The highest seq of the task's chunks held (0: none). */
+  topOutputSeq(taskId: string): number {
+    return this.byTask.get(taskId)?.topSeq() ?? 0;
+  }
+
+  /** Drops an item, already out of its task's lists, from the other indexes. */
+  private forget(held: Held, task: TaskHeld): void {
+    this.byKey.delete(held.key);
+    this.byNumber.delete(held.n);
+    this.bytesHeld -= held.bytes;
+    if (task.empty) this.byTask.delete(held.taskId);
   }
 }
 
@@ -193,17 +277,16 @@ export class MemoryBacklog implements Backlog {
     }
   }
 
-  private drop(key: string): void {
-    this.items.delete(key);
-    this.held.remove(key);
-  }
-
-  async ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
-    for (const key of this.held.outputAcked(taskId, seq, keepUpTo)) this.drop(key);
+  async ackOutput(taskId: string, seq: number): Promise<void> {
+    for (const { key } of this.held.takeOutputAcked(taskId, seq)) this.items.delete(key);
   }
 
   async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
-    for (const key of this.held.statusAcked(taskId, state, atProxy)) this.drop(key);
+    for (const { key } of this.held.takeStatusAcked(taskId, state, atProxy)) this.items.delete(key);
+  }
+
+  topOutputSeq(taskId: string): number {
+    return this.held.topOutputSeq(taskId);
   }
 
   all(): UpwardItem[] {

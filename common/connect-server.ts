@@ -1,5 +1,5 @@
 import http2 from "node:http2";
-import type { IncomingMessage } from "node:http";
+import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
@@ -10,9 +10,12 @@ import type { Credentials } from "../certs/files.js";
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
 import { peerIdentity, serverTlsOptions } from "../certs/tls.js";
 import { InvalidArgumentError, PermissionDeniedError, UnauthenticatedError } from "./errors.js";
+import { systemClock, type Clock } from "./clock.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
+import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
 import { pathOf, type Call, type DeclarationTable, type Grant } from "./rpc-access.js";
+import { boundRequestArrival, failingOnAbort } from "./request-arrival.js";
 import { isDecodeFailure, toConnectError } from "./rpc-errors.js";
 import { mapUndecodableRequests } from "./undecodable-request.js";
 
@@ -106,7 +109,10 @@ export function createRpcServer(opts: {
   declarations: DeclarationTable;
   /** Decides a call that is not open (policy, audit); refuses by throwing. */
   decide: (call: Call) => Promise<Grant>;
+  /** Times the arrival of requests (LIMITS.requestArrivalMs); the system clock by default. */
+  clock?: Clock;
 }): RpcServer {
+  const clock = opts.clock ?? systemClock;
   let served: DescMethod[] = [];
   const refusedUndecodable = (method: DescMethod) => (err: ConnectError, req: UniversalServerRequest) => {
     const peer = req.contextValues?.get(peerKey);
@@ -118,7 +124,7 @@ export function createRpcServer(opts: {
       served = router.handlers.map((h) => h.method);
       opts.declarations.requireDeclared(served);
       router.handlers.forEach((h, i) => {
-        router.handlers[i] = mapUndecodableRequests(h, refusedUndecodable(h.method));
+        router.handlers[i] = mapUndecodableRequests(boundRequestArrival(h, { maxMs: LIMITS.requestArrivalMs, clock }), refusedUndecodable(h.method));
       });
     },
     interceptors: [boundaryInterceptor(opts)],
@@ -136,7 +142,11 @@ export function createRpcServer(opts: {
         .set(revokedKey, peer !== undefined && (opts.isRevoked?.(peer) ?? false));
     },
   });
-  const server = http2.createSecureServer({ ...serverTlsOptions(opts.creds), allowHTTP1: true }, handler);
+  const unfinished = new Set(served.filter((m) => m.methodKind !== "bidi_streaming").map((m) => `/${pathOf(m)}`));
+  const server = http2.createSecureServer(
+    { ...serverTlsOptions(opts.creds), allowHTTP1: true, settings: { maxConcurrentStreams: LIMITS.streamsPerConnection } },
+    closingUnfinishedRequests(handler, unfinished, clock),
+  );
   const sessions = new Set<http2.ServerHttp2Session>();
   server.on("session", (s) => {
     sessions.add(s);
@@ -164,6 +174,37 @@ export function createRpcServer(opts: {
       await closed;
       clearTimeout(timer);
     },
+  };
+}
+
+type NodeHandler = (req: http2.Http2ServerRequest | IncomingMessage, res: http2.Http2ServerResponse | ServerResponse) => void;
+
+/** How long a caller may keep a stream open after the answer to its call was sent. */
+const AFTER_ANSWER_MS = 1000;
+
+/**
+ * Once the answer to a call of one of `paths` has been sent, a request the
+ * caller has not ended is of no more use: after AFTER_ANSWER_MS its HTTP/2
+ * stream is closed with RST_STREAM NO_ERROR, as the gRPC spec allows.
+ * Otherwise a caller that never ends its request (answered at its deadline,
+ * or refused early) would hold the stream, a share of the connection's
+ * streams and what it buffered, for as long as it likes. (The grace keeps
+ * the reset clear of the answer's last frames.) Links (bidirectional
+ * calls) are left out: their sessions end them.
+ */
+function closingUnfinishedRequests(handler: NodeHandler, paths: ReadonlySet<string>, clock: Clock): NodeHandler {
+  return (req, res) => {
+    if ("stream" in req && paths.has((req.url ?? "").split("?")[0]!)) {
+      const stream = req.stream;
+      stream.once("finish", () => {
+        if (stream.closed) return;
+        const timer = clock.setTimeout(() => {
+          if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+        }, AFTER_ANSWER_MS);
+        stream.once("close", () => timer.cancel());
+      });
+    }
+    handler(req, res);
   };
 }
 
@@ -205,7 +246,10 @@ export function boundaryInterceptor(opts: { declarations: DeclarationTable; deci
       }
     }
     try {
-      const res = await next({ ...req, message: decoded(req.message) });
+      // connect-es aborts the signal at the call's deadline but keeps waiting for a client stream's next
+      // message; a bidirectional link watches the signal itself (common/connect-link.ts).
+      const requests = req.method.methodKind === "client_streaming" ? failingOnAbort(req.message, req.signal) : req.message;
+      const res = await next({ ...req, message: decoded(requests) });
       if (!res.stream) return res;
       return { ...res, message: mapped(res.message, refused) };
     } catch (err) {

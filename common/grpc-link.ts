@@ -4,9 +4,11 @@ import type { PeerCertificate } from "node:tls";
 import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate, type PeerIdentity, type Role } from "../certs/identity.js";
 import { clientTlsOptions } from "../certs/tls.js";
+import { systemClock, type Clock, type Timer } from "./clock.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { UnauthenticatedError } from "./errors.js";
 import { untilClosed, type FrameLink } from "./frame-link.js";
+import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
 import { toGrpcStatus } from "./rpc-errors.js";
 
@@ -46,8 +48,14 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
     call.on("error", () => this.finish());
   }
 
+  /**
+   * A stream's default async iterator destroys the stream when the peer
+   * half-closes; a destroyed grpc-js server call never sends its status, so
+   * the peer would wait for one forever. The stream ends through close().
+   */
   get incoming(): AsyncIterable<In> {
-    return untilClosed(this.call as unknown as AsyncIterable<In>, this.closed);
+    const call = this.call;
+    return untilClosed({ [Symbol.asyncIterator]: () => call.iterator({ destroyOnReturn: false }) as AsyncIterator<In> }, this.closed);
   }
 
   get backlog(): number {
@@ -129,8 +137,14 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   unary?: UnaryHandler[];
   /** Adds more services to the same server (health checking, ...). */
   extend?: (server: grpc.Server) => void;
+  /** Times the arrival of unary requests (LIMITS.requestArrivalMs); the system clock by default. */
+  clock?: Clock;
 }): GrpcLinkServer {
-  const server = new grpc.Server({ ...CHANNEL_OPTIONS, "grpc.max_concurrent_streams": 4 });
+  const server = new grpc.Server({
+    ...CHANNEL_OPTIONS,
+    "grpc.max_concurrent_streams": 4,
+    interceptors: [boundUnaryArrival(LIMITS.requestArrivalMs, opts.clock ?? systemClock)],
+  });
   const { method } = opts;
   const definition: grpc.ServiceDefinition = {
     [method.localName]: {
@@ -176,6 +190,49 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
     true,
   );
   return serverLifecycle(server, credentials);
+}
+
+/**
+ * grpc-js reads a unary call's request whole before its handler runs, and
+ * waits for it as long as the caller's grpc-timeout allows, or forever
+ * without one: a caller could hold a call with a frame half sent. This
+ * interceptor ends a unary call (or a server-streaming one) whose request
+ * has not arrived within `maxMs` with DEADLINE_EXCEEDED; what the caller
+ * sends after that is dropped, and the handler never runs. A shorter
+ * grpc-timeout is grpc-js's own to enforce, as before.
+ */
+export function boundUnaryArrival(maxMs: number, clock: Clock): grpc.ServerInterceptor {
+  return (method, call) => {
+    if (method.requestStream) return new grpc.ServerInterceptingCall(call);
+    let timer: Timer | undefined;
+    let expired = false;
+    const stop = () => {
+      timer?.cancel();
+      timer = undefined;
+    };
+    return new grpc.ServerInterceptingCall(call, {
+      start: (next) => {
+        timer = clock.setTimeout(() => {
+          expired = true;
+          call.sendStatus({ code: grpc.status.DEADLINE_EXCEEDED, details: `the request had not arrived within ${maxMs / 1000} s` });
+        }, maxMs);
+        next({
+          onReceiveMessage: (message, nextMessage) => {
+            if (!expired) nextMessage(message);
+          },
+          onReceiveHalfClose: (nextHalfClose) => {
+            stop();
+            if (!expired) nextHalfClose();
+          },
+          onCancel: stop,
+        });
+      },
+      sendStatus: (status, nextStatus) => {
+        stop();
+        nextStatus(status);
+      },
+    });
+  };
 }
 
 /**

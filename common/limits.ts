@@ -49,6 +49,23 @@ export const LIMITS = {
   /** One call, from its first frame to its answer (the relay to the controller waits 30 s at most). */
   openCallMs: 60_000,
 
+  // ---- main ports (common/connect-server.ts, common/grpc-link.ts) ------------
+  /**
+   * A unary or server-streaming call's request must have arrived whole by
+   * then, whatever its grpc-timeout asks (a shorter one ends it sooner):
+   * DEADLINE_EXCEEDED. 16 MiB, the largest message, needs about 280 KB/s.
+   */
+  requestArrivalMs: 60_000,
+  /** Calls in flight on one connection to the controller; HTTP/2 makes a client wait for a free one beyond. */
+  streamsPerConnection: 256,
+
+  // ---- links: ProxyLink and AgentLink (common/link-session.ts) ---------------
+  /** The accepting side waits this long for the hello that opens a link: DEADLINE_EXCEEDED after. */
+  linkHelloMs: 20_000,
+  /** Every link's heartbeat interval, whatever a hello asks for, is held within these. */
+  heartbeatMinMs: 1000,
+  heartbeatMaxMs: 300_000,
+
   // ---- hosts (controller/inventory.ts, controller/request-limits.ts) ---------
   labelsPerHost: 64,
   labelKeyChars: 63,
@@ -85,6 +102,8 @@ export const LIMITS = {
   jobSteps: 64,
   /** One argv element, script, path or interpreter argument (Linux MAX_ARG_STRLEN). */
   argBytes: 128 * KiB,
+  /** Entries of an ansible step's `vars` or `module_args` (each name and value is an argument: `argBytes`). */
+  toolVars: 64,
   envVars: 128,
   envNameChars: 128,
   envValueBytes: 32 * KiB,

@@ -1,7 +1,26 @@
 import type { Clock } from "./clock.js";
 import { Coalescer } from "./coalescer.js";
+import { DeadlineExceededError, UnavailableError } from "./errors.js";
 import type { FrameLink } from "./frame-link.js";
 import { Heartbeat } from "./heartbeat.js";
+import { LIMITS } from "./limits.js";
+
+/** Intervals after which a link's peer counts as gone. */
+const DEAD_AFTER_INTERVALS = 3;
+
+/**
+ * A heartbeat interval held within [LIMITS.heartbeatMinMs,
+ * LIMITS.heartbeatMaxMs]: a hello may ask for any uint32, and neither an
+ * empty frame every millisecond nor a peer that may stay silent for weeks
+ * is a link. 0 (not given) is the caller's to replace before this.
+ */
+export function heartbeatInterval(ms: number): number {
+  return Math.min(LIMITS.heartbeatMaxMs, Math.max(LIMITS.heartbeatMinMs, ms));
+}
+
+function inWords(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
+}
 
 /** What every link frame carries for measuring round trips (see LinkSession). */
 export interface RoundTripFields {
@@ -35,9 +54,11 @@ export interface LinkSessionOptions<Out> {
  * issued before the next frame is looked at.
  *
  * Both sides start their heartbeat once the peer's first frame arrived
- * (the accepting side may take the interval the hello asks for); until
- * then the dialling side waits at most a connect timeout, so that a slow
- * TLS handshake on a busy machine is not mistaken for a dead peer.
+ * (the accepting side may take the interval the hello asks for, within
+ * bounds); until then the dialling side waits at most a connect timeout,
+ * so that a slow TLS handshake on a busy machine is not mistaken for a
+ * dead peer, and the accepting side at most LIMITS.linkHelloMs, so that a
+ * peer that opens streams and says nothing cannot hold them.
  */
 export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields> {
   readonly out: Coalescer<Out>;
@@ -65,24 +86,27 @@ export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields
   }
 
   /**
-   * Sends an empty frame after `intervalMs` of our silence, and declares the
-   * peer dead (closing the link) after three intervals without a frame.
-   * With onRoundTrip, a ping goes out once per interval, busy or idle; an
-   * idle link's ping frame is its heartbeat, and the peer's pong its own,
-   * so measuring adds no frames to an idle link.
+   * Sends an empty frame after an interval of our silence, and declares the
+   * peer dead after three intervals without a frame: the link is closed
+   * with UNAVAILABLE (the peer, or the way to it, is gone; it may retry).
+   * The interval is `intervalMs` held within {@link heartbeatInterval}'s
+   * bounds, whoever chose it. With onRoundTrip, a ping goes out once per
+   * interval, busy or idle; an idle link's ping frame is its heartbeat, and
+   * the peer's pong its own, so measuring adds no frames to an idle link.
    */
   startHeartbeat(intervalMs: number): void {
     this.heartbeat?.stop();
+    const interval = heartbeatInterval(intervalMs);
     this.heartbeat = new Heartbeat(
       this.opts.clock,
-      intervalMs,
+      interval,
       () => this.link.send(this.opts.empty()),
       () => {
         this.lostHeartbeat = true;
-        this.link.close(new Error(`${this.opts.peer} heartbeat lost`));
+        this.link.close(new UnavailableError(`${this.opts.peer} heartbeat lost: no frame for ${inWords(interval * DEAD_AFTER_INTERVALS)}`));
       },
-      3,
-      this.opts.onRoundTrip ? (now) => this.pingIfDue(now, intervalMs) : undefined,
+      DEAD_AFTER_INTERVALS,
+      this.opts.onRoundTrip ? (now) => this.pingIfDue(now, interval) : undefined,
     );
   }
 
@@ -111,11 +135,16 @@ export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields
 
   /**
    * The peer's first frame (its hello or welcome), or undefined if the
-   * stream ended before one. With `timeoutMs`, a peer that has not answered
-   * by then is given up on: the link is closed.
+   * stream ended before one. A peer that has sent none within `timeoutMs`
+   * is given up on: the link is closed with DEADLINE_EXCEEDED. The accepting
+   * side waits {@link LIMITS.linkHelloMs} for a hello; a dialling side
+   * passes its connect timeout.
    */
-  async first(timeoutMs?: number): Promise<In | undefined> {
-    const timer = timeoutMs === undefined ? undefined : this.opts.clock.setTimeout(() => this.link.close(new Error(`no answer from the ${this.opts.peer} within ${timeoutMs} ms`)), timeoutMs);
+  async first(timeoutMs: number = LIMITS.linkHelloMs): Promise<In | undefined> {
+    const timer = this.opts.clock.setTimeout(
+      () => this.link.close(new DeadlineExceededError(`no frame from the ${this.opts.peer} within ${inWords(timeoutMs)} of the stream's start`)),
+      timeoutMs,
+    );
     try {
       const r = await this.iterator.next();
       if (r.done) return undefined;
@@ -123,7 +152,7 @@ export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields
       this.roundTrip(r.value);
       return r.value;
     } finally {
-      timer?.cancel();
+      timer.cancel();
     }
   }
 

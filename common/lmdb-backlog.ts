@@ -1,7 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
-import { HeldItems, takeAfter, upwardKey, type Backlog, type UpwardItem } from "./backlog.js";
+import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
 const OUTPUT = 2;
@@ -23,8 +23,8 @@ export function decodeItem(buf: Uint8Array): UpwardItem {
  * A backlog in LMDB, under a scope (one per host in a daemon process that
  * serves several). Items are stored in push order under an increasing
  * number; an in-memory index (HeldItems) maps each item's identity to its
- * number, and each task to its items, so that acks delete without
- * scanning. The index is rebuilt at open.
+ * number, and each task to its items (chunks in seq order), so that acks
+ * delete without scanning. The index is rebuilt at open.
  */
 export class LmdbBacklog implements Backlog {
   private readonly held = new HeldItems();
@@ -72,30 +72,29 @@ export class LmdbBacklog implements Backlog {
         if (r.status === "fulfilled") return;
         failure ??= r;
         const { key, n } = pushed[i]!;
-        if (this.held.numberOf(key) !== n) return; // acknowledged meanwhile: drop() has undone it
+        if (this.held.numberOf(key) !== n) return; // acknowledged meanwhile: the ack took it
         this.held.remove(key);
       });
       if (failure) throw failure.reason;
     });
   }
 
-  private drop(key: string, writes: Promise<unknown>[]): void {
-    const n = this.held.remove(key);
-    if (n === undefined) return;
-    this.inFlight.delete(n);
-    writes.push(this.db.remove([this.scope, n]));
+  /** Deletes items an ack took from the index. */
+  private drop(taken: readonly Held[]): Promise<void> {
+    const writes: Promise<unknown>[] = [];
+    for (const { n } of taken) {
+      this.inFlight.delete(n);
+      writes.push(this.db.remove([this.scope, n]));
+    }
+    return Promise.all(writes).then(() => undefined);
   }
 
-  ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
-    const writes: Promise<unknown>[] = [];
-    for (const key of this.held.outputAcked(taskId, seq, keepUpTo)) this.drop(key, writes);
-    return Promise.all(writes).then(() => undefined);
+  ackOutput(taskId: string, seq: number): Promise<void> {
+    return this.drop(this.held.takeOutputAcked(taskId, seq));
   }
 
   ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
-    const writes: Promise<unknown>[] = [];
-    for (const key of this.held.statusAcked(taskId, state, atProxy)) this.drop(key, writes);
-    return Promise.all(writes).then(() => undefined);
+    return this.drop(this.held.takeStatusAcked(taskId, state, atProxy));
   }
 
   after(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
@@ -114,6 +113,10 @@ export class LmdbBacklog implements Backlog {
   }
 
   /** Committed items in order, then those whose write is still in flight (always the newest). */
+  topOutputSeq(taskId: string): number {
+    return this.held.topOutputSeq(taskId);
+  }
+
   all(): UpwardItem[] {
     const out: UpwardItem[] = [];
     const seen = new Set<number>();

@@ -1,11 +1,15 @@
 import type { DescMethodUnary } from "@bufbuild/protobuf";
 import http2 from "node:http2";
 import type { AddressInfo, Socket } from "node:net";
+import type { ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Credentials } from "../certs/files.js";
+import { systemClock } from "./clock.js";
 import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
+import { boundRequestArrival } from "./request-arrival.js";
 import { toConnectError } from "./rpc-errors.js";
+import { mapUndecodableRequests } from "./undecodable-request.js";
 
 /** A unary method served to callers without a certificate; the handler sees only the request. */
 export interface OpenUnaryHandler {
@@ -79,6 +83,12 @@ export function createOpenUnaryServer(opts: { creds: Credentials; handlers: Open
           }
         });
       }
+      // Like the main servers: a request that does not decode is INVALID_ARGUMENT, and one that has not
+      // arrived by the caller's deadline (or callMs) is DEADLINE_EXCEEDED, answered before the stream goes.
+      router.handlers.forEach((h, i) => {
+        const refused = (err: ConnectError) => opts.log.info("open request refused", { method: h.method.name, code: err.code, err });
+        router.handlers[i] = mapUndecodableRequests(boundRequestArrival(h, { maxMs: limits.callMs, clock: systemClock }), refused);
+      });
     },
     readMaxBytes: limits.messageBytes,
     writeMaxBytes: limits.messageBytes,

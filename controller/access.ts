@@ -439,7 +439,8 @@ function hostsOf(jobs: JobManager, job: JobRecord): string[] {
 }
 
 /** What a request runs, for the audit log: steps, or a document and the NAMES of its parameters (values may be sensitive). */
-export function describeRequest(req: Pick<SubmitRequest, "document" | "steps" | "parameters">): string {
+export function describeRequest(req: Pick<SubmitRequest, "document" | "documentContent" | "steps" | "parameters">): string {
+  if (req.documentContent) return `inline document ${JSON.stringify(req.documentContent)}`;
   if (!req.document) return describeSteps(req.steps);
   const names = Object.keys(req.parameters ?? {});
   return `document ${req.document}${names.length ? ` (parameters given: ${names.join(", ")})` : ""}`;
@@ -469,6 +470,15 @@ export function describeSteps(steps: readonly Step[]): string {
           return `script ${s.tool.value.artifact}`;
         case "filePut":
           return `file.put ${s.tool.value.artifact} to ${JSON.stringify(s.tool.value.baseDir)}/${JSON.stringify(s.tool.value.path)}`;
+        case "python": {
+          const t = s.tool.value;
+          return `python ${t.artifact || JSON.stringify(t.script)}${t.args.map((a) => " " + quoteArg(a)).join("")}`;
+        }
+        case "ansible": {
+          const t = s.tool.value;
+          const what = t.module ? `module ${t.module} ${JSON.stringify(t.moduleArgs)}` : t.artifact ? `playbook ${t.artifact}` : `playbook ${JSON.stringify(t.playbook)}`;
+          return `ansible ${what}${Object.keys(t.vars).length > 0 ? ` vars ${JSON.stringify(t.vars)}` : ""}`;
+        }
         default:
           return `tool ${s.tool.case ?? "none"}`;
       }

@@ -173,6 +173,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
           batch: req.rate.batch,
         },
         document: req.document || undefined,
+        documentContent: req.documentContent || undefined,
         parameters: req.parameters,
       };
       if (req.dryRun) return { plan: (await access.dryRun(caller, request)).map(plannedToProto) };

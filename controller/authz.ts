@@ -54,7 +54,7 @@ function isMeshAction(action: Action): boolean {
 }
 
 /** Step tools, by the names a policy uses (`file.put` is the proto's `filePut`). */
-export const TOOLS = ["exec", "shell", "script", "file.put", "ping"] as const;
+export const TOOLS = ["exec", "shell", "script", "file.put", "python", "ansible", "ping"] as const;
 export type Tool = (typeof TOOLS)[number];
 /** Tools a role has when it names none: a ping runs nothing, exec is limited by `commands`. */
 const DEFAULT_TOOLS: readonly Tool[] = ["exec", "ping"];
@@ -64,6 +64,8 @@ function toolOf(step: Step): Tool | undefined {
     case "exec":
     case "shell":
     case "script":
+    case "python":
+    case "ansible":
     case "ping":
       return step.tool.case;
     case "filePut":
@@ -85,7 +87,7 @@ export const PROTECTED_ENV: readonly string[] = [
   // shells
   "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PROMPT_COMMAND", "CDPATH",
   // interpreters and runtimes
-  "PYTHON*", "PERL*", "RUBY*", "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH",
+  "PYTHON*", "PERL*", "RUBY*", "ANSIBLE_*", "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH",
   // helper programs that tools start on their own
   "GIT_*", "SSH_ASKPASS", "SUDO_ASKPASS", "PAGER", "MANPAGER", "SYSTEMD_PAGER", "SYSTEMD_EDITOR", "LESSOPEN", "LESSCLOSE", "EDITOR", "VISUAL", "BROWSER",
 ];

@@ -9,8 +9,9 @@
  * alternative whose `when` matches it and whose tool it reports supporting;
  * a host that fits none is rejected with the reason.
  *
- * Rendering walks the step JSON and renders every string: `exec.argv` with
- * {@link renderArgv} (a list parameter spreads into elements),
+ * Rendering walks the step JSON and renders every string but code
+ * (`python.script`, `ansible.playbook`, passed as written): `exec.argv` and
+ * `python.args` with {@link renderArgv} (a list parameter spreads into elements),
  * `shell.script` with {@link renderShell} (values quoted), anything else with
  * {@link renderText}; the result is converted with `fromJson(StepSchema, …)`,
  * so a tool added to Step works here without changes.
@@ -19,6 +20,7 @@ import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { parse as parseYaml } from "yaml";
 import { InvalidArgumentError } from "../common/errors.js";
 import { LIMITS } from "../common/limits.js";
+import { toolName } from "../common/step-tool.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord } from "./model.js";
 import { validateParamSpecs, type ParamSpec, type ParamValue } from "./params.js";
@@ -141,6 +143,7 @@ function compileAlternative(o: Record<string, unknown>, where: string, params: r
   alt.tool = toolName(parsed);
   const label = parsed.name ? `${where} (${parsed.name})` : where;
   forEachString(step, [], (value, path) => {
+    if (isCode(path)) return;
     try {
       validateTemplate(value, modeOf(path), params);
       if (path[1] === "interpreter" && templateRefs(value).length > 0) {
@@ -185,12 +188,6 @@ function checkShellContexts(step: Step, label: string): void {
       );
     }
   }
-}
-
-/** The tool a step uses, as hosts name it in facts.tools: the oneof field's proto name with "_" as "." (file_put → file.put). */
-export function toolName(step: Step): string {
-  const field = StepSchema.fields.find((f) => f.localName === step.tool.case);
-  return (field?.name ?? String(step.tool.case)).replaceAll("_", ".");
 }
 
 /**
@@ -243,7 +240,7 @@ function renderValue(v: JsonValue, path: (string | number)[], ctx: RenderContext
       throw new InvalidArgumentError(`${where}: field ${showPath(path)}: ${(err as Error).message}`, { cause: err });
     }
   };
-  if (typeof v === "string") return attempt(() => (modeOf(path) === "shell" ? renderShell(v, ctx) : renderText(v, ctx)));
+  if (typeof v === "string") return isCode(path) ? v : attempt(() => (modeOf(path) === "shell" ? renderShell(v, ctx) : renderText(v, ctx)));
   if (Array.isArray(v)) {
     if (isArgv(path) && v.every((x): x is string => typeof x === "string")) return attempt(() => renderArgv(v, ctx));
     return v.map((x, i) => renderValue(x, [...path, i], ctx, where));
@@ -255,7 +252,16 @@ function renderValue(v: JsonValue, path: (string | number)[], ctx: RenderContext
 }
 
 function isArgv(path: readonly (string | number)[]): boolean {
-  return path.length === 2 && path[0] === "exec" && path[1] === "argv";
+  return path.length === 2 && ((path[0] === "exec" && path[1] === "argv") || (path[0] === "python" && path[1] === "args"));
+}
+
+/**
+ * A python script and a playbook are code in their own language (a playbook
+ * is full of Jinja `{{ }}`): passed exactly as written, never templates.
+ * Values reach them as data, through `python.args` and `ansible.vars`.
+ */
+function isCode(path: readonly (string | number)[]): boolean {
+  return path.length === 2 && ((path[0] === "python" && path[1] === "script") || (path[0] === "ansible" && path[1] === "playbook"));
 }
 
 function modeOf(path: readonly (string | number)[]): "text" | "shell" {

@@ -4,7 +4,7 @@ import type { PeerIdentity } from "../certs/identity.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { DocumentStore } from "./document-store.js";
-import { planHost } from "./documents.js";
+import { parseDocumentText, planHost, type CommandDocument } from "./documents.js";
 import type { Inventory } from "./inventory.js";
 import type { HostRecord, TaskSteps } from "./model.js";
 import { redactParams, resolveParams, type ParamValue } from "./params.js";
@@ -40,6 +40,8 @@ export interface SubmitRequest {
   rate?: RateRequest;
   /** A stored document to run instead of steps: "NAME" or "NAME@VERSION". */
   document?: string;
+  /** A document given whole (YAML or JSON), run once and not stored, instead of steps or a stored document. */
+  documentContent?: string;
   /** The document's parameters as given (text; a list as a JSON array or one value). */
   parameters?: Record<string, string | string[]>;
 }
@@ -110,11 +112,18 @@ export class Planner {
   plan(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Plan {
     const tenant = caller.scope;
     const params = req.parameters ?? {};
-    let loaded: ReturnType<DocumentStore["load"]> | undefined;
-    if (req.document) {
+    let loaded: { label: string; doc: CommandDocument } | undefined;
+    if (req.document || req.documentContent) {
       if (req.steps.length > 0) throw new InvalidArgumentError("give either steps or a document, not both");
-      if (!this.documents) throw new FailedPreconditionError("this controller does not keep documents");
-      loaded = this.documents.load(tenant, req.document);
+      if (req.document && req.documentContent) throw new InvalidArgumentError("give either a stored document or a document's content, not both");
+      if (req.documentContent) {
+        const doc = parseDocumentText(req.documentContent);
+        loaded = { label: `${doc.name} (inline)`, doc };
+      } else {
+        if (!this.documents) throw new FailedPreconditionError("this controller does not keep documents");
+        const { stored, doc } = this.documents.load(tenant, req.document!);
+        loaded = { label: `${stored.name}@${stored.version}`, doc };
+      }
     } else {
       if (Object.keys(params).length > 0) throw new InvalidArgumentError("parameters are given to a document (--doc NAME)");
       validateSteps(req.steps);
@@ -136,7 +145,7 @@ export class Planner {
       authorize?.(hosts, req, req.steps);
       return { hosts, rejected };
     }
-    const { stored, doc } = loaded;
+    const { label, doc } = loaded;
     const values = resolveParams(doc.parameters, params);
     const redacted = redactParams(doc.parameters, values) as Record<string, ParamValue>;
     const perHost = new Map<string, TaskSteps>();
@@ -151,7 +160,7 @@ export class Planner {
       try {
         validateSteps(real.steps);
       } catch (err) {
-        throw new InvalidArgumentError(`document ${stored.name}@${stored.version} on host ${JSON.stringify(h.id)}: ${(err as Error).message}`, { cause: err });
+        throw new InvalidArgumentError(`document ${label} on host ${JSON.stringify(h.id)}: ${(err as Error).message}`, { cause: err });
       }
       const shown = planHost(doc, redacted, h).steps ?? [];
       perHost.set(h.id, { run: real.steps, shown });
@@ -159,7 +168,7 @@ export class Planner {
     }
     authorize?.(hosts, req, [...distinct.values()]);
     const parameters = Object.fromEntries(Object.entries(redacted).map(([k, v]) => [k, typeof v === "string" ? v : JSON.stringify(v)]));
-    return { hosts, rejected, perHost, document: `${stored.name}@${stored.version}`, parameters };
+    return { hosts, rejected, perHost, document: label, parameters };
   }
 
   /** What each host would run, as a dry run shows it. */
@@ -257,6 +266,7 @@ export function requestDigest(req: SubmitRequest): string {
   field("outputLimit", String(req.outputLimitBytes ?? 0));
   field("rate", sorted((req.rate ?? {}) as Record<string, unknown>));
   field("document", req.document ?? "");
+  field("documentContent", req.documentContent ?? "");
   field("parameters", sorted(req.parameters ?? {}));
   return h.digest("hex");
 }

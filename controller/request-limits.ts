@@ -38,6 +38,7 @@ export function checkSubmitLimits(req: SubmitJobRequest): void {
   checkChars("idempotency_key", req.idempotencyKey, LIMITS.idempotencyKeyChars);
   if (req.target !== undefined) checkChars("target", req.target, LIMITS.queryChars);
   checkChars("document", req.document, LIMITS.refChars);
+  checkChars("document_content", req.documentContent, LIMITS.documentChars);
   const params = Object.entries(req.parameters);
   checkCount("parameters", params.length, LIMITS.paramsGivenPerJob);
   for (const [name, value] of params) {

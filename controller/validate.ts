@@ -2,10 +2,10 @@ import { InvalidArgumentError } from "../common/errors.js";
 import { LIMITS } from "../common/limits.js";
 import { isDigest } from "../common/digest.js";
 import { baseDirProblem, relativePathProblem } from "../common/put-path.js";
+import { ansibleProblem, pythonProblem, textProblem } from "../common/tool-checks.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 
 const MAX_STEPS = LIMITS.jobSteps;
-const MAX_ARG_BYTES = LIMITS.argBytes;
 
 /** Refuses step lists a daemon could not run, naming the step and field at fault. */
 export function validateSteps(steps: readonly Step[]): void {
@@ -43,10 +43,16 @@ export function validateSteps(steps: readonly Step[]): void {
         if (t.mode > 0o777) throw new InvalidArgumentError(`${where}: file.put mode ${t.mode.toString(8)} is more than 0777`);
         break;
       }
+      case "python":
+      case "ansible": {
+        const problem = step.tool.case === "python" ? pythonProblem(step.tool.value) : ansibleProblem(step.tool.value);
+        if (problem) throw new InvalidArgumentError(`${where}: ${problem}`);
+        break;
+      }
       case "ping":
         break;
       default:
-        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script, file.put or ping)`);
+        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script, file.put, python, ansible or ping)`);
     }
   });
 }
@@ -56,6 +62,6 @@ function checkDigest(where: string, digest: string): void {
 }
 
 function checkText(where: string, field: string, value: string): void {
-  if (value.includes("\0")) throw new InvalidArgumentError(`${where}: ${field} contains a NUL byte`);
-  if (Buffer.byteLength(value) > MAX_ARG_BYTES) throw new InvalidArgumentError(`${where}: ${field} is longer than ${MAX_ARG_BYTES} bytes`);
+  const problem = textProblem(field, value);
+  if (problem) throw new InvalidArgumentError(`${where}: ${problem}`);
 }

@@ -31,6 +31,7 @@ import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRe
 import { RunOutput } from "./run-output.js";
 import { OutputDigest, type HostReporter } from "../common/host-signing.js";
 import { screenAcks } from "../common/link-limits.js";
+import { missingTool } from "../common/step-tool.js";
 
 export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -50,6 +51,12 @@ export interface AgentOptions {
   /** Results not yet acknowledged by the proxy; durable in a real daemon. Default: in memory. */
   outbox?: Backlog;
   facts: HostFacts;
+  /**
+   * The tools this host runs (daemon/tools.ts): a task with a step of any
+   * other tool is REJECTED with the reason. Absent: no check (the executor
+   * still fails a step it cannot run).
+   */
+  tools?: readonly string[];
   clock: Clock;
   log: Logger;
   /** Tasks run at once. Default 4. */
@@ -143,8 +150,9 @@ function spawnTurn(): Promise<void> {
  * reconnect.
  */
 export class Agent {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "linkRoundTrip">> & {
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip">> & {
     backoff: BackoffOptions;
+    tools?: readonly string[];
     random?: () => number;
     reporter?: () => HostReporter;
     linkRoundTrip?: (seconds: number) => void;
@@ -379,18 +387,26 @@ export class Agent {
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
   private emit(items: UpwardItem[]): void {
-    this.outbox.push(items).catch(this.spoolFailed);
+    this.keep(items).catch(this.spoolFailed);
     this.send(items);
   }
 
-  /** Keeps items until acknowledged; resolves once they are durable, or their write failed (logged). */
+  /**
+   * Keeps items in the outbox until acknowledged; resolves once they are
+   * durable. A write the store refuses is tried again (STORE_RETRY) until it
+   * is stored, and rejects only when the daemon stops: an item already on
+   * the stream but not in the outbox would be lost with the stream, since a
+   * new stream resends only what the outbox holds.
+   */
   private keep(items: UpwardItem[]): Promise<void> {
-    const kept = this.outbox.push(items).catch(this.spoolFailed);
+    const first = items[0];
+    const taskId = first ? (first.kind === "output" ? first.chunk.taskId : first.status.taskId) : "";
+    const kept = this.untilStored("spooling results", taskId, () => this.outbox.push(items));
     this.updateFlow();
     return kept;
   }
 
-  private readonly spoolFailed = (err: unknown): void => this.opts.log.error("spooling results failed", { err });
+  private readonly spoolFailed = (err: unknown): void => this.opts.log.error("spooling results stopped with the daemon", { err });
 
   /** Sends kept items now if a stream is open (a new stream sends what the outbox holds). */
   private send(items: UpwardItem[]): void {
@@ -525,6 +541,11 @@ export class Agent {
       await this.finishTask(entry, { state: TaskState.REJECTED, message: `the task is addressed to host ${spec.tenant}/${spec.hostId}, not to this host`, outputChunks: 0, outputTruncated: false });
       return;
     }
+    const missing = this.opts.tools && missingTool(spec.steps, this.opts.tools);
+    if (missing) {
+      await this.finishTask(entry, { state: TaskState.REJECTED, message: missing, outputChunks: 0, outputTruncated: false });
+      return;
+    }
     if (this.pastDeadline(spec)) {
       await this.finishTask(entry, { state: TaskState.EXPIRED, message: "the delivery deadline passed before the task reached the host", outputChunks: 0, outputTruncated: false });
       return;
@@ -587,7 +608,7 @@ export class Agent {
       }
       // This run's output is numbered after every chunk an earlier run may have handed out: those recorded, and those
       // kept in the outbox (sent again from there) whose record the crash cut off.
-      const from = spec.idempotent && again ? Math.max(this.opts.ledger.outputSeq(taskId), this.outboxTop(taskId)) : 0;
+      const from = spec.idempotent && again ? Math.max(this.opts.ledger.outputSeq(taskId), this.outbox.topOutputSeq(taskId)) : 0;
       // Written before the process exists: after a crash this entry means "may have run".
       const started: LedgerEntry = { ...entry, state: TaskState.RUNNING, groups: undefined };
       await this.untilStored("recording a task's start", taskId, () => this.opts.ledger.put(started));
@@ -595,7 +616,7 @@ export class Agent {
       if (from > 0) await this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, from));
       this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING, from > 0 ? { message: rerunNote(from) } : {}) }]);
       const output = new RunOutput(from, spec.idempotent, {
-        keep: (chunks) => this.keep(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
+        keep: (chunks) => this.keep(chunks.map((chunk) => ({ kind: "output" as const, chunk }))).catch(this.spoolFailed),
         send: (chunks) => this.send(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
         record: (seq) => this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, seq)),
       });
@@ -630,16 +651,10 @@ export class Agent {
     }
   }
 
-  /** The highest seq of the task's output in the outbox (0: none). */
-  private outboxTop(taskId: string): number {
-    let top = 0;
-    for (const item of this.outbox.all()) if (item.kind === "output" && item.chunk.taskId === taskId) top = Math.max(top, Number(item.chunk.seq));
-    return top;
-  }
-
   /**
-   * Writes to the ledger until the write is stored (see STORE_RETRY); the
-   * ledger answers what is stored meanwhile. Rejects once the daemon stops.
+   * Writes to the ledger or the outbox until the write is stored (see
+   * STORE_RETRY); the store answers what is stored meanwhile. Rejects once
+   * the daemon stops.
    */
   private async untilStored(what: string, taskId: string, write: () => Promise<void>): Promise<void> {
     let backoff: Backoff | undefined;

@@ -8,7 +8,9 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
-import { chmod, rm, stat } from "node:fs/promises";
+import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { Readable } from "node:stream";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
@@ -16,6 +18,8 @@ import { isDigest, verifyFile } from "../common/digest.js";
 import { ConfigError } from "../common/errors.js";
 import type { ArtifactFetcher } from "./artifact-fetch.js";
 import { baseDirProblem, putFile, relativePathProblem } from "./file-put.js";
+import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
+import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 
 /** Options of {@link Executor}; everything but the clock has a default. */
@@ -37,6 +41,11 @@ export interface ExecutorOptions {
    * host's proxy). Absent: those steps fail with a message saying so.
    */
   fetchArtifact?: ArtifactFetcher;
+  /**
+   * Programs of the program tools this host has, by tool (`python`,
+   * `ansible`: daemon/tools.ts). A step of a tool without one fails saying so.
+   */
+  programs?: Readonly<Record<string, string>>;
 }
 
 /**
@@ -119,6 +128,7 @@ interface ResolvedOptions {
   killGraceMs: number;
   baseEnv: Readonly<Record<string, string | undefined>> | undefined;
   fetchArtifact: ArtifactFetcher | undefined;
+  programs: Readonly<Record<string, string>>;
 }
 
 /**
@@ -138,7 +148,7 @@ export class Executor {
     if (!Number.isFinite(killGraceMs) || killGraceMs < 0) {
       throw new ConfigError(`killGraceMs must be a non-negative number, got ${killGraceMs}`);
     }
-    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv, fetchArtifact: opts.fetchArtifact };
+    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv, fetchArtifact: opts.fetchArtifact, programs: opts.programs ?? {} };
   }
 
   /**
@@ -168,10 +178,14 @@ interface StepExit {
 }
 type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined };
 
-/** A step as it will run: a process (argv, or an artifact run as a script) or a file written. */
+/**
+ * A step as it will run: a process; a staged process, whose files (written
+ * to a private directory) and fetched artifact exist only while it runs; or
+ * a file written.
+ */
 type PlannedStep =
   | { kind: "process"; label: string; argv: string[] }
-  | { kind: "script"; label: string; artifact: string; interpreter: string[]; args: string[] }
+  | { kind: "staged"; label: string; stage: Stage }
   | { kind: "put"; label: string; artifact: string; path: string; baseDir: string; mode: number };
 
 /** The state of one `Executor.run`. */
@@ -204,7 +218,7 @@ class TaskRun {
   }
 
   async execute(): Promise<TaskOutcome> {
-    const plan = planSteps(this.spec.steps);
+    const plan = planSteps(this.spec.steps, this.opts.programs);
     if (typeof plan === "string") return this.outcome(TaskState.FAILED, plan);
     const signal = this.io.signal;
     if (signal?.aborted) return this.outcome(TaskState.CANCELLED, "cancelled before start");
@@ -247,20 +261,18 @@ class TaskRun {
         if (stop) return this.outcome(stop.state, stop.message, last);
         if (problem !== undefined) return this.outcome(TaskState.FAILED, prefix(step) + problem, last);
         continue;
-      } else if (step.kind === "script") {
-        const fetched = await this.fetchVerified(step.artifact);
+      } else if (step.kind === "staged") {
+        const staged = await this.stageStep(step.stage);
         const stopNow = this.stopped();
-        if (typeof fetched !== "string") {
+        if ("problem" in staged) {
           if (stopNow) return this.outcome(stopNow.state, stopNow.message, last);
-          return this.outcome(TaskState.FAILED, prefix(step) + fetched.problem, last);
+          return this.outcome(TaskState.FAILED, prefix(step) + staged.problem, last);
         }
         try {
           if (stopNow) break;
-          // Only the daemon's user may read or run it (the fetcher's directory is 0700 too).
-          await chmod(fetched, 0o700);
-          result = await this.runStep([...step.interpreter, fetched, ...step.args], env, cwd);
+          result = await this.runStep(staged.argv, env, cwd);
         } finally {
-          await rm(fetched, { force: true });
+          await staged.cleanup();
         }
       } else {
         result = await this.runStep(step.argv, env, cwd);
@@ -302,6 +314,34 @@ class TaskRun {
     } catch (err) {
       await rm(path, { force: true });
       return { problem: errorText(err) };
+    }
+  }
+
+  /**
+   * Writes a staged step's files to a new private directory and fetches its
+   * artifact: the argv to run and what removes them, or why it cannot run.
+   */
+  private async stageStep(stage: Stage): Promise<{ argv: string[]; cleanup: () => Promise<void> } | { problem: string }> {
+    let fetched: string | undefined;
+    if (stage.artifact !== undefined) {
+      const got = await this.fetchVerified(stage.artifact);
+      if (typeof got !== "string") return got;
+      fetched = got;
+    }
+    let dir: string | undefined;
+    const cleanup = async () => {
+      if (fetched !== undefined) await rm(fetched, { force: true });
+      if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+    };
+    try {
+      // Only the daemon's user may read or run them (mkdtemp makes the directory 0700; the fetcher's is 0700 too).
+      if (fetched !== undefined) await chmod(fetched, 0o700);
+      dir = await mkdtemp(join(tmpdir(), "rexmesh-step-"));
+      for (const [name, content] of Object.entries(stage.files)) await writeFile(join(dir, name), content, { mode: 0o600 });
+      return { argv: stage.argv(dir, fetched), cleanup };
+    } catch (err) {
+      await cleanup();
+      return { problem: `cannot prepare the step's files: ${errorText(err)}` };
     }
   }
 
@@ -553,7 +593,7 @@ class TaskRun {
 }
 
 /** Turns the steps into argv lists, or returns why the spec cannot run. */
-function planSteps(steps: Step[]): PlannedStep[] | string {
+function planSteps(steps: Step[], programs: Readonly<Record<string, string>>): PlannedStep[] | string {
   if (steps.length === 0) return "task has no steps";
   const plan: PlannedStep[] = [];
   for (const [i, step] of steps.entries()) {
@@ -579,7 +619,16 @@ function planSteps(steps: Step[]): PlannedStep[] | string {
         if (!isDigest(artifact)) return `${label}: script artifact ${JSON.stringify(artifact)} is not a sha256:<hex> digest`;
         const prefix = interpreter.length > 0 ? interpreter : DEFAULT_SCRIPT_INTERPRETER;
         if (prefix[0] === "") return `${label}: script interpreter has an empty program name`;
-        plan.push({ kind: "script", label, artifact, interpreter: [...prefix], args: [...args] });
+        plan.push({ kind: "staged", label, stage: { artifact, files: {}, argv: (_dir, file) => [...prefix, file!, ...args] } });
+        break;
+      }
+      case "python":
+      case "ansible": {
+        const program = programs[tool.case];
+        if (program === undefined) return `${label}: this host has no ${tool.case} tool (${PROGRAM_TOOLS[tool.case]} not found, or hidden by the daemon's config)`;
+        const stage = tool.case === "python" ? pythonStage(tool.value, program) : ansibleStage(tool.value, program);
+        if (typeof stage === "string") return `${label}: ${stage}`;
+        plan.push({ kind: "staged", label, stage });
         break;
       }
       case "filePut": {

@@ -5,7 +5,6 @@ import { clampFacts } from "../common/limits.js";
 import { HostFactsSchema, type HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 
 export const DAEMON_VERSION = "0.1.0";
-export const TOOLS = ["exec", "shell", "script", "file.put", "ping"] as const;
 
 /** The os family from /etc/os-release (debian, rhel, ...), or the platform elsewhere. */
 function osFamily(): string {
@@ -23,8 +22,9 @@ function osFamily(): string {
  * What this host reports about itself when it connects, cut to the fact
  * limits (common/limits.ts): the controller keeps no more than that, so the
  * daemon never sends more (a host with thousands of addresses, say).
+ * `tools` are the host's execution tools (daemon/tools.ts).
  */
-export function collectFacts(): HostFacts {
+export function collectFacts(tools: readonly string[]): HostFacts {
   const addresses = Object.values(os.networkInterfaces())
     .flat()
     .filter((a): a is os.NetworkInterfaceInfo => a !== undefined && !a.internal)
@@ -37,7 +37,7 @@ export function collectFacts(): HostFacts {
     hostname: os.hostname(),
     addresses,
     daemonVersion: DAEMON_VERSION,
-    tools: [...TOOLS],
+    tools: [...tools],
   });
   return clampFacts(facts).facts;
 }

@@ -13,6 +13,7 @@ import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { Agent, type Dialer } from "./agent.js";
 import { Executor } from "./executor.js";
 import { collectFacts } from "./facts.js";
+import { detectTools } from "./tools.js";
 import { LmdbEnv } from "../common/lmdb.js";
 import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import { LmdbLedger } from "./lmdb-ledger.js";
@@ -48,6 +49,8 @@ export const daemonSchema = {
   tenant: { type: "string", doc: "enrollment: the tenant to join; the credential must be of it (default: the credential's)" },
   readyFile: { type: "string", doc: "file written once the daemon runs" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
+  tools: { type: "list", doc: "extra execution tools to report: NAME (e.g. docker), or python=/path, ansible=/path, pwsh=/path for a program not on PATH (docs/tools.md)" },
+  hideTools: { type: "list", doc: "execution tools neither reported nor run on this host, e.g. python,ansible (docs/tools.md)" },
 } satisfies Schema;
 
 export type DaemonConfig = Resolved<typeof daemonSchema>;
@@ -76,7 +79,9 @@ export function grpcDialer(paths: CredentialPaths): Dialer {
 export async function startDaemon(config: DaemonConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { agents: Agent[] }> {
   if (!config.proxies || config.proxies.length === 0) throw new ConfigError("proxies is required (--proxies HOST:PORT[,HOST:PORT...])");
   if (config.hostId) await enrollIfNeeded(config, log, clock);
-  const facts = collectFacts();
+  const tools = detectTools({ declared: config.tools, hidden: config.hideTools });
+  const facts = collectFacts(tools.names);
+  log.info("execution tools", { tools: tools.names, programs: tools.programs });
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const ledgers = env.db<never>("ledger") as never;
   const outboxes = env.db<Buffer>("outbox", "binary") as never;
@@ -90,7 +95,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
     // One executor per host: artifacts are fetched through the proxies with this host's own certificate.
     const fetchArtifact = proxyArtifactFetcher({ proxies: config.proxies!, credentials: () => readCredentials(paths), dir: join(config.data, "artifacts", me.id) });
-    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact });
+    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact, programs: tools.programs });
     // A new report key whenever the certificate changed (renewal), endorsed by the new one.
     let reporter = { pem: creds.certPem, key: new HostReporter(creds, clock, me) };
     const currentReporter = () => {
@@ -109,6 +114,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       verifier: new TaskVerifier(creds.caPem, clock),
       outbox: new LmdbBacklog(outboxes, me.id),
       facts,
+      tools: tools.names,
       clock,
       log: log.child({ host: me.id }),
       capacity: config.capacity,

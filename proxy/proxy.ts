@@ -81,14 +81,6 @@ interface ControllerSession {
   link: ControllerLink;
   /** Backlog position sent on this link so far; the next frame starts after it. */
   sentUpTo: number;
-  /**
-   * Backlog position sent on this link before the controller last asked for
-   * a replay. The controller held some of those reports back (not taken, not
-   * acknowledged) and acknowledges each output frame with its highest seq
-   * per task, so a chunk up to here goes only with an ack of its own seq:
-   * an ack of a later chunk says nothing of it.
-   */
-  replayUpTo: number;
   pumping: boolean;
   waiting: boolean;
 }
@@ -525,15 +517,9 @@ export class ProxyCore {
         const batch = this.store.upwardAfter(c.sentUpTo, MAX_FRAME_BYTES);
         if (batch.length === 0) return;
         const frame = create(ProxyStreamRequestSchema);
-        // A chunk sent before a replay was asked for goes last of its task in its frame, so that the
-        // controller's ack of the frame (its highest seq per task) names it and lets it go.
-        const closed = new Set<string>();
         for (const { n, item } of batch) {
-          if (item.kind === "output") {
-            if (closed.has(item.chunk.taskId)) break;
-            if (n <= c.replayUpTo) closed.add(item.chunk.taskId);
-            frame.output.push(item.chunk);
-          } else frame.statuses.push(item.status);
+          if (item.kind === "output") frame.output.push(item.chunk);
+          else frame.statuses.push(item.status);
           c.sentUpTo = n;
         }
         c.link.send(frame);
@@ -569,7 +555,7 @@ export class ProxyCore {
     });
     // The hosts held follow as they prove their presence over this link's nonce (askForPresence).
     link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs } }));
-    const c: ControllerSession = { session: ls, link, sentUpTo: 0, replayUpTo: 0, pumping: false, waiting: false };
+    const c: ControllerSession = { session: ls, link, sentUpTo: 0, pumping: false, waiting: false };
     this.controller = c;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
     let loadTimer: Timer | undefined;
@@ -602,8 +588,8 @@ export class ProxyCore {
   private async handleControllerFrame(frame: ProxyStreamResponse): Promise<void> {
     screenControllerFrame(frame).warn(this.log, "acknowledgements or cancels no controller sends were dropped");
     if (frame.replay && this.controller) {
-      // Reports the controller held back (it did not yet know this proxy held their host) go again.
-      this.controller.replayUpTo = Math.max(this.controller.replayUpTo, this.controller.sentUpTo);
+      // Reports the controller held back (it did not yet know this proxy held their host) go again. Its
+      // output acks never pass a chunk it held back until that chunk is stored, so they stay cumulative.
       this.controller.sentUpTo = 0;
       this.sendUp();
     }
@@ -690,8 +676,7 @@ export class ProxyCore {
     }
     for (const task of changed) writes.push(this.store.putTask(task));
     if (items.length > 0) writes.push(this.store.pushUpward(items));
-    const keepUpTo = this.controller?.replayUpTo ?? 0;
-    for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq), keepUpTo));
+    for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq)));
     for (const ack of frame.statusAcks) {
       writes.push(this.store.ackStatus(ack.taskId, ack.state, ack.atProxy));
       if (isTerminal(ack.state)) writes.push(this.settled(ack.taskId, ack.atProxy));

@@ -63,11 +63,8 @@ export interface ProxyStore {
   pruneMarks(now: number): Promise<number>;
   /** Appends to the upward backlog; resolves when stored. */
   pushUpward(items: readonly UpwardItem[]): Promise<void>;
-  /**
-   * Drops a task's output chunks with seq ≤ seq from the backlog; those at
-   * positions ≤ keepUpTo only with an ack of their own seq (Backlog.ackOutput).
-   */
-  ackOutput(taskId: string, seq: number, keepUpTo?: number): Promise<void>;
+  /** Drops a task's output chunks with seq ≤ seq from the backlog. */
+  ackOutput(taskId: string, seq: number): Promise<void>;
   /** Drops a task's statuses at or before state, from one source, from the backlog. */
   ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
   /** The whole backlog in the order it was pushed. */
@@ -133,8 +130,8 @@ export abstract class BacklogHolder {
     return this.backlog.push(items);
   }
 
-  ackOutput(taskId: string, seq: number, keepUpTo = 0): Promise<void> {
-    return this.backlog.ackOutput(taskId, seq, keepUpTo);
+  ackOutput(taskId: string, seq: number): Promise<void> {
+    return this.backlog.ackOutput(taskId, seq);
   }
 
   ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {

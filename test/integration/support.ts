@@ -25,12 +25,14 @@ export interface JobResult {
   stderr: Map<string, Buffer>;
   /** Output seqs seen per host, to check contiguity. */
   seqs: Map<string, number[]>;
+  /** Every chunk per host, in the order read. */
+  chunks: Map<string, { seq: number; data: Buffer }[]>;
 }
 
 /** Watches a job to the end and gathers every host's output, as a client would. */
 export async function collectJob(client: Client<typeof ControllerService>, jobId: string, signal?: AbortSignal): Promise<JobResult> {
   const hostOf = new Map<string, string>();
-  const result: JobResult = { job: undefined as unknown as Job, tasks: new Map(), stdout: new Map(), stderr: new Map(), seqs: new Map() };
+  const result: JobResult = { job: undefined as unknown as Job, tasks: new Map(), stdout: new Map(), stderr: new Map(), seqs: new Map(), chunks: new Map() };
   const parts = new Map<string, Buffer[]>();
   for await (const batch of client.watchJob({ jobId }, { signal })) {
     if (batch.job) result.job = batch.job;
@@ -47,6 +49,9 @@ export async function collectJob(client: Client<typeof ControllerService>, jobId
       let seqs = result.seqs.get(host);
       if (!seqs) result.seqs.set(host, (seqs = []));
       seqs.push(Number(c.seq));
+      let chunks = result.chunks.get(host);
+      if (!chunks) result.chunks.set(host, (chunks = []));
+      chunks.push({ seq: Number(c.seq), data: Buffer.from(c.data) });
     }
   }
   for (const [key, list] of parts) {

@@ -49,7 +49,7 @@ class RecordingLedger extends MemoryLedger {
 const statusesIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.statuses.map((s) => `${s.taskId}:${TaskState[s.state]}`));
 const outputIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}:${text(c.data)}`));
 
-function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualClock; maxUnackedOutputBytes?: number } = {}) {
+function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualClock; maxUnackedOutputBytes?: number; tools?: string[] } = {}) {
   const clock = opts.clock ?? new ManualClock();
   const ledger = opts.ledger ?? new RecordingLedger();
   const executor = new FakeExecutor();
@@ -73,6 +73,7 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
     log: silentLogger,
     capacity: opts.capacity ?? 2,
     maxUnackedOutputBytes: opts.maxUnackedOutputBytes,
+    tools: opts.tools,
   });
   const link = () => links.at(-1)!;
   /** A frame from the proxy on the current link. */
@@ -191,6 +192,19 @@ describe("Agent: accepting and running tasks", () => {
     expect(statusesIn(t.link().sent)).toEqual(["t1:REJECTED", "t2:REJECTED"]);
     expect(t.executor.runs).toHaveLength(0);
     expect(t.ledger.get("t1")?.state).toBe(TaskState.REJECTED);
+  });
+
+  it("rejects a task with a step whose tool the host does not have, naming step, tool and the host's tools", async () => {
+    const t = setup({ tools: ["exec", "shell", "python"] });
+    await t.start();
+    const ansible = create(StepSchema, { name: "deploy", tool: { case: "ansible", value: { module: "ping" } } });
+    const python = create(StepSchema, { tool: { case: "python", value: { script: "print(1)" } } });
+    t.fromProxy({ tasks: [t.spec("t1", { steps: [python, ansible] }), t.spec("t2", { steps: [python] })] });
+    await flush();
+    expect(statusesIn(t.link().sent)).toEqual(["t1:REJECTED", "t2:DELIVERED", "t2:RUNNING"]);
+    const rejected = t.link().sent.flatMap((f) => f.statuses).find((s) => s.taskId === "t1")!;
+    expect(rejected.message).toBe("step 2 (deploy) needs the ansible tool, which this host does not have (its tools: exec, shell, python)");
+    expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["t2"]);
   });
 
   it("expires a task that arrives after its delivery deadline without running it", async () => {

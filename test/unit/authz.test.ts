@@ -192,6 +192,19 @@ bindings:
     expect(submit("putter", [execStep("uptime")]).allowed).toBe(false);
   });
 
+  it("governs python and ansible like script: only roles that name them (or tools: ['*']), never by default or by commands: ['*']", () => {
+    const python = create(StepSchema, { tool: { case: "python", value: { script: "print(1)" } } });
+    const ansible = create(StepSchema, { tool: { case: "ansible", value: { module: "ping" } } });
+    expect(submit("admin", [python])).toMatchObject({ allowed: false, reason: expect.stringContaining('tool "python" is not allowed by role admin') });
+    expect(submit("admin", [ansible])).toMatchObject({ allowed: false, reason: expect.stringContaining('tool "ansible" is not allowed by role admin') });
+    expect(submit("web", [python]).allowed).toBe(false);
+    expect(submit("builder", [python, ansible]).allowed).toBe(true);
+    const named = parsePolicy("roles:\n  py: { hosts: all, actions: [submit], tools: [python] }\nbindings:\n  acme/py: py\n");
+    expect(decide(named, as("py"), { action: "submit", hosts: [web1], steps: [python] }).allowed).toBe(true);
+    expect(decide(named, as("py"), { action: "submit", hosts: [web1], steps: [ansible] }).allowed).toBe(false);
+    expect(submit("web", [execStep("uptime")], { ANSIBLE_CONFIG: "/tmp/x.cfg" })).toMatchObject({ allowed: false, reason: expect.stringContaining("environment variable ANSIBLE_CONFIG changes what runs") });
+  });
+
   it("refuses variables that change what runs unless the role's env names them", () => {
     for (const name of ["PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "PYTHONPATH", "NODE_OPTIONS", "GIT_SSH_COMMAND", "APP_PLUGIN_DIR"]) {
       const d = submit("web", [execStep("uptime")], { [name]: "/tmp/x" });

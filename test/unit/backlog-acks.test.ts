@@ -1,7 +1,7 @@
 /**
- * The upward backlogs (memory and LMDB): an output ack that must not take
- * chunks the sender cannot know were taken, acks whose cost does not grow
- * with the number they name, and a push whose write failed.
+ * The upward backlogs (memory and LMDB): cumulative output acks, acks whose
+ * cost does not grow with the number they name, and a push whose write
+ * failed.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -57,28 +57,53 @@ const kinds: [string, () => Promise<Backlog>][] = [
 ];
 
 describe.each(kinds)("%s output acks", (_name, make) => {
-  it("keeps chunks at positions up to keepUpTo past a cumulative ack; an ack of a chunk's own seq takes it", async () => {
+  it("are cumulative: an ack drops its task's chunks up to its seq, nothing above it and nothing of other tasks", async () => {
     const b = await make();
     await b.push([out("t1", 1), out("t1", 2), out("t2", 1), out("t1", 3), out("t1", 4)]);
-    // Positions 1-3 (t1:1, t1:2, t2:1) were sent before a replay was asked for.
-    await b.ackOutput("t1", 3, 3);
-    expect(keys(b)).toEqual(["o/t1/1", "o/t1/2", "o/t2/1", "o/t1/4"]);
-    await b.ackOutput("t1", 1, 3);
-    expect(keys(b)).toEqual(["o/t1/2", "o/t2/1", "o/t1/4"]);
-    await b.ackOutput("t1", 4, 3);
-    expect(keys(b)).toEqual(["o/t1/2", "o/t2/1"]);
-    await b.ackOutput("t1", 2, 3);
+    await b.ackOutput("t1", 3);
+    expect(keys(b)).toEqual(["o/t2/1", "o/t1/4"]);
+    await b.ackOutput("t1", 1); // an older ack: nothing left below it
+    expect(keys(b)).toEqual(["o/t2/1", "o/t1/4"]);
+    await b.ackOutput("t1", 4);
     expect(keys(b)).toEqual(["o/t2/1"]);
     expect(b.size).toBe(1);
+    expect(b.bytes).toBe(itemBytes(out("t2", 1)));
   });
 
-  it("a chunk passed over is still reached by a later ack that keeps nothing (a new link)", async () => {
+  it("take a chunk pushed after a later one (its first write failed) by its seq, not by when it was pushed", async () => {
     const b = await make();
-    await b.push([out("t1", 1), out("t1", 2), out("t1", 3)]);
-    await b.ackOutput("t1", 2, 2);
-    expect(keys(b)).toEqual(["o/t1/1", "o/t1/3"]);
-    await b.ackOutput("t1", 3);
+    await b.push([out("t1", 1), out("t1", 3)]);
+    await b.push([out("t1", 2)]);
+    await b.ackOutput("t1", 2);
+    expect(keys(b)).toEqual(["o/t1/3"]);
+    await b.push([out("t1", 5), out("t1", 4)]);
+    expect(b.topOutputSeq("t1")).toBe(5);
+    await b.ackOutput("t1", 4);
+    expect(keys(b)).toEqual(["o/t1/5"]);
+    await b.ackOutput("t1", 5);
     expect(keys(b)).toEqual([]);
+    expect(b.topOutputSeq("t1")).toBe(0);
+    expect(b.bytes).toBe(0);
+  });
+});
+
+describe("MemoryBacklog under many acks", () => {
+  // Each ack takes chunks off the front of its task's seq-ordered list: it visits what it drops and stops at the
+  // first chunk above its seq. (Walking every chunk the task held on every ack took 3.7 s for these numbers.)
+  it("drops exactly what each ack covers while 100,000 chunks of two tasks are acknowledged every 100", async () => {
+    const b = new MemoryBacklog();
+    const N = 100_000;
+    for (let seq = 1; seq <= N; seq++) {
+      await b.push([out("t1", seq), out("t2", seq)]);
+      if (seq % 100 === 0) {
+        await b.ackOutput("t1", seq);
+        await b.ackOutput("t2", seq - 50);
+      }
+    }
+    expect(b.size).toBe(50);
+    expect(keys(b)[0]).toBe(`o/t2/${N - 49}`);
+    await b.ackOutput("t2", Number.MAX_SAFE_INTEGER);
+    expect(b.size).toBe(0);
     expect(b.bytes).toBe(0);
   });
 });
@@ -108,19 +133,15 @@ describe.each(kinds)("%s acks naming numbers far beyond anything held (F7)", (_n
     expect(b.size).toBe(2);
   });
 
-  it("keeps what a huge ack does not cover: the other source's statuses, and chunks passed over before a replay", async () => {
+  it("keeps what a huge ack does not cover: the other source's statuses", async () => {
     const b = await make();
     const own = { kind: "status", status: status("t1", TaskState.QUEUED, { atProxy: true }) } as const;
     await b.push([out("t1", 1), out("t1", 2), own, out("t1", 3), st("t1", TaskState.RUNNING)]);
-    // Positions 1-3 were sent before a replay was asked for: chunks 1 and 2 go only with acks of their own.
-    await quickly(() => b.ackOutput("t1", SEQ, 3));
-    await quickly(() => b.ackStatus("t1", STATE, false));
-    expect(keys(b)).toEqual(["o/t1/1", "o/t1/2", "s/t1/2/p"]);
-    await quickly(() => b.ackOutput("t1", 2, 3));
-    expect(keys(b)).toEqual(["o/t1/1", "s/t1/2/p"]);
-    // A later ack that keeps nothing (a new link) reaches the chunk passed over.
     await quickly(() => b.ackOutput("t1", SEQ));
+    await quickly(() => b.ackStatus("t1", STATE, false));
     expect(keys(b)).toEqual(["s/t1/2/p"]);
+    await quickly(() => b.ackStatus("t1", STATE, true));
+    expect(keys(b)).toEqual([]);
   });
 });
 

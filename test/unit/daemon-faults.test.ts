@@ -1,6 +1,6 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
-import { MemoryBacklog } from "../../common/backlog.js";
+import { MemoryBacklog, type UpwardItem } from "../../common/backlog.js";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Agent } from "../../daemon/agent.js";
@@ -247,6 +247,42 @@ describe("review: daemon", () => {
     await flush();
     expect(statuses()).toEqual(["DELIVERED", "RUNNING", "SUCCEEDED"]);
     expect(ledger.get("t1")?.final?.state).toBe(TaskState.SUCCEEDED);
+  });
+
+  it("D3 a chunk whose outbox write failed is kept once the store works again and sent on the next stream, not lost with the stream", async () => {
+    class FlakyOutbox extends MemoryBacklog {
+      failNext = false;
+      override push(items: readonly UpwardItem[]): Promise<void> {
+        if (this.failNext && items.some((i) => i.kind === "output")) {
+          this.failNext = false;
+          return Promise.reject(Object.assign(new Error("MDB_MAP_FULL"), { code: "MDB_MAP_FULL" }));
+        }
+        return super.push(items);
+      }
+    }
+    const outbox = new FlakyOutbox();
+    const a = agentWith(new MemoryLedger(), outbox);
+    await a.agent.start();
+    await flush();
+    a.welcome();
+    await flush();
+    a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
+    await flush();
+    outbox.failNext = true;
+    a.executor.runs[0]!.io.onOutput(OutputStream.STDOUT, new TextEncoder().encode("the only line\n"), 1);
+    await flush();
+    // A task that never runs twice sends its chunks at once: this one is on the stream, though the outbox refused it.
+    expect(outputIn(a.link().sent)).toEqual(["1:the only line\n"]);
+    // The stream drops before the proxy stored the chunk. The outbox write is tried again (STORE_RETRY) and the
+    // daemon dials again: the chunk goes on the new stream from the outbox, where it used to be gone.
+    a.link().end();
+    await flush();
+    a.clock.advance(5000);
+    await flush();
+    expect(a.links).toHaveLength(2);
+    a.welcome();
+    await flush();
+    expect(outputIn(a.link().sent)).toEqual(["1:the only line\n"]);
   });
 
   it("D2 the LMDB ledger answers what is stored after a refused update or removal", async () => {

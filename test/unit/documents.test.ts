@@ -360,3 +360,31 @@ bindings:
     expect(store.getJob("j1")?.finishedAt).toBeDefined();
   });
 });
+
+describe("python and ansible steps in documents", () => {
+  const doc = compileDocument({
+    name: "tools",
+    parameters: [
+      { name: "v", type: "string", pattern: ".*" },
+      { name: "many", type: "list" },
+    ],
+    steps: [
+      { python: { script: "print('{{ not a placeholder }}', {'a': {{1}}})", args: ["{{param.v}}", "{{param.many}}", "{{host.id}}"] } },
+      { ansible: { playbook: "- hosts: all\n  tasks:\n    - debug: { msg: '{{ item }}' }\n", vars: { v: "{{param.v}}", h: "{{host.id}}" } } },
+      { ansible: { module: "ansible.builtin.copy", moduleArgs: { content: "{{param.v}}", dest: "/tmp/{{host.id}}" } } },
+    ],
+  });
+
+  it("passes python source and playbooks as written, renders args (a list spreads) and vars as values", () => {
+    const plan = planHost(doc, { v: "{{ lookup('pipe','id') }}", many: ["a", "b c"] }, host("h1", "eu", ["python", "ansible"]));
+    const [py, pb, mod] = plan.steps!;
+    expect(py!.tool.case === "python" && py!.tool.value).toMatchObject({ script: "print('{{ not a placeholder }}', {'a': {{1}}})", args: ["{{ lookup('pipe','id') }}", "a", "b c", "h1"] });
+    expect(pb!.tool.case === "ansible" && pb!.tool.value).toMatchObject({ playbook: "- hosts: all\n  tasks:\n    - debug: { msg: '{{ item }}' }\n", vars: { v: "{{ lookup('pipe','id') }}", h: "h1" } });
+    expect(mod!.tool.case === "ansible" && mod!.tool.value).toMatchObject({ module: "ansible.builtin.copy", moduleArgs: { content: "{{ lookup('pipe','id') }}", dest: "/tmp/h1" } });
+  });
+
+  it("still checks the templates in args and vars at put", () => {
+    expect(() => compileDocument({ name: "x", steps: [{ python: { script: "pass", args: ["{{param.nope}}"] } }] })).toThrow(/field python\.args\[0\]: .*param\.nope/);
+    expect(() => compileDocument({ name: "x", steps: [{ ansible: { module: "ping", vars: { a: "{{fact.x" } } }] })).toThrow(InvalidArgumentError);
+  });
+});

@@ -8,6 +8,7 @@ import { Inventory } from "../../controller/inventory.js";
 import type { HostRecord } from "../../controller/model.js";
 import { checkEnv, checkSubmitLimits } from "../../controller/request-limits.js";
 import { collectFacts } from "../../daemon/facts.js";
+import { detectTools } from "../../daemon/tools.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
 
@@ -45,7 +46,7 @@ describe("the limits module", () => {
     const small = create(HostFactsSchema, { os: "linux", tools: ["exec"] });
     expect(clampFacts(small)).toEqual({ facts: small, truncated: false });
     // The daemon never sends more than the controller keeps.
-    expect(clampFacts(collectFacts()).truncated).toBe(false);
+    expect(clampFacts(collectFacts(detectTools().names)).truncated).toBe(false);
   });
 
   it("keeps facts cut in the inventory, also those stored before the limits existed", () => {

@@ -1,7 +1,7 @@
 /**
  * The proxy keeps what it holds until the next hop really has it: chunks the
  * controller held back survive acks of later chunks until their replay is
- * taken; a task goes to its host only once its hand-over is stored; a write
+ * stored; a task goes to its host only once its hand-over is stored; a write
  * that fails leaves the task as it was; a settled task is removed and marked
  * in one commit.
  */
@@ -10,7 +10,8 @@ import type { UpwardItem } from "../../common/backlog.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { MemoryProxyStore, type TaskMark } from "../../proxy/store.js";
 import { chunk, flush, status, taskSpec } from "./support.js";
-import { handed, proxyHarness, upStatuses } from "./proxy-harness.js";
+import { handed, proxyHarness, upStatuses, type HostSide } from "./proxy-harness.js";
+import { nonceSentTo, realController } from "./real-controller.js";
 
 const heldChunks = (store: MemoryProxyStore) => store.upward().flatMap((i) => (i.kind === "output" ? [`${i.chunk.taskId}:${i.chunk.seq}`] : []));
 const enospc = () => Object.assign(new Error("No space left on device"), { code: "ENOSPC" });
@@ -46,100 +47,92 @@ function setup(opts: { sweepMs?: number } = {}) {
   return proxyHarness(new TestStore(), { sweepMs: opts.sweepMs ?? 1e9 });
 }
 
+/** h1's proof of presence over the nonce the proxy passed it (the controller takes it on the proxy's word here: no host keys). */
+const proof = (h: HostSide) => ({ presenceNonce: nonceSentTo(h), presenceProof: new Uint8Array([1]), presenceSalt: new Uint8Array([2]) });
+
 /**
- * The controller's output handling on a proxy link (controller/proxy-link.ts):
- * reports on a host it does not count as held by this proxy are held back —
- * neither taken nor acknowledged — and a replay is asked for once the host's
- * presence is accepted; a frame's taken chunks are acknowledged with their
- * highest seq per task. Frames are answered in order, when the test says.
+ * Against the controller's own link handler (controller/proxy-link.ts):
+ * reports on a host it does not yet count as held by this proxy are held
+ * back — neither taken nor acknowledged — and a replay is asked for once the
+ * host's presence is accepted; its output acks are cumulative and never
+ * pass a chunk held back from the link until that chunk is stored.
  */
-class Upstream {
-  readonly got = new Set<string>();
-  private readonly held = new Set<string>();
-  private readonly heldBack = new Set<string>();
-  private read = 0;
-
-  constructor(private readonly ctl: ReturnType<ReturnType<typeof setup>["connectController"]>) {}
-
-  /** Answers the proxy's frames not yet answered (at most `frames` of them). */
-  answer(frames = Infinity): void {
-    for (let i = 0; i < frames && this.read < this.ctl.link.sent.length; i++) {
-      const frame = this.ctl.link.sent[this.read++]!;
-      const highest = new Map<string, bigint>();
-      for (const c of frame.output) {
-        if (!this.held.has(c.hostId)) {
-          this.heldBack.add(c.hostId);
-          continue;
-        }
-        this.got.add(`${c.taskId}:${c.seq}`);
-        highest.set(c.taskId, (highest.get(c.taskId) ?? 0n) > c.seq ? highest.get(c.taskId)! : c.seq);
-      }
-      if (highest.size > 0) this.ctl.send({ outputAcks: [...highest].map(([taskId, seq]) => ({ taskId, seq })) });
-    }
-  }
-
-  /** The host's presence through this proxy is accepted. */
-  accept(hostId: string): void {
-    this.held.add(hostId);
-    if (this.heldBack.delete(hostId)) this.ctl.send({ replay: true });
-  }
-}
-
 describe("proxy: chunks held back by the controller", () => {
-  it("survive an ack of a later chunk that arrives after their replay went out, and go once the replay is taken", async () => {
+  it("survive an ack of a later chunk that the controller made after asking for their replay, and reach its store", async () => {
     const t = setup();
+    const c = realController(t.clock);
+    const id = await c.runningTask();
     const h = t.connectHost("h1", 0);
     await flush();
-    // h1 brought t1 from another proxy: its first chunks reach px1 before the controller link.
-    h.send({ output: [chunk("t1", 1), chunk("t1", 2)] });
+    // h1 failed over from pxA with the task running: its first chunks reach px1 before the controller link.
+    h.send({ output: [chunk(id, 1), chunk(id, 2)] });
     await flush();
-    const ctl = t.connectController();
-    const up = new Upstream(ctl);
+    const w = c.link(t.core);
     await flush();
-    ctl.send({ welcome: { heartbeatMs: 10_000, presenceNonce: new Uint8Array([1]) } });
+    w.up(); // the hello and chunks 1-2: px1 is not known to hold h1, so they are held back
     await flush();
-    up.answer(); // chunks 1-2: h1 is not known to be held here yet: held back
-    h.send({ output: [chunk("t1", 3)] });
+    expect(c.stored(id, 1)).toBe(false);
+    w.down(); // the welcome: px1 asks h1 to prove its presence
     await flush();
-    up.accept("h1"); // -> replay
-    await flush(); // the proxy resends what it holds
-    up.answer(1); // the controller only now takes the frame with chunk 3, sent before the replay: ack 3
+    h.send(proof(h.link));
     await flush();
-    // The ack of 3 says nothing of chunks 1-2, whose resends the controller has not read yet.
-    expect(heldChunks(t.store)).toEqual(["t1:1", "t1:2"]);
-    up.answer();
+    w.up(); // h1's presence: accepted, a replay asked for
     await flush();
-    expect([...up.got].sort()).toEqual(["t1:1", "t1:2", "t1:3"]);
+    h.send({ output: [chunk(id, 3)] });
+    await flush();
+    w.down(); // the replay reaches px1 before the controller has read the frame with chunk 3: px1 resends what it holds
+    await flush();
+    expect(w.pendingUp()[0]!.output.map((ch) => Number(ch.seq))).toEqual([3]);
+    w.up(1); // the controller only now reads chunk 3's frame, sent before the replay: taken...
+    await flush();
+    w.down();
+    await flush();
+    expect(c.stored(id, 3)).toBe(true);
+    // ...and its ack says nothing of chunks 1-2, whose resends the controller has not read yet: px1 keeps them.
+    expect(heldChunks(t.store)).toEqual([`${id}:1`, `${id}:2`, `${id}:3`]);
+    await w.settle();
+    expect([1, 2, 3].map((seq) => c.stored(id, seq))).toEqual([true, true, true]);
     // Every chunk went with the controller's acks of the resends: nothing lingers.
     expect(heldChunks(t.store)).toEqual([]);
   });
 
   it("lose nothing and linger nowhere when several tasks and a new link are involved", async () => {
     const t = setup();
+    const c = realController(t.clock);
+    const a = await c.runningTask();
+    const b = await c.runningTask();
     const h = t.connectHost("h1", 0);
     await flush();
-    h.send({ output: [chunk("a", 1), chunk("b", 1), chunk("a", 2)] });
+    h.send({ output: [chunk(a, 1), chunk(b, 1), chunk(a, 2)] });
     await flush();
-    const ctl = t.connectController();
-    const up = new Upstream(ctl);
+    const w = c.link(t.core);
     await flush();
-    up.answer(); // all held back
-    h.send({ output: [chunk("a", 3), chunk("b", 2)] });
+    w.up(); // all held back
     await flush();
-    up.accept("h1");
-    ctl.send({ outputAcks: [{ taskId: "b", seq: 2n }] }); // as if b:2 had been taken on its way
+    w.down();
     await flush();
-    expect(heldChunks(t.store)).toEqual(["a:1", "b:1", "a:2", "a:3"]);
-    // The link drops before the resends are answered; a new one replays everything, cumulative acks again.
-    ctl.link.close();
+    h.send(proof(h.link));
     await flush();
-    const ctl2 = t.connectController();
-    const up2 = new Upstream(ctl2);
-    up2.accept("h1");
+    h.send({ output: [chunk(a, 3), chunk(b, 2)] });
     await flush();
-    up2.answer();
+    w.up(); // the presence (a replay asked for), then a:3 and b:2: taken, acknowledged no further than the chunks held back
     await flush();
-    expect([...up2.got].sort()).toEqual(["a:1", "a:2", "a:3", "b:1"]);
+    w.down(); // the replay: px1 resends everything
+    await flush();
+    expect(c.stored(a, 3) && c.stored(b, 2)).toBe(true);
+    const all = [`${a}:1`, `${b}:1`, `${a}:2`, `${a}:3`, `${b}:2`];
+    expect(heldChunks(t.store)).toEqual(all);
+    // The link drops before the resends are read; a new one replays everything, the host proves itself again.
+    await w.cut();
+    const w2 = c.link(t.core);
+    await flush();
+    w2.up();
+    await flush();
+    w2.down();
+    await flush();
+    h.send(proof(h.link));
+    await w2.settle();
+    expect(all.filter((k) => !c.stored(k.split(":")[0]!, Number(k.split(":")[1])))).toEqual([]);
     expect(heldChunks(t.store)).toEqual([]);
   });
 });

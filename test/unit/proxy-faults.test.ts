@@ -4,6 +4,7 @@ import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
 import { chunk, flush, status, taskSpec } from "./support.js";
 import { proxyHarness, statusAcksTo, upOutput, upStatuses } from "./proxy-harness.js";
+import { nonceSentTo, realController } from "./real-controller.js";
 
 class FlakyStore extends MemoryProxyStore {
   failNext = false;
@@ -46,33 +47,42 @@ describe("proxy under faults", () => {
     expect(kept).toBe(true);
   });
 
-  it("P2 a replay the controller asks for resends held-back chunks even when a later cumulative ack arrives first", async () => {
+  it("P2 a replay the controller asks for resends held-back chunks even when a later chunk is taken first", async () => {
     const t = setup();
+    const c = realController(t.clock);
+    const id = await c.runningTask();
     const h = t.connectHost("h1", 0);
     await flush();
-    // h1 brought t1 from another proxy; its chunk 1 is in px1's backlog.
-    h.send({ output: [chunk("t1", 1, "one")] });
+    // h1 brought the task from another proxy (pxA); its chunk 1 is in px1's backlog.
+    h.send({ output: [chunk(id, 1, "one")] });
     await flush();
-    const ctl = t.connectController();
+    const w = c.link(t.core);
     await flush();
-    expect(upOutput(ctl.link)).toEqual(["t1:1"]); // replayed before the welcome: the controller holds it back
-    ctl.send({ welcome: { heartbeatMs: 10_000, presenceNonce: new Uint8Array([1]) } });
+    expect(upOutput(w.proxySide)).toEqual([`${id}:1`]); // replayed before the welcome: the controller holds it back
+    w.up();
     await flush();
-    h.send({ output: [chunk("t1", 2, "two")] });
+    w.down(); // the welcome
     await flush();
-    expect(upOutput(ctl.link)).toEqual(["t1:1", "t1:2"]);
+    h.send({ presenceNonce: nonceSentTo(h.link), presenceProof: new Uint8Array([1]), presenceSalt: new Uint8Array([2]), output: [chunk(id, 2, "two")] });
+    await flush();
+    expect(upOutput(w.proxySide)).toEqual([`${id}:1`, `${id}:2`]);
     // The link is backed up (a long backlog after a cut): the pump waits for it to drain.
-    ctl.link.backlog = 10;
-    h.send({ output: [chunk("t1", 3, "three")] });
+    w.proxySide.backlog = 10;
+    h.send({ output: [chunk(id, 3, "three")] });
     await flush();
-    // The controller: presence accepted -> replay; chunk 2 (sent after the presence) taken and acked.
-    ctl.send({ replay: true });
-    ctl.send({ outputAcks: [{ taskId: "t1", seq: 2n }] });
+    // The controller: presence accepted -> replay; chunk 2 (sent after the presence) taken and acknowledged (cumulatively).
+    w.up();
     await flush();
-    ctl.link.drain();
+    w.down();
     await flush();
-    const afterReplay = upOutput(ctl.link).slice(2);
-    expect(afterReplay).toContain("t1:1");
+    expect(c.stored(id, 2)).toBe(true);
+    w.proxySide.drain();
+    await flush();
+    const afterReplay = upOutput(w.proxySide).slice(2);
+    expect(afterReplay).toContain(`${id}:1`);
+    await w.settle();
+    expect([1, 2, 3].map((seq) => c.stored(id, seq))).toEqual([true, true, true]);
+    expect(t.store.upward().filter((i) => i.kind === "output")).toEqual([]);
   });
 
   it("a cancel of a task the proxy never had reaches its host when the host is connected here (it failed over with the task running)", async () => {

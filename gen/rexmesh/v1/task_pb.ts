@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/task.proto.
  */
 export const file_rexmesh_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0i5wEKBFN0ZXASDAoEbmFtZRgBIAEoCRIkCgRleGVjGAIgASgLMhQucmV4bWVzaC52MS5FeGVjVG9vbEgAEiYKBXNoZWxsGAMgASgLMhUucmV4bWVzaC52MS5TaGVsbFRvb2xIABIoCgZzY3JpcHQYBCABKAsyFi5yZXhtZXNoLnYxLlNjcmlwdFRvb2xIABIrCghmaWxlX3B1dBgFIAEoCzIXLnJleG1lc2gudjEuRmlsZVB1dFRvb2xIABIkCgRwaW5nGAYgASgLMhQucmV4bWVzaC52MS5QaW5nVG9vbEgAQgYKBHRvb2wiCgoIUGluZ1Rvb2wipQMKCFRhc2tTcGVjEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIPCgdob3N0X2lkGAQgASgJEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEioKA2VudhgGIAMoCzIdLnJleG1lc2gudjEuVGFza1NwZWMuRW52RW50cnkSEwoLd29ya2luZ19kaXIYByABKAkSDQoFc3RkaW4YCCABKAwSKgoHdGltZW91dBgJIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgpkZWxpdmVyX2J5GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgppZGVtcG90ZW50GAsgASgIEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInQKC091dHB1dENodW5rEg8KB3Rhc2tfaWQYASABKAkSCwoDc2VxGAIgASgEEigKBnN0cmVhbRgDIAEoDjIYLnJleG1lc2gudjEuT3V0cHV0U3RyZWFtEgwKBGRhdGEYBCABKAwSDwoHaG9zdF9pZBgFIAEoCSLYAgoKVGFza1N0YXR1cxIPCgd0YXNrX2lkGAEgASgJEiQKBXN0YXRlGAIgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoJZXhpdF9jb2RlGAQgASgFSACIAQESDgoGc2lnbmFsGAUgASgJEg8KB21lc3NhZ2UYBiABKAkSFQoNb3V0cHV0X2NodW5rcxgHIAEoBBIYChBvdXRwdXRfdHJ1bmNhdGVkGAggASgIEg8KB2hvc3RfaWQYCSABKAkSEAoIYXRfcHJveHkYCiABKAgSEQoJc2lnbmF0dXJlGAsgASgMEg4KBmtleV9pZBgMIAEoCRIVCg1vdXRwdXRfc2hhMjU2GA0gASgMEhQKDG91dHB1dF9ieXRlcxgOIAEoBEIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJUCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhAKCGF0X3Byb3h5GAMgASgIIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkqggMKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQERITCg9UQVNLX1NUQVRFX0xPU1QQEiphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0iPAoKUHl0aG9uVG9vbBIOCgZzY3JpcHQYASABKAkSEAoIYXJ0aWZhY3QYAiABKAkSDAoEYXJncxgDIAMoCSKQAgoLQW5zaWJsZVRvb2wSEAoIcGxheWJvb2sYASABKAkSEAoIYXJ0aWZhY3QYAiABKAkSDgoGbW9kdWxlGAMgASgJEjwKC21vZHVsZV9hcmdzGAQgAygLMicucmV4bWVzaC52MS5BbnNpYmxlVG9vbC5Nb2R1bGVBcmdzRW50cnkSLwoEdmFycxgFIAMoCzIhLnJleG1lc2gudjEuQW5zaWJsZVRvb2wuVmFyc0VudHJ5GjEKD01vZHVsZUFyZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGisKCVZhcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIr0CCgRTdGVwEgwKBG5hbWUYASABKAkSJAoEZXhlYxgCIAEoCzIULnJleG1lc2gudjEuRXhlY1Rvb2xIABImCgVzaGVsbBgDIAEoCzIVLnJleG1lc2gudjEuU2hlbGxUb29sSAASKAoGc2NyaXB0GAQgASgLMhYucmV4bWVzaC52MS5TY3JpcHRUb29sSAASKwoIZmlsZV9wdXQYBSABKAsyFy5yZXhtZXNoLnYxLkZpbGVQdXRUb29sSAASJAoEcGluZxgGIAEoCzIULnJleG1lc2gudjEuUGluZ1Rvb2xIABIoCgZweXRob24YByABKAsyFi5yZXhtZXNoLnYxLlB5dGhvblRvb2xIABIqCgdhbnNpYmxlGAggASgLMhcucmV4bWVzaC52MS5BbnNpYmxlVG9vbEgAQgYKBHRvb2wiCgoIUGluZ1Rvb2wipQMKCFRhc2tTcGVjEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIPCgdob3N0X2lkGAQgASgJEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEioKA2VudhgGIAMoCzIdLnJleG1lc2gudjEuVGFza1NwZWMuRW52RW50cnkSEwoLd29ya2luZ19kaXIYByABKAkSDQoFc3RkaW4YCCABKAwSKgoHdGltZW91dBgJIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgpkZWxpdmVyX2J5GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgppZGVtcG90ZW50GAsgASgIEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInQKC091dHB1dENodW5rEg8KB3Rhc2tfaWQYASABKAkSCwoDc2VxGAIgASgEEigKBnN0cmVhbRgDIAEoDjIYLnJleG1lc2gudjEuT3V0cHV0U3RyZWFtEgwKBGRhdGEYBCABKAwSDwoHaG9zdF9pZBgFIAEoCSLYAgoKVGFza1N0YXR1cxIPCgd0YXNrX2lkGAEgASgJEiQKBXN0YXRlGAIgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoJZXhpdF9jb2RlGAQgASgFSACIAQESDgoGc2lnbmFsGAUgASgJEg8KB21lc3NhZ2UYBiABKAkSFQoNb3V0cHV0X2NodW5rcxgHIAEoBBIYChBvdXRwdXRfdHJ1bmNhdGVkGAggASgIEg8KB2hvc3RfaWQYCSABKAkSEAoIYXRfcHJveHkYCiABKAgSEQoJc2lnbmF0dXJlGAsgASgMEg4KBmtleV9pZBgMIAEoCRIVCg1vdXRwdXRfc2hhMjU2GA0gASgMEhQKDG91dHB1dF9ieXRlcxgOIAEoBEIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJUCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhAKCGF0X3Byb3h5GAMgASgIIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkqggMKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQERITCg9UQVNLX1NUQVRFX0xPU1QQEiphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Runs argv directly, without a shell: arguments are never interpreted.
@@ -138,6 +138,93 @@ export const FilePutToolSchema: GenMessage<FilePutTool> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_task, 3);
 
 /**
+ * Runs Python source with the host's python3 (the one the daemon found on its
+ * PATH or was configured with): the source is written to a private file and
+ * run as python3 FILE ARGS..., so args arrive as sys.argv[1:], never as code.
+ * Exactly one of script and artifact.
+ *
+ * @generated from message rexmesh.v1.PythonTool
+ */
+export type PythonTool = Message<"rexmesh.v1.PythonTool"> & {
+  /**
+   * The program's source. Not a template: values reach it through args.
+   *
+   * @generated from field: string script = 1;
+   */
+  script: string;
+
+  /**
+   * Or "sha256:<hex>" of a script in the repository (artifact.proto).
+   *
+   * @generated from field: string artifact = 2;
+   */
+  artifact: string;
+
+  /**
+   * @generated from field: repeated string args = 3;
+   */
+  args: string[];
+};
+
+/**
+ * Describes the message rexmesh.v1.PythonTool.
+ * Use `create(PythonToolSchema)` to create a new message.
+ */
+export const PythonToolSchema: GenMessage<PythonTool> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 4);
+
+/**
+ * Runs Ansible on the host itself: ansible-playbook -i localhost, -c local.
+ * Exactly one of playbook, artifact and module.
+ *
+ * @generated from message rexmesh.v1.AnsibleTool
+ */
+export type AnsibleTool = Message<"rexmesh.v1.AnsibleTool"> & {
+  /**
+   * A playbook's YAML text. Not a template: values reach it through vars.
+   *
+   * @generated from field: string playbook = 1;
+   */
+  playbook: string;
+
+  /**
+   * Or "sha256:<hex>" of a playbook in the repository.
+   *
+   * @generated from field: string artifact = 2;
+   */
+  artifact: string;
+
+  /**
+   * Or one module (e.g. "ansible.builtin.file"), run as the only task of a
+   * playbook the daemon writes, with module_args as its arguments (marked
+   * unsafe like vars).
+   *
+   * @generated from field: string module = 3;
+   */
+  module: string;
+
+  /**
+   * @generated from field: map<string, string> module_args = 4;
+   */
+  moduleArgs: { [key: string]: string };
+
+  /**
+   * Extra variables (-e), marked unsafe: Ansible never evaluates a value as
+   * a template, so a value cannot run code through Jinja lookups.
+   *
+   * @generated from field: map<string, string> vars = 5;
+   */
+  vars: { [key: string]: string };
+};
+
+/**
+ * Describes the message rexmesh.v1.AnsibleTool.
+ * Use `create(AnsibleToolSchema)` to create a new message.
+ */
+export const AnsibleToolSchema: GenMessage<AnsibleTool> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 5);
+
+/**
  * One step of a task: exactly one tool.
  *
  * @generated from message rexmesh.v1.Step
@@ -181,6 +268,18 @@ export type Step = Message<"rexmesh.v1.Step"> & {
      */
     value: PingTool;
     case: "ping";
+  } | {
+    /**
+     * @generated from field: rexmesh.v1.PythonTool python = 7;
+     */
+    value: PythonTool;
+    case: "python";
+  } | {
+    /**
+     * @generated from field: rexmesh.v1.AnsibleTool ansible = 8;
+     */
+    value: AnsibleTool;
+    case: "ansible";
   } | { case: undefined; value?: undefined };
 };
 
@@ -189,7 +288,7 @@ export type Step = Message<"rexmesh.v1.Step"> & {
  * Use `create(StepSchema)` to create a new message.
  */
 export const StepSchema: GenMessage<Step> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 4);
+  messageDesc(file_rexmesh_v1_task, 6);
 
 /**
  * Answered by the daemon itself, with no process: the liveness check
@@ -205,7 +304,7 @@ export type PingTool = Message<"rexmesh.v1.PingTool"> & {
  * Use `create(PingToolSchema)` to create a new message.
  */
 export const PingToolSchema: GenMessage<PingTool> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 5);
+  messageDesc(file_rexmesh_v1_task, 7);
 
 /**
  * Everything a daemon needs to run one task. It travels unchanged from the
@@ -297,7 +396,7 @@ export type TaskSpec = Message<"rexmesh.v1.TaskSpec"> & {
  * Use `create(TaskSpecSchema)` to create a new message.
  */
 export const TaskSpecSchema: GenMessage<TaskSpec> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 6);
+  messageDesc(file_rexmesh_v1_task, 8);
 
 /**
  * A slice of a task's output. seq counts chunks of one task from 1, across
@@ -343,7 +442,7 @@ export type OutputChunk = Message<"rexmesh.v1.OutputChunk"> & {
  * Use `create(OutputChunkSchema)` to create a new message.
  */
 export const OutputChunkSchema: GenMessage<OutputChunk> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 7);
+  messageDesc(file_rexmesh_v1_task, 9);
 
 /**
  * A state change of a task, reported upwards by the hop that observed it.
@@ -450,7 +549,7 @@ export type TaskStatus = Message<"rexmesh.v1.TaskStatus"> & {
  * Use `create(TaskStatusSchema)` to create a new message.
  */
 export const TaskStatusSchema: GenMessage<TaskStatus> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 8);
+  messageDesc(file_rexmesh_v1_task, 10);
 
 /**
  * Acknowledges every output chunk of a task up to and including seq.
@@ -474,7 +573,7 @@ export type OutputAck = Message<"rexmesh.v1.OutputAck"> & {
  * Use `create(OutputAckSchema)` to create a new message.
  */
 export const OutputAckSchema: GenMessage<OutputAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 9);
+  messageDesc(file_rexmesh_v1_task, 11);
 
 /**
  * Acknowledges that a status (and every earlier one of the task from the
@@ -505,7 +604,7 @@ export type StatusAck = Message<"rexmesh.v1.StatusAck"> & {
  * Use `create(StatusAckSchema)` to create a new message.
  */
 export const StatusAckSchema: GenMessage<StatusAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 10);
+  messageDesc(file_rexmesh_v1_task, 12);
 
 /**
  * A task exactly as the controller signed it. Proxies relay it unchanged
@@ -542,7 +641,7 @@ export type SignedTask = Message<"rexmesh.v1.SignedTask"> & {
  * Use `create(SignedTaskSchema)` to create a new message.
  */
 export const SignedTaskSchema: GenMessage<SignedTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 11);
+  messageDesc(file_rexmesh_v1_task, 13);
 
 /**
  * The controller's task-signing key (Ed25519, fast enough to sign every
@@ -590,7 +689,7 @@ export type TaskSigningKey = Message<"rexmesh.v1.TaskSigningKey"> & {
  * Use `create(TaskSigningKeySchema)` to create a new message.
  */
 export const TaskSigningKeySchema: GenMessage<TaskSigningKey> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 12);
+  messageDesc(file_rexmesh_v1_task, 14);
 
 /**
  * The life of one task (one job on one host). Every accepted task reaches
