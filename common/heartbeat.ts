@@ -12,6 +12,13 @@ export class Heartbeat {
   private timer: Timer | undefined;
   private stopped = false;
   private lastTick: number;
+  /**
+   * How many intervals of our silence before an empty frame goes out. A side
+   * whose peer pings it every interval answers each ping at once, so its
+   * pongs are its heartbeat; it waits 1.5 intervals (pinged(), below) so that
+   * a check falling just before the next ping does not add a frame.
+   */
+  private quietIntervals = 1;
 
   constructor(
     private readonly clock: Clock,
@@ -19,6 +26,8 @@ export class Heartbeat {
     private readonly sendEmpty: () => void,
     private readonly onDead: () => void,
     private readonly deadAfter = 3,
+    /** Called at every check; returns true when it queued a frame of its own, which then stands for the heartbeat. */
+    private readonly onTick?: (now: number) => boolean,
   ) {
     this.lastSent = this.lastReceived = this.lastTick = clock.now();
     this.schedule();
@@ -30,6 +39,11 @@ export class Heartbeat {
 
   received(): void {
     this.lastReceived = this.clock.now();
+  }
+
+  /** The peer pings: our answers keep the link alive, an empty frame only if they stop. */
+  pinged(): void {
+    this.quietIntervals = 1.5;
   }
 
   stop(): void {
@@ -57,7 +71,8 @@ export class Heartbeat {
       this.onDead();
       return;
     }
-    if (now - this.lastSent >= this.intervalMs) {
+    if (this.onTick?.(now)) this.lastSent = now;
+    else if (now - this.lastSent >= this.intervalMs * this.quietIntervals) {
       this.sendEmpty();
       this.lastSent = now;
     }

@@ -22,6 +22,12 @@ function inWords(ms: number): string {
   return ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
 }
 
+/** What every link frame carries for measuring round trips (see LinkSession). */
+export interface RoundTripFields {
+  ping: number;
+  pong: number;
+}
+
 export interface LinkSessionOptions<Out> {
   clock: Clock;
   /** A new empty frame: what the coalescer fills, and the heartbeat. */
@@ -30,6 +36,13 @@ export interface LinkSessionOptions<Out> {
   peer: string;
   /** Called after each coalesced frame is queued for writing (flow control looks at the link's backlog then). */
   afterSend?: () => void;
+  /**
+   * Measures the link's round trip: this side puts a new ping in a frame
+   * once per heartbeat interval and is told, in milliseconds, when the
+   * peer's pong for it comes back. The dialling side sets it; every side
+   * answers pings.
+   */
+  onRoundTrip?: (ms: number) => void;
 }
 
 /**
@@ -47,13 +60,17 @@ export interface LinkSessionOptions<Out> {
  * dead peer, and the accepting side at most LIMITS.linkHelloMs, so that a
  * peer that opens streams and says nothing cannot hold them.
  */
-export class LinkSession<Out, In> {
+export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields> {
   readonly out: Coalescer<Out>;
   private heartbeat: Heartbeat | undefined;
   private readonly iterator: AsyncIterator<In>;
   private readonly opts: LinkSessionOptions<Out>;
   /** Set when this side closed the link because the peer fell silent. */
   lostHeartbeat = false;
+  /** The ping awaiting its pong, and when it was queued. */
+  private ping: { id: number; at: number } | undefined;
+  private lastPingAt = Number.NEGATIVE_INFINITY;
+  private pings = 0;
 
   constructor(
     readonly link: FrameLink<Out, In>,
@@ -73,7 +90,9 @@ export class LinkSession<Out, In> {
    * peer dead after three intervals without a frame: the link is closed
    * with UNAVAILABLE (the peer, or the way to it, is gone; it may retry).
    * The interval is `intervalMs` held within {@link heartbeatInterval}'s
-   * bounds, whoever chose it.
+   * bounds, whoever chose it. With onRoundTrip, a ping goes out once per
+   * interval, busy or idle; an idle link's ping frame is its heartbeat, and
+   * the peer's pong its own, so measuring adds no frames to an idle link.
    */
   startHeartbeat(intervalMs: number): void {
     this.heartbeat?.stop();
@@ -87,7 +106,31 @@ export class LinkSession<Out, In> {
         this.link.close(new UnavailableError(`${this.opts.peer} heartbeat lost: no frame for ${inWords(interval * DEAD_AFTER_INTERVALS)}`));
       },
       DEAD_AFTER_INTERVALS,
+      this.opts.onRoundTrip ? (now) => this.pingIfDue(now, interval) : undefined,
     );
+  }
+
+  /** Queues a new ping once an interval has passed since the last one; true when it did. */
+  private pingIfDue(now: number, intervalMs: number): boolean {
+    if (now - this.lastPingAt < intervalMs) return false;
+    // 1 to 2^32-1: 0 means no ping on the wire.
+    this.pings = (this.pings % 0xffffffff) + 1;
+    this.ping = { id: this.pings, at: now };
+    this.lastPingAt = now;
+    this.out.frame.ping = this.pings;
+    return true;
+  }
+
+  /** Answers the peer's ping, and takes the pong of ours. */
+  private roundTrip(frame: In): void {
+    if (frame.ping !== 0) {
+      this.out.frame.pong = frame.ping;
+      this.heartbeat?.pinged();
+    }
+    if (frame.pong !== 0 && this.ping?.id === frame.pong) {
+      this.opts.onRoundTrip?.(this.opts.clock.now() - this.ping.at);
+      this.ping = undefined;
+    }
   }
 
   /**
@@ -106,6 +149,7 @@ export class LinkSession<Out, In> {
       const r = await this.iterator.next();
       if (r.done) return undefined;
       this.heartbeat?.received();
+      this.roundTrip(r.value);
       return r.value;
     } finally {
       timer.cancel();
@@ -118,6 +162,7 @@ export class LinkSession<Out, In> {
       const r = await this.iterator.next();
       if (r.done) return;
       this.heartbeat?.received();
+      this.roundTrip(r.value);
       await fn(r.value);
     }
   }

@@ -1,87 +1,82 @@
 import http from "node:http";
 import type { AddressInfo } from "node:net";
-import { monitorEventLoopDelay } from "node:perf_hooks";
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 import { parseHostPort } from "./lifecycle.js";
 
 type Labels = Record<string, string>;
 
-interface Family {
-  help: string;
-  type: "counter" | "gauge";
-  /** Values read at scrape time (gauges of live state). */
-  collect?: () => { labels?: Labels; value: number }[];
-  values: Map<string, { labels: Labels; value: number }>;
+/** Every rexmesh series starts with this, the process metrics too. */
+export const METRIC_PREFIX = "rexmesh_";
+
+/** Buckets for durations from milliseconds to an hour (jobs, tasks). */
+export const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600];
+/** Buckets for round trips on a link, from a millisecond to seconds. */
+export const ROUND_TRIP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+
+/** Labels in name order, as the exposition writes them in the order given (and scrapers' tests read it). */
+function sorted(labels: Labels): Labels {
+  return Object.fromEntries(Object.entries(labels).sort(([a], [b]) => (a < b ? -1 : 1)));
 }
 
-function labelKey(labels: Labels): string {
-  return Object.entries(labels)
-    .sort(([a], [b]) => (a < b ? -1 : 1))
-    .map(([k, v]) => `${k}="${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`)
-    .join(",");
+let processRegistry: Registry | undefined;
+
+/**
+ * prom-client's default metrics (CPU, memory, heap, event-loop lag, GC,
+ * handles), registered once per process: they describe the process, not a
+ * role, and a process may hold several roles (tests, `rexmesh dev`), each
+ * with its own registry. Their collectors run for the life of the process.
+ */
+function processMetrics(): Registry {
+  if (!processRegistry) {
+    processRegistry = new Registry();
+    collectDefaultMetrics({ register: processRegistry, prefix: METRIC_PREFIX });
+  }
+  return processRegistry;
 }
 
 /**
- * A small Prometheus registry: counters incremented where things happen,
- * gauges read from live state at scrape time (so logic modules need no
- * hooks), and the text exposition format on its own HTTP port.
+ * One role instance's Prometheus metrics, on prom-client: counters and
+ * histograms updated where things happen, gauges read from live state at
+ * scrape time (so logic modules need no hooks). A registry of its own, never
+ * prom-client's global one, so that two roles in one process (tests, a
+ * daemon's hosts beside a proxy) never share or clash over a series; the
+ * scrape adds the process-wide default metrics.
  */
 export class Metrics {
-  private readonly families = new Map<string, Family>();
+  readonly registry = new Registry();
 
-  constructor(readonly prefix = "rexmesh_") {}
+  constructor(readonly prefix = METRIC_PREFIX) {}
 
-  private family(name: string, help: string, type: Family["type"]): Family {
-    const full = this.prefix + name;
-    let f = this.families.get(full);
-    if (!f) this.families.set(full, (f = { help, type, values: new Map() }));
-    return f;
+  /** A counter; `labelNames` are all the labels it will be given. */
+  counter<L extends string = never>(name: string, help: string, labelNames: readonly L[] = []): Counter<L> {
+    return new Counter<L>({ name: this.prefix + name, help, labelNames, registers: [this.registry] });
   }
 
-  /** A counter; returns the function that adds to it. */
-  counter(name: string, help: string): (n?: number, labels?: Labels) => void {
-    const f = this.family(name, help, "counter");
-    return (n = 1, labels = {}) => {
-      const key = labelKey(labels);
-      const cur = f.values.get(key);
-      if (cur) cur.value += n;
-      else f.values.set(key, { labels, value: n });
-    };
+  /** A histogram in seconds. */
+  histogram<L extends string = never>(name: string, help: string, buckets: readonly number[], labelNames: readonly L[] = []): Histogram<L> {
+    return new Histogram<L>({ name: this.prefix + name, help, labelNames, buckets: [...buckets], registers: [this.registry] });
   }
 
-  /** A gauge read at every scrape. */
-  gauge(name: string, help: string, collect: () => number | { labels?: Labels; value: number }[]): void {
-    const f = this.family(name, help, "gauge");
-    f.collect = () => {
-      const v = collect();
-      return typeof v === "number" ? [{ value: v }] : v;
-    };
-  }
-
-  /** The standard process gauges: event-loop delay and memory. */
-  processGauges(): () => void {
-    const delay = monitorEventLoopDelay({ resolution: 20 });
-    delay.enable();
-    this.gauge("event_loop_delay_p99_seconds", "99th percentile of event-loop delay since the last scrape", () => {
-      const v = delay.percentile(99) / 1e9;
-      delay.reset();
-      return Number.isFinite(v) ? v : 0;
+  /** A gauge read at every scrape: one number, or one value per label set (`labelNames` names them all). */
+  gauge(name: string, help: string, collect: () => number | { labels: Labels; value: number }[], labelNames: readonly string[] = []): void {
+    new Gauge({
+      name: this.prefix + name,
+      help,
+      labelNames,
+      registers: [this.registry],
+      collect() {
+        const v = collect();
+        this.reset();
+        if (typeof v === "number") this.set(v);
+        else for (const s of v) this.set(sorted(s.labels), s.value);
+      },
     });
-    this.gauge("process_resident_memory_bytes", "resident set size", () => process.memoryUsage.rss());
-    this.gauge("process_heap_used_bytes", "V8 heap in use", () => process.memoryUsage().heapUsed);
-    return () => delay.disable();
   }
 
-  render(): string {
-    const out: string[] = [];
-    for (const [name, f] of this.families) {
-      out.push(`# HELP ${name} ${f.help}`, `# TYPE ${name} ${f.type}`);
-      const values = f.collect ? f.collect().map((v) => ({ labels: v.labels ?? {}, value: v.value })) : [...f.values.values()];
-      for (const v of values) {
-        const l = labelKey(v.labels);
-        out.push(`${name}${l ? `{${l}}` : ""} ${v.value}`);
-      }
-    }
-    return out.join("\n") + "\n";
+  /** The text exposition: this role's series, then the process's. */
+  async render(): Promise<string> {
+    const own = await this.registry.metrics();
+    return `${own}${own.endsWith("\n") || own === "" ? "" : "\n"}${await processMetrics().metrics()}`;
   }
 
   /** Serves GET /metrics at "host:port" when an address is configured; nothing otherwise. */
@@ -95,8 +90,10 @@ export class Metrics {
   async serve(host: string, port: number): Promise<{ address: string; close: () => Promise<void> }> {
     const server = http.createServer((req, res) => {
       if (req.method === "GET" && req.url?.split("?")[0] === "/metrics") {
-        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
-        res.end(this.render());
+        this.render().then(
+          (text) => res.writeHead(200, { "content-type": this.registry.contentType }).end(text),
+          () => res.writeHead(500).end(),
+        );
       } else {
         res.writeHead(404).end();
       }

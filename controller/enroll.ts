@@ -159,7 +159,7 @@ export class EnrollmentAuthority {
       const record: StoredToken = rekey ? { ...minted.record, rekey } : minted.record;
       await this.opts.store.putToken(minted.hash, record);
       await this.audit({ action: "create-join-token", decision: "allowed", caller: who, tenant, hostId: record.hostId, credential: `token:${record.id}`, rekey });
-      this.opts.log.info("join token created", { token: record.id, tenant, uses: record.usesLeft, expiresAt: record.expiresAt, hostId: record.hostId, rekey, by: who });
+      this.opts.log.info("join token created", { tokenId: record.id, tenant, uses: record.usesLeft, expiresAt: record.expiresAt, hostId: record.hostId, rekey, by: who });
       return { token: minted.token, id: record.id, expiresAt: record.expiresAt };
     } catch (err) {
       const tenant = req.tenant || (caller.role === "operator" ? caller.scope : undefined);

@@ -22,6 +22,7 @@ import { hasLimits, resolveRate, Rollout } from "./rollout.js";
 import { bundleHolder, Router, type ProxyPort } from "./router.js";
 import { TaskBounds } from "./task-bounds.js";
 import { TaskTable } from "./task-table.js";
+import type { JobObserver } from "./job-metrics.js";
 
 export type { PlannedHost, SubmitAuthorizer, SubmitRequest, RateRequest } from "./planner.js";
 export { parseTarget } from "./planner.js";
@@ -52,6 +53,8 @@ export interface JobManagerOptions {
   revoked?: (host: HostRecord) => string | undefined;
   /** Checks a task end against its host's signature (common/host-signing.ts); absent: results are not checked. */
   checkEnd?: (status: TaskStatus, host: PeerIdentity) => "ok" | "unknown" | "bad";
+  /** Told how long jobs, tasks and first output took (the controller's histograms); absent: nothing is measured. */
+  observe?: JobObserver;
 }
 
 /** Tasks a submit sends to proxies per turn of the event loop (see sendInSlices). */
@@ -87,6 +90,7 @@ export class JobManager {
   /** Jobs being submitted: their first releases are routed with the job's first write, not one by one. */
   private readonly submitting = new Set<string>();
   private readonly checkEnd: JobManagerOptions["checkEnd"];
+  private readonly observe: JobObserver | undefined;
   /** Signature checks of the status messages in hand (see checkEndOnce). */
   private readonly endChecks = new WeakMap<TaskStatus, "ok" | "unknown" | "bad">();
   /** Tasks whose stored output is being hashed against what the host signed. */
@@ -103,9 +107,10 @@ export class JobManager {
     this.defaultDeliveryDeadlineMs = opts.defaultDeliveryDeadlineMs ?? 3_600_000;
     this.defaultLostAfterMs = opts.defaultLostAfterMs ?? 15 * 60_000;
     this.checkEnd = opts.checkEnd;
+    this.observe = opts.observe;
     const now = () => this.clock.now();
     this.planner = new Planner({ inventory: opts.inventory, documents: opts.documents, revoked: opts.revoked, maxStdinBytes: opts.maxStdinBytes, maxHostsPerJob: opts.maxHostsPerJob });
-    this.table = new TaskTable({ store: this.store, log: this.log, now, ended: (task) => this.taskEnded(task), jobFinished: (job) => this.rollout.forget(job.id) });
+    this.table = new TaskTable({ store: this.store, log: this.log, now, ended: (task) => this.taskEnded(task), jobFinished: (job) => this.jobFinished(job) });
     this.router = new Router({
       inventory: this.inventory,
       store: this.store,
@@ -172,8 +177,24 @@ export class JobManager {
     }
   }
 
+  /** A job's last task ended and the job is stored finished. */
+  private jobFinished(job: JobRecord): void {
+    this.rollout.forget(job.id);
+    this.observe?.jobFinished(((job.finishedAt ?? this.clock.now()) - job.createdAt) / 1000);
+  }
+
+  /** Seconds since the task's job was submitted. */
+  private sinceSubmit(task: TaskRecord): number | undefined {
+    const job = this.jobOf(task.jobId);
+    return job && Math.max(0, this.clock.now() - job.createdAt) / 1000;
+  }
+
   /** A task's terminal state is stored: it leaves the open index and frees its rate slot. */
   private taskEnded(task: TaskRecord): void {
+    if (this.observe) {
+      const s = this.sinceSubmit(task);
+      if (s !== undefined) this.observe.taskEnded(task.state, s);
+    }
     this.router.untrack(task);
     this.rollout.ended(task);
     // Other proxies holding an undelivered copy can drop it now.
@@ -538,9 +559,14 @@ export class JobManager {
       return Promise.resolve(seq);
     }
     const task = this.table.mutable(chunk.taskId)!;
+    const first = lastHeld(task) === 0;
     addChunk(task, seq);
     this.router.reported(proxy, task);
     return this.table.write(task, { chunk }).then(() => {
+      if (first && this.observe) {
+        const s = this.sinceSubmit(task);
+        if (s !== undefined) this.observe.firstOutput(s);
+      }
       this.checkOutput(task);
       return seq;
     });

@@ -22,6 +22,7 @@ import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { healthServiceImpl, HealthState } from "../common/health.js";
 import { Metrics } from "../common/metrics.js";
+import { jobMetrics } from "./job-metrics.js";
 import { reflectionServiceImpl } from "../common/reflection.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { Inventory } from "./inventory.js";
@@ -101,6 +102,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       reportKeys.put(key.keyId, Buffer.from(toBinary(HostReportKeySchema, key))).catch((err: unknown) => log.error("storing a report key failed", { err }));
     },
   });
+  const metrics = new Metrics();
   const jobs = new JobManager({
     store,
     inventory,
@@ -112,6 +114,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     cancelGraceMs: config.cancelGrace,
     documents,
     checkEnd: (status, host) => hostKeys.checkEnd(status, host),
+    observe: jobMetrics(metrics),
     revoked: (host) => {
       const r = revokedHost(host);
       return r && `host ${host.id} is revoked: ${r}`;
@@ -156,24 +159,25 @@ export async function startController(config: ControllerConfig, log: Logger, clo
         })
         .then(() => undefined),
   });
-  const metrics = new Metrics();
-  const stopProcessGauges = metrics.processGauges();
+  const outputBytes = metrics.counter("output_bytes_total", "output bytes received from proxies, by region", ["region"]);
+  const tasksEnded = metrics.counter("tasks_ended_total", "tasks that reached a terminal state, by state and region", ["state", "region"]);
   const counters = {
-    outputBytes: metrics.counter("output_bytes_total", "output bytes received from proxies, by region"),
-    tasksEnded: metrics.counter("tasks_ended_total", "tasks that reached a terminal state, by state and region"),
+    outputBytes: (bytes: number, region: string) => outputBytes.inc({ region }, bytes),
+    tasksEnded: (state: string, region: string) => tasksEnded.inc({ region, state }),
   };
   metrics.gauge("hosts", "hosts known, by region and connection", () => {
     const n = new Map<string, number>();
     for (const h of inventory.all()) n.set(`${h.region}\0${h.connected}`, (n.get(`${h.region}\0${h.connected}`) ?? 0) + 1);
     return [...n].map(([k, value]) => ({ labels: { region: k.split("\0")[0]!, connected: k.split("\0")[1]! }, value }));
-  });
+  }, ["region", "connected"]);
   metrics.gauge("store_used_bytes", "bytes in use in the controller's LMDB store", () => env.usedBytes());
   const loads = new Map<string, { region: string; load: ProxyLoad }>();
   metrics.gauge("proxy_connected_hosts", "hosts each connected proxy holds, as it last reported", () =>
     [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.connectedHosts })),
+    ["proxy", "region"],
   );
-  metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })));
-  metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })));
+  metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
+  metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.
@@ -214,7 +218,6 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
-      stopProcessGauges();
       await metricsServer?.close();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs)]);
       jobs.close();

@@ -37,7 +37,7 @@ export interface ProxyLinkDeps {
   /** The latest load each connected proxy reported (for metrics and operators). */
   loads?: Map<string, { region: string; load: ProxyLoad }>;
   /** Counts what the controller receives (optional). */
-  counters?: { outputBytes: (n: number, labels: Record<string, string>) => void; tasksEnded: (n: number, labels: Record<string, string>) => void };
+  counters?: { outputBytes: (bytes: number, region: string) => void; tasksEnded: (state: string, region: string) => void };
   /**
    * Checks hosts' report keys and presence proofs. A host counts as held by
    * a proxy only with a valid proof over that link's nonce, so a proxy
@@ -179,8 +179,8 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     if (deps.counters) {
       let bytes = 0;
       for (const c of frame.output) bytes += c.data.length;
-      if (bytes) deps.counters.outputBytes(bytes, { region: port.region });
-      for (const s of frame.statuses) if (isTerminal(s.state) && !s.atProxy) deps.counters.tasksEnded(1, { state: TaskState[s.state] ?? String(s.state), region: port.region });
+      if (bytes) deps.counters.outputBytes(bytes, port.region);
+      for (const s of frame.statuses) if (isTerminal(s.state) && !s.atProxy) deps.counters.tasksEnded(TaskState[s.state] ?? String(s.state), port.region);
     }
     const reply = out.frame;
     for (const [taskId, seq] of highest) if (seq > 0) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));

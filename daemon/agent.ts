@@ -102,6 +102,8 @@ export interface AgentOptions {
    * proofs does not count it as connected).
    */
   reporter?: () => HostReporter;
+  /** Told each round trip measured on the link to the proxy, in seconds (the daemon's histogram); absent: none is measured. */
+  linkRoundTrip?: (seconds: number) => void;
 }
 
 /** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
@@ -148,7 +150,13 @@ function spawnTurn(): Promise<void> {
  * reconnect.
  */
 export class Agent {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools">> & { backoff: BackoffOptions; tools?: readonly string[]; random?: () => number; reporter?: () => HostReporter };
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip">> & {
+    backoff: BackoffOptions;
+    tools?: readonly string[];
+    random?: () => number;
+    reporter?: () => HostReporter;
+    linkRoundTrip?: (seconds: number) => void;
+  };
   private readonly endLeftovers: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
   private readonly outbox: Backlog;
   private readonly waiting: TaskSpec[] = [];
@@ -331,6 +339,7 @@ export class Agent {
       empty: () => create(AgentStreamRequestSchema),
       peer: "proxy",
       afterSend: () => this.updateFlow(),
+      onRoundTrip: this.opts.linkRoundTrip && ((ms) => this.opts.linkRoundTrip!(ms / 1000)),
     });
     // The hello and the credits first; everything not yet acknowledged follows the proxy's welcome, after
     // the proof of presence it asks for, so that the controller knows this proxy holds the host before its

@@ -20,7 +20,7 @@ import { LmdbLedger } from "./lmdb-ledger.js";
 import { readFileSync } from "node:fs";
 import { ensureEnrolled, type BootstrapCredential } from "./enroll.js";
 import { keepRenewed } from "./renew.js";
-import { Metrics } from "../common/metrics.js";
+import { Metrics, ROUND_TRIP_BUCKETS } from "../common/metrics.js";
 import { TaskVerifier } from "../common/task-signing.js";
 import { proxyArtifactFetcher } from "./artifact-fetch.js";
 import { HostReporter } from "../common/host-signing.js";
@@ -88,6 +88,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   const allPaths = identityPaths(config);
   // Fetched artifacts are private temporaries of running steps: any left by a crash are stale.
   rmSync(join(config.data, "artifacts"), { recursive: true, force: true });
+  const metrics = new Metrics();
+  const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
@@ -117,13 +119,12 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       log: log.child({ host: me.id }),
       capacity: config.capacity,
       heartbeatMs: config.heartbeat,
+      linkRoundTrip: (s) => roundTrip.observe({ peer: "proxy" }, s),
       maxUnackedOutputBytes: config.maxUnackedOutput,
       killGraceMs: config.killGrace,
     });
   });
   await Promise.all(agents.map((a) => a.start()));
-  const metrics = new Metrics();
-  const stopProcessGauges = metrics.processGauges();
   metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
   metrics.gauge("hosts", "hosts this process serves", () => agents.length);
   metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
@@ -139,7 +140,6 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     info: { role: "daemon", hosts: agents.map((a) => a.hostId), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
     async stop(graceMs) {
       renewing.abort();
-      stopProcessGauges();
       await metricsServer?.close();
       await Promise.all(renewals);
       await Promise.all(agents.map((a) => a.stop(graceMs)));

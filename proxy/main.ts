@@ -12,7 +12,7 @@ import { guardLink, guardUnary } from "../common/rpc-access.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { PROXY_ENROLL_LISTENER_DECLARATIONS, proxyDeclarations } from "./declarations.js";
 import { addHealthToGrpc, HealthState } from "../common/health.js";
-import { Metrics } from "../common/metrics.js";
+import { Metrics, ROUND_TRIP_BUCKETS } from "../common/metrics.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
@@ -61,6 +61,8 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   log = log.child({ proxy: me.id, region: me.scope });
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const denied = new DenySet();
+  const metrics = new Metrics();
+  const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
   const core = new ProxyCore({
     name: me.id,
     region: me.scope,
@@ -68,6 +70,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     store: new LmdbProxyStore(env),
     log,
     heartbeatMs: config.heartbeat,
+    controllerRoundTrip: (s) => roundTrip.observe({ peer: "controller" }, s),
     // The boundary below asks the same deny-list as the core: every list the core takes is mirrored here.
     openDenyList: (signed) => {
       const list = openDenyList(signed, creds.caPem, clock);
@@ -164,8 +167,6 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
   }
 
-  const metrics = new Metrics();
-  const stopProcessGauges = metrics.processGauges();
   const store = core.store;
   metrics.gauge("connected_hosts", "host streams held now", () => core.connectedHosts);
   metrics.gauge("controller_link_up", "1 while the link to the controller is up", () => (core.controllerConnected ? 1 : 0));
@@ -173,7 +174,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     const n = new Map<string, number>();
     for (const t of store.allTasks()) n.set(TaskState[t.state] ?? String(t.state), (n.get(TaskState[t.state] ?? String(t.state)) ?? 0) + 1);
     return [...n].map(([state, value]) => ({ labels: { state }, value }));
-  });
+  }, ["state"]);
   metrics.gauge("result_backlog_items", "statuses and output chunks not yet acknowledged by the controller", () => store.upwardSize());
   metrics.gauge("store_used_bytes", "bytes in use in the proxy's LMDB store", () => env.usedBytes());
   const reconnects = metrics.counter("controller_link_attempts_total", "attempts to open the link to the controller");
@@ -186,7 +187,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     log,
     signal: stop.signal,
     backoff: { initialMs: 500, maxMs: 30_000 },
-    onAttempt: () => reconnects(),
+    onAttempt: () => reconnects.inc(),
     dial: async () => {
       const channel = openChannel(controllerAddress, creds, ["controller"]);
       const client = clientFor(ProxyLinkService, channel);
@@ -203,7 +204,6 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     draining: () => health.draining(),
     async stop(graceMs) {
       stop.abort();
-      stopProcessGauges();
       await metricsServer?.close();
       core.stop();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs), uplink]);

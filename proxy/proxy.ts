@@ -58,6 +58,8 @@ export interface ProxyCoreOptions {
   openDenyList?: (signed: SignedDenyList) => DenyList;
   /** Tasks taken on from one host's reports and held at once (see reportedTask). Default TAKEN_ON_TASKS_PER_HOST. */
   maxTakenOnPerHost?: number;
+  /** Told each round trip measured on the link to the controller, in seconds (the proxy's histogram); absent: none is measured. */
+  controllerRoundTrip?: (seconds: number) => void;
 }
 
 /** Frames queued toward the controller above which the pump waits for the link to drain. */
@@ -131,6 +133,7 @@ export class ProxyCore {
   readonly store: ProxyStore;
   private readonly log: Logger;
   private readonly heartbeatMs: number;
+  private readonly controllerRoundTrip: ((seconds: number) => void) | undefined;
   private readonly hosts = new Map<string, HostSession>();
   /** Tasks whose hand-over (DISPATCHED) is on its way to the store: they go to the host once it is stored, not before. */
   private readonly handing = new Set<string>();
@@ -153,6 +156,7 @@ export class ProxyCore {
     this.store = opts.store;
     this.log = opts.log;
     this.heartbeatMs = opts.heartbeatMs ?? 10_000;
+    this.controllerRoundTrip = opts.controllerRoundTrip;
     this.sweepMs = opts.sweepMs ?? 1000;
     this.openDenyList = opts.openDenyList;
     this.maxTakenOnPerHost = opts.maxTakenOnPerHost ?? TAKEN_ON_TASKS_PER_HOST;
@@ -563,7 +567,13 @@ export class ProxyCore {
    * the controller has answered the hello.
    */
   async serveController(link: ControllerLink, up?: () => void): Promise<void> {
-    const ls = new LinkSession<ProxyStreamRequest, ProxyStreamResponse>(link, { clock: this.clock, empty: () => create(ProxyStreamRequestSchema), peer: "controller" });
+    const roundTrip = this.controllerRoundTrip;
+    const ls = new LinkSession<ProxyStreamRequest, ProxyStreamResponse>(link, {
+      clock: this.clock,
+      empty: () => create(ProxyStreamRequestSchema),
+      peer: "controller",
+      onRoundTrip: roundTrip && ((ms) => roundTrip(ms / 1000)),
+    });
     // The hosts held follow as they prove their presence over this link's nonce (askForPresence).
     link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs } }));
     const c: ControllerSession = { session: ls, link, sentUpTo: 0, pumping: false, waiting: false };

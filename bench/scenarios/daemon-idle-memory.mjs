@@ -151,7 +151,7 @@ async function measure({ hosts, idleS, env = {}, label, reportsDir }) {
             rssAtConnect: atConnect[i],
             rssIdleMin: Math.min(...rssRange),
             rssIdleMax: Math.max(...rssRange),
-            heapUsedMB: +(((await gauge(d.metrics, "process_heap_used_bytes")) ?? 0) / MB).toFixed(1),
+            heapUsedMB: +(((await gauge(d.metrics, "nodejs_heap_size_used_bytes")) ?? 0) / MB).toFixed(1),
           };
         }),
       );

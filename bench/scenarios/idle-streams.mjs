@@ -28,7 +28,7 @@ export default {
         const proxy = mesh.proxies[0];
         const memNow = async () => ({
           rss: rssBytes(proxy.proc.pid),
-          heapUsed: await scrapeSum(ctx.proxyMetrics(proxy), "rexmesh_process_heap_used_bytes"),
+          heapUsed: await scrapeSum(ctx.proxyMetrics(proxy), "rexmesh_nodejs_heap_size_used_bytes"),
         });
         log(`issuing ${n} certificates`);
         const started = await fleet.start();
@@ -102,7 +102,7 @@ export function idleNotes(r, settleMs) {
   const nonHeap = +(r.perStreamKB - r.heapPerStreamKB).toFixed(1);
   const lines = [
     `Proxy memory per stream = (proxy RSS with ${r.streams} streams, ${settleMs / 1000} s after the controller saw them all − RSS before any host connected) / streams ` +
-      `= (${r.proxyRssAfterMiB} − ${r.proxyRssBeforeMiB} MiB) / ${r.streams} = ${r.perStreamKB} KB; heap from the proxy's rexmesh_process_heap_used_bytes ` +
+      `= (${r.proxyRssAfterMiB} − ${r.proxyRssBeforeMiB} MiB) / ${r.streams} = ${r.perStreamKB} KB; heap from the proxy's rexmesh_nodejs_heap_size_used_bytes ` +
       `(${r.proxyHeapBeforeMiB} → ${r.proxyHeapAfterMiB} MiB, ${r.heapPerStreamKB} KB per stream; not after a forced GC, so it may include garbage). ` +
       `So about ${nonHeap} KB per stream lives outside the JS heap: OpenSSL's per-connection state (SSL object, read/write buffers), nghttp2's session and Node's socket/stream handles.`,
     `Simulated hosts send a heartbeat every ${r.heartbeatMs / 1000} s (the daemon's default), so "idle" means ${Math.round(r.streams / (r.heartbeatMs / 1000))} empty frames/s each way; ` +

@@ -84,7 +84,7 @@ async function scrape(address) {
     const text = await res.text();
     const out = {};
     for (const line of text.split("\n")) {
-      const m = /^(?:rexmesh_)?(process_heap_used_bytes|process_resident_memory_bytes|result_backlog_items|store_used_bytes)(?:\{[^}]*\})? ([\d.e+-]+)$/.exec(line);
+      const m = /^(?:rexmesh_)?(nodejs_heap_size_used_bytes|process_resident_memory_bytes|result_backlog_items|store_used_bytes)(?:\{[^}]*\})? ([\d.e+-]+)$/.exec(line);
       if (m) out[m[1]] = Number(m[2]);
     }
     return out;
@@ -249,7 +249,7 @@ async function part({ label, bytes, content, readMBps = 0, stall = false, work, 
       const scraper = setInterval(async () => {
         for (const [k, a] of Object.entries(addr)) {
           const m = await scrape(a);
-          if (m?.process_heap_used_bytes) heapPeak[k] = Math.max(heapPeak[k], m.process_heap_used_bytes);
+          if (m?.nodejs_heap_size_used_bytes) heapPeak[k] = Math.max(heapPeak[k], m.nodejs_heap_size_used_bytes);
           if (k === "proxy" && m?.result_backlog_items !== undefined) backlogPeak = Math.max(backlogPeak, m.result_backlog_items);
         }
       }, 1000);

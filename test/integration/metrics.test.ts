@@ -20,7 +20,7 @@ describe("Prometheus metrics", () => {
     hostsPerProcess: 2,
     controllerArgs: listen,
     proxyArgs: [...listen, "--heartbeat", "1s"],
-    daemonArgs: listen,
+    daemonArgs: [...listen, "--heartbeat", "1s"],
   });
   beforeAll(async () => {
     await mesh.start();
@@ -53,7 +53,29 @@ describe("Prometheus metrics", () => {
       expect(value(c, 'rexmesh_output_bytes_total{region="m"}')).toBe(2000);
       expect(value(c, 'rexmesh_hosts{connected="true",region="m"}')).toBe(2);
       expect(value(c, "rexmesh_store_used_bytes")).toBeGreaterThan(0);
-      expect(c).toMatch(/^rexmesh_event_loop_delay_p99_seconds \d/m);
+      expect(c).toMatch(/^rexmesh_nodejs_eventloop_lag_p99_seconds \d/m);
+      expect(value(c, "rexmesh_process_resident_memory_bytes")).toBeGreaterThan(0);
+      // The job's times: both tasks ended SUCCEEDED after the sleep, each wrote output before it, and the job ended once.
+      expect(value(c, 'rexmesh_task_duration_seconds_count{state="SUCCEEDED"}')).toBe(2);
+      expect(value(c, 'rexmesh_task_duration_seconds_bucket{le="0.5",state="SUCCEEDED"}')).toBe(0);
+      expect(value(c, "rexmesh_task_first_output_seconds_count")).toBe(2);
+      expect(value(c, "rexmesh_task_first_output_seconds_sum")).toBeLessThan(value(c, 'rexmesh_task_duration_seconds_sum{state="SUCCEEDED"}')!);
+      expect(value(c, "rexmesh_job_duration_seconds_count")).toBe(1);
+      expect(value(c, "rexmesh_job_duration_seconds_sum")).toBeGreaterThanOrEqual(1);
+      // Link round trips: the daemon pings its proxy, the proxy its controller, once a heartbeat (1 s here).
+      for (let i = 0; ; i++) {
+        const [dm, pm] = [await scrape(mesh.daemons[0]!.info!.metricsAddress), await scrape(mesh.proxies[0]!.info!.metricsAddress)];
+        const daemonTrips = value(dm, 'rexmesh_link_round_trip_seconds_count{peer="proxy"}') ?? 0;
+        const proxyTrips = value(pm, 'rexmesh_link_round_trip_seconds_count{peer="controller"}') ?? 0;
+        if (daemonTrips >= 2 && proxyTrips >= 1) {
+          // Every round trip on loopback is well under the 5 s bucket, and none counts twice.
+          expect(value(dm, 'rexmesh_link_round_trip_seconds_bucket{le="5",peer="proxy"}')).toBe(daemonTrips);
+          expect(value(pm, 'rexmesh_link_round_trip_seconds_bucket{le="5",peer="controller"}')).toBe(proxyTrips);
+          break;
+        }
+        if (i > 100) throw new Error(`round trips never measured (daemon ${daemonTrips}, proxy ${proxyTrips})`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
       // Each proxy reports its load; the controller shows it per proxy.
       for (let i = 0; value(await scrape(mesh.controller.info!.metricsAddress), 'rexmesh_proxy_connected_hosts{proxy="proxy-m",region="m"}') !== 2; i++) {
         if (i > 60) throw new Error("the proxy's load never reached the controller");

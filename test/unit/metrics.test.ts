@@ -2,20 +2,44 @@ import { describe, expect, it } from "vitest";
 import { Metrics } from "../../common/metrics.js";
 
 describe("Metrics", () => {
-  it("renders counters with labels and gauges read at scrape time, in the Prometheus text format", () => {
+  it("renders counters with labels and gauges read at scrape time, in the Prometheus text format", async () => {
     const m = new Metrics();
-    const sent = m.counter("output_bytes_total", "output bytes");
-    sent(100, { region: "eu" });
-    sent(20, { region: "eu" });
-    sent(5, { region: 'u"s' });
+    const sent = m.counter("output_bytes_total", "output bytes", ["region"]);
+    sent.inc({ region: "eu" }, 100);
+    sent.inc({ region: "eu" }, 20);
+    sent.inc({ region: 'u"s' }, 5);
     let live = 3;
     m.gauge("connected_hosts", "hosts connected now", () => live);
+    let states = [{ labels: { state: "RUNNING" }, value: 2 }];
+    m.gauge("queued_tasks", "tasks by state", () => states, ["state"]);
     live = 7;
-    const text = m.render();
+    expect(await m.render()).toContain("rexmesh_connected_hosts 7");
+    // A label set that is gone from live state is gone from the next scrape.
+    states = [{ labels: { state: "QUEUED" }, value: 1 }];
+    const text = await m.render();
     expect(text).toContain("# TYPE rexmesh_output_bytes_total counter");
     expect(text).toContain('rexmesh_output_bytes_total{region="eu"} 120');
     expect(text).toContain('rexmesh_output_bytes_total{region="u\\"s"} 5');
-    expect(text).toContain("rexmesh_connected_hosts 7");
+    expect(text).toContain('rexmesh_queued_tasks{state="QUEUED"} 1');
+    expect(text).not.toContain('state="RUNNING"');
+  });
+
+  it("keeps each instance's series apart, and adds the process's default metrics to every scrape", async () => {
+    const a = new Metrics();
+    const b = new Metrics();
+    a.histogram("job_duration_seconds", "job time", [1, 10]).observe(3);
+    b.histogram("job_duration_seconds", "job time", [1, 10]);
+    const ta = await a.render();
+    const tb = await b.render();
+    expect(ta).toContain('rexmesh_job_duration_seconds_bucket{le="10"} 1');
+    expect(ta).toContain("rexmesh_job_duration_seconds_count 1");
+    expect(tb).toContain("rexmesh_job_duration_seconds_count 0");
+    for (const t of [ta, tb]) {
+      expect(t).toMatch(/^rexmesh_process_resident_memory_bytes \d+/m);
+      expect(t).toMatch(/^rexmesh_nodejs_heap_size_used_bytes \d+/m);
+      expect(t).toMatch(/^rexmesh_nodejs_eventloop_lag_p99_seconds \d/m);
+      expect(t).toMatch(/^rexmesh_process_cpu_seconds_total \d/m);
+    }
   });
 
   it("serves /metrics over HTTP and 404s anything else", async () => {
@@ -25,6 +49,7 @@ describe("Metrics", () => {
     try {
       const ok = await fetch(`http://${srv.address}/metrics`);
       expect(ok.status).toBe(200);
+      expect(ok.headers.get("content-type")).toMatch(/^text\/plain; version=0\.0\.4/);
       expect(await ok.text()).toContain("rexmesh_up 1");
       expect((await fetch(`http://${srv.address}/other`)).status).toBe(404);
     } finally {

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/agent_link.proto.
  */
 export const file_rexmesh_v1_agent_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEi9wEKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDBIVCg1wcmVzZW5jZV9zYWx0GAcgASgMQgoKCF9jcmVkaXRzIogBCgpBZ2VudEhlbGxvEg8KB2hvc3RfaWQYASABKAkSJAoFZmFjdHMYAiABKAsyFS5yZXhtZXNoLnYxLkhvc3RGYWN0cxIUCgxoZWFydGJlYXRfbXMYAyABKA0SLQoKcmVwb3J0X2tleRgEIAEoCzIZLnJleG1lc2gudjEuSG9zdFJlcG9ydEtleSK9AgoTQWdlbnRTdHJlYW1SZXNwb25zZRIpCgd3ZWxjb21lGAEgASgLMhgucmV4bWVzaC52MS5BZ2VudFdlbGNvbWUSJQoFdGFza3MYAiADKAsyFi5yZXhtZXNoLnYxLlNpZ25lZFRhc2sSFwoPY2FuY2VsX3Rhc2tfaWRzGAMgAygJEioKC291dHB1dF9hY2tzGAQgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYBSADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIwCgxzaWduaW5nX2tleXMYBiADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5EhkKEXdpdGhkcmF3X3Rhc2tfaWRzGAcgAygJEhYKDnByZXNlbmNlX25vbmNlGAggASgMIkMKDEFnZW50V2VsY29tZRINCgVwcm94eRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNMmYKEEFnZW50TGlua1NlcnZpY2USUgoLQWdlbnRTdHJlYW0SHi5yZXhtZXNoLnYxLkFnZW50U3RyZWFtUmVxdWVzdBofLnJleG1lc2gudjEuQWdlbnRTdHJlYW1SZXNwb25zZSgBMAFiBnByb3RvMw", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEikwIKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDBIVCg1wcmVzZW5jZV9zYWx0GAcgASgMEgwKBHBpbmcYCCABKA0SDAoEcG9uZxgJIAEoDUIKCghfY3JlZGl0cyKIAQoKQWdlbnRIZWxsbxIPCgdob3N0X2lkGAEgASgJEiQKBWZhY3RzGAIgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSFAoMaGVhcnRiZWF0X21zGAMgASgNEi0KCnJlcG9ydF9rZXkYBCABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXki2QIKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCRIWCg5wcmVzZW5jZV9ub25jZRgIIAEoDBIMCgRwaW5nGAkgASgNEgwKBHBvbmcYCiABKA0iQwoMQWdlbnRXZWxjb21lEg0KBXByb3h5GAEgASgJEg4KBnJlZ2lvbhgCIAEoCRIUCgxoZWFydGJlYXRfbXMYAyABKA0yZgoQQWdlbnRMaW5rU2VydmljZRJSCgtBZ2VudFN0cmVhbRIeLnJleG1lc2gudjEuQWdlbnRTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
 
 /**
  * Daemon to proxy.
@@ -69,6 +69,22 @@ export type AgentStreamRequest = Message<"rexmesh.v1.AgentStreamRequest"> & {
    * @generated from field: bytes presence_salt = 7;
    */
   presenceSalt: Uint8Array;
+
+  /**
+   * Link round trip (common/link-session.ts): the dialling side sets a new
+   * ping once per heartbeat interval; the peer copies it into `pong` of
+   * its next frame. 0: none.
+   *
+   * @generated from field: uint32 ping = 8;
+   */
+  ping: number;
+
+  /**
+   * The last ping received from the peer. 0: none.
+   *
+   * @generated from field: uint32 pong = 9;
+   */
+  pong: number;
 };
 
 /**
@@ -170,6 +186,22 @@ export type AgentStreamResponse = Message<"rexmesh.v1.AgentStreamResponse"> & {
    * @generated from field: bytes presence_nonce = 8;
    */
   presenceNonce: Uint8Array;
+
+  /**
+   * Link round trip (common/link-session.ts): the dialling side sets a new
+   * ping once per heartbeat interval; the peer copies it into `pong` of
+   * its next frame. 0: none.
+   *
+   * @generated from field: uint32 ping = 9;
+   */
+  ping: number;
+
+  /**
+   * The last ping received from the peer. 0: none.
+   *
+   * @generated from field: uint32 pong = 10;
+   */
+  pong: number;
 };
 
 /**

@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/proxy_link.proto.
  */
 export const file_rexmesh_v1_proxy_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi3AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkImkKClByb3h5SGVsbG8SDAoEbmFtZRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNEicKBWhvc3RzGAQgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2Ui5QEKDEhvc3RQcmVzZW5jZRIPCgdob3N0X2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIRCgljb25uZWN0ZWQYAyABKAgSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAUgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLQoKcmVwb3J0X2tleRgGIAEoCzIZLnJleG1lc2gudjEuSG9zdFJlcG9ydEtleRINCgVwcm9vZhgHIAEoDBISCgpwcm9vZl9zYWx0GAggASgMIlEKCVByb3h5TG9hZBIXCg9jb25uZWN0ZWRfaG9zdHMYASABKA0SFAoMcXVldWVkX3Rhc2tzGAIgASgNEhUKDXJ1bm5pbmdfdGFza3MYAyABKA0i2QIKE1Byb3h5U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuUHJveHlXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYAyADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYBCADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgFIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEjAKDHNpZ25pbmdfa2V5cxgGIAMoCzIaLnJleG1lc2gudjEuVGFza1NpZ25pbmdLZXkSLQoJZGVueV9saXN0GAcgASgLMhoucmV4bWVzaC52MS5TaWduZWREZW55TGlzdBIOCgZyZXBsYXkYCCABKAgiPAoMUHJveHlXZWxjb21lEhQKDGhlYXJ0YmVhdF9tcxgBIAEoDRIWCg5wcmVzZW5jZV9ub25jZRgCIAEoDCJACgpDYW5jZWxUYXNrEg8KB3Rhc2tfaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIQCgh3aXRoZHJhdxgDIAEoCDJmChBQcm94eUxpbmtTZXJ2aWNlElIKC1Byb3h5U3RyZWFtEh4ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLlByb3h5U3RyZWFtUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi+AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkEgwKBHBpbmcYBiABKA0SDAoEcG9uZxgHIAEoDSJpCgpQcm94eUhlbGxvEgwKBG5hbWUYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDRInCgVob3N0cxgEIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlIuUBCgxIb3N0UHJlc2VuY2USDwoHaG9zdF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSEQoJY29ubmVjdGVkGAMgASgIEikKBXNpbmNlGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgVmYWN0cxgFIAEoCzIVLnJleG1lc2gudjEuSG9zdEZhY3RzEi0KCnJlcG9ydF9rZXkYBiABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkSDQoFcHJvb2YYByABKAwSEgoKcHJvb2Zfc2FsdBgIIAEoDCJRCglQcm94eUxvYWQSFwoPY29ubmVjdGVkX2hvc3RzGAEgASgNEhQKDHF1ZXVlZF90YXNrcxgCIAEoDRIVCg1ydW5uaW5nX3Rhc2tzGAMgASgNIvUCChNQcm94eVN0cmVhbVJlc3BvbnNlEikKB3dlbGNvbWUYASABKAsyGC5yZXhtZXNoLnYxLlByb3h5V2VsY29tZRIlCgV0YXNrcxgCIAMoCzIWLnJleG1lc2gudjEuU2lnbmVkVGFzaxInCgdjYW5jZWxzGAMgAygLMhYucmV4bWVzaC52MS5DYW5jZWxUYXNrEioKC291dHB1dF9hY2tzGAQgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYBSADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIwCgxzaWduaW5nX2tleXMYBiADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5Ei0KCWRlbnlfbGlzdBgHIAEoCzIaLnJleG1lc2gudjEuU2lnbmVkRGVueUxpc3QSDgoGcmVwbGF5GAggASgIEgwKBHBpbmcYCSABKA0SDAoEcG9uZxgKIAEoDSI8CgxQcm94eVdlbGNvbWUSFAoMaGVhcnRiZWF0X21zGAEgASgNEhYKDnByZXNlbmNlX25vbmNlGAIgASgMIkAKCkNhbmNlbFRhc2sSDwoHdGFza19pZBgBIAEoCRIPCgdob3N0X2lkGAIgASgJEhAKCHdpdGhkcmF3GAMgASgIMmYKEFByb3h5TGlua1NlcnZpY2USUgoLUHJveHlTdHJlYW0SHi5yZXhtZXNoLnYxLlByb3h5U3RyZWFtUmVxdWVzdBofLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_task]);
 
 /**
  * Proxy to controller.
@@ -52,6 +52,22 @@ export type ProxyStreamRequest = Message<"rexmesh.v1.ProxyStreamRequest"> & {
    * @generated from field: rexmesh.v1.ProxyLoad load = 5;
    */
   load?: ProxyLoad | undefined;
+
+  /**
+   * Link round trip (common/link-session.ts): the dialling side sets a new
+   * ping once per heartbeat interval; the peer copies it into `pong` of
+   * its next frame. 0: none.
+   *
+   * @generated from field: uint32 ping = 6;
+   */
+  ping: number;
+
+  /**
+   * The last ping received from the peer. 0: none.
+   *
+   * @generated from field: uint32 pong = 7;
+   */
+  pong: number;
 };
 
 /**
@@ -239,6 +255,22 @@ export type ProxyStreamResponse = Message<"rexmesh.v1.ProxyStreamResponse"> & {
    * @generated from field: bool replay = 8;
    */
   replay: boolean;
+
+  /**
+   * Link round trip (common/link-session.ts): the dialling side sets a new
+   * ping once per heartbeat interval; the peer copies it into `pong` of
+   * its next frame. 0: none.
+   *
+   * @generated from field: uint32 ping = 9;
+   */
+  ping: number;
+
+  /**
+   * The last ping received from the peer. 0: none.
+   *
+   * @generated from field: uint32 pong = 10;
+   */
+  pong: number;
 };
 
 /**
