@@ -51,7 +51,8 @@ export async function docsCommand(argv: string[], io: Io): Promise<number> {
     case "put": {
       if (!arg) throw new InvalidArgumentError("rexmesh docs put needs a file (YAML or JSON)");
       const content = readInputFile(arg, "docs put").toString("utf8");
-      const { document } = await run((c) => c.putDocument({ content }, { signal: io.signal }));
+      const { document, warnings } = await run((c) => c.putDocument({ content }, { signal: io.signal }));
+      for (const w of warnings) io.err(`rexmesh: warning: ${document!.name}@${document!.version} ${w}\n`);
       io.out(json ? JSON.stringify(docJson(document!)) + "\n" : `stored ${document!.name}@${document!.version}\n`);
       return 0;
     }

@@ -23,7 +23,7 @@ import type { BundleService } from "./bundles.js";
 import type { Inventory } from "./inventory.js";
 import { parseTarget, type JobManager, type PlannedHost, type SubmitRequest } from "./jobs.js";
 import type { DocumentStore, StoredDocument } from "./document-store.js";
-import { parseDocumentText } from "./documents.js";
+import { documentWarnings, parseDocumentText } from "./documents.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { selectHosts } from "./query.js";
 import type { Revocations } from "./revocation.js";
@@ -251,10 +251,12 @@ export class OperatorAccess {
    * renders — but a new version changes what a run by name does, so
    * storing one is its own action (`document`), checked at the boundary.
    */
-  async putDocument(caller: PeerIdentity, text: string): Promise<StoredDocument> {
-    const stored = await this.documentStore().put(caller.scope, formatIdentity(caller), parseDocumentText(text));
-    this.deps.log.info("document stored", { document: `${stored.name}@${stored.version}`, by: formatIdentity(caller) });
-    return stored;
+  async putDocument(caller: PeerIdentity, text: string): Promise<{ stored: StoredDocument; warnings: string[] }> {
+    const doc = parseDocumentText(text);
+    const stored = await this.documentStore().put(caller.scope, formatIdentity(caller), doc);
+    const warnings = documentWarnings(doc);
+    this.deps.log.info("document stored", { document: `${stored.name}@${stored.version}`, by: formatIdentity(caller), warnings: warnings.length });
+    return { stored, warnings };
   }
 
   async getDocument(caller: PeerIdentity, ref: string): Promise<StoredDocument> {

@@ -192,7 +192,8 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
       return { statusesApplied: r.statuses, outputChunksApplied: r.chunks, hosts: r.hosts };
     },
     async putDocument(req, ctx) {
-      return { document: documentToProto(await access.putDocument(grantedPeer(ctx), req.content)) };
+      const { stored, warnings } = await access.putDocument(grantedPeer(ctx), req.content);
+      return { document: documentToProto(stored), warnings };
     },
     async getDocument(req, ctx) {
       return { document: documentToProto(await access.getDocument(grantedPeer(ctx), req.name)) };

@@ -190,6 +190,34 @@ function checkShellContexts(step: Step, label: string): void {
   }
 }
 
+/** Shell words that parse their argument again as code: a quoted value after them is code once more. */
+const REPARSES = /(?:^|[\s;&|(`])(eval|(?:ba|da|k|mk|z)?sh\s+(?:-[A-Za-z]+\s+)*-[A-Za-z]*c)(?=[\s"'])/;
+
+/**
+ * What a document does that is allowed but likely a mistake: a placeholder
+ * in a shell script after `eval`, or in the command string of a nested
+ * `sh -c`, is quoted once for the script's own shell and then parsed again
+ * as code, so its value can run commands. Each warning names step, field
+ * and line.
+ */
+export function documentWarnings(doc: CommandDocument): string[] {
+  const warnings: string[] = [];
+  doc.steps.forEach((s, i) =>
+    s.alternatives.forEach((alt, j) => {
+      const script = (alt.step.shell as JsonObject | undefined)?.script;
+      if (typeof script !== "string") return;
+      const where = s.offered ? `step ${i + 1} alternative ${j + 1}` : `step ${i + 1}`;
+      script.split("\n").forEach((line, n) => {
+        const at = line.indexOf("{{");
+        if (at < 0) return;
+        const m = REPARSES.exec(line.slice(0, at));
+        if (m) warnings.push(`${where}: field shell.script line ${n + 1}: a placeholder after ${m[1]!.split(/\s/)[0] === "eval" ? "eval" : `${m[1]!.split(/\s/)[0]} -c`} is quoted once and then parsed again as code: its value can run commands (pass it as a variable or an argument instead)`);
+      });
+    }),
+  );
+  return warnings;
+}
+
 /**
  * What a host runs: for each step, the first alternative that fits it,
  * rendered from `params` and the host's id, region, labels and facts. A host

@@ -132,6 +132,13 @@ describe("the CLI's rough edges", () => {
       const file = join(work, "twice.json");
       writeFileSync(file, JSON.stringify({ name: "twice", parameters: [{ name: "x", type: "string", pattern: "[0-9]+" }, { name: "l", type: "list", default: [] }], steps: [{ exec: { argv: ["echo", "{{param.x}}", "{{param.l}}"] } }] }));
       expect((await cli(["docs", "put", file])).code).toBe(0);
+      // Stored all the same, with a warning on stderr where a value would be parsed again as shell code.
+      const evalFile = join(work, "evals.json");
+      writeFileSync(evalFile, JSON.stringify({ name: "evals", parameters: [{ name: "x", type: "string" }], steps: [{ shell: { script: "eval {{param.x}}" } }] }));
+      const evals = await cli(["docs", "put", evalFile]);
+      expect(evals.code).toBe(0);
+      expect(evals.stdout).toBe("stored evals@1\n");
+      expect(evals.stderr).toMatch(/^rexmesh: warning: evals@1 step 1: field shell\.script line 1: a placeholder after eval is quoted once and then parsed again as code/);
       const [twice, thrice, list] = await Promise.all([
         cli(["run", "--all", "--doc", "twice", "-p", "x=1", "-p", "x=2", "--dry-run"]),
         cli(["run", "--all", "--doc", "twice@1", "-p", "x=1", "-p", "x=2", "-p", "x=3", "--dry-run"]),

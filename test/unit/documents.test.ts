@@ -4,7 +4,7 @@ import { ManualClock } from "../../common/clock.js";
 import { InvalidArgumentError, NotFoundError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { DocumentStore, MemoryDocumentBackend } from "../../controller/document-store.js";
-import { compileDocument, parseDocumentRef, parseDocumentText, planHost } from "../../controller/documents.js";
+import { compileDocument, documentWarnings, parseDocumentRef, parseDocumentText, planHost } from "../../controller/documents.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
@@ -133,6 +133,24 @@ describe("per-host rendering", () => {
     expect(doc({ exec: { argv: ["/bin/sh", "-c", "echo {{param.v}}"] } })).toThrow(/command string of sh -c/);
     expect(doc({ exec: { argv: ["bash", "-xc", "echo {{param.v}}"] } })).toThrow(/command string of bash -xc/);
     expect(doc({ exec: { argv: ["sh", "-c", 'echo "$1"', "sh", "{{param.v}}"] } })).not.toThrow();
+  });
+
+  it("warns at put where a shell script parses a placeholder's quoted value again (eval, a nested sh -c), naming step and line", () => {
+    const v = [{ name: "v", type: "string" }];
+    const warn = (...scripts: string[]) => documentWarnings(compileDocument({ name: "w", parameters: v, steps: scripts.map((script) => ({ shell: { script } })) }));
+    expect(warn("set -e\neval {{param.v}}")).toEqual([
+      "step 1: field shell.script line 2: a placeholder after eval is quoted once and then parsed again as code: its value can run commands (pass it as a variable or an argument instead)",
+    ]);
+    expect(warn("x=1; eval echo {{param.v}}", "bash -lc {{param.v}}", "sudo sh -c {{param.v}}", "( zsh -c {{param.v}} )")).toEqual([
+      expect.stringMatching(/^step 1: field shell\.script line 1: a placeholder after eval /),
+      expect.stringMatching(/^step 2: field shell\.script line 1: a placeholder after bash -c /),
+      expect.stringMatching(/^step 3: field shell\.script line 1: a placeholder after sh -c /),
+      expect.stringMatching(/^step 4: field shell\.script line 1: a placeholder after zsh -c /),
+    ]);
+    // Quoted once and used as a value: no warning. Nor for eval after the placeholder, or a word that only contains eval.
+    expect(warn("echo {{param.v}}", "evaluate {{param.v}}", "echo {{param.v}}; eval true", "bash -x {{param.v}}", "eval true\necho {{param.v}}")).toEqual([]);
+    const alternatives = documentWarnings(compileDocument({ name: "w", parameters: v, steps: [{ alternatives: [{ when: "os=linux", shell: { script: "eval {{param.v}}" } }, { exec: { argv: ["echo", "{{param.v}}"] } }] }] }));
+    expect(alternatives).toEqual([expect.stringMatching(/^step 1 alternative 1: field shell\.script line 1: /)]);
   });
 
   it("an injection attempt stays one literal argument or one quoted word", () => {
