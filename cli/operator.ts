@@ -265,12 +265,38 @@ function describeStep(s: Step): string {
   }
 }
 
+/** How long a run waits before it says which of its pending hosts are not connected. */
+const OFFLINE_NOTICE_MS = 2000;
+/** Hosts named in that notice; the rest are counted. */
+const OFFLINE_NAMED = 10;
+
 async function watch(client: ReturnType<typeof operatorClient>["client"], jobId: string, json: boolean, io: Io, group = false): Promise<number> {
   // On a terminal a progress line (done/failed/pending) follows the fan-out.
   const printer = new JobPrinter({ json, write: io.out, color: io.isTTY && !json, group, progress: io.isTTY && !json });
-  for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) printer.handle(batch);
+  // A run that waits for hosts that are away says so (on stderr), once, instead of sitting silent.
+  const notice = json ? undefined : setTimeout(() => {
+        // Only a notice: a failed look-up says nothing, and the run goes on.
+        sayOffline(client, jobId, printer.pendingHosts(), io).catch(() => undefined);
+      }, OFFLINE_NOTICE_MS);
+  try {
+    for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) printer.handle(batch);
+  } finally {
+    clearTimeout(notice);
+  }
   printer.summary();
   return printer.succeeded ? 0 : 1;
+}
+
+async function sayOffline(client: ReturnType<typeof operatorClient>["client"], jobId: string, pending: ReadonlySet<string>, io: Io): Promise<void> {
+  if (pending.size === 0) return;
+  const { hosts } = await client.listHosts({}, { signal: io.signal });
+  const away = hosts.filter((h) => pending.has(h.id) && h.connection !== ConnectionState.CONNECTED).map((h) => h.id);
+  if (away.length === 0 || io.signal.aborted) return;
+  const named = away.slice(0, OFFLINE_NAMED).join(", ") + (away.length > OFFLINE_NAMED ? `, and ${away.length - OFFLINE_NAMED} more` : "");
+  io.err(
+    `rexmesh: waiting for ${away.length} ${away.length === 1 ? "host that is" : "hosts that are"} not connected: ${named} ` +
+      `(a task runs when its host returns, or ends EXPIRED at its delivery deadline; Ctrl-C stops watching and leaves the job running: rexmesh jobs watch ${jobId})\n`,
+  );
 }
 
 const listOptions: Record<string, OptionSpec> = {

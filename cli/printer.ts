@@ -92,6 +92,11 @@ export class JobPrinter {
     this.drawProgress();
   }
 
+  /** Hosts whose task has not been handed to them yet (PENDING at the controller or QUEUED at a proxy). */
+  pendingHosts(): Set<string> {
+    return new Set([...this.tasks.values()].filter((t) => t.state === TaskState.PENDING || t.state === TaskState.QUEUED).map((t) => t.hostId));
+  }
+
   /** The progress line: how many hosts are done, failed and pending. */
   progressLine(): string {
     const all = [...this.tasks.values()];

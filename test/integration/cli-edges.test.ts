@@ -3,7 +3,7 @@ import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
-import { clientOf, rexmesh, tempDir } from "./support.js";
+import { clientOf, rexmesh, tempDir, until } from "./support.js";
 
 type Ran = Awaited<ReturnType<typeof rexmesh>>;
 
@@ -121,6 +121,25 @@ describe("the CLI's rough edges", () => {
       // --max-errors 0 means something: no failure tolerated.
       const strict = await cli(["run", "--all", "--max-errors", "0", "--dry-run", "--", "true"]);
       expect(strict.code, strict.stderr).toBe(0);
+    });
+
+    it("a run that waits for a host that is not connected says so on stderr, naming it and how to follow the job", async () => {
+      const daemon = mesh.daemons.find((d) => d.hosts.includes("h3"))!;
+      await mesh.kill(daemon);
+      try {
+        await until("h3 disconnected", async () => {
+          const { stdout } = await cli(["hosts", "--json"]);
+          return (JSON.parse(stdout) as { id: string; connection: string }[]).find((h) => h.id === "h3")?.connection !== "CONNECTION_STATE_CONNECTED" || undefined;
+        });
+        const r = await cli(["run", "-H", "h1,h3", "--deadline", "6s", "--", "echo", "here"]);
+        expect(r.code).toBe(1); // h3's task ends EXPIRED
+        expect(r.stdout).toMatch(/^h1 out\| here$/m);
+        expect(r.stderr).toMatch(/^rexmesh: waiting for 1 host that is not connected: h3 \(a task runs when its host returns, or ends EXPIRED at its delivery deadline; Ctrl-C stops watching and leaves the job running: rexmesh jobs watch j\S+\)$/m);
+        expect(r.stderr).not.toMatch(/h1/);
+      } finally {
+        await mesh.restart(daemon);
+        await mesh.waitForHosts(3);
+      }
     });
 
     it("an empty host query is refused by hosts, run and ping alike", async () => {

@@ -15,7 +15,7 @@ import { LocalMesh, REXMESH_BIN, type RoleProcess } from "../../cli/launcher.js"
 import { isTerminal } from "../../common/task-state.js";
 import { ConnectionState, ResultCheck, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, isAlive, rexmesh, tempDir } from "./support.js";
+import { clientOf, collectJob, isAlive, rexmesh, tempDir, until } from "./support.js";
 
 type Api = Client<typeof ControllerService>;
 
@@ -26,16 +26,6 @@ function printer(markDir: string, lines: number, pause: string) {
 }
 
 const expected = (lines: number) => Array.from({ length: lines }, (_, i) => `line${i + 1}\n`).join("");
-
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (let delay = 20; ; delay = Math.min(delay * 2, 200)) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, delay));
-  }
-}
 
 /** Resolves once the task of a job has stored at least `chunks` output chunks. */
 const outputStarted = (api: Api, jobId: string, chunks = 1) =>

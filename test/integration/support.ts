@@ -61,6 +61,17 @@ export async function collectJob(client: Client<typeof ControllerService>, jobId
   return result;
 }
 
+/** Polls `probe` (backing off to 200 ms) until it answers something, or fails naming `what` after `timeoutMs`. */
+export async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (let delay = 20; ; delay = Math.min(delay * 2, 200)) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, delay));
+  }
+}
+
 /** Alive means it exists and is not a zombie (this sandbox's init does not reap orphans). */
 export function isAlive(pid: number): boolean {
   try {
