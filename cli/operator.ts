@@ -1,4 +1,6 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import { create, toJson } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
 import { ConnectionState, SubmitJobRequestSchema, type PlannedTask } from "../gen/rexmesh/v1/controller_pb.js";
@@ -279,13 +281,41 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
         sayOffline(client, jobId, printer.pendingHosts(), io).catch(() => undefined);
       }, OFFLINE_NOTICE_MS);
   try {
-    for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) printer.handle(batch);
+    // A watch the controller ends (it restarted, or the connection broke) is started again: the controller replays
+    // the job, and the printer skips the output it already printed.
+    let lostAt: number | undefined;
+    for (;;) {
+      try {
+        for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) {
+          lostAt = undefined;
+          printer.handle(batch);
+        }
+        break;
+      } catch (err) {
+        if (io.signal.aborted || !(err instanceof ConnectError) || !WATCH_AGAIN.has(err.code)) throw err;
+        const now = Date.now();
+        if (lostAt === undefined) {
+          io.err(`rexmesh: lost the watch of job ${jobId} (${Code[err.code]}: ${err.rawMessage}); the job goes on at the controller, watching again...\n`);
+          lostAt = now;
+        } else if (now - lostAt > WATCH_AGAIN_FOR_MS) {
+          throw new Error(`no answer from the controller for ${WATCH_AGAIN_FOR_MS / 1000} s (${Code[err.code]}: ${err.rawMessage}); the job goes on there: rexmesh jobs watch ${jobId}`, { cause: err });
+        }
+        await sleep(WATCH_AGAIN_MS, undefined, { signal: io.signal }).catch(() => undefined);
+        if (io.signal.aborted) throw err;
+      }
+    }
   } finally {
     clearTimeout(notice);
   }
   printer.summary();
   return printer.succeeded ? 0 : 1;
 }
+
+/** A watch ended by these is started again: the controller went away (a restart) or the connection broke. */
+const WATCH_AGAIN: ReadonlySet<Code> = new Set([Code.Unavailable, Code.Canceled, Code.Unknown, Code.Internal, Code.DeadlineExceeded]);
+/** Between tries, and how long they go on before the run gives up (the job itself goes on). */
+const WATCH_AGAIN_MS = 1000;
+const WATCH_AGAIN_FOR_MS = 60_000;
 
 async function sayOffline(client: ReturnType<typeof operatorClient>["client"], jobId: string, pending: ReadonlySet<string>, io: Io): Promise<void> {
   if (pending.size === 0) return;
@@ -396,7 +426,7 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
       const { jobs } = await client.listJobs({ limit: 50 }, { signal: io.signal });
       const rows = jobs.map(jobJson);
       if (p.values.json) io.out(JSON.stringify(rows, null, 2) + "\n");
-      else for (const j of rows) io.out(`${j.id}  ${j.state.padEnd(7)}  ${j.createdAt ?? ""}  ${String(j.tasks).padStart(5)} tasks  ${Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")}\n`);
+      else io.out(table([["JOB", "STATE", "CREATED", "TASKS", "COUNTS"], ...rows.map((j) => [j.id, j.state, j.createdAt ?? "", String(j.tasks), Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")])]));
       return 0;
     } finally {
       close();

@@ -40,6 +40,8 @@ function textOf(data: Uint8Array): string | undefined {
 export class JobPrinter {
   private readonly tasks = new Map<string, Task>();
   private readonly partial = new Map<string, Buffer>();
+  /** The highest output seq taken per task: a watch started again replays a task's output from its start. */
+  private readonly seen = new Map<string, bigint>();
   private job: Job | undefined;
   private width = 0;
   private readonly grouped = new Map<string, GroupedOutput>();
@@ -63,6 +65,8 @@ export class JobPrinter {
       else this.emit({ type: "task", task: taskJson(t) });
     }
     for (const c of batch.output) {
+      if (c.seq <= (this.seen.get(c.taskId) ?? 0n)) continue;
+      this.seen.set(c.taskId, c.seq);
       const task = this.tasks.get(c.taskId);
       const host = c.hostId || task?.hostId || c.taskId;
       const stream = c.stream === OutputStream.STDERR ? "stderr" : "stdout";

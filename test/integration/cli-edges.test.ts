@@ -3,6 +3,7 @@ import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, rexmesh, tempDir, until } from "./support.js";
 
 type Ran = Awaited<ReturnType<typeof rexmesh>>;
@@ -142,6 +143,27 @@ describe("the CLI's rough edges", () => {
       }
     });
 
+    it("a run whose controller restarts mid-job watches again and prints every line once, not a raw stream error", async () => {
+      const running = cli(["run", "-H", "h1", "--shell", "for i in $(seq 1 12); do echo line$i; sleep 0.4; done"]);
+      const { client, close } = clientOf(mesh);
+      try {
+        await until("the job's output to start", async () => {
+          const { jobs } = await client.listJobs({ limit: 1 });
+          const counts = jobs[0]?.counts ?? [];
+          return counts.some((c) => c.state === TaskState.RUNNING) || undefined;
+        });
+      } finally {
+        close();
+      }
+      await mesh.kill(mesh.controller);
+      await mesh.restart(mesh.controller);
+      const r = await running;
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stdout.match(/^h1 out\| line\d+$/gm)).toEqual(Array.from({ length: 12 }, (_, i) => `h1 out| line${i + 1}`));
+      expect(r.stderr).toMatch(/^rexmesh: lost the watch of job j\S+ \(\w+: .*\); the job goes on at the controller, watching again\.\.\.$/m);
+      await mesh.waitForHosts(3);
+    });
+
     it("an empty host query is refused by hosts, run and ping alike", async () => {
       const runs = await Promise.all([cli(["hosts", "-t", ""]), cli(["run", "-t", "", "--", "true"]), cli(["ping", "-t", " "]), cli(["hosts", "--target="])]);
       for (const r of runs) expectOneLine(r, /^rexmesh: -t\/--target needs a query, e\.g\. 'role=web'; an empty one is refused \(use --all for every host\)$/m);
@@ -181,7 +203,7 @@ describe("the CLI's rough edges", () => {
     expect(both.stdout).toMatch(/^==== 3 hosts: h1, h2, h3\nout\| a\nerr\| b\n/);
   });
 
-  it("run names the task of every host that did not succeed; jobs show has a TASK column", async () => {
+  it("run names the task of every host that did not succeed; jobs show has a TASK column; jobs lists under a header", async () => {
     const r = await cli(["run", "--all", "--shell", '[ "$REXMESH_HOST_ID" != h2 ]']);
     expect(r.code).toBe(1);
     const jobId = /\(job (\S+)\)/.exec(r.stdout)![1]!;
@@ -193,6 +215,11 @@ describe("the CLI's rough edges", () => {
     expect(show.code, show.stderr).toBe(0);
     expect(show.stdout).toMatch(/^ {2}TASK +HOST +REGION +STATE$/m);
     for (const t of tasks) expect(show.stdout).toMatch(new RegExp(`^ {2}${t.id} +${t.hostId} +east +(SUCCEEDED|FAILED)`, "m"));
+    const list = await cli(["jobs"]);
+    expect(list.code, list.stderr).toBe(0);
+    const [header, ...rows] = list.stdout.trimEnd().split("\n");
+    expect(header).toMatch(/^JOB +STATE +CREATED +TASKS +COUNTS$/);
+    expect(rows.find((l) => l.startsWith(jobId))).toMatch(new RegExp(`^${jobId} +DONE +\\S+ +3 +.*FAILED=1`));
   });
 
   it("dry runs print file.put and script steps in words, the mode in octal", async () => {
