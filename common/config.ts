@@ -131,3 +131,11 @@ export function describeConfig(schema: Schema, config: Record<string, unknown>):
   for (const key of Object.keys(schema)) if (config[key] !== undefined) out[key] = config[key];
   return out;
 }
+
+/** The certificate, key and CA files a role serves with; each is required. */
+export function requireFiles(config: { cert?: string; key?: string; ca?: string }): { cert: string; key: string; ca: string } {
+  for (const k of ["cert", "key", "ca"] as const) {
+    if (!config[k]) throw new ConfigError(`${k} is required (--${k} FILE or REXMESH_${k.toUpperCase()})`);
+  }
+  return config as { cert: string; key: string; ca: string };
+}

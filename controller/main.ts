@@ -1,7 +1,7 @@
 import type { AddressInfo } from "node:net";
 import { readCredentials } from "../certs/files.js";
 import { systemClock, type Clock } from "../common/clock.js";
-import type { Resolved, Schema } from "../common/config.js";
+import { requireFiles, type Resolved, type Schema } from "../common/config.js";
 import { serveFrameLink } from "../common/connect-link.js";
 import { callerOf, createRpcServer } from "../common/connect-server.js";
 import { ConfigError } from "../common/errors.js";
@@ -70,13 +70,6 @@ export const controllerSchema = {
 } satisfies Schema;
 
 export type ControllerConfig = Resolved<typeof controllerSchema>;
-
-export function requireFiles(config: { cert?: string; key?: string; ca?: string }): { cert: string; key: string; ca: string } {
-  for (const k of ["cert", "key", "ca"] as const) {
-    if (!config[k]) throw new ConfigError(`${k} is required (--${k} FILE or REXMESH_${k.toUpperCase()})`);
-  }
-  return config as { cert: string; key: string; ca: string };
-}
 
 /** Wires the controller's parts together and starts serving. */
 export async function startController(config: ControllerConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: AddressInfo; served: readonly DescMethod[] }> {

@@ -1,7 +1,7 @@
 import { readCredentials } from "../certs/files.js";
 import { identityFromCertificate, requireRole } from "../certs/identity.js";
 import { systemClock, type Clock } from "../common/clock.js";
-import type { Resolved, Schema } from "../common/config.js";
+import { requireFiles, type Resolved, type Schema } from "../common/config.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
 import { createGrpcLinkServer, type UnaryHandler } from "../common/grpc-link.js";
@@ -22,7 +22,6 @@ import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
 import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyLinkService, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
-import { requireFiles } from "../controller/main.js";
 import { ProxyCore, type ControllerLink } from "./proxy.js";
 import { reconnectLoop } from "../common/reconnect.js";
 import { LmdbEnv } from "../common/lmdb.js";
