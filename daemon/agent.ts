@@ -1,7 +1,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Backoff, type BackoffOptions } from "../common/backoff.js";
-import { itemBytes, MemoryBacklog, type Backlog, type UpwardItem } from "../common/backlog.js";
+import { itemBytes, MemoryBacklog, upwardKey, type Backlog, type UpwardItem } from "../common/backlog.js";
 import type { Clock, Timer } from "../common/clock.js";
 import type { Coalescer } from "../common/coalescer.js";
 import type { FrameLink } from "../common/frame-link.js";
@@ -127,6 +127,26 @@ const FLOW_CHECK_MS = 50;
  */
 const STORE_RETRY: BackoffOptions = { initialMs: 1000, multiplier: 1.6, maxMs: 30_000, jitter: 0.2 };
 
+/**
+ * What a new stream resends, task by task: a task's statuses before its end,
+ * then its chunks in seq order, then its end. A proxy takes a chunk only
+ * above the highest seq it holds for the task and forgets a task once its
+ * end is acknowledged, so a chunk whose outbox write was retried (pushed
+ * after later ones) must not follow them, nor the end.
+ */
+export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
+  const byTask = new Map<string, { before: UpwardItem[]; chunks: UpwardItem[]; ends: UpwardItem[] }>();
+  for (const item of items) {
+    const taskId = item.kind === "output" ? item.chunk.taskId : item.status.taskId;
+    let t = byTask.get(taskId);
+    if (!t) byTask.set(taskId, (t = { before: [], chunks: [], ends: [] }));
+    if (item.kind === "output") t.chunks.push(item);
+    else (isTerminal(item.status.state) ? t.ends : t.before).push(item);
+  }
+  const seq = (i: UpwardItem) => (i.kind === "output" ? i.chunk.seq : 0n);
+  return [...byTask.values()].flatMap((t) => [...t.before, ...t.chunks.sort((a, b) => (seq(a) < seq(b) ? -1 : seq(a) > seq(b) ? 1 : 0)), ...t.ends]);
+}
+
 /** The end of the queue of tasks waiting for their turn to spawn (see spawnTurn). */
 let lastTurn: Promise<void> = Promise.resolve();
 
@@ -163,6 +183,8 @@ export class Agent {
   private readonly running = new Map<string, AbortController>();
   /** Output of the running tasks, some of which may be held back until its seq is recorded (run-output.ts). */
   private readonly outputs = new Map<string, RunOutput>();
+  /** Items whose outbox write was refused and is being tried again, by identity: a new stream resends them too. */
+  private readonly unkept = new Map<string, UpwardItem>();
   private link: ProxyLinkToAgent | undefined;
   private out: Coalescer<AgentStreamRequest> | undefined;
   private pruneTimer: Timer | undefined;
@@ -358,7 +380,7 @@ export class Agent {
       ls.startHeartbeat(this.opts.heartbeatMs);
       this.out = ls.out;
       this.prove(first, link);
-      this.addToFrame(ls.out, this.outbox.all().filter((item) => item.kind !== "output" || !this.outputs.get(item.chunk.taskId)?.holds(Number(item.chunk.seq))));
+      this.addToFrame(ls.out, this.releasable(resendOrder([...this.outbox.all(), ...this.unkept.values()])));
       if (first.welcome) {
         up(first.welcome.proxy);
         log.debug("welcomed by proxy", { proxy: first.welcome.proxy, region: first.welcome.region, address });
@@ -401,9 +423,30 @@ export class Agent {
   private keep(items: UpwardItem[]): Promise<void> {
     const first = items[0];
     const taskId = first ? (first.kind === "output" ? first.chunk.taskId : first.status.taskId) : "";
-    const kept = this.untilStored("spooling results", taskId, () => this.outbox.push(items));
+    let refused = false;
+    const kept = this.untilStored("spooling results", taskId, async () => {
+      try {
+        await this.outbox.push(items);
+      } catch (err) {
+        // Until stored, a new stream sends them from here (they may be on the stream already).
+        if (!refused) for (const item of items) this.unkept.set(upwardKey(item), item);
+        refused = true;
+        throw err;
+      }
+    }).finally(() => {
+      if (!refused) return;
+      for (const item of items) this.unkept.delete(upwardKey(item));
+      // Acknowledged while its write was tried again, an item would stay in the outbox until the next stream:
+      // sent again, it is acknowledged again (the proxy takes it for a duplicate).
+      this.send(this.releasable(items));
+    });
     this.updateFlow();
     return kept;
+  }
+
+  /** Items without the chunks a task's RunOutput still holds back (their seq is not recorded yet). */
+  private releasable(items: UpwardItem[]): UpwardItem[] {
+    return items.filter((item) => item.kind !== "output" || !this.outputs.get(item.chunk.taskId)?.holds(Number(item.chunk.seq)));
   }
 
   private readonly spoolFailed = (err: unknown): void => this.opts.log.error("spooling results stopped with the daemon", { err });

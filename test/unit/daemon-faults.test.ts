@@ -3,13 +3,13 @@ import { describe, expect, it } from "vitest";
 import { MemoryBacklog, type UpwardItem } from "../../common/backlog.js";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
-import { Agent } from "../../daemon/agent.js";
+import { Agent, resendOrder } from "../../daemon/agent.js";
 import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
 import { MemoryLedger, type Ledger } from "../../daemon/ledger.js";
 import { LmdbLedger } from "../../daemon/lmdb-ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
-import { OutputStream, TaskState, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
+import { OutputChunkSchema, OutputStream, TaskState, TaskStatusSchema, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -283,6 +283,51 @@ describe("review: daemon", () => {
     a.welcome();
     await flush();
     expect(outputIn(a.link().sent)).toEqual(["1:the only line\n"]);
+  });
+
+  it("D3 a chunk whose outbox write is still being retried goes on a new stream before the task's later chunks", async () => {
+    class FlakyOutbox extends MemoryBacklog {
+      refuse = 0;
+      override push(items: readonly UpwardItem[]): Promise<void> {
+        if (this.refuse > 0 && items.some((i) => i.kind === "output")) {
+          this.refuse--;
+          return Promise.reject(Object.assign(new Error("MDB_MAP_FULL"), { code: "MDB_MAP_FULL" }));
+        }
+        return super.push(items);
+      }
+    }
+    const outbox = new FlakyOutbox();
+    const a = agentWith(new MemoryLedger(), outbox);
+    await a.agent.start();
+    await flush();
+    a.welcome();
+    await flush();
+    a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
+    await flush();
+    outbox.refuse = 3; // chunk 1's write and its first two retries
+    a.executor.runs[0]!.io.onOutput(OutputStream.STDOUT, new TextEncoder().encode("one\n"), 1);
+    await flush();
+    a.executor.runs[0]!.io.onOutput(OutputStream.STDOUT, new TextEncoder().encode("two\n"), 2);
+    await flush();
+    // The stream drops; the daemon dials again while chunk 1 is still being retried (only chunk 2 is in the outbox).
+    a.link().end();
+    await flush();
+    a.clock.advance(1300);
+    await flush();
+    expect(a.links).toHaveLength(2);
+    a.welcome();
+    await flush();
+    // A proxy holding chunk 2 would take a later chunk 1 for a duplicate: it goes first.
+    expect(outputIn(a.link().sent)).toEqual(["1:one\n", "2:two\n"]);
+  });
+
+  it("a new stream resends a task's chunks in seq order and its end after them, whatever order they were stored in", () => {
+    const chunk = (seq: number): UpwardItem => ({ kind: "output", chunk: create(OutputChunkSchema, { taskId: "t1", seq: BigInt(seq) }) });
+    const st = (taskId: string, state: TaskState): UpwardItem => ({ kind: "status", status: create(TaskStatusSchema, { taskId, state }) });
+    const order = resendOrder([st("t1", TaskState.RUNNING), chunk(2), st("t2", TaskState.RUNNING), st("t1", TaskState.SUCCEEDED), chunk(1), chunk(3)]).map((i) =>
+      i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : `${i.status.taskId}:${TaskState[i.status.state]}`,
+    );
+    expect(order).toEqual(["t1:RUNNING", "t1:1", "t1:2", "t1:3", "t1:SUCCEEDED", "t2:RUNNING"]);
   });
 
   it("D2 the LMDB ledger answers what is stored after a refused update or removal", async () => {
