@@ -409,7 +409,9 @@ export class ProxyCore {
     const now = this.clock.now();
     for (const task of this.store.tasksFor(session.hostId)) {
       if (session.credits <= 0) break;
-      if (task.state !== TaskState.QUEUED || task.cancelRequested || !task.signed || !task.spec) continue;
+      // A task whose hand-over write failed is QUEUED again (undone) while that write's undo is still stored: it waits
+      // for the next sweep, so that no second hand-over of it is left unguarded when the first one's finishes.
+      if (task.state !== TaskState.QUEUED || task.cancelRequested || !task.signed || !task.spec || this.handing.has(task.id)) continue;
       const deliverBy = deliverByOf(task);
       if (deliverBy !== undefined && deliverBy <= now) {
         undo.touch(task);
@@ -622,6 +624,7 @@ export class ProxyCore {
     const writes: Promise<unknown>[] = [];
     // Records change as the frame is read; if its commit fails they are put back (the link fails, the controller sends again).
     const undo = new TaskUndo();
+    const unmarked: string[] = [];
     if (frame.denyList) await this.applyDenyList(frame.denyList);
     if (frame.signingKeys.length > 0) {
       const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));
@@ -657,7 +660,8 @@ export class ProxyCore {
       undo.added(task);
       const deliverBy = deliverByOf(task);
       if (mark === "cancelled") {
-        writes.push(this.store.unmark(task.id));
+        // The mark goes once the cancelled copy is stored: if the commit fails, the resent task is cancelled again.
+        unmarked.push(task.id);
         task.cancelRequested = true;
         items.push(this.endOwnCopy(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
       } else if (deliverBy !== undefined && deliverBy <= now) {
@@ -714,6 +718,8 @@ export class ProxyCore {
       await undo.undo(this.store, (e, taskId) => this.log.error("undoing a task's change after a failed write failed", { task: taskId, err: e }));
       throw err;
     }
+    // A mark left by a failed removal is harmless: the task's own record answers a resend.
+    await Promise.all(unmarked.map((id) => this.store.unmark(id).catch((err: unknown) => this.log.warn("removing a cancel mark failed", { task: id, err }))));
     if (items.length > 0) this.sendUp();
     for (const hostId of touched) {
       const session = this.hosts.get(hostId);

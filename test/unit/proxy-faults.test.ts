@@ -194,4 +194,25 @@ describe("proxy under faults", () => {
     expect(kept).toBe(true);
     expect(t.store.getTask("t1")?.state).toBe(TaskState.QUEUED);
   });
+
+  it("P5 a task cancelled before it came, whose arrival's commit failed, is still cancelled when the controller sends it again", async () => {
+    const t = setup();
+    const a = t.connectController();
+    await flush();
+    a.send({ cancels: [{ taskId: "t1", hostId: "h1", withdraw: false }] });
+    await flush();
+    t.store.failNext = true;
+    a.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    expect(await a.settled).toBeInstanceOf(Error);
+    const b = t.connectController();
+    await flush();
+    b.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    // Its mark went only with a stored cancelled copy: the resend is cancelled again, never queued for the host.
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.CANCELLED);
+    expect(upStatuses(b.link)).toContain("t1:CANCELLED");
+    expect(upStatuses(b.link)).not.toContain("t1:QUEUED");
+  });
 });
+
