@@ -276,9 +276,10 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
   // On a terminal a progress line (done/failed/pending) follows the fan-out.
   const printer = new JobPrinter({ json, write: io.out, color: io.isTTY && !json, group, progress: io.isTTY && !json });
   // A run that waits for hosts that are away says so (on stderr), once, instead of sitting silent.
+  let watching = true;
   const notice = json ? undefined : setTimeout(() => {
         // Only a notice: a failed look-up says nothing, and the run goes on.
-        sayOffline(client, jobId, printer.pendingHosts(), io).catch(() => undefined);
+        sayOffline(client, jobId, printer.pendingHosts(), io, () => watching).catch(() => undefined);
       }, OFFLINE_NOTICE_MS);
   try {
     // A watch the controller ends (it restarted, or the connection broke) is started again: the controller replays
@@ -305,6 +306,7 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
       }
     }
   } finally {
+    watching = false;
     clearTimeout(notice);
   }
   printer.summary();
@@ -317,11 +319,12 @@ const WATCH_AGAIN: ReadonlySet<Code> = new Set([Code.Unavailable, Code.Canceled,
 const WATCH_AGAIN_MS = 1000;
 const WATCH_AGAIN_FOR_MS = 60_000;
 
-async function sayOffline(client: ReturnType<typeof operatorClient>["client"], jobId: string, pending: ReadonlySet<string>, io: Io): Promise<void> {
+async function sayOffline(client: ReturnType<typeof operatorClient>["client"], jobId: string, pending: ReadonlySet<string>, io: Io, watching: () => boolean): Promise<void> {
   if (pending.size === 0) return;
   const { hosts } = await client.listHosts({}, { signal: io.signal });
   const away = hosts.filter((h) => pending.has(h.id) && h.connection !== ConnectionState.CONNECTED).map((h) => h.id);
-  if (away.length === 0 || io.signal.aborted) return;
+  // The job may have ended while the hosts were looked up: no notice after its summary.
+  if (away.length === 0 || io.signal.aborted || !watching()) return;
   const named = away.slice(0, OFFLINE_NAMED).join(", ") + (away.length > OFFLINE_NAMED ? `, and ${away.length - OFFLINE_NAMED} more` : "");
   io.err(
     `rexmesh: waiting for ${away.length} ${away.length === 1 ? "host that is" : "hosts that are"} not connected: ${named} ` +
