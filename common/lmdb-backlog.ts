@@ -112,11 +112,11 @@ export class LmdbBacklog implements Backlog {
     return takeAfter(entries(), after, maxBytes);
   }
 
-  /** Committed items in order, then those whose write is still in flight (always the newest). */
   topOutputSeq(taskId: string): number {
     return this.held.topOutputSeq(taskId);
   }
 
+  /** Committed items in order, then those whose write is still in flight (always the newest). */
   all(): UpwardItem[] {
     const out: UpwardItem[] = [];
     const seen = new Set<number>();
