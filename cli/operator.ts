@@ -293,7 +293,9 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
         }
         break;
       } catch (err) {
-        if (io.signal.aborted || !(err instanceof ConnectError) || !WATCH_AGAIN.has(err.code)) throw err;
+        // A keep-alive PING that went unanswered means the way to the controller is silent: that is said at once
+        // (--keepalive bounds how long a run may hang), not waited out.
+        if (io.signal.aborted || !(err instanceof ConnectError) || !WATCH_AGAIN.has(err.code) || /PING timed out/i.test(err.rawMessage)) throw err;
         const now = Date.now();
         if (lostAt === undefined) {
           io.err(`rexmesh: lost the watch of job ${jobId} (${Code[err.code]}: ${err.rawMessage}); the job goes on at the controller, watching again...\n`);
@@ -313,7 +315,7 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
   return printer.succeeded ? 0 : 1;
 }
 
-/** A watch ended by these is started again: the controller went away (a restart) or the connection broke. */
+/** A watch ended by these is started again: the controller went away (a restart) or the connection broke (not a silent one: see watch). */
 const WATCH_AGAIN: ReadonlySet<Code> = new Set([Code.Unavailable, Code.Canceled, Code.Unknown, Code.Internal, Code.DeadlineExceeded]);
 /** Between tries, and how long they go on before the run gives up (the job itself goes on). */
 const WATCH_AGAIN_MS = 1000;
