@@ -211,7 +211,10 @@ export function documentWarnings(doc: CommandDocument): string[] {
         const at = line.indexOf("{{");
         if (at < 0) return;
         const m = REPARSES.exec(line.slice(0, at));
-        if (m) warnings.push(`${where}: field shell.script line ${n + 1}: a placeholder after ${m[1]!.split(/\s/)[0] === "eval" ? "eval" : `${m[1]!.split(/\s/)[0]} -c`} is quoted once and then parsed again as code: its value can run commands (pass it as a variable or an argument instead)`);
+        if (!m) return;
+        const word = m[1]!.split(/\s/)[0]!;
+        const reparser = word === "eval" ? "eval" : `${word} -c`;
+        warnings.push(`${where}: field shell.script line ${n + 1}: a placeholder after ${reparser} is quoted once and then parsed again as code: its value can run commands (pass it as a variable or an argument instead)`);
       });
     }),
   );

@@ -57,6 +57,31 @@ function agentWith(ledger: Ledger, outbox: MemoryBacklog) {
   return { clock, executor, links, agent, link, fromProxy, welcome };
 }
 
+/** An outbox that refuses the next `refuse` writes holding output (a full map). */
+class FlakyOutbox extends MemoryBacklog {
+  refuse = 0;
+  override push(items: readonly UpwardItem[]): Promise<void> {
+    if (this.refuse > 0 && items.some((i) => i.kind === "output")) {
+      this.refuse--;
+      return Promise.reject(Object.assign(new Error("MDB_MAP_FULL"), { code: "MDB_MAP_FULL" }));
+    }
+    return super.push(items);
+  }
+}
+
+/** An agent on a FlakyOutbox, welcomed, running task t1. */
+async function runningOnFlakyOutbox() {
+  const outbox = new FlakyOutbox();
+  const a = agentWith(new MemoryLedger(), outbox);
+  await a.agent.start();
+  await flush();
+  a.welcome();
+  await flush();
+  a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
+  await flush();
+  return { a, outbox };
+}
+
 const outputIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.output.map((c) => `${c.seq}:${text(c.data)}`));
 
 describe("review: daemon", () => {
@@ -250,25 +275,8 @@ describe("review: daemon", () => {
   });
 
   it("D3 a chunk whose outbox write failed is kept once the store works again and sent on the next stream, not lost with the stream", async () => {
-    class FlakyOutbox extends MemoryBacklog {
-      failNext = false;
-      override push(items: readonly UpwardItem[]): Promise<void> {
-        if (this.failNext && items.some((i) => i.kind === "output")) {
-          this.failNext = false;
-          return Promise.reject(Object.assign(new Error("MDB_MAP_FULL"), { code: "MDB_MAP_FULL" }));
-        }
-        return super.push(items);
-      }
-    }
-    const outbox = new FlakyOutbox();
-    const a = agentWith(new MemoryLedger(), outbox);
-    await a.agent.start();
-    await flush();
-    a.welcome();
-    await flush();
-    a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
-    await flush();
-    outbox.failNext = true;
+    const { a, outbox } = await runningOnFlakyOutbox();
+    outbox.refuse = 1;
     a.executor.runs[0]!.io.onOutput(OutputStream.STDOUT, new TextEncoder().encode("the only line\n"), 1);
     await flush();
     // A task that never runs twice sends its chunks at once: this one is on the stream, though the outbox refused it.
@@ -286,24 +294,7 @@ describe("review: daemon", () => {
   });
 
   it("D3 a chunk whose outbox write is still being retried goes on a new stream before the task's later chunks", async () => {
-    class FlakyOutbox extends MemoryBacklog {
-      refuse = 0;
-      override push(items: readonly UpwardItem[]): Promise<void> {
-        if (this.refuse > 0 && items.some((i) => i.kind === "output")) {
-          this.refuse--;
-          return Promise.reject(Object.assign(new Error("MDB_MAP_FULL"), { code: "MDB_MAP_FULL" }));
-        }
-        return super.push(items);
-      }
-    }
-    const outbox = new FlakyOutbox();
-    const a = agentWith(new MemoryLedger(), outbox);
-    await a.agent.start();
-    await flush();
-    a.welcome();
-    await flush();
-    a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
-    await flush();
+    const { a, outbox } = await runningOnFlakyOutbox();
     outbox.refuse = 3; // chunk 1's write and its first two retries
     a.executor.runs[0]!.io.onOutput(OutputStream.STDOUT, new TextEncoder().encode("one\n"), 1);
     await flush();
