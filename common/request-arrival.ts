@@ -15,6 +15,7 @@ import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/conne
 import { parseTimeout as parseConnectTimeout } from "@connectrpc/connect/protocol-connect";
 import { parseTimeout as parseGrpcTimeout } from "@connectrpc/connect/protocol-grpc";
 import type { Clock, Timer } from "./clock.js";
+import { asHandlerOf } from "./undecodable-request.js";
 
 /** True for the methods whose request is one message, read whole before the handler runs. */
 function readsWholeRequest(handler: Pick<UniversalHandler, "method">): boolean {
@@ -35,14 +36,7 @@ export function boundRequestArrival(handler: UniversalHandler, opts: { maxMs: nu
       : new ConnectError(`the request had not arrived within ${opts.maxMs / 1000} s`, Code.DeadlineExceeded);
     return handler({ ...req, body: arrivingWithin(body, ms, err, opts.clock) });
   };
-  return Object.assign(wrapped, {
-    protocolNames: handler.protocolNames,
-    service: handler.service,
-    method: handler.method,
-    requestPath: handler.requestPath,
-    allowedMethods: handler.allowedMethods,
-    supportedContentType: handler.supportedContentType,
-  });
+  return asHandlerOf(handler, wrapped);
 }
 
 /**

@@ -26,7 +26,12 @@ export function mapUndecodableRequests(handler: UniversalHandler, onRefused: (er
     if (type.startsWith("application/proto")) return connectUnary(res, refused);
     return res;
   };
-  return Object.assign(wrapped, {
+  return asHandlerOf(handler, wrapped);
+}
+
+/** A function serving in place of a connect-es handler, carrying the handler's routing fields. */
+export function asHandlerOf(handler: UniversalHandler, fn: (req: UniversalServerRequest) => ReturnType<UniversalHandler>): UniversalHandler {
+  return Object.assign(fn, {
     protocolNames: handler.protocolNames,
     service: handler.service,
     method: handler.method,
