@@ -13,6 +13,21 @@ export interface Service {
   draining?(): void;
 }
 
+/**
+ * The core of a role (JobManager, ProxyCore, Agent), inside its Service.
+ * A stop is drain, then stop: drain refuses new work with UNAVAILABLE and
+ * grants no more credits, and waits for the work in flight up to the grace;
+ * what is not done by then stays in the durable store for the next start.
+ */
+export interface RoleCore {
+  /** Recovers from the store and starts the core's timers and loops. */
+  start(): void | Promise<void>;
+  /** Takes no new work; resolves once the work in flight is done, or after graceMs. */
+  drain(graceMs: number): Promise<void>;
+  /** Releases the timers, loops and streams (a stop without drain is an abrupt one). */
+  stop(): void | Promise<void>;
+}
+
 export interface RunOptions {
   log: Logger;
   /** Time allowed for a graceful stop. Default 10 s. */

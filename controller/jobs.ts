@@ -1,8 +1,9 @@
+import type { RoleCore } from "../common/lifecycle.js";
 import { createHash } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import type { Clock } from "../common/clock.js";
-import { AlreadyExistsError, NotFoundError } from "../common/errors.js";
+import type { Clock, Timer } from "../common/clock.js";
+import { AlreadyExistsError, NotFoundError, UnavailableError } from "../common/errors.js";
 import type { IdGenerator } from "../common/ids.js";
 import { storageError } from "../common/lmdb.js";
 import { LIMITS } from "../common/limits.js";
@@ -72,7 +73,7 @@ const DISPATCH_SLICE = 1000;
  * it. A host's report that comes after the controller ended the task itself
  * is kept beside it (late) without changing it.
  */
-export class JobManager {
+export class JobManager implements RoleCore {
   private readonly store: JobStore;
   private readonly inventory: Inventory;
   private readonly clock: Clock;
@@ -89,6 +90,10 @@ export class JobManager {
   private readonly submittingKeys = new Map<string, Promise<JobRecord>>();
   /** Jobs being submitted: their first releases are routed with the job's first write, not one by one. */
   private readonly submitting = new Set<string>();
+  /** Submits being stored now: a drain waits for them. */
+  private readonly creating = new Set<Promise<JobRecord>>();
+  /** Set by drain: new submits are refused. */
+  private draining = false;
   private readonly checkEnd: JobManagerOptions["checkEnd"];
   private readonly observe: JobObserver | undefined;
   /** Signature checks of the status messages in hand (see checkEndOnce). */
@@ -147,7 +152,33 @@ export class JobManager {
       jobOf: (task) => this.jobOf(task.jobId),
       end: (task, state, message, recall) => this.endHere(task, state, message, recall),
     });
+  }
+
+  /** Rebuilds in-memory state from the store (after a restart) and starts the task bounds' sweep. */
+  start(): void {
+    this.recover();
     this.bounds.start();
+  }
+
+  /**
+   * Stops taking work: a new submit is refused UNAVAILABLE (a client may
+   * retry it at another controller or after the restart, with its
+   * idempotency key), and the submits being stored get up to graceMs to
+   * finish. Everything else is durable in the store and goes on after the
+   * next start.
+   */
+  async drain(graceMs: number): Promise<void> {
+    this.draining = true;
+    const inFlight = [...this.creating];
+    if (inFlight.length === 0) return;
+    let timer: Timer | undefined;
+    await Promise.race([Promise.allSettled(inFlight), new Promise<void>((resolve) => (timer = this.clock.setTimeout(resolve, graceMs)))]);
+    timer?.cancel();
+  }
+
+  /** Stops the timers; the store is the caller's to close. */
+  stop(): void {
+    this.bounds.stop();
   }
 
   /** An unfinished job's record as kept in memory (a cancel changes it there), else the stored one. */
@@ -155,8 +186,7 @@ export class JobManager {
     return this.table.job(jobId) ?? this.store.getJob(jobId);
   }
 
-  /** Rebuilds in-memory state from the store after a restart. */
-  recover(): void {
+  private recover(): void {
     for (const job of this.store.unfinishedJobs()) this.track(job, this.store.tasksOf(job));
   }
 
@@ -230,6 +260,7 @@ export class JobManager {
    * (authorized again), another one is refused with ALREADY_EXISTS.
    */
   async submit(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Promise<JobRecord> {
+    if (this.draining) throw new UnavailableError("the controller is stopping and takes no new jobs; submit again (with the same idempotency key) once it is back");
     const tenant = caller.scope;
     // Checked, resolved and authorized first, a replay of an idempotent submit too.
     const plan = this.planner.plan(caller, req, authorize);
@@ -256,8 +287,15 @@ export class JobManager {
     }
   }
 
-  /** Stores a planned job and sends its tasks (see submit). */
-  private async create(caller: PeerIdentity, req: SubmitRequest, plan: Plan, digest: string): Promise<JobRecord> {
+  /** Stores a planned job and sends its tasks (see submit), counted among the submits a drain waits for. */
+  private create(caller: PeerIdentity, req: SubmitRequest, plan: Plan, digest: string): Promise<JobRecord> {
+    const created = this.storeAndSend(caller, req, plan, digest);
+    this.creating.add(created);
+    void created.finally(() => this.creating.delete(created)).catch(() => undefined);
+    return created;
+  }
+
+  private async storeAndSend(caller: PeerIdentity, req: SubmitRequest, plan: Plan, digest: string): Promise<JobRecord> {
     const tenant = caller.scope;
     const now = this.clock.now();
     const job: JobRecord = {
@@ -740,9 +778,6 @@ export class JobManager {
     return { statuses: applied, chunks };
   }
 
-  close(): void {
-    this.bounds.stop();
-  }
 }
 
 /** SHA-256 and length of a task's stored output, chunks 1..`chunks` in seq order, read a slice per turn of the event loop. */

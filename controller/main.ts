@@ -114,7 +114,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     },
   });
   const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer), acceptReportKey: (key, host) => hostKeys.accept(key, host).ok });
-  jobs.recover();
+  jobs.start();
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
   const artifacts = new ArtifactStore(join(config.data, "artifacts"));
@@ -211,9 +211,10 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
+      await jobs.drain(graceMs);
       await metricsServer?.close();
       await Promise.all([server.close(graceMs), enrollServer?.close(graceMs)]);
-      jobs.close();
+      jobs.stop();
       await store.close();
     },
   };

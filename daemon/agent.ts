@@ -1,3 +1,4 @@
+import type { RoleCore } from "../common/lifecycle.js";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Backoff, type BackoffOptions } from "../common/backoff.js";
@@ -107,7 +108,7 @@ export interface AgentOptions {
 }
 
 /** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
-export const DEFAULT_MAX_UNACKED_OUTPUT_BYTES = 16 * 1024 * 1024;
+const DEFAULT_MAX_UNACKED_OUTPUT_BYTES = 16 * 1024 * 1024;
 /** Frames queued on the link, not yet written, above which output is paused (frames hold up to 4 MiB). */
 export const LINK_BACKLOG_HIGH_FRAMES = 8;
 /** Frames queued on the link at or below which paused output may resume. */
@@ -147,6 +148,9 @@ export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
   return [...byTask.values()].flatMap((t) => [...t.before, ...t.chunks.sort((a, b) => (seq(a) < seq(b) ? -1 : seq(a) > seq(b) ? 1 : 0)), ...t.ends]);
 }
 
+/** Time a cancelled task has, past the kill grace, to record its end before a drain goes on without it. */
+const END_MARGIN_MS = 2000;
+
 /** The end of the queue of tasks waiting for their turn to spawn (see spawnTurn). */
 let lastTurn: Promise<void> = Promise.resolve();
 
@@ -169,7 +173,7 @@ function spawnTurn(): Promise<void> {
  * output chunk until the proxy acknowledges it, sending them again after a
  * reconnect.
  */
-export class Agent {
+export class Agent implements RoleCore {
   private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip">> & {
     backoff: BackoffOptions;
     tools?: readonly string[];
@@ -193,6 +197,8 @@ export class Agent {
   private readonly stopController = new AbortController();
   private loop: Promise<void> | undefined;
   private lastCredits = -1;
+  /** Set by drain: no task starts and no credit is granted any more. */
+  private draining = false;
   private connectedListeners = new Set<(proxy: string) => void>();
   /** Back-pressure state shared by all running tasks; see maxUnackedOutputBytes. */
   private flowPaused = false;
@@ -266,21 +272,35 @@ export class Agent {
   }
 
   /**
-   * Stops taking work; running tasks get graceMs to finish and are then
-   * cancelled (their process groups killed), so nothing outlives the daemon
-   * unaccounted. Their final statuses go out if the stream is still open.
+   * Stops taking work and lets what is in flight end while the stream stays
+   * open: the proxy is told that this host has no free slots (a task it sent
+   * before it heard is kept in the ledger and runs after the next start),
+   * running tasks get graceMs to finish and are then cancelled (their process
+   * groups killed, so nothing outlives the daemon unaccounted), and their
+   * results are sent until the proxy acknowledges them or the grace is over.
+   * What is still unacknowledged then stays in the outbox for the next start.
    */
+  async drain(graceMs: number): Promise<void> {
+    const clock = this.opts.clock;
+    const deadline = clock.now() + graceMs;
+    this.draining = true;
+    this.reportCredits();
+    this.out?.flush();
+    const cancelRunning = () => {
+      for (const abort of this.running.values()) abort.abort(new Error("the daemon is stopping and its grace time ran out"));
+    };
+    const overrun = graceMs > 0 ? clock.setTimeout(cancelRunning, graceMs) : (cancelRunning(), undefined);
+    // A cancelled task ends within the kill grace; one whose end cannot be stored ends when stop() gives up on the store.
+    await this.whenSettled(() => this.running.size === 0, graceMs + this.opts.killGraceMs + END_MARGIN_MS);
+    overrun?.cancel();
+    this.out?.flush();
+    await this.whenSettled(() => this.outbox.size === 0 && this.unkept.size === 0, Math.max(0, deadline - clock.now()));
+  }
+
+  /** Drains (see drain) and then releases everything: the stream, the connect loop, the timers. */
   async stop(graceMs = 0): Promise<void> {
+    await this.drain(graceMs);
     this.stopController.abort(new Error("daemon stopping"));
-    if (this.running.size > 0) {
-      const finished = new Promise<void>((resolve) => (this.idle = resolve));
-      const timer = this.opts.clock.setTimeout(() => {
-        for (const abort of this.running.values()) abort.abort(new Error("daemon stopping"));
-      }, graceMs);
-      await finished;
-      timer.cancel();
-      this.out?.flush();
-    }
     // Cancel rather than half-close: nothing is gained by waiting for the proxy to end the stream.
     this.link?.close(new Error("daemon stopping"));
     await this.loop;
@@ -289,10 +309,33 @@ export class Agent {
     this.flowTimer = undefined;
   }
 
-  private idle: (() => void) | undefined;
+  /**
+   * Resolves once `done()` holds, looked at again whenever a task ends or a
+   * frame (acks) or a link change comes; after `timeoutMs` regardless.
+   */
+  private whenSettled(done: () => boolean, timeoutMs?: number): Promise<void> {
+    if (done() || timeoutMs === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = timeoutMs === undefined ? undefined : this.opts.clock.setTimeout(() => finish(), timeoutMs);
+      const check = () => done() && finish();
+      const finish = () => {
+        timer?.cancel();
+        this.settleChecks.delete(check);
+        resolve();
+      };
+      this.settleChecks.add(check);
+    });
+  }
 
-  /** Tasks the daemon can take now: what it reports as credits. */
+  private readonly settleChecks = new Set<() => void>();
+
+  private checkSettled(): void {
+    for (const check of [...this.settleChecks]) check();
+  }
+
+  /** Tasks the daemon can take now: what it reports as credits. None while it drains. */
   private credits(): number {
+    if (this.draining) return 0;
     return Math.max(0, this.opts.capacity - this.running.size - this.waiting.length);
   }
 
@@ -408,7 +451,7 @@ export class Agent {
   }
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
-  private emit(items: UpwardItem[]): void {
+  private report(items: UpwardItem[]): void {
     this.keep(items).catch(this.spoolFailed);
     this.send(items);
   }
@@ -536,7 +579,8 @@ export class Agent {
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId, false);
     for (const taskId of frame.withdrawTaskIds) this.cancel(taskId, true);
     this.updateFlow();
-    this.pump();
+    this.startWaiting();
+    this.checkSettled();
   }
 
   // ---- tasks -----------------------------------------------------------------
@@ -565,7 +609,7 @@ export class Agent {
       const reason = err instanceof TaskRejected ? err.message : "the task cannot be read";
       this.opts.log.warn("task refused", { task: claimed?.taskId, reason });
       if (claimed?.taskId && !this.opts.ledger.get(claimed.taskId)) {
-        this.emit([{ kind: "status", status: this.status(claimed, TaskState.REJECTED, { message: reason }) }]);
+        this.report([{ kind: "status", status: this.status(claimed, TaskState.REJECTED, { message: reason }) }]);
       }
       return;
     }
@@ -576,7 +620,7 @@ export class Agent {
   private async accept(spec: TaskSpec): Promise<void> {
     const known = this.opts.ledger.get(spec.taskId);
     if (known) {
-      this.emit([{ kind: "status", status: known.final ?? this.status(known.spec, known.state) }]);
+      this.report([{ kind: "status", status: known.final ?? this.status(known.spec, known.state) }]);
       return;
     }
     const entry: LedgerEntry = { spec, state: TaskState.DELIVERED };
@@ -602,7 +646,7 @@ export class Agent {
     }
     await this.opts.ledger.put(entry);
     this.waiting.push(spec);
-    this.emit([{ kind: "status", status: this.status(spec, TaskState.DELIVERED) }]);
+    this.report([{ kind: "status", status: this.status(spec, TaskState.DELIVERED) }]);
   }
 
   private pastDeadline(spec: TaskSpec): boolean {
@@ -629,8 +673,8 @@ export class Agent {
     this.reportCredits();
   }
 
-  private pump(): void {
-    while (this.running.size < this.opts.capacity && this.waiting.length > 0 && !this.stopController.signal.aborted) {
+  private startWaiting(): void {
+    while (this.running.size < this.opts.capacity && this.waiting.length > 0 && !this.draining) {
       const spec = this.waiting.shift()!;
       const abort = new AbortController();
       this.running.set(spec.taskId, abort);
@@ -657,7 +701,7 @@ export class Agent {
       await this.untilStored("recording a task's start", taskId, () => this.opts.ledger.put(started));
       entry = started;
       if (from > 0) await this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, from));
-      this.emit([{ kind: "status", status: this.status(spec, TaskState.RUNNING, from > 0 ? { message: rerunNote(from) } : {}) }]);
+      this.report([{ kind: "status", status: this.status(spec, TaskState.RUNNING, from > 0 ? { message: rerunNote(from) } : {}) }]);
       const output = new RunOutput(from, spec.idempotent, {
         keep: (chunks) => this.keep(chunks.map((chunk) => ({ kind: "output" as const, chunk }))).catch(this.spoolFailed),
         send: (chunks) => this.send(chunks.map((chunk) => ({ kind: "output" as const, chunk }))),
@@ -689,8 +733,8 @@ export class Agent {
     } finally {
       this.outputs.delete(taskId);
       this.running.delete(taskId);
-      this.pump();
-      if (this.running.size === 0) this.idle?.();
+      this.startWaiting();
+      this.checkSettled();
     }
   }
 
@@ -757,7 +801,7 @@ export class Agent {
     if (opts.retry) await this.untilStored("recording a task's end", taskId, () => this.opts.ledger.put(ended));
     else await this.opts.ledger.put(ended);
     if (!isTerminal(final.state)) throw new Error(`executor returned a non-terminal state ${final.state}`);
-    this.emit([{ kind: "status", status: final }]);
+    this.report([{ kind: "status", status: final }]);
   }
 }
 

@@ -42,7 +42,11 @@ export const proxySchema = {
   storeSize: { type: "int", default: 8 * 1024 ** 3, min: 1 << 20, doc: "bytes the store may hold; new tasks are refused above 90% of it" },
   heartbeat: { type: "duration", default: "10s", doc: "heartbeat interval on both links" },
   metricsListen: { type: "string", doc: "address for Prometheus metrics over plain HTTP (GET /metrics); off when unset" },
-  grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
+  grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop: streams stay open for the tasks running on them and their results (new hosts are refused, no task is handed out)" },
+  relayTimeout: { type: "duration", default: "30s", doc: "time a relayed enrollment or certificate renewal may take at the controller" },
+  artifactFetchTimeout: { type: "duration", default: "10m", doc: "time one artifact may take to come from the controller into the proxy's cache" },
+  reconnectMin: { type: "duration", default: "500ms", doc: "first wait before dialling the controller again after a failure; it grows 1.6 times per failed attempt, up to --reconnect-max" },
+  reconnectMax: { type: "duration", default: "30s", doc: "longest wait between attempts to reach the controller" },
   enrollListen: { type: "string", doc: "address serving only EnrollService without asking for a client certificate; requests are relayed to the controller (host:port; port 0 picks one); off by default" },
   readyFile: { type: "string", doc: "file written with the listening address once running" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
@@ -54,6 +58,7 @@ export type ProxyConfig = Resolved<typeof proxySchema>;
 export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { address: { address: string; port: number }; core: ProxyCore }> {
   if (!config.controller) throw new ConfigError("controller is required (--controller HOST:PORT or REXMESH_CONTROLLER)");
   const controllerAddress = config.controller;
+  if (config.reconnectMin > config.reconnectMax) throw new ConfigError(`reconnectMin (${config.reconnectMin} ms) is longer than reconnectMax (${config.reconnectMax} ms)`);
   const creds = readCredentials(requireFiles(config));
   const me = requireRole(identityFromCertificate(creds.certPem), "proxy");
   const { host, port } = parseHostPort(config.listen, "listen");
@@ -77,6 +82,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       return list;
     },
   });
+  core.start();
   // Daemons: grpc-js, for its lower memory per idle stream (docs/transport.md).
   // Every method passes the boundary of proxy/declarations.ts first.
   const declarations = proxyDeclarations(me);
@@ -91,7 +97,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     log,
     fetch: async function* (digest) {
       const client = clientFor(ArtifactService, (artifactChannel ??= openChannel(controllerAddress, creds, ["controller"])));
-      for await (const r of client.getArtifact({ digest }, { timeoutMs: 10 * 60_000 })) yield r.data;
+      for await (const r of client.getArtifact({ digest }, { timeoutMs: config.artifactFetchTimeout })) yield r.data;
     },
   });
   const admin: UnaryHandler[] = [
@@ -106,7 +112,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       method: EnrollService.method.enroll,
       handle: async (req: EnrollRequest) => {
         log.debug("relaying renewal", { host: req.hostId });
-        return renewClient().enroll(req, { timeoutMs: 30_000 });
+        return renewClient().enroll(req, { timeoutMs: config.relayTimeout });
       },
     },
     {
@@ -158,7 +164,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
           method: EnrollService.method.enroll,
           handle: async (req: EnrollRequest) => {
             log.debug("relaying enrollment", { host: req.hostId });
-            return enrollClient.enroll(req, { timeoutMs: 30_000 });
+            return enrollClient.enroll(req, { timeoutMs: config.relayTimeout });
           },
         },
       ],
@@ -185,7 +191,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     clock,
     log,
     signal: stop.signal,
-    backoff: { initialMs: 500, maxMs: 30_000 },
+    backoff: { initialMs: config.reconnectMin, maxMs: config.reconnectMax },
     onAttempt: () => reconnects.inc(),
     dial: async () => {
       const channel = openChannel(controllerAddress, creds, ["controller"]);
@@ -202,6 +208,8 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     info: { role: "proxy", name: me.id, region: me.scope, address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
     draining: () => health.draining(),
     async stop(graceMs) {
+      // The link to the controller stays up while the core drains: the results of what ends meanwhile go up now.
+      await core.drain(graceMs);
       stop.abort();
       await metricsServer?.close();
       core.stop();

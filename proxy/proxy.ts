@@ -1,7 +1,8 @@
+import type { RoleCore } from "../common/lifecycle.js";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
-import { FailedPreconditionError, PermissionDeniedError, InvalidArgumentError } from "../common/errors.js";
+import { FailedPreconditionError, PermissionDeniedError, InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { LinkSession } from "../common/link-session.js";
 import type { Logger } from "../common/logger.js";
@@ -62,7 +63,7 @@ export interface ProxyCoreOptions {
   controllerRoundTrip?: (seconds: number) => void;
 }
 
-/** Frames queued toward the controller above which the pump waits for the link to drain. */
+/** Frames queued toward the controller above which sendBacklogUp waits for the link to drain. */
 const UPLINK_HIGH_FRAMES = 4;
 const UPLINK_LOW_FRAMES = 2;
 /** How long the controller has to answer the hello (TLS handshake included). */
@@ -81,7 +82,7 @@ interface ControllerSession {
   link: ControllerLink;
   /** Backlog position sent on this link so far; the next frame starts after it. */
   sentUpTo: number;
-  pumping: boolean;
+  sending: boolean;
   waiting: boolean;
 }
 
@@ -126,7 +127,7 @@ function presenceBytes(p: HostPresence): number {
  * host is acknowledged. A host that failed over from another proxy brings
  * its tasks along: their reports are taken here like any other.
  */
-export class ProxyCore {
+export class ProxyCore implements RoleCore {
   readonly name: string;
   readonly region: string;
   private readonly clock: Clock;
@@ -141,7 +142,11 @@ export class ProxyCore {
   private sweepTimer: Timer | undefined;
   private readonly sweepMs: number;
   private stopped = false;
-  private pumpScheduled = false;
+  /** Set by drain: new host streams are refused and no task is handed out. */
+  private draining = false;
+  /** While a drain waits: looks again whether it is done (after host frames, controller acks, disconnects). */
+  private drainCheck: (() => void) | undefined;
+  private sendUpScheduled = false;
   /** The controller's presence nonce for the current link: hosts prove their presence over it. */
   private nonce: Uint8Array | undefined;
   /** Identities refused here: hosts on it are disconnected and cannot come back. */
@@ -160,9 +165,45 @@ export class ProxyCore {
     this.sweepMs = opts.sweepMs ?? 1000;
     this.openDenyList = opts.openDenyList;
     this.maxTakenOnPerHost = opts.maxTakenOnPerHost ?? TAKEN_ON_TASKS_PER_HOST;
+  }
+
+  /** Enforces the stored deny-list and starts the deadline sweep. */
+  start(): void {
     const stored = this.store.denyList();
     if (stored) this.applyDenyList(stored).catch((err) => this.log.error("applying the stored deny-list failed", { err }));
     this.scheduleSweep();
+  }
+
+  /**
+   * Stops taking work and lets what is in flight end: a new host stream is
+   * refused UNAVAILABLE (its daemon tries the next proxy of the region), no
+   * task is handed to a host any more (tasks the controller sends meanwhile
+   * are stored and wait), and the streams stay open until no task handed
+   * out here is still running on a connected host and the controller has
+   * acknowledged every result, or graceMs is over. Nothing is lost either
+   * way: what did not end here is in the store and the daemons' outboxes.
+   */
+  async drain(graceMs: number): Promise<void> {
+    this.draining = true;
+    if (this.drainedNow() || graceMs <= 0) return;
+    await new Promise<void>((resolve) => {
+      const timer = this.clock.setTimeout(() => finish(), graceMs);
+      const finish = () => {
+        timer.cancel();
+        this.drainCheck = undefined;
+        resolve();
+      };
+      this.drainCheck = () => this.drainedNow() && finish();
+    });
+  }
+
+  /** True once nothing handed out here runs on a connected host and no result waits for a connected controller. */
+  private drainedNow(): boolean {
+    if (this.controller && this.store.upwardSize() > 0) return false;
+    for (const session of this.hosts.values()) {
+      for (const task of this.store.tasksFor(session.hostId)) if (task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) return false;
+    }
+    return true;
   }
 
   get connectedHosts(): number {
@@ -179,6 +220,7 @@ export class ProxyCore {
   async serveHost(link: AgentLink, peer: PeerIdentity): Promise<void> {
     requireRole(peer, "host");
     if (this.deny.has(peer)) throw new PermissionDeniedError("this host's identity has been revoked");
+    if (this.draining) throw new UnavailableError(`proxy ${this.name} is stopping; connect to another proxy of region ${this.region}`);
     const ls = new LinkSession<AgentStreamResponse, AgentStreamRequest>(link, { clock: this.clock, empty: () => create(AgentStreamResponseSchema), peer: "host" });
     const first = await ls.first();
     if (!first) return;
@@ -210,7 +252,10 @@ export class ProxyCore {
       this.resendHandedOut(session);
       await this.handleHostFrame(session, first);
       this.deliver(session);
-      await ls.forEach((frame) => this.handleHostFrame(session, frame));
+      await ls.forEach(async (frame) => {
+        await this.handleHostFrame(session, frame);
+        this.drainCheck?.();
+      });
     } catch (err) {
       why = err;
       throw err;
@@ -219,6 +264,7 @@ export class ProxyCore {
       if (this.hosts.get(session.hostId) === session) {
         this.hosts.delete(session.hostId);
         this.reportPresence(session, false);
+        this.drainCheck?.();
         log.info("host disconnected", { ...(ls.lostHeartbeat ? { reason: "heartbeat lost" } : {}), ...(why ? { err: why } : {}) });
       }
     }
@@ -337,7 +383,7 @@ export class ProxyCore {
         await undo.undo(this.store, (e, taskId) => this.log.error("undoing a task's change after a failed write failed", { task: taskId, err: e }));
         throw err;
       }
-      if (items.length > 0) this.sendUp();
+      if (items.length > 0) this.sendUpSoon();
       // A cancel that came before the task is now on its record (cancelRequested): the mark can go.
       for (const task of undo.created()) {
         if (this.store.markOf(task.id) === "cancelled") this.store.unmark(task.id).catch((err) => this.log.error("forgetting a task's cancel mark failed", { task: task.id, err }));
@@ -401,7 +447,7 @@ export class ProxyCore {
    * EXPIRED at the deadline while the host runs it.
    */
   private deliver(session: HostSession): void {
-    if (session.credits <= 0) return;
+    if (session.credits <= 0 || this.draining) return;
     const items: UpwardItem[] = [];
     const changed: QueuedTask[] = [];
     const handed: QueuedTask[] = [];
@@ -503,37 +549,37 @@ export class ProxyCore {
       await undo.undo(this.store, (e, taskId) => this.log.error("undoing a task's change after a failed write failed", { task: taskId, err: e }));
       return false;
     }
-    this.sendUp();
+    this.sendUpSoon();
     return true;
   }
 
   /**
-   * New results are in the backlog: let the pump send them, once per turn of
+   * New results are in the backlog: let sendBacklogUp send them, once per turn of
    * the event loop. (Pumping after every host's frame read the backlog's
    * uncommitted tail again each time: quadratic when 17,000 hosts answer a
    * ping within a moment.)
    */
-  private sendUp(): void {
-    if (this.pumpScheduled) return;
-    this.pumpScheduled = true;
+  private sendUpSoon(): void {
+    if (this.sendUpScheduled) return;
+    this.sendUpScheduled = true;
     setImmediate(() => {
-      this.pumpScheduled = false;
-      this.pump();
+      this.sendUpScheduled = false;
+      this.sendBacklogUp();
     });
   }
 
   /**
    * Sends results to the controller from the durable backlog, past what this
    * link already carried, while the link keeps up. When it is backed up the
-   * pump waits for it to drain, so a slow controller link costs disk (the
+   * sending waits for it to drain, so a slow controller link costs disk (the
    * backlog), never memory. A new link starts again from the beginning: that
    * is the replay after a reconnect. Presence goes first, so that the
    * controller knows which hosts this proxy holds before their results.
    */
-  private pump(): void {
+  private sendBacklogUp(): void {
     const c = this.controller;
-    if (!c || c.pumping || c.waiting) return;
-    c.pumping = true;
+    if (!c || c.sending || c.waiting) return;
+    c.sending = true;
     try {
       c.session.out.flush();
       while (this.controller === c && c.link.backlog < UPLINK_HIGH_FRAMES) {
@@ -552,13 +598,13 @@ export class ProxyCore {
         c.link.whenWritable(UPLINK_LOW_FRAMES).then(
           () => {
             c.waiting = false;
-            this.pump();
+            this.sendBacklogUp();
           },
           (err) => this.log.error("waiting for the controller link to drain failed", { err }),
         );
       }
     } finally {
-      c.pumping = false;
+      c.sending = false;
     }
   }
 
@@ -578,7 +624,7 @@ export class ProxyCore {
     });
     // The hosts held follow as they prove their presence over this link's nonce (askForPresence).
     link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs } }));
-    const c: ControllerSession = { session: ls, link, sentUpTo: 0, pumping: false, waiting: false };
+    const c: ControllerSession = { session: ls, link, sentUpTo: 0, sending: false, waiting: false };
     this.controller = c;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
     let loadTimer: Timer | undefined;
@@ -589,7 +635,7 @@ export class ProxyCore {
     };
     reportLoad();
     // Everything the controller has not acknowledged goes again, in order.
-    this.pump();
+    this.sendBacklogUp();
     try {
       const first = await ls.first(CONNECT_TIMEOUT_MS);
       if (!first) return;
@@ -597,13 +643,17 @@ export class ProxyCore {
       if (first.welcome) this.askForPresence(first.welcome.presenceNonce);
       up?.();
       await this.handleControllerFrame(first);
-      await ls.forEach((frame) => this.handleControllerFrame(frame));
+      await ls.forEach(async (frame) => {
+        await this.handleControllerFrame(frame);
+        this.drainCheck?.();
+      });
     } finally {
       loadTimer?.cancel();
       ls.end("discard");
       if (this.controller === c) {
         this.controller = undefined;
         this.nonce = undefined;
+        this.drainCheck?.();
       }
     }
   }
@@ -614,7 +664,7 @@ export class ProxyCore {
       // Reports the controller held back (it did not yet know this proxy held their host) go again. Its
       // output acks never pass a chunk it held back until that chunk is stored, so they stay cumulative.
       this.controller.sentUpTo = 0;
-      this.sendUp();
+      this.sendUpSoon();
     }
     const items: UpwardItem[] = [];
     const touched = new Set<string>();
@@ -720,7 +770,7 @@ export class ProxyCore {
     }
     // A mark left by a failed removal is harmless: the task's own record answers a resend.
     await Promise.all(unmarked.map((id) => this.store.unmark(id).catch((err: unknown) => this.log.warn("removing a cancel mark failed", { task: id, err }))));
-    if (items.length > 0) this.sendUp();
+    if (items.length > 0) this.sendUpSoon();
     for (const hostId of touched) {
       const session = this.hosts.get(hostId);
       if (session) this.deliver(session);

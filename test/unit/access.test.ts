@@ -37,6 +37,7 @@ async function setup() {
   const ids = counterIds();
   const inventory = new Inventory();
   const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids, log: silentLogger });
+  jobs.start();
   const audit = new AuditLog({ store: new MemoryAuditStore(), clock, ids });
   const authz = new Authorizer({ policyFile: "p.yaml", log: silentLogger, readFile: () => POLICY });
   const held = new Set<string>();

@@ -580,3 +580,79 @@ describe("Agent: the ledger keeps no secrets and does not grow without end", () 
     await t.agent.stop();
   });
 });
+
+describe("Agent: draining", () => {
+  it("grants no credits and starts nothing new, lets the running task end on the open stream, and resolves once its results are acknowledged", async () => {
+    const t = setup({ capacity: 2 });
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1")] });
+    await flush();
+    let drained = false;
+    const draining = t.agent.drain(60_000).then(() => (drained = true));
+    await flush();
+    const credits = () => t.link().sent.filter((f) => f.credits !== undefined).map((f) => f.credits);
+    expect(credits().at(-1)).toBe(0);
+    // A task the proxy sent before it heard is kept, not started: it runs after the next start.
+    t.fromProxy({ tasks: [t.spec("t2")] });
+    await flush();
+    expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["t1"]);
+    expect(t.ledger.get("t2")?.state).toBe(TaskState.DELIVERED);
+    t.executor.runs[0]!.finish({ exitCode: 0 });
+    await flush();
+    expect(statusesIn(t.link().sent)).toContain("t1:SUCCEEDED");
+    expect(drained).toBe(false);
+    t.fromProxy({ statusAcks: [{ taskId: "t1", state: TaskState.SUCCEEDED }] });
+    await flush();
+    expect(drained).toBe(false);
+    t.fromProxy({ statusAcks: [{ taskId: "t2", state: TaskState.DELIVERED }] });
+    await flush();
+    expect(drained).toBe(true);
+    await draining;
+    expect(credits().at(-1)).toBe(0);
+    await t.agent.stop();
+    expect(t.executor.runs).toHaveLength(1);
+  });
+
+  it("cancels a task still running when the grace runs out and sends its end before stopping", async () => {
+    const t = setup();
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1")] });
+    await flush();
+    const run = t.executor.runs[0]!;
+    let drained = false;
+    const draining = t.agent.drain(5000).then(() => (drained = true));
+    t.clock.advance(4999);
+    await flush();
+    expect(run.io.signal?.aborted).toBe(false);
+    t.clock.advance(1);
+    await flush();
+    expect(run.io.signal?.aborted).toBe(true);
+    run.finish({ state: TaskState.CANCELLED, message: String(run.io.signal?.reason) });
+    await flush();
+    // The grace is over: the drain does not wait for the ack of the end, which stays in the outbox for the next stream.
+    expect(drained).toBe(true);
+    await draining;
+    expect(statusesIn(t.link().sent)).toContain("t1:CANCELLED");
+    expect(t.ledger.get("t1")?.final?.state).toBe(TaskState.CANCELLED);
+  });
+
+  it("does not wait for acknowledgements while no proxy holds its stream: the grace bounds it", async () => {
+    const t = setup();
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1")] });
+    await flush();
+    t.executor.runs[0]!.finish();
+    await flush();
+    t.link().end();
+    await flush();
+    let drained = false;
+    const draining = t.agent.drain(3000).then(() => (drained = true));
+    await flush();
+    expect(drained).toBe(false);
+    t.clock.advance(3000);
+    await flush();
+    expect(drained).toBe(true);
+    await draining;
+    await t.agent.stop();
+  });
+});

@@ -67,6 +67,7 @@ async function setup(opts: { policy?: string; auditStore?: AuditStore } = { poli
   const ids = counterIds();
   const inventory = new Inventory();
   const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids, log: silentLogger });
+  jobs.start();
   const store = opts.auditStore ?? new MemoryAuditStore();
   const audit = new AuditLog({ store, clock, ids });
   const authz = new Authorizer({ policyFile: opts.policy === undefined ? undefined : "p.yaml", log: silentLogger, readFile: () => opts.policy! });

@@ -14,6 +14,7 @@ function setup() {
   const store = new MemoryJobStore();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000 });
+  jobs.start();
   const px1 = new RecordingPort("px1");
   const px2 = new RecordingPort("px2");
   jobs.proxyConnected(px1);

@@ -25,6 +25,7 @@ describe("a results bundle", () => {
     const site = issueKeyAndCertificate(ca, { clock, identity: { role: "proxy", scope: "air", id: "px-site" }, validityMs: 86_400_000 });
     const inventory = new Inventory();
     const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids: counterIds(), log: silentLogger });
+    jobs.start();
     const bundles = new BundleService({ jobs, inventory, creds: { ...site, caPem: ca.certPem }, clock, ids: counterIds(), log: silentLogger, signer: testSigning().signer, isRevoked: () => false });
     const tenYears = 10 * 365 * 86_400_000;
     const bytes = sealBundle(

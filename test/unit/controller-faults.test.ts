@@ -22,6 +22,7 @@ function setup(store: MemoryJobStore = new MemoryJobStore(), more: Partial<Const
   const clock = new ManualClock();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000, ...more });
+  jobs.start();
   const px1 = new RecordingPort("px1");
   const px2 = new RecordingPort("px2");
   jobs.proxyConnected(px1);
@@ -269,15 +270,16 @@ describe("controller under faults and a hostile proxy", () => {
     await t.jobs.applyStatus(t.px1, status(id, TaskState.RUNNING, { hostId: "h1" }));
     t.away(t.px1);
     await t.jobs.cancel(t.acme, job.id);
-    t.jobs.close();
+    t.jobs.stop();
     // A new controller process on the same store (and inventory) indexes the stored recalls.
     const jobs = new JobManager({ store: t.store, inventory: t.inventory, clock: t.clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000 });
+    jobs.start();
     const px2 = new RecordingPort("px2");
     jobs.proxyConnected(px2);
     jobs.hostConnected(t.inventory.connected({ id: "h1", tenant: "acme" }, "eu", "px2", t.clock.now()));
     await flush();
     expect(px2.cancels).toContain(`cancel:${id}`);
-    jobs.close();
+    jobs.stop();
   });
   it("F6 output a proxy appends after the signed end never reaches a client, and output relayed beyond it before the end marks the task MISMATCH", async () => {
     const t = setup(new MemoryJobStore(), { checkEnd: () => "ok" });

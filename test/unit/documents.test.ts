@@ -218,6 +218,7 @@ describe("document runs in the job manager", () => {
     const inventory = new Inventory();
     const documents = new DocumentStore(new MemoryDocumentBackend(), clock);
     const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, documents });
+    jobs.start();
     const ports = { eu: new FakePort("px-eu", "eu"), us: new FakePort("px-us", "us") };
     jobs.proxyConnected(ports.eu);
     jobs.proxyConnected(ports.us);
@@ -320,6 +321,7 @@ bindings:
     const inventory = new Inventory();
     const documents = new DocumentStore(new MemoryDocumentBackend(), clock);
     const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, documents });
+    jobs.start();
     inventory.connected({ id: "h1", tenant: "acme", facts: create(HostFactsSchema, { tools: ["exec", "shell"] }) }, "eu", "px", clock.now());
     const auditStore = new MemoryAuditStore();
     const audit = new AuditLog({ store: auditStore, clock, ids: counterIds() });
@@ -372,7 +374,7 @@ bindings:
     const job = { id: "j1", tenant: "acme", submittedBy: "a", createdAt: 0, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 3_600_000, lostAfterMs: 60_000, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: ["t1"], outputLimitBytes: 0, document: "d@1" };
     await store.putJob(job, [{ id: "t1", jobId: "j1", tenant: "acme", hostId: "h1", region: "eu", proxy: "", state: TaskState.PENDING, signal: "", message: "", updatedAt: 0, outputChunks: 0, outputTruncated: false, released: false, rejectAtSubmit: "step 1: no alternative fits host h1" }]);
     const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger });
-    jobs.recover();
+    jobs.start();
     await flush();
     expect(store.getTask("t1")).toMatchObject({ state: TaskState.REJECTED, message: "step 1: no alternative fits host h1" });
     expect(store.getJob("j1")?.finishedAt).toBeDefined();

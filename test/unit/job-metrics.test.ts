@@ -22,6 +22,7 @@ describe("job and task histograms", () => {
     const inventory = new Inventory();
     const metrics = new Metrics();
     const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids: counterIds(), log: silentLogger, observe: jobMetrics(metrics) });
+    jobs.start();
     jobs.proxyConnected(port);
     for (const id of ["h1", "h2"]) jobs.hostConnected(inventory.connected({ id, tenant: "acme" }, "eu", "px1", clock.now()));
     const job = await jobs.submit(operator("acme"), submitRequest({ hostIds: ["h1", "h2"], steps: [execStep("echo", "hi")] }));
@@ -49,6 +50,6 @@ describe("job and task histograms", () => {
     expect(sample(text, "rexmesh_task_first_output_seconds_count")).toBe(1);
     expect(sample(text, "rexmesh_job_duration_seconds_count")).toBe(1);
     expect(sample(text, "rexmesh_job_duration_seconds_sum")).toBe(3);
-    jobs.close();
+    jobs.stop();
   });
 });

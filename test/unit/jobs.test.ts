@@ -1,7 +1,7 @@
 import { durationMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
-import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
@@ -33,11 +33,12 @@ const request = (more: Partial<SubmitRequest> = {}): SubmitRequest => submitRequ
  * A controller with hosts h1, h2 (acme, connected via px1), h3 (acme, known
  * but offline) and x1 (tenant "other", connected via px1).
  */
-function setup(opts: { defaultDeliveryDeadlineMs?: number } = {}) {
+function setup(opts: { defaultDeliveryDeadlineMs?: number; store?: MemoryJobStore } = {}) {
   const clock = new ManualClock();
-  const store = new MemoryJobStore();
+  const store = opts.store ?? new MemoryJobStore();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, ...opts });
+  jobs.start();
   const px1 = new FakePort("px1");
   jobs.proxyConnected(px1);
   const connect = (id: string, tenant = "acme", port: FakePort = px1) => {
@@ -142,6 +143,7 @@ describe("JobManager.submit", () => {
     const clock = new ManualClock();
     const inventory = new Inventory();
     const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids: counterIds(), log: silentLogger, maxHostsPerJob: 1 });
+    jobs.start();
     inventory.connected({ id: "a", tenant: "acme" }, "eu", "px1", 0);
     inventory.connected({ id: "b", tenant: "acme" }, "eu", "px1", 0);
     await expect(jobs.submit(operator(), request({ allHosts: true }))).rejects.toThrow(/limit is 1/);
@@ -479,9 +481,9 @@ describe("JobManager delivery deadline", () => {
     const t = setup();
     const job = await t.jobs.submit(t.acme, request({ hostIds: ["h3", "h1"], deliveryDeadlineMs: 10_000 }));
     const [c, a] = job.taskIds as [string, string];
-    t.jobs.close();
+    t.jobs.stop();
     const restarted = new JobManager({ store: t.store, inventory: t.inventory, clock: t.clock, ids: counterIds(), log: silentLogger });
-    restarted.recover();
+    restarted.start();
     const px = new FakePort("px1");
     restarted.proxyConnected(px);
     restarted.hostConnected(t.inventory.connected({ id: "h3", tenant: "acme" }, "eu", "px1", t.clock.now()));
@@ -499,19 +501,71 @@ describe("JobManager delivery deadline", () => {
     await restarted.applyStatus(px, status(a, TaskState.EXPIRED, { atProxy: true }));
     expect(t.state(c)).toBe(TaskState.EXPIRED);
     expect(t.state(a)).toBe(TaskState.EXPIRED);
-    restarted.close();
+    restarted.stop();
   });
 
   it("recover() expires at the deadline a task that never left the controller", async () => {
     const t = setup();
     const job = await t.jobs.submit(t.acme, request({ hostIds: ["h3"], deliveryDeadlineMs: 10_000 }));
-    t.jobs.close();
+    t.jobs.stop();
     const restarted = new JobManager({ store: t.store, inventory: t.inventory, clock: t.clock, ids: counterIds(), log: silentLogger });
-    restarted.recover();
+    restarted.start();
     t.clock.advance(10_000);
     await flush();
     expect(t.state(job.taskIds[0]!)).toBe(TaskState.EXPIRED);
-    restarted.close();
+    restarted.stop();
+  });
+});
+
+/** A job store whose job writes wait until the test lets them through. */
+class GatedJobStore extends MemoryJobStore {
+  private gates: (() => void)[] = [];
+  override async putJob(...args: Parameters<MemoryJobStore["putJob"]>): Promise<void> {
+    await new Promise<void>((resolve) => this.gates.push(resolve));
+    return super.putJob(...args);
+  }
+  release(): void {
+    for (const open of this.gates.splice(0)) open();
+  }
+}
+
+describe("JobManager lifecycle", () => {
+  it("refuses a new submit UNAVAILABLE once draining, and the drain waits for the submit being stored", async () => {
+    const store = new GatedJobStore();
+    const t = setup({ store });
+    const first = t.jobs.submit(t.acme, request({ hostIds: ["h1"] }));
+    await flush();
+    let drained = false;
+    const draining = t.jobs.drain(30_000).then(() => (drained = true));
+    await expect(t.jobs.submit(t.acme, request({ hostIds: ["h2"] }))).rejects.toThrow(UnavailableError);
+    await expect(t.jobs.submit(t.acme, request({ hostIds: ["h2"] }))).rejects.toThrow(/stopping and takes no new jobs/);
+    await flush();
+    expect(drained).toBe(false);
+    store.release();
+    const job = await first;
+    await draining;
+    expect(drained).toBe(true);
+    expect(t.store.getJob(job.id)?.taskIds).toHaveLength(1);
+    expect(t.px1.taskIds).toEqual(job.taskIds);
+    t.jobs.stop();
+  });
+
+  it("stops waiting for a submit that is not stored within the grace", async () => {
+    const store = new GatedJobStore();
+    const t = setup({ store });
+    void t.jobs.submit(t.acme, request({ hostIds: ["h1"] })).catch(() => undefined);
+    await flush();
+    let drained = false;
+    const draining = t.jobs.drain(5000).then(() => (drained = true));
+    t.clock.advance(4999);
+    await flush();
+    expect(drained).toBe(false);
+    t.clock.advance(1);
+    await flush();
+    expect(drained).toBe(true);
+    await draining;
+    store.release();
+    t.jobs.stop();
   });
 });
 

@@ -96,6 +96,7 @@ describe("the controller's end of a proxy link", () => {
     const clock = new ManualClock();
     const inventory = new Inventory();
     const jobs = new JobManager({ store: new KeyLimitStore(), inventory, clock, ids: counterIds(), log: silentLogger });
+    jobs.start();
     const revocations = { current: create(SignedDenyListSchema), onChange: () => () => undefined, isRevoked: () => false } as unknown as Revocations;
     const link = new FakeLink<ProxyStreamResponse, ProxyStreamRequest>();
     const served = serveProxyLink({ jobs, inventory, clock, log: silentLogger, heartbeatMs: 10_000, signer: testSigning().signer, revocations }, link, { role: "proxy", scope: "eu", id: "px1" }).then(

@@ -74,6 +74,7 @@ describe("link servers wait a bounded time for the hello", () => {
   it("the proxy ends an AgentLink with no hello after LIMITS.linkHelloMs, DEADLINE_EXCEEDED", async () => {
     const clock = new ManualClock();
     const core = new ProxyCore({ name: "px1", region: "eu", clock, store: new MemoryProxyStore(), log: silentLogger, heartbeatMs: 10_000, sweepMs: 1e9 });
+    core.start();
     const link: HostSide = new FakeLink();
     const served = core.serveHost(link, hostPeer("h1"));
     await flush();
@@ -98,6 +99,7 @@ describe("link servers wait a bounded time for the hello", () => {
   it("a hello within the bound opens the link as before", async () => {
     const clock = new ManualClock();
     const core = new ProxyCore({ name: "px1", region: "eu", clock, store: new MemoryProxyStore(), log: silentLogger, heartbeatMs: 10_000, sweepMs: 1e9 });
+    core.start();
     const link: HostSide = new FakeLink();
     const served = core.serveHost(link, hostPeer("h1"));
     clock.advance(LIMITS.linkHelloMs - 1);

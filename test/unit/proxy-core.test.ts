@@ -1,7 +1,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
-import { FailedPreconditionError, PermissionDeniedError } from "../../common/errors.js";
+import { FailedPreconditionError, PermissionDeniedError, UnavailableError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { AgentStreamRequestSchema } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyStreamResponseSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
@@ -616,6 +616,7 @@ describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
     const start = () => {
       const env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
       const core = new ProxyCore({ name: "px1", region: "eu", clock, store: new LmdbProxyStore(env), log: silentLogger, heartbeatMs: 10_000 });
+      core.start();
       const ctl: ControllerSide = new FakeLink();
       void core.serveController(ctl).catch(() => undefined);
       const host: HostSide = new FakeLink();
@@ -645,5 +646,69 @@ describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
     expect(upOutput(b.ctl)).toEqual(["t1:1", "t1:2", "t1:3", "t1:4"]);
     b.core.stop();
     await b.env.close();
+  });
+});
+
+describe("ProxyCore: draining", () => {
+  it("refuses new host streams UNAVAILABLE and hands out nothing more, keeps the streams it holds, and resolves once what runs has ended and the controller has acknowledged it", async () => {
+    const t = await dispatched();
+    t.ctl.send({ tasks: [taskSpec("t2", "h1", { deliverByMs: t.future() })] });
+    await flush();
+    let drained = false;
+    const draining = t.core.drain(60_000).then(() => (drained = true));
+    await flush();
+    const late = t.connectHost("h2", 4);
+    const refused = await late.settled;
+    expect(refused).toBeInstanceOf(UnavailableError);
+    expect(String(refused)).toMatch(/px1 is stopping; connect to another proxy of region eu/);
+    // Credits no longer hand out the queued task; it waits in the store.
+    t.h.send({ credits: 4 });
+    await flush();
+    expect(handed(t.h.link)).toEqual(["t1"]);
+    expect(t.store.getTask("t2")?.state).toBe(TaskState.QUEUED);
+    // t1 is still running on a connected host: the drain waits for it.
+    t.h.send({ statuses: [status("t1", TaskState.RUNNING)], output: [chunk("t1", 1)] });
+    await flush();
+    expect(drained).toBe(false);
+    t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 1n })] });
+    await flush();
+    expect(upStatuses(t.ctl.link)).toContain("t1:SUCCEEDED");
+    expect(drained).toBe(false);
+    // Once the controller has every result, nothing is in flight.
+    t.ctl.send({ outputAcks: [{ taskId: "t1", seq: 1n }], statusAcks: [{ taskId: "t1", state: TaskState.SUCCEEDED }, { taskId: "t1", state: TaskState.DISPATCHED, atProxy: true }, { taskId: "t2", state: TaskState.QUEUED, atProxy: true }] });
+    await flush();
+    expect(t.store.upwardSize()).toBe(0);
+    expect(drained).toBe(true);
+    await draining;
+    expect(t.h.link.isClosed).toBe(false);
+    t.core.stop();
+  });
+
+  it("gives up waiting after the grace: a task still running stays in the store, as after a crash", async () => {
+    const t = await dispatched();
+    t.h.send({ statuses: [status("t1", TaskState.RUNNING)] });
+    await flush();
+    let drained = false;
+    const draining = t.core.drain(10_000).then(() => (drained = true));
+    t.clock.advance(9_999);
+    await flush();
+    expect(drained).toBe(false);
+    t.clock.advance(1);
+    await flush();
+    expect(drained).toBe(true);
+    await draining;
+    expect(t.store.getTask("t1")?.state).toBe(TaskState.RUNNING);
+    t.core.stop();
+  });
+
+  it("does not wait for results while no controller is connected: they are durable in the store", async () => {
+    const t = await dispatched();
+    t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED)] });
+    await flush();
+    t.ctl.link.end();
+    await t.ctl.settled;
+    expect(t.store.upwardSize()).toBeGreaterThan(0);
+    await t.core.drain(60_000);
+    t.core.stop();
   });
 });

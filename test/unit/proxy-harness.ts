@@ -28,6 +28,7 @@ export const statusAcksTo = (l: HostSide): string[] => l.sent.flatMap((f) => f.s
 export function proxyHarness<St extends MemoryProxyStore = MemoryProxyStore>(store: St, opts: Pick<ProxyCoreOptions, "sweepMs" | "maxTakenOnPerHost"> = {}) {
   const clock = new ManualClock();
   const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, ...opts });
+  core.start();
 
   const connectController = () => {
     const link: ControllerSide = new FakeLink();

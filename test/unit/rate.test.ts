@@ -24,6 +24,7 @@ function setup() {
   const store = new MemoryJobStore();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger });
+  jobs.start();
   const log: string[] = [];
   const ports = { eu: new Port("pe", "eu", log), us: new Port("pu", "us", log) };
   jobs.proxyConnected(ports.eu);
@@ -131,7 +132,7 @@ describe("rate control", () => {
     const t = setup();
     const job = await t.submit({ concurrency: 2 });
     const restarted = new JobManager({ store: t.store, inventory: new Inventory(), clock: new ManualClock(), ids: counterIds(), log: silentLogger });
-    restarted.recover();
+    restarted.start();
     const port = new Port("pe", "eu");
     restarted.proxyConnected(port);
     const inv = (restarted as unknown as { inventory: Inventory }).inventory;

@@ -31,6 +31,7 @@ export function realController(clock: ManualClock) {
   const inventory = new Inventory();
   const store = new MemoryJobStore();
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 3_600_000, cancelGraceMs: 10_000 });
+  jobs.start();
   const pxA = new RecordingPort("pxA");
   jobs.proxyConnected(pxA);
   jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, "eu", "pxA", clock.now()));

@@ -16,6 +16,7 @@ async function setup(hostIds: string[], opts: { offline?: boolean } = {}) {
   const clock = new ManualClock();
   const inventory = new Inventory();
   const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids: counterIds(), log: silentLogger });
+  jobs.start();
   jobs.proxyConnected(port);
   for (const id of hostIds) jobs.hostConnected(inventory.connected({ id, tenant: "acme" }, "eu", "px1", clock.now()));
   if (opts.offline) jobs.proxyDisconnected(port);
@@ -200,6 +201,7 @@ describe("watchJob", () => {
     const clock = new ManualClock();
     const inventory = new Inventory();
     const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger });
+    jobs.start();
     jobs.proxyConnected(port);
     jobs.hostConnected(inventory.connected({ id: "h1", tenant: "acme" }, "eu", "px1", clock.now()));
     const job = await jobs.submit(operator(), { hostIds: ["h1"], allHosts: false, steps: [execStep("echo")], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliveryDeadlineMs: 0, idempotencyKey: "", idempotent: false });
