@@ -11,8 +11,6 @@ import { identityFromCertificate, type PeerIdentity } from "./identity.js";
  * proxy). See docs/enrollment.md.
  */
 
-/** Larger CSRs are refused before parsing: they come from unauthenticated callers. */
-export const MAX_CSR_BYTES = LIMITS.csrBytes;
 
 /** A PKCS#10 request for the host's own key; the controller uses only its public key. */
 export function createCsr(hostId: string, keys: { publicKeyPem: string; privateKeyPem: string }): string {
@@ -200,7 +198,7 @@ function positiveBits(der: Buffer, t: Tlv): number {
  * for and the CSR, so a relaying proxy can neither change them nor reuse
  * the signature for another host or key.
  */
-export function enrollmentPayload(hostId: string, tenant: string, csrPem: string): Buffer {
+function enrollmentPayload(hostId: string, tenant: string, csrPem: string): Buffer {
   return Buffer.from(`rexmesh-enroll-v1\n${hostId}\n${tenant}\n${csrPem}`, "utf8");
 }
 

@@ -20,8 +20,6 @@ export const TOPOLOGY = {
   ],
 } as const;
 
-export type RoleName = "controller" | (typeof TOPOLOGY.proxies)[number]["name"] | (typeof TOPOLOGY.daemons)[number]["name"];
-
 export const ALL_HOSTS: readonly string[] = TOPOLOGY.daemons.flatMap((d) => d.hosts);
 
 /** A relayed connection, `<dialler>-><server>`: every proxy to the controller, every daemon to each proxy it was given. */

@@ -46,7 +46,7 @@ export function taskScript(runId: string): string {
   return `# ${scriptToken(runId)}${SCRIPT}`;
 }
 
-export function padText(n: number): string {
+function padText(n: number): string {
   const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
   let s = "";
   for (let i = 0; i < n; i++) s += alphabet[i % alphabet.length];

@@ -22,7 +22,7 @@ import { InvalidArgumentError } from "../common/errors.js";
 import { readInputFile } from "./input-file.js";
 
 const HEAD = /^\s*([a-z][a-z.]*)(?:\s+when\s+([^:]*?))?\s*:/;
-export const ALT_TOOLS = ["exec", "shell", "python", "ansible"] as const;
+const ALT_TOOLS = ["exec", "shell", "python", "ansible"] as const;
 
 /** The inline document for `--alt` values, as JSON text. */
 export function alternativesDocument(alts: readonly string[]): string {
@@ -31,7 +31,7 @@ export function alternativesDocument(alts: readonly string[]): string {
 }
 
 /** One `--alt` value as a document alternative (protobuf-JSON of a Step, plus `when`). */
-export function parseAlt(text: string, where: string): JsonObject {
+function parseAlt(text: string, where: string): JsonObject {
   const m = HEAD.exec(text);
   if (!m) throw new InvalidArgumentError(`${where}: write TOOL: BODY or TOOL when QUERY: BODY (TOOL: ${ALT_TOOLS.join(", ")}), not ${JSON.stringify(text.slice(0, 80))}`);
   const [, tool, when] = m;

@@ -15,14 +15,14 @@ const auditOptions: Record<string, OptionSpec> = {
 };
 
 /** `--since`: "1h" means an hour ago, anything else must be an ISO date/time. */
-export function parseSince(text: string, now: number): number {
+function parseSince(text: string, now: number): number {
   if (/^(\d+(\.\d+)?(ms|s|m|h|d))+$/.test(text.trim())) return now - parseDuration(text.trim(), "--since");
   const ms = Date.parse(text);
   if (Number.isNaN(ms)) throw new InvalidArgumentError(`--since ${JSON.stringify(text)} is neither a duration (1h, 30m) nor an ISO time`);
   return ms;
 }
 
-export function auditJson(e: AuditEvent) {
+function auditJson(e: AuditEvent) {
   return {
     id: e.id,
     time: e.time ? new Date(timestampMs(e.time)).toISOString() : undefined,

@@ -24,7 +24,7 @@ const caOptions: Record<string, OptionSpec> = {
 };
 
 /** Builds the identity a certificate will name; the scope depends on the role. */
-export function identityFor(role: string, id: string, opts: { tenant?: string; region?: string }): PeerIdentity {
+function identityFor(role: string, id: string, opts: { tenant?: string; region?: string }): PeerIdentity {
   if (!isRole(role)) throw new InvalidArgumentError(`--role must be host, proxy, operator or controller (or enroll, for a zero certificate), not ${JSON.stringify(role)}`);
   let scope: string;
   if (role === "proxy") {

@@ -16,7 +16,7 @@ export const connectionOptions: Record<string, OptionSpec> = {
 };
 
 /** The connect timeout and keep-alive from flags or REXMESH_CONNECT_TIMEOUT / REXMESH_KEEPALIVE. */
-export function channelOptions(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env): ChannelOptions {
+function channelOptions(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env): ChannelOptions {
   const duration = (flag: string, variable: string): number | undefined => {
     const v = (values[flag] as string | undefined) ?? env[variable];
     if (v === undefined || v === "") return undefined;

@@ -2,7 +2,7 @@ import { checkSegment } from "../certs/identity.js";
 import { InvalidArgumentError } from "../common/errors.js";
 
 /** Region names a dev mesh uses, in order; more regions are `region-N`. */
-export const REGION_NAMES = ["eu-west", "us-east", "ap-south", "sa-east", "af-south", "me-central"];
+const REGION_NAMES = ["eu-west", "us-east", "ap-south", "sa-east", "af-south", "me-central"];
 
 /** One host of a dev mesh. */
 export interface DevHost {

@@ -110,7 +110,7 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
         try {
           const text = readFileSync(path, "utf8");
           if (text.endsWith("\n")) {
-            finish();
+            stopWatching();
             resolvePromise(text);
           }
         } catch {
@@ -120,14 +120,14 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
     };
     const watcher = watch(dirname(path), check);
     const onExit = (code: number | null, signal: string | null) => {
-      finish();
+      stopWatching();
       reject(new Error(`process exited (${signal ?? code}) before it was ready`));
     };
     const timer = setTimeout(() => {
-      finish();
+      stopWatching();
       reject(new Error(`not ready after ${timeoutMs} ms: ${path}`));
     }, timeoutMs);
-    const finish = () => {
+    const stopWatching = () => {
       watcher.close();
       clearTimeout(timer);
       proc.off("exit", onExit);

@@ -54,7 +54,7 @@ export class JobPrinter {
     // and a task's end after its last output.
     const done = batch.job?.state === JobState.DONE;
     if (batch.job) this.job = batch.job;
-    if (batch.job && this.opts.json && !done) this.emit({ type: "job", job: jobJson(batch.job) });
+    if (batch.job && this.opts.json && !done) this.writeJson({ type: "job", job: jobJson(batch.job) });
     const ended: Task[] = [];
     for (const t of batch.tasks) {
       const prev = this.tasks.get(t.id);
@@ -62,7 +62,7 @@ export class JobPrinter {
       this.width = Math.max(this.width, t.hostId.length);
       if (!this.opts.json || (prev && prev.state === t.state && sameLate(prev, t))) continue;
       if (isTerminal(t.state)) ended.push(t);
-      else this.emit({ type: "task", task: taskJson(t) });
+      else this.writeJson({ type: "task", task: taskJson(t) });
     }
     for (const c of batch.output) {
       if (c.seq <= (this.seen.get(c.taskId) ?? 0n)) continue;
@@ -72,7 +72,7 @@ export class JobPrinter {
       const stream = c.stream === OutputStream.STDERR ? "stderr" : "stdout";
       if (this.opts.json) {
         const text = textOf(c.data);
-        this.emit({ type: "output", host, task: c.taskId, stream, seq: Number(c.seq), data: Buffer.from(c.data).toString("base64"), ...(text !== undefined ? { text } : {}) });
+        this.writeJson({ type: "output", host, task: c.taskId, stream, seq: Number(c.seq), data: Buffer.from(c.data).toString("base64"), ...(text !== undefined ? { text } : {}) });
       } else if (this.opts.group) {
         let held = this.grouped.get(c.taskId);
         if (!held) this.grouped.set(c.taskId, (held = { stdout: [], stderr: [], bytes: 0, cut: false }));
@@ -88,8 +88,8 @@ export class JobPrinter {
         this.lines(host, c.taskId, stream, Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength));
       }
     }
-    for (const t of ended) this.emit({ type: "task", task: taskJson(t) });
-    if (batch.job && this.opts.json && done) this.emit({ type: "job", job: jobJson(batch.job) });
+    for (const t of ended) this.writeJson({ type: "task", task: taskJson(t) });
+    if (batch.job && this.opts.json && done) this.writeJson({ type: "job", job: jobJson(batch.job) });
     if (!this.opts.json && !this.opts.group) {
       for (const t of batch.tasks) if (isTerminal(t.state)) this.flushTask(t);
     }
@@ -191,7 +191,7 @@ export class JobPrinter {
     }
   }
 
-  private emit(obj: unknown): void {
+  private writeJson(obj: unknown): void {
     this.opts.write(JSON.stringify(obj) + "\n");
   }
 
@@ -209,7 +209,7 @@ export class JobPrinter {
     for (const t of tasks) counts.set(stateName(t.state), (counts.get(stateName(t.state)) ?? 0) + 1);
     const elapsed = this.job?.createdAt && this.job.finishedAt ? timestampMs(this.job.finishedAt) - timestampMs(this.job.createdAt) : undefined;
     if (this.opts.json) {
-      this.emit({ type: "summary", job: this.job?.id, hosts: tasks.length, counts: Object.fromEntries(counts), ok: this.succeeded, elapsedMs: elapsed });
+      this.writeJson({ type: "summary", job: this.job?.id, hosts: tasks.length, counts: Object.fromEntries(counts), ok: this.succeeded, elapsedMs: elapsed });
       return;
     }
     const parts = [...counts].map(([s, n]) => `${n} ${s.toLowerCase().replace("_", " ")}`);

@@ -13,11 +13,11 @@ export function upwardKey(item: UpwardItem): string {
   return item.kind === "output" ? outputKey(item.chunk.taskId, item.chunk.seq) : statusKey(item.status.taskId, item.status.state, item.status.atProxy);
 }
 
-export function outputKey(taskId: string, seq: number | bigint): string {
+function outputKey(taskId: string, seq: number | bigint): string {
   return `o/${taskId}/${seq}`;
 }
 
-export function statusKey(taskId: string, state: TaskState, atProxy: boolean): string {
+function statusKey(taskId: string, state: TaskState, atProxy: boolean): string {
   return `s/${taskId}/${state}${atProxy ? "/p" : ""}`;
 }
 

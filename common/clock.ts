@@ -19,7 +19,7 @@ export interface Clock {
  * The longest delay Node's setTimeout honours (2^31-1 ms, about 24.8 days);
  * a longer one fires after 1 ms. Longer delays are chained in steps of it.
  */
-export const MAX_TIMER_MS = 2 ** 31 - 1;
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export const systemClock: Clock = {
   now: () => Date.now(),

@@ -44,8 +44,8 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
     private readonly server?: { peer?: PeerIdentity },
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    call.on("close", () => this.finish());
-    call.on("error", () => this.finish());
+    call.on("close", () => this.ended());
+    call.on("error", () => this.ended());
   }
 
   /**
@@ -90,11 +90,11 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
       this.done = true;
       this.end(error);
     }
-    this.finish();
+    this.ended();
   }
 
   /** The stream is over, whoever ended it: release what it held, once. */
-  private finish(): void {
+  private ended(): void {
     this.done = true;
     if (!this.released) {
       this.released = true;
@@ -111,11 +111,6 @@ export interface GrpcLinkServer {
   close(graceMs: number): Promise<void>;
 }
 
-/**
- * A grpc-js server with mutual TLS serving one bidirectional method with
- * session logic written against FrameLink. The peer's identity comes from its
- * verified certificate; the session's outcome becomes the stream's status.
- */
 /** A unary method served beside a link, with the caller's identity from its certificate. */
 export interface UnaryHandler {
   method: DescMethodUnary;
@@ -129,6 +124,11 @@ function peerOf(call: { getAuthContext(): { sslPeerCertificate?: unknown } }): P
   return identityFromCertificate(cert);
 }
 
+/**
+ * A grpc-js server with mutual TLS serving one bidirectional method with
+ * session logic written against FrameLink. The peer's identity comes from its
+ * verified certificate; the session's outcome becomes the stream's status.
+ */
 export function createGrpcLinkServer<I extends DescMessage, O extends DescMessage>(opts: {
   creds: Credentials;
   method: Method<I, O>;
@@ -276,7 +276,7 @@ export function addUnaryMethod(
 }
 
 /** Binding and a graceful-then-forced shutdown for a grpc-js server. */
-export function serverLifecycle(server: grpc.Server, credentials: grpc.ServerCredentials): GrpcLinkServer {
+function serverLifecycle(server: grpc.Server, credentials: grpc.ServerCredentials): GrpcLinkServer {
   return {
     listen: (host, port) =>
       new Promise((resolve, reject) =>

@@ -32,7 +32,7 @@ const STATES: ReadonlySet<number> = new Set(Object.values(TaskState).filter((v):
 const MAX_SEQ = BigInt(Number.MAX_SAFE_INTEGER);
 
 /** Why a task id is refused, or undefined. */
-export function taskIdProblem(id: string): string | undefined {
+function taskIdProblem(id: string): string | undefined {
   if (id === "") return "task_id is empty";
   if (id.length > TASK_ID_CHARS) return `task_id is longer than ${TASK_ID_CHARS} characters (${id.length}): ${preview(id)}`;
   return undefined;

@@ -6,7 +6,7 @@ import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardIt
 const STATUS = 1;
 const OUTPUT = 2;
 
-export function encodeItem(item: UpwardItem): Buffer {
+function encodeItem(item: UpwardItem): Buffer {
   const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : toBinary(OutputChunkSchema, item.chunk);
   const out = Buffer.allocUnsafe(body.length + 1);
   out[0] = item.kind === "status" ? STATUS : OUTPUT;

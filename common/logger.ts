@@ -35,7 +35,7 @@ export interface LoggerOptions {
  * environment and stdin, which carry whatever the operator handed the job.
  * A join token's public id is logged as `tokenId`.
  */
-export const SECRET_FIELDS = ["token", "joinToken", "secret", "password", "passphrase", "privateKey", "keyPem", "caKey", "authorization", "cookie", "set-cookie", "env", "stdin"];
+const SECRET_FIELDS = ["token", "joinToken", "secret", "password", "passphrase", "privateKey", "keyPem", "caKey", "authorization", "cookie", "set-cookie", "env", "stdin"];
 
 const REDACTED = "[redacted]";
 

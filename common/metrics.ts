@@ -6,7 +6,7 @@ import { parseHostPort } from "./lifecycle.js";
 type Labels = Record<string, string>;
 
 /** Every rexmesh series starts with this, the process metrics too. */
-export const METRIC_PREFIX = "rexmesh_";
+const METRIC_PREFIX = "rexmesh_";
 
 /** Buckets for durations from milliseconds to an hour (jobs, tasks). */
 export const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600];

@@ -460,7 +460,7 @@ export function describeTarget(req: Pick<SubmitRequest, "target" | "allHosts" | 
 }
 
 /** Steps as an operator would recognise them: argv for exec, the script for shell. */
-export function describeSteps(steps: readonly Step[]): string {
+function describeSteps(steps: readonly Step[]): string {
   return steps
     .map((s) => {
       switch (s.tool.case) {

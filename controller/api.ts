@@ -32,7 +32,7 @@ import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 
 /** A host for clients; `revoked` is why its identity is on the deny-list, if it is. */
-export function hostToProto(h: HostRecord, revoked?: string): Host {
+function hostToProto(h: HostRecord, revoked?: string): Host {
   return create(HostSchema, {
     id: h.id,
     tenant: h.tenant,
@@ -48,7 +48,7 @@ export function hostToProto(h: HostRecord, revoked?: string): Host {
 
 const DECISIONS = { allowed: AuditDecision.ALLOWED, denied: AuditDecision.DENIED, rejected: AuditDecision.REJECTED } as const;
 
-export function auditToProto(e: AuditRecord): AuditEvent {
+function auditToProto(e: AuditRecord): AuditEvent {
   return create(AuditEventSchema, {
     id: e.id,
     time: timestampFromMs(e.time),
@@ -65,7 +65,7 @@ export function auditToProto(e: AuditRecord): AuditEvent {
 }
 
 /** A job as the caller sees it: counts and task count over the tasks given (those it may read). */
-export function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
+function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
   const counts = new Map<number, number>();
   for (const t of tasks) counts.set(t.state, (counts.get(t.state) ?? 0) + 1);
   return create(JobSchema, {
@@ -83,7 +83,7 @@ export function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
   });
 }
 
-export function documentToProto(d: StoredDocument): Document {
+function documentToProto(d: StoredDocument): Document {
   return create(DocumentSchema, {
     name: d.name,
     version: d.version,
@@ -94,7 +94,7 @@ export function documentToProto(d: StoredDocument): Document {
   });
 }
 
-export function plannedToProto(p: PlannedHost): PlannedTask {
+function plannedToProto(p: PlannedHost): PlannedTask {
   return create(PlannedTaskSchema, {
     hostId: p.host.id,
     region: p.host.region,
@@ -106,7 +106,7 @@ export function plannedToProto(p: PlannedHost): PlannedTask {
 }
 
 /** A task for clients; `steps` (a document run's redacted steps for the host) only where asked. */
-export function taskToProto(t: TaskRecord, steps?: Step[]): Task {
+function taskToProto(t: TaskRecord, steps?: Step[]): Task {
   return create(TaskSchema, {
     id: t.id,
     jobId: t.jobId,

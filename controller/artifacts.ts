@@ -31,9 +31,9 @@ import {
 } from "../gen/rexmesh/v1/artifact_pb.js";
 
 /** Largest artifact accepted. */
-export const MAX_ARTIFACT_BYTES = 256 * 1024 * 1024;
+const MAX_ARTIFACT_BYTES = 256 * 1024 * 1024;
 /** Size of the chunks GetArtifact streams. */
-export const ARTIFACT_CHUNK_BYTES = 1024 * 1024;
+const ARTIFACT_CHUNK_BYTES = 1024 * 1024;
 
 export interface PutResult {
   digest: string;

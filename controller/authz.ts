@@ -25,13 +25,13 @@ import { formatQuery, globMatch, hostView, matchHost, parseQuery, QuerySyntaxErr
  * operator may call declares one of these (controller/declarations.ts);
  * `"*"` in a role grants all of them.
  */
-export const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "rekey", "revoke", "revoke.operator", "artifact.read", "artifact.write"] as const;
+const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "rekey", "revoke", "revoke.operator", "artifact.read", "artifact.write"] as const;
 /**
  * Actions on what every tenant shares (proxies). `"*"` never grants them: a
  * role must name them, and without a policy nobody holds them.
  */
-export const MESH_ACTIONS = ["revoke.proxy"] as const;
-export const ACTIONS = [...TENANT_ACTIONS, ...MESH_ACTIONS] as const;
+const MESH_ACTIONS = ["revoke.proxy"] as const;
+const ACTIONS = [...TENANT_ACTIONS, ...MESH_ACTIONS] as const;
 export type Action = (typeof ACTIONS)[number];
 
 /**
@@ -54,7 +54,7 @@ function isMeshAction(action: Action): boolean {
 }
 
 /** Step tools, by the names a policy uses (`file.put` is the proto's `filePut`). */
-export const TOOLS = ["exec", "shell", "script", "file.put", "python", "ansible", "ping"] as const;
+const TOOLS = ["exec", "shell", "script", "file.put", "python", "ansible", "ping"] as const;
 export type Tool = (typeof TOOLS)[number];
 /** Tools a role has when it names none: a ping runs nothing, exec is limited by `commands`. */
 const DEFAULT_TOOLS: readonly Tool[] = ["exec", "ping"];
@@ -81,7 +81,7 @@ function toolOf(step: Step): Tool | undefined {
  * policy adds its own with `protectedEnv`. Globs, matched case-sensitively
  * (the loader and shells read exactly these names).
  */
-export const PROTECTED_ENV: readonly string[] = [
+const PROTECTED_ENV: readonly string[] = [
   // program lookup, the dynamic loader and libc
   "PATH", "LD_*", "DYLD_*", "GCONV_PATH", "GLIBC_TUNABLES", "HOSTALIASES", "LOCPATH", "NLSPATH",
   // shells
@@ -243,7 +243,7 @@ function compileCommand(raw: unknown, where: string, fail: Fail): CommandRule {
 // ---- decisions --------------------------------------------------------------
 
 /** The roles bound to an operator: its own binding plus its tenant's wildcard. */
-export function rolesOf(policy: Policy, caller: PeerIdentity): RoleDef[] {
+function rolesOf(policy: Policy, caller: PeerIdentity): RoleDef[] {
   const names = new Set([...(policy.bindings.get(`${caller.scope}/${caller.id}`) ?? []), ...(policy.bindings.get(`${caller.scope}/*`) ?? [])]);
   return [...names].map((n) => policy.roles.get(n)).filter((r): r is RoleDef => r !== undefined);
 }

@@ -28,11 +28,11 @@ import { hostView, matchHost, parseQuery, QuerySyntaxError, type HostView, type 
 import { renderArgv, renderShell, renderText, templateRefs, validateTemplate, type RenderContext } from "./template.js";
 
 /** Most steps a document may declare (as a job may carry). */
-export const MAX_DOCUMENT_STEPS = LIMITS.documentSteps;
+const MAX_DOCUMENT_STEPS = LIMITS.documentSteps;
 /** Most alternatives one step may offer. */
-export const MAX_ALTERNATIVES = LIMITS.alternativesPerStep;
+const MAX_ALTERNATIVES = LIMITS.alternativesPerStep;
 /** Largest document accepted, in characters. */
-export const MAX_DOCUMENT_LENGTH = LIMITS.documentChars;
+const MAX_DOCUMENT_LENGTH = LIMITS.documentChars;
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const DOC_KEYS = ["name", "description", "parameters", "steps"];
@@ -254,7 +254,7 @@ function choose(s: DocumentStep, view: HostView): Alternative | string {
 }
 
 /** Renders one step's templates for one host and converts it to a Step. */
-export function renderStep(step: JsonObject, ctx: RenderContext, where: string): Step {
+function renderStep(step: JsonObject, ctx: RenderContext, where: string): Step {
   const rendered = renderValue(step, [], ctx, where) as JsonObject;
   try {
     return fromJson(StepSchema, rendered);

@@ -314,7 +314,7 @@ function inputOf(req: EnrollRequest): EnrollInput {
   };
 }
 
-export function enrollResponse(issued: IssuedCertificate): EnrollResponse {
+function enrollResponse(issued: IssuedCertificate): EnrollResponse {
   return create(EnrollResponseSchema, { certificatePem: issued.certPem, caPem: issued.caPem, notAfter: timestampFromMs(issued.notAfter) });
 }
 

@@ -148,5 +148,3 @@ export interface HostRecord {
   facts?: HostFacts;
   labels: Record<string, string>;
 }
-
-export const NEW_TASK_STATE = TaskState.PENDING;

@@ -48,11 +48,11 @@ export const SENSITIVE = "[sensitive]" as const;
 /** Default cap on a string value or list element, in characters. */
 export const DEFAULT_MAX_LENGTH = LIMITS.paramValueChars;
 /** Largest `maxLength` a document may declare: the size of one argv element a job may carry. */
-export const MAX_LENGTH_LIMIT = LIMITS.paramMaxLengthLimit;
+const MAX_LENGTH_LIMIT = LIMITS.paramMaxLengthLimit;
 /** Most elements a list parameter may hold. */
 export const MAX_LIST_ITEMS = LIMITS.paramListItems;
 /** Most parameters a document may declare. */
-export const MAX_PARAMS = LIMITS.paramsPerDocument;
+const MAX_PARAMS = LIMITS.paramsPerDocument;
 
 const TYPES: ReadonlySet<string> = new Set<ParamType>(["string", "int", "bool", "enum", "list"]);
 /**

@@ -79,7 +79,7 @@ export const MAX_QUERY_DEPTH = LIMITS.queryDepth;
  * `*`) × (value length) per host and value; with values capped by the fact
  * and label limits, that keeps a query over a whole tenant bounded.
  */
-export const MAX_GLOB_LENGTH = LIMITS.globChars;
+const MAX_GLOB_LENGTH = LIMITS.globChars;
 
 /** Where a key is looked up; see the module documentation for the order. */
 export type QueryScope = "host" | "label" | "fact" | "auto";

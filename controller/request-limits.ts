@@ -60,7 +60,7 @@ export function checkEnv(env: Readonly<Record<string, string>>): void {
   if (total > LIMITS.envTotalBytes) throw new InvalidArgumentError(`env (names and values together) is larger than ${LIMITS.envTotalBytes} bytes (${total})`);
 }
 
-export function checkLabelsLimits(req: SetHostLabelsRequest): void {
+function checkLabelsLimits(req: SetHostLabelsRequest): void {
   checkChars("host_id", req.hostId, LIMITS.idChars);
   const set = Object.entries(req.set);
   checkCount("label changes", set.length + req.remove.length, LIMITS.labelChangesPerRequest);

@@ -5,7 +5,7 @@ import type { JobRate, TaskRecord } from "./model.js";
 import type { RateRequest } from "./planner.js";
 
 /** Terminal states that spend a job's error budget. */
-export const ERROR_STATES: ReadonlySet<TaskState> = new Set([
+const ERROR_STATES: ReadonlySet<TaskState> = new Set([
   TaskState.FAILED,
   TaskState.TIMED_OUT,
   TaskState.INTERRUPTED,

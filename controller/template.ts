@@ -52,7 +52,7 @@ import { lookupField, type HostView } from "./query.js";
 export type RenderContext = { params: Record<string, ParamValue>; host: HostView };
 
 /** Longest template accepted, in characters. */
-export const MAX_TEMPLATE_LENGTH = LIMITS.templateChars;
+const MAX_TEMPLATE_LENGTH = LIMITS.templateChars;
 
 type RefKind = "param" | "host" | "label" | "fact";
 
@@ -102,7 +102,7 @@ export function renderText(template: string, ctx: RenderContext): string {
 }
 
 /** Shell variables that carry values into a rendered script: `rexmesh_v1`, `rexmesh_v2`, … */
-export const SHELL_VALUE_PREFIX = "rexmesh_v";
+const SHELL_VALUE_PREFIX = "rexmesh_v";
 
 /**
  * Renders a script for `/bin/sh -c` (or bash, dash). Values never appear in

@@ -22,9 +22,9 @@ export interface JoinTokenRecord {
 }
 
 export const TOKEN_PREFIX = "rxj1_";
-export const DEFAULT_TOKEN_TTL_MS = 3_600_000;
-export const MAX_TOKEN_TTL_MS = 30 * 86_400_000;
-export const MAX_TOKEN_USES = 100_000;
+const DEFAULT_TOKEN_TTL_MS = 3_600_000;
+const MAX_TOKEN_TTL_MS = 30 * 86_400_000;
+const MAX_TOKEN_USES = 100_000;
 /** Longer tokens are refused before hashing: they come from unauthenticated callers. */
 const MAX_TOKEN_LENGTH = 256;
 
@@ -32,7 +32,7 @@ export function hashJoinToken(token: string): string {
   return createHash("sha256").update(token, "utf8").digest("hex");
 }
 
-export function tokenIdOf(hash: string): string {
+function tokenIdOf(hash: string): string {
   return hash.slice(0, 16);
 }
 

@@ -23,7 +23,7 @@ import { ArtifactCacheService, GetArtifactChunkRequestSchema, type GetArtifactCh
 export type ArtifactFetcher = (digest: string, signal?: AbortSignal) => Promise<string>;
 
 /** An artifact could not be fetched (unknown, unreachable, refused by a hop). */
-export class ArtifactFetchError extends RexmeshError {}
+class ArtifactFetchError extends RexmeshError {}
 
 const method = ArtifactCacheService.method.getArtifactChunk;
 const PATH = `/${ArtifactCacheService.typeName}/${method.name}`;

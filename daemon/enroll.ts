@@ -48,7 +48,7 @@ export interface EnrollOptions {
  * Why the files in the directory cannot be used as this host's identity
  * now, or undefined when they can.
  */
-export function identityProblem(paths: CredentialPaths, hostId: string, caPem: string, now: number, tenant?: string): string | undefined {
+function identityProblem(paths: CredentialPaths, hostId: string, caPem: string, now: number, tenant?: string): string | undefined {
   if (!existsSync(paths.cert) || !existsSync(paths.key)) return "no certificate yet";
   try {
     const cert = new X509Certificate(readFileSync(paths.cert));

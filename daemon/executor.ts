@@ -385,8 +385,8 @@ class TaskRun {
     return out;
   }
 
-  /** Emits one read from a pipe as chunks, applying the size bound and the output limit. */
-  private emit(stream: OutputStream, buf: Buffer): void {
+  /** Cuts one read from a pipe into chunks and hands them on, applying the size bound and the output limit. */
+  private addOutput(stream: OutputStream, buf: Buffer): void {
     for (let off = 0; off < buf.length; off += MAX_CHUNK_BYTES) {
       if (this.sinkBroken || this.delivered >= this.limit) {
         this.truncated = true;
@@ -445,14 +445,14 @@ class TaskRun {
       /** True once no live member is left in the group, or SIGKILL has been sent to it. */
       let groupSettled = false;
       let terminating = false;
-      let finished = false;
+      let stepEnded = false;
       let killTimer: Timer | undefined;
       let pollTimer: Timer | undefined;
       let drainTimer: Timer | undefined;
 
-      const finish = (result: StepResult) => {
-        if (finished) return;
-        finished = true;
+      const endStep = (result: StepResult) => {
+        if (stepEnded) return;
+        stepEnded = true;
         killTimer?.cancel();
         pollTimer?.cancel();
         drainTimer?.cancel();
@@ -461,28 +461,28 @@ class TaskRun {
         resolve(result);
       };
 
-      const tryFinish = () => {
-        if (finished || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
+      const endStepIfDone = () => {
+        if (stepEnded || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
         if (!groupSettled && !groupHasLiveMember(pid)) groupSettled = true;
         if (groupSettled) {
-          finish({ kind: "exited", code: exit.code, signal: exit.signal });
+          endStep({ kind: "exited", code: exit.code, signal: exit.signal });
           return;
         }
         // Leftovers that closed their output (e.g. `cmd >/dev/null &`) get
         // the same SIGTERM, grace, SIGKILL as on a timeout. No event tells
         // when they are gone, so look again now and then during the grace.
         terminate();
-        if (!finished && pollTimer === undefined) {
+        if (!stepEnded && pollTimer === undefined) {
           pollTimer = clock.setTimeout(() => {
             pollTimer = undefined;
-            tryFinish();
+            endStepIfDone();
           }, Math.min(GROUP_POLL_MS, killGraceMs));
         }
       };
 
       const escalate = () => {
         killTimer = undefined;
-        if (pid === undefined || finished) return;
+        if (pid === undefined || stepEnded) return;
         if (groupHasLiveMember(pid)) signalGroup(pid, "SIGKILL");
         groupSettled = true;
         if (!stdoutClosed || !stderrClosed) {
@@ -494,7 +494,7 @@ class TaskRun {
             stderr.destroy();
           }, killGraceMs);
         }
-        tryFinish();
+        endStepIfDone();
       };
 
       /**
@@ -513,14 +513,14 @@ class TaskRun {
       };
 
       const terminate = () => {
-        if (terminating || finished || pid === undefined) return;
+        if (terminating || stepEnded || pid === undefined) return;
         terminating = true;
         // A process blocked in write() on a full pipe could not act on
         // SIGTERM, and its pipes could not reach EOF: read them again.
         applyFlow();
         if (!signalGroup(pid, "SIGTERM")) {
           groupSettled = true;
-          tryFinish();
+          endStepIfDone();
           return;
         }
         killTimer = clock.setTimeout(escalate, killGraceMs);
@@ -528,7 +528,7 @@ class TaskRun {
 
       const pipe = (stream: Readable, tag: OutputStream, onClose: () => void) => {
         stream.on("data", (buf: Buffer) => {
-          this.emit(tag, buf);
+          this.addOutput(tag, buf);
           applyFlow();
         });
         // A read error is followed by 'close'; the handler only keeps it from
@@ -536,7 +536,7 @@ class TaskRun {
         stream.on("error", () => {});
         stream.on("close", () => {
           onClose();
-          tryFinish();
+          endStepIfDone();
         });
       };
       pipe(stdout, OutputStream.STDOUT, () => (stdoutClosed = true));
@@ -551,7 +551,7 @@ class TaskRun {
         stdout.destroy();
         stderr.destroy();
         const code = errorCode(err);
-        finish({
+        endStep({
           kind: "failed",
           message: code ? `spawn ${code}: ${program}` : `spawn failed: ${program}: ${errorText(err)}`,
           code,
@@ -566,7 +566,7 @@ class TaskRun {
         // Members still holding the pipes would keep the step open forever.
         if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
         else terminate();
-        tryFinish();
+        endStepIfDone();
       });
 
       // The child may exit without reading its input (EPIPE): that is the

@@ -71,7 +71,7 @@ function identityPaths(config: DaemonConfig): CredentialPaths[] {
  * here). The credentials are read at every dial, so a renewed certificate is
  * used from the next connection on.
  */
-export function grpcDialer(paths: CredentialPaths): Dialer {
+function grpcDialer(paths: CredentialPaths): Dialer {
   return async (address) => openGrpcLink(address, readCredentials(paths), ["proxy"], AgentLinkService.method.agentStream);
 }
 

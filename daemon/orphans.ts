@@ -32,7 +32,7 @@ interface Stat {
 }
 
 /** Reads /proc/<pid>/stat; undefined when the process is gone. */
-export function readStat(pid: number): Stat | undefined {
+function readStat(pid: number): Stat | undefined {
   let text: string;
   try {
     text = readFileSync(`/proc/${pid}/stat`, "utf8");
@@ -87,7 +87,7 @@ function listPids(): number[] {
  * leader is the one noted, or is gone and the member carries the task's
  * marker) and any process whose environment carries the marker.
  */
-export function findTaskProcesses(taskId: string, groups: readonly GroupRef[], self: number = process.pid): number[] {
+function findTaskProcesses(taskId: string, groups: readonly GroupRef[], self: number = process.pid): number[] {
   const marker = Buffer.from(`REXMESH_TASK_ID=${taskId}`);
   const trusted = new Set<number>();
   for (const g of groups) {

@@ -29,7 +29,7 @@ export function pythonStage(t: PythonTool, python: string): Stage | string {
 }
 
 /** The inventory Ansible runs against: this host alone, over the local connection. */
-export const ANSIBLE_LOCAL = ["-i", "localhost,", "-c", "local"] as const;
+const ANSIBLE_LOCAL = ["-i", "localhost,", "-c", "local"] as const;
 
 /** `ansible-playbook -i localhost, -c local [-e @vars.yml] PLAYBOOK`: a playbook given, fetched, or written around one module. */
 export function ansibleStage(t: AnsibleTool, ansiblePlaybook: string): Stage | string {
@@ -45,7 +45,7 @@ export function ansibleStage(t: AnsibleTool, ansiblePlaybook: string): Stage | s
 }
 
 /** A playbook whose only task runs `module` on this host with `args`, each value unsafe. */
-export function modulePlaybook(module: string, args: Readonly<Record<string, string>>): string {
+function modulePlaybook(module: string, args: Readonly<Record<string, string>>): string {
   const body = Object.keys(args).length > 0 ? `\n${unsafeMapping(args, "        ")}` : " {}\n";
   return `- hosts: localhost\n  gather_facts: false\n  tasks:\n    - name: ${module}\n      ${module}:${body}`;
 }
@@ -55,7 +55,7 @@ export function modulePlaybook(module: string, args: Readonly<Record<string, str
  * strings tagged `!unsafe`, each value double-quoted with every character
  * outside printable ASCII escaped, so any text reads back exactly.
  */
-export function unsafeMapping(map: Readonly<Record<string, string>>, indent: string): string {
+function unsafeMapping(map: Readonly<Record<string, string>>, indent: string): string {
   return Object.entries(map)
     .map(([k, v]) => `${indent}${k}: !unsafe "${yamlEscape(v)}"\n`)
     .join("");

@@ -15,7 +15,7 @@ import { delimiter, isAbsolute, join } from "node:path";
 import { ConfigError } from "../common/errors.js";
 
 /** Tools the daemon runs by itself. */
-export const BUILTIN_TOOLS = ["exec", "shell", "script", "file.put", "ping"] as const;
+const BUILTIN_TOOLS = ["exec", "shell", "script", "file.put", "ping"] as const;
 
 /**
  * Tools backed by a program found on PATH. `python` and `ansible` are step

@@ -17,7 +17,7 @@ import type { Logger } from "../common/logger.js";
 export type UpstreamFetch = (digest: string) => AsyncIterable<Uint8Array>;
 
 /** Largest slice served per GetArtifactChunk. */
-export const CACHE_CHUNK_BYTES = 1024 * 1024;
+const CACHE_CHUNK_BYTES = 1024 * 1024;
 
 export class ArtifactCache {
   private readonly blobs: string;
