@@ -110,6 +110,26 @@ describe("delivery under faults", () => {
     });
   }
 
+  // A SIGTERM drains: the role takes no new work but keeps its streams open until what runs has ended and its
+  // results are acknowledged (within its grace, 10 s here), so the task ends while the role is already down.
+  for (const role of ["daemon", "proxy"] as const) {
+    it(`a ${role} SIGTERMed while a task prints lets it end first: SUCCEEDED with all its output while the ${role} is still down`, async () => {
+      const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], ...printer(marks, 30, "0.05") }));
+      await outputStarted(conn.client, job!.id, 3);
+      const p = role === "daemon" ? daemonOf("h1") : mesh.proxies[0]!;
+      await kill(mesh, p, "SIGTERM");
+      try {
+        const t = await terminal(conn.client, job!.id, 5000);
+        expect(t.state, t.message).toBe(TaskState.SUCCEEDED);
+        expect(t.outputComplete).toBe(true);
+        const r = await collectJob(conn.client, job!.id, AbortSignal.timeout(10_000));
+        expect(r.stdout.get("h1")?.toString()).toBe(expected(30));
+      } finally {
+        await mesh.restart(p);
+      }
+    });
+  }
+
   it("an idempotent task whose daemon is SIGKILLed while it prints runs again: all of the second run's output follows the first run's, none taken for a duplicate", async () => {
     // Each run tags its lines with its shell's pid, so the two runs' output cannot be mistaken for each other.
     const script = `for i in $(seq 1 30); do echo "$$ line$i"; sleep 0.05; done`;
