@@ -37,8 +37,11 @@ export interface OperatorRule<Req = unknown> {
   action: string | ((request: Req) => string);
   actions?: readonly string[];
   scope: OperatorScope;
-  /** Host ids the request names, for a `hosts` scope decided at the boundary. */
-  hostsOf?: (request: Req) => string[];
+  /**
+   * Host ids the request names, for a `hosts` scope decided at the boundary;
+   * "all" when it concerns any host of the tenant (a role must cover all).
+   */
+  hostsOf?: (request: Req) => string[] | "all";
 }
 
 export interface PeerRule<Req = unknown> {

@@ -81,9 +81,15 @@ export class OperatorAccess {
       const action = operatorAction(operator!, call.request);
       kind = action;
       if (!isAction(action)) throw new PermissionDeniedError(`unknown action ${JSON.stringify(action)}`);
-      const named = operator!.scope === "hosts" && operator!.hostsOf ? operator!.hostsOf(call.request).filter((id) => id !== "") : [];
+      const asked = operator!.scope === "hosts" && operator!.hostsOf ? operator!.hostsOf(call.request) : [];
+      const named = asked === "all" ? [] : asked.filter((id) => id !== "");
       if (named.length > 0) hostIds = named;
-      const decision = named.length > 0 ? this.deps.authz.decide(peer, { action, hosts: named.map((id) => this.hostFor(peer.scope, id)) } as AccessRequest) : this.deps.authz.holds(peer, action);
+      const decision =
+        asked === "all"
+          ? this.deps.authz.decide(peer, { action, allHosts: true } as AccessRequest)
+          : named.length > 0
+            ? this.deps.authz.decide(peer, { action, hosts: named.map((id) => this.hostFor(peer.scope, id)) } as AccessRequest)
+            : this.deps.authz.holds(peer, action);
       if (!decision.allowed) throw new PermissionDeniedError(decision.reason);
       const decidedLater = operator!.scope === "hosts" && !operator!.hostsOf;
       if (!decidedLater && d.auditedBy !== "service") await this.record(peer, action, { decision: "allowed", reason: `role ${decision.role}` }, { what, hostIds });

@@ -125,12 +125,13 @@ export interface Policy {
 /**
  * What is asked. Hosts are always the resolved set, inside the caller's
  * tenant. An action with `hosts` needs one role granting it whose selector
- * covers every one of them; without, a role granting it at all.
+ * covers every one of them; with `allHosts`, one whose selector is `all`;
+ * without either, a role granting it at all.
  */
 export type AccessRequest =
   | { action: "submit"; hosts: readonly HostRecord[]; steps: readonly Step[]; env?: Readonly<Record<string, string>> }
   | { action: "label"; before: HostRecord; after: HostRecord }
-  | { action: Exclude<Action, "submit" | "label">; hosts?: readonly HostRecord[] };
+  | { action: Exclude<Action, "submit" | "label">; hosts?: readonly HostRecord[]; allHosts?: boolean };
 
 export type Decision = { allowed: true; role: string } | { allowed: false; reason: string };
 
@@ -273,6 +274,7 @@ function decideUnsafe(policy: Policy | undefined, caller: PeerIdentity, req: Acc
     case "label":
       return decideLabel(who, roles, withAction, req.before, req.after);
     default:
+      if (req.allHosts) return decideOnAllHosts(who, req.action, withAction);
       return req.hosts ? decideOnHosts(who, req.action, withAction, req.hosts) : { allowed: true, role: withAction[0]!.name };
   }
 }
@@ -304,6 +306,15 @@ function prelude(policy: Policy | undefined, caller: PeerIdentity, action: strin
   const withAction = roles.filter((r) => r.actions.has(action));
   if (withAction.length === 0) return { decision: { allowed: false, reason: `${who} may not ${action} (roles: ${names(roles)})` } };
   return { who, policy, roles, withAction };
+}
+
+/** A role whose selector is `all` must grant the action: the request concerns hosts no selector can be checked on yet. */
+function decideOnAllHosts(who: string, action: Action, roles: RoleDef[]): Decision {
+  const role = roles.find((r) => r.hosts.kind === "all");
+  if (role) return { allowed: true, role: role.name };
+  const held = roles.map((r) => `${r.name} (hosts: ${r.hostsText})`).join(", ");
+  const what = action === "token" ? "create a join token for any host id (one not bound with --host-id)" : `${action} on any host of the tenant`;
+  return { allowed: false, reason: `${who} may not ${what}: its roles grant ${action} only on some hosts, ${held}; that needs a role with hosts "all"` };
 }
 
 /** One role must cover every host; the refusal names the first hosts left out by the role that came closest. */

@@ -50,9 +50,10 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     listDocuments: inTenant("read"),
   })
   .service(TokenService, {
-    // A token bound to a host id is decided on that host; an unbound one on the tenant.
+    // A token bound to a host id is decided on that host. An unbound one lets any new host id join the tenant,
+    // where other operators' jobs may reach it: it needs a role with the action on all of the tenant's hosts.
     createJoinToken: {
-      operator: { action: "token", scope: "hosts", hostsOf: (req) => (req.hostId ? [req.hostId] : []) },
+      operator: { action: "token", scope: "hosts", hostsOf: (req) => (req.hostId ? [req.hostId] : "all") },
       summary: (req) => ({ what: `create join token${req.hostId ? ` bound to ${req.hostId}` : ""}, ${req.uses || 1} use(s)` }),
     },
   })

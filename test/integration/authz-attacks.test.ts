@@ -70,6 +70,9 @@ roles:
   web-revoker:
     hosts: role=web
     actions: [revoke]
+  web-enroller:
+    hosts: role=web
+    actions: [read, token]
 bindings:
   acme/dev: admin
   acme/admin: admin
@@ -80,6 +83,7 @@ bindings:
   acme/narrow: [web-submit, labeller]
   acme/reader: web-reader
   acme/webrevoker: web-revoker
+  acme/webenroller: web-enroller
   beta/admin: admin
   beta/builder: builder
 `,
@@ -131,7 +135,7 @@ bindings:
 
   beforeAll(async () => {
     mesh.prepare();
-    for (const [tenant, id] of [["acme", "admin"], ["acme", "builder"], ["acme", "meshadmin"], ["acme", "web"], ["acme", "pathfinder"], ["acme", "narrow"], ["acme", "reader"], ["acme", "webrevoker"], ["acme", "nobody"], ["beta", "admin"], ["beta", "builder"]] as const) {
+    for (const [tenant, id] of [["acme", "admin"], ["acme", "builder"], ["acme", "meshadmin"], ["acme", "web"], ["acme", "pathfinder"], ["acme", "narrow"], ["acme", "reader"], ["acme", "webrevoker"], ["acme", "webenroller"], ["acme", "nobody"], ["beta", "admin"], ["beta", "builder"]] as const) {
       ids[`${tenant}/${id}`] = issue({ role: "operator", scope: tenant, id });
     }
     await mesh.startController();
@@ -153,6 +157,17 @@ bindings:
     it("refuses a join token to an operator with no role", async () => {
       const err = await failure(as("acme/nobody").tokens.createJoinToken({ uses: 100_000 }));
       expect(err.code).toBe(Code.PermissionDenied);
+    });
+
+    it("lets an operator who may issue tokens for some hosts bind them to those hosts only: no token for any host id", async () => {
+      // An unbound token would let any new host id join the tenant, where other operators' jobs (--all) reach it.
+      const unbound = await failure(as("acme/webenroller").tokens.createJoinToken({ uses: 10 }));
+      expect(unbound.code).toBe(Code.PermissionDenied);
+      expect(unbound.rawMessage).toMatch(/may not create a join token for any host id .*needs a role with hosts "all"/);
+      const elsewhere = await failure(as("acme/webenroller").tokens.createJoinToken({ hostId: "db-1" }));
+      expect(elsewhere.code).toBe(Code.PermissionDenied);
+      const bound = await as("acme/webenroller").tokens.createJoinToken({ hostId: "web-1" });
+      expect(bound.token).toMatch(/^rxj1_/);
     });
 
     it("refuses revocation of another operator to an operator with no role", async () => {

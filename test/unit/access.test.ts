@@ -71,19 +71,29 @@ describe("the controller's boundary decisions", () => {
     // (The unidentified caller has no tenant: its refusal is kept, out of every tenant's view.)
   });
 
-  it("decides a token bound to a host on that host, and audits an allowed tenant-scoped call itself", async () => {
+  it("decides a token bound to a host on that host, an unbound one only for a role on all hosts, and audits each", async () => {
     const t = await setup();
     await expect(t.access.decideCall(t.call(TokenService.method.createJoinToken, t.web, { hostId: "db-1" }))).rejects.toThrow(/outside role web-ops/);
     expect(await t.access.decideCall(t.call(TokenService.method.createJoinToken, t.web, { hostId: "web-1" }))).toMatchObject({ action: "token", by: "web-ops" });
     // An id the controller does not know is judged by its id alone: not role=web.
     await expect(t.access.decideCall(t.call(TokenService.method.createJoinToken, t.web, { hostId: "new-1" }))).rejects.toThrow(PermissionDeniedError);
-    expect(await t.access.decideCall(t.call(TokenService.method.createJoinToken, t.web, { hostId: "" }))).toMatchObject({ action: "token" });
+    // An unbound token lets any new host id join the tenant, where other operators' jobs reach it: web-ops may not.
+    await expect(t.access.decideCall(t.call(TokenService.method.createJoinToken, t.web, { hostId: "" }))).rejects.toThrow(
+      'operator acme/web may not create a join token for any host id (one not bound with --host-id): its roles grant token only on some hosts, web-ops (hosts: role = web); that needs a role with hosts "all"',
+    );
+    expect(await t.access.decideCall(t.call(TokenService.method.createJoinToken, t.admin, { hostId: "" }))).toMatchObject({ action: "token", by: "admin" });
     const events = t.audit.list("acme");
-    expect(events.map((e) => `${e.kind} ${e.decision} ${e.hostIds.join(",")}`)).toEqual(["token denied db-1", "token allowed web-1", "token denied new-1", "token allowed "]);
+    expect(events.map((e) => `${e.kind} ${e.actor} ${e.decision} ${e.hostIds.join(",")}`)).toEqual([
+      "token operator:acme/web denied db-1",
+      "token operator:acme/web allowed web-1",
+      "token operator:acme/web denied new-1",
+      "token operator:acme/web denied ",
+      "token operator:acme/admin allowed ",
+    ]);
     // A call decided on resolved hosts is left to the method it reaches (no event yet); a proxy is admitted by its role.
     expect(await t.access.decideCall(t.call(ControllerService.method.cancelJob, t.web, { jobId: "j" }))).toMatchObject({ action: "cancel" });
     expect(await t.access.decideCall(t.call(ProxyLinkService.method.proxyStream, { role: "proxy", scope: "eu", id: "px" }))).toMatchObject({ action: "link" });
-    expect(t.audit.list("acme")).toHaveLength(4);
+    expect(t.audit.list("acme")).toHaveLength(5);
   });
 });
 
