@@ -288,8 +288,9 @@ async function watch(client: ReturnType<typeof operatorClient>["client"], jobId:
     for (;;) {
       try {
         for await (const batch of client.watchJob({ jobId }, { signal: io.signal })) {
-          lostAt = undefined;
-          printer.handle(batch);
+          // Only news counts as an answer: a controller that keeps failing right after it replays the job
+          // does not keep the run watching for ever.
+          if (printer.handle(batch)) lostAt = undefined;
         }
         break;
       } catch (err) {

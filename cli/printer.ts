@@ -46,26 +46,41 @@ export class JobPrinter {
   private width = 0;
   private readonly grouped = new Map<string, GroupedOutput>();
   private progressShown = false;
+  /** The job events written (docs/cli-json.md: once first, once when done), so a watch started again repeats neither. */
+  private jobAnnounced = false;
+  private doneAnnounced = false;
 
   constructor(private readonly opts: PrinterOptions) {}
 
-  handle(batch: WatchJobResponse): void {
+  /**
+   * Prints what a batch holds that was not printed before (a watch started
+   * again replays the job from its start). Returns whether there was any:
+   * a task in a new state or with more output, or output not seen before.
+   */
+  handle(batch: WatchJobResponse): boolean {
+    let news = false;
     // JSON events follow the job's life: a job that is done is announced after its last task's end,
     // and a task's end after its last output.
-    const done = batch.job?.state === JobState.DONE;
+    const done = batch.job?.state === JobState.DONE && !this.doneAnnounced;
     if (batch.job) this.job = batch.job;
-    if (batch.job && this.opts.json && !done) this.writeJson({ type: "job", job: jobJson(batch.job) });
+    if (batch.job && batch.job.state !== JobState.DONE && !this.jobAnnounced) {
+      this.jobAnnounced = true;
+      if (this.opts.json) this.writeJson({ type: "job", job: jobJson(batch.job) });
+    }
     const ended: Task[] = [];
     for (const t of batch.tasks) {
       const prev = this.tasks.get(t.id);
       this.tasks.set(t.id, t);
       this.width = Math.max(this.width, t.hostId.length);
-      if (!this.opts.json || (prev && prev.state === t.state && sameLate(prev, t))) continue;
+      const same = prev !== undefined && prev.state === t.state && sameLate(prev, t);
+      if (!same || prev.outputChunks !== t.outputChunks) news = true;
+      if (!this.opts.json || same) continue;
       if (isTerminal(t.state)) ended.push(t);
       else this.writeJson({ type: "task", task: taskJson(t) });
     }
     for (const c of batch.output) {
       if (c.seq <= (this.seen.get(c.taskId) ?? 0n)) continue;
+      news = true;
       this.seen.set(c.taskId, c.seq);
       const task = this.tasks.get(c.taskId);
       const host = c.hostId || task?.hostId || c.taskId;
@@ -89,11 +104,15 @@ export class JobPrinter {
       }
     }
     for (const t of ended) this.writeJson({ type: "task", task: taskJson(t) });
-    if (batch.job && this.opts.json && done) this.writeJson({ type: "job", job: jobJson(batch.job) });
+    if (batch.job && done) {
+      this.doneAnnounced = news = true;
+      if (this.opts.json) this.writeJson({ type: "job", job: jobJson(batch.job) });
+    }
     if (!this.opts.json && !this.opts.group) {
       for (const t of batch.tasks) if (isTerminal(t.state)) this.flushTask(t);
     }
     this.drawProgress();
+    return news;
   }
 
   /** Hosts whose task has not been handed to them yet (PENDING at the controller or QUEUED at a proxy). */

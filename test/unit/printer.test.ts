@@ -52,4 +52,22 @@ describe("JobPrinter", () => {
     expect(out).toContain("a SUCCEEDED: exit 0 (output incomplete: 3 of 5 chunks received so far)");
     expect(out).toContain("b LOST: host b unreachable; the host reported later: SUCCEEDED (exit 0)");
   });
+
+  it("a watch started again replays the job: nothing is printed twice, and the replay is not news", () => {
+    let out = "";
+    const p = new JobPrinter({ json: true, write: (s) => (out += s) });
+    const first = create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 1, state: 1 }), tasks: [task("t1", "a", TaskState.RUNNING)], output: [chunk("t1", 1, "one\n")] });
+    expect(p.handle(first)).toBe(true);
+    // The controller restarted; the new watch replays the job from its start.
+    expect(p.handle(first)).toBe(false);
+    expect(p.handle(create(WatchJobResponseSchema, { tasks: [task("t1", "a", TaskState.RUNNING)], output: [chunk("t1", 1, "one\n"), chunk("t1", 2, "two\n")] }))).toBe(true);
+    expect(p.handle(create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 1, state: 2 }), tasks: [task("t1", "a", TaskState.SUCCEEDED)] }))).toBe(true);
+    expect(p.handle(create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 1, state: 2 }), tasks: [task("t1", "a", TaskState.SUCCEEDED)], output: [chunk("t1", 2, "two\n")] }))).toBe(false);
+    const events = out
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { type: string; job?: { state: string }; task?: { state: string }; seq?: number })
+      .map((e) => (e.type === "job" ? `job:${e.job!.state}` : e.type === "task" ? `task:${e.task!.state}` : `output:${e.seq}`));
+    expect(events).toEqual(["job:RUNNING", "task:RUNNING", "output:1", "output:2", "task:SUCCEEDED", "job:DONE"]);
+  });
 });
