@@ -10,7 +10,7 @@ import { ManualClock } from "../common/clock.js";
 import type { TestPki } from "./test-ca.js";
 
 /**
- * 2020-01-01 to 2045: well around every clock the tests set (ManualClock's
+ * 2020-01-01 to late 2044: well around every clock the tests set (ManualClock's
  * default of 2026-01-01, 2025 in some tests, real time, ten-year leaves).
  */
 const NOT_BEFORE = Date.UTC(2020, 0, 1);

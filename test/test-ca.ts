@@ -34,7 +34,7 @@ function pki(): TestPki {
   return made;
 }
 
-/** The tests' mesh CA, valid from 2020 to 2045: at every clock the tests set, and at real time. */
+/** The tests' mesh CA, valid from 2020 to late 2044: at every clock the tests set, and at real time. */
 export const testCa = (): CaMaterial => pki().ca;
 
 /** A CA that is not the tests' mesh CA. */
