@@ -58,6 +58,7 @@ export async function controllerService() {
   const store = new MemoryJobStore();
   const inventory = new Inventory();
   const jobs = new JobManager({ store, inventory, clock, ids, log: silentLogger });
+  jobs.start();
   const audit = new AuditLog({ store: new MemoryAuditStore(), clock, ids });
   const authz = new Authorizer({ policyFile: "policy.yaml", log: silentLogger, readFile: () => POLICY });
   const access = new OperatorAccess({ authz, audit, jobs, inventory, log: silentLogger });
