@@ -11,7 +11,7 @@ export interface CaMaterial {
 }
 
 export { generateKeyPair, type KeyPair } from "./keys.js";
-import { generateKeyPair } from "./keys.js";
+import { generateKeyPair, type KeyPair } from "./keys.js";
 
 /** Certificates are valid from a little before issue, so peers with slightly slow clocks accept them. */
 const BACKDATE_MS = 5 * 60 * 1000;
@@ -69,11 +69,13 @@ export interface CreateCaOptions {
   clock: Clock;
   commonName?: string;
   validityDays?: number;
+  /** The CA's key pair (RSA, 3072 bits or more); a new 3072-bit one by default. Given when keys are made ahead, several at once. */
+  keys?: KeyPair;
 }
 
 /** Creates a self-signed CA that may sign leaf certificates only (pathLen 0). */
 export function createCa(opts: CreateCaOptions): CaMaterial {
-  const keys = generateKeyPair(3072);
+  const keys = opts.keys ?? generateKeyPair(3072);
   const publicKey = forge.pki.publicKeyFromPem(keys.publicKeyPem);
   const cert = forge.pki.createCertificate();
   const now = opts.clock.now();

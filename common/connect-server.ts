@@ -3,7 +3,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
-import { Code, createContextKey, createContextValues, type ConnectError, type ConnectRouter, type HandlerContext, type Interceptor } from "@connectrpc/connect";
+import { Code, createContextKey, createContextValues, type ConnectError, type ConnectRouter, type ContextValues, type HandlerContext, type Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { UniversalServerRequest } from "@connectrpc/connect/protocol";
 import type { Credentials } from "../certs/files.js";
@@ -51,6 +51,19 @@ export function callerOf(ctx: HandlerContext): PeerIdentity {
   const peer = ctx.values.get(peerKey);
   if (!peer) throw new UnauthenticatedError("the client certificate names no rexmesh identity");
   return peer;
+}
+
+/**
+ * What a call knows of its caller before the boundary runs: the identity
+ * its connection's certificate names (undefined: none), and whether that
+ * identity is on the deny-list — asked per request, so that a revocation
+ * reaches connections opened before it. The server builds it for every
+ * request; the service tests' in-memory transport for its one caller.
+ */
+export function callerContext(peer: PeerIdentity | undefined, isRevoked?: (peer: PeerIdentity) => boolean): ContextValues {
+  return createContextValues()
+    .set(peerKey, peer)
+    .set(revokedKey, peer !== undefined && (isRevoked?.(peer) ?? false));
 }
 
 /** Identities are parsed once per TLS connection, not once per request. */
@@ -138,12 +151,7 @@ export function createRpcServer(opts: {
     // controller's CPU in a 1,000-host ping profile. Compressed requests are
     // still accepted.
     compressMinBytes: Number.MAX_SAFE_INTEGER,
-    contextValues: (req) => {
-      const peer = identityOfConnection(req);
-      return createContextValues()
-        .set(peerKey, peer)
-        .set(revokedKey, peer !== undefined && (opts.isRevoked?.(peer) ?? false));
-    },
+    contextValues: (req) => callerContext(identityOfConnection(req), opts.isRevoked),
   });
   const unfinished = new Set(served.filter((m) => m.methodKind !== "bidi_streaming").map((m) => `/${pathOf(m)}`));
   const server = http2.createSecureServer(

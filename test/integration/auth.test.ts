@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
+import { issueKeyAndCertificate } from "../../certs/ca.js";
 import { credentialPaths, readCredentials, writeCredentials, type CredentialPaths } from "../../certs/files.js";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { systemClock } from "../../common/clock.js";
@@ -25,6 +25,7 @@ import {
 } from "../../gen/rexmesh/v1/controller_pb.js";
 import { ProxyLinkService, ProxyStreamRequestSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { otherTestCa } from "../test-ca.js";
 import { tempDir } from "./support.js";
 
 const run = promisify(execFile);
@@ -48,7 +49,7 @@ describe("authentication and the public API", () => {
     hostCreds = credentialPaths(join(dir, "hosts", "east-1"), "h1");
     proxyCreds = credentialPaths(join(dir, "identities"), "proxy-east");
     // An operator certificate from another CA: well formed, wrong issuer.
-    const otherCa = createCa({ clock: systemClock, commonName: "someone else" });
+    const otherCa = otherTestCa();
     const identity: PeerIdentity = { role: "operator", scope: "default", id: "mallory" };
     writeCredentials(join(dir, "foreign"), "mallory", issueKeyAndCertificate(otherCa, { clock: systemClock, identity, validityMs: 3_600_000 }));
     // Trusts the real CA (so the server is verified) but presents the foreign certificate.

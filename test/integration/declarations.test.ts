@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
+import { issueKeyAndCertificate } from "../../certs/ca.js";
 import { credentialPaths, readCredentials, writeCredentials, type Credentials } from "../../certs/files.js";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { systemClock } from "../../common/clock.js";
@@ -15,6 +15,7 @@ import { pathOf } from "../../common/rpc-access.js";
 import { CONTROLLER_DECLARATIONS } from "../../controller/declarations.js";
 import { controllerSchema, startController } from "../../controller/main.js";
 import { AuditDecision, ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
+import { testCa } from "../test-ca.js";
 import { tempDir } from "./support.js";
 
 /**
@@ -25,7 +26,7 @@ import { tempDir } from "./support.js";
  */
 describe("every served method is declared and guarded", () => {
   const dir = tempDir("declarations");
-  const ca = createCa({ clock: systemClock });
+  const ca = testCa();
   const issue = (identity: PeerIdentity, serves = false): Credentials => {
     const creds = issueKeyAndCertificate(ca, { clock: systemClock, identity, validityMs: 3_600_000, ...(serves ? { dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"] } : {}) });
     writeCredentials(join(dir, "ids"), identity.id, creds);

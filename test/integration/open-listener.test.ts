@@ -3,13 +3,14 @@ import net from "node:net";
 import tls from "node:tls";
 import { create } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
+import { issueKeyAndCertificate } from "../../certs/ca.js";
 import { systemClock } from "../../common/clock.js";
 import { InvalidArgumentError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { createOpenUnaryServer, type OpenUnaryServer } from "../../common/open-unary-server.js";
 import { requestEnrollment } from "../../daemon/enroll.js";
 import { EnrollRequestSchema, EnrollResponseSchema, EnrollService, type EnrollRequest } from "../../gen/rexmesh/v1/enroll_pb.js";
+import { testCa } from "../test-ca.js";
 
 const RESOURCE_EXHAUSTED = 8;
 const INVALID_ARGUMENT = 3;
@@ -21,7 +22,7 @@ const INVALID_ARGUMENT = 3;
  * connections; messages are small. Real TLS on 127.0.0.1:0.
  */
 describe("the open (unauthenticated) listener", () => {
-  const ca = createCa({ clock: systemClock });
+  const ca = testCa();
   const server = issueKeyAndCertificate(ca, { clock: systemClock, identity: { role: "controller", scope: "mesh", id: "c" }, validityMs: 3_600_000, ipAddresses: ["127.0.0.1"], dnsNames: ["localhost"] });
   const limits = { handshakeMs: 500, idleMs: 500, callMs: 800, connectionsPerAddress: 4, connections: 100 };
   let open: OpenUnaryServer;

@@ -6,7 +6,6 @@
  */
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
 import { sealBundle } from "../../common/bundle.js";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
@@ -16,17 +15,17 @@ import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager } from "../../controller/jobs.js";
 import { BundleKind } from "../../gen/rexmesh/v1/bundle_pb.js";
 import { OutputStream, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { testCredentials } from "../test-ca.js";
 import { counterIds, operator, testSigning } from "./support.js";
 
 describe("a results bundle", () => {
   it("cannot set a host's 'since' in the future, and its over-long ids and impossible seqs are dropped, not looked up", async () => {
     const clock = new ManualClock(Date.UTC(2025, 0, 2));
-    const ca = createCa({ clock, validityDays: 30 });
-    const site = issueKeyAndCertificate(ca, { clock, identity: { role: "proxy", scope: "air", id: "px-site" }, validityMs: 86_400_000 });
+    const site = testCredentials({ role: "proxy", scope: "air", id: "px-site" }, { clock, validityMs: 86_400_000 });
     const inventory = new Inventory();
     const jobs = new JobManager({ store: new MemoryJobStore(), inventory, clock, ids: counterIds(), log: silentLogger });
     jobs.start();
-    const bundles = new BundleService({ jobs, inventory, creds: { ...site, caPem: ca.certPem }, clock, ids: counterIds(), log: silentLogger, signer: testSigning().signer, isRevoked: () => false });
+    const bundles = new BundleService({ jobs, inventory, creds: site, clock, ids: counterIds(), log: silentLogger, signer: testSigning().signer, isRevoked: () => false });
     const tenYears = 10 * 365 * 86_400_000;
     const bytes = sealBundle(
       {

@@ -185,13 +185,13 @@ describe("controller under faults and a hostile proxy", () => {
 
   it("F10 a proxy cannot re-claim a host that left it by replaying the host's presence proof on the same link", async () => {
     const t = setup();
-    const { createCa, issueKeyAndCertificate } = await import("../../certs/ca.js");
     const { HostKeyVerifier, HostReporter } = await import("../../common/host-signing.js");
     const { signedId } = await import("./support.js");
-    const ca = createCa({ clock: t.clock });
+    const { testCa, testCredentials } = await import("../test-ca.js");
+    const ca = testCa();
     const h1 = { role: "host" as const, scope: "acme", id: "h1" };
     const px3 = { role: "proxy" as const, scope: "eu", id: "px3" };
-    const reporter = new HostReporter(issueKeyAndCertificate(ca, { clock: t.clock, identity: h1, validityMs: 86_400_000 }), t.clock, h1);
+    const reporter = new HostReporter(testCredentials(h1, { clock: t.clock, validityMs: 86_400_000 }), t.clock, h1);
     const revocations = { current: create(SignedDenyListSchema), onChange: () => () => undefined, isRevoked: () => false } as unknown as Revocations;
     const link = new FakeLink<ProxyStreamResponse, ProxyStreamRequest>();
     const served = serveProxyLink(

@@ -5,6 +5,7 @@ import { generateKeyPair } from "../../certs/ca.js";
 import { createCsr, keyFingerprint, readCsr } from "../../certs/enrollment.js";
 import { InvalidArgumentError } from "../../common/errors.js";
 import { LIMITS } from "../../common/limits.js";
+import { otherTestKeys, testKeys } from "../test-ca.js";
 import { csrAround, hostileCsr, rsaCsr } from "./hostile-csr.js";
 
 /** How long readCsr took, and what it threw. */
@@ -54,7 +55,7 @@ describe("CSR checks before signature math", () => {
     expect(() => readCsr("x".repeat(LIMITS.csrBytes + 1))).toThrow(/larger than/);
     expect(() => readCsr("garbage")).toThrow(InvalidArgumentError);
     expect(() => readCsr("-----BEGIN CERTIFICATE REQUEST-----\n!!!!\n-----END CERTIFICATE REQUEST-----\n")).toThrow(InvalidArgumentError);
-    const good = createCsr("h1", generateKeyPair());
+    const good = createCsr("h1", testKeys());
     const der = Buffer.from(good.replace(/-----[^-]+-----/g, "").replace(/\s/g, ""), "base64");
     const pem = (b: Buffer) => `-----BEGIN CERTIFICATE REQUEST-----\n${b.toString("base64")}\n-----END CERTIFICATE REQUEST-----\n`;
     // Trailing bytes after the request.
@@ -73,8 +74,8 @@ describe("CSR checks before signature math", () => {
       expect(read.fingerprint).toBe(keyFingerprint(keys.publicKeyPem));
     }
     // A request for one key signed with another: no proof of possession.
-    const a = generateKeyPair();
-    const b = generateKeyPair();
+    const a = testKeys();
+    const b = otherTestKeys();
     const forged = forge.pki.createCertificationRequest();
     forged.publicKey = forge.pki.publicKeyFromPem(a.publicKeyPem);
     forged.sign(forge.pki.privateKeyFromPem(b.privateKeyPem), forge.md.sha256.create());

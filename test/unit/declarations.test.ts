@@ -1,6 +1,5 @@
 import { describe, expect, it } from "vitest";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
 import { systemClock } from "../../common/clock.js";
 import { boundaryInterceptor, createRpcServer } from "../../common/connect-server.js";
 import { ConfigError } from "../../common/errors.js";
@@ -19,6 +18,7 @@ import { EnrollService, TokenService } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { PROXY_ENROLL_LISTENER_DECLARATIONS, proxyDeclarations } from "../../proxy/declarations.js";
+import { testCredentials } from "../test-ca.js";
 
 /**
  * Every method a server serves declares what it needs. These tables are
@@ -78,8 +78,7 @@ describe("declared requirements of every served method", () => {
 });
 
 describe("a method without a declaration is never served", () => {
-  const ca = createCa({ clock: systemClock });
-  const creds = { ...issueKeyAndCertificate(ca, { clock: systemClock, identity: { role: "controller", scope: "mesh", id: "c" }, validityMs: 60_000 }), caPem: ca.certPem };
+  const creds = testCredentials({ role: "controller", scope: "mesh", id: "c" }, { clock: systemClock, validityMs: 60_000 });
   const health = { check: async () => ({}), watch: async function* () {} };
 
   it("the server refuses to start", () => {

@@ -1,11 +1,12 @@
-import { beforeAll, describe, expect, it } from "vitest";
-import { createCa, generateKeyPair, type CaMaterial, type KeyPair } from "../../certs/ca.js";
+import { describe, expect, it } from "vitest";
+import type { KeyPair } from "../../certs/ca.js";
 import { createCsr } from "../../certs/enrollment.js";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { EnrollmentAuthority, type EnrollInput, type EnrollmentEvent } from "../../controller/enroll.js";
 import { MemoryEnrollStore } from "../../controller/enroll-store.js";
+import { otherTestKeys, testCa, testKeys } from "../test-ca.js";
 
 /**
  * Issue 12: an enrollment refusal must not tell a token holder of one tenant
@@ -14,14 +15,9 @@ import { MemoryEnrollStore } from "../../controller/enroll-store.js";
  */
 describe("enrollment refusals reveal no other tenant", () => {
   const clock = new ManualClock();
-  let ca: CaMaterial;
-  let keys: KeyPair;
-  let attackerKeys: KeyPair;
-  beforeAll(() => {
-    ca = createCa({ clock });
-    keys = generateKeyPair();
-    attackerKeys = generateKeyPair();
-  });
+  const ca = testCa();
+  const keys = testKeys();
+  const attackerKeys = otherTestKeys();
   const acme: PeerIdentity = { role: "operator", scope: "acme", id: "admin" };
   const beta: PeerIdentity = { role: "operator", scope: "beta", id: "admin" };
   const request = (hostId: string, token: string, k: KeyPair): EnrollInput => ({ hostId, csrPem: createCsr(hostId, k), token, tenant: "", bootstrapCertificatePem: "", bootstrapSignature: new Uint8Array() });

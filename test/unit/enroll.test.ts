@@ -3,8 +3,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import forge from "node-forge";
-import { beforeAll, describe, expect, it } from "vitest";
-import { createCa, generateKeyPair, issueCertificate, type CaMaterial, type KeyPair } from "../../certs/ca.js";
+import { describe, expect, it } from "vitest";
+import { generateKeyPair, issueCertificate, type KeyPair } from "../../certs/ca.js";
 import { createCsr, keyFingerprint, readCsr, signEnrollment, verifyZeroCertificate } from "../../certs/enrollment.js";
 import { identityFromCertificate, requireRole, type PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
@@ -21,21 +21,16 @@ import { silentLogger } from "../../common/logger.js";
 import { EnrollmentAuthority, type EnrollInput, type EnrollmentEvent } from "../../controller/enroll.js";
 import { LmdbEnrollStore, MemoryEnrollStore, type EnrollStore } from "../../controller/enroll-store.js";
 import { checkJoinToken, hashJoinToken, mintJoinToken, TOKEN_PREFIX } from "../../controller/tokens.js";
+import { otherTestCa, otherTestKeys, testCa, testKeys } from "../test-ca.js";
 
 const HOUR = 3_600_000;
 const alice: PeerIdentity = { role: "operator", scope: "acme", id: "alice" };
 const proxy: PeerIdentity = { role: "proxy", scope: "eu", id: "px1" };
 
-let ca: CaMaterial;
-let keys: KeyPair;
-let otherKeys: KeyPair;
+const ca = testCa();
+const keys = testKeys();
+const otherKeys = otherTestKeys();
 const clock = new ManualClock();
-
-beforeAll(() => {
-  ca = createCa({ clock });
-  keys = generateKeyPair();
-  otherKeys = generateKeyPair();
-});
 
 function setup(store: EnrollStore = new MemoryEnrollStore(), known?: Record<string, string>, more: { revoked?: Set<string>; rekeyers?: Set<string> } = {}) {
   const events: EnrollmentEvent[] = [];
@@ -291,7 +286,7 @@ describe("enrollment", () => {
   });
 
   it("refuses a zero certificate from another CA or past its validity", () => {
-    const otherCa = createCa({ clock });
+    const otherCa = otherTestCa();
     const zeroKeys = keys;
     const id: PeerIdentity = { role: "enroll", scope: "acme", id: "z" };
     const req = { hostId: "h", tenant: "", csrPem: createCsr("h", keys) };

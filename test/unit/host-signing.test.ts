@@ -1,18 +1,19 @@
 import { create } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
 import { HostKeyVerifier, HostReporter, OutputDigest } from "../../common/host-signing.js";
 import type { HostReportKey } from "../../gen/rexmesh/v1/host_pb.js";
 import { TaskState, TaskStatusSchema } from "../../gen/rexmesh/v1/task_pb.js";
+import { otherTestCa, testCa, testCredentials } from "../test-ca.js";
 
 const clock = new ManualClock(Date.UTC(2026, 0, 1));
-const ca = createCa({ clock });
-const other = createCa({ clock });
+const ca = testCa();
+const other = otherTestCa();
 const host = (id: string): PeerIdentity => ({ role: "host", scope: "acme", id });
 const proxy: PeerIdentity = { role: "proxy", scope: "eu", id: "px1" };
-const reporter = (id: string, from = ca, validityMs = 86_400_000) => new HostReporter(issueKeyAndCertificate(from, { clock, identity: host(id), validityMs }), clock, host(id));
+// Every host's certificate is on the run's one leaf key: what tells hosts apart is their certificate and report key.
+const reporter = (id: string, from = ca, validityMs = 86_400_000) => new HostReporter(testCredentials(host(id), { clock, validityMs, ca: from }), clock, host(id));
 
 function end(taskId: string, out: string, state = TaskState.SUCCEEDED) {
   const d = new OutputDigest();

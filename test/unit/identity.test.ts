@@ -1,7 +1,7 @@
 import { X509Certificate, createPrivateKey } from "node:crypto";
 import type { PeerCertificate } from "node:tls";
 import { beforeAll, describe, expect, it } from "vitest";
-import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate, serialNumber, type CaMaterial, type KeyPair } from "../../certs/ca.js";
+import { createCa, issueCertificate, issueKeyAndCertificate, serialNumber, type CaMaterial, type KeyPair } from "../../certs/ca.js";
 import {
   checkSegment,
   formatIdentity,
@@ -15,6 +15,7 @@ import {
 import { clientTlsOptions } from "../../certs/tls.js";
 import { ManualClock } from "../../common/clock.js";
 import { InvalidArgumentError, PermissionDeniedError, UnauthenticatedError } from "../../common/errors.js";
+import { otherTestCa, testKeys } from "../test-ca.js";
 
 const host: PeerIdentity = { role: "host", scope: "acme", id: "web-01.dc1" };
 
@@ -97,9 +98,10 @@ describe("certificate authority", () => {
   let leaf: X509Certificate;
 
   beforeAll(() => {
+    // Its own CA, not the run's: the test checks the name and validity it was made with.
     ca = createCa({ clock, commonName: "test CA", validityDays: 30 });
     caCert = new X509Certificate(ca.certPem);
-    keys = generateKeyPair();
+    keys = testKeys();
     leafPem = issueCertificate(ca, { clock, identity: host, publicKeyPem: keys.publicKeyPem, validityMs: 86_400_000 });
     leaf = new X509Certificate(leafPem);
   });
@@ -136,7 +138,7 @@ describe("certificate authority", () => {
   });
 
   it("is not accepted as issued by a different CA", () => {
-    const other = createCa({ clock });
+    const other = otherTestCa();
     const otherCert = new X509Certificate(other.certPem);
     expect(leaf.verify(otherCert.publicKey)).toBe(false);
     expect(leaf.checkIssued(otherCert)).toBe(false);

@@ -9,7 +9,6 @@ import type { PeerIdentity } from "../../certs/identity.js";
 import type { ProxyPort, SubmitRequest } from "../../controller/jobs.js";
 import { AsyncQueue } from "../../common/async-queue.js";
 import type { FrameLink } from "../../common/frame-link.js";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
 import { ManualClock } from "../../common/clock.js";
 import { peekSpec, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
 import {
@@ -25,6 +24,7 @@ import {
   type TaskState,
   type TaskStatus,
 } from "../../gen/rexmesh/v1/task_pb.js";
+import { testCa, testCredentials } from "../test-ca.js";
 
 /**
  * One side of an in-memory stream. `incoming` is fed by the test with
@@ -123,17 +123,16 @@ export const text = (data: Uint8Array): string => new TextDecoder().decode(data)
 let signing: { signer: TaskSigner; caPem: string } | undefined;
 
 /**
- * A controller signing key for tests, endorsed by a test CA (long-lived, and
- * valid at ManualClock's default time), so that tests can hand proxies and
- * daemons tasks as the controller would.
+ * A controller signing key for tests, endorsed by the run's test CA
+ * (long-lived, and valid at ManualClock's default time), so that tests can
+ * hand proxies and daemons tasks as the controller would.
  */
 export function testSigning(): { signer: TaskSigner; caPem: string } {
   if (!signing) {
     const clock = new ManualClock(Date.UTC(2025, 0, 1));
     const tenYears = 10 * 365 * 86_400_000;
-    const ca = createCa({ clock, validityDays: 3650 });
-    const creds = issueKeyAndCertificate(ca, { clock, identity: { role: "controller", scope: "mesh", id: "ctl" }, validityMs: tenYears });
-    signing = { signer: new TaskSigner(creds, clock, tenYears), caPem: ca.certPem };
+    const creds = testCredentials({ role: "controller", scope: "mesh", id: "ctl" }, { clock, validityMs: tenYears });
+    signing = { signer: new TaskSigner(creds, clock, tenYears), caPem: testCa().certPem };
   }
   return signing;
 }

@@ -1,9 +1,9 @@
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
-import { createCa, issueKeyAndCertificate } from "../../certs/ca.js";
 import { ManualClock } from "../../common/clock.js";
 import { TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
 import { SignedTaskSchema, StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
+import { otherTestCa, otherTestKeys, testCredentials } from "../test-ca.js";
 import { taskSpec, testSigning } from "./support.js";
 
 const clock = new ManualClock(Date.UTC(2025, 6, 1));
@@ -48,10 +48,11 @@ describe("TaskVerifier", () => {
     const { caPem } = testSigning();
     const longAgo = new ManualClock(Date.UTC(2025, 0, 1));
     const tenYears = 10 * 365 * 86_400_000;
-    // A second mesh: its controller and one of its hosts.
-    const otherCa = createCa({ clock: longAgo, validityDays: 3650 });
-    const hostCreds = issueKeyAndCertificate(otherCa, { clock: longAgo, identity: { role: "host", scope: "t", id: "h" }, validityMs: tenYears });
-    const otherCtl = issueKeyAndCertificate(otherCa, { clock: longAgo, identity: { role: "controller", scope: "mesh", id: "c" }, validityMs: tenYears });
+    // A second mesh: its controller and one of its hosts (on a key of their own: not the key of our controller's certificate).
+    const otherCa = otherTestCa();
+    const theirs = { clock: longAgo, validityMs: tenYears, ca: otherCa, keys: otherTestKeys() };
+    const hostCreds = testCredentials({ role: "host", scope: "t", id: "h" }, theirs);
+    const otherCtl = testCredentials({ role: "controller", scope: "mesh", id: "c" }, theirs);
     // Against the other CA: a controller key is fine, a host-endorsed key is not.
     const vOther = new TaskVerifier(otherCa.certPem, clock);
     expect(vOther.addKeys([new TaskSigner(hostCreds, longAgo, tenYears).key])).toBe(0);
