@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { mkdirSync, openSync, closeSync, readFileSync, existsSync, watch, rmSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate } from "../certs/ca.js";
+import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate, type CaMaterial } from "../certs/ca.js";
 import { credentialPaths, writeCa, writeCredentials, type CredentialPaths } from "../certs/files.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { systemClock } from "../common/clock.js";
@@ -35,6 +35,8 @@ export interface MeshLink {
 
 export interface MeshPlan {
   dir: string;
+  /** The CA that issues the mesh's certificates; a new one (an RSA-3072 key: seconds of CPU) by default. */
+  ca?: CaMaterial;
   regions: string[];
   /**
    * Proxies per region, one number for every region or one per region name
@@ -144,7 +146,7 @@ async function waitForFile(path: string, proc: ChildProcess, timeoutMs: number):
  */
 export class LocalMesh {
   readonly dir: string;
-  readonly plan: Required<Omit<MeshPlan, "controllerArgs" | "proxyArgs" | "daemonArgs" | "daemonArgsFor" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route" | "onExit">> & MeshPlan;
+  readonly plan: Required<Omit<MeshPlan, "ca" | "controllerArgs" | "proxyArgs" | "daemonArgs" | "daemonArgsFor" | "shareHostKey" | "nodeArgs" | "proxiesPerRegion" | "route" | "onExit">> & MeshPlan;
   controller!: RoleProcess;
   readonly proxies: (RoleProcess & { region: string; address?: string })[] = [];
   /** Daemon processes, each with its hosts and the names of the proxies it was given, in dialling order. */
@@ -154,7 +156,7 @@ export class LocalMesh {
   controllerAddressForProxies: string | undefined;
   operator!: CredentialPaths;
   private readonly identityDir: string;
-  private caMaterial!: ReturnType<typeof createCa>;
+  private caMaterial!: CaMaterial;
 
   constructor(plan: MeshPlan) {
     this.plan = { hostsPerProcess: 1, tenant: "default", logLevel: "info", ...plan };
@@ -162,13 +164,13 @@ export class LocalMesh {
     this.identityDir = join(this.dir, "identities");
   }
 
-  /** Issues every certificate; a fresh CA each time. */
+  /** Issues every certificate, with the plan's CA or a fresh one. */
   prepare(): void {
     rmSync(this.dir, { recursive: true, force: true });
     mkdirSync(join(this.dir, "logs"), { recursive: true });
     mkdirSync(join(this.dir, "run"), { recursive: true });
     const clock = systemClock;
-    this.caMaterial = createCa({ clock, commonName: "rexmesh dev CA" });
+    this.caMaterial = this.plan.ca ?? createCa({ clock, commonName: "rexmesh dev CA" });
     writeCa(join(this.dir, "ca"), this.caMaterial);
     const issue = (identity: PeerIdentity, dir: string, serves: boolean, days = 30) =>
       writeCredentials(dir, identity.id, issueKeyAndCertificate(this.caMaterial, { clock, identity, validityMs: days * 86_400_000, ...(serves ? SERVE_NAMES : {}) }));

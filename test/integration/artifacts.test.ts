@@ -7,6 +7,7 @@ import { LocalMesh } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState, type Step } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, hostIds, rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * The artifact repository end to end: 20 hosts (two daemon processes of ten)
@@ -15,7 +16,7 @@ import { clientOf, collectJob, hostIds, rexmesh, tempDir } from "./support.js";
 describe("artifact repository", () => {
   const hosts = hostIds(20);
   const dir = tempDir("artifacts");
-  const mesh = new LocalMesh({ dir, regions: ["dc1"], hosts: hosts.map((id) => ({ id, region: "dc1" })), hostsPerProcess: 10, shareHostKey: true });
+  const mesh = new LocalMesh({ ca: testCa(), dir, regions: ["dc1"], hosts: hosts.map((id) => ({ id, region: "dc1" })), hostsPerProcess: 10, shareHostKey: true });
   let conn: ReturnType<typeof clientOf>;
   const work = tempDir("artifacts-work");
   const controllerBlob = (digest: string) => join(mesh.dir, "data", "controller", "artifacts", "sha256", digest.slice(7));

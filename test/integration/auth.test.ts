@@ -27,6 +27,7 @@ import { ProxyLinkService, ProxyStreamRequestSchema } from "../../gen/rexmesh/v1
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { otherTestCa } from "../test-ca.js";
 import { tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 const run = promisify(execFile);
 
@@ -38,7 +39,7 @@ const run = promisify(execFile);
 describe("authentication and the public API", () => {
   const dir = tempDir("auth");
   const dir_ = () => dir;
-  const mesh = new LocalMesh({ dir, regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
+  const mesh = new LocalMesh({ ca: testCa(), dir, regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
   let hostCreds: CredentialPaths;
   let proxyCreds: CredentialPaths;
   let foreignOperator: CredentialPaths;

@@ -20,6 +20,7 @@ import { ProxyLinkService, ProxyStreamRequestSchema } from "../../gen/rexmesh/v1
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { StepSchema, TaskState, TaskStatusSchema, type Step } from "../../gen/rexmesh/v1/task_pb.js";
 import { collectJob, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * Attack cases for each credential an operator of this mesh might hold
@@ -89,6 +90,7 @@ bindings:
 `,
   );
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: join(work, "mesh"),
     regions: ["east", "west"],
     tenant: "acme",

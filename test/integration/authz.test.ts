@@ -6,6 +6,7 @@ import { LocalMesh } from "../../cli/launcher.js";
 import type { CredentialPaths } from "../../certs/files.js";
 import { ConnectionState } from "../../gen/rexmesh/v1/controller_pb.js";
 import { rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * Authorization and audit end to end: a controller started with a policy
@@ -44,6 +45,7 @@ bindings:
     { id: "bdb-1", region: "west", tenant: "beta", role: "db" },
   ];
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: join(work, "mesh"),
     regions: ["east", "west"],
     tenant: "acme",

@@ -10,6 +10,7 @@ import { peekSpec } from "../../common/task-signing.js";
 import { BundlePayloadSchema, BundleSchema } from "../../gen/rexmesh/v1/bundle_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * A site with no link at all: its proxy's controller address leads nowhere.
@@ -17,7 +18,7 @@ import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
  */
 describe("bundles through an air-gapped proxy", () => {
   const hosts = ["a1", "a2", "a3"];
-  const mesh = new LocalMesh({ dir: tempDir("bundles"), regions: ["air"], hosts: hosts.map((id) => ({ id, region: "air" })), hostsPerProcess: 3 });
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("bundles"), regions: ["air"], hosts: hosts.map((id) => ({ id, region: "air" })), hostsPerProcess: 3 });
   const files = () => join(mesh.dir, "carried");
   const marks = () => join(mesh.dir, "marks");
   let site: string[];

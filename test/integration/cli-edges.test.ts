@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, rexmesh, tempDir, until } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 type Ran = Awaited<ReturnType<typeof rexmesh>>;
 
@@ -40,7 +41,7 @@ function expectOneLine(r: Ran, message: RegExp, code = 2): void {
  */
 describe("the CLI's rough edges", () => {
   const work = tempDir("cli-edges");
-  const mesh = new LocalMesh({ dir: join(work, "mesh"), regions: ["east"], hosts: ["h1", "h2", "h3"].map((id) => ({ id, region: "east" })) });
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], hosts: ["h1", "h2", "h3"].map((id) => ({ id, region: "east" })) });
   const cli = (args: string[]) => rexmesh(args, mesh.exports());
   const missing = join(work, "no-such-file");
 

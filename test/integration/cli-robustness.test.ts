@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { clientOf, SilentCut, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 type Ran = { code: number | null; signal: string | null; stdout: string; stderr: string; ms: number };
 
@@ -35,7 +36,7 @@ function cli(args: string[], env: Record<string, string>, killMs: number, onStdo
  */
 describe("the CLI against silent peers", () => {
   const work = tempDir("cli-robust");
-  const mesh = new LocalMesh({ dir: join(work, "mesh"), regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
   let silent: net.Server;
   let silentAddress = "";
   const accepted: net.Socket[] = [];

@@ -16,6 +16,7 @@ import { isTerminal } from "../../common/task-state.js";
 import { ConnectionState, ResultCheck, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, isAlive, rexmesh, tempDir, until } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 type Api = Client<typeof ControllerService>;
 
@@ -51,6 +52,7 @@ async function kill(mesh: LocalMesh, p: RoleProcess, signal: NodeJS.Signals): Pr
 
 describe("delivery under faults", () => {
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("delivery"),
     regions: ["r"],
     hosts: [

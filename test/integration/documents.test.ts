@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * Documents end to end: a mesh of two regions (eu-west, us-east) with two
@@ -15,6 +16,7 @@ describe("documents, per-host templates, alternatives and dry runs on a real mes
   const work = tempDir("docs");
   const markers = join(work, "markers");
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: join(work, "mesh"),
     regions: ["eu-west", "us-east"],
     hosts: [

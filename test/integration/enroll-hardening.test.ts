@@ -15,6 +15,7 @@ import { EnrollRequestSchema } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { hostileCsr } from "../unit/hostile-csr.js";
 import { rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 const INVALID_ARGUMENT = 3;
 const ALREADY_EXISTS = 6;
@@ -44,6 +45,7 @@ bindings:
 `,
   );
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: join(work, "mesh"),
     regions: ["east"],
     hosts: [{ id: "h1", region: "east" }],

@@ -16,6 +16,7 @@ import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { EnrollRequestSchema } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 const ALREADY_EXISTS = 6;
 const PERMISSION_DENIED = 7;
@@ -25,6 +26,7 @@ const UNAUTHENTICATED = 16;
 /** Enrollment (issue 4): bootstrap credentials turn into host certificates, through a proxy. */
 describe("enrollment", () => {
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("enroll"),
     regions: ["east"],
     hosts: [],

@@ -11,6 +11,7 @@ import { ConnectionState, SubmitJobRequestSchema, type ControllerService } from 
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { clientOf, collectJob, hostIds, SilentCut, tempDir, type JobResult } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * Each host appends its task id to a marker file when the command starts
@@ -88,6 +89,7 @@ async function kill(mesh: LocalMesh, p: RoleProcess, signal: NodeJS.Signals = "S
 describe("faults: a proxy with 200 hosts behind it, and the controller", () => {
   const big = hostIds(200, "b");
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("faults"),
     regions: ["big"],
     hosts: big.map((id) => ({ id, region: "big" })),
@@ -142,6 +144,7 @@ describe("faults: a proxy with 200 hosts behind it, and the controller", () => {
 describe("faults: daemons", () => {
   const hosts = ["d1", "d2", "d3"];
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("faults-d"),
     regions: ["east"],
     hosts: hosts.map((id) => ({ id, region: "east" })),
@@ -200,6 +203,7 @@ describe("faults: daemons", () => {
 describe("faults: a datacenter cut off from the controller", () => {
   const hosts = hostIds(100, "c");
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("faults-cut"),
     regions: ["dc"],
     hosts: hosts.map((id) => ({ id, region: "dc" })),
@@ -260,6 +264,7 @@ describe("faults: a datacenter cut off from the controller", () => {
 
 describe("faults: a store that fills up", () => {
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("faults-full"),
     regions: ["east"],
     hosts: [{ id: "f1", region: "east" }],

@@ -5,6 +5,7 @@ import { readCredentials, type CredentialPaths } from "../../certs/files.js";
 import { LocalMesh } from "../../cli/launcher.js";
 import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus as Status, HealthCheckResponseSchema, type HealthCheckResponse } from "../../gen/grpc/health/v1/health_pb.js";
 import { tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /** A plain grpc-js client of grpc.health.v1, as a load balancer or grpc-health-probe would use it. */
 function healthClient(address: string, paths: CredentialPaths) {
@@ -23,7 +24,7 @@ function healthClient(address: string, paths: CredentialPaths) {
 }
 
 describe("health checking (grpc.health.v1)", () => {
-  const mesh = new LocalMesh({ dir: tempDir("health"), regions: ["r"], hosts: [{ id: "h1", region: "r" }], controllerArgs: ["--grace", "5s"] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("health"), regions: ["r"], hosts: [{ id: "h1", region: "r" }], controllerArgs: ["--grace", "5s"] });
   beforeAll(async () => {
     await mesh.start();
     await mesh.waitForHosts(1);

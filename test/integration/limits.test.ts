@@ -14,6 +14,7 @@ import { AgentLinkService, AgentStreamRequestSchema, type AgentStreamRequest } f
 import { ConnectionState, SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
 import { tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 async function codeOf(p: Promise<unknown>): Promise<{ code: Code; message: string; ms: number }> {
   const t0 = Date.now();
@@ -33,7 +34,7 @@ async function codeOf(p: Promise<unknown>): Promise<{ code: Code; message: strin
  */
 describe("input limits on a real mesh", () => {
   const work = tempDir("limits");
-  const mesh = new LocalMesh({ dir: join(work, "mesh"), regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], hosts: [{ id: "h1", region: "east" }] });
   let conn: ReturnType<typeof operatorClient>;
 
   beforeAll(async () => {

@@ -6,6 +6,7 @@ import { LocalMesh } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, hostIds, isAlive, rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * The whole mesh as real processes over mTLS on 127.0.0.1:0: one
@@ -16,6 +17,7 @@ describe("a mesh of real processes", () => {
   const hosts = hostIds(20);
   const regions = ["east", "west"];
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("mesh"),
     regions,
     hosts: hosts.map((id, i) => ({ id, region: regions[i % 2]! })),

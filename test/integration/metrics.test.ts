@@ -4,6 +4,7 @@ import { LocalMesh } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 const scrape = async (address: unknown) => (await fetch(`http://${String(address)}/metrics`)).text();
 const value = (text: string, series: string) => {
@@ -14,6 +15,7 @@ const value = (text: string, series: string) => {
 describe("Prometheus metrics", () => {
   const listen = ["--metrics-listen", "127.0.0.1:0"];
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("metrics"),
     regions: ["m"],
     hosts: [{ id: "m1", region: "m" }, { id: "m2", region: "m" }],

@@ -5,6 +5,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
 import { hostIds, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 const exec = promisify(execFile);
 
@@ -50,7 +51,7 @@ describe("the generated Python client (examples/python)", () => {
   const dir = tempDir("python");
   const genDir = join(dir, "gen");
   const hosts = hostIds(3); // h01 h02 h03
-  const mesh = new LocalMesh({ dir: join(dir, "mesh"), regions: ["east"], hosts: hosts.map((id) => ({ id, region: "east" })), hostsPerProcess: 3 });
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(dir, "mesh"), regions: ["east"], hosts: hosts.map((id) => ({ id, region: "east" })), hostsPerProcess: 3 });
   // No REXMESH_* from the outer environment; PYTHONPATH points at the freshly generated stubs.
   const baseEnv: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C.UTF-8", PYTHONPATH: genDir };
   const client = (args: string[], env: NodeJS.ProcessEnv = mesh.exports()) =>

@@ -4,6 +4,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
 import { tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /** The curl block of the README, exactly as a reader would paste it. */
 function readmeCurlBlock(): string {
@@ -14,7 +15,7 @@ function readmeCurlBlock(): string {
 }
 
 describe("the README's curl example", () => {
-  const mesh = new LocalMesh({ dir: tempDir("readme"), regions: ["r"], hosts: [{ id: "c1", region: "r" }, { id: "c2", region: "r" }] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("readme"), regions: ["r"], hosts: [{ id: "c1", region: "r" }, { id: "c2", region: "r" }] });
   beforeAll(async () => {
     await mesh.start();
     await mesh.waitForHosts(2);

@@ -4,6 +4,7 @@ import { LocalMesh } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 const echoHost = create(SubmitJobRequestSchema, { allHosts: true, steps: [{ tool: { case: "shell", value: { script: 'echo "$REXMESH_HOST_ID"' } } }] });
 
@@ -11,6 +12,7 @@ const echoHost = create(SubmitJobRequestSchema, { allHosts: true, steps: [{ tool
 describe("reconnects", () => {
   const hosts = ["r1", "r2", "r3", "r4"];
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("reconnect"),
     regions: ["east"],
     hosts: hosts.map((id) => ({ id, region: "east" })),

@@ -8,10 +8,11 @@ import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /** Short-lived host certificates are renewed over the link, mid-job, without losing a byte. */
 describe("certificate renewal", () => {
-  const mesh = new LocalMesh({ dir: tempDir("renew"), regions: ["r"], hosts: [], controllerArgs: ["--host-cert-ttl", "60s"] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("renew"), regions: ["r"], hosts: [], controllerArgs: ["--host-cert-ttl", "60s"] });
   let daemon: ChildProcess;
   let certPath: string;
   let log = "";

@@ -5,9 +5,11 @@ import { LocalMesh } from "../../cli/launcher.js";
 import { operatorClient } from "../../cli/client.js";
 import { ConnectionState } from "../../gen/rexmesh/v1/controller_pb.js";
 import { clientOf, rexmesh, SilentCut, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 describe("revocation", () => {
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: tempDir("revoke"),
     regions: ["a", "b"],
     hosts: [

@@ -6,10 +6,11 @@ import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { ConnectionState, SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /** A region with two proxies: each task goes through the proxy that holds its host's stream now. */
 describe("proxy selection", () => {
-  const mesh = new LocalMesh({ dir: tempDir("routing"), regions: ["r"], hosts: [], daemonArgs: ["--heartbeat", "1s"], proxyArgs: ["--heartbeat", "1s"] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("routing"), regions: ["r"], hosts: [], daemonArgs: ["--heartbeat", "1s"], proxyArgs: ["--heartbeat", "1s"] });
   let daemon: ChildProcess;
 
   beforeAll(async () => {

@@ -23,6 +23,7 @@ import { Prng } from "../../chaos/prng.js";
 import { encode, MISTYPED_FIELDS, randomMessage, seedOf, withUnknownField } from "./fuzz-input.js";
 import { envelope, RawGrpcClient, type Outcome, type RawCall } from "./raw-grpc.js";
 import { isAlive, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * Malformed input at every public RPC and every link RPC of a real mesh
@@ -163,6 +164,7 @@ bindings:
 `,
   );
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: join(work, "mesh"),
     regions: ["east"],
     hosts: [{ id: "h1", region: "east" }],

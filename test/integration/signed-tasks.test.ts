@@ -16,6 +16,7 @@ import { ResultCheck, SubmitJobRequestSchema } from "../../gen/rexmesh/v1/contro
 import { ProxyLinkService, ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { SignedTaskSchema, StatusAckSchema, TaskSpecSchema, TaskState, type SignedTask, type TaskSigningKey, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * A proxy with a valid proxy certificate that misbehaves: it relays like a
@@ -104,7 +105,7 @@ const owners = new Map<string, string>();
 const peekOwner = (s: TaskStatus) => owners.get(s.taskId);
 
 describe("signed tasks: a proxy can delay work but never forge or redirect it", () => {
-  const mesh = new LocalMesh({ dir: tempDir("signed"), regions: [], hosts: [] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("signed"), regions: [], hosts: [] });
   const daemons: ChildProcess[] = [];
   let evil: EvilProxy;
   const marks = () => join(mesh.dir, "marks");

@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
 import { StepSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
+import { testCa } from "../test-ca.js";
 
 /**
  * Execution tools on a real mesh: four hosts, each its own daemon process
@@ -25,6 +26,7 @@ const HOSTS = Object.keys(HIDDEN);
 describe("execution tools chosen by host, with real python3 and ansible-playbook", () => {
   const work = tempDir("tools");
   const mesh = new LocalMesh({
+    ca: testCa(),
     dir: join(work, "mesh"),
     regions: ["eu"],
     hosts: HOSTS.map((id) => ({ id, region: "eu" })),
