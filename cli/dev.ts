@@ -122,6 +122,8 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
     };
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
+    // The roles run in process groups of their own: a closed terminal stops them through here too.
+    process.on("SIGHUP", onSignal);
   });
 
   const proxyCount = plan.regions.length * proxiesPerRegion;

@@ -98,9 +98,19 @@ export function isRunning(p: RoleProcess): boolean {
 
 const SERVE_NAMES = { dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"] };
 
-function cleanEnv(): NodeJS.ProcessEnv {
+/**
+ * The grace each role of a local mesh has to drain on SIGTERM (given as
+ * REXMESH_GRACE, so a plan's own --grace wins), and what stop() waits on top
+ * of it before a SIGKILL.
+ */
+const ROLE_GRACE_MS = 4000;
+const FORCE_AFTER_MS = 5000;
+
+/** The environment of a role: the caller's, without its REXMESH_* settings, with the mesh's grace. */
+function roleEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) env[k] = v;
+  env.REXMESH_GRACE = `${ROLE_GRACE_MS}ms`;
   return env;
 }
 
@@ -248,7 +258,9 @@ export class LocalMesh {
   private launch(p: RoleProcess): void {
     rmSync(p.readyFile, { force: true });
     const fd = openSync(p.logFile, "a");
-    const proc = spawn(process.execPath, p.args, { stdio: ["ignore", fd, fd], env: cleanEnv() });
+    // Detached (a process group of its own): a Ctrl-C at the terminal reaches only the process that runs the
+    // mesh, which stops the roles in order and lets each drain, instead of every role at once and then again.
+    const proc = spawn(process.execPath, p.args, { stdio: ["ignore", fd, fd], env: roleEnv(), detached: true });
     closeSync(fd);
     p.proc = proc;
     const onExit = this.plan.onExit;
@@ -386,8 +398,8 @@ export class LocalMesh {
     return [...this.daemons, ...this.proxies, ...(this.controller ? [this.controller] : [])];
   }
 
-  /** Stops every process (daemons first), with SIGTERM and then SIGKILL after graceMs. */
-  async stop(graceMs = 5000): Promise<void> {
+  /** Stops every process (daemons first), with SIGTERM, each draining within its grace, and SIGKILL after graceMs. */
+  async stop(graceMs = ROLE_GRACE_MS + FORCE_AFTER_MS): Promise<void> {
     const stopOne = (p: RoleProcess) => this.kill(p, "SIGTERM", graceMs);
     await Promise.all(this.daemons.map(stopOne));
     await Promise.all(this.proxies.map(stopOne));

@@ -353,7 +353,10 @@ export class OperatorAccess {
       // Zero certificates (role enroll) are a tenant's own credentials, revoked like its hosts.
       if (!["host", "operator", "proxy", "enroll"].includes(req.role)) throw new InvalidArgumentError("role must be host, proxy, operator or enroll");
       if (req.role !== "proxy" && scope !== caller.scope) throw new PermissionDeniedError(`an operator of tenant ${caller.scope} cannot revoke identities of tenant ${scope}`);
-      const role = this.deps.authz.require(caller, req.role === "host" ? { action: "revoke", hosts: [this.hostFor(caller.scope, req.id)] } : { action } as AccessRequest);
+      // A zero certificate enrolls any host id: revoking it stops every enrollment with it, so it needs
+      // token on all hosts, like an unbound join token.
+      const asked: AccessRequest = req.role === "host" ? { action: "revoke", hosts: [this.hostFor(caller.scope, req.id)] } : req.role === "enroll" ? { action: "token", allHosts: true, what: "revoke a zero certificate (it enrolls any host id)" } : ({ action } as AccessRequest);
+      const role = this.deps.authz.require(caller, asked);
       const entry = await this.revocations().revoke(caller, req);
       await this.record(caller, action, { decision: "allowed", reason: `role ${role}${req.reason ? `; reason given: ${req.reason}` : ""}` }, { what: entry.uri, hostIds });
       return entry;

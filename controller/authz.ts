@@ -131,7 +131,7 @@ export interface Policy {
 export type AccessRequest =
   | { action: "submit"; hosts: readonly HostRecord[]; steps: readonly Step[]; env?: Readonly<Record<string, string>> }
   | { action: "label"; before: HostRecord; after: HostRecord }
-  | { action: Exclude<Action, "submit" | "label">; hosts?: readonly HostRecord[]; allHosts?: boolean };
+  | { action: Exclude<Action, "submit" | "label">; hosts?: readonly HostRecord[]; allHosts?: boolean; what?: string };
 
 export type Decision = { allowed: true; role: string } | { allowed: false; reason: string };
 
@@ -274,7 +274,7 @@ function decideUnsafe(policy: Policy | undefined, caller: PeerIdentity, req: Acc
     case "label":
       return decideLabel(who, roles, withAction, req.before, req.after);
     default:
-      if (req.allHosts) return decideOnAllHosts(who, req.action, withAction);
+      if (req.allHosts) return decideOnAllHosts(who, req.action, withAction, req.what);
       return req.hosts ? decideOnHosts(who, req.action, withAction, req.hosts) : { allowed: true, role: withAction[0]!.name };
   }
 }
@@ -309,11 +309,10 @@ function prelude(policy: Policy | undefined, caller: PeerIdentity, action: strin
 }
 
 /** A role whose selector is `all` must grant the action: the request concerns hosts no selector can be checked on yet. */
-function decideOnAllHosts(who: string, action: Action, roles: RoleDef[]): Decision {
+function decideOnAllHosts(who: string, action: Action, roles: RoleDef[], what = action === "token" ? "create a join token for any host id (one not bound with --host-id)" : `${action} on any host of the tenant`): Decision {
   const role = roles.find((r) => r.hosts.kind === "all");
   if (role) return { allowed: true, role: role.name };
   const held = roles.map((r) => `${r.name} (hosts: ${r.hostsText})`).join(", ");
-  const what = action === "token" ? "create a join token for any host id (one not bound with --host-id)" : `${action} on any host of the tenant`;
   return { allowed: false, reason: `${who} may not ${what}: its roles grant ${action} only on some hosts, ${held}; that needs a role with hosts "all"` };
 }
 

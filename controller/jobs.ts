@@ -260,7 +260,6 @@ export class JobManager implements RoleCore {
    * (authorized again), another one is refused with ALREADY_EXISTS.
    */
   async submit(caller: PeerIdentity, req: SubmitRequest, authorize?: SubmitAuthorizer): Promise<JobRecord> {
-    if (this.draining) throw new UnavailableError("the controller is stopping and takes no new jobs; submit again (with the same idempotency key) once it is back");
     const tenant = caller.scope;
     // Checked, resolved and authorized first, a replay of an idempotent submit too.
     const plan = this.planner.plan(caller, req, authorize);
@@ -287,8 +286,13 @@ export class JobManager implements RoleCore {
     }
   }
 
-  /** Stores a planned job and sends its tasks (see submit), counted among the submits a drain waits for. */
+  /**
+   * Stores a planned job and sends its tasks (see submit), counted among the
+   * submits a drain waits for. A drain refuses it here, after the replay of
+   * a known idempotency key was answered from the store.
+   */
   private create(caller: PeerIdentity, req: SubmitRequest, plan: Plan, digest: string): Promise<JobRecord> {
+    if (this.draining) return Promise.reject(new UnavailableError("the controller is stopping and takes no new jobs; submit again (with the same idempotency key) once it is back"));
     const created = this.storeAndSend(caller, req, plan, digest);
     this.creating.add(created);
     void created.finally(() => this.creating.delete(created)).catch(() => undefined);

@@ -211,9 +211,12 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
+      // One grace for the whole stop: what the drain used is not given again to the servers.
+      const until = Date.now() + graceMs;
       await jobs.drain(graceMs);
       await metricsServer?.close();
-      await Promise.all([server.close(graceMs), enrollServer?.close(graceMs)]);
+      const left = Math.max(0, until - Date.now());
+      await Promise.all([server.close(left), enrollServer?.close(left)]);
       jobs.stop();
       await store.close();
     },

@@ -148,8 +148,10 @@ export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
   return [...byTask.values()].flatMap((t) => [...t.before, ...t.chunks.sort((a, b) => (seq(a) < seq(b) ? -1 : seq(a) > seq(b) ? 1 : 0)), ...t.ends]);
 }
 
-/** Time a cancelled task has, past the kill grace, to record its end before a drain goes on without it. */
-const END_MARGIN_MS = 2000;
+/** What a drain keeps at the end of its grace for the ends of the tasks it had to end to be acknowledged. */
+const DRAIN_ACK_MS = 1000;
+/** The abort reason of a task a drain ends: it ends INTERRUPTED, not CANCELLED (no one cancelled it). */
+const DRAIN_OVERRUN = new Error("the daemon stopped and its grace time ran out");
 
 /** The end of the queue of tasks waiting for their turn to spawn (see spawnTurn). */
 let lastTurn: Promise<void> = Promise.resolve();
@@ -275,10 +277,11 @@ export class Agent implements RoleCore {
    * Stops taking work and lets what is in flight end while the stream stays
    * open: the proxy is told that this host has no free slots (a task it sent
    * before it heard is kept in the ledger and runs after the next start),
-   * running tasks get graceMs to finish and are then cancelled (their process
-   * groups killed, so nothing outlives the daemon unaccounted), and their
-   * results are sent until the proxy acknowledges them or the grace is over.
-   * What is still unacknowledged then stays in the outbox for the next start.
+   * running tasks get what the grace leaves after the kill grace and a
+   * second for acks, and are then ended INTERRUPTED (their process groups
+   * killed, so nothing outlives the daemon unaccounted), and results are sent
+   * until the proxy acknowledges them. All of it within graceMs; what is
+   * still unacknowledged then stays in the outbox for the next start.
    */
   async drain(graceMs: number): Promise<void> {
     const clock = this.opts.clock;
@@ -286,12 +289,13 @@ export class Agent implements RoleCore {
     this.draining = true;
     this.reportCredits();
     this.out?.flush();
+    const cancelAfter = Math.max(0, graceMs - this.opts.killGraceMs - DRAIN_ACK_MS);
     const cancelRunning = () => {
-      for (const abort of this.running.values()) abort.abort(new Error("the daemon is stopping and its grace time ran out"));
+      for (const abort of this.running.values()) abort.abort(DRAIN_OVERRUN);
     };
-    const overrun = graceMs > 0 ? clock.setTimeout(cancelRunning, graceMs) : (cancelRunning(), undefined);
-    // A cancelled task ends within the kill grace; one whose end cannot be stored ends when stop() gives up on the store.
-    await this.whenSettled(() => this.running.size === 0, graceMs + this.opts.killGraceMs + END_MARGIN_MS);
+    const overrun = cancelAfter > 0 ? clock.setTimeout(cancelRunning, cancelAfter) : (cancelRunning(), undefined);
+    // A task whose end cannot be stored (a failing store) ends when stop() gives up on the store.
+    await this.whenSettled(() => this.running.size === 0, Math.max(0, deadline - clock.now()));
     overrun?.cancel();
     this.out?.flush();
     await this.whenSettled(() => this.outbox.size === 0 && this.unkept.size === 0, Math.max(0, deadline - clock.now()));
@@ -729,7 +733,11 @@ export class Agent implements RoleCore {
       });
       // Every chunk goes out before the end that counts it.
       await output.settled();
-      await this.finishTask(entry, outcome, digest, { from, retry: true });
+      const ended =
+        abort.signal.reason === DRAIN_OVERRUN && outcome.state === TaskState.CANCELLED
+          ? { ...outcome, state: TaskState.INTERRUPTED, message: `${DRAIN_OVERRUN.message}: the task was ended (its process group killed) and is not run again` }
+          : outcome;
+      await this.finishTask(entry, ended, digest, { from, retry: true });
     } finally {
       this.outputs.delete(taskId);
       this.running.delete(taskId);

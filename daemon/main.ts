@@ -40,7 +40,7 @@ export const daemonSchema = {
   outputLimit: { type: "int", default: 64 * 1024 * 1024, min: 0, doc: "output bytes kept per task when the job sets no limit" },
   maxUnackedOutput: { type: "int", default: 16 * 1024 * 1024, min: 65536, doc: "output bytes per host not yet acknowledged by the proxy; above it, tasks block in write() until acks arrive" },
   killGrace: { type: "duration", default: "2s", doc: "time between SIGTERM and SIGKILL when a task is stopped" },
-  grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop" },
+  grace: { type: "duration", default: "10s", doc: "time allowed for a graceful stop: running tasks get what is left after --kill-grace and a second for acks, then end INTERRUPTED (at least --kill-grace + 1s)" },
   hostId: { type: "string", doc: "enrollment: this host's id; with --identities DIR, the daemon enrolls when DIR holds no valid certificate for it (docs/enrollment.md)" },
   joinToken: { type: "string", doc: "enrollment: a join token (rexmesh tokens create); prefer REXMESH_JOIN_TOKEN or a config file to keep it out of the process list" },
   enrollCert: { type: "string", doc: "enrollment: a zero certificate (role enroll) to enroll with instead of a token" },
@@ -78,6 +78,8 @@ function grpcDialer(paths: CredentialPaths): Dialer {
 /** Starts one agent per host identity this process serves. */
 export async function startDaemon(config: DaemonConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { agents: Agent[] }> {
   if (!config.proxies || config.proxies.length === 0) throw new ConfigError("proxies is required (--proxies HOST:PORT[,HOST:PORT...])");
+  // A stop ends what still runs in time for its process group to be killed and its end to reach the proxy.
+  if (config.grace < config.killGrace + 1000) throw new ConfigError(`grace (${config.grace} ms) must be at least killGrace (${config.killGrace} ms) plus 1s, so that a stop can kill what still runs and report its end`);
   if (config.hostId) await enrollIfNeeded(config, log, clock);
   const tools = detectTools({ declared: config.tools, hidden: config.hideTools });
   const facts = collectFacts(tools.names);

@@ -209,11 +209,14 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     draining: () => health.draining(),
     async stop(graceMs) {
       // The link to the controller stays up while the core drains: the results of what ends meanwhile go up now.
+      // One grace for the whole stop: what the drain used is not given again to the servers.
+      const until = clock.now() + graceMs;
       await core.drain(graceMs);
       stop.abort();
       await metricsServer?.close();
       core.stop();
-      await Promise.all([server.close(graceMs), enrollServer?.close(graceMs), uplink]);
+      const left = Math.max(0, until - clock.now());
+      await Promise.all([server.close(left), enrollServer?.close(left), uplink]);
       enrollChannel?.close();
       renewChannel?.close();
       artifactChannel?.close();

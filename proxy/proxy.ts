@@ -178,13 +178,16 @@ export class ProxyCore implements RoleCore {
    * Stops taking work and lets what is in flight end: a new host stream is
    * refused UNAVAILABLE (its daemon tries the next proxy of the region), no
    * task is handed to a host any more (tasks the controller sends meanwhile
-   * are stored and wait), and the streams stay open until no task handed
-   * out here is still running on a connected host and the controller has
-   * acknowledged every result, or graceMs is over. Nothing is lost either
-   * way: what did not end here is in the store and the daemons' outboxes.
+   * are stored and wait), a host with nothing handed out here running is
+   * let go at once (UNAVAILABLE: it fails over now, not at the stop), and
+   * the other streams stay open until no task handed out here runs on a
+   * connected host and the controller has acknowledged every result, or
+   * graceMs is over. Nothing is lost either way: what did not end here is
+   * in the store and the daemons' outboxes.
    */
   async drain(graceMs: number): Promise<void> {
     this.draining = true;
+    for (const session of [...this.hosts.values()]) this.releaseIfIdle(session);
     if (this.drainedNow() || graceMs <= 0) return;
     await new Promise<void>((resolve) => {
       const timer = this.clock.setTimeout(() => finish(), graceMs);
@@ -193,17 +196,37 @@ export class ProxyCore implements RoleCore {
         this.drainCheck = undefined;
         resolve();
       };
-      this.drainCheck = () => this.drainedNow() && finish();
+      // Looked at once per turn of the event loop, not per frame: a drain must not cost O(tasks) per heartbeat.
+      let scheduled = false;
+      this.drainCheck = () => {
+        if (scheduled) return;
+        scheduled = true;
+        setImmediate(() => {
+          scheduled = false;
+          if (this.drainedNow()) finish();
+        });
+      };
     });
   }
 
   /** True once nothing handed out here runs on a connected host and no result waits for a connected controller. */
   private drainedNow(): boolean {
     if (this.controller && this.store.upwardSize() > 0) return false;
-    for (const session of this.hosts.values()) {
-      for (const task of this.store.tasksFor(session.hostId)) if (task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) return false;
-    }
+    for (const session of this.hosts.values()) if (this.runsHere(session.hostId)) return false;
     return true;
+  }
+
+  /** Whether a task handed out through this proxy has not ended on this host yet. */
+  private runsHere(hostId: string): boolean {
+    for (const task of this.store.tasksFor(hostId)) if (task.state >= TaskState.DISPATCHED && !isTerminal(task.state)) return true;
+    return false;
+  }
+
+  /** While draining, lets a host go that has nothing running through this proxy, after what is queued for it (acks). */
+  private releaseIfIdle(session: HostSession): void {
+    if (!this.draining || this.hosts.get(session.hostId) !== session || this.runsHere(session.hostId)) return;
+    session.session.out.flush();
+    session.link.close(new UnavailableError(`proxy ${this.name} is stopping; connect to another proxy of region ${this.region}`));
   }
 
   get connectedHosts(): number {
@@ -254,6 +277,8 @@ export class ProxyCore implements RoleCore {
       this.deliver(session);
       await ls.forEach(async (frame) => {
         await this.handleHostFrame(session, frame);
+        if (!this.draining) return;
+        this.releaseIfIdle(session);
         this.drainCheck?.();
       });
     } catch (err) {

@@ -170,6 +170,10 @@ bindings:
       expect(elsewhere.code).toBe(Code.PermissionDenied);
       const bound = await as("acme/webenroller").tokens.createJoinToken({ hostId: "web-1" });
       expect(bound.token).toMatch(/^rxj1_/);
+      // Nor may it stop every enrollment of the tenant by revoking its zero certificate.
+      const zero = await failure(as("acme/webenroller").revocation.revoke({ role: "enroll", id: "rack-1", reason: "test" }));
+      expect(zero.code).toBe(Code.PermissionDenied);
+      expect(zero.rawMessage).toMatch(/needs a role with hosts "all"/);
     });
 
     it("refuses revocation of another operator to an operator with no role", async () => {

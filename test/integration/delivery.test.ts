@@ -60,8 +60,9 @@ describe("delivery under faults", () => {
       { id: "h2", region: "r" },
       { id: "h3", region: "r" },
     ],
-    daemonArgs: ["--heartbeat", "1s"],
-    proxyArgs: ["--heartbeat", "1s"],
+    // 10 s of grace (a local mesh gives 4 s): the SIGTERM cases below let a 1.5 s task finish.
+    daemonArgs: ["--heartbeat", "1s", "--grace", "10s"],
+    proxyArgs: ["--heartbeat", "1s", "--grace", "10s"],
     controllerArgs: ["--heartbeat", "1s"],
   });
   const marks = join(mesh.dir, "marks");
@@ -119,7 +120,11 @@ describe("delivery under faults", () => {
       const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], ...printer(marks, 30, "0.05") }));
       await outputStarted(conn.client, job!.id, 3);
       const p = role === "daemon" ? daemonOf("h1") : mesh.proxies[0]!;
+      const t0 = Date.now();
       await kill(mesh, p, "SIGTERM");
+      // It left on its own once the task was done (exit 0, well inside its 10 s grace), not by a forced exit.
+      expect(p.proc.exitCode).toBe(0);
+      expect(Date.now() - t0).toBeLessThan(8000);
       try {
         const t = await terminal(conn.client, job!.id, 5000);
         expect(t.state, t.message).toBe(TaskState.SUCCEEDED);

@@ -613,7 +613,7 @@ describe("Agent: draining", () => {
     expect(t.executor.runs).toHaveLength(1);
   });
 
-  it("cancels a task still running when the grace runs out and sends its end before stopping", async () => {
+  it("ends a task still running early enough that its process group is killed and its end acknowledged within the grace: INTERRUPTED", async () => {
     const t = setup();
     await t.start();
     t.fromProxy({ tasks: [t.spec("t1")] });
@@ -621,22 +621,48 @@ describe("Agent: draining", () => {
     const run = t.executor.runs[0]!;
     let drained = false;
     const draining = t.agent.drain(5000).then(() => (drained = true));
-    t.clock.advance(4999);
+    // 5 s of grace less the kill grace (2 s) and a second for the ack.
+    t.clock.advance(1999);
     await flush();
     expect(run.io.signal?.aborted).toBe(false);
     t.clock.advance(1);
     await flush();
     expect(run.io.signal?.aborted).toBe(true);
-    run.finish({ state: TaskState.CANCELLED, message: String(run.io.signal?.reason) });
+    // What the process executor answers an aborted run (daemon/executor.ts); the kill grace passes.
+    t.clock.advance(2000);
+    run.finish({ state: TaskState.CANCELLED, message: "cancelled" });
     await flush();
-    // The grace is over: the drain does not wait for the ack of the end, which stays in the outbox for the next stream.
+    expect(drained).toBe(false);
+    const end = t.link().sent.flatMap((f) => f.statuses).find((s) => s.state >= TaskState.SUCCEEDED)!;
+    expect(TaskState[end.state]).toBe("INTERRUPTED");
+    expect(end.message).toBe("the daemon stopped and its grace time ran out: the task was ended (its process group killed) and is not run again");
+    t.fromProxy({ statusAcks: [{ taskId: "t1", state: TaskState.INTERRUPTED }] });
+    await flush();
     expect(drained).toBe(true);
     await draining;
-    expect(statusesIn(t.link().sent)).toContain("t1:CANCELLED");
-    expect(t.ledger.get("t1")?.final?.state).toBe(TaskState.CANCELLED);
+    expect(t.ledger.get("t1")?.final?.state).toBe(TaskState.INTERRUPTED);
   });
 
-  it("does not wait for acknowledgements while no proxy holds its stream: the grace bounds it", async () => {
+  it("never waits past the grace, whatever the kill grace", async () => {
+    const t = setup();
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("t1")] });
+    await flush();
+    const run = t.executor.runs[0]!;
+    let drained = false;
+    const draining = t.agent.drain(1500).then(() => (drained = true));
+    await flush();
+    // Less grace than the kill grace and the ack second: the task is ended at once.
+    expect(run.io.signal?.aborted).toBe(true);
+    t.clock.advance(1500);
+    await flush();
+    expect(drained).toBe(true);
+    await draining;
+    run.finish({ state: TaskState.CANCELLED, message: "cancelled" });
+    await flush();
+  });
+
+  it("waits for acknowledgements no longer than the grace while no proxy holds its stream", async () => {
     const t = setup();
     await t.start();
     t.fromProxy({ tasks: [t.spec("t1")] });

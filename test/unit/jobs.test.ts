@@ -550,6 +550,15 @@ describe("JobManager lifecycle", () => {
     t.jobs.stop();
   });
 
+  it("answers the replay of a stored idempotent submit while draining, and refuses a new one", async () => {
+    const t = setup();
+    const job = await t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }));
+    await t.jobs.drain(1000);
+    expect((await t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k1" }))).id).toBe(job.id);
+    await expect(t.jobs.submit(t.acme, request({ hostIds: ["h1"], idempotencyKey: "k2" }))).rejects.toThrow(UnavailableError);
+    t.jobs.stop();
+  });
+
   it("stops waiting for a submit that is not stored within the grace", async () => {
     const store = new GatedJobStore();
     const t = setup({ store });

@@ -670,9 +670,14 @@ describe("ProxyCore: draining", () => {
     t.h.send({ statuses: [status("t1", TaskState.RUNNING)], output: [chunk("t1", 1)] });
     await flush();
     expect(drained).toBe(false);
+    expect(t.h.link.isClosed).toBe(false);
     t.h.send({ statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 1n })] });
     await flush();
     expect(upStatuses(t.ctl.link)).toContain("t1:SUCCEEDED");
+    // Nothing runs on h1 through this proxy any more: it is let go (to fail over now), after the ack of its end.
+    expect(statusAcksTo(t.h.link)).toContain("t1:SUCCEEDED");
+    expect(t.h.link.isClosed).toBe(true);
+    expect(t.h.link.closeError).toBeInstanceOf(UnavailableError);
     expect(drained).toBe(false);
     // Once the controller has every result, nothing is in flight.
     t.ctl.send({ outputAcks: [{ taskId: "t1", seq: 1n }], statusAcks: [{ taskId: "t1", state: TaskState.SUCCEEDED }, { taskId: "t1", state: TaskState.DISPATCHED, atProxy: true }, { taskId: "t2", state: TaskState.QUEUED, atProxy: true }] });
@@ -680,7 +685,21 @@ describe("ProxyCore: draining", () => {
     expect(t.store.upwardSize()).toBe(0);
     expect(drained).toBe(true);
     await draining;
+    t.core.stop();
+  });
+
+  it("lets a host with nothing running through it go at once, so that it fails over now, and keeps one whose task runs", async () => {
+    const t = await dispatched();
+    t.h.send({ statuses: [status("t1", TaskState.RUNNING)] });
+    const idle = t.connectHost("h2", 4);
+    await flush();
+    const draining = t.core.drain(60_000);
+    await flush();
+    expect(idle.link.isClosed).toBe(true);
+    expect(String(idle.link.closeError)).toMatch(/px1 is stopping; connect to another proxy of region eu/);
     expect(t.h.link.isClosed).toBe(false);
+    t.clock.advance(60_000);
+    await draining;
     t.core.stop();
   });
 
