@@ -56,6 +56,13 @@ export interface SessionPortOptions<Out, In> {
    * close frame.
    */
   errorsAsStatus?: boolean;
+  /**
+   * After this side closed the session, how long it waits for the peer to
+   * end the stream before closing the link itself: for links whose close
+   * aborts the call (connect-node clients), which could cut off the close
+   * frame. Absent: the link is closed at once.
+   */
+  lingerMs?: number;
   /** Defers a flush to the next turn of the event loop. Default setImmediate. */
   schedule?: (fn: () => void) => void;
 }
@@ -88,7 +95,7 @@ export class SessionPort<Out, In> {
   private handlers: SessionHandlers | undefined;
   private readonly belowWaiters: { bytes: number; resolve: () => void }[] = [];
   private readonly schedule: (fn: () => void) => void;
-  private readonly keepaliveMs: number;
+  private keepaliveMs: number;
   /** The one iterator over the peer's messages (a second one would start a second call on a dialling link). */
   private iterator: AsyncIterator<In> | undefined;
 
@@ -105,9 +112,11 @@ export class SessionPort<Out, In> {
   /**
    * Starts the port: grants the peer its window, starts the keep-alive,
    * and reads the peer's frames (after `first`, a frame already read with
-   * the hop's opening message) until the session ends.
+   * the hop's opening message) until the session ends. `keepaliveMs`: the
+   * interval the session's order set, when it was not known at construction.
    */
-  start(handlers: SessionHandlers, first?: SessionFrame): void {
+  start(handlers: SessionHandlers, first?: SessionFrame, keepaliveMs?: number): void {
+    if (keepaliveMs !== undefined) this.keepaliveMs = keepaliveMs;
     this.handlers = handlers;
     this.heartbeat = new Heartbeat(
       this.opts.clock,
@@ -283,10 +292,10 @@ export class SessionPort<Out, In> {
       for (;;) {
         const r = await messages.next();
         if (r.done) break;
-        const message = r.value;
-        if (this.done) return;
+        // Once ended here, the rest is read and dropped until the peer ends the stream (see lingerMs).
+        if (this.done) continue;
         this.heartbeat?.received();
-        const frame = this.opts.unwrap(message);
+        const frame = this.opts.unwrap(r.value);
         if (frame) this.take(frame);
       }
       this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} ended the session's stream without closing the session` }, "error");
@@ -325,17 +334,22 @@ export class SessionPort<Out, In> {
     this.done = true;
     this.heartbeat?.stop();
     for (const w of this.belowWaiters.splice(0)) w.resolve();
-    if (how === "error") {
-      if (this.opts.errorsAsStatus) {
-        this.link.close(new ConnectError(end.message, end.code || Code.Unknown));
-      } else {
-        this.link.send(this.opts.wrap(create(SessionFrameSchema, { close: create(SessionCloseSchema, { code: end.code, message: truncate(end.message, LIMITS.sessionMessageChars) }) })));
-        this.link.close();
-      }
-    } else {
+    if (how === "error" && this.opts.errorsAsStatus) {
+      this.link.close(new ConnectError(end.message, end.code || Code.Unknown));
+    } else if (how === "peer" || !this.opts.lingerMs) {
+      if (how === "error") this.link.send(this.closeFrame(end));
       this.link.close();
+    } else {
+      // A dialling connect link aborts its call when closed, which could cut off the close frame: the peer ends the stream instead.
+      if (how === "error") this.link.send(this.closeFrame(end));
+      const timer = this.opts.clock.setTimeout(() => this.link.close(), this.opts.lingerMs);
+      this.link.closed.then(() => timer.cancel(), () => timer.cancel());
     }
     this.resolveEnded(end);
+  }
+
+  private closeFrame(end: SessionEnd): Out {
+    return this.opts.wrap(create(SessionFrameSchema, { close: create(SessionCloseSchema, { code: end.code, message: truncate(end.message, LIMITS.sessionMessageChars) }) }));
   }
 }
 
@@ -367,6 +381,7 @@ export function relaySession<A, B, C, D>(
   client: SessionPort<A, B>,
   host: SessionPort<C, D>,
   first?: { client?: SessionFrame; host?: SessionFrame },
+  keepaliveMs?: number,
 ): Promise<RelayEnd> {
   let exit: SessionExit | undefined;
   client.start(
@@ -377,6 +392,7 @@ export function relaySession<A, B, C, D>(
       eof: () => host.sendEof(),
     },
     first?.client,
+    keepaliveMs,
   );
   host.start(
     {
@@ -387,6 +403,7 @@ export function relaySession<A, B, C, D>(
       },
     },
     first?.host,
+    keepaliveMs,
   );
   return Promise.race([
     client.ended.then((end) => {
