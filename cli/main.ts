@@ -13,6 +13,7 @@ usage: rexmesh COMMAND [options]   (rexmesh COMMAND --help for each)
 operators:
   run        run a command on hosts, stream their output live
   ping       check that hosts answer (no process is started)
+  shell      a terminal (or CMD) on one host through the mesh: shell HOST [-- CMD]
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them
@@ -35,7 +36,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -97,6 +98,8 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./completion.js")).completionCommand(rest, io);
     case "ping":
       return (await import("./ping.js")).pingCommand(rest, io);
+    case "shell":
+      return (await import("./shell.js")).shellCommand(rest, io);
     case "bundle":
       return (await import("./bundle.js")).bundleCommand(rest, io);
     case "controller":
