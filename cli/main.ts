@@ -2,6 +2,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError, RexmeshError } from "../common/errors.js";
 import { installFastText } from "../common/fast-text.js";
 import { codeOf } from "../common/rpc-errors.js";
+import { SessionEndedError } from "../common/session-port.js";
 import type { Io } from "./operator.js";
 
 installFastText();
@@ -138,7 +139,8 @@ export async function main(argv: string[]): Promise<number> {
 
 function describe(err: unknown): { message: string; status: number } {
   if (err instanceof ConnectError) {
-    const unreachable = err.code === Code.Unavailable ? " (is the controller running, and REXMESH_CONTROLLER right?)" : "";
+    // A session its far side ended reached the controller: the hint would point the wrong way.
+    const unreachable = err.code === Code.Unavailable && !(err instanceof SessionEndedError) ? " (is the controller running, and REXMESH_CONTROLLER right?)" : "";
     return { message: `${Code[err.code]}: ${err.rawMessage}${unreachable}`, status: err.code === Code.InvalidArgument ? 2 : 1 };
   }
   if (err instanceof RexmeshError) return { message: err.message, status: codeOf(err) === Code.InvalidArgument ? 2 : 1 };

@@ -6,7 +6,7 @@ import { clientFor } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { LIMITS } from "../common/limits.js";
-import { SessionPort, type SessionEnd } from "../common/session-port.js";
+import { SessionEndedError, SessionPort, type SessionEnd } from "../common/session-port.js";
 import { ControllerService, SessionRequestSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
 import { SessionChannel, SessionSpecSchema, type SessionExit } from "../gen/rexmesh/v1/session_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
@@ -166,9 +166,11 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
     runAll(cleanups);
     if (closedByEscape) {
       stderr.write("\r\nrexmesh: session closed (~.)\r\n");
+      // A moment for the close to leave, so the host ends the process now rather than at the keep-alive bound.
+      await Promise.race([link.closed, systemClock.sleep(1000)]);
       return 255;
     }
-    if (end.code !== 0) throw new ConnectError(end.message, end.code);
+    if (end.code !== 0) throw new SessionEndedError(`session on ${host} ended: ${end.message}`, end.code);
     await drained(stdout);
     return exitStatus(exit);
   } finally {

@@ -23,6 +23,13 @@ export interface SessionEnd {
   message: string;
 }
 
+/**
+ * A session that its far side ended with an error (the host stopped
+ * answering, the process could not start, ...), as a client raises it:
+ * the code and the message of the close.
+ */
+export class SessionEndedError extends ConnectError {}
+
 /** The end of a session whose process exited (its exit went before). */
 export const ENDED_OK: SessionEnd = { code: 0, message: "" };
 

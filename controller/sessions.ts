@@ -167,7 +167,7 @@ export class SessionBroker {
       clock: this.opts.clock,
       wrap: (frame) => create(ProxySessionResponseSchema, { frame }),
       unwrap: (m) => m.frame,
-      peer: "proxy",
+      peer: `proxy ${peer.id}`,
       peerSends: "output",
       keepaliveMs: this.keepaliveMs,
     });

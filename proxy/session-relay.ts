@@ -112,7 +112,7 @@ export class SessionRelays {
       clock: this.opts.clock,
       wrap: (frame) => create(AgentSessionResponseSchema, { frame }),
       unwrap: (m) => m.frame,
-      peer: "host",
+      peer: `host ${peer.id}`,
       peerSends: "output",
     });
     const opening = await host.opening(LIMITS.linkHelloMs);
