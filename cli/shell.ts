@@ -6,7 +6,8 @@ import { clientFor } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { LIMITS } from "../common/limits.js";
-import { SessionEndedError, SessionPort, type SessionEnd } from "../common/session-port.js";
+import { framedPort, SessionEndedError, type SessionEnd } from "../common/session-port.js";
+import { keepaliveOf } from "../common/session-frames.js";
 import { ControllerService, SessionRequestSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
 import { SessionChannel, SessionSpecSchema, type SessionExit } from "../gen/rexmesh/v1/session_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
@@ -77,10 +78,8 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
   const channel = operatorChannel(v);
   const client = clientFor(ControllerService, channel);
   const link = openFrameLink<SessionRequest, SessionResponse>((out, signal) => client.session(out, { signal }), () => undefined);
-  const port = new SessionPort<SessionRequest, SessionResponse>(link, {
+  const port = framedPort(link, SessionRequestSchema, {
     clock: systemClock,
-    wrap: (frame) => create(SessionRequestSchema, { frame }),
-    unwrap: (m) => m.frame,
     peer: "controller",
     peerSends: "output",
     lingerMs: 1000,
@@ -91,7 +90,6 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
     // The controller answers once the host has joined (it gives up after LIMITS.sessionOpenMs).
     const opening = await port.opening(LIMITS.sessionOpenMs + 10_000);
     if (!opening?.started) throw new ConnectError("the controller ended the session before it started", Code.Unavailable);
-    const keepaliveMs = opening.started.keepaliveMs > 0 ? Math.max(1000, opening.started.keepaliveMs) : undefined;
 
     let exit: SessionExit | undefined;
     let closedByEscape = false;
@@ -104,7 +102,7 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
         exit: (e) => (exit = e),
       },
       opening.frame,
-      keepaliveMs,
+      keepaliveOf(opening.started.keepaliveMs),
     );
 
     if (tty && stdin.isTTY) {

@@ -169,3 +169,8 @@ export function checkSessionSpec(spec: SessionSpec): void {
   if (spec.term.length > LIMITS.sessionTermChars || !TERM.test(spec.term)) throw new InvalidArgumentError(`TERM ${preview(spec.term)} is not a terminal name (letters, digits, . _ + -; at most ${LIMITS.sessionTermChars})`);
   if (spec.tty && spec.window) checkWindowSize(spec.window.cols, spec.window.rows);
 }
+
+/** A session's keep-alive interval as its order or its start names it: at least a second; 0 (not said) is undefined, the default. */
+export function keepaliveOf(ms: number): number | undefined {
+  return ms > 0 ? Math.max(1000, ms) : undefined;
+}

@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Clock } from "./clock.js";
 import type { FrameLink } from "./frame-link.js";
@@ -358,6 +358,18 @@ export class SessionPort<Out, In> {
   private closeFrame(end: SessionEnd): Out {
     return this.opts.wrap(create(SessionFrameSchema, { close: create(SessionCloseSchema, { code: end.code, message: truncate(end.message, LIMITS.sessionMessageChars) }) }));
   }
+}
+
+/**
+ * A port over a hop whose messages carry the frame in their `frame` field,
+ * as every session RPC's do; `schema` is the outgoing message's.
+ */
+export function framedPort<O extends DescMessage, In extends { frame?: SessionFrame }>(
+  link: FrameLink<MessageShape<O>, In>,
+  schema: O,
+  opts: Omit<SessionPortOptions<MessageShape<O>, In>, "wrap" | "unwrap">,
+): SessionPort<MessageShape<O>, In> {
+  return new SessionPort(link, { ...opts, wrap: (frame) => create(schema, { frame } as unknown as MessageInitShape<O>), unwrap: (m) => m.frame });
 }
 
 /** How a hop's stream failed, as a session end: the peer's status when it sent one. */

@@ -13,7 +13,7 @@ import type { FrameLink } from "../common/frame-link.js";
 import type { IdGenerator } from "../common/ids.js";
 import { LIMITS, preview } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
-import { relaySession, SessionPort, type RelayEnd } from "../common/session-port.js";
+import { framedPort, relaySession, type RelayEnd, type SessionPort } from "../common/session-port.js";
 import { Code } from "@connectrpc/connect";
 import { ConcurrencyLimit } from "../common/limits.js";
 import { SessionResponseSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
@@ -113,10 +113,8 @@ export class SessionBroker {
    * joined to it, and the end is audited with how it ended.
    */
   async serveClient(link: ClientSessionLink, caller: PeerIdentity, access: SessionAccess, signal: AbortSignal): Promise<void> {
-    const client = new SessionPort<SessionResponse, SessionRequest>(link, {
+    const client = framedPort(link, SessionResponseSchema, {
       clock: this.opts.clock,
-      wrap: (frame) => create(SessionResponseSchema, { frame }),
-      unwrap: (m) => m.frame,
       peer: "client",
       peerSends: "input",
       errorsAsStatus: true,
@@ -163,10 +161,8 @@ export class SessionBroker {
    * refused. Resolves once the session is over on this leg.
    */
   async serveLeg(link: ProxySessionLink, peer: PeerIdentity): Promise<void> {
-    const port = new SessionPort<ProxySessionResponse, ProxySessionRequest>(link, {
+    const port = framedPort(link, ProxySessionResponseSchema, {
       clock: this.opts.clock,
-      wrap: (frame) => create(ProxySessionResponseSchema, { frame }),
-      unwrap: (m) => m.frame,
       peer: `proxy ${peer.id}`,
       peerSends: "output",
       keepaliveMs: this.keepaliveMs,

@@ -17,8 +17,8 @@ import type { FrameLink } from "../common/frame-link.js";
 import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import { codeOf } from "../common/rpc-errors.js";
-import { checkSessionSpec } from "../common/session-frames.js";
-import { ENDED_OK, SessionPort, type SessionEnd } from "../common/session-port.js";
+import { checkSessionSpec, keepaliveOf } from "../common/session-frames.js";
+import { ENDED_OK, framedPort, type SessionEnd, type SessionPort } from "../common/session-port.js";
 import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
 import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
@@ -82,14 +82,7 @@ export class SessionHost {
     }
     const link = this.opts.dial(address);
     link.send(create(AgentSessionRequestSchema, { sessionId: claimed.sessionId }));
-    const port = new SessionPort<AgentSessionRequest, AgentSessionResponse>(link, {
-      clock: this.opts.clock,
-      wrap: (frame) => create(AgentSessionRequestSchema, { frame }),
-      unwrap: (m) => m.frame,
-      peer: "proxy",
-      peerSends: "input",
-      ...(claimed.keepaliveMs > 0 ? { keepaliveMs: Math.max(1000, claimed.keepaliveMs) } : {}),
-    });
+    const port = framedPort(link, AgentSessionRequestSchema, { clock: this.opts.clock, peer: "proxy", peerSends: "input", keepaliveMs: keepaliveOf(claimed.keepaliveMs) });
     let proc: SessionProcess | undefined;
     if (order) {
       try {

@@ -15,7 +15,8 @@ import { InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../c
 import type { FrameLink } from "../common/frame-link.js";
 import { LIMITS, preview } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
-import { relaySession, SessionPort, type SessionEnd } from "../common/session-port.js";
+import { framedPort, relaySession, type SessionEnd, type SessionPort } from "../common/session-port.js";
+import { keepaliveOf } from "../common/session-frames.js";
 import { peekSessionOrder } from "../common/task-signing.js";
 import { AgentSessionResponseSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxySessionRequestSchema, type ProxySessionRequest, type ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
@@ -92,10 +93,8 @@ export class SessionRelays {
   }
 
   private upPort(link: ControllerSessionLink): SessionPort<ProxySessionRequest, ProxySessionResponse> {
-    return new SessionPort<ProxySessionRequest, ProxySessionResponse>(link, {
+    return framedPort(link, ProxySessionRequestSchema, {
       clock: this.opts.clock,
-      wrap: (frame) => create(ProxySessionRequestSchema, { frame }),
-      unwrap: (m) => m.frame,
       peer: "controller",
       peerSends: "input",
       lingerMs: REPORT_LINGER_MS,
@@ -108,10 +107,8 @@ export class SessionRelays {
    * is dialled and the two are relayed until either ends.
    */
   async serveHost(link: HostSessionLink, peer: PeerIdentity): Promise<void> {
-    const host = new SessionPort<AgentSessionResponse, AgentSessionRequest>(link, {
+    const host = framedPort(link, AgentSessionResponseSchema, {
       clock: this.opts.clock,
-      wrap: (frame) => create(AgentSessionResponseSchema, { frame }),
-      unwrap: (m) => m.frame,
       peer: `host ${peer.id}`,
       peerSends: "output",
     });
@@ -140,7 +137,3 @@ export class SessionRelays {
   }
 }
 
-/** An order's keep-alive interval, held to at least a second (0: the default). */
-export function keepaliveOf(ms: number): number | undefined {
-  return ms > 0 ? Math.max(1000, ms) : undefined;
-}
