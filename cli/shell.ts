@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { constants as osConstants } from "node:os";
+import { setTimeout as delay } from "node:timers/promises";
 import { systemClock } from "../common/clock.js";
 import { clientFor } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
@@ -165,7 +166,8 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
     if (closedByEscape) {
       stderr.write("\r\nrexmesh: session closed (~.)\r\n");
       // A moment for the close to leave, so the host ends the process now rather than at the keep-alive bound.
-      await Promise.race([link.closed, systemClock.sleep(1000)]);
+      // A timer that holds the process: with only unref'd ones, node would exit here with status 0.
+      await Promise.race([link.closed, delay(1000)]);
       return 255;
     }
     if (end.code !== 0) throw new SessionEndedError(`session on ${host} ended: ${end.message}`, end.code);

@@ -40,6 +40,8 @@ export interface SessionBrokerOptions {
   log: Logger;
   /** The link of the proxy holding the host now, if it is connected. */
   portOf: (host: HostRecord) => ProxyPort | undefined;
+  /** Whether an identity is on the deny-list now: a session whose operator or host is revoked ends (see revoked()). */
+  isRevoked?: (identity: PeerIdentity) => boolean;
   /** How long the proxy has to come back with the session's leg. Default LIMITS.sessionOpenMs. */
   openMs?: number;
   keepaliveMs?: number;
@@ -61,8 +63,16 @@ export interface SessionAccess {
 
 export type ClientSessionLink = FrameLink<SessionResponse, SessionRequest>;
 
+/** A session relayed now: who opened it, on which host, and its client's port (to end it). */
+interface Active {
+  caller: PeerIdentity;
+  host: PeerIdentity;
+  client: SessionPort<SessionResponse, SessionRequest>;
+}
+
 export class SessionBroker {
   private readonly pending = new Map<string, Pending>();
+  private readonly active = new Map<string, Active>();
   private readonly perOperator = new ConcurrencyLimit(LIMITS.sessionsPerOperator, "sessions for one operator");
   private readonly openMs: number;
   readonly keepaliveMs: number;
@@ -138,12 +148,29 @@ export class SessionBroker {
       }
       link.send(create(SessionResponseSchema, { started: { sessionId, hostId, proxy: leg.proxy, keepaliveMs: this.keepaliveMs } }));
       this.opts.log.info("session started", { session: sessionId, host: hostId, proxy: leg.proxy, operator: formatIdentity(caller) });
-      const r = await relaySession(client, leg.port, { client: opening.frame, host: leg.first });
+      const relayed = relaySession(client, leg.port, { client: opening.frame, host: leg.first });
+      this.active.set(sessionId, { caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
+      const r = await relayed.finally(() => this.active.delete(sessionId));
       const outcome = describeEnd(r);
       this.opts.log.info("session ended", { session: sessionId, host: hostId, outcome });
       await access.sessionEnded(caller, sessionId, hostId, outcome);
     } finally {
       release();
+    }
+  }
+
+  /**
+   * The deny-list changed: every session whose operator or host is on it
+   * now ends, PERMISSION_DENIED (the host's process group with it).
+   */
+  revoked(): void {
+    const isRevoked = this.opts.isRevoked;
+    if (!isRevoked) return;
+    for (const [id, a] of this.active) {
+      const who = isRevoked(a.caller) ? `the certificate of ${formatIdentity(a.caller)} was revoked` : isRevoked(a.host) ? `host ${a.host.id} was revoked` : undefined;
+      if (!who) continue;
+      this.opts.log.info("session ended by a revocation", { session: id, reason: who });
+      a.client.end({ code: Code.PermissionDenied, message: who });
     }
   }
 

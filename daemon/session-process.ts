@@ -111,7 +111,9 @@ function endGroup(pgid: number, exited: Promise<unknown>, graceMs: number, clock
 /** Starts a session's process: a pty with `spec.tty`, pipes without. */
 export function startSessionProcess(spec: SessionSpec, env: Record<string, string>): SessionProcess {
   const [program, ...args] = sessionArgv(spec);
-  const file = resolveProgram(program!, env.PATH);
+  // Looked up first to say clearly when it is missing; started by its own name, so that argv[0] is what was asked for.
+  resolveProgram(program!, env.PATH);
+  const file = program!;
   const cwd = env.HOME && isDir(env.HOME) ? env.HOME : isDir(homedir()) ? homedir() : "/";
   return spec.tty ? new PtyProcess(file, args, spec, env, cwd) : new PipeProcess(file, args, env, cwd);
 }

@@ -1,12 +1,13 @@
 import { execFileSync, spawn } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { operatorClient } from "../../cli/client.js";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import type { CredentialPaths } from "../../certs/files.js";
 import { AuditDecision } from "../../gen/rexmesh/v1/controller_pb.js";
-import { tempDir, until } from "./support.js";
+import { LIMITS } from "../../common/limits.js";
+import { rexmesh, tempDir, until } from "./support.js";
 
 /**
  * `rexmesh shell` end to end: a real mesh (controller, proxy, daemon over
@@ -64,18 +65,47 @@ bindings:
     await mesh.stop();
   });
 
-  it("runs a real terminal in tmux: tty is a /dev/pts, stty size follows a resize, Ctrl-C interrupts sleep, exit 7 is the CLI's exit status", async () => {
-    const socket = `rexmesh-shell-${process.pid}`;
+  /**
+   * `rexmesh shell h1` in a terminal of its own: a tmux server on a private
+   * socket, 100x30, killed by `stop`. The CLI's exit status shows as CLI-EXIT=N.
+   */
+  const terminal = (name: string, env: Record<string, string> = mesh.exports()) => {
+    const socket = `rexmesh-${name}-${process.pid}`;
     const tmux = (...args: string[]) => execFileSync("tmux", ["-L", socket, ...args], { encoding: "utf8" });
-    const script = join(work, "in-tmux.sh");
-    const exports = Object.entries(mesh.exports()).map(([k, v]) => `export ${k}=${v}`).join("\n");
+    const script = join(work, `${name}.sh`);
+    const exports = Object.entries(env).map(([k, v]) => `export ${k}=${v}`).join("\n");
     writeFileSync(script, `${exports}\nexport TERM=xterm\n${JSON.stringify(process.execPath)} ${JSON.stringify(REXMESH_BIN)} shell h1\necho CLI-EXIT=$?\nsleep 600\n`);
     const screen = () => tmux("capture-pane", "-p", "-J", "-S", "-200");
-    const see = (what: string, pattern: RegExp, timeoutMs = 20_000) => until(what, async () => pattern.exec(screen()) ?? undefined, timeoutMs);
+    const see = (what: string, pattern: RegExp, timeoutMs = 20_000) =>
+      until(what, async () => pattern.exec(screen()) ?? undefined, timeoutMs).catch((err: Error) => {
+        throw new Error(`${err.message}; the terminal shows:\n${screen().trimEnd()}`);
+      });
     tmux("-f", "/dev/null", "new-session", "-d", "-x", "100", "-y", "30", "bash", "--norc", "--noprofile", script);
+    const type = (...keys: string[]) => tmux("send-keys", "-t", "0", ...keys);
+    const stop = () => {
+      try {
+        tmux("kill-server");
+      } catch {
+        // Already gone.
+      }
+    };
+    return { tmux, see, type, stop, screen };
+  };
+
+  /** The pids of this machine's processes whose command line is exactly `command` (the host is this machine). */
+  const pids = (command: string) => {
+    try {
+      return execFileSync("pgrep", ["-f", `^${command}$`], { encoding: "utf8" }).trim();
+    } catch {
+      return "";
+    }
+  };
+
+  it("runs a real terminal in tmux: tty is a /dev/pts, stty size follows a resize, Ctrl-C interrupts sleep, exit 7 is the CLI's exit status", async () => {
+    const { tmux, see, type, stop } = terminal("shell");
     try {
       // Each command prints a marker only its output contains (the typed line shows the unexpanded $((...))).
-      tmux("send-keys", "-t", "0", "echo READY-$((40+2))", "Enter");
+      type("echo READY-$((40+2))", "Enter");
       await see("the remote shell's first answer", /READY-42/, 30_000);
 
       tmux("send-keys", "-t", "0", "echo TTY=$(tty)", "Enter");
@@ -90,13 +120,7 @@ bindings:
       // The host is this machine: the remote sleep is a process here.
       const marker = `${process.pid}${Date.now() % 100000}`;
       tmux("send-keys", "-t", "0", `sleep ${marker}`, "Enter");
-      const sleeping = () => {
-        try {
-          return execFileSync("pgrep", ["-f", `^sleep ${marker}$`], { encoding: "utf8" }).trim();
-        } catch {
-          return "";
-        }
-      };
+      const sleeping = () => pids(`sleep ${marker}`);
       await until("the remote sleep to start", async () => sleeping() || undefined);
       tmux("send-keys", "-t", "0", "C-c");
       await until("the remote sleep to end on Ctrl-C", async () => (sleeping() === "" ? true : undefined), 10_000);
@@ -106,11 +130,7 @@ bindings:
       tmux("send-keys", "-t", "0", "exit 7", "Enter");
       await see("the CLI's exit status", /CLI-EXIT=7/);
     } finally {
-      try {
-        tmux("kill-server");
-      } catch {
-        // Already gone.
-      }
+      stop();
     }
   });
 
@@ -149,5 +169,55 @@ bindings:
     } finally {
       close();
     }
+  });
+
+  it("ends a session when its operator's certificate is revoked, and the process on the host with it", async () => {
+    const doomed = mesh.issue({ role: "operator", scope: "acme", id: "doomed" }, join(work, "doomed"));
+    writeFileSync(policyFile, `${readFileSync(policyFile, "utf8")}  acme/doomed: admin\n`);
+    mesh.controller.proc.kill("SIGHUP");
+    const marker = `${process.pid}${(Date.now() + 1) % 100000}`;
+    // The policy is read again on SIGHUP: retried until it lets the new operator in.
+    let session: ReturnType<typeof shell> | undefined;
+    await until("a session of the new operator", async () => {
+      session = shell(["h1", "--", "sleep", marker], "", envOf(doomed));
+      const started = await Promise.race([session.then(() => false), until("its sleep", async () => pids(`sleep ${marker}`) || undefined, 5000).then(() => true, () => false)]);
+      return started ? true : undefined;
+    });
+    const revoked = await rexmesh(["operators", "revoke", "doomed", "--reason", "test"], mesh.exports());
+    expect(revoked.code, revoked.stderr).toBe(0);
+    const r = await session!;
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/PermissionDenied: session on h1 ended: the certificate of operator:acme\/doomed was revoked/);
+    await until("the remote sleep to be ended", async () => (pids(`sleep ${marker}`) === "" ? true : undefined), 10_000);
+  });
+
+  it("ends a session whose host stopped answering within the keep-alive bound, and ~. closes one at once", async () => {
+    const daemon = mesh.daemons[0]!.proc;
+    const marker = `${process.pid}${(Date.now() + 2) % 100000}`;
+    const piped = shell(["h1", "--", "sleep", marker], "");
+    await until("the piped session's sleep", async () => pids(`sleep ${marker}`) || undefined);
+    const { see, type, stop } = terminal("gone");
+    try {
+      type("echo READY-$((40+3))", "Enter");
+      await see("the remote shell's first answer", /READY-43/, 30_000);
+      // The host stops answering (its process is frozen, its connections stay open).
+      daemon.kill("SIGSTOP");
+      const stoppedAt = Date.now();
+      type("Enter");
+      type("~.");
+      await see("the CLI closed by ~.", /CLI-EXIT=255/, 5000);
+      expect(Date.now() - stoppedAt).toBeLessThan(5000);
+      const r = await piped;
+      const after = Date.now() - stoppedAt;
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/Unavailable: session on h1 ended: the host h1 stopped answering: nothing from it for 15 s/);
+      // Three keep-alive intervals, plus at most one more for the check and the way back.
+      expect(after).toBeLessThan(4 * LIMITS.sessionKeepaliveMs + 2000);
+    } finally {
+      daemon.kill("SIGCONT");
+      stop();
+    }
+    // Back, the host finds its legs gone and ends both sessions' processes.
+    await until("the remote sleep to be ended", async () => (pids(`sleep ${marker}`) === "" ? true : undefined), 15_000);
   });
 });
