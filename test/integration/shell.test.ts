@@ -171,6 +171,40 @@ bindings:
     }
   });
 
+  it("keeps every hop's memory flat when the client stops reading: the host's writer blocks instead", async () => {
+    const marker = `stalled-${process.pid}`;
+    const clean: NodeJS.ProcessEnv = {};
+    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
+    const cli = spawn(process.execPath, [REXMESH_BIN, "shell", "h1", "-T", "--", "yes", marker], { env: { ...clean, ...mesh.exports() }, stdio: ["pipe", "pipe", "pipe"] });
+    const exited = new Promise<void>((resolve) => cli.once("close", () => resolve()));
+    let read = 0;
+    cli.stdout.on("data", (d: Buffer) => (read += d.length));
+    try {
+      await until("output flowing", async () => (read > 8 << 20 ? true : undefined));
+      const yes = Number((await until("the remote yes", async () => pids(`yes ${marker}`) || undefined)).split("\n")[0]);
+      // The client stops reading: frozen, its connection open.
+      cli.kill("SIGSTOP");
+      const rss = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
+      const cpu = (pid: number) => readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ").slice(11, 13).reduce((n, t) => n + Number(t), 0);
+      const relays = [mesh.controller.proc.pid!, mesh.proxies[0]!.proc.pid!, mesh.daemons[0]!.proc.pid!];
+      // Whatever was in flight settles within a moment; from then on nothing may grow.
+      await new Promise((r) => setTimeout(r, 1500));
+      const before = relays.map(rss);
+      const cpuBefore = cpu(yes);
+      await new Promise((r) => setTimeout(r, 4000));
+      const after = relays.map(rss);
+      // At yes's pace (hundreds of MB/s here) an unbounded relay would have grown by gigabytes.
+      for (const [i, name] of ["controller", "proxy", "daemon"].entries()) expect(after[i]! - before[i]!, `${name} grew by ${after[i]! - before[i]!} bytes`).toBeLessThan(32 << 20);
+      // yes is blocked in write(): it used (almost) no CPU meanwhile (clock ticks of 10 ms).
+      expect(cpu(yes) - cpuBefore).toBeLessThan(50);
+    } finally {
+      cli.kill("SIGCONT");
+      cli.kill("SIGTERM");
+      await exited;
+    }
+    await until("the remote yes to be ended", async () => (pids(`yes ${marker}`) === "" ? true : undefined), 15_000);
+  });
+
   it("ends a session when its operator's certificate is revoked, and the process on the host with it", async () => {
     const doomed = mesh.issue({ role: "operator", scope: "acme", id: "doomed" }, join(work, "doomed"));
     writeFileSync(policyFile, `${readFileSync(policyFile, "utf8")}  acme/doomed: admin\n`);
