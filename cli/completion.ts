@@ -20,6 +20,7 @@ const TREE: Record<string, string[]> = {
   daemon: ["--config", "--print-config", "--help"],
   completion: ["bash", "zsh"],
   ping: ["--hosts", "--all", "--target", "--timeout", "--json", "--help"],
+  shell: ["--tty", "--no-tty", "--help"],
 };
 
 function bash(): string {

@@ -2,6 +2,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError, RexmeshError } from "../common/errors.js";
 import { installFastText } from "../common/fast-text.js";
 import { codeOf } from "../common/rpc-errors.js";
+import { SessionEndedError } from "../common/session-port.js";
 import type { Io } from "./operator.js";
 
 installFastText();
@@ -13,6 +14,7 @@ usage: rexmesh COMMAND [options]   (rexmesh COMMAND --help for each)
 operators:
   run        run a command on hosts, stream their output live
   ping       check that hosts answer (no process is started)
+  shell      a terminal (or CMD) on one host through the mesh: shell HOST [-- CMD]
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them
@@ -35,7 +37,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -97,6 +99,8 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./completion.js")).completionCommand(rest, io);
     case "ping":
       return (await import("./ping.js")).pingCommand(rest, io);
+    case "shell":
+      return (await import("./shell.js")).shellCommand(rest, io);
     case "bundle":
       return (await import("./bundle.js")).bundleCommand(rest, io);
     case "controller":
@@ -135,7 +139,8 @@ export async function main(argv: string[]): Promise<number> {
 
 function describe(err: unknown): { message: string; status: number } {
   if (err instanceof ConnectError) {
-    const unreachable = err.code === Code.Unavailable ? " (is the controller running, and REXMESH_CONTROLLER right?)" : "";
+    // A session its far side ended reached the controller: the hint would point the wrong way.
+    const unreachable = err.code === Code.Unavailable && !(err instanceof SessionEndedError) ? " (is the controller running, and REXMESH_CONTROLLER right?)" : "";
     return { message: `${Code[err.code]}: ${err.rawMessage}${unreachable}`, status: err.code === Code.InvalidArgument ? 2 : 1 };
   }
   if (err instanceof RexmeshError) return { message: err.message, status: codeOf(err) === Code.InvalidArgument ? 2 : 1 };

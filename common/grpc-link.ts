@@ -124,15 +124,23 @@ function peerOf(call: { getAuthContext(): { sslPeerCertificate?: unknown } }): P
   return identityFromCertificate(cert);
 }
 
+/** A bidirectional method served with session logic written against FrameLink. */
+export interface LinkHandler<I extends DescMessage = DescMessage, O extends DescMessage = DescMessage> {
+  method: Method<I, O>;
+  serve: (link: FrameLink<MessageShape<O>, MessageShape<I>>, peer: PeerIdentity) => Promise<void>;
+}
+
 /**
- * A grpc-js server with mutual TLS serving one bidirectional method with
- * session logic written against FrameLink. The peer's identity comes from its
- * verified certificate; the session's outcome becomes the stream's status.
+ * A grpc-js server with mutual TLS serving bidirectional methods with
+ * session logic written against FrameLink. The peer's identity comes from
+ * its verified certificate; the session's outcome becomes the stream's status.
  */
 export function createGrpcLinkServer<I extends DescMessage, O extends DescMessage>(opts: {
   creds: Credentials;
   method: Method<I, O>;
   serve: (link: FrameLink<MessageShape<O>, MessageShape<I>>, peer: PeerIdentity) => Promise<void>;
+  /** More bidirectional methods on the same server (a proxy's session legs beside AgentLink). */
+  links?: LinkHandler[];
   log: Logger;
   unary?: UnaryHandler[];
   /** Adds more services to the same server (health checking, ...). */
@@ -145,19 +153,35 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
     "grpc.max_concurrent_streams": 4,
     interceptors: [boundUnaryArrival(LIMITS.requestArrivalMs, opts.clock ?? systemClock)],
   });
-  const { method } = opts;
+  addLinkMethod(server, { method: opts.method, serve: opts.serve } as unknown as LinkHandler);
+  for (const l of opts.links ?? []) addLinkMethod(server, l);
+  for (const u of opts.unary ?? []) {
+    addUnaryMethod(server, u.method, (call) => u.handle(call.request, peerOf(call)), (err) => opts.log.info("request refused", { method: u.method.name, err }));
+  }
+  opts.extend?.(server);
+  const credentials = grpc.ServerCredentials.createSsl(
+    Buffer.from(opts.creds.caPem),
+    [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }],
+    true,
+  );
+  return serverLifecycle(server, credentials);
+}
+
+function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler): void {
+  type In = MessageShape<typeof method.input>;
+  type Out = MessageShape<typeof method.output>;
   const definition: grpc.ServiceDefinition = {
     [method.localName]: {
       path: pathOf(method),
       requestStream: true,
       responseStream: true,
-      requestSerialize: (m: MessageShape<I>) => Buffer.from(toBinary(method.input, m)),
+      requestSerialize: (m: In) => Buffer.from(toBinary(method.input, m)),
       requestDeserialize: (b: Buffer) => fromBinary(method.input, b),
-      responseSerialize: (m: MessageShape<O>) => Buffer.from(toBinary(method.output, m)),
+      responseSerialize: (m: Out) => Buffer.from(toBinary(method.output, m)),
       responseDeserialize: (b: Buffer) => fromBinary(method.output, b),
     },
   };
-  const handler = (call: grpc.ServerDuplexStream<MessageShape<I>, MessageShape<O>>) => {
+  const handler = (call: grpc.ServerDuplexStream<In, Out>) => {
     const fail = (err: unknown) => {
       const { code, details } = toGrpcStatus(err);
       call.emit("error", { code, details });
@@ -169,27 +193,17 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
       fail(err);
       return;
     }
-    const link = new CallLink<MessageShape<O>, MessageShape<I>>(call, (error) => {
+    const link = new CallLink<Out, In>(call, (error) => {
       if (call.writableEnded || call.destroyed) return;
       if (error) fail(error);
       else call.end();
     });
-    opts.serve(link, peer).then(
+    serve(link, peer).then(
       () => link.close(),
       (err) => link.close(err instanceof Error ? err : new Error(String(err))),
     );
   };
   server.addService(definition, { [method.localName]: handler });
-  for (const u of opts.unary ?? []) {
-    addUnaryMethod(server, u.method, (call) => u.handle(call.request, peerOf(call)), (err) => opts.log.info("request refused", { method: u.method.name, err }));
-  }
-  opts.extend?.(server);
-  const credentials = grpc.ServerCredentials.createSsl(
-    Buffer.from(opts.creds.caPem),
-    [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }],
-    true,
-  );
-  return serverLifecycle(server, credentials);
 }
 
 /**

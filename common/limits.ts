@@ -140,6 +140,32 @@ export const LIMITS = {
   /** WatchJob streams one operator identity may hold open at once. */
   watchesPerOperator: 16,
 
+  // ---- sessions (common/session-frames.ts, controller/sessions.ts) ------------
+  /** Bytes a receiver grants on each hop of a session, each way: what a relay may hold of one session's data in one direction. */
+  sessionWindowBytes: 256 * KiB,
+  /** The largest grant a peer may give (a larger one is refused as a protocol error). */
+  sessionWindowMaxBytes: 16 * MiB,
+  /** Bytes of one data item of a session frame; a sender cuts larger writes. */
+  sessionDataBytes: 32 * KiB,
+  /** Data items in one session frame. */
+  sessionDataItems: 64,
+  /** Keep-alive interval of session streams; a peer silent for three of them is gone. */
+  sessionKeepaliveMs: 5_000,
+  /** A session's program and arguments, counted together. */
+  sessionArgs: 256,
+  /** TERM of a session. */
+  sessionTermChars: 64,
+  /** Columns and rows of a session's terminal. */
+  sessionWindowCells: 4096,
+  /** A session's close message; longer ones are cut. */
+  sessionMessageChars: 1000,
+  /** How long a session order is good for: the host opens it before then, the proxy's and the host's legs must join by then. */
+  sessionOpenMs: 20_000,
+  /** Sessions open at once per host (a host refuses orders beyond). */
+  sessionsPerHost: 32,
+  /** Sessions one operator identity may hold open at once. */
+  sessionsPerOperator: 16,
+
   // ---- clients (common/connect-dial.ts) --------------------------------------
   /** Dialling plus the TLS handshake; a silent address fails after this. */
   connectTimeoutMs: 10_000,

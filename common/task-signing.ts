@@ -4,6 +4,7 @@ import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate } from "../certs/identity.js";
 import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+import { SessionOrderSchema, SignedSessionOrderSchema, type SessionOrder, type SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import type { Clock } from "./clock.js";
 
 /** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
@@ -14,6 +15,17 @@ function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number)
   head.writeBigUInt64BE(BigInt(notAfterMs), 4);
   return Buffer.concat([Buffer.from("rexmesh task-signing key v1\0"), head, id, Buffer.from(publicKey)]);
 }
+
+/**
+ * What a session order's signature covers: a prefix no task spec starts
+ * with, then the order's bytes. The same key signs tasks (over their bare
+ * bytes), so without it an order could be passed off as a task whose bytes
+ * happen to decode, or the other way round.
+ */
+function sessionSigned(order: Uint8Array): Buffer {
+  return Buffer.concat([SESSION_ORDER_PREFIX, order]);
+}
+const SESSION_ORDER_PREFIX = Buffer.from("rexmesh session order v1\0");
 
 /**
  * Signs every task the controller sends. The Ed25519 key lives only in the
@@ -45,6 +57,21 @@ export class TaskSigner {
     const bytes = toBinary(TaskSpecSchema, spec);
     if (isPingOnly(spec)) return create(SignedTaskSchema, { spec: bytes });
     return create(SignedTaskSchema, { spec: bytes, signature: sign(null, bytes, this.privateKey), keyId: this.key.keyId });
+  }
+
+  /** Signs a session order (docs/sessions.md); never valid as a task signature. */
+  signSession(order: SessionOrder): SignedSessionOrder {
+    const bytes = toBinary(SessionOrderSchema, order);
+    return create(SignedSessionOrderSchema, { order: bytes, signature: sign(null, sessionSigned(bytes), this.privateKey), keyId: this.key.keyId });
+  }
+}
+
+/** Decodes a session order without trusting it: for routing at a proxy. */
+export function peekSessionOrder(signed: SignedSessionOrder): SessionOrder | undefined {
+  try {
+    return fromBinary(SessionOrderSchema, signed.order);
+  } catch {
+    return undefined;
   }
 }
 
@@ -114,6 +141,16 @@ export class TaskVerifier {
       }
     }
     return added;
+  }
+
+  /** The order of a session whose signature holds; throws TaskRejected with the reason otherwise. */
+  verifySession(signed: SignedSessionOrder): SessionOrder {
+    if (signed.signature.length === 0) throw new TaskRejected("the session order is not signed");
+    const key = this.keys.get(signed.keyId);
+    if (!key) throw new TaskRejected(`the session order is signed with an unknown key ${JSON.stringify(signed.keyId)}`);
+    if (key.notAfter <= this.clock.now()) throw new TaskRejected("the session order is signed with an expired key");
+    if (!verify(null, sessionSigned(signed.order), key.publicKey, signed.signature)) throw new TaskRejected("the session order's signature does not match: it was altered on the way");
+    return fromBinary(SessionOrderSchema, signed.order);
   }
 
   /** The spec of a task whose signature holds; throws TaskRejected with the reason otherwise. */

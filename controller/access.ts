@@ -16,6 +16,9 @@ import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotF
 import type { Logger } from "../common/logger.js";
 import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/rpc-access.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import type { SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
+import { checkChars, LIMITS } from "../common/limits.js";
+import { checkSessionSpec } from "../common/session-frames.js";
 import type { DenyList, RevokedIdentity } from "../gen/rexmesh/v1/revocation_pb.js";
 import type { AuditDecision, AuditEvent, AuditInput, AuditLog } from "./audit.js";
 import { isAction, revokeAction, type AccessRequest, type Action, type Authorizer } from "./authz.js";
@@ -130,6 +133,36 @@ export class OperatorAccess {
       await this.record(caller, "label", refusal(err), { what, hostIds: [hostId] });
       throw err;
     }
+  }
+
+  // ---- sessions ---------------------------------------------------------------
+
+  /**
+   * Decides a session (docs/sessions.md): a role names `session`, covers
+   * the host and allows what the session runs (controller/authz.ts). A host
+   * the tenant does not have is judged by its id alone, then reported not
+   * found. Audited either way; returns the host.
+   */
+  async openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<HostRecord> {
+    const what = `session ${sessionId}: ${describeSession(spec)}`;
+    try {
+      this.holds(caller, "session");
+      checkChars("host_id", hostId, LIMITS.idChars);
+      checkSessionSpec(spec);
+      const host = this.hostFor(caller.scope, hostId);
+      const role = this.deps.authz.require(caller, { action: "session", host, argv: spec.argv });
+      if (!this.knowsHost(caller, hostId)) throw new NotFoundError(`host ${JSON.stringify(hostId)} not found`);
+      await this.record(caller, "session", { decision: "allowed", reason: `role ${role}` }, { what, hostIds: [hostId] });
+      return host;
+    } catch (err) {
+      await this.record(caller, "session", refusal(err), { what, hostIds: [hostId] });
+      throw err;
+    }
+  }
+
+  /** The end of a session that was allowed: how it ended, in the audit log. */
+  async sessionEnded(caller: PeerIdentity, sessionId: string, hostId: string, outcome: string): Promise<void> {
+    await this.record(caller, "session.end", { decision: "allowed", reason: outcome }, { what: `session ${sessionId}`, hostIds: [hostId] });
   }
 
   // ---- jobs -------------------------------------------------------------------
@@ -499,6 +532,12 @@ function describeSteps(steps: readonly Step[]): string {
 
 function quoteArg(a: string): string {
   return /^[A-Za-z0-9_./:=@%+,-]+$/.test(a) ? a : JSON.stringify(a);
+}
+
+/** What a session runs, for the audit log. */
+export function describeSession(spec: SessionSpec): string {
+  const program = spec.argv.length === 0 ? "login shell" : spec.argv.map(quoteArg).join(" ");
+  return `${program}${spec.tty ? " (tty)" : ""}`;
 }
 
 export function describeLabels(set: Record<string, string>, remove: readonly string[]): string {

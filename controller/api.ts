@@ -30,6 +30,9 @@ import type { StoredDocument } from "./document-store.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
+import { serveFrameLink } from "../common/connect-link.js";
+import { UnavailableError } from "../common/errors.js";
+import type { ClientSessionLink, SessionBroker } from "./sessions.js";
 
 /** A host for clients; `revoked` is why its identity is on the deny-list, if it is. */
 function hostToProto(h: HostRecord, revoked?: string): Host {
@@ -134,7 +137,7 @@ function taskToProto(t: TaskRecord, steps?: Step[]): Task {
  * caller and its action and maps every error; scopes and the audit are in
  * OperatorAccess; the work is done by the job manager.
  */
-export function controllerServiceImpl(deps: { jobs: JobManager; access: OperatorAccess; revoked?: (host: HostRecord) => string | undefined }): ServiceImpl<typeof ControllerService> {
+export function controllerServiceImpl(deps: { jobs: JobManager; access: OperatorAccess; sessions?: SessionBroker; revoked?: (host: HostRecord) => string | undefined }): ServiceImpl<typeof ControllerService> {
   const { jobs, access } = deps;
   const host = (h: HostRecord) => hostToProto(h, deps.revoked?.(h));
   return {
@@ -207,6 +210,12 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
     async cancelJob(req, ctx) {
       const job = await access.cancel(grantedPeer(ctx), req.jobId);
       return { job: jobToProto(job, jobs.tasksOf(job)) };
+    },
+    session(requests, ctx) {
+      const sessions = deps.sessions;
+      if (!sessions) throw new UnavailableError("this controller serves no sessions");
+      const caller = grantedPeer(ctx);
+      return serveFrameLink(requests, ctx, (link: ClientSessionLink) => sessions.serveClient(link, caller, access, ctx.signal));
     },
     async *watchJob(req, ctx) {
       const { job, tasks } = await access.getJob(grantedPeer(ctx), req.jobId, `watch job ${req.jobId}`);

@@ -31,7 +31,14 @@ const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", 
  * role must name them, and without a policy nobody holds them.
  */
 const MESH_ACTIONS = ["revoke.proxy"] as const;
-const ACTIONS = [...TENANT_ACTIONS, ...MESH_ACTIONS] as const;
+/**
+ * Tenant actions that `"*"` does not grant either: a role names them. An
+ * interactive session runs whatever its operator types, so a policy written
+ * before sessions existed, with `"*"` and a narrow `commands` list, must not
+ * start granting shells.
+ */
+const NAMED_ACTIONS = ["session"] as const;
+const ACTIONS = [...TENANT_ACTIONS, ...NAMED_ACTIONS, ...MESH_ACTIONS] as const;
 export type Action = (typeof ACTIONS)[number];
 
 /**
@@ -131,7 +138,9 @@ export interface Policy {
 export type AccessRequest =
   | { action: "submit"; hosts: readonly HostRecord[]; steps: readonly Step[]; env?: Readonly<Record<string, string>> }
   | { action: "label"; before: HostRecord; after: HostRecord }
-  | { action: Exclude<Action, "submit" | "label">; hosts?: readonly HostRecord[]; allHosts?: boolean; what?: string };
+  /** An interactive session on one host: `argv` empty for the login shell. */
+  | { action: "session"; host: HostRecord; argv: readonly string[] }
+  | { action: Exclude<Action, "submit" | "label" | "session">; hosts?: readonly HostRecord[]; allHosts?: boolean; what?: string };
 
 export type Decision = { allowed: true; role: string } | { allowed: false; reason: string };
 
@@ -176,7 +185,7 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     for (const a of stringList(r.actions ?? [], `${where}.actions`, fail)) {
       if (a === "*") TENANT_ACTIONS.forEach((x) => actions.add(x));
       else if (isAction(a)) actions.add(a);
-      else fail(`${where}.actions`, `unknown action ${JSON.stringify(a)} (known: ${ACTIONS.join(", ")}, or "*" for every one but ${MESH_ACTIONS.join(", ")})`);
+      else fail(`${where}.actions`, `unknown action ${JSON.stringify(a)} (known: ${ACTIONS.join(", ")}, or "*" for every one but ${[...NAMED_ACTIONS, ...MESH_ACTIONS].join(", ")})`);
     }
     const commands: CommandRule[] = [];
     const rawCommands = r.commands ?? [];
@@ -273,6 +282,8 @@ function decideUnsafe(policy: Policy | undefined, caller: PeerIdentity, req: Acc
       return decideSubmit(who, withAction, req.hosts, req.steps, req.env ?? {}, p.policy.protectedEnv);
     case "label":
       return decideLabel(who, roles, withAction, req.before, req.after);
+    case "session":
+      return decideSession(who, withAction, req.host, req.argv);
     default:
       if (req.allHosts) return decideOnAllHosts(who, req.action, withAction, req.what);
       return req.hosts ? decideOnHosts(who, req.action, withAction, req.hosts) : { allowed: true, role: withAction[0]!.name };
@@ -329,7 +340,7 @@ function decideOnHosts(who: string, action: Action, roles: RoleDef[], hosts: rea
   const { role, refused } = best!;
   const shown = refused.slice(0, NAMED_HOSTS).join(", ") + (refused.length > NAMED_HOSTS ? `, and ${refused.length - NAMED_HOSTS} more` : "");
   const n = refused.length;
-  const verb = action === "submit" ? "run" : action;
+  const verb = action === "submit" ? "run" : action === "session" ? "open a session" : action;
   return { allowed: false, reason: `${who} may not ${verb} on ${n} host${n > 1 ? "s" : ""} outside role ${role.name} (hosts: ${role.hostsText}): ${shown}` };
 }
 
@@ -344,6 +355,25 @@ function decideSubmit(who: string, roles: RoleDef[], hosts: readonly HostRecord[
   }
   if (fit.length === 0) return { allowed: false, reason: `${who} may not run this: ${refusal ?? "no role allows it"} (roles: ${names(roles)})` };
   return decideOnHosts(who, "submit", fit, hosts);
+}
+
+/**
+ * A session is allowed by a role that names `session`, covers the host and
+ * allows what the session runs: a login shell (no argv) runs anything, so
+ * the role must allow the `shell` tool; a program is judged like an `exec`
+ * step (`commands`, with its arguments).
+ */
+function decideSession(who: string, roles: RoleDef[], host: HostRecord, argv: readonly string[]): Decision {
+  let refusal: string | undefined;
+  const fit: RoleDef[] = [];
+  const step = { tool: { case: "exec", value: { argv } } } as unknown as Step;
+  for (const role of roles) {
+    const problem = argv.length === 0 ? (role.tools.has("shell") ? undefined : `a login shell runs anything, and role ${role.name} does not allow shell`) : stepRefusal(role, step, 0)?.replace(/^step 1: /, "");
+    if (problem) refusal ??= problem;
+    else fit.push(role);
+  }
+  if (fit.length === 0) return { allowed: false, reason: `${who} may not open this session: ${refusal ?? "no role allows it"} (roles: ${names(roles)})` };
+  return decideOnHosts(who, "session", fit, [host]);
 }
 
 /**

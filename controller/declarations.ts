@@ -48,6 +48,8 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     putDocument: inTenant("document"),
     getDocument: inTenant("read"),
     listDocuments: inTenant("read"),
+    // The host is in the stream's first message: decided and audited by controller/access.ts (openSession).
+    session: onResolvedHosts("session"),
   })
   .service(TokenService, {
     // A token bound to a host id is decided on that host. An unbound one lets any new host id join the tenant,
@@ -84,6 +86,7 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
   })
   .service(ProxyLinkService, {
     proxyStream: { peer: { roles: ["proxy"], action: "link", scope: "its own name and region: the hello must match the certificate (controller/proxy-link.ts)" } },
+    proxySession: { peer: { roles: ["proxy"], action: "session.relay", scope: "a session ordered from this proxy: the first message must name one (controller/sessions.ts)" } },
   })
   .service(Health, {
     check: { open: "health checks, for load balancers and probes; reveal nothing but serving status" },

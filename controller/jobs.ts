@@ -245,6 +245,11 @@ export class JobManager implements RoleCore {
     this.router.proxyReady(port);
   }
 
+  /** The link of a connected proxy, by name (sessions are ordered on it). */
+  proxyPort(name: string): ProxyPort | undefined {
+    return this.router.port(name);
+  }
+
   /** A host's stream opened at a proxy: its pending tasks can go now. */
   hostConnected(host: HostRecord): void {
     this.router.hostConnected(host);

@@ -34,6 +34,7 @@ import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
 import { DocumentStore, LmdbDocumentBackend } from "./document-store.js";
 import { serveProxyLink } from "./proxy-link.js";
+import { SessionBroker, type ProxySessionLink } from "./sessions.js";
 import { readFileSync } from "node:fs";
 import { createPublicKey } from "node:crypto";
 import type { CaMaterial } from "../certs/ca.js";
@@ -172,6 +173,8 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
+  const sessions = new SessionBroker({ clock, ids, signer, log, portOf: (host) => jobs.proxyPort(host.proxy), isRevoked: (peer) => revocations.isRevoked(peer) });
+  const stopEndingRevokedSessions = revocations.onChange(() => sessions.revoked());
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.
   const server = createRpcServer({
@@ -184,12 +187,13 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, revoked: revokedHost }), { callerOf, log }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions, revoked: revokedHost }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));
       router.service(ProxyLinkService, {
         proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
+        proxySession: (requests, ctx) => serveFrameLink(requests, ctx, (link: ProxySessionLink, peer) => sessions.serveLeg(link, peer)),
       });
     },
   });
@@ -211,6 +215,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
+      stopEndingRevokedSessions();
       // One grace for the whole stop: what the drain used is not given again to the servers.
       const until = Date.now() + graceMs;
       await jobs.drain(graceMs);

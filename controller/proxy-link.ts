@@ -76,6 +76,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     region: peer.scope,
     sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(deps.signer.sign(spec)),
     sendCancel: (taskId, hostId, withdraw = false) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId, withdraw })),
+    openSession: (order) => out.frameFor(order.order.length + 128).sessions.push(order),
   };
   // New for every link: a host's presence proof over it cannot be replayed on another link.
   const nonce = randomBytes(16);

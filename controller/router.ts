@@ -1,6 +1,7 @@
 import type { Logger } from "../common/logger.js";
 import { isTerminal } from "../common/task-state.js";
 import { TaskState, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
 import type { HostRecord, JobRecord, Recall, TaskRecord } from "./model.js";
@@ -12,6 +13,8 @@ export interface ProxyPort {
   sendTask(spec: TaskSpec): void;
   /** `withdraw`: stop the task only if it has not started. */
   sendCancel(taskId: string, hostId: string, withdraw?: boolean): void;
+  /** Asks the proxy to open a session with a host it holds (docs/sessions.md); absent where a link carries no sessions. */
+  openSession?(order: SignedSessionOrder): void;
 }
 
 export interface RouterOptions {

@@ -16,6 +16,7 @@ import {
   type AgentStreamResponse,
 } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import {
   OutputChunkSchema,
   TaskSpecSchema,
@@ -105,6 +106,8 @@ export interface AgentOptions {
   reporter?: () => HostReporter;
   /** Told each round trip measured on the link to the proxy, in seconds (the daemon's histogram); absent: none is measured. */
   linkRoundTrip?: (seconds: number) => void;
+  /** Takes the session orders a proxy passes on, with the address of that proxy (daemon/sessions.ts); absent: they are dropped. */
+  onSessionOrders?: (orders: readonly SignedSessionOrder[], proxyAddress: string) => void;
 }
 
 /** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
@@ -176,12 +179,13 @@ function spawnTurn(): Promise<void> {
  * reconnect.
  */
 export class Agent implements RoleCore {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip">> & {
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip" | "onSessionOrders">> & {
     backoff: BackoffOptions;
     tools?: readonly string[];
     random?: () => number;
     reporter?: () => HostReporter;
     linkRoundTrip?: (seconds: number) => void;
+    onSessionOrders?: AgentOptions["onSessionOrders"];
   };
   private readonly endLeftovers: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
   private readonly outbox: Backlog;
@@ -192,6 +196,8 @@ export class Agent implements RoleCore {
   /** Items whose outbox write was refused and is being tried again, by identity: a new stream resends them too. */
   private readonly unkept = new Map<string, UpwardItem>();
   private link: ProxyLinkToAgent | undefined;
+  /** The address of the proxy the link in use was dialled to: session legs are dialled there. */
+  private linkAddress = "";
   private out: Coalescer<AgentStreamRequest> | undefined;
   private pruneTimer: Timer | undefined;
   /** The report key of the current connection (see AgentOptions.reporter). */
@@ -420,6 +426,7 @@ export class Agent implements RoleCore {
     this.lastCredits = hello.credits;
     ls.out.flush();
     this.link = link;
+    this.linkAddress = address;
     this.updateFlow();
     try {
       const first = await ls.first(this.opts.connectTimeoutMs);
@@ -582,6 +589,7 @@ export class Agent implements RoleCore {
     if (frame.tasks.length > 0) this.lastCredits = -1;
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId, false);
     for (const taskId of frame.withdrawTaskIds) this.cancel(taskId, true);
+    if (frame.sessions.length > 0) this.opts.onSessionOrders?.(frame.sessions, this.linkAddress);
     this.updateFlow();
     this.startWaiting();
     this.checkSettled();

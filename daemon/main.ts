@@ -24,6 +24,7 @@ import { Metrics, ROUND_TRIP_BUCKETS } from "../common/metrics.js";
 import { TaskVerifier } from "../common/task-signing.js";
 import { proxyArtifactFetcher } from "./artifact-fetch.js";
 import { HostReporter } from "../common/host-signing.js";
+import { SessionHost } from "./sessions.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -92,6 +93,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   rmSync(join(config.data, "artifacts"), { recursive: true, force: true });
   const metrics = new Metrics();
   const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
+  const sessionHosts: SessionHost[] = [];
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
@@ -105,15 +107,27 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       if (now.certPem !== reporter.pem) reporter = { pem: now.certPem, key: new HostReporter(now, clock, me) };
       return reporter.key;
     };
+    const verifier = new TaskVerifier(creds.caPem, clock);
+    const sessions = new SessionHost({
+      hostId: me.id,
+      tenant: me.scope,
+      clock,
+      log: log.child({ host: me.id }),
+      verifier,
+      killGraceMs: config.killGrace,
+      dial: (address) => openGrpcLink(address, readCredentials(paths), ["proxy"], AgentLinkService.method.agentSession),
+    });
+    sessionHosts.push(sessions);
     return new Agent({
       reporter: currentReporter,
+      onSessionOrders: (orders, address) => sessions.orders(orders, address),
       hostId: me.id,
       tenant: me.scope,
       proxies: config.proxies!,
       dial: grpcDialer(paths),
       executor,
       ledger: new LmdbLedger(ledgers, me.id),
-      verifier: new TaskVerifier(creds.caPem, clock),
+      verifier,
       outbox: new LmdbBacklog(outboxes, me.id),
       facts,
       tools: tools.names,
@@ -144,6 +158,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       renewing.abort();
       await metricsServer?.close();
       await Promise.all(renewals);
+      for (const s of sessionHosts) s.stop();
       await Promise.all(agents.map((a) => a.stop(graceMs)));
       await env.close();
     },

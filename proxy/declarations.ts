@@ -23,6 +23,7 @@ export function proxyDeclarations(me: PeerIdentity): DeclarationTable {
   return new DeclarationTable()
     .service(AgentLinkService, {
       agentStream: { peer: { roles: ["host"], action: "link", scope: "its own host id: the hello must match the certificate (proxy/proxy.ts)" } },
+      agentSession: { peer: { roles: ["host"], action: "session", scope: "a session ordered for this host: the first message must name one (proxy/session-relay.ts)" } },
     })
     .service(ArtifactCacheService, {
       getArtifactChunk: { peer: { roles: ["host"], action: "artifact.read", scope: "an artifact by digest; the daemon checks the digest, and tasks name only their tenant's artifacts" } },

@@ -4,7 +4,7 @@ import { systemClock, type Clock } from "../common/clock.js";
 import { requireFiles, type Resolved, type Schema } from "../common/config.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
-import { createGrpcLinkServer, type UnaryHandler } from "../common/grpc-link.js";
+import { createGrpcLinkServer, type LinkHandler, type UnaryHandler } from "../common/grpc-link.js";
 import { create } from "@bufbuild/protobuf";
 import { openBundle, sealBundle } from "../common/bundle.js";
 import { DenySet, openDenyList } from "../common/deny-list.js";
@@ -21,7 +21,8 @@ import { ConfigError } from "../common/errors.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
 import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
-import { ProxyLinkService, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { ProxyLinkService, type ProxySessionRequest, type ProxySessionResponse, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { SessionRelays, type HostSessionLink } from "./session-relay.js";
 import { ProxyCore, type ControllerLink } from "./proxy.js";
 import { reconnectLoop } from "../common/reconnect.js";
 import { LmdbEnv } from "../common/lmdb.js";
@@ -67,6 +68,19 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const denied = new DenySet();
   const metrics = new Metrics();
   const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
+  // Sessions: orders come on the controller link; each session's leg to the controller shares one connection.
+  let sessionChannel: ReturnType<typeof openChannel> | undefined;
+  const sessionClient = () => clientFor(ProxyLinkService, (sessionChannel ??= openChannel(controllerAddress, creds, ["controller"])));
+  const sessions: SessionRelays = new SessionRelays({
+    clock,
+    log,
+    name: me.id,
+    offerToHost: (hostId, order) => core.offerSession(hostId, order),
+    dialController: () => {
+      const client = sessionClient();
+      return openFrameLink<ProxySessionRequest, ProxySessionResponse>((out, signal) => client.proxySession(out, { signal }), () => undefined);
+    },
+  });
   const core = new ProxyCore({
     name: me.id,
     region: me.scope,
@@ -75,6 +89,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     log,
     heartbeatMs: config.heartbeat,
     controllerRoundTrip: (s) => roundTrip.observe({ peer: "controller" }, s),
+    onSessionOrder: (order) => sessions.order(order),
     // The boundary below asks the same deny-list as the core: every list the core takes is mirrored here.
     openDenyList: (signed) => {
       const list = openDenyList(signed, creds.caPem, clock);
@@ -133,13 +148,19 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       },
     },
   ].map((h) => guardUnary(declarations, h, boundary));
-  declarations.requireDeclared([AgentLinkService.method.agentStream, ...admin.map((h) => h.method), ...Health.methods]);
+  declarations.requireDeclared([AgentLinkService.method.agentStream, AgentLinkService.method.agentSession, ...admin.map((h) => h.method), ...Health.methods]);
   const health = new HealthState([AgentLinkService.typeName]);
   const server = createGrpcLinkServer({
     creds,
     log,
     method: AgentLinkService.method.agentStream,
     serve: guardLink(declarations, AgentLinkService.method.agentStream, (link: Parameters<ProxyCore["serveHost"]>[0], peer) => core.serveHost(link, peer), boundary),
+    links: [
+      {
+        method: AgentLinkService.method.agentSession,
+        serve: guardLink(declarations, AgentLinkService.method.agentSession, (link: HostSessionLink, peer) => sessions.serveHost(link, peer), boundary),
+      } as unknown as LinkHandler,
+    ],
     unary: admin,
     extend: (s) => addHealthToGrpc(s, health),
   });
@@ -215,11 +236,13 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
       stop.abort();
       await metricsServer?.close();
       core.stop();
+      sessions.stop();
       const left = Math.max(0, until - clock.now());
       await Promise.all([server.close(left), enrollServer?.close(left), uplink]);
       enrollChannel?.close();
       renewChannel?.close();
       artifactChannel?.close();
+      sessionChannel?.close();
       await env.close();
     },
   };

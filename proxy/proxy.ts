@@ -41,6 +41,7 @@ import { isPingOnly, peekSpec } from "../common/task-signing.js";
 import { DenySet } from "../common/deny-list.js";
 import { screenControllerFrame, screenHostFrame, TAKEN_ON_TASKS_PER_HOST } from "../common/link-limits.js";
 import type { DenyList, SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
+import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 
 export type AgentLink = FrameLink<AgentStreamResponse, AgentStreamRequest>;
 export type ControllerLink = FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
@@ -61,6 +62,8 @@ export interface ProxyCoreOptions {
   maxTakenOnPerHost?: number;
   /** Told each round trip measured on the link to the controller, in seconds (the proxy's histogram); absent: none is measured. */
   controllerRoundTrip?: (seconds: number) => void;
+  /** Takes the session orders the controller sends (proxy/session-relay.ts); absent: they are dropped. */
+  onSessionOrder?: (order: SignedSessionOrder) => void;
 }
 
 /** Frames queued toward the controller above which sendBacklogUp waits for the link to drain. */
@@ -153,6 +156,7 @@ export class ProxyCore implements RoleCore {
   private readonly deny = new DenySet();
   private readonly openDenyList: ((signed: SignedDenyList) => DenyList) | undefined;
   private readonly maxTakenOnPerHost: number;
+  private readonly onSessionOrder: ((order: SignedSessionOrder) => void) | undefined;
 
   constructor(opts: ProxyCoreOptions) {
     this.name = opts.name;
@@ -165,6 +169,7 @@ export class ProxyCore implements RoleCore {
     this.sweepMs = opts.sweepMs ?? 1000;
     this.openDenyList = opts.openDenyList;
     this.maxTakenOnPerHost = opts.maxTakenOnPerHost ?? TAKEN_ON_TASKS_PER_HOST;
+    this.onSessionOrder = opts.onSessionOrder;
   }
 
   /** Enforces the stored deny-list and starts the deadline sweep. */
@@ -293,6 +298,14 @@ export class ProxyCore implements RoleCore {
         log.info("host disconnected", { ...(ls.lostHeartbeat ? { reason: "heartbeat lost" } : {}), ...(why ? { err: why } : {}) });
       }
     }
+  }
+
+  /** Passes a session order to a host held here, on its stream; false when it holds none here now. */
+  offerSession(hostId: string, order: SignedSessionOrder): boolean {
+    const session = this.hosts.get(hostId);
+    if (!session) return false;
+    session.session.out.frameFor(order.order.length + 128).sessions.push(order);
+    return true;
   }
 
   private reportPresence(session: HostSession, connected: boolean): void {
@@ -700,6 +713,7 @@ export class ProxyCore implements RoleCore {
     // Records change as the frame is read; if its commit fails they are put back (the link fails, the controller sends again).
     const undo = new TaskUndo();
     const unmarked: string[] = [];
+    for (const order of frame.sessions) this.onSessionOrder?.(order);
     if (frame.denyList) await this.applyDenyList(frame.denyList);
     if (frame.signingKeys.length > 0) {
       const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));

@@ -233,6 +233,9 @@ bindings:
       },
     },
     { server: controllerEnroll, method: EnrollService.method.enroll, as: "none", wrong: "none", opening: unaryOpening(EnrollService.method.enroll) },
+    // A session leg names a session ordered from that proxy (for that host); a fuzzed one names none: NOT_FOUND.
+    { server: controller, method: ProxyLinkService.method.proxySession, as: "proxyPeer", wrong: "host", opening: unaryOpening(ProxyLinkService.method.proxySession) },
+    { server: proxy, method: AgentLinkService.method.agentSession, as: "host", wrong: "operator", opening: unaryOpening(AgentLinkService.method.agentSession) },
     {
       server: proxy,
       method: AgentLinkService.method.agentStream,

@@ -41,6 +41,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/PutDocument": "operator document (tenant)",
       "rexmesh.v1.ControllerService/GetDocument": "operator read (tenant)",
       "rexmesh.v1.ControllerService/ListDocuments": "operator read (tenant)",
+      "rexmesh.v1.ControllerService/Session": "operator session (hosts resolved)",
       "rexmesh.v1.TokenService/CreateJoinToken": "operator token (hosts named)",
       "rexmesh.v1.RevocationService/Revoke": "operator revoke | revoke.operator | revoke.proxy | token (hosts resolved)",
       "rexmesh.v1.RevocationService/ListRevoked": "operator read (tenant)",
@@ -48,6 +49,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ArtifactService/GetArtifact": "operator artifact.read (tenant); proxy artifact.read (any artifact, for the hosts of every tenant in its region)",
       "rexmesh.v1.EnrollService/Enroll": "enroll|proxy enroll (the bootstrap credential in the request, decided and audited by controller/enroll.ts)",
       "rexmesh.v1.ProxyLinkService/ProxyStream": "proxy link (its own name and region: the hello must match the certificate (controller/proxy-link.ts))",
+      "rexmesh.v1.ProxyLinkService/ProxySession": "proxy session.relay (a session ordered from this proxy: the first message must name one (controller/sessions.ts))",
       "grpc.health.v1.Health/Check": "open: health checks, for load balancers and probes; reveal nothing but serving status",
       "grpc.health.v1.Health/Watch": "open: health checks, for load balancers and probes; reveal nothing but serving status",
       "grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "operator read (tenant)",
@@ -59,6 +61,7 @@ describe("declared requirements of every served method", () => {
     const table = proxyDeclarations({ role: "proxy", scope: "eu", id: "px1" });
     expect(Object.fromEntries(table.describe().map((r) => [r.method, r.requires]))).toEqual({
       "rexmesh.v1.AgentLinkService/AgentStream": "host link (its own host id: the hello must match the certificate (proxy/proxy.ts))",
+      "rexmesh.v1.AgentLinkService/AgentSession": "host session (a session ordered for this host: the first message must name one (proxy/session-relay.ts))",
       "rexmesh.v1.ArtifactCacheService/GetArtifactChunk": "host artifact.read (an artifact by digest; the daemon checks the digest, and tasks name only their tenant's artifacts)",
       "rexmesh.v1.EnrollService/Enroll": "host renew (its own certificate: the request must name the certificate's host id)",
       "rexmesh.v1.ProxyAdminService/ImportTasks": "proxy bundle (this proxy's own certificate)",

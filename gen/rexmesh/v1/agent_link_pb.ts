@@ -6,6 +6,8 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { HostFacts, HostReportKey } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
+import type { SessionFrame, SignedSessionOrder } from "./session_pb.js";
+import { file_rexmesh_v1_session } from "./session_pb.js";
 import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/agent_link.proto.
  */
 export const file_rexmesh_v1_agent_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEikwIKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDBIVCg1wcmVzZW5jZV9zYWx0GAcgASgMEgwKBHBpbmcYCCABKA0SDAoEcG9uZxgJIAEoDUIKCghfY3JlZGl0cyKIAQoKQWdlbnRIZWxsbxIPCgdob3N0X2lkGAEgASgJEiQKBWZhY3RzGAIgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSFAoMaGVhcnRiZWF0X21zGAMgASgNEi0KCnJlcG9ydF9rZXkYBCABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXki2QIKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCRIWCg5wcmVzZW5jZV9ub25jZRgIIAEoDBIMCgRwaW5nGAkgASgNEgwKBHBvbmcYCiABKA0iQwoMQWdlbnRXZWxjb21lEg0KBXByb3h5GAEgASgJEg4KBnJlZ2lvbhgCIAEoCRIUCgxoZWFydGJlYXRfbXMYAyABKA0yZgoQQWdlbnRMaW5rU2VydmljZRJSCgtBZ2VudFN0cmVhbRIeLnJleG1lc2gudjEuQWdlbnRTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_rexmesh_v1_host, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEikwIKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDBIVCg1wcmVzZW5jZV9zYWx0GAcgASgMEgwKBHBpbmcYCCABKA0SDAoEcG9uZxgJIAEoDUIKCghfY3JlZGl0cyKIAQoKQWdlbnRIZWxsbxIPCgdob3N0X2lkGAEgASgJEiQKBWZhY3RzGAIgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSFAoMaGVhcnRiZWF0X21zGAMgASgNEi0KCnJlcG9ydF9rZXkYBCABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkiiwMKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCRIWCg5wcmVzZW5jZV9ub25jZRgIIAEoDBIMCgRwaW5nGAkgASgNEgwKBHBvbmcYCiABKA0SMAoIc2Vzc2lvbnMYCyADKAsyHi5yZXhtZXNoLnYxLlNpZ25lZFNlc3Npb25PcmRlciJDCgxBZ2VudFdlbGNvbWUSDQoFcHJveHkYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDSJSChNBZ2VudFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSI/ChRBZ2VudFNlc3Npb25SZXNwb25zZRInCgVmcmFtZRgBIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkZyYW1lMr0BChBBZ2VudExpbmtTZXJ2aWNlElIKC0FnZW50U3RyZWFtEh4ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLkFnZW50U3RyZWFtUmVzcG9uc2UoATABElUKDEFnZW50U2Vzc2lvbhIfLnJleG1lc2gudjEuQWdlbnRTZXNzaW9uUmVxdWVzdBogLnJleG1lc2gudjEuQWdlbnRTZXNzaW9uUmVzcG9uc2UoATABYgZwcm90bzM", [file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
 
 /**
  * Daemon to proxy.
@@ -202,6 +204,13 @@ export type AgentStreamResponse = Message<"rexmesh.v1.AgentStreamResponse"> & {
    * @generated from field: uint32 pong = 10;
    */
   pong: number;
+
+  /**
+   * Sessions the controller asks this host to open (signed; docs/sessions.md).
+   *
+   * @generated from field: repeated rexmesh.v1.SignedSessionOrder sessions = 11;
+   */
+  sessions: SignedSessionOrder[];
 };
 
 /**
@@ -239,6 +248,47 @@ export const AgentWelcomeSchema: GenMessage<AgentWelcome> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_agent_link, 3);
 
 /**
+ * @generated from message rexmesh.v1.AgentSessionRequest
+ */
+export type AgentSessionRequest = Message<"rexmesh.v1.AgentSessionRequest"> & {
+  /**
+   * First request only: the session of the order this leg is for.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * @generated from field: rexmesh.v1.SessionFrame frame = 2;
+   */
+  frame?: SessionFrame | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.AgentSessionRequest.
+ * Use `create(AgentSessionRequestSchema)` to create a new message.
+ */
+export const AgentSessionRequestSchema: GenMessage<AgentSessionRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_agent_link, 4);
+
+/**
+ * @generated from message rexmesh.v1.AgentSessionResponse
+ */
+export type AgentSessionResponse = Message<"rexmesh.v1.AgentSessionResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.SessionFrame frame = 1;
+   */
+  frame?: SessionFrame | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.AgentSessionResponse.
+ * Use `create(AgentSessionResponseSchema)` to create a new message.
+ */
+export const AgentSessionResponseSchema: GenMessage<AgentSessionResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_agent_link, 5);
+
+/**
  * AgentLink joins a daemon to a proxy of its region. The daemon dials out
  * and keeps one bidirectional stream open; the host's identity is taken
  * from its client certificate, never from a message.
@@ -256,6 +306,17 @@ export const AgentLinkService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof AgentStreamRequestSchema;
     output: typeof AgentStreamResponseSchema;
+  },
+  /**
+   * One session's leg between the host and the proxy, dialled by the
+   * daemon for a session order it received (and verified) on its AgentStream.
+   *
+   * @generated from rpc rexmesh.v1.AgentLinkService.AgentSession
+   */
+  agentSession: {
+    methodKind: "bidi_streaming";
+    input: typeof AgentSessionRequestSchema;
+    output: typeof AgentSessionResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_agent_link, 0);

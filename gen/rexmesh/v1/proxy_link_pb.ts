@@ -10,6 +10,8 @@ import type { HostFacts, HostReportKey } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
 import type { SignedDenyList } from "./revocation_pb.js";
 import { file_rexmesh_v1_revocation } from "./revocation_pb.js";
+import type { SessionFrame, SignedSessionOrder } from "./session_pb.js";
+import { file_rexmesh_v1_session } from "./session_pb.js";
 import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -18,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/proxy_link.proto.
  */
 export const file_rexmesh_v1_proxy_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi+AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkEgwKBHBpbmcYBiABKA0SDAoEcG9uZxgHIAEoDSJpCgpQcm94eUhlbGxvEgwKBG5hbWUYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDRInCgVob3N0cxgEIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlIuUBCgxIb3N0UHJlc2VuY2USDwoHaG9zdF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSEQoJY29ubmVjdGVkGAMgASgIEikKBXNpbmNlGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgVmYWN0cxgFIAEoCzIVLnJleG1lc2gudjEuSG9zdEZhY3RzEi0KCnJlcG9ydF9rZXkYBiABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkSDQoFcHJvb2YYByABKAwSEgoKcHJvb2Zfc2FsdBgIIAEoDCJRCglQcm94eUxvYWQSFwoPY29ubmVjdGVkX2hvc3RzGAEgASgNEhQKDHF1ZXVlZF90YXNrcxgCIAEoDRIVCg1ydW5uaW5nX3Rhc2tzGAMgASgNIvUCChNQcm94eVN0cmVhbVJlc3BvbnNlEikKB3dlbGNvbWUYASABKAsyGC5yZXhtZXNoLnYxLlByb3h5V2VsY29tZRIlCgV0YXNrcxgCIAMoCzIWLnJleG1lc2gudjEuU2lnbmVkVGFzaxInCgdjYW5jZWxzGAMgAygLMhYucmV4bWVzaC52MS5DYW5jZWxUYXNrEioKC291dHB1dF9hY2tzGAQgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYBSADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIwCgxzaWduaW5nX2tleXMYBiADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5Ei0KCWRlbnlfbGlzdBgHIAEoCzIaLnJleG1lc2gudjEuU2lnbmVkRGVueUxpc3QSDgoGcmVwbGF5GAggASgIEgwKBHBpbmcYCSABKA0SDAoEcG9uZxgKIAEoDSI8CgxQcm94eVdlbGNvbWUSFAoMaGVhcnRiZWF0X21zGAEgASgNEhYKDnByZXNlbmNlX25vbmNlGAIgASgMIkAKCkNhbmNlbFRhc2sSDwoHdGFza19pZBgBIAEoCRIPCgdob3N0X2lkGAIgASgJEhAKCHdpdGhkcmF3GAMgASgIMmYKEFByb3h5TGlua1NlcnZpY2USUgoLUHJveHlTdHJlYW0SHi5yZXhtZXNoLnYxLlByb3h5U3RyZWFtUmVxdWVzdBofLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEi+AEKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkEgwKBHBpbmcYBiABKA0SDAoEcG9uZxgHIAEoDSJpCgpQcm94eUhlbGxvEgwKBG5hbWUYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDRInCgVob3N0cxgEIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlIuUBCgxIb3N0UHJlc2VuY2USDwoHaG9zdF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSEQoJY29ubmVjdGVkGAMgASgIEikKBXNpbmNlGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgVmYWN0cxgFIAEoCzIVLnJleG1lc2gudjEuSG9zdEZhY3RzEi0KCnJlcG9ydF9rZXkYBiABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkSDQoFcHJvb2YYByABKAwSEgoKcHJvb2Zfc2FsdBgIIAEoDCJRCglQcm94eUxvYWQSFwoPY29ubmVjdGVkX2hvc3RzGAEgASgNEhQKDHF1ZXVlZF90YXNrcxgCIAEoDRIVCg1ydW5uaW5nX3Rhc2tzGAMgASgNIqcDChNQcm94eVN0cmVhbVJlc3BvbnNlEikKB3dlbGNvbWUYASABKAsyGC5yZXhtZXNoLnYxLlByb3h5V2VsY29tZRIlCgV0YXNrcxgCIAMoCzIWLnJleG1lc2gudjEuU2lnbmVkVGFzaxInCgdjYW5jZWxzGAMgAygLMhYucmV4bWVzaC52MS5DYW5jZWxUYXNrEioKC291dHB1dF9hY2tzGAQgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYBSADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIwCgxzaWduaW5nX2tleXMYBiADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5Ei0KCWRlbnlfbGlzdBgHIAEoCzIaLnJleG1lc2gudjEuU2lnbmVkRGVueUxpc3QSDgoGcmVwbGF5GAggASgIEgwKBHBpbmcYCSABKA0SDAoEcG9uZxgKIAEoDRIwCghzZXNzaW9ucxgLIAMoCzIeLnJleG1lc2gudjEuU2lnbmVkU2Vzc2lvbk9yZGVyIjwKDFByb3h5V2VsY29tZRIUCgxoZWFydGJlYXRfbXMYASABKA0SFgoOcHJlc2VuY2Vfbm9uY2UYAiABKAwiQAoKQ2FuY2VsVGFzaxIPCgd0YXNrX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEAoId2l0aGRyYXcYAyABKAgiUgoTUHJveHlTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEicKBWZyYW1lGAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUiPwoUUHJveHlTZXNzaW9uUmVzcG9uc2USJwoFZnJhbWUYASABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZTK9AQoQUHJveHlMaW5rU2VydmljZRJSCgtQcm94eVN0cmVhbRIeLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlc3BvbnNlKAEwARJVCgxQcm94eVNlc3Npb24SHy5yZXhtZXNoLnYxLlByb3h5U2Vzc2lvblJlcXVlc3QaIC5yZXhtZXNoLnYxLlByb3h5U2Vzc2lvblJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_session, file_rexmesh_v1_task]);
 
 /**
  * Proxy to controller.
@@ -271,6 +273,13 @@ export type ProxyStreamResponse = Message<"rexmesh.v1.ProxyStreamResponse"> & {
    * @generated from field: uint32 pong = 10;
    */
   pong: number;
+
+  /**
+   * Sessions to open with hosts this proxy holds (docs/sessions.md).
+   *
+   * @generated from field: repeated rexmesh.v1.SignedSessionOrder sessions = 11;
+   */
+  sessions: SignedSessionOrder[];
 };
 
 /**
@@ -337,6 +346,47 @@ export const CancelTaskSchema: GenMessage<CancelTask> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_proxy_link, 6);
 
 /**
+ * @generated from message rexmesh.v1.ProxySessionRequest
+ */
+export type ProxySessionRequest = Message<"rexmesh.v1.ProxySessionRequest"> & {
+  /**
+   * First request only: the session of the order this leg is for.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * @generated from field: rexmesh.v1.SessionFrame frame = 2;
+   */
+  frame?: SessionFrame | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.ProxySessionRequest.
+ * Use `create(ProxySessionRequestSchema)` to create a new message.
+ */
+export const ProxySessionRequestSchema: GenMessage<ProxySessionRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_proxy_link, 7);
+
+/**
+ * @generated from message rexmesh.v1.ProxySessionResponse
+ */
+export type ProxySessionResponse = Message<"rexmesh.v1.ProxySessionResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.SessionFrame frame = 1;
+   */
+  frame?: SessionFrame | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.ProxySessionResponse.
+ * Use `create(ProxySessionResponseSchema)` to create a new message.
+ */
+export const ProxySessionResponseSchema: GenMessage<ProxySessionResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_proxy_link, 8);
+
+/**
  * ProxyLink joins a regional proxy to the controller. The proxy dials out
  * and keeps one bidirectional stream open; its name and region are taken
  * from its client certificate.
@@ -354,6 +404,17 @@ export const ProxyLinkService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ProxyStreamRequestSchema;
     output: typeof ProxyStreamResponseSchema;
+  },
+  /**
+   * One session's leg between the proxy and the controller, dialled by the
+   * proxy for a session order it received on its ProxyStream.
+   *
+   * @generated from rpc rexmesh.v1.ProxyLinkService.ProxySession
+   */
+  proxySession: {
+    methodKind: "bidi_streaming";
+    input: typeof ProxySessionRequestSchema;
+    output: typeof ProxySessionResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_proxy_link, 0);

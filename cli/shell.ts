@@ -1,0 +1,197 @@
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { constants as osConstants } from "node:os";
+import { setTimeout as delay } from "node:timers/promises";
+import { systemClock } from "../common/clock.js";
+import { clientFor } from "../common/connect-dial.js";
+import { openFrameLink } from "../common/connect-link.js";
+import { InvalidArgumentError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
+import { framedPort, SessionEndedError, type SessionEnd } from "../common/session-port.js";
+import { keepaliveOf } from "../common/session-frames.js";
+import { ControllerService, SessionRequestSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
+import { SessionChannel, SessionSpecSchema, type SessionExit } from "../gen/rexmesh/v1/session_pb.js";
+import { helpText, parse, type OptionSpec } from "./args.js";
+import { connectionOptions, operatorChannel } from "./client.js";
+import type { Io } from "./operator.js";
+import { ESCAPE_HELP, EscapeScanner } from "./shell-escape.js";
+
+const options: Record<string, OptionSpec> = {
+  tty: { type: "boolean", short: "t", doc: "ask for a terminal on the host even when stdin is not one" },
+  "no-tty": { type: "boolean", short: "T", doc: "no terminal: plain stdin, stdout and stderr, even from a terminal" },
+  ...connectionOptions,
+  help: { type: "boolean", short: "h", doc: "show this help" },
+};
+
+const USAGE = "rexmesh shell HOST [-t|-T] [-- CMD ARGS...]";
+
+const ABOUT = `Opens a session on one host through the mesh: the login shell of the daemon's
+user, or CMD with its arguments. From a terminal the host gives it a
+terminal of its own (window size followed, Ctrl-C and the like passed on, the
+local terminal in raw mode meanwhile); from a pipe or file it runs with plain
+stdin, stdout and stderr. The exit status is the remote one (128+N when it
+was killed by signal N). Needs the 'session' action in the policy.
+
+Escapes, typed at the start of a line in a terminal session: ~. closes the
+session (a host that stopped answering is dropped after 15 s anyway), ~?
+lists them, ~~ sends a ~.
+
+`;
+
+/** The terminal the session runs in: the process's own, or a test's. */
+export interface Terminal {
+  stdin: NodeJS.ReadStream;
+  stdout: NodeJS.WriteStream;
+  stderr: NodeJS.WriteStream;
+}
+
+/** The exit status of the CLI for a process's exit: its code, or 128 + the signal's number. */
+export function exitStatus(exit: SessionExit | undefined): number {
+  if (!exit) return 255;
+  if (exit.code !== undefined) return exit.code & 0xff;
+  const n = (osConstants.signals as Record<string, number>)[exit.signal];
+  return n ? 128 + n : 255;
+}
+
+/**
+ * `rexmesh shell`: a session on one host (docs/sessions.md), with the
+ * local terminal in raw mode when it is one.
+ */
+export async function shellCommand(argv: string[], io: Io, term: Terminal = { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr }): Promise<number> {
+  const p = parse(argv, options);
+  const v = p.values;
+  if (v.help) {
+    io.out(ABOUT + helpText(USAGE, options, ["rexmesh shell web-1", "rexmesh shell web-1 -- top", "echo uptime | rexmesh shell web-1", "rexmesh shell db-1 -T -- pg_dump app > app.sql"]));
+    return 0;
+  }
+  const [host, ...extra] = p.positionals;
+  if (!host || extra.length > 0) throw new InvalidArgumentError(`say which host, and put the command after --: ${USAGE}`);
+  if (v.tty && v.noTty) throw new InvalidArgumentError("-t and -T say opposite things: give one");
+  const { stdin, stdout, stderr } = term;
+  const tty = v.noTty ? false : v.tty ? true : Boolean(stdin.isTTY);
+  const spec = create(SessionSpecSchema, {
+    argv: p.rest,
+    tty,
+    term: tty ? (process.env.TERM ?? "xterm") : "",
+    ...(tty ? { window: { cols: stdout.columns || 80, rows: stdout.rows || 24 } } : {}),
+  });
+
+  const channel = operatorChannel(v);
+  const client = clientFor(ControllerService, channel);
+  const link = openFrameLink<SessionRequest, SessionResponse>((out, signal) => client.session(out, { signal }), () => undefined);
+  const port = framedPort(link, SessionRequestSchema, {
+    clock: systemClock,
+    peer: "controller",
+    peerSends: "output",
+    lingerMs: 1000,
+  });
+  const cleanups: (() => void)[] = [];
+  try {
+    link.send(create(SessionRequestSchema, { open: { hostId: host, spec } }));
+    // The controller answers once the host has joined (it gives up after LIMITS.sessionOpenMs).
+    const opening = await port.opening(LIMITS.sessionOpenMs + 10_000);
+    if (!opening?.started) throw new ConnectError("the controller ended the session before it started", Code.Unavailable);
+
+    let exit: SessionExit | undefined;
+    let closedByEscape = false;
+    port.start(
+      {
+        data: (ch, data) => {
+          const out = ch === SessionChannel.STDERR ? stderr : stdout;
+          out.write(data, () => port.consumed(data.length));
+        },
+        exit: (e) => (exit = e),
+      },
+      opening.frame,
+      keepaliveOf(opening.started.keepaliveMs),
+    );
+
+    if (tty && stdin.isTTY) {
+      stdin.setRawMode(true);
+      cleanups.push(() => stdin.setRawMode(false));
+    }
+    if (tty && stdout.isTTY) {
+      const onResize = () => port.sendResize({ $typeName: "rexmesh.v1.WindowSize", cols: stdout.columns, rows: stdout.rows });
+      stdout.on("resize", onResize);
+      cleanups.push(() => stdout.off("resize", onResize));
+    }
+    // Without a terminal, the local Ctrl-C goes to the remote process group; with one, it is a byte of input.
+    const onInterrupt = () => port.sendSignal("INT");
+    const onTerminate = () => port.end({ code: Code.Canceled, message: "the client was stopped" });
+    process.on("SIGINT", onInterrupt);
+    process.on("SIGTERM", onTerminate);
+    process.on("SIGHUP", onTerminate);
+    cleanups.push(() => {
+      process.off("SIGINT", onInterrupt);
+      process.off("SIGTERM", onTerminate);
+      process.off("SIGHUP", onTerminate);
+    });
+
+    const escapes = tty ? new EscapeScanner() : undefined;
+    const onData = (chunk: Buffer) => {
+      let bytes: Uint8Array = chunk;
+      if (escapes) {
+        const r = escapes.scan(chunk);
+        bytes = r.send;
+        for (const a of r.actions) {
+          if (a === "help") stderr.write(`\r\n${ESCAPE_HELP}`);
+          else {
+            closedByEscape = true;
+            port.end({ code: Code.Canceled, message: "closed by the operator (~.)" });
+          }
+        }
+      }
+      port.sendData(SessionChannel.STDIN, bytes);
+      // Input waits for credit in memory up to a bound; past it stdin is not read (the escape too waits then).
+      if (port.queuedBytes >= 4 * LIMITS.sessionWindowBytes && !stdin.isPaused()) {
+        stdin.pause();
+        port
+          .whenQueueBelow(LIMITS.sessionWindowBytes)
+          .then(() => stdin.resume())
+          .catch(() => undefined);
+      }
+    };
+    const onEnd = () => port.sendEof();
+    stdin.on("data", onData);
+    stdin.once("end", onEnd);
+    stdin.resume();
+    cleanups.push(() => {
+      stdin.off("data", onData);
+      stdin.off("end", onEnd);
+      stdin.pause();
+    });
+
+    const end: SessionEnd = await port.ended;
+    runAll(cleanups);
+    if (closedByEscape) {
+      stderr.write("\r\nrexmesh: session closed (~.)\r\n");
+      // A moment for the close to leave, so the host ends the process now rather than at the keep-alive bound.
+      // A timer that holds the process: with only unref'd ones, node would exit here with status 0.
+      await Promise.race([link.closed, delay(1000)]);
+      return 255;
+    }
+    if (end.code !== 0) throw new SessionEndedError(`session on ${host} ended: ${end.message}`, end.code);
+    await drained(stdout);
+    return exitStatus(exit);
+  } finally {
+    runAll(cleanups);
+    port.end({ code: Code.Canceled, message: "the client went away" });
+    channel.close();
+  }
+}
+
+function runAll(fns: (() => void)[]): void {
+  for (const fn of fns.splice(0)) {
+    try {
+      fn();
+    } catch {
+      // A terminal that went away cannot be restored.
+    }
+  }
+}
+
+/** Resolves once what was written to a stream has left it. */
+function drained(stream: NodeJS.WriteStream): Promise<void> {
+  if (stream.writableLength === 0) return Promise.resolve();
+  return new Promise((resolve) => stream.write("", () => resolve()));
+}

@@ -1,0 +1,437 @@
+import { create, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { Clock } from "./clock.js";
+import type { FrameLink } from "./frame-link.js";
+import { Heartbeat } from "./heartbeat.js";
+import { LIMITS, truncate } from "./limits.js";
+import { codeOf } from "./rpc-errors.js";
+import { ReceiveWindow, screenFrame, SendWindow, type PeerSends } from "./session-frames.js";
+import {
+  SessionCloseSchema,
+  SessionDataSchema,
+  SessionFrameSchema,
+  type SessionChannel,
+  type SessionExit,
+  type SessionFrame,
+  type WindowSize,
+} from "../gen/rexmesh/v1/session_pb.js";
+
+/** How a session (or one hop of it) ended: a gRPC code (OK after an exit) and why. */
+export interface SessionEnd {
+  /** 0 (OK) or a gRPC code. */
+  code: Code | 0;
+  message: string;
+}
+
+/**
+ * A session that its far side ended with an error (the host stopped
+ * answering, the process could not start, ...), as a client raises it:
+ * the code and the message of the close.
+ */
+export class SessionEndedError extends ConnectError {}
+
+/** The end of a session whose process exited (its exit went before). */
+export const ENDED_OK: SessionEnd = { code: 0, message: "" };
+
+/** What a port hands to its user, in the order it arrived. */
+export interface SessionHandlers {
+  /** Bytes of a channel. The user calls {@link SessionPort.consumed} once it has taken them: only then is credit granted again. */
+  data(channel: SessionChannel, data: Uint8Array): void;
+  resize?(size: WindowSize): void;
+  signal?(name: string): void;
+  eof?(): void;
+  exit?(exit: SessionExit): void;
+}
+
+export interface SessionPortOptions<Out, In> {
+  clock: Clock;
+  /** Puts a frame into this hop's message. */
+  wrap: (frame: SessionFrame) => Out;
+  /** Takes the frame out of this hop's message (undefined: none in it). */
+  unwrap: (message: In) => SessionFrame | undefined;
+  /** What the peer is called in messages ("host", "proxy", "controller", "client"). */
+  peer: string;
+  /** The kinds of frames the peer may send. */
+  peerSends: PeerSends;
+  /** Bytes this side grants the peer. Default LIMITS.sessionWindowBytes. */
+  windowBytes?: number;
+  /** Keep-alive interval; the peer is gone after three silent ones. Default LIMITS.sessionKeepaliveMs. */
+  keepaliveMs?: number;
+  /**
+   * On the serving side of a public API: an error ends the stream with its
+   * status (the client's gRPC library raises it with its code) instead of a
+   * close frame.
+   */
+  errorsAsStatus?: boolean;
+  /**
+   * After this side closed the session, how long it waits for the peer to
+   * end the stream before closing the link itself: for links whose close
+   * aborts the call (connect-node clients), which could cut off the close
+   * frame. Absent: the link is closed at once.
+   */
+  lingerMs?: number;
+  /** Defers a flush to the next turn of the event loop. Default setImmediate. */
+  schedule?: (fn: () => void) => void;
+}
+
+type Queued =
+  | { kind: "data"; channel: SessionChannel; bytes: Uint8Array; onSent?: (n: number) => void }
+  | { kind: "eof" }
+  | { kind: "exit"; exit: SessionExit }
+  | { kind: "close"; end: SessionEnd };
+
+/**
+ * One side of one hop of a session, over a FrameLink of that hop's
+ * messages: data leaves only within the peer's credit and in order with
+ * what ends it (eof, exit, close), resize and signals leave at once, the
+ * peer's frames are screened against the session limits and its data
+ * against this side's grant, and keep-alives go both ways. Every hop of
+ * every session, at every role, is one or two of these.
+ */
+export class SessionPort<Out, In> {
+  readonly ended: Promise<SessionEnd>;
+  private resolveEnded!: (end: SessionEnd) => void;
+  private done = false;
+  private readonly send = new SendWindow();
+  private readonly receive: ReceiveWindow;
+  private readonly queue: Queued[] = [];
+  private queued = 0;
+  private readonly urgent: { resize?: WindowSize; signals: string[] } = { signals: [] };
+  private scheduled = false;
+  private heartbeat: Heartbeat | undefined;
+  private handlers: SessionHandlers | undefined;
+  private readonly belowWaiters: { bytes: number; resolve: () => void }[] = [];
+  private readonly schedule: (fn: () => void) => void;
+  private keepaliveMs: number;
+  /** The one iterator over the peer's messages (a second one would start a second call on a dialling link). */
+  private iterator: AsyncIterator<In> | undefined;
+
+  constructor(
+    private readonly link: FrameLink<Out, In>,
+    private readonly opts: SessionPortOptions<Out, In>,
+  ) {
+    this.ended = new Promise((r) => (this.resolveEnded = r));
+    this.receive = new ReceiveWindow(opts.windowBytes ?? LIMITS.sessionWindowBytes);
+    this.schedule = opts.schedule ?? setImmediate;
+    this.keepaliveMs = opts.keepaliveMs ?? LIMITS.sessionKeepaliveMs;
+  }
+
+  /**
+   * Starts the port: grants the peer its window, starts the keep-alive,
+   * and reads the peer's frames (after `first`, a frame already read with
+   * the hop's opening message) until the session ends. `keepaliveMs`: the
+   * interval the session's order set, when it was not known at construction.
+   */
+  start(handlers: SessionHandlers, first?: SessionFrame, keepaliveMs?: number): void {
+    if (keepaliveMs !== undefined) this.keepaliveMs = keepaliveMs;
+    this.handlers = handlers;
+    this.heartbeat = new Heartbeat(
+      this.opts.clock,
+      this.keepaliveMs,
+      () => this.flushNow(true),
+      () => this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} stopped answering: nothing from it for ${(3 * this.keepaliveMs) / 1000} s` }, "error"),
+    );
+    this.flushSoon();
+    this.read(first).catch((err: unknown) => this.finish(endOf(err, this.opts.peer), "error"));
+  }
+
+  private messages(): AsyncIterator<In> {
+    return (this.iterator ??= this.link.incoming[Symbol.asyncIterator]());
+  }
+
+  /**
+   * The hop's opening message (the open, the session id, the started
+   * answer), read before the port starts; undefined when the stream ended
+   * first. A peer silent for `timeoutMs` has its stream closed with
+   * DEADLINE_EXCEEDED.
+   */
+  async opening(timeoutMs: number): Promise<In | undefined> {
+    const timer = this.opts.clock.setTimeout(() => this.link.close(new ConnectError(`no opening message from the ${this.opts.peer} within ${timeoutMs / 1000} s`, Code.DeadlineExceeded)), timeoutMs);
+    try {
+      const r = await this.messages().next();
+      return r.done ? undefined : r.value;
+    } finally {
+      timer.cancel();
+    }
+  }
+
+  /** Bytes queued to send and not yet sent (waiting for credit). */
+  get queuedBytes(): number {
+    return this.queued;
+  }
+
+  /** Bytes of the peer's data received and not yet consumed. */
+  get heldBytes(): number {
+    return this.receive.held;
+  }
+
+  /** Resolves once fewer than `bytes` wait to be sent (or the port ended). */
+  whenQueueBelow(bytes: number): Promise<void> {
+    if (this.queued < bytes || this.done) return Promise.resolve();
+    return new Promise((resolve) => this.belowWaiters.push({ bytes, resolve }));
+  }
+
+  /** Queues data; `onSent` is told each part's size as it leaves (a relay consumes the previous hop's data then). */
+  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void): void {
+    if (this.done || bytes.length === 0) return;
+    this.queue.push({ kind: "data", channel, bytes, onSent });
+    this.queued += bytes.length;
+    this.flushSoon();
+  }
+
+  sendResize(size: WindowSize): void {
+    this.urgent.resize = size;
+    this.flushSoon();
+  }
+
+  sendSignal(name: string): void {
+    if (this.urgent.signals.length < 8) this.urgent.signals.push(name);
+    this.flushSoon();
+  }
+
+  sendEof(): void {
+    this.enqueue({ kind: "eof" });
+  }
+
+  sendExit(exit: SessionExit): void {
+    this.enqueue({ kind: "exit", exit });
+  }
+
+  /** The user took `n` bytes of the peer's data. */
+  consumed(n: number): void {
+    if (this.done) return;
+    this.receive.consumed(n);
+    if (this.receive.grantIsDue()) this.flushSoon();
+  }
+
+  /**
+   * Ends the session on this hop. With OK the close follows the data
+   * queued before it; with an error it goes at once and queued data is
+   * dropped.
+   */
+  end(end: SessionEnd): void {
+    if (this.done) return;
+    if (end.code === 0) {
+      this.enqueue({ kind: "close", end });
+      return;
+    }
+    this.queue.length = 0;
+    this.queued = 0;
+    this.finish(end, "error");
+  }
+
+  private enqueue(item: Queued): void {
+    if (this.done) return;
+    this.queue.push(item);
+    this.flushSoon();
+  }
+
+  private flushSoon(): void {
+    if (this.scheduled || this.done) return;
+    this.scheduled = true;
+    this.schedule(() => {
+      this.scheduled = false;
+      this.flushNow(false);
+    });
+  }
+
+  /** Sends what credit allows, in frames of at most LIMITS.sessionDataItems items; with `keepalive`, a frame even if empty. */
+  private flushNow(keepalive: boolean): void {
+    if (this.done) return;
+    let sentOne = false;
+    for (;;) {
+      const frame = create(SessionFrameSchema);
+      let closing: SessionEnd | undefined;
+      while (this.queue.length > 0 && frame.data.length < LIMITS.sessionDataItems) {
+        const item = this.queue[0]!;
+        if (item.kind === "data") {
+          const n = Math.min(item.bytes.length, this.send.available, LIMITS.sessionDataBytes);
+          if (n <= 0) break;
+          const offset = this.send.take(n);
+          frame.data.push(create(SessionDataSchema, { channel: item.channel, offset: BigInt(offset), data: item.bytes.subarray(0, n) }));
+          item.bytes = item.bytes.subarray(n);
+          this.queued -= n;
+          if (item.bytes.length === 0) this.queue.shift();
+          item.onSent?.(n);
+          continue;
+        }
+        this.queue.shift();
+        if (item.kind === "eof") frame.eof = true;
+        else if (item.kind === "exit") frame.exit = item.exit;
+        else {
+          closing = item.end;
+          frame.close = create(SessionCloseSchema, { code: item.end.code, message: item.end.message });
+        }
+        if (item.kind !== "eof") break;
+      }
+      if (this.urgent.resize) {
+        frame.resize = this.urgent.resize;
+        this.urgent.resize = undefined;
+      }
+      if (this.urgent.signals.length > 0) frame.signal = this.urgent.signals.shift()!;
+      const content = frame.data.length > 0 || frame.eof || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "";
+      const grant = this.receive.grantDue(content || keepalive);
+      if (grant) frame.grant = grant;
+      if (!content && !grant && !(keepalive && !sentOne)) break;
+      this.link.send(this.opts.wrap(frame));
+      this.heartbeat?.sent();
+      sentOne = true;
+      if (closing) {
+        this.finish(closing, "sent");
+        return;
+      }
+      const more = this.queue.length > 0 && (this.queue[0]!.kind !== "data" || this.send.available > 0);
+      if (!more && this.urgent.signals.length === 0) break;
+    }
+    for (let i = this.belowWaiters.length - 1; i >= 0; i--) {
+      const w = this.belowWaiters[i]!;
+      if (this.queued < w.bytes) {
+        this.belowWaiters.splice(i, 1);
+        w.resolve();
+      }
+    }
+  }
+
+  private async read(first: SessionFrame | undefined): Promise<void> {
+    try {
+      if (first) this.take(first);
+      const messages = this.messages();
+      for (;;) {
+        const r = await messages.next();
+        if (r.done) break;
+        // Once ended here, the rest is read and dropped until the peer ends the stream (see lingerMs).
+        if (this.done) continue;
+        this.heartbeat?.received();
+        const frame = this.opts.unwrap(r.value);
+        if (frame) this.take(frame);
+      }
+      this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} ended the session's stream without closing the session` }, "error");
+    } catch (err) {
+      this.finish(endOf(err, this.opts.peer), "error");
+    }
+  }
+
+  /** One frame from the peer: checked, then handed over part by part. */
+  private take(frame: SessionFrame): void {
+    if (this.done) return;
+    screenFrame(frame, this.opts.peerSends);
+    const h = this.handlers!;
+    if (frame.grant) {
+      this.send.grant(frame.grant);
+      if (this.queue.length > 0) this.flushSoon();
+    }
+    if (frame.resize) h.resize?.(frame.resize);
+    if (frame.signal !== "") h.signal?.(frame.signal);
+    for (const d of frame.data) {
+      this.receive.accept(d);
+      h.data(d.channel, d.data);
+    }
+    if (frame.eof) h.eof?.();
+    if (frame.exit) h.exit?.(frame.exit);
+    if (frame.close) this.finish({ code: frame.close.code as Code | 0, message: frame.close.message }, "peer");
+  }
+
+  /**
+   * The session is over on this hop. `peer`: the peer closed it; `sent`:
+   * this side's close went out; `error`: this side ends it now, telling
+   * the peer in a close frame (or, with errorsAsStatus, in the status).
+   */
+  private finish(end: SessionEnd, how: "peer" | "sent" | "error"): void {
+    if (this.done) return;
+    this.done = true;
+    this.heartbeat?.stop();
+    for (const w of this.belowWaiters.splice(0)) w.resolve();
+    if (how === "error" && this.opts.errorsAsStatus) {
+      this.link.close(new ConnectError(end.message, end.code || Code.Unknown));
+    } else if (how === "peer" || !this.opts.lingerMs) {
+      if (how === "error") this.link.send(this.closeFrame(end));
+      this.link.close();
+    } else {
+      // A dialling connect link aborts its call when closed, which could cut off the close frame: the peer ends the stream instead.
+      if (how === "error") this.link.send(this.closeFrame(end));
+      const timer = this.opts.clock.setTimeout(() => this.link.close(), this.opts.lingerMs);
+      this.link.closed.then(() => timer.cancel(), () => timer.cancel());
+    }
+    this.resolveEnded(end);
+  }
+
+  private closeFrame(end: SessionEnd): Out {
+    return this.opts.wrap(create(SessionFrameSchema, { close: create(SessionCloseSchema, { code: end.code, message: truncate(end.message, LIMITS.sessionMessageChars) }) }));
+  }
+}
+
+/**
+ * A port over a hop whose messages carry the frame in their `frame` field,
+ * as every session RPC's do; `schema` is the outgoing message's.
+ */
+export function framedPort<O extends DescMessage, In extends { frame?: SessionFrame }>(
+  link: FrameLink<MessageShape<O>, In>,
+  schema: O,
+  opts: Omit<SessionPortOptions<MessageShape<O>, In>, "wrap" | "unwrap">,
+): SessionPort<MessageShape<O>, In> {
+  return new SessionPort(link, { ...opts, wrap: (frame) => create(schema, { frame } as unknown as MessageInitShape<O>), unwrap: (m) => m.frame });
+}
+
+/** How a hop's stream failed, as a session end: the peer's status when it sent one. */
+export function endOf(err: unknown, peer: string): SessionEnd {
+  if (err instanceof ConnectError) return { code: err.code, message: err.rawMessage };
+  const g = err as { code?: unknown; details?: unknown };
+  if (typeof g?.code === "number" && typeof g.details === "string" && g.code >= 1 && g.code <= 16) return { code: g.code as Code, message: g.details };
+  const code = codeOf(err);
+  if (code !== Code.Internal) return { code, message: (err as Error).message };
+  return { code: Code.Unavailable, message: `the stream to the ${peer} failed` };
+}
+
+/** How a relayed session ended: the first end, the side it came from, and the process's exit if it came. */
+export interface RelayEnd {
+  end: SessionEnd;
+  from: "client" | "host";
+  exit?: SessionExit;
+}
+
+/**
+ * Joins two hops of a session at a relay (the controller, a proxy): data
+ * each way is passed on within the next hop's credit and consumed on the
+ * previous hop only once it left, so the relay holds at most the window it
+ * granted in each direction. Resize, signals, eof and exit are passed on;
+ * the first end on either side ends the other.
+ */
+export function relaySession<A, B, C, D>(
+  client: SessionPort<A, B>,
+  host: SessionPort<C, D>,
+  first?: { client?: SessionFrame; host?: SessionFrame },
+  keepaliveMs?: number,
+): Promise<RelayEnd> {
+  let exit: SessionExit | undefined;
+  client.start(
+    {
+      data: (channel, data) => host.sendData(channel, data, (n) => client.consumed(n)),
+      resize: (size) => host.sendResize(size),
+      signal: (name) => host.sendSignal(name),
+      eof: () => host.sendEof(),
+    },
+    first?.client,
+    keepaliveMs,
+  );
+  host.start(
+    {
+      data: (channel, data) => client.sendData(channel, data, (n) => host.consumed(n)),
+      exit: (e) => {
+        exit = e;
+        client.sendExit(e);
+      },
+    },
+    first?.host,
+    keepaliveMs,
+  );
+  return Promise.race([
+    client.ended.then((end) => {
+      host.end(end.code === 0 ? { code: Code.Canceled, message: "the client closed the session" } : end);
+      return { end, from: "client" as const, exit };
+    }),
+    host.ended.then((end) => {
+      client.end(end);
+      return { end, from: "host" as const, exit };
+    }),
+  ]);
+}

@@ -1,0 +1,218 @@
+/**
+ * Sessions at the controller (docs/sessions.md): it orders a session from
+ * the proxy holding the host (links are dialled edge-inwards, so the proxy
+ * dials back with the session's leg) and joins that leg to the client's
+ * stream. Authorization and the audit record are controller/access.ts's.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
+import type { Clock, Timer } from "../common/clock.js";
+import { DeadlineExceededError, InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../common/errors.js";
+import type { FrameLink } from "../common/frame-link.js";
+import type { IdGenerator } from "../common/ids.js";
+import { LIMITS, preview } from "../common/limits.js";
+import type { Logger } from "../common/logger.js";
+import { framedPort, relaySession, type RelayEnd, type SessionPort } from "../common/session-port.js";
+import { Code } from "@connectrpc/connect";
+import { ConcurrencyLimit } from "../common/limits.js";
+import { SessionResponseSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
+import type { TaskSigner } from "../common/task-signing.js";
+import type { ProxySessionRequest, ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { ProxySessionResponseSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { SessionOrderSchema, SessionSpecSchema, type SessionFrame, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
+import type { HostRecord } from "./model.js";
+import type { ProxyPort } from "./router.js";
+
+export type ProxySessionLink = FrameLink<ProxySessionResponse, ProxySessionRequest>;
+
+/** The proxy's leg of a session, joined: its port (not started) and the frame that came with its opening message. */
+export interface ProxyLeg {
+  port: SessionPort<ProxySessionResponse, ProxySessionRequest>;
+  first: SessionFrame | undefined;
+  proxy: string;
+}
+
+export interface SessionBrokerOptions {
+  clock: Clock;
+  ids: IdGenerator;
+  signer: TaskSigner;
+  log: Logger;
+  /** The link of the proxy holding the host now, if it is connected. */
+  portOf: (host: HostRecord) => ProxyPort | undefined;
+  /** Whether an identity is on the deny-list now: a session whose operator or host is revoked ends (see revoked()). */
+  isRevoked?: (identity: PeerIdentity) => boolean;
+  /** How long the proxy has to come back with the session's leg. Default LIMITS.sessionOpenMs. */
+  openMs?: number;
+  keepaliveMs?: number;
+}
+
+interface Pending {
+  hostId: string;
+  proxy: string;
+  timer: Timer;
+  resolve: (leg: ProxyLeg) => void;
+  reject: (err: Error) => void;
+}
+
+/** What the broker needs of controller/access.ts: the decision and the audit of each session. */
+export interface SessionAccess {
+  openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<HostRecord>;
+  sessionEnded(caller: PeerIdentity, sessionId: string, hostId: string, outcome: string): Promise<void>;
+}
+
+export type ClientSessionLink = FrameLink<SessionResponse, SessionRequest>;
+
+/** A session relayed now: who opened it, on which host, and its client's port (to end it). */
+interface Active {
+  caller: PeerIdentity;
+  host: PeerIdentity;
+  client: SessionPort<SessionResponse, SessionRequest>;
+}
+
+export class SessionBroker {
+  private readonly pending = new Map<string, Pending>();
+  private readonly active = new Map<string, Active>();
+  private readonly perOperator = new ConcurrencyLimit(LIMITS.sessionsPerOperator, "sessions for one operator");
+  private readonly openMs: number;
+  readonly keepaliveMs: number;
+
+  constructor(private readonly opts: SessionBrokerOptions) {
+    this.openMs = opts.openMs ?? LIMITS.sessionOpenMs;
+    this.keepaliveMs = opts.keepaliveMs ?? LIMITS.sessionKeepaliveMs;
+  }
+
+  /**
+   * Orders a session on an authorized host from the proxy that holds it,
+   * and waits for the proxy's leg. UNAVAILABLE when the host is not
+   * connected or does not join in time; the wait ends with `signal`.
+   */
+  async open(caller: PeerIdentity, host: HostRecord, spec: SessionSpec, sessionId: string, signal: AbortSignal): Promise<ProxyLeg> {
+    const port = host.connected ? this.opts.portOf(host) : undefined;
+    if (!port?.openSession) throw new UnavailableError(`host ${host.id} is not connected: a session needs the host online`);
+    const order = create(SessionOrderSchema, {
+      sessionId,
+      hostId: host.id,
+      tenant: host.tenant,
+      spec,
+      operator: formatIdentity(caller),
+      notAfter: timestampFromMs(this.opts.clock.now() + this.openMs),
+      keepaliveMs: this.keepaliveMs,
+    });
+    const leg = new Promise<ProxyLeg>((resolve, reject) => {
+      const timer = this.opts.clock.setTimeout(() => {
+        this.pending.delete(sessionId);
+        reject(new UnavailableError(`host ${host.id} did not join the session within ${this.openMs / 1000} s (through proxy ${port.name})`));
+      }, this.openMs);
+      this.pending.set(sessionId, { hostId: host.id, proxy: port.name, timer, resolve, reject });
+    });
+    const onAbort = () => this.drop(sessionId, new DeadlineExceededError("the client went away before the session opened"));
+    signal.addEventListener("abort", onAbort, { once: true });
+    port.openSession(this.opts.signer.signSession(order));
+    this.opts.log.debug("session ordered", { session: sessionId, host: host.id, proxy: port.name });
+    try {
+      return await leg;
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  /**
+   * Serves a client's Session stream: its first message opens the session
+   * (authorized and audited by `access`), the proxy's leg is ordered and
+   * joined to it, and the end is audited with how it ended.
+   */
+  async serveClient(link: ClientSessionLink, caller: PeerIdentity, access: SessionAccess, signal: AbortSignal): Promise<void> {
+    const client = framedPort(link, SessionResponseSchema, {
+      clock: this.opts.clock,
+      peer: "client",
+      peerSends: "input",
+      errorsAsStatus: true,
+      keepaliveMs: this.keepaliveMs,
+    });
+    const opening = await client.opening(LIMITS.linkHelloMs);
+    if (!opening) return;
+    if (!opening.open) throw new InvalidArgumentError("the first message of a session must open it (open)");
+    const { hostId } = opening.open;
+    const spec = opening.open.spec ?? create(SessionSpecSchema);
+    const release = this.perOperator.acquire(formatIdentity(caller));
+    try {
+      const sessionId = this.opts.ids("s");
+      const host = await access.openSession(caller, sessionId, hostId, spec);
+      let leg: ProxyLeg;
+      try {
+        leg = await this.open(caller, host, spec, sessionId, signal);
+      } catch (err) {
+        await access.sessionEnded(caller, sessionId, hostId, `not opened: ${err instanceof Error ? err.message : String(err)}`);
+        throw err;
+      }
+      link.send(create(SessionResponseSchema, { started: { sessionId, hostId, proxy: leg.proxy, keepaliveMs: this.keepaliveMs } }));
+      this.opts.log.info("session started", { session: sessionId, host: hostId, proxy: leg.proxy, operator: formatIdentity(caller) });
+      const relayed = relaySession(client, leg.port, { client: opening.frame, host: leg.first });
+      this.active.set(sessionId, { caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
+      const r = await relayed.finally(() => this.active.delete(sessionId));
+      const outcome = describeEnd(r);
+      this.opts.log.info("session ended", { session: sessionId, host: hostId, outcome });
+      await access.sessionEnded(caller, sessionId, hostId, outcome);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * The deny-list changed: every session whose operator or host is on it
+   * now ends, PERMISSION_DENIED (the host's process group with it).
+   */
+  revoked(): void {
+    const isRevoked = this.opts.isRevoked;
+    if (!isRevoked) return;
+    for (const [id, a] of this.active) {
+      const who = isRevoked(a.caller) ? `the certificate of ${formatIdentity(a.caller)} was revoked` : isRevoked(a.host) ? `host ${a.host.id} was revoked` : undefined;
+      if (!who) continue;
+      this.opts.log.info("session ended by a revocation", { session: id, reason: who });
+      a.client.end({ code: Code.PermissionDenied, message: who });
+    }
+  }
+
+  private drop(sessionId: string, err: Error): void {
+    const p = this.pending.get(sessionId);
+    if (!p) return;
+    this.pending.delete(sessionId);
+    p.timer.cancel();
+    p.reject(err);
+  }
+
+  /**
+   * Serves a proxy's leg of a session (ProxySession): its opening message
+   * names an ordered session, ordered from this proxy; anything else is
+   * refused. Resolves once the session is over on this leg.
+   */
+  async serveLeg(link: ProxySessionLink, peer: PeerIdentity): Promise<void> {
+    const port = framedPort(link, ProxySessionResponseSchema, {
+      clock: this.opts.clock,
+      peer: `proxy ${peer.id}`,
+      peerSends: "output",
+      keepaliveMs: this.keepaliveMs,
+    });
+    const opening = await port.opening(LIMITS.linkHelloMs);
+    if (!opening) return;
+    if (opening.sessionId === "" || opening.sessionId.length > LIMITS.idChars) throw new InvalidArgumentError("a session leg must name its session");
+    const p = this.pending.get(opening.sessionId);
+    if (!p) throw new NotFoundError(`no session ${preview(opening.sessionId)} waits for its host here: it was never ordered, or gave up`);
+    if (p.proxy !== peer.id) throw new PermissionDeniedError(`session ${opening.sessionId} was ordered from another proxy`);
+    this.pending.delete(opening.sessionId);
+    p.timer.cancel();
+    p.resolve({ port, first: opening.frame, proxy: peer.id });
+    await port.ended;
+  }
+}
+
+/** How a relayed session ended, in words for the audit log. */
+export function describeEnd(r: RelayEnd): string {
+  if (r.end.code === 0) {
+    if (r.exit?.code !== undefined) return `exited ${r.exit.code}`;
+    if (r.exit?.signal) return `killed by ${r.exit.signal}`;
+    return "ended";
+  }
+  return `${r.from === "client" ? "closed by the client" : "ended by the host's side"}: ${Code[r.end.code]}: ${r.end.message}`;
+}

@@ -1,0 +1,183 @@
+/**
+ * Sessions on the host (docs/sessions.md). A proxy passes on the
+ * controller's session orders; the daemon opens one only when the
+ * controller's signature holds over it, it names this host and tenant, it
+ * has not expired and was not opened before — a proxy can delay or drop an
+ * order, never make one up or replay it. The daemon then dials that proxy
+ * with the session's leg, starts the process and joins the two within the
+ * leg's credit window; when the leg ends, however it ends, the process
+ * group is ended.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { Code } from "@connectrpc/connect";
+import type { Clock } from "../common/clock.js";
+import { RexmeshError } from "../common/errors.js";
+import type { FrameLink } from "../common/frame-link.js";
+import { LIMITS } from "../common/limits.js";
+import type { Logger } from "../common/logger.js";
+import { codeOf } from "../common/rpc-errors.js";
+import { checkSessionSpec, keepaliveOf } from "../common/session-frames.js";
+import { ENDED_OK, framedPort, type SessionEnd, type SessionPort } from "../common/session-port.js";
+import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
+import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
+import type { SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import { sessionEnv, startSessionProcess, type SessionProcess } from "./session-process.js";
+
+export type ProxySessionLeg = FrameLink<AgentSessionRequest, AgentSessionResponse>;
+
+export interface SessionHostOptions {
+  hostId: string;
+  tenant: string;
+  clock: Clock;
+  log: Logger;
+  /** Checks the controller's signature on orders (the agent's verifier: it holds the endorsed keys). */
+  verifier: TaskVerifier;
+  /** Opens a session leg to the proxy at an address. */
+  dial: (address: string) => ProxySessionLeg;
+  /** Starts the session's process; injectable for tests. */
+  start?: (order: SessionOrder) => SessionProcess;
+  /** Time between SIGHUP and SIGKILL when a session ends with its process still running. Default 2 s. */
+  killGraceMs?: number;
+}
+
+export class SessionHost {
+  /** Session ids opened, until their order expires: an order is good once. */
+  private readonly used = new Map<string, number>();
+  private readonly open = new Map<string, SessionProcess>();
+  private readonly start: (order: SessionOrder) => SessionProcess;
+  private readonly killGraceMs: number;
+
+  constructor(private readonly opts: SessionHostOptions) {
+    this.start = opts.start ?? ((order) => startSessionProcess(order.spec!, sessionEnv(order.spec!, { REXMESH_HOST_ID: opts.hostId, REXMESH_SESSION_ID: order.sessionId })));
+    this.killGraceMs = opts.killGraceMs ?? 2000;
+  }
+
+  /** Sessions open now. */
+  get count(): number {
+    return this.open.size;
+  }
+
+  /** Orders a proxy passed on; each is answered on a leg dialled to that proxy. */
+  orders(signed: readonly SignedSessionOrder[], proxyAddress: string): void {
+    for (const s of signed) this.accept(s, proxyAddress);
+  }
+
+  private accept(signed: SignedSessionOrder, address: string): void {
+    const claimed = peekSessionOrder(signed);
+    if (!claimed || claimed.sessionId === "" || claimed.sessionId.length > LIMITS.idChars || claimed.hostId !== this.opts.hostId) {
+      // Not ours to answer: a leg for it would be refused anyway.
+      this.opts.log.warn("a session order not for this host was dropped", { session: claimed?.sessionId.slice(0, LIMITS.idChars) });
+      return;
+    }
+    const log = this.opts.log.child({ session: claimed.sessionId });
+    let order: SessionOrder | undefined;
+    let refusal: SessionEnd | undefined;
+    try {
+      order = this.check(signed);
+    } catch (err) {
+      // A signature that does not hold (TaskRejected) is a refusal too.
+      const code = err instanceof SessionRefused ? err.code : codeOf(err);
+      refusal = { code: code === Code.Internal ? Code.PermissionDenied : code, message: err instanceof Error ? err.message : String(err) };
+    }
+    const link = this.opts.dial(address);
+    link.send(create(AgentSessionRequestSchema, { sessionId: claimed.sessionId }));
+    const port = framedPort(link, AgentSessionRequestSchema, { clock: this.opts.clock, peer: "proxy", peerSends: "input", keepaliveMs: keepaliveOf(claimed.keepaliveMs) });
+    let proc: SessionProcess | undefined;
+    if (order) {
+      try {
+        proc = this.start(order);
+      } catch (err) {
+        refusal = { code: err instanceof RexmeshError ? codeOf(err) : Code.FailedPrecondition, message: err instanceof Error ? err.message : String(err) };
+      }
+    }
+    if (!proc || !order) {
+      log.warn("session refused", { reason: refusal?.message });
+      port.start({ data: () => undefined });
+      port.end(refusal ?? { code: Code.Internal, message: "the session could not start" });
+      return;
+    }
+    log.info("session started", { operator: order.operator, pid: proc.pid, tty: order.spec!.tty, program: order.spec!.argv[0] ?? "login shell" });
+    this.open.set(order.sessionId, proc);
+    this.bridge(port, proc, order.sessionId, log);
+  }
+
+  /** The order, if it may be opened: signed, for this host and tenant, in time, new, within the limits. */
+  private check(signed: SignedSessionOrder): SessionOrder {
+    const order = this.opts.verifier.verifySession(signed);
+    const now = this.opts.clock.now();
+    for (const [id, until] of this.used) if (until <= now) this.used.delete(id);
+    if (order.hostId !== this.opts.hostId || order.tenant !== this.opts.tenant) throw new SessionRefused(Code.PermissionDenied, "the session order is for another host");
+    const notAfter = order.notAfter ? timestampMs(order.notAfter) : 0;
+    if (notAfter <= now) throw new SessionRefused(Code.DeadlineExceeded, "the session order has expired");
+    if (this.used.has(order.sessionId)) throw new SessionRefused(Code.PermissionDenied, "the session order was used before");
+    if (this.open.size >= LIMITS.sessionsPerHost) throw new SessionRefused(Code.ResourceExhausted, `the host has ${LIMITS.sessionsPerHost} sessions open already`);
+    if (!order.spec) throw new SessionRefused(Code.InvalidArgument, "the session order says nothing to run");
+    checkSessionSpec(order.spec);
+    this.used.set(order.sessionId, notAfter);
+    return order;
+  }
+
+  /**
+   * Joins the process to its leg: input is written and only then consumed
+   * (granted again); output waits in the port for credit, and the process
+   * is no longer read while a window's worth waits. Its exit goes after
+   * its output; a leg that ends first ends the process group.
+   */
+  private bridge(port: SessionPort<AgentSessionRequest, AgentSessionResponse>, proc: SessionProcess, sessionId: string, log: Logger): void {
+    let exited = false;
+    let paused = false;
+    port.start({
+      data: (_channel, data) => proc.write(data, () => port.consumed(data.length)),
+      resize: (size) => proc.resize(size.cols, size.rows),
+      signal: (name) => proc.signal(name),
+      eof: () => proc.endInput(),
+    });
+    proc.onOutput((channel, data) => {
+      port.sendData(channel, data);
+      if (!paused && port.queuedBytes >= LIMITS.sessionWindowBytes) {
+        paused = true;
+        proc.pauseOutput();
+        port
+          .whenQueueBelow(LIMITS.sessionWindowBytes / 2)
+          .then(() => {
+            paused = false;
+            proc.resumeOutput();
+          })
+          .catch(() => undefined);
+      }
+    });
+    proc.exited
+      .then((exit) => {
+        exited = true;
+        log.info("session process exited", exit.signal ? { signal: exit.signal } : { code: exit.code });
+        port.sendExit(exit);
+        port.end(ENDED_OK);
+      })
+      .catch(() => undefined);
+    port.ended
+      .then((end) => {
+        this.open.delete(sessionId);
+        if (exited) return;
+        log.info("session ended before its process: ending the process group", { code: end.code === 0 ? "OK" : Code[end.code], reason: end.message });
+        proc.kill(this.killGraceMs, this.opts.clock);
+      })
+      .catch(() => undefined);
+  }
+
+  /** Ends every session's process (the daemon stops). */
+  stop(): void {
+    for (const proc of this.open.values()) proc.kill(this.killGraceMs, this.opts.clock);
+    this.open.clear();
+  }
+}
+
+/** A session order the host will not open, with the code the operator sees. */
+class SessionRefused extends RexmeshError {
+  constructor(
+    readonly code: Code,
+    message: string,
+  ) {
+    super(message);
+  }
+}

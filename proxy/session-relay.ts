@@ -1,0 +1,139 @@
+/**
+ * Sessions at a proxy (docs/sessions.md): an order from the controller goes
+ * to its host on the host's AgentStream, unchanged (the host checks the
+ * controller's signature); the host dials back with the session's leg, and
+ * only then does the proxy dial the controller with the other leg and relay
+ * between the two within their credit windows. A host that is not here, or
+ * does not dial back in time, is reported on a leg that closes at once.
+ */
+import { create } from "@bufbuild/protobuf";
+import { Code } from "@connectrpc/connect";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import type { PeerIdentity } from "../certs/identity.js";
+import type { Clock, Timer } from "../common/clock.js";
+import { InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../common/errors.js";
+import type { FrameLink } from "../common/frame-link.js";
+import { LIMITS, preview } from "../common/limits.js";
+import type { Logger } from "../common/logger.js";
+import { framedPort, relaySession, type SessionEnd, type SessionPort } from "../common/session-port.js";
+import { keepaliveOf } from "../common/session-frames.js";
+import { peekSessionOrder } from "../common/task-signing.js";
+import { AgentSessionResponseSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
+import { ProxySessionRequestSchema, type ProxySessionRequest, type ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+
+export type HostSessionLink = FrameLink<AgentSessionResponse, AgentSessionRequest>;
+export type ControllerSessionLink = FrameLink<ProxySessionRequest, ProxySessionResponse>;
+
+export interface SessionRelayOptions {
+  clock: Clock;
+  log: Logger;
+  /** This proxy's name, for messages. */
+  name: string;
+  /** Puts an order on the stream of a host held here; false when none is. */
+  offerToHost: (hostId: string, order: SignedSessionOrder) => boolean;
+  /** Opens a session leg to the controller. */
+  dialController: () => ControllerSessionLink;
+  /** How long a host has to dial back, at most (the order's own expiry may be sooner). Default LIMITS.sessionOpenMs. */
+  openMs?: number;
+}
+
+interface Waiting {
+  hostId: string;
+  keepaliveMs: number;
+  timer: Timer;
+}
+
+/** How long an up leg waits, after it closed the session, for the controller to end the stream. */
+const REPORT_LINGER_MS = 5_000;
+
+export class SessionRelays {
+  private readonly waiting = new Map<string, Waiting>();
+  private readonly openMs: number;
+
+  constructor(private readonly opts: SessionRelayOptions) {
+    this.openMs = opts.openMs ?? LIMITS.sessionOpenMs;
+  }
+
+  /** Sessions ordered here whose host has not dialled back yet. */
+  get pending(): number {
+    return this.waiting.size;
+  }
+
+  /** An order from the controller: to its host, or reported back at once when the host is not here. */
+  order(signed: SignedSessionOrder): void {
+    const order = peekSessionOrder(signed);
+    if (!order || order.sessionId === "" || order.sessionId.length > LIMITS.idChars || order.hostId === "") {
+      this.opts.log.warn("a session order that cannot be decoded was dropped");
+      return;
+    }
+    if (this.waiting.has(order.sessionId)) return;
+    const { sessionId, hostId } = order;
+    if (!this.opts.offerToHost(hostId, signed)) {
+      this.report(sessionId, { code: Code.Unavailable, message: `host ${hostId} is not connected to proxy ${this.opts.name}` });
+      return;
+    }
+    const left = order.notAfter ? timestampMs(order.notAfter) - this.opts.clock.now() : this.openMs;
+    const timer = this.opts.clock.setTimeout(() => {
+      if (!this.waiting.delete(sessionId)) return;
+      this.report(sessionId, { code: Code.Unavailable, message: `host ${hostId} did not join the session at proxy ${this.opts.name}` });
+    }, Math.max(0, Math.min(left, this.openMs)));
+    this.waiting.set(sessionId, { hostId, keepaliveMs: order.keepaliveMs, timer });
+    this.opts.log.debug("session order passed to host", { session: sessionId, host: hostId });
+  }
+
+  /** Tells the controller why a session cannot open here, on a leg that says only that. */
+  private report(sessionId: string, end: SessionEnd): void {
+    this.opts.log.info("session not opened", { session: sessionId, reason: end.message });
+    const link = this.opts.dialController();
+    link.send(create(ProxySessionRequestSchema, { sessionId }));
+    const up = this.upPort(link);
+    up.start({ data: () => undefined });
+    up.end(end);
+  }
+
+  private upPort(link: ControllerSessionLink): SessionPort<ProxySessionRequest, ProxySessionResponse> {
+    return framedPort(link, ProxySessionRequestSchema, {
+      clock: this.opts.clock,
+      peer: "controller",
+      peerSends: "input",
+      lingerMs: REPORT_LINGER_MS,
+    });
+  }
+
+  /**
+   * Serves a host's leg of a session (AgentSession): its first message
+   * names a session ordered for this very host; then the controller's leg
+   * is dialled and the two are relayed until either ends.
+   */
+  async serveHost(link: HostSessionLink, peer: PeerIdentity): Promise<void> {
+    const host = framedPort(link, AgentSessionResponseSchema, {
+      clock: this.opts.clock,
+      peer: `host ${peer.id}`,
+      peerSends: "output",
+    });
+    const opening = await host.opening(LIMITS.linkHelloMs);
+    if (!opening) return;
+    const { sessionId } = opening;
+    if (sessionId === "" || sessionId.length > LIMITS.idChars) throw new InvalidArgumentError("a session leg must name its session");
+    const w = this.waiting.get(sessionId);
+    if (!w) throw new NotFoundError(`no session ${preview(sessionId)} waits for this host here: it was never ordered through this proxy, or gave up`);
+    if (w.hostId !== peer.id) throw new PermissionDeniedError(`session ${sessionId} was ordered for another host`);
+    this.waiting.delete(sessionId);
+    w.timer.cancel();
+    const upLink = this.opts.dialController();
+    upLink.send(create(ProxySessionRequestSchema, { sessionId }));
+    const up = this.upPort(upLink);
+    const log = this.opts.log.child({ session: sessionId, host: peer.id });
+    log.info("session relayed");
+    const r = await relaySession(up, host, { host: opening.frame }, keepaliveOf(w.keepaliveMs));
+    log.info("session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });
+  }
+
+  /** Stops waiting for hosts (the proxy stops). */
+  stop(): void {
+    for (const w of this.waiting.values()) w.timer.cancel();
+    this.waiting.clear();
+  }
+}
+

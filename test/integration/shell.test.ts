@@ -1,0 +1,258 @@
+import { execFileSync, spawn } from "node:child_process";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { operatorClient } from "../../cli/client.js";
+import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
+import type { CredentialPaths } from "../../certs/files.js";
+import { AuditDecision } from "../../gen/rexmesh/v1/controller_pb.js";
+import { LIMITS } from "../../common/limits.js";
+import { rexmesh, tempDir, until } from "./support.js";
+import { testCa } from "../test-ca.js";
+
+/**
+ * `rexmesh shell` end to end: a real mesh (controller, proxy, daemon over
+ * mTLS), the real CLI inside a real terminal (tmux), a real pty on the
+ * host. The host is this machine, so the remote processes can be seen.
+ */
+describe("rexmesh shell through the mesh", () => {
+  const work = tempDir("shell");
+  const policyFile = join(work, "policy.yaml");
+  writeFileSync(
+    policyFile,
+    `
+roles:
+  admin:
+    hosts: all
+    actions: ["*", session]
+    commands: ["*"]
+    shell: true
+  everything-but-sessions:
+    hosts: all
+    actions: ["*"]
+    commands: ["*"]
+    shell: true
+bindings:
+  acme/dev: admin
+  acme/nosession: everything-but-sessions
+`,
+  );
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile] });
+  let nosession: CredentialPaths;
+  const envOf = (c: CredentialPaths) => ({ REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: c.cert, REXMESH_KEY: c.key, REXMESH_CA: c.ca });
+
+  /** Runs the CLI with `input` on its stdin (a pipe: no terminal). */
+  const shell = (args: string[], input: string, env = mesh.exports()) =>
+    new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
+      const clean: NodeJS.ProcessEnv = {};
+      for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
+      const child = spawn(process.execPath, [REXMESH_BIN, "shell", ...args], { env: { ...clean, ...env }, stdio: ["pipe", "pipe", "pipe"] });
+      let stdout = "";
+      let stderr = "";
+      child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+      child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+      child.on("error", reject);
+      child.on("close", (code) => resolve({ code, stdout, stderr }));
+      child.stdin.end(input);
+    });
+
+  beforeAll(async () => {
+    await mesh.start();
+    nosession = mesh.issue({ role: "operator", scope: "acme", id: "nosession" }, join(work, "nosession"));
+    await mesh.waitForHosts(1);
+  });
+
+  afterAll(async () => {
+    await mesh.stop();
+  });
+
+  /**
+   * `rexmesh shell h1` in a terminal of its own: a tmux server on a private
+   * socket, 100x30, killed by `stop`. The CLI's exit status shows as CLI-EXIT=N.
+   */
+  const terminal = (name: string, env: Record<string, string> = mesh.exports()) => {
+    const socket = `rexmesh-${name}-${process.pid}`;
+    const tmux = (...args: string[]) => execFileSync("tmux", ["-L", socket, ...args], { encoding: "utf8" });
+    const script = join(work, `${name}.sh`);
+    const exports = Object.entries(env).map(([k, v]) => `export ${k}=${v}`).join("\n");
+    writeFileSync(script, `${exports}\nexport TERM=xterm\n${JSON.stringify(process.execPath)} ${JSON.stringify(REXMESH_BIN)} shell h1\necho CLI-EXIT=$?\nsleep 600\n`);
+    const screen = () => tmux("capture-pane", "-p", "-J", "-S", "-200");
+    const see = (what: string, pattern: RegExp, timeoutMs = 20_000) =>
+      until(what, async () => pattern.exec(screen()) ?? undefined, timeoutMs).catch((err: Error) => {
+        throw new Error(`${err.message}; the terminal shows:\n${screen().trimEnd()}`);
+      });
+    tmux("-f", "/dev/null", "new-session", "-d", "-x", "100", "-y", "30", "bash", "--norc", "--noprofile", script);
+    const type = (...keys: string[]) => tmux("send-keys", "-t", "0", ...keys);
+    const stop = () => {
+      try {
+        tmux("kill-server");
+      } catch {
+        // Already gone.
+      }
+    };
+    return { tmux, see, type, stop, screen };
+  };
+
+  /** The pids of this machine's processes whose command line is exactly `command` (the host is this machine). */
+  const pids = (command: string) => {
+    try {
+      return execFileSync("pgrep", ["-f", `^${command}$`], { encoding: "utf8" }).trim();
+    } catch {
+      return "";
+    }
+  };
+
+  it("runs a real terminal in tmux: tty is a /dev/pts, stty size follows a resize, Ctrl-C interrupts sleep, exit 7 is the CLI's exit status", async () => {
+    const { tmux, see, type, stop } = terminal("shell");
+    try {
+      // Each command prints a marker only its output contains (the typed line shows the unexpanded $((...))).
+      type("echo READY-$((40+2))", "Enter");
+      await see("the remote shell's first answer", /READY-42/, 30_000);
+
+      tmux("send-keys", "-t", "0", "echo TTY=$(tty)", "Enter");
+      await see("tty's answer", /TTY=\/dev\/pts\/\d+/);
+
+      tmux("send-keys", "-t", "0", "echo SIZE=$(stty size)", "Enter");
+      await see("the first window size", /SIZE=30 100/);
+      tmux("resize-window", "-t", "0", "-x", "120", "-y", "40");
+      tmux("send-keys", "-t", "0", "echo SIZE2=$(stty size)", "Enter");
+      await see("the window size after the resize", /SIZE2=40 120/);
+
+      // The host is this machine: the remote sleep is a process here.
+      const marker = `${process.pid}${Date.now() % 100000}`;
+      tmux("send-keys", "-t", "0", `sleep ${marker}`, "Enter");
+      const sleeping = () => pids(`sleep ${marker}`);
+      await until("the remote sleep to start", async () => sleeping() || undefined);
+      tmux("send-keys", "-t", "0", "C-c");
+      await until("the remote sleep to end on Ctrl-C", async () => (sleeping() === "" ? true : undefined), 10_000);
+      tmux("send-keys", "-t", "0", "echo AFTER-INT-$((3+4))", "Enter");
+      await see("the shell after the interrupt", /AFTER-INT-7/);
+
+      tmux("send-keys", "-t", "0", "exit 7", "Enter");
+      await see("the CLI's exit status", /CLI-EXIT=7/);
+    } finally {
+      stop();
+    }
+  });
+
+  it("runs without a terminal from a pipe: stdin to the login shell, stdout and stderr apart, the exit code", async () => {
+    const r = await shell(["h1"], "tty; echo piped-$((6*7)); echo to-err >&2; exit 3\n");
+    expect(r.code, r.stderr).toBe(3);
+    expect(r.stdout).toContain("not a tty");
+    expect(r.stdout).toContain("piped-42\n");
+    expect(r.stderr).toContain("to-err\n");
+    expect(r.stdout).not.toContain("to-err");
+  });
+
+  it("runs a command with arguments, passing stdin through byte for byte", async () => {
+    const input = Array.from({ length: 20_000 }, (_, i) => `line ${i}\n`).join("");
+    const r = await shell(["h1", "--", "sha256sum"], input);
+    expect(r.code, r.stderr).toBe(0);
+    const expected = execFileSync("sha256sum", { input, encoding: "utf8" });
+    expect(r.stdout).toBe(expected);
+  });
+
+  it("refuses an operator whose policy lacks `session` with PERMISSION_DENIED, and audits both", async () => {
+    const r = await shell(["h1", "--", "true"], "", envOf(nosession));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/PermissionDenied: operator acme\/nosession may not session/);
+    const missing = await shell(["nope", "--", "true"], "");
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/NotFound: host "nope" not found/);
+    const { client, close } = operatorClient({}, mesh.exports());
+    try {
+      const { events } = await client.listAudit({ limit: 1000 });
+      const sessions = events.filter((e) => e.kind === "session" || e.kind === "session.end");
+      expect(sessions.some((e) => e.kind === "session" && e.actor === "operator:acme/nosession" && e.decision === AuditDecision.DENIED)).toBe(true);
+      expect(sessions.some((e) => e.kind === "session" && e.actor === "operator:acme/dev" && e.decision === AuditDecision.ALLOWED && e.hostIds.includes("h1"))).toBe(true);
+      expect(sessions.some((e) => e.kind === "session.end" && e.reason === "exited 7")).toBe(true);
+      expect(sessions.some((e) => e.kind === "session.end" && e.reason === "exited 3")).toBe(true);
+    } finally {
+      close();
+    }
+  });
+
+  it("keeps every hop's memory flat when the client stops reading: the host's writer blocks instead", async () => {
+    const marker = `stalled-${process.pid}`;
+    const clean: NodeJS.ProcessEnv = {};
+    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
+    const cli = spawn(process.execPath, [REXMESH_BIN, "shell", "h1", "-T", "--", "yes", marker], { env: { ...clean, ...mesh.exports() }, stdio: ["pipe", "pipe", "pipe"] });
+    const exited = new Promise<void>((resolve) => cli.once("close", () => resolve()));
+    let read = 0;
+    cli.stdout.on("data", (d: Buffer) => (read += d.length));
+    try {
+      await until("output flowing", async () => (read > 8 << 20 ? true : undefined));
+      const yes = Number((await until("the remote yes", async () => pids(`yes ${marker}`) || undefined)).split("\n")[0]);
+      // The client stops reading: frozen, its connection open.
+      cli.kill("SIGSTOP");
+      const rss = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
+      const cpu = (pid: number) => readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ").slice(11, 13).reduce((n, t) => n + Number(t), 0);
+      const relays = [mesh.controller.proc.pid!, mesh.proxies[0]!.proc.pid!, mesh.daemons[0]!.proc.pid!];
+      // Whatever was in flight settles within a moment; from then on nothing may grow.
+      await new Promise((r) => setTimeout(r, 1500));
+      const before = relays.map(rss);
+      const cpuBefore = cpu(yes);
+      await new Promise((r) => setTimeout(r, 4000));
+      const after = relays.map(rss);
+      // At yes's pace (hundreds of MB/s here) an unbounded relay would have grown by gigabytes.
+      for (const [i, name] of ["controller", "proxy", "daemon"].entries()) expect(after[i]! - before[i]!, `${name} grew by ${after[i]! - before[i]!} bytes`).toBeLessThan(32 << 20);
+      // yes is blocked in write(): it used (almost) no CPU meanwhile (clock ticks of 10 ms).
+      expect(cpu(yes) - cpuBefore).toBeLessThan(50);
+    } finally {
+      cli.kill("SIGCONT");
+      cli.kill("SIGTERM");
+      await exited;
+    }
+    await until("the remote yes to be ended", async () => (pids(`yes ${marker}`) === "" ? true : undefined), 15_000);
+  });
+
+  it("ends a session when its operator's certificate is revoked, and the process on the host with it", async () => {
+    const doomed = mesh.issue({ role: "operator", scope: "acme", id: "doomed" }, join(work, "doomed"));
+    writeFileSync(policyFile, `${readFileSync(policyFile, "utf8")}  acme/doomed: admin\n`);
+    mesh.controller.proc.kill("SIGHUP");
+    const marker = `${process.pid}${(Date.now() + 1) % 100000}`;
+    // The policy is read again on SIGHUP: retried until it lets the new operator in.
+    let session: ReturnType<typeof shell> | undefined;
+    await until("a session of the new operator", async () => {
+      session = shell(["h1", "--", "sleep", marker], "", envOf(doomed));
+      const started = await Promise.race([session.then(() => false), until("its sleep", async () => pids(`sleep ${marker}`) || undefined, 5000).then(() => true, () => false)]);
+      return started ? true : undefined;
+    });
+    const revoked = await rexmesh(["operators", "revoke", "doomed", "--reason", "test"], mesh.exports());
+    expect(revoked.code, revoked.stderr).toBe(0);
+    const r = await session!;
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/PermissionDenied: session on h1 ended: the certificate of operator:acme\/doomed was revoked/);
+    await until("the remote sleep to be ended", async () => (pids(`sleep ${marker}`) === "" ? true : undefined), 10_000);
+  });
+
+  it("ends a session whose host stopped answering within the keep-alive bound, and ~. closes one at once", async () => {
+    const daemon = mesh.daemons[0]!.proc;
+    const marker = `${process.pid}${(Date.now() + 2) % 100000}`;
+    const piped = shell(["h1", "--", "sleep", marker], "");
+    await until("the piped session's sleep", async () => pids(`sleep ${marker}`) || undefined);
+    const { see, type, stop } = terminal("gone");
+    try {
+      type("echo READY-$((40+3))", "Enter");
+      await see("the remote shell's first answer", /READY-43/, 30_000);
+      // The host stops answering (its process is frozen, its connections stay open).
+      daemon.kill("SIGSTOP");
+      const stoppedAt = Date.now();
+      type("Enter");
+      type("~.");
+      await see("the CLI closed by ~.", /CLI-EXIT=255/, 5000);
+      expect(Date.now() - stoppedAt).toBeLessThan(5000);
+      const r = await piped;
+      const after = Date.now() - stoppedAt;
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/Unavailable: session on h1 ended: the host h1 stopped answering: nothing from it for 15 s/);
+      // Three keep-alive intervals, plus at most one more for the check and the way back.
+      expect(after).toBeLessThan(4 * LIMITS.sessionKeepaliveMs + 2000);
+    } finally {
+      daemon.kill("SIGCONT");
+      stop();
+    }
+    // Back, the host finds its legs gone and ends both sessions' processes.
+    await until("the remote sleep to be ended", async () => (pids(`sleep ${marker}`) === "" ? true : undefined), 15_000);
+  });
+});
