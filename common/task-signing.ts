@@ -17,14 +17,18 @@ function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number)
 }
 
 /**
- * What a session order's signature covers: a prefix no task spec starts
- * with, then the order's bytes. The same key signs tasks (over their bare
- * bytes), so without it an order could be passed off as a task whose bytes
- * happen to decode, or the other way round.
+ * What a signature covers: a prefix naming what is signed, then its bytes.
+ * One key signs tasks and session orders; each kind has its own prefix, and
+ * the prefixes differ within their first bytes, so a signature over one
+ * kind never verifies as the other. (With tasks signed over their bare
+ * bytes, prefix + order decoded as a task: the prefix became an unknown
+ * field that swallowed the order's first bytes, and decoding resumed inside
+ * an argv the operator chose — a proxy could pass an order off as any task.)
  */
-function sessionSigned(order: Uint8Array): Buffer {
-  return Buffer.concat([SESSION_ORDER_PREFIX, order]);
+function signedBytes(prefix: Buffer, bytes: Uint8Array): Buffer {
+  return Buffer.concat([prefix, bytes]);
 }
+const TASK_PREFIX = Buffer.from("rexmesh task v1\0");
 const SESSION_ORDER_PREFIX = Buffer.from("rexmesh session order v1\0");
 
 /**
@@ -56,13 +60,13 @@ export class TaskSigner {
   sign(spec: TaskSpec): SignedTask {
     const bytes = toBinary(TaskSpecSchema, spec);
     if (isPingOnly(spec)) return create(SignedTaskSchema, { spec: bytes });
-    return create(SignedTaskSchema, { spec: bytes, signature: sign(null, bytes, this.privateKey), keyId: this.key.keyId });
+    return create(SignedTaskSchema, { spec: bytes, signature: sign(null, signedBytes(TASK_PREFIX, bytes), this.privateKey), keyId: this.key.keyId });
   }
 
   /** Signs a session order (docs/sessions.md); never valid as a task signature. */
   signSession(order: SessionOrder): SignedSessionOrder {
     const bytes = toBinary(SessionOrderSchema, order);
-    return create(SignedSessionOrderSchema, { order: bytes, signature: sign(null, sessionSigned(bytes), this.privateKey), keyId: this.key.keyId });
+    return create(SignedSessionOrderSchema, { order: bytes, signature: sign(null, signedBytes(SESSION_ORDER_PREFIX, bytes), this.privateKey), keyId: this.key.keyId });
   }
 }
 
@@ -149,7 +153,7 @@ export class TaskVerifier {
     const key = this.keys.get(signed.keyId);
     if (!key) throw new TaskRejected(`the session order is signed with an unknown key ${JSON.stringify(signed.keyId)}`);
     if (key.notAfter <= this.clock.now()) throw new TaskRejected("the session order is signed with an expired key");
-    if (!verify(null, sessionSigned(signed.order), key.publicKey, signed.signature)) throw new TaskRejected("the session order's signature does not match: it was altered on the way");
+    if (!verify(null, signedBytes(SESSION_ORDER_PREFIX, signed.order), key.publicKey, signed.signature)) throw new TaskRejected("the session order's signature does not match: it was altered on the way");
     return fromBinary(SessionOrderSchema, signed.order);
   }
 
@@ -163,7 +167,7 @@ export class TaskVerifier {
     const key = this.keys.get(task.keyId);
     if (!key) throw new TaskRejected(`the task is signed with an unknown key ${JSON.stringify(task.keyId)}`);
     if (key.notAfter <= this.clock.now()) throw new TaskRejected("the task is signed with an expired key");
-    if (!verify(null, task.spec, key.publicKey, task.signature)) throw new TaskRejected("the task's signature does not match: it was altered on the way");
+    if (!verify(null, signedBytes(TASK_PREFIX, task.spec), key.publicKey, task.signature)) throw new TaskRejected("the task's signature does not match: it was altered on the way");
     return fromBinary(TaskSpecSchema, task.spec);
   }
 }

@@ -21,10 +21,11 @@ import {
   SessionGrantSchema,
   SessionOrderSchema,
   SessionSpecSchema,
+  SignedSessionOrderSchema,
   type SessionFrame,
 } from "../../gen/rexmesh/v1/session_pb.js";
 import { SignedTaskSchema } from "../../gen/rexmesh/v1/task_pb.js";
-import { FakeLink, flush, operator, testSigning, testVerifier } from "./support.js";
+import { FakeLink, flush, operator, taskSpec, testSigning, testVerifier } from "./support.js";
 
 const W = LIMITS.sessionWindowBytes;
 const data = (offset: number, bytes: number, channel = SessionChannel.STDOUT) => create(SessionDataSchema, { channel, offset: BigInt(offset), data: new Uint8Array(bytes) });
@@ -233,6 +234,14 @@ describe("session orders", () => {
     expect(() => verifier.verifySession({ ...signed, signature: new Uint8Array() })).toThrow(/not signed/);
     // The same key and bytes presented as a task: the session prefix makes the signature fail.
     expect(() => verifier.verify(create(SignedTaskSchema, { spec: signed.order, signature: signed.signature, keyId: signed.keyId }))).toThrow(/does not match/);
+    // Nor as a task whose bytes are exactly what the order's signature covers (the prefix and the order): with tasks
+    // signed over their bare bytes this verified, and decoded as a task of the attacker's making (a review's finding).
+    const covered = new Uint8Array(Buffer.concat([Buffer.from("rexmesh session order v1\0"), signed.order]));
+    expect(() => verifier.verify(create(SignedTaskSchema, { spec: covered, signature: signed.signature, keyId: signed.keyId }))).toThrow(/does not match/);
+    // And a task's signature is never a session order's.
+    const task = testSigning().signer.sign(taskSpec("t1", "h1"));
+    expect(() => verifier.verifySession(create(SignedSessionOrderSchema, { order: task.spec, signature: task.signature, keyId: task.keyId }))).toThrow(/does not match/);
+    expect(() => verifier.verifySession(create(SignedSessionOrderSchema, { order: new Uint8Array(Buffer.concat([Buffer.from("rexmesh task v1\0"), task.spec])), signature: task.signature, keyId: task.keyId }))).toThrow(/does not match/);
   });
 });
 
