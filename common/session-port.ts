@@ -5,6 +5,7 @@ import type { FrameLink } from "./frame-link.js";
 import { Heartbeat } from "./heartbeat.js";
 import { LIMITS, truncate } from "./limits.js";
 import { codeOf } from "./rpc-errors.js";
+import { InvalidArgumentError } from "./errors.js";
 import { ReceiveWindow, screenFrame, SendWindow, type PeerSends } from "./session-frames.js";
 import {
   SessionCloseSchema,
@@ -92,6 +93,9 @@ export class SessionPort<Out, In> {
   readonly ended: Promise<SessionEnd>;
   private resolveEnded!: (end: SessionEnd) => void;
   private done = false;
+  /** An end of input and an exit come once per session: a repeat is a protocol error, not one more queued item. */
+  private eofTaken = false;
+  private exitTaken = false;
   private readonly send = new SendWindow();
   private readonly receive: ReceiveWindow;
   private readonly queue: Queued[] = [];
@@ -324,10 +328,20 @@ export class SessionPort<Out, In> {
     if (frame.signal !== "") h.signal?.(frame.signal);
     for (const d of frame.data) {
       this.receive.accept(d);
-      h.data(d.channel, d.data);
+      // A copy when the bytes are a view into a larger message: what waits for credit downstream must hold its
+      // own bytes, not the whole message it came in (up to the transport's 16 MiB) for each byte.
+      h.data(d.channel, d.data.byteLength === d.data.buffer.byteLength ? d.data : d.data.slice());
     }
-    if (frame.eof) h.eof?.();
-    if (frame.exit) h.exit?.(frame.exit);
+    if (frame.eof) {
+      if (this.eofTaken) throw new InvalidArgumentError(`the ${this.opts.peer} sent a second end of input`);
+      this.eofTaken = true;
+      h.eof?.();
+    }
+    if (frame.exit) {
+      if (this.exitTaken) throw new InvalidArgumentError(`the ${this.opts.peer} sent a second exit`);
+      this.exitTaken = true;
+      h.exit?.(frame.exit);
+    }
     if (frame.close) this.finish({ code: frame.close.code as Code | 0, message: frame.close.message }, "peer");
   }
 

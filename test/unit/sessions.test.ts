@@ -220,6 +220,42 @@ describe("a session through a relay", () => {
   });
 });
 
+describe("a session hop under a hostile peer", () => {
+  it("keeps of a byte waiting for credit only that byte, not the whole message it came in", async () => {
+    const clock = new ManualClock();
+    const [a, b] = wire<F, F>();
+    const p = port(a, clock, "output", "host");
+    const held: Uint8Array[] = [];
+    p.start({ data: (_ch, d) => held.push(d) });
+    await flush(); // its first grant goes out
+    // One byte of data inside a 1 MiB message (what a padded frame decodes to: a view into the message's buffer).
+    const message = new Uint8Array(1 << 20);
+    b.send({ frame: create(SessionFrameSchema, { data: [{ channel: SessionChannel.STDOUT, offset: 0n, data: message.subarray(100, 101) }] }) });
+    await flush(5);
+    expect(held).toHaveLength(1);
+    expect(held[0]!.byteLength).toBe(1);
+    expect(held[0]!.buffer.byteLength).toBe(1);
+  });
+
+  it("ends a hop whose peer sends a second end of input or a second exit, instead of queueing each", async () => {
+    const clock = new ManualClock();
+    for (const [peerSends, frame, said] of [
+      ["input", { eof: true }, /second end of input/],
+      ["output", { exit: { code: 0 } }, /second exit/],
+    ] as const) {
+      const [a, b] = wire<F, F>();
+      const p = port(a, clock, peerSends, "peer");
+      let ends = 0;
+      p.start({ data: () => undefined, eof: () => ends++, exit: () => ends++ });
+      for (let i = 0; i < 1000; i++) b.send({ frame: create(SessionFrameSchema, frame) });
+      const end = await p.ended;
+      expect(end.code).toBe(Code.InvalidArgument);
+      expect(end.message).toMatch(said);
+      expect(ends).toBe(1);
+    }
+  });
+});
+
 describe("session orders", () => {
   const order = () =>
     create(SessionOrderSchema, { sessionId: "s1", hostId: "h1", tenant: "acme", spec: { argv: ["bash"], tty: true }, operator: "operator:acme/alice", notAfter: timestampFromMs(Date.UTC(2026, 0, 1) + 20_000) });
