@@ -101,6 +101,8 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
     tenant: plan.tenants[0],
     hostsPerProcess: perProcess,
     logLevel: (v.logLevel as string | undefined) ?? "info",
+    // A dev mesh is for trying things: rexmesh shell too (a controller serves sessions only when asked).
+    controllerArgs: ["--sessions"],
     onExit: supervisor.onExit,
   });
   supervisor.attach(mesh);

@@ -31,7 +31,7 @@ import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
-import { UnavailableError } from "../common/errors.js";
+import { FailedPreconditionError } from "../common/errors.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
 
 /** A host for clients; `revoked` is why its identity is on the deny-list, if it is. */
@@ -213,7 +213,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
     },
     session(requests, ctx) {
       const sessions = deps.sessions;
-      if (!sessions) throw new UnavailableError("this controller serves no sessions");
+      if (!sessions) throw new FailedPreconditionError("sessions are off at this controller: it serves them when started with --sessions (read docs/sessions.md, Known gaps, first)");
       const caller = grantedPeer(ctx);
       return serveFrameLink(requests, ctx, (link: ClientSessionLink) => sessions.serveClient(link, caller, access, ctx.signal));
     },

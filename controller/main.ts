@@ -66,6 +66,7 @@ export const controllerSchema = {
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
   caKey: { type: "string", doc: "mesh CA private key (PEM); needed to enroll hosts (docs/enrollment.md)" },
   hostCertTtl: { type: "duration", default: "24h", doc: "lifetime of host certificates issued by enrollment" },
+  sessions: { type: "bool", default: false, doc: "serve interactive sessions (rexmesh shell); off by default while their bytes are protected hop by hop only: a compromised proxy could read and alter the sessions it relays (docs/sessions.md, Known gaps)" },
   enrollListen: { type: "string", doc: "extra address serving only EnrollService without asking for a client certificate, for daemons with a join token that reach the controller directly (host:port; port 0 picks one); off by default" },
   policy: { type: "string", doc: "authorization policy file (YAML or JSON, docs/authorization.md), reloaded on SIGHUP; without one every operator has full access within its tenant" },
 } satisfies Schema;
@@ -187,7 +188,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions, revoked: revokedHost }), { callerOf, log }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));

@@ -193,6 +193,13 @@ describe("the CLI's rough edges", () => {
     });
   });
 
+  it("shell against a controller started without --sessions is refused in one line saying how to turn them on", async () => {
+    const r = await cli(["shell", "h1", "--", "true"]);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe("");
+    expect(r.stderr).toMatch(/^rexmesh: FailedPrecondition: sessions are off at this controller: it serves them when started with --sessions \(read docs\/sessions\.md, Known gaps, first\)\n$/);
+  });
+
   it("-b groups hosts by stream and outcome: a failure on stderr never joins successes on stdout", async () => {
     const script = 'if [ "$REXMESH_HOST_ID" = h1 ]; then echo x >&2; exit 3; else echo x; fi';
     const r = await cli(["run", "--all", "-b", "--shell", script]);

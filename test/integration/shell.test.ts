@@ -37,7 +37,7 @@ bindings:
   acme/nosession: everything-but-sessions
 `,
   );
-  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile, "--sessions"] });
   let nosession: CredentialPaths;
   const envOf = (c: CredentialPaths) => ({ REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: c.cert, REXMESH_KEY: c.key, REXMESH_CA: c.ca });
 
