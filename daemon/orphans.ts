@@ -83,12 +83,13 @@ function listPids(): number[] {
 }
 
 /**
- * The live processes of a task: members of its noted groups (when the group
- * leader is the one noted, or is gone and the member carries the task's
- * marker) and any process whose environment carries the marker.
+ * The live processes of a task or a session: members of its noted groups
+ * (when the group leader is the one noted, or is gone and the member
+ * carries the marker) and any process whose environment carries the
+ * marker (`NAME=value`).
  */
-function findTaskProcesses(taskId: string, groups: readonly GroupRef[], self: number = process.pid): number[] {
-  const marker = Buffer.from(`REXMESH_TASK_ID=${taskId}`);
+function findMarkedProcesses(markerText: string, groups: readonly GroupRef[], self: number = process.pid): number[] {
+  const marker = Buffer.from(markerText);
   const trusted = new Set<number>();
   for (const g of groups) {
     const leader = readStat(g.pgid);
@@ -116,8 +117,13 @@ export interface Cleanup {
  * still alive after `graceMs`. Resolves once they are gone or the second
  * signal was sent.
  */
-export async function endTaskProcesses(taskId: string, groups: readonly GroupRef[], clock: Clock, graceMs: number): Promise<Cleanup> {
-  const pids = findTaskProcesses(taskId, groups);
+export function endTaskProcesses(taskId: string, groups: readonly GroupRef[], clock: Clock, graceMs: number): Promise<Cleanup> {
+  return endMarkedProcesses(`REXMESH_TASK_ID=${taskId}`, groups, clock, graceMs);
+}
+
+/** Ends every process whose environment carries `marker` (and the members of `groups`), as endTaskProcesses. */
+export async function endMarkedProcesses(marker: string, groups: readonly GroupRef[], clock: Clock, graceMs: number): Promise<Cleanup> {
+  const pids = findMarkedProcesses(marker, groups);
   const failed: string[] = [];
   const signal = (pid: number, sig: NodeJS.Signals) => {
     try {

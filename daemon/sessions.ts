@@ -23,6 +23,7 @@ import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
 import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import { sessionEnv, startSessionProcess, type SessionProcess } from "./session-process.js";
+import { describeCleanup, endMarkedProcesses } from "./orphans.js";
 
 export type ProxySessionLeg = FrameLink<AgentSessionRequest, AgentSessionResponse>;
 
@@ -158,16 +159,35 @@ export class SessionHost {
     port.ended
       .then((end) => {
         this.open.delete(sessionId);
-        if (exited) return;
-        log.info("session ended before its process: ending the process group", { code: end.code === 0 ? "OK" : Code[end.code], reason: end.message });
-        proc.kill(this.killGraceMs, this.opts.clock);
+        if (!exited) {
+          log.info("session ended before its process: ending the process group", { code: end.code === 0 ? "OK" : Code[end.code], reason: end.message });
+          proc.kill(this.killGraceMs, this.opts.clock);
+        }
+        this.endLeftovers(sessionId, log);
       })
       .catch(() => undefined);
   }
 
-  /** Ends every session's process (the daemon stops). */
+  /**
+   * Nothing a session started outlives it: a job the shell put in a process
+   * group of its own, or a child left behind by an exited leader, still
+   * carries the session's id in its environment, and is ended with it.
+   */
+  private endLeftovers(sessionId: string, log: Logger): void {
+    endMarkedProcesses(`REXMESH_SESSION_ID=${sessionId}`, [], this.opts.clock, this.killGraceMs).then(
+      (c) => {
+        if (c.killed.length > 0 || c.failed.length > 0) log.info("ended what the session left running", { what: describeCleanup(c) });
+      },
+      (err: unknown) => log.error("ending what the session left running failed", { err }),
+    );
+  }
+
+  /** Ends every session's processes (the daemon stops). */
   stop(): void {
-    for (const proc of this.open.values()) proc.kill(this.killGraceMs, this.opts.clock);
+    for (const [sessionId, proc] of this.open) {
+      proc.kill(this.killGraceMs, this.opts.clock);
+      this.endLeftovers(sessionId, this.opts.log);
+    }
     this.open.clear();
   }
 }

@@ -7,7 +7,7 @@ import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import type { CredentialPaths } from "../../certs/files.js";
 import { AuditDecision } from "../../gen/rexmesh/v1/controller_pb.js";
 import { LIMITS } from "../../common/limits.js";
-import { rexmesh, tempDir, until } from "./support.js";
+import { isAlive, rexmesh, tempDir, until } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -150,6 +150,16 @@ bindings:
     expect(r.code, r.stderr).toBe(0);
     const expected = execFileSync("sha256sum", { input, encoding: "utf8" });
     expect(r.stdout).toBe(expected);
+  });
+
+  it("leaves nothing running on the host after the session: a job the shell sent to the background ends with it", async () => {
+    // The shell exits at once; its background sleep would outlive it (same group, but the leader exited normally)
+    // and a job given a process group of its own would survive even a group kill.
+    const r = await shell(["h1", "-T", "--", "sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!; setsid sleep 301 >/dev/null 2>&1 & echo $!"], "");
+    expect(r.code, r.stderr).toBe(0);
+    const pids = r.stdout.trim().split("\n").map(Number);
+    expect(pids).toHaveLength(2);
+    await until("the session's leftovers to end", async () => (pids.some(isAlive) ? undefined : true), 10_000);
   });
 
   it("refuses an operator whose policy lacks `session` with PERMISSION_DENIED, and audits both", async () => {
