@@ -83,7 +83,9 @@ export class SessionHost {
     }
     const link = this.opts.dial(address);
     link.send(create(AgentSessionRequestSchema, { sessionId: claimed.sessionId }));
-    const port = framedPort(link, AgentSessionRequestSchema, { clock: this.opts.clock, peer: "proxy", peerSends: "input", keepaliveMs: keepaliveOf(claimed.keepaliveMs) });
+    // The leg is closed by the proxy, once it has what this side sent: a process that ends at once would otherwise
+    // close the leg (and its channel) before the connection is even up, and the proxy would never see the session.
+    const port = framedPort(link, AgentSessionRequestSchema, { clock: this.opts.clock, peer: "proxy", peerSends: "input", keepaliveMs: keepaliveOf(claimed.keepaliveMs), lingerMs: LEG_LINGER_MS });
     let proc: SessionProcess | undefined;
     if (order) {
       try {
@@ -191,6 +193,9 @@ export class SessionHost {
     this.open.clear();
   }
 }
+
+/** How long a leg that ended here waits for the proxy to end its stream before it closes it. */
+const LEG_LINGER_MS = 5_000;
 
 /** A session order the host will not open, with the code the operator sees. */
 class SessionRefused extends RexmeshError {

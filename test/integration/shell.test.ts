@@ -144,6 +144,16 @@ bindings:
     expect(r.stdout).not.toContain("to-err");
   });
 
+  it("runs a command that ends at once: its exit status comes back, no 20 s wait for a host that never joined", async () => {
+    const t0 = Date.now();
+    const quiet = await shell(["h1", "--", "true"], "");
+    expect(quiet.code, quiet.stderr).toBe(0);
+    const seven = await shell(["h1", "--", "sh", "-c", "echo out; exit 7"], "");
+    expect(seven.code, seven.stderr).toBe(7);
+    expect(seven.stdout).toBe("out\n");
+    expect(Date.now() - t0).toBeLessThan(10_000);
+  });
+
   it("runs a command with arguments, passing stdin through byte for byte", async () => {
     const input = Array.from({ length: 20_000 }, (_, i) => `line ${i}\n`).join("");
     const r = await shell(["h1", "--", "sha256sum"], input);
