@@ -8,7 +8,7 @@ import { MemoryLedger, type LedgerEntry } from "../../daemon/ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
 import { OutputStream, StepSchema, TaskState, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { FakeLink, asSigned, flush, taskSpec, testVerifier, text } from "./support.js";
+import { FakeLink, asSigned, expectResolvesAfter, flush, taskSpec, testVerifier, text } from "./support.js";
 
 type AgentSide = FakeLink<AgentStreamRequest, AgentStreamResponse>;
 
@@ -671,14 +671,7 @@ describe("Agent: draining", () => {
     await flush();
     t.link().end();
     await flush();
-    let drained = false;
-    const draining = t.agent.drain(3000).then(() => (drained = true));
-    await flush();
-    expect(drained).toBe(false);
-    t.clock.advance(3000);
-    await flush();
-    expect(drained).toBe(true);
-    await draining;
+    await expectResolvesAfter(t.clock, t.agent.drain(3000), 3000);
     await t.agent.stop();
   });
 });

@@ -7,7 +7,7 @@ import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager, type ProxyPort, type SubmitRequest } from "../../controller/jobs.js";
 import { TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
-import { chunk, counterIds, execStep, flush, operator, status, submitRequest, text } from "./support.js";
+import { chunk, counterIds, execStep, expectResolvesAfter, flush, operator, status, submitRequest, text } from "./support.js";
 
 class FakePort implements ProxyPort {
   readonly tasks: TaskSpec[] = [];
@@ -564,15 +564,7 @@ describe("JobManager lifecycle", () => {
     const t = setup({ store });
     void t.jobs.submit(t.acme, request({ hostIds: ["h1"] })).catch(() => undefined);
     await flush();
-    let drained = false;
-    const draining = t.jobs.drain(5000).then(() => (drained = true));
-    t.clock.advance(4999);
-    await flush();
-    expect(drained).toBe(false);
-    t.clock.advance(1);
-    await flush();
-    expect(drained).toBe(true);
-    await draining;
+    await expectResolvesAfter(t.clock, t.jobs.drain(5000), 5000);
     store.release();
     t.jobs.stop();
   });

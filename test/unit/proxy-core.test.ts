@@ -13,7 +13,7 @@ import { LmdbEnv } from "../../common/lmdb.js";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { FakeLink, asSigned, chunk, flush, hostPeer, status, taskSpec } from "./support.js";
+import { FakeLink, asSigned, chunk, expectResolvesAfter, flush, hostPeer, status, taskSpec } from "./support.js";
 import { handed, proxyHarness, statusAcksTo, upOutput, upStatuses, type ControllerSide, type HostSide } from "./proxy-harness.js";
 
 const upHosts = (l: ControllerSide) => l.sent.flatMap((f) => [...(f.hello?.hosts ?? []), ...f.hosts].map((h) => `${h.hostId}:${h.tenant}:${h.connected}`));
@@ -707,15 +707,7 @@ describe("ProxyCore: draining", () => {
     const t = await dispatched();
     t.h.send({ statuses: [status("t1", TaskState.RUNNING)] });
     await flush();
-    let drained = false;
-    const draining = t.core.drain(10_000).then(() => (drained = true));
-    t.clock.advance(9_999);
-    await flush();
-    expect(drained).toBe(false);
-    t.clock.advance(1);
-    await flush();
-    expect(drained).toBe(true);
-    await draining;
+    await expectResolvesAfter(t.clock, t.core.drain(10_000), 10_000);
     expect(t.store.getTask("t1")?.state).toBe(TaskState.RUNNING);
     t.core.stop();
   });

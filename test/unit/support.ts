@@ -3,6 +3,7 @@
  * flushing, and small factories for protobuf messages. Nothing here touches
  * the network, the file system or real time.
  */
+import { expect } from "vitest";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { PeerIdentity } from "../../certs/identity.js";
@@ -84,6 +85,20 @@ export function tick(): Promise<void> {
 /** Several turns, for chains of awaits that span more than one. */
 export async function flush(turns = 6): Promise<void> {
   for (let i = 0; i < turns; i++) await tick();
+}
+
+/** Checks that `drain` resolves when `ms` have passed on the clock, and not a millisecond before. */
+export async function expectResolvesAfter(clock: ManualClock, drain: Promise<unknown>, ms: number): Promise<void> {
+  let done = false;
+  const settled = drain.then(() => (done = true));
+  await flush();
+  clock.advance(ms - 1);
+  await flush();
+  expect(done).toBe(false);
+  clock.advance(1);
+  await flush();
+  expect(done).toBe(true);
+  await settled;
 }
 
 /** Predictable ids: prefix + zero-padded counter, sorting in creation order. */
