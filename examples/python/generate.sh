@@ -27,6 +27,17 @@ command -v protoc >/dev/null || missing "protoc"
 [ -n "$plugin" ] || missing "grpc_python_plugin"
 [ -f "$wkt_include/google/protobuf/duration.proto" ] || missing "$wkt_include/google/protobuf/duration.proto"
 
+# controller.proto and every rexmesh file it imports, followed transitively, so
+# that a new import (session.proto came in with `rexmesh shell`) needs no edit here.
+protos=()
+todo=("rexmesh/v1/controller.proto")
+while [ ${#todo[@]} -gt 0 ]; do
+  f="${todo[0]}"; todo=("${todo[@]:1}")
+  case " ${protos[*]-} " in *" $proto_root/$f "*) continue ;; esac
+  protos+=("$proto_root/$f")
+  while read -r dep; do todo+=("$dep"); done < <(sed -n 's/^import "\(rexmesh\/[^"]*\)";.*/\1/p' "$proto_root/$f")
+done
+
 rm -rf "$out/rexmesh"
 mkdir -p "$out"
 # -I proto: files are named rexmesh/v1/*.proto, so the generated modules are
@@ -35,5 +46,5 @@ protoc \
   -I "$proto_root" -I "$wkt_include" \
   --python_out="$out" \
   --grpc_python_out="$out" --plugin=protoc-gen-grpc_python="$plugin" \
-  "$proto_root"/rexmesh/v1/{controller,host,task}.proto
+  "${protos[@]}"
 echo "generated $(find "$out/rexmesh" -name '*.py' | wc -l) modules in $out"
