@@ -98,7 +98,14 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
     fromProxy({ welcome: { proxy: "px-a", region: "eu", heartbeatMs: 10_000 } });
     await flush();
   };
-  return { clock, ledger, executor, links, dialed, agent, link, fromProxy, reconnect, spec, start };
+  /** Starts the agent and has the proxy send it task `id`; resolves to the task's run. */
+  const running = async (id = "t1") => {
+    await start();
+    fromProxy({ tasks: [spec(id)] });
+    await flush();
+    return executor.runs.at(-1)!;
+  };
+  return { clock, ledger, executor, links, dialed, agent, link, fromProxy, reconnect, spec, start, running };
 }
 
 describe("Agent: connecting", () => {
@@ -584,9 +591,7 @@ describe("Agent: the ledger keeps no secrets and does not grow without end", () 
 describe("Agent: draining", () => {
   it("grants no credits and starts nothing new, lets the running task end on the open stream, and resolves once its results are acknowledged", async () => {
     const t = setup({ capacity: 2 });
-    await t.start();
-    t.fromProxy({ tasks: [t.spec("t1")] });
-    await flush();
+    await t.running();
     let drained = false;
     const draining = t.agent.drain(60_000).then(() => (drained = true));
     await flush();
@@ -615,10 +620,7 @@ describe("Agent: draining", () => {
 
   it("ends a task still running early enough that its process group is killed and its end acknowledged within the grace: INTERRUPTED", async () => {
     const t = setup();
-    await t.start();
-    t.fromProxy({ tasks: [t.spec("t1")] });
-    await flush();
-    const run = t.executor.runs[0]!;
+    const run = await t.running();
     let drained = false;
     const draining = t.agent.drain(5000).then(() => (drained = true));
     // 5 s of grace less the kill grace (2 s) and a second for the ack.
@@ -645,10 +647,7 @@ describe("Agent: draining", () => {
 
   it("never waits past the grace, whatever the kill grace", async () => {
     const t = setup();
-    await t.start();
-    t.fromProxy({ tasks: [t.spec("t1")] });
-    await flush();
-    const run = t.executor.runs[0]!;
+    const run = await t.running();
     let drained = false;
     const draining = t.agent.drain(1500).then(() => (drained = true));
     await flush();
@@ -664,10 +663,7 @@ describe("Agent: draining", () => {
 
   it("waits for acknowledgements no longer than the grace while no proxy holds its stream", async () => {
     const t = setup();
-    await t.start();
-    t.fromProxy({ tasks: [t.spec("t1")] });
-    await flush();
-    t.executor.runs[0]!.finish();
+    (await t.running()).finish();
     await flush();
     t.link().end();
     await flush();

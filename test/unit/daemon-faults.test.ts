@@ -69,17 +69,22 @@ class FlakyOutbox extends MemoryBacklog {
   }
 }
 
-/** An agent on a FlakyOutbox, welcomed, running task t1. */
-async function runningOnFlakyOutbox() {
-  const outbox = new FlakyOutbox();
-  const a = agentWith(new MemoryLedger(), outbox);
+/** An agent on this ledger and outbox, welcomed, running task t1. */
+async function runningT1(ledger: Parameters<typeof agentWith>[0], outbox: Parameters<typeof agentWith>[1]) {
+  const a = agentWith(ledger, outbox);
   await a.agent.start();
   await flush();
   a.welcome();
   await flush();
   a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
   await flush();
-  return { a, outbox };
+  return a;
+}
+
+/** An agent on a FlakyOutbox, welcomed, running task t1. */
+async function runningOnFlakyOutbox() {
+  const outbox = new FlakyOutbox();
+  return { a: await runningT1(new MemoryLedger(), outbox), outbox };
 }
 
 const outputIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.output.map((c) => `${c.seq}:${text(c.data)}`));
@@ -255,13 +260,7 @@ describe("review: daemon", () => {
       remove: () => Promise.resolve(true),
     };
     const ledger = new LmdbLedger(db as never, "h1");
-    const a = agentWith(ledger, new MemoryBacklog());
-    await a.agent.start();
-    await flush();
-    a.welcome();
-    await flush();
-    a.fromProxy({ tasks: [taskSpec("t1", "h1", { deliverByMs: a.clock.now() + 3_600_000 })] });
-    await flush();
+    const a = await runningT1(ledger, new MemoryBacklog());
     a.executor.runs[0]!.finish({ exitCode: 0 });
     await flush();
     const statuses = () => a.link().sent.flatMap((f) => f.statuses.map((s) => TaskState[s.state]));
