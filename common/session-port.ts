@@ -438,13 +438,17 @@ export function relaySession<A, B, C, D>(
     first?.host,
     keepaliveMs,
   );
+  // Resolved once the other side has ended too: its close (after the output and the exit queued before it) has
+  // gone out on its stream, so that whoever serves the stream does not end it with that still queued.
   return Promise.race([
-    client.ended.then((end) => {
+    client.ended.then(async (end) => {
       host.end(end.code === 0 ? { code: Code.Canceled, message: "the client closed the session" } : end);
+      await host.ended;
       return { end, from: "client" as const, exit };
     }),
-    host.ended.then((end) => {
+    host.ended.then(async (end) => {
       client.end(end);
+      await client.ended;
       return { end, from: "host" as const, exit };
     }),
   ]);

@@ -157,6 +157,9 @@ describe("a session through a relay", () => {
     c.client.start({ data: (_ch, d) => (toClient.push(d), c.client.consumed(d.length)), exit: (e) => (exit = e.code) });
     c.host.start({ data: (_ch, d) => (toHost.push(d), c.host.consumed(d.length)) });
     await flush();
+    // The relay is done only once its client side has sent the close too: whoever serves that stream ends it then.
+    const order: string[] = [];
+    const noted = Promise.all([c.relayClient.ended.then(() => order.push("client side closed")), c.relayed.then(() => order.push("relay done"))]);
     c.client.sendData(SessionChannel.STDIN, Buffer.from("echo hi\n"));
     const big = Buffer.alloc(3 * W + 123, 7);
     c.host.sendData(SessionChannel.STDOUT, big);
@@ -167,6 +170,8 @@ describe("a session through a relay", () => {
     expect(Buffer.concat(toClient).equals(big)).toBe(true);
     expect(exit).toBe(7);
     expect((await c.relayed).end).toEqual(ENDED_OK);
+    await noted;
+    expect(order).toEqual(["client side closed", "relay done"]);
     expect(await c.client.ended).toEqual(ENDED_OK);
   });
 
