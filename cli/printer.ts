@@ -63,7 +63,8 @@ export class JobPrinter {
     // and a task's end after its last output.
     const done = batch.job?.state === JobState.DONE && !this.doneAnnounced;
     if (batch.job) this.job = batch.job;
-    if (batch.job && batch.job.state !== JobState.DONE && !this.jobAnnounced) {
+    // A job already done when first seen (a fast job, or a watch started late) is still announced first.
+    if (batch.job && !this.jobAnnounced) {
       this.jobAnnounced = true;
       if (this.opts.json) this.writeJson({ type: "job", job: jobJson(batch.job) });
     }

@@ -42,6 +42,18 @@ describe("JobPrinter", () => {
     expect(events).toEqual(["job:RUNNING", "task:RUNNING", "output", "task:SUCCEEDED", "job:DONE"]);
   });
 
+  it("--json announces a job first even when it is done before the watch sees it running", () => {
+    let out = "";
+    const p = new JobPrinter({ json: true, write: (s) => (out += s) });
+    p.handle(create(WatchJobResponseSchema, { job: create(JobSchema, { id: "j1", taskCount: 1, state: 2 }), tasks: [task("t1", "a", TaskState.SUCCEEDED)], output: [chunk("t1", 1, "fast\n")] }));
+    const events = out
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { type: string; job?: { state: string }; task?: { state: string } })
+      .map((e) => (e.type === "job" ? `job:${e.job!.state}` : e.type === "task" ? `task:${e.task!.state}` : e.type));
+    expect(events).toEqual(["job:DONE", "output", "task:SUCCEEDED", "job:DONE"]);
+  });
+
   it("says in the summary when a host's output is incomplete and what a lost host reported later", () => {
     let out = "";
     const p = new JobPrinter({ json: false, write: (s) => (out += s) });
