@@ -17,6 +17,7 @@ import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate, identityUri, type PeerIdentity } from "../certs/identity.js";
 import { HostReportKeySchema, type HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import { SessionKeySchema, type SessionKey } from "../gen/rexmesh/v1/session_pb.js";
 import type { Clock } from "./clock.js";
 
 /** Length-prefixed fields under a purpose label: no two different messages frame to the same bytes. */
@@ -42,6 +43,11 @@ function presence(nonce: Uint8Array, salt: Uint8Array, proxy: PeerIdentity | und
 /** The fields of a task's end that the host signs. */
 function ending(s: TaskStatus): Buffer {
   return framed("task end", s.taskId, s.state, s.exitCode === undefined ? "" : String(s.exitCode), s.signal, s.outputChunks, s.outputBytes, s.outputSha256, s.outputTruncated ? "1" : "0");
+}
+
+/** The host's half of a session's key agreement (common/session-seal.ts), bound to the session and the controller's half. */
+function sessionKeyBytes(sessionId: string, controllerKey: Uint8Array, hostKey: Uint8Array): Buffer {
+  return framed("session key", sessionId, controllerKey, hostKey);
 }
 
 /** The daemon's side: its report key, presence proofs and signed task ends. */
@@ -77,6 +83,11 @@ export class HostReporter {
   prove(nonce: Uint8Array, proxy: PeerIdentity | undefined): { proof: Uint8Array; salt: Uint8Array } {
     const salt = randomBytes(16);
     return { proof: sign(null, presence(nonce, salt, proxy, this.self), this.privateKey), salt };
+  }
+
+  /** Signs the host's half of a session's key agreement. */
+  signSessionKey(sessionId: string, controllerKey: Uint8Array, hostKey: Uint8Array): SessionKey {
+    return create(SessionKeySchema, { publicKey: hostKey, reportKeyId: this.key.keyId, signature: sign(null, sessionKeyBytes(sessionId, controllerKey, hostKey), this.privateKey) });
   }
 
   /** Signs a terminal status (its output fields set) in place. */
@@ -188,6 +199,21 @@ export class HostKeyVerifier {
     if (!k) return "unknown";
     if (!sameHost(k.host, host)) return "bad";
     return verify(null, ending(status), k.publicKey, status.signature) ? "ok" : "bad";
+  }
+
+  /**
+   * The host's half of a session's key agreement, signed with a report key
+   * of that host that is accepted, valid and not revoked.
+   */
+  checkSessionKey(key: SessionKey | undefined, host: PeerIdentity, sessionId: string, controllerKey: Uint8Array): KeyCheck {
+    if (!key || key.publicKey.length === 0) return { ok: false, reason: "the host sent no key for the session" };
+    if (!this.keys.has(key.reportKeyId)) {
+      const stored = this.store?.get(key.reportKeyId);
+      if (stored) this.accept(stored, host, true);
+    }
+    const k = this.usable(key.reportKeyId, host);
+    if (!k) return { ok: false, reason: "the session key is signed with no valid report key of the host" };
+    return verify(null, sessionKeyBytes(sessionId, controllerKey, key.publicKey), k.publicKey, key.signature) ? { ok: true } : { ok: false, reason: "the host's signature over the session key does not hold" };
   }
 
   /** Whether the controller holds an accepted report key by this id. */

@@ -115,6 +115,9 @@ export class ReceiveWindow {
 
 const INPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STDIN]);
 const OUTPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STDOUT, SessionChannel.STDERR]);
+const SEALED_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.SEALED]);
+/** Sealed bytes of one urgent record at most (a resize or a signal seals to a few dozen). */
+export const URGENT_SEALED_BYTES = 256;
 
 /**
  * Checks a frame from a peer before anything of it is used: its data items
@@ -122,13 +125,23 @@ const OUTPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STD
  * message the peer's side sends. Throws InvalidArgumentError naming the
  * problem; a close message that is too long is cut instead.
  */
-export function screenFrame(frame: SessionFrame, peerSends: PeerSends): void {
+export function screenFrame(frame: SessionFrame, peerSends: PeerSends, sealed = false): void {
   checkCount("session frame data items", frame.data.length, LIMITS.sessionDataItems);
-  const channels = peerSends === "input" ? INPUT_CHANNELS : OUTPUT_CHANNELS;
+  const channels = sealed ? SEALED_CHANNELS : peerSends === "input" ? INPUT_CHANNELS : OUTPUT_CHANNELS;
   for (const d of frame.data) {
-    if (!channels.has(d.channel)) throw new InvalidArgumentError(`session data on channel ${d.channel}, which the ${peerSends === "input" ? "client" : "host"} side does not send`);
+    if (!channels.has(d.channel)) {
+      throw new InvalidArgumentError(sealed ? `plain session data (channel ${d.channel}) on a hop that carries only sealed records` : `session data on channel ${d.channel}, which the ${peerSends === "input" ? "client" : "host"} side does not send`);
+    }
     if (d.data.length === 0) throw new InvalidArgumentError("session data item without bytes");
     checkBytes("a session data item", d.data, LIMITS.sessionDataBytes);
+  }
+  if (sealed) {
+    // Between the controller and the host everything but credit and the close is inside the sealed records.
+    if (frame.resize || frame.signal !== "" || frame.eof || frame.exit) throw new InvalidArgumentError("a plain resize, signal, end of input or exit on a hop that carries only sealed records");
+    if (frame.urgent.length > 0 && peerSends !== "input") throw new InvalidArgumentError("urgent session records come only from the controller's side");
+    if (frame.urgent.length > URGENT_SEALED_BYTES) throw new InvalidArgumentError(`an urgent session record of ${frame.urgent.length} bytes (at most ${URGENT_SEALED_BYTES})`);
+  } else if (frame.urgent.length > 0) {
+    throw new InvalidArgumentError("a sealed urgent record on a session's plain hop");
   }
   const wrongSide = (what: string) => new InvalidArgumentError(`${what} comes only from the ${peerSends === "input" ? "host" : "client"} side of a session`);
   if (peerSends === "input") {

@@ -31,6 +31,9 @@ export interface SessionEnd {
  */
 export class SessionEndedError extends ConnectError {}
 
+/** Sealed urgent records a hop holds to pass on, at most. */
+const URGENT_QUEUE = 64;
+
 /** The end of a session whose process exited (its exit went before). */
 export const ENDED_OK: SessionEnd = { code: 0, message: "" };
 
@@ -42,6 +45,31 @@ export interface SessionHandlers {
   signal?(name: string): void;
   eof?(): void;
   exit?(exit: SessionExit): void;
+  /** A sealed record of the controller's urgent stream (sealed hops only; common/session-seal.ts opens it). */
+  urgent?(sealed: Uint8Array): void;
+  /** The controller started the session (a sealed hop's host side: its first urgent record). */
+  start?(): void;
+}
+
+/**
+ * What a relay and a host's bridge use of one side of a hop: a
+ * {@link SessionPort} with plain data, or a SealedPort (common/session-seal.ts)
+ * that seals it end to end over one.
+ */
+export interface SessionSide {
+  readonly ended: Promise<SessionEnd>;
+  readonly queuedBytes: number;
+  start(handlers: SessionHandlers, first?: SessionFrame, keepaliveMs?: number): void;
+  whenQueueBelow(bytes: number): Promise<void>;
+  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void): void;
+  sendResize(size: WindowSize): void;
+  sendSignal(name: string): void;
+  sendEof(): void;
+  sendExit(exit: SessionExit): void;
+  /** A sealed urgent record, passed on by a proxy as it came (sealed hops only). */
+  sendUrgent?(sealed: Uint8Array): void;
+  consumed(n: number): void;
+  end(end: SessionEnd): void;
 }
 
 export interface SessionPortOptions<Out, In> {
@@ -54,6 +82,12 @@ export interface SessionPortOptions<Out, In> {
   peer: string;
   /** The kinds of frames the peer may send. */
   peerSends: PeerSends;
+  /**
+   * A hop between the controller and the host: data only as sealed
+   * records (channel SEALED), the client's resize and signal only in the
+   * urgent stream. Otherwise (the client's hop) plain channels only.
+   */
+  sealed?: boolean;
   /** Bytes this side grants the peer. Default LIMITS.sessionWindowBytes. */
   windowBytes?: number;
   /** Keep-alive interval; the peer is gone after three silent ones. Default LIMITS.sessionKeepaliveMs. */
@@ -89,7 +123,7 @@ type Queued =
  * against this side's grant, and keep-alives go both ways. Every hop of
  * every session, at every role, is one or two of these.
  */
-export class SessionPort<Out, In> {
+export class SessionPort<Out, In> implements SessionSide {
   readonly ended: Promise<SessionEnd>;
   private resolveEnded!: (end: SessionEnd) => void;
   private done = false;
@@ -100,7 +134,7 @@ export class SessionPort<Out, In> {
   private readonly receive: ReceiveWindow;
   private readonly queue: Queued[] = [];
   private queued = 0;
-  private readonly urgent: { resize?: WindowSize; signals: string[] } = { signals: [] };
+  private readonly urgent: { resize?: WindowSize; signals: string[]; sealed: Uint8Array[] } = { signals: [], sealed: [] };
   private scheduled = false;
   private heartbeat: Heartbeat | undefined;
   private handlers: SessionHandlers | undefined;
@@ -193,6 +227,21 @@ export class SessionPort<Out, In> {
     this.flushSoon();
   }
 
+  /**
+   * A sealed urgent record: it goes at once, in order with the other
+   * urgent records. A peer that sends them faster than this hop passes
+   * them on has the session ended rather than queued without bound.
+   */
+  sendUrgent(sealed: Uint8Array): void {
+    if (this.done) return;
+    if (this.urgent.sealed.length >= URGENT_QUEUE) {
+      this.end({ code: Code.ResourceExhausted, message: `more than ${URGENT_QUEUE} resizes and signals waiting to be passed on` });
+      return;
+    }
+    this.urgent.sealed.push(sealed);
+    this.flushSoon();
+  }
+
   sendEof(): void {
     this.enqueue({ kind: "eof" });
   }
@@ -273,7 +322,8 @@ export class SessionPort<Out, In> {
         this.urgent.resize = undefined;
       }
       if (this.urgent.signals.length > 0) frame.signal = this.urgent.signals.shift()!;
-      const content = frame.data.length > 0 || frame.eof || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "";
+      if (this.urgent.sealed.length > 0) frame.urgent = this.urgent.sealed.shift()!;
+      const content = frame.data.length > 0 || frame.eof || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "" || frame.urgent.length > 0;
       const grant = this.receive.grantDue(content || keepalive);
       if (grant) frame.grant = grant;
       if (!content && !grant && !(keepalive && !sentOne)) break;
@@ -285,7 +335,7 @@ export class SessionPort<Out, In> {
         return;
       }
       const more = this.queue.length > 0 && (this.queue[0]!.kind !== "data" || this.send.available > 0);
-      if (!more && this.urgent.signals.length === 0) break;
+      if (!more && this.urgent.signals.length === 0 && this.urgent.sealed.length === 0) break;
     }
     for (let i = this.belowWaiters.length - 1; i >= 0; i--) {
       const w = this.belowWaiters[i]!;
@@ -318,11 +368,15 @@ export class SessionPort<Out, In> {
   /** One frame from the peer: checked, then handed over part by part. */
   private take(frame: SessionFrame): void {
     if (this.done) return;
-    screenFrame(frame, this.opts.peerSends);
+    screenFrame(frame, this.opts.peerSends, this.opts.sealed ?? false);
     const h = this.handlers!;
     if (frame.grant) {
       this.send.grant(frame.grant);
       if (this.queue.length > 0) this.flushSoon();
+    }
+    if (frame.urgent.length > 0) {
+      if (!h.urgent) throw new InvalidArgumentError("an urgent session record where none is taken");
+      h.urgent(frame.urgent);
     }
     if (frame.resize) h.resize?.(frame.resize);
     if (frame.signal !== "") h.signal?.(frame.signal);
@@ -410,9 +464,9 @@ export interface RelayEnd {
  * granted in each direction. Resize, signals, eof and exit are passed on;
  * the first end on either side ends the other.
  */
-export function relaySession<A, B, C, D>(
-  client: SessionPort<A, B>,
-  host: SessionPort<C, D>,
+export function relaySession(
+  client: SessionSide,
+  host: SessionSide,
   first?: { client?: SessionFrame; host?: SessionFrame },
   keepaliveMs?: number,
 ): Promise<RelayEnd> {
@@ -423,6 +477,10 @@ export function relaySession<A, B, C, D>(
       resize: (size) => host.sendResize(size),
       signal: (name) => host.sendSignal(name),
       eof: () => host.sendEof(),
+      urgent: (sealed) => {
+        if (!host.sendUrgent) throw new InvalidArgumentError("urgent session records are relayed only between sealed hops");
+        host.sendUrgent(sealed);
+      },
     },
     first?.client,
     keepaliveMs,

@@ -174,7 +174,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
-  const sessions = new SessionBroker({ clock, ids, signer, log, portOf: (host) => jobs.proxyPort(host.proxy), isRevoked: (peer) => revocations.isRevoked(peer) });
+  const sessions = new SessionBroker({ clock, ids, signer, log, hostKeys, portOf: (host) => jobs.proxyPort(host.proxy), isRevoked: (peer) => revocations.isRevoked(peer) });
   const stopEndingRevokedSessions = revocations.onChange(() => sessions.revoked());
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.

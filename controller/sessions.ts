@@ -14,23 +14,42 @@ import type { IdGenerator } from "../common/ids.js";
 import { LIMITS, preview } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import { framedPort, relaySession, type RelayEnd, type SessionPort } from "../common/session-port.js";
-import { Code } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { KeyCheck } from "../common/host-signing.js";
+import { newKeyHalf, SealedPort, sessionSecret, type KeyHalf } from "../common/session-seal.js";
 import { ConcurrencyLimit } from "../common/limits.js";
 import { SessionResponseSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
 import type { TaskSigner } from "../common/task-signing.js";
 import type { ProxySessionRequest, ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { ProxySessionResponseSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
-import { SessionOrderSchema, SessionSpecSchema, type SessionFrame, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
+import { SessionOrderSchema, SessionSpecSchema, type SessionFrame, type SessionKey, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import type { HostRecord } from "./model.js";
 import type { ProxyPort } from "./router.js";
 
 export type ProxySessionLink = FrameLink<ProxySessionResponse, ProxySessionRequest>;
 
-/** The proxy's leg of a session, joined: its port (not started) and the frame that came with its opening message. */
+/**
+ * The proxy's leg of a session, joined: its port (not started), the frame
+ * that came with its opening message, and the host's half of the key
+ * agreement (absent when the host refused the order).
+ */
 export interface ProxyLeg {
   port: SessionPort<ProxySessionResponse, ProxySessionRequest>;
   first: SessionFrame | undefined;
   proxy: string;
+  key: SessionKey | undefined;
+}
+
+/** What the broker needs of common/host-signing.ts's HostKeyVerifier: the host's signature over its half of a session's key. */
+/** A leg sealed end to end with the host, ready to relay. */
+export interface SealedLeg {
+  port: SealedPort;
+  first: SessionFrame | undefined;
+  proxy: string;
+}
+
+export interface SessionKeyCheck {
+  checkSessionKey(key: SessionKey | undefined, host: PeerIdentity, sessionId: string, controllerKey: Uint8Array): KeyCheck;
 }
 
 export interface SessionBrokerOptions {
@@ -38,6 +57,8 @@ export interface SessionBrokerOptions {
   ids: IdGenerator;
   signer: TaskSigner;
   log: Logger;
+  /** Checks the host's half of each session's key (its report key's signature). */
+  hostKeys: SessionKeyCheck;
   /** The link of the proxy holding the host now, if it is connected. */
   portOf: (host: HostRecord) => ProxyPort | undefined;
   /** Whether an identity is on the deny-list now: a session whose operator or host is revoked ends (see revoked()). */
@@ -87,9 +108,10 @@ export class SessionBroker {
    * and waits for the proxy's leg. UNAVAILABLE when the host is not
    * connected or does not join in time; the wait ends with `signal`.
    */
-  async open(caller: PeerIdentity, host: HostRecord, spec: SessionSpec, sessionId: string, signal: AbortSignal): Promise<ProxyLeg> {
+  async open(caller: PeerIdentity, host: HostRecord, spec: SessionSpec, sessionId: string, signal: AbortSignal): Promise<SealedLeg> {
     const port = host.connected ? this.opts.portOf(host) : undefined;
     if (!port?.openSession) throw new UnavailableError(`host ${host.id} is not connected: a session needs the host online`);
+    const half = newKeyHalf();
     const order = create(SessionOrderSchema, {
       sessionId,
       hostId: host.id,
@@ -98,6 +120,7 @@ export class SessionBroker {
       operator: formatIdentity(caller),
       notAfter: timestampFromMs(this.opts.clock.now() + this.openMs),
       keepaliveMs: this.keepaliveMs,
+      controllerKey: half.publicKey,
     });
     const leg = new Promise<ProxyLeg>((resolve, reject) => {
       const timer = this.opts.clock.setTimeout(() => {
@@ -110,11 +133,45 @@ export class SessionBroker {
     signal.addEventListener("abort", onAbort, { once: true });
     port.openSession(this.opts.signer.signSession(order));
     this.opts.log.debug("session ordered", { session: sessionId, host: host.id, proxy: port.name });
+    let joined: ProxyLeg;
     try {
-      return await leg;
+      joined = await leg;
     } finally {
       signal.removeEventListener("abort", onAbort);
     }
+    return this.seal(joined, host, sessionId, half, order.controllerKey);
+  }
+
+  /**
+   * The session's key, from the host's half on the leg (signed with its
+   * report key) and the controller's: the leg sealed end to end. A leg
+   * without a key carries the host's refusal, raised as it came; a key whose
+   * signature does not hold ends the leg, PERMISSION_DENIED.
+   */
+  private async seal(leg: ProxyLeg, host: HostRecord, sessionId: string, half: KeyHalf, controllerKey: Uint8Array): Promise<SealedLeg> {
+    if (!leg.key) {
+      leg.port.start({ data: () => undefined }, leg.first);
+      const end = await leg.port.ended;
+      if (end.code !== 0) throw new ConnectError(end.message, end.code);
+      throw new PermissionDeniedError(`host ${host.id} answered the session without a key`);
+    }
+    const check = this.opts.hostKeys.checkSessionKey(leg.key, { role: "host", scope: host.tenant, id: host.id }, sessionId, controllerKey);
+    let secret: Buffer | undefined;
+    let refusal = check.ok ? undefined : `host ${host.id}'s key for the session does not hold: ${check.reason}`;
+    if (!refusal) {
+      try {
+        secret = sessionSecret(half, leg.key.publicKey, sessionId, controllerKey, leg.key.publicKey);
+      } catch (err) {
+        refusal = `host ${host.id}'s key for the session is not usable: ${(err as Error).message}`;
+      }
+    }
+    if (!secret) {
+      this.opts.log.warn("session refused: the host's key does not hold", { session: sessionId, host: host.id, proxy: leg.proxy, reason: refusal });
+      leg.port.start({ data: () => undefined }, leg.first);
+      leg.port.end({ code: Code.PermissionDenied, message: refusal! });
+      throw new PermissionDeniedError(refusal!);
+    }
+    return { port: new SealedPort(leg.port, secret, "controller"), first: leg.first, proxy: leg.proxy };
   }
 
   /**
@@ -139,7 +196,7 @@ export class SessionBroker {
     try {
       const sessionId = this.opts.ids("s");
       const host = await access.openSession(caller, sessionId, hostId, spec);
-      let leg: ProxyLeg;
+      let leg: SealedLeg;
       try {
         leg = await this.open(caller, host, spec, sessionId, signal);
       } catch (err) {
@@ -192,6 +249,7 @@ export class SessionBroker {
       clock: this.opts.clock,
       peer: `proxy ${peer.id}`,
       peerSends: "output",
+      sealed: true,
       keepaliveMs: this.keepaliveMs,
     });
     const opening = await port.opening(LIMITS.linkHelloMs);
@@ -202,7 +260,7 @@ export class SessionBroker {
     if (p.proxy !== peer.id) throw new PermissionDeniedError(`session ${opening.sessionId} was ordered from another proxy`);
     this.pending.delete(opening.sessionId);
     p.timer.cancel();
-    p.resolve({ port, first: opening.frame, proxy: peer.id });
+    p.resolve({ port, first: opening.frame, proxy: peer.id, key: opening.key });
     await port.ended;
   }
 }

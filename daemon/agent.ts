@@ -106,8 +106,8 @@ export interface AgentOptions {
   reporter?: () => HostReporter;
   /** Told each round trip measured on the link to the proxy, in seconds (the daemon's histogram); absent: none is measured. */
   linkRoundTrip?: (seconds: number) => void;
-  /** Takes the session orders a proxy passes on, with the address of that proxy (daemon/sessions.ts); absent: they are dropped. */
-  onSessionOrders?: (orders: readonly SignedSessionOrder[], proxyAddress: string) => void;
+  /** Takes the session orders a proxy passes on, with the address of that proxy and the report key of the connection (daemon/sessions.ts); absent: they are dropped. */
+  onSessionOrders?: (orders: readonly SignedSessionOrder[], proxyAddress: string, reporter: HostReporter | undefined) => void;
 }
 
 /** Default of {@link AgentOptions.maxUnackedOutputBytes}. */
@@ -589,7 +589,8 @@ export class Agent implements RoleCore {
     if (frame.tasks.length > 0) this.lastCredits = -1;
     for (const taskId of frame.cancelTaskIds) this.cancel(taskId, false);
     for (const taskId of frame.withdrawTaskIds) this.cancel(taskId, true);
-    if (frame.sessions.length > 0) this.opts.onSessionOrders?.(frame.sessions, this.linkAddress);
+    // The report key presented on this connection (the controller accepted it) signs the host's half of each session's key.
+    if (frame.sessions.length > 0) this.opts.onSessionOrders?.(frame.sessions, this.linkAddress, this.reporter);
     this.updateFlow();
     this.startWaiting();
     this.checkSettled();

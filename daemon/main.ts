@@ -120,7 +120,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     sessionHosts.push(sessions);
     return new Agent({
       reporter: currentReporter,
-      onSessionOrders: (orders, address) => sessions.orders(orders, address),
+      onSessionOrders: (orders, address, reporter) => sessions.orders(orders, address, reporter),
       hostId: me.id,
       tenant: me.scope,
       proxies: config.proxies!,

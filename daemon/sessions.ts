@@ -18,10 +18,12 @@ import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import { codeOf } from "../common/rpc-errors.js";
 import { checkSessionSpec, keepaliveOf } from "../common/session-frames.js";
-import { ENDED_OK, framedPort, type SessionEnd, type SessionPort } from "../common/session-port.js";
+import { ENDED_OK, framedPort, type SessionEnd } from "../common/session-port.js";
 import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
 import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
-import type { SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import type { SessionKey, SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import type { HostReporter } from "../common/host-signing.js";
+import { newKeyHalf, SealedPort, sessionSecret } from "../common/session-seal.js";
 import { sessionEnv, startSessionProcess, type SessionProcess } from "./session-process.js";
 import { describeCleanup, endMarkedProcesses } from "./orphans.js";
 
@@ -45,7 +47,8 @@ export interface SessionHostOptions {
 export class SessionHost {
   /** Session ids opened, until their order expires: an order is good once. */
   private readonly used = new Map<string, number>();
-  private readonly open = new Map<string, SessionProcess>();
+  /** Sessions open here: their process, once the controller started them. */
+  private readonly open = new Map<string, SessionProcess | undefined>();
   private readonly start: (order: SessionOrder) => SessionProcess;
   private readonly killGraceMs: number;
 
@@ -59,12 +62,16 @@ export class SessionHost {
     return this.open.size;
   }
 
-  /** Orders a proxy passed on; each is answered on a leg dialled to that proxy. */
-  orders(signed: readonly SignedSessionOrder[], proxyAddress: string): void {
-    for (const s of signed) this.accept(s, proxyAddress);
+  /**
+   * Orders a proxy passed on; each is answered on a leg dialled to that
+   * proxy. `reporter`: the report key presented on the connection they came
+   * by, which signs the host's half of each session's key (none: refused).
+   */
+  orders(signed: readonly SignedSessionOrder[], proxyAddress: string, reporter: HostReporter | undefined): void {
+    for (const s of signed) this.accept(s, proxyAddress, reporter);
   }
 
-  private accept(signed: SignedSessionOrder, address: string): void {
+  private accept(signed: SignedSessionOrder, address: string, reporter: HostReporter | undefined): void {
     const claimed = peekSessionOrder(signed);
     if (!claimed || claimed.sessionId === "" || claimed.sessionId.length > LIMITS.idChars || claimed.hostId !== this.opts.hostId) {
       // Not ours to answer: a leg for it would be refused anyway.
@@ -73,36 +80,40 @@ export class SessionHost {
     }
     const log = this.opts.log.child({ session: claimed.sessionId });
     let order: SessionOrder | undefined;
+    let secret: Buffer | undefined;
+    let key: SessionKey | undefined;
     let refusal: SessionEnd | undefined;
     try {
       order = this.check(signed);
+      if (!reporter) throw new SessionRefused(Code.FailedPrecondition, "the host has no report key to sign its half of the session key");
+      const half = newKeyHalf();
+      secret = sessionSecret(half, order.controllerKey, order.sessionId, order.controllerKey, half.publicKey);
+      key = reporter.signSessionKey(order.sessionId, order.controllerKey, half.publicKey);
     } catch (err) {
       // A signature that does not hold (TaskRejected) is a refusal too.
       const code = err instanceof SessionRefused ? err.code : codeOf(err);
       refusal = { code: code === Code.Internal ? Code.PermissionDenied : code, message: err instanceof Error ? err.message : String(err) };
     }
     const link = this.opts.dial(address);
-    link.send(create(AgentSessionRequestSchema, { sessionId: claimed.sessionId }));
+    link.send(create(AgentSessionRequestSchema, { sessionId: claimed.sessionId, key }));
     // The leg is closed by the proxy, once it has what this side sent: a process that ends at once would otherwise
     // close the leg (and its channel) before the connection is even up, and the proxy would never see the session.
-    const port = framedPort(link, AgentSessionRequestSchema, { clock: this.opts.clock, peer: "proxy", peerSends: "input", keepaliveMs: keepaliveOf(claimed.keepaliveMs), lingerMs: LEG_LINGER_MS });
-    let proc: SessionProcess | undefined;
-    if (order) {
-      try {
-        proc = this.start(order);
-      } catch (err) {
-        refusal = { code: err instanceof RexmeshError ? codeOf(err) : Code.FailedPrecondition, message: err instanceof Error ? err.message : String(err) };
-      }
-    }
-    if (!proc || !order) {
+    const port = framedPort(link, AgentSessionRequestSchema, {
+      clock: this.opts.clock,
+      peer: "proxy",
+      peerSends: "input",
+      sealed: secret !== undefined,
+      keepaliveMs: keepaliveOf(claimed.keepaliveMs),
+      lingerMs: LEG_LINGER_MS,
+    });
+    if (!order || !secret) {
       log.warn("session refused", { reason: refusal?.message });
       port.start({ data: () => undefined });
       port.end(refusal ?? { code: Code.Internal, message: "the session could not start" });
       return;
     }
-    log.info("session started", { operator: order.operator, pid: proc.pid, tty: order.spec!.tty, program: order.spec!.argv[0] ?? "login shell" });
-    this.open.set(order.sessionId, proc);
-    this.bridge(port, proc, order.sessionId, log);
+    this.open.set(order.sessionId, undefined);
+    this.join(new SealedPort(port, secret, "host"), order, log);
   }
 
   /** The order, if it may be opened: signed, for this host and tenant, in time, new, within the limits. */
@@ -122,45 +133,72 @@ export class SessionHost {
   }
 
   /**
-   * Joins the process to its leg: input is written and only then consumed
+   * Joins the session's leg to its process, which starts only once the
+   * controller's sealed start arrives (a proxy that never joins the
+   * controller gets no process). Input is written and only then consumed
    * (granted again); output waits in the port for credit, and the process
-   * is no longer read while a window's worth waits. Its exit goes after
-   * its output; a leg that ends first ends the process group.
+   * is no longer read while a window's worth waits. Its exit goes after its
+   * output; a leg that ends first ends the process group.
    */
-  private bridge(port: SessionPort<AgentSessionRequest, AgentSessionResponse>, proc: SessionProcess, sessionId: string, log: Logger): void {
+  private join(leg: SealedPort, order: SessionOrder, log: Logger): void {
+    const sessionId = order.sessionId;
+    let proc: SessionProcess | undefined;
     let exited = false;
     let paused = false;
-    port.start({
-      data: (_channel, data) => proc.write(data, () => port.consumed(data.length)),
-      resize: (size) => proc.resize(size.cols, size.rows),
-      signal: (name) => proc.signal(name),
-      eof: () => proc.endInput(),
-    });
-    proc.onOutput((channel, data) => {
-      port.sendData(channel, data);
-      if (!paused && port.queuedBytes >= LIMITS.sessionWindowBytes) {
-        paused = true;
-        proc.pauseOutput();
-        port
-          .whenQueueBelow(LIMITS.sessionWindowBytes / 2)
-          .then(() => {
-            paused = false;
-            proc.resumeOutput();
-          })
-          .catch(() => undefined);
+    const notAfter = order.notAfter ? timestampMs(order.notAfter) : 0;
+    const joinBy = this.opts.clock.setTimeout(
+      () => leg.end({ code: Code.DeadlineExceeded, message: "the controller did not start the session in time: its proxy never joined it" }),
+      Math.max(0, notAfter - this.opts.clock.now()),
+    );
+    const startProcess = () => {
+      joinBy.cancel();
+      try {
+        proc = this.start(order);
+      } catch (err) {
+        const refusal = { code: err instanceof RexmeshError ? codeOf(err) : Code.FailedPrecondition, message: err instanceof Error ? err.message : String(err) };
+        log.warn("session refused", { reason: refusal.message });
+        leg.end(refusal);
+        return;
       }
+      log.info("session started", { operator: order.operator, pid: proc.pid, tty: order.spec!.tty, program: order.spec!.argv[0] ?? "login shell" });
+      this.open.set(sessionId, proc);
+      const running = proc;
+      running.onOutput((channel, data) => {
+        leg.sendData(channel, data);
+        if (!paused && leg.queuedBytes >= LIMITS.sessionWindowBytes) {
+          paused = true;
+          running.pauseOutput();
+          leg
+            .whenQueueBelow(LIMITS.sessionWindowBytes / 2)
+            .then(() => {
+              paused = false;
+              running.resumeOutput();
+            })
+            .catch(() => undefined);
+        }
+      });
+      running.exited
+        .then((exit) => {
+          exited = true;
+          log.info("session process exited", exit.signal ? { signal: exit.signal } : { code: exit.code });
+          leg.sendExit(exit);
+          leg.end(ENDED_OK);
+        })
+        .catch(() => undefined);
+    };
+    // Input, resizes and signals come only after the start (the sealed port refuses them before).
+    leg.start({
+      start: startProcess,
+      data: (_channel, data) => proc?.write(data, () => leg.consumed(data.length)),
+      resize: (size) => proc?.resize(size.cols, size.rows),
+      signal: (name) => proc?.signal(name),
+      eof: () => proc?.endInput(),
     });
-    proc.exited
-      .then((exit) => {
-        exited = true;
-        log.info("session process exited", exit.signal ? { signal: exit.signal } : { code: exit.code });
-        port.sendExit(exit);
-        port.end(ENDED_OK);
-      })
-      .catch(() => undefined);
-    port.ended
+    leg.ended
       .then((end) => {
+        joinBy.cancel();
         this.open.delete(sessionId);
+        if (!proc) return;
         if (!exited) {
           log.info("session ended before its process: ending the process group", { code: end.code === 0 ? "OK" : Code[end.code], reason: end.message });
           proc.kill(this.killGraceMs, this.opts.clock);
@@ -187,6 +225,7 @@ export class SessionHost {
   /** Ends every session's processes (the daemon stops). */
   stop(): void {
     for (const [sessionId, proc] of this.open) {
+      if (!proc) continue;
       proc.kill(this.killGraceMs, this.opts.clock);
       this.endLeftovers(sessionId, this.opts.log);
     }

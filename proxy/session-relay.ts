@@ -97,6 +97,7 @@ export class SessionRelays {
       clock: this.opts.clock,
       peer: "controller",
       peerSends: "input",
+      sealed: true,
       lingerMs: REPORT_LINGER_MS,
     });
   }
@@ -111,6 +112,7 @@ export class SessionRelays {
       clock: this.opts.clock,
       peer: `host ${peer.id}`,
       peerSends: "output",
+      sealed: true,
     });
     const opening = await host.opening(LIMITS.linkHelloMs);
     if (!opening) return;
@@ -122,7 +124,8 @@ export class SessionRelays {
     this.waiting.delete(sessionId);
     w.timer.cancel();
     const upLink = this.opts.dialController();
-    upLink.send(create(ProxySessionRequestSchema, { sessionId }));
+    // The host's half of the session's key goes on as it came: the controller checks the host's signature over it.
+    upLink.send(create(ProxySessionRequestSchema, { sessionId, key: opening.key }));
     const up = this.upPort(upLink);
     const log = this.opts.log.child({ session: sessionId, host: peer.id });
     log.info("session relayed");

@@ -42,19 +42,7 @@ bindings:
   const envOf = (c: CredentialPaths) => ({ REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: c.cert, REXMESH_KEY: c.key, REXMESH_CA: c.ca });
 
   /** Runs the CLI with `input` on its stdin (a pipe: no terminal). */
-  const shell = (args: string[], input: string, env = mesh.exports()) =>
-    new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
-      const clean: NodeJS.ProcessEnv = {};
-      for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
-      const child = spawn(process.execPath, [REXMESH_BIN, "shell", ...args], { env: { ...clean, ...env }, stdio: ["pipe", "pipe", "pipe"] });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-      child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-      child.on("error", reject);
-      child.on("close", (code) => resolve({ code, stdout, stderr }));
-      child.stdin.end(input);
-    });
+  const shell = (args: string[], input: string, env = mesh.exports()) => rexmesh(["shell", ...args], env, input);
 
   beforeAll(async () => {
     await mesh.start();

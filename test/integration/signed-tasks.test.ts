@@ -7,15 +7,33 @@ import { readCredentials } from "../../certs/files.js";
 import { clientFor, openChannel } from "../../common/connect-dial.js";
 import { openFrameLink } from "../../common/connect-link.js";
 import type { FrameLink } from "../../common/frame-link.js";
-import { createGrpcLinkServer, type GrpcLinkServer } from "../../common/grpc-link.js";
+import { createGrpcLinkServer, type GrpcLinkServer, type LinkHandler } from "../../common/grpc-link.js";
 import { silentLogger } from "../../common/logger.js";
-import { peekSpec } from "../../common/task-signing.js";
+import { peekSessionOrder, peekSpec } from "../../common/task-signing.js";
+import type { PeerIdentity } from "../../certs/identity.js";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
-import { AgentLinkService, AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import {
+  AgentLinkService,
+  AgentSessionResponseSchema,
+  AgentStreamResponseSchema,
+  type AgentSessionRequest,
+  type AgentSessionResponse,
+  type AgentStreamRequest,
+  type AgentStreamResponse,
+} from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { ResultCheck, SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
-import { ProxyLinkService, ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import {
+  ProxyLinkService,
+  ProxySessionRequestSchema,
+  ProxyStreamRequestSchema,
+  type ProxySessionRequest,
+  type ProxySessionResponse,
+  type ProxyStreamRequest,
+  type ProxyStreamResponse,
+} from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import type { SessionFrame } from "../../gen/rexmesh/v1/session_pb.js";
 import { SignedTaskSchema, StatusAckSchema, TaskSpecSchema, TaskState, type SignedTask, type TaskSigningKey, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, tempDir } from "./support.js";
+import { clientOf, collectJob, rexmesh, tempDir } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -30,6 +48,11 @@ class EvilProxy {
   readonly hellos = new Map<string, AgentStreamRequest>();
   keys: TaskSigningKey[] = [];
   mode: { alter?: string; replayTo?: string; forgeOutput?: boolean; forgeExit?: boolean; stripSignature?: boolean } = {};
+  /** Sessions: flip a bit of what goes to the host, or hold the host's leg and never join the controller. */
+  sessionMode: { flip?: boolean; hold?: boolean } = {};
+  /** Every byte of session data and urgent records this proxy relayed, and the hosts whose legs it took. */
+  readonly sessionBytes: Buffer[] = [];
+  readonly sessionLegs: string[] = [];
   nonce: Uint8Array | undefined;
   up!: FrameLink<ProxyStreamRequest, ProxyStreamResponse>;
   server!: GrpcLinkServer;
@@ -41,6 +64,7 @@ class EvilProxy {
     this.server = createGrpcLinkServer({
       creds: this.creds,
       log: silentLogger,
+      links: [{ method: AgentLinkService.method.agentSession, serve: (link, peer) => this.serveSession(link as never, peer) } as LinkHandler],
       method: AgentLinkService.method.agentStream,
       serve: async (link, peer) => {
         this.hosts.set(peer.id, link);
@@ -72,6 +96,7 @@ class EvilProxy {
     this.address = `127.0.0.1:${await this.server.listen("127.0.0.1", 0)}`;
     const channel = openChannel(this.controller, this.creds, ["controller"]);
     const client = clientFor(ProxyLinkService, channel);
+    this.dialSession = () => openFrameLink<ProxySessionRequest, ProxySessionResponse>((out, signal) => client.proxySession(out, { signal }), () => undefined);
     this.up = openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), () => channel.close());
     this.up.send(create(ProxyStreamRequestSchema, { hello: { name: "px-evil", region: "evil", heartbeatMs: 60_000 } }));
     void (async () => {
@@ -82,8 +107,50 @@ class EvilProxy {
         }
         if (frame.signingKeys.length) this.keys = frame.signingKeys;
         for (const signed of frame.tasks) this.relay(signed);
+        // Session orders go to their host unchanged (they are signed); the host dials back with its leg.
+        for (const order of frame.sessions) this.hosts.get(peekSessionOrder(order)?.hostId ?? "")?.send(create(AgentStreamResponseSchema, { sessions: [order], signingKeys: this.keys }));
       }
     })().catch(() => undefined);
+  }
+
+  private dialSession!: () => FrameLink<ProxySessionRequest, ProxySessionResponse>;
+
+  /**
+   * A host's session leg, relayed frame by frame to a leg of its own at the
+   * controller (offsets and grants pass end to end), with what it does to
+   * them by `sessionMode`.
+   */
+  private async serveSession(link: FrameLink<AgentSessionResponse, AgentSessionRequest>, peer: PeerIdentity): Promise<void> {
+    const from = link.incoming[Symbol.asyncIterator]();
+    const first = await from.next();
+    if (first.done) return;
+    this.sessionLegs.push(peer.id);
+    if (this.sessionMode.hold) {
+      // Keeps the host's leg, alive, and never joins the controller: a process started now would run for this proxy.
+      const keepalive = setInterval(() => link.send(create(AgentSessionResponseSchema, { frame: {} })), 1000);
+      await link.closed;
+      clearInterval(keepalive);
+      return;
+    }
+    const up = this.dialSession();
+    up.send(create(ProxySessionRequestSchema, { sessionId: first.value.sessionId, key: first.value.key, frame: first.value.frame }));
+    const note = (f: SessionFrame) => this.sessionBytes.push(...f.data.map((d) => Buffer.from(d.data)), Buffer.from(f.urgent));
+    void (async () => {
+      for await (const m of up.incoming) {
+        if (!m.frame) continue;
+        note(m.frame);
+        if (this.sessionMode.flip) for (const d of m.frame.data) d.data[d.data.length - 1]! ^= 1;
+        link.send(create(AgentSessionResponseSchema, { frame: m.frame }));
+      }
+    })()
+      .catch(() => undefined)
+      .finally(() => link.close());
+    for (let r = await from.next(); !r.done; r = await from.next()) {
+      if (!r.value.frame) continue;
+      note(r.value.frame);
+      up.send(create(ProxySessionRequestSchema, { frame: r.value.frame }));
+    }
+    up.close();
   }
 
   private relay(signed: SignedTask): void {
@@ -104,8 +171,8 @@ class EvilProxy {
 const owners = new Map<string, string>();
 const peekOwner = (s: TaskStatus) => owners.get(s.taskId);
 
-describe("signed tasks: a proxy can delay work but never forge or redirect it", () => {
-  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("signed"), regions: [], hosts: [] });
+describe("signed tasks and sealed sessions: a proxy can delay work but never forge or redirect it", () => {
+  const mesh = new LocalMesh({ ca: testCa(), dir: tempDir("signed"), regions: [], hosts: [], controllerArgs: ["--sessions"] });
   const daemons: ChildProcess[] = [];
   let evil: EvilProxy;
   const marks = () => join(mesh.dir, "marks");
@@ -119,7 +186,13 @@ describe("signed tasks: a proxy can delay work but never forge or redirect it", 
     await evil.start();
     for (const id of ["s1", "s2"]) {
       const c = mesh.issue({ role: "host", scope: "default", id }, join(mesh.dir, "hosts-evil"));
-      daemons.push(spawn(process.execPath, [REXMESH_BIN, "daemon", "--proxies", evil.address, "--cert", c.cert, "--key", c.key, "--ca", c.ca, "--data", join(mesh.dir, "data", id)], { stdio: "ignore" }));
+      daemons.push(
+        spawn(process.execPath, [REXMESH_BIN, "daemon", "--proxies", evil.address, "--cert", c.cert, "--key", c.key, "--ca", c.ca, "--data", join(mesh.dir, "data", id)], {
+          stdio: "ignore",
+          // Sessions inherit the daemon's environment: where they leave their marks.
+          env: { ...process.env, MARK: marks() },
+        }),
+      );
     }
     await mesh.waitForHosts(2);
   }, 60_000);
@@ -237,4 +310,45 @@ describe("signed tasks: a proxy can delay work but never forge or redirect it", 
     const stripped = await ended("s2", "exit 0");
     expect(stripped.task.resultCheck).toBe(ResultCheck.UNVERIFIED);
   });
+
+  /** `rexmesh shell s1 -T -- ARGV` with `input` on a pipe. */
+  const shell = (argv: string[], input: string) => rexmesh(["shell", "s1", "-T", "--", ...argv], mesh.exports(), input);
+  const secret = "hunter2-the-sudo-password";
+
+  it("a session through the proxy reaches the host intact, and the proxy relays nothing of it it can read", async () => {
+    evil.sessionMode = {};
+    evil.sessionBytes.length = 0;
+    const r = await shell(["sh", "-c", 'cat > "$MARK/typed"; echo "printed $(cat "$MARK/typed")"; exit 4'], `${secret}\n`);
+    expect(r.stderr).toBe("");
+    expect(r.stdout).toBe(`printed ${secret}\n`);
+    expect(r.code).toBe(4);
+    expect(readFileSync(join(marks(), "typed"), "utf8")).toBe(`${secret}\n`);
+    const relayed = Buffer.concat(evil.sessionBytes);
+    expect(relayed.length).toBeGreaterThan(secret.length);
+    expect(relayed.includes(Buffer.from(secret))).toBe(false);
+    expect(relayed.includes(Buffer.from("printed"))).toBe(false);
+  });
+
+  it("input altered on the way ends the session DATA_LOSS and never reaches the process", async () => {
+    evil.sessionMode = { flip: true };
+    const r = await shell(["sh", "-c", 'cat > "$MARK/flipped"'], `${secret}\n`);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/DataLoss: session on s1 ended: a sealed input record of the session did not open: it was altered, moved or left out on the way/);
+    expect(existsSync(join(marks(), "flipped")) ? readFileSync(join(marks(), "flipped"), "utf8") : "").toBe("");
+  });
+
+  it("a proxy that keeps the host's leg and never joins the controller gets no process on the host", async () => {
+    evil.sessionMode = { hold: true };
+    const legs = evil.sessionLegs.length;
+    const run = shell(["sh", "-c", 'touch "$MARK/held-started"; sleep 30'], "");
+    for (let i = 0; i < 200 && evil.sessionLegs.length === legs; i++) await new Promise((res) => setTimeout(res, 50));
+    expect(evil.sessionLegs.length).toBe(legs + 1);
+    // Before, the daemon started the process as soon as its leg was up; now it waits for the controller's sealed start.
+    await new Promise((res) => setTimeout(res, 2000));
+    expect(existsSync(join(marks(), "held-started"))).toBe(false);
+    const r = await run;
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/did not join the session within 20 s/);
+    expect(existsSync(join(marks(), "held-started"))).toBe(false);
+  }, 40_000);
 });

@@ -1,4 +1,5 @@
-import { execFile } from "node:child_process";
+import { spawn } from "node:child_process";
+import { constants as osConstants } from "node:os";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -7,7 +8,6 @@ import { operatorClient } from "../../cli/client.js";
 import { REXMESH_BIN, type LocalMesh } from "../../cli/launcher.js";
 import type { ControllerService, Job, Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { OutputStream } from "../../gen/rexmesh/v1/task_pb.js";
-import { promisify } from "node:util";
 
 export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `rexmesh-${prefix}-`));
@@ -87,19 +87,22 @@ export function hostIds(n: number, prefix = "h"): string[] {
   return Array.from({ length: n }, (_, i) => `${prefix}${String(i + 1).padStart(2, "0")}`);
 }
 
-const exec = promisify(execFile);
-
-/** Runs the real CLI; resolves with its exit code and output whatever the code. */
-export async function rexmesh(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+/** Runs the real CLI with `input` on its stdin (a pipe, ended after it); resolves with its exit code and output whatever the code. */
+export function rexmesh(args: string[], env: Record<string, string> = {}, input = ""): Promise<{ code: number; stdout: string; stderr: string }> {
   const clean: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
-  try {
-    const { stdout, stderr } = await exec(process.execPath, [REXMESH_BIN, ...args], { env: { ...clean, ...env }, maxBuffer: 64 << 20 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const e = err as { code: number; stdout: string; stderr: string };
-    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
-  }
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [REXMESH_BIN, ...args], { env: { ...clean, ...env }, stdio: ["pipe", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    child.on("error", reject);
+    child.on("close", (code, signal) => resolve({ code: code ?? 128 + (signal ? osConstants.signals[signal] : 0), stdout, stderr }));
+    // A CLI that exits without reading its input closes the pipe first: not this run's failure.
+    child.stdin.on("error", () => undefined);
+    child.stdin.end(input);
+  });
 }
 
 /** The relay the fault tests cut links with (stop, restore, close); more faults in chaos/tcp-relay.ts. */

@@ -25,7 +25,7 @@ import {
   type SessionFrame,
 } from "../../gen/rexmesh/v1/session_pb.js";
 import { SignedTaskSchema } from "../../gen/rexmesh/v1/task_pb.js";
-import { FakeLink, flush, operator, taskSpec, testSigning, testVerifier } from "./support.js";
+import { FakeLink, flush, operator, taskSpec, testSigning, testVerifier, wire } from "./support.js";
 
 const W = LIMITS.sessionWindowBytes;
 const data = (offset: number, bytes: number, channel = SessionChannel.STDOUT) => create(SessionDataSchema, { channel, offset: BigInt(offset), data: new Uint8Array(bytes) });
@@ -108,29 +108,6 @@ describe("what a session frame may hold", () => {
     expect(() => checkSessionSpec(spec({ tty: true, window: { cols: 99999, rows: 1 } }))).toThrow(/outside/);
   });
 });
-
-/** Two ends of an in-memory stream: what one sends, the other receives; a close ends the other's incoming. */
-class WiredLink<Out, In> extends FakeLink<Out, In> {
-  other: WiredLink<In, Out> | undefined;
-  override send(frame: Out): void {
-    if (this.isClosed) return;
-    super.send(frame);
-    this.other?.deliver(frame);
-  }
-  override close(error?: Error): void {
-    if (this.isClosed) return;
-    super.close(error);
-    this.other?.end();
-  }
-}
-
-function wire<A, B>(): [WiredLink<A, B>, WiredLink<B, A>] {
-  const a = new WiredLink<A, B>();
-  const b = new WiredLink<B, A>();
-  a.other = b;
-  b.other = a;
-  return [a, b];
-}
 
 type F = { frame?: SessionFrame };
 const port = (link: FrameLink<F, F>, clock: ManualClock, peerSends: "input" | "output", peer: string) =>

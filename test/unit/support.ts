@@ -199,3 +199,26 @@ export function submitRequest(more: Partial<SubmitRequest> = {}): SubmitRequest 
     ...more,
   };
 }
+
+/** Two ends of an in-memory stream: what one sends, the other receives; a close ends the other's incoming. */
+export class WiredLink<Out, In> extends FakeLink<Out, In> {
+  other: WiredLink<In, Out> | undefined;
+  override send(frame: Out): void {
+    if (this.isClosed) return;
+    super.send(frame);
+    this.other?.deliver(frame);
+  }
+  override close(error?: Error): void {
+    if (this.isClosed) return;
+    super.close(error);
+    this.other?.end();
+  }
+}
+
+export function wire<A, B>(): [WiredLink<A, B>, WiredLink<B, A>] {
+  const a = new WiredLink<A, B>();
+  const b = new WiredLink<B, A>();
+  a.other = b;
+  b.other = a;
+  return [a, b];
+}

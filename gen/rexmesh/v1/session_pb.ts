@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/session.proto.
  */
 export const file_rexmesh_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXhtZXNoL3YxL3Nlc3Npb24ucHJvdG8SCnJleG1lc2gudjEiXgoLU2Vzc2lvblNwZWMSDAoEYXJndhgBIAMoCRILCgN0dHkYAiABKAgSDAoEdGVybRgDIAEoCRImCgZ3aW5kb3cYBCABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUiKAoKV2luZG93U2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iWAoLU2Vzc2lvbkRhdGESKwoHY2hhbm5lbBgBIAEoDjIaLnJleG1lc2gudjEuU2Vzc2lvbkNoYW5uZWwSDgoGb2Zmc2V0GAIgASgEEgwKBGRhdGEYAyABKAwiKwoMU2Vzc2lvbkdyYW50EgsKA2FjaxgBIAEoBBIOCgZ3aW5kb3cYAiABKA0iOQoLU2Vzc2lvbkV4aXQSEQoEY29kZRgBIAEoBUgAiAEBEg4KBnNpZ25hbBgCIAEoCUIHCgVfY29kZSItCgxTZXNzaW9uQ2xvc2USDAoEY29kZRgBIAEoDRIPCgdtZXNzYWdlGAIgASgJIvMBCgxTZXNzaW9uRnJhbWUSJQoEZGF0YRgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkRhdGESJwoFZ3JhbnQYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25HcmFudBImCgZyZXNpemUYAyABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUSDgoGc2lnbmFsGAQgASgJEgsKA2VvZhgFIAEoCBIlCgRleGl0GAYgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uRXhpdBInCgVjbG9zZRgHIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkNsb3NlIsEBCgxTZXNzaW9uT3JkZXISEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdob3N0X2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIlCgRzcGVjGAQgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uU3BlYxIQCghvcGVyYXRvchgFIAEoCRItCglub3RfYWZ0ZXIYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDGtlZXBhbGl2ZV9tcxgHIAEoDSJGChJTaWduZWRTZXNzaW9uT3JkZXISDQoFb3JkZXIYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEg4KBmtleV9pZBgDIAEoCSqEAQoOU2Vzc2lvbkNoYW5uZWwSHwobU0VTU0lPTl9DSEFOTkVMX1VOU1BFQ0lGSUVEEAASGQoVU0VTU0lPTl9DSEFOTkVMX1NURElOEAESGgoWU0VTU0lPTl9DSEFOTkVMX1NURE9VVBACEhoKFlNFU1NJT05fQ0hBTk5FTF9TVERFUlIQA2IGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXhtZXNoL3YxL3Nlc3Npb24ucHJvdG8SCnJleG1lc2gudjEiXgoLU2Vzc2lvblNwZWMSDAoEYXJndhgBIAMoCRILCgN0dHkYAiABKAgSDAoEdGVybRgDIAEoCRImCgZ3aW5kb3cYBCABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUiKAoKV2luZG93U2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iWAoLU2Vzc2lvbkRhdGESKwoHY2hhbm5lbBgBIAEoDjIaLnJleG1lc2gudjEuU2Vzc2lvbkNoYW5uZWwSDgoGb2Zmc2V0GAIgASgEEgwKBGRhdGEYAyABKAwiKwoMU2Vzc2lvbkdyYW50EgsKA2FjaxgBIAEoBBIOCgZ3aW5kb3cYAiABKA0iOQoLU2Vzc2lvbkV4aXQSEQoEY29kZRgBIAEoBUgAiAEBEg4KBnNpZ25hbBgCIAEoCUIHCgVfY29kZSItCgxTZXNzaW9uQ2xvc2USDAoEY29kZRgBIAEoDRIPCgdtZXNzYWdlGAIgASgJIoMCCgxTZXNzaW9uRnJhbWUSJQoEZGF0YRgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkRhdGESJwoFZ3JhbnQYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25HcmFudBImCgZyZXNpemUYAyABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUSDgoGc2lnbmFsGAQgASgJEgsKA2VvZhgFIAEoCBIlCgRleGl0GAYgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uRXhpdBInCgVjbG9zZRgHIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkNsb3NlEg4KBnVyZ2VudBgIIAEoDCLEAQoMU2VhbGVkUmVjb3JkEisKB2NoYW5uZWwYASABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGRhdGEYAiABKAwSCwoDZW9mGAMgASgIEiUKBGV4aXQYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25FeGl0EiYKBnJlc2l6ZRgFIAEoCzIWLnJleG1lc2gudjEuV2luZG93U2l6ZRIOCgZzaWduYWwYBiABKAkSDQoFc3RhcnQYByABKAgiSgoKU2Vzc2lvbktleRISCgpwdWJsaWNfa2V5GAEgASgMEhUKDXJlcG9ydF9rZXlfaWQYAiABKAkSEQoJc2lnbmF0dXJlGAMgASgMItkBCgxTZXNzaW9uT3JkZXISEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdob3N0X2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIlCgRzcGVjGAQgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uU3BlYxIQCghvcGVyYXRvchgFIAEoCRItCglub3RfYWZ0ZXIYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDGtlZXBhbGl2ZV9tcxgHIAEoDRIWCg5jb250cm9sbGVyX2tleRgIIAEoDCJGChJTaWduZWRTZXNzaW9uT3JkZXISDQoFb3JkZXIYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEg4KBmtleV9pZBgDIAEoCSqgAQoOU2Vzc2lvbkNoYW5uZWwSHwobU0VTU0lPTl9DSEFOTkVMX1VOU1BFQ0lGSUVEEAASGQoVU0VTU0lPTl9DSEFOTkVMX1NURElOEAESGgoWU0VTU0lPTl9DSEFOTkVMX1NURE9VVBACEhoKFlNFU1NJT05fQ0hBTk5FTF9TVERFUlIQAxIaChZTRVNTSU9OX0NIQU5ORUxfU0VBTEVEEARiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * What a session runs. Asked for by the client, decided by the controller,
@@ -248,6 +248,15 @@ export type SessionFrame = Message<"rexmesh.v1.SessionFrame"> & {
    * @generated from field: rexmesh.v1.SessionClose close = 7;
    */
   close?: SessionClose | undefined;
+
+  /**
+   * Controller to host, on the sealed hops: one sealed record of the urgent
+   * stream (start, resize, signal), which goes at once rather than in turn
+   * with the data. The plain `resize` and `signal` are the client's hop's.
+   *
+   * @generated from field: bytes urgent = 8;
+   */
+  urgent: Uint8Array;
 };
 
 /**
@@ -256,6 +265,104 @@ export type SessionFrame = Message<"rexmesh.v1.SessionFrame"> & {
  */
 export const SessionFrameSchema: GenMessage<SessionFrame> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_session, 6);
+
+/**
+ * What a sealed record holds once opened (docs/sessions.md, "End to end").
+ * Between the controller and the host every byte of a session travels in
+ * records sealed with AES-256-GCM under a key only those two hold: the
+ * data stream each way (data, eof, exit: in turn with each other), and the
+ * controller's urgent stream (start, resize, signal). Each record is
+ * numbered by its position in its stream; the number is the nonce, so a
+ * record moved, repeated or left out does not open.
+ *
+ * @generated from message rexmesh.v1.SealedRecord
+ */
+export type SealedRecord = Message<"rexmesh.v1.SealedRecord"> & {
+  /**
+   * @generated from field: rexmesh.v1.SessionChannel channel = 1;
+   */
+  channel: SessionChannel;
+
+  /**
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+
+  /**
+   * @generated from field: bool eof = 3;
+   */
+  eof: boolean;
+
+  /**
+   * @generated from field: rexmesh.v1.SessionExit exit = 4;
+   */
+  exit?: SessionExit | undefined;
+
+  /**
+   * @generated from field: rexmesh.v1.WindowSize resize = 5;
+   */
+  resize?: WindowSize | undefined;
+
+  /**
+   * @generated from field: string signal = 6;
+   */
+  signal: string;
+
+  /**
+   * The first record of the urgent stream: the controller has the host's
+   * key and joined the session; the host starts the process only then.
+   *
+   * @generated from field: bool start = 7;
+   */
+  start: boolean;
+};
+
+/**
+ * Describes the message rexmesh.v1.SealedRecord.
+ * Use `create(SealedRecordSchema)` to create a new message.
+ */
+export const SealedRecordSchema: GenMessage<SealedRecord> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_session, 7);
+
+/**
+ * The host's half of a session's key agreement, on the first message of
+ * its leg, passed on by the proxy unchanged: an X25519 public key made for
+ * this session, signed with the host's report key (common/host-signing.ts)
+ * over the session id and the controller's half from the signed order. A
+ * proxy that replaced either half would need a controller's or the host's
+ * signing key.
+ *
+ * @generated from message rexmesh.v1.SessionKey
+ */
+export type SessionKey = Message<"rexmesh.v1.SessionKey"> & {
+  /**
+   * Raw X25519 public key, 32 bytes.
+   *
+   * @generated from field: bytes public_key = 1;
+   */
+  publicKey: Uint8Array;
+
+  /**
+   * The host's report key that signed it (accepted by the controller before).
+   *
+   * @generated from field: string report_key_id = 2;
+   */
+  reportKeyId: string;
+
+  /**
+   * Ed25519 over the framed ("session key", session id, controller key, public key).
+   *
+   * @generated from field: bytes signature = 3;
+   */
+  signature: Uint8Array;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionKey.
+ * Use `create(SessionKeySchema)` to create a new message.
+ */
+export const SessionKeySchema: GenMessage<SessionKey> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_session, 8);
 
 /**
  * What the controller asks a host to open, signed like a task: a proxy can
@@ -305,6 +412,14 @@ export type SessionOrder = Message<"rexmesh.v1.SessionOrder"> & {
    * @generated from field: uint32 keepalive_ms = 7;
    */
   keepaliveMs: number;
+
+  /**
+   * The controller's half of the session's key agreement: a raw X25519
+   * public key made for this session (the host answers with SessionKey).
+   *
+   * @generated from field: bytes controller_key = 8;
+   */
+  controllerKey: Uint8Array;
 };
 
 /**
@@ -312,7 +427,7 @@ export type SessionOrder = Message<"rexmesh.v1.SessionOrder"> & {
  * Use `create(SessionOrderSchema)` to create a new message.
  */
 export const SessionOrderSchema: GenMessage<SessionOrder> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 7);
+  messageDesc(file_rexmesh_v1_session, 9);
 
 /**
  * @generated from message rexmesh.v1.SignedSessionOrder
@@ -344,7 +459,7 @@ export type SignedSessionOrder = Message<"rexmesh.v1.SignedSessionOrder"> & {
  * Use `create(SignedSessionOrderSchema)` to create a new message.
  */
 export const SignedSessionOrderSchema: GenMessage<SignedSessionOrder> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 8);
+  messageDesc(file_rexmesh_v1_session, 10);
 
 /**
  * @generated from enum rexmesh.v1.SessionChannel
@@ -373,6 +488,16 @@ export enum SessionChannel {
    * @generated from enum value: SESSION_CHANNEL_STDERR = 3;
    */
   STDERR = 3,
+
+  /**
+   * Between the controller and the host, through the proxy: the session's
+   * sealed record stream (SealedRecord below), which only the two ends can
+   * read or write. A proxy relays and may cut it anywhere; it cannot read,
+   * alter, reorder, drop or insert a record without the session ending.
+   *
+   * @generated from enum value: SESSION_CHANNEL_SEALED = 4;
+   */
+  SEALED = 4,
 }
 
 /**
