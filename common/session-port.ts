@@ -1,8 +1,9 @@
 import { create, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Clock } from "./clock.js";
+import type { Clock, Timer } from "./clock.js";
 import type { FrameLink } from "./frame-link.js";
 import { Heartbeat } from "./heartbeat.js";
+import { formatDuration } from "./duration.js";
 import { LIMITS, truncate } from "./limits.js";
 import { codeOf } from "./rpc-errors.js";
 import { InvalidArgumentError } from "./errors.js";
@@ -450,11 +451,25 @@ export function endOf(err: unknown, peer: string): SessionEnd {
   return { code: Code.Unavailable, message: `the stream to the ${peer} failed` };
 }
 
-/** How a relayed session ended: the first end, the side it came from, and the process's exit if it came. */
+/** How a relayed session ended: the first end, the side it came from (or the relay, by a limit), and the process's exit if it came. */
 export interface RelayEnd {
   end: SessionEnd;
-  from: "client" | "host";
+  from: "client" | "host" | "relay";
   exit?: SessionExit;
+}
+
+/**
+ * Limits a relay holds a session to, whatever its ends do: it is idle when
+ * no input came from the client's side (data, a resize, a signal; output
+ * and keep-alives do not count) for `idleMs`, and over after `maxMs` in all.
+ * 0 is no limit.
+ */
+export interface RelayLimits {
+  clock: Clock;
+  idleMs: number;
+  maxMs: number;
+  /** Who ends it, for the message ("the controller", "proxy px1"). */
+  by: string;
 }
 
 /**
@@ -462,23 +477,35 @@ export interface RelayEnd {
  * each way is passed on within the next hop's credit and consumed on the
  * previous hop only once it left, so the relay holds at most the window it
  * granted in each direction. Resize, signals, eof and exit are passed on;
- * the first end on either side ends the other.
+ * the first end on either side ends the other. With `limits`, the relay
+ * ends an idle or overlong session itself, DEADLINE_EXCEEDED on both sides.
  */
-export function relaySession(
-  client: SessionSide,
-  host: SessionSide,
-  first?: { client?: SessionFrame; host?: SessionFrame },
-  keepaliveMs?: number,
-): Promise<RelayEnd> {
+export function relaySession(client: SessionSide, host: SessionSide, first?: { client?: SessionFrame; host?: SessionFrame }, keepaliveMs?: number, limits?: RelayLimits): Promise<RelayEnd> {
   let exit: SessionExit | undefined;
+  let limited: SessionEnd | undefined;
+  const watch = limits ? watchLimits(limits, (end) => {
+    limited = end;
+    client.end(end);
+  }) : undefined;
+  const input = () => watch?.input();
   client.start(
     {
-      data: (channel, data) => host.sendData(channel, data, (n) => client.consumed(n)),
-      resize: (size) => host.sendResize(size),
-      signal: (name) => host.sendSignal(name),
+      data: (channel, data) => {
+        input();
+        host.sendData(channel, data, (n) => client.consumed(n));
+      },
+      resize: (size) => {
+        input();
+        host.sendResize(size);
+      },
+      signal: (name) => {
+        input();
+        host.sendSignal(name);
+      },
       eof: () => host.sendEof(),
       urgent: (sealed) => {
         if (!host.sendUrgent) throw new InvalidArgumentError("urgent session records are relayed only between sealed hops");
+        input();
         host.sendUrgent(sealed);
       },
     },
@@ -498,11 +525,11 @@ export function relaySession(
   );
   // Resolved once the other side has ended too: its close (after the output and the exit queued before it) has
   // gone out on its stream, so that whoever serves the stream does not end it with that still queued.
-  return Promise.race([
+  const ended = Promise.race([
     client.ended.then(async (end) => {
       host.end(end.code === 0 ? { code: Code.Canceled, message: "the client closed the session" } : end);
       await host.ended;
-      return { end, from: "client" as const, exit };
+      return { end, from: limited ? ("relay" as const) : ("client" as const), exit };
     }),
     host.ended.then(async (end) => {
       client.end(end);
@@ -510,4 +537,25 @@ export function relaySession(
       return { end, from: "host" as const, exit };
     }),
   ]);
+  return ended.finally(() => watch?.stop());
+}
+
+/** The timers of {@link RelayLimits}: `input()` on each input from the client's side. */
+function watchLimits(l: RelayLimits, end: (e: SessionEnd) => void): { input(): void; stop(): void } {
+  let last = l.clock.now();
+  const max = l.maxMs > 0 ? l.clock.setTimeout(() => end({ code: Code.DeadlineExceeded, message: `the session reached its maximum duration of ${formatDuration(l.maxMs)}: ended by ${l.by}` }), l.maxMs) : undefined;
+  let idle: Timer | undefined;
+  const check = () => {
+    const quiet = l.clock.now() - last;
+    if (quiet >= l.idleMs) end({ code: Code.DeadlineExceeded, message: `the session was idle (no input) for ${formatDuration(l.idleMs)}: ended by ${l.by}` });
+    else idle = l.clock.setTimeout(check, l.idleMs - quiet);
+  };
+  if (l.idleMs > 0) idle = l.clock.setTimeout(check, l.idleMs);
+  return {
+    input: () => (last = l.clock.now()),
+    stop: () => {
+      max?.cancel();
+      idle?.cancel();
+    },
+  };
 }

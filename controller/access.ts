@@ -143,7 +143,7 @@ export class OperatorAccess {
    * the tenant does not have is judged by its id alone, then reported not
    * found. Audited either way; returns the host.
    */
-  async openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<HostRecord> {
+  async openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: { idleMs?: number; maxMs?: number } }> {
     const what = `session ${sessionId}: ${describeSession(spec)}`;
     try {
       this.holds(caller, "session");
@@ -153,7 +153,7 @@ export class OperatorAccess {
       const role = this.deps.authz.require(caller, { action: "session", host, argv: spec.argv });
       if (!this.knowsHost(caller, hostId)) throw new NotFoundError(`host ${JSON.stringify(hostId)} not found`);
       await this.record(caller, "session", { decision: "allowed", reason: `role ${role}` }, { what, hostIds: [hostId] });
-      return host;
+      return { host, limits: this.deps.authz.sessionLimits(role) };
     } catch (err) {
       await this.record(caller, "session", refusal(err), { what, hostIds: [hostId] });
       throw err;

@@ -14,6 +14,7 @@
 import { readFileSync } from "node:fs";
 import { parse as parseYaml } from "yaml";
 import type { PeerIdentity } from "../certs/identity.js";
+import { parseDuration } from "../common/duration.js";
 import { ConfigError, PermissionDeniedError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
@@ -118,6 +119,9 @@ export interface RoleDef {
   tools: ReadonlySet<Tool>;
   /** Globs of protected environment variables this role may set. */
   env: readonly string[];
+  /** Sessions this role opens end after this long without input, and after this long in all (absent: the controller's defaults; 0: none). */
+  sessionIdleMs?: number;
+  sessionMaxMs?: number;
 }
 
 /** A validated policy, ready for decisions. */
@@ -172,7 +176,7 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     const where = `roles.${name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) fail(where, "a role name uses letters, digits, '.', '_' or '-'");
     const r = record(raw, where, fail);
-    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env"], where, fail);
+    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env", "sessionIdle", "sessionMax"], where, fail);
     if (typeof r.hosts !== "string") return fail(`${where}.hosts`, 'is required: a host query the role\'s hosts must match ("all" for every host of the tenant)');
     let hosts: Query;
     try {
@@ -200,7 +204,9 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     }
     if (r.shell === true) tools.add("shell");
     const env = stringList(r.env ?? [], `${where}.env`, fail);
-    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env });
+    const sessionIdleMs = sessionLimit(r.sessionIdle, `${where}.sessionIdle`, fail);
+    const sessionMaxMs = sessionLimit(r.sessionMax, `${where}.sessionMax`, fail);
+    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env, sessionIdleMs, sessionMaxMs });
   }
   const bindings = new Map<string, string[]>();
   for (const [who, raw] of Object.entries(record(doc.bindings ?? {}, "bindings", fail))) {
@@ -217,6 +223,23 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
 }
 
 type Fail = (where: string, problem: string) => never;
+
+/** The longest session limit a policy may set (it travels in milliseconds in a 32-bit field). */
+export const SESSION_LIMIT_MAX_MS = 30 * 86_400_000;
+
+/** A session limit: a duration ("15m", "8h"), "0" for none, at most 30 days. */
+function sessionLimit(v: unknown, where: string, fail: Fail): number | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== "string" && v !== 0) return fail(where, 'must be a duration such as "15m" or "8h", or "0" for none');
+  let ms: number;
+  try {
+    ms = v === 0 ? 0 : parseDuration(v, where);
+  } catch (err) {
+    return fail(where, (err as Error).message);
+  }
+  if (ms > SESSION_LIMIT_MAX_MS) fail(where, "is longer than 30 days");
+  return ms;
+}
 
 function record(v: unknown, where: string, fail: Fail): Record<string, unknown> {
   if (v === null || typeof v !== "object" || Array.isArray(v)) return fail(where, "must be a mapping");
@@ -547,6 +570,12 @@ export class Authorizer {
   /** The hosts among `hosts` that some role of the caller granting `action` covers. */
   covered(caller: PeerIdentity, action: Action, hosts: readonly HostRecord[]): HostRecord[] {
     return covered(this.policy, caller, action, hosts);
+  }
+
+  /** The session limits a role sets (absent when it sets none, or there is no policy or no such role now). */
+  sessionLimits(role: string): { idleMs?: number; maxMs?: number } {
+    const r = this.policy?.roles.get(role);
+    return { idleMs: r?.sessionIdleMs, maxMs: r?.sessionMaxMs };
   }
 
   /** Throws PermissionDeniedError with the reason unless allowed; returns the allowing role. */

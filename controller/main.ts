@@ -66,7 +66,9 @@ export const controllerSchema = {
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
   caKey: { type: "string", doc: "mesh CA private key (PEM); needed to enroll hosts (docs/enrollment.md)" },
   hostCertTtl: { type: "duration", default: "24h", doc: "lifetime of host certificates issued by enrollment" },
-  sessions: { type: "bool", default: false, doc: "serve interactive sessions (rexmesh shell); off by default while their bytes are protected hop by hop only: a compromised proxy could read and alter the sessions it relays (docs/sessions.md, Known gaps)" },
+  sessions: { type: "bool", default: false, doc: "serve interactive sessions (rexmesh shell); off by default: read docs/sessions.md, Known gaps, before turning them on" },
+  sessionIdle: { type: "duration", default: "30m", doc: "a session ends after this long without input from the client, unless the role that allowed it sets sessionIdle (0: never)" },
+  sessionMax: { type: "duration", default: "12h", doc: "a session ends after this long in all, unless the role that allowed it sets sessionMax (0: never)" },
   enrollListen: { type: "string", doc: "extra address serving only EnrollService without asking for a client certificate, for daemons with a join token that reach the controller directly (host:port; port 0 picks one); off by default" },
   policy: { type: "string", doc: "authorization policy file (YAML or JSON, docs/authorization.md), reloaded on SIGHUP; without one every operator has full access within its tenant" },
 } satisfies Schema;
@@ -174,7 +176,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
-  const sessions = new SessionBroker({ clock, ids, signer, log, hostKeys, portOf: (host) => jobs.proxyPort(host.proxy), isRevoked: (peer) => revocations.isRevoked(peer) });
+  const sessions = new SessionBroker({ clock, ids, signer, log, hostKeys, idleMs: config.sessionIdle, maxMs: config.sessionMax, portOf: (host) => jobs.proxyPort(host.proxy), isRevoked: (peer) => revocations.isRevoked(peer) });
   const stopEndingRevokedSessions = revocations.onChange(() => sessions.revoked());
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.

@@ -23,6 +23,7 @@ import type { TaskSigner } from "../common/task-signing.js";
 import type { ProxySessionRequest, ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { ProxySessionResponseSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { SessionOrderSchema, SessionSpecSchema, type SessionFrame, type SessionKey, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
+import { SESSION_LIMIT_MAX_MS } from "./authz.js";
 import type { HostRecord } from "./model.js";
 import type { ProxyPort } from "./router.js";
 
@@ -41,6 +42,12 @@ export interface ProxyLeg {
 }
 
 /** What the broker needs of common/host-signing.ts's HostKeyVerifier: the host's signature over its half of a session's key. */
+/** How long a session may be idle (no input) and last in all, in ms; 0: no limit. */
+export interface SessionLimits {
+  idleMs: number;
+  maxMs: number;
+}
+
 /** A leg sealed end to end with the host, ready to relay. */
 export interface SealedLeg {
   port: SealedPort;
@@ -63,6 +70,9 @@ export interface SessionBrokerOptions {
   portOf: (host: HostRecord) => ProxyPort | undefined;
   /** Whether an identity is on the deny-list now: a session whose operator or host is revoked ends (see revoked()). */
   isRevoked?: (identity: PeerIdentity) => boolean;
+  /** A session's limits where the role that allowed it sets none (0: none): the controller's --session-idle and --session-max. */
+  idleMs: number;
+  maxMs: number;
   /** How long the proxy has to come back with the session's leg. Default LIMITS.sessionOpenMs. */
   openMs?: number;
   keepaliveMs?: number;
@@ -78,7 +88,8 @@ interface Pending {
 
 /** What the broker needs of controller/access.ts: the decision and the audit of each session. */
 export interface SessionAccess {
-  openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<HostRecord>;
+  /** The host, and the limits of the role that allowed the session (absent: the broker's defaults). */
+  openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: { idleMs?: number; maxMs?: number } }>;
   sessionEnded(caller: PeerIdentity, sessionId: string, hostId: string, outcome: string): Promise<void>;
 }
 
@@ -97,9 +108,13 @@ export class SessionBroker {
   private readonly perOperator = new ConcurrencyLimit(LIMITS.sessionsPerOperator, "sessions for one operator");
   private readonly openMs: number;
   readonly keepaliveMs: number;
+  private readonly idleMs: number;
+  private readonly maxMs: number;
 
   constructor(private readonly opts: SessionBrokerOptions) {
     this.openMs = opts.openMs ?? LIMITS.sessionOpenMs;
+    this.idleMs = Math.min(opts.idleMs, SESSION_LIMIT_MAX_MS);
+    this.maxMs = Math.min(opts.maxMs, SESSION_LIMIT_MAX_MS);
     this.keepaliveMs = opts.keepaliveMs ?? LIMITS.sessionKeepaliveMs;
   }
 
@@ -108,7 +123,7 @@ export class SessionBroker {
    * and waits for the proxy's leg. UNAVAILABLE when the host is not
    * connected or does not join in time; the wait ends with `signal`.
    */
-  async open(caller: PeerIdentity, host: HostRecord, spec: SessionSpec, sessionId: string, signal: AbortSignal): Promise<SealedLeg> {
+  async open(caller: PeerIdentity, host: HostRecord, spec: SessionSpec, sessionId: string, signal: AbortSignal, limits: SessionLimits): Promise<SealedLeg> {
     const port = host.connected ? this.opts.portOf(host) : undefined;
     if (!port?.openSession) throw new UnavailableError(`host ${host.id} is not connected: a session needs the host online`);
     const half = newKeyHalf();
@@ -121,6 +136,8 @@ export class SessionBroker {
       notAfter: timestampFromMs(this.opts.clock.now() + this.openMs),
       keepaliveMs: this.keepaliveMs,
       controllerKey: half.publicKey,
+      idleTimeoutMs: limits.idleMs,
+      maxDurationMs: limits.maxMs,
     });
     const leg = new Promise<ProxyLeg>((resolve, reject) => {
       const timer = this.opts.clock.setTimeout(() => {
@@ -195,17 +212,18 @@ export class SessionBroker {
     const release = this.perOperator.acquire(formatIdentity(caller));
     try {
       const sessionId = this.opts.ids("s");
-      const host = await access.openSession(caller, sessionId, hostId, spec);
+      const { host, limits: asked } = await access.openSession(caller, sessionId, hostId, spec);
+      const limits = { idleMs: asked.idleMs ?? this.idleMs, maxMs: asked.maxMs ?? this.maxMs };
       let leg: SealedLeg;
       try {
-        leg = await this.open(caller, host, spec, sessionId, signal);
+        leg = await this.open(caller, host, spec, sessionId, signal, limits);
       } catch (err) {
         await access.sessionEnded(caller, sessionId, hostId, `not opened: ${err instanceof Error ? err.message : String(err)}`);
         throw err;
       }
       link.send(create(SessionResponseSchema, { started: { sessionId, hostId, proxy: leg.proxy, keepaliveMs: this.keepaliveMs } }));
       this.opts.log.info("session started", { session: sessionId, host: hostId, proxy: leg.proxy, operator: formatIdentity(caller) });
-      const relayed = relaySession(client, leg.port, { client: opening.frame, host: leg.first });
+      const relayed = relaySession(client, leg.port, { client: opening.frame, host: leg.first }, undefined, { clock: this.opts.clock, ...limits, by: "the controller" });
       this.active.set(sessionId, { caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
       const r = await relayed.finally(() => this.active.delete(sessionId));
       const outcome = describeEnd(r);
@@ -272,5 +290,6 @@ export function describeEnd(r: RelayEnd): string {
     if (r.exit?.signal) return `killed by ${r.exit.signal}`;
     return "ended";
   }
-  return `${r.from === "client" ? "closed by the client" : "ended by the host's side"}: ${Code[r.end.code]}: ${r.end.message}`;
+  const by = r.from === "client" ? "closed by the client" : r.from === "relay" ? "ended by its limits" : "ended by the host's side";
+  return `${by}: ${Code[r.end.code]}: ${r.end.message}`;
 }

@@ -41,6 +41,9 @@ export interface SessionRelayOptions {
 interface Waiting {
   hostId: string;
   keepaliveMs: number;
+  /** The order's limits, held here too (0: none). */
+  idleMs: number;
+  maxMs: number;
   timer: Timer;
 }
 
@@ -78,7 +81,7 @@ export class SessionRelays {
       if (!this.waiting.delete(sessionId)) return;
       this.report(sessionId, { code: Code.Unavailable, message: `host ${hostId} did not join the session at proxy ${this.opts.name}` });
     }, Math.max(0, Math.min(left, this.openMs)));
-    this.waiting.set(sessionId, { hostId, keepaliveMs: order.keepaliveMs, timer });
+    this.waiting.set(sessionId, { hostId, keepaliveMs: order.keepaliveMs, idleMs: order.idleTimeoutMs, maxMs: order.maxDurationMs, timer });
     this.opts.log.debug("session order passed to host", { session: sessionId, host: hostId });
   }
 
@@ -129,7 +132,7 @@ export class SessionRelays {
     const up = this.upPort(upLink);
     const log = this.opts.log.child({ session: sessionId, host: peer.id });
     log.info("session relayed");
-    const r = await relaySession(up, host, { host: opening.frame }, keepaliveOf(w.keepaliveMs));
+    const r = await relaySession(up, host, { host: opening.frame }, keepaliveOf(w.keepaliveMs), { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}` });
     log.info("session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });
   }
 

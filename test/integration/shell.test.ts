@@ -32,9 +32,22 @@ roles:
     actions: ["*"]
     commands: ["*"]
     shell: true
+  brief:
+    hosts: all
+    actions: [session]
+    commands: ["*"]
+    sessionIdle: 2s
+  short:
+    hosts: all
+    actions: [session]
+    commands: ["*"]
+    sessionIdle: "0"
+    sessionMax: 3s
 bindings:
   acme/dev: admin
   acme/nosession: everything-but-sessions
+  acme/brief: brief
+  acme/short: short
 `,
   );
   const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile, "--sessions"] });
@@ -178,6 +191,19 @@ bindings:
     } finally {
       close();
     }
+  });
+
+  it("ends a session idle past its role's timeout, and one past its maximum duration, each with the reason, and its process with it", async () => {
+    const brief = mesh.issue({ role: "operator", scope: "acme", id: "brief" }, join(work, "brief"));
+    const short = mesh.issue({ role: "operator", scope: "acme", id: "short" }, join(work, "short"));
+    const started = Date.now();
+    const [idle, long] = await Promise.all([shell(["-T", "h1", "--", "sleep", "41"], "", envOf(brief)), shell(["-T", "h1", "--", "sleep", "42"], "", envOf(short))]);
+    expect(idle.code).toBe(1);
+    expect(idle.stderr).toMatch(/DeadlineExceeded: .*the session was idle \(no input\) for 2s: ended by (the controller|proxy \S+)/);
+    expect(long.code).toBe(1);
+    expect(long.stderr).toMatch(/DeadlineExceeded: .*the session reached its maximum duration of 3s: ended by (the controller|proxy \S+)/);
+    expect(Date.now() - started).toBeLessThan(15_000);
+    await until("the remote sleeps ended", async () => (pids("sleep 41") === "" && pids("sleep 42") === "" ? true : undefined), 10_000);
   });
 
   it("keeps every hop's memory flat when the client stops reading: the host's writer blocks instead", async () => {

@@ -202,6 +202,55 @@ describe("a session through a relay", () => {
   });
 });
 
+describe("a relay's limits", () => {
+  const limited = (clock: ManualClock, idleMs: number, maxMs: number) => {
+    const [clientLink, relayUp] = wire<F, F>();
+    const [relayDown, hostLink] = wire<F, F>();
+    const client = port(clientLink, clock, "output", "relay");
+    const host = port(hostLink, clock, "input", "relay");
+    const relayed = relaySession(port(relayUp, clock, "input", "client"), port(relayDown, clock, "output", "host"), undefined, undefined, { clock, idleMs, maxMs, by: "the controller" });
+    client.start({ data: (_c, d) => client.consumed(d.length) });
+    host.start({ data: (_c, d) => host.consumed(d.length) });
+    return { client, host, relayed };
+  };
+  const pass = async (clock: ManualClock, ms: number, each?: () => void) => {
+    for (let t = 0; t < ms; t += 500) {
+      each?.();
+      await flush(3);
+      clock.advance(500);
+    }
+    await flush(3);
+  };
+
+  it("ends a session without input for the idle timeout on both sides; input resets it, output and keep-alives do not", async () => {
+    const clock = new ManualClock();
+    const s = limited(clock, 10_000, 0);
+    let ended = false;
+    s.relayed.then(() => (ended = true), () => undefined);
+    // 30 s of typing: never idle.
+    await pass(clock, 30_000, () => s.client.sendData(SessionChannel.STDIN, Buffer.from("x")));
+    expect(ended).toBe(false);
+    // Then only output, for longer than the timeout.
+    await pass(clock, 12_000, () => s.host.sendData(SessionChannel.STDOUT, Buffer.from("tick\n")));
+    const r = await s.relayed;
+    expect(r.from).toBe("relay");
+    expect(r.end).toEqual({ code: Code.DeadlineExceeded, message: "the session was idle (no input) for 10s: ended by the controller" });
+    expect(await s.client.ended).toEqual(r.end);
+    expect(await s.host.ended).toEqual(r.end);
+  });
+
+  it("ends a session at its maximum duration however busy it is", async () => {
+    const clock = new ManualClock();
+    const s = limited(clock, 0, 20_000);
+    let ended = false;
+    s.relayed.then(() => (ended = true), () => undefined);
+    await pass(clock, 19_000, () => s.client.sendData(SessionChannel.STDIN, Buffer.from("x")));
+    expect(ended).toBe(false);
+    await pass(clock, 2_000, () => s.client.sendData(SessionChannel.STDIN, Buffer.from("x")));
+    expect((await s.host.ended).message).toBe("the session reached its maximum duration of 20s: ended by the controller");
+  });
+});
+
 describe("a session hop under a hostile peer", () => {
   it("keeps of a byte waiting for credit only that byte, not the whole message it came in", async () => {
     const clock = new ManualClock();
@@ -275,6 +324,19 @@ bindings:
   acme/web: shells
   acme/top: tops
 `);
+
+  it("takes idle and maximum limits per role, and refuses ones that are not durations or longer than 30 days", () => {
+    const p = parsePolicy(`
+roles:
+  brief: { hosts: all, actions: [session], shell: true, sessionIdle: 5m, sessionMax: 1h }
+  endless: { hosts: all, actions: [session], shell: true, sessionIdle: 0, sessionMax: "0" }
+`);
+    expect([p.roles.get("brief")!.sessionIdleMs, p.roles.get("brief")!.sessionMaxMs]).toEqual([300_000, 3_600_000]);
+    expect([p.roles.get("endless")!.sessionIdleMs, p.roles.get("endless")!.sessionMaxMs]).toEqual([0, 0]);
+    expect(() => parsePolicy("roles: { r: { hosts: all, sessionIdle: soon } }")).toThrow(/roles.r.sessionIdle: .*is not a duration/);
+    expect(() => parsePolicy("roles: { r: { hosts: all, sessionMax: 31d } }")).toThrow(/roles.r.sessionMax: is longer than 30 days/);
+    expect(() => parsePolicy("roles: { r: { hosts: all, sessionMax: [1] } }")).toThrow(/must be a duration/);
+  });
 
   it('is not granted by "*": a role names it', () => {
     const d = decide(policy, operator("acme", "star"), { action: "session", host: host("h1"), argv: [] });
