@@ -10,6 +10,8 @@ import { connectionOptions, operatorClient } from "./client.js";
 import { readInputFile } from "./input-file.js";
 import { table } from "./table.js";
 import { JobPrinter, jobJson, taskJson, taskLine } from "./printer.js";
+import { sessionOnHost } from "./shell.js";
+import { SessionSpecSchema } from "../gen/rexmesh/v1/session_pb.js";
 import { artifactRunOptions, artifactStep } from "./artifacts.js";
 import { alternativesDocument } from "./alternatives.js";
 
@@ -40,7 +42,7 @@ const runOptions: Record<string, OptionSpec> = {
   "lost-after": { type: "string", doc: "a host unreachable this long ends its task LOST (default: controller's, 15m); raise it for sites cut off for hours", value: "DURATION" },
   env: { type: "string", short: "e", multiple: true, doc: "environment variable for the command (repeatable)", value: "K=V" },
   cwd: { type: "string", doc: "working directory on the host", value: "DIR" },
-  stdin: { type: "string", doc: "file whose content is the command's standard input", value: "FILE" },
+  stdin: { type: "string", doc: "file whose content is the command's standard input; '-': this process's stdin, streamed live to one host's command as it is read (a session: needs the 'session' action)", value: "FILE|-" },
   "idempotency-key": { type: "string", doc: "submitting again with the same key returns the same job", value: "KEY" },
   concurrency: { type: "string", short: "c", doc: "hosts running at once, a number or a percentage of the hosts (at least 1 / 1%; default: no limit)", value: "N|N%" },
   "concurrency-per-region": { type: "string", doc: "hosts running at once in each region (at least 1; default: no limit)", value: "N" },
@@ -82,6 +84,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const ways = (v.all ? 1 : 0) + (hostIds.length > 0 ? 1 : 0) + (target !== undefined ? 1 : 0);
   if (ways === 0) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
   if (ways > 1) throw new InvalidArgumentError("--hosts, --all and --target cannot be used together");
+  if (v.stdin === "-") return liveStdinRun(v, hostIds, p.rest);
   const parameters: Record<string, string> = {};
   const given = new Map<string, string[]>();
   for (const kv of (v.param as string[] | undefined) ?? []) {
@@ -177,6 +180,28 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   } finally {
     close();
   }
+}
+
+/** Options of `run` that have no meaning for a live-stdin run (a session, not a job). */
+const JOB_ONLY = ["all", "target", "doc", "alt", "param", "dryRun", "timeout", "deadline", "lostAfter", "env", "cwd", "idempotencyKey", "concurrency", "concurrencyPerRegion", "maxErrors", "batch", "outputLimit", "json", "group", "detach", "script", "put", "to", "baseDir", "mode"];
+
+/**
+ * `rexmesh run -H HOST --stdin - -- CMD`: the command runs on one host with
+ * this process's stdin streamed to it as it is read (with the session's
+ * back-pressure, binary-safe, its end passed on), its stdout and stderr
+ * here as they are, its exit status the CLI's. It is a session without a
+ * terminal (docs/sessions.md): authorized by the `session` action and the
+ * role's `commands`, audited as a session, not stored as a job.
+ */
+function liveStdinRun(v: Record<string, unknown>, hostIds: string[], rest: string[]): Promise<number> {
+  const flag = (k: string) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+  const unusable = JOB_ONLY.filter((k) => v[k] !== undefined && v[k] !== false);
+  if (unusable.length > 0) throw new InvalidArgumentError(`--stdin - streams to one host's command as a session; ${unusable.map(flag).join(", ")} ${unusable.length === 1 ? "is" : "are"} for jobs`);
+  if (hostIds.length !== 1) throw new InvalidArgumentError(`--stdin - streams to one host: name exactly one with --hosts (not ${hostIds.length})`);
+  const argv = typeof v.shell === "string" ? ["/bin/sh", "-c", v.shell] : rest;
+  if (argv.length === 0) throw new InvalidArgumentError("say what to run: -- COMMAND [ARGS...] or --shell SCRIPT");
+  if (typeof v.shell === "string" && rest.length > 0) throw new InvalidArgumentError("--shell SCRIPT and a command after -- cannot be used together");
+  return sessionOnHost(hostIds[0]!, create(SessionSpecSchema, { argv, tty: false }), v);
 }
 
 /**

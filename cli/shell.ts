@@ -10,7 +10,7 @@ import { LIMITS } from "../common/limits.js";
 import { framedPort, SessionEndedError, type SessionEnd } from "../common/session-port.js";
 import { keepaliveOf } from "../common/session-frames.js";
 import { ControllerService, SessionRequestSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
-import { SessionChannel, SessionSpecSchema, type SessionExit } from "../gen/rexmesh/v1/session_pb.js";
+import { SessionChannel, SessionSpecSchema, type SessionExit, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorChannel } from "./client.js";
 import type { Io } from "./operator.js";
@@ -67,16 +67,25 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
   const [host, ...extra] = p.positionals;
   if (!host || extra.length > 0) throw new InvalidArgumentError(`say which host, and put the command after --: ${USAGE}`);
   if (v.tty && v.noTty) throw new InvalidArgumentError("-t and -T say opposite things: give one");
-  const { stdin, stdout, stderr } = term;
-  const tty = v.noTty ? false : v.tty ? true : Boolean(stdin.isTTY);
+  const tty = v.noTty ? false : v.tty ? true : Boolean(term.stdin.isTTY);
   const spec = create(SessionSpecSchema, {
     argv: p.rest,
     tty,
     term: tty ? (process.env.TERM ?? "xterm") : "",
-    ...(tty ? { window: { cols: stdout.columns || 80, rows: stdout.rows || 24 } } : {}),
+    ...(tty ? { window: { cols: term.stdout.columns || 80, rows: term.stdout.rows || 24 } } : {}),
   });
+  return sessionOnHost(host, spec, v, term);
+}
 
-  const channel = operatorChannel(v);
+/**
+ * Runs a session on `host` in `term` until it ends: the remote exit status,
+ * or a SessionEndedError with the code and reason of an end without one.
+ * `rexmesh shell`, and `rexmesh run --stdin -` (a session without a terminal).
+ */
+export async function sessionOnHost(host: string, spec: SessionSpec, connection: Record<string, unknown>, term: Terminal = { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr }): Promise<number> {
+  const { stdin, stdout, stderr } = term;
+  const tty = spec.tty;
+  const channel = operatorChannel(connection);
   const client = clientFor(ControllerService, channel);
   const link = openFrameLink<SessionRequest, SessionResponse>((out, signal) => client.session(out, { signal }), () => undefined);
   const port = framedPort(link, SessionRequestSchema, {

@@ -1,5 +1,6 @@
 import { execFileSync, spawn } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { operatorClient } from "../../cli/client.js";
@@ -191,6 +192,48 @@ bindings:
     } finally {
       close();
     }
+  });
+
+  it("rexmesh run --stdin - streams a 200 MB tar through the mesh to the host's tar, byte-identical", async () => {
+    const src = join(work, "tree");
+    const dst = join(work, "unpacked");
+    mkdirSync(join(src, "sub"), { recursive: true });
+    mkdirSync(dst);
+    for (let i = 0; i < 20; i++) writeFileSync(join(src, i % 2 ? "sub" : "", `f${i}`), randomBytes(10 << 20));
+    const started = Date.now();
+    const piped = await new Promise<{ code: number | null; stderr: string }>((resolve, reject) => {
+      const clean: NodeJS.ProcessEnv = {};
+      for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
+      const sh = spawn("bash", ["-o", "pipefail", "-c", `tar c -C "$SRC" . | "$NODE" "$CLI" run -H h1 --stdin - -- tar x -C "$DST"`], {
+        env: { ...clean, ...mesh.exports(), SRC: src, DST: dst, NODE: process.execPath, CLI: REXMESH_BIN },
+        stdio: ["ignore", "ignore", "pipe"],
+      });
+      let stderr = "";
+      sh.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+      sh.on("error", reject);
+      sh.on("close", (code) => resolve({ code, stderr }));
+    });
+    const seconds = (Date.now() - started) / 1000;
+    expect(piped.stderr).toBe("");
+    expect(piped.code).toBe(0);
+    const digest = (dir: string) => execFileSync("bash", ["-c", 'cd "$1" && find . -type f | sort | xargs sha256sum', "-", dir], { encoding: "utf8" });
+    const want = digest(src);
+    expect(want.split("\n").filter(Boolean)).toHaveLength(20);
+    expect(digest(dst)).toBe(want);
+    console.log(`run --stdin -: 200 MB in ${seconds.toFixed(1)} s (${(200 / seconds).toFixed(1)} MB/s) through controller and proxy`);
+    rmSync(src, { recursive: true });
+    rmSync(dst, { recursive: true });
+  }, 120_000);
+
+  it("rexmesh run --stdin - is for one host and a command, not for job options", async () => {
+    const one = await rexmesh(["run", "-H", "h1,h2", "--stdin", "-", "--", "cat"], mesh.exports());
+    expect(one.code).not.toBe(0);
+    expect(one.stderr).toMatch(/--stdin - streams to one host: name exactly one with --hosts \(not 2\)/);
+    const jobby = await rexmesh(["run", "-H", "h1", "--stdin", "-", "--timeout", "5s", "--json", "--", "cat"], mesh.exports());
+    expect(jobby.stderr).toMatch(/--timeout, --json are for jobs/);
+    const ok = await rexmesh(["run", "-H", "h1", "--stdin", "-", "--shell", "wc -c; exit 3"], mesh.exports(), "x".repeat(1000));
+    expect(ok.stdout.trim()).toBe("1000");
+    expect(ok.code).toBe(3);
   });
 
   it("ends a session idle past its role's timeout, and one past its maximum duration, each with the reason, and its process with it", async () => {
