@@ -32,8 +32,8 @@ export interface SessionEnd {
  */
 export class SessionEndedError extends ConnectError {}
 
-/** Sealed urgent records a hop holds to pass on, at most. */
-const URGENT_QUEUE = 64;
+/** Sealed urgent records a hop holds before it sends them without waiting for the next turn. */
+const URGENT_BATCH = 16;
 
 /** The end of a session whose process exited (its exit went before). */
 export const ENDED_OK: SessionEnd = { code: 0, message: "" };
@@ -230,17 +230,14 @@ export class SessionPort<Out, In> implements SessionSide {
 
   /**
    * A sealed urgent record: it goes at once, in order with the other
-   * urgent records. A peer that sends them faster than this hop passes
-   * them on has the session ended rather than queued without bound.
+   * urgent records. (A relay cannot merge sealed records; past a few
+   * waiting, they go out now rather than pile up within one turn.)
    */
   sendUrgent(sealed: Uint8Array): void {
     if (this.done) return;
-    if (this.urgent.sealed.length >= URGENT_QUEUE) {
-      this.end({ code: Code.ResourceExhausted, message: `more than ${URGENT_QUEUE} resizes and signals waiting to be passed on` });
-      return;
-    }
     this.urgent.sealed.push(sealed);
-    this.flushSoon();
+    if (this.urgent.sealed.length >= URGENT_BATCH) this.flushNow(false);
+    else this.flushSoon();
   }
 
   sendEof(): void {

@@ -44,6 +44,8 @@ const TAG_BYTES = 16;
 const RECORD_FRAMING_BYTES = 64;
 /** Sealed bytes of one record at most (a longer length is refused before anything is buffered). */
 export const RECORD_SEALED_BYTES = RECORD_DATA_BYTES + RECORD_FRAMING_BYTES + TAG_BYTES;
+/** Sealed bytes of one record at least: the tag and the smallest record (one field, two bytes). */
+const RECORD_SEALED_MIN = TAG_BYTES + 2;
 
 /** The three record streams of a session; the id is the first part of each record's nonce. */
 export const enum RecordStream {
@@ -99,6 +101,11 @@ function notOpened(what: string): ConnectError {
 export class RecordSealer {
   private next = 0;
 
+  /** Records sealed so far. */
+  get count(): number {
+    return this.next;
+  }
+
   constructor(
     private readonly key: Buffer,
     private readonly stream: RecordStream,
@@ -119,6 +126,11 @@ export class RecordSealer {
 /** Opens the records of one stream, in order; the first that does not open ends it. */
 export class RecordOpener {
   private next = 0;
+
+  /** Records opened so far. */
+  get count(): number {
+    return this.next;
+  }
 
   constructor(
     private readonly key: Buffer,
@@ -146,46 +158,55 @@ export class RecordOpener {
  * delivers: each is a 4-byte length and that many sealed bytes.
  */
 export class RecordAssembler {
-  private pieces: Buffer[] = [];
+  private readonly pieces: Buffer[] = [];
+  /** Bytes of pieces[0] already taken. */
+  private offset = 0;
   private held = 0;
   /** Bytes of the record being put together, its length included, once its length is known. */
   private need: number | undefined;
 
   /** Takes a piece; returns every record now complete (its sealed bytes, without the length). */
   push(piece: Uint8Array): Buffer[] {
-    this.pieces.push(Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength));
+    if (piece.length > 0) this.pieces.push(Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength));
     this.held += piece.length;
     const out: Buffer[] = [];
     for (;;) {
       if (this.need === undefined) {
         if (this.held < 4) break;
-        // The length may be cut across pieces; joining them costs at most a few bytes' worth of pieces.
-        if (this.pieces[0]!.length < 4) this.pieces = [Buffer.concat(this.pieces)];
-        const len = this.pieces[0]!.readUInt32BE(0);
+        const len = this.take(4).readUInt32BE(0);
         if (len > RECORD_SEALED_BYTES) throw new InvalidArgumentError(`a sealed session record of ${len} bytes (at most ${RECORD_SEALED_BYTES})`);
-        this.need = 4 + len;
+        if (len < RECORD_SEALED_MIN) throw new InvalidArgumentError(`a sealed session record of ${len} bytes (at least ${RECORD_SEALED_MIN})`);
+        this.need = len;
       }
       if (this.held < this.need) break;
-      out.push(this.take(this.need).subarray(4));
+      out.push(this.take(this.need));
       this.need = undefined;
     }
     return out;
   }
 
-  /** Bytes of a record not complete yet. */
+  /** Bytes held of a record not complete yet. */
   get pending(): number {
-    return this.held;
+    return this.held + (this.need === undefined ? 0 : 4);
   }
 
-  /** The first `n` bytes held, joined once (each piece is copied into at most one record). */
+  /** The next `n` bytes held, in a buffer of their own: each byte is copied once, what stays is not moved. */
   private take(n: number): Buffer {
-    const joined = this.pieces.length === 1 ? this.pieces[0]! : Buffer.concat(this.pieces);
-    // Copies: the record must not be a view into the hop's message, nor what stays keep the joined buffer.
-    const whole = Buffer.from(joined.subarray(0, n));
-    const rest = joined.subarray(n);
-    this.pieces = rest.length > 0 ? [Buffer.from(rest)] : [];
+    const out = Buffer.allocUnsafe(n);
+    let filled = 0;
+    while (filled < n) {
+      const first = this.pieces[0]!;
+      const k = Math.min(n - filled, first.length - this.offset);
+      first.copy(out, filled, this.offset, this.offset + k);
+      filled += k;
+      this.offset += k;
+      if (this.offset === first.length) {
+        this.pieces.shift();
+        this.offset = 0;
+      }
+    }
     this.held -= n;
-    return whole;
+    return out;
   }
 }
 
@@ -208,6 +229,9 @@ export class SealedPort implements SessionSide {
   private started = false;
   private exitSeen = false;
   private eofSeen = false;
+  /** The controller's resize and signals not sealed yet: a burst is sealed once per turn, the latest size only. */
+  private readonly urgentWaiting: { resize?: WindowSize; signals: string[] } = { signals: [] };
+  private urgentScheduled = false;
 
   constructor(
     private readonly port: Required<Pick<SessionSide, "sendUrgent">> & SessionSide,
@@ -217,8 +241,13 @@ export class SealedPort implements SessionSide {
     const controller = side === "controller";
     this.data = new RecordSealer(key, controller ? RecordStream.ToHost : RecordStream.FromHost);
     this.openData = new RecordOpener(key, controller ? RecordStream.FromHost : RecordStream.ToHost, controller ? "output" : "input");
-    if (controller) this.urgent = new RecordSealer(key, RecordStream.Urgent);
-    else this.openUrgent = new RecordOpener(key, RecordStream.Urgent, "control");
+    if (controller) {
+      this.urgent = new RecordSealer(key, RecordStream.Urgent);
+      // The urgent stream's first record, before anything else can be sealed in it.
+      port.sendUrgent(this.urgent.seal(create(SealedRecordSchema, { start: true }), false));
+    } else {
+      this.openUrgent = new RecordOpener(key, RecordStream.Urgent, "control");
+    }
     // The controller counts a session that its other hop ended "OK" without the host's sealed exit as cut off:
     // an OK close is the proxy's word, the exit is the host's.
     this.ended = port.ended.then((end) =>
@@ -242,7 +271,6 @@ export class SealedPort implements SessionSide {
   start(handlers: SessionHandlers, first?: SessionFrame, keepaliveMs?: number): void {
     this.handlers = handlers;
     this.port.start({ data: (channel, bytes) => this.received(channel, bytes), urgent: (sealed) => this.receivedUrgent(sealed) }, first, keepaliveMs);
-    if (this.urgent) this.port.sendUrgent(this.urgent.seal(create(SealedRecordSchema, { start: true }), false));
   }
 
   sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void): void {
@@ -258,11 +286,14 @@ export class SealedPort implements SessionSide {
   }
 
   sendResize(size: WindowSize): void {
-    this.sendUrgentRecord(create(SealedRecordSchema, { resize: size }));
+    this.urgentWaiting.resize = size;
+    this.sealUrgentSoon();
   }
 
+  /** A signal for the process group; past 8 waiting in one turn, more are dropped (as a terminal's line discipline would merge them). */
   sendSignal(name: string): void {
-    this.sendUrgentRecord(create(SealedRecordSchema, { signal: name }));
+    if (this.urgentWaiting.signals.length < 8) this.urgentWaiting.signals.push(name);
+    this.sealUrgentSoon();
   }
 
   sendEof(): void {
@@ -292,9 +323,21 @@ export class SealedPort implements SessionSide {
     this.port.end(end);
   }
 
-  private sendUrgentRecord(record: SealedRecord): void {
+  private sealUrgentSoon(): void {
     if (!this.urgent) throw new Error("internal: only the controller's side sends urgent records");
-    this.port.sendUrgent(this.urgent.seal(record, false));
+    if (this.urgentScheduled) return;
+    this.urgentScheduled = true;
+    setImmediate(() => {
+      this.urgentScheduled = false;
+      const { resize, signals } = this.urgentWaiting;
+      this.urgentWaiting.resize = undefined;
+      const records = [...(resize ? [create(SealedRecordSchema, { resize })] : []), ...signals.splice(0).map((signal) => create(SealedRecordSchema, { signal }))];
+      // Each says how much of the data stream went before it: the host refuses one held back past later input.
+      for (const r of records) {
+        r.after = BigInt(this.data.count);
+        this.port.sendUrgent(this.urgent!.seal(r, false));
+      }
+    });
   }
 
   private received(channel: SessionChannel, piece: Uint8Array): void {
@@ -342,6 +385,9 @@ export class SealedPort implements SessionSide {
       this.started = true;
       h.start?.();
       return;
+    }
+    if (record.after < BigInt(this.openData.count)) {
+      throw new ConnectError("a sealed control record of the session came after input sealed later than it: it was held back on the way", Code.DataLoss);
     }
     if (record.resize) {
       checkWindowSize(record.resize.cols, record.resize.rows);

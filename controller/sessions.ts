@@ -156,7 +156,7 @@ export class SessionBroker {
     } finally {
       signal.removeEventListener("abort", onAbort);
     }
-    return this.seal(joined, host, sessionId, half, order.controllerKey);
+    return this.seal(joined, host, sessionId, half, order.controllerKey, signal);
   }
 
   /**
@@ -165,10 +165,19 @@ export class SessionBroker {
    * without a key carries the host's refusal, raised as it came; a key whose
    * signature does not hold ends the leg, PERMISSION_DENIED.
    */
-  private async seal(leg: ProxyLeg, host: HostRecord, sessionId: string, half: KeyHalf, controllerKey: Uint8Array): Promise<SealedLeg> {
+  private async seal(leg: ProxyLeg, host: HostRecord, sessionId: string, half: KeyHalf, controllerKey: Uint8Array, signal: AbortSignal): Promise<SealedLeg> {
     if (!leg.key) {
+      // A refusal closes at once. A leg that says nothing more is ended: a proxy must not hold the client (and
+      // its operator's share of sessions) by keeping a key-less leg alive.
       leg.port.start({ data: () => undefined }, leg.first);
-      const end = await leg.port.ended;
+      const giveUp = this.opts.clock.setTimeout(() => leg.port.end({ code: Code.DeadlineExceeded, message: `host ${host.id} answered the session without a key and without a refusal` }), LIMITS.linkHelloMs);
+      const onAbort = () => leg.port.end({ code: Code.Canceled, message: "the client went away before the session opened" });
+      signal.addEventListener("abort", onAbort, { once: true });
+      if (signal.aborted) onAbort();
+      const end = await leg.port.ended.finally(() => {
+        giveUp.cancel();
+        signal.removeEventListener("abort", onAbort);
+      });
       if (end.code !== 0) throw new ConnectError(end.message, end.code);
       throw new PermissionDeniedError(`host ${host.id} answered the session without a key`);
     }

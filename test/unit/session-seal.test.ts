@@ -7,9 +7,13 @@ import { HostKeyVerifier, HostReporter } from "../../common/host-signing.js";
 import { LIMITS } from "../../common/limits.js";
 import { ENDED_OK, relaySession, SessionPort, type SessionEnd } from "../../common/session-port.js";
 import { newKeyHalf, RECORD_DATA_BYTES, RecordAssembler, RecordOpener, RecordSealer, RecordStream, SealedPort, sessionSecret } from "../../common/session-seal.js";
-import { SealedRecordSchema, SessionChannel, SessionExitSchema, SessionFrameSchema, type SessionFrame } from "../../gen/rexmesh/v1/session_pb.js";
+import { SealedRecordSchema, SessionChannel, SessionExitSchema, SessionFrameSchema, SessionSpecSchema, type SessionFrame, type SignedSessionOrder } from "../../gen/rexmesh/v1/session_pb.js";
 import { testCa, testCredentials } from "../test-ca.js";
-import { flush, WiredLink, wire } from "./support.js";
+import { silentLogger } from "../../common/logger.js";
+import { SessionBroker } from "../../controller/sessions.js";
+import type { HostRecord } from "../../controller/model.js";
+import { ProxySessionRequestSchema, type ProxySessionRequest, type ProxySessionResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { counterIds, FakeLink, flush, operator, testSigning, WiredLink, wire } from "./support.js";
 
 type F = { frame?: SessionFrame };
 const W = LIMITS.sessionWindowBytes;
@@ -231,6 +235,94 @@ describe("a session sealed end to end between the controller and the host", () =
     const end = await m.controller.ended;
     expect(end.code).toBe(Code.Unavailable);
     expect(end.message).toMatch(/closed without the host's exit/);
+  });
+});
+
+describe("sealed sessions under a hostile proxy or a bursty client (attack review)", () => {
+  it("does not let a key-less leg kept alive hold the client: it ends within the hello bound, and at once when the client goes", async () => {
+    for (const how of ["silent", "abort"] as const) {
+      const clock = new ManualClock();
+      let order: SignedSessionOrder | undefined;
+      const broker = new SessionBroker({
+        clock,
+        ids: counterIds(),
+        signer: testSigning().signer,
+        log: silentLogger,
+        idleMs: 0,
+        maxMs: 0,
+        hostKeys: { checkSessionKey: () => ({ ok: true }) },
+        portOf: () => ({ name: "px1", region: "eu", sendTask: () => undefined, sendCancel: () => undefined, openSession: (o) => (order = o) }),
+      });
+      const host = { id: "h1", tenant: "acme", region: "eu", proxy: "px1", connected: true, since: 0, labels: {} } as HostRecord;
+      const abort = new AbortController();
+      const opened = broker.open(operator(), host, create(SessionSpecSchema, {}), "s1", abort.signal, { idleMs: 0, maxMs: 0 });
+      opened.catch(() => undefined);
+      expect(order).toBeDefined();
+      const leg = new FakeLink<ProxySessionResponse, ProxySessionRequest>();
+      broker.serveLeg(leg, { role: "proxy", scope: "mesh", id: "px1" }).catch(() => undefined);
+      leg.deliver(create(ProxySessionRequestSchema, { sessionId: "s1" })); // no key, no refusal: only keep-alives follow
+      await flush();
+      if (how === "abort") abort.abort();
+      for (let t = 0; t < LIMITS.linkHelloMs + 2000; t += 1000) {
+        leg.deliver(create(ProxySessionRequestSchema, { frame: create(SessionFrameSchema, {}) }));
+        await flush(2);
+        clock.advance(1000);
+      }
+      await expect(opened).rejects.toThrow(how === "abort" ? /the client went away before the session opened/ : /answered the session without a key and without a refusal/);
+    }
+  });
+
+  it("seals the start first even when the client's opening frame carries a signal, and merges a burst of resizes", async () => {
+    const clock = new ManualClock();
+    const key = agreedKey();
+    const [ctlLegLink, hostLink] = wire<F, F>();
+    const ctlClientLink = new FakeLink<F, F>();
+    const plain = new SessionPort<F, F>(ctlClientLink, { clock, wrap: (frame) => ({ frame }), unwrap: (m) => m.frame, peer: "client", peerSends: "input" });
+    const ctlLeg = new SealedPort(sealedPort(ctlLegLink, clock, "output", "proxy"), key, "controller");
+    const host = new SealedPort(sealedPort(hostLink, clock, "input", "proxy"), key, "host");
+    const seen: string[] = [];
+    host.start({ start: () => seen.push("start"), data: () => undefined, resize: (r) => seen.push(`${r.cols}x${r.rows}`), signal: (x) => seen.push(x) });
+    relaySession(plain, ctlLeg, { client: create(SessionFrameSchema, { signal: "INT" }) }).catch(() => undefined);
+    await flush(5);
+    for (let i = 0; i < 70; i++) ctlClientLink.deliver({ frame: create(SessionFrameSchema, { resize: { cols: 80 + i, rows: 24 } }) });
+    await settle(() => seen.includes("149x24"));
+    expect(seen[0]).toBe("start");
+    expect(seen).toContain("INT");
+    expect(seen.at(-1)).toBe("149x24");
+    expect(seen.length).toBeLessThan(70);
+  });
+
+  it("refuses a signal the proxy held back past input sealed after it", async () => {
+    const clock = new ManualClock();
+    let held: Uint8Array | undefined;
+    let urgent = 0;
+    const m = mesh(clock, {
+      toHost: (f) => {
+        if (f.urgent.length > 0 && ++urgent === 2) {
+          held = f.urgent;
+          f.urgent = new Uint8Array();
+        }
+        if (held && f.data.length > 0) {
+          const late = create(SessionFrameSchema, { urgent: held });
+          held = undefined;
+          return [f, late];
+        }
+        return f;
+      },
+    });
+    const got = record(m);
+    await flush(5);
+    m.controller.sendSignal("INT");
+    await flush(5);
+    m.controller.sendData(SessionChannel.STDIN, Buffer.from("next-command\n"));
+    const end = await m.host.ended;
+    expect(end.code).toBe(Code.DataLoss);
+    expect(end.message).toMatch(/held back on the way/);
+    expect(got.signals).toEqual([]);
+  });
+
+  it("refuses a record too short to be one at once, without copying what follows", () => {
+    expect(() => new RecordAssembler().push(Buffer.alloc(LIMITS.sessionDataBytes))).toThrow(/a sealed session record of 0 bytes \(at least 18\)/);
   });
 });
 
