@@ -21,6 +21,7 @@ const TREE: Record<string, string[]> = {
   completion: ["bash", "zsh"],
   ping: ["--hosts", "--all", "--target", "--timeout", "--json", "--help"],
   shell: ["--tty", "--no-tty", "--help"],
+  forward: ["--help"],
 };
 
 function bash(): string {

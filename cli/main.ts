@@ -15,6 +15,7 @@ operators:
   run        run a command on hosts, stream their output live
   ping       check that hosts answer (no process is started)
   shell      a terminal (or CMD) on one host through the mesh: shell HOST [-- CMD]
+  forward    a local TCP port through one host to an address it reaches: forward HOST LPORT:ADDR:PORT
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them
@@ -37,7 +38,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "shell", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "forward", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -101,6 +102,8 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./ping.js")).pingCommand(rest, io);
     case "shell":
       return (await import("./shell.js")).shellCommand(rest, io);
+    case "forward":
+      return (await import("./forward.js")).forwardCommand(rest, io);
     case "bundle":
       return (await import("./bundle.js")).bundleCommand(rest, io);
     case "controller":

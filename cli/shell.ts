@@ -7,9 +7,10 @@ import { clientFor } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { LIMITS } from "../common/limits.js";
-import { framedPort, SessionEndedError, type SessionEnd } from "../common/session-port.js";
+import type { FrameLink } from "../common/frame-link.js";
+import { framedPort, SessionEndedError, type SessionEnd, type SessionPort } from "../common/session-port.js";
 import { keepaliveOf } from "../common/session-frames.js";
-import { ControllerService, SessionRequestSchema, type SessionRequest, type SessionResponse } from "../gen/rexmesh/v1/controller_pb.js";
+import { ControllerService, SessionRequestSchema, type SessionRequest, type SessionResponse, type SessionStarted } from "../gen/rexmesh/v1/controller_pb.js";
 import { SessionChannel, SessionSpecSchema, type SessionExit, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorChannel } from "./client.js";
@@ -85,22 +86,9 @@ export async function shellCommand(argv: string[], io: Io, term: Terminal = { st
 export async function sessionOnHost(host: string, spec: SessionSpec, connection: Record<string, unknown>, term: Terminal = { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr }): Promise<number> {
   const { stdin, stdout, stderr } = term;
   const tty = spec.tty;
-  const channel = operatorChannel(connection);
-  const client = clientFor(ControllerService, channel);
-  const link = openFrameLink<SessionRequest, SessionResponse>((out, signal) => client.session(out, { signal }), () => undefined);
-  const port = framedPort(link, SessionRequestSchema, {
-    clock: systemClock,
-    peer: "controller",
-    peerSends: "output",
-    lingerMs: 1000,
-  });
+  const { port, link, opening, release } = await dialSession("session", host, spec, connection);
   const cleanups: (() => void)[] = [];
   try {
-    link.send(create(SessionRequestSchema, { open: { hostId: host, spec } }));
-    // The controller answers once the host has joined (it gives up after LIMITS.sessionOpenMs).
-    const opening = await port.opening(LIMITS.sessionOpenMs + 10_000);
-    if (!opening?.started) throw new ConnectError("the controller ended the session before it started", Code.Unavailable);
-
     let exit: SessionExit | undefined;
     let closedByEscape = false;
     port.start(
@@ -184,8 +172,46 @@ export async function sessionOnHost(host: string, spec: SessionSpec, connection:
     return exitStatus(exit);
   } finally {
     runAll(cleanups);
+    release();
+  }
+}
+
+/** A session opened through the controller, started by the host: its port (not started yet), the controller's answer, and the way to let go. */
+export interface DialledSession {
+  port: SessionPort<SessionRequest, SessionResponse>;
+  link: FrameLink<SessionRequest, SessionResponse>;
+  opening: SessionResponse & { started: SessionStarted };
+  /** Ends the session if it still runs (CANCELED) and closes the connection. */
+  release: () => void;
+}
+
+/**
+ * Opens a session (`Session`) or a port forward (`Forward`) on `host` and
+ * waits for the controller's answer, which comes once the host joined (it
+ * gives up after LIMITS.sessionOpenMs); a refusal is raised with its code.
+ */
+export async function dialSession(method: "session" | "forward", host: string, spec: SessionSpec, connection: Record<string, unknown>): Promise<DialledSession> {
+  const channel = operatorChannel(connection);
+  const client = clientFor(ControllerService, channel);
+  const link = openFrameLink<SessionRequest, SessionResponse>((out, signal) => client[method](out, { signal }), () => undefined);
+  const port = framedPort(link, SessionRequestSchema, {
+    clock: systemClock,
+    peer: "controller",
+    peerSends: "output",
+    lingerMs: 1000,
+  });
+  const release = () => {
     port.end({ code: Code.Canceled, message: "the client went away" });
     channel.close();
+  };
+  try {
+    link.send(create(SessionRequestSchema, { open: { hostId: host, spec } }));
+    const opening = await port.opening(LIMITS.sessionOpenMs + 10_000);
+    if (!opening?.started) throw new ConnectError("the controller ended the session before it started", Code.Unavailable);
+    return { port, link, opening: opening as DialledSession["opening"], release };
+  } catch (err) {
+    release();
+    throw err;
   }
 }
 

@@ -159,6 +159,10 @@ export const LIMITS = {
   sessionWindowCells: 4096,
   /** A session's close message; longer ones are cut. */
   sessionMessageChars: 1000,
+  /** Credit a port forward's connection starts with, each way: what one connection holds at either end when its reader stalls. */
+  forwardWindowBytes: 256 * KiB,
+  /** Connections of one port forward open at once. */
+  forwardConnections: 128,
   /** How long a session order is good for: the host opens it before then, the proxy's and the host's legs must join by then. */
   sessionOpenMs: 20_000,
   /** Sessions open at once per host (a host refuses orders beyond). */

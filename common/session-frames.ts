@@ -8,7 +8,7 @@
 import { create } from "@bufbuild/protobuf";
 import { InvalidArgumentError, ResourceExhaustedError } from "./errors.js";
 import { checkBytes, checkCount, LIMITS, preview, truncate } from "./limits.js";
-import { SessionChannel, SessionGrantSchema, type SessionData, type SessionFrame, type SessionGrant, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
+import { SessionChannel, SessionGrantSchema, type SessionConn, type SessionData, type SessionFrame, type SessionGrant, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 
 /** What a peer of a hop may send: the client's side sends input (stdin, resize, signals, eof), the host's side output (stdout, stderr, exit). */
 export type PeerSends = "input" | "output";
@@ -113,8 +113,8 @@ export class ReceiveWindow {
   }
 }
 
-const INPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STDIN]);
-const OUTPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STDOUT, SessionChannel.STDERR]);
+const INPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STDIN, SessionChannel.CONN]);
+const OUTPUT_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.STDOUT, SessionChannel.STDERR, SessionChannel.CONN]);
 const SEALED_CHANNELS: ReadonlySet<SessionChannel> = new Set([SessionChannel.SEALED]);
 /** Sealed bytes of one urgent record at most (a resize or a signal seals to a few dozen). */
 export const URGENT_SEALED_BYTES = 256;
@@ -133,11 +133,12 @@ export function screenFrame(frame: SessionFrame, peerSends: PeerSends, sealed = 
       throw new InvalidArgumentError(sealed ? `plain session data (channel ${d.channel}) on a hop that carries only sealed records` : `session data on channel ${d.channel}, which the ${peerSends === "input" ? "client" : "host"} side does not send`);
     }
     if (d.data.length === 0) throw new InvalidArgumentError("session data item without bytes");
+    if ((d.channel === SessionChannel.CONN) !== (d.conn !== 0)) throw new InvalidArgumentError("session data names a connection exactly when it is on channel CONN");
     checkBytes("a session data item", d.data, LIMITS.sessionDataBytes);
   }
   if (sealed) {
     // Between the controller and the host everything but credit and the close is inside the sealed records.
-    if (frame.resize || frame.signal !== "" || frame.eof || frame.exit) throw new InvalidArgumentError("a plain resize, signal, end of input or exit on a hop that carries only sealed records");
+    if (frame.resize || frame.signal !== "" || frame.eof || frame.exit || frame.conn) throw new InvalidArgumentError("a plain resize, signal, end of input, exit or connection event on a hop that carries only sealed records");
     if (frame.urgent.length > 0 && peerSends !== "input") throw new InvalidArgumentError("urgent session records come only from the controller's side");
     if (frame.urgent.length > URGENT_SEALED_BYTES) throw new InvalidArgumentError(`an urgent session record of ${frame.urgent.length} bytes (at most ${URGENT_SEALED_BYTES})`);
   } else if (frame.urgent.length > 0) {
@@ -154,10 +155,25 @@ export function screenFrame(frame: SessionFrame, peerSends: PeerSends, sealed = 
     if (frame.eof) throw wrongSide("an end of input");
     if (frame.exit && frame.exit.signal.length > 32) throw new InvalidArgumentError("an exit's signal name is longer than 32 characters");
   }
+  if (frame.conn) checkConnEvent(frame.conn, peerSends);
   if (frame.close) {
     if (frame.close.code > 16) throw new InvalidArgumentError(`a session close with code ${frame.close.code}, which is no gRPC code`);
     frame.close.message = truncate(frame.close.message, LIMITS.sessionMessageChars);
   }
+}
+
+/**
+ * An event of a port forward's connection, from a peer on `peerSends`'s
+ * side: a connection id, exactly one thing, an open only from the client's
+ * side; a long reason is cut.
+ */
+export function checkConnEvent(e: SessionConn, peerSends: PeerSends): void {
+  if (e.conn === 0) throw new InvalidArgumentError("a connection event without a connection");
+  const kinds = (e.open ? 1 : 0) + (e.fin ? 1 : 0) + (e.reset !== "" ? 1 : 0) + (e.grant > 0 ? 1 : 0);
+  if (kinds !== 1) throw new InvalidArgumentError("a connection event must say exactly one thing (open, fin, reset or grant)");
+  if (e.open && peerSends !== "input") throw new InvalidArgumentError("connections are opened only from the client's side");
+  if (e.grant > LIMITS.sessionWindowMaxBytes) throw new InvalidArgumentError(`a connection grant of ${e.grant} bytes is larger than ${LIMITS.sessionWindowMaxBytes}`);
+  e.reset = truncate(e.reset, LIMITS.sessionMessageChars);
 }
 
 /** A terminal size within bounds: 1 to LIMITS.sessionWindowCells each way. */
@@ -181,7 +197,16 @@ export function checkSessionSpec(spec: SessionSpec): void {
   if (spec.argv.length > 0 && spec.argv[0] === "") throw new InvalidArgumentError("the session's program is empty");
   if (spec.term.length > LIMITS.sessionTermChars || !TERM.test(spec.term)) throw new InvalidArgumentError(`TERM ${preview(spec.term)} is not a terminal name (letters, digits, . _ + -; at most ${LIMITS.sessionTermChars})`);
   if (spec.tty && spec.window) checkWindowSize(spec.window.cols, spec.window.rows);
+  if (spec.forward) {
+    if (spec.argv.length > 0 || spec.tty) throw new InvalidArgumentError("a port forward runs no program and has no terminal");
+    const { host, port } = spec.forward;
+    if (!FORWARD_HOST.test(host)) throw new InvalidArgumentError(`forward target ${preview(host)} is not an address or a host name`);
+    if (port < 1 || port > 65535) throw new InvalidArgumentError(`forward port ${port} is not 1-65535`);
+  }
 }
+
+/** An IPv4 or IPv6 address or a DNS name, as a forward's target names it. */
+const FORWARD_HOST = /^(?=.{1,253}$)(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$/;
 
 /** A session's keep-alive interval as its order or its start names it: at least a second; 0 (not said) is undefined, the default. */
 export function keepaliveOf(ms: number): number | undefined {

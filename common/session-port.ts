@@ -13,6 +13,7 @@ import {
   SessionDataSchema,
   SessionFrameSchema,
   type SessionChannel,
+  type SessionConn,
   type SessionExit,
   type SessionFrame,
   type WindowSize,
@@ -40,8 +41,14 @@ export const ENDED_OK: SessionEnd = { code: 0, message: "" };
 
 /** What a port hands to its user, in the order it arrived. */
 export interface SessionHandlers {
-  /** Bytes of a channel. The user calls {@link SessionPort.consumed} once it has taken them: only then is credit granted again. */
-  data(channel: SessionChannel, data: Uint8Array): void;
+  /**
+   * Bytes of a channel (`conn`: the connection, on channel CONN; else 0).
+   * The user calls {@link SessionPort.consumed} once it has taken them:
+   * only then is credit granted again.
+   */
+  data(channel: SessionChannel, data: Uint8Array, conn: number): void;
+  /** An event of a port forward's connection, in turn with the data. */
+  conn?(event: SessionConn): void;
   resize?(size: WindowSize): void;
   signal?(name: string): void;
   eof?(): void;
@@ -62,7 +69,9 @@ export interface SessionSide {
   readonly queuedBytes: number;
   start(handlers: SessionHandlers, first?: SessionFrame, keepaliveMs?: number): void;
   whenQueueBelow(bytes: number): Promise<void>;
-  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void): void;
+  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void, conn?: number): void;
+  /** An event of a port forward's connection, in turn with the data. */
+  sendConn(event: SessionConn): void;
   sendResize(size: WindowSize): void;
   sendSignal(name: string): void;
   sendEof(): void;
@@ -111,7 +120,8 @@ export interface SessionPortOptions<Out, In> {
 }
 
 type Queued =
-  | { kind: "data"; channel: SessionChannel; bytes: Uint8Array; onSent?: (n: number) => void }
+  | { kind: "data"; channel: SessionChannel; conn: number; bytes: Uint8Array; onSent?: (n: number) => void }
+  | { kind: "conn"; event: SessionConn }
   | { kind: "eof" }
   | { kind: "exit"; exit: SessionExit }
   | { kind: "close"; end: SessionEnd };
@@ -211,9 +221,9 @@ export class SessionPort<Out, In> implements SessionSide {
   }
 
   /** Queues data; `onSent` is told each part's size as it leaves (a relay consumes the previous hop's data then). */
-  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void): void {
+  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void, conn = 0): void {
     if (this.done || bytes.length === 0) return;
-    this.queue.push({ kind: "data", channel, bytes, onSent });
+    this.queue.push({ kind: "data", channel, conn, bytes, onSent });
     this.queued += bytes.length;
     this.flushSoon();
   }
@@ -242,6 +252,10 @@ export class SessionPort<Out, In> implements SessionSide {
 
   sendEof(): void {
     this.enqueue({ kind: "eof" });
+  }
+
+  sendConn(event: SessionConn): void {
+    this.enqueue({ kind: "conn", event });
   }
 
   sendExit(exit: SessionExit): void {
@@ -299,7 +313,7 @@ export class SessionPort<Out, In> implements SessionSide {
           const n = Math.min(item.bytes.length, this.send.available, LIMITS.sessionDataBytes);
           if (n <= 0) break;
           const offset = this.send.take(n);
-          frame.data.push(create(SessionDataSchema, { channel: item.channel, offset: BigInt(offset), data: item.bytes.subarray(0, n) }));
+          frame.data.push(create(SessionDataSchema, { channel: item.channel, offset: BigInt(offset), data: item.bytes.subarray(0, n), conn: item.conn }));
           item.bytes = item.bytes.subarray(n);
           this.queued -= n;
           if (item.bytes.length === 0) this.queue.shift();
@@ -308,6 +322,7 @@ export class SessionPort<Out, In> implements SessionSide {
         }
         this.queue.shift();
         if (item.kind === "eof") frame.eof = true;
+        else if (item.kind === "conn") frame.conn = item.event;
         else if (item.kind === "exit") frame.exit = item.exit;
         else {
           closing = item.end;
@@ -321,7 +336,7 @@ export class SessionPort<Out, In> implements SessionSide {
       }
       if (this.urgent.signals.length > 0) frame.signal = this.urgent.signals.shift()!;
       if (this.urgent.sealed.length > 0) frame.urgent = this.urgent.sealed.shift()!;
-      const content = frame.data.length > 0 || frame.eof || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "" || frame.urgent.length > 0;
+      const content = frame.data.length > 0 || frame.eof || frame.conn !== undefined || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "" || frame.urgent.length > 0;
       const grant = this.receive.grantDue(content || keepalive);
       if (grant) frame.grant = grant;
       if (!content && !grant && !(keepalive && !sentOne)) break;
@@ -382,12 +397,16 @@ export class SessionPort<Out, In> implements SessionSide {
       this.receive.accept(d);
       // A copy when the bytes are a view into a larger message: what waits for credit downstream must hold its
       // own bytes, not the whole message it came in (up to the transport's 16 MiB) for each byte.
-      h.data(d.channel, d.data.byteLength === d.data.buffer.byteLength ? d.data : d.data.slice());
+      h.data(d.channel, d.data.byteLength === d.data.buffer.byteLength ? d.data : d.data.slice(), d.conn);
     }
     if (frame.eof) {
       if (this.eofTaken) throw new InvalidArgumentError(`the ${this.opts.peer} sent a second end of input`);
       this.eofTaken = true;
       h.eof?.();
+    }
+    if (frame.conn) {
+      if (!h.conn) throw new InvalidArgumentError("a connection event in a session that forwards no port");
+      h.conn(frame.conn);
     }
     if (frame.exit) {
       if (this.exitTaken) throw new InvalidArgumentError(`the ${this.opts.peer} sent a second exit`);
@@ -487,9 +506,13 @@ export function relaySession(client: SessionSide, host: SessionSide, first?: { c
   const input = () => watch?.input();
   client.start(
     {
-      data: (channel, data) => {
+      data: (channel, data, conn) => {
         input();
-        host.sendData(channel, data, (n) => client.consumed(n));
+        host.sendData(channel, data, (n) => client.consumed(n), conn);
+      },
+      conn: (event) => {
+        input();
+        host.sendConn(event);
       },
       resize: (size) => {
         input();
@@ -511,7 +534,8 @@ export function relaySession(client: SessionSide, host: SessionSide, first?: { c
   );
   host.start(
     {
-      data: (channel, data) => client.sendData(channel, data, (n) => host.consumed(n)),
+      data: (channel, data, conn) => client.sendData(channel, data, (n) => host.consumed(n), conn),
+      conn: (event) => client.sendConn(event),
       exit: (e) => {
         exit = e;
         client.sendExit(e);

@@ -32,10 +32,10 @@ import { createCipheriv, createDecipheriv, createPublicKey, diffieHellman, gener
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError } from "./errors.js";
-import { checkWindowSize, isSessionSignal, SESSION_SIGNALS } from "./session-frames.js";
+import { checkConnEvent, checkWindowSize, isSessionSignal, SESSION_SIGNALS } from "./session-frames.js";
 import type { SessionEnd, SessionHandlers, SessionSide } from "./session-port.js";
 import { preview } from "./limits.js";
-import { SealedRecordSchema, SessionChannel, type SealedRecord, type SessionExit, type SessionFrame, type WindowSize } from "../gen/rexmesh/v1/session_pb.js";
+import { SealedRecordSchema, SessionChannel, type SealedRecord, type SessionConn, type SessionExit, type SessionFrame, type WindowSize } from "../gen/rexmesh/v1/session_pb.js";
 
 /** Plain bytes of one data record at most: a relay's credit window (256 KiB) holds many. */
 export const RECORD_DATA_BYTES = 16 * 1024;
@@ -273,10 +273,10 @@ export class SealedPort implements SessionSide {
     this.port.start({ data: (channel, bytes) => this.received(channel, bytes), urgent: (sealed) => this.receivedUrgent(sealed) }, first, keepaliveMs);
   }
 
-  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void): void {
+  sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void, conn = 0): void {
     for (let at = 0; at < bytes.length; at += RECORD_DATA_BYTES) {
       const piece = bytes.subarray(at, Math.min(bytes.length, at + RECORD_DATA_BYTES));
-      const record = this.data.seal(create(SealedRecordSchema, { channel, data: piece }), true);
+      const record = this.data.seal(create(SealedRecordSchema, { channel, data: piece, conn }), true);
       let left = record.length;
       this.port.sendData(SessionChannel.SEALED, record, (n) => {
         left -= n;
@@ -298,6 +298,10 @@ export class SealedPort implements SessionSide {
 
   sendEof(): void {
     this.port.sendData(SessionChannel.SEALED, this.data.seal(create(SealedRecordSchema, { eof: true }), true));
+  }
+
+  sendConn(event: SessionConn): void {
+    this.port.sendData(SessionChannel.SEALED, this.data.seal(create(SealedRecordSchema, { connEvent: event }), true));
   }
 
   sendExit(exit: SessionExit): void {
@@ -352,18 +356,26 @@ export class SealedPort implements SessionSide {
   private take(record: SealedRecord, hop: number): void {
     const h = this.handlers!;
     const fromHost = this.side === "controller";
-    const kinds = (record.data.length > 0 ? 1 : 0) + (record.eof ? 1 : 0) + (record.exit ? 1 : 0) + (record.resize ? 1 : 0) + (record.signal !== "" ? 1 : 0) + (record.start ? 1 : 0);
+    const kinds =
+      (record.data.length > 0 ? 1 : 0) + (record.eof ? 1 : 0) + (record.exit ? 1 : 0) + (record.resize ? 1 : 0) + (record.signal !== "" ? 1 : 0) + (record.start ? 1 : 0) + (record.connEvent ? 1 : 0);
     if (kinds !== 1) throw new InvalidArgumentError("a sealed session record must hold exactly one thing");
     if (!fromHost && !this.started) throw new InvalidArgumentError("session input before the controller started the session");
     if (this.exitSeen || this.eofSeen) throw new InvalidArgumentError(`a sealed session record after the ${this.exitSeen ? "exit" : "end of input"}`);
     if (record.data.length > 0) {
       const ok = fromHost ? record.channel === SessionChannel.STDOUT || record.channel === SessionChannel.STDERR : record.channel === SessionChannel.STDIN;
-      if (!ok) throw new InvalidArgumentError(`sealed session data on channel ${record.channel}, which the ${fromHost ? "host" : "controller"} does not send`);
+      if (!ok && record.channel !== SessionChannel.CONN) throw new InvalidArgumentError(`sealed session data on channel ${record.channel}, which the ${fromHost ? "host" : "controller"} does not send`);
+      if ((record.channel === SessionChannel.CONN) !== (record.conn !== 0)) throw new InvalidArgumentError("sealed session data names a connection exactly when it is on channel CONN");
       this.unconsumed.push({ plain: record.data.length, hop });
-      h.data(record.channel, record.data);
+      h.data(record.channel, record.data, record.conn);
       return;
     }
     this.port.consumed(hop);
+    if (record.connEvent) {
+      checkConnEvent(record.connEvent, fromHost ? "output" : "input");
+      if (!h.conn) throw new InvalidArgumentError("a connection event in a session that forwards no port");
+      h.conn(record.connEvent);
+      return;
+    }
     if (record.eof && !fromHost) {
       this.eofSeen = true;
       h.eof?.();

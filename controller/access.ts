@@ -145,17 +145,19 @@ export class OperatorAccess {
    */
   async openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: { idleMs?: number; maxMs?: number } }> {
     const what = `session ${sessionId}: ${describeSession(spec)}`;
+    // A port forward is a session too, under an action of its own: the RPC it came by was declared with it.
+    const action = spec.forward ? "forward" : "session";
     try {
-      this.holds(caller, "session");
+      this.holds(caller, action);
       checkChars("host_id", hostId, LIMITS.idChars);
       checkSessionSpec(spec);
       const host = this.hostFor(caller.scope, hostId);
-      const role = this.deps.authz.require(caller, { action: "session", host, argv: spec.argv });
+      const role = this.deps.authz.require(caller, spec.forward ? { action: "forward", host, to: spec.forward } : { action: "session", host, argv: spec.argv });
       if (!this.knowsHost(caller, hostId)) throw new NotFoundError(`host ${JSON.stringify(hostId)} not found`);
-      await this.record(caller, "session", { decision: "allowed", reason: `role ${role}` }, { what, hostIds: [hostId] });
+      await this.record(caller, action, { decision: "allowed", reason: `role ${role}` }, { what, hostIds: [hostId] });
       return { host, limits: this.deps.authz.sessionLimits(role) };
     } catch (err) {
-      await this.record(caller, "session", refusal(err), { what, hostIds: [hostId] });
+      await this.record(caller, action, refusal(err), { what, hostIds: [hostId] });
       throw err;
     }
   }
@@ -536,6 +538,7 @@ function quoteArg(a: string): string {
 
 /** What a session runs, for the audit log. */
 export function describeSession(spec: SessionSpec): string {
+  if (spec.forward) return `port forward to ${spec.forward.host.includes(":") ? `[${spec.forward.host}]` : spec.forward.host}:${spec.forward.port}`;
   const program = spec.argv.length === 0 ? "login shell" : spec.argv.map(quoteArg).join(" ");
   return `${program}${spec.tty ? " (tty)" : ""}`;
 }

@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import type { ServiceImpl } from "@connectrpc/connect";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { grantedPeer } from "../common/connect-server.js";
 import {
   AuditDecision,
@@ -19,6 +19,7 @@ import {
   type AuditEvent,
   type Document,
   type PlannedTask,
+  type SessionRequest,
   type Host,
   type Job,
   type Task,
@@ -138,6 +139,13 @@ function taskToProto(t: TaskRecord, steps?: Step[]): Task {
  * OperatorAccess; the work is done by the job manager.
  */
 export function controllerServiceImpl(deps: { jobs: JobManager; access: OperatorAccess; sessions?: SessionBroker; revoked?: (host: HostRecord) => string | undefined }): ServiceImpl<typeof ControllerService> {
+  /** Session and Forward: one broker, each RPC for its own kind of session. */
+  const serveSession = (requests: AsyncIterable<SessionRequest>, ctx: HandlerContext, kind: "session" | "forward") => {
+    const sessions = deps.sessions;
+    if (!sessions) throw new FailedPreconditionError("sessions are off at this controller: it serves them (and port forwards) when started with --sessions (read docs/sessions.md, Known gaps, first)");
+    const caller = grantedPeer(ctx);
+    return serveFrameLink(requests, ctx, (link: ClientSessionLink) => sessions.serveClient(link, caller, deps.access, ctx.signal, kind));
+  };
   const { jobs, access } = deps;
   const host = (h: HostRecord) => hostToProto(h, deps.revoked?.(h));
   return {
@@ -212,10 +220,10 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
       return { job: jobToProto(job, jobs.tasksOf(job)) };
     },
     session(requests, ctx) {
-      const sessions = deps.sessions;
-      if (!sessions) throw new FailedPreconditionError("sessions are off at this controller: it serves them when started with --sessions (read docs/sessions.md, Known gaps, first)");
-      const caller = grantedPeer(ctx);
-      return serveFrameLink(requests, ctx, (link: ClientSessionLink) => sessions.serveClient(link, caller, access, ctx.signal));
+      return serveSession(requests, ctx, "session");
+    },
+    forward(requests, ctx) {
+      return serveSession(requests, ctx, "forward");
     },
     async *watchJob(req, ctx) {
       const { job, tasks } = await access.getJob(grantedPeer(ctx), req.jobId, `watch job ${req.jobId}`);

@@ -38,7 +38,7 @@ const MESH_ACTIONS = ["revoke.proxy"] as const;
  * before sessions existed, with `"*"` and a narrow `commands` list, must not
  * start granting shells.
  */
-const NAMED_ACTIONS = ["session"] as const;
+const NAMED_ACTIONS = ["session", "forward"] as const;
 const ACTIONS = [...TENANT_ACTIONS, ...NAMED_ACTIONS, ...MESH_ACTIONS] as const;
 export type Action = (typeof ACTIONS)[number];
 
@@ -119,6 +119,8 @@ export interface RoleDef {
   tools: ReadonlySet<Tool>;
   /** Globs of protected environment variables this role may set. */
   env: readonly string[];
+  /** Where a port forward (action forward) may go; absent: the host's loopback only. */
+  forwardTo?: readonly ForwardTarget[];
   /** Sessions this role opens end after this long without input, and after this long in all (absent: the controller's defaults; 0: none). */
   sessionIdleMs?: number;
   sessionMaxMs?: number;
@@ -144,7 +146,9 @@ export type AccessRequest =
   | { action: "label"; before: HostRecord; after: HostRecord }
   /** An interactive session on one host: `argv` empty for the login shell. */
   | { action: "session"; host: HostRecord; argv: readonly string[] }
-  | { action: Exclude<Action, "submit" | "label" | "session">; hosts?: readonly HostRecord[]; allHosts?: boolean; what?: string };
+  /** A port forward through one host to an address as that host reaches it. */
+  | { action: "forward"; host: HostRecord; to: { host: string; port: number } }
+  | { action: Exclude<Action, "submit" | "label" | "session" | "forward">; hosts?: readonly HostRecord[]; allHosts?: boolean; what?: string };
 
 export type Decision = { allowed: true; role: string } | { allowed: false; reason: string };
 
@@ -176,7 +180,7 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     const where = `roles.${name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) fail(where, "a role name uses letters, digits, '.', '_' or '-'");
     const r = record(raw, where, fail);
-    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env", "sessionIdle", "sessionMax"], where, fail);
+    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env", "sessionIdle", "sessionMax", "forwardTo"], where, fail);
     if (typeof r.hosts !== "string") return fail(`${where}.hosts`, 'is required: a host query the role\'s hosts must match ("all" for every host of the tenant)');
     let hosts: Query;
     try {
@@ -206,7 +210,8 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     const env = stringList(r.env ?? [], `${where}.env`, fail);
     const sessionIdleMs = sessionLimit(r.sessionIdle, `${where}.sessionIdle`, fail);
     const sessionMaxMs = sessionLimit(r.sessionMax, `${where}.sessionMax`, fail);
-    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env, sessionIdleMs, sessionMaxMs });
+    const forwardTo = r.forwardTo === undefined ? undefined : stringList(r.forwardTo, `${where}.forwardTo`, fail).map((t, i) => forwardTarget(t, `${where}.forwardTo[${i}]`, fail));
+    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env, sessionIdleMs, sessionMaxMs, forwardTo });
   }
   const bindings = new Map<string, string[]>();
   for (const [who, raw] of Object.entries(record(doc.bindings ?? {}, "bindings", fail))) {
@@ -223,6 +228,20 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
 }
 
 type Fail = (where: string, problem: string) => never;
+
+/** A target a role may forward to: a glob of the address or name, and a port or "*". */
+export interface ForwardTarget {
+  host: string;
+  port: string;
+  source: string;
+}
+
+/** "HOST:PORT", "[V6]:PORT", with globs in HOST and "*" for any port. */
+function forwardTarget(text: string, where: string, fail: Fail): ForwardTarget {
+  const m = /^(?:\[([0-9A-Fa-f:.*?]+)\]|([A-Za-z0-9.*?_-]+)):(\*|\d{1,5})$/.exec(text);
+  if (!m || (m[3] !== "*" && (Number(m[3]) < 1 || Number(m[3]) > 65535))) return fail(where, `${JSON.stringify(text)} is not HOST:PORT (a name or address, globs allowed, [v6]:PORT; the port 1-65535 or "*")`);
+  return { host: (m[1] ?? m[2])!.toLowerCase(), port: m[3]!, source: text };
+}
 
 /** The longest session limit a policy may set (it travels in milliseconds in a 32-bit field). */
 export const SESSION_LIMIT_MAX_MS = 30 * 86_400_000;
@@ -307,6 +326,8 @@ function decideUnsafe(policy: Policy | undefined, caller: PeerIdentity, req: Acc
       return decideLabel(who, roles, withAction, req.before, req.after);
     case "session":
       return decideSession(who, withAction, req.host, req.argv);
+    case "forward":
+      return decideForward(who, withAction, req.host, req.to);
     default:
       if (req.allHosts) return decideOnAllHosts(who, req.action, withAction, req.what);
       return req.hosts ? decideOnHosts(who, req.action, withAction, req.hosts) : { allowed: true, role: withAction[0]!.name };
@@ -397,6 +418,25 @@ function decideSession(who: string, roles: RoleDef[], host: HostRecord, argv: re
   }
   if (fit.length === 0) return { allowed: false, reason: `${who} may not open this session: ${refusal ?? "no role allows it"} (roles: ${names(roles)})` };
   return decideOnHosts(who, "session", fit, [host]);
+}
+
+/** Where a role forwards to when it names nothing: the host's own loopback, any port. */
+const LOOPBACK_TARGETS: readonly ForwardTarget[] = ["127.0.0.1", "::1", "localhost"].map((h) => ({ host: h, port: "*", source: `${h}:*` }));
+
+/**
+ * A port forward is allowed by a role that names `forward`, covers the host
+ * and lists the target in `forwardTo` (by default the host's loopback only).
+ * Targets are compared as written, not resolved: "localhost" is allowed by
+ * "localhost:*", not by "127.0.0.1:*".
+ */
+function decideForward(who: string, roles: RoleDef[], host: HostRecord, to: { host: string; port: number }): Decision {
+  const target = `${to.host.includes(":") ? `[${to.host}]` : to.host}:${to.port}`;
+  const fit = roles.filter((r) => (r.forwardTo ?? LOOPBACK_TARGETS).some((t) => globMatch(t.host, to.host.toLowerCase()) && (t.port === "*" || t.port === String(to.port))));
+  if (fit.length === 0) {
+    const allowed = [...new Set(roles.flatMap((r) => (r.forwardTo ?? LOOPBACK_TARGETS).map((t) => t.source)))];
+    return { allowed: false, reason: `${who} may not forward to ${target}: no role lists it in forwardTo (allowed: ${allowed.join(", ")}; roles: ${names(roles)})` };
+  }
+  return decideOnHosts(who, "forward", fit, [host]);
 }
 
 /**

@@ -50,6 +50,7 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     listDocuments: inTenant("read"),
     // The host is in the stream's first message: decided and audited by controller/access.ts (openSession).
     session: onResolvedHosts("session"),
+    forward: onResolvedHosts("forward"),
   })
   .service(TokenService, {
     // A token bound to a host id is decided on that host. An unbound one lets any new host id join the tenant,

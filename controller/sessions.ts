@@ -205,7 +205,7 @@ export class SessionBroker {
    * (authorized and audited by `access`), the proxy's leg is ordered and
    * joined to it, and the end is audited with how it ended.
    */
-  async serveClient(link: ClientSessionLink, caller: PeerIdentity, access: SessionAccess, signal: AbortSignal): Promise<void> {
+  async serveClient(link: ClientSessionLink, caller: PeerIdentity, access: SessionAccess, signal: AbortSignal, kind: "session" | "forward" = "session"): Promise<void> {
     const client = framedPort(link, SessionResponseSchema, {
       clock: this.opts.clock,
       peer: "client",
@@ -218,6 +218,8 @@ export class SessionBroker {
     if (!opening.open) throw new InvalidArgumentError("the first message of a session must open it (open)");
     const { hostId } = opening.open;
     const spec = opening.open.spec ?? create(SessionSpecSchema);
+    if (kind === "forward" && !spec.forward) throw new InvalidArgumentError("a port forward names its target (spec.forward)");
+    if (kind === "session" && spec.forward) throw new InvalidArgumentError("a port forward is opened with Forward, not Session");
     const release = this.perOperator.acquire(formatIdentity(caller));
     try {
       const sessionId = this.opts.ids("s");

@@ -1,7 +1,7 @@
 import { setMaxListeners } from "node:events";
 import { readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { readCredentials, type CredentialPaths, type Credentials } from "../certs/files.js";
+import { readCredentials, type CredentialPaths } from "../certs/files.js";
 import { identityFromCertificate, requireRole } from "../certs/identity.js";
 import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";

@@ -11,8 +11,8 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
-import type { Clock } from "../common/clock.js";
-import { RexmeshError } from "../common/errors.js";
+import type { Clock, Timer } from "../common/clock.js";
+import { InvalidArgumentError, RexmeshError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
@@ -21,7 +21,9 @@ import { checkSessionSpec, keepaliveOf } from "../common/session-frames.js";
 import { ENDED_OK, framedPort, type SessionEnd } from "../common/session-port.js";
 import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
 import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
-import type { SessionKey, SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import { SessionChannel, type SessionForward, type SessionKey, type SessionOrder, type SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import { connect } from "node:net";
+import { ForwardMux } from "../common/session-forward.js";
 import type { HostReporter } from "../common/host-signing.js";
 import { newKeyHalf, SealedPort, sessionSecret } from "../common/session-seal.js";
 import { sessionEnv, startSessionProcess, type SessionProcess } from "./session-process.js";
@@ -141,15 +143,15 @@ export class SessionHost {
    * output; a leg that ends first ends the process group.
    */
   private join(leg: SealedPort, order: SessionOrder, log: Logger): void {
+    if (order.spec!.forward) {
+      this.joinForward(leg, order, order.spec!.forward, log);
+      return;
+    }
     const sessionId = order.sessionId;
     let proc: SessionProcess | undefined;
     let exited = false;
     let paused = false;
-    const notAfter = order.notAfter ? timestampMs(order.notAfter) : 0;
-    const joinBy = this.opts.clock.setTimeout(
-      () => leg.end({ code: Code.DeadlineExceeded, message: "the controller did not start the session in time: its proxy never joined it" }),
-      Math.max(0, notAfter - this.opts.clock.now()),
-    );
+    const joinBy = this.startBy(leg, order);
     const startProcess = () => {
       joinBy.cancel();
       try {
@@ -189,7 +191,10 @@ export class SessionHost {
     // Input, resizes and signals come only after the start (the sealed port refuses them before).
     leg.start({
       start: startProcess,
-      data: (_channel, data) => proc?.write(data, () => leg.consumed(data.length)),
+      data: (channel, data) => {
+        if (channel !== SessionChannel.STDIN) throw new InvalidArgumentError(`a session's process takes stdin only, not channel ${channel}`);
+        proc?.write(data, () => leg.consumed(data.length));
+      },
       resize: (size) => proc?.resize(size.cols, size.rows),
       signal: (name) => proc?.signal(name),
       eof: () => proc?.endInput(),
@@ -204,6 +209,46 @@ export class SessionHost {
           proc.kill(this.killGraceMs, this.opts.clock);
         }
         this.endLeftovers(sessionId, log);
+      })
+      .catch(() => undefined);
+  }
+
+  /** Ends a leg whose controller has not started it by the order's expiry: a proxy that never joined gets nothing. */
+  private startBy(leg: SealedPort, order: SessionOrder): Timer {
+    const notAfter = order.notAfter ? timestampMs(order.notAfter) : 0;
+    return this.opts.clock.setTimeout(
+      () => leg.end({ code: Code.DeadlineExceeded, message: "the controller did not start the session in time: its proxy never joined it" }),
+      Math.max(0, notAfter - this.opts.clock.now()),
+    );
+  }
+
+  /**
+   * A port forward (docs/sessions.md): once started, each connection the
+   * client opens is dialled to the order's target from this host; the
+   * connections end with the session.
+   */
+  private joinForward(leg: SealedPort, order: SessionOrder, to: SessionForward, log: Logger): void {
+    const joinBy = this.startBy(leg, order);
+    let mux: ForwardMux | undefined;
+    const started = () => {
+      if (!mux) throw new InvalidArgumentError("connections before the session started");
+      return mux.handlers();
+    };
+    leg.start({
+      start: () => {
+        joinBy.cancel();
+        mux = new ForwardMux({ side: leg, log, dial: () => connect({ host: to.host, port: to.port, allowHalfOpen: true }) });
+        log.info("port forward started", { operator: order.operator, to: `${to.host}:${to.port}` });
+      },
+      data: (channel, data, conn) => started().data(channel, data, conn),
+      conn: (event) => started().conn!(event),
+    });
+    leg.ended
+      .then((end) => {
+        joinBy.cancel();
+        this.open.delete(order.sessionId);
+        log.info("port forward ended", { connections: mux?.opened ?? 0, code: end.code === 0 ? "OK" : Code[end.code], reason: end.message });
+        mux?.close();
       })
       .catch(() => undefined);
   }

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import http2 from "node:http2";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -19,7 +19,7 @@ import { TokenService } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService, ProxyStreamRequestSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { StepSchema, TaskState, TaskStatusSchema, type Step } from "../../gen/rexmesh/v1/task_pb.js";
-import { collectJob, tempDir } from "./support.js";
+import { collectJob, tempDir, writePolicy } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -31,9 +31,8 @@ import { testCa } from "../test-ca.js";
  */
 describe("authorization boundary under attack", () => {
   const work = tempDir("authz-attacks");
-  const policyFile = join(work, "policy.yaml");
-  writeFileSync(
-    policyFile,
+  const policyFile = writePolicy(
+    work,
     `
 roles:
   admin:

@@ -1,4 +1,4 @@
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -14,7 +14,7 @@ import { requestEnrollment } from "../../daemon/enroll.js";
 import { EnrollRequestSchema } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { hostileCsr } from "../unit/hostile-csr.js";
-import { rexmesh, tempDir } from "./support.js";
+import { rexmesh, tempDir, writePolicy } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 const INVALID_ARGUMENT = 3;
@@ -30,9 +30,8 @@ const UNAUTHENTICATED = 16;
  */
 describe("enrollment hardening", () => {
   const work = tempDir("enroll-hardening");
-  const policyFile = join(work, "policy.yaml");
-  writeFileSync(
-    policyFile,
+  const policyFile = writePolicy(
+    work,
     `
 roles:
   admin: { hosts: all, actions: ["*"], commands: ["*"], shell: true }

@@ -1,5 +1,4 @@
 import { gzipSync } from "node:zlib";
-import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { create, fromBinary, type DescMessage, type DescMethod, type MessageShape } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
@@ -22,7 +21,7 @@ import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { Prng } from "../../chaos/prng.js";
 import { encode, MISTYPED_FIELDS, randomMessage, seedOf, withUnknownField } from "./fuzz-input.js";
 import { envelope, RawGrpcClient, type Outcome, type RawCall } from "./raw-grpc.js";
-import { isAlive, tempDir } from "./support.js";
+import { isAlive, tempDir, writePolicy } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -149,11 +148,10 @@ interface Case {
 
 describe("RPC fuzz: malformed input at every public and link RPC", () => {
   const work = tempDir("rpc-fuzz");
-  const policyFile = join(work, "policy.yaml");
   // The fuzzing operator may call everything in its tenant, but run nothing but uptime and pings: a random
   // request that resolves to a real host runs nothing harmful.
-  writeFileSync(
-    policyFile,
+  const policyFile = writePolicy(
+    work,
     `
 roles:
   admin: { hosts: all, actions: ["*"], commands: ["*"], tools: ["*"] }

@@ -8,7 +8,7 @@ import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import type { CredentialPaths } from "../../certs/files.js";
 import { AuditDecision } from "../../gen/rexmesh/v1/controller_pb.js";
 import { LIMITS } from "../../common/limits.js";
-import { isAlive, rexmesh, tempDir, until } from "./support.js";
+import { isAlive, rexmesh, tempDir, until, writePolicy } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -18,9 +18,8 @@ import { testCa } from "../test-ca.js";
  */
 describe("rexmesh shell through the mesh", () => {
   const work = tempDir("shell");
-  const policyFile = join(work, "policy.yaml");
-  writeFileSync(
-    policyFile,
+  const policyFile = writePolicy(
+    work,
     `
 roles:
   admin:

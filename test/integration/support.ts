@@ -1,6 +1,6 @@
 import { spawn } from "node:child_process";
 import { constants as osConstants } from "node:os";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Client } from "@connectrpc/connect";
@@ -107,3 +107,10 @@ export function rexmesh(args: string[], env: Record<string, string> = {}, input 
 
 /** The relay the fault tests cut links with (stop, restore, close); more faults in chaos/tcp-relay.ts. */
 export { TcpRelay as SilentCut } from "../../chaos/tcp-relay.js";
+
+/** Writes a policy file (YAML) into `dir`; returns its path, for the controller's --policy. */
+export function writePolicy(dir: string, yaml: string): string {
+  const file = join(dir, "policy.yaml");
+  writeFileSync(file, yaml);
+  return file;
+}

@@ -42,6 +42,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/GetDocument": "operator read (tenant)",
       "rexmesh.v1.ControllerService/ListDocuments": "operator read (tenant)",
       "rexmesh.v1.ControllerService/Session": "operator session (hosts resolved)",
+      "rexmesh.v1.ControllerService/Forward": "operator forward (hosts resolved)",
       "rexmesh.v1.TokenService/CreateJoinToken": "operator token (hosts named)",
       "rexmesh.v1.RevocationService/Revoke": "operator revoke | revoke.operator | revoke.proxy | token (hosts resolved)",
       "rexmesh.v1.RevocationService/ListRevoked": "operator read (tenant)",

@@ -4,6 +4,7 @@ import { Code } from "@connectrpc/connect";
 import { describe, expect, it } from "vitest";
 import { EscapeScanner } from "../../cli/shell-escape.js";
 import { exitStatus } from "../../cli/shell.js";
+import { parseForward } from "../../cli/forward.js";
 import { ManualClock } from "../../common/clock.js";
 import { InvalidArgumentError, ResourceExhaustedError } from "../../common/errors.js";
 import type { FrameLink } from "../../common/frame-link.js";
@@ -25,7 +26,7 @@ import {
   type SessionFrame,
 } from "../../gen/rexmesh/v1/session_pb.js";
 import { SignedTaskSchema } from "../../gen/rexmesh/v1/task_pb.js";
-import { FakeLink, flush, operator, taskSpec, testSigning, testVerifier, wire } from "./support.js";
+import { flush, operator, taskSpec, testSigning, testVerifier, wire } from "./support.js";
 
 const W = LIMITS.sessionWindowBytes;
 const data = (offset: number, bytes: number, channel = SessionChannel.STDOUT) => create(SessionDataSchema, { channel, offset: BigInt(offset), data: new Uint8Array(bytes) });
@@ -325,6 +326,36 @@ bindings:
   acme/top: tops
 `);
 
+  it("allows a port forward only to the role's forwardTo, the host's loopback by default; \"*\" does not grant it", () => {
+    const p = parsePolicy(`
+roles:
+  star: { hosts: all, actions: ["*"] }
+  local: { hosts: all, actions: [forward] }
+  db: { hosts: role=db, actions: [forward], forwardTo: ["db-*.internal:5432", "[fd00::1]:*"] }
+bindings:
+  acme/star: star
+  acme/local: local
+  acme/db: db
+`);
+    const h1 = host("h1");
+    const dbHost = host("d1", { role: "db" });
+    const fwd = (who: string, h: HostRecord, to: string, port: number) => decide(p, operator("acme", who), { action: "forward", host: h, to: { host: to, port } });
+    expect(fwd("star", h1, "127.0.0.1", 80).allowed).toBe(false);
+    expect(fwd("local", h1, "127.0.0.1", 80).allowed).toBe(true);
+    expect(fwd("local", h1, "::1", 443).allowed).toBe(true);
+    expect(fwd("local", h1, "LOCALHOST", 8080).allowed).toBe(true);
+    const far = fwd("local", h1, "10.0.0.5", 80);
+    expect(far).toEqual({ allowed: false, reason: expect.stringMatching(/may not forward to 10\.0\.0\.5:80: no role lists it in forwardTo \(allowed: 127\.0\.0\.1:\*, ::1:\*, localhost:\*; roles: local\)/) as unknown as string });
+    expect(fwd("db", dbHost, "db-3.internal", 5432).allowed).toBe(true);
+    expect(fwd("db", dbHost, "db-3.internal", 5433).allowed).toBe(false);
+    expect(fwd("db", dbHost, "fd00::1", 9).allowed).toBe(true);
+    expect(fwd("db", dbHost, "127.0.0.1", 5432).allowed).toBe(false);
+    // The role's hosts still decide: a db target through a host the role does not cover.
+    expect(fwd("db", h1, "db-3.internal", 5432).allowed).toBe(false);
+    expect(() => parsePolicy("roles: { r: { hosts: all, forwardTo: ['db:70000'] } }")).toThrow(/is not HOST:PORT/);
+    expect(() => parsePolicy("roles: { r: { hosts: all, forwardTo: ['no-port'] } }")).toThrow(/is not HOST:PORT/);
+  });
+
   it("takes idle and maximum limits per role, and refuses ones that are not durations or longer than 30 days", () => {
     const p = parsePolicy(`
 roles:
@@ -356,6 +387,15 @@ roles:
     expect(decide(policy, operator("acme", "top"), { action: "session", host: host("h1"), argv: ["/usr/bin/../../bin/sh"] })).toMatchObject({ allowed: false, reason: expect.stringMatching(/not a normalized absolute path/) });
     // Without a policy every operator may, within its tenant.
     expect(decide(undefined, operator("acme", "anyone"), { action: "session", host: host("h1"), argv: [] })).toMatchObject({ allowed: true });
+  });
+});
+
+describe("rexmesh forward", () => {
+  it("reads [LOCAL_ADDR:]LOCAL_PORT:REMOTE_ADDR:REMOTE_PORT, IPv6 in brackets", () => {
+    expect(parseForward("8080:localhost:80")).toEqual({ localHost: "127.0.0.1", localPort: 8080, remoteHost: "localhost", remotePort: 80 });
+    expect(parseForward("0.0.0.0:0:10.0.0.5:5432")).toEqual({ localHost: "0.0.0.0", localPort: 0, remoteHost: "10.0.0.5", remotePort: 5432 });
+    expect(parseForward("[::1]:8443:[fd00::1]:443")).toEqual({ localHost: "::1", localPort: 8443, remoteHost: "fd00::1", remotePort: 443 });
+    for (const bad of ["80", "80:host", "x:80:host:80:9", "8080:host:0", "8080:host:65536", "99999:host:80", "8080::80", "[::1:80:h:80"]) expect(() => parseForward(bad), bad).toThrow(/is not \[LOCAL_ADDR:\]LOCAL_PORT/);
   });
 });
 

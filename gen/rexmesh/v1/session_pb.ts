@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/session.proto.
  */
 export const file_rexmesh_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXhtZXNoL3YxL3Nlc3Npb24ucHJvdG8SCnJleG1lc2gudjEiXgoLU2Vzc2lvblNwZWMSDAoEYXJndhgBIAMoCRILCgN0dHkYAiABKAgSDAoEdGVybRgDIAEoCRImCgZ3aW5kb3cYBCABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUiKAoKV2luZG93U2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iWAoLU2Vzc2lvbkRhdGESKwoHY2hhbm5lbBgBIAEoDjIaLnJleG1lc2gudjEuU2Vzc2lvbkNoYW5uZWwSDgoGb2Zmc2V0GAIgASgEEgwKBGRhdGEYAyABKAwiKwoMU2Vzc2lvbkdyYW50EgsKA2FjaxgBIAEoBBIOCgZ3aW5kb3cYAiABKA0iOQoLU2Vzc2lvbkV4aXQSEQoEY29kZRgBIAEoBUgAiAEBEg4KBnNpZ25hbBgCIAEoCUIHCgVfY29kZSItCgxTZXNzaW9uQ2xvc2USDAoEY29kZRgBIAEoDRIPCgdtZXNzYWdlGAIgASgJIoMCCgxTZXNzaW9uRnJhbWUSJQoEZGF0YRgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkRhdGESJwoFZ3JhbnQYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25HcmFudBImCgZyZXNpemUYAyABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUSDgoGc2lnbmFsGAQgASgJEgsKA2VvZhgFIAEoCBIlCgRleGl0GAYgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uRXhpdBInCgVjbG9zZRgHIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkNsb3NlEg4KBnVyZ2VudBgIIAEoDCLTAQoMU2VhbGVkUmVjb3JkEisKB2NoYW5uZWwYASABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGRhdGEYAiABKAwSCwoDZW9mGAMgASgIEiUKBGV4aXQYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25FeGl0EiYKBnJlc2l6ZRgFIAEoCzIWLnJleG1lc2gudjEuV2luZG93U2l6ZRIOCgZzaWduYWwYBiABKAkSDQoFc3RhcnQYByABKAgSDQoFYWZ0ZXIYCCABKAQiSgoKU2Vzc2lvbktleRISCgpwdWJsaWNfa2V5GAEgASgMEhUKDXJlcG9ydF9rZXlfaWQYAiABKAkSEQoJc2lnbmF0dXJlGAMgASgMIosCCgxTZXNzaW9uT3JkZXISEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdob3N0X2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIlCgRzcGVjGAQgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uU3BlYxIQCghvcGVyYXRvchgFIAEoCRItCglub3RfYWZ0ZXIYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDGtlZXBhbGl2ZV9tcxgHIAEoDRIWCg5jb250cm9sbGVyX2tleRgIIAEoDBIXCg9pZGxlX3RpbWVvdXRfbXMYCSABKA0SFwoPbWF4X2R1cmF0aW9uX21zGAogASgNIkYKElNpZ25lZFNlc3Npb25PcmRlchINCgVvcmRlchgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJKqABCg5TZXNzaW9uQ2hhbm5lbBIfChtTRVNTSU9OX0NIQU5ORUxfVU5TUEVDSUZJRUQQABIZChVTRVNTSU9OX0NIQU5ORUxfU1RESU4QARIaChZTRVNTSU9OX0NIQU5ORUxfU1RET1VUEAISGgoWU0VTU0lPTl9DSEFOTkVMX1NUREVSUhADEhoKFlNFU1NJT05fQ0hBTk5FTF9TRUFMRUQQBGIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXhtZXNoL3YxL3Nlc3Npb24ucHJvdG8SCnJleG1lc2gudjEiiwEKC1Nlc3Npb25TcGVjEgwKBGFyZ3YYASADKAkSCwoDdHR5GAIgASgIEgwKBHRlcm0YAyABKAkSJgoGd2luZG93GAQgASgLMhYucmV4bWVzaC52MS5XaW5kb3dTaXplEisKB2ZvcndhcmQYBSABKAsyGi5yZXhtZXNoLnYxLlNlc3Npb25Gb3J3YXJkIiwKDlNlc3Npb25Gb3J3YXJkEgwKBGhvc3QYASABKAkSDAoEcG9ydBgCIAEoDSIoCgpXaW5kb3dTaXplEgwKBGNvbHMYASABKA0SDAoEcm93cxgCIAEoDSJmCgtTZXNzaW9uRGF0YRIrCgdjaGFubmVsGAEgASgOMhoucmV4bWVzaC52MS5TZXNzaW9uQ2hhbm5lbBIOCgZvZmZzZXQYAiABKAQSDAoEZGF0YRgDIAEoDBIMCgRjb25uGAQgASgNIlQKC1Nlc3Npb25Db25uEgwKBGNvbm4YASABKA0SDAoEb3BlbhgCIAEoCBILCgNmaW4YAyABKAgSDQoFcmVzZXQYBCABKAkSDQoFZ3JhbnQYBSABKA0iKwoMU2Vzc2lvbkdyYW50EgsKA2FjaxgBIAEoBBIOCgZ3aW5kb3cYAiABKA0iOQoLU2Vzc2lvbkV4aXQSEQoEY29kZRgBIAEoBUgAiAEBEg4KBnNpZ25hbBgCIAEoCUIHCgVfY29kZSItCgxTZXNzaW9uQ2xvc2USDAoEY29kZRgBIAEoDRIPCgdtZXNzYWdlGAIgASgJIqoCCgxTZXNzaW9uRnJhbWUSJQoEZGF0YRgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkRhdGESJwoFZ3JhbnQYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25HcmFudBImCgZyZXNpemUYAyABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUSDgoGc2lnbmFsGAQgASgJEgsKA2VvZhgFIAEoCBIlCgRleGl0GAYgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uRXhpdBInCgVjbG9zZRgHIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkNsb3NlEg4KBnVyZ2VudBgIIAEoDBIlCgRjb25uGAkgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uQ29ubiKOAgoMU2VhbGVkUmVjb3JkEisKB2NoYW5uZWwYASABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGRhdGEYAiABKAwSCwoDZW9mGAMgASgIEiUKBGV4aXQYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25FeGl0EiYKBnJlc2l6ZRgFIAEoCzIWLnJleG1lc2gudjEuV2luZG93U2l6ZRIOCgZzaWduYWwYBiABKAkSDQoFc3RhcnQYByABKAgSDQoFYWZ0ZXIYCCABKAQSDAoEY29ubhgJIAEoDRIrCgpjb25uX2V2ZW50GAogASgLMhcucmV4bWVzaC52MS5TZXNzaW9uQ29ubiJKCgpTZXNzaW9uS2V5EhIKCnB1YmxpY19rZXkYASABKAwSFQoNcmVwb3J0X2tleV9pZBgCIAEoCRIRCglzaWduYXR1cmUYAyABKAwiiwIKDFNlc3Npb25PcmRlchISCgpzZXNzaW9uX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSDgoGdGVuYW50GAMgASgJEiUKBHNwZWMYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25TcGVjEhAKCG9wZXJhdG9yGAUgASgJEi0KCW5vdF9hZnRlchgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMa2VlcGFsaXZlX21zGAcgASgNEhYKDmNvbnRyb2xsZXJfa2V5GAggASgMEhcKD2lkbGVfdGltZW91dF9tcxgJIAEoDRIXCg9tYXhfZHVyYXRpb25fbXMYCiABKA0iRgoSU2lnbmVkU2Vzc2lvbk9yZGVyEg0KBW9yZGVyGAEgASgMEhEKCXNpZ25hdHVyZRgCIAEoDBIOCgZrZXlfaWQYAyABKAkqugEKDlNlc3Npb25DaGFubmVsEh8KG1NFU1NJT05fQ0hBTk5FTF9VTlNQRUNJRklFRBAAEhkKFVNFU1NJT05fQ0hBTk5FTF9TVERJThABEhoKFlNFU1NJT05fQ0hBTk5FTF9TVERPVVQQAhIaChZTRVNTSU9OX0NIQU5ORUxfU1RERVJSEAMSGgoWU0VTU0lPTl9DSEFOTkVMX1NFQUxFRBAEEhgKFFNFU1NJT05fQ0hBTk5FTF9DT05OEAViBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * What a session runs. Asked for by the client, decided by the controller,
@@ -48,6 +48,15 @@ export type SessionSpec = Message<"rexmesh.v1.SessionSpec"> & {
    * @generated from field: rexmesh.v1.WindowSize window = 4;
    */
   window?: WindowSize | undefined;
+
+  /**
+   * A port forward instead of a program (argv and tty unused): each
+   * connection the client opens is relayed to this TCP address, as the
+   * host resolves and reaches it.
+   *
+   * @generated from field: rexmesh.v1.SessionForward forward = 5;
+   */
+  forward?: SessionForward | undefined;
 };
 
 /**
@@ -56,6 +65,30 @@ export type SessionSpec = Message<"rexmesh.v1.SessionSpec"> & {
  */
 export const SessionSpecSchema: GenMessage<SessionSpec> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_session, 0);
+
+/**
+ * @generated from message rexmesh.v1.SessionForward
+ */
+export type SessionForward = Message<"rexmesh.v1.SessionForward"> & {
+  /**
+   * An address or a name ("127.0.0.1", "::1", "localhost", "db.internal").
+   *
+   * @generated from field: string host = 1;
+   */
+  host: string;
+
+  /**
+   * @generated from field: uint32 port = 2;
+   */
+  port: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionForward.
+ * Use `create(SessionForwardSchema)` to create a new message.
+ */
+export const SessionForwardSchema: GenMessage<SessionForward> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_session, 1);
 
 /**
  * @generated from message rexmesh.v1.WindowSize
@@ -77,7 +110,7 @@ export type WindowSize = Message<"rexmesh.v1.WindowSize"> & {
  * Use `create(WindowSizeSchema)` to create a new message.
  */
 export const WindowSizeSchema: GenMessage<WindowSize> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 1);
+  messageDesc(file_rexmesh_v1_session, 2);
 
 /**
  * Bytes of one channel.
@@ -104,6 +137,13 @@ export type SessionData = Message<"rexmesh.v1.SessionData"> & {
    * @generated from field: bytes data = 3;
    */
   data: Uint8Array;
+
+  /**
+   * On channel CONN: the connection (never 0).
+   *
+   * @generated from field: uint32 conn = 4;
+   */
+  conn: number;
 };
 
 /**
@@ -111,7 +151,59 @@ export type SessionData = Message<"rexmesh.v1.SessionData"> & {
  * Use `create(SessionDataSchema)` to create a new message.
  */
 export const SessionDataSchema: GenMessage<SessionData> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 2);
+  messageDesc(file_rexmesh_v1_session, 3);
+
+/**
+ * An event of one connection of a port forward, in turn with its data.
+ * Each side may send on a connection only what the other granted for it:
+ * the window each connection starts with (docs/sessions.md), then every `grant`. So a
+ * connection whose reader stalls holds at most that much anywhere, and
+ * the other connections keep going.
+ *
+ * @generated from message rexmesh.v1.SessionConn
+ */
+export type SessionConn = Message<"rexmesh.v1.SessionConn"> & {
+  /**
+   * @generated from field: uint32 conn = 1;
+   */
+  conn: number;
+
+  /**
+   * Client to host: a new connection (ids are never reused in a session).
+   *
+   * @generated from field: bool open = 2;
+   */
+  open: boolean;
+
+  /**
+   * No more bytes this way (a half close); the other way may go on.
+   *
+   * @generated from field: bool fin = 3;
+   */
+  fin: boolean;
+
+  /**
+   * The connection failed, was refused or was cut, with why: it is over
+   * both ways.
+   *
+   * @generated from field: string reset = 4;
+   */
+  reset: string;
+
+  /**
+   * More bytes the peer may send on this connection.
+   *
+   * @generated from field: uint32 grant = 5;
+   */
+  grant: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionConn.
+ * Use `create(SessionConnSchema)` to create a new message.
+ */
+export const SessionConnSchema: GenMessage<SessionConn> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_session, 4);
 
 /**
  * Credits from a receiver: every byte below `ack` is taken (passed on to
@@ -137,7 +229,7 @@ export type SessionGrant = Message<"rexmesh.v1.SessionGrant"> & {
  * Use `create(SessionGrantSchema)` to create a new message.
  */
 export const SessionGrantSchema: GenMessage<SessionGrant> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 3);
+  messageDesc(file_rexmesh_v1_session, 5);
 
 /**
  * How the process ended.
@@ -165,7 +257,7 @@ export type SessionExit = Message<"rexmesh.v1.SessionExit"> & {
  * Use `create(SessionExitSchema)` to create a new message.
  */
 export const SessionExitSchema: GenMessage<SessionExit> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 4);
+  messageDesc(file_rexmesh_v1_session, 6);
 
 /**
  * The end of a session's stream, said by the side that ends it. An error
@@ -192,7 +284,7 @@ export type SessionClose = Message<"rexmesh.v1.SessionClose"> & {
  * Use `create(SessionCloseSchema)` to create a new message.
  */
 export const SessionCloseSchema: GenMessage<SessionClose> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 5);
+  messageDesc(file_rexmesh_v1_session, 7);
 
 /**
  * One frame of a session hop, either way. Data and its end (eof, exit,
@@ -257,6 +349,14 @@ export type SessionFrame = Message<"rexmesh.v1.SessionFrame"> & {
    * @generated from field: bytes urgent = 8;
    */
   urgent: Uint8Array;
+
+  /**
+   * Either way: an event of a port forward's connection, after the data
+   * items of this frame.
+   *
+   * @generated from field: rexmesh.v1.SessionConn conn = 9;
+   */
+  conn?: SessionConn | undefined;
 };
 
 /**
@@ -264,7 +364,7 @@ export type SessionFrame = Message<"rexmesh.v1.SessionFrame"> & {
  * Use `create(SessionFrameSchema)` to create a new message.
  */
 export const SessionFrameSchema: GenMessage<SessionFrame> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 6);
+  messageDesc(file_rexmesh_v1_session, 8);
 
 /**
  * What a sealed record holds once opened (docs/sessions.md, "End to end").
@@ -324,6 +424,20 @@ export type SealedRecord = Message<"rexmesh.v1.SealedRecord"> & {
    * @generated from field: uint64 after = 8;
    */
   after: bigint;
+
+  /**
+   * With data on channel CONN: the connection.
+   *
+   * @generated from field: uint32 conn = 9;
+   */
+  conn: number;
+
+  /**
+   * An event of a port forward's connection.
+   *
+   * @generated from field: rexmesh.v1.SessionConn conn_event = 10;
+   */
+  connEvent?: SessionConn | undefined;
 };
 
 /**
@@ -331,7 +445,7 @@ export type SealedRecord = Message<"rexmesh.v1.SealedRecord"> & {
  * Use `create(SealedRecordSchema)` to create a new message.
  */
 export const SealedRecordSchema: GenMessage<SealedRecord> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 7);
+  messageDesc(file_rexmesh_v1_session, 9);
 
 /**
  * The host's half of a session's key agreement, on the first message of
@@ -371,7 +485,7 @@ export type SessionKey = Message<"rexmesh.v1.SessionKey"> & {
  * Use `create(SessionKeySchema)` to create a new message.
  */
 export const SessionKeySchema: GenMessage<SessionKey> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 8);
+  messageDesc(file_rexmesh_v1_session, 10);
 
 /**
  * What the controller asks a host to open, signed like a task: a proxy can
@@ -451,7 +565,7 @@ export type SessionOrder = Message<"rexmesh.v1.SessionOrder"> & {
  * Use `create(SessionOrderSchema)` to create a new message.
  */
 export const SessionOrderSchema: GenMessage<SessionOrder> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 9);
+  messageDesc(file_rexmesh_v1_session, 11);
 
 /**
  * @generated from message rexmesh.v1.SignedSessionOrder
@@ -483,7 +597,7 @@ export type SignedSessionOrder = Message<"rexmesh.v1.SignedSessionOrder"> & {
  * Use `create(SignedSessionOrderSchema)` to create a new message.
  */
 export const SignedSessionOrderSchema: GenMessage<SignedSessionOrder> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 10);
+  messageDesc(file_rexmesh_v1_session, 12);
 
 /**
  * @generated from enum rexmesh.v1.SessionChannel
@@ -522,6 +636,13 @@ export enum SessionChannel {
    * @generated from enum value: SESSION_CHANNEL_SEALED = 4;
    */
   SEALED = 4,
+
+  /**
+   * Either way: bytes of one connection of a port forward, `conn` naming it.
+   *
+   * @generated from enum value: SESSION_CHANNEL_CONN = 5;
+   */
+  CONN = 5,
 }
 
 /**
