@@ -25,6 +25,7 @@ const ORDER = [
   "hostname-500",
   "durable-jobs",
   "output-throughput",
+  "sessions",
   "reconnect-storm",
 ];
 

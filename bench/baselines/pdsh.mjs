@@ -15,31 +15,11 @@
 //
 //   node bench/baselines/pdsh.mjs [--hosts 500] [--fanout 16] [--runs 1]
 import { spawn } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
-import os from "node:os";
-import { join } from "node:path";
+import { readFileSync } from "node:fs";
 import { ensureBinaries, run } from "./install.mjs";
-import { freePort } from "./nats.mjs";
+import { privateSshd } from "./sshd.mjs";
 
 const log = (msg) => process.stderr.write(`  [pdsh] ${msg}\n`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function waitPort(port, proc, timeoutMs, logFile) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`sshd exited (${proc.signalCode ?? proc.exitCode}): ${readFileSync(logFile, "utf8").trim().split("\n").slice(-3).join(" | ")}`);
-    const ok = await new Promise((res) => {
-      const c = net.connect(port, "127.0.0.1");
-      c.once("connect", () => (c.destroy(), res(true)));
-      c.once("error", () => res(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`sshd not listening on ${port} after ${timeoutMs} ms`);
-    await sleep(50);
-  }
-}
-
 /** Runs pdsh once; → { ms, lines, hostsSeen, stderr }. */
 function pdshOnce({ pdsh, hosts, fanout, sshConfig, timeoutMs }) {
   return new Promise((resolve) => {
@@ -68,77 +48,10 @@ export async function pdshFanout({ hosts = 500, fanout = 16, runs = 1, timeoutMs
   const base = { hosts, fanout, command: `pdsh -R ssh -f ${fanout} -w h[1-${hosts}] hostname` };
   const bins = await ensureBinaries(["sshd", "ssh", "ssh-keygen", "pdsh"], ["openssh-server", "openssh-client", "pdsh"]);
   if (!bins.ok) return { available: false, skipped: bins.skipped, ...base };
-  const dir = mkdtempSync(join(os.tmpdir(), "rexmesh-bench-pdsh-"));
-  let sshd;
-  const killSshd = () => sshd && sshd.exitCode === null && sshd.signalCode === null && sshd.kill("SIGKILL");
-  process.once("exit", killSshd);
+  const sshd = await privateSshd({ tag: "pdsh", sshdPath: bins.paths.sshd, keygen: bins.paths["ssh-keygen"] });
+  if (!sshd.ok) return { available: false, skipped: sshd.skipped, ...base };
+  const { sshConfig, logFile } = sshd;
   try {
-    // sshd refuses to start without its privilege-separation directory.
-    if (process.getuid?.() === 0 && !existsSync("/run/sshd")) mkdirSync("/run/sshd", { mode: 0o755, recursive: true });
-    const keygen = bins.paths["ssh-keygen"];
-    for (const f of ["host_key", "id_client"]) {
-      const r = await run(keygen, ["-q", "-t", "ed25519", "-N", "", "-C", `rexmesh-bench-${f}`, "-f", join(dir, f)], { timeoutMs: 30_000 });
-      if (r.code !== 0) return { available: false, skipped: `ssh-keygen failed: ${r.stderr.trim()}`, ...base };
-    }
-    writeFileSync(join(dir, "authorized_keys"), readFileSync(join(dir, "id_client.pub")), { mode: 0o600 });
-    const port = await freePort();
-    const user = os.userInfo().username;
-    const sshdConfig = join(dir, "sshd_config");
-    writeFileSync(
-      sshdConfig,
-      [
-        `Port ${port}`,
-        `ListenAddress 127.0.0.1`,
-        `HostKey ${join(dir, "host_key")}`,
-        `PidFile ${join(dir, "sshd.pid")}`,
-        `AuthorizedKeysFile ${join(dir, "authorized_keys")}`,
-        `UsePAM no`,
-        `PermitRootLogin prohibit-password`,
-        `PubkeyAuthentication yes`,
-        `PasswordAuthentication no`,
-        `KbdInteractiveAuthentication no`,
-        `StrictModes no`,
-        `UseDNS no`,
-        `PrintMotd no`,
-        `PrintLastLog no`,
-        `X11Forwarding no`,
-        `AllowTcpForwarding no`,
-        `MaxStartups 1000:100:1000`,
-        `MaxSessions 1000`,
-        `MaxAuthTries 10`,
-        `LogLevel ERROR`,
-        `AllowUsers ${user}`,
-        "",
-      ].join("\n"),
-    );
-    const sshConfig = join(dir, "ssh_config");
-    writeFileSync(
-      sshConfig,
-      [
-        `Host h*`,
-        `  HostName 127.0.0.1`,
-        `  Port ${port}`,
-        `  User ${user}`,
-        `  IdentityFile ${join(dir, "id_client")}`,
-        `  IdentitiesOnly yes`,
-        `  StrictHostKeyChecking no`,
-        `  UserKnownHostsFile /dev/null`,
-        `  GlobalKnownHostsFile /dev/null`,
-        `  BatchMode yes`,
-        `  LogLevel ERROR`,
-        `  ConnectTimeout 30`,
-        "",
-      ].join("\n"),
-    );
-    const logFile = join(dir, "sshd.log");
-    const fd = openSync(logFile, "a");
-    sshd = spawn(bins.paths.sshd, ["-D", "-e", "-f", sshdConfig], { stdio: ["ignore", fd, fd] });
-    closeSync(fd);
-    try {
-      await waitPort(port, sshd, 15_000, logFile);
-    } catch (err) {
-      return { available: false, skipped: `private sshd did not start: ${err.message}`, ...base };
-    }
     // One connection first: proves the setup and warms the caches.
     const probe = await pdshOnce({ pdsh: bins.paths.pdsh, hosts: 1, fanout: 1, sshConfig, timeoutMs: 60_000 });
     if (probe.lines !== 1) return { available: false, skipped: `pdsh/ssh to the private sshd failed: ${probe.stderr || `exit ${probe.code}`}; sshd log: ${readFileSync(logFile, "utf8").trim().split("\n").slice(-2).join(" | ")}`, ...base };
@@ -161,15 +74,7 @@ export async function pdshFanout({ hosts = 500, fanout = 16, runs = 1, timeoutMs
       note: "every host is a full SSH connection (key exchange, ed25519 auth, a session, the login shell) to a private sshd on 127.0.0.1",
     };
   } finally {
-    if (sshd && sshd.exitCode === null && sshd.signalCode === null) {
-      await new Promise((res) => {
-        const t = setTimeout(() => sshd.kill("SIGKILL"), 5000);
-        sshd.once("exit", () => (clearTimeout(t), res()));
-        sshd.kill("SIGTERM");
-      });
-    }
-    process.off("exit", killSshd);
-    rmSync(dir, { recursive: true, force: true });
+    await sshd.stop();
   }
 }
 
