@@ -496,7 +496,18 @@ export interface RelayLimits {
  * the first end on either side ends the other. With `limits`, the relay
  * ends an idle or overlong session itself, DEADLINE_EXCEEDED on both sides.
  */
-export function relaySession(client: SessionSide, host: SessionSide, first?: { client?: SessionFrame; host?: SessionFrame }, keepaliveMs?: number, limits?: RelayLimits): Promise<RelayEnd> {
+export interface RelayOptions {
+  /** Frames that came with each side's opening message. */
+  first?: { client?: SessionFrame; host?: SessionFrame };
+  /** Keep-alive interval of both sides (the order's), when not set at construction. */
+  keepaliveMs?: number;
+  limits?: RelayLimits;
+  /** Told the size of each data item relayed, by direction (metrics). */
+  meter?: (direction: "to_host" | "from_host", bytes: number) => void;
+}
+
+export function relaySession(client: SessionSide, host: SessionSide, opts: RelayOptions = {}): Promise<RelayEnd> {
+  const { first, keepaliveMs, limits, meter } = opts;
   let exit: SessionExit | undefined;
   let limited: SessionEnd | undefined;
   const watch = limits ? watchLimits(limits, (end) => {
@@ -508,6 +519,7 @@ export function relaySession(client: SessionSide, host: SessionSide, first?: { c
     {
       data: (channel, data, conn) => {
         input();
+        meter?.("to_host", data.length);
         host.sendData(channel, data, (n) => client.consumed(n), conn);
       },
       conn: (event) => {
@@ -534,7 +546,10 @@ export function relaySession(client: SessionSide, host: SessionSide, first?: { c
   );
   host.start(
     {
-      data: (channel, data, conn) => client.sendData(channel, data, (n) => host.consumed(n), conn),
+      data: (channel, data, conn) => {
+        meter?.("from_host", data.length);
+        client.sendData(channel, data, (n) => host.consumed(n), conn);
+      },
       conn: (event) => client.sendConn(event),
       exit: (e) => {
         exit = e;

@@ -176,7 +176,20 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
-  const sessions = new SessionBroker({ clock, ids, signer, log, hostKeys, idleMs: config.sessionIdle, maxMs: config.sessionMax, portOf: (host) => jobs.proxyPort(host.proxy), isRevoked: (peer) => revocations.isRevoked(peer) });
+  const sessionBytes = metrics.counter("session_bytes_total", "bytes of sessions and port forwards relayed, by direction (to_host: typed, piped, sent; from_host: output, received)", ["direction"]);
+  const sessions = new SessionBroker({
+    clock,
+    ids,
+    signer,
+    log,
+    hostKeys,
+    idleMs: config.sessionIdle,
+    maxMs: config.sessionMax,
+    meter: (direction, bytes) => sessionBytes.inc({ direction }, bytes),
+    portOf: (host) => jobs.proxyPort(host.proxy),
+    isRevoked: (peer) => revocations.isRevoked(peer),
+  });
+  metrics.gauge("sessions_open", "sessions (rexmesh shell, run --stdin -) and port forwards relayed now, by kind", () => Object.entries(sessions.openByKind()).map(([kind, value]) => ({ labels: { kind }, value })), ["kind"]);
   const stopEndingRevokedSessions = revocations.onChange(() => sessions.revoked());
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.

@@ -64,6 +64,8 @@ export interface SessionBrokerOptions {
   ids: IdGenerator;
   signer: TaskSigner;
   log: Logger;
+  /** Told the bytes relayed, by direction (metrics). */
+  meter?: (direction: "to_host" | "from_host", bytes: number) => void;
   /** Checks the host's half of each session's key (its report key's signature). */
   hostKeys: SessionKeyCheck;
   /** The link of the proxy holding the host now, if it is connected. */
@@ -97,6 +99,7 @@ export type ClientSessionLink = FrameLink<SessionResponse, SessionRequest>;
 
 /** A session relayed now: who opened it, on which host, and its client's port (to end it). */
 interface Active {
+  kind: "session" | "forward";
   caller: PeerIdentity;
   host: PeerIdentity;
   client: SessionPort<SessionResponse, SessionRequest>;
@@ -234,8 +237,12 @@ export class SessionBroker {
       }
       link.send(create(SessionResponseSchema, { started: { sessionId, hostId, proxy: leg.proxy, keepaliveMs: this.keepaliveMs } }));
       this.opts.log.info("session started", { session: sessionId, host: hostId, proxy: leg.proxy, operator: formatIdentity(caller) });
-      const relayed = relaySession(client, leg.port, { client: opening.frame, host: leg.first }, undefined, { clock: this.opts.clock, ...limits, by: "the controller" });
-      this.active.set(sessionId, { caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
+      const relayed = relaySession(client, leg.port, {
+        first: { client: opening.frame, host: leg.first },
+        limits: { clock: this.opts.clock, ...limits, by: "the controller" },
+        meter: this.opts.meter,
+      });
+      this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
       const r = await relayed.finally(() => this.active.delete(sessionId));
       const outcome = describeEnd(r);
       this.opts.log.info("session ended", { session: sessionId, host: hostId, outcome });
@@ -258,6 +265,13 @@ export class SessionBroker {
       this.opts.log.info("session ended by a revocation", { session: id, reason: who });
       a.client.end({ code: Code.PermissionDenied, message: who });
     }
+  }
+
+  /** Sessions relayed now, by kind. */
+  openByKind(): { session: number; forward: number } {
+    const n = { session: 0, forward: 0 };
+    for (const a of this.active.values()) n[a.kind]++;
+    return n;
   }
 
   private drop(sessionId: string, err: Error): void {

@@ -143,6 +143,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   await Promise.all(agents.map((a) => a.start()));
   metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
   metrics.gauge("hosts", "hosts this process serves", () => agents.length);
+  metrics.gauge("sessions_open", "sessions and port forwards open on this process's hosts", () => sessionHosts.reduce((n, s) => n + s.count, 0));
   metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
   const metricsServer = await metrics.serveAt(config.metricsListen);
   const renewing = new AbortController();

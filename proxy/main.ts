@@ -71,10 +71,12 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   // Sessions: orders come on the controller link; each session's leg to the controller shares one connection.
   let sessionChannel: ReturnType<typeof openChannel> | undefined;
   const sessionClient = () => clientFor(ProxyLinkService, (sessionChannel ??= openChannel(controllerAddress, creds, ["controller"])));
+  const sessionBytes = metrics.counter("session_bytes_total", "sealed bytes of sessions and port forwards relayed, by direction", ["direction"]);
   const sessions: SessionRelays = new SessionRelays({
     clock,
     log,
     name: me.id,
+    meter: (direction, bytes) => sessionBytes.inc({ direction }, bytes),
     offerToHost: (hostId, order) => core.offerSession(hostId, order),
     dialController: () => {
       const client = sessionClient();
@@ -195,6 +197,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
 
   const store = core.store;
   metrics.gauge("connected_hosts", "host streams held now", () => core.connectedHosts);
+  metrics.gauge("sessions_relayed", "sessions and port forwards relayed now", () => sessions.relaying);
   metrics.gauge("controller_link_up", "1 while the link to the controller is up", () => (core.controllerConnected ? 1 : 0));
   metrics.gauge("queued_tasks", "tasks held for this region's hosts, by state", () => {
     const n = new Map<string, number>();

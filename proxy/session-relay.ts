@@ -34,6 +34,8 @@ export interface SessionRelayOptions {
   offerToHost: (hostId: string, order: SignedSessionOrder) => boolean;
   /** Opens a session leg to the controller. */
   dialController: () => ControllerSessionLink;
+  /** Told the bytes relayed, by direction (metrics). */
+  meter?: (direction: "to_host" | "from_host", bytes: number) => void;
   /** How long a host has to dial back, at most (the order's own expiry may be sooner). Default LIMITS.sessionOpenMs. */
   openMs?: number;
 }
@@ -52,6 +54,8 @@ const REPORT_LINGER_MS = 5_000;
 
 export class SessionRelays {
   private readonly waiting = new Map<string, Waiting>();
+  /** Sessions relayed now. */
+  relaying = 0;
   private readonly openMs: number;
 
   constructor(private readonly opts: SessionRelayOptions) {
@@ -132,7 +136,13 @@ export class SessionRelays {
     const up = this.upPort(upLink);
     const log = this.opts.log.child({ session: sessionId, host: peer.id });
     log.info("session relayed");
-    const r = await relaySession(up, host, { host: opening.frame }, keepaliveOf(w.keepaliveMs), { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}` });
+    this.relaying++;
+    const r = await relaySession(up, host, {
+      first: { host: opening.frame },
+      keepaliveMs: keepaliveOf(w.keepaliveMs),
+      limits: { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}` },
+      meter: this.opts.meter,
+    }).finally(() => this.relaying--);
     log.info("session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });
   }
 

@@ -44,7 +44,22 @@ bindings:
   acme/shells: shells-only
 `,
   );
-  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile, "--sessions"] });
+  const listen = ["--metrics-listen", "127.0.0.1:0"];
+  const mesh = new LocalMesh({
+    ca: testCa(),
+    dir: join(work, "mesh"),
+    regions: ["east"],
+    tenant: "acme",
+    hosts: [{ id: "h1", region: "east" }],
+    controllerArgs: ["--policy", policyFile, "--sessions", ...listen],
+    proxyArgs: listen,
+    daemonArgs: listen,
+  });
+  const metric = async (address: unknown, series: string) => {
+    const text = await (await fetch(`http://${String(address)}/metrics`)).text();
+    const line = text.split("\n").find((l) => l.startsWith(`${series} `));
+    return line ? Number(line.slice(series.length + 1)) : undefined;
+  };
   let http: Server;
   let httpPort = 0;
   /** Bytes the HTTP server has handed to its endless responses' sockets. */
@@ -121,6 +136,11 @@ bindings:
     const bytes = bodies.reduce((n, b) => n + b.length, 0);
     for (const [i, p] of paths.entries()) expect(bodies[i]!.equals(body(p, 1000 + i * 3001))).toBe(true);
     console.log(`forward: 100 parallel requests, ${(bytes / 1e6).toFixed(1)} MB in ${seconds.toFixed(2)} s`);
+    // While it is open, each role counts it.
+    expect(await metric(mesh.controller.info!.metricsAddress, 'rexmesh_sessions_open{kind="forward"}')).toBe(1);
+    expect(await metric(mesh.controller.info!.metricsAddress, 'rexmesh_session_bytes_total{direction="from_host"}')).toBeGreaterThanOrEqual(bytes);
+    expect(await metric(mesh.proxies[0]!.info!.metricsAddress, "rexmesh_sessions_relayed")).toBe(1);
+    expect(await metric(mesh.daemons[0]!.info!.metricsAddress, "rexmesh_sessions_open")).toBe(1);
     f.child.kill("SIGINT");
     expect(await f.exited).toBe(0);
   });

@@ -282,7 +282,7 @@ describe("sealed sessions under a hostile proxy or a bursty client (attack revie
     const host = new SealedPort(sealedPort(hostLink, clock, "input", "proxy"), key, "host");
     const seen: string[] = [];
     host.start({ start: () => seen.push("start"), data: () => undefined, resize: (r) => seen.push(`${r.cols}x${r.rows}`), signal: (x) => seen.push(x) });
-    relaySession(plain, ctlLeg, { client: create(SessionFrameSchema, { signal: "INT" }) }).catch(() => undefined);
+    relaySession(plain, ctlLeg, { first: { client: create(SessionFrameSchema, { signal: "INT" }) } }).catch(() => undefined);
     await flush(5);
     for (let i = 0; i < 70; i++) ctlClientLink.deliver({ frame: create(SessionFrameSchema, { resize: { cols: 80 + i, rows: 24 } }) });
     await settle(() => seen.includes("149x24"));

@@ -209,7 +209,7 @@ describe("a relay's limits", () => {
     const [relayDown, hostLink] = wire<F, F>();
     const client = port(clientLink, clock, "output", "relay");
     const host = port(hostLink, clock, "input", "relay");
-    const relayed = relaySession(port(relayUp, clock, "input", "client"), port(relayDown, clock, "output", "host"), undefined, undefined, { clock, idleMs, maxMs, by: "the controller" });
+    const relayed = relaySession(port(relayUp, clock, "input", "client"), port(relayDown, clock, "output", "host"), { limits: { clock, idleMs, maxMs, by: "the controller" } });
     client.start({ data: (_c, d) => client.consumed(d.length) });
     host.start({ data: (_c, d) => host.consumed(d.length) });
     return { client, host, relayed };
