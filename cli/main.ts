@@ -16,6 +16,7 @@ operators:
   ping       check that hosts answer (no process is started)
   shell      a terminal (or CMD) on one host through the mesh: shell HOST [-- CMD]
   forward    a local TCP port through one host to an address it reaches: forward HOST LPORT:ADDR:PORT
+  sessions   sessions and forwards, how they ended; sessions play ID replays one with its timing
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them
@@ -38,7 +39,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "shell", "forward", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -104,6 +105,8 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./shell.js")).shellCommand(rest, io);
     case "forward":
       return (await import("./forward.js")).forwardCommand(rest, io);
+    case "sessions":
+      return (await import("./sessions.js")).sessionsCommand(rest, io);
     case "bundle":
       return (await import("./bundle.js")).bundleCommand(rest, io);
     case "controller":

@@ -502,12 +502,12 @@ export interface RelayOptions {
   /** Keep-alive interval of both sides (the order's), when not set at construction. */
   keepaliveMs?: number;
   limits?: RelayLimits;
-  /** Told the size of each data item relayed, by direction (metrics). */
-  meter?: (direction: "to_host" | "from_host", bytes: number) => void;
+  /** Told each data item relayed, by direction (metrics, the recording). */
+  tap?: (direction: "to_host" | "from_host", data: Uint8Array, channel: SessionChannel, conn: number) => void;
 }
 
 export function relaySession(client: SessionSide, host: SessionSide, opts: RelayOptions = {}): Promise<RelayEnd> {
-  const { first, keepaliveMs, limits, meter } = opts;
+  const { first, keepaliveMs, limits, tap } = opts;
   let exit: SessionExit | undefined;
   let limited: SessionEnd | undefined;
   const watch = limits ? watchLimits(limits, (end) => {
@@ -519,7 +519,7 @@ export function relaySession(client: SessionSide, host: SessionSide, opts: Relay
     {
       data: (channel, data, conn) => {
         input();
-        meter?.("to_host", data.length);
+        tap?.("to_host", data, channel, conn);
         host.sendData(channel, data, (n) => client.consumed(n), conn);
       },
       conn: (event) => {
@@ -547,7 +547,7 @@ export function relaySession(client: SessionSide, host: SessionSide, opts: Relay
   host.start(
     {
       data: (channel, data, conn) => {
-        meter?.("from_host", data.length);
+        tap?.("from_host", data, channel, conn);
         client.sendData(channel, data, (n) => host.consumed(n), conn);
       },
       conn: (event) => client.sendConn(event),

@@ -30,6 +30,7 @@ import { documentWarnings, parseDocumentText } from "./documents.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { selectHosts } from "./query.js";
 import type { Revocations } from "./revocation.js";
+import { listSessions, sessionOf, type RecordedEvent, type RecordingStore, type SessionSummary } from "./recordings.js";
 
 /** Which artifacts a tenant holds (controller/artifacts.ts). */
 export interface ArtifactIndex {
@@ -47,6 +48,8 @@ export interface OperatorAccessDeps {
   artifacts?: ArtifactIndex;
   revocations?: Revocations;
   bundles?: BundleService;
+  /** Session recordings (controller/recordings.ts); without it, none are listed. */
+  recordings?: RecordingStore;
 }
 
 /** A job as the caller may see it: the tasks on hosts its read roles cover. */
@@ -143,7 +146,7 @@ export class OperatorAccess {
    * the tenant does not have is judged by its id alone, then reported not
    * found. Audited either way; returns the host.
    */
-  async openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: { idleMs?: number; maxMs?: number } }> {
+  async openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: { idleMs?: number; maxMs?: number; strictRecording?: boolean } }> {
     const what = `session ${sessionId}: ${describeSession(spec)}`;
     // A port forward is a session too, under an action of its own: the RPC it came by was declared with it.
     const action = spec.forward ? "forward" : "session";
@@ -315,6 +318,30 @@ export class OperatorAccess {
 
   async listAudit(caller: PeerIdentity, opts: { sinceMs?: number; limit?: number }): Promise<AuditEvent[]> {
     return this.deps.audit.list(caller.scope, opts);
+  }
+
+  // ---- session recordings ---------------------------------------------------------
+
+  listSessions(caller: PeerIdentity, limit: number): SessionSummary[] {
+    return this.deps.recordings ? listSessions(this.deps.recordings, caller.scope, limit) : [];
+  }
+
+  /**
+   * A session's summary and its recording, in chunks. Replaying holds what
+   * was typed (a password too): each replay is in the audit log, a refused
+   * one as well.
+   */
+  async playSession(caller: PeerIdentity, id: string): Promise<{ summary: SessionSummary; chunks: Iterable<RecordedEvent[]> }> {
+    const what = `replay session ${id.slice(0, LIMITS.idChars)}`;
+    try {
+      if (!this.deps.recordings) throw new NotFoundError(`session ${JSON.stringify(id.slice(0, LIMITS.idChars))} not found: this controller keeps no recordings`);
+      const summary = sessionOf(this.deps.recordings, caller.scope, id);
+      await this.record(caller, "session.play", { decision: "allowed", reason: "" }, { what, hostIds: [summary.hostId] });
+      return { summary, chunks: this.deps.recordings.events(id) };
+    } catch (err) {
+      await this.record(caller, "session.play", refusal(err), { what });
+      throw err;
+    }
   }
 
   // ---- bundles ------------------------------------------------------------------

@@ -20,6 +20,9 @@ import {
   type Document,
   type PlannedTask,
   type SessionRequest,
+  RecordingState,
+  SessionInfoSchema,
+  type SessionInfo,
   type Host,
   type Job,
   type Task,
@@ -34,6 +37,7 @@ import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
 import { FailedPreconditionError } from "../common/errors.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
+import type { SessionSummary } from "./recordings.js";
 
 /** A host for clients; `revoked` is why its identity is on the deny-list, if it is. */
 function hostToProto(h: HostRecord, revoked?: string): Host {
@@ -159,6 +163,18 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
       const events = await access.listAudit(grantedPeer(ctx), { sinceMs: req.since ? timestampMs(req.since) : undefined, limit: req.limit });
       return { events: events.map(auditToProto) };
     },
+    listSessions(req, ctx) {
+      return { sessions: access.listSessions(grantedPeer(ctx), req.limit).map(sessionToProto) };
+    },
+    async *getSessionRecording(req, ctx) {
+      const { summary, chunks } = await access.playSession(grantedPeer(ctx), req.sessionId);
+      yield { session: sessionToProto(summary) };
+      // One response per stored chunk (at most a few hundred KiB each), read lazily from the store.
+      for (const events of chunks) {
+        if (ctx.signal.aborted) return;
+        yield { events: events.map(([atMs, toHost, channel, conn, data]) => ({ atMs: BigInt(atMs), toHost, channel, conn, data })) };
+      }
+    },
     async submitJob(req, ctx) {
       const caller = grantedPeer(ctx);
       const request = {
@@ -239,4 +255,23 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
       }
     },
   };
+}
+
+const RECORDING_STATES = { recording: RecordingState.RECORDING, complete: RecordingState.COMPLETE, cut: RecordingState.CUT, failed: RecordingState.FAILED } as const;
+
+function sessionToProto(s: SessionSummary): SessionInfo {
+  return create(SessionInfoSchema, {
+    sessionId: s.id,
+    operator: s.operator,
+    hostId: s.hostId,
+    proxy: s.proxy,
+    kind: s.kind,
+    what: s.what,
+    startedAt: timestampFromMs(s.startedAt),
+    endedAt: s.endedAt === undefined ? undefined : timestampFromMs(s.endedAt),
+    bytesToHost: BigInt(s.bytesToHost),
+    bytesFromHost: BigInt(s.bytesFromHost),
+    outcome: s.outcome,
+    recording: RECORDING_STATES[s.recording],
+  });
 }

@@ -124,6 +124,8 @@ export interface RoleDef {
   /** Sessions this role opens end after this long without input, and after this long in all (absent: the controller's defaults; 0: none). */
   sessionIdleMs?: number;
   sessionMaxMs?: number;
+  /** A session this role opens ends when its recording cannot be stored (cut at the limit, or the store failed). */
+  strictRecording?: boolean;
 }
 
 /** A validated policy, ready for decisions. */
@@ -180,7 +182,7 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     const where = `roles.${name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) fail(where, "a role name uses letters, digits, '.', '_' or '-'");
     const r = record(raw, where, fail);
-    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env", "sessionIdle", "sessionMax", "forwardTo"], where, fail);
+    onlyKeys(r, ["hosts", "actions", "commands", "shell", "tools", "env", "sessionIdle", "sessionMax", "forwardTo", "strictRecording"], where, fail);
     if (typeof r.hosts !== "string") return fail(`${where}.hosts`, 'is required: a host query the role\'s hosts must match ("all" for every host of the tenant)');
     let hosts: Query;
     try {
@@ -211,7 +213,9 @@ export function compilePolicy(data: unknown, source = "policy"): Policy {
     const sessionIdleMs = sessionLimit(r.sessionIdle, `${where}.sessionIdle`, fail);
     const sessionMaxMs = sessionLimit(r.sessionMax, `${where}.sessionMax`, fail);
     const forwardTo = r.forwardTo === undefined ? undefined : stringList(r.forwardTo, `${where}.forwardTo`, fail).map((t, i) => forwardTarget(t, `${where}.forwardTo[${i}]`, fail));
-    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env, sessionIdleMs, sessionMaxMs, forwardTo });
+    if (r.strictRecording !== undefined && typeof r.strictRecording !== "boolean") fail(`${where}.strictRecording`, "must be true or false");
+    const strictRecording = r.strictRecording === true;
+    roles.set(name, { name, hosts, hostsText: formatQuery(hosts), actions, commands, tools, env, sessionIdleMs, sessionMaxMs, forwardTo, strictRecording });
   }
   const bindings = new Map<string, string[]>();
   for (const [who, raw] of Object.entries(record(doc.bindings ?? {}, "bindings", fail))) {
@@ -613,9 +617,9 @@ export class Authorizer {
   }
 
   /** The session limits a role sets (absent when it sets none, or there is no policy or no such role now). */
-  sessionLimits(role: string): { idleMs?: number; maxMs?: number } {
+  sessionLimits(role: string): { idleMs?: number; maxMs?: number; strictRecording?: boolean } {
     const r = this.policy?.roles.get(role);
-    return { idleMs: r?.sessionIdleMs, maxMs: r?.sessionMaxMs };
+    return { idleMs: r?.sessionIdleMs, maxMs: r?.sessionMaxMs, strictRecording: r?.strictRecording };
   }
 
   /** Throws PermissionDeniedError with the reason unless allowed; returns the allowing role. */

@@ -51,6 +51,9 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     // The host is in the stream's first message: decided and audited by controller/access.ts (openSession).
     session: onResolvedHosts("session"),
     forward: onResolvedHosts("forward"),
+    // What an operator typed and saw is the audit trail's: the same action as the audit log.
+    listSessions: inTenant("audit"),
+    getSessionRecording: inTenant("audit"),
   })
   .service(TokenService, {
     // A token bound to a host id is decided on that host. An unbound one lets any new host id join the tenant,

@@ -35,6 +35,7 @@ import { JobManager } from "./jobs.js";
 import { DocumentStore, LmdbDocumentBackend } from "./document-store.js";
 import { serveProxyLink } from "./proxy-link.js";
 import { SessionBroker, type ProxySessionLink } from "./sessions.js";
+import { LmdbRecordingStore } from "./recordings.js";
 import { readFileSync } from "node:fs";
 import { createPublicKey } from "node:crypto";
 import type { CaMaterial } from "../certs/ca.js";
@@ -68,6 +69,7 @@ export const controllerSchema = {
   hostCertTtl: { type: "duration", default: "24h", doc: "lifetime of host certificates issued by enrollment" },
   sessions: { type: "bool", default: false, doc: "serve interactive sessions (rexmesh shell); off by default: read docs/sessions.md, Known gaps, before turning them on" },
   sessionIdle: { type: "duration", default: "30m", doc: "a session ends after this long without input from the client, unless the role that allowed it sets sessionIdle (0: never)" },
+  sessionRecordingMax: { type: "int", default: 1024 ** 3, min: 0, doc: "bytes of one session's recording at most (both ways together); past it the recording is cut, and a role with strictRecording ends the session" },
   sessionMax: { type: "duration", default: "12h", doc: "a session ends after this long in all, unless the role that allowed it sets sessionMax (0: never)" },
   enrollListen: { type: "string", doc: "extra address serving only EnrollService without asking for a client certificate, for daemons with a join token that reach the controller directly (host:port; port 0 picks one); off by default" },
   policy: { type: "string", doc: "authorization policy file (YAML or JSON, docs/authorization.md), reloaded on SIGHUP; without one every operator has full access within its tenant" },
@@ -122,7 +124,8 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
   const artifacts = new ArtifactStore(join(config.data, "artifacts"));
-  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents, artifacts, revocations, bundles });
+  const recordings = new LmdbRecordingStore(env.db("sessions"), env.db("session-recordings"));
+  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents, artifacts, revocations, bundles, recordings });
   // SIGHUP reloads the policy (the usual daemon convention). Installed here, not in
   // runService, because only the controller has something to reload; a listener
   // also replaces Node's default of exiting on SIGHUP. Removed on stop.
@@ -186,6 +189,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     idleMs: config.sessionIdle,
     maxMs: config.sessionMax,
     meter: (direction, bytes) => sessionBytes.inc({ direction }, bytes),
+    recordings: { store: recordings, maxBytes: config.sessionRecordingMax },
     portOf: (host) => jobs.proxyPort(host.proxy),
     isRevoked: (peer) => revocations.isRevoked(peer),
   });

@@ -8,7 +8,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
-import { DeadlineExceededError, InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../common/errors.js";
+import { DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import type { IdGenerator } from "../common/ids.js";
 import { LIMITS, preview } from "../common/limits.js";
@@ -25,6 +25,8 @@ import { ProxySessionResponseSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { SessionOrderSchema, SessionSpecSchema, type SessionFrame, type SessionKey, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { SESSION_LIMIT_MAX_MS } from "./authz.js";
 import type { HostRecord } from "./model.js";
+import { Recording, type RecordingStore } from "./recordings.js";
+import { describeSession } from "./access.js";
 import type { ProxyPort } from "./router.js";
 
 export type ProxySessionLink = FrameLink<ProxySessionResponse, ProxySessionRequest>;
@@ -42,6 +44,14 @@ export interface ProxyLeg {
 }
 
 /** What the broker needs of common/host-signing.ts's HostKeyVerifier: the host's signature over its half of a session's key. */
+/** What the role that allowed a session says of it (absent: the controller's defaults). */
+export interface RoleSessionLimits {
+  idleMs?: number;
+  maxMs?: number;
+  /** End the session when its recording cannot be stored. */
+  strictRecording?: boolean;
+}
+
 /** How long a session may be idle (no input) and last in all, in ms; 0: no limit. */
 export interface SessionLimits {
   idleMs: number;
@@ -66,6 +76,8 @@ export interface SessionBrokerOptions {
   log: Logger;
   /** Told the bytes relayed, by direction (metrics). */
   meter?: (direction: "to_host" | "from_host", bytes: number) => void;
+  /** Where sessions are recorded (controller/recordings.ts); absent: not recorded. */
+  recordings?: { store: RecordingStore; maxBytes: number };
   /** Checks the host's half of each session's key (its report key's signature). */
   hostKeys: SessionKeyCheck;
   /** The link of the proxy holding the host now, if it is connected. */
@@ -91,7 +103,7 @@ interface Pending {
 /** What the broker needs of controller/access.ts: the decision and the audit of each session. */
 export interface SessionAccess {
   /** The host, and the limits of the role that allowed the session (absent: the broker's defaults). */
-  openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: { idleMs?: number; maxMs?: number } }>;
+  openSession(caller: PeerIdentity, sessionId: string, hostId: string, spec: SessionSpec): Promise<{ host: HostRecord; limits: RoleSessionLimits }>;
   sessionEnded(caller: PeerIdentity, sessionId: string, hostId: string, outcome: string): Promise<void>;
 }
 
@@ -235,20 +247,67 @@ export class SessionBroker {
         await access.sessionEnded(caller, sessionId, hostId, `not opened: ${err instanceof Error ? err.message : String(err)}`);
         throw err;
       }
+      const recording = await this.record(caller, host, leg, sessionId, kind, spec, asked.strictRecording ?? false);
       link.send(create(SessionResponseSchema, { started: { sessionId, hostId, proxy: leg.proxy, keepaliveMs: this.keepaliveMs } }));
       this.opts.log.info("session started", { session: sessionId, host: hostId, proxy: leg.proxy, operator: formatIdentity(caller) });
+      recording?.onFailure((reason) => {
+        this.opts.log.warn("session recording stopped", { session: sessionId, reason, strict: asked.strictRecording ?? false });
+        if (asked.strictRecording) client.end({ code: Code.FailedPrecondition, message: `${reason}; the role records sessions strictly, so the session is ended` });
+      });
+      const meter = this.opts.meter;
       const relayed = relaySession(client, leg.port, {
         first: { client: opening.frame, host: leg.first },
         limits: { clock: this.opts.clock, ...limits, by: "the controller" },
-        meter: this.opts.meter,
+        tap: (direction, data, channel, conn) => {
+          meter?.(direction, data.length);
+          recording?.add(direction === "to_host", channel, conn, data);
+        },
       });
       this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
       const r = await relayed.finally(() => this.active.delete(sessionId));
       const outcome = describeEnd(r);
       this.opts.log.info("session ended", { session: sessionId, host: hostId, outcome });
+      await recording?.finish(outcome);
       await access.sessionEnded(caller, sessionId, hostId, outcome);
     } finally {
       release();
+    }
+  }
+
+  /**
+   * Starts the session's recording, if sessions are recorded here. A
+   * recording that cannot start ends a strict session before it starts;
+   * otherwise the session goes on unrecorded (the summary says so).
+   */
+  private async record(caller: PeerIdentity, host: HostRecord, leg: SealedLeg, sessionId: string, kind: "session" | "forward", spec: SessionSpec, strict: boolean): Promise<Recording | undefined> {
+    const r = this.opts.recordings;
+    if (!r) return undefined;
+    const recording = new Recording(
+      { store: r.store, clock: this.opts.clock, log: this.opts.log, maxBytes: r.maxBytes },
+      {
+        id: sessionId,
+        tenant: host.tenant,
+        operator: formatIdentity(caller),
+        hostId: host.id,
+        proxy: leg.proxy,
+        kind,
+        what: describeSession(spec),
+        startedAt: this.opts.clock.now(),
+        bytesToHost: 0,
+        bytesFromHost: 0,
+        outcome: "",
+        recording: "recording",
+      },
+    );
+    try {
+      await recording.start();
+      return recording;
+    } catch (err) {
+      this.opts.log.error("a session's recording could not start", { session: sessionId, strict, err });
+      if (!strict) return undefined;
+      leg.port.start({ data: () => undefined });
+      leg.port.end({ code: Code.FailedPrecondition, message: "the session's recording could not start" });
+      throw new FailedPreconditionError("the session's recording cannot be stored, and the role records sessions strictly");
     }
   }
 

@@ -141,7 +141,7 @@ export class SessionRelays {
       first: { host: opening.frame },
       keepaliveMs: keepaliveOf(w.keepaliveMs),
       limits: { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}` },
-      meter: this.opts.meter,
+      tap: this.opts.meter && ((direction, data) => this.opts.meter!(direction, data.length)),
     }).finally(() => this.relaying--);
     log.info("session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });
   }

@@ -16,6 +16,9 @@ import { testCa } from "../test-ca.js";
  * mTLS), the real CLI inside a real terminal (tmux), a real pty on the
  * host. The host is this machine, so the remote processes can be seen.
  */
+/** Bytes of one session's recording at most, here: small enough for a test to reach. */
+const RECORDING_MAX = 300_000;
+
 describe("rexmesh shell through the mesh", () => {
   const work = tempDir("shell");
   const policyFile = writePolicy(
@@ -43,14 +46,21 @@ roles:
     commands: ["*"]
     sessionIdle: "0"
     sessionMax: 3s
+  recorded:
+    hosts: all
+    actions: [session]
+    commands: ["*"]
+    strictRecording: true
 bindings:
   acme/dev: admin
+  acme/recorded: recorded
+  acme/auditless: short
   acme/nosession: everything-but-sessions
   acme/brief: brief
   acme/short: short
 `,
   );
-  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile, "--sessions"] });
+  const mesh = new LocalMesh({ ca: testCa(), dir: join(work, "mesh"), regions: ["east"], tenant: "acme", hosts: [{ id: "h1", region: "east" }], controllerArgs: ["--policy", policyFile, "--sessions", "--session-recording-max", String(RECORDING_MAX)] });
   let nosession: CredentialPaths;
   const envOf = (c: CredentialPaths) => ({ REXMESH_CONTROLLER: mesh.controllerAddress, REXMESH_CERT: c.cert, REXMESH_KEY: c.key, REXMESH_CA: c.ca });
 
@@ -233,6 +243,52 @@ bindings:
     const ok = await rexmesh(["run", "-H", "h1", "--stdin", "-", "--shell", "wc -c; exit 3"], mesh.exports(), "x".repeat(1000));
     expect(ok.stdout.trim()).toBe("1000");
     expect(ok.code).toBe(3);
+  });
+
+  it("records a session at the controller: listed with who, host, bytes and outcome; replayed byte for byte with its timing; the replay audited", async () => {
+    const r = await shell(["-T", "h1", "--", "sh", "-c", 'head -c 5 >/dev/null; printf "one\\001\\n"; printf "oops\\n" >&2; sleep 1; printf "two\\n"; exit 5'], "typed");
+    expect(r.code).toBe(5);
+    expect(r.stdout).toBe("one\x01\ntwo\n");
+    const listed = await rexmesh(["sessions", "--json"], mesh.exports());
+    expect(listed.code).toBe(0);
+    const sessions = listed.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    const s = sessions.find((x) => x.outcome === "exited 5")!;
+    expect(s).toMatchObject({ operator: "operator:acme/dev", host: "h1", kind: "session", recording: "complete", bytesToHost: 5, bytesFromHost: 14 });
+    expect(s.what).toMatch(/^sh -c/);
+    // As fast as it goes, then at the original speed: the second takes the second the session slept.
+    const fast = await rexmesh(["sessions", "play", String(s.id), "--speed", "0"], mesh.exports());
+    expect(fast.code).toBe(0);
+    expect(fast.stdout).toBe(r.stdout);
+    expect(fast.stderr).toBe("oops\n");
+    const started = Date.now();
+    const timed = await rexmesh(["sessions", "play", String(s.id), "--input"], mesh.exports());
+    expect(Date.now() - started).toBeGreaterThanOrEqual(900);
+    expect(timed.stdout).toBe(r.stdout);
+    expect(timed.stderr).toBe("typedoops\n");
+    const { client, close } = operatorClient({}, mesh.exports());
+    try {
+      const { events } = await client.listAudit({ limit: 1000 });
+      expect(events.some((e) => e.kind === "session.play" && e.what === `replay session ${String(s.id)}` && e.decision === AuditDecision.ALLOWED)).toBe(true);
+    } finally {
+      close();
+    }
+    // An operator without `audit` sees none of it.
+    const auditless = mesh.issue({ role: "operator", scope: "acme", id: "auditless" }, join(work, "auditless"));
+    const refused = await rexmesh(["sessions", "play", String(s.id)], envOf(auditless));
+    expect(refused.stderr).toMatch(/PermissionDenied/);
+  });
+
+  it("ends a session whose recording reaches the limit when the role records strictly; others go on with the recording cut", async () => {
+    const recorded = mesh.issue({ role: "operator", scope: "acme", id: "recorded" }, join(work, "recorded"));
+    const strict = await shell(["-T", "h1", "--", "sh", "-c", `head -c ${RECORDING_MAX * 4} /dev/zero; sleep 5`], "", envOf(recorded));
+    expect(strict.code).toBe(1);
+    expect(strict.stderr).toMatch(/FailedPrecondition: .*the session's recording reached the controller's limit of 300000 bytes; the role records sessions strictly, so the session is ended/);
+    const lax = await shell(["-T", "h1", "--", "sh", "-c", `head -c ${RECORDING_MAX * 4} /dev/zero; echo done`], "");
+    expect(lax.code).toBe(0);
+    expect(lax.stdout.length).toBe(RECORDING_MAX * 4 + 5);
+    const listed = (await rexmesh(["sessions", "--json", "--limit", "5"], mesh.exports())).stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(listed.find((x) => x.operator === "operator:acme/recorded")).toMatchObject({ recording: "cut" });
+    expect(listed.find((x) => x.operator === "operator:acme/dev" && x.outcome === "exited 0")).toMatchObject({ recording: "cut", bytesFromHost: RECORDING_MAX * 4 + 5 });
   });
 
   it("ends a session idle past its role's timeout, and one past its maximum duration, each with the reason, and its process with it", async () => {

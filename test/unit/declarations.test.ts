@@ -38,6 +38,8 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/ImportBundle": "operator bundle (hosts resolved)",
       "rexmesh.v1.ControllerService/SetHostLabels": "operator label (hosts resolved)",
       "rexmesh.v1.ControllerService/ListAudit": "operator audit (tenant)",
+      "rexmesh.v1.ControllerService/ListSessions": "operator audit (tenant)",
+      "rexmesh.v1.ControllerService/GetSessionRecording": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/PutDocument": "operator document (tenant)",
       "rexmesh.v1.ControllerService/GetDocument": "operator read (tenant)",
       "rexmesh.v1.ControllerService/ListDocuments": "operator read (tenant)",

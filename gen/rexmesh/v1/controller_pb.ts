@@ -8,7 +8,7 @@ import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { HostFacts } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
-import type { SessionFrame, SessionSpec } from "./session_pb.js";
+import type { SessionChannel, SessionFrame, SessionSpec } from "./session_pb.js";
 import { file_rexmesh_v1_session } from "./session_pb.js";
 import type { OutputChunk, Step, TaskState } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QirwUKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARIQCghkb2N1bWVudBgOIAEoCRJACgpwYXJhbWV0ZXJzGA8gAygLMiwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LlBhcmFtZXRlcnNFbnRyeRIPCgdkcnlfcnVuGBAgASgIEi0KCmxvc3RfYWZ0ZXIYESABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGAoQZG9jdW1lbnRfY29udGVudBgSIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB190YXJnZXQizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCJYChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIlCgRwbGFuGAIgAygLMhcucmV4bWVzaC52MS5QbGFubmVkVGFzayKDAQoLUGxhbm5lZFRhc2sSDwoHaG9zdF9pZBgBIAEoCRIOCgZyZWdpb24YAiABKAkSDQoFcHJveHkYAyABKAkSEQoJY29ubmVjdGVkGAQgASgIEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEhAKCHJlamVjdGVkGAYgASgJIkUKDlRhc2tTdGF0ZUNvdW50EiQKBXN0YXRlGAEgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSDQoFY291bnQYAiABKA0imAMKA0pvYhIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSFAoMc3VibWl0dGVkX2J5GAMgASgJEiMKBXN0YXRlGAQgASgOMhQucmV4bWVzaC52MS5Kb2JTdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHwoFc3RlcHMYByADKAsyEC5yZXhtZXNoLnYxLlN0ZXASKgoGY291bnRzGAggAygLMhoucmV4bWVzaC52MS5UYXNrU3RhdGVDb3VudBISCgp0YXNrX2NvdW50GAkgASgNEhAKCGRvY3VtZW50GAogASgJEjMKCnBhcmFtZXRlcnMYCyADKAsyHy5yZXhtZXNoLnYxLkpvYi5QYXJhbWV0ZXJzRW50cnkaMQoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi1gMKBFRhc2sSCgoCaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSDgoGcmVnaW9uGAQgASgJEg0KBXByb3h5GAUgASgJEiQKBXN0YXRlGAYgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSFgoJZXhpdF9jb2RlGAcgASgFSACIAQESDgoGc2lnbmFsGAggASgJEg8KB21lc3NhZ2UYCSABKAkSLgoKdXBkYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQb3V0cHV0X3RydW5jYXRlZBgLIAEoCBIVCg1vdXRwdXRfY2h1bmtzGAwgASgEEh8KBXN0ZXBzGA0gAygLMhAucmV4bWVzaC52MS5TdGVwEh4KFm91dHB1dF9jaHVua3NfZXhwZWN0ZWQYDiABKAQSFwoPb3V0cHV0X2NvbXBsZXRlGA8gASgIEisKC2xhdGVfcmVwb3J0GBAgASgLMhYucmV4bWVzaC52MS5MYXRlUmVwb3J0Ei0KDHJlc3VsdF9jaGVjaxgRIAEoDjIXLnJleG1lc2gudjEuUmVzdWx0Q2hlY2tCDAoKX2V4aXRfY29kZSKjAQoKTGF0ZVJlcG9ydBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgCIAEoBUgAiAEBEg4KBnNpZ25hbBgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgwKCl9leGl0X2NvZGUiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiTwoOR2V0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISHwoFdGFza3MYAiADKAsyEC5yZXhtZXNoLnYxLlRhc2siNAoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIRCglub19vdXRwdXQYAiABKAgiegoQV2F0Y2hKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzaxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rIiAKD0xpc3RKb2JzUmVxdWVzdBINCgVsaW1pdBgBIAEoDSIxChBMaXN0Sm9ic1Jlc3BvbnNlEh0KBGpvYnMYASADKAsyDy5yZXhtZXNoLnYxLkpvYiIlChNFeHBvcnRCdW5kbGVSZXF1ZXN0Eg4KBnJlZ2lvbhgBIAEoCSI1ChRFeHBvcnRCdW5kbGVSZXNwb25zZRIOCgZidW5kbGUYASABKAwSDQoFdGFza3MYAiABKA0iJQoTSW1wb3J0QnVuZGxlUmVxdWVzdBIOCgZidW5kbGUYASABKAwiXgoUSW1wb3J0QnVuZGxlUmVzcG9uc2USGAoQc3RhdHVzZXNfYXBwbGllZBgBIAEoDRIdChVvdXRwdXRfY2h1bmtzX2FwcGxpZWQYAiABKA0SDQoFaG9zdHMYAyABKA0iIgoQQ2FuY2VsSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMQoRQ2FuY2VsSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2IimwEKFFNldEhvc3RMYWJlbHNSZXF1ZXN0Eg8KB2hvc3RfaWQYASABKAkSNgoDc2V0GAIgAygLMikucmV4bWVzaC52MS5TZXRIb3N0TGFiZWxzUmVxdWVzdC5TZXRFbnRyeRIOCgZyZW1vdmUYAyADKAkaKgoIU2V0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI3ChVTZXRIb3N0TGFiZWxzUmVzcG9uc2USHgoEaG9zdBgBIAEoCzIQLnJleG1lc2gudjEuSG9zdCJMChBMaXN0QXVkaXRSZXF1ZXN0EikKBXNpbmNlGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVsaW1pdBgCIAEoDSI7ChFMaXN0QXVkaXRSZXNwb25zZRImCgZldmVudHMYASADKAsyFi5yZXhtZXNoLnYxLkF1ZGl0RXZlbnQi8AEKCkF1ZGl0RXZlbnQSCgoCaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEa2luZBgDIAEoCRIOCgZ0ZW5hbnQYBCABKAkSDQoFYWN0b3IYBSABKAkSKwoIZGVjaXNpb24YBiABKA4yGS5yZXhtZXNoLnYxLkF1ZGl0RGVjaXNpb24SDgoGcmVhc29uGAcgASgJEgwKBHdoYXQYCCABKAkSEAoIaG9zdF9pZHMYCSADKAkSEgoKaG9zdF9jb3VudBgKIAEoDRIOCgZqb2JfaWQYCyABKAkikwEKCERvY3VtZW50EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoDRITCgtkZXNjcmlwdGlvbhgDIAEoCRIuCgpjcmVhdGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GAUgASgJEg8KB2NvbnRlbnQYBiABKAkiJQoSUHV0RG9jdW1lbnRSZXF1ZXN0Eg8KB2NvbnRlbnQYASABKAkiTwoTUHV0RG9jdW1lbnRSZXNwb25zZRImCghkb2N1bWVudBgBIAEoCzIULnJleG1lc2gudjEuRG9jdW1lbnQSEAoId2FybmluZ3MYAiADKAkiIgoSR2V0RG9jdW1lbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiPQoTR2V0RG9jdW1lbnRSZXNwb25zZRImCghkb2N1bWVudBgBIAEoCzIULnJleG1lc2gudjEuRG9jdW1lbnQiFgoUTGlzdERvY3VtZW50c1JlcXVlc3QiQAoVTGlzdERvY3VtZW50c1Jlc3BvbnNlEicKCWRvY3VtZW50cxgBIAMoCzIULnJleG1lc2gudjEuRG9jdW1lbnQiYAoOU2Vzc2lvblJlcXVlc3QSJQoEb3BlbhgBIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbk9wZW4SJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSJFCgtTZXNzaW9uT3BlbhIPCgdob3N0X2lkGAEgASgJEiUKBHNwZWMYAiABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25TcGVjImcKD1Nlc3Npb25SZXNwb25zZRIrCgdzdGFydGVkGAEgASgLMhoucmV4bWVzaC52MS5TZXNzaW9uU3RhcnRlZBInCgVmcmFtZRgCIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkZyYW1lIloKDlNlc3Npb25TdGFydGVkEhIKCnNlc3Npb25faWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRINCgVwcm94eRgDIAEoCRIUCgxrZWVwYWxpdmVfbXMYBCABKA0qlAEKD0Nvbm5lY3Rpb25TdGF0ZRIgChxDT05ORUNUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHgoaQ09OTkVDVElPTl9TVEFURV9DT05ORUNURUQQARIhCh1DT05ORUNUSU9OX1NUQVRFX0RJU0NPTk5FQ1RFRBACEhwKGENPTk5FQ1RJT05fU1RBVEVfUkVWT0tFRBADKlAKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhUKEUpPQl9TVEFURV9SVU5OSU5HEAESEgoOSk9CX1NUQVRFX0RPTkUQAiq8AQoLUmVzdWx0Q2hlY2sSHAoYUkVTVUxUX0NIRUNLX1VOU1BFQ0lGSUVEEAASGQoVUkVTVUxUX0NIRUNLX1ZFUklGSUVEEAESHwobUkVTVUxUX0NIRUNLX09VVFBVVF9QRU5ESU5HEAISGwoXUkVTVUxUX0NIRUNLX1VOVkVSSUZJRUQQAxIZChVSRVNVTFRfQ0hFQ0tfTUlTTUFUQ0gQBBIbChdSRVNVTFRfQ0hFQ0tfU1RBVEVfT05MWRAFKoMBCg1BdWRpdERlY2lzaW9uEh4KGkFVRElUX0RFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASGgoWQVVESVRfREVDSVNJT05fQUxMT1dFRBABEhkKFUFVRElUX0RFQ0lTSU9OX0RFTklFRBACEhsKF0FVRElUX0RFQ0lTSU9OX1JFSkVDVEVEEAMyjgkKEUNvbnRyb2xsZXJTZXJ2aWNlEkgKCUxpc3RIb3N0cxIcLnJleG1lc2gudjEuTGlzdEhvc3RzUmVxdWVzdBodLnJleG1lc2gudjEuTGlzdEhvc3RzUmVzcG9uc2USSAoJU3VibWl0Sm9iEhwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0Gh0ucmV4bWVzaC52MS5TdWJtaXRKb2JSZXNwb25zZRI/CgZHZXRKb2ISGS5yZXhtZXNoLnYxLkdldEpvYlJlcXVlc3QaGi5yZXhtZXNoLnYxLkdldEpvYlJlc3BvbnNlEkcKCFdhdGNoSm9iEhsucmV4bWVzaC52MS5XYXRjaEpvYlJlcXVlc3QaHC5yZXhtZXNoLnYxLldhdGNoSm9iUmVzcG9uc2UwARJICglDYW5jZWxKb2ISHC5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlc3BvbnNlEkUKCExpc3RKb2JzEhsucmV4bWVzaC52MS5MaXN0Sm9ic1JlcXVlc3QaHC5yZXhtZXNoLnYxLkxpc3RKb2JzUmVzcG9uc2USUQoMRXhwb3J0QnVuZGxlEh8ucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXF1ZXN0GiAucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXNwb25zZRJRCgxJbXBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlc3BvbnNlElQKDVNldEhvc3RMYWJlbHMSIC5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0GiEucmV4bWVzaC52MS5TZXRIb3N0TGFiZWxzUmVzcG9uc2USSAoJTGlzdEF1ZGl0EhwucmV4bWVzaC52MS5MaXN0QXVkaXRSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0QXVkaXRSZXNwb25zZRJOCgtQdXREb2N1bWVudBIeLnJleG1lc2gudjEuUHV0RG9jdW1lbnRSZXF1ZXN0Gh8ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlc3BvbnNlEk4KC0dldERvY3VtZW50Eh4ucmV4bWVzaC52MS5HZXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVzcG9uc2USVAoNTGlzdERvY3VtZW50cxIgLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1JlcXVlc3QaIS5yZXhtZXNoLnYxLkxpc3REb2N1bWVudHNSZXNwb25zZRJGCgdTZXNzaW9uEhoucmV4bWVzaC52MS5TZXNzaW9uUmVxdWVzdBobLnJleG1lc2gudjEuU2Vzc2lvblJlc3BvbnNlKAEwARJGCgdGb3J3YXJkEhoucmV4bWVzaC52MS5TZXNzaW9uUmVxdWVzdBobLnJleG1lc2gudjEuU2Vzc2lvblJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QirwUKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARIQCghkb2N1bWVudBgOIAEoCRJACgpwYXJhbWV0ZXJzGA8gAygLMiwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LlBhcmFtZXRlcnNFbnRyeRIPCgdkcnlfcnVuGBAgASgIEi0KCmxvc3RfYWZ0ZXIYESABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGAoQZG9jdW1lbnRfY29udGVudBgSIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB190YXJnZXQizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCJYChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIlCgRwbGFuGAIgAygLMhcucmV4bWVzaC52MS5QbGFubmVkVGFzayKDAQoLUGxhbm5lZFRhc2sSDwoHaG9zdF9pZBgBIAEoCRIOCgZyZWdpb24YAiABKAkSDQoFcHJveHkYAyABKAkSEQoJY29ubmVjdGVkGAQgASgIEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEhAKCHJlamVjdGVkGAYgASgJIkUKDlRhc2tTdGF0ZUNvdW50EiQKBXN0YXRlGAEgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSDQoFY291bnQYAiABKA0imAMKA0pvYhIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSFAoMc3VibWl0dGVkX2J5GAMgASgJEiMKBXN0YXRlGAQgASgOMhQucmV4bWVzaC52MS5Kb2JTdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHwoFc3RlcHMYByADKAsyEC5yZXhtZXNoLnYxLlN0ZXASKgoGY291bnRzGAggAygLMhoucmV4bWVzaC52MS5UYXNrU3RhdGVDb3VudBISCgp0YXNrX2NvdW50GAkgASgNEhAKCGRvY3VtZW50GAogASgJEjMKCnBhcmFtZXRlcnMYCyADKAsyHy5yZXhtZXNoLnYxLkpvYi5QYXJhbWV0ZXJzRW50cnkaMQoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi1gMKBFRhc2sSCgoCaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSDgoGcmVnaW9uGAQgASgJEg0KBXByb3h5GAUgASgJEiQKBXN0YXRlGAYgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSFgoJZXhpdF9jb2RlGAcgASgFSACIAQESDgoGc2lnbmFsGAggASgJEg8KB21lc3NhZ2UYCSABKAkSLgoKdXBkYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQb3V0cHV0X3RydW5jYXRlZBgLIAEoCBIVCg1vdXRwdXRfY2h1bmtzGAwgASgEEh8KBXN0ZXBzGA0gAygLMhAucmV4bWVzaC52MS5TdGVwEh4KFm91dHB1dF9jaHVua3NfZXhwZWN0ZWQYDiABKAQSFwoPb3V0cHV0X2NvbXBsZXRlGA8gASgIEisKC2xhdGVfcmVwb3J0GBAgASgLMhYucmV4bWVzaC52MS5MYXRlUmVwb3J0Ei0KDHJlc3VsdF9jaGVjaxgRIAEoDjIXLnJleG1lc2gudjEuUmVzdWx0Q2hlY2tCDAoKX2V4aXRfY29kZSKjAQoKTGF0ZVJlcG9ydBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgCIAEoBUgAiAEBEg4KBnNpZ25hbBgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgwKCl9leGl0X2NvZGUiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiTwoOR2V0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISHwoFdGFza3MYAiADKAsyEC5yZXhtZXNoLnYxLlRhc2siNAoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIRCglub19vdXRwdXQYAiABKAgiegoQV2F0Y2hKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzaxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rIiAKD0xpc3RKb2JzUmVxdWVzdBINCgVsaW1pdBgBIAEoDSIxChBMaXN0Sm9ic1Jlc3BvbnNlEh0KBGpvYnMYASADKAsyDy5yZXhtZXNoLnYxLkpvYiIlChNFeHBvcnRCdW5kbGVSZXF1ZXN0Eg4KBnJlZ2lvbhgBIAEoCSI1ChRFeHBvcnRCdW5kbGVSZXNwb25zZRIOCgZidW5kbGUYASABKAwSDQoFdGFza3MYAiABKA0iJQoTSW1wb3J0QnVuZGxlUmVxdWVzdBIOCgZidW5kbGUYASABKAwiXgoUSW1wb3J0QnVuZGxlUmVzcG9uc2USGAoQc3RhdHVzZXNfYXBwbGllZBgBIAEoDRIdChVvdXRwdXRfY2h1bmtzX2FwcGxpZWQYAiABKA0SDQoFaG9zdHMYAyABKA0iIgoQQ2FuY2VsSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMQoRQ2FuY2VsSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2IimwEKFFNldEhvc3RMYWJlbHNSZXF1ZXN0Eg8KB2hvc3RfaWQYASABKAkSNgoDc2V0GAIgAygLMikucmV4bWVzaC52MS5TZXRIb3N0TGFiZWxzUmVxdWVzdC5TZXRFbnRyeRIOCgZyZW1vdmUYAyADKAkaKgoIU2V0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI3ChVTZXRIb3N0TGFiZWxzUmVzcG9uc2USHgoEaG9zdBgBIAEoCzIQLnJleG1lc2gudjEuSG9zdCJMChBMaXN0QXVkaXRSZXF1ZXN0EikKBXNpbmNlGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVsaW1pdBgCIAEoDSI7ChFMaXN0QXVkaXRSZXNwb25zZRImCgZldmVudHMYASADKAsyFi5yZXhtZXNoLnYxLkF1ZGl0RXZlbnQi8AEKCkF1ZGl0RXZlbnQSCgoCaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEa2luZBgDIAEoCRIOCgZ0ZW5hbnQYBCABKAkSDQoFYWN0b3IYBSABKAkSKwoIZGVjaXNpb24YBiABKA4yGS5yZXhtZXNoLnYxLkF1ZGl0RGVjaXNpb24SDgoGcmVhc29uGAcgASgJEgwKBHdoYXQYCCABKAkSEAoIaG9zdF9pZHMYCSADKAkSEgoKaG9zdF9jb3VudBgKIAEoDRIOCgZqb2JfaWQYCyABKAkikwEKCERvY3VtZW50EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoDRITCgtkZXNjcmlwdGlvbhgDIAEoCRIuCgpjcmVhdGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GAUgASgJEg8KB2NvbnRlbnQYBiABKAkiJQoSUHV0RG9jdW1lbnRSZXF1ZXN0Eg8KB2NvbnRlbnQYASABKAkiTwoTUHV0RG9jdW1lbnRSZXNwb25zZRImCghkb2N1bWVudBgBIAEoCzIULnJleG1lc2gudjEuRG9jdW1lbnQSEAoId2FybmluZ3MYAiADKAkiIgoSR2V0RG9jdW1lbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiPQoTR2V0RG9jdW1lbnRSZXNwb25zZRImCghkb2N1bWVudBgBIAEoCzIULnJleG1lc2gudjEuRG9jdW1lbnQiFgoUTGlzdERvY3VtZW50c1JlcXVlc3QiQAoVTGlzdERvY3VtZW50c1Jlc3BvbnNlEicKCWRvY3VtZW50cxgBIAMoCzIULnJleG1lc2gudjEuRG9jdW1lbnQiYAoOU2Vzc2lvblJlcXVlc3QSJQoEb3BlbhgBIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbk9wZW4SJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSJFCgtTZXNzaW9uT3BlbhIPCgdob3N0X2lkGAEgASgJEiUKBHNwZWMYAiABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25TcGVjImcKD1Nlc3Npb25SZXNwb25zZRIrCgdzdGFydGVkGAEgASgLMhoucmV4bWVzaC52MS5TZXNzaW9uU3RhcnRlZBInCgVmcmFtZRgCIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkZyYW1lIloKDlNlc3Npb25TdGFydGVkEhIKCnNlc3Npb25faWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRINCgVwcm94eRgDIAEoCRIUCgxrZWVwYWxpdmVfbXMYBCABKA0iJAoTTGlzdFNlc3Npb25zUmVxdWVzdBINCgVsaW1pdBgBIAEoDSJBChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIpCghzZXNzaW9ucxgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkluZm8ivQIKC1Nlc3Npb25JbmZvEhIKCnNlc3Npb25faWQYASABKAkSEAoIb3BlcmF0b3IYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIMCgRraW5kGAQgASgJEgwKBHdoYXQYBSABKAkSLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWJ5dGVzX3RvX2hvc3QYCCABKAQSFwoPYnl0ZXNfZnJvbV9ob3N0GAkgASgEEg8KB291dGNvbWUYCiABKAkSLQoJcmVjb3JkaW5nGAsgASgOMhoucmV4bWVzaC52MS5SZWNvcmRpbmdTdGF0ZRINCgVwcm94eRgMIAEoCSIwChpHZXRTZXNzaW9uUmVjb3JkaW5nUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJInoKG0dldFNlc3Npb25SZWNvcmRpbmdSZXNwb25zZRIoCgdzZXNzaW9uGAEgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uSW5mbxIxCgZldmVudHMYAiADKAsyIS5yZXhtZXNoLnYxLlNlc3Npb25SZWNvcmRpbmdFdmVudCKAAQoVU2Vzc2lvblJlY29yZGluZ0V2ZW50Eg0KBWF0X21zGAEgASgEEg8KB3RvX2hvc3QYAiABKAgSKwoHY2hhbm5lbBgDIAEoDjIaLnJleG1lc2gudjEuU2Vzc2lvbkNoYW5uZWwSDAoEY29ubhgEIAEoDRIMCgRkYXRhGAUgASgMKpQBCg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAhIcChhDT05ORUNUSU9OX1NUQVRFX1JFVk9LRUQQAypQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqvAEKC1Jlc3VsdENoZWNrEhwKGFJFU1VMVF9DSEVDS19VTlNQRUNJRklFRBAAEhkKFVJFU1VMVF9DSEVDS19WRVJJRklFRBABEh8KG1JFU1VMVF9DSEVDS19PVVRQVVRfUEVORElORxACEhsKF1JFU1VMVF9DSEVDS19VTlZFUklGSUVEEAMSGQoVUkVTVUxUX0NIRUNLX01JU01BVENIEAQSGwoXUkVTVUxUX0NIRUNLX1NUQVRFX09OTFkQBSqDAQoNQXVkaXREZWNpc2lvbhIeChpBVURJVF9ERUNJU0lPTl9VTlNQRUNJRklFRBAAEhoKFkFVRElUX0RFQ0lTSU9OX0FMTE9XRUQQARIZChVBVURJVF9ERUNJU0lPTl9ERU5JRUQQAhIbChdBVURJVF9ERUNJU0lPTl9SRUpFQ1RFRBADKqMBCg5SZWNvcmRpbmdTdGF0ZRIfChtSRUNPUkRJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABIdChlSRUNPUkRJTkdfU1RBVEVfUkVDT1JESU5HEAESHAoYUkVDT1JESU5HX1NUQVRFX0NPTVBMRVRFEAISFwoTUkVDT1JESU5HX1NUQVRFX0NVVBADEhoKFlJFQ09SRElOR19TVEFURV9GQUlMRUQQBDLLCgoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlEk4KC1B1dERvY3VtZW50Eh4ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLlB1dERvY3VtZW50UmVzcG9uc2USTgoLR2V0RG9jdW1lbnQSHi5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVxdWVzdBofLnJleG1lc2gudjEuR2V0RG9jdW1lbnRSZXNwb25zZRJUCg1MaXN0RG9jdW1lbnRzEiAucmV4bWVzaC52MS5MaXN0RG9jdW1lbnRzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1Jlc3BvbnNlEkYKB1Nlc3Npb24SGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABEkYKB0ZvcndhcmQSGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABElEKDExpc3RTZXNzaW9ucxIfLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVxdWVzdBogLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USaAoTR2V0U2Vzc2lvblJlY29yZGluZxImLnJleG1lc2gudjEuR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QaJy5yZXhtZXNoLnYxLkdldFNlc3Npb25SZWNvcmRpbmdSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -1321,6 +1321,212 @@ export const SessionStartedSchema: GenMessage<SessionStarted> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_controller, 38);
 
 /**
+ * @generated from message rexmesh.v1.ListSessionsRequest
+ */
+export type ListSessionsRequest = Message<"rexmesh.v1.ListSessionsRequest"> & {
+  /**
+   * At most this many of the newest (default 100, at most 1000).
+   *
+   * @generated from field: uint32 limit = 1;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message rexmesh.v1.ListSessionsRequest.
+ * Use `create(ListSessionsRequestSchema)` to create a new message.
+ */
+export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 39);
+
+/**
+ * @generated from message rexmesh.v1.ListSessionsResponse
+ */
+export type ListSessionsResponse = Message<"rexmesh.v1.ListSessionsResponse"> & {
+  /**
+   * @generated from field: repeated rexmesh.v1.SessionInfo sessions = 1;
+   */
+  sessions: SessionInfo[];
+};
+
+/**
+ * Describes the message rexmesh.v1.ListSessionsResponse.
+ * Use `create(ListSessionsResponseSchema)` to create a new message.
+ */
+export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 40);
+
+/**
+ * @generated from message rexmesh.v1.SessionInfo
+ */
+export type SessionInfo = Message<"rexmesh.v1.SessionInfo"> & {
+  /**
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * Who opened it, as the audit log names them.
+   *
+   * @generated from field: string operator = 2;
+   */
+  operator: string;
+
+  /**
+   * @generated from field: string host_id = 3;
+   */
+  hostId: string;
+
+  /**
+   * "session" or "forward".
+   *
+   * @generated from field: string kind = 4;
+   */
+  kind: string;
+
+  /**
+   * What it ran ("login shell (tty)", "top", "port forward to 127.0.0.1:5432").
+   *
+   * @generated from field: string what = 5;
+   */
+  what: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp started_at = 6;
+   */
+  startedAt?: Timestamp | undefined;
+
+  /**
+   * Unset while it runs.
+   *
+   * @generated from field: google.protobuf.Timestamp ended_at = 7;
+   */
+  endedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: uint64 bytes_to_host = 8;
+   */
+  bytesToHost: bigint;
+
+  /**
+   * @generated from field: uint64 bytes_from_host = 9;
+   */
+  bytesFromHost: bigint;
+
+  /**
+   * How it ended, as in the audit log ("exited 0", "closed by the client: ...").
+   *
+   * @generated from field: string outcome = 10;
+   */
+  outcome: string;
+
+  /**
+   * @generated from field: rexmesh.v1.RecordingState recording = 11;
+   */
+  recording: RecordingState;
+
+  /**
+   * The proxy it went through.
+   *
+   * @generated from field: string proxy = 12;
+   */
+  proxy: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionInfo.
+ * Use `create(SessionInfoSchema)` to create a new message.
+ */
+export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 41);
+
+/**
+ * @generated from message rexmesh.v1.GetSessionRecordingRequest
+ */
+export type GetSessionRecordingRequest = Message<"rexmesh.v1.GetSessionRecordingRequest"> & {
+  /**
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.GetSessionRecordingRequest.
+ * Use `create(GetSessionRecordingRequestSchema)` to create a new message.
+ */
+export const GetSessionRecordingRequestSchema: GenMessage<GetSessionRecordingRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 42);
+
+/**
+ * @generated from message rexmesh.v1.GetSessionRecordingResponse
+ */
+export type GetSessionRecordingResponse = Message<"rexmesh.v1.GetSessionRecordingResponse"> & {
+  /**
+   * First response only.
+   *
+   * @generated from field: rexmesh.v1.SessionInfo session = 1;
+   */
+  session?: SessionInfo | undefined;
+
+  /**
+   * @generated from field: repeated rexmesh.v1.SessionRecordingEvent events = 2;
+   */
+  events: SessionRecordingEvent[];
+};
+
+/**
+ * Describes the message rexmesh.v1.GetSessionRecordingResponse.
+ * Use `create(GetSessionRecordingResponseSchema)` to create a new message.
+ */
+export const GetSessionRecordingResponseSchema: GenMessage<GetSessionRecordingResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 43);
+
+/**
+ * Bytes of a session as they passed the controller, in order.
+ *
+ * @generated from message rexmesh.v1.SessionRecordingEvent
+ */
+export type SessionRecordingEvent = Message<"rexmesh.v1.SessionRecordingEvent"> & {
+  /**
+   * Milliseconds since the session started.
+   *
+   * @generated from field: uint64 at_ms = 1;
+   */
+  atMs: bigint;
+
+  /**
+   * From the operator to the host (input); otherwise from the host (output).
+   *
+   * @generated from field: bool to_host = 2;
+   */
+  toHost: boolean;
+
+  /**
+   * @generated from field: rexmesh.v1.SessionChannel channel = 3;
+   */
+  channel: SessionChannel;
+
+  /**
+   * The connection, for a port forward's bytes.
+   *
+   * @generated from field: uint32 conn = 4;
+   */
+  conn: number;
+
+  /**
+   * @generated from field: bytes data = 5;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionRecordingEvent.
+ * Use `create(SessionRecordingEventSchema)` to create a new message.
+ */
+export const SessionRecordingEventSchema: GenMessage<SessionRecordingEvent> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 44);
+
+/**
  * @generated from enum rexmesh.v1.ConnectionState
  */
 export enum ConnectionState {
@@ -1482,6 +1688,51 @@ export const AuditDecisionSchema: GenEnum<AuditDecision> = /*@__PURE__*/
   enumDesc(file_rexmesh_v1_controller, 3);
 
 /**
+ * @generated from enum rexmesh.v1.RecordingState
+ */
+export enum RecordingState {
+  /**
+   * @generated from enum value: RECORDING_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The session runs; what it said so far is recorded.
+   *
+   * @generated from enum value: RECORDING_STATE_RECORDING = 1;
+   */
+  RECORDING = 1,
+
+  /**
+   * Every byte both ways is in the recording.
+   *
+   * @generated from enum value: RECORDING_STATE_COMPLETE = 2;
+   */
+  COMPLETE = 2,
+
+  /**
+   * The recording stopped at the controller's limit (--session-recording-max);
+   * the session went on unrecorded (a role with strict recording ends it).
+   *
+   * @generated from enum value: RECORDING_STATE_CUT = 3;
+   */
+  CUT = 3,
+
+  /**
+   * The recording could not be stored (the store failed); see the outcome.
+   *
+   * @generated from enum value: RECORDING_STATE_FAILED = 4;
+   */
+  FAILED = 4,
+}
+
+/**
+ * Describes the enum rexmesh.v1.RecordingState.
+ */
+export const RecordingStateSchema: GenEnum<RecordingState> = /*@__PURE__*/
+  enumDesc(file_rexmesh_v1_controller, 4);
+
+/**
  * The public API of rexmesh, served by the controller over HTTP/2 with TLS
  * for gRPC, gRPC-Web and Connect clients. Callers authenticate with an
  * operator client certificate.
@@ -1635,6 +1886,28 @@ export const ControllerService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof SessionRequestSchema;
     output: typeof SessionResponseSchema;
+  },
+  /**
+   * Sessions and port forwards of the caller's tenant, newest first, with
+   * how they ended and whether their recording is whole.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ListSessions
+   */
+  listSessions: {
+    methodKind: "unary";
+    input: typeof ListSessionsRequestSchema;
+    output: typeof ListSessionsResponseSchema;
+  },
+  /**
+   * The recording of one session: its summary first, then its bytes in
+   * order with their timing. Every replay is in the audit log.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.GetSessionRecording
+   */
+  getSessionRecording: {
+    methodKind: "server_streaming";
+    input: typeof GetSessionRecordingRequestSchema;
+    output: typeof GetSessionRecordingResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);

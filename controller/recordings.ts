@@ -1,0 +1,184 @@
+/**
+ * Recordings of sessions and port forwards (docs/sessions.md, "Recording"),
+ * kept by the controller in its LMDB store: every byte both ways with its
+ * time, written as it passes the controller's relay, and a summary per
+ * session (who, host, what, start, end, bytes, how it ended, whether the
+ * recording is whole).
+ *
+ * Recorded at the controller, not the proxy: between the controller and
+ * the host a session is sealed end to end, so a proxy holds only records
+ * it cannot open — the controller is where the plain bytes are. Not on the
+ * host either: a recording survives the host.
+ */
+import type { Database } from "lmdb";
+import type { Clock, Timer } from "../common/clock.js";
+import { storageError } from "../common/lmdb.js";
+import type { Logger } from "../common/logger.js";
+import { NotFoundError } from "../common/errors.js";
+
+export type RecordingState = "recording" | "complete" | "cut" | "failed";
+
+export interface SessionSummary {
+  id: string;
+  tenant: string;
+  operator: string;
+  hostId: string;
+  proxy: string;
+  kind: "session" | "forward";
+  what: string;
+  startedAt: number;
+  endedAt?: number;
+  bytesToHost: number;
+  bytesFromHost: number;
+  outcome: string;
+  recording: RecordingState;
+}
+
+/** One recorded piece: ms since the start, the direction, the channel, the connection, the bytes. */
+export type RecordedEvent = [atMs: number, toHost: boolean, channel: number, conn: number, data: Uint8Array];
+
+export interface RecordingStore {
+  putSummary(s: SessionSummary): Promise<void>;
+  summary(id: string): SessionSummary | undefined;
+  /** Every session's summary, newest first. */
+  summariesNewestFirst(): Iterable<SessionSummary>;
+  putEvents(id: string, seq: number, events: RecordedEvent[]): Promise<void>;
+  events(id: string): Iterable<RecordedEvent[]>;
+}
+
+/** The "sessions" and "session-recordings" databases of the controller's LMDB environment. */
+export class LmdbRecordingStore implements RecordingStore {
+  constructor(
+    private readonly summaries: Database<SessionSummary, string>,
+    private readonly chunks: Database<RecordedEvent[], string>,
+  ) {}
+  async putSummary(s: SessionSummary): Promise<void> {
+    await this.summaries.put(s.id, s).catch((err: unknown) => Promise.reject(storageError(err)));
+  }
+  summary(id: string): SessionSummary | undefined {
+    return this.summaries.get(id);
+  }
+  *summariesNewestFirst(): Iterable<SessionSummary> {
+    for (const { value } of this.summaries.getRange({ reverse: true })) yield value;
+  }
+  async putEvents(id: string, seq: number, events: RecordedEvent[]): Promise<void> {
+    await this.chunks.put(chunkKey(id, seq), events).catch((err: unknown) => Promise.reject(storageError(err)));
+  }
+  *events(id: string): Iterable<RecordedEvent[]> {
+    for (const { value } of this.chunks.getRange({ start: chunkKey(id, 0), end: `${id}/~` })) yield value;
+  }
+}
+
+const chunkKey = (id: string, seq: number) => `${id}/${String(seq).padStart(10, "0")}`;
+
+export interface RecorderOptions {
+  store: RecordingStore;
+  clock: Clock;
+  log: Logger;
+  /** Bytes recorded per session at most; past it the recording is cut. */
+  maxBytes: number;
+  /** How long recorded bytes wait to be written with the next ones. Default 200 ms. */
+  flushMs?: number;
+  /** Bytes that wait at most before they are written. Default 256 KiB. */
+  flushBytes?: number;
+}
+
+/**
+ * One session's recording. `add` never throws: a recording that cannot be
+ * stored says so through `failure` (once), and the broker ends the session
+ * when the role asks for strict recording.
+ */
+export class Recording {
+  private pending: RecordedEvent[] = [];
+  private pendingBytes = 0;
+  private recorded = 0;
+  private seq = 0;
+  private timer: Timer | undefined;
+  private writes: Promise<void> = Promise.resolve();
+  private failed: string | undefined;
+  private listeners: ((reason: string) => void)[] = [];
+
+  constructor(
+    private readonly opts: RecorderOptions,
+    readonly summary: SessionSummary,
+  ) {}
+
+  /** Starts the recording: its summary is stored first (a strict session does not start without it). */
+  async start(): Promise<void> {
+    await this.opts.store.putSummary({ ...this.summary });
+  }
+
+  /** Called once, with why, when the recording is cut or cannot be stored. */
+  onFailure(fn: (reason: string) => void): void {
+    this.listeners.push(fn);
+  }
+
+  add(toHost: boolean, channel: number, conn: number, data: Uint8Array): void {
+    if (toHost) this.summary.bytesToHost += data.length;
+    else this.summary.bytesFromHost += data.length;
+    if (this.summary.recording !== "recording") return;
+    if (this.recorded + data.length > this.opts.maxBytes) {
+      this.summary.recording = "cut";
+      this.fail(`the session's recording reached the controller's limit of ${this.opts.maxBytes} bytes`);
+      return;
+    }
+    this.recorded += data.length;
+    this.pending.push([this.opts.clock.now() - this.summary.startedAt, toHost, channel, conn, Buffer.from(data)]);
+    this.pendingBytes += data.length;
+    if (this.pendingBytes >= (this.opts.flushBytes ?? 256 * 1024)) this.flush();
+    else this.timer ??= this.opts.clock.setTimeout(() => this.flush(), this.opts.flushMs ?? 200);
+  }
+
+  /** The session ended: what waits is written, then the summary with how it ended. */
+  async finish(outcome: string): Promise<void> {
+    this.flush();
+    await this.writes;
+    this.summary.endedAt = this.opts.clock.now();
+    this.summary.outcome = outcome;
+    if (this.summary.recording === "recording") this.summary.recording = "complete";
+    await this.opts.store.putSummary({ ...this.summary }).catch((err: unknown) => this.opts.log.error("storing a session's summary failed", { session: this.summary.id, err }));
+  }
+
+  private flush(): void {
+    this.timer?.cancel();
+    this.timer = undefined;
+    if (this.pending.length === 0 || this.summary.recording === "failed") return;
+    const events = this.pending;
+    const seq = this.seq++;
+    this.pending = [];
+    this.pendingBytes = 0;
+    this.writes = this.writes
+      .then(() => this.opts.store.putEvents(this.summary.id, seq, events))
+      .catch((err: unknown) => {
+        this.summary.recording = "failed";
+        this.opts.log.error("storing a session's recording failed", { session: this.summary.id, err });
+        this.fail(`the session's recording cannot be stored: ${err instanceof Error ? err.message : String(err)}`);
+      });
+  }
+
+  private fail(reason: string): void {
+    if (this.failed) return;
+    this.failed = reason;
+    this.pending = [];
+    for (const fn of this.listeners) fn(reason);
+  }
+}
+
+/** A tenant's sessions, newest first. */
+export function listSessions(store: RecordingStore, tenant: string, limit = 100): SessionSummary[] {
+  const n = Math.min(Math.max(limit || 100, 1), 1000);
+  const out: SessionSummary[] = [];
+  for (const s of store.summariesNewestFirst()) {
+    if (s.tenant !== tenant) continue;
+    out.push(s);
+    if (out.length >= n) break;
+  }
+  return out;
+}
+
+/** A session of the tenant, or NOT_FOUND (another tenant's is not found either). */
+export function sessionOf(store: RecordingStore, tenant: string, id: string): SessionSummary {
+  const s = id.length <= 64 ? store.summary(id) : undefined;
+  if (!s || s.tenant !== tenant) throw new NotFoundError(`session ${JSON.stringify(id.slice(0, 64))} not found`);
+  return s;
+}
