@@ -22,7 +22,7 @@ const TREE: Record<string, string[]> = {
   ping: ["--hosts", "--all", "--target", "--timeout", "--json", "--help"],
   shell: ["--tty", "--no-tty", "--help"],
   forward: ["--help"],
-  sessions: ["play", "--limit", "--speed", "--input", "--json", "--help"],
+  sessions: ["play", "join", "--limit", "--speed", "--input", "--json", "--help"],
 };
 
 function bash(): string {

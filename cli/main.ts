@@ -16,7 +16,7 @@ operators:
   ping       check that hosts answer (no process is started)
   shell      a terminal (or CMD) on one host through the mesh: shell HOST [-- CMD]
   forward    a local TCP port through one host to an address it reaches: forward HOST LPORT:ADDR:PORT
-  sessions   sessions and forwards, how they ended; sessions play ID replays one with its timing
+  sessions   sessions and forwards, how they ended; play ID replays one, join ID watches one live
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them

@@ -18,7 +18,7 @@ const options: Record<string, OptionSpec> = {
   help: { type: "boolean", short: "h", doc: "show this help" },
 };
 
-const USAGE = "rexmesh sessions [--limit N] [--json]\n       rexmesh sessions play ID [--speed X] [--input] [--json]";
+const USAGE = "rexmesh sessions [--limit N] [--json]\n       rexmesh sessions play ID [--speed X] [--input] [--json]\n       rexmesh sessions join ID";
 
 export function sessionJson(s: SessionInfo) {
   return {
@@ -44,7 +44,7 @@ export async function sessionsCommand(argv: string[], io: Io): Promise<number> {
   if (v.help) {
     io.out(
       `Sessions (rexmesh shell, run --stdin -) and port forwards of your tenant, newest first, and their\nrecordings, kept by the controller (docs/sessions.md, "Recording"). Needs the 'audit' action.\n\n` +
-        helpText(USAGE, options, ["rexmesh sessions", "rexmesh sessions play s01abc --speed 4", "rexmesh sessions play s01abc --speed 0 > what-they-saw.txt"]),
+        helpText(USAGE, options, ["rexmesh sessions", "rexmesh sessions play s01abc --speed 4", "rexmesh sessions play s01abc --speed 0 > what-they-saw.txt", "rexmesh sessions join s01abc"]),
     );
     return 0;
   }
@@ -67,6 +67,15 @@ export async function sessionsCommand(argv: string[], io: Io): Promise<number> {
         return [r.id, r.operator, r.host, r.startedAt?.slice(0, 19).replace("T", " ") ?? "", lasted, String(r.bytesToHost), String(r.bytesFromHost), r.recording, r.what, r.outcome || "-"];
       });
       io.out(table([header, ...lines]));
+      return 0;
+    }
+    if (sub === "join" && id && extra.length === 0) {
+      // Read-only: the session's output as it comes, until it ends. Nothing typed here reaches it.
+      for await (const r of client.joinSession({ sessionId: id }, { signal: io.signal })) {
+        if (r.session) io.err(`rexmesh: watching session ${id} of ${r.session.operator} on ${r.session.hostId} (${r.session.what}), read-only; Ctrl-C stops watching\n`);
+        for (const e of r.events) await write(e.channel === SessionChannel.STDERR ? process.stderr : process.stdout, e.data);
+        if (r.ended) io.err(`\r\nrexmesh: session ${id} ended: ${r.ended}\n`);
+      }
       return 0;
     }
     if (sub !== "play" || !id || extra.length > 0) throw new InvalidArgumentError(`unknown use: ${USAGE}`);

@@ -322,6 +322,19 @@ export class OperatorAccess {
 
   // ---- session recordings ---------------------------------------------------------
 
+  /** Watching a session that runs (what `watch` opens), audited like a replay: allowed or refused. */
+  async joinSession<T>(caller: PeerIdentity, id: string, watch: () => T & { info: { hostId: string } }): Promise<T> {
+    const what = `watch session ${id.slice(0, LIMITS.idChars)}`;
+    try {
+      const w = watch();
+      await this.record(caller, "session.join", { decision: "allowed", reason: "" }, { what, hostIds: [w.info.hostId] });
+      return w;
+    } catch (err) {
+      await this.record(caller, "session.join", refusal(err), { what });
+      throw err;
+    }
+  }
+
   listSessions(caller: PeerIdentity, limit: number): SessionSummary[] {
     return this.deps.recordings ? listSessions(this.deps.recordings, caller.scope, limit) : [];
   }

@@ -166,6 +166,23 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
     listSessions(req, ctx) {
       return { sessions: access.listSessions(grantedPeer(ctx), req.limit).map(sessionToProto) };
     },
+    async *joinSession(req, ctx) {
+      const sessions = deps.sessions;
+      if (!sessions) throw new FailedPreconditionError("sessions are off at this controller");
+      const caller = grantedPeer(ctx);
+      const watch = await access.joinSession(caller, req.sessionId, () => sessions.observe(caller.scope, req.sessionId));
+      const onAbort = () => watch.stop();
+      ctx.signal.addEventListener("abort", onAbort, { once: true });
+      try {
+        const i = watch.info;
+        yield { session: create(SessionInfoSchema, { sessionId: req.sessionId, operator: i.operator, hostId: i.hostId, proxy: i.proxy, kind: i.kind, what: i.what, startedAt: timestampFromMs(i.startedAt), recording: RecordingState.RECORDING }) };
+        for await (const o of watch.output) yield { events: [{ atMs: BigInt(o.atMs), toHost: false, channel: o.channel, conn: o.conn, data: o.data }] };
+        yield { ended: watch.ended() || "ended" };
+      } finally {
+        ctx.signal.removeEventListener("abort", onAbort);
+        watch.stop();
+      }
+    },
     async *getSessionRecording(req, ctx) {
       const { summary, chunks } = await access.playSession(grantedPeer(ctx), req.sessionId);
       yield { session: sessionToProto(summary) };

@@ -54,6 +54,7 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     // What an operator typed and saw is the audit trail's: the same action as the audit log.
     listSessions: inTenant("audit"),
     getSessionRecording: inTenant("audit"),
+    joinSession: inTenant("audit"),
   })
   .service(TokenService, {
     // A token bound to a host id is decided on that host. An unbound one lets any new host id join the tenant,

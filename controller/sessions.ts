@@ -8,7 +8,8 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
-import { DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../common/errors.js";
+import { DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from "../common/errors.js";
+import { AsyncQueue } from "../common/async-queue.js";
 import type { FrameLink } from "../common/frame-link.js";
 import type { IdGenerator } from "../common/ids.js";
 import { LIMITS, preview } from "../common/limits.js";
@@ -22,7 +23,7 @@ import { SessionResponseSchema, type SessionRequest, type SessionResponse } from
 import type { TaskSigner } from "../common/task-signing.js";
 import type { ProxySessionRequest, ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { ProxySessionResponseSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
-import { SessionOrderSchema, SessionSpecSchema, type SessionFrame, type SessionKey, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
+import { SessionOrderSchema, SessionSpecSchema, type SessionChannel, type SessionFrame, type SessionKey, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { SESSION_LIMIT_MAX_MS } from "./authz.js";
 import type { HostRecord } from "./model.js";
 import { Recording, type RecordingStore } from "./recordings.js";
@@ -115,7 +116,43 @@ interface Active {
   caller: PeerIdentity;
   host: PeerIdentity;
   client: SessionPort<SessionResponse, SessionRequest>;
+  startedAt: number;
+  what: string;
+  proxy: string;
+  /** Operators watching, read-only (sessions join). */
+  observers: Set<Observer>;
 }
+
+/** A piece of a session's output, as a watcher gets it. */
+export interface ObservedOutput {
+  atMs: number;
+  channel: SessionChannel;
+  conn: number;
+  data: Uint8Array;
+}
+
+/** A read-only watcher of a session: its output as it passes; dropped when it falls behind. */
+class Observer {
+  readonly queue = new AsyncQueue<ObservedOutput>();
+  private held = 0;
+  ended = "";
+
+  push(o: ObservedOutput): void {
+    this.held += o.data.length;
+    if (this.held > OBSERVER_HELD_BYTES) {
+      this.queue.close(new ResourceExhaustedError(`the watcher fell ${OBSERVER_HELD_BYTES} bytes behind the session and was dropped`));
+      return;
+    }
+    this.queue.push(o);
+  }
+
+  taken(o: ObservedOutput): void {
+    this.held -= o.data.length;
+  }
+}
+
+/** Output a watcher may be behind by before it is dropped (the session never waits for a watcher). */
+const OBSERVER_HELD_BYTES = 4 << 20;
 
 export class SessionBroker {
   private readonly pending = new Map<string, Pending>();
@@ -255,17 +292,25 @@ export class SessionBroker {
         if (asked.strictRecording) client.end({ code: Code.FailedPrecondition, message: `${reason}; the role records sessions strictly, so the session is ended` });
       });
       const meter = this.opts.meter;
+      const observers = new Set<Observer>();
+      const startedAt = this.opts.clock.now();
       const relayed = relaySession(client, leg.port, {
         first: { client: opening.frame, host: leg.first },
         limits: { clock: this.opts.clock, ...limits, by: "the controller" },
         tap: (direction, data, channel, conn) => {
           meter?.(direction, data.length);
           recording?.add(direction === "to_host", channel, conn, data);
+          // Watchers see output only: input can be what a no-echo prompt hid (a password).
+          if (direction === "from_host") for (const o of observers) o.push({ atMs: this.opts.clock.now() - startedAt, channel, conn, data });
         },
       });
-      this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client });
+      this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client, startedAt, what: describeSession(spec), proxy: leg.proxy, observers });
       const r = await relayed.finally(() => this.active.delete(sessionId));
       const outcome = describeEnd(r);
+      for (const o of observers) {
+        o.ended = outcome;
+        o.queue.close();
+      }
       this.opts.log.info("session ended", { session: sessionId, host: hostId, outcome });
       await recording?.finish(outcome);
       await access.sessionEnded(caller, sessionId, hostId, outcome);
@@ -324,6 +369,36 @@ export class SessionBroker {
       this.opts.log.info("session ended by a revocation", { session: id, reason: who });
       a.client.end({ code: Code.PermissionDenied, message: who });
     }
+  }
+
+  /**
+   * Watches a session of `tenant` that runs now: its summary, then its
+   * output until it ends (`ended()` says how). NOT_FOUND for one that is
+   * not running here, or is another tenant's.
+   */
+  observe(tenant: string, sessionId: string): { info: { operator: string; hostId: string; kind: "session" | "forward"; what: string; proxy: string; startedAt: number }; output: AsyncIterable<ObservedOutput>; ended: () => string; stop: () => void } {
+    const a = this.active.get(sessionId);
+    if (!a || a.host.scope !== tenant) throw new NotFoundError(`no session ${preview(sessionId)} runs now`);
+    const o = new Observer();
+    a.observers.add(o);
+    const queue = o.queue;
+    return {
+      info: { operator: formatIdentity(a.caller), hostId: a.host.id, kind: a.kind, what: a.what, proxy: a.proxy, startedAt: a.startedAt },
+      output: {
+        [Symbol.asyncIterator]: () => ({
+          next: async () => {
+            const r = await queue.next();
+            if (!r.done) o.taken(r.value);
+            return r;
+          },
+        }),
+      },
+      ended: () => o.ended,
+      stop: () => {
+        a.observers.delete(o);
+        queue.close();
+      },
+    };
   }
 
   /** Sessions relayed now, by kind. */

@@ -55,6 +55,7 @@ bindings:
   acme/dev: admin
   acme/recorded: recorded
   acme/auditless: short
+  acme/auditless2: short
   acme/nosession: everything-but-sessions
   acme/brief: brief
   acme/short: short
@@ -276,6 +277,26 @@ bindings:
     const auditless = mesh.issue({ role: "operator", scope: "acme", id: "auditless" }, join(work, "auditless"));
     const refused = await rexmesh(["sessions", "play", String(s.id)], envOf(auditless));
     expect(refused.stderr).toMatch(/PermissionDenied/);
+  });
+
+  it("lets an operator with `audit` watch a running session read-only until it ends; one without is refused", async () => {
+    const running = shell(["-T", "h1", "--", "sh", "-c", "sleep 1; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done"], "");
+    const id = await until("the session in the list", async () => {
+      const listed = (await rexmesh(["sessions", "--json", "--limit", "3"], mesh.exports())).stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+      return listed.find((x) => x.recording === "recording" && String(x.what).includes("tick"))?.id as string | undefined;
+    });
+    const auditless = mesh.issue({ role: "operator", scope: "acme", id: "auditless2" }, join(work, "auditless2"));
+    const refused = await rexmesh(["sessions", "join", id], envOf(auditless));
+    expect(refused.stderr).toMatch(/PermissionDenied/);
+    const watched = await rexmesh(["sessions", "join", id], mesh.exports(), "typed by the watcher\n");
+    expect(watched.code).toBe(0);
+    expect(watched.stdout).toMatch(/tick 8\n$/);
+    expect(watched.stderr).toMatch(/watching session .* of operator:acme\/dev on h1 .*read-only/);
+    expect(watched.stderr).toMatch(/session .* ended: exited 0/);
+    const r = await running;
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^tick 1\n(.*\n)*tick 8\n$/);
+    expect(await rexmesh(["sessions", "join", id], mesh.exports())).toMatchObject({ code: 1, stderr: expect.stringMatching(/NotFound: no session .* runs now/) as unknown as string });
   });
 
   it("ends a session whose recording reaches the limit when the role records strictly; others go on with the recording cut", async () => {

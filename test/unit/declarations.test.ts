@@ -40,6 +40,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/ListAudit": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/ListSessions": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/GetSessionRecording": "operator audit (tenant)",
+      "rexmesh.v1.ControllerService/JoinSession": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/PutDocument": "operator document (tenant)",
       "rexmesh.v1.ControllerService/GetDocument": "operator read (tenant)",
       "rexmesh.v1.ControllerService/ListDocuments": "operator read (tenant)",
