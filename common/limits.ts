@@ -159,6 +159,12 @@ export const LIMITS = {
   sessionWindowCells: 4096,
   /** A session's close message; longer ones are cut. */
   sessionMessageChars: 1000,
+  /**
+   * Connection events a session side holds waiting to be sent (they cost
+   * no credit, so a peer could otherwise make a side queue them without
+   * end): past it the session ends.
+   */
+  sessionQueuedConnEvents: 4096,
   /** Credit a port forward's connection starts with, each way: what one connection holds at either end when its reader stalls. */
   forwardWindowBytes: 256 * KiB,
   /** Connections of one port forward open at once. */

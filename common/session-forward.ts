@@ -47,6 +47,8 @@ interface Conn {
   /** The socket's reader ended: a fin goes once what waits has gone. */
   readEnded: boolean;
   finSent: boolean;
+  /** The socket is closed (its last bytes may still wait for credit, and the fin after them). */
+  socketClosed: boolean;
   /** Over: reset either way, or closed. */
   over: boolean;
 }
@@ -101,7 +103,7 @@ export class ForwardMux {
   }
 
   private track(id: number, socket: Socket): Conn {
-    const c: Conn = { id, socket, credit: this.window, waiting: [], allowance: this.window, written: 0, readEnded: false, finSent: false, over: false };
+    const c: Conn = { id, socket, credit: this.window, waiting: [], allowance: this.window, written: 0, readEnded: false, finSent: false, socketClosed: false, over: false };
     this.conns.set(id, c);
     this.opened++;
     socket.on("data", (chunk: Buffer) => this.read(c, chunk));
@@ -111,10 +113,15 @@ export class ForwardMux {
     });
     socket.on("error", (err: Error) => this.reset(c, err.message));
     socket.on("close", () => {
-      // A socket that closed without an error and without both ends said: its peer still learns it is over.
-      if (!c.over && !(c.finSent && c.socket.writableEnded)) this.reset(c, "the connection closed");
-      c.over = true;
-      this.conns.delete(id);
+      c.socketClosed = true;
+      if (c.over) {
+        this.conns.delete(id);
+        return;
+      }
+      // After a clean end what was read still goes, and then the fin (sendWaiting ends the connection).
+      if (c.readEnded) this.sendWaiting(c);
+      // Closed without its end being read: the peer learns it is over.
+      else this.reset(c, "the connection closed");
     });
     return c;
   }
@@ -135,11 +142,18 @@ export class ForwardMux {
       if (n === head.length) c.waiting.shift();
       else c.waiting[0] = head.subarray(n);
     }
-    if (c.waiting.length > 0) c.socket.pause();
-    else if (!c.readEnded) c.socket.resume();
+    if (c.waiting.length > 0) {
+      if (!c.socketClosed) c.socket.pause();
+      return;
+    }
+    if (!c.readEnded) c.socket.resume();
     else if (!c.finSent) {
       c.finSent = true;
       this.opts.side.sendConn(create(SessionConnSchema, { conn: c.id, fin: true }));
+    }
+    if (c.finSent && c.socketClosed) {
+      c.over = true;
+      this.conns.delete(c.id);
     }
   }
 
@@ -148,7 +162,7 @@ export class ForwardMux {
     // Taken off the session at once: what waits for a slow reader waits in its own socket, within its own credit.
     this.opts.side.consumed(data.length);
     const c = this.conns.get(id);
-    if (!c || c.over) return; // reset on this side, its data still on the way
+    if (!c || c.over || c.socketClosed) return; // reset or closed on this side, its data still on the way
     c.allowance -= data.length;
     if (c.allowance < 0) {
       this.opts.side.end({ code: Code.ResourceExhausted, message: `connection ${id} of the port forward sent past its credit` });
@@ -181,7 +195,9 @@ export class ForwardMux {
     } else if (e.reset !== "") {
       c.over = true;
       this.conns.delete(c.id);
-      c.socket.destroy();
+      // A reset here too (RST), not a clean end: the application must not take a cut stream for a whole one.
+      if (c.socketClosed) c.socket.destroy();
+      else c.socket.resetAndDestroy();
       this.opts.log?.debug("forwarded connection reset by the other end", { conn: c.id, reason: e.reset });
     }
   }

@@ -33,6 +33,11 @@ export interface SessionEnd {
  */
 export class SessionEndedError extends ConnectError {}
 
+/** How a side ends a session whose peer makes it queue too many connection events. */
+export function tooManyEvents(): SessionEnd {
+  return { code: Code.ResourceExhausted, message: `more than ${LIMITS.sessionQueuedConnEvents} connection events wait to be passed on: they come faster than they can go` };
+}
+
 /** Sealed urgent records a hop holds before it sends them without waiting for the next turn. */
 const URGENT_BATCH = 16;
 
@@ -145,6 +150,8 @@ export class SessionPort<Out, In> implements SessionSide {
   private readonly receive: ReceiveWindow;
   private readonly queue: Queued[] = [];
   private queued = 0;
+  /** Connection events queued and not yet sent. */
+  private queuedEvents = 0;
   private readonly urgent: { resize?: WindowSize; signals: string[]; sealed: Uint8Array[] } = { signals: [], sealed: [] };
   private scheduled = false;
   private heartbeat: Heartbeat | undefined;
@@ -254,7 +261,19 @@ export class SessionPort<Out, In> implements SessionSide {
     this.enqueue({ kind: "eof" });
   }
 
+  /**
+   * A connection event, in turn with the data. An event costs its sender
+   * no credit, so a peer could make this side queue events without end: a
+   * side with {@link LIMITS.sessionQueuedConnEvents} already waiting ends
+   * the session instead (RESOURCE_EXHAUSTED).
+   */
   sendConn(event: SessionConn): void {
+    if (this.done) return;
+    if (this.queuedEvents >= LIMITS.sessionQueuedConnEvents) {
+      this.end(tooManyEvents());
+      return;
+    }
+    this.queuedEvents++;
     this.enqueue({ kind: "conn", event });
   }
 
@@ -322,7 +341,10 @@ export class SessionPort<Out, In> implements SessionSide {
         }
         this.queue.shift();
         if (item.kind === "eof") frame.eof = true;
-        else if (item.kind === "conn") frame.conn = item.event;
+        else if (item.kind === "conn") {
+          frame.conn = item.event;
+          this.queuedEvents--;
+        }
         else if (item.kind === "exit") frame.exit = item.exit;
         else {
           closing = item.end;
@@ -486,6 +508,11 @@ export interface RelayLimits {
   maxMs: number;
   /** Who ends it, for the message ("the controller", "proxy px1"). */
   by: string;
+  /**
+   * Output counts as activity too: for a port forward, where a download, a
+   * log stream or a notification channel is use with no input at all.
+   */
+  outputIsActivity?: boolean;
 }
 
 /**
@@ -547,6 +574,7 @@ export function relaySession(client: SessionSide, host: SessionSide, opts: Relay
   host.start(
     {
       data: (channel, data, conn) => {
+        if (limits?.outputIsActivity) input();
         tap?.("from_host", data, channel, conn);
         client.sendData(channel, data, (n) => host.consumed(n), conn);
       },
@@ -583,7 +611,7 @@ function watchLimits(l: RelayLimits, end: (e: SessionEnd) => void): { input(): v
   let idle: Timer | undefined;
   const check = () => {
     const quiet = l.clock.now() - last;
-    if (quiet >= l.idleMs) end({ code: Code.DeadlineExceeded, message: `the session was idle (no input) for ${formatDuration(l.idleMs)}: ended by ${l.by}` });
+    if (quiet >= l.idleMs) end({ code: Code.DeadlineExceeded, message: `the session was idle (${l.outputIsActivity ? "no traffic" : "no input"}) for ${formatDuration(l.idleMs)}: ended by ${l.by}` });
     else idle = l.clock.setTimeout(check, l.idleMs - quiet);
   };
   if (l.idleMs > 0) idle = l.clock.setTimeout(check, l.idleMs);

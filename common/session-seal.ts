@@ -33,8 +33,8 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError } from "./errors.js";
 import { checkConnEvent, checkWindowSize, isSessionSignal, SESSION_SIGNALS } from "./session-frames.js";
-import type { SessionEnd, SessionHandlers, SessionSide } from "./session-port.js";
-import { preview } from "./limits.js";
+import { tooManyEvents, type SessionEnd, type SessionHandlers, type SessionSide } from "./session-port.js";
+import { LIMITS, preview } from "./limits.js";
 import { SealedRecordSchema, SessionChannel, type SealedRecord, type SessionConn, type SessionExit, type SessionFrame, type WindowSize } from "../gen/rexmesh/v1/session_pb.js";
 
 /** Plain bytes of one data record at most: a relay's credit window (256 KiB) holds many. */
@@ -232,6 +232,8 @@ export class SealedPort implements SessionSide {
   /** The controller's resize and signals not sealed yet: a burst is sealed once per turn, the latest size only. */
   private readonly urgentWaiting: { resize?: WindowSize; signals: string[] } = { signals: [] };
   private urgentScheduled = false;
+  /** Connection event records queued on the port and not yet sent whole. */
+  private eventsWaiting = 0;
 
   constructor(
     private readonly port: Required<Pick<SessionSide, "sendUrgent">> & SessionSide,
@@ -300,8 +302,19 @@ export class SealedPort implements SessionSide {
     this.port.sendData(SessionChannel.SEALED, this.data.seal(create(SealedRecordSchema, { eof: true }), true));
   }
 
+  /** A connection event, sealed into the data stream; with too many waiting, the session ends (see SessionPort.sendConn). */
   sendConn(event: SessionConn): void {
-    this.port.sendData(SessionChannel.SEALED, this.data.seal(create(SealedRecordSchema, { connEvent: event }), true));
+    if (this.eventsWaiting >= LIMITS.sessionQueuedConnEvents) {
+      this.port.end(tooManyEvents());
+      return;
+    }
+    const record = this.data.seal(create(SealedRecordSchema, { connEvent: event }), true);
+    let left = record.length;
+    this.eventsWaiting++;
+    this.port.sendData(SessionChannel.SEALED, record, (n) => {
+      left -= n;
+      if (left === 0) this.eventsWaiting--;
+    });
   }
 
   sendExit(exit: SessionExit): void {

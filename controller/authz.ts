@@ -12,6 +12,7 @@
  * never silently narrowed.
  */
 import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
 import { parse as parseYaml } from "yaml";
 import type { PeerIdentity } from "../certs/identity.js";
 import { parseDuration } from "../common/duration.js";
@@ -424,6 +425,23 @@ function decideSession(who: string, roles: RoleDef[], host: HostRecord, argv: re
   return decideOnHosts(who, "session", fit, [host]);
 }
 
+/**
+ * Whether a forward target matches a role's pattern. A glob never crosses a
+ * label: "db-*.internal" and "10.0.0.*" are compared label by label, so
+ * "db-x.attacker.example" or "10.0.0.1.attacker.example" (a name that
+ * resolves wherever its owner likes) match neither. A pattern that is an
+ * IPv4 address (digits and globs in four labels) takes only an IPv4
+ * literal; one with ":" (IPv6) only that exact address; "*" alone, anything.
+ */
+function targetMatches(pattern: string, target: string): boolean {
+  if (pattern === "*") return true;
+  if (pattern.includes(":")) return target === pattern;
+  if (/^[0-9*?]+(\.[0-9*?]+){3}$/.test(pattern) && isIP(target) !== 4) return false;
+  const want = pattern.split(".");
+  const got = target.replace(/\.$/, "").split(".");
+  return want.length === got.length && want.every((w, i) => globMatch(w, got[i]!));
+}
+
 /** Where a role forwards to when it names nothing: the host's own loopback, any port. */
 const LOOPBACK_TARGETS: readonly ForwardTarget[] = ["127.0.0.1", "::1", "localhost"].map((h) => ({ host: h, port: "*", source: `${h}:*` }));
 
@@ -435,7 +453,7 @@ const LOOPBACK_TARGETS: readonly ForwardTarget[] = ["127.0.0.1", "::1", "localho
  */
 function decideForward(who: string, roles: RoleDef[], host: HostRecord, to: { host: string; port: number }): Decision {
   const target = `${to.host.includes(":") ? `[${to.host}]` : to.host}:${to.port}`;
-  const fit = roles.filter((r) => (r.forwardTo ?? LOOPBACK_TARGETS).some((t) => globMatch(t.host, to.host.toLowerCase()) && (t.port === "*" || t.port === String(to.port))));
+  const fit = roles.filter((r) => (r.forwardTo ?? LOOPBACK_TARGETS).some((t) => targetMatches(t.host, to.host.toLowerCase()) && (t.port === "*" || t.port === String(to.port))));
   if (fit.length === 0) {
     const allowed = [...new Set(roles.flatMap((r) => (r.forwardTo ?? LOOPBACK_TARGETS).map((t) => t.source)))];
     return { allowed: false, reason: `${who} may not forward to ${target}: no role lists it in forwardTo (allowed: ${allowed.join(", ")}; roles: ${names(roles)})` };

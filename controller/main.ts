@@ -50,6 +50,9 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { HostKeyVerifier } from "../common/host-signing.js";
 import { HostReportKeySchema } from "../gen/rexmesh/v1/host_pb.js";
 
+/** Above this share of --store-size, sessions are no longer recorded (jobs are refused above 90%). */
+const RECORDING_STORE_SHARE = 0.75;
+
 export const controllerSchema = {
   listen: { type: "string", default: "127.0.0.1:7443", doc: "address for the public API and proxy links (host:port; port 0 picks one)" },
   cert: { type: "string", doc: "controller certificate (PEM)" },
@@ -189,7 +192,12 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     idleMs: config.sessionIdle,
     maxMs: config.sessionMax,
     meter: (direction, bytes) => sessionBytes.inc({ direction }, bytes),
-    recordings: { store: recordings, maxBytes: config.sessionRecordingMax },
+    recordings: {
+      store: recordings,
+      maxBytes: config.sessionRecordingMax,
+      // Recordings stop well before jobs are refused (90%): a big session must not take the store from every tenant's work.
+      room: () => (env.usedBytes() > config.storeSize * RECORDING_STORE_SHARE ? `the controller's store is over ${RECORDING_STORE_SHARE * 100}% full` : undefined),
+    },
     portOf: (host) => jobs.proxyPort(host.proxy),
     isRevoked: (peer) => revocations.isRevoked(peer),
   });

@@ -18,6 +18,9 @@ import { NotFoundError } from "../common/errors.js";
 
 export type RecordingState = "recording" | "complete" | "cut" | "failed";
 
+/** What a recorded piece costs in the store beyond its bytes (time, direction, channel, connection, framing). */
+const PIECE_OVERHEAD_BYTES = 16;
+
 export interface SessionSummary {
   id: string;
   tenant: string;
@@ -39,9 +42,9 @@ export type RecordedEvent = [atMs: number, toHost: boolean, channel: number, con
 
 export interface RecordingStore {
   putSummary(s: SessionSummary): Promise<void>;
-  summary(id: string): SessionSummary | undefined;
-  /** Every session's summary, newest first. */
-  summariesNewestFirst(): Iterable<SessionSummary>;
+  summary(tenant: string, id: string): SessionSummary | undefined;
+  /** A tenant's sessions, newest first (summaries are kept by tenant: listing one never reads another's). */
+  summariesNewestFirst(tenant: string): Iterable<SessionSummary>;
   putEvents(id: string, seq: number, events: RecordedEvent[]): Promise<void>;
   events(id: string): Iterable<RecordedEvent[]>;
 }
@@ -53,13 +56,13 @@ export class LmdbRecordingStore implements RecordingStore {
     private readonly chunks: Database<RecordedEvent[], string>,
   ) {}
   async putSummary(s: SessionSummary): Promise<void> {
-    await this.summaries.put(s.id, s).catch((err: unknown) => Promise.reject(storageError(err)));
+    await this.summaries.put(summaryKey(s.tenant, s.id), s).catch((err: unknown) => Promise.reject(storageError(err)));
   }
-  summary(id: string): SessionSummary | undefined {
-    return this.summaries.get(id);
+  summary(tenant: string, id: string): SessionSummary | undefined {
+    return this.summaries.get(summaryKey(tenant, id));
   }
-  *summariesNewestFirst(): Iterable<SessionSummary> {
-    for (const { value } of this.summaries.getRange({ reverse: true })) yield value;
+  *summariesNewestFirst(tenant: string): Iterable<SessionSummary> {
+    for (const { value } of this.summaries.getRange({ start: `${tenant}\u0001`, end: `${tenant}\u0000`, reverse: true })) yield value;
   }
   async putEvents(id: string, seq: number, events: RecordedEvent[]): Promise<void> {
     await this.chunks.put(chunkKey(id, seq), events).catch((err: unknown) => Promise.reject(storageError(err)));
@@ -69,6 +72,8 @@ export class LmdbRecordingStore implements RecordingStore {
   }
 }
 
+/** Summaries by tenant, then by (time-ordered) id. */
+const summaryKey = (tenant: string, id: string) => `${tenant}\u0000${id}`;
 const chunkKey = (id: string, seq: number) => `${id}/${String(seq).padStart(10, "0")}`;
 
 export interface RecorderOptions {
@@ -77,6 +82,11 @@ export interface RecorderOptions {
   log: Logger;
   /** Bytes recorded per session at most; past it the recording is cut. */
   maxBytes: number;
+  /**
+   * Why recordings must stop now, if they must: the store they share with
+   * jobs and the audit log is filling (checked before each write).
+   */
+  room?: () => string | undefined;
   /** How long recorded bytes wait to be written with the next ones. Default 200 ms. */
   flushMs?: number;
   /** Bytes that wait at most before they are written. Default 256 KiB. */
@@ -117,13 +127,23 @@ export class Recording {
     if (toHost) this.summary.bytesToHost += data.length;
     else this.summary.bytesFromHost += data.length;
     if (this.summary.recording !== "recording") return;
-    if (this.recorded + data.length > this.opts.maxBytes) {
+    // What the store holds counts, not only the bytes: each piece costs its time, direction and channel too.
+    const cost = data.length + PIECE_OVERHEAD_BYTES;
+    if (this.recorded + cost > this.opts.maxBytes) {
       this.summary.recording = "cut";
       this.fail(`the session's recording reached the controller's limit of ${this.opts.maxBytes} bytes`);
       return;
     }
-    this.recorded += data.length;
-    this.pending.push([this.opts.clock.now() - this.summary.startedAt, toHost, channel, conn, Buffer.from(data)]);
+    const at = this.opts.clock.now() - this.summary.startedAt;
+    const last = this.pending.at(-1);
+    if (last && last[0] === at && last[1] === toHost && last[2] === channel && last[3] === conn) {
+      // Pieces of one millisecond, one way, one channel: one piece (a flood of 1-byte items stores as one).
+      last[4] = Buffer.concat([last[4], data]);
+      this.recorded += data.length;
+    } else {
+      this.pending.push([at, toHost, channel, conn, Buffer.from(data)]);
+      this.recorded += cost;
+    }
     this.pendingBytes += data.length;
     if (this.pendingBytes >= (this.opts.flushBytes ?? 256 * 1024)) this.flush();
     else this.timer ??= this.opts.clock.setTimeout(() => this.flush(), this.opts.flushMs ?? 200);
@@ -142,13 +162,23 @@ export class Recording {
   private flush(): void {
     this.timer?.cancel();
     this.timer = undefined;
-    if (this.pending.length === 0 || this.summary.recording === "failed") return;
+    if (this.pending.length === 0 || this.summary.recording !== "recording") return;
     const events = this.pending;
     const seq = this.seq++;
     this.pending = [];
     this.pendingBytes = 0;
     this.writes = this.writes
-      .then(() => this.opts.store.putEvents(this.summary.id, seq, events))
+      .then(() => {
+        if (this.summary.recording !== "recording") return;
+        // Checked as each write goes (after the writes before it landed), not when it was queued.
+        const full = this.opts.room?.();
+        if (full) {
+          this.summary.recording = "cut";
+          this.fail(`the session's recording stopped: ${full}`);
+          return;
+        }
+        return this.opts.store.putEvents(this.summary.id, seq, events);
+      })
       .catch((err: unknown) => {
         this.summary.recording = "failed";
         this.opts.log.error("storing a session's recording failed", { session: this.summary.id, err });
@@ -168,8 +198,7 @@ export class Recording {
 export function listSessions(store: RecordingStore, tenant: string, limit = 100): SessionSummary[] {
   const n = Math.min(Math.max(limit || 100, 1), 1000);
   const out: SessionSummary[] = [];
-  for (const s of store.summariesNewestFirst()) {
-    if (s.tenant !== tenant) continue;
+  for (const s of store.summariesNewestFirst(tenant)) {
     out.push(s);
     if (out.length >= n) break;
   }
@@ -178,7 +207,7 @@ export function listSessions(store: RecordingStore, tenant: string, limit = 100)
 
 /** A session of the tenant, or NOT_FOUND (another tenant's is not found either). */
 export function sessionOf(store: RecordingStore, tenant: string, id: string): SessionSummary {
-  const s = id.length <= 64 ? store.summary(id) : undefined;
+  const s = id.length <= 64 ? store.summary(tenant, id) : undefined;
   if (!s || s.tenant !== tenant) throw new NotFoundError(`session ${JSON.stringify(id.slice(0, 64))} not found`);
   return s;
 }

@@ -78,7 +78,7 @@ export interface SessionBrokerOptions {
   /** Told the bytes relayed, by direction (metrics). */
   meter?: (direction: "to_host" | "from_host", bytes: number) => void;
   /** Where sessions are recorded (controller/recordings.ts); absent: not recorded. */
-  recordings?: { store: RecordingStore; maxBytes: number };
+  recordings?: { store: RecordingStore; maxBytes: number; room?: () => string | undefined };
   /** Checks the host's half of each session's key (its report key's signature). */
   hostKeys: SessionKeyCheck;
   /** The link of the proxy holding the host now, if it is connected. */
@@ -284,19 +284,28 @@ export class SessionBroker {
         await access.sessionEnded(caller, sessionId, hostId, `not opened: ${err instanceof Error ? err.message : String(err)}`);
         throw err;
       }
-      const recording = await this.record(caller, host, leg, sessionId, kind, spec, asked.strictRecording ?? false);
+      let recording: Recording | undefined;
+      try {
+        recording = await this.record(caller, host, leg, sessionId, kind, spec, asked.strictRecording ?? false);
+      } catch (err) {
+        await access.sessionEnded(caller, sessionId, hostId, `not started: ${err instanceof Error ? err.message : String(err)}`);
+        throw err;
+      }
+      let endedByRecording: string | undefined;
       link.send(create(SessionResponseSchema, { started: { sessionId, hostId, proxy: leg.proxy, keepaliveMs: this.keepaliveMs } }));
       this.opts.log.info("session started", { session: sessionId, host: hostId, proxy: leg.proxy, operator: formatIdentity(caller) });
       recording?.onFailure((reason) => {
         this.opts.log.warn("session recording stopped", { session: sessionId, reason, strict: asked.strictRecording ?? false });
-        if (asked.strictRecording) client.end({ code: Code.FailedPrecondition, message: `${reason}; the role records sessions strictly, so the session is ended` });
+        if (!asked.strictRecording) return;
+        endedByRecording = `${reason}; the role records sessions strictly, so the session is ended`;
+        client.end({ code: Code.FailedPrecondition, message: endedByRecording });
       });
       const meter = this.opts.meter;
       const observers = new Set<Observer>();
       const startedAt = this.opts.clock.now();
       const relayed = relaySession(client, leg.port, {
         first: { client: opening.frame, host: leg.first },
-        limits: { clock: this.opts.clock, ...limits, by: "the controller" },
+        limits: { clock: this.opts.clock, ...limits, by: "the controller", outputIsActivity: kind === "forward" },
         tap: (direction, data, channel, conn) => {
           meter?.(direction, data.length);
           recording?.add(direction === "to_host", channel, conn, data);
@@ -306,7 +315,7 @@ export class SessionBroker {
       });
       this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client, startedAt, what: describeSession(spec), proxy: leg.proxy, observers });
       const r = await relayed.finally(() => this.active.delete(sessionId));
-      const outcome = describeEnd(r);
+      const outcome = endedByRecording ? `ended by its recording: FailedPrecondition: ${endedByRecording}` : describeEnd(r);
       for (const o of observers) {
         o.ended = outcome;
         o.queue.close();
@@ -328,7 +337,7 @@ export class SessionBroker {
     const r = this.opts.recordings;
     if (!r) return undefined;
     const recording = new Recording(
-      { store: r.store, clock: this.opts.clock, log: this.opts.log, maxBytes: r.maxBytes },
+      { store: r.store, clock: this.opts.clock, log: this.opts.log, maxBytes: r.maxBytes, room: r.room },
       {
         id: sessionId,
         tenant: host.tenant,

@@ -22,7 +22,7 @@ import { ENDED_OK, framedPort, type SessionEnd } from "../common/session-port.js
 import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
 import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { SessionChannel, type SessionForward, type SessionKey, type SessionOrder, type SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
-import { connect } from "node:net";
+import { connect, type Socket } from "node:net";
 import { ForwardMux } from "../common/session-forward.js";
 import type { HostReporter } from "../common/host-signing.js";
 import { newKeyHalf, SealedPort, sessionSecret } from "../common/session-seal.js";
@@ -237,7 +237,7 @@ export class SessionHost {
     leg.start({
       start: () => {
         joinBy.cancel();
-        mux = new ForwardMux({ side: leg, log, dial: () => connect({ host: to.host, port: to.port, allowHalfOpen: true }) });
+        mux = new ForwardMux({ side: leg, log, dial: () => dialTarget(to) });
         log.info("port forward started", { operator: order.operator, to: `${to.host}:${to.port}` });
       },
       data: (channel, data, conn) => started().data(channel, data, conn),
@@ -276,6 +276,17 @@ export class SessionHost {
     }
     this.open.clear();
   }
+}
+
+/** How long a forwarded connection may take to connect to its target before it is reset. */
+const FORWARD_CONNECT_MS = 10_000;
+
+/** A forwarded connection to its target: half-closes pass through; one that does not connect in time fails with why. */
+function dialTarget(to: SessionForward): Socket {
+  const socket = connect({ host: to.host, port: to.port, allowHalfOpen: true });
+  socket.setTimeout(FORWARD_CONNECT_MS, () => socket.destroy(new Error(`connecting to ${to.host}:${to.port} timed out after ${FORWARD_CONNECT_MS / 1000} s`)));
+  socket.once("connect", () => socket.setTimeout(0));
+  return socket;
 }
 
 /** How long a leg that ended here waits for the proxy to end its stream before it closes it. */

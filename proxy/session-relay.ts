@@ -46,6 +46,8 @@ interface Waiting {
   /** The order's limits, held here too (0: none). */
   idleMs: number;
   maxMs: number;
+  /** A port forward: its traffic either way counts against the idle timeout. */
+  forward: boolean;
   timer: Timer;
 }
 
@@ -85,7 +87,7 @@ export class SessionRelays {
       if (!this.waiting.delete(sessionId)) return;
       this.report(sessionId, { code: Code.Unavailable, message: `host ${hostId} did not join the session at proxy ${this.opts.name}` });
     }, Math.max(0, Math.min(left, this.openMs)));
-    this.waiting.set(sessionId, { hostId, keepaliveMs: order.keepaliveMs, idleMs: order.idleTimeoutMs, maxMs: order.maxDurationMs, timer });
+    this.waiting.set(sessionId, { hostId, keepaliveMs: order.keepaliveMs, idleMs: order.idleTimeoutMs, maxMs: order.maxDurationMs, forward: order.spec?.forward !== undefined, timer });
     this.opts.log.debug("session order passed to host", { session: sessionId, host: hostId });
   }
 
@@ -140,7 +142,7 @@ export class SessionRelays {
     const r = await relaySession(up, host, {
       first: { host: opening.frame },
       keepaliveMs: keepaliveOf(w.keepaliveMs),
-      limits: { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}` },
+      limits: { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}`, outputIsActivity: w.forward },
       tap: this.opts.meter && ((direction, data) => this.opts.meter!(direction, data.length)),
     }).finally(() => this.relaying--);
     log.info("session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });

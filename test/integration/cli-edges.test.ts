@@ -197,7 +197,7 @@ describe("the CLI's rough edges", () => {
     const r = await cli(["shell", "h1", "--", "true"]);
     expect(r.code).toBe(1);
     expect(r.stdout).toBe("");
-    expect(r.stderr).toMatch(/^rexmesh: FailedPrecondition: sessions are off at this controller: it serves them when started with --sessions \(read docs\/sessions\.md, Known gaps, first\)\n$/);
+    expect(r.stderr).toMatch(/^rexmesh: FailedPrecondition: sessions are off at this controller: it serves them \(and port forwards\) when started with --sessions \(read docs\/sessions\.md, Known gaps, first\)\n$/);
   });
 
   it("-b groups hosts by stream and outcome: a failure on stderr never joins successes on stdout", async () => {

@@ -326,6 +326,24 @@ describe("sealed sessions under a hostile proxy or a bursty client (attack revie
   });
 });
 
+describe("a port forward's connection events (attack review)", () => {
+  it("cannot make the controller queue without bound: a client flooding events while the leg is slow has its session ended", async () => {
+    const clock = new ManualClock();
+    const clientLink = new FakeLink<F, F>();
+    const legLink = new FakeLink<F, F>();
+    const client = new SessionPort<F, F>(clientLink, { clock, wrap: (frame) => ({ frame }), unwrap: (m) => m.frame, peer: "client", peerSends: "input" });
+    const legPort = sealedPort(legLink as unknown as WiredLink<F, F>, clock, "output", "proxy");
+    const relayed = relaySession(client, new SealedPort(legPort, agreedKey(), "controller"));
+    await flush();
+    // The proxy's leg grants nothing; the client sends grants for a connection and no data at all.
+    for (let i = 0; i < 100_000; i++) clientLink.deliver({ frame: create(SessionFrameSchema, { conn: { conn: 1, grant: 1 } }) });
+    const r = await relayed;
+    expect(r.end.code).toBe(Code.ResourceExhausted);
+    expect(r.end.message).toMatch(/connection events wait to be passed on/);
+    expect(legPort.queuedBytes).toBeLessThan(1 << 20);
+  });
+});
+
 describe("sealed records", () => {
   it("open only in their stream, in their place, under their key", () => {
     const key = agreedKey();

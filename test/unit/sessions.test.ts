@@ -204,12 +204,12 @@ describe("a session through a relay", () => {
 });
 
 describe("a relay's limits", () => {
-  const limited = (clock: ManualClock, idleMs: number, maxMs: number) => {
+  const limited = (clock: ManualClock, idleMs: number, maxMs: number, outputIsActivity = false) => {
     const [clientLink, relayUp] = wire<F, F>();
     const [relayDown, hostLink] = wire<F, F>();
     const client = port(clientLink, clock, "output", "relay");
     const host = port(hostLink, clock, "input", "relay");
-    const relayed = relaySession(port(relayUp, clock, "input", "client"), port(relayDown, clock, "output", "host"), { limits: { clock, idleMs, maxMs, by: "the controller" } });
+    const relayed = relaySession(port(relayUp, clock, "input", "client"), port(relayDown, clock, "output", "host"), { limits: { clock, idleMs, maxMs, by: "the controller", outputIsActivity } });
     client.start({ data: (_c, d) => client.consumed(d.length) });
     host.start({ data: (_c, d) => host.consumed(d.length) });
     return { client, host, relayed };
@@ -238,6 +238,17 @@ describe("a relay's limits", () => {
     expect(r.end).toEqual({ code: Code.DeadlineExceeded, message: "the session was idle (no input) for 10s: ended by the controller" });
     expect(await s.client.ended).toEqual(r.end);
     expect(await s.host.ended).toEqual(r.end);
+  });
+
+  it("counts a port forward's output as use: a download or a log stream with no input is not idle", async () => {
+    const clock = new ManualClock();
+    const s = limited(clock, 10_000, 0, true);
+    let ended = false;
+    s.relayed.then(() => (ended = true), () => undefined);
+    await pass(clock, 30_000, () => s.host.sendData(SessionChannel.STDOUT, Buffer.from("event\n")));
+    expect(ended).toBe(false);
+    await pass(clock, 12_000);
+    expect((await s.relayed).end.message).toBe("the session was idle (no traffic) for 10s: ended by the controller");
   });
 
   it("ends a session at its maximum duration however busy it is", async () => {
@@ -332,7 +343,9 @@ roles:
   star: { hosts: all, actions: ["*"] }
   local: { hosts: all, actions: [forward] }
   db: { hosts: role=db, actions: [forward], forwardTo: ["db-*.internal:5432", "[fd00::1]:*"] }
+  subnet: { hosts: all, actions: [forward], forwardTo: ["10.0.0.*:5432", "db-*:5432"] }
 bindings:
+  acme/subnet: subnet
   acme/star: star
   acme/local: local
   acme/db: db
@@ -352,6 +365,13 @@ bindings:
     expect(fwd("db", dbHost, "127.0.0.1", 5432).allowed).toBe(false);
     // The role's hosts still decide: a db target through a host the role does not cover.
     expect(fwd("db", h1, "db-3.internal", 5432).allowed).toBe(false);
+    // A glob never crosses a label, and an address pattern takes only addresses: a name that resolves anywhere does not pass.
+    expect(fwd("subnet", h1, "10.0.0.17", 5432).allowed).toBe(true);
+    expect(fwd("subnet", h1, "10.0.0.1.attacker.example", 5432).allowed).toBe(false);
+    expect(fwd("subnet", h1, "10.0.0.169.254.169.254.nip.io", 5432).allowed).toBe(false);
+    expect(fwd("subnet", h1, "db-7", 5432).allowed).toBe(true);
+    expect(fwd("subnet", h1, "db-x.attacker.example", 5432).allowed).toBe(false);
+    expect(fwd("db", dbHost, "db-x.attacker.example.internal", 5432).allowed).toBe(false);
     expect(() => parsePolicy("roles: { r: { hosts: all, forwardTo: ['db:70000'] } }")).toThrow(/is not HOST:PORT/);
     expect(() => parsePolicy("roles: { r: { hosts: all, forwardTo: ['no-port'] } }")).toThrow(/is not HOST:PORT/);
   });
