@@ -439,6 +439,11 @@ bindings:
 
   for (const t of targets) {
     it(`${t.server.name}: ${t.method.parent.name}/${t.method.name}`, async () => {
+      // Each method on connections of its own. The controller's HTTP/2 server ends a connection after enough
+      // malformed input (seen as the session closed with INTERNAL_ERROR once the controller's methods grew by
+      // four: node's http2 session limits, such as maxSessionInvalidFrames), which is right for an abusive
+      // client; the cases of earlier methods must not decide when that happens to this one.
+      for (const c of clients.values()) c.close();
       const rng = new Prng(seedOf(SEED, t.server.name, pathOf(t.method)));
       const cases = casesFor(t, rng);
       const failures: string[] = [];
