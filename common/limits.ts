@@ -165,6 +165,8 @@ export const LIMITS = {
    * end): past it the session ends.
    */
   sessionQueuedConnEvents: 4096,
+  /** Operators watching one session at once (sessions join); each may be 4 MiB behind before it is dropped. */
+  sessionWatchers: 8,
   /** Credit a port forward's connection starts with, each way: what one connection holds at either end when its reader stalls. */
   forwardWindowBytes: 256 * KiB,
   /** Connections of one port forward open at once. */

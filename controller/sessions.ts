@@ -388,6 +388,7 @@ export class SessionBroker {
   observe(tenant: string, sessionId: string): { info: { operator: string; hostId: string; kind: "session" | "forward"; what: string; proxy: string; startedAt: number }; output: AsyncIterable<ObservedOutput>; ended: () => string; stop: () => void } {
     const a = this.active.get(sessionId);
     if (!a || a.host.scope !== tenant) throw new NotFoundError(`no session ${preview(sessionId)} runs now`);
+    if (a.observers.size >= LIMITS.sessionWatchers) throw new ResourceExhaustedError(`session ${sessionId} has ${LIMITS.sessionWatchers} watchers already`);
     const o = new Observer();
     a.observers.add(o);
     const queue = o.queue;

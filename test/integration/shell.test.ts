@@ -280,7 +280,7 @@ bindings:
   });
 
   it("lets an operator with `audit` watch a running session read-only until it ends; one without is refused", async () => {
-    const running = shell(["-T", "h1", "--", "sh", "-c", "sleep 1; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done"], "");
+    const running = shell(["-T", "h1", "--", "sh", "-c", "sleep 2; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done"], "");
     const id = await until("the session in the list", async () => {
       const listed = (await rexmesh(["sessions", "--json", "--limit", "3"], mesh.exports())).stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
       return listed.find((x) => x.recording === "recording" && String(x.what).includes("tick"))?.id as string | undefined;
@@ -288,6 +288,17 @@ bindings:
     const auditless = mesh.issue({ role: "operator", scope: "acme", id: "auditless2" }, join(work, "auditless2"));
     const refused = await rexmesh(["sessions", "join", id], envOf(auditless));
     expect(refused.stderr).toMatch(/PermissionDenied/);
+    // At most LIMITS.sessionWatchers at once: eight through the API, a ninth refused; then they let go.
+    const { client: api, close: closeApi } = operatorClient({}, mesh.exports());
+    const abort = new AbortController();
+    const watch = async () => {
+      const it = api.joinSession({ sessionId: id }, { signal: abort.signal })[Symbol.asyncIterator]();
+      return (await it.next()).value?.session?.hostId;
+    };
+    expect(await Promise.all(Array.from({ length: LIMITS.sessionWatchers }, watch))).toEqual(Array(LIMITS.sessionWatchers).fill("h1"));
+    await expect(watch()).rejects.toThrow(/has 8 watchers already/);
+    abort.abort();
+    closeApi();
     const watched = await rexmesh(["sessions", "join", id], mesh.exports(), "typed by the watcher\n");
     expect(watched.code).toBe(0);
     expect(watched.stdout).toMatch(/tick 8\n$/);
