@@ -97,50 +97,56 @@ function notOpened(what: string): ConnectError {
   return new ConnectError(`a sealed ${what} record of the session did not open: it was altered, moved or left out on the way, or is not from the session's other end`, Code.DataLoss);
 }
 
-/** Seals the records of one stream, in order. */
-export class RecordSealer {
-  private next = 0;
+/** A place in one record stream: its key, and the number (the nonce) of the next record. */
+abstract class StreamPosition {
+  protected next = 0;
 
-  /** Records sealed so far. */
+  constructor(
+    protected readonly key: Buffer,
+    protected readonly stream: RecordStream,
+  ) {}
+
+  /** Records sealed (or opened) so far. */
   get count(): number {
     return this.next;
   }
 
-  constructor(
-    private readonly key: Buffer,
-    private readonly stream: RecordStream,
-  ) {}
+  protected nonce(): Buffer {
+    return nonce(this.stream, this.next);
+  }
+}
 
+/** Seals the records of one stream, in order. */
+export class RecordSealer extends StreamPosition {
   /** The sealed record (ciphertext and tag); with `framed`, preceded by its 4-byte length, as the data streams carry it. */
   seal(record: SealedRecord, framed: boolean): Uint8Array {
     const plain = toBinary(SealedRecordSchema, record);
-    const cipher = createCipheriv("aes-256-gcm", this.key, nonce(this.stream, this.next++));
-    const head = framed ? Buffer.alloc(4) : undefined;
-    const body = Buffer.concat([cipher.update(plain), cipher.final(), cipher.getAuthTag()]);
-    if (!head) return body;
-    head.writeUInt32BE(body.length);
-    return Buffer.concat([head, body]);
+    const cipher = createCipheriv("aes-256-gcm", this.key, this.nonce());
+    this.next++;
+    const parts = [cipher.update(plain), cipher.final(), cipher.getAuthTag()];
+    if (framed) {
+      const head = Buffer.allocUnsafe(4);
+      head.writeUInt32BE(plain.length + TAG_BYTES);
+      parts.unshift(head);
+    }
+    // One copy into the record: the length, the ciphertext and the tag.
+    return Buffer.concat(parts);
   }
 }
 
 /** Opens the records of one stream, in order; the first that does not open ends it. */
-export class RecordOpener {
-  private next = 0;
-
-  /** Records opened so far. */
-  get count(): number {
-    return this.next;
-  }
-
+export class RecordOpener extends StreamPosition {
   constructor(
-    private readonly key: Buffer,
-    private readonly stream: RecordStream,
+    key: Buffer,
+    stream: RecordStream,
     private readonly what: string,
-  ) {}
+  ) {
+    super(key, stream);
+  }
 
   open(sealed: Uint8Array): SealedRecord {
     if (sealed.length < TAG_BYTES) throw notOpened(this.what);
-    const decipher = createDecipheriv("aes-256-gcm", this.key, nonce(this.stream, this.next));
+    const decipher = createDecipheriv("aes-256-gcm", this.key, this.nonce());
     decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES));
     let plain: Buffer;
     try {

@@ -99,7 +99,8 @@ export interface RecorderOptions {
  * when the role asks for strict recording.
  */
 export class Recording {
-  private pending: RecordedEvent[] = [];
+  /** Pieces waiting to be written; a piece's bytes as the parts that came in its millisecond, joined once at the write. */
+  private pending: { event: RecordedEvent; parts: Uint8Array[] }[] = [];
   private pendingBytes = 0;
   private recorded = 0;
   private seq = 0;
@@ -135,13 +136,13 @@ export class Recording {
       return;
     }
     const at = this.opts.clock.now() - this.summary.startedAt;
-    const last = this.pending.at(-1);
+    const last = this.pending.at(-1)?.event;
     if (last && last[0] === at && last[1] === toHost && last[2] === channel && last[3] === conn) {
       // Pieces of one millisecond, one way, one channel: one piece (a flood of 1-byte items stores as one).
-      last[4] = Buffer.concat([last[4], data]);
+      this.pending.at(-1)!.parts.push(Buffer.from(data));
       this.recorded += data.length;
     } else {
-      this.pending.push([at, toHost, channel, conn, Buffer.from(data)]);
+      this.pending.push({ event: [at, toHost, channel, conn, new Uint8Array()], parts: [Buffer.from(data)] });
       this.recorded += cost;
     }
     this.pendingBytes += data.length;
@@ -163,7 +164,7 @@ export class Recording {
     this.timer?.cancel();
     this.timer = undefined;
     if (this.pending.length === 0 || this.summary.recording !== "recording") return;
-    const events = this.pending;
+    const events = this.pending.map(({ event, parts }) => ((event[4] = parts.length === 1 ? parts[0]! : Buffer.concat(parts)), event));
     const seq = this.seq++;
     this.pending = [];
     this.pendingBytes = 0;
