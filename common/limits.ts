@@ -165,6 +165,16 @@ export const LIMITS = {
    * end): past it the session ends.
    */
   sessionQueuedConnEvents: 4096,
+  /**
+   * Bytes of one session's data stream one end keeps sealed until the other
+   * has opened them, to send again on a resumed leg: in flight through the
+   * hops' windows, a few hundred KiB; past it the session ends.
+   */
+  sessionUnopenedBytes: 4 * MiB,
+  /** Resizes and signals the controller keeps until the host has opened them (see sessionUnopenedBytes). */
+  sessionUnopenedControl: 1024,
+  /** How long a session whose leg was cut waits for a new one (its proxy restarted, its host failed over) before it ends. */
+  sessionResumeMs: 30_000,
   /** Operators watching one session at once (sessions join); each may be 4 MiB behind before it is dropped. */
   sessionWatchers: 8,
   /** Credit a port forward's connection starts with, each way: what one connection holds at either end when its reader stalls. */

@@ -141,8 +141,13 @@ export function screenFrame(frame: SessionFrame, peerSends: PeerSends, sealed = 
     if (frame.resize || frame.signal !== "" || frame.eof || frame.exit || frame.conn) throw new InvalidArgumentError("a plain resize, signal, end of input, exit or connection event on a hop that carries only sealed records");
     if (frame.urgent.length > 0 && peerSends !== "input") throw new InvalidArgumentError("urgent session records come only from the controller's side");
     if (frame.urgent.length > URGENT_SEALED_BYTES) throw new InvalidArgumentError(`an urgent session record of ${frame.urgent.length} bytes (at most ${URGENT_SEALED_BYTES})`);
-  } else if (frame.urgent.length > 0) {
-    throw new InvalidArgumentError("a sealed urgent record on a session's plain hop");
+    if (frame.opened && frame.opened.urgent > 0n && peerSends !== "output") throw new InvalidArgumentError("only the host's side opens urgent session records");
+    if (frame.notice !== "") throw new InvalidArgumentError("a notice on a hop that carries only sealed records");
+  } else {
+    if (frame.urgent.length > 0) throw new InvalidArgumentError("a sealed urgent record on a session's plain hop");
+    if (frame.opened) throw new InvalidArgumentError("a count of opened records on a session's plain hop");
+    if (frame.notice !== "" && peerSends !== "output") throw new InvalidArgumentError("notices come only from the controller's side of a session");
+    frame.notice = truncate(frame.notice, LIMITS.sessionMessageChars);
   }
   const wrongSide = (what: string) => new InvalidArgumentError(`${what} comes only from the ${peerSends === "input" ? "host" : "client"} side of a session`);
   if (peerSends === "input") {

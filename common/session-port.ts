@@ -16,6 +16,7 @@ import {
   type SessionConn,
   type SessionExit,
   type SessionFrame,
+  type SessionOpened,
   type WindowSize,
 } from "../gen/rexmesh/v1/session_pb.js";
 
@@ -24,6 +25,12 @@ export interface SessionEnd {
   /** 0 (OK) or a gRPC code. */
   code: Code | 0;
   message: string;
+  /**
+   * The hop was cut rather than ended: its stream failed or ended without
+   * a close, its peer fell silent, or a relay passed on such a cut (a close
+   * marked resumable). The session's ends may resume it on a new leg.
+   */
+  cut?: boolean;
 }
 
 /**
@@ -62,6 +69,10 @@ export interface SessionHandlers {
   urgent?(sealed: Uint8Array): void;
   /** The controller started the session (a sealed hop's host side: its first urgent record). */
   start?(): void;
+  /** Records of its streams the other end has opened (sealed hops; see SessionFrame.opened). */
+  opened?(opened: SessionOpened): void;
+  /** News of the session for the operator (the client's hop, from the controller). */
+  notice?(text: string): void;
 }
 
 /**
@@ -83,6 +94,10 @@ export interface SessionSide {
   sendExit(exit: SessionExit): void;
   /** A sealed urgent record, passed on by a proxy as it came (sealed hops only). */
   sendUrgent?(sealed: Uint8Array): void;
+  /** Records this end has opened (sealed hops only); `now`: in a frame of its own if none goes anyway. */
+  sendOpened?(opened: SessionOpened, now: boolean): void;
+  /** News for the operator (the client's hop only). */
+  sendNotice?(text: string): void;
   consumed(n: number): void;
   end(end: SessionEnd): void;
 }
@@ -152,7 +167,10 @@ export class SessionPort<Out, In> implements SessionSide {
   private queued = 0;
   /** Connection events queued and not yet sent. */
   private queuedEvents = 0;
-  private readonly urgent: { resize?: WindowSize; signals: string[]; sealed: Uint8Array[] } = { signals: [], sealed: [] };
+  private readonly urgent: { resize?: WindowSize; signals: string[]; sealed: Uint8Array[]; notices: string[] } = { signals: [], sealed: [], notices: [] };
+  /** The count of opened records to send with the next frame, and whether it goes now even without one. */
+  private opened: SessionOpened | undefined;
+  private openedNow = false;
   private scheduled = false;
   private heartbeat: Heartbeat | undefined;
   private handlers: SessionHandlers | undefined;
@@ -185,7 +203,7 @@ export class SessionPort<Out, In> implements SessionSide {
       this.opts.clock,
       this.keepaliveMs,
       () => this.flushNow(true),
-      () => this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} stopped answering: nothing from it for ${(3 * this.keepaliveMs) / 1000} s` }, "error"),
+      () => this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} stopped answering: nothing from it for ${(3 * this.keepaliveMs) / 1000} s`, cut: true }, "error"),
     );
     this.flushSoon();
     this.read(first).catch((err: unknown) => this.finish(endOf(err, this.opts.peer), "error"));
@@ -209,6 +227,11 @@ export class SessionPort<Out, In> implements SessionSide {
     } finally {
       timer.cancel();
     }
+  }
+
+  /** Whether the session is over on this hop. */
+  get isEnded(): boolean {
+    return this.done;
   }
 
   /** Bytes queued to send and not yet sent (waiting for credit). */
@@ -259,6 +282,23 @@ export class SessionPort<Out, In> implements SessionSide {
 
   sendEof(): void {
     this.enqueue({ kind: "eof" });
+  }
+
+  /** Records opened at this end: with the next frame, or (`now`) in one of its own this turn. */
+  sendOpened(opened: SessionOpened, now: boolean): void {
+    if (this.done) return;
+    this.opened = opened;
+    if (now) {
+      this.openedNow = true;
+      this.flushSoon();
+    }
+  }
+
+  /** News for the operator: it goes at once; past 8 waiting in one turn, more are dropped. */
+  sendNotice(text: string): void {
+    if (this.done) return;
+    if (this.urgent.notices.length < 8) this.urgent.notices.push(truncate(text, LIMITS.sessionMessageChars));
+    this.flushSoon();
   }
 
   /**
@@ -358,10 +398,17 @@ export class SessionPort<Out, In> implements SessionSide {
       }
       if (this.urgent.signals.length > 0) frame.signal = this.urgent.signals.shift()!;
       if (this.urgent.sealed.length > 0) frame.urgent = this.urgent.sealed.shift()!;
-      const content = frame.data.length > 0 || frame.eof || frame.conn !== undefined || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "" || frame.urgent.length > 0;
+      if (this.urgent.notices.length > 0) frame.notice = this.urgent.notices.shift()!;
+      const content =
+        frame.data.length > 0 || frame.eof || frame.conn !== undefined || frame.exit !== undefined || frame.close !== undefined || frame.resize !== undefined || frame.signal !== "" || frame.urgent.length > 0 || frame.notice !== "" || this.openedNow;
       const grant = this.receive.grantDue(content || keepalive);
       if (grant) frame.grant = grant;
       if (!content && !grant && !(keepalive && !sentOne)) break;
+      if (this.opened) {
+        frame.opened = this.opened;
+        this.opened = undefined;
+        this.openedNow = false;
+      }
       this.link.send(this.opts.wrap(frame));
       this.heartbeat?.sent();
       sentOne = true;
@@ -370,7 +417,7 @@ export class SessionPort<Out, In> implements SessionSide {
         return;
       }
       const more = this.queue.length > 0 && (this.queue[0]!.kind !== "data" || this.send.available > 0);
-      if (!more && this.urgent.signals.length === 0 && this.urgent.sealed.length === 0) break;
+      if (!more && this.urgent.signals.length === 0 && this.urgent.sealed.length === 0 && this.urgent.notices.length === 0) break;
     }
     for (let i = this.belowWaiters.length - 1; i >= 0; i--) {
       const w = this.belowWaiters[i]!;
@@ -386,7 +433,15 @@ export class SessionPort<Out, In> implements SessionSide {
       if (first) this.take(first);
       const messages = this.messages();
       for (;;) {
-        const r = await messages.next();
+        let r: IteratorResult<In>;
+        try {
+          r = await messages.next();
+        } catch (err) {
+          // The stream failed: a cut, unless the peer ended it with a status of its own (a refusal).
+          const end = endOf(err, this.opts.peer);
+          this.finish({ ...end, cut: isCutCode(end.code) }, "error");
+          return;
+        }
         if (r.done) break;
         // Once ended here, the rest is read and dropped until the peer ends the stream (see lingerMs).
         if (this.done) continue;
@@ -394,7 +449,7 @@ export class SessionPort<Out, In> implements SessionSide {
         const frame = this.opts.unwrap(r.value);
         if (frame) this.take(frame);
       }
-      this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} ended the session's stream without closing the session` }, "error");
+      this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} ended the session's stream without closing the session`, cut: true }, "error");
     } catch (err) {
       this.finish(endOf(err, this.opts.peer), "error");
     }
@@ -413,6 +468,8 @@ export class SessionPort<Out, In> implements SessionSide {
       if (!h.urgent) throw new InvalidArgumentError("an urgent session record where none is taken");
       h.urgent(frame.urgent);
     }
+    if (frame.opened) h.opened?.(frame.opened);
+    if (frame.notice !== "") h.notice?.(frame.notice);
     if (frame.resize) h.resize?.(frame.resize);
     if (frame.signal !== "") h.signal?.(frame.signal);
     for (const d of frame.data) {
@@ -435,7 +492,7 @@ export class SessionPort<Out, In> implements SessionSide {
       this.exitTaken = true;
       h.exit?.(frame.exit);
     }
-    if (frame.close) this.finish({ code: frame.close.code as Code | 0, message: frame.close.message }, "peer");
+    if (frame.close) this.finish({ code: frame.close.code as Code | 0, message: frame.close.message, ...(frame.close.resumable ? { cut: true } : {}) }, "peer");
   }
 
   /**
@@ -463,7 +520,7 @@ export class SessionPort<Out, In> implements SessionSide {
   }
 
   private closeFrame(end: SessionEnd): Out {
-    return this.opts.wrap(create(SessionFrameSchema, { close: create(SessionCloseSchema, { code: end.code, message: truncate(end.message, LIMITS.sessionMessageChars) }) }));
+    return this.opts.wrap(create(SessionFrameSchema, { close: create(SessionCloseSchema, { code: end.code, message: truncate(end.message, LIMITS.sessionMessageChars), resumable: end.cut === true }) }));
   }
 }
 
@@ -477,6 +534,17 @@ export function framedPort<O extends DescMessage, In extends { frame?: SessionFr
   opts: Omit<SessionPortOptions<MessageShape<O>, In>, "wrap" | "unwrap">,
 ): SessionPort<MessageShape<O>, In> {
   return new SessionPort(link, { ...opts, wrap: (frame) => create(schema, { frame } as unknown as MessageInitShape<O>), unwrap: (m) => m.frame });
+}
+
+/**
+ * Statuses of a failed stream that are a cut (the peer or the connection
+ * went away), not the peer's refusal: a session may resume after them.
+ */
+const CUT_CODES: ReadonlySet<Code | 0> = new Set([Code.Unavailable, Code.Canceled, Code.Unknown, Code.Internal, Code.Aborted]);
+
+/** Whether a stream that failed with `code` was cut (worth another try) rather than refused. */
+export function isCutCode(code: Code | 0): boolean {
+  return CUT_CODES.has(code);
 }
 
 /** How a hop's stream failed, as a session end: the peer's status when it sent one. */
@@ -531,10 +599,17 @@ export interface RelayOptions {
   limits?: RelayLimits;
   /** Told each data item relayed, by direction (metrics, the recording). */
   tap?: (direction: "to_host" | "from_host", data: Uint8Array, channel: SessionChannel, conn: number) => void;
+  /**
+   * A cut on either side is passed on as a cut (a close marked resumable),
+   * so that the session's ends pause and resume it: a proxy's relays. At
+   * the controller a client that went away ends the session.
+   */
+  passCuts?: boolean;
 }
 
 export function relaySession(client: SessionSide, host: SessionSide, opts: RelayOptions = {}): Promise<RelayEnd> {
-  const { first, keepaliveMs, limits, tap } = opts;
+  const { first, keepaliveMs, limits, tap, passCuts } = opts;
+  const passed = (end: SessionEnd): SessionEnd => (passCuts || !end.cut ? end : { code: end.code, message: end.message });
   let exit: SessionExit | undefined;
   let limited: SessionEnd | undefined;
   const watch = limits ? watchLimits(limits, (end) => {
@@ -567,6 +642,7 @@ export function relaySession(client: SessionSide, host: SessionSide, opts: Relay
         input();
         host.sendUrgent(sealed);
       },
+      opened: (o) => host.sendOpened?.(o, true),
     },
     first?.client,
     keepaliveMs,
@@ -583,6 +659,8 @@ export function relaySession(client: SessionSide, host: SessionSide, opts: Relay
         exit = e;
         client.sendExit(e);
       },
+      opened: (o) => client.sendOpened?.(o, true),
+      notice: (text) => client.sendNotice?.(text),
     },
     first?.host,
     keepaliveMs,
@@ -591,12 +669,12 @@ export function relaySession(client: SessionSide, host: SessionSide, opts: Relay
   // gone out on its stream, so that whoever serves the stream does not end it with that still queued.
   const ended = Promise.race([
     client.ended.then(async (end) => {
-      host.end(end.code === 0 ? { code: Code.Canceled, message: "the client closed the session" } : end);
+      host.end(end.code === 0 ? { code: Code.Canceled, message: "the client closed the session" } : passed(end));
       await host.ended;
       return { end, from: limited ? ("relay" as const) : ("client" as const), exit };
     }),
     host.ended.then(async (end) => {
-      client.end(end);
+      client.end(passed(end));
       await client.ended;
       return { end, from: "host" as const, exit };
     }),

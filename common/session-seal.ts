@@ -28,14 +28,27 @@
  * what the port offers, in plain records, so that the relay at the
  * controller and the bridge at the host work the same on either.
  */
-import { createCipheriv, createDecipheriv, createPublicKey, diffieHellman, generateKeyPairSync, hkdfSync, type KeyObject } from "node:crypto";
+import { createCipheriv, createDecipheriv, createHmac, createPublicKey, diffieHellman, generateKeyPairSync, hkdfSync, timingSafeEqual, type KeyObject } from "node:crypto";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError } from "./errors.js";
 import { checkConnEvent, checkWindowSize, isSessionSignal, SESSION_SIGNALS } from "./session-frames.js";
-import { tooManyEvents, type SessionEnd, type SessionHandlers, type SessionSide } from "./session-port.js";
+import { endOf, tooManyEvents, type SessionEnd, type SessionHandlers, type SessionSide } from "./session-port.js";
+import type { Clock, Timer } from "./clock.js";
+import { formatDuration } from "./duration.js";
 import { LIMITS, preview } from "./limits.js";
-import { SealedRecordSchema, SessionChannel, type SealedRecord, type SessionConn, type SessionExit, type SessionFrame, type WindowSize } from "../gen/rexmesh/v1/session_pb.js";
+import {
+  SealedRecordSchema,
+  SessionChannel,
+  SessionOpenedSchema,
+  SessionResumeSchema,
+  type SealedRecord,
+  type SessionConn,
+  type SessionExit,
+  type SessionFrame,
+  type SessionResume,
+  type WindowSize,
+} from "../gen/rexmesh/v1/session_pb.js";
 
 /** Plain bytes of one data record at most: a relay's credit window (256 KiB) holds many. */
 export const RECORD_DATA_BYTES = 16 * 1024;
@@ -216,59 +229,169 @@ export class RecordAssembler {
   }
 }
 
+/** A record sealed into a stream and kept until the other end has opened it. */
+interface KeptRecord {
+  bytes: Uint8Array;
+  /** Told once the record has left whole on a hop, the first time (a relay's credit, a connection event's count). */
+  sent?: () => void;
+}
+
 /**
- * One end of a session's sealed hop (the controller's side of its leg to
- * the proxy, or the host's side of its leg): seals what is sent and opens
- * what arrives, over the hop's port. Credit stays the port's: a record's
- * bytes on the hop are consumed once its plain data was taken.
+ * The records of one stream the other end has not opened yet, in order:
+ * what a resumed leg sends again. The other end's count of opened records
+ * lets them go.
+ */
+class Unopened {
+  /** The number of items[0]: every record before it was opened. */
+  first = 0;
+  readonly items: KeptRecord[] = [];
+  bytes = 0;
+
+  constructor(private readonly what: string) {}
+
+  push(r: KeptRecord): void {
+    this.items.push(r);
+    this.bytes += r.bytes.length;
+  }
+
+  /** Records sealed in all. */
+  get end(): number {
+    return this.first + this.items.length;
+  }
+
+  /**
+   * The other end has opened `count` records of the stream: they are let
+   * go. An older count is ignored, unless `exact` (a resume: the other end
+   * must still have every record it did not open); a count beyond the
+   * records sealed, or behind those let go on a resume, ends the session.
+   */
+  openedUpTo(count: bigint, exact: boolean): void {
+    const n = Number(count);
+    if (n > this.end) throw new ConnectError(`the session's other end says it opened ${count} ${this.what} records, but the stream has only ${this.end}`, Code.DataLoss);
+    if (n < this.first) {
+      if (exact) throw new ConnectError(`the session's other end resumes after ${count} ${this.what} records, but said before it had opened ${this.first}`, Code.DataLoss);
+      return;
+    }
+    while (this.first < n) {
+      const r = this.items.shift()!;
+      this.bytes -= r.bytes.length;
+      this.first++;
+      const sent = r.sent;
+      r.sent = undefined;
+      sent?.();
+    }
+  }
+}
+
+/** What a sealed port needs of its hop: a port of a sealed hop. */
+export type SealedHop = Required<Pick<SessionSide, "sendUrgent" | "sendOpened">> & SessionSide & { readonly isEnded?: boolean };
+
+/** A port that outlives a cut hop (docs/sessions.md, "Resume"). */
+export interface ResumeOptions {
+  clock: Clock;
+  /** How long the session waits for a new leg after its leg was cut; 0: a cut ends it. */
+  windowMs: number;
+  /** The leg was cut and the session waits for a new one (the host dials it). */
+  onCut?(end: SessionEnd): void;
+}
+
+/** Records opened after which their count goes back in a frame of its own, if none went meanwhile. */
+const OPENED_EVERY = 16;
+
+/**
+ * One end of a session's sealed leg (the controller's side of its hop to
+ * the proxy, or the host's side of its hop): seals what is sent and opens
+ * what arrives, over the hop's port, and offers what the port offers, in
+ * plain records, so that the relay at the controller and the bridge at the
+ * host work the same on either. Credit stays the port's: a record's bytes
+ * on the hop are consumed once its plain data was taken.
+ *
+ * Every record sealed is kept until the other end says it opened it
+ * (SessionFrame.opened). With {@link ResumeOptions}, a hop that is cut
+ * (its proxy restarted, or lost the other leg) does not end the session:
+ * the port waits for a new hop, on which each end sends again every record
+ * the other has not opened — nothing lost, nothing twice — and goes on.
  */
 export class SealedPort implements SessionSide {
   readonly ended: Promise<SessionEnd>;
+  private resolveEnded!: (end: SessionEnd) => void;
+  private port: SealedHop | undefined;
   private readonly data: RecordSealer;
   private readonly urgent: RecordSealer | undefined;
   private readonly openData: RecordOpener;
   private readonly openUrgent: RecordOpener | undefined;
-  private readonly assembler = new RecordAssembler();
-  /** Data records handed over and not yet consumed in full: their plain bytes left, and their bytes on the hop. */
-  private readonly unconsumed: { plain: number; hop: number }[] = [];
+  private readonly dataKept: Unopened;
+  private readonly urgentKept: Unopened | undefined;
+  private readonly resumeKey: Buffer;
+  private assembler = new RecordAssembler();
+  /** Data records handed over and not yet consumed in full: their plain bytes left, their bytes on the hop, and that hop. */
+  private readonly unconsumed: { plain: number; hop: number; port: SealedHop }[] = [];
   private handlers: SessionHandlers | undefined;
+  private keepaliveMs: number | undefined;
   private started = false;
   private exitSeen = false;
   private eofSeen = false;
+  private finished = false;
+  /** An OK end asked for: it goes once the other end has opened every record (the host's exit among them). */
+  private closing: SessionEnd | undefined;
+  /** While the hop is cut: the timer that ends the session unless a new hop comes first. */
+  private pauseTimer: Timer | undefined;
+  /** Resolved when a new hop is attached or the session ends. */
+  private nextHop: { promise: Promise<void>; resolve: () => void } | undefined;
+  /** Records opened since their count last went back on its own. */
+  private openedUnsaid = 0;
+  /** The host's attempts to resume (host), the highest taken (controller). */
+  private attempts = 0;
   /** The controller's resize and signals not sealed yet: a burst is sealed once per turn, the latest size only. */
   private readonly urgentWaiting: { resize?: WindowSize; signals: string[] } = { signals: [] };
   private urgentScheduled = false;
-  /** Connection event records queued on the port and not yet sent whole. */
+  /** Connection event records queued and not yet sent whole. */
   private eventsWaiting = 0;
 
   constructor(
-    private readonly port: Required<Pick<SessionSide, "sendUrgent">> & SessionSide,
+    port: SealedHop,
     key: Buffer,
     private readonly side: "controller" | "host",
+    private readonly resumable?: ResumeOptions,
   ) {
     const controller = side === "controller";
+    this.ended = new Promise((r) => (this.resolveEnded = r));
+    this.resumeKey = Buffer.from(hkdfSync("sha256", key, Buffer.alloc(0), "rexmesh session resume v1", 32));
     this.data = new RecordSealer(key, controller ? RecordStream.ToHost : RecordStream.FromHost);
+    this.dataKept = new Unopened(controller ? "input" : "output");
     this.openData = new RecordOpener(key, controller ? RecordStream.FromHost : RecordStream.ToHost, controller ? "output" : "input");
     if (controller) {
       this.urgent = new RecordSealer(key, RecordStream.Urgent);
-      // The urgent stream's first record, before anything else can be sealed in it.
-      port.sendUrgent(this.urgent.seal(create(SealedRecordSchema, { start: true }), false));
+      this.urgentKept = new Unopened("control");
+      // The urgent stream's first record, before anything else can be sealed in it; it goes when the port starts.
+      this.keepUrgent(this.urgent.seal(create(SealedRecordSchema, { start: true }), false));
     } else {
       this.openUrgent = new RecordOpener(key, RecordStream.Urgent, "control");
     }
-    // The controller counts a session that its other hop ended "OK" without the host's sealed exit as cut off:
-    // an OK close is the proxy's word, the exit is the host's.
-    this.ended = port.ended.then((end) =>
-      end.code === 0 && controller && !this.exitSeen ? { code: Code.Unavailable, message: "the session's leg closed without the host's exit: the host or its proxy ended it" } : end,
-    );
+    this.port = port;
   }
 
+  /** Bytes waiting to leave: on the hop, or all those kept while the hop is cut. */
   get queuedBytes(): number {
-    return this.port.queuedBytes;
+    return this.port && !this.port.isEnded ? this.port.queuedBytes : this.dataKept.bytes;
   }
 
-  whenQueueBelow(bytes: number): Promise<void> {
-    return this.port.whenQueueBelow(bytes);
+  /** Whether the hop is cut and the session waits for a new one. */
+  get paused(): boolean {
+    return this.pauseTimer !== undefined;
+  }
+
+  async whenQueueBelow(bytes: number): Promise<void> {
+    for (;;) {
+      if (this.finished) return;
+      const port = this.port;
+      if (!port || port.isEnded) {
+        await this.waitForHop();
+        continue;
+      }
+      await port.whenQueueBelow(bytes);
+      if (this.port === port && !port.isEnded) return;
+    }
   }
 
   /**
@@ -278,18 +401,15 @@ export class SealedPort implements SessionSide {
    */
   start(handlers: SessionHandlers, first?: SessionFrame, keepaliveMs?: number): void {
     this.handlers = handlers;
-    this.port.start({ data: (channel, bytes) => this.received(channel, bytes), urgent: (sealed) => this.receivedUrgent(sealed) }, first, keepaliveMs);
+    this.keepaliveMs = keepaliveMs;
+    this.attach(this.port!, first);
+    for (const r of this.urgentKept?.items ?? []) this.port!.sendUrgent(r.bytes);
   }
 
   sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void, conn = 0): void {
     for (let at = 0; at < bytes.length; at += RECORD_DATA_BYTES) {
       const piece = bytes.subarray(at, Math.min(bytes.length, at + RECORD_DATA_BYTES));
-      const record = this.data.seal(create(SealedRecordSchema, { channel, data: piece, conn }), true);
-      let left = record.length;
-      this.port.sendData(SessionChannel.SEALED, record, (n) => {
-        left -= n;
-        if (left === 0) onSent?.(piece.length);
-      });
+      this.keepData(this.data.seal(create(SealedRecordSchema, { channel, data: piece, conn }), true), onSent && (() => onSent(piece.length)));
     }
   }
 
@@ -305,26 +425,22 @@ export class SealedPort implements SessionSide {
   }
 
   sendEof(): void {
-    this.port.sendData(SessionChannel.SEALED, this.data.seal(create(SealedRecordSchema, { eof: true }), true));
+    this.keepData(this.data.seal(create(SealedRecordSchema, { eof: true }), true));
   }
 
   /** A connection event, sealed into the data stream; with too many waiting, the session ends (see SessionPort.sendConn). */
   sendConn(event: SessionConn): void {
+    if (this.finished) return;
     if (this.eventsWaiting >= LIMITS.sessionQueuedConnEvents) {
-      this.port.end(tooManyEvents());
+      this.end(tooManyEvents());
       return;
     }
-    const record = this.data.seal(create(SealedRecordSchema, { connEvent: event }), true);
-    let left = record.length;
     this.eventsWaiting++;
-    this.port.sendData(SessionChannel.SEALED, record, (n) => {
-      left -= n;
-      if (left === 0) this.eventsWaiting--;
-    });
+    this.keepData(this.data.seal(create(SealedRecordSchema, { connEvent: event }), true), () => this.eventsWaiting--);
   }
 
   sendExit(exit: SessionExit): void {
-    this.port.sendData(SessionChannel.SEALED, this.data.seal(create(SealedRecordSchema, { exit }), true));
+    this.keepData(this.data.seal(create(SealedRecordSchema, { exit }), true));
   }
 
   consumed(n: number): void {
@@ -337,13 +453,213 @@ export class SealedPort implements SessionSide {
       left -= k;
       if (head.plain === 0) {
         this.unconsumed.shift();
-        this.port.consumed(head.hop);
+        head.port.consumed(head.hop);
       }
     }
   }
 
+  /**
+   * Ends the session. An error ends it at once; OK (the host, after the
+   * exit) once the other end has opened every record sealed here, so that
+   * a hop cut before then is resumed to deliver them.
+   */
   end(end: SessionEnd): void {
-    this.port.end(end);
+    if (this.finished) return;
+    if (end.code === 0) {
+      this.closing = end;
+      this.closeIfOpened();
+      return;
+    }
+    const port = this.port;
+    this.port = undefined;
+    port?.end(end);
+    this.finish(end);
+  }
+
+  // ---- resume (docs/sessions.md, "Resume") ------------------------------------
+
+  /** The host: what its new leg asks with (a fresh attempt each time). */
+  resumeRequest(): SessionResume {
+    const attempt = ++this.attempts;
+    const dataOpened = BigInt(this.openData.count);
+    const urgentOpened = BigInt(this.openUrgent?.count ?? 0);
+    return create(SessionResumeSchema, { dataOpened, urgentOpened, attempt, mac: this.resumeMac("host", attempt, dataOpened, urgentOpened) });
+  }
+
+  /**
+   * The controller: checks a request to resume, and answers it. PERMISSION_DENIED
+   * for one the host did not make with the session's key, or that was taken before.
+   */
+  acceptResume(req: SessionResume): SessionResume {
+    if (this.finished) throw new ConnectError("the session has ended", Code.NotFound);
+    if (!macEqual(req.mac, this.resumeMac("host", req.attempt, req.dataOpened, req.urgentOpened))) throw new ConnectError("the request to resume the session was not made by its host", Code.PermissionDenied);
+    if (req.attempt <= this.attempts) throw new ConnectError(`attempt ${req.attempt} to resume the session is not newer than attempt ${this.attempts}, taken before`, Code.PermissionDenied);
+    this.attempts = req.attempt;
+    const dataOpened = BigInt(this.openData.count);
+    return create(SessionResumeSchema, { dataOpened, attempt: req.attempt, mac: this.resumeMac("controller", req.attempt, dataOpened, 0n) });
+  }
+
+  /** The host: checks the controller's answer to its request. */
+  checkResumed(answer: SessionResume): void {
+    if (answer.attempt !== this.attempts || answer.urgentOpened !== 0n || !macEqual(answer.mac, this.resumeMac("controller", answer.attempt, answer.dataOpened, 0n))) {
+      throw new ConnectError("the answer to resume the session is not the controller's", Code.PermissionDenied);
+    }
+  }
+
+  /**
+   * Takes up the session on a new hop, `peer` being the other end's counts
+   * (its request, or its answer, checked): the records it has not opened
+   * are sent again, the urgent ones first as they went first, and the
+   * session goes on. A hop still attached is let go. Counts that do not fit
+   * what was sealed end the session, DATA_LOSS.
+   */
+  resume(port: SealedHop, peer: SessionResume, first?: SessionFrame): void {
+    if (this.finished) {
+      port.start({ data: () => undefined });
+      port.end({ code: Code.NotFound, message: "the session has ended" });
+      return;
+    }
+    const old = this.port;
+    this.port = undefined;
+    old?.end({ code: Code.Aborted, message: "a new leg took up the session" });
+    try {
+      this.dataKept.openedUpTo(peer.dataOpened, true);
+      this.urgentKept?.openedUpTo(peer.urgentOpened, true);
+    } catch (err) {
+      port.start({ data: () => undefined });
+      const end = endOf(err, "other end");
+      port.end(end);
+      this.finish(end);
+      return;
+    }
+    this.pauseTimer?.cancel();
+    this.pauseTimer = undefined;
+    this.attach(port, first);
+    for (const r of this.urgentKept?.items ?? []) port.sendUrgent(r.bytes);
+    for (const r of this.dataKept.items) this.transmit(r);
+    this.wakeHopWaiters();
+    this.closeIfOpened();
+  }
+
+  private resumeMac(side: "host" | "controller", attempt: number, dataOpened: bigint, urgentOpened: bigint): Buffer {
+    const fields = Buffer.alloc(4 + 8 + 8);
+    fields.writeUInt32BE(attempt, 0);
+    fields.writeBigUInt64BE(BigInt.asUintN(64, dataOpened), 4);
+    fields.writeBigUInt64BE(BigInt.asUintN(64, urgentOpened), 12);
+    return createHmac("sha256", this.resumeKey).update(`rexmesh session resume\0${side}\0`).update(fields).digest();
+  }
+
+  // ---- the hop -----------------------------------------------------------------
+
+  private attach(port: SealedHop, first: SessionFrame | undefined): void {
+    this.port = port;
+    this.assembler = new RecordAssembler();
+    port.start(
+      {
+        data: (channel, bytes) => this.received(port, channel, bytes),
+        urgent: (sealed) => this.receivedUrgent(port, sealed),
+        opened: (o) => {
+          if (this.port !== port) return;
+          this.dataKept.openedUpTo(o.data, false);
+          this.urgentKept?.openedUpTo(o.urgent, false);
+          this.closeIfOpened();
+        },
+      },
+      first,
+      this.keepaliveMs,
+    );
+    port.ended.then((end) => this.hopEnded(port, end)).catch(() => undefined);
+  }
+
+  private hopEnded(port: SealedHop, end: SessionEnd): void {
+    if (port !== this.port || this.finished) return;
+    this.port = undefined;
+    const r = this.resumable;
+    if (!end.cut || !r || r.windowMs <= 0) {
+      this.finish(end);
+      return;
+    }
+    this.pauseTimer = r.clock.setTimeout(() => {
+      this.pauseTimer = undefined;
+      this.finish({ code: end.code === 0 ? Code.Unavailable : end.code, message: `${end.message}; the session did not resume within ${formatDuration(r.windowMs)}` });
+    }, r.windowMs);
+    r.onCut?.(end);
+  }
+
+  private finish(end: SessionEnd): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.pauseTimer?.cancel();
+    this.pauseTimer = undefined;
+    this.wakeHopWaiters();
+    // The controller counts a session that its other hop ended "OK" without the host's sealed exit as cut off:
+    // an OK close is the proxy's word, the exit is the host's.
+    const controller = this.side === "controller";
+    this.resolveEnded(
+      end.code === 0 && controller && !this.exitSeen
+        ? { code: Code.Unavailable, message: "the session's leg closed without the host's exit: the host or its proxy ended it" }
+        : { code: end.code, message: end.message },
+    );
+  }
+
+  private waitForHop(): Promise<void> {
+    if (!this.nextHop) {
+      let resolve!: () => void;
+      const promise = new Promise<void>((r) => (resolve = r));
+      this.nextHop = { promise, resolve };
+    }
+    return this.nextHop.promise;
+  }
+
+  private wakeHopWaiters(): void {
+    const w = this.nextHop;
+    this.nextHop = undefined;
+    w?.resolve();
+  }
+
+  /** An OK end waiting for the other end to open every record goes now, if it has. */
+  private closeIfOpened(): void {
+    if (this.closing && this.port && this.dataKept.items.length === 0) this.port.end(this.closing);
+  }
+
+  private keepData(bytes: Uint8Array, sent?: () => void): void {
+    if (this.finished) return;
+    const r: KeptRecord = { bytes, sent };
+    this.dataKept.push(r);
+    if (this.dataKept.bytes > LIMITS.sessionUnopenedBytes) {
+      this.end({ code: Code.ResourceExhausted, message: `more than ${LIMITS.sessionUnopenedBytes} bytes of the session wait for its other end to open them` });
+      return;
+    }
+    if (this.port) this.transmit(r);
+  }
+
+  private keepUrgent(sealed: Uint8Array): void {
+    if (this.finished) return;
+    this.urgentKept!.push({ bytes: sealed });
+    if (this.urgentKept!.items.length > LIMITS.sessionUnopenedControl) {
+      this.end({ code: Code.ResourceExhausted, message: `more than ${LIMITS.sessionUnopenedControl} resizes and signals of the session wait for the host to open them` });
+      return;
+    }
+    this.port?.sendUrgent(sealed);
+  }
+
+  /** Sends a kept record on the hop; `sent` is told once it has left whole, the first time. */
+  private transmit(r: KeptRecord): void {
+    let left = r.bytes.length;
+    this.port!.sendData(SessionChannel.SEALED, r.bytes, (n) => {
+      left -= n;
+      if (left > 0 || !r.sent) return;
+      const sent = r.sent;
+      r.sent = undefined;
+      sent();
+    });
+  }
+
+  /** Tells the other end how far this one has opened: in a frame of its own every few records or after an ending one. */
+  private sayOpened(ending: boolean): void {
+    const now = ending || ++this.openedUnsaid >= OPENED_EVERY;
+    if (now) this.openedUnsaid = 0;
+    this.port?.sendOpened(create(SessionOpenedSchema, { data: BigInt(this.openData.count), urgent: BigInt(this.openUrgent?.count ?? 0) }), now);
   }
 
   private sealUrgentSoon(): void {
@@ -358,21 +674,22 @@ export class SealedPort implements SessionSide {
       // Each says how much of the data stream went before it: the host refuses one held back past later input.
       for (const r of records) {
         r.after = BigInt(this.data.count);
-        this.port.sendUrgent(this.urgent!.seal(r, false));
+        this.keepUrgent(this.urgent!.seal(r, false));
       }
     });
   }
 
-  private received(channel: SessionChannel, piece: Uint8Array): void {
+  private received(port: SealedHop, channel: SessionChannel, piece: Uint8Array): void {
+    if (port !== this.port) return;
     if (channel !== SessionChannel.SEALED) throw new InvalidArgumentError(`plain session data (channel ${channel}) on a sealed hop`);
     for (const sealed of this.assembler.push(piece)) {
       const hop = 4 + sealed.length;
       const record = this.openData.open(sealed);
-      this.take(record, hop);
+      this.take(record, hop, port);
     }
   }
 
-  private take(record: SealedRecord, hop: number): void {
+  private take(record: SealedRecord, hop: number, port: SealedHop): void {
     const h = this.handlers!;
     const fromHost = this.side === "controller";
     const kinds =
@@ -380,15 +697,16 @@ export class SealedPort implements SessionSide {
     if (kinds !== 1) throw new InvalidArgumentError("a sealed session record must hold exactly one thing");
     if (!fromHost && !this.started) throw new InvalidArgumentError("session input before the controller started the session");
     if (this.exitSeen || this.eofSeen) throw new InvalidArgumentError(`a sealed session record after the ${this.exitSeen ? "exit" : "end of input"}`);
+    this.sayOpened(record.exit !== undefined || record.eof);
     if (record.data.length > 0) {
       const ok = fromHost ? record.channel === SessionChannel.STDOUT || record.channel === SessionChannel.STDERR : record.channel === SessionChannel.STDIN;
       if (!ok && record.channel !== SessionChannel.CONN) throw new InvalidArgumentError(`sealed session data on channel ${record.channel}, which the ${fromHost ? "host" : "controller"} does not send`);
       if ((record.channel === SessionChannel.CONN) !== (record.conn !== 0)) throw new InvalidArgumentError("sealed session data names a connection exactly when it is on channel CONN");
-      this.unconsumed.push({ plain: record.data.length, hop });
+      this.unconsumed.push({ plain: record.data.length, hop, port });
       h.data(record.channel, record.data, record.conn);
       return;
     }
-    this.port.consumed(hop);
+    port.consumed(hop);
     if (record.connEvent) {
       checkConnEvent(record.connEvent, fromHost ? "output" : "input");
       if (!h.conn) throw new InvalidArgumentError("a connection event in a session that forwards no port");
@@ -407,10 +725,12 @@ export class SealedPort implements SessionSide {
     }
   }
 
-  private receivedUrgent(sealed: Uint8Array): void {
+  private receivedUrgent(port: SealedHop, sealed: Uint8Array): void {
+    if (port !== this.port) return;
     if (!this.openUrgent) throw new InvalidArgumentError("urgent session records come only from the controller's side");
     const record = this.openUrgent.open(sealed);
     const h = this.handlers!;
+    this.sayOpened(false);
     if (!this.started) {
       if (!record.start) throw new InvalidArgumentError("the controller's first urgent record must start the session");
       this.started = true;
@@ -430,4 +750,9 @@ export class SealedPort implements SessionSide {
       throw new InvalidArgumentError("an urgent session record that is neither a resize nor a signal");
     }
   }
+}
+
+/** Two MACs equal, in time that does not depend on where they differ. */
+function macEqual(a: Uint8Array, b: Buffer): boolean {
+  return a.length === b.length && timingSafeEqual(a, b);
 }

@@ -74,6 +74,7 @@ export const controllerSchema = {
   sessionIdle: { type: "duration", default: "30m", doc: "a session ends after this long without input from the client, unless the role that allowed it sets sessionIdle (0: never)" },
   sessionRecordingMax: { type: "int", default: 1024 ** 3, min: 0, doc: "bytes of one session's recording at most (both ways together); past it the recording is cut, and a role with strictRecording ends the session" },
   sessionMax: { type: "duration", default: "12h", doc: "a session ends after this long in all, unless the role that allowed it sets sessionMax (0: never)" },
+  sessionResume: { type: "duration", default: "30s", doc: "how long a session whose leg was cut (its proxy restarted, its host failed over) waits for its host to come back before it ends (0: a cut ends it)" },
   enrollListen: { type: "string", doc: "extra address serving only EnrollService without asking for a client certificate, for daemons with a join token that reach the controller directly (host:port; port 0 picks one); off by default" },
   policy: { type: "string", doc: "authorization policy file (YAML or JSON, docs/authorization.md), reloaded on SIGHUP; without one every operator has full access within its tenant" },
 } satisfies Schema;
@@ -191,6 +192,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     hostKeys,
     idleMs: config.sessionIdle,
     maxMs: config.sessionMax,
+    resumeMs: config.sessionResume,
     meter: (direction, bytes) => sessionBytes.inc({ direction }, bytes),
     recordings: {
       store: recordings,

@@ -14,7 +14,8 @@ import type { FrameLink } from "../common/frame-link.js";
 import type { IdGenerator } from "../common/ids.js";
 import { LIMITS, preview } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
-import { framedPort, relaySession, type RelayEnd, type SessionPort } from "../common/session-port.js";
+import { framedPort, relaySession, type RelayEnd, type SessionEnd, type SessionPort } from "../common/session-port.js";
+import { formatDuration } from "../common/duration.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { KeyCheck } from "../common/host-signing.js";
 import { newKeyHalf, SealedPort, sessionSecret, type KeyHalf } from "../common/session-seal.js";
@@ -90,6 +91,8 @@ export interface SessionBrokerOptions {
   maxMs: number;
   /** How long the proxy has to come back with the session's leg. Default LIMITS.sessionOpenMs. */
   openMs?: number;
+  /** How long a session whose leg was cut waits for its host to resume it (0: a cut ends it). Default LIMITS.sessionResumeMs. */
+  resumeMs?: number;
   keepaliveMs?: number;
 }
 
@@ -118,7 +121,10 @@ interface Active {
   client: SessionPort<SessionResponse, SessionRequest>;
   startedAt: number;
   what: string;
+  /** The proxy it goes through now. */
   proxy: string;
+  /** Its leg to the host, sealed: a resumed leg is attached to it. */
+  leg: SealedPort;
   /** Operators watching, read-only (sessions join). */
   observers: Set<Observer>;
 }
@@ -160,6 +166,7 @@ export class SessionBroker {
   private readonly perOperator = new ConcurrencyLimit(LIMITS.sessionsPerOperator, "sessions for one operator");
   private readonly openMs: number;
   readonly keepaliveMs: number;
+  private readonly resumeMs: number;
   private readonly idleMs: number;
   private readonly maxMs: number;
 
@@ -168,6 +175,7 @@ export class SessionBroker {
     this.idleMs = Math.min(opts.idleMs, SESSION_LIMIT_MAX_MS);
     this.maxMs = Math.min(opts.maxMs, SESSION_LIMIT_MAX_MS);
     this.keepaliveMs = opts.keepaliveMs ?? LIMITS.sessionKeepaliveMs;
+    this.resumeMs = Math.min(opts.resumeMs ?? LIMITS.sessionResumeMs, SESSION_LIMIT_MAX_MS);
   }
 
   /**
@@ -190,6 +198,7 @@ export class SessionBroker {
       controllerKey: half.publicKey,
       idleTimeoutMs: limits.idleMs,
       maxDurationMs: limits.maxMs,
+      resumeWindowMs: this.resumeMs,
     });
     const leg = new Promise<ProxyLeg>((resolve, reject) => {
       const timer = this.opts.clock.setTimeout(() => {
@@ -249,7 +258,16 @@ export class SessionBroker {
       leg.port.end({ code: Code.PermissionDenied, message: refusal! });
       throw new PermissionDeniedError(refusal!);
     }
-    return { port: new SealedPort(leg.port, secret, "controller"), first: leg.first, proxy: leg.proxy };
+    const resume = {
+      clock: this.opts.clock,
+      windowMs: this.resumeMs,
+      onCut: (end: SessionEnd) => {
+        const a = this.active.get(sessionId);
+        this.opts.log.warn("session leg cut: waiting for the host to resume it", { session: sessionId, host: host.id, proxy: a?.proxy, reason: end.message });
+        a?.client.sendNotice(`the session's leg through proxy ${a.proxy} was cut (${end.message}); waiting up to ${formatDuration(this.resumeMs)} for it to resume`);
+      },
+    };
+    return { port: new SealedPort(leg.port, secret, "controller", resume), first: leg.first, proxy: leg.proxy };
   }
 
   /**
@@ -313,7 +331,7 @@ export class SessionBroker {
           if (direction === "from_host") for (const o of observers) o.push({ atMs: this.opts.clock.now() - startedAt, channel, conn, data });
         },
       });
-      this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client, startedAt, what: describeSession(spec), proxy: leg.proxy, observers });
+      this.active.set(sessionId, { kind, caller, host: { role: "host", scope: host.tenant, id: host.id }, client, startedAt, what: describeSession(spec), proxy: leg.proxy, leg: leg.port, observers });
       const r = await relayed.finally(() => this.active.delete(sessionId));
       const outcome = endedByRecording ? `ended by its recording: FailedPrecondition: ${endedByRecording}` : describeEnd(r);
       for (const o of observers) {
@@ -442,12 +460,37 @@ export class SessionBroker {
     const opening = await port.opening(LIMITS.linkHelloMs);
     if (!opening) return;
     if (opening.sessionId === "" || opening.sessionId.length > LIMITS.idChars) throw new InvalidArgumentError("a session leg must name its session");
+    if (opening.resume) {
+      await this.resumeLeg(link, port, opening, peer);
+      return;
+    }
     const p = this.pending.get(opening.sessionId);
     if (!p) throw new NotFoundError(`no session ${preview(opening.sessionId)} waits for its host here: it was never ordered, or gave up`);
     if (p.proxy !== peer.id) throw new PermissionDeniedError(`session ${opening.sessionId} was ordered from another proxy`);
     this.pending.delete(opening.sessionId);
     p.timer.cancel();
     p.resolve({ port, first: opening.frame, proxy: peer.id, key: opening.key });
+    await port.ended;
+  }
+
+  /**
+   * A leg that resumes a session whose leg was cut: the host's request is
+   * checked (made with the session's key, newer than any taken), answered,
+   * and the leg attached in place of the old one; each end then sends
+   * again what the other has not opened. NOT_FOUND for a session not
+   * running here (it ended, or this controller restarted since).
+   */
+  private async resumeLeg(link: ProxySessionLink, port: SessionPort<ProxySessionResponse, ProxySessionRequest>, opening: ProxySessionRequest, peer: PeerIdentity): Promise<void> {
+    const sessionId = opening.sessionId;
+    const a = this.active.get(sessionId);
+    if (!a) throw new NotFoundError(`no session ${preview(sessionId)} runs here to resume: it has ended, or the controller restarted since`);
+    const answer = a.leg.acceptResume(opening.resume!);
+    link.send(create(ProxySessionResponseSchema, { resumed: answer }));
+    const from = a.proxy;
+    a.leg.resume(port, opening.resume!, opening.frame);
+    a.proxy = peer.id;
+    this.opts.log.info("session resumed", { session: sessionId, host: a.host.id, proxy: peer.id, before: from, attempt: answer.attempt });
+    a.client.sendNotice(`the session resumed through proxy ${peer.id}`);
     await port.ended;
   }
 }

@@ -207,7 +207,7 @@ export class Agent implements RoleCore {
   private lastCredits = -1;
   /** Set by drain: no task starts and no credit is granted any more. */
   private draining = false;
-  private connectedListeners = new Set<(proxy: string) => void>();
+  private connectedListeners = new Set<(proxy: string, address: string) => void>();
   /** Back-pressure state shared by all running tasks; see maxUnackedOutputBytes. */
   private flowPaused = false;
   private readonly resumeListeners = new Set<() => void>();
@@ -255,7 +255,7 @@ export class Agent implements RoleCore {
   }
 
   /** Calls fn each time a stream to a proxy is established. */
-  onConnected(fn: (proxy: string) => void): () => void {
+  onConnected(fn: (proxy: string, address: string) => void): () => void {
     this.connectedListeners.add(fn);
     return () => this.connectedListeners.delete(fn);
   }
@@ -438,7 +438,7 @@ export class Agent implements RoleCore {
       if (first.welcome) {
         up(first.welcome.proxy);
         log.debug("welcomed by proxy", { proxy: first.welcome.proxy, region: first.welcome.region, address });
-        for (const fn of this.connectedListeners) fn(first.welcome.proxy);
+        for (const fn of this.connectedListeners) fn(first.welcome.proxy, address);
       }
       await this.handleFrame(first, link);
       await ls.forEach((frame) => this.handleFrame(frame, link));

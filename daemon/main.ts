@@ -118,7 +118,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       dial: (address) => openGrpcLink(address, readCredentials(paths), ["proxy"], AgentLinkService.method.agentSession),
     });
     sessionHosts.push(sessions);
-    return new Agent({
+    const agent = new Agent({
       reporter: currentReporter,
       onSessionOrders: (orders, address, reporter) => sessions.orders(orders, address, reporter),
       hostId: me.id,
@@ -139,6 +139,9 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       maxUnackedOutputBytes: config.maxUnackedOutput,
       killGraceMs: config.killGrace,
     });
+    // A session cut by its proxy's restart or a failover resumes through whichever proxy the host reaches next.
+    agent.onConnected((_proxy, address) => sessions.connected(address));
+    return agent;
   });
   await Promise.all(agents.map((a) => a.start()));
   metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);

@@ -18,7 +18,8 @@ import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import { codeOf } from "../common/rpc-errors.js";
 import { checkSessionSpec, keepaliveOf } from "../common/session-frames.js";
-import { ENDED_OK, framedPort, type SessionEnd } from "../common/session-port.js";
+import { ENDED_OK, endOf, framedPort, isCutCode, type SessionEnd } from "../common/session-port.js";
+import { formatDuration } from "../common/duration.js";
 import { peekSessionOrder, type TaskVerifier } from "../common/task-signing.js";
 import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { SessionChannel, type SessionForward, type SessionKey, type SessionOrder, type SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
@@ -44,6 +45,19 @@ export interface SessionHostOptions {
   start?: (order: SessionOrder) => SessionProcess;
   /** Time between SIGHUP and SIGKILL when a session ends with its process still running. Default 2 s. */
   killGraceMs?: number;
+  /** How long after a failed try to resume a cut session the next one goes (when no new proxy connection comes first). Default 1 s. */
+  resumeRetryMs?: number;
+}
+
+/** A session whose leg may be cut: what its host needs to dial a new one. */
+interface Resumable {
+  leg: SealedPort;
+  signed: SignedSessionOrder;
+  order: SessionOrder;
+  log: Logger;
+  /** A try to resume is under way. */
+  trying: boolean;
+  retry: Timer | undefined;
 }
 
 export class SessionHost {
@@ -53,10 +67,22 @@ export class SessionHost {
   private readonly open = new Map<string, SessionProcess | undefined>();
   private readonly start: (order: SessionOrder) => SessionProcess;
   private readonly killGraceMs: number;
+  private readonly resumeRetryMs: number;
+  /** Sessions open here whose leg can be resumed after a cut. */
+  private readonly resumable = new Map<string, Resumable>();
+  /** The proxy this host is connected to now (or was last): where a cut session's new leg is dialled. */
+  private proxyAddress: string | undefined;
 
   constructor(private readonly opts: SessionHostOptions) {
     this.start = opts.start ?? ((order) => startSessionProcess(order.spec!, sessionEnv(order.spec!, { REXMESH_HOST_ID: opts.hostId, REXMESH_SESSION_ID: order.sessionId })));
     this.killGraceMs = opts.killGraceMs ?? 2000;
+    this.resumeRetryMs = opts.resumeRetryMs ?? 1000;
+  }
+
+  /** The host is connected to the proxy at `address` (again, or another): cut sessions try to resume through it at once. */
+  connected(address: string): void {
+    this.proxyAddress = address;
+    for (const r of this.resumable.values()) if (r.leg.paused) this.tryResume(r);
   }
 
   /** Sessions open now. */
@@ -70,6 +96,7 @@ export class SessionHost {
    * by, which signs the host's half of each session's key (none: refused).
    */
   orders(signed: readonly SignedSessionOrder[], proxyAddress: string, reporter: HostReporter | undefined): void {
+    this.proxyAddress = proxyAddress;
     for (const s of signed) this.accept(s, proxyAddress, reporter);
   }
 
@@ -115,7 +142,80 @@ export class SessionHost {
       return;
     }
     this.open.set(order.sessionId, undefined);
-    this.join(new SealedPort(port, secret, "host"), order, log);
+    const sessionId = order.sessionId;
+    const leg = new SealedPort(port, secret, "host", {
+      clock: this.opts.clock,
+      windowMs: order.resumeWindowMs,
+      onCut: (end) => {
+        log.warn("session leg cut: resuming it", { reason: end.message, within: formatDuration(order.resumeWindowMs) });
+        const r = this.resumable.get(sessionId);
+        if (r) this.tryResume(r);
+      },
+    });
+    const r: Resumable = { leg, signed, order, log, trying: false, retry: undefined };
+    this.resumable.set(sessionId, r);
+    leg.ended
+      .then(() => {
+        r.retry?.cancel();
+        this.resumable.delete(sessionId);
+      })
+      .catch(() => undefined);
+    this.join(leg, order, log);
+  }
+
+  /**
+   * Dials a new leg for a cut session through the proxy this host is
+   * connected to (docs/sessions.md, "Resume"): the request, made with the
+   * session's key, goes to the controller, whose answer says where to go on
+   * from. A leg that fails on the way is tried again, at the next proxy
+   * connection or after a second, until the session's resume window ends
+   * it; a refusal (the session is over at the controller) ends it now.
+   */
+  private tryResume(r: Resumable): void {
+    const address = this.proxyAddress;
+    if (r.trying || !r.leg.paused || !address) return;
+    r.trying = true;
+    r.retry?.cancel();
+    r.retry = undefined;
+    const sessionId = r.order.sessionId;
+    const request = r.leg.resumeRequest();
+    const link = this.opts.dial(address);
+    link.send(create(AgentSessionRequestSchema, { sessionId, resume: request, order: r.signed }));
+    const port = framedPort(link, AgentSessionRequestSchema, {
+      clock: this.opts.clock,
+      peer: "proxy",
+      peerSends: "input",
+      sealed: true,
+      keepaliveMs: keepaliveOf(r.order.keepaliveMs),
+      lingerMs: LEG_LINGER_MS,
+    });
+    const again = (why: string) => {
+      link.close();
+      r.log.info("session not resumed yet: trying again", { proxy: address, reason: why });
+      if (r.leg.paused) r.retry = this.opts.clock.setTimeout(() => ((r.retry = undefined), this.tryResume(r)), this.resumeRetryMs);
+    };
+    port
+      .opening(LIMITS.linkHelloMs)
+      .then(
+        (answer) => {
+          if (!answer?.resumed) return again("the leg ended without an answer");
+          try {
+            r.leg.checkResumed(answer.resumed);
+          } catch (err) {
+            return again((err as Error).message);
+          }
+          r.leg.resume(port, answer.resumed, answer.frame);
+          r.log.info("session resumed", { proxy: address, attempt: request.attempt });
+        },
+        (err: unknown) => {
+          const end = endOf(err, "proxy");
+          if (isCutCode(end.code) || end.code === Code.DeadlineExceeded) return again(end.message);
+          // Refused: the session is over at the controller (or the leg is not this host's to resume).
+          r.log.warn("session cannot resume", { reason: end.message });
+          r.leg.end(end);
+        },
+      )
+      .finally(() => (r.trying = false));
   }
 
   /** The order, if it may be opened: signed, for this host and tenant, in time, new, within the limits. */

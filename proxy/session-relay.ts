@@ -11,7 +11,7 @@ import { Code } from "@connectrpc/connect";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
-import { InvalidArgumentError, NotFoundError, PermissionDeniedError } from "../common/errors.js";
+import { InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { LIMITS, preview } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
@@ -20,7 +20,7 @@ import { keepaliveOf } from "../common/session-frames.js";
 import { peekSessionOrder } from "../common/task-signing.js";
 import { AgentSessionResponseSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxySessionRequestSchema, type ProxySessionRequest, type ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
-import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import type { SessionFrame, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 
 export type HostSessionLink = FrameLink<AgentSessionResponse, AgentSessionRequest>;
 export type ControllerSessionLink = FrameLink<ProxySessionRequest, ProxySessionResponse>;
@@ -127,6 +127,10 @@ export class SessionRelays {
     if (!opening) return;
     const { sessionId } = opening;
     if (sessionId === "" || sessionId.length > LIMITS.idChars) throw new InvalidArgumentError("a session leg must name its session");
+    if (opening.resume) {
+      await this.serveResumed(link, host, opening, peer);
+      return;
+    }
     const w = this.waiting.get(sessionId);
     if (!w) throw new NotFoundError(`no session ${preview(sessionId)} waits for this host here: it was never ordered through this proxy, or gave up`);
     if (w.hostId !== peer.id) throw new PermissionDeniedError(`session ${sessionId} was ordered for another host`);
@@ -138,14 +142,55 @@ export class SessionRelays {
     const up = this.upPort(upLink);
     const log = this.opts.log.child({ session: sessionId, host: peer.id });
     log.info("session relayed");
+    await this.relay(up, host, { first: { host: opening.frame }, ...w }, log);
+  }
+
+  /**
+   * A host's leg that resumes a session whose leg was cut (docs/sessions.md,
+   * "Resume"): this proxy may never have seen the session (it restarted, or
+   * the host failed over to it), so the leg carries the session's order,
+   * which must be this very host's. The host's request goes on to the
+   * controller, which checks it; its answer comes back, and the two legs are
+   * relayed as any.
+   */
+  private async serveResumed(link: HostSessionLink, host: SessionPort<AgentSessionResponse, AgentSessionRequest>, opening: AgentSessionRequest, peer: PeerIdentity): Promise<void> {
+    const { sessionId } = opening;
+    const order = opening.order && peekSessionOrder(opening.order);
+    if (!order || order.sessionId !== sessionId) throw new InvalidArgumentError("a leg that resumes a session carries the session's order");
+    if (order.hostId !== peer.id) throw new PermissionDeniedError(`session ${sessionId} is another host's`);
+    const upLink = this.opts.dialController();
+    upLink.send(create(ProxySessionRequestSchema, { sessionId, resume: opening.resume }));
+    const up = this.upPort(upLink);
+    let answer: ProxySessionResponse | undefined;
+    try {
+      answer = await up.opening(LIMITS.linkHelloMs);
+    } finally {
+      if (!answer?.resumed) upLink.close();
+    }
+    // The controller's refusal (the session is over, the request is not the host's) reached the host as its status.
+    if (!answer?.resumed) throw new UnavailableError(`the controller did not answer the resume of session ${sessionId}`);
+    link.send(create(AgentSessionResponseSchema, { resumed: answer.resumed }));
+    const log = this.opts.log.child({ session: sessionId, host: peer.id });
+    log.info("session resumed");
+    await this.relay(up, host, { first: { client: answer.frame, host: opening.frame }, hostId: peer.id, keepaliveMs: order.keepaliveMs, idleMs: order.idleTimeoutMs, maxMs: order.maxDurationMs, forward: order.spec?.forward !== undefined }, log);
+  }
+
+  /** Relays a session's two legs until either ends, holding it to the order's limits; a cut on either leg is passed on as one. */
+  private async relay(
+    up: SessionPort<ProxySessionRequest, ProxySessionResponse>,
+    host: SessionPort<AgentSessionResponse, AgentSessionRequest>,
+    w: Omit<Waiting, "timer"> & { first: { client?: SessionFrame; host?: SessionFrame } },
+    log: Logger,
+  ): Promise<void> {
     this.relaying++;
     const r = await relaySession(up, host, {
-      first: { host: opening.frame },
+      first: w.first,
       keepaliveMs: keepaliveOf(w.keepaliveMs),
       limits: { clock: this.opts.clock, idleMs: w.idleMs, maxMs: w.maxMs, by: `proxy ${this.opts.name}`, outputIsActivity: w.forward },
       tap: this.opts.meter && ((direction, data) => this.opts.meter!(direction, data.length)),
+      passCuts: true,
     }).finally(() => this.relaying--);
-    log.info("session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });
+    log.info(r.end.cut ? "session leg cut" : "session ended", { from: r.from, ...(r.end.code !== 0 ? { code: Code[r.end.code], reason: r.end.message } : {}) });
   }
 
   /** Stops waiting for hosts (the proxy stops). */

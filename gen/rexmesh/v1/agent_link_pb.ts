@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { HostFacts, HostReportKey } from "./host_pb.js";
 import { file_rexmesh_v1_host } from "./host_pb.js";
-import type { SessionFrame, SessionKey, SignedSessionOrder } from "./session_pb.js";
+import type { SessionFrame, SessionKey, SessionResume, SignedSessionOrder } from "./session_pb.js";
 import { file_rexmesh_v1_session } from "./session_pb.js";
 import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/agent_link.proto.
  */
 export const file_rexmesh_v1_agent_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEikwIKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDBIVCg1wcmVzZW5jZV9zYWx0GAcgASgMEgwKBHBpbmcYCCABKA0SDAoEcG9uZxgJIAEoDUIKCghfY3JlZGl0cyKIAQoKQWdlbnRIZWxsbxIPCgdob3N0X2lkGAEgASgJEiQKBWZhY3RzGAIgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSFAoMaGVhcnRiZWF0X21zGAMgASgNEi0KCnJlcG9ydF9rZXkYBCABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkiiwMKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCRIWCg5wcmVzZW5jZV9ub25jZRgIIAEoDBIMCgRwaW5nGAkgASgNEgwKBHBvbmcYCiABKA0SMAoIc2Vzc2lvbnMYCyADKAsyHi5yZXhtZXNoLnYxLlNpZ25lZFNlc3Npb25PcmRlciJDCgxBZ2VudFdlbGNvbWUSDQoFcHJveHkYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDSJ3ChNBZ2VudFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZRIjCgNrZXkYAyABKAsyFi5yZXhtZXNoLnYxLlNlc3Npb25LZXkiPwoUQWdlbnRTZXNzaW9uUmVzcG9uc2USJwoFZnJhbWUYASABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZTK9AQoQQWdlbnRMaW5rU2VydmljZRJSCgtBZ2VudFN0cmVhbRIeLnJleG1lc2gudjEuQWdlbnRTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlc3BvbnNlKAEwARJVCgxBZ2VudFNlc3Npb24SHy5yZXhtZXNoLnYxLkFnZW50U2Vzc2lvblJlcXVlc3QaIC5yZXhtZXNoLnYxLkFnZW50U2Vzc2lvblJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2FnZW50X2xpbmsucHJvdG8SCnJleG1lc2gudjEikwIKEkFnZW50U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuQWdlbnRIZWxsbxIoCghzdGF0dXNlcxgCIAMoCzIWLnJleG1lc2gudjEuVGFza1N0YXR1cxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rEhQKB2NyZWRpdHMYBCABKA1IAIgBARIWCg5wcmVzZW5jZV9wcm9vZhgFIAEoDBIWCg5wcmVzZW5jZV9ub25jZRgGIAEoDBIVCg1wcmVzZW5jZV9zYWx0GAcgASgMEgwKBHBpbmcYCCABKA0SDAoEcG9uZxgJIAEoDUIKCghfY3JlZGl0cyKIAQoKQWdlbnRIZWxsbxIPCgdob3N0X2lkGAEgASgJEiQKBWZhY3RzGAIgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSFAoMaGVhcnRiZWF0X21zGAMgASgNEi0KCnJlcG9ydF9rZXkYBCABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkiiwMKE0FnZW50U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuQWdlbnRXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEhcKD2NhbmNlbF90YXNrX2lkcxgDIAMoCRIqCgtvdXRwdXRfYWNrcxgEIAMoCzIVLnJleG1lc2gudjEuT3V0cHV0QWNrEioKC3N0YXR1c19hY2tzGAUgAygLMhUucmV4bWVzaC52MS5TdGF0dXNBY2sSMAoMc2lnbmluZ19rZXlzGAYgAygLMhoucmV4bWVzaC52MS5UYXNrU2lnbmluZ0tleRIZChF3aXRoZHJhd190YXNrX2lkcxgHIAMoCRIWCg5wcmVzZW5jZV9ub25jZRgIIAEoDBIMCgRwaW5nGAkgASgNEgwKBHBvbmcYCiABKA0SMAoIc2Vzc2lvbnMYCyADKAsyHi5yZXhtZXNoLnYxLlNpZ25lZFNlc3Npb25PcmRlciJDCgxBZ2VudFdlbGNvbWUSDQoFcHJveHkYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDSLRAQoTQWdlbnRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEicKBWZyYW1lGAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUSIwoDa2V5GAMgASgLMhYucmV4bWVzaC52MS5TZXNzaW9uS2V5EikKBnJlc3VtZRgEIAEoCzIZLnJleG1lc2gudjEuU2Vzc2lvblJlc3VtZRItCgVvcmRlchgFIAEoCzIeLnJleG1lc2gudjEuU2lnbmVkU2Vzc2lvbk9yZGVyImsKFEFnZW50U2Vzc2lvblJlc3BvbnNlEicKBWZyYW1lGAEgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUSKgoHcmVzdW1lZBgCIAEoCzIZLnJleG1lc2gudjEuU2Vzc2lvblJlc3VtZTK9AQoQQWdlbnRMaW5rU2VydmljZRJSCgtBZ2VudFN0cmVhbRIeLnJleG1lc2gudjEuQWdlbnRTdHJlYW1SZXF1ZXN0Gh8ucmV4bWVzaC52MS5BZ2VudFN0cmVhbVJlc3BvbnNlKAEwARJVCgxBZ2VudFNlc3Npb24SHy5yZXhtZXNoLnYxLkFnZW50U2Vzc2lvblJlcXVlc3QaIC5yZXhtZXNoLnYxLkFnZW50U2Vzc2lvblJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
 
 /**
  * Daemon to proxy.
@@ -270,6 +270,23 @@ export type AgentSessionRequest = Message<"rexmesh.v1.AgentSessionRequest"> & {
    * @generated from field: rexmesh.v1.SessionKey key = 3;
    */
   key?: SessionKey | undefined;
+
+  /**
+   * First request only, instead of a key: this leg resumes the session,
+   * whose leg was cut (docs/sessions.md, "Resume").
+   *
+   * @generated from field: rexmesh.v1.SessionResume resume = 4;
+   */
+  resume?: SessionResume | undefined;
+
+  /**
+   * With resume: the session's signed order, so that a proxy that never
+   * saw it (restarted, or another of the region) knows its limits and that
+   * it is this host's.
+   *
+   * @generated from field: rexmesh.v1.SignedSessionOrder order = 5;
+   */
+  order?: SignedSessionOrder | undefined;
 };
 
 /**
@@ -287,6 +304,13 @@ export type AgentSessionResponse = Message<"rexmesh.v1.AgentSessionResponse"> & 
    * @generated from field: rexmesh.v1.SessionFrame frame = 1;
    */
   frame?: SessionFrame | undefined;
+
+  /**
+   * First response of a resumed leg only: the controller took it (see SessionResume).
+   *
+   * @generated from field: rexmesh.v1.SessionResume resumed = 2;
+   */
+  resumed?: SessionResume | undefined;
 };
 
 /**

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/session.proto.
  */
 export const file_rexmesh_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXhtZXNoL3YxL3Nlc3Npb24ucHJvdG8SCnJleG1lc2gudjEiiwEKC1Nlc3Npb25TcGVjEgwKBGFyZ3YYASADKAkSCwoDdHR5GAIgASgIEgwKBHRlcm0YAyABKAkSJgoGd2luZG93GAQgASgLMhYucmV4bWVzaC52MS5XaW5kb3dTaXplEisKB2ZvcndhcmQYBSABKAsyGi5yZXhtZXNoLnYxLlNlc3Npb25Gb3J3YXJkIiwKDlNlc3Npb25Gb3J3YXJkEgwKBGhvc3QYASABKAkSDAoEcG9ydBgCIAEoDSIoCgpXaW5kb3dTaXplEgwKBGNvbHMYASABKA0SDAoEcm93cxgCIAEoDSJmCgtTZXNzaW9uRGF0YRIrCgdjaGFubmVsGAEgASgOMhoucmV4bWVzaC52MS5TZXNzaW9uQ2hhbm5lbBIOCgZvZmZzZXQYAiABKAQSDAoEZGF0YRgDIAEoDBIMCgRjb25uGAQgASgNIlQKC1Nlc3Npb25Db25uEgwKBGNvbm4YASABKA0SDAoEb3BlbhgCIAEoCBILCgNmaW4YAyABKAgSDQoFcmVzZXQYBCABKAkSDQoFZ3JhbnQYBSABKA0iKwoMU2Vzc2lvbkdyYW50EgsKA2FjaxgBIAEoBBIOCgZ3aW5kb3cYAiABKA0iOQoLU2Vzc2lvbkV4aXQSEQoEY29kZRgBIAEoBUgAiAEBEg4KBnNpZ25hbBgCIAEoCUIHCgVfY29kZSItCgxTZXNzaW9uQ2xvc2USDAoEY29kZRgBIAEoDRIPCgdtZXNzYWdlGAIgASgJIqoCCgxTZXNzaW9uRnJhbWUSJQoEZGF0YRgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkRhdGESJwoFZ3JhbnQYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25HcmFudBImCgZyZXNpemUYAyABKAsyFi5yZXhtZXNoLnYxLldpbmRvd1NpemUSDgoGc2lnbmFsGAQgASgJEgsKA2VvZhgFIAEoCBIlCgRleGl0GAYgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uRXhpdBInCgVjbG9zZRgHIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkNsb3NlEg4KBnVyZ2VudBgIIAEoDBIlCgRjb25uGAkgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uQ29ubiKOAgoMU2VhbGVkUmVjb3JkEisKB2NoYW5uZWwYASABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGRhdGEYAiABKAwSCwoDZW9mGAMgASgIEiUKBGV4aXQYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25FeGl0EiYKBnJlc2l6ZRgFIAEoCzIWLnJleG1lc2gudjEuV2luZG93U2l6ZRIOCgZzaWduYWwYBiABKAkSDQoFc3RhcnQYByABKAgSDQoFYWZ0ZXIYCCABKAQSDAoEY29ubhgJIAEoDRIrCgpjb25uX2V2ZW50GAogASgLMhcucmV4bWVzaC52MS5TZXNzaW9uQ29ubiJKCgpTZXNzaW9uS2V5EhIKCnB1YmxpY19rZXkYASABKAwSFQoNcmVwb3J0X2tleV9pZBgCIAEoCRIRCglzaWduYXR1cmUYAyABKAwiiwIKDFNlc3Npb25PcmRlchISCgpzZXNzaW9uX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSDgoGdGVuYW50GAMgASgJEiUKBHNwZWMYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25TcGVjEhAKCG9wZXJhdG9yGAUgASgJEi0KCW5vdF9hZnRlchgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMa2VlcGFsaXZlX21zGAcgASgNEhYKDmNvbnRyb2xsZXJfa2V5GAggASgMEhcKD2lkbGVfdGltZW91dF9tcxgJIAEoDRIXCg9tYXhfZHVyYXRpb25fbXMYCiABKA0iRgoSU2lnbmVkU2Vzc2lvbk9yZGVyEg0KBW9yZGVyGAEgASgMEhEKCXNpZ25hdHVyZRgCIAEoDBIOCgZrZXlfaWQYAyABKAkqugEKDlNlc3Npb25DaGFubmVsEh8KG1NFU1NJT05fQ0hBTk5FTF9VTlNQRUNJRklFRBAAEhkKFVNFU1NJT05fQ0hBTk5FTF9TVERJThABEhoKFlNFU1NJT05fQ0hBTk5FTF9TVERPVVQQAhIaChZTRVNTSU9OX0NIQU5ORUxfU1RERVJSEAMSGgoWU0VTU0lPTl9DSEFOTkVMX1NFQUxFRBAEEhgKFFNFU1NJT05fQ0hBTk5FTF9DT05OEAViBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXhtZXNoL3YxL3Nlc3Npb24ucHJvdG8SCnJleG1lc2gudjEiiwEKC1Nlc3Npb25TcGVjEgwKBGFyZ3YYASADKAkSCwoDdHR5GAIgASgIEgwKBHRlcm0YAyABKAkSJgoGd2luZG93GAQgASgLMhYucmV4bWVzaC52MS5XaW5kb3dTaXplEisKB2ZvcndhcmQYBSABKAsyGi5yZXhtZXNoLnYxLlNlc3Npb25Gb3J3YXJkIiwKDlNlc3Npb25Gb3J3YXJkEgwKBGhvc3QYASABKAkSDAoEcG9ydBgCIAEoDSIoCgpXaW5kb3dTaXplEgwKBGNvbHMYASABKA0SDAoEcm93cxgCIAEoDSJmCgtTZXNzaW9uRGF0YRIrCgdjaGFubmVsGAEgASgOMhoucmV4bWVzaC52MS5TZXNzaW9uQ2hhbm5lbBIOCgZvZmZzZXQYAiABKAQSDAoEZGF0YRgDIAEoDBIMCgRjb25uGAQgASgNIlQKC1Nlc3Npb25Db25uEgwKBGNvbm4YASABKA0SDAoEb3BlbhgCIAEoCBILCgNmaW4YAyABKAgSDQoFcmVzZXQYBCABKAkSDQoFZ3JhbnQYBSABKA0iKwoMU2Vzc2lvbkdyYW50EgsKA2FjaxgBIAEoBBIOCgZ3aW5kb3cYAiABKA0iOQoLU2Vzc2lvbkV4aXQSEQoEY29kZRgBIAEoBUgAiAEBEg4KBnNpZ25hbBgCIAEoCUIHCgVfY29kZSJACgxTZXNzaW9uQ2xvc2USDAoEY29kZRgBIAEoDRIPCgdtZXNzYWdlGAIgASgJEhEKCXJlc3VtYWJsZRgDIAEoCCLlAgoMU2Vzc2lvbkZyYW1lEiUKBGRhdGEYASADKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25EYXRhEicKBWdyYW50GAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uR3JhbnQSJgoGcmVzaXplGAMgASgLMhYucmV4bWVzaC52MS5XaW5kb3dTaXplEg4KBnNpZ25hbBgEIAEoCRILCgNlb2YYBSABKAgSJQoEZXhpdBgGIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkV4aXQSJwoFY2xvc2UYByABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25DbG9zZRIOCgZ1cmdlbnQYCCABKAwSJQoEY29ubhgJIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkNvbm4SKQoGb3BlbmVkGAogASgLMhkucmV4bWVzaC52MS5TZXNzaW9uT3BlbmVkEg4KBm5vdGljZRgLIAEoCSItCg1TZXNzaW9uT3BlbmVkEgwKBGRhdGEYASABKAQSDgoGdXJnZW50GAIgASgEIlkKDVNlc3Npb25SZXN1bWUSEwoLZGF0YV9vcGVuZWQYASABKAQSFQoNdXJnZW50X29wZW5lZBgCIAEoBBIPCgdhdHRlbXB0GAMgASgNEgsKA21hYxgEIAEoDCKOAgoMU2VhbGVkUmVjb3JkEisKB2NoYW5uZWwYASABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGRhdGEYAiABKAwSCwoDZW9mGAMgASgIEiUKBGV4aXQYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25FeGl0EiYKBnJlc2l6ZRgFIAEoCzIWLnJleG1lc2gudjEuV2luZG93U2l6ZRIOCgZzaWduYWwYBiABKAkSDQoFc3RhcnQYByABKAgSDQoFYWZ0ZXIYCCABKAQSDAoEY29ubhgJIAEoDRIrCgpjb25uX2V2ZW50GAogASgLMhcucmV4bWVzaC52MS5TZXNzaW9uQ29ubiJKCgpTZXNzaW9uS2V5EhIKCnB1YmxpY19rZXkYASABKAwSFQoNcmVwb3J0X2tleV9pZBgCIAEoCRIRCglzaWduYXR1cmUYAyABKAwipQIKDFNlc3Npb25PcmRlchISCgpzZXNzaW9uX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSDgoGdGVuYW50GAMgASgJEiUKBHNwZWMYBCABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25TcGVjEhAKCG9wZXJhdG9yGAUgASgJEi0KCW5vdF9hZnRlchgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMa2VlcGFsaXZlX21zGAcgASgNEhYKDmNvbnRyb2xsZXJfa2V5GAggASgMEhcKD2lkbGVfdGltZW91dF9tcxgJIAEoDRIXCg9tYXhfZHVyYXRpb25fbXMYCiABKA0SGAoQcmVzdW1lX3dpbmRvd19tcxgLIAEoDSJGChJTaWduZWRTZXNzaW9uT3JkZXISDQoFb3JkZXIYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEg4KBmtleV9pZBgDIAEoCSq6AQoOU2Vzc2lvbkNoYW5uZWwSHwobU0VTU0lPTl9DSEFOTkVMX1VOU1BFQ0lGSUVEEAASGQoVU0VTU0lPTl9DSEFOTkVMX1NURElOEAESGgoWU0VTU0lPTl9DSEFOTkVMX1NURE9VVBACEhoKFlNFU1NJT05fQ0hBTk5FTF9TVERFUlIQAxIaChZTRVNTSU9OX0NIQU5ORUxfU0VBTEVEEAQSGAoUU0VTU0lPTl9DSEFOTkVMX0NPTk4QBWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * What a session runs. Asked for by the client, decided by the controller,
@@ -277,6 +277,16 @@ export type SessionClose = Message<"rexmesh.v1.SessionClose"> & {
    * @generated from field: string message = 2;
    */
   message: string;
+
+  /**
+   * The stream was cut rather than ended (a relay lost its other leg, or
+   * a peer stopped answering): the session's ends pause and may resume it
+   * on a new leg (SessionResume). A proxy that says so when it is not true
+   * only makes the ends wait for a resume that never comes.
+   *
+   * @generated from field: bool resumable = 3;
+   */
+  resumable: boolean;
 };
 
 /**
@@ -357,6 +367,25 @@ export type SessionFrame = Message<"rexmesh.v1.SessionFrame"> & {
    * @generated from field: rexmesh.v1.SessionConn conn = 9;
    */
   conn?: SessionConn | undefined;
+
+  /**
+   * Either way, on the sealed hops: how many records of the other end's
+   * streams this end has opened, passed on by the proxy. The other end
+   * keeps each record it sealed until it is counted here, to send it again
+   * on a resumed leg. A proxy that changes the count can only make a
+   * resume fail (the session ends DATA_LOSS), as if it dropped the session.
+   *
+   * @generated from field: rexmesh.v1.SessionOpened opened = 10;
+   */
+  opened?: SessionOpened | undefined;
+
+  /**
+   * Controller to client: news of the session for the operator (its leg
+   * was cut and it waits to resume; it resumed), at most 1000 characters.
+   *
+   * @generated from field: string notice = 11;
+   */
+  notice: string;
 };
 
 /**
@@ -365,6 +394,84 @@ export type SessionFrame = Message<"rexmesh.v1.SessionFrame"> & {
  */
 export const SessionFrameSchema: GenMessage<SessionFrame> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_session, 8);
+
+/**
+ * Records of the other end's streams one end has opened (see SessionFrame.opened).
+ *
+ * @generated from message rexmesh.v1.SessionOpened
+ */
+export type SessionOpened = Message<"rexmesh.v1.SessionOpened"> & {
+  /**
+   * Of the other end's data stream.
+   *
+   * @generated from field: uint64 data = 1;
+   */
+  data: bigint;
+
+  /**
+   * Host only: of the controller's urgent stream.
+   *
+   * @generated from field: uint64 urgent = 2;
+   */
+  urgent: bigint;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionOpened.
+ * Use `create(SessionOpenedSchema)` to create a new message.
+ */
+export const SessionOpenedSchema: GenMessage<SessionOpened> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_session, 9);
+
+/**
+ * A new leg for a session whose leg was cut (docs/sessions.md, "Resume"):
+ * the host asks with it on its new leg's first message, the proxy passes it
+ * on, the controller answers with its own. Each end then sends again every
+ * record the other has not opened, and nothing it has: no byte is lost or
+ * repeated across the cut.
+ *
+ * @generated from message rexmesh.v1.SessionResume
+ */
+export type SessionResume = Message<"rexmesh.v1.SessionResume"> & {
+  /**
+   * Records of the other end's data stream this end has opened.
+   *
+   * @generated from field: uint64 data_opened = 1;
+   */
+  dataOpened: bigint;
+
+  /**
+   * Host only: records of the controller's urgent stream it has opened.
+   *
+   * @generated from field: uint64 urgent_opened = 2;
+   */
+  urgentOpened: bigint;
+
+  /**
+   * The host's attempt to resume: 1, 2, ... in one session; the controller
+   * takes each at most once and only a higher one than it took before, so
+   * a proxy cannot replay an old resume.
+   *
+   * @generated from field: uint32 attempt = 3;
+   */
+  attempt: number;
+
+  /**
+   * HMAC-SHA256 under a key derived from the session key, over the framed
+   * (side, session id, attempt, counts): only the session's two ends can
+   * make one.
+   *
+   * @generated from field: bytes mac = 4;
+   */
+  mac: Uint8Array;
+};
+
+/**
+ * Describes the message rexmesh.v1.SessionResume.
+ * Use `create(SessionResumeSchema)` to create a new message.
+ */
+export const SessionResumeSchema: GenMessage<SessionResume> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_session, 10);
 
 /**
  * What a sealed record holds once opened (docs/sessions.md, "End to end").
@@ -445,7 +552,7 @@ export type SealedRecord = Message<"rexmesh.v1.SealedRecord"> & {
  * Use `create(SealedRecordSchema)` to create a new message.
  */
 export const SealedRecordSchema: GenMessage<SealedRecord> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 9);
+  messageDesc(file_rexmesh_v1_session, 11);
 
 /**
  * The host's half of a session's key agreement, on the first message of
@@ -485,7 +592,7 @@ export type SessionKey = Message<"rexmesh.v1.SessionKey"> & {
  * Use `create(SessionKeySchema)` to create a new message.
  */
 export const SessionKeySchema: GenMessage<SessionKey> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 10);
+  messageDesc(file_rexmesh_v1_session, 12);
 
 /**
  * What the controller asks a host to open, signed like a task: a proxy can
@@ -558,6 +665,14 @@ export type SessionOrder = Message<"rexmesh.v1.SessionOrder"> & {
    * @generated from field: uint32 max_duration_ms = 10;
    */
   maxDurationMs: number;
+
+  /**
+   * How long the session's ends wait for a new leg after theirs was cut
+   * (0: a cut ends the session).
+   *
+   * @generated from field: uint32 resume_window_ms = 11;
+   */
+  resumeWindowMs: number;
 };
 
 /**
@@ -565,7 +680,7 @@ export type SessionOrder = Message<"rexmesh.v1.SessionOrder"> & {
  * Use `create(SessionOrderSchema)` to create a new message.
  */
 export const SessionOrderSchema: GenMessage<SessionOrder> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 11);
+  messageDesc(file_rexmesh_v1_session, 13);
 
 /**
  * @generated from message rexmesh.v1.SignedSessionOrder
@@ -597,7 +712,7 @@ export type SignedSessionOrder = Message<"rexmesh.v1.SignedSessionOrder"> & {
  * Use `create(SignedSessionOrderSchema)` to create a new message.
  */
 export const SignedSessionOrderSchema: GenMessage<SignedSessionOrder> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_session, 12);
+  messageDesc(file_rexmesh_v1_session, 14);
 
 /**
  * @generated from enum rexmesh.v1.SessionChannel
