@@ -6,7 +6,7 @@ import { systemClock } from "../common/clock.js";
 import { clientFor } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
 import { InvalidArgumentError } from "../common/errors.js";
-import { LIMITS } from "../common/limits.js";
+import { LIMITS, printable } from "../common/limits.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { framedPort, SessionEndedError, type SessionEnd, type SessionPort } from "../common/session-port.js";
 import { keepaliveOf } from "../common/session-frames.js";
@@ -98,6 +98,8 @@ export async function sessionOnHost(host: string, spec: SessionSpec, connection:
           out.write(data, () => port.consumed(data.length));
         },
         exit: (e) => (exit = e),
+        // The controller's news (the session's leg was cut, it resumed): a line of its own on stderr.
+        notice: (text) => stderr.write(tty ? `\r\nrexmesh: ${printable(text)}\r\n` : `rexmesh: ${printable(text)}\n`),
       },
       opening.frame,
       keepaliveOf(opening.started.keepaliveMs),
@@ -167,7 +169,7 @@ export async function sessionOnHost(host: string, spec: SessionSpec, connection:
       await Promise.race([link.closed, delay(1000)]);
       return 255;
     }
-    if (end.code !== 0) throw new SessionEndedError(`session on ${host} ended: ${end.message}`, end.code);
+    if (end.code !== 0) throw new SessionEndedError(`session on ${host} ended: ${printable(end.message)}`, end.code);
     await drained(stdout);
     return exitStatus(exit);
   } finally {

@@ -206,6 +206,16 @@ export function truncate(text: string, max: number): string {
   return text.slice(0, max - TRUNCATED.length) + TRUNCATED;
 }
 
+/**
+ * Text from elsewhere made safe to print on a terminal: control characters
+ * (escape sequences among them, which could rewrite the screen or the
+ * title) become U+FFFD. For what a peer says that the CLI shows as it is.
+ */
+export function printable(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, "\ufffd");
+}
+
 /** A value for an error message: cut short, so a huge input never travels back in the refusal. */
 export function preview(text: string, max = 64): string {
   return JSON.stringify(text.length > max ? `${text.slice(0, max)}…` : text);

@@ -137,6 +137,13 @@ export interface SessionPortOptions<Out, In> {
   lingerMs?: number;
   /** Defers a flush to the next turn of the event loop. Default setImmediate. */
   schedule?: (fn: () => void) => void;
+  /**
+   * A peer silent past the keep-alive bound is a cut (the default: a proxy
+   * that froze or lost its network; the session may resume elsewhere), or
+   * with false, the end: a proxy's hop to its host, where silence means the
+   * host is gone, and the session ends within the keep-alive bound.
+   */
+  silenceIsCut?: boolean;
 }
 
 type Queued =
@@ -203,7 +210,7 @@ export class SessionPort<Out, In> implements SessionSide {
       this.opts.clock,
       this.keepaliveMs,
       () => this.flushNow(true),
-      () => this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} stopped answering: nothing from it for ${(3 * this.keepaliveMs) / 1000} s`, cut: true }, "error"),
+      () => this.finish({ code: Code.Unavailable, message: `the ${this.opts.peer} stopped answering: nothing from it for ${(3 * this.keepaliveMs) / 1000} s`, cut: this.opts.silenceIsCut ?? true }, "error"),
     );
     this.flushSoon();
     this.read(first).catch((err: unknown) => this.finish(endOf(err, this.opts.peer), "error"));

@@ -122,6 +122,8 @@ export class SessionRelays {
       peer: `host ${peer.id}`,
       peerSends: "output",
       sealed: true,
+      // A host silent past the keep-alive bound is gone: its session ends then, it does not wait to resume.
+      silenceIsCut: false,
     });
     const opening = await host.opening(LIMITS.linkHelloMs);
     if (!opening) return;
