@@ -17,7 +17,7 @@ operators:
   shell      a terminal (or CMD) on one host through the mesh: shell HOST [-- CMD]
   forward    a local TCP port through one host to an address it reaches: forward HOST LPORT:ADDR:PORT
   sessions   sessions and forwards, how they ended; play ID replays one, join ID watches one live
-  hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label
+  hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label; hosts queue HOST
   jobs       list jobs; show, watch (replay and follow) or cancel one
   docs       store command documents (put FILE), list and show them
   artifacts  put a file in the artifact repository (for script and file.put steps)

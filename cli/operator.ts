@@ -3,7 +3,7 @@ import { create, toJson } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
-import { ConnectionState, SubmitJobRequestSchema, type PlannedTask } from "../gen/rexmesh/v1/controller_pb.js";
+import { ConnectionState, QueueStage, SubmitJobRequestSchema, type PlannedTask } from "../gen/rexmesh/v1/controller_pb.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { helpText, parse, positiveDuration, targetQuery, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
@@ -363,6 +363,9 @@ async function sayOffline(client: ReturnType<typeof operatorClient>["client"], j
 const listOptions: Record<string, OptionSpec> = {
   target: { type: "string", short: "t", doc: "only the hosts matching a query", value: "QUERY" },
   remove: { type: "string", short: "r", multiple: true, doc: "hosts label: remove this label (repeatable)", value: "KEY" },
+  unfinished: { type: "boolean", doc: "hosts queue: only tasks not finished yet (queued, delivered, running)" },
+  limit: { type: "string", doc: "hosts queue: tasks per page (1-500, default 50)", value: "N" },
+  page: { type: "string", doc: "hosts queue: the page after this token (printed at the end of a full page)", value: "TOKEN" },
   json: { type: "boolean", doc: "JSON output" },
   ...connectionOptions,
   help: { type: "boolean", short: "h", doc: "show this help" },
@@ -373,18 +376,22 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, listOptions);
   if (p.values.help) {
     io.out(
-      helpText("rexmesh hosts [-t QUERY] [--json] | rexmesh hosts label HOST_ID [KEY=VALUE...] [-r KEY...]", listOptions, [
+      helpText("rexmesh hosts [-t QUERY] [--json] | rexmesh hosts label HOST_ID [KEY=VALUE...] [-r KEY...] | rexmesh hosts queue HOST_ID [--unfinished]", listOptions, [
         "rexmesh hosts",
         "rexmesh hosts -t 'role=web and os.family=debian'",
         "rexmesh hosts --json | jq -r '.[] | select(.connected) | .id'",
         "rexmesh hosts label web-1 role=web env=prod",
         "rexmesh hosts label web-1 -r env",
+        "rexmesh hosts queue web-1",
+        "rexmesh hosts queue web-1 --unfinished --json",
       ]),
     );
     return 0;
   }
   if (p.positionals[0] === "label") return labelHost(p.positionals.slice(1), p.values, io);
-  if (p.positionals.length > 0) throw new InvalidArgumentError(`unknown hosts command ${JSON.stringify(p.positionals[0])} (label)`);
+  if (p.positionals[0] === "queue") return hostQueue(p.positionals.slice(1), p.values, io);
+  if (p.positionals.length > 0) throw new InvalidArgumentError(`unknown hosts command ${JSON.stringify(p.positionals[0])} (label, queue)`);
+  if (p.values.unfinished || p.values.limit || p.values.page) throw new InvalidArgumentError("--unfinished, --limit and --page are for rexmesh hosts queue");
   if (p.values.remove) throw new InvalidArgumentError("--remove is for rexmesh hosts label");
   const { client, close } = operatorClient(p.values);
   try {
@@ -408,6 +415,39 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
     }
     const labelText = (l: Record<string, string>) => Object.entries(l).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, val]) => `${k}=${val}`).join(",");
     io.out(table([["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.state, r.since ?? "", r.os, labelText(r.labels)])]));
+    return 0;
+  } finally {
+    close();
+  }
+}
+
+const STAGES: Record<QueueStage, string> = { [QueueStage.UNSPECIFIED]: "?", [QueueStage.QUEUED]: "queued", [QueueStage.DELIVERED]: "delivered", [QueueStage.RUNNING]: "running", [QueueStage.FINISHED]: "finished" };
+
+/** `rexmesh hosts queue HOST`: the host's tasks of every job, newest first, and where each stands. */
+async function hostQueue(args: string[], values: Record<string, unknown>, io: Io): Promise<number> {
+  const [hostId, ...extra] = args;
+  if (!hostId || extra.length > 0) throw new InvalidArgumentError("rexmesh hosts queue needs one host id");
+  const limit = values.limit === undefined ? 0 : Number(values.limit);
+  if (values.limit !== undefined && (!Number.isInteger(limit) || limit < 1 || limit > 500)) throw new InvalidArgumentError(`--limit ${JSON.stringify(values.limit)} is not a whole number from 1 to 500`);
+  const { client, close } = operatorClient(values);
+  try {
+    const page = await client.listHostTasks({ hostId, pageSize: limit, pageToken: (values.page as string | undefined) ?? "", unfinished: Boolean(values.unfinished) }, { signal: io.signal });
+    const rows = page.tasks.map((t) => ({
+      ...taskJson(t.task!),
+      job: t.task!.jobId,
+      stage: STAGES[t.stage],
+      what: t.what,
+      submittedBy: t.submittedBy,
+      createdAt: t.createdAt ? new Date(timestampMs(t.createdAt)).toISOString() : undefined,
+      updatedAt: t.task!.updatedAt ? new Date(timestampMs(t.task!.updatedAt)).toISOString() : undefined,
+    }));
+    if (values.json) {
+      io.out(JSON.stringify({ host: hostId, tasks: rows, ...(page.nextPageToken ? { nextPage: page.nextPageToken } : {}) }, null, 2) + "\n");
+      return 0;
+    }
+    if (rows.length === 0) io.out(`${hostId}: no ${values.unfinished ? "unfinished " : ""}tasks\n`);
+    else io.out(table([["TASK", "JOB", "STAGE", "STATE", "CREATED", "BY", "WHAT"], ...rows.map((r) => [r.id, r.job, r.stage, taskLine(page.tasks.find((t) => t.task!.id === r.id)!.task!), r.createdAt ?? "", r.submittedBy, r.what])]));
+    if (page.nextPageToken) io.out(`more: rexmesh hosts queue ${hostId}${values.unfinished ? " --unfinished" : ""} --page ${page.nextPageToken}\n`);
     return 0;
   } finally {
     close();

@@ -140,6 +140,8 @@ export const LIMITS = {
   /** WatchJob streams one operator identity may hold open at once. */
   watchesPerOperator: 16,
 
+  /** Tasks in one page of a host's queue (ListHostTasks; 50 when not said). */
+  hostTasksPage: 500,
   // ---- sessions (common/session-frames.ts, controller/sessions.ts) ------------
   /** Bytes a receiver grants on each hop of a session, each way: what a relay may hold of one session's data in one direction. */
   sessionWindowBytes: 256 * KiB,

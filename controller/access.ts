@@ -272,6 +272,19 @@ export class OperatorAccess {
     });
   }
 
+  /**
+   * One host's queue: its tasks of every job, newest first, paged. The host
+   * must be the caller's tenant's and covered by a role granting `read`
+   * (NOT_FOUND otherwise: another tenant's host looks like a missing one).
+   */
+  async listHostTasks(caller: PeerIdentity, hostId: string, pageSize: number, pageToken: string, unfinished: boolean): Promise<ReturnType<JobManager["hostTasks"]>> {
+    return this.decided(caller, "read", `host queue ${hostId}`, async () => {
+      const host = this.knowsHost(caller, hostId) ? this.hostFor(caller.scope, hostId) : undefined;
+      if (!host || this.readable(caller, [host]).length === 0) throw new NotFoundError(`host ${JSON.stringify(hostId)} not found`);
+      return { value: this.deps.jobs.hostTasks(caller, hostId, pageSize, pageToken, unfinished), hostIds: [hostId] };
+    });
+  }
+
   /** The newest jobs of the tenant the caller may read, each with the tasks it may read. */
   async listJobs(caller: PeerIdentity, limit: number): Promise<VisibleJob[]> {
     return this.decided(caller, "read", "list jobs", async () => {

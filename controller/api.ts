@@ -10,7 +10,9 @@ import {
   PlannedTaskSchema,
   ControllerService,
   HostSchema,
+  HostTaskSchema,
   JobSchema,
+  QueueStage,
   JobState,
   LateReportSchema,
   TaskSchema,
@@ -31,7 +33,9 @@ import type { OperatorAccess } from "./access.js";
 import type { AuditEvent as AuditRecord } from "./audit.js";
 import { outputComplete, type JobManager, type PlannedHost } from "./jobs.js";
 import type { StoredDocument } from "./document-store.js";
-import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import { TaskState, type Step } from "../gen/rexmesh/v1/task_pb.js";
+import { isTerminal } from "../common/task-state.js";
+import { describeRequest } from "./access.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
@@ -114,6 +118,14 @@ function plannedToProto(p: PlannedHost): PlannedTask {
 }
 
 /** A task for clients; `steps` (a document run's redacted steps for the host) only where asked. */
+/** Where a task stands in its host's queue: not attempted yet, stored by the daemon, running, or ended. */
+export function queueStage(state: TaskState): QueueStage {
+  if (isTerminal(state)) return QueueStage.FINISHED;
+  if (state === TaskState.RUNNING) return QueueStage.RUNNING;
+  if (state === TaskState.DELIVERED) return QueueStage.DELIVERED;
+  return QueueStage.QUEUED;
+}
+
 function taskToProto(t: TaskRecord, steps?: Step[]): Task {
   return create(TaskSchema, {
     id: t.id,
@@ -244,6 +256,21 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
     },
     async listDocuments(_req, ctx) {
       return { documents: (await access.listDocuments(grantedPeer(ctx))).map(documentToProto) };
+    },
+    async listHostTasks(req, ctx) {
+      const page = await access.listHostTasks(grantedPeer(ctx), req.hostId, req.pageSize, req.pageToken, req.unfinished);
+      return {
+        tasks: page.tasks.map(({ task, job }) =>
+          create(HostTaskSchema, {
+            task: taskToProto(task),
+            stage: queueStage(task.state),
+            what: job ? (job.document ? `document ${job.document}` : describeRequest({ steps: job.steps })) : "",
+            submittedBy: job?.submittedBy ?? "",
+            createdAt: job && timestampFromMs(job.createdAt),
+          }),
+        ),
+        nextPageToken: page.next,
+      };
     },
     async listJobs(req, ctx) {
       return { jobs: (await access.listJobs(grantedPeer(ctx), req.limit)).map(({ job, tasks }) => jobToProto(job, tasks)) };

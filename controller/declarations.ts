@@ -33,6 +33,7 @@ const inTenant = (action: Action) => ({ operator: { action, scope: "tenant" as c
 export const CONTROLLER_DECLARATIONS = new DeclarationTable()
   .service(ControllerService, {
     listHosts: onResolvedHosts("read", (req) => ({ what: req.target ? `list hosts ${JSON.stringify(req.target)}` : "list hosts" })),
+    listHostTasks: onResolvedHosts("read", (req) => ({ what: `host queue ${req.hostId}`, hostIds: [req.hostId] })),
     submitJob: onResolvedHosts("submit", (req) => ({
       what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
       hostIds: req.hostIds,

@@ -18,6 +18,8 @@ export interface JobStore {
   getJob(id: string): JobRecord | undefined;
   getTask(id: string): TaskRecord | undefined;
   tasksOf(job: JobRecord): TaskRecord[];
+  /** Ids of a host's tasks, of every job, newest first: at most `limit`, those older than `before` when given. */
+  taskIdsOfHost(tenant: string, hostId: string, limit: number, before?: string): string[];
   /** Chunks of a task with seq ≥ fromSeq, oldest first, up to about maxBytes (at least one). */
   readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[];
   jobByIdempotencyKey(tenant: string, key: string): JobRecord | undefined;
@@ -96,6 +98,11 @@ export class MemoryJobStore implements JobStore {
 
   tasksOf(job: JobRecord): TaskRecord[] {
     return job.taskIds.map((id) => this.getTask(id)).filter((t): t is TaskRecord => t !== undefined);
+  }
+
+  taskIdsOfHost(tenant: string, hostId: string, limit: number, before?: string): string[] {
+    const ids = [...this.tasks.values()].filter((t) => t.tenant === tenant && t.hostId === hostId && (before === undefined || t.id < before)).map((t) => t.id);
+    return ids.sort((a, b) => (a < b ? 1 : a > b ? -1 : 0)).slice(0, limit);
   }
 
   readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {

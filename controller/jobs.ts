@@ -683,6 +683,33 @@ export class JobManager implements RoleCore {
     return job.taskIds.map((id) => this.table.get(id)).filter((t): t is TaskRecord => t !== undefined);
   }
 
+  /**
+   * One page of a host's tasks, newest first (`unfinished`: only those not
+   * ended), and the token of the next page (empty on the last). A page of
+   * unfinished tasks looks through at most 20 pages' worth of ids: a host
+   * with a long history answers in bounded time, with a token to go on.
+   */
+  hostTasks(caller: PeerIdentity, hostId: string, pageSize: number, pageToken: string, unfinished: boolean): { tasks: { task: TaskRecord; job: JobRecord | undefined }[]; next: string } {
+    const size = Math.min(Math.max(pageSize || 50, 1), LIMITS.hostTasksPage);
+    const out: { task: TaskRecord; job: JobRecord | undefined }[] = [];
+    let before = pageToken || undefined;
+    let looked = 0;
+    while (out.length < size && looked < 20 * size) {
+      const ids = this.store.taskIdsOfHost(caller.scope, hostId, size, before);
+      for (const id of ids) {
+        before = id;
+        looked++;
+        const task = this.table.get(id) ?? this.store.getTask(id);
+        if (!task || (unfinished && isTerminal(task.state))) continue;
+        out.push({ task, job: this.store.getJob(task.jobId) });
+        if (out.length >= size) break;
+      }
+      if (ids.length < size) return { tasks: out, next: "" };
+    }
+    const more = before !== undefined && this.store.taskIdsOfHost(caller.scope, hostId, 1, before).length > 0;
+    return { tasks: out, next: more ? before! : "" };
+  }
+
   /** The newest jobs of the caller's tenant. */
   listJobs(caller: PeerIdentity, limit: number): JobRecord[] {
     return this.store.listJobs(caller.scope, Math.min(Math.max(limit || 50, 1), 1000));

@@ -24,6 +24,8 @@ export class LmdbJobStore implements JobStore {
   private readonly steps: Database<{ run: Uint8Array[]; shown: Uint8Array[] }, string>;
   /** [proxy, taskId] → cancel owed to that proxy. */
   private readonly recalls: Database<Recall, string[]>;
+  /** [tenant, hostId, taskId] → nothing: a host's tasks in the order of their (time-ordered) ids. */
+  private readonly hostTasks: Database<null, string[]>;
 
   constructor(private readonly env: LmdbEnv) {
     this.jobs = env.db("jobs");
@@ -33,6 +35,28 @@ export class LmdbJobStore implements JobStore {
     this.unfinished = env.db("unfinished");
     this.steps = env.db("task-steps");
     this.recalls = env.db("recalls");
+    this.hostTasks = env.db("host-tasks");
+    this.indexHostTasks();
+  }
+
+  /** A store from before the host index: every task is indexed once, at the first start with it. */
+  private indexHostTasks(): void {
+    if (this.hostTasks.getKeysCount({ limit: 1 }) > 0 || this.tasks.getKeysCount({ limit: 1 }) === 0) return;
+    this.hostTasks.transactionSync(() => {
+      for (const { value } of this.tasks.getRange({})) this.hostTasks.putSync([value.tenant, value.hostId, value.id], null);
+    });
+  }
+
+  taskIdsOfHost(tenant: string, hostId: string, limit: number, before?: string): string[] {
+    const out: string[] = [];
+    const start = before === undefined ? [tenant, hostId, "\uffff"] : [tenant, hostId, before];
+    for (const key of this.hostTasks.getKeys({ start, end: [tenant, hostId, ""], reverse: true, limit: limit + 1 })) {
+      const id = key[2]!;
+      if (id === before) continue;
+      out.push(id);
+      if (out.length >= limit) break;
+    }
+    return out;
   }
 
   putRecalls(recalls: readonly Recall[]): Promise<void> {
@@ -59,7 +83,7 @@ export class LmdbJobStore implements JobStore {
     if (job.finishedAt === undefined) writes.push(this.unfinished.put(job.id, true));
     else writes.push(this.unfinished.remove(job.id));
     if (job.idempotencyKey) writes.push(this.keys.put(`${job.tenant}\0${job.idempotencyKey}`, job.id));
-    for (const t of tasks) writes.push(this.tasks.put(t.id, t));
+    for (const t of tasks) writes.push(this.tasks.put(t.id, t), this.hostTasks.put([t.tenant, t.hostId, t.id], null));
     const bin = (list: readonly Step[]) => list.map((x) => toBinary(StepSchema, x));
     for (const [id, s] of steps ?? []) writes.push(this.steps.put(id, { run: bin(s.run), shown: bin(s.shown) }));
     return Promise.all(writes).then(() => undefined);

@@ -21,6 +21,7 @@ import type {
   GetJobRequest,
   ImportBundleRequest,
   ListHostsRequest,
+  ListHostTasksRequest,
   PutDocumentRequest,
   SetHostLabelsRequest,
   SubmitJobRequest,
@@ -74,6 +75,11 @@ function checkLabelsLimits(req: SetHostLabelsRequest): void {
 /** Per method (by local name), the checks of its request. */
 const CHECKS: { [K in keyof ServiceImpl<typeof ControllerService>]?: (req: never) => void } = {
   listHosts: (req: ListHostsRequest) => void checkChars("target", req.target, LIMITS.queryChars),
+  listHostTasks: (req: ListHostTasksRequest) => {
+    checkChars("host_id", req.hostId, LIMITS.idChars);
+    checkChars("page_token", req.pageToken, LIMITS.refChars);
+    if (req.pageSize > LIMITS.hostTasksPage) throw new InvalidArgumentError(`page_size ${req.pageSize} is more than ${LIMITS.hostTasksPage}`);
+  },
   submitJob: checkSubmitLimits,
   getJob: (req: GetJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
   watchJob: (req: WatchJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),

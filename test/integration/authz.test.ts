@@ -5,7 +5,7 @@ import { operatorClient } from "../../cli/client.js";
 import { LocalMesh } from "../../cli/launcher.js";
 import type { CredentialPaths } from "../../certs/files.js";
 import { ConnectionState } from "../../gen/rexmesh/v1/controller_pb.js";
-import { rexmesh, tempDir } from "./support.js";
+import { rexmesh, tempDir, until } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -179,6 +179,37 @@ bindings:
     // And tenant A's audit never shows tenant B's events.
     const audit = (await asAlice(["audit", "--json"])).stdout;
     expect(audit).not.toContain("beta");
+  });
+
+  it("shows a host's queue (hosts queue): each task's stage, newest first, in pages; only where the caller's role covers the host, only in its tenant", async () => {
+    type Row = { id: string; job: string; stage: string; state: string; what: string; submittedBy: string };
+    const queue = async (who: (a: string[]) => ReturnType<typeof rexmesh>, ...args: string[]) => {
+      const r = await who(["hosts", "queue", ...args, "--json"]);
+      expect(r.code, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as { host: string; tasks: Row[]; nextPage?: string };
+    };
+    expect((await asDev(["run", "-H", "db-1", "--", "hostname"])).code).toBe(0);
+    const sleeping = asDev(["run", "-H", "db-1", "--", "sleep", "2"]);
+    const running = await until("a running task in db-1's queue", async () => (await queue(asDev, "db-1")).tasks.find((t) => t.stage === "running"));
+    expect(running).toMatchObject({ what: "exec sleep 2", submittedBy: "dev", state: "RUNNING" });
+    expect((await queue(asDev, "db-1", "--unfinished")).tasks.map((t) => t.id)).toEqual([running.id]);
+    expect((await sleeping).code).toBe(0);
+    const after = await queue(asDev, "db-1");
+    expect(after.tasks[0]).toMatchObject({ id: running.id, stage: "finished", state: "SUCCEEDED" });
+    expect(after.tasks.length).toBeGreaterThan(1);
+    expect((await queue(asDev, "db-1", "--unfinished")).tasks).toEqual([]);
+    // Pages: the newest first, then the older ones from the token on.
+    const first = await queue(asDev, "db-1", "--limit", "1");
+    expect(first.tasks.map((t) => t.id)).toEqual([running.id]);
+    const second = await queue(asDev, "db-1", "--limit", "1", "--page", first.nextPage!);
+    expect(second.tasks[0]!.id < running.id).toBe(true);
+    // Alice's role covers the web hosts only: db-1 is not there for her. Another tenant's host looks missing too.
+    expect((await asAlice(["hosts", "queue", "db-1"])).stderr).toMatch(/NotFound: host "db-1" not found/);
+    expect((await asAlice(["hosts", "queue", "web-1"])).code).toBe(0);
+    expect((await asBeta(["hosts", "queue", "web-1"])).stderr).toMatch(/NotFound: host "web-1" not found/);
+    const table = await asDev(["hosts", "queue", "db-1", "--limit", "1"]);
+    expect(table.stdout).toMatch(/^TASK +JOB +STAGE +STATE +CREATED +BY +WHAT/);
+    expect(table.stdout).toMatch(/more: rexmesh hosts queue db-1 --page \S+/);
   });
 
   it("reloads the policy on SIGHUP", async () => {

@@ -34,6 +34,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/WatchJob": "operator read (hosts resolved)",
       "rexmesh.v1.ControllerService/CancelJob": "operator cancel (hosts resolved)",
       "rexmesh.v1.ControllerService/ListJobs": "operator read (hosts resolved)",
+      "rexmesh.v1.ControllerService/ListHostTasks": "operator read (hosts resolved)",
       "rexmesh.v1.ControllerService/ExportBundle": "operator bundle (hosts resolved)",
       "rexmesh.v1.ControllerService/ImportBundle": "operator bundle (hosts resolved)",
       "rexmesh.v1.ControllerService/SetHostLabels": "operator label (hosts resolved)",

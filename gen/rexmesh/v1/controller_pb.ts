@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QirwUKEFN1Ym1pdEpvYlJlcXVlc3QSEAoIaG9zdF9pZHMYASADKAkSEQoJYWxsX2hvc3RzGAIgASgIEh8KBXN0ZXBzGAMgAygLMhAucmV4bWVzaC52MS5TdGVwEjIKA2VudhgEIAMoCzIlLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5FbnZFbnRyeRITCgt3b3JraW5nX2RpchgFIAEoCRINCgVzdGRpbhgGIAEoDBIqCgd0aW1lb3V0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjQKEWRlbGl2ZXJ5X2RlYWRsaW5lGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgJIAEoCRISCgppZGVtcG90ZW50GAogASgIEiUKBHJhdGUYCyABKAsyFy5yZXhtZXNoLnYxLlJhdGVDb250cm9sEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBITCgZ0YXJnZXQYDSABKAlIAIgBARIQCghkb2N1bWVudBgOIAEoCRJACgpwYXJhbWV0ZXJzGA8gAygLMiwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0LlBhcmFtZXRlcnNFbnRyeRIPCgdkcnlfcnVuGBAgASgIEi0KCmxvc3RfYWZ0ZXIYESABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGAoQZG9jdW1lbnRfY29udGVudBgSIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB190YXJnZXQizgEKC1JhdGVDb250cm9sEhMKC2NvbmN1cnJlbmN5GAEgASgNEhsKE2NvbmN1cnJlbmN5X3BlcmNlbnQYAiABKA0SHgoWY29uY3VycmVuY3lfcGVyX3JlZ2lvbhgDIAEoDRIXCgptYXhfZXJyb3JzGAQgASgNSACIAQESHwoSbWF4X2Vycm9yc19wZXJjZW50GAUgASgNSAGIAQESDQoFYmF0Y2gYBiABKA1CDQoLX21heF9lcnJvcnNCFQoTX21heF9lcnJvcnNfcGVyY2VudCJYChFTdWJtaXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIlCgRwbGFuGAIgAygLMhcucmV4bWVzaC52MS5QbGFubmVkVGFzayKDAQoLUGxhbm5lZFRhc2sSDwoHaG9zdF9pZBgBIAEoCRIOCgZyZWdpb24YAiABKAkSDQoFcHJveHkYAyABKAkSEQoJY29ubmVjdGVkGAQgASgIEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEhAKCHJlamVjdGVkGAYgASgJIkUKDlRhc2tTdGF0ZUNvdW50EiQKBXN0YXRlGAEgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSDQoFY291bnQYAiABKA0imAMKA0pvYhIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSFAoMc3VibWl0dGVkX2J5GAMgASgJEiMKBXN0YXRlGAQgASgOMhQucmV4bWVzaC52MS5Kb2JTdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHwoFc3RlcHMYByADKAsyEC5yZXhtZXNoLnYxLlN0ZXASKgoGY291bnRzGAggAygLMhoucmV4bWVzaC52MS5UYXNrU3RhdGVDb3VudBISCgp0YXNrX2NvdW50GAkgASgNEhAKCGRvY3VtZW50GAogASgJEjMKCnBhcmFtZXRlcnMYCyADKAsyHy5yZXhtZXNoLnYxLkpvYi5QYXJhbWV0ZXJzRW50cnkaMQoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi1gMKBFRhc2sSCgoCaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSDgoGcmVnaW9uGAQgASgJEg0KBXByb3h5GAUgASgJEiQKBXN0YXRlGAYgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSFgoJZXhpdF9jb2RlGAcgASgFSACIAQESDgoGc2lnbmFsGAggASgJEg8KB21lc3NhZ2UYCSABKAkSLgoKdXBkYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQb3V0cHV0X3RydW5jYXRlZBgLIAEoCBIVCg1vdXRwdXRfY2h1bmtzGAwgASgEEh8KBXN0ZXBzGA0gAygLMhAucmV4bWVzaC52MS5TdGVwEh4KFm91dHB1dF9jaHVua3NfZXhwZWN0ZWQYDiABKAQSFwoPb3V0cHV0X2NvbXBsZXRlGA8gASgIEisKC2xhdGVfcmVwb3J0GBAgASgLMhYucmV4bWVzaC52MS5MYXRlUmVwb3J0Ei0KDHJlc3VsdF9jaGVjaxgRIAEoDjIXLnJleG1lc2gudjEuUmVzdWx0Q2hlY2tCDAoKX2V4aXRfY29kZSKjAQoKTGF0ZVJlcG9ydBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgCIAEoBUgAiAEBEg4KBnNpZ25hbBgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgwKCl9leGl0X2NvZGUiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiTwoOR2V0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISHwoFdGFza3MYAiADKAsyEC5yZXhtZXNoLnYxLlRhc2siNAoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIRCglub19vdXRwdXQYAiABKAgiegoQV2F0Y2hKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5yZXhtZXNoLnYxLkpvYhIfCgV0YXNrcxgCIAMoCzIQLnJleG1lc2gudjEuVGFzaxInCgZvdXRwdXQYAyADKAsyFy5yZXhtZXNoLnYxLk91dHB1dENodW5rIiAKD0xpc3RKb2JzUmVxdWVzdBINCgVsaW1pdBgBIAEoDSIxChBMaXN0Sm9ic1Jlc3BvbnNlEh0KBGpvYnMYASADKAsyDy5yZXhtZXNoLnYxLkpvYiIlChNFeHBvcnRCdW5kbGVSZXF1ZXN0Eg4KBnJlZ2lvbhgBIAEoCSI1ChRFeHBvcnRCdW5kbGVSZXNwb25zZRIOCgZidW5kbGUYASABKAwSDQoFdGFza3MYAiABKA0iJQoTSW1wb3J0QnVuZGxlUmVxdWVzdBIOCgZidW5kbGUYASABKAwiXgoUSW1wb3J0QnVuZGxlUmVzcG9uc2USGAoQc3RhdHVzZXNfYXBwbGllZBgBIAEoDRIdChVvdXRwdXRfY2h1bmtzX2FwcGxpZWQYAiABKA0SDQoFaG9zdHMYAyABKA0iIgoQQ2FuY2VsSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMQoRQ2FuY2VsSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2IimwEKFFNldEhvc3RMYWJlbHNSZXF1ZXN0Eg8KB2hvc3RfaWQYASABKAkSNgoDc2V0GAIgAygLMikucmV4bWVzaC52MS5TZXRIb3N0TGFiZWxzUmVxdWVzdC5TZXRFbnRyeRIOCgZyZW1vdmUYAyADKAkaKgoIU2V0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI3ChVTZXRIb3N0TGFiZWxzUmVzcG9uc2USHgoEaG9zdBgBIAEoCzIQLnJleG1lc2gudjEuSG9zdCJMChBMaXN0QXVkaXRSZXF1ZXN0EikKBXNpbmNlGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVsaW1pdBgCIAEoDSI7ChFMaXN0QXVkaXRSZXNwb25zZRImCgZldmVudHMYASADKAsyFi5yZXhtZXNoLnYxLkF1ZGl0RXZlbnQi8AEKCkF1ZGl0RXZlbnQSCgoCaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEa2luZBgDIAEoCRIOCgZ0ZW5hbnQYBCABKAkSDQoFYWN0b3IYBSABKAkSKwoIZGVjaXNpb24YBiABKA4yGS5yZXhtZXNoLnYxLkF1ZGl0RGVjaXNpb24SDgoGcmVhc29uGAcgASgJEgwKBHdoYXQYCCABKAkSEAoIaG9zdF9pZHMYCSADKAkSEgoKaG9zdF9jb3VudBgKIAEoDRIOCgZqb2JfaWQYCyABKAkikwEKCERvY3VtZW50EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoDRITCgtkZXNjcmlwdGlvbhgDIAEoCRIuCgpjcmVhdGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GAUgASgJEg8KB2NvbnRlbnQYBiABKAkiJQoSUHV0RG9jdW1lbnRSZXF1ZXN0Eg8KB2NvbnRlbnQYASABKAkiTwoTUHV0RG9jdW1lbnRSZXNwb25zZRImCghkb2N1bWVudBgBIAEoCzIULnJleG1lc2gudjEuRG9jdW1lbnQSEAoId2FybmluZ3MYAiADKAkiIgoSR2V0RG9jdW1lbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiPQoTR2V0RG9jdW1lbnRSZXNwb25zZRImCghkb2N1bWVudBgBIAEoCzIULnJleG1lc2gudjEuRG9jdW1lbnQiFgoUTGlzdERvY3VtZW50c1JlcXVlc3QiQAoVTGlzdERvY3VtZW50c1Jlc3BvbnNlEicKCWRvY3VtZW50cxgBIAMoCzIULnJleG1lc2gudjEuRG9jdW1lbnQiYAoOU2Vzc2lvblJlcXVlc3QSJQoEb3BlbhgBIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbk9wZW4SJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSJFCgtTZXNzaW9uT3BlbhIPCgdob3N0X2lkGAEgASgJEiUKBHNwZWMYAiABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25TcGVjImcKD1Nlc3Npb25SZXNwb25zZRIrCgdzdGFydGVkGAEgASgLMhoucmV4bWVzaC52MS5TZXNzaW9uU3RhcnRlZBInCgVmcmFtZRgCIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkZyYW1lIloKDlNlc3Npb25TdGFydGVkEhIKCnNlc3Npb25faWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRINCgVwcm94eRgDIAEoCRIUCgxrZWVwYWxpdmVfbXMYBCABKA0iJAoTTGlzdFNlc3Npb25zUmVxdWVzdBINCgVsaW1pdBgBIAEoDSJBChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIpCghzZXNzaW9ucxgBIAMoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkluZm8ivQIKC1Nlc3Npb25JbmZvEhIKCnNlc3Npb25faWQYASABKAkSEAoIb3BlcmF0b3IYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIMCgRraW5kGAQgASgJEgwKBHdoYXQYBSABKAkSLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWJ5dGVzX3RvX2hvc3QYCCABKAQSFwoPYnl0ZXNfZnJvbV9ob3N0GAkgASgEEg8KB291dGNvbWUYCiABKAkSLQoJcmVjb3JkaW5nGAsgASgOMhoucmV4bWVzaC52MS5SZWNvcmRpbmdTdGF0ZRINCgVwcm94eRgMIAEoCSIwChpHZXRTZXNzaW9uUmVjb3JkaW5nUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJInoKG0dldFNlc3Npb25SZWNvcmRpbmdSZXNwb25zZRIoCgdzZXNzaW9uGAEgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uSW5mbxIxCgZldmVudHMYAiADKAsyIS5yZXhtZXNoLnYxLlNlc3Npb25SZWNvcmRpbmdFdmVudCKAAQoVU2Vzc2lvblJlY29yZGluZ0V2ZW50Eg0KBWF0X21zGAEgASgEEg8KB3RvX2hvc3QYAiABKAgSKwoHY2hhbm5lbBgDIAEoDjIaLnJleG1lc2gudjEuU2Vzc2lvbkNoYW5uZWwSDAoEY29ubhgEIAEoDRIMCgRkYXRhGAUgASgMIigKEkpvaW5TZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIoEBChNKb2luU2Vzc2lvblJlc3BvbnNlEigKB3Nlc3Npb24YASABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25JbmZvEjEKBmV2ZW50cxgCIAMoCzIhLnJleG1lc2gudjEuU2Vzc2lvblJlY29yZGluZ0V2ZW50Eg0KBWVuZGVkGAMgASgJKpQBCg9Db25uZWN0aW9uU3RhdGUSIAocQ09OTkVDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh4KGkNPTk5FQ1RJT05fU1RBVEVfQ09OTkVDVEVEEAESIQodQ09OTkVDVElPTl9TVEFURV9ESVNDT05ORUNURUQQAhIcChhDT05ORUNUSU9OX1NUQVRFX1JFVk9LRUQQAypQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqvAEKC1Jlc3VsdENoZWNrEhwKGFJFU1VMVF9DSEVDS19VTlNQRUNJRklFRBAAEhkKFVJFU1VMVF9DSEVDS19WRVJJRklFRBABEh8KG1JFU1VMVF9DSEVDS19PVVRQVVRfUEVORElORxACEhsKF1JFU1VMVF9DSEVDS19VTlZFUklGSUVEEAMSGQoVUkVTVUxUX0NIRUNLX01JU01BVENIEAQSGwoXUkVTVUxUX0NIRUNLX1NUQVRFX09OTFkQBSqDAQoNQXVkaXREZWNpc2lvbhIeChpBVURJVF9ERUNJU0lPTl9VTlNQRUNJRklFRBAAEhoKFkFVRElUX0RFQ0lTSU9OX0FMTE9XRUQQARIZChVBVURJVF9ERUNJU0lPTl9ERU5JRUQQAhIbChdBVURJVF9ERUNJU0lPTl9SRUpFQ1RFRBADKqMBCg5SZWNvcmRpbmdTdGF0ZRIfChtSRUNPUkRJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABIdChlSRUNPUkRJTkdfU1RBVEVfUkVDT1JESU5HEAESHAoYUkVDT1JESU5HX1NUQVRFX0NPTVBMRVRFEAISFwoTUkVDT1JESU5HX1NUQVRFX0NVVBADEhoKFlJFQ09SRElOR19TVEFURV9GQUlMRUQQBDKdCwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlEk4KC1B1dERvY3VtZW50Eh4ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLlB1dERvY3VtZW50UmVzcG9uc2USTgoLR2V0RG9jdW1lbnQSHi5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVxdWVzdBofLnJleG1lc2gudjEuR2V0RG9jdW1lbnRSZXNwb25zZRJUCg1MaXN0RG9jdW1lbnRzEiAucmV4bWVzaC52MS5MaXN0RG9jdW1lbnRzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1Jlc3BvbnNlEkYKB1Nlc3Npb24SGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABEkYKB0ZvcndhcmQSGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABElEKDExpc3RTZXNzaW9ucxIfLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVxdWVzdBogLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USaAoTR2V0U2Vzc2lvblJlY29yZGluZxImLnJleG1lc2gudjEuR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QaJy5yZXhtZXNoLnYxLkdldFNlc3Npb25SZWNvcmRpbmdSZXNwb25zZTABElAKC0pvaW5TZXNzaW9uEh4ucmV4bWVzaC52MS5Kb2luU2Vzc2lvblJlcXVlc3QaHy5yZXhtZXNoLnYxLkpvaW5TZXNzaW9uUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QiYgoUTGlzdEhvc3RUYXNrc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCRISCgp1bmZpbmlzaGVkGAQgASgIIlUKFUxpc3RIb3N0VGFza3NSZXNwb25zZRIjCgV0YXNrcxgBIAMoCzIULnJleG1lc2gudjEuSG9zdFRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqUBCghIb3N0VGFzaxIeCgR0YXNrGAEgASgLMhAucmV4bWVzaC52MS5UYXNrEiUKBXN0YWdlGAIgASgOMhYucmV4bWVzaC52MS5RdWV1ZVN0YWdlEgwKBHdoYXQYAyABKAkSFAoMc3VibWl0dGVkX2J5GAQgASgJEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq8FChBTdWJtaXRKb2JSZXF1ZXN0EhAKCGhvc3RfaWRzGAEgAygJEhEKCWFsbF9ob3N0cxgCIAEoCBIfCgVzdGVwcxgDIAMoCzIQLnJleG1lc2gudjEuU3RlcBIyCgNlbnYYBCADKAsyJS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QuRW52RW50cnkSEwoLd29ya2luZ19kaXIYBSABKAkSDQoFc3RkaW4YBiABKAwSKgoHdGltZW91dBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChFkZWxpdmVyeV9kZWFkbGluZRgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIXCg9pZGVtcG90ZW5jeV9rZXkYCSABKAkSEgoKaWRlbXBvdGVudBgKIAEoCBIlCgRyYXRlGAsgASgLMhcucmV4bWVzaC52MS5SYXRlQ29udHJvbBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSEwoGdGFyZ2V0GA0gASgJSACIAQESEAoIZG9jdW1lbnQYDiABKAkSQAoKcGFyYW1ldGVycxgPIAMoCzIsLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5QYXJhbWV0ZXJzRW50cnkSDwoHZHJ5X3J1bhgQIAEoCBItCgpsb3N0X2FmdGVyGBEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhgKEGRvY3VtZW50X2NvbnRlbnQYEiABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIJCgdfdGFyZ2V0Is4BCgtSYXRlQ29udHJvbBITCgtjb25jdXJyZW5jeRgBIAEoDRIbChNjb25jdXJyZW5jeV9wZXJjZW50GAIgASgNEh4KFmNvbmN1cnJlbmN5X3Blcl9yZWdpb24YAyABKA0SFwoKbWF4X2Vycm9ycxgEIAEoDUgAiAEBEh8KEm1heF9lcnJvcnNfcGVyY2VudBgFIAEoDUgBiAEBEg0KBWJhdGNoGAYgASgNQg0KC19tYXhfZXJyb3JzQhUKE19tYXhfZXJyb3JzX3BlcmNlbnQiWAoRU3VibWl0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISJQoEcGxhbhgCIAMoCzIXLnJleG1lc2gudjEuUGxhbm5lZFRhc2sigwEKC1BsYW5uZWRUYXNrEg8KB2hvc3RfaWQYASABKAkSDgoGcmVnaW9uGAIgASgJEg0KBXByb3h5GAMgASgJEhEKCWNvbm5lY3RlZBgEIAEoCBIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIQCghyZWplY3RlZBgGIAEoCSJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIpgDCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDRIQCghkb2N1bWVudBgKIAEoCRIzCgpwYXJhbWV0ZXJzGAsgAygLMh8ucmV4bWVzaC52MS5Kb2IuUGFyYW1ldGVyc0VudHJ5GjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBItYDCgRUYXNrEgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdob3N0X2lkGAMgASgJEg4KBnJlZ2lvbhgEIAEoCRINCgVwcm94eRgFIAEoCRIkCgVzdGF0ZRgGIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgHIAEoBUgAiAEBEg4KBnNpZ25hbBgIIAEoCRIPCgdtZXNzYWdlGAkgASgJEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEG91dHB1dF90cnVuY2F0ZWQYCyABKAgSFQoNb3V0cHV0X2NodW5rcxgMIAEoBBIfCgVzdGVwcxgNIAMoCzIQLnJleG1lc2gudjEuU3RlcBIeChZvdXRwdXRfY2h1bmtzX2V4cGVjdGVkGA4gASgEEhcKD291dHB1dF9jb21wbGV0ZRgPIAEoCBIrCgtsYXRlX3JlcG9ydBgQIAEoCzIWLnJleG1lc2gudjEuTGF0ZVJlcG9ydBItCgxyZXN1bHRfY2hlY2sYESABKA4yFy5yZXhtZXNoLnYxLlJlc3VsdENoZWNrQgwKCl9leGl0X2NvZGUiowEKCkxhdGVSZXBvcnQSJAoFc3RhdGUYASABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYAiABKAVIAIgBARIOCgZzaWduYWwYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRIoCgR0aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIMCgpfZXhpdF9jb2RlIh8KDUdldEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIk8KDkdldEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrIjQKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEQoJbm9fb3V0cHV0GAIgASgIInoKEFdhdGNoSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISHwoFdGFza3MYAiADKAsyEC5yZXhtZXNoLnYxLlRhc2sSJwoGb3V0cHV0GAMgAygLMhcucmV4bWVzaC52MS5PdXRwdXRDaHVuayIgCg9MaXN0Sm9ic1JlcXVlc3QSDQoFbGltaXQYASABKA0iMQoQTGlzdEpvYnNSZXNwb25zZRIdCgRqb2JzGAEgAygLMg8ucmV4bWVzaC52MS5Kb2IiJQoTRXhwb3J0QnVuZGxlUmVxdWVzdBIOCgZyZWdpb24YASABKAkiNQoURXhwb3J0QnVuZGxlUmVzcG9uc2USDgoGYnVuZGxlGAEgASgMEg0KBXRhc2tzGAIgASgNIiUKE0ltcG9ydEJ1bmRsZVJlcXVlc3QSDgoGYnVuZGxlGAEgASgMIl4KFEltcG9ydEJ1bmRsZVJlc3BvbnNlEhgKEHN0YXR1c2VzX2FwcGxpZWQYASABKA0SHQoVb3V0cHV0X2NodW5rc19hcHBsaWVkGAIgASgNEg0KBWhvc3RzGAMgASgNIiIKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjEKEUNhbmNlbEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iIpsBChRTZXRIb3N0TGFiZWxzUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEjYKA3NldBgCIAMoCzIpLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QuU2V0RW50cnkSDgoGcmVtb3ZlGAMgAygJGioKCFNldEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNwoVU2V0SG9zdExhYmVsc1Jlc3BvbnNlEh4KBGhvc3QYASABKAsyEC5yZXhtZXNoLnYxLkhvc3QiTAoQTGlzdEF1ZGl0UmVxdWVzdBIpCgVzaW5jZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGltaXQYAiABKA0iOwoRTGlzdEF1ZGl0UmVzcG9uc2USJgoGZXZlbnRzGAEgAygLMhYucmV4bWVzaC52MS5BdWRpdEV2ZW50IvABCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGtpbmQYAyABKAkSDgoGdGVuYW50GAQgASgJEg0KBWFjdG9yGAUgASgJEisKCGRlY2lzaW9uGAYgASgOMhkucmV4bWVzaC52MS5BdWRpdERlY2lzaW9uEg4KBnJlYXNvbhgHIAEoCRIMCgR3aGF0GAggASgJEhAKCGhvc3RfaWRzGAkgAygJEhIKCmhvc3RfY291bnQYCiABKA0SDgoGam9iX2lkGAsgASgJIpMBCghEb2N1bWVudBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SEwoLZGVzY3JpcHRpb24YAyABKAkSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKY3JlYXRlZF9ieRgFIAEoCRIPCgdjb250ZW50GAYgASgJIiUKElB1dERvY3VtZW50UmVxdWVzdBIPCgdjb250ZW50GAEgASgJIk8KE1B1dERvY3VtZW50UmVzcG9uc2USJgoIZG9jdW1lbnQYASABKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50EhAKCHdhcm5pbmdzGAIgAygJIiIKEkdldERvY3VtZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIj0KE0dldERvY3VtZW50UmVzcG9uc2USJgoIZG9jdW1lbnQYASABKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50IhYKFExpc3REb2N1bWVudHNSZXF1ZXN0IkAKFUxpc3REb2N1bWVudHNSZXNwb25zZRInCglkb2N1bWVudHMYASADKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50ImAKDlNlc3Npb25SZXF1ZXN0EiUKBG9wZW4YASABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25PcGVuEicKBWZyYW1lGAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUiRQoLU2Vzc2lvbk9wZW4SDwoHaG9zdF9pZBgBIAEoCRIlCgRzcGVjGAIgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uU3BlYyJnCg9TZXNzaW9uUmVzcG9uc2USKwoHc3RhcnRlZBgBIAEoCzIaLnJleG1lc2gudjEuU2Vzc2lvblN0YXJ0ZWQSJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSJaCg5TZXNzaW9uU3RhcnRlZBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSDQoFcHJveHkYAyABKAkSFAoMa2VlcGFsaXZlX21zGAQgASgNIiQKE0xpc3RTZXNzaW9uc1JlcXVlc3QSDQoFbGltaXQYASABKA0iQQoUTGlzdFNlc3Npb25zUmVzcG9uc2USKQoIc2Vzc2lvbnMYASADKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25JbmZvIr0CCgtTZXNzaW9uSW5mbxISCgpzZXNzaW9uX2lkGAEgASgJEhAKCG9wZXJhdG9yGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSDAoEa2luZBgEIAEoCRIMCgR3aGF0GAUgASgJEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1ieXRlc190b19ob3N0GAggASgEEhcKD2J5dGVzX2Zyb21faG9zdBgJIAEoBBIPCgdvdXRjb21lGAogASgJEi0KCXJlY29yZGluZxgLIAEoDjIaLnJleG1lc2gudjEuUmVjb3JkaW5nU3RhdGUSDQoFcHJveHkYDCABKAkiMAoaR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSJ6ChtHZXRTZXNzaW9uUmVjb3JkaW5nUmVzcG9uc2USKAoHc2Vzc2lvbhgBIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkluZm8SMQoGZXZlbnRzGAIgAygLMiEucmV4bWVzaC52MS5TZXNzaW9uUmVjb3JkaW5nRXZlbnQigAEKFVNlc3Npb25SZWNvcmRpbmdFdmVudBINCgVhdF9tcxgBIAEoBBIPCgd0b19ob3N0GAIgASgIEisKB2NoYW5uZWwYAyABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGNvbm4YBCABKA0SDAoEZGF0YRgFIAEoDCIoChJKb2luU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSKBAQoTSm9pblNlc3Npb25SZXNwb25zZRIoCgdzZXNzaW9uGAEgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uSW5mbxIxCgZldmVudHMYAiADKAsyIS5yZXhtZXNoLnYxLlNlc3Npb25SZWNvcmRpbmdFdmVudBINCgVlbmRlZBgDIAEoCSqUAQoPQ29ubmVjdGlvblN0YXRlEiAKHENPTk5FQ1RJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIeChpDT05ORUNUSU9OX1NUQVRFX0NPTk5FQ1RFRBABEiEKHUNPTk5FQ1RJT05fU1RBVEVfRElTQ09OTkVDVEVEEAISHAoYQ09OTkVDVElPTl9TVEFURV9SRVZPS0VEEAMqjwEKClF1ZXVlU3RhZ2USGwoXUVVFVUVfU1RBR0VfVU5TUEVDSUZJRUQQABIWChJRVUVVRV9TVEFHRV9RVUVVRUQQARIZChVRVUVVRV9TVEFHRV9ERUxJVkVSRUQQAhIXChNRVUVVRV9TVEFHRV9SVU5OSU5HEAMSGAoUUVVFVUVfU1RBR0VfRklOSVNIRUQQBCpQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqvAEKC1Jlc3VsdENoZWNrEhwKGFJFU1VMVF9DSEVDS19VTlNQRUNJRklFRBAAEhkKFVJFU1VMVF9DSEVDS19WRVJJRklFRBABEh8KG1JFU1VMVF9DSEVDS19PVVRQVVRfUEVORElORxACEhsKF1JFU1VMVF9DSEVDS19VTlZFUklGSUVEEAMSGQoVUkVTVUxUX0NIRUNLX01JU01BVENIEAQSGwoXUkVTVUxUX0NIRUNLX1NUQVRFX09OTFkQBSqDAQoNQXVkaXREZWNpc2lvbhIeChpBVURJVF9ERUNJU0lPTl9VTlNQRUNJRklFRBAAEhoKFkFVRElUX0RFQ0lTSU9OX0FMTE9XRUQQARIZChVBVURJVF9ERUNJU0lPTl9ERU5JRUQQAhIbChdBVURJVF9ERUNJU0lPTl9SRUpFQ1RFRBADKqMBCg5SZWNvcmRpbmdTdGF0ZRIfChtSRUNPUkRJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABIdChlSRUNPUkRJTkdfU1RBVEVfUkVDT1JESU5HEAESHAoYUkVDT1JESU5HX1NUQVRFX0NPTVBMRVRFEAISFwoTUkVDT1JESU5HX1NUQVRFX0NVVBADEhoKFlJFQ09SRElOR19TVEFURV9GQUlMRUQQBDLzCwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlEk4KC1B1dERvY3VtZW50Eh4ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLlB1dERvY3VtZW50UmVzcG9uc2USTgoLR2V0RG9jdW1lbnQSHi5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVxdWVzdBofLnJleG1lc2gudjEuR2V0RG9jdW1lbnRSZXNwb25zZRJUCg1MaXN0RG9jdW1lbnRzEiAucmV4bWVzaC52MS5MaXN0RG9jdW1lbnRzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1Jlc3BvbnNlEkYKB1Nlc3Npb24SGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABEkYKB0ZvcndhcmQSGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABElEKDExpc3RTZXNzaW9ucxIfLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVxdWVzdBogLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USaAoTR2V0U2Vzc2lvblJlY29yZGluZxImLnJleG1lc2gudjEuR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QaJy5yZXhtZXNoLnYxLkdldFNlc3Npb25SZWNvcmRpbmdSZXNwb25zZTABElAKC0pvaW5TZXNzaW9uEh4ucmV4bWVzaC52MS5Kb2luU2Vzc2lvblJlcXVlc3QaHy5yZXhtZXNoLnYxLkpvaW5TZXNzaW9uUmVzcG9uc2UwARJUCg1MaXN0SG9zdFRhc2tzEiAucmV4bWVzaC52MS5MaXN0SG9zdFRhc2tzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdEhvc3RUYXNrc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -119,6 +119,109 @@ export type ListHostsResponse = Message<"rexmesh.v1.ListHostsResponse"> & {
  */
 export const ListHostsResponseSchema: GenMessage<ListHostsResponse> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_controller, 2);
+
+/**
+ * @generated from message rexmesh.v1.ListHostTasksRequest
+ */
+export type ListHostTasksRequest = Message<"rexmesh.v1.ListHostTasksRequest"> & {
+  /**
+   * @generated from field: string host_id = 1;
+   */
+  hostId: string;
+
+  /**
+   * Tasks per page: 1 to 500; 0 is 50.
+   *
+   * @generated from field: uint32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * From a previous answer's next_page_token: the page after it.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+
+  /**
+   * Only tasks not finished yet (queued, delivered, running).
+   *
+   * @generated from field: bool unfinished = 4;
+   */
+  unfinished: boolean;
+};
+
+/**
+ * Describes the message rexmesh.v1.ListHostTasksRequest.
+ * Use `create(ListHostTasksRequestSchema)` to create a new message.
+ */
+export const ListHostTasksRequestSchema: GenMessage<ListHostTasksRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 3);
+
+/**
+ * @generated from message rexmesh.v1.ListHostTasksResponse
+ */
+export type ListHostTasksResponse = Message<"rexmesh.v1.ListHostTasksResponse"> & {
+  /**
+   * @generated from field: repeated rexmesh.v1.HostTask tasks = 1;
+   */
+  tasks: HostTask[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.ListHostTasksResponse.
+ * Use `create(ListHostTasksResponseSchema)` to create a new message.
+ */
+export const ListHostTasksResponseSchema: GenMessage<ListHostTasksResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 4);
+
+/**
+ * @generated from message rexmesh.v1.HostTask
+ */
+export type HostTask = Message<"rexmesh.v1.HostTask"> & {
+  /**
+   * @generated from field: rexmesh.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+
+  /**
+   * @generated from field: rexmesh.v1.QueueStage stage = 2;
+   */
+  stage: QueueStage;
+
+  /**
+   * The job's command or document, as `rexmesh jobs` shows it.
+   *
+   * @generated from field: string what = 3;
+   */
+  what: string;
+
+  /**
+   * The operator who submitted the job.
+   *
+   * @generated from field: string submitted_by = 4;
+   */
+  submittedBy: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 5;
+   */
+  createdAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.HostTask.
+ * Use `create(HostTaskSchema)` to create a new message.
+ */
+export const HostTaskSchema: GenMessage<HostTask> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 5);
 
 /**
  * @generated from message rexmesh.v1.SubmitJobRequest
@@ -259,7 +362,7 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
  * Use `create(SubmitJobRequestSchema)` to create a new message.
  */
 export const SubmitJobRequestSchema: GenMessage<SubmitJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 3);
+  messageDesc(file_rexmesh_v1_controller, 6);
 
 /**
  * How fast a job fans out. A limit given as a percentage is of the job's task count.
@@ -311,7 +414,7 @@ export type RateControl = Message<"rexmesh.v1.RateControl"> & {
  * Use `create(RateControlSchema)` to create a new message.
  */
 export const RateControlSchema: GenMessage<RateControl> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 4);
+  messageDesc(file_rexmesh_v1_controller, 7);
 
 /**
  * @generated from message rexmesh.v1.SubmitJobResponse
@@ -337,7 +440,7 @@ export type SubmitJobResponse = Message<"rexmesh.v1.SubmitJobResponse"> & {
  * Use `create(SubmitJobResponseSchema)` to create a new message.
  */
 export const SubmitJobResponseSchema: GenMessage<SubmitJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 5);
+  messageDesc(file_rexmesh_v1_controller, 8);
 
 /**
  * What one host would run, as shown by a dry run (sensitive parameters redacted).
@@ -387,7 +490,7 @@ export type PlannedTask = Message<"rexmesh.v1.PlannedTask"> & {
  * Use `create(PlannedTaskSchema)` to create a new message.
  */
 export const PlannedTaskSchema: GenMessage<PlannedTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 6);
+  messageDesc(file_rexmesh_v1_controller, 9);
 
 /**
  * @generated from message rexmesh.v1.TaskStateCount
@@ -409,7 +512,7 @@ export type TaskStateCount = Message<"rexmesh.v1.TaskStateCount"> & {
  * Use `create(TaskStateCountSchema)` to create a new message.
  */
 export const TaskStateCountSchema: GenMessage<TaskStateCount> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 7);
+  messageDesc(file_rexmesh_v1_controller, 10);
 
 /**
  * @generated from message rexmesh.v1.Job
@@ -480,7 +583,7 @@ export type Job = Message<"rexmesh.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 8);
+  messageDesc(file_rexmesh_v1_controller, 11);
 
 /**
  * A task as the client sees it.
@@ -595,7 +698,7 @@ export type Task = Message<"rexmesh.v1.Task"> & {
  * Use `create(TaskSchema)` to create a new message.
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 9);
+  messageDesc(file_rexmesh_v1_controller, 12);
 
 /**
  * What the host said about a task after the controller had ended it.
@@ -634,7 +737,7 @@ export type LateReport = Message<"rexmesh.v1.LateReport"> & {
  * Use `create(LateReportSchema)` to create a new message.
  */
 export const LateReportSchema: GenMessage<LateReport> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 10);
+  messageDesc(file_rexmesh_v1_controller, 13);
 
 /**
  * @generated from message rexmesh.v1.GetJobRequest
@@ -651,7 +754,7 @@ export type GetJobRequest = Message<"rexmesh.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 11);
+  messageDesc(file_rexmesh_v1_controller, 14);
 
 /**
  * @generated from message rexmesh.v1.GetJobResponse
@@ -673,7 +776,7 @@ export type GetJobResponse = Message<"rexmesh.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 12);
+  messageDesc(file_rexmesh_v1_controller, 15);
 
 /**
  * @generated from message rexmesh.v1.WatchJobRequest
@@ -697,7 +800,7 @@ export type WatchJobRequest = Message<"rexmesh.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 13);
+  messageDesc(file_rexmesh_v1_controller, 16);
 
 /**
  * Every response is a batch of what changed since the previous one.
@@ -726,7 +829,7 @@ export type WatchJobResponse = Message<"rexmesh.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 14);
+  messageDesc(file_rexmesh_v1_controller, 17);
 
 /**
  * @generated from message rexmesh.v1.ListJobsRequest
@@ -745,7 +848,7 @@ export type ListJobsRequest = Message<"rexmesh.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 15);
+  messageDesc(file_rexmesh_v1_controller, 18);
 
 /**
  * @generated from message rexmesh.v1.ListJobsResponse
@@ -762,7 +865,7 @@ export type ListJobsResponse = Message<"rexmesh.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 16);
+  messageDesc(file_rexmesh_v1_controller, 19);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleRequest
@@ -779,7 +882,7 @@ export type ExportBundleRequest = Message<"rexmesh.v1.ExportBundleRequest"> & {
  * Use `create(ExportBundleRequestSchema)` to create a new message.
  */
 export const ExportBundleRequestSchema: GenMessage<ExportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 17);
+  messageDesc(file_rexmesh_v1_controller, 20);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleResponse
@@ -803,7 +906,7 @@ export type ExportBundleResponse = Message<"rexmesh.v1.ExportBundleResponse"> & 
  * Use `create(ExportBundleResponseSchema)` to create a new message.
  */
 export const ExportBundleResponseSchema: GenMessage<ExportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 18);
+  messageDesc(file_rexmesh_v1_controller, 21);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleRequest
@@ -820,7 +923,7 @@ export type ImportBundleRequest = Message<"rexmesh.v1.ImportBundleRequest"> & {
  * Use `create(ImportBundleRequestSchema)` to create a new message.
  */
 export const ImportBundleRequestSchema: GenMessage<ImportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 19);
+  messageDesc(file_rexmesh_v1_controller, 22);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleResponse
@@ -847,7 +950,7 @@ export type ImportBundleResponse = Message<"rexmesh.v1.ImportBundleResponse"> & 
  * Use `create(ImportBundleResponseSchema)` to create a new message.
  */
 export const ImportBundleResponseSchema: GenMessage<ImportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 20);
+  messageDesc(file_rexmesh_v1_controller, 23);
 
 /**
  * @generated from message rexmesh.v1.CancelJobRequest
@@ -864,7 +967,7 @@ export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 21);
+  messageDesc(file_rexmesh_v1_controller, 24);
 
 /**
  * @generated from message rexmesh.v1.CancelJobResponse
@@ -881,7 +984,7 @@ export type CancelJobResponse = Message<"rexmesh.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 22);
+  messageDesc(file_rexmesh_v1_controller, 25);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsRequest
@@ -912,7 +1015,7 @@ export type SetHostLabelsRequest = Message<"rexmesh.v1.SetHostLabelsRequest"> & 
  * Use `create(SetHostLabelsRequestSchema)` to create a new message.
  */
 export const SetHostLabelsRequestSchema: GenMessage<SetHostLabelsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 23);
+  messageDesc(file_rexmesh_v1_controller, 26);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsResponse
@@ -929,7 +1032,7 @@ export type SetHostLabelsResponse = Message<"rexmesh.v1.SetHostLabelsResponse"> 
  * Use `create(SetHostLabelsResponseSchema)` to create a new message.
  */
 export const SetHostLabelsResponseSchema: GenMessage<SetHostLabelsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 24);
+  messageDesc(file_rexmesh_v1_controller, 27);
 
 /**
  * @generated from message rexmesh.v1.ListAuditRequest
@@ -955,7 +1058,7 @@ export type ListAuditRequest = Message<"rexmesh.v1.ListAuditRequest"> & {
  * Use `create(ListAuditRequestSchema)` to create a new message.
  */
 export const ListAuditRequestSchema: GenMessage<ListAuditRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 25);
+  messageDesc(file_rexmesh_v1_controller, 28);
 
 /**
  * @generated from message rexmesh.v1.ListAuditResponse
@@ -972,7 +1075,7 @@ export type ListAuditResponse = Message<"rexmesh.v1.ListAuditResponse"> & {
  * Use `create(ListAuditResponseSchema)` to create a new message.
  */
 export const ListAuditResponseSchema: GenMessage<ListAuditResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 26);
+  messageDesc(file_rexmesh_v1_controller, 29);
 
 /**
  * One entry of the audit log: who did what, where, and what was decided.
@@ -1053,7 +1156,7 @@ export type AuditEvent = Message<"rexmesh.v1.AuditEvent"> & {
  * Use `create(AuditEventSchema)` to create a new message.
  */
 export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 27);
+  messageDesc(file_rexmesh_v1_controller, 30);
 
 /**
  * A named, versioned command specification (docs/documents.md).
@@ -1101,7 +1204,7 @@ export type Document = Message<"rexmesh.v1.Document"> & {
  * Use `create(DocumentSchema)` to create a new message.
  */
 export const DocumentSchema: GenMessage<Document> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 28);
+  messageDesc(file_rexmesh_v1_controller, 31);
 
 /**
  * @generated from message rexmesh.v1.PutDocumentRequest
@@ -1120,7 +1223,7 @@ export type PutDocumentRequest = Message<"rexmesh.v1.PutDocumentRequest"> & {
  * Use `create(PutDocumentRequestSchema)` to create a new message.
  */
 export const PutDocumentRequestSchema: GenMessage<PutDocumentRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 29);
+  messageDesc(file_rexmesh_v1_controller, 32);
 
 /**
  * @generated from message rexmesh.v1.PutDocumentResponse
@@ -1146,7 +1249,7 @@ export type PutDocumentResponse = Message<"rexmesh.v1.PutDocumentResponse"> & {
  * Use `create(PutDocumentResponseSchema)` to create a new message.
  */
 export const PutDocumentResponseSchema: GenMessage<PutDocumentResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 30);
+  messageDesc(file_rexmesh_v1_controller, 33);
 
 /**
  * @generated from message rexmesh.v1.GetDocumentRequest
@@ -1165,7 +1268,7 @@ export type GetDocumentRequest = Message<"rexmesh.v1.GetDocumentRequest"> & {
  * Use `create(GetDocumentRequestSchema)` to create a new message.
  */
 export const GetDocumentRequestSchema: GenMessage<GetDocumentRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 31);
+  messageDesc(file_rexmesh_v1_controller, 34);
 
 /**
  * @generated from message rexmesh.v1.GetDocumentResponse
@@ -1182,7 +1285,7 @@ export type GetDocumentResponse = Message<"rexmesh.v1.GetDocumentResponse"> & {
  * Use `create(GetDocumentResponseSchema)` to create a new message.
  */
 export const GetDocumentResponseSchema: GenMessage<GetDocumentResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 32);
+  messageDesc(file_rexmesh_v1_controller, 35);
 
 /**
  * @generated from message rexmesh.v1.ListDocumentsRequest
@@ -1195,7 +1298,7 @@ export type ListDocumentsRequest = Message<"rexmesh.v1.ListDocumentsRequest"> & 
  * Use `create(ListDocumentsRequestSchema)` to create a new message.
  */
 export const ListDocumentsRequestSchema: GenMessage<ListDocumentsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 33);
+  messageDesc(file_rexmesh_v1_controller, 36);
 
 /**
  * @generated from message rexmesh.v1.ListDocumentsResponse
@@ -1212,7 +1315,7 @@ export type ListDocumentsResponse = Message<"rexmesh.v1.ListDocumentsResponse"> 
  * Use `create(ListDocumentsResponseSchema)` to create a new message.
  */
 export const ListDocumentsResponseSchema: GenMessage<ListDocumentsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 34);
+  messageDesc(file_rexmesh_v1_controller, 37);
 
 /**
  * @generated from message rexmesh.v1.SessionRequest
@@ -1236,7 +1339,7 @@ export type SessionRequest = Message<"rexmesh.v1.SessionRequest"> & {
  * Use `create(SessionRequestSchema)` to create a new message.
  */
 export const SessionRequestSchema: GenMessage<SessionRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 35);
+  messageDesc(file_rexmesh_v1_controller, 38);
 
 /**
  * @generated from message rexmesh.v1.SessionOpen
@@ -1258,7 +1361,7 @@ export type SessionOpen = Message<"rexmesh.v1.SessionOpen"> & {
  * Use `create(SessionOpenSchema)` to create a new message.
  */
 export const SessionOpenSchema: GenMessage<SessionOpen> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 36);
+  messageDesc(file_rexmesh_v1_controller, 39);
 
 /**
  * @generated from message rexmesh.v1.SessionResponse
@@ -1282,7 +1385,7 @@ export type SessionResponse = Message<"rexmesh.v1.SessionResponse"> & {
  * Use `create(SessionResponseSchema)` to create a new message.
  */
 export const SessionResponseSchema: GenMessage<SessionResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 37);
+  messageDesc(file_rexmesh_v1_controller, 40);
 
 /**
  * @generated from message rexmesh.v1.SessionStarted
@@ -1318,7 +1421,7 @@ export type SessionStarted = Message<"rexmesh.v1.SessionStarted"> & {
  * Use `create(SessionStartedSchema)` to create a new message.
  */
 export const SessionStartedSchema: GenMessage<SessionStarted> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 38);
+  messageDesc(file_rexmesh_v1_controller, 41);
 
 /**
  * @generated from message rexmesh.v1.ListSessionsRequest
@@ -1337,7 +1440,7 @@ export type ListSessionsRequest = Message<"rexmesh.v1.ListSessionsRequest"> & {
  * Use `create(ListSessionsRequestSchema)` to create a new message.
  */
 export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 39);
+  messageDesc(file_rexmesh_v1_controller, 42);
 
 /**
  * @generated from message rexmesh.v1.ListSessionsResponse
@@ -1354,7 +1457,7 @@ export type ListSessionsResponse = Message<"rexmesh.v1.ListSessionsResponse"> & 
  * Use `create(ListSessionsResponseSchema)` to create a new message.
  */
 export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 40);
+  messageDesc(file_rexmesh_v1_controller, 43);
 
 /**
  * @generated from message rexmesh.v1.SessionInfo
@@ -1438,7 +1541,7 @@ export type SessionInfo = Message<"rexmesh.v1.SessionInfo"> & {
  * Use `create(SessionInfoSchema)` to create a new message.
  */
 export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 41);
+  messageDesc(file_rexmesh_v1_controller, 44);
 
 /**
  * @generated from message rexmesh.v1.GetSessionRecordingRequest
@@ -1455,7 +1558,7 @@ export type GetSessionRecordingRequest = Message<"rexmesh.v1.GetSessionRecording
  * Use `create(GetSessionRecordingRequestSchema)` to create a new message.
  */
 export const GetSessionRecordingRequestSchema: GenMessage<GetSessionRecordingRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 42);
+  messageDesc(file_rexmesh_v1_controller, 45);
 
 /**
  * @generated from message rexmesh.v1.GetSessionRecordingResponse
@@ -1479,7 +1582,7 @@ export type GetSessionRecordingResponse = Message<"rexmesh.v1.GetSessionRecordin
  * Use `create(GetSessionRecordingResponseSchema)` to create a new message.
  */
 export const GetSessionRecordingResponseSchema: GenMessage<GetSessionRecordingResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 43);
+  messageDesc(file_rexmesh_v1_controller, 46);
 
 /**
  * Bytes of a session as they passed the controller, in order.
@@ -1524,7 +1627,7 @@ export type SessionRecordingEvent = Message<"rexmesh.v1.SessionRecordingEvent"> 
  * Use `create(SessionRecordingEventSchema)` to create a new message.
  */
 export const SessionRecordingEventSchema: GenMessage<SessionRecordingEvent> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 44);
+  messageDesc(file_rexmesh_v1_controller, 47);
 
 /**
  * @generated from message rexmesh.v1.JoinSessionRequest
@@ -1541,7 +1644,7 @@ export type JoinSessionRequest = Message<"rexmesh.v1.JoinSessionRequest"> & {
  * Use `create(JoinSessionRequestSchema)` to create a new message.
  */
 export const JoinSessionRequestSchema: GenMessage<JoinSessionRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 45);
+  messageDesc(file_rexmesh_v1_controller, 48);
 
 /**
  * @generated from message rexmesh.v1.JoinSessionResponse
@@ -1574,7 +1677,7 @@ export type JoinSessionResponse = Message<"rexmesh.v1.JoinSessionResponse"> & {
  * Use `create(JoinSessionResponseSchema)` to create a new message.
  */
 export const JoinSessionResponseSchema: GenMessage<JoinSessionResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 46);
+  messageDesc(file_rexmesh_v1_controller, 49);
 
 /**
  * @generated from enum rexmesh.v1.ConnectionState
@@ -1611,6 +1714,52 @@ export const ConnectionStateSchema: GenEnum<ConnectionState> = /*@__PURE__*/
   enumDesc(file_rexmesh_v1_controller, 0);
 
 /**
+ * Where an instruction stands in its host's queue.
+ *
+ * @generated from enum rexmesh.v1.QueueStage
+ */
+export enum QueueStage {
+  /**
+   * @generated from enum value: QUEUE_STAGE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Not attempted on the host yet (at the controller, at a proxy, or sent
+   * and not yet stored by the daemon): the only stage from which a task is
+   * handed out, and it can still be withdrawn.
+   *
+   * @generated from enum value: QUEUE_STAGE_QUEUED = 1;
+   */
+  QUEUED = 1,
+
+  /**
+   * Stored by the daemon, not started: it starts at most once.
+   *
+   * @generated from enum value: QUEUE_STAGE_DELIVERED = 2;
+   */
+  DELIVERED = 2,
+
+  /**
+   * @generated from enum value: QUEUE_STAGE_RUNNING = 3;
+   */
+  RUNNING = 3,
+
+  /**
+   * Ended, however it ended (its state says how).
+   *
+   * @generated from enum value: QUEUE_STAGE_FINISHED = 4;
+   */
+  FINISHED = 4,
+}
+
+/**
+ * Describes the enum rexmesh.v1.QueueStage.
+ */
+export const QueueStageSchema: GenEnum<QueueStage> = /*@__PURE__*/
+  enumDesc(file_rexmesh_v1_controller, 1);
+
+/**
  * @generated from enum rexmesh.v1.JobState
  */
 export enum JobState {
@@ -1638,7 +1787,7 @@ export enum JobState {
  * Describes the enum rexmesh.v1.JobState.
  */
 export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 1);
+  enumDesc(file_rexmesh_v1_controller, 2);
 
 /**
  * The check of a task's end against its host's signature.
@@ -1698,7 +1847,7 @@ export enum ResultCheck {
  * Describes the enum rexmesh.v1.ResultCheck.
  */
 export const ResultCheckSchema: GenEnum<ResultCheck> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 2);
+  enumDesc(file_rexmesh_v1_controller, 3);
 
 /**
  * @generated from enum rexmesh.v1.AuditDecision
@@ -1735,7 +1884,7 @@ export enum AuditDecision {
  * Describes the enum rexmesh.v1.AuditDecision.
  */
 export const AuditDecisionSchema: GenEnum<AuditDecision> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 3);
+  enumDesc(file_rexmesh_v1_controller, 4);
 
 /**
  * @generated from enum rexmesh.v1.RecordingState
@@ -1780,7 +1929,7 @@ export enum RecordingState {
  * Describes the enum rexmesh.v1.RecordingState.
  */
 export const RecordingStateSchema: GenEnum<RecordingState> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 4);
+  enumDesc(file_rexmesh_v1_controller, 5);
 
 /**
  * The public API of rexmesh, served by the controller over HTTP/2 with TLS
@@ -1975,6 +2124,18 @@ export const ControllerService: GenService<{
     methodKind: "server_streaming";
     input: typeof JoinSessionRequestSchema;
     output: typeof JoinSessionResponseSchema;
+  },
+  /**
+   * One host's instructions (its tasks, of every job), newest first, paged,
+   * each with where it stands: queued (not yet attempted on the host),
+   * delivered, running or finished (docs/delivery.md, "A host's queue").
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.ListHostTasks
+   */
+  listHostTasks: {
+    methodKind: "unary";
+    input: typeof ListHostTasksRequestSchema;
+    output: typeof ListHostTasksResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);
