@@ -373,7 +373,10 @@ export class SessionPort<Out, In> implements SessionSide {
     for (;;) {
       const frame = create(SessionFrameSchema);
       let closing: SessionEnd | undefined;
-      while (this.queue.length > 0 && frame.data.length < LIMITS.sessionDataItems) {
+      // A frame carries one urgent record, handled before its data: while more wait, frames carry only them, so that
+      // every urgent record goes before data queued after it (a sealed one says how much data went before it).
+      const urgentOnly = this.urgent.sealed.length > 1;
+      while (!urgentOnly && this.queue.length > 0 && frame.data.length < LIMITS.sessionDataItems) {
         const item = this.queue[0]!;
         if (item.kind === "data") {
           const n = Math.min(item.bytes.length, this.send.available, LIMITS.sessionDataBytes);

@@ -33,7 +33,7 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError } from "./errors.js";
 import { checkConnEvent, checkWindowSize, isSessionSignal, SESSION_SIGNALS } from "./session-frames.js";
-import { endOf, tooManyEvents, type SessionEnd, type SessionHandlers, type SessionSide } from "./session-port.js";
+import { ENDED_OK, endOf, tooManyEvents, type SessionEnd, type SessionHandlers, type SessionSide } from "./session-port.js";
 import type { Clock, Timer } from "./clock.js";
 import { formatDuration } from "./duration.js";
 import { LIMITS, preview } from "./limits.js";
@@ -231,21 +231,30 @@ export class RecordAssembler {
 
 /** A record sealed into a stream and kept until the other end has opened it. */
 interface KeptRecord {
+  /** Its number in its stream. */
+  n: number;
   bytes: Uint8Array;
   /** Told once the record has left whole on a hop, the first time (a relay's credit, a connection event's count). */
   sent?: () => void;
+  /** Counted in {@link Unopened.inFlight}: it left whole on the current hop. */
+  onHop: boolean;
 }
 
 /**
  * The records of one stream the other end has not opened yet, in order:
  * what a resumed leg sends again. The other end's count of opened records
- * lets them go.
+ * lets them go; it may count only records that have left on the hop.
  */
 class Unopened {
   /** The number of items[0]: every record before it was opened. */
   first = 0;
   readonly items: KeptRecord[] = [];
+  /** Bytes of every record kept. */
   bytes = 0;
+  /** Bytes of the records kept that have left on the current hop: what the other end holds back by not saying it opened them. */
+  inFlight = 0;
+  /** Records, counted from the stream's start, that have left whole on the current hop (or were opened before it). */
+  private sentEnd = 0;
 
   constructor(private readonly what: string) {}
 
@@ -259,27 +268,48 @@ class Unopened {
     return this.first + this.items.length;
   }
 
+  /** A record left whole on the current hop (they leave in order). */
+  left(r: KeptRecord): void {
+    this.sentEnd = Math.max(this.sentEnd, r.n + 1);
+    if (r.onHop) return;
+    r.onHop = true;
+    this.inFlight += r.bytes.length;
+  }
+
+  /** A new hop: every record kept is sent on it again. */
+  newHop(): void {
+    this.sentEnd = this.first;
+    this.inFlight = 0;
+    for (const r of this.items) r.onHop = false;
+  }
+
   /**
    * The other end has opened `count` records of the stream: they are let
-   * go. An older count is ignored, unless `exact` (a resume: the other end
-   * must still have every record it did not open); a count beyond the
-   * records sealed, or behind those let go on a resume, ends the session.
+   * go. On a hop (`resume` false) the count may not pass the records that
+   * have left on it (a relay that claimed more would have the sender drop,
+   * and credit again, what it never sent), and an older one is ignored. On
+   * a resume it must lie between the records let go and those sealed. A
+   * count out of bounds ends the session, DATA_LOSS.
    */
-  openedUpTo(count: bigint, exact: boolean): void {
+  openedUpTo(count: bigint, resume: boolean): void {
     const n = Number(count);
-    if (n > this.end) throw new ConnectError(`the session's other end says it opened ${count} ${this.what} records, but the stream has only ${this.end}`, Code.DataLoss);
+    const most = resume ? this.end : this.sentEnd;
+    if (n > most) throw new ConnectError(`the session's other end says it opened ${count} ${this.what} records, but ${resume ? "the stream has" : "the hop carried"} only ${most}`, Code.DataLoss);
     if (n < this.first) {
-      if (exact) throw new ConnectError(`the session's other end resumes after ${count} ${this.what} records, but said before it had opened ${this.first}`, Code.DataLoss);
+      if (resume) throw new ConnectError(`the session's other end resumes after ${count} ${this.what} records, but said before it had opened ${this.first}`, Code.DataLoss);
       return;
     }
     while (this.first < n) {
       const r = this.items.shift()!;
       this.bytes -= r.bytes.length;
+      if (r.onHop) this.inFlight -= r.bytes.length;
       this.first++;
+      // Opened, so it left whole on some hop, which has told `sent` already; a record is never left owing credit.
       const sent = r.sent;
       r.sent = undefined;
       sent?.();
     }
+    this.sentEnd = Math.max(this.sentEnd, this.first);
   }
 }
 
@@ -334,6 +364,8 @@ export class SealedPort implements SessionSide {
   private finished = false;
   /** An OK end asked for: it goes once the other end has opened every record (the host's exit among them). */
   private closing: SessionEnd | undefined;
+  /** Bounds the wait for that: a relay that never passes on the count does not hold the session (and what it left running) open. */
+  private closingTimer: Timer | undefined;
   /** While the hop is cut: the timer that ends the session unless a new hop comes first. */
   private pauseTimer: Timer | undefined;
   /** Resolved when a new hop is attached or the session ends. */
@@ -364,7 +396,7 @@ export class SealedPort implements SessionSide {
       this.urgent = new RecordSealer(key, RecordStream.Urgent);
       this.urgentKept = new Unopened("control");
       // The urgent stream's first record, before anything else can be sealed in it; it goes when the port starts.
-      this.keepUrgent(this.urgent.seal(create(SealedRecordSchema, { start: true }), false));
+      this.urgentKept.push({ n: 0, bytes: this.urgent.seal(create(SealedRecordSchema, { start: true }), false), onHop: false });
     } else {
       this.openUrgent = new RecordOpener(key, RecordStream.Urgent, "control");
     }
@@ -374,6 +406,11 @@ export class SealedPort implements SessionSide {
   /** Bytes waiting to leave: on the hop, or all those kept while the hop is cut. */
   get queuedBytes(): number {
     return this.port && !this.port.isEnded ? this.port.queuedBytes : this.dataKept.bytes;
+  }
+
+  /** Whether records are kept until opened: a session that can resume (an older peer's cannot: it never says what it opened). */
+  private get keeps(): boolean {
+    return (this.resumable?.windowMs ?? 0) > 0;
   }
 
   /** Whether the hop is cut and the session waits for a new one. */
@@ -403,7 +440,8 @@ export class SealedPort implements SessionSide {
     this.handlers = handlers;
     this.keepaliveMs = keepaliveMs;
     this.attach(this.port!, first);
-    for (const r of this.urgentKept?.items ?? []) this.port!.sendUrgent(r.bytes);
+    for (const r of this.urgentKept?.items ?? []) this.sendUrgentRecord(r);
+    if (!this.keeps) this.urgentKept?.openedUpTo(BigInt(this.urgentKept.end), true);
   }
 
   sendData(channel: SessionChannel, bytes: Uint8Array, onSent?: (n: number) => void, conn = 0): void {
@@ -466,7 +504,16 @@ export class SealedPort implements SessionSide {
   end(end: SessionEnd): void {
     if (this.finished) return;
     if (end.code === 0) {
+      if (this.closing) return;
       this.closing = end;
+      if (this.keeps) {
+        this.closingTimer = this.resumable!.clock.setTimeout(() => {
+          const port = this.port;
+          this.port = undefined;
+          port?.end(end);
+          this.finish(end);
+        }, this.resumable!.windowMs);
+      }
       this.closeIfOpened();
       return;
     }
@@ -534,9 +581,14 @@ export class SealedPort implements SessionSide {
     }
     this.pauseTimer?.cancel();
     this.pauseTimer = undefined;
+    this.dataKept.newHop();
     this.attach(port, first);
-    for (const r of this.urgentKept?.items ?? []) port.sendUrgent(r.bytes);
+    // The urgent records first, as they went first; the port sends every urgent record waiting before any data.
+    this.urgentKept?.newHop();
+    for (const r of this.urgentKept?.items ?? []) this.sendUrgentRecord(r);
     for (const r of this.dataKept.items) this.transmit(r);
+    // Resizes and signals given while the hop was cut are sealed now (the latest size only).
+    if (this.urgentWaiting.resize || this.urgentWaiting.signals.length > 0) this.sealUrgentSoon();
     this.wakeHopWaiters();
     this.closeIfOpened();
   }
@@ -559,7 +611,7 @@ export class SealedPort implements SessionSide {
         data: (channel, bytes) => this.received(port, channel, bytes),
         urgent: (sealed) => this.receivedUrgent(port, sealed),
         opened: (o) => {
-          if (this.port !== port) return;
+          if (this.port !== port || !this.keeps) return;
           this.dataKept.openedUpTo(o.data, false);
           this.urgentKept?.openedUpTo(o.urgent, false);
           this.closeIfOpened();
@@ -575,6 +627,11 @@ export class SealedPort implements SessionSide {
     if (port !== this.port || this.finished) return;
     this.port = undefined;
     const r = this.resumable;
+    // The controller that has the host's sealed exit has all of the session: a cut now is its end.
+    if (end.cut && this.side === "controller" && this.exitSeen) {
+      this.finish(ENDED_OK);
+      return;
+    }
     if (!end.cut || !r || r.windowMs <= 0) {
       this.finish(end);
       return;
@@ -591,6 +648,7 @@ export class SealedPort implements SessionSide {
     this.finished = true;
     this.pauseTimer?.cancel();
     this.pauseTimer = undefined;
+    this.closingTimer?.cancel();
     this.wakeHopWaiters();
     // The controller counts a session that its other hop ended "OK" without the host's sealed exit as cut off:
     // an OK close is the proxy's word, the exit is the host's.
@@ -619,39 +677,59 @@ export class SealedPort implements SessionSide {
 
   /** An OK end waiting for the other end to open every record goes now, if it has. */
   private closeIfOpened(): void {
-    if (this.closing && this.port && this.dataKept.items.length === 0) this.port.end(this.closing);
+    if (this.closing && this.port && (!this.keeps || this.dataKept.items.length === 0)) this.port.end(this.closing);
   }
 
   private keepData(bytes: Uint8Array, sent?: () => void): void {
     if (this.finished) return;
-    const r: KeptRecord = { bytes, sent };
-    this.dataKept.push(r);
-    if (this.dataKept.bytes > LIMITS.sessionUnopenedBytes) {
-      this.end({ code: Code.ResourceExhausted, message: `more than ${LIMITS.sessionUnopenedBytes} bytes of the session wait for its other end to open them` });
-      return;
-    }
+    const r: KeptRecord = { n: this.dataKept.end, bytes, sent, onHop: false };
+    // Without resume nothing is kept: the record only goes on the hop.
+    if (this.keeps) this.dataKept.push(r);
     if (this.port) this.transmit(r);
   }
 
   private keepUrgent(sealed: Uint8Array): void {
     if (this.finished) return;
-    this.urgentKept!.push({ bytes: sealed });
+    if (!this.keeps) {
+      this.port?.sendUrgent(sealed);
+      return;
+    }
+    const r: KeptRecord = { n: this.urgentKept!.end, bytes: sealed, onHop: false };
+    this.urgentKept!.push(r);
     if (this.urgentKept!.items.length > LIMITS.sessionUnopenedControl) {
       this.end({ code: Code.ResourceExhausted, message: `more than ${LIMITS.sessionUnopenedControl} resizes and signals of the session wait for the host to open them` });
       return;
     }
-    this.port?.sendUrgent(sealed);
+    if (this.port) this.sendUrgentRecord(r);
   }
 
-  /** Sends a kept record on the hop; `sent` is told once it has left whole, the first time. */
+  /** An urgent record on the hop: it goes at once (the port holds it for the turn at most). */
+  private sendUrgentRecord(r: KeptRecord): void {
+    this.port!.sendUrgent(r.bytes);
+    this.urgentKept!.left(r);
+  }
+
+  /**
+   * Sends a kept record on the hop; `sent` is told once it has left whole,
+   * the first time. Records that left and wait to be opened are bounded
+   * (sessionUnopenedBytes): a relay that takes them and never says they
+   * were opened ends the session rather than fill this end's memory.
+   */
   private transmit(r: KeptRecord): void {
     let left = r.bytes.length;
     this.port!.sendData(SessionChannel.SEALED, r.bytes, (n) => {
       left -= n;
-      if (left > 0 || !r.sent) return;
+      if (left > 0) return;
+      if (this.keeps) {
+        this.dataKept.left(r);
+        if (this.dataKept.inFlight > LIMITS.sessionUnopenedBytes) {
+          // Not from within the port's flush: the end goes a moment later.
+          queueMicrotask(() => this.end({ code: Code.ResourceExhausted, message: `more than ${LIMITS.sessionUnopenedBytes} bytes of the session went to its other end without it saying it opened them` }));
+        }
+      }
       const sent = r.sent;
       r.sent = undefined;
-      sent();
+      sent?.();
     });
   }
 
@@ -668,6 +746,8 @@ export class SealedPort implements SessionSide {
     this.urgentScheduled = true;
     setImmediate(() => {
       this.urgentScheduled = false;
+      // While the hop is cut they wait unsealed, the latest size only: a pause does not pile up records.
+      if (!this.port && this.keeps && !this.finished) return;
       const { resize, signals } = this.urgentWaiting;
       this.urgentWaiting.resize = undefined;
       const records = [...(resize ? [create(SealedRecordSchema, { resize })] : []), ...signals.splice(0).map((signal) => create(SealedRecordSchema, { signal }))];

@@ -13,6 +13,7 @@ import {
   HostTaskSchema,
   JobSchema,
   QueueStage,
+  type SubmitJobRequest,
   JobState,
   LateReportSchema,
   TaskSchema,
@@ -36,6 +37,7 @@ import type { StoredDocument } from "./document-store.js";
 import { TaskState, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "../common/task-state.js";
 import { describeRequest } from "./access.js";
+import type { SubmitRequest } from "./planner.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
@@ -92,7 +94,38 @@ function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
     taskCount: tasks.length,
     document: job.document ?? "",
     parameters: job.parameters ?? {},
+    schedule: job.schedule ?? "",
   });
+}
+
+/** A SubmitJob request as the job manager takes it (the API's, and each firing of a schedule). */
+export function submitRequestOf(req: SubmitJobRequest): SubmitRequest {
+  return {
+    hostIds: req.hostIds,
+    allHosts: req.allHosts,
+    target: req.target,
+    steps: req.steps,
+    env: req.env,
+    workingDir: req.workingDir,
+    stdin: req.stdin,
+    timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
+    deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
+    lostAfterMs: req.lostAfter ? durationMs(req.lostAfter) : 0,
+    idempotencyKey: req.idempotencyKey,
+    idempotent: req.idempotent,
+    outputLimitBytes: Number(req.outputLimitBytes),
+    rate: req.rate && {
+      concurrency: req.rate.concurrency,
+      concurrencyPercent: req.rate.concurrencyPercent,
+      concurrencyPerRegion: req.rate.concurrencyPerRegion,
+      maxErrors: req.rate.maxErrors,
+      maxErrorsPercent: req.rate.maxErrorsPercent,
+      batch: req.rate.batch,
+    },
+    document: req.document || undefined,
+    documentContent: req.documentContent || undefined,
+    parameters: req.parameters,
+  };
 }
 
 function documentToProto(d: StoredDocument): Document {
@@ -206,32 +239,7 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
     },
     async submitJob(req, ctx) {
       const caller = grantedPeer(ctx);
-      const request = {
-        hostIds: req.hostIds,
-        allHosts: req.allHosts,
-        target: req.target,
-        steps: req.steps,
-        env: req.env,
-        workingDir: req.workingDir,
-        stdin: req.stdin,
-        timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
-        deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
-        lostAfterMs: req.lostAfter ? durationMs(req.lostAfter) : 0,
-        idempotencyKey: req.idempotencyKey,
-        idempotent: req.idempotent,
-        outputLimitBytes: Number(req.outputLimitBytes),
-        rate: req.rate && {
-          concurrency: req.rate.concurrency,
-          concurrencyPercent: req.rate.concurrencyPercent,
-          concurrencyPerRegion: req.rate.concurrencyPerRegion,
-          maxErrors: req.rate.maxErrors,
-          maxErrorsPercent: req.rate.maxErrorsPercent,
-          batch: req.rate.batch,
-        },
-        document: req.document || undefined,
-        documentContent: req.documentContent || undefined,
-        parameters: req.parameters,
-      };
+      const request = submitRequestOf(req);
       if (req.dryRun) return { plan: (await access.dryRun(caller, request)).map(plannedToProto) };
       const job = await access.submit(caller, request);
       return { job: jobToProto(job, jobs.tasksOf(job)) };

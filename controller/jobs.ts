@@ -325,6 +325,7 @@ export class JobManager implements RoleCore {
       cancelRequested: false,
       taskIds: [],
       outputLimitBytes: req.outputLimitBytes ?? 0,
+      ...(req.schedule ? { schedule: req.schedule } : {}),
     };
     if (plan.document) {
       job.document = plan.document;

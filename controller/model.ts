@@ -35,6 +35,8 @@ export interface JobRecord {
   document?: string;
   /** A document run's parameters, sensitive ones redacted, each as JSON text. */
   parameters?: Record<string, string>;
+  /** The schedule whose firing this job is (controller/schedules.ts). */
+  schedule?: string;
 }
 
 /**

@@ -44,6 +44,8 @@ export interface SubmitRequest {
   documentContent?: string;
   /** The document's parameters as given (text; a list as a JSON array or one value). */
   parameters?: Record<string, string | string[]>;
+  /** A firing of this schedule (controller/schedules.ts): the job is linked to it. */
+  schedule?: string;
 }
 
 /** Rate control as asked for: absolute numbers or percentages of the job's task count. */

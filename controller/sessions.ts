@@ -260,7 +260,8 @@ export class SessionBroker {
     }
     const resume = {
       clock: this.opts.clock,
-      windowMs: this.resumeMs,
+      // A daemon from before resume keeps nothing and never says what it opened: neither does this end then.
+      windowMs: leg.key.resumes ? this.resumeMs : 0,
       onCut: (end: SessionEnd) => {
         const a = this.active.get(sessionId);
         this.opts.log.warn("session leg cut: waiting for the host to resume it", { session: sessionId, host: host.id, proxy: a?.proxy, reason: end.message });

@@ -12,7 +12,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
 import type { Clock, Timer } from "../common/clock.js";
-import { InvalidArgumentError, RexmeshError } from "../common/errors.js";
+import { InvalidArgumentError, RexmeshError, UnavailableError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
@@ -55,8 +55,8 @@ interface Resumable {
   signed: SignedSessionOrder;
   order: SessionOrder;
   log: Logger;
-  /** A try to resume is under way. */
-  trying: boolean;
+  /** The try to resume under way: where, and its leg. */
+  trying: { address: string; link: ProxySessionLeg } | undefined;
   retry: Timer | undefined;
 }
 
@@ -79,10 +79,18 @@ export class SessionHost {
     this.resumeRetryMs = opts.resumeRetryMs ?? 1000;
   }
 
-  /** The host is connected to the proxy at `address` (again, or another): cut sessions try to resume through it at once. */
+  /**
+   * The host is connected to the proxy at `address` (again, or another):
+   * cut sessions try to resume through it at once; a try still waiting on
+   * another proxy is given up for this one.
+   */
   connected(address: string): void {
     this.proxyAddress = address;
-    for (const r of this.resumable.values()) if (r.leg.paused) this.tryResume(r);
+    for (const r of this.resumable.values()) {
+      if (!r.leg.paused) continue;
+      if (r.trying && r.trying.address !== address) r.trying.link.close(new UnavailableError(`the host moved to proxy ${address}`));
+      else this.tryResume(r);
+    }
   }
 
   /** Sessions open now. */
@@ -118,6 +126,7 @@ export class SessionHost {
       const half = newKeyHalf();
       secret = sessionSecret(half, order.controllerKey, order.sessionId, order.controllerKey, half.publicKey);
       key = reporter.signSessionKey(order.sessionId, order.controllerKey, half.publicKey);
+      key.resumes = order.resumeWindowMs > 0;
     } catch (err) {
       // A signature that does not hold (TaskRejected) is a refusal too.
       const code = err instanceof SessionRefused ? err.code : codeOf(err);
@@ -152,7 +161,7 @@ export class SessionHost {
         if (r) this.tryResume(r);
       },
     });
-    const r: Resumable = { leg, signed, order, log, trying: false, retry: undefined };
+    const r: Resumable = { leg, signed, order, log, trying: undefined, retry: undefined };
     this.resumable.set(sessionId, r);
     leg.ended
       .then(() => {
@@ -174,12 +183,12 @@ export class SessionHost {
   private tryResume(r: Resumable): void {
     const address = this.proxyAddress;
     if (r.trying || !r.leg.paused || !address) return;
-    r.trying = true;
     r.retry?.cancel();
     r.retry = undefined;
     const sessionId = r.order.sessionId;
     const request = r.leg.resumeRequest();
     const link = this.opts.dial(address);
+    r.trying = { address, link };
     link.send(create(AgentSessionRequestSchema, { sessionId, resume: request, order: r.signed }));
     const port = framedPort(link, AgentSessionRequestSchema, {
       clock: this.opts.clock,
@@ -189,15 +198,22 @@ export class SessionHost {
       keepaliveMs: keepaliveOf(r.order.keepaliveMs),
       lingerMs: LEG_LINGER_MS,
     });
+    const done = () => {
+      if (r.trying?.link === link) r.trying = undefined;
+    };
     const again = (why: string) => {
       link.close();
       r.log.info("session not resumed yet: trying again", { proxy: address, reason: why });
-      if (r.leg.paused) r.retry = this.opts.clock.setTimeout(() => ((r.retry = undefined), this.tryResume(r)), this.resumeRetryMs);
+      if (!r.leg.paused) return;
+      // Moved to another proxy meanwhile: try there now.
+      if (this.proxyAddress !== address) queueMicrotask(() => this.tryResume(r));
+      else r.retry = this.opts.clock.setTimeout(() => ((r.retry = undefined), this.tryResume(r)), this.resumeRetryMs);
     };
     port
-      .opening(LIMITS.linkHelloMs)
+      .opening(RESUME_ANSWER_MS)
       .then(
         (answer) => {
+          done();
           if (!answer?.resumed) return again("the leg ended without an answer");
           try {
             r.leg.checkResumed(answer.resumed);
@@ -208,6 +224,7 @@ export class SessionHost {
           r.log.info("session resumed", { proxy: address, attempt: request.attempt });
         },
         (err: unknown) => {
+          done();
           const end = endOf(err, "proxy");
           if (isCutCode(end.code) || end.code === Code.DeadlineExceeded) return again(end.message);
           // Refused: the session is over at the controller (or the leg is not this host's to resume).
@@ -215,7 +232,7 @@ export class SessionHost {
           r.leg.end(end);
         },
       )
-      .finally(() => (r.trying = false));
+      .catch((err: unknown) => r.log.error("resuming the session failed", { err }));
   }
 
   /** The order, if it may be opened: signed, for this host and tenant, in time, new, within the limits. */
@@ -388,6 +405,9 @@ function dialTarget(to: SessionForward): Socket {
   socket.once("connect", () => socket.setTimeout(0));
   return socket;
 }
+
+/** How long the host waits for the controller's answer to a resume (it comes at once from a controller that has the session). */
+const RESUME_ANSWER_MS = 5_000;
 
 /** How long a leg that ended here waits for the proxy to end its stream before it closes it. */
 const LEG_LINGER_MS = 5_000;

@@ -11,7 +11,7 @@ import { Code } from "@connectrpc/connect";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
-import { InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError } from "../common/errors.js";
+import { InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnavailableError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
 import { LIMITS, preview } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
@@ -20,7 +20,7 @@ import { keepaliveOf } from "../common/session-frames.js";
 import { peekSessionOrder } from "../common/task-signing.js";
 import { AgentSessionResponseSchema, type AgentSessionRequest, type AgentSessionResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxySessionRequestSchema, type ProxySessionRequest, type ProxySessionResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
-import type { SessionFrame, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import type { SessionFrame, SessionOrder, SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 
 export type HostSessionLink = FrameLink<AgentSessionResponse, AgentSessionRequest>;
 export type ControllerSessionLink = FrameLink<ProxySessionRequest, ProxySessionResponse>;
@@ -56,6 +56,8 @@ const REPORT_LINGER_MS = 5_000;
 
 export class SessionRelays {
   private readonly waiting = new Map<string, Waiting>();
+  /** Resumed legs per host, from their first message until they end. */
+  private readonly resumedLegs = new Map<string, number>();
   /** Sessions relayed now. */
   relaying = 0;
   private readonly openMs: number;
@@ -159,7 +161,22 @@ export class SessionRelays {
     const { sessionId } = opening;
     const order = opening.order && peekSessionOrder(opening.order);
     if (!order || order.sessionId !== sessionId) throw new InvalidArgumentError("a leg that resumes a session carries the session's order");
-    if (order.hostId !== peer.id) throw new PermissionDeniedError(`session ${sessionId} is another host's`);
+    if (order.hostId !== peer.id || order.tenant !== peer.scope) throw new PermissionDeniedError(`session ${sessionId} is another host's`);
+    // A host cannot have this proxy open controller legs at will: no more resumed legs at once than sessions it may hold.
+    const held = this.resumedLegs.get(peer.id) ?? 0;
+    if (held >= LIMITS.sessionsPerHost) throw new ResourceExhaustedError(`host ${peer.id} has ${held} resumed session legs here already`);
+    this.resumedLegs.set(peer.id, held + 1);
+    try {
+      await this.resumeThrough(link, host, opening, peer, order);
+    } finally {
+      const n = (this.resumedLegs.get(peer.id) ?? 1) - 1;
+      if (n > 0) this.resumedLegs.set(peer.id, n);
+      else this.resumedLegs.delete(peer.id);
+    }
+  }
+
+  private async resumeThrough(link: HostSessionLink, host: SessionPort<AgentSessionResponse, AgentSessionRequest>, opening: AgentSessionRequest, peer: PeerIdentity, order: SessionOrder): Promise<void> {
+    const { sessionId } = opening;
     const upLink = this.opts.dialController();
     upLink.send(create(ProxySessionRequestSchema, { sessionId, resume: opening.resume }));
     const up = this.upPort(upLink);

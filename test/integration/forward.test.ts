@@ -129,12 +129,12 @@ bindings:
 
   it("serves 100 parallel requests to an HTTP server on the host, each byte for byte, and stops on Ctrl-C with status 0", async () => {
     const f = await forward(`127.0.0.1:${httpPort}`);
-    const paths = Array.from({ length: 100 }, (_, i) => `/r${i}?size=${1000 + i * 3001}`);
+    const paths = Array.from({ length: 100 }, (_, i) => `/r${i}?size=${1000 + i * 12001}`);
     const started = Date.now();
     const bodies = await Promise.all(paths.map((p) => get(f.port, p)));
     const seconds = (Date.now() - started) / 1000;
     const bytes = bodies.reduce((n, b) => n + b.length, 0);
-    for (const [i, p] of paths.entries()) expect(bodies[i]!.equals(body(p, 1000 + i * 3001))).toBe(true);
+    for (const [i, p] of paths.entries()) expect(bodies[i]!.equals(body(p, 1000 + i * 12001))).toBe(true);
     console.log(`forward: 100 parallel requests, ${(bytes / 1e6).toFixed(1)} MB in ${seconds.toFixed(2)} s`);
     // While it is open, each role counts it.
     expect(await metric(mesh.controller.info!.metricsAddress, 'rexmesh_sessions_open{kind="forward"}')).toBe(1);

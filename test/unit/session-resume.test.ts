@@ -6,7 +6,7 @@ import { ManualClock } from "../../common/clock.js";
 import { LIMITS } from "../../common/limits.js";
 import { ENDED_OK, relaySession, SessionPort } from "../../common/session-port.js";
 import { newKeyHalf, SealedPort, sessionSecret } from "../../common/session-seal.js";
-import { SessionChannel, SessionExitSchema, SessionResumeSchema, type SessionFrame } from "../../gen/rexmesh/v1/session_pb.js";
+import { SessionChannel, SessionExitSchema, SessionFrameSchema, SessionResumeSchema, type SessionFrame } from "../../gen/rexmesh/v1/session_pb.js";
 import { flush, WiredLink, wire } from "./support.js";
 
 /**
@@ -210,6 +210,114 @@ describe("a session resumes after its leg is cut", () => {
     const end = await s.controller.ended;
     expect(end.code).toBe(Code.DataLoss);
     expect(end.message).toMatch(/opened 99 input records, but the stream has only 1/);
+  });
+
+  it("resizes, signals and input given while the leg is cut arrive after the resume in a valid order (the review's DATA_LOSS)", async () => {
+    const clock = new ManualClock();
+    const s = session(clock);
+    const sizes: string[] = [];
+    await flush(4);
+    s.first.kill();
+    await flush(4);
+    s.controller.sendData(SessionChannel.STDIN, Buffer.from("a"));
+    // A terminal resized over and over during the pause keeps only its latest size: no record piles up.
+    for (let i = 0; i < 2 * LIMITS.sessionUnopenedControl; i++) {
+      s.controller.sendResize({ cols: 80 + (i % 50), rows: 30 } as never);
+      await flush(1);
+    }
+    s.controller.sendSignal("INT");
+    await flush(2);
+    s.controller.sendData(SessionChannel.STDIN, Buffer.from("b"));
+    s.resume();
+    await settle(() => s.got.signals.length > 0 && Buffer.concat(s.got.input).length === 2);
+    expect(Buffer.concat(s.got.input).toString()).toBe("ab");
+    expect(s.got.signals).toEqual(["INT"]);
+    expect(s.controller.paused || s.host.paused).toBe(false);
+    void sizes;
+  });
+
+  it("a cut just after the host's close, with the exit at the controller, ends the session OK with its exit", async () => {
+    const clock = new ManualClock();
+    const s = session(clock);
+    await flush(4);
+    s.host.sendExit(create(SessionExitSchema, { code: 7 }));
+    s.host.end(ENDED_OK);
+    s.host.ended.then(() => s.first.kill()).catch(() => undefined);
+    expect(await s.host.ended).toEqual(ENDED_OK);
+    expect(await s.controller.ended).toEqual(ENDED_OK);
+    expect(s.got.exit).toBe(7);
+  });
+
+  it("a port forward's many connections, each within its window, do not trip the bound on unopened records", async () => {
+    const clock = new ManualClock();
+    const s = session(clock);
+    let got = 0;
+    const key = agreedKey();
+    const first = proxy(clock);
+    const controller = new SealedPort(first.controllerSide, key, "controller", { clock, windowMs: 30_000 });
+    const host = new SealedPort(first.hostSide, key, "host", { clock, windowMs: 30_000 });
+    controller.start({ data: (_c, d) => ((got += d.length), controller.consumed(d.length)), conn: () => undefined });
+    host.start({ start: () => undefined, data: (_c, d) => host.consumed(d.length) });
+    await flush(4);
+    // What ForwardMux does: each connection sends up to its own window at once, whatever the session's queue.
+    for (let id = 1; id <= 40; id++) host.sendData(SessionChannel.CONN, Buffer.alloc(LIMITS.forwardWindowBytes, id), undefined, id);
+    await settle(() => got === 40 * LIMITS.forwardWindowBytes);
+    expect(got).toBe(40 * LIMITS.forwardWindowBytes);
+    let ended = false;
+    host.ended.then(() => (ended = true)).catch(() => undefined);
+    await flush(2);
+    expect(ended).toBe(false);
+    void s;
+  });
+
+  it("a relay that says records were opened before they left on its hop ends the session DATA_LOSS, instead of the end queueing without bound", async () => {
+    const clock = new ManualClock();
+    const [cLink, pLink] = wire<F, F>();
+    const controller = new SealedPort(port(cLink, clock, "output", "proxy"), agreedKey(), "controller", { clock, windowMs: 30_000 });
+    controller.start({ data: () => undefined });
+    let credited = 0;
+    controller.sendData(SessionChannel.STDIN, Buffer.alloc(64 * 1024, 0x61), (n) => (credited += n));
+    await flush(2);
+    // The proxy grants nothing (nothing leaves the controller) and claims all four records opened.
+    pLink.send({ frame: create(SessionFrameSchema, { opened: { data: 4n, urgent: 1n } as never }) });
+    const end = await controller.ended;
+    expect(end.code).toBe(Code.DataLoss);
+    expect(end.message).toMatch(/opened 4 input records, but the hop carried only 0/);
+    expect(credited).toBe(0);
+  });
+
+  it("a relay that swallows the count of opened records cannot hold the host's end open past the resume window", async () => {
+    const clock = new ManualClock();
+    const key = agreedKey();
+    const [cLink, hLink] = wire<F, F>();
+    // The proxy passes everything on except the controller's counts.
+    const toHost = hLink.deliver.bind(hLink);
+    hLink.deliver = (m: F) => (m.frame?.opened ? undefined : toHost(m));
+    const controller = new SealedPort(port(cLink, clock, "output", "proxy"), key, "controller", { clock, windowMs: 30_000 });
+    const host = new SealedPort(port(hLink, clock, "input", "proxy"), key, "host", { clock, windowMs: 30_000 });
+    controller.start({ data: (_c, d) => controller.consumed(d.length) });
+    host.start({ start: () => undefined, data: (_c, d) => host.consumed(d.length) });
+    await flush(4);
+    host.sendExit(create(SessionExitSchema, { code: 0 }));
+    host.end(ENDED_OK);
+    let ended = false;
+    host.ended.then(() => (ended = true)).catch(() => undefined);
+    await flush(6);
+    expect(ended).toBe(false);
+    clock.advance(30_000);
+    expect(await host.ended).toEqual(ENDED_OK);
+  });
+
+  it("with a peer from before resume (no window) nothing is kept: a transfer past the bound on unopened records goes through", async () => {
+    const clock = new ManualClock();
+    const s = session(clock, 0);
+    const big = Buffer.alloc(2 * LIMITS.sessionUnopenedBytes, 0x5a);
+    s.host.sendData(SessionChannel.STDOUT, big);
+    s.host.sendExit(create(SessionExitSchema, { code: 0 }));
+    s.host.end(ENDED_OK);
+    await settle(() => s.got.exit !== undefined);
+    expect(Buffer.concat(s.got.output).equals(big)).toBe(true);
+    expect(await s.controller.ended).toEqual(ENDED_OK);
   });
 
   it("holds a seeded schedule of faults with data flowing both ways: proxies killed, legs cut on either side, nothing lost or repeated", async () => {
