@@ -1,0 +1,322 @@
+/**
+ * Schedules (docs/schedules.md): a job submitted again and again by a cron
+ * expression in a time zone, each firing an ordinary job of the operator
+ * who created the schedule (authorized and audited as its submit, at the
+ * time it fires), linked to its schedule.
+ *
+ * The rules a schedule keeps, whatever the clock does:
+ * - Time zones and daylight saving: firings are the times the expression
+ *   names in its zone, as `croner` computes them: a wall-clock time that
+ *   does not exist (the hour skipped in spring) fires at the first minute
+ *   after the gap; one that occurs twice (the hour repeated in autumn)
+ *   fires once, the first time; an expression every minute or hour fires
+ *   every real minute or hour through both. Never twice, never skipped.
+ * - Misfire: a firing is on time when it runs within `graceMs` of its time.
+ *   Those missed by more (the controller was down) are skipped (`skip`),
+ *   run once for all of them (`once`), or each run (`all`, at most
+ *   {@link CATCH_UP_MAX}).
+ * - Overlap: when the previous firing's job still runs, the next one runs
+ *   anyway (`allow`), is skipped (`skip`), or waits for it to end
+ *   (`queue`, at most {@link QUEUE_MAX} waiting).
+ * - Exactly once: each firing is submitted with an idempotency key made of
+ *   the schedule and the firing's time, and only then is the firing
+ *   recorded as done: a controller that dies between the two submits it
+ *   again after its restart and gets the same job back.
+ */
+import { Cron } from "croner";
+import type { Database } from "lmdb";
+import type { PeerIdentity } from "../certs/identity.js";
+import type { Clock, Timer } from "../common/clock.js";
+import { InvalidArgumentError } from "../common/errors.js";
+import type { LmdbEnv } from "../common/lmdb.js";
+import type { Logger } from "../common/logger.js";
+
+export type Misfire = "skip" | "once" | "all";
+export type Overlap = "allow" | "skip" | "queue";
+
+/** A firing, as `schedules show` lists the latest. */
+export interface Firing {
+  /** When it was due. */
+  at: number;
+  jobId: string;
+  /** Why it did not submit a job (refused, skipped for overlap or misfire), else empty. */
+  note: string;
+}
+
+export interface ScheduleRecord {
+  tenant: string;
+  name: string;
+  cron: string;
+  timezone: string;
+  paused: boolean;
+  misfire: Misfire;
+  graceMs: number;
+  overlap: Overlap;
+  /** The job each firing submits: a SubmitJobRequest in protobuf binary. */
+  request: Uint8Array;
+  /** Who created it: each firing is this operator's submit. */
+  creator: PeerIdentity;
+  createdAt: number;
+  /** The time of the last firing handled (run, skipped or missed): those after it are due. */
+  lastAt: number;
+  /** The job of the last firing that ran. */
+  lastJobId: string;
+  /** Times of firings waiting for the previous job to end (overlap `queue`). */
+  queued: number[];
+  fired: number;
+  skipped: number;
+  missed: number;
+  /** The latest firings, newest last, at most {@link RECENT_MAX}. */
+  recent: Firing[];
+}
+
+/** Missed firings run at most, one after another, with misfire `all`. */
+export const CATCH_UP_MAX = 100;
+/** Firings waiting at most, with overlap `queue`; more are skipped. */
+export const QUEUE_MAX = 10;
+const RECENT_MAX = 20;
+/** Due firings looked at in one go; a schedule behind by more starts again from the grace window. */
+const DUE_MAX = 10_000;
+/** The scheduler looks again at least this often, whatever its timer said (a clock set back, a job ended). */
+const RECHECK_MS = 60_000;
+/** While a firing waits for the previous job to end, it looks this often. */
+const QUEUE_RECHECK_MS = 1_000;
+
+export interface ScheduleStore {
+  all(): ScheduleRecord[];
+  get(tenant: string, name: string): ScheduleRecord | undefined;
+  put(rec: ScheduleRecord): Promise<void>;
+  remove(tenant: string, name: string): Promise<void>;
+}
+
+export class MemoryScheduleStore implements ScheduleStore {
+  private readonly recs = new Map<string, ScheduleRecord>();
+  all(): ScheduleRecord[] {
+    return [...this.recs.values()].map(clone);
+  }
+  get(tenant: string, name: string): ScheduleRecord | undefined {
+    const r = this.recs.get(`${tenant}\0${name}`);
+    return r && clone(r);
+  }
+  async put(rec: ScheduleRecord): Promise<void> {
+    this.recs.set(`${rec.tenant}\0${rec.name}`, clone(rec));
+  }
+  async remove(tenant: string, name: string): Promise<void> {
+    this.recs.delete(`${tenant}\0${name}`);
+  }
+}
+
+export class LmdbScheduleStore implements ScheduleStore {
+  private readonly db: Database<ScheduleRecord, string[]>;
+  constructor(env: LmdbEnv) {
+    this.db = env.db("schedules");
+  }
+  all(): ScheduleRecord[] {
+    return [...this.db.getRange({}).map(({ value }) => value)];
+  }
+  get(tenant: string, name: string): ScheduleRecord | undefined {
+    return this.db.get([tenant, name]);
+  }
+  async put(rec: ScheduleRecord): Promise<void> {
+    await this.db.put([rec.tenant, rec.name], rec);
+  }
+  async remove(tenant: string, name: string): Promise<void> {
+    await this.db.remove([tenant, name]);
+  }
+}
+
+function clone(r: ScheduleRecord): ScheduleRecord {
+  return { ...r, queued: [...r.queued], recent: r.recent.map((f) => ({ ...f })), creator: { ...r.creator } };
+}
+
+/** The cron expression in its zone; INVALID_ARGUMENT naming what is wrong. Seconds are allowed (six fields), at most one firing a second. */
+export function cronOf(expr: string, timezone: string): Cron {
+  try {
+    new Intl.DateTimeFormat("en", { timeZone: timezone });
+  } catch {
+    throw new InvalidArgumentError(`time zone ${JSON.stringify(timezone)} is not one this controller knows (an IANA name such as Europe/Berlin, or UTC)`);
+  }
+  let cron: Cron;
+  try {
+    cron = new Cron(expr, { timezone, paused: true });
+  } catch (err) {
+    throw new InvalidArgumentError(`cron expression ${JSON.stringify(expr)}: ${(err as Error).message}`);
+  }
+  return cron;
+}
+
+/** The first firing strictly after `after` (epoch ms), or undefined when the expression names no more. */
+export function nextFiring(cron: Cron, after: number): number | undefined {
+  const next = cron.nextRun(new Date(after));
+  return next ? next.getTime() : undefined;
+}
+
+export interface SchedulerDeps {
+  clock: Clock;
+  store: ScheduleStore;
+  log: Logger;
+  /**
+   * Submits one firing as the schedule's creator, under the idempotency
+   * `key`; resolves with the job id, rejects with why it was refused.
+   */
+  fire(rec: ScheduleRecord, at: number, key: string): Promise<string>;
+  /** Whether a job has not ended yet. */
+  running(jobId: string): boolean;
+}
+
+/**
+ * Runs every schedule of the store: on each wake it handles the firings
+ * due since each schedule's last one, then sleeps until the next.
+ */
+export class Scheduler {
+  private timer: Timer | undefined;
+  private working: Promise<void> | undefined;
+  private again = false;
+  private stopped = false;
+  private readonly crons = new Map<string, Cron>();
+
+  constructor(private readonly deps: SchedulerDeps) {}
+
+  start(): void {
+    this.wake();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.timer?.cancel();
+  }
+
+  /** Looks at every schedule now (and again at once if already looking). Resolves when done. */
+  wake(): Promise<void> {
+    if (this.stopped) return Promise.resolve();
+    if (this.working) {
+      this.again = true;
+      return this.working;
+    }
+    this.timer?.cancel();
+    this.working = (async () => {
+      do {
+        this.again = false;
+        for (const rec of this.deps.store.all()) {
+          try {
+            await this.handle(rec);
+          } catch (err) {
+            this.deps.log.error("a schedule could not be handled", { schedule: rec.name, tenant: rec.tenant, err });
+          }
+        }
+      } while (this.again && !this.stopped);
+    })().finally(() => {
+      this.working = undefined;
+      this.arm();
+    });
+    return this.working;
+  }
+
+  /** The next firing of a schedule after now (for listings). */
+  next(rec: ScheduleRecord): number | undefined {
+    if (rec.paused) return undefined;
+    return nextFiring(this.cron(rec), Math.max(rec.lastAt, this.deps.clock.now()));
+  }
+
+  /** Submits a firing now, outside the expression (run-now); overlap does not apply. */
+  async runNow(rec: ScheduleRecord): Promise<string> {
+    const at = this.deps.clock.now();
+    const jobId = await this.deps.fire(rec, at, `schedule:${rec.name}:${rec.createdAt}:now:${at}`);
+    const fresh = this.deps.store.get(rec.tenant, rec.name) ?? rec;
+    fresh.lastJobId = jobId;
+    fresh.fired++;
+    remember(fresh, { at, jobId, note: "run now" });
+    await this.deps.store.put(fresh);
+    return jobId;
+  }
+
+  private cron(rec: ScheduleRecord): Cron {
+    const key = `${rec.cron}\0${rec.timezone}`;
+    let c = this.crons.get(key);
+    if (!c) this.crons.set(key, (c = cronOf(rec.cron, rec.timezone)));
+    return c;
+  }
+
+  private arm(): void {
+    if (this.stopped) return;
+    const now = this.deps.clock.now();
+    let soonest = now + RECHECK_MS;
+    for (const rec of this.deps.store.all()) {
+      if (rec.paused) continue;
+      if (rec.queued.length > 0) soonest = Math.min(soonest, now + QUEUE_RECHECK_MS);
+      const next = nextFiring(this.cron(rec), Math.max(rec.lastAt, now - 1));
+      if (next !== undefined) soonest = Math.min(soonest, next);
+    }
+    this.timer = this.deps.clock.setTimeout(() => void this.wake(), Math.max(0, soonest - now));
+  }
+
+  /** The firings due for one schedule: run, skipped or missed as its policies say; then stored. */
+  private async handle(rec: ScheduleRecord): Promise<void> {
+    if (rec.paused) return;
+    const now = this.deps.clock.now();
+    const cron = this.cron(rec);
+    let changed = false;
+    // A firing waiting for the previous job: it goes once that job has ended.
+    if (rec.queued.length > 0 && !this.deps.running(rec.lastJobId)) {
+      const at = rec.queued.shift()!;
+      await this.fire(rec, at, "queued behind the previous firing");
+      changed = true;
+    }
+    const due: number[] = [];
+    let behind = false;
+    for (let t = nextFiring(cron, rec.lastAt); t !== undefined && t <= now; t = nextFiring(cron, t)) {
+      if (due.length >= DUE_MAX) {
+        behind = true;
+        break;
+      }
+      due.push(t);
+    }
+    if (due.length === 0 && !behind) {
+      if (changed) await this.deps.store.put(rec);
+      return;
+    }
+    const onTime = due.filter((t) => now - t <= rec.graceMs);
+    const missed = due.filter((t) => now - t > rec.graceMs);
+    let run: number[] = [];
+    if (rec.misfire === "all") run = missed.slice(-CATCH_UP_MAX);
+    else if (rec.misfire === "once" && missed.length > 0 && onTime.length === 0) run = [missed[missed.length - 1]!];
+    const dropped = missed.filter((t) => !run.includes(t));
+    if (dropped.length > 0 || behind) {
+      rec.missed += dropped.length;
+      remember(rec, { at: dropped[dropped.length - 1] ?? now, jobId: "", note: `missed ${dropped.length}${behind ? "+" : ""} firing(s) while the controller was away (misfire ${rec.misfire})` });
+      this.deps.log.warn("schedule firings missed", { schedule: rec.name, tenant: rec.tenant, missed: dropped.length, misfire: rec.misfire });
+    }
+    for (const at of [...run, ...onTime]) {
+      if (rec.lastJobId && this.deps.running(rec.lastJobId) && rec.overlap !== "allow") {
+        if (rec.overlap === "queue" && rec.queued.length < QUEUE_MAX) rec.queued.push(at);
+        else {
+          rec.skipped++;
+          remember(rec, { at, jobId: "", note: `skipped: job ${rec.lastJobId} of the previous firing still runs (overlap ${rec.overlap})` });
+        }
+        continue;
+      }
+      await this.fire(rec, at, "");
+    }
+    rec.lastAt = behind ? now - rec.graceMs : due[due.length - 1]!;
+    await this.deps.store.put(rec);
+  }
+
+  private async fire(rec: ScheduleRecord, at: number, note: string): Promise<void> {
+    try {
+      const jobId = await this.deps.fire(rec, at, `schedule:${rec.name}:${rec.createdAt}:${at}`);
+      rec.lastJobId = jobId;
+      rec.fired++;
+      remember(rec, { at, jobId, note });
+      this.deps.log.info("schedule fired", { schedule: rec.name, tenant: rec.tenant, job: jobId, at: new Date(at).toISOString() });
+    } catch (err) {
+      rec.skipped++;
+      remember(rec, { at, jobId: "", note: `refused: ${(err as Error).message}` });
+      this.deps.log.warn("a schedule's firing was refused", { schedule: rec.name, tenant: rec.tenant, err });
+    }
+  }
+}
+
+function remember(rec: ScheduleRecord, f: Firing): void {
+  rec.recent.push(f);
+  if (rec.recent.length > RECENT_MAX) rec.recent.splice(0, rec.recent.length - RECENT_MAX);
+}
