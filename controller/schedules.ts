@@ -178,7 +178,7 @@ export class Scheduler {
   constructor(private readonly deps: SchedulerDeps) {}
 
   start(): void {
-    this.wake();
+    this.wake().catch((err: unknown) => this.deps.log.error("the scheduler failed", { err }));
   }
 
   stop(): void {
@@ -247,7 +247,7 @@ export class Scheduler {
       const next = nextFiring(this.cron(rec), Math.max(rec.lastAt, now - 1));
       if (next !== undefined) soonest = Math.min(soonest, next);
     }
-    this.timer = this.deps.clock.setTimeout(() => void this.wake(), Math.max(0, soonest - now));
+    this.timer = this.deps.clock.setTimeout(() => this.start(), Math.max(0, soonest - now));
   }
 
   /** The firings due for one schedule: run, skipped or missed as its policies say; then stored. */
