@@ -140,6 +140,10 @@ export const LIMITS = {
   /** WatchJob streams one operator identity may hold open at once. */
   watchesPerOperator: 16,
 
+  /** Schedules of one tenant (rexmesh schedules). */
+  schedulesPerTenant: 100,
+  /** A schedule's cron expression, and its time zone's name. */
+  cronChars: 256,
   /** Tasks in one page of a host's queue (ListHostTasks; 50 when not said). */
   hostTasksPage: 500,
   // ---- sessions (common/session-frames.ts, controller/sessions.ts) ------------

@@ -12,10 +12,15 @@
  * The RPC handlers only translate.
  */
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
-import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, RexmeshError } from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, RexmeshError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/rpc-access.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import { fromBinary } from "@bufbuild/protobuf";
+import { SubmitJobRequestSchema, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
+import type { Clock } from "../common/clock.js";
+import { newSchedule, type Scheduler, type ScheduleRecord, type ScheduleStore } from "./schedules.js";
+import { submitRequestOf } from "./planner.js";
 import type { SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { checkChars, LIMITS } from "../common/limits.js";
 import { checkSessionSpec } from "../common/session-frames.js";
@@ -50,6 +55,8 @@ export interface OperatorAccessDeps {
   bundles?: BundleService;
   /** Session recordings (controller/recordings.ts); without it, none are listed. */
   recordings?: RecordingStore;
+  /** Schedules (controller/schedules.ts); without them, the schedule calls are FAILED_PRECONDITION. */
+  schedules?: { store: ScheduleStore; scheduler: Scheduler; clock: Clock };
 }
 
 /** A job as the caller may see it: the tasks on hosts its read roles cover. */
@@ -104,6 +111,74 @@ export class OperatorAccess {
       await this.record(call.peer, kind, refusal(err), { what, hostIds });
       throw err;
     }
+  }
+
+  // ---- schedules (docs/schedules.md) -------------------------------------------
+
+  private scheduling(): NonNullable<OperatorAccessDeps["schedules"]> {
+    if (!this.deps.schedules) throw new FailedPreconditionError("this controller runs no schedules");
+    return this.deps.schedules;
+  }
+
+  /**
+   * A new schedule of the caller's tenant. Its job must be one the caller
+   * may submit now (a dry run, audited as one); each firing is authorized
+   * again, as the caller's submit, when it fires.
+   */
+  async createSchedule(caller: PeerIdentity, spec: ScheduleSpec): Promise<ScheduleRecord> {
+    const s = this.scheduling();
+    const rec = newSchedule(caller, spec, s.clock.now());
+    if (s.store.get(caller.scope, rec.name)) throw new AlreadyExistsError(`schedule ${JSON.stringify(rec.name)} exists already`);
+    if (s.store.all().filter((r) => r.tenant === caller.scope).length >= LIMITS.schedulesPerTenant) throw new ResourceExhaustedError(`the tenant has ${LIMITS.schedulesPerTenant} schedules already`);
+    await this.dryRun(caller, submitRequestOf(spec.job!));
+    await s.store.put(rec);
+    await s.scheduler.wake();
+    return rec;
+  }
+
+  listSchedules(caller: PeerIdentity): ScheduleRecord[] {
+    return this.scheduling().store.all().filter((r) => r.tenant === caller.scope);
+  }
+
+  getSchedule(caller: PeerIdentity, name: string): ScheduleRecord {
+    const rec = this.scheduling().store.get(caller.scope, name);
+    if (!rec) throw new NotFoundError(`no schedule ${JSON.stringify(name)}`);
+    return rec;
+  }
+
+  /** Pauses or resumes: a resumed schedule goes on from now (what would have fired while paused never does). */
+  async pauseSchedule(caller: PeerIdentity, name: string, paused: boolean): Promise<ScheduleRecord> {
+    const s = this.scheduling();
+    const rec = this.getSchedule(caller, name);
+    if (rec.paused !== paused) {
+      rec.paused = paused;
+      if (!paused) rec.lastAt = Math.max(rec.lastAt, s.clock.now());
+      await s.store.put(rec);
+      await s.scheduler.wake();
+    }
+    return rec;
+  }
+
+  async deleteSchedule(caller: PeerIdentity, name: string): Promise<void> {
+    const s = this.scheduling();
+    this.getSchedule(caller, name);
+    await s.store.remove(caller.scope, name);
+  }
+
+  async runSchedule(caller: PeerIdentity, name: string): Promise<string> {
+    return this.scheduling().scheduler.runNow(this.getSchedule(caller, name));
+  }
+
+  /**
+   * One firing of a schedule: its creator's submit, authorized and audited
+   * as one now, with the firing's idempotency key. A creator whose
+   * certificate was revoked since is refused.
+   */
+  async fireSchedule(rec: ScheduleRecord, key: string): Promise<string> {
+    if (this.deps.revocations?.isRevoked(rec.creator)) throw new PermissionDeniedError(`the certificate of ${formatIdentity(rec.creator)}, who created the schedule, was revoked`);
+    const req = { ...submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)), idempotencyKey: key, schedule: rec.name };
+    const job = await this.submit(rec.creator, req);
+    return job.id;
   }
 
   // ---- hosts ------------------------------------------------------------------

@@ -13,7 +13,6 @@ import {
   HostTaskSchema,
   JobSchema,
   QueueStage,
-  type SubmitJobRequest,
   JobState,
   LateReportSchema,
   TaskSchema,
@@ -37,11 +36,12 @@ import type { StoredDocument } from "./document-store.js";
 import { TaskState, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "../common/task-state.js";
 import { describeRequest } from "./access.js";
-import type { SubmitRequest } from "./planner.js";
+import { submitRequestOf } from "./planner.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
-import { FailedPreconditionError } from "../common/errors.js";
+import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
+import { scheduleToProto, type Scheduler } from "./schedules.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
 import type { SessionSummary } from "./recordings.js";
 
@@ -98,35 +98,6 @@ function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
   });
 }
 
-/** A SubmitJob request as the job manager takes it (the API's, and each firing of a schedule). */
-export function submitRequestOf(req: SubmitJobRequest): SubmitRequest {
-  return {
-    hostIds: req.hostIds,
-    allHosts: req.allHosts,
-    target: req.target,
-    steps: req.steps,
-    env: req.env,
-    workingDir: req.workingDir,
-    stdin: req.stdin,
-    timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
-    deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
-    lostAfterMs: req.lostAfter ? durationMs(req.lostAfter) : 0,
-    idempotencyKey: req.idempotencyKey,
-    idempotent: req.idempotent,
-    outputLimitBytes: Number(req.outputLimitBytes),
-    rate: req.rate && {
-      concurrency: req.rate.concurrency,
-      concurrencyPercent: req.rate.concurrencyPercent,
-      concurrencyPerRegion: req.rate.concurrencyPerRegion,
-      maxErrors: req.rate.maxErrors,
-      maxErrorsPercent: req.rate.maxErrorsPercent,
-      batch: req.rate.batch,
-    },
-    document: req.document || undefined,
-    documentContent: req.documentContent || undefined,
-    parameters: req.parameters,
-  };
-}
 
 function documentToProto(d: StoredDocument): Document {
   return create(DocumentSchema, {
@@ -187,7 +158,14 @@ function taskToProto(t: TaskRecord, steps?: Step[]): Task {
  * caller and its action and maps every error; scopes and the audit are in
  * OperatorAccess; the work is done by the job manager.
  */
-export function controllerServiceImpl(deps: { jobs: JobManager; access: OperatorAccess; sessions?: SessionBroker; revoked?: (host: HostRecord) => string | undefined }): ServiceImpl<typeof ControllerService> {
+export function controllerServiceImpl(deps: {
+  jobs: JobManager;
+  access: OperatorAccess;
+  sessions?: SessionBroker;
+  revoked?: (host: HostRecord) => string | undefined;
+  scheduler?: Scheduler;
+}): ServiceImpl<typeof ControllerService> {
+  const scheduler = deps.scheduler;
   /** Session and Forward: one broker, each RPC for its own kind of session. */
   const serveSession = (requests: AsyncIterable<SessionRequest>, ctx: HandlerContext, kind: "session" | "forward") => {
     const sessions = deps.sessions;
@@ -264,6 +242,29 @@ export function controllerServiceImpl(deps: { jobs: JobManager; access: Operator
     },
     async listDocuments(_req, ctx) {
       return { documents: (await access.listDocuments(grantedPeer(ctx))).map(documentToProto) };
+    },
+    async createSchedule(req, ctx) {
+      if (!req.schedule) throw new InvalidArgumentError("CreateSchedule needs the schedule");
+      const rec = await access.createSchedule(grantedPeer(ctx), req.schedule);
+      return { schedule: scheduleToProto(rec, scheduler?.next(rec)) };
+    },
+    async listSchedules(_req, ctx) {
+      return { schedules: access.listSchedules(grantedPeer(ctx)).map((r) => scheduleToProto(r, scheduler?.next(r))) };
+    },
+    async getSchedule(req, ctx) {
+      const rec = access.getSchedule(grantedPeer(ctx), req.name);
+      return { schedule: scheduleToProto(rec, scheduler?.next(rec)) };
+    },
+    async pauseSchedule(req, ctx) {
+      const rec = await access.pauseSchedule(grantedPeer(ctx), req.name, req.paused);
+      return { schedule: scheduleToProto(rec, scheduler?.next(rec)) };
+    },
+    async deleteSchedule(req, ctx) {
+      await access.deleteSchedule(grantedPeer(ctx), req.name);
+      return {};
+    },
+    async runSchedule(req, ctx) {
+      return { jobId: await access.runSchedule(grantedPeer(ctx), req.name) };
     },
     async listHostTasks(req, ctx) {
       const page = await access.listHostTasks(grantedPeer(ctx), req.hostId, req.pageSize, req.pageToken, req.unfinished);

@@ -34,6 +34,13 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
   .service(ControllerService, {
     listHosts: onResolvedHosts("read", (req) => ({ what: req.target ? `list hosts ${JSON.stringify(req.target)}` : "list hosts" })),
     listHostTasks: onResolvedHosts("read", (req) => ({ what: `host queue ${req.hostId}`, hostIds: [req.hostId] })),
+    // A schedule's job is authorized as a dry run when it is made, and as its creator's submit each time it fires.
+    createSchedule: inTenant("schedule"),
+    listSchedules: inTenant("read"),
+    getSchedule: inTenant("read"),
+    pauseSchedule: inTenant("schedule"),
+    deleteSchedule: inTenant("schedule"),
+    runSchedule: inTenant("schedule"),
     submitJob: onResolvedHosts("submit", (req) => ({
       what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
       hostIds: req.hostIds,

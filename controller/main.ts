@@ -1,3 +1,4 @@
+import { LmdbScheduleStore, Scheduler } from "./schedules.js";
 import type { AddressInfo } from "node:net";
 import { readCredentials } from "../certs/files.js";
 import { systemClock, type Clock } from "../common/clock.js";
@@ -129,7 +130,21 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
   const artifacts = new ArtifactStore(join(config.data, "artifacts"));
   const recordings = new LmdbRecordingStore(env.db("sessions"), env.db("session-recordings"));
-  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents, artifacts, revocations, bundles, recordings });
+  // Schedules: each firing is its creator's submit through `access`, which therefore comes first.
+  const scheduleStore = new LmdbScheduleStore(env);
+  let accessRef: OperatorAccess | undefined;
+  const scheduler = new Scheduler({
+    clock,
+    store: scheduleStore,
+    log: log.child({ component: "schedules" }),
+    fire: (rec, _at, key) => accessRef!.fireSchedule(rec, key),
+    running: (jobId) => {
+      const job = jobs.getJobRecord(jobId);
+      return job !== undefined && job.finishedAt === undefined;
+    },
+  });
+  const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents, artifacts, revocations, bundles, recordings, schedules: { store: scheduleStore, scheduler, clock } });
+  accessRef = access;
   // SIGHUP reloads the policy (the usual daemon convention). Installed here, not in
   // runService, because only the controller has something to reload; a listener
   // also replaces Node's default of exiting on SIGHUP. Removed on stop.
@@ -217,7 +232,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost }), { callerOf, log }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));
@@ -237,6 +252,8 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     enrollAddress = `${e.host}:${await enrollServer.listen(e.host, e.port)}`;
   }
   process.on("SIGHUP", onHangup);
+  // Firings missed while the controller was down are handled now, by each schedule's misfire policy.
+  scheduler.start();
   const metricsServer = await metrics.serveAt(config.metricsListen);
   return {
     address,
@@ -246,6 +263,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
       stopEndingRevokedSessions();
+      scheduler.stop();
       // One grace for the whole stop: what the drain used is not given again to the servers.
       const until = Date.now() + graceMs;
       await jobs.drain(graceMs);

@@ -1,4 +1,6 @@
 import { createHash } from "node:crypto";
+import { durationMs } from "@bufbuild/protobuf/wkt";
+import type { SubmitJobRequest } from "../gen/rexmesh/v1/controller_pb.js";
 import { toBinary } from "@bufbuild/protobuf";
 import type { PeerIdentity } from "../certs/identity.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
@@ -271,4 +273,34 @@ export function requestDigest(req: SubmitRequest): string {
   field("documentContent", req.documentContent ?? "");
   field("parameters", sorted(req.parameters ?? {}));
   return h.digest("hex");
+}
+
+/** A SubmitJob request as the job manager takes it (the API's, and each firing of a schedule). */
+export function submitRequestOf(req: SubmitJobRequest): SubmitRequest {
+  return {
+    hostIds: req.hostIds,
+    allHosts: req.allHosts,
+    target: req.target,
+    steps: req.steps,
+    env: req.env,
+    workingDir: req.workingDir,
+    stdin: req.stdin,
+    timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
+    deliveryDeadlineMs: req.deliveryDeadline ? durationMs(req.deliveryDeadline) : 0,
+    lostAfterMs: req.lostAfter ? durationMs(req.lostAfter) : 0,
+    idempotencyKey: req.idempotencyKey,
+    idempotent: req.idempotent,
+    outputLimitBytes: Number(req.outputLimitBytes),
+    rate: req.rate && {
+      concurrency: req.rate.concurrency,
+      concurrencyPercent: req.rate.concurrencyPercent,
+      concurrencyPerRegion: req.rate.concurrencyPerRegion,
+      maxErrors: req.rate.maxErrors,
+      maxErrorsPercent: req.rate.maxErrorsPercent,
+      batch: req.rate.batch,
+    },
+    document: req.document || undefined,
+    documentContent: req.documentContent || undefined,
+    parameters: req.parameters,
+  };
 }

@@ -22,6 +22,7 @@ import type {
   ImportBundleRequest,
   ListHostsRequest,
   ListHostTasksRequest,
+  CreateScheduleRequest,
   PutDocumentRequest,
   SetHostLabelsRequest,
   SubmitJobRequest,
@@ -75,6 +76,16 @@ function checkLabelsLimits(req: SetHostLabelsRequest): void {
 /** Per method (by local name), the checks of its request. */
 const CHECKS: { [K in keyof ServiceImpl<typeof ControllerService>]?: (req: never) => void } = {
   listHosts: (req: ListHostsRequest) => void checkChars("target", req.target, LIMITS.queryChars),
+  createSchedule: (req: CreateScheduleRequest) => {
+    checkChars("schedule.name", req.schedule?.name ?? "", LIMITS.idChars);
+    checkChars("schedule.cron", req.schedule?.cron ?? "", LIMITS.cronChars);
+    checkChars("schedule.timezone", req.schedule?.timezone ?? "", LIMITS.idChars);
+    if (req.schedule?.job) checkSubmitLimits(req.schedule.job);
+  },
+  getSchedule: (req: { name: string }) => void checkChars("name", req.name, LIMITS.idChars),
+  pauseSchedule: (req: { name: string }) => void checkChars("name", req.name, LIMITS.idChars),
+  deleteSchedule: (req: { name: string }) => void checkChars("name", req.name, LIMITS.idChars),
+  runSchedule: (req: { name: string }) => void checkChars("name", req.name, LIMITS.idChars),
   listHostTasks: (req: ListHostTasksRequest) => {
     checkChars("host_id", req.hostId, LIMITS.idChars);
     checkChars("page_token", req.pageToken, LIMITS.refChars);

@@ -23,7 +23,11 @@
  *   recorded as done: a controller that dies between the two submits it
  *   again after its restart and gets the same job back.
  */
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { durationMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Cron } from "croner";
+import { formatIdentity } from "../certs/identity.js";
+import { Misfire as MisfireProto, Overlap as OverlapProto, ScheduleFiringSchema, ScheduleSchema, SubmitJobRequestSchema, type Schedule, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
 import type { Database } from "lmdb";
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
@@ -123,6 +127,83 @@ export class LmdbScheduleStore implements ScheduleStore {
   async remove(tenant: string, name: string): Promise<void> {
     await this.db.remove([tenant, name]);
   }
+}
+
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/** How late a firing may run as on time, by default; and the longest a schedule may say. */
+const GRACE_DEFAULT_MS = 60_000;
+const GRACE_MAX_MS = 7 * 24 * 3600_000;
+
+const MISFIRES: Record<MisfireProto, Misfire> = { [MisfireProto.UNSPECIFIED]: "once", [MisfireProto.SKIP]: "skip", [MisfireProto.ONCE]: "once", [MisfireProto.ALL]: "all" };
+const OVERLAPS: Record<OverlapProto, Overlap> = { [OverlapProto.UNSPECIFIED]: "skip", [OverlapProto.ALLOW]: "allow", [OverlapProto.SKIP]: "skip", [OverlapProto.QUEUE]: "queue" };
+const MISFIRE_PROTO: Record<Misfire, MisfireProto> = { skip: MisfireProto.SKIP, once: MisfireProto.ONCE, all: MisfireProto.ALL };
+const OVERLAP_PROTO: Record<Overlap, OverlapProto> = { allow: OverlapProto.ALLOW, skip: OverlapProto.SKIP, queue: OverlapProto.QUEUE };
+
+/**
+ * A new schedule of `creator` from what the API was given: a name, an
+ * expression that parses in its zone and fires at most once a second, a
+ * grace window of 1 s to 7 days, and a job (neither a dry run nor an
+ * idempotency key: each firing has its own). INVALID_ARGUMENT naming what
+ * is wrong.
+ */
+export function newSchedule(creator: PeerIdentity, spec: ScheduleSpec, now: number): ScheduleRecord {
+  if (!NAME.test(spec.name)) throw new InvalidArgumentError(`schedule name ${JSON.stringify(spec.name.slice(0, 80))} is not 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)`);
+  const timezone = spec.timezone || "UTC";
+  const cron = cronOf(spec.cron, timezone);
+  const first = nextFiring(cron, now);
+  if (first === undefined) throw new InvalidArgumentError(`cron expression ${JSON.stringify(spec.cron)} names no time from now on`);
+  const second = nextFiring(cron, first);
+  if (second !== undefined && second - first < 1000) throw new InvalidArgumentError(`cron expression ${JSON.stringify(spec.cron)} fires more than once a second`);
+  if (!spec.job) throw new InvalidArgumentError("a schedule needs the job each firing submits (job)");
+  if (spec.job.dryRun) throw new InvalidArgumentError("a schedule's job cannot be a dry run");
+  if (spec.job.idempotencyKey) throw new InvalidArgumentError("a schedule's job takes no idempotency key: each firing has its own");
+  const graceMs = spec.misfireGrace ? durationMs(spec.misfireGrace) : GRACE_DEFAULT_MS;
+  if (graceMs < 1000 || graceMs > GRACE_MAX_MS) throw new InvalidArgumentError("misfire_grace must be from 1 s to 7 days");
+  return {
+    tenant: creator.scope,
+    name: spec.name,
+    cron: spec.cron,
+    timezone,
+    paused: false,
+    misfire: MISFIRES[spec.misfire] ?? "once",
+    graceMs,
+    overlap: OVERLAPS[spec.overlap] ?? "skip",
+    request: toBinary(SubmitJobRequestSchema, spec.job),
+    creator: { ...creator },
+    createdAt: now,
+    lastAt: now,
+    lastJobId: "",
+    queued: [],
+    fired: 0,
+    skipped: 0,
+    missed: 0,
+    recent: [],
+  };
+}
+
+/** A schedule as the API shows it; `next`: its next firing, if any. */
+export function scheduleToProto(rec: ScheduleRecord, next: number | undefined): Schedule {
+  return create(ScheduleSchema, {
+    spec: {
+      name: rec.name,
+      cron: rec.cron,
+      timezone: rec.timezone,
+      misfire: MISFIRE_PROTO[rec.misfire],
+      misfireGrace: { seconds: BigInt(Math.floor(rec.graceMs / 1000)), nanos: (rec.graceMs % 1000) * 1e6 },
+      overlap: OVERLAP_PROTO[rec.overlap],
+      job: fromBinary(SubmitJobRequestSchema, rec.request),
+    },
+    createdBy: formatIdentity(rec.creator),
+    createdAt: timestampFromMs(rec.createdAt),
+    paused: rec.paused,
+    nextRun: next === undefined ? undefined : timestampFromMs(next),
+    lastJobId: rec.lastJobId,
+    fired: BigInt(rec.fired),
+    skipped: BigInt(rec.skipped),
+    missed: BigInt(rec.missed),
+    queued: rec.queued.length,
+    recent: rec.recent.map((f) => create(ScheduleFiringSchema, { at: timestampFromMs(f.at), jobId: f.jobId, note: f.note })),
+  });
 }
 
 function clone(r: ScheduleRecord): ScheduleRecord {

@@ -18,7 +18,375 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/controller.proto.
  */
 export const file_rexmesh_v1_controller: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QiYgoUTGlzdEhvc3RUYXNrc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCRISCgp1bmZpbmlzaGVkGAQgASgIIlUKFUxpc3RIb3N0VGFza3NSZXNwb25zZRIjCgV0YXNrcxgBIAMoCzIULnJleG1lc2gudjEuSG9zdFRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqUBCghIb3N0VGFzaxIeCgR0YXNrGAEgASgLMhAucmV4bWVzaC52MS5UYXNrEiUKBXN0YWdlGAIgASgOMhYucmV4bWVzaC52MS5RdWV1ZVN0YWdlEgwKBHdoYXQYAyABKAkSFAoMc3VibWl0dGVkX2J5GAQgASgJEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq8FChBTdWJtaXRKb2JSZXF1ZXN0EhAKCGhvc3RfaWRzGAEgAygJEhEKCWFsbF9ob3N0cxgCIAEoCBIfCgVzdGVwcxgDIAMoCzIQLnJleG1lc2gudjEuU3RlcBIyCgNlbnYYBCADKAsyJS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QuRW52RW50cnkSEwoLd29ya2luZ19kaXIYBSABKAkSDQoFc3RkaW4YBiABKAwSKgoHdGltZW91dBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChFkZWxpdmVyeV9kZWFkbGluZRgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIXCg9pZGVtcG90ZW5jeV9rZXkYCSABKAkSEgoKaWRlbXBvdGVudBgKIAEoCBIlCgRyYXRlGAsgASgLMhcucmV4bWVzaC52MS5SYXRlQ29udHJvbBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSEwoGdGFyZ2V0GA0gASgJSACIAQESEAoIZG9jdW1lbnQYDiABKAkSQAoKcGFyYW1ldGVycxgPIAMoCzIsLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5QYXJhbWV0ZXJzRW50cnkSDwoHZHJ5X3J1bhgQIAEoCBItCgpsb3N0X2FmdGVyGBEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhgKEGRvY3VtZW50X2NvbnRlbnQYEiABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIJCgdfdGFyZ2V0Is4BCgtSYXRlQ29udHJvbBITCgtjb25jdXJyZW5jeRgBIAEoDRIbChNjb25jdXJyZW5jeV9wZXJjZW50GAIgASgNEh4KFmNvbmN1cnJlbmN5X3Blcl9yZWdpb24YAyABKA0SFwoKbWF4X2Vycm9ycxgEIAEoDUgAiAEBEh8KEm1heF9lcnJvcnNfcGVyY2VudBgFIAEoDUgBiAEBEg0KBWJhdGNoGAYgASgNQg0KC19tYXhfZXJyb3JzQhUKE19tYXhfZXJyb3JzX3BlcmNlbnQiWAoRU3VibWl0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISJQoEcGxhbhgCIAMoCzIXLnJleG1lc2gudjEuUGxhbm5lZFRhc2sigwEKC1BsYW5uZWRUYXNrEg8KB2hvc3RfaWQYASABKAkSDgoGcmVnaW9uGAIgASgJEg0KBXByb3h5GAMgASgJEhEKCWNvbm5lY3RlZBgEIAEoCBIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIQCghyZWplY3RlZBgGIAEoCSJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIqoDCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDRIQCghkb2N1bWVudBgKIAEoCRIzCgpwYXJhbWV0ZXJzGAsgAygLMh8ucmV4bWVzaC52MS5Kb2IuUGFyYW1ldGVyc0VudHJ5EhAKCHNjaGVkdWxlGAwgASgJGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBItYDCgRUYXNrEgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdob3N0X2lkGAMgASgJEg4KBnJlZ2lvbhgEIAEoCRINCgVwcm94eRgFIAEoCRIkCgVzdGF0ZRgGIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgHIAEoBUgAiAEBEg4KBnNpZ25hbBgIIAEoCRIPCgdtZXNzYWdlGAkgASgJEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEG91dHB1dF90cnVuY2F0ZWQYCyABKAgSFQoNb3V0cHV0X2NodW5rcxgMIAEoBBIfCgVzdGVwcxgNIAMoCzIQLnJleG1lc2gudjEuU3RlcBIeChZvdXRwdXRfY2h1bmtzX2V4cGVjdGVkGA4gASgEEhcKD291dHB1dF9jb21wbGV0ZRgPIAEoCBIrCgtsYXRlX3JlcG9ydBgQIAEoCzIWLnJleG1lc2gudjEuTGF0ZVJlcG9ydBItCgxyZXN1bHRfY2hlY2sYESABKA4yFy5yZXhtZXNoLnYxLlJlc3VsdENoZWNrQgwKCl9leGl0X2NvZGUiowEKCkxhdGVSZXBvcnQSJAoFc3RhdGUYASABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYAiABKAVIAIgBARIOCgZzaWduYWwYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRIoCgR0aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIMCgpfZXhpdF9jb2RlIh8KDUdldEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIk8KDkdldEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrIjQKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEQoJbm9fb3V0cHV0GAIgASgIInoKEFdhdGNoSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISHwoFdGFza3MYAiADKAsyEC5yZXhtZXNoLnYxLlRhc2sSJwoGb3V0cHV0GAMgAygLMhcucmV4bWVzaC52MS5PdXRwdXRDaHVuayIgCg9MaXN0Sm9ic1JlcXVlc3QSDQoFbGltaXQYASABKA0iMQoQTGlzdEpvYnNSZXNwb25zZRIdCgRqb2JzGAEgAygLMg8ucmV4bWVzaC52MS5Kb2IiJQoTRXhwb3J0QnVuZGxlUmVxdWVzdBIOCgZyZWdpb24YASABKAkiNQoURXhwb3J0QnVuZGxlUmVzcG9uc2USDgoGYnVuZGxlGAEgASgMEg0KBXRhc2tzGAIgASgNIiUKE0ltcG9ydEJ1bmRsZVJlcXVlc3QSDgoGYnVuZGxlGAEgASgMIl4KFEltcG9ydEJ1bmRsZVJlc3BvbnNlEhgKEHN0YXR1c2VzX2FwcGxpZWQYASABKA0SHQoVb3V0cHV0X2NodW5rc19hcHBsaWVkGAIgASgNEg0KBWhvc3RzGAMgASgNIiIKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjEKEUNhbmNlbEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iIpsBChRTZXRIb3N0TGFiZWxzUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEjYKA3NldBgCIAMoCzIpLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QuU2V0RW50cnkSDgoGcmVtb3ZlGAMgAygJGioKCFNldEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNwoVU2V0SG9zdExhYmVsc1Jlc3BvbnNlEh4KBGhvc3QYASABKAsyEC5yZXhtZXNoLnYxLkhvc3QiTAoQTGlzdEF1ZGl0UmVxdWVzdBIpCgVzaW5jZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGltaXQYAiABKA0iOwoRTGlzdEF1ZGl0UmVzcG9uc2USJgoGZXZlbnRzGAEgAygLMhYucmV4bWVzaC52MS5BdWRpdEV2ZW50IvABCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGtpbmQYAyABKAkSDgoGdGVuYW50GAQgASgJEg0KBWFjdG9yGAUgASgJEisKCGRlY2lzaW9uGAYgASgOMhkucmV4bWVzaC52MS5BdWRpdERlY2lzaW9uEg4KBnJlYXNvbhgHIAEoCRIMCgR3aGF0GAggASgJEhAKCGhvc3RfaWRzGAkgAygJEhIKCmhvc3RfY291bnQYCiABKA0SDgoGam9iX2lkGAsgASgJIpMBCghEb2N1bWVudBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SEwoLZGVzY3JpcHRpb24YAyABKAkSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKY3JlYXRlZF9ieRgFIAEoCRIPCgdjb250ZW50GAYgASgJIiUKElB1dERvY3VtZW50UmVxdWVzdBIPCgdjb250ZW50GAEgASgJIk8KE1B1dERvY3VtZW50UmVzcG9uc2USJgoIZG9jdW1lbnQYASABKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50EhAKCHdhcm5pbmdzGAIgAygJIiIKEkdldERvY3VtZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIj0KE0dldERvY3VtZW50UmVzcG9uc2USJgoIZG9jdW1lbnQYASABKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50IhYKFExpc3REb2N1bWVudHNSZXF1ZXN0IkAKFUxpc3REb2N1bWVudHNSZXNwb25zZRInCglkb2N1bWVudHMYASADKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50ImAKDlNlc3Npb25SZXF1ZXN0EiUKBG9wZW4YASABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25PcGVuEicKBWZyYW1lGAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUiRQoLU2Vzc2lvbk9wZW4SDwoHaG9zdF9pZBgBIAEoCRIlCgRzcGVjGAIgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uU3BlYyJnCg9TZXNzaW9uUmVzcG9uc2USKwoHc3RhcnRlZBgBIAEoCzIaLnJleG1lc2gudjEuU2Vzc2lvblN0YXJ0ZWQSJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSJaCg5TZXNzaW9uU3RhcnRlZBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSDQoFcHJveHkYAyABKAkSFAoMa2VlcGFsaXZlX21zGAQgASgNIiQKE0xpc3RTZXNzaW9uc1JlcXVlc3QSDQoFbGltaXQYASABKA0iQQoUTGlzdFNlc3Npb25zUmVzcG9uc2USKQoIc2Vzc2lvbnMYASADKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25JbmZvIr0CCgtTZXNzaW9uSW5mbxISCgpzZXNzaW9uX2lkGAEgASgJEhAKCG9wZXJhdG9yGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSDAoEa2luZBgEIAEoCRIMCgR3aGF0GAUgASgJEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1ieXRlc190b19ob3N0GAggASgEEhcKD2J5dGVzX2Zyb21faG9zdBgJIAEoBBIPCgdvdXRjb21lGAogASgJEi0KCXJlY29yZGluZxgLIAEoDjIaLnJleG1lc2gudjEuUmVjb3JkaW5nU3RhdGUSDQoFcHJveHkYDCABKAkiMAoaR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSJ6ChtHZXRTZXNzaW9uUmVjb3JkaW5nUmVzcG9uc2USKAoHc2Vzc2lvbhgBIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkluZm8SMQoGZXZlbnRzGAIgAygLMiEucmV4bWVzaC52MS5TZXNzaW9uUmVjb3JkaW5nRXZlbnQigAEKFVNlc3Npb25SZWNvcmRpbmdFdmVudBINCgVhdF9tcxgBIAEoBBIPCgd0b19ob3N0GAIgASgIEisKB2NoYW5uZWwYAyABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGNvbm4YBCABKA0SDAoEZGF0YRgFIAEoDCIoChJKb2luU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSKBAQoTSm9pblNlc3Npb25SZXNwb25zZRIoCgdzZXNzaW9uGAEgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uSW5mbxIxCgZldmVudHMYAiADKAsyIS5yZXhtZXNoLnYxLlNlc3Npb25SZWNvcmRpbmdFdmVudBINCgVlbmRlZBgDIAEoCSqUAQoPQ29ubmVjdGlvblN0YXRlEiAKHENPTk5FQ1RJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIeChpDT05ORUNUSU9OX1NUQVRFX0NPTk5FQ1RFRBABEiEKHUNPTk5FQ1RJT05fU1RBVEVfRElTQ09OTkVDVEVEEAISHAoYQ09OTkVDVElPTl9TVEFURV9SRVZPS0VEEAMqjwEKClF1ZXVlU3RhZ2USGwoXUVVFVUVfU1RBR0VfVU5TUEVDSUZJRUQQABIWChJRVUVVRV9TVEFHRV9RVUVVRUQQARIZChVRVUVVRV9TVEFHRV9ERUxJVkVSRUQQAhIXChNRVUVVRV9TVEFHRV9SVU5OSU5HEAMSGAoUUVVFVUVfU1RBR0VfRklOSVNIRUQQBCpQCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFKT0JfU1RBVEVfUlVOTklORxABEhIKDkpPQl9TVEFURV9ET05FEAIqvAEKC1Jlc3VsdENoZWNrEhwKGFJFU1VMVF9DSEVDS19VTlNQRUNJRklFRBAAEhkKFVJFU1VMVF9DSEVDS19WRVJJRklFRBABEh8KG1JFU1VMVF9DSEVDS19PVVRQVVRfUEVORElORxACEhsKF1JFU1VMVF9DSEVDS19VTlZFUklGSUVEEAMSGQoVUkVTVUxUX0NIRUNLX01JU01BVENIEAQSGwoXUkVTVUxUX0NIRUNLX1NUQVRFX09OTFkQBSqDAQoNQXVkaXREZWNpc2lvbhIeChpBVURJVF9ERUNJU0lPTl9VTlNQRUNJRklFRBAAEhoKFkFVRElUX0RFQ0lTSU9OX0FMTE9XRUQQARIZChVBVURJVF9ERUNJU0lPTl9ERU5JRUQQAhIbChdBVURJVF9ERUNJU0lPTl9SRUpFQ1RFRBADKqMBCg5SZWNvcmRpbmdTdGF0ZRIfChtSRUNPUkRJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABIdChlSRUNPUkRJTkdfU1RBVEVfUkVDT1JESU5HEAESHAoYUkVDT1JESU5HX1NUQVRFX0NPTVBMRVRFEAISFwoTUkVDT1JESU5HX1NUQVRFX0NVVBADEhoKFlJFQ09SRElOR19TVEFURV9GQUlMRUQQBDLzCwoRQ29udHJvbGxlclNlcnZpY2USSAoJTGlzdEhvc3RzEhwucmV4bWVzaC52MS5MaXN0SG9zdHNSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0SG9zdHNSZXNwb25zZRJICglTdWJtaXRKb2ISHC5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlc3BvbnNlEj8KBkdldEpvYhIZLnJleG1lc2gudjEuR2V0Sm9iUmVxdWVzdBoaLnJleG1lc2gudjEuR2V0Sm9iUmVzcG9uc2USRwoIV2F0Y2hKb2ISGy5yZXhtZXNoLnYxLldhdGNoSm9iUmVxdWVzdBocLnJleG1lc2gudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKCUNhbmNlbEpvYhIcLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVxdWVzdBodLnJleG1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2USRQoITGlzdEpvYnMSGy5yZXhtZXNoLnYxLkxpc3RKb2JzUmVxdWVzdBocLnJleG1lc2gudjEuTGlzdEpvYnNSZXNwb25zZRJRCgxFeHBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkV4cG9ydEJ1bmRsZVJlc3BvbnNlElEKDEltcG9ydEJ1bmRsZRIfLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVxdWVzdBogLnJleG1lc2gudjEuSW1wb3J0QnVuZGxlUmVzcG9uc2USVAoNU2V0SG9zdExhYmVscxIgLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QaIS5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXNwb25zZRJICglMaXN0QXVkaXQSHC5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlcXVlc3QaHS5yZXhtZXNoLnYxLkxpc3RBdWRpdFJlc3BvbnNlEk4KC1B1dERvY3VtZW50Eh4ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLlB1dERvY3VtZW50UmVzcG9uc2USTgoLR2V0RG9jdW1lbnQSHi5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVxdWVzdBofLnJleG1lc2gudjEuR2V0RG9jdW1lbnRSZXNwb25zZRJUCg1MaXN0RG9jdW1lbnRzEiAucmV4bWVzaC52MS5MaXN0RG9jdW1lbnRzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1Jlc3BvbnNlEkYKB1Nlc3Npb24SGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABEkYKB0ZvcndhcmQSGi5yZXhtZXNoLnYxLlNlc3Npb25SZXF1ZXN0GhsucmV4bWVzaC52MS5TZXNzaW9uUmVzcG9uc2UoATABElEKDExpc3RTZXNzaW9ucxIfLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVxdWVzdBogLnJleG1lc2gudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USaAoTR2V0U2Vzc2lvblJlY29yZGluZxImLnJleG1lc2gudjEuR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QaJy5yZXhtZXNoLnYxLkdldFNlc3Npb25SZWNvcmRpbmdSZXNwb25zZTABElAKC0pvaW5TZXNzaW9uEh4ucmV4bWVzaC52MS5Kb2luU2Vzc2lvblJlcXVlc3QaHy5yZXhtZXNoLnYxLkpvaW5TZXNzaW9uUmVzcG9uc2UwARJUCg1MaXN0SG9zdFRhc2tzEiAucmV4bWVzaC52MS5MaXN0SG9zdFRhc2tzUmVxdWVzdBohLnJleG1lc2gudjEuTGlzdEhvc3RUYXNrc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL2NvbnRyb2xsZXIucHJvdG8SCnJleG1lc2gudjEi5QEKDFNjaGVkdWxlU3BlYxIMCgRuYW1lGAEgASgJEgwKBGNyb24YAiABKAkSEAoIdGltZXpvbmUYAyABKAkSJAoHbWlzZmlyZRgEIAEoDjITLnJleG1lc2gudjEuTWlzZmlyZRIwCg1taXNmaXJlX2dyYWNlGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiQKB292ZXJsYXAYBiABKA4yEy5yZXhtZXNoLnYxLk92ZXJsYXASKQoDam9iGAcgASgLMhwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0IrUCCghTY2hlZHVsZRImCgRzcGVjGAEgASgLMhgucmV4bWVzaC52MS5TY2hlZHVsZVNwZWMSEgoKY3JlYXRlZF9ieRgCIAEoCRIuCgpjcmVhdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZwYXVzZWQYBCABKAgSLAoIbmV4dF9ydW4YBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2xhc3Rfam9iX2lkGAYgASgJEg0KBWZpcmVkGAcgASgEEg8KB3NraXBwZWQYCCABKAQSDgoGbWlzc2VkGAkgASgEEg4KBnF1ZXVlZBgKIAEoDRIqCgZyZWNlbnQYCyADKAsyGi5yZXhtZXNoLnYxLlNjaGVkdWxlRmlyaW5nIlYKDlNjaGVkdWxlRmlyaW5nEiYKAmF0GAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZqb2JfaWQYAiABKAkSDAoEbm90ZRgDIAEoCSJDChVDcmVhdGVTY2hlZHVsZVJlcXVlc3QSKgoIc2NoZWR1bGUYASABKAsyGC5yZXhtZXNoLnYxLlNjaGVkdWxlU3BlYyJAChZDcmVhdGVTY2hlZHVsZVJlc3BvbnNlEiYKCHNjaGVkdWxlGAEgASgLMhQucmV4bWVzaC52MS5TY2hlZHVsZSIWChRMaXN0U2NoZWR1bGVzUmVxdWVzdCJAChVMaXN0U2NoZWR1bGVzUmVzcG9uc2USJwoJc2NoZWR1bGVzGAEgAygLMhQucmV4bWVzaC52MS5TY2hlZHVsZSIiChJHZXRTY2hlZHVsZVJlcXVlc3QSDAoEbmFtZRgBIAEoCSI9ChNHZXRTY2hlZHVsZVJlc3BvbnNlEiYKCHNjaGVkdWxlGAEgASgLMhQucmV4bWVzaC52MS5TY2hlZHVsZSI0ChRQYXVzZVNjaGVkdWxlUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnBhdXNlZBgCIAEoCCI/ChVQYXVzZVNjaGVkdWxlUmVzcG9uc2USJgoIc2NoZWR1bGUYASABKAsyFC5yZXhtZXNoLnYxLlNjaGVkdWxlIiUKFURlbGV0ZVNjaGVkdWxlUmVxdWVzdBIMCgRuYW1lGAEgASgJIhgKFkRlbGV0ZVNjaGVkdWxlUmVzcG9uc2UiIgoSUnVuU2NoZWR1bGVSZXF1ZXN0EgwKBG5hbWUYASABKAkiJQoTUnVuU2NoZWR1bGVSZXNwb25zZRIOCgZqb2JfaWQYASABKAkiuAIKBEhvc3QSCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEg4KBnJlZ2lvbhgDIAEoCRINCgVwcm94eRgEIAEoCRIvCgpjb25uZWN0aW9uGAUgASgOMhsucmV4bWVzaC52MS5Db25uZWN0aW9uU3RhdGUSKQoFc2luY2UYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAcgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLAoGbGFiZWxzGAggAygLMhwucmV4bWVzaC52MS5Ib3N0LkxhYmVsc0VudHJ5EhYKDnJldm9rZWRfcmVhc29uGAkgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiIgoQTGlzdEhvc3RzUmVxdWVzdBIOCgZ0YXJnZXQYASABKAkiNAoRTGlzdEhvc3RzUmVzcG9uc2USHwoFaG9zdHMYASADKAsyEC5yZXhtZXNoLnYxLkhvc3QiYgoUTGlzdEhvc3RUYXNrc1JlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCRISCgp1bmZpbmlzaGVkGAQgASgIIlUKFUxpc3RIb3N0VGFza3NSZXNwb25zZRIjCgV0YXNrcxgBIAMoCzIULnJleG1lc2gudjEuSG9zdFRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqUBCghIb3N0VGFzaxIeCgR0YXNrGAEgASgLMhAucmV4bWVzaC52MS5UYXNrEiUKBXN0YWdlGAIgASgOMhYucmV4bWVzaC52MS5RdWV1ZVN0YWdlEgwKBHdoYXQYAyABKAkSFAoMc3VibWl0dGVkX2J5GAQgASgJEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq8FChBTdWJtaXRKb2JSZXF1ZXN0EhAKCGhvc3RfaWRzGAEgAygJEhEKCWFsbF9ob3N0cxgCIAEoCBIfCgVzdGVwcxgDIAMoCzIQLnJleG1lc2gudjEuU3RlcBIyCgNlbnYYBCADKAsyJS5yZXhtZXNoLnYxLlN1Ym1pdEpvYlJlcXVlc3QuRW52RW50cnkSEwoLd29ya2luZ19kaXIYBSABKAkSDQoFc3RkaW4YBiABKAwSKgoHdGltZW91dBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChFkZWxpdmVyeV9kZWFkbGluZRgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIXCg9pZGVtcG90ZW5jeV9rZXkYCSABKAkSEgoKaWRlbXBvdGVudBgKIAEoCBIlCgRyYXRlGAsgASgLMhcucmV4bWVzaC52MS5SYXRlQ29udHJvbBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSEwoGdGFyZ2V0GA0gASgJSACIAQESEAoIZG9jdW1lbnQYDiABKAkSQAoKcGFyYW1ldGVycxgPIAMoCzIsLnJleG1lc2gudjEuU3VibWl0Sm9iUmVxdWVzdC5QYXJhbWV0ZXJzRW50cnkSDwoHZHJ5X3J1bhgQIAEoCBItCgpsb3N0X2FmdGVyGBEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhgKEGRvY3VtZW50X2NvbnRlbnQYEiABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIJCgdfdGFyZ2V0Is4BCgtSYXRlQ29udHJvbBITCgtjb25jdXJyZW5jeRgBIAEoDRIbChNjb25jdXJyZW5jeV9wZXJjZW50GAIgASgNEh4KFmNvbmN1cnJlbmN5X3Blcl9yZWdpb24YAyABKA0SFwoKbWF4X2Vycm9ycxgEIAEoDUgAiAEBEh8KEm1heF9lcnJvcnNfcGVyY2VudBgFIAEoDUgBiAEBEg0KBWJhdGNoGAYgASgNQg0KC19tYXhfZXJyb3JzQhUKE19tYXhfZXJyb3JzX3BlcmNlbnQiWAoRU3VibWl0Sm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISJQoEcGxhbhgCIAMoCzIXLnJleG1lc2gudjEuUGxhbm5lZFRhc2sigwEKC1BsYW5uZWRUYXNrEg8KB2hvc3RfaWQYASABKAkSDgoGcmVnaW9uGAIgASgJEg0KBXByb3h5GAMgASgJEhEKCWNvbm5lY3RlZBgEIAEoCBIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIQCghyZWplY3RlZBgGIAEoCSJFCg5UYXNrU3RhdGVDb3VudBIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEg0KBWNvdW50GAIgASgNIqoDCgNKb2ISCgoCaWQYASABKAkSDgoGdGVuYW50GAIgASgJEhQKDHN1Ym1pdHRlZF9ieRgDIAEoCRIjCgVzdGF0ZRgEIAEoDjIULnJleG1lc2gudjEuSm9iU3RhdGUSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KBXN0ZXBzGAcgAygLMhAucmV4bWVzaC52MS5TdGVwEioKBmNvdW50cxgIIAMoCzIaLnJleG1lc2gudjEuVGFza1N0YXRlQ291bnQSEgoKdGFza19jb3VudBgJIAEoDRIQCghkb2N1bWVudBgKIAEoCRIzCgpwYXJhbWV0ZXJzGAsgAygLMh8ucmV4bWVzaC52MS5Kb2IuUGFyYW1ldGVyc0VudHJ5EhAKCHNjaGVkdWxlGAwgASgJGjEKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBItYDCgRUYXNrEgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdob3N0X2lkGAMgASgJEg4KBnJlZ2lvbhgEIAEoCRINCgVwcm94eRgFIAEoCRIkCgVzdGF0ZRgGIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhYKCWV4aXRfY29kZRgHIAEoBUgAiAEBEg4KBnNpZ25hbBgIIAEoCRIPCgdtZXNzYWdlGAkgASgJEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEG91dHB1dF90cnVuY2F0ZWQYCyABKAgSFQoNb3V0cHV0X2NodW5rcxgMIAEoBBIfCgVzdGVwcxgNIAMoCzIQLnJleG1lc2gudjEuU3RlcBIeChZvdXRwdXRfY2h1bmtzX2V4cGVjdGVkGA4gASgEEhcKD291dHB1dF9jb21wbGV0ZRgPIAEoCBIrCgtsYXRlX3JlcG9ydBgQIAEoCzIWLnJleG1lc2gudjEuTGF0ZVJlcG9ydBItCgxyZXN1bHRfY2hlY2sYESABKA4yFy5yZXhtZXNoLnYxLlJlc3VsdENoZWNrQgwKCl9leGl0X2NvZGUiowEKCkxhdGVSZXBvcnQSJAoFc3RhdGUYASABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIWCglleGl0X2NvZGUYAiABKAVIAIgBARIOCgZzaWduYWwYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRIoCgR0aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIMCgpfZXhpdF9jb2RlIh8KDUdldEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIk8KDkdldEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iEh8KBXRhc2tzGAIgAygLMhAucmV4bWVzaC52MS5UYXNrIjQKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEQoJbm9fb3V0cHV0GAIgASgIInoKEFdhdGNoSm9iUmVzcG9uc2USHAoDam9iGAEgASgLMg8ucmV4bWVzaC52MS5Kb2ISHwoFdGFza3MYAiADKAsyEC5yZXhtZXNoLnYxLlRhc2sSJwoGb3V0cHV0GAMgAygLMhcucmV4bWVzaC52MS5PdXRwdXRDaHVuayIgCg9MaXN0Sm9ic1JlcXVlc3QSDQoFbGltaXQYASABKA0iMQoQTGlzdEpvYnNSZXNwb25zZRIdCgRqb2JzGAEgAygLMg8ucmV4bWVzaC52MS5Kb2IiJQoTRXhwb3J0QnVuZGxlUmVxdWVzdBIOCgZyZWdpb24YASABKAkiNQoURXhwb3J0QnVuZGxlUmVzcG9uc2USDgoGYnVuZGxlGAEgASgMEg0KBXRhc2tzGAIgASgNIiUKE0ltcG9ydEJ1bmRsZVJlcXVlc3QSDgoGYnVuZGxlGAEgASgMIl4KFEltcG9ydEJ1bmRsZVJlc3BvbnNlEhgKEHN0YXR1c2VzX2FwcGxpZWQYASABKA0SHQoVb3V0cHV0X2NodW5rc19hcHBsaWVkGAIgASgNEg0KBWhvc3RzGAMgASgNIiIKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjEKEUNhbmNlbEpvYlJlc3BvbnNlEhwKA2pvYhgBIAEoCzIPLnJleG1lc2gudjEuSm9iIpsBChRTZXRIb3N0TGFiZWxzUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEjYKA3NldBgCIAMoCzIpLnJleG1lc2gudjEuU2V0SG9zdExhYmVsc1JlcXVlc3QuU2V0RW50cnkSDgoGcmVtb3ZlGAMgAygJGioKCFNldEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNwoVU2V0SG9zdExhYmVsc1Jlc3BvbnNlEh4KBGhvc3QYASABKAsyEC5yZXhtZXNoLnYxLkhvc3QiTAoQTGlzdEF1ZGl0UmVxdWVzdBIpCgVzaW5jZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGltaXQYAiABKA0iOwoRTGlzdEF1ZGl0UmVzcG9uc2USJgoGZXZlbnRzGAEgAygLMhYucmV4bWVzaC52MS5BdWRpdEV2ZW50IvABCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGtpbmQYAyABKAkSDgoGdGVuYW50GAQgASgJEg0KBWFjdG9yGAUgASgJEisKCGRlY2lzaW9uGAYgASgOMhkucmV4bWVzaC52MS5BdWRpdERlY2lzaW9uEg4KBnJlYXNvbhgHIAEoCRIMCgR3aGF0GAggASgJEhAKCGhvc3RfaWRzGAkgAygJEhIKCmhvc3RfY291bnQYCiABKA0SDgoGam9iX2lkGAsgASgJIpMBCghEb2N1bWVudBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SEwoLZGVzY3JpcHRpb24YAyABKAkSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKY3JlYXRlZF9ieRgFIAEoCRIPCgdjb250ZW50GAYgASgJIiUKElB1dERvY3VtZW50UmVxdWVzdBIPCgdjb250ZW50GAEgASgJIk8KE1B1dERvY3VtZW50UmVzcG9uc2USJgoIZG9jdW1lbnQYASABKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50EhAKCHdhcm5pbmdzGAIgAygJIiIKEkdldERvY3VtZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIj0KE0dldERvY3VtZW50UmVzcG9uc2USJgoIZG9jdW1lbnQYASABKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50IhYKFExpc3REb2N1bWVudHNSZXF1ZXN0IkAKFUxpc3REb2N1bWVudHNSZXNwb25zZRInCglkb2N1bWVudHMYASADKAsyFC5yZXhtZXNoLnYxLkRvY3VtZW50ImAKDlNlc3Npb25SZXF1ZXN0EiUKBG9wZW4YASABKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25PcGVuEicKBWZyYW1lGAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUiRQoLU2Vzc2lvbk9wZW4SDwoHaG9zdF9pZBgBIAEoCRIlCgRzcGVjGAIgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uU3BlYyJnCg9TZXNzaW9uUmVzcG9uc2USKwoHc3RhcnRlZBgBIAEoCzIaLnJleG1lc2gudjEuU2Vzc2lvblN0YXJ0ZWQSJwoFZnJhbWUYAiABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZSJaCg5TZXNzaW9uU3RhcnRlZBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSDQoFcHJveHkYAyABKAkSFAoMa2VlcGFsaXZlX21zGAQgASgNIiQKE0xpc3RTZXNzaW9uc1JlcXVlc3QSDQoFbGltaXQYASABKA0iQQoUTGlzdFNlc3Npb25zUmVzcG9uc2USKQoIc2Vzc2lvbnMYASADKAsyFy5yZXhtZXNoLnYxLlNlc3Npb25JbmZvIr0CCgtTZXNzaW9uSW5mbxISCgpzZXNzaW9uX2lkGAEgASgJEhAKCG9wZXJhdG9yGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSDAoEa2luZBgEIAEoCRIMCgR3aGF0GAUgASgJEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1ieXRlc190b19ob3N0GAggASgEEhcKD2J5dGVzX2Zyb21faG9zdBgJIAEoBBIPCgdvdXRjb21lGAogASgJEi0KCXJlY29yZGluZxgLIAEoDjIaLnJleG1lc2gudjEuUmVjb3JkaW5nU3RhdGUSDQoFcHJveHkYDCABKAkiMAoaR2V0U2Vzc2lvblJlY29yZGluZ1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSJ6ChtHZXRTZXNzaW9uUmVjb3JkaW5nUmVzcG9uc2USKAoHc2Vzc2lvbhgBIAEoCzIXLnJleG1lc2gudjEuU2Vzc2lvbkluZm8SMQoGZXZlbnRzGAIgAygLMiEucmV4bWVzaC52MS5TZXNzaW9uUmVjb3JkaW5nRXZlbnQigAEKFVNlc3Npb25SZWNvcmRpbmdFdmVudBINCgVhdF9tcxgBIAEoBBIPCgd0b19ob3N0GAIgASgIEisKB2NoYW5uZWwYAyABKA4yGi5yZXhtZXNoLnYxLlNlc3Npb25DaGFubmVsEgwKBGNvbm4YBCABKA0SDAoEZGF0YRgFIAEoDCIoChJKb2luU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSKBAQoTSm9pblNlc3Npb25SZXNwb25zZRIoCgdzZXNzaW9uGAEgASgLMhcucmV4bWVzaC52MS5TZXNzaW9uSW5mbxIxCgZldmVudHMYAiADKAsyIS5yZXhtZXNoLnYxLlNlc3Npb25SZWNvcmRpbmdFdmVudBINCgVlbmRlZBgDIAEoCSpXCgdNaXNmaXJlEhcKE01JU0ZJUkVfVU5TUEVDSUZJRUQQABIQCgxNSVNGSVJFX1NLSVAQARIQCgxNSVNGSVJFX09OQ0UQAhIPCgtNSVNGSVJFX0FMTBADKloKB092ZXJsYXASFwoTT1ZFUkxBUF9VTlNQRUNJRklFRBAAEhEKDU9WRVJMQVBfQUxMT1cQARIQCgxPVkVSTEFQX1NLSVAQAhIRCg1PVkVSTEFQX1FVRVVFEAMqlAEKD0Nvbm5lY3Rpb25TdGF0ZRIgChxDT05ORUNUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHgoaQ09OTkVDVElPTl9TVEFURV9DT05ORUNURUQQARIhCh1DT05ORUNUSU9OX1NUQVRFX0RJU0NPTk5FQ1RFRBACEhwKGENPTk5FQ1RJT05fU1RBVEVfUkVWT0tFRBADKo8BCgpRdWV1ZVN0YWdlEhsKF1FVRVVFX1NUQUdFX1VOU1BFQ0lGSUVEEAASFgoSUVVFVUVfU1RBR0VfUVVFVUVEEAESGQoVUVVFVUVfU1RBR0VfREVMSVZFUkVEEAISFwoTUVVFVUVfU1RBR0VfUlVOTklORxADEhgKFFFVRVVFX1NUQUdFX0ZJTklTSEVEEAQqUAoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRSk9CX1NUQVRFX1JVTk5JTkcQARISCg5KT0JfU1RBVEVfRE9ORRACKrwBCgtSZXN1bHRDaGVjaxIcChhSRVNVTFRfQ0hFQ0tfVU5TUEVDSUZJRUQQABIZChVSRVNVTFRfQ0hFQ0tfVkVSSUZJRUQQARIfChtSRVNVTFRfQ0hFQ0tfT1VUUFVUX1BFTkRJTkcQAhIbChdSRVNVTFRfQ0hFQ0tfVU5WRVJJRklFRBADEhkKFVJFU1VMVF9DSEVDS19NSVNNQVRDSBAEEhsKF1JFU1VMVF9DSEVDS19TVEFURV9PTkxZEAUqgwEKDUF1ZGl0RGVjaXNpb24SHgoaQVVESVRfREVDSVNJT05fVU5TUEVDSUZJRUQQABIaChZBVURJVF9ERUNJU0lPTl9BTExPV0VEEAESGQoVQVVESVRfREVDSVNJT05fREVOSUVEEAISGwoXQVVESVRfREVDSVNJT05fUkVKRUNURUQQAyqjAQoOUmVjb3JkaW5nU3RhdGUSHwobUkVDT1JESU5HX1NUQVRFX1VOU1BFQ0lGSUVEEAASHQoZUkVDT1JESU5HX1NUQVRFX1JFQ09SRElORxABEhwKGFJFQ09SRElOR19TVEFURV9DT01QTEVURRACEhcKE1JFQ09SRElOR19TVEFURV9DVVQQAxIaChZSRUNPUkRJTkdfU1RBVEVfRkFJTEVEEAQy8Q8KEUNvbnRyb2xsZXJTZXJ2aWNlEkgKCUxpc3RIb3N0cxIcLnJleG1lc2gudjEuTGlzdEhvc3RzUmVxdWVzdBodLnJleG1lc2gudjEuTGlzdEhvc3RzUmVzcG9uc2USSAoJU3VibWl0Sm9iEhwucmV4bWVzaC52MS5TdWJtaXRKb2JSZXF1ZXN0Gh0ucmV4bWVzaC52MS5TdWJtaXRKb2JSZXNwb25zZRI/CgZHZXRKb2ISGS5yZXhtZXNoLnYxLkdldEpvYlJlcXVlc3QaGi5yZXhtZXNoLnYxLkdldEpvYlJlc3BvbnNlEkcKCFdhdGNoSm9iEhsucmV4bWVzaC52MS5XYXRjaEpvYlJlcXVlc3QaHC5yZXhtZXNoLnYxLldhdGNoSm9iUmVzcG9uc2UwARJICglDYW5jZWxKb2ISHC5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5yZXhtZXNoLnYxLkNhbmNlbEpvYlJlc3BvbnNlEkUKCExpc3RKb2JzEhsucmV4bWVzaC52MS5MaXN0Sm9ic1JlcXVlc3QaHC5yZXhtZXNoLnYxLkxpc3RKb2JzUmVzcG9uc2USUQoMRXhwb3J0QnVuZGxlEh8ucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXF1ZXN0GiAucmV4bWVzaC52MS5FeHBvcnRCdW5kbGVSZXNwb25zZRJRCgxJbXBvcnRCdW5kbGUSHy5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlcXVlc3QaIC5yZXhtZXNoLnYxLkltcG9ydEJ1bmRsZVJlc3BvbnNlElQKDVNldEhvc3RMYWJlbHMSIC5yZXhtZXNoLnYxLlNldEhvc3RMYWJlbHNSZXF1ZXN0GiEucmV4bWVzaC52MS5TZXRIb3N0TGFiZWxzUmVzcG9uc2USSAoJTGlzdEF1ZGl0EhwucmV4bWVzaC52MS5MaXN0QXVkaXRSZXF1ZXN0Gh0ucmV4bWVzaC52MS5MaXN0QXVkaXRSZXNwb25zZRJOCgtQdXREb2N1bWVudBIeLnJleG1lc2gudjEuUHV0RG9jdW1lbnRSZXF1ZXN0Gh8ucmV4bWVzaC52MS5QdXREb2N1bWVudFJlc3BvbnNlEk4KC0dldERvY3VtZW50Eh4ucmV4bWVzaC52MS5HZXREb2N1bWVudFJlcXVlc3QaHy5yZXhtZXNoLnYxLkdldERvY3VtZW50UmVzcG9uc2USVAoNTGlzdERvY3VtZW50cxIgLnJleG1lc2gudjEuTGlzdERvY3VtZW50c1JlcXVlc3QaIS5yZXhtZXNoLnYxLkxpc3REb2N1bWVudHNSZXNwb25zZRJGCgdTZXNzaW9uEhoucmV4bWVzaC52MS5TZXNzaW9uUmVxdWVzdBobLnJleG1lc2gudjEuU2Vzc2lvblJlc3BvbnNlKAEwARJGCgdGb3J3YXJkEhoucmV4bWVzaC52MS5TZXNzaW9uUmVxdWVzdBobLnJleG1lc2gudjEuU2Vzc2lvblJlc3BvbnNlKAEwARJRCgxMaXN0U2Vzc2lvbnMSHy5yZXhtZXNoLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaIC5yZXhtZXNoLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEmgKE0dldFNlc3Npb25SZWNvcmRpbmcSJi5yZXhtZXNoLnYxLkdldFNlc3Npb25SZWNvcmRpbmdSZXF1ZXN0GicucmV4bWVzaC52MS5HZXRTZXNzaW9uUmVjb3JkaW5nUmVzcG9uc2UwARJQCgtKb2luU2Vzc2lvbhIeLnJleG1lc2gudjEuSm9pblNlc3Npb25SZXF1ZXN0Gh8ucmV4bWVzaC52MS5Kb2luU2Vzc2lvblJlc3BvbnNlMAESVAoNTGlzdEhvc3RUYXNrcxIgLnJleG1lc2gudjEuTGlzdEhvc3RUYXNrc1JlcXVlc3QaIS5yZXhtZXNoLnYxLkxpc3RIb3N0VGFza3NSZXNwb25zZRJXCg5DcmVhdGVTY2hlZHVsZRIhLnJleG1lc2gudjEuQ3JlYXRlU2NoZWR1bGVSZXF1ZXN0GiIucmV4bWVzaC52MS5DcmVhdGVTY2hlZHVsZVJlc3BvbnNlElQKDUxpc3RTY2hlZHVsZXMSIC5yZXhtZXNoLnYxLkxpc3RTY2hlZHVsZXNSZXF1ZXN0GiEucmV4bWVzaC52MS5MaXN0U2NoZWR1bGVzUmVzcG9uc2USTgoLR2V0U2NoZWR1bGUSHi5yZXhtZXNoLnYxLkdldFNjaGVkdWxlUmVxdWVzdBofLnJleG1lc2gudjEuR2V0U2NoZWR1bGVSZXNwb25zZRJUCg1QYXVzZVNjaGVkdWxlEiAucmV4bWVzaC52MS5QYXVzZVNjaGVkdWxlUmVxdWVzdBohLnJleG1lc2gudjEuUGF1c2VTY2hlZHVsZVJlc3BvbnNlElcKDkRlbGV0ZVNjaGVkdWxlEiEucmV4bWVzaC52MS5EZWxldGVTY2hlZHVsZVJlcXVlc3QaIi5yZXhtZXNoLnYxLkRlbGV0ZVNjaGVkdWxlUmVzcG9uc2USTgoLUnVuU2NoZWR1bGUSHi5yZXhtZXNoLnYxLlJ1blNjaGVkdWxlUmVxdWVzdBofLnJleG1lc2gudjEuUnVuU2NoZWR1bGVSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_host, file_rexmesh_v1_session, file_rexmesh_v1_task]);
+
+/**
+ * @generated from message rexmesh.v1.ScheduleSpec
+ */
+export type ScheduleSpec = Message<"rexmesh.v1.ScheduleSpec"> & {
+  /**
+   * Letters, digits, '.', '_', '-'; at most 64; unique in the tenant.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Five fields (minute hour day month weekday), or six with seconds first; at most one firing a second.
+   *
+   * @generated from field: string cron = 2;
+   */
+  cron: string;
+
+  /**
+   * An IANA time zone (Europe/Berlin); empty: UTC.
+   *
+   * @generated from field: string timezone = 3;
+   */
+  timezone: string;
+
+  /**
+   * @generated from field: rexmesh.v1.Misfire misfire = 4;
+   */
+  misfire: Misfire;
+
+  /**
+   * How late a firing may still run as on time; 0: one minute.
+   *
+   * @generated from field: google.protobuf.Duration misfire_grace = 5;
+   */
+  misfireGrace?: Duration | undefined;
+
+  /**
+   * @generated from field: rexmesh.v1.Overlap overlap = 6;
+   */
+  overlap: Overlap;
+
+  /**
+   * The job of each firing (dry_run and idempotency_key unused).
+   *
+   * @generated from field: rexmesh.v1.SubmitJobRequest job = 7;
+   */
+  job?: SubmitJobRequest | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.ScheduleSpec.
+ * Use `create(ScheduleSpecSchema)` to create a new message.
+ */
+export const ScheduleSpecSchema: GenMessage<ScheduleSpec> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 0);
+
+/**
+ * @generated from message rexmesh.v1.Schedule
+ */
+export type Schedule = Message<"rexmesh.v1.Schedule"> & {
+  /**
+   * @generated from field: rexmesh.v1.ScheduleSpec spec = 1;
+   */
+  spec?: ScheduleSpec | undefined;
+
+  /**
+   * The operator whose job each firing is.
+   *
+   * @generated from field: string created_by = 2;
+   */
+  createdBy: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 3;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: bool paused = 4;
+   */
+  paused: boolean;
+
+  /**
+   * Unset when paused, or when the expression names no more.
+   *
+   * @generated from field: google.protobuf.Timestamp next_run = 5;
+   */
+  nextRun?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string last_job_id = 6;
+   */
+  lastJobId: string;
+
+  /**
+   * @generated from field: uint64 fired = 7;
+   */
+  fired: bigint;
+
+  /**
+   * Skipped for overlap, or refused when they fired.
+   *
+   * @generated from field: uint64 skipped = 8;
+   */
+  skipped: bigint;
+
+  /**
+   * Missed while the controller was away and not run (misfire).
+   *
+   * @generated from field: uint64 missed = 9;
+   */
+  missed: bigint;
+
+  /**
+   * Waiting for the previous firing's job to end.
+   *
+   * @generated from field: uint32 queued = 10;
+   */
+  queued: number;
+
+  /**
+   * The latest firings, newest last.
+   *
+   * @generated from field: repeated rexmesh.v1.ScheduleFiring recent = 11;
+   */
+  recent: ScheduleFiring[];
+};
+
+/**
+ * Describes the message rexmesh.v1.Schedule.
+ * Use `create(ScheduleSchema)` to create a new message.
+ */
+export const ScheduleSchema: GenMessage<Schedule> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 1);
+
+/**
+ * @generated from message rexmesh.v1.ScheduleFiring
+ */
+export type ScheduleFiring = Message<"rexmesh.v1.ScheduleFiring"> & {
+  /**
+   * @generated from field: google.protobuf.Timestamp at = 1;
+   */
+  at?: Timestamp | undefined;
+
+  /**
+   * Empty when it submitted no job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * @generated from field: string note = 3;
+   */
+  note: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.ScheduleFiring.
+ * Use `create(ScheduleFiringSchema)` to create a new message.
+ */
+export const ScheduleFiringSchema: GenMessage<ScheduleFiring> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 2);
+
+/**
+ * @generated from message rexmesh.v1.CreateScheduleRequest
+ */
+export type CreateScheduleRequest = Message<"rexmesh.v1.CreateScheduleRequest"> & {
+  /**
+   * @generated from field: rexmesh.v1.ScheduleSpec schedule = 1;
+   */
+  schedule?: ScheduleSpec | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.CreateScheduleRequest.
+ * Use `create(CreateScheduleRequestSchema)` to create a new message.
+ */
+export const CreateScheduleRequestSchema: GenMessage<CreateScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 3);
+
+/**
+ * @generated from message rexmesh.v1.CreateScheduleResponse
+ */
+export type CreateScheduleResponse = Message<"rexmesh.v1.CreateScheduleResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.CreateScheduleResponse.
+ * Use `create(CreateScheduleResponseSchema)` to create a new message.
+ */
+export const CreateScheduleResponseSchema: GenMessage<CreateScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 4);
+
+/**
+ * @generated from message rexmesh.v1.ListSchedulesRequest
+ */
+export type ListSchedulesRequest = Message<"rexmesh.v1.ListSchedulesRequest"> & {
+};
+
+/**
+ * Describes the message rexmesh.v1.ListSchedulesRequest.
+ * Use `create(ListSchedulesRequestSchema)` to create a new message.
+ */
+export const ListSchedulesRequestSchema: GenMessage<ListSchedulesRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 5);
+
+/**
+ * @generated from message rexmesh.v1.ListSchedulesResponse
+ */
+export type ListSchedulesResponse = Message<"rexmesh.v1.ListSchedulesResponse"> & {
+  /**
+   * @generated from field: repeated rexmesh.v1.Schedule schedules = 1;
+   */
+  schedules: Schedule[];
+};
+
+/**
+ * Describes the message rexmesh.v1.ListSchedulesResponse.
+ * Use `create(ListSchedulesResponseSchema)` to create a new message.
+ */
+export const ListSchedulesResponseSchema: GenMessage<ListSchedulesResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 6);
+
+/**
+ * @generated from message rexmesh.v1.GetScheduleRequest
+ */
+export type GetScheduleRequest = Message<"rexmesh.v1.GetScheduleRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.GetScheduleRequest.
+ * Use `create(GetScheduleRequestSchema)` to create a new message.
+ */
+export const GetScheduleRequestSchema: GenMessage<GetScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 7);
+
+/**
+ * @generated from message rexmesh.v1.GetScheduleResponse
+ */
+export type GetScheduleResponse = Message<"rexmesh.v1.GetScheduleResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.GetScheduleResponse.
+ * Use `create(GetScheduleResponseSchema)` to create a new message.
+ */
+export const GetScheduleResponseSchema: GenMessage<GetScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 8);
+
+/**
+ * @generated from message rexmesh.v1.PauseScheduleRequest
+ */
+export type PauseScheduleRequest = Message<"rexmesh.v1.PauseScheduleRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * False: resume.
+   *
+   * @generated from field: bool paused = 2;
+   */
+  paused: boolean;
+};
+
+/**
+ * Describes the message rexmesh.v1.PauseScheduleRequest.
+ * Use `create(PauseScheduleRequestSchema)` to create a new message.
+ */
+export const PauseScheduleRequestSchema: GenMessage<PauseScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 9);
+
+/**
+ * @generated from message rexmesh.v1.PauseScheduleResponse
+ */
+export type PauseScheduleResponse = Message<"rexmesh.v1.PauseScheduleResponse"> & {
+  /**
+   * @generated from field: rexmesh.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.PauseScheduleResponse.
+ * Use `create(PauseScheduleResponseSchema)` to create a new message.
+ */
+export const PauseScheduleResponseSchema: GenMessage<PauseScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 10);
+
+/**
+ * @generated from message rexmesh.v1.DeleteScheduleRequest
+ */
+export type DeleteScheduleRequest = Message<"rexmesh.v1.DeleteScheduleRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.DeleteScheduleRequest.
+ * Use `create(DeleteScheduleRequestSchema)` to create a new message.
+ */
+export const DeleteScheduleRequestSchema: GenMessage<DeleteScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 11);
+
+/**
+ * @generated from message rexmesh.v1.DeleteScheduleResponse
+ */
+export type DeleteScheduleResponse = Message<"rexmesh.v1.DeleteScheduleResponse"> & {
+};
+
+/**
+ * Describes the message rexmesh.v1.DeleteScheduleResponse.
+ * Use `create(DeleteScheduleResponseSchema)` to create a new message.
+ */
+export const DeleteScheduleResponseSchema: GenMessage<DeleteScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 12);
+
+/**
+ * @generated from message rexmesh.v1.RunScheduleRequest
+ */
+export type RunScheduleRequest = Message<"rexmesh.v1.RunScheduleRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.RunScheduleRequest.
+ * Use `create(RunScheduleRequestSchema)` to create a new message.
+ */
+export const RunScheduleRequestSchema: GenMessage<RunScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 13);
+
+/**
+ * @generated from message rexmesh.v1.RunScheduleResponse
+ */
+export type RunScheduleResponse = Message<"rexmesh.v1.RunScheduleResponse"> & {
+  /**
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message rexmesh.v1.RunScheduleResponse.
+ * Use `create(RunScheduleResponseSchema)` to create a new message.
+ */
+export const RunScheduleResponseSchema: GenMessage<RunScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_controller, 14);
 
 /**
  * @generated from message rexmesh.v1.Host
@@ -81,7 +449,7 @@ export type Host = Message<"rexmesh.v1.Host"> & {
  * Use `create(HostSchema)` to create a new message.
  */
 export const HostSchema: GenMessage<Host> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 0);
+  messageDesc(file_rexmesh_v1_controller, 15);
 
 /**
  * @generated from message rexmesh.v1.ListHostsRequest
@@ -101,7 +469,7 @@ export type ListHostsRequest = Message<"rexmesh.v1.ListHostsRequest"> & {
  * Use `create(ListHostsRequestSchema)` to create a new message.
  */
 export const ListHostsRequestSchema: GenMessage<ListHostsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 1);
+  messageDesc(file_rexmesh_v1_controller, 16);
 
 /**
  * @generated from message rexmesh.v1.ListHostsResponse
@@ -118,7 +486,7 @@ export type ListHostsResponse = Message<"rexmesh.v1.ListHostsResponse"> & {
  * Use `create(ListHostsResponseSchema)` to create a new message.
  */
 export const ListHostsResponseSchema: GenMessage<ListHostsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 2);
+  messageDesc(file_rexmesh_v1_controller, 17);
 
 /**
  * @generated from message rexmesh.v1.ListHostTasksRequest
@@ -156,7 +524,7 @@ export type ListHostTasksRequest = Message<"rexmesh.v1.ListHostTasksRequest"> & 
  * Use `create(ListHostTasksRequestSchema)` to create a new message.
  */
 export const ListHostTasksRequestSchema: GenMessage<ListHostTasksRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 3);
+  messageDesc(file_rexmesh_v1_controller, 18);
 
 /**
  * @generated from message rexmesh.v1.ListHostTasksResponse
@@ -180,7 +548,7 @@ export type ListHostTasksResponse = Message<"rexmesh.v1.ListHostTasksResponse"> 
  * Use `create(ListHostTasksResponseSchema)` to create a new message.
  */
 export const ListHostTasksResponseSchema: GenMessage<ListHostTasksResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 4);
+  messageDesc(file_rexmesh_v1_controller, 19);
 
 /**
  * @generated from message rexmesh.v1.HostTask
@@ -221,7 +589,7 @@ export type HostTask = Message<"rexmesh.v1.HostTask"> & {
  * Use `create(HostTaskSchema)` to create a new message.
  */
 export const HostTaskSchema: GenMessage<HostTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 5);
+  messageDesc(file_rexmesh_v1_controller, 20);
 
 /**
  * @generated from message rexmesh.v1.SubmitJobRequest
@@ -362,7 +730,7 @@ export type SubmitJobRequest = Message<"rexmesh.v1.SubmitJobRequest"> & {
  * Use `create(SubmitJobRequestSchema)` to create a new message.
  */
 export const SubmitJobRequestSchema: GenMessage<SubmitJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 6);
+  messageDesc(file_rexmesh_v1_controller, 21);
 
 /**
  * How fast a job fans out. A limit given as a percentage is of the job's task count.
@@ -414,7 +782,7 @@ export type RateControl = Message<"rexmesh.v1.RateControl"> & {
  * Use `create(RateControlSchema)` to create a new message.
  */
 export const RateControlSchema: GenMessage<RateControl> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 7);
+  messageDesc(file_rexmesh_v1_controller, 22);
 
 /**
  * @generated from message rexmesh.v1.SubmitJobResponse
@@ -440,7 +808,7 @@ export type SubmitJobResponse = Message<"rexmesh.v1.SubmitJobResponse"> & {
  * Use `create(SubmitJobResponseSchema)` to create a new message.
  */
 export const SubmitJobResponseSchema: GenMessage<SubmitJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 8);
+  messageDesc(file_rexmesh_v1_controller, 23);
 
 /**
  * What one host would run, as shown by a dry run (sensitive parameters redacted).
@@ -490,7 +858,7 @@ export type PlannedTask = Message<"rexmesh.v1.PlannedTask"> & {
  * Use `create(PlannedTaskSchema)` to create a new message.
  */
 export const PlannedTaskSchema: GenMessage<PlannedTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 9);
+  messageDesc(file_rexmesh_v1_controller, 24);
 
 /**
  * @generated from message rexmesh.v1.TaskStateCount
@@ -512,7 +880,7 @@ export type TaskStateCount = Message<"rexmesh.v1.TaskStateCount"> & {
  * Use `create(TaskStateCountSchema)` to create a new message.
  */
 export const TaskStateCountSchema: GenMessage<TaskStateCount> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 10);
+  messageDesc(file_rexmesh_v1_controller, 25);
 
 /**
  * @generated from message rexmesh.v1.Job
@@ -590,7 +958,7 @@ export type Job = Message<"rexmesh.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 11);
+  messageDesc(file_rexmesh_v1_controller, 26);
 
 /**
  * A task as the client sees it.
@@ -705,7 +1073,7 @@ export type Task = Message<"rexmesh.v1.Task"> & {
  * Use `create(TaskSchema)` to create a new message.
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 12);
+  messageDesc(file_rexmesh_v1_controller, 27);
 
 /**
  * What the host said about a task after the controller had ended it.
@@ -744,7 +1112,7 @@ export type LateReport = Message<"rexmesh.v1.LateReport"> & {
  * Use `create(LateReportSchema)` to create a new message.
  */
 export const LateReportSchema: GenMessage<LateReport> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 13);
+  messageDesc(file_rexmesh_v1_controller, 28);
 
 /**
  * @generated from message rexmesh.v1.GetJobRequest
@@ -761,7 +1129,7 @@ export type GetJobRequest = Message<"rexmesh.v1.GetJobRequest"> & {
  * Use `create(GetJobRequestSchema)` to create a new message.
  */
 export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 14);
+  messageDesc(file_rexmesh_v1_controller, 29);
 
 /**
  * @generated from message rexmesh.v1.GetJobResponse
@@ -783,7 +1151,7 @@ export type GetJobResponse = Message<"rexmesh.v1.GetJobResponse"> & {
  * Use `create(GetJobResponseSchema)` to create a new message.
  */
 export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 15);
+  messageDesc(file_rexmesh_v1_controller, 30);
 
 /**
  * @generated from message rexmesh.v1.WatchJobRequest
@@ -807,7 +1175,7 @@ export type WatchJobRequest = Message<"rexmesh.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 16);
+  messageDesc(file_rexmesh_v1_controller, 31);
 
 /**
  * Every response is a batch of what changed since the previous one.
@@ -836,7 +1204,7 @@ export type WatchJobResponse = Message<"rexmesh.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 17);
+  messageDesc(file_rexmesh_v1_controller, 32);
 
 /**
  * @generated from message rexmesh.v1.ListJobsRequest
@@ -855,7 +1223,7 @@ export type ListJobsRequest = Message<"rexmesh.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 18);
+  messageDesc(file_rexmesh_v1_controller, 33);
 
 /**
  * @generated from message rexmesh.v1.ListJobsResponse
@@ -872,7 +1240,7 @@ export type ListJobsResponse = Message<"rexmesh.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 19);
+  messageDesc(file_rexmesh_v1_controller, 34);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleRequest
@@ -889,7 +1257,7 @@ export type ExportBundleRequest = Message<"rexmesh.v1.ExportBundleRequest"> & {
  * Use `create(ExportBundleRequestSchema)` to create a new message.
  */
 export const ExportBundleRequestSchema: GenMessage<ExportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 20);
+  messageDesc(file_rexmesh_v1_controller, 35);
 
 /**
  * @generated from message rexmesh.v1.ExportBundleResponse
@@ -913,7 +1281,7 @@ export type ExportBundleResponse = Message<"rexmesh.v1.ExportBundleResponse"> & 
  * Use `create(ExportBundleResponseSchema)` to create a new message.
  */
 export const ExportBundleResponseSchema: GenMessage<ExportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 21);
+  messageDesc(file_rexmesh_v1_controller, 36);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleRequest
@@ -930,7 +1298,7 @@ export type ImportBundleRequest = Message<"rexmesh.v1.ImportBundleRequest"> & {
  * Use `create(ImportBundleRequestSchema)` to create a new message.
  */
 export const ImportBundleRequestSchema: GenMessage<ImportBundleRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 22);
+  messageDesc(file_rexmesh_v1_controller, 37);
 
 /**
  * @generated from message rexmesh.v1.ImportBundleResponse
@@ -957,7 +1325,7 @@ export type ImportBundleResponse = Message<"rexmesh.v1.ImportBundleResponse"> & 
  * Use `create(ImportBundleResponseSchema)` to create a new message.
  */
 export const ImportBundleResponseSchema: GenMessage<ImportBundleResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 23);
+  messageDesc(file_rexmesh_v1_controller, 38);
 
 /**
  * @generated from message rexmesh.v1.CancelJobRequest
@@ -974,7 +1342,7 @@ export type CancelJobRequest = Message<"rexmesh.v1.CancelJobRequest"> & {
  * Use `create(CancelJobRequestSchema)` to create a new message.
  */
 export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 24);
+  messageDesc(file_rexmesh_v1_controller, 39);
 
 /**
  * @generated from message rexmesh.v1.CancelJobResponse
@@ -991,7 +1359,7 @@ export type CancelJobResponse = Message<"rexmesh.v1.CancelJobResponse"> & {
  * Use `create(CancelJobResponseSchema)` to create a new message.
  */
 export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 25);
+  messageDesc(file_rexmesh_v1_controller, 40);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsRequest
@@ -1022,7 +1390,7 @@ export type SetHostLabelsRequest = Message<"rexmesh.v1.SetHostLabelsRequest"> & 
  * Use `create(SetHostLabelsRequestSchema)` to create a new message.
  */
 export const SetHostLabelsRequestSchema: GenMessage<SetHostLabelsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 26);
+  messageDesc(file_rexmesh_v1_controller, 41);
 
 /**
  * @generated from message rexmesh.v1.SetHostLabelsResponse
@@ -1039,7 +1407,7 @@ export type SetHostLabelsResponse = Message<"rexmesh.v1.SetHostLabelsResponse"> 
  * Use `create(SetHostLabelsResponseSchema)` to create a new message.
  */
 export const SetHostLabelsResponseSchema: GenMessage<SetHostLabelsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 27);
+  messageDesc(file_rexmesh_v1_controller, 42);
 
 /**
  * @generated from message rexmesh.v1.ListAuditRequest
@@ -1065,7 +1433,7 @@ export type ListAuditRequest = Message<"rexmesh.v1.ListAuditRequest"> & {
  * Use `create(ListAuditRequestSchema)` to create a new message.
  */
 export const ListAuditRequestSchema: GenMessage<ListAuditRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 28);
+  messageDesc(file_rexmesh_v1_controller, 43);
 
 /**
  * @generated from message rexmesh.v1.ListAuditResponse
@@ -1082,7 +1450,7 @@ export type ListAuditResponse = Message<"rexmesh.v1.ListAuditResponse"> & {
  * Use `create(ListAuditResponseSchema)` to create a new message.
  */
 export const ListAuditResponseSchema: GenMessage<ListAuditResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 29);
+  messageDesc(file_rexmesh_v1_controller, 44);
 
 /**
  * One entry of the audit log: who did what, where, and what was decided.
@@ -1163,7 +1531,7 @@ export type AuditEvent = Message<"rexmesh.v1.AuditEvent"> & {
  * Use `create(AuditEventSchema)` to create a new message.
  */
 export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 30);
+  messageDesc(file_rexmesh_v1_controller, 45);
 
 /**
  * A named, versioned command specification (docs/documents.md).
@@ -1211,7 +1579,7 @@ export type Document = Message<"rexmesh.v1.Document"> & {
  * Use `create(DocumentSchema)` to create a new message.
  */
 export const DocumentSchema: GenMessage<Document> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 31);
+  messageDesc(file_rexmesh_v1_controller, 46);
 
 /**
  * @generated from message rexmesh.v1.PutDocumentRequest
@@ -1230,7 +1598,7 @@ export type PutDocumentRequest = Message<"rexmesh.v1.PutDocumentRequest"> & {
  * Use `create(PutDocumentRequestSchema)` to create a new message.
  */
 export const PutDocumentRequestSchema: GenMessage<PutDocumentRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 32);
+  messageDesc(file_rexmesh_v1_controller, 47);
 
 /**
  * @generated from message rexmesh.v1.PutDocumentResponse
@@ -1256,7 +1624,7 @@ export type PutDocumentResponse = Message<"rexmesh.v1.PutDocumentResponse"> & {
  * Use `create(PutDocumentResponseSchema)` to create a new message.
  */
 export const PutDocumentResponseSchema: GenMessage<PutDocumentResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 33);
+  messageDesc(file_rexmesh_v1_controller, 48);
 
 /**
  * @generated from message rexmesh.v1.GetDocumentRequest
@@ -1275,7 +1643,7 @@ export type GetDocumentRequest = Message<"rexmesh.v1.GetDocumentRequest"> & {
  * Use `create(GetDocumentRequestSchema)` to create a new message.
  */
 export const GetDocumentRequestSchema: GenMessage<GetDocumentRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 34);
+  messageDesc(file_rexmesh_v1_controller, 49);
 
 /**
  * @generated from message rexmesh.v1.GetDocumentResponse
@@ -1292,7 +1660,7 @@ export type GetDocumentResponse = Message<"rexmesh.v1.GetDocumentResponse"> & {
  * Use `create(GetDocumentResponseSchema)` to create a new message.
  */
 export const GetDocumentResponseSchema: GenMessage<GetDocumentResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 35);
+  messageDesc(file_rexmesh_v1_controller, 50);
 
 /**
  * @generated from message rexmesh.v1.ListDocumentsRequest
@@ -1305,7 +1673,7 @@ export type ListDocumentsRequest = Message<"rexmesh.v1.ListDocumentsRequest"> & 
  * Use `create(ListDocumentsRequestSchema)` to create a new message.
  */
 export const ListDocumentsRequestSchema: GenMessage<ListDocumentsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 36);
+  messageDesc(file_rexmesh_v1_controller, 51);
 
 /**
  * @generated from message rexmesh.v1.ListDocumentsResponse
@@ -1322,7 +1690,7 @@ export type ListDocumentsResponse = Message<"rexmesh.v1.ListDocumentsResponse"> 
  * Use `create(ListDocumentsResponseSchema)` to create a new message.
  */
 export const ListDocumentsResponseSchema: GenMessage<ListDocumentsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 37);
+  messageDesc(file_rexmesh_v1_controller, 52);
 
 /**
  * @generated from message rexmesh.v1.SessionRequest
@@ -1346,7 +1714,7 @@ export type SessionRequest = Message<"rexmesh.v1.SessionRequest"> & {
  * Use `create(SessionRequestSchema)` to create a new message.
  */
 export const SessionRequestSchema: GenMessage<SessionRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 38);
+  messageDesc(file_rexmesh_v1_controller, 53);
 
 /**
  * @generated from message rexmesh.v1.SessionOpen
@@ -1368,7 +1736,7 @@ export type SessionOpen = Message<"rexmesh.v1.SessionOpen"> & {
  * Use `create(SessionOpenSchema)` to create a new message.
  */
 export const SessionOpenSchema: GenMessage<SessionOpen> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 39);
+  messageDesc(file_rexmesh_v1_controller, 54);
 
 /**
  * @generated from message rexmesh.v1.SessionResponse
@@ -1392,7 +1760,7 @@ export type SessionResponse = Message<"rexmesh.v1.SessionResponse"> & {
  * Use `create(SessionResponseSchema)` to create a new message.
  */
 export const SessionResponseSchema: GenMessage<SessionResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 40);
+  messageDesc(file_rexmesh_v1_controller, 55);
 
 /**
  * @generated from message rexmesh.v1.SessionStarted
@@ -1428,7 +1796,7 @@ export type SessionStarted = Message<"rexmesh.v1.SessionStarted"> & {
  * Use `create(SessionStartedSchema)` to create a new message.
  */
 export const SessionStartedSchema: GenMessage<SessionStarted> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 41);
+  messageDesc(file_rexmesh_v1_controller, 56);
 
 /**
  * @generated from message rexmesh.v1.ListSessionsRequest
@@ -1447,7 +1815,7 @@ export type ListSessionsRequest = Message<"rexmesh.v1.ListSessionsRequest"> & {
  * Use `create(ListSessionsRequestSchema)` to create a new message.
  */
 export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 42);
+  messageDesc(file_rexmesh_v1_controller, 57);
 
 /**
  * @generated from message rexmesh.v1.ListSessionsResponse
@@ -1464,7 +1832,7 @@ export type ListSessionsResponse = Message<"rexmesh.v1.ListSessionsResponse"> & 
  * Use `create(ListSessionsResponseSchema)` to create a new message.
  */
 export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 43);
+  messageDesc(file_rexmesh_v1_controller, 58);
 
 /**
  * @generated from message rexmesh.v1.SessionInfo
@@ -1548,7 +1916,7 @@ export type SessionInfo = Message<"rexmesh.v1.SessionInfo"> & {
  * Use `create(SessionInfoSchema)` to create a new message.
  */
 export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 44);
+  messageDesc(file_rexmesh_v1_controller, 59);
 
 /**
  * @generated from message rexmesh.v1.GetSessionRecordingRequest
@@ -1565,7 +1933,7 @@ export type GetSessionRecordingRequest = Message<"rexmesh.v1.GetSessionRecording
  * Use `create(GetSessionRecordingRequestSchema)` to create a new message.
  */
 export const GetSessionRecordingRequestSchema: GenMessage<GetSessionRecordingRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 45);
+  messageDesc(file_rexmesh_v1_controller, 60);
 
 /**
  * @generated from message rexmesh.v1.GetSessionRecordingResponse
@@ -1589,7 +1957,7 @@ export type GetSessionRecordingResponse = Message<"rexmesh.v1.GetSessionRecordin
  * Use `create(GetSessionRecordingResponseSchema)` to create a new message.
  */
 export const GetSessionRecordingResponseSchema: GenMessage<GetSessionRecordingResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 46);
+  messageDesc(file_rexmesh_v1_controller, 61);
 
 /**
  * Bytes of a session as they passed the controller, in order.
@@ -1634,7 +2002,7 @@ export type SessionRecordingEvent = Message<"rexmesh.v1.SessionRecordingEvent"> 
  * Use `create(SessionRecordingEventSchema)` to create a new message.
  */
 export const SessionRecordingEventSchema: GenMessage<SessionRecordingEvent> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 47);
+  messageDesc(file_rexmesh_v1_controller, 62);
 
 /**
  * @generated from message rexmesh.v1.JoinSessionRequest
@@ -1651,7 +2019,7 @@ export type JoinSessionRequest = Message<"rexmesh.v1.JoinSessionRequest"> & {
  * Use `create(JoinSessionRequestSchema)` to create a new message.
  */
 export const JoinSessionRequestSchema: GenMessage<JoinSessionRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 48);
+  messageDesc(file_rexmesh_v1_controller, 63);
 
 /**
  * @generated from message rexmesh.v1.JoinSessionResponse
@@ -1684,7 +2052,80 @@ export type JoinSessionResponse = Message<"rexmesh.v1.JoinSessionResponse"> & {
  * Use `create(JoinSessionResponseSchema)` to create a new message.
  */
 export const JoinSessionResponseSchema: GenMessage<JoinSessionResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_controller, 49);
+  messageDesc(file_rexmesh_v1_controller, 64);
+
+/**
+ * What happens to firings missed by more than the grace window (the
+ * controller was down): none runs, one runs for all, or each runs.
+ *
+ * @generated from enum rexmesh.v1.Misfire
+ */
+export enum Misfire {
+  /**
+   * ONCE.
+   *
+   * @generated from enum value: MISFIRE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: MISFIRE_SKIP = 1;
+   */
+  SKIP = 1,
+
+  /**
+   * @generated from enum value: MISFIRE_ONCE = 2;
+   */
+  ONCE = 2,
+
+  /**
+   * @generated from enum value: MISFIRE_ALL = 3;
+   */
+  ALL = 3,
+}
+
+/**
+ * Describes the enum rexmesh.v1.Misfire.
+ */
+export const MisfireSchema: GenEnum<Misfire> = /*@__PURE__*/
+  enumDesc(file_rexmesh_v1_controller, 0);
+
+/**
+ * What a firing does while the previous firing's job still runs.
+ *
+ * @generated from enum rexmesh.v1.Overlap
+ */
+export enum Overlap {
+  /**
+   * SKIP.
+   *
+   * @generated from enum value: OVERLAP_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: OVERLAP_ALLOW = 1;
+   */
+  ALLOW = 1,
+
+  /**
+   * @generated from enum value: OVERLAP_SKIP = 2;
+   */
+  SKIP = 2,
+
+  /**
+   * Waits for it to end (at most 10 waiting; more are skipped).
+   *
+   * @generated from enum value: OVERLAP_QUEUE = 3;
+   */
+  QUEUE = 3,
+}
+
+/**
+ * Describes the enum rexmesh.v1.Overlap.
+ */
+export const OverlapSchema: GenEnum<Overlap> = /*@__PURE__*/
+  enumDesc(file_rexmesh_v1_controller, 1);
 
 /**
  * @generated from enum rexmesh.v1.ConnectionState
@@ -1718,7 +2159,7 @@ export enum ConnectionState {
  * Describes the enum rexmesh.v1.ConnectionState.
  */
 export const ConnectionStateSchema: GenEnum<ConnectionState> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 0);
+  enumDesc(file_rexmesh_v1_controller, 2);
 
 /**
  * Where an instruction stands in its host's queue.
@@ -1764,7 +2205,7 @@ export enum QueueStage {
  * Describes the enum rexmesh.v1.QueueStage.
  */
 export const QueueStageSchema: GenEnum<QueueStage> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 1);
+  enumDesc(file_rexmesh_v1_controller, 3);
 
 /**
  * @generated from enum rexmesh.v1.JobState
@@ -1794,7 +2235,7 @@ export enum JobState {
  * Describes the enum rexmesh.v1.JobState.
  */
 export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 2);
+  enumDesc(file_rexmesh_v1_controller, 4);
 
 /**
  * The check of a task's end against its host's signature.
@@ -1854,7 +2295,7 @@ export enum ResultCheck {
  * Describes the enum rexmesh.v1.ResultCheck.
  */
 export const ResultCheckSchema: GenEnum<ResultCheck> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 3);
+  enumDesc(file_rexmesh_v1_controller, 5);
 
 /**
  * @generated from enum rexmesh.v1.AuditDecision
@@ -1891,7 +2332,7 @@ export enum AuditDecision {
  * Describes the enum rexmesh.v1.AuditDecision.
  */
 export const AuditDecisionSchema: GenEnum<AuditDecision> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 4);
+  enumDesc(file_rexmesh_v1_controller, 6);
 
 /**
  * @generated from enum rexmesh.v1.RecordingState
@@ -1936,7 +2377,7 @@ export enum RecordingState {
  * Describes the enum rexmesh.v1.RecordingState.
  */
 export const RecordingStateSchema: GenEnum<RecordingState> = /*@__PURE__*/
-  enumDesc(file_rexmesh_v1_controller, 5);
+  enumDesc(file_rexmesh_v1_controller, 7);
 
 /**
  * The public API of rexmesh, served by the controller over HTTP/2 with TLS
@@ -2143,6 +2584,62 @@ export const ControllerService: GenService<{
     methodKind: "unary";
     input: typeof ListHostTasksRequestSchema;
     output: typeof ListHostTasksResponseSchema;
+  },
+  /**
+   * Schedules (docs/schedules.md): a job submitted by a cron expression in
+   * a time zone, each firing an ordinary job of the operator who created
+   * the schedule, authorized when it fires.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.CreateSchedule
+   */
+  createSchedule: {
+    methodKind: "unary";
+    input: typeof CreateScheduleRequestSchema;
+    output: typeof CreateScheduleResponseSchema;
+  },
+  /**
+   * @generated from rpc rexmesh.v1.ControllerService.ListSchedules
+   */
+  listSchedules: {
+    methodKind: "unary";
+    input: typeof ListSchedulesRequestSchema;
+    output: typeof ListSchedulesResponseSchema;
+  },
+  /**
+   * @generated from rpc rexmesh.v1.ControllerService.GetSchedule
+   */
+  getSchedule: {
+    methodKind: "unary";
+    input: typeof GetScheduleRequestSchema;
+    output: typeof GetScheduleResponseSchema;
+  },
+  /**
+   * Pauses (no firing runs, none is made up later) or resumes a schedule.
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.PauseSchedule
+   */
+  pauseSchedule: {
+    methodKind: "unary";
+    input: typeof PauseScheduleRequestSchema;
+    output: typeof PauseScheduleResponseSchema;
+  },
+  /**
+   * @generated from rpc rexmesh.v1.ControllerService.DeleteSchedule
+   */
+  deleteSchedule: {
+    methodKind: "unary";
+    input: typeof DeleteScheduleRequestSchema;
+    output: typeof DeleteScheduleResponseSchema;
+  },
+  /**
+   * A firing now, besides those of the expression (overlap does not apply).
+   *
+   * @generated from rpc rexmesh.v1.ControllerService.RunSchedule
+   */
+  runSchedule: {
+    methodKind: "unary";
+    input: typeof RunScheduleRequestSchema;
+    output: typeof RunScheduleResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_controller, 0);
