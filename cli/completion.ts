@@ -4,7 +4,7 @@ import type { Io } from "./operator.js";
 /** Commands and the words that may follow them, for shell completion. */
 const TREE: Record<string, string[]> = {
   run: ["--hosts", "--all", "--target", "--shell", "--timeout", "--deadline", "--env", "--cwd", "--stdin", "--json", "--detach", "--concurrency", "--concurrency-per-region", "--max-errors", "--batch", "--output-limit", "--doc", "--param", "--dry-run", "--script", "--put", "--to", "--base-dir", "--mode", "--idempotency-key", "--help"],
-  hosts: ["label", "revoke", "--target", "--json", "--help"],
+  hosts: ["label", "queue", "revoke", "--target", "--unfinished", "--limit", "--page", "--json", "--help"],
   jobs: ["show", "watch", "cancel", "--json", "--help"],
   proxies: ["revoke"],
   operators: ["revoke"],
@@ -23,6 +23,7 @@ const TREE: Record<string, string[]> = {
   shell: ["--tty", "--no-tty", "--help"],
   forward: ["--help"],
   sessions: ["play", "join", "--limit", "--speed", "--input", "--json", "--help"],
+  schedules: ["add", "list", "show", "pause", "resume", "remove", "run-now", "--cron", "--tz", "--misfire", "--grace", "--overlap", "--json", "--help"],
 };
 
 function bash(): string {

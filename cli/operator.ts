@@ -3,7 +3,7 @@ import { create, toJson } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
-import { ConnectionState, QueueStage, SubmitJobRequestSchema, type PlannedTask } from "../gen/rexmesh/v1/controller_pb.js";
+import { ConnectionState, QueueStage, SubmitJobRequestSchema, type PlannedTask, type SubmitJobRequest } from "../gen/rexmesh/v1/controller_pb.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { helpText, parse, positiveDuration, targetQuery, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
@@ -23,7 +23,7 @@ export interface Io {
   signal: AbortSignal;
 }
 
-const runOptions: Record<string, OptionSpec> = {
+export const runOptions: Record<string, OptionSpec> = {
   hosts: { type: "string", short: "H", doc: "comma-separated host ids to run on", value: "IDS" },
   all: { type: "boolean", short: "a", doc: "run on every host of your tenant" },
   target: { type: "string", short: "t", doc: "run on the hosts matching a query, e.g. 'env=prod and role in (web,db)'", value: "QUERY" },
@@ -79,12 +79,45 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     return 0;
   }
   if (p.positionals.length > 0) throw new InvalidArgumentError(`unexpected ${JSON.stringify(p.positionals[0])}: put the command after --`);
+  const { hostIds } = jobTarget(v);
+  if (v.stdin === "-") return liveStdinRun(v, hostIds, p.rest);
+  const { req, document, given } = buildJobRequest(v, p.rest);
+  const { client, close } = operatorClient(v);
+  try {
+    if (document) await refuseRepeated(client, document, given, io.signal);
+    const { job, plan } = await client.submitJob(req, { signal: io.signal });
+    if (req.dryRun) {
+      printPlan(plan, Boolean(v.json), io);
+      return 0;
+    }
+    if (!job) throw new Error("the controller returned no job");
+    if (v.detach) {
+      io.out(v.json ? JSON.stringify({ type: "job", job: jobJson(job) }) + "\n" : `${job.id}\n`);
+      return 0;
+    }
+    return await watch(client, job.id, Boolean(v.json), io, Boolean(v.group));
+  } finally {
+    close();
+  }
+}
+
+/** Where a job runs, from -H, --all or -t: exactly one of them. */
+export function jobTarget(v: Record<string, unknown>): { hostIds: string[]; target: string | undefined } {
   const hostIds = typeof v.hosts === "string" ? v.hosts.split(",").map((s) => s.trim()).filter(Boolean) : [];
   const target = targetQuery(v.target);
   const ways = (v.all ? 1 : 0) + (hostIds.length > 0 ? 1 : 0) + (target !== undefined ? 1 : 0);
   if (ways === 0) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
   if (ways > 1) throw new InvalidArgumentError("--hosts, --all and --target cannot be used together");
-  if (v.stdin === "-") return liveStdinRun(v, hostIds, p.rest);
+  return { hostIds, target };
+}
+
+/**
+ * The SubmitJob request that `run`'s options describe (and a schedule's
+ * job, `schedules add`): the target, the step or document and its
+ * parameters, the job's options. `rest` is what came after --.
+ */
+export function buildJobRequest(v: Record<string, unknown>, rest: string[]): { req: SubmitJobRequest; document: string; given: Map<string, string[]> } {
+  const { hostIds, target } = jobTarget(v);
   const parameters: Record<string, string> = {};
   const given = new Map<string, string[]>();
   for (const kv of (v.param as string[] | undefined) ?? []) {
@@ -98,21 +131,21 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const document = typeof v.doc === "string" ? v.doc : "";
   if (given.size > 0 && !document) throw new InvalidArgumentError("-p is for document parameters: add --doc NAME");
   const alts = (v.alt as string[] | undefined) ?? [];
-  let step = document || alts.length > 0 ? undefined : artifactStep(v, p.rest);
+  let step = document || alts.length > 0 ? undefined : artifactStep(v, rest);
   if (alts.length > 0) {
-    if (document || typeof v.shell === "string" || p.rest.length > 0 || v.script !== undefined || v.put !== undefined) {
+    if (document || typeof v.shell === "string" || rest.length > 0 || v.script !== undefined || v.put !== undefined) {
       throw new InvalidArgumentError("--alt gives the whole step: leave out --doc, --shell, --script, --put and a command after --");
     }
   } else if (document) {
-    if (typeof v.shell === "string" || p.rest.length > 0) throw new InvalidArgumentError("give either --doc or a command (after --, --shell, --script or --put), not both");
+    if (typeof v.shell === "string" || rest.length > 0) throw new InvalidArgumentError("give either --doc or a command (after --, --shell, --script or --put), not both");
   } else if (step !== undefined) {
     if (typeof v.shell === "string") throw new InvalidArgumentError("--shell cannot be combined with --script or --put");
   } else if (typeof v.shell === "string") {
-    if (p.rest.length > 0) throw new InvalidArgumentError("give either --shell SCRIPT or a command after --, not both");
+    if (rest.length > 0) throw new InvalidArgumentError("give either --shell SCRIPT or a command after --, not both");
     step = create(StepSchema, { tool: { case: "shell", value: { script: v.shell } } });
   } else {
-    if (p.rest.length === 0) throw new InvalidArgumentError("no command: put it after --, e.g. rexmesh run --all -- uptime");
-    step = create(StepSchema, { tool: { case: "exec", value: { argv: p.rest } } });
+    if (rest.length === 0) throw new InvalidArgumentError("no command: put it after --, e.g. rexmesh run --all -- uptime");
+    step = create(StepSchema, { tool: { case: "exec", value: { argv: rest } } });
   }
   const env: Record<string, string> = {};
   for (const kv of (v.env as string[] | undefined) ?? []) {
@@ -163,23 +196,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     lostAfter: duration(positiveDuration(v.lostAfter, "--lost-after", "the controller's default")),
     idempotencyKey: (v.idempotencyKey as string | undefined) ?? "",
   });
-  const { client, close } = operatorClient(v);
-  try {
-    if (document) await refuseRepeated(client, document, given, io.signal);
-    const { job, plan } = await client.submitJob(req, { signal: io.signal });
-    if (req.dryRun) {
-      printPlan(plan, Boolean(v.json), io);
-      return 0;
-    }
-    if (!job) throw new Error("the controller returned no job");
-    if (v.detach) {
-      io.out(v.json ? JSON.stringify({ type: "job", job: jobJson(job) }) + "\n" : `${job.id}\n`);
-      return 0;
-    }
-    return await watch(client, job.id, Boolean(v.json), io, Boolean(v.group));
-  } finally {
-    close();
-  }
+  return { req, document, given };
 }
 
 /** Options of `run` that have no meaning for a live-stdin run (a session, not a job). */
@@ -497,7 +514,7 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
       const { jobs } = await client.listJobs({ limit: 50 }, { signal: io.signal });
       const rows = jobs.map(jobJson);
       if (p.values.json) io.out(JSON.stringify(rows, null, 2) + "\n");
-      else io.out(table([["JOB", "STATE", "CREATED", "TASKS", "COUNTS"], ...rows.map((j) => [j.id, j.state, j.createdAt ?? "", String(j.tasks), Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" ")])]));
+      else io.out(table([["JOB", "STATE", "CREATED", "TASKS", "COUNTS", "SCHEDULE"], ...rows.map((j) => [j.id, j.state, j.createdAt ?? "", String(j.tasks), Object.entries(j.counts).map(([s, n]) => `${s}=${n}`).join(" "), j.schedule ?? ""])]));
       return 0;
     } finally {
       close();

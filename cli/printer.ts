@@ -267,6 +267,7 @@ export function jobJson(j: Job) {
     finishedAt: j.finishedAt ? new Date(timestampMs(j.finishedAt)).toISOString() : undefined,
     tasks: j.taskCount,
     counts: Object.fromEntries(j.counts.map((c) => [stateName(c.state), c.count])),
+    ...(j.schedule ? { schedule: j.schedule } : {}),
   };
 }
 

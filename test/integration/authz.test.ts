@@ -212,6 +212,43 @@ bindings:
     expect(table.stdout).toMatch(/more: rexmesh hosts queue db-1 --page \S+/);
   });
 
+  it("runs a schedule's firings as jobs of its creator, linked to it; pause, run-now and remove; an operator without `schedule` is refused", async () => {
+    type Sched = { name: string; fired: number; paused: boolean; nextRun?: string; lastJobId: string; recent: { jobId: string; note: string }[] };
+    const show = async () => JSON.parse((await asDev(["schedules", "show", "tick", "--json"])).stdout) as Sched;
+    const added = await asDev(["schedules", "add", "tick", "--cron", "*/2 * * * * *", "--tz", "Europe/Berlin", "-H", "web-1", "--", "hostname"]);
+    expect(added.code, added.stderr).toBe(0);
+    expect(added.stdout).toMatch(/^tick: next \d{4}-\d\d-\d\dT/);
+    const fired = await until("two firings of the schedule", async () => {
+      const s = await show();
+      return s.fired >= 2 ? s : undefined;
+    });
+    // Each firing is an ordinary job of the creator, linked to its schedule, that ran.
+    const jobs = JSON.parse((await asDev(["jobs", "--json"])).stdout) as { id: string; schedule?: string; submittedBy: string }[];
+    const linked = jobs.filter((j) => j.schedule === "tick");
+    expect(linked.length).toBeGreaterThanOrEqual(2);
+    expect(linked.every((j) => j.submittedBy === "dev")).toBe(true);
+    const job = JSON.parse((await asDev(["jobs", "show", fired.lastJobId, "--json"])).stdout) as { tasks: { host: string; state: string }[] };
+    expect(job.tasks.map((t) => t.host)).toEqual(["web-1"]);
+    // Paused, it fires no more; run-now still submits one.
+    expect((await asDev(["schedules", "pause", "tick"])).stdout).toBe("tick: paused\n");
+    const before = (await show()).fired;
+    await new Promise((r) => setTimeout(r, 3000));
+    expect((await show()).fired).toBe(before);
+    const now = await asDev(["schedules", "run-now", "tick"]);
+    expect(now.code, now.stderr).toBe(0);
+    expect((await show()).recent.at(-1)).toMatchObject({ jobId: now.stdout.trim(), note: "run now" });
+    // Alice may submit on web hosts, but holds no `schedule`; she sees the schedule (read) and cannot change it.
+    expect((await asAlice(["schedules", "add", "mine", "--cron", "0 * * * *", "-H", "web-1", "--", "hostname"])).stderr).toMatch(/PermissionDenied/);
+    expect((await asAlice(["schedules", "pause", "tick"])).stderr).toMatch(/PermissionDenied/);
+    expect((await asAlice(["schedules", "list", "--json"])).stdout).toContain('"tick"');
+    // Another tenant sees none of it.
+    expect((await asBeta(["schedules", "show", "tick"])).stderr).toMatch(/NotFound/);
+    // A bad expression is refused, naming it.
+    expect((await asDev(["schedules", "add", "bad", "--cron", "61 * * * *", "-H", "web-1", "--", "hostname"])).stderr).toMatch(/InvalidArgument: cron expression "61 \* \* \* \*"/);
+    expect((await asDev(["schedules", "remove", "tick"])).code).toBe(0);
+    expect((await asDev(["schedules"])).stdout).toBe("no schedules\n");
+  });
+
   it("reloads the policy on SIGHUP", async () => {
     writeFileSync(policyFile, policy("role in (web, db)"));
     const before = readFileSync(mesh.controller.logFile, "utf8").split("authorization policy reloaded").length;

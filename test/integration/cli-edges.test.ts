@@ -226,7 +226,7 @@ describe("the CLI's rough edges", () => {
     const list = await cli(["jobs"]);
     expect(list.code, list.stderr).toBe(0);
     const [header, ...rows] = list.stdout.trimEnd().split("\n");
-    expect(header).toMatch(/^JOB +STATE +CREATED +TASKS +COUNTS$/);
+    expect(header).toMatch(/^JOB +STATE +CREATED +TASKS +COUNTS +SCHEDULE$/);
     expect(rows.find((l) => l.startsWith(jobId))).toMatch(new RegExp(`^${jobId} +DONE +\\S+ +3 +.*FAILED=1`));
   });
 
