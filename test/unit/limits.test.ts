@@ -3,7 +3,7 @@ import { create } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { describe, expect, it } from "vitest";
 import { ResourceExhaustedError } from "../../common/errors.js";
-import { clampFacts, ConcurrencyLimit, LIMITS, truncate, TRUNCATED } from "../../common/limits.js";
+import { clampFacts, ConcurrencyLimit, LIMITS, printable, truncate, TRUNCATED } from "../../common/limits.js";
 import { Inventory } from "../../controller/inventory.js";
 import type { HostRecord } from "../../controller/model.js";
 import { checkEnv, checkSubmitLimits } from "../../controller/request-limits.js";
@@ -87,5 +87,13 @@ describe("the limits module", () => {
     expect(() => checkSubmitLimits(create(SubmitJobRequestSchema, { stdin: new Uint8Array(LIMITS.stdinBytes + 1) }))).toThrow(/stdin/);
     expect(() => checkSubmitLimits(create(SubmitJobRequestSchema, { parameters: { p: "x".repeat(LIMITS.paramGivenBytes + 1) } }))).toThrow(/parameter p/);
     expect(() => checkSubmitLimits(create(SubmitJobRequestSchema, { hostIds: ["h1"], target: "x".repeat(LIMITS.queryChars + 1) }))).toThrow(/target/);
+  });
+});
+
+describe("text a peer says, printed on a terminal", () => {
+  it("has its control characters made harmless: no escape sequence reaches the operator's screen", () => {
+    expect(printable("cut (\x1b]0;pwned\x07\x1b[2J)\r\nnext")).toBe("cut (\ufffd]0;pwned\ufffd\ufffd[2J)\ufffd\ufffdnext");
+    expect(printable("proxy px1 — 30 s")).toBe("proxy px1 — 30 s");
+    expect(printable("\u009b31m")).toBe("\ufffd31m");
   });
 });
