@@ -128,10 +128,12 @@ export class OperatorAccess {
   async createSchedule(caller: PeerIdentity, spec: ScheduleSpec): Promise<ScheduleRecord> {
     const s = this.scheduling();
     const rec = newSchedule(caller, spec, s.clock.now());
-    if (s.store.get(caller.scope, rec.name)) throw new AlreadyExistsError(`schedule ${JSON.stringify(rec.name)} exists already`);
-    if (s.store.all().filter((r) => r.tenant === caller.scope).length >= LIMITS.schedulesPerTenant) throw new ResourceExhaustedError(`the tenant has ${LIMITS.schedulesPerTenant} schedules already`);
     await this.dryRun(caller, submitRequestOf(spec.job!));
-    await s.store.put(rec);
+    await s.scheduler.exclusive(async () => {
+      if (s.store.get(caller.scope, rec.name)) throw new AlreadyExistsError(`schedule ${JSON.stringify(rec.name)} exists already`);
+      if (s.store.all().filter((r) => r.tenant === caller.scope).length >= LIMITS.schedulesPerTenant) throw new ResourceExhaustedError(`the tenant has ${LIMITS.schedulesPerTenant} schedules already`);
+      await s.store.put(rec);
+    });
     await s.scheduler.wake();
     return rec;
   }
@@ -149,24 +151,28 @@ export class OperatorAccess {
   /** Pauses or resumes: a resumed schedule goes on from now (what would have fired while paused never does). */
   async pauseSchedule(caller: PeerIdentity, name: string, paused: boolean): Promise<ScheduleRecord> {
     const s = this.scheduling();
-    const rec = this.getSchedule(caller, name);
-    if (rec.paused !== paused) {
-      rec.paused = paused;
-      if (!paused) rec.lastAt = Math.max(rec.lastAt, s.clock.now());
-      await s.store.put(rec);
-      await s.scheduler.wake();
-    }
+    const rec = await s.scheduler.exclusive(async () => {
+      const r = this.getSchedule(caller, name);
+      if (r.paused === paused) return r;
+      r.paused = paused;
+      if (!paused) r.lastAt = Math.max(r.lastAt, s.clock.now());
+      await s.store.put(r);
+      return r;
+    });
+    await s.scheduler.wake();
     return rec;
   }
 
   async deleteSchedule(caller: PeerIdentity, name: string): Promise<void> {
     const s = this.scheduling();
-    this.getSchedule(caller, name);
-    await s.store.remove(caller.scope, name);
+    await s.scheduler.exclusive(async () => {
+      this.getSchedule(caller, name);
+      await s.store.remove(caller.scope, name);
+    });
   }
 
   async runSchedule(caller: PeerIdentity, name: string): Promise<string> {
-    return this.scheduling().scheduler.runNow(this.getSchedule(caller, name));
+    return this.scheduling().scheduler.runNow(caller.scope, name);
   }
 
   /**

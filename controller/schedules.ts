@@ -31,7 +31,7 @@ import { Misfire as MisfireProto, Overlap as OverlapProto, ScheduleFiringSchema,
 import type { Database } from "lmdb";
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
-import { InvalidArgumentError } from "../common/errors.js";
+import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import type { Logger } from "../common/logger.js";
 
@@ -255,8 +255,23 @@ export class Scheduler {
   private again = false;
   private stopped = false;
   private readonly crons = new Map<string, Cron>();
+  /** The one writer of schedule records at a time (see exclusive). */
+  private chain: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly deps: SchedulerDeps) {}
+
+  /**
+   * Runs `fn` alone among the writers of schedule records: the scheduler's
+   * handling of one schedule's firings, and an operator's add, pause,
+   * resume, run-now or removal. Each reads the record fresh inside, so
+   * none writes back a copy another changed meanwhile (a pause lost to a
+   * firing that was being submitted, a removed schedule put back).
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.chain.then(fn, fn);
+    this.chain = run.catch(() => undefined);
+    return run;
+  }
 
   start(): void {
     this.wake().catch((err: unknown) => this.deps.log.error("the scheduler failed", { err }));
@@ -278,11 +293,14 @@ export class Scheduler {
     this.working = (async () => {
       do {
         this.again = false;
-        for (const rec of this.deps.store.all()) {
+        for (const { tenant, name } of this.deps.store.all()) {
           try {
-            await this.handle(rec);
+            await this.exclusive(async () => {
+              const rec = this.deps.store.get(tenant, name);
+              if (rec) await this.handle(rec);
+            });
           } catch (err) {
-            this.deps.log.error("a schedule could not be handled", { schedule: rec.name, tenant: rec.tenant, err });
+            this.deps.log.error("a schedule could not be handled", { schedule: name, tenant, err });
           }
         }
       } while (this.again && !this.stopped);
@@ -299,16 +317,19 @@ export class Scheduler {
     return nextFiring(this.cron(rec), Math.max(rec.lastAt, this.deps.clock.now()));
   }
 
-  /** Submits a firing now, outside the expression (run-now); overlap does not apply. */
-  async runNow(rec: ScheduleRecord): Promise<string> {
-    const at = this.deps.clock.now();
-    const jobId = await this.deps.fire(rec, at, `schedule:${rec.name}:${rec.createdAt}:now:${at}`);
-    const fresh = this.deps.store.get(rec.tenant, rec.name) ?? rec;
-    fresh.lastJobId = jobId;
-    fresh.fired++;
-    remember(fresh, { at, jobId, note: "run now" });
-    await this.deps.store.put(fresh);
-    return jobId;
+  /** Submits a firing now, outside the expression (run-now); overlap does not apply. NOT_FOUND once removed. */
+  runNow(tenant: string, name: string): Promise<string> {
+    return this.exclusive(async () => {
+      const rec = this.deps.store.get(tenant, name);
+      if (!rec) throw new NotFoundError(`no schedule ${JSON.stringify(name)}`);
+      const at = this.deps.clock.now();
+      const jobId = await this.deps.fire(rec, at, `schedule:${rec.name}:${rec.createdAt}:now:${at}`);
+      rec.lastJobId = jobId;
+      rec.fired++;
+      remember(rec, { at, jobId, note: "run now" });
+      await this.deps.store.put(rec);
+      return jobId;
+    });
   }
 
   private cron(rec: ScheduleRecord): Cron {

@@ -189,13 +189,19 @@ bindings:
       return JSON.parse(r.stdout) as { host: string; tasks: Row[]; nextPage?: string };
     };
     expect((await asDev(["run", "-H", "db-1", "--", "hostname"])).code).toBe(0);
-    const sleeping = asDev(["run", "-H", "db-1", "--", "sleep", "2"]);
-    const running = await until("a running task in db-1's queue", async () => (await queue(asDev, "db-1")).tasks.find((t) => t.stage === "running"));
-    expect(running).toMatchObject({ what: "exec sleep 2", submittedBy: "dev", state: "RUNNING" });
+    // A task that runs until it is cancelled: the queue is seen while it runs, however slow the machine.
+    const submitted = await asDev(["run", "-H", "db-1", "--detach", "--", "sleep", "300"]);
+    expect(submitted.code, submitted.stderr).toBe(0);
+    const jobId = submitted.stdout.trim();
+    const running = await until("a running task in db-1's queue", async () => (await queue(asDev, "db-1")).tasks.find((t) => t.stage === "running" && t.job === jobId));
+    expect(running).toMatchObject({ what: "exec sleep 300", submittedBy: "dev", state: "RUNNING" });
     expect((await queue(asDev, "db-1", "--unfinished")).tasks.map((t) => t.id)).toEqual([running.id]);
-    expect((await sleeping).code).toBe(0);
-    const after = await queue(asDev, "db-1");
-    expect(after.tasks[0]).toMatchObject({ id: running.id, stage: "finished", state: "SUCCEEDED" });
+    expect((await asDev(["jobs", "cancel", jobId])).code).toBe(0);
+    const after = await until("the cancelled task finished", async () => {
+      const q = await queue(asDev, "db-1");
+      return q.tasks[0]?.stage === "finished" ? q : undefined;
+    });
+    expect(after.tasks[0]).toMatchObject({ id: running.id, stage: "finished", state: "CANCELLED" });
     expect(after.tasks.length).toBeGreaterThan(1);
     expect((await queue(asDev, "db-1", "--unfinished")).tasks).toEqual([]);
     // Pages: the newest first, then the older ones from the token on.

@@ -238,3 +238,28 @@ describe("a firing is submitted exactly once", () => {
     expect(() => cronOf("* * * * *", "Mars/Olympus")).toThrow(/time zone "Mars\/Olympus"/);
   });
 });
+
+describe("one writer at a time", () => {
+  it("a pause given while a firing is being submitted is not lost when the firing is recorded", async () => {
+    const t0 = Date.parse("2026-06-01T10:00:00Z");
+    const clock = new ManualClock(t0 + MIN + 1000);
+    const store = new MemoryScheduleStore();
+    await store.put(schedule({ cron: "* * * * *", createdAt: t0 }));
+    let release!: () => void;
+    const submitted = new Promise<void>((r) => (release = r));
+    const scheduler = new Scheduler({ clock, store, log: silentLogger, fire: async () => (await submitted, "j1"), running: () => false });
+    const woke = scheduler.wake();
+    await flush(2);
+    // The operator pauses while the submit is under way (as controller/access.ts does it).
+    const paused = scheduler.exclusive(async () => {
+      const r = store.get("acme", "nightly")!;
+      r.paused = true;
+      await store.put(r);
+    });
+    release();
+    await woke;
+    await paused;
+    expect(store.get("acme", "nightly")).toMatchObject({ paused: true, fired: 1, lastJobId: "j1" });
+    scheduler.stop();
+  });
+});
