@@ -424,6 +424,7 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
       since: h.since ? new Date(timestampMs(h.since)).toISOString() : undefined,
       os: h.facts ? `${h.facts.os}/${h.facts.arch}` : "",
       hostname: h.facts?.hostname ?? "",
+      version: h.facts?.daemonVersion ?? "",
       labels: { ...h.labels },
     }));
     if (p.values.json) {
@@ -431,7 +432,7 @@ export async function hostsCommand(argv: string[], io: Io): Promise<number> {
       return 0;
     }
     const labelText = (l: Record<string, string>) => Object.entries(l).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, val]) => `${k}=${val}`).join(",");
-    io.out(table([["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.state, r.since ?? "", r.os, labelText(r.labels)])]));
+    io.out(table([["HOST", "REGION", "PROXY", "STATE", "SINCE", "OS", "VERSION", "LABELS"], ...rows.map((r) => [r.id, r.region, r.proxy, r.state, r.since ?? "", r.os, r.version, labelText(r.labels)])]));
     return 0;
   } finally {
     close();
