@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
+import { printable } from "../common/limits.js";
 import { Misfire, Overlap, ScheduleSpecSchema, type Schedule } from "../gen/rexmesh/v1/controller_pb.js";
 import { helpText, parse, positiveDuration, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
@@ -91,6 +92,7 @@ export async function schedulesCommand(argv: string[], io: Io): Promise<number> 
           [
             `schedule ${j.name} (${j.paused ? "paused" : "active"}), by ${j.createdBy} since ${j.createdAt}`,
             `  cron ${JSON.stringify(j.cron)} in ${j.timezone}; misfire ${j.misfire} (grace ${j.graceSeconds} s); overlap ${j.overlap}`,
+            `  runs ${j.what}`,
             `  next ${j.nextRun ?? "-"}; fired ${j.fired}, skipped ${j.skipped}, missed ${j.missed}, waiting ${j.queued}`,
             ...j.recent.map((f) => `  ${f.at}  ${f.jobId || "-"}  ${f.note}`),
           ].join("\n") + "\n",
@@ -171,6 +173,7 @@ function scheduleJson(s: Schedule) {
     skipped: Number(s.skipped),
     missed: Number(s.missed),
     queued: s.queued,
-    recent: s.recent.map((f) => ({ at: at(f.at), jobId: f.jobId, note: f.note })),
+    what: printable(s.what),
+    recent: s.recent.map((f) => ({ at: at(f.at), jobId: f.jobId, note: printable(f.note) })),
   };
 }

@@ -142,6 +142,8 @@ export const LIMITS = {
 
   /** Schedules of one tenant (rexmesh schedules). */
   schedulesPerTenant: 100,
+  /** A schedule's job (SubmitJobRequest, encoded): schedules are read whole on every wake of the scheduler. */
+  scheduleJobBytes: 256 * KiB,
   /** A schedule's cron expression, and its time zone's name. */
   cronChars: 256,
   /** Tasks in one page of a host's queue (ListHostTasks; 50 when not said). */

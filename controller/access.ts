@@ -19,7 +19,7 @@ import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { SubmitJobRequestSchema, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
 import type { Clock } from "../common/clock.js";
-import { newSchedule, type Scheduler, type ScheduleRecord, type ScheduleStore } from "./schedules.js";
+import { newSchedule, SCHEDULE_KEY_PREFIX, type Scheduler, type ScheduleRecord, type ScheduleStore } from "./schedules.js";
 import { submitRequestOf } from "./planner.js";
 import type { SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { checkChars, LIMITS } from "../common/limits.js";
@@ -127,6 +127,11 @@ export class OperatorAccess {
    */
   async createSchedule(caller: PeerIdentity, spec: ScheduleSpec): Promise<ScheduleRecord> {
     const s = this.scheduling();
+    // A document by name is pinned to its newest version now: who may change the document must not change what the schedule runs.
+    if (spec.job?.document && !spec.job.document.includes("@") && this.deps.documents) {
+      const doc = this.deps.documents.get(caller.scope, spec.job.document);
+      spec.job.document = `${doc.name}@${doc.version}`;
+    }
     const rec = newSchedule(caller, spec, s.clock.now());
     await this.dryRun(caller, submitRequestOf(spec.job!));
     await s.scheduler.exclusive(async () => {
@@ -138,19 +143,52 @@ export class OperatorAccess {
     return rec;
   }
 
+  /** The schedules of the caller's tenant it may see: its own, and those whose job's hosts its read roles all cover now. */
   listSchedules(caller: PeerIdentity): ScheduleRecord[] {
-    return this.scheduling().store.all().filter((r) => r.tenant === caller.scope);
+    return this.scheduling()
+      .store.all()
+      .filter((r) => r.tenant === caller.scope && this.maySeeSchedule(caller, r));
   }
 
+  /** A schedule of the caller's tenant it may see; NOT_FOUND otherwise (another's schedule on hosts it does not read looks missing). */
   getSchedule(caller: PeerIdentity, name: string): ScheduleRecord {
     const rec = this.scheduling().store.get(caller.scope, name);
-    if (!rec) throw new NotFoundError(`no schedule ${JSON.stringify(name)}`);
+    if (!rec || !this.maySeeSchedule(caller, rec)) throw new NotFoundError(`no schedule ${JSON.stringify(name)}`);
     return rec;
+  }
+
+  private maySeeSchedule(caller: PeerIdentity, rec: ScheduleRecord): boolean {
+    if (sameIdentity(caller, rec.creator)) return true;
+    const hosts = this.hostsOfRequest(caller, fromBinary(SubmitJobRequestSchema, rec.request));
+    return hosts.length > 0 && this.readable(caller, hosts).length === hosts.length;
+  }
+
+  /** The hosts a job request names now, as records of the caller's tenant (a query that does not parse names none). */
+  private hostsOfRequest(caller: PeerIdentity, req: { hostIds: string[]; allHosts: boolean; target?: string }): HostRecord[] {
+    if (req.hostIds.length > 0) return req.hostIds.map((id) => this.hostFor(caller.scope, id));
+    const all = this.deps.inventory.list(caller.scope);
+    if (req.allHosts) return all;
+    try {
+      return req.target !== undefined ? selectHosts(parseTarget(req.target), all) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  /**
+   * Someone other than a schedule's creator changes or runs it only if it
+   * may submit the schedule's job itself now (a dry run as the caller,
+   * audited as one): `schedule` alone does not lend the creator's rights.
+   */
+  private async mayChangeSchedule(caller: PeerIdentity, rec: ScheduleRecord): Promise<void> {
+    if (sameIdentity(caller, rec.creator)) return;
+    await this.dryRun(caller, submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)));
   }
 
   /** Pauses or resumes: a resumed schedule goes on from now (what would have fired while paused never does). */
   async pauseSchedule(caller: PeerIdentity, name: string, paused: boolean): Promise<ScheduleRecord> {
     const s = this.scheduling();
+    await this.mayChangeSchedule(caller, this.getSchedule(caller, name));
     const rec = await s.scheduler.exclusive(async () => {
       const r = this.getSchedule(caller, name);
       if (r.paused === paused) return r;
@@ -165,6 +203,7 @@ export class OperatorAccess {
 
   async deleteSchedule(caller: PeerIdentity, name: string): Promise<void> {
     const s = this.scheduling();
+    await this.mayChangeSchedule(caller, this.getSchedule(caller, name));
     await s.scheduler.exclusive(async () => {
       this.getSchedule(caller, name);
       await s.store.remove(caller.scope, name);
@@ -172,7 +211,9 @@ export class OperatorAccess {
   }
 
   async runSchedule(caller: PeerIdentity, name: string): Promise<string> {
-    return this.scheduling().scheduler.runNow(caller.scope, name);
+    const rec = this.getSchedule(caller, name);
+    // Run by another operator, the firing is that operator's submit, authorized and audited as theirs.
+    return this.scheduling().scheduler.runNow(caller.scope, name, sameIdentity(caller, rec.creator) ? undefined : caller);
   }
 
   /**
@@ -180,10 +221,10 @@ export class OperatorAccess {
    * as one now, with the firing's idempotency key. A creator whose
    * certificate was revoked since is refused.
    */
-  async fireSchedule(rec: ScheduleRecord, key: string): Promise<string> {
-    if (this.deps.revocations?.isRevoked(rec.creator)) throw new PermissionDeniedError(`the certificate of ${formatIdentity(rec.creator)}, who created the schedule, was revoked`);
+  async fireSchedule(rec: ScheduleRecord, key: string, by: PeerIdentity = rec.creator): Promise<string> {
+    if (this.deps.revocations?.isRevoked(by)) throw new PermissionDeniedError(`the certificate of ${formatIdentity(by)}, whose submit the firing is, was revoked`);
     const req = { ...submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)), idempotencyKey: key, schedule: rec.name };
-    const job = await this.submit(rec.creator, req);
+    const job = await this.submit(by, req);
     return job.id;
   }
 
@@ -263,7 +304,9 @@ export class OperatorAccess {
   async submit(caller: PeerIdentity, req: SubmitRequest): Promise<JobRecord> {
     let hosts: readonly HostRecord[] = [];
     let role = "";
-    const what = `${describeTarget(req)}: ${describeRequest(req)}`;
+    const what = `${req.schedule ? `schedule ${req.schedule}, ` : ""}${describeTarget(req)}: ${describeRequest(req)}`;
+    // Schedules' firings have keys of their own: an operator cannot take one first and so block the firing.
+    if (!req.schedule && req.idempotencyKey.startsWith(SCHEDULE_KEY_PREFIX)) throw new InvalidArgumentError(`idempotency keys starting ${JSON.stringify(SCHEDULE_KEY_PREFIX)} are the schedules' own`);
     const authorize = (resolved: readonly HostRecord[], _r: SubmitRequest, steps: readonly Step[]) => {
       hosts = resolved;
       role = this.authorizeRun(caller, resolved, steps, req.env);
@@ -616,6 +659,11 @@ function refusal(err: unknown): { decision: AuditDecision; reason: string } {
 
 function hostsOf(jobs: JobManager, job: JobRecord): string[] {
   return jobs.tasksOf(job).map((t) => t.hostId);
+}
+
+/** The same certificate identity (role, tenant, id). */
+function sameIdentity(a: PeerIdentity, b: PeerIdentity): boolean {
+  return a.role === b.role && a.scope === b.scope && a.id === b.id;
 }
 
 /** What a request runs, for the audit log: steps, or a document and the NAMES of its parameters (values may be sensitive). */

@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { create, fromBinary } from "@bufbuild/protobuf";
 import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { grantedPeer } from "../common/connect-server.js";
@@ -13,6 +13,7 @@ import {
   HostTaskSchema,
   JobSchema,
   QueueStage,
+  SubmitJobRequestSchema,
   JobState,
   LateReportSchema,
   TaskSchema,
@@ -41,7 +42,8 @@ import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
-import { scheduleToProto, type Scheduler } from "./schedules.js";
+import { scheduleToProto, type Scheduler, type ScheduleRecord } from "./schedules.js";
+import { truncate } from "../common/limits.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
 import type { SessionSummary } from "./recordings.js";
 
@@ -122,6 +124,9 @@ function plannedToProto(p: PlannedHost): PlannedTask {
 }
 
 /** A task for clients; `steps` (a document run's redacted steps for the host) only where asked. */
+/** A job's command in a listing, at most: a listing of many must stay far below a message's size. */
+const WHAT_CHARS = 500;
+
 /** Where a task stands in its host's queue: not attempted yet, stored by the daemon, running, or ended. */
 export function queueStage(state: TaskState): QueueStage {
   if (isTerminal(state)) return QueueStage.FINISHED;
@@ -166,6 +171,8 @@ export function controllerServiceImpl(deps: {
   scheduler?: Scheduler;
 }): ServiceImpl<typeof ControllerService> {
   const scheduler = deps.scheduler;
+  const shown = (rec: ScheduleRecord, withJob: boolean) =>
+    scheduleToProto(rec, scheduler?.next(rec), truncate(describeRequest(submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request))), WHAT_CHARS), withJob);
   /** Session and Forward: one broker, each RPC for its own kind of session. */
   const serveSession = (requests: AsyncIterable<SessionRequest>, ctx: HandlerContext, kind: "session" | "forward") => {
     const sessions = deps.sessions;
@@ -246,18 +253,16 @@ export function controllerServiceImpl(deps: {
     async createSchedule(req, ctx) {
       if (!req.schedule) throw new InvalidArgumentError("CreateSchedule needs the schedule");
       const rec = await access.createSchedule(grantedPeer(ctx), req.schedule);
-      return { schedule: scheduleToProto(rec, scheduler?.next(rec)) };
+      return { schedule: shown(rec, true) };
     },
     async listSchedules(_req, ctx) {
-      return { schedules: access.listSchedules(grantedPeer(ctx)).map((r) => scheduleToProto(r, scheduler?.next(r))) };
+      return { schedules: access.listSchedules(grantedPeer(ctx)).map((r) => shown(r, false)) };
     },
     async getSchedule(req, ctx) {
-      const rec = access.getSchedule(grantedPeer(ctx), req.name);
-      return { schedule: scheduleToProto(rec, scheduler?.next(rec)) };
+      return { schedule: shown(access.getSchedule(grantedPeer(ctx), req.name), true) };
     },
     async pauseSchedule(req, ctx) {
-      const rec = await access.pauseSchedule(grantedPeer(ctx), req.name, req.paused);
-      return { schedule: scheduleToProto(rec, scheduler?.next(rec)) };
+      return { schedule: shown(await access.pauseSchedule(grantedPeer(ctx), req.name, req.paused), true) };
     },
     async deleteSchedule(req, ctx) {
       await access.deleteSchedule(grantedPeer(ctx), req.name);
@@ -273,7 +278,7 @@ export function controllerServiceImpl(deps: {
           create(HostTaskSchema, {
             task: taskToProto(task),
             stage: queueStage(task.state),
-            what: job ? (job.document ? `document ${job.document}` : describeRequest({ steps: job.steps })) : "",
+            what: job ? truncate(job.document ? `document ${job.document}` : describeRequest({ steps: job.steps }), WHAT_CHARS) : "",
             submittedBy: job?.submittedBy ?? "",
             createdAt: job && timestampFromMs(job.createdAt),
           }),

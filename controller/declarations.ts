@@ -35,12 +35,12 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     listHosts: onResolvedHosts("read", (req) => ({ what: req.target ? `list hosts ${JSON.stringify(req.target)}` : "list hosts" })),
     listHostTasks: onResolvedHosts("read", (req) => ({ what: `host queue ${req.hostId}`, hostIds: [req.hostId] })),
     // A schedule's job is authorized as a dry run when it is made, and as its creator's submit each time it fires.
-    createSchedule: inTenant("schedule"),
+    createSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule add ${req.schedule?.name ?? ""}: ${JSON.stringify(req.schedule?.cron ?? "")} in ${req.schedule?.timezone || "UTC"}` }) },
     listSchedules: inTenant("read"),
     getSchedule: inTenant("read"),
-    pauseSchedule: inTenant("schedule"),
-    deleteSchedule: inTenant("schedule"),
-    runSchedule: inTenant("schedule"),
+    pauseSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule ${req.paused ? "pause" : "resume"} ${req.name}` }) },
+    deleteSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule remove ${req.name}` }) },
+    runSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule run-now ${req.name}` }) },
     submitJob: onResolvedHosts("submit", (req) => ({
       what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
       hostIds: req.hostIds,

@@ -137,7 +137,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     clock,
     store: scheduleStore,
     log: log.child({ component: "schedules" }),
-    fire: (rec, _at, key) => accessRef!.fireSchedule(rec, key),
+    fire: (rec, _at, key, by) => accessRef!.fireSchedule(rec, key, by),
     running: (jobId) => {
       const job = jobs.getJobRecord(jobId);
       return job !== undefined && job.finishedAt === undefined;

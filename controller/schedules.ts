@@ -13,8 +13,8 @@
  *   every real minute or hour through both. Never twice, never skipped.
  * - Misfire: a firing is on time when it runs within `graceMs` of its time.
  *   Those missed by more (the controller was down) are skipped (`skip`),
- *   run once for all of them (`once`), or each run (`all`, at most
- *   {@link CATCH_UP_MAX}).
+ *   run once for all of them (`once`, the latest), or each run (`all`, the
+ *   latest {@link CATCH_UP_MAX}). A firing handled is never handled again.
  * - Overlap: when the previous firing's job still runs, the next one runs
  *   anyway (`allow`), is skipped (`skip`), or waits for it to end
  *   (`queue`, at most {@link QUEUE_MAX} waiting).
@@ -32,6 +32,7 @@ import type { Database } from "lmdb";
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import type { Logger } from "../common/logger.js";
 
@@ -74,13 +75,16 @@ export interface ScheduleRecord {
   recent: Firing[];
 }
 
+/** The idempotency keys of firings begin so; an operator's submit may not use it (controller/access.ts). */
+export const SCHEDULE_KEY_PREFIX = "schedule:";
+
 /** Missed firings run at most, one after another, with misfire `all`. */
 export const CATCH_UP_MAX = 100;
 /** Firings waiting at most, with overlap `queue`; more are skipped. */
 export const QUEUE_MAX = 10;
 const RECENT_MAX = 20;
-/** Due firings looked at in one go; a schedule behind by more starts again from the grace window. */
-const DUE_MAX = 10_000;
+/** A last firing this far past the clock means the clock was ahead and was set back. */
+const CLOCK_SLACK_MS = 60_000;
 /** The scheduler looks again at least this often, whatever its timer said (a clock set back, a job ended). */
 const RECHECK_MS = 60_000;
 /** While a firing waits for the previous job to end, it looks this often. */
@@ -130,6 +134,7 @@ export class LmdbScheduleStore implements ScheduleStore {
 }
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const REDACTED = "<redacted>";
 /** How late a firing may run as on time, by default; and the longest a schedule may say. */
 const GRACE_DEFAULT_MS = 60_000;
 const GRACE_MAX_MS = 7 * 24 * 3600_000;
@@ -159,6 +164,8 @@ export function newSchedule(creator: PeerIdentity, spec: ScheduleSpec, now: numb
   if (spec.job.idempotencyKey) throw new InvalidArgumentError("a schedule's job takes no idempotency key: each firing has its own");
   const graceMs = spec.misfireGrace ? durationMs(spec.misfireGrace) : GRACE_DEFAULT_MS;
   if (graceMs < 1000 || graceMs > GRACE_MAX_MS) throw new InvalidArgumentError("misfire_grace must be from 1 s to 7 days");
+  const request = toBinary(SubmitJobRequestSchema, spec.job);
+  if (request.length > LIMITS.scheduleJobBytes) throw new InvalidArgumentError(`a schedule's job is ${request.length} bytes; at most ${LIMITS.scheduleJobBytes} (put a large stdin or script in an artifact)`);
   return {
     tenant: creator.scope,
     name: spec.name,
@@ -168,7 +175,7 @@ export function newSchedule(creator: PeerIdentity, spec: ScheduleSpec, now: numb
     misfire: MISFIRES[spec.misfire] ?? "once",
     graceMs,
     overlap: OVERLAPS[spec.overlap] ?? "skip",
-    request: toBinary(SubmitJobRequestSchema, spec.job),
+    request,
     creator: { ...creator },
     createdAt: now,
     lastAt: now,
@@ -181,8 +188,19 @@ export function newSchedule(creator: PeerIdentity, spec: ScheduleSpec, now: numb
   };
 }
 
-/** A schedule as the API shows it; `next`: its next firing, if any. */
-export function scheduleToProto(rec: ScheduleRecord, next: number | undefined): Schedule {
+/**
+ * A schedule as the API shows it; `next`: its next firing, if any; `what`:
+ * its job in words. With `withJob`, the job too, with the values of its
+ * environment, its parameters and its stdin left out (they may be secrets,
+ * as a job's are never shown either).
+ */
+export function scheduleToProto(rec: ScheduleRecord, next: number | undefined, what: string, withJob: boolean): Schedule {
+  const job = withJob ? fromBinary(SubmitJobRequestSchema, rec.request) : undefined;
+  if (job) {
+    for (const k of Object.keys(job.env)) job.env[k] = REDACTED;
+    for (const k of Object.keys(job.parameters)) job.parameters[k] = REDACTED;
+    job.stdin = new Uint8Array();
+  }
   return create(ScheduleSchema, {
     spec: {
       name: rec.name,
@@ -191,7 +209,7 @@ export function scheduleToProto(rec: ScheduleRecord, next: number | undefined): 
       misfire: MISFIRE_PROTO[rec.misfire],
       misfireGrace: { seconds: BigInt(Math.floor(rec.graceMs / 1000)), nanos: (rec.graceMs % 1000) * 1e6 },
       overlap: OVERLAP_PROTO[rec.overlap],
-      job: fromBinary(SubmitJobRequestSchema, rec.request),
+      job,
     },
     createdBy: formatIdentity(rec.creator),
     createdAt: timestampFromMs(rec.createdAt),
@@ -203,6 +221,7 @@ export function scheduleToProto(rec: ScheduleRecord, next: number | undefined): 
     missed: BigInt(rec.missed),
     queued: rec.queued.length,
     recent: rec.recent.map((f) => create(ScheduleFiringSchema, { at: timestampFromMs(f.at), jobId: f.jobId, note: f.note })),
+    what,
   });
 }
 
@@ -237,10 +256,11 @@ export interface SchedulerDeps {
   store: ScheduleStore;
   log: Logger;
   /**
-   * Submits one firing as the schedule's creator, under the idempotency
-   * `key`; resolves with the job id, rejects with why it was refused.
+   * Submits one firing as the schedule's creator (or `by`, for a run-now
+   * by another operator), under the idempotency `key`; resolves with the
+   * job id, rejects with why it was refused.
    */
-  fire(rec: ScheduleRecord, at: number, key: string): Promise<string>;
+  fire(rec: ScheduleRecord, at: number, key: string, by?: PeerIdentity): Promise<string>;
   /** Whether a job has not ended yet. */
   running(jobId: string): boolean;
 }
@@ -318,15 +338,15 @@ export class Scheduler {
   }
 
   /** Submits a firing now, outside the expression (run-now); overlap does not apply. NOT_FOUND once removed. */
-  runNow(tenant: string, name: string): Promise<string> {
+  runNow(tenant: string, name: string, by?: PeerIdentity): Promise<string> {
     return this.exclusive(async () => {
       const rec = this.deps.store.get(tenant, name);
       if (!rec) throw new NotFoundError(`no schedule ${JSON.stringify(name)}`);
       const at = this.deps.clock.now();
-      const jobId = await this.deps.fire(rec, at, `schedule:${rec.name}:${rec.createdAt}:now:${at}`);
+      const jobId = await this.deps.fire(rec, at, `${SCHEDULE_KEY_PREFIX}${rec.name}:${rec.createdAt}:now:${at}`, by);
       rec.lastJobId = jobId;
       rec.fired++;
-      remember(rec, { at, jobId, note: "run now" });
+      remember(rec, { at, jobId, note: by ? `run now by ${formatIdentity(by)}` : "run now" });
       await this.deps.store.put(rec);
       return jobId;
     });
@@ -364,29 +384,36 @@ export class Scheduler {
       await this.fire(rec, at, "queued behind the previous firing");
       changed = true;
     }
-    const due: number[] = [];
-    let behind = false;
-    for (let t = nextFiring(cron, rec.lastAt); t !== undefined && t <= now; t = nextFiring(cron, t)) {
-      if (due.length >= DUE_MAX) {
-        behind = true;
-        break;
-      }
-      due.push(t);
+    // A clock that was ahead (and fired what is not due yet) set back: the schedule goes on from now, with a note.
+    if (rec.lastAt > now + CLOCK_SLACK_MS) {
+      remember(rec, { at: now, jobId: "", note: `the clock went back (the last firing handled is at ${new Date(rec.lastAt).toISOString()}): going on from now` });
+      rec.lastAt = now;
+      await this.deps.store.put(rec);
+      return;
     }
-    if (due.length === 0 && !behind) {
+    // The latest firings due, computed backwards from now: a schedule far behind costs no more than one that is not.
+    const latest = cron
+      .previousRuns(CATCH_UP_MAX + 1, new Date(now + 1))
+      .map((d) => d.getTime())
+      .filter((t) => t > rec.lastAt)
+      .reverse();
+    if (latest.length === 0) {
       if (changed) await this.deps.store.put(rec);
       return;
     }
+    // More were due before those, all missed (their number is not counted: at least one).
+    const older = latest.length === CATCH_UP_MAX + 1 && (nextFiring(cron, rec.lastAt) ?? Infinity) < latest[0]!;
+    const due = older ? latest.slice(1) : latest;
     const onTime = due.filter((t) => now - t <= rec.graceMs);
     const missed = due.filter((t) => now - t > rec.graceMs);
     let run: number[] = [];
-    if (rec.misfire === "all") run = missed.slice(-CATCH_UP_MAX);
+    if (rec.misfire === "all") run = missed;
     else if (rec.misfire === "once" && missed.length > 0 && onTime.length === 0) run = [missed[missed.length - 1]!];
-    const dropped = missed.filter((t) => !run.includes(t));
-    if (dropped.length > 0 || behind) {
-      rec.missed += dropped.length;
-      remember(rec, { at: dropped[dropped.length - 1] ?? now, jobId: "", note: `missed ${dropped.length}${behind ? "+" : ""} firing(s) while the controller was away (misfire ${rec.misfire})` });
-      this.deps.log.warn("schedule firings missed", { schedule: rec.name, tenant: rec.tenant, missed: dropped.length, misfire: rec.misfire });
+    const dropped = missed.length - run.length + (older ? 1 : 0);
+    if (dropped > 0) {
+      rec.missed += dropped;
+      remember(rec, { at: missed[0] ?? due[0]!, jobId: "", note: `missed ${older ? "at least " : ""}${dropped} firing(s) while the controller was away (misfire ${rec.misfire})` });
+      this.deps.log.warn("schedule firings missed", { schedule: rec.name, tenant: rec.tenant, missed: dropped, misfire: rec.misfire });
     }
     for (const at of [...run, ...onTime]) {
       if (rec.lastJobId && this.deps.running(rec.lastJobId) && rec.overlap !== "allow") {
@@ -399,13 +426,14 @@ export class Scheduler {
       }
       await this.fire(rec, at, "");
     }
-    rec.lastAt = behind ? now - rec.graceMs : due[due.length - 1]!;
+    // Never back: a firing handled is never handled again.
+    rec.lastAt = Math.max(rec.lastAt, due[due.length - 1]!);
     await this.deps.store.put(rec);
   }
 
   private async fire(rec: ScheduleRecord, at: number, note: string): Promise<void> {
     try {
-      const jobId = await this.deps.fire(rec, at, `schedule:${rec.name}:${rec.createdAt}:${at}`);
+      const jobId = await this.deps.fire(rec, at, `${SCHEDULE_KEY_PREFIX}${rec.name}:${rec.createdAt}:${at}`);
       rec.lastJobId = jobId;
       rec.fired++;
       remember(rec, { at, jobId, note });

@@ -30,9 +30,13 @@ roles:
       - hostname
       - program: echo
         args: ["[a-z0-9-]+"]
+  web-scheduler:
+    hosts: ${JSON.stringify(webHosts)}
+    actions: [read, schedule]
 bindings:
   acme/dev: [admin]
   acme/alice: [web-ops]
+  acme/sam: [web-scheduler]
   beta/admin: [admin]
 `;
   writeFileSync(policyFile, policy("role=web"));
@@ -58,11 +62,14 @@ bindings:
   const asAlice = (args: string[]) => rexmesh(args, envOf(alice));
   const asDev = (args: string[]) => rexmesh(args, mesh.exports());
   const asBeta = (args: string[]) => rexmesh(args, envOf(betaAdmin));
+  let sam: CredentialPaths;
+  const asSam = (args: string[]) => rexmesh(args, envOf(sam));
 
   beforeAll(async () => {
     await mesh.start();
     alice = mesh.issue({ role: "operator", scope: "acme", id: "alice" }, join(work, "alice"));
     betaAdmin = mesh.issue({ role: "operator", scope: "beta", id: "admin" }, join(work, "beta-admin"));
+    sam = mesh.issue({ role: "operator", scope: "acme", id: "sam" }, join(work, "sam"));
     await mesh.waitForHosts(3);
     // Tenant beta's hosts, seen through beta's own operator.
     const { client, close } = operatorClient({}, envOf(betaAdmin));
@@ -249,6 +256,25 @@ bindings:
     expect((await asAlice(["schedules", "list", "--json"])).stdout).toContain('"tick"');
     // Another tenant sees none of it.
     expect((await asBeta(["schedules", "show", "tick"])).stderr).toMatch(/NotFound/);
+    // Sam holds `schedule` and `read` on the web hosts but may not submit: he cannot lend himself dev's rights.
+    for (const act of ["run-now", "pause", "remove"]) expect((await asSam(["schedules", act, "tick"])).stderr, act).toMatch(/PermissionDenied/);
+    // A schedule on a host Alice's roles do not read is not hers to see; nor are the values of a schedule's env.
+    expect((await asDev(["schedules", "add", "dbjob", "--cron", "0 3 * * *", "-H", "db-1", "-e", "PGPASSWORD=s3cret", "--", "hostname"])).code).toBe(0);
+    expect((await asAlice(["schedules", "show", "dbjob"])).stderr).toMatch(/NotFound/);
+    expect((await asAlice(["schedules", "--json"])).stdout).not.toContain("dbjob");
+    const { client, close } = operatorClient({}, mesh.exports());
+    try {
+      const { schedule } = await client.getSchedule({ name: "dbjob" });
+      expect(schedule!.spec!.job!.env).toEqual({ PGPASSWORD: "<redacted>" });
+      const listed = (await client.listSchedules({})).schedules.find((x) => x.spec!.name === "dbjob")!;
+      expect(listed.spec!.job).toBeUndefined();
+      expect(listed.what).toBe("exec hostname");
+    } finally {
+      close();
+    }
+    expect((await asDev(["schedules", "remove", "dbjob"])).code).toBe(0);
+    // The firings' idempotency keys are the schedules' own: nobody can take one first.
+    expect((await asDev(["run", "-H", "web-1", "--idempotency-key", "schedule:tick:1:2", "--", "hostname"])).stderr).toMatch(/InvalidArgument: idempotency keys starting "schedule:"/);
     // A bad expression is refused, naming it.
     expect((await asDev(["schedules", "add", "bad", "--cron", "61 * * * *", "-H", "web-1", "--", "hostname"])).stderr).toMatch(/InvalidArgument: cron expression "61 \* \* \* \*"/);
     expect((await asDev(["schedules", "remove", "tick"])).code).toBe(0);

@@ -263,3 +263,53 @@ describe("one writer at a time", () => {
     scheduler.stop();
   });
 });
+
+describe("a schedule far behind, or a clock that jumped (attack review)", () => {
+  it("an every-second schedule with a day's grace after a 3-hour outage runs the latest 100 once, then one a second: nothing is handled twice", async () => {
+    const t0 = Date.parse("2026-06-01T10:00:00Z");
+    const clock = new ManualClock(t0 + 3 * 3600_000);
+    const h = harness(clock);
+    await h.store.put(schedule({ cron: "* * * * * *", createdAt: t0, graceMs: 24 * 3600_000, misfire: "all" }));
+    await h.scheduler.wake();
+    expect(h.fired.length).toBe(100);
+    expect(h.fired.at(-1)!.at).toBe(clock.now());
+    expect(h.store.get("acme", "nightly")!.missed).toBeGreaterThan(0);
+    for (let i = 0; i < 3; i++) {
+      clock.advance(1000);
+      await h.scheduler.wake();
+    }
+    expect(h.fired.length).toBe(103);
+    expect(new Set(h.fired.map((f) => f.at)).size).toBe(103);
+    h.scheduler.stop();
+  });
+
+  it("misfire all after a week away runs the latest missed firings, not the oldest", async () => {
+    const t0 = Date.parse("2026-06-01T10:00:00Z");
+    const clock = new ManualClock(t0 + 7 * 24 * 3600_000 + 45_000);
+    const h = harness(clock);
+    await h.store.put(schedule({ cron: "* * * * *", createdAt: t0, misfire: "all", graceMs: 30_000 }));
+    await h.scheduler.wake();
+    expect(h.fired.length).toBe(100);
+    expect(h.fired.at(-1)!.at).toBe(t0 + 7 * 24 * 3600_000);
+    h.scheduler.stop();
+  });
+
+  it("a clock that ran a day ahead and was set back: the schedule goes on from now, with a note", async () => {
+    const t0 = Date.parse("2026-06-01T10:00:00Z");
+    // A clock that can be set anywhere, backwards too (the scheduler is woken by hand here).
+    let time = t0;
+    const clock = Object.assign(new ManualClock(t0), { now: () => time, set: (ms: number) => (time = ms) });
+    const h = harness(clock);
+    await h.store.put(schedule({ cron: "* * * * *", createdAt: t0 }));
+    clock.set(t0 + 24 * 3600_000 + 30_000);
+    await h.scheduler.wake();
+    expect(h.fired.length).toBe(1);
+    clock.set(t0 + 90_000);
+    await h.scheduler.wake();
+    expect(h.store.get("acme", "nightly")!.recent.at(-1)!.note).toMatch(/the clock went back/);
+    clock.set(t0 + 2 * MIN + 1000);
+    await h.scheduler.wake();
+    expect(h.fired.map((f) => f.at).at(-1)).toBe(t0 + 2 * MIN);
+    h.scheduler.stop();
+  });
+});
