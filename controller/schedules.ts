@@ -73,6 +73,8 @@ export interface ScheduleRecord {
   missed: number;
   /** The latest firings, newest last, at most {@link RECENT_MAX}. */
   recent: Firing[];
+  /** Wall-clock times fired near a daylight-saving change, so that a repeated hour does not fire them again. */
+  walls?: { wall: string; at: number }[];
 }
 
 /** The idempotency keys of firings begin so; an operator's submit may not use it (controller/access.ts). */
@@ -226,7 +228,7 @@ export function scheduleToProto(rec: ScheduleRecord, next: number | undefined, w
 }
 
 function clone(r: ScheduleRecord): ScheduleRecord {
-  return { ...r, queued: [...r.queued], recent: r.recent.map((f) => ({ ...f })), creator: { ...r.creator } };
+  return { ...r, queued: [...r.queued], recent: r.recent.map((f) => ({ ...f })), creator: { ...r.creator }, ...(r.walls ? { walls: r.walls.map((w) => ({ ...w })) } : {}) };
 }
 
 /** The cron expression in its zone; INVALID_ARGUMENT naming what is wrong. Seconds are allowed (six fields), at most one firing a second. */
@@ -275,6 +277,7 @@ export class Scheduler {
   private again = false;
   private stopped = false;
   private readonly crons = new Map<string, Cron>();
+  private readonly zones = new Map<string, WallZone>();
   /** The one writer of schedule records at a time (see exclusive). */
   private chain: Promise<unknown> = Promise.resolve();
 
@@ -397,13 +400,19 @@ export class Scheduler {
       .map((d) => d.getTime())
       .filter((t) => t > rec.lastAt)
       .reverse();
+    const gap = this.gapFiring(rec, now);
+    if (gap !== undefined && !latest.includes(gap)) {
+      latest.push(gap);
+      latest.sort((a, b) => a - b);
+    }
     if (latest.length === 0) {
       if (changed) await this.deps.store.put(rec);
       return;
     }
     // More were due before those, all missed (their number is not counted: at least one).
     const older = latest.length === CATCH_UP_MAX + 1 && (nextFiring(cron, rec.lastAt) ?? Infinity) < latest[0]!;
-    const due = older ? latest.slice(1) : latest;
+    const handledUpTo = latest[latest.length - 1]!;
+    const due = this.keepWallTimes(rec, older ? latest.slice(1) : latest, now);
     const onTime = due.filter((t) => now - t <= rec.graceMs);
     const missed = due.filter((t) => now - t > rec.graceMs);
     let run: number[] = [];
@@ -427,8 +436,73 @@ export class Scheduler {
       await this.fire(rec, at, "");
     }
     // Never back: a firing handled is never handled again.
-    rec.lastAt = Math.max(rec.lastAt, due[due.length - 1]!);
+    rec.lastAt = Math.max(rec.lastAt, handledUpTo);
     await this.deps.store.put(rec);
+  }
+
+  /**
+   * Daylight saving, for an expression that names hours (not `*`): the
+   * wall-clock times it fires are kept a few hours around a change, and a
+   * time the repeated autumn hour brings again is dropped — each wall time
+   * fires once. (An expression every hour or every minute follows real
+   * time instead, as croner does.)
+   */
+  private keepWallTimes(rec: ScheduleRecord, due: number[], now: number): number[] {
+    if (!namesHours(rec.cron)) return due;
+    const zone = this.zone(rec.timezone);
+    const walls = (rec.walls ?? []).filter((w) => now - w.at < WALL_KEEP_MS);
+    const kept: number[] = [];
+    for (const t of due) {
+      if (zone.offset(t - WALL_KEEP_MS / 2) === zone.offset(t + WALL_KEEP_MS / 2)) {
+        kept.push(t);
+        continue;
+      }
+      const wall = zone.wall(t);
+      if (walls.some((w) => w.wall === wall)) {
+        remember(rec, { at: t, jobId: "", note: `not again: ${wall} ${rec.timezone} fired before this hour repeated (daylight saving)` });
+        continue;
+      }
+      walls.push({ wall, at: t });
+      kept.push(t);
+    }
+    rec.walls = walls;
+    return kept;
+  }
+
+  /**
+   * Daylight saving, the spring change: wall-clock times in the skipped
+   * hour do not exist, and croner names none of them for an expression
+   * such as `*\/15 2 * * *`. If the expression names any, the schedule
+   * fires once at the change itself — the first minute after the gap —
+   * for all of them. Looked for in the last two days only (changes are
+   * months apart).
+   */
+  private gapFiring(rec: ScheduleRecord, now: number): number | undefined {
+    if (!namesHours(rec.cron)) return undefined;
+    const zone = this.zone(rec.timezone);
+    const from = Math.max(rec.lastAt, now - 2 * 24 * 3600_000);
+    const before = zone.offset(from);
+    const after = zone.offset(now);
+    if (after <= before) return undefined;
+    // The change: the first minute with the new offset.
+    let lo = from;
+    let hi = now;
+    while (hi - lo > 60_000) {
+      const mid = lo + Math.floor((hi - lo) / 2);
+      if (zone.offset(mid) === after) hi = mid;
+      else lo = mid;
+    }
+    const change = Math.ceil(hi / 60_000) * 60_000;
+    if (change <= rec.lastAt || change > now) return undefined;
+    const fixed = new Cron(rec.cron, { utcOffset: before, paused: true });
+    const wanted = fixed.nextRun(new Date(change - 1));
+    return wanted && wanted.getTime() < change + (after - before) * 60_000 ? change : undefined;
+  }
+
+  private zone(name: string): WallZone {
+    let z = this.zones.get(name);
+    if (!z) this.zones.set(name, (z = new WallZone(name)));
+    return z;
   }
 
   private async fire(rec: ScheduleRecord, at: number, note: string): Promise<void> {
@@ -443,6 +517,37 @@ export class Scheduler {
       remember(rec, { at, jobId: "", note: `refused: ${(err as Error).message}` });
       this.deps.log.warn("a schedule's firing was refused", { schedule: rec.name, tenant: rec.tenant, err });
     }
+  }
+}
+
+/** How long around a daylight-saving change the wall-clock times fired are kept. */
+const WALL_KEEP_MS = 6 * 3600_000;
+
+/** Whether an expression names the hours it fires in (its hour field is not `*`): its times are wall-clock times. */
+function namesHours(expr: string): boolean {
+  const fields = expr.trim().split(/\s+/);
+  const hour = fields.length >= 6 ? fields[2] : fields[1];
+  return hour !== "*" && hour !== "*/1";
+}
+
+/** A time zone's offset and wall-clock time at an instant. */
+class WallZone {
+  private readonly offsets: Intl.DateTimeFormat;
+  private readonly walls: Intl.DateTimeFormat;
+  constructor(zone: string) {
+    this.offsets = new Intl.DateTimeFormat("en-US", { timeZone: zone, timeZoneName: "longOffset" });
+    this.walls = new Intl.DateTimeFormat("sv-SE", { timeZone: zone, year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+  }
+
+  /** Minutes east of UTC. */
+  offset(t: number): number {
+    const name = this.offsets.formatToParts(new Date(t)).find((p) => p.type === "timeZoneName")?.value ?? "GMT";
+    const m = /GMT([+-])(\d\d):(\d\d)/.exec(name);
+    return m ? (m[1] === "-" ? -1 : 1) * (Number(m[2]) * 60 + Number(m[3])) : 0;
+  }
+
+  wall(t: number): string {
+    return this.walls.format(new Date(t));
   }
 }
 

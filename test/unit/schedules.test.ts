@@ -110,6 +110,35 @@ describe("schedules across daylight saving (Europe/Berlin)", () => {
   });
 });
 
+describe("expressions that name hours, across daylight saving (the attack review's croner cases)", () => {
+  /** The firings of `cron` in Europe/Berlin over a day around a change, stepping 5 minutes. */
+  async function firings(cron: string, from: string) {
+    const clock = new ManualClock(Date.parse(from));
+    const h = harness(clock);
+    await h.store.put(schedule({ cron, createdAt: clock.now() }));
+    h.scheduler.start();
+    await flush(3);
+    await run(clock, 5 * MIN, 12 * 24);
+    h.scheduler.stop();
+    return h.fired.map((f) => iso(f.at));
+  }
+
+  it("every 15 minutes in hour 2: in autumn each wall time once (not again in the repeated hour); in spring once, at the first minute after the gap", async () => {
+    expect(await firings("*/15 2 * * *", "2026-10-24T12:00:00Z")).toEqual(["2026-10-25T00:00", "2026-10-25T00:15", "2026-10-25T00:30", "2026-10-25T00:45"]);
+    expect(await firings("*/15 2 * * *", "2026-03-28T12:00:00Z")).toEqual(["2026-03-29T01:00"]);
+  });
+
+  it("hours 1 to 3: 02:00 once in autumn; in spring the skipped 02:00 and the 03:00 after it are one firing", async () => {
+    expect(await firings("0 1-3 * * *", "2026-10-24T12:00:00Z")).toEqual(["2026-10-24T23:00", "2026-10-25T00:00", "2026-10-25T02:00"]);
+    expect(await firings("0 1-3 * * *", "2026-03-28T12:00:00Z")).toEqual(["2026-03-29T00:00", "2026-03-29T01:00"]);
+  });
+
+  it("every hour at :30 follows real time through both changes (as every minute does)", async () => {
+    const autumn = await firings("30 * * * *", "2026-10-24T23:00:00Z");
+    expect(autumn.slice(0, 5)).toEqual(["2026-10-24T23:30", "2026-10-25T00:30", "2026-10-25T01:30", "2026-10-25T02:30", "2026-10-25T03:30"]);
+  });
+});
+
 describe("misfire: firings missed while the controller was down", () => {
   /** A schedule every minute whose controller was down for 10 minutes and starts again 45 s after the last missed firing. */
   async function outage(misfire: Misfire) {
