@@ -26,10 +26,17 @@ function cli(args: string[], env: Record<string, string>) {
     out.push(d);
     outBytes += d.length;
   });
-  child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+  const seen: { cut?: number; resumed?: number } = {};
+  child.stderr.on("data", (d: Buffer) => {
+    stderr += d.toString();
+    if (seen.cut === undefined && /was cut/.test(stderr)) seen.cut = Date.now();
+    if (seen.resumed === undefined && /resumed through/.test(stderr)) seen.resumed = Date.now();
+  });
   child.stdin.on("error", () => undefined);
   const exitCode = new Promise<number>((resolve) => child.on("close", (code) => resolve(code ?? 255)));
-  return { child, exitCode, stdout: () => Buffer.concat(out).toString(), outBytes: () => outBytes, stderr: () => stderr };
+  /** From the operator's first word of the cut to the word that it resumed, in ms. */
+  const pauseMs = () => (seen.cut !== undefined && seen.resumed !== undefined ? seen.resumed - seen.cut : undefined);
+  return { child, exitCode, stdout: () => Buffer.concat(out).toString(), outBytes: () => outBytes, stderr: () => stderr, pauseMs };
 }
 
 /** `seq 1 n` as it prints it. */
@@ -96,6 +103,7 @@ describe("a session whose proxy dies", () => {
       expect(lines.length).toBe(total);
       expect(got === seq(1, total)).toBe(true);
       expect(code).toBe(5);
+      console.log(`session resume: proxy SIGKILLed and restarted; the session paused ${s.pauseMs()} ms (cut notice to resumed notice), ${total} lines whole`);
     },
     120_000,
   );
@@ -130,6 +138,7 @@ describe("a session whose proxy dies", () => {
         expect(await s.exitCode).toBe(0);
         expect(s.stdout().length).toBe(sent.length);
         expect(s.stdout() === sent).toBe(true);
+        console.log(`session resume: failover to the region's other proxy; the session paused ${s.pauseMs()} ms, ${n} input lines echoed whole`);
         await mesh.restart(proxy);
       } finally {
         clearInterval(writer);
