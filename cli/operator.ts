@@ -226,7 +226,7 @@ function liveStdinRun(v: Record<string, unknown>, hostIds: string[], rest: strin
  * mistake: the controller would see a JSON array and answer with a pattern
  * or type error that hides the cause. Only asked when something repeats.
  */
-async function refuseRepeated(client: ReturnType<typeof operatorClient>["client"], document: string, given: Map<string, string[]>, signal: AbortSignal): Promise<void> {
+export async function refuseRepeated(client: ReturnType<typeof operatorClient>["client"], document: string, given: Map<string, string[]>, signal: AbortSignal): Promise<void> {
   const repeated = [...given].filter(([, list]) => list.length > 1);
   if (repeated.length === 0) return;
   let specs: { name?: unknown; type?: unknown }[];

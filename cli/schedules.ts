@@ -5,7 +5,7 @@ import { printable } from "../common/limits.js";
 import { Misfire, Overlap, ScheduleSpecSchema, type Schedule } from "../gen/rexmesh/v1/controller_pb.js";
 import { helpText, parse, positiveDuration, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
-import { buildJobRequest, runOptions, type Io } from "./operator.js";
+import { buildJobRequest, refuseRepeated, runOptions, type Io } from "./operator.js";
 import { table } from "./table.js";
 
 /** `run`'s options that say nothing of a job submitted later, by a schedule. */
@@ -60,7 +60,10 @@ export async function schedulesCommand(argv: string[], io: Io): Promise<number> 
     return add(schedule, v, p.rest, io);
   }
   if (sub !== "list" && (!schedule || extra.length > 0)) throw new InvalidArgumentError(`rexmesh schedules ${sub} needs one schedule name`);
-  if (sub !== "add" && (v.cron !== undefined || v.tz !== undefined)) throw new InvalidArgumentError("--cron and --tz are for rexmesh schedules add");
+  // What only `add` takes is refused elsewhere, not silently ignored.
+  const addOnly = Object.keys(scheduleOptions).filter((k) => !["json", "help", ...Object.keys(connectionOptions)].includes(k));
+  const given = addOnly.filter((k) => v[k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase())] !== undefined);
+  if (given.length > 0 || p.rest.length > 0) throw new InvalidArgumentError(`${given.length > 0 ? given.map((k) => `--${k}`).join(", ") : "a command after --"}: only for rexmesh schedules add`);
   const { client, close } = operatorClient(v);
   try {
     switch (sub) {
@@ -132,7 +135,7 @@ async function add(scheduleName: string, v: Record<string, unknown>, rest: strin
     if (p === undefined) throw new InvalidArgumentError(`--${flag} is one of ${Object.keys(map).join(", ")}, not ${JSON.stringify(raw)}`);
     return p;
   };
-  const { req } = buildJobRequest(v, rest);
+  const { req, document, given } = buildJobRequest(v, rest);
   const grace = positiveDuration(v.grace, "--grace", "1m");
   const spec = create(ScheduleSpecSchema, {
     name: scheduleName,
@@ -145,6 +148,7 @@ async function add(scheduleName: string, v: Record<string, unknown>, rest: strin
   });
   const { client, close } = operatorClient(v);
   try {
+    if (document) await refuseRepeated(client, document, given, io.signal);
     const { schedule } = await client.createSchedule({ schedule: spec }, { signal: io.signal });
     const j = scheduleJson(schedule!);
     io.out(v.json ? JSON.stringify(j) + "\n" : `${j.name}: next ${j.nextRun ?? "-"} (${j.timezone})\n`);

@@ -189,14 +189,7 @@ export class OperatorAccess {
   async pauseSchedule(caller: PeerIdentity, name: string, paused: boolean): Promise<ScheduleRecord> {
     const s = this.scheduling();
     await this.mayChangeSchedule(caller, this.getSchedule(caller, name));
-    const rec = await s.scheduler.exclusive(async () => {
-      const r = this.getSchedule(caller, name);
-      if (r.paused === paused) return r;
-      r.paused = paused;
-      if (!paused) r.lastAt = Math.max(r.lastAt, s.clock.now());
-      await s.store.put(r);
-      return r;
-    });
+    const rec = await s.scheduler.setPaused(caller.scope, name, paused);
     await s.scheduler.wake();
     return rec;
   }

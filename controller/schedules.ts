@@ -340,6 +340,26 @@ export class Scheduler {
     return nextFiring(this.cron(rec), Math.max(rec.lastAt, this.deps.clock.now()));
   }
 
+  /**
+   * Pauses or resumes a schedule. Paused, it fires nothing: firings waiting
+   * for the previous job are dropped (counted skipped). Resumed, it goes on
+   * from now: what would have fired while it was paused never does.
+   */
+  setPaused(tenant: string, name: string, paused: boolean): Promise<ScheduleRecord> {
+    return this.exclusive(async () => {
+      const rec = this.deps.store.get(tenant, name);
+      if (!rec) throw new NotFoundError(`no schedule ${JSON.stringify(name)}`);
+      if (rec.paused === paused) return rec;
+      rec.paused = paused;
+      if (paused) {
+        rec.skipped += rec.queued.length;
+        rec.queued = [];
+      } else rec.lastAt = Math.max(rec.lastAt, this.deps.clock.now());
+      await this.deps.store.put(rec);
+      return rec;
+    });
+  }
+
   /** Submits a firing now, outside the expression (run-now); overlap does not apply. NOT_FOUND once removed. */
   runNow(tenant: string, name: string, by?: PeerIdentity): Promise<string> {
     return this.exclusive(async () => {

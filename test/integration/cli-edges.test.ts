@@ -89,6 +89,12 @@ describe("the CLI's rough edges", () => {
       expectOneLine(equals, /^rexmesh: --timeout "-5s" is not a duration/m);
     });
 
+    it("schedules: what only add takes is refused on the other commands, not ignored", async () => {
+      const [pause, show] = await Promise.all([cli(["schedules", "pause", "x", "--misfire", "skip", "--timeout", "5s"]), cli(["schedules", "show", "x", "--", "true"])]);
+      expectOneLine(pause, /^rexmesh: --misfire, --timeout: only for rexmesh schedules add$/m);
+      expectOneLine(show, /^rexmesh: a command after --: only for rexmesh schedules add$/m);
+    });
+
     it("an option before the command: the global ones are taken, any other is named with where it goes", async () => {
       const [before, after, withValue, other] = await Promise.all([
         cli(["--json", "jobs"]),

@@ -221,6 +221,21 @@ describe("overlap: the previous firing's job still runs", () => {
     o.scheduler.stop();
   });
 
+  it("a pause drops the firings waiting in the queue; resumed, the schedule goes on from now and makes up nothing", async () => {
+    const o = await overlapping("queue");
+    expect(o.store.get("acme", "nightly")!.queued.length).toBe(3);
+    await o.scheduler.setPaused("acme", "nightly", true);
+    expect(o.store.get("acme", "nightly")).toMatchObject({ queued: [], skipped: 3, paused: true });
+    o.running.clear();
+    await run(o.clock, MIN, 3);
+    expect(o.fired.length).toBe(1);
+    await o.scheduler.setPaused("acme", "nightly", false);
+    await run(o.clock, 10_000, 7);
+    // Only the firing after the resume: none of the three minutes paused.
+    expect(o.fired.length).toBe(2);
+    o.scheduler.stop();
+  });
+
   it("queue: the firings wait and run one after another as each job ends", async () => {
     const o = await overlapping("queue");
     expect(o.fired.length).toBe(1);
