@@ -33,6 +33,8 @@ import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { LIMITS } from "../common/limits.js";
+import { Code } from "@connectrpc/connect";
+import { codeOf } from "../common/rpc-errors.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import type { Logger } from "../common/logger.js";
 
@@ -533,6 +535,9 @@ export class Scheduler {
       remember(rec, { at, jobId, note });
       this.deps.log.info("schedule fired", { schedule: rec.name, tenant: rec.tenant, job: jobId, at: new Date(at).toISOString() });
     } catch (err) {
+      // The controller is stopping: the firing is not handled now (nothing is recorded), and after the restart it is
+      // due again, under the same key, or a misfire by the schedule's policy.
+      if (codeOf(err) === Code.Unavailable) throw err;
       rec.skipped++;
       remember(rec, { at, jobId: "", note: `refused: ${(err as Error).message}` });
       this.deps.log.warn("a schedule's firing was refused", { schedule: rec.name, tenant: rec.tenant, err });

@@ -3,6 +3,7 @@ import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { cronOf, MemoryScheduleStore, Scheduler, type Misfire, type Overlap, type ScheduleRecord } from "../../controller/schedules.js";
 import { flush } from "./support.js";
+import { UnavailableError } from "../../common/errors.js";
 
 /**
  * Schedules on an injected clock (docs/schedules.md): daylight saving in a
@@ -275,6 +276,24 @@ describe("a firing is submitted exactly once", () => {
     second.stop();
     expect(keys).toEqual([first.fired[0]!.key]);
     expect(store.get("acme", "nightly")!.lastAt).toBe(t0 + MIN);
+  });
+
+  it("a firing refused because the controller is stopping is not recorded: after the restart it is due again, under the same key", async () => {
+    const t0 = Date.parse("2026-06-01T10:00:00Z");
+    const clock = new ManualClock(t0 + MIN + 1000);
+    const store = new MemoryScheduleStore();
+    await store.put(schedule({ cron: "* * * * *", createdAt: t0 }));
+    const keys: string[] = [];
+    const stopping = new Scheduler({ clock, store, log: silentLogger, fire: async (_r, _at, key) => (keys.push(key), Promise.reject(new UnavailableError("the controller is stopping"))), running: () => false });
+    await stopping.wake();
+    stopping.stop();
+    expect(store.get("acme", "nightly")).toMatchObject({ lastAt: t0, skipped: 0 });
+    const restarted = new Scheduler({ clock, store, log: silentLogger, fire: async (_r, _at, key) => (keys.push(key), "j1"), running: () => false });
+    await restarted.wake();
+    restarted.stop();
+    expect(keys).toHaveLength(2);
+    expect(keys[1]).toBe(keys[0]);
+    expect(store.get("acme", "nightly")).toMatchObject({ lastAt: t0 + MIN, fired: 1 });
   });
 
   it("refuses a cron expression or a time zone that does not parse, naming it", () => {
