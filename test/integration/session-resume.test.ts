@@ -52,6 +52,8 @@ describe("a session whose proxy dies", () => {
     tenant: "acme",
     hosts: [{ id: "h1", region: "east" }],
     controllerArgs: ["--sessions"],
+    // A graceful stop waits this long for the streams through the proxy before it closes them.
+    proxyArgs: ["--grace", "2s"],
   });
 
   beforeAll(async () => {
@@ -139,6 +141,39 @@ describe("a session whose proxy dies", () => {
         expect(s.stdout().length).toBe(sent.length);
         expect(s.stdout() === sent).toBe(true);
         console.log(`session resume: failover to the region's other proxy; the session paused ${s.pauseMs()} ms, ${n} input lines echoed whole`);
+        await mesh.restart(proxy);
+      } finally {
+        clearInterval(writer);
+      }
+    },
+    120_000,
+  );
+
+  it(
+    "a graceful stop of the proxy (SIGTERM, as a rolling restart does): the session moves to the region's other proxy when the stop closes its streams, input and output whole",
+    async () => {
+      const s = cli(["run", "-H", "h1", "--stdin", "-", "--", "cat"], mesh.exports());
+      let sent = "";
+      let n = 0;
+      const writer = setInterval(() => {
+        for (let i = 0; i < 20; i++) {
+          const line = `graceful ${++n}\n`;
+          sent += line;
+          s.child.stdin.write(line);
+        }
+      }, 5);
+      try {
+        await until("echoed input", async () => (s.outBytes() > 10_000 ? true : undefined));
+        const proxy = await proxyOfHost();
+        proxy.proc.kill("SIGTERM");
+        await until("the session resumed", async () => (/resumed through proxy/.test(s.stderr()) ? true : undefined), 60_000);
+        await mesh.exited(proxy);
+        await new Promise((r) => setTimeout(r, 300));
+        clearInterval(writer);
+        s.child.stdin.end();
+        expect(await s.exitCode).toBe(0);
+        expect(s.stdout() === sent).toBe(true);
+        console.log(`session resume: graceful proxy stop; the session paused ${s.pauseMs()} ms, ${n} input lines echoed whole`);
         await mesh.restart(proxy);
       } finally {
         clearInterval(writer);
