@@ -1,3 +1,4 @@
+import { printable } from "../common/limits.js";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { formatDuration } from "../common/duration.js";
 import { isTerminal, stateName } from "../common/task-state.js";
@@ -301,13 +302,14 @@ export function taskLine(t: Task): string {
   // The daemon's message often says it already ("exit code 3", "killed by SIGKILL").
   const exit = t.exitCode !== undefined && !/exit code/.test(t.message) ? `exit ${t.exitCode}` : "";
   const signal = t.signal && !t.message.includes(t.signal) ? t.signal : "";
-  const detail = [exit, signal, t.message].filter(Boolean).join(", ");
+  // A host's words (its message, a signal's name) reach the operator's terminal: no escape sequence among them.
+  const detail = printable([exit, signal, t.message].filter(Boolean).join(", "));
   let line = `${stateName(t.state)}${detail ? `: ${detail}` : ""}`;
   if (t.outputTruncated) line += " (output truncated at the limit)";
   if (!outputWhole(t)) line += ` (output incomplete: ${t.outputChunks} of ${t.outputChunksExpected} chunks received so far)`;
   const late = t.lateReport;
   if (late) {
-    const lateDetail = [late.exitCode !== undefined ? `exit ${late.exitCode}` : "", late.signal, late.message].filter(Boolean).join(", ");
+    const lateDetail = printable([late.exitCode !== undefined ? `exit ${late.exitCode}` : "", late.signal, late.message].filter(Boolean).join(", "));
     line += `; the host reported later: ${stateName(late.state)}${lateDetail ? ` (${lateDetail})` : ""}`;
   }
   return line;

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
-import { JobPrinter } from "../../cli/printer.js";
+import { JobPrinter, taskLine } from "../../cli/printer.js";
 import { JobSchema, TaskSchema, WatchJobResponseSchema } from "../../gen/rexmesh/v1/controller_pb.js";
 import { OutputChunkSchema, OutputStream, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 
@@ -81,5 +81,14 @@ describe("JobPrinter", () => {
       .map((l) => JSON.parse(l) as { type: string; job?: { state: string }; task?: { state: string }; seq?: number })
       .map((e) => (e.type === "job" ? `job:${e.job!.state}` : e.type === "task" ? `task:${e.task!.state}` : `output:${e.seq}`));
     expect(events).toEqual(["job:RUNNING", "task:RUNNING", "output:1", "output:2", "task:SUCCEEDED", "job:DONE"]);
+  });
+});
+
+describe("a task's line", () => {
+  it("shows a host's message with its control characters made harmless (a host cannot rewrite the operator's screen)", () => {
+    const t = create(TaskSchema, { id: "t1", hostId: "h1", state: TaskState.FAILED, exitCode: 1, message: "exit code 1\x1b]0;owned\x07\x1b[2J", lateReport: { state: TaskState.SUCCEEDED, message: "late\x1b[31m" } });
+    const line = taskLine(t);
+    expect(line).not.toMatch(/[\x00-\x1f\x7f-\x9f]/);
+    expect(line).toContain("exit code 1\ufffd]0;owned\ufffd\ufffd[2J");
   });
 });
