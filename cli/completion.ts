@@ -23,6 +23,7 @@ const TREE: Record<string, string[]> = {
   shell: ["--tty", "--no-tty", "--help"],
   forward: ["--help"],
   sessions: ["play", "join", "--limit", "--speed", "--input", "--json", "--help"],
+  release: ["keygen", "sign", "--out", "--version", "--platform", "--key", "--json", "--help"],
   schedules: ["add", "list", "show", "pause", "resume", "remove", "run-now", "--cron", "--tz", "--misfire", "--grace", "--overlap", "--json", "--help"],
 };
 

@@ -1,5 +1,8 @@
 import { execFile } from "node:child_process";
-import { existsSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { fromBinary } from "@bufbuild/protobuf";
+import { checkReleaseArtifact, parseReleaseKeys, verifyRelease } from "../../common/release.js";
+import { SignedReleaseSchema } from "../../gen/rexmesh/v1/release_pb.js";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
@@ -87,6 +90,21 @@ describe("the CLI's rough edges", () => {
       expectOneLine(missingValue, /^rexmesh: --target needs a value$/m);
       expectOneLine(unknown, /^rexmesh: unknown option --frobnicate \(--help lists the options\)$/m);
       expectOneLine(equals, /^rexmesh: --timeout "-5s" is not a duration/m);
+    });
+
+    it("release keygen and sign: a signed manifest a daemon trusting the public key accepts; a key is never replaced", async () => {
+      const dir = tempDir("release");
+      const keygen = await cli(["release", "keygen", "--out", dir, "--json"]);
+      expect(keygen.code, keygen.stderr).toBe(0);
+      const { keyId } = JSON.parse(keygen.stdout) as { keyId: string };
+      writeFileSync(join(dir, "daemon.tar.gz"), "release bytes");
+      const signed = await cli(["release", "sign", join(dir, "daemon.tar.gz"), "--version", "0.2.0", "--key", join(dir, "release.key"), "--platform", "linux-x64", "--json"]);
+      expect(signed.code, signed.stderr).toBe(0);
+      const release = fromBinary(SignedReleaseSchema, readFileSync(join(dir, "daemon.tar.gz.release")));
+      const manifest = verifyRelease(release, parseReleaseKeys(readFileSync(join(dir, "release.pub"), "utf8")));
+      expect([manifest.version, manifest.platform, release.keyId]).toEqual(["0.2.0", "linux-x64", keyId]);
+      expect(() => checkReleaseArtifact(manifest, readFileSync(join(dir, "daemon.tar.gz")))).not.toThrow();
+      expectOneLine(await cli(["release", "keygen", "--out", dir]), /exists already: a release key is not replaced by accident/);
     });
 
     it("schedules: what only add takes is refused on the other commands, not ignored", async () => {

@@ -1,0 +1,65 @@
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { InvalidArgumentError } from "../common/errors.js";
+import { newReleaseKeyPair, signRelease } from "../common/release.js";
+import { ReleaseManifestSchema, SignedReleaseSchema } from "../gen/rexmesh/v1/release_pb.js";
+import { helpText, parse, type OptionSpec } from "./args.js";
+import { requireRegularFile } from "./input-file.js";
+import type { Io } from "./operator.js";
+
+const options: Record<string, OptionSpec> = {
+  out: { type: "string", doc: "keygen: the directory for release.key and release.pub; sign: the signed release file (default FILE.release)", value: "PATH" },
+  version: { type: "string", doc: "sign: the version the daemon will report", value: "V" },
+  platform: { type: "string", doc: "sign: os-arch the release is for (default: this machine's, e.g. linux-x64)", value: "P" },
+  key: { type: "string", doc: "sign: the release private key (from keygen)", value: "FILE" },
+  json: { type: "boolean", doc: "print the result as JSON" },
+  help: { type: "boolean", short: "h", doc: "show this help" },
+};
+
+const ABOUT = `Daemon releases (docs/updates.md). A release key signs each release's
+manifest (version, platform, size and digest of the artifact); daemons trust
+the release keys they are given and refuse anything else. The release key is
+not the mesh CA's and need not be on any machine of the mesh: keep it
+offline, and sign there.
+
+`;
+
+/** `rexmesh release keygen | sign`. */
+export async function releaseCommand(argv: string[], io: Io): Promise<number> {
+  const p = parse(argv, options);
+  const v = p.values;
+  if (v.help) {
+    io.out(ABOUT + helpText("rexmesh release keygen --out DIR | rexmesh release sign FILE --version V --key FILE [--platform P] [--out FILE]", options, ["rexmesh release keygen --out ~/release-key", "rexmesh release sign rexmesh-0.2.0.tar.gz --version 0.2.0 --key ~/release-key/release.key"]));
+    return 0;
+  }
+  const [sub, ...args] = p.positionals;
+  if (sub === "keygen") {
+    if (args.length > 0 || typeof v.out !== "string") throw new InvalidArgumentError("rexmesh release keygen --out DIR");
+    const keyFile = join(v.out, "release.key");
+    const pubFile = join(v.out, "release.pub");
+    if (existsSync(keyFile)) throw new InvalidArgumentError(`${keyFile} exists already: a release key is not replaced by accident`);
+    const pair = newReleaseKeyPair();
+    writeFileSync(keyFile, pair.privatePem, { mode: 0o600, flag: "wx" });
+    writeFileSync(pubFile, pair.publicPem, { mode: 0o644 });
+    io.out(v.json ? JSON.stringify({ keyId: pair.keyId, privateKey: keyFile, publicKey: pubFile }) + "\n" : `release key ${pair.keyId}: ${keyFile} (keep it apart), ${pubFile} (give it to daemons: --release-keys)\n`);
+    return 0;
+  }
+  if (sub === "sign") {
+    const [file, ...extra] = args;
+    if (!file || extra.length > 0) throw new InvalidArgumentError("rexmesh release sign FILE --version V --key FILE");
+    if (typeof v.version !== "string") throw new InvalidArgumentError("--version is required: the version the daemon will report");
+    if (typeof v.key !== "string") throw new InvalidArgumentError("--key is required: the release private key");
+    requireRegularFile(file, "the release artifact");
+    const platform = typeof v.platform === "string" ? v.platform : `${process.platform}-${process.arch}`;
+    const signed = signRelease(readFileSync(file), v.version, platform, readFileSync(v.key, "utf8"), Date.now());
+    const out = typeof v.out === "string" ? v.out : `${file}.release`;
+    writeFileSync(out, toBinary(SignedReleaseSchema, signed));
+    const m = fromBinary(ReleaseManifestSchema, signed.manifest);
+    const shown = { version: m.version, platform: m.platform, size: Number(m.size), digest: m.digest, createdAt: new Date(timestampMs(m.createdAt!)).toISOString(), keyId: signed.keyId, file: out };
+    io.out(v.json ? JSON.stringify(shown) + "\n" : `release ${m.version} (${m.platform}, ${m.size} bytes, ${m.digest}) signed by ${signed.keyId}: ${out}\n`);
+    return 0;
+  }
+  throw new InvalidArgumentError(`unknown release command ${JSON.stringify(sub ?? "")} (keygen, sign)`);
+}
