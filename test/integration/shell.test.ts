@@ -280,7 +280,7 @@ bindings:
   });
 
   it("lets an operator with `audit` watch a running session read-only until it ends; one without is refused", async () => {
-    const running = shell(["-T", "h1", "--", "sh", "-c", "sleep 2; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done"], "");
+    const running = shell(["-T", "h1", "--", "sh", "-c", "sleep 8; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done"], "");
     const id = await until("the session in the list", async () => {
       const listed = (await rexmesh(["sessions", "--json", "--limit", "3"], mesh.exports())).stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
       return listed.find((x) => x.recording === "recording" && String(x.what).includes("tick"))?.id as string | undefined;
