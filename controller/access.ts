@@ -159,20 +159,14 @@ export class OperatorAccess {
 
   private maySeeSchedule(caller: PeerIdentity, rec: ScheduleRecord): boolean {
     if (sameIdentity(caller, rec.creator)) return true;
-    const hosts = this.hostsOfRequest(caller, fromBinary(SubmitJobRequestSchema, rec.request));
-    return hosts.length > 0 && this.readable(caller, hosts).length === hosts.length;
-  }
-
-  /** The hosts a job request names now, as records of the caller's tenant (a query that does not parse names none). */
-  private hostsOfRequest(caller: PeerIdentity, req: { hostIds: string[]; allHosts: boolean; target?: string }): HostRecord[] {
-    if (req.hostIds.length > 0) return req.hostIds.map((id) => this.hostFor(caller.scope, id));
-    const all = this.deps.inventory.list(caller.scope);
-    if (req.allHosts) return all;
+    let hosts: HostRecord[];
     try {
-      return req.target !== undefined ? selectHosts(parseTarget(req.target), all) : [];
+      // The hosts the job names now, resolved as a submit resolves them; none (a target that matches nothing) shows nothing.
+      hosts = this.deps.jobs.resolveHosts(caller.scope, submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)));
     } catch {
-      return [];
+      return false;
     }
+    return this.readable(caller, hosts).length === hosts.length;
   }
 
   /**
