@@ -96,6 +96,8 @@ const QUEUE_RECHECK_MS = 1_000;
 
 export interface ScheduleStore {
   all(): ScheduleRecord[];
+  /** Every schedule's tenant and name, without reading the records. */
+  names(): { tenant: string; name: string }[];
   get(tenant: string, name: string): ScheduleRecord | undefined;
   put(rec: ScheduleRecord): Promise<void>;
   remove(tenant: string, name: string): Promise<void>;
@@ -105,6 +107,9 @@ export class MemoryScheduleStore implements ScheduleStore {
   private readonly recs = new Map<string, ScheduleRecord>();
   all(): ScheduleRecord[] {
     return [...this.recs.values()].map(clone);
+  }
+  names(): { tenant: string; name: string }[] {
+    return [...this.recs.values()].map((r) => ({ tenant: r.tenant, name: r.name }));
   }
   get(tenant: string, name: string): ScheduleRecord | undefined {
     const r = this.recs.get(`${tenant}\0${name}`);
@@ -125,6 +130,9 @@ export class LmdbScheduleStore implements ScheduleStore {
   }
   all(): ScheduleRecord[] {
     return [...this.db.getRange({}).map(({ value }) => value)];
+  }
+  names(): { tenant: string; name: string }[] {
+    return [...this.db.getKeys({}).map(([tenant, name]) => ({ tenant: tenant!, name: name! }))];
   }
   get(tenant: string, name: string): ScheduleRecord | undefined {
     return this.db.get([tenant, name]);
@@ -315,14 +323,19 @@ export class Scheduler {
       return this.working;
     }
     this.timer?.cancel();
+    // When to look again: the soonest next firing of the records as handled (each read once per pass).
+    let soonest = Infinity;
     this.working = (async () => {
       do {
         this.again = false;
-        for (const { tenant, name } of this.deps.store.all()) {
+        soonest = this.deps.clock.now() + RECHECK_MS;
+        for (const { tenant, name } of this.deps.store.names()) {
           try {
             await this.exclusive(async () => {
               const rec = this.deps.store.get(tenant, name);
-              if (rec) await this.handle(rec);
+              if (!rec) return;
+              await this.handle(rec);
+              soonest = Math.min(soonest, this.wakeFor(rec));
             });
           } catch (err) {
             this.deps.log.error("a schedule could not be handled", { schedule: name, tenant, err });
@@ -331,7 +344,7 @@ export class Scheduler {
       } while (this.again && !this.stopped);
     })().finally(() => {
       this.working = undefined;
-      this.arm();
+      this.arm(soonest);
     });
     return this.working;
   }
@@ -384,17 +397,18 @@ export class Scheduler {
     return c;
   }
 
-  private arm(): void {
+  /** When a schedule wants looking at again: its next firing, or soon while a firing waits for the previous job. */
+  private wakeFor(rec: ScheduleRecord): number {
+    if (rec.paused) return Infinity;
+    const now = this.deps.clock.now();
+    const next = nextFiring(this.cron(rec), Math.max(rec.lastAt, now - 1)) ?? Infinity;
+    return rec.queued.length > 0 ? Math.min(next, now + QUEUE_RECHECK_MS) : next;
+  }
+
+  private arm(soonest: number): void {
     if (this.stopped) return;
     const now = this.deps.clock.now();
-    let soonest = now + RECHECK_MS;
-    for (const rec of this.deps.store.all()) {
-      if (rec.paused) continue;
-      if (rec.queued.length > 0) soonest = Math.min(soonest, now + QUEUE_RECHECK_MS);
-      const next = nextFiring(this.cron(rec), Math.max(rec.lastAt, now - 1));
-      if (next !== undefined) soonest = Math.min(soonest, next);
-    }
-    this.timer = this.deps.clock.setTimeout(() => this.start(), Math.max(0, soonest - now));
+    this.timer = this.deps.clock.setTimeout(() => this.start(), Math.max(0, Math.min(soonest, now + RECHECK_MS) - now));
   }
 
   /** The firings due for one schedule: run, skipped or missed as its policies say; then stored. */
