@@ -6,7 +6,7 @@ import { connect } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
-import { rexmesh, tempDir, until, writePolicy } from "./support.js";
+import { cliEnv, rexmesh, tempDir, until, writePolicy } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /** Deterministic bytes for a path: what the forwarded requests must get back exactly. */
@@ -97,9 +97,7 @@ bindings:
 
   /** Starts `rexmesh forward h1 0:TARGET`; resolves with the local port it prints. */
   const forward = async (target: string, env = mesh.exports()) => {
-    const clean: NodeJS.ProcessEnv = {};
-    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
-    const child = spawn(process.execPath, [REXMESH_BIN, "forward", "h1", `0:${target}`], { env: { ...clean, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [REXMESH_BIN, "forward", "h1", `0:${target}`], { env: cliEnv(env), stdio: ["ignore", "pipe", "pipe"] });
     forwards.push(child);
     let out = "";
     let err = "";

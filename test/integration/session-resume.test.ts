@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import { ConnectionState } from "../../gen/rexmesh/v1/controller_pb.js";
-import { clientOf, tempDir, until } from "./support.js";
+import { cliEnv, clientOf, tempDir, until } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -16,9 +16,7 @@ import { testCa } from "../test-ca.js";
 
 /** The CLI as a child with pipes, its output collected; `exitCode` resolves when it is done. */
 function cli(args: string[], env: Record<string, string>) {
-  const clean: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
-  const child: ChildProcessWithoutNullStreams = spawn(process.execPath, [REXMESH_BIN, ...args], { env: { ...clean, ...env }, stdio: ["pipe", "pipe", "pipe"] });
+  const child: ChildProcessWithoutNullStreams = spawn(process.execPath, [REXMESH_BIN, ...args], { env: cliEnv(env), stdio: ["pipe", "pipe", "pipe"] });
   const out: Buffer[] = [];
   let outBytes = 0;
   let stderr = "";

@@ -8,7 +8,7 @@ import { LocalMesh, REXMESH_BIN } from "../../cli/launcher.js";
 import type { CredentialPaths } from "../../certs/files.js";
 import { AuditDecision } from "../../gen/rexmesh/v1/controller_pb.js";
 import { LIMITS } from "../../common/limits.js";
-import { isAlive, rexmesh, tempDir, until, writePolicy } from "./support.js";
+import { cliEnv, isAlive, rexmesh, tempDir, until, writePolicy } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -212,10 +212,8 @@ bindings:
     for (let i = 0; i < 20; i++) writeFileSync(join(src, i % 2 ? "sub" : "", `f${i}`), randomBytes(10 << 20));
     const started = Date.now();
     const piped = await new Promise<{ code: number | null; stderr: string }>((resolve, reject) => {
-      const clean: NodeJS.ProcessEnv = {};
-      for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
       const sh = spawn("bash", ["-o", "pipefail", "-c", `tar c -C "$SRC" . | "$NODE" "$CLI" run -H h1 --stdin - -- tar x -C "$DST"`], {
-        env: { ...clean, ...mesh.exports(), SRC: src, DST: dst, NODE: process.execPath, CLI: REXMESH_BIN },
+        env: cliEnv({ ...mesh.exports(), SRC: src, DST: dst, NODE: process.execPath, CLI: REXMESH_BIN }),
         stdio: ["ignore", "ignore", "pipe"],
       });
       let stderr = "";
@@ -338,9 +336,7 @@ bindings:
 
   it("keeps every hop's memory flat when the client stops reading: the host's writer blocks instead", async () => {
     const marker = `stalled-${process.pid}`;
-    const clean: NodeJS.ProcessEnv = {};
-    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
-    const cli = spawn(process.execPath, [REXMESH_BIN, "shell", "h1", "-T", "--", "yes", marker], { env: { ...clean, ...mesh.exports() }, stdio: ["pipe", "pipe", "pipe"] });
+    const cli = spawn(process.execPath, [REXMESH_BIN, "shell", "h1", "-T", "--", "yes", marker], { env: cliEnv(mesh.exports()), stdio: ["pipe", "pipe", "pipe"] });
     const exited = new Promise<void>((resolve) => cli.once("close", () => resolve()));
     let read = 0;
     cli.stdout.on("data", (d: Buffer) => (read += d.length));

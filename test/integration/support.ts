@@ -87,12 +87,17 @@ export function hostIds(n: number, prefix = "h"): string[] {
   return Array.from({ length: n }, (_, i) => `${prefix}${String(i + 1).padStart(2, "0")}`);
 }
 
-/** Runs the real CLI with `input` on its stdin (a pipe, ended after it); resolves with its exit code and output whatever the code. */
-export function rexmesh(args: string[], env: Record<string, string> = {}, input = ""): Promise<{ code: number; stdout: string; stderr: string }> {
+/** The environment of a CLI run: this process's without its REXMESH_* settings, then `env`. */
+export function cliEnv(env: Record<string, string>): NodeJS.ProcessEnv {
   const clean: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) clean[k] = v;
+  return { ...clean, ...env };
+}
+
+/** Runs the real CLI with `input` on its stdin (a pipe, ended after it); resolves with its exit code and output whatever the code. */
+export function rexmesh(args: string[], env: Record<string, string> = {}, input = ""): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [REXMESH_BIN, ...args], { env: { ...clean, ...env }, stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [REXMESH_BIN, ...args], { env: cliEnv(env), stdio: ["pipe", "pipe", "pipe"] });
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
