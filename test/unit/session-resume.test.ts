@@ -7,7 +7,13 @@ import { LIMITS } from "../../common/limits.js";
 import { ENDED_OK, relaySession, SessionPort } from "../../common/session-port.js";
 import { newKeyHalf, SealedPort, sessionSecret } from "../../common/session-seal.js";
 import { SessionChannel, SessionExitSchema, SessionFrameSchema, SessionResumeSchema, type SessionFrame } from "../../gen/rexmesh/v1/session_pb.js";
-import { flush, WiredLink, wire } from "./support.js";
+import { flush, hostPeer, testSigning, WiredLink, wire } from "./support.js";
+import { SessionRelays } from "../../proxy/session-relay.js";
+import { silentLogger } from "../../common/logger.js";
+import { codeOf } from "../../common/rpc-errors.js";
+import { SessionOrderSchema } from "../../gen/rexmesh/v1/session_pb.js";
+import { AgentSessionRequestSchema, type AgentSessionRequest, type AgentSessionResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
+import type { ProxySessionRequest, ProxySessionResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 
 /**
  * Resuming a session whose leg was cut (docs/sessions.md, "Resume"), as
@@ -362,5 +368,55 @@ describe("a session resumes after its leg is cut", () => {
       expect(await s.controller.ended, `seed ${seed}`).toEqual(ENDED_OK);
       expect(s.got.started, `seed ${seed}`).toBe(1);
     }
+  });
+});
+
+describe("a proxy takes a resumed leg only from the session's own host (a host holding another certificate)", () => {
+  /** A proxy's session relays, recording every leg it dials to the controller. */
+  function relays() {
+    const dialled: unknown[] = [];
+    const r = new SessionRelays({
+      clock: new ManualClock(),
+      log: silentLogger,
+      name: "px1",
+      offerToHost: () => true,
+      dialController: () => {
+        const [up] = wire<ProxySessionRequest, ProxySessionResponse>();
+        dialled.push(up);
+        return up;
+      },
+    });
+    return { r, dialled };
+  }
+  const order = (hostId: string, tenant: string) =>
+    testSigning().signer.signSession(create(SessionOrderSchema, { sessionId: "s1", hostId, tenant, spec: {}, keepaliveMs: 5000, resumeWindowMs: 30_000 }));
+  const resumeLeg = (signed: ReturnType<typeof order>) => {
+    const [link, host] = wire<AgentSessionResponse, AgentSessionRequest>();
+    host.send(create(AgentSessionRequestSchema, { sessionId: "s1", resume: { attempt: 1, mac: Buffer.alloc(32) }, order: signed }));
+    return link;
+  };
+
+  it("refuses, PERMISSION_DENIED, a resume whose order is another host's or another tenant's, and dials nothing for it", async () => {
+    for (const [signed, peer] of [
+      [order("h2", "acme"), hostPeer("h1")],
+      [order("h1", "beta"), hostPeer("h1")],
+    ] as const) {
+      const { r, dialled } = relays();
+      const err = await r.serveHost(resumeLeg(signed), peer).then(() => undefined, (e: unknown) => e);
+      expect(codeOf(err)).toBe(Code.PermissionDenied);
+      expect(dialled).toEqual([]);
+    }
+  });
+
+  it("refuses a resume that carries no order, and holds a host to sessionsPerHost resumed legs at once", async () => {
+    const { r, dialled } = relays();
+    const [link, host] = wire<AgentSessionResponse, AgentSessionRequest>();
+    host.send(create(AgentSessionRequestSchema, { sessionId: "s1", resume: { attempt: 1 } }));
+    expect(codeOf(await r.serveHost(link, hostPeer("h1")).then(() => undefined, (e: unknown) => e))).toBe(Code.InvalidArgument);
+    // Legs that wait for the controller's answer, which never comes: the next one past the bound is refused.
+    for (let i = 0; i < LIMITS.sessionsPerHost; i++) r.serveHost(resumeLeg(order("h1", "acme")), hostPeer("h1")).catch(() => undefined);
+    await flush(3);
+    expect(dialled.length).toBe(LIMITS.sessionsPerHost);
+    expect(codeOf(await r.serveHost(resumeLeg(order("h1", "acme")), hostPeer("h1")).then(() => undefined, (e: unknown) => e))).toBe(Code.ResourceExhausted);
   });
 });
