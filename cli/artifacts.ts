@@ -52,22 +52,28 @@ export async function artifactsCommand(argv: string[], io: Io): Promise<number> 
   const [verb, file, ...extra] = p.positionals;
   if (verb !== "put") throw new InvalidArgumentError(`unknown artifacts command ${JSON.stringify(verb ?? "")} (put)`);
   if (!file || extra.length > 0) throw new InvalidArgumentError("rexmesh artifacts put needs exactly one FILE");
+  const r = await putArtifactFile(p.values, file, io.signal);
+  io.out(p.values.json ? JSON.stringify(r) + "\n" : `${r.digest}\n`);
+  return 0;
+}
+
+/** Stores a file in the controller's artifact repository (streamed, with its digest to check against). */
+export async function putArtifactFile(values: Record<string, unknown>, file: string, signal: AbortSignal): Promise<{ digest: string; size: number; created: boolean }> {
   requireRegularFile(file, "artifacts put");
   // Sent with the content, so that the controller refuses it if the bytes change on the way.
   const digest = await digestOfFile(file);
   async function* requests(): AsyncGenerator<PutArtifactRequest> {
     let first = true;
-    for await (const data of createReadStream(file!, { highWaterMark: PUT_CHUNK_BYTES })) {
+    for await (const data of createReadStream(file, { highWaterMark: PUT_CHUNK_BYTES })) {
       yield create(PutArtifactRequestSchema, { digest: first ? digest : "", data: data as Buffer });
       first = false;
     }
     if (first) yield create(PutArtifactRequestSchema, { digest });
   }
-  const { client, close } = artifactClient(p.values);
+  const { client, close } = artifactClient(values);
   try {
-    const r = await client.putArtifact(requests(), { signal: io.signal });
-    io.out(p.values.json ? JSON.stringify({ digest: r.digest, size: Number(r.size), created: r.created }) + "\n" : `${r.digest}\n`);
-    return 0;
+    const r = await client.putArtifact(requests(), { signal });
+    return { digest: r.digest, size: Number(r.size), created: r.created };
   } finally {
     close();
   }

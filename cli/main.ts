@@ -20,7 +20,8 @@ operators:
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label; hosts queue HOST
   jobs       list jobs; show, watch (replay and follow) or cancel one
   schedules  jobs by a cron expression in a time zone: add, list, show, pause, resume, remove, run-now
-  release    daemon releases: keygen (a release key, kept apart), sign FILE (a signed manifest)
+  release    daemon releases: keygen (a release key, kept apart), sign FILE, add FILE, list
+  update     update daemons to a release in waves: update --to V -t QUERY --canary 1; update status
   docs       store command documents (put FILE), list and show them
   artifacts  put a file in the artifact repository (for script and file.put steps)
   audit      who did what on which hosts, and what was decided
@@ -31,6 +32,7 @@ roles:
   proxy      a regional relay; daemons of its region connect to it
              (proxy bundle import|export-results: the site side of bundles)
   daemon     runs on every host
+  supervise  runs a daemon from an install root and carries out its updates
 
 setup:
   ca         create a CA and issue certificates (--role enroll: a zero certificate)
@@ -41,7 +43,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "schedules", "release", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "schedules", "release", "update", "supervise", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -113,6 +115,10 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./schedules.js")).schedulesCommand(rest, io);
     case "release":
       return (await import("./release.js")).releaseCommand(rest, io);
+    case "update":
+      return (await import("./update.js")).updateCommand(rest, io);
+    case "supervise":
+      return (await import("./supervise.js")).superviseCommand(rest, io);
     case "bundle":
       return (await import("./bundle.js")).bundleCommand(rest, io);
     case "controller":

@@ -1,5 +1,6 @@
 import { setTimeout as sleep } from "node:timers/promises";
-import { create, toJson } from "@bufbuild/protobuf";
+import { create, fromBinary, toJson } from "@bufbuild/protobuf";
+import { ReleaseManifestSchema } from "../gen/rexmesh/v1/release_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
@@ -304,6 +305,10 @@ function describeStep(s: Step): string {
     }
     case "ping":
       return `${name}ping`;
+    case "update": {
+      const m = t.value.release ? fromBinary(ReleaseManifestSchema, t.value.release.manifest) : undefined;
+      return `${name}update to ${m ? `${m.version} (${m.digest}, key ${t.value.release!.keyId})` : "(no release)"}`;
+    }
     default:
       return `${name}${JSON.stringify(toJson(StepSchema, s))}`;
   }
@@ -314,7 +319,7 @@ const OFFLINE_NOTICE_MS = 2000;
 /** Hosts named in that notice; the rest are counted. */
 const OFFLINE_NAMED = 10;
 
-async function watch(client: ReturnType<typeof operatorClient>["client"], jobId: string, json: boolean, io: Io, group = false): Promise<number> {
+export async function watch(client: ReturnType<typeof operatorClient>["client"], jobId: string, json: boolean, io: Io, group = false): Promise<number> {
   // On a terminal a progress line (done/failed/pending) follows the fan-out.
   const printer = new JobPrinter({ json, write: io.out, color: io.isTTY && !json, group, progress: io.isTTY && !json });
   // A run that waits for hosts that are away says so (on stderr), once, instead of sitting silent.

@@ -8,12 +8,18 @@ import { ReleaseManifestSchema, SignedReleaseSchema } from "../gen/rexmesh/v1/re
 import { helpText, parse, type OptionSpec } from "./args.js";
 import { requireRegularFile } from "./input-file.js";
 import type { Io } from "./operator.js";
+import { putArtifactFile } from "./artifacts.js";
+import { connectionOptions, operatorClient } from "./client.js";
+import { table } from "./table.js";
+import type { Release } from "../gen/rexmesh/v1/controller_pb.js";
 
 const options: Record<string, OptionSpec> = {
   out: { type: "string", doc: "keygen: the directory for release.key and release.pub; sign: the signed release file (default FILE.release)", value: "PATH" },
   version: { type: "string", doc: "sign: the version the daemon will report", value: "V" },
   platform: { type: "string", doc: "sign: os-arch the release is for (default: this machine's, e.g. linux-x64)", value: "P" },
   key: { type: "string", doc: "sign: the release private key (from keygen)", value: "FILE" },
+  release: { type: "string", doc: "add: the signed release file (default FILE.release)", value: "FILE" },
+  ...connectionOptions,
   json: { type: "boolean", doc: "print the result as JSON" },
   help: { type: "boolean", short: "h", doc: "show this help" },
 };
@@ -31,7 +37,16 @@ export async function releaseCommand(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, options);
   const v = p.values;
   if (v.help) {
-    io.out(ABOUT + helpText("rexmesh release keygen --out DIR | rexmesh release sign FILE --version V --key FILE [--platform P] [--out FILE]", options, ["rexmesh release keygen --out ~/release-key", "rexmesh release sign rexmesh-0.2.0.tar.gz --version 0.2.0 --key ~/release-key/release.key"]));
+    io.out(
+      ABOUT +
+        helpText("rexmesh release keygen --out DIR | sign FILE --version V --key FILE [--platform P] [--out FILE] | add FILE [--release FILE.release] | list", options, [
+          "rexmesh release keygen --out ~/release-key",
+          "rexmesh release sign rexmesh-0.2.0.tar.gz --version 0.2.0 --key ~/release-key/release.key",
+          "rexmesh release add rexmesh-0.2.0.tar.gz          # the artifact, and rexmesh-0.2.0.tar.gz.release",
+          "rexmesh release list",
+          "rexmesh update --to 0.2.0 --all --canary 1",
+        ]),
+    );
     return 0;
   }
   const [sub, ...args] = p.positionals;
@@ -61,5 +76,43 @@ export async function releaseCommand(argv: string[], io: Io): Promise<number> {
     io.out(v.json ? JSON.stringify(shown) + "\n" : `release ${m.version} (${m.platform}, ${m.size} bytes, ${m.digest}) signed by ${signed.keyId}: ${out}\n`);
     return 0;
   }
-  throw new InvalidArgumentError(`unknown release command ${JSON.stringify(sub ?? "")} (keygen, sign)`);
+  if (sub === "add") {
+    const [file, ...extra] = args;
+    if (!file || extra.length > 0) throw new InvalidArgumentError("rexmesh release add FILE [--release FILE.release]");
+    const releaseFile = typeof v.release === "string" ? v.release : `${file}.release`;
+    requireRegularFile(releaseFile, "the signed release (rexmesh release sign)");
+    let signed;
+    try {
+      signed = fromBinary(SignedReleaseSchema, readFileSync(releaseFile));
+    } catch {
+      throw new InvalidArgumentError(`${releaseFile} is not a signed release (rexmesh release sign writes one)`);
+    }
+    await putArtifactFile(v, file, io.signal);
+    const { client, close } = operatorClient(v);
+    try {
+      const r = await client.addRelease({ release: signed }, { signal: io.signal });
+      const rel = r.release!;
+      io.out(v.json ? JSON.stringify({ ...releaseJson(rel), created: r.created }) + "\n" : `release ${rel.version} (${rel.platform}, ${rel.size} bytes, ${rel.digest}, key ${rel.keyId}) ${r.created ? "added" : "was there already"}\n`);
+      return 0;
+    } finally {
+      close();
+    }
+  }
+  if (sub === "list") {
+    if (args.length > 0) throw new InvalidArgumentError("rexmesh release list");
+    const { client, close } = operatorClient(v);
+    try {
+      const { releases } = await client.listReleases({}, { signal: io.signal });
+      if (v.json) io.out(releases.map((r) => JSON.stringify(releaseJson(r)) + "\n").join(""));
+      else io.out(table([["VERSION", "PLATFORM", "SIZE", "DIGEST", "KEY", "ADDED", "BY"], ...releases.map((r) => [r.version, r.platform, String(r.size), r.digest, r.keyId, r.addedAt ? new Date(timestampMs(r.addedAt)).toISOString() : "", r.addedBy])]));
+      return 0;
+    } finally {
+      close();
+    }
+  }
+  throw new InvalidArgumentError(`unknown release command ${JSON.stringify(sub ?? "")} (keygen, sign, add, list)`);
+}
+
+function releaseJson(r: Release) {
+  return { version: r.version, platform: r.platform, size: Number(r.size), digest: r.digest, keyId: r.keyId, addedBy: r.addedBy, addedAt: r.addedAt ? new Date(timestampMs(r.addedAt)).toISOString() : undefined };
 }

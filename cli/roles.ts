@@ -1,12 +1,12 @@
 import { describeConfig, flagName, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
 import { ConfigError } from "../common/errors.js";
-import { parseHostPort, runService, type Service } from "../common/lifecycle.js";
+import { parseHostPort, runService, type Service, type ServiceControl } from "../common/lifecycle.js";
 import { createLogger, parseLevel, type Logger } from "../common/logger.js";
 import { helpText, parse, schemaOptions, type OptionSpec } from "./args.js";
 
 interface RoleDef {
   schema: Schema;
-  start: (config: never, log: Logger) => Promise<Service>;
+  start: (config: never, log: Logger, clock: undefined, control: ServiceControl) => Promise<Service>;
 }
 
 /**
@@ -67,7 +67,7 @@ export async function runRole(role: string, argv: string[], out: (s: string) => 
   const c = config as Record<string, unknown>;
   checkBeforeStart(def.schema, c);
   const log = createLogger({ level: parseLevel(c.logLevel as string) }, { role });
-  await runService(() => def.start(config as never, log), { log, graceMs: c.grace as number, readyFile: c.readyFile as string | undefined });
+  await runService((control) => def.start(config as never, log, undefined, control), { log, graceMs: c.grace as number, readyFile: c.readyFile as string | undefined });
   return -1; // keeps running until a signal
 }
 

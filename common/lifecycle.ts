@@ -28,6 +28,12 @@ export interface RoleCore {
   stop(): void | Promise<void>;
 }
 
+/** What a running service may ask of the process that hosts it. */
+export interface ServiceControl {
+  /** Stops the service as a signal would (drain within the grace), then exits with `code`. */
+  exit(code: number, reason: string): void;
+}
+
 export interface RunOptions {
   log: Logger;
   /** Time allowed for a graceful stop. Default 10 s. */
@@ -43,7 +49,7 @@ export interface RunOptions {
  * SIGINT drains it (grace), then exits; a second signal, or the force time
  * running out, exits at once. The only place that installs signal handlers.
  */
-export async function runService(start: () => Promise<Service>, opts: RunOptions): Promise<void> {
+export async function runService(start: (control: ServiceControl) => Promise<Service>, opts: RunOptions): Promise<void> {
   const log = opts.log;
   const graceMs = opts.graceMs ?? 10_000;
   const forceMs = opts.forceMs ?? 5_000;
@@ -54,13 +60,9 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
   // because its only pending work is a backoff sleep while a peer is down.
   const keepAlive = setInterval(() => {}, 1 << 30);
 
-  const onSignal = (signal: NodeJS.Signals) => {
-    if (stopping) {
-      log.warn("second signal: exiting now", { signal });
-      process.exit(130);
-    }
+  const beginStop = (why: Record<string, unknown>, exitCode: number) => {
     state = "draining";
-    log.info("draining", { signal, graceMs });
+    log.info("draining", { ...why, graceMs });
     service?.draining?.();
     const force = setTimeout(() => {
       log.error("graceful stop took too long: exiting");
@@ -71,8 +73,8 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
       () => {
         clearInterval(keepAlive);
         state = "stopped";
-        log.info("stopped");
-        process.exit(0);
+        log.info("stopped", { exitCode });
+        process.exit(exitCode);
       },
       (err) => {
         log.error("stop failed", { err });
@@ -80,11 +82,24 @@ export async function runService(start: () => Promise<Service>, opts: RunOptions
       },
     );
   };
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      log.warn("second signal: exiting now", { signal });
+      process.exit(130);
+    }
+    beginStop({ signal }, 0);
+  };
+  const control: ServiceControl = {
+    exit(code, reason) {
+      if (stopping) return;
+      beginStop({ reason }, code);
+    },
+  };
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
 
   try {
-    service = await start();
+    service = await start(control);
   } catch (err) {
     log.error("start failed", { err });
     process.exitCode = 1;

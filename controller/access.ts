@@ -16,6 +16,8 @@ import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotF
 import type { Logger } from "../common/logger.js";
 import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/rpc-access.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
+import { manifestOf } from "./releases.js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { SubmitJobRequestSchema, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
 import type { Clock } from "../common/clock.js";
@@ -337,7 +339,7 @@ export class OperatorAccess {
   private authorizeRun(caller: PeerIdentity, hosts: readonly HostRecord[], steps: readonly Step[], env: Readonly<Record<string, string>>): string {
     const role = this.deps.authz.require(caller, { action: "submit", hosts, steps, env });
     for (const step of steps) {
-      const digest = step.tool.case === "script" || step.tool.case === "filePut" ? step.tool.value.artifact : undefined;
+      const digest = stepArtifact(step);
       if (digest !== undefined && !this.deps.artifacts?.has(caller.scope, digest)) throw new NotFoundError(`no artifact ${digest}`);
     }
     return role;
@@ -685,6 +687,8 @@ function describeSteps(steps: readonly Step[]): string {
           return `script ${s.tool.value.artifact}`;
         case "filePut":
           return `file.put ${s.tool.value.artifact} to ${JSON.stringify(s.tool.value.baseDir)}/${JSON.stringify(s.tool.value.path)}`;
+        case "update":
+          return `update to ${releaseVersion(s.tool.value.release)}`;
         case "python": {
           const t = s.tool.value;
           return `python ${t.artifact || JSON.stringify(t.script)}${t.args.map((a) => " " + quoteArg(a)).join("")}`;
@@ -715,4 +719,26 @@ export function describeSession(spec: SessionSpec): string {
 export function describeLabels(set: Record<string, string>, remove: readonly string[]): string {
   const parts = [...remove.map((k) => `-${k}`), ...Object.entries(set).map(([k, v]) => `${k}=${quoteArg(v)}`)];
   return `labels ${parts.join(" ")}`;
+}
+
+/** The artifact a step runs or writes, if any: the caller's tenant must hold it. */
+function stepArtifact(step: Step): string | undefined {
+  switch (step.tool.case) {
+    case "script":
+    case "filePut":
+      return step.tool.value.artifact;
+    case "update":
+      return step.tool.value.release ? manifestOf(step.tool.value.release).digest : undefined;
+    default:
+      return undefined;
+  }
+}
+
+/** The version a step's release names, for the audit log and listings. */
+function releaseVersion(release: SignedRelease | undefined): string {
+  try {
+    return release ? manifestOf(release).version : "(no release)";
+  } catch {
+    return "(a malformed release)";
+  }
 }

@@ -42,6 +42,8 @@ import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
 import { serveFrameLink } from "../common/connect-link.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
+import { formatIdentity } from "../certs/identity.js";
+import type { ReleaseStore } from "./releases.js";
 import { scheduleToProto, type Scheduler, type ScheduleRecord } from "./schedules.js";
 import { truncate } from "../common/limits.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
@@ -169,6 +171,8 @@ export function controllerServiceImpl(deps: {
   sessions?: SessionBroker;
   revoked?: (host: HostRecord) => string | undefined;
   scheduler?: Scheduler;
+  releases?: ReleaseStore;
+  now?: () => number;
 }): ServiceImpl<typeof ControllerService> {
   const scheduler = deps.scheduler;
   const shown = (rec: ScheduleRecord, withJob: boolean) =>
@@ -181,6 +185,10 @@ export function controllerServiceImpl(deps: {
     return serveFrameLink(requests, ctx, (link: ClientSessionLink) => sessions.serveClient(link, caller, deps.access, ctx.signal, kind));
   };
   const { jobs, access } = deps;
+  const releasesOf = () => {
+    if (!deps.releases) throw new FailedPreconditionError("this controller keeps no releases");
+    return deps.releases;
+  };
   const host = (h: HostRecord) => hostToProto(h, deps.revoked?.(h));
   return {
     async listHosts(req, ctx) {
@@ -270,6 +278,19 @@ export function controllerServiceImpl(deps: {
     },
     async runSchedule(req, ctx) {
       return { jobId: await access.runSchedule(grantedPeer(ctx), req.name) };
+    },
+    async addRelease(req, ctx) {
+      if (!req.release) throw new InvalidArgumentError("AddRelease needs the signed release (rexmesh release sign)");
+      const caller = grantedPeer(ctx);
+      return await releasesOf().add(caller.scope, formatIdentity(caller), req.release, (deps.now ?? Date.now)());
+    },
+    async listReleases(req, ctx) {
+      const tenant = grantedPeer(ctx).scope;
+      if (req.version) {
+        const one = releasesOf().get(tenant, req.version);
+        return { releases: one ? [one] : [] };
+      }
+      return { releases: releasesOf().list(tenant) };
     },
     async listHostTasks(req, ctx) {
       const page = await access.listHostTasks(grantedPeer(ctx), req.hostId, req.pageSize, req.pageToken, req.unfinished);

@@ -27,7 +27,7 @@ import { formatQuery, globMatch, hostView, matchHost, parseQuery, QuerySyntaxErr
  * operator may call declares one of these (controller/declarations.ts);
  * `"*"` in a role grants all of them.
  */
-const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "rekey", "revoke", "revoke.operator", "artifact.read", "artifact.write", "schedule"] as const;
+const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "rekey", "revoke", "revoke.operator", "artifact.read", "artifact.write", "schedule", "release"] as const;
 /**
  * Actions on what every tenant shares (proxies). `"*"` never grants them: a
  * role must name them, and without a policy nobody holds them.
@@ -63,7 +63,7 @@ function isMeshAction(action: Action): boolean {
 }
 
 /** Step tools, by the names a policy uses (`file.put` is the proto's `filePut`). */
-const TOOLS = ["exec", "shell", "script", "file.put", "python", "ansible", "ping"] as const;
+const TOOLS = ["exec", "shell", "script", "file.put", "python", "ansible", "ping", "update"] as const;
 export type Tool = (typeof TOOLS)[number];
 /** Tools a role has when it names none: a ping runs nothing, exec is limited by `commands`. */
 const DEFAULT_TOOLS: readonly Tool[] = ["exec", "ping"];
@@ -76,6 +76,7 @@ function toolOf(step: Step): Tool | undefined {
     case "python":
     case "ansible":
     case "ping":
+    case "update":
       return step.tool.case;
     case "filePut":
       return "file.put";

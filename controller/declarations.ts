@@ -41,6 +41,9 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     pauseSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule ${req.paused ? "pause" : "resume"} ${req.name}` }) },
     deleteSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule remove ${req.name}` }) },
     runSchedule: { ...inTenant("schedule"), summary: (req) => ({ what: `schedule run-now ${req.name}` }) },
+    // A release is data (the daemons check its signature); sending it to hosts is a job, authorized as one (tool update).
+    addRelease: { ...inTenant("release"), summary: () => ({ what: "release add" }) },
+    listReleases: inTenant("read"),
     submitJob: onResolvedHosts("submit", (req) => ({
       what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
       hostIds: req.hostIds,

@@ -46,6 +46,7 @@ import { enrollAnonymous, enrollServiceImpl, EnrollmentAuthority, tokenServiceIm
 import { LmdbEnrollStore } from "./enroll-store.js";
 import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
 import { ArtifactStore, artifactServiceImpl } from "./artifacts.js";
+import { ReleaseStore } from "./releases.js";
 import { join } from "node:path";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { HostKeyVerifier } from "../common/host-signing.js";
@@ -129,6 +130,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
   const artifacts = new ArtifactStore(join(config.data, "artifacts"));
+  const releases = new ReleaseStore(env.db("releases"), artifacts);
   const recordings = new LmdbRecordingStore(env.db("sessions"), env.db("session-recordings"));
   // Schedules: each firing is its creator's submit through `access`, which therefore comes first.
   const scheduleStore = new LmdbScheduleStore(env);
@@ -232,7 +234,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler }), { callerOf, log }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler, releases, now: () => clock.now() }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));

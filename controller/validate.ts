@@ -4,6 +4,7 @@ import { isDigest } from "../common/digest.js";
 import { baseDirProblem, relativePathProblem } from "../common/put-path.js";
 import { ansibleProblem, pythonProblem, textProblem } from "../common/tool-checks.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import { manifestOf } from "./releases.js";
 
 const MAX_STEPS = LIMITS.jobSteps;
 
@@ -51,8 +52,13 @@ export function validateSteps(steps: readonly Step[]): void {
       }
       case "ping":
         break;
+      case "update":
+        if (steps.length !== 1) throw new InvalidArgumentError(`${where}: an update step runs alone in its job`);
+        if (!step.tool.value.release) throw new InvalidArgumentError(`${where}: update names no release`);
+        manifestOf(step.tool.value.release);
+        break;
       default:
-        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script, file.put, python, ansible or ping)`);
+        throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script, file.put, python, ansible, ping or update)`);
     }
   });
 }

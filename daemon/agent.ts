@@ -31,6 +31,8 @@ import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
 import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRef } from "./orphans.js";
 import { RunOutput } from "./run-output.js";
+import type { UpdateRequest } from "./install.js";
+import type { Settled } from "./updates.js";
 import { OutputDigest, type HostReporter } from "../common/host-signing.js";
 import { screenAcks } from "../common/link-limits.js";
 import { missingTool } from "../common/step-tool.js";
@@ -40,7 +42,21 @@ export type ProxyLinkToAgent = FrameLink<AgentStreamRequest, AgentStreamResponse
 /** Opens a stream to the proxy at an address; rejects when it cannot. */
 export type Dialer = (address: string, signal: AbortSignal) => Promise<ProxyLinkToAgent>;
 
+/** The agent's part in an update (daemon/updates.ts). */
+export interface AgentUpdates {
+  /** Leaves the hand-over for the supervisor. */
+  request(req: UpdateRequest): void;
+  /** After a restart: how the update the ledger recorded ended. */
+  settle(taskId: string, update: { from: string; to: string }, signal: AbortSignal): Promise<Settled>;
+  /** The settled update's end is stored. */
+  forget(taskId: string): void;
+}
+
 export interface AgentOptions {
+  /** Updates of this daemon; absent, an update recorded before a restart ends FAILED. */
+  updates?: AgentUpdates;
+  /** Asks the process to stop and restart (into a new version); called once an update is handed over. */
+  onRestart?: (reason: string) => void;
   hostId: string;
   tenant: string;
   /** Proxies of this host's region, tried in order; the next one after a failure. */
@@ -153,6 +169,8 @@ export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
 
 /** What a drain keeps at the end of its grace for the ends of the tasks it had to end to be acknowledged. */
 const DRAIN_ACK_MS = 1000;
+/** How long an update waits for the other running tasks to end before the restart's drain interrupts them. */
+const UPDATE_QUIET_WAIT_MS = 10 * 60_000;
 /** The abort reason of a task a drain ends: it ends INTERRUPTED, not CANCELLED (no one cancelled it). */
 const DRAIN_OVERRUN = new Error("the daemon stopped and its grace time ran out");
 
@@ -179,13 +197,15 @@ function spawnTurn(): Promise<void> {
  * reconnect.
  */
 export class Agent implements RoleCore {
-  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip" | "onSessionOrders">> & {
+  private readonly opts: Required<Omit<AgentOptions, "backoff" | "outbox" | "endLeftovers" | "random" | "reporter" | "tools" | "linkRoundTrip" | "onSessionOrders" | "updates" | "onRestart">> & {
     backoff: BackoffOptions;
     tools?: readonly string[];
     random?: () => number;
     reporter?: () => HostReporter;
     linkRoundTrip?: (seconds: number) => void;
     onSessionOrders?: AgentOptions["onSessionOrders"];
+    updates?: AgentUpdates;
+    onRestart?: AgentOptions["onRestart"];
   };
   private readonly endLeftovers: (taskId: string, groups: readonly GroupRef[]) => Promise<Cleanup>;
   private readonly outbox: Backlog;
@@ -362,6 +382,11 @@ export class Agent implements RoleCore {
     for (const entry of this.opts.ledger.unfinished()) {
       if (entry.state !== TaskState.RUNNING) {
         this.waiting.push(entry.spec);
+        continue;
+      }
+      if (entry.update) {
+        // Handed over to the supervisor before the restart: its end is what the supervisor decided.
+        this.settleUpdate(entry, entry.update);
         continue;
       }
       // Whatever the task left running (re-parented to init when the daemon died) is ended first.
@@ -746,13 +771,59 @@ export class Agent implements RoleCore {
         abort.signal.reason === DRAIN_OVERRUN && outcome.state === TaskState.CANCELLED
           ? { ...outcome, state: TaskState.INTERRUPTED, message: `${DRAIN_OVERRUN.message}: the task was ended (its process group killed) and is not run again` }
           : outcome;
-      await this.finishTask(entry, ended, digest, { from, retry: true });
+      if (ended.restart) await this.handOver(entry, ended.restart);
+      else await this.finishTask(entry, ended, digest, { from, retry: true });
     } finally {
       this.outputs.delete(taskId);
       this.running.delete(taskId);
       this.startWaiting();
       this.checkSettled();
     }
+  }
+
+  /**
+   * An update step unpacked a new version: lets the other running tasks end
+   * (taking no new ones), records the update in the ledger, leaves the
+   * request for the supervisor and asks the process to restart. The task
+   * stays RUNNING; the version that runs after the restart ends it.
+   */
+  private async handOver(entry: LedgerEntry, restart: NonNullable<TaskOutcome["restart"]>): Promise<void> {
+    const taskId = entry.spec.taskId;
+    const updates = this.opts.updates;
+    const fail = (message: string) => this.finishTask(entry, { state: TaskState.FAILED, message, outputChunks: 0, outputTruncated: false }, undefined, { retry: true });
+    if (!updates || !this.opts.onRestart) return fail("this daemon cannot restart itself into a new version");
+    this.draining = true;
+    this.reportCredits();
+    const others = this.running.size - 1;
+    if (others > 0) this.report([{ kind: "status", status: this.status(entry.spec, TaskState.RUNNING, { message: `version ${restart.to} unpacked; waiting for ${others} running task(s) to end before the restart` }) }]);
+    await this.whenSettled(() => this.running.size <= 1, UPDATE_QUIET_WAIT_MS);
+    const at = this.opts.clock.now();
+    const marked: LedgerEntry = { ...entry, update: { from: restart.from, to: restart.to, at } };
+    try {
+      await this.untilStored("recording an update", taskId, () => this.opts.ledger.put(marked));
+      updates.request({ taskId, hostId: this.opts.hostId, from: restart.from, to: restart.to, at });
+    } catch (err) {
+      this.draining = false;
+      this.startWaiting();
+      await this.finishTask(this.opts.ledger.get(taskId) ?? entry, { state: TaskState.FAILED, message: `cannot hand the update over to the supervisor: ${err instanceof Error ? err.message : String(err)}`, outputChunks: 0, outputTruncated: false }, undefined, { retry: true });
+      return;
+    }
+    this.report([{ kind: "status", status: this.status(entry.spec, TaskState.RUNNING, { message: `release ${restart.to} (${restart.digest}, key ${restart.keyId}) checked and unpacked; restarting into it` }) }]);
+    this.opts.log.info("restarting into a new version", { task: taskId, from: restart.from, to: restart.to });
+    this.opts.onRestart(`update ${restart.from} → ${restart.to} (task ${taskId})`);
+  }
+
+  /** Ends an update handed over before the restart, with what the supervisor decided (waiting for it while on trial). */
+  private settleUpdate(entry: LedgerEntry, update: { from: string; to: string }): void {
+    const taskId = entry.spec.taskId;
+    const updates = this.opts.updates;
+    void (async () => {
+      const settled: Settled = updates ? await updates.settle(taskId, update, this.stopController.signal) : { ok: false, message: `the daemon restarted without update support; the update to ${update.to} is not known to have happened` };
+      await this.finishTask(entry, { state: settled.ok ? TaskState.SUCCEEDED : TaskState.FAILED, message: settled.message, outputChunks: 0, outputTruncated: false }, undefined, { retry: true });
+      updates?.forget(taskId);
+    })().catch((err) => {
+      if (!this.stopController.signal.aborted) this.opts.log.error("settling an update failed", { task: taskId, err });
+    });
   }
 
   /**

@@ -21,6 +21,8 @@ import { baseDirProblem, putFile, relativePathProblem } from "./file-put.js";
 import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
+import type { Prepared, Updater } from "./updates.js";
 
 /** Options of {@link Executor}; everything but the clock has a default. */
 export interface ExecutorOptions {
@@ -46,6 +48,8 @@ export interface ExecutorOptions {
    * `ansible`: daemon/tools.ts). A step of a tool without one fails saying so.
    */
   programs?: Readonly<Record<string, string>>;
+  /** Carries out `update` steps (daemon/updates.ts). Absent: they fail saying so. */
+  updater?: Pick<Updater, "prepare">;
 }
 
 /**
@@ -72,6 +76,11 @@ export interface TaskOutcome {
   outputChunks: number;
   /** True when output past the limit was dropped. */
   outputTruncated: boolean;
+  /**
+   * An update step unpacked a new version: the task is not over, the daemon
+   * hands it over to its supervisor and restarts (docs/updates.md).
+   */
+  restart?: { from: string; to: string; keyId: string; digest: string };
 }
 
 /**
@@ -129,6 +138,7 @@ interface ResolvedOptions {
   baseEnv: Readonly<Record<string, string | undefined>> | undefined;
   fetchArtifact: ArtifactFetcher | undefined;
   programs: Readonly<Record<string, string>>;
+  updater: Pick<Updater, "prepare"> | undefined;
 }
 
 /**
@@ -148,7 +158,7 @@ export class Executor {
     if (!Number.isFinite(killGraceMs) || killGraceMs < 0) {
       throw new ConfigError(`killGraceMs must be a non-negative number, got ${killGraceMs}`);
     }
-    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv, fetchArtifact: opts.fetchArtifact, programs: opts.programs ?? {} };
+    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv, fetchArtifact: opts.fetchArtifact, programs: opts.programs ?? {}, updater: opts.updater };
   }
 
   /**
@@ -186,7 +196,8 @@ type StepResult = StepExit | { kind: "failed"; message: string; code: string | u
 type PlannedStep =
   | { kind: "process"; label: string; argv: string[] }
   | { kind: "staged"; label: string; stage: Stage }
-  | { kind: "put"; label: string; artifact: string; path: string; baseDir: string; mode: number };
+  | { kind: "put"; label: string; artifact: string; path: string; baseDir: string; mode: number }
+  | { kind: "update"; label: string; release: SignedRelease };
 
 /** The state of one `Executor.run`. */
 class TaskRun {
@@ -255,6 +266,7 @@ class TaskRun {
       if (this.stopped()) break;
 
       let result: StepResult;
+      if (step.kind === "update") return await this.updateStep(step);
       if (step.kind === "put") {
         const problem = await this.putStep(step);
         const stop = this.stopped();
@@ -358,6 +370,28 @@ class TaskRun {
     } finally {
       await rm(fetched, { force: true });
     }
+  }
+
+  /** Runs an update step (alone in its task): a restart into the new version, or why not. */
+  private async updateStep(step: Extract<PlannedStep, { kind: "update" }>): Promise<TaskOutcome> {
+    const updater = this.opts.updater;
+    if (!updater) return this.outcome(TaskState.FAILED, `${step.label}: this daemon does not update itself`);
+    let prepared: Prepared;
+    try {
+      prepared = await updater.prepare(step.release, async (digest: string) => {
+        const got = await this.fetchVerified(digest);
+        if (typeof got !== "string") throw new Error(got.problem);
+        return got;
+      });
+    } catch (err) {
+      const stop = this.stopped();
+      if (stop) return this.outcome(stop.state, stop.message);
+      return this.outcome(TaskState.FAILED, `update refused: ${errorText(err)}`);
+    }
+    const stop = this.stopped();
+    if (stop) return this.outcome(stop.state, stop.message);
+    if ("already" in prepared) return this.outcome(TaskState.SUCCEEDED, `already runs version ${prepared.already}`);
+    return { ...this.outcome(TaskState.SUCCEEDED, `restarting into ${prepared.restart.to}`), restart: prepared.restart };
   }
 
   /** Read through a method: the stop is set by timers and listeners while awaits are pending. */
@@ -642,6 +676,11 @@ function planSteps(steps: Step[], programs: Readonly<Record<string, string>>): P
       }
       case "ping":
         // Nothing to run: a liveness step.
+        break;
+      case "update":
+        if (steps.length !== 1) return `${label}: an update step runs alone in its task`;
+        if (!tool.value.release) return `${label}: update names no release`;
+        plan.push({ kind: "update", label, release: tool.value.release });
         break;
       default:
         return `${label}: no tool given`;

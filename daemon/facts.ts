@@ -3,8 +3,8 @@ import { readFileSync } from "node:fs";
 import os from "node:os";
 import { clampFacts } from "../common/limits.js";
 import { HostFactsSchema, type HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import { DAEMON_VERSION } from "./version.js";
 
-const DAEMON_VERSION = "0.1.0";
 
 /** The os family from /etc/os-release (debian, rhel, ...), or the platform elsewhere. */
 function osFamily(): string {

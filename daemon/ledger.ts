@@ -28,6 +28,8 @@ export interface LedgerEntry {
   groups?: GroupRef[];
   /** When the task ended (epoch ms), for pruning tasks without a delivery deadline. */
   endedAt?: number;
+  /** An update handed over to the supervisor before a restart (docs/updates.md): settled after it. */
+  update?: { from: string; to: string; at: number };
 }
 
 export interface Ledger {

@@ -11,6 +11,7 @@ interface StoredEntry {
   finalAcked?: boolean;
   groups?: GroupRef[];
   endedAt?: number;
+  update?: { from: string; to: string; at: number };
 }
 
 /** A task's output seq (Ledger.putOutputSeq), a record of its own so that raising it does not rewrite the spec. */
@@ -53,6 +54,7 @@ export class LmdbLedger implements Ledger {
       if (value.finalAcked) entry.finalAcked = true;
       if (value.groups) entry.groups = value.groups;
       if (value.endedAt !== undefined) entry.endedAt = value.endedAt;
+      if (value.update) entry.update = value.update;
       this.cache.set(key[1]!, entry);
       this.stored.set(key[1]!, entry);
     }
@@ -69,6 +71,7 @@ export class LmdbLedger implements Ledger {
     if (entry.finalAcked) stored.finalAcked = true;
     if (entry.groups?.length) stored.groups = entry.groups;
     if (entry.endedAt !== undefined) stored.endedAt = entry.endedAt;
+    if (entry.update) stored.update = entry.update;
     this.cache.set(taskId, entry);
     return this.db.put([this.hostId, taskId], stored).then(
       () => {

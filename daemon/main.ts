@@ -25,6 +25,11 @@ import { TaskVerifier } from "../common/task-signing.js";
 import { proxyArtifactFetcher } from "./artifact-fetch.js";
 import { HostReporter } from "../common/host-signing.js";
 import { SessionHost } from "./sessions.js";
+import type { ServiceControl } from "../common/lifecycle.js";
+import { parseReleaseKeys } from "../common/release.js";
+import { EXIT_UPDATE } from "./install.js";
+import { Updater, type BadVersion } from "./updates.js";
+import { DAEMON_VERSION } from "./version.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -51,6 +56,8 @@ export const daemonSchema = {
   readyFile: { type: "string", doc: "file written once the daemon runs" },
   logLevel: { type: "string", default: "info", doc: "debug, info, warn or error" },
   tools: { type: "list", doc: "extra execution tools to report: NAME (e.g. docker), or python=/path, ansible=/path, pwsh=/path for a program not on PATH (docs/tools.md)" },
+  releaseKeys: { type: "string", doc: "release public keys (PEM, one or more) this daemon takes updates signed by (rexmesh release keygen); without, it refuses every update (docs/updates.md)" },
+  installRoot: { type: "string", doc: "the install root this daemon runs from, set by its supervisor (rexmesh supervise); updates need it" },
   hideTools: { type: "list", doc: "execution tools neither reported nor run on this host, e.g. python,ansible (docs/tools.md)" },
 } satisfies Schema;
 
@@ -77,18 +84,32 @@ function grpcDialer(paths: CredentialPaths): Dialer {
 }
 
 /** Starts one agent per host identity this process serves. */
-export async function startDaemon(config: DaemonConfig, log: Logger, clock: Clock = systemClock): Promise<Service & { agents: Agent[] }> {
+export async function startDaemon(config: DaemonConfig, log: Logger, clock: Clock = systemClock, control?: ServiceControl): Promise<Service & { agents: Agent[] }> {
   if (!config.proxies || config.proxies.length === 0) throw new ConfigError("proxies is required (--proxies HOST:PORT[,HOST:PORT...])");
   // A stop ends what still runs in time for its process group to be killed and its end to reach the proxy.
   if (config.grace < config.killGrace + 1000) throw new ConfigError(`grace (${config.grace} ms) must be at least killGrace (${config.killGrace} ms) plus 1s, so that a stop can kill what still runs and report its end`);
   if (config.hostId) await enrollIfNeeded(config, log, clock);
-  const tools = detectTools({ declared: config.tools, hidden: config.hideTools });
-  const facts = collectFacts(tools.names);
-  log.info("execution tools", { tools: tools.names, programs: tools.programs });
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const ledgers = env.db<never>("ledger") as never;
   const outboxes = env.db<Buffer>("outbox", "binary") as never;
   const allPaths = identityPaths(config);
+  const updater = new Updater({
+    root: config.installRoot,
+    releaseKeys: config.releaseKeys ? parseReleaseKeys(readConfigFile(config.releaseKeys, "releaseKeys")) : [],
+    version: DAEMON_VERSION,
+    platform: `${process.platform}-${process.arch}`,
+    hosts: allPaths.length,
+    bad: env.db<BadVersion>("bad-versions"),
+    clock,
+    log,
+  });
+  const cannotUpdate = updater.unable();
+  log.info("daemon version", { version: DAEMON_VERSION, installRoot: config.installRoot, updates: cannotUpdate ?? "yes" });
+  const detected = detectTools({ declared: config.tools, hidden: config.hideTools });
+  // The update tool is this daemon's own: reported only when it can carry an update out.
+  const tools = { ...detected, names: cannotUpdate === undefined && !config.hideTools?.includes("update") ? [...detected.names, "update"] : detected.names };
+  const facts = collectFacts(tools.names);
+  log.info("execution tools", { tools: tools.names, programs: tools.programs });
   // Fetched artifacts are private temporaries of running steps: any left by a crash are stale.
   rmSync(join(config.data, "artifacts"), { recursive: true, force: true });
   const metrics = new Metrics();
@@ -99,7 +120,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
     // One executor per host: artifacts are fetched through the proxies with this host's own certificate.
     const fetchArtifact = proxyArtifactFetcher({ proxies: config.proxies!, credentials: () => readCredentials(paths), dir: join(config.data, "artifacts", me.id) });
-    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact, programs: tools.programs });
+    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact, programs: tools.programs, updater });
     // A new report key whenever the certificate changed (renewal), endorsed by the new one.
     let reporter = { pem: creds.certPem, key: new HostReporter(creds, clock, me) };
     const currentReporter = () => {
@@ -138,7 +159,11 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       linkRoundTrip: (s) => roundTrip.observe({ peer: "proxy" }, s),
       maxUnackedOutputBytes: config.maxUnackedOutput,
       killGraceMs: config.killGrace,
+      updates: updater,
+      ...(control ? { onRestart: (reason: string) => control.exit(EXIT_UPDATE, reason) } : {}),
     });
+    // The supervisor learns that this version came up once it is connected.
+    agent.onConnected(() => updater.connected());
     // A session cut by its proxy's restart or a failover resumes through whichever proxy the host reaches next.
     agent.onConnected((_proxy, address) => sessions.connected(address));
     return agent;
@@ -175,24 +200,26 @@ async function enrollIfNeeded(config: DaemonConfig, log: Logger, clock: Clock): 
   if (!config.ca) throw new ConfigError("ca is required to enroll: the mesh CA certificate that enrollment servers are verified against");
   if (config.joinToken && (config.enrollCert || config.enrollKey)) throw new ConfigError("give one bootstrap credential: joinToken, or enrollCert and enrollKey");
   if (Boolean(config.enrollCert) !== Boolean(config.enrollKey)) throw new ConfigError("enrollCert and enrollKey go together");
-  const read = (path: string, what: string) => {
-    try {
-      return readFileSync(path, "utf8");
-    } catch (cause) {
-      throw new ConfigError(`cannot read ${what} ${path}`, { cause });
-    }
-  };
   let credential: BootstrapCredential | undefined;
   if (config.joinToken) credential = { token: config.joinToken };
-  else if (config.enrollCert && config.enrollKey) credential = { certPem: read(config.enrollCert, "enrollCert"), keyPem: read(config.enrollKey, "enrollKey") };
+  else if (config.enrollCert && config.enrollKey) credential = { certPem: readConfigFile(config.enrollCert, "enrollCert"), keyPem: readConfigFile(config.enrollKey, "enrollKey") };
   await ensureEnrolled({
     dir: config.identities,
     hostId: config.hostId!,
     tenant: config.tenant,
     via: config.enrollVia ?? [],
-    caPem: read(config.ca, "ca"),
+    caPem: readConfigFile(config.ca, "ca"),
     credential,
     clock,
     log,
   });
+}
+
+/** A file a config option names; a ConfigError naming the option when it cannot be read. */
+function readConfigFile(path: string, what: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch (cause) {
+    throw new ConfigError(`cannot read ${what} ${path}`, { cause });
+  }
 }

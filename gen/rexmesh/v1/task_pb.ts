@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2"
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { SignedRelease } from "./release_pb.js";
+import { file_rexmesh_v1_release } from "./release_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file rexmesh/v1/task.proto.
  */
 export const file_rexmesh_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0iPAoKUHl0aG9uVG9vbBIOCgZzY3JpcHQYASABKAkSEAoIYXJ0aWZhY3QYAiABKAkSDAoEYXJncxgDIAMoCSKQAgoLQW5zaWJsZVRvb2wSEAoIcGxheWJvb2sYASABKAkSEAoIYXJ0aWZhY3QYAiABKAkSDgoGbW9kdWxlGAMgASgJEjwKC21vZHVsZV9hcmdzGAQgAygLMicucmV4bWVzaC52MS5BbnNpYmxlVG9vbC5Nb2R1bGVBcmdzRW50cnkSLwoEdmFycxgFIAMoCzIhLnJleG1lc2gudjEuQW5zaWJsZVRvb2wuVmFyc0VudHJ5GjEKD01vZHVsZUFyZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGisKCVZhcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIr0CCgRTdGVwEgwKBG5hbWUYASABKAkSJAoEZXhlYxgCIAEoCzIULnJleG1lc2gudjEuRXhlY1Rvb2xIABImCgVzaGVsbBgDIAEoCzIVLnJleG1lc2gudjEuU2hlbGxUb29sSAASKAoGc2NyaXB0GAQgASgLMhYucmV4bWVzaC52MS5TY3JpcHRUb29sSAASKwoIZmlsZV9wdXQYBSABKAsyFy5yZXhtZXNoLnYxLkZpbGVQdXRUb29sSAASJAoEcGluZxgGIAEoCzIULnJleG1lc2gudjEuUGluZ1Rvb2xIABIoCgZweXRob24YByABKAsyFi5yZXhtZXNoLnYxLlB5dGhvblRvb2xIABIqCgdhbnNpYmxlGAggASgLMhcucmV4bWVzaC52MS5BbnNpYmxlVG9vbEgAQgYKBHRvb2wiCgoIUGluZ1Rvb2wipQMKCFRhc2tTcGVjEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIPCgdob3N0X2lkGAQgASgJEh8KBXN0ZXBzGAUgAygLMhAucmV4bWVzaC52MS5TdGVwEioKA2VudhgGIAMoCzIdLnJleG1lc2gudjEuVGFza1NwZWMuRW52RW50cnkSEwoLd29ya2luZ19kaXIYByABKAkSDQoFc3RkaW4YCCABKAwSKgoHdGltZW91dBgJIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgpkZWxpdmVyX2J5GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgppZGVtcG90ZW50GAsgASgIEhoKEm91dHB1dF9saW1pdF9ieXRlcxgMIAEoBBIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInQKC091dHB1dENodW5rEg8KB3Rhc2tfaWQYASABKAkSCwoDc2VxGAIgASgEEigKBnN0cmVhbRgDIAEoDjIYLnJleG1lc2gudjEuT3V0cHV0U3RyZWFtEgwKBGRhdGEYBCABKAwSDwoHaG9zdF9pZBgFIAEoCSLYAgoKVGFza1N0YXR1cxIPCgd0YXNrX2lkGAEgASgJEiQKBXN0YXRlGAIgASgOMhUucmV4bWVzaC52MS5UYXNrU3RhdGUSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoJZXhpdF9jb2RlGAQgASgFSACIAQESDgoGc2lnbmFsGAUgASgJEg8KB21lc3NhZ2UYBiABKAkSFQoNb3V0cHV0X2NodW5rcxgHIAEoBBIYChBvdXRwdXRfdHJ1bmNhdGVkGAggASgIEg8KB2hvc3RfaWQYCSABKAkSEAoIYXRfcHJveHkYCiABKAgSEQoJc2lnbmF0dXJlGAsgASgMEg4KBmtleV9pZBgMIAEoCRIVCg1vdXRwdXRfc2hhMjU2GA0gASgMEhQKDG91dHB1dF9ieXRlcxgOIAEoBEIMCgpfZXhpdF9jb2RlIikKCU91dHB1dEFjaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBCJUCglTdGF0dXNBY2sSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhAKCGF0X3Byb3h5GAMgASgIIj0KClNpZ25lZFRhc2sSDAoEc3BlYxgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSDgoGa2V5X2lkGAMgASgJIpgBCg5UYXNrU2lnbmluZ0tleRIOCgZrZXlfaWQYASABKAkSEgoKcHVibGljX2tleRgCIAEoDBItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2VuZG9yc2VtZW50GAQgASgMEh4KFmNvbnRyb2xsZXJfY2VydGlmaWNhdGUYBSABKAkqggMKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFQoRVEFTS19TVEFURV9RVUVVRUQQAhIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAxIYChRUQVNLX1NUQVRFX0RFTElWRVJFRBAEEhYKElRBU0tfU1RBVEVfUlVOTklORxAFEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAoSFQoRVEFTS19TVEFURV9GQUlMRUQQCxIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAMEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEA0SGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAOEhYKElRBU0tfU1RBVEVfRVhQSVJFRBAPEhcKE1RBU0tfU1RBVEVfUkVKRUNURUQQEBIWChJUQVNLX1NUQVRFX1NLSVBQRUQQERITCg9UQVNLX1NUQVRFX0xPU1QQEiphCgxPdXRwdXRTdHJlYW0SHQoZT1VUUFVUX1NUUkVBTV9VTlNQRUNJRklFRBAAEhgKFE9VVFBVVF9TVFJFQU1fU1RET1VUEAESGAoUT1VUUFVUX1NUUkVBTV9TVERFUlIQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL3Rhc2sucHJvdG8SCnJleG1lc2gudjEiGAoIRXhlY1Rvb2wSDAoEYXJndhgBIAMoCSIwCglTaGVsbFRvb2wSDgoGc2NyaXB0GAEgASgJEhMKC2ludGVycHJldGVyGAIgAygJIkEKClNjcmlwdFRvb2wSEAoIYXJ0aWZhY3QYASABKAkSEwoLaW50ZXJwcmV0ZXIYAiADKAkSDAoEYXJncxgDIAMoCSJNCgtGaWxlUHV0VG9vbBIQCghhcnRpZmFjdBgBIAEoCRIMCgRwYXRoGAIgASgJEhAKCGJhc2VfZGlyGAMgASgJEgwKBG1vZGUYBCABKA0iPAoKUHl0aG9uVG9vbBIOCgZzY3JpcHQYASABKAkSEAoIYXJ0aWZhY3QYAiABKAkSDAoEYXJncxgDIAMoCSKQAgoLQW5zaWJsZVRvb2wSEAoIcGxheWJvb2sYASABKAkSEAoIYXJ0aWZhY3QYAiABKAkSDgoGbW9kdWxlGAMgASgJEjwKC21vZHVsZV9hcmdzGAQgAygLMicucmV4bWVzaC52MS5BbnNpYmxlVG9vbC5Nb2R1bGVBcmdzRW50cnkSLwoEdmFycxgFIAMoCzIhLnJleG1lc2gudjEuQW5zaWJsZVRvb2wuVmFyc0VudHJ5GjEKD01vZHVsZUFyZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGisKCVZhcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIucCCgRTdGVwEgwKBG5hbWUYASABKAkSJAoEZXhlYxgCIAEoCzIULnJleG1lc2gudjEuRXhlY1Rvb2xIABImCgVzaGVsbBgDIAEoCzIVLnJleG1lc2gudjEuU2hlbGxUb29sSAASKAoGc2NyaXB0GAQgASgLMhYucmV4bWVzaC52MS5TY3JpcHRUb29sSAASKwoIZmlsZV9wdXQYBSABKAsyFy5yZXhtZXNoLnYxLkZpbGVQdXRUb29sSAASJAoEcGluZxgGIAEoCzIULnJleG1lc2gudjEuUGluZ1Rvb2xIABIoCgZweXRob24YByABKAsyFi5yZXhtZXNoLnYxLlB5dGhvblRvb2xIABIqCgdhbnNpYmxlGAggASgLMhcucmV4bWVzaC52MS5BbnNpYmxlVG9vbEgAEigKBnVwZGF0ZRgJIAEoCzIWLnJleG1lc2gudjEuVXBkYXRlVG9vbEgAQgYKBHRvb2wiOAoKVXBkYXRlVG9vbBIqCgdyZWxlYXNlGAEgASgLMhkucmV4bWVzaC52MS5TaWduZWRSZWxlYXNlIgoKCFBpbmdUb29sIqUDCghUYXNrU3BlYxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIfCgVzdGVwcxgFIAMoCzIQLnJleG1lc2gudjEuU3RlcBIqCgNlbnYYBiADKAsyHS5yZXhtZXNoLnYxLlRhc2tTcGVjLkVudkVudHJ5EhMKC3dvcmtpbmdfZGlyGAcgASgJEg0KBXN0ZGluGAggASgMEioKB3RpbWVvdXQYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZGVsaXZlcl9ieRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaWRlbXBvdGVudBgLIAEoCBIaChJvdXRwdXRfbGltaXRfYnl0ZXMYDCABKAQSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ0CgtPdXRwdXRDaHVuaxIPCgd0YXNrX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoCgZzdHJlYW0YAyABKA4yGC5yZXhtZXNoLnYxLk91dHB1dFN0cmVhbRIMCgRkYXRhGAQgASgMEg8KB2hvc3RfaWQYBSABKAki2AIKClRhc2tTdGF0dXMSDwoHdGFza19pZBgBIAEoCRIkCgVzdGF0ZRgCIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKCWV4aXRfY29kZRgEIAEoBUgAiAEBEg4KBnNpZ25hbBgFIAEoCRIPCgdtZXNzYWdlGAYgASgJEhUKDW91dHB1dF9jaHVua3MYByABKAQSGAoQb3V0cHV0X3RydW5jYXRlZBgIIAEoCBIPCgdob3N0X2lkGAkgASgJEhAKCGF0X3Byb3h5GAogASgIEhEKCXNpZ25hdHVyZRgLIAEoDBIOCgZrZXlfaWQYDCABKAkSFQoNb3V0cHV0X3NoYTI1NhgNIAEoDBIUCgxvdXRwdXRfYnl0ZXMYDiABKARCDAoKX2V4aXRfY29kZSIpCglPdXRwdXRBY2sSDwoHdGFza19pZBgBIAEoCRILCgNzZXEYAiABKAQiVAoJU3RhdHVzQWNrEg8KB3Rhc2tfaWQYASABKAkSJAoFc3RhdGUYAiABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIQCghhdF9wcm94eRgDIAEoCCI9CgpTaWduZWRUYXNrEgwKBHNwZWMYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEg4KBmtleV9pZBgDIAEoCSKYAQoOVGFza1NpZ25pbmdLZXkSDgoGa2V5X2lkGAEgASgJEhIKCnB1YmxpY19rZXkYAiABKAwSLQoJbm90X2FmdGVyGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtlbmRvcnNlbWVudBgEIAEoDBIeChZjb250cm9sbGVyX2NlcnRpZmljYXRlGAUgASgJKoIDCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhYKElRBU0tfU1RBVEVfUEVORElORxABEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAISGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAMSGAoUVEFTS19TVEFURV9ERUxJVkVSRUQQBBIWChJUQVNLX1NUQVRFX1JVTk5JTkcQBRIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAKEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAsSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQDBIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBANEhoKFlRBU0tfU1RBVEVfSU5URVJSVVBURUQQDhIWChJUQVNLX1NUQVRFX0VYUElSRUQQDxIXChNUQVNLX1NUQVRFX1JFSkVDVEVEEBASFgoSVEFTS19TVEFURV9TS0lQUEVEEBESEwoPVEFTS19TVEFURV9MT1NUEBIqYQoMT3V0cHV0U3RyZWFtEh0KGU9VVFBVVF9TVFJFQU1fVU5TUEVDSUZJRUQQABIYChRPVVRQVVRfU1RSRUFNX1NURE9VVBABEhgKFE9VVFBVVF9TVFJFQU1fU1RERVJSEAJiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_rexmesh_v1_release]);
 
 /**
  * Runs argv directly, without a shell: arguments are never interpreted.
@@ -280,6 +282,12 @@ export type Step = Message<"rexmesh.v1.Step"> & {
      */
     value: AnsibleTool;
     case: "ansible";
+  } | {
+    /**
+     * @generated from field: rexmesh.v1.UpdateTool update = 9;
+     */
+    value: UpdateTool;
+    case: "update";
   } | { case: undefined; value?: undefined };
 };
 
@@ -289,6 +297,30 @@ export type Step = Message<"rexmesh.v1.Step"> & {
  */
 export const StepSchema: GenMessage<Step> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_task, 6);
+
+/**
+ * Updates the daemon to a signed release (docs/updates.md). The daemon
+ * checks the release against the release keys it trusts (--release-keys),
+ * fetches the artifact by the manifest's digest and checks its size and
+ * digest, unpacks it into its own version directory and restarts into it
+ * under its supervisor. The task ends once the new version has connected
+ * and reported, or when the supervisor rolled it back. Alone in its task.
+ *
+ * @generated from message rexmesh.v1.UpdateTool
+ */
+export type UpdateTool = Message<"rexmesh.v1.UpdateTool"> & {
+  /**
+   * @generated from field: rexmesh.v1.SignedRelease release = 1;
+   */
+  release?: SignedRelease | undefined;
+};
+
+/**
+ * Describes the message rexmesh.v1.UpdateTool.
+ * Use `create(UpdateToolSchema)` to create a new message.
+ */
+export const UpdateToolSchema: GenMessage<UpdateTool> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_task, 7);
 
 /**
  * Answered by the daemon itself, with no process: the liveness check
@@ -304,7 +336,7 @@ export type PingTool = Message<"rexmesh.v1.PingTool"> & {
  * Use `create(PingToolSchema)` to create a new message.
  */
 export const PingToolSchema: GenMessage<PingTool> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 7);
+  messageDesc(file_rexmesh_v1_task, 8);
 
 /**
  * Everything a daemon needs to run one task. It travels unchanged from the
@@ -396,7 +428,7 @@ export type TaskSpec = Message<"rexmesh.v1.TaskSpec"> & {
  * Use `create(TaskSpecSchema)` to create a new message.
  */
 export const TaskSpecSchema: GenMessage<TaskSpec> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 8);
+  messageDesc(file_rexmesh_v1_task, 9);
 
 /**
  * A slice of a task's output. seq counts chunks of one task from 1, across
@@ -442,7 +474,7 @@ export type OutputChunk = Message<"rexmesh.v1.OutputChunk"> & {
  * Use `create(OutputChunkSchema)` to create a new message.
  */
 export const OutputChunkSchema: GenMessage<OutputChunk> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 9);
+  messageDesc(file_rexmesh_v1_task, 10);
 
 /**
  * A state change of a task, reported upwards by the hop that observed it.
@@ -549,7 +581,7 @@ export type TaskStatus = Message<"rexmesh.v1.TaskStatus"> & {
  * Use `create(TaskStatusSchema)` to create a new message.
  */
 export const TaskStatusSchema: GenMessage<TaskStatus> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 10);
+  messageDesc(file_rexmesh_v1_task, 11);
 
 /**
  * Acknowledges every output chunk of a task up to and including seq.
@@ -573,7 +605,7 @@ export type OutputAck = Message<"rexmesh.v1.OutputAck"> & {
  * Use `create(OutputAckSchema)` to create a new message.
  */
 export const OutputAckSchema: GenMessage<OutputAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 11);
+  messageDesc(file_rexmesh_v1_task, 12);
 
 /**
  * Acknowledges that a status (and every earlier one of the task from the
@@ -604,7 +636,7 @@ export type StatusAck = Message<"rexmesh.v1.StatusAck"> & {
  * Use `create(StatusAckSchema)` to create a new message.
  */
 export const StatusAckSchema: GenMessage<StatusAck> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 12);
+  messageDesc(file_rexmesh_v1_task, 13);
 
 /**
  * A task exactly as the controller signed it. Proxies relay it unchanged
@@ -641,7 +673,7 @@ export type SignedTask = Message<"rexmesh.v1.SignedTask"> & {
  * Use `create(SignedTaskSchema)` to create a new message.
  */
 export const SignedTaskSchema: GenMessage<SignedTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 13);
+  messageDesc(file_rexmesh_v1_task, 14);
 
 /**
  * The controller's task-signing key (Ed25519, fast enough to sign every
@@ -689,7 +721,7 @@ export type TaskSigningKey = Message<"rexmesh.v1.TaskSigningKey"> & {
  * Use `create(TaskSigningKeySchema)` to create a new message.
  */
 export const TaskSigningKeySchema: GenMessage<TaskSigningKey> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_task, 14);
+  messageDesc(file_rexmesh_v1_task, 15);
 
 /**
  * The life of one task (one job on one host). Every accepted task reaches
