@@ -44,6 +44,8 @@ export class Supervisor {
   private child: ChildProcess | undefined;
   private stopping: NodeJS.Signals | undefined;
   private crashes = 0;
+  /** Ends the wait before a restart early (a stop). */
+  private wake: (() => void) | undefined;
 
   constructor(private readonly opts: SupervisorOptions) {
     this.paths = installPaths(opts.root);
@@ -52,10 +54,7 @@ export class Supervisor {
   /** Runs until a signal stops it; resolves to the exit code for the supervisor's own process. */
   async run(): Promise<number> {
     if (linkedVersion(this.paths.current) === undefined) throw new Error(`${this.paths.current} is not a link to versions/<version>: install a version first (docs/updates.md)`);
-    const onSignal = (signal: NodeJS.Signals) => {
-      this.stopping = signal;
-      this.child?.kill(signal);
-    };
+    const onSignal = (signal: NodeJS.Signals) => this.stop(signal);
     process.on("SIGTERM", onSignal);
     process.on("SIGINT", onSignal);
     try {
@@ -74,7 +73,11 @@ export class Supervisor {
         this.crashes = Date.now() - started > STEADY_MS ? 1 : this.crashes + 1;
         const wait = RESTART_BACKOFF_MS[Math.min(this.crashes - 1, RESTART_BACKOFF_MS.length - 1)]!;
         this.opts.log(`the daemon exited (${exit.signal ?? `code ${exit.code}`}); starting it again in ${wait / 1000}s`);
-        await sleep(wait);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, wait);
+          this.wake = () => (clearTimeout(timer), resolve());
+        });
+        this.wake = undefined;
       }
     } finally {
       process.off("SIGTERM", onSignal);
@@ -122,6 +125,13 @@ export class Supervisor {
     // The version rolled back is marked bad by the daemon: its directory is not needed again.
     this.prune();
     return undefined;
+  }
+
+  /** Stops the daemon with `signal` and then the supervisor (run() resolves to the daemon's exit code). */
+  stop(signal: NodeJS.Signals = "SIGTERM"): void {
+    this.stopping = signal;
+    this.child?.kill(signal);
+    this.wake?.();
   }
 
   /** True once `version` says it runs from this child; otherwise why not (timeout, exit, a signal to stop). */

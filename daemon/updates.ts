@@ -175,7 +175,7 @@ export class Updater {
         if (request?.taskId === taskId) removeFile(paths.request);
         return { ok: false, message: `the daemon restarted at ${this.opts.version} without its supervisor switching to ${update.to} (the hand-over was lost or no supervisor ran it)` };
       }
-      if (this.opts.clock.now() >= deadline) return { ok: false, message: `version ${update.to} runs, but its supervisor said nothing within ${Math.round((this.opts.verdictWaitMs ?? 600_000) / 1000)}s` };
+      if (this.opts.clock.now() >= deadline) return { ok: false, message: `version ${update.to} runs, but its supervisor said nothing within ${(this.opts.verdictWaitMs ?? 600_000) / 1000}s` };
       await this.opts.clock.sleep(VERDICT_POLL_MS, signal);
     }
   }

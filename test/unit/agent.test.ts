@@ -2,7 +2,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
-import { Agent, LINK_BACKLOG_HIGH_FRAMES, LINK_BACKLOG_LOW_FRAMES } from "../../daemon/agent.js";
+import { Agent, LINK_BACKLOG_HIGH_FRAMES, LINK_BACKLOG_LOW_FRAMES, type AgentUpdates } from "../../daemon/agent.js";
 import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
 import { MemoryLedger, type LedgerEntry } from "../../daemon/ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
@@ -49,7 +49,7 @@ class RecordingLedger extends MemoryLedger {
 const statusesIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.statuses.map((s) => `${s.taskId}:${TaskState[s.state]}`));
 const outputIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}:${text(c.data)}`));
 
-function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualClock; maxUnackedOutputBytes?: number; tools?: string[] } = {}) {
+function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualClock; maxUnackedOutputBytes?: number; tools?: string[]; updates?: AgentUpdates; onRestart?: (reason: string) => void } = {}) {
   const clock = opts.clock ?? new ManualClock();
   const ledger = opts.ledger ?? new RecordingLedger();
   const executor = new FakeExecutor();
@@ -74,6 +74,8 @@ function setup(opts: { capacity?: number; ledger?: MemoryLedger; clock?: ManualC
     capacity: opts.capacity ?? 2,
     maxUnackedOutputBytes: opts.maxUnackedOutputBytes,
     tools: opts.tools,
+    updates: opts.updates,
+    onRestart: opts.onRestart,
   });
   const link = () => links.at(-1)!;
   /** A frame from the proxy on the current link. */
@@ -669,5 +671,114 @@ describe("Agent: draining", () => {
     await flush();
     await expectResolvesAfter(t.clock, t.agent.drain(3000), 3000);
     await t.agent.stop();
+  });
+});
+
+describe("Agent: updates handed over across a restart", () => {
+  const restart = { from: "1.0.0", to: "2.0.0", keyId: "k1", digest: "sha256:" + "a".repeat(64) };
+  const recorder = () => {
+    const calls: string[] = [];
+    let verdict: { ok: boolean; message: string } | undefined;
+    let release: (() => void) | undefined;
+    const updates: AgentUpdates = {
+      request: (req) => calls.push(`request:${req.taskId}:${req.from}->${req.to}`),
+      settle: async (taskId, u) => {
+        calls.push(`settle:${taskId}:${u.from}->${u.to}`);
+        if (!verdict) await new Promise<void>((r) => (release = r));
+        return verdict!;
+      },
+      forget: (taskId) => calls.push(`forget:${taskId}`),
+    };
+    return { calls, updates, decide: (v: { ok: boolean; message: string }) => ((verdict = v), release?.()) };
+  };
+
+  it("lets the other running tasks end, records the update in the ledger before asking for the restart, and reports no end", async () => {
+    const u = recorder();
+    const restarts: string[] = [];
+    const t = setup({ updates: u.updates, onRestart: (why) => restarts.push(why), capacity: 3 });
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("other"), t.spec("up")] });
+    await flush();
+    const [other, up] = t.executor.runs;
+    up!.finish({ restart });
+    await flush();
+    // Still waiting for "other"; no new task is taken meanwhile.
+    expect(restarts).toEqual([]);
+    expect(u.calls).toEqual([]);
+    t.fromProxy({ tasks: [t.spec("late")] });
+    await flush();
+    expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["other", "up"]);
+    other!.finish();
+    await flush();
+    expect(t.ledger.get("up")?.update).toMatchObject({ from: "1.0.0", to: "2.0.0" });
+    expect(t.ledger.get("up")?.state).toBe(TaskState.RUNNING);
+    expect(u.calls).toEqual(["request:up:1.0.0->2.0.0"]);
+    expect(restarts).toEqual(["update 1.0.0 → 2.0.0 (task up)"]);
+    const ends = statusesIn(t.links.flatMap((l) => l.sent)).filter((s) => s.startsWith("up:") && !s.endsWith("RUNNING") && !s.endsWith("DELIVERED"));
+    expect(ends).toEqual([]);
+  });
+
+  it("after the restart, ends the update with what the supervisor decided, then forgets the result", async () => {
+    const u = recorder();
+    const ledger = new RecordingLedger();
+    const clock = new ManualClock();
+    const first = setup({ ledger, clock, updates: u.updates, onRestart: () => undefined });
+    await first.start();
+    first.fromProxy({ tasks: [first.spec("up")] });
+    await flush();
+    first.executor.runs[0]!.finish({ restart });
+    await flush();
+    expect(ledger.get("up")?.update?.to).toBe("2.0.0");
+    // A new process on the same ledger: the update is not INTERRUPTED, it waits for the verdict.
+    const second = setup({ ledger, clock, updates: u.updates });
+    await second.start();
+    await flush();
+    expect(u.calls).toContain("settle:up:1.0.0->2.0.0");
+    expect(statusesIn(second.links.flatMap((l) => l.sent)).filter((s) => s.startsWith("up:"))).toEqual([]);
+    u.decide({ ok: true, message: "updated from 1.0.0 to 2.0.0" });
+    await flush();
+    const final = second.links.flatMap((l) => l.sent).flatMap((f) => f.statuses).find((s) => s.taskId === "up" && s.state === TaskState.SUCCEEDED);
+    expect(final?.message).toBe("updated from 1.0.0 to 2.0.0");
+    expect(ledger.get("up")?.final?.state).toBe(TaskState.SUCCEEDED);
+    expect(u.calls.at(-1)).toBe("forget:up");
+  });
+
+  it("a rollback ends the update FAILED with the reason; without update support it ends FAILED saying so", async () => {
+    const u = recorder();
+    const ledger = new RecordingLedger();
+    await ledger.put({ spec: taskSpec("rolled", "h1"), state: TaskState.RUNNING, update: { from: "1.0.0", to: "2.0.0", at: 1 } });
+    await ledger.put({ spec: taskSpec("orphan", "h1"), state: TaskState.RUNNING, update: { from: "1.0.0", to: "3.0.0", at: 1 } });
+    u.decide({ ok: false, message: "rolled back to 1.0.0: it exited" });
+    const t = setup({ ledger, updates: { ...u.updates, settle: async (id, up) => (id === "rolled" ? u.updates.settle(id, up, new AbortController().signal) : { ok: false, message: "x" }) } });
+    await t.start();
+    await flush();
+    expect(ledger.get("rolled")?.final?.state).toBe(TaskState.FAILED);
+    expect(ledger.get("rolled")?.final?.message).toBe("rolled back to 1.0.0: it exited");
+    const bareLedger = new RecordingLedger();
+    await bareLedger.put({ spec: taskSpec("u2", "h1"), state: TaskState.RUNNING, update: { from: "1", to: "2", at: 1 } });
+    const bare = setup({ ledger: bareLedger });
+    await bare.start();
+    await flush();
+    expect(bare.ledger.get("u2")?.final?.state).toBe(TaskState.FAILED);
+    expect(bare.ledger.get("u2")?.final?.message).toMatch(/without update support/);
+  });
+
+  it("a hand-over the supervisor cannot be given ends the task FAILED and takes work again", async () => {
+    const restarts: string[] = [];
+    const t = setup({
+      updates: { request: () => { throw new Error("disk full"); }, settle: async () => ({ ok: true, message: "" }), forget: () => undefined },
+      onRestart: (why) => restarts.push(why),
+    });
+    await t.start();
+    t.fromProxy({ tasks: [t.spec("up")] });
+    await flush();
+    t.executor.runs[0]!.finish({ restart });
+    await flush();
+    expect(t.ledger.get("up")?.final?.state).toBe(TaskState.FAILED);
+    expect(t.ledger.get("up")?.final?.message).toBe("cannot hand the update over to the supervisor: disk full");
+    expect(restarts).toEqual([]);
+    t.fromProxy({ tasks: [t.spec("next")] });
+    await flush();
+    expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["up", "next"]);
   });
 });

@@ -40,6 +40,8 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/SetHostLabels": "operator label (hosts resolved)",
       "rexmesh.v1.ControllerService/ListAudit": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/CreateSchedule": "operator schedule (tenant)",
+      "rexmesh.v1.ControllerService/AddRelease": "operator release (tenant)",
+      "rexmesh.v1.ControllerService/ListReleases": "operator read (tenant)",
       "rexmesh.v1.ControllerService/ListSchedules": "operator read (tenant)",
       "rexmesh.v1.ControllerService/GetSchedule": "operator read (tenant)",
       "rexmesh.v1.ControllerService/PauseSchedule": "operator schedule (tenant)",

@@ -5,6 +5,14 @@ import { codeOf } from "../../common/rpc-errors.js";
 import { checkReleaseArtifact, newReleaseKeyPair, parseReleaseKeys, signRelease, verifyRelease } from "../../common/release.js";
 import { ReleaseManifestSchema, SignedReleaseSchema } from "../../gen/rexmesh/v1/release_pb.js";
 import { createPrivateKey, sign } from "node:crypto";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll } from "vitest";
+import { digestOf } from "../../common/digest.js";
+import { NotFoundError } from "../../common/errors.js";
+import { LmdbEnv } from "../../common/lmdb.js";
+import { ReleaseStore } from "../../controller/releases.js";
 
 /** Daemon releases signed by a release key (common/release.ts): what a host accepts, and what it refuses. */
 
@@ -67,5 +75,53 @@ describe("release manifests", () => {
     expect(refused(() => signRelease(artifact, "1.0.0", "linux", key.privatePem, NOW)).code).toBe(Code.InvalidArgument);
     expect(refused(() => signRelease(new Uint8Array(), "1.0.0", "linux-x64", key.privatePem, NOW)).code).toBe(Code.InvalidArgument);
     expect(refused(() => parseReleaseKeys("not a key")).message).toMatch(/no release public key/);
+  });
+});
+
+describe("releases at the controller (ReleaseStore)", () => {
+  const key = newReleaseKeyPair();
+  const dir = mkdtempSync(join(tmpdir(), "rexmesh-releases-"));
+  const env = new LmdbEnv({ path: dir, maxBytes: 1 << 24 });
+  afterAll(() => env.close());
+  const held = new Map<string, number>([[`acme\0${digestOf(artifact)}`, artifact.length]]);
+  const sizes = {
+    size: async (digest: string, tenant: string) => {
+      const n = held.get(`${tenant}\0${digest}`);
+      if (n === undefined) throw new NotFoundError(`no artifact ${digest}`);
+      return n;
+    },
+  };
+  const store = new ReleaseStore(env.db("releases"), sizes);
+  const rejected = async (p: Promise<unknown>) => {
+    try {
+      await p;
+    } catch (err) {
+      return { code: codeOf(err), message: (err as Error).message };
+    }
+    throw new Error("not refused");
+  };
+
+  it("keeps a release whose artifact the tenant holds at the manifest's size; the same one again changes nothing", async () => {
+    const signed = signRelease(artifact, "0.2.0", "linux-x64", key.privatePem, NOW);
+    const first = await store.add("acme", "operator:acme/ann", signed, NOW);
+    expect(first.created).toBe(true);
+    expect([first.release.version, first.release.keyId, first.release.addedBy]).toEqual(["0.2.0", key.keyId, "operator:acme/ann"]);
+    expect((await store.add("acme", "operator:acme/bob", signed, NOW + 1)).created).toBe(false);
+    expect(store.get("acme", "0.2.0")?.addedBy).toBe("operator:acme/ann");
+    expect(toBinary(SignedReleaseSchema, store.get("acme", "0.2.0")!.signed!)).toEqual(toBinary(SignedReleaseSchema, signed));
+  });
+
+  it("never replaces a version, and refuses what does not match the artifact, an unsigned release, or another tenant's artifact", async () => {
+    const resigned = signRelease(artifact, "0.2.0", "linux-x64", key.privatePem, NOW + 5);
+    expect(await rejected(store.add("acme", "x", resigned, NOW))).toMatchObject({ code: Code.AlreadyExists, message: expect.stringMatching(/never replaced/) });
+    const other = Buffer.concat([artifact, Buffer.from("!")]);
+    const wrongSize = signRelease(other, "0.3.0", "linux-x64", key.privatePem, NOW);
+    held.set(`acme\0${digestOf(other)}`, artifact.length);
+    expect(await rejected(store.add("acme", "x", wrongSize, NOW))).toMatchObject({ code: Code.FailedPrecondition, message: expect.stringMatching(/has \d+ bytes, the manifest says/) });
+    const unsigned = create(SignedReleaseSchema, { manifest: signRelease(artifact, "0.4.0", "linux-x64", key.privatePem, NOW).manifest });
+    expect((await rejected(store.add("acme", "x", unsigned, NOW))).code).toBe(Code.InvalidArgument);
+    expect((await rejected(store.add("globex", "x", signRelease(artifact, "0.5.0", "linux-x64", key.privatePem, NOW), NOW))).code).toBe(Code.NotFound);
+    expect(store.list("globex")).toEqual([]);
+    expect(store.list("acme").map((r) => r.version)).toEqual(["0.2.0"]);
   });
 });
