@@ -727,6 +727,10 @@ function stepArtifact(step: Step): string | undefined {
     case "script":
     case "filePut":
       return step.tool.value.artifact;
+    case "python":
+    case "ansible":
+      // Either a script or playbook in the request, or one from the repository.
+      return step.tool.value.artifact || undefined;
     case "update":
       return step.tool.value.release ? manifestOf(step.tool.value.release).digest : undefined;
     default:

@@ -1,4 +1,6 @@
 import { describe, expect, it } from "vitest";
+import { createHash } from "node:crypto";
+import { newReleaseKeyPair, signRelease } from "../../common/release.js";
 import type { DescMethod } from "@bufbuild/protobuf";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { ManualClock } from "../../common/clock.js";
@@ -134,5 +136,23 @@ describe("scopes decided on resolved hosts", () => {
     await expect(t.access.submit(t.admin, request({ hostIds: ["web-1"], steps: [step] }))).rejects.toThrow(/no artifact/);
     t.held.add(`acme ${digest}`);
     expect((await t.access.submit(t.admin, request({ hostIds: ["web-1"], steps: [step] }))).id).toMatch(/^j/);
+  });
+
+  it("runs only the caller's tenant's artifacts with every tool that names one (python, ansible, update too)", async () => {
+    const t = await setup();
+    const digest = `sha256:${"c".repeat(64)}`;
+    t.held.add(`beta ${digest}`);
+    const key = newReleaseKeyPair();
+    const signed = signRelease(Buffer.from("x"), "2.0.0", "linux-x64", key.privatePem, 0);
+    const release = `sha256:${createHash("sha256").update("x").digest("hex")}`;
+    t.held.add(`beta ${release}`);
+    const steps = [
+      create(StepSchema, { tool: { case: "python", value: { artifact: digest } } }),
+      create(StepSchema, { tool: { case: "ansible", value: { artifact: digest } } }),
+      create(StepSchema, { tool: { case: "update", value: { release: signed } } }),
+    ];
+    for (const step of steps) {
+      await expect(t.access.submit(t.admin, request({ hostIds: ["web-1"], steps: [step] })), step.tool.case).rejects.toThrow(/no artifact/);
+    }
   });
 });
