@@ -21,7 +21,7 @@ const options: Record<string, OptionSpec> = {
 const PUT_CHUNK_BYTES = 1024 * 1024;
 
 /** An ArtifactService client with the operator's credentials (same flags and REXMESH_* variables as the other commands). */
-function artifactClient(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env) {
+export function artifactClient(values: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env) {
   const pick = (name: string) => {
     const v = (values[name] as string | undefined) ?? env[`REXMESH_${name.toUpperCase()}`];
     if (!v) throw new InvalidArgumentError(`--${name} or REXMESH_${name.toUpperCase()} is required (rexmesh dev prints the exports to use)`);

@@ -1,3 +1,5 @@
+import { fromBinary } from "@bufbuild/protobuf";
+import { ReleaseManifestSchema } from "../gen/rexmesh/v1/release_pb.js";
 import { StepSchema, type Step } from "../gen/rexmesh/v1/task_pb.js";
 
 /**
@@ -19,4 +21,33 @@ export function missingTool(steps: readonly Step[], tools: readonly string[]): s
     }
   }
   return undefined;
+}
+
+/**
+ * The artifact a step fetches from the repository, if any ("sha256:<hex>"):
+ * a script, a file to put, a python script or ansible playbook named by
+ * digest, or a release's artifact. The controller checks the caller's
+ * tenant holds it; bundles carry it to sites with no link.
+ */
+export function stepArtifact(step: Step): string | undefined {
+  switch (step.tool.case) {
+    case "script":
+    case "filePut":
+      return step.tool.value.artifact;
+    case "python":
+    case "ansible":
+      // Either a script or playbook in the request, or one from the repository.
+      return step.tool.value.artifact || undefined;
+    case "update": {
+      const release = step.tool.value.release;
+      if (!release) return undefined;
+      try {
+        return fromBinary(ReleaseManifestSchema, release.manifest).digest || undefined;
+      } catch {
+        return undefined;
+      }
+    }
+    default:
+      return undefined;
+  }
 }

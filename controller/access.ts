@@ -18,6 +18,7 @@ import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import { manifestOf } from "./releases.js";
+import { stepArtifact } from "../common/step-tool.js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { SubmitJobRequestSchema, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
 import type { Clock } from "../common/clock.js";
@@ -719,23 +720,6 @@ export function describeSession(spec: SessionSpec): string {
 export function describeLabels(set: Record<string, string>, remove: readonly string[]): string {
   const parts = [...remove.map((k) => `-${k}`), ...Object.entries(set).map(([k, v]) => `${k}=${quoteArg(v)}`)];
   return `labels ${parts.join(" ")}`;
-}
-
-/** The artifact a step runs or writes, if any: the caller's tenant must hold it. */
-function stepArtifact(step: Step): string | undefined {
-  switch (step.tool.case) {
-    case "script":
-    case "filePut":
-      return step.tool.value.artifact;
-    case "python":
-    case "ansible":
-      // Either a script or playbook in the request, or one from the repository.
-      return step.tool.value.artifact || undefined;
-    case "update":
-      return step.tool.value.release ? manifestOf(step.tool.value.release).digest : undefined;
-    default:
-      return undefined;
-  }
 }
 
 /** The version a step's release names, for the audit log and listings. */

@@ -10,7 +10,8 @@
 import { rmSync } from "node:fs";
 import { mkdir, open, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { digestHex, DigestBuilder, DigestMismatchError, verifyFile } from "../common/digest.js";
+import { digestHex, DigestBuilder, DigestMismatchError, isDigest, verifyFile } from "../common/digest.js";
+import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 
 /** Streams an artifact's content from upstream (the controller). */
@@ -18,6 +19,8 @@ export type UpstreamFetch = (digest: string) => AsyncIterable<Uint8Array>;
 
 /** Largest slice served per GetArtifactChunk. */
 const CACHE_CHUNK_BYTES = 1024 * 1024;
+/** Largest artifact a bundle may carry (the controller's repository takes no larger). */
+const MAX_IMPORT_BYTES = 256 * 1024 * 1024;
 
 export class ArtifactCache {
   private readonly blobs: string;
@@ -69,6 +72,59 @@ export class ArtifactCache {
     } finally {
       await file.close();
     }
+  }
+
+  /**
+   * Takes one slice of an artifact carried beside a tasks bundle (a site
+   * with no link to the controller). Slices come in order into a file of
+   * their own; the last one puts the artifact into the cache if its
+   * content matches its digest (otherwise it is dropped, DATA_LOSS-like:
+   * DigestMismatchError). A slice out of order is refused naming the
+   * offset expected, so the sender can start over; an artifact already
+   * cached is complete at once.
+   */
+  async importChunk(digest: string, size: number, offset: number, data: Uint8Array): Promise<{ received: number; complete: boolean }> {
+    if (!isDigest(digest)) throw new InvalidArgumentError(`artifact ${JSON.stringify(digest.slice(0, 80))} is not sha256:<64 hex digits>`);
+    if (!Number.isSafeInteger(size) || size <= 0 || size > MAX_IMPORT_BYTES) throw new InvalidArgumentError(`an imported artifact has 1 to ${MAX_IMPORT_BYTES} bytes, not ${size}`);
+    if (data.length > CACHE_CHUNK_BYTES) throw new InvalidArgumentError(`a slice has at most ${CACHE_CHUNK_BYTES} bytes`);
+    if (offset + data.length > size) throw new InvalidArgumentError(`a slice at ${offset} of ${data.length} bytes runs past the artifact's ${size}`);
+    const final = join(this.blobs, digestHex(digest));
+    if (offset === 0 && (await this.present(final)) && (await verifyFile(final, digest).then(() => true, () => false))) {
+      this.verified.add(digest);
+      return { received: size, complete: true };
+    }
+    await mkdir(this.blobs, { recursive: true, mode: 0o700 });
+    await mkdir(this.tmp, { recursive: true, mode: 0o700 });
+    const partial = join(this.tmp, `import-${digestHex(digest)}-${size}`);
+    if (offset === 0) await rm(partial, { force: true });
+    const have = await stat(partial).then((s) => s.size, () => 0);
+    if (offset !== have) throw new FailedPreconditionError(`artifact ${digest}: the proxy has ${have} bytes of it, the slice starts at ${offset}; send from ${have} (or from 0)`);
+    const file = await open(partial, offset === 0 ? "wx" : "a", 0o600);
+    try {
+      await file.write(data);
+      if (offset + data.length < size) return { received: offset + data.length, complete: false };
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    try {
+      await verifyFile(partial, digest);
+    } catch (err) {
+      await rm(partial, { force: true });
+      this.opts.log.warn("imported artifact refused", { digest, err });
+      throw err;
+    }
+    await rename(partial, final);
+    this.verified.add(digest);
+    this.opts.log.info("artifact imported into the cache", { digest, size });
+    return { received: size, complete: true };
+  }
+
+  private present(path: string): Promise<boolean> {
+    return stat(path).then(
+      () => true,
+      () => false,
+    );
   }
 
   private async ensure(digest: string, final: string): Promise<string> {

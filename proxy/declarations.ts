@@ -43,6 +43,8 @@ export function proxyDeclarations(me: PeerIdentity): DeclarationTable {
     .service(ProxyAdminService, {
       importTasks: { peer: { roles: ["proxy"], action: "bundle", scope: "this proxy's own certificate", check: self } },
       exportResults: { peer: { roles: ["proxy"], action: "bundle", scope: "this proxy's own certificate", check: self } },
+      // Content-addressed: a slice can only add to the cache what hashes to its digest.
+      importArtifactChunk: { peer: { roles: ["proxy"], action: "bundle", scope: "this proxy's own certificate", check: self } },
     })
     .service(Health, { check: { open: HEALTH }, watch: { open: HEALTH } });
 }

@@ -16,7 +16,7 @@ import { Metrics, ROUND_TRIP_BUCKETS } from "../common/metrics.js";
 import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
-import { ExportResultsResponseSchema, ImportTasksResponseSchema, ProxyAdminService, type ImportTasksRequest } from "../gen/rexmesh/v1/proxy_admin_pb.js";
+import { ExportResultsResponseSchema, ImportArtifactChunkResponseSchema, ImportTasksResponseSchema, ProxyAdminService, type ImportArtifactChunkRequest, type ImportTasksRequest } from "../gen/rexmesh/v1/proxy_admin_pb.js";
 import { ConfigError } from "../common/errors.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
@@ -139,6 +139,13 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
         const r = await core.importTasks(payload);
         log.info("tasks bundle imported", { bundle: payload.id, ...r });
         return create(ImportTasksResponseSchema, { tasksAdded: r.added, tasksAlreadyKnown: r.known });
+      },
+    },
+    {
+      method: ProxyAdminService.method.importArtifactChunk,
+      handle: async (req: ImportArtifactChunkRequest) => {
+        const r = await artifacts.importChunk(req.digest, Number(req.size), Number(req.offset), req.data);
+        return create(ImportArtifactChunkResponseSchema, { received: BigInt(r.received), complete: r.complete });
       },
     },
     {

@@ -1,4 +1,4 @@
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -6,6 +6,7 @@ import { fromBinary } from "@bufbuild/protobuf";
 import { credentialPaths } from "../../certs/files.js";
 import { LocalMesh } from "../../cli/launcher.js";
 import { isTerminal } from "../../common/task-state.js";
+import { digestOf } from "../../common/digest.js";
 import { peekSpec } from "../../common/task-signing.js";
 import { BundlePayloadSchema, BundleSchema } from "../../gen/rexmesh/v1/bundle_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
@@ -128,6 +129,61 @@ describe("bundles through an air-gapped proxy", () => {
       await atSite(["export-results", resultsFile]);
       expect(payloadOf(resultsFile).statuses).toHaveLength(0);
       expect(readdirSync(marks())).toHaveLength(3);
+    } finally {
+      conn.close();
+    }
+  });
+
+  it("carries the artifacts its tasks fetch beside the bundle into the site proxy's cache; without them the import is refused", async () => {
+    const conn = clientOf(mesh);
+    try {
+      const content = Buffer.concat([Buffer.from("carried by hand\n"), randomBytes(3 * 1024 * 1024 + 17)]); // more than one slice
+      const source = join(files(), "payload.bin");
+      writeFileSync(source, content);
+      const put = await rexmesh(["artifacts", "put", source], mesh.exports());
+      expect(put.code, put.stderr).toBe(0);
+      const digest = put.stdout.trim();
+      const base = join(mesh.dir, "put");
+      mkdirSync(base, { recursive: true });
+      const { job } = await conn.client.submitJob({ allHosts: true, steps: [{ tool: { case: "filePut", value: { artifact: digest, path: "payload.bin", baseDir: base, mode: 0o600 } } }] });
+      const tasksFile = join(files(), "artifact-tasks.rxb");
+      const out = await atController(["export", "--region", "air", tasksFile]);
+      expect(out.stdout, out.stderr).toMatch(/^3 tasks for region air written to .*, with 1 artifact\(s\) in .*artifact-tasks.rxb.artifacts\//);
+      expect(payloadOf(tasksFile).artifacts).toEqual([digest]);
+      const carried = join(`${tasksFile}.artifacts`, digest.slice("sha256:".length));
+      // Compared as digests: vitest's deep equality takes seconds per megabyte.
+      expect(digestOf(readFileSync(carried))).toBe(digest);
+
+      // Without the artifacts beside it, nothing is imported (the tasks could never fetch them).
+      const lone = join(files(), "lone.rxb");
+      writeFileSync(lone, readFileSync(tasksFile));
+      const refused = await atSite(["import", lone]);
+      expect(refused.code).not.toBe(0);
+      expect(refused.stderr).toContain(`need 1 artifact(s) that are not beside it: ${join(`${lone}.artifacts`, digest.slice(7))}`);
+      // A carried artifact altered on the way is refused by the proxy (its digest), and the tasks are not imported.
+      mkdirSync(`${lone}.artifacts`);
+      const altered = Buffer.from(content);
+      altered[5]! ^= 1;
+      writeFileSync(join(`${lone}.artifacts`, digest.slice(7)), altered);
+      const bad = await atSite(["import", lone]);
+      expect(bad.code).not.toBe(0);
+      expect(bad.stderr).toMatch(/digest|hash/i);
+
+      const imported = await atSite(["import", tasksFile]);
+      expect(imported.stdout, imported.stderr).toMatch(/3 new tasks, 0 already known, 1 artifact\(s\) in the proxy's cache/);
+      const ids = new Set((await conn.client.getJob({ jobId: job!.id })).tasks.map((t) => t.id));
+      const resultsFile = join(files(), "artifact-results.rxb");
+      for (let i = 0; ; i++) {
+        expect((await atSite(["export-results", resultsFile])).code).toBe(0);
+        const ended = payloadOf(resultsFile).statuses.filter((st) => isTerminal(st.state) && ids.has(st.taskId));
+        if (ended.length === hosts.length) break;
+        if (i > 400) throw new Error(`only ${ended.length} file.put tasks ended at the site`);
+        await new Promise((res) => setTimeout(res, 50));
+      }
+      expect((await atController(["import", resultsFile])).code).toBe(0);
+      const r = await collectJob(conn.client, job!.id);
+      for (const h of hosts) expect(r.tasks.get(h)!.state, `${h}: ${r.tasks.get(h)!.message}`).toBe(TaskState.SUCCEEDED);
+      expect(digestOf(readFileSync(join(base, "payload.bin")))).toBe(digestOf(content));
     } finally {
       conn.close();
     }

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/bundle.proto.
  */
 export const file_rexmesh_v1_bundle: GenFile = /*@__PURE__*/
-  fileDesc("ChdyZXhtZXNoL3YxL2J1bmRsZS5wcm90bxIKcmV4bWVzaC52MSJICgZCdW5kbGUSDwoHcGF5bG9hZBgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSGgoSc2lnbmVyX2NlcnRpZmljYXRlGAMgASgJIuYDCg1CdW5kbGVQYXlsb2FkEgoKAmlkGAEgASgJEiQKBGtpbmQYAiABKA4yFi5yZXhtZXNoLnYxLkJ1bmRsZUtpbmQSDgoGcmVnaW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXRhc2tzGAUgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYBiADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYByADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgIIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEigKCHN0YXR1c2VzGAkgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgKIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSJwoFaG9zdHMYCyADKAsyGC5yZXhtZXNoLnYxLkhvc3RQcmVzZW5jZRINCgVwcm94eRgMIAEoCRIwCgxzaWduaW5nX2tleXMYDSADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5KlkKCkJ1bmRsZUtpbmQSGwoXQlVORExFX0tJTkRfVU5TUEVDSUZJRUQQABIVChFCVU5ETEVfS0lORF9UQVNLUxABEhcKE0JVTkRMRV9LSU5EX1JFU1VMVFMQAmIGcHJvdG8z", [file_google_protobuf_timestamp, file_rexmesh_v1_proxy_link, file_rexmesh_v1_task]);
+  fileDesc("ChdyZXhtZXNoL3YxL2J1bmRsZS5wcm90bxIKcmV4bWVzaC52MSJICgZCdW5kbGUSDwoHcGF5bG9hZBgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSGgoSc2lnbmVyX2NlcnRpZmljYXRlGAMgASgJIvkDCg1CdW5kbGVQYXlsb2FkEgoKAmlkGAEgASgJEiQKBGtpbmQYAiABKA4yFi5yZXhtZXNoLnYxLkJ1bmRsZUtpbmQSDgoGcmVnaW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXRhc2tzGAUgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYBiADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYByADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgIIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEigKCHN0YXR1c2VzGAkgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgKIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSJwoFaG9zdHMYCyADKAsyGC5yZXhtZXNoLnYxLkhvc3RQcmVzZW5jZRINCgVwcm94eRgMIAEoCRIwCgxzaWduaW5nX2tleXMYDSADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5EhEKCWFydGlmYWN0cxgOIAMoCSpZCgpCdW5kbGVLaW5kEhsKF0JVTkRMRV9LSU5EX1VOU1BFQ0lGSUVEEAASFQoRQlVORExFX0tJTkRfVEFTS1MQARIXChNCVU5ETEVfS0lORF9SRVNVTFRTEAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_proxy_link, file_rexmesh_v1_task]);
 
 /**
  * Work and results carried by hand to and from a site with no network link.
@@ -127,6 +127,17 @@ export type BundlePayload = Message<"rexmesh.v1.BundlePayload"> & {
    * @generated from field: repeated rexmesh.v1.TaskSigningKey signing_keys = 13;
    */
   signingKeys: TaskSigningKey[];
+
+  /**
+   * For tasks: the artifacts their steps fetch ("sha256:<hex>": scripts,
+   * files, releases). They travel beside the bundle (`bundle export` writes
+   * FILE.artifacts/<hex>) and go into the site proxy's artifact cache
+   * before the tasks (ProxyAdminService.ImportArtifactChunk), since the
+   * site cannot fetch them from the controller.
+   *
+   * @generated from field: repeated string artifacts = 14;
+   */
+  artifacts: string[];
 };
 
 /**

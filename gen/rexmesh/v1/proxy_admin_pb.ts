@@ -10,7 +10,73 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/proxy_admin.proto.
  */
 export const file_rexmesh_v1_proxy_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChxyZXhtZXNoL3YxL3Byb3h5X2FkbWluLnByb3RvEgpyZXhtZXNoLnYxIiQKEkltcG9ydFRhc2tzUmVxdWVzdBIOCgZidW5kbGUYASABKAwiRwoTSW1wb3J0VGFza3NSZXNwb25zZRITCgt0YXNrc19hZGRlZBgBIAEoDRIbChN0YXNrc19hbHJlYWR5X2tub3duGAIgASgNIhYKFEV4cG9ydFJlc3VsdHNSZXF1ZXN0IlAKFUV4cG9ydFJlc3VsdHNSZXNwb25zZRIOCgZidW5kbGUYASABKAwSEAoIc3RhdHVzZXMYAiABKA0SFQoNb3V0cHV0X2NodW5rcxgDIAEoDTK5AQoRUHJveHlBZG1pblNlcnZpY2USTgoLSW1wb3J0VGFza3MSHi5yZXhtZXNoLnYxLkltcG9ydFRhc2tzUmVxdWVzdBofLnJleG1lc2gudjEuSW1wb3J0VGFza3NSZXNwb25zZRJUCg1FeHBvcnRSZXN1bHRzEiAucmV4bWVzaC52MS5FeHBvcnRSZXN1bHRzUmVxdWVzdBohLnJleG1lc2gudjEuRXhwb3J0UmVzdWx0c1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChxyZXhtZXNoL3YxL3Byb3h5X2FkbWluLnByb3RvEgpyZXhtZXNoLnYxIlgKGkltcG9ydEFydGlmYWN0Q2h1bmtSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIMCgRzaXplGAIgASgEEg4KBm9mZnNldBgDIAEoBBIMCgRkYXRhGAQgASgMIkEKG0ltcG9ydEFydGlmYWN0Q2h1bmtSZXNwb25zZRIQCghyZWNlaXZlZBgBIAEoBBIQCghjb21wbGV0ZRgCIAEoCCIkChJJbXBvcnRUYXNrc1JlcXVlc3QSDgoGYnVuZGxlGAEgASgMIkcKE0ltcG9ydFRhc2tzUmVzcG9uc2USEwoLdGFza3NfYWRkZWQYASABKA0SGwoTdGFza3NfYWxyZWFkeV9rbm93bhgCIAEoDSIWChRFeHBvcnRSZXN1bHRzUmVxdWVzdCJQChVFeHBvcnRSZXN1bHRzUmVzcG9uc2USDgoGYnVuZGxlGAEgASgMEhAKCHN0YXR1c2VzGAIgASgNEhUKDW91dHB1dF9jaHVua3MYAyABKA0yoQIKEVByb3h5QWRtaW5TZXJ2aWNlEk4KC0ltcG9ydFRhc2tzEh4ucmV4bWVzaC52MS5JbXBvcnRUYXNrc1JlcXVlc3QaHy5yZXhtZXNoLnYxLkltcG9ydFRhc2tzUmVzcG9uc2USVAoNRXhwb3J0UmVzdWx0cxIgLnJleG1lc2gudjEuRXhwb3J0UmVzdWx0c1JlcXVlc3QaIS5yZXhtZXNoLnYxLkV4cG9ydFJlc3VsdHNSZXNwb25zZRJmChNJbXBvcnRBcnRpZmFjdENodW5rEiYucmV4bWVzaC52MS5JbXBvcnRBcnRpZmFjdENodW5rUmVxdWVzdBonLnJleG1lc2gudjEuSW1wb3J0QXJ0aWZhY3RDaHVua1Jlc3BvbnNlYgZwcm90bzM");
+
+/**
+ * @generated from message rexmesh.v1.ImportArtifactChunkRequest
+ */
+export type ImportArtifactChunkRequest = Message<"rexmesh.v1.ImportArtifactChunkRequest"> & {
+  /**
+   * "sha256:<hex>".
+   *
+   * @generated from field: string digest = 1;
+   */
+  digest: string;
+
+  /**
+   * Bytes of the whole artifact.
+   *
+   * @generated from field: uint64 size = 2;
+   */
+  size: bigint;
+
+  /**
+   * Where this slice starts: the bytes received so far.
+   *
+   * @generated from field: uint64 offset = 3;
+   */
+  offset: bigint;
+
+  /**
+   * At most 1 MiB.
+   *
+   * @generated from field: bytes data = 4;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message rexmesh.v1.ImportArtifactChunkRequest.
+ * Use `create(ImportArtifactChunkRequestSchema)` to create a new message.
+ */
+export const ImportArtifactChunkRequestSchema: GenMessage<ImportArtifactChunkRequest> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_proxy_admin, 0);
+
+/**
+ * @generated from message rexmesh.v1.ImportArtifactChunkResponse
+ */
+export type ImportArtifactChunkResponse = Message<"rexmesh.v1.ImportArtifactChunkResponse"> & {
+  /**
+   * Bytes of the artifact the proxy holds so far.
+   *
+   * @generated from field: uint64 received = 1;
+   */
+  received: bigint;
+
+  /**
+   * The artifact is in the cache, verified (also when it was already).
+   *
+   * @generated from field: bool complete = 2;
+   */
+  complete: boolean;
+};
+
+/**
+ * Describes the message rexmesh.v1.ImportArtifactChunkResponse.
+ * Use `create(ImportArtifactChunkResponseSchema)` to create a new message.
+ */
+export const ImportArtifactChunkResponseSchema: GenMessage<ImportArtifactChunkResponse> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_proxy_admin, 1);
 
 /**
  * @generated from message rexmesh.v1.ImportTasksRequest
@@ -29,7 +95,7 @@ export type ImportTasksRequest = Message<"rexmesh.v1.ImportTasksRequest"> & {
  * Use `create(ImportTasksRequestSchema)` to create a new message.
  */
 export const ImportTasksRequestSchema: GenMessage<ImportTasksRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_admin, 0);
+  messageDesc(file_rexmesh_v1_proxy_admin, 2);
 
 /**
  * @generated from message rexmesh.v1.ImportTasksResponse
@@ -51,7 +117,7 @@ export type ImportTasksResponse = Message<"rexmesh.v1.ImportTasksResponse"> & {
  * Use `create(ImportTasksResponseSchema)` to create a new message.
  */
 export const ImportTasksResponseSchema: GenMessage<ImportTasksResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_admin, 1);
+  messageDesc(file_rexmesh_v1_proxy_admin, 3);
 
 /**
  * @generated from message rexmesh.v1.ExportResultsRequest
@@ -64,7 +130,7 @@ export type ExportResultsRequest = Message<"rexmesh.v1.ExportResultsRequest"> & 
  * Use `create(ExportResultsRequestSchema)` to create a new message.
  */
 export const ExportResultsRequestSchema: GenMessage<ExportResultsRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_admin, 2);
+  messageDesc(file_rexmesh_v1_proxy_admin, 4);
 
 /**
  * @generated from message rexmesh.v1.ExportResultsResponse
@@ -93,7 +159,7 @@ export type ExportResultsResponse = Message<"rexmesh.v1.ExportResultsResponse"> 
  * Use `create(ExportResultsResponseSchema)` to create a new message.
  */
 export const ExportResultsResponseSchema: GenMessage<ExportResultsResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_admin, 3);
+  messageDesc(file_rexmesh_v1_proxy_admin, 5);
 
 /**
  * Served by a proxy beside AgentLink, for the proxy's own operator on its
@@ -118,6 +184,18 @@ export const ProxyAdminService: GenService<{
     methodKind: "unary";
     input: typeof ExportResultsRequestSchema;
     output: typeof ExportResultsResponseSchema;
+  },
+  /**
+   * One slice of an artifact carried beside a tasks bundle, in order from
+   * offset 0; the last one (offset + data = size) puts the artifact into
+   * the proxy's cache once its content matches its digest.
+   *
+   * @generated from rpc rexmesh.v1.ProxyAdminService.ImportArtifactChunk
+   */
+  importArtifactChunk: {
+    methodKind: "unary";
+    input: typeof ImportArtifactChunkRequestSchema;
+    output: typeof ImportArtifactChunkResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_rexmesh_v1_proxy_admin, 0);
