@@ -72,6 +72,37 @@ describe("artifacts belong to tenants", () => {
 });
 
 describe("proxy artifact cache", () => {
+  it("takes an artifact carried beside a bundle in slices, in order, and caches it only when it hashes to its digest", async () => {
+    let fetches = 0;
+    const cache = new ArtifactCache({
+      dir: temp("import"),
+      log: silentLogger,
+      fetch: async function* () {
+        fetches++;
+        yield new Uint8Array();
+      },
+    });
+    const content = Buffer.alloc(2 * 1024 * 1024 + 5, 9);
+    const d = digestOf(content);
+    const MiB = 1024 * 1024;
+    expect(await cache.importChunk(d, content.length, 0, content.subarray(0, MiB))).toEqual({ received: MiB, complete: false });
+    // Out of order: refused, naming where to go on from.
+    await expect(cache.importChunk(d, content.length, 2 * MiB, content.subarray(2 * MiB))).rejects.toThrow(`the proxy has ${MiB} bytes of it, the slice starts at ${2 * MiB}`);
+    expect((await cache.importChunk(d, content.length, MiB, content.subarray(MiB, 2 * MiB))).complete).toBe(false);
+    expect(await cache.importChunk(d, content.length, 2 * MiB, content.subarray(2 * MiB))).toEqual({ received: content.length, complete: true });
+    // Served from the cache, never from upstream; importing it again is complete at once.
+    expect((await cache.chunk(d, 0)).size).toBe(content.length);
+    expect(fetches).toBe(0);
+    expect((await cache.importChunk(d, content.length, 0, content.subarray(0, 10))).complete).toBe(true);
+    // Bytes that do not hash to the digest never enter the cache.
+    const other = digestOf(Buffer.from("another"));
+    await expect(cache.importChunk(other, 7, 0, Buffer.from("anothex"))).rejects.toThrow(DigestMismatchError);
+    await expect(cache.importChunk("sha256:zz", 7, 0, Buffer.from("another"))).rejects.toThrow(InvalidArgumentError);
+    await expect(cache.importChunk(other, 7, 0, Buffer.alloc(MiB + 1))).rejects.toThrow(InvalidArgumentError);
+    await expect(cache.importChunk(other, 5, 3, Buffer.from("abc"))).rejects.toThrow(/runs past/);
+    await expect(cache.importChunk(other, 300 * MiB, 0, Buffer.from("a"))).rejects.toThrow(/1 to \d+ bytes/);
+  });
+
   it("coalesces concurrent misses into one upstream fetch and serves later requests from disk", async () => {
     const dir = temp("cache");
     const content = Buffer.alloc(3 * 1024 * 1024 + 17, 7);
