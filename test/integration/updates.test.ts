@@ -23,6 +23,7 @@ const A = JSON.parse(readFileSync(join(REPO, "package.json"), "utf8")).version a
 const B = `${A}-b.1`;
 const BROKEN = `${A}-broken.1`;
 const FORGED = `${A}-forged.1`;
+const ALTERED = `${A}-altered.1`;
 const HEALTH_TIMEOUT_S = 6;
 
 /** A release directory: the package's bin and dist copied, its own package.json, node_modules shared by link. */
@@ -77,7 +78,7 @@ describe("daemon updates: waves, rollback, signatures", () => {
     }
     await mesh.waitForHosts(hosts.length);
     // Releases: B (good), a version that never connects, and B again under a signature that does not hold.
-    for (const [version, broken] of [[B, false], [BROKEN, true], [FORGED, false]] as const) {
+    for (const [version, broken] of [[B, false], [BROKEN, true], [FORGED, false], [ALTERED, false]] as const) {
       const file = tarball(stageRelease(join(dir, `stage-${version}`), version, broken), join(dir, `rexmesh-${version}.tar.gz`));
       const signed = await rexmesh(["release", "sign", file, "--version", version, "--key", keyFile], env);
       expect(signed.code, signed.stderr).toBe(0);
@@ -206,5 +207,31 @@ describe("daemon updates: waves, rollback, signatures", () => {
     expect(existsSync(join(roots.get(host)!, "versions", FORGED))).toBe(false);
     const after = (await versions()).get(host)!;
     expect(after).toEqual(before);
+  }, 90_000);
+
+  it("refuses on the host a release whose bytes a proxy altered, though the manifest is genuine", async () => {
+    const host = hosts[2]!;
+    const { client, close } = clientOf(mesh);
+    try {
+      const release = (await client.listReleases({ version: ALTERED })).releases[0]!;
+      // Another job fetches the same artifact first, so the proxy has it cached and checked...
+      const warm = await client.submitJob({ hostIds: [host], steps: [{ tool: { case: "filePut", value: { artifact: release.digest, path: "warm.tgz", baseDir: dir } } }] });
+      const warmed = await follow(warm.job!.id, 60_000);
+      expect(TaskState[warmed.tasks.get(host)!.state]).toBe("SUCCEEDED");
+      // ...and then the proxy turns: the cached bytes change (same size), and it serves them as they are.
+      const cached = join(mesh.dir, "data", mesh.proxies[0]!.name, "artifacts", "sha256", release.digest.slice(7));
+      const bytes = readFileSync(cached);
+      bytes[bytes.length >> 1]! ^= 0x40;
+      writeFileSync(cached, bytes);
+      const submitted = await rexmesh(["update", "--to", ALTERED, "-H", host, "--detach"], env);
+      expect(submitted.code, submitted.stderr).toBe(0);
+      const t = (await follow(submitted.stdout.trim(), 60_000)).tasks.get(host)!;
+      expect(TaskState[t.state]).toBe("FAILED");
+      expect(t.message).toMatch(new RegExp(`^update refused: artifact ${release.digest} refused: its content hashes to sha256:[0-9a-f]{64} \\(corrupted or tampered with\\)$`));
+      expect(existsSync(join(roots.get(host)!, "versions", ALTERED))).toBe(false);
+      expect((await versions()).get(host)!.version).toBe(B);
+    } finally {
+      close();
+    }
   }, 90_000);
 });
