@@ -20,7 +20,7 @@ operators:
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label; hosts queue HOST
   jobs       list jobs; show, watch (replay and follow) or cancel one
   schedules  jobs by a cron expression in a time zone: add, list, show, pause, resume, remove, run-now
-  release    daemon releases: keygen (a release key, kept apart), sign FILE, add FILE, list
+  release    daemon releases: keygen (a release key, kept apart), sign FILE, add FILE, list, remove V
   update     update daemons to a release in waves: update --to V -t QUERY --canary 1; update status
   docs       store command documents (put FILE), list and show them
   artifacts  put a file in the artifact repository (for script and file.put steps)

@@ -306,8 +306,11 @@ function describeStep(s: Step): string {
     case "ping":
       return `${name}ping`;
     case "update": {
-      const m = t.value.release ? fromBinary(ReleaseManifestSchema, t.value.release.manifest) : undefined;
-      return `${name}update to ${m ? `${m.version} (${m.digest}, key ${t.value.release!.keyId})` : "(no release)"}`;
+      const each = t.value.releases.map((r) => {
+        const m = fromBinary(ReleaseManifestSchema, r.manifest);
+        return { version: m.version, text: `${m.platform} ${m.digest}, key ${r.keyId}` };
+      });
+      return `${name}update to ${each[0]?.version ?? "(no release)"}${each.length > 0 ? ` (${each.map((e) => e.text).join("; ")})` : ""}`;
     }
     default:
       return `${name}${JSON.stringify(toJson(StepSchema, s))}`;

@@ -2,7 +2,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
-import { InvalidArgumentError } from "../common/errors.js";
+import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { newReleaseKeyPair, signRelease } from "../common/release.js";
 import { ReleaseManifestSchema, SignedReleaseSchema } from "../gen/rexmesh/v1/release_pb.js";
 import { helpText, parse, type OptionSpec } from "./args.js";
@@ -16,7 +16,7 @@ import type { Release } from "../gen/rexmesh/v1/controller_pb.js";
 const options: Record<string, OptionSpec> = {
   out: { type: "string", doc: "keygen: the directory for release.key and release.pub; sign: the signed release file (default FILE.release)", value: "PATH" },
   version: { type: "string", doc: "sign: the version the daemon will report", value: "V" },
-  platform: { type: "string", doc: "sign: os-arch the release is for (default: this machine's, e.g. linux-x64)", value: "P" },
+  platform: { type: "string", doc: "sign: os-arch the release is for (default: this machine's, e.g. linux-x64); remove: only this platform's", value: "P" },
   key: { type: "string", doc: "sign: the release private key (from keygen)", value: "FILE" },
   release: { type: "string", doc: "add: the signed release file (default FILE.release)", value: "FILE" },
   ...connectionOptions,
@@ -39,7 +39,7 @@ export async function releaseCommand(argv: string[], io: Io): Promise<number> {
   if (v.help) {
     io.out(
       ABOUT +
-        helpText("rexmesh release keygen --out DIR | sign FILE --version V --key FILE [--platform P] [--out FILE] | add FILE [--release FILE.release] | list", options, [
+        helpText("rexmesh release keygen --out DIR | sign FILE --version V --key FILE [--platform P] [--out FILE] | add FILE [--release FILE.release] | list | remove VERSION [--platform P]", options, [
           "rexmesh release keygen --out ~/release-key",
           "rexmesh release sign rexmesh-0.2.0.tar.gz --version 0.2.0 --key ~/release-key/release.key",
           "rexmesh release add rexmesh-0.2.0.tar.gz          # the artifact, and rexmesh-0.2.0.tar.gz.release",
@@ -110,7 +110,20 @@ export async function releaseCommand(argv: string[], io: Io): Promise<number> {
       close();
     }
   }
-  throw new InvalidArgumentError(`unknown release command ${JSON.stringify(sub ?? "")} (keygen, sign, add, list)`);
+  if (sub === "remove") {
+    const [version, ...extra] = args;
+    if (!version || extra.length > 0) throw new InvalidArgumentError("rexmesh release remove VERSION [--platform P]");
+    const { client, close } = operatorClient(v);
+    try {
+      const r = await client.removeRelease({ version, platform: typeof v.platform === "string" ? v.platform : "" }, { signal: io.signal });
+      if (r.removed === 0) throw new NotFoundError(`no release ${version}${typeof v.platform === "string" ? ` for ${v.platform}` : ""}`);
+      io.out(v.json ? JSON.stringify({ removed: r.removed }) + "\n" : `removed ${r.removed} release(s) of ${version}\n`);
+      return 0;
+    } finally {
+      close();
+    }
+  }
+  throw new InvalidArgumentError(`unknown release command ${JSON.stringify(sub ?? "")} (keygen, sign, add, list, remove)`);
 }
 
 function releaseJson(r: Release) {

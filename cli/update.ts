@@ -21,6 +21,8 @@ const options: Record<string, OptionSpec> = {
   "max-failures": { type: "string", doc: "failed or rolled-back hosts tolerated; after that, hosts not yet started are SKIPPED (default 0)", value: "N|N%" },
   deadline: { type: "string", doc: "hosts that have not started the update by then skip it (EXPIRED)", value: "DURATION" },
   "lost-after": { type: "string", doc: "a host unreachable this long ends its update LOST", value: "DURATION" },
+  "retry-rolled-back": { type: "boolean", doc: "try the version again on hosts that rolled it back before (by default they refuse it)" },
+  "allow-downgrade": { type: "boolean", doc: "take a release older than the version a host runs (by default refused)" },
   "idempotency-key": { type: "string", doc: "submitting again with the same key returns the same job", value: "KEY" },
   "dry-run": { type: "boolean", doc: "show the hosts and the step; update nothing" },
   detach: { type: "boolean", short: "d", doc: "print the job id and return without waiting" },
@@ -67,15 +69,16 @@ export async function updateCommand(argv: string[], io: Io): Promise<number> {
   if (typeof v.to !== "string" || v.to === "") throw new InvalidArgumentError("--to V is required: the release version (rexmesh release list)");
   const { client, close } = operatorClient(v);
   try {
+    // Every platform's release of the version: each host takes its own.
     const { releases } = await client.listReleases({ version: v.to }, { signal: io.signal });
     const release = releases[0];
     if (!release?.signed) throw new NotFoundError(`no release ${v.to}: add it first (rexmesh release add FILE --release FILE.release)`);
     // run's request, with the update step in place of a command and the wave options under their job names.
     const { req } = buildJobRequest({ ...v, to: undefined, batch: v.canary, concurrency: v.maxInFlight, maxErrors: v.maxFailures ?? "0" }, ["update"]);
-    req.steps = [create(StepSchema, { name: `update to ${release.version}`, tool: { case: "update", value: { release: release.signed } } })];
+    req.steps = [create(StepSchema, { name: `update to ${release.version}`, tool: { case: "update", value: { releases: releases.map((r) => r.signed!), retryRolledBack: Boolean(v.retryRolledBack), allowDowngrade: Boolean(v.allowDowngrade) } } })];
     const { job, plan } = await client.submitJob(req, { signal: io.signal });
     if (req.dryRun) {
-      io.out(v.json ? JSON.stringify({ hosts: plan.map((h) => h.hostId) }) + "\n" : `update to ${release.version} (${release.digest}, key ${release.keyId}) on ${plan.length} host(s): ${plan.map((h) => h.hostId).join(", ")}\n`);
+      io.out(v.json ? JSON.stringify({ hosts: plan.map((h) => h.hostId) }) + "\n" : `update to ${release.version} (${releases.map((r) => `${r.platform} ${r.digest}`).join("; ")}) on ${plan.length} host(s): ${plan.map((h) => h.hostId).join(", ")}\n`);
       return 0;
     }
     if (!job) throw new Error("the controller returned no job");
@@ -109,7 +112,8 @@ async function status(jobId: string | undefined, v: Record<string, unknown>, io:
     const { hosts } = await client.listHosts({ target: "" }, { signal: io.signal });
     const version = new Map(hosts.map((h) => [h.id, h.facts?.daemonVersion ?? ""]));
     const step = job.steps[0]!.tool;
-    const to = step.case === "update" && step.value.release ? fromBinary(ReleaseManifestSchema, step.value.release.manifest).version : "?";
+    const first = step.case === "update" ? step.value.releases[0] : undefined;
+    const to = first ? fromBinary(ReleaseManifestSchema, first.manifest).version : "?";
     const rows = tasks.map((t) => ({ host: t.hostId, version: version.get(t.hostId) ?? "", state: TaskState[t.state] ?? String(t.state), message: printable(t.message) }));
     if (v.json) {
       io.out(JSON.stringify({ job: job.id, to, state: job.state, hosts: rows }) + "\n");

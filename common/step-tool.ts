@@ -24,30 +24,30 @@ export function missingTool(steps: readonly Step[], tools: readonly string[]): s
 }
 
 /**
- * The artifact a step fetches from the repository, if any ("sha256:<hex>"):
- * a script, a file to put, a python script or ansible playbook named by
- * digest, or a release's artifact. The controller checks the caller's
- * tenant holds it; bundles carry it to sites with no link.
+ * The artifacts a step fetches from the repository ("sha256:<hex>"): a
+ * script, a file to put, a python script or ansible playbook named by
+ * digest, or each platform's release artifact. The controller checks the
+ * caller's tenant holds them; bundles carry them to sites with no link.
  */
-export function stepArtifact(step: Step): string | undefined {
+export function stepArtifacts(step: Step): string[] {
   switch (step.tool.case) {
     case "script":
     case "filePut":
-      return step.tool.value.artifact;
+      return [step.tool.value.artifact];
     case "python":
     case "ansible":
       // Either a script or playbook in the request, or one from the repository.
-      return step.tool.value.artifact || undefined;
-    case "update": {
-      const release = step.tool.value.release;
-      if (!release) return undefined;
-      try {
-        return fromBinary(ReleaseManifestSchema, release.manifest).digest || undefined;
-      } catch {
-        return undefined;
-      }
-    }
+      return step.tool.value.artifact ? [step.tool.value.artifact] : [];
+    case "update":
+      return step.tool.value.releases.flatMap((r) => {
+        try {
+          const digest = fromBinary(ReleaseManifestSchema, r.manifest).digest;
+          return digest ? [digest] : [];
+        } catch {
+          return [];
+        }
+      });
     default:
-      return undefined;
+      return [];
   }
 }

@@ -18,7 +18,7 @@ import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import { manifestOf } from "./releases.js";
-import { stepArtifact } from "../common/step-tool.js";
+import { stepArtifacts } from "../common/step-tool.js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { SubmitJobRequestSchema, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
 import type { Clock } from "../common/clock.js";
@@ -340,8 +340,7 @@ export class OperatorAccess {
   private authorizeRun(caller: PeerIdentity, hosts: readonly HostRecord[], steps: readonly Step[], env: Readonly<Record<string, string>>): string {
     const role = this.deps.authz.require(caller, { action: "submit", hosts, steps, env });
     for (const step of steps) {
-      const digest = stepArtifact(step);
-      if (digest !== undefined && !this.deps.artifacts?.has(caller.scope, digest)) throw new NotFoundError(`no artifact ${digest}`);
+      for (const digest of stepArtifacts(step)) if (!this.deps.artifacts?.has(caller.scope, digest)) throw new NotFoundError(`no artifact ${digest}`);
     }
     return role;
   }
@@ -689,7 +688,7 @@ function describeSteps(steps: readonly Step[]): string {
         case "filePut":
           return `file.put ${s.tool.value.artifact} to ${JSON.stringify(s.tool.value.baseDir)}/${JSON.stringify(s.tool.value.path)}`;
         case "update":
-          return `update to ${releaseVersion(s.tool.value.release)}`;
+          return `update to ${releaseVersion(s.tool.value.releases)}`;
         case "python": {
           const t = s.tool.value;
           return `python ${t.artifact || JSON.stringify(t.script)}${t.args.map((a) => " " + quoteArg(a)).join("")}`;
@@ -722,10 +721,10 @@ export function describeLabels(set: Record<string, string>, remove: readonly str
   return `labels ${parts.join(" ")}`;
 }
 
-/** The version a step's release names, for the audit log and listings. */
-function releaseVersion(release: SignedRelease | undefined): string {
+/** The version a step's releases name, for the audit log and listings. */
+function releaseVersion(releases: readonly SignedRelease[]): string {
   try {
-    return release ? manifestOf(release).version : "(no release)";
+    return releases.length > 0 ? `${manifestOf(releases[0]!).version} (${releases.map((r) => manifestOf(r).platform).join(", ")})` : "(no release)";
   } catch {
     return "(a malformed release)";
   }

@@ -286,11 +286,11 @@ export function controllerServiceImpl(deps: {
     },
     async listReleases(req, ctx) {
       const tenant = grantedPeer(ctx).scope;
-      if (req.version) {
-        const one = releasesOf().get(tenant, req.version);
-        return { releases: one ? [one] : [] };
-      }
-      return { releases: releasesOf().list(tenant) };
+      return { releases: req.version ? releasesOf().get(tenant, req.version) : releasesOf().list(tenant) };
+    },
+    async removeRelease(req, ctx) {
+      if (!req.version) throw new InvalidArgumentError("RemoveRelease needs the version");
+      return { removed: await releasesOf().remove(grantedPeer(ctx).scope, req.version, req.platform) };
     },
     async listHostTasks(req, ctx) {
       const page = await access.listHostTasks(grantedPeer(ctx), req.hostId, req.pageSize, req.pageToken, req.unfinished);

@@ -12,7 +12,7 @@ import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import { reportedSince, type Inventory } from "./inventory.js";
 import { screenProxyReports } from "../common/link-limits.js";
-import { stepArtifact } from "../common/step-tool.js";
+import { stepArtifacts } from "../common/step-tool.js";
 import type { JobManager } from "./jobs.js";
 import type { HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskRecord } from "./model.js";
@@ -49,7 +49,7 @@ export class BundleService {
         region,
         tasks: part.tasks.map((t) => this.deps.signer.sign(t)),
         signingKeys: [this.deps.signer.key],
-        artifacts: [...new Set(part.tasks.flatMap((t) => t.steps.map(stepArtifact).filter((d): d is string => d !== undefined)))].sort(),
+        artifacts: [...new Set(part.tasks.flatMap((t) => t.steps.flatMap(stepArtifacts)))].sort(),
         cancels: part.cancels.map((c) => create(CancelTaskSchema, c)),
         statusAcks: part.statusAcks.map((a) => create(StatusAckSchema, a)),
         outputAcks: part.outputAcks.map((a) => create(OutputAckSchema, { taskId: a.taskId, seq: BigInt(a.seq) })),

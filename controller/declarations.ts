@@ -44,6 +44,7 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     // A release is data (the daemons check its signature); sending it to hosts is a job, authorized as one (tool update).
     addRelease: { ...inTenant("release"), summary: () => ({ what: "release add" }) },
     listReleases: inTenant("read"),
+    removeRelease: { ...inTenant("release"), summary: (req) => ({ what: `release remove ${req.version}${req.platform ? ` for ${req.platform}` : ""}` }) },
     submitJob: onResolvedHosts("submit", (req) => ({
       what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
       hostIds: req.hostIds,

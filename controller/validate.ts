@@ -5,6 +5,7 @@ import { baseDirProblem, relativePathProblem } from "../common/put-path.js";
 import { ansibleProblem, pythonProblem, textProblem } from "../common/tool-checks.js";
 import type { Step } from "../gen/rexmesh/v1/task_pb.js";
 import { manifestOf } from "./releases.js";
+import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 
 const MAX_STEPS = LIMITS.jobSteps;
 
@@ -54,8 +55,7 @@ export function validateSteps(steps: readonly Step[]): void {
         break;
       case "update":
         if (steps.length !== 1) throw new InvalidArgumentError(`${where}: an update step runs alone in its job`);
-        if (!step.tool.value.release) throw new InvalidArgumentError(`${where}: update names no release`);
-        manifestOf(step.tool.value.release);
+        checkReleases(where, step.tool.value.releases);
         break;
       default:
         throw new InvalidArgumentError(`${where}: names no tool (use exec, shell, script, file.put, python, ansible, ping or update)`);
@@ -70,4 +70,18 @@ function checkDigest(where: string, digest: string): void {
 function checkText(where: string, field: string, value: string): void {
   const problem = textProblem(field, value);
   if (problem) throw new InvalidArgumentError(`${where}: ${problem}`);
+}
+
+/** Platforms' releases an update step may carry at most. */
+const MAX_UPDATE_RELEASES = 16;
+
+/** An update step's releases: one to 16, well formed, of one version, each for another platform. */
+function checkReleases(where: string, releases: readonly SignedRelease[]): void {
+  if (releases.length === 0) throw new InvalidArgumentError(`${where}: update names no release`);
+  if (releases.length > MAX_UPDATE_RELEASES) throw new InvalidArgumentError(`${where}: update carries at most ${MAX_UPDATE_RELEASES} releases (one per platform)`);
+  const manifests = releases.map(manifestOf);
+  const versions = new Set(manifests.map((m) => m.version));
+  if (versions.size > 1) throw new InvalidArgumentError(`${where}: update carries releases of several versions (${[...versions].join(", ")}); one version, one release per platform`);
+  const platforms = manifests.map((m) => m.platform);
+  if (new Set(platforms).size !== platforms.length) throw new InvalidArgumentError(`${where}: update carries two releases for one platform`);
 }

@@ -50,6 +50,10 @@ export interface AgentUpdates {
   settle(taskId: string, update: { from: string; to: string }, signal: AbortSignal): Promise<Settled>;
   /** The settled update's end is stored. */
   forget(taskId: string): void;
+  /** A prepared update will not be handed over: another may be prepared. */
+  abandoned(): void;
+  /** Why this daemon takes no update, or undefined when it does. */
+  unable(): string | undefined;
 }
 
 export interface AgentOptions {
@@ -668,7 +672,9 @@ export class Agent implements RoleCore {
     }
     const missing = this.opts.tools && missingTool(spec.steps, this.opts.tools);
     if (missing) {
-      await this.finishTask(entry, { state: TaskState.REJECTED, message: missing, outputChunks: 0, outputTruncated: false });
+      // Why this daemon takes no update is its own to say: no supervisor, no release key, several hosts in one process.
+      const why = spec.steps.some((s) => s.tool.case === "update") ? this.opts.updates?.unable() : undefined;
+      await this.finishTask(entry, { state: TaskState.REJECTED, message: why ? `${missing}: ${why}` : missing, outputChunks: 0, outputTruncated: false });
       return;
     }
     if (this.pastDeadline(spec)) {
@@ -791,7 +797,10 @@ export class Agent implements RoleCore {
     const taskId = entry.spec.taskId;
     const updates = this.opts.updates;
     const fail = (message: string) => this.finishTask(entry, { state: TaskState.FAILED, message, outputChunks: 0, outputTruncated: false }, undefined, { retry: true });
-    if (!updates || !this.opts.onRestart) return fail("this daemon cannot restart itself into a new version");
+    if (!updates || !this.opts.onRestart) {
+      updates?.abandoned();
+      return fail("this daemon cannot restart itself into a new version");
+    }
     this.draining = true;
     this.reportCredits();
     const others = this.running.size - 1;
@@ -803,6 +812,7 @@ export class Agent implements RoleCore {
       await this.untilStored("recording an update", taskId, () => this.opts.ledger.put(marked));
       updates.request({ taskId, hostId: this.opts.hostId, from: restart.from, to: restart.to, at });
     } catch (err) {
+      updates.abandoned();
       this.draining = false;
       this.startWaiting();
       await this.finishTask(this.opts.ledger.get(taskId) ?? entry, { state: TaskState.FAILED, message: `cannot hand the update over to the supervisor: ${err instanceof Error ? err.message : String(err)}`, outputChunks: 0, outputTruncated: false }, undefined, { retry: true });

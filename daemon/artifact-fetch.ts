@@ -20,7 +20,10 @@ import { ArtifactCacheService, GetArtifactChunkRequestSchema, type GetArtifactCh
  * content has the digest; the caller owns the file and removes it. Rejects
  * with an error whose message names the digest.
  */
-export type ArtifactFetcher = (digest: string, signal?: AbortSignal) => Promise<string>;
+export type ArtifactFetcher = (digest: string, signal?: AbortSignal, maxBytes?: number) => Promise<string>;
+
+/** Largest artifact fetched when the caller names no bound (the controller's repository takes no larger). */
+const MAX_ARTIFACT_BYTES = 256 * 1024 * 1024;
 
 /** An artifact could not be fetched (unknown, unreachable, refused by a hop). */
 class ArtifactFetchError extends RexmeshError {}
@@ -39,14 +42,14 @@ export function proxyArtifactFetcher(opts: {
   /** Private working directory for fetched files. */
   dir: string;
 }): ArtifactFetcher {
-  return async (digest, signal) => {
+  return async (digest, signal, maxBytes = MAX_ARTIFACT_BYTES) => {
     digestHex(digest);
     await mkdir(opts.dir, { recursive: true, mode: 0o700 });
     const errors: string[] = [];
     for (const address of opts.proxies) {
       const path = join(opts.dir, `artifact-${randomUUID()}`);
       try {
-        await fetchFrom(address, opts.credentials(), digest, path, signal);
+        await fetchFrom(address, opts.credentials(), digest, path, signal, maxBytes);
         return path;
       } catch (err) {
         await rm(path, { force: true });
@@ -62,7 +65,7 @@ export function proxyArtifactFetcher(opts: {
   };
 }
 
-async function fetchFrom(address: string, creds: Credentials, digest: string, path: string, signal: AbortSignal | undefined): Promise<void> {
+async function fetchFrom(address: string, creds: Credentials, digest: string, path: string, signal: AbortSignal | undefined, maxBytes: number): Promise<void> {
   const tls = clientTlsOptions(creds, ["proxy"]);
   const credentials = grpc.credentials.createSsl(Buffer.from(creds.caPem), Buffer.from(creds.keyPem), Buffer.from(creds.certPem), { checkServerIdentity: tls.checkServerIdentity });
   const client = new grpc.Client(address, credentials, { "grpc.max_receive_message_length": 16 * 1024 * 1024 });
@@ -87,7 +90,10 @@ async function fetchFrom(address: string, creds: Credentials, digest: string, pa
       }).finally(() => {
         if (onAbort) signal?.removeEventListener("abort", onAbort);
       });
+      // A proxy cannot make the host write more than it expects: the size is bounded, and may not change on the way.
+      if (size >= 0 && Number(res.size) !== size) throw new ArtifactFetchError(`artifact ${digest}: the proxy said ${size} bytes, then ${res.size}`);
       size = Number(res.size);
+      if (size > maxBytes) throw new ArtifactFetchError(`artifact ${digest}: the proxy says ${size} bytes, more than the ${maxBytes} expected`);
       if (res.data.length === 0 && hash.size < size) throw new ArtifactFetchError(`artifact ${digest}: the proxy sent no data at offset ${hash.size} of ${size}`);
       if (hash.size + res.data.length > size) throw new ArtifactFetchError(`artifact ${digest}: the proxy sent more than its size`);
       hash.update(res.data);

@@ -22,7 +22,7 @@ import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
-import type { Prepared, Updater } from "./updates.js";
+import type { Prepared, Updater, UpdateOptions } from "./updates.js";
 
 /** Options of {@link Executor}; everything but the clock has a default. */
 export interface ExecutorOptions {
@@ -197,7 +197,7 @@ type PlannedStep =
   | { kind: "process"; label: string; argv: string[] }
   | { kind: "staged"; label: string; stage: Stage }
   | { kind: "put"; label: string; artifact: string; path: string; baseDir: string; mode: number }
-  | { kind: "update"; label: string; release: SignedRelease };
+  | { kind: "update"; label: string; releases: SignedRelease[]; options: UpdateOptions };
 
 /** The state of one `Executor.run`. */
 class TaskRun {
@@ -310,12 +310,12 @@ class TaskRun {
    * Fetches an artifact and checks its digest again here, whoever fetched
    * it: the path of a private file the caller removes, or why it cannot be used.
    */
-  private async fetchVerified(artifact: string): Promise<string | { problem: string }> {
+  private async fetchVerified(artifact: string, maxBytes?: number): Promise<string | { problem: string }> {
     const fetch = this.opts.fetchArtifact;
     if (!fetch) return { problem: `artifact ${artifact}: this daemon has no artifact source` };
     let path: string;
     try {
-      path = await fetch(artifact, this.fetchAbort.signal);
+      path = await fetch(artifact, this.fetchAbort.signal, maxBytes);
     } catch (err) {
       const text = errorText(err);
       return { problem: text.includes(artifact) ? text : `artifact ${artifact}: ${text}` };
@@ -378,8 +378,8 @@ class TaskRun {
     if (!updater) return this.outcome(TaskState.FAILED, `${step.label}: this daemon does not update itself`);
     let prepared: Prepared;
     try {
-      prepared = await updater.prepare(step.release, async (digest: string) => {
-        const got = await this.fetchVerified(digest);
+      prepared = await updater.prepare(step.releases, step.options, async (digest: string, maxBytes: number) => {
+        const got = await this.fetchVerified(digest, maxBytes);
         if (typeof got !== "string") throw new Error(got.problem);
         return got;
       });
@@ -679,8 +679,8 @@ function planSteps(steps: Step[], programs: Readonly<Record<string, string>>): P
         break;
       case "update":
         if (steps.length !== 1) return `${label}: an update step runs alone in its task`;
-        if (!tool.value.release) return `${label}: update names no release`;
-        plan.push({ kind: "update", label, release: tool.value.release });
+        if (tool.value.releases.length === 0) return `${label}: update names no release`;
+        plan.push({ kind: "update", label, releases: tool.value.releases, options: { retryRolledBack: tool.value.retryRolledBack, allowDowngrade: tool.value.allowDowngrade } });
         break;
       default:
         return `${label}: no tool given`;

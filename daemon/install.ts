@@ -11,11 +11,17 @@
  *   update-request.json   daemon: "restart me into V" (task, from, to)
  *   running.json          daemon: "version V, pid P, is connected"
  *   update-result.json    supervisor: "V came up" or "V rolled back: why"
+ *   probation-rollback.json  supervisor: "V crash-looped after its update; back to W"
+ *
+ * During a trial `current` keeps naming the version that ran: the new one
+ * is started by its own path, and `current` switches only once it is up.
  */
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, writeSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 
 export const INSTALL_ROOT_ENV = "REXMESH_INSTALL_ROOT";
+/** The supervisor's health timeout (ms), told to the daemons it starts. */
+export const HEALTH_TIMEOUT_ENV = "REXMESH_SUPERVISOR_HEALTH_TIMEOUT_MS";
 /** The exit code with which a daemon asks its supervisor to restart it into a new version. */
 export const EXIT_UPDATE = 75;
 
@@ -36,6 +42,14 @@ export interface UpdateResult {
   at: number;
 }
 
+/** A version that crash-looped after its update and was switched back from (the old daemon marks it bad). */
+export interface ProbationRollback {
+  version: string;
+  previous: string;
+  reason: string;
+  at: number;
+}
+
 export interface Running {
   version: string;
   pid: number;
@@ -53,6 +67,7 @@ export function installPaths(root: string) {
     request: join(root, "update-request.json"),
     result: join(root, "update-result.json"),
     running: join(root, "running.json"),
+    probation: join(root, "probation-rollback.json"),
   };
 }
 export type InstallPaths = ReturnType<typeof installPaths>;

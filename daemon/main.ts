@@ -27,7 +27,7 @@ import { HostReporter } from "../common/host-signing.js";
 import { SessionHost } from "./sessions.js";
 import type { ServiceControl } from "../common/lifecycle.js";
 import { parseReleaseKeys } from "../common/release.js";
-import { EXIT_UPDATE } from "./install.js";
+import { EXIT_UPDATE, HEALTH_TIMEOUT_ENV } from "./install.js";
 import { Updater, type BadVersion } from "./updates.js";
 import { DAEMON_VERSION } from "./version.js";
 
@@ -102,7 +102,10 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     bad: env.db<BadVersion>("bad-versions"),
     clock,
     log,
+    // The new version waits for its supervisor's word at least as long as the supervisor gives it.
+    verdictWaitMs: Math.max(600_000, Number(process.env[HEALTH_TIMEOUT_ENV] ?? 0) + 60_000),
   });
+  await updater.checkProbation();
   const cannotUpdate = updater.unable();
   log.info("daemon version", { version: DAEMON_VERSION, installRoot: config.installRoot, updates: cannotUpdate ?? "yes" });
   const detected = detectTools({ declared: config.tools, hidden: config.hideTools });

@@ -18,7 +18,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { EXIT_UPDATE, INSTALL_ROOT_ENV, installPaths, linkedVersion, readJson, removeFile, switchLink, writeDurable, type InstallPaths, type Running, type UpdateRequest, type UpdateResult } from "./install.js";
+import { EXIT_UPDATE, HEALTH_TIMEOUT_ENV, INSTALL_ROOT_ENV, installPaths, linkedVersion, readJson, removeFile, switchLink, writeDurable, type InstallPaths, type ProbationRollback, type Running, type UpdateRequest, type UpdateResult } from "./install.js";
 
 export interface SupervisorOptions {
   root: string;
@@ -28,6 +28,8 @@ export interface SupervisorOptions {
   healthTimeoutMs: number;
   /** Time between SIGTERM and SIGKILL when a version on trial is stopped. */
   killGraceMs?: number;
+  /** After an update, exits of the new version within this window count towards switching back (default 10 min). */
+  probationMs?: number;
   /** Lines for the supervisor's log (stderr). */
   log: (line: string) => void;
   /** The node binary that runs the daemon. */
@@ -38,17 +40,23 @@ const POLL_MS = 100;
 const RESTART_BACKOFF_MS = [1_000, 2_000, 5_000, 10_000, 30_000];
 /** A daemon up this long has its crash backoff reset. */
 const STEADY_MS = 60_000;
+/** Exits of a newly updated version within its probation window that switch back to the version before. */
+const PROBATION_CRASHES = 3;
 
 export class Supervisor {
   private readonly paths: InstallPaths;
   private child: ChildProcess | undefined;
   private stopping: NodeJS.Signals | undefined;
   private crashes = 0;
+  /** The version last updated to, while a crash loop still switches back to the one before. */
+  private probation: { version: string; previous: string; until: number; crashes: number } | undefined;
+  private readonly probationMs: number;
   /** Ends the wait before a restart early (a stop). */
   private wake: (() => void) | undefined;
 
   constructor(private readonly opts: SupervisorOptions) {
     this.paths = installPaths(opts.root);
+    this.probationMs = opts.probationMs ?? 10 * 60_000;
   }
 
   /** Runs until a signal stops it; resolves to the exit code for the supervisor's own process. */
@@ -70,6 +78,7 @@ export class Supervisor {
         if (this.stopping) return exit.code ?? 0;
         if (readJson<UpdateRequest>(this.paths.request, ["taskId", "from", "to"])) continue;
         if (exit.code === EXIT_UPDATE) this.opts.log(`the daemon exited for an update but left no request; starting it again`);
+        else if (this.probationFailed(exit)) continue;
         this.crashes = Date.now() - started > STEADY_MS ? 1 : this.crashes + 1;
         const wait = RESTART_BACKOFF_MS[Math.min(this.crashes - 1, RESTART_BACKOFF_MS.length - 1)]!;
         this.opts.log(`the daemon exited (${exit.signal ?? `code ${exit.code}`}); starting it again in ${wait / 1000}s`);
@@ -92,39 +101,60 @@ export class Supervisor {
    */
   private async trial(request: UpdateRequest): Promise<ChildProcess | undefined> {
     const { paths } = this;
+    // What runs now stays `current` until the new version is up: a supervisor that dies mid-trial (a kill, a power
+    // cut) is started again from it, finds the request and tries again; it never comes back up in an untried version.
+    const running = linkedVersion(paths.current);
     const finish = (outcome: UpdateResult["outcome"], reason?: string) => {
       const result: UpdateResult = { taskId: request.taskId, from: request.from, to: request.to, outcome, ...(reason ? { reason } : {}), at: Date.now() };
       writeDurable(paths.result, JSON.stringify(result) + "\n");
       removeFile(paths.request);
       this.opts.log(`update ${request.from} → ${request.to}: ${outcome}${reason ? ` (${reason})` : ""}`);
     };
-    const fallback = existsSync(join(paths.version(request.from), "bin", "rexmesh.js"));
     if (!existsSync(join(paths.version(request.to), "bin", "rexmesh.js"))) {
-      if (fallback) switchLink(paths, paths.current, request.from);
       finish("rolled-back", `versions/${request.to} is missing or incomplete`);
       return undefined;
     }
-    // Nothing to fall back to would leave no daemon after a rollback: the new version then runs regardless.
-    if (!fallback) this.opts.log(`versions/${request.from} is gone; ${request.to} runs without a version to fall back to`);
-    this.opts.log(`switching ${request.from} → ${request.to}; it has ${this.opts.healthTimeoutMs / 1000}s to connect`);
+    this.opts.log(`trying ${request.to} (current stays ${running} until it connects, within ${this.opts.healthTimeoutMs / 1000}s)`);
     removeFile(paths.running);
-    switchLink(paths, paths.current, request.to);
-    const child = this.start();
+    const child = this.start(request.to);
     const up = await this.waitRunning(child, request.to);
-    if (up === true || !fallback) {
-      switchLink(paths, paths.previous, request.from);
-      finish(up === true ? "updated" : "rolled-back", up === true ? undefined : `${up}, and versions/${request.from} is gone`);
+    if (up === true) {
+      if (running !== undefined && running !== request.to) switchLink(paths, paths.previous, running);
+      switchLink(paths, paths.current, request.to);
+      finish("updated");
+      this.probation = running !== undefined && running !== request.to ? { version: request.to, previous: running, until: Date.now() + this.probationMs, crashes: 0 } : undefined;
       this.prune();
       return child;
     }
     await this.stopChild(child);
-    switchLink(paths, paths.current, request.from);
-    // Stopped mid-trial: the request stays, and the next start tries again from the version it came from.
+    // Stopped mid-trial: the request stays, and the next start tries again.
     if (this.stopping) return undefined;
     finish("rolled-back", up);
-    // The version rolled back is marked bad by the daemon: its directory is not needed again.
     this.prune();
     return undefined;
+  }
+
+  /**
+   * The version updated to exited on its own: counted while on probation;
+   * the third exit within the probation window switches back to the
+   * version before it (the old daemon marks it bad). True when it did.
+   */
+  private probationFailed(exit: { code: number | null; signal: NodeJS.Signals | null }): boolean {
+    const p = this.probation;
+    if (!p || Date.now() > p.until || linkedVersion(this.paths.current) !== p.version) {
+      this.probation = undefined;
+      return false;
+    }
+    p.crashes += 1;
+    if (p.crashes < PROBATION_CRASHES) return false;
+    this.probation = undefined;
+    if (!existsSync(join(this.paths.version(p.previous), "bin", "rexmesh.js"))) return false;
+    const reason = `version ${p.version} exited ${PROBATION_CRASHES} times within ${this.probationMs / 60_000} minutes of its update (last: ${exit.signal ?? `code ${exit.code}`})`;
+    const record: ProbationRollback = { version: p.version, previous: p.previous, reason, at: Date.now() };
+    writeDurable(this.paths.probation, JSON.stringify(record) + "\n");
+    switchLink(this.paths, this.paths.current, p.previous);
+    this.opts.log(`rolled back to ${p.previous}: ${reason}`);
+    return true;
   }
 
   /** Stops the daemon with `signal` and then the supervisor (run() resolves to the daemon's exit code). */
@@ -147,11 +177,12 @@ export class Supervisor {
     }
   }
 
-  private start(): ChildProcess {
-    const entry = join(this.paths.current, "bin", "rexmesh.js");
+  /** Starts the daemon of `version` (on trial), or of `current`. */
+  private start(version?: string): ChildProcess {
+    const entry = join(version === undefined ? this.paths.current : this.paths.version(version), "bin", "rexmesh.js");
     const child = spawn(this.opts.node ?? process.execPath, [entry, "daemon", ...this.opts.args], {
       stdio: "inherit",
-      env: { ...process.env, [INSTALL_ROOT_ENV]: this.paths.root },
+      env: { ...process.env, [INSTALL_ROOT_ENV]: this.paths.root, [HEALTH_TIMEOUT_ENV]: String(this.opts.healthTimeoutMs) },
     });
     this.child = child;
     return child;
@@ -170,7 +201,8 @@ export class Supervisor {
   private prune(): void {
     const keep = new Set([linkedVersion(this.paths.current), linkedVersion(this.paths.previous)]);
     for (const name of readdirSync(this.paths.versions)) {
-      if (keep.has(name)) continue;
+      // A dot name is a daemon's unpack in progress (daemon/updates.ts): it cleans up its own.
+      if (keep.has(name) || name.startsWith(".")) continue;
       rmSync(join(this.paths.versions, name), { recursive: true, force: true });
     }
   }

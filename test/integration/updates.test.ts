@@ -20,10 +20,12 @@ import { clientOf, hostIds, rexmesh, tempDir, until } from "./support.js";
 
 const REPO = join(REXMESH_BIN, "..", "..");
 const A = JSON.parse(readFileSync(join(REPO, "package.json"), "utf8")).version as string;
-const B = `${A}-b.1`;
-const BROKEN = `${A}-broken.1`;
-const FORGED = `${A}-forged.1`;
-const ALTERED = `${A}-altered.1`;
+/** Later versions than A (an older one is refused without --allow-downgrade): A's patch number plus n, tagged. */
+const later = (n: number, tag: string) => A.replace(/^(\d+)\.(\d+)\.(\d+).*$/, (_m, x, y, z) => `${x}.${y}.${Number(z) + n}-${tag}`);
+const B = later(1, "b.1");
+const BROKEN = later(2, "broken.1");
+const FORGED = later(3, "forged.1");
+const ALTERED = later(4, "altered.1");
 const HEALTH_TIMEOUT_S = 6;
 
 /** A release directory: the package's bin and dist copied, its own package.json, node_modules shared by link. */
@@ -193,7 +195,7 @@ describe("daemon updates: waves, rollback, signatures", () => {
     const again = await rexmesh(["update", "--to", BROKEN, "-H", canary.hostId, "--detach"], env);
     const retried = (await follow(again.stdout.trim(), 60_000)).tasks.get(canary.hostId)!;
     expect(TaskState[retried.state]).toBe("FAILED");
-    expect(retried.message).toMatch(new RegExp(`^update refused: version ${BROKEN.replace(/\./g, "\\.")} was rolled back on this host at .* \\(version ${BROKEN.replace(/\./g, "\\.")} did not connect and report within ${HEALTH_TIMEOUT_S}s\\); it is not tried again$`));
+    expect(retried.message).toMatch(new RegExp(`^update refused: version ${BROKEN.replace(/\./g, "\\.")} was rolled back on this host at .* \\(version ${BROKEN.replace(/\./g, "\\.")} did not connect and report within ${HEALTH_TIMEOUT_S}s\\); it is not tried again \\(rexmesh update --retry-rolled-back to try it\\)$`));
   }, 180_000);
 
   it("refuses on the host a release whose signature does not hold, and keeps running", async () => {

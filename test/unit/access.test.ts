@@ -149,7 +149,7 @@ describe("scopes decided on resolved hosts", () => {
     const steps = [
       create(StepSchema, { tool: { case: "python", value: { artifact: digest } } }),
       create(StepSchema, { tool: { case: "ansible", value: { artifact: digest } } }),
-      create(StepSchema, { tool: { case: "update", value: { release: signed } } }),
+      create(StepSchema, { tool: { case: "update", value: { releases: [signed] } } }),
     ];
     for (const step of steps) {
       await expect(t.access.submit(t.admin, request({ hostIds: ["web-1"], steps: [step] })), step.tool.case).rejects.toThrow(/no artifact/);

@@ -688,6 +688,8 @@ describe("Agent: updates handed over across a restart", () => {
         return verdict!;
       },
       forget: (taskId) => calls.push(`forget:${taskId}`),
+      abandoned: () => calls.push("abandoned"),
+      unable: () => undefined,
     };
     return { calls, updates, decide: (v: { ok: boolean; message: string }) => ((verdict = v), release?.()) };
   };
@@ -766,7 +768,7 @@ describe("Agent: updates handed over across a restart", () => {
   it("a hand-over the supervisor cannot be given ends the task FAILED and takes work again", async () => {
     const restarts: string[] = [];
     const t = setup({
-      updates: { request: () => { throw new Error("disk full"); }, settle: async () => ({ ok: true, message: "" }), forget: () => undefined },
+      updates: { request: () => { throw new Error("disk full"); }, settle: async () => ({ ok: true, message: "" }), forget: () => undefined, abandoned: () => restarts.push("abandoned"), unable: () => undefined },
       onRestart: (why) => restarts.push(why),
     });
     await t.start();
@@ -776,7 +778,7 @@ describe("Agent: updates handed over across a restart", () => {
     await flush();
     expect(t.ledger.get("up")?.final?.state).toBe(TaskState.FAILED);
     expect(t.ledger.get("up")?.final?.message).toBe("cannot hand the update over to the supervisor: disk full");
-    expect(restarts).toEqual([]);
+    expect(restarts).toEqual(["abandoned"]);
     t.fromProxy({ tasks: [t.spec("next")] });
     await flush();
     expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["up", "next"]);

@@ -42,6 +42,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/CreateSchedule": "operator schedule (tenant)",
       "rexmesh.v1.ControllerService/AddRelease": "operator release (tenant)",
       "rexmesh.v1.ControllerService/ListReleases": "operator read (tenant)",
+      "rexmesh.v1.ControllerService/RemoveRelease": "operator release (tenant)",
       "rexmesh.v1.ControllerService/ListSchedules": "operator read (tenant)",
       "rexmesh.v1.ControllerService/GetSchedule": "operator read (tenant)",
       "rexmesh.v1.ControllerService/PauseSchedule": "operator schedule (tenant)",
@@ -79,6 +80,7 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.EnrollService/Enroll": "host renew (its own certificate: the request must name the certificate's host id)",
       "rexmesh.v1.ProxyAdminService/ImportTasks": "proxy bundle (this proxy's own certificate)",
       "rexmesh.v1.ProxyAdminService/ExportResults": "proxy bundle (this proxy's own certificate)",
+      "rexmesh.v1.ProxyAdminService/ImportArtifactChunk": "proxy bundle (this proxy's own certificate)",
       "grpc.health.v1.Health/Check": "open: health checks, for load balancers and probes; reveal nothing but serving status",
       "grpc.health.v1.Health/Watch": "open: health checks, for load balancers and probes; reveal nothing but serving status",
     });

@@ -107,13 +107,13 @@ describe("releases at the controller (ReleaseStore)", () => {
     expect(first.created).toBe(true);
     expect([first.release.version, first.release.keyId, first.release.addedBy]).toEqual(["0.2.0", key.keyId, "operator:acme/ann"]);
     expect((await store.add("acme", "operator:acme/bob", signed, NOW + 1)).created).toBe(false);
-    expect(store.get("acme", "0.2.0")?.addedBy).toBe("operator:acme/ann");
-    expect(toBinary(SignedReleaseSchema, store.get("acme", "0.2.0")!.signed!)).toEqual(toBinary(SignedReleaseSchema, signed));
+    expect(store.get("acme", "0.2.0").map((r) => r.addedBy)).toEqual(["operator:acme/ann"]);
+    expect(toBinary(SignedReleaseSchema, store.get("acme", "0.2.0")[0]!.signed!)).toEqual(toBinary(SignedReleaseSchema, signed));
   });
 
   it("never replaces a version, and refuses what does not match the artifact, an unsigned release, or another tenant's artifact", async () => {
     const resigned = signRelease(artifact, "0.2.0", "linux-x64", key.privatePem, NOW + 5);
-    expect(await rejected(store.add("acme", "x", resigned, NOW))).toMatchObject({ code: Code.AlreadyExists, message: expect.stringMatching(/never replaced/) });
+    expect(await rejected(store.add("acme", "x", resigned, NOW))).toMatchObject({ code: Code.AlreadyExists, message: expect.stringMatching(/is not replaced \(rexmesh release remove it first\)/) });
     const other = Buffer.concat([artifact, Buffer.from("!")]);
     const wrongSize = signRelease(other, "0.3.0", "linux-x64", key.privatePem, NOW);
     held.set(`acme\0${digestOf(other)}`, artifact.length);
@@ -123,5 +123,19 @@ describe("releases at the controller (ReleaseStore)", () => {
     expect((await rejected(store.add("globex", "x", signRelease(artifact, "0.5.0", "linux-x64", key.privatePem, NOW), NOW))).code).toBe(Code.NotFound);
     expect(store.list("globex")).toEqual([]);
     expect(store.list("acme").map((r) => r.version)).toEqual(["0.2.0"]);
+    const badKey = { ...signRelease(artifact, "0.6.0", "linux-x64", key.privatePem, NOW), keyId: "\u001b[31mred" };
+    expect((await rejected(store.add("acme", "x", badKey, NOW))).message).toMatch(/16 lowercase hex/);
+  });
+
+  it("keeps one release per version and platform, and removes one or all of a version's", async () => {
+    const arm = signRelease(artifact, "0.2.0", "linux-arm64", key.privatePem, NOW);
+    expect((await store.add("acme", "x", arm, NOW + 10)).created).toBe(true);
+    expect(store.get("acme", "0.2.0").map((r) => r.platform).sort()).toEqual(["linux-arm64", "linux-x64"]);
+    expect(await store.remove("acme", "0.2.0", "linux-arm64")).toBe(1);
+    expect(store.get("acme", "0.2.0").map((r) => r.platform)).toEqual(["linux-x64"]);
+    // Removed, a version may be added again (re-signed).
+    expect(await store.remove("acme", "0.2.0", "")).toBe(1);
+    expect(await store.remove("acme", "0.2.0", "")).toBe(0);
+    expect((await store.add("acme", "x", signRelease(artifact, "0.2.0", "linux-x64", key.privatePem, NOW + 20), NOW)).created).toBe(true);
   });
 });

@@ -13,9 +13,9 @@ import { systemClock } from "../../common/clock.js";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { silentLogger } from "../../common/logger.js";
 import { newReleaseKeyPair, parseReleaseKeys, signRelease } from "../../common/release.js";
-import { EXIT_UPDATE, installPaths, readJson, writeDurable, type UpdateResult } from "../../daemon/install.js";
+import { EXIT_UPDATE, installPaths, readJson, writeDurable, type ProbationRollback, type UpdateResult } from "../../daemon/install.js";
 import { Supervisor } from "../../daemon/supervisor.js";
-import { Updater, type BadVersion } from "../../daemon/updates.js";
+import { compareVersions, Updater, type BadVersion } from "../../daemon/updates.js";
 
 const base = mkdtempSync(join(tmpdir(), "rexmesh-updates-unit-"));
 let n = 0;
@@ -30,6 +30,7 @@ afterAll(async () => {
 });
 
 const PLATFORM = `${process.platform}-${process.arch}`;
+const DEFAULTS = { retryRolledBack: false, allowDowngrade: false };
 
 /** A release artifact: a .tar.gz with bin/rexmesh.js and a package.json saying `claims`. */
 function artifact(claims: string, withEntry = true): string {
@@ -77,23 +78,23 @@ describe("Updater.prepare: what a host takes", () => {
   it("unpacks a release signed by a trusted key into versions/<V> and asks for the restart", async () => {
     const root = fresh("root");
     const u = updater({ root, keys: [key.publicPem] });
-    const got = await u.prepare(signed, serving(file));
+    const got = await u.prepare([signed], DEFAULTS, serving(file));
     expect(got).toEqual({ restart: { from: "1.0.0", to: "2.0.0", keyId: key.keyId, digest: expect.stringMatching(/^sha256:[0-9a-f]{64}$/) } });
     expect(existsSync(join(root, "versions", "2.0.0", "bin", "rexmesh.js"))).toBe(true);
   });
 
   it("refuses without a supervisor, in a process of several hosts, and without release keys", async () => {
-    await expect(updater({ root: null, keys: [key.publicPem] }).prepare(signed, serving(file))).rejects.toThrow(/not run by its supervisor/);
-    await expect(updater({ hosts: 3, keys: [key.publicPem] }).prepare(signed, serving(file))).rejects.toThrow(/serves 3 hosts/);
-    await expect(updater({ keys: [] }).prepare(signed, serving(file))).rejects.toThrow(/trusts no release key/);
+    await expect(updater({ root: null, keys: [key.publicPem] }).prepare([signed], DEFAULTS, serving(file))).rejects.toThrow(/not run by its supervisor/);
+    await expect(updater({ hosts: 3, keys: [key.publicPem] }).prepare([signed], DEFAULTS, serving(file))).rejects.toThrow(/serves 3 hosts/);
+    await expect(updater({ keys: [] }).prepare([signed], DEFAULTS, serving(file))).rejects.toThrow(/trusts no release key/);
   });
 
   it("refuses a key it does not trust and a signature that does not hold, before fetching anything", async () => {
     let fetched = 0;
     const counting = async () => (fetched++, serving(file)());
-    await expect(updater({ keys: [other.publicPem] }).prepare(signed, counting)).rejects.toThrow(/does not trust/);
+    await expect(updater({ keys: [other.publicPem] }).prepare([signed], DEFAULTS, counting)).rejects.toThrow(/does not trust/);
     const altered = { ...signed, signature: Uint8Array.from(signed.signature, (b, i) => (i === 0 ? b ^ 1 : b)) };
-    await expect(updater({ keys: [key.publicPem] }).prepare(altered, counting)).rejects.toThrow(/signature does not hold/);
+    await expect(updater({ keys: [key.publicPem] }).prepare([altered], DEFAULTS, counting)).rejects.toThrow(/signature does not hold/);
     expect(fetched).toBe(0);
   });
 
@@ -104,30 +105,75 @@ describe("Updater.prepare: what a host takes", () => {
     const bytes = readFileSync(file);
     bytes[bytes.length - 1]! ^= 0xff;
     writeFileSync(sameSize, bytes);
-    await expect(u.prepare(signed, serving(sameSize))).rejects.toThrow(/hashes to sha256:[0-9a-f]{64}, the signed manifest says/);
+    await expect(u.prepare([signed], DEFAULTS, serving(sameSize))).rejects.toThrow(/hashes to sha256:[0-9a-f]{64}, the signed manifest says/);
     const longer = join(fresh("evil"), "b");
     writeFileSync(longer, Buffer.concat([readFileSync(file), Buffer.from("x")]));
-    await expect(u.prepare(signed, serving(longer))).rejects.toThrow(/has \d+ bytes, the signed manifest says/);
+    await expect(u.prepare([signed], DEFAULTS, serving(longer))).rejects.toThrow(/has \d+ bytes, the signed manifest says/);
     expect(existsSync(join(root, "versions", "2.0.0"))).toBe(false);
   });
 
   it("refuses another platform, a release whose package.json claims another version, and one with no entry point", async () => {
     const u = updater({ keys: [key.publicPem] });
     const arm = signRelease(readFileSync(file), "2.0.0", "plan9-mips", key.privatePem, Date.now());
-    await expect(u.prepare(arm, serving(file))).rejects.toThrow(/is for plan9-mips/);
+    await expect(u.prepare([arm], DEFAULTS, serving(file))).rejects.toThrow("no release for " + PLATFORM + " in the update (it has plan9-mips)");
     const liar = artifact("9.9.9");
-    await expect(u.prepare(signRelease(readFileSync(liar), "2.0.0", PLATFORM, key.privatePem, Date.now()), serving(liar))).rejects.toThrow(/package.json says version "9.9.9"/);
+    await expect(u.prepare([signRelease(readFileSync(liar), "2.0.0", PLATFORM, key.privatePem, Date.now())], DEFAULTS, serving(liar))).rejects.toThrow(/package.json says version "9.9.9"/);
     const empty = artifact("2.0.0", false);
-    await expect(u.prepare(signRelease(readFileSync(empty), "2.0.0", PLATFORM, key.privatePem, Date.now()), serving(empty))).rejects.toThrow(/no bin\/rexmesh.js/);
+    await expect(u.prepare([signRelease(readFileSync(empty), "2.0.0", PLATFORM, key.privatePem, Date.now())], DEFAULTS, serving(empty))).rejects.toThrow(/no bin\/rexmesh.js/);
   });
 
   it("does nothing for the version it runs, and never retries a version rolled back here", async () => {
     const root = fresh("root");
-    expect(await updater({ root, keys: [key.publicPem], version: "2.0.0" }).prepare(signed, serving(file))).toEqual({ already: "2.0.0" });
+    expect(await updater({ root, keys: [key.publicPem], version: "2.0.0" }).prepare([signed], DEFAULTS, serving(file))).toEqual({ already: "2.0.0" });
     const u = updater({ root, keys: [key.publicPem] });
     writeDurable(installPaths(root).result, JSON.stringify({ taskId: "t1", from: "1.0.0", to: "2.0.0", outcome: "rolled-back", reason: "it crashed", at: 5 } satisfies UpdateResult));
     expect(await u.settle("t1", { from: "1.0.0", to: "2.0.0" }, new AbortController().signal)).toEqual({ ok: false, message: "rolled back to 1.0.0: it crashed; version 2.0.0 is marked bad on this host" });
-    await expect(u.prepare(signed, serving(file))).rejects.toThrow("version 2.0.0 was rolled back on this host at 1970-01-01T00:00:00.005Z (it crashed); it is not tried again");
+    await expect(u.prepare([signed], DEFAULTS, serving(file))).rejects.toThrow("version 2.0.0 was rolled back on this host at 1970-01-01T00:00:00.005Z (it crashed); it is not tried again");
+  });
+});
+
+describe("Updater: one update at a time, no silent downgrade, retrying a rolled-back version on request", () => {
+  const key = newReleaseKeyPair();
+  const sign = (version: string, file: string) => signRelease(readFileSync(file), version, PLATFORM, key.privatePem, Date.now());
+
+  it("refuses a second update while one is under way, and takes one again after the first was abandoned", async () => {
+    const file = artifact("2.0.0");
+    const u = updater({ keys: [key.publicPem] });
+    let release!: () => void;
+    const slow = async () => {
+      await new Promise<void>((r) => (release = r));
+      return serving(file)();
+    };
+    const first = u.prepare([sign("2.0.0", file)], DEFAULTS, slow);
+    await new Promise((r) => setTimeout(r, 20));
+    await expect(u.prepare([sign("2.0.0", file)], DEFAULTS, serving(file))).rejects.toThrow("an update to 2.0.0 is already under way on this host");
+    release();
+    expect(await first).toHaveProperty("restart");
+    await expect(u.prepare([sign("2.0.0", file)], DEFAULTS, serving(file))).rejects.toThrow(/already under way/);
+    u.abandoned();
+    expect(await u.prepare([sign("2.0.0", file)], DEFAULTS, serving(file))).toHaveProperty("restart");
+  });
+
+  it("refuses an older release unless allowed, and a rolled-back one unless retried", async () => {
+    const old = artifact("0.9.0");
+    const u = updater({ keys: [key.publicPem], version: "1.0.0" });
+    await expect(u.prepare([sign("0.9.0", old)], DEFAULTS, serving(old))).rejects.toThrow("release 0.9.0 is older than the version running, 1.0.0 (rexmesh update --allow-downgrade to take it)");
+    expect(await u.prepare([sign("0.9.0", old)], { ...DEFAULTS, allowDowngrade: true }, serving(old))).toHaveProperty("restart");
+    const root = fresh("root");
+    const v = updater({ root, keys: [key.publicPem], version: "1.0.0" });
+    writeDurable(installPaths(root).result, JSON.stringify({ taskId: "t1", from: "1.0.0", to: "2.0.0", outcome: "rolled-back", reason: "the proxy was away", at: 5 } satisfies UpdateResult));
+    await v.settle("t1", { from: "1.0.0", to: "2.0.0" }, new AbortController().signal);
+    const file = artifact("2.0.0");
+    await expect(v.prepare([sign("2.0.0", file)], DEFAULTS, serving(file))).rejects.toThrow(/not tried again \(rexmesh update --retry-rolled-back to try it\)/);
+    expect(await v.prepare([sign("2.0.0", file)], { ...DEFAULTS, retryRolledBack: true }, serving(file))).toHaveProperty("restart");
+  });
+
+  it("orders versions as semver does", () => {
+    const ordered = ["0.9.0", "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.2.0", "1.10.0", "2.0.0"];
+    for (let i = 0; i < ordered.length; i++) {
+      for (let j = 0; j < ordered.length; j++) expect(Math.sign(compareVersions(ordered[i]!, ordered[j]!)), `${ordered[i]} vs ${ordered[j]}`).toBe(Math.sign(i - j));
+    }
+    expect(compareVersions("1.0.0+build.5", "1.0.0")).toBe(0);
   });
 });
 
@@ -168,7 +214,7 @@ describe("Updater.settle: the task's end after the restart", () => {
  * connected daemon does; `exit` exits 3 at once; `hang` never says it runs;
  * `update:V` asks for an update to V (request, then EXIT_UPDATE) once it runs.
  */
-function installVersion(root: string, version: string, mode: "ok" | "exit" | "hang" | `update:${string}`): void {
+function installVersion(root: string, version: string, mode: "ok" | "exit" | "hang" | "crash-after" | `update:${string}`): void {
   const dir = join(root, "versions", version, "bin");
   mkdirSync(dir, { recursive: true });
   writeFileSync(
@@ -180,6 +226,7 @@ process.on("SIGTERM", () => process.exit(0));
 setInterval(() => {}, 1000);
 if (mode !== "hang") setTimeout(() => {
   fs.writeFileSync(path.join(root, "running.json"), JSON.stringify({ version: ${JSON.stringify(version)}, pid: process.pid, at: Date.now() }));
+  if (mode === "crash-after") setTimeout(() => process.exit(3), 100);
   if (mode.startsWith("update:")) {
     fs.writeFileSync(path.join(root, "update-request.json"), JSON.stringify({ taskId: "t9", hostId: "h", from: ${JSON.stringify(version)}, to: mode.slice(7), at: Date.now() }));
     process.exit(${EXIT_UPDATE});
@@ -244,6 +291,10 @@ describe("rexmesh supervise", () => {
     installVersion(root, "2", "hang");
     const { s, done } = supervise(root, 400);
     const started = Date.now();
+    // On trial, the new version runs by its own path: `current` still names the old one, so a supervisor killed now
+    // is started again from the old version, finds the request and tries again.
+    await waitFor("the trial", () => (lines.some((l) => l.startsWith("trying 2")) ? true : undefined));
+    expect(readlinkSync(join(root, "current"))).toBe(join("versions", "1"));
     const r = await waitFor("the result", () => result(root));
     expect(Date.now() - started).toBeGreaterThanOrEqual(400);
     expect(r).toMatchObject({ outcome: "rolled-back", reason: "version 2 did not connect and report within 0.4s" });
@@ -269,6 +320,24 @@ describe("rexmesh supervise", () => {
     second.s.stop();
     await second.done;
   });
+
+  it("switches back from a version that came up but keeps exiting within its probation, and records why for the old daemon", async () => {
+    const root = setupRoot("1", "update:2");
+    installVersion(root, "2", "crash-after");
+    const s = new Supervisor({ root, args: [], healthTimeoutMs: 3000, killGraceMs: 500, probationMs: 60_000, log: (l) => lines.push(l) });
+    const done = s.run();
+    expect(await waitFor("the result", () => result(root))).toMatchObject({ outcome: "updated" });
+    const back = await waitFor("the switch back", () => readJson<ProbationRollback>(installPaths(root).probation, ["version"]), 20_000);
+    expect(back).toMatchObject({ version: "2", previous: "1", reason: expect.stringMatching(/^version 2 exited 3 times within 1 minutes of its update \(last: code 3\)$/) });
+    expect(readlinkSync(join(root, "current"))).toBe(join("versions", "1"));
+    // The old version marks it bad when it starts.
+    const u = updater({ root, version: "1" });
+    await u.checkProbation();
+    expect(u.badReason("2")?.reason).toBe(back.reason);
+    expect(existsSync(installPaths(root).probation)).toBe(false);
+    s.stop();
+    await done;
+  }, 30_000);
 
   it("refuses to start without a current version", async () => {
     await expect(new Supervisor({ root: fresh("empty"), args: [], healthTimeoutMs: 1000, log: () => undefined }).run()).rejects.toThrow(/is not a link to versions/);
