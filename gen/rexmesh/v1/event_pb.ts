@@ -6,13 +6,15 @@ import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { HostReportKey } from "./host_pb.js";
+import { file_rexmesh_v1_host } from "./host_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file rexmesh/v1/event.proto.
  */
 export const file_rexmesh_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("ChZyZXhtZXNoL3YxL2V2ZW50LnByb3RvEgpyZXhtZXNoLnYxIokCCglIb3N0RXZlbnQSCgoCaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDAoEa2luZBgEIAEoCRIzCgdkZXRhaWxzGAUgAygLMiIucmV4bWVzaC52MS5Ib3N0RXZlbnQuRGV0YWlsc0VudHJ5EigKBHRpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3dhdGNoZXIYByABKAkSDgoGa2V5X2lkGAggASgJEhEKCXNpZ25hdHVyZRgJIAEoDBouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASItCghFdmVudEFjaxIPCgdob3N0X2lkGAEgASgJEhAKCGV2ZW50X2lkGAIgASgJYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChZyZXhtZXNoL3YxL2V2ZW50LnByb3RvEgpyZXhtZXNoLnYxIrgCCglIb3N0RXZlbnQSCgoCaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSDAoEa2luZBgEIAEoCRIzCgdkZXRhaWxzGAUgAygLMiIucmV4bWVzaC52MS5Ib3N0RXZlbnQuRGV0YWlsc0VudHJ5EigKBHRpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3dhdGNoZXIYByABKAkSDgoGa2V5X2lkGAggASgJEhEKCXNpZ25hdHVyZRgJIAEoDBItCgpyZXBvcnRfa2V5GAogASgLMhkucmV4bWVzaC52MS5Ib3N0UmVwb3J0S2V5Gi4KDERldGFpbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIi0KCEV2ZW50QWNrEg8KB2hvc3RfaWQYASABKAkSEAoIZXZlbnRfaWQYAiABKAliBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_host]);
 
 /**
  * Something a host's watcher noticed (docs/triggers.md): a service that
@@ -85,6 +87,15 @@ export type HostEvent = Message<"rexmesh.v1.HostEvent"> & {
    * @generated from field: bytes signature = 9;
    */
   signature: Uint8Array;
+
+  /**
+   * The report key itself, endorsed by the host's certificate: an event
+   * signed by a key the controller never saw (the daemon restarted while
+   * cut off) is still checked. Not signed: it vouches for itself.
+   *
+   * @generated from field: rexmesh.v1.HostReportKey report_key = 10;
+   */
+  reportKey?: HostReportKey | undefined;
 };
 
 /**
