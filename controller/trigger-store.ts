@@ -141,9 +141,10 @@ export class LmdbTriggerStore implements TriggerStore {
     const full: EventRecord = { ...rec, seq, evaluated: false, outcomes: [] };
     this.reserved.add(idKey.join("\0"));
     try {
-      await this.env.root.transaction(() => {
-        this.eventsDb.put(seq, full);
-        this.idsDb.put(idKey, seq);
+      // Synchronous writes inside the transaction: they commit (or fail) together.
+    await this.env.root.transaction(() => {
+        this.eventsDb.putSync(seq, full);
+        this.idsDb.putSync(idKey, seq);
       });
     } finally {
       this.reserved.delete(idKey.join("\0"));
@@ -169,10 +170,11 @@ export class LmdbTriggerStore implements TriggerStore {
       count--;
     }
     if (gone.length === 0) return;
+    // Synchronous writes inside the transaction: they commit (or fail) together.
     await this.env.root.transaction(() => {
       for (const e of gone) {
-        this.eventsDb.remove(e.seq);
-        this.idsDb.remove([e.tenant, e.hostId, e.eventId]);
+        this.eventsDb.removeSync(e.seq);
+        this.idsDb.removeSync([e.tenant, e.hostId, e.eventId]);
       }
     });
     this.count -= gone.length;
@@ -207,9 +209,10 @@ export class LmdbTriggerStore implements TriggerStore {
 
   async removeTrigger(tenant: string, name: string): Promise<void> {
     const hosts = [...this.hostsDb.getKeys({ start: [tenant, name], end: [tenant, name, "\uffff"] })];
+    // Synchronous writes inside the transaction: they commit (or fail) together.
     await this.env.root.transaction(() => {
-      this.triggersDb.remove([tenant, name]);
-      for (const k of hosts) if (k[0] === tenant && k[1] === name) this.hostsDb.remove(k);
+      this.triggersDb.removeSync([tenant, name]);
+      for (const k of hosts) if (k[0] === tenant && k[1] === name) this.hostsDb.removeSync(k);
     });
   }
 
@@ -218,10 +221,11 @@ export class LmdbTriggerStore implements TriggerStore {
   }
 
   async commitEvaluation(event: EventRecord, triggers: readonly TriggerRecord[], firings: readonly { name: string; hostId: string; firings: HostFirings }[]): Promise<void> {
+    // Synchronous writes inside the transaction: they commit (or fail) together.
     await this.env.root.transaction(() => {
-      this.eventsDb.put(event.seq, { ...event, evaluated: true });
-      for (const t of triggers) this.triggersDb.put([t.tenant, t.name], t);
-      for (const f of firings) this.hostsDb.put([event.tenant, f.name, f.hostId], f.firings);
+      this.eventsDb.putSync(event.seq, { ...event, evaluated: true });
+      for (const t of triggers) this.triggersDb.putSync([t.tenant, t.name], t);
+      for (const f of firings) this.hostsDb.putSync([event.tenant, f.name, f.hostId], f.firings);
     });
     this.pending.delete(event.seq);
   }
