@@ -85,7 +85,7 @@ export function parseMatch(expr: string): MatchTerm[] {
     skipSpace();
     if (i === n) break;
     if (i === before) throw bad(expr, `expected a space and 'and' after the value of ${preview(key)} at column ${i + 1}`);
-    if (!/^and\s/i.test(expr.slice(i, i + 4))) throw bad(expr, `expected 'and' at column ${i + 1}, found ${preview(expr.slice(i, i + 10))} (terms are joined by 'and' only)`);
+    if (!/^and(\s|$)/i.test(expr.slice(i, i + 4))) throw bad(expr, `expected 'and' at column ${i + 1}, found ${preview(expr.slice(i, i + 10))} (terms are joined by 'and' only)`);
     i += 3;
     skipSpace();
     if (i === n) throw bad(expr, "it ends with 'and'");
