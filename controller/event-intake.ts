@@ -20,6 +20,9 @@ import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1
 import type { HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TriggerStore } from "./trigger-store.js";
 
+/** Event acks a tasks bundle carries at most (the newest). */
+const BUNDLE_EVENT_ACKS = 10_000;
+
 export interface EventIntakeDeps {
   store: TriggerStore;
   clock: Clock;
@@ -40,6 +43,11 @@ export class EventIntake {
   refusedCount = 0;
 
   constructor(private readonly deps: EventIntakeDeps) {}
+
+  /** Acks of the newest events stored for hosts `inRegion` accepts (a tasks bundle carries them to a site with no link). */
+  storedFor(tenant: string, inRegion: (hostId: string) => boolean): EventAck[] {
+    return this.deps.store.events({ tenant, host: inRegion, limit: BUNDLE_EVENT_ACKS }).events.map((e) => create(EventAckSchema, { hostId: e.hostId, eventId: e.eventId }));
+  }
 
   /**
    * Checks and stores events relayed by `from` (a proxy's name or a

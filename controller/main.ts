@@ -131,7 +131,13 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       return r && `host ${host.id} is revoked: ${r}`;
     },
   });
-  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer), acceptReportKey: (key, host) => hostKeys.accept(key, host).ok });
+  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer), acceptReportKey: (key, host) => hostKeys.accept(key, host).ok,
+    events: {
+      receive: (evs, from) => eventsRef!.receive(evs, from),
+      storedFor: (tenant, region) => eventsRef!.storedFor(tenant, (hostId) => inventory.get(hostId)?.region === region),
+    },
+  });
+  let eventsRef: EventIntake | undefined;
   jobs.start();
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
@@ -221,6 +227,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     stored: evaluate,
     refused: () => eventsRefused.inc({}),
   });
+  eventsRef = events;
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys, events };
   const sessionBytes = metrics.counter("session_bytes_total", "bytes of sessions and port forwards relayed, by direction (to_host: typed, piped, sent; from_host: output, received)", ["direction"]);
   const sessions = new SessionBroker({

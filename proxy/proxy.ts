@@ -901,7 +901,7 @@ export class ProxyCore implements RoleCore {
     const isKnown = (id: string) => this.store.getTask(id) !== undefined || this.store.markOf(id) === "done" || this.store.markOf(id) === "dropped";
     const known = payload.tasks.filter((t) => isKnown(peekSpec(t)?.taskId ?? "")).length;
     await this.handleControllerFrame(
-      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks, signingKeys: payload.signingKeys }),
+      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks, signingKeys: payload.signingKeys, eventAcks: payload.eventAcks }),
     );
     return { added: payload.tasks.length - known, known };
   }
