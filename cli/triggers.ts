@@ -5,7 +5,7 @@ import { parseDuration } from "../common/duration.js";
 import { InvalidArgumentError } from "../common/errors.js";
 import { printable } from "../common/limits.js";
 import { TriggerService, TriggerSpecSchema, type StoredEvent, type Trigger } from "../gen/rexmesh/v1/trigger_pb.js";
-import { helpText, parse, type OptionSpec } from "./args.js";
+import { helpText, parse, refuseAddOnly, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorChannel, operatorClient } from "./client.js";
 import { buildJobRequest, refuseRepeated, runOptions, type Io } from "./operator.js";
 import { table } from "./table.js";
@@ -65,9 +65,7 @@ export async function triggersCommand(argv: string[], io: Io): Promise<number> {
     return add(name, v, p.rest, io);
   }
   if (sub !== "list" && (!name || extra.length > 0)) throw new InvalidArgumentError(`rexmesh triggers ${sub} needs one trigger name`);
-  const addOnly = Object.keys(triggerOptions).filter((k) => !["json", "help", ...Object.keys(connectionOptions)].includes(k));
-  const given = addOnly.filter((k) => v[k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase())] !== undefined);
-  if (given.length > 0 || p.rest.length > 0) throw new InvalidArgumentError(`${given.length > 0 ? given.map((k) => `--${k}`).join(", ") : "a command after --"}: only for rexmesh triggers add`);
+  refuseAddOnly("triggers", triggerOptions, v, p.rest, ["json", "help", ...Object.keys(connectionOptions)]);
   const { client, close } = triggerClient(v);
   try {
     switch (sub) {

@@ -181,6 +181,15 @@ export class HostKeyVerifier {
     }
   }
 
+  /** An accepted key by id; one accepted before this controller started, perhaps, is checked again from the store. */
+  private known(keyId: string, host: PeerIdentity): Trusted | undefined {
+    if (!this.keys.has(keyId)) {
+      const stored = this.store?.get(keyId);
+      if (stored) this.accept(stored, host, true);
+    }
+    return this.keys.get(keyId);
+  }
+
   private usable(keyId: string, host: PeerIdentity): Trusted | undefined {
     const k = this.keys.get(keyId);
     if (!k || !sameHost(k.host, host) || k.notAfter <= this.clock.now() || this.isRevoked(host)) return undefined;
@@ -208,12 +217,7 @@ export class HostKeyVerifier {
    */
   checkEnd(status: TaskStatus, host: PeerIdentity): "ok" | "unknown" | "bad" {
     if (status.signature.length === 0 || status.keyId === "") return "unknown";
-    if (!this.keys.has(status.keyId)) {
-      // Accepted before this controller started, perhaps: checked again from the store.
-      const stored = this.store?.get(status.keyId);
-      if (stored) this.accept(stored, host, true);
-    }
-    const k = this.keys.get(status.keyId);
+    const k = this.known(status.keyId, host);
     if (!k) return "unknown";
     if (!sameHost(k.host, host)) return "bad";
     return verify(null, ending(status), k.publicKey, status.signature) ? "ok" : "bad";
@@ -228,11 +232,7 @@ export class HostKeyVerifier {
   checkEvent(event: HostEvent): "ok" | "unknown" | "bad" {
     const host: PeerIdentity = { role: "host", scope: event.tenant, id: event.hostId };
     if (event.signature.length === 0 || event.keyId === "") return "bad";
-    if (!this.keys.has(event.keyId)) {
-      const stored = this.store?.get(event.keyId);
-      if (stored) this.accept(stored, host, true);
-    }
-    const k = this.keys.get(event.keyId);
+    const k = this.known(event.keyId, host);
     if (!k) return "unknown";
     if (!sameHost(k.host, host) || this.isRevoked(host)) return "bad";
     return verify(null, eventBytes(event), k.publicKey, event.signature) ? "ok" : "bad";
@@ -244,10 +244,7 @@ export class HostKeyVerifier {
    */
   checkSessionKey(key: SessionKey | undefined, host: PeerIdentity, sessionId: string, controllerKey: Uint8Array): KeyCheck {
     if (!key || key.publicKey.length === 0) return { ok: false, reason: "the host sent no key for the session" };
-    if (!this.keys.has(key.reportKeyId)) {
-      const stored = this.store?.get(key.reportKeyId);
-      if (stored) this.accept(stored, host, true);
-    }
+    this.known(key.reportKeyId, host);
     const k = this.usable(key.reportKeyId, host);
     if (!k) return { ok: false, reason: "the session key is signed with no valid report key of the host" };
     return verify(null, sessionKeyBytes(sessionId, controllerKey, key.publicKey), k.publicKey, key.signature) ? { ok: true } : { ok: false, reason: "the host's signature over the session key does not hold" };

@@ -20,7 +20,7 @@
  *   its restart, from the same state, and gets the same job back.
  */
 import { createHash } from "node:crypto";
-import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { durationMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
 import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
@@ -34,6 +34,8 @@ import { SubmitJobRequestSchema } from "../gen/rexmesh/v1/controller_pb.js";
 import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
 import { EventOutcomeSchema, StoredEventSchema, TriggerFiringSchema, TriggerSchema, type StoredEvent, type Trigger, type TriggerSpec } from "../gen/rexmesh/v1/trigger_pb.js";
 import { matches, parseMatch, type MatchTerm } from "./trigger-match.js";
+import { Turns } from "./exclusive.js";
+import { shownJob } from "./schedules.js";
 import type { EventOutcome, EventRecord, HostFirings, TriggerFiring, TriggerRecord, TriggerStore } from "./trigger-store.js";
 
 /** The idempotency keys of triggers' firings begin so; an operator's submit may not use it (controller/access.ts). */
@@ -41,7 +43,6 @@ export const TRIGGER_KEY_PREFIX = "trigger:";
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const RECENT_MAX = 20;
-const REDACTED = "<redacted>";
 const COOLDOWN_DEFAULT_MS = 10 * 60_000;
 const WINDOW_DEFAULT_MS = 3600_000;
 const MAX_PER_HOST_DEFAULT = 10;
@@ -89,12 +90,7 @@ export function newTrigger(creator: PeerIdentity, spec: TriggerSpec, now: number
 
 /** A trigger as the API shows it; with `withJob`, its job too, the values of env, parameters and stdin left out. */
 export function triggerToProto(rec: TriggerRecord, what: string, withJob: boolean): Trigger {
-  const job = withJob ? fromBinary(SubmitJobRequestSchema, rec.request) : undefined;
-  if (job) {
-    for (const k of Object.keys(job.env)) job.env[k] = REDACTED;
-    for (const k of Object.keys(job.parameters)) job.parameters[k] = REDACTED;
-    job.stdin = new Uint8Array();
-  }
+  const job = withJob ? shownJob(rec.request) : undefined;
   const dur = (ms: number) => ({ seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 });
   return create(TriggerSchema, {
     spec: { name: rec.name, on: rec.on, job, cooldown: dur(rec.cooldownMs), maxPerHost: rec.maxPerHost, rateWindow: dur(rec.windowMs) },
@@ -142,7 +138,7 @@ export interface TriggerEvaluatorDeps {
  * was paused or removed meanwhile.
  */
 export class TriggerEvaluator {
-  private chain: Promise<unknown> = Promise.resolve();
+  private readonly turns = new Turns();
   private working: Promise<void> | undefined;
   private again = false;
   private stopped = false;
@@ -152,9 +148,7 @@ export class TriggerEvaluator {
 
   /** Runs `fn` alone among the writers of triggers (see the class comment). */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.chain.then(fn, fn);
-    this.chain = run.catch(() => undefined);
-    return run;
+    return this.turns.take(fn);
   }
 
   /** Evaluates every event not yet evaluated (those left by a stop too); resolves when none is left. */
