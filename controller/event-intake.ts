@@ -30,7 +30,7 @@ export interface EventIntakeDeps {
   /** The host's signature over the event (common/host-signing.ts, HostKeyVerifier.checkEvent). */
   checkEvent(event: HostEvent): "ok" | "unknown" | "bad";
   /** Takes a report key the event carries, endorsed by the host's certificate (HostKeyVerifier.accept). */
-  acceptKey(key: HostReportKey | undefined, host: PeerIdentity): { ok: boolean };
+  acceptKey(key: HostReportKey | undefined, host: PeerIdentity): { ok: boolean; reason?: string };
   /** Told after new events were stored (the trigger evaluator's wake). */
   stored(): void;
   /** Counts events dropped because their signature did not hold. */
@@ -62,7 +62,11 @@ export class EventIntake {
       let check = this.deps.checkEvent(e);
       if (check === "unknown" && e.reportKey) {
         const host: PeerIdentity = { role: "host", scope: e.tenant, id: e.hostId };
-        if (e.reportKey.keyId === e.keyId && this.deps.acceptKey(e.reportKey, host).ok) check = this.deps.checkEvent(e);
+        const taken = e.reportKey.keyId === e.keyId ? this.deps.acceptKey(e.reportKey, host) : { ok: false, reason: "the carried key is not the one that signed" };
+        if (taken.ok) check = this.deps.checkEvent(e);
+        // A key that is not this host's (another host's, another CA's, altered) proves the event false; one
+        // whose certificate has merely expired since proves nothing either way: held back.
+        else if (!/not valid now|expired/.test(taken.reason ?? "")) check = "bad";
       }
       if (check === "unknown") {
         heldBack.add(e.hostId);

@@ -1,9 +1,18 @@
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { readCredentials } from "../../certs/files.js";
+import type { PeerIdentity } from "../../certs/identity.js";
+import { AsyncQueue } from "../../common/async-queue.js";
+import { systemClock } from "../../common/clock.js";
+import { HostReporter } from "../../common/host-signing.js";
+import { HostEventSchema } from "../../gen/rexmesh/v1/event_pb.js";
+import { ProxyLinkService, ProxyStreamRequestSchema, type ProxyStreamRequest } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
 import { operatorChannel } from "../../cli/client.js";
-import { clientFor } from "../../common/connect-dial.js";
+import { clientFor, openChannel } from "../../common/connect-dial.js";
 import { ConnectionState } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TriggerService, type StoredEvent } from "../../gen/rexmesh/v1/trigger_pb.js";
 import { testCa } from "../test-ca.js";
@@ -128,4 +137,51 @@ describe("triggers: an event noticed while the proxy is cut off", () => {
       conn.close();
     }
   }, 180_000);
+
+  it("a proxy cannot make an event up: one unsigned, or signed by another host's key, is dropped at the controller and queues no job", async () => {
+    const conn = clientOf(mesh);
+    const channel = operatorChannel({}, mesh.exports());
+    const triggers = clientFor(TriggerService, channel);
+    // A proxy of the region with a valid certificate (or whoever holds one) opens its own link.
+    const rogue = readCredentials(mesh.issue({ role: "proxy", scope: "dc", id: "px-rogue" }, join(mesh.dir, "rogue"), true));
+    const link = openChannel(mesh.controllerAddress, rogue, ["controller"]);
+    const out = new AsyncQueue<ProxyStreamRequest>();
+    try {
+      const before = { events: (await triggers.listEvents({ pageSize: 100 })).events.length, jobs: (await conn.client.listJobs({})).jobs.length };
+      // A host's key it stole would be another host's: w2's, endorsed by w2's certificate.
+      const w2: PeerIdentity = { role: "host", scope: "default", id: "w2" };
+      const stolen = new HostReporter(readCredentials(mesh.issue(w2, join(mesh.dir, "rogue"))), systemClock, w2);
+      const forged = (id: string) => create(HostEventSchema, { id, hostId: "w1", tenant: "default", kind: "service.failed", details: { unit: "web.service" }, time: timestampFromMs(Date.now()), watcher: "web" });
+      const unsigned = forged("e-forged-1");
+      const otherKey = forged("e-forged-2");
+      stolen.signEvent(otherKey);
+      otherKey.reportKey = stolen.key;
+      out.push(create(ProxyStreamRequestSchema, { hello: { name: "px-rogue", region: "dc", heartbeatMs: 10_000 } }));
+      out.push(create(ProxyStreamRequestSchema, { events: [unsigned, otherKey] }));
+      const acked: string[] = [];
+      for await (const frame of clientFor(ProxyLinkService, link).proxyStream(out)) {
+        acked.push(...frame.eventAcks.map((a) => a.eventId));
+        if (acked.length >= 2) break;
+      }
+      // Acknowledged (the proxy may forget them), never stored, never evaluated.
+      expect(acked.sort()).toEqual(["e-forged-1", "e-forged-2"]);
+      expect((await triggers.listEvents({ pageSize: 100 })).events.length).toBe(before.events);
+      expect((await conn.client.listJobs({})).jobs.length).toBe(before.jobs);
+      expect(readFileSync(mesh.controller.logFile, "utf8")).toMatch(/an event whose host signature does not hold was dropped/);
+    } finally {
+      out.close();
+      link.close();
+      channel.close();
+      conn.close();
+    }
+  }, 60_000);
+
+  it("rexmesh --help lists triggers and events with an example", async () => {
+    const help = (await rexmesh(["--help"])).stdout;
+    expect(help).toMatch(/^ {2}triggers +jobs queued when a host reports an event/m);
+    expect(help).toMatch(/^ {2}events +events hosts' watchers reported/m);
+    expect(help).toContain("triggers add fix-nginx --on 'kind=service.failed and unit=nginx.service'");
+    expect((await rexmesh(["triggers", "--help"])).stdout).toContain("rexmesh triggers add restart-nginx --on");
+    expect((await rexmesh(["events", "--help"])).stdout).toContain("rexmesh events --kind service.failed");
+  });
 });

@@ -246,9 +246,15 @@ describe("triggers: events a proxy forges", () => {
     const r = await c.receive(e);
     expect(r).toEqual({ acks: [], heldBack: ["h3"] });
     expect(c.events()).toEqual([]);
-    // A key of another host does not vouch for it.
+    // A key of another host, carried along, does not vouch for it: it proves the event false (dropped, acknowledged).
     const stranger = new HostReporter(testCredentials(host("h4"), { clock: c.clock, validityMs: 86_400_000 }), c.clock, host("h4"));
-    expect((await c.receive(create(HostEventSchema, { ...e, reportKey: stranger.key }))).heldBack).toEqual(["h3"]);
+    const signedByStranger = event(stranger, "h3", "service.failed", {}, "e-stranger");
+    signedByStranger.reportKey = stranger.key;
+    expect(await c.receive(signedByStranger)).toEqual({ acks: [expect.objectContaining({ eventId: "e-stranger" })], heldBack: [] });
+    expect(c.intake.refusedCount).toBe(1);
+    // Nor does a genuine key of another host carried with a different key id.
+    expect((await c.receive(create(HostEventSchema, { ...e, reportKey: stranger.key }))).heldBack).toEqual([]);
+    expect(c.events()).toEqual([]);
     const carried = create(HostEventSchema, { ...e, reportKey: fresh.key });
     expect((await c.receive(carried)).acks).toHaveLength(1);
     expect(c.fired.map((f) => f.host)).toEqual(["h3"]);
