@@ -216,6 +216,31 @@ describe("triggers: evaluating hosts' events", () => {
   });
 });
 
+describe("triggers: the events kept", () => {
+  it("lists a tenant's events newest first, paged, by kind and host; drops the oldest evaluated past the bound", async () => {
+    const c = new Controller(new ManualClock());
+    const h1 = reporterFor(c, "h1");
+    const h2 = reporterFor(c, "h2");
+    for (let i = 0; i < 5; i++) await c.receive(event(i % 2 ? h2 : h1, i % 2 ? "h2" : "h1", i === 4 ? "disk.full" : "service.failed", {}, `p${i}`));
+    const first = c.store.events({ tenant: "acme", limit: 2 });
+    expect(first.events.map((e) => e.eventId)).toEqual(["p4", "p3"]);
+    const second = c.store.events({ tenant: "acme", limit: 2, before: first.next });
+    expect(second.events.map((e) => e.eventId)).toEqual(["p2", "p1"]);
+    const last = c.store.events({ tenant: "acme", limit: 2, before: second.next });
+    expect(last).toEqual({ events: [expect.objectContaining({ eventId: "p0" })] });
+    expect(c.store.events({ tenant: "acme", limit: 10, kind: "disk.full" }).events.map((e) => e.eventId)).toEqual(["p4"]);
+    expect(c.store.events({ tenant: "acme", limit: 10, host: (id) => id === "h2" }).events.map((e) => e.eventId)).toEqual(["p3", "p1"]);
+    expect(c.store.events({ tenant: "beta", limit: 10 }).events).toEqual([]);
+    // 100 kept (this store's bound): the oldest go, and their ids with them.
+    for (let i = 5; i < 105; i++) await c.receive(event(h1, "h1", "disk.full", {}, `p${i}`));
+    const kept = c.store.events({ tenant: "acme", limit: 1000 }).events;
+    expect(kept).toHaveLength(100);
+    expect(kept.at(-1)!.eventId).toBe("p5");
+    expect(c.store.hasEvent("acme", "h1", "p0")).toBe(false);
+    expect(c.store.hasEvent("acme", "h1", "p5")).toBe(true);
+  });
+});
+
 describe("triggers: events a proxy forges", () => {
   it("drops an event whose signature does not hold, that claims another host, or that is unsigned: never stored, never fires", async () => {
     const c = new Controller(new ManualClock());
