@@ -135,19 +135,22 @@ export class LmdbTriggerStore implements TriggerStore {
 
   async addEvent(rec: Omit<EventRecord, "seq" | "evaluated" | "outcomes">): Promise<boolean> {
     const idKey = [rec.tenant, rec.hostId, rec.eventId];
-    // One writer at a time decides (the event loop runs this synchronously up to the commit).
-    if (this.idsDb.get(idKey) !== undefined || this.reserved.has(idKey.join("\0"))) return false;
+    const inFlight = idKey.join("\0");
+    // A copy that comes while the first is being written waits for that write: acknowledged only once the event is stored.
+    for (let writing = this.writing.get(inFlight); writing; writing = this.writing.get(inFlight)) await writing.catch(() => undefined);
+    if (this.idsDb.get(idKey) !== undefined) return false;
     const seq = this.next++;
     const full: EventRecord = { ...rec, seq, evaluated: false, outcomes: [] };
-    this.reserved.add(idKey.join("\0"));
+    // Synchronous writes inside the transaction: they commit (or fail) together.
+    const write = this.env.root.transaction(() => {
+      this.eventsDb.putSync(seq, full);
+      this.idsDb.putSync(idKey, seq);
+    });
+    this.writing.set(inFlight, write);
     try {
-      // Synchronous writes inside the transaction: they commit (or fail) together.
-    await this.env.root.transaction(() => {
-        this.eventsDb.putSync(seq, full);
-        this.idsDb.putSync(idKey, seq);
-      });
+      await write;
     } finally {
-      this.reserved.delete(idKey.join("\0"));
+      this.writing.delete(inFlight);
     }
     this.pending.add(seq);
     this.count++;
@@ -155,8 +158,8 @@ export class LmdbTriggerStore implements TriggerStore {
     return true;
   }
 
-  /** Ids being written now: a second copy in the same moment is a duplicate too. */
-  private readonly reserved = new Set<string>();
+  /** Events being written now, by (tenant, host, id). */
+  private readonly writing = new Map<string, Promise<unknown>>();
 
   /** Drops the oldest evaluated events past the count or the retention. */
   private async prune(): Promise<void> {

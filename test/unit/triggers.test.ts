@@ -239,6 +239,16 @@ describe("triggers: the events kept", () => {
     expect(c.store.hasEvent("acme", "h1", "p0")).toBe(false);
     expect(c.store.hasEvent("acme", "h1", "p5")).toBe(true);
   });
+
+  it("takes two copies arriving at once (two proxies) once; the second is answered only when the first is stored", async () => {
+    const c = new Controller(new ManualClock());
+    const rec = { tenant: "acme", hostId: "h1", eventId: "twin", kind: "k", details: {}, time: 0, watcher: "w", receivedAt: c.clock.now() };
+    const order: string[] = [];
+    const [a, b] = await Promise.all([c.store.addEvent(rec).then((r) => (order.push(`a:${c.store.hasEvent("acme", "h1", "twin")}`), r)), c.store.addEvent(rec).then((r) => (order.push(`b:${c.store.hasEvent("acme", "h1", "twin")}`), r))]);
+    expect([a, b]).toEqual([true, false]);
+    expect(order.sort()).toEqual(["a:true", "b:true"]);
+    expect(c.store.unevaluated()).toHaveLength(1);
+  });
 });
 
 describe("triggers: events a proxy forges", () => {
