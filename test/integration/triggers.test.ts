@@ -138,6 +138,40 @@ describe("triggers: an event noticed while the proxy is cut off", () => {
     }
   }, 180_000);
 
+  it("keeps events and the trigger's cooldown across a controller killed with SIGKILL: a new failure within the cooldown queues no job, nothing is taken twice", async () => {
+    await mesh.kill(mesh.controller, "SIGKILL");
+    await mesh.restart(mesh.controller);
+    await mesh.waitForHosts(1);
+    const conn = clientOf(mesh);
+    const channel = operatorChannel({}, mesh.exports());
+    const triggers = clientFor(TriggerService, channel);
+    try {
+      const before = (await triggers.listEvents({ pageSize: 100 })).events;
+      expect(before).toHaveLength(3);
+      const jobs = (await conn.client.listJobs({})).jobs.map((j) => j.id);
+      expect(jobs).toHaveLength(1);
+      rmSync(flag);
+      await seen("the recovery noticed");
+      writeFileSync(flag, "");
+      await seen("the third failure noticed");
+      const after = await until(
+        "the new events evaluated",
+        async () => {
+          const { events } = await triggers.listEvents({ pageSize: 100 });
+          return events.length >= 5 && events.every((e) => e.evaluated) ? events : undefined;
+        },
+        60_000,
+      );
+      expect(after).toHaveLength(5);
+      expect(after[0]!.event!.kind).toBe("service.failed");
+      expect(after[0]!.outcomes).toEqual([expect.objectContaining({ trigger: "fix-web", jobId: "", note: expect.stringMatching(/^suppressed: cooldown/) })]);
+      expect((await conn.client.listJobs({})).jobs.map((j) => j.id)).toEqual(jobs);
+    } finally {
+      channel.close();
+      conn.close();
+    }
+  }, 120_000);
+
   it("a proxy cannot make an event up: one unsigned, or signed by another host's key, is dropped at the controller and queues no job", async () => {
     const conn = clientOf(mesh);
     const channel = operatorChannel({}, mesh.exports());
