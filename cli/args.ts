@@ -112,3 +112,14 @@ export function positiveDuration(value: unknown, flag: string, unset: string): n
   if (ms <= 0) throw new InvalidArgumentError(`${flag} must be more than 0, not ${JSON.stringify(value)} (leave it out for ${unset})`);
   return ms;
 }
+
+/**
+ * Refuses, for a subcommand other than `add`, the options (all but `keep`)
+ * and the command after -- that only `add` takes: refused, not silently
+ * ignored (`rexmesh schedules`, `rexmesh triggers`).
+ */
+export function refuseAddOnly(command: string, options: Record<string, OptionSpec>, values: Record<string, unknown>, rest: readonly string[], keep: readonly string[]): void {
+  const addOnly = Object.keys(options).filter((k) => !keep.includes(k));
+  const given = addOnly.filter((k) => values[k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase())] !== undefined);
+  if (given.length > 0 || rest.length > 0) throw new InvalidArgumentError(`${given.length > 0 ? given.map((k) => `--${k}`).join(", ") : "a command after --"}: only for rexmesh ${command} add`);
+}

@@ -25,6 +25,8 @@ const TREE: Record<string, string[]> = {
   sessions: ["play", "join", "--limit", "--speed", "--input", "--json", "--help"],
   release: ["keygen", "sign", "--out", "--version", "--platform", "--key", "--json", "--help"],
   schedules: ["add", "list", "show", "pause", "resume", "remove", "run-now", "--cron", "--tz", "--misfire", "--grace", "--overlap", "--json", "--help"],
+  triggers: ["add", "list", "show", "pause", "resume", "remove", "--on", "--run", "--cooldown", "--max-per-host", "--json", "--help"],
+  events: ["--target", "--kind", "--limit", "--json", "--help"],
 };
 
 function bash(): string {

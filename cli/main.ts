@@ -20,6 +20,9 @@ operators:
   hosts      list hosts (-t QUERY) with their region, proxy, labels; hosts label; hosts queue HOST
   jobs       list jobs; show, watch (replay and follow) or cancel one
   schedules  jobs by a cron expression in a time zone: add, list, show, pause, resume, remove, run-now
+  triggers   jobs queued when a host reports an event: add, list, show, pause, resume, remove
+             e.g. triggers add fix-nginx --on 'kind=service.failed and unit=nginx.service' -- systemctl restart nginx
+  events     events hosts' watchers reported and what triggers did with them: events [-t QUERY] [--kind K]
   release    daemon releases: keygen (a release key, kept apart), sign FILE, add FILE, list, remove V
   update     update daemons to a release in waves: update --to V -t QUERY --canary 1; update status
   docs       store command documents (put FILE), list and show them
@@ -43,7 +46,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "schedules", "release", "update", "supervise", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "schedules", "triggers", "events", "release", "update", "supervise", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -113,6 +116,10 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./sessions.js")).sessionsCommand(rest, io);
     case "schedules":
       return (await import("./schedules.js")).schedulesCommand(rest, io);
+    case "triggers":
+      return (await import("./triggers.js")).triggersCommand(rest, io);
+    case "events":
+      return (await import("./triggers.js")).eventsCommand(rest, io);
     case "release":
       return (await import("./release.js")).releaseCommand(rest, io);
     case "update":

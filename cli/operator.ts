@@ -103,11 +103,11 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
 }
 
 /** Where a job runs, from -H, --all or -t: exactly one of them. */
-export function jobTarget(v: Record<string, unknown>): { hostIds: string[]; target: string | undefined } {
+export function jobTarget(v: Record<string, unknown>, optional = false): { hostIds: string[]; target: string | undefined } {
   const hostIds = typeof v.hosts === "string" ? v.hosts.split(",").map((s) => s.trim()).filter(Boolean) : [];
   const target = targetQuery(v.target);
   const ways = (v.all ? 1 : 0) + (hostIds.length > 0 ? 1 : 0) + (target !== undefined ? 1 : 0);
-  if (ways === 0) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
+  if (ways === 0 && !optional) throw new InvalidArgumentError("say where to run: --hosts IDS, --all or -t QUERY");
   if (ways > 1) throw new InvalidArgumentError("--hosts, --all and --target cannot be used together");
   return { hostIds, target };
 }
@@ -117,8 +117,8 @@ export function jobTarget(v: Record<string, unknown>): { hostIds: string[]; targ
  * job, `schedules add`): the target, the step or document and its
  * parameters, the job's options. `rest` is what came after --.
  */
-export function buildJobRequest(v: Record<string, unknown>, rest: string[]): { req: SubmitJobRequest; document: string; given: Map<string, string[]> } {
-  const { hostIds, target } = jobTarget(v);
+export function buildJobRequest(v: Record<string, unknown>, rest: string[], targetOptional = false): { req: SubmitJobRequest; document: string; given: Map<string, string[]> } {
+  const { hostIds, target } = jobTarget(v, targetOptional);
   const parameters: Record<string, string> = {};
   const given = new Map<string, string[]>();
   for (const kv of (v.param as string[] | undefined) ?? []) {

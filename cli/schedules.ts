@@ -3,7 +3,7 @@ import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { InvalidArgumentError } from "../common/errors.js";
 import { printable } from "../common/limits.js";
 import { Misfire, Overlap, ScheduleSpecSchema, type Schedule } from "../gen/rexmesh/v1/controller_pb.js";
-import { helpText, parse, positiveDuration, type OptionSpec } from "./args.js";
+import { helpText, parse, refuseAddOnly, positiveDuration, type OptionSpec } from "./args.js";
 import { connectionOptions, operatorClient } from "./client.js";
 import { buildJobRequest, refuseRepeated, runOptions, type Io } from "./operator.js";
 import { table } from "./table.js";
@@ -61,9 +61,7 @@ export async function schedulesCommand(argv: string[], io: Io): Promise<number> 
   }
   if (sub !== "list" && (!schedule || extra.length > 0)) throw new InvalidArgumentError(`rexmesh schedules ${sub} needs one schedule name`);
   // What only `add` takes is refused elsewhere, not silently ignored.
-  const addOnly = Object.keys(scheduleOptions).filter((k) => !["json", "help", ...Object.keys(connectionOptions)].includes(k));
-  const given = addOnly.filter((k) => v[k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase())] !== undefined);
-  if (given.length > 0 || p.rest.length > 0) throw new InvalidArgumentError(`${given.length > 0 ? given.map((k) => `--${k}`).join(", ") : "a command after --"}: only for rexmesh schedules add`);
+  refuseAddOnly("schedules", scheduleOptions, v, p.rest, ["json", "help", ...Object.keys(connectionOptions)]);
   const { client, close } = operatorClient(v);
   try {
     switch (sub) {

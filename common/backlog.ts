@@ -1,8 +1,10 @@
 import { toBinary } from "@bufbuild/protobuf";
 import { StepSchema, TaskState, type OutputChunk, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
+import { eventBytes, eventKey } from "./host-event.js";
 
-/** A status or an output chunk on its way up, kept until the next hop acknowledges it. */
-export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk };
+/** A status, an output chunk or a host's event on its way up, kept until the next hop acknowledges it. */
+export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk } | { kind: "event"; event: HostEvent };
 
 /**
  * An item's identity in a backlog: a second item with the same identity is
@@ -10,6 +12,7 @@ export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "outpu
  * host's end of the task may share a state and both be on their way.
  */
 export function upwardKey(item: UpwardItem): string {
+  if (item.kind === "event") return eventKey(item.event.hostId, item.event.id);
   return item.kind === "output" ? outputKey(item.chunk.taskId, item.chunk.seq) : statusKey(item.status.taskId, item.status.state, item.status.atProxy);
 }
 
@@ -35,7 +38,7 @@ export function specBytes(spec: TaskSpec): number {
 }
 
 export function itemBytes(item: UpwardItem): number {
-  return item.kind === "output" ? item.chunk.data.length + 32 : 64;
+  return item.kind === "output" ? item.chunk.data.length + 32 : item.kind === "event" ? eventBytes(item.event) : 64;
 }
 
 /**
@@ -56,6 +59,8 @@ export interface Backlog {
   ackOutput(taskId: string, seq: number): Promise<void>;
   /** Drops the task's statuses up to `state` from one source: the host's, or (atProxy) the proxy's own. */
   ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
+  /** Drops a host's event (docs/triggers.md); one not held costs nothing. */
+  ackEvent(hostId: string, eventId: string): Promise<void>;
   /** The highest seq of the task's chunks held (0: none); costs nothing like reading them. */
   topOutputSeq(taskId: string): number;
   /** Everything held, oldest first. */
@@ -87,6 +92,8 @@ export interface Held {
   bytes: number;
   taskId: string;
   output: boolean;
+  /** A host's event: held by its key alone, in no task. */
+  event: boolean;
   /** An output chunk's seq (unused for a status). */
   seq: number;
   /** A status's state and source (unused for a chunk). */
@@ -196,11 +203,17 @@ export class HeldItems {
 
   add(key: string, n: number, item: UpwardItem): void {
     const held: Held =
-      item.kind === "output"
-        ? { key, n, bytes: itemBytes(item), taskId: item.chunk.taskId, output: true, seq: Number(item.chunk.seq), state: TaskState.UNSPECIFIED, atProxy: false }
-        : { key, n, bytes: itemBytes(item), taskId: item.status.taskId, output: false, seq: 0, state: item.status.state, atProxy: item.status.atProxy };
+      item.kind === "event"
+        ? { key, n, bytes: itemBytes(item), taskId: "", output: false, event: true, seq: 0, state: TaskState.UNSPECIFIED, atProxy: false }
+        : item.kind === "output"
+          ? { key, n, bytes: itemBytes(item), taskId: item.chunk.taskId, output: true, event: false, seq: Number(item.chunk.seq), state: TaskState.UNSPECIFIED, atProxy: false }
+          : { key, n, bytes: itemBytes(item), taskId: item.status.taskId, output: false, event: false, seq: 0, state: item.status.state, atProxy: item.status.atProxy };
     this.byKey.set(key, held);
     this.byNumber.add(n);
+    if (held.event) {
+      this.bytesHeld += held.bytes;
+      return;
+    }
     let task = this.byTask.get(held.taskId);
     if (!task) this.byTask.set(held.taskId, (task = new TaskHeld()));
     if (held.output) task.addChunk(held);
@@ -212,6 +225,10 @@ export class HeldItems {
   remove(key: string): number | undefined {
     const held = this.byKey.get(key);
     if (!held) return undefined;
+    if (held.event) {
+      this.forget(held);
+      return held.n;
+    }
     const task = this.byTask.get(held.taskId)!;
     if (held.output) task.removeChunk(held);
     else task.statuses.splice(task.statuses.indexOf(held), 1);
@@ -240,17 +257,25 @@ export class HeldItems {
     return taken;
   }
 
+  /** Takes the event an event ack drops, if held. */
+  takeEventAcked(hostId: string, eventId: string): Held[] {
+    const held = this.byKey.get(eventKey(hostId, eventId));
+    if (!held?.event) return [];
+    this.forget(held);
+    return [held];
+  }
+
   /** The highest seq of the task's chunks held (0: none). */
   topOutputSeq(taskId: string): number {
     return this.byTask.get(taskId)?.topSeq() ?? 0;
   }
 
-  /** Drops an item, already out of its task's lists, from the other indexes. */
-  private forget(held: Held, task: TaskHeld): void {
+  /** Drops an item, already out of its task's lists (an event is in none), from the other indexes. */
+  private forget(held: Held, task?: TaskHeld): void {
     this.byKey.delete(held.key);
     this.byNumber.delete(held.n);
     this.bytesHeld -= held.bytes;
-    if (task.empty) this.byTask.delete(held.taskId);
+    if (task?.empty) this.byTask.delete(held.taskId);
   }
 }
 
@@ -283,6 +308,10 @@ export class MemoryBacklog implements Backlog {
 
   async ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     for (const { key } of this.held.takeStatusAcked(taskId, state, atProxy)) this.items.delete(key);
+  }
+
+  async ackEvent(hostId: string, eventId: string): Promise<void> {
+    for (const { key } of this.held.takeEventAcked(hostId, eventId)) this.items.delete(key);
   }
 
   topOutputSeq(taskId: string): number {

@@ -17,6 +17,7 @@ import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate, identityUri, type PeerIdentity } from "../certs/identity.js";
 import { HostReportKeySchema, type HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { SessionKeySchema, type SessionKey } from "../gen/rexmesh/v1/session_pb.js";
 import type { Clock } from "./clock.js";
 
@@ -43,6 +44,17 @@ function presence(nonce: Uint8Array, salt: Uint8Array, proxy: PeerIdentity | und
 /** The fields of a task's end that the host signs. */
 function ending(s: TaskStatus): Buffer {
   return framed("task end", s.taskId, s.state, s.exitCode === undefined ? "" : String(s.exitCode), s.signal, s.outputChunks, s.outputBytes, s.outputSha256, s.outputTruncated ? "1" : "0");
+}
+
+/**
+ * The fields of an event that the host signs: all of them but the
+ * signature, the details in key order (a map has no order on the wire).
+ */
+function eventBytes(e: HostEvent): Buffer {
+  const details = Object.keys(e.details)
+    .sort()
+    .flatMap((k) => [k, e.details[k]!]);
+  return framed("host event", e.id, e.hostId, e.tenant, e.kind, e.time ? timestampMs(e.time) : 0, e.watcher, e.keyId, details.length, ...details);
 }
 
 /** The host's half of a session's key agreement (common/session-seal.ts), bound to the session and the controller's half. */
@@ -88,6 +100,12 @@ export class HostReporter {
   /** Signs the host's half of a session's key agreement. */
   signSessionKey(sessionId: string, controllerKey: Uint8Array, hostKey: Uint8Array): SessionKey {
     return create(SessionKeySchema, { publicKey: hostKey, reportKeyId: this.key.keyId, signature: sign(null, sessionKeyBytes(sessionId, controllerKey, hostKey), this.privateKey) });
+  }
+
+  /** Signs an event (docs/triggers.md) in place. */
+  signEvent(event: HostEvent): void {
+    event.keyId = this.key.keyId;
+    event.signature = sign(null, eventBytes(event), this.privateKey);
   }
 
   /** Signs a terminal status (its output fields set) in place. */
@@ -163,6 +181,15 @@ export class HostKeyVerifier {
     }
   }
 
+  /** An accepted key by id; one accepted before this controller started, perhaps, is checked again from the store. */
+  private known(keyId: string, host: PeerIdentity): Trusted | undefined {
+    if (!this.keys.has(keyId)) {
+      const stored = this.store?.get(keyId);
+      if (stored) this.accept(stored, host, true);
+    }
+    return this.keys.get(keyId);
+  }
+
   private usable(keyId: string, host: PeerIdentity): Trusted | undefined {
     const k = this.keys.get(keyId);
     if (!k || !sameHost(k.host, host) || k.notAfter <= this.clock.now() || this.isRevoked(host)) return undefined;
@@ -190,15 +217,25 @@ export class HostKeyVerifier {
    */
   checkEnd(status: TaskStatus, host: PeerIdentity): "ok" | "unknown" | "bad" {
     if (status.signature.length === 0 || status.keyId === "") return "unknown";
-    if (!this.keys.has(status.keyId)) {
-      // Accepted before this controller started, perhaps: checked again from the store.
-      const stored = this.store?.get(status.keyId);
-      if (stored) this.accept(stored, host, true);
-    }
-    const k = this.keys.get(status.keyId);
+    const k = this.known(status.keyId, host);
     if (!k) return "unknown";
     if (!sameHost(k.host, host)) return "bad";
     return verify(null, ending(status), k.publicKey, status.signature) ? "ok" : "bad";
+  }
+
+  /**
+   * The host's signature over an event it claims: "ok"; "unknown" (no key
+   * the controller accepted by that id: it cannot tell yet); or "bad" (the
+   * signature does not hold, the key is another host's, or the host is
+   * revoked). Only "ok" lets an event be stored and fire triggers.
+   */
+  checkEvent(event: HostEvent): "ok" | "unknown" | "bad" {
+    const host: PeerIdentity = { role: "host", scope: event.tenant, id: event.hostId };
+    if (event.signature.length === 0 || event.keyId === "") return "bad";
+    const k = this.known(event.keyId, host);
+    if (!k) return "unknown";
+    if (!sameHost(k.host, host) || this.isRevoked(host)) return "bad";
+    return verify(null, eventBytes(event), k.publicKey, event.signature) ? "ok" : "bad";
   }
 
   /**
@@ -207,10 +244,7 @@ export class HostKeyVerifier {
    */
   checkSessionKey(key: SessionKey | undefined, host: PeerIdentity, sessionId: string, controllerKey: Uint8Array): KeyCheck {
     if (!key || key.publicKey.length === 0) return { ok: false, reason: "the host sent no key for the session" };
-    if (!this.keys.has(key.reportKeyId)) {
-      const stored = this.store?.get(key.reportKeyId);
-      if (stored) this.accept(stored, host, true);
-    }
+    this.known(key.reportKeyId, host);
     const k = this.usable(key.reportKeyId, host);
     if (!k) return { ok: false, reason: "the session key is signed with no valid report key of the host" };
     return verify(null, sessionKeyBytes(sessionId, controllerKey, key.publicKey), k.publicKey, key.signature) ? { ok: true } : { ok: false, reason: "the host's signature over the session key does not hold" };

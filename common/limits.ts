@@ -146,6 +146,30 @@ export const LIMITS = {
   scheduleJobBytes: 256 * KiB,
   /** A schedule's cron expression, and its time zone's name. */
   cronChars: 256,
+  // ---- events and triggers (common/host-event.ts, daemon/watchers.ts, controller/triggers.ts) ----
+  /** An event's id and kind, and each detail key: letters, digits, '.', '_', '-'. */
+  eventNameChars: 64,
+  /** Details of one event. */
+  eventDetails: 16,
+  /** One detail's value. */
+  eventDetailValueChars: 256,
+  /** Watchers of one daemon (its watch file). */
+  watchersPerHost: 32,
+  /** The shortest interval a watcher may poll at. */
+  watchIntervalMinMs: 1000,
+  /** A command watcher's run: killed after this, counted as exit code -1. */
+  watchCommandMs: 30_000,
+  /** Events the controller keeps (oldest dropped first); an event's id is remembered as long as the event. */
+  eventsKept: 50_000,
+  /** Events are dropped this long after they were received. */
+  eventRetentionMs: 7 * 24 * 3600_000,
+  /** Triggers of one tenant. */
+  triggersPerTenant: 100,
+  /** A trigger's match expression, and its terms. */
+  triggerMatchChars: 1024,
+  triggerMatchTerms: 16,
+  /** Events in one page of ListEvents (50 when not said). */
+  eventsPage: 1000,
   /** Tasks in one page of a host's queue (ListHostTasks; 50 when not said). */
   hostTasksPage: 500,
   // ---- sessions (common/session-frames.ts, controller/sessions.ts) ------------

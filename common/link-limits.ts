@@ -14,6 +14,8 @@ import type { Logger } from "./logger.js";
 import { LIMITS, preview } from "./limits.js";
 import type { AgentStreamRequest } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { CancelTask, HostPresence, ProxyStreamRequest, ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import type { EventAck, HostEvent } from "../gen/rexmesh/v1/event_pb.js";
+import { eventNameProblem, eventProblem } from "./host-event.js";
 import { TaskState, type OutputAck, type OutputChunk, type StatusAck, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 
 /** Task ids are made by the controller; this bounds what a peer may name. */
@@ -62,6 +64,12 @@ const statusProblem = (s: TaskStatus) => taskIdProblem(s.taskId) ?? stateProblem
 const outputAckProblem = (a: OutputAck) => taskIdProblem(a.taskId) ?? seqProblem(a.seq);
 const statusAckProblem = (a: StatusAck) => taskIdProblem(a.taskId) ?? stateProblem(a.state);
 const cancelProblem = (c: CancelTask) => taskIdProblem(c.taskId) ?? idProblem("host_id", c.hostId);
+/** An event's report key rides along for the controller to check (a certificate and an endorsement: a few KiB at most). */
+const REPORT_KEY_BYTES = 16 * 1024;
+const hostEventProblem = (e: HostEvent) =>
+  eventProblem(e) ??
+  (e.reportKey && e.reportKey.hostCertificate.length + e.reportKey.publicKey.length + e.reportKey.endorsement.length + e.reportKey.keyId.length > REPORT_KEY_BYTES ? "the event's report key is too large" : undefined);
+const eventAckProblem = (a: EventAck) => idProblem("host_id", a.hostId, false) ?? eventNameProblem("event_id", a.eventId);
 const presenceProblem = (h: HostPresence) => idProblem("host_id", h.hostId, false) ?? idProblem("tenant", h.tenant, false);
 
 /** What a frame's checks refused: counted, the first reason kept, so that a frame of bad items costs one log line. */
@@ -98,6 +106,7 @@ export function screenHostFrame(frame: AgentStreamRequest): Refused {
   const r = new Refused();
   frame.output = r.keep("output", frame.output, outputProblem);
   frame.statuses = r.keep("statuses", frame.statuses, statusProblem);
+  frame.events = r.keep("events", frame.events, hostEventProblem);
   return r;
 }
 
@@ -106,11 +115,12 @@ export function screenHostFrame(frame: AgentStreamRequest): Refused {
  * frame (ProxyLink at the controller), or of a results bundle, which is
  * applied like the frames of the proxy that signed it.
  */
-export function screenProxyReports(reports: { hosts: HostPresence[]; output: OutputChunk[]; statuses: TaskStatus[] }): Refused {
+export function screenProxyReports(reports: { hosts: HostPresence[]; output: OutputChunk[]; statuses: TaskStatus[]; events?: HostEvent[] }): Refused {
   const r = new Refused();
   reports.hosts = r.keep("hosts", reports.hosts, presenceProblem);
   reports.output = r.keep("output", reports.output, outputProblem);
   reports.statuses = r.keep("statuses", reports.statuses, statusProblem);
+  if (reports.events) reports.events = r.keep("events", reports.events, hostEventProblem);
   return r;
 }
 
@@ -126,9 +136,10 @@ export function screenProxyFrame(frame: ProxyStreamRequest): Refused {
  * the controller or a tasks bundle, toward a daemon from its proxy): an ack
  * names a task id, a seq it could have been sent, and a defined state.
  */
-export function screenAcks(frame: { outputAcks: OutputAck[]; statusAcks: StatusAck[] }, r = new Refused()): Refused {
+export function screenAcks(frame: { outputAcks: OutputAck[]; statusAcks: StatusAck[]; eventAcks?: EventAck[] }, r = new Refused()): Refused {
   frame.outputAcks = r.keep("output_acks", frame.outputAcks, outputAckProblem);
   frame.statusAcks = r.keep("status_acks", frame.statusAcks, statusAckProblem);
+  if (frame.eventAcks) frame.eventAcks = r.keep("event_acks", frame.eventAcks, eventAckProblem);
   return r;
 }
 

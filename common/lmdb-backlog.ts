@@ -1,21 +1,24 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
 import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
 const OUTPUT = 2;
+const EVENT = 3;
 
 function encodeItem(item: UpwardItem): Buffer {
-  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : toBinary(OutputChunkSchema, item.chunk);
+  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : item.kind === "event" ? toBinary(HostEventSchema, item.event) : toBinary(OutputChunkSchema, item.chunk);
   const out = Buffer.allocUnsafe(body.length + 1);
-  out[0] = item.kind === "status" ? STATUS : OUTPUT;
+  out[0] = item.kind === "status" ? STATUS : item.kind === "event" ? EVENT : OUTPUT;
   out.set(body, 1);
   return out;
 }
 
 export function decodeItem(buf: Uint8Array): UpwardItem {
   const body = buf.subarray(1);
+  if (buf[0] === EVENT) return { kind: "event", event: fromBinary(HostEventSchema, body) };
   return buf[0] === STATUS ? { kind: "status", status: fromBinary(TaskStatusSchema, body) } : { kind: "output", chunk: fromBinary(OutputChunkSchema, body) };
 }
 
@@ -95,6 +98,10 @@ export class LmdbBacklog implements Backlog {
 
   ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     return this.drop(this.held.takeStatusAcked(taskId, state, atProxy));
+  }
+
+  ackEvent(hostId: string, eventId: string): Promise<void> {
+    return this.drop(this.held.takeEventAcked(hostId, eventId));
   }
 
   after(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {

@@ -24,6 +24,7 @@ import { SubmitJobRequestSchema, type ScheduleSpec } from "../gen/rexmesh/v1/con
 import type { Clock } from "../common/clock.js";
 import { newSchedule, SCHEDULE_KEY_PREFIX, type Scheduler, type ScheduleRecord, type ScheduleStore } from "./schedules.js";
 import { submitRequestOf } from "./planner.js";
+import { TRIGGER_KEY_PREFIX } from "./triggers.js";
 import type { SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { checkChars, LIMITS } from "../common/limits.js";
 import { checkSessionSpec } from "../common/session-frames.js";
@@ -161,11 +162,20 @@ export class OperatorAccess {
   }
 
   private maySeeSchedule(caller: PeerIdentity, rec: ScheduleRecord): boolean {
-    if (sameIdentity(caller, rec.creator)) return true;
+    return this.maySeeStandingJob(caller, rec.creator, submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)));
+  }
+
+  /**
+   * Whether the caller may see a standing job of another operator (a
+   * schedule's, a trigger's): its creator may; anyone else when its read
+   * roles cover every host the job names now, resolved as a submit
+   * resolves them (none — a target that matches nothing — shows nothing).
+   */
+  maySeeStandingJob(caller: PeerIdentity, creator: PeerIdentity, req: SubmitRequest): boolean {
+    if (sameIdentity(caller, creator)) return true;
     let hosts: HostRecord[];
     try {
-      // The hosts the job names now, resolved as a submit resolves them; none (a target that matches nothing) shows nothing.
-      hosts = this.deps.jobs.resolveHosts(caller.scope, submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)));
+      hosts = this.deps.jobs.resolveHosts(caller.scope, req);
     } catch {
       return false;
     }
@@ -178,8 +188,13 @@ export class OperatorAccess {
    * audited as one): `schedule` alone does not lend the creator's rights.
    */
   private async mayChangeSchedule(caller: PeerIdentity, rec: ScheduleRecord): Promise<void> {
-    if (sameIdentity(caller, rec.creator)) return;
-    await this.dryRun(caller, submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)));
+    await this.mayChangeStandingJob(caller, rec.creator, submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)));
+  }
+
+  /** Someone other than the creator of a standing job changes it only if it may submit that job itself now (see mayChangeSchedule). */
+  async mayChangeStandingJob(caller: PeerIdentity, creator: PeerIdentity, req: SubmitRequest): Promise<void> {
+    if (sameIdentity(caller, creator)) return;
+    await this.dryRun(caller, req);
   }
 
   /** Pauses or resumes: a resumed schedule goes on from now (what would have fired while paused never does). */
@@ -212,8 +227,17 @@ export class OperatorAccess {
    * certificate was revoked since is refused.
    */
   async fireSchedule(rec: ScheduleRecord, key: string, by: PeerIdentity = rec.creator): Promise<string> {
+    return this.fireAs(by, { ...submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)), idempotencyKey: key, schedule: rec.name });
+  }
+
+  /**
+   * A standing job's firing (a schedule's, a trigger's): the submit of the
+   * operator `by`, authorized and audited as one now, under the firing's
+   * own idempotency key; resolves with the job id. An operator whose
+   * certificate was revoked since is refused.
+   */
+  async fireAs(by: PeerIdentity, req: SubmitRequest): Promise<string> {
     if (this.deps.revocations?.isRevoked(by)) throw new PermissionDeniedError(`the certificate of ${formatIdentity(by)}, whose submit the firing is, was revoked`);
-    const req = { ...submitRequestOf(fromBinary(SubmitJobRequestSchema, rec.request)), idempotencyKey: key, schedule: rec.name };
     const job = await this.submit(by, req);
     return job.id;
   }
@@ -294,9 +318,10 @@ export class OperatorAccess {
   async submit(caller: PeerIdentity, req: SubmitRequest): Promise<JobRecord> {
     let hosts: readonly HostRecord[] = [];
     let role = "";
-    const what = `${req.schedule ? `schedule ${req.schedule}, ` : ""}${describeTarget(req)}: ${describeRequest(req)}`;
-    // Schedules' firings have keys of their own: an operator cannot take one first and so block the firing.
+    const what = `${req.schedule ? `schedule ${req.schedule}, ` : ""}${req.trigger ? `trigger ${req.trigger}, ` : ""}${describeTarget(req)}: ${describeRequest(req)}`;
+    // Schedules' and triggers' firings have keys of their own: an operator cannot take one first and so block the firing.
     if (!req.schedule && req.idempotencyKey.startsWith(SCHEDULE_KEY_PREFIX)) throw new InvalidArgumentError(`idempotency keys starting ${JSON.stringify(SCHEDULE_KEY_PREFIX)} are the schedules' own`);
+    if (!req.trigger && req.idempotencyKey.startsWith(TRIGGER_KEY_PREFIX)) throw new InvalidArgumentError(`idempotency keys starting ${JSON.stringify(TRIGGER_KEY_PREFIX)} are the triggers' own`);
     const authorize = (resolved: readonly HostRecord[], _r: SubmitRequest, steps: readonly Step[]) => {
       hosts = resolved;
       role = this.authorizeRun(caller, resolved, steps, req.env);
@@ -598,6 +623,17 @@ export class OperatorAccess {
       await this.record(caller, action, refusal(err), { what });
       throw err;
     }
+  }
+
+  /** Whether some role of the caller grants `action` at all; PERMISSION_DENIED otherwise. */
+  requireAction(caller: PeerIdentity, action: Action): void {
+    this.holds(caller, action);
+  }
+
+  /** The ids of the hosts of the caller's tenant, among `ids`, that its read roles cover. */
+  readableIds(caller: PeerIdentity, ids: Iterable<string>): Set<string> {
+    const hosts = [...new Set(ids)].map((id) => this.hostFor(caller.scope, id));
+    return new Set(this.readable(caller, hosts).map((h) => h.id));
   }
 
   private readable(caller: PeerIdentity, hosts: readonly HostRecord[]): HostRecord[] {

@@ -13,6 +13,7 @@ import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
 import { reportedSince, type Inventory } from "./inventory.js";
 import { screenProxyReports } from "../common/link-limits.js";
 import { stepArtifacts } from "../common/step-tool.js";
+import type { EventAck, HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import type { JobManager } from "./jobs.js";
 import type { HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskRecord } from "./model.js";
@@ -37,6 +38,11 @@ export class BundleService {
       isRevoked: (identity: PeerIdentity) => boolean;
       /** Takes a reported host's report key, if its endorsement holds, so its signed results can be checked. */
       acceptReportKey?: (key: HostReportKey | undefined, host: PeerIdentity) => boolean;
+      /** Events (docs/triggers.md): takes a results bundle's, checked as on the link; and names those stored for a region's hosts, acknowledged in its tasks bundle. */
+      events?: {
+        receive(events: readonly HostEvent[], from: string): Promise<unknown>;
+        storedFor(tenant: string, region: string): EventAck[];
+      };
     },
   ) {}
 
@@ -53,6 +59,7 @@ export class BundleService {
         cancels: part.cancels.map((c) => create(CancelTaskSchema, c)),
         statusAcks: part.statusAcks.map((a) => create(StatusAckSchema, a)),
         outputAcks: part.outputAcks.map((a) => create(OutputAckSchema, { taskId: a.taskId, seq: BigInt(a.seq) })),
+        eventAcks: this.deps.events?.storedFor(caller.scope, region) ?? [],
       },
       this.deps.creds,
       this.deps.clock,
@@ -101,6 +108,11 @@ export class BundleService {
       this.deps.inventory.seen({ id: h.hostId, tenant: h.tenant, facts: h.facts }, signer.scope, signer.id, reportedSince(h.since, this.deps.clock.now()));
     }
     const applied = await this.deps.jobs.importResults(port, statuses, output);
+    // Events are signed by their hosts: checked, stored once and evaluated as if they had come over the link.
+    await this.deps.events?.receive(
+      payload.events.filter((e) => e.tenant === caller.scope),
+      from,
+    );
     this.deps.log.info("results bundle imported", { bundle: payload.id, region: signer.scope, proxy: signer.id, by: caller.id, ...applied, hosts: reported.length });
     return { ...applied, hosts: reported.length };
   }

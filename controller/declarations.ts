@@ -14,6 +14,7 @@ import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
 import { EnrollService, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
+import { TriggerService } from "../gen/rexmesh/v1/trigger_pb.js";
 import { describeLabels, describeRequest, describeTarget } from "./access.js";
 import { revokeAction, type Action } from "./authz.js";
 
@@ -67,6 +68,16 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     listSessions: inTenant("audit"),
     getSessionRecording: inTenant("audit"),
     joinSession: inTenant("audit"),
+  })
+  .service(TriggerService, {
+    // Events are shown for the hosts the caller's read roles cover (controller/trigger-access.ts).
+    listEvents: inTenant("read"),
+    // A trigger's job is authorized as its creator's submit each time an event fires it (docs/triggers.md).
+    createTrigger: { ...inTenant("trigger"), summary: (req) => ({ what: `trigger add ${req.trigger?.name ?? ""}: on ${JSON.stringify(req.trigger?.on ?? "")}` }) },
+    listTriggers: inTenant("read"),
+    getTrigger: inTenant("read"),
+    pauseTrigger: { ...inTenant("trigger"), summary: (req) => ({ what: `trigger ${req.paused ? "pause" : "resume"} ${req.name}` }) },
+    deleteTrigger: { ...inTenant("trigger"), summary: (req) => ({ what: `trigger remove ${req.name}` }) },
   })
   .service(TokenService, {
     // A token bound to a host id is decided on that host. An unbound one lets any new host id join the tenant,

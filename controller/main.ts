@@ -1,4 +1,11 @@
 import { LmdbScheduleStore, Scheduler } from "./schedules.js";
+import { LmdbTriggerStore } from "./trigger-store.js";
+import { TriggerEvaluator } from "./triggers.js";
+import { TriggerAccess } from "./trigger-access.js";
+import { triggerServiceImpl } from "./trigger-api.js";
+import { EventIntake } from "./event-intake.js";
+import { LIMITS } from "../common/limits.js";
+import { TriggerService } from "../gen/rexmesh/v1/trigger_pb.js";
 import type { AddressInfo } from "node:net";
 import { readCredentials } from "../certs/files.js";
 import { systemClock, type Clock } from "../common/clock.js";
@@ -125,7 +132,13 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       return r && `host ${host.id} is revoked: ${r}`;
     },
   });
-  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer), acceptReportKey: (key, host) => hostKeys.accept(key, host).ok });
+  const bundles = new BundleService({ jobs, inventory, creds, clock, ids, log, signer, isRevoked: (peer) => revocations.isRevoked(peer), acceptReportKey: (key, host) => hostKeys.accept(key, host).ok,
+    events: {
+      receive: (evs, from) => eventsRef!.receive(evs, from),
+      storedFor: (tenant, region) => eventsRef!.storedFor(tenant, (hostId) => inventory.get(hostId)?.region === region),
+    },
+  });
+  let eventsRef: EventIntake | undefined;
   jobs.start();
   const authz = new Authorizer({ policyFile: config.policy, log });
   const audit = new AuditLog({ store: new LmdbAuditStore(env.db("audit")), clock, ids });
@@ -147,6 +160,13 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   });
   const access = new OperatorAccess({ authz, audit, jobs, inventory, log, documents, artifacts, revocations, bundles, recordings, schedules: { store: scheduleStore, scheduler, clock } });
   accessRef = access;
+  // Triggers: each firing is its creator's submit through `access`, as a schedule's is.
+  const triggerStore = new LmdbTriggerStore(env, { maxEvents: LIMITS.eventsKept, retentionMs: LIMITS.eventRetentionMs, now: () => clock.now() });
+  let triggersRef: TriggerAccess | undefined;
+  const evaluator = new TriggerEvaluator({ clock, store: triggerStore, log: log.child({ component: "triggers" }), fire: (rec, event, key) => triggersRef!.fire(rec, event, key) });
+  const triggers = new TriggerAccess({ access, store: triggerStore, evaluator, inventory, clock, documents });
+  triggersRef = triggers;
+  const evaluate = () => void evaluator.wake().catch((err: unknown) => log.error("evaluating events failed", { err }));
   // SIGHUP reloads the policy (the usual daemon convention). Installed here, not in
   // runService, because only the controller has something to reload; a listener
   // also replaces Node's default of exiting on SIGHUP. Removed on stop.
@@ -199,7 +219,18 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   );
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
-  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys };
+  const eventsRefused = metrics.counter("events_refused_total", "hosts' events dropped because their host's signature did not hold (forged or altered on the way)", []);
+  const events = new EventIntake({
+    store: triggerStore,
+    clock,
+    log: log.child({ component: "events" }),
+    checkEvent: (e) => hostKeys.checkEvent(e),
+    acceptKey: (key, host) => hostKeys.accept(key, host),
+    stored: evaluate,
+    refused: () => eventsRefused.inc({}),
+  });
+  eventsRef = events;
+  const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys, events };
   const sessionBytes = metrics.counter("session_bytes_total", "bytes of sessions and port forwards relayed, by direction (to_host: typed, piped, sent; from_host: output, received)", ["direction"]);
   const sessions = new SessionBroker({
     clock,
@@ -233,11 +264,12 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     routes: (router) => {
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
-      router.service(ServerReflection, reflectionServiceImpl([ControllerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
+      router.service(ServerReflection, reflectionServiceImpl([ControllerService, TriggerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
       router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler, releases, now: () => clock.now() }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));
+      router.service(TriggerService, triggerServiceImpl({ triggers }));
       router.service(ProxyLinkService, {
         proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
         proxySession: (requests, ctx) => serveFrameLink(requests, ctx, (link: ProxySessionLink, peer) => sessions.serveLeg(link, peer)),
@@ -256,6 +288,8 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   process.on("SIGHUP", onHangup);
   // Firings missed while the controller was down are handled now, by each schedule's misfire policy.
   scheduler.start();
+  // Events stored but not evaluated when the controller stopped are evaluated now, once.
+  evaluate();
   const metricsServer = await metrics.serveAt(config.metricsListen);
   return {
     address,
@@ -266,6 +300,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       process.off("SIGHUP", onHangup);
       stopEndingRevokedSessions();
       scheduler.stop();
+      evaluator.stop();
       // One grace for the whole stop: what the drain used is not given again to the servers.
       const until = Date.now() + graceMs;
       await jobs.drain(graceMs);

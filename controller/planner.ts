@@ -48,6 +48,8 @@ export interface SubmitRequest {
   parameters?: Record<string, string | string[]>;
   /** A firing of this schedule (controller/schedules.ts): the job is linked to it. */
   schedule?: string;
+  /** A firing of this trigger (controller/triggers.ts), for the audit log. */
+  trigger?: string;
 }
 
 /** Rate control as asked for: absolute numbers or percentages of the job's task count. */

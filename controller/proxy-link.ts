@@ -23,6 +23,7 @@ import type { JobManager, ProxyPort } from "./jobs.js";
 import { randomBytes } from "node:crypto";
 import type { HostKeyVerifier } from "../common/host-signing.js";
 import { screenProxyFrame } from "../common/link-limits.js";
+import type { EventIntake } from "./event-intake.js";
 
 export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
 
@@ -45,6 +46,8 @@ export interface ProxyLinkDeps {
    * proxy's word (logic tests only).
    */
   hostKeys?: HostKeyVerifier;
+  /** Takes hosts' events (docs/triggers.md); absent: they are not acknowledged (the proxy keeps them). */
+  events?: EventIntake;
 }
 
 /**
@@ -184,6 +187,12 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       for (const s of frame.statuses) if (isTerminal(s.state) && !s.atProxy) deps.counters.tasksEnded(TaskState[s.state] ?? String(s.state), port.region);
     }
     const reply = out.frame;
+    if (frame.events.length > 0 && deps.events) {
+      // Signed by their hosts: taken from any proxy (a host may have moved), checked before they are stored.
+      const taken = await deps.events.receive(frame.events, port.name);
+      for (const h of taken.heldBack) heldBack.add(h);
+      reply.eventAcks.push(...taken.acks);
+    }
     for (const [taskId, seq] of highest) if (seq > 0) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
     for (const s of statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
   }

@@ -26,8 +26,9 @@
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { durationMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Cron } from "croner";
+import { Turns } from "./exclusive.js";
 import { formatIdentity } from "../certs/identity.js";
-import { Misfire as MisfireProto, Overlap as OverlapProto, ScheduleFiringSchema, ScheduleSchema, SubmitJobRequestSchema, type Schedule, type ScheduleSpec } from "../gen/rexmesh/v1/controller_pb.js";
+import { Misfire as MisfireProto, Overlap as OverlapProto, ScheduleFiringSchema, ScheduleSchema, SubmitJobRequestSchema, type Schedule, type ScheduleSpec, type SubmitJobRequest } from "../gen/rexmesh/v1/controller_pb.js";
 import type { Database } from "lmdb";
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Clock, Timer } from "../common/clock.js";
@@ -207,12 +208,7 @@ export function newSchedule(creator: PeerIdentity, spec: ScheduleSpec, now: numb
  * as a job's are never shown either).
  */
 export function scheduleToProto(rec: ScheduleRecord, next: number | undefined, what: string, withJob: boolean): Schedule {
-  const job = withJob ? fromBinary(SubmitJobRequestSchema, rec.request) : undefined;
-  if (job) {
-    for (const k of Object.keys(job.env)) job.env[k] = REDACTED;
-    for (const k of Object.keys(job.parameters)) job.parameters[k] = REDACTED;
-    job.stdin = new Uint8Array();
-  }
+  const job = withJob ? shownJob(rec.request) : undefined;
   return create(ScheduleSchema, {
     spec: {
       name: rec.name,
@@ -235,6 +231,19 @@ export function scheduleToProto(rec: ScheduleRecord, next: number | undefined, w
     recent: rec.recent.map((f) => create(ScheduleFiringSchema, { at: timestampFromMs(f.at), jobId: f.jobId, note: f.note })),
     what,
   });
+}
+
+/**
+ * A standing job (a schedule's, a trigger's) as the API shows it: the
+ * values of its environment, its parameters and its stdin left out (they
+ * may be secrets, as a job's are never shown either).
+ */
+export function shownJob(request: Uint8Array): SubmitJobRequest {
+  const job = fromBinary(SubmitJobRequestSchema, request);
+  for (const k of Object.keys(job.env)) job.env[k] = REDACTED;
+  for (const k of Object.keys(job.parameters)) job.parameters[k] = REDACTED;
+  job.stdin = new Uint8Array();
+  return job;
 }
 
 function clone(r: ScheduleRecord): ScheduleRecord {
@@ -289,7 +298,7 @@ export class Scheduler {
   private readonly crons = new Map<string, Cron>();
   private readonly zones = new Map<string, WallZone>();
   /** The one writer of schedule records at a time (see exclusive). */
-  private chain: Promise<unknown> = Promise.resolve();
+  private readonly turns = new Turns();
 
   constructor(private readonly deps: SchedulerDeps) {}
 
@@ -301,9 +310,7 @@ export class Scheduler {
    * firing that was being submitted, a removed schedule put back).
    */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.chain.then(fn, fn);
-    this.chain = run.catch(() => undefined);
-    return run;
+    return this.turns.take(fn);
   }
 
   start(): void {

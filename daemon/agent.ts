@@ -16,6 +16,7 @@ import {
   type AgentStreamResponse,
 } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
+import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import {
   OutputChunkSchema,
@@ -160,7 +161,10 @@ const STORE_RETRY: BackoffOptions = { initialMs: 1000, multiplier: 1.6, maxMs: 3
  */
 export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
   const byTask = new Map<string, { before: UpwardItem[]; chunks: UpwardItem[]; ends: UpwardItem[] }>();
+  // Events belong to no task and depend on none: they go first, in the order noticed.
+  const events = items.filter((i) => i.kind === "event");
   for (const item of items) {
+    if (item.kind === "event") continue;
     const taskId = item.kind === "output" ? item.chunk.taskId : item.status.taskId;
     let t = byTask.get(taskId);
     if (!t) byTask.set(taskId, (t = { before: [], chunks: [], ends: [] }));
@@ -168,7 +172,7 @@ export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
     else (isTerminal(item.status.state) ? t.ends : t.before).push(item);
   }
   const seq = (i: UpwardItem) => (i.kind === "output" ? i.chunk.seq : 0n);
-  return [...byTask.values()].flatMap((t) => [...t.before, ...t.chunks.sort((a, b) => (seq(a) < seq(b) ? -1 : seq(a) > seq(b) ? 1 : 0)), ...t.ends]);
+  return [...events, ...[...byTask.values()].flatMap((t) => [...t.before, ...t.chunks.sort((a, b) => (seq(a) < seq(b) ? -1 : seq(a) > seq(b) ? 1 : 0)), ...t.ends])];
 }
 
 /** What a drain keeps at the end of its grace for the ends of the tasks it had to end to be acknowledged. */
@@ -486,8 +490,28 @@ export class Agent implements RoleCore {
     for (const item of items) {
       const frame = out.frameFor(itemBytes(item));
       if (item.kind === "output") frame.output.push(item.chunk);
+      else if (item.kind === "event") frame.events.push(item.event);
       else frame.statuses.push(item.status);
     }
+  }
+
+  /**
+   * Reports an event a watcher noticed (daemon/watchers.ts): signed with
+   * the report key, then kept in the outbox like a task's end until the
+   * proxy acknowledges it, and sent again on every new stream until then.
+   * Resolves once it is durable.
+   */
+  reportEvent(event: HostEvent): Promise<void> {
+    const reporter = this.reporter ?? this.opts.reporter?.();
+    if (reporter) {
+      reporter.signEvent(event);
+      // A key the controller never saw (this process started while cut off) is endorsed by the certificate it carries.
+      event.reportKey = reporter.key;
+    }
+    const items: UpwardItem[] = [{ kind: "event", event }];
+    const kept = this.keep(items);
+    this.send(items);
+    return kept;
   }
 
   /** Keeps items until acknowledged and sends them now if a stream is open. */
@@ -505,7 +529,7 @@ export class Agent implements RoleCore {
    */
   private keep(items: UpwardItem[]): Promise<void> {
     const first = items[0];
-    const taskId = first ? (first.kind === "output" ? first.chunk.taskId : first.status.taskId) : "";
+    const taskId = !first ? "" : first.kind === "output" ? first.chunk.taskId : first.kind === "event" ? `event ${first.event.id}` : first.status.taskId;
     let refused = false;
     const kept = this.untilStored("spooling results", taskId, async () => {
       try {
@@ -607,6 +631,7 @@ export class Agent implements RoleCore {
     const dropFailed = (err: unknown) => this.opts.log.error("dropping acknowledged results failed", { err });
     screenAcks(frame).warn(this.opts.log, "acknowledgements no proxy sends were ignored");
     for (const ack of frame.outputAcks) this.outbox.ackOutput(ack.taskId, Number(ack.seq)).catch(dropFailed);
+    for (const ack of frame.eventAcks) this.outbox.ackEvent(this.opts.hostId, ack.eventId).catch(dropFailed);
     for (const ack of frame.statusAcks) {
       this.outbox.ackStatus(ack.taskId, ack.state).catch(dropFailed);
       if (isTerminal(ack.state)) await this.markReported(ack.taskId);

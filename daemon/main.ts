@@ -2,7 +2,12 @@ import { setMaxListeners } from "node:events";
 import { readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { readCredentials, type CredentialPaths } from "../certs/files.js";
-import { identityFromCertificate, requireRole } from "../certs/identity.js";
+import { identityFromCertificate, requireRole, type PeerIdentity } from "../certs/identity.js";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
+import { timeOrderedIds } from "../common/ids.js";
+import { readWatchFile, Watchers } from "./watchers.js";
 import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";
 import { openGrpcLink } from "../common/grpc-link.js";
@@ -58,6 +63,7 @@ export const daemonSchema = {
   tools: { type: "list", doc: "extra execution tools to report: NAME (e.g. docker), or python=/path, ansible=/path, pwsh=/path for a program not on PATH (docs/tools.md)" },
   releaseKeys: { type: "string", doc: "release public keys (PEM, one or more) this daemon takes updates signed by (rexmesh release keygen); without, it refuses every update (docs/updates.md)" },
   installRoot: { type: "string", doc: "the install root this daemon runs from, set by its supervisor (rexmesh supervise); updates need it" },
+  watch: { type: "string", doc: "a YAML file of watchers (service, command, file, disk) whose events this host reports, for triggers (docs/triggers.md)" },
   hideTools: { type: "list", doc: "execution tools neither reported nor run on this host, e.g. python,ansible (docs/tools.md)" },
 } satisfies Schema;
 
@@ -89,6 +95,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   // A stop ends what still runs in time for its process group to be killed and its end to reach the proxy.
   if (config.grace < config.killGrace + 1000) throw new ConfigError(`grace (${config.grace} ms) must be at least killGrace (${config.killGrace} ms) plus 1s, so that a stop can kill what still runs and report its end`);
   if (config.hostId) await enrollIfNeeded(config, log, clock);
+  // A watch file with a mistake fails the start, before anything runs.
+  const specs = config.watch ? readWatchFile(config.watch) : [];
   const env = new LmdbEnv({ path: config.data, maxBytes: config.storeSize });
   const ledgers = env.db<never>("ledger") as never;
   const outboxes = env.db<Buffer>("outbox", "binary") as never;
@@ -118,9 +126,11 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   const metrics = new Metrics();
   const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
   const sessionHosts: SessionHost[] = [];
+  const hostIdentities: PeerIdentity[] = [];
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
+    hostIdentities.push(me);
     // One executor per host: artifacts are fetched through the proxies with this host's own certificate.
     const fetchArtifact = proxyArtifactFetcher({ proxies: config.proxies!, credentials: () => readCredentials(paths), dir: join(config.data, "artifacts", me.id) });
     const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact, programs: tools.programs, updater });
@@ -172,6 +182,21 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     return agent;
   });
   await Promise.all(agents.map((a) => a.start()));
+  // Watchers start once the outboxes are open: what they notice is kept from the first poll on.
+  const eventIds = timeOrderedIds(clock);
+  const watchers = specs.length === 0 ? [] : agents.map((agent, i) => {
+    const me = hostIdentities[i]!;
+    const w = new Watchers({
+      specs,
+      clock,
+      log: log.child({ host: me.id, component: "watchers" }),
+      report: (watcher, kind, details) =>
+        agent.reportEvent(create(HostEventSchema, { id: eventIds("e"), hostId: me.id, tenant: me.scope, kind, details, time: timestampFromMs(clock.now()), watcher })),
+    });
+    w.start();
+    return w;
+  });
+  if (specs.length > 0) log.info("watchers", { watchers: specs.map((s) => `${s.kind}:${s.name}`) });
   metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
   metrics.gauge("hosts", "hosts this process serves", () => agents.length);
   metrics.gauge("sessions_open", "sessions and port forwards open on this process's hosts", () => sessionHosts.reduce((n, s) => n + s.count, 0));
@@ -187,6 +212,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     agents,
     info: { role: "daemon", hosts: agents.map((a) => a.hostId), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
     async stop(graceMs) {
+      for (const w of watchers) w.stop();
       renewing.abort();
       await metricsServer?.close();
       await Promise.all(renewals);

@@ -211,7 +211,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     for (const t of store.allTasks()) n.set(TaskState[t.state] ?? String(t.state), (n.get(TaskState[t.state] ?? String(t.state)) ?? 0) + 1);
     return [...n].map(([state, value]) => ({ labels: { state }, value }));
   }, ["state"]);
-  metrics.gauge("result_backlog_items", "statuses and output chunks not yet acknowledged by the controller", () => store.upwardSize());
+  metrics.gauge("result_backlog_items", "statuses, output chunks and hosts' events not yet acknowledged by the controller", () => store.upwardSize());
   metrics.gauge("store_used_bytes", "bytes in use in the proxy's LMDB store", () => env.usedBytes());
   const reconnects = metrics.counter("controller_link_attempts_total", "attempts to open the link to the controller");
   const metricsServer = await metrics.serveAt(config.metricsListen);

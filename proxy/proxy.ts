@@ -36,6 +36,7 @@ import {
 import { deliverByOf, type ProxyStore, type QueuedTask, type UpwardItem } from "./store.js";
 import { TaskUndo } from "./task-undo.js";
 import { specBytes } from "../common/backlog.js";
+import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec } from "../common/task-signing.js";
 import { DenySet } from "../common/deny-list.js";
@@ -406,6 +407,16 @@ export class ProxyCore implements RoleCore {
       // A cancel that came while the host had the task elsewhere: tell it now.
       if (task.cancelRequested && !isTerminal(status.state) && status.state >= TaskState.DELIVERED) this.tellCancel(session, task);
     }
+    // A host's events (docs/triggers.md) are its own: one that names another host is dropped, never relayed.
+    const eventAcks: EventAck[] = [];
+    for (const event of frame.events) {
+      if (event.hostId !== session.hostId || event.tenant !== session.tenant) {
+        this.log.warn("host reported an event of another host; dropped", { host: session.hostId, claimed: `${event.tenant}/${event.hostId}` });
+        continue;
+      }
+      items.push({ kind: "event", event });
+      eventAcks.push(create(EventAckSchema, { hostId: event.hostId, eventId: event.id }));
+    }
     if (refused.size > 0) {
       this.log.warn("reports on tasks this proxy never held were refused: the host holds too many such tasks here", { host: session.hostId, tasks: refused.size, max: this.maxTakenOnPerHost });
     }
@@ -430,6 +441,7 @@ export class ProxyCore implements RoleCore {
     const reply = session.session.out.frame;
     for (const [taskId, seq] of outputAcks) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
     for (const s of statusAcks) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+    reply.eventAcks.push(...eventAcks);
     if (frame.credits !== undefined || changed.size > 0) this.deliver(session);
   }
 
@@ -626,6 +638,7 @@ export class ProxyCore implements RoleCore {
         const frame = create(ProxyStreamRequestSchema);
         for (const { n, item } of batch) {
           if (item.kind === "output") frame.output.push(item.chunk);
+          else if (item.kind === "event") frame.events.push(item.event);
           else frame.statuses.push(item.status);
           c.sentUpTo = n;
         }
@@ -796,6 +809,7 @@ export class ProxyCore implements RoleCore {
     for (const task of changed) writes.push(this.store.putTask(task));
     if (items.length > 0) writes.push(this.store.pushUpward(items));
     for (const ack of frame.outputAcks) writes.push(this.store.ackOutput(ack.taskId, Number(ack.seq)));
+    for (const ack of frame.eventAcks) writes.push(this.store.ackEvent(ack.hostId, ack.eventId));
     for (const ack of frame.statusAcks) {
       writes.push(this.store.ackStatus(ack.taskId, ack.state, ack.atProxy));
       if (isTerminal(ack.state)) writes.push(this.settled(ack.taskId, ack.atProxy));
@@ -887,21 +901,23 @@ export class ProxyCore implements RoleCore {
     const isKnown = (id: string) => this.store.getTask(id) !== undefined || this.store.markOf(id) === "done" || this.store.markOf(id) === "dropped";
     const known = payload.tasks.filter((t) => isKnown(peekSpec(t)?.taskId ?? "")).length;
     await this.handleControllerFrame(
-      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks, signingKeys: payload.signingKeys }),
+      create(ProxyStreamResponseSchema, { tasks: payload.tasks, cancels: payload.cancels, outputAcks: payload.outputAcks, statusAcks: payload.statusAcks, signingKeys: payload.signingKeys, eventAcks: payload.eventAcks }),
     );
     return { added: payload.tasks.length - known, known };
   }
 
   /** Everything the controller has not acknowledged, and the hosts held now, for a results bundle. */
-  resultsForBundle(): { statuses: TaskStatus[]; output: OutputChunk[]; hosts: HostPresence[] } {
+  resultsForBundle(): { statuses: TaskStatus[]; output: OutputChunk[]; events: HostEvent[]; hosts: HostPresence[] } {
     const statuses: TaskStatus[] = [];
     const output: OutputChunk[] = [];
+    const events: HostEvent[] = [];
     for (const item of this.store.upward()) {
       if (item.kind === "status") statuses.push(item.status);
+      else if (item.kind === "event") events.push(item.event);
       else output.push(item.chunk);
     }
     // No nonce travels with a bundle: the hosts' report keys do (their results are checked against them).
-    return { statuses, output, hosts: [...this.hosts.values()].map((s) => ({ ...this.presence(s, true), proof: new Uint8Array(), proofSalt: new Uint8Array() })) };
+    return { statuses, output, events, hosts: [...this.hosts.values()].map((s) => ({ ...this.presence(s, true), proof: new Uint8Array(), proofSalt: new Uint8Array() })) };
   }
 
   // ---- deadlines -----------------------------------------------------------

@@ -67,6 +67,8 @@ export interface ProxyStore {
   ackOutput(taskId: string, seq: number): Promise<void>;
   /** Drops a task's statuses at or before state, from one source, from the backlog. */
   ackStatus(taskId: string, state: TaskState, atProxy?: boolean): Promise<void>;
+  /** Drops a host's event from the backlog (docs/triggers.md). */
+  ackEvent(hostId: string, eventId: string): Promise<void>;
   /** The whole backlog in the order it was pushed. */
   upward(): UpwardItem[];
   /** Backlog items after a position, oldest first, about maxBytes: what a paced sender reads next. */
@@ -136,6 +138,10 @@ export abstract class BacklogHolder {
 
   ackStatus(taskId: string, state: TaskState, atProxy = false): Promise<void> {
     return this.backlog.ackStatus(taskId, state, atProxy);
+  }
+
+  ackEvent(hostId: string, eventId: string): Promise<void> {
+    return this.backlog.ackEvent(hostId, eventId);
   }
 
   upward(): UpwardItem[] {

@@ -32,7 +32,7 @@ roles:
         args: ["[a-z0-9-]+"]
   web-scheduler:
     hosts: ${JSON.stringify(webHosts)}
-    actions: [read, schedule]
+    actions: [read, schedule, trigger]
 bindings:
   acme/dev: [admin]
   acme/alice: [web-ops]
@@ -279,6 +279,32 @@ bindings:
     expect((await asDev(["schedules", "add", "bad", "--cron", "61 * * * *", "-H", "web-1", "--", "hostname"])).stderr).toMatch(/InvalidArgument: cron expression "61 \* \* \* \*"/);
     expect((await asDev(["schedules", "remove", "tick"])).code).toBe(0);
     expect((await asDev(["schedules"])).stdout).toBe("no schedules\n");
+  });
+
+  it("keeps triggers to the operators who may: add needs `trigger`, others see one only on hosts they read and change it only if they may run it", async () => {
+    expect((await asDev(["triggers", "add", "fix-web", "--on", "kind=service.failed and unit=nginx.service", "-t", "role=web", "--", "hostname"])).code).toBe(0);
+    expect((await asDev(["triggers", "add", "fix-here", "--on", "kind=disk.full", "--cooldown", "1h", "--", "hostname"])).code).toBe(0);
+    // Alice may submit on web hosts but holds no `trigger`.
+    expect((await asAlice(["triggers", "add", "mine", "--on", "kind=x", "--", "hostname"])).stderr).toMatch(/PermissionDenied/);
+    // She sees the trigger whose job reaches only web hosts, not the one that runs on any reporting host (db-1 included).
+    const seen = JSON.parse((await asAlice(["triggers", "list", "--json"])).stdout) as { name: string }[];
+    expect(seen.map((t) => t.name)).toEqual(["fix-web"]);
+    expect((await asAlice(["triggers", "show", "fix-here"])).stderr).toMatch(/NotFound/);
+    // Sam holds `trigger` but may not submit: he cannot change dev's triggers.
+    for (const act of ["pause", "remove"]) expect((await asSam(["triggers", act, "fix-web"])).stderr, act).toMatch(/PermissionDenied/);
+    // Another tenant does not see them.
+    expect((await asBeta(["triggers", "show", "fix-web"])).stderr).toMatch(/NotFound/);
+    expect((await asBeta(["triggers"])).stdout).toBe("no triggers\n");
+    // The firings' keys are the triggers' own; a bad expression is refused, naming where.
+    expect((await asDev(["run", "-H", "web-1", "--idempotency-key", "trigger:fix-web:1", "--", "hostname"])).stderr).toMatch(/InvalidArgument: idempotency keys starting "trigger:"/);
+    expect((await asDev(["triggers", "add", "bad", "--on", "kind=", "--", "hostname"])).stderr).toMatch(/InvalidArgument: match expression "kind=": "kind" has no value at column 6/);
+    expect((await asDev(["triggers", "add", "fix-web", "--on", "kind=y", "--", "hostname"])).stderr).toMatch(/AlreadyExists/);
+    expect((await asDev(["triggers", "pause", "fix-web"])).stdout).toBe("fix-web: paused\n");
+    expect((await asDev(["triggers", "show", "fix-web", "--json"])).stdout).toContain('"paused": true');
+    expect((await asDev(["triggers", "resume", "fix-web"])).stdout).toBe("fix-web: active\n");
+    expect((await asAlice(["events"])).stdout).toBe("no events\n");
+    for (const t of ["fix-web", "fix-here"]) expect((await asDev(["triggers", "remove", t])).code).toBe(0);
+    expect((await asDev(["triggers"])).stdout).toBe("no triggers\n");
   });
 
   it("reloads the policy on SIGHUP", async () => {

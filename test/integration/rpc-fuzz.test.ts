@@ -17,6 +17,7 @@ import { ConnectionState, ControllerService } from "../../gen/rexmesh/v1/control
 import { EnrollService, TokenService } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyAdminService } from "../../gen/rexmesh/v1/proxy_admin_pb.js";
 import { ProxyHelloSchema, ProxyLinkService } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { TriggerService } from "../../gen/rexmesh/v1/trigger_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { Prng } from "../../chaos/prng.js";
 import { encode, MISTYPED_FIELDS, randomMessage, seedOf, withUnknownField } from "./fuzz-input.js";
@@ -210,6 +211,7 @@ bindings:
     ...ControllerService.methods.map((method): Target => ({ server: controller, method, as: "operator", wrong: "host", opening: unaryOpening(method) })),
     { server: controller, method: TokenService.method.createJoinToken, as: "operator", wrong: "proxyPeer", opening: unaryOpening(TokenService.method.createJoinToken) },
     ...RevocationService.methods.map((method): Target => ({ server: controller, method, as: "operator", wrong: "host", opening: unaryOpening(method) })),
+    ...TriggerService.methods.map((method): Target => ({ server: controller, method, as: "operator", wrong: "host", opening: unaryOpening(method) })),
     {
       server: controller,
       method: ArtifactService.method.putArtifact,
@@ -432,7 +434,7 @@ bindings:
 
   it("covers every method of the public and link services", () => {
     const covered = new Set(targets.map((t) => pathOf(t.method)));
-    for (const s of [ControllerService, ArtifactService, ArtifactCacheService, EnrollService, TokenService, RevocationService, ProxyAdminService, ProxyLinkService, AgentLinkService]) {
+    for (const s of [ControllerService, TriggerService, ArtifactService, ArtifactCacheService, EnrollService, TokenService, RevocationService, ProxyAdminService, ProxyLinkService, AgentLinkService]) {
       for (const m of s.methods) expect(covered, pathOf(m)).toContain(pathOf(m));
     }
   });

@@ -7,6 +7,7 @@ import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
 import { MemoryLedger, type LedgerEntry } from "../../daemon/ledger.js";
 import { AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
+import { HostEventSchema } from "../../gen/rexmesh/v1/event_pb.js";
 import { OutputStream, StepSchema, TaskState, type SignedTask, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
 import { FakeLink, asSigned, expectResolvesAfter, flush, taskSpec, testVerifier, text } from "./support.js";
 
@@ -782,5 +783,25 @@ describe("Agent: updates handed over across a restart", () => {
     t.fromProxy({ tasks: [t.spec("next")] });
     await flush();
     expect(t.executor.runs.map((r) => r.spec.taskId)).toEqual(["up", "next"]);
+  });
+});
+
+describe("Agent: events (docs/triggers.md)", () => {
+  const eventsIn = (frames: AgentStreamRequest[]) => frames.flatMap((f) => f.events.map((e) => e.id));
+  it("keeps an event noticed with no stream until the proxy acknowledges it, sending it on each new stream until then", async () => {
+    const t = setup();
+    await t.agent.reportEvent(create(HostEventSchema, { id: "e1", hostId: "h1", tenant: "acme", kind: "service.failed", details: { unit: "nginx.service" } }));
+    await t.start();
+    expect(eventsIn(t.link().sent)).toEqual(["e1"]);
+    // Not acknowledged: the next stream sends it again; an event noticed now goes at once.
+    await t.reconnect();
+    expect(eventsIn(t.link().sent)).toEqual(["e1"]);
+    await t.agent.reportEvent(create(HostEventSchema, { id: "e2", hostId: "h1", tenant: "acme", kind: "service.recovered" }));
+    await flush();
+    expect(eventsIn(t.link().sent)).toEqual(["e1", "e2"]);
+    t.fromProxy({ eventAcks: [{ hostId: "h1", eventId: "e1" }, { hostId: "h1", eventId: "e2" }] });
+    await flush();
+    await t.reconnect();
+    expect(eventsIn(t.link().sent)).toEqual([]);
   });
 });

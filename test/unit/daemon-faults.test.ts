@@ -315,7 +315,7 @@ describe("review: daemon", () => {
     const chunk = (seq: number): UpwardItem => ({ kind: "output", chunk: create(OutputChunkSchema, { taskId: "t1", seq: BigInt(seq) }) });
     const st = (taskId: string, state: TaskState): UpwardItem => ({ kind: "status", status: create(TaskStatusSchema, { taskId, state }) });
     const order = resendOrder([st("t1", TaskState.RUNNING), chunk(2), st("t2", TaskState.RUNNING), st("t1", TaskState.SUCCEEDED), chunk(1), chunk(3)]).map((i) =>
-      i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : `${i.status.taskId}:${TaskState[i.status.state]}`,
+      i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : i.kind === "status" ? `${i.status.taskId}:${TaskState[i.status.state]}` : `event:${i.event.id}`,
     );
     expect(order).toEqual(["t1:RUNNING", "t1:1", "t1:2", "t1:3", "t1:SUCCEEDED", "t2:RUNNING"]);
   });

@@ -17,6 +17,7 @@ import { ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { EnrollService, TokenService } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
+import { TriggerService } from "../../gen/rexmesh/v1/trigger_pb.js";
 import { PROXY_ENROLL_LISTENER_DECLARATIONS, proxyDeclarations } from "../../proxy/declarations.js";
 import { testCredentials } from "../test-ca.js";
 
@@ -48,6 +49,12 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/PauseSchedule": "operator schedule (tenant)",
       "rexmesh.v1.ControllerService/DeleteSchedule": "operator schedule (tenant)",
       "rexmesh.v1.ControllerService/RunSchedule": "operator schedule (tenant)",
+      "rexmesh.v1.TriggerService/ListEvents": "operator read (tenant)",
+      "rexmesh.v1.TriggerService/CreateTrigger": "operator trigger (tenant)",
+      "rexmesh.v1.TriggerService/ListTriggers": "operator read (tenant)",
+      "rexmesh.v1.TriggerService/GetTrigger": "operator read (tenant)",
+      "rexmesh.v1.TriggerService/PauseTrigger": "operator trigger (tenant)",
+      "rexmesh.v1.TriggerService/DeleteTrigger": "operator trigger (tenant)",
       "rexmesh.v1.ControllerService/ListSessions": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/GetSessionRecording": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/JoinSession": "operator audit (tenant)",
@@ -89,7 +96,7 @@ describe("declared requirements of every served method", () => {
 
   it("covers every service the controller routes", () => {
     const declared = new Set(CONTROLLER_DECLARATIONS.describe().map((r) => r.method));
-    for (const s of [ControllerService, TokenService, RevocationService, ArtifactService, EnrollService, ProxyLinkService, Health, ServerReflection]) {
+    for (const s of [ControllerService, TriggerService, TokenService, RevocationService, ArtifactService, EnrollService, ProxyLinkService, Health, ServerReflection]) {
       for (const m of s.methods) expect(declared.has(`${s.typeName}/${m.name}`), `${s.typeName}/${m.name}`).toBe(true);
     }
   });

@@ -542,7 +542,7 @@ describe("ProxyCore: what no peer sends (F4, F7)", () => {
     t.ctl.send({ statusAcks: [{ taskId: "t1", state: 2 ** 20 }] });
     await flush();
     expect(t.store.getTask("t1")?.state).toBe(TaskState.SUCCEEDED);
-    expect(t.store.upward().map((i) => (i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : `${i.status.taskId}:${TaskState[i.status.state]}`))).toEqual([
+    expect(t.store.upward().map((i) => (i.kind === "output" ? `${i.chunk.taskId}:${i.chunk.seq}` : i.kind === "status" ? `${i.status.taskId}:${TaskState[i.status.state]}` : `event:${i.event.id}`))).toEqual([
       "t1:QUEUED",
       "t2:QUEUED",
       "t1:DISPATCHED",

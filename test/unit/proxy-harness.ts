@@ -10,7 +10,7 @@ import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResp
 import { ProxyStreamResponseSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 import { ProxyCore, type ProxyCoreOptions } from "../../proxy/proxy.js";
-import { MemoryProxyStore } from "../../proxy/store.js";
+import type { MemoryProxyStore, ProxyStore } from "../../proxy/store.js";
 import { FakeLink, asSigned, hostPeer, signedId } from "./support.js";
 
 export type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
@@ -25,7 +25,7 @@ export const upOutput = (l: ControllerSide): string[] => l.sent.flatMap((f) => f
 export const handed = (l: HostSide): string[] => l.sent.flatMap((f) => f.tasks.map(signedId));
 export const statusAcksTo = (l: HostSide): string[] => l.sent.flatMap((f) => f.statusAcks.map((a) => `${a.taskId}:${TaskState[a.state]}`));
 
-export function proxyHarness<St extends MemoryProxyStore = MemoryProxyStore>(store: St, opts: Pick<ProxyCoreOptions, "sweepMs" | "maxTakenOnPerHost"> = {}) {
+export function proxyHarness<St extends ProxyStore = MemoryProxyStore>(store: St, opts: Pick<ProxyCoreOptions, "sweepMs" | "maxTakenOnPerHost"> = {}) {
   const clock = new ManualClock();
   const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000, ...opts });
   core.start();

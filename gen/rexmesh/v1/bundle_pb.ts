@@ -6,6 +6,8 @@ import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2"
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { EventAck, HostEvent } from "./event_pb.js";
+import { file_rexmesh_v1_event } from "./event_pb.js";
 import type { CancelTask, HostPresence } from "./proxy_link_pb.js";
 import { file_rexmesh_v1_proxy_link } from "./proxy_link_pb.js";
 import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
@@ -16,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/bundle.proto.
  */
 export const file_rexmesh_v1_bundle: GenFile = /*@__PURE__*/
-  fileDesc("ChdyZXhtZXNoL3YxL2J1bmRsZS5wcm90bxIKcmV4bWVzaC52MSJICgZCdW5kbGUSDwoHcGF5bG9hZBgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSGgoSc2lnbmVyX2NlcnRpZmljYXRlGAMgASgJIvkDCg1CdW5kbGVQYXlsb2FkEgoKAmlkGAEgASgJEiQKBGtpbmQYAiABKA4yFi5yZXhtZXNoLnYxLkJ1bmRsZUtpbmQSDgoGcmVnaW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXRhc2tzGAUgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYBiADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYByADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgIIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEigKCHN0YXR1c2VzGAkgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgKIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSJwoFaG9zdHMYCyADKAsyGC5yZXhtZXNoLnYxLkhvc3RQcmVzZW5jZRINCgVwcm94eRgMIAEoCRIwCgxzaWduaW5nX2tleXMYDSADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5EhEKCWFydGlmYWN0cxgOIAMoCSpZCgpCdW5kbGVLaW5kEhsKF0JVTkRMRV9LSU5EX1VOU1BFQ0lGSUVEEAASFQoRQlVORExFX0tJTkRfVEFTS1MQARIXChNCVU5ETEVfS0lORF9SRVNVTFRTEAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_proxy_link, file_rexmesh_v1_task]);
+  fileDesc("ChdyZXhtZXNoL3YxL2J1bmRsZS5wcm90bxIKcmV4bWVzaC52MSJICgZCdW5kbGUSDwoHcGF5bG9hZBgBIAEoDBIRCglzaWduYXR1cmUYAiABKAwSGgoSc2lnbmVyX2NlcnRpZmljYXRlGAMgASgJIsoECg1CdW5kbGVQYXlsb2FkEgoKAmlkGAEgASgJEiQKBGtpbmQYAiABKA4yFi5yZXhtZXNoLnYxLkJ1bmRsZUtpbmQSDgoGcmVnaW9uGAMgASgJEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXRhc2tzGAUgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYBiADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYByADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgIIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEigKCHN0YXR1c2VzGAkgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgKIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSJwoFaG9zdHMYCyADKAsyGC5yZXhtZXNoLnYxLkhvc3RQcmVzZW5jZRINCgVwcm94eRgMIAEoCRIwCgxzaWduaW5nX2tleXMYDSADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5EhEKCWFydGlmYWN0cxgOIAMoCRIlCgZldmVudHMYFCADKAsyFS5yZXhtZXNoLnYxLkhvc3RFdmVudBIoCgpldmVudF9hY2tzGBUgAygLMhQucmV4bWVzaC52MS5FdmVudEFjaypZCgpCdW5kbGVLaW5kEhsKF0JVTkRMRV9LSU5EX1VOU1BFQ0lGSUVEEAASFQoRQlVORExFX0tJTkRfVEFTS1MQARIXChNCVU5ETEVfS0lORF9SRVNVTFRTEAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_event, file_rexmesh_v1_proxy_link, file_rexmesh_v1_task]);
 
 /**
  * Work and results carried by hand to and from a site with no network link.
@@ -138,6 +140,20 @@ export type BundlePayload = Message<"rexmesh.v1.BundlePayload"> & {
    * @generated from field: repeated string artifacts = 14;
    */
   artifacts: string[];
+
+  /**
+   * For results: hosts' events not yet acknowledged (docs/triggers.md).
+   *
+   * @generated from field: repeated rexmesh.v1.HostEvent events = 20;
+   */
+  events: HostEvent[];
+
+  /**
+   * For tasks: the events of the region's hosts the controller has stored.
+   *
+   * @generated from field: repeated rexmesh.v1.EventAck event_acks = 21;
+   */
+  eventAcks: EventAck[];
 };
 
 /**
