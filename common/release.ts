@@ -49,6 +49,11 @@ export function parseReleaseKeys(pemText: string): KeyObject[] {
   });
 }
 
+/** A version or platform as a request names it (a lookup key): INVALID_ARGUMENT when it could be neither. */
+export function checkReleaseName(what: "version" | "platform", value: string): void {
+  if (!(what === "version" ? VERSION : PLATFORM).test(value)) throw new InvalidArgumentError(`release ${what} ${JSON.stringify(value.slice(0, 80))} is not ${what === "version" ? "1-64 letters, digits, '.', '-' or '+'" : "os-arch (e.g. linux-x64)"}`);
+}
+
 /** Checks a manifest's fields; INVALID_ARGUMENT naming the first that is wrong. */
 export function checkManifest(m: ReleaseManifest): void {
   if (!VERSION.test(m.version)) throw new InvalidArgumentError(`release version ${JSON.stringify(m.version.slice(0, 80))} is not 1-64 letters, digits, '.', '-' or '+'`);

@@ -44,6 +44,7 @@ import { serveFrameLink } from "../common/connect-link.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import { formatIdentity } from "../certs/identity.js";
 import type { ReleaseStore } from "./releases.js";
+import { checkReleaseName } from "../common/release.js";
 import { scheduleToProto, type Scheduler, type ScheduleRecord } from "./schedules.js";
 import { truncate } from "../common/limits.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
@@ -286,10 +287,13 @@ export function controllerServiceImpl(deps: {
     },
     async listReleases(req, ctx) {
       const tenant = grantedPeer(ctx).scope;
+      if (req.version) checkReleaseName("version", req.version);
       return { releases: req.version ? releasesOf().get(tenant, req.version) : releasesOf().list(tenant) };
     },
     async removeRelease(req, ctx) {
       if (!req.version) throw new InvalidArgumentError("RemoveRelease needs the version");
+      checkReleaseName("version", req.version);
+      if (req.platform) checkReleaseName("platform", req.platform);
       return { removed: await releasesOf().remove(grantedPeer(ctx).scope, req.version, req.platform) };
     },
     async listHostTasks(req, ctx) {
