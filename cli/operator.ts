@@ -1,5 +1,7 @@
+import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { create, fromBinary, toJson } from "@bufbuild/protobuf";
+import { create, fromBinary, fromJson, toJson, type JsonValue } from "@bufbuild/protobuf";
+import { LIMITS, printable } from "../common/limits.js";
 import { ReleaseManifestSchema } from "../gen/rexmesh/v1/release_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
@@ -53,6 +55,7 @@ export const runOptions: Record<string, OptionSpec> = {
   json: { type: "boolean", doc: "one JSON object per line per event (docs/cli-json.md)" },
   group: { type: "boolean", short: "b", doc: "at the end, one block per set of hosts with the same outcome and the same output on each stream" },
   detach: { type: "boolean", short: "d", doc: "print the job id and return without waiting" },
+  "batch-file": { type: "string", doc: "submit many jobs in one call (SubmitJobs): one SubmitJobRequest per line, in protobuf JSON ('-': stdin); prints each job's id or why it was refused, and waits for none", value: "FILE" },
   ...artifactRunOptions,
   ...connectionOptions,
   help: { type: "boolean", short: "h", doc: "show this help" },
@@ -75,11 +78,13 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
         "rexmesh run --all --alt 'ansible: ansible.builtin.service name=nginx state=restarted' --alt 'shell: systemctl restart nginx'",
         "rexmesh run --all --alt 'python: import platform; print(platform.node())' --alt 'exec: uname -n'",
         "rexmesh run --all --alt 'ansible when env=prod: @site.yml release=42' --alt 'python: @deploy.py 42'",
+        `rexmesh run --batch-file jobs.jsonl    # lines like {"hostIds":["web-1"],"steps":[{"exec":{"argv":["uptime"]}}]}`,
       ]),
     );
     return 0;
   }
   if (p.positionals.length > 0) throw new InvalidArgumentError(`unexpected ${JSON.stringify(p.positionals[0])}: put the command after --`);
+  if (typeof v.batchFile === "string") return batchRun(v, p.rest, io);
   const { hostIds } = jobTarget(v);
   if (v.stdin === "-") return liveStdinRun(v, hostIds, p.rest);
   const { req, document, given } = buildJobRequest(v, p.rest);
@@ -100,6 +105,46 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   } finally {
     close();
   }
+}
+
+/**
+ * `rexmesh run --batch-file FILE`: every line a SubmitJobRequest in
+ * protobuf JSON, sent SubmitJobs calls of at most LIMITS.batchJobs; one
+ * line out per job, in order: its id, or the code and message it was
+ * refused with. Exit 0 when every job was accepted, 1 otherwise.
+ */
+async function batchRun(v: Record<string, unknown>, rest: string[], io: Io): Promise<number> {
+  const alone = ["hosts", "all", "target", "shell", "doc", "alt", "param", "dryRun", "stdin", "script", "put", "group", "detach"].filter((k) => v[k] !== undefined && v[k] !== false);
+  if (alone.length > 0 || rest.length > 0) throw new InvalidArgumentError(`--batch-file gives every job whole, one per line: leave out ${[...alone.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`), ...(rest.length > 0 ? ["the command after --"] : [])].join(", ")}`);
+  const text = (v.batchFile === "-" ? readFileSync(0) : readInputFile(v.batchFile as string, "--batch-file")).toString("utf8");
+  const jobs: SubmitJobRequest[] = [];
+  text.split("\n").forEach((line, i) => {
+    if (line.trim() === "") return;
+    try {
+      jobs.push(fromJson(SubmitJobRequestSchema, JSON.parse(line) as JsonValue));
+    } catch (err) {
+      throw new InvalidArgumentError(`${v.batchFile as string}:${i + 1}: not a SubmitJobRequest in protobuf JSON: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  });
+  if (jobs.length === 0) throw new InvalidArgumentError(`${v.batchFile as string} holds no job`);
+  const { client, close } = operatorClient(v);
+  let refused = 0;
+  try {
+    for (let at = 0; at < jobs.length; at += LIMITS.batchJobs) {
+      const { results } = await client.submitJobs({ jobs: jobs.slice(at, at + LIMITS.batchJobs) }, { signal: io.signal });
+      results.forEach((r, k) => {
+        const n = at + k + 1;
+        const id = r.response?.job?.id;
+        if (r.code !== 0 || !id) refused++;
+        if (v.json) io.out(JSON.stringify(r.code === 0 ? { line: n, job: id } : { line: n, code: Code[r.code] ?? r.code, message: r.message }) + "\n");
+        else io.out(r.code === 0 ? `${n}: ${id}\n` : `${n}: refused, ${Code[r.code] ?? r.code}: ${printable(r.message)}\n`);
+      });
+    }
+  } finally {
+    close();
+  }
+  if (!v.json) io.err(`${jobs.length - refused} of ${jobs.length} jobs submitted${refused > 0 ? `, ${refused} refused` : ""}\n`);
+  return refused > 0 ? 1 : 0;
 }
 
 /** Where a job runs, from -H, --all or -t: exactly one of them. */

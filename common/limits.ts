@@ -15,6 +15,10 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 
 export const LIMITS = {
+  // ---- many jobs in one call (SubmitJobs) ------------------------------------
+  /** Jobs in one SubmitJobs request. */
+  batchJobs: 1000,
+
   // ---- identities (certs/identity.ts) ---------------------------------------
   /** Host ids, tenants, regions, proxy and operator names: one SAN URI segment. */
   idChars: 128,

@@ -1,6 +1,9 @@
 import { create, fromBinary } from "@bufbuild/protobuf";
 import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import type { PeerIdentity } from "../certs/identity.js";
+import type { Logger } from "../common/logger.js";
+import { toConnectError } from "../common/rpc-errors.js";
 import { grantedPeer } from "../common/connect-server.js";
 import {
   AuditDecision,
@@ -14,6 +17,11 @@ import {
   JobSchema,
   QueueStage,
   SubmitJobRequestSchema,
+  SubmitJobResponseSchema,
+  SubmitAndWatchResponseSchema,
+  SubmitJobResultSchema,
+  type SubmitJobRequest,
+  type SubmitJobResult,
   JobState,
   LateReportSchema,
   TaskSchema,
@@ -174,6 +182,7 @@ export function controllerServiceImpl(deps: {
   scheduler?: Scheduler;
   releases?: ReleaseStore;
   now?: () => number;
+  log?: Logger;
 }): ServiceImpl<typeof ControllerService> {
   const scheduler = deps.scheduler;
   const shown = (rec: ScheduleRecord, withJob: boolean) =>
@@ -186,6 +195,26 @@ export function controllerServiceImpl(deps: {
     return serveFrameLink(requests, ctx, (link: ClientSessionLink) => sessions.serveClient(link, caller, deps.access, ctx.signal, kind));
   };
   const { jobs, access } = deps;
+  /** SubmitJob's work, for one job: a dry run's plan, or the job. */
+  const submitOne = async (caller: PeerIdentity, req: SubmitJobRequest) => {
+    const request = submitRequestOf(req);
+    if (req.dryRun) return create(SubmitJobResponseSchema, { plan: (await access.dryRun(caller, request)).map(plannedToProto) });
+    const job = await access.submit(caller, request);
+    return create(SubmitJobResponseSchema, { job: jobToProto(job, jobs.tasksOf(job)) });
+  };
+  /** WatchJob's stream: the tasks the caller may read, fixed when the watch starts; the rest (and their output) are never sent. */
+  const streamJob = async function* (caller: PeerIdentity, jobId: string, noOutput: boolean, signal: AbortSignal) {
+    const { job, tasks } = await access.getJob(caller, jobId, `watch job ${jobId}`);
+    const shown = new Set(tasks.map((t) => t.id));
+    const visible = (j: JobRecord) => jobs.tasksOf(j).filter((t) => shown.has(t.id));
+    for await (const batch of watchJob(jobs, job, { noOutput, signal })) {
+      yield {
+        job: batch.job ? jobToProto(batch.job, visible(batch.job)) : undefined,
+        tasks: batch.tasks.filter((t) => shown.has(t.id)).map((t) => taskToProto(t)),
+        output: batch.output.filter((c) => shown.has(c.taskId)),
+      };
+    }
+  };
   const releasesOf = () => {
     if (!deps.releases) throw new FailedPreconditionError("this controller keeps no releases");
     return deps.releases;
@@ -232,11 +261,29 @@ export function controllerServiceImpl(deps: {
       }
     },
     async submitJob(req, ctx) {
+      return submitOne(grantedPeer(ctx), req);
+    },
+    async submitJobs(req, ctx) {
       const caller = grantedPeer(ctx);
-      const request = submitRequestOf(req);
-      if (req.dryRun) return { plan: (await access.dryRun(caller, request)).map(plannedToProto) };
-      const job = await access.submit(caller, request);
-      return { job: jobToProto(job, jobs.tasksOf(job)) };
+      const results: SubmitJobResult[] = [];
+      // In order, each on its own: a job refused answers its code and message, as SubmitJob would have.
+      for (const one of req.jobs) {
+        try {
+          results.push(create(SubmitJobResultSchema, { response: await submitOne(caller, one) }));
+        } catch (err) {
+          const e = toConnectError(err);
+          if (e.code === Code.Internal) deps.log?.error("a job of a SubmitJobs call failed", { err });
+          results.push(create(SubmitJobResultSchema, { code: e.code, message: e.rawMessage }));
+        }
+      }
+      return { results };
+    },
+    async *submitAndWatch(req, ctx) {
+      if (!req.job) throw new InvalidArgumentError("SubmitAndWatch needs the job");
+      if (req.job.dryRun) throw new InvalidArgumentError("SubmitAndWatch submits: a dry run is SubmitJob's");
+      const caller = grantedPeer(ctx);
+      const job = await access.submit(caller, submitRequestOf(req.job));
+      for await (const batch of streamJob(caller, job.id, req.noOutput, ctx.signal)) yield create(SubmitAndWatchResponseSchema, batch);
     },
     async getJob(req, ctx) {
       const { job, tasks } = await access.getJob(grantedPeer(ctx), req.jobId);
@@ -325,17 +372,7 @@ export function controllerServiceImpl(deps: {
       return serveSession(requests, ctx, "forward");
     },
     async *watchJob(req, ctx) {
-      const { job, tasks } = await access.getJob(grantedPeer(ctx), req.jobId, `watch job ${req.jobId}`);
-      // The tasks the caller may read, fixed when the watch starts; the rest (and their output) are never sent.
-      const shown = new Set(tasks.map((t) => t.id));
-      const visible = (j: JobRecord) => jobs.tasksOf(j).filter((t) => shown.has(t.id));
-      for await (const batch of watchJob(jobs, job, { noOutput: req.noOutput, signal: ctx.signal })) {
-        yield create(WatchJobResponseSchema, {
-          job: batch.job ? jobToProto(batch.job, visible(batch.job)) : undefined,
-          tasks: batch.tasks.filter((t) => shown.has(t.id)).map((t) => taskToProto(t)),
-          output: batch.output.filter((c) => shown.has(c.taskId)),
-        });
-      }
+      for await (const batch of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield create(WatchJobResponseSchema, batch);
     },
   };
 }

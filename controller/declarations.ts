@@ -50,6 +50,10 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
       what: `${req.dryRun ? "dry run, " : ""}${describeTarget(req)}: ${describeRequest({ ...req, document: req.document || undefined })}`,
       hostIds: req.hostIds,
     })),
+    // Each job decided on its own resolved hosts, and audited, by controller/access.ts.
+    submitJobs: onResolvedHosts("submit", (req) => ({ what: `submit ${req.jobs.length} jobs` })),
+    // Submitted as SubmitJob, then watched as WatchJob: read on the job's hosts too (controller/access.ts).
+    submitAndWatch: onResolvedHosts("submit", (req) => ({ what: req.job ? `${describeTarget(req.job)}: ${describeRequest({ ...req.job, document: req.job.document || undefined })}` : "submit and watch" })),
     getJob: onResolvedHosts("read", (req) => ({ what: `get job ${req.jobId}` })),
     watchJob: onResolvedHosts("read"),
     cancelJob: onResolvedHosts("cancel", (req) => ({ what: `cancel job ${req.jobId}` })),

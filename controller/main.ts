@@ -265,7 +265,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, TriggerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler, releases, now: () => clock.now() }), { callerOf, log }));
+      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler, releases, now: () => clock.now(), log }), { callerOf, log }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));

@@ -26,6 +26,8 @@ import type {
   PutDocumentRequest,
   SetHostLabelsRequest,
   SubmitJobRequest,
+  SubmitJobsRequest,
+  SubmitAndWatchRequest,
   WatchJobRequest,
 } from "../gen/rexmesh/v1/controller_pb.js";
 
@@ -92,6 +94,19 @@ const CHECKS: { [K in keyof ServiceImpl<typeof ControllerService>]?: (req: never
     if (req.pageSize > LIMITS.hostTasksPage) throw new InvalidArgumentError(`page_size ${req.pageSize} is more than ${LIMITS.hostTasksPage}`);
   },
   submitJob: checkSubmitLimits,
+  submitJobs: (req: SubmitJobsRequest) => {
+    if (req.jobs.length > LIMITS.batchJobs) throw new InvalidArgumentError(`a SubmitJobs call carries at most ${LIMITS.batchJobs} jobs, not ${req.jobs.length}`);
+    req.jobs.forEach((job, i) => {
+      try {
+        checkSubmitLimits(job);
+      } catch (err) {
+        throw err instanceof InvalidArgumentError ? new InvalidArgumentError(`job ${i + 1}: ${err.message}`) : err;
+      }
+    });
+  },
+  submitAndWatch: (req: SubmitAndWatchRequest) => {
+    if (req.job) checkSubmitLimits(req.job);
+  },
   getJob: (req: GetJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
   watchJob: (req: WatchJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
   cancelJob: (req: CancelJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
@@ -128,8 +143,10 @@ export function withRequestLimits(
       return fn.call(impl, req, ctx);
     };
   }
-  wrapped.watchJob = async function* (req: WatchJobRequest, ctx: HandlerContext) {
-    check("watchJob", req);
+  // A watch, by WatchJob or SubmitAndWatch, holds one of the operator's watch slots while it streams.
+  const counted = <Req>(method: "watchJob" | "submitAndWatch", stream: (req: Req, ctx: HandlerContext) => AsyncIterable<unknown>) =>
+    async function* (req: Req, ctx: HandlerContext) {
+      check(method, req);
     let release = () => {};
     let who: string | undefined;
     try {
@@ -145,11 +162,13 @@ export function withRequestLimits(
         throw toConnectError(err);
       }
     }
-    try {
-      yield* impl.watchJob(req, ctx);
-    } finally {
-      release();
-    }
-  };
+      try {
+        yield* stream.call(impl, req, ctx);
+      } finally {
+        release();
+      }
+    };
+  wrapped.watchJob = counted("watchJob", impl.watchJob);
+  wrapped.submitAndWatch = counted("submitAndWatch", impl.submitAndWatch);
   return wrapped as unknown as ServiceImpl<typeof ControllerService>;
 }

@@ -4,6 +4,7 @@
     ./generate.sh                      # stubs from proto/rexmesh/v1 into ./gen
     ./rexmesh_client.py --hosts h01,h02 -- uname -a
     ./rexmesh_client.py --all -- sh -c 'df -h / | tail -1'
+    ./rexmesh_client.py --batch jobs.jsonl     # many jobs in one call (SubmitJobs)
 
 The controller address and the operator's certificate, key and CA come from
 REXMESH_CONTROLLER, REXMESH_CERT, REXMESH_KEY, REXMESH_CA (what `rexmesh dev`
@@ -11,7 +12,12 @@ prints) or from --controller, --cert, --key, --ca.
 
 Prints every output line as `host | line` (stdout lines on stdout, stderr
 lines on stderr) as it arrives, then one summary line per host. Exits 0 only
-if every host succeeded, 1 otherwise (2 for usage errors).
+if every host succeeded, 1 otherwise (2 for usage errors). The job is
+submitted and followed in one call (SubmitAndWatch).
+
+With --batch FILE, every line of FILE is a SubmitJobRequest in protobuf
+JSON; they go in one SubmitJobs call and each job's id (or why it was
+refused) is printed; exits 1 if any was refused.
 """
 import argparse
 import os
@@ -22,6 +28,7 @@ import grpc
 # The generated modules: ./gen (generate.sh's default), after anything on
 # PYTHONPATH so that a freshly generated copy elsewhere takes precedence.
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gen"))
+from google.protobuf import json_format  # noqa: E402
 from rexmesh.v1 import controller_pb2, controller_pb2_grpc, task_pb2  # noqa: E402
 
 TaskState = task_pb2.TaskState
@@ -34,12 +41,20 @@ def parse_args():
     p.add_argument("--cert", default=env("REXMESH_CERT"), help="operator certificate (PEM)")
     p.add_argument("--key", default=env("REXMESH_KEY"), help="operator private key (PEM)")
     p.add_argument("--ca", default=env("REXMESH_CA"), help="mesh CA certificate (PEM)")
-    who = p.add_mutually_exclusive_group(required=True)
+    who = p.add_mutually_exclusive_group()
     who.add_argument("--hosts", help="comma-separated host ids")
     who.add_argument("--all", action="store_true", help="every host of your tenant")
+    who.add_argument("--batch", metavar="FILE", help="submit one job per line of FILE (SubmitJobRequest in protobuf JSON)")
     p.add_argument("--timeout", type=float, default=0, help="execution timeout per host, in seconds")
-    p.add_argument("command", nargs="+", help="argv to run (after --), no shell involved")
+    p.add_argument("command", nargs="*", help="argv to run (after --), no shell involved")
     args = p.parse_args()
+    if args.batch:
+        if args.command:
+            p.error("--batch gives every job whole: no command")
+    elif not (args.hosts or args.all):
+        p.error("one of --hosts, --all or --batch is required")
+    elif not args.command:
+        p.error("the command to run is required (after --)")
     for name in ("controller", "cert", "key", "ca"):
         if not getattr(args, name):
             p.error(f"--{name} or REXMESH_{name.upper()} is required")
@@ -89,8 +104,44 @@ def state_name(state):
     return TaskState.Name(state).removeprefix("TASK_STATE_")
 
 
+def submit_batch(args):
+    """--batch FILE: every line a job; one SubmitJobs call; one line out per job."""
+    request = controller_pb2.SubmitJobsRequest()
+    with open(args.batch, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                json_format.Parse(line, request.jobs.add())
+            except json_format.ParseError as err:
+                sys.stderr.write(f"rexmesh: {args.batch}:{n}: not a SubmitJobRequest: {err}\n")
+                return 2
+    with connect(args) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        try:
+            results = stub.SubmitJobs(request).results
+        except grpc.RpcError as err:
+            sys.exit(f"rexmesh: {err.code().name}: {err.details()}")
+    refused = 0
+    for n, result in enumerate(results, 1):
+        if result.code:
+            refused += 1
+            print(f"{n}: refused, {code_name(result.code)}: {result.message}")
+        else:
+            print(f"{n}: {result.response.job.id}")
+    print(f"{len(results) - refused} of {len(results)} jobs submitted", file=sys.stderr)
+    return 1 if refused else 0
+
+
+def code_name(number):
+    """The gRPC status code name of a code number (INVALID_ARGUMENT for 3)."""
+    return next((c.name for c in grpc.StatusCode if c.value[0] == number), str(number))
+
+
 def main():
     args = parse_args()
+    if args.batch:
+        return submit_batch(args)
     with connect(args) as channel:
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
         request = controller_pb2.SubmitJobRequest(
@@ -101,12 +152,15 @@ def main():
         if args.timeout:
             request.timeout.FromNanoseconds(int(args.timeout * 1e9))
         try:
-            job = stub.SubmitJob(request).job
-            # WatchJob sends a snapshot of every task, all output so far, then
-            # changes; the stream ends when every task has reached a final state.
+            # SubmitAndWatch submits, then sends (as WatchJob does) a snapshot
+            # of every task, all output so far, then changes; the stream ends
+            # when every task has reached a final state.
+            job = None
             tasks = {}  # task id -> latest Task
             printer = LinePrinter()
-            for batch in stub.WatchJob(controller_pb2.WatchJobRequest(job_id=job.id)):
+            for batch in stub.SubmitAndWatch(controller_pb2.SubmitAndWatchRequest(job=request)):
+                if batch.HasField("job"):
+                    job = batch.job
                 for task in batch.tasks:
                     tasks[task.id] = task
                     printer.width = max(printer.width, len(task.host_id))

@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { existsSync } from "node:fs";
+import { writeFileSync, existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -139,6 +139,16 @@ describe("the generated Python client (examples/python)", () => {
     const r = await client(["--hosts", "nope", "--", "true"]);
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/NOT_FOUND: .*nope/);
+  });
+
+  it("submits many jobs in one call (--batch, SubmitJobs): each job's id or why it was refused", async () => {
+    setupDone();
+    const file = join(genDir, "..", "jobs.jsonl");
+    writeFileSync(file, [JSON.stringify({ hostIds: ["h01"], steps: [{ exec: { argv: ["true"] } }] }), JSON.stringify({ hostIds: ["h02"], steps: [] }), JSON.stringify({ allHosts: true, steps: [{ exec: { argv: ["true"] } }] })].join("\n") + "\n");
+    const r = await client(["--batch", file]);
+    expect(r.code, r.stdout + r.stderr).toBe(1);
+    expect(r.stdout).toMatch(/^1: j\w+\n2: refused, INVALID_ARGUMENT: .*at least one step.*\n3: j\w+\n$/);
+    expect(r.stderr).toContain("2 of 3 jobs submitted");
   });
 
   it("needs the controller and credentials (exit 2, usage)", async () => {

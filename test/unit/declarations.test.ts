@@ -42,6 +42,8 @@ describe("declared requirements of every served method", () => {
       "rexmesh.v1.ControllerService/ListAudit": "operator audit (tenant)",
       "rexmesh.v1.ControllerService/CreateSchedule": "operator schedule (tenant)",
       "rexmesh.v1.ControllerService/AddRelease": "operator release (tenant)",
+      "rexmesh.v1.ControllerService/SubmitJobs": "operator submit (hosts resolved)",
+      "rexmesh.v1.ControllerService/SubmitAndWatch": "operator submit (hosts resolved)",
       "rexmesh.v1.ControllerService/ListReleases": "operator read (tenant)",
       "rexmesh.v1.ControllerService/RemoveRelease": "operator release (tenant)",
       "rexmesh.v1.ControllerService/ListSchedules": "operator read (tenant)",
