@@ -141,8 +141,13 @@ export const LIMITS = {
   takenOnTasksPerHost: 10_000,
 
   // ---- operators (controller/request-limits.ts) ------------------------------
-  /** WatchJob streams one operator identity may hold open at once. */
-  watchesPerOperator: 16,
+  /**
+   * WatchJob (and SubmitAndWatch) streams one operator identity may hold
+   * open at once. A CI pipeline follows as many jobs as it runs in
+   * parallel under one identity; each stream costs the controller an
+   * iterator and a listener.
+   */
+  watchesPerOperator: 128,
 
   /** Schedules of one tenant (rexmesh schedules). */
   schedulesPerTenant: 100,

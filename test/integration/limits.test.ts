@@ -112,7 +112,7 @@ describe("input limits on a real mesh", () => {
     }
   });
 
-  it("lets one operator hold 16 watches at once, and the 17th is RESOURCE_EXHAUSTED", async () => {
+  it("lets one operator hold watchesPerOperator watches at once, and the next is RESOURCE_EXHAUSTED", async () => {
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], steps: [{ tool: { case: "exec", value: { argv: ["sleep", "30"] } } }] }));
     const aborts: AbortController[] = [];
     const watch = (signal: AbortSignal) =>
@@ -131,7 +131,7 @@ describe("input limits on a real mesh", () => {
       await new Promise((r) => setTimeout(r, 1500));
       const refused = await codeOf(watch(new AbortController().signal));
       expect(refused.code).toBe(Code.ResourceExhausted);
-      expect(refused.message).toMatch(/at most 16/);
+      expect(refused.message).toContain(`at most ${LIMITS.watchesPerOperator}`);
       aborts.pop()!.abort();
       await running.pop();
       await new Promise((r) => setTimeout(r, 200));
