@@ -1,5 +1,8 @@
 import { readFileSync } from "node:fs";
-import { parse as parseYaml } from "yaml";
+import { createRequire } from "node:module";
+
+/** The YAML parser, loaded when a file is read: a role started with flags alone never loads it. */
+export const parseYaml = (text: string): unknown => (createRequire(import.meta.url)("yaml") as typeof import("yaml")).parse(text);
 import { parseDuration } from "./duration.js";
 import { ConfigError } from "./errors.js";
 

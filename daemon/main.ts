@@ -25,7 +25,7 @@ import { LmdbLedger } from "./lmdb-ledger.js";
 import { readFileSync } from "node:fs";
 import { ensureEnrolled, type BootstrapCredential } from "./enroll.js";
 import { keepRenewed } from "./renew.js";
-import { Metrics, ROUND_TRIP_BUCKETS } from "../common/metrics.js";
+import type { Metrics } from "../common/metrics.js";
 import { TaskVerifier } from "../common/task-signing.js";
 import { proxyArtifactFetcher } from "./artifact-fetch.js";
 import { HostReporter } from "../common/host-signing.js";
@@ -123,8 +123,10 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   log.info("execution tools", { tools: tools.names, programs: tools.programs });
   // Fetched artifacts are private temporaries of running steps: any left by a crash are stale.
   rmSync(join(config.data, "artifacts"), { recursive: true, force: true });
-  const metrics = new Metrics();
-  const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
+  // Metrics (and prom-client, about 10 MB of a daemon's memory) only when something scrapes them.
+  const metricsModule = config.metricsListen ? await import("../common/metrics.js") : undefined;
+  const metrics: Metrics | undefined = metricsModule ? new metricsModule.Metrics() : undefined;
+  const roundTrip = metrics?.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", metricsModule!.ROUND_TRIP_BUCKETS, ["peer"]);
   const sessionHosts: SessionHost[] = [];
   const hostIdentities: PeerIdentity[] = [];
   const agents = allPaths.map((paths) => {
@@ -169,7 +171,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       log: log.child({ host: me.id }),
       capacity: config.capacity,
       heartbeatMs: config.heartbeat,
-      linkRoundTrip: (s) => roundTrip.observe({ peer: "proxy" }, s),
+      ...(roundTrip ? { linkRoundTrip: (s: number) => roundTrip.observe({ peer: "proxy" }, s) } : {}),
       maxUnackedOutputBytes: config.maxUnackedOutput,
       killGraceMs: config.killGrace,
       updates: updater,
@@ -197,11 +199,11 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
     return w;
   });
   if (specs.length > 0) log.info("watchers", { watchers: specs.map((s) => `${s.kind}:${s.name}`) });
-  metrics.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
-  metrics.gauge("hosts", "hosts this process serves", () => agents.length);
-  metrics.gauge("sessions_open", "sessions and port forwards open on this process's hosts", () => sessionHosts.reduce((n, s) => n + s.count, 0));
-  metrics.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
-  const metricsServer = await metrics.serveAt(config.metricsListen);
+  metrics?.gauge("hosts_connected", "hosts of this process with a stream to a proxy now", () => agents.filter((a) => a.connected).length);
+  metrics?.gauge("hosts", "hosts this process serves", () => agents.length);
+  metrics?.gauge("sessions_open", "sessions and port forwards open on this process's hosts", () => sessionHosts.reduce((n, s) => n + s.count, 0));
+  metrics?.gauge("store_used_bytes", "bytes in use in the daemon's LMDB store", () => env.usedBytes());
+  const metricsServer = await metrics?.serveAt(config.metricsListen);
   const renewing = new AbortController();
   // Every host's renewal loop waits on this one signal (one listener each while it sleeps or calls): not a leak.
   setMaxListeners(allPaths.length + 10, renewing.signal);

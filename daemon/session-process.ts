@@ -9,7 +9,12 @@ import { spawn as spawnChild } from "node:child_process";
 import { accessSync, constants as fsConstants, statSync } from "node:fs";
 import { constants as osConstants, homedir, userInfo } from "node:os";
 import { delimiter, join } from "node:path";
-import { spawn as spawnPty, type IPty } from "@lydell/node-pty";
+import { createRequire } from "node:module";
+import type { IPty } from "@lydell/node-pty";
+
+/** node-pty, loaded with the first terminal session: most daemons never open one, and it costs memory. */
+let nodePty: typeof import("@lydell/node-pty") | undefined;
+const spawnPty: typeof import("@lydell/node-pty").spawn = (...args) => (nodePty ??= createRequire(import.meta.url)("@lydell/node-pty") as typeof import("@lydell/node-pty")).spawn(...args);
 import { FailedPreconditionError } from "../common/errors.js";
 import { SessionChannel, SessionExitSchema, type SessionExit, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { create } from "@bufbuild/protobuf";

@@ -17,7 +17,7 @@ import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { stat, statfs } from "node:fs/promises";
-import { parse as parseYaml } from "yaml";
+import { parseYaml } from "../common/config.js";
 import { readFileSync } from "node:fs";
 import type { Clock, Timer } from "../common/clock.js";
 import { parseDuration } from "../common/duration.js";

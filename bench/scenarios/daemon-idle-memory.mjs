@@ -6,7 +6,7 @@
 // (the figure the target is about), RssAnon / RssFile (the node binary's
 // pages are file-backed and shared by every daemon on a machine) and PSS
 // (smaps_rollup: shared pages divided among the processes mapping them).
-// The V8 heap in use comes from the daemon's own /metrics.
+// The V8 heap in use comes from the daemon's own /metrics (a second mesh, run with --metrics-listen).
 //
 // Diagnosis (when the median misses the target, or --diagnose 1): what the
 // memory is made of — RSS of a bare `node`, and of node after only importing
@@ -94,9 +94,10 @@ async function moduleCost(label, modules) {
 
 /**
  * One mesh: `hosts` daemons of one host each; one small job on every host,
- * then idle; memory of every daemon. env: extra environment for the mesh processes.
+ * then idle; memory of every daemon. env: extra environment for the mesh processes;
+ * metrics: daemons serve /metrics (and so load prom-client).
  */
-async function measure({ hosts, idleS, env = {}, label, reportsDir }) {
+async function measure({ hosts, idleS, env = {}, label, reportsDir, metrics = false }) {
   const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
   const restoreEnv = () => {
     for (const [k, v] of Object.entries(saved)) if (v === undefined) delete process.env[k];
@@ -107,7 +108,7 @@ async function measure({ hosts, idleS, env = {}, label, reportsDir }) {
   const ids = Array.from({ length: hosts }, (_, i) => ({ id: `idle${i}`, region: "r1" }));
   let meshDir;
   try {
-    return await withMesh({ regions: ["r1"], hosts: ids, hostsPerProcess: 1, daemonArgs: ["--metrics-listen", "127.0.0.1:0"] }, async (client, mesh) => {
+    return await withMesh({ regions: ["r1"], hosts: ids, hostsPerProcess: 1, daemonArgs: metrics ? ["--metrics-listen", "127.0.0.1:0"] : [] }, async (client, mesh) => {
       restoreEnv();
       meshDir = mesh.dir;
       const daemons = mesh.daemons.map((d) => ({ pid: d.proc.pid, metrics: d.info?.metricsAddress, hosts: d.hosts }));
@@ -186,9 +187,13 @@ export default {
     const idleS = opt("idle", 8);
     const diagnose = String(opt("diagnose", "auto"));
     log(`${hosts} daemons, idle ${idleS} s`);
+    // As a daemon runs by default (no --metrics-listen: prom-client is never loaded), then with metrics, which
+    // also gives the V8 heap in use (read from the daemon's own /metrics).
     const main = await measure({ hosts, idleS, label: "plain" });
-    log(`median RSS ${main.medianRssMB} MB, max ${main.maxRssMB} MB (anon ${main.medianAnonMB}, file ${main.medianFileMB}, PSS ${main.medianPssMB}, heap ${main.medianHeapUsedMB})`);
-    const result = { ...main };
+    const withMetrics = await measure({ hosts, idleS, label: "with --metrics-listen", metrics: true });
+    main.medianHeapUsedMB = withMetrics.medianHeapUsedMB;
+    log(`median RSS ${main.medianRssMB} MB, max ${main.maxRssMB} MB (anon ${main.medianAnonMB}, file ${main.medianFileMB}, PSS ${main.medianPssMB}); with --metrics-listen ${withMetrics.medianRssMB} MB (heap ${withMetrics.medianHeapUsedMB})`);
+    const result = { ...main, withMetrics: { medianRssMB: withMetrics.medianRssMB, maxRssMB: withMetrics.maxRssMB, medianAnonMB: withMetrics.medianAnonMB, medianPssMB: withMetrics.medianPssMB, medianHeapUsedMB: withMetrics.medianHeapUsedMB } };
     if (diagnose === "1" || (diagnose === "auto" && main.medianRssMB > TARGET_MB)) {
       log("diagnosis: module load cost");
       // What `rexmesh daemon` loads: the static imports of dist/cli/main.js, then (lazily) the role table and the daemon's modules.
@@ -240,7 +245,7 @@ export default {
     result.notes = notes(result);
     return result;
   },
-  verdict: (r) => ({ figure: `median ${r.medianRssMB} MB, max ${r.maxRssMB} MB RSS (${r.hosts} daemons; anon ${r.medianAnonMB} MB, PSS ${r.medianPssMB} MB, V8 heap ${r.medianHeapUsedMB} MB)`, met: r.maxRssMB <= TARGET_MB }),
+  verdict: (r) => ({ figure: `median ${r.medianRssMB} MB, max ${r.maxRssMB} MB RSS (${r.hosts} daemons; anon ${r.medianAnonMB} MB, PSS ${r.medianPssMB} MB, V8 heap ${r.medianHeapUsedMB} MB)${r.withMetrics ? `; with --metrics-listen ${r.withMetrics.medianRssMB} MB` : ""}`, met: r.maxRssMB <= TARGET_MB }),
   plot: (r) => ({
     title: "idle daemon memory, one host per process (MB)",
     unit: "MB",
