@@ -13,7 +13,7 @@
  * not active, or a disk found full, is reported at once). State is in
  * memory: after a restart the first poll sets it again.
  */
-import { execFile } from "node:child_process";
+import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { stat, statfs } from "node:fs/promises";
@@ -132,10 +132,32 @@ export type CommandRunner = (argv: readonly string[], timeoutMs: number) => Prom
 
 export const runCommand: CommandRunner = (argv, timeoutMs) =>
   new Promise((resolve) => {
-    execFile(argv[0]!, argv.slice(1), { timeout: timeoutMs, killSignal: "SIGKILL", maxBuffer: 64 * 1024 }, (err) => {
-      if (!err) return resolve(0);
-      const code = (err as { code?: unknown }).code;
-      resolve(typeof code === "number" ? code : -1);
+    // Its own process group, its output not read (only the exit code counts, however much it prints), and on the
+    // timeout the whole group killed: what a hung check started (curl, ssh, a df on a dead NFS mount) goes with it.
+    let child: ReturnType<typeof spawn>;
+    try {
+      child = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: "ignore" });
+    } catch {
+      resolve(-1);
+      return;
+    }
+    const killGroup = () => {
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    };
+    const timer = setTimeout(killGroup, timeoutMs);
+    child.once("error", () => {
+      clearTimeout(timer);
+      resolve(-1);
+    });
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      // Whatever it left behind in its group goes too: a check must not leave processes running.
+      killGroup();
+      resolve(code ?? -1);
     });
   });
 

@@ -5,7 +5,8 @@ import { afterEach, describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
 import { ConfigError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
-import { parseWatchers, Watchers, type WatcherSpec } from "../../daemon/watchers.js";
+import { parseWatchers, runCommand, Watchers, type WatcherSpec } from "../../daemon/watchers.js";
+import { execFileSync } from "node:child_process";
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -127,5 +128,28 @@ describe("daemon watchers", () => {
     expect(bad({ watchers: [{ name: "a b", kind: "command", command: ["true"] }] })).toMatch(/name "a b" is not letters/);
     expect(bad({ watchers: [{ name: "a", kind: "file", path: "/x", unit: "u" }] })).toMatch(/unknown key "unit" for a file watcher/);
     expect(bad({ watchers: [{ name: "a", kind: "command", command: ["true"] }, { name: "a", kind: "command", command: ["true"] }] })).toMatch(/a second watcher named a/);
+  });
+});
+
+describe("a watcher's command (runCommand)", () => {
+  const alive = (marker: string) => execFileSync("ps", ["-eo", "args"], { encoding: "utf8" }).split("\n").some((l) => l.includes(marker) && !l.includes("ps -eo"));
+
+  it("kills the whole process group on its timeout: nothing the check started is left running", async () => {
+    const marker = `sleep 7.${process.pid}${Date.now() % 1000}`;
+    const started = Date.now();
+    expect(await runCommand(["sh", "-c", `${marker} & wait`], 300)).toBe(-1);
+    expect(Date.now() - started).toBeLessThan(5000);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(alive(marker)).toBe(false);
+  });
+
+  it("reports the exit code however much the command prints, and ends what it left in the background", async () => {
+    expect(await runCommand(["sh", "-c", "head -c 1000000 /dev/zero; exit 3"], 10_000)).toBe(3);
+    expect(await runCommand(["sh", "-c", "head -c 1000000 /dev/zero"], 10_000)).toBe(0);
+    const marker = `sleep 8.${process.pid}${Date.now() % 1000}`;
+    expect(await runCommand(["sh", "-c", `${marker} & exit 0`], 10_000)).toBe(0);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(alive(marker)).toBe(false);
+    expect(await runCommand(["/no/such/program"], 1000)).toBe(-1);
   });
 });
