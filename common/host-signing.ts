@@ -235,6 +235,8 @@ export class HostKeyVerifier {
     const k = this.known(event.keyId, host);
     if (!k) return "unknown";
     if (!sameHost(k.host, host) || this.isRevoked(host)) return "bad";
+    // Noticed (as the host signed it) after its report key expired: the key no longer speaks for the host.
+    if (event.time && timestampMs(event.time) > k.notAfter) return "bad";
     return verify(null, eventBytes(event), k.publicKey, event.signature) ? "ok" : "bad";
   }
 

@@ -172,6 +172,14 @@ export const LIMITS = {
   eventsKept: 50_000,
   /** Events are dropped this long after they were received. */
   eventRetentionMs: 7 * 24 * 3600_000,
+  /**
+   * Events one host may bring at once, then one a second on average (a
+   * token bucket at the controller's intake): beyond, they are dropped,
+   * acknowledged and counted, so that one flapping or hostile host neither
+   * fills the store nor holds up everybody's evaluation.
+   */
+  eventsBurstPerHost: 120,
+  eventsPerHostPerSecond: 1,
   /** Triggers of one tenant. */
   triggersPerTenant: 100,
   /** A trigger's match expression, and its terms. */

@@ -19,6 +19,7 @@ import type { Logger } from "../common/logger.js";
 import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import type { HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TriggerStore } from "./trigger-store.js";
+import { LIMITS } from "../common/limits.js";
 
 /** Event acks a tasks bundle carries at most (the newest). */
 const BUNDLE_EVENT_ACKS = 10_000;
@@ -37,8 +38,15 @@ export interface EventIntakeDeps {
   refused?: (reason: string) => void;
 }
 
+/** Events signed longer ago than this are refused: their ids may no longer be remembered (the retention, less a day). */
+const MAX_EVENT_AGE_MS = LIMITS.eventRetentionMs - 24 * 3600_000;
+/** Hosts whose token buckets are kept at most (the oldest forgotten first). */
+const BUCKETS_KEPT = 200_000;
+
 export class EventIntake {
   private refusedLogged = 0;
+  /** Per host (tenant and id): tokens left and when they were counted. */
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
   /** Events refused since start, by reason (for tests and operators' logs). */
   refusedCount = 0;
 
@@ -73,10 +81,12 @@ export class EventIntake {
         continue;
       }
       const ack = create(EventAckSchema, { hostId: e.hostId, eventId: e.id });
-      if (check === "bad") {
+      const now = this.deps.clock.now();
+      const why = check === "bad" ? "signature" : e.time && timestampMs(e.time) < now - MAX_EVENT_AGE_MS ? "too old" : !this.take(e.tenant, e.hostId, now) ? "rate" : undefined;
+      if (why !== undefined) {
         this.refusedCount++;
-        this.deps.refused?.("signature");
-        if (this.refusedLogged++ < 20) this.deps.log.warn("an event whose host signature does not hold was dropped", { from, host: e.hostId, tenant: e.tenant, event: e.id, kind: e.kind });
+        this.deps.refused?.(why);
+        if (this.refusedLogged++ < 20) this.deps.log.warn(why === "signature" ? "an event whose host signature does not hold was dropped" : why === "too old" ? "an event signed too long ago to be told from one already taken was dropped" : "an event past its host's rate was dropped", { from, host: e.hostId, tenant: e.tenant, event: e.id, kind: e.kind });
         acks.push(ack);
         continue;
       }
@@ -95,5 +105,19 @@ export class EventIntake {
     }
     if (added > 0) this.deps.stored();
     return { acks, heldBack: [...heldBack] };
+  }
+
+  /** Takes one token of the host's bucket (LIMITS.eventsBurstPerHost, refilled at eventsPerHostPerSecond); false when it is empty. */
+  private take(tenant: string, hostId: string, now: number): boolean {
+    const key = `${tenant}\0${hostId}`;
+    const b = this.buckets.get(key) ?? { tokens: LIMITS.eventsBurstPerHost, at: now };
+    b.tokens = Math.min(LIMITS.eventsBurstPerHost, b.tokens + ((now - b.at) / 1000) * LIMITS.eventsPerHostPerSecond);
+    b.at = now;
+    this.buckets.delete(key);
+    if (this.buckets.size >= BUCKETS_KEPT) this.buckets.delete(this.buckets.keys().next().value!);
+    this.buckets.set(key, b);
+    if (b.tokens < 1) return false;
+    b.tokens -= 1;
+    return true;
   }
 }

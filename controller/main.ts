@@ -219,7 +219,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   );
   metrics.gauge("proxy_queued_tasks", "tasks waiting at each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.queuedTasks })), ["proxy", "region"]);
   metrics.gauge("proxy_running_tasks", "tasks running behind each connected proxy", () => [...loads].map(([proxy, l]) => ({ labels: { proxy, region: l.region }, value: l.load.runningTasks })), ["proxy", "region"]);
-  const eventsRefused = metrics.counter("events_refused_total", "hosts' events dropped because their host's signature did not hold (forged or altered on the way)", []);
+  const eventsRefused = metrics.counter("events_refused_total", "hosts' events dropped at intake, by reason: signature (forged or altered on the way, or its report key expired), too old (signed before the ids kept), rate (past its host's rate)", ["reason"]);
   const events = new EventIntake({
     store: triggerStore,
     clock,
@@ -227,7 +227,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     checkEvent: (e) => hostKeys.checkEvent(e),
     acceptKey: (key, host) => hostKeys.accept(key, host),
     stored: evaluate,
-    refused: () => eventsRefused.inc({}),
+    refused: (reason) => eventsRefused.inc({ reason }),
   });
   eventsRef = events;
   const linkDeps = { jobs, inventory, clock, log, heartbeatMs: config.heartbeat, signer, revocations, counters, loads, hostKeys, events };

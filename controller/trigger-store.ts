@@ -99,15 +99,22 @@ export interface TriggerStore {
 }
 
 /**
- * The store in the controller's LMDB environment. Events are kept by seq
- * with an index by (tenant, host, id); the oldest evaluated ones are
- * dropped past `maxEvents` or `retentionMs`, and with them their ids (a
- * copy sent again after that would be taken as new: retention is longer
- * than any backlog is expected to hold an event).
+ * The store in the controller's LMDB environment. Events are kept by seq,
+ * their ids by (tenant, host, id) with when they were first received.
+ * Past `maxEvents`, the oldest evaluated event of the tenant holding the
+ * most goes first (one tenant's flood never wipes another's history); past
+ * `retentionMs`, any. An id is kept for `retentionMs` whatever happened to
+ * its event, so a copy that comes again (a proxy's replay, a bundle
+ * imported twice) is known as long as the intake takes events that old
+ * (controller/event-intake.ts refuses older ones).
  */
 export class LmdbTriggerStore implements TriggerStore {
   private readonly eventsDb: Database<EventRecord, number>;
+  /** [tenant, host, event id] → when it was first received (ms). */
   private readonly idsDb: Database<number, string[]>;
+  /** Events kept per tenant. */
+  private readonly perTenant = new Map<string, number>();
+  private lastIdSweep = 0;
   private readonly triggersDb: Database<TriggerRecord, string[]>;
   private readonly hostsDb: Database<HostFirings, string[]>;
   private readonly pending = new Set<number>();
@@ -125,6 +132,7 @@ export class LmdbTriggerStore implements TriggerStore {
     for (const { key, value } of this.eventsDb.getRange({})) {
       this.next = Math.max(this.next, key + 1);
       this.count++;
+      this.perTenant.set(value.tenant, (this.perTenant.get(value.tenant) ?? 0) + 1);
       if (!value.evaluated) this.pending.add(key);
     }
   }
@@ -144,7 +152,7 @@ export class LmdbTriggerStore implements TriggerStore {
     // Synchronous writes inside the transaction: they commit (or fail) together.
     const write = this.env.root.transaction(() => {
       this.eventsDb.putSync(seq, full);
-      this.idsDb.putSync(idKey, seq);
+      this.idsDb.putSync(idKey, rec.receivedAt);
     });
     this.writing.set(inFlight, write);
     try {
@@ -154,6 +162,7 @@ export class LmdbTriggerStore implements TriggerStore {
     }
     this.pending.add(seq);
     this.count++;
+    this.perTenant.set(rec.tenant, (this.perTenant.get(rec.tenant) ?? 0) + 1);
     await this.prune();
     return true;
   }
@@ -161,26 +170,57 @@ export class LmdbTriggerStore implements TriggerStore {
   /** Events being written now, by (tenant, host, id). */
   private readonly writing = new Map<string, Promise<unknown>>();
 
-  /** Drops the oldest evaluated events past the count or the retention. */
+  /**
+   * Drops evaluated events past the retention, then, past the count, the
+   * oldest evaluated ones of the tenant that holds the most; ids past the
+   * retention (at most once a minute).
+   */
   private async prune(): Promise<void> {
-    const cutoff = this.opts.now() - this.opts.retentionMs;
+    const now = this.opts.now();
+    const cutoff = now - this.opts.retentionMs;
     const gone: EventRecord[] = [];
-    let count = this.count;
     for (const { value } of this.eventsDb.getRange({})) {
-      if (count <= this.opts.maxEvents && value.receivedAt >= cutoff) break;
-      if (!value.evaluated) break; // never before it is evaluated
+      if (value.receivedAt >= cutoff || !value.evaluated) break; // never before it is evaluated
       gone.push(value);
-      count--;
     }
-    if (gone.length === 0) return;
+    const counts = new Map(this.perTenant);
+    for (const e of gone) counts.set(e.tenant, counts.get(e.tenant)! - 1);
+    let count = this.count - gone.length;
+    if (count > this.opts.maxEvents) {
+      const dropped = new Set(gone.map((e) => e.seq));
+      while (count > this.opts.maxEvents) {
+        const [biggest] = [...counts].sort((a, b) => b[1] - a[1])[0] ?? [];
+        if (biggest === undefined) break;
+        let victim: EventRecord | undefined;
+        for (const { value } of this.eventsDb.getRange({})) {
+          if (value.tenant !== biggest || dropped.has(value.seq)) continue;
+          if (value.evaluated) victim = value;
+          break; // its oldest, if evaluated; otherwise wait for the evaluator
+        }
+        if (!victim) break;
+        gone.push(victim);
+        dropped.add(victim.seq);
+        counts.set(biggest, counts.get(biggest)! - 1);
+        count--;
+      }
+    }
+    const oldIds: string[][] = [];
+    if (now - this.lastIdSweep >= 60_000) {
+      this.lastIdSweep = now;
+      for (const { key, value } of this.idsDb.getRange({})) if (value < cutoff) oldIds.push(key);
+    }
+    if (gone.length === 0 && oldIds.length === 0) return;
     // Synchronous writes inside the transaction: they commit (or fail) together.
     await this.env.root.transaction(() => {
-      for (const e of gone) {
-        this.eventsDb.removeSync(e.seq);
-        this.idsDb.removeSync([e.tenant, e.hostId, e.eventId]);
-      }
+      for (const e of gone) this.eventsDb.removeSync(e.seq);
+      for (const k of oldIds) this.idsDb.removeSync(k);
     });
     this.count -= gone.length;
+    for (const e of gone) {
+      const n = this.perTenant.get(e.tenant)! - 1;
+      if (n > 0) this.perTenant.set(e.tenant, n);
+      else this.perTenant.delete(e.tenant);
+    }
   }
 
   unevaluated(): EventRecord[] {

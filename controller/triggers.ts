@@ -39,6 +39,9 @@ import { shownJob } from "./schedules.js";
 import type { EventOutcome, EventRecord, HostFirings, TriggerFiring, TriggerRecord, TriggerStore } from "./trigger-store.js";
 
 /** The idempotency keys of triggers' firings begin so; an operator's submit may not use it (controller/access.ts). */
+/** Where a trigger with its own hosts keeps its firings (one cooldown and rate for the trigger; never a host id). */
+const TARGETED_RATE_KEY = "\0trigger";
+
 export const TRIGGER_KEY_PREFIX = "trigger:";
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -198,20 +201,24 @@ export class TriggerEvaluator {
     const at = event.receivedAt;
     for (const rec of this.deps.store.triggers(event.tenant).sort((a, b) => a.name.localeCompare(b.name))) {
       if (!matches(this.terms(rec.on), event)) continue;
-      const prior = this.deps.store.hostFirings(rec.tenant, rec.name, event.hostId) ?? { times: [], lastJobId: "" };
+      // A trigger with its own hosts runs on all of them whoever reported: its cooldown and rate are the trigger's
+      // as a whole (N hosts failing together queue one job, not N jobs on every host).
+      const rateKey = rec.targeted ? TARGETED_RATE_KEY : event.hostId;
+      const per = rec.targeted ? "for this trigger" : "for this host";
+      const prior = this.deps.store.hostFirings(rec.tenant, rec.name, rateKey) ?? { times: [], lastJobId: "" };
       const inWindow = prior.times.filter((t) => at - t < rec.windowMs && t <= at);
       const last = prior.times.length > 0 ? Math.max(...prior.times) : undefined;
       let note = "";
       let jobId = "";
       if (rec.paused) note = "suppressed: the trigger is paused";
       else if (rec.cooldownMs > 0 && last !== undefined && at - last < rec.cooldownMs && at >= last) {
-        note = `suppressed: cooldown (job ${prior.lastJobId} for this host ${formatDuration(at - last)} before; cooldown ${formatDuration(rec.cooldownMs)})`;
+        note = `suppressed: cooldown (job ${prior.lastJobId} ${per} ${formatDuration(at - last)} before; cooldown ${formatDuration(rec.cooldownMs)})`;
       } else if (inWindow.length >= rec.maxPerHost) {
-        note = `suppressed: rate limit (${inWindow.length} jobs for this host within ${formatDuration(rec.windowMs)}; at most ${rec.maxPerHost})`;
+        note = `suppressed: rate limit (${inWindow.length} jobs ${per} within ${formatDuration(rec.windowMs)}; at most ${rec.maxPerHost})`;
       } else {
         try {
           jobId = await this.deps.fire(rec, event, firingKey(rec, event));
-          firings.push({ name: rec.name, hostId: event.hostId, firings: { times: [...inWindow, at].slice(-MAX_PER_HOST_LIMIT), lastJobId: jobId } });
+          firings.push({ name: rec.name, hostId: rateKey, firings: { times: [...inWindow, at].slice(-MAX_PER_HOST_LIMIT), lastJobId: jobId } });
           this.deps.log.info("trigger fired", { trigger: rec.name, tenant: rec.tenant, host: event.hostId, event: event.eventId, job: jobId });
         } catch (err) {
           // The controller is stopping: the event stays unevaluated and is evaluated again after the restart.

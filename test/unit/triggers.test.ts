@@ -10,6 +10,7 @@ import { ManualClock } from "../../common/clock.js";
 import { HostKeyVerifier, HostReporter } from "../../common/host-signing.js";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { silentLogger } from "../../common/logger.js";
+import { LIMITS } from "../../common/limits.js";
 import { EventIntake } from "../../controller/event-intake.js";
 import { LmdbTriggerStore, type EventRecord, type TriggerRecord } from "../../controller/trigger-store.js";
 import { firingKey, newTrigger, TriggerEvaluator } from "../../controller/triggers.js";
@@ -231,13 +232,74 @@ describe("triggers: the events kept", () => {
     expect(c.store.events({ tenant: "acme", limit: 10, kind: "disk.full" }).events.map((e) => e.eventId)).toEqual(["p4"]);
     expect(c.store.events({ tenant: "acme", limit: 10, host: (id) => id === "h2" }).events.map((e) => e.eventId)).toEqual(["p3", "p1"]);
     expect(c.store.events({ tenant: "beta", limit: 10 }).events).toEqual([]);
-    // 100 kept (this store's bound): the oldest go, and their ids with them.
+    // 100 kept (this store's bound): the oldest go, but their ids stay for the retention, so a copy sent again is known.
     for (let i = 5; i < 105; i++) await c.receive(event(h1, "h1", "disk.full", {}, `p${i}`));
     const kept = c.store.events({ tenant: "acme", limit: 1000 }).events;
     expect(kept).toHaveLength(100);
     expect(kept.at(-1)!.eventId).toBe("p5");
+    expect(c.store.hasEvent("acme", "h1", "p0")).toBe(true);
+    const again = await c.receive(event(h1, "h1", "service.failed", {}, "p0"));
+    expect(again.acks).toHaveLength(1);
+    expect(c.store.events({ tenant: "acme", limit: 1000 }).events.map((e) => e.eventId)).not.toContain("p0");
+    // Past the retention (a day in this store) the ids go too.
+    c.clock.advance(86_400_000 + 120_000);
+    await c.receive(event(h1, "h1", "disk.full", {}, "late"));
     expect(c.store.hasEvent("acme", "h1", "p0")).toBe(false);
-    expect(c.store.hasEvent("acme", "h1", "p5")).toBe(true);
+    expect(c.store.hasEvent("acme", "h1", "late")).toBe(true);
+  });
+
+  it("keeps one tenant's events when another tenant's host floods the bound: the biggest tenant's oldest go first", async () => {
+    const c = new Controller(new ManualClock());
+    const mine = reporterFor(c, "h1");
+    for (let i = 0; i < 10; i++) await c.receive(event(mine, "h1", "service.failed", {}, `a${i}`));
+    const other = new HostReporter(testCredentials(host("x1", "beta"), { clock: c.clock, validityMs: 86_400_000 }), c.clock, host("x1", "beta"));
+    expect(c.verifier.accept(other.key, host("x1", "beta")).ok).toBe(true);
+    for (let i = 0; i < 100; i++) {
+      const e = create(HostEventSchema, { id: `b${i}`, hostId: "x1", tenant: "beta", kind: "noise", time: timestampFromMs(c.clock.now()), watcher: "w" });
+      other.signEvent(e);
+      await c.receive(e);
+      c.clock.advance(1000); // within its host's rate
+    }
+    expect(c.store.events({ tenant: "acme", limit: 1000 }).events).toHaveLength(10);
+    expect(c.store.events({ tenant: "beta", limit: 1000 }).events).toHaveLength(90);
+  });
+
+  it("drops (acknowledged, counted) an event signed longer ago than its id would be remembered, one past its host's rate, and one signed after its report key expired", async () => {
+    const clock = new ManualClock();
+    const c = new Controller(clock);
+    const h1 = reporterFor(c, "h1");
+    const reasons: string[] = [];
+    c.intake = new EventIntake({ store: c.store, clock, log: silentLogger, checkEvent: (e) => c.verifier.checkEvent(e), acceptKey: (k, h) => c.verifier.accept(k, h), stored: () => undefined, refused: (r) => reasons.push(r) });
+    const at = (ms: number, id: string) => {
+      const e = create(HostEventSchema, { id, hostId: "h1", tenant: "acme", kind: "k", time: timestampFromMs(ms), watcher: "w" });
+      h1.signEvent(e);
+      return e;
+    };
+    clock.advance(8 * 86_400_000);
+    const old = await c.receive(at(clock.now() - 7 * 86_400_000, "old"));
+    expect(old.acks.map((a) => a.eventId)).toEqual(["old"]);
+    expect(c.store.hasEvent("acme", "h1", "old")).toBe(false);
+    // A burst past the bucket: the first LIMITS.eventsBurstPerHost are taken, the rest dropped until it refills.
+    const burst = Array.from({ length: LIMITS.eventsBurstPerHost + 5 }, (_, i) => at(clock.now(), `r${i}`));
+    await c.receive(...burst);
+    expect(c.store.hasEvent("acme", "h1", `r${LIMITS.eventsBurstPerHost - 1}`)).toBe(true);
+    expect(c.store.hasEvent("acme", "h1", `r${LIMITS.eventsBurstPerHost}`)).toBe(false);
+    clock.advance(10_000);
+    await c.receive(at(clock.now(), "later"));
+    expect(c.store.hasEvent("acme", "h1", "later")).toBe(true);
+    // The report key lives a year (HostReporter's default): an event it signed as noticed later does not count.
+    await c.receive(at(clock.now() + 400 * 86_400_000, "after-key"));
+    expect(c.store.hasEvent("acme", "h1", "after-key")).toBe(false);
+    expect(reasons).toEqual(["too old", ...Array(5).fill("rate"), "signature"]);
+  });
+
+  it("keeps a targeted trigger's cooldown for the trigger as a whole: hosts failing together queue one job", async () => {
+    const c = new Controller(new ManualClock());
+    const rec = newTrigger(alice, create(TriggerSpecSchema, { name: "all-restart", on: "kind=service.failed", job: create(SubmitJobRequestSchema, { allHosts: true, steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] }), cooldown: durationFromMs(600_000) }), c.clock.now());
+    await c.store.putTrigger(rec);
+    for (const id of ["h1", "h2", "h3", "h4"]) await c.receive(event(reporterFor(c, id), id));
+    expect(c.fired).toHaveLength(1);
+    expect(c.events().slice(1).map((e) => e.outcomes[0]!.note)).toEqual(Array(3).fill(expect.stringMatching(/^suppressed: cooldown \(job j1 for this trigger/)));
   });
 
   it("takes two copies arriving at once (two proxies) once; the second is answered only when the first is stored", async () => {
