@@ -67,6 +67,15 @@ export async function updateCommand(argv: string[], io: Io): Promise<number> {
   if (sub !== undefined) throw new InvalidArgumentError(`unknown update command ${JSON.stringify(sub)}: ${USAGE}`);
   if (p.rest.length > 0) throw new InvalidArgumentError("update runs no command: leave out what comes after --");
   if (typeof v.to !== "string" || v.to === "") throw new InvalidArgumentError("--to V is required: the release version (rexmesh release list)");
+  // Checked under their own names here: run's request builder would name --batch, --concurrency and --max-errors.
+  for (const [flag, value, percent] of [["--canary", v.canary, false], ["--max-in-flight", v.maxInFlight, true], ["--max-failures", v.maxFailures, true]] as const) {
+    if (value === undefined) continue;
+    const m = /^(\d+)(%?)$/.exec(String(value).trim());
+    const zeroOk = flag === "--max-failures";
+    if (!m || (m[2] && !percent) || Number(m[1]) > (m[2] ? 100 : Number.MAX_SAFE_INTEGER) || (!zeroOk && Number(m[1]) === 0)) {
+      throw new InvalidArgumentError(`${flag} must be ${percent ? "a whole number or a percentage like 10%" : "a whole number"}${zeroOk ? "" : " of at least 1"}, not ${JSON.stringify(value)}`);
+    }
+  }
   const { client, close } = operatorClient(v);
   try {
     // Every platform's release of the version: each host takes its own.

@@ -92,6 +92,18 @@ describe("the CLI's rough edges", () => {
       expectOneLine(equals, /^rexmesh: --timeout "-5s" is not a duration/m);
     });
 
+    it("update's wave options are refused under their own names, before any connection", async () => {
+      const [canary, inFlight, failures] = await Promise.all([
+        cli(["update", "--to", "0.2.0", "--all", "--canary", "0"]),
+        cli(["update", "--to", "0.2.0", "--all", "--max-in-flight", "150%"]),
+        cli(["update", "--to", "0.2.0", "--all", "--max-failures", "many"]),
+      ]);
+      for (const r of [canary, inFlight, failures]) expect(r.code).toBe(2);
+      expectOneLine(canary, /^rexmesh: --canary must be a whole number of at least 1, not "0"$/m);
+      expectOneLine(inFlight, /^rexmesh: --max-in-flight must be a whole number or a percentage like 10% of at least 1, not "150%"$/m);
+      expectOneLine(failures, /^rexmesh: --max-failures must be a whole number or a percentage like 10%, not "many"$/m);
+    });
+
     it("release keygen and sign: a signed manifest a daemon trusting the public key accepts; a key is never replaced", async () => {
       const dir = tempDir("release");
       const keygen = await cli(["release", "keygen", "--out", dir, "--json"]);

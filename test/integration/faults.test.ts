@@ -10,7 +10,7 @@ import { isTerminal } from "../../common/task-state.js";
 import { ConnectionState, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { clientOf, collectJob, hostIds, SilentCut, tempDir, type JobResult } from "./support.js";
+import { clientOf, collectJob, hostIds, SilentCut, tempDir, until, type JobResult } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -274,8 +274,15 @@ describe("faults: a store that fills up", () => {
   beforeAll(async () => {
     await mesh.start();
     await mesh.waitForHosts(1);
-    // The host goes away, so every accepted task stays queued at the controller.
+    // The host goes away, so every accepted task stays queued at the controller: once the controller knows it is
+    // gone (a job submitted before its proxy said so would be handed to the proxy, QUEUED, not PENDING).
     await kill(mesh, mesh.daemons[0]!, "SIGTERM");
+    const conn = clientOf(mesh);
+    try {
+      await until("the controller to see f1 gone", async () => ((await conn.client.listHosts({})).hosts.find((h) => h.id === "f1")?.connection === ConnectionState.DISCONNECTED ? true : undefined));
+    } finally {
+      conn.close();
+    }
   });
   afterAll(() => mesh.stop());
 
