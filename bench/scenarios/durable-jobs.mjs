@@ -51,7 +51,10 @@ export default {
         await Promise.all(Array.from({ length: concurrency }, () => modes["SubmitJob + WatchJob"]([], () => (left > 0 ? (left--, true) : false))));
       }
       const runs = {};
+      // `--modes batch` (or any words of the mode names, comma separated) runs only those: for profiling one.
+      const only = String(opt("modes", "")).toLowerCase().split(",").filter(Boolean);
       for (const [mode, worker] of Object.entries(modes)) {
+        if (only.length > 0 && !only.some((w) => mode.toLowerCase().includes(w))) continue;
         const lat = [];
         let next = 0;
         const take = () => (next < total ? (next++, true) : false);
@@ -65,7 +68,7 @@ export default {
         log(`${mode}: ${runs[mode].jobsPerSecond} jobs/s, p50 ${runs[mode].p50Ms} ms, p99 ${runs[mode].p99Ms} ms`);
       }
       const best = Object.entries(runs).sort((x, y) => y[1].jobsPerSecond - x[1].jobsPerSecond)[0];
-      const first = runs["SubmitJob + WatchJob"];
+      const first = runs["SubmitJob + WatchJob"] ?? Object.values(runs)[0];
       const cpuTotal = (r) => Object.values(r.cpuMsPerJob).reduce((a, b) => a + b, 0);
       return {
         jobs: first.jobs,
