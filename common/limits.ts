@@ -179,6 +179,12 @@ export const LIMITS = {
    * fills the store nor holds up everybody's evaluation.
    */
   eventsBurstPerHost: 120,
+  /**
+   * Events a daemon keeps per host while they wait for their ack (a long
+   * cut-off): beyond, new ones are dropped and, once the queue has drained
+   * to half, one `events.dropped` event says how many and since when.
+   */
+  eventsQueuedPerHost: 10_000,
   eventsPerHostPerSecond: 1,
   /** Triggers of one tenant. */
   triggersPerTenant: 100,

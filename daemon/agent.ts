@@ -16,7 +16,9 @@ import {
   type AgentStreamResponse,
 } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
-import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
+import { HostEventSchema, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
+import { timeOrderedIds, type IdGenerator } from "../common/ids.js";
+import { LIMITS } from "../common/limits.js";
 import type { SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import {
   OutputChunkSchema,
@@ -235,6 +237,11 @@ export class Agent implements RoleCore {
   private lastCredits = -1;
   /** Set by drain: no task starts and no credit is granted any more. */
   private draining = false;
+  /** Events kept in the outbox and not yet acknowledged (ids), bounded by LIMITS.eventsQueuedPerHost. */
+  private readonly queuedEvents = new Set<string>();
+  /** Events dropped because that queue was full, since when; reported as one `events.dropped` event once it drains. */
+  private droppedEvents = { count: 0, since: 0 };
+  private readonly eventIds: IdGenerator;
   private connectedListeners = new Set<(proxy: string, address: string) => void>();
   /** Back-pressure state shared by all running tasks; see maxUnackedOutputBytes. */
   private flowPaused = false;
@@ -263,6 +270,7 @@ export class Agent implements RoleCore {
       ...opts,
       maxUnackedOutputBytes: opts.maxUnackedOutputBytes ?? DEFAULT_MAX_UNACKED_OUTPUT_BYTES,
     };
+    this.eventIds = timeOrderedIds(this.opts.clock);
     this.endLeftovers = opts.endLeftovers ?? ((taskId, groups) => endTaskProcesses(taskId, groups, this.opts.clock, this.opts.killGraceMs));
     if (!(this.opts.capacity >= 1)) throw new Error("capacity must be at least 1");
     if (!(this.opts.maxUnackedOutputBytes >= 0)) throw new Error(`maxUnackedOutputBytes must be a non-negative number, got ${this.opts.maxUnackedOutputBytes}`);
@@ -385,6 +393,8 @@ export class Agent implements RoleCore {
    * the job said it is idempotent. Accepted tasks that never started run now.
    */
   private async recover(): Promise<void> {
+    // Events still waiting for their ack count towards the queue's bound.
+    for (const item of this.outbox.all()) if (item.kind === "event") this.queuedEvents.add(item.event.id);
     // Final statuses the proxy never acknowledged are reported again.
     await this.outbox.push(this.opts.ledger.unreported().map((e) => ({ kind: "status" as const, status: e.final! })));
     for (const entry of this.opts.ledger.unfinished()) {
@@ -502,6 +512,15 @@ export class Agent implements RoleCore {
    * Resolves once it is durable.
    */
   reportEvent(event: HostEvent): Promise<void> {
+    // A bounded queue: a watcher flapping through a long cut-off must not fill the store that task results need.
+    if (this.queuedEvents.size >= LIMITS.eventsQueuedPerHost) {
+      if (this.droppedEvents.count++ === 0) {
+        this.droppedEvents.since = this.opts.clock.now();
+        this.opts.log.warn("events not yet acknowledged fill their queue: new ones are dropped until it drains", { queued: this.queuedEvents.size });
+      }
+      return Promise.resolve();
+    }
+    this.queuedEvents.add(event.id);
     const reporter = this.reporter ?? this.opts.reporter?.();
     if (reporter) {
       reporter.signEvent(event);
@@ -631,7 +650,27 @@ export class Agent implements RoleCore {
     const dropFailed = (err: unknown) => this.opts.log.error("dropping acknowledged results failed", { err });
     screenAcks(frame).warn(this.opts.log, "acknowledgements no proxy sends were ignored");
     for (const ack of frame.outputAcks) this.outbox.ackOutput(ack.taskId, Number(ack.seq)).catch(dropFailed);
-    for (const ack of frame.eventAcks) this.outbox.ackEvent(this.opts.hostId, ack.eventId).catch(dropFailed);
+    for (const ack of frame.eventAcks) {
+      this.queuedEvents.delete(ack.eventId);
+      this.outbox.ackEvent(this.opts.hostId, ack.eventId).catch(dropFailed);
+    }
+    // Drained enough: say how many were dropped meanwhile, as an event of its own.
+    if (this.droppedEvents.count > 0 && this.queuedEvents.size <= LIMITS.eventsQueuedPerHost / 2) {
+      const { count, since } = this.droppedEvents;
+      this.droppedEvents = { count: 0, since: 0 };
+      this.opts.log.warn("events were dropped while their queue was full", { dropped: count });
+      void this.reportEvent(
+        create(HostEventSchema, {
+          id: this.eventIds("e"),
+          hostId: this.opts.hostId,
+          tenant: this.opts.tenant,
+          kind: "events.dropped",
+          details: { count: String(count), since: new Date(since).toISOString() },
+          time: timestampFromMs(this.opts.clock.now()),
+          watcher: "daemon",
+        }),
+      ).catch(this.spoolFailed);
+    }
     for (const ack of frame.statusAcks) {
       this.outbox.ackStatus(ack.taskId, ack.state).catch(dropFailed);
       if (isTerminal(ack.state)) await this.markReported(ack.taskId);

@@ -1,6 +1,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
+import { LIMITS } from "../../common/limits.js";
 import { silentLogger } from "../../common/logger.js";
 import { Agent, LINK_BACKLOG_HIGH_FRAMES, LINK_BACKLOG_LOW_FRAMES, type AgentUpdates } from "../../daemon/agent.js";
 import type { Executor, RunIo, TaskOutcome } from "../../daemon/executor.js";
@@ -803,5 +804,28 @@ describe("Agent: events (docs/triggers.md)", () => {
     await flush();
     await t.reconnect();
     expect(eventsIn(t.link().sent)).toEqual([]);
+  });
+});
+
+describe("Agent: the events queue is bounded", () => {
+  it("drops events past LIMITS.eventsQueuedPerHost while none are acknowledged, and says how many once the queue drains", async () => {
+    const t = setup();
+    const cap = LIMITS.eventsQueuedPerHost;
+    for (let i = 0; i < cap + 5; i++) await t.agent.reportEvent(create(HostEventSchema, { id: `e${i}`, hostId: "h1", tenant: "acme", kind: "flap" }));
+    await t.start();
+    const sent = () => t.links.flatMap((l) => l.sent).flatMap((f) => f.events);
+    expect(new Set(sent().map((e) => e.id)).size).toBe(cap);
+    expect(sent().some((e) => e.id === `e${cap}`)).toBe(false);
+    // The proxy acknowledges more than half: one event says what was dropped.
+    t.fromProxy({ eventAcks: Array.from({ length: cap / 2 + 1 }, (_, i) => ({ hostId: "h1", eventId: `e${i}` })) });
+    await flush();
+    const dropped = sent().filter((e) => e.kind === "events.dropped");
+    expect(dropped).toHaveLength(1);
+    expect(dropped[0]!.details.count).toBe("5");
+    expect(dropped[0]!.watcher).toBe("daemon");
+    // Taken again from then on.
+    await t.agent.reportEvent(create(HostEventSchema, { id: "after", hostId: "h1", tenant: "acme", kind: "flap" }));
+    await flush();
+    expect(sent().some((e) => e.id === "after")).toBe(true);
   });
 });
