@@ -49,7 +49,7 @@ export interface ExecutorOptions {
    */
   programs?: Readonly<Record<string, string>>;
   /** Carries out `update` steps (daemon/updates.ts). Absent: they fail saying so. */
-  updater?: Pick<Updater, "prepare">;
+  updater?: Pick<Updater, "prepare" | "abandoned">;
 }
 
 /**
@@ -138,7 +138,7 @@ interface ResolvedOptions {
   baseEnv: Readonly<Record<string, string | undefined>> | undefined;
   fetchArtifact: ArtifactFetcher | undefined;
   programs: Readonly<Record<string, string>>;
-  updater: Pick<Updater, "prepare"> | undefined;
+  updater: Pick<Updater, "prepare" | "abandoned"> | undefined;
 }
 
 /**
@@ -389,7 +389,11 @@ class TaskRun {
       return this.outcome(TaskState.FAILED, `update refused: ${errorText(err)}`);
     }
     const stop = this.stopped();
-    if (stop) return this.outcome(stop.state, stop.message);
+    if (stop) {
+      // Cancelled or timed out once unpacked: no restart, so another update may be prepared.
+      if ("restart" in prepared) updater.abandoned();
+      return this.outcome(stop.state, stop.message);
+    }
     if ("already" in prepared) return this.outcome(TaskState.SUCCEEDED, `already runs version ${prepared.already}`);
     return { ...this.outcome(TaskState.SUCCEEDED, `restarting into ${prepared.restart.to}`), restart: prepared.restart };
   }

@@ -16,6 +16,9 @@ import { newReleaseKeyPair, parseReleaseKeys, signRelease } from "../../common/r
 import { EXIT_UPDATE, installPaths, readJson, writeDurable, type ProbationRollback, type UpdateResult } from "../../daemon/install.js";
 import { Supervisor } from "../../daemon/supervisor.js";
 import { compareVersions, Updater, type BadVersion } from "../../daemon/updates.js";
+import { Executor } from "../../daemon/executor.js";
+import { create } from "@bufbuild/protobuf";
+import { StepSchema, TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 
 const base = mkdtempSync(join(tmpdir(), "rexmesh-updates-unit-"));
 let n = 0;
@@ -341,5 +344,32 @@ describe("rexmesh supervise", () => {
 
   it("refuses to start without a current version", async () => {
     await expect(new Supervisor({ root: fresh("empty"), args: [], healthTimeoutMs: 1000, log: () => undefined }).run()).rejects.toThrow(/is not a link to versions/);
+  });
+});
+
+describe("the update step in the executor", () => {
+  it("asks for no restart and frees the update when the task is cancelled while it was preparing", async () => {
+    const key = newReleaseKeyPair();
+    const signed = signRelease(Buffer.from("x"), "2.0.0", PLATFORM, key.privatePem, Date.now());
+    let abandoned = 0;
+    let release!: () => void;
+    const updater = {
+      prepare: async () => {
+        await new Promise<void>((r) => (release = r));
+        return { restart: { from: "1.0.0", to: "2.0.0", keyId: key.keyId, digest: "sha256:" + "0".repeat(64) } };
+      },
+      abandoned: () => void abandoned++,
+    };
+    const ex = new Executor({ clock: systemClock, updater });
+    const abort = new AbortController();
+    const spec = create(TaskSpecSchema, { taskId: "t1", steps: [create(StepSchema, { tool: { case: "update", value: { releases: [signed] } } })] });
+    const running = ex.run(spec, { signal: abort.signal, onOutput: () => undefined });
+    await new Promise((r) => setTimeout(r, 20));
+    abort.abort();
+    release();
+    const outcome = await running;
+    expect(TaskState[outcome.state]).toBe("CANCELLED");
+    expect(outcome.restart).toBeUndefined();
+    expect(abandoned).toBe(1);
   });
 });
