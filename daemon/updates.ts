@@ -98,10 +98,6 @@ export class Updater {
     removeFile(this.paths.probation);
   }
 
-  get version(): string {
-    return this.opts.version;
-  }
-
   /** Why this daemon cannot update itself, or undefined when it can (it then reports the `update` tool). */
   unable(): string | undefined {
     if (!this.paths) return "this daemon is not run by its supervisor (rexmesh supervise --root DIR), so it cannot restart into a new version";
