@@ -36,6 +36,8 @@ export interface LinkSessionOptions<Out> {
   peer: string;
   /** Called after each coalesced frame is queued for writing (flow control looks at the link's backlog then). */
   afterSend?: () => void;
+  /** Called with each coalesced frame just before it is written (the controller signs the frame's tasks together then). */
+  beforeSend?: (frame: Out) => void;
   /**
    * Measures the link's round trip: this side puts a new ping in a frame
    * once per heartbeat interval and is told, in milliseconds, when the
@@ -80,6 +82,7 @@ export class LinkSession<Out extends RoundTripFields, In extends RoundTripFields
     this.iterator = link.incoming[Symbol.asyncIterator]();
     this.out = new Coalescer(opts.empty, (frame) => {
       this.heartbeat?.sent();
+      opts.beforeSend?.(frame);
       link.send(frame);
       opts.afterSend?.();
     });

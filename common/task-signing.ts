@@ -3,9 +3,10 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate } from "../certs/identity.js";
-import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
+import { SignedTaskSchema, TaskBatchProofSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import { SessionOrderSchema, SignedSessionOrderSchema, type SessionOrder, type SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
 import type { Clock } from "./clock.js";
+import { buildTree, leafHash, proofOf, rootFromProof, rootOf } from "./merkle.js";
 
 /** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
 function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {
@@ -29,6 +30,17 @@ function signedBytes(prefix: Buffer, bytes: Uint8Array): Buffer {
   return Buffer.concat([prefix, bytes]);
 }
 const TASK_PREFIX = Buffer.from("rexmesh task v1\0");
+const BATCH_PREFIX = Buffer.from("rexmesh task batch v1\0");
+
+/** What a batch signature covers: the number of tasks and the root of their hash tree (common/merkle.ts). */
+function batchBytes(leaves: number, root: Uint8Array): Buffer {
+  const head = Buffer.alloc(4);
+  head.writeUInt32BE(leaves, 0);
+  return Buffer.concat([BATCH_PREFIX, head, root]);
+}
+
+/** Room a batch proof takes in a frame, at most (a frame of MAX_FRAME_BYTES holds far fewer than 2^17 tasks). */
+export const BATCH_PROOF_BYTES = 17 * 34 + 16;
 const SESSION_ORDER_PREFIX = Buffer.from("rexmesh session order v1\0");
 
 /**
@@ -56,11 +68,54 @@ export class TaskSigner {
     });
   }
 
-  /** Signs a task; a ping-only task goes unsigned (see isPingOnly). */
+  /** Tasks made by {@link prepare} that {@link seal} still has to sign. */
+  private readonly unsealed = new WeakSet<SignedTask>();
+
+  /**
+   * A task to be signed together with the others sent in the same frame:
+   * its spec is encoded now, its signature added by {@link seal} just before
+   * the frame leaves. A ping-only task needs none (see isPingOnly).
+   */
+  prepare(spec: TaskSpec): SignedTask {
+    const task = create(SignedTaskSchema, { spec: toBinary(TaskSpecSchema, spec) });
+    if (!isPingOnly(spec)) this.unsealed.add(task);
+    return task;
+  }
+
+  /**
+   * Signs every task of `tasks` made by {@link prepare} and not signed yet,
+   * with one signature over the root of their hash tree (docs/fan-out.md):
+   * each task carries its place in the tree and its path to the root. A lone
+   * task is signed on its own, as {@link sign} does.
+   */
+  seal(tasks: readonly SignedTask[]): void {
+    const batch = tasks.filter((t) => this.unsealed.delete(t));
+    if (batch.length === 0) return;
+    if (batch.length === 1) {
+      const t = batch[0]!;
+      t.signature = sign(null, signedBytes(TASK_PREFIX, t.spec), this.privateKey);
+      t.keyId = this.key.keyId;
+      return;
+    }
+    const levels = buildTree(batch.map((t) => leafHash(t.spec)));
+    const signature = sign(null, batchBytes(batch.length, rootOf(levels)), this.privateKey);
+    batch.forEach((t, index) => {
+      t.signature = signature;
+      t.keyId = this.key.keyId;
+      t.batch = create(TaskBatchProofSchema, { index, leaves: batch.length, path: proofOf(levels, index) });
+    });
+  }
+
+  /** Signs tasks sent together (a bundle's): {@link prepare} and {@link seal} in one. */
+  signAll(specs: readonly TaskSpec[]): SignedTask[] {
+    const tasks = specs.map((s) => this.prepare(s));
+    this.seal(tasks);
+    return tasks;
+  }
+
+  /** Signs a task on its own; a ping-only task goes unsigned (see isPingOnly). */
   sign(spec: TaskSpec): SignedTask {
-    const bytes = toBinary(TaskSpecSchema, spec);
-    if (isPingOnly(spec)) return create(SignedTaskSchema, { spec: bytes });
-    return create(SignedTaskSchema, { spec: bytes, signature: sign(null, signedBytes(TASK_PREFIX, bytes), this.privateKey), keyId: this.key.keyId });
+    return this.signAll([spec])[0]!;
   }
 
   /** Signs a session order (docs/sessions.md); never valid as a task signature. */
@@ -101,6 +156,9 @@ export function peekSpec(task: SignedTask): TaskSpec | undefined {
 }
 
 export class TaskRejected extends Error {}
+
+/** Batch roots a verifier remembers as verified (oldest forgotten first). */
+const VERIFIED_ROOTS = 256;
 
 /**
  * The daemon's check before it runs anything: keys are trusted only when a
@@ -167,7 +225,25 @@ export class TaskVerifier {
     const key = this.keys.get(task.keyId);
     if (!key) throw new TaskRejected(`the task is signed with an unknown key ${JSON.stringify(task.keyId)}`);
     if (key.notAfter <= this.clock.now()) throw new TaskRejected("the task is signed with an expired key");
-    if (!verify(null, signedBytes(TASK_PREFIX, task.spec), key.publicKey, task.signature)) throw new TaskRejected("the task's signature does not match: it was altered on the way");
+    if (task.batch) this.verifyBatch(task, key.publicKey);
+    else if (!verify(null, signedBytes(TASK_PREFIX, task.spec), key.publicKey, task.signature)) throw new TaskRejected("the task's signature does not match: it was altered on the way");
     return fromBinary(TaskSpecSchema, task.spec);
+  }
+
+  /** Roots of batches whose signature held (a host sent several tasks of one batch checks the signature once). */
+  private readonly verifiedRoots = new Set<string>();
+
+  /** A task signed as part of a batch: its path must lead from its spec to a root the key signed. */
+  private verifyBatch(task: SignedTask, publicKey: KeyObject): void {
+    const { index, leaves, path } = task.batch!;
+    const root = rootFromProof(leafHash(task.spec), index, leaves, path);
+    if (!root) throw new TaskRejected("the task's batch proof is malformed");
+    const id = `${task.keyId}/${leaves}/${root.toString("hex")}/${Buffer.from(task.signature).toString("base64")}`;
+    if (this.verifiedRoots.has(id)) return;
+    if (!verify(null, batchBytes(leaves, root), publicKey, task.signature)) {
+      throw new TaskRejected("the task's signature does not match its batch: it was altered on the way");
+    }
+    if (this.verifiedRoots.size >= VERIFIED_ROOTS) this.verifiedRoots.delete(this.verifiedRoots.values().next().value!);
+    this.verifiedRoots.add(id);
   }
 }

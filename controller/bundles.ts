@@ -53,7 +53,7 @@ export class BundleService {
       {
         kind: BundleKind.TASKS,
         region,
-        tasks: part.tasks.map((t) => this.deps.signer.sign(t)),
+        tasks: this.deps.signer.signAll(part.tasks),
         signingKeys: [this.deps.signer.key],
         artifacts: [...new Set(part.tasks.flatMap((t) => t.steps.flatMap(stepArtifacts)))].sort(),
         cancels: part.cancels.map((c) => create(CancelTaskSchema, c)),

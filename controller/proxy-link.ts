@@ -16,8 +16,7 @@ import {
 import { OutputAckSchema, StatusAckSchema, TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "../common/task-state.js";
 import { reportedSince, type Inventory } from "./inventory.js";
-import { specBytes } from "../common/backlog.js";
-import type { TaskSigner } from "../common/task-signing.js";
+import { BATCH_PROOF_BYTES, type TaskSigner } from "../common/task-signing.js";
 import type { Revocations } from "./revocation.js";
 import type { JobManager, ProxyPort } from "./jobs.js";
 import { randomBytes } from "node:crypto";
@@ -58,7 +57,13 @@ export interface ProxyLinkDeps {
 export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtController, peer: PeerIdentity): Promise<void> {
   requireRole(peer, "proxy");
   const { jobs, inventory, clock } = deps;
-  const ls = new LinkSession<ProxyStreamResponse, ProxyStreamRequest>(link, { clock, empty: () => create(ProxyStreamResponseSchema), peer: "proxy" });
+  // The tasks of a frame are signed together, once, as it leaves (docs/fan-out.md).
+  const ls = new LinkSession<ProxyStreamResponse, ProxyStreamRequest>(link, {
+    clock,
+    empty: () => create(ProxyStreamResponseSchema),
+    peer: "proxy",
+    beforeSend: (frame) => deps.signer.seal(frame.tasks),
+  });
   const first = await ls.first();
   if (!first) return;
   const hello = first.hello;
@@ -77,7 +82,10 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   const port: ProxyPort = {
     name: peer.id,
     region: peer.scope,
-    sendTask: (spec) => out.frameFor(specBytes(spec)).tasks.push(deps.signer.sign(spec)),
+    sendTask: (spec) => {
+      const task = deps.signer.prepare(spec);
+      out.frameFor(task.spec.length + BATCH_PROOF_BYTES).tasks.push(task);
+    },
     sendCancel: (taskId, hostId, withdraw = false) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId, withdraw })),
     openSession: (order) => out.frameFor(order.order.length + 128).sessions.push(order),
   };

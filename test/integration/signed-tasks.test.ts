@@ -47,7 +47,21 @@ class EvilProxy {
   /** What each host's hello said: its report key (what a proxy could try to reuse). */
   readonly hellos = new Map<string, AgentStreamRequest>();
   keys: TaskSigningKey[] = [];
-  mode: { alter?: string; replayTo?: string; forgeOutput?: boolean; forgeExit?: boolean; stripSignature?: boolean } = {};
+  mode: {
+    alter?: string;
+    replayTo?: string;
+    forgeOutput?: boolean;
+    forgeExit?: boolean;
+    stripSignature?: boolean;
+    /** Also hand a copy of `from`'s task, readdressed to `to`, to `to` (a leaf its batch never had). */
+    retarget?: { from: string; to: string };
+    /** Give this host's task the batch proof and signature of the task it was sent before (another job's). */
+    foreignProof?: string;
+  } = {};
+  /** Per task id: the batch proof it came with from the controller. */
+  readonly proofs = new Map<string, { leaves: number; index: number; path: number; signature: string }>();
+  /** Per host: the signature and proof of the last batched task relayed to it. */
+  private readonly lastBatched = new Map<string, Pick<SignedTask, "signature" | "keyId" | "batch">>();
   /** Sessions: flip a bit of what goes to the host, or hold the host's leg and never join the controller. */
   sessionMode: { flip?: boolean; hold?: boolean } = {};
   /** Every byte of session data and urgent records this proxy relayed, and the hosts whose legs it took. */
@@ -156,6 +170,20 @@ class EvilProxy {
   private relay(signed: SignedTask): void {
     const spec = peekSpec(signed)!;
     let out = signed;
+    if (signed.batch) {
+      const { leaves, index, path } = signed.batch;
+      this.proofs.set(spec.taskId, { leaves, index, path: path.length, signature: Buffer.from(signed.signature).toString("hex") });
+      const earlier = this.lastBatched.get(spec.hostId);
+      this.lastBatched.set(spec.hostId, { signature: signed.signature, keyId: signed.keyId, batch: signed.batch });
+      if (this.mode.foreignProof === spec.hostId && earlier) out = create(SignedTaskSchema, { ...signed, ...earlier });
+    }
+    const retarget = this.mode.retarget;
+    if (retarget?.from === spec.hostId) {
+      // The same task, readdressed to another host of the region, its proof and signature kept.
+      const moved = fromBinary(TaskSpecSchema, signed.spec);
+      moved.hostId = retarget.to;
+      this.hosts.get(retarget.to)?.send(create(AgentStreamResponseSchema, { tasks: [create(SignedTaskSchema, { ...signed, spec: toBinary(TaskSpecSchema, moved) })], signingKeys: this.keys }));
+    }
     if (this.mode.alter === spec.hostId) {
       // Change the command, keep the signature: exactly what a compromised relay would try.
       const altered = fromBinary(TaskSpecSchema, signed.spec);
@@ -203,15 +231,72 @@ describe("signed tasks and sealed sessions: a proxy can delay work but never for
     await mesh.stop();
   });
 
-  const submit = async (host: string) => {
+  const submit = async (...hosts: string[]) => {
     const conn = clientOf(mesh);
     const { job } = await conn.client.submitJob(
-      create(SubmitJobRequestSchema, { hostIds: [host], env: { MARK: marks() }, steps: [{ tool: { case: "shell", value: { script: 'echo "$REXMESH_HOST_ID" >> "$MARK/$REXMESH_TASK_ID"' } } }] }),
+      create(SubmitJobRequestSchema, { hostIds: hosts, env: { MARK: marks() }, steps: [{ tool: { case: "shell", value: { script: 'echo "$REXMESH_HOST_ID" >> "$MARK/$REXMESH_TASK_ID"' } } }] }),
     );
     const { tasks } = await conn.client.getJob({ jobId: job!.id });
-    owners.set(tasks[0]!.id, host);
+    for (const t of tasks) owners.set(t.id, t.hostId);
     return { conn, job: job! };
   };
+
+  it("a job on several hosts is signed once for all: each host checks its own proof and runs its own task", async () => {
+    evil.mode = {};
+    const { conn, job } = await submit("s1", "s2");
+    try {
+      const r = await collectJob(conn.client, job.id);
+      const [t1, t2] = [r.tasks.get("s1")!, r.tasks.get("s2")!];
+      expect([TaskState[t1.state], TaskState[t2.state]]).toEqual(["SUCCEEDED", "SUCCEEDED"]);
+      const [p1, p2] = [evil.proofs.get(t1.id)!, evil.proofs.get(t2.id)!];
+      expect(p1).toMatchObject({ leaves: 2, path: 1 });
+      expect(p2).toMatchObject({ leaves: 2, path: 1 });
+      expect(p1.signature).toBe(p2.signature);
+      expect(new Set([p1.index, p2.index])).toEqual(new Set([0, 1]));
+      expect(readFileSync(join(marks(), t1.id), "utf8")).toBe("s1\n");
+      expect(readFileSync(join(marks(), t2.id), "utf8")).toBe("s2\n");
+    } finally {
+      conn.close();
+    }
+  });
+
+  it("a batched task altered on the way, or moved to a host its batch does not name, is REJECTED and runs nowhere", async () => {
+    evil.mode = { alter: "s2", retarget: { from: "s1", to: "s2" } };
+    const { conn, job } = await submit("s1", "s2");
+    try {
+      const r = await collectJob(conn.client, job.id);
+      const [t1, t2] = [r.tasks.get("s1")!, r.tasks.get("s2")!];
+      expect(evil.proofs.get(t1.id)?.leaves).toBe(2);
+      // s2's own task, its command changed: refused against the batch's signature.
+      expect(t2.state).toBe(TaskState.REJECTED);
+      expect(t2.message).toMatch(/does not match its batch: it was altered/);
+      // s1's task readdressed to s2: its leaf is in no signed batch, so s2 refuses it; s1 ran its own.
+      const moved = evil.seen.filter((x) => x.host === "s2" && x.status.taskId === t1.id);
+      expect(moved.map((x) => TaskState[x.status.state])).toEqual(["REJECTED"]);
+      expect(moved[0]!.status.message).toMatch(/does not match its batch/);
+      expect(t1.state).toBe(TaskState.SUCCEEDED);
+      expect(readFileSync(join(marks(), t1.id), "utf8")).toBe("s1\n");
+      expect(existsSync(join(marks(), t2.id))).toBe(false);
+      expect(existsSync(join(marks(), "pwned"))).toBe(false);
+    } finally {
+      conn.close();
+    }
+  });
+
+  it("a proof and signature from another job do not carry a task: REJECTED, nothing runs", async () => {
+    evil.mode = { foreignProof: "s1" };
+    const { conn, job } = await submit("s1", "s2");
+    try {
+      const r = await collectJob(conn.client, job.id);
+      const [t1, t2] = [r.tasks.get("s1")!, r.tasks.get("s2")!];
+      expect(t1.state).toBe(TaskState.REJECTED);
+      expect(t1.message).toMatch(/does not match its batch/);
+      expect(existsSync(join(marks(), t1.id))).toBe(false);
+      expect(t2.state).toBe(TaskState.SUCCEEDED);
+    } finally {
+      conn.close();
+    }
+  });
 
   it("a task whose command was altered on the way is REJECTED and nothing of it runs", async () => {
     evil.mode = { alter: "s1" };

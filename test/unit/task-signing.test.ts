@@ -1,8 +1,8 @@
 import { describe, expect, it } from "vitest";
-import { create } from "@bufbuild/protobuf";
+import { create, fromBinary } from "@bufbuild/protobuf";
 import { ManualClock } from "../../common/clock.js";
 import { TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
-import { SignedTaskSchema, StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
+import { SignedTaskSchema, StepSchema, TaskBatchProofSchema, TaskSpecSchema } from "../../gen/rexmesh/v1/task_pb.js";
 import { otherTestCa, otherTestKeys, testCredentials } from "../test-ca.js";
 import { taskSpec, testSigning } from "./support.js";
 
@@ -65,3 +65,65 @@ describe("TaskVerifier", () => {
     expect(new TaskVerifier(otherCa.certPem, clock).addKeys([shortLived.key])).toBe(0);
   });
 });
+
+describe("batch signatures (one signature over a frame's tasks, a hash-tree proof each)", () => {
+  const { signer, caPem } = testSigning();
+  const verifier = () => {
+    const v = new TaskVerifier(caPem, clock);
+    v.addKeys([signer.key]);
+    return v;
+  };
+  const specs = (n: number, job = "j1") => Array.from({ length: n }, (_, i) => taskSpec(`${job}-t${i}`, `h${i}`, { jobId: job, deliverByMs: clock.now() + 60_000 }));
+
+  it("every task of batches of every shape verifies, all under one signature, with the shortest path its place allows", () => {
+    for (const n of [2, 3, 4, 5, 7, 8, 9, 16, 17, 100, 1000]) {
+      const tasks = signer.signAll(specs(n));
+      const v = verifier();
+      expect(new Set(tasks.map((t) => Buffer.from(t.signature).toString("hex"))).size).toBe(1);
+      tasks.forEach((t, i) => {
+        expect(t.batch).toMatchObject({ index: i, leaves: n });
+        expect(t.batch!.path.length).toBeLessThanOrEqual(Math.ceil(Math.log2(n)));
+        expect(v.verify(t).taskId).toBe(`j1-t${i}`);
+      });
+    }
+    // A lone task keeps the plain signature: no proof.
+    expect(signer.signAll(specs(1))[0]!.batch).toBeUndefined();
+  });
+
+  it("a tampered leaf, a task from outside the set, another batch's proof or a bent proof is refused", () => {
+    const v = verifier();
+    const tasks = signer.signAll(specs(5));
+    const other = signer.signAll(specs(5, "j2"));
+    const t = tasks[2]!;
+    const flip = (b: Uint8Array, at: number) => Uint8Array.from(b, (x, i) => (i === at ? x ^ 1 : x));
+    const bad: [string, ReturnType<typeof create<typeof SignedTaskSchema>>, RegExp][] = [
+      ["tampered spec", create(SignedTaskSchema, { ...t, spec: flip(t.spec, 7) }), /does not match its batch/],
+      // The same task readdressed to a host the batch never named.
+      ["host outside the set", create(SignedTaskSchema, { ...t, spec: signer.signAll([taskSpec("j1-t2", "h9", { jobId: "j1", deliverByMs: clock.now() + 60_000 })])[0]!.spec }), /does not match its batch/],
+      ["proof of another job", create(SignedTaskSchema, { ...t, batch: other[2]!.batch, signature: other[2]!.signature }), /does not match its batch/],
+      ["another index", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, index: 3 } }), /does not match its batch/],
+      ["index out of range", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, index: 5 } }), /malformed/],
+      ["other leaf count", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, leaves: 6 } }), /does not match its batch|malformed/],
+      ["a hash too many", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, path: [...t.batch!.path, new Uint8Array(32)] } }), /malformed/],
+      ["a hash too few", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, path: t.batch!.path.slice(1) } }), /malformed/],
+      ["a short hash", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, path: [t.batch!.path[0]!.subarray(1), ...t.batch!.path.slice(1)] } }), /malformed/],
+      ["a bent sibling", create(SignedTaskSchema, { ...t, batch: { ...t.batch!, path: [flip(t.batch!.path[0]!, 0), ...t.batch!.path.slice(1)] } }), /does not match its batch/],
+      ["the proof dropped", create(SignedTaskSchema, { ...t, batch: undefined }), /altered on the way/],
+    ];
+    for (const [what, task, why] of bad) expect(() => v.verify(task), what).toThrow(why);
+    // The honest ones still pass, in any order, once the batch's signature is known to hold.
+    for (const x of [...tasks].reverse()) expect(v.verify(x).taskId).toBe(peekId(x));
+    // ... and a root remembered as verified lets nothing else through.
+    for (const [what, task, why] of bad) expect(() => v.verify(task), `${what}, after`).toThrow(why);
+  });
+
+  it("a batch signature never passes for a lone task's, nor the reverse", () => {
+    const v = verifier();
+    const [a] = signer.signAll(specs(2));
+    const lone = signer.sign(specs(1)[0]!);
+    expect(() => v.verify(create(SignedTaskSchema, { ...a!, batch: undefined }))).toThrow(/altered/);
+    expect(() => v.verify(create(SignedTaskSchema, { ...lone, batch: create(TaskBatchProofSchema, { index: 0, leaves: 1 }) }))).toThrow(/does not match its batch/);
+  });
+});
+
+const peekId = (t: { spec: Uint8Array }) => fromBinary(TaskSpecSchema, t.spec).taskId;
