@@ -29,7 +29,7 @@ export default {
         regions,
         fleet: { hosts: n, perProcess: opt("per-process", 5000), heartbeatMs: opt("heartbeat-ms", 10_000), proxiesFor: (_k, mesh) => mesh.proxies.map((p) => p.address) },
       },
-      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS }),
+      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS, signedRuns: opt("signed-runs", 3) }),
     );
     log(`nats baseline (${n} subscribers)`);
     result.nats = await natsBaseline(n, runs);
@@ -37,7 +37,8 @@ export default {
     return result;
   },
   verdict: (r) => ({
-    figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies)` + (r.nats?.available ? `; NATS p50 ${r.nats.medianMs} ms` : r.nats?.skipped ? `; NATS skipped` : ""),
+    figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies)` + (r.nats?.available ? `; NATS p50 ${r.nats.medianMs} ms` : r.nats?.skipped ? `; NATS skipped` : "") +
+      (r.signed ? `; signed \`true\` p50 ${r.signed.lastReplyMsP50} ms, controller ${r.signed.cpuUsPerHostP50.controller} µs/host` : ""),
     met: r.hosts >= 10_000 && r.lastReplyMsP50 <= TARGET_MS,
   }),
   plot: (r) => ({
