@@ -27,9 +27,11 @@ export default {
     const result = await withSimMesh(
       {
         regions,
+        // --profile ping|signed --profile-dir DIR: the controller's and proxies' CPU during that series (node bench/lib/cpuprofile.mjs DIR).
+        profileDir: opt("profile", "") ? String(opt("profile-dir", "bench/results/prof-ping-10k")) : undefined,
         fleet: { hosts: n, perProcess: opt("per-process", 5000), heartbeatMs: opt("heartbeat-ms", 10_000), proxiesFor: (_k, mesh) => mesh.proxies.map((p) => p.address) },
       },
-      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS, signedRuns: opt("signed-runs", 3) }),
+      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS, signedRuns: opt("signed-runs", 3), profile: opt("profile", "") || undefined }),
     );
     log(`nats baseline (${n} subscribers)`);
     result.nats = await natsBaseline(n, runs);

@@ -15,7 +15,7 @@ export const trueStep = { tool: { case: "exec", value: { argv: ["true"] } } };
  * `signedRuns` more runs with `exec true` (signed, unlike a ping, and ended
  * with a host-signed status) follow the ping runs: result.signed.
  */
-export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTimeoutMs = 900_000, signedRuns = 0 }) {
+export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTimeoutMs = 900_000, signedRuns = 0, profile }) {
   const { mesh, client, fleet } = ctx;
   log(`issuing ${hosts} certificates in ${Math.ceil(hosts / fleet.opts.perProcess)} simulator processes`);
   const started = await fleet.start();
@@ -67,8 +67,17 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
   }
   return out;
   };
-  const out = await series("ping", pingStep, runs);
-  const signed = signedRuns > 0 ? await series("signed `true`", trueStep, signedRuns) : [];
+  // `profile` ("ping" or "signed"): the controller's and proxies' CPU profiles cover that series only.
+  const profiled = async (name, run) => {
+    if (profile === name) ctx.toggleProfile();
+    try {
+      return await run();
+    } finally {
+      if (profile === name) ctx.toggleProfile();
+    }
+  };
+  const out = await profiled("ping", () => series("ping", pingStep, runs));
+  const signed = signedRuns > 0 ? await profiled("signed", () => series("signed `true`", trueStep, signedRuns)) : [];
   const st = await fleet.stats();
   const ms = out.map((x) => x.ms);
   const result = {
