@@ -10,7 +10,8 @@
  * key only when the endorsing certificate chains to the mesh CA, is valid,
  * names that very host, and is not revoked.
  */
-import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { ed25519PublicKey } from "./ed25519.js";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
@@ -170,8 +171,8 @@ export class HostKeyVerifier {
       const notAfter = key.notAfter ? timestampMs(key.notAfter) : 0;
       if (notAfter <= now && !acceptedBefore) return { ok: false, reason: "the report key has expired" };
       if (!verify("sha256", endorsed(key.keyId, key.publicKey, notAfter), cert.publicKey, key.endorsement)) return { ok: false, reason: "the report key's endorsement does not hold" };
-      const publicKey = createPublicKey({ key: Buffer.from(key.publicKey), format: "der", type: "spki" });
-      if (publicKey.asymmetricKeyType !== "ed25519") return { ok: false, reason: "the report key is not Ed25519" };
+      const publicKey = ed25519PublicKey(key.publicKey);
+      if (!publicKey) return { ok: false, reason: "the report key is not Ed25519" };
       if (this.keys.size >= this.maxKeys) this.keys.delete(this.keys.keys().next().value!);
       this.keys.set(key.keyId, { publicKey, host: id, notAfter });
       if (this.store && !this.store.get(key.keyId)) this.store.put(key);

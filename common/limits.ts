@@ -82,6 +82,8 @@ export const LIMITS = {
   factListItems: 64,
   /** All facts of one host together, in characters; list elements are dropped from the end beyond. */
   factsTotalChars: 8 * KiB,
+  /** Sibling hashes in a task's batch proof (docs/fan-out.md): a tree of at most 2^20 tasks is 20 levels high; a longer path is refused before any hashing. */
+  batchProofHashes: 20,
 
   // ---- queries (controller/query.ts) -----------------------------------------
   queryChars: 8 * KiB,
@@ -321,14 +323,16 @@ export function clampFacts(facts: HostFacts): { facts: HostFacts; truncated: boo
     addresses: list(facts.addresses),
     daemonVersion: text(facts.daemonVersion),
     tools: list(facts.tools),
+    features: list(facts.features),
   });
   const size = () =>
     out.os.length + out.osFamily.length + out.arch.length + out.kernel.length + out.hostname.length + out.daemonVersion.length +
-    out.addresses.reduce((n, a) => n + a.length, 0) + out.tools.reduce((n, t) => n + t.length, 0);
-  while (size() > LIMITS.factsTotalChars && (out.addresses.length > 0 || out.tools.length > 0)) {
+    out.addresses.reduce((n, a) => n + a.length, 0) + out.tools.reduce((n, t) => n + t.length, 0) + out.features.reduce((n, f) => n + f.length, 0);
+  while (size() > LIMITS.factsTotalChars && (out.addresses.length > 0 || out.tools.length > 0 || out.features.length > 0)) {
     truncated = true;
-    if (out.addresses.length >= out.tools.length) out.addresses.pop();
-    else out.tools.pop();
+    if (out.addresses.length > 0 && out.addresses.length >= out.tools.length) out.addresses.pop();
+    else if (out.tools.length > 0) out.tools.pop();
+    else out.features.pop();
   }
   return { facts: out, truncated };
 }

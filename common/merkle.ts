@@ -1,10 +1,14 @@
 import { createHash } from "node:crypto";
+import { LIMITS } from "./limits.js";
 
 /**
  * The hash tree one signature over a batch of tasks rests on (docs/fan-out.md).
  *
- * leaf = SHA-256(0x00 || bytes), inner node = SHA-256(0x01 || left || right):
- * the two prefixes keep a leaf from ever passing for an inner node. A level
+ * leaf = SHA-256(0x00 || salt || bytes), inner node = SHA-256(0x01 || left ||
+ * right): the two prefixes keep a leaf from ever passing for an inner node,
+ * and the salt (random, 16 bytes, known only to the leaf's own receiver)
+ * keeps the sibling hashes a receiver sees from telling it anything about
+ * the other leaves' bytes. A level
  * with an odd number of nodes lifts its last node to the next level as it
  * is (never paired with a copy of itself, which would let two different
  * batches share a root). So the path of a leaf is fixed by its index and
@@ -12,13 +16,16 @@ import { createHash } from "node:crypto";
  */
 
 /** The most tasks one batch signature may cover (a frame holds far fewer). */
-export const MAX_BATCH_LEAVES = 1 << 20;
+export const MAX_BATCH_LEAVES = 2 ** LIMITS.batchProofHashes;
+
+/** Bytes of a leaf's salt. */
+export const SALT_BYTES = 16;
 
 const LEAF = Buffer.from([0]);
 const NODE = Buffer.from([1]);
 
-export function leafHash(bytes: Uint8Array): Buffer {
-  return createHash("sha256").update(LEAF).update(bytes).digest();
+export function leafHash(salt: Uint8Array, bytes: Uint8Array): Buffer {
+  return createHash("sha256").update(LEAF).update(salt).update(bytes).digest();
 }
 
 function nodeHash(left: Uint8Array, right: Uint8Array): Buffer {
@@ -61,6 +68,7 @@ export function proofOf(levels: readonly Buffer[][], index: number): Buffer[] {
  */
 export function rootFromProof(leaf: Buffer, index: number, leaves: number, path: readonly Uint8Array[]): Buffer | undefined {
   if (!Number.isInteger(index) || !Number.isInteger(leaves) || leaves < 1 || leaves > MAX_BATCH_LEAVES || index < 0 || index >= leaves) return undefined;
+  if (path.length > LIMITS.batchProofHashes) return undefined;
   let node = leaf;
   let used = 0;
   for (let i = index, width = leaves; width > 1; i >>= 1, width = (width + 1) >> 1) {

@@ -1,12 +1,14 @@
-import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
+import { ed25519PublicKey } from "./ed25519.js";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate } from "../certs/identity.js";
 import { SignedTaskSchema, TaskBatchProofSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import { SessionOrderSchema, SignedSessionOrderSchema, type SessionOrder, type SignedSessionOrder } from "../gen/rexmesh/v1/session_pb.js";
+import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { Clock } from "./clock.js";
-import { buildTree, leafHash, proofOf, rootFromProof, rootOf } from "./merkle.js";
+import { buildTree, leafHash, proofOf, rootFromProof, rootOf, SALT_BYTES } from "./merkle.js";
 
 /** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
 function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {
@@ -40,7 +42,19 @@ function batchBytes(leaves: number, root: Uint8Array): Buffer {
 }
 
 /** Room a batch proof takes in a frame, at most (a frame of MAX_FRAME_BYTES holds far fewer than 2^17 tasks). */
-export const BATCH_PROOF_BYTES = 17 * 34 + 16;
+export const BATCH_PROOF_BYTES = 17 * 34 + 18 + 16;
+
+/**
+ * The HostFacts feature of a daemon that checks batch signatures. Tasks for
+ * a host that does not report it (a daemon of an earlier release) are
+ * signed on their own, as those daemons expect.
+ */
+export const BATCH_SIGNATURE = "batch-signature";
+
+/** Does a host with these facts check batch signatures? */
+export function checksBatches(facts: HostFacts | undefined): boolean {
+  return facts?.features.includes(BATCH_SIGNATURE) ?? false;
+}
 const SESSION_ORDER_PREFIX = Buffer.from("rexmesh session order v1\0");
 
 /**
@@ -68,17 +82,19 @@ export class TaskSigner {
     });
   }
 
-  /** Tasks made by {@link prepare} that {@link seal} still has to sign. */
-  private readonly unsealed = new WeakSet<SignedTask>();
+  /** Tasks made by {@link prepare} that {@link seal} still has to sign, and whether each may share a batch signature. */
+  private readonly unsealed = new WeakMap<SignedTask, boolean>();
 
   /**
-   * A task to be signed together with the others sent in the same frame:
-   * its spec is encoded now, its signature added by {@link seal} just before
-   * the frame leaves. A ping-only task needs none (see isPingOnly).
+   * A task to be signed when its frame leaves: its spec is encoded now, its
+   * signature added by {@link seal} just before the frame is written —
+   * together with the frame's other tasks when `batch` (its host reports
+   * {@link BATCH_SIGNATURE}), on its own otherwise. A ping-only task needs
+   * none (see isPingOnly).
    */
-  prepare(spec: TaskSpec): SignedTask {
+  prepare(spec: TaskSpec, batch = true): SignedTask {
     const task = create(SignedTaskSchema, { spec: toBinary(TaskSpecSchema, spec) });
-    if (!isPingOnly(spec)) this.unsealed.add(task);
+    if (!isPingOnly(spec)) this.unsealed.set(task, batch);
     return task;
   }
 
@@ -89,26 +105,35 @@ export class TaskSigner {
    * task is signed on its own, as {@link sign} does.
    */
   seal(tasks: readonly SignedTask[]): void {
-    const batch = tasks.filter((t) => this.unsealed.delete(t));
-    if (batch.length === 0) return;
-    if (batch.length === 1) {
-      const t = batch[0]!;
-      t.signature = sign(null, signedBytes(TASK_PREFIX, t.spec), this.privateKey);
-      t.keyId = this.key.keyId;
-      return;
+    const batch: SignedTask[] = [];
+    for (const t of tasks) {
+      const batchable = this.unsealed.get(t);
+      if (batchable === undefined) continue;
+      this.unsealed.delete(t);
+      if (batchable) batch.push(t);
+      else this.signAlone(t);
     }
-    const levels = buildTree(batch.map((t) => leafHash(t.spec)));
+    if (batch.length === 1) this.signAlone(batch[0]!);
+    if (batch.length < 2) return;
+    const salts = randomBytes(SALT_BYTES * batch.length);
+    const salt = (i: number) => salts.subarray(i * SALT_BYTES, (i + 1) * SALT_BYTES);
+    const levels = buildTree(batch.map((t, i) => leafHash(salt(i), t.spec)));
     const signature = sign(null, batchBytes(batch.length, rootOf(levels)), this.privateKey);
     batch.forEach((t, index) => {
       t.signature = signature;
       t.keyId = this.key.keyId;
-      t.batch = create(TaskBatchProofSchema, { index, leaves: batch.length, path: proofOf(levels, index) });
+      t.batch = create(TaskBatchProofSchema, { index, leaves: batch.length, path: proofOf(levels, index), salt: salt(index) });
     });
   }
 
-  /** Signs tasks sent together (a bundle's): {@link prepare} and {@link seal} in one. */
-  signAll(specs: readonly TaskSpec[]): SignedTask[] {
-    const tasks = specs.map((s) => this.prepare(s));
+  private signAlone(t: SignedTask): void {
+    t.signature = sign(null, signedBytes(TASK_PREFIX, t.spec), this.privateKey);
+    t.keyId = this.key.keyId;
+  }
+
+  /** Signs tasks sent together (a bundle's): {@link prepare} and {@link seal} in one; `batch` says which may share the signature. */
+  signAll(specs: readonly TaskSpec[], batch: (spec: TaskSpec) => boolean = () => true): SignedTask[] {
+    const tasks = specs.map((s) => this.prepare(s, batch(s)));
     this.seal(tasks);
     return tasks;
   }
@@ -194,8 +219,8 @@ export class TaskVerifier {
         const notAfter = k.notAfter ? timestampMs(k.notAfter) : 0;
         if (notAfter <= now) continue;
         if (!verify("sha256", endorsedBytes(k.keyId, k.publicKey, notAfter), cert.publicKey, k.endorsement)) continue;
-        const publicKey = createPublicKey({ key: Buffer.from(k.publicKey), format: "der", type: "spki" });
-        if (publicKey.asymmetricKeyType !== "ed25519") continue;
+        const publicKey = ed25519PublicKey(k.publicKey);
+        if (!publicKey) continue;
         this.keys.set(k.keyId, { publicKey, notAfter });
         added++;
       } catch {
@@ -235,8 +260,8 @@ export class TaskVerifier {
 
   /** A task signed as part of a batch: its path must lead from its spec to a root the key signed. */
   private verifyBatch(task: SignedTask, publicKey: KeyObject): void {
-    const { index, leaves, path } = task.batch!;
-    const root = rootFromProof(leafHash(task.spec), index, leaves, path);
+    const { index, leaves, path, salt } = task.batch!;
+    const root = salt.length === SALT_BYTES ? rootFromProof(leafHash(salt, task.spec), index, leaves, path) : undefined;
     if (!root) throw new TaskRejected("the task's batch proof is malformed");
     const id = `${task.keyId}/${leaves}/${root.toString("hex")}/${Buffer.from(task.signature).toString("base64")}`;
     if (this.verifiedRoots.has(id)) return;

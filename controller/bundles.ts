@@ -6,7 +6,7 @@ import type { Clock } from "../common/clock.js";
 import type { IdGenerator } from "../common/ids.js";
 import { PermissionDeniedError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
-import type { TaskSigner } from "../common/task-signing.js";
+import { checksBatches, type TaskSigner } from "../common/task-signing.js";
 import { BundleKind } from "../gen/rexmesh/v1/bundle_pb.js";
 import { CancelTaskSchema } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { OutputAckSchema, StatusAckSchema } from "../gen/rexmesh/v1/task_pb.js";
@@ -53,7 +53,7 @@ export class BundleService {
       {
         kind: BundleKind.TASKS,
         region,
-        tasks: this.deps.signer.signAll(part.tasks),
+        tasks: this.deps.signer.signAll(part.tasks, (t) => checksBatches(this.deps.inventory.get(t.hostId)?.facts)),
         signingKeys: [this.deps.signer.key],
         artifacts: [...new Set(part.tasks.flatMap((t) => t.steps.flatMap(stepArtifacts)))].sort(),
         cancels: part.cancels.map((c) => create(CancelTaskSchema, c)),

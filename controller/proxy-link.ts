@@ -16,7 +16,7 @@ import {
 import { OutputAckSchema, StatusAckSchema, TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "../common/task-state.js";
 import { reportedSince, type Inventory } from "./inventory.js";
-import { BATCH_PROOF_BYTES, type TaskSigner } from "../common/task-signing.js";
+import { BATCH_PROOF_BYTES, checksBatches, type TaskSigner } from "../common/task-signing.js";
 import type { Revocations } from "./revocation.js";
 import type { JobManager, ProxyPort } from "./jobs.js";
 import { randomBytes } from "node:crypto";
@@ -83,7 +83,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
     name: peer.id,
     region: peer.scope,
     sendTask: (spec) => {
-      const task = deps.signer.prepare(spec);
+      const task = deps.signer.prepare(spec, checksBatches(inventory.get(spec.hostId)?.facts));
       out.frameFor(task.spec.length + BATCH_PROOF_BYTES).tasks.push(task);
     },
     sendCancel: (taskId, hostId, withdraw = false) => out.frame.cancels.push(create(CancelTaskSchema, { taskId, hostId, withdraw })),

@@ -2,6 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { readFileSync } from "node:fs";
 import os from "node:os";
 import { clampFacts } from "../common/limits.js";
+import { BATCH_SIGNATURE } from "../common/task-signing.js";
 import { HostFactsSchema, type HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import { DAEMON_VERSION } from "./version.js";
 
@@ -38,6 +39,7 @@ export function collectFacts(tools: readonly string[]): HostFacts {
     addresses,
     daemonVersion: DAEMON_VERSION,
     tools: [...tools],
+    features: [BATCH_SIGNATURE],
   });
   return clampFacts(facts).facts;
 }

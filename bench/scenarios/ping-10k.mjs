@@ -27,7 +27,7 @@ export default {
     const result = await withSimMesh(
       {
         regions,
-        // --profile ping|signed --profile-dir DIR: the controller's and proxies' CPU during that series (node bench/lib/cpuprofile.mjs DIR).
+        // --profile connect|ping|signed --profile-dir DIR: the controller's and proxies' CPU during that series (node bench/lib/cpuprofile.mjs DIR).
         profileDir: opt("profile", "") ? String(opt("profile-dir", "bench/results/prof-ping-10k")) : undefined,
         fleet: { hosts: n, perProcess: opt("per-process", 5000), heartbeatMs: opt("heartbeat-ms", 10_000), proxiesFor: (_k, mesh) => mesh.proxies.map((p) => p.address) },
       },

@@ -154,7 +154,7 @@ class SimHost {
         reportKey: this.reporter.key,
         facts: create(HostFactsSchema, {
           os: "linux", osFamily: "debian", arch: "x86_64", kernel: "6.1.0-sim", hostname: this.id,
-          addresses: [cfg.localAddress], daemonVersion: "sim", tools: ["ping"],
+          addresses: [cfg.localAddress], daemonVersion: "sim", tools: ["ping", "exec"], features: ["batch-signature"],
         }),
       },
       credits: CREDITS,

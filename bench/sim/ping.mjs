@@ -20,16 +20,23 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
   log(`issuing ${hosts} certificates in ${Math.ceil(hosts / fleet.opts.perProcess)} simulator processes`);
   const started = await fleet.start();
   log(`issued in ${started.issueMs} ms; connecting`);
+  const procs = { controller: mesh.controller.proc.pid, ...Object.fromEntries(mesh.proxies.map((p) => [p.name, p.proc.pid])) };
+  const simPids = fleet.procs.map((p) => p.proc.pid);
+  const cpuNow = () => ({ ...Object.fromEntries(Object.entries(procs).map(([k, pid]) => [k, cpuMsOf(pid)])), simulators: simPids.reduce((a, pid) => a + cpuMsOf(pid), 0) });
+  const connectCpu0 = cpuNow();
   const t0 = Date.now();
+  if (profile === "connect") ctx.toggleProfile();
   const opened = await fleet.open(connectTimeoutMs);
   await fleet.waitConnected(hosts, connectTimeoutMs);
   const connectMs = Date.now() - t0;
   log(`${fleet.connected} hosts connected in ${connectMs} ms; waiting for the controller`);
   await ctx.waitController(hosts, connectTimeoutMs);
   const controllerSeesMs = Date.now() - t0;
+  if (profile === "connect") ctx.toggleProfile();
+  // CPU per host of connecting (TLS, HTTP/2, hello, report key and presence), per role.
+  const connectCpu1 = cpuNow();
+  const connectCpuUsPerHost = Object.fromEntries(Object.entries(connectCpu1).map(([k, v]) => [k, Math.round(((v - connectCpu0[k]) * 1000) / hosts)]));
   log(`controller sees ${hosts} hosts after ${controllerSeesMs} ms`);
-  const procs = { controller: mesh.controller.proc.pid, ...Object.fromEntries(mesh.proxies.map((p) => [p.name, p.proc.pid])) };
-  const simPids = fleet.procs.map((p) => p.proc.pid);
   const series = async (label, step, count) => {
   const out = [];
   for (let r = 0; r < count; r++) {
@@ -67,7 +74,7 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
   }
   return out;
   };
-  // `profile` ("ping" or "signed"): the controller's and proxies' CPU profiles cover that series only.
+  // `profile` ("connect", "ping" or "signed"): the controller's and proxies' CPU profiles cover that phase only.
   const profiled = async (name, run) => {
     if (profile === name) ctx.toggleProfile();
     try {
@@ -88,6 +95,7 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
     issueMs: started.issueMs,
     connectMs,
     controllerSeesMs,
+    connectCpuUsPerHost,
     runs: out,
     lastReplyMsP50: median(ms),
     lastReplyMsBest: Math.min(...ms),

@@ -87,8 +87,8 @@ class EvilProxy {
           if (frame.hello) this.hellos.set(peer.id, frame);
           // Presence is relayed faithfully: the host's own proof over the controller's nonce.
           if (frame.presenceProof.length > 0) {
-            const reportKey = this.hellos.get(peer.id)?.hello?.reportKey;
-            this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true, reportKey, proof: frame.presenceProof, proofSalt: frame.presenceSalt }] }));
+            const { reportKey, facts } = this.hellos.get(peer.id)?.hello ?? {};
+            this.up.send(create(ProxyStreamRequestSchema, { hosts: [{ hostId: peer.id, tenant: peer.scope, connected: true, facts, reportKey, proof: frame.presenceProof, proofSalt: frame.presenceSalt }] }));
           }
           for (const s of frame.statuses) this.seen.push({ host: peer.id, status: s });
           if (frame.statuses.length || frame.output.length) {

@@ -1,7 +1,10 @@
 import { describe, expect, it } from "vitest";
-import { create, fromBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ManualClock } from "../../common/clock.js";
-import { TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
+import { leafHash } from "../../common/merkle.js";
+import { checksBatches, TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
+import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
+import { TaskVerifier as TaskVerifierV1 } from "./fixtures/task-signing-v1.js";
 import { SignedTaskSchema, StepSchema, TaskBatchProofSchema, TaskSpecSchema } from "../../gen/rexmesh/v1/task_pb.js";
 import { otherTestCa, otherTestKeys, testCredentials } from "../test-ca.js";
 import { taskSpec, testSigning } from "./support.js";
@@ -122,7 +125,50 @@ describe("batch signatures (one signature over a frame's tasks, a hash-tree proo
     const [a] = signer.signAll(specs(2));
     const lone = signer.sign(specs(1)[0]!);
     expect(() => v.verify(create(SignedTaskSchema, { ...a!, batch: undefined }))).toThrow(/altered/);
-    expect(() => v.verify(create(SignedTaskSchema, { ...lone, batch: create(TaskBatchProofSchema, { index: 0, leaves: 1 }) }))).toThrow(/does not match its batch/);
+    expect(() => v.verify(create(SignedTaskSchema, { ...lone, batch: create(TaskBatchProofSchema, { index: 0, leaves: 1, salt: new Uint8Array(16) }) }))).toThrow(/does not match its batch/);
+  });
+
+
+  it("a host that does not report the feature (a daemon of the previous release) gets its tasks signed alone, in the same frame", () => {
+    const old = new TaskVerifierV1(caPem, clock);
+    expect(old.addKeys([signer.key])).toBe(1);
+    const frame = specs(4, "mixed").map((s, i) => signer.prepare(s, i % 2 === 0));
+    signer.seal(frame);
+    const wire = frame.map((t) => fromBinary(SignedTaskSchema, toBinary(SignedTaskSchema, t)));
+    // Tasks 0 and 2 share a batch; 1 and 3 are signed alone, and the old verifier takes them.
+    expect(wire.map((t) => t.batch?.leaves ?? 0)).toEqual([2, 0, 2, 0]);
+    expect(old.verify(wire[1]!).taskId).toBe("mixed-t1");
+    expect(old.verify(wire[3]!).taskId).toBe("mixed-t3");
+    expect(() => old.verify(wire[0]!)).toThrow(/altered/);
+    // The current verifier takes all four.
+    const v = verifier();
+    expect(wire.map((t) => v.verify(t).taskId)).toEqual(["mixed-t0", "mixed-t1", "mixed-t2", "mixed-t3"]);
+    // A batch of one is a lone signature too.
+    const [single] = [signer.prepare(specs(1, "one")[0]!, true)];
+    signer.seal([single!, signer.prepare(specs(1, "two")[0]!, false)]);
+    expect(single!.batch).toBeUndefined();
+    expect(old.verify(single!).taskId).toBe("one-t0");
+    expect(checksBatches(create(HostFactsSchema, { features: ["batch-signature"] }))).toBe(true);
+    expect(checksBatches(create(HostFactsSchema, { tools: ["batch-signature"] }))).toBe(false);
+    expect(checksBatches(undefined)).toBe(false);
+  });
+
+  it("the sibling hashes a host sees say nothing testable about its neighbours' tasks (salted leaves); salts and paths are bounded", () => {
+    const mine = taskSpec("a-1", "web-1", { tenant: "acme", jobId: "ja", deliverByMs: clock.now() + 60_000 });
+    const theirs = taskSpec("b-1", "db-1", { tenant: "globex", jobId: "jb", deliverByMs: clock.now() + 60_000, env: { DB_PASSWORD: "hunter2" } });
+    const [a, b] = signer.signAll([mine, theirs]);
+    const sibling = Buffer.from(a!.batch!.path[0]!).toString("hex");
+    // Knowing the neighbour's exact bytes is not enough without its salt, which only the neighbour receives.
+    expect(leafHash(new Uint8Array(16), b!.spec).toString("hex")).not.toBe(sibling);
+    expect(leafHash(b!.batch!.salt, b!.spec).toString("hex")).toBe(sibling);
+    expect(Buffer.from(a!.batch!.salt).equals(Buffer.from(b!.batch!.salt))).toBe(false);
+    const v = verifier();
+    const withBatch = (batch: Partial<{ salt: Uint8Array; path: Uint8Array[] }>) => create(SignedTaskSchema, { ...a!, batch: create(TaskBatchProofSchema, { ...a!.batch!, ...batch }) });
+    expect(() => v.verify(withBatch({ salt: a!.batch!.salt.subarray(1) }))).toThrow(/malformed/);
+    expect(() => v.verify(withBatch({ salt: new Uint8Array(0) }))).toThrow(/malformed/);
+    expect(() => v.verify(withBatch({ salt: b!.batch!.salt }))).toThrow(/does not match its batch/);
+    expect(() => v.verify(withBatch({ path: Array.from({ length: 21 }, () => new Uint8Array(32)) }))).toThrow(/malformed/);
+    expect(v.verify(a!).taskId).toBe("a-1");
   });
 });
 

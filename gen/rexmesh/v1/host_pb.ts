@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/host.proto.
  */
 export const file_rexmesh_v1_host: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL2hvc3QucHJvdG8SCnJleG1lc2gudjEilAEKCUhvc3RGYWN0cxIKCgJvcxgBIAEoCRIRCglvc19mYW1pbHkYAiABKAkSDAoEYXJjaBgDIAEoCRIOCgZrZXJuZWwYBCABKAkSEAoIaG9zdG5hbWUYBSABKAkSEQoJYWRkcmVzc2VzGAYgAygJEhYKDmRhZW1vbl92ZXJzaW9uGAcgASgJEg0KBXRvb2xzGAggAygJIpEBCg1Ib3N0UmVwb3J0S2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZW5kb3JzZW1lbnQYBCABKAwSGAoQaG9zdF9jZXJ0aWZpY2F0ZRgFIAEoDGIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL2hvc3QucHJvdG8SCnJleG1lc2gudjEipgEKCUhvc3RGYWN0cxIKCgJvcxgBIAEoCRIRCglvc19mYW1pbHkYAiABKAkSDAoEYXJjaBgDIAEoCRIOCgZrZXJuZWwYBCABKAkSEAoIaG9zdG5hbWUYBSABKAkSEQoJYWRkcmVzc2VzGAYgAygJEhYKDmRhZW1vbl92ZXJzaW9uGAcgASgJEg0KBXRvb2xzGAggAygJEhAKCGZlYXR1cmVzGAkgAygJIpEBCg1Ib3N0UmVwb3J0S2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZW5kb3JzZW1lbnQYBCABKAwSGAoQaG9zdF9jZXJ0aWZpY2F0ZRgFIAEoDGIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * What a daemon reports about its host.
@@ -61,6 +61,15 @@ export type HostFacts = Message<"rexmesh.v1.HostFacts"> & {
    * @generated from field: repeated string tools = 8;
    */
   tools: string[];
+
+  /**
+   * Protocol features the daemon understands beyond what every release
+   * does, e.g. "batch-signature" (docs/fan-out.md): the controller uses one
+   * with a host only when the host reports it, so older daemons keep working.
+   *
+   * @generated from field: repeated string features = 9;
+   */
+  features: string[];
 };
 
 /**
