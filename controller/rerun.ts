@@ -28,11 +28,10 @@ export function rerunHosts(tasks: readonly TaskRecord[], pick: { states: readonl
 
 export function rerunRequest(job: JobRecord, hostIds: string[], idempotencyKey: string): SubmitRequest {
   if (job.document?.endsWith(" (inline)")) throw new FailedPreconditionError(`job ${job.id} ran a document given inline, which the controller does not keep: submit it again`);
-  const parameters: Record<string, string | string[]> = {};
-  for (const [name, json] of Object.entries(job.parameters ?? {})) {
-    const value: unknown = JSON.parse(json);
+  // Kept as the planner resolved them: a string as is, any other type as JSON text, which is how a submit gives them too.
+  const parameters = { ...job.parameters };
+  for (const [name, value] of Object.entries(parameters)) {
     if (value === SENSITIVE) throw new FailedPreconditionError(`job ${job.id} has the sensitive parameter ${JSON.stringify(name)}, which is not kept: submit the document again with it`);
-    parameters[name] = Array.isArray(value) ? value.map(String) : String(value);
   }
   const rate = job.rate;
   return {
