@@ -1,6 +1,7 @@
 import { useEffect, useState } from "preact/hooks";
 import { ConnectionState, type Host, type HostTask } from "../../gen/rexmesh/v1/controller_pb.js";
-import { api, background, describeError } from "./api.js";
+import { api, describeError } from "./api.js";
+import { Alert, Heads, usePolled } from "./ui.js";
 import { stateLabel, stateTone, when } from "./format.js";
 
 const CONNECTION: Record<number, string> = {
@@ -13,24 +14,9 @@ const labelsOf = (h: Host) => Object.entries(h.labels).map(([k, v]) => `${k}=${v
 
 /** Every host the operator may read; the filter is the API's own host query. */
 export function HostsPage() {
-  const [hosts, setHosts] = useState<Host[]>([]);
   const [query, setQuery] = useState("");
   const [applied, setApplied] = useState("");
-  const [error, setError] = useState("");
-  useEffect(() => {
-    let stop = false;
-    const load = () =>
-      api.listHosts({ target: applied }).then(
-        (r) => !stop && (setHosts(r.hosts.sort((a, b) => a.id.localeCompare(b.id))), setError("")),
-        (err: unknown) => !stop && setError(describeError(err)),
-      );
-    background(load());
-    const t = setInterval(() => background(load()), 5000);
-    return () => {
-      stop = true;
-      clearInterval(t);
-    };
-  }, [applied]);
+  const { value: hosts, error } = usePolled<Host[]>(async () => (await api.listHosts({ target: applied })).hosts.sort((a, b) => a.id.localeCompare(b.id)), [], 5000, applied);
   const connected = hosts.filter((h) => h.connection === ConnectionState.CONNECTED).length;
   return (
     <section aria-labelledby="hosts-h">
@@ -48,23 +34,12 @@ export function HostsPage() {
         </label>
         <button type="submit">Filter</button>
       </form>
-      {error && <p role="alert" class="error">{error}</p>}
+      <Alert text={error} />
       <table class="hosts">
         <caption>
           {hosts.length} hosts, {connected} connected
         </caption>
-        <thead>
-          <tr>
-            <th scope="col">Host</th>
-            <th scope="col">Connection</th>
-            <th scope="col">Since</th>
-            <th scope="col">Region</th>
-            <th scope="col">Proxy</th>
-            <th scope="col">Version</th>
-            <th scope="col">OS</th>
-            <th scope="col">Labels</th>
-          </tr>
-        </thead>
+        <Heads cols={["Host", "Connection", "Since", "Region", "Proxy", "Version", "OS", "Labels"]} />
         <tbody>
           {hosts.map((h) => (
             <tr key={h.id}>
@@ -107,7 +82,7 @@ export function HostPage({ hostId }: { hostId: string }) {
       <h1 id="host-h">
         Host <code>{hostId}</code>
       </h1>
-      {error && <p role="alert" class="error">{error}</p>}
+      <Alert text={error} />
       {host && (
         <dl class="facts">
           <dt>Connection</dt>
@@ -129,16 +104,7 @@ export function HostPage({ hostId }: { hostId: string }) {
       )}
       <h2>Recent tasks</h2>
       <table>
-        <thead>
-          <tr>
-            <th scope="col">Job</th>
-            <th scope="col">Submitted</th>
-            <th scope="col">By</th>
-            <th scope="col">What</th>
-            <th scope="col">State</th>
-            <th scope="col">Exit</th>
-          </tr>
-        </thead>
+        <Heads cols={["Job", "Submitted", "By", "What", "State", "Exit"]} />
         <tbody>
           {tasks.map((t) => (
             <tr key={t.task?.id}>

@@ -4,6 +4,7 @@ import type { Host, Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { JobState } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { api, background, describeError } from "./api.js";
+import { Alert, Heads } from "./ui.js";
 import { describeJob, isTerminal, RERUN_GROUPS, stateLabel, stateTone, when } from "./format.js";
 import { applyBatch, emptyView, exportRows, groupOutput, histogram, toCsv, type JobView } from "./job-model.js";
 
@@ -111,7 +112,7 @@ export function JobPage({ jobId }: { jobId: string }) {
       <h1 id="job-h">
         Job <code>{jobId}</code> {job && <span class={`badge ${running ? "live" : "done"}`}>{running ? "running" : "done"}</span>}
       </h1>
-      {error && <p role="alert" class="error">{error}</p>}
+      <Alert text={error} />
       {job && (
         <dl class="facts">
           <dt>What</dt>
@@ -153,7 +154,7 @@ export function JobPage({ jobId }: { jobId: string }) {
           Export JSON
         </button>
       </div>
-      {actionError && <p role="alert" class="error">{actionError}</p>}
+      <Alert text={actionError} />
       {notice && <p role="status">{notice}</p>}
 
       <h2>Hosts by state</h2>

@@ -1,33 +1,19 @@
-import { useEffect, useMemo, useState } from "preact/hooks";
+import { useMemo, useState } from "preact/hooks";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { JobState, type Job } from "../../gen/rexmesh/v1/controller_pb.js";
-import { api, background, describeError } from "./api.js";
+import { api } from "./api.js";
+import { Alert, Heads, usePolled } from "./ui.js";
 import { describeJob, stateLabel, when } from "./format.js";
 
 const SINCE: Record<string, number> = { "1h": 3_600_000, "24h": 86_400_000, "7d": 7 * 86_400_000, all: Infinity };
 
 /** The tenant's newest jobs the operator may read, filtered here. */
 export function JobsPage() {
-  const [jobs, setJobs] = useState<Job[]>([]);
-  const [error, setError] = useState("");
+  const { value: jobs, error } = usePolled<Job[]>(async () => (await api.listJobs({ limit: 500 })).jobs, [], 3000);
   const [state, setState] = useState("");
   const [operator, setOperator] = useState("");
   const [doc, setDoc] = useState("");
   const [since, setSince] = useState("all");
-  useEffect(() => {
-    let stop = false;
-    const load = () =>
-      api.listJobs({ limit: 500 }).then(
-        (r) => !stop && (setJobs(r.jobs), setError("")),
-        (err: unknown) => !stop && setError(describeError(err)),
-      );
-    background(load());
-    const t = setInterval(() => background(load()), 3000);
-    return () => {
-      stop = true;
-      clearInterval(t);
-    };
-  }, []);
   const shown = useMemo(() => {
     const after = Date.now() - (SINCE[since] ?? Infinity);
     return jobs.filter(
@@ -41,7 +27,7 @@ export function JobsPage() {
   return (
     <section aria-labelledby="jobs-h">
       <h1 id="jobs-h">Jobs</h1>
-      {error && <p role="alert" class="error">{error}</p>}
+      <Alert text={error} />
       <form class="filters" onSubmit={(e) => e.preventDefault()}>
         <label>
           State
@@ -71,16 +57,7 @@ export function JobsPage() {
       </form>
       <table>
         <caption>{shown.length} of {jobs.length} jobs</caption>
-        <thead>
-          <tr>
-            <th scope="col">Job</th>
-            <th scope="col">Submitted</th>
-            <th scope="col">By</th>
-            <th scope="col">What</th>
-            <th scope="col">State</th>
-            <th scope="col">Hosts</th>
-          </tr>
-        </thead>
+        <Heads cols={["Job", "Submitted", "By", "What", "State", "Hosts"]} />
         <tbody>
           {shown.map((j) => (
             <tr key={j.id}>

@@ -5,6 +5,7 @@ import { JobsPage } from "./jobs.js";
 import { JobPage } from "./job.js";
 import { HostPage, HostsPage } from "./hosts.js";
 import { SubmitPage } from "./submit.js";
+import { Alert } from "./ui.js";
 import "./style.css";
 
 /** The page a hash route names: #/jobs, #/jobs/ID, #/hosts, #/hosts/ID, #/submit. */
@@ -43,7 +44,7 @@ function App() {
     return (
       <main class="login">
         <h1>rexmesh console</h1>
-        {error && <p role="alert" class="error">{error}</p>}
+        <Alert text={error} />
         <p>
           You are not logged in. Run <code>rexmesh console</code> with your operator certificate and open the link it prints (it works once, for two minutes).
         </p>

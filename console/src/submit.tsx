@@ -5,6 +5,7 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { SubmitJobRequestSchema, type Document, type PlannedTask } from "../../gen/rexmesh/v1/controller_pb.js";
 import { StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
 import { api, background, describeError } from "./api.js";
+import { Alert, Heads } from "./ui.js";
 import { describeStep } from "./format.js";
 
 /** A document's parameter as declared (controller/params.ts has every rule; the controller checks them again). */
@@ -164,23 +165,11 @@ export function SubmitPage() {
           </button>
         </div>
       </form>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       {plan && (
         <table>
           <caption>Dry run: {plan.length} hosts; nothing was stored or run</caption>
-          <thead>
-            <tr>
-              <th scope="col">Host</th>
-              <th scope="col">Region</th>
-              <th scope="col">Proxy</th>
-              <th scope="col">Connected</th>
-              <th scope="col">Steps rendered for it</th>
-            </tr>
-          </thead>
+          <Heads cols={["Host", "Region", "Proxy", "Connected", "Steps rendered for it"]} />
           <tbody>
             {plan.map((p) => (
               <tr key={p.hostId}>
