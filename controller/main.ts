@@ -352,7 +352,8 @@ async function startConsole(
     tls,
     staticDir,
     sessions: deps.sessions,
-    routes: (router) => void router.service(ControllerService, deps.controllerImpl),
+    // Not Session and Forward: a browser cannot hold a bidirectional stream, and a cookie should not open shells.
+    routes: (router) => void router.service(ControllerService, withoutSessions(deps.controllerImpl)),
     declarations: CONTROLLER_DECLARATIONS,
     decide: deps.decide,
     isRevoked: deps.isRevoked,
@@ -365,6 +366,12 @@ async function startConsole(
   const bound = await server.listen(at.host, at.port);
   const address = `${bound.family === "IPv6" ? `[${bound.address}]` : bound.address}:${bound.port}`;
   return { server, address, url: (config.consoleUrl ?? `https://${address}`).replace(/\/+$/, "") };
+}
+
+/** ControllerService without the calls that open sessions and port forwards (they answer UNIMPLEMENTED). */
+function withoutSessions(impl: ServiceImpl<typeof ControllerService>): Partial<ServiceImpl<typeof ControllerService>> {
+  const { session: _session, forward: _forward, ...rest } = impl;
+  return rest;
 }
 
 /** The CA key, checked against the CA certificate so that a wrong file fails at start, not at the first enrollment. */
