@@ -5,9 +5,9 @@
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: [".tmp/**", "dist/**", "gen/**", "node_modules/**", "bench/**", "examples/**", "**/*.js", "**/*.mjs"] },
+  { ignores: [".tmp/**", "dist/**", "gen/**", "node_modules/**", "bench/**", "examples/**", "**/*.js", "**/*.mjs", "console/vite.config.ts"] },
   {
-    files: ["**/*.ts"],
+    files: ["**/*.ts", "**/*.tsx"],
     languageOptions: {
       parser: tseslint.parser,
       parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname },

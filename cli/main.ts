@@ -28,6 +28,7 @@ operators:
   docs       store command documents (put FILE), list and show them
   artifacts  put a file in the artifact repository (for script and file.put steps)
   audit      who did what on which hosts, and what was decided
+  console    a one-time link that logs a browser in to the web console as you
   bundle     export a region's tasks / import its results (sites with no link)
 
 roles:
@@ -46,7 +47,7 @@ Operator commands find the controller and credentials from
 --controller/--cert/--key/--ca or REXMESH_CONTROLLER/CERT/KEY/CA.
 `;
 
-const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "schedules", "triggers", "events", "release", "update", "supervise", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion"]);
+const COMMANDS = new Set(["run", "ping", "shell", "forward", "sessions", "schedules", "triggers", "events", "release", "update", "supervise", "hosts", "proxies", "operators", "jobs", "docs", "artifacts", "audit", "bundle", "controller", "proxy", "daemon", "ca", "tokens", "dev", "completion", "console"]);
 
 /** Options every operator command takes, accepted before the command too: those that take a value. */
 const GLOBAL_VALUE_OPTIONS = new Set(["--controller", "--cert", "--key", "--ca", "--connect-timeout", "--keepalive"]);
@@ -148,6 +149,8 @@ export async function main(argv: string[]): Promise<number> {
       return (await import("./ca.js")).caCommand(rest, io);
     case "tokens":
       return (await import("./tokens.js")).tokensCommand(rest, io);
+    case "console":
+      return (await import("./console.js")).consoleCommand(rest, io);
     case "dev":
       return (await import("./dev.js")).devCommand(rest, io);
     case undefined:

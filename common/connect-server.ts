@@ -103,28 +103,25 @@ export interface RpcServer {
   close(graceMs: number): Promise<void>;
 }
 
-/**
- * An HTTP/2 server with mutual TLS that speaks gRPC, gRPC-Web and Connect
- * (JSON or binary) for the routes given. HTTP/1.1 is allowed too so that
- * curl and browsers can use the Connect protocol without HTTP/2.
- *
- * Every call passes one boundary ({@link boundaryInterceptor}): its
- * method's declaration, the caller's certificate and `decide` allow it or
- * not, and every error leaves through common/rpc-errors.ts. Creating the
- * server throws if a route serves a method the table does not declare.
- */
-export function createRpcServer(opts: {
-  creds: Credentials;
+export interface RpcHandlerOptions {
   routes: (router: ConnectRouter) => void;
   log: Logger;
-  /** Checked on every request: a revoked identity is refused even on a connection opened before its revocation. */
-  isRevoked?: (peer: PeerIdentity) => boolean;
   declarations: DeclarationTable;
   /** Decides a call that is not open (policy, audit); refuses by throwing. */
   decide: (call: Call) => Promise<Grant>;
   /** Times the arrival of requests (LIMITS.requestArrivalMs); the system clock by default. */
   clock?: Clock;
-}): RpcServer {
+}
+
+/**
+ * The Connect request handler behind one boundary ({@link boundaryInterceptor}),
+ * for any listener: `callerOf` says who a request comes from (its
+ * connection's certificate on the main port, a session cookie on the
+ * console's), and everything after that — declarations, policy, audit,
+ * limits, error mapping — is the same code for every listener. Throws if a
+ * route serves a method the table does not declare.
+ */
+export function createRpcHandler(opts: RpcHandlerOptions & { callerOf: (req: http2.Http2ServerRequest | IncomingMessage) => ContextValues }): { handler: NodeHandler; served: DescMethod[] } {
   const clock = opts.clock ?? systemClock;
   let served: DescMethod[] = [];
   const refusedUndecodable = (method: DescMethod) => (err: ConnectError, req: UniversalServerRequest) => {
@@ -151,22 +148,44 @@ export function createRpcServer(opts: {
     // controller's CPU in a 1,000-host ping profile. Compressed requests are
     // still accepted.
     compressMinBytes: Number.MAX_SAFE_INTEGER,
-    contextValues: (req) => callerContext(identityOfConnection(req), opts.isRevoked),
+    contextValues: opts.callerOf,
   });
-  const unfinished = new Set(served.filter((m) => m.methodKind !== "bidi_streaming").map((m) => `/${pathOf(m)}`));
+  return { handler, served };
+}
+
+/**
+ * An HTTP/2 server with mutual TLS that speaks gRPC, gRPC-Web and Connect
+ * (JSON or binary) for the routes given. HTTP/1.1 is allowed too so that
+ * curl and browsers can use the Connect protocol without HTTP/2.
+ *
+ * Every call passes one boundary ({@link boundaryInterceptor}): its
+ * method's declaration, the caller's certificate and `decide` allow it or
+ * not, and every error leaves through common/rpc-errors.ts. Creating the
+ * server throws if a route serves a method the table does not declare.
+ */
+export function createRpcServer(opts: RpcHandlerOptions & {
+  creds: Credentials;
+  /** Checked on every request: a revoked identity is refused even on a connection opened before its revocation. */
+  isRevoked?: (peer: PeerIdentity) => boolean;
+}): RpcServer {
+  const clock = opts.clock ?? systemClock;
+  const { handler, served } = createRpcHandler({ ...opts, callerOf: (req) => callerContext(identityOfConnection(req), opts.isRevoked) });
   const server = http2.createSecureServer(
     { ...serverTlsOptions(opts.creds), allowHTTP1: true, settings: { maxConcurrentStreams: LIMITS.streamsPerConnection } },
-    closingUnfinishedRequests(handler, unfinished, clock),
+    closingUnfinishedRequests(handler, served, clock),
   );
+  server.on("tlsClientError", (err) => opts.log.debug("TLS handshake refused", { err }));
+  return { server, served, ...http2Lifecycle(server) };
+}
+
+/** Listening and a graceful close (open sessions closed, destroyed after the grace) for an HTTP/2 server. */
+export function http2Lifecycle(server: http2.Http2SecureServer): Pick<RpcServer, "listen" | "close"> {
   const sessions = new Set<http2.ServerHttp2Session>();
   server.on("session", (s) => {
     sessions.add(s);
     s.on("close", () => sessions.delete(s));
   });
-  server.on("tlsClientError", (err) => opts.log.debug("TLS handshake refused", { err }));
   return {
-    server,
-    served,
     listen: (host, port) =>
       new Promise((resolve, reject) => {
         server.once("error", reject);
@@ -188,7 +207,7 @@ export function createRpcServer(opts: {
   };
 }
 
-type NodeHandler = (req: http2.Http2ServerRequest | IncomingMessage, res: http2.Http2ServerResponse | ServerResponse) => void;
+export type NodeHandler = (req: http2.Http2ServerRequest | IncomingMessage, res: http2.Http2ServerResponse | ServerResponse) => void;
 
 /** How long a caller may keep a stream open after the answer to its call was sent. */
 const AFTER_ANSWER_MS = 1000;
@@ -203,7 +222,8 @@ const AFTER_ANSWER_MS = 1000;
  * the reset clear of the answer's last frames.) Links (bidirectional
  * calls) are left out: their sessions end them.
  */
-function closingUnfinishedRequests(handler: NodeHandler, paths: ReadonlySet<string>, clock: Clock): NodeHandler {
+export function closingUnfinishedRequests(handler: NodeHandler, served: readonly DescMethod[], clock: Clock): NodeHandler {
+  const paths = new Set(served.filter((m) => m.methodKind !== "bidi_streaming").map((m) => `/${pathOf(m)}`));
   return (req, res) => {
     if ("stream" in req && paths.has((req.url ?? "").split("?")[0]!)) {
       const stream = req.stream;

@@ -15,7 +15,8 @@ import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, RexmeshError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/rpc-access.js";
-import type { Step } from "../gen/rexmesh/v1/task_pb.js";
+import type { Step, TaskState } from "../gen/rexmesh/v1/task_pb.js";
+import { rerunHosts, rerunRequest } from "./rerun.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import { manifestOf } from "./releases.js";
 import { stepArtifacts } from "../common/step-tool.js";
@@ -359,6 +360,23 @@ export class OperatorAccess {
       await this.record(caller, "dry-run", refusal(err), { what, hostIds: hosts.map((h) => h.id) });
       throw err;
     }
+  }
+
+  /**
+   * RerunJob: the earlier job as the caller may read it (audited as a read),
+   * then a submit of its request on the hosts picked among those tasks —
+   * authorized and audited exactly as that submit.
+   */
+  async rerun(caller: PeerIdentity, jobId: string, pick: { states: readonly TaskState[]; hostIds: readonly string[] }, idempotencyKey: string): Promise<JobRecord> {
+    const { job, tasks } = await this.getJob(caller, jobId, `rerun job ${jobId}`);
+    let req: SubmitRequest;
+    try {
+      req = rerunRequest(job, rerunHosts(tasks, pick), idempotencyKey);
+    } catch (err) {
+      await this.record(caller, "submit", refusal(err), { what: `rerun job ${jobId}`, jobId });
+      throw err;
+    }
+    return this.submit(caller, req);
   }
 
   /** The policy decision for running steps on hosts, then the artifacts they use: the caller's tenant must hold them. */

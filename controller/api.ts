@@ -364,6 +364,10 @@ export function controllerServiceImpl(deps: {
     async listJobs(req, ctx) {
       return { jobs: (await access.listJobs(grantedPeer(ctx), req.limit)).map(({ job, tasks }) => jobToProto(job, tasks)) };
     },
+    async rerunJob(req, ctx) {
+      const job = await access.rerun(grantedPeer(ctx), req.jobId, { states: req.states, hostIds: req.hostIds }, req.idempotencyKey);
+      return { job: jobToProto(job, jobs.tasksOf(job)) };
+    },
     async cancelJob(req, ctx) {
       const job = await access.cancel(grantedPeer(ctx), req.jobId);
       return { job: jobToProto(job, jobs.tasksOf(job)) };

@@ -27,7 +27,7 @@ import { formatQuery, globMatch, hostView, matchHost, parseQuery, QuerySyntaxErr
  * operator may call declares one of these (controller/declarations.ts);
  * `"*"` in a role grants all of them.
  */
-const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "rekey", "revoke", "revoke.operator", "artifact.read", "artifact.write", "schedule", "release", "trigger"] as const;
+const TENANT_ACTIONS = ["read", "submit", "cancel", "label", "audit", "bundle", "document", "token", "rekey", "revoke", "revoke.operator", "artifact.read", "artifact.write", "schedule", "release", "trigger", "console"] as const;
 /**
  * Actions on what every tenant shares (proxies). `"*"` never grants them: a
  * role must name them, and without a policy nobody holds them.

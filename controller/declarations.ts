@@ -11,6 +11,7 @@ import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
 import { ControllerService } from "../gen/rexmesh/v1/controller_pb.js";
+import { ConsoleService } from "../gen/rexmesh/v1/console_pb.js";
 import { EnrollService, TokenService } from "../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
@@ -57,6 +58,8 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     getJob: onResolvedHosts("read", (req) => ({ what: `get job ${req.jobId}` })),
     watchJob: onResolvedHosts("read"),
     cancelJob: onResolvedHosts("cancel", (req) => ({ what: `cancel job ${req.jobId}` })),
+    // A submit of the earlier job's request on the hosts picked (controller/access.ts), after reading that job.
+    rerunJob: onResolvedHosts("submit", (req) => ({ what: `rerun job ${req.jobId}`, hostIds: req.hostIds })),
     listJobs: onResolvedHosts("read", () => ({ what: "list jobs" })),
     exportBundle: onResolvedHosts("bundle", (req) => ({ what: `export bundle of region ${req.region}` })),
     importBundle: onResolvedHosts("bundle", () => ({ what: "import results bundle" })),
@@ -72,6 +75,11 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     listSessions: inTenant("audit"),
     getSessionRecording: inTenant("audit"),
     joinSession: inTenant("audit"),
+  })
+  .service(ConsoleService, {
+    // A browser session acts as its operator, no more: the link needs its own action so a policy can keep
+    // operators to the CLI. Served on this port only, never to a console session (docs/console.md).
+    createConsoleLink: { ...inTenant("console"), summary: () => ({ what: "console link" }) },
   })
   .service(TriggerService, {
     // Events are shown for the hosts the caller's read roles cover (controller/trigger-access.ts).
@@ -132,3 +140,4 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
 export const ENROLL_LISTENER_DECLARATIONS = new DeclarationTable().service(EnrollService, {
   enroll: { open: "callers have no certificate yet: the bootstrap credential in the request is decided and audited by controller/enroll.ts" },
 });
+

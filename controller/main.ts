@@ -44,7 +44,15 @@ import { DocumentStore, LmdbDocumentBackend } from "./document-store.js";
 import { serveProxyLink } from "./proxy-link.js";
 import { SessionBroker, type ProxySessionLink } from "./sessions.js";
 import { LmdbRecordingStore } from "./recordings.js";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
+import type { ServiceImpl } from "@connectrpc/connect";
+import type { Credentials } from "../certs/files.js";
+import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
+import type { Call, Grant } from "../common/rpc-access.js";
+import { ConsoleService } from "../gen/rexmesh/v1/console_pb.js";
+import { consoleServiceImpl } from "./console-api.js";
+import { createConsoleServer, consoleStaticDir } from "./console-server.js";
+import { ConsoleSessions } from "./console-sessions.js";
 import { createPublicKey } from "node:crypto";
 import type { CaMaterial } from "../certs/ca.js";
 import { createOpenUnaryServer } from "../common/open-unary-server.js";
@@ -85,6 +93,11 @@ export const controllerSchema = {
   sessionMax: { type: "duration", default: "12h", doc: "a session ends after this long in all, unless the role that allowed it sets sessionMax (0: never)" },
   sessionResume: { type: "duration", default: "30s", doc: "how long a session whose leg was cut (its proxy restarted, its host failed over) waits for its host to come back before it ends (0: a cut ends it)" },
   enrollListen: { type: "string", doc: "extra address serving only EnrollService without asking for a client certificate, for daemons with a join token that reach the controller directly (host:port; port 0 picks one); off by default" },
+  consoleListen: { type: "string", doc: "address of the web console's HTTPS listener (host:port; port 0 picks one; docs/console.md); off when unset" },
+  consoleUrl: { type: "string", doc: "the console's address as browsers reach it, for the links rexmesh console prints (default: https://<the address --console-listen bound>)" },
+  consoleCert: { type: "string", doc: "certificate (PEM) the console shows browsers (default: the controller's own, signed by the mesh CA)" },
+  consoleKey: { type: "string", doc: "private key of --console-cert (PEM)" },
+  consoleSession: { type: "duration", default: "8h", doc: "how long a console login lasts (sessions are kept in memory: a restart logs every browser out)" },
   policy: { type: "string", doc: "authorization policy file (YAML or JSON, docs/authorization.md), reloaded on SIGHUP; without one every operator has full access within its tenant" },
 } satisfies Schema;
 
@@ -254,18 +267,24 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   metrics.gauge("sessions_open", "sessions (rexmesh shell, run --stdin -) and port forwards relayed now, by kind", () => Object.entries(sessions.openByKind()).map(([kind, value]) => ({ labels: { kind }, value })), ["kind"]);
   const stopEndingRevokedSessions = revocations.onChange(() => sessions.revoked());
   const health = new HealthState([ControllerService.typeName, ProxyLinkService.typeName]);
+  const controllerImpl = withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler, releases, now: () => clock.now(), log }), { callerOf, log });
+  const consoleSessions = new ConsoleSessions(clock, { sessionTtlMs: config.consoleSession });
+  const stopEndingRevokedConsoles = revocations.onChange(() => consoleSessions.endAllOf((peer) => revocations.isRevoked(peer)));
+  const decide = (call: Call) => access.decideCall(call);
+  const consoleListener = config.consoleListen ? await startConsole(config, { creds, sessions: consoleSessions, controllerImpl, decide, isRevoked: (peer) => revocations.isRevoked(peer), audit, log, clock }) : undefined;
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.
   const server = createRpcServer({
     creds,
     log,
     isRevoked: (peer) => revocations.isRevoked(peer),
     declarations: CONTROLLER_DECLARATIONS,
-    decide: (call) => access.decideCall(call),
+    decide,
     routes: (router) => {
       router.service(RevocationService, revocationServiceImpl(access));
       router.service(Health, healthServiceImpl(health));
       router.service(ServerReflection, reflectionServiceImpl([ControllerService, TriggerService, ProxyLinkService, RevocationService, TokenService, ArtifactService, EnrollService, Health]));
-      router.service(ControllerService, withRequestLimits(controllerServiceImpl({ jobs, access, sessions: config.sessions ? sessions : undefined, revoked: revokedHost, scheduler, releases, now: () => clock.now(), log }), { callerOf, log }));
+      router.service(ControllerService, controllerImpl);
+      router.service(ConsoleService, consoleServiceImpl({ sessions: consoleSessions, baseUrl: consoleListener?.url }));
       router.service(EnrollService, enrollServiceImpl(enrollment, callerOf));
       router.service(TokenService, tokenServiceImpl(enrollment, callerOf));
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));
@@ -294,11 +313,12 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   return {
     address,
     served: server.served,
-    info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}) },
+    info: { role: "controller", address: `${address.address}:${address.port}`, ...(enrollAddress ? { enrollAddress } : {}), ...(metricsServer ? { metricsAddress: metricsServer.address } : {}), ...(consoleListener ? { consoleAddress: consoleListener.address, consoleUrl: consoleListener.url } : {}) },
     draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
       stopEndingRevokedSessions();
+      stopEndingRevokedConsoles();
       scheduler.stop();
       evaluator.stop();
       // One grace for the whole stop: what the drain used is not given again to the servers.
@@ -306,11 +326,52 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       await jobs.drain(graceMs);
       await metricsServer?.close();
       const left = Math.max(0, until - Date.now());
-      await Promise.all([server.close(left), enrollServer?.close(left)]);
+      await Promise.all([server.close(left), enrollServer?.close(left), consoleListener?.server.close(left)]);
       jobs.stop();
       await store.close();
     },
   };
+}
+
+/**
+ * The web console's listener (controller/console-server.ts): the same
+ * ControllerService handlers and boundary as the main port, the caller
+ * taken from a session cookie. Listens before the main port does, so that
+ * the links CreateConsoleLink prints name the address it got.
+ */
+async function startConsole(
+  config: ControllerConfig,
+  deps: { creds: Credentials; sessions: ConsoleSessions; controllerImpl: ServiceImpl<typeof ControllerService>; decide: (call: Call) => Promise<Grant>; isRevoked: (peer: PeerIdentity) => boolean; audit: AuditLog; log: Logger; clock: Clock },
+): Promise<{ server: ReturnType<typeof createConsoleServer>; address: string; url: string }> {
+  const at = parseHostPort(config.consoleListen!, "consoleListen");
+  if (Boolean(config.consoleCert) !== Boolean(config.consoleKey)) throw new ConfigError("consoleCert and consoleKey go together");
+  const tls = config.consoleCert ? { certPem: readFileSync(config.consoleCert, "utf8"), keyPem: readFileSync(config.consoleKey!, "utf8") } : deps.creds;
+  const staticDir = consoleStaticDir(import.meta.url);
+  if (!existsSync(join(staticDir, "index.html"))) deps.log.warn("the web console's files are not built (npm run build): the console serves its API only", { staticDir });
+  const server = createConsoleServer({
+    tls,
+    staticDir,
+    sessions: deps.sessions,
+    // Not Session and Forward: a browser cannot hold a bidirectional stream, and a cookie should not open shells.
+    routes: (router) => void router.service(ControllerService, withoutSessions(deps.controllerImpl)),
+    declarations: CONTROLLER_DECLARATIONS,
+    decide: deps.decide,
+    isRevoked: deps.isRevoked,
+    audit: async (kind, peer, reason) => {
+      await deps.audit.append({ kind, tenant: peer.scope, actor: formatIdentity(peer), decision: "allowed", reason, what: "web console session", hostIds: [] });
+    },
+    log: deps.log.child({ component: "console" }),
+    clock: deps.clock,
+  });
+  const bound = await server.listen(at.host, at.port);
+  const address = `${bound.family === "IPv6" ? `[${bound.address}]` : bound.address}:${bound.port}`;
+  return { server, address, url: (config.consoleUrl ?? `https://${address}`).replace(/\/+$/, "") };
+}
+
+/** ControllerService without the calls that open sessions and port forwards (they answer UNIMPLEMENTED). */
+function withoutSessions(impl: ServiceImpl<typeof ControllerService>): Partial<ServiceImpl<typeof ControllerService>> {
+  const { session: _session, forward: _forward, ...rest } = impl;
+  return rest;
 }
 
 /** The CA key, checked against the CA certificate so that a wrong file fails at start, not at the first enrollment. */

@@ -15,6 +15,7 @@ import type { Logger } from "../common/logger.js";
 import { toConnectError } from "../common/rpc-errors.js";
 import type {
   CancelJobRequest,
+  RerunJobRequest,
   ControllerService,
   ExportBundleRequest,
   GetDocumentRequest,
@@ -110,6 +111,13 @@ const CHECKS: { [K in keyof ServiceImpl<typeof ControllerService>]?: (req: never
   getJob: (req: GetJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
   watchJob: (req: WatchJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
   cancelJob: (req: CancelJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
+  rerunJob: (req: RerunJobRequest) => {
+    checkChars("job_id", req.jobId, LIMITS.refChars);
+    checkCount("host_ids", req.hostIds.length, LIMITS.hostIdsPerJob);
+    for (const id of req.hostIds) checkChars("a host id", id, LIMITS.idChars);
+    checkCount("states", req.states.length, 32);
+    checkChars("idempotency_key", req.idempotencyKey, LIMITS.idempotencyKeyChars);
+  },
   exportBundle: (req: ExportBundleRequest) => void checkChars("region", req.region, LIMITS.idChars),
   importBundle: (req: ImportBundleRequest) => checkBytes("bundle", req.bundle, LIMITS.bundleBytes),
   setHostLabels: checkLabelsLimits,

@@ -1,0 +1,65 @@
+import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import type { Job } from "../../gen/rexmesh/v1/controller_pb.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import type { Step } from "../../gen/rexmesh/v1/task_pb.js";
+
+/** A task state as operators read it: "never delivered" rather than EXPIRED. */
+export const STATE_LABEL: Record<number, string> = {
+  [TaskState.PENDING]: "pending",
+  [TaskState.QUEUED]: "queued at proxy",
+  [TaskState.DISPATCHED]: "dispatched",
+  [TaskState.DELIVERED]: "delivered",
+  [TaskState.RUNNING]: "running",
+  [TaskState.SUCCEEDED]: "succeeded",
+  [TaskState.FAILED]: "failed",
+  [TaskState.TIMED_OUT]: "timed out",
+  [TaskState.CANCELLED]: "cancelled",
+  [TaskState.INTERRUPTED]: "interrupted",
+  [TaskState.EXPIRED]: "never delivered (expired)",
+  [TaskState.REJECTED]: "rejected",
+  [TaskState.SKIPPED]: "skipped",
+  [TaskState.LOST]: "lost",
+};
+
+export const stateLabel = (s: TaskState) => STATE_LABEL[s] ?? TaskState[s] ?? String(s);
+
+/** Which colour family a state is shown in. */
+export function stateTone(s: TaskState): "ok" | "bad" | "warn" | "live" {
+  if (s === TaskState.SUCCEEDED) return "ok";
+  if (s === TaskState.FAILED || s === TaskState.TIMED_OUT || s === TaskState.INTERRUPTED || s === TaskState.REJECTED || s === TaskState.LOST) return "bad";
+  if (s === TaskState.CANCELLED || s === TaskState.EXPIRED || s === TaskState.SKIPPED) return "warn";
+  return "live";
+}
+
+/** The state groups rerun offers, as the API's states. */
+export const RERUN_GROUPS = {
+  failed: [TaskState.FAILED, TaskState.TIMED_OUT, TaskState.INTERRUPTED, TaskState.REJECTED],
+  succeeded: [TaskState.SUCCEEDED],
+  undelivered: [TaskState.EXPIRED, TaskState.SKIPPED, TaskState.LOST],
+} as const;
+
+export const isTerminal = (s: TaskState) => s >= TaskState.SUCCEEDED;
+
+export function when(t: Timestamp | undefined): string {
+  if (!t) return "";
+  return timestampDate(t).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
+}
+
+export function describeStep(s: Step): string {
+  const t = s.tool;
+  switch (t.case) {
+    case "exec":
+      return t.value.argv.join(" ");
+    case "shell":
+      return t.value.script;
+    case undefined:
+      return "";
+    default:
+      return t.case;
+  }
+}
+
+export function describeJob(j: Job): string {
+  if (j.document) return `document ${j.document}`;
+  return j.steps.map(describeStep).join("; ");
+}

@@ -1,0 +1,114 @@
+import { createHash, randomBytes } from "node:crypto";
+import type { PeerIdentity } from "../certs/identity.js";
+import type { Clock } from "../common/clock.js";
+import { ResourceExhaustedError, UnauthenticatedError } from "../common/errors.js";
+
+/**
+ * Browser sessions of the web console (docs/console.md). An operator with
+ * its certificate asks for a one-time link; opening it turns the link's
+ * secret into a session whose secret the browser keeps in an HttpOnly
+ * cookie. Both secrets are 256 random bits and only their SHA-256 is kept
+ * (in memory: a controller restart logs every browser out). A session is
+ * the operator identity it was made for, nothing more: every call made with
+ * it is decided by the policy in force at the time of the call.
+ */
+export interface ConsoleSessionOptions {
+  /** How long a link can be opened (default 2 minutes). */
+  linkTtlMs?: number;
+  /** How long a session lasts, from login (default 8 hours). */
+  sessionTtlMs?: number;
+  /** Links not yet opened, in all (default 1,000). */
+  maxLinks?: number;
+  /** Sessions open, in all (default 10,000). */
+  maxSessions?: number;
+  /** Random bytes; injected so tests can make secrets predictable. */
+  random?: (n: number) => Uint8Array;
+}
+
+export interface ConsoleSession {
+  readonly peer: PeerIdentity;
+  readonly expiresAt: number;
+}
+
+/** Secrets are base64url of 32 bytes (43 characters); anything longer is refused before hashing. */
+export const MAX_SECRET_CHARS = 64;
+const SECRET = /^[A-Za-z0-9_-]{43}$/;
+
+function hashOf(secret: string): string {
+  return createHash("sha256").update(secret, "utf8").digest("hex");
+}
+
+export class ConsoleSessions {
+  private readonly links = new Map<string, ConsoleSession>();
+  private readonly sessions = new Map<string, ConsoleSession>();
+  readonly linkTtlMs: number;
+  readonly sessionTtlMs: number;
+  private readonly maxLinks: number;
+  private readonly maxSessions: number;
+  private readonly random: (n: number) => Uint8Array;
+
+  constructor(
+    private readonly clock: Clock,
+    opts: ConsoleSessionOptions = {},
+  ) {
+    this.linkTtlMs = opts.linkTtlMs ?? 2 * 60_000;
+    this.sessionTtlMs = opts.sessionTtlMs ?? 8 * 3_600_000;
+    this.maxLinks = opts.maxLinks ?? 1_000;
+    this.maxSessions = opts.maxSessions ?? 10_000;
+    this.random = opts.random ?? randomBytes;
+  }
+
+  /** A new one-time link secret for `peer`; shown once, kept hashed. */
+  createLink(peer: PeerIdentity): { secret: string; expiresAt: number } {
+    return this.mint(this.links, this.maxLinks, "console links waiting to be opened", peer, this.linkTtlMs);
+  }
+
+  /** Opens a link: valid once, before it expires. Returns the new session's secret, for the cookie. */
+  redeem(linkSecret: string): { secret: string; session: ConsoleSession } {
+    const link = this.take(this.links, linkSecret, "this console link is not valid (each link works once, for two minutes): run rexmesh console again");
+    const { secret, expiresAt } = this.mint(this.sessions, this.maxSessions, "console sessions", link.peer, this.sessionTtlMs);
+    return { secret, session: { peer: link.peer, expiresAt } };
+  }
+
+  /** The session a cookie's secret names, if it is one and has not expired. */
+  session(secret: string): ConsoleSession | undefined {
+    if (!SECRET.test(secret)) return undefined;
+    const s = this.sessions.get(hashOf(secret));
+    if (!s) return undefined;
+    if (this.clock.now() >= s.expiresAt) {
+      this.sessions.delete(hashOf(secret));
+      return undefined;
+    }
+    return s;
+  }
+
+  /** Ends a session (logout); unknown secrets are ignored. */
+  end(secret: string): void {
+    if (SECRET.test(secret)) this.sessions.delete(hashOf(secret));
+  }
+
+  /** Ends every session of one operator (its identity was revoked). */
+  endAllOf(match: (peer: PeerIdentity) => boolean): void {
+    for (const [k, s] of this.sessions) if (match(s.peer)) this.sessions.delete(k);
+    for (const [k, s] of this.links) if (match(s.peer)) this.links.delete(k);
+  }
+
+  private mint(into: Map<string, ConsoleSession>, max: number, what: string, peer: PeerIdentity, ttlMs: number): { secret: string; expiresAt: number } {
+    const now = this.clock.now();
+    if (into.size >= max) for (const [k, s] of into) if (now >= s.expiresAt) into.delete(k);
+    if (into.size >= max) throw new ResourceExhaustedError(`too many ${what} (at most ${max}); try again later`);
+    const secret = Buffer.from(this.random(32)).toString("base64url");
+    const expiresAt = now + ttlMs;
+    into.set(hashOf(secret), { peer, expiresAt });
+    return { secret, expiresAt };
+  }
+
+  private take(from: Map<string, ConsoleSession>, secret: string, refusal: string): ConsoleSession {
+    if (!SECRET.test(secret)) throw new UnauthenticatedError(refusal);
+    const key = hashOf(secret);
+    const found = from.get(key);
+    from.delete(key);
+    if (!found || this.clock.now() >= found.expiresAt) throw new UnauthenticatedError(refusal);
+    return found;
+  }
+}
