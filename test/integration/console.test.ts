@@ -1,5 +1,6 @@
 import { request } from "node:https";
-import { readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { chromium, type Browser, type Page } from "playwright-core";
@@ -21,7 +22,12 @@ import { testCa } from "../test-ca.js";
  * listener are checked at its API as well.
  */
 const CHROMIUM = "/usr/bin/chromium";
-const DOCS = join(import.meta.dirname, "..", "..", "docs");
+/**
+ * Where the screenshots go: docs/ (committed, shown in docs/console.md) when
+ * REXMESH_UPDATE_SCREENSHOTS=1, a scratch directory otherwise, so that a
+ * test run leaves the checkout as it was.
+ */
+const DOCS = process.env.REXMESH_UPDATE_SCREENSHOTS === "1" ? join(import.meta.dirname, "..", "..", "docs") : mkdtempSync(join(tmpdir(), "rexmesh-console-shots-"));
 
 describe("web console on a real mesh", () => {
   const work = tempDir("console");
