@@ -1,4 +1,4 @@
-import { createPrivateKey, randomBytes, sign, type KeyObject } from "node:crypto";
+import { createHash, createPrivateKey, createPublicKey, randomBytes, sign, type KeyObject } from "node:crypto";
 import forge from "node-forge";
 import type { Clock } from "../common/clock.js";
 import { InvalidArgumentError } from "../common/errors.js";
@@ -11,6 +11,11 @@ export interface CaMaterial {
 }
 
 export { generateKeyPair, type KeyPair } from "./keys.js";
+
+const asn1 = forge.asn1;
+
+/** Parses DER leaving BIT STRINGs as their bytes (forge would otherwise try to read them as nested DER; its typings omit the option). */
+const rawDer = (der: string): forge.asn1.Asn1 => (asn1.fromDer as unknown as (der: string, options: { decodeBitStrings: boolean }) => forge.asn1.Asn1)(der, { decodeBitStrings: false });
 import { generateKeyPair, type KeyPair } from "./keys.js";
 
 /** Certificates are valid from a little before issue, so peers with slightly slow clocks accept them. */
@@ -116,9 +121,12 @@ export interface IssueOptions {
 export function issueCertificate(ca: CaMaterial, opts: IssueOptions): string {
   if (!(opts.validityMs > 0)) throw new InvalidArgumentError("certificate validity must be positive");
   const caCert = parsedCaCert(ca.certPem);
+  const subject = subjectKey(opts.publicKeyPem);
   const cert = forge.pki.createCertificate();
   const now = opts.clock.now();
-  cert.publicKey = forge.pki.publicKeyFromPem(opts.publicKeyPem);
+  // forge encodes RSA keys only: it builds the TBSCertificate around a stand-in (the CA's own key), and the
+  // subject's SubjectPublicKeyInfo, whatever its type, takes the stand-in's place below.
+  cert.publicKey = caCert.cert.publicKey;
   cert.serialNumber = serialNumber();
   cert.validity.notBefore = new Date(now - BACKDATE_MS);
   cert.validity.notAfter = new Date(now + opts.validityMs);
@@ -136,11 +144,45 @@ export function issueCertificate(ca: CaMaterial, opts: IssueOptions): string {
     { name: "keyUsage", digitalSignature: true, keyEncipherment: true, critical: true },
     { name: "extKeyUsage", serverAuth: true, clientAuth: true },
     { name: "subjectAltName", altNames },
-    { name: "subjectKeyIdentifier" },
+    { name: "subjectKeyIdentifier", value: asn1.create(asn1.Class.UNIVERSAL, asn1.Type.OCTETSTRING, false, subject.keyIdentifier) },
     { name: "authorityKeyIdentifier", keyIdentifier: caCert.keyIdentifier },
   ]);
-  signNatively(cert, ca.keyPem);
-  return forge.pki.certificateToPem(cert);
+  const oid = forge.pki.oids.sha256WithRSAEncryption!;
+  cert.signatureOid = oid;
+  (cert as unknown as { siginfo: { algorithmOid: string } }).siginfo.algorithmOid = oid;
+  const tbs = (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert);
+  const fields = tbs.value as forge.asn1.Asn1[];
+  // TBSCertificate: [0] version, serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, [3] extensions.
+  if (fields.length !== 8 || fields[6]!.type !== asn1.Type.SEQUENCE) throw new Error("unexpected TBSCertificate layout from node-forge");
+  fields[6] = rawDer(subject.spki);
+  const tbsDer = asn1.toDer(tbs).getBytes();
+  const signature = sign("sha256", Buffer.from(tbsDer, "binary"), privateKeyObject(ca.keyPem)).toString("binary");
+  const algorithm = asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [
+    asn1.create(asn1.Class.UNIVERSAL, asn1.Type.OID, false, asn1.oidToDer(oid).getBytes()),
+    asn1.create(asn1.Class.UNIVERSAL, asn1.Type.NULL, false, ""),
+  ]);
+  const certificate = asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [tbs, algorithm, asn1.create(asn1.Class.UNIVERSAL, asn1.Type.BITSTRING, false, "\0" + signature)]);
+  return forge.pem.encode({ type: "CERTIFICATE", body: asn1.toDer(certificate).getBytes() }, { maxline: 64 });
+}
+
+/**
+ * The subject's SubjectPublicKeyInfo (DER, as a binary string for forge) and
+ * its key identifier: SHA-1 of the subjectPublicKey bits (RFC 5280 4.2.1.2,
+ * method 1, as forge computes it for RSA keys). RSA and ECDSA P-256 only.
+ */
+function subjectKey(publicKeyPem: string): { spki: string; keyIdentifier: string } {
+  let key: KeyObject;
+  try {
+    key = createPublicKey(publicKeyPem);
+  } catch (cause) {
+    throw new InvalidArgumentError("the subject's public key cannot be read", { cause });
+  }
+  const ec = key.asymmetricKeyType === "ec" && key.asymmetricKeyDetails?.namedCurve === "prime256v1";
+  if (key.asymmetricKeyType !== "rsa" && !ec) throw new InvalidArgumentError("the subject's key must be RSA or ECDSA P-256");
+  const spki = key.export({ type: "spki", format: "der" }).toString("binary");
+  const bits = (rawDer(spki).value as forge.asn1.Asn1[])[1]!.value as string;
+  const keyIdentifier = createHash("sha1").update(Buffer.from(bits.slice(1), "binary")).digest().toString("binary");
+  return { spki, keyIdentifier };
 }
 
 /**

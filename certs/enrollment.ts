@@ -12,14 +12,50 @@ import { identityFromCertificate, type PeerIdentity } from "./identity.js";
  */
 
 
-/** A PKCS#10 request for the host's own key; the controller uses only its public key. */
+/** A PKCS#10 request for the host's own key (ECDSA P-256 or RSA); the controller uses only its public key. */
 export function createCsr(hostId: string, keys: { publicKeyPem: string; privateKeyPem: string }): string {
+  if (createPublicKey(keys.publicKeyPem).asymmetricKeyType === "ec") return createEcCsr(hostId, keys);
   const csr = forge.pki.createCertificationRequest();
   csr.publicKey = forge.pki.publicKeyFromPem(keys.publicKeyPem);
   csr.setSubject([{ name: "commonName", value: hostId }]);
   csr.sign(forge.pki.privateKeyFromPem(keys.privateKeyPem), forge.md.sha256.create());
   return forge.pki.certificationRequestToPem(csr);
 }
+
+/**
+ * The same for an ECDSA key, which node-forge cannot encode: the request is
+ * put together with forge's DER writer and signed by OpenSSL
+ * (ecdsa-with-SHA256, the signature DER-encoded as X.509 wants it).
+ */
+function createEcCsr(hostId: string, keys: { publicKeyPem: string; privateKeyPem: string }): string {
+  const asn1 = forge.asn1;
+  const { UNIVERSAL } = asn1.Class;
+  const spki = createPublicKey(keys.publicKeyPem).export({ type: "spki", format: "der" }).toString("binary");
+  const name = asn1.create(UNIVERSAL, asn1.Type.SEQUENCE, true, [
+    asn1.create(UNIVERSAL, asn1.Type.SET, true, [
+      asn1.create(UNIVERSAL, asn1.Type.SEQUENCE, true, [
+        asn1.create(UNIVERSAL, asn1.Type.OID, false, asn1.oidToDer(forge.pki.oids.commonName!).getBytes()),
+        asn1.create(UNIVERSAL, asn1.Type.UTF8, false, forge.util.encodeUtf8(hostId)),
+      ]),
+    ]),
+  ]);
+  const info = asn1.create(UNIVERSAL, asn1.Type.SEQUENCE, true, [
+    asn1.create(UNIVERSAL, asn1.Type.INTEGER, false, "\0"),
+    name,
+    (asn1.fromDer as unknown as (der: string, options: { decodeBitStrings: boolean }) => forge.asn1.Asn1)(spki, { decodeBitStrings: false }),
+    asn1.create(asn1.Class.CONTEXT_SPECIFIC, 0, true, []),
+  ]);
+  const infoDer = Buffer.from(asn1.toDer(info).getBytes(), "binary");
+  const signature = sign("sha256", infoDer, keys.privateKeyPem).toString("binary");
+  const request = asn1.create(UNIVERSAL, asn1.Type.SEQUENCE, true, [
+    info,
+    asn1.create(UNIVERSAL, asn1.Type.SEQUENCE, true, [asn1.create(UNIVERSAL, asn1.Type.OID, false, asn1.oidToDer(ECDSA_WITH_SHA256_OID).getBytes())]),
+    asn1.create(UNIVERSAL, asn1.Type.BITSTRING, false, "\0" + signature),
+  ]);
+  return forge.pem.encode({ type: "CERTIFICATE REQUEST", body: asn1.toDer(request).getBytes() }, { maxline: 64 });
+}
+
+const ECDSA_WITH_SHA256_OID = "1.2.840.10045.4.3.2";
 
 /** SHA-256 of the key's SubjectPublicKeyInfo, hex: how the controller recognises a machine. */
 export function keyFingerprint(publicKeyPem: string): string {
@@ -31,9 +67,10 @@ export function keyFingerprint(publicKeyPem: string): string {
  * self-signature, which proves that the sender holds the private key of the
  * public key it asks to certify. Nothing costly happens before the key is
  * judged: the size of the text, then the DER structure, then the key's type
- * and size (RSA of {@link LIMITS.rsaMinBits}–{@link LIMITS.rsaMaxBits} bits
- * with exponent 65537) read from its encoding; only then is the signature
- * checked, natively (OpenSSL). A pure-JS check of a 16384-bit modulus and
+ * and size (ECDSA P-256 with an uncompressed point, or RSA of
+ * {@link LIMITS.rsaMinBits}–{@link LIMITS.rsaMaxBits} bits with exponent
+ * 65537) read from its encoding; only then is the signature checked,
+ * natively (OpenSSL). A pure-JS check of a 16384-bit modulus and
  * exponent once blocked the controller for about a minute.
  */
 export function readCsr(csrPem: string): { publicKeyPem: string; fingerprint: string } {
@@ -42,9 +79,9 @@ export function readCsr(csrPem: string): { publicKeyPem: string; fingerprint: st
   }
   const der = pemBody(csrPem);
   const csr = parseCsrDer(der);
-  checkRsaKey(der, csr.spki);
-  const hash = SIGNATURE_HASHES.get(der.subarray(csr.sigAlg.start, csr.sigAlg.end).toString("hex"));
-  if (!hash) throw new InvalidArgumentError("the CSR must be signed with sha256WithRSAEncryption (or SHA-384/512 with RSA)");
+  const ec = checkKey(der, csr.spki);
+  const hash = (ec ? ECDSA_HASHES : SIGNATURE_HASHES).get(der.subarray(csr.sigAlg.start, csr.sigAlg.end).toString("hex"));
+  if (!hash) throw new InvalidArgumentError(ec ? "a CSR for an ECDSA key must be signed with ecdsa-with-SHA256 (or SHA-384/512)" : "the CSR must be signed with sha256WithRSAEncryption (or SHA-384/512 with RSA)");
   let key: KeyObject;
   try {
     key = createPublicKey({ key: der.subarray(csr.spki.start, csr.spki.end), format: "der", type: "spki" });
@@ -162,12 +199,29 @@ const SIGNATURE_HASHES = new Map([
   ["300b06092a864886f70d01010d", "sha512"],
 ]);
 
-/** The key must be RSA with a modulus of the allowed size and exponent 65537, judged from the encoding alone. */
-function checkRsaKey(der: Buffer, spki: Tlv): void {
+/** id-ecPublicKey with the named curve prime256v1, DER. */
+const EC_P256 = "06072a8648ce3d020106082a8648ce3d030107";
+const ECDSA_HASHES = new Map([
+  ["300a06082a8648ce3d040302", "sha256"],
+  ["300a06082a8648ce3d040303", "sha384"],
+  ["300a06082a8648ce3d040304", "sha512"],
+]);
+
+/**
+ * The key must be ECDSA P-256 (an uncompressed point: OpenSSL checks that it
+ * is on the curve when the key is read) or RSA with a modulus of the allowed
+ * size and exponent 65537, judged from the encoding alone. True for ECDSA.
+ */
+function checkKey(der: Buffer, spki: Tlv): boolean {
   const wrongKey = () =>
-    new InvalidArgumentError(`the CSR's key must be an RSA key of ${LIMITS.rsaMinBits} to ${LIMITS.rsaMaxBits} bits with public exponent ${LIMITS.rsaExponent}`);
+    new InvalidArgumentError(`the CSR's key must be an ECDSA P-256 key or an RSA key of ${LIMITS.rsaMinBits} to ${LIMITS.rsaMaxBits} bits with public exponent ${LIMITS.rsaExponent}`);
   const [alg, bits, ...rest] = children(der, spki);
   if (rest.length > 0 || !alg || alg.tag !== SEQUENCE || !bits || bits.tag !== BIT_STRING) throw new InvalidArgumentError(`${NOT_A_CSR} (malformed subjectPKInfo)`);
+  if (der.subarray(alg.content, alg.end).toString("hex") === EC_P256) {
+    // 0 unused bits, then 04 || X || Y.
+    if (bits.end - bits.content !== 66 || der[bits.content] !== 0 || der[bits.content + 1] !== 4) throw wrongKey();
+    return true;
+  }
   const [oid, params, ...extra] = children(der, alg);
   if (!oid || oid.tag !== OID || der.subarray(oid.start, oid.end).toString("hex") !== RSA_ENCRYPTION) throw wrongKey();
   if (extra.length > 0 || (params && (params.tag !== NULL || params.end !== params.content))) throw wrongKey();
@@ -179,6 +233,7 @@ function checkRsaKey(der: Buffer, spki: Tlv): void {
   const modulusBits = positiveBits(der, n);
   if (modulusBits < LIMITS.rsaMinBits || modulusBits > LIMITS.rsaMaxBits) throw wrongKey();
   if (e.end - e.content > 4 || positiveBits(der, e) === 0 || der.readUIntBE(e.content, e.end - e.content) !== LIMITS.rsaExponent) throw wrongKey();
+  return false;
 }
 
 /** Bit length of a positive, minimally encoded INTEGER; 0 for anything else. */

@@ -1,7 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { durationMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
-import forge from "node-forge";
+import { X509Certificate } from "node:crypto";
 import { issueCertificate, type CaMaterial } from "../certs/ca.js";
 import { readCsr, verifyZeroCertificate } from "../certs/enrollment.js";
 import { checkSegment, formatIdentity, requireRole, type PeerIdentity } from "../certs/identity.js";
@@ -206,9 +206,9 @@ export class EnrollmentAuthority {
       if (tokenHash) this.reservedUses.set(tokenHash, (this.reservedUses.get(tokenHash) ?? 0) + 1);
       try {
         const certPem = issueCertificate(ca, { clock: this.opts.clock, identity: { role: "host", scope: tenant, id: hostId }, publicKeyPem: csr.publicKeyPem, validityMs: this.opts.hostCertTtlMs });
-        const issued = forge.pki.certificateFromPem(certPem);
-        const notAfter = issued.validity.notAfter.getTime();
-        const host: EnrolledHost = { id: hostId, tenant, keyFingerprint: csr.fingerprint, enrolledAt: now, notAfter, serial: issued.serialNumber, credential: credentialName(cred), ...(relayedBy ? { relayedBy } : {}) };
+        const issued = new X509Certificate(certPem);
+        const notAfter = Date.parse(issued.validTo);
+        const host: EnrolledHost = { id: hostId, tenant, keyFingerprint: csr.fingerprint, enrolledAt: now, notAfter, serial: issued.serialNumber.toLowerCase(), credential: credentialName(cred), ...(relayedBy ? { relayedBy } : {}) };
         // Commit before answering: a certificate is returned only once the
         // spent use and the host's key are durable.
         await this.opts.store.commit(tokenHash, hostId, (token, current) => {

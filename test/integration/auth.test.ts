@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
-import { issueKeyAndCertificate } from "../../certs/ca.js";
+import { generateKeyPair, issueCertificate, issueKeyAndCertificate } from "../../certs/ca.js";
 import { credentialPaths, readCredentials, writeCredentials, type CredentialPaths } from "../../certs/files.js";
 import type { PeerIdentity } from "../../certs/identity.js";
 import { systemClock } from "../../common/clock.js";
@@ -152,7 +152,9 @@ describe("authentication and the public API", () => {
   it("never lets a leaf certificate act as a CA", async () => {
     // A host signs an "operator" certificate with its own key and presents the chain.
     const forge = (await import("node-forge")).default;
-    const host = readCredentials(hostCreds);
+    // A host certificate on an RSA key (node-forge, which makes the forgery, handles no other; hosts get ECDSA P-256 keys by default).
+    const rsa = generateKeyPair(2048);
+    const host = { certPem: issueCertificate(testCa(), { clock: systemClock, identity: { role: "host", scope: "default", id: "h1" }, publicKeyPem: rsa.publicKeyPem, validityMs: 3_600_000 }), keyPem: rsa.privateKeyPem };
     const hostCert = forge.pki.certificateFromPem(host.certPem);
     const keys = forge.pki.rsa.generateKeyPair(1024);
     const forged = forge.pki.createCertificate();

@@ -44,11 +44,28 @@ describe("CSR checks before signature math", () => {
     }
   });
 
-  it("refuses keys that are not RSA", () => {
-    const ec = generateKeyPairSync("ec", { namedCurve: "P-256" }).publicKey.export({ type: "spki", format: "der" });
-    expect(() => readCsr(csrAround(ec, 64))).toThrow(/RSA/);
+  it("refuses keys that are neither ECDSA P-256 nor RSA, and a P-256 point that is compressed or off the curve", () => {
+    const p384 = generateKeyPairSync("ec", { namedCurve: "P-384" }).publicKey.export({ type: "spki", format: "der" });
+    expect(() => readCsr(csrAround(p384, 64))).toThrow(/ECDSA P-256 key or an RSA key/);
     const ed = generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "der" });
-    expect(() => readCsr(csrAround(ed, 64))).toThrow(/RSA/);
+    expect(() => readCsr(csrAround(ed, 64))).toThrow(/ECDSA P-256 key or an RSA key/);
+    const uncompressed = generateKeyPairSync("ec", { namedCurve: "P-256" }).publicKey.export({ type: "spki", format: "der" });
+    // The same key with its point compressed: 02|03 and X only.
+    const x = uncompressed.subarray(uncompressed.length - 64, uncompressed.length - 32);
+    const odd = uncompressed[uncompressed.length - 1]! & 1;
+    const body = Buffer.concat([uncompressed.subarray(2, 23), Buffer.from([0x03, 34, 0, 2 | odd]), x]);
+    const compressed = Buffer.concat([Buffer.from([0x30, body.length]), body]);
+    expect(() => readCsr(csrAround(compressed, 72))).toThrow(/ECDSA P-256 key or an RSA key/);
+    // A point off the curve, in an otherwise well-made request.
+    const good = Buffer.from(createCsr("h1", generateKeyPair()).replace(/-----[^-]+-----/g, "").replace(/\s/g, ""), "base64");
+    const at = good.indexOf(Buffer.from([0x03, 0x42, 0x00, 0x04]));
+    expect(at).toBeGreaterThan(0);
+    const bent = Buffer.from(good);
+    bent[at + 4 + 63]! ^= 1;
+    const pem = `-----BEGIN CERTIFICATE REQUEST-----\n${bent.toString("base64")}\n-----END CERTIFICATE REQUEST-----\n`;
+    expect(() => readCsr(pem)).toThrow(/cannot be read|signature does not match/);
+    // A P-256 key with a signature algorithm of RSA.
+    expect(() => readCsr(csrAround(uncompressed, 64))).toThrow(/ecdsa-with-SHA256/);
   });
 
   it("refuses oversized, non-PEM and malformed DER requests before parsing further", () => {
@@ -68,11 +85,15 @@ describe("CSR checks before signature math", () => {
   });
 
   it("accepts the requests daemons make, and still proves possession of the key natively", () => {
-    for (const bits of [2048, 3072]) {
-      const keys = generateKeyPair(bits);
+    for (const kind of ["ec", 2048, 3072] as const) {
+      const keys = generateKeyPair(kind);
       const read = readCsr(createCsr("h1", keys));
       expect(read.fingerprint).toBe(keyFingerprint(keys.publicKeyPem));
     }
+    // An ECDSA request signed by another ECDSA key, and one with its signature bent.
+    const [k1, k2] = [generateKeyPair(), generateKeyPair()];
+    const signedBy2 = createCsr("h1", { publicKeyPem: k1.publicKeyPem, privateKeyPem: k2.privateKeyPem });
+    expect(() => readCsr(signedBy2)).toThrow(/signature does not match/);
     // A request for one key signed with another: no proof of possession.
     const a = testKeys();
     const b = otherTestKeys();
