@@ -35,10 +35,23 @@ export function codeOf(err: unknown): Code {
 
 export function toConnectError(err: unknown): ConnectError {
   if (isDecodeFailure(err)) return new ConnectError("the request is not a valid protobuf message", Code.InvalidArgument, undefined, undefined, err);
-  if (err instanceof ConnectError) return err;
+  if (err instanceof ConnectError) return err.rawMessage.length > MAX_ERROR_MESSAGE_CHARS ? new ConnectError(bounded(err.rawMessage), err.code, err.metadata, undefined, err) : err;
   const code = codeOf(err);
   const message = code === Code.Internal ? "internal error" : err instanceof Error ? err.message : String(err);
-  return new ConnectError(message, code, undefined, undefined, err);
+  return new ConnectError(bounded(message), code, undefined, undefined, err);
+}
+
+/**
+ * The longest error message a caller is sent, in characters. It travels in
+ * an HTTP/2 trailer (percent-encoded: up to 9 bytes a character), and a
+ * message that echoed a huge input (a proxy name of megabytes in a refused
+ * hello) once made the trailer unsendable: nghttp2 then ends the whole
+ * connection, every other call on it with it.
+ */
+export const MAX_ERROR_MESSAGE_CHARS = 1024;
+
+function bounded(message: string): string {
+  return message.length <= MAX_ERROR_MESSAGE_CHARS ? message : `${message.slice(0, MAX_ERROR_MESSAGE_CHARS)}… (cut)`;
 }
 
 /**
