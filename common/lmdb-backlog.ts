@@ -2,21 +2,38 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
+import { encodeOutputChunk, rememberWire, wireBodyOffset } from "./output-wire.js";
 import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
+/** An output chunk as a bare message (written by earlier versions; still read). */
 const OUTPUT = 2;
 const EVENT = 3;
+/** An output chunk in its wire form (common/output-wire.ts): the frame that carries it up writes these bytes as they are. */
+const OUTPUT_WIRE = 4;
 
 function encodeItem(item: UpwardItem): Buffer {
-  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : item.kind === "event" ? toBinary(HostEventSchema, item.event) : toBinary(OutputChunkSchema, item.chunk);
+  if (item.kind === "output") {
+    const out = encodeOutputChunk(item.chunk, 1);
+    out[0] = OUTPUT_WIRE;
+    rememberWire(item.chunk, out.subarray(1));
+    return out;
+  }
+  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : toBinary(HostEventSchema, item.event);
   const out = Buffer.allocUnsafe(body.length + 1);
-  out[0] = item.kind === "status" ? STATUS : item.kind === "event" ? EVENT : OUTPUT;
+  out[0] = item.kind === "status" ? STATUS : EVENT;
   out.set(body, 1);
   return out;
 }
 
 export function decodeItem(buf: Uint8Array): UpwardItem {
+  if (buf[0] === OUTPUT_WIRE) {
+    const wire = buf.subarray(1);
+    // The chunk's data is a view into `buf`: no copy, and the frame that carries it up writes `wire` as it is.
+    const chunk = fromBinary(OutputChunkSchema, wire.subarray(wireBodyOffset(wire)));
+    rememberWire(chunk, wire);
+    return { kind: "output", chunk };
+  }
   const body = buf.subarray(1);
   if (buf[0] === EVENT) return { kind: "event", event: fromBinary(HostEventSchema, body) };
   return buf[0] === STATUS ? { kind: "status", status: fromBinary(TaskStatusSchema, body) } : { kind: "output", chunk: fromBinary(OutputChunkSchema, body) };
