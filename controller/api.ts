@@ -55,6 +55,7 @@ import type { ReleaseStore } from "./releases.js";
 import { checkReleaseName } from "../common/release.js";
 import { scheduleToProto, type Scheduler, type ScheduleRecord } from "./schedules.js";
 import { truncate } from "../common/limits.js";
+import { outputAsWireFor } from "../common/output-wire.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
 import type { SessionSummary } from "./recordings.js";
 
@@ -74,6 +75,9 @@ function hostToProto(h: HostRecord, revoked?: string): Host {
 }
 
 const DECISIONS = { allowed: AuditDecision.ALLOWED, denied: AuditDecision.DENIED, rejected: AuditDecision.REJECTED } as const;
+
+/** A watch batch as encoded: its chunks in their wire form. */
+const watchWire = outputAsWireFor(WatchJobResponseSchema)!;
 
 function auditToProto(e: AuditRecord): AuditEvent {
   return create(AuditEventSchema, {
@@ -375,7 +379,8 @@ export function controllerServiceImpl(deps: {
       return serveSession(requests, ctx, "forward");
     },
     async *watchJob(req, ctx) {
-      for await (const batch of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield create(WatchJobResponseSchema, batch);
+      // Stored chunks go out in the wire form they were stored in (common/output-wire.ts): no encoding per watcher.
+      for await (const batch of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield watchWire(create(WatchJobResponseSchema, batch));
     },
   };
 }
