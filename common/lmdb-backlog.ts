@@ -2,7 +2,7 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
-import { encodeOutputChunk, rememberWire, wireBodyOffset } from "./output-wire.js";
+import { chunkFromWire, encodeOutputChunk, rememberWire } from "./output-wire.js";
 import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
@@ -28,11 +28,8 @@ function encodeItem(item: UpwardItem): Buffer {
 
 export function decodeItem(buf: Uint8Array): UpwardItem {
   if (buf[0] === OUTPUT_WIRE) {
-    const wire = buf.subarray(1);
-    // The chunk's data is a view into `buf`: no copy, and the frame that carries it up writes `wire` as it is.
-    const chunk = fromBinary(OutputChunkSchema, wire.subarray(wireBodyOffset(wire)));
-    rememberWire(chunk, wire);
-    return { kind: "output", chunk };
+    // The chunk's data is a view into `buf`: no copy, and the frame that carries it up writes these bytes as they are.
+    return { kind: "output", chunk: chunkFromWire(buf.subarray(1)) };
   }
   const body = buf.subarray(1);
   if (buf[0] === EVENT) return { kind: "event", event: fromBinary(HostEventSchema, body) };

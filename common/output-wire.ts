@@ -12,7 +12,7 @@
  * as they are. The receiver sees an ordinary repeated field.
  */
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
-import { toBinary } from "@bufbuild/protobuf";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { WireType } from "@bufbuild/protobuf/wire";
 import { OutputChunkSchema, type OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
 
@@ -113,6 +113,13 @@ const wires = new WeakMap<OutputChunk, Wire>();
  */
 export function rememberWire(chunk: OutputChunk, bytes: Uint8Array): void {
   wires.set(chunk, { bytes, taskId: chunk.taskId, seq: chunk.seq, stream: chunk.stream, hostId: chunk.hostId, data: chunk.data });
+}
+
+/** Reads a chunk from its wire form (as stored); its data is a view into `wire`, and `wire` is remembered as its wire form. */
+export function chunkFromWire(wire: Uint8Array): OutputChunk {
+  const chunk = fromBinary(OutputChunkSchema, wire.subarray(wireBodyOffset(wire)));
+  rememberWire(chunk, wire);
+  return chunk;
 }
 
 /** The chunk's wire form: the one remembered if the chunk has not changed since, else encoded now. */

@@ -1,7 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import type { LmdbEnv } from "../common/lmdb.js";
-import { encodeOutputChunk, rememberWire, wireBodyOffset } from "../common/output-wire.js";
+import { chunkFromWire, encodeOutputChunk } from "../common/output-wire.js";
 import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { create } from "@bufbuild/protobuf";
 import type { JobStore } from "./job-store.js";
@@ -177,8 +177,5 @@ const OUTPUT_WIRE = 0xff;
 /** A stored chunk as a message whose data is a view into `value`; one in wire form keeps it for the watchers' frames. */
 function storedChunk(taskId: string, seq: number, value: Buffer): OutputChunk {
   if (value[0] !== OUTPUT_WIRE) return create(OutputChunkSchema, { taskId, seq: BigInt(seq), stream: value[0] as OutputStream, data: value.subarray(1) });
-  const wire = value.subarray(1);
-  const chunk = fromBinary(OutputChunkSchema, wire.subarray(wireBodyOffset(wire)));
-  rememberWire(chunk, wire);
-  return chunk;
+  return chunkFromWire(value.subarray(1));
 }
