@@ -55,7 +55,6 @@ import type { ReleaseStore } from "./releases.js";
 import { checkReleaseName } from "../common/release.js";
 import { scheduleToProto, type Scheduler, type ScheduleRecord } from "./schedules.js";
 import { truncate } from "../common/limits.js";
-import { outputAsWireFor } from "../common/output-wire.js";
 import type { ClientSessionLink, SessionBroker } from "./sessions.js";
 import type { SessionSummary } from "./recordings.js";
 
@@ -75,9 +74,6 @@ function hostToProto(h: HostRecord, revoked?: string): Host {
 }
 
 const DECISIONS = { allowed: AuditDecision.ALLOWED, denied: AuditDecision.DENIED, rejected: AuditDecision.REJECTED } as const;
-
-/** A watch batch as encoded: its chunks in their wire form. */
-const watchWire = outputAsWireFor(WatchJobResponseSchema)!;
 
 function auditToProto(e: AuditRecord): AuditEvent {
   return create(AuditEventSchema, {
@@ -379,8 +375,7 @@ export function controllerServiceImpl(deps: {
       return serveSession(requests, ctx, "forward");
     },
     async *watchJob(req, ctx) {
-      // Stored chunks go out in the wire form they were stored in (common/output-wire.ts): no encoding per watcher.
-      for await (const batch of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield watchWire(create(WatchJobResponseSchema, batch));
+      for await (const batch of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield create(WatchJobResponseSchema, batch);
     },
   };
 }

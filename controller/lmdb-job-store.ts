@@ -1,7 +1,6 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import type { LmdbEnv } from "../common/lmdb.js";
-import { chunkFromWire, encodeOutputChunk } from "../common/output-wire.js";
 import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { create } from "@bufbuild/protobuf";
 import type { JobStore } from "./job-store.js";
@@ -95,9 +94,9 @@ export class LmdbJobStore implements JobStore {
   }
 
   appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void> {
-    // The chunk in its wire form: a watcher's batch writes it as stored (common/output-wire.ts).
-    const value = encodeOutputChunk(chunk, 1);
-    value[0] = OUTPUT_WIRE;
+    const value = Buffer.allocUnsafe(chunk.data.length + 1);
+    value[0] = chunk.stream;
+    value.set(chunk.data, 1);
     return Promise.all([this.output.put([chunk.taskId, Number(chunk.seq)], value), this.tasks.put(task.id, task)]).then(() => undefined);
   }
 
@@ -128,7 +127,7 @@ export class LmdbJobStore implements JobStore {
     let bytes = 0;
     for (const { key, value } of this.output.getRange({ start: [taskId, fromSeq], end: [taskId, Number.MAX_SAFE_INTEGER] })) {
       if (out.length > 0 && bytes + value.length > maxBytes) break;
-      out.push(storedChunk(taskId, key[1] as number, value));
+      out.push(create(OutputChunkSchema, { taskId, seq: BigInt(key[1] as number), stream: value[0] as OutputStream, data: value.subarray(1) }));
       bytes += value.length;
     }
     return out;
@@ -168,14 +167,3 @@ export class LmdbJobStore implements JobStore {
   }
 }
 
-/**
- * Marks a stored chunk in its wire form (taskId, seq, stream, data, host),
- * beside the older form: its stream as one byte (0–2), then its data.
- */
-const OUTPUT_WIRE = 0xff;
-
-/** A stored chunk as a message whose data is a view into `value`; one in wire form keeps it for the watchers' frames. */
-function storedChunk(taskId: string, seq: number, value: Buffer): OutputChunk {
-  if (value[0] !== OUTPUT_WIRE) return create(OutputChunkSchema, { taskId, seq: BigInt(seq), stream: value[0] as OutputStream, data: value.subarray(1) });
-  return chunkFromWire(value.subarray(1));
-}
