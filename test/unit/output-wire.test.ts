@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { encodeOutputChunk, outputAsWireFor, rememberWire, wireBodyOffset, wireOf } from "../../common/output-wire.js";
-import { decodeItem } from "../../common/lmdb-backlog.js";
+import { decodeItem, LmdbBacklog } from "../../common/lmdb-backlog.js";
 import { AgentStreamRequestSchema } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyStreamRequestSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { WatchJobResponseSchema } from "../../gen/rexmesh/v1/controller_pb.js";
@@ -71,23 +71,45 @@ describe("output chunks in their wire form", () => {
     expect(hex(wireOf(c))).toBe(hex(reference(c)));
   });
 
-  it("a backlog reads chunks it stored in either form, the older bare message too", () => {
+  it("a backlog reads chunks it stored in either form, and an earlier version reads the new form as the same chunk", () => {
     const c = chunk({ seq: 7n, stream: OutputStream.STDERR, data: allBytes });
     const bare = toBinary(OutputChunkSchema, c);
     const old = new Uint8Array(bare.length + 1);
     old[0] = 2;
     old.set(bare, 1);
-    const wire = encodeOutputChunk(c, 1);
-    wire[0] = 4;
-    for (const stored of [old, wire]) {
-      const item = decodeItem(stored);
-      expect(item.kind).toBe("output");
-      if (item.kind !== "output") continue;
-      expect([item.chunk.taskId, item.chunk.seq, item.chunk.stream, item.chunk.hostId, hex(item.chunk.data)]).toEqual(["t1", 7n, OutputStream.STDERR, "h1", hex(allBytes)]);
+    // The new form, as the backlog writes it: kind byte, varint field 15 (the length), then the chunk.
+    const backlog = new LmdbBacklog(memoryDb(), "");
+    void backlog.push([{ kind: "output", chunk: c }]);
+    expect(lastPut).toBeDefined();
+    const fresh = lastPut!;
+    expect(fresh[0]).toBe(2);
+    expect(hex(fresh.subarray(2))).toBe(hex(reference(c)));
+    const same = (x: OutputChunk) => [x.taskId, x.seq, x.stream, x.hostId, hex(x.data)];
+    for (const form of [old, fresh]) {
+      const item = decodeItem(form);
+      if (item.kind !== "output") throw new Error("not output");
+      expect(same(item.chunk)).toEqual(["t1", 7n, OutputStream.STDERR, "h1", hex(allBytes)]);
     }
-    // The new form is sent up as stored.
-    const item = decodeItem(wire);
-    if (item.kind === "output") expect(hex(wireOf(item.chunk))).toBe(hex(wire.subarray(1)));
-    expect(wireBodyOffset(wire.subarray(1))).toBe(wire.length - 1 - bare.length);
+    // What an earlier version does with the new form: a bare chunk with one unknown field.
+    expect(same(fromBinary(OutputChunkSchema, fresh.subarray(1)))).toEqual(same(c));
+    // The new form goes up as stored.
+    const item = decodeItem(fresh);
+    if (item.kind === "output") expect(wireOf(item.chunk)).toEqual(fresh.subarray(2));
+    expect(wireBodyOffset(fresh.subarray(2))).toBe(fresh.length - 2 - bare.length);
   });
 });
+
+/** The value the last put of {@link memoryDb} wrote. */
+let lastPut: Uint8Array | undefined;
+
+/** Just enough of an lmdb Database for a backlog's writes. */
+function memoryDb() {
+  return {
+    getRange: () => [],
+    put: (_key: unknown, value: Uint8Array) => {
+      lastPut = value;
+      return Promise.resolve(true);
+    },
+    remove: () => Promise.resolve(true),
+  } as unknown as ConstructorParameters<typeof LmdbBacklog>[0];
+}
