@@ -71,7 +71,7 @@ describe("output chunks in their wire form", () => {
     expect(hex(wireOf(c))).toBe(hex(reference(c)));
   });
 
-  it("a backlog reads chunks it stored in either form, and an earlier version reads the new form as the same chunk", () => {
+  it("a backlog reads chunks it stored in either form, and an earlier version reads the new form as the same chunk", async () => {
     const c = chunk({ seq: 7n, stream: OutputStream.STDERR, data: allBytes });
     const bare = toBinary(OutputChunkSchema, c);
     const old = new Uint8Array(bare.length + 1);
@@ -79,7 +79,7 @@ describe("output chunks in their wire form", () => {
     old.set(bare, 1);
     // The new form, as the backlog writes it: kind byte, varint field 15 (the length), then the chunk.
     const backlog = new LmdbBacklog(memoryDb(), "");
-    void backlog.push([{ kind: "output", chunk: c }]);
+    await backlog.push([{ kind: "output", chunk: c }]);
     expect(lastPut).toBeDefined();
     const fresh = lastPut!;
     expect(fresh[0]).toBe(2);
