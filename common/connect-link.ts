@@ -14,13 +14,14 @@ class QueueLink<Out, In> implements FrameLink<Out, In> {
   constructor(
     incoming: AsyncIterable<In>,
     private readonly onClose: (error?: Error) => void,
+    private readonly prepare?: (frame: Out) => Out,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
     this.incoming = untilClosed(incoming, this.closed);
   }
 
   send(frame: Out): void {
-    this.outgoing.push(frame);
+    this.outgoing.push(this.prepare ? this.prepare(frame) : frame);
   }
 
   get backlog(): number {
@@ -68,11 +69,15 @@ export async function* serveFrameLink<In, Out>(
 /**
  * Opens a bidirectional stream as a FrameLink. `call` starts the RPC with the
  * outgoing frames and returns the incoming ones; closing the link aborts the
- * call and releases its connection through `release`.
+ * call and releases its connection through `release`. `prepare`, if given,
+ * turns each frame sent into what is encoded (output chunks in their wire
+ * form: common/output-wire.ts `outputAsWireFor`); a frame is not changed
+ * after it is sent.
  */
 export function openFrameLink<Out, In>(
   call: (outgoing: AsyncIterable<Out>, signal: AbortSignal) => AsyncIterable<In>,
   release: (error?: Error) => void,
+  prepare?: (frame: Out) => Out,
 ): FrameLink<Out, In> {
   const abort = new AbortController();
   let link: QueueLink<Out, In>;
@@ -101,9 +106,13 @@ export function openFrameLink<Out, In>(
       };
     },
   };
-  link = new QueueLink<Out, In>(incoming, (error) => {
-    abort.abort(error ?? new Error("link closed"));
-    release(error);
-  });
+  link = new QueueLink<Out, In>(
+    incoming,
+    (error) => {
+      abort.abort(error ?? new Error("link closed"));
+      release(error);
+    },
+    prepare,
+  );
   return link;
 }

@@ -1,4 +1,4 @@
-import { fromBinary, toBinary, type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
+import { fromBinary, type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import type { PeerCertificate } from "node:tls";
 import type { Credentials } from "../certs/files.js";
@@ -8,6 +8,7 @@ import { systemClock, type Clock, type Timer } from "./clock.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { UnauthenticatedError } from "./errors.js";
 import { untilClosed, type FrameLink } from "./frame-link.js";
+import { encodeWithWireOutput } from "./output-wire.js";
 import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
 import { toGrpcStatus } from "./rpc-errors.js";
@@ -167,6 +168,19 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   return serverLifecycle(server, credentials);
 }
 
+/**
+ * grpc-js's serializer for a message type: the encoding as a Buffer view (not
+ * a copy: grpc-js copies it into its frame anyway), output chunks in their
+ * wire form (common/output-wire.ts).
+ */
+function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => Buffer {
+  const encode = encodeWithWireOutput(schema);
+  return (m) => {
+    const u8 = encode(m);
+    return Buffer.from(u8.buffer, u8.byteOffset, u8.byteLength);
+  };
+}
+
 function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler): void {
   type In = MessageShape<typeof method.input>;
   type Out = MessageShape<typeof method.output>;
@@ -175,9 +189,9 @@ function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler): voi
       path: pathOf(method),
       requestStream: true,
       responseStream: true,
-      requestSerialize: (m: In) => Buffer.from(toBinary(method.input, m)),
+      requestSerialize: serializer(method.input),
       requestDeserialize: (b: Buffer) => fromBinary(method.input, b),
-      responseSerialize: (m: Out) => Buffer.from(toBinary(method.output, m)),
+      responseSerialize: serializer(method.output),
       responseDeserialize: (b: Buffer) => fromBinary(method.output, b),
     },
   };
@@ -265,9 +279,9 @@ export function addUnaryMethod(
         path: pathOf(m),
         requestStream: false,
         responseStream: false,
-        requestSerialize: (x: any) => Buffer.from(toBinary(m.input, x)),
+        requestSerialize: serializer(m.input),
         requestDeserialize: (b: Buffer) => fromBinary(m.input, b),
-        responseSerialize: (x: any) => Buffer.from(toBinary(m.output, x)),
+        responseSerialize: serializer(m.output),
         responseDeserialize: (b: Buffer) => fromBinary(m.output, b),
       },
     },
@@ -335,7 +349,7 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
   const client = new grpc.Client(address, credentials, CHANNEL_OPTIONS);
   const call = client.makeBidiStreamRequest(
     pathOf(method),
-    (m: MessageShape<I>) => Buffer.from(toBinary(method.input, m)),
+    serializer(method.input),
     (b: Buffer) => fromBinary(method.output, b),
   );
   return new CallLink<MessageShape<I>, MessageShape<O>>(
@@ -363,7 +377,7 @@ export function callGrpcUnary<I extends DescMessage, O extends DescMessage>(
   return new Promise<MessageShape<O>>((resolve, reject) =>
     client.makeUnaryRequest(
       pathOf(method),
-      (m: MessageShape<I>) => Buffer.from(toBinary(method.input, m)),
+      serializer(method.input),
       (b: Buffer) => fromBinary(method.output, b),
       request,
       (err, res) => (err ? reject(err) : resolve(res!)),

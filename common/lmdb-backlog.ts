@@ -2,21 +2,42 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
+import { chunkFromWire, encodeOutputChunk, rememberWire } from "./output-wire.js";
 import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
 const OUTPUT = 2;
 const EVENT = 3;
+/**
+ * An output chunk is stored as OUTPUT, then a varint field 15 (a number
+ * OutputChunk does not define), whose value is the chunk's length, then the
+ * chunk: from the second byte on, that is the chunk's wire form
+ * (common/output-wire.ts), which the frame that carries it up writes as it
+ * is. An earlier version reads the same bytes as a bare chunk with one
+ * unknown field (so a daemon rolled back after an update still reads its
+ * outbox), and the bare chunks earlier versions stored start with another
+ * byte (a field 1–5 tag).
+ */
+const WIRE_MARK = (15 << 3) | 0;
 
 function encodeItem(item: UpwardItem): Buffer {
-  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : item.kind === "event" ? toBinary(HostEventSchema, item.event) : toBinary(OutputChunkSchema, item.chunk);
+  if (item.kind === "output") {
+    const out = encodeOutputChunk(item.chunk, 2);
+    out[0] = OUTPUT;
+    out[1] = WIRE_MARK;
+    rememberWire(item.chunk, out.subarray(2));
+    return out;
+  }
+  const body = item.kind === "status" ? toBinary(TaskStatusSchema, item.status) : toBinary(HostEventSchema, item.event);
   const out = Buffer.allocUnsafe(body.length + 1);
-  out[0] = item.kind === "status" ? STATUS : item.kind === "event" ? EVENT : OUTPUT;
+  out[0] = item.kind === "status" ? STATUS : EVENT;
   out.set(body, 1);
   return out;
 }
 
 export function decodeItem(buf: Uint8Array): UpwardItem {
+  // The chunk's data is a view into `buf`: no copy, and the frame that carries it up writes these bytes as they are.
+  if (buf[0] === OUTPUT && buf[1] === WIRE_MARK) return { kind: "output", chunk: chunkFromWire(buf.subarray(2)) };
   const body = buf.subarray(1);
   if (buf[0] === EVENT) return { kind: "event", event: fromBinary(HostEventSchema, body) };
   return buf[0] === STATUS ? { kind: "status", status: fromBinary(TaskStatusSchema, body) } : { kind: "output", chunk: fromBinary(OutputChunkSchema, body) };

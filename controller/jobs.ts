@@ -18,6 +18,7 @@ import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
 import type { HostRecord, JobRecord, TaskRecord, TaskSteps } from "./model.js";
 import { addChunk, firstMissing, hasChunk, lastHeld } from "./output-ranges.js";
+import { OutputDigests } from "./output-digests.js";
 import { Planner, requestDigest, type Plan, type PlannedHost, type SubmitAuthorizer, type SubmitRequest } from "./planner.js";
 import { hasLimits, resolveRate, Rollout } from "./rollout.js";
 import { bundleHolder, Router, type ProxyPort } from "./router.js";
@@ -100,6 +101,8 @@ export class JobManager implements RoleCore {
   private readonly endChecks = new WeakMap<TaskStatus, "ok" | "unknown" | "bad">();
   /** Tasks whose stored output is being hashed against what the host signed. */
   private readonly checking = new Set<string>();
+  /** Output hashed as it is stored, so that the check need not read it back. */
+  private readonly digests = new OutputDigests();
   /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
   private readonly bundleAcks = new Map<string, Map<string, { state: TaskState; own: TaskState; seq: number }>>();
 
@@ -571,7 +574,7 @@ export class JobManager implements RoleCore {
     const expected = task.expectedChunks ?? 0;
     void this.table
       .afterLastWrite(id)
-      .then(() => digestOutput(this.store, id, expected))
+      .then(() => this.digests.take(id, expected) ?? digestOutput(this.store, id, expected))
       .then((got) => {
         const rec = this.table.mutable(id);
         if (!rec || rec.resultCheck !== ResultCheck.OUTPUT_PENDING) return;
@@ -611,6 +614,7 @@ export class JobManager implements RoleCore {
     addChunk(task, seq);
     this.router.reported(proxy, task);
     return this.table.write(task, { chunk }).then(() => {
+      this.digests.stored(task.id, seq, chunk.data);
       if (first && this.observe) {
         const s = this.sinceSubmit(task);
         if (s !== undefined) this.observe.firstOutput(s);

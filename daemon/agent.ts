@@ -830,7 +830,8 @@ export class Agent implements RoleCore {
           this.opts.ledger.put(noted).catch((err) => this.opts.log.error("noting a process group failed", { task: taskId, err }));
         },
         onOutput: (stream, data, seq) => {
-          const chunk = create(OutputChunkSchema, { taskId, seq: BigInt(output.seqOf(seq)), stream, data: Uint8Array.prototype.slice.call(data) });
+          // The executor hands over chunks it never writes to again: kept as they are, not copied.
+          const chunk = create(OutputChunkSchema, { taskId, seq: BigInt(output.seqOf(seq)), stream, data });
           digest.add(chunk.data);
           output.add(chunk);
         },

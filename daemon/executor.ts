@@ -20,6 +20,7 @@ import type { ArtifactFetcher } from "./artifact-fetch.js";
 import { baseDirProblem, putFile, relativePathProblem } from "./file-put.js";
 import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
+import { OutputCoalescer, type FlushScheduler } from "./output-coalescer.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
@@ -50,13 +51,26 @@ export interface ExecutorOptions {
   programs?: Readonly<Record<string, string>>;
   /** Carries out `update` steps (daemon/updates.ts). Absent: they fail saying so. */
   updater?: Pick<Updater, "prepare" | "abandoned">;
+  /**
+   * Largest output chunk: pipe reads (64 KiB at most) are gathered up to it,
+   * so that a fast producer sends few large chunks. Default 1 MiB, at most
+   * {@link MAX_OUTPUT_CHUNK_BYTES} (a chunk must fit a frame on every hop).
+   */
+  outputChunkBytes?: number;
+  /** How long gathered output may wait for more before it goes out. Default 5 ms. */
+  outputDelayMs?: number;
+  /** Arms the output flush timer; tests of the coalescing inject it. Default: a real timer. */
+  outputFlushScheduler?: FlushScheduler;
 }
 
 /**
- * Receives output as it is produced. `seq` numbers chunks 1, 2, 3, … across
- * both streams and all steps of a task, so a receiver can ack and resume by
- * one number. `data` may be a view into a larger buffer: copy it if kept.
- * A sink that throws fails the task (its output could not be kept).
+ * Receives output as it is produced, gathered into chunks of up to
+ * {@link ExecutorOptions.outputChunkBytes} (daemon/output-coalescer.ts).
+ * `seq` numbers chunks 1, 2, 3, … across both streams and all steps of a
+ * task, so a receiver can ack and resume by one number. `data` is the
+ * sink's to keep: the executor never writes to it again (it may be a view
+ * into a pipe read's buffer). A sink that throws fails the task (its output
+ * could not be kept).
  */
 export interface OutputSink {
   (stream: OutputStream, data: Uint8Array, seq: number): void;
@@ -121,8 +135,15 @@ export interface RunIo {
 
 const DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024;
 const DEFAULT_KILL_GRACE_MS = 2000;
-/** Chunks are bounded so that one chunk always fits a message on every hop. */
-const MAX_CHUNK_BYTES = 256 * 1024;
+/** Default of {@link ExecutorOptions.outputChunkBytes}. */
+const DEFAULT_OUTPUT_CHUNK_BYTES = 1024 * 1024;
+/**
+ * Chunks are bounded so that one chunk always fits a frame on every hop
+ * (MAX_FRAME_BYTES, 4 MiB) with room for others, and a client's watch batch
+ * stays under the 4 MiB message limit that gRPC clients apply by default.
+ */
+export const MAX_OUTPUT_CHUNK_BYTES = 1024 * 1024;
+const DEFAULT_OUTPUT_DELAY_MS = 5;
 const DEFAULT_INTERPRETER: readonly string[] = ["/bin/sh", "-c"];
 const DEFAULT_SCRIPT_INTERPRETER: readonly string[] = ["/bin/sh"];
 const DEFAULT_PUT_MODE = 0o644;
@@ -133,6 +154,9 @@ const PF_EXITING = 0x4;
 
 interface ResolvedOptions {
   clock: Clock;
+  outputChunkBytes: number;
+  outputDelayMs: number;
+  outputFlushScheduler: FlushScheduler | undefined;
   defaultOutputLimit: number;
   killGraceMs: number;
   baseEnv: Readonly<Record<string, string | undefined>> | undefined;
@@ -158,7 +182,24 @@ export class Executor {
     if (!Number.isFinite(killGraceMs) || killGraceMs < 0) {
       throw new ConfigError(`killGraceMs must be a non-negative number, got ${killGraceMs}`);
     }
-    this.opts = { clock: opts.clock, defaultOutputLimit, killGraceMs, baseEnv: opts.baseEnv, fetchArtifact: opts.fetchArtifact, programs: opts.programs ?? {}, updater: opts.updater };
+    const outputChunkBytes = opts.outputChunkBytes ?? DEFAULT_OUTPUT_CHUNK_BYTES;
+    if (!Number.isSafeInteger(outputChunkBytes) || outputChunkBytes < 1 || outputChunkBytes > MAX_OUTPUT_CHUNK_BYTES) {
+      throw new ConfigError(`outputChunkBytes must be an integer from 1 to ${MAX_OUTPUT_CHUNK_BYTES}, got ${outputChunkBytes}`);
+    }
+    const outputDelayMs = opts.outputDelayMs ?? DEFAULT_OUTPUT_DELAY_MS;
+    if (!Number.isFinite(outputDelayMs) || outputDelayMs < 0) throw new ConfigError(`outputDelayMs must be a non-negative number, got ${outputDelayMs}`);
+    this.opts = {
+      clock: opts.clock,
+      defaultOutputLimit,
+      killGraceMs,
+      baseEnv: opts.baseEnv,
+      fetchArtifact: opts.fetchArtifact,
+      programs: opts.programs ?? {},
+      updater: opts.updater,
+      outputChunkBytes,
+      outputDelayMs,
+      outputFlushScheduler: opts.outputFlushScheduler,
+    };
   }
 
   /**
@@ -213,6 +254,8 @@ class TaskRun {
   private readonly limit: number;
   /** Aborted when the task is stopped, so that a fetch in progress ends too. */
   private readonly fetchAbort = new AbortController();
+  /** Gathers pipe reads into chunks; flushed whenever a step ends, so no chunk follows the outcome. */
+  private readonly coalescer: OutputCoalescer;
 
   constructor(
     private readonly opts: ResolvedOptions,
@@ -226,6 +269,11 @@ class TaskRun {
           ? Number.MAX_SAFE_INTEGER
           : Number(specLimit)
         : opts.defaultOutputLimit;
+    this.coalescer = new OutputCoalescer((stream, data) => this.emitChunk(stream, data), {
+      maxBytes: opts.outputChunkBytes,
+      delayMs: opts.outputDelayMs,
+      schedule: opts.outputFlushScheduler,
+    });
   }
 
   async execute(): Promise<TaskOutcome> {
@@ -423,32 +471,33 @@ class TaskRun {
     return out;
   }
 
-  /** Cuts one read from a pipe into chunks and hands them on, applying the size bound and the output limit. */
+  /** Takes one read from a pipe, applying the output limit; the coalescer cuts and gathers it into chunks. */
   private addOutput(stream: OutputStream, buf: Buffer): void {
-    for (let off = 0; off < buf.length; off += MAX_CHUNK_BYTES) {
-      if (this.sinkBroken || this.delivered >= this.limit) {
-        this.truncated = true;
-        return;
-      }
-      let piece = buf.subarray(off, Math.min(off + MAX_CHUNK_BYTES, buf.length));
-      const room = this.limit - this.delivered;
-      if (piece.length > room) {
-        piece = piece.subarray(0, room);
-        this.truncated = true;
-      }
-      try {
-        this.io.onOutput(stream, piece, this.seq + 1);
-      } catch (err) {
-        // Output that cannot be kept must not be silently lost while the
-        // process goes on: stop the task and say why.
-        this.sinkBroken = true;
-        this.truncated = true;
-        this.requestStop({ state: TaskState.FAILED, message: `output sink failed: ${errorText(err)}` });
-        return;
-      }
-      this.seq += 1;
-      this.delivered += piece.length;
+    if (this.sinkBroken || this.delivered >= this.limit) {
+      this.truncated = true;
+      return;
     }
+    const room = this.limit - this.delivered;
+    const piece = buf.length > room ? buf.subarray(0, room) : buf;
+    if (piece.length < buf.length) this.truncated = true;
+    this.delivered += piece.length;
+    this.coalescer.add(stream, piece);
+  }
+
+  /** Hands one gathered chunk on; a sink that throws stops the task. Runs from a timer too, so it never throws. */
+  private emitChunk(stream: OutputStream, data: Uint8Array): void {
+    if (this.sinkBroken) return;
+    try {
+      this.io.onOutput(stream, data, this.seq + 1);
+    } catch (err) {
+      // Output that cannot be kept must not be silently lost while the
+      // process goes on: stop the task and say why.
+      this.sinkBroken = true;
+      this.truncated = true;
+      this.requestStop({ state: TaskState.FAILED, message: `output sink failed: ${errorText(err)}` });
+      return;
+    }
+    this.seq += 1;
   }
 
   /**
@@ -491,6 +540,8 @@ class TaskRun {
       const endStep = (result: StepResult) => {
         if (stepEnded) return;
         stepEnded = true;
+        // Every chunk of the step goes out before its end is known.
+        this.coalescer.flush();
         killTimer?.cancel();
         pollTimer?.cancel();
         drainTimer?.cancel();
@@ -542,6 +593,8 @@ class TaskRun {
       const applyFlow = () => {
         const flow = this.io.flow;
         if (flow === undefined) return;
+        // Paused, what is gathered will not grow for a while: it goes out now rather than after the delay.
+        if (!terminating && exit === undefined && flow.paused()) this.coalescer.flush();
         const hold = !terminating && exit === undefined && flow.paused();
         for (const stream of [stdout, stderr]) {
           if (stream.destroyed) continue;

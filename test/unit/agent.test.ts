@@ -323,16 +323,17 @@ describe("Agent: results until acknowledged", () => {
     expect(statusesIn(t.link().sent)).toEqual(["t1:DELIVERED", "t1:RUNNING", "t1:SUCCEEDED"]);
   });
 
-  it("copies output data, so that the executor may reuse its buffer", async () => {
+  it("keeps output data as the executor hands it over, without a copy (the executor never writes to it again)", async () => {
     const t = setup();
     await t.start();
     t.fromProxy({ tasks: [t.spec("t1")] });
     await flush();
     const buf = new TextEncoder().encode("abc");
     t.executor.runs[0]!.io.onOutput(OutputStream.STDOUT, buf, 1);
-    buf.set([120, 120, 120]);
     await flush();
     expect(outputIn(t.link().sent)).toEqual(["t1:1:abc"]);
+    const sent = t.link().sent.flatMap((f) => f.output);
+    expect(sent[0]!.data).toBe(buf);
   });
 
   it("keeps producing results while disconnected and sends them on the next stream", async () => {
