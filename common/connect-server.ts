@@ -60,14 +60,18 @@ export function callerOf(ctx: HandlerContext): PeerIdentity {
  * reaches connections opened before it. The server builds it for every
  * request; the service tests' in-memory transport for its one caller.
  */
-export function callerContext(peer: PeerIdentity | undefined, isRevoked?: (peer: PeerIdentity) => boolean): ContextValues {
+export function callerContext(peer: PeerIdentity | undefined, isRevoked?: (peer: PeerIdentity) => boolean, notAfter?: number): ContextValues {
   return createContextValues()
     .set(peerKey, peer)
+    .set(peerNotAfterKey, notAfter)
     .set(revokedKey, peer !== undefined && (isRevoked?.(peer) ?? false));
 }
 
-/** Identities are parsed once per TLS connection, not once per request. */
-const identities = new WeakMap<object, PeerIdentity | null>();
+/** When the caller's certificate expires (ms), for a call that came with one. */
+export const peerNotAfterKey = createContextKey<number | undefined>(undefined, { description: "rexmesh peer certificate expiry" });
+
+/** Identities (and when their certificate expires) are parsed once per TLS connection, not once per request. */
+const identities = new WeakMap<object, { peer: PeerIdentity; notAfter: number } | null>();
 
 /**
  * The connection a request came on: its HTTP/2 session, or the socket for
@@ -80,12 +84,12 @@ function connectionOf(req: http2.Http2ServerRequest | IncomingMessage): { key: o
   return { key: req.socket, socket: req.socket as TLSSocket };
 }
 
-function identityOfConnection(req: http2.Http2ServerRequest | IncomingMessage): PeerIdentity | undefined {
+function identityOfConnection(req: http2.Http2ServerRequest | IncomingMessage): { peer: PeerIdentity; notAfter: number } | undefined {
   const { key, socket } = connectionOf(req);
   let id = identities.get(key);
   if (id === undefined) {
     try {
-      id = peerIdentity(socket);
+      id = { peer: peerIdentity(socket), notAfter: Date.parse(socket.getPeerCertificate().valid_to) };
     } catch {
       id = null;
     }
@@ -169,7 +173,11 @@ export function createRpcServer(opts: RpcHandlerOptions & {
   isRevoked?: (peer: PeerIdentity) => boolean;
 }): RpcServer {
   const clock = opts.clock ?? systemClock;
-  const { handler, served } = createRpcHandler({ ...opts, callerOf: (req) => callerContext(identityOfConnection(req), opts.isRevoked) });
+  const { handler, served } = createRpcHandler({ ...opts, callerOf: (req) => {
+      const id = identityOfConnection(req);
+      return callerContext(id?.peer, opts.isRevoked, id?.notAfter);
+    },
+  });
   const server = http2.createSecureServer(
     { ...serverTlsOptions(opts.creds), allowHTTP1: true, settings: { maxConcurrentStreams: LIMITS.streamsPerConnection } },
     closingUnfinishedRequests(handler, served, clock),

@@ -1,6 +1,6 @@
 import type { ServiceImpl } from "@connectrpc/connect";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { grantedPeer } from "../common/connect-server.js";
+import { grantedPeer, peerNotAfterKey } from "../common/connect-server.js";
 import { FailedPreconditionError } from "../common/errors.js";
 import type { ConsoleService } from "../gen/rexmesh/v1/console_pb.js";
 import type { ConsoleSessions } from "./console-sessions.js";
@@ -15,7 +15,7 @@ export function consoleServiceImpl(deps: { sessions: ConsoleSessions; baseUrl: s
   return {
     createConsoleLink(_req, ctx) {
       if (!deps.baseUrl) throw new FailedPreconditionError("the web console is off at this controller: it serves one when started with --console-listen HOST:PORT (docs/console.md)");
-      const { secret, expiresAt } = deps.sessions.createLink(grantedPeer(ctx));
+      const { secret, expiresAt } = deps.sessions.createLink(grantedPeer(ctx), ctx.values.get(peerNotAfterKey));
       return { url: `${deps.baseUrl}/login#${secret}`, expiresAt: timestampFromMs(expiresAt) };
     },
   };

@@ -15,6 +15,7 @@ import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
 import type { Clock } from "../common/clock.js";
 import { callerContext, closingUnfinishedRequests, createRpcHandler, http2Lifecycle, type RpcServer } from "../common/connect-server.js";
 import { ResourceExhaustedError, UnauthenticatedError } from "../common/errors.js";
+import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import type { Call, DeclarationTable, Grant } from "../common/rpc-access.js";
 import type { ConsoleSession, ConsoleSessions } from "./console-sessions.js";
@@ -60,6 +61,15 @@ export interface ConsoleServerOptions {
   declarations: DeclarationTable;
   decide: (call: Call) => Promise<Grant>;
   isRevoked: (peer: PeerIdentity) => boolean;
+  /** Whether the operator still holds the `console` action under the policy in force: a session is worth nothing once it does not. */
+  holdsConsole: (peer: PeerIdentity) => boolean;
+  /**
+   * The host[:port] names browsers may reach the console by (the address it
+   * bound, and that of --console-url), read per request. Any other Host is
+   * answered 421 before anything else: a page on a rebound DNS name gets
+   * nothing, and the Origin check below compares with a name we chose.
+   */
+  allowedHosts: () => readonly string[];
   /** Records logins and logouts (the calls themselves are audited by the boundary). */
   audit: (kind: "console.login" | "console.logout", peer: PeerIdentity, reason: string) => Promise<void>;
   log: Logger;
@@ -72,9 +82,11 @@ type Res = http2.Http2ServerResponse | ServerResponse;
 /** The console listener; `listen` and `close` as the main port's. */
 export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer, "listen" | "close" | "served"> & { server: http2.Http2SecureServer } {
   const files = loadStatic(opts.staticDir);
+  /** The request's session, if it has one that is valid, not revoked, and whose operator still holds `console`. */
   const sessionOf = (req: Req): ConsoleSession | undefined => {
     const secret = cookieOf(req);
-    return secret === undefined ? undefined : opts.sessions.session(secret);
+    const s = secret === undefined ? undefined : opts.sessions.session(secret);
+    return s && !opts.isRevoked(s.peer) && opts.holdsConsole(s.peer) ? s : undefined;
   };
   const { handler: rpc, served } = createRpcHandler({
     routes: opts.routes,
@@ -88,10 +100,15 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
   const apiPaths = new Set(served.map((m) => `/${m.parent.typeName}/${m.name}`));
 
   const handle = async (req: Req, res: Res): Promise<void> => {
+    const host = hostOf(req);
+    if (!opts.allowedHosts().some((h) => h.toLowerCase() === host)) return send(res, 421, { "content-type": "text/plain" }, "this console is not served under that name");
     const path = (req.url ?? "/").split("?")[0]!;
     if (apiPaths.has(path)) {
       const refusal = crossSiteRefusal(req);
       if (refusal) return send(res, 403, { "content-type": "application/json" }, JSON.stringify({ code: "permission_denied", message: refusal }));
+      // Without a session the call is answered at once, its body never read: the port needs no certificate,
+      // and a caller with nothing must not get to hold streams and buffers for the arrival timeout.
+      if (!sessionOf(req)) return send(res, 401, { "content-type": "application/json" }, JSON.stringify({ code: "unauthenticated", message: "not logged in to the console (or the session ended): open a new link from rexmesh console" }));
       return api(req, res);
     }
     if (path === "/session/login" || path === "/session/logout" || path === "/session") return sessionEndpoint(path, req, res);
@@ -108,7 +125,7 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
     if (path === "/session") {
       if (req.method !== "GET") return send(res, 405, { allow: "GET" }, "");
       const s = sessionOf(req);
-      if (!s || opts.isRevoked(s.peer)) return send(res, 401, json, JSON.stringify({ code: "unauthenticated", message: "not logged in" }));
+      if (!s) return send(res, 401, json, JSON.stringify({ code: "unauthenticated", message: "not logged in" }));
       return send(res, 200, json, JSON.stringify({ operator: s.peer.id, tenant: s.peer.scope, identity: formatIdentity(s.peer), expiresAt: new Date(s.expiresAt).toISOString() }));
     }
     if (req.method !== "POST") return send(res, 405, { allow: "POST" }, "");
@@ -130,9 +147,10 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
     }
     try {
       const { secret, session } = opts.sessions.redeem(token);
-      if (opts.isRevoked(session.peer)) {
+      if (opts.isRevoked(session.peer) || !opts.holdsConsole(session.peer)) {
         opts.sessions.end(secret);
-        return send(res, 403, json, JSON.stringify({ code: "permission_denied", message: "this operator's identity has been revoked" }));
+        const why = opts.isRevoked(session.peer) ? "this operator's identity has been revoked" : "the policy no longer gives this operator the console action";
+        return send(res, 403, json, JSON.stringify({ code: "permission_denied", message: why }));
       }
       await opts.audit("console.login", session.peer, `one-time link, session until ${new Date(session.expiresAt).toISOString()}`);
       const maxAge = Math.floor((session.expiresAt - opts.clock.now()) / 1000);
@@ -145,14 +163,17 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
     }
   };
 
-  const server = http2.createSecureServer({ cert: opts.tls.certPem, key: opts.tls.keyPem, allowHTTP1: true, minVersion: "TLSv1.2" }, (req, res) => {
+  const server = http2.createSecureServer(
+    { cert: opts.tls.certPem, key: opts.tls.keyPem, allowHTTP1: true, minVersion: "TLSv1.2", settings: { maxConcurrentStreams: LIMITS.streamsPerConnection } },
+    (req, res) => {
     for (const [k, v] of Object.entries(SECURITY_HEADERS)) res.setHeader(k, v);
     handle(req, res).catch((err: unknown) => {
       opts.log.error("console request failed", { err });
       if (!res.headersSent) send(res, 500, { "content-type": "text/plain" }, "internal error");
       else res.end();
     });
-  });
+    },
+  );
   server.on("tlsClientError", (err) => opts.log.debug("console TLS handshake refused", { err }));
   return { server, served, ...http2Lifecycle(server) };
 }
@@ -169,11 +190,15 @@ export function crossSiteRefusal(req: Req): string | undefined {
   if (req.method !== "POST") return "the console's API takes POST requests only";
   if (type === "" || SIMPLE_TYPES.includes(type)) return "refused: a cross-site form cannot call the console's API (content type)";
   const origin = req.headers.origin;
-  const host = (req.headers[":authority"] as string | undefined) ?? req.headers.host;
-  if (origin !== undefined && origin !== `https://${host}`) return "refused: the request comes from another site (Origin)";
+  if (origin !== undefined && origin.toLowerCase() !== `https://${hostOf(req)}`) return "refused: the request comes from another site (Origin)";
   const site = req.headers["sec-fetch-site"];
   if (site !== undefined && site !== "same-origin") return "refused: the request comes from another site (Sec-Fetch-Site)";
   return undefined;
+}
+
+/** The name the request was sent to (HTTP/2 :authority, or Host), lower case. */
+function hostOf(req: Req): string {
+  return String((req.headers[":authority"] as string | undefined) ?? req.headers.host ?? "").toLowerCase();
 }
 
 /** The session secret in the request's cookie, if any. */
@@ -190,19 +215,40 @@ function cookieOf(req: Req): string | undefined {
   return undefined;
 }
 
+/** How long a login or logout body may take to arrive. */
+const BODY_MS = 5_000;
+
+/** A small request body: refused at once when its declared length is over `max`, cut off past `max` bytes or BODY_MS. */
 function readBody(req: Req, max: number): Promise<string> {
   return new Promise((resolve, reject) => {
+    const declared = Number(req.headers["content-length"] ?? 0);
+    if (declared > max) {
+      req.destroy();
+      reject(new Error("body too large"));
+      return;
+    }
     const parts: Buffer[] = [];
     let size = 0;
+    const timer = setTimeout(() => {
+      req.destroy();
+      reject(new Error("body too slow"));
+    }, BODY_MS);
     req.on("data", (d: Buffer) => {
       size += d.length;
       if (size > max) {
+        clearTimeout(timer);
         reject(new Error("body too large"));
         req.destroy();
       } else parts.push(d);
     });
-    req.on("end", () => resolve(Buffer.concat(parts).toString("utf8")));
-    req.on("error", reject);
+    req.on("end", () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(parts).toString("utf8"));
+    });
+    req.on("error", (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
   });
 }
 

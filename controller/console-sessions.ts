@@ -21,6 +21,10 @@ export interface ConsoleSessionOptions {
   maxLinks?: number;
   /** Sessions open, in all (default 10,000). */
   maxSessions?: number;
+  /** Links one operator may have waiting (default 5): beyond, its newest is refused, nobody else's. */
+  maxLinksPerOperator?: number;
+  /** Sessions one operator may have open (default 20): beyond, its oldest is ended. */
+  maxSessionsPerOperator?: number;
   /** Random bytes; injected so tests can make secrets predictable. */
   random?: (n: number) => Uint8Array;
 }
@@ -29,6 +33,13 @@ export interface ConsoleSession {
   readonly peer: PeerIdentity;
   readonly expiresAt: number;
 }
+
+/** A link or session as kept: for a link, when the certificate it was asked with expires. */
+interface StoredSession extends ConsoleSession {
+  readonly notAfter?: number;
+}
+
+const samePeer = (a: PeerIdentity, b: PeerIdentity): boolean => a.role === b.role && a.scope === b.scope && a.id === b.id;
 
 /** Secrets are base64url of 32 bytes (43 characters); anything longer is refused before hashing. */
 export const MAX_SECRET_CHARS = 64;
@@ -39,12 +50,14 @@ function hashOf(secret: string): string {
 }
 
 export class ConsoleSessions {
-  private readonly links = new Map<string, ConsoleSession>();
-  private readonly sessions = new Map<string, ConsoleSession>();
+  private readonly links = new Map<string, StoredSession>();
+  private readonly sessions = new Map<string, StoredSession>();
   readonly linkTtlMs: number;
   readonly sessionTtlMs: number;
   private readonly maxLinks: number;
   private readonly maxSessions: number;
+  private readonly maxLinksPerOperator: number;
+  private readonly maxSessionsPerOperator: number;
   private readonly random: (n: number) => Uint8Array;
 
   constructor(
@@ -55,18 +68,34 @@ export class ConsoleSessions {
     this.sessionTtlMs = opts.sessionTtlMs ?? 8 * 3_600_000;
     this.maxLinks = opts.maxLinks ?? 1_000;
     this.maxSessions = opts.maxSessions ?? 10_000;
+    this.maxLinksPerOperator = opts.maxLinksPerOperator ?? 5;
+    this.maxSessionsPerOperator = opts.maxSessionsPerOperator ?? 20;
     this.random = opts.random ?? randomBytes;
   }
 
-  /** A new one-time link secret for `peer`; shown once, kept hashed. */
-  createLink(peer: PeerIdentity): { secret: string; expiresAt: number } {
-    return this.mint(this.links, this.maxLinks, "console links waiting to be opened", peer, this.linkTtlMs);
+  /**
+   * A new one-time link secret for `peer`; shown once, kept hashed.
+   * `notAfter`: when the certificate it was asked with expires — the session
+   * it opens ends then at the latest, so a browser never outlives the
+   * credential that let it in.
+   */
+  createLink(peer: PeerIdentity, notAfter = Number.POSITIVE_INFINITY): { secret: string; expiresAt: number } {
+    const now = this.clock.now();
+    const waiting = [...this.links.values()].filter((l) => now < l.expiresAt && samePeer(l.peer, peer)).length;
+    if (waiting >= this.maxLinksPerOperator) {
+      throw new ResourceExhaustedError(`${waiting} console links of yours are waiting to be opened (at most ${this.maxLinksPerOperator}); open one, or wait two minutes`);
+    }
+    return this.mint(this.links, this.maxLinks, "console links waiting to be opened", peer, Math.min(this.linkTtlMs, notAfter - now), notAfter);
   }
 
   /** Opens a link: valid once, before it expires. Returns the new session's secret, for the cookie. */
   redeem(linkSecret: string): { secret: string; session: ConsoleSession } {
     const link = this.take(this.links, linkSecret, "this console link is not valid (each link works once, for two minutes): run rexmesh console again");
-    const { secret, expiresAt } = this.mint(this.sessions, this.maxSessions, "console sessions", link.peer, this.sessionTtlMs);
+    // One operator's sessions beyond its share: its oldest ends (a browser left logged in somewhere), nobody else's.
+    const own = [...this.sessions.entries()].filter(([, s]) => samePeer(s.peer, link.peer)).sort((a, b) => a[1].expiresAt - b[1].expiresAt);
+    for (const [k] of own.slice(0, Math.max(0, own.length - this.maxSessionsPerOperator + 1))) this.sessions.delete(k);
+    const notAfter = link.notAfter ?? Number.POSITIVE_INFINITY;
+    const { secret, expiresAt } = this.mint(this.sessions, this.maxSessions, "console sessions", link.peer, Math.min(this.sessionTtlMs, notAfter - this.clock.now()));
     return { secret, session: { peer: link.peer, expiresAt } };
   }
 
@@ -93,17 +122,18 @@ export class ConsoleSessions {
     for (const [k, s] of this.links) if (match(s.peer)) this.links.delete(k);
   }
 
-  private mint(into: Map<string, ConsoleSession>, max: number, what: string, peer: PeerIdentity, ttlMs: number): { secret: string; expiresAt: number } {
+  private mint(into: Map<string, StoredSession>, max: number, what: string, peer: PeerIdentity, ttlMs: number, notAfter?: number): { secret: string; expiresAt: number } {
     const now = this.clock.now();
+    if (!(ttlMs > 0)) throw new UnauthenticatedError("the certificate this console login was asked with has expired");
     if (into.size >= max) for (const [k, s] of into) if (now >= s.expiresAt) into.delete(k);
     if (into.size >= max) throw new ResourceExhaustedError(`too many ${what} (at most ${max}); try again later`);
     const secret = Buffer.from(this.random(32)).toString("base64url");
     const expiresAt = now + ttlMs;
-    into.set(hashOf(secret), { peer, expiresAt });
+    into.set(hashOf(secret), { peer, expiresAt, ...(notAfter !== undefined && Number.isFinite(notAfter) ? { notAfter } : {}) });
     return { secret, expiresAt };
   }
 
-  private take(from: Map<string, ConsoleSession>, secret: string, refusal: string): ConsoleSession {
+  private take(from: Map<string, StoredSession>, secret: string, refusal: string): StoredSession {
     if (!SECRET.test(secret)) throw new UnauthenticatedError(refusal);
     const key = hashOf(secret);
     const found = from.get(key);

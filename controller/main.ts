@@ -271,7 +271,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const consoleSessions = new ConsoleSessions(clock, { sessionTtlMs: config.consoleSession });
   const stopEndingRevokedConsoles = revocations.onChange(() => consoleSessions.endAllOf((peer) => revocations.isRevoked(peer)));
   const decide = (call: Call) => access.decideCall(call);
-  const consoleListener = config.consoleListen ? await startConsole(config, { creds, sessions: consoleSessions, controllerImpl, decide, isRevoked: (peer) => revocations.isRevoked(peer), audit, log, clock }) : undefined;
+  const consoleListener = config.consoleListen ? await startConsole(config, { creds, sessions: consoleSessions, controllerImpl, decide, isRevoked: (peer) => revocations.isRevoked(peer), authz, audit, log, clock }) : undefined;
   // One boundary for every call: controller/declarations.ts says what each method needs, OperatorAccess decides and audits.
   const server = createRpcServer({
     creds,
@@ -341,7 +341,17 @@ export async function startController(config: ControllerConfig, log: Logger, clo
  */
 async function startConsole(
   config: ControllerConfig,
-  deps: { creds: Credentials; sessions: ConsoleSessions; controllerImpl: ServiceImpl<typeof ControllerService>; decide: (call: Call) => Promise<Grant>; isRevoked: (peer: PeerIdentity) => boolean; audit: AuditLog; log: Logger; clock: Clock },
+  deps: {
+    creds: Credentials;
+    sessions: ConsoleSessions;
+    controllerImpl: ServiceImpl<typeof ControllerService>;
+    decide: (call: Call) => Promise<Grant>;
+    isRevoked: (peer: PeerIdentity) => boolean;
+    authz: Authorizer;
+    audit: AuditLog;
+    log: Logger;
+    clock: Clock;
+  },
 ): Promise<{ server: ReturnType<typeof createConsoleServer>; address: string; url: string }> {
   const at = parseHostPort(config.consoleListen!, "consoleListen");
   if (Boolean(config.consoleCert) !== Boolean(config.consoleKey)) throw new ConfigError("consoleCert and consoleKey go together");
@@ -357,15 +367,21 @@ async function startConsole(
     declarations: CONTROLLER_DECLARATIONS,
     decide: deps.decide,
     isRevoked: deps.isRevoked,
+    holdsConsole: (peer) => deps.authz.holds(peer, "console").allowed,
+    allowedHosts: () => hosts,
     audit: async (kind, peer, reason) => {
       await deps.audit.append({ kind, tenant: peer.scope, actor: formatIdentity(peer), decision: "allowed", reason, what: "web console session", hostIds: [] });
     },
     log: deps.log.child({ component: "console" }),
     clock: deps.clock,
   });
+  let hosts: string[] = [];
   const bound = await server.listen(at.host, at.port);
   const address = `${bound.family === "IPv6" ? `[${bound.address}]` : bound.address}:${bound.port}`;
-  return { server, address, url: (config.consoleUrl ?? `https://${address}`).replace(/\/+$/, "") };
+  const url = (config.consoleUrl ?? `https://${address}`).replace(/\/+$/, "");
+  // The names browsers may use: the one in the links (--console-url), and the address bound.
+  hosts = [...new Set([new URL(url).host, address, ...(bound.port === 443 ? [new URL(url).hostname] : [])])];
+  return { server, address, url };
 }
 
 /** ControllerService without the calls that open sessions and port forwards (they answer UNIMPLEMENTED). */
