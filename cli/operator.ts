@@ -550,6 +550,7 @@ async function labelHost(args: string[], values: Record<string, unknown>, io: Io
 
 const jobsOptions: Record<string, OptionSpec> = {
   json: { type: "boolean", doc: "JSON output" },
+  hosts: { type: "string", short: "H", doc: "with cancel: only the job's tasks on these hosts (comma-separated ids); it goes on on the others", value: "IDS" },
   ...connectionOptions,
   help: { type: "boolean", short: "h", doc: "show this help" },
 };
@@ -559,7 +560,7 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, jobsOptions);
   const [verb, jobId] = p.positionals;
   if (p.values.help) {
-    io.out(helpText("rexmesh jobs [show|watch|cancel JOB_ID] [--json]", jobsOptions, ["rexmesh jobs                  # the newest jobs", "rexmesh jobs show j0abc...", "rexmesh jobs watch j0abc...   # replays all output so far, then follows", "rexmesh jobs cancel j0abc..."]));
+    io.out(helpText("rexmesh jobs [show|watch|cancel JOB_ID] [--json]", jobsOptions, ["rexmesh jobs                  # the newest jobs", "rexmesh jobs show j0abc...", "rexmesh jobs watch j0abc...   # replays all output so far, then follows", "rexmesh jobs cancel j0abc...", "rexmesh jobs cancel j0abc... -H web-3,web-7   # only those hosts' tasks"]));
     return 0;
   }
   if (!verb || verb === "list") {
@@ -596,8 +597,9 @@ export async function jobsCommand(argv: string[], io: Io): Promise<number> {
       case "watch":
         return await watch(client, jobId, json, io);
       case "cancel": {
-        const { job } = await client.cancelJob({ jobId }, { signal: io.signal });
-        io.out(json ? JSON.stringify({ job: job && jobJson(job) }) + "\n" : `cancel requested for job ${jobId}\n`);
+        const hostIds = p.values.hosts ? String(p.values.hosts).split(",").map((h) => h.trim()).filter(Boolean) : [];
+        const { job } = await client.cancelJob({ jobId, hostIds }, { signal: io.signal });
+        io.out(json ? JSON.stringify({ job: job && jobJson(job) }) + "\n" : hostIds.length ? `cancelled job ${jobId} on ${hostIds.join(", ")}\n` : `cancel requested for job ${jobId}\n`);
         return 0;
       }
       default:

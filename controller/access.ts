@@ -396,17 +396,26 @@ export class OperatorAccess {
     return new AlreadyExistsError("this idempotency key was already used, with a different request", { cause: err });
   }
 
-  /** Cancels a job if one role granting `cancel` covers the hosts of all its tasks. */
-  async cancel(caller: PeerIdentity, jobId: string): Promise<JobRecord> {
-    const what = `cancel job ${jobId}`;
+  /**
+   * Cancels a job — or, with `only`, its tasks on those hosts — if one role
+   * granting `cancel` covers the hosts of all the tasks cancelled.
+   */
+  async cancel(caller: PeerIdentity, jobId: string, only: readonly string[] = []): Promise<JobRecord> {
+    const what = only.length ? `cancel job ${jobId} on ${only.length} host${only.length > 1 ? "s" : ""}` : `cancel job ${jobId}`;
     let hostIds: string[] = [];
     try {
       this.holds(caller, "cancel");
       const job = this.deps.jobs.getJobFor(caller, jobId);
-      const hosts = this.hostsOfTasks(caller, this.deps.jobs.tasksOf(job));
+      const chosen = new Set(only);
+      const tasks = this.deps.jobs.tasksOf(job).filter((t) => chosen.size === 0 || chosen.has(t.hostId));
+      if (chosen.size > 0 && tasks.length < chosen.size) {
+        const known = new Set(tasks.map((t) => t.hostId));
+        throw new InvalidArgumentError(`job ${jobId} has no task on ${[...chosen].filter((h) => !known.has(h)).slice(0, 5).join(", ")}`);
+      }
+      const hosts = this.hostsOfTasks(caller, tasks);
       hostIds = hosts.map((h) => h.id);
       const role = this.deps.authz.require(caller, { action: "cancel", hosts });
-      const cancelled = await this.deps.jobs.cancel(caller, jobId);
+      const cancelled = chosen.size > 0 ? await this.deps.jobs.cancelTasks(caller, jobId, chosen) : await this.deps.jobs.cancel(caller, jobId);
       await this.record(caller, "cancel", { decision: "allowed", reason: `role ${role}` }, { what, jobId, hostIds });
       return cancelled;
     } catch (err) {

@@ -369,7 +369,7 @@ export function controllerServiceImpl(deps: {
       return { job: jobToProto(job, jobs.tasksOf(job)) };
     },
     async cancelJob(req, ctx) {
-      const job = await access.cancel(grantedPeer(ctx), req.jobId);
+      const job = await access.cancel(grantedPeer(ctx), req.jobId, req.hostIds);
       return { job: jobToProto(job, jobs.tasksOf(job)) };
     },
     session(requests, ctx) {

@@ -57,7 +57,7 @@ export const CONTROLLER_DECLARATIONS = new DeclarationTable()
     submitAndWatch: onResolvedHosts("submit", (req) => ({ what: req.job ? `${describeTarget(req.job)}: ${describeRequest({ ...req.job, document: req.job.document || undefined })}` : "submit and watch" })),
     getJob: onResolvedHosts("read", (req) => ({ what: `get job ${req.jobId}` })),
     watchJob: onResolvedHosts("read"),
-    cancelJob: onResolvedHosts("cancel", (req) => ({ what: `cancel job ${req.jobId}` })),
+    cancelJob: onResolvedHosts("cancel", (req) => ({ what: `cancel job ${req.jobId}${req.hostIds.length ? ` on ${req.hostIds.length} host(s)` : ""}`, hostIds: req.hostIds })),
     // A submit of the earlier job's request on the hosts picked (controller/access.ts), after reading that job.
     rerunJob: onResolvedHosts("submit", (req) => ({ what: `rerun job ${req.jobId}`, hostIds: req.hostIds })),
     listJobs: onResolvedHosts("read", () => ({ what: "list jobs" })),

@@ -675,6 +675,30 @@ export class JobManager implements RoleCore {
     return this.store.getJob(job.id) ?? job;
   }
 
+  /**
+   * Cancels a job's tasks on some of its hosts; the job goes on on the
+   * others. Each task still open ends CANCELLED here at once — before
+   * delivery simply so; once a proxy may hold it, with a durable recall to
+   * every holder (the host is told to stop it, now or when it returns, and
+   * what it reports afterwards is kept beside the task), as a whole job's
+   * cancel does for a host that cannot be reached.
+   */
+  async cancelTasks(caller: PeerIdentity, jobId: string, hostIds: ReadonlySet<string>): Promise<JobRecord> {
+    const stored = this.getJobFor(caller, jobId);
+    if (stored.finishedAt !== undefined) return stored;
+    const job = this.table.job(stored.id) ?? stored;
+    const writes: Promise<void>[] = [];
+    for (const id of job.taskIds) {
+      const task = this.table.liveRecord(id);
+      if (!task || isTerminal(task.state) || !hostIds.has(task.hostId)) continue;
+      this.log.info("task cancel requested", { job: job.id, task: task.id, host: task.hostId, by: caller.id });
+      if (!task.proxies?.length || this.router.takeBack(task)) writes.push(this.endHere(task, TaskState.CANCELLED, `cancelled by ${caller.id} before delivery`));
+      else writes.push(this.endHere(task, TaskState.CANCELLED, `cancelled by ${caller.id} at the controller; host ${task.hostId} is told to stop it`, { withdraw: false }));
+    }
+    await Promise.all(writes);
+    return this.store.getJob(job.id) ?? job;
+  }
+
   // ---- reading and watching ----------------------------------------------
 
   /** A job of the caller's tenant; other tenants' jobs look like missing ones. */

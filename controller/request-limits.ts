@@ -110,7 +110,11 @@ const CHECKS: { [K in keyof ServiceImpl<typeof ControllerService>]?: (req: never
   },
   getJob: (req: GetJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
   watchJob: (req: WatchJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
-  cancelJob: (req: CancelJobRequest) => void checkChars("job_id", req.jobId, LIMITS.refChars),
+  cancelJob: (req: CancelJobRequest) => {
+    checkChars("job_id", req.jobId, LIMITS.refChars);
+    checkCount("host_ids", req.hostIds.length, LIMITS.hostIdsPerJob);
+    for (const id of req.hostIds) checkChars("a host id", id, LIMITS.idChars);
+  },
   rerunJob: (req: RerunJobRequest) => {
     checkChars("job_id", req.jobId, LIMITS.refChars);
     checkCount("host_ids", req.hostIds.length, LIMITS.hostIdsPerJob);

@@ -104,6 +104,8 @@ export function JobPage({ jobId }: { jobId: string }) {
   const rerun = (label: string, pick: { states?: TaskState[]; hostIds?: string[] }) =>
     act(`rerun ${label}`, async () => (await api.rerunJob({ jobId, states: pick.states ?? [], hostIds: pick.hostIds ?? [] })).job?.id);
   const has = (states: readonly TaskState[]) => tasks.some((t) => states.includes(t.state));
+  /** The selected hosts whose task has not ended: what "Cancel selected" stops. */
+  const openSelected = tasks.filter((t) => selected.has(t.hostId) && !isTerminal(t.state)).map((t) => t.hostId);
   const rows = () => exportRows(view, filtered, stateLabel);
   const focused = focus ? tasks.find((t) => t.hostId === focus) : undefined;
 
@@ -134,6 +136,13 @@ export function JobPage({ jobId }: { jobId: string }) {
       <div class="actions" role="group" aria-label="job actions">
         <button type="button" disabled={!running || busy} onClick={() => background(act("cancel", async () => (await api.cancelJob({ jobId }), undefined)))}>
           Cancel job
+        </button>
+        <button
+          type="button"
+          disabled={!running || busy || openSelected.length === 0}
+          onClick={() => background(act(`cancel on ${openSelected.length} host${openSelected.length > 1 ? "s" : ""}`, async () => (await api.cancelJob({ jobId, hostIds: openSelected }), undefined)))}
+        >
+          Cancel selected ({openSelected.length})
         </button>
         <button type="button" disabled={busy || !has(RERUN_GROUPS.failed)} onClick={() => background(rerun("failed hosts", { states: [...RERUN_GROUPS.failed] }))}>
           Rerun failed

@@ -174,6 +174,15 @@ steps:
       await until("the long job to run", async () => ((await client.getJob({ jobId: longId })).tasks.every((t) => t.state === TaskState.RUNNING) ? true : undefined));
       await page.goto(`${consoleUrl}/#/jobs/${longId}`);
       await page.locator(".badge.live").waitFor();
+      // One host's task first: it ends CANCELLED, the job goes on on the other.
+      await page.getByRole("checkbox", { name: "select h02" }).check();
+      await page.getByRole("button", { name: "Cancel selected (1)" }).click();
+      await until("h02's task cancelled", async () => {
+        const t = (await client.getJob({ jobId: longId })).tasks;
+        return t.find((x) => x.hostId === "h02")?.state === TaskState.CANCELLED ? t : undefined;
+      });
+      const partly = await client.getJob({ jobId: longId });
+      expect(partly.tasks.find((t) => t.hostId === "h04")?.state).toBe(TaskState.RUNNING);
       await page.getByRole("button", { name: "Cancel job" }).click();
       await page.locator(".badge.done").waitFor({ timeout: 30_000 });
       const cancelled = await client.getJob({ jobId: longId });

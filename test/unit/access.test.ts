@@ -20,7 +20,7 @@ import { TokenService } from "../../gen/rexmesh/v1/enroll_pb.js";
 import { ProxyLinkService } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { RevocationService } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { create } from "@bufbuild/protobuf";
-import { StepSchema } from "../../gen/rexmesh/v1/task_pb.js";
+import { StepSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { counterIds, execStep, operator } from "./support.js";
 
 const POLICY = `
@@ -93,7 +93,7 @@ describe("the controller's boundary decisions", () => {
       "token operator:acme/admin allowed ",
     ]);
     // A call decided on resolved hosts is left to the method it reaches (no event yet); a proxy is admitted by its role.
-    expect(await t.access.decideCall(t.call(ControllerService.method.cancelJob, t.web, { jobId: "j" }))).toMatchObject({ action: "cancel" });
+    expect(await t.access.decideCall(t.call(ControllerService.method.cancelJob, t.web, { jobId: "j", hostIds: [] }))).toMatchObject({ action: "cancel" });
     expect(await t.access.decideCall(t.call(ProxyLinkService.method.proxyStream, { role: "proxy", scope: "eu", id: "px" }))).toMatchObject({ action: "link" });
     expect(t.audit.list("acme")).toHaveLength(5);
   });
@@ -106,6 +106,20 @@ describe("scopes decided on resolved hosts", () => {
     await expect(t.access.cancel(t.web, job.id)).rejects.toThrow(/may not cancel on 1 host outside role web-ops .*db-1/);
     const own = await t.access.submit(t.web, request({ hostIds: ["web-1"] }));
     expect((await t.access.cancel(t.web, own.id)).cancelRequested).toBe(true);
+  });
+
+  it("cancels a job on some of its hosts where a cancel role covers those hosts: the others go on", async () => {
+    const t = await setup();
+    const job = await t.access.submit(t.admin, request({ hostIds: ["web-1", "db-1"] }));
+    // Not on db-1, which web-ops does not cover; nor on a host the job has no task on.
+    await expect(t.access.cancel(t.web, job.id, ["db-1"])).rejects.toThrow(/may not cancel on 1 host outside role web-ops .*db-1/);
+    await expect(t.access.cancel(t.web, job.id, ["web-1", "web-9"])).rejects.toThrow(/has no task on web-9/);
+    const after = await t.access.cancel(t.web, job.id, ["web-1"]);
+    expect(after.cancelRequested).toBeFalsy();
+    const states = Object.fromEntries(t.jobs.tasksOf(after).map((x) => [x.hostId, TaskState[x.state]]));
+    expect(states["web-1"]).toBe("CANCELLED");
+    expect(states["db-1"]).not.toBe("CANCELLED");
+    expect(t.audit.list("acme").filter((e) => e.kind === "cancel").map((e) => `${e.decision} ${e.hostIds.join(",")}`)).toEqual(["denied db-1", "rejected ", "allowed web-1"]);
   });
 
   it("shows a job only with the tasks a read role covers, and a job with none as missing", async () => {
