@@ -1,4 +1,5 @@
-import { fromBinary, type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
+import { type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
+import { decodeBounded } from "./decode-budget.js";
 import * as grpc from "@grpc/grpc-js";
 import type { PeerCertificate } from "node:tls";
 import type { Credentials } from "../certs/files.js";
@@ -190,9 +191,9 @@ function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler): voi
       requestStream: true,
       responseStream: true,
       requestSerialize: serializer(method.input),
-      requestDeserialize: (b: Buffer) => fromBinary(method.input, b),
+      requestDeserialize: (b: Buffer) => decodeBounded(method.input, b),
       responseSerialize: serializer(method.output),
-      responseDeserialize: (b: Buffer) => fromBinary(method.output, b),
+      responseDeserialize: (b: Buffer) => decodeBounded(method.output, b),
     },
   };
   const handler = (call: grpc.ServerDuplexStream<In, Out>) => {
@@ -280,9 +281,9 @@ export function addUnaryMethod(
         requestStream: false,
         responseStream: false,
         requestSerialize: serializer(m.input),
-        requestDeserialize: (b: Buffer) => fromBinary(m.input, b),
+        requestDeserialize: (b: Buffer) => decodeBounded(m.input, b),
         responseSerialize: serializer(m.output),
-        responseDeserialize: (b: Buffer) => fromBinary(m.output, b),
+        responseDeserialize: (b: Buffer) => decodeBounded(m.output, b),
       },
     },
     {
@@ -350,7 +351,7 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
   const call = client.makeBidiStreamRequest(
     pathOf(method),
     serializer(method.input),
-    (b: Buffer) => fromBinary(method.output, b),
+    (b: Buffer) => decodeBounded(method.output, b),
   );
   return new CallLink<MessageShape<I>, MessageShape<O>>(
     call,
@@ -378,7 +379,7 @@ export function callGrpcUnary<I extends DescMessage, O extends DescMessage>(
     client.makeUnaryRequest(
       pathOf(method),
       serializer(method.input),
-      (b: Buffer) => fromBinary(method.output, b),
+      (b: Buffer) => decodeBounded(method.output, b),
       request,
       (err, res) => (err ? reject(err) : resolve(res!)),
     ),

@@ -84,6 +84,8 @@ export const LIMITS = {
   factsTotalChars: 8 * KiB,
   /** Sibling hashes in a task's batch proof (docs/fan-out.md): a tree of at most 2^20 tasks is 20 levels high; a longer path is refused before any hashing. */
   batchProofHashes: 20,
+  /** Elements (field occurrences, nested ones included) of one message received on a host's link, counted from the wire format before decoding (common/decode-budget.ts). */
+  messageElements: 1_000_000,
 
   // ---- queries (controller/query.ts) -----------------------------------------
   queryChars: 8 * KiB,
