@@ -101,8 +101,8 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
     tenant: plan.tenants[0],
     hostsPerProcess: perProcess,
     logLevel: (v.logLevel as string | undefined) ?? "info",
-    // A dev mesh is for trying things: rexmesh shell too (a controller serves sessions only when asked).
-    controllerArgs: ["--sessions"],
+    // A dev mesh is for trying things: rexmesh shell and the web console too (a controller serves either only when asked).
+    controllerArgs: ["--sessions", "--console-listen", "127.0.0.1:0"],
     onExit: supervisor.onExit,
   });
   supervisor.attach(mesh);
@@ -152,7 +152,7 @@ export async function devCommand(argv: string[], io: Io): Promise<number> {
   for (const [k, val] of Object.entries(mesh.exports())) io.out(`export ${k}=${val}\n`);
   io.out(`\n(or: source ${join(mesh.dir, "env")})   logs: ${join(mesh.dir, "logs")}\n`);
   for (const tenant of plan.tenants.slice(1)) io.out(`tenant ${tenant}'s operator: source ${join(mesh.dir, `env.${tenant}`)}\n`);
-  io.out(`try:  rexmesh hosts   |   rexmesh run --all -- uname -a\n\n`);
+  io.out(`try:  rexmesh hosts   |   rexmesh run --all -- uname -a   |   rexmesh console (a login link for the web console)\n\n`);
 
   if (v.demo) await demo(mesh, io);
   io.out(`\nthe mesh keeps running; Ctrl-C stops it\n`);
