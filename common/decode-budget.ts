@@ -106,3 +106,4 @@ function walk(desc: DescMessage | undefined, b: Uint8Array, start: number, end: 
     }
   }
 }
+

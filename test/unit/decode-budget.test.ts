@@ -1,5 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { countingMessages } from "../../common/counted-request.js";
 import { countElements, decodeBounded, MAX_MESSAGE_ELEMENTS } from "../../common/decode-budget.js";
 import { AgentStreamResponseSchema, AgentStreamRequestSchema } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyStreamRequestSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
@@ -61,3 +63,54 @@ function varint(n: number): Buffer {
   out.push(n);
   return Buffer.from(out);
 }
+
+describe("counting a connect-es request body message by message (the controller's listeners)", () => {
+  const envelope = (msg: Uint8Array, flags = 0) => {
+    const head = Buffer.alloc(5);
+    head[0] = flags;
+    head.writeUInt32BE(msg.length, 1);
+    return Buffer.concat([head, msg]);
+  };
+  async function* chunks(bytes: Buffer, size: number) {
+    for (let i = 0; i < bytes.length; i += size) yield bytes.subarray(i, i + size);
+  }
+  const collect = async (body: AsyncIterable<Uint8Array>) => {
+    const out: Uint8Array[] = [];
+    for await (const c of body) out.push(c);
+    return Buffer.concat(out);
+  };
+  const flood = () => {
+    const b = Buffer.alloc(4 * 1024 * 1024);
+    for (let i = 0; i < b.length; i += 2) b[i] = 0x1a; // ProxyStreamRequest.statuses = 3, empty: 2 million
+    return b;
+  };
+
+  it("passes honest envelopes through byte for byte, however the body is cut", async () => {
+    const m = toBinary(ProxyStreamRequestSchema, create(ProxyStreamRequestSchema, { statuses: [{ taskId: "t1" }, { taskId: "t2" }], ping: 7 }));
+    const body = Buffer.concat([envelope(m), envelope(m), envelope(new Uint8Array(0))]);
+    for (const size of [1, 3, 5, 7, 64, body.length]) {
+      expect(Buffer.compare(await collect(countingMessages(chunks(body, size), ProxyStreamRequestSchema, "application/grpc")), body)).toBe(0);
+    }
+    // A unary Connect body is one raw message; JSON is left alone; an incomplete envelope is passed on for connect-es to report.
+    expect(Buffer.compare(await collect(countingMessages(chunks(Buffer.from(m), 2), ProxyStreamRequestSchema, "application/proto")), Buffer.from(m))).toBe(0);
+    const cut = envelope(m).subarray(0, 9);
+    expect(Buffer.compare(await collect(countingMessages(chunks(cut, 4), ProxyStreamRequestSchema, "application/grpc")), cut)).toBe(0);
+  });
+
+  it("ends the body with INVALID_ARGUMENT at a message over the budget, before passing any of it on", async () => {
+    const good = envelope(toBinary(ProxyStreamRequestSchema, create(ProxyStreamRequestSchema, { ping: 1 })));
+    const body = Buffer.concat([good, envelope(flood())]);
+    const seen: Uint8Array[] = [];
+    const err = await (async () => {
+      for await (const c of countingMessages(chunks(body, 65536), ProxyStreamRequestSchema, "application/grpc+proto")) seen.push(c);
+    })().then(() => undefined, (e: unknown) => e);
+    expect(ConnectError.from(err).code).toBe(Code.InvalidArgument);
+    expect(Buffer.compare(Buffer.concat(seen), good)).toBe(0);
+    await expect(collect(countingMessages(chunks(flood(), 65536), ProxyStreamRequestSchema, "application/proto"))).rejects.toThrow(/refused before decoding/);
+    // JSON is not counted (parsing it is the decoding), nor a compressed envelope (the known gap).
+    const json = Buffer.from("{}");
+    expect(Buffer.compare(await collect(countingMessages(chunks(json, 1), ProxyStreamRequestSchema, "application/json")), json)).toBe(0);
+    const compressed = envelope(flood(), 1);
+    expect((await collect(countingMessages(chunks(compressed, 65536), ProxyStreamRequestSchema, "application/grpc"))).length).toBe(compressed.length);
+  });
+});
