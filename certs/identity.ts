@@ -101,3 +101,8 @@ export function requireRole(identity: PeerIdentity, ...allowed: Role[]): PeerIde
   }
   return identity;
 }
+
+/** The same identity: role, scope and id alike. */
+export function sameIdentity(a: PeerIdentity, b: PeerIdentity): boolean {
+  return a.role === b.role && a.scope === b.scope && a.id === b.id;
+}

@@ -15,7 +15,7 @@ import { ed25519PublicKey } from "./ed25519.js";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
-import { identityFromCertificate, identityUri, type PeerIdentity } from "../certs/identity.js";
+import { identityFromCertificate, identityUri, sameIdentity, type PeerIdentity } from "../certs/identity.js";
 import { HostReportKeySchema, type HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
@@ -260,7 +260,7 @@ export class HostKeyVerifier {
 }
 
 function sameHost(a: PeerIdentity, b: PeerIdentity): boolean {
-  return a.role === "host" && b.role === "host" && a.scope === b.scope && a.id === b.id;
+  return a.role === "host" && sameIdentity(a, b);
 }
 
 /** Running SHA-256 and length of a task's output, in seq order, as the daemon signs it. */

@@ -11,7 +11,7 @@
  * rejected as malformed — and audited before the caller gets its answer.
  * The RPC handlers only translate.
  */
-import { formatIdentity, type PeerIdentity } from "../certs/identity.js";
+import { formatIdentity, sameIdentity, type PeerIdentity } from "../certs/identity.js";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, RexmeshError } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { admit, operatorAction, pathOf, type Call, type Grant } from "../common/rpc-access.js";
@@ -714,9 +714,6 @@ function hostsOf(jobs: JobManager, job: JobRecord): string[] {
 }
 
 /** The same certificate identity (role, tenant, id). */
-function sameIdentity(a: PeerIdentity, b: PeerIdentity): boolean {
-  return a.role === b.role && a.scope === b.scope && a.id === b.id;
-}
 
 /** What a request runs, for the audit log: steps, or a document and the NAMES of its parameters (values may be sensitive). */
 export function describeRequest(req: Pick<SubmitRequest, "document" | "documentContent" | "steps" | "parameters">): string {

@@ -65,7 +65,7 @@ export interface ConsoleServerOptions {
   holdsConsole: (peer: PeerIdentity) => boolean;
   /**
    * The host[:port] names browsers may reach the console by (the address it
-   * bound, and that of --console-url), read per request. Any other Host is
+   * bound, and that of --console-url), lower case, read per request. Any other Host is
    * answered 421 before anything else: a page on a rebound DNS name gets
    * nothing, and the Origin check below compares with a name we chose.
    */
@@ -83,6 +83,7 @@ type Res = http2.Http2ServerResponse | ServerResponse;
 export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer, "listen" | "close" | "served"> & { server: http2.Http2SecureServer } {
   const files = loadStatic(opts.staticDir);
   /** The request's session, if it has one that is valid, not revoked, and whose operator still holds `console`. */
+  const checked = new WeakMap<object, ConsoleSession>();
   const sessionOf = (req: Req): ConsoleSession | undefined => {
     const secret = cookieOf(req);
     const s = secret === undefined ? undefined : opts.sessions.session(secret);
@@ -94,21 +95,24 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
     declarations: opts.declarations,
     decide: opts.decide,
     clock: opts.clock,
-    callerOf: (req) => callerContext(sessionOf(req)?.peer, opts.isRevoked),
+    // The session handle() found for this request (checked once per request, not again here).
+    callerOf: (req) => callerContext(checked.get(req)?.peer, opts.isRevoked),
   });
   const api = closingUnfinishedRequests(rpc, served, opts.clock);
   const apiPaths = new Set(served.map((m) => `/${m.parent.typeName}/${m.name}`));
 
   const handle = async (req: Req, res: Res): Promise<void> => {
     const host = hostOf(req);
-    if (!opts.allowedHosts().some((h) => h.toLowerCase() === host)) return send(res, 421, { "content-type": "text/plain" }, "this console is not served under that name");
+    if (!opts.allowedHosts().includes(host)) return send(res, 421, { "content-type": "text/plain" }, "this console is not served under that name");
     const path = (req.url ?? "/").split("?")[0]!;
     if (apiPaths.has(path)) {
       const refusal = crossSiteRefusal(req);
       if (refusal) return send(res, 403, { "content-type": "application/json" }, JSON.stringify({ code: "permission_denied", message: refusal }));
       // Without a session the call is answered at once, its body never read: the port needs no certificate,
       // and a caller with nothing must not get to hold streams and buffers for the arrival timeout.
-      if (!sessionOf(req)) return send(res, 401, { "content-type": "application/json" }, JSON.stringify({ code: "unauthenticated", message: "not logged in to the console (or the session ended): open a new link from rexmesh console" }));
+      const session = sessionOf(req);
+      if (!session) return send(res, 401, { "content-type": "application/json" }, JSON.stringify({ code: "unauthenticated", message: "not logged in to the console (or the session ended): open a new link from rexmesh console" }));
+      checked.set(req, session);
       return api(req, res);
     }
     if (path === "/session/login" || path === "/session/logout" || path === "/session") return sessionEndpoint(path, req, res);

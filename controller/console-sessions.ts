@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
-import type { PeerIdentity } from "../certs/identity.js";
+import { sameIdentity, type PeerIdentity } from "../certs/identity.js";
 import type { Clock } from "../common/clock.js";
 import { ResourceExhaustedError, UnauthenticatedError } from "../common/errors.js";
 
@@ -39,7 +39,6 @@ interface StoredSession extends ConsoleSession {
   readonly notAfter?: number;
 }
 
-const samePeer = (a: PeerIdentity, b: PeerIdentity): boolean => a.role === b.role && a.scope === b.scope && a.id === b.id;
 
 /** Secrets are base64url of 32 bytes (43 characters); anything longer is refused before hashing. */
 export const MAX_SECRET_CHARS = 64;
@@ -81,7 +80,7 @@ export class ConsoleSessions {
    */
   createLink(peer: PeerIdentity, notAfter = Number.POSITIVE_INFINITY): { secret: string; expiresAt: number } {
     const now = this.clock.now();
-    const waiting = [...this.links.values()].filter((l) => now < l.expiresAt && samePeer(l.peer, peer)).length;
+    const waiting = [...this.links.values()].filter((l) => now < l.expiresAt && sameIdentity(l.peer, peer)).length;
     if (waiting >= this.maxLinksPerOperator) {
       throw new ResourceExhaustedError(`${waiting} console links of yours are waiting to be opened (at most ${this.maxLinksPerOperator}); open one, or wait two minutes`);
     }
@@ -92,7 +91,7 @@ export class ConsoleSessions {
   redeem(linkSecret: string): { secret: string; session: ConsoleSession } {
     const link = this.take(this.links, linkSecret, "this console link is not valid (each link works once, for two minutes): run rexmesh console again");
     // One operator's sessions beyond its share: its oldest ends (a browser left logged in somewhere), nobody else's.
-    const own = [...this.sessions.entries()].filter(([, s]) => samePeer(s.peer, link.peer)).sort((a, b) => a[1].expiresAt - b[1].expiresAt);
+    const own = [...this.sessions.entries()].filter(([, s]) => sameIdentity(s.peer, link.peer)).sort((a, b) => a[1].expiresAt - b[1].expiresAt);
     for (const [k] of own.slice(0, Math.max(0, own.length - this.maxSessionsPerOperator + 1))) this.sessions.delete(k);
     const notAfter = link.notAfter ?? Number.POSITIVE_INFINITY;
     const { secret, expiresAt } = this.mint(this.sessions, this.maxSessions, "console sessions", link.peer, Math.min(this.sessionTtlMs, notAfter - this.clock.now()));
@@ -102,10 +101,11 @@ export class ConsoleSessions {
   /** The session a cookie's secret names, if it is one and has not expired. */
   session(secret: string): ConsoleSession | undefined {
     if (!SECRET.test(secret)) return undefined;
-    const s = this.sessions.get(hashOf(secret));
+    const key = hashOf(secret);
+    const s = this.sessions.get(key);
     if (!s) return undefined;
     if (this.clock.now() >= s.expiresAt) {
-      this.sessions.delete(hashOf(secret));
+      this.sessions.delete(key);
       return undefined;
     }
     return s;

@@ -531,6 +531,8 @@ export class JobManager implements RoleCore {
         task.expectedChunks = Math.max(Number(status.outputChunks), lastHeld(task));
       }
       task.resultCheck = this.resultCheckOf(task, status);
+      // Only a pending check takes the running digest; any other end would keep it until it is pushed out.
+      if (task.resultCheck !== ResultCheck.OUTPUT_PENDING) this.digests.forget(task.id);
       if (task.outputSha256 !== undefined && lastHeld(task) > task.expectedChunks) {
         // Chunks the host did not sign for were relayed (and may have been read): the output is not the host's.
         this.log.warn("output beyond what the host signed for was relayed", { task: task.id, host: task.hostId, signed: task.expectedChunks, held: lastHeld(task), proxy: proxy.name });
@@ -636,6 +638,7 @@ export class JobManager implements RoleCore {
     task.message = message;
     task.updatedAt = this.clock.now();
     task.endedHere = true;
+    this.digests.forget(task.id);
     const writes = [this.table.write(task, { ends: true })];
     if (recall) writes.push(this.router.recall(task, recall.withdraw));
     return Promise.all(writes).then(() => undefined);

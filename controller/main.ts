@@ -380,7 +380,7 @@ async function startConsole(
   const address = `${bound.family === "IPv6" ? `[${bound.address}]` : bound.address}:${bound.port}`;
   const url = (config.consoleUrl ?? `https://${address}`).replace(/\/+$/, "");
   // The names browsers may use: the one in the links (--console-url), and the address bound.
-  hosts = [...new Set([new URL(url).host, address, ...(bound.port === 443 ? [new URL(url).hostname] : [])])];
+  hosts = [...new Set([new URL(url).host, address, ...(bound.port === 443 ? [new URL(url).hostname] : [])].map((h) => h.toLowerCase()))];
   return { server, address, url };
 }
 

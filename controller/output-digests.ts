@@ -44,6 +44,11 @@ export class OutputDigests {
     return { sha256: d.hash.digest(), bytes: d.bytes };
   }
 
+  /** Stops following a task whose output will not be checked (it ended at the controller, or its host signed no digest). */
+  forget(taskId: string): void {
+    this.byTask.delete(taskId);
+  }
+
   /** Tasks followed now. */
   get size(): number {
     return this.byTask.size;

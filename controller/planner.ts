@@ -13,6 +13,9 @@ import { redactParams, resolveParams, type ParamValue } from "./params.js";
 import { parseQuery, QuerySyntaxError, selectHosts, type Query } from "./query.js";
 import { validateSteps } from "./validate.js";
 
+
+/** How a job run from a document given inline names it (JobRecord.document): such a document is not kept. */
+export const INLINE_DOCUMENT = " (inline)";
 /**
  * Decides whether a request may run on the hosts it resolved to; refuses by
  * throwing. `steps` are what would run: the request's steps, or for a
@@ -124,7 +127,7 @@ export class Planner {
       if (req.document && req.documentContent) throw new InvalidArgumentError("give either a stored document or a document's content, not both");
       if (req.documentContent) {
         const doc = parseDocumentText(req.documentContent);
-        loaded = { label: `${doc.name} (inline)`, doc };
+        loaded = { label: `${doc.name}${INLINE_DOCUMENT}`, doc };
       } else {
         if (!this.documents) throw new FailedPreconditionError("this controller does not keep documents");
         const { stored, doc } = this.documents.load(tenant, req.document!);

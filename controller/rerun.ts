@@ -2,7 +2,7 @@ import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.
 import type { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { JobRecord, TaskRecord } from "./model.js";
 import { SENSITIVE } from "./params.js";
-import type { SubmitRequest } from "./planner.js";
+import { INLINE_DOCUMENT, type SubmitRequest } from "./planner.js";
 
 /**
  * RerunJob's request: the hosts chosen among the tasks the caller may read
@@ -27,9 +27,9 @@ export function rerunHosts(tasks: readonly TaskRecord[], pick: { states: readonl
 }
 
 export function rerunRequest(job: JobRecord, hostIds: string[], idempotencyKey: string): SubmitRequest {
-  if (job.document?.endsWith(" (inline)")) throw new FailedPreconditionError(`job ${job.id} ran a document given inline, which the controller does not keep: submit it again`);
+  if (job.document?.endsWith(INLINE_DOCUMENT)) throw new FailedPreconditionError(`job ${job.id} ran a document given inline, which the controller does not keep: submit it again`);
   // Kept as the planner resolved them: a string as is, any other type as JSON text, which is how a submit gives them too.
-  const parameters = { ...job.parameters };
+  const parameters = job.parameters ?? {};
   for (const [name, value] of Object.entries(parameters)) {
     if (value === SENSITIVE) throw new FailedPreconditionError(`job ${job.id} has the sensitive parameter ${JSON.stringify(name)}, which is not kept: submit the document again with it`);
   }

@@ -88,16 +88,6 @@ export class OutputCoalescer {
     const bytes = this.bytes;
     this.parts = [];
     this.bytes = 0;
-    this.emit(this.stream!, parts.length === 1 ? parts[0]! : concat(parts, bytes));
+    this.emit(this.stream!, parts.length === 1 ? parts[0]! : Buffer.concat(parts, bytes));
   }
-}
-
-function concat(parts: readonly Uint8Array[], bytes: number): Uint8Array {
-  const out = Buffer.allocUnsafe(bytes);
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.length;
-  }
-  return out;
 }

@@ -1,4 +1,4 @@
-import { ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-web";
 import { ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 
@@ -43,14 +43,10 @@ export async function logout(): Promise<void> {
 
 /** An error as the operator should read it: the API's code and message. */
 export function describeError(err: unknown): string {
-  if (err instanceof ConnectError) return `${codeName(err.code)}: ${err.rawMessage}`;
+  if (err instanceof ConnectError) return `${Code[err.code] ?? `code ${err.code}`}: ${err.rawMessage}`;
   return err instanceof Error ? err.message : String(err);
 }
 
-function codeName(code: number): string {
-  const names = ["OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated"];
-  return names[code] ?? `code ${code}`;
-}
 
 /** Runs a promise from an event handler: what it fails with goes to the browser's console (handlers show their own errors). */
 export function background(p: Promise<unknown>): void {

@@ -38,7 +38,7 @@ export const RERUN_GROUPS = {
   undelivered: [TaskState.EXPIRED, TaskState.SKIPPED, TaskState.LOST],
 } as const;
 
-export const isTerminal = (s: TaskState) => s >= TaskState.SUCCEEDED;
+export { isTerminal } from "../../common/task-state.js";
 
 export function when(t: Timestamp | undefined): string {
   if (!t) return "";

@@ -68,7 +68,9 @@ export function JobPage({ jobId }: { jobId: string }) {
   const tasks = useMemo(() => [...view.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId)), [view.tasks]);
   const regions = useMemo(() => [...new Set(tasks.map((t) => t.region).filter(Boolean))].sort(), [tasks]);
   const filtered = useMemo(() => {
-    const [lk, lv] = label.includes("=") ? label.split("=", 2) : [label, undefined];
+    // Split at the first "=" only: a label's value may hold "=" itself.
+    const eq = label.indexOf("=");
+    const [lk, lv] = eq < 0 ? [label, undefined] : [label.slice(0, eq), label.slice(eq + 1)];
     return tasks.filter((t) => {
       if (state && String(t.state) !== state) return false;
       if (exit.trim() !== "" && String(t.exitCode ?? "") !== exit.trim()) return false;

@@ -44,4 +44,15 @@ describe("OutputDigests", () => {
     expect(d.take("a", 1)).toBeUndefined();
     expect(hex(d.take("c", 1)?.sha256)).toBe(sha(bytes(3)));
   });
+
+  it("forgets a task whose output will not be checked, so it pushes no other task out", () => {
+    const d = new OutputDigests(2);
+    d.stored("a", 1, bytes(1));
+    d.stored("b", 1, bytes(2));
+    d.forget("a");
+    d.stored("c", 1, bytes(3));
+    expect(d.size).toBe(2);
+    expect(hex(d.take("b", 1)?.sha256)).toBe(sha(bytes(2)));
+    expect(d.take("a", 1)).toBeUndefined();
+  });
 });
