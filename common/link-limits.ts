@@ -13,7 +13,8 @@
 import type { Logger } from "./logger.js";
 import { LIMITS, preview } from "./limits.js";
 import type { AgentStreamRequest } from "../gen/rexmesh/v1/agent_link_pb.js";
-import type { CancelTask, HostPresence, ProxyStreamRequest, ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import type { CancelTask, HostPresence, ProxyStreamRequest, ProxyStreamResponse, StatusAckRun } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { acksOfRuns, statusesOfRuns } from "./status-runs.js";
 import type { EventAck, HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { eventNameProblem, eventProblem } from "./host-event.js";
 import { TaskState, type OutputAck, type OutputChunk, type StatusAck, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
@@ -95,6 +96,13 @@ class Refused {
     return out ?? list;
   }
 
+  /** Counts one refused item under `field`. */
+  note(field: string, why: string): void {
+    this.count++;
+    this.firstReason ??= why;
+    this.firstField ??= field;
+  }
+
   /** One warning for the frame, if anything was refused. */
   warn(log: Logger, what: string, fields: Record<string, unknown> = {}): void {
     if (this.count > 0) log.warn(what, { ...fields, refused: this.count, field: this.firstField, reason: this.firstReason });
@@ -115,8 +123,7 @@ export function screenHostFrame(frame: AgentStreamRequest): Refused {
  * frame (ProxyLink at the controller), or of a results bundle, which is
  * applied like the frames of the proxy that signed it.
  */
-export function screenProxyReports(reports: { hosts: HostPresence[]; output: OutputChunk[]; statuses: TaskStatus[]; events?: HostEvent[] }): Refused {
-  const r = new Refused();
+export function screenProxyReports(reports: { hosts: HostPresence[]; output: OutputChunk[]; statuses: TaskStatus[]; events?: HostEvent[] }, r = new Refused()): Refused {
   reports.hosts = r.keep("hosts", reports.hosts, presenceProblem);
   reports.output = r.keep("output", reports.output, outputProblem);
   reports.statuses = r.keep("statuses", reports.statuses, statusProblem);
@@ -124,9 +131,18 @@ export function screenProxyReports(reports: { hosts: HostPresence[]; output: Out
   return r;
 }
 
-/** {@link screenProxyReports} of a proxy's frame, its hello's hosts included. */
+/**
+ * {@link screenProxyReports} of a proxy's frame, its hello's hosts included.
+ * Its status runs become statuses first, ahead of the others (the order they
+ * apply in), so every check and everything after sees statuses only.
+ */
 export function screenProxyFrame(frame: ProxyStreamRequest): Refused {
-  const r = screenProxyReports(frame);
+  const pre = new Refused();
+  if (frame.statusRuns.length > 0) {
+    frame.statuses = [...statusesOfRuns(frame.statusRuns, (why) => pre.note("status_runs", why)), ...frame.statuses];
+    frame.statusRuns = [];
+  }
+  const r = screenProxyReports(frame, pre);
   if (frame.hello) frame.hello.hosts = r.keep("hello.hosts", frame.hello.hosts, presenceProblem);
   return r;
 }
@@ -136,7 +152,12 @@ export function screenProxyFrame(frame: ProxyStreamRequest): Refused {
  * the controller or a tasks bundle, toward a daemon from its proxy): an ack
  * names a task id, a seq it could have been sent, and a defined state.
  */
-export function screenAcks(frame: { outputAcks: OutputAck[]; statusAcks: StatusAck[]; eventAcks?: EventAck[] }, r = new Refused()): Refused {
+export function screenAcks(frame: { outputAcks: OutputAck[]; statusAcks: StatusAck[]; statusAckRuns?: StatusAckRun[]; eventAcks?: EventAck[] }, r = new Refused()): Refused {
+  // Runs of acknowledgements become acknowledgements, ahead of the others (the order they apply in).
+  if (frame.statusAckRuns?.length) {
+    frame.statusAcks = [...acksOfRuns(frame.statusAckRuns), ...frame.statusAcks];
+    frame.statusAckRuns = [];
+  }
   frame.outputAcks = r.keep("output_acks", frame.outputAcks, outputAckProblem);
   frame.statusAcks = r.keep("status_acks", frame.statusAcks, statusAckProblem);
   if (frame.eventAcks) frame.eventAcks = r.keep("event_acks", frame.eventAcks, eventAckProblem);

@@ -22,6 +22,7 @@ import type { JobManager, ProxyPort } from "./jobs.js";
 import { randomBytes } from "node:crypto";
 import type { HostKeyVerifier } from "../common/host-signing.js";
 import { screenProxyFrame } from "../common/link-limits.js";
+import { ackRunsOf, STATUS_RUNS } from "../common/status-runs.js";
 import type { EventIntake } from "./event-intake.js";
 
 export type ProxyLinkAtController = FrameLink<ProxyStreamResponse, ProxyStreamRequest>;
@@ -91,7 +92,9 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   };
   // New for every link: a host's presence proof over it cannot be replayed on another link.
   const nonce = randomBytes(16);
-  out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs, presenceNonce: nonce };
+  out.frame.welcome = { $typeName: "rexmesh.v1.ProxyWelcome", heartbeatMs: deps.heartbeatMs, presenceNonce: nonce, features: [STATUS_RUNS] };
+  /** A proxy that takes acknowledgements in runs (an older one gets them one by one). */
+  const ackRuns = hello.features.includes(STATUS_RUNS);
   out.frame.signingKeys.push(deps.signer.key);
   // The deny-list goes with every welcome (a proxy that was away catches up) and with every change.
   out.frame.denyList = deps.revocations.current;
@@ -202,6 +205,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       reply.eventAcks.push(...taken.acks);
     }
     for (const [taskId, seq] of highest) if (seq > 0) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-    for (const s of statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
+    if (ackRuns) reply.statusAckRuns.push(...ackRunsOf(statuses));
+    else for (const s of statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
   }
 }

@@ -76,6 +76,7 @@ export class LmdbProxyStore extends BacklogHolder implements ProxyStore {
 
   putTask(task: QueuedTask): Promise<void> {
     this.index.put(task);
+    if (task.volatile) return Promise.resolve();
     const stored: StoredTask = { hostId: task.hostId, state: task.state, cancelRequested: task.cancelRequested, outputSeq: task.outputSeq };
     if (task.signed) stored.signed = signedBytes(task.signed);
     if (task.withdraw) stored.withdraw = true;
@@ -84,7 +85,9 @@ export class LmdbProxyStore extends BacklogHolder implements ProxyStore {
   }
 
   removeTask(taskId: string): Promise<void> {
+    const volatile = this.index.tasks.get(taskId)?.volatile;
     this.index.remove(taskId);
+    if (volatile) return Promise.resolve();
     return this.db.remove(taskId).then(() => undefined);
   }
 

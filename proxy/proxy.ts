@@ -39,6 +39,7 @@ import { specBytes } from "../common/backlog.js";
 import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec } from "../common/task-signing.js";
+import { STATUS_RUNS, StatusRunBuilder } from "../common/status-runs.js";
 import { DenySet } from "../common/deny-list.js";
 import { screenControllerFrame, screenHostFrame, TAKEN_ON_TASKS_PER_HOST } from "../common/link-limits.js";
 import type { DenyList, SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
@@ -88,6 +89,8 @@ interface ControllerSession {
   sentUpTo: number;
   sending: boolean;
   waiting: boolean;
+  /** The controller takes statuses in runs (its welcome said so); until it has answered, they go one by one. */
+  statusRuns: boolean;
 }
 
 interface HostSession {
@@ -636,11 +639,17 @@ export class ProxyCore implements RoleCore {
         const batch = this.store.upwardAfter(c.sentUpTo, MAX_FRAME_BYTES);
         if (batch.length === 0) return;
         const frame = create(ProxyStreamRequestSchema);
+        const runs = c.statusRuns ? new StatusRunBuilder() : undefined;
         for (const { n, item } of batch) {
           if (item.kind === "output") frame.output.push(item.chunk);
           else if (item.kind === "event") frame.events.push(item.event);
+          else if (runs) runs.add(item.status);
           else frame.statuses.push(item.status);
           c.sentUpTo = n;
+        }
+        if (runs) {
+          frame.statusRuns = runs.runs;
+          frame.statuses = runs.statuses;
         }
         c.link.send(frame);
       }
@@ -674,8 +683,8 @@ export class ProxyCore implements RoleCore {
       onRoundTrip: roundTrip && ((ms) => roundTrip(ms / 1000)),
     });
     // The hosts held follow as they prove their presence over this link's nonce (askForPresence).
-    link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs } }));
-    const c: ControllerSession = { session: ls, link, sentUpTo: 0, sending: false, waiting: false };
+    link.send(create(ProxyStreamRequestSchema, { hello: { name: this.name, region: this.region, heartbeatMs: this.heartbeatMs, features: [STATUS_RUNS] } }));
+    const c: ControllerSession = { session: ls, link, sentUpTo: 0, sending: false, waiting: false, statusRuns: false };
     this.controller = c;
     // The proxy's load goes up at heartbeat pace: the controller shows it per proxy.
     let loadTimer: Timer | undefined;
@@ -691,7 +700,10 @@ export class ProxyCore implements RoleCore {
       const first = await ls.first(CONNECT_TIMEOUT_MS);
       if (!first) return;
       ls.startHeartbeat(this.heartbeatMs);
-      if (first.welcome) this.askForPresence(first.welcome.presenceNonce);
+      if (first.welcome) {
+        c.statusRuns = first.welcome.features.includes(STATUS_RUNS);
+        this.askForPresence(first.welcome.presenceNonce);
+      }
       up?.();
       await this.handleControllerFrame(first);
       await ls.forEach(async (frame) => {
@@ -751,8 +763,9 @@ export class ProxyCore implements RoleCore {
           known.signed = signed;
           known.spec = spec;
           changed.add(known);
-        } else if (!isTerminal(known.state)) {
+        } else if (!isTerminal(known.state) && !known.volatile) {
           // A resend: the controller missed our QUEUED. A reminder of where the task is (not stored).
+          // A volatile task has none: the controller must keep sending it to a restarted proxy.
           const reminder = known.state <= TaskState.DISPATCHED ? this.ownStatus(known, known.state) : create(TaskStatusSchema, { taskId: known.id, hostId: known.hostId, state: known.state, time: timestampFromMs(now) });
           this.controller?.session.out.frame.statuses.push(reminder);
         }
@@ -768,6 +781,11 @@ export class ProxyCore implements RoleCore {
         items.push(this.endOwnCopy(task, TaskState.CANCELLED, "cancelled before delivery to the host"));
       } else if (deliverBy !== undefined && deliverBy <= now) {
         items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed before the task reached the proxy"));
+      } else if (isPingOnly(spec)) {
+        // A ping is held in memory only and reported by its answer alone: no record, no QUEUED, no
+        // acknowledgement to store (half of what a fleet-wide ping costs each hop). A proxy that
+        // restarts forgets it, and the controller, never told it was queued here, sends it again.
+        task.volatile = true;
       } else {
         items.push({ kind: "status", status: this.ownStatus(task, TaskState.QUEUED) });
       }

@@ -31,6 +31,12 @@ export interface QueuedTask {
    * on it are still taken.
    */
   endedHere?: boolean;
+  /**
+   * Held in memory only, never stored (a ping: it runs nothing, is answered
+   * at once and is harmless to send again). The proxy reports no QUEUED for
+   * it, so the controller sends it again after the proxy restarts.
+   */
+  volatile?: boolean;
 }
 
 /**

@@ -138,7 +138,7 @@ describe("ProxyCore: tasks going down", () => {
     expect(handed(h.link)).toEqual(["t1", "t2", "t3"]);
   });
 
-  it("hands a ping out without storing or reporting DISPATCHED; its answer goes up as usual", async () => {
+  it("holds a ping in memory only: no QUEUED, no DISPATCHED, no reminder on a resend; its answer goes up as usual", async () => {
     const t = setup();
     const ctl = t.connectController();
     const ping = [create(StepSchema, { tool: { case: "ping", value: {} } })];
@@ -147,10 +147,17 @@ describe("ProxyCore: tasks going down", () => {
     const h = t.connectHost("h1", 2);
     await flush();
     expect(handed(h.link)).toEqual(["p1", "x1"]);
-    expect(upStatuses(ctl.link)).toEqual(["p1:QUEUED", "x1:QUEUED", "x1:DISPATCHED"]);
+    expect(upStatuses(ctl.link)).toEqual(["x1:QUEUED", "x1:DISPATCHED"]);
+    expect(t.store.getTask("p1")?.volatile).toBe(true);
+    // The controller sends it again (a link that came back): no reminder confirms it, so a proxy that restarted
+    // would be sent it again too; the host already has it.
+    ctl.send({ tasks: [taskSpec("p1", "h1", { deliverByMs: t.future(), steps: ping })] });
+    await flush();
+    expect(upStatuses(ctl.link)).toEqual(["x1:QUEUED", "x1:DISPATCHED"]);
+    expect(handed(h.link)).toEqual(["p1", "x1"]);
     h.send({ statuses: [status("p1", TaskState.SUCCEEDED)] });
     await flush();
-    expect(upStatuses(ctl.link)).toEqual(["p1:QUEUED", "x1:QUEUED", "x1:DISPATCHED", "p1:SUCCEEDED"]);
+    expect(upStatuses(ctl.link)).toEqual(["x1:QUEUED", "x1:DISPATCHED", "p1:SUCCEEDED"]);
     // The daemon keeps no ping answer for an ack, so none goes back; other statuses are acknowledged.
     h.send({ statuses: [status("x1", TaskState.DELIVERED)] });
     await flush();
@@ -646,6 +653,53 @@ describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
     expect(upOutput(b.ctl)).toEqual(["t1:1", "t1:2", "t1:3", "t1:4"]);
     b.core.stop();
     await b.env.close();
+  });
+});
+
+describe("ProxyCore on LMDB: a ping is not stored", () => {
+  it("forgets a ping across a restart (the controller sends it again) but keeps its answer until the controller has it", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-proxy-lmdb-"));
+    const clock = new ManualClock();
+    const ping = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    const start = (credits: number) => {
+      const env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
+      const store = new LmdbProxyStore(env);
+      const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000 });
+      core.start();
+      const ctl: ControllerSide = new FakeLink();
+      void core.serveController(ctl).catch(() => undefined);
+      const host: HostSide = new FakeLink();
+      void core.serveHost(host, hostPeer("h1")).catch(() => undefined);
+      host.deliver(create(AgentStreamRequestSchema, { hello: { hostId: "h1", heartbeatMs: 0 }, credits }));
+      return { env, store, core, ctl, host };
+    };
+    const a = start(0);
+    a.ctl.deliver(create(ProxyStreamResponseSchema, { tasks: [asSigned(taskSpec("p1", "h1", { deliverByMs: clock.now() + 60_000, steps: ping })), asSigned(taskSpec("p2", "h1", { deliverByMs: clock.now() + 60_000, steps: ping }))] }));
+    await flush(10);
+    expect(a.store.getTask("p1")?.state).toBe(TaskState.QUEUED);
+    a.core.stop();
+    await a.env.close();
+    // Restarted on the same store: neither ping was stored, nothing went up about them.
+    const b = start(2);
+    await flush(10);
+    expect(b.store.allTasks()).toEqual([]);
+    expect(upStatuses(b.ctl)).toEqual([]);
+    // The controller sends them again (the proxy never confirmed them); they are handed out, and p1's answer is stored for the controller.
+    b.ctl.deliver(create(ProxyStreamResponseSchema, { tasks: [asSigned(taskSpec("p1", "h1", { deliverByMs: clock.now() + 60_000, steps: ping })), asSigned(taskSpec("p2", "h1", { deliverByMs: clock.now() + 60_000, steps: ping }))] }));
+    await flush(10);
+    expect(handed(b.host)).toEqual(["p1", "p2"]);
+    b.host.deliver(create(AgentStreamRequestSchema, { statuses: [status("p1", TaskState.SUCCEEDED, { message: "pong" })] }));
+    await until(() => upStatuses(b.ctl).length > 0);
+    b.core.stop();
+    await b.env.close();
+    const c = start(0);
+    await until(() => upStatuses(c.ctl).length > 0);
+    expect(upStatuses(c.ctl)).toEqual(["p1:SUCCEEDED"]);
+    expect(c.store.allTasks()).toEqual([]);
+    c.ctl.deliver(create(ProxyStreamResponseSchema, { statusAcks: [{ taskId: "p1", state: TaskState.SUCCEEDED }] }));
+    await until(() => c.store.upwardSize() === 0);
+    c.core.stop();
+    await c.env.close();
   });
 });
 

@@ -12,13 +12,14 @@ import { TaskState, type SignedTask, type TaskSpec, type TaskStatus } from "../.
 import { ProxyCore, type ProxyCoreOptions } from "../../proxy/proxy.js";
 import type { MemoryProxyStore, ProxyStore } from "../../proxy/store.js";
 import { FakeLink, asSigned, hostPeer, signedId } from "./support.js";
+import { statusesOfRuns } from "../../common/status-runs.js";
 
 export type ControllerSide = FakeLink<ProxyStreamRequest, ProxyStreamResponse>;
 export type HostSide = FakeLink<AgentStreamResponse, AgentStreamRequest>;
 
 const S = (s: TaskStatus) => `${s.taskId}:${TaskState[s.state]}`;
 /** Statuses the proxy sent up a controller link, in order, as "task:STATE". */
-export const upStatuses = (l: ControllerSide): string[] => l.sent.flatMap((f) => f.statuses.map(S));
+export const upStatuses = (l: ControllerSide): string[] => l.sent.flatMap((f) => [...statusesOfRuns(f.statusRuns), ...f.statuses].map(S));
 /** Output chunks the proxy sent up, in order, as "task:seq". */
 export const upOutput = (l: ControllerSide): string[] => l.sent.flatMap((f) => f.output.map((c) => `${c.taskId}:${c.seq}`));
 /** Tasks the proxy handed to a host, in order. */

@@ -14,7 +14,7 @@ import type { SignedDenyList } from "./revocation_pb.js";
 import { file_rexmesh_v1_revocation } from "./revocation_pb.js";
 import type { SessionFrame, SessionKey, SessionResume, SignedSessionOrder } from "./session_pb.js";
 import { file_rexmesh_v1_session } from "./session_pb.js";
-import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskStatus } from "./task_pb.js";
+import type { OutputAck, OutputChunk, SignedTask, StatusAck, TaskSigningKey, TaskState, TaskStatus } from "./task_pb.js";
 import { file_rexmesh_v1_task } from "./task_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -22,7 +22,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/proxy_link.proto.
  */
 export const file_rexmesh_v1_proxy_link: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEinwIKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkEgwKBHBpbmcYBiABKA0SDAoEcG9uZxgHIAEoDRIlCgZldmVudHMYFCADKAsyFS5yZXhtZXNoLnYxLkhvc3RFdmVudCJpCgpQcm94eUhlbGxvEgwKBG5hbWUYASABKAkSDgoGcmVnaW9uGAIgASgJEhQKDGhlYXJ0YmVhdF9tcxgDIAEoDRInCgVob3N0cxgEIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlIuUBCgxIb3N0UHJlc2VuY2USDwoHaG9zdF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSEQoJY29ubmVjdGVkGAMgASgIEikKBXNpbmNlGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgVmYWN0cxgFIAEoCzIVLnJleG1lc2gudjEuSG9zdEZhY3RzEi0KCnJlcG9ydF9rZXkYBiABKAsyGS5yZXhtZXNoLnYxLkhvc3RSZXBvcnRLZXkSDQoFcHJvb2YYByABKAwSEgoKcHJvb2Zfc2FsdBgIIAEoDCJRCglQcm94eUxvYWQSFwoPY29ubmVjdGVkX2hvc3RzGAEgASgNEhQKDHF1ZXVlZF90YXNrcxgCIAEoDRIVCg1ydW5uaW5nX3Rhc2tzGAMgASgNItEDChNQcm94eVN0cmVhbVJlc3BvbnNlEikKB3dlbGNvbWUYASABKAsyGC5yZXhtZXNoLnYxLlByb3h5V2VsY29tZRIlCgV0YXNrcxgCIAMoCzIWLnJleG1lc2gudjEuU2lnbmVkVGFzaxInCgdjYW5jZWxzGAMgAygLMhYucmV4bWVzaC52MS5DYW5jZWxUYXNrEioKC291dHB1dF9hY2tzGAQgAygLMhUucmV4bWVzaC52MS5PdXRwdXRBY2sSKgoLc3RhdHVzX2Fja3MYBSADKAsyFS5yZXhtZXNoLnYxLlN0YXR1c0FjaxIwCgxzaWduaW5nX2tleXMYBiADKAsyGi5yZXhtZXNoLnYxLlRhc2tTaWduaW5nS2V5Ei0KCWRlbnlfbGlzdBgHIAEoCzIaLnJleG1lc2gudjEuU2lnbmVkRGVueUxpc3QSDgoGcmVwbGF5GAggASgIEgwKBHBpbmcYCSABKA0SDAoEcG9uZxgKIAEoDRIwCghzZXNzaW9ucxgLIAMoCzIeLnJleG1lc2gudjEuU2lnbmVkU2Vzc2lvbk9yZGVyEigKCmV2ZW50X2Fja3MYFCADKAsyFC5yZXhtZXNoLnYxLkV2ZW50QWNrIjwKDFByb3h5V2VsY29tZRIUCgxoZWFydGJlYXRfbXMYASABKA0SFgoOcHJlc2VuY2Vfbm9uY2UYAiABKAwiQAoKQ2FuY2VsVGFzaxIPCgd0YXNrX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEAoId2l0aGRyYXcYAyABKAgiogEKE1Byb3h5U2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRInCgVmcmFtZRgCIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkZyYW1lEiMKA2tleRgDIAEoCzIWLnJleG1lc2gudjEuU2Vzc2lvbktleRIpCgZyZXN1bWUYBCABKAsyGS5yZXhtZXNoLnYxLlNlc3Npb25SZXN1bWUiawoUUHJveHlTZXNzaW9uUmVzcG9uc2USJwoFZnJhbWUYASABKAsyGC5yZXhtZXNoLnYxLlNlc3Npb25GcmFtZRIqCgdyZXN1bWVkGAIgASgLMhkucmV4bWVzaC52MS5TZXNzaW9uUmVzdW1lMr0BChBQcm94eUxpbmtTZXJ2aWNlElIKC1Byb3h5U3RyZWFtEh4ucmV4bWVzaC52MS5Qcm94eVN0cmVhbVJlcXVlc3QaHy5yZXhtZXNoLnYxLlByb3h5U3RyZWFtUmVzcG9uc2UoATABElUKDFByb3h5U2Vzc2lvbhIfLnJleG1lc2gudjEuUHJveHlTZXNzaW9uUmVxdWVzdBogLnJleG1lc2gudjEuUHJveHlTZXNzaW9uUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_timestamp, file_rexmesh_v1_event, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_session, file_rexmesh_v1_task]);
+  fileDesc("ChtyZXhtZXNoL3YxL3Byb3h5X2xpbmsucHJvdG8SCnJleG1lc2gudjEiywIKElByb3h5U3RyZWFtUmVxdWVzdBIlCgVoZWxsbxgBIAEoCzIWLnJleG1lc2gudjEuUHJveHlIZWxsbxInCgVob3N0cxgCIAMoCzIYLnJleG1lc2gudjEuSG9zdFByZXNlbmNlEigKCHN0YXR1c2VzGAMgAygLMhYucmV4bWVzaC52MS5UYXNrU3RhdHVzEicKBm91dHB1dBgEIAMoCzIXLnJleG1lc2gudjEuT3V0cHV0Q2h1bmsSIwoEbG9hZBgFIAEoCzIVLnJleG1lc2gudjEuUHJveHlMb2FkEgwKBHBpbmcYBiABKA0SDAoEcG9uZxgHIAEoDRIlCgZldmVudHMYFCADKAsyFS5yZXhtZXNoLnYxLkhvc3RFdmVudBIqCgtzdGF0dXNfcnVucxgVIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzUnVuItgBCglTdGF0dXNSdW4SJAoFc3RhdGUYASABKA4yFS5yZXhtZXNoLnYxLlRhc2tTdGF0ZRIQCghhdF9wcm94eRgCIAEoCBIWCglleGl0X2NvZGUYAyABKAVIAIgBARIOCgZzaWduYWwYBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIoCgR0aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0YXNrX2lkcxgHIAMoCRIQCghob3N0X2lkcxgIIAMoCUIMCgpfZXhpdF9jb2RlIlgKDFN0YXR1c0Fja1J1bhIkCgVzdGF0ZRgBIAEoDjIVLnJleG1lc2gudjEuVGFza1N0YXRlEhAKCGF0X3Byb3h5GAIgASgIEhAKCHRhc2tfaWRzGAMgAygJInsKClByb3h5SGVsbG8SDAoEbmFtZRgBIAEoCRIOCgZyZWdpb24YAiABKAkSFAoMaGVhcnRiZWF0X21zGAMgASgNEicKBWhvc3RzGAQgAygLMhgucmV4bWVzaC52MS5Ib3N0UHJlc2VuY2USEAoIZmVhdHVyZXMYBSADKAki5QEKDEhvc3RQcmVzZW5jZRIPCgdob3N0X2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIRCgljb25uZWN0ZWQYAyABKAgSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBWZhY3RzGAUgASgLMhUucmV4bWVzaC52MS5Ib3N0RmFjdHMSLQoKcmVwb3J0X2tleRgGIAEoCzIZLnJleG1lc2gudjEuSG9zdFJlcG9ydEtleRINCgVwcm9vZhgHIAEoDBISCgpwcm9vZl9zYWx0GAggASgMIlEKCVByb3h5TG9hZBIXCg9jb25uZWN0ZWRfaG9zdHMYASABKA0SFAoMcXVldWVkX3Rhc2tzGAIgASgNEhUKDXJ1bm5pbmdfdGFza3MYAyABKA0ihAQKE1Byb3h5U3RyZWFtUmVzcG9uc2USKQoHd2VsY29tZRgBIAEoCzIYLnJleG1lc2gudjEuUHJveHlXZWxjb21lEiUKBXRhc2tzGAIgAygLMhYucmV4bWVzaC52MS5TaWduZWRUYXNrEicKB2NhbmNlbHMYAyADKAsyFi5yZXhtZXNoLnYxLkNhbmNlbFRhc2sSKgoLb3V0cHV0X2Fja3MYBCADKAsyFS5yZXhtZXNoLnYxLk91dHB1dEFjaxIqCgtzdGF0dXNfYWNrcxgFIAMoCzIVLnJleG1lc2gudjEuU3RhdHVzQWNrEjAKDHNpZ25pbmdfa2V5cxgGIAMoCzIaLnJleG1lc2gudjEuVGFza1NpZ25pbmdLZXkSLQoJZGVueV9saXN0GAcgASgLMhoucmV4bWVzaC52MS5TaWduZWREZW55TGlzdBIOCgZyZXBsYXkYCCABKAgSDAoEcGluZxgJIAEoDRIMCgRwb25nGAogASgNEjAKCHNlc3Npb25zGAsgAygLMh4ucmV4bWVzaC52MS5TaWduZWRTZXNzaW9uT3JkZXISKAoKZXZlbnRfYWNrcxgUIAMoCzIULnJleG1lc2gudjEuRXZlbnRBY2sSMQoPc3RhdHVzX2Fja19ydW5zGBUgAygLMhgucmV4bWVzaC52MS5TdGF0dXNBY2tSdW4iTgoMUHJveHlXZWxjb21lEhQKDGhlYXJ0YmVhdF9tcxgBIAEoDRIWCg5wcmVzZW5jZV9ub25jZRgCIAEoDBIQCghmZWF0dXJlcxgDIAMoCSJACgpDYW5jZWxUYXNrEg8KB3Rhc2tfaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIQCgh3aXRoZHJhdxgDIAEoCCKiAQoTUHJveHlTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEicKBWZyYW1lGAIgASgLMhgucmV4bWVzaC52MS5TZXNzaW9uRnJhbWUSIwoDa2V5GAMgASgLMhYucmV4bWVzaC52MS5TZXNzaW9uS2V5EikKBnJlc3VtZRgEIAEoCzIZLnJleG1lc2gudjEuU2Vzc2lvblJlc3VtZSJrChRQcm94eVNlc3Npb25SZXNwb25zZRInCgVmcmFtZRgBIAEoCzIYLnJleG1lc2gudjEuU2Vzc2lvbkZyYW1lEioKB3Jlc3VtZWQYAiABKAsyGS5yZXhtZXNoLnYxLlNlc3Npb25SZXN1bWUyvQEKEFByb3h5TGlua1NlcnZpY2USUgoLUHJveHlTdHJlYW0SHi5yZXhtZXNoLnYxLlByb3h5U3RyZWFtUmVxdWVzdBofLnJleG1lc2gudjEuUHJveHlTdHJlYW1SZXNwb25zZSgBMAESVQoMUHJveHlTZXNzaW9uEh8ucmV4bWVzaC52MS5Qcm94eVNlc3Npb25SZXF1ZXN0GiAucmV4bWVzaC52MS5Qcm94eVNlc3Npb25SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_rexmesh_v1_event, file_rexmesh_v1_host, file_rexmesh_v1_revocation, file_rexmesh_v1_session, file_rexmesh_v1_task]);
 
 /**
  * Proxy to controller.
@@ -79,6 +79,17 @@ export type ProxyStreamRequest = Message<"rexmesh.v1.ProxyStreamRequest"> & {
    * @generated from field: repeated rexmesh.v1.HostEvent events = 20;
    */
   events: HostEvent[];
+
+  /**
+   * Statuses that say no more than a state, in runs (a compact form of
+   * `statuses` for fleet-wide jobs, docs/fan-out.md). Sent only to a
+   * controller whose welcome lists the feature "status-runs". The receiver
+   * applies the runs in order, then `statuses`; a sender keeps each task's
+   * statuses in the order it got them across both.
+   *
+   * @generated from field: repeated rexmesh.v1.StatusRun status_runs = 21;
+   */
+  statusRuns: StatusRun[];
 };
 
 /**
@@ -87,6 +98,98 @@ export type ProxyStreamRequest = Message<"rexmesh.v1.ProxyStreamRequest"> & {
  */
 export const ProxyStreamRequestSchema: GenMessage<ProxyStreamRequest> = /*@__PURE__*/
   messageDesc(file_rexmesh_v1_proxy_link, 0);
+
+/**
+ * Statuses of many tasks that went to the same state with the same exit
+ * code, signal and message, from the same source (the host, or the proxy's
+ * own copy): each means exactly the TaskStatus with those fields, its task
+ * and host id, and nothing else set.
+ *
+ * @generated from message rexmesh.v1.StatusRun
+ */
+export type StatusRun = Message<"rexmesh.v1.StatusRun"> & {
+  /**
+   * @generated from field: rexmesh.v1.TaskState state = 1;
+   */
+  state: TaskState;
+
+  /**
+   * @generated from field: bool at_proxy = 2;
+   */
+  atProxy: boolean;
+
+  /**
+   * @generated from field: optional int32 exit_code = 3;
+   */
+  exitCode?: number | undefined;
+
+  /**
+   * @generated from field: string signal = 4;
+   */
+  signal: string;
+
+  /**
+   * @generated from field: string message = 5;
+   */
+  message: string;
+
+  /**
+   * When the earliest of them happened.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 6;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * @generated from field: repeated string task_ids = 7;
+   */
+  taskIds: string[];
+
+  /**
+   * The host of each task, in the same order; a run whose lists differ in
+   * length is refused whole.
+   *
+   * @generated from field: repeated string host_ids = 8;
+   */
+  hostIds: string[];
+};
+
+/**
+ * Describes the message rexmesh.v1.StatusRun.
+ * Use `create(StatusRunSchema)` to create a new message.
+ */
+export const StatusRunSchema: GenMessage<StatusRun> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_proxy_link, 1);
+
+/**
+ * Acknowledges, for each task named, its status of this state from this
+ * source: the same as one StatusAck per task.
+ *
+ * @generated from message rexmesh.v1.StatusAckRun
+ */
+export type StatusAckRun = Message<"rexmesh.v1.StatusAckRun"> & {
+  /**
+   * @generated from field: rexmesh.v1.TaskState state = 1;
+   */
+  state: TaskState;
+
+  /**
+   * @generated from field: bool at_proxy = 2;
+   */
+  atProxy: boolean;
+
+  /**
+   * @generated from field: repeated string task_ids = 3;
+   */
+  taskIds: string[];
+};
+
+/**
+ * Describes the message rexmesh.v1.StatusAckRun.
+ * Use `create(StatusAckRunSchema)` to create a new message.
+ */
+export const StatusAckRunSchema: GenMessage<StatusAckRun> = /*@__PURE__*/
+  messageDesc(file_rexmesh_v1_proxy_link, 2);
 
 /**
  * @generated from message rexmesh.v1.ProxyHello
@@ -115,6 +218,14 @@ export type ProxyHello = Message<"rexmesh.v1.ProxyHello"> & {
    * @generated from field: repeated rexmesh.v1.HostPresence hosts = 4;
    */
   hosts: HostPresence[];
+
+  /**
+   * What this proxy understands beyond the first release: "status-runs"
+   * (it takes StatusAckRun).
+   *
+   * @generated from field: repeated string features = 5;
+   */
+  features: string[];
 };
 
 /**
@@ -122,7 +233,7 @@ export type ProxyHello = Message<"rexmesh.v1.ProxyHello"> & {
  * Use `create(ProxyHelloSchema)` to create a new message.
  */
 export const ProxyHelloSchema: GenMessage<ProxyHello> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 1);
+  messageDesc(file_rexmesh_v1_proxy_link, 3);
 
 /**
  * A host's stream opened or closed at a proxy.
@@ -182,7 +293,7 @@ export type HostPresence = Message<"rexmesh.v1.HostPresence"> & {
  * Use `create(HostPresenceSchema)` to create a new message.
  */
 export const HostPresenceSchema: GenMessage<HostPresence> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 2);
+  messageDesc(file_rexmesh_v1_proxy_link, 4);
 
 /**
  * @generated from message rexmesh.v1.ProxyLoad
@@ -209,7 +320,7 @@ export type ProxyLoad = Message<"rexmesh.v1.ProxyLoad"> & {
  * Use `create(ProxyLoadSchema)` to create a new message.
  */
 export const ProxyLoadSchema: GenMessage<ProxyLoad> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 3);
+  messageDesc(file_rexmesh_v1_proxy_link, 5);
 
 /**
  * Controller to proxy.
@@ -296,6 +407,14 @@ export type ProxyStreamResponse = Message<"rexmesh.v1.ProxyStreamResponse"> & {
    * @generated from field: repeated rexmesh.v1.EventAck event_acks = 20;
    */
   eventAcks: EventAck[];
+
+  /**
+   * Status acknowledgements in runs; sent only to a proxy whose hello lists
+   * "status-runs". Applied before `status_acks`.
+   *
+   * @generated from field: repeated rexmesh.v1.StatusAckRun status_ack_runs = 21;
+   */
+  statusAckRuns: StatusAckRun[];
 };
 
 /**
@@ -303,7 +422,7 @@ export type ProxyStreamResponse = Message<"rexmesh.v1.ProxyStreamResponse"> & {
  * Use `create(ProxyStreamResponseSchema)` to create a new message.
  */
 export const ProxyStreamResponseSchema: GenMessage<ProxyStreamResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 4);
+  messageDesc(file_rexmesh_v1_proxy_link, 6);
 
 /**
  * @generated from message rexmesh.v1.ProxyWelcome
@@ -321,6 +440,14 @@ export type ProxyWelcome = Message<"rexmesh.v1.ProxyWelcome"> & {
    * @generated from field: bytes presence_nonce = 2;
    */
   presenceNonce: Uint8Array;
+
+  /**
+   * What this controller understands beyond the first release:
+   * "status-runs" (it takes ProxyStreamRequest.status_runs).
+   *
+   * @generated from field: repeated string features = 3;
+   */
+  features: string[];
 };
 
 /**
@@ -328,7 +455,7 @@ export type ProxyWelcome = Message<"rexmesh.v1.ProxyWelcome"> & {
  * Use `create(ProxyWelcomeSchema)` to create a new message.
  */
 export const ProxyWelcomeSchema: GenMessage<ProxyWelcome> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 5);
+  messageDesc(file_rexmesh_v1_proxy_link, 7);
 
 /**
  * @generated from message rexmesh.v1.CancelTask
@@ -359,7 +486,7 @@ export type CancelTask = Message<"rexmesh.v1.CancelTask"> & {
  * Use `create(CancelTaskSchema)` to create a new message.
  */
 export const CancelTaskSchema: GenMessage<CancelTask> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 6);
+  messageDesc(file_rexmesh_v1_proxy_link, 8);
 
 /**
  * @generated from message rexmesh.v1.ProxySessionRequest
@@ -399,7 +526,7 @@ export type ProxySessionRequest = Message<"rexmesh.v1.ProxySessionRequest"> & {
  * Use `create(ProxySessionRequestSchema)` to create a new message.
  */
 export const ProxySessionRequestSchema: GenMessage<ProxySessionRequest> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 7);
+  messageDesc(file_rexmesh_v1_proxy_link, 9);
 
 /**
  * @generated from message rexmesh.v1.ProxySessionResponse
@@ -423,7 +550,7 @@ export type ProxySessionResponse = Message<"rexmesh.v1.ProxySessionResponse"> & 
  * Use `create(ProxySessionResponseSchema)` to create a new message.
  */
 export const ProxySessionResponseSchema: GenMessage<ProxySessionResponse> = /*@__PURE__*/
-  messageDesc(file_rexmesh_v1_proxy_link, 8);
+  messageDesc(file_rexmesh_v1_proxy_link, 10);
 
 /**
  * ProxyLink joins a regional proxy to the controller. The proxy dials out
