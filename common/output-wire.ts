@@ -18,7 +18,7 @@ import { OutputChunkSchema, type OutputChunk } from "../gen/rexmesh/v1/task_pb.j
 
 const MAX_SEQ = BigInt(Number.MAX_SAFE_INTEGER);
 
-function varintSize(n: number): number {
+export function varintSize(n: number): number {
   let size = 1;
   while (n >= 0x80) {
     n = Math.floor(n / 0x80);
@@ -27,7 +27,7 @@ function varintSize(n: number): number {
   return size;
 }
 
-function writeVarint(buf: Uint8Array, off: number, n: number): number {
+export function writeVarint(buf: Uint8Array, off: number, n: number): number {
   while (n >= 0x80) {
     buf[off++] = (n % 0x80) | 0x80;
     n = Math.floor(n / 0x80);

@@ -9,6 +9,7 @@ import { SessionOrderSchema, SignedSessionOrderSchema, type SessionOrder, type S
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { Clock } from "./clock.js";
 import { buildTree, leafHash, proofOf, rootFromProof, rootOf, SALT_BYTES } from "./merkle.js";
+import { varintSize, writeVarint } from "./output-wire.js";
 
 /** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
 function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {
@@ -82,6 +83,8 @@ export class TaskSigner {
     });
   }
 
+  private readonly specs = new SpecEncoder();
+
   /** Tasks made by {@link prepare} that {@link seal} still has to sign, and whether each may share a batch signature. */
   private readonly unsealed = new WeakMap<SignedTask, boolean>();
 
@@ -93,7 +96,7 @@ export class TaskSigner {
    * none (see isPingOnly).
    */
   prepare(spec: TaskSpec, batch = true): SignedTask {
-    const task = create(SignedTaskSchema, { spec: toBinary(TaskSpecSchema, spec) });
+    const task = create(SignedTaskSchema, { spec: this.specs.encode(spec) });
     if (!isPingOnly(spec)) this.unsealed.set(task, batch);
     return task;
   }
@@ -148,6 +151,68 @@ export class TaskSigner {
     const bytes = toBinary(SessionOrderSchema, order);
     return create(SignedSessionOrderSchema, { order: bytes, signature: sign(null, signedBytes(SESSION_ORDER_PREFIX, bytes), this.privateKey), keyId: this.key.keyId });
   }
+}
+
+/**
+ * Encodes task specs for signing, the part every task of a job shares once:
+ * a spec's bytes are its task_id and host_id fields, then everything else
+ * (the job's part, encoded as protobuf-es would with both ids empty). Field
+ * order does not matter to a protobuf decoder, and what is signed is these
+ * bytes, whatever their order, so a daemon sees an ordinary task. The job's
+ * part is kept for the next spec: the tasks of a job are sent one after the
+ * other, and re-encoding their steps per host was most of the controller's
+ * cost of sending a task.
+ */
+export class SpecEncoder {
+  private last: { spec: TaskSpec; bytes: Uint8Array } | undefined;
+
+  encode(spec: TaskSpec): Buffer {
+    let common = this.last && sameJobPart(this.last.spec, spec) ? this.last.bytes : undefined;
+    if (!common) {
+      common = toBinary(TaskSpecSchema, { ...spec, taskId: "", hostId: "" });
+      this.last = { spec, bytes: common };
+    }
+    const id = Buffer.byteLength(spec.taskId);
+    const host = Buffer.byteLength(spec.hostId);
+    const head = (n: number) => (n > 0 ? 1 + varintSize(n) + n : 0);
+    const out = Buffer.allocUnsafe(head(id) + head(host) + common.length);
+    let off = 0;
+    if (id > 0) {
+      out[off++] = 0x0a; // field 1 (task_id), length-delimited
+      off = writeVarint(out, off, id);
+      off += out.write(spec.taskId, off, "utf8");
+    }
+    if (host > 0) {
+      out[off++] = 0x22; // field 4 (host_id), length-delimited
+      off = writeVarint(out, off, host);
+      off += out.write(spec.hostId, off, "utf8");
+    }
+    out.set(common, off);
+    return out;
+  }
+}
+
+const sameDuration = (a: TaskSpec["timeout"], b: TaskSpec["timeout"]) => a === b || (a !== undefined && b !== undefined && a.seconds === b.seconds && a.nanos === b.nanos);
+const sameTimestamp = (a: TaskSpec["deliverBy"], b: TaskSpec["deliverBy"]) => a === b || (a !== undefined && b !== undefined && a.seconds === b.seconds && a.nanos === b.nanos);
+
+/** Do two specs share everything but their task and host ids? Steps and env by identity (a job's are the same objects for each of its tasks). */
+function sameJobPart(a: TaskSpec, b: TaskSpec): boolean {
+  return (
+    a.jobId === b.jobId &&
+    a.tenant === b.tenant &&
+    a.steps.length === b.steps.length &&
+    a.steps.every((s, i) => s === b.steps[i]) &&
+    a.env === b.env &&
+    a.workingDir === b.workingDir &&
+    a.stdin === b.stdin &&
+    sameDuration(a.timeout, b.timeout) &&
+    sameTimestamp(a.deliverBy, b.deliverBy) &&
+    a.idempotent === b.idempotent &&
+    a.outputLimitBytes === b.outputLimitBytes &&
+    sameTimestamp(a.createdAt, b.createdAt) &&
+    !a.$unknown?.length &&
+    !b.$unknown?.length
+  );
 }
 
 /** Decodes a session order without trusting it: for routing at a proxy. */

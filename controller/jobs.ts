@@ -429,13 +429,22 @@ export class JobManager implements RoleCore {
     return this.store.taskSteps(task.id)?.shown;
   }
 
+  /** The spec of the job last asked for, with neither task nor host: its tasks are sent one after the other. */
+  private lastJobSpec: { job: JobRecord; spec: TaskSpec } | undefined;
+
   taskSpec(job: JobRecord, task: TaskRecord): TaskSpec {
+    if (this.lastJobSpec?.job !== job) this.lastJobSpec = { job, spec: this.jobSpec(job) };
+    // A copy per task that shares the job's parts (steps, env): the signer encodes those once per job.
+    const spec: TaskSpec = { ...this.lastJobSpec.spec, taskId: task.id, hostId: task.hostId };
+    if (job.document) spec.steps = this.store.taskSteps(task.id)?.run ?? [];
+    return spec;
+  }
+
+  private jobSpec(job: JobRecord): TaskSpec {
     return create(TaskSpecSchema, {
-      taskId: task.id,
       jobId: job.id,
       tenant: job.tenant,
-      hostId: task.hostId,
-      steps: job.document ? (this.store.taskSteps(task.id)?.run ?? []) : job.steps,
+      steps: job.document ? [] : job.steps,
       env: job.env,
       workingDir: job.workingDir,
       stdin: job.stdin,

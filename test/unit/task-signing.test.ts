@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ManualClock } from "../../common/clock.js";
 import { leafHash } from "../../common/merkle.js";
-import { checksBatches, TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
+import { checksBatches, SpecEncoder, TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
 import { HostFactsSchema } from "../../gen/rexmesh/v1/host_pb.js";
 import { TaskVerifier as TaskVerifierV1 } from "./fixtures/task-signing-v1.js";
 import { SignedTaskSchema, StepSchema, TaskBatchProofSchema, TaskSpecSchema } from "../../gen/rexmesh/v1/task_pb.js";
@@ -173,3 +173,53 @@ describe("batch signatures (one signature over a frame's tasks, a hash-tree proo
 });
 
 const peekId = (t: { spec: Uint8Array }) => fromBinary(TaskSpecSchema, t.spec).taskId;
+
+describe("SpecEncoder (a job's part of its tasks' specs encoded once)", () => {
+  it("gives bytes that decode to exactly the spec, for tasks of one job, of jobs in turn, and after a change of any shared field", () => {
+    const enc = new SpecEncoder();
+    const steps = [create(StepSchema, { tool: { case: "exec", value: { argv: ["echo", "héllo"] } } })];
+    const env = { A: "1" };
+    const base = { jobId: "j1", tenant: "acme", steps, env, workingDir: "/tmp", stdin: new Uint8Array([1, 2]), timeout: { seconds: 5n, nanos: 0 }, deliverBy: { seconds: 99n, nanos: 1 }, idempotent: true, outputLimitBytes: 7n, createdAt: { seconds: 1n, nanos: 2 } };
+    const variants: Partial<typeof base>[] = [
+      {},
+      { jobId: "j2" },
+      { tenant: "other" },
+      { steps: [create(StepSchema, { tool: { case: "exec", value: { argv: ["rm", "-rf", "/"] } } })] },
+      { env: { A: "2" } },
+      { workingDir: "/" },
+      { stdin: new Uint8Array([3]) },
+      { timeout: { seconds: 6n, nanos: 0 } },
+      { deliverBy: { seconds: 99n, nanos: 2 } },
+      { idempotent: false },
+      { outputLimitBytes: 8n },
+      { createdAt: { seconds: 1n, nanos: 3 } },
+    ];
+    let n = 0;
+    for (const v of variants) {
+      for (const host of ["h1", "hôte-2", ""]) {
+        const spec = create(TaskSpecSchema, { ...base, ...v, taskId: `t${n++}`, hostId: host });
+        const bytes = enc.encode(spec);
+        // (a Buffer decodes its bytes fields as Buffers: compared as a daemon reads them, from a plain array)
+        expect(fromBinary(TaskSpecSchema, new Uint8Array(bytes))).toEqual(fromBinary(TaskSpecSchema, toBinary(TaskSpecSchema, spec)));
+      }
+    }
+  });
+
+  it("compares every field a spec has besides its ids (a new field must be added to its check)", () => {
+    // sameJobPart in common/task-signing.ts lists these; a field it does not compare would let one job's part be sent with another's.
+    expect(TaskSpecSchema.fields.map((f) => f.name)).toEqual(["task_id", "job_id", "tenant", "host_id", "steps", "env", "working_dir", "stdin", "timeout", "deliver_by", "idempotent", "output_limit_bytes", "created_at"]);
+  });
+
+  it("signs the bytes it encoded: a batch of a job's tasks verifies at each host, and a spec altered in its shared part does not", () => {
+    const { signer, caPem } = testSigning();
+    const verifier = new TaskVerifier(caPem, clock);
+    verifier.addKeys([signer.key]);
+    const job = taskSpec("t0", "h0", { deliverByMs: clock.now() + 60_000 });
+    const specs = ["h1", "h2", "h3"].map((h, i) => create(TaskSpecSchema, { ...job, taskId: `t${i + 1}`, hostId: h }));
+    const tasks = signer.signAll(specs);
+    for (const [i, t] of tasks.entries()) expect(verifier.verify(t)).toEqual(fromBinary(TaskSpecSchema, toBinary(TaskSpecSchema, specs[i]!)));
+    const forged = create(SignedTaskSchema, { ...tasks[1]!, spec: new Uint8Array(tasks[1]!.spec) });
+    forged.spec[forged.spec.length - 1]! ^= 1;
+    expect(() => verifier.verify(forged)).toThrow(TaskRejected);
+  });
+});
