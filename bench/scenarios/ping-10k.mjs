@@ -5,6 +5,21 @@ import { withSimMesh } from "../sim/mesh.mjs";
 import { pingRuns } from "../sim/ping.mjs";
 
 const TARGET_MS = 1500;
+/** Issue 15's targets: ping ≤ 1.0× NATS request/reply, connect ≤ 1.5× NATS connecting, CPU per host per job. */
+const TARGETS = { pingVsNats: 1.0, connectVsNats: 1.5, controllerUsPerHost: 15, proxiesUsPerHost: 50 };
+
+/** The issue-15 figures of a result: ratios to NATS in the same run, and CPU per host (the proxies summed). */
+export function fanoutFigures(r) {
+  const cpu = r.cpuUsPerHostP50 ?? {};
+  const proxies = Object.entries(cpu).filter(([k]) => k.startsWith("proxy")).reduce((a, [, v]) => a + v, 0);
+  const nats = r.nats?.available ? r.nats : undefined;
+  return {
+    pingVsNats: nats ? +(r.lastReplyMsP50 / nats.medianMs).toFixed(2) : undefined,
+    connectVsNats: nats?.connectMs ? +(r.connectMs / nats.connectMs).toFixed(2) : undefined,
+    controllerUsPerHost: cpu.controller,
+    proxiesUsPerHost: proxies || undefined,
+  };
+}
 
 async function natsBaseline(subscribers, runs) {
   try {
@@ -36,12 +51,25 @@ export default {
     log(`nats baseline (${n} subscribers)`);
     result.nats = await natsBaseline(n, runs);
     result.notes += natsNote(result.nats, n);
+    result.issue15 = fanoutFigures(result);
+    const f = result.issue15;
+    result.notes +=
+      `\n\nIssue 15 targets, this run: ping ${f.pingVsNats ?? "?"}× NATS (target ≤ ${TARGETS.pingVsNats}×), connect ${f.connectVsNats ?? "?"}× NATS (≤ ${TARGETS.connectVsNats}×), ` +
+      `controller ${f.controllerUsPerHost ?? "?"} µs CPU per host (≤ ${TARGETS.controllerUsPerHost}), proxies together ${f.proxiesUsPerHost ?? "?"} µs (≤ ${TARGETS.proxiesUsPerHost}). docs/fan-out.md gives the profile and floor of each.`;
     return result;
   },
   verdict: (r) => ({
     figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies)` + (r.nats?.available ? `; NATS p50 ${r.nats.medianMs} ms` : r.nats?.skipped ? `; NATS skipped` : "") +
+      (r.issue15 ? `; ${r.issue15.pingVsNats ?? "?"}× NATS, connect ${r.issue15.connectVsNats ?? "?"}× NATS, CPU per host: controller ${r.issue15.controllerUsPerHost} µs, proxies ${r.issue15.proxiesUsPerHost} µs` : "") +
       (r.signed ? `; signed \`true\` p50 ${r.signed.lastReplyMsP50} ms, controller ${r.signed.cpuUsPerHostP50.controller} µs/host` : ""),
-    met: r.hosts >= 10_000 && r.lastReplyMsP50 <= TARGET_MS,
+    met:
+      r.hosts >= 10_000 &&
+      r.lastReplyMsP50 <= TARGET_MS &&
+      (r.issue15 === undefined ||
+        ((r.issue15.pingVsNats ?? Infinity) <= TARGETS.pingVsNats &&
+          (r.issue15.connectVsNats ?? Infinity) <= TARGETS.connectVsNats &&
+          r.issue15.controllerUsPerHost <= TARGETS.controllerUsPerHost &&
+          r.issue15.proxiesUsPerHost <= TARGETS.proxiesUsPerHost)),
   }),
   plot: (r) => ({
     title: `ping ${r.hosts} hosts: submit → last reply`,

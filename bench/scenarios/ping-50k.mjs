@@ -4,11 +4,13 @@ import { withSimMesh } from "../sim/mesh.mjs";
 import { pingRuns } from "../sim/ping.mjs";
 
 const TARGET_MS = 5000;
+/** Issue 15: connecting 50,000 hosts from cold within a minute. */
+const CONNECT_TARGET_MS = 60_000;
 
 export default {
   name: "ping-50k",
   title: "ping 50,000 simulated daemons through 3+ proxies",
-  target: `last reply ≤ ${TARGET_MS / 1000} s`,
+  target: `last reply ≤ ${TARGET_MS / 1000} s; all connected ≤ ${CONNECT_TARGET_MS / 1000} s`,
   async run() {
     const n = opt("hosts", 50_000);
     const nProxies = Math.max(1, opt("proxies", 3));
@@ -30,8 +32,8 @@ export default {
     return result;
   },
   verdict: (r) => ({
-    figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies)`,
-    met: r.hosts >= 50_000 && r.lastReplyMsP50 <= TARGET_MS,
+    figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies); connected in ${r.connectMs} ms; CPU per host: ${JSON.stringify(r.cpuUsPerHostP50 ?? {})} µs`,
+    met: r.hosts >= 50_000 && r.lastReplyMsP50 <= TARGET_MS && r.connectMs <= CONNECT_TARGET_MS,
   }),
   plot: (r) => ({
     title: `ping ${r.hosts} hosts through ${r.proxies} proxies: submit → last reply`,

@@ -98,6 +98,7 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
     connectCpuUsPerHost,
     runs: out,
     lastReplyMsP50: median(ms),
+    cpuUsPerHostP50: (out.find((x) => x.ms === median(ms)) ?? out[0])?.cpuUsPerHost,
     lastReplyMsBest: Math.min(...ms),
     allSucceeded: out.every((x) => x.succeeded === hosts),
     simulator: st.map((s) => ({ hosts: s.hosts, rssMiB: Math.round(s.rss / 2 ** 20), cpuMs: s.cpuMs, failures: s.failures, firstError: s.firstError, unreadableCerts: s.unreadableCerts, contextErrors: s.contextErrors })),
