@@ -28,6 +28,24 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
 };
 
+/**
+ * An idle host link carries an application frame (the link heartbeat) only
+ * every this many heartbeat intervals. Whether the peer is alive is asked
+ * every interval with an HTTP/2 PING instead, which the peer's nghttp2
+ * answers without a frame reaching JavaScript (docs/fan-out.md, "Idle
+ * links"); the application heartbeat stays as a backstop.
+ */
+export const IDLE_FRAME_INTERVALS = 6;
+
+/**
+ * HTTP/2 keepalive every `ms`: a PING, and the connection dropped when its
+ * answer has not come within two more intervals (the time the link
+ * heartbeat took to declare a silent peer dead: three intervals).
+ */
+export function keepaliveOptions(ms: number): grpc.ChannelOptions {
+  return { "grpc.keepalive_time_ms": ms, "grpc.keepalive_timeout_ms": 2 * ms, "grpc.keepalive_permit_without_calls": 1 };
+}
+
 function pathOf(method: { parent: { typeName: string }; name: string }): string {
   return `/${method.parent.typeName}/${method.name}`;
 }
@@ -149,9 +167,12 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   extend?: (server: grpc.Server) => void;
   /** Times the arrival of unary requests (LIMITS.requestArrivalMs); the system clock by default. */
   clock?: Clock;
+  /** Asks every client connection whether it is alive this often (keepaliveOptions); absent: never. */
+  keepaliveMs?: number;
 }): GrpcLinkServer {
   const server = new grpc.Server({
     ...CHANNEL_OPTIONS,
+    ...(opts.keepaliveMs ? keepaliveOptions(opts.keepaliveMs) : {}),
     "grpc.max_concurrent_streams": 4,
     interceptors: [boundUnaryArrival(LIMITS.requestArrivalMs, opts.clock ?? systemClock)],
   });
@@ -336,6 +357,8 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
   creds: Credentials,
   serverRoles: readonly Role[],
   method: Method<I, O>,
+  /** Asks the server whether it is alive this often (keepaliveOptions); absent: never. */
+  keepaliveMs?: number,
 ): FrameLink<MessageShape<I>, MessageShape<O>> {
   const tls = clientTlsOptions(creds, serverRoles);
   // The server's identity, as its certificate names it, once the handshake accepted it.
@@ -347,7 +370,7 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
       return err;
     },
   });
-  const client = new grpc.Client(address, credentials, CHANNEL_OPTIONS);
+  const client = new grpc.Client(address, credentials, keepaliveMs ? { ...CHANNEL_OPTIONS, ...keepaliveOptions(keepaliveMs) } : CHANNEL_OPTIONS);
   const call = client.makeBidiStreamRequest(
     pathOf(method),
     serializer(method.input),

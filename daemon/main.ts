@@ -10,7 +10,7 @@ import { timeOrderedIds } from "../common/ids.js";
 import { readWatchFile, Watchers } from "./watchers.js";
 import { systemClock, type Clock } from "../common/clock.js";
 import type { Resolved, Schema } from "../common/config.js";
-import { openGrpcLink } from "../common/grpc-link.js";
+import { IDLE_FRAME_INTERVALS, openGrpcLink } from "../common/grpc-link.js";
 import { ConfigError } from "../common/errors.js";
 import type { Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
@@ -85,8 +85,8 @@ function identityPaths(config: DaemonConfig): CredentialPaths[] {
  * here). The credentials are read at every dial, so a renewed certificate is
  * used from the next connection on.
  */
-function grpcDialer(paths: CredentialPaths): Dialer {
-  return async (address) => openGrpcLink(address, readCredentials(paths), ["proxy"], AgentLinkService.method.agentStream);
+function grpcDialer(paths: CredentialPaths, keepaliveMs: number): Dialer {
+  return async (address) => openGrpcLink(address, readCredentials(paths), ["proxy"], AgentLinkService.method.agentStream, keepaliveMs);
 }
 
 /** Starts one agent per host identity this process serves. */
@@ -160,7 +160,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       hostId: me.id,
       tenant: me.scope,
       proxies: config.proxies!,
-      dial: grpcDialer(paths),
+      // The proxy is asked whether it is alive every heartbeat (an HTTP/2 PING); an idle link carries a frame only every IDLE_FRAME_INTERVALS.
+      dial: grpcDialer(paths, config.heartbeat),
       executor,
       ledger: new LmdbLedger(ledgers, me.id),
       verifier,
@@ -170,7 +171,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       clock,
       log: log.child({ host: me.id }),
       capacity: config.capacity,
-      heartbeatMs: config.heartbeat,
+      heartbeatMs: config.heartbeat * IDLE_FRAME_INTERVALS,
       ...(roundTrip ? { linkRoundTrip: (s: number) => roundTrip.observe({ peer: "proxy" }, s) } : {}),
       maxUnackedOutputBytes: config.maxUnackedOutput,
       killGraceMs: config.killGrace,

@@ -25,8 +25,12 @@
 //                  anything else: REJECTED "the host simulator runs only ping and true"
 //   ← status acks: the status leaves the outbox; unacknowledged statuses are
 //                  sent again after a reconnect, as the daemon does.
-//   ↔ heartbeats: an empty frame when nothing was sent for heartbeat_ms; the
-//                  stream is dropped after 3 intervals without a frame.
+//   ↔ heartbeats: an HTTP/2 PING every heartbeat (the daemon's grpc-js
+//                  keepalive; the connection is dropped when one is not
+//                  answered within 2 more intervals), and an empty frame when
+//                  nothing was sent for IDLE_FRAME_INTERVALS heartbeats (the
+//                  hello's heartbeat_ms); the stream is dropped after 3 of
+//                  those without a frame.
 // Simplifications (documented in the results): one verifier per simulator
 // process (a batch's signature is checked once per process, not once per
 // host: each host still checks its own proof), cancels are ignored, nothing
@@ -51,6 +55,8 @@ import { HostFactsSchema } from "../../dist/gen/rexmesh/v1/host_pb.js";
 import { issueCertificate } from "../../dist/certs/ca.js";
 import { HostReporter, OutputDigest } from "../../dist/common/host-signing.js";
 import { TaskRejected, TaskVerifier } from "../../dist/common/task-signing.js";
+
+import { IDLE_FRAME_INTERVALS } from "../../dist/common/grpc-link.js";
 
 const METHOD_PATH = "/rexmesh.v1.AgentLinkService/AgentStream";
 const EMPTY_FRAME = Buffer.from([0, 0, 0, 0, 0]);
@@ -150,7 +156,7 @@ class SimHost {
     const frame = create(AgentStreamRequestSchema, {
       hello: {
         hostId: this.id,
-        heartbeatMs: cfg.heartbeatMs,
+        heartbeatMs: cfg.heartbeatMs * IDLE_FRAME_INTERVALS,
         reportKey: this.reporter.key,
         facts: create(HostFactsSchema, {
           os: "linux", osFamily: "debian", arch: "x86_64", kernel: "6.1.0-sim", hostname: this.id,
@@ -240,6 +246,7 @@ class SimHost {
     this.session = undefined;
     this.stream = undefined;
     this.linkUp = false;
+    this.pingSentAt = undefined;
     if (this.connected) {
       this.connected = false;
       stats.connected--;
@@ -338,13 +345,29 @@ class SimHost {
 
 function heartbeatSweep() {
   const now = Date.now();
+  const idleFrameMs = cfg.heartbeatMs * IDLE_FRAME_INTERVALS;
   for (const h of hosts) {
     if (!h.session || !h.linkUp) continue;
-    if (now - h.lastRecv > cfg.heartbeatMs * 3) {
+    if (now - h.lastRecv > idleFrameMs * 3) {
       h.drop("proxy heartbeat lost");
       continue;
     }
-    if (now - h.lastSent >= cfg.heartbeatMs) h.send(EMPTY_FRAME);
+    if (h.pingSentAt !== undefined && now - h.pingSentAt > cfg.heartbeatMs * 2) {
+      h.drop("keepalive timeout");
+      continue;
+    }
+    if (h.pingSentAt === undefined && now - (h.lastPingAt ?? 0) >= cfg.heartbeatMs) {
+      const session = h.session;
+      h.pingSentAt = h.lastPingAt = now;
+      try {
+        session.ping((err) => {
+          if (!err && h.session === session) h.pingSentAt = undefined;
+        });
+      } catch {
+        h.pingSentAt = undefined;
+      }
+    }
+    if (now - h.lastSent >= idleFrameMs) h.send(EMPTY_FRAME);
   }
 }
 
