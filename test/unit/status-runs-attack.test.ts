@@ -16,10 +16,12 @@ import { ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResp
 import { SignedDenyListSchema } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { TaskState, TaskStatusSchema } from "../../gen/rexmesh/v1/task_pb.js";
 import { StatusRunBuilder, statusesOfRuns } from "../../common/status-runs.js";
-import { counterIds, FakeLink, flush, operator, submitRequest, testSigning } from "./support.js";
+import { counterIds, FakeLink, flush, operator, submitRequest, taskSpec, testSigning } from "./support.js";
+import { proxyHarness, upStatuses } from "./proxy-harness.js";
+import { MemoryProxyStore } from "../../proxy/store.js";
 
 /** A real controller link handler with n hosts held by proxy px1 (presence on its word: no host keys). */
-async function controllerWithHosts(n: number) {
+async function controllerWithHosts(n: number, features = ["status-runs"]) {
   const clock = new ManualClock();
   const inventory = new Inventory();
   const store = new MemoryJobStore();
@@ -29,7 +31,7 @@ async function controllerWithHosts(n: number) {
   const link = new FakeLink<ProxyStreamResponse, ProxyStreamRequest>();
   const served = serveProxyLink({ jobs, inventory, clock, log: silentLogger, heartbeatMs: 10_000, signer: testSigning().signer, revocations }, link, { role: "proxy", scope: "eu", id: "px1" }).catch((e: unknown) => e);
   const hostIds = Array.from({ length: n }, (_, i) => `h${i}`);
-  link.deliver(create(ProxyStreamRequestSchema, { hello: { name: "px1", region: "eu", heartbeatMs: 10_000, features: ["status-runs"], hosts: hostIds.map((hostId) => ({ hostId, tenant: "acme", connected: true })) } }));
+  link.deliver(create(ProxyStreamRequestSchema, { hello: { name: "px1", region: "eu", heartbeatMs: 10_000, features, hosts: hostIds.map((hostId) => ({ hostId, tenant: "acme", connected: true })) } }));
   await flush();
   const job = await jobs.submit(operator("acme"), submitRequest({ hostIds }));
   await flush();
@@ -86,4 +88,46 @@ describe("status runs: an honest proxy's runs are never refused", () => {
     expect(b.statuses.length).toBeGreaterThan(0);
     for (let i = 0; i < 40; i++) expect(out.filter((s) => s.taskId === `t${i}`).map((s) => TaskState[s.state])).toEqual(["FAILED", "CANCELLED"]);
   });
+});
+
+describe("status runs between releases", () => {
+  const statusesOf = (f: ProxyStreamRequest) => f.statuses.length;
+  for (const [who, features, runs] of [
+    ["an older controller (no feature in its welcome)", [] as string[], false],
+    ["a controller that takes runs", ["status-runs"], true],
+  ] as const) {
+    it(`a proxy sends ${runs ? "runs" : "whole statuses only"} to ${who}`, async () => {
+      const t = proxyHarness(new MemoryProxyStore());
+      const ctl = t.connectController();
+      ctl.send({ welcome: { heartbeatMs: 10_000, presenceNonce: new Uint8Array(16), features: [...features] } });
+      ctl.send({ tasks: ["t1", "t2"].map((id) => taskSpec(id, "h1", { deliverByMs: t.future() })) });
+      await flush();
+      expect(upStatuses(ctl.link)).toEqual(["t1:QUEUED", "t2:QUEUED"]);
+      const frames = ctl.link.sent.filter((f) => f.statusRuns.length > 0 || f.statuses.length > 0);
+      if (runs) expect(frames.flatMap((f) => f.statusRuns.map((r) => r.taskIds.length))).toEqual([2]);
+      else {
+        expect(frames.every((f) => f.statusRuns.length === 0)).toBe(true);
+        expect(frames.map(statusesOf).reduce((a, b) => a + b, 0)).toBe(2);
+      }
+      t.core.stop();
+    });
+  }
+
+  for (const [who, features, runs] of [
+    ["an older proxy (no feature in its hello)", [] as string[], false],
+    ["a proxy that takes runs", ["status-runs"], true],
+  ] as const) {
+    it(`a controller acknowledges ${runs ? "in runs" : "one by one"} to ${who}`, async () => {
+      const c = await controllerWithHosts(3, [...features]);
+      c.link.deliver(create(ProxyStreamRequestSchema, { statuses: c.job.taskIds.map((taskId, i) => create(TaskStatusSchema, { taskId, hostId: c.hostIds[i], state: TaskState.QUEUED, atProxy: true })) }));
+      await flush(20);
+      const acks = c.link.sent.flatMap((f) => f.statusAcks.map((a) => a.taskId));
+      const ackRuns = c.link.sent.flatMap((f) => f.statusAckRuns.flatMap((r) => r.taskIds));
+      expect(runs ? ackRuns : acks).toEqual(c.job.taskIds);
+      expect(runs ? acks : ackRuns).toEqual([]);
+      expect(c.link.sent[0]?.welcome?.features).toEqual(["status-runs"]);
+      c.link.close();
+      await c.served;
+    });
+  }
 });
