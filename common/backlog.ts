@@ -37,8 +37,18 @@ export function specBytes(spec: TaskSpec): number {
   return n;
 }
 
+/**
+ * Rough wire size of an upward item, for frame sizing. A status counts its
+ * message and signal: a host may make them long, and a frame sized as if
+ * they were not (on the replay after a reconnect, say) could pass what a
+ * message may be, be refused by the next hop, and be sent again on every
+ * new link.
+ */
 export function itemBytes(item: UpwardItem): number {
-  return item.kind === "output" ? item.chunk.data.length + 32 : item.kind === "event" ? eventBytes(item.event) : 64;
+  if (item.kind === "output") return item.chunk.data.length + 32;
+  if (item.kind === "event") return eventBytes(item.event);
+  const s = item.status;
+  return 64 + s.signature.length + s.outputSha256.length + s.keyId.length + Buffer.byteLength(s.signal) + Buffer.byteLength(s.message);
 }
 
 /**

@@ -143,6 +143,13 @@ export const LIMITS = {
   taskIdChars: 256,
   /** Tasks a proxy takes on from one host's reports (never sent them: the host brought them along) and holds at once. */
   takenOnTasksPerHost: 10_000,
+  /**
+   * Characters of message and signal that the status runs of one proxy frame
+   * stand for in all (each run's text times its tasks): what a frame of
+   * whole statuses carries at most, so that a run cannot make the
+   * controller store one long message once per task it names.
+   */
+  statusRunTextChars: 4 * MiB,
 
   // ---- operators (controller/request-limits.ts) ------------------------------
   /**

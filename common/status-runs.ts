@@ -15,15 +15,33 @@ import { timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import type { StatusAckRun, StatusRun } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import type { StatusAck, TaskState, TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
+import { LIMITS } from "./limits.js";
 
 /** The feature a proxy's hello and a controller's welcome list when they take runs. */
 export const STATUS_RUNS = "status-runs";
 
 const EMPTY = new Uint8Array(0);
 
-/** A status a run can carry: nothing but its task, host, state, source, exit code, signal and message. */
+/**
+ * Characters of message and signal the runs of one frame may stand for in
+ * all (a run's text counts once per task it names). A run repeats its text
+ * for every task, so without a bound a proxy could make the controller store
+ * a frame-sized message once per task it holds; with it, runs carry no more
+ * text than the same statuses sent whole. The builder keeps to it (what does
+ * not fit goes whole), and a receiver refuses a run past it.
+ */
+export const RUN_TEXT_CHARS = LIMITS.statusRunTextChars;
+
+/** The text a run repeats per task. */
+const textOf = (s: { signal: string; message: string }): number => s.signal.length + s.message.length;
+
+/**
+ * A status a run can carry: nothing but its task, host, state, source, exit
+ * code, signal and message — no fields this release does not know either (a
+ * newer daemon's, which a run would drop).
+ */
 export function isPlainStatus(s: TaskStatus): boolean {
-  return s.signature.length === 0 && s.keyId === "" && s.outputSha256.length === 0 && s.outputChunks === 0n && s.outputBytes === 0n && !s.outputTruncated;
+  return s.signature.length === 0 && s.keyId === "" && s.outputSha256.length === 0 && s.outputChunks === 0n && s.outputBytes === 0n && !s.outputTruncated && !s.$unknown?.length;
 }
 
 /** Builds a frame's runs (of statuses, or of acknowledgements), keeping each task's order. */
@@ -58,14 +76,18 @@ export class StatusRunBuilder {
   /** Tasks with a whole status in the frame: their later statuses follow as whole ones. */
   private readonly whole = new Set<string>();
   readonly statuses: TaskStatus[] = [];
+  /** Text the runs stand for so far (see RUN_TEXT_CHARS). */
+  private text = 0;
 
   add(s: TaskStatus): void {
-    if (this.whole.has(s.taskId) || !isPlainStatus(s)) {
+    if (this.whole.has(s.taskId) || !isPlainStatus(s) || this.text + textOf(s) > RUN_TEXT_CHARS) {
       this.whole.add(s.taskId);
       this.statuses.push(s);
       return;
     }
-    const key = `${s.state}\0${s.atProxy ? 1 : 0}\0${s.exitCode ?? ""}\0${s.signal}\0${s.message}`;
+    this.text += textOf(s);
+    // The signal's length keeps the key one-to-one: a signal and message may hold any character, \0 included.
+    const key = `${s.state}\0${s.atProxy ? 1 : 0}\0${s.exitCode ?? ""}\0${s.signal.length}\0${s.signal}\0${s.message}`;
     const run = this.set.runFor(key, s.taskId, () => ({
       $typeName: "rexmesh.v1.StatusRun",
       state: s.state,
@@ -89,16 +111,24 @@ export class StatusRunBuilder {
 
 /**
  * The statuses a frame's runs stand for, in the order they are applied
- * (before the frame's whole statuses). A run whose lists differ in length
- * is refused whole: `refused` counts it.
+ * (before the frame's whole statuses). A run whose lists differ in length,
+ * or whose text would take the frame's runs past RUN_TEXT_CHARS, is refused
+ * whole: `refused` counts it.
  */
 export function statusesOfRuns(runs: readonly StatusRun[], refused?: (why: string) => void): TaskStatus[] {
   const out: TaskStatus[] = [];
+  let text = 0;
   for (const run of runs) {
     if (run.hostIds.length !== run.taskIds.length) {
       refused?.(`a status run names ${run.taskIds.length} tasks but ${run.hostIds.length} hosts`);
       continue;
     }
+    const cost = textOf(run) * run.taskIds.length;
+    if (text + cost > RUN_TEXT_CHARS) {
+      refused?.(`status runs stand for more than ${RUN_TEXT_CHARS} characters of message and signal in one frame`);
+      continue;
+    }
+    text += cost;
     const time: Timestamp | undefined = run.time;
     for (let i = 0; i < run.taskIds.length; i++) {
       out.push({

@@ -1,10 +1,10 @@
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
 import { FailedPreconditionError, PermissionDeniedError, UnavailableError } from "../../common/errors.js";
 import { silentLogger } from "../../common/logger.js";
 import { AgentStreamRequestSchema } from "../../gen/rexmesh/v1/agent_link_pb.js";
-import { ProxyStreamResponseSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
+import { ProxyStreamRequestSchema, ProxyStreamResponseSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { StepSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { ProxyCore } from "../../proxy/proxy.js";
 import { MemoryProxyStore } from "../../proxy/store.js";
@@ -700,6 +700,28 @@ describe("ProxyCore on LMDB: a ping is not stored", () => {
     await until(() => c.store.upwardSize() === 0);
     c.core.stop();
     await c.env.close();
+  });
+});
+
+describe("ProxyCore: frames to the controller stay within a message", () => {
+  it("counts a status's message when it sizes a frame, so a host's long messages never make the replay after a reconnect one the controller refuses", async () => {
+    const t = setup();
+    const ctl = t.connectController();
+    ctl.send({ tasks: [taskSpec("t1", "h1", { deliverByMs: t.future() }), taskSpec("t2", "h1", { deliverByMs: t.future() })] });
+    const h = t.connectHost("h1", 2);
+    await flush();
+    // A compromised host: two reports of 9 MiB each (its frames are within the 16 MiB a message may be).
+    h.send({ statuses: [status("t1", TaskState.DELIVERED, { message: "x".repeat(9 << 20) })] });
+    await flush();
+    h.send({ statuses: [status("t2", TaskState.DELIVERED, { message: "y".repeat(9 << 20) })] });
+    await flush(20);
+    // The link drops before the controller acknowledged them; the new link replays the backlog from its start.
+    ctl.link.close();
+    await flush();
+    const again = t.connectController();
+    await flush(20);
+    expect(upStatuses(again.link)).toEqual(["t1:QUEUED", "t2:QUEUED", "t1:DISPATCHED", "t2:DISPATCHED", "t1:DELIVERED", "t2:DELIVERED"]);
+    for (const f of again.link.sent) expect(toBinary(ProxyStreamRequestSchema, f).length).toBeLessThanOrEqual(16 << 20);
   });
 });
 
