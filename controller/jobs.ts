@@ -100,7 +100,8 @@ export class JobManager implements RoleCore {
   /** Signature checks of the status messages in hand (see checkEndOnce). */
   private readonly endChecks = new WeakMap<TaskStatus, "ok" | "unknown" | "bad">();
   /** Tasks whose stored output is being hashed against what the host signed. */
-  private readonly checking = new Set<string>();
+  /** Output checks in progress, by task: each resolves once its result is stored (or failed). */
+  private readonly checking = new Map<string, Promise<void>>();
   /** Output hashed as it is stored, so that the check need not read it back. */
   private readonly digests = new OutputDigests();
   /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
@@ -118,7 +119,14 @@ export class JobManager implements RoleCore {
     this.observe = opts.observe;
     const now = () => this.clock.now();
     this.planner = new Planner({ inventory: opts.inventory, documents: opts.documents, revoked: opts.revoked, maxStdinBytes: opts.maxStdinBytes, maxHostsPerJob: opts.maxHostsPerJob });
-    this.table = new TaskTable({ store: this.store, log: this.log, now, ended: (task) => this.taskEnded(task), jobFinished: (job) => this.jobFinished(job) });
+    this.table = new TaskTable({
+      store: this.store,
+      log: this.log,
+      now,
+      ended: (task) => this.taskEnded(task),
+      jobFinished: (job) => this.jobFinished(job),
+      beforeFinish: (job) => this.checksOf(job),
+    });
     this.router = new Router({
       inventory: this.inventory,
       store: this.store,
@@ -202,6 +210,8 @@ export class JobManager implements RoleCore {
       return;
     }
     for (const task of tasks) this.router.track(task);
+    // An ended task whose check was not stored before a stop (see checksOf): checked now.
+    for (const task of tasks) if (isTerminal(task.state)) void this.checkOutput(task);
     if (job.rate) this.rollout.add(job.id, job.rate, tasks);
     for (const task of tasks) {
       if (task.rejectAtSubmit !== undefined && task.state === TaskState.PENDING) {
@@ -548,7 +558,8 @@ export class JobManager implements RoleCore {
         if (task.resultCheck !== ResultCheck.UNSPECIFIED) task.resultCheck = ResultCheck.MISMATCH;
       }
     }
-    return this.table.write(task, { ends }).then(() => this.checkOutput(task));
+    // The check is not awaited: the status is acknowledged once stored (a job waits for its checks, see checksOf).
+    return this.table.write(task, { ends }).then(() => void this.checkOutput(task));
   }
 
   /**
@@ -578,12 +589,13 @@ export class JobManager implements RoleCore {
    * Once every chunk a host signed for is stored, hashes the stored output
    * (a slice at a time) and compares it with what the host signed.
    */
-  private checkOutput(task: TaskRecord): void {
-    if (task.resultCheck !== ResultCheck.OUTPUT_PENDING || !outputComplete(task) || this.checking.has(task.id)) return;
-    this.checking.add(task.id);
+  private checkOutput(task: TaskRecord): Promise<void> {
+    if (task.resultCheck !== ResultCheck.OUTPUT_PENDING || !outputComplete(task)) return Promise.resolve();
+    const running = this.checking.get(task.id);
+    if (running) return running;
     const id = task.id;
     const expected = task.expectedChunks ?? 0;
-    void this.table
+    const check = this.table
       .afterLastWrite(id)
       .then(() => this.digests.take(id, expected) ?? digestOutput(this.store, id, expected))
       .then((got) => {
@@ -596,6 +608,25 @@ export class JobManager implements RoleCore {
       })
       .catch((err) => this.log.error("checking a task's output failed", { task: id, err }))
       .finally(() => this.checking.delete(id));
+    this.checking.set(id, check);
+    return check;
+  }
+
+  /**
+   * The output checks a job's tasks still owe, started if they are not yet
+   * (their output is all stored): a job is stored finished only after them,
+   * so a controller killed between a task's end and its check finds the job
+   * unfinished and checks at start (recover) rather than leaving the task
+   * OUTPUT_PENDING for good.
+   */
+  private checksOf(job: JobRecord): Promise<void> | undefined {
+    const checks: Promise<void>[] = [];
+    for (const id of job.taskIds) {
+      const task = this.table.get(id);
+      if (task?.resultCheck === ResultCheck.OUTPUT_PENDING && outputComplete(task)) checks.push(this.checkOutput(task));
+    }
+    // Nothing owed: the job finishes in the same turn, as it always did.
+    return checks.length > 0 ? Promise.all(checks).then(() => undefined) : undefined;
   }
 
   /**
@@ -630,7 +661,7 @@ export class JobManager implements RoleCore {
         const s = this.sinceSubmit(task);
         if (s !== undefined) this.observe.firstOutput(s);
       }
-      this.checkOutput(task);
+      void this.checkOutput(task);
       return seq;
     });
   }

@@ -24,6 +24,12 @@ export interface TaskTableOptions {
   ended: (task: TaskRecord) => void;
   /** Called after a job's last task ended and the job was stored finished. */
   jobFinished: (job: JobRecord) => void;
+  /**
+   * Awaited before a job is stored finished: what must be durable first
+   * (the output checks of its tasks, so that a controller killed in between
+   * finds the job unfinished and checks again at start).
+   */
+  beforeFinish?: (job: JobRecord) => Promise<void> | undefined;
   now: () => number;
 }
 
@@ -196,6 +202,11 @@ export class TaskTable {
   async finishJob(jobId: string): Promise<void> {
     const job = this.jobs.get(jobId) ?? this.store.getJob(jobId);
     if (!job || job.finishedAt !== undefined) return;
+    const first = this.opts.beforeFinish?.(job);
+    if (first) {
+      await first;
+      if (job.finishedAt !== undefined) return;
+    }
     job.finishedAt = this.opts.now();
     await this.store.putJob(job);
     this.open.delete(job.id);

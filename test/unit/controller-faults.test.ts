@@ -6,6 +6,11 @@ import { silentLogger } from "../../common/logger.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager, outputComplete } from "../../controller/jobs.js";
+import { LmdbJobStore } from "../../controller/lmdb-job-store.js";
+import { LmdbEnv } from "../../common/lmdb.js";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { hasChunk } from "../../controller/output-ranges.js";
 import type { TaskRecord } from "../../controller/model.js";
 import { serveProxyLink } from "../../controller/proxy-link.js";
@@ -376,5 +381,67 @@ describe("controller under faults and a hostile proxy", () => {
     expect(outputComplete(task)).toBe(false);
     // Signed, but over no output digest: the state is the host's, the output is unchecked (not VERIFIED).
     expect(task.resultCheck).toBe(ResultCheck.STATE_ONLY);
+  });
+});
+
+describe("controller killed between a task's end and its output check", () => {
+  /** A store on LMDB that stops taking writes at some point (the process died): later writes never land. */
+  class DyingStore extends LmdbJobStore {
+    dead = false;
+    readonly jobWrites: { finished: boolean; checks: (ResultCheck | undefined)[] }[] = [];
+    override putTask(task: TaskRecord): Promise<void> {
+      return this.dead ? new Promise(() => undefined) : super.putTask(task);
+    }
+    override putJob(...args: Parameters<LmdbJobStore["putJob"]>): Promise<void> {
+      if (this.dead) return new Promise(() => undefined);
+      const [job] = args;
+      if (job.finishedAt !== undefined) this.jobWrites.push({ finished: true, checks: job.taskIds.map((id) => this.getTask(id)?.resultCheck) });
+      return super.putJob(...args);
+    }
+  }
+  const dyingStore = () => new DyingStore(new LmdbEnv({ path: mkdtempSync(join(tmpdir(), "rexmesh-dying-")), maxBytes: 16 << 20 }));
+  const eventually = async (ok: () => boolean) => {
+    for (const deadline = Date.now() + 5000; !ok(); ) {
+      if (Date.now() > deadline) throw new Error("condition not met within 5 s");
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  };
+  const real = "all of it\n";
+  const signedEnd = (id: string) =>
+    status(id, TaskState.SUCCEEDED, { hostId: "h1", exitCode: 0, outputChunks: 1n, outputBytes: BigInt(real.length), outputSha256: createHash("sha256").update(real).digest(), keyId: "k", signature: new Uint8Array([1]) });
+
+  it("a job is stored finished only once its tasks' checks are stored", async () => {
+    const store = dyingStore();
+    const t = setup(store as unknown as MemoryJobStore, { checkEnd: () => "ok" });
+    const job = await t.jobs.submit(t.acme, submitRequest());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyOutput(t.px1, chunk(id, 1, real));
+    await t.jobs.applyStatus(t.px1, signedEnd(id));
+    await eventually(() => store.getJob(job.id)?.finishedAt !== undefined);
+    expect(store.getTask(id)!.resultCheck).toBe(ResultCheck.VERIFIED);
+    expect(store.jobWrites).toEqual([{ finished: true, checks: [ResultCheck.VERIFIED] }]);
+    t.jobs.stop();
+  });
+
+  it("a restarted controller checks an ended task whose check never landed, then finishes its job", async () => {
+    const store = dyingStore();
+    const t = setup(store as unknown as MemoryJobStore, { checkEnd: () => "ok" });
+    const job = await t.jobs.submit(t.acme, submitRequest());
+    const id = job.taskIds[0]!;
+    await t.jobs.applyOutput(t.px1, chunk(id, 1, real));
+    // The end is stored; the process dies before the check's write (and the job's) land.
+    await t.jobs.applyStatus(t.px1, signedEnd(id));
+    store.dead = true;
+    await new Promise((r) => setTimeout(r, 50));
+    t.jobs.stop();
+    expect(store.getTask(id)!.resultCheck).toBe(ResultCheck.OUTPUT_PENDING);
+    expect(store.getJob(job.id)!.finishedAt).toBeUndefined();
+    store.dead = false;
+    const again = new JobManager({ store, inventory: t.inventory, clock: t.clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 60_000, cancelGraceMs: 10_000, checkEnd: () => "ok" });
+    again.start();
+    await eventually(() => store.getJob(job.id)?.finishedAt !== undefined);
+    expect(store.getTask(id)!.resultCheck).toBe(ResultCheck.VERIFIED);
+    expect(store.getJob(job.id)!.finishedAt).toBeDefined();
+    again.stop();
   });
 });
