@@ -211,7 +211,7 @@ export class JobManager implements RoleCore {
     }
     for (const task of tasks) this.router.track(task);
     // An ended task whose check was not stored before a stop (see checksOf): checked now.
-    for (const task of tasks) if (isTerminal(task.state)) void this.checkOutput(task);
+    for (const task of tasks) if (isTerminal(task.state)) this.startCheck(task);
     if (job.rate) this.rollout.add(job.id, job.rate, tasks);
     for (const task of tasks) {
       if (task.rejectAtSubmit !== undefined && task.state === TaskState.PENDING) {
@@ -559,7 +559,7 @@ export class JobManager implements RoleCore {
       }
     }
     // The check is not awaited: the status is acknowledged once stored (a job waits for its checks, see checksOf).
-    return this.table.write(task, { ends }).then(() => void this.checkOutput(task));
+    return this.table.write(task, { ends }).then(() => this.startCheck(task));
   }
 
   /**
@@ -612,6 +612,11 @@ export class JobManager implements RoleCore {
     return check;
   }
 
+  /** Starts a task's output check, if it owes one, without waiting for it (it logs its own failure). */
+  private startCheck(task: TaskRecord): void {
+    this.checkOutput(task).catch(() => undefined);
+  }
+
   /**
    * The output checks a job's tasks still owe, started if they are not yet
    * (their output is all stored): a job is stored finished only after them,
@@ -661,7 +666,7 @@ export class JobManager implements RoleCore {
         const s = this.sinceSubmit(task);
         if (s !== undefined) this.observe.firstOutput(s);
       }
-      void this.checkOutput(task);
+      this.startCheck(task);
       return seq;
     });
   }
