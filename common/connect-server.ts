@@ -46,6 +46,18 @@ export function grantedPeer(ctx: HandlerContext): PeerIdentity {
   return peer;
 }
 
+/**
+ * Whether the call's responses go out in protobuf's binary format (gRPC,
+ * gRPC-Web, Connect with proto), where a message's unknown fields are
+ * written as they are: a handler may then hand parts of a response over
+ * already encoded (common/output-wire.ts). JSON leaves unknown fields out,
+ * so there (and where the content type is not known) it may not.
+ */
+export function respondsInBinary(ctx: HandlerContext): boolean {
+  const type = ctx.requestHeader.get("content-type");
+  return type !== null && type.startsWith("application/") && !/json/i.test(type);
+}
+
 /** The verified peer of a call, for code that runs behind a session helper (links, enrollment). */
 export function callerOf(ctx: HandlerContext): PeerIdentity {
   if (ctx.values.get(revokedKey)) throw new PermissionDeniedError("this certificate's identity has been revoked");

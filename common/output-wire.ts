@@ -15,26 +15,9 @@ import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { WireType } from "@bufbuild/protobuf/wire";
 import { OutputChunkSchema, type OutputChunk } from "../gen/rexmesh/v1/task_pb.js";
+import { varintSize, writeVarint } from "./proto-wire.js";
 
 const MAX_SEQ = BigInt(Number.MAX_SAFE_INTEGER);
-
-export function varintSize(n: number): number {
-  let size = 1;
-  while (n >= 0x80) {
-    n = Math.floor(n / 0x80);
-    size++;
-  }
-  return size;
-}
-
-export function writeVarint(buf: Uint8Array, off: number, n: number): number {
-  while (n >= 0x80) {
-    buf[off++] = (n % 0x80) | 0x80;
-    n = Math.floor(n / 0x80);
-  }
-  buf[off++] = n;
-  return off;
-}
 
 /**
  * The chunk as one element of a repeated field (its length as a varint, then

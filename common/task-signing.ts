@@ -9,7 +9,7 @@ import { SessionOrderSchema, SignedSessionOrderSchema, type SessionOrder, type S
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { Clock } from "./clock.js";
 import { buildTree, leafHash, proofOf, rootFromProof, rootOf, SALT_BYTES } from "./merkle.js";
-import { varintSize, writeVarint } from "./output-wire.js";
+import { varintSize, writeVarint } from "./proto-wire.js";
 
 /** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
 function endorsedBytes(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {

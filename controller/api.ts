@@ -4,7 +4,7 @@ import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect
 import type { PeerIdentity } from "../certs/identity.js";
 import type { Logger } from "../common/logger.js";
 import { toConnectError } from "../common/rpc-errors.js";
-import { grantedPeer } from "../common/connect-server.js";
+import { grantedPeer, respondsInBinary } from "../common/connect-server.js";
 import {
   AuditDecision,
   AuditEventSchema,
@@ -23,8 +23,6 @@ import {
   type SubmitJobRequest,
   type SubmitJobResult,
   JobState,
-  LateReportSchema,
-  TaskSchema,
   TaskStateCountSchema,
   WatchJobResponseSchema,
   type AuditEvent,
@@ -36,18 +34,18 @@ import {
   type SessionInfo,
   type Host,
   type Job,
-  type Task,
 } from "../gen/rexmesh/v1/controller_pb.js";
 import type { OperatorAccess } from "./access.js";
 import type { AuditEvent as AuditRecord } from "./audit.js";
-import { outputComplete, type JobManager, type PlannedHost } from "./jobs.js";
+import type { JobManager, PlannedHost } from "./jobs.js";
 import type { StoredDocument } from "./document-store.js";
-import { TaskState, type Step } from "../gen/rexmesh/v1/task_pb.js";
+import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { isTerminal } from "../common/task-state.js";
 import { describeRequest } from "./access.js";
 import { submitRequestOf } from "./planner.js";
 import type { HostRecord, JobRecord, TaskRecord } from "./model.js";
 import { watchJob } from "./watch.js";
+import { taskToProto, watchResponse, type WatchFrame } from "./task-wire.js";
 import { serveFrameLink } from "../common/connect-link.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import { formatIdentity } from "../certs/identity.js";
@@ -134,7 +132,6 @@ function plannedToProto(p: PlannedHost): PlannedTask {
   });
 }
 
-/** A task for clients; `steps` (a document run's redacted steps for the host) only where asked. */
 /** A job's command in a listing, at most: a listing of many must stay far below a message's size. */
 const WHAT_CHARS = 500;
 
@@ -144,28 +141,6 @@ export function queueStage(state: TaskState): QueueStage {
   if (state === TaskState.RUNNING) return QueueStage.RUNNING;
   if (state === TaskState.DELIVERED) return QueueStage.DELIVERED;
   return QueueStage.QUEUED;
-}
-
-function taskToProto(t: TaskRecord, steps?: Step[]): Task {
-  return create(TaskSchema, {
-    id: t.id,
-    jobId: t.jobId,
-    hostId: t.hostId,
-    region: t.region,
-    proxy: t.proxy,
-    state: t.state,
-    exitCode: t.exitCode,
-    signal: t.signal,
-    message: t.message,
-    updatedAt: timestampFromMs(t.updatedAt),
-    outputTruncated: t.outputTruncated,
-    outputChunks: BigInt(t.outputChunks),
-    steps: steps ?? [],
-    outputChunksExpected: BigInt(t.expectedChunks ?? 0),
-    outputComplete: outputComplete(t),
-    resultCheck: t.resultCheck,
-    lateReport: t.late && create(LateReportSchema, { state: t.late.state, exitCode: t.late.exitCode, signal: t.late.signal, message: t.late.message, time: timestampFromMs(t.late.time) }),
-  });
 }
 
 /**
@@ -210,9 +185,9 @@ export function controllerServiceImpl(deps: {
     for await (const batch of watchJob(jobs, job, { noOutput, signal })) {
       yield {
         job: batch.job ? jobToProto(batch.job, visible(batch.job)) : undefined,
-        tasks: batch.tasks.filter((t) => shown.has(t.id)).map((t) => taskToProto(t)),
+        tasks: batch.tasks.filter((t) => shown.has(t.id)),
         output: batch.output.filter((c) => shown.has(c.taskId)),
-      };
+      } satisfies WatchFrame;
     }
   };
   const releasesOf = () => {
@@ -286,7 +261,8 @@ export function controllerServiceImpl(deps: {
       if (req.job.dryRun) throw new InvalidArgumentError("SubmitAndWatch submits: a dry run is SubmitJob's");
       const caller = grantedPeer(ctx);
       const job = await access.submit(caller, submitRequestOf(req.job));
-      for await (const batch of streamJob(caller, job.id, req.noOutput, ctx.signal)) yield create(SubmitAndWatchResponseSchema, batch);
+      const wire = respondsInBinary(ctx);
+      for await (const frame of streamJob(caller, job.id, req.noOutput, ctx.signal)) yield watchResponse(SubmitAndWatchResponseSchema, frame, wire);
     },
     async getJob(req, ctx) {
       const { job, tasks } = await access.getJob(grantedPeer(ctx), req.jobId);
@@ -379,7 +355,8 @@ export function controllerServiceImpl(deps: {
       return serveSession(requests, ctx, "forward");
     },
     async *watchJob(req, ctx) {
-      for await (const batch of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield create(WatchJobResponseSchema, batch);
+      const wire = respondsInBinary(ctx);
+      for await (const frame of streamJob(grantedPeer(ctx), req.jobId, req.noOutput, ctx.signal)) yield watchResponse(WatchJobResponseSchema, frame, wire);
     },
   };
 }

@@ -79,9 +79,10 @@ export async function controllerService() {
   /**
    * A client on a connection of its own that presented `certPem`: every
    * call carries the identity the certificate names (none if it names no
-   * rexmesh identity), as the TLS server's contextValues set it.
+   * rexmesh identity), as the TLS server's contextValues set it. Binary
+   * Connect, or with `json` Connect's JSON (as the web console calls).
    */
-  const clientWith = (certPem: string): Client<typeof ControllerService> => {
+  const clientWith = (certPem: string, opts: { json?: boolean } = {}): Client<typeof ControllerService> => {
     let peer: PeerIdentity | undefined;
     try {
       peer = identityFromCertificate(certPem);
@@ -95,13 +96,13 @@ export async function controllerService() {
           router.handlers[i] = asHandlerOf(h, (req) => h({ ...req, contextValues: callerContext(peer, (p) => revoked.has(formatIdentity(p))) }));
         });
       },
-      { router: { interceptors: [boundary] } },
+      { router: { interceptors: [boundary] }, transport: { useBinaryFormat: !opts.json } },
     );
     return createClient(ControllerService, transport);
   };
 
   /** A client presenting a certificate of the run's test CA for `identity`. */
-  const as = (identity: PeerIdentity) => clientWith(testCredentials(identity, { clock, validityMs: 3_600_000 }).certPem);
+  const as = (identity: PeerIdentity, opts?: { json?: boolean }) => clientWith(testCredentials(identity, { clock, validityMs: 3_600_000 }).certPem, opts);
 
   return { clock, jobs, store, inventory, audit, proxy, revoked, reached, clientWith, as };
 }

@@ -65,6 +65,32 @@ describe("ControllerService, as a client sees it", () => {
     expect(t.audit.list("acme").map((e) => `${e.kind} ${e.actor} ${e.decision}`)).toContain("submit operator:acme/alice allowed");
   });
 
+  it("streams a watch's tasks alike in binary (tasks sent in their wire form) and in JSON (the console's, as fields)", async () => {
+    const t = await controllerService();
+    const { job } = await t.as(alice).submitJob({ hostIds: ["web-1", "db-1"], steps: [execStep("hostname")] });
+    const jobId = job!.id;
+    const watches = [t.as(alice), t.as(alice, { json: true })].map((c) => c.watchJob({ jobId }, { signal: AbortSignal.timeout(10_000) })[Symbol.asyncIterator]());
+    const batches: WatchJobResponse[][] = await Promise.all(watches.map(async (w) => [(await w.next()).value as WatchJobResponse]));
+    for (const [i, spec] of t.proxy.tasks.entries()) {
+      await t.jobs.applyStatus(t.proxy, status(spec.taskId, TaskState.RUNNING, { hostId: spec.hostId }));
+      await t.jobs.applyOutput(t.proxy, chunk(spec.taskId, 1, `${spec.hostId} ✓\n`));
+      await t.jobs.applyStatus(t.proxy, status(spec.taskId, TaskState.FAILED, { hostId: spec.hostId, exitCode: i + 1, outputChunks: 1n, message: "ünïcode" }));
+    }
+    await Promise.all(watches.map(async (w, i) => {
+      for (let next = await w.next(); !next.done; next = await w.next()) batches[i]!.push(next.value);
+    }));
+    const [binary, json] = batches.map((bs) => ({
+      tasks: bs.flatMap((b) => b.tasks.map((x) => ({ id: x.id, hostId: x.hostId, state: x.state, exitCode: x.exitCode, message: x.message, chunks: x.outputChunks, complete: x.outputComplete, at: x.updatedAt?.seconds }))),
+      output: bs.flatMap((b) => b.output.map((c) => `${c.hostId}: ${text(c.data)}`)).sort(),
+    }));
+    expect(binary!.tasks.filter((x) => x.state === TaskState.FAILED).map((x) => [x.hostId, x.exitCode, x.message, x.complete]).sort()).toEqual([
+      ["db-1", expect.any(Number), "ünïcode", true],
+      ["web-1", expect.any(Number), "ünïcode", true],
+    ]);
+    expect(json).toEqual(binary);
+    expect(binary!.output).toEqual(["db-1: db-1 ✓\n", "web-1: web-1 ✓\n"]);
+  });
+
   it("holds an operator to the hosts its role covers: outside them a submit is PERMISSION_DENIED and nothing is sent", async () => {
     const t = await controllerService();
     const client = t.as(wendy);
