@@ -150,6 +150,15 @@ export const LIMITS = {
    * controller store one long message once per task it names.
    */
   statusRunTextChars: 4 * MiB,
+  /**
+   * Characters of a task status's message (why, in words) as a proxy takes
+   * it from a host and as the controller takes it from a proxy; longer ones
+   * are cut. Honest messages are a line or two; one near the link's 16 MiB
+   * message limit would make every frame that carries it too large to send.
+   */
+  statusMessageChars: 64 * KiB,
+  /** Characters of a status's signal name ("SIGKILL"); longer ones are cut. */
+  statusSignalChars: 64,
 
   // ---- operators (controller/request-limits.ts) ------------------------------
   /**

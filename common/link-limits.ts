@@ -11,7 +11,7 @@
  * that keeps the item would send it again on every new stream.
  */
 import type { Logger } from "./logger.js";
-import { LIMITS, preview } from "./limits.js";
+import { LIMITS, preview, truncate } from "./limits.js";
 import type { AgentStreamRequest } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { CancelTask, HostPresence, ProxyStreamRequest, ProxyStreamResponse, StatusAckRun } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { acksOfRuns, statusesOfRuns } from "./status-runs.js";
@@ -109,11 +109,26 @@ class Refused {
   }
 }
 
-/** Drops, in place, the reports of a host's frame (AgentLink at the proxy) that no daemon sends. */
+/**
+ * Cuts, in place, a status's message and signal to their limits, so that
+ * one status can never make a frame too large for the link. The message is
+ * words about the task that the host's signature over its end does not
+ * cover; the signal is covered, but no daemon names one that long (a host
+ * that does loses its signature's check, as if it had sent none).
+ */
+function cutStatusText(statuses: readonly TaskStatus[]): void {
+  for (const s of statuses) {
+    if (s.message.length > LIMITS.statusMessageChars) s.message = truncate(s.message, LIMITS.statusMessageChars);
+    if (s.signal.length > LIMITS.statusSignalChars) s.signal = truncate(s.signal, LIMITS.statusSignalChars);
+  }
+}
+
+/** Drops, in place, the reports of a host's frame (AgentLink at the proxy) that no daemon sends; cuts overlong status text. */
 export function screenHostFrame(frame: AgentStreamRequest): Refused {
   const r = new Refused();
   frame.output = r.keep("output", frame.output, outputProblem);
   frame.statuses = r.keep("statuses", frame.statuses, statusProblem);
+  cutStatusText(frame.statuses);
   frame.events = r.keep("events", frame.events, hostEventProblem);
   return r;
 }
@@ -127,6 +142,7 @@ export function screenProxyReports(reports: { hosts: HostPresence[]; output: Out
   reports.hosts = r.keep("hosts", reports.hosts, presenceProblem);
   reports.output = r.keep("output", reports.output, outputProblem);
   reports.statuses = r.keep("statuses", reports.statuses, statusProblem);
+  cutStatusText(reports.statuses);
   if (reports.events) reports.events = r.keep("events", reports.events, hostEventProblem);
   return r;
 }

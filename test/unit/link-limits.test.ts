@@ -91,6 +91,25 @@ class KeyLimitStore extends MemoryJobStore {
   }
 }
 
+describe("status text cut to its limits", () => {
+  it("a host's overlong message and signal are cut at the proxy, and again at the controller, so no status can outgrow a frame", () => {
+    const huge = "x".repeat(9 * 1024 * 1024);
+    const host = create(AgentStreamRequestSchema, { statuses: [{ taskId: "t1", state: TaskState.FAILED, message: huge, signal: "S".repeat(500) }, { taskId: "t2", state: TaskState.FAILED, message: "exit 3", signal: "SIGKILL" }] });
+    expect(screenHostFrame(host).count).toBe(0);
+    expect(host.statuses[0]!.message.length).toBe(LIMITS.statusMessageChars);
+    expect(host.statuses[0]!.message.endsWith("…[truncated]")).toBe(true);
+    expect(host.statuses[0]!.signal.length).toBe(LIMITS.statusSignalChars);
+    expect(host.statuses[1]).toMatchObject({ message: "exit 3", signal: "SIGKILL" });
+    const proxy = create(ProxyStreamRequestSchema, { statuses: [{ taskId: "t1", state: TaskState.FAILED, message: huge }], statusRuns: [{ state: TaskState.FAILED, message: huge, taskIds: ["t2"], hostIds: ["h2"] }] });
+    // A run whose text is past statusRunTextChars is refused whole (it would be stored once per task it names); a whole status is cut.
+    expect(screenProxyFrame(proxy).count).toBe(1);
+    expect(proxy.statuses.map((x) => `${x.taskId}:${x.message.length}`)).toEqual([`t1:${LIMITS.statusMessageChars}`]);
+    const small = create(ProxyStreamRequestSchema, { statusRuns: [{ state: TaskState.FAILED, message: "y".repeat(LIMITS.statusMessageChars + 10), taskIds: ["t2"], hostIds: ["h2"] }] });
+    expect(screenProxyFrame(small).count).toBe(0);
+    expect(small.statuses.map((x) => x.message.length)).toEqual([LIMITS.statusMessageChars]);
+  });
+});
+
 describe("the controller's end of a proxy link", () => {
   function setup() {
     const clock = new ManualClock();
