@@ -20,7 +20,7 @@ import { ResultCheck } from "../../gen/rexmesh/v1/controller_pb.js";
 import { ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { SignedDenyListSchema } from "../../gen/rexmesh/v1/revocation_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { chunk, counterIds, FakeLink, flush, operator, RecordingPort, status, submitRequest, testSigning, text } from "./support.js";
+import { chunk, counterIds, eventually, FakeLink, flush, operator, RecordingPort, status, submitRequest, testSigning, text } from "./support.js";
 
 
 function setup(store: MemoryJobStore = new MemoryJobStore(), more: Partial<ConstructorParameters<typeof JobManager>[0]> = {}) {
@@ -400,23 +400,24 @@ describe("controller killed between a task's end and its output check", () => {
     }
   }
   const dyingStore = () => new DyingStore(new LmdbEnv({ path: mkdtempSync(join(tmpdir(), "rexmesh-dying-")), maxBytes: 16 << 20 }));
-  const eventually = async (ok: () => boolean) => {
-    for (const deadline = Date.now() + 5000; !ok(); ) {
-      if (Date.now() > deadline) throw new Error("condition not met within 5 s");
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  };
   const real = "all of it\n";
   const signedEnd = (id: string) =>
     status(id, TaskState.SUCCEEDED, { hostId: "h1", exitCode: 0, outputChunks: 1n, outputBytes: BigInt(real.length), outputSha256: createHash("sha256").update(real).digest(), keyId: "k", signature: new Uint8Array([1]) });
 
-  it("a job is stored finished only once its tasks' checks are stored", async () => {
-    const store = dyingStore();
+  /** A one-task job whose host sent all of its output, then its signed end; `die`: the store takes no write after the end's. */
+  const ended = async (store: DyingStore, die = false) => {
     const t = setup(store as unknown as MemoryJobStore, { checkEnd: () => "ok" });
     const job = await t.jobs.submit(t.acme, submitRequest());
     const id = job.taskIds[0]!;
     await t.jobs.applyOutput(t.px1, chunk(id, 1, real));
     await t.jobs.applyStatus(t.px1, signedEnd(id));
+    store.dead = die;
+    return { t, job, id };
+  };
+
+  it("a job is stored finished only once its tasks' checks are stored", async () => {
+    const store = dyingStore();
+    const { t, job, id } = await ended(store);
     await eventually(() => store.getJob(job.id)?.finishedAt !== undefined);
     expect(store.getTask(id)!.resultCheck).toBe(ResultCheck.VERIFIED);
     expect(store.jobWrites).toEqual([{ finished: true, checks: [ResultCheck.VERIFIED] }]);
@@ -425,13 +426,8 @@ describe("controller killed between a task's end and its output check", () => {
 
   it("a restarted controller checks an ended task whose check never landed, then finishes its job", async () => {
     const store = dyingStore();
-    const t = setup(store as unknown as MemoryJobStore, { checkEnd: () => "ok" });
-    const job = await t.jobs.submit(t.acme, submitRequest());
-    const id = job.taskIds[0]!;
-    await t.jobs.applyOutput(t.px1, chunk(id, 1, real));
     // The end is stored; the process dies before the check's write (and the job's) land.
-    await t.jobs.applyStatus(t.px1, signedEnd(id));
-    store.dead = true;
+    const { t, job, id } = await ended(store, true);
     await new Promise((r) => setTimeout(r, 50));
     t.jobs.stop();
     expect(store.getTask(id)!.resultCheck).toBe(ResultCheck.OUTPUT_PENDING);

@@ -13,7 +13,7 @@ import { LmdbEnv } from "../../common/lmdb.js";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { FakeLink, asSigned, chunk, expectResolvesAfter, flush, hostPeer, status, taskSpec } from "./support.js";
+import { FakeLink, asSigned, chunk, eventually, expectResolvesAfter, flush, hostPeer, status, taskSpec } from "./support.js";
 import { handed, proxyHarness, statusAcksTo, upOutput, upStatuses, type ControllerSide, type HostSide } from "./proxy-harness.js";
 
 const upHosts = (l: ControllerSide) => l.sent.flatMap((f) => [...(f.hello?.hosts ?? []), ...f.hosts].map((h) => `${h.hostId}:${h.tenant}:${h.connected}`));
@@ -607,14 +607,6 @@ describe("ProxyCore: what no peer sends (F4, F7)", () => {
   });
 });
 
-/** Waits (in real time: LMDB commits in its own thread) until a condition holds, at most 5 s. */
-async function until(ok: () => boolean): Promise<void> {
-  const deadline = Date.now() + 5000;
-  while (!ok()) {
-    if (Date.now() > deadline) throw new Error("condition not met within 5 s");
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
 
 describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
   it("keeps each task's highest output seq, so the chunks a host sends again after the restart are taken, not dropped as out of order", async () => {
@@ -636,10 +628,10 @@ describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
     a.ctl.deliver(create(ProxyStreamResponseSchema, { tasks: [asSigned(taskSpec("t1", "h1", { deliverByMs: clock.now() + 60_000 }))] }));
     await flush(10);
     a.send({ statuses: [status("t1", TaskState.RUNNING)] });
-    await until(() => statusAcksTo(a.host).length > 0);
+    await eventually(() => statusAcksTo(a.host).length > 0);
     // Output alone, no state change with it.
     a.send({ output: [chunk("t1", 1), chunk("t1", 2)] });
-    await until(() => outputAcksTo(a.host).length > 0);
+    await eventually(() => outputAcksTo(a.host).length > 0);
     expect(outputAcksTo(a.host)).toEqual(["t1:2"]);
     // The proxy stops (a kill would keep the same committed state) and comes back on the same store.
     a.core.stop();
@@ -648,7 +640,7 @@ describe("ProxyCore on LMDB: a restart keeps what was acknowledged", () => {
     await flush(10);
     // The host resends what it did not see acknowledged plus what came since: 2 is a duplicate, 3 and 4 are new.
     b.send({ output: [chunk("t1", 2), chunk("t1", 3), chunk("t1", 4)], statuses: [status("t1", TaskState.SUCCEEDED, { outputChunks: 4n })] });
-    await until(() => outputAcksTo(b.host).length > 0 && upOutput(b.ctl).length >= 4);
+    await eventually(() => outputAcksTo(b.host).length > 0 && upOutput(b.ctl).length >= 4);
     expect(outputAcksTo(b.host)).toEqual(["t1:4"]);
     expect(upOutput(b.ctl)).toEqual(["t1:1", "t1:2", "t1:3", "t1:4"]);
     b.core.stop();
@@ -689,15 +681,15 @@ describe("ProxyCore on LMDB: a ping is not stored", () => {
     await flush(10);
     expect(handed(b.host)).toEqual(["p1", "p2"]);
     b.host.deliver(create(AgentStreamRequestSchema, { statuses: [status("p1", TaskState.SUCCEEDED, { message: "pong" })] }));
-    await until(() => upStatuses(b.ctl).length > 0);
+    await eventually(() => upStatuses(b.ctl).length > 0);
     b.core.stop();
     await b.env.close();
     const c = start(0);
-    await until(() => upStatuses(c.ctl).length > 0);
+    await eventually(() => upStatuses(c.ctl).length > 0);
     expect(upStatuses(c.ctl)).toEqual(["p1:SUCCEEDED"]);
     expect(c.store.allTasks()).toEqual([]);
     c.ctl.deliver(create(ProxyStreamResponseSchema, { statusAcks: [{ taskId: "p1", state: TaskState.SUCCEEDED }] }));
-    await until(() => c.store.upwardSize() === 0);
+    await eventually(() => c.store.upwardSize() === 0);
     c.core.stop();
     await c.env.close();
   });

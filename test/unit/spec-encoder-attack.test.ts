@@ -8,6 +8,7 @@
  */
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
+import { Prng } from "../../chaos/prng.js";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { TaskSigner } from "../../common/task-signing.js";
@@ -18,15 +19,10 @@ import type { JobRecord, TaskRecord, TaskSteps } from "../../controller/model.js
 import { TaskSpecSchema, TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
 import { counterIds, execStep, testSigning } from "./support.js";
 
+/** Seeded floats in [0, 1) (chaos/prng.ts), so a failure names its seed. */
 function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const prng = new Prng(seed);
+  return () => prng.next();
 }
 
 describe("SpecEncoder through JobManager.taskSpec", () => {

@@ -1,22 +1,17 @@
 import { create, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
+import { Prng } from "../../chaos/prng.js";
 import { silentLogger } from "../../common/logger.js";
 import { screenControllerFrame, screenProxyFrame } from "../../common/link-limits.js";
 import { ackRunsOf, acksOfRuns, isPlainStatus, StatusRunBuilder, statusesOfRuns } from "../../common/status-runs.js";
 import { ProxyStreamRequestSchema, ProxyStreamResponseSchema } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { TaskState, TaskStatusSchema, type TaskStatus } from "../../gen/rexmesh/v1/task_pb.js";
 
-/** A small seeded generator (mulberry32), so a failure names its seed. */
+/** Seeded floats in [0, 1) (chaos/prng.ts), so a failure names its seed. */
 function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const prng = new Prng(seed);
+  return () => prng.next();
 }
 
 const STATES = [TaskState.QUEUED, TaskState.DISPATCHED, TaskState.DELIVERED, TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.EXPIRED];

@@ -102,6 +102,20 @@ export async function expectResolvesAfter(clock: ManualClock, drain: Promise<unk
 }
 
 /** Predictable ids: prefix + zero-padded counter, sorting in creation order. */
+/**
+ * Waits in real time (LMDB commits in its own thread) until `ok` holds, at
+ * most 5 s; `step` runs before each look (e.g. letting a wired link settle).
+ */
+export async function eventually(ok: () => boolean, step?: () => Promise<void>): Promise<void> {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    await step?.();
+    if (ok()) return;
+    if (Date.now() > deadline) throw new Error("condition not met within 5 s");
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
 export function counterIds(): (prefix: string) => string {
   let n = 0;
   return (prefix) => `${prefix}${String(++n).padStart(6, "0")}`;

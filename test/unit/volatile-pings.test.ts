@@ -19,20 +19,12 @@ import { ProxyCore } from "../../proxy/proxy.js";
 import type { HostSide } from "./proxy-harness.js";
 import { handed } from "./proxy-harness.js";
 import { nonceSentTo, realController } from "./real-controller.js";
-import { FakeLink, flush, hostPeer, operator, status, submitRequest } from "./support.js";
+import { eventually, FakeLink, flush, hostPeer, operator, status, submitRequest } from "./support.js";
 
 const ping = [create(StepSchema, { tool: { case: "ping", value: {} } })];
 
 /** Lets both sides of the link read everything until `ok` holds (in real time too: LMDB commits in its own thread), at most 5 s. */
-async function settleUntil(w: { settle(): Promise<void> }, ok: () => boolean): Promise<void> {
-  const deadline = Date.now() + 5000;
-  for (;;) {
-    await w.settle();
-    if (ok()) return;
-    if (Date.now() > deadline) throw new Error("condition not met within 5 s");
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
+const settleUntil = (w: { settle(): Promise<void> }, ok: () => boolean) => eventually(ok, () => w.settle());
 
 describe("a ping held in memory at a proxy that is killed", () => {
   it("is sent again by the controller to the restarted proxy, whether it was waiting there or already handed out, and ends SUCCEEDED", async () => {
