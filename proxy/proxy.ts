@@ -519,10 +519,8 @@ export class ProxyCore implements RoleCore {
         continue;
       }
       session.credits--;
-      // A ping is answered within moments and is harmless to hand out again after a restart, so
-      // its hand-over is neither stored nor reported (it goes at once): a third fewer writes and
-      // statuses per host in a fleet-wide ping.
-      if (isPingOnly(task.spec)) {
+      // A volatile task (a ping) is held in memory only: its hand-over is neither stored nor reported (it goes at once).
+      if (task.volatile) {
         task.state = TaskState.DISPATCHED;
         session.session.out.frameFor(specBytes(task.spec)).tasks.push(task.signed);
         continue;
@@ -859,10 +857,10 @@ export class ProxyCore implements RoleCore {
     if (!task) return;
     if (atProxy && !task.endedHere) return; // the host's reports since took over the record
     if (!atProxy && !isTerminal(task.state)) return;
-    const ping = task.spec !== undefined && isPingOnly(task.spec);
     // Issued together, so one commit: a crash between a removal and its mark would let a replay of the task in again.
     const writes = [this.store.removeTask(taskId)];
-    if (!ping) {
+    // A volatile task (a ping) leaves no mark: a replay of it only asks the host again.
+    if (!task.volatile) {
       const deliverBy = deliverByOf(task);
       const until = deliverBy !== undefined ? deliverBy + MARK_MARGIN_MS : this.clock.now() + MARK_UNKNOWN_DEADLINE_MS;
       writes.push(this.store.mark(taskId, atProxy ? "dropped" : "done", until));
