@@ -28,14 +28,19 @@ async function controllerWithHosts(n: number, features = ["status-runs"]) {
   const jobs = new JobManager({ store, inventory, clock, ids: counterIds(), log: silentLogger, defaultLostAfterMs: 3_600_000 });
   jobs.start();
   const revocations = { current: create(SignedDenyListSchema), onChange: () => () => undefined, isRevoked: () => false } as unknown as Revocations;
-  const link = new FakeLink<ProxyStreamResponse, ProxyStreamRequest>();
-  const served = serveProxyLink({ jobs, inventory, clock, log: silentLogger, heartbeatMs: 10_000, signer: testSigning().signer, revocations }, link, { role: "proxy", scope: "eu", id: "px1" }).catch((e: unknown) => e);
+  /** Another proxy's link to the same controller, holding `hosts`. */
+  const connect = (name: string, region: string, hosts: string[]) => {
+    const link = new FakeLink<ProxyStreamResponse, ProxyStreamRequest>();
+    const served = serveProxyLink({ jobs, inventory, clock, log: silentLogger, heartbeatMs: 10_000, signer: testSigning().signer, revocations }, link, { role: "proxy", scope: region, id: name }).catch((e: unknown) => e);
+    link.deliver(create(ProxyStreamRequestSchema, { hello: { name, region, heartbeatMs: 10_000, features, hosts: hosts.map((hostId) => ({ hostId, tenant: "acme", connected: true })) } }));
+    return { link, served };
+  };
   const hostIds = Array.from({ length: n }, (_, i) => `h${i}`);
-  link.deliver(create(ProxyStreamRequestSchema, { hello: { name: "px1", region: "eu", heartbeatMs: 10_000, features, hosts: hostIds.map((hostId) => ({ hostId, tenant: "acme", connected: true })) } }));
+  const { link, served } = connect("px1", "eu", hostIds);
   await flush();
   const job = await jobs.submit(operator("acme"), submitRequest({ hostIds }));
   await flush();
-  return { jobs, store, link, served, job, hostIds, stop: () => jobs.stop?.() };
+  return { jobs, store, link, served, job, hostIds, connect, stop: () => jobs.stop?.() };
 }
 
 describe("status runs against a proxy with a valid certificate", () => {
@@ -51,6 +56,32 @@ describe("status runs against a proxy with a valid certificate", () => {
     c.link.close();
     await c.served;
   });
+});
+
+describe("status runs from a proxy that does not hold the tasks", () => {
+  // As with whole statuses: one from the hosts' region is held back (not acknowledged: it may come to hold them after a
+  // failover), one from another region is dropped (acknowledged, so that it is not sent forever).
+  for (const [who, name, region, acked] of [
+    ["another proxy of the hosts' region", "px2", "eu", false],
+    ["a proxy of another region", "px9", "us", true],
+  ] as const) {
+    it(`${who} cannot end them with a run: nothing changes (${acked ? "dropped" : "held back"})`, async () => {
+      const c = await controllerWithHosts(4);
+      const rogue = c.connect(name, region, []);
+      await flush();
+      rogue.link.deliver(create(ProxyStreamRequestSchema, { statusRuns: [{ state: TaskState.SUCCEEDED, exitCode: 0, message: "done, trust me", taskIds: c.job.taskIds, hostIds: c.hostIds }] }));
+      await flush(20);
+      for (const id of c.job.taskIds) expect(c.store.getTask(id)!.state).toBe(TaskState.PENDING);
+      expect(rogue.link.sent.flatMap((f) => [...f.statusAcks.map((a) => a.taskId), ...f.statusAckRuns.flatMap((r) => r.taskIds)])).toEqual(acked ? c.job.taskIds : []);
+      // The proxy that holds them still can.
+      c.link.deliver(create(ProxyStreamRequestSchema, { statusRuns: [{ state: TaskState.QUEUED, atProxy: true, taskIds: c.job.taskIds, hostIds: c.hostIds }] }));
+      await flush(20);
+      for (const id of c.job.taskIds) expect(c.store.getTask(id)!.state).toBe(TaskState.QUEUED);
+      rogue.link.close();
+      c.link.close();
+      await Promise.all([rogue.served, c.served]);
+    });
+  }
 });
 
 describe("status runs: what a host says stays its own", () => {
