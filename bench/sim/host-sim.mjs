@@ -11,8 +11,9 @@
 // What it speaks, exactly as daemon/agent.ts does:
 //   → hello {host_id, facts, heartbeat_ms, report_key} + credits (first frame)
 //   ← welcome (+ signing keys, acks, the controller's presence nonce)
-//   → a presence proof over the nonce, signed with the report key (as the
-//     daemon does: common/host-signing.ts), whenever a nonce comes
+//   → a presence proof over the nonce and the proxy whose certificate the
+//     host saw, signed with the report key (as the daemon does:
+//     common/host-signing.ts), whenever a nonce comes
 //   ← tasks      → one frame: a status per task + credits again (the daemon
 //                  re-reports its credits after every frame carrying tasks)
 //                  every task is verified as the daemon verifies it
@@ -35,7 +36,9 @@
 // process (a batch's signature is checked once per process, not once per
 // host: each host still checks its own proof), cancels are ignored, nothing
 // is persisted. The proxy's certificate IS verified (chain to the mesh CA by
-// OpenSSL, host name and role proxy as certs/tls.ts does).
+// OpenSSL, host name and role proxy as certs/tls.ts does). Each host's TLS
+// context is built when the process starts, as a daemon builds its
+// credentials when it starts, so a connect costs what connecting costs.
 //
 // Reconnects follow the daemon's backoff shape (common/backoff.ts): 1 s × 1.6
 // per failed attempt, ±20 % jitter, capped (default 10 s here), reset after
@@ -54,6 +57,7 @@ import { TaskSpecSchema, TaskStatusSchema, TaskState } from "../../dist/gen/rexm
 import { HostFactsSchema } from "../../dist/gen/rexmesh/v1/host_pb.js";
 import { issueCertificate } from "../../dist/certs/ca.js";
 import { HostReporter, OutputDigest } from "../../dist/common/host-signing.js";
+import { identityFromSubjectAltName } from "../../dist/certs/identity.js";
 import { TaskRejected, TaskVerifier } from "../../dist/common/task-signing.js";
 
 import { IDLE_FRAME_INTERVALS } from "../../dist/common/grpc-link.js";
@@ -118,15 +122,23 @@ function deframer(onMessage) {
 // (certs/tls.ts): the usual host-name check and the role proxy, once per
 // distinct proxy certificate.
 
-function checkServerIdentity(host, cert) {
+/** The proxy's identity from its certificate (named in presence proofs, as the daemon does), or the reason it is refused. */
+function checkProxy(host, cert) {
   const key = `${host}\0${cert.fingerprint256}`;
   let verdict = verifiedProxyCerts.get(key);
   if (verdict === undefined) {
     verdict = tls.checkServerIdentity(host, cert) ?? null;
-    if (!verdict && !/URI:rexmesh:\/\/proxy\//.test(cert.subjectaltname ?? "")) verdict = new Error("the server is not a rexmesh proxy");
+    if (!verdict) {
+      try {
+        const peer = identityFromSubjectAltName(cert.subjectaltname);
+        verdict = peer.role === "proxy" ? { peer } : new Error("the server is not a rexmesh proxy");
+      } catch (err) {
+        verdict = err;
+      }
+    }
     verifiedProxyCerts.set(key, verdict);
   }
-  return verdict ?? undefined;
+  return verdict;
 }
 
 // ---- one simulated host -------------------------------------------------------
@@ -177,16 +189,9 @@ class SimHost {
       settled = true;
       onSettled?.(ok);
     };
-    // One context per identity (its own certificate), made on the first connect and kept: building one
-    // (key parse, certificate, CA) costs ~1-2 ms of this process's CPU, which would otherwise be paid again
-    // at every reconnect of a storm. The mesh CA is its only trust anchor (no root store is loaded).
-    let secureContext;
-    try {
-      secureContext = this.secureContext ??= tls.createSecureContext({ key: cfg.keyPem, cert: this.certPem, ca: cfg.caPem, minVersion: "TLSv1.3" });
-    } catch (err) {
+    const secureContext = this.secureContext;
+    if (!secureContext) {
       stats.failures++;
-      stats.firstError ??= `${this.id}: ${err.code ?? ""} ${err.message}`;
-      stats.contextErrors++;
       settle(false);
       return;
     }
@@ -198,7 +203,12 @@ class SimHost {
           localAddress: cfg.localAddress,
           secureContext,
           ALPNProtocols: ["h2"],
-          checkServerIdentity,
+          checkServerIdentity: (name, cert) => {
+            const verdict = checkProxy(name, cert);
+            if (verdict instanceof Error) return verdict;
+            this.proxyPeer = verdict.peer;
+            return undefined;
+          },
         });
         return socket;
       },
@@ -292,8 +302,8 @@ class SimHost {
     }
     for (const ack of frame.statusAcks) this.outbox.delete(ack.taskId);
     if (frame.presenceNonce.length > 0) {
-      // Bound to the link by the nonce; the proxy name is left out (the simulator checks proxies by role only).
-      const { proof, salt } = this.reporter.prove(frame.presenceNonce, undefined);
+      // Bound to the link by the nonce and to the proxy whose certificate this host saw, as the daemon binds it.
+      const { proof, salt } = this.reporter.prove(frame.presenceNonce, this.proxyPeer);
       this.send(grpcFrame(toBinary(AgentStreamRequestSchema, create(AgentStreamRequestSchema, { presenceNonce: frame.presenceNonce, presenceProof: proof, presenceSalt: salt }))));
     }
     if (frame.signingKeys.length > 0) verifier.addKeys(frame.signingKeys);
@@ -403,7 +413,17 @@ async function start(msg) {
         if (attempt > 5) throw err;
       }
     }
-    hosts.push(new SimHost(id, certPem, cfg.proxies[i % cfg.proxies.length]));
+    const host = new SimHost(id, certPem, cfg.proxies[i % cfg.proxies.length]);
+    // Each host's TLS context (its key, its own certificate, the mesh CA as the only trust anchor) is built
+    // here, as a daemon builds its credentials when it starts (~1-2 ms of CPU each), and kept across
+    // reconnects as grpc-js keeps a channel's: a connect measures connecting, not starting.
+    try {
+      host.secureContext = tls.createSecureContext({ key: cfg.keyPem, cert: certPem, ca: cfg.caPem, minVersion: "TLSv1.3" });
+    } catch (err) {
+      stats.contextErrors++;
+      stats.firstError ??= `${id}: ${err.code ?? ""} ${err.message}`;
+    }
+    hosts.push(host);
   }
   const issueMs = Math.round(performance.now() - t0);
   setInterval(heartbeatSweep, 1000).unref();
