@@ -197,15 +197,16 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
       if (bytes) deps.counters.outputBytes(bytes, port.region);
       for (const s of frame.statuses) if (isTerminal(s.state) && !s.atProxy) deps.counters.tasksEnded(TaskState[s.state] ?? String(s.state), port.region);
     }
-    const reply = out.frame;
+    // Acks only: a frame with nothing to acknowledge (a heartbeat, a load report) gets no empty frame back.
     if (frame.events.length > 0 && deps.events) {
       // Signed by their hosts: taken from any proxy (a host may have moved), checked before they are stored.
       const taken = await deps.events.receive(frame.events, port.name);
       for (const h of taken.heldBack) heldBack.add(h);
-      reply.eventAcks.push(...taken.acks);
+      if (taken.acks.length > 0) out.frame.eventAcks.push(...taken.acks);
     }
-    for (const [taskId, seq] of highest) if (seq > 0) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-    if (ackRuns) reply.statusAckRuns.push(...ackRunsOf(statuses));
-    else for (const s of statuses) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
+    for (const [taskId, seq] of highest) if (seq > 0) out.frame.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
+    if (statuses.length === 0) return;
+    if (ackRuns) out.frame.statusAckRuns.push(...ackRunsOf(statuses));
+    else for (const s of statuses) out.frame.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state, atProxy: s.atProxy }));
   }
 }

@@ -441,10 +441,14 @@ export class ProxyCore implements RoleCore {
         if (this.store.markOf(task.id) === "cancelled") this.store.unmark(task.id).catch((err) => this.log.error("forgetting a task's cancel mark failed", { task: task.id, err }));
       }
     }
-    const reply = session.session.out.frame;
-    for (const [taskId, seq] of outputAcks) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-    for (const s of statusAcks) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
-    reply.eventAcks.push(...eventAcks);
+    // Only a frame with acks in it goes back: a ping's answer needs none, and an empty frame would cost
+    // both ends a write, its TLS record and a read per host.
+    if (outputAcks.size > 0 || statusAcks.length > 0 || eventAcks.length > 0) {
+      const reply = session.session.out.frame;
+      for (const [taskId, seq] of outputAcks) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
+      for (const s of statusAcks) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+      reply.eventAcks.push(...eventAcks);
+    }
     if (frame.credits !== undefined || changed.size > 0) this.deliver(session);
   }
 

@@ -155,10 +155,13 @@ describe("ProxyCore: tasks going down", () => {
     await flush();
     expect(upStatuses(ctl.link)).toEqual(["x1:QUEUED", "x1:DISPATCHED"]);
     expect(handed(h.link)).toEqual(["p1", "x1"]);
-    h.send({ statuses: [status("p1", TaskState.SUCCEEDED)] });
+    const framesBefore = h.link.sent.length;
+    h.send({ statuses: [status("p1", TaskState.SUCCEEDED)], credits: 2 });
     await flush();
     expect(upStatuses(ctl.link)).toEqual(["x1:QUEUED", "x1:DISPATCHED", "p1:SUCCEEDED"]);
-    // The daemon keeps no ping answer for an ack, so none goes back; other statuses are acknowledged.
+    // The daemon keeps no ping answer for an ack, so none goes back, and no empty frame either (a write, a TLS
+    // record and a read per host of a fleet-wide ping); other statuses are acknowledged.
+    expect(h.link.sent.slice(framesBefore)).toEqual([]);
     h.send({ statuses: [status("x1", TaskState.DELIVERED)] });
     await flush();
     expect(statusAcksTo(h.link)).toEqual(["x1:DELIVERED"]);

@@ -162,3 +162,21 @@ describe("status runs between releases", () => {
     });
   }
 });
+
+describe("what the controller sends back", () => {
+  it("acknowledges a run in one frame, and answers a frame with nothing to acknowledge with no frame at all", async () => {
+    const c = await controllerWithHosts(3);
+    const before = c.link.sent.length;
+    c.link.deliver(create(ProxyStreamRequestSchema, { load: { queuedTasks: 5 } }));
+    c.link.deliver(create(ProxyStreamRequestSchema, {}));
+    await flush(20);
+    expect(c.link.sent.slice(before)).toEqual([]);
+    c.link.deliver(create(ProxyStreamRequestSchema, { statusRuns: [{ state: TaskState.QUEUED, atProxy: true, taskIds: c.job.taskIds, hostIds: c.hostIds }] }));
+    await flush(20);
+    const after = c.link.sent.slice(before);
+    expect(after).toHaveLength(1);
+    expect(after[0]!.statusAckRuns.flatMap((r) => r.taskIds)).toEqual(c.job.taskIds);
+    c.link.close();
+    await c.served;
+  });
+});
