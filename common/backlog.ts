@@ -3,8 +3,20 @@ import { StepSchema, TaskState, type OutputChunk, type TaskSpec, type TaskStatus
 import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { eventBytes, eventKey } from "./host-event.js";
 
-/** A status, an output chunk or a host's event on its way up, kept until the next hop acknowledges it. */
-export type UpwardItem = { kind: "status"; status: TaskStatus } | { kind: "output"; chunk: OutputChunk } | { kind: "event"; event: HostEvent };
+/**
+ * A status, an output chunk or a host's event on its way up, kept until the
+ * next hop acknowledges it. A status marked `volatile` is kept in memory
+ * only, even by a backlog on disk: one whose loss with the process costs
+ * nothing, since the next hop asks for it again (a ping's answer: the
+ * controller sends a ping again to a proxy that comes back without having
+ * confirmed it, docs/fan-out.md).
+ */
+export type UpwardItem = { kind: "status"; status: TaskStatus; volatile?: boolean } | { kind: "output"; chunk: OutputChunk } | { kind: "event"; event: HostEvent };
+
+/** Whether a backlog keeps the item in memory only (see UpwardItem). */
+export function isVolatile(item: UpwardItem): boolean {
+  return item.kind === "status" && item.volatile === true;
+}
 
 /**
  * An item's identity in a backlog: a second item with the same identity is
@@ -77,6 +89,26 @@ export interface Backlog {
   all(): UpwardItem[];
   /** Items pushed after position `after` (0: from the start), oldest first, about maxBytes (at least one). */
   after(after: number, maxBytes: number): { n: number; item: UpwardItem }[];
+}
+
+/** Merges sources that are each in increasing position order into one, in that order; a position seen twice is taken once. */
+export function* mergeByPosition(...sources: Iterable<{ n: number; item: UpwardItem }>[]): Generator<{ n: number; item: UpwardItem }> {
+  const its = sources.map((s) => s[Symbol.iterator]());
+  const heads = its.map((it) => it.next());
+  let last = -Infinity;
+  for (;;) {
+    let min = -1;
+    for (let i = 0; i < heads.length; i++) {
+      const h = heads[i]!;
+      if (!h.done && (min < 0 || h.value.n < (heads[min]!.value as { n: number }).n)) min = i;
+    }
+    if (min < 0) return;
+    const { value } = heads[min]! as IteratorYieldResult<{ n: number; item: UpwardItem }>;
+    heads[min] = its[min]!.next();
+    if (value.n === last) continue;
+    last = value.n;
+    yield value;
+  }
 }
 
 /** Picks items after a position up to a byte budget; shared by the backlogs. */

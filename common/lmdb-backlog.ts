@@ -3,7 +3,7 @@ import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
 import { chunkFromWire, encodeOutputChunk, rememberWire } from "./output-wire.js";
-import { HeldItems, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
+import { HeldItems, isVolatile, mergeByPosition, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
 const OUTPUT = 2;
@@ -55,6 +55,8 @@ export class LmdbBacklog implements Backlog {
   private next = 1;
   /** Items pushed whose write has not committed yet: all() must include them too. */
   private readonly inFlight = new Map<number, UpwardItem>();
+  /** Volatile items (UpwardItem): held in memory only, never written, gone with the process. */
+  private readonly inMemory = new Map<number, UpwardItem>();
 
   constructor(
     private readonly db: Database<Buffer, (string | number)[]>,
@@ -84,6 +86,10 @@ export class LmdbBacklog implements Backlog {
       if (this.held.has(key)) continue;
       const n = this.next++;
       this.held.add(key, n, item);
+      if (isVolatile(item)) {
+        this.inMemory.set(n, item);
+        continue;
+      }
       this.inFlight.set(n, item);
       pushed.push({ key, n });
       writes.push(this.db.put([this.scope, n], encodeItem(item)).finally(() => this.inFlight.delete(n)));
@@ -107,6 +113,7 @@ export class LmdbBacklog implements Backlog {
   private drop(taken: readonly Held[]): Promise<void> {
     const writes: Promise<unknown>[] = [];
     for (const { n } of taken) {
+      if (this.inMemory.delete(n)) continue;
       this.inFlight.delete(n);
       writes.push(this.db.remove([this.scope, n]));
     }
@@ -126,35 +133,35 @@ export class LmdbBacklog implements Backlog {
   }
 
   after(after: number, maxBytes: number): { n: number; item: UpwardItem }[] {
+    return takeAfter(this.entries(after), after, maxBytes);
+  }
+
+  /**
+   * Held items after a position, in push order: those committed (read from
+   * LMDB), those whose write is in flight and the volatile ones, merged by
+   * number (each map is in push order; a write that commits while this runs
+   * may be seen in both, and is taken once).
+   */
+  private entries(after: number): Generator<{ n: number; item: UpwardItem }> {
     const self = this;
-    function* entries(): Generator<{ n: number; item: UpwardItem }> {
-      let last = after;
+    function* committed(): Generator<{ n: number; item: UpwardItem }> {
       for (const { key, value } of self.db.getRange({ start: [self.scope, after + 1], end: [self.scope, Number.MAX_SAFE_INTEGER] })) {
         const n = key[1] as number;
-        if (!self.held.holdsNumber(n)) continue;
-        last = n;
-        yield { n, item: decodeItem(value) };
+        if (self.held.holdsNumber(n)) yield { n, item: decodeItem(value) };
       }
-      for (const [n, item] of self.inFlight) if (n > last) yield { n, item };
     }
-    return takeAfter(entries(), after, maxBytes);
+    function* held(map: Map<number, UpwardItem>): Generator<{ n: number; item: UpwardItem }> {
+      for (const [n, item] of map) if (n > after && self.held.holdsNumber(n)) yield { n, item };
+    }
+    return mergeByPosition(committed(), held(this.inFlight), held(this.inMemory));
   }
 
   topOutputSeq(taskId: string): number {
     return this.held.topOutputSeq(taskId);
   }
 
-  /** Committed items in order, then those whose write is still in flight (always the newest). */
+  /** Everything held, in push order. */
   all(): UpwardItem[] {
-    const out: UpwardItem[] = [];
-    const seen = new Set<number>();
-    for (const { key, value } of this.db.getRange({ start: [this.scope, 0], end: [this.scope, Number.MAX_SAFE_INTEGER] })) {
-      const n = key[1] as number;
-      if (!this.held.holdsNumber(n)) continue; // acknowledged; its removal is in flight
-      seen.add(n);
-      out.push(decodeItem(value));
-    }
-    for (const [n, item] of this.inFlight) if (!seen.has(n)) out.push(item);
-    return out;
+    return [...this.entries(0)].map((e) => e.item);
   }
 }

@@ -404,7 +404,9 @@ export class ProxyCore implements RoleCore {
         undo.touch(task);
         task.state = status.state;
         task.endedHere = false;
-        items.push({ kind: "status", status });
+        // A ping's answer is held in memory as the ping is: a proxy that restarts has lost both, and the controller,
+        // never told either, sends the ping again.
+        items.push(task.volatile ? { kind: "status", status, volatile: true } : { kind: "status", status });
         changed.add(task);
       }
       // A cancel that came while the host had the task elsewhere: tell it now.

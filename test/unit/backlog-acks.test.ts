@@ -188,3 +188,35 @@ describe("LmdbBacklog push whose write fails", () => {
     expect(b.all()).toEqual([]);
   });
 });
+
+describe("LmdbBacklog volatile statuses (a ping's answer at a proxy)", () => {
+  const vol = (taskId: string, state: TaskState): UpwardItem => ({ kind: "status", status: status(taskId, state), volatile: true });
+
+  it("holds them in push order among stored items, writes none of them, and forgets them when opened again", async () => {
+    const { db } = lmdbBacklogDb();
+    const b = new LmdbBacklog(db, "h1");
+    await b.push([st("t1", TaskState.RUNNING), vol("p1", TaskState.SUCCEEDED)]);
+    await b.push([out("t1", 1), vol("p2", TaskState.SUCCEEDED), st("t1", TaskState.SUCCEEDED)]);
+    const order = ["s/t1/5", "s/p1/10", "o/t1/1", "s/p2/10", "s/t1/10"];
+    expect(keys(b)).toEqual(order);
+    // Sent up in that order, from any position and within any budget.
+    expect(b.after(0, 1 << 20).map((e) => upwardKey(e.item))).toEqual(order);
+    const second = b.after(0, 1 << 20)[1]!.n;
+    expect(b.after(second, 1 << 20).map((e) => upwardKey(e.item))).toEqual(order.slice(2));
+    expect(b.after(0, 1).map((e) => upwardKey(e.item))).toEqual(order.slice(0, 1));
+    expect(b.size).toBe(5);
+    // Nothing of them on disk: a process that starts again on the same database holds only the others.
+    let written = 0;
+    for (const { value } of db.getRange({ start: ["h1", 0], end: ["h1", Number.MAX_SAFE_INTEGER] })) {
+      const item = decodeItem(value);
+      if (item.kind === "status" && item.status.taskId.startsWith("p")) written++;
+    }
+    expect(written).toBe(0);
+    expect(keys(new LmdbBacklog(db, "h1"))).toEqual(["s/t1/5", "o/t1/1", "s/t1/10"]);
+    // Acknowledged like the others; a duplicate is not taken twice.
+    await b.push([vol("p1", TaskState.SUCCEEDED)]);
+    await b.ackStatus("p1", TaskState.SUCCEEDED);
+    expect(keys(b)).toEqual(["s/t1/5", "o/t1/1", "s/p2/10", "s/t1/10"]);
+    expect(b.bytes).toBe([st("t1", TaskState.RUNNING), out("t1", 1), vol("p2", TaskState.SUCCEEDED), st("t1", TaskState.SUCCEEDED)].reduce((n, i) => n + itemBytes(i), 0));
+  });
+});

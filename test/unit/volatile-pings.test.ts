@@ -27,7 +27,7 @@ const ping = [create(StepSchema, { tool: { case: "ping", value: {} } })];
 const settleUntil = (w: { settle(): Promise<void> }, ok: () => boolean) => eventually(ok, () => w.settle());
 
 describe("a ping held in memory at a proxy that is killed", () => {
-  it("is sent again by the controller to the restarted proxy, whether it was waiting there or already handed out, and ends SUCCEEDED", async () => {
+  it("is sent again by the controller to the restarted proxy, whether it was waiting there, handed out or answered, and ends SUCCEEDED", async () => {
     const clock = new ManualClock();
     const c = realController(clock);
     const dir = mkdtempSync(join(tmpdir(), "rexmesh-volatile-"));
@@ -75,11 +75,30 @@ describe("a ping held in memory at a proxy that is killed", () => {
     expect(handed(p.host).sort()).toEqual([waiting, lost].sort());
     p.send({ statuses: [status(waiting, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" }), status(lost, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" })] });
     await settleUntil(p.w, () => p.core.store.upwardSize() === 0 && p.core.store.allTasks().length === 0);
-    console.log(JSON.stringify(p.w.proxySide.sent.map((f) => ({ st: f.statuses.map((x) => x.taskId + ":" + x.state), runs: f.statusRuns.map((r) => [r.state, r.taskIds]) }))));
     expect([state(waiting), state(lost)]).toEqual(["SUCCEEDED", "SUCCEEDED"]);
     // Nothing lingers at the proxy once the controller has the answers.
     expect(p.core.store.allTasks()).toEqual([]);
     expect(p.core.store.upwardSize()).toBe(0);
+
+    // 3. Answered, the answer on its way up (held in memory only) when px1 dies: it is not on disk, and the
+    //    controller, never told, sends the ping again.
+    const answered = (await c.jobs.submit(operator("acme"), submitRequest({ steps: ping }))).taskIds[0]!;
+    p.send({ credits: 1 });
+    await settleUntil(p.w, () => handed(p.host).includes(answered));
+    p.send({ statuses: [status(answered, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" })] });
+    const carries = (f: (typeof p.w.proxySide.sent)[number]) => f.statuses.some((x) => x.taskId === answered) || f.statusRuns.some((r) => r.taskIds.includes(answered));
+    await eventually(() => p.w.pendingUp().some(carries));
+    expect(p.core.store.upwardSize()).toBe(1);
+    await p.kill();
+    const env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
+    expect(new LmdbProxyStore(env).upwardSize()).toBe(0);
+    await env.close();
+    expect(state(answered)).not.toBe("SUCCEEDED");
+    p = await start(1);
+    await p.w.settle();
+    expect(handed(p.host)).toEqual([answered]);
+    p.send({ statuses: [status(answered, TaskState.SUCCEEDED, { exitCode: 0, message: "pong" })] });
+    await settleUntil(p.w, () => state(answered) === "SUCCEEDED" && p.core.store.upwardSize() === 0);
     await p.kill();
   });
 });
