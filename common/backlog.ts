@@ -42,6 +42,7 @@ export function specBytes(spec: TaskSpec): number {
   for (const step of spec.steps) {
     if (step.tool.case === "exec") for (const a of step.tool.value.argv) n += a.length + 4;
     else if (step.tool.case === "shell") n += step.tool.value.script.length + 8;
+    else if (step.tool.case === "ping") n += 4;
     // A python script or playbook is as large as a shell script; their maps count per entry.
     else n += toBinary(StepSchema, step).length;
   }

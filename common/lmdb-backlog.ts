@@ -57,6 +57,8 @@ export class LmdbBacklog implements Backlog {
   private readonly inFlight = new Map<number, UpwardItem>();
   /** Volatile items (UpwardItem): held in memory only, never written, gone with the process. */
   private readonly inMemory = new Map<number, UpwardItem>();
+  /** The highest number ever given to an item that is written: past it, nothing is to be read from LMDB. */
+  private lastWritten = 0;
 
   constructor(
     private readonly db: Database<Buffer, (string | number)[]>,
@@ -67,6 +69,7 @@ export class LmdbBacklog implements Backlog {
       const item = decodeItem(value);
       this.held.add(upwardKey(item), n, item);
       this.next = Math.max(this.next, n + 1);
+      this.lastWritten = Math.max(this.lastWritten, n);
     }
   }
 
@@ -91,6 +94,7 @@ export class LmdbBacklog implements Backlog {
         continue;
       }
       this.inFlight.set(n, item);
+      this.lastWritten = n;
       pushed.push({ key, n });
       writes.push(this.db.put([this.scope, n], encodeItem(item)).finally(() => this.inFlight.delete(n)));
     }
@@ -145,6 +149,8 @@ export class LmdbBacklog implements Backlog {
   private entries(after: number): Generator<{ n: number; item: UpwardItem }> {
     const self = this;
     function* committed(): Generator<{ n: number; item: UpwardItem }> {
+      // Only volatile items came since (a fleet's ping answers): no read of LMDB at all.
+      if (after >= self.lastWritten) return;
       for (const { key, value } of self.db.getRange({ start: [self.scope, after + 1], end: [self.scope, Number.MAX_SAFE_INTEGER] })) {
         const n = key[1] as number;
         if (self.held.holdsNumber(n)) yield { n, item: decodeItem(value) };

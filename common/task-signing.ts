@@ -1,6 +1,7 @@
 import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
 import { ed25519PublicKey } from "./ed25519.js";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate } from "../certs/identity.js";
@@ -189,6 +190,72 @@ export class SpecEncoder {
     }
     out.set(common, off);
     return out;
+  }
+}
+
+/**
+ * The proxy's side of SpecEncoder: decodes tasks' specs to route them, the
+ * job's part once. Bytes that are a task_id field and perhaps a host_id
+ * field followed by the same bytes as the previous task's are read as that
+ * job part (decoded once and shared: callers must not change it) with
+ * these ids. That is exactly what decoding them whole gives (protobuf
+ * reads concatenated fields as one message), because a job part is shared
+ * only if it has no task_id or host_id field of its own (one after the ids
+ * would win). Anything else is decoded whole, as peekSpec does.
+ */
+export class SpecDecoder {
+  private last: { rest: Buffer; part: TaskSpec | undefined } | undefined;
+
+  peek(task: SignedTask): TaskSpec | undefined {
+    const bytes = task.spec;
+    const at = idsEnd(bytes);
+    if (at > 0) {
+      const rest = Buffer.from(bytes.buffer, bytes.byteOffset + at, bytes.length - at);
+      // Decoded from the task's own bytes, so its bytes fields are of the same kind as a whole decode's.
+      if (!this.last || !this.last.rest.equals(rest)) this.last = { rest, part: jobPart(bytes.subarray(at)) };
+      const part = this.last.part;
+      if (part) {
+        try {
+          const ids = fromBinary(TaskSpecSchema, bytes.subarray(0, at));
+          return { ...part, taskId: ids.taskId, hostId: ids.hostId };
+        } catch {
+          return undefined;
+        }
+      }
+    }
+    return peekSpec(task);
+  }
+}
+
+/** Where a spec's leading task_id field (1) and host_id field (4), in that order, end; 0 when it does not start with task_id. */
+function idsEnd(bytes: Uint8Array): number {
+  if (bytes[0] !== 0x0a) return 0;
+  try {
+    const r = new BinaryReader(bytes);
+    r.tag();
+    r.skip(WireType.LengthDelimited);
+    if (r.pos < r.len && bytes[r.pos] === 0x22) {
+      r.tag();
+      r.skip(WireType.LengthDelimited);
+    }
+    return r.pos <= bytes.length ? r.pos : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** A job's part of a spec, decoded; undefined if it does not decode or names a task or host itself (it cannot be shared). */
+function jobPart(bytes: Uint8Array): TaskSpec | undefined {
+  try {
+    const r = new BinaryReader(bytes);
+    while (r.pos < r.len) {
+      const [no, wireType] = r.tag();
+      if (no === 1 || no === 4) return undefined;
+      r.skip(wireType, no);
+    }
+    return fromBinary(TaskSpecSchema, bytes);
+  } catch {
+    return undefined;
   }
 }
 

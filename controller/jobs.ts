@@ -796,6 +796,11 @@ export class JobManager implements RoleCore {
     return this.store.getJob(id);
   }
 
+  /** Whether a job is recorded finished; without reading its record while it is still running (kept in memory). */
+  isFinished(id: string): boolean {
+    return this.table.job(id) === undefined && this.store.getJob(id)?.finishedAt !== undefined;
+  }
+
   /** The first output seq at or above `from` that the task does not hold yet (no copy of its record). */
   firstMissingChunk(taskId: string, from: number): number | undefined {
     const t = this.table.get(taskId);

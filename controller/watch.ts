@@ -109,11 +109,11 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
         sent.set(id, sig);
         tasks.push(task);
       }
-      const current = jobs.getJobRecord(job.id) ?? job;
       // The job is recorded finished just after its last task: wait for that, so the last batch says DONE.
-      const last = open === 0 && changed.size === 0 && current.finishedAt !== undefined;
+      // (Its record is read only for the first batch and the last: it holds every task id.)
+      const last = open === 0 && changed.size === 0 && jobs.isFinished(job.id);
       if (first || last || tasks.length > 0 || output.length > 0) {
-        yield { job: first || last ? current : undefined, tasks, output };
+        yield { job: first || last ? (jobs.getJobRecord(job.id) ?? job) : undefined, tasks, output };
       }
       first = false;
       if (last) return;

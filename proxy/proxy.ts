@@ -38,7 +38,7 @@ import { TaskUndo } from "./task-undo.js";
 import { specBytes } from "../common/backlog.js";
 import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
-import { isPingOnly, peekSpec } from "../common/task-signing.js";
+import { isPingOnly, peekSpec, SpecDecoder } from "../common/task-signing.js";
 import { STATUS_RUNS, StatusRunBuilder } from "../common/status-runs.js";
 import { DenySet } from "../common/deny-list.js";
 import { screenControllerFrame, screenHostFrame, TAKEN_ON_TASKS_PER_HOST } from "../common/link-limits.js";
@@ -145,6 +145,8 @@ export class ProxyCore implements RoleCore {
   private readonly hosts = new Map<string, HostSession>();
   /** Tasks whose hand-over (DISPATCHED) is on its way to the store: they go to the host once it is stored, not before. */
   private readonly handing = new Set<string>();
+  /** Decodes the specs of the tasks the controller sends, each job's part once (SpecEncoder's bytes). */
+  private readonly specs = new SpecDecoder();
   private controller: ControllerSession | undefined;
   private sweepTimer: Timer | undefined;
   private readonly sweepMs: number;
@@ -750,8 +752,8 @@ export class ProxyCore implements RoleCore {
       for (const session of this.hosts.values()) session.session.out.frame.signingKeys.push(...fresh);
     }
     for (const signed of frame.tasks) {
-      // Decoded only to route it; the daemon verifies the signature over these exact bytes.
-      const spec = peekSpec(signed);
+      // Decoded only to route it (a job's part once); the daemon verifies the signature over these exact bytes.
+      const spec = this.specs.peek(signed);
       if (!spec?.taskId || !spec.hostId) {
         this.log.warn("a task that cannot be decoded was dropped");
         continue;

@@ -11,12 +11,12 @@ import { describe, expect, it } from "vitest";
 import { Prng } from "../../chaos/prng.js";
 import { ManualClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
-import { TaskSigner } from "../../common/task-signing.js";
+import { peekSpec, SpecDecoder, TaskSigner } from "../../common/task-signing.js";
 import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager } from "../../controller/jobs.js";
 import type { JobRecord, TaskRecord, TaskSteps } from "../../controller/model.js";
-import { TaskSpecSchema, TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
+import { SignedTaskSchema, StepSchema, TaskSpecSchema, TaskState, type TaskSpec } from "../../gen/rexmesh/v1/task_pb.js";
 import { counterIds, execStep, testSigning } from "./support.js";
 
 /** Seeded floats in [0, 1) (chaos/prng.ts), so a failure names its seed. */
@@ -65,6 +65,7 @@ describe("SpecEncoder through JobManager.taskSpec", () => {
         idempotent: job.idempotent,
         createdAt: { seconds: BigInt(Math.floor(job.createdAt / 1000)), nanos: 0 },
       });
+    const decoder = new SpecDecoder();
     for (let seed = 1; seed <= 20; seed++) {
       const r = rng(seed);
       // Runs of one job's tasks of random length, jobs in random order: as slices, reconnects and failovers send them.
@@ -74,9 +75,48 @@ describe("SpecEncoder through JobManager.taskSpec", () => {
         for (let n = 1 + Math.floor(r() * 5); n > 0; n--, i++) {
           const [, t] = mine[Math.floor(r() * mine.length)]!;
           const bytes = signer.prepare(jobs.taskSpec(job, t)).spec;
-          expect(fromBinary(TaskSpecSchema, new Uint8Array(bytes)), `seed ${seed}, ${t.id}`).toEqual(fromBinary(TaskSpecSchema, toBinary(TaskSpecSchema, expected(job, t))));
+          const whole = fromBinary(TaskSpecSchema, new Uint8Array(bytes));
+          expect(whole, `seed ${seed}, ${t.id}`).toEqual(fromBinary(TaskSpecSchema, toBinary(TaskSpecSchema, expected(job, t))));
+          // The proxy's decoder (a job's part once) reads the same spec.
+          const signed = create(SignedTaskSchema, { spec: bytes });
+          expect(decoder.peek(signed), `seed ${seed}, ${t.id} at the proxy`).toEqual(peekSpec(signed));
         }
       }
     }
+  });
+});
+
+describe("SpecDecoder (the proxy reads a job's part once)", () => {
+  it("reads every spec exactly as a whole decode does, also bytes no encoder of ours writes", () => {
+    const bin = (init: Parameters<typeof create<typeof TaskSpecSchema>>[1]) => toBinary(TaskSpecSchema, create(TaskSpecSchema, init));
+    const cat = (...parts: Uint8Array[]) => new Uint8Array(Buffer.concat(parts));
+    const ping = [create(StepSchema, { tool: { case: "ping", value: {} } })];
+    const part = bin({ jobId: "j1", tenant: "acme", steps: ping, env: { A: "1" } });
+    const other = bin({ jobId: "j2", tenant: "acme", steps: ping });
+    const ids = (taskId: string, hostId: string) => bin({ taskId, hostId });
+    const field = (tag: number, text: string) => new Uint8Array([tag, Buffer.byteLength(text), ...Buffer.from(text)]);
+    const cases: [string, Uint8Array][] = [
+      ["ids then the job's part", cat(ids("t1", "h1"), part)],
+      ["the same part again (shared)", cat(ids("t2", "h2"), part)],
+      ["another job's part", cat(ids("t3", "h3"), other)],
+      ["the first job's part once more", cat(ids("t4", "h4"), part)],
+      ["a task id alone in front", cat(ids("t5", ""), part)],
+      ["a part that names a task itself (the later field wins)", cat(ids("t6", "h6"), part, field(0x0a, "tX"))],
+      ["a part that names a host itself", cat(ids("t7", "h7"), part, field(0x22, "hX"))],
+      ["a part with an empty host id of its own", cat(ids("t8", "h8"), part, new Uint8Array([0x22, 0]))],
+      ["the host id before the task id", cat(field(0x22, "h9"), field(0x0a, "t9"), part)],
+      ["a part cut short", cat(ids("t10", "h10"), part.subarray(0, part.length - 1))],
+      ["an id longer than the bytes", new Uint8Array([0x0a, 0x7f, 0x61])],
+      ["the shared part after a cut one", cat(ids("t11", "h11"), part)],
+      ["a part one byte different", cat(ids("t12", "h12"), Buffer.from(part).map((b, i) => (i === part.length - 1 ? b ^ 1 : b)))],
+    ];
+    const decoder = new SpecDecoder();
+    for (const [what, bytes] of cases) {
+      const signed = create(SignedTaskSchema, { spec: bytes });
+      expect(decoder.peek(signed), what).toEqual(peekSpec(signed));
+    }
+    // And the shared part is what it claims: t2's spec is t1's but for the ids.
+    const t2 = decoder.peek(create(SignedTaskSchema, { spec: cases[1]![1] }))!;
+    expect([t2.taskId, t2.hostId, t2.jobId, t2.env]).toEqual(["t2", "h2", "j1", { A: "1" }]);
   });
 });
