@@ -90,9 +90,10 @@ function auditToProto(e: AuditRecord): AuditEvent {
 }
 
 /** A job as the caller sees it: counts and task count over the tasks given (those it may read). */
-function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
+/** A job with its tasks' counts per state (from their records, or from a map of task id → state). */
+function jobToProto(job: JobRecord, tasks: readonly TaskRecord[] | ReadonlyMap<string, TaskState>): Job {
   const counts = new Map<number, number>();
-  for (const t of tasks) counts.set(t.state, (counts.get(t.state) ?? 0) + 1);
+  for (const state of Array.isArray(tasks) ? tasks.map((t) => t.state) : (tasks as ReadonlyMap<string, TaskState>).values()) counts.set(state, (counts.get(state) ?? 0) + 1);
   return create(JobSchema, {
     id: job.id,
     tenant: job.tenant,
@@ -102,7 +103,7 @@ function jobToProto(job: JobRecord, tasks: readonly TaskRecord[]): Job {
     finishedAt: job.finishedAt !== undefined ? timestampFromMs(job.finishedAt) : undefined,
     steps: job.steps,
     counts: [...counts].sort((a, b) => a[0] - b[0]).map(([state, count]) => create(TaskStateCountSchema, { state, count })),
-    taskCount: tasks.length,
+    taskCount: Array.isArray(tasks) ? tasks.length : (tasks as ReadonlyMap<string, TaskState>).size,
     document: job.document ?? "",
     parameters: job.parameters ?? {},
     schedule: job.schedule ?? "",
@@ -181,11 +182,16 @@ export function controllerServiceImpl(deps: {
   const streamJob = async function* (caller: PeerIdentity, jobId: string, noOutput: boolean, signal: AbortSignal) {
     const { job, tasks } = await access.getJob(caller, jobId, `watch job ${jobId}`);
     const shown = new Set(tasks.map((t) => t.id));
-    const visible = (j: JobRecord) => jobs.tasksOf(j).filter((t) => shown.has(t.id));
+    // Each shown task's state as this stream last sent it. The job's counts come from here: by the last batch
+    // every task has been sent in its final state, and reading every task's record again would read them all
+    // from the store (a finished job's tasks are no longer held in memory).
+    const states = new Map(tasks.map((t) => [t.id, t.state]));
     for await (const batch of watchJob(jobs, job, { noOutput, signal })) {
+      const mine = batch.tasks.filter((t) => shown.has(t.id));
+      for (const t of mine) states.set(t.id, t.state);
       yield {
-        job: batch.job ? jobToProto(batch.job, visible(batch.job)) : undefined,
-        tasks: batch.tasks.filter((t) => shown.has(t.id)),
+        job: batch.job ? jobToProto(batch.job, states) : undefined,
+        tasks: mine,
         output: batch.output.filter((c) => shown.has(c.taskId)),
       } satisfies WatchFrame;
     }

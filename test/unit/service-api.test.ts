@@ -58,6 +58,8 @@ describe("ControllerService, as a client sees it", () => {
     const tasks = batches.flatMap((b) => b.tasks);
     const output = batches.flatMap((b) => b.output.map((c) => `${c.hostId}: ${text(c.data)}`)).join("");
     expect(jobs.map((j) => j.state)).toEqual([JobState.RUNNING, JobState.DONE]);
+    // The job's counts per state, as they stood at the first batch and at the end.
+    expect(jobs.map((j) => [j.taskCount, j.counts.map((c) => `${TaskState[c.state]}:${c.count}`)])).toEqual([[1, ["PENDING:1"]], [1, ["SUCCEEDED:1"]]]);
     expect(tasks.at(-1)).toMatchObject({ id: taskId, state: TaskState.SUCCEEDED, exitCode: 0 });
     expect(output).toBe("web-1: web-1.example\n");
 
