@@ -969,18 +969,24 @@ export class ProxyCore implements RoleCore {
     const items: UpwardItem[] = [];
     const changed: QueuedTask[] = [];
     const undo = new TaskUndo();
+    // Hosts with a task still to hand out: looked at below (the tasks are walked anyway, idle hosts are not).
+    const waiting = new Set<string>();
     for (const task of this.store.allTasks()) {
+      if (task.state !== TaskState.QUEUED) continue;
       const deliverBy = deliverByOf(task);
-      if (task.state === TaskState.QUEUED && deliverBy !== undefined && deliverBy <= now) {
+      if (deliverBy !== undefined && deliverBy <= now) {
         undo.touch(task);
         items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed while the host was not connected"));
         changed.push(task);
-      }
+      } else waiting.add(task.hostId);
     }
     // Not stored: the tasks are QUEUED again (undone) and the next sweep tries again.
     if (items.length > 0) this.persistUp(items, changed, undo).catch((err) => this.log.error("storing expired tasks failed", { err }));
     // Hand-overs whose write failed are QUEUED again: they go now to a host with free slots, not only at its next report.
-    for (const session of this.hosts.values()) this.deliver(session);
+    for (const hostId of waiting) {
+      const session = this.hosts.get(hostId);
+      if (session) this.deliver(session);
+    }
     void this.store.pruneMarks(now).catch((err) => this.log.error("forgetting old task marks failed", { err }));
   }
 
