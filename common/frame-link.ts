@@ -21,6 +21,19 @@ export interface FrameLink<Out, In> {
   readonly closed: Promise<void>;
   /** On the dialling side: the identity in the server's certificate, once the handshake is done. */
   readonly peer?: PeerIdentity;
+  /** On the serving side, where the transport tells: the connection the stream arrived on. */
+  readonly connection?: LinkConnection;
+}
+
+/**
+ * The connection under a served stream: what a server needs to watch a
+ * peer that pings it (common/silence-watch.ts) and to drop it.
+ */
+export interface LinkConnection {
+  /** Bytes received on the connection so far, its peer's PINGs included. */
+  readonly bytesRead: number;
+  /** Drops the connection and every stream on it. */
+  destroy(): void;
 }
 
 /**

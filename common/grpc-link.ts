@@ -1,6 +1,7 @@
 import { type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
 import { decodeBounded } from "./decode-budget.js";
 import * as grpc from "@grpc/grpc-js";
+import { createServer, type Socket } from "node:net";
 import type { PeerCertificate } from "node:tls";
 import type { Credentials } from "../certs/files.js";
 import { identityFromCertificate, type PeerIdentity, type Role } from "../certs/identity.js";
@@ -8,7 +9,7 @@ import { clientTlsOptions } from "../certs/tls.js";
 import { systemClock, type Clock, type Timer } from "./clock.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { UnauthenticatedError } from "./errors.js";
-import { untilClosed, type FrameLink } from "./frame-link.js";
+import { untilClosed, type FrameLink, type LinkConnection } from "./frame-link.js";
 import { encodeWithWireOutput } from "./output-wire.js";
 import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
@@ -62,6 +63,7 @@ class CallLink<Out, In> implements FrameLink<Out, In> {
     private readonly end: (error?: Error) => void,
     private readonly release: () => void = () => {},
     private readonly server?: { peer?: PeerIdentity },
+    readonly connection?: LinkConnection,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
     call.on("close", () => this.ended());
@@ -167,17 +169,19 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
   extend?: (server: grpc.Server) => void;
   /** Times the arrival of unary requests (LIMITS.requestArrivalMs); the system clock by default. */
   clock?: Clock;
-  /** Asks every client connection whether it is alive this often (keepaliveOptions); absent: never. */
-  keepaliveMs?: number;
 }): GrpcLinkServer {
   const server = new grpc.Server({
     ...CHANNEL_OPTIONS,
-    ...(opts.keepaliveMs ? keepaliveOptions(opts.keepaliveMs) : {}),
+    // The server asks no client whether it is alive: a link's serve watches the connection of a peer that pings
+    // (FrameLink.connection; common/silence-watch.ts). A connection with no stream (an operator's idle channel) is
+    // closed after a while.
+    "grpc.max_connection_idle_ms": IDLE_CONNECTION_MS,
     "grpc.max_concurrent_streams": 4,
     interceptors: [boundUnaryArrival(LIMITS.requestArrivalMs, opts.clock ?? systemClock)],
   });
-  addLinkMethod(server, { method: opts.method, serve: opts.serve } as unknown as LinkHandler);
-  for (const l of opts.links ?? []) addLinkMethod(server, l);
+  const connections = new Connections();
+  addLinkMethod(server, { method: opts.method, serve: opts.serve } as unknown as LinkHandler, connections);
+  for (const l of opts.links ?? []) addLinkMethod(server, l, connections);
   for (const u of opts.unary ?? []) {
     addUnaryMethod(server, u.method, (call) => u.handle(call.request, peerOf(call)), (err) => opts.log.info("request refused", { method: u.method.name, err }));
   }
@@ -187,7 +191,44 @@ export function createGrpcLinkServer<I extends DescMessage, O extends DescMessag
     [{ private_key: Buffer.from(opts.creds.keyPem), cert_chain: Buffer.from(opts.creds.certPem) }],
     true,
   );
-  return serverLifecycle(server, credentials);
+  return serverLifecycle(server, credentials, connections);
+}
+
+/** A connection that carries no stream is closed after this long (grpc.max_connection_idle_ms). */
+const IDLE_CONNECTION_MS = 5 * 60_000;
+
+/**
+ * The server's TCP connections by the peer address grpc-js reports for a
+ * call (`getPeer()`: address and port), so that a stream's serve can watch
+ * and drop its own connection. The server owns its listener and hands each
+ * connection to grpc-js (`createConnectionInjector`), which does the TLS
+ * and HTTP/2 on it as on a port it bound itself.
+ */
+class Connections {
+  private readonly byPeer = new Map<string, Socket>();
+
+  add(socket: Socket): void {
+    const key = `${socket.remoteAddress}:${socket.remotePort}`;
+    this.byPeer.set(key, socket);
+    socket.once("close", () => {
+      if (this.byPeer.get(key) === socket) this.byPeer.delete(key);
+    });
+  }
+
+  of(peer: string): LinkConnection | undefined {
+    const socket = this.byPeer.get(peer);
+    if (!socket) return undefined;
+    return {
+      get bytesRead() {
+        return socket.bytesRead;
+      },
+      destroy: () => socket.destroy(),
+    };
+  }
+
+  destroyAll(): void {
+    for (const s of this.byPeer.values()) s.destroy();
+  }
 }
 
 /**
@@ -203,7 +244,7 @@ function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => B
   };
 }
 
-function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler): void {
+function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler, connections: Connections): void {
   type In = MessageShape<typeof method.input>;
   type Out = MessageShape<typeof method.output>;
   const definition: grpc.ServiceDefinition = {
@@ -229,11 +270,17 @@ function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler): voi
       fail(err);
       return;
     }
-    const link = new CallLink<Out, In>(call, (error) => {
-      if (call.writableEnded || call.destroyed) return;
-      if (error) fail(error);
-      else call.end();
-    });
+    const link = new CallLink<Out, In>(
+      call,
+      (error) => {
+        if (call.writableEnded || call.destroyed) return;
+        if (error) fail(error);
+        else call.end();
+      },
+      undefined,
+      undefined,
+      connections.of(call.getPeer()),
+    );
     serve(link, peer).then(
       () => link.close(),
       (err) => link.close(err instanceof Error ? err : new Error(String(err))),
@@ -325,17 +372,29 @@ export function addUnaryMethod(
   );
 }
 
-/** Binding and a graceful-then-forced shutdown for a grpc-js server. */
-function serverLifecycle(server: grpc.Server, credentials: grpc.ServerCredentials): GrpcLinkServer {
+/** Listening (connections handed to grpc-js, see Connections) and a graceful-then-forced shutdown for a grpc-js server. */
+function serverLifecycle(server: grpc.Server, credentials: grpc.ServerCredentials, connections: Connections): GrpcLinkServer {
+  const injector = server.createConnectionInjector(credentials);
+  const listener = createServer((socket) => {
+    connections.add(socket);
+    injector.injectConnection(socket);
+  });
   return {
     listen: (host, port) =>
-      new Promise((resolve, reject) =>
-        server.bindAsync(`${host.includes(":") ? `[${host}]` : host}:${port}`, credentials, (err, bound) => (err ? reject(err) : resolve(bound))),
-      ),
+      new Promise((resolve, reject) => {
+        listener.once("error", reject);
+        listener.listen(port, host, () => {
+          listener.off("error", reject);
+          const a = listener.address();
+          resolve(typeof a === "object" && a ? a.port : port);
+        });
+      }),
     close: (graceMs) =>
       new Promise<void>((resolve) => {
+        listener.close();
         const force = setTimeout(() => {
           server.forceShutdown();
+          connections.destroyAll();
           resolve();
         }, graceMs);
         force.unref();

@@ -6,7 +6,7 @@ import { Heartbeat } from "./heartbeat.js";
 import { LIMITS } from "./limits.js";
 
 /** Intervals after which a link's peer counts as gone. */
-const DEAD_AFTER_INTERVALS = 3;
+export const DEAD_AFTER_INTERVALS = 3;
 
 /**
  * A heartbeat interval held within [LIMITS.heartbeatMinMs,

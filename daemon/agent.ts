@@ -88,6 +88,12 @@ export interface AgentOptions {
   capacity?: number;
   /** Default 10 s. */
   heartbeatMs?: number;
+  /**
+   * How often the dialler's connection PINGs the proxy (HTTP/2), said in
+   * the hello so that the proxy watches for those PINGs instead of asking
+   * back (AgentHello.ping_ms). Default 0: the connection does not PING.
+   */
+  pingMs?: number;
   backoff?: BackoffOptions;
   /** Connection time after which the backoff starts over. Default 10 s. */
   healthyAfterMs?: number;
@@ -261,6 +267,7 @@ export class Agent implements RoleCore {
     this.opts = {
       capacity: 4,
       heartbeatMs: 10_000,
+      pingMs: 0,
       healthyAfterMs: 10_000,
       backoff: {},
       killGraceMs: 2000,
@@ -464,7 +471,7 @@ export class Agent implements RoleCore {
     // results arrive through it.
     const hello = ls.out.frame;
     this.reporter = this.opts.reporter?.();
-    hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs, reportKey: this.reporter?.key };
+    hello.hello = { $typeName: "rexmesh.v1.AgentHello", hostId: this.opts.hostId, facts: this.opts.facts, heartbeatMs: this.opts.heartbeatMs, reportKey: this.reporter?.key, pingMs: this.opts.pingMs };
     hello.credits = this.credits();
     this.lastCredits = hello.credits;
     ls.out.flush();

@@ -172,6 +172,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       log: log.child({ host: me.id }),
       capacity: config.capacity,
       heartbeatMs: config.heartbeat * IDLE_FRAME_INTERVALS,
+      pingMs: config.heartbeat,
       ...(roundTrip ? { linkRoundTrip: (s: number) => roundTrip.observe({ peer: "proxy" }, s) } : {}),
       maxUnackedOutputBytes: config.maxUnackedOutput,
       killGraceMs: config.killGrace,

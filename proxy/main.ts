@@ -163,9 +163,6 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const server = createGrpcLinkServer({
     creds,
     log,
-    // Every host connection is asked whether it is alive each heartbeat (HTTP/2 PING, answered by its nghttp2): an idle
-    // daemon sends an application frame only every IDLE_FRAME_INTERVALS heartbeats (common/grpc-link.ts).
-    keepaliveMs: config.heartbeat,
     method: AgentLinkService.method.agentStream,
     serve: guardLink(declarations, AgentLinkService.method.agentStream, (link: Parameters<ProxyCore["serveHost"]>[0], peer) => core.serveHost(link, peer), boundary),
     links: [

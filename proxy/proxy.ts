@@ -4,7 +4,8 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
 import { FailedPreconditionError, PermissionDeniedError, InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import type { FrameLink } from "../common/frame-link.js";
-import { LinkSession } from "../common/link-session.js";
+import { DEAD_AFTER_INTERVALS, heartbeatInterval, LinkSession } from "../common/link-session.js";
+import { SilenceWatch } from "../common/silence-watch.js";
 import type { Logger } from "../common/logger.js";
 import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import { advances, isTerminal } from "../common/task-state.js";
@@ -163,6 +164,8 @@ export class ProxyCore implements RoleCore {
   private readonly openDenyList: ((signed: SignedDenyList) => DenyList) | undefined;
   private readonly maxTakenOnPerHost: number;
   private readonly onSessionOrder: ((order: SignedSessionOrder) => void) | undefined;
+  /** Hosts that PING (their hello's ping_ms): their connections, watched for silence in one sweep. */
+  private readonly silence: SilenceWatch;
 
   constructor(opts: ProxyCoreOptions) {
     this.name = opts.name;
@@ -176,6 +179,7 @@ export class ProxyCore implements RoleCore {
     this.openDenyList = opts.openDenyList;
     this.maxTakenOnPerHost = opts.maxTakenOnPerHost ?? TAKEN_ON_TASKS_PER_HOST;
     this.onSessionOrder = opts.onSessionOrder;
+    this.silence = new SilenceWatch(this.clock, Math.max(50, Math.floor(this.heartbeatMs / 2)));
   }
 
   /** Enforces the stored deny-list and starts the deadline sweep. */
@@ -274,6 +278,18 @@ export class ProxyCore implements RoleCore {
     this.hosts.set(session.hostId, session);
     const log = this.log.child({ host: session.hostId });
     ls.startHeartbeat(hello.heartbeatMs || this.heartbeatMs);
+    // A host that PINGs is not asked back: its connection is dropped when its PINGs (or anything else) stop for three
+    // of its intervals, noticed by one sweep over all hosts. A host that does not say it PINGs has the link heartbeat.
+    let silent = false;
+    const connection = link.connection;
+    const unwatch =
+      hello.pingMs > 0 && connection
+        ? this.silence.watch(connection, DEAD_AFTER_INTERVALS * heartbeatInterval(hello.pingMs), () => {
+            silent = true;
+            link.close(new UnavailableError(`host silent: no byte from it for ${DEAD_AFTER_INTERVALS} of its PING intervals`));
+            connection.destroy();
+          })
+        : undefined;
     ls.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
     // The keys the daemon verifies task signatures with (it checks their endorsement itself).
     ls.out.frame.signingKeys.push(...this.store.signingKeys());
@@ -296,12 +312,13 @@ export class ProxyCore implements RoleCore {
       why = err;
       throw err;
     } finally {
+      unwatch?.();
       ls.end("flush");
       if (this.hosts.get(session.hostId) === session) {
         this.hosts.delete(session.hostId);
         this.reportPresence(session, false);
         this.drainCheck?.();
-        log.info("host disconnected", { ...(ls.lostHeartbeat ? { reason: "heartbeat lost" } : {}), ...(why ? { err: why } : {}) });
+        log.info("host disconnected", { ...(ls.lostHeartbeat ? { reason: "heartbeat lost" } : silent ? { reason: "host silent" } : {}), ...(why ? { err: why } : {}) });
       }
     }
   }
@@ -960,24 +977,31 @@ export class ProxyCore implements RoleCore {
     const items: UpwardItem[] = [];
     const changed: QueuedTask[] = [];
     const undo = new TaskUndo();
+    // Hosts with a task still to hand out: looked at below (the tasks are walked anyway, idle hosts are not).
+    const waiting = new Set<string>();
     for (const task of this.store.allTasks()) {
+      if (task.state !== TaskState.QUEUED) continue;
       const deliverBy = deliverByOf(task);
-      if (task.state === TaskState.QUEUED && deliverBy !== undefined && deliverBy <= now) {
+      if (deliverBy !== undefined && deliverBy <= now) {
         undo.touch(task);
         items.push(this.endOwnCopy(task, TaskState.EXPIRED, "the delivery deadline passed while the host was not connected"));
         changed.push(task);
-      }
+      } else waiting.add(task.hostId);
     }
     // Not stored: the tasks are QUEUED again (undone) and the next sweep tries again.
     if (items.length > 0) this.persistUp(items, changed, undo).catch((err) => this.log.error("storing expired tasks failed", { err }));
     // Hand-overs whose write failed are QUEUED again: they go now to a host with free slots, not only at its next report.
-    for (const session of this.hosts.values()) this.deliver(session);
+    for (const hostId of waiting) {
+      const session = this.hosts.get(hostId);
+      if (session) this.deliver(session);
+    }
     void this.store.pruneMarks(now).catch((err) => this.log.error("forgetting old task marks failed", { err }));
   }
 
   stop(): void {
     this.stopped = true;
     this.sweepTimer?.cancel();
+    this.silence.stop();
     for (const s of this.hosts.values()) s.link.close();
     this.controller?.link.close();
   }

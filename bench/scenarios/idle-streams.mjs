@@ -18,9 +18,13 @@ export default {
   async run() {
     const n = opt("hosts", 19_000);
     const settleMs = opt("settle-ms", 15_000);
+    // --profile idle --profile-dir DIR: the controller's and the proxy's CPU during the measured idle window only (node bench/lib/cpuprofile.mjs DIR).
+    const profile = opt("profile", "");
+    if (profile && profile !== "idle") throw new Error(`--profile ${profile}: idle-streams profiles only "idle"`);
     return withSimMesh(
       {
         regions: ["r1"],
+        profileDir: profile ? String(opt("profile-dir", "bench/results/prof-idle-streams")) : undefined,
         fleet: { hosts: n, perProcess: opt("per-process", 6500), heartbeatMs: opt("heartbeat-ms", 10_000), proxiesFor: (_k, mesh) => mesh.proxies[0].address },
       },
       async (ctx) => {
@@ -48,9 +52,13 @@ export default {
         await sleep(settleMs);
         const held = await ctx.proxyHosts(proxy);
         const after = await memNow();
+        ctx.toggleProfile();
         const idleCpu0 = cpuMsOf(proxy.proc.pid);
         await sleep(10_000);
         const idleCpuPct = Math.round(((cpuMsOf(proxy.proc.pid) - idleCpu0) / 10_000) * 1000) / 10;
+        ctx.toggleProfile();
+        // The next scrape must not fall into the profile (the proxy takes the signal and the request in one turn).
+        if (profile) await sleep(500);
         const after2 = await memNow();
         const streams = held;
         const perStreamKB = (after.rss - before.rss) / streams / 1000;

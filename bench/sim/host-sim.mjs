@@ -31,7 +31,8 @@
 //                  answered within 2 more intervals), and an empty frame when
 //                  nothing was sent for IDLE_FRAME_INTERVALS heartbeats (the
 //                  hello's heartbeat_ms); the stream is dropped after 3 of
-//                  those without a frame.
+//                  those without a frame. The hello's ping_ms says it PINGs
+//                  (the proxy then watches for them instead of asking back).
 // Simplifications (documented in the results): one verifier per simulator
 // process (a batch's signature is checked once per process, not once per
 // host: each host still checks its own proof), cancels are ignored, nothing
@@ -169,6 +170,7 @@ class SimHost {
       hello: {
         hostId: this.id,
         heartbeatMs: cfg.heartbeatMs * IDLE_FRAME_INTERVALS,
+        pingMs: cfg.heartbeatMs,
         reportKey: this.reporter.key,
         facts: create(HostFactsSchema, {
           os: "linux", osFamily: "debian", arch: "x86_64", kernel: "6.1.0-sim", hostname: this.id,
