@@ -23,7 +23,8 @@ import { OperatorAccess } from "./access.js";
 import { AuditLog, LmdbAuditStore } from "./audit.js";
 import { Authorizer } from "./authz.js";
 import { BundleService } from "./bundles.js";
-import { TaskSigner } from "../common/task-signing.js";
+import { TASK_KEY_LIFETIME_MS, TaskSigner } from "../common/task-signing.js";
+import { EndKeyRing, LmdbEndKeyStore } from "./end-keys.js";
 import { Revocations } from "./revocation.js";
 import { revocationServiceImpl } from "./revocation-api.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
@@ -112,8 +113,10 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const inventory = new Inventory(env.db("hosts"), clock.now(), (err, host) => log.error("storing a host record failed", { host, err }));
   const ids = timeOrderedIds(clock);
   const documents = new DocumentStore(new LmdbDocumentBackend(env), clock);
-  // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running.
-  const signer = new TaskSigner(creds, clock);
+  // The X25519 keys daemons agree their end MACs with, kept across restarts (controller/end-keys.ts).
+  const endKeys = await EndKeyRing.open(new LmdbEndKeyStore(env), clock, { log });
+  // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running. It carries the current X25519 key.
+  const signer = new TaskSigner(creds, clock, TASK_KEY_LIFETIME_MS, endKeys.current.publicKey);
   const revocations = new Revocations(env.db("revoked"), creds, clock, log);
   const revokedHost = (host: { id: string; tenant: string }) => revocations.revocationOf({ role: "host", scope: host.tenant, id: host.id })?.reason;
   // Hosts' report keys: presence proofs and signed task ends are checked against them (common/host-signing.ts).
@@ -126,7 +129,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     put: (key) => {
       reportKeys.put(key.keyId, Buffer.from(toBinary(HostReportKeySchema, key))).catch((err: unknown) => log.error("storing a report key failed", { err }));
     },
-  });
+  }, { controllerKeys: (id) => endKeys.get(id) });
   const metrics = new Metrics();
   const jobs = new JobManager({
     store,
