@@ -64,9 +64,8 @@ import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
 import { ArtifactStore, artifactServiceImpl } from "./artifacts.js";
 import { ReleaseStore } from "./releases.js";
 import { join } from "node:path";
-import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { HostKeyVerifier } from "../common/host-signing.js";
-import { HostReportKeySchema } from "../gen/rexmesh/v1/host_pb.js";
+import { lmdbReportKeyStore } from "./report-keys.js";
 
 /** Above this share of --store-size, sessions are no longer recorded (jobs are refused above 90%). */
 const RECORDING_STORE_SHARE = 0.75;
@@ -120,16 +119,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const revocations = new Revocations(env.db("revoked"), creds, clock, log);
   const revokedHost = (host: { id: string; tenant: string }) => revocations.revocationOf({ role: "host", scope: host.tenant, id: host.id })?.reason;
   // Hosts' report keys: presence proofs and signed task ends are checked against them (common/host-signing.ts).
-  const reportKeys = env.db<Buffer>("report-keys", "binary");
-  const hostKeys = new HostKeyVerifier(creds.caPem, clock, (host) => revocations.isRevoked(host), {
-    get: (keyId) => {
-      const raw = reportKeys.get(keyId);
-      return raw ? fromBinary(HostReportKeySchema, raw) : undefined;
-    },
-    put: (key) => {
-      reportKeys.put(key.keyId, Buffer.from(toBinary(HostReportKeySchema, key))).catch((err: unknown) => log.error("storing a report key failed", { err }));
-    },
-  }, { controllerKeys: (id) => endKeys.get(id) });
+  const hostKeys = new HostKeyVerifier(creds.caPem, clock, (host) => revocations.isRevoked(host), lmdbReportKeyStore(env, log), { controllerKeys: (id) => endKeys.get(id) });
   const metrics = new Metrics();
   const jobs = new JobManager({
     store,
