@@ -569,10 +569,11 @@ export type TaskStatus = Message<"rexmesh.v1.TaskStatus"> & {
   atProxy: boolean;
 
   /**
-   * On a terminal state from the daemon (pings excepted): its report key's
-   * signature over the task id, state, exit code, signal, chunk count, the
-   * output's length and SHA-256, and the truncation flag
-   * (common/host-signing.ts). A proxy cannot make up or alter a result.
+   * On a terminal state from the daemon (pings excepted), unless end_mac is
+   * set: its report key's signature over the task id, state, exit code,
+   * signal, chunk count, the output's length and SHA-256, and the
+   * truncation flag (common/host-signing.ts). A proxy cannot make up or
+   * alter a result.
    *
    * @generated from field: bytes signature = 11;
    */
