@@ -129,10 +129,14 @@ export class HostReporter {
   signEnd(status: TaskStatus, controller?: ControllerEndKey): void {
     status.keyId = this.key.keyId;
     const key = controller && this.macKey(controller);
+    // One of the two, never both: a MAC, when there is one, decides at the controller.
     if (key) {
+      status.signature = new Uint8Array();
       status.endMacKeyId = controller!.id;
       status.endMac = endMac(key, ending(status));
     } else {
+      status.endMac = new Uint8Array();
+      status.endMacKeyId = "";
       status.signature = sign(null, ending(status), this.privateKey);
     }
   }
