@@ -61,7 +61,7 @@ export function itemBytes(item: UpwardItem): number {
   if (item.kind === "output") return item.chunk.data.length + 32;
   if (item.kind === "event") return eventBytes(item.event);
   const s = item.status;
-  return 64 + s.signature.length + s.outputSha256.length + s.keyId.length + Buffer.byteLength(s.signal) + Buffer.byteLength(s.message);
+  return 64 + s.signature.length + s.endMac.length + s.endMacKeyId.length + s.outputSha256.length + s.keyId.length + Buffer.byteLength(s.signal) + Buffer.byteLength(s.message);
 }
 
 /**

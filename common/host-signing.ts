@@ -9,9 +9,18 @@
  * Ed25519 signs in tens of microseconds). The controller trusts a report
  * key only when the endorsing certificate chains to the mesh CA, is valid,
  * names that very host, and is not revoked.
+ *
+ * The report key also has an X25519 half, named by its id
+ * (common/end-mac.ts): once the daemon holds an X25519 key of the
+ * controller (carried by its task-signing key), it MACs its task ends
+ * instead of signing them, and the controller checks an HMAC instead of an
+ * Ed25519 signature.
  */
 import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
 import { ed25519PublicKey } from "./ed25519.js";
+import { framed } from "./framed.js";
+import { END_KEY_ID_CHARS, END_MAC_BYTES, endMac, endMacHolds, endMacKey, pairedHalf, pairedKeyId } from "./end-mac.js";
+import { newKeyHalf, type KeyHalf } from "./x25519.js";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Credentials } from "../certs/files.js";
@@ -21,18 +30,6 @@ import type { TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import type { HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { SessionKeySchema, type SessionKey } from "../gen/rexmesh/v1/session_pb.js";
 import type { Clock } from "./clock.js";
-
-/** Length-prefixed fields under a purpose label: no two different messages frame to the same bytes. */
-function framed(label: string, ...fields: (string | Uint8Array | bigint | number)[]): Buffer {
-  const parts: Buffer[] = [Buffer.from(`rexmesh ${label} v1\0`)];
-  for (const f of fields) {
-    const b = typeof f === "string" ? Buffer.from(f, "utf8") : typeof f === "number" || typeof f === "bigint" ? Buffer.from(BigInt.asIntN(64, BigInt(f)).toString()) : Buffer.from(f);
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(b.length);
-    parts.push(len, b);
-  }
-  return Buffer.concat(parts);
-}
 
 function endorsed(keyId: string, publicKey: Uint8Array, notAfterMs: number): Buffer {
   return framed("host report key", keyId, publicKey, notAfterMs);
@@ -63,10 +60,21 @@ function sessionKeyBytes(sessionId: string, controllerKey: Uint8Array, hostKey: 
   return framed("session key", sessionId, controllerKey, hostKey);
 }
 
-/** The daemon's side: its report key, presence proofs and signed task ends. */
+/** A controller's X25519 key as a daemon holds it: its id (common/end-mac.ts controllerKeyId) and raw public key. */
+export interface ControllerEndKey {
+  id: string;
+  publicKey: Uint8Array;
+}
+
+/** MAC keys a reporter keeps, one per controller key it MAC'd ends for (it uses the newest it holds). */
+const REPORTER_MAC_KEYS = 8;
+
+/** The daemon's side: its report key, presence proofs and signed (or MAC'd) task ends. */
 export class HostReporter {
   readonly key: HostReportKey;
   private readonly privateKey: KeyObject;
+  private readonly half: KeyHalf;
+  private readonly macKeys = new Map<string, Buffer>();
 
   constructor(
     creds: Credentials,
@@ -77,7 +85,9 @@ export class HostReporter {
     const { publicKey, privateKey } = generateKeyPairSync("ed25519");
     this.privateKey = privateKey;
     const der = publicKey.export({ type: "spki", format: "der" });
-    const keyId = createHash("sha256").update(der).digest("hex").slice(0, 16);
+    this.half = newKeyHalf();
+    // The id names both public keys, so the endorsement (over the id, in the bytes an earlier controller checks) covers the X25519 half.
+    const keyId = pairedKeyId("host report key", der, this.half.publicKey);
     const notAfter = clock.now() + lifetimeMs;
     this.key = create(HostReportKeySchema, {
       keyId,
@@ -85,6 +95,7 @@ export class HostReporter {
       notAfter: timestampFromMs(notAfter),
       endorsement: sign("sha256", endorsed(keyId, der, notAfter), createPrivateKey(creds.keyPem)),
       hostCertificate: new X509Certificate(creds.certPem).raw,
+      x25519PublicKey: this.half.publicKey,
     });
   }
 
@@ -109,10 +120,36 @@ export class HostReporter {
     event.signature = sign(null, eventBytes(event), this.privateKey);
   }
 
-  /** Signs a terminal status (its output fields set) in place. */
-  signEnd(status: TaskStatus): void {
+  /**
+   * Vouches for a terminal status (its output fields set) in place: with a
+   * MAC under the key agreed with `controller` (a controller X25519 key the
+   * daemon checked: TaskVerifier.endKey), or without one (an earlier
+   * controller, or none checked yet) with an Ed25519 signature.
+   */
+  signEnd(status: TaskStatus, controller?: ControllerEndKey): void {
     status.keyId = this.key.keyId;
-    status.signature = sign(null, ending(status), this.privateKey);
+    const key = controller && this.macKey(controller);
+    // One of the two, never both: a MAC, when there is one, decides at the controller.
+    if (key) {
+      status.signature = new Uint8Array();
+      status.endMacKeyId = controller!.id;
+      status.endMac = endMac(key, ending(status));
+    } else {
+      status.endMac = new Uint8Array();
+      status.endMacKeyId = "";
+      status.signature = sign(null, ending(status), this.privateKey);
+    }
+  }
+
+  private macKey(controller: ControllerEndKey): Buffer | undefined {
+    let key = this.macKeys.get(controller.id);
+    if (!key) {
+      key = endMacKey(this.half.privateKey, controller.publicKey, controller.publicKey, this.half.publicKey, this.self);
+      if (!key) return undefined;
+      if (this.macKeys.size >= REPORTER_MAC_KEYS) this.macKeys.delete(this.macKeys.keys().next().value!);
+      this.macKeys.set(controller.id, key);
+    }
+    return key;
   }
 }
 
@@ -121,6 +158,10 @@ interface Trusted {
   publicKey: KeyObject;
   host: PeerIdentity;
   notAfter: number;
+  /** The key's X25519 half, when its id names one. */
+  x25519?: Uint8Array;
+  /** MAC keys agreed with it, by controller key id (one per controller key in use: a handful). */
+  macKeys?: Map<string, Buffer>;
 }
 
 export type KeyCheck = { ok: true } | { ok: false; reason: string };
@@ -137,18 +178,29 @@ export interface ReportKeyStore {
   put(key: HostReportKey): void;
 }
 
+export interface HostKeyVerifierOptions {
+  /** The controller's X25519 keys by id (controller/end-keys.ts), to check MAC'd ends; without it every MAC'd end is "unknown". */
+  controllerKeys?: (id: string) => KeyHalf | undefined;
+  /** Accepted keys kept in memory at most (the oldest is forgotten first; a stored one is read again when needed). */
+  maxKeys?: number;
+}
+
 export class HostKeyVerifier {
   private readonly ca: X509Certificate;
   private readonly keys = new Map<string, Trusted>();
+  private readonly controllerKeys: (id: string) => KeyHalf | undefined;
+  private readonly maxKeys: number;
 
   constructor(
     caPem: string,
     private readonly clock: Clock,
     private readonly isRevoked: (host: PeerIdentity) => boolean = () => false,
     private readonly store?: ReportKeyStore,
-    private readonly maxKeys = 200_000,
+    opts: HostKeyVerifierOptions = {},
   ) {
     this.ca = new X509Certificate(caPem);
+    this.controllerKeys = opts.controllerKeys ?? (() => undefined);
+    this.maxKeys = opts.maxKeys ?? 200_000;
   }
 
   /**
@@ -173,8 +225,10 @@ export class HostKeyVerifier {
       if (!verify("sha256", endorsed(key.keyId, key.publicKey, notAfter), cert.publicKey, key.endorsement)) return { ok: false, reason: "the report key's endorsement does not hold" };
       const publicKey = ed25519PublicKey(key.publicKey);
       if (!publicKey) return { ok: false, reason: "the report key is not Ed25519" };
+      const x25519 = pairedHalf("host report key", key.keyId, key.publicKey, key.x25519PublicKey);
+      if (x25519 === "mismatch") return { ok: false, reason: "the report key's X25519 half is not the one its id names: it was changed or removed on the way" };
       if (this.keys.size >= this.maxKeys) this.keys.delete(this.keys.keys().next().value!);
-      this.keys.set(key.keyId, { publicKey, host: id, notAfter });
+      this.keys.set(key.keyId, { publicKey, host: id, notAfter, ...(x25519 ? { x25519: Buffer.from(x25519) } : {}) });
       if (this.store && !this.store.get(key.keyId)) this.store.put(key);
       return { ok: true };
     } catch {
@@ -213,15 +267,35 @@ export class HostKeyVerifier {
   }
 
   /**
-   * The host's signature over a task end: "ok", "unknown" (no key the
-   * controller accepted for it: it cannot tell), or "bad" (it does not hold).
+   * The host's signature or MAC over a task end: "ok", "unknown" (no key
+   * the controller accepted for it, or a MAC under a controller key it does
+   * not hold: it cannot tell), or "bad" (it does not hold). A MAC, when the
+   * end carries one, decides.
    */
   checkEnd(status: TaskStatus, host: PeerIdentity): "ok" | "unknown" | "bad" {
-    if (status.signature.length === 0 || status.keyId === "") return "unknown";
+    if (!vouchedFor(status) || status.keyId === "") return "unknown";
     const k = this.known(status.keyId, host);
     if (!k) return "unknown";
     if (!sameHost(k.host, host)) return "bad";
-    return verify(null, ending(status), k.publicKey, status.signature) ? "ok" : "bad";
+    if (status.endMac.length === 0 && status.endMacKeyId === "") return verify(null, ending(status), k.publicKey, status.signature) ? "ok" : "bad";
+    if (status.endMac.length !== END_MAC_BYTES || status.endMacKeyId.length > END_KEY_ID_CHARS) return "bad";
+    // A daemon MACs only with a report key whose id names an X25519 half.
+    if (!k.x25519) return "bad";
+    const key = this.macKey(k, status.endMacKeyId);
+    if (!key) return "unknown";
+    return endMacHolds(key, ending(status), status.endMac) ? "ok" : "bad";
+  }
+
+  /** The MAC key of a report key and a controller key, agreed once (a controller key no longer or never held: undefined). */
+  private macKey(k: Trusted, controllerKeyId: string): Buffer | undefined {
+    let key = k.macKeys?.get(controllerKeyId);
+    if (key) return key;
+    const own = this.controllerKeys(controllerKeyId);
+    key = own && endMacKey(own.privateKey, k.x25519!, own.publicKey, k.x25519!, k.host);
+    if (!key) return undefined;
+    // Only ids of keys the controller holds get here: the map is as small as its key ring.
+    (k.macKeys ??= new Map()).set(controllerKeyId, key);
+    return key;
   }
 
   /**
@@ -257,6 +331,11 @@ export class HostKeyVerifier {
   knows(keyId: string): boolean {
     return this.keys.has(keyId);
   }
+}
+
+/** Does a status carry the host's signature or MAC (it may still be forged: checkEnd tells)? */
+export function vouchedFor(status: TaskStatus): boolean {
+  return status.signature.length > 0 || status.endMac.length > 0;
 }
 
 function sameHost(a: PeerIdentity, b: PeerIdentity): boolean {

@@ -28,7 +28,9 @@
  * what the port offers, in plain records, so that the relay at the
  * controller and the bridge at the host work the same on either.
  */
-import { createCipheriv, createDecipheriv, createHmac, createPublicKey, diffieHellman, generateKeyPairSync, hkdfSync, timingSafeEqual, type KeyObject } from "node:crypto";
+import { createCipheriv, createDecipheriv, createHmac, hkdfSync, timingSafeEqual } from "node:crypto";
+import { sharedSecret, X25519_KEY_BYTES, type KeyHalf } from "./x25519.js";
+export { newKeyHalf, type KeyHalf } from "./x25519.js";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { InvalidArgumentError } from "./errors.js";
@@ -67,33 +69,15 @@ export const enum RecordStream {
   FromHost = 2,
 }
 
-/** One end's half of the key agreement: an X25519 key pair made for one session. */
-export interface KeyHalf {
-  /** Raw public key, 32 bytes: what goes to the other end. */
-  publicKey: Uint8Array;
-  privateKey: KeyObject;
-}
-
-export function newKeyHalf(): KeyHalf {
-  const { publicKey, privateKey } = generateKeyPairSync("x25519");
-  const jwk = publicKey.export({ format: "jwk" });
-  return { publicKey: Buffer.from(jwk.x!, "base64url"), privateKey };
-}
-
 /**
  * The session key: HKDF-SHA256 over the X25519 shared secret, bound to the
  * session id and both public halves. Throws InvalidArgumentError on a
  * public key that is not 32 bytes (or is a low-order point: Node refuses it).
  */
 export function sessionSecret(own: KeyHalf, peerPublicKey: Uint8Array, sessionId: string, controllerKey: Uint8Array, hostKey: Uint8Array): Buffer {
-  if (peerPublicKey.length !== 32) throw new InvalidArgumentError(`a session key half of ${peerPublicKey.length} bytes (X25519 keys are 32)`);
-  let shared: Buffer;
-  try {
-    const peer = createPublicKey({ key: { kty: "OKP", crv: "X25519", x: Buffer.from(peerPublicKey).toString("base64url") }, format: "jwk" });
-    shared = diffieHellman({ privateKey: own.privateKey, publicKey: peer });
-  } catch {
-    throw new InvalidArgumentError("the session's key half is not a usable X25519 key");
-  }
+  if (peerPublicKey.length !== X25519_KEY_BYTES) throw new InvalidArgumentError(`a session key half of ${peerPublicKey.length} bytes (X25519 keys are 32)`);
+  const shared = sharedSecret(own.privateKey, peerPublicKey);
+  if (!shared) throw new InvalidArgumentError("the session's key half is not a usable X25519 key");
   const info = Buffer.concat([Buffer.from("rexmesh session key v1\0"), Buffer.from(controllerKey), Buffer.from(hostKey)]);
   return Buffer.from(hkdfSync("sha256", shared, Buffer.from(sessionId, "utf8"), info, 32));
 }

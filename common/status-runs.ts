@@ -41,7 +41,7 @@ const textOf = (s: { signal: string; message: string }): number => s.signal.leng
  * newer daemon's, which a run would drop).
  */
 export function isPlainStatus(s: TaskStatus): boolean {
-  return s.signature.length === 0 && s.keyId === "" && s.outputSha256.length === 0 && s.outputChunks === 0n && s.outputBytes === 0n && !s.outputTruncated && !s.$unknown?.length;
+  return s.signature.length === 0 && s.endMac.length === 0 && s.endMacKeyId === "" && s.keyId === "" && s.outputSha256.length === 0 && s.outputChunks === 0n && s.outputBytes === 0n && !s.outputTruncated && !s.$unknown?.length;
 }
 
 /** Builds a frame's runs (of statuses, or of acknowledgements), keeping each task's order. */
@@ -147,6 +147,8 @@ export function statusesOfRuns(runs: readonly StatusRun[], refused?: (why: strin
         keyId: "",
         outputSha256: EMPTY,
         outputBytes: 0n,
+        endMac: EMPTY,
+        endMacKeyId: "",
       });
     }
   }

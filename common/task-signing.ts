@@ -1,5 +1,7 @@
 import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify, X509Certificate, type KeyObject } from "node:crypto";
 import { ed25519PublicKey } from "./ed25519.js";
+import { controllerKeyId, pairedHalf, pairedKeyId } from "./end-mac.js";
+import type { ControllerEndKey } from "./host-signing.js";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
@@ -59,21 +61,27 @@ export function checksBatches(facts: HostFacts | undefined): boolean {
 }
 const SESSION_ORDER_PREFIX = Buffer.from("rexmesh session order v1\0");
 
+/** How long a task-signing key is valid (a controller makes a new one each start). */
+export const TASK_KEY_LIFETIME_MS = 30 * 86_400_000;
+
 /**
  * Signs every task the controller sends. The Ed25519 key lives only in the
  * controller's memory (a new one each start); its public half is endorsed by
  * the controller certificate's key, so daemons can check it against the
- * mesh CA without any other channel.
+ * mesh CA without any other channel. With `x25519PublicKey` (the
+ * controller's current X25519 key, controller/end-keys.ts) the key carries
+ * it too, named by its id and so endorsed with it: daemons agree with it
+ * the key that MACs their task ends (common/end-mac.ts).
  */
 export class TaskSigner {
   private readonly privateKey: KeyObject;
   readonly key: TaskSigningKey;
 
-  constructor(creds: Credentials, clock: Clock, lifetimeMs = 30 * 86_400_000) {
+  constructor(creds: Credentials, clock: Clock, lifetimeMs = TASK_KEY_LIFETIME_MS, x25519PublicKey?: Uint8Array) {
     const { publicKey, privateKey } = generateKeyPairSync("ed25519");
     this.privateKey = privateKey;
     const der = publicKey.export({ type: "spki", format: "der" });
-    const keyId = createHash("sha256").update(der).digest("hex").slice(0, 16);
+    const keyId = x25519PublicKey ? pairedKeyId("task-signing key", der, x25519PublicKey) : createHash("sha256").update(der).digest("hex").slice(0, 16);
     const notAfter = clock.now() + lifetimeMs;
     this.key = create(TaskSigningKeySchema, {
       keyId,
@@ -81,6 +89,7 @@ export class TaskSigner {
       notAfter: timestampFromMs(notAfter),
       endorsement: sign("sha256", endorsedBytes(keyId, der, notAfter), createPrivateKey(creds.keyPem)),
       controllerCertificate: creds.certPem,
+      ...(x25519PublicKey ? { x25519PublicKey } : {}),
     });
   }
 
@@ -323,7 +332,7 @@ const VERIFIED_ROOTS = 256;
  * endorsed them; a task only when one of those keys signed exactly its bytes.
  */
 export class TaskVerifier {
-  private readonly keys = new Map<string, { publicKey: KeyObject; notAfter: number }>();
+  private readonly keys = new Map<string, { publicKey: KeyObject; notAfter: number; end?: ControllerEndKey }>();
   private readonly ca: X509Certificate;
 
   constructor(
@@ -353,13 +362,30 @@ export class TaskVerifier {
         if (!verify("sha256", endorsedBytes(k.keyId, k.publicKey, notAfter), cert.publicKey, k.endorsement)) continue;
         const publicKey = ed25519PublicKey(k.publicKey);
         if (!publicKey) continue;
-        this.keys.set(k.keyId, { publicKey, notAfter });
+        // A key whose X25519 half is not the one its id names was changed on the way: not the controller's.
+        const x25519 = pairedHalf("task-signing key", k.keyId, k.publicKey, k.x25519PublicKey);
+        if (x25519 === "mismatch") continue;
+        const end = x25519 && { id: controllerKeyId(x25519), publicKey: Buffer.from(x25519) };
+        this.keys.set(k.keyId, { publicKey, notAfter, ...(end ? { end } : {}) });
         added++;
       } catch {
         // An unreadable key is simply not trusted.
       }
     }
     return added;
+  }
+
+  /**
+   * The controller X25519 key to MAC task ends with: the one carried by the
+   * valid signing key that expires last (the newest controller start's), or
+   * undefined when none carries one (an earlier controller): ends are then
+   * signed.
+   */
+  endKey(): ControllerEndKey | undefined {
+    const now = this.clock.now();
+    let best: { notAfter: number; end?: ControllerEndKey } | undefined;
+    for (const k of this.keys.values()) if (k.end && k.notAfter > now && (!best || k.notAfter > best.notAfter)) best = k;
+    return best?.end;
   }
 
   /** The order of a session whose signature holds; throws TaskRejected with the reason otherwise. */

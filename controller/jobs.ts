@@ -11,6 +11,7 @@ import type { Logger } from "../common/logger.js";
 import { advances, isTerminal } from "../common/task-state.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { isPingOnly } from "../common/task-signing.js";
+import { vouchedFor } from "../common/host-signing.js";
 import { ResultCheck } from "../gen/rexmesh/v1/controller_pb.js";
 import { TaskSpecSchema, TaskState, type OutputChunk, type Step, type TaskSpec, type TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import type { DocumentStore } from "./document-store.js";
@@ -490,7 +491,7 @@ export class JobManager implements RoleCore {
    * the signature, not the proxy, vouches for it.
    */
   private signedEnd(proxy: { name: string; region: string }, task: TaskRecord, status: TaskStatus): boolean {
-    if (!this.checkEnd || !isTerminal(status.state) || status.atProxy || status.signature.length === 0) return false;
+    if (!this.checkEnd || !isTerminal(status.state) || status.atProxy || !vouchedFor(status)) return false;
     if ((status.hostId !== "" && status.hostId !== task.hostId) || this.inventory.get(task.hostId)?.region !== proxy.region) return false;
     return this.checkEndOnce(status, task) === "ok";
   }

@@ -23,7 +23,8 @@ import { OperatorAccess } from "./access.js";
 import { AuditLog, LmdbAuditStore } from "./audit.js";
 import { Authorizer } from "./authz.js";
 import { BundleService } from "./bundles.js";
-import { TaskSigner } from "../common/task-signing.js";
+import { TASK_KEY_LIFETIME_MS, TaskSigner } from "../common/task-signing.js";
+import { EndKeyRing, LmdbEndKeyStore } from "./end-keys.js";
 import { Revocations } from "./revocation.js";
 import { revocationServiceImpl } from "./revocation-api.js";
 import { RevocationService } from "../gen/rexmesh/v1/revocation_pb.js";
@@ -63,9 +64,8 @@ import { ArtifactService } from "../gen/rexmesh/v1/artifact_pb.js";
 import { ArtifactStore, artifactServiceImpl } from "./artifacts.js";
 import { ReleaseStore } from "./releases.js";
 import { join } from "node:path";
-import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { HostKeyVerifier } from "../common/host-signing.js";
-import { HostReportKeySchema } from "../gen/rexmesh/v1/host_pb.js";
+import { lmdbReportKeyStore } from "./report-keys.js";
 
 /** Above this share of --store-size, sessions are no longer recorded (jobs are refused above 90%). */
 const RECORDING_STORE_SHARE = 0.75;
@@ -112,21 +112,14 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   const inventory = new Inventory(env.db("hosts"), clock.now(), (err, host) => log.error("storing a host record failed", { host, err }));
   const ids = timeOrderedIds(clock);
   const documents = new DocumentStore(new LmdbDocumentBackend(env), clock);
-  // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running.
-  const signer = new TaskSigner(creds, clock);
+  // The X25519 keys daemons agree their end MACs with, kept across restarts (controller/end-keys.ts).
+  const endKeys = await EndKeyRing.open(new LmdbEndKeyStore(env), clock, { log });
+  // Tasks are signed with a key endorsed by this controller's certificate; daemons verify before running. It carries the current X25519 key.
+  const signer = new TaskSigner(creds, clock, TASK_KEY_LIFETIME_MS, endKeys.current.publicKey);
   const revocations = new Revocations(env.db("revoked"), creds, clock, log);
   const revokedHost = (host: { id: string; tenant: string }) => revocations.revocationOf({ role: "host", scope: host.tenant, id: host.id })?.reason;
   // Hosts' report keys: presence proofs and signed task ends are checked against them (common/host-signing.ts).
-  const reportKeys = env.db<Buffer>("report-keys", "binary");
-  const hostKeys = new HostKeyVerifier(creds.caPem, clock, (host) => revocations.isRevoked(host), {
-    get: (keyId) => {
-      const raw = reportKeys.get(keyId);
-      return raw ? fromBinary(HostReportKeySchema, raw) : undefined;
-    },
-    put: (key) => {
-      reportKeys.put(key.keyId, Buffer.from(toBinary(HostReportKeySchema, key))).catch((err: unknown) => log.error("storing a report key failed", { err }));
-    },
-  });
+  const hostKeys = new HostKeyVerifier(creds.caPem, clock, (host) => revocations.isRevoked(host), lmdbReportKeyStore(env, log), { controllerKeys: (id) => endKeys.get(id) });
   const metrics = new Metrics();
   const jobs = new JobManager({
     store,

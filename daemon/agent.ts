@@ -960,7 +960,8 @@ export class Agent implements RoleCore {
       final.outputBytes = BigInt(d.bytes);
       final.outputSha256 = d.digest();
     }
-    (this.reporter ?? this.opts.reporter?.())?.signEnd(final);
+    // A MAC when the daemon holds a checked controller X25519 key, a signature otherwise (common/end-mac.ts).
+    (this.reporter ?? this.opts.reporter?.())?.signEnd(final, this.opts.verifier.endKey());
     const ended: LedgerEntry = {
       state: outcome.state,
       final,

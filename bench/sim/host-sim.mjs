@@ -21,8 +21,10 @@
 //                  task's signature or its batch proof, its host): a task
 //                  that fails is REJECTED with the verifier's reason
 //                  all-ping task: SUCCEEDED, exit 0, "pong" (no ledger, no spawn)
-//                  `exec true`: SUCCEEDED, exit 0, no output, the end signed
-//                  with the host's report key as the daemon signs it (no spawn)
+//                  `exec true`: SUCCEEDED, exit 0, no output, the end MAC'd
+//                  (under the key agreed with the controller's X25519 key,
+//                  once one is checked) or else signed with the host's report
+//                  key, as the daemon does (common/end-mac.ts; no spawn)
 //                  anything else: REJECTED "the host simulator runs only ping and true"
 //   ← status acks: the status leaves the outbox; unacknowledged statuses are
 //                  sent again after a reconnect, as the daemon does.
@@ -334,9 +336,9 @@ class SimHost {
       if (ok) stats.pongs++;
       else stats.rejected++;
       if (!isPing) {
-        // What the daemon signs on every end but a ping's: the controller checks it against what it received.
+        // What the daemon MACs or signs on every end but a ping's: the controller checks it against what it received.
         status.outputSha256 = EMPTY_SHA256;
-        this.reporter.signEnd(status);
+        this.reporter.signEnd(status, verifier.endKey());
       }
       this.outbox.set(spec.taskId, status);
       statuses.push(status);

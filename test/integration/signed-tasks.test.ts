@@ -52,6 +52,9 @@ class EvilProxy {
     replayTo?: string;
     forgeOutput?: boolean;
     forgeExit?: boolean;
+    /** Set the exit code of every end it relays to 0, leaving the rest as the host said. */
+    zeroExit?: boolean;
+    /** Strip what vouches for an end: its signature or its MAC. */
     stripSignature?: boolean;
     /** Also hand a copy of `from`'s task, readdressed to `to`, to `to` (a leaf its batch never had). */
     retarget?: { from: string; to: string };
@@ -98,7 +101,12 @@ class EvilProxy {
                 s.state = TaskState.SUCCEEDED;
                 s.exitCode = 0;
               }
-              if (this.mode.stripSignature) s.signature = new Uint8Array();
+              if (this.mode.zeroExit && s.exitCode !== undefined) s.exitCode = 0;
+              if (this.mode.stripSignature) {
+                s.signature = new Uint8Array();
+                s.endMac = new Uint8Array();
+                s.endMacKeyId = "";
+              }
             }
             const output = frame.output.map((c) => (this.mode.forgeOutput ? { ...c, data: new TextEncoder().encode("all good\n") } : c));
             this.up.send(create(ProxyStreamRequestSchema, { statuses, output }));
@@ -394,6 +402,23 @@ describe("signed tasks and sealed sessions: a proxy can delay work but never for
     evil.mode = { stripSignature: true };
     const stripped = await ended("s2", "exit 0");
     expect(stripped.task.resultCheck).toBe(ResultCheck.UNVERIFIED);
+  });
+
+  it("a host's end is MAC'd under a key the proxy never holds: it checks out as relayed, and a proxy that alters its exit code is not believed (MISMATCH)", async () => {
+    // The daemons took the controller's X25519 key with its signing key (through this very proxy, which cannot swap it).
+    expect(evil.keys.some((k) => k.x25519PublicKey.length === 32)).toBe(true);
+    evil.mode = {};
+    const honest = await ended("s2", "exit 5");
+    const sent = evil.seen.find((x) => x.status.taskId === honest.task.id && x.status.state === TaskState.FAILED)!.status;
+    expect(sent.endMac.length).toBe(32);
+    expect(sent.signature.length).toBe(0);
+    expect(honest.task.exitCode).toBe(5);
+    expect(honest.task.resultCheck).toBe(ResultCheck.VERIFIED);
+    evil.mode = { zeroExit: true };
+    const forged = await ended("s2", "exit 5");
+    expect(evil.seen.find((x) => x.status.taskId === forged.task.id && x.status.state === TaskState.FAILED)!.status.endMac.length).toBe(32);
+    expect(forged.task.exitCode).toBe(0);
+    expect(forged.task.resultCheck).toBe(ResultCheck.MISMATCH);
   });
 
   /** `rexmesh shell s1 -T -- ARGV` with `input` on a pipe. */

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rexmesh/v1/host.proto.
  */
 export const file_rexmesh_v1_host: GenFile = /*@__PURE__*/
-  fileDesc("ChVyZXhtZXNoL3YxL2hvc3QucHJvdG8SCnJleG1lc2gudjEipgEKCUhvc3RGYWN0cxIKCgJvcxgBIAEoCRIRCglvc19mYW1pbHkYAiABKAkSDAoEYXJjaBgDIAEoCRIOCgZrZXJuZWwYBCABKAkSEAoIaG9zdG5hbWUYBSABKAkSEQoJYWRkcmVzc2VzGAYgAygJEhYKDmRhZW1vbl92ZXJzaW9uGAcgASgJEg0KBXRvb2xzGAggAygJEhAKCGZlYXR1cmVzGAkgAygJIpEBCg1Ib3N0UmVwb3J0S2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZW5kb3JzZW1lbnQYBCABKAwSGAoQaG9zdF9jZXJ0aWZpY2F0ZRgFIAEoDGIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChVyZXhtZXNoL3YxL2hvc3QucHJvdG8SCnJleG1lc2gudjEipgEKCUhvc3RGYWN0cxIKCgJvcxgBIAEoCRIRCglvc19mYW1pbHkYAiABKAkSDAoEYXJjaBgDIAEoCRIOCgZrZXJuZWwYBCABKAkSEAoIaG9zdG5hbWUYBSABKAkSEQoJYWRkcmVzc2VzGAYgAygJEhYKDmRhZW1vbl92ZXJzaW9uGAcgASgJEg0KBXRvb2xzGAggAygJEhAKCGZlYXR1cmVzGAkgAygJIqwBCg1Ib3N0UmVwb3J0S2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwdWJsaWNfa2V5GAIgASgMEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZW5kb3JzZW1lbnQYBCABKAwSGAoQaG9zdF9jZXJ0aWZpY2F0ZRgFIAEoDBIZChF4MjU1MTlfcHVibGljX2tleRgGIAEoDGIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * What a daemon reports about its host.
@@ -120,6 +120,16 @@ export type HostReportKey = Message<"rexmesh.v1.HostReportKey"> & {
    * @generated from field: bytes host_certificate = 5;
    */
   hostCertificate: Uint8Array;
+
+  /**
+   * The X25519 half (raw, 32 bytes) with which the controller agrees the
+   * key that MACs this host's task ends. Endorsed through key_id, which is
+   * then a fingerprint of both public keys (common/end-mac.ts): the
+   * endorsement's bytes stay those an earlier controller checks.
+   *
+   * @generated from field: bytes x25519_public_key = 6;
+   */
+  x25519PublicKey: Uint8Array;
 };
 
 /**
