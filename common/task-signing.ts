@@ -74,23 +74,60 @@ export const TASK_KEY_LIFETIME_MS = 30 * 86_400_000;
  * the key that MACs their task ends (common/end-mac.ts).
  */
 export class TaskSigner {
-  private readonly privateKey: KeyObject;
-  readonly key: TaskSigningKey;
+  private privateKey: KeyObject;
+  private current: TaskSigningKey;
+  private readonly renewed = new Set<(key: TaskSigningKey) => void>();
 
-  constructor(creds: Credentials, clock: Clock, lifetimeMs = TASK_KEY_LIFETIME_MS, x25519PublicKey?: Uint8Array) {
+  constructor(
+    private readonly creds: Credentials,
+    private readonly clock: Clock,
+    private readonly lifetimeMs = TASK_KEY_LIFETIME_MS,
+    private readonly x25519PublicKey?: Uint8Array,
+  ) {
+    [this.current, this.privateKey] = this.newKey();
+  }
+
+  /** The key tasks are signed with now: daemons must hold it (it goes to every proxy, and on to every host). */
+  get key(): TaskSigningKey {
+    return this.current;
+  }
+
+  private newKey(): [TaskSigningKey, KeyObject] {
     const { publicKey, privateKey } = generateKeyPairSync("ed25519");
-    this.privateKey = privateKey;
     const der = publicKey.export({ type: "spki", format: "der" });
+    const x25519PublicKey = this.x25519PublicKey;
     const keyId = x25519PublicKey ? pairedKeyId("task-signing key", der, x25519PublicKey) : createHash("sha256").update(der).digest("hex").slice(0, 16);
-    const notAfter = clock.now() + lifetimeMs;
-    this.key = create(TaskSigningKeySchema, {
+    const notAfter = this.clock.now() + this.lifetimeMs;
+    const key = create(TaskSigningKeySchema, {
       keyId,
       publicKey: der,
       notAfter: timestampFromMs(notAfter),
-      endorsement: sign("sha256", endorsedBytes(keyId, der, notAfter), createPrivateKey(creds.keyPem)),
-      controllerCertificate: creds.certPem,
+      endorsement: sign("sha256", endorsedBytes(keyId, der, notAfter), createPrivateKey(this.creds.keyPem)),
+      controllerCertificate: this.creds.certPem,
       ...(x25519PublicKey ? { x25519PublicKey } : {}),
     });
+    return [key, privateKey];
+  }
+
+  /**
+   * Replaces the key once half its lifetime has passed, so that a
+   * controller that runs for months keeps signing with a key daemons
+   * accept: what was signed with the old one stays valid until that key
+   * expires (half a lifetime on), and the new key reaches daemons before
+   * any task signed with it (onRenew). Returns whether it renewed.
+   */
+  renewIfDue(): boolean {
+    const notAfter = this.current.notAfter ? timestampMs(this.current.notAfter) : 0;
+    if (this.clock.now() < notAfter - this.lifetimeMs / 2) return false;
+    [this.current, this.privateKey] = this.newKey();
+    for (const fn of this.renewed) fn(this.current);
+    return true;
+  }
+
+  /** Calls fn with each new key as it replaces the old one; returns the function that stops it. */
+  onRenew(fn: (key: TaskSigningKey) => void): () => void {
+    this.renewed.add(fn);
+    return () => this.renewed.delete(fn);
   }
 
   private readonly specs = new SpecEncoder();

@@ -8,7 +8,7 @@ import { LIMITS } from "../common/limits.js";
 import { TriggerService } from "../gen/rexmesh/v1/trigger_pb.js";
 import type { AddressInfo } from "node:net";
 import { readCredentials } from "../certs/files.js";
-import { systemClock, type Clock } from "../common/clock.js";
+import { systemClock, type Clock, type Timer } from "../common/clock.js";
 import { requireFiles, type Resolved, type Schema } from "../common/config.js";
 import { serveFrameLink } from "../common/connect-link.js";
 import { callerOf, createRpcServer } from "../common/connect-server.js";
@@ -69,6 +69,8 @@ import { lmdbReportKeyStore } from "./report-keys.js";
 
 /** Above this share of --store-size, sessions are no longer recorded (jobs are refused above 90%). */
 const RECORDING_STORE_SHARE = 0.75;
+/** How often the controller looks whether its task-signing key is due for renewal (at half its lifetime). */
+const SIGNING_KEY_CHECK_MS = 3_600_000;
 
 export const controllerSchema = {
   listen: { type: "string", default: "127.0.0.1:7443", doc: "address for the public API and proxy links (host:port; port 0 picks one)" },
@@ -303,6 +305,14 @@ export async function startController(config: ControllerConfig, log: Logger, clo
   // Events stored but not evaluated when the controller stopped are evaluated now, once.
   evaluate();
   const metricsServer = await metrics.serveAt(config.metricsListen);
+  // The task-signing key is renewed at half its lifetime, so that a controller that runs for months is not
+  // refused by its daemons when the key it started with expires (TaskSigner.renewIfDue); looked at hourly.
+  let renewTimer: Timer | undefined;
+  const renewSigningKey = () => {
+    if (signer.renewIfDue()) log.info("task-signing key renewed", { key: signer.key.keyId });
+    renewTimer = clock.setTimeout(renewSigningKey, SIGNING_KEY_CHECK_MS);
+  };
+  renewSigningKey();
   return {
     address,
     served: server.served,
@@ -310,6 +320,7 @@ export async function startController(config: ControllerConfig, log: Logger, clo
     draining: () => health.draining(),
     async stop(graceMs) {
       process.off("SIGHUP", onHangup);
+      renewTimer?.cancel();
       stopEndingRevokedSessions();
       stopEndingRevokedConsoles();
       scheduler.stop();

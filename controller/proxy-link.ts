@@ -96,6 +96,8 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   /** A proxy that takes acknowledgements in runs (an older one gets them one by one). */
   const ackRuns = hello.features.includes(STATUS_RUNS);
   out.frame.signingKeys.push(deps.signer.key);
+  // A renewed key goes out at once, in the frame that carries the first tasks signed with it (they are sealed as it leaves).
+  const stopRenewals = deps.signer.onRenew((key) => out.frame.signingKeys.push(key));
   // The deny-list goes with every welcome (a proxy that was away catches up) and with every change.
   out.frame.denyList = deps.revocations.current;
   const unsubscribe = deps.revocations.onChange((signed) => {
@@ -154,6 +156,7 @@ export async function serveProxyLink(deps: ProxyLinkDeps, link: ProxyLinkAtContr
   } finally {
     deps.loads?.delete(port.name);
     unsubscribe();
+    stopRenewals();
     ls.end("flush");
     jobs.proxyDisconnected(port);
     log.info("proxy disconnected");
