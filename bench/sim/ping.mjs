@@ -133,9 +133,9 @@ export function pingNotes(r, targetMs) {
   const px = Object.entries(m.cpuMs).filter(([k]) => k.startsWith("proxy")).map(([, v]) => v);
   const pxSum = px.reduce((a, v) => a + v, 0);
   lines.push(
-    `Per task: the controller spent ${Math.round((ctl * 1000) / r.hosts)} µs of CPU (plan, sign, store, route, then the QUEUED/DISPATCHED/final statuses and the job's completion), ` +
-      `the proxies together ${Math.round((pxSum * 1000) / r.hosts)} µs (store, deliver, relay statuses up), which includes the heartbeats they handled meanwhile ` +
-      `(${Math.round(r.hosts / (r.heartbeatMs / 1000))} empty frames/s each way across the proxies; idle-streams measured ~20 % of a core per 19,000 hosts). ` +
+    `Per task: the controller spent ${Math.round((ctl * 1000) / r.hosts)} µs of CPU (plan, store, route, the hosts' answers and the job's completion; a signed task also its signature, QUEUED/DISPATCHED and the end's check), ` +
+      `the proxies together ${Math.round((pxSum * 1000) / r.hosts)} µs (deliver, relay the answers up; a signed task is also stored), which includes what the idle hosts cost them meanwhile ` +
+      `(each host PINGs its proxy every ${r.heartbeatMs / 1000} s and sends a frame every ${(r.heartbeatMs / 1000) * 6} s; docs/fan-out.md "Idle links"). ` +
       `The controller is one Node process on the path of every task: ${ctl} ms of its CPU per run is a floor for the fan-out on any machine` +
       (ctl > targetMs ? `, already above the ${targetMs} ms target.` : ` (target ${targetMs} ms).`),
   );
