@@ -225,12 +225,12 @@ export class SpecEncoder {
     const out = Buffer.allocUnsafe(head(id) + head(host) + common.length);
     let off = 0;
     if (id > 0) {
-      out[off++] = 0x0a; // field 1 (task_id), length-delimited
+      out[off++] = TASK_ID_TAG;
       off = writeVarint(out, off, id);
       off += out.write(spec.taskId, off, "utf8");
     }
     if (host > 0) {
-      out[off++] = 0x22; // field 4 (host_id), length-delimited
+      out[off++] = HOST_ID_TAG;
       off = writeVarint(out, off, host);
       off += out.write(spec.hostId, off, "utf8");
     }
@@ -238,6 +238,10 @@ export class SpecEncoder {
     return out;
   }
 }
+
+/** The one-byte tags of a spec's task_id (field 1) and host_id (field 4), both length-delimited: what SpecEncoder writes first. */
+const TASK_ID_TAG = (1 << 3) | WireType.LengthDelimited;
+const HOST_ID_TAG = (4 << 3) | WireType.LengthDelimited;
 
 /**
  * The proxy's side of SpecEncoder: decodes tasks' specs to route them, the
@@ -273,17 +277,18 @@ export class SpecDecoder {
   }
 }
 
-/** Where a spec's leading task_id field (1) and host_id field (4), in that order, end; 0 when it does not start with task_id. */
+/**
+ * Where a spec's leading task_id and host_id fields (SpecEncoder's ids, in
+ * that order) end; 0 when it does not start with task_id. Each id is passed
+ * over by its tag and length (BinaryReader.skip); its text is read later.
+ */
 function idsEnd(bytes: Uint8Array): number {
-  if (bytes[0] !== 0x0a) return 0;
+  if (bytes[0] !== TASK_ID_TAG) return 0;
   try {
     const r = new BinaryReader(bytes);
-    r.tag();
-    r.skip(WireType.LengthDelimited);
-    if (r.pos < r.len && bytes[r.pos] === 0x22) {
-      r.tag();
-      r.skip(WireType.LengthDelimited);
-    }
+    const passField = () => r.skip(r.tag()[1]);
+    passField();
+    if (r.pos < r.len && bytes[r.pos] === HOST_ID_TAG) passField();
     return r.pos <= bytes.length ? r.pos : 0;
   } catch {
     return 0;

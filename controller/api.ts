@@ -90,10 +90,12 @@ function auditToProto(e: AuditRecord): AuditEvent {
 }
 
 /** A job as the caller sees it: counts and task count over the tasks given (those it may read). */
-/** A job with its tasks' counts per state (from their records, or from a map of task id → state). */
-function jobToProto(job: JobRecord, tasks: readonly TaskRecord[] | ReadonlyMap<string, TaskState>): Job {
+const statesOf = (tasks: readonly TaskRecord[]): TaskState[] => tasks.map((t) => t.state);
+
+/** A job with its tasks' counts per state (one state per task). */
+function jobToProto(job: JobRecord, states: readonly TaskState[]): Job {
   const counts = new Map<number, number>();
-  for (const state of Array.isArray(tasks) ? tasks.map((t) => t.state) : (tasks as ReadonlyMap<string, TaskState>).values()) counts.set(state, (counts.get(state) ?? 0) + 1);
+  for (const state of states) counts.set(state, (counts.get(state) ?? 0) + 1);
   return create(JobSchema, {
     id: job.id,
     tenant: job.tenant,
@@ -103,7 +105,7 @@ function jobToProto(job: JobRecord, tasks: readonly TaskRecord[] | ReadonlyMap<s
     finishedAt: job.finishedAt !== undefined ? timestampFromMs(job.finishedAt) : undefined,
     steps: job.steps,
     counts: [...counts].sort((a, b) => a[0] - b[0]).map(([state, count]) => create(TaskStateCountSchema, { state, count })),
-    taskCount: Array.isArray(tasks) ? tasks.length : (tasks as ReadonlyMap<string, TaskState>).size,
+    taskCount: states.length,
     document: job.document ?? "",
     parameters: job.parameters ?? {},
     schedule: job.schedule ?? "",
@@ -176,7 +178,7 @@ export function controllerServiceImpl(deps: {
     const request = submitRequestOf(req);
     if (req.dryRun) return create(SubmitJobResponseSchema, { plan: (await access.dryRun(caller, request)).map(plannedToProto) });
     const job = await access.submit(caller, request);
-    return create(SubmitJobResponseSchema, { job: jobToProto(job, jobs.tasksOf(job)) });
+    return create(SubmitJobResponseSchema, { job: jobToProto(job, statesOf(jobs.tasksOf(job))) });
   };
   /** WatchJob's stream: the tasks the caller may read, fixed when the watch starts; the rest (and their output) are never sent. */
   const streamJob = async function* (caller: PeerIdentity, jobId: string, noOutput: boolean, signal: AbortSignal) {
@@ -190,7 +192,7 @@ export function controllerServiceImpl(deps: {
       const mine = batch.tasks.filter((t) => shown.has(t.id));
       for (const t of mine) states.set(t.id, t.state);
       yield {
-        job: batch.job ? jobToProto(batch.job, states) : undefined,
+        job: batch.job ? jobToProto(batch.job, [...states.values()]) : undefined,
         tasks: mine,
         output: batch.output.filter((c) => shown.has(c.taskId)),
       } satisfies WatchFrame;
@@ -272,7 +274,7 @@ export function controllerServiceImpl(deps: {
     },
     async getJob(req, ctx) {
       const { job, tasks } = await access.getJob(grantedPeer(ctx), req.jobId);
-      return { job: jobToProto(job, tasks), tasks: tasks.map((t) => taskToProto(t, job.document ? jobs.shownSteps(t) : undefined)) };
+      return { job: jobToProto(job, statesOf(tasks)), tasks: tasks.map((t) => taskToProto(t, job.document ? jobs.shownSteps(t) : undefined)) };
     },
     async exportBundle(req, ctx) {
       return access.exportBundle(grantedPeer(ctx), req.region);
@@ -344,15 +346,15 @@ export function controllerServiceImpl(deps: {
       };
     },
     async listJobs(req, ctx) {
-      return { jobs: (await access.listJobs(grantedPeer(ctx), req.limit)).map(({ job, tasks }) => jobToProto(job, tasks)) };
+      return { jobs: (await access.listJobs(grantedPeer(ctx), req.limit)).map(({ job, tasks }) => jobToProto(job, statesOf(tasks))) };
     },
     async rerunJob(req, ctx) {
       const job = await access.rerun(grantedPeer(ctx), req.jobId, { states: req.states, hostIds: req.hostIds }, req.idempotencyKey);
-      return { job: jobToProto(job, jobs.tasksOf(job)) };
+      return { job: jobToProto(job, statesOf(jobs.tasksOf(job))) };
     },
     async cancelJob(req, ctx) {
       const job = await access.cancel(grantedPeer(ctx), req.jobId, req.hostIds);
-      return { job: jobToProto(job, jobs.tasksOf(job)) };
+      return { job: jobToProto(job, statesOf(jobs.tasksOf(job))) };
     },
     session(requests, ctx) {
       return serveSession(requests, ctx, "session");
