@@ -388,14 +388,19 @@ export class TaskVerifier {
     return this.keys.size;
   }
 
-  /** Adds the keys whose endorsement holds; returns how many were accepted. */
+  /**
+   * Adds the keys whose endorsement holds; returns how many were accepted.
+   * Keys past their end are forgotten first: they verify nothing any more,
+   * and a daemon up for months is handed a new key every fortnight.
+   */
   addKeys(keys: readonly TaskSigningKey[]): number {
     let added = 0;
+    const now = this.clock.now();
+    for (const [id, k] of this.keys) if (k.notAfter <= now) this.keys.delete(id);
     for (const k of keys) {
       if (this.keys.has(k.keyId)) continue;
       try {
         const cert = new X509Certificate(k.controllerCertificate);
-        const now = this.clock.now();
         if (!cert.checkIssued(this.ca) || !cert.verify(this.ca.publicKey)) continue;
         if (now < Date.parse(cert.validFrom) || now > Date.parse(cert.validTo)) continue;
         if (identityFromCertificate(cert).role !== "controller") continue;

@@ -4,7 +4,7 @@ import { LmdbBacklog } from "../common/lmdb-backlog.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import { SignedDenyListSchema, type SignedDenyList } from "../gen/rexmesh/v1/revocation_pb.js";
 import { SignedTaskSchema, TaskSigningKeySchema, TaskSpecSchema, type SignedTask, type TaskSigningKey, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
-import { BacklogHolder, TaskIndex, type ProxyStore, type QueuedTask, type TaskMark } from "./store.js";
+import { BacklogHolder, SigningKeyRing, TaskIndex, type ProxyStore, type QueuedTask, type TaskMark } from "./store.js";
 
 interface StoredTask {
   /** The SignedTask, serialized; absent for a task learned from its host's reports. */
@@ -43,13 +43,17 @@ export class LmdbProxyStore extends BacklogHolder implements ProxyStore {
   protected readonly backlog: LmdbBacklog;
   private readonly index = new TaskIndex();
   private readonly keysDb: Database<Buffer, string>;
-  private readonly keys = new Map<string, TaskSigningKey>();
+  private readonly keys: SigningKeyRing;
 
   constructor(private readonly env: LmdbEnv) {
     super();
     this.db = env.db("proxy-tasks");
     this.marksDb = env.db("proxy-task-marks");
     this.keysDb = env.db("proxy-signing-keys", "binary");
+    // A removal that fails leaves an ended key on disk, forgotten again at the next start.
+    this.keys = new SigningKeyRing((keyId) => {
+      this.keysDb.remove(keyId).catch(() => undefined);
+    });
     this.backlog = new LmdbBacklog(env.db("proxy-backlog", "binary"), "");
     for (const { key, value } of this.db.getRange()) {
       const task: QueuedTask = { id: key, hostId: value.hostId, state: value.state, cancelRequested: value.cancelRequested, outputSeq: value.outputSeq };
@@ -65,8 +69,7 @@ export class LmdbProxyStore extends BacklogHolder implements ProxyStore {
     for (const { key, value } of this.marksDb.getRange()) this.index.marks.set(key, value);
     for (const { key, value } of this.keysDb.getRange()) {
       if (key === "\0deny-list") continue;
-      const k = fromBinary(TaskSigningKeySchema, value);
-      this.keys.set(k.keyId, k);
+      this.keys.load(fromBinary(TaskSigningKeySchema, value));
     }
   }
 
@@ -127,18 +130,13 @@ export class LmdbProxyStore extends BacklogHolder implements ProxyStore {
     return this.keysDb.put("\0deny-list", Buffer.from(toBinary(SignedDenyListSchema, list))).then(() => undefined);
   }
 
-  signingKeys(): TaskSigningKey[] {
-    return [...this.keys.values()];
+  signingKeys(now: number): TaskSigningKey[] {
+    return this.keys.live(now);
   }
 
-  addSigningKeys(keys: readonly TaskSigningKey[]): Promise<void> {
-    const writes: Promise<unknown>[] = [];
-    for (const k of keys) {
-      if (this.keys.has(k.keyId)) continue;
-      this.keys.set(k.keyId, k);
-      writes.push(this.keysDb.put(k.keyId, Buffer.from(toBinary(TaskSigningKeySchema, k))));
-    }
-    return Promise.all(writes).then(() => undefined);
+  addSigningKeys(keys: readonly TaskSigningKey[], now: number): Promise<TaskSigningKey[]> {
+    const fresh = this.keys.add(keys, now);
+    return Promise.all(fresh.map((k) => this.keysDb.put(k.keyId, Buffer.from(toBinary(TaskSigningKeySchema, k))))).then(() => fresh);
   }
 
   checkRoomForWork(what: string): void {

@@ -292,7 +292,7 @@ export class ProxyCore implements RoleCore {
         : undefined;
     ls.out.frame.welcome = { $typeName: "rexmesh.v1.AgentWelcome", proxy: this.name, region: this.region, heartbeatMs: this.heartbeatMs };
     // The keys the daemon verifies task signatures with (it checks their endorsement itself).
-    ls.out.frame.signingKeys.push(...this.store.signingKeys());
+    ls.out.frame.signingKeys.push(...this.store.signingKeys(this.clock.now()));
     // The controller counts the host as held here once it proves it (its answer goes up as its presence).
     if (this.nonce) ls.out.frame.presenceNonce = this.nonce;
     log.info("host connected");
@@ -764,8 +764,7 @@ export class ProxyCore implements RoleCore {
     for (const order of frame.sessions) this.onSessionOrder?.(order);
     if (frame.denyList) await this.applyDenyList(frame.denyList);
     if (frame.signingKeys.length > 0) {
-      const fresh = frame.signingKeys.filter((k) => !this.store.signingKeys().some((have) => have.keyId === k.keyId));
-      await this.store.addSigningKeys(fresh);
+      const fresh = await this.store.addSigningKeys(frame.signingKeys, this.clock.now());
       for (const session of this.hosts.values()) session.session.out.frame.signingKeys.push(...fresh);
     }
     for (const signed of frame.tasks) {

@@ -82,9 +82,13 @@ export interface ProxyStore {
   upwardSize(): number;
   /** Throws RESOURCE_EXHAUSTED when the store is too full for new work. */
   checkRoomForWork?(what: string): void;
-  /** The controller's task-signing keys, passed on to daemons (they verify them). */
-  signingKeys(): TaskSigningKey[];
-  addSigningKeys(keys: readonly TaskSigningKey[]): Promise<void>;
+  /**
+   * The controller's task-signing keys still in force at `now`, passed on to
+   * daemons (they verify them); those past their end are forgotten here.
+   */
+  signingKeys(now: number): TaskSigningKey[];
+  /** Keeps the keys not held yet and not past their end; resolves to those, once stored. */
+  addSigningKeys(keys: readonly TaskSigningKey[], now: number): Promise<TaskSigningKey[]>;
   /** The newest signed deny-list received, kept so that a restarted proxy enforces it before it reaches the controller. */
   denyList(): SignedDenyList | undefined;
   setDenyList(list: SignedDenyList): Promise<void>;
@@ -130,6 +134,59 @@ export class TaskIndex {
   }
 }
 
+/**
+ * How long past its end a signing key is still passed on: a daemon whose
+ * clock runs behind the proxy's may still take tasks signed with it. (The
+ * controller signs with a key renewed at half its 30 days, so no task is
+ * signed near a key's end.)
+ */
+export const KEY_END_GRACE_MS = 60 * 60_000;
+
+/**
+ * The task-signing keys a proxy holds, by id. The controller renews its key
+ * every 15 days and each renewal reaches every proxy, so without forgetting
+ * ended keys every host's welcome would grow by a key a fortnight, for good.
+ * `forget` removes an ended key from the store that holds it.
+ */
+export class SigningKeyRing {
+  private readonly keys = new Map<string, { key: TaskSigningKey; end: number }>();
+
+  constructor(private readonly forget?: (keyId: string) => void) {}
+
+  private static end(key: TaskSigningKey): number {
+    return key.notAfter ? timestampMs(key.notAfter) + KEY_END_GRACE_MS : 0;
+  }
+
+  /** Loads a stored key as it is (forgotten at the next look if ended). */
+  load(key: TaskSigningKey): void {
+    this.keys.set(key.keyId, { key, end: SigningKeyRing.end(key) });
+  }
+
+  live(now: number): TaskSigningKey[] {
+    const out: TaskSigningKey[] = [];
+    for (const [id, k] of this.keys) {
+      if (k.end > now) out.push(k.key);
+      else {
+        this.keys.delete(id);
+        this.forget?.(id);
+      }
+    }
+    return out;
+  }
+
+  /** The keys of `keys` not held yet and not ended, now held. */
+  add(keys: readonly TaskSigningKey[], now: number): TaskSigningKey[] {
+    const fresh: TaskSigningKey[] = [];
+    for (const key of keys) {
+      const end = SigningKeyRing.end(key);
+      if (this.keys.has(key.keyId) || end <= now) continue;
+      this.keys.set(key.keyId, { key, end });
+      fresh.push(key);
+    }
+    return fresh;
+  }
+}
+
 /** The upward half of a proxy store: its results backlog, held by either store. */
 export abstract class BacklogHolder {
   protected abstract readonly backlog: Backlog;
@@ -166,7 +223,7 @@ export abstract class BacklogHolder {
 export class MemoryProxyStore extends BacklogHolder implements ProxyStore {
   private readonly index = new TaskIndex();
   protected readonly backlog = new MemoryBacklog();
-  private readonly keys = new Map<string, TaskSigningKey>();
+  private readonly keys = new SigningKeyRing();
   private deny: SignedDenyList | undefined;
 
   denyList(): SignedDenyList | undefined {
@@ -177,12 +234,12 @@ export class MemoryProxyStore extends BacklogHolder implements ProxyStore {
     this.deny = list;
   }
 
-  signingKeys(): TaskSigningKey[] {
-    return [...this.keys.values()];
+  signingKeys(now: number): TaskSigningKey[] {
+    return this.keys.live(now);
   }
 
-  async addSigningKeys(keys: readonly TaskSigningKey[]): Promise<void> {
-    for (const k of keys) this.keys.set(k.keyId, k);
+  async addSigningKeys(keys: readonly TaskSigningKey[], now: number): Promise<TaskSigningKey[]> {
+    return this.keys.add(keys, now);
   }
 
   getTask(taskId: string): QueuedTask | undefined {

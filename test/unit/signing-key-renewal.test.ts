@@ -5,8 +5,12 @@
  * that runs longer than a key lives is not refused by its daemons.
  */
 import { create } from "@bufbuild/protobuf";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../common/clock.js";
+import { LmdbEnv } from "../../common/lmdb.js";
 import { silentLogger } from "../../common/logger.js";
 import { TASK_KEY_LIFETIME_MS, TaskRejected, TaskSigner, TaskVerifier } from "../../common/task-signing.js";
 import { Inventory } from "../../controller/inventory.js";
@@ -14,10 +18,13 @@ import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager } from "../../controller/jobs.js";
 import { serveProxyLink } from "../../controller/proxy-link.js";
 import type { Revocations } from "../../controller/revocation.js";
+import { AgentStreamRequestSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
 import { ProxyStreamRequestSchema, type ProxyStreamRequest, type ProxyStreamResponse } from "../../gen/rexmesh/v1/proxy_link_pb.js";
 import { SignedDenyListSchema } from "../../gen/rexmesh/v1/revocation_pb.js";
+import { LmdbProxyStore } from "../../proxy/lmdb-store.js";
+import { ProxyCore } from "../../proxy/proxy.js";
 import { testCa, testCredentials } from "../test-ca.js";
-import { counterIds, execStep, FakeLink, flush, operator, submitRequest, taskSpec } from "./support.js";
+import { counterIds, eventually, execStep, FakeLink, flush, hostPeer, operator, submitRequest, taskSpec } from "./support.js";
 
 const DAY = 86_400_000;
 
@@ -94,5 +101,55 @@ describe("the task-signing key, renewed while the controller runs", () => {
     link.close();
     await served;
     jobs.stop?.();
+  });
+});
+
+describe("keys past their end, at a proxy and a daemon up for months", () => {
+  it("are forgotten: a proxy on LMDB hands a connecting host only keys in force, before and after its restart, and a daemon's verifier keeps only those", async () => {
+    const clock = new ManualClock(Date.UTC(2026, 0, 1));
+    const signer = controllerSigner(clock);
+    const daemon = new TaskVerifier(testCa().certPem, clock);
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-keys-"));
+    const open = () => new LmdbEnv({ path: dir, maxBytes: 16 << 20 });
+    let env = open();
+    let store = new LmdbProxyStore(env);
+    const ids = (keys: readonly { keyId: string }[]) => keys.map((k) => k.keyId).sort();
+    const issued: string[] = [];
+    // Half a year of renewals at half a key's 30 days: 12 keys issued.
+    for (let day = 0; day < 180; day++) {
+      if (day === 0 || signer.renewIfDue()) {
+        issued.push(signer.key.keyId);
+        expect(ids(await store.addSigningKeys([signer.key], clock.now()))).toEqual([signer.key.keyId]);
+        expect(daemon.addKeys([signer.key])).toBe(1);
+      }
+      // At most the current key, the one before it (in force until its end) and, on the day that one ends, the one before that.
+      expect(store.signingKeys(clock.now()).length).toBeLessThanOrEqual(3);
+      expect(daemon.size).toBeLessThanOrEqual(3);
+      clock.advance(DAY);
+    }
+    expect(issued.length).toBeGreaterThanOrEqual(12);
+    const inForce = ids(store.signingKeys(clock.now()));
+    expect(inForce).toContain(signer.key.keyId);
+    // A key already held, or one past its end, is not taken again.
+    expect(await store.addSigningKeys([signer.key], clock.now())).toEqual([]);
+    await env.close();
+
+    // Restarted after the current key's predecessor ended: a host's welcome carries only the current key, and the ended one is gone from disk.
+    clock.advance(TASK_KEY_LIFETIME_MS / 2);
+    env = open();
+    store = new LmdbProxyStore(env);
+    const core = new ProxyCore({ name: "px1", region: "eu", clock, store, log: silentLogger, heartbeatMs: 10_000 });
+    core.start();
+    const host = new FakeLink<AgentStreamResponse, AgentStreamRequest>();
+    const served = core.serveHost(host, hostPeer("h1")).catch(() => undefined);
+    host.deliver(create(AgentStreamRequestSchema, { hello: { hostId: "h1", heartbeatMs: 0 } }));
+    await flush();
+    expect(ids(host.sent.flatMap((f) => f.signingKeys))).toEqual([signer.key.keyId]);
+    expect(await store.addSigningKeys([], clock.now())).toEqual([]);
+    await eventually(() => [...env.db<Buffer>("proxy-signing-keys", "binary").getKeys()].filter((k) => k !== "\0deny-list").length === 1);
+    host.close();
+    core.stop();
+    await served;
+    await env.close();
   });
 });
