@@ -163,8 +163,7 @@ export function createRpcHandler(opts: RpcHandlerOptions & { callerOf: (req: htt
     // Responses go uncompressed even to clients that accept gzip: compressing
     // every task frame to a proxy and every large listing took a tenth of the
     // controller's CPU in a 1,000-host ping profile. Compressed requests are
-    // still accepted; their elements are not counted before decoding
-    // (common/counted-request.ts): a known gap.
+    // still accepted, inflated once to be counted first (common/counted-request.ts).
     compressMinBytes: Number.MAX_SAFE_INTEGER,
     contextValues: opts.callerOf,
   });

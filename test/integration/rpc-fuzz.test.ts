@@ -1,4 +1,4 @@
-import { gzipSync } from "node:zlib";
+import { brotliCompressSync, gzipSync } from "node:zlib";
 import { join } from "node:path";
 import { create, fromBinary, type DescMessage, type DescMethod, type MessageShape } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
@@ -538,6 +538,25 @@ bindings:
 
     it("F5: the controller acknowledges a ProxyLink output chunk with seq 2^64-1 without INTERNAL", async () => {
       chosen(await linkCall(controller, "proxyPeer", ProxyLinkService.method.proxyStream, [proxyHello(), proxyFrame({ output: [{ taskId: "no-such-task", seq: 2n ** 64n - 1n, data: Buffer.from("x") }] })]));
+    });
+
+    it("F8: the controller refuses, before decoding, a gzip or brotli request that inflates to millions of empty elements, whoever sends it, and still answers", async () => {
+      // SubmitJobRequest.steps, each empty: 2 bytes per element, 4 million of them in 8 MiB, a few KiB compressed.
+      const tag = (ControllerService.method.submitJob.input.field.steps!.number << 3) | 2;
+      const flood = Buffer.alloc(8 * 1024 * 1024);
+      for (let i = 0; i < flood.length; i += 2) flood[i] = tag;
+      for (const [encoding, squeeze] of [["gzip", gzipSync], ["br", brotliCompressSync]] as const) {
+        const packed = squeeze(flood);
+        expect(packed.length).toBeLessThan(64 * 1024);
+        for (const who of ["operator", "host"] as const) {
+          const o = await client(controller, who).call(pathOf(ControllerService.method.submitJob), { steps: [{ write: envelope(packed, 1) }], headers: { "grpc-encoding": encoding }, timeoutMs: CALL_MS });
+          expect(o.kind === "status" && o.code === Code.InvalidArgument && /refused before decoding/.test(o.message), `${encoding} as ${who}: ${JSON.stringify(o).slice(0, 300)}`).toBe(true);
+        }
+      }
+      // An honest compressed request still goes through to the boundary and the handler.
+      const honest = ControllerService.method.listHosts;
+      const o = await client(controller, "operator").call(pathOf(honest), { steps: [{ write: envelope(gzipSync(frameOf(honest.input, {}).subarray(5)), 1) }], headers: { "grpc-encoding": "gzip" }, timeoutMs: CALL_MS });
+      expect(o.kind === "status" && o.code === 0, JSON.stringify(o).slice(0, 300)).toBe(true);
     });
 
     /**

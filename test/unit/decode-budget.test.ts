@@ -1,3 +1,4 @@
+import { brotliCompressSync, gzipSync } from "node:zlib";
 import { describe, expect, it } from "vitest";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -107,10 +108,32 @@ describe("counting a connect-es request body message by message (the controller'
     expect(ConnectError.from(err).code).toBe(Code.InvalidArgument);
     expect(Buffer.compare(Buffer.concat(seen), good)).toBe(0);
     await expect(collect(countingMessages(chunks(flood(), 65536), ProxyStreamRequestSchema, "application/proto"))).rejects.toThrow(/refused before decoding/);
-    // JSON is not counted (parsing it is the decoding), nor a compressed envelope (the known gap).
+    // JSON is not counted (parsing it is the decoding).
     const json = Buffer.from("{}");
     expect(Buffer.compare(await collect(countingMessages(chunks(json, 1), ProxyStreamRequestSchema, "application/json")), json)).toBe(0);
-    const compressed = envelope(flood(), 1);
-    expect((await collect(countingMessages(chunks(compressed, 65536), ProxyStreamRequestSchema, "application/grpc"))).length).toBe(compressed.length);
+  });
+
+  it("inflates a compressed message to count it, passes an honest one on as it came, and refuses a bomb of elements or bytes", async () => {
+    const honest = toBinary(ProxyStreamRequestSchema, create(ProxyStreamRequestSchema, { statuses: [{ taskId: "t1" }], ping: 7 }));
+    for (const [name, squeeze] of [["gzip", gzipSync], ["br", brotliCompressSync]] as const) {
+      const good = envelope(squeeze(honest), 1);
+      expect(Buffer.compare(await collect(countingMessages(chunks(good, 3), ProxyStreamRequestSchema, "application/grpc", name)), good)).toBe(0);
+      // A few KiB that inflate to 2 million empty statuses: in an envelope (gRPC, Connect streaming) or as a unary Connect body.
+      const bomb = squeeze(flood());
+      expect(bomb.length).toBeLessThan(64 * 1024);
+      for (const [type, body] of [["application/grpc", envelope(bomb, 1)], ["application/connect+proto", envelope(bomb, 1)], ["application/proto", bomb]] as const) {
+        await expect(collect(countingMessages(chunks(body, 65536), ProxyStreamRequestSchema, type, name)), `${name} ${type}`).rejects.toThrow(/refused before decoding/);
+      }
+      // More bytes than a message may have once inflated: refused as connect-es refuses it.
+      const big = envelope(squeeze(Buffer.alloc(17 * 1024 * 1024)), 1);
+      const err = await collect(countingMessages(chunks(big, 65536), ProxyStreamRequestSchema, "application/grpc", name)).then(() => undefined, (e: unknown) => e);
+      expect(ConnectError.from(err).code, name).toBe(Code.ResourceExhausted);
+    }
+    // Bytes that are not the gzip they claim to be: INVALID_ARGUMENT. An encoding connect-es does not take is left to it.
+    const notGzip = envelope(Buffer.from("not gzip at all"), 1);
+    const err = await collect(countingMessages(chunks(notGzip, 4), ProxyStreamRequestSchema, "application/grpc", "gzip")).then(() => undefined, (e: unknown) => e);
+    expect(ConnectError.from(err).code).toBe(Code.InvalidArgument);
+    const unknown = envelope(Buffer.from("whatever"), 1);
+    expect(Buffer.compare(await collect(countingMessages(chunks(unknown, 4), ProxyStreamRequestSchema, "application/grpc", "snappy")), unknown)).toBe(0);
   });
 });
