@@ -19,7 +19,7 @@ import { LIMITS } from "../common/limits.js";
 import type { Logger } from "../common/logger.js";
 import type { Call, DeclarationTable, Grant } from "../common/rpc-access.js";
 import type { ConsoleSession, ConsoleSessions } from "./console-sessions.js";
-import { MAX_SECRET_CHARS } from "./console-sessions.js";
+import { LinkReplayed, MAX_SECRET_CHARS } from "./console-sessions.js";
 
 /** The session cookie: `__Host-` makes browsers insist on Secure, Path=/ and no Domain. */
 export const CONSOLE_COOKIE = "__Host-rexmesh-console";
@@ -70,8 +70,14 @@ export interface ConsoleServerOptions {
    * nothing, and the Origin check below compares with a name we chose.
    */
   allowedHosts: () => readonly string[];
-  /** Records logins and logouts (the calls themselves are audited by the boundary). */
-  audit: (kind: "console.login" | "console.logout", peer: PeerIdentity, reason: string) => Promise<void>;
+  /**
+   * Records logins and logouts (the calls themselves are audited by the
+   * boundary), and logins refused to a known operator: one whose identity
+   * was revoked or whose console action was taken away, or a link opened a
+   * second time (someone else holds it). A secret that names nobody is only
+   * logged: a stranger must not write into a tenant's audit.
+   */
+  audit: (kind: "console.login" | "console.logout", peer: PeerIdentity, reason: string, decision?: "allowed" | "denied") => Promise<void>;
   log: Logger;
   clock: Clock;
 }
@@ -154,6 +160,7 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
       if (opts.isRevoked(session.peer) || !opts.holdsConsole(session.peer)) {
         opts.sessions.end(secret);
         const why = opts.isRevoked(session.peer) ? "this operator's identity has been revoked" : "the policy no longer gives this operator the console action";
+        await auditRefusal(session.peer, why);
         return send(res, 403, json, JSON.stringify({ code: "permission_denied", message: why }));
       }
       await opts.audit("console.login", session.peer, `one-time link, session until ${new Date(session.expiresAt).toISOString()}`);
@@ -162,10 +169,15 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
     } catch (err) {
       if (!(err instanceof UnauthenticatedError || err instanceof ResourceExhaustedError)) throw err;
       const status = err instanceof UnauthenticatedError ? 401 : 429;
-      opts.log.info("console login refused", { err });
+      opts.log.info("console login refused", { err, from: req.socket.remoteAddress });
+      if (err instanceof LinkReplayed) await auditRefusal(err.peer, `the link was opened already; opened again from ${req.socket.remoteAddress ?? "an unknown address"}`);
       return send(res, status, json, JSON.stringify({ code: status === 401 ? "unauthenticated" : "resource_exhausted", message: err.message }));
     }
   };
+
+  /** A refusal stands whether or not its audit event could be stored. */
+  const auditRefusal = (peer: PeerIdentity, why: string) =>
+    opts.audit("console.login", peer, why, "denied").catch((err: unknown) => opts.log.error("audit event not stored", { kind: "console.login", err }));
 
   const server = http2.createSecureServer(
     { cert: opts.tls.certPem, key: opts.tls.keyPem, allowHTTP1: true, minVersion: "TLSv1.2", settings: { maxConcurrentStreams: LIMITS.streamsPerConnection } },

@@ -48,9 +48,21 @@ function hashOf(secret: string): string {
   return createHash("sha256").update(secret, "utf8").digest("hex");
 }
 
+/** A link opened a second time, before it would have expired: the operator it was made for is known. */
+export class LinkReplayed extends UnauthenticatedError {
+  constructor(
+    message: string,
+    readonly peer: PeerIdentity,
+  ) {
+    super(message);
+  }
+}
+
 export class ConsoleSessions {
   private readonly links = new Map<string, StoredSession>();
   private readonly sessions = new Map<string, StoredSession>();
+  /** Links opened already, until they would have expired: a second opening is someone else holding the link. */
+  private readonly spent = new Map<string, StoredSession>();
   readonly linkTtlMs: number;
   readonly sessionTtlMs: number;
   private readonly maxLinks: number;
@@ -89,7 +101,15 @@ export class ConsoleSessions {
 
   /** Opens a link: valid once, before it expires. Returns the new session's secret, for the cookie. */
   redeem(linkSecret: string): { secret: string; session: ConsoleSession } {
-    const link = this.take(this.links, linkSecret, "this console link is not valid (each link works once, for two minutes): run rexmesh console again");
+    const refusal = "this console link is not valid (each link works once, for two minutes): run rexmesh console again";
+    const key = SECRET.test(linkSecret) ? hashOf(linkSecret) : undefined;
+    const spent = key === undefined ? undefined : this.spent.get(key);
+    if (spent && this.clock.now() < spent.expiresAt) throw new LinkReplayed(refusal, spent.peer);
+    const link = this.take(this.links, linkSecret, refusal);
+    if (this.spent.size >= this.maxLinks) for (const [k, l] of this.spent) if (this.clock.now() >= l.expiresAt) this.spent.delete(k);
+    // Bounded as the links are: past maxLinks unexpired, the oldest is forgotten (its replay is then refused unnamed).
+    if (this.spent.size >= this.maxLinks) this.spent.delete(this.spent.keys().next().value!);
+    this.spent.set(key!, link);
     // One operator's sessions beyond its share: its oldest ends (a browser left logged in somewhere), nobody else's.
     const own = [...this.sessions.entries()].filter(([, s]) => sameIdentity(s.peer, link.peer)).sort((a, b) => a[1].expiresAt - b[1].expiresAt);
     for (const [k] of own.slice(0, Math.max(0, own.length - this.maxSessionsPerOperator + 1))) this.sessions.delete(k);

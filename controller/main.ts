@@ -373,8 +373,8 @@ async function startConsole(
     isRevoked: deps.isRevoked,
     holdsConsole: (peer) => deps.authz.holds(peer, "console").allowed,
     allowedHosts: () => hosts,
-    audit: async (kind, peer, reason) => {
-      await deps.audit.append({ kind, tenant: peer.scope, actor: formatIdentity(peer), decision: "allowed", reason, what: "web console session", hostIds: [] });
+    audit: async (kind, peer, reason, decision = "allowed") => {
+      await deps.audit.append({ kind, tenant: peer.scope, actor: formatIdentity(peer), decision, reason, what: "web console session", hostIds: [] });
     },
     log: deps.log.child({ component: "console" }),
     clock: deps.clock,

@@ -158,6 +158,43 @@ bindings:
     await expect(codeOf(apiWith(cookie).listJobs({}))).resolves.not.toBe("OK");
   }, 60_000);
 
+  it("F6: a login refused to a known operator is in its tenant's audit (a link opened twice, a console action taken away); a secret naming nobody is not", async () => {
+    const carol = mesh.issue({ role: "operator", scope: "acme", id: "carol2" }, join(work, "carol2"));
+    const audited = async () =>
+      (await rexmesh(["audit", "--since", "1h", "--limit", "1000", "--json"], mesh.exports())).stdout
+        .trim()
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as { kind: string; actor: string; decision: string; reason: string })
+        .filter((e) => e.kind === "console.login");
+    const before = (await audited()).length;
+    // Opened twice: the second opening is someone else holding the link.
+    const token = (await linkFor(mesh.exports())).split("#")[1]!;
+    expect((await post(ca, `${consoleUrl}/session/login`, JSON.stringify({ token }), { "content-type": "application/json" })).status).toBe(200);
+    expect((await post(ca, `${consoleUrl}/session/login`, JSON.stringify({ token }), { "content-type": "application/json" })).status).toBe(401);
+    // A well-formed secret no link has: answered alike, audited nowhere.
+    expect((await post(ca, `${consoleUrl}/session/login`, JSON.stringify({ token: "A".repeat(43) }), { "content-type": "application/json" })).status).toBe(401);
+    // A link made while the policy gave carol2 the console, opened after a reload took it away.
+    writeFileSync(policy, policyText(`[read, submit, console]`).replace("acme/carol: carol", "acme/carol: carol\n  acme/carol2: carol"));
+    mesh.controller.proc.kill("SIGHUP");
+    const carolLink = await until("the reload to give carol2 a link", async () => {
+      const r = await rexmesh(["console", "--json"], envOf(carol));
+      return r.code === 0 ? (JSON.parse(r.stdout) as { url: string }).url : undefined;
+    }, 15_000);
+    writeFileSync(policy, policyText(`[read, submit]`).replace("acme/carol: carol", "acme/carol: carol\n  acme/carol2: carol"));
+    mesh.controller.proc.kill("SIGHUP");
+    await until("the reload to refuse carol2 a link", async () => ((await rexmesh(["console", "--json"], envOf(carol))).code !== 0 ? true : undefined), 15_000);
+    expect((await post(ca, `${consoleUrl}/session/login`, JSON.stringify({ token: carolLink.split("#")[1] }), { "content-type": "application/json" })).status).toBe(403);
+
+    // Oldest first: what this test added is at the end.
+    const events = (await audited()).slice(before);
+    const denied = events.filter((e) => e.decision === "denied");
+    expect(denied.map((e) => e.actor).sort(), JSON.stringify(events)).toEqual(["operator:acme/carol2", "operator:acme/dev"]);
+    expect(denied.find((e) => e.actor === "operator:acme/dev")!.reason).toMatch(/opened already; opened again from 127\.0\.0\.1/);
+    expect(denied.find((e) => e.actor === "operator:acme/carol2")!.reason).toMatch(/no longer gives this operator the console action/);
+    expect(events.filter((e) => e.decision === "allowed").map((e) => e.actor)).toEqual(["operator:acme/dev"]);
+  }, 60_000);
+
   // What the review tried that held: on the same mesh (its operator dev holds every action).
   describe("attacks that must keep failing", () => {
     const get = (path: string, headers: Record<string, string> = {}, method = "GET") =>
