@@ -20,6 +20,8 @@ export interface PeerIdentity {
   readonly role: Role;
   readonly scope: string;
   readonly id: string;
+  /** Set when the call came from a web console session rather than the certificate itself: the audit says so. */
+  readonly via?: "console";
 }
 
 /** At most LIMITS.idChars (common/limits.ts) characters. */

@@ -693,7 +693,8 @@ export class OperatorAccess {
   /** Writes an audit event; a failure to write is logged and, for refusals, never hides the refusal. */
   private async record(caller: PeerIdentity | undefined, kind: string, outcome: { decision: AuditDecision; reason: string }, more: Pick<AuditInput, "what" | "hostIds" | "jobId">): Promise<void> {
     const tenant = caller && caller.role !== "proxy" && caller.role !== "controller" ? caller.scope : "";
-    const input: AuditInput = { kind, tenant, actor: caller ? formatIdentity(caller) : "unidentified", ...outcome, ...more };
+    const via = caller?.via === "console" ? `${outcome.reason ? " " : ""}(web console)` : "";
+    const input: AuditInput = { kind, tenant, actor: caller ? formatIdentity(caller) : "unidentified", ...outcome, reason: `${outcome.reason}${via}`, ...more };
     try {
       await this.deps.audit.append(input);
     } catch (err) {

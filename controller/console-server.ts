@@ -102,7 +102,10 @@ export function createConsoleServer(opts: ConsoleServerOptions): Pick<RpcServer,
     decide: opts.decide,
     clock: opts.clock,
     // The session handle() found for this request (checked once per request, not again here).
-    callerOf: (req) => callerContext(checked.get(req)?.peer, opts.isRevoked),
+    callerOf: (req) => {
+      const peer = checked.get(req)?.peer;
+      return callerContext(peer && { ...peer, via: "console" }, opts.isRevoked);
+    },
   });
   const api = closingUnfinishedRequests(rpc, served, opts.clock);
   const apiPaths = new Set(served.map((m) => `/${m.parent.typeName}/${m.name}`));

@@ -195,6 +195,22 @@ bindings:
     expect(events.filter((e) => e.decision === "allowed").map((e) => e.actor)).toEqual(["operator:acme/dev"]);
   }, 60_000);
 
+  it("F7: the audit tells a call made from a browser session from one made with the certificate itself", async () => {
+    const cookie = await login(mesh.exports());
+    const { job } = await apiWith(cookie).submitJob({ hostIds: ["h01"], steps: [{ tool: { case: "exec", value: { argv: ["true"] } } }] });
+    const r = await rexmesh(["run", "-H", "h01", "--", "true"], mesh.exports());
+    expect(r.code, r.stderr).toBe(0);
+    const events = (await rexmesh(["audit", "--since", "1h", "--limit", "1000", "--json"], mesh.exports())).stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { kind: string; reason: string; job?: string })
+      .filter((e) => e.kind === "submit");
+    const fromBrowser = events.find((e) => e.job === job!.id)!;
+    expect(fromBrowser.reason).toMatch(/^role admin \(web console\)$/);
+    expect(events.at(-1)!.job).not.toBe(job!.id);
+    expect(events.at(-1)!.reason).toBe("role admin");
+  }, 60_000);
+
   // What the review tried that held: on the same mesh (its operator dev holds every action).
   describe("attacks that must keep failing", () => {
     const get = (path: string, headers: Record<string, string> = {}, method = "GET") =>
