@@ -63,3 +63,20 @@ export function describeJob(j: Job): string {
   if (j.document) return `document ${j.document}`;
   return j.steps.map(describeStep).join("; ");
 }
+
+/** A label name as the host query language takes it (controller/query.ts). */
+const LABEL_NAME = /^[A-Za-z0-9_][A-Za-z0-9._/-]*$/;
+
+/**
+ * The label filter as a host query: `key` is `has label.key`, `key=value`
+ * is `label.key = "value"` (split at the first "=": a value may hold "="
+ * itself). Undefined for no filter, null for a key no label can have.
+ */
+export function labelQuery(filter: string): string | null | undefined {
+  if (filter.trim() === "") return undefined;
+  const eq = filter.indexOf("=");
+  const key = (eq < 0 ? filter : filter.slice(0, eq)).trim();
+  if (!LABEL_NAME.test(key)) return null;
+  if (eq < 0) return `has label.${key}`;
+  return `label.${key} = "${filter.slice(eq + 1).trim().replace(/["\\]/g, (c) => `\\${c}`)}"`;
+}

@@ -1,11 +1,11 @@
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Host, Task } from "../../gen/rexmesh/v1/controller_pb.js";
+import type { Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { JobState } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { api, background, describeError } from "./api.js";
 import { Alert, Heads } from "./ui.js";
-import { describeJob, isTerminal, RERUN_GROUPS, stateLabel, stateTone, when } from "./format.js";
+import { describeJob, isTerminal, labelQuery, RERUN_GROUPS, stateLabel, stateTone, when } from "./format.js";
 import { applyBatch, emptyView, exportRows, groupOutput, histogram, toCsv, type JobView } from "./job-model.js";
 
 /** Follows a job with WatchJob (snapshot, output so far, then live) until it ends or the page goes. */
@@ -37,6 +37,39 @@ function useJobWatch(jobId: string): { view: JobView; error: string; live: boole
   return { view, error, live };
 }
 
+/**
+ * The hosts the label filter matches, asked of the controller when the
+ * filter changes (after a pause in typing), not every host of the tenant
+ * up front: a job page must not fetch 50,000 host records. Undefined while
+ * no filter is given.
+ */
+function useLabelMatch(filter: string): { ids: Set<string> } | undefined {
+  const [match, setMatch] = useState<{ ids: Set<string> } | undefined>(undefined);
+  useEffect(() => {
+    const query = labelQuery(filter);
+    if (query === undefined) {
+      setMatch(undefined);
+      return;
+    }
+    if (query === null) {
+      setMatch({ ids: new Set() });
+      return;
+    }
+    const abort = new AbortController();
+    const timer = setTimeout(() => {
+      api.listHosts({ target: query }, { signal: abort.signal }).then(
+        (r) => setMatch({ ids: new Set(r.hosts.map((h) => h.id)) }),
+        () => undefined,
+      );
+    }, 250);
+    return () => {
+      clearTimeout(timer);
+      abort.abort();
+    };
+  }, [filter]);
+  return match;
+}
+
 function download(name: string, type: string, text: string) {
   const url = URL.createObjectURL(new Blob([text], { type }));
   const a = document.createElement("a");
@@ -48,7 +81,6 @@ function download(name: string, type: string, text: string) {
 
 export function JobPage({ jobId }: { jobId: string }) {
   const { view, error, live } = useJobWatch(jobId);
-  const [hosts, setHosts] = useState<Map<string, Host>>(new Map());
   const [state, setState] = useState<string>("");
   const [exit, setExit] = useState("");
   const [region, setRegion] = useState("");
@@ -59,30 +91,19 @@ export function JobPage({ jobId }: { jobId: string }) {
   const [notice, setNotice] = useState("");
   const [actionError, setActionError] = useState("");
   const [busy, setBusy] = useState(false);
-  useEffect(() => {
-    api.listHosts({}).then(
-      (r) => setHosts(new Map(r.hosts.map((h) => [h.id, h]))),
-      () => undefined,
-    );
-  }, []);
+  const labelMatch = useLabelMatch(label);
   const tasks = useMemo(() => [...view.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId)), [view.tasks]);
   const regions = useMemo(() => [...new Set(tasks.map((t) => t.region).filter(Boolean))].sort(), [tasks]);
   const filtered = useMemo(() => {
-    // Split at the first "=" only: a label's value may hold "=" itself.
-    const eq = label.indexOf("=");
-    const [lk, lv] = eq < 0 ? [label, undefined] : [label.slice(0, eq), label.slice(eq + 1)];
     return tasks.filter((t) => {
       if (state && String(t.state) !== state) return false;
       if (exit.trim() !== "" && String(t.exitCode ?? "") !== exit.trim()) return false;
       if (region && t.region !== region) return false;
-      if (lk) {
-        const labels = hosts.get(t.hostId)?.labels ?? {};
-        if (!(lk.trim() in labels)) return false;
-        if (lv !== undefined && labels[lk.trim()] !== lv.trim()) return false;
-      }
+      // Until the controller's answer for this filter is in, the previous one stands.
+      if (labelMatch && !labelMatch.ids.has(t.hostId)) return false;
       return true;
     });
-  }, [tasks, state, exit, region, label, hosts]);
+  }, [tasks, state, exit, region, labelMatch]);
   const counts = useMemo(() => histogram(tasks), [tasks]);
   const groups = useMemo(() => groupOutput(view, filtered), [view, filtered]);
   const job = view.job;

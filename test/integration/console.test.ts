@@ -151,6 +151,17 @@ steps:
     // Filter the failed hosts.
     await page.locator("select[name=state]").selectOption(String(TaskState.FAILED));
     await expect(page.locator("table.hosts tbody tr").evaluateAll((rows) => rows.map((r) => r.getAttribute("data-host")))).resolves.toEqual(["h01", "h03"]);
+    // By label, as the controller answers the query (h01 and h02 are role=web, h03 role=db, h04 has no role).
+    const shown = () => page.locator("table.hosts tbody tr").evaluateAll((rows) => rows.map((r) => r.getAttribute("data-host")).join(","));
+    const label = page.getByLabel("Label (key or key=value)");
+    await page.locator("select[name=state]").selectOption("");
+    await label.fill("role=web");
+    await until("role=web", async () => ((await shown()) === "h01,h02" ? true : undefined), 10_000);
+    await label.fill("role");
+    await until("role", async () => ((await shown()) === "h01,h02,h03" ? true : undefined), 10_000);
+    await label.fill("");
+    await until("no label filter", async () => ((await shown()) === "h01,h02,h03,h04" ? true : undefined), 10_000);
+    await page.locator("select[name=state]").selectOption(String(TaskState.FAILED));
 
     // Rerun only them; the API shows the new job: exactly those hosts, the same document and parameters.
     await page.getByRole("button", { name: "Rerun failed" }).click();
