@@ -1,29 +1,41 @@
 import type { Job, Task, WatchJobResponse } from "../../gen/rexmesh/v1/controller_pb.js";
 import { OutputStream, type TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 
-/** A job as the watch has shown it so far: its tasks by id and each task's output as text. */
+/**
+ * A job as the watch has shown it so far: its tasks by id and each task's
+ * output as text. The maps are changed in place, batch by batch (copying
+ * them per batch made a 50,000-host job quadratic); `rev` counts the
+ * batches, so a new view object with a new `rev` is what tells the page to
+ * look again.
+ */
 export interface JobView {
   job: Job | undefined;
   tasks: Map<string, Task>;
   /** By task id: what the process wrote, stdout and stderr apart (decoded as UTF-8 as it arrives). */
   output: Map<string, { out: string; err: string }>;
+  rev: number;
 }
 
 /** Bytes of output per task kept in the page; past it the rest is not shown (the CLI and export have it all). */
 export const MAX_SHOWN_OUTPUT = 256 * 1024;
 
 export function emptyView(): JobView {
-  return { job: undefined, tasks: new Map(), output: new Map() };
+  return { job: undefined, tasks: new Map(), output: new Map(), rev: 0 };
+}
+
+/** What a TextDecoder is to the view (a type the browser and Node both have). */
+export interface StreamDecoder {
+  decode(input: Uint8Array, options: { stream: boolean }): string;
 }
 
 /**
- * Applies one watch batch. Decoders are kept per task and stream so that a
+ * Applies one watch batch to the view's maps, in place, and returns the
+ * view under a new `rev`. Decoders are kept per task and stream so that a
  * character split across two chunks is shown whole.
  */
-export function applyBatch(view: JobView, batch: Pick<WatchJobResponse, "job" | "tasks" | "output">, decoders: Map<string, TextDecoder>): JobView {
-  const tasks = new Map(view.tasks);
+export function applyBatch(view: JobView, batch: Pick<WatchJobResponse, "job" | "tasks" | "output">, decoders: Map<string, StreamDecoder>): JobView {
+  const { tasks, output } = view;
   for (const t of batch.tasks) tasks.set(t.id, t);
-  const output = new Map(view.output);
   for (const c of batch.output) {
     const key = `${c.taskId}:${c.stream}`;
     let d = decoders.get(key);
@@ -35,7 +47,7 @@ export function applyBatch(view: JobView, batch: Pick<WatchJobResponse, "job" | 
     const next = cur.length >= MAX_SHOWN_OUTPUT ? cur : (cur + text).slice(0, MAX_SHOWN_OUTPUT);
     output.set(c.taskId, err ? { ...prev, err: next } : { ...prev, out: next });
   }
-  return { job: batch.job ?? view.job, tasks, output };
+  return { job: batch.job ?? view.job, tasks, output, rev: view.rev + 1 };
 }
 
 /** Hosts that ended the same way with the same output, shown once. */

@@ -8,6 +8,13 @@ import { Alert, Heads } from "./ui.js";
 import { describeJob, isTerminal, labelQuery, RERUN_GROUPS, stateLabel, stateTone, when } from "./format.js";
 import { applyBatch, emptyView, exportRows, groupOutput, histogram, toCsv, type JobView } from "./job-model.js";
 
+/** How often the job page renders at most while batches stream in. */
+const RENDER_EVERY_MS = 250;
+/** Rows of the host table rendered at once; more on request. */
+const ROWS_SHOWN = 500;
+/** Output groups rendered at once (each different output is a group: `hostname` makes one per host); more on request. */
+const GROUPS_SHOWN = 50;
+
 /** Follows a job with WatchJob (snapshot, output so far, then live) until it ends or the page goes. */
 function useJobWatch(jobId: string): { view: JobView; error: string; live: boolean } {
   const [view, setView] = useState<JobView>(emptyView);
@@ -17,22 +24,37 @@ function useJobWatch(jobId: string): { view: JobView; error: string; live: boole
     const abort = new AbortController();
     const decoders = new Map<string, TextDecoder>();
     let current = emptyView();
+    // At most a few renders a second, however fast batches come: each one sorts, filters and groups every task.
+    let shown = 0;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const show = (now = false) => {
+      if (timer !== undefined) return;
+      const wait = now ? 0 : Math.max(0, shown + RENDER_EVERY_MS - Date.now());
+      timer = setTimeout(() => {
+        timer = undefined;
+        shown = Date.now();
+        setView(current);
+      }, wait);
+    };
     (async () => {
       for await (const batch of api.watchJob({ jobId }, { signal: abort.signal })) {
         current = applyBatch(current, batch, decoders);
-        setView(current);
+        show();
       }
       // The stream ends when every task is terminal; one last read has the job's final counts.
       const final = await api.getJob({ jobId }, { signal: abort.signal });
       current = applyBatch(current, { job: final.job, tasks: final.tasks, output: [] }, decoders);
-      setView(current);
+      show(true);
     })()
       .catch((err: unknown) => {
         if (err instanceof ConnectError && err.code === Code.Canceled) return;
         setError(describeError(err));
       })
       .finally(() => setLive(false));
-    return () => abort.abort();
+    return () => {
+      abort.abort();
+      clearTimeout(timer);
+    };
   }, [jobId]);
   return { view, error, live };
 }
@@ -92,7 +114,9 @@ export function JobPage({ jobId }: { jobId: string }) {
   const [actionError, setActionError] = useState("");
   const [busy, setBusy] = useState(false);
   const labelMatch = useLabelMatch(label);
-  const tasks = useMemo(() => [...view.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId)), [view.tasks]);
+  const tasks = useMemo(() => [...view.tasks.values()].sort((a, b) => a.hostId.localeCompare(b.hostId)), [view]);
+  const [rowsShown, setRowsShown] = useState(ROWS_SHOWN);
+  const [groupsShown, setGroupsShown] = useState(GROUPS_SHOWN);
   const regions = useMemo(() => [...new Set(tasks.map((t) => t.region).filter(Boolean))].sort(), [tasks]);
   const filtered = useMemo(() => {
     return tasks.filter((t) => {
@@ -237,7 +261,8 @@ export function JobPage({ jobId }: { jobId: string }) {
       </form>
       <table class="hosts">
         <caption>
-          {filtered.length} of {tasks.length} hosts{live ? " · live" : ""}
+          {filtered.length} of {tasks.length} hosts{filtered.length > rowsShown ? ` (the first ${rowsShown} shown)` : ""}
+          {live ? " · live" : ""}
         </caption>
         <thead>
           <tr>
@@ -259,7 +284,7 @@ export function JobPage({ jobId }: { jobId: string }) {
           </tr>
         </thead>
         <tbody>
-          {filtered.map((t: Task) => (
+          {filtered.slice(0, rowsShown).map((t: Task) => (
             <tr key={t.id} data-host={t.hostId} class={focus === t.hostId ? "focus" : undefined}>
               <td>
                 <input
@@ -291,6 +316,11 @@ export function JobPage({ jobId }: { jobId: string }) {
           ))}
         </tbody>
       </table>
+      {filtered.length > rowsShown && (
+        <button type="button" onClick={() => setRowsShown(rowsShown + ROWS_SHOWN)}>
+          Show {Math.min(ROWS_SHOWN, filtered.length - rowsShown)} more hosts
+        </button>
+      )}
 
       <h2>Output</h2>
       <div role="tablist" aria-label="output view" class="tabs">
@@ -303,7 +333,7 @@ export function JobPage({ jobId }: { jobId: string }) {
       </div>
       {mode === "groups" && (
         <ol class="groups">
-          {groups.map((g, i) => (
+          {groups.slice(0, groupsShown).map((g, i) => (
             <li key={i} class={i > 0 ? "differs" : undefined}>
               <p>
                 <strong>{g.hosts.length}</strong> {g.hosts.length === 1 ? "host" : "hosts"} · {stateLabel(g.state)}
@@ -315,6 +345,11 @@ export function JobPage({ jobId }: { jobId: string }) {
             </li>
           ))}
         </ol>
+      )}
+      {mode === "groups" && groups.length > groupsShown && (
+        <button type="button" onClick={() => setGroupsShown(groupsShown + GROUPS_SHOWN)}>
+          Show {Math.min(GROUPS_SHOWN, groups.length - groupsShown)} more groups (of {groups.length - groupsShown} not shown)
+        </button>
       )}
       {mode === "host" && (focused ? <OutputText label={`output of ${focused.hostId}`} out={view.output.get(focused.id)?.out ?? ""} err={view.output.get(focused.id)?.err ?? ""} live={!isTerminal(focused.state)} /> : <p>Choose a host in the table.</p>)}
     </section>
