@@ -1,3 +1,4 @@
+import { readdirSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { Metrics } from "../../common/metrics.js";
 
@@ -40,6 +41,16 @@ describe("Metrics", () => {
       expect(t).toMatch(/^rexmesh_nodejs_eventloop_lag_p99_seconds \d/m);
       expect(t).toMatch(/^rexmesh_process_cpu_seconds_total \d/m);
     }
+  });
+
+  it("counts the process's descriptors and resources, and lists no handle objects (a scrape of a proxy of 50,000 hosts must not walk them all on the event loop)", async () => {
+    const open = readdirSync("/proc/self/fd").length - 1;
+    const t = await new Metrics().render();
+    const fds = Number(/^rexmesh_process_open_fds (\d+)/m.exec(t)?.[1]);
+    expect(Math.abs(fds - open)).toBeLessThanOrEqual(3);
+    expect(t).toMatch(/^rexmesh_nodejs_active_resources_total \d+/m);
+    expect(t).not.toMatch(/rexmesh_nodejs_active_handles/);
+    expect(t.match(/^# TYPE rexmesh_process_open_fds /gm)).toHaveLength(1);
   });
 
   it("serves /metrics over HTTP and 404s anything else", async () => {
