@@ -391,13 +391,14 @@ export async function watch(client: ReturnType<typeof operatorClient>["client"],
       } catch (err) {
         // A keep-alive PING that went unanswered means the way to the controller is silent: that is said at once
         // (--keepalive bounds how long a run may hang), not waited out.
-        if (io.signal.aborted || !(err instanceof ConnectError) || !WATCH_AGAIN.has(err.code) || /PING timed out/i.test(err.rawMessage)) throw err;
+        const lost = brokenWatch(err);
+        if (io.signal.aborted || !lost || !WATCH_AGAIN.has(lost.code) || /PING timed out/i.test(lost.rawMessage)) throw err;
         const now = Date.now();
         if (lostAt === undefined) {
-          io.err(`rexmesh: lost the watch of job ${jobId} (${Code[err.code]}: ${err.rawMessage}); the job goes on at the controller, watching again...\n`);
+          io.err(`rexmesh: lost the watch of job ${jobId} (${Code[lost.code]}: ${lost.rawMessage}); the job goes on at the controller, watching again...\n`);
           lostAt = now;
         } else if (now - lostAt > WATCH_AGAIN_FOR_MS) {
-          throw new Error(`no answer from the controller for ${WATCH_AGAIN_FOR_MS / 1000} s (${Code[err.code]}: ${err.rawMessage}); the job goes on there: rexmesh jobs watch ${jobId}`, { cause: err });
+          throw new Error(`no answer from the controller for ${WATCH_AGAIN_FOR_MS / 1000} s (${Code[lost.code]}: ${lost.rawMessage}); the job goes on there: rexmesh jobs watch ${jobId}`, { cause: err });
         }
         await sleep(WATCH_AGAIN_MS, undefined, { signal: io.signal }).catch(() => undefined);
         if (io.signal.aborted) throw err;
@@ -409,6 +410,20 @@ export async function watch(client: ReturnType<typeof operatorClient>["client"],
   }
   printer.summary();
   return printer.succeeded ? 0 : 1;
+}
+
+/**
+ * The error that ended a watch, as a ConnectError when it is one or when
+ * the connection itself broke under it (a socket reset, an HTTP/2 stream
+ * error: connect-es passes some of those on as they are, seen when a
+ * controller restarted mid-run); undefined for anything else (a bug here
+ * is not retried).
+ */
+function brokenWatch(err: unknown): ConnectError | undefined {
+  if (err instanceof ConnectError) return err;
+  const code = (err as { code?: unknown } | null)?.code;
+  if (err instanceof Error && typeof code === "string" && /^(E[A-Z]+|ERR_HTTP2_\w+)$/.test(code)) return new ConnectError(`${code}: ${err.message}`, Code.Unavailable);
+  return undefined;
 }
 
 /** A watch ended by these is started again: the controller went away (a restart) or the connection broke (not a silent one: see watch). */
