@@ -69,6 +69,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
   const denied = new DenySet();
   const metrics = new Metrics();
   const roundTrip = metrics.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", ROUND_TRIP_BUCKETS, ["peer"]);
+  const hostsGone = metrics.counter("host_disconnects_total", "host streams ended here, by reason (silent, heartbeat, ended, error), and second streams of a held host refused (duplicate)", ["reason"]);
   // Sessions: orders come on the controller link; each session's leg to the controller shares one connection.
   let sessionChannel: ReturnType<typeof openChannel> | undefined;
   const sessionClient = () => clientFor(ProxyLinkService, (sessionChannel ??= openChannel(controllerAddress, creds, ["controller"])));
@@ -93,6 +94,7 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     heartbeatMs: config.heartbeat,
     controllerRoundTrip: (s) => roundTrip.observe({ peer: "controller" }, s),
     onSessionOrder: (order) => sessions.order(order),
+    onHostGone: (reason) => hostsGone.inc({ reason }),
     // The boundary below asks the same deny-list as the core: every list the core takes is mirrored here.
     openDenyList: (signed) => {
       const list = openDenyList(signed, creds.caPem, clock);

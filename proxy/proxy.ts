@@ -67,7 +67,21 @@ export interface ProxyCoreOptions {
   controllerRoundTrip?: (seconds: number) => void;
   /** Takes the session orders the controller sends (proxy/session-relay.ts); absent: they are dropped. */
   onSessionOrder?: (order: SignedSessionOrder) => void;
+  /**
+   * Told why each host stream held here ended (the proxy's counter of host
+   * disconnects by reason), and each second stream of a held host refused:
+   * what a reconnect storm is made of.
+   */
+  onHostGone?: (reason: HostGoneReason) => void;
 }
+
+/**
+ * Why a host's stream ended: `silent` (its connection showed no byte for three of its PING intervals), `heartbeat`
+ * (no frame for three of its link heartbeats), `ended` (the stream ended without an error), `error` (it failed: a
+ * frame refused, a store write failed, the stream reset or cancelled, its connection gone), `duplicate` (a second
+ * stream refused while the first is live).
+ */
+export type HostGoneReason = "silent" | "heartbeat" | "ended" | "error" | "duplicate";
 
 /** Frames queued toward the controller above which sendBacklogUp waits for the link to drain. */
 const UPLINK_HIGH_FRAMES = 4;
@@ -166,6 +180,7 @@ export class ProxyCore implements RoleCore {
   private readonly onSessionOrder: ((order: SignedSessionOrder) => void) | undefined;
   /** Hosts that PING (their hello's ping_ms): their connections, watched for silence in one sweep. */
   private readonly silence: SilenceWatch;
+  private readonly onHostGone: ((reason: HostGoneReason) => void) | undefined;
 
   constructor(opts: ProxyCoreOptions) {
     this.name = opts.name;
@@ -179,6 +194,7 @@ export class ProxyCore implements RoleCore {
     this.openDenyList = opts.openDenyList;
     this.maxTakenOnPerHost = opts.maxTakenOnPerHost ?? TAKEN_ON_TASKS_PER_HOST;
     this.onSessionOrder = opts.onSessionOrder;
+    this.onHostGone = opts.onHostGone;
     this.silence = new SilenceWatch(this.clock, Math.max(50, Math.floor(this.heartbeatMs / 2)));
   }
 
@@ -273,6 +289,7 @@ export class ProxyCore implements RoleCore {
     // declared dead by its heartbeat (three intervals), or fails over to another proxy meanwhile.
     if (this.hosts.has(session.hostId)) {
       this.log.warn("a second stream of a host was refused: its first one is still live", { host: session.hostId });
+      this.onHostGone?.("duplicate");
       throw new FailedPreconditionError(`host ${session.hostId} already holds a live stream at this proxy; another is refused until that one ends`);
     }
     this.hosts.set(session.hostId, session);
@@ -318,7 +335,9 @@ export class ProxyCore implements RoleCore {
         this.hosts.delete(session.hostId);
         this.reportPresence(session, false);
         this.drainCheck?.();
-        log.info("host disconnected", { ...(ls.lostHeartbeat ? { reason: "heartbeat lost" } : silent ? { reason: "host silent" } : {}), ...(why ? { err: why } : {}) });
+        const reason: HostGoneReason = ls.lostHeartbeat ? "heartbeat" : silent ? "silent" : why ? "error" : "ended";
+        this.onHostGone?.(reason);
+        log.info("host disconnected", { reason, ...(why ? { err: why } : {}) });
       }
     }
   }

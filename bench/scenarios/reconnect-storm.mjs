@@ -3,6 +3,7 @@
 // host is back, as the proxy and the controller see it.
 import os from "node:os";
 import { log, opt } from "../lib/common.mjs";
+import { scrapeAll } from "../sim/fleet.mjs";
 import { cpuMsOf, withSimMesh } from "../sim/mesh.mjs";
 
 // Issue 15: every host back within 10 s of the kill (it was 20 s before).
@@ -24,6 +25,8 @@ export default {
           heartbeatMs: opt("heartbeat-ms", 10_000),
           backoff: { initialMs: opt("backoff-initial-ms", 1000), maxMs: opt("backoff-max-ms", 10_000) },
           proxiesFor: (_k, mesh) => mesh.proxies[0].address,
+          // `--sim-count-own-stalls yes`: the simulator's timeouts count its own event loop's lateness as the proxy's (bench/sim/host-sim.mjs, "own stalls").
+          countOwnStalls: opt("sim-count-own-stalls", "no") === "yes",
         },
       },
       async (ctx) => {
@@ -39,6 +42,7 @@ export default {
         log(`${n} hosts connected in ${initialConnectMs} ms; the controller sees them; settling 5 s`);
         await sleep(5000);
 
+        const dropsBefore = sumCounts((await fleet.stats(300_000)).map((s) => s.drops ?? {}));
         const simPids = fleet.procs.map((p) => p.proc.pid);
         const simCpu = () => simPids.reduce((a, pid) => a + cpuMsOf(pid), 0);
         const ctlCpu0 = cpuMsOf(mesh.controller.proc.pid);
@@ -56,14 +60,23 @@ export default {
         let controllerAllAt = 0;
         const deadline = tKill + opt("timeout-ms", 180_000);
         let last = -1;
+        let lastGone = "{}";
+        /** The restarted proxy's host disconnects by reason (its counter), as last scraped. */
+        let proxyGone = {};
         while (Date.now() < deadline) {
           const t = Date.now();
           let held = -1;
+          let gone;
+          let lagMaxS;
           try {
-            held = await ctx.proxyHosts(proxy);
+            const m = await scrapeAll(ctx.proxyMetrics(proxy), ["rexmesh_connected_hosts", "rexmesh_host_disconnects_total", "rexmesh_nodejs_eventloop_lag_max_seconds"]);
+            held = m.rexmesh_connected_hosts.reduce((a, x) => a + x.value, 0);
+            gone = Object.fromEntries(m.rexmesh_host_disconnects_total.map((x) => [x.labels.reason, x.value]));
+            lagMaxS = m.rexmesh_nodejs_eventloop_lag_max_seconds[0]?.value;
           } catch {
             /* proxy busy; try again */
           }
+          if (gone) proxyGone = gone;
           const sims = fleet.connected;
           if (held >= n && !proxyAllAt) proxyAllAt = t;
           if (sims >= n && !simsAllAt) simsAllAt = Math.max(...fleet.procs.map((p) => p.fullAt || t));
@@ -72,7 +85,9 @@ export default {
             const seen = await scrapeSum(ctx.controllerMetrics, "rexmesh_hosts", { connected: "true" });
             if (seen >= n) controllerAllAt = Date.now();
           }
-          if (held !== last) timeline.push({ s: +((t - tKill) / 1000).toFixed(1), proxy: held, simulators: sims });
+          const goneKey = JSON.stringify(gone ?? {});
+          if (held !== last || goneKey !== lastGone) timeline.push({ s: +((t - tKill) / 1000).toFixed(1), proxy: held, simulators: sims, ...(gone && Object.keys(gone).length ? { proxyDisconnects: gone } : {}), ...(lagMaxS !== undefined ? { proxyLoopLagMaxMs: Math.round(lagMaxS * 1000) } : {}) });
+          lastGone = goneKey;
           last = held;
           if (proxyAllAt && simsAllAt && controllerAllAt) break;
           await sleep(250);
@@ -80,7 +95,8 @@ export default {
         const proxyCpuMs = Math.round(cpuMsOf(proxy.proc.pid));
         const simCpuMs = Math.round(simCpu() - sim0);
         const ctlCpuMs = Math.round(cpuMsOf(mesh.controller.proc.pid) - ctlCpu0);
-        const st = await fleet.stats();
+        // A simulator deep in its own backlog answers late (over 30 s was seen under load).
+        const st = await fleet.stats(300_000);
         const since = (t) => (t ? t - tKill : null);
         const r = {
           hosts: n,
@@ -96,6 +112,12 @@ export default {
           cpuMsDuringStorm: { restartedProxy: proxyCpuMs, simulators: simCpuMs, controller: ctlCpuMs },
           reconnectAttempts: st.reduce((a, s) => a + s.reconnects, 0),
           failedAttempts: st.reduce((a, s) => a + s.failures, 0),
+          // Who gave up which connections: the restarted proxy's count by reason, and the simulated hosts' own.
+          proxyDisconnects: proxyGone,
+          simulatorDrops: sumCounts([sumCounts(st.map((s) => s.drops ?? {})), Object.fromEntries(Object.entries(dropsBefore).map(([k, v]) => [k, -v]))]),
+          simulatorDropsBeforeTheKill: dropsBefore,
+          simulatorsCountOwnStalls: fleet.opts.countOwnStalls,
+          simulatorLoop: st.map((s) => ({ maxLagMs: Math.round(s.maxLoopLagMs), stalledMs: Math.round(s.stalledMs), maxPingGapMs: s.maxPingGapMs })),
           timeline,
         };
         r.loadAvg1 = +os.loadavg()[0].toFixed(1);
@@ -119,6 +141,13 @@ export default {
     ],
   }),
 };
+
+/** Adds up counts by key. */
+function sumCounts(xs) {
+  const out = {};
+  for (const x of xs) for (const [k, v] of Object.entries(x)) out[k] = (out[k] ?? 0) + v;
+  return out;
+}
 
 /** Where the storm's time went: the restarted proxy's CPU per host against the simulators'. */
 export function stormNotes(r) {

@@ -73,8 +73,8 @@ class SimProcess {
  * its own source address 127.0.0.(2+k).
  */
 export class Fleet {
-  constructor({ caDir, hosts, perProcess = 7000, prefix = "sim-", proxiesFor, heartbeatMs = 10_000, concurrency = 64, backoff = {}, execArgv = [], tenant = "default" }) {
-    this.opts = { caDir, hosts, perProcess, prefix, proxiesFor, heartbeatMs, concurrency, backoff, execArgv, tenant };
+  constructor({ caDir, hosts, perProcess = 7000, prefix = "sim-", proxiesFor, heartbeatMs = 10_000, concurrency = 64, backoff = {}, execArgv = [], tenant = "default", countOwnStalls = false }) {
+    this.opts = { caDir, hosts, perProcess, prefix, proxiesFor, heartbeatMs, concurrency, backoff, execArgv, tenant, countOwnStalls };
     this.procs = [];
   }
 
@@ -109,6 +109,7 @@ export class Fleet {
           concurrency: o.concurrency,
           backoff: o.backoff,
           tenant: o.tenant,
+          countOwnStalls: o.countOwnStalls,
         }, timeoutMs);
       }),
     );
@@ -152,8 +153,8 @@ export class Fleet {
   }
 
   /** Every process's counters (connected, pongs, failures, cpu, rss, ...). */
-  stats() {
-    return Promise.all(this.procs.map((p) => p.call("stats", {}, 30_000)));
+  stats(timeoutMs = 30_000) {
+    return Promise.all(this.procs.map((p) => p.call("stats", {}, timeoutMs)));
   }
 
   resetTaskStats() {
@@ -181,16 +182,21 @@ export class Fleet {
 
 /** Reads a Prometheus text page and returns the samples of one metric: [{ labels, value }]. */
 export async function scrape(address, name) {
+  return (await scrapeAll(address, [name]))[name];
+}
+
+/** One read of a Prometheus text page: the samples of each named metric, { name: [{ labels, value }] }. */
+export async function scrapeAll(address, names) {
   const res = await withTimeout(fetch(`http://${address}/metrics`), 30_000, `scrape ${address}`);
   const text = await res.text();
-  const out = [];
+  const out = Object.fromEntries(names.map((n) => [n, []]));
   for (const line of text.split("\n")) {
-    if (!line.startsWith(name)) continue;
+    if (!names.some((n) => line.startsWith(n))) continue;
     const m = /^([a-zA-Z_:][\w:]*)(\{([^}]*)\})?\s+(\S+)/.exec(line);
-    if (!m || m[1] !== name) continue;
+    if (!m || !out[m[1]]) continue;
     const labels = {};
     for (const kv of (m[3] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[kv[1]] = kv[2];
-    out.push({ labels, value: Number(m[4]) });
+    out[m[1]].push({ labels, value: Number(m[4]) });
   }
   return out;
 }

@@ -45,10 +45,13 @@
 //
 // Reconnects follow the daemon's backoff shape (common/backoff.ts): 1 s × 1.6
 // per failed attempt, ±20 % jitter, capped (default 10 s here), reset after
-// a healthy connection; a connection attempt without a welcome is given up
+// a healthy connection; a connection attempt not connected is given up
 // after 20 s (grpc-js's connect timeout); once connected, a stream with no
 // frame from the proxy (not even the welcome) for 3 heartbeat intervals is
-// dropped, as the daemon's Heartbeat does.
+// dropped, as the daemon's Heartbeat does. Those three timers count time
+// less this process's own event-loop lateness ("own stalls" below): a
+// daemon is alone on its machine, while here thousands of hosts share one
+// loop, which in a storm falls tens of seconds behind on its own handshakes.
 import http2 from "node:http2";
 import tls from "node:tls";
 import { X509Certificate } from "node:crypto";
@@ -93,7 +96,48 @@ const stats = {
   unreadableCerts: 0,
   contextErrors: 0,
   unreadableCertError: undefined,
+  /** Why connections ended: "<welcomed|connected, not welcomed|not connected>: <reason>" → count (digits folded). */
+  drops: {},
+  /** This process's event loop: its longest lateness, and all its lateness added up (see "own stalls"). */
+  maxLoopLagMs: 0,
+  stalledMs: 0,
+  /** The longest time between two PINGs of one host on one connection. */
+  maxPingGapMs: 0,
 };
+
+// ---- this process's own stalls --------------------------------------------------
+// A daemon is one host on a machine of its own; here thousands of hosts share one event loop, on cores the
+// proxy also uses. In a storm this loop falls behind by seconds (its own hosts' handshakes), and a timer
+// that judges the proxy (the connect timeout, the keepalive's, the heartbeat's) would count that as the
+// proxy's silence while its answer sits unread in the socket: the simulator would give up connections a
+// daemon keeps, and make the storm it measures. So those timers count elapsed time less this process's
+// own lateness over the same span, as the proxy's silence watch does (common/silence-watch.ts).
+// cfg.countOwnStalls restores plain elapsed time (to show the difference).
+const LAG_TICK_MS = 50;
+let lastLagTick = Date.now();
+setInterval(() => {
+  const now = Date.now();
+  const lag = now - lastLagTick - LAG_TICK_MS;
+  lastLagTick = now;
+  if (lag <= 0) return;
+  stats.stalledMs += lag;
+  if (lag > stats.maxLoopLagMs) stats.maxLoopLagMs = lag;
+}, LAG_TICK_MS).unref();
+
+/** This process's lateness so far, a stall still going on included. */
+function stalledSoFar(now) {
+  return stats.stalledMs + Math.max(0, now - lastLagTick - LAG_TICK_MS);
+}
+
+/** A moment, to measure a wait from with waited(). */
+function mark(now = Date.now()) {
+  return { at: now, stalled: stalledSoFar(now) };
+}
+
+/** Milliseconds since `m` in which this process was not itself late (all of them with cfg.countOwnStalls). */
+function waited(m, now = Date.now()) {
+  return cfg.countOwnStalls ? now - m.at : now - m.at - (stalledSoFar(now) - m.stalled);
+}
 
 // ---- framing ----------------------------------------------------------------
 
@@ -159,7 +203,7 @@ class SimHost {
     this.stream = undefined;
     this.connected = false;
     this.lastSent = 0;
-    this.lastRecv = 0;
+    this.lastRecv = undefined;
     this.nextBackoff = cfg.backoff.initialMs;
     this.connectedAt = 0;
     this.outbox = new Map(); // taskId → TaskStatus, until acknowledged
@@ -218,12 +262,12 @@ class SimHost {
       },
     });
     this.session = session;
-    session.on("error", () => {});
+    let errorText;
+    session.on("error", (e) => (errorText ??= e.code ?? e.message));
     const stream = session.request({ ":method": "POST", ":path": METHOD_PATH, "content-type": "application/grpc", te: "trailers" });
     this.stream = stream;
-    stream.on("error", () => {});
+    stream.on("error", (e) => (errorText ??= e.code ?? e.message));
     stream.on("data", deframer((bytes) => this.onFrame(bytes, settle)));
-    let errorText;
     stream.on("response", (headers) => {
       const st = headers["grpc-status"];
       if (st !== undefined && st !== "0") errorText = `grpc-status ${st}: ${headers["grpc-message"] ?? ""}`;
@@ -245,17 +289,28 @@ class SimHost {
     session.once("connect", () => {
       clearTimeout(this.welcomeTimer);
       this.linkUp = true;
-      this.lastRecv = Date.now();
+      this.lastRecv = mark();
     });
-    this.welcomeTimer = setTimeout(() => {
-      if (this.session === session && !this.linkUp) session.destroy(new Error(`not connected after ${cfg.connectTimeoutMs} ms`));
-    }, cfg.connectTimeoutMs);
+    const started = mark();
+    const check = () => {
+      if (this.session !== session || this.linkUp) return;
+      const left = cfg.connectTimeoutMs - waited(started);
+      if (left > 0) {
+        this.welcomeTimer = setTimeout(check, left);
+        return;
+      }
+      errorText = "connect timeout";
+      session.destroy(new Error(`not connected after ${cfg.connectTimeoutMs} ms`));
+    };
+    this.welcomeTimer = setTimeout(check, cfg.connectTimeoutMs);
     stream.write(this.helloBytes());
     this.lastSent = Date.now();
   }
 
   drop(reason) {
     clearTimeout(this.welcomeTimer);
+    const why = `${this.connected ? "welcomed" : this.linkUp ? "connected, not welcomed" : "not connected"}: ${String(reason).replace(/\d+/g, "N").slice(0, 120)}`;
+    stats.drops[why] = (stats.drops[why] ?? 0) + 1;
     const session = this.session;
     this.session = undefined;
     this.stream = undefined;
@@ -293,7 +348,7 @@ class SimHost {
   }
 
   onFrame(bytes, settle) {
-    this.lastRecv = Date.now();
+    this.lastRecv = mark();
     const frame = fromBinary(AgentStreamResponseSchema, bytes);
     if (frame.welcome && !this.connected) {
       clearTimeout(this.welcomeTimer);
@@ -362,17 +417,20 @@ function heartbeatSweep() {
   const idleFrameMs = cfg.heartbeatMs * IDLE_FRAME_INTERVALS;
   for (const h of hosts) {
     if (!h.session || !h.linkUp) continue;
-    if (now - h.lastRecv > idleFrameMs * 3) {
+    if (waited(h.lastRecv, now) > idleFrameMs * 3) {
       h.drop("proxy heartbeat lost");
       continue;
     }
-    if (h.pingSentAt !== undefined && now - h.pingSentAt > cfg.heartbeatMs * 2) {
+    if (h.pingSentAt !== undefined && waited(h.pingSentAt, now) > cfg.heartbeatMs * 2) {
       h.drop("keepalive timeout");
       continue;
     }
     if (h.pingSentAt === undefined && now - (h.lastPingAt ?? 0) >= cfg.heartbeatMs) {
       const session = h.session;
-      h.pingSentAt = h.lastPingAt = now;
+      if (h.pingSession === session) stats.maxPingGapMs = Math.max(stats.maxPingGapMs, now - h.lastPingAt);
+      h.pingSession = session;
+      h.pingSentAt = mark(now);
+      h.lastPingAt = now;
       try {
         session.ping((err) => {
           if (!err && h.session === session) h.pingSentAt = undefined;

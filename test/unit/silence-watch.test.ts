@@ -90,17 +90,18 @@ describe("SilenceWatch: one sweep notices connections that stopped sending", () 
 describe("the proxy watches a host that PINGs instead of asking it", () => {
   function serve(pingMs: number, heartbeatMs = 6 * pingMs) {
     const clock = new ManualClock();
-    const core = new ProxyCore({ name: "px1", region: "eu", clock, store: new MemoryProxyStore(), log: silentLogger, heartbeatMs: 1000, sweepMs: 1e9 });
+    const gone: string[] = [];
+    const core = new ProxyCore({ name: "px1", region: "eu", clock, store: new MemoryProxyStore(), log: silentLogger, heartbeatMs: 1000, sweepMs: 1e9, onHostGone: (r) => gone.push(r) });
     core.start();
     const connection = new FakeConnection();
     const link = Object.assign(new FakeLink<AgentStreamResponse, AgentStreamRequest>(), { connection });
     const served = core.serveHost(link, hostPeer("h1")).catch(() => undefined);
     link.deliver(create(AgentStreamRequestSchema, { hello: { hostId: "h1", heartbeatMs, pingMs }, credits: 0 }));
-    return { clock, core, connection, link, served };
+    return { clock, core, connection, link, served, gone };
   }
 
   it("a host whose PINGs stop is dropped (UNAVAILABLE, its connection destroyed) after three of its PING intervals", async () => {
-    const { clock, core, connection, link, served } = serve(1000);
+    const { clock, core, connection, link, served, gone } = serve(1000);
     await flush();
     // PINGs every interval: held well past three intervals without a frame.
     for (let i = 0; i < 10; i++) {
@@ -110,6 +111,7 @@ describe("the proxy watches a host that PINGs instead of asking it", () => {
     }
     expect(link.isClosed).toBe(false);
     expect(core.connectedHosts).toBe(1);
+    expect(gone).toEqual([]);
     // Silent: gone within three intervals and a tick, long before the link heartbeat (3 × 6 intervals).
     clock.advance(3500);
     await flush();
@@ -118,15 +120,19 @@ describe("the proxy watches a host that PINGs instead of asking it", () => {
     expect(connection.destroyed).toBe(true);
     await served;
     expect(core.connectedHosts).toBe(0);
+    // Counted by its reason (the proxy's host_disconnects_total).
+    expect(gone).toEqual(["silent"]);
   });
 
   it("a host that does not say it PINGs is left to the link heartbeat", async () => {
-    const { clock, connection, link } = serve(0, 60_000);
+    const { clock, connection, link, served, gone } = serve(0, 60_000);
     await flush();
     clock.advance(10_000);
     await flush();
     expect(link.isClosed).toBe(false);
     expect(connection.destroyed).toBe(false);
     link.end();
+    await served;
+    expect(gone).toEqual(["ended"]);
   });
 });
