@@ -236,7 +236,8 @@ class Connections {
 /**
  * grpc-js's serializer for a message type: the encoding as a Buffer view (not
  * a copy: grpc-js copies it into its frame anyway), output chunks in their
- * wire form (common/output-wire.ts).
+ * wire form (common/output-wire.ts), by hand where a hand encoder is
+ * registered (handCodecs).
  */
 function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => Buffer {
   const encode = (handCodecs.get(schema)?.encode as ((m: MessageShape<D>) => Uint8Array) | undefined) ?? encodeWithWireOutput(schema);

@@ -327,8 +327,11 @@ describe("decodeAgentRequest", () => {
       ["an unknown length-delimited field", [0xfa, 0x07, 2, 1, 2]],
       ["a hello", [0x0a, 4, 0x0a, 2, 0x68, 0x31]],
       ["an event", [0xa2, 0x01, 3, 0x0a, 1, 0x65]],
-      ["packed credits (not a list: read as one varint)", [0x22, 2, 5, 6]],
-      ["packed repeated in a hello's facts: left whole", [0x0a, 6, 0x12, 4, 0x42, 2, 1, 2]],
+      // No field read by hand is a packable list (its lists hold messages, strings or bytes): a scalar sent
+      // length-delimited, as a packed list would be, is left to protobuf-es (which reads its length as the value).
+      ["packed credits", [0x22, 2, 5, 6]],
+      ["a status's exit code packed", st([0x22, 2, 1, 2])],
+      ["repeated strings in a hello's facts: left whole", [0x0a, 6, 0x12, 4, 0x42, 2, 0x61, 0x62]],
       ["invalid UTF-8 in a task id", st([0x0a, 2, 0xc3, 0x28])],
       ["invalid UTF-8 in a long message", st([0x32, 70, ...Buffer.alloc(69, 0x61), 0xff])],
       ["a BOM-led task id", st([0x0a, 5, 0xef, 0xbb, 0xbf, 0x61, 0x62])],
