@@ -1,5 +1,7 @@
 import { type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
 import { decodeBounded } from "./decode-budget.js";
+import { decodeAgentRequest, encodeAgentResponse } from "./agent-link-wire.js";
+import { AgentStreamRequestSchema, AgentStreamResponseSchema } from "../gen/rexmesh/v1/agent_link_pb.js";
 import * as grpc from "@grpc/grpc-js";
 import { createServer, type Socket } from "node:net";
 import type { PeerCertificate } from "node:tls";
@@ -234,15 +236,31 @@ class Connections {
 /**
  * grpc-js's serializer for a message type: the encoding as a Buffer view (not
  * a copy: grpc-js copies it into its frame anyway), output chunks in their
- * wire form (common/output-wire.ts).
+ * wire form (common/output-wire.ts), by hand where a hand encoder is
+ * registered (handCodecs).
  */
 function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => Buffer {
-  const encode = encodeWithWireOutput(schema);
+  const encode = (handCodecs.get(schema)?.encode as ((m: MessageShape<D>) => Uint8Array) | undefined) ?? encodeWithWireOutput(schema);
   return (m) => {
     const u8 = encode(m);
     return Buffer.from(u8.buffer, u8.byteOffset, u8.byteLength);
   };
 }
+
+/** grpc-js's deserializer for a message type: bounded (decodeBounded), by hand where a hand decoder is registered. */
+function deserializer<D extends DescMessage>(schema: D): (b: Buffer) => MessageShape<D> {
+  const decode = handCodecs.get(schema)?.decode as ((b: Uint8Array) => MessageShape<D>) | undefined;
+  return decode ?? ((b) => decodeBounded(schema, b));
+}
+
+/**
+ * Message types read or written by hand, exactly as protobuf-es does
+ * (common/agent-link-wire.ts): the host link's frames at the proxy.
+ */
+const handCodecs = new Map<DescMessage, { encode?: (m: never) => Uint8Array; decode?: (b: Uint8Array) => unknown }>([
+  [AgentStreamRequestSchema, { decode: decodeAgentRequest }],
+  [AgentStreamResponseSchema, { encode: encodeAgentResponse }],
+]);
 
 function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler, connections: Connections): void {
   type In = MessageShape<typeof method.input>;
@@ -253,9 +271,9 @@ function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler, conn
       requestStream: true,
       responseStream: true,
       requestSerialize: serializer(method.input),
-      requestDeserialize: (b: Buffer) => decodeBounded(method.input, b),
+      requestDeserialize: deserializer(method.input),
       responseSerialize: serializer(method.output),
-      responseDeserialize: (b: Buffer) => decodeBounded(method.output, b),
+      responseDeserialize: deserializer(method.output),
     },
   };
   const handler = (call: grpc.ServerDuplexStream<In, Out>) => {
@@ -349,9 +367,9 @@ export function addUnaryMethod(
         requestStream: false,
         responseStream: false,
         requestSerialize: serializer(m.input),
-        requestDeserialize: (b: Buffer) => decodeBounded(m.input, b),
+        requestDeserialize: deserializer(m.input),
         responseSerialize: serializer(m.output),
-        responseDeserialize: (b: Buffer) => decodeBounded(m.output, b),
+        responseDeserialize: deserializer(m.output),
       },
     },
     {
@@ -433,7 +451,7 @@ export function openGrpcLink<I extends DescMessage, O extends DescMessage>(
   const call = client.makeBidiStreamRequest(
     pathOf(method),
     serializer(method.input),
-    (b: Buffer) => decodeBounded(method.output, b),
+    deserializer(method.output),
   );
   return new CallLink<MessageShape<I>, MessageShape<O>>(
     call,
@@ -461,7 +479,7 @@ export function callGrpcUnary<I extends DescMessage, O extends DescMessage>(
     client.makeUnaryRequest(
       pathOf(method),
       serializer(method.input),
-      (b: Buffer) => decodeBounded(method.output, b),
+      deserializer(method.output),
       request,
       (err, res) => (err ? reject(err) : resolve(res!)),
     ),

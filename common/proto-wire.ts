@@ -126,6 +126,15 @@ export class ProtoWriter {
     return this;
   }
 
+  /** A bytes value after its tag: its length, then the bytes as they are. */
+  bytes(bytes: Uint8Array): this {
+    this.ensure(5 + bytes.length);
+    this.pos = writeVarint(this.buf, this.pos, bytes.length);
+    this.buf.set(bytes, this.pos);
+    this.pos += bytes.length;
+    return this;
+  }
+
   /** Bytes as they are (an encoded message, after its tag and length). */
   raw(bytes: Uint8Array): this {
     this.ensure(bytes.length);
