@@ -7,8 +7,8 @@
  * proof): about a fifth of the controller's CPU in a 4,000-host ping. Here a
  * each task is written into one reused buffer, exactly as protobuf-es writes
  * them (fields in number order, defaults left out), and handed to the
- * frame's encoder as unknown fields of the list's number, which protobuf-es
- * writes as they are (as controller/task-wire.ts does for a watch's tasks).
+ * frame's encoder as an unknown field of the list's number, which protobuf-es
+ * writes as it is (as controller/task-wire.ts does for a watch's tasks).
  * The proxy decodes an ordinary repeated field: the same tasks, in order.
  */
 import { toBinary } from "@bufbuild/protobuf";
@@ -78,14 +78,23 @@ export function encodeSignedTask(t: SignedTask): Uint8Array {
 }
 
 /**
- * A frame whose tasks travel in their wire form (unknown fields of the
- * list's number, written as they are, in order): a shallow copy that reads
- * as having no tasks. Use it right before encoding, after the tasks are
+ * A frame whose tasks travel in their wire form: a shallow copy that reads
+ * as having no tasks, and carries them as one unknown field of the list's
+ * number whose bytes are every element in turn, each after the first with
+ * its own tag — what protobuf-es writes of an unknown field is its tag, then
+ * its bytes as they are, so the frame's bytes are those of the ordinary
+ * message (one field per task would cost protobuf-es a small buffer per
+ * task for its tag). Use it right before encoding, after the tasks are
  * signed; a frame without tasks is returned as it is.
  */
 export function tasksAsWire(frame: ProxyStreamResponse): ProxyStreamResponse {
   if (frame.tasks.length === 0) return frame;
+  const w = writer.reset();
+  frame.tasks.forEach((t, i) => {
+    if (i > 0) w.tag(TASKS, WireType.LengthDelimited);
+    writeTask(w, t);
+  });
   const unknown = frame.$unknown ? [...frame.$unknown] : [];
-  for (const t of frame.tasks) unknown.push({ no: TASKS, wireType: WireType.LengthDelimited, data: encodeSignedTask(t) });
+  unknown.push({ no: TASKS, wireType: WireType.LengthDelimited, data: w.finish() });
   return { ...frame, tasks: [], $unknown: unknown };
 }

@@ -70,3 +70,13 @@ describe("signed tasks encoded by hand", () => {
     }
   });
 });
+
+describe("a frame's tasks as one unknown field", () => {
+  it("encodes to the very bytes of the ordinary frame when the tasks are its only list", () => {
+    const rng = new Prng(17);
+    for (let round = 0; round < 50; round++) {
+      const frame = create(ProxyStreamResponseSchema, { tasks: Array.from({ length: rng.int(1, 60) }, () => randomTask(rng)) });
+      expect(hex(toBinary(ProxyStreamResponseSchema, tasksAsWire(frame))), `round ${round}`).toBe(hex(toBinary(ProxyStreamResponseSchema, frame)));
+    }
+  });
+});
