@@ -44,14 +44,17 @@ class QueueLink<Out, In> implements FrameLink<Out, In> {
  * Serves one bidirectional stream with session logic written against
  * FrameLink. The session's outcome becomes the stream's status: a domain
  * error reaches the peer with its code, anything else as INTERNAL.
+ * `prepare`, if given, turns each frame sent into what is encoded (as
+ * {@link openFrameLink}'s does).
  */
 export async function* serveFrameLink<In, Out>(
   requests: AsyncIterable<In>,
   ctx: HandlerContext,
   serve: (link: FrameLink<Out, In>, peer: PeerIdentity) => Promise<void>,
+  prepare?: (frame: Out) => Out,
 ): AsyncGenerator<Out> {
   const peer = callerOf(ctx);
-  const link = new QueueLink<Out, In>(requests, () => {});
+  const link = new QueueLink<Out, In>(requests, () => {}, prepare);
   const onAbort = () => link.close();
   ctx.signal.addEventListener("abort", onAbort, { once: true });
   serve(link, peer).then(

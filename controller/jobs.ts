@@ -103,6 +103,8 @@ export class JobManager implements RoleCore {
   /** Tasks whose stored output is being hashed against what the host signed. */
   /** Output checks in progress, by task: each resolves once its result is stored (or failed). */
   private readonly checking = new Map<string, Promise<void>>();
+  /** Whether a job's steps are pings only, by the job's steps (see pingOnly). */
+  private readonly pingSteps = new WeakMap<readonly Step[], boolean>();
   /** Output hashed as it is stored, so that the check need not read it back. */
   private readonly digests = new OutputDigests();
   /** Per region: results received by bundle, to acknowledge in the next tasks bundle. */
@@ -162,6 +164,7 @@ export class JobManager implements RoleCore {
       defaultLostAfterMs: this.defaultLostAfterMs,
       cancelGraceMs: opts.cancelGraceMs,
       jobOf: (task) => this.jobOf(task.jobId),
+      unfinishedJobs: () => this.table.unfinishedJobs(),
       end: (task, state, message, recall) => this.endHere(task, state, message, recall),
     });
   }
@@ -574,12 +577,19 @@ export class JobManager implements RoleCore {
     return check;
   }
 
+  /** Whether a job's steps are all pings: asked once per job's steps (a fleet-wide job asks at every host's end). */
+  private pingOnly(job: JobRecord): boolean {
+    let ping = this.pingSteps.get(job.steps);
+    if (ping === undefined) this.pingSteps.set(job.steps, (ping = job.steps.length > 0 && isPingOnly(create(TaskSpecSchema, { steps: job.steps }))));
+    return ping;
+  }
+
   /** The first check of a host's end: its signature; the output follows once all of it is stored. */
   private resultCheckOf(task: TaskRecord, status: TaskStatus): ResultCheck {
     if (!this.checkEnd) return ResultCheck.UNSPECIFIED;
     const job = this.jobOf(task.jobId);
     // A ping runs nothing and is answered unsigned.
-    if (job && job.steps.length > 0 && isPingOnly(create(TaskSpecSchema, { steps: job.steps }))) return ResultCheck.UNSPECIFIED;
+    if (job && this.pingOnly(job)) return ResultCheck.UNSPECIFIED;
     const check = this.checkEndOnce(status, task);
     if (check === "bad") return ResultCheck.MISMATCH;
     if (check === "unknown") return ResultCheck.UNVERIFIED;

@@ -11,7 +11,7 @@ import { readCredentials } from "../certs/files.js";
 import { systemClock, type Clock, type Timer } from "../common/clock.js";
 import { requireFiles, type Resolved, type Schema } from "../common/config.js";
 import { serveFrameLink } from "../common/connect-link.js";
-import { callerOf, createRpcServer } from "../common/connect-server.js";
+import { callerOf, createRpcServer, respondsInBinary } from "../common/connect-server.js";
 import { ConfigError } from "../common/errors.js";
 import { timeOrderedIds } from "../common/ids.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
@@ -43,6 +43,7 @@ import { LmdbJobStore } from "./lmdb-job-store.js";
 import { JobManager } from "./jobs.js";
 import { DocumentStore, LmdbDocumentBackend } from "./document-store.js";
 import { serveProxyLink } from "./proxy-link.js";
+import { tasksAsWire } from "./signed-task-wire.js";
 import { SessionBroker, type ProxySessionLink } from "./sessions.js";
 import { LmdbRecordingStore } from "./recordings.js";
 import { existsSync, readFileSync } from "node:fs";
@@ -285,7 +286,8 @@ export async function startController(config: ControllerConfig, log: Logger, clo
       router.service(ArtifactService, artifactServiceImpl({ store: artifacts, log }));
       router.service(TriggerService, triggerServiceImpl({ triggers }));
       router.service(ProxyLinkService, {
-        proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer)),
+        // A binary stream's tasks are encoded by hand as each frame leaves (controller/signed-task-wire.ts).
+        proxyStream: (requests, ctx) => serveFrameLink(requests, ctx, (link, peer) => serveProxyLink(linkDeps, link, peer), respondsInBinary(ctx) ? tasksAsWire : undefined),
         proxySession: (requests, ctx) => serveFrameLink(requests, ctx, (link: ProxySessionLink, peer) => sessions.serveLeg(link, peer)),
       });
     },

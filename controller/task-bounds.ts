@@ -12,6 +12,8 @@ export interface TaskBoundsOptions {
   router: Router;
   inventory: Inventory;
   jobOf: (task: TaskRecord) => JobRecord | undefined;
+  /** Every unfinished job (each open task's job is one of them). */
+  unfinishedJobs: () => Iterable<JobRecord>;
   /** Ends a task at the controller; with `recall`, its holders are owed a cancel. */
   end: (task: TaskRecord, state: TaskState, message: string, recall?: { withdraw: boolean }) => Promise<void>;
   /** How often open tasks are looked at. Default 1 s. */
@@ -90,9 +92,20 @@ export class TaskBounds {
     const now = this.opts.clock.now();
     const { router, inventory } = this.opts;
     const due: [TaskRecord, TaskState, string, { withdraw: boolean } | undefined][] = [];
+    // A task of a reachable host can be due only once its job is cancelled or past its delivery
+    // deadline: while no job is, such hosts' tasks are not looked at (a fleet-wide job's hosts all
+    // are reachable, and this runs every second while it lasts).
+    let quiet = true;
+    for (const job of this.opts.unfinishedJobs()) {
+      if (job.cancelRequested || now >= job.deliverBy) {
+        quiet = false;
+        break;
+      }
+    }
     for (const [hostId, ids] of router.openByHost()) {
       const host = inventory.get(hostId);
       const reachable = router.reachable(host);
+      if (quiet && reachable) continue;
       const since = host && !reachable ? (host.connected ? now : host.since) : now;
       for (const id of ids) {
         const task = router.openTask(id);

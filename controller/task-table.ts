@@ -79,6 +79,11 @@ export class TaskTable {
     return this.jobs.get(jobId);
   }
 
+  /** Every unfinished job's record. */
+  unfinishedJobs(): IterableIterator<JobRecord> {
+    return this.jobs.values();
+  }
+
   /** The live record (mutable) of a task of an unfinished job. */
   liveRecord(taskId: string): TaskRecord | undefined {
     return this.live.get(taskId);

@@ -98,8 +98,17 @@ function lateReport(w: ProtoWriter, no: number, late: LateReport): void {
  * behind its length.
  */
 export function encodeTask(t: TaskRecord, steps?: Step[]): Uint8Array {
-  const w = writer.reset().fork();
-  if (!covered(t)) return w.raw(toBinary(TaskSchema, taskToProto(t, steps))).join().finish();
+  writeTask(writer.reset(), t, steps);
+  return writer.finish();
+}
+
+/** Writes the task into `w` as {@link encodeTask} encodes it. */
+function writeTask(w: ProtoWriter, t: TaskRecord, steps?: Step[]): void {
+  w.fork();
+  if (!covered(t)) {
+    w.raw(toBinary(TaskSchema, taskToProto(t, steps))).join();
+    return;
+  }
   if (t.id) w.string(1, t.id);
   if (t.jobId) w.string(2, t.jobId);
   if (t.hostId) w.string(3, t.hostId);
@@ -117,7 +126,23 @@ export function encodeTask(t: TaskRecord, steps?: Step[]): Uint8Array {
   if (outputComplete(t)) w.bool(15, true);
   if (t.late) lateReport(w, 16, t.late);
   if (t.resultCheck) w.int32(17, t.resultCheck);
-  return w.join().finish();
+  w.join();
+}
+
+/**
+ * Tasks as the bytes of one unknown field of a repeated Task field's number
+ * `no`: every element in turn, each after the first with its own tag. What
+ * protobuf-es writes of an unknown field is its tag, then its bytes as they
+ * are, so the message's bytes are those of the ordinary one; one field per
+ * task would cost protobuf-es a small buffer per task for its tag.
+ */
+export function encodeTaskRun(tasks: readonly TaskRecord[], no: number): Uint8Array {
+  const w = writer.reset();
+  tasks.forEach((t, i) => {
+    if (i > 0) w.tag(no, WireType.LengthDelimited);
+    writeTask(w, t);
+  });
+  return w.finish();
 }
 
 type WatchSchema = typeof WatchJobResponseSchema | typeof SubmitAndWatchResponseSchema;
@@ -142,7 +167,7 @@ export function watchResponse<D extends WatchSchema>(schema: D, frame: WatchFram
   if (!wire) return create(same, { job: frame.job, tasks: frame.tasks.map((t) => taskToProto(t)), output: frame.output }) as MessageShape<D>;
   const msg = create(same, { job: frame.job, output: frame.output }) as MessageShape<D>;
   const no = schema.field.tasks.number;
-  msg.$unknown = frame.tasks.map((t) => ({ no, wireType: WireType.LengthDelimited, data: encodeTask(t) }));
+  if (frame.tasks.length > 0) msg.$unknown = [{ no, wireType: WireType.LengthDelimited, data: encodeTaskRun(frame.tasks, no) }];
   return outputWire(schema)(msg);
 }
 

@@ -129,6 +129,13 @@ describe("batch signatures (one signature over a frame's tasks, a hash-tree proo
   });
 
 
+  it("prepares a task as create(SignedTaskSchema) would make it, until it is sealed", () => {
+    const [spec] = specs(1, "shape");
+    const task = signer.prepare(spec!, true);
+    expect(task).toStrictEqual(create(SignedTaskSchema, { spec: task.spec }));
+    expect(fromBinary(TaskSpecSchema, task.spec).taskId).toBe("shape-t0");
+  });
+
   it("a host that does not report the feature (a daemon of the previous release) gets its tasks signed alone, in the same frame", () => {
     const old = new TaskVerifierV1(caPem, clock);
     expect(old.addKeys([signer.key])).toBe(1);
