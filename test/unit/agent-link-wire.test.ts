@@ -363,6 +363,14 @@ describe("decodeAgentRequest", () => {
     expect(decodeDifference(at)).toBeUndefined();
     expect(() => decodeAgentRequest(over)).toThrow(/more than 1000000 elements/);
     expect(decodeDifference(over)).toBeUndefined();
+    // A million and one empty statuses or chunks, each its own element, and the same with a field the hand reader
+    // leaves to protobuf-es at the very end: refused alike (counted first, before any object is made).
+    for (const tag of [0x12, 0x1a]) {
+      const flood = new Uint8Array(2 * (MAX_MESSAGE_ELEMENTS + 1));
+      for (let i = 0; i < flood.length; i += 2) flood[i] = tag;
+      expect(() => decodeAgentRequest(flood)).toThrow(/more than 1000000 elements/);
+      expect(() => decodeAgentRequest(new Uint8Array([...flood.subarray(2), 0xb8, 0x01, 0x00]))).toThrow(/more than 1000000 elements/);
+    }
   });
 });
 
