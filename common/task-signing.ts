@@ -287,9 +287,9 @@ function idsEnd(bytes: Uint8Array): number {
   if (bytes[0] !== TASK_ID_TAG) return 0;
   try {
     const r = new BinaryReader(bytes);
-    const passField = () => r.skip(r.tag()[1]);
-    passField();
-    if (r.pos < r.len && bytes[r.pos] === HOST_ID_TAG) passField();
+    const skipField = () => r.skip(r.tag()[1]);
+    skipField();
+    if (r.pos < r.len && bytes[r.pos] === HOST_ID_TAG) skipField();
     return r.pos <= bytes.length ? r.pos : 0;
   } catch {
     return 0;
