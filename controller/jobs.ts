@@ -17,6 +17,7 @@ import { TaskSpecSchema, TaskState, type OutputChunk, type Step, type TaskSpec, 
 import type { DocumentStore } from "./document-store.js";
 import type { Inventory } from "./inventory.js";
 import type { JobStore } from "./job-store.js";
+import { taskIdOf } from "./task-ids.js";
 import type { HostRecord, JobRecord, TaskRecord, TaskSteps } from "./model.js";
 import { addChunk, firstMissing, hasChunk, lastHeld } from "./output-ranges.js";
 import { OutputDigests } from "./output-digests.js";
@@ -349,8 +350,9 @@ export class JobManager implements RoleCore {
       job.parameters = plan.parameters;
     }
     const gated = req.rate !== undefined && hasLimits(req.rate);
-    const tasks: TaskRecord[] = plan.hosts.map((h) => ({
-      id: this.ids("t"),
+    // Each task's id names the job and its place: the store keeps the job's tasks as one column (controller/task-ids.ts).
+    const tasks: TaskRecord[] = plan.hosts.map((h, i) => ({
+      id: taskIdOf(job.id, i),
       jobId: job.id,
       tenant,
       hostId: h.id,

@@ -4,6 +4,7 @@ import type { LmdbEnv } from "../common/lmdb.js";
 import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { create } from "@bufbuild/protobuf";
 import type { JobStore } from "./job-store.js";
+import { LmdbTaskColumns } from "./lmdb-task-columns.js";
 import type { JobRecord, Recall, TaskRecord, TaskSteps } from "./model.js";
 
 type StoredJob = Omit<JobRecord, "steps"> & { steps: Uint8Array[] };
@@ -12,6 +13,12 @@ type StoredJob = Omit<JobRecord, "steps"> & { steps: Uint8Array[] };
  * Jobs, tasks and output in LMDB. Every put of one event-loop turn commits in
  * one transaction (lmdb-js batches them), so a job and all its tasks, or a
  * chunk and the task record counting it, are stored together or not at all.
+ *
+ * A job whose task ids name their places (controller/task-ids.ts, as the
+ * controller makes them) keeps its tasks as one column
+ * (controller/lmdb-task-columns.ts): no record per task at submit or at its
+ * end. Any other task (a store written before, or ids of another form) has
+ * a record of its own, as before.
  */
 export class LmdbJobStore implements JobStore {
   private readonly jobs: Database<StoredJob, string>;
@@ -26,6 +33,7 @@ export class LmdbJobStore implements JobStore {
   private readonly recalls: Database<Recall, string[]>;
   /** [tenant, hostId, taskId] → nothing: a host's tasks in the order of their (time-ordered) ids. */
   private readonly hostTasks: Database<null, string[]>;
+  private readonly columns: LmdbTaskColumns;
 
   constructor(private readonly env: LmdbEnv) {
     this.jobs = env.db("jobs");
@@ -36,6 +44,7 @@ export class LmdbJobStore implements JobStore {
     this.steps = env.db("task-steps");
     this.recalls = env.db("recalls");
     this.hostTasks = env.db("host-tasks");
+    this.columns = new LmdbTaskColumns(env);
     this.indexHostTasks();
   }
 
@@ -83,13 +92,17 @@ export class LmdbJobStore implements JobStore {
     if (job.finishedAt === undefined) writes.push(this.unfinished.put(job.id, true));
     else writes.push(this.unfinished.remove(job.id));
     if (job.idempotencyKey) writes.push(this.keys.put(`${job.tenant}\0${job.idempotencyKey}`, job.id));
-    for (const t of tasks) writes.push(this.tasks.put(t.id, t), this.hostTasks.put([t.tenant, t.hostId, t.id], null));
+    if (this.columns.fits(job, tasks)) writes.push(...this.columns.putTasks(job, tasks));
+    else for (const t of tasks) writes.push(this.tasks.put(t.id, t));
+    for (const t of tasks) writes.push(this.hostTasks.put([t.tenant, t.hostId, t.id], null));
+    if (job.finishedAt !== undefined) writes.push(...this.columns.fold(job.id));
     const bin = (list: readonly Step[]) => list.map((x) => toBinary(StepSchema, x));
     for (const [id, s] of steps ?? []) writes.push(this.steps.put(id, { run: bin(s.run), shown: bin(s.shown) }));
     return Promise.all(writes).then(() => undefined);
   }
 
   putTask(task: TaskRecord): Promise<void> {
+    if (this.columns.holds(task.id)) return this.columns.write(task);
     return this.tasks.put(task.id, task).then(() => undefined);
   }
 
@@ -97,7 +110,9 @@ export class LmdbJobStore implements JobStore {
     const value = Buffer.allocUnsafe(chunk.data.length + 1);
     value[0] = chunk.stream;
     value.set(chunk.data, 1);
-    return Promise.all([this.output.put([chunk.taskId, Number(chunk.seq)], value), this.tasks.put(task.id, task)]).then(() => undefined);
+    const putChunk = () => this.output.put([chunk.taskId, Number(chunk.seq)], value);
+    if (this.columns.holds(task.id)) return this.columns.write(task, putChunk);
+    return Promise.all([putChunk(), this.tasks.put(task.id, task)]).then(() => undefined);
   }
 
   getJob(id: string): JobRecord | undefined {
@@ -107,6 +122,8 @@ export class LmdbJobStore implements JobStore {
   }
 
   getTask(id: string): TaskRecord | undefined {
+    const c = this.columns.get(id);
+    if (c) return c;
     const t = this.tasks.get(id);
     return t && { ...t };
   }
@@ -119,7 +136,7 @@ export class LmdbJobStore implements JobStore {
   }
 
   tasksOf(job: JobRecord): TaskRecord[] {
-    return job.taskIds.map((id) => this.getTask(id)).filter((t): t is TaskRecord => t !== undefined);
+    return this.columns.tasksOf(job) ?? job.taskIds.map((id) => this.getTask(id)).filter((t): t is TaskRecord => t !== undefined);
   }
 
   readOutput(taskId: string, fromSeq: number, maxBytes: number): OutputChunk[] {
