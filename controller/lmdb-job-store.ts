@@ -95,15 +95,13 @@ export class LmdbJobStore implements JobStore {
     if (this.columns.fits(job, tasks)) writes.push(...this.columns.putTasks(job, tasks));
     else for (const t of tasks) writes.push(this.tasks.put(t.id, t));
     for (const t of tasks) writes.push(this.hostTasks.put([t.tenant, t.hostId, t.id], null));
-    if (job.finishedAt !== undefined) writes.push(...this.columns.fold(job.id));
     const bin = (list: readonly Step[]) => list.map((x) => toBinary(StepSchema, x));
     for (const [id, s] of steps ?? []) writes.push(this.steps.put(id, { run: bin(s.run), shown: bin(s.shown) }));
     return Promise.all(writes).then(() => undefined);
   }
 
   putTask(task: TaskRecord): Promise<void> {
-    if (this.columns.holds(task.id)) return this.columns.write(task);
-    return this.tasks.put(task.id, task).then(() => undefined);
+    return this.columns.write(task) ?? this.tasks.put(task.id, task).then(() => undefined);
   }
 
   appendOutput(task: TaskRecord, chunk: OutputChunk): Promise<void> {
@@ -111,8 +109,7 @@ export class LmdbJobStore implements JobStore {
     value[0] = chunk.stream;
     value.set(chunk.data, 1);
     const putChunk = () => this.output.put([chunk.taskId, Number(chunk.seq)], value);
-    if (this.columns.holds(task.id)) return this.columns.write(task, putChunk);
-    return Promise.all([putChunk(), this.tasks.put(task.id, task)]).then(() => undefined);
+    return this.columns.write(task, putChunk) ?? Promise.all([putChunk(), this.tasks.put(task.id, task)]).then(() => undefined);
   }
 
   getJob(id: string): JobRecord | undefined {

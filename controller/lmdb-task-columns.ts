@@ -12,19 +12,21 @@ interface Page {
   tenant: string;
   tasks: Entry[];
 }
-/** What changed in one commit: [index in the job, the task's whole entry]. */
+/** What changed in one commit on one page: [index in the page, the task's whole entry]. */
 type Delta = [number, Entry][];
+/** A delta's key: the job, the page, then the start it was written in and its number in that start (so deltas read in the order they were written). */
+type DeltaKey = [string, number, number, number];
 
 interface Pending {
-  entries: Map<number, Entry>;
+  /** Per page of the job: the entries changed this turn, by index in the page. */
+  pages: Map<number, Map<number, Entry>>;
   /** Output chunks to store in the same commit as the entries that count them. */
   chunks: (() => Promise<unknown>)[];
   done: Promise<void>;
   settle: (err?: unknown) => void;
 }
 
-const PAGE_CACHE = 64;
-const OVERLAY_CACHE = 16;
+const PAGE_CACHE = 256;
 const COLUMNAR_CACHE = 4096;
 
 /**
@@ -34,40 +36,39 @@ const COLUMNAR_CACHE = 4096;
  * - At submit the job's tasks are written as pages of {@link COLUMN_PAGE}
  *   entries, `[jobId, page]`, in the job's commit: O(tasks / 256) puts.
  * - Every later change is queued and, once per event-loop turn, written as
- *   one delta per job, `[jobId, seq]` → the changed tasks' whole entries:
- *   one put per job and commit, whatever the number of tasks. An output
- *   chunk goes in the same commit as the delta that counts it. A write's
- *   promise resolves when that commit is durable.
- * - A task reads as its page's entry overlaid by the last committed delta
- *   that names it. When the job is stored finished, its committed deltas are
- *   folded into its pages (the pages rewritten, the deltas removed, in the
- *   job's commit); deltas written after (a late report) apply on top.
+ *   one delta per page of the job that changed: `[jobId, page, start, n]`
+ *   → the changed tasks' whole entries. A fleet-wide turn of 500 ends on a
+ *   10,000-task job is 40 puts, not 500. An output chunk goes in the same
+ *   commit as the delta that counts it. A write resolves once that commit
+ *   is durable.
+ * - A task reads as its page's entry overlaid by the page's deltas in the
+ *   order they were written (`start` grows with every start of the store,
+ *   `n` within one). Nothing is folded: a page's deltas are as many as the
+ *   turns that changed it, and a read decodes one page and its deltas.
  *
  * A controller killed at any point recovers each task to its last
  * committed state: pages and deltas are each written whole in one commit,
- * deltas apply in seq order, and a fold only moves into the pages deltas
- * it read as committed.
+ * and read back in the order they were written.
  */
 export class LmdbTaskColumns {
   private readonly pages: Database<Page, [string, number]>;
-  private readonly deltas: Database<Delta, [string, number]>;
+  private readonly deltas: Database<Delta, DeltaKey>;
   /** Jobs known to be stored as columns (true) or not (false); bounded. */
   private readonly columnar = new Map<string, boolean>();
-  /**
-   * The next delta seq of a job with deltas in flight, and how many; with
-   * none in flight the next seq follows the last committed delta's.
-   */
-  private readonly nextSeq = new Map<string, { seq: number; inFlight: number }>();
+  /** This start's number (one more than the last start's), and the deltas written in it so far. */
+  private readonly start: number;
+  private written = 0;
   private readonly pending = new Map<string, Pending>();
   private flushScheduled = false;
-  /** Decoded committed pages, `${jobId}\0${page}`; dropped when a fold of their job commits. */
-  private readonly pageCache = new Map<string, Page>();
-  /** Per job: the last committed entry of each task named by a delta; dropped when a delta or fold of the job commits. */
-  private readonly overlays = new Map<string, Map<number, Entry>>();
+  /** Committed pages with their deltas applied, `${jobId}\0${page}`; dropped when a delta of the page commits. */
+  private readonly merged = new Map<string, Page>();
 
   constructor(env: LmdbEnv) {
     this.pages = env.db("task-pages");
     this.deltas = env.db("task-deltas");
+    const meta = env.db<number>("task-columns");
+    this.start = (meta.get("start") ?? 0) + 1;
+    meta.putSync("start", this.start);
   }
 
   /**
@@ -96,26 +97,25 @@ export class LmdbTaskColumns {
     return writes;
   }
 
-  /** Whether the task lives in a column (its later writes go through {@link write}). */
-  holds(taskId: string): boolean {
-    const place = placeOfTaskId(taskId);
-    return place !== undefined && this.isColumnar(place.jobId);
-  }
-
   /**
    * Queues a task's new record (and an output chunk counted by it) for the
-   * next delta of its job; resolves once that delta is durable.
+   * next delta of its page; resolves once that delta is durable. Undefined
+   * when the task is not in a column (its record is written as before).
    */
-  write(task: TaskRecord, chunk?: () => Promise<unknown>): Promise<void> {
-    const place = placeOfTaskId(task.id)!;
+  write(task: TaskRecord, chunk?: () => Promise<unknown>): Promise<void> | undefined {
+    const place = placeOfTaskId(task.id);
+    if (!place || !this.isColumnar(place.jobId)) return undefined;
     let p = this.pending.get(place.jobId);
     if (!p) {
       let settle!: (err?: unknown) => void;
       const done = new Promise<void>((resolve, reject) => (settle = (err) => (err === undefined ? resolve() : reject(err))));
-      p = { entries: new Map(), chunks: [], done, settle };
+      p = { pages: new Map(), chunks: [], done, settle };
       this.pending.set(place.jobId, p);
     }
-    p.entries.set(place.index, entryOf(task));
+    const pageNo = Math.floor(place.index / COLUMN_PAGE);
+    let page = p.pages.get(pageNo);
+    if (!page) p.pages.set(pageNo, (page = new Map()));
+    page.set(place.index % COLUMN_PAGE, entryOf(task));
     if (chunk) p.chunks.push(chunk);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -129,74 +129,23 @@ export class LmdbTaskColumns {
     const jobs = [...this.pending];
     this.pending.clear();
     for (const [jobId, p] of jobs) {
-      const seq = this.takeSeq(jobId);
-      const writes: Promise<unknown>[] = [this.deltas.put([jobId, seq], [...p.entries])];
+      const writes: Promise<unknown>[] = [];
+      for (const [pageNo, entries] of p.pages) writes.push(this.deltas.put([jobId, pageNo, this.start, this.written++], [...entries]));
       for (const chunk of p.chunks) writes.push(chunk());
+      const landed = () => {
+        for (const pageNo of p.pages.keys()) this.merged.delete(`${jobId}\0${pageNo}`);
+      };
       Promise.all(writes).then(
         () => {
-          this.landed(jobId);
+          landed();
           p.settle();
         },
         (err: unknown) => {
-          this.landed(jobId);
+          landed();
           p.settle(err ?? new Error("storing a task delta failed"));
         },
       );
     }
-  }
-
-  private takeSeq(jobId: string): number {
-    let next = this.nextSeq.get(jobId);
-    if (!next) {
-      let seq = 0;
-      for (const key of this.deltas.getKeys({ start: [jobId, Number.MAX_SAFE_INTEGER], end: [jobId, -1], reverse: true, limit: 1 })) seq = (key[1] as number) + 1;
-      this.nextSeq.set(jobId, (next = { seq, inFlight: 0 }));
-    }
-    next.inFlight++;
-    return next.seq++;
-  }
-
-  /** A delta of the job committed or failed: readers see it (or not) from now on. */
-  private landed(jobId: string): void {
-    this.overlays.delete(jobId);
-    const next = this.nextSeq.get(jobId);
-    if (next && --next.inFlight === 0) this.nextSeq.delete(jobId);
-  }
-
-  /**
-   * The writes that fold a finished job's committed deltas into its pages,
-   * to go in the job's commit. Deltas still in flight keep applying on top.
-   */
-  fold(jobId: string): Promise<unknown>[] {
-    if (!this.isColumnar(jobId)) return [];
-    const seqs: number[] = [];
-    const overlay = new Map<number, Entry>();
-    for (const { key, value } of this.deltas.getRange({ start: [jobId, 0], end: [jobId, Number.MAX_SAFE_INTEGER] })) {
-      seqs.push(key[1] as number);
-      for (const [i, e] of value) overlay.set(i, e);
-    }
-    if (seqs.length === 0) return [];
-    const changed = new Map<number, Page>();
-    for (const [i, e] of overlay) {
-      const p = Math.floor(i / COLUMN_PAGE);
-      let page = changed.get(p);
-      if (!page) {
-        const stored = this.pages.get([jobId, p]);
-        if (!stored) continue;
-        changed.set(p, (page = { tenant: stored.tenant, tasks: [...stored.tasks] }));
-      }
-      page.tasks[i % COLUMN_PAGE] = e;
-    }
-    const writes: Promise<unknown>[] = [];
-    for (const [p, page] of changed) writes.push(this.pages.put([jobId, p], page));
-    for (const seq of seqs) writes.push(this.deltas.remove([jobId, seq]));
-    const all = Promise.all(writes);
-    const forget = () => {
-      for (const p of changed.keys()) this.pageCache.delete(`${jobId}\0${p}`);
-      this.overlays.delete(jobId);
-    };
-    all.then(forget, forget);
-    return [all];
   }
 
   /**
@@ -208,21 +157,19 @@ export class LmdbTaskColumns {
     if (!place || !this.isColumnar(place.jobId)) return undefined;
     const page = this.page(place.jobId, Math.floor(place.index / COLUMN_PAGE));
     const entry = page?.tasks[place.index % COLUMN_PAGE];
-    if (!page || !entry) return undefined;
-    return recordOf(taskId, place.jobId, page.tenant, this.overlay(place.jobId).get(place.index) ?? entry);
+    return page && entry && recordOf(taskId, place.jobId, page.tenant, entry);
   }
 
   /** Every task of a job stored as a column, in order, as last committed; undefined for any other job. */
   tasksOf(job: JobRecord): TaskRecord[] | undefined {
     if (!this.isColumnar(job.id)) return undefined;
-    const overlay = this.overlay(job.id);
     const out: TaskRecord[] = [];
-    for (const { key, value } of this.pages.getRange({ start: [job.id, 0], end: [job.id, Number.MAX_SAFE_INTEGER] })) {
-      const base = (key[1] as number) * COLUMN_PAGE;
-      value.tasks.forEach((e, k) => {
-        const i = base + k;
-        const id = job.taskIds[i];
-        if (id !== undefined) out.push(recordOf(id, job.id, value.tenant, overlay.get(i) ?? e));
+    for (let p = 0; p * COLUMN_PAGE < job.taskIds.length; p++) {
+      const page = this.page(job.id, p);
+      if (!page) break;
+      page.tasks.forEach((e, k) => {
+        const id = job.taskIds[p * COLUMN_PAGE + k];
+        if (id !== undefined) out.push(recordOf(id, job.id, page.tenant, e));
       });
     }
     return out;
@@ -239,33 +186,44 @@ export class LmdbTaskColumns {
     this.columnar.set(jobId, columnar);
   }
 
+  /** A committed page with its committed deltas applied in order. */
   private page(jobId: string, p: number): Page | undefined {
     const key = `${jobId}\0${p}`;
-    const cached = this.pageCache.get(key);
+    const cached = this.merged.get(key);
     if (cached) return cached;
-    const page = this.pages.get([jobId, p]);
-    if (!page) return undefined;
-    if (this.pageCache.size >= PAGE_CACHE) this.pageCache.delete(this.pageCache.keys().next().value!);
-    this.pageCache.set(key, page);
+    const stored = this.pages.get([jobId, p]);
+    if (!stored) return undefined;
+    const page: Page = { tenant: stored.tenant, tasks: stored.tasks };
+    for (const { value } of this.deltas.getRange({ start: [jobId, p], end: [jobId, p + 1] })) for (const [k, e] of value) page.tasks[k] = e;
+    if (this.merged.size >= PAGE_CACHE) this.merged.delete(this.merged.keys().next().value!);
+    this.merged.set(key, page);
     return page;
   }
-
-  private overlay(jobId: string): Map<number, Entry> {
-    const cached = this.overlays.get(jobId);
-    if (cached) return cached;
-    const overlay = new Map<number, Entry>();
-    for (const { value } of this.deltas.getRange({ start: [jobId, 0], end: [jobId, Number.MAX_SAFE_INTEGER] })) for (const [i, e] of value) overlay.set(i, e);
-    if (this.overlays.size >= OVERLAY_CACHE) this.overlays.delete(this.overlays.keys().next().value!);
-    this.overlays.set(jobId, overlay);
-    return overlay;
-  }
 }
 
+/**
+ * A task's entry, copied to its leaves: a change is written a turn after it
+ * is queued, and the live record's lists (holders, output ranges) may change
+ * meanwhile; what is written must be the record as it was queued.
+ */
 function entryOf(task: TaskRecord): Entry {
-  const { id: _id, jobId: _job, tenant: _tenant, ...entry } = task;
-  return entry;
+  const entry: Record<string, unknown> = {};
+  for (const key in task) if (key !== "id" && key !== "jobId" && key !== "tenant") entry[key] = copied((task as unknown as Record<string, unknown>)[key]);
+  return entry as unknown as Entry;
 }
 
+/** A task read from a page: its own copy, so that changing it changes no page held in memory. */
 function recordOf(id: string, jobId: string, tenant: string, entry: Entry): TaskRecord {
-  return { id, jobId, tenant, ...entry };
+  const record: Record<string, unknown> = { id, jobId, tenant };
+  for (const key in entry) record[key] = copied((entry as unknown as Record<string, unknown>)[key]);
+  return record as unknown as TaskRecord;
+}
+
+function copied(value: unknown): unknown {
+  if (typeof value !== "object" || value === null) return value;
+  if (Array.isArray(value)) return value.map(copied);
+  if (value instanceof Uint8Array) return value.slice();
+  const out: Record<string, unknown> = {};
+  for (const key in value) out[key] = copied((value as Record<string, unknown>)[key]);
+  return out;
 }

@@ -1,42 +1,65 @@
-// node bench/micro/task-records.mjs [--tasks 10000]: the controller's floor for a durable record
-// per host and job, on this machine's disk: the CPU (user + system, this process and LMDB's
-// write thread) of storing a job with N task records in one commit (as a submit does), then
-// storing each task's record again at its end (as a host's answer does, in batches of 500 per
-// commit), with the controller's own store (controller/lmdb-job-store.ts, msgpack in LMDB).
-// The controller as built in dist/ (npm run build first).
+// node bench/micro/task-records.mjs [--tasks 10000] [--rounds 6]: the controller's durable cost per
+// host and job, on this machine's disk: the CPU (user + system, this process and LMDB's write
+// thread) of storing a job with N tasks in one commit (as a submit does), then each task's end (as
+// a host's answer does, 500 per event-loop turn), then the job finished, with the controller's own
+// store (controller/lmdb-job-store.ts). Two layouts, alternating round by round in one process:
+//   records: task ids of the old form, a record per task at submit and again at its end;
+//   column:  task ids that name their job and place (controller/task-ids.ts), the job's tasks as
+//            one column (pages at submit, one delta per turn, folded when the job finishes).
+// Both write a host-index entry per task at submit (a host's history); "index only" measures
+// that entry alone (--layouts picks some). The controller as built in dist/ (npm run build first).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { LmdbEnv } from "../../dist/common/lmdb.js";
 import { LmdbJobStore } from "../../dist/controller/lmdb-job-store.js";
+import { taskIdOf } from "../../dist/controller/task-ids.js";
 
-const { values } = parseArgs({ options: { tasks: { type: "string", default: "10000" } } });
+const { values } = parseArgs({ options: { tasks: { type: "string", default: "10000" }, rounds: { type: "string", default: "6" }, layouts: { type: "string", default: "records,column,index only" } } });
 const N = Number(values.tasks);
 const cpu = () => { const u = process.cpuUsage(); return (u.user + u.system) / 1000; };
-const rounds = [];
-for (let round = 0; round < 5; round++) {
+const turn = () => new Promise((r) => setImmediate(r));
+
+async function round(layout, r) {
   const dir = mkdtempSync(join(tmpdir(), "rexmesh-records-"));
   const env = new LmdbEnv({ path: dir, maxBytes: 1 << 30 });
   const store = new LmdbJobStore(env);
-  const jobId = `j-${round}`;
+  const jobId = `j01hzzzzzz${String(r).padStart(3, "0")}abcdefgh`;
+  const id = (i) => (layout === "records" ? `t-${r}-${(1e6 + i).toString(36)}-4f1c2a9e` : taskIdOf(jobId, i));
   const tasks = Array.from({ length: N }, (_, i) => ({
-    id: `t-${round}-${(1e6 + i).toString(36)}-4f1c2a9e`, jobId, tenant: "acme", hostId: `host-${String(i).padStart(5, "0")}.r1.example`, region: i % 2 ? "r1" : "r2", proxy: "",
-    state: 1, signal: "", message: "", updatedAt: 1_700_000_000_000, outputChunks: 0, outputTruncated: false,
+    id: id(i), jobId, tenant: "acme", hostId: `host-${String(i).padStart(5, "0")}.r1.example`, region: i % 2 ? "r1" : "r2", proxy: "p1",
+    state: 1, signal: "", message: "", updatedAt: 1_700_000_000_000, outputChunks: 0, outputTruncated: false, released: true, proxies: ["p1"],
   }));
   const job = { id: jobId, tenant: "acme", submittedBy: "alice", createdAt: 1_700_000_000_000, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 0, lostAfterMs: 0, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: tasks.map((t) => t.id), outputLimitBytes: 0 };
   const c0 = cpu();
   const t0 = performance.now();
-  await store.putJob(job, tasks);
+  const index = env.db("host-tasks");
+  if (layout === "index only") await Promise.all(tasks.map((t) => index.put([t.tenant, t.hostId, t.id], null)));
+  else await store.putJob(job, tasks);
   const c1 = cpu();
-  for (let i = 0; i < N; i += 500) {
-    await Promise.all(tasks.slice(i, i + 500).map((t) => store.putTask({ ...t, state: 10, exitCode: 0, message: "pong", updatedAt: t.updatedAt + 1 })));
+  let c2 = c1;
+  if (layout !== "index only") {
+    for (let i = 0; i < N; i += 500) {
+      await Promise.all(tasks.slice(i, i + 500).map((t) => store.putTask({ ...t, state: 10, exitCode: 0, message: "pong", updatedAt: t.updatedAt + 1, proxies: [] })));
+      await turn();
+    }
+    c2 = cpu();
+    await store.putJob({ ...job, finishedAt: job.createdAt + 5 });
+    if (store.getTask(tasks[N - 1].id)?.state !== 10) throw new Error(`${layout}: the last task did not read back ended`);
   }
-  const c2 = cpu();
-  rounds.push({ submitUs: ((c1 - c0) * 1000) / N, endUs: ((c2 - c1) * 1000) / N, wallMs: performance.now() - t0 });
+  const c3 = cpu();
   await env.close();
   rmSync(dir, { recursive: true, force: true });
+  return { submitUs: ((c1 - c0) * 1000) / N, endUs: ((c2 - c1) * 1000) / N, finishUs: ((c3 - c2) * 1000) / N, wallMs: performance.now() - t0 };
 }
-const warm = rounds.slice(1);
-const med = (xs) => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-console.log(`${N} task records, rounds 2-5 (median): stored at submit ${med(warm.map((r) => r.submitUs)).toFixed(1)} µs CPU per task, stored again at its end ${med(warm.map((r) => r.endUs)).toFixed(1)} µs; wall ${med(warm.map((r) => r.wallMs)).toFixed(0)} ms per round`);
+
+const layouts = values.layouts.split(",");
+const results = Object.fromEntries(layouts.map((l) => [l, []]));
+for (let r = 0; r < Number(values.rounds); r++) for (const l of layouts) results[l].push(await round(l, r));
+const med = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+console.log(`${N} tasks, rounds 2-${values.rounds} (median), µs of CPU per task:`);
+for (const l of layouts) {
+  const warm = results[l].slice(1);
+  console.log(`  ${l.padEnd(10)} submit ${med(warm.map((x) => x.submitUs)).toFixed(1).padStart(5)}  end ${med(warm.map((x) => x.endUs)).toFixed(1).padStart(5)}  job finished ${med(warm.map((x) => x.finishUs)).toFixed(1).padStart(5)}  wall ${med(warm.map((x) => x.wallMs)).toFixed(0)} ms per round`);
+}
