@@ -22,7 +22,7 @@
  * instead of the CI ones.
  */
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
@@ -32,7 +32,7 @@ import { isRunning, LocalMesh, type RoleProcess } from "../../cli/launcher.js";
 import { Prng } from "../../chaos/prng.js";
 import { isTerminal, stateName } from "../../common/task-state.js";
 import { ConnectionState, JobState, ResultCheck, SubmitJobRequestSchema, type ControllerService, type Task } from "../../gen/rexmesh/v1/controller_pb.js";
-import { clientOf, collectJob, hostIds, SilentCut, tempDir, until } from "./support.js";
+import { clientOf, collectJob, hostIds, SilentCut, spawnsOf, tempDir, until } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 type Api = Client<typeof ControllerService>;
@@ -125,10 +125,6 @@ interface Outcome {
 
 const digest = (b: Buffer | undefined) => `${b?.length ?? 0}:${createHash("sha256").update(b ?? Buffer.alloc(0)).digest("hex")}`;
 
-function spawns(marks: string, taskId: string): number {
-  const f = join(marks, taskId);
-  return existsSync(f) ? readFileSync(f, "utf8").trim().split("\n").length : 0;
-}
 
 // ---- the fault schedule ----------------------------------------------------
 
@@ -439,7 +435,7 @@ async function runOn(bed: Testbed, label: string, schedule?: Schedule): Promise<
         outputComplete: t.outputComplete,
         outputTruncated: t.outputTruncated,
         late: t.lateReport ? `${stateName(t.lateReport.state)}/${t.lateReport.exitCode ?? ""}/${t.lateReport.signal}` : "",
-        spawns: name === "ping" ? 0 : spawns(marks, t.id),
+        spawns: name === "ping" ? 0 : spawnsOf(marks, t.id),
       });
       if (name === "shell" && host !== OFFLINE) {
         // The exact bytes each host wrote, not just the same as the baseline's.

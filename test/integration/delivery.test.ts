@@ -15,7 +15,7 @@ import { LocalMesh, REXMESH_BIN, type RoleProcess } from "../../cli/launcher.js"
 import { isTerminal } from "../../common/task-state.js";
 import { ConnectionState, ResultCheck, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, isAlive, rexmesh, tempDir, until } from "./support.js";
+import { clientOf, collectJob, isAlive, killRole, rexmesh, tempDir, until } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 type Api = Client<typeof ControllerService>;
@@ -45,10 +45,6 @@ const terminal = (api: Api, jobId: string, timeoutMs = 30_000) =>
     timeoutMs,
   );
 
-async function kill(mesh: LocalMesh, p: RoleProcess, signal: NodeJS.Signals): Promise<void> {
-  p.proc.kill(signal);
-  await mesh.exited(p);
-}
 
 describe("delivery under faults", () => {
   const mesh = new LocalMesh({
@@ -102,7 +98,7 @@ describe("delivery under faults", () => {
     it(`a proxy ${signal}ed and restarted while a task prints loses none of its output, and the task ends only with all of it`, async () => {
       const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], ...printer(marks, 40, "0.05") }));
       await outputStarted(conn.client, job!.id, 3);
-      await kill(mesh, mesh.proxies[0]!, signal);
+      await killRole(mesh, mesh.proxies[0]!, signal);
       await mesh.restart(mesh.proxies[0]!);
       const r = await collectJob(conn.client, job!.id, AbortSignal.timeout(45_000));
       const t = r.tasks.get("h1")!;
@@ -121,7 +117,7 @@ describe("delivery under faults", () => {
       await outputStarted(conn.client, job!.id, 3);
       const p = role === "daemon" ? daemonOf("h1") : mesh.proxies[0]!;
       const t0 = Date.now();
-      await kill(mesh, p, "SIGTERM");
+      await killRole(mesh, p, "SIGTERM");
       // It left on its own once the task was done (exit 0, well inside its 10 s grace), not by a forced exit.
       expect(p.proc.exitCode).toBe(0);
       expect(Date.now() - t0).toBeLessThan(8000);
@@ -142,7 +138,7 @@ describe("delivery under faults", () => {
     const script = `for i in $(seq 1 30); do echo "$$ line$i"; sleep 0.05; done`;
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h1"], idempotent: true, steps: [{ tool: { case: "shell", value: { script } } }] }));
     await outputStarted(conn.client, job!.id, 3);
-    await kill(mesh, daemonOf("h1"), "SIGKILL");
+    await killRole(mesh, daemonOf("h1"), "SIGKILL");
     await mesh.restart(daemonOf("h1"));
     const r = await collectJob(conn.client, job!.id, AbortSignal.timeout(45_000));
     const t = r.tasks.get("h1")!;
@@ -181,7 +177,7 @@ describe("delivery under faults", () => {
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["mover"], ...printer(marks, 60, "0.05") }));
     await outputStarted(conn.client, job!.id, 3);
     const first = mesh.proxies.find((p) => p.name === at)!;
-    await kill(mesh, first, "SIGKILL");
+    await killRole(mesh, first, "SIGKILL");
     // With the first proxy still down, the task ends through the other one (it did not stay RUNNING).
     const t = await terminal(conn.client, job!.id, 40_000);
     expect(t.state, t.message).toBe(TaskState.SUCCEEDED);
@@ -199,7 +195,7 @@ describe("delivery under faults", () => {
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["mover"], ...printer(marks, 600, "0.05") }));
     const running = await outputStarted(conn.client, job!.id, 2);
     const holder = mesh.proxies.find((p) => p.name === at)!;
-    await kill(mesh, holder, "SIGKILL");
+    await killRole(mesh, holder, "SIGKILL");
     await until("mover on the other proxy", async () => {
       const h = await where("mover");
       return h?.connection === ConnectionState.CONNECTED && h.proxy !== at ? true : undefined;
@@ -218,7 +214,7 @@ describe("delivery under faults", () => {
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["h2"], lostAfter: durationFromMs(3000), env: { MARK: marks }, steps: [{ tool: { case: "shell", value: { script } } }] }));
     const running = await outputStarted(conn.client, job!.id, 2);
     const pid = Number(readFileSync(join(marks, `${running.id}.pid`), "utf8"));
-    await kill(mesh, daemonOf("h2"), "SIGKILL");
+    await killRole(mesh, daemonOf("h2"), "SIGKILL");
     // The daemon is gone; its task's process group lives on, re-parented to init.
     expect(isAlive(pid)).toBe(true);
     const t = await terminal(conn.client, job!.id, 20_000);

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { mkdirSync, readFileSync, existsSync } from "node:fs";
+import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
@@ -10,7 +10,7 @@ import { isTerminal } from "../../common/task-state.js";
 import { ConnectionState, SubmitJobRequestSchema, type ControllerService } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { clientOf, collectJob, hostIds, SilentCut, tempDir, until, type JobResult } from "./support.js";
+import { clientOf, collectJob, faultMesh, hostIds, killRole, SilentCut, spawnsOf, tempDir, until, type JobResult } from "./support.js";
 import { testCa } from "../test-ca.js";
 
 /**
@@ -27,16 +27,12 @@ function workload(markDir: string, delay: string, bytes: number) {
   return { steps: [{ tool: { case: "shell" as const, value: { script } } }], env: { MARK: markDir } };
 }
 
-function spawns(markDir: string, taskId: string): number {
-  const f = join(markDir, taskId);
-  return existsSync(f) ? readFileSync(f, "utf8").trim().split("\n").length : 0;
-}
 
 /** The three invariants, for every host of a finished job. */
 function checkInvariants(r: JobResult, markDir: string, expectSucceeded = true): void {
   for (const [host, task] of r.tasks) {
     expect(isTerminal(task.state), `${host} terminal`).toBe(true);
-    expect(spawns(markDir, task.id), `${host} spawned at most once`).toBeLessThanOrEqual(1);
+    expect(spawnsOf(markDir, task.id), `${host} spawned at most once`).toBeLessThanOrEqual(1);
     if (expectSucceeded) expect(task.state, `${host}: ${task.message}`).toBe(TaskState.SUCCEEDED);
     if (task.state === TaskState.SUCCEEDED) {
       const out = r.stdout.get(host) ?? Buffer.alloc(0);
@@ -81,39 +77,16 @@ async function started(client: Client<typeof ControllerService>, jobId: string):
   return (job?.counts ?? []).filter((c) => c.state >= TaskState.DELIVERED).reduce((n, c) => n + c.count, 0);
 }
 
-async function kill(mesh: LocalMesh, p: RoleProcess, signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
-  p.proc.kill(signal);
-  await mesh.exited(p);
-}
 
 describe("faults: a proxy with 200 hosts behind it, and the controller", () => {
-  const big = hostIds(200, "b");
-  const mesh = new LocalMesh({
-    ca: testCa(),
-    dir: tempDir("faults"),
-    regions: ["big"],
-    hosts: big.map((id) => ({ id, region: "big" })),
-    hostsPerProcess: 50,
-    shareHostKey: true,
-    daemonArgs: ["--heartbeat", "1s"],
-    proxyArgs: ["--heartbeat", "1s"],
-    controllerArgs: ["--heartbeat", "1s"],
-  });
-  const marks = join(mesh.dir, "marks");
-
-  beforeAll(async () => {
-    await mesh.start();
-    mkdirSync(marks, { recursive: true });
-    await mesh.waitForHosts(big.length);
-  }, 180_000);
-  afterAll(() => mesh.stop());
+  const { mesh, marks } = faultMesh("faults", "big", hostIds(200, "b"), 50);
 
   it("loses nothing and runs nothing twice when the proxy is killed with SIGKILL mid-job", async () => {
     const conn = clientOf(mesh);
     try {
       const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { allHosts: true, ...workload(marks, "1", 65536) }));
       await waitFor("tasks started", async () => (await started(conn.client, job!.id)) >= 20);
-      await kill(mesh, mesh.proxies[0]!);
+      await killRole(mesh, mesh.proxies[0]!);
       await mesh.restart(mesh.proxies[0]!);
       const r = await finish(conn.client, job!.id);
       expect(r.tasks.size).toBe(200);
@@ -128,7 +101,7 @@ describe("faults: a proxy with 200 hosts behind it, and the controller", () => {
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { allHosts: true, ...workload(marks, "1", 65536) }));
     await waitFor("tasks started", async () => (await started(conn.client, job!.id)) >= 20);
     conn.close();
-    await kill(mesh, mesh.controller);
+    await killRole(mesh, mesh.controller);
     await mesh.restart(mesh.controller);
     conn = clientOf(mesh);
     try {
@@ -172,20 +145,20 @@ describe("faults: daemons", () => {
   it("a daemon killed while its process runs reports INTERRUPTED, never re-runs it, and takes new work after restart", async () => {
     const { job } = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["d1"], ...workload(marks, "30", 16) }));
     await waitFor("task running", async () => (await countState(conn.client, job!.id, TaskState.RUNNING)) === 1);
-    await kill(mesh, daemonOf("d1"));
+    await killRole(mesh, daemonOf("d1"));
     await mesh.restart(daemonOf("d1"));
     const r = await finish(conn.client, job!.id);
     const t = r.tasks.get("d1")!;
     expect(t.state).toBe(TaskState.INTERRUPTED);
-    expect(spawns(marks, t.id)).toBe(1);
+    expect(spawnsOf(marks, t.id)).toBe(1);
     const next = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["d1"], ...workload(marks, "0", 1000) }));
     const r2 = await finish(conn.client, next.job!.id);
     checkInvariants(r2, marks);
   });
 
   it("a host offline at submit gets its task when it returns; one offline past the deadline ends EXPIRED", async () => {
-    await kill(mesh, daemonOf("d2"), "SIGTERM");
-    await kill(mesh, daemonOf("d3"), "SIGTERM");
+    await killRole(mesh, daemonOf("d2"), "SIGTERM");
+    await killRole(mesh, daemonOf("d3"), "SIGTERM");
     await waitFor("hosts offline", async () => !(await connected("d2")) && !(await connected("d3")));
     const waits = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["d2"], deliveryDeadline: durationFromMs(120_000), ...workload(marks, "0", 1000) }));
     const expires = await conn.client.submitJob(create(SubmitJobRequestSchema, { hostIds: ["d3"], deliveryDeadline: durationFromMs(1500), ...workload(marks, "0", 1000) }));
@@ -196,7 +169,7 @@ describe("faults: daemons", () => {
     await mesh.restart(daemonOf("d3"));
     const delivered = await finish(conn.client, waits.job!.id);
     checkInvariants(delivered, marks);
-    expect(spawns(marks, expired.tasks.get("d3")!.id)).toBe(0);
+    expect(spawnsOf(marks, expired.tasks.get("d3")!.id)).toBe(0);
   });
 });
 
@@ -276,7 +249,7 @@ describe("faults: a store that fills up", () => {
     await mesh.waitForHosts(1);
     // The host goes away, so every accepted task stays queued at the controller: once the controller knows it is
     // gone (a job submitted before its proxy said so would be handed to the proxy, QUEUED, not PENDING).
-    await kill(mesh, mesh.daemons[0]!, "SIGTERM");
+    await killRole(mesh, mesh.daemons[0]!, "SIGTERM");
     const conn = clientOf(mesh);
     try {
       await until("the controller to see f1 gone", async () => ((await conn.client.listHosts({})).hosts.find((h) => h.id === "f1")?.connection === ConnectionState.DISCONNECTED ? true : undefined));
@@ -307,7 +280,7 @@ describe("faults: a store that fills up", () => {
     expect((again as ConnectError).code).toBe(Code.ResourceExhausted);
     conn.close();
 
-    await kill(mesh, mesh.controller);
+    await killRole(mesh, mesh.controller);
     await mesh.restart(mesh.controller);
     conn = clientOf(mesh);
     try {

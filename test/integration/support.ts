@@ -1,13 +1,15 @@
 import { spawn } from "node:child_process";
 import { constants as osConstants } from "node:os";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Client } from "@connectrpc/connect";
+import { afterAll, beforeAll } from "vitest";
 import { operatorClient } from "../../cli/client.js";
-import { REXMESH_BIN, type LocalMesh } from "../../cli/launcher.js";
+import { LocalMesh, REXMESH_BIN, type RoleProcess } from "../../cli/launcher.js";
 import type { ControllerService, Job, Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { OutputStream } from "../../gen/rexmesh/v1/task_pb.js";
+import { testCa } from "../test-ca.js";
 
 export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `rexmesh-${prefix}-`));
@@ -81,6 +83,46 @@ export function isAlive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * A mesh of one region for a suite's fault tests: its hosts (`hostsPerProcess`
+ * to a daemon process) and every role on 1 s heartbeats, started with every
+ * host connected before the suite's tests and stopped after them; `marks` is
+ * the folder where workloads record each start of a command ({@link spawnsOf}).
+ */
+export function faultMesh(name: string, region: string, hosts: readonly string[], hostsPerProcess: number): { mesh: LocalMesh; marks: string } {
+  const mesh = new LocalMesh({
+    ca: testCa(),
+    dir: tempDir(name),
+    regions: [region],
+    hosts: hosts.map((id) => ({ id, region })),
+    hostsPerProcess,
+    shareHostKey: true,
+    daemonArgs: ["--heartbeat", "1s"],
+    proxyArgs: ["--heartbeat", "1s"],
+    controllerArgs: ["--heartbeat", "1s"],
+  });
+  const marks = join(mesh.dir, "marks");
+  beforeAll(async () => {
+    await mesh.start();
+    mkdirSync(marks, { recursive: true });
+    await mesh.waitForHosts(hosts.length);
+  }, 180_000);
+  afterAll(() => mesh.stop());
+  return { mesh, marks };
+}
+
+/** Sends a role process a signal (SIGKILL by default) and waits until it has exited. */
+export async function killRole(mesh: LocalMesh, p: RoleProcess, signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
+  p.proc.kill(signal);
+  await mesh.exited(p);
+}
+
+/** How many times a task's command started, from the marker file its script appends its task id to. */
+export function spawnsOf(marks: string, taskId: string): number {
+  const f = join(marks, taskId);
+  return existsSync(f) ? readFileSync(f, "utf8").trim().split("\n").length : 0;
 }
 
 export function hostIds(n: number, prefix = "h"): string[] {

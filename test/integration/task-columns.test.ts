@@ -1,13 +1,9 @@
-import { mkdirSync, readFileSync, existsSync } from "node:fs";
-import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
-import { LocalMesh, type RoleProcess } from "../../cli/launcher.js";
 import { isTerminal } from "../../common/task-state.js";
 import { SubmitJobRequestSchema, type Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, hostIds, tempDir, until } from "./support.js";
-import { testCa } from "../test-ca.js";
+import { clientOf, collectJob, faultMesh, hostIds, killRole, spawnsOf, until } from "./support.js";
 
 /**
  * A job's tasks kept as one column at the controller (pages written at
@@ -30,25 +26,7 @@ const fast = (host: string) => /[02468]$/.test(host);
 const slowOutput = Array.from({ length: 60 }, (_, i) => `line ${i}\n`).join("");
 
 describe("task columns: a controller killed mid-job recovers every task from its store", () => {
-  const mesh = new LocalMesh({
-    ca: testCa(),
-    dir: tempDir("columns"),
-    regions: ["r1"],
-    hosts: HOSTS.map((id) => ({ id, region: "r1" })),
-    hostsPerProcess: 100,
-    shareHostKey: true,
-    daemonArgs: ["--heartbeat", "1s"],
-    proxyArgs: ["--heartbeat", "1s"],
-    controllerArgs: ["--heartbeat", "1s"],
-  });
-  const marks = join(mesh.dir, "marks");
-
-  beforeAll(async () => {
-    await mesh.start();
-    mkdirSync(marks, { recursive: true });
-    await mesh.waitForHosts(HOSTS.length);
-  }, 180_000);
-  afterAll(() => mesh.stop());
+  const { mesh, marks } = faultMesh("columns", "r1", HOSTS, 100);
 
   it("to at least what its watch reported, with the proxy frozen so that nothing is told again", async () => {
     let conn = clientOf(mesh);
@@ -71,7 +49,7 @@ describe("task columns: a controller killed mid-job recovers every task from its
     // The proxy is frozen first: nothing it holds reaches the restarted controller until its state is read.
     proxy.proc.kill("SIGSTOP");
     try {
-      await kill(mesh, mesh.controller);
+      await killRole(mesh, mesh.controller);
       await watch;
       conn.close();
       const told = new Map(watched);
@@ -102,7 +80,7 @@ describe("task columns: a controller killed mid-job recovers every task from its
       const r = await collectJob(conn.client, jobId, AbortSignal.timeout(90_000));
       expect(r.tasks.size).toBe(HOSTS.length);
       for (const [host, task] of r.tasks) {
-        expect(spawns(task.id), `${host} ran at most once`).toBe(1);
+        expect(spawnsOf(marks, task.id), `${host} ran at most once`).toBe(1);
         if (fast(host)) {
           expect([TaskState[task.state], task.exitCode], host).toEqual([TaskState[TaskState.FAILED], 3]);
           expect(r.stdout.get(host)?.toString(), host).toBe("fast\n");
@@ -115,14 +93,5 @@ describe("task columns: a controller killed mid-job recovers every task from its
       conn.close();
     }
   }, 180_000);
-
-  function spawns(taskId: string): number {
-    const f = join(marks, taskId);
-    return existsSync(f) ? readFileSync(f, "utf8").trim().split("\n").length : 0;
-  }
 });
 
-async function kill(mesh: LocalMesh, p: RoleProcess): Promise<void> {
-  p.proc.kill("SIGKILL");
-  await mesh.exited(p);
-}
