@@ -3,7 +3,7 @@ import { TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import type { ResultCheck } from "../gen/rexmesh/v1/controller_pb.js";
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 
-/** A job as the controller stores it; tasks are stored apart, one per host. */
+/** A job as the controller stores it; its tasks (one per host) are stored apart (controller/lmdb-job-store.ts). */
 export interface JobRecord {
   id: string;
   tenant: string;
