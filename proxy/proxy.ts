@@ -293,7 +293,6 @@ export class ProxyCore implements RoleCore {
       throw new FailedPreconditionError(`host ${session.hostId} already holds a live stream at this proxy; another is refused until that one ends`);
     }
     this.hosts.set(session.hostId, session);
-    const log = this.log.child({ host: session.hostId });
     ls.startHeartbeat(hello.heartbeatMs || this.heartbeatMs);
     // A host that PINGs is not asked back: its connection is dropped when its PINGs (or anything else) stop for three
     // of its intervals, noticed by one sweep over all hosts. A host that does not say it PINGs has the link heartbeat.
@@ -312,7 +311,8 @@ export class ProxyCore implements RoleCore {
     ls.out.frame.signingKeys.push(...this.store.signingKeys(this.clock.now()));
     // The controller counts the host as held here once it proves it (its answer goes up as its presence).
     if (this.nonce) ls.out.frame.presenceNonce = this.nonce;
-    log.info("host connected");
+    // Not a child logger per host: one would live as long as the link, for two lines.
+    this.log.info("host connected", { host: session.hostId });
     let why: unknown;
     try {
       // Tasks handed out on an earlier stream go first; the hello's credits then hand out new ones.
@@ -337,7 +337,7 @@ export class ProxyCore implements RoleCore {
         this.drainCheck?.();
         const reason: HostGoneReason = ls.lostHeartbeat ? "heartbeat" : silent ? "silent" : why ? "error" : "ended";
         this.onHostGone?.(reason);
-        log.info("host disconnected", { reason, ...(why ? { err: why } : {}) });
+        this.log.info("host disconnected", { host: session.hostId, reason, ...(why ? { err: why } : {}) });
       }
     }
   }
@@ -1024,3 +1024,4 @@ export class ProxyCore implements RoleCore {
     this.controller?.link.close();
   }
 }
+
