@@ -55,6 +55,8 @@ export default {
         // Idle for a while (heartbeats flow) before measuring.
         await sleep(settleMs);
         const held = await ctx.proxyHosts(proxy);
+        // Per-stream figures of a proxy that lost its hosts meanwhile would be meaningless (or infinite).
+        if (held < n) throw new Error(`the proxy held ${held} of ${n} hosts when the idle window began (see the proxy's rexmesh_host_disconnects_total)`);
         const after = await memNow();
         ctx.toggleProfile();
         const idleCpu0 = cpuMsOf(proxy.proc.pid);
