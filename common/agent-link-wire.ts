@@ -200,6 +200,28 @@ function readChunk(r: Reader, to: number): OutputChunk {
 
 const writer = new ProtoWriter();
 
+/**
+ * An empty frame to a host: what `create(AgentStreamResponseSchema)` makes
+ * (the same keys in the same order), without its reflection — a host link's
+ * coalescer starts one for every frame it sends.
+ */
+export function newAgentResponse(): AgentStreamResponse {
+  return {
+    $typeName: "rexmesh.v1.AgentStreamResponse",
+    tasks: [],
+    cancelTaskIds: [],
+    outputAcks: [],
+    statusAcks: [],
+    signingKeys: [],
+    withdrawTaskIds: [],
+    presenceNonce: new Uint8Array(0),
+    ping: 0,
+    pong: 0,
+    sessions: [],
+    eventAcks: [],
+  };
+}
+
 /** A frame to a host, as `toBinary(AgentStreamResponseSchema, msg)` encodes it (and refused where it refuses it). */
 export function encodeAgentResponse(msg: AgentStreamResponse): Uint8Array {
   return writeAgentResponse(msg) ?? toBinary(AgentStreamResponseSchema, msg);
