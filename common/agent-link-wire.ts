@@ -31,7 +31,7 @@
 import { toBinary } from "@bufbuild/protobuf";
 import { AgentStreamRequestSchema, AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { OutputChunk, OutputStream, SignedTask, TaskState, TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
-import { decodeByHand, LEAVE, LEN, noUnknown, readByHand, Reader, readTimestamp, uint32, uint64, VARINT, writeByHand } from "./hand-wire.js";
+import { decodeByHand, EMPTY, LEAVE, LEN, noUnknown, readByHand, Reader, readTimestamp, uint32, uint64, VARINT, writeByHand } from "./hand-wire.js";
 import { isInt32, ProtoWriter } from "./proto-wire.js";
 
 /** A host's frame, decoded as `decodeBounded(AgentStreamRequestSchema, bytes)` decodes it (and refused where it refuses it). */
@@ -50,9 +50,9 @@ function readRequest(r: Reader): AgentStreamRequest {
     $typeName: "rexmesh.v1.AgentStreamRequest",
     statuses: [],
     output: [],
-    presenceProof: new Uint8Array(0),
-    presenceNonce: new Uint8Array(0),
-    presenceSalt: new Uint8Array(0),
+    presenceProof: EMPTY,
+    presenceNonce: EMPTY,
+    presenceSalt: EMPTY,
     ping: 0,
     pong: 0,
     events: [],
@@ -102,11 +102,11 @@ function readStatus(r: Reader, to: number): TaskStatus {
     outputTruncated: false,
     hostId: "",
     atProxy: false,
-    signature: new Uint8Array(0),
+    signature: EMPTY,
     keyId: "",
-    outputSha256: new Uint8Array(0),
+    outputSha256: EMPTY,
     outputBytes: 0n,
-    endMac: new Uint8Array(0),
+    endMac: EMPTY,
     endMacKeyId: "",
   };
   while (r.pos < to) {
@@ -170,7 +170,7 @@ function readStatus(r: Reader, to: number): TaskStatus {
 }
 
 function readChunk(r: Reader, to: number): OutputChunk {
-  const c: OutputChunk = { $typeName: "rexmesh.v1.OutputChunk", taskId: "", seq: 0n, stream: 0, data: new Uint8Array(0), hostId: "" };
+  const c: OutputChunk = { $typeName: "rexmesh.v1.OutputChunk", taskId: "", seq: 0n, stream: 0, data: EMPTY, hostId: "" };
   while (r.pos < to) {
     switch (r.tag()) {
       case (1 << 3) | LEN:
@@ -214,7 +214,7 @@ export function newAgentResponse(): AgentStreamResponse {
     statusAcks: [],
     signingKeys: [],
     withdrawTaskIds: [],
-    presenceNonce: new Uint8Array(0),
+    presenceNonce: EMPTY,
     ping: 0,
     pong: 0,
     sessions: [],

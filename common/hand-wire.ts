@@ -16,6 +16,13 @@ import { isUint53 } from "./proto-wire.js";
 /** Thrown inside a hand decoder or encoder when it leaves a frame to protobuf-es; never escapes the codec modules. */
 export const LEAVE = new Error("left to protobuf-es");
 
+/**
+ * The value of every empty bytes field a hand decoder makes (protobuf-es
+ * makes a new one per field: the same value, with no contents to share):
+ * a host's answer to a ping has six of them.
+ */
+export const EMPTY = new Uint8Array(0);
+
 export const VARINT = WireType.Varint;
 export const LEN = WireType.LengthDelimited;
 

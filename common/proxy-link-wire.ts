@@ -32,7 +32,7 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { ProxyStreamRequestSchema, ProxyStreamResponseSchema, type CancelTask, type ProxyStreamRequest, type ProxyStreamResponse, type StatusAckRun, type StatusRun } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import type { OutputAck, SignedTask, StatusAck, TaskBatchProof, TaskState, TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
 import type { EventAck } from "../gen/rexmesh/v1/event_pb.js";
-import { decodeByHand, LEAVE, LEN, noUnknown, readByHand, Reader, uint32, uint64, VARINT, writeByHand } from "./hand-wire.js";
+import { decodeByHand, EMPTY, LEAVE, LEN, noUnknown, readByHand, Reader, uint32, uint64, VARINT, writeByHand } from "./hand-wire.js";
 import { encodeWithWireOutput, wireOf } from "./output-wire.js";
 import { isInt32, ProtoWriter } from "./proto-wire.js";
 
@@ -48,7 +48,7 @@ export function readProxyResponse(bytes: Uint8Array): ProxyStreamResponse | unde
   return readByHand(bytes, readResponse);
 }
 
-const EMPTY = new Uint8Array(0);
+
 
 function readResponse(r: Reader): ProxyStreamResponse {
   const end = r.buf.length;

@@ -33,6 +33,7 @@ import { TaskUndo } from "./task-undo.js";
 import { specBytes } from "../common/backlog.js";
 import { newAgentResponse } from "../common/agent-link-wire.js";
 import { newProxyRequest } from "../common/proxy-link-wire.js";
+import { EMPTY } from "../common/hand-wire.js";
 import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec, SpecDecoder } from "../common/task-signing.js";
@@ -620,11 +621,11 @@ export class ProxyCore implements RoleCore {
       outputTruncated: false,
       hostId: task.hostId,
       atProxy: true,
-      signature: new Uint8Array(0),
+      signature: EMPTY,
       keyId: "",
-      outputSha256: new Uint8Array(0),
+      outputSha256: EMPTY,
       outputBytes: 0n,
-      endMac: new Uint8Array(0),
+      endMac: EMPTY,
       endMacKeyId: "",
       time: timestampFromMs(this.clock.now()),
     };
