@@ -91,8 +91,14 @@ function readRequest(r: Reader): AgentStreamRequest {
   return msg;
 }
 
-function readStatus(r: Reader, to: number): TaskStatus {
-  const s: TaskStatus = {
+/**
+ * An empty status: what `create(TaskStatusSchema)` makes (the same keys in
+ * the same order; its empty bytes fields the shared {@link EMPTY}), without
+ * its reflection. Fields set on it later keep that order; a time or an exit
+ * code, absent here, is added last, as protobuf-es adds it.
+ */
+export function newTaskStatus(): TaskStatus {
+  return {
     $typeName: "rexmesh.v1.TaskStatus",
     taskId: "",
     state: 0,
@@ -109,6 +115,10 @@ function readStatus(r: Reader, to: number): TaskStatus {
     endMac: EMPTY,
     endMacKeyId: "",
   };
+}
+
+function readStatus(r: Reader, to: number): TaskStatus {
+  const s = newTaskStatus();
   while (r.pos < to) {
     switch (r.tag()) {
       case (1 << 3) | LEN:

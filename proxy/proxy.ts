@@ -31,9 +31,8 @@ import {
 import { deliverByOf, type ProxyStore, type QueuedTask, type UpwardItem } from "./store.js";
 import { TaskUndo } from "./task-undo.js";
 import { specBytes } from "../common/backlog.js";
-import { newAgentResponse } from "../common/agent-link-wire.js";
+import { newAgentResponse, newTaskStatus } from "../common/agent-link-wire.js";
 import { newProxyRequest } from "../common/proxy-link-wire.js";
-import { EMPTY } from "../common/hand-wire.js";
 import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec, SpecDecoder } from "../common/task-signing.js";
@@ -611,24 +610,14 @@ export class ProxyCore implements RoleCore {
   private ownStatus(task: QueuedTask, state: TaskState, message = ""): TaskStatus {
     // What create(TaskStatusSchema, { taskId, hostId, state, time, message, atProxy }) makes, keys in its order,
     // without its reflection (two per signed task: QUEUED and DISPATCHED).
-    return {
-      $typeName: "rexmesh.v1.TaskStatus",
-      taskId: task.id,
-      state,
-      signal: "",
-      message,
-      outputChunks: 0n,
-      outputTruncated: false,
-      hostId: task.hostId,
-      atProxy: true,
-      signature: EMPTY,
-      keyId: "",
-      outputSha256: EMPTY,
-      outputBytes: 0n,
-      endMac: EMPTY,
-      endMacKeyId: "",
-      time: timestampFromMs(this.clock.now()),
-    };
+    const s = newTaskStatus();
+    s.taskId = task.id;
+    s.state = state;
+    s.message = message;
+    s.hostId = task.hostId;
+    s.atProxy = true;
+    s.time = timestampFromMs(this.clock.now());
+    return s;
   }
 
   /** Ends the proxy's own copy of a task (it never reached the host through this proxy). */

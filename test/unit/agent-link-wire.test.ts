@@ -13,7 +13,7 @@ import { create, toBinary, type MessageShape } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { Prng } from "../../chaos/prng.js";
-import { bytesOf, chunk, difference, expectSameHandDecode, expectSameHandEncode, handDecodeDifference, i32, mangle, overlong, status, task, text, u32, u64, varint } from "./wire-diff.js";
+import { bytesOf, chunk, difference, expectSameHandDecode, expectSameHandEncode, handDecodeDifference, i32, overlong, seededDecodeTests, status, task, text, u32, u64, varint } from "./wire-diff.js";
 import { decodeAgentRequest, encodeAgentResponse, readAgentRequest, writeAgentResponse } from "../../common/agent-link-wire.js";
 import { decodeBounded, MAX_MESSAGE_ELEMENTS } from "../../common/decode-budget.js";
 import { AgentStreamRequestSchema, AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../../gen/rexmesh/v1/agent_link_pb.js";
@@ -61,35 +61,8 @@ function response(p: Prng): AgentStreamResponse {
 const SEEDS = 4000;
 
 describe("decodeAgentRequest", () => {
-  it("decodes every field combination exactly as protobuf-es does, most of them by hand (seeded)", () => {
-    let byHand = 0;
-    for (let seed = 1; seed <= SEEDS; seed++) {
-      const p = new Prng(seed);
-      const bytes = toBinary(AgentStreamRequestSchema, request(p));
-      expectSameDecode(bytes, `seed ${seed}`);
-      if (readAgentRequest(bytes)) byHand++;
-    }
-    // The rest hold a hello, events, unknown fields or values past 2^49: left to protobuf-es.
-    expect(byHand).toBeGreaterThan(SEEDS * 0.4);
-  });
-
-  it("accepts and refuses mangled frames exactly as protobuf-es does: cut, flipped, doubled, spliced (seeded)", () => {
-    for (let seed = 1; seed <= SEEDS; seed++) {
-      const p = new Prng(seed);
-      let bytes: Uint8Array = toBinary(AgentStreamRequestSchema, request(p));
-      for (let i = p.int(1, 3); i > 0; i--) bytes = mangle(p, bytes);
-      expectSameDecode(bytes, `seed ${seed}`);
-    }
-  });
-
-  it("reads two frames' bytes run together as one, fields given twice merged or replaced as protobuf-es does (seeded)", () => {
-    for (let seed = 1; seed <= 500; seed++) {
-      const p = new Prng(seed);
-      const a = toBinary(AgentStreamRequestSchema, request(p));
-      const b = toBinary(AgentStreamRequestSchema, request(p));
-      expectSameDecode(new Uint8Array([...a, ...b]), `seed ${seed}`);
-    }
-  });
+  // The frames not read by hand hold a hello, events, unknown fields or values past 2^49: left to protobuf-es.
+  seededDecodeTests(AgentStreamRequestSchema, { decode: decodeAgentRequest, read: readAgentRequest }, request, SEEDS);
 
   it("takes the common frames itself, not through protobuf-es: every one of them decodes the same (crafted)", () => {
     const st = (fields: number[]) => [0x12, ...varint(fields.length), ...fields];
