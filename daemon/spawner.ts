@@ -1,0 +1,297 @@
+/**
+ * The daemon's end of its spawner (daemon/spawner-main.ts): a small Node
+ * process that starts the steps' processes, so that the daemon, large when
+ * it serves many hosts, is not forked once per step.
+ *
+ * One spawner serves every executor of a daemon process. It is started with
+ * the first step, and again with the first step after it died. When it dies
+ * (or stops answering: see `answerTimeoutMs`, then it is killed), every step
+ * it held is `lost`: their exits and any output still in it are unknown, so
+ * the executor ends what is left of them and says so (daemon/executor.ts).
+ * A spawner that dies before it said it was ready never read a request: the
+ * steps waiting for it are started in the daemon instead (directLauncher),
+ * and so is every step for `fallbackMs` after such a failure, so a daemon
+ * whose spawner cannot start at all still runs its tasks.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import type { Clock, Timer } from "../common/clock.js";
+import type { Logger } from "../common/logger.js";
+import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
+import { directLauncher, type LaunchedStep, type Launcher, type LaunchRequest, type StepEvents } from "./launcher.js";
+import { FrameKind, FrameReader, frame, jsonFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+
+/** Options of {@link Spawner}; all but clock and log have defaults. */
+export interface SpawnerOptions {
+  clock: Clock;
+  log: Logger;
+  /** Node flags of the spawner process. Default: a small heap (see DEFAULT_NODE_ARGS). */
+  nodeArgs?: readonly string[];
+  /** The spawner's script. Default: spawner-main.js beside this module. */
+  mainPath?: string;
+  /** While it holds steps, the spawner is asked every this often whether it is alive. Default 5 s. */
+  pingMs?: number;
+  /** A spawner that leaves a question unanswered this long is killed, its steps lost. Default 30 s. */
+  answerTimeoutMs?: number;
+  /** After a spawner that could not start, steps start in the daemon for this long. Default 60 s. */
+  fallbackMs?: number;
+}
+
+/** A young generation of 1 MiB and a bounded old one: the spawner's every fork copies what it has touched. */
+const DEFAULT_NODE_ARGS = ["--max-semi-space-size=1", "--max-old-space-size=64"];
+
+interface Held {
+  events: StepEvents;
+  started: boolean;
+  /** True while the reader holds the step's output. */
+  holding: boolean;
+  /**
+   * Output and pipe ends received while held, handed on in order when the
+   * reader lets go (and only then acknowledged, so the spawner stops reading
+   * at its window): as with the daemon's own pipes, a held step's output
+   * stays where it is.
+   */
+  queue: { kind: number; body: Buffer }[];
+  /** Kept until the spawner said it is ready (see onDeath). */
+  request?: LaunchRequest;
+  /** The step as the daemon's own spawn runs it, when the spawner never started. */
+  real?: LaunchedStep;
+  /** EXIT and CLOSED frames seen: the step is forgotten after its three. */
+  ends: number;
+}
+
+/** One run of the spawner process. */
+class Instance {
+  ready = false;
+  dead = false;
+  /** Why this end killed it, said instead of the signal. */
+  killedFor: string | undefined;
+  readonly steps = new Map<number, Held>();
+  private out: Buffer[] = [];
+  private corked = false;
+
+  constructor(readonly child: ChildProcess) {}
+
+  write(buf: Buffer): void {
+    if (this.dead) return;
+    this.out.push(buf);
+    if (this.corked) return;
+    this.corked = true;
+    process.nextTick(() => {
+      this.corked = false;
+      const bufs = this.out;
+      this.out = [];
+      if (this.dead || bufs.length === 0) return;
+      this.child.stdin!.write(bufs.length === 1 ? bufs[0]! : Buffer.concat(bufs));
+    });
+  }
+}
+
+/** Starts steps through a spawner process; a {@link Launcher}. */
+export class Spawner implements Launcher {
+  private instance: Instance | undefined;
+  private nextId = 1;
+  private fallbackUntil = 0;
+  private pingTimer: Timer | undefined;
+  private pingSentAt: number | undefined;
+  private stopped = false;
+  private readonly nodeArgs: readonly string[];
+  private readonly mainPath: string;
+  private readonly pingMs: number;
+  private readonly answerTimeoutMs: number;
+  private readonly fallbackMs: number;
+  /** Spawner processes started so far (a test and the log tell restarts by it). */
+  starts = 0;
+
+  constructor(private readonly opts: SpawnerOptions) {
+    this.nodeArgs = opts.nodeArgs ?? DEFAULT_NODE_ARGS;
+    this.mainPath = opts.mainPath ?? fileURLToPath(new URL("./spawner-main.js", import.meta.url));
+    this.pingMs = opts.pingMs ?? 5000;
+    this.answerTimeoutMs = opts.answerTimeoutMs ?? 30_000;
+    this.fallbackMs = opts.fallbackMs ?? 60_000;
+  }
+
+  /** The running spawner's pid, if one runs. */
+  get pid(): number | undefined {
+    const i = this.instance;
+    return i && !i.dead ? i.child.pid : undefined;
+  }
+
+  launch(request: LaunchRequest, events: StepEvents): LaunchedStep {
+    if (this.stopped || this.opts.clock.now() < this.fallbackUntil) return directLauncher.launch(request, events);
+    const inst = this.ensure();
+    if (inst === undefined) return directLauncher.launch(request, events);
+    const id = this.nextId;
+    this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
+    const held: Held = { events, started: false, holding: false, queue: [], ends: 0 };
+    // Kept until the spawner is ready, so that a spawner that never starts leaves the step to the daemon.
+    if (!inst.ready) held.request = request;
+    inst.steps.set(id, held);
+    const { program, args, cwd, env, stdin } = request;
+    inst.write(jsonFrame(FrameKind.SPAWN, id, cwd === undefined ? { program, args, env } : { program, args, cwd, env }, stdin));
+    this.armPing();
+    return {
+      hold: (on) => {
+        if (held.real) return held.real.hold(on);
+        if (held.holding === on) return;
+        held.holding = on;
+        if (!on) this.release(inst, id, held);
+      },
+      destroyOutput: () => {
+        if (held.real) return held.real.destroyOutput();
+        inst.write(frame(FrameKind.DESTROY, id));
+      },
+    };
+  }
+
+  /** Ends the spawner: its stdin closes and it exits; steps it still holds are lost. */
+  stop(): void {
+    this.stopped = true;
+    this.pingTimer?.cancel();
+    const inst = this.instance;
+    if (inst && !inst.dead) inst.child.stdin!.end();
+  }
+
+  private ensure(): Instance | undefined {
+    if (this.instance && !this.instance.dead) return this.instance;
+    let child: ChildProcess;
+    try {
+      child = spawn(process.execPath, [...this.nodeArgs, this.mainPath], {
+        stdio: ["pipe", "pipe", "inherit"],
+        // Its own process group: a terminal's Ctrl-C reaches the daemon, which drains, not the spawner under it.
+        detached: true,
+      });
+    } catch (err) {
+      this.opts.log.error("cannot start the spawner; steps start in the daemon", { err });
+      this.fallbackUntil = this.opts.clock.now() + this.fallbackMs;
+      return undefined;
+    }
+    this.starts += 1;
+    const inst = new Instance(child);
+    this.instance = inst;
+    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body));
+    child.stdout!.on("data", (chunk: Buffer) => reader.push(chunk));
+    child.stdout!.on("error", () => {});
+    child.stdin!.on("error", () => {});
+    child.on("error", (err) => this.onDeath(inst, `the spawner could not be run: ${err.message}`));
+    child.on("exit", (code, signal) => this.onDeath(inst, inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`)));
+    // The daemon's exit is not held up by its spawner.
+    child.unref();
+    (child.stdout as unknown as { unref?: () => void }).unref?.();
+    (child.stdin as unknown as { unref?: () => void }).unref?.();
+    return inst;
+  }
+
+  private onFrame(inst: Instance, kind: number, id: number, body: Buffer): void {
+    if (kind === FrameKind.READY) {
+      inst.ready = true;
+      for (const held of inst.steps.values()) held.request = undefined;
+      return;
+    }
+    if (kind === FrameKind.PONG) {
+      this.pingSentAt = undefined;
+      return;
+    }
+    const held = inst.steps.get(id);
+    if (held === undefined) return;
+    const ev = held.events;
+    switch (kind) {
+      case FrameKind.SPAWNED:
+        held.started = true;
+        ev.spawned(body.readUInt32BE(0));
+        break;
+      case FrameKind.FAILED:
+        inst.steps.delete(id);
+        ev.failed(JSON.parse(body.toString("utf8")) as SpawnFailure);
+        break;
+      case FrameKind.STDOUT:
+      case FrameKind.STDERR:
+      case FrameKind.CLOSED:
+        if (held.holding || held.queue.length > 0) held.queue.push({ kind, body });
+        else this.deliver(inst, id, held, kind, body);
+        break;
+      case FrameKind.EXIT: {
+        // Not queued: an exit lets the reader go (what is left is read whatever the flow says).
+        const { code, signal } = JSON.parse(body.toString("utf8")) as { code: number | null; signal: string | null };
+        if (++held.ends === 3) inst.steps.delete(id);
+        ev.exited(code, signal);
+        break;
+      }
+    }
+  }
+
+  /** Hands on one output or pipe-end frame of a step the reader does not hold. */
+  private deliver(inst: Instance, id: number, held: Held, kind: number, body: Buffer): void {
+    if (kind === FrameKind.CLOSED) {
+      // The spawner forgets a step once its process exited and both pipes closed; so does this end.
+      if (++held.ends === 3) inst.steps.delete(id);
+      held.events.closed(body.readUInt32BE(0) === 1 ? OutputStream.STDOUT : OutputStream.STDERR);
+      return;
+    }
+    inst.write(u32Frame(FrameKind.ACK, id, body.length));
+    held.events.data(kind === FrameKind.STDOUT ? OutputStream.STDOUT : OutputStream.STDERR, body);
+  }
+
+  /** The reader let go: what was queued goes on, until it holds again. */
+  private release(inst: Instance, id: number, held: Held): void {
+    while (!held.holding && held.queue.length > 0) {
+      const { kind, body } = held.queue.shift()!;
+      this.deliver(inst, id, held, kind, body);
+    }
+  }
+
+  private onDeath(inst: Instance, reason: string): void {
+    if (inst.dead) return;
+    inst.dead = true;
+    if (this.instance === inst) this.instance = undefined;
+    this.pingSentAt = undefined;
+    const steps = [...inst.steps.values()];
+    inst.steps.clear();
+    if (!inst.ready) {
+      // It never read a request: nothing of these steps was started. They start in the daemon.
+      this.fallbackUntil = this.opts.clock.now() + this.fallbackMs;
+      this.opts.log.error("the spawner did not start; steps start in the daemon for a while", { reason, steps: steps.length, fallbackMs: this.fallbackMs });
+      for (const held of steps) {
+        held.real = directLauncher.launch(held.request!, held.events);
+        if (held.holding) held.real.hold(true);
+      }
+      return;
+    }
+    if (steps.length > 0 || !this.stopped) this.opts.log.warn("the spawner stopped; the steps it held are lost", { reason, steps: steps.length });
+    for (const held of steps) {
+      // What arrived is handed on (every byte received), then the loss.
+      for (const { kind, body } of held.queue) {
+        if (kind === FrameKind.CLOSED) held.events.closed(body.readUInt32BE(0) === 1 ? OutputStream.STDOUT : OutputStream.STDERR);
+        else held.events.data(kind === FrameKind.STDOUT ? OutputStream.STDOUT : OutputStream.STDERR, body);
+      }
+      held.queue = [];
+      held.events.lost(reason);
+    }
+  }
+
+  /** While steps are held, asks the spawner every pingMs; one that does not answer within answerTimeoutMs is killed. */
+  private armPing(): void {
+    if (this.pingTimer !== undefined) return;
+    const delay = Math.min(this.pingMs, this.answerTimeoutMs);
+    const due = this.opts.clock.now() + delay;
+    this.pingTimer = this.opts.clock.setTimeout(() => {
+      this.pingTimer = undefined;
+      const inst = this.instance;
+      if (inst === undefined || inst.dead || inst.steps.size === 0) return;
+      const now = this.opts.clock.now();
+      // This timer itself late: the answer may be sitting unread behind it, so the wait is not the spawner's. Ask again.
+      if (now - due > delay) this.pingSentAt = undefined;
+      if (this.pingSentAt !== undefined && now - this.pingSentAt >= this.answerTimeoutMs) {
+        inst.killedFor = `the spawner did not answer for ${Math.round((now - this.pingSentAt) / 1000)} s and was killed`;
+        this.opts.log.error("the spawner stopped answering; killing it", { waitedMs: now - this.pingSentAt });
+        inst.child.kill("SIGKILL");
+        return;
+      }
+      if (this.pingSentAt === undefined) {
+        this.pingSentAt = now;
+        inst.write(frame(FrameKind.PING, 0));
+      }
+      this.armPing();
+    }, delay);
+  }
+}
