@@ -282,7 +282,7 @@ export class Spawner implements Launcher {
       // This timer itself late: the answer may be sitting unread behind it, so the wait is not the spawner's. Ask again.
       if (now - due > delay) this.pingSentAt = undefined;
       if (this.pingSentAt !== undefined && now - this.pingSentAt >= this.answerTimeoutMs) {
-        inst.killedFor = `the spawner did not answer for ${Math.round((now - this.pingSentAt) / 1000)} s and was killed`;
+        inst.killedFor = `the spawner did not answer for ${((now - this.pingSentAt) / 1000).toFixed(1)} s and was killed`;
         this.opts.log.error("the spawner stopped answering; killing it", { waitedMs: now - this.pingSentAt });
         inst.child.kill("SIGKILL");
         return;

@@ -78,7 +78,7 @@ describe("Spawner", () => {
     process.kill(frozen, "SIGSTOP");
     const outcome = await run;
     expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
-    expect(outcome.message).toMatch(/^the spawner did not answer for \d+ s and was killed while its process \d+ ran: its exit and any output not yet received are unknown; 1 leftover process ended/);
+    expect(outcome.message).toMatch(/^the spawner did not answer for [\d.]+ s and was killed while its process \d+ ran: its exit and any output not yet received are unknown; 1 leftover process ended/);
     expect(outcome.outputTruncated).toBe(true);
     expect(alive(pid)).toBe(false);
     await until("the frozen spawner is gone", () => !alive(frozen));
