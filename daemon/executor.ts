@@ -209,6 +209,11 @@ export class Executor {
     };
   }
 
+  /** True when starting a step forks the daemon (no spawner): the agent then starts one step per event-loop turn. */
+  get forksDaemon(): boolean {
+    return this.opts.launcher.forksCaller;
+  }
+
   /**
    * Runs every step of `spec` in order; the first step that does not succeed
    * ends the task. Never rejects: every failure, including a malformed spec or

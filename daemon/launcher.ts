@@ -53,10 +53,13 @@ export interface LaunchedStep {
 /** Starts step processes. `launch` never throws: every failure is an event. */
 export interface Launcher {
   launch(request: LaunchRequest, events: StepEvents): LaunchedStep;
+  /** True when a launch forks this process (milliseconds of its event loop each, growing with its size). */
+  readonly forksCaller: boolean;
 }
 
 /** Spawns in this process: a fork of the daemon per step (the cost grows with the daemon's size). */
 export const directLauncher: Launcher = {
+  forksCaller: true,
   launch(request, events) {
     let child: ChildProcess;
     try {

@@ -111,6 +111,11 @@ export class Spawner implements Launcher {
     this.fallbackMs = opts.fallbackMs ?? 60_000;
   }
 
+  /** False but while steps start in the daemon (stopped, or after a spawner that could not start). */
+  get forksCaller(): boolean {
+    return this.stopped || this.opts.clock.now() < this.fallbackUntil;
+  }
+
   /** The running spawner's pid, if one runs. */
   get pid(): number | undefined {
     const i = this.instance;
