@@ -20,7 +20,7 @@ import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputCoalescer, type FlushScheduler } from "./output-coalescer.js";
 import { directLauncher, type LaunchedStep, type Launcher, type StepEvents } from "./launcher.js";
-import { describeCleanup, endMarkedProcesses } from "./orphans.js";
+import { describeCleanup, endMarkedProcesses, groupRef, type GroupRef } from "./orphans.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
@@ -528,6 +528,8 @@ class TaskRun {
     return new Promise<StepResult>((resolve) => {
       /** Set once the process runs; it is also its process group id. */
       let pid: number | undefined;
+      /** The group as a restarted daemon would know it (leader's start time: a pid may be reused), for a lost step. */
+      let group: GroupRef | undefined;
       /** The launched step; undefined until launch returns. */
       let proc: LaunchedStep | undefined;
       let exit: { code: number | null; signal: string | null } | undefined;
@@ -627,7 +629,7 @@ class TaskRun {
         pollTimer?.cancel();
         drainTimer?.cancel();
         const taskId = env.REXMESH_TASK_ID;
-        const groups = pid === undefined ? [] : [{ pgid: pid }];
+        const groups = group === undefined ? [] : [group];
         const marker = taskId === undefined ? "" : `REXMESH_TASK_ID=${taskId}`;
         const ended = groups.length === 0 && marker === "" ? Promise.resolve(undefined) : endMarkedProcesses(marker, groups, clock, killGraceMs);
         ended
@@ -641,6 +643,7 @@ class TaskRun {
       const events: StepEvents = {
         spawned: (p) => {
           pid = p;
+          group = groupRef(p);
           this.terminateCurrent = terminate;
           this.applyFlowCurrent = applyFlow;
           if (this.stop) {
