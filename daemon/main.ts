@@ -133,6 +133,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   const hostIdentities: PeerIdentity[] = [];
   // One spawner for every host of this process.
   const spawner = config.spawner ? new Spawner({ clock, log: log.child({ component: "spawner" }) }) : undefined;
+  spawner?.start();
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");

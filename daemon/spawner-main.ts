@@ -33,6 +33,15 @@ interface Step {
   held: boolean;
 }
 
+/**
+ * The daemon that started this process (its first argument). Once it is
+ * gone (this process re-parented), nothing more is started: a restarted
+ * daemon may already have ended the task as INTERRUPTED, and a request still
+ * in the pipe must not start a process after that.
+ */
+const daemon = Number(process.argv[2]);
+const daemonGone = () => daemon > 0 && process.ppid !== daemon;
+
 const steps = new Map<number, Step>();
 let queued: Buffer[] = [];
 let flushScheduled = false;
@@ -75,6 +84,7 @@ function hold(step: Step): void {
 }
 
 function start(id: number, body: Buffer): void {
+  if (daemonGone()) process.exit(0);
   const { request, stdin } = readSpawn(body);
   let child: ChildProcess;
   try {
@@ -158,8 +168,12 @@ const reader = new FrameReader((kind, id, body) => {
   }
 });
 
+if (daemonGone()) process.exit(0);
 send(frame(FrameKind.READY, 0));
 process.stdin.on("data", (chunk: Buffer) => reader.push(chunk));
 // The daemon closed its end, or died: nothing more will be asked.
-process.stdin.on("end", () => process.exit(0));
+process.stdin.on("end", () => {
+  if (queued.length > 0) flush();
+  process.exit(0);
+});
 process.stdin.on("error", () => process.exit(0));

@@ -39,6 +39,8 @@ export interface SpawnerOptions {
 
 /** A young generation of 1 MiB and a bounded old one: the spawner's every fork copies what it has touched. */
 const DEFAULT_NODE_ARGS = ["--max-semi-space-size=1", "--max-old-space-size=64"];
+/** A spawner that ran at least this long is replaced as soon as it dies; one that died sooner, with the next step. */
+const RESTART_AFTER_MS = 1000;
 
 interface Held {
   events: StepEvents;
@@ -64,13 +66,16 @@ interface Held {
 class Instance {
   ready = false;
   dead = false;
+  readonly startedAt: number;
   /** Why this end killed it, said instead of the signal. */
   killedFor: string | undefined;
   readonly steps = new Map<number, Held>();
   private out: Buffer[] = [];
   private corked = false;
 
-  constructor(readonly child: ChildProcess) {}
+  constructor(readonly child: ChildProcess, now: number) {
+    this.startedAt = now;
+  }
 
   write(buf: Buffer): void {
     if (this.dead) return;
@@ -116,6 +121,12 @@ export class Spawner implements Launcher {
     return this.stopped || this.opts.clock.now() < this.fallbackUntil;
   }
 
+  /** True once a spawner runs and has said it reads requests. */
+  get ready(): boolean {
+    const i = this.instance;
+    return i !== undefined && !i.dead && i.ready;
+  }
+
   /** The running spawner's pid, if one runs. */
   get pid(): number | undefined {
     const i = this.instance;
@@ -149,6 +160,15 @@ export class Spawner implements Launcher {
     };
   }
 
+  /**
+   * Starts the spawner now rather than with the first step: Node takes 50 ms
+   * to start (seconds on a loaded machine), a wait the first task would
+   * otherwise spend RUNNING with no process yet.
+   */
+  start(): void {
+    if (!this.stopped) this.ensure();
+  }
+
   /** Ends the spawner: its stdin closes and it exits; steps it still holds are lost. */
   stop(): void {
     this.stopped = true;
@@ -161,7 +181,7 @@ export class Spawner implements Launcher {
     if (this.instance && !this.instance.dead) return this.instance;
     let child: ChildProcess;
     try {
-      child = spawn(process.execPath, [...this.nodeArgs, this.mainPath], {
+      child = spawn(process.execPath, [...this.nodeArgs, this.mainPath, String(process.pid)], {
         stdio: ["pipe", "pipe", "inherit"],
         // Its own process group: a terminal's Ctrl-C reaches the daemon, which drains, not the spawner under it.
         detached: true,
@@ -172,14 +192,15 @@ export class Spawner implements Launcher {
       return undefined;
     }
     this.starts += 1;
-    const inst = new Instance(child);
+    const inst = new Instance(child, this.opts.clock.now());
     this.instance = inst;
     const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body));
     child.stdout!.on("data", (chunk: Buffer) => reader.push(chunk));
     child.stdout!.on("error", () => {});
     child.stdin!.on("error", () => {});
     child.on("error", (err) => this.onDeath(inst, `the spawner could not be run: ${err.message}`));
-    child.on("exit", (code, signal) => this.onDeath(inst, inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`)));
+    // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end was still in the pipe is not lost.
+    child.on("close", (code, signal) => this.onDeath(inst, inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`)));
     // The daemon's exit is not held up by its spawner.
     child.unref();
     (child.stdout as unknown as { unref?: () => void }).unref?.();
@@ -263,6 +284,8 @@ export class Spawner implements Launcher {
       return;
     }
     if (steps.length > 0 || !this.stopped) this.opts.log.warn("the spawner stopped; the steps it held are lost", { reason, steps: steps.length });
+    // A new one at once, unless this one died young (then with the next step: no loop of restarts).
+    if (!this.stopped && this.opts.clock.now() - inst.startedAt >= RESTART_AFTER_MS) this.ensure();
     for (const held of steps) {
       // What arrived is handed on (every byte received), then the loss.
       for (const { kind, body } of held.queue) {

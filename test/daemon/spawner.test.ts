@@ -4,13 +4,17 @@
  * Everything else the executor guarantees is tested through the spawner in
  * executor.test.ts.
  */
-import { readFileSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { afterEach, describe, expect, it } from "vitest";
 import { systemClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Executor, type OutputSink } from "../../daemon/executor.js";
 import { Spawner, type SpawnerOptions } from "../../daemon/spawner.js";
+import { FrameKind, FrameReader, jsonFrame } from "../../daemon/spawner-frames.js";
 import { StepSchema, TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 
 const MAIN = new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname;
@@ -68,6 +72,9 @@ describe("Spawner", () => {
 
   it("kills a spawner that stops answering: its step ends INTERRUPTED and its process group is ended", async () => {
     const spawner = newSpawner({ pingMs: 50, answerTimeoutMs: 400 });
+    // Ready first: one still starting when the wait runs out is killed too, but its steps go to the daemon (below).
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
     let pid = 0;
     let started!: () => void;
     const first = new Promise<void>((resolve) => (started = resolve));
@@ -99,5 +106,31 @@ describe("Spawner", () => {
     const second = await ex.run(shell("echo second"), { onOutput: () => {} });
     expect(second.state).toBe(TaskState.SUCCEEDED);
     expect(spawner.starts).toBe(1);
+  });
+
+  it("starts nothing once the daemon that started it is gone (a request still in the pipe included)", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      // Run spawner-main as a daemon would, naming `daemonPid` as its daemon, and ask it to create a file.
+      const ask = async (daemonPid: number, file: string) => {
+        const child = spawn(process.execPath, [MAIN, String(daemonPid)], { stdio: ["pipe", "pipe", "inherit"] });
+        const kinds: number[] = [];
+        const reader = new FrameReader((kind) => kinds.push(kind));
+        child.stdout.on("data", (b: Buffer) => reader.push(b));
+        child.stdin.end(jsonFrame(FrameKind.SPAWN, 1, { program: "touch", args: [file], env: { PATH: process.env.PATH ?? "/usr/bin:/bin" } }, Buffer.alloc(0)));
+        const code = await new Promise<number | null>((resolve) => child.on("close", resolve));
+        return { code, kinds };
+      };
+      // Its daemon (this process) alive: it is ready and starts the process.
+      const ok = await ask(process.pid, join(dir, "started"));
+      expect(ok.kinds.slice(0, 2)).toEqual([FrameKind.READY, FrameKind.SPAWNED]);
+      await until("the file is made", () => existsSync(join(dir, "started")));
+      // Another process named as its daemon, as when the daemon died and this one was re-parented: nothing.
+      const gone = await ask(1, join(dir, "orphaned"));
+      expect(gone).toEqual({ code: 0, kinds: [] });
+      expect(existsSync(join(dir, "orphaned"))).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
