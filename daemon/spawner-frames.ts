@@ -91,32 +91,114 @@ export function readSpawn(body: Buffer): { request: SpawnRequest; stdin: Buffer 
   return { request: JSON.parse(body.toString("utf8", 4, 4 + len)) as SpawnRequest, stdin: body.subarray(4 + len) };
 }
 
+/** Sent in READY's body (u32): a daemon and a spawner of different protocols do not talk. */
+export const PROTOCOL_VERSION = 1;
+
+/** Kinds each end may receive. */
+export const TO_SPAWNER: ReadonlySet<number> = new Set([FrameKind.SPAWN, FrameKind.ACK, FrameKind.DESTROY, FrameKind.PING]);
+export const TO_DAEMON: ReadonlySet<number> = new Set([
+  FrameKind.READY, FrameKind.SPAWNED, FrameKind.FAILED, FrameKind.STDOUT, FrameKind.STDERR, FrameKind.CLOSED, FrameKind.EXIT, FrameKind.PONG,
+]);
 /**
- * Cuts a byte stream into frames. Bodies handed to `onFrame` are views of
- * buffers never written again: a receiver may keep them.
+ * Largest body each end accepts. SPAWN carries a step's environment and
+ * stdin; output frames are one read of a pipe (64 KiB), so 16 MiB toward the
+ * daemon is far above anything the spawner sends and far below what stray
+ * text read as a length gives (e.g. "prel" = 1.9 GB).
+ */
+export const MAX_BODY_TO_SPAWNER = 256 * 1024 * 1024;
+export const MAX_BODY_TO_DAEMON = 16 * 1024 * 1024;
+
+/** Bodies of a fixed size, by kind: anything else is a violation. */
+const FIXED: Record<number, number> = {
+  [FrameKind.ACK]: 4,
+  [FrameKind.DESTROY]: 0,
+  [FrameKind.PING]: 0,
+  [FrameKind.READY]: 4,
+  [FrameKind.SPAWNED]: 4,
+  [FrameKind.CLOSED]: 4,
+  [FrameKind.PONG]: 0,
+};
+
+/** The other end broke the protocol: what it sends can no longer be trusted. */
+export class FrameError extends Error {}
+
+/**
+ * Cuts a byte stream into frames, checking each header (known kind, body
+ * within the cap, a fixed-size body of its size) before its body is read.
+ * A violation throws {@link FrameError} from `push` and the reader takes
+ * nothing more. Bodies handed to `onFrame` are buffers never written again:
+ * a receiver may keep them. A large frame arriving in many reads is kept as
+ * its chunks and joined once, when complete.
  */
 export class FrameReader {
-  private pending: Buffer | undefined;
+  private chunks: Buffer[] = [];
+  private have = 0;
+  /** The header of the frame being read, once its 9 bytes arrived. */
+  private head: { len: number; kind: number; id: number } | undefined;
+  private broken: FrameError | undefined;
 
-  constructor(private readonly onFrame: (kind: number, id: number, body: Buffer) => void) {}
+  constructor(
+    private readonly onFrame: (kind: number, id: number, body: Buffer) => void,
+    private readonly limits: { kinds: ReadonlySet<number>; maxBody: number } = { kinds: new Set(Object.values(FrameKind)), maxBody: MAX_BODY_TO_SPAWNER },
+  ) {}
 
   push(chunk: Buffer): void {
-    let buf = this.pending === undefined ? chunk : Buffer.concat([this.pending, chunk]);
-    this.pending = undefined;
-    let at = 0;
-    while (buf.length - at >= HEADER) {
-      const len = buf.readUInt32BE(at);
-      if (buf.length - at < HEADER + len) break;
-      const kind = buf.readUInt8(at + 4);
-      const id = buf.readUInt32BE(at + 5);
-      const body = buf.subarray(at + HEADER, at + HEADER + len);
-      at += HEADER + len;
-      this.onFrame(kind, id, body);
+    if (this.broken) throw this.broken;
+    if (chunk.length === 0) return;
+    this.chunks.push(chunk);
+    this.have += chunk.length;
+    for (;;) {
+      if (this.head === undefined) {
+        if (this.have < HEADER) return;
+        const h = this.take(HEADER);
+        const head = { len: h.readUInt32BE(0), kind: h.readUInt8(4), id: h.readUInt32BE(5) };
+        const why = !this.limits.kinds.has(head.kind)
+          ? `unknown frame kind ${head.kind}`
+          : head.len > this.limits.maxBody
+            ? `frame body of ${head.len} bytes over the cap of ${this.limits.maxBody}`
+            : FIXED[head.kind] !== undefined && FIXED[head.kind] !== head.len
+              ? `frame kind ${head.kind} with a body of ${head.len} bytes, not ${FIXED[head.kind]}`
+              : undefined;
+        if (why !== undefined) {
+          this.broken = new FrameError(why);
+          this.chunks = [];
+          this.have = 0;
+          throw this.broken;
+        }
+        this.head = head;
+      }
+      if (this.have < this.head.len) return;
+      const { len, kind, id } = this.head;
+      this.head = undefined;
+      this.onFrame(kind, id, this.take(len));
     }
-    if (at < buf.length) {
-      buf = buf.subarray(at);
-      // A copy, so that the views handed out above do not keep a large read alive for a small remainder.
-      this.pending = Buffer.from(buf);
+  }
+
+  /** The next n buffered bytes, joined once; what is left of the last chunk used stays. */
+  private take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0]!;
+    let out: Buffer;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      // A copy of a small remainder, so that views handed out do not keep a large read alive.
+      else this.chunks[0] = first.length - n < 4096 && first.length > 65536 ? Buffer.from(first.subarray(n)) : first.subarray(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let at = 0;
+      let used = 0;
+      while (at < n) {
+        const c = this.chunks[used]!;
+        const k = Math.min(c.length, n - at);
+        out.set(k === c.length ? c : c.subarray(0, k), at);
+        at += k;
+        if (k === c.length) used += 1;
+        else this.chunks[used] = c.subarray(k);
+      }
+      this.chunks.splice(0, used);
     }
+    this.have -= n;
+    return out;
   }
 }

@@ -9,9 +9,12 @@
  * state but its live steps, and imports nothing but Node's own modules and
  * the frame codec.
  *
- * Its frames: daemon/spawner-frames.ts. stdin carries requests, stdout the
- * answers; stderr is the daemon's. The daemon ends this process by closing
- * its stdin; when the daemon dies the same happens. The processes it
+ * Its frames: daemon/spawner-frames.ts. fd 3 carries requests, fd 4 the
+ * answers; stdin, stdout and stderr are not used for frames (stdout is
+ * /dev/null, stderr the daemon's log), so that nothing else that writes to
+ * them (a NODE_OPTIONS preload, a warning) can be read as a frame. Any frame
+ * that breaks the protocol ends this process. The daemon ends this process
+ * by closing fd 3; when the daemon dies the same happens. The processes it
  * started are left as they would be had the daemon started them: each leads
  * its own process group, and their pipes close with this process.
  *
@@ -22,7 +25,12 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { writeSync } from "node:fs";
-import { FrameKind, FrameReader, frame, jsonFrame, readSpawn, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+import { Socket } from "node:net";
+import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+
+/** Requests come in on this fd, answers leave on the other. */
+const IN_FD = 3;
+const OUT_FD = 4;
 
 /** Output bytes a step may have in flight to the daemon before its pipes are paused. */
 const WINDOW = 256 * 1024;
@@ -63,7 +71,7 @@ function flush(): void {
   let at = 0;
   while (at < out.length) {
     try {
-      at += writeSync(1, out, at);
+      at += writeSync(OUT_FD, out, at);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === "EAGAIN") continue;
       // The daemon is gone.
@@ -162,18 +170,27 @@ const reader = new FrameReader((kind, id, body) => {
     case FrameKind.PING:
       send(frame(FrameKind.PONG, id));
       break;
-    default:
-      process.stderr.write(`rexmesh spawner: unknown frame kind ${kind}\n`);
-      process.exit(70);
   }
-});
+}, { kinds: TO_SPAWNER, maxBody: MAX_BODY_TO_SPAWNER });
+
+function violation(err: unknown): never {
+  process.stderr.write(`rexmesh spawner: the daemon broke the frame protocol (${err instanceof Error ? err.message : String(err)}); exiting\n`);
+  process.exit(70);
+}
 
 if (daemonGone()) process.exit(0);
-send(frame(FrameKind.READY, 0));
-process.stdin.on("data", (chunk: Buffer) => reader.push(chunk));
+send(u32Frame(FrameKind.READY, 0, PROTOCOL_VERSION));
+const input = new Socket({ fd: IN_FD, readable: true, writable: false });
+input.on("data", (chunk: Buffer) => {
+  try {
+    reader.push(chunk);
+  } catch (err) {
+    violation(err);
+  }
+});
 // The daemon closed its end, or died: nothing more will be asked.
-process.stdin.on("end", () => {
+input.on("end", () => {
   if (queued.length > 0) flush();
   process.exit(0);
 });
-process.stdin.on("error", () => process.exit(0));
+input.on("error", () => process.exit(0));

@@ -8,10 +8,19 @@
  * (or stops answering: see `answerTimeoutMs`, then it is killed), every step
  * it held is `lost`: their exits and any output still in it are unknown, so
  * the executor ends what is left of them and says so (daemon/executor.ts).
- * A spawner that dies before it said it was ready never read a request: the
- * steps waiting for it are started in the daemon instead (directLauncher),
+ * Nothing is written to a spawner before its READY frame (of this protocol
+ * version) was read, so a spawner that dies before that was sent no
+ * request: the steps waiting for it are started in the daemon instead
+ * (directLauncher),
  * and so is every step for `fallbackMs` after such a failure, so a daemon
  * whose spawner cannot start at all still runs its tasks.
+ *
+ * Frames go over fds 3 (to the spawner) and 4 (from it), never its stdout,
+ * and it starts with a minimal environment (no NODE_OPTIONS: every request
+ * carries its step's whole environment), so that nothing else it writes can
+ * be taken for a frame. A frame that breaks the protocol (unknown kind, over
+ * the size cap, a malformed body) gets the spawner killed and its steps
+ * lost: they end INTERRUPTED and are never started again.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
@@ -19,7 +28,7 @@ import type { Clock, Timer } from "../common/clock.js";
 import type { Logger } from "../common/logger.js";
 import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
 import { directLauncher, type LaunchedStep, type Launcher, type LaunchRequest, type StepEvents } from "./launcher.js";
-import { FrameKind, FrameReader, frame, jsonFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+import { FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
 /** Options of {@link Spawner}; all but clock and log have defaults. */
 export interface SpawnerOptions {
@@ -62,6 +71,16 @@ interface Held {
   ends: number;
 }
 
+/** The spawner's environment: the little Node itself may want, nothing that changes what it runs. */
+function spawnerEnv(): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const k of ["PATH", "TZ", "LANG", "LC_ALL"]) {
+    const v = process.env[k];
+    if (v !== undefined) env[k] = v;
+  }
+  return env;
+}
+
 /** One run of the spawner process. */
 class Instance {
   ready = false;
@@ -77,18 +96,32 @@ class Instance {
     this.startedAt = now;
   }
 
+  /** The pipe to the spawner (its fd 3). */
+  get input(): NodeJS.WritableStream & { end(): void } {
+    return this.child.stdio[3] as unknown as NodeJS.WritableStream & { end(): void };
+  }
+
+  /** Frames are held until the spawner is ready: one that dies before READY was sent nothing. */
   write(buf: Buffer): void {
     if (this.dead) return;
     this.out.push(buf);
-    if (this.corked) return;
+    if (this.corked || !this.ready) return;
     this.corked = true;
     process.nextTick(() => {
       this.corked = false;
       const bufs = this.out;
       this.out = [];
       if (this.dead || bufs.length === 0) return;
-      this.child.stdin!.write(bufs.length === 1 ? bufs[0]! : Buffer.concat(bufs));
+      this.input.write(bufs.length === 1 ? bufs[0]! : Buffer.concat(bufs));
     });
+  }
+
+  /** READY was read: what was held goes. */
+  becomeReady(): void {
+    this.ready = true;
+    const held = this.out;
+    this.out = [];
+    for (const buf of held) this.write(buf);
   }
 }
 
@@ -174,7 +207,7 @@ export class Spawner implements Launcher {
     this.stopped = true;
     this.pingTimer?.cancel();
     const inst = this.instance;
-    if (inst && !inst.dead) inst.child.stdin!.end();
+    if (inst && !inst.dead) inst.input.end();
   }
 
   private ensure(): Instance | undefined {
@@ -182,7 +215,10 @@ export class Spawner implements Launcher {
     let child: ChildProcess;
     try {
       child = spawn(process.execPath, [...this.nodeArgs, this.mainPath, String(process.pid)], {
-        stdio: ["pipe", "pipe", "inherit"],
+        // Frames on fds 3 and 4; its stdout is /dev/null and its stderr the daemon's log, so that nothing else written there is read as a frame.
+        stdio: ["ignore", "ignore", "inherit", "pipe", "pipe"],
+        // Nothing of the daemon's environment (NODE_OPTIONS could load a preload that writes or changes Node): each request carries its step's whole environment.
+        env: spawnerEnv(),
         // Its own process group: a terminal's Ctrl-C reaches the daemon, which drains, not the spawner under it.
         detached: true,
       });
@@ -194,26 +230,64 @@ export class Spawner implements Launcher {
     this.starts += 1;
     const inst = new Instance(child, this.opts.clock.now());
     this.instance = inst;
-    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body));
-    child.stdout!.on("data", (chunk: Buffer) => reader.push(chunk));
-    child.stdout!.on("error", () => {});
-    child.stdin!.on("error", () => {});
+    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON });
+    const output = child.stdio[4]!;
+    output.on("data", (chunk: Buffer) => {
+      if (inst.killedFor !== undefined) return;
+      try {
+        reader.push(chunk);
+      } catch (err) {
+        this.violation(inst, err);
+      }
+    });
+    output.on("error", () => {});
+    inst.input.on("error", () => {});
     child.on("error", (err) => this.onDeath(inst, `the spawner could not be run: ${err.message}`));
     // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end was still in the pipe is not lost.
     child.on("close", (code, signal) => this.onDeath(inst, inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`)));
     // The daemon's exit is not held up by its spawner.
     child.unref();
-    (child.stdout as unknown as { unref?: () => void }).unref?.();
-    (child.stdin as unknown as { unref?: () => void }).unref?.();
+    (output as unknown as { unref?: () => void }).unref?.();
+    (inst.input as unknown as { unref?: () => void }).unref?.();
     return inst;
   }
 
+  /**
+   * The spawner broke the protocol: nothing it says can be trusted. It is
+   * killed; its steps are lost (ended INTERRUPTED at 'close', never run again),
+   * or, if it never said READY, were sent nothing and start in the daemon.
+   */
+  private violation(inst: Instance, err: unknown): void {
+    if (inst.dead || inst.killedFor !== undefined) return;
+    const why = err instanceof Error ? err.message : String(err);
+    inst.killedFor = `the spawner broke the frame protocol (${why}) and was killed`;
+    this.opts.log.error("the spawner broke the frame protocol; killing it", { err: why, ready: inst.ready });
+    try {
+      process.kill(-inst.child.pid!, "SIGKILL");
+    } catch {
+      inst.child.kill("SIGKILL");
+    }
+  }
+
   private onFrame(inst: Instance, kind: number, id: number, body: Buffer): void {
+    if (inst.killedFor !== undefined) return;
+    try {
+      this.handle(inst, kind, id, body);
+    } catch (err) {
+      this.violation(inst, err);
+    }
+  }
+
+  private handle(inst: Instance, kind: number, id: number, body: Buffer): void {
     if (kind === FrameKind.READY) {
-      inst.ready = true;
+      if (inst.ready) throw new Error("a second READY");
+      const version = body.readUInt32BE(0);
+      if (version !== PROTOCOL_VERSION) throw new Error(`protocol version ${version}, not ${PROTOCOL_VERSION}`);
       for (const held of inst.steps.values()) held.request = undefined;
+      inst.becomeReady();
       return;
     }
+    if (!inst.ready) throw new Error(`frame kind ${kind} before READY`);
     if (kind === FrameKind.PONG) {
       this.pingSentAt = undefined;
       return;
