@@ -202,7 +202,7 @@ export class Spawner implements Launcher {
     if (!this.stopped) this.ensure();
   }
 
-  /** Ends the spawner: its stdin closes and it exits; steps it still holds are lost. */
+  /** Ends the spawner: its fd 3 closes and it exits; steps it still holds are lost. */
   stop(): void {
     this.stopped = true;
     this.pingTimer?.cancel();
