@@ -2,9 +2,11 @@
  * The daemon's spawner (daemon/spawner.ts) killed while tasks run, in a
  * real mesh: the daemon notices, ends what is left of the tasks' processes,
  * reports each task INTERRUPTED with the reason (never left running, never
- * lost), and starts a new spawner for the next task.
+ * lost), and starts a new spawner for the next task. And a daemon whose
+ * environment has a NODE_OPTIONS preload that writes to stdout runs a task
+ * once (review F1: the stray line was read as a frame and the task ran twice).
  */
-import { readFileSync, readdirSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
@@ -81,4 +83,46 @@ describe("a daemon's spawner dies while its tasks run", () => {
       close();
     }
   }, 90_000);
+});
+
+describe("a daemon started with a NODE_OPTIONS preload that writes one line to stdout", () => {
+  const dir = tempDir("spawner-nodeopts");
+  const preload = join(tempDir("spawner-preload"), "preload.cjs");
+  writeFileSync(preload, `process.stdout.write("preload: agent started\\n");\n`);
+  const mesh = new LocalMesh({ ca: testCa(), dir, regions: ["r1"], hosts: [{ id: "n1", region: "r1" }] });
+  beforeAll(async () => {
+    mesh.prepare();
+    await mesh.startController();
+    await mesh.startProxies();
+    const saved = process.env.NODE_OPTIONS;
+    process.env.NODE_OPTIONS = `--require ${preload}`;
+    try {
+      await mesh.startDaemons();
+    } finally {
+      if (saved === undefined) delete process.env.NODE_OPTIONS;
+      else process.env.NODE_OPTIONS = saved;
+    }
+    await mesh.waitForHosts(1);
+  }, 120_000);
+  afterAll(() => mesh.stop());
+
+  it("runs a task once, through its spawner", async () => {
+    const { client, close } = clientOf(mesh);
+    try {
+      const runs = join(mesh.dir, "runs");
+      const script = `echo "$REXMESH_TASK_ID pid $$ ppid $PPID" >> "$RUNS"; echo hello`;
+      const { job } = await client.submitJob({ hostIds: ["n1"], steps: [{ tool: { case: "shell", value: { script } } }], env: { RUNS: runs } });
+      const r = await collectJob(client, job!.id, AbortSignal.timeout(100_000));
+      const t = r.tasks.get("n1")!;
+      expect(t.state, t.message).toBe(TaskState.SUCCEEDED);
+      expect(r.stdout.get("n1")?.toString()).toBe("hello\n");
+      const lines = existsSync(runs) ? readFileSync(runs, "utf8").trim().split("\n") : [];
+      expect(lines, "the task's process was started this many times").toHaveLength(1);
+      // Started by the spawner, not by the daemon falling back.
+      const daemon = mesh.daemons[0]!.proc.pid!;
+      expect(Number(lines[0]!.split(" ").at(-1))).toBe(spawnerOf(daemon));
+    } finally {
+      close();
+    }
+  }, 120_000);
 });
