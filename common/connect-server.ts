@@ -18,7 +18,7 @@ import { admitIdentity, pathOf, type Call, type DeclarationTable, type Grant } f
 import { boundRequestArrival, failingOnAbort } from "./request-arrival.js";
 import { isDecodeFailure, toConnectError } from "./rpc-errors.js";
 import { mapUndecodableRequests } from "./undecodable-request.js";
-import { countingRequests } from "./counted-request.js";
+import { countingRequests, gatingRequests } from "./counted-request.js";
 
 /** The verified identity of the caller, set for every request from its TLS connection. */
 export const peerKey = createContextKey<PeerIdentity | undefined>(undefined, { description: "rexmesh peer" });
@@ -182,7 +182,9 @@ export function createRpcHandler(opts: RpcHandlerOptions & { callerOf: (req: htt
       served = router.handlers.map((h) => h.method);
       opts.declarations.requireDeclared(served);
       router.handlers.forEach((h, i) => {
-        router.handlers[i] = mapUndecodableRequests(boundRequestArrival(countingRequests(h, unaryGate(h.method)), { maxMs: LIMITS.requestArrivalMs, clock }), refusedUndecodable(h.method));
+        const gate = unaryGate(h.method);
+        const counted = countingRequests(h);
+        router.handlers[i] = mapUndecodableRequests(boundRequestArrival(gate ? gatingRequests(counted, gate) : counted, { maxMs: LIMITS.requestArrivalMs, clock }), refusedUndecodable(h.method));
       });
     },
     interceptors: [boundaryInterceptor(opts)],

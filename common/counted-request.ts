@@ -7,13 +7,8 @@ import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { asHandlerOf } from "./undecodable-request.js";
 import { cutFront } from "./backlog.js";
 
-/**
- * A connect-es handler whose request messages are counted before it decodes
- * them (see {@link countingMessages}). `gate`, when given, runs before the
- * first byte of the body is read and refuses by throwing: a caller that no
- * request could admit is refused before its body costs anything.
- */
-export function countingRequests(handler: UniversalHandler, gate?: (req: UniversalServerRequest) => Promise<void>): UniversalHandler {
+/** A connect-es handler whose request messages are counted before it decodes them (see {@link countingMessages}). */
+export function countingRequests(handler: UniversalHandler): UniversalHandler {
   const desc = handler.method.input;
   const wrapped = (req: UniversalServerRequest) => {
     const body = req.body;
@@ -21,7 +16,7 @@ export function countingRequests(handler: UniversalHandler, gate?: (req: Univers
     const type = req.header.get("content-type") ?? "";
     const encodingName = encodingHeader(type);
     const encoding = req.header.get(encodingName) ?? "";
-    const counted = countingMessages(body as AsyncIterable<Uint8Array>, desc, type, encoding, gate && (() => gate(req)));
+    const counted = countingMessages(body as AsyncIterable<Uint8Array>, desc, type, encoding);
     // A compressed unary body is passed on inflated (it was inflated to be counted): connect-es must not inflate it again.
     const header = counted.inflatesUnary ? withoutHeader(req.header, encodingName) : req.header;
     return handler({ ...req, header, body: counted.body });
@@ -81,11 +76,10 @@ export function countingMessages(
   desc: DescMessage,
   contentType: string,
   encoding = "",
-  gate?: () => Promise<void>,
 ): CountedBody {
   const type = contentType.split(";")[0]!.trim().toLowerCase();
   const json = JSON_TYPES.has(type);
-  if (!json && !BINARY_TYPES.has(type)) return { body: gated(body, gate), inflatesUnary: false };
+  if (!json && !BINARY_TYPES.has(type)) return { body, inflatesUnary: false };
   const enveloped = !UNARY_TYPES.has(type);
   const decompressor = DECOMPRESSORS.get(encoding.trim().toLowerCase());
   const count = json ? (m: Uint8Array) => jsonElementsAtMost(m) : (m: Uint8Array) => countElements(desc, m);
@@ -106,7 +100,6 @@ export function countingMessages(
     }
   };
   const out = (async function* () {
-    await gate?.();
     const held = new ChunkQueue();
     for await (const chunk of body) {
       held.push(chunk);
@@ -148,8 +141,23 @@ export interface CountedBody {
   inflatesUnary: boolean;
 }
 
-async function* gated(body: AsyncIterable<Uint8Array>, gate?: () => Promise<void>): AsyncIterable<Uint8Array> {
-  await gate?.();
+/**
+ * A connect-es handler whose request body is read only once `gate` has
+ * passed; `gate` refuses by throwing. A caller that no request could admit
+ * is refused before its body costs anything (common/connect-server.ts).
+ */
+export function gatingRequests(handler: UniversalHandler, gate: (req: UniversalServerRequest) => Promise<void>): UniversalHandler {
+  const wrapped = (req: UniversalServerRequest) => {
+    const body = req.body;
+    if (typeof body !== "object" || body === null || !(Symbol.asyncIterator in body)) return handler(req);
+    return handler({ ...req, body: gatedBody(body as AsyncIterable<Uint8Array>, () => gate(req)) });
+  };
+  return asHandlerOf(handler, wrapped);
+}
+
+/** The body, read only once `gate` has passed. */
+export async function* gatedBody(body: AsyncIterable<Uint8Array>, gate: () => Promise<void>): AsyncIterable<Uint8Array> {
+  await gate();
   yield* body;
 }
 

@@ -403,7 +403,7 @@ describe(`Executor, steps started ${via}`, () => {
       const script = [
         "sleep 1000 &",
         "echo bg $!",
-        `sh -c 'trap "" TERM; echo stubborn $$; exec sleep 1000' &`,
+        `sh -c 'trap "" TERM; echo termproof $$; exec sleep 1000' &`,
         "echo leader $$",
         "wait",
       ].join("\n");
@@ -411,12 +411,12 @@ describe(`Executor, steps started ${via}`, () => {
       const abort = new AbortController();
       const done = ex.run(spec([shell(script)]), { onOutput: out.sink, signal: abort.signal });
       await out.waitFor(/bg \d+\n/);
-      await out.waitFor(/stubborn \d+\n/);
+      await out.waitFor(/termproof \d+\n/);
       await out.waitFor(/leader \d+\n/);
       abort.abort();
       const outcome = await done;
       expect(outcome).toMatchObject({ state: TaskState.CANCELLED, message: "cancelled" });
-      const pids = ["bg", "stubborn", "leader"].flatMap((n) => pidsIn(out.text(), n));
+      const pids = ["bg", "termproof", "leader"].flatMap((n) => pidsIn(out.text(), n));
       expect(pids).toHaveLength(3);
       expect(pids.filter((p) => !isDead(p))).toEqual([]);
     });

@@ -2,7 +2,7 @@ import { brotliCompressSync, gzipSync } from "node:zlib";
 import { describe, expect, it } from "vitest";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { countingMessages as countedBody } from "../../common/counted-request.js";
+import { countingMessages as countedBody, gatedBody } from "../../common/counted-request.js";
 import { countElements, decodeBounded, jsonElementsAtMost, MAX_MESSAGE_ELEMENTS } from "../../common/decode-budget.js";
 import { MAX_MESSAGE_BYTES } from "../../common/coalescer.js";
 import { RerunJobRequestSchema, SubmitJobRequestSchema } from "../../gen/rexmesh/v1/controller_pb.js";
@@ -219,11 +219,11 @@ describe("counting a connect-es request body message by message (the controller'
   it("runs the gate before reading any of the body, and reads nothing when it refuses", async () => {
     const { body, meter } = metered([], Buffer.alloc(16), 10);
     const refusal = new ConnectError("a host certificate cannot be used here", Code.PermissionDenied);
-    const counted = countedBody(body, SubmitJobRequestSchema, "application/proto", "", () => Promise.reject(refusal));
-    await expect(collect(counted.body)).rejects.toBe(refusal);
+    const counted = countedBody(gatedBody(body, () => Promise.reject(refusal)), SubmitJobRequestSchema, "application/proto").body;
+    await expect(collect(counted)).rejects.toBe(refusal);
     expect(meter.reads).toBe(0);
     // Content types the counter leaves alone pass the gate too.
-    const other = countedBody(metered([], Buffer.alloc(16), 10).body, SubmitJobRequestSchema, "text/plain", "", () => Promise.reject(refusal));
-    await expect(collect(other.body)).rejects.toBe(refusal);
+    const other = countedBody(gatedBody(metered([], Buffer.alloc(16), 10).body, () => Promise.reject(refusal)), SubmitJobRequestSchema, "text/plain").body;
+    await expect(collect(other)).rejects.toBe(refusal);
   });
 });
