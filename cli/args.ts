@@ -78,6 +78,8 @@ export function schemaOptions(schema: Schema): Record<string, OptionSpec> {
   const out: Record<string, OptionSpec> = {};
   for (const [key, field] of Object.entries(schema)) {
     out[flagName(key)] = { type: field.type === "bool" ? "boolean" : "string", doc: field.doc, value: field.type === "bool" ? undefined : field.type.toUpperCase() };
+    // A boolean flag takes no value (`--spawner false` would leave it on): its negation is a flag of its own.
+    if (field.type === "bool") out[`no-${flagName(key)}`] = { type: "boolean", doc: `the opposite of --${flagName(key)}` };
   }
   return out;
 }

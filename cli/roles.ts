@@ -1,5 +1,5 @@
 import { describeConfig, flagName, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
-import { ConfigError } from "../common/errors.js";
+import { ConfigError, InvalidArgumentError } from "../common/errors.js";
 import { parseHostPort, runService, type Service, type ServiceControl } from "../common/lifecycle.js";
 import { createLogger, parseLevel, type Logger } from "../common/logger.js";
 import { helpText, parse, schemaOptions, type OptionSpec } from "./args.js";
@@ -57,7 +57,21 @@ export async function runRole(role: string, argv: string[], out: (s: string) => 
     out(helpText(`rexmesh ${role} [options]`, options, def.examples));
     return 0;
   }
+  if (parsed.positionals.length > 0 || parsed.rest.length > 0) {
+    const stray = parsed.positionals[0] ?? parsed.rest[0]!;
+    const hint = /^(true|false|yes|no|0|1)$/.test(stray) ? " (a true/false option takes no value: --X turns it on, --no-X off)" : "";
+    throw new InvalidArgumentError(`rexmesh ${role} takes options only, not ${JSON.stringify(stray)}${hint}`);
+  }
   const { config: configPath, printConfig, help: _help, ...flags } = parsed.values;
+  // --no-X: X false. Both given: an error rather than a guess.
+  for (const [key, field] of Object.entries(def.schema)) {
+    if (field.type !== "bool") continue;
+    const no = `no${key[0]!.toUpperCase()}${key.slice(1)}`;
+    if (!(no in flags)) continue;
+    if (key in flags) throw new InvalidArgumentError(`--${flagName(key)} and --no-${flagName(key)} together`);
+    if (flags[no] === true) flags[key] = false;
+    delete flags[no];
+  }
   const file = typeof configPath === "string" ? readConfigFile(configPath) : undefined;
   const config = resolveConfig(def.schema, { file, filePath: configPath as string | undefined, env: process.env, flags });
   if (printConfig) {

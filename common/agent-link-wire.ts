@@ -29,135 +29,19 @@
  * compares both directions with protobuf-es on seeded random and crafted frames).
  */
 import { toBinary } from "@bufbuild/protobuf";
-import { getTextEncoding, WireType } from "@bufbuild/protobuf/wire";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { AgentStreamRequestSchema, AgentStreamResponseSchema, type AgentStreamRequest, type AgentStreamResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { OutputChunk, OutputStream, SignedTask, TaskState, TaskStatus } from "../gen/rexmesh/v1/task_pb.js";
-import { countElements, decodeBounded, MAX_MESSAGE_ELEMENTS } from "./decode-budget.js";
-import { isInt32, isUint53, ProtoWriter } from "./proto-wire.js";
-
-/** Thrown inside the hand decoder and encoder when they leave a frame to protobuf-es; never escapes this module. */
-const LEAVE = new Error("left to protobuf-es");
-
-const VARINT = WireType.Varint;
-const LEN = WireType.LengthDelimited;
-
-/** A reader over one frame: positions, and the elements counted as decode-budget's walk counts them (every tag, nested ones too). */
-class Reader {
-  pos = 0;
-  elements = 0;
-  constructor(readonly buf: Uint8Array) {}
-
-  /** A tag: field number × 8 + wire type, as a number (at most 5 bytes, within uint32). */
-  tag(): number {
-    if (++this.elements > MAX_MESSAGE_ELEMENTS) throw LEAVE;
-    return this.uint32();
-  }
-
-  /** A varint of at most 5 bytes whose value fits 32 bits, as an unsigned number: what protobuf-es's uint32 reads for it. */
-  uint32(): number {
-    const buf = this.buf;
-    let p = this.pos;
-    let b = buf[p++]!;
-    if (b < 0x80) {
-      if (p > buf.length) throw LEAVE;
-      this.pos = p;
-      return b;
-    }
-    let v = b & 0x7f;
-    for (let shift = 7; shift < 28; shift += 7) {
-      b = buf[p++]!;
-      v |= (b & 0x7f) << shift;
-      if (b < 0x80) {
-        if (p > buf.length) throw LEAVE;
-        this.pos = p;
-        return v >>> 0;
-      }
-    }
-    b = buf[p++]!;
-    // A fifth byte with more than the top 4 bits, or a longer varint: protobuf-es's own rules apply.
-    if (b > 0x0f || p > buf.length) throw LEAVE;
-    this.pos = p;
-    return (v | (b << 28)) >>> 0;
-  }
-
-  /** A varint of at most 7 bytes (below 2^49), as a number: a 64-bit field's value that protobuf-es makes a bigint of. */
-  uint49(): number {
-    const buf = this.buf;
-    let p = this.pos;
-    let v = 0;
-    for (let mul = 1; mul < 2 ** 49; mul *= 0x80) {
-      const b = buf[p++]!;
-      v += (b & 0x7f) * mul;
-      if (b < 0x80) {
-        if (p > buf.length) throw LEAVE;
-        this.pos = p;
-        return v;
-      }
-    }
-    throw LEAVE;
-  }
-
-  /** A bool written as one byte (what every encoder writes): protobuf-es reads any non-zero varint as true. */
-  bool(): boolean {
-    const b = this.buf[this.pos++]!;
-    if (b >= 0x80 || this.pos > this.buf.length) throw LEAVE;
-    return b !== 0;
-  }
-
-  /** A length-delimited field's bounds, within `end`. */
-  span(end: number): number {
-    const len = this.uint32();
-    const to = this.pos + len;
-    if (to > end) throw LEAVE;
-    return to;
-  }
-
-  /** UTF-8 text, validated as protobuf-es validates a proto3 string (through the same codec); invalid text is left to it. */
-  string(end: number): string {
-    const to = this.span(end);
-    const buf = this.buf;
-    const from = this.pos;
-    this.pos = to;
-    if (to - from <= 64) {
-      let s = "";
-      for (let i = from; i < to; i++) {
-        const c = buf[i]!;
-        if (c > 0x7f) return decodeText(buf.subarray(from, to));
-        s += String.fromCharCode(c);
-      }
-      return s;
-    }
-    return decodeText(buf.subarray(from, to));
-  }
-}
-
-function decodeText(bytes: Uint8Array): string {
-  try {
-    return getTextEncoding().decodeUtf8(bytes, true);
-  } catch {
-    throw LEAVE;
-  }
-}
+import { decodeByHand, EMPTY, LEAVE, LEN, noUnknown, readByHand, Reader, readTimestamp, uint32, uint64, VARINT, writeByHand } from "./hand-wire.js";
+import { isInt32, ProtoWriter } from "./proto-wire.js";
 
 /** A host's frame, decoded as `decodeBounded(AgentStreamRequestSchema, bytes)` decodes it (and refused where it refuses it). */
 export function decodeAgentRequest(bytes: Uint8Array): AgentStreamRequest {
-  // An element takes two bytes or more, so only a frame this long can be over the budget: it is
-  // counted first, as decodeBounded does, and refused before any object is made (the hand reader
-  // would notice only at element 1,000,001: an attack review measured 4.1 s and 723 MiB to refuse
-  // one, against 0.1 s and 4 MiB).
-  if (bytes.length >= 2 * MAX_MESSAGE_ELEMENTS && countElements(AgentStreamRequestSchema, bytes) === Infinity) return decodeBounded(AgentStreamRequestSchema, bytes);
-  return readAgentRequest(bytes) ?? decodeBounded(AgentStreamRequestSchema, bytes);
+  return decodeByHand(AgentStreamRequestSchema, bytes, readRequest);
 }
 
 /** The hand decoder alone: the frame, or undefined where it leaves the frame to protobuf-es. */
 export function readAgentRequest(bytes: Uint8Array): AgentStreamRequest | undefined {
-  try {
-    return readRequest(new Reader(bytes));
-  } catch {
-    // Left to protobuf-es (LEAVE), or anything unforeseen: protobuf-es judges the frame.
-    return undefined;
-  }
+  return readByHand(bytes, readRequest);
 }
 
 function readRequest(r: Reader): AgentStreamRequest {
@@ -166,9 +50,9 @@ function readRequest(r: Reader): AgentStreamRequest {
     $typeName: "rexmesh.v1.AgentStreamRequest",
     statuses: [],
     output: [],
-    presenceProof: new Uint8Array(0),
-    presenceNonce: new Uint8Array(0),
-    presenceSalt: new Uint8Array(0),
+    presenceProof: EMPTY,
+    presenceNonce: EMPTY,
+    presenceSalt: EMPTY,
     ping: 0,
     pong: 0,
     events: [],
@@ -185,13 +69,13 @@ function readRequest(r: Reader): AgentStreamRequest {
         msg.credits = r.uint32();
         break;
       case (5 << 3) | LEN:
-        msg.presenceProof = readBytes(r, end);
+        msg.presenceProof = r.bytes(end);
         break;
       case (6 << 3) | LEN:
-        msg.presenceNonce = readBytes(r, end);
+        msg.presenceNonce = r.bytes(end);
         break;
       case (7 << 3) | LEN:
-        msg.presenceSalt = readBytes(r, end);
+        msg.presenceSalt = r.bytes(end);
         break;
       case (8 << 3) | VARINT:
         msg.ping = r.uint32();
@@ -207,20 +91,14 @@ function readRequest(r: Reader): AgentStreamRequest {
   return msg;
 }
 
-function readBytes(r: Reader, end: number): Uint8Array {
-  const to = r.span(end);
-  const from = r.pos;
-  r.pos = to;
-  return r.buf.subarray(from, to);
-}
-
-/** A message field's end: its bytes must close exactly there (protobuf-es reads on past a short one; left to it). */
-function closes(r: Reader, to: number): void {
-  if (r.pos !== to) throw LEAVE;
-}
-
-function readStatus(r: Reader, to: number): TaskStatus {
-  const s: TaskStatus = {
+/**
+ * An empty status: what `create(TaskStatusSchema)` makes (the same keys in
+ * the same order; its empty bytes fields the shared {@link EMPTY}), without
+ * its reflection. Fields set on it later keep that order; a time or an exit
+ * code, absent here, is added last, as protobuf-es adds it.
+ */
+export function newTaskStatus(): TaskStatus {
+  return {
     $typeName: "rexmesh.v1.TaskStatus",
     taskId: "",
     state: 0,
@@ -230,13 +108,17 @@ function readStatus(r: Reader, to: number): TaskStatus {
     outputTruncated: false,
     hostId: "",
     atProxy: false,
-    signature: new Uint8Array(0),
+    signature: EMPTY,
     keyId: "",
-    outputSha256: new Uint8Array(0),
+    outputSha256: EMPTY,
     outputBytes: 0n,
-    endMac: new Uint8Array(0),
+    endMac: EMPTY,
     endMacKeyId: "",
   };
+}
+
+function readStatus(r: Reader, to: number): TaskStatus {
+  const s = newTaskStatus();
   while (r.pos < to) {
     switch (r.tag()) {
       case (1 << 3) | LEN:
@@ -272,19 +154,19 @@ function readStatus(r: Reader, to: number): TaskStatus {
         s.atProxy = r.bool();
         break;
       case (11 << 3) | LEN:
-        s.signature = readBytes(r, to);
+        s.signature = r.bytes(to);
         break;
       case (12 << 3) | LEN:
         s.keyId = r.string(to);
         break;
       case (13 << 3) | LEN:
-        s.outputSha256 = readBytes(r, to);
+        s.outputSha256 = r.bytes(to);
         break;
       case (14 << 3) | VARINT:
         s.outputBytes = BigInt(r.uint49());
         break;
       case (15 << 3) | LEN:
-        s.endMac = readBytes(r, to);
+        s.endMac = r.bytes(to);
         break;
       case (16 << 3) | LEN:
         s.endMacKeyId = r.string(to);
@@ -293,30 +175,12 @@ function readStatus(r: Reader, to: number): TaskStatus {
         throw LEAVE;
     }
   }
-  closes(r, to);
+  r.closes(to);
   return s;
 }
 
-function readTimestamp(r: Reader, to: number): Timestamp {
-  const t: Timestamp = { $typeName: "google.protobuf.Timestamp", seconds: 0n, nanos: 0 };
-  while (r.pos < to) {
-    switch (r.tag()) {
-      case (1 << 3) | VARINT:
-        t.seconds = BigInt(r.uint49());
-        break;
-      case (2 << 3) | VARINT:
-        t.nanos = r.uint32() | 0;
-        break;
-      default:
-        throw LEAVE;
-    }
-  }
-  closes(r, to);
-  return t;
-}
-
 function readChunk(r: Reader, to: number): OutputChunk {
-  const c: OutputChunk = { $typeName: "rexmesh.v1.OutputChunk", taskId: "", seq: 0n, stream: 0, data: new Uint8Array(0), hostId: "" };
+  const c: OutputChunk = { $typeName: "rexmesh.v1.OutputChunk", taskId: "", seq: 0n, stream: 0, data: EMPTY, hostId: "" };
   while (r.pos < to) {
     switch (r.tag()) {
       case (1 << 3) | LEN:
@@ -329,7 +193,7 @@ function readChunk(r: Reader, to: number): OutputChunk {
         c.stream = (r.uint32() | 0) as OutputStream;
         break;
       case (4 << 3) | LEN:
-        c.data = readBytes(r, to);
+        c.data = r.bytes(to);
         break;
       case (5 << 3) | LEN:
         c.hostId = r.string(to);
@@ -338,13 +202,35 @@ function readChunk(r: Reader, to: number): OutputChunk {
         throw LEAVE;
     }
   }
-  closes(r, to);
+  r.closes(to);
   return c;
 }
 
 // ---- down: the proxy's frames to a host ------------------------------------
 
 const writer = new ProtoWriter();
+
+/**
+ * An empty frame to a host: what `create(AgentStreamResponseSchema)` makes
+ * (the same keys in the same order), without its reflection — a host link's
+ * coalescer starts one for every frame it sends.
+ */
+export function newAgentResponse(): AgentStreamResponse {
+  return {
+    $typeName: "rexmesh.v1.AgentStreamResponse",
+    tasks: [],
+    cancelTaskIds: [],
+    outputAcks: [],
+    statusAcks: [],
+    signingKeys: [],
+    withdrawTaskIds: [],
+    presenceNonce: EMPTY,
+    ping: 0,
+    pong: 0,
+    sessions: [],
+    eventAcks: [],
+  };
+}
 
 /** A frame to a host, as `toBinary(AgentStreamResponseSchema, msg)` encodes it (and refused where it refuses it). */
 export function encodeAgentResponse(msg: AgentStreamResponse): Uint8Array {
@@ -353,32 +239,12 @@ export function encodeAgentResponse(msg: AgentStreamResponse): Uint8Array {
 
 /** The hand encoder alone: the frame's bytes, or undefined where it leaves the frame to protobuf-es. */
 export function writeAgentResponse(msg: AgentStreamResponse): Uint8Array | undefined {
-  if (!handWritable(msg)) return undefined;
-  try {
-    return writeResponse(msg);
-  } catch {
-    // A value the hand encoder does not write (LEAVE): protobuf-es encodes it, or refuses it.
-    return undefined;
-  }
+  return handWritable(msg) ? writeByHand(msg, writeResponse) : undefined;
 }
-
-const noUnknown = (m: { $unknown?: unknown[] }): boolean => !m.$unknown?.length;
 
 /** Whether the frame holds only what the hand encoder writes (values are checked as they are written). */
 function handWritable(msg: AgentStreamResponse): boolean {
   return msg.welcome === undefined && msg.signingKeys.length === 0 && msg.sessions.length === 0 && noUnknown(msg);
-}
-
-/** A uint32 value, as protobuf-es accepts it (anything else is left to it, which refuses it). */
-function uint32(n: number): number {
-  if (!(isUint53(n) && n <= 0xffffffff)) throw LEAVE;
-  return n;
-}
-
-/** A uint64 given as a bigint within a safe integer (what rexmesh sends); anything else is left to protobuf-es. */
-function uint64(n: bigint): number {
-  if (typeof n !== "bigint" || n < 0n || n > BigInt(Number.MAX_SAFE_INTEGER)) throw LEAVE;
-  return Number(n);
 }
 
 function writeResponse(msg: AgentStreamResponse): Uint8Array {

@@ -192,14 +192,7 @@ class TaskHeld {
     const from = this.head;
     while (this.head < this.chunks.length && this.chunks[this.head]!.seq <= seq) this.head++;
     const taken = this.chunks.slice(from, this.head);
-    // The acknowledged front is cut off once it is most of the array: amortized, each chunk is moved about once.
-    if (this.head === this.chunks.length) {
-      this.chunks = [];
-      this.head = 0;
-    } else if (this.head > 64 && this.head * 2 > this.chunks.length) {
-      this.chunks = this.chunks.slice(this.head);
-      this.head = 0;
-    }
+    ({ items: this.chunks, head: this.head } = cutFront(this.chunks, this.head));
     return taken;
   }
 
@@ -369,4 +362,15 @@ export class MemoryBacklog implements Backlog {
     const entries = [...this.items].map(([key, item]) => ({ n: this.held.numberOf(key)!, item }));
     return takeAfter(entries, after, maxBytes);
   }
+}
+
+/**
+ * An array read from the front by an index (`head`), without a shift() per
+ * item: the front already read is cut off once it is most of the array, so
+ * each item is moved about once, amortized.
+ */
+export function cutFront<T>(items: T[], head: number): { items: T[]; head: number } {
+  if (head === items.length) return { items: [], head: 0 };
+  if (head > 64 && head * 2 > items.length) return { items: items.slice(head), head: 0 };
+  return { items, head };
 }

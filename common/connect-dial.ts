@@ -3,10 +3,11 @@ import { isIP } from "node:net";
 import type http2 from "node:http2";
 import tls from "node:tls";
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { Http2SessionManager } from "@connectrpc/connect-node";
 import type { Credentials } from "../certs/files.js";
 import type { Role } from "../certs/identity.js";
 import { clientTlsOptions } from "../certs/tls.js";
+import { createHandCodecTransport } from "./connect-hand-transport.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { formatDuration } from "./duration.js";
 import { LIMITS } from "./limits.js";
@@ -67,8 +68,9 @@ export function openChannel(address: string, creds: Credentials, serverRoles: re
     { pingIntervalMs, pingTimeoutMs, idleConnectionTimeoutMs: 2 ** 31 - 1 },
     { ...tlsOptions, createConnection: (authority: URL) => dialTls(authority, address, tlsOptions, connectTimeoutMs) },
   );
-  // No compression: gzip of task and result frames cost more CPU than the link saves (docs/transport.md).
-  const transport = createGrpcTransport({ baseUrl: url, sessionManager: sessions, readMaxBytes: MAX_MESSAGE_BYTES, writeMaxBytes: MAX_MESSAGE_BYTES, acceptCompression: [] });
+  // No compression: gzip of task and result frames cost more CPU than the link saves (docs/transport.md). The
+  // controller link's frames are read and written by hand at the proxy (common/connect-hand-transport.ts).
+  const transport = createHandCodecTransport({ baseUrl: url, sessionManager: sessions, readMaxBytes: MAX_MESSAGE_BYTES, writeMaxBytes: MAX_MESSAGE_BYTES });
   return { transport, close: (reason) => sessions.abort(reason) };
 }
 

@@ -14,11 +14,11 @@ import { systemClock, type Clock } from "./clock.js";
 import { MAX_MESSAGE_BYTES } from "./coalescer.js";
 import { LIMITS } from "./limits.js";
 import type { Logger } from "./logger.js";
-import { pathOf, type Call, type DeclarationTable, type Grant } from "./rpc-access.js";
+import { admitIdentity, pathOf, type Call, type DeclarationTable, type Grant } from "./rpc-access.js";
 import { boundRequestArrival, failingOnAbort } from "./request-arrival.js";
 import { isDecodeFailure, toConnectError } from "./rpc-errors.js";
 import { mapUndecodableRequests } from "./undecodable-request.js";
-import { countingRequests } from "./counted-request.js";
+import { countingRequests, gatingRequests } from "./counted-request.js";
 
 /** The verified identity of the caller, set for every request from its TLS connection. */
 export const peerKey = createContextKey<PeerIdentity | undefined>(undefined, { description: "rexmesh peer" });
@@ -145,6 +145,34 @@ export function createRpcHandler(opts: RpcHandlerOptions & { callerOf: (req: htt
     const peer = req.contextValues?.get(peerKey);
     opts.log.warn("malformed request refused", { method: pathOf(method), peer: peer ? formatIdentity(peer) : "unidentified", code: err.code, err });
   };
+  /**
+   * A unary request's body is decoded before the boundary sees it (connect-es passes the boundary a message). A caller
+   * whom no request could admit — no identity, revoked, or a role the method does not take — is refused here first,
+   * by the same decision (so audited as the boundary audits it), before its body is read: a host certificate must not
+   * make the controller inflate and parse 16 MiB for a method it may never call. Streams are decided before their
+   * first message anyway.
+   */
+  const unaryGate = (method: DescMethod) => {
+    const declared = opts.declarations.get(method);
+    if (!declared || "open" in declared.declaration || method.methodKind !== "unary") return undefined;
+    return async (req: UniversalServerRequest): Promise<void> => {
+      const call = { declared, peer: req.contextValues?.get(peerKey), revoked: req.contextValues?.get(revokedKey) ?? false };
+      try {
+        admitIdentity(call);
+        return;
+      } catch {
+        // Refused whatever the request: decided (and audited) as the boundary would, without it.
+      }
+      try {
+        await opts.decide({ ...call, request: undefined });
+      } catch (err) {
+        const wire = toConnectError(err);
+        opts.log.info("request refused", { method: pathOf(method), peer: call.peer ? formatIdentity(call.peer) : "unidentified", code: wire.code, err, before: "its body was read" });
+        throw wire;
+      }
+      throw new PermissionDeniedError("internal: a caller refused by identity was allowed by the decision");
+    };
+  };
   const handler = connectNodeAdapter({
     // A JSON field the message does not have is refused (INVALID_ARGUMENT, naming it), not dropped: connect-es ignores
     // them by default, and a misspelt "hostIDs" would then be a request without its target.
@@ -154,7 +182,9 @@ export function createRpcHandler(opts: RpcHandlerOptions & { callerOf: (req: htt
       served = router.handlers.map((h) => h.method);
       opts.declarations.requireDeclared(served);
       router.handlers.forEach((h, i) => {
-        router.handlers[i] = mapUndecodableRequests(boundRequestArrival(countingRequests(h), { maxMs: LIMITS.requestArrivalMs, clock }), refusedUndecodable(h.method));
+        const gate = unaryGate(h.method);
+        const counted = countingRequests(h);
+        router.handlers[i] = mapUndecodableRequests(boundRequestArrival(gate ? gatingRequests(counted, gate) : counted, { maxMs: LIMITS.requestArrivalMs, clock }), refusedUndecodable(h.method));
       });
     },
     interceptors: [boundaryInterceptor(opts)],

@@ -1,7 +1,6 @@
 import { type DescMessage, type DescMethodBiDiStreaming, type DescMethodUnary, type MessageShape } from "@bufbuild/protobuf";
 import { decodeBounded } from "./decode-budget.js";
-import { decodeAgentRequest, encodeAgentResponse } from "./agent-link-wire.js";
-import { AgentStreamRequestSchema, AgentStreamResponseSchema } from "../gen/rexmesh/v1/agent_link_pb.js";
+import { handDecoderOf, handEncoderOf } from "./hand-codecs.js";
 import * as grpc from "@grpc/grpc-js";
 import { createServer, type Socket } from "node:net";
 import type { PeerCertificate } from "node:tls";
@@ -237,10 +236,10 @@ class Connections {
  * grpc-js's serializer for a message type: the encoding as a Buffer view (not
  * a copy: grpc-js copies it into its frame anyway), output chunks in their
  * wire form (common/output-wire.ts), by hand where a hand encoder is
- * registered (handCodecs).
+ * registered (common/hand-codecs.ts).
  */
 function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => Buffer {
-  const encode = (handCodecs.get(schema)?.encode as ((m: MessageShape<D>) => Uint8Array) | undefined) ?? encodeWithWireOutput(schema);
+  const encode = handEncoderOf(schema) ?? encodeWithWireOutput(schema);
   return (m) => {
     const u8 = encode(m);
     return Buffer.from(u8.buffer, u8.byteOffset, u8.byteLength);
@@ -249,18 +248,8 @@ function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => B
 
 /** grpc-js's deserializer for a message type: bounded (decodeBounded), by hand where a hand decoder is registered. */
 function deserializer<D extends DescMessage>(schema: D): (b: Buffer) => MessageShape<D> {
-  const decode = handCodecs.get(schema)?.decode as ((b: Uint8Array) => MessageShape<D>) | undefined;
-  return decode ?? ((b) => decodeBounded(schema, b));
+  return handDecoderOf(schema) ?? ((b) => decodeBounded(schema, b));
 }
-
-/**
- * Message types read or written by hand, exactly as protobuf-es does
- * (common/agent-link-wire.ts): the host link's frames at the proxy.
- */
-const handCodecs = new Map<DescMessage, { encode?: (m: never) => Uint8Array; decode?: (b: Uint8Array) => unknown }>([
-  [AgentStreamRequestSchema, { decode: decodeAgentRequest }],
-  [AgentStreamResponseSchema, { encode: encodeAgentResponse }],
-]);
 
 function addLinkMethod(server: grpc.Server, { method, serve }: LinkHandler, connections: Connections): void {
   type In = MessageShape<typeof method.input>;

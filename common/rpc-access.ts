@@ -162,16 +162,24 @@ export interface Grant {
  * and the rule that admits it.
  */
 export function admit(call: Call): { peer: PeerIdentity; operator?: OperatorRule; peerRule?: PeerRule } {
+  const admitted = admitIdentity(call);
+  admitted.peerRule?.check?.(admitted.peer, call.request);
+  return admitted;
+}
+
+/**
+ * What {@link admit} decides without the request: who the caller is, not
+ * revoked, with a role the declaration accepts. A caller it refuses is
+ * refused whatever it asks, so a server may ask it before reading a body.
+ */
+export function admitIdentity(call: Omit<Call, "request">): { peer: PeerIdentity; operator?: OperatorRule; peerRule?: PeerRule } {
   const d = call.declared.declaration;
   if ("open" in d) throw new PermissionDeniedError("internal: an open method is not admitted by identity");
   const peer = call.peer;
   if (!peer) throw new UnauthenticatedError("the client certificate names no rexmesh identity");
   if (call.revoked) throw new PermissionDeniedError("this certificate's identity has been revoked");
   if (peer.role === "operator" && d.operator) return { peer, operator: d.operator };
-  if (peer.role !== "operator" && d.peer?.roles.includes(peer.role)) {
-    d.peer.check?.(peer, call.request);
-    return { peer, peerRule: d.peer };
-  }
+  if (peer.role !== "operator" && d.peer?.roles.includes(peer.role)) return { peer, peerRule: d.peer };
   const accepted = [...(d.operator ? ["operator"] : []), ...(d.peer?.roles ?? [])];
   const article = /^[aeiou]/.test(peer.role) ? "an" : "a";
   throw new PermissionDeniedError(

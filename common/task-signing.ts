@@ -12,6 +12,7 @@ import { SessionOrderSchema, SignedSessionOrderSchema, type SessionOrder, type S
 import type { HostFacts } from "../gen/rexmesh/v1/host_pb.js";
 import type { Clock } from "./clock.js";
 import { buildTree, leafHash, proofOf, rootFromProof, rootOf, SALT_BYTES } from "./merkle.js";
+import { readByHand } from "./hand-wire.js";
 import { varintSize, writeVarint } from "./proto-wire.js";
 
 /** The bytes the controller's certificate key endorses: key id, public key and expiry, unambiguously framed. */
@@ -259,41 +260,38 @@ export class SpecDecoder {
 
   peek(task: SignedTask): TaskSpec | undefined {
     const bytes = task.spec;
-    const at = idsEnd(bytes);
-    if (at > 0) {
-      const rest = Buffer.from(bytes.buffer, bytes.byteOffset + at, bytes.length - at);
+    const ids = leadingIds(bytes);
+    if (ids) {
+      const rest = Buffer.from(bytes.buffer, bytes.byteOffset + ids.at, bytes.length - ids.at);
       // Decoded from the task's own bytes, so its bytes fields are of the same kind as a whole decode's.
-      if (!this.last || !this.last.rest.equals(rest)) this.last = { rest, part: jobPart(bytes.subarray(at)) };
+      if (!this.last || !this.last.rest.equals(rest)) this.last = { rest, part: jobPart(bytes.subarray(ids.at)) };
       const part = this.last.part;
-      if (part) {
-        try {
-          const ids = fromBinary(TaskSpecSchema, bytes.subarray(0, at));
-          return { ...part, taskId: ids.taskId, hostId: ids.hostId };
-        } catch {
-          return undefined;
-        }
-      }
+      if (part) return { ...part, taskId: ids.taskId, hostId: ids.hostId };
     }
     return peekSpec(task);
   }
 }
 
 /**
- * Where a spec's leading task_id and host_id fields (SpecEncoder's ids, in
- * that order) end; 0 when it does not start with task_id. Each id is passed
- * over by its tag and length (BinaryReader.skip); its text is read later.
+ * A spec's leading task_id and host_id fields (SpecEncoder's ids, in that
+ * order), read by hand as protobuf-es reads them, and where they end;
+ * undefined when it does not start with task_id, or for anything the hand
+ * reader leaves to protobuf-es (text that is not plain UTF-8, an unusual
+ * varint, a field cut short): the spec is then decoded whole.
  */
-function idsEnd(bytes: Uint8Array): number {
-  if (bytes[0] !== TASK_ID_TAG) return 0;
-  try {
-    const r = new BinaryReader(bytes);
-    const skipField = () => r.skip(r.tag()[1]);
-    skipField();
-    if (r.pos < r.len && bytes[r.pos] === HOST_ID_TAG) skipField();
-    return r.pos <= bytes.length ? r.pos : 0;
-  } catch {
-    return 0;
-  }
+function leadingIds(bytes: Uint8Array): { at: number; taskId: string; hostId: string } | undefined {
+  if (bytes[0] !== TASK_ID_TAG) return undefined;
+  return readByHand(bytes, (r) => {
+    const end = bytes.length;
+    r.tag();
+    const taskId = r.string(end);
+    let hostId = "";
+    if (r.pos < end && bytes[r.pos] === HOST_ID_TAG) {
+      r.tag();
+      hostId = r.string(end);
+    }
+    return { at: r.pos, taskId, hostId };
+  });
 }
 
 /** A job's part of a spec, decoded; undefined if it does not decode or names a task or host itself (it cannot be shared). */

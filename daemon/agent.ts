@@ -198,7 +198,8 @@ let lastTurn: Promise<void> = Promise.resolve();
  * event loop, across every host this process serves. Spawning forks the
  * daemon, which takes milliseconds; two hundred tasks starting at once
  * would otherwise hold the event loop for seconds, and with it every
- * status, heartbeat and ack of every host's stream.
+ * status, heartbeat and ack of every host's stream. Not needed when the
+ * executor starts steps through the spawner (a frame written, no fork).
  */
 function spawnTurn(): Promise<void> {
   const turn = lastTurn.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
@@ -823,7 +824,7 @@ export class Agent implements RoleCore {
         record: (seq) => this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, seq)),
       });
       this.outputs.set(taskId, output);
-      await spawnTurn();
+      if (this.opts.executor.forksDaemon !== false) await spawnTurn();
       // The task learns who and what it is; these names cannot be overridden by the job.
       const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: taskId, REXMESH_JOB_ID: spec.jobId };
       const digest = new OutputDigest();

@@ -6,12 +6,10 @@
  * reaches whatever the command started (pipelines, `cmd &`, daemons that
  * forgot to detach) and a finished task leaves nothing running behind it.
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Readable } from "node:stream";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import type { Clock, Timer } from "../common/clock.js";
 import { isDigest, verifyFile } from "../common/digest.js";
@@ -21,6 +19,8 @@ import { baseDirProblem, putFile, relativePathProblem } from "./file-put.js";
 import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputCoalescer, type FlushScheduler } from "./output-coalescer.js";
+import { directLauncher, type LaunchedStep, type Launcher, type StepEvents } from "./launcher.js";
+import { describeCleanup, endMarkedProcesses, groupRef, type GroupRef } from "./orphans.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
@@ -61,6 +61,11 @@ export interface ExecutorOptions {
   outputDelayMs?: number;
   /** Arms the output flush timer; tests of the coalescing inject it. Default: a real timer. */
   outputFlushScheduler?: FlushScheduler;
+  /**
+   * Starts the steps' processes. Default: in this process (directLauncher);
+   * a daemon passes its spawner (daemon/spawner.ts), so that it is not forked per step.
+   */
+  launcher?: Launcher;
 }
 
 /**
@@ -78,7 +83,7 @@ export interface OutputSink {
 
 /** How a task ended, in the terms of `TaskStatus`. */
 export interface TaskOutcome {
-  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED. */
+  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED, or INTERRUPTED when the spawner lost the process (daemon/spawner.ts). */
   state: TaskState;
   /** Exit code of the last step that ran, when it exited normally. */
   exitCode?: number;
@@ -163,6 +168,7 @@ interface ResolvedOptions {
   fetchArtifact: ArtifactFetcher | undefined;
   programs: Readonly<Record<string, string>>;
   updater: Pick<Updater, "prepare" | "abandoned"> | undefined;
+  launcher: Launcher;
 }
 
 /**
@@ -199,7 +205,13 @@ export class Executor {
       outputChunkBytes,
       outputDelayMs,
       outputFlushScheduler: opts.outputFlushScheduler,
+      launcher: opts.launcher ?? directLauncher,
     };
+  }
+
+  /** True when starting a step forks the daemon (no spawner): the agent then starts one step per event-loop turn. */
+  get forksDaemon(): boolean {
+    return this.opts.launcher.forksCaller;
   }
 
   /**
@@ -227,7 +239,7 @@ interface StepExit {
   code: number | null;
   signal: string | null;
 }
-type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined };
+type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined } | { kind: "lost"; message: string };
 
 /**
  * A step as it will run: a process; a staged process, whose files (written
@@ -338,6 +350,12 @@ class TaskRun {
         result = await this.runStep(step.argv, env, cwd);
       }
       const stop = this.stopped();
+      if (result.kind === "lost") {
+        // Output may be missing: the task says so, whatever ended it.
+        this.truncated = true;
+        if (stop) return this.outcome(stop.state, `${stop.message}; ${result.message}`);
+        return this.outcome(TaskState.INTERRUPTED, `${prefix(step)}${result.message}; not run again`);
+      }
       if (result.kind === "failed") {
         if (stop) return this.outcome(stop.state, stop.message);
         // A directory removed after the check makes spawn report ENOENT for
@@ -505,27 +523,15 @@ class TaskRun {
    * live member left in its process group.
    */
   private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
-    const { clock, killGraceMs } = this.opts;
+    const { clock, killGraceMs, launcher } = this.opts;
     const program = argv[0] as string;
     return new Promise<StepResult>((resolve) => {
-      let child: ChildProcess;
-      try {
-        child = spawn(program, argv.slice(1), {
-          cwd: cwd === "" ? undefined : cwd,
-          env,
-          detached: true,
-          stdio: ["pipe", "pipe", "pipe"],
-        });
-      } catch (err) {
-        // Invalid arguments (e.g. a NUL byte in argv or env) throw synchronously.
-        resolve({ kind: "failed", message: `spawn failed: ${errorText(err)}`, code: errorCode(err) });
-        return;
-      }
-      const stdin = child.stdin!;
-      const stdout = child.stdout!;
-      const stderr = child.stderr!;
-      const pid = child.pid;
-
+      /** Set once the process runs; it is also its process group id. */
+      let pid: number | undefined;
+      /** The group as a restarted daemon would know it (leader's start time: a pid may be reused), for a lost step. */
+      let group: GroupRef | undefined;
+      /** The launched step; undefined until launch returns. */
+      let proc: LaunchedStep | undefined;
       let exit: { code: number | null; signal: string | null } | undefined;
       let stdoutClosed = false;
       let stderrClosed = false;
@@ -579,8 +585,7 @@ class TaskRun {
           // pipes now; it is out of reach, so stop waiting for its output.
           drainTimer = clock.setTimeout(() => {
             drainTimer = undefined;
-            stdout.destroy();
-            stderr.destroy();
+            proc?.destroyOutput();
           }, killGraceMs);
         }
         endStepIfDone();
@@ -592,15 +597,10 @@ class TaskRun {
        */
       const applyFlow = () => {
         const flow = this.io.flow;
-        if (flow === undefined) return;
+        if (flow === undefined || proc === undefined) return;
         // Paused, what is gathered will not grow for a while: it goes out now rather than after the delay.
         if (!terminating && exit === undefined && flow.paused()) this.coalescer.flush();
-        const hold = !terminating && exit === undefined && flow.paused();
-        for (const stream of [stdout, stderr]) {
-          if (stream.destroyed) continue;
-          if (hold) stream.pause();
-          else if (stream.isPaused()) stream.resume();
-        }
+        proc.hold(!terminating && exit === undefined && flow.paused());
       };
 
       const terminate = () => {
@@ -617,68 +617,77 @@ class TaskRun {
         killTimer = clock.setTimeout(escalate, killGraceMs);
       };
 
-      const pipe = (stream: Readable, tag: OutputStream, onClose: () => void) => {
-        stream.on("data", (buf: Buffer) => {
-          this.addOutput(tag, buf);
-          applyFlow();
-        });
-        // A read error is followed by 'close'; the handler only keeps it from
-        // becoming an uncaught exception.
-        stream.on("error", () => {});
-        stream.on("close", () => {
-          onClose();
-          endStepIfDone();
-        });
+      /**
+       * The launcher lost the process (its spawner died): how it ends and
+       * what else it wrote cannot be known. What is left of it is ended
+       * (its group, and any process carrying the task's marker), and the
+       * step ends saying so.
+       */
+      const lose = (reason: string) => {
+        if (stepEnded) return;
+        killTimer?.cancel();
+        pollTimer?.cancel();
+        drainTimer?.cancel();
+        const taskId = env.REXMESH_TASK_ID;
+        const groups = group === undefined ? [] : [group];
+        const marker = taskId === undefined ? "" : `REXMESH_TASK_ID=${taskId}`;
+        const ended = groups.length === 0 && marker === "" ? Promise.resolve(undefined) : endMarkedProcesses(marker, groups, clock, killGraceMs);
+        ended
+          .catch(() => undefined)
+          .then((cleanup) => {
+            const what = pid === undefined ? "before it was known to have started" : `while its process ${pid} ran`;
+            endStep({ kind: "lost", message: `${reason} ${what}: its exit and any output not yet received are unknown${cleanup ? `; ${describeCleanup(cleanup)}` : ""}` });
+          }, () => {});
       };
-      pipe(stdout, OutputStream.STDOUT, () => (stdoutClosed = true));
-      pipe(stderr, OutputStream.STDERR, () => (stderrClosed = true));
+
+      const events: StepEvents = {
+        spawned: (p) => {
+          pid = p;
+          group = groupRef(p);
+          this.terminateCurrent = terminate;
+          this.applyFlowCurrent = applyFlow;
+          if (this.stop) {
+            terminate();
+            return;
+          }
+          try {
+            this.io.onStart?.(p);
+          } catch (err) {
+            this.requestStop({ state: TaskState.FAILED, message: `start callback failed: ${errorText(err)}` });
+          }
+        },
+        failed: (f) => {
+          if (f.sync) {
+            // Invalid arguments (e.g. a NUL byte in argv or env).
+            endStep({ kind: "failed", message: `spawn failed: ${f.message}`, code: f.code });
+            return;
+          }
+          endStep({ kind: "failed", message: f.code ? `spawn ${f.code}: ${program}` : `spawn failed: ${program}: ${f.message}`, code: f.code });
+        },
+        data: (stream, buf) => {
+          this.addOutput(stream, buf);
+          applyFlow();
+        },
+        closed: (stream) => {
+          if (stream === OutputStream.STDOUT) stdoutClosed = true;
+          else stderrClosed = true;
+          endStepIfDone();
+        },
+        exited: (code, signal) => {
+          exit = { code, signal };
+          // What is left in the pipes was written by processes that are gone,
+          // or leftovers about to be terminated: read it so the step can end.
+          applyFlow();
+          // Members still holding the pipes would keep the step open forever.
+          if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
+          else terminate();
+          endStepIfDone();
+        },
+        lost: lose,
+      };
+      proc = launcher.launch({ program, args: argv.slice(1), cwd: cwd === "" ? undefined : cwd, env, stdin: this.spec.stdin }, events);
+      if (stepEnded) return;
       applyFlow();
-
-      child.on("error", (err) => {
-        // Only spawn failures leave pid unset; the executor never uses
-        // child.kill, so no other 'error' concerns the outcome.
-        if (child.pid !== undefined) return;
-        stdin.destroy();
-        stdout.destroy();
-        stderr.destroy();
-        const code = errorCode(err);
-        endStep({
-          kind: "failed",
-          message: code ? `spawn ${code}: ${program}` : `spawn failed: ${program}: ${errorText(err)}`,
-          code,
-        });
-      });
-
-      child.on("exit", (code, signal) => {
-        exit = { code, signal };
-        // What is left in the pipes was written by processes that are gone,
-        // or leftovers about to be terminated: read it so the step can end.
-        applyFlow();
-        // Members still holding the pipes would keep the step open forever.
-        if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
-        else terminate();
-        endStepIfDone();
-      });
-
-      // The child may exit without reading its input (EPIPE): that is the
-      // child's business, not a failure of the task.
-      stdin.on("error", () => {});
-      const input = this.spec.stdin;
-      if (input.length > 0) stdin.end(input);
-      else stdin.end();
-
-      if (pid === undefined) return;
-      this.terminateCurrent = terminate;
-      this.applyFlowCurrent = applyFlow;
-      if (this.stop) {
-        terminate();
-        return;
-      }
-      try {
-        this.io.onStart?.(pid);
-      } catch (err) {
-        this.requestStop({ state: TaskState.FAILED, message: `start callback failed: ${errorText(err)}` });
-      }
     });
   }
 }

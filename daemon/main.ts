@@ -17,6 +17,7 @@ import type { Logger } from "../common/logger.js";
 import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { Agent, type Dialer } from "./agent.js";
 import { Executor } from "./executor.js";
+import { Spawner } from "./spawner.js";
 import { collectFacts } from "./facts.js";
 import { detectTools } from "./tools.js";
 import { LmdbEnv } from "../common/lmdb.js";
@@ -65,6 +66,7 @@ export const daemonSchema = {
   installRoot: { type: "string", doc: "the install root this daemon runs from, set by its supervisor (rexmesh supervise); updates need it" },
   watch: { type: "string", doc: "a YAML file of watchers (service, command, file, disk) whose events this host reports, for triggers (docs/triggers.md)" },
   hideTools: { type: "list", doc: "execution tools neither reported nor run on this host, e.g. python,ansible (docs/tools.md)" },
+  spawner: { type: "bool", default: true, doc: "start tasks' processes from a small spawner process beside the daemon instead of forking the daemon for each (docs/fan-out.md); false: the daemon spawns them itself" },
 } satisfies Schema;
 
 export type DaemonConfig = Resolved<typeof daemonSchema>;
@@ -129,13 +131,16 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   const roundTrip = metrics?.histogram("link_round_trip_seconds", "round trip of a ping on this process's links, by the peer at the other end", metricsModule!.ROUND_TRIP_BUCKETS, ["peer"]);
   const sessionHosts: SessionHost[] = [];
   const hostIdentities: PeerIdentity[] = [];
+  // One spawner for every host of this process.
+  const spawner = config.spawner ? new Spawner({ clock, log: log.child({ component: "spawner" }) }) : undefined;
+  spawner?.start();
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");
     hostIdentities.push(me);
     // One executor per host: artifacts are fetched through the proxies with this host's own certificate.
     const fetchArtifact = proxyArtifactFetcher({ proxies: config.proxies!, credentials: () => readCredentials(paths), dir: join(config.data, "artifacts", me.id) });
-    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact, programs: tools.programs, updater });
+    const executor = new Executor({ clock, defaultOutputLimit: config.outputLimit, killGraceMs: config.killGrace, fetchArtifact, programs: tools.programs, updater, ...(spawner ? { launcher: spawner } : {}) });
     // A new report key whenever the certificate changed (renewal), endorsed by the new one.
     let reporter = { pem: creds.certPem, key: new HostReporter(creds, clock, me) };
     const currentReporter = () => {
@@ -222,6 +227,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       await Promise.all(renewals);
       for (const s of sessionHosts) s.stop();
       await Promise.all(agents.map((a) => a.stop(graceMs)));
+      spawner?.stop();
       await env.close();
     },
   };

@@ -101,7 +101,8 @@ function findMarkedProcesses(markerText: string, groups: readonly GroupRef[], se
     if (pid === self) continue;
     const s = readStat(pid);
     if (!alive(s)) continue;
-    if (trusted.has(s.pgid) || environMentions(pid, marker)) found.push(pid);
+    // An empty marker names nothing: only the groups count.
+    if (trusted.has(s.pgid) || (marker.length > 0 && environMentions(pid, marker))) found.push(pid);
   }
   return found;
 }

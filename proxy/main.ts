@@ -4,7 +4,6 @@ import { systemClock, type Clock } from "../common/clock.js";
 import { requireFiles, type Resolved, type Schema } from "../common/config.js";
 import { clientFor, openChannel } from "../common/connect-dial.js";
 import { openFrameLink } from "../common/connect-link.js";
-import { outputAsWireFor } from "../common/output-wire.js";
 import { createGrpcLinkServer, type LinkHandler, type UnaryHandler } from "../common/grpc-link.js";
 import { create } from "@bufbuild/protobuf";
 import { openBundle, sealBundle } from "../common/bundle.js";
@@ -22,7 +21,7 @@ import { ConfigError } from "../common/errors.js";
 import { parseHostPort, type Service } from "../common/lifecycle.js";
 import type { Logger } from "../common/logger.js";
 import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
-import { ProxyLinkService, ProxyStreamRequestSchema, type ProxySessionRequest, type ProxySessionResponse, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
+import { ProxyLinkService, type ProxySessionRequest, type ProxySessionResponse, type ProxyStreamRequest, type ProxyStreamResponse } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import { SessionRelays, type HostSessionLink } from "./session-relay.js";
 import { ProxyCore, type ControllerLink } from "./proxy.js";
 import { reconnectLoop } from "../common/reconnect.js";
@@ -230,8 +229,9 @@ export async function startProxy(config: ProxyConfig, log: Logger, clock: Clock 
     dial: async () => {
       const channel = openChannel(controllerAddress, creds, ["controller"]);
       const client = clientFor(ProxyLinkService, channel);
-      // Output goes up in the wire form its backlog stored it in: encoded once at this hop (common/output-wire.ts).
-      return openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), (err) => channel.close(err), outputAsWireFor(ProxyStreamRequestSchema));
+      // Frames up are written by hand (common/proxy-link-wire.ts), output in the wire form its backlog stored it in:
+      // encoded once at this hop (common/output-wire.ts).
+      return openFrameLink<ProxyStreamRequest, ProxyStreamResponse>((out, signal) => client.proxyStream(out, { signal }), (err) => channel.close(err));
     },
     serve: (link, _target, up) => core.serveController(link, () => up()),
     close: (link) => link.close(),

@@ -9,11 +9,7 @@ import { SilenceWatch } from "../common/silence-watch.js";
 import type { Logger } from "../common/logger.js";
 import { requireRole, type PeerIdentity } from "../certs/identity.js";
 import { advances, isTerminal } from "../common/task-state.js";
-import {
-  AgentStreamResponseSchema,
-  type AgentStreamRequest,
-  type AgentStreamResponse,
-} from "../gen/rexmesh/v1/agent_link_pb.js";
+import type { AgentStreamRequest, AgentStreamResponse } from "../gen/rexmesh/v1/agent_link_pb.js";
 import type { HostFacts, HostReportKey } from "../gen/rexmesh/v1/host_pb.js";
 import type { BundlePayload } from "../gen/rexmesh/v1/bundle_pb.js";
 import {
@@ -27,8 +23,6 @@ import {
   type ProxyStreamResponse,
 } from "../gen/rexmesh/v1/proxy_link_pb.js";
 import {
-  OutputAckSchema,
-  StatusAckSchema,
   TaskState,
   TaskStatusSchema,
   type OutputChunk,
@@ -37,6 +31,8 @@ import {
 import { deliverByOf, type ProxyStore, type QueuedTask, type UpwardItem } from "./store.js";
 import { TaskUndo } from "./task-undo.js";
 import { specBytes } from "../common/backlog.js";
+import { newAgentResponse, newTaskStatus } from "../common/agent-link-wire.js";
+import { newProxyRequest } from "../common/proxy-link-wire.js";
 import { EventAckSchema, type EventAck, type HostEvent } from "../gen/rexmesh/v1/event_pb.js";
 import { MAX_FRAME_BYTES } from "../common/coalescer.js";
 import { isPingOnly, peekSpec, SpecDecoder } from "../common/task-signing.js";
@@ -275,7 +271,7 @@ export class ProxyCore implements RoleCore {
     requireRole(peer, "host");
     if (this.deny.has(peer)) throw new PermissionDeniedError("this host's identity has been revoked");
     if (this.draining) throw new UnavailableError(`proxy ${this.name} is stopping; connect to another proxy of region ${this.region}`);
-    const ls = new LinkSession<AgentStreamResponse, AgentStreamRequest>(link, { clock: this.clock, empty: () => create(AgentStreamResponseSchema), peer: "host" });
+    const ls = new LinkSession<AgentStreamResponse, AgentStreamRequest>(link, { clock: this.clock, empty: newAgentResponse, peer: "host" });
     const first = await ls.first();
     if (!first) return;
     const hello = first.hello;
@@ -293,7 +289,6 @@ export class ProxyCore implements RoleCore {
       throw new FailedPreconditionError(`host ${session.hostId} already holds a live stream at this proxy; another is refused until that one ends`);
     }
     this.hosts.set(session.hostId, session);
-    const log = this.log.child({ host: session.hostId });
     ls.startHeartbeat(hello.heartbeatMs || this.heartbeatMs);
     // A host that PINGs is not asked back: its connection is dropped when its PINGs (or anything else) stop for three
     // of its intervals, noticed by one sweep over all hosts. A host that does not say it PINGs has the link heartbeat.
@@ -312,7 +307,8 @@ export class ProxyCore implements RoleCore {
     ls.out.frame.signingKeys.push(...this.store.signingKeys(this.clock.now()));
     // The controller counts the host as held here once it proves it (its answer goes up as its presence).
     if (this.nonce) ls.out.frame.presenceNonce = this.nonce;
-    log.info("host connected");
+    // Not a child logger per host: one would live as long as the link, for two lines.
+    this.log.info("host connected", { host: session.hostId });
     let why: unknown;
     try {
       // Tasks handed out on an earlier stream go first; the hello's credits then hand out new ones.
@@ -337,7 +333,7 @@ export class ProxyCore implements RoleCore {
         this.drainCheck?.();
         const reason: HostGoneReason = ls.lostHeartbeat ? "heartbeat" : silent ? "silent" : why ? "error" : "ended";
         this.onHostGone?.(reason);
-        log.info("host disconnected", { reason, ...(why ? { err: why } : {}) });
+        this.log.info("host disconnected", { host: session.hostId, reason, ...(why ? { err: why } : {}) });
       }
     }
   }
@@ -485,8 +481,8 @@ export class ProxyCore implements RoleCore {
     // both ends a write, its TLS record and a read per host.
     if (outputAcks.size > 0 || statusAcks.length > 0 || eventAcks.length > 0) {
       const reply = session.session.out.frame;
-      for (const [taskId, seq] of outputAcks) reply.outputAcks.push(create(OutputAckSchema, { taskId, seq: BigInt(seq) }));
-      for (const s of statusAcks) reply.statusAcks.push(create(StatusAckSchema, { taskId: s.taskId, state: s.state }));
+      for (const [taskId, seq] of outputAcks) reply.outputAcks.push({ $typeName: "rexmesh.v1.OutputAck", taskId, seq: BigInt(seq) });
+      for (const s of statusAcks) reply.statusAcks.push({ $typeName: "rexmesh.v1.StatusAck", taskId: s.taskId, state: s.state, atProxy: false });
       reply.eventAcks.push(...eventAcks);
     }
     if (frame.credits !== undefined || changed.size > 0) this.deliver(session);
@@ -612,14 +608,16 @@ export class ProxyCore implements RoleCore {
 
   /** A status the proxy itself decides about its copy of a task (at_proxy). */
   private ownStatus(task: QueuedTask, state: TaskState, message = ""): TaskStatus {
-    return create(TaskStatusSchema, {
-      taskId: task.id,
-      hostId: task.hostId,
-      state,
-      time: timestampFromMs(this.clock.now()),
-      message,
-      atProxy: true,
-    });
+    // What create(TaskStatusSchema, { taskId, hostId, state, time, message, atProxy }) makes, keys in its order,
+    // without its reflection (two per signed task: QUEUED and DISPATCHED).
+    const s = newTaskStatus();
+    s.taskId = task.id;
+    s.state = state;
+    s.message = message;
+    s.hostId = task.hostId;
+    s.atProxy = true;
+    s.time = timestampFromMs(this.clock.now());
+    return s;
   }
 
   /** Ends the proxy's own copy of a task (it never reached the host through this proxy). */
@@ -680,7 +678,7 @@ export class ProxyCore implements RoleCore {
       while (this.controller === c && c.link.backlog < UPLINK_HIGH_FRAMES) {
         const batch = this.store.upwardAfter(c.sentUpTo, MAX_FRAME_BYTES);
         if (batch.length === 0) return;
-        const frame = create(ProxyStreamRequestSchema);
+        const frame = newProxyRequest();
         const runs = c.statusRuns ? new StatusRunBuilder() : undefined;
         for (const { n, item } of batch) {
           if (item.kind === "output") frame.output.push(item.chunk);
@@ -720,7 +718,7 @@ export class ProxyCore implements RoleCore {
     const roundTrip = this.controllerRoundTrip;
     const ls = new LinkSession<ProxyStreamRequest, ProxyStreamResponse>(link, {
       clock: this.clock,
-      empty: () => create(ProxyStreamRequestSchema),
+      empty: newProxyRequest,
       peer: "controller",
       onRoundTrip: roundTrip && ((ms) => roundTrip(ms / 1000)),
     });
@@ -1024,3 +1022,4 @@ export class ProxyCore implements RoleCore {
     this.controller?.link.close();
   }
 }
+

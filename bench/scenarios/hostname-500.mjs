@@ -8,26 +8,58 @@ import { JOB_DONE, SUCCEEDED, log, median, opt, procCpu, rssBytes, withMesh } fr
 import { pdshFanout } from "../baselines/pdsh.mjs";
 import { nodeSpawnProbe, xargsSpawn } from "../baselines/spawn.mjs";
 import { hostname as osHostname, loadavg } from "node:os";
+import { readFileSync, readdirSync } from "node:fs";
 
 const hostnameStep = { tool: { case: "exec", value: { argv: ["hostname"] } } };
 /** Reference figure from the issue, used only when pdsh cannot run here. */
 const PDSH_REFERENCE_MS = 78_000;
 
+/** Pids of the Node processes whose parent is one of `parents` (a daemon's spawner: daemon/spawner.ts). */
+function nodeChildren(parents) {
+  const want = new Set(parents);
+  const found = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
+      const comm = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (want.has(ppid) && comm.startsWith("node")) found.push(Number(name));
+    } catch {
+      // gone
+    }
+  }
+  return found;
+}
+
 function cpuSnapshot(mesh) {
-  const sum = (ps) => ps.reduce((a, p) => {
-    const c = procCpu(p.proc.pid);
+  const sum = (pids) => pids.reduce((a, pid) => {
+    const c = procCpu(pid);
     return { self: a.self + c.self, children: a.children + c.children };
   }, { self: 0, children: 0 });
-  return { controller: sum([mesh.controller]), proxies: sum(mesh.proxies), daemons: sum(mesh.daemons), bench: process.cpuUsage() };
+  const daemonPids = mesh.daemons.map((d) => d.proc.pid);
+  // A spawner's CPU is its daemon's, and the hostname processes it reaped count in its children.
+  const spawners = nodeChildren(daemonPids);
+  return {
+    controller: sum([mesh.controller.proc.pid]),
+    proxies: sum(mesh.proxies.map((p) => p.proc.pid)),
+    daemons: sum(daemonPids),
+    spawners: sum(spawners),
+    spawnerPids: spawners,
+    bench: process.cpuUsage(),
+  };
 }
 
 function cpuDelta(a, b) {
+  // A spawner that was not there at both ends (started or restarted in between) is left out rather than counted from zero.
+  const both = a.spawnerPids.filter((p) => b.spawnerPids.includes(p)).length === b.spawnerPids.length && a.spawnerPids.length === b.spawnerPids.length;
   return {
+    spawnersMs: both ? b.spawners.self - a.spawners.self : undefined,
     controllerMs: b.controller.self - a.controller.self,
     proxiesMs: b.proxies.self - a.proxies.self,
     daemonsMs: b.daemons.self - a.daemons.self,
     // CPU of the hostname processes themselves (reaped children of the daemons).
-    childProcessesMs: b.daemons.children - a.daemons.children,
+    childProcessesMs: b.daemons.children - a.daemons.children + (both ? b.spawners.children - a.spawners.children : 0),
     benchClientMs: Math.round((b.bench.user + b.bench.system - a.bench.user - a.bench.system) / 1000),
   };
 }
@@ -111,7 +143,7 @@ export default {
         log(`run ${r + 1}/${runs}: ${res.ms} ms (first output ${res.firstOutputMs} ms)`);
       }
       // CPU per role, median over the runs.
-      cpu = Object.fromEntries(Object.keys(list[0].cpu).map((k) => [k, median(list.map((r) => r.cpu[k]))]));
+      cpu = Object.fromEntries(Object.keys(list[0].cpu).map((k) => [k, median(list.map((r) => r.cpu[k] ?? 0))]));
       const mib = (pid) => Math.round(rssBytes(pid) / 2 ** 20);
       const rssMiB = { controller: mib(mesh.controller.proc.pid), proxies: mesh.proxies.map((p) => mib(p.proc.pid)), daemonMedian: median(mesh.daemons.map((d) => mib(d.proc.pid))) };
       return { startMs, daemonProcesses: mesh.daemons.length, warmupMs: warmup.ms, runs: list, cpuMsPerRun: cpu, rssMiB };
@@ -145,7 +177,7 @@ export default {
     if (!pdsh.available) skipped.push(`pdsh: ${pdsh.skipped}${pdshRef ? ` (ratio uses the issue's reference ${PDSH_REFERENCE_MS / 1000} s)` : ""}`);
 
     const c = rex.cpuMsPerRun;
-    const totalCpu = c.controllerMs + c.proxiesMs + c.daemonsMs + c.childProcessesMs;
+    const totalCpu = c.controllerMs + c.proxiesMs + c.daemonsMs + c.spawnersMs + c.childProcessesMs;
     const [small, big] = spawnProbe;
     notes.push(
       `${n} hosts in ${rex.daemonProcesses} daemon processes of ${perProcess}, 2 proxies. ` +
@@ -154,9 +186,9 @@ export default {
         (pdshRef === undefined
           ? `pdsh not run (${pdsh.skipped}).`
           : `pdsh ${pdshMs !== undefined ? `measured ${pdshMs} ms` : `not run (${pdsh.skipped}); the issue's reference ${pdshRef} ms`} → ${pdshOverRex}× slower than rexmesh (target ≥ 20×).`),
-      `CPU per run (median, ms; 2 cores = ${2 * rexMedian} core-ms available in the median wall time): controller ${c.controllerMs}, proxies ${c.proxiesMs}, daemons ${c.daemonsMs}, ` +
+      `CPU per run (median, ms; 2 cores = ${2 * rexMedian} core-ms available in the median wall time): controller ${c.controllerMs}, proxies ${c.proxiesMs}, daemons ${c.daemonsMs}, their spawners ${c.spawnersMs}, ` +
         `the ${n} hostname processes ${c.childProcessesMs}, bench client ${c.benchClientMs}; mesh total ${totalCpu} ms = ${(totalCpu / rexMedian).toFixed(2)} cores busy on average. ` +
-        `Per host: daemon ${(c.daemonsMs / n).toFixed(1)} ms, proxy ${(c.proxiesMs / n).toFixed(1)} ms, controller ${(c.controllerMs / n).toFixed(1)} ms. ` +
+        `Per host: daemon ${(c.daemonsMs / n).toFixed(1)} ms + spawner ${(c.spawnersMs / n).toFixed(1)} ms, proxy ${(c.proxiesMs / n).toFixed(1)} ms, controller ${(c.controllerMs / n).toFixed(1)} ms. ` +
         `On 2 cores the mesh's CPU alone needs ≥ ${Math.round(totalCpu / 2)} ms of wall time per run, against a target of ${xargs.available ? Math.round(3 * xargs.medianMs) : "?"} ms (3 × xargs).`,
       `Spawn cost (probe, 100 × hostname at once from one Node process, as the executor spawns: detached, 3 pipes): ` +
         spawnProbe.map((p) => `RSS ${p.rssMiB} MiB → ${p.parentCpuMsEach} ms parent CPU and ${p.blockedInSpawnMsEach} ms event loop blocked in spawn() per child`).join("; ") +

@@ -80,6 +80,9 @@ let stopping = false;
 let verifier;
 const EMPTY_SHA256 = new OutputDigest().digest();
 
+/** The ids of the tasks answered since the task stats were last reset, by any host of this process (task ids are unique). */
+const answered = new Set();
+
 const stats = {
   connected: 0,
   welcomes: 0,
@@ -87,6 +90,8 @@ const stats = {
   failures: 0,
   firstError: undefined,
   pongs: 0,
+  /** Tasks a host was handed again after answering them (a proxy resends what a host had on a stream that ended before the answer was acknowledged). */
+  resent: 0,
   rejected: 0,
   /** Tasks whose signature or batch proof did not hold. */
   refused: 0,
@@ -388,8 +393,10 @@ class SimHost {
       const status = create(TaskStatusSchema, ok
         ? { taskId: spec.taskId, hostId: this.id, state: TaskState.SUCCEEDED, time: timestampFromMs(now), exitCode: 0, message: isPing ? "pong" : "" }
         : { taskId: spec.taskId, hostId: this.id, state: TaskState.REJECTED, time: timestampFromMs(now), message: refused ?? (spec.hostId === this.id ? "the host simulator runs only ping and true" : "the task is addressed to another host") });
-      if (ok) stats.pongs++;
+      if (answered.has(spec.taskId)) stats.resent++;
+      else if (ok) stats.pongs++;
       else stats.rejected++;
+      answered.add(spec.taskId);
       if (!isPing) {
         // What the daemon MACs or signs on every end but a ping's: the controller checks it against what it received.
         status.outputSha256 = EMPTY_SHA256;
@@ -527,7 +534,7 @@ process.on("message", async (msg) => {
       case "start": r = await start(msg); break;
       case "open": r = await open(); break;
       case "stats": r = report(); break;
-      case "reset-task-stats": stats.firstTaskAt = 0; stats.lastPongAt = 0; stats.pongs = 0; stats.rejected = 0; stats.refused = 0; r = {}; break;
+      case "reset-task-stats": stats.firstTaskAt = 0; stats.lastPongAt = 0; stats.pongs = 0; stats.resent = 0; stats.rejected = 0; stats.refused = 0; answered.clear(); r = {}; break;
       case "stop":
         stopping = true;
         for (const h of hosts) h.close();

@@ -60,6 +60,8 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
       submitMs,
       succeeded: succeededCount(done),
       pongs: st.reduce((a, s) => a + s.pongs, 0),
+      // Handed to a host again after it answered (a resend after a reconnect mid-run): answered again, not counted in pongs.
+      resent: st.reduce((a, s) => a + (s.resent ?? 0), 0),
       firstTaskAtHostMs: Number.isFinite(firstTask) ? firstTask - wall0 : null,
       lastPongAtHostMs: lastPong ? lastPong - wall0 : null,
       cpuMs,

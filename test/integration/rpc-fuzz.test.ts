@@ -505,7 +505,8 @@ bindings:
     const proxyFrame = (init: Record<string, unknown>) => frameOf(ProxyLinkService.method.proxyStream.input, init);
 
     it("F1: the controller ends a unary call whose request never completes at its grpc-timeout", async () => {
-      const o = await client(controller, "host").call(pathOf(ControllerService.method.listHosts), {
+      // An operator: a caller whose certificate the method could never take is refused before its body is read (F9).
+      const o = await client(controller, "operator").call(pathOf(ControllerService.method.listHosts), {
         steps: [{ write: envelope(Buffer.alloc(10), 0, 40) }],
         end: false,
         headers: { "grpc-timeout": "300m" },
@@ -548,15 +549,43 @@ bindings:
       for (const [encoding, squeeze] of [["gzip", gzipSync], ["br", brotliCompressSync]] as const) {
         const packed = squeeze(flood);
         expect(packed.length).toBeLessThan(64 * 1024);
-        for (const who of ["operator", "host"] as const) {
-          const o = await client(controller, who).call(pathOf(ControllerService.method.submitJob), { steps: [{ write: envelope(packed, 1) }], headers: { "grpc-encoding": encoding }, timeoutMs: CALL_MS });
-          expect(o.kind === "status" && o.code === Code.InvalidArgument && /refused before decoding/.test(o.message), `${encoding} as ${who}: ${JSON.stringify(o).slice(0, 300)}`).toBe(true);
-        }
+        const o = await client(controller, "operator").call(pathOf(ControllerService.method.submitJob), { steps: [{ write: envelope(packed, 1) }], headers: { "grpc-encoding": encoding }, timeoutMs: CALL_MS });
+        expect(o.kind === "status" && o.code === Code.InvalidArgument && /refused before decoding/.test(o.message), `${encoding} as operator: ${JSON.stringify(o).slice(0, 300)}`).toBe(true);
+        // A host certificate may never submit: refused before its body is inflated at all.
+        const h = await client(controller, "host").call(pathOf(ControllerService.method.submitJob), { steps: [{ write: envelope(packed, 1) }], headers: { "grpc-encoding": encoding }, timeoutMs: CALL_MS });
+        expect(h.kind === "status" && h.code === Code.PermissionDenied, `${encoding} as host: ${JSON.stringify(h).slice(0, 300)}`).toBe(true);
       }
       // An honest compressed request still goes through to the boundary and the handler.
       const honest = ControllerService.method.listHosts;
       const o = await client(controller, "operator").call(pathOf(honest), { steps: [{ write: envelope(gzipSync(frameOf(honest.input, {}).subarray(5)), 1) }], headers: { "grpc-encoding": "gzip" }, timeoutMs: CALL_MS });
       expect(o.kind === "status" && o.code === 0, JSON.stringify(o).slice(0, 300)).toBe(true);
+    });
+
+    it("F9: the controller refuses a caller no request could admit before reading its body, and what would decode to too much whatever its framing, without holding it", async () => {
+      const submit = pathOf(ControllerService.method.submitJob);
+      // A host certificate's unary call whose body never ends: PERMISSION_DENIED at once, not at the 20 s grpc-timeout.
+      const held = await client(controller, "host").call(submit, { steps: [{ write: envelope(Buffer.alloc(10), 0, 40) }], end: false, headers: { "grpc-timeout": "20S" }, timeoutMs: 15_000 });
+      expect(held.kind === "status" && held.code === Code.PermissionDenied, JSON.stringify(held).slice(0, 300)).toBe(true);
+      // An envelope declaring ~4 GiB, its body held open: RESOURCE_EXHAUSTED on its header.
+      const huge = Buffer.from([0, 0xff, 0xff, 0xff, 0xf0]);
+      const big = await client(controller, "operator").call(submit, { steps: [{ write: huge }], end: false, headers: { "grpc-timeout": "20S" }, timeoutMs: 15_000 });
+      expect(big.kind === "status" && big.code === Code.ResourceExhausted, JSON.stringify(big).slice(0, 300)).toBe(true);
+      // JSON (gRPC's JSON framing), brotli: 40 bytes that inflate to 16 MiB of empty jobs. Counted before it is parsed.
+      const jobs = Buffer.from(`{"jobs":[${"{},".repeat(5_000_000)}{}]}`);
+      const jsonBomb = await client(controller, "operator").call(pathOf(ControllerService.method.submitJobs), {
+        steps: [{ write: envelope(brotliCompressSync(jobs), 1) }],
+        headers: { "content-type": "application/grpc+json", "grpc-encoding": "br" },
+        timeoutMs: CALL_MS,
+      });
+      expect(jsonBomb.kind === "status" && jsonBomb.code === Code.InvalidArgument && /refused before decoding/.test(jsonBomb.message), JSON.stringify(jsonBomb).slice(0, 300)).toBe(true);
+      // A packed list of 16 million task states in a few bytes of brotli: one element per value.
+      const states = Buffer.alloc(16 * 1024 * 1024 - 16, 1);
+      const rerun = Buffer.concat([Buffer.from([0x12]), Buffer.from([0xf0, 0xff, 0xff, 0x07]), states]);
+      const packed = await client(controller, "operator").call(pathOf(ControllerService.method.rerunJob), { steps: [{ write: envelope(brotliCompressSync(rerun), 1) }], headers: { "grpc-encoding": "br" }, timeoutMs: CALL_MS });
+      expect(packed.kind === "status" && packed.code === Code.InvalidArgument && /refused before decoding/.test(packed.message), JSON.stringify(packed).slice(0, 300)).toBe(true);
+      // Still serving.
+      const health = await client(controller, "operator").call(`/${Health.typeName}/Check`, { steps: [{ write: frameOf(HealthCheckRequestSchema, {}) }], timeoutMs: CALL_MS });
+      expect(health.kind === "status" && health.code === 0, JSON.stringify(health)).toBe(true);
     });
 
     /**

@@ -157,13 +157,16 @@ bindings:
   });
 
   it("runs a command that ends at once: its exit status comes back, no 20 s wait for a host that never joined", async () => {
-    const t0 = Date.now();
+    // Each under the 20 s the bug waited, with room for a CLI process's start on a loaded machine.
+    let t0 = Date.now();
     const quiet = await shell(["h1", "--", "true"], "");
     expect(quiet.code, quiet.stderr).toBe(0);
+    expect(Date.now() - t0).toBeLessThan(15_000);
+    t0 = Date.now();
     const seven = await shell(["h1", "--", "sh", "-c", "echo out; exit 7"], "");
     expect(seven.code, seven.stderr).toBe(7);
     expect(seven.stdout).toBe("out\n");
-    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(Date.now() - t0).toBeLessThan(15_000);
   });
 
   it("runs a command with arguments, passing stdin through byte for byte", async () => {

@@ -109,6 +109,16 @@ describe("SpecDecoder (the proxy reads a job's part once)", () => {
       ["an id longer than the bytes", new Uint8Array([0x0a, 0x7f, 0x61])],
       ["the shared part after a cut one", cat(ids("t11", "h11"), part)],
       ["a part one byte different", cat(ids("t12", "h12"), Buffer.from(part).map((b, i) => (i === part.length - 1 ? b ^ 1 : b)))],
+      // The ids are read by hand: text and varints of every kind, the same as a whole decode.
+      ["non-ASCII ids", cat(ids("tâche-✓", "hôte-𝄞"), part)],
+      ["ids past 64 characters", cat(ids("t".repeat(100), "h".repeat(200)), part)],
+      ["a task id of invalid UTF-8", cat(new Uint8Array([0x0a, 2, 0xc3, 0x28]), field(0x22, "h13"), part)],
+      ["a host id of invalid UTF-8", cat(field(0x0a, "t14"), new Uint8Array([0x22, 1, 0xff]), part)],
+      ["a BOM-led task id", cat(new Uint8Array([0x0a, 4, 0xef, 0xbb, 0xbf, 0x74]), field(0x22, "h15"), part)],
+      ["an id's length as an overlong varint", cat(new Uint8Array([0x0a, 0x83, 0x00, 0x74, 0x31, 0x36]), field(0x22, "h16"), part)],
+      ["an empty task id given", cat(new Uint8Array([0x0a, 0]), field(0x22, "h17"), part)],
+      ["a task id and no host id", cat(field(0x0a, "t18"), part)],
+      ["a host id cut short", cat(field(0x0a, "t19"), new Uint8Array([0x22, 5, 0x68]))],
     ];
     const decoder = new SpecDecoder();
     for (const [what, bytes] of cases) {

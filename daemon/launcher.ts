@@ -1,0 +1,116 @@
+/**
+ * How the executor starts a step's process: in the daemon itself (Node's
+ * spawn, {@link directLauncher}), or through the spawner next to it
+ * (daemon/spawner.ts). Either way the process is a real child of one of
+ * them, leads its own process group, and its output comes back per stream
+ * in the order it was read; the executor signals the group itself.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
+
+/** What to run. `env` is complete: nothing is inherited. */
+export interface LaunchRequest {
+  program: string;
+  args: string[];
+  /** Absent: the daemon's working directory. */
+  cwd?: string;
+  env: Record<string, string>;
+  /** Written to the process's stdin, which is then closed. */
+  stdin: Uint8Array;
+}
+
+/**
+ * Events of one launched step, in this order: `spawned` or `failed` first;
+ * after `spawned`, `data`/`closed` per stream and `exited` in any order, or
+ * `lost` once, after which nothing else comes.
+ */
+export interface StepEvents {
+  /** The process runs; pid is also its process group id. */
+  spawned(pid: number): void;
+  /** No process runs: `sync` when the arguments were refused before any process was made (e.g. a NUL byte). */
+  failed(failure: { sync: boolean; code?: string; message: string }): void;
+  /** Bytes read from one of its pipes; the receiver may keep `buf`. */
+  data(stream: OutputStream, buf: Buffer): void;
+  /** That pipe reached its end (or was destroyed): no more of its output follows. */
+  closed(stream: OutputStream): void;
+  exited(code: number | null, signal: string | null): void;
+  /**
+   * The launcher can no longer follow the process (the spawner died): its
+   * exit and any output not yet received are unknown. `pid` is undefined when
+   * it was lost before it was known to have started.
+   */
+  lost(reason: string): void;
+}
+
+/** A launched step, as its reader controls it. */
+export interface LaunchedStep {
+  /** Stops (true) or resumes (false) reading its output: held, the process blocks in write() once its pipes are full. */
+  hold(on: boolean): void;
+  /** Stops waiting for its output: its pipes are closed at the reading end, and each reports `closed`. */
+  destroyOutput(): void;
+}
+
+/** Starts step processes. `launch` never throws: every failure is an event. */
+export interface Launcher {
+  launch(request: LaunchRequest, events: StepEvents): LaunchedStep;
+  /** True when a launch forks this process (milliseconds of its event loop each, growing with its size). */
+  readonly forksCaller: boolean;
+}
+
+/** Spawns in this process: a fork of the daemon per step (the cost grows with the daemon's size). */
+export const directLauncher: Launcher = {
+  forksCaller: true,
+  launch(request, events) {
+    let child: ChildProcess;
+    try {
+      child = spawn(request.program, request.args, { cwd: request.cwd, env: request.env, detached: true, stdio: ["pipe", "pipe", "pipe"] });
+    } catch (err) {
+      events.failed({ sync: true, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
+      return { hold() {}, destroyOutput() {} };
+    }
+    const stdin = child.stdin!;
+    const stdout = child.stdout!;
+    const stderr = child.stderr!;
+    if (child.pid === undefined) {
+      // Not started: 'error' follows (ENOENT, EACCES, …); nothing else of it will.
+      child.on("error", (err) => {
+        stdin.destroy();
+        stdout.destroy();
+        stderr.destroy();
+        events.failed({ sync: false, code: codeOf(err), message: err.message });
+      });
+      return { hold() {}, destroyOutput() {} };
+    }
+    events.spawned(child.pid);
+    // Only spawn failures matter; a started process's pipe errors end in 'close'.
+    child.on("error", () => {});
+    for (const [stream, tag] of [[stdout, OutputStream.STDOUT], [stderr, OutputStream.STDERR]] as const) {
+      stream.on("data", (buf: Buffer) => events.data(tag, buf));
+      stream.on("error", () => {});
+      stream.on("close", () => events.closed(tag));
+    }
+    child.on("exit", (code, signal) => events.exited(code, signal));
+    // The child may exit without reading its input (EPIPE): that is the child's business, not a failure of the task.
+    stdin.on("error", () => {});
+    if (request.stdin.length > 0) stdin.end(request.stdin);
+    else stdin.end();
+    return {
+      hold(on) {
+        for (const s of [stdout, stderr]) {
+          if (s.destroyed) continue;
+          if (on) s.pause();
+          else if (s.isPaused()) s.resume();
+        }
+      },
+      destroyOutput() {
+        stdout.destroy();
+        stderr.destroy();
+      },
+    };
+  },
+};
+
+export function codeOf(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}

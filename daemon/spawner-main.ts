@@ -1,0 +1,196 @@
+/**
+ * The spawner: a small process next to the daemon that starts the
+ * processes of its tasks and relays their output and exits over a pipe.
+ *
+ * Why: Node's spawn() forks the calling process, and the cost of a fork
+ * (page tables copied, then every page the parent writes afterwards faulted
+ * and copied) grows with the process's size. A daemon serving many hosts is
+ * large; this process is Node at its smallest, and stays so: it keeps no
+ * state but its live steps, and imports nothing but Node's own modules and
+ * the frame codec.
+ *
+ * Its frames: daemon/spawner-frames.ts. fd 3 carries requests, fd 4 the
+ * answers; stdin, stdout and stderr are not used for frames (stdout is
+ * /dev/null, stderr the daemon's log), so that nothing else that writes to
+ * them (a NODE_OPTIONS preload, a warning) can be read as a frame. Any frame
+ * that breaks the protocol ends this process. The daemon ends this process
+ * by closing fd 3; when the daemon dies the same happens. The processes it
+ * started are left as they would be had the daemon started them: each leads
+ * its own process group, and their pipes close with this process.
+ *
+ * Flow: each step may have at most WINDOW bytes read but not acknowledged by
+ * the daemon; past it both of its pipes are paused, so a process whose
+ * output the daemon does not take blocks in write(), as it would on the
+ * daemon's own pipes.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { writeSync } from "node:fs";
+import { Socket } from "node:net";
+import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+
+/** Requests come in on this fd, answers leave on the other. */
+const IN_FD = 3;
+const OUT_FD = 4;
+
+/** Output bytes a step may have in flight to the daemon before its pipes are paused. */
+const WINDOW = 256 * 1024;
+
+interface Step {
+  child: ChildProcess;
+  unacked: number;
+  held: boolean;
+}
+
+/**
+ * The daemon that started this process (its first argument). Once it is
+ * gone (this process re-parented), nothing more is started: a restarted
+ * daemon may already have ended the task as INTERRUPTED, and a request still
+ * in the pipe must not start a process after that.
+ */
+const daemon = Number(process.argv[2]);
+const daemonGone = () => daemon > 0 && process.ppid !== daemon;
+
+const steps = new Map<number, Step>();
+let queued: Buffer[] = [];
+let flushScheduled = false;
+
+/** Frames leave once per turn of the event loop, in the order they were made. */
+function send(buf: Buffer): void {
+  queued.push(buf);
+  if (flushScheduled) return;
+  flushScheduled = true;
+  setImmediate(flush);
+}
+
+function flush(): void {
+  flushScheduled = false;
+  const out = queued.length === 1 ? queued[0]! : Buffer.concat(queued);
+  queued = [];
+  // Blocking: when the daemon is slow to read, this process waits for it
+  // rather than holding output in memory.
+  let at = 0;
+  while (at < out.length) {
+    try {
+      at += writeSync(OUT_FD, out, at);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "EAGAIN") continue;
+      // The daemon is gone.
+      process.exit(0);
+    }
+  }
+}
+
+function hold(step: Step): void {
+  const want = step.unacked >= WINDOW;
+  if (want === step.held) return;
+  step.held = want;
+  for (const s of [step.child.stdout, step.child.stderr]) {
+    if (!s || s.destroyed) continue;
+    if (want) s.pause();
+    else s.resume();
+  }
+}
+
+function start(id: number, body: Buffer): void {
+  if (daemonGone()) process.exit(0);
+  const { request, stdin } = readSpawn(body);
+  let child: ChildProcess;
+  try {
+    child = spawn(request.program, request.args, {
+      cwd: request.cwd,
+      env: request.env,
+      detached: true,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+  } catch (err) {
+    failed(id, { sync: true, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
+    return;
+  }
+  if (child.pid === undefined) {
+    // Not started: 'error' follows (ENOENT, EACCES, …); nothing else of it will.
+    child.on("error", (err) => {
+      for (const s of [child.stdin, child.stdout, child.stderr]) s?.destroy();
+      failed(id, { sync: false, code: codeOf(err), message: err.message });
+    });
+    return;
+  }
+  const step: Step = { child, unacked: 0, held: false };
+  steps.set(id, step);
+  send(u32Frame(FrameKind.SPAWNED, id, child.pid));
+  // Errors of a started process's pipes end in 'close'; these only keep them from being uncaught.
+  child.on("error", () => {});
+  const relay = (kind: number, closedTag: number) => (stream: NodeJS.ReadableStream & { destroyed: boolean }) => {
+    stream.on("data", (buf: Buffer) => {
+      send(frame(kind, id, buf));
+      step.unacked += buf.length;
+      hold(step);
+    });
+    stream.on("error", () => {});
+    stream.on("close", () => send(u32Frame(FrameKind.CLOSED, id, closedTag)));
+  };
+  relay(FrameKind.STDOUT, 1)(child.stdout!);
+  relay(FrameKind.STDERR, 2)(child.stderr!);
+  child.on("exit", (code, signal) => {
+    send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
+  });
+  child.on("close", () => steps.delete(id));
+  // A process may exit without reading its input (EPIPE): its business, not a failure.
+  child.stdin!.on("error", () => {});
+  if (stdin.length > 0) child.stdin!.end(stdin);
+  else child.stdin!.end();
+}
+
+function failed(id: number, failure: SpawnFailure): void {
+  send(jsonFrame(FrameKind.FAILED, id, failure));
+}
+
+function codeOf(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}
+
+const reader = new FrameReader((kind, id, body) => {
+  switch (kind) {
+    case FrameKind.SPAWN:
+      start(id, body);
+      break;
+    case FrameKind.ACK: {
+      const step = steps.get(id);
+      if (!step) break;
+      step.unacked -= body.readUInt32BE(0);
+      hold(step);
+      break;
+    }
+    case FrameKind.DESTROY: {
+      const step = steps.get(id);
+      step?.child.stdout?.destroy();
+      step?.child.stderr?.destroy();
+      break;
+    }
+    case FrameKind.PING:
+      send(frame(FrameKind.PONG, id));
+      break;
+  }
+}, { kinds: TO_SPAWNER, maxBody: MAX_BODY_TO_SPAWNER });
+
+function violation(err: unknown): never {
+  process.stderr.write(`rexmesh spawner: the daemon broke the frame protocol (${err instanceof Error ? err.message : String(err)}); exiting\n`);
+  process.exit(70);
+}
+
+if (daemonGone()) process.exit(0);
+send(u32Frame(FrameKind.READY, 0, PROTOCOL_VERSION));
+const input = new Socket({ fd: IN_FD, readable: true, writable: false });
+input.on("data", (chunk: Buffer) => {
+  try {
+    reader.push(chunk);
+  } catch (err) {
+    violation(err);
+  }
+});
+// The daemon closed its end, or died: nothing more will be asked.
+input.on("end", () => {
+  if (queued.length > 0) flush();
+  process.exit(0);
+});
+input.on("error", () => process.exit(0));

@@ -1,0 +1,270 @@
+/**
+ * The spawner's own faults, with real processes (daemon/spawner.ts): one
+ * that stops answering, one that cannot start, and its end with the daemon.
+ * Everything else the executor guarantees is tested through the spawner in
+ * executor.test.ts.
+ */
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Writable } from "node:stream";
+import { create } from "@bufbuild/protobuf";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { systemClock } from "../../common/clock.js";
+import { silentLogger } from "../../common/logger.js";
+import { Executor, type OutputSink } from "../../daemon/executor.js";
+import { Spawner, type SpawnerOptions } from "../../daemon/spawner.js";
+import { FrameError, FrameKind, FrameReader, MAX_BODY_TO_DAEMON, TO_DAEMON, frame, jsonFrame, u32Frame } from "../../daemon/spawner-frames.js";
+import { StepSchema, TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+
+const MAIN = new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname;
+const shell = (script: string) => create(TaskSpecSchema, { taskId: "t-1", steps: [create(StepSchema, { tool: { case: "shell", value: { script, interpreter: [] } } })] });
+
+function stat(pid: number): string[] | undefined {
+  try {
+    const s = readFileSync(`/proc/${pid}/stat`, "latin1");
+    return s.slice(s.lastIndexOf(")") + 2).split(" ");
+  } catch {
+    return undefined;
+  }
+}
+const alive = (pid: number) => {
+  const s = stat(pid)?.[0];
+  return s !== undefined && s !== "Z" && s !== "X";
+};
+
+async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+const spawners: Spawner[] = [];
+function newSpawner(opts: Partial<SpawnerOptions> = {}): Spawner {
+  const s = new Spawner({ clock: systemClock, log: silentLogger, mainPath: MAIN, ...opts });
+  spawners.push(s);
+  return s;
+}
+afterEach(() => {
+  for (const s of spawners.splice(0)) {
+    const pid = s.pid;
+    s.stop();
+    if (pid !== undefined && alive(pid)) process.kill(pid, "SIGKILL");
+  }
+});
+
+describe("Spawner", () => {
+  it("starts steps as its own children, and ends when the daemon closes its end", async () => {
+    const spawner = newSpawner();
+    let parent: number | undefined;
+    const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("exec sleep 0.3"), {
+      onOutput: () => {},
+      onStart: (pid) => (parent = Number(stat(pid)?.[1])),
+    });
+    expect(outcome).toMatchObject({ state: TaskState.SUCCEEDED, exitCode: 0 });
+    const pid = spawner.pid!;
+    expect(parent).toBe(pid);
+    spawner.stop();
+    await until("the spawner exits", () => !alive(pid));
+  });
+
+  it("kills a spawner that stops answering: its step ends INTERRUPTED and its process group is ended", async () => {
+    const spawner = newSpawner({ pingMs: 50, answerTimeoutMs: 400 });
+    // Ready first: one still starting when the wait runs out is killed too, but its steps go to the daemon (below).
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    let pid = 0;
+    let started!: () => void;
+    const first = new Promise<void>((resolve) => (started = resolve));
+    const onOutput: OutputSink = () => started();
+    const run = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 200 }).run(shell("echo started; exec sleep 1000"), { onOutput, onStart: (p) => (pid = p) });
+    await first;
+    const frozen = spawner.pid!;
+    process.kill(frozen, "SIGSTOP");
+    const outcome = await run;
+    expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+    expect(outcome.message).toMatch(/^the spawner did not answer for [\d.]+ s and was killed while its process \d+ ran: its exit and any output not yet received are unknown; 1 leftover process ended/);
+    expect(outcome.outputTruncated).toBe(true);
+    expect(alive(pid)).toBe(false);
+    await until("the frozen spawner is gone", () => !alive(frozen));
+
+    // The next step gets a new spawner.
+    const next = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo again"), { onOutput: () => {} });
+    expect(next.state).toBe(TaskState.SUCCEEDED);
+    expect(spawner.starts).toBe(2);
+  });
+
+  it("runs steps in the daemon when the spawner cannot start, and does not try again at once", async () => {
+    const spawner = newSpawner({ mainPath: "/no/such/spawner-main.js" });
+    const chunks: string[] = [];
+    const ex = new Executor({ clock: systemClock, launcher: spawner });
+    const outcome = await ex.run(shell("echo fell back; echo err >&2; exit 3"), { onOutput: (_s, data) => chunks.push(Buffer.from(data).toString()) });
+    expect(outcome).toMatchObject({ state: TaskState.FAILED, exitCode: 3 });
+    expect(chunks.join("")).toContain("fell back");
+    const second = await ex.run(shell("echo second"), { onOutput: () => {} });
+    expect(second.state).toBe(TaskState.SUCCEEDED);
+    expect(spawner.starts).toBe(1);
+  });
+
+  it("starts nothing once the daemon that started it is gone (a request still in the pipe included)", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      // Run spawner-main as a daemon would, naming `daemonPid` as its daemon, and ask it to create a file.
+      const ask = async (daemonPid: number, file: string) => {
+        const child = spawn(process.execPath, [MAIN, String(daemonPid)], { stdio: ["ignore", "ignore", "inherit", "pipe", "pipe"] });
+        const kinds: number[] = [];
+        const reader = new FrameReader((kind) => kinds.push(kind));
+        child.stdio[4]!.on("data", (b: Buffer) => reader.push(b));
+        // A spawner that exits at once leaves the request unread: a reset, not a failure.
+        for (const fd of [3, 4]) child.stdio[fd]!.on("error", () => {});
+        (child.stdio[3] as Writable).end(jsonFrame(FrameKind.SPAWN, 1, { program: "touch", args: [file], env: { PATH: process.env.PATH ?? "/usr/bin:/bin" } }, Buffer.alloc(0)));
+        const code = await new Promise<number | null>((resolve) => child.on("close", resolve));
+        return { code, kinds };
+      };
+      // Its daemon (this process) alive: it is ready and starts the process.
+      const ok = await ask(process.pid, join(dir, "started"));
+      expect(ok.kinds.slice(0, 2)).toEqual([FrameKind.READY, FrameKind.SPAWNED]);
+      await until("the file is made", () => existsSync(join(dir, "started")));
+      // Another process named as its daemon, as when the daemon died and this one was re-parented: nothing.
+      const gone = await ask(1, join(dir, "orphaned"));
+      expect(gone).toEqual({ code: 0, kinds: [] });
+      expect(existsSync(join(dir, "orphaned"))).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("runs a step exactly once when a NODE_OPTIONS preload of the daemon writes to stdout", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    const saved = process.env.NODE_OPTIONS;
+    try {
+      const preload = join(dir, "preload.cjs");
+      writeFileSync(preload, `process.stdout.write("preload: agent started\\n");\n`);
+      const runs = join(dir, "runs");
+      const spawner = newSpawner({ pingMs: 100, answerTimeoutMs: 1500 });
+      process.env.NODE_OPTIONS = `--require ${preload}`;
+      try {
+        spawner.start();
+      } finally {
+        if (saved === undefined) delete process.env.NODE_OPTIONS;
+        else process.env.NODE_OPTIONS = saved;
+      }
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell(`echo ran >> ${runs}; echo hello`), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
+      // Long enough for a watchdog that would have killed a spawner it could not read, and a second run.
+      await new Promise((r) => setTimeout(r, 2000));
+      expect(readFileSync(runs, "utf8").trim().split("\n")).toEqual(["ran"]);
+      expect(spawner.starts).toBe(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  /** A stand-in spawner: READY (or nothing), then, on the first request, a line in `marker` and `reply` on its frame fd. */
+  function fakeMain(dir: string, opts: { ready: boolean; reply: string }): string {
+    const path = join(dir, "fake-main.mjs");
+    const ready = opts.ready ? `writeSync(4, Buffer.from([0, 0, 0, 4, 10, 0, 0, 0, 0, 0, 0, 0, 1]));` : "";
+    writeFileSync(
+      path,
+      `import { appendFileSync, writeSync } from "node:fs";
+import { Socket } from "node:net";
+${ready}
+const s = new Socket({ fd: 3, readable: true, writable: false });
+let once = false;
+s.on("data", () => {
+  if (once) return;
+  once = true;
+  appendFileSync(${JSON.stringify(join(dir, "marker"))}, "ran\\n");
+  writeSync(4, Buffer.from(${JSON.stringify(opts.reply)}));
+});
+s.on("end", () => process.exit(0));
+setInterval(() => {}, 1000);
+`,
+    );
+    return path;
+  }
+
+  it("kills a spawner that sends a malformed frame after READY: its step ends INTERRUPTED and is not run again", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      const spawner = newSpawner({ mainPath: fakeMain(dir, { ready: true, reply: "not a frame\n" }) });
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+      expect(outcome.message).toMatch(/broke the frame protocol/);
+      expect(readFileSync(join(dir, "marker"), "utf8")).toBe("ran\n");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("sends nothing to a spawner before its READY: one that never says it is killed and its step runs in the daemon, once", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      // Were the request sent, the stand-in would run it (the marker) and answer with garbage.
+      const spawner = newSpawner({ pingMs: 100, answerTimeoutMs: 600, mainPath: fakeMain(dir, { ready: false, reply: "preload: agent started\n" }) });
+      const chunks: string[] = [];
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo in the daemon"), { onOutput: (_s, d) => chunks.push(Buffer.from(d).toString()) });
+      expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
+      expect(chunks.join("")).toBe("in the daemon\n");
+      // The stand-in never received a request.
+      expect(existsSync(join(dir, "marker"))).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("FrameReader", () => {
+  const toDaemon = () => {
+    const got: { kind: number; id: number; body: Buffer }[] = [];
+    const reader = new FrameReader((kind, id, body) => got.push({ kind, id, body: Buffer.from(body) }), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON });
+    return { got, reader };
+  };
+
+  it("rejects stray text, an unknown kind, a wrong-size body and a frame over the cap, and takes nothing after", () => {
+    let r = toDaemon();
+    expect(() => r.reader.push(Buffer.from("preload: agent started\n"))).toThrow(FrameError);
+    expect(() => r.reader.push(u32Frame(FrameKind.READY, 0, 1))).toThrow(FrameError);
+    expect(r.got).toEqual([]);
+    r = toDaemon();
+    expect(() => r.reader.push(frame(FrameKind.SPAWN, 1))).toThrow(/unknown frame kind 1/);
+    r = toDaemon();
+    expect(() => r.reader.push(frame(99, 1))).toThrow(/unknown frame kind 99/);
+    r = toDaemon();
+    expect(() => r.reader.push(frame(FrameKind.SPAWNED, 1, Buffer.alloc(2)))).toThrow(/not 4/);
+    r = toDaemon();
+    const over = Buffer.alloc(9);
+    over.writeUInt32BE(MAX_BODY_TO_DAEMON + 1, 0);
+    over.writeUInt8(FrameKind.STDOUT, 4);
+    expect(() => r.reader.push(over)).toThrow(/over the cap/);
+  });
+
+  it("reads a large frame delivered in many small chunks, copying it once", () => {
+    const body = Buffer.alloc(1024 * 1024);
+    for (let i = 0; i < body.length; i++) body[i] = i % 251;
+    const wire = Buffer.concat([frame(FrameKind.STDOUT, 7, body), u32Frame(FrameKind.CLOSED, 7, 1)]);
+    const { got, reader } = toDaemon();
+    const concat = vi.spyOn(Buffer, "concat");
+    const alloc = vi.spyOn(Buffer, "allocUnsafe");
+    const from = vi.spyOn(Buffer, "from");
+    try {
+      for (let at = 0; at < wire.length; at += 1000) reader.push(wire.subarray(at, at + 1000));
+      const bytes = (calls: unknown[][], size: (args: unknown[], r: unknown) => number, results: { value: unknown }[]) => calls.reduce((n, args, i) => n + size(args, results[i]!.value), 0);
+      const copied =
+        bytes(concat.mock.calls, (_a, r) => (r as Buffer).length, concat.mock.results) +
+        bytes(alloc.mock.calls, (a) => a[0] as number, alloc.mock.results) +
+        bytes(from.mock.calls, (_a, r) => (Buffer.isBuffer(r) ? r.length : 0), from.mock.results);
+      // Once for the body, plus the test's own copy of it in onFrame and a little for headers.
+      expect(copied).toBeLessThan(3 * body.length);
+    } finally {
+      concat.mockRestore();
+      alloc.mockRestore();
+      from.mockRestore();
+    }
+    expect(got.map((f) => [f.kind, f.id])).toEqual([[FrameKind.STDOUT, 7], [FrameKind.CLOSED, 7]]);
+    expect(got[0]!.body.equals(body)).toBe(true);
+  });
+});

@@ -1,0 +1,128 @@
+/**
+ * The daemon's spawner (daemon/spawner.ts) killed while tasks run, in a
+ * real mesh: the daemon notices, ends what is left of the tasks' processes,
+ * reports each task INTERRUPTED with the reason (never left running, never
+ * lost), and starts a new spawner for the next task. And a daemon whose
+ * environment has a NODE_OPTIONS preload that writes to stdout runs a task
+ * once (review F1: the stray line was read as a frame and the task ran twice).
+ */
+import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { LocalMesh } from "../../cli/launcher.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { testCa } from "../test-ca.js";
+import { clientOf, collectJob, isAlive, tempDir, until } from "./support.js";
+
+/** The spawner of a daemon process: its child running spawner-main.js. */
+function spawnerOf(daemonPid: number): number | undefined {
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (ppid !== daemonPid) continue;
+      if (readFileSync(`/proc/${name}/cmdline`, "utf8").includes("spawner-main.js")) return Number(name);
+    } catch {
+      // gone
+    }
+  }
+  return undefined;
+}
+
+describe("a daemon's spawner dies while its tasks run", () => {
+  const dir = tempDir("spawner-death");
+  const hosts = ["s1", "s2"];
+  const mesh = new LocalMesh({ ca: testCa(), dir, regions: ["r1"], hosts: hosts.map((id) => ({ id, region: "r1" })), hostsPerProcess: 2 });
+  beforeAll(async () => {
+    await mesh.start();
+    await mesh.waitForHosts(hosts.length);
+  }, 120_000);
+  afterAll(() => mesh.stop());
+
+  it("ends the tasks INTERRUPTED with the reason, kills what they left running, and runs the next task through a new spawner", async () => {
+    const { client, close } = clientOf(mesh);
+    try {
+      const daemonPid = mesh.daemons[0]!.proc.pid!;
+      // Each task notes its pid, then writes a line and waits, ignoring SIGTERM (so only the SIGKILL after the grace ends it).
+      const script = `echo $$ > "$MARK/$REXMESH_HOST_ID"; echo started; trap "" TERM; while :; do sleep 1; done`;
+      const { job } = await client.submitJob({ hostIds: hosts, steps: [{ tool: { case: "shell", value: { script } } }], env: { MARK: dir } });
+      const pids = await until("both tasks running", async () => {
+        try {
+          const p = hosts.map((h) => Number(readFileSync(join(dir, h), "utf8").trim()));
+          return p.every((x) => x > 0) ? p : undefined;
+        } catch {
+          return undefined;
+        }
+      });
+      const spawner = spawnerOf(daemonPid);
+      expect(spawner, "the daemon runs its tasks through a spawner").toBeDefined();
+      process.kill(spawner!, "SIGKILL");
+
+      const r = await collectJob(client, job!.id, AbortSignal.timeout(30_000));
+      for (const h of hosts) {
+        const t = r.tasks.get(h)!;
+        expect(t.state, `${h}: ${t.message}`).toBe(TaskState.INTERRUPTED);
+        expect(t.message).toMatch(/spawner was killed by SIGKILL while its process \d+ ran: its exit and any output not yet received are unknown; \d+ leftover process(es)? ended/);
+        expect(t.outputTruncated).toBe(true);
+      }
+      // Nothing of them runs on (the shell ignored SIGTERM; its sleep did not).
+      for (const pid of pids) await until(`process ${pid} gone`, async () => (isAlive(pid) ? undefined : true), 10_000);
+      expect(isAlive(daemonPid)).toBe(true);
+
+      const again = await client.submitJob({ hostIds: hosts, steps: [{ tool: { case: "exec", value: { argv: ["echo", "again"] } } }] });
+      const r2 = await collectJob(client, again.job!.id, AbortSignal.timeout(30_000));
+      for (const h of hosts) {
+        expect(r2.tasks.get(h)!.state, r2.tasks.get(h)!.message).toBe(TaskState.SUCCEEDED);
+        expect(r2.stdout.get(h)!.toString()).toBe("again\n");
+      }
+      const next = spawnerOf(daemonPid);
+      expect(next).toBeDefined();
+      expect(next).not.toBe(spawner);
+    } finally {
+      close();
+    }
+  }, 90_000);
+});
+
+describe("a daemon started with a NODE_OPTIONS preload that writes one line to stdout", () => {
+  const dir = tempDir("spawner-nodeopts");
+  const preload = join(tempDir("spawner-preload"), "preload.cjs");
+  writeFileSync(preload, `process.stdout.write("preload: agent started\\n");\n`);
+  const mesh = new LocalMesh({ ca: testCa(), dir, regions: ["r1"], hosts: [{ id: "n1", region: "r1" }] });
+  beforeAll(async () => {
+    mesh.prepare();
+    await mesh.startController();
+    await mesh.startProxies();
+    const saved = process.env.NODE_OPTIONS;
+    process.env.NODE_OPTIONS = `--require ${preload}`;
+    try {
+      await mesh.startDaemons();
+    } finally {
+      if (saved === undefined) delete process.env.NODE_OPTIONS;
+      else process.env.NODE_OPTIONS = saved;
+    }
+    await mesh.waitForHosts(1);
+  }, 120_000);
+  afterAll(() => mesh.stop());
+
+  it("runs a task once, through its spawner", async () => {
+    const { client, close } = clientOf(mesh);
+    try {
+      const runs = join(mesh.dir, "runs");
+      const script = `echo "$REXMESH_TASK_ID pid $$ ppid $PPID" >> "$RUNS"; echo hello`;
+      const { job } = await client.submitJob({ hostIds: ["n1"], steps: [{ tool: { case: "shell", value: { script } } }], env: { RUNS: runs } });
+      const r = await collectJob(client, job!.id, AbortSignal.timeout(100_000));
+      const t = r.tasks.get("n1")!;
+      expect(t.state, t.message).toBe(TaskState.SUCCEEDED);
+      expect(r.stdout.get("n1")?.toString()).toBe("hello\n");
+      const lines = existsSync(runs) ? readFileSync(runs, "utf8").trim().split("\n") : [];
+      expect(lines, "the task's process was started this many times").toHaveLength(1);
+      // Started by the spawner, not by the daemon falling back.
+      const daemon = mesh.daemons[0]!.proc.pid!;
+      expect(Number(lines[0]!.split(" ").at(-1))).toBe(spawnerOf(daemon));
+    } finally {
+      close();
+    }
+  }, 120_000);
+});
