@@ -17,6 +17,13 @@ type Delta = [number, Entry][];
 /** A delta's key: the job, the page, then the start it was written in and its number in that start (so deltas read in the order they were written). */
 type DeltaKey = [string, number, number, number];
 
+/**
+ * One page's write in a turn: its delta; or one delta for what the page's
+ * deltas (`removed`) and this turn hold together; or this turn's entries
+ * and the page's deltas folded into the page.
+ */
+type PageWrite = { key: DeltaKey; entries: Delta; removed?: DeltaKey[]; intoPage?: true };
+
 interface Pending {
   /** Per page of the job: the entries changed this turn, by index in the page. */
   pages: Map<number, Map<number, Entry>>;
@@ -28,6 +35,31 @@ interface Pending {
 
 const PAGE_CACHE = 256;
 const COLUMNAR_CACHE = 4096;
+/** Pages whose kept deltas are counted in memory; one evicted is counted again from the store. */
+const KEPT_CACHE = 4096;
+
+/**
+ * A page keeps at most this many deltas: the write that would pass it folds
+ * them instead ({@link LmdbTaskColumns}), so a read applies at most this many.
+ */
+export const MAX_PAGE_DELTAS = 16;
+/** ... and at most this many entries in them (a delta holds up to a page's worth). */
+export const MAX_PAGE_DELTA_ENTRIES = 2 * COLUMN_PAGE;
+
+/** A page's changed tasks are held in memory, to be folded without reading a delta back, while they are at most this many. */
+const FOLD_FROM_MEMORY = 32;
+
+/** What a page keeps beyond its stored entries: its deltas and the entries in them, counted high when unsure. */
+interface Kept {
+  deltas: number;
+  entries: number;
+  /**
+   * While the tasks they change are at most {@link FOLD_FROM_MEMORY}: the
+   * deltas' keys, and the last entry of each task they change (what they
+   * hold together). Undefined when more, or not known.
+   */
+  held?: { keys: DeltaKey[]; changed: Map<number, Entry> };
+}
 
 /**
  * The tasks of jobs whose task ids name their place ({@link placeOfTaskId}),
@@ -43,12 +75,21 @@ const COLUMNAR_CACHE = 4096;
  *   is durable.
  * - A task reads as its page's entry overlaid by the page's deltas in the
  *   order they were written (`start` grows with every start of the store,
- *   `n` within one). Nothing is folded: a page's deltas are as many as the
- *   turns that changed it, and a read decodes one page and its deltas.
+ *   `n` within one).
+ * - A page keeps at most {@link MAX_PAGE_DELTAS} deltas holding at most
+ *   {@link MAX_PAGE_DELTA_ENTRIES} entries: the write that would pass
+ *   either folds them, in one transaction with its own entries, and removes
+ *   the deltas folded. While the page's deltas change few tasks (a few
+ *   tasks streaming output) they are folded into one delta from the entries
+ *   held in memory, reading nothing back; otherwise into the page, read
+ *   with its deltas and written again. So a read, a recovery or a finished
+ *   job's listing decodes a page and a bounded number of deltas however
+ *   long the job ran.
  *
  * A controller killed at any point recovers each task to its last
  * committed state: pages and deltas are each written whole in one commit,
- * and read back in the order they were written.
+ * a fold (its page or delta written, the deltas it folded removed) is one
+ * transaction, and everything is read back in the order it was written.
  */
 export class LmdbTaskColumns {
   private readonly pages: Database<Page, [string, number]>;
@@ -62,8 +103,14 @@ export class LmdbTaskColumns {
   private flushScheduled = false;
   /** Committed pages with their deltas applied, `${jobId}\0${page}`; dropped when a delta of the page commits. */
   private readonly merged = new Map<string, Page>();
+  /** Per page written by this start, what it keeps (bounded; see {@link kept}). */
+  private readonly keptCounts = new Map<string, Kept>();
+  /** Per page, its writes (a turn's delta or fold) queued and not yet settled. */
+  private readonly inFlight = new Map<string, number>();
+  private readonly root: LmdbEnv["root"];
 
   constructor(env: LmdbEnv) {
+    this.root = env.root;
     this.pages = env.db("task-pages");
     this.deltas = env.db("task-deltas");
     const meta = env.db<number>("task-columns");
@@ -129,23 +176,144 @@ export class LmdbTaskColumns {
     const jobs = [...this.pending];
     this.pending.clear();
     for (const [jobId, p] of jobs) {
-      const writes: Promise<unknown>[] = [];
-      for (const [pageNo, entries] of p.pages) writes.push(this.deltas.put([jobId, pageNo, this.start, this.written++], [...entries]));
-      for (const chunk of p.chunks) writes.push(chunk());
+      const pageWrites: PageWrite[] = [];
+      for (const [pageNo, changed] of p.pages) {
+        const pageKey = `${jobId}\0${pageNo}`;
+        this.inFlight.set(pageKey, (this.inFlight.get(pageKey) ?? 0) + 1);
+        pageWrites.push(this.pageWrite([jobId, pageNo, this.start, this.written++], [...changed]));
+      }
+      let written: Promise<unknown>;
+      if (!pageWrites.some((w) => w.intoPage)) {
+        const writes: Promise<unknown>[] = [];
+        for (const { key, entries, removed } of pageWrites) {
+          // A fold into one delta writes it before the deltas it replaces are removed (one commit; were it
+          // ever split, the new delta reads last and covers them).
+          writes.push(this.deltas.put(key, entries));
+          for (const k of removed ?? []) writes.push(this.deltas.remove(k));
+        }
+        for (const chunk of p.chunks) writes.push(chunk());
+        written = Promise.all(writes);
+      } else {
+        // A fold into a page reads it and its deltas: in a transaction, with the job's other writes of the turn and
+        // the chunks they count, undone whole if any part throws.
+        // (A put inside a transaction is done at once; its promise is settled already.)
+        const chunks: Promise<unknown>[] = [];
+        written = this.root
+          .childTransaction(() => {
+            for (const w of pageWrites) {
+              if (w.intoPage) this.foldIntoPage(w);
+              else this.deltas.putSync(w.key, w.entries);
+              for (const k of w.removed ?? []) this.deltas.removeSync(k);
+            }
+            for (const chunk of p.chunks) chunks.push(chunk());
+          })
+          .then(() => Promise.all(chunks));
+      }
       const landed = () => {
-        for (const pageNo of p.pages.keys()) this.merged.delete(`${jobId}\0${pageNo}`);
+        for (const pageNo of p.pages.keys()) {
+          const pageKey = `${jobId}\0${pageNo}`;
+          this.merged.delete(pageKey);
+          const n = this.inFlight.get(pageKey)! - 1;
+          if (n === 0) this.inFlight.delete(pageKey);
+          else this.inFlight.set(pageKey, n);
+        }
       };
-      Promise.all(writes).then(
+      written.then(
         () => {
           landed();
           p.settle();
         },
         (err: unknown) => {
           landed();
+          // What the pages keep is no longer known: counted again from the store at their next write.
+          for (const pageNo of p.pages.keys()) this.keptCounts.delete(`${jobId}\0${pageNo}`);
           p.settle(err ?? new Error("storing a task delta failed"));
         },
       );
     }
+  }
+
+  /**
+   * How a page's changed entries are written this turn: as a delta while
+   * the page keeps fewer than {@link MAX_PAGE_DELTAS} deltas and
+   * {@link MAX_PAGE_DELTA_ENTRIES} entries; else folded, from memory into
+   * one delta while the tasks they change are few, or into the page.
+   */
+  private pageWrite(key: DeltaKey, entries: Delta): PageWrite {
+    const kept = this.kept(key[0], key[1]);
+    const held = kept.held;
+    if (held) {
+      for (let k = 0; k < entries.length && held.changed.size <= FOLD_FROM_MEMORY; k++) held.changed.set(...entries[k]!);
+      if (held.changed.size > FOLD_FROM_MEMORY) kept.held = undefined;
+    }
+    if (kept.deltas < MAX_PAGE_DELTAS && kept.entries + entries.length <= MAX_PAGE_DELTA_ENTRIES) {
+      kept.deltas++;
+      kept.entries += entries.length;
+      kept.held?.keys.push(key);
+      return { key, entries };
+    }
+    if (kept.held) {
+      const removed = kept.held.keys;
+      const union = [...kept.held.changed];
+      kept.held.keys = [key];
+      kept.deltas = 1;
+      kept.entries = union.length;
+      return { key, entries: union, removed };
+    }
+    kept.deltas = 0;
+    kept.entries = 0;
+    kept.held = { keys: [], changed: new Map() };
+    return { key, entries, intoPage: true };
+  }
+
+  /**
+   * What a page keeps, as the next write will find it: counted as written
+   * by this start, or from the store plus what is in flight (counted twice
+   * if it committed meanwhile: high, which only folds sooner; and its
+   * changed tasks not known).
+   */
+  private kept(jobId: string, pageNo: number): Kept {
+    const pageKey = `${jobId}\0${pageNo}`;
+    let kept = this.keptCounts.get(pageKey);
+    if (kept) {
+      this.keptCounts.delete(pageKey);
+    } else {
+      const inFlight = this.inFlight.get(pageKey) ?? 0;
+      kept = { deltas: inFlight, entries: inFlight * COLUMN_PAGE, held: inFlight === 0 ? { keys: [], changed: new Map() } : undefined };
+      for (const { key, value } of this.deltas.getRange({ start: [jobId, pageNo], end: [jobId, pageNo + 1] })) {
+        kept.deltas++;
+        kept.entries += value.length;
+        kept.held?.keys.push(key);
+        for (const [i, e] of value) kept.held?.changed.set(i, e);
+      }
+      if (kept.held && kept.held.changed.size > FOLD_FROM_MEMORY) kept.held = undefined;
+      if (this.keptCounts.size >= KEPT_CACHE) this.keptCounts.delete(this.keptCounts.keys().next().value!);
+    }
+    this.keptCounts.set(pageKey, kept);
+    return kept;
+  }
+
+  /**
+   * Inside a write transaction: the page's deltas written before `key`
+   * (every delta queued before this one; lmdb-js runs a transaction after
+   * the single writes queued with it, so later ones may be there too, and
+   * are left to apply after) and `entries` folded into the page, and those
+   * deltas removed.
+   */
+  private foldIntoPage({ key, entries }: PageWrite): void {
+    const [jobId, pageNo] = key;
+    const page = this.pages.get([jobId, pageNo]);
+    if (!page) {
+      // No page to fold into (pages are written at submit, before any change): a delta as usual.
+      this.deltas.putSync(key, entries);
+      return;
+    }
+    for (const { key: k, value } of [...this.deltas.getRange({ start: [jobId, pageNo], end: key })]) {
+      this.deltas.removeSync(k);
+      for (const [i, e] of value) page.tasks[i] = e;
+    }
+    for (const [i, e] of entries) page.tasks[i] = e;
+    this.pages.putSync([jobId, pageNo], page);
   }
 
   /**

@@ -7,7 +7,11 @@
 //   column:  task ids that name their job and place (controller/task-ids.ts), the job's tasks as
 //            one column (pages at submit, one delta per turn, folded when the job finishes).
 // Both write a host-index entry per task at submit (a host's history); "index only" measures
-// that entry alone (--layouts picks some). The controller as built in dist/ (npm run build first).
+// that entry alone. "stream" is a long job's output: a column job whose first 8 tasks each append
+// a chunk per event-loop turn for --turns turns (a delta per turn on one page), reported as µs of
+// CPU per chunk, then µs to read one of those tasks and the whole job from a reopened store (as
+// recovery or a finished job's listing does). --layouts picks some. The controller as built in
+// dist/ (npm run build first).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -16,12 +20,13 @@ import { LmdbEnv } from "../../dist/common/lmdb.js";
 import { LmdbJobStore } from "../../dist/controller/lmdb-job-store.js";
 import { taskIdOf } from "../../dist/controller/task-ids.js";
 
-const { values } = parseArgs({ options: { tasks: { type: "string", default: "10000" }, rounds: { type: "string", default: "6" }, layouts: { type: "string", default: "records,column,index only" } } });
+const { values } = parseArgs({ options: { tasks: { type: "string", default: "10000" }, rounds: { type: "string", default: "6" }, turns: { type: "string", default: "2000" }, layouts: { type: "string", default: "records,column,index only" } } });
 const N = Number(values.tasks);
 const cpu = () => { const u = process.cpuUsage(); return (u.user + u.system) / 1000; };
 const turn = () => new Promise((r) => setImmediate(r));
 
 async function round(layout, r) {
+  if (layout === "stream") return stream(r);
   const dir = mkdtempSync(join(tmpdir(), "rexmesh-records-"));
   const env = new LmdbEnv({ path: dir, maxBytes: 1 << 30 });
   const store = new LmdbJobStore(env);
@@ -54,6 +59,45 @@ async function round(layout, r) {
   return { submitUs: ((c1 - c0) * 1000) / N, endUs: ((c2 - c1) * 1000) / N, finishUs: ((c3 - c2) * 1000) / N, wallMs: performance.now() - t0 };
 }
 
+async function stream(r) {
+  const dir = mkdtempSync(join(tmpdir(), "rexmesh-records-"));
+  const open = () => { const env = new LmdbEnv({ path: dir, maxBytes: 1 << 30 }); return { env, store: new LmdbJobStore(env) }; };
+  let { env, store } = open();
+  const jobId = `j01hzzzzzy${String(r).padStart(3, "0")}abcdefgh`;
+  const tasks = Array.from({ length: 1000 }, (_, i) => ({
+    id: taskIdOf(jobId, i), jobId, tenant: "acme", hostId: `host-${String(i).padStart(5, "0")}.r1.example`, region: "r1", proxy: "p1",
+    state: 5, signal: "", message: "", updatedAt: 1_700_000_000_000, outputChunks: 0, outputTruncated: false, released: true, proxies: ["p1"],
+  }));
+  const job = { id: jobId, tenant: "acme", submittedBy: "alice", createdAt: 1_700_000_000_000, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 0, lostAfterMs: 0, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: tasks.map((t) => t.id), outputLimitBytes: 0 };
+  await store.putJob(job, tasks);
+  const data = Buffer.from("a line of output\n");
+  const turns = Number(values.turns);
+  const c0 = cpu();
+  const writes = [];
+  for (let k = 0; k < turns; k++) {
+    for (const t of tasks.slice(0, 8)) {
+      t.outputChunks++;
+      writes.push(store.appendOutput({ ...t }, { taskId: t.id, seq: BigInt(t.outputChunks), stream: 1, data }));
+    }
+    await turn();
+  }
+  await Promise.all(writes);
+  const c1 = cpu();
+  await env.close();
+  ({ env, store } = open());
+  const t0 = performance.now();
+  const one = store.getTask(tasks[3].id);
+  const t1 = performance.now();
+  ({ env, store } = (await env.close(), open()));
+  const t2 = performance.now();
+  const all = store.tasksOf(job);
+  const t3 = performance.now();
+  if (one?.outputChunks !== turns || all[7].outputChunks !== turns) throw new Error("stream: a task did not read back its last count");
+  await env.close();
+  rmSync(dir, { recursive: true, force: true });
+  return { submitUs: 0, endUs: ((c1 - c0) * 1000) / (turns * 8), finishUs: 0, readTaskUs: (t1 - t0) * 1000, readJobUs: (t3 - t2) * 1000, wallMs: t3 - t0 };
+}
+
 const layouts = values.layouts.split(",");
 const results = Object.fromEntries(layouts.map((l) => [l, []]));
 for (let r = 0; r < Number(values.rounds); r++) for (const l of layouts) results[l].push(await round(l, r));
@@ -61,5 +105,9 @@ const med = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 console.log(`${N} tasks, rounds 2-${values.rounds} (median), µs of CPU per task:`);
 for (const l of layouts) {
   const warm = results[l].slice(1);
+  if (l === "stream") {
+    console.log(`  stream     a chunk ${med(warm.map((x) => x.endUs)).toFixed(1).padStart(5)}  then, reopened: a task read ${med(warm.map((x) => x.readTaskUs)).toFixed(0)} µs, the job's 1,000 tasks ${med(warm.map((x) => x.readJobUs)).toFixed(0)} µs (${values.turns} turns)`);
+    continue;
+  }
   console.log(`  ${l.padEnd(10)} submit ${med(warm.map((x) => x.submitUs)).toFixed(1).padStart(5)}  end ${med(warm.map((x) => x.endUs)).toFixed(1).padStart(5)}  job finished ${med(warm.map((x) => x.finishUs)).toFixed(1).padStart(5)}  wall ${med(warm.map((x) => x.wallMs)).toFixed(0)} ms per round`);
 }

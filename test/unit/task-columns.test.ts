@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { MemoryJobStore, type JobStore } from "../../controller/job-store.js";
-import { COLUMN_PAGE } from "../../controller/lmdb-task-columns.js";
+import { COLUMN_PAGE, MAX_PAGE_DELTA_ENTRIES, MAX_PAGE_DELTAS } from "../../controller/lmdb-task-columns.js";
 import { LmdbJobStore } from "../../controller/lmdb-job-store.js";
 import type { JobRecord, TaskRecord } from "../../controller/model.js";
 import { placeOfTaskId, taskIdOf } from "../../controller/task-ids.js";
@@ -228,4 +228,77 @@ describe("a store written by the release before task columns (078a2db)", () => {
     expect(store.taskIdsOfHost("acme", "h1", 10)).toEqual([tasks[1]!.id, b.taskIds[0], a.taskIds[0]]);
     await store.close();
   });
+});
+
+describe("a page's deltas are folded past a bound", () => {
+  /** A store, and what a read of a page of it applies: the page's deltas and the entries in them, as the store holds them. */
+  function opened(dir: string) {
+    const env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
+    const deltas = env.db<unknown[]>("task-deltas");
+    const keptOf = (jobId: string, page: number) => {
+      let n = 0;
+      let entries = 0;
+      for (const { value } of deltas.getRange({ start: [jobId, page], end: [jobId, page + 1] })) {
+        n++;
+        entries += value.length;
+      }
+      return { deltas: n, entries };
+    };
+    return { store: new LmdbJobStore(env), keptOf };
+  }
+
+  for (const seed of [11, 12]) {
+    it(`keeps at most ${MAX_PAGE_DELTAS} deltas and ${MAX_PAGE_DELTA_ENTRIES} entries per page through thousands of turns, reading as the memory store after each (seed ${seed})`, async () => {
+      const random = rng(seed);
+      const dir = tempDir();
+      let { store: lmdb, keptOf } = opened(dir);
+      const memory = new MemoryJobStore();
+      const { job: j, tasks } = columnJob(`j01k9bound${seed}`, "acme", COLUMN_PAGE + 40);
+      for (const s of [lmdb, memory]) await s.putJob(j, tasks);
+      const live = tasks.map((t) => ({ ...t }));
+      let most = { deltas: 0, entries: 0 };
+      let inFlight: Promise<void>[] = [];
+      for (let step = 0; step < 2500; step++) {
+        // Most turns change a few tasks of page 0 (one streams output); some change most of the page, or a task of page 1.
+        const wide = random() < 0.02;
+        const changed = wide ? live.slice(0, COLUMN_PAGE).filter(() => random() < 0.8) : [live[Math.floor(random() * 4)]!, ...(random() < 0.1 ? [live[COLUMN_PAGE + Math.floor(random() * 40)]!] : [])];
+        for (const t of changed) {
+          t.updatedAt = step;
+          if (random() < 0.5) {
+            t.outputChunks++;
+            const c = chunk(t.id, t.outputChunks, `${step}\n`);
+            for (const s of [lmdb, memory]) inFlight.push(s.appendOutput({ ...t }, c));
+          } else {
+            t.state = Math.floor(random() * TaskState.LOST) + 1;
+            if (random() < 0.2) t.proxies = [`p${step % 3}`];
+            for (const s of [lmdb, memory]) inFlight.push(s.putTask({ ...t }));
+          }
+        }
+        await turn();
+        // Writes of several turns in flight at once, then every one of them durable.
+        if (random() < 0.3) {
+          await Promise.all(inFlight);
+          inFlight = [];
+          const kept = keptOf(j.id, 0);
+          most = { deltas: Math.max(most.deltas, kept.deltas), entries: Math.max(most.entries, kept.entries) };
+          expect(kept.deltas, `step ${step}: deltas of page 0`).toBeLessThanOrEqual(MAX_PAGE_DELTAS);
+          expect(kept.entries, `step ${step}: entries in page 0's deltas`).toBeLessThanOrEqual(MAX_PAGE_DELTA_ENTRIES);
+          for (const t of changed) expect(lmdb.getTask(t.id), `step ${step}: ${t.id}`).toEqual(t);
+        }
+        if (random() < 0.005) {
+          await Promise.all(inFlight);
+          inFlight = [];
+          await lmdb.close();
+          ({ store: lmdb, keptOf } = opened(dir));
+        }
+      }
+      await Promise.all(inFlight);
+      expect(reads(lmdb, j)).toEqual(reads(memory, j));
+      expect(lmdb.tasksOf(j)).toEqual(live);
+      // The bound was reached, not merely never approached.
+      expect(most.deltas).toBeGreaterThanOrEqual(MAX_PAGE_DELTAS - 1);
+      await lmdb.close();
+      expect(reads(open(dir), j)).toEqual(reads(memory, j));
+    }, 120_000);
+  }
 });
