@@ -107,6 +107,8 @@ export class LmdbTaskColumns {
   private readonly keptCounts = new Map<string, Kept>();
   /** Per page, its writes (a turn's delta or fold) queued and not yet settled. */
   private readonly inFlight = new Map<string, number>();
+  /** Per page, its writes queued in a transaction and not yet settled. */
+  private readonly inTransaction = new Map<string, number>();
   private readonly root: LmdbEnv["root"];
 
   constructor(env: LmdbEnv) {
@@ -178,12 +180,14 @@ export class LmdbTaskColumns {
     for (const [jobId, p] of jobs) {
       const pageWrites: PageWrite[] = [];
       for (const [pageNo, changed] of p.pages) {
-        const pageKey = `${jobId}\0${pageNo}`;
-        this.inFlight.set(pageKey, (this.inFlight.get(pageKey) ?? 0) + 1);
+        count(this.inFlight, `${jobId}\0${pageNo}`, +1);
         pageWrites.push(this.pageWrite([jobId, pageNo, this.start, this.written++], [...changed]));
       }
+      // lmdb-js runs a transaction after the single writes queued with it: a delta written in one may land after a
+      // later turn's single writes, so removing it then would remove nothing. Its removal goes in a transaction too.
+      const inTransaction = pageWrites.some((w) => w.intoPage || (w.removed && this.inTransaction.has(pageKeyOf(w.key))));
       let written: Promise<unknown>;
-      if (!pageWrites.some((w) => w.intoPage)) {
+      if (!inTransaction) {
         const writes: Promise<unknown>[] = [];
         for (const { key, entries, removed } of pageWrites) {
           // A fold into one delta writes it before the deltas it replaces are removed (one commit; were it
@@ -196,6 +200,7 @@ export class LmdbTaskColumns {
       } else {
         // A fold into a page reads it and its deltas: in a transaction, with the job's other writes of the turn and
         // the chunks they count, undone whole if any part throws.
+        for (const w of pageWrites) count(this.inTransaction, pageKeyOf(w.key), +1);
         // (A put inside a transaction is done at once; its promise is settled already.)
         const chunks: Promise<unknown>[] = [];
         written = this.root
@@ -213,9 +218,8 @@ export class LmdbTaskColumns {
         for (const pageNo of p.pages.keys()) {
           const pageKey = `${jobId}\0${pageNo}`;
           this.merged.delete(pageKey);
-          const n = this.inFlight.get(pageKey)! - 1;
-          if (n === 0) this.inFlight.delete(pageKey);
-          else this.inFlight.set(pageKey, n);
+          count(this.inFlight, pageKey, -1);
+          if (inTransaction) count(this.inTransaction, pageKey, -1);
         }
       };
       written.then(
@@ -367,6 +371,17 @@ export class LmdbTaskColumns {
     this.merged.set(key, page);
     return page;
   }
+}
+
+function pageKeyOf([jobId, pageNo]: DeltaKey): string {
+  return `${jobId}\0${pageNo}`;
+}
+
+/** Adds `by` to a count kept in a map, dropping it at zero. */
+function count(counts: Map<string, number>, key: string, by: number): void {
+  const n = (counts.get(key) ?? 0) + by;
+  if (n === 0) counts.delete(key);
+  else counts.set(key, n);
 }
 
 /**

@@ -1,9 +1,16 @@
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
+import { LmdbEnv } from "../../common/lmdb.js";
 import { isTerminal } from "../../common/task-state.js";
+import { LmdbJobStore } from "../../controller/lmdb-job-store.js";
+import { MAX_PAGE_DELTAS } from "../../controller/lmdb-task-columns.js";
+import { taskIdOf } from "../../controller/task-ids.js";
 import { SubmitJobRequestSchema, type Task } from "../../gen/rexmesh/v1/controller_pb.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
-import { clientOf, collectJob, faultMesh, hostIds, killRole, spawnsOf, until } from "./support.js";
+import { clientOf, collectJob, faultMesh, hostIds, killRole, spawnsOf, tempDir, until } from "./support.js";
 
 /**
  * A job's tasks kept as one column at the controller (pages written at
@@ -95,3 +102,106 @@ describe("task columns: a controller killed mid-job recovers every task from its
   }, 180_000);
 });
 
+
+/**
+ * The tasks one step of the writer below changes: two of its 300 every step
+ * (a page's deltas folded into one delta from memory), and 60 of the first
+ * page every fifth (folded into the page). The same function runs in the
+ * writer (as its source) and here.
+ */
+function changesAt(step: number): number[] {
+  const out = [step % 8, 256 + (step % 5)];
+  if (step % 5 === 0) for (let k = 0; k < 60; k++) out.push((step * 7 + k * 4) % 256);
+  return [...new Set(out)];
+}
+
+/** A process that keeps changing a column job's tasks (each change with an output chunk) and prints each step once durable. */
+const writer = `
+const [dist, dir] = process.argv.slice(1);
+const { LmdbEnv } = await import(dist + "/common/lmdb.js");
+const { LmdbJobStore } = await import(dist + "/controller/lmdb-job-store.js");
+const { taskIdOf } = await import(dist + "/controller/task-ids.js");
+const changesAt = ${changesAt.toString()};
+const store = new LmdbJobStore(new LmdbEnv({ path: dir, maxBytes: 256 << 20 }));
+const jobId = "j01kkilled000";
+let job = store.getJob(jobId);
+if (!job) {
+  const tasks = Array.from({ length: 300 }, (_, i) => ({ id: taskIdOf(jobId, i), jobId, tenant: "acme", hostId: "h" + i, region: "r1", proxy: "p1", state: 5, signal: "", message: "", updatedAt: 0, outputChunks: 0, outputTruncated: false, released: true, proxies: ["p1"] }));
+  job = { id: jobId, tenant: "acme", submittedBy: "alice", createdAt: 1, steps: [], env: {}, workingDir: "", stdin: new Uint8Array(), timeoutMs: 0, deliverBy: 0, lostAfterMs: 0, idempotent: false, idempotencyKey: "", cancelRequested: false, taskIds: tasks.map((t) => t.id), outputLimitBytes: 0 };
+  await store.putJob(job, tasks);
+}
+const live = store.tasksOf(job);
+let step = Math.max(...live.map((t) => t.updatedAt));
+for (;;) {
+  step++;
+  const writes = changesAt(step).map((i) => {
+    const t = live[i];
+    t.updatedAt = step;
+    t.outputChunks++;
+    return store.appendOutput({ ...t }, { taskId: t.id, seq: BigInt(t.outputChunks), stream: 1, data: Buffer.from(step + "\\n") });
+  });
+  const s = step;
+  Promise.all(writes).then(() => process.stdout.write(s + "\\n"));
+  await new Promise((r) => setImmediate(r));
+}
+`;
+
+describe("task columns: a store killed with SIGKILL while it folds", () => {
+  it("recovers every task as one step left it, each counted chunk stored, each page within its bound, again and again", async () => {
+    const dir = tempDir("columns-kill");
+    const dist = join(import.meta.dirname, "../../dist");
+    const jobId = "j01kkilled000";
+    // A seeded schedule of kills (mulberry32): a failing run replays.
+    let seed = 20_251_206;
+    const random = () => {
+      seed = (seed + 0x6d2b79f5) >>> 0;
+      let t = Math.imul(seed ^ (seed >>> 15), seed | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+    let recovered = 0;
+    for (let kill = 0; kill < 6; kill++) {
+      const child = spawn(process.execPath, ["--input-type=module", "-e", writer, dist, dir], { stdio: ["ignore", "pipe", "inherit"] });
+      let acked = 0;
+      let out = "";
+      child.stdout.setEncoding("utf8");
+      const pastRecovered = recovered + 40 + Math.floor(random() * 200);
+      const enough = new Promise<void>((resolve) =>
+        child.stdout.on("data", (d: string) => {
+          out += d;
+          const lines = out.split("\n");
+          out = lines.pop()!;
+          for (const l of lines) acked = Math.max(acked, Number(l));
+          if (acked >= pastRecovered) resolve();
+        }),
+      );
+      const exited = once(child, "exit");
+      await Promise.race([enough, exited.then(() => Promise.reject(new Error("the writer exited by itself")))]);
+      child.kill("SIGKILL");
+      await exited;
+
+      const env = new LmdbEnv({ path: dir, maxBytes: 256 << 20 });
+      const store = new LmdbJobStore(env);
+      const tasks = store.tasksOf(store.getJob(jobId)!);
+      const last = Math.max(...tasks.map((t) => t.updatedAt));
+      expect(last, "every step acknowledged is recovered").toBeGreaterThanOrEqual(acked);
+      // As step `last` left them: each task's last change and its count of changes, each chunk of them stored.
+      const lastChange = new Array<number>(300).fill(0);
+      const changes = new Array<number>(300).fill(0);
+      for (let step = 1; step <= last; step++) {
+        for (const i of changesAt(step)) {
+          lastChange[i] = step;
+          changes[i]!++;
+        }
+      }
+      expect(tasks.map((t) => t.updatedAt)).toEqual(lastChange);
+      expect(tasks.map((t) => t.outputChunks)).toEqual(changes);
+      expect(tasks.map((t) => store.readOutput(t.id, 1, 1 << 20).length)).toEqual(changes);
+      const deltas = env.db("task-deltas");
+      for (const page of [0, 1]) expect(deltas.getKeysCount({ start: [jobId, page], end: [jobId, page + 1] }), `page ${page}`).toBeLessThanOrEqual(MAX_PAGE_DELTAS);
+      expect(store.getTask(taskIdOf(jobId, 299))).toMatchObject({ updatedAt: lastChange[299] });
+      recovered = last;
+      await store.close();
+    }
+  }, 120_000);
+});
