@@ -1,5 +1,6 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Database } from "lmdb";
+import { FailedPreconditionError } from "../common/errors.js";
 import type { LmdbEnv } from "../common/lmdb.js";
 import { OutputChunkSchema, StepSchema, type OutputChunk, type OutputStream, type Step } from "../gen/rexmesh/v1/task_pb.js";
 import { create } from "@bufbuild/protobuf";
@@ -8,6 +9,17 @@ import { LmdbTaskColumns } from "./lmdb-task-columns.js";
 import type { JobRecord, Recall, TaskRecord, TaskSteps } from "./model.js";
 
 type StoredJob = Omit<JobRecord, "steps"> & { steps: Uint8Array[] };
+
+/**
+ * The layout of the job store this release writes, recorded in the store at
+ * its first open: 2, jobs' tasks as columns (controller/lmdb-task-columns.ts).
+ * A store recorded with a later layout is refused at start rather than
+ * misread. Releases before 2 record none and do not check: they cannot read
+ * a layout-2 store and would start with its column jobs' tasks missing, so a
+ * downgrade is a restore of the backup taken before the upgrade
+ * (deploy/README.md, Upgrading the controller).
+ */
+export const JOB_STORE_LAYOUT = 2;
 
 /**
  * Jobs, tasks and output in LMDB. Every put of one event-loop turn commits in
@@ -36,6 +48,14 @@ export class LmdbJobStore implements JobStore {
   private readonly columns: LmdbTaskColumns;
 
   constructor(private readonly env: LmdbEnv) {
+    const layout = env.db<number>("job-store");
+    const found = layout.get("layout");
+    if (found !== undefined && found > JOB_STORE_LAYOUT) {
+      throw new FailedPreconditionError(
+        `the controller's store (--data) has layout ${found}, written by a later release; this release reads layouts up to ${JOB_STORE_LAYOUT}: run that release, or restore the backup taken before upgrading to it`,
+      );
+    }
+    if (found !== JOB_STORE_LAYOUT) layout.putSync("layout", JOB_STORE_LAYOUT);
     this.jobs = env.db("jobs");
     this.tasks = env.db("tasks");
     this.output = env.db("output", "binary");

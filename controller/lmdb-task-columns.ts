@@ -18,11 +18,17 @@ type Delta = [number, Entry][];
 type DeltaKey = [string, number, number, number];
 
 /**
- * One page's write in a turn: its delta; or one delta for what the page's
- * deltas (`removed`) and this turn hold together; or this turn's entries
- * and the page's deltas folded into the page.
+ * One page's write in a turn: a delta at `key`, written over the page's
+ * only delta (`key` is that delta's) or new; `removed`, deltas it holds
+ * the whole of; with `foldBefore`, the page's deltas before it to be folded
+ * into the page.
  */
-type PageWrite = { key: DeltaKey; entries: Delta; removed?: DeltaKey[]; intoPage?: true };
+interface PageWrite {
+  key: DeltaKey;
+  entries: Delta;
+  removed?: DeltaKey[];
+  foldBefore?: true;
+}
 
 interface Pending {
   /** Per page of the job: the entries changed this turn, by index in the page. */
@@ -39,8 +45,8 @@ const COLUMNAR_CACHE = 4096;
 const KEPT_CACHE = 4096;
 
 /**
- * A page keeps at most this many deltas: the write that would pass it folds
- * them instead ({@link LmdbTaskColumns}), so a read applies at most this many.
+ * A page keeps at most this many deltas, so a read applies at most this
+ * many ({@link LmdbTaskColumns}: folds).
  */
 export const MAX_PAGE_DELTAS = 16;
 /** ... and at most this many entries in them (a delta holds up to a page's worth). */
@@ -76,20 +82,29 @@ interface Kept {
  * - A task reads as its page's entry overlaid by the page's deltas in the
  *   order they were written (`start` grows with every start of the store,
  *   `n` within one).
- * - A page keeps at most {@link MAX_PAGE_DELTAS} deltas holding at most
- *   {@link MAX_PAGE_DELTA_ENTRIES} entries: the write that would pass
- *   either folds them, in one transaction with its own entries, and removes
- *   the deltas folded. While the page's deltas change few tasks (a few
- *   tasks streaming output) they are folded into one delta from the entries
- *   held in memory, reading nothing back; otherwise into the page, read
- *   with its deltas and written again. So a read, a recovery or a finished
- *   job's listing decodes a page and a bounded number of deltas however
- *   long the job ran.
+ * - Folds: a page keeps at most {@link MAX_PAGE_DELTAS} deltas holding at
+ *   most {@link MAX_PAGE_DELTA_ENTRIES} entries, so a read, a recovery or
+ *   a finished job's listing decodes a page and a bounded number of deltas
+ *   however long the job ran. While the tasks a page's deltas change are
+ *   few (at most {@link FOLD_FROM_MEMORY}: a few tasks streaming output),
+ *   their last entries are held in memory: a turn writes them all over the
+ *   page's only delta when that costs at most twice its own entries, and
+ *   otherwise, once the page's deltas are at their bound, as one new delta
+ *   that replaces them (removed in the same commit). A page whose changed
+ *   tasks are more has the deltas before the turn's folded into the page, in
+ *   a transaction of their own that reads the page and them, writes the
+ *   page and removes them; appends stop one delta and half the entries
+ *   short of the bound, so that the turn's delta written beside that fold
+ *   stays within it until the fold commits.
  *
  * A controller killed at any point recovers each task to its last
- * committed state: pages and deltas are each written whole in one commit,
- * a fold (its page or delta written, the deltas it folded removed) is one
- * transaction, and everything is read back in the order it was written.
+ * committed state: pages and deltas are each written whole in one commit, a
+ * fold is one transaction (into the page) or part of the turn's commit (into
+ * one delta), a fold never changes what a read finds, and everything is read
+ * back in the order it was written. Deltas are only written as single
+ * writes, never inside a transaction (lmdb-js runs a transaction after the
+ * single writes queued with it, so a later turn's rewrite or removal of a
+ * delta written in one could land before it).
  */
 export class LmdbTaskColumns {
   private readonly pages: Database<Page, [string, number]>;
@@ -105,10 +120,8 @@ export class LmdbTaskColumns {
   private readonly merged = new Map<string, Page>();
   /** Per page written by this start, what it keeps (bounded; see {@link kept}). */
   private readonly keptCounts = new Map<string, Kept>();
-  /** Per page, its writes (a turn's delta or fold) queued and not yet settled. */
+  /** Per page, its turns' writes and folds queued and not yet settled. */
   private readonly inFlight = new Map<string, number>();
-  /** Per page, its writes queued in a transaction and not yet settled. */
-  private readonly inTransaction = new Map<string, number>();
   private readonly root: LmdbEnv["root"];
 
   constructor(env: LmdbEnv) {
@@ -178,48 +191,23 @@ export class LmdbTaskColumns {
     const jobs = [...this.pending];
     this.pending.clear();
     for (const [jobId, p] of jobs) {
-      const pageWrites: PageWrite[] = [];
+      const writes: Promise<unknown>[] = [];
       for (const [pageNo, changed] of p.pages) {
-        count(this.inFlight, `${jobId}\0${pageNo}`, +1);
-        pageWrites.push(this.pageWrite([jobId, pageNo, this.start, this.written++], [...changed]));
+        const { key, entries, removed, foldBefore } = this.pageWrite([jobId, pageNo, this.start, this.written++], [...changed]);
+        count(this.inFlight, pageKeyOf(jobId, pageNo), +1);
+        // A delta that replaces others is written before they are removed (one commit; were it ever split, the new
+        // delta reads last and covers them).
+        writes.push(this.deltas.put(key, entries));
+        for (const k of removed ?? []) writes.push(this.deltas.remove(k));
+        if (foldBefore) this.foldIntoPage(key);
       }
-      // lmdb-js runs a transaction after the single writes queued with it: a delta written in one may land after a
-      // later turn's single writes, so removing it then would remove nothing. Its removal goes in a transaction too.
-      const inTransaction = pageWrites.some((w) => w.intoPage || (w.removed && this.inTransaction.has(pageKeyOf(w.key))));
-      let written: Promise<unknown>;
-      if (!inTransaction) {
-        const writes: Promise<unknown>[] = [];
-        for (const { key, entries, removed } of pageWrites) {
-          // A fold into one delta writes it before the deltas it replaces are removed (one commit; were it
-          // ever split, the new delta reads last and covers them).
-          writes.push(this.deltas.put(key, entries));
-          for (const k of removed ?? []) writes.push(this.deltas.remove(k));
-        }
-        for (const chunk of p.chunks) writes.push(chunk());
-        written = Promise.all(writes);
-      } else {
-        // A fold into a page reads it and its deltas: in a transaction, with the job's other writes of the turn and
-        // the chunks they count, undone whole if any part throws.
-        for (const w of pageWrites) count(this.inTransaction, pageKeyOf(w.key), +1);
-        // (A put inside a transaction is done at once; its promise is settled already.)
-        const chunks: Promise<unknown>[] = [];
-        written = this.root
-          .childTransaction(() => {
-            for (const w of pageWrites) {
-              if (w.intoPage) this.foldIntoPage(w);
-              else this.deltas.putSync(w.key, w.entries);
-              for (const k of w.removed ?? []) this.deltas.removeSync(k);
-            }
-            for (const chunk of p.chunks) chunks.push(chunk());
-          })
-          .then(() => Promise.all(chunks));
-      }
+      for (const chunk of p.chunks) writes.push(chunk());
+      const written = Promise.all(writes);
       const landed = () => {
         for (const pageNo of p.pages.keys()) {
-          const pageKey = `${jobId}\0${pageNo}`;
+          const pageKey = pageKeyOf(jobId, pageNo);
           this.merged.delete(pageKey);
           count(this.inFlight, pageKey, -1);
-          if (inTransaction) count(this.inTransaction, pageKey, -1);
         }
       };
       written.then(
@@ -230,19 +218,14 @@ export class LmdbTaskColumns {
         (err: unknown) => {
           landed();
           // What the pages keep is no longer known: counted again from the store at their next write.
-          for (const pageNo of p.pages.keys()) this.keptCounts.delete(`${jobId}\0${pageNo}`);
+          for (const pageNo of p.pages.keys()) this.keptCounts.delete(pageKeyOf(jobId, pageNo));
           p.settle(err ?? new Error("storing a task delta failed"));
         },
       );
     }
   }
 
-  /**
-   * How a page's changed entries are written this turn: as a delta while
-   * the page keeps fewer than {@link MAX_PAGE_DELTAS} deltas and
-   * {@link MAX_PAGE_DELTA_ENTRIES} entries; else folded, from memory into
-   * one delta while the tasks they change are few, or into the page.
-   */
+  /** How a page's changed entries are written this turn (see Folds above). */
   private pageWrite(key: DeltaKey, entries: Delta): PageWrite {
     const kept = this.kept(key[0], key[1]);
     const held = kept.held;
@@ -250,7 +233,11 @@ export class LmdbTaskColumns {
       for (let k = 0; k < entries.length && held.changed.size <= FOLD_FROM_MEMORY; k++) held.changed.set(...entries[k]!);
       if (held.changed.size > FOLD_FROM_MEMORY) kept.held = undefined;
     }
-    if (kept.deltas < MAX_PAGE_DELTAS && kept.entries + entries.length <= MAX_PAGE_DELTA_ENTRIES) {
+    if (kept.held?.keys.length === 1 && kept.held.changed.size <= 2 * entries.length) {
+      kept.entries = kept.held.changed.size;
+      return { key: kept.held.keys[0]!, entries: [...kept.held.changed] };
+    }
+    if (kept.deltas + 1 < MAX_PAGE_DELTAS && kept.entries + entries.length <= MAX_PAGE_DELTA_ENTRIES - COLUMN_PAGE) {
       kept.deltas++;
       kept.entries += entries.length;
       kept.held?.keys.push(key);
@@ -264,10 +251,10 @@ export class LmdbTaskColumns {
       kept.entries = union.length;
       return { key, entries: union, removed };
     }
-    kept.deltas = 0;
-    kept.entries = 0;
-    kept.held = { keys: [], changed: new Map() };
-    return { key, entries, intoPage: true };
+    kept.deltas = 1;
+    kept.entries = entries.length;
+    kept.held = entries.length <= FOLD_FROM_MEMORY ? { keys: [key], changed: new Map(entries) } : undefined;
+    return { key, entries, foldBefore: true };
   }
 
   /**
@@ -277,7 +264,7 @@ export class LmdbTaskColumns {
    * changed tasks not known).
    */
   private kept(jobId: string, pageNo: number): Kept {
-    const pageKey = `${jobId}\0${pageNo}`;
+    const pageKey = pageKeyOf(jobId, pageNo);
     let kept = this.keptCounts.get(pageKey);
     if (kept) {
       this.keptCounts.delete(pageKey);
@@ -298,26 +285,31 @@ export class LmdbTaskColumns {
   }
 
   /**
-   * Inside a write transaction: the page's deltas written before `key`
-   * (every delta queued before this one; lmdb-js runs a transaction after
-   * the single writes queued with it, so later ones may be there too, and
-   * are left to apply after) and `entries` folded into the page, and those
-   * deltas removed.
+   * Folds a page's deltas written before `key` into the page, in one
+   * transaction: the page and those deltas read, the page written, the
+   * deltas removed. lmdb-js runs it after the single writes queued with it,
+   * so every delta before `key` is there; later ones may be too, and are
+   * left to apply after. A read finds the same before and after. Should it
+   * fail (a full store), the deltas stay, are counted again from the store
+   * at the page's next write, and are folded then.
    */
-  private foldIntoPage({ key, entries }: PageWrite): void {
+  private foldIntoPage(key: DeltaKey): void {
     const [jobId, pageNo] = key;
-    const page = this.pages.get([jobId, pageNo]);
-    if (!page) {
-      // No page to fold into (pages are written at submit, before any change): a delta as usual.
-      this.deltas.putSync(key, entries);
-      return;
-    }
-    for (const { key: k, value } of [...this.deltas.getRange({ start: [jobId, pageNo], end: key })]) {
-      this.deltas.removeSync(k);
-      for (const [i, e] of value) page.tasks[i] = e;
-    }
-    for (const [i, e] of entries) page.tasks[i] = e;
-    this.pages.putSync([jobId, pageNo], page);
+    const pageKey = pageKeyOf(jobId, pageNo);
+    count(this.inFlight, pageKey, +1);
+    this.root
+      .childTransaction(() => {
+        const page = this.pages.get([jobId, pageNo]);
+        // No page to fold into (pages are written at submit, before any change): the deltas stay.
+        if (!page) return;
+        for (const { key: k, value } of [...this.deltas.getRange({ start: [jobId, pageNo], end: key })]) {
+          this.deltas.removeSync(k);
+          for (const [i, e] of value) page.tasks[i] = e;
+        }
+        this.pages.putSync([jobId, pageNo], page);
+      })
+      .catch(() => this.keptCounts.delete(pageKey))
+      .finally(() => count(this.inFlight, pageKey, -1));
   }
 
   /**
@@ -360,7 +352,7 @@ export class LmdbTaskColumns {
 
   /** A committed page with its committed deltas applied in order. */
   private page(jobId: string, p: number): Page | undefined {
-    const key = `${jobId}\0${p}`;
+    const key = pageKeyOf(jobId, p);
     const cached = this.merged.get(key);
     if (cached) return cached;
     const stored = this.pages.get([jobId, p]);
@@ -373,7 +365,8 @@ export class LmdbTaskColumns {
   }
 }
 
-function pageKeyOf([jobId, pageNo]: DeltaKey): string {
+/** A page's key in the maps kept in memory. */
+function pageKeyOf(jobId: string, pageNo: number): string {
   return `${jobId}\0${pageNo}`;
 }
 

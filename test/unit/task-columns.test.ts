@@ -6,7 +6,7 @@ import { create } from "@bufbuild/protobuf";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { MemoryJobStore, type JobStore } from "../../controller/job-store.js";
 import { COLUMN_PAGE, MAX_PAGE_DELTA_ENTRIES, MAX_PAGE_DELTAS } from "../../controller/lmdb-task-columns.js";
-import { LmdbJobStore } from "../../controller/lmdb-job-store.js";
+import { JOB_STORE_LAYOUT, LmdbJobStore } from "../../controller/lmdb-job-store.js";
 import type { JobRecord, TaskRecord } from "../../controller/model.js";
 import { placeOfTaskId, taskIdOf } from "../../controller/task-ids.js";
 import { OutputChunkSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
@@ -209,6 +209,21 @@ describe("a store written by the release before task columns (078a2db)", () => {
     expect(store.taskIdsOfHost("other", "h1", 10)).toEqual(c.taskIds);
     expect(store.allRecalls().map((r) => r.taskId)).toEqual([a.taskIds[2]]);
     await store.close();
+  });
+
+  it("is recorded with this release's layout at its first open; a store of a later layout is refused with the reason", async () => {
+    const dir = copy();
+    const layoutOf = (env: LmdbEnv) => env.db<number>("job-store").get("layout");
+    let env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
+    expect(layoutOf(env)).toBeUndefined();
+    await new LmdbJobStore(env).close();
+    env = new LmdbEnv({ path: dir, maxBytes: 64 << 20 });
+    expect(layoutOf(env)).toBe(JOB_STORE_LAYOUT);
+    await env.db<number>("job-store").put("layout", JOB_STORE_LAYOUT + 1);
+    expect(() => new LmdbJobStore(env)).toThrow(/has layout 3, written by a later release; this release reads layouts up to 2: run that release, or restore the backup/);
+    // Refused, not rewritten.
+    expect(layoutOf(env)).toBe(JOB_STORE_LAYOUT + 1);
+    await env.close();
   });
 
   it("takes writes to its tasks and new column jobs beside them, read back after a reopen", async () => {
