@@ -87,15 +87,15 @@ interface Kept {
  *   a finished job's listing decodes a page and a bounded number of deltas
  *   however long the job ran. While the tasks a page's deltas change are
  *   few (at most {@link FOLD_FROM_MEMORY}: a few tasks streaming output),
- *   their last entries are held in memory: a turn writes them all over the
- *   page's only delta when that costs at most twice its own entries, and
- *   otherwise, once the page's deltas are at their bound, as one new delta
- *   that replaces them (removed in the same commit). A page whose changed
- *   tasks are more has the deltas before the turn's folded into the page, in
- *   a transaction of their own that reads the page and them, writes the
- *   page and removes them; appends stop one delta and half the entries
- *   short of the bound, so that the turn's delta written beside that fold
- *   stays within it until the fold commits.
+ *   their last entries are held in memory, and a turn writes them all over
+ *   the page's only delta when that is at most twice its own entries; else
+ *   it appends, and at the bound writes them as one new delta that replaces
+ *   the others (removed in the same commit), reading nothing back. Once more
+ *   tasks changed, a turn at the bound appends its delta and has the ones
+ *   before it folded into the page, in a transaction of their own that reads
+ *   the page and them, writes the page and removes them. Appends stop one
+ *   delta and half the entries short of the bound, so that the turn's delta
+ *   written beside that fold keeps within it until the fold commits.
  *
  * A controller killed at any point recovers each task to its last
  * committed state: pages and deltas are each written whole in one commit, a
