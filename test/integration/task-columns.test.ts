@@ -3,6 +3,7 @@ import { once } from "node:events";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
+import { Prng } from "../../chaos/prng.js";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { isTerminal } from "../../common/task-state.js";
 import { LmdbJobStore } from "../../controller/lmdb-job-store.js";
@@ -151,21 +152,15 @@ describe("task columns: a store killed with SIGKILL while it folds", () => {
     const dir = tempDir("columns-kill");
     const dist = join(import.meta.dirname, "../../dist");
     const jobId = "j01kkilled000";
-    // A seeded schedule of kills (mulberry32): a failing run replays.
-    let seed = 20_251_206;
-    const random = () => {
-      seed = (seed + 0x6d2b79f5) >>> 0;
-      let t = Math.imul(seed ^ (seed >>> 15), seed | 1);
-      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-    };
+    // A seeded schedule of kills: a failing run replays.
+    const prng = new Prng(20_251_206);
     let recovered = 0;
     for (let kill = 0; kill < 6; kill++) {
       const child = spawn(process.execPath, ["--input-type=module", "-e", writer, dist, dir], { stdio: ["ignore", "pipe", "inherit"] });
       let acked = 0;
       let out = "";
       child.stdout.setEncoding("utf8");
-      const pastRecovered = recovered + 40 + Math.floor(random() * 200);
+      const pastRecovered = recovered + prng.int(40, 240);
       const enough = new Promise<void>((resolve) =>
         child.stdout.on("data", (d: string) => {
           out += d;

@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
+import { Prng } from "../../chaos/prng.js";
 import { LmdbEnv } from "../../common/lmdb.js";
 import { MemoryJobStore, type JobStore } from "../../controller/job-store.js";
 import { COLUMN_PAGE, MAX_PAGE_DELTA_ENTRIES, MAX_PAGE_DELTAS } from "../../controller/lmdb-task-columns.js";
@@ -43,16 +44,10 @@ function columnJob(jobId: string, tenant: string, n: number): { job: JobRecord; 
   return { job: job(jobId, tenant, tasks.map((t) => t.id)), tasks };
 }
 
-/** A seeded generator (mulberry32): a failing seed replays exactly. */
+/** A seeded generator: a failing seed replays exactly. */
 function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const prng = new Prng(seed);
+  return () => prng.next();
 }
 
 const chunk = (taskId: string, seq: number, text: string) => create(OutputChunkSchema, { taskId, seq: BigInt(seq), stream: 1, data: new TextEncoder().encode(text) });
