@@ -1,15 +1,23 @@
 import { configureTextEncoding, getTextEncoding } from "@bufbuild/protobuf/wire";
 
-/** Strings up to this length take the ASCII loop; longer ones the native codec. */
+/** Strings up to this length take the ASCII loop when encoded; longer ones the native codec. */
 const SHORT = 64;
 
 /**
- * Installs a faster UTF-8 codec for protobuf-es: most strings in rexmesh
+ * Installs a faster UTF-8 encoder for protobuf-es: most strings in rexmesh
  * frames are short ASCII ids (task, job, host, proxy names), and for those a
- * plain loop beats a native TextEncoder/TextDecoder call about 3 to 1 (the
- * call's own cost dominates). Anything non-ASCII or long goes to the
- * built-in codec, so the bytes are always exactly the same.
- * Encoding a 1,000-task WatchJob batch: 11.5 ms → 4.0 ms (.tmp bench, best of 4).
+ * plain loop beats a native TextEncoder call about 6 to 1 (the call's own
+ * cost dominates: 88–100 against 581–691 ns for a 26-character id, Node 20
+ * here). Anything non-ASCII or long goes to the built-in codec, so the bytes
+ * are always exactly the same. Encoding a 1,000-task WatchJob batch:
+ * 11.5 ms → 4.0 ms.
+ *
+ * Decoding stays native. A loop that appends one character at a time builds
+ * a chain of partial strings (about 1 KB of garbage per id) that the first
+ * Map lookup then flattens: 284–296 ns per id decoded, 470–574 with a lookup,
+ * against the built-in decoder's 76–121 and 157–159; the controller decoded
+ * every task id of its proxies' status runs that way (17 MiB of its sampled
+ * allocations over six 4,000-host pings).
  */
 export function installFastText(): void {
   const base = getTextEncoding();
@@ -26,16 +34,6 @@ export function installFastText(): void {
       }
       return out;
     },
-    decodeUtf8(bytes: Uint8Array, strict?: boolean): string {
-      const n = bytes.length;
-      if (n > SHORT) return base.decodeUtf8(bytes, strict);
-      let s = "";
-      for (let i = 0; i < n; i++) {
-        const b = bytes[i]!;
-        if (b > 0x7f) return base.decodeUtf8(bytes, strict);
-        s += String.fromCharCode(b);
-      }
-      return s;
-    },
+    decodeUtf8: base.decodeUtf8,
   });
 }

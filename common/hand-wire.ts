@@ -104,13 +104,11 @@ export class Reader {
     const from = this.pos;
     this.pos = to;
     if (to - from <= 64) {
-      let s = "";
-      for (let i = from; i < to; i++) {
-        const c = buf[i]!;
-        if (c > 0x7f) return decodeText(buf.subarray(from, to));
-        s += String.fromCharCode(c);
-      }
-      return s;
+      // ASCII (ids, names): one native slice. (Appending a character at a time built a chain of partial
+      // strings, ~1 KB of garbage per id, flattened again at its first Map lookup: 418–478 ns per id
+      // against 153–183 with the lookup, fast-text.ts.)
+      for (let i = from; i < to; i++) if (buf[i]! > 0x7f) return decodeText(buf.subarray(from, to));
+      return latin1Slice.call(buf, from, to);
     }
     return decodeText(buf.subarray(from, to));
   }
@@ -128,6 +126,9 @@ export class Reader {
     if (this.pos !== to) throw LEAVE;
   }
 }
+
+/** Bytes known to be ASCII as a string (latin1 and ASCII agree on them); works on any Uint8Array. */
+const latin1Slice = Buffer.prototype.latin1Slice as (this: Uint8Array, start: number, end: number) => string;
 
 function decodeText(bytes: Uint8Array): string {
   try {

@@ -3,7 +3,7 @@ import type { Database } from "lmdb";
 import { OutputChunkSchema, TaskStatusSchema, type TaskState } from "../gen/rexmesh/v1/task_pb.js";
 import { HostEventSchema } from "../gen/rexmesh/v1/event_pb.js";
 import { chunkFromWire, encodeOutputChunk, rememberWire } from "./output-wire.js";
-import { HeldItems, isVolatile, mergeByPosition, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
+import { HeldItems, isVolatile, mergeByPosition, PositionLog, takeAfter, upwardKey, type Backlog, type Held, type UpwardItem } from "./backlog.js";
 
 const STATUS = 1;
 const OUTPUT = 2;
@@ -54,9 +54,9 @@ export class LmdbBacklog implements Backlog {
   private readonly held = new HeldItems();
   private next = 1;
   /** Items pushed whose write has not committed yet: all() must include them too. */
-  private readonly inFlight = new Map<number, UpwardItem>();
+  private readonly inFlight = new PositionLog();
   /** Volatile items (UpwardItem): held in memory only, never written, gone with the process. */
-  private readonly inMemory = new Map<number, UpwardItem>();
+  private readonly inMemory = new PositionLog();
   /** The highest number ever given to an item that is written: past it, nothing is to be read from LMDB. */
   private lastWritten = 0;
 
@@ -90,10 +90,10 @@ export class LmdbBacklog implements Backlog {
       const n = this.next++;
       this.held.add(key, n, item);
       if (isVolatile(item)) {
-        this.inMemory.set(n, item);
+        this.inMemory.add(n, item);
         continue;
       }
-      this.inFlight.set(n, item);
+      this.inFlight.add(n, item);
       this.lastWritten = n;
       pushed.push({ key, n });
       writes.push(this.db.put([this.scope, n], encodeItem(item)).finally(() => this.inFlight.delete(n)));
@@ -156,8 +156,8 @@ export class LmdbBacklog implements Backlog {
         if (self.held.holdsNumber(n)) yield { n, item: decodeItem(value) };
       }
     }
-    function* held(map: Map<number, UpwardItem>): Generator<{ n: number; item: UpwardItem }> {
-      for (const [n, item] of map) if (n > after && self.held.holdsNumber(n)) yield { n, item };
+    function* held(log: PositionLog): Generator<{ n: number; item: UpwardItem }> {
+      for (const e of log.after(after)) if (self.held.holdsNumber(e.n)) yield e;
     }
     return mergeByPosition(committed(), held(this.inFlight), held(this.inMemory));
   }

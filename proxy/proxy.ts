@@ -393,16 +393,18 @@ export class ProxyCore implements RoleCore {
       this.reportPresence(session, true);
     }
     const items: UpwardItem[] = [];
-    const outputAcks = new Map<string, number>();
+    // Made when a frame has output (a ping's answer has none).
+    let outputAcks: Map<string, number> | undefined;
     const changed = new Set<QueuedTask>();
     const undo = new TaskUndo();
     /** Tasks not taken on (maxTakenOnPerHost): their reports are neither taken nor acknowledged. */
-    const refused = new Set<string>();
+    let refused: Set<string> | undefined;
     for (const chunk of frame.output) {
+      outputAcks ??= new Map();
       const seq = Number(chunk.seq);
       const task = this.reportedTask(session, chunk.taskId, changed, undo);
       if (task === "refused") {
-        refused.add(chunk.taskId);
+        (refused ??= new Set()).add(chunk.taskId);
         continue;
       }
       if (task) {
@@ -425,7 +427,7 @@ export class ProxyCore implements RoleCore {
     for (const status of frame.statuses) {
       const task = this.reportedTask(session, status.taskId, changed, undo);
       if (task === "refused") {
-        refused.add(status.taskId);
+        (refused ??= new Set()).add(status.taskId);
         continue;
       }
       // A daemon keeps no ping answer for an ack (daemon/agent.ts): none is sent.
@@ -456,12 +458,14 @@ export class ProxyCore implements RoleCore {
       items.push({ kind: "event", event });
       eventAcks.push(create(EventAckSchema, { hostId: event.hostId, eventId: event.id }));
     }
-    if (refused.size > 0) {
+    if (refused) {
       this.log.warn("reports on tasks this proxy never held were refused: the host holds too many such tasks here", { host: session.hostId, tasks: refused.size, max: this.maxTakenOnPerHost });
     }
     if (items.length > 0 || changed.size > 0) {
       // One commit for the whole frame: every write is issued, then awaited together.
-      const writes = Promise.all([items.length > 0 ? this.store.pushUpward(items) : undefined, ...[...changed].map((task) => this.store.putTask(task))]);
+      const pending: (Promise<void> | undefined)[] = [items.length > 0 ? this.store.pushUpward(items) : undefined];
+      for (const task of changed) pending.push(this.store.putTask(task));
+      const writes = Promise.all(pending);
       undo.issued();
       try {
         await writes;
@@ -479,9 +483,9 @@ export class ProxyCore implements RoleCore {
     }
     // Only a frame with acks in it goes back: a ping's answer needs none, and an empty frame would cost
     // both ends a write, its TLS record and a read per host.
-    if (outputAcks.size > 0 || statusAcks.length > 0 || eventAcks.length > 0) {
+    if ((outputAcks && outputAcks.size > 0) || statusAcks.length > 0 || eventAcks.length > 0) {
       const reply = session.session.out.frame;
-      for (const [taskId, seq] of outputAcks) reply.outputAcks.push({ $typeName: "rexmesh.v1.OutputAck", taskId, seq: BigInt(seq) });
+      for (const [taskId, seq] of outputAcks ?? []) reply.outputAcks.push({ $typeName: "rexmesh.v1.OutputAck", taskId, seq: BigInt(seq) });
       for (const s of statusAcks) reply.statusAcks.push({ $typeName: "rexmesh.v1.StatusAck", taskId: s.taskId, state: s.state, atProxy: false });
       reply.eventAcks.push(...eventAcks);
     }

@@ -37,32 +37,39 @@ type Origin = "touched" | "taken" | "added";
  * waits again.
  */
 export class TaskUndo {
-  private readonly before = new Map<QueuedTask, { was: Progress; origin: Origin }>();
-  private readonly set = new Map<QueuedTask, Progress>();
+  // Made on first use: most frames (a ping's answer, a hand-over of nothing) touch one task or none.
+  private before: Map<QueuedTask, { was: Progress; origin: Origin }> | undefined;
+  private set: Map<QueuedTask, Progress> | undefined;
+  private anyTaken = false;
 
   /** Call before changing a task. */
   touch(task: QueuedTask): void {
-    if (!this.before.has(task)) this.before.set(task, { was: progressOf(task), origin: "touched" });
+    const before = (this.before ??= new Map());
+    if (!before.has(task)) before.set(task, { was: progressOf(task), origin: "touched" });
   }
 
   /** A record the frame creates from a host's reports (a task the host brought from another proxy). */
   taken(task: QueuedTask): void {
-    this.before.set(task, { was: progressOf(task), origin: "taken" });
+    (this.before ??= new Map()).set(task, { was: progressOf(task), origin: "taken" });
+    this.anyTaken = true;
   }
 
   /** A record the write creates for a task the controller sent: removed if the write fails. */
   added(task: QueuedTask): void {
-    this.before.set(task, { was: progressOf(task), origin: "added" });
+    (this.before ??= new Map()).set(task, { was: progressOf(task), origin: "added" });
   }
 
   /** The records the frame took on from a host's reports. */
   created(): QueuedTask[] {
+    if (!this.anyTaken || !this.before) return [];
     return [...this.before].filter(([, b]) => b.origin === "taken").map(([task]) => task);
   }
 
   /** The writes are issued: what they set is noted, so that undo leaves alone what other paths changed since. */
   issued(): void {
-    for (const task of this.before.keys()) this.set.set(task, progressOf(task));
+    if (!this.before) return;
+    const set = (this.set ??= new Map());
+    for (const task of this.before.keys()) set.set(task, progressOf(task));
   }
 
   /**
@@ -72,10 +79,11 @@ export class TaskUndo {
    * one is passed to `failed`.
    */
   async undo(store: ProxyStore, failed: (err: unknown, taskId: string) => void): Promise<void> {
+    if (!this.before) return;
     const writes: Promise<void>[] = [];
     for (const [task, { was, origin }] of this.before) {
       if (store.getTask(task.id) !== task) continue; // settled or replaced meanwhile
-      const set = this.set.get(task) ?? progressOf(task);
+      const set = this.set?.get(task) ?? progressOf(task);
       const record = task as unknown as Record<string, unknown>;
       for (const f of FIELDS) if (task[f] === set[f]) record[f] = was[f];
       // A record created by the write goes; one taken on from a host's reports stays if the controller has since sent the task itself.

@@ -2,6 +2,7 @@
 // per function (name + script + line), per package/area, and per process.
 //
 //   node bench/lib/cpuprofile.mjs DIR_OR_FILE... [--top 15]
+//   node bench/lib/cpuprofile.mjs --alloc DIR_OR_FILE... [--top 15]   (allocations: BENCH_PROF_ALLOC=1)
 //
 // Node 20 refuses --cpu-prof in NODE_OPTIONS, so mesh processes (started by
 // LocalMesh with this process's environment) are profiled by preloading this
@@ -59,35 +60,76 @@ export function summarise(profile, { top = 15 } = {}) {
     const dur = i + 1 < samples.length ? stamps[i + 1] - stamps[i] : Math.max(0, profile.endTime - stamps[i]);
     selfUs.set(samples[i], (selfUs.get(samples[i]) ?? 0) + dur);
   }
-  const fns = new Map();
-  const areas = new Map();
-  let total = 0;
+  const sums = tally();
   let idle = 0;
   for (const [id, us] of selfUs) {
     const n = byId.get(id);
     if (!n) continue;
-    const cf = n.callFrame;
-    const name = cf.functionName || "(anonymous)";
     // Waiting in the event loop: not work; reported apart, percentages are of the busy time.
-    if (name === "(idle)") {
+    if (n.callFrame.functionName === "(idle)") {
       idle += us;
       continue;
     }
-    const key = `${name}\u0000${cf.url}\u0000${cf.lineNumber}`;
-    const f = fns.get(key) ?? { name, url: shortUrl(cf.url), line: cf.lineNumber + 1, us: 0 };
-    f.us += us;
-    fns.set(key, f);
-    const area = areaOf(cf.url, name);
-    areas.set(area, (areas.get(area) ?? 0) + us);
-    total += us;
+    sums.add(n.callFrame, us);
   }
-  const pct = (us) => +((100 * us) / (total || 1)).toFixed(1);
   const ms = (us) => +(us / 1000).toFixed(1);
+  const { total, byFunction, byArea } = sums.top(top);
   return {
     busyMs: ms(total),
     idleMs: ms(idle),
-    byFunction: [...fns.values()].sort((a, b) => b.us - a.us).slice(0, top).map((f) => ({ name: f.name, url: f.url, line: f.line, selfMs: ms(f.us), pct: pct(f.us) })),
-    byArea: [...areas].sort((a, b) => b[1] - a[1]).slice(0, top).map(([area, us]) => ({ area, selfMs: ms(us), pct: pct(us) })),
+    byFunction: byFunction.map((f) => ({ name: f.name, url: f.url, line: f.line, selfMs: ms(f.amount), pct: f.pct })),
+    byArea: byArea.map((a) => ({ area: a.area, selfMs: ms(a.amount), pct: a.pct })),
+  };
+}
+
+/** Sums an amount (µs, bytes) per function (name + script + line) and per area, for the summaries. */
+function tally() {
+  const fns = new Map();
+  const areas = new Map();
+  let total = 0;
+  return {
+    add(cf, amount) {
+      const name = cf.functionName || "(anonymous)";
+      const key = `${name}\u0000${cf.url}\u0000${cf.lineNumber}`;
+      const f = fns.get(key) ?? { name, url: shortUrl(cf.url), line: cf.lineNumber + 1, amount: 0 };
+      f.amount += amount;
+      fns.set(key, f);
+      const area = areaOf(cf.url, name);
+      areas.set(area, (areas.get(area) ?? 0) + amount);
+      total += amount;
+    },
+    /** The `top` functions and areas by amount, each with its share of the total (pct). */
+    top(top) {
+      const pct = (x) => +((100 * x) / (total || 1)).toFixed(1);
+      return {
+        total,
+        byFunction: [...fns.values()].sort((a, b) => b.amount - a.amount).slice(0, top).map((f) => ({ ...f, pct: pct(f.amount) })),
+        byArea: [...areas].sort((a, b) => b[1] - a[1]).slice(0, top).map(([area, amount]) => ({ area, amount, pct: pct(amount) })),
+      };
+    },
+  };
+}
+
+/**
+ * Bytes allocated per function (self: where the allocation was made) in a
+ * sampling heap profile (ALLOC.<pid>.heapprofile, see BENCH_PROF_ALLOC): each
+ * sample stands for its size, so the sums estimate what each function
+ * allocated during the window, whether or not it was freed since. Returns
+ * { totalMiB, byFunction: [{ name, url, line, mib, pct }], byArea }.
+ */
+export function summariseAllocations(profile, { top = 15 } = {}) {
+  const t = tally();
+  const visit = (node) => {
+    if (node.selfSize > 0) t.add(node.callFrame, node.selfSize);
+    for (const c of node.children ?? []) visit(c);
+  };
+  visit(profile.head);
+  const mib = (b) => +(b / 2 ** 20).toFixed(1);
+  const { total, byFunction, byArea } = t.top(top);
+  return {
+    totalMiB: mib(total),
+    byFunction: byFunction.map((f) => ({ name: f.name, url: f.url, line: f.line, mib: mib(f.amount), pct: f.pct })),
+    byArea: byArea.map((a) => ({ area: a.area, mib: mib(a.amount), pct: a.pct })),
   };
 }
 
@@ -173,9 +215,14 @@ async function preload(dir, what) {
   session.connect();
   session.post("Profiler.enable");
   session.post("Profiler.setSamplingInterval", { interval: 1000 });
+  // BENCH_PROF_ALLOC=1: the same window also samples allocations (one sample per 16 KiB allocated, on average),
+  // written as ALLOC.<pid>.heapprofile (summarised by `node bench/lib/cpuprofile.mjs --alloc DIR`).
+  const alloc = what.includes("alloc");
+  if (alloc) session.post("HeapProfiler.enable");
   let running = false;
   const start = () => {
     session.post("Profiler.start");
+    if (alloc) session.post("HeapProfiler.startSampling", { samplingInterval: 16384, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: true });
     running = true;
   };
   // In-process inspector calls answer synchronously, so this completes also in an 'exit' handler.
@@ -185,6 +232,11 @@ async function preload(dir, what) {
     session.post("Profiler.stop", (err, r) => {
       if (!err && r?.profile) write(`CPU.0.0.${process.pid}.0.1.cpuprofile`, JSON.stringify(r.profile));
     });
+    if (alloc) {
+      session.post("HeapProfiler.stopSampling", (err, r) => {
+        if (!err && r?.profile) write(`ALLOC.${process.pid}.heapprofile`, JSON.stringify(r.profile));
+      });
+    }
   };
   if (what.includes("cpu-window")) {
     let signals = 0;
@@ -196,10 +248,11 @@ async function preload(dir, what) {
 const isCli = Boolean(process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]);
 if (process.env.BENCH_PROF_DIR && isMainThread && !isCli) {
   const dir = process.env.BENCH_PROF_DIR;
-  const what = process.env.BENCH_PROF_WHAT ?? "cpu";
+  const what = `${process.env.BENCH_PROF_WHAT ?? "cpu"}${process.env.BENCH_PROF_ALLOC === "1" ? ",alloc" : ""}`;
   // Not inherited by what this process starts (commands run by a daemon).
   delete process.env.BENCH_PROF_DIR;
   delete process.env.BENCH_PROF_WHAT;
+  delete process.env.BENCH_PROF_ALLOC;
   await preload(dir, what);
 }
 
@@ -214,6 +267,21 @@ if (isCli) {
   const args = process.argv.slice(2);
   const ti = args.indexOf("--top");
   const top = ti >= 0 ? Number(args.splice(ti, 2)[1]) : 15;
+  const ai = args.indexOf("--alloc");
+  if (ai >= 0) {
+    args.splice(ai, 1);
+    for (const p of args) {
+      const files = statSync(p).isDirectory() ? readdirSync(p).filter((f) => f.endsWith(".heapprofile")).map((f) => join(p, f)) : [p];
+      for (const f of files) {
+        const a = summariseAllocations(JSON.parse(readFileSync(f, "utf8")), { top });
+        const lines = [`**${basename(f)}** — ${a.totalMiB} MiB allocated (sampled)`, ``, `| MiB | % | function | where |`, `| ---: | ---: | --- | --- |`];
+        for (const x of a.byFunction) lines.push(`| ${x.mib} | ${x.pct} | \`${x.name}\` | ${x.url ? `${x.url}:${x.line}` : ""} |`);
+        lines.push(``, `By area: ${a.byArea.slice(0, 8).map((x) => `${x.area} ${x.pct}%`).join(", ")}`, ``);
+        process.stdout.write(lines.join("\n") + "\n");
+      }
+    }
+    process.exit(0);
+  }
   for (const p of args) {
     const files = statSync(p).isDirectory() ? readdirSync(p).filter((f) => f.endsWith(".cpuprofile")).map((f) => join(p, f)) : [p];
     for (const f of files) process.stdout.write(toMarkdown(basename(f), summarise(JSON.parse(readFileSync(f, "utf8")), { top }), { top }) + "\n");
