@@ -122,9 +122,22 @@ const FIXED: Record<number, number> = {
 /** The other end broke the protocol: what it sends can no longer be trusted. */
 export class FrameError extends Error {}
 
+/** What a {@link FrameReader} accepts. */
+export interface FrameLimits {
+  kinds: ReadonlySet<number>;
+  maxBody: number;
+  /**
+   * The kind the first frame must be (the spawner's READY): any other is
+   * refused at its header, so that what an end may send before it (nothing)
+   * is never buffered.
+   */
+  first?: number;
+}
+
 /**
- * Cuts a byte stream into frames, checking each header (known kind, body
- * within the cap, a fixed-size body of its size) before its body is read.
+ * Cuts a byte stream into frames, checking each header (known kind, the
+ * first frame's kind, body within the cap, a fixed-size body of its size)
+ * before its body is read.
  * A violation throws {@link FrameError} from `push` and the reader takes
  * nothing more. Bodies handed to `onFrame` are buffers never written again:
  * a receiver may keep them. A large frame arriving in many reads is kept as
@@ -136,11 +149,15 @@ export class FrameReader {
   /** The header of the frame being read, once its 9 bytes arrived. */
   private head: { len: number; kind: number; id: number } | undefined;
   private broken: FrameError | undefined;
+  /** The kind the next frame must be, until one was read. */
+  private first: number | undefined;
 
   constructor(
     private readonly onFrame: (kind: number, id: number, body: Buffer) => void,
-    private readonly limits: { kinds: ReadonlySet<number>; maxBody: number } = { kinds: new Set(Object.values(FrameKind)), maxBody: MAX_BODY_TO_SPAWNER },
-  ) {}
+    private readonly limits: FrameLimits = { kinds: new Set(Object.values(FrameKind)), maxBody: MAX_BODY_TO_SPAWNER },
+  ) {
+    this.first = limits.first;
+  }
 
   push(chunk: Buffer): void {
     if (this.broken) throw this.broken;
@@ -154,11 +171,13 @@ export class FrameReader {
         const head = { len: h.readUInt32BE(0), kind: h.readUInt8(4), id: h.readUInt32BE(5) };
         const why = !this.limits.kinds.has(head.kind)
           ? `unknown frame kind ${head.kind}`
-          : head.len > this.limits.maxBody
-            ? `frame body of ${head.len} bytes over the cap of ${this.limits.maxBody}`
-            : FIXED[head.kind] !== undefined && FIXED[head.kind] !== head.len
-              ? `frame kind ${head.kind} with a body of ${head.len} bytes, not ${FIXED[head.kind]}`
-              : undefined;
+          : this.first !== undefined && head.kind !== this.first
+            ? `frame kind ${head.kind} before the first frame, of kind ${this.first}`
+            : head.len > this.limits.maxBody
+              ? `frame body of ${head.len} bytes over the cap of ${this.limits.maxBody}`
+              : FIXED[head.kind] !== undefined && FIXED[head.kind] !== head.len
+                ? `frame kind ${head.kind} with a body of ${head.len} bytes, not ${FIXED[head.kind]}`
+                : undefined;
         if (why !== undefined) {
           this.broken = new FrameError(why);
           this.chunks = [];
@@ -166,6 +185,7 @@ export class FrameReader {
           throw this.broken;
         }
         this.head = head;
+        this.first = undefined;
       }
       if (this.have < this.head.len) return;
       const { len, kind, id } = this.head;

@@ -19,8 +19,9 @@
  * and it starts with a minimal environment (no NODE_OPTIONS: every request
  * carries its step's whole environment), so that nothing else it writes can
  * be taken for a frame. A frame that breaks the protocol (unknown kind, over
- * the size cap, a malformed body) gets the spawner killed and its steps
- * lost: they end INTERRUPTED and are never started again.
+ * the size cap, a malformed body, anything but READY first: so nothing it
+ * writes before READY is kept) gets the spawner killed and its steps lost:
+ * they end INTERRUPTED and are never started again.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
@@ -230,7 +231,8 @@ export class Spawner implements Launcher {
     this.starts += 1;
     const inst = new Instance(child, this.opts.clock.now());
     this.instance = inst;
-    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON });
+    // READY first: a spawner that writes anything else before it breaks the protocol at that frame's header, so nothing it sends before READY is kept.
+    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON, first: FrameKind.READY });
     const output = child.stdio[4]!;
     output.on("data", (chunk: Buffer) => {
       if (inst.killedFor !== undefined) return;
@@ -287,7 +289,6 @@ export class Spawner implements Launcher {
       inst.becomeReady();
       return;
     }
-    if (!inst.ready) throw new Error(`frame kind ${kind} before READY`);
     if (kind === FrameKind.PONG) {
       this.pingSentAt = undefined;
       return;

@@ -15,9 +15,10 @@ import { systemClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Executor, type OutputSink } from "../../daemon/executor.js";
 import { Spawner, type SpawnerOptions } from "../../daemon/spawner.js";
-import { FrameError, FrameKind, FrameReader, MAX_BODY_TO_DAEMON, TO_DAEMON, frame, jsonFrame, u32Frame } from "../../daemon/spawner-frames.js";
+import { FrameError, FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, u32Frame } from "../../daemon/spawner-frames.js";
 import { StepSchema, TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 
+const READY = u32Frame(FrameKind.READY, 0, PROTOCOL_VERSION);
 const MAIN = new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname;
 const shell = (script: string) => create(TaskSpecSchema, { taskId: "t-1", steps: [create(StepSchema, { tool: { case: "shell", value: { script, interpreter: [] } } })] });
 
@@ -163,15 +164,25 @@ describe("Spawner", () => {
     }
   });
 
-  /** A stand-in spawner: READY (or nothing), then, on the first request, a line in `marker` and `reply` on its frame fd. */
-  function fakeMain(dir: string, opts: { ready: boolean; reply: string }): string {
+  /**
+   * A stand-in spawner: `first` bytes written on its frame fd (READY, or
+   * nothing, or anything), then, on the first request, a line in `marker`
+   * and `reply` on its frame fd.
+   */
+  function fakeMain(dir: string, opts: { first: Buffer; reply: string }): string {
     const path = join(dir, "fake-main.mjs");
-    const ready = opts.ready ? `writeSync(4, Buffer.from([0, 0, 0, 4, 10, 0, 0, 0, 0, 0, 0, 0, 1]));` : "";
     writeFileSync(
       path,
       `import { appendFileSync, writeSync } from "node:fs";
 import { Socket } from "node:net";
-${ready}
+const first = Buffer.from(${JSON.stringify(opts.first.toString("base64"))}, "base64");
+for (let at = 0; at < first.length; ) {
+  try {
+    at += writeSync(4, first, at);
+  } catch (err) {
+    if (err.code !== "EAGAIN") throw err;
+  }
+}
 const s = new Socket({ fd: 3, readable: true, writable: false });
 let once = false;
 s.on("data", () => {
@@ -190,7 +201,7 @@ setInterval(() => {}, 1000);
   it("kills a spawner that sends a malformed frame after READY: its step ends INTERRUPTED and is not run again", async () => {
     const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
     try {
-      const spawner = newSpawner({ mainPath: fakeMain(dir, { ready: true, reply: "not a frame\n" }) });
+      const spawner = newSpawner({ mainPath: fakeMain(dir, { first: READY, reply: "not a frame\n" }) });
       const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
       expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
       expect(outcome.message).toMatch(/broke the frame protocol/);
@@ -204,7 +215,7 @@ setInterval(() => {}, 1000);
     const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
     try {
       // Were the request sent, the stand-in would run it (the marker) and answer with garbage.
-      const spawner = newSpawner({ pingMs: 100, answerTimeoutMs: 600, mainPath: fakeMain(dir, { ready: false, reply: "preload: agent started\n" }) });
+      const spawner = newSpawner({ pingMs: 100, answerTimeoutMs: 600, mainPath: fakeMain(dir, { first: Buffer.alloc(0), reply: "preload: agent started\n" }) });
       const chunks: string[] = [];
       const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo in the daemon"), { onOutput: (_s, d) => chunks.push(Buffer.from(d).toString()) });
       expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
@@ -215,6 +226,29 @@ setInterval(() => {}, 1000);
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it("kills a spawner that writes anything but READY first, at its header, and runs its step in the daemon, once", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      // An output frame of 8 MiB (within the cap after READY) begun before READY: 4 MiB of it, then silence.
+      const head = Buffer.alloc(9);
+      head.writeUInt32BE(8 << 20, 0);
+      head.writeUInt8(FrameKind.STDOUT, 4);
+      const main = fakeMain(dir, { first: Buffer.concat([head, Buffer.alloc(4 << 20, 0x61)]), reply: "" });
+      // A watchdog far away: the end must come from the frame's header.
+      const spawner = newSpawner({ answerTimeoutMs: 120_000, mainPath: main });
+      const runs = join(dir, "runs");
+      const t0 = Date.now();
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell(`echo ran >> ${runs}; echo in the daemon`), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+      expect(readFileSync(runs, "utf8")).toBe("ran\n");
+      expect(existsSync(join(dir, "marker")), "the stand-in was sent no request").toBe(false);
+      expect(spawner.pid).toBeUndefined();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
 });
 
 describe("FrameReader", () => {
