@@ -83,7 +83,7 @@ export interface OutputSink {
 
 /** How a task ended, in the terms of `TaskStatus`. */
 export interface TaskOutcome {
-  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED, or INTERRUPTED when the spawner lost the process (daemon/spawner.ts). */
+  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED, or INTERRUPTED when the spawner was lost while the process ran, its exit unknown (daemon/spawner.ts). */
   state: TaskState;
   /** Exit code of the last step that ran, when it exited normally. */
   exitCode?: number;
@@ -93,7 +93,7 @@ export interface TaskOutcome {
   message: string;
   /** Number of chunks emitted, equal to the last seq (0 when there was no output). */
   outputChunks: number;
-  /** True when output past the limit was dropped. */
+  /** True when output past the limit was dropped, or some may be missing (the spawner died before passing it all on). */
   outputTruncated: boolean;
   /**
    * An update step unpacked a new version: the task is not over, the daemon
@@ -238,8 +238,13 @@ interface StepExit {
   kind: "exited";
   code: number | null;
   signal: string | null;
+  /** Said in the task's message: how its end was reached, when not plainly. */
+  note?: string;
+  /** Output may be missing (the spawner died before passing all of it on). */
+  outputLost?: boolean;
 }
-type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined } | { kind: "lost"; message: string };
+/** `lost`: the process's exit is unknown (its spawner died); `outputLost` false when both its pipes' ends had come. */
+type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined } | { kind: "lost"; message: string; outputLost: boolean };
 
 /**
  * A step as it will run: a process; a staged process, whose files (written
@@ -259,6 +264,8 @@ class TaskRun {
   private truncated = false;
   private sinkBroken = false;
   private stop: Stop | undefined;
+  /** Said after the task's message: how a step's end was reached, when not plainly (StepExit.note). */
+  private readonly notes: string[] = [];
   /** Terminates the running step's process group; set while a step runs. */
   private terminateCurrent: (() => void) | undefined;
   /** Pauses or resumes the running step's pipes as the flow says; set while a step runs. */
@@ -350,9 +357,9 @@ class TaskRun {
         result = await this.runStep(step.argv, env, cwd);
       }
       const stop = this.stopped();
+      // Output may be missing: the task says so, whatever ended it.
+      if (result.kind !== "failed" && result.outputLost) this.truncated = true;
       if (result.kind === "lost") {
-        // Output may be missing: the task says so, whatever ended it.
-        this.truncated = true;
         if (stop) return this.outcome(stop.state, `${stop.message}; ${result.message}`);
         return this.outcome(TaskState.INTERRUPTED, `${prefix(step)}${result.message}; not run again`);
       }
@@ -364,6 +371,7 @@ class TaskRun {
         return this.outcome(TaskState.FAILED, cwdGone ?? prefix(step) + result.message);
       }
       last = result;
+      if (result.note !== undefined) this.notes.push(prefix(step) + result.note);
       if (stop) break;
       if (result.code !== 0) return this.outcome(TaskState.FAILED, prefix(step) + describeExit(result), result);
     }
@@ -480,7 +488,7 @@ class TaskRun {
   private outcome(state: TaskState, message: string, last?: StepExit): TaskOutcome {
     const out: TaskOutcome = {
       state,
-      message,
+      message: this.notes.length > 0 ? [message, ...this.notes].join("; ") : message,
       outputChunks: this.seq,
       outputTruncated: this.truncated,
     };
@@ -618,10 +626,11 @@ class TaskRun {
       };
 
       /**
-       * The launcher lost the process (its spawner died): how it ends and
-       * what else it wrote cannot be known. What is left of it is ended
-       * (its group, and any process carrying the task's marker), and the
-       * step ends saying so.
+       * The launcher lost the process (its spawner died): what it had not
+       * passed on cannot be known. What is left of it is ended (its group,
+       * and any process carrying the task's marker), and the step ends
+       * saying so; its output is complete if both pipes' ends came, and its
+       * exit code stands if its exit came.
        */
       const lose = (reason: string) => {
         if (stepEnded) return;
@@ -635,8 +644,15 @@ class TaskRun {
         ended
           .catch(() => undefined)
           .then((cleanup) => {
+            const said = cleanup ? `; ${describeCleanup(cleanup)}` : "";
+            const outputLost = !stdoutClosed || !stderrClosed;
+            if (exit !== undefined) {
+              endStep({ kind: "exited", code: exit.code, signal: exit.signal, note: `${reason} after its process ${pid} exited: output not yet received is unknown${said}`, outputLost });
+              return;
+            }
             const what = pid === undefined ? "before it was known to have started" : `while its process ${pid} ran`;
-            endStep({ kind: "lost", message: `${reason} ${what}: its exit and any output not yet received are unknown${cleanup ? `; ${describeCleanup(cleanup)}` : ""}` });
+            const unknown = outputLost ? "its exit and any output not yet received are unknown" : "its exit is unknown (its output had all arrived)";
+            endStep({ kind: "lost", message: `${reason} ${what}: ${unknown}${said}`, outputLost });
           }, () => {});
       };
 

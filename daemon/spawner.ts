@@ -5,9 +5,11 @@
  *
  * One spawner serves every executor of a daemon process. It is started with
  * the first step, and again with the first step after it died. When it dies
- * (or stops answering: see `answerTimeoutMs`, then it is killed), every step
- * it held is `lost`: their exits and any output still in it are unknown, so
- * the executor ends what is left of them and says so (daemon/executor.ts).
+ * (or stops answering: see `answerTimeoutMs`, then it is killed), what it
+ * wrote is read to the end of its pipe (for at most `eofWaitMs` once it
+ * exited), then every step it still held is `lost`: what it had not passed on
+ * is unknown, so the executor ends what is left of them and says so
+ * (daemon/executor.ts).
  * Nothing is written to a spawner before its READY frame (of this protocol
  * version) was read, so a spawner that dies before that was sent no
  * request: the steps waiting for it are started in the daemon instead
@@ -25,7 +27,7 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import type { Clock, Timer } from "../common/clock.js";
+import { setTimeoutAfterPending, type Clock, type Timer } from "../common/clock.js";
 import type { Logger } from "../common/logger.js";
 import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
 import { directLauncher, type LaunchedStep, type Launcher, type LaunchRequest, type StepEvents } from "./launcher.js";
@@ -45,6 +47,12 @@ export interface SpawnerOptions {
   answerTimeoutMs?: number;
   /** After a spawner that could not start, steps start in the daemon for this long. Default 60 s. */
   fallbackMs?: number;
+  /**
+   * Once a spawner exited, the end of its pipe is waited for this long after
+   * the last bytes read (a process that inherited the pipe could hold it open
+   * for ever); then its steps are lost. Default 5 s.
+   */
+  eofWaitMs?: number;
 }
 
 /** A young generation of 1 MiB and a bounded old one: the spawner's every fork copies what it has touched. */
@@ -89,6 +97,8 @@ class Instance {
   readonly startedAt: number;
   /** Why this end killed it, said instead of the signal. */
   killedFor: string | undefined;
+  /** It broke the protocol: nothing more it wrote is read. */
+  violated = false;
   readonly steps = new Map<number, Held>();
   private out: Buffer[] = [];
   private corked = false;
@@ -98,8 +108,8 @@ class Instance {
   }
 
   /** The pipe to the spawner (its fd 3). */
-  get input(): NodeJS.WritableStream & { end(): void } {
-    return this.child.stdio[3] as unknown as NodeJS.WritableStream & { end(): void };
+  get input(): NodeJS.WritableStream & { end(): void; destroy(): void } {
+    return this.child.stdio[3] as unknown as NodeJS.WritableStream & { end(): void; destroy(): void };
   }
 
   /** Frames are held until the spawner is ready: one that dies before READY was sent nothing. */
@@ -139,6 +149,7 @@ export class Spawner implements Launcher {
   private readonly pingMs: number;
   private readonly answerTimeoutMs: number;
   private readonly fallbackMs: number;
+  private readonly eofWaitMs: number;
   /** Spawner processes started so far (a test and the log tell restarts by it). */
   starts = 0;
 
@@ -148,6 +159,7 @@ export class Spawner implements Launcher {
     this.pingMs = opts.pingMs ?? 5000;
     this.answerTimeoutMs = opts.answerTimeoutMs ?? 30_000;
     this.fallbackMs = opts.fallbackMs ?? 60_000;
+    this.eofWaitMs = opts.eofWaitMs ?? 5000;
   }
 
   /** False but while steps start in the daemon (stopped, or after a spawner that could not start). */
@@ -234,8 +246,11 @@ export class Spawner implements Launcher {
     // READY first: a spawner that writes anything else before it breaks the protocol at that frame's header, so nothing it sends before READY is kept.
     const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON, first: FrameKind.READY });
     const output = child.stdio[4]!;
+    /** Armed once it exited: the end of the pipe is not waited for longer than eofWaitMs after the last read. */
+    let eofWait: (() => void) | undefined;
     output.on("data", (chunk: Buffer) => {
-      if (inst.killedFor !== undefined) return;
+      eofWait?.();
+      if (inst.violated) return;
       try {
         reader.push(chunk);
       } catch (err) {
@@ -244,9 +259,18 @@ export class Spawner implements Launcher {
     });
     output.on("error", () => {});
     inst.input.on("error", () => {});
+    const why = (code: number | null, signal: NodeJS.Signals | null) => inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`);
     child.on("error", (err) => this.onDeath(inst, `the spawner could not be run: ${err.message}`));
-    // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end was still in the pipe is not lost.
-    child.on("close", (code, signal) => this.onDeath(inst, inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`)));
+    // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end or output was still in the pipe is not lost.
+    child.on("close", (code, signal) => this.onDeath(inst, why(code, signal)));
+    child.on("exit", (code, signal) => {
+      eofWait = this.afterQuiet(() => {
+        if (inst.dead) return;
+        output.destroy();
+        inst.input.destroy();
+        this.onDeath(inst, `${why(code, signal)} (its pipe was still held open ${this.eofWaitMs / 1000} s later)`);
+      });
+    });
     // The daemon's exit is not held up by its spawner.
     child.unref();
     (output as unknown as { unref?: () => void }).unref?.();
@@ -260,9 +284,10 @@ export class Spawner implements Launcher {
    * or, if it never said READY, were sent nothing and start in the daemon.
    */
   private violation(inst: Instance, err: unknown): void {
-    if (inst.dead || inst.killedFor !== undefined) return;
+    if (inst.dead || inst.violated) return;
+    inst.violated = true;
     const why = err instanceof Error ? err.message : String(err);
-    inst.killedFor = `the spawner broke the frame protocol (${why}) and was killed`;
+    inst.killedFor ??= `the spawner broke the frame protocol (${why}) and was killed`;
     this.opts.log.error("the spawner broke the frame protocol; killing it", { err: why, ready: inst.ready });
     try {
       process.kill(-inst.child.pid!, "SIGKILL");
@@ -272,7 +297,7 @@ export class Spawner implements Launcher {
   }
 
   private onFrame(inst: Instance, kind: number, id: number, body: Buffer): void {
-    if (inst.killedFor !== undefined) return;
+    if (inst.violated) return;
     try {
       this.handle(inst, kind, id, body);
     } catch (err) {
@@ -370,6 +395,17 @@ export class Spawner implements Launcher {
       held.queue = [];
       held.events.lost(reason);
     }
+  }
+
+  /** Runs fn once eofWaitMs passed without a call of the returned function, which starts the wait again. */
+  private afterQuiet(fn: () => void): () => void {
+    let timer: Timer | undefined;
+    const arm = () => {
+      timer?.cancel();
+      timer = setTimeoutAfterPending(this.opts.clock, fn, this.eofWaitMs);
+    };
+    arm();
+    return arm;
   }
 
   /** While steps are held, asks the spawner every pingMs; one that does not answer within answerTimeoutMs is killed. */

@@ -251,6 +251,86 @@ setInterval(() => {}, 1000);
   }, 40_000);
 });
 
+/** Blocks this process's event loop (as a busy daemon would) while `check` is false, for at most timeoutMs. */
+function blockUntil(check: () => boolean, timeoutMs = 10_000): void {
+  const deadline = Date.now() + timeoutMs;
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  while (!check() && Date.now() < deadline) Atomics.wait(cell, 0, 0, 20);
+}
+
+describe("Spawner death: what was in its pipe", () => {
+  it("hands on every byte it wrote before it died, and marks output truncated only when some may be missing", async () => {
+    const spawner = newSpawner();
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 200 });
+    // 100,000 bytes, then either both pipes closed (all output sent) or held open; then a long sleep.
+    const expected = Buffer.concat(Array.from({ length: 6250 }, () => Buffer.from("0123456789abcdef")));
+    const run = async (closeThem: boolean) => {
+      const chunks: Buffer[] = [];
+      let pid = 0;
+      const script = `yes 0123456789abcdef | tr -d '\\n' | head -c 100000; ${closeThem ? "exec >&- 2>&-; " : ""}exec sleep 60`;
+      const done = ex.run(shell(script), { onOutput: (_s, d) => chunks.push(Buffer.from(d)), onStart: (p) => (pid = p) });
+      await until("the step runs", () => pid > 0);
+      const spawnerPid = spawner.pid!;
+      const written = () => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${spawnerPid}/io`, "latin1"))?.[1]);
+      // This process does not read while the spawner relays it all (the step is asleep, the spawner's writes stop); then the spawner dies.
+      let last = -1;
+      blockUntil(() => {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1");
+        const now = written();
+        const still = cmd.startsWith("sleep") && now === last && now > expected.length;
+        last = now;
+        return still;
+      });
+      process.kill(spawnerPid, "SIGKILL");
+      const outcome = await done;
+      expect(Buffer.concat(chunks).equals(expected), `got ${Buffer.concat(chunks).length} bytes`).toBe(true);
+      return outcome;
+    };
+    const closed = await run(true);
+    expect(closed.state, closed.message).toBe(TaskState.INTERRUPTED);
+    expect(closed.message).toMatch(/^the spawner was killed by SIGKILL while its process \d+ ran: its exit is unknown \(its output had all arrived\)/);
+    expect(closed.outputTruncated).toBe(false);
+    const open = await run(false);
+    expect(open.state, open.message).toBe(TaskState.INTERRUPTED);
+    expect(open.message).toMatch(/its exit and any output not yet received are unknown/);
+    expect(open.outputTruncated).toBe(true);
+  }, 60_000);
+
+  it("ends its steps a bounded time after it exited when something else holds its pipe open", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    const holderFile = join(dir, "holder");
+    try {
+      // A stand-in: READY, then on the first request it leaves a child holding its frame fds and exits.
+      const main = join(dir, "leaky-main.mjs");
+      writeFileSync(
+        main,
+        `import { spawn } from "node:child_process";
+import { writeFileSync, writeSync } from "node:fs";
+import { Socket } from "node:net";
+writeSync(4, Buffer.from(${JSON.stringify([...READY])}));
+const s = new Socket({ fd: 3, readable: true, writable: false });
+s.once("data", () => {
+  const c = spawn("sleep", ["60"], { stdio: ["ignore", "ignore", "ignore", 3, 4], detached: true });
+  writeFileSync(${JSON.stringify(holderFile)}, String(c.pid));
+  process.exit(3);
+});
+`,
+      );
+      const spawner = newSpawner({ mainPath: main, eofWaitMs: 500 });
+      const t0 = Date.now();
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+      expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 0.5 s later\) before it was known to have started/);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+    } finally {
+      if (existsSync(holderFile)) process.kill(Number(readFileSync(holderFile, "utf8")), "SIGKILL");
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
+});
+
 describe("FrameReader", () => {
   const toDaemon = () => {
     const got: { kind: number; id: number; body: Buffer }[] = [];
