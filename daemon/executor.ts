@@ -11,7 +11,7 @@ import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { durationMs } from "@bufbuild/protobuf/wkt";
-import type { Clock, Timer } from "../common/clock.js";
+import { setTimeoutAfterPending, type Clock, type Timer } from "../common/clock.js";
 import { isDigest, verifyFile } from "../common/digest.js";
 import { ConfigError } from "../common/errors.js";
 import type { ArtifactFetcher } from "./artifact-fetch.js";
@@ -20,7 +20,7 @@ import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputCoalescer, type FlushScheduler } from "./output-coalescer.js";
 import { directLauncher, type LaunchedStep, type Launcher, type StepEvents } from "./launcher.js";
-import { describeCleanup, endMarkedProcesses, groupRef, type GroupRef } from "./orphans.js";
+import { describeCleanup, endMarkedProcesses, groupRef, sameGroup, type GroupRef } from "./orphans.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
@@ -93,7 +93,7 @@ export interface TaskOutcome {
   message: string;
   /** Number of chunks emitted, equal to the last seq (0 when there was no output). */
   outputChunks: number;
-  /** True when output past the limit was dropped, or some may be missing (the spawner died before passing it all on). */
+  /** True when output past the limit was dropped, or some may be missing (the spawner died or stalled before passing it all on). */
   outputTruncated: boolean;
   /**
    * An update step unpacked a new version: the task is not over, the daemon
@@ -154,6 +154,10 @@ const DEFAULT_SCRIPT_INTERPRETER: readonly string[] = ["/bin/sh"];
 const DEFAULT_PUT_MODE = 0o644;
 /** How often a terminating group is looked at when no pipe or exit event will say it is gone. */
 const GROUP_POLL_MS = 25;
+/** The same while its leader's exit is not reported (only a stalled spawner leaves it so): a whole /proc scan each. */
+const UNREPORTED_POLL_MS = 250;
+/** Said when a step's pipes were closed by the daemon after its group was gone. */
+const OUTSIDER_NOTE = "a process outside its process group still held its output, which was not read past this point";
 /** Linux task flag: the task is inside exit() and cannot come back. */
 const PF_EXITING = 0x4;
 
@@ -240,10 +244,10 @@ interface StepExit {
   signal: string | null;
   /** Said in the task's message: how its end was reached, when not plainly. */
   note?: string;
-  /** Output may be missing (the spawner died before passing all of it on). */
+  /** Output may be missing (the spawner died or stalled before passing all of it on). */
   outputLost?: boolean;
 }
-/** `lost`: the process's exit is unknown (its spawner died); `outputLost` false when both its pipes' ends had come. */
+/** `lost`: the process's exit is unknown (its spawner died or stalled); `outputLost` false when both its pipes' ends had come. */
 type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined } | { kind: "lost"; message: string; outputLost: boolean };
 
 /**
@@ -529,6 +533,15 @@ class TaskRun {
   /**
    * Runs one process to completion: exit, both output pipes closed, and no
    * live member left in its process group.
+   *
+   * After a termination (a stop, or leftovers of its group), once no member
+   * of the group is left, the launcher's word (the exit, the pipes' ends) is
+   * waited for one kill grace at most. Pipes still open then, the exit
+   * known, are held by a process outside the group (`setsid`, a daemon): they
+   * are closed here and the task says so. An exit still unreported then means
+   * a stalled spawner (the daemon's own children are reaped by the daemon):
+   * the step is abandoned and the task says what is unknown. So a stop ends
+   * a task within two kill graces whatever the spawner does.
    */
   private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
     const { clock, killGraceMs, launcher } = this.opts;
@@ -536,7 +549,7 @@ class TaskRun {
     return new Promise<StepResult>((resolve) => {
       /** Set once the process runs; it is also its process group id. */
       let pid: number | undefined;
-      /** The group as a restarted daemon would know it (leader's start time: a pid may be reused), for a lost step. */
+      /** The group as noted when it started (leader's start time: a pid may be reused). */
       let group: GroupRef | undefined;
       /** The launched step; undefined until launch returns. */
       let proc: LaunchedStep | undefined;
@@ -546,57 +559,94 @@ class TaskRun {
       /** True once no live member is left in the group, or SIGKILL has been sent to it. */
       let groupSettled = false;
       let terminating = false;
+      /** True once the step is being ended (its leftovers cleaned up) or has ended: nothing else acts on it. */
+      let ending = false;
       let stepEnded = false;
+      /** Its pipes were closed here: a process outside its group still held them once the group was gone. */
+      let outsiderHeld = false;
       let killTimer: Timer | undefined;
       let pollTimer: Timer | undefined;
-      let drainTimer: Timer | undefined;
+      /** The bounded wait for the launcher's word (the start after a stop, or the end once the group is gone); events already waiting when it ends go first. */
+      let waitTimer: Timer | undefined;
+
+      const cancelTimers = () => {
+        killTimer?.cancel();
+        pollTimer?.cancel();
+        waitTimer?.cancel();
+        killTimer = pollTimer = waitTimer = undefined;
+      };
 
       const endStep = (result: StepResult) => {
         if (stepEnded) return;
-        stepEnded = true;
+        stepEnded = ending = true;
         // Every chunk of the step goes out before its end is known.
         this.coalescer.flush();
-        killTimer?.cancel();
-        pollTimer?.cancel();
-        drainTimer?.cancel();
+        cancelTimers();
         this.terminateCurrent = undefined;
         this.applyFlowCurrent = undefined;
         resolve(result);
       };
 
+      const exited = (): StepExit => ({ kind: "exited", code: exit!.code, signal: exit!.signal, ...(outsiderHeld ? { note: OUTSIDER_NOTE } : {}) });
+      const live = () => group !== undefined && groupHasLiveMember(group);
+
       const endStepIfDone = () => {
-        if (stepEnded || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
-        if (!groupSettled && !groupHasLiveMember(pid)) groupSettled = true;
+        if (ending || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
+        if (!groupSettled && !live()) groupSettled = true;
         if (groupSettled) {
-          endStep({ kind: "exited", code: exit.code, signal: exit.signal });
+          endStep(exited());
           return;
         }
         // Leftovers that closed their output (e.g. `cmd >/dev/null &`) get
-        // the same SIGTERM, grace, SIGKILL as on a timeout. No event tells
-        // when they are gone, so look again now and then during the grace.
+        // the same SIGTERM, grace, SIGKILL as on a timeout.
         terminate();
-        if (!stepEnded && pollTimer === undefined) {
-          pollTimer = clock.setTimeout(() => {
-            pollTimer = undefined;
-            endStepIfDone();
-          }, Math.min(GROUP_POLL_MS, killGraceMs));
+      };
+
+      /** Looks at a group being terminated now and then: no event says when its last member is gone (nor, from a stalled spawner, that its leader exited). */
+      const watchGroup = () => {
+        pollTimer = clock.setTimeout(() => {
+          pollTimer = undefined;
+          if (ending || groupSettled) return;
+          if (live()) watchGroup();
+          else settle();
+        }, Math.min(exit === undefined ? UNREPORTED_POLL_MS : GROUP_POLL_MS, killGraceMs));
+      };
+
+      /** No live member is left (or SIGKILL went out). After a termination, the launcher's word is waited for a grace at most. */
+      const settle = () => {
+        if (!groupSettled) {
+          groupSettled = true;
+          killTimer?.cancel();
+          pollTimer?.cancel();
+          killTimer = pollTimer = undefined;
         }
+        endStepIfDone();
+        if (!ending && terminating && waitTimer === undefined) waitTimer = setTimeoutAfterPending(clock, noWord, killGraceMs);
       };
 
       const escalate = () => {
         killTimer = undefined;
-        if (pid === undefined || stepEnded) return;
-        if (groupHasLiveMember(pid)) signalGroup(pid, "SIGKILL");
-        groupSettled = true;
-        if (!stdoutClosed || !stderrClosed) {
-          // Only a process that left the group (setsid) can still hold the
-          // pipes now; it is out of reach, so stop waiting for its output.
-          drainTimer = clock.setTimeout(() => {
-            drainTimer = undefined;
-            proc?.destroyOutput();
-          }, killGraceMs);
+        if (ending) return;
+        if (live()) signalGroup(group!, "SIGKILL");
+        settle();
+      };
+
+      /** The group is gone, and a grace later the launcher has not said that the step ended. */
+      const noWord = () => {
+        waitTimer = undefined;
+        if (ending) return;
+        if (exit !== undefined && !outsiderHeld) {
+          // The launcher answers (the exit came): only a process outside the group can hold the pipes. Stop reading them.
+          outsiderHeld = true;
+          proc?.destroyOutput();
+          // Their ends follow at once; should they not (the spawner stalled since), the step is abandoned a grace later.
+          if (!ending) waitTimer = setTimeoutAfterPending(clock, noWord, killGraceMs);
+          return;
         }
-        endStepIfDone();
+        proc?.abandon();
+        const unreported = `no end of its process ${pid} was reported ${formatMs(killGraceMs)} after its group was gone (the spawner did not answer)`;
+        if (exit === undefined) endStep({ kind: "lost", message: `${unreported}: its exit and any output not yet received are unknown`, outputLost: true });
+        else endStep({ ...exited(), note: `${OUTSIDER_NOTE}; ${unreported}: output not yet received is unknown`, outputLost: true });
       };
 
       /**
@@ -612,55 +662,76 @@ class TaskRun {
       };
 
       const terminate = () => {
-        if (terminating || stepEnded || pid === undefined) return;
+        if (terminating || ending) return;
+        if (pid === undefined) {
+          // Stopped before its start was reported (only a spawner reports it later): it is waited for a grace.
+          waitTimer ??= setTimeoutAfterPending(clock, notStarted, killGraceMs);
+          return;
+        }
         terminating = true;
         // A process blocked in write() on a full pipe could not act on
         // SIGTERM, and its pipes could not reach EOF: read them again.
         applyFlow();
-        if (!signalGroup(pid, "SIGTERM")) {
-          groupSettled = true;
-          endStepIfDone();
+        if (groupSettled || !signalGroup(group!, "SIGTERM")) {
+          settle();
           return;
         }
         killTimer = clock.setTimeout(escalate, killGraceMs);
+        watchGroup();
       };
 
       /**
-       * The launcher lost the process (its spawner died): what it had not
-       * passed on cannot be known. What is left of it is ended (its group,
-       * and any process carrying the task's marker), and the step ends
-       * saying so; its output is complete if both pipes' ends came, and its
-       * exit code stands if its exit came.
+       * Ends what is left of the step (its group, and any process carrying
+       * the task's marker), then the step, with `result` given what was done.
        */
-      const lose = (reason: string) => {
-        if (stepEnded) return;
-        killTimer?.cancel();
-        pollTimer?.cancel();
-        drainTimer?.cancel();
+      const endLeftovers = (result: (cleanup: string) => StepResult) => {
+        ending = true;
+        cancelTimers();
         const taskId = env.REXMESH_TASK_ID;
         const groups = group === undefined ? [] : [group];
         const marker = taskId === undefined ? "" : `REXMESH_TASK_ID=${taskId}`;
         const ended = groups.length === 0 && marker === "" ? Promise.resolve(undefined) : endMarkedProcesses(marker, groups, clock, killGraceMs);
         ended
           .catch(() => undefined)
-          .then((cleanup) => {
-            const said = cleanup ? `; ${describeCleanup(cleanup)}` : "";
-            const outputLost = !stdoutClosed || !stderrClosed;
-            if (exit !== undefined) {
-              endStep({ kind: "exited", code: exit.code, signal: exit.signal, note: `${reason} after its process ${pid} exited: output not yet received is unknown${said}`, outputLost });
-              return;
-            }
-            const what = pid === undefined ? "before it was known to have started" : `while its process ${pid} ran`;
-            const unknown = outputLost ? "its exit and any output not yet received are unknown" : "its exit is unknown (its output had all arrived)";
-            endStep({ kind: "lost", message: `${reason} ${what}: ${unknown}${said}`, outputLost });
-          }, () => {});
+          .then((cleanup) => endStep(result(cleanup ? `; ${describeCleanup(cleanup)}` : "")), () => {});
+      };
+
+      /** Stopped, and a grace later the spawner has not said that it started the step: it is told not to. */
+      const notStarted = () => {
+        waitTimer = undefined;
+        if (ending || pid !== undefined) return;
+        proc?.abandon();
+        endLeftovers((cleanup) => ({
+          kind: "lost",
+          message: `the spawner did not report its start ${formatMs(killGraceMs)} after the stop and was told not to start it: whether it ran is unknown${cleanup}`,
+          outputLost: true,
+        }));
+      };
+
+      /**
+       * The launcher lost the process (its spawner died): what it had not
+       * passed on cannot be known. What is left of it is ended and the step
+       * ends saying so; its output is complete if both pipes' ends came.
+       */
+      const lose = (reason: string) => {
+        if (ending) return;
+        const outputLost = !stdoutClosed || !stderrClosed;
+        if (exit !== undefined) {
+          endLeftovers((cleanup) => ({ ...exited(), note: `${reason} after its process ${pid} exited: output not yet received is unknown${cleanup}`, outputLost }));
+          return;
+        }
+        const what = pid === undefined ? "before it was known to have started" : `while its process ${pid} ran`;
+        const unknown = outputLost ? "its exit and any output not yet received are unknown" : "its exit is unknown (its output had all arrived)";
+        endLeftovers((cleanup) => ({ kind: "lost", message: `${reason} ${what}: ${unknown}${cleanup}`, outputLost }));
       };
 
       const events: StepEvents = {
         spawned: (p) => {
+          if (ending) return;
           pid = p;
           group = groupRef(p);
-          this.terminateCurrent = terminate;
+          waitTimer?.cancel();
+          waitTimer = undefined;
           this.applyFlowCurrent = applyFlow;
           if (this.stop) {
             terminate();
@@ -681,6 +752,7 @@ class TaskRun {
           endStep({ kind: "failed", message: f.code ? `spawn ${f.code}: ${program}` : `spawn failed: ${program}: ${f.message}`, code: f.code });
         },
         data: (stream, buf) => {
+          if (ending) return;
           this.addOutput(stream, buf);
           applyFlow();
         },
@@ -690,17 +762,20 @@ class TaskRun {
           endStepIfDone();
         },
         exited: (code, signal) => {
+          if (ending) return;
           exit = { code, signal };
           // What is left in the pipes was written by processes that are gone,
           // or leftovers about to be terminated: read it so the step can end.
           applyFlow();
           // Members still holding the pipes would keep the step open forever.
-          if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
-          else terminate();
+          if (live()) terminate();
+          else settle();
           endStepIfDone();
         },
         lost: lose,
       };
+      // Set before the launch: a stop may come before the start is reported.
+      this.terminateCurrent = terminate;
       proc = launcher.launch({ program, args: argv.slice(1), cwd: cwd === "" ? undefined : cwd, env, stdin: this.spec.stdin }, events);
       if (stepEnded) return;
       applyFlow();
@@ -808,10 +883,15 @@ async function checkWorkingDir(dir: string): Promise<string | undefined> {
   }
 }
 
-/** Sends sig (0: only probe) to every member of the group; false when the group no longer exists. */
-function signalGroup(pgid: number, sig: NodeJS.Signals | 0): boolean {
+/**
+ * Sends sig (0: only probe) to every member of the group; false when the
+ * group no longer exists, or its number is another process's now (see
+ * sameGroup: with a spawner, the daemon learns of the leader's reaping late).
+ */
+function signalGroup(group: GroupRef, sig: NodeJS.Signals | 0): boolean {
+  if (!sameGroup(group)) return false;
   try {
-    process.kill(-pgid, sig);
+    process.kill(-group.pgid, sig);
     return true;
   } catch (err) {
     // EPERM: some member runs as another user (e.g. a setuid program); the
@@ -826,8 +906,9 @@ function signalGroup(pgid: number, sig: NodeJS.Signals | 0): boolean {
  * under an init that does not reap orphans (common in containers), and
  * processes whose death is under way; on Linux /proc tells them apart.
  */
-function groupHasLiveMember(pgid: number): boolean {
-  if (!signalGroup(pgid, 0)) return false;
+function groupHasLiveMember(group: GroupRef): boolean {
+  if (!signalGroup(group, 0)) return false;
+  const pgid = group.pgid;
   if (process.platform !== "linux") return true;
   let entries: string[];
   try {

@@ -48,7 +48,16 @@ export interface LaunchedStep {
   hold(on: boolean): void;
   /** Stops waiting for its output: its pipes are closed at the reading end, and each reports `closed`. */
   destroyOutput(): void;
+  /**
+   * The executor ended the step without the launcher's word (it did not
+   * confirm a stop in time): no event of it follows, its output is no longer
+   * read, and one not started yet never is (or is killed at once).
+   */
+  abandon(): void;
 }
+
+/** A step that never ran: nothing to hold, destroy or abandon. */
+const NOTHING: LaunchedStep = { hold() {}, destroyOutput() {}, abandon() {} };
 
 /** Starts step processes. `launch` never throws: every failure is an event. */
 export interface Launcher {
@@ -66,7 +75,7 @@ export const directLauncher: Launcher = {
       child = spawn(request.program, request.args, { cwd: request.cwd, env: request.env, detached: true, stdio: ["pipe", "pipe", "pipe"] });
     } catch (err) {
       events.failed({ sync: true, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
-      return { hold() {}, destroyOutput() {} };
+      return NOTHING;
     }
     const stdin = child.stdin!;
     const stdout = child.stdout!;
@@ -79,17 +88,24 @@ export const directLauncher: Launcher = {
         stderr.destroy();
         events.failed({ sync: false, code: codeOf(err), message: err.message });
       });
-      return { hold() {}, destroyOutput() {} };
+      return NOTHING;
     }
     events.spawned(child.pid);
+    let abandoned = false;
     // Only spawn failures matter; a started process's pipe errors end in 'close'.
     child.on("error", () => {});
     for (const [stream, tag] of [[stdout, OutputStream.STDOUT], [stderr, OutputStream.STDERR]] as const) {
-      stream.on("data", (buf: Buffer) => events.data(tag, buf));
+      stream.on("data", (buf: Buffer) => {
+        if (!abandoned) events.data(tag, buf);
+      });
       stream.on("error", () => {});
-      stream.on("close", () => events.closed(tag));
+      stream.on("close", () => {
+        if (!abandoned) events.closed(tag);
+      });
     }
-    child.on("exit", (code, signal) => events.exited(code, signal));
+    child.on("exit", (code, signal) => {
+      if (!abandoned) events.exited(code, signal);
+    });
     // The child may exit without reading its input (EPIPE): that is the child's business, not a failure of the task.
     stdin.on("error", () => {});
     if (request.stdin.length > 0) stdin.end(request.stdin);
@@ -103,6 +119,11 @@ export const directLauncher: Launcher = {
         }
       },
       destroyOutput() {
+        stdout.destroy();
+        stderr.destroy();
+      },
+      abandon() {
+        abandoned = true;
         stdout.destroy();
         stderr.destroy();
       },

@@ -53,6 +53,23 @@ export function groupRef(pid: number): GroupRef {
   return s ? { pgid: pid, startTicks: s.startTicks } : { pgid: pid };
 }
 
+/**
+ * False when the group's number is another process's now: a process holds
+ * its leader's pid but started at another time. Linux gives a number out
+ * again only once no process has it as its pid or its process group, so a
+ * leader still there with its start time (alive, or a zombie not yet
+ * reaped), or gone with members left, means the noted group; no leader and
+ * no member means none at all. Between this look and a signal the number
+ * could only be taken if the group was already empty and reaped, and the
+ * kernel handed that very number to a new process that made itself a group
+ * leader in those microseconds.
+ */
+export function sameGroup(g: GroupRef): boolean {
+  if (g.startTicks === undefined) return true;
+  const leader = readStat(g.pgid);
+  return leader === undefined || leader.startTicks === g.startTicks;
+}
+
 function alive(s: Stat | undefined): s is Stat {
   return s !== undefined && s.state !== "Z" && s.state !== "X";
 }

@@ -7,7 +7,7 @@
  * must stay small (its size is what every fork it makes copies).
  */
 
-/** Kinds of frame. Daemon → spawner: SPAWN, ACK, DESTROY, PING. Spawner → daemon: the rest. */
+/** Kinds of frame. Daemon → spawner: SPAWN, ACK, DESTROY, PING, CANCEL. Spawner → daemon: the rest. */
 export const FrameKind = {
   /** body: u32 JSON length | JSON {@link SpawnRequest} | stdin bytes. */
   SPAWN: 1,
@@ -17,6 +17,13 @@ export const FrameKind = {
   DESTROY: 3,
   /** No body, id: a number the PONG echoes. */
   PING: 4,
+  /**
+   * No body: the daemon has ended the step without the spawner (it did not
+   * answer in time) and forgets it. Not started yet: it never is; started
+   * and not yet reaped: its group gets SIGKILL; either way its pipes are
+   * closed and nothing more of it is sent.
+   */
+  CANCEL: 5,
   /** No body: the spawner is up and reads frames (sent once, before anything else). */
   READY: 10,
   /** body: u32 pid of the started process (also its process group id). */
@@ -91,11 +98,11 @@ export function readSpawn(body: Buffer): { request: SpawnRequest; stdin: Buffer 
   return { request: JSON.parse(body.toString("utf8", 4, 4 + len)) as SpawnRequest, stdin: body.subarray(4 + len) };
 }
 
-/** Sent in READY's body (u32): a daemon and a spawner of different protocols do not talk. */
-export const PROTOCOL_VERSION = 1;
+/** Sent in READY's body (u32): a daemon and a spawner of different protocols do not talk. 2: CANCEL. */
+export const PROTOCOL_VERSION = 2;
 
 /** Kinds each end may receive. */
-export const TO_SPAWNER: ReadonlySet<number> = new Set([FrameKind.SPAWN, FrameKind.ACK, FrameKind.DESTROY, FrameKind.PING]);
+export const TO_SPAWNER: ReadonlySet<number> = new Set([FrameKind.SPAWN, FrameKind.ACK, FrameKind.DESTROY, FrameKind.PING, FrameKind.CANCEL]);
 export const TO_DAEMON: ReadonlySet<number> = new Set([
   FrameKind.READY, FrameKind.SPAWNED, FrameKind.FAILED, FrameKind.STDOUT, FrameKind.STDERR, FrameKind.CLOSED, FrameKind.EXIT, FrameKind.PONG,
 ]);
@@ -113,6 +120,7 @@ const FIXED: Record<number, number> = {
   [FrameKind.ACK]: 4,
   [FrameKind.DESTROY]: 0,
   [FrameKind.PING]: 0,
+  [FrameKind.CANCEL]: 0,
   [FrameKind.READY]: 4,
   [FrameKind.SPAWNED]: 4,
   [FrameKind.CLOSED]: 4,

@@ -39,6 +39,8 @@ interface Step {
   child: ChildProcess;
   unacked: number;
   held: boolean;
+  /** The daemon cancelled it: nothing more of it is sent. */
+  cancelled: boolean;
 }
 
 /**
@@ -51,6 +53,12 @@ const daemon = Number(process.argv[2]);
 const daemonGone = () => daemon > 0 && process.ppid !== daemon;
 
 const steps = new Map<number, Step>();
+/**
+ * SPAWN requests of the read being taken apart: they start once all of its
+ * frames are read, so that a CANCEL sent after one (the daemon gave up while
+ * this process was stopped) and read with it wins, and the step never runs.
+ */
+const toStart = new Map<number, Buffer>();
 let queued: Buffer[] = [];
 let flushScheduled = false;
 
@@ -114,30 +122,56 @@ function start(id: number, body: Buffer): void {
     });
     return;
   }
-  const step: Step = { child, unacked: 0, held: false };
+  const step: Step = { child, unacked: 0, held: false, cancelled: false };
   steps.set(id, step);
   send(u32Frame(FrameKind.SPAWNED, id, child.pid));
   // Errors of a started process's pipes end in 'close'; these only keep them from being uncaught.
   child.on("error", () => {});
   const relay = (kind: number, closedTag: number) => (stream: NodeJS.ReadableStream & { destroyed: boolean }) => {
     stream.on("data", (buf: Buffer) => {
+      if (step.cancelled) return;
       send(frame(kind, id, buf));
       step.unacked += buf.length;
       hold(step);
     });
     stream.on("error", () => {});
-    stream.on("close", () => send(u32Frame(FrameKind.CLOSED, id, closedTag)));
+    stream.on("close", () => {
+      if (!step.cancelled) send(u32Frame(FrameKind.CLOSED, id, closedTag));
+    });
   };
   relay(FrameKind.STDOUT, 1)(child.stdout!);
   relay(FrameKind.STDERR, 2)(child.stderr!);
   child.on("exit", (code, signal) => {
-    send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
+    if (!step.cancelled) send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
   });
   child.on("close", () => steps.delete(id));
   // A process may exit without reading its input (EPIPE): its business, not a failure.
   child.stdin!.on("error", () => {});
   if (stdin.length > 0) child.stdin!.end(stdin);
   else child.stdin!.end();
+}
+
+/**
+ * The daemon ended the step without this process. A process not yet reaped
+ * (its exit not seen) still owns its pid, so its group is the step's: SIGKILL.
+ * One reaped is not signalled (its pid may be another's by now).
+ */
+function cancel(id: number): void {
+  if (toStart.delete(id)) return;
+  const step = steps.get(id);
+  if (!step) return;
+  step.cancelled = true;
+  steps.delete(id);
+  const { child } = step;
+  if (child.exitCode === null && child.signalCode === null) {
+    try {
+      process.kill(-child.pid!, "SIGKILL");
+    } catch {
+      // Gone already.
+    }
+  }
+  child.stdout?.destroy();
+  child.stderr?.destroy();
 }
 
 function failed(id: number, failure: SpawnFailure): void {
@@ -152,7 +186,10 @@ function codeOf(err: unknown): string | undefined {
 const reader = new FrameReader((kind, id, body) => {
   switch (kind) {
     case FrameKind.SPAWN:
-      start(id, body);
+      toStart.set(id, body);
+      break;
+    case FrameKind.CANCEL:
+      cancel(id);
       break;
     case FrameKind.ACK: {
       const step = steps.get(id);
@@ -186,6 +223,10 @@ input.on("data", (chunk: Buffer) => {
     reader.push(chunk);
   } catch (err) {
     violation(err);
+  }
+  for (const [id, body] of toStart) {
+    toStart.delete(id);
+    start(id, body);
   }
 });
 // The daemon closed its end, or died: nothing more will be asked.

@@ -9,7 +9,9 @@
  * wrote is read to the end of its pipe (for at most `eofWaitMs` once it
  * exited), then every step it still held is `lost`: what it had not passed on
  * is unknown, so the executor ends what is left of them and says so
- * (daemon/executor.ts).
+ * (daemon/executor.ts). A step the executor gives up on sooner (a stop the
+ * spawner did not confirm in time) is abandoned: forgotten here, and the
+ * spawner is told (CANCEL) never to start it, or to kill it if it did.
  * Nothing is written to a spawner before its READY frame (of this protocol
  * version) was read, so a spawner that dies before that was sent no
  * request: the steps waiting for it are started in the daemon instead
@@ -78,6 +80,8 @@ interface Held {
   real?: LaunchedStep;
   /** EXIT and CLOSED frames seen: the step is forgotten after its three. */
   ends: number;
+  /** The executor gave up on it: nothing more of it is handed on. */
+  abandoned: boolean;
 }
 
 /** The spawner's environment: the little Node itself may want, nothing that changes what it runs. */
@@ -185,7 +189,7 @@ export class Spawner implements Launcher {
     if (inst === undefined) return directLauncher.launch(request, events);
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
-    const held: Held = { events, started: false, holding: false, queue: [], ends: 0 };
+    const held: Held = { events, started: false, holding: false, queue: [], ends: 0, abandoned: false };
     // Kept until the spawner is ready, so that a spawner that never starts leaves the step to the daemon.
     if (!inst.ready) held.request = request;
     inst.steps.set(id, held);
@@ -202,6 +206,16 @@ export class Spawner implements Launcher {
       destroyOutput: () => {
         if (held.real) return held.real.destroyOutput();
         inst.write(frame(FrameKind.DESTROY, id));
+      },
+      abandon: () => {
+        if (held.abandoned) return;
+        held.abandoned = true;
+        held.queue = [];
+        if (held.real) return held.real.abandon();
+        if (inst.steps.get(id) !== held) return;
+        inst.steps.delete(id);
+        // Sent after its SPAWN: a spawner that had not read the request yet reads both at once and never starts it.
+        inst.write(frame(FrameKind.CANCEL, id));
       },
     };
   }
@@ -360,7 +374,7 @@ export class Spawner implements Launcher {
 
   /** The reader let go: what was queued goes on, until it holds again. */
   private release(inst: Instance, id: number, held: Held): void {
-    while (!held.holding && held.queue.length > 0) {
+    while (!held.holding && !held.abandoned && held.queue.length > 0) {
       const { kind, body } = held.queue.shift()!;
       this.deliver(inst, id, held, kind, body);
     }

@@ -421,6 +421,39 @@ describe(`Executor, steps started ${via}`, () => {
       expect(pids.filter((p) => !isDead(p))).toEqual([]);
     });
 
+    it("ends a stopped task a grace after its group is gone when a process outside the group (setsid) still holds its output", async () => {
+      const holders: number[] = [];
+      try {
+        const ex = newExecutor({ clock: systemClock, killGraceMs: 1000 });
+        // The holder says when it left the group (a leader that exits sooner has it ended with the group).
+        const holder = `F=${tmp}/holder.$$; setsid sh -c "echo holder \\$\\$; touch $F; exec sleep 60" & while [ ! -e $F ]; do sleep 0.01; done;`;
+        // A leader that exited once the holder left (the task waits for the holder's output until the timeout); one still running at the timeout; at a cancel.
+        for (const [script, stop] of [
+          [`${holder} echo leader done`, "timeout"],
+          [`${holder} sleep 60`, "timeout"],
+          [`${holder} sleep 60`, "cancel"],
+        ] as const) {
+          const out = new Collector();
+          const abort = new AbortController();
+          const done = ex.run(spec([shell(script)], stop === "timeout" ? { timeout: durationFromMs(1000) } : {}), { onOutput: out.sink, signal: abort.signal });
+          await out.waitFor(/holder \d+\n/);
+          holders.push(...pidsIn(out.text(), "holder"));
+          const t0 = Date.now();
+          if (stop === "cancel") abort.abort();
+          const outcome = await done;
+          expect(outcome.state, `${script}: ${outcome.message}`).toBe(stop === "timeout" ? TaskState.TIMED_OUT : TaskState.CANCELLED);
+          expect(Date.now() - t0, `${script}: within two graces, not when the holder lets go`).toBeLessThan(10_000);
+          expect(outcome.message).toMatch(/^(timed out after 1s|cancelled); a process outside its process group still held its output, which was not read past this point$/);
+          expect(outcome.outputTruncated).toBe(false);
+          expect(out.text()).toMatch(/holder \d+\n/);
+        }
+        // Outside the group, it is not the executor's to kill.
+        expect(holders.filter((p) => !isDead(p))).toHaveLength(3);
+      } finally {
+        for (const p of holders) process.kill(p, "SIGKILL");
+      }
+    }, 40_000);
+
     it("does not start anything when the signal is already aborted", async () => {
       const abort = new AbortController();
       abort.abort();

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Writable } from "node:stream";
 import { create } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { systemClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
@@ -257,6 +258,112 @@ function blockUntil(check: () => boolean, timeoutMs = 10_000): void {
   const cell = new Int32Array(new SharedArrayBuffer(4));
   while (!check() && Date.now() < deadline) Atomics.wait(cell, 0, 0, 20);
 }
+
+describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends within the grace, not at the watchdog", () => {
+  const withTimeout = (script: string, ms: number, env: Record<string, string> = {}) => {
+    const s = shell(script);
+    s.timeout = durationFromMs(ms);
+    s.env = env;
+    return s;
+  };
+
+  /** Starts a task that says "started" and sleeps; stops its spawner; returns what it needs to end it and look. */
+  async function stalledTask(stop: { timeoutMs?: number; abort?: AbortController }) {
+    // The default watchdog (30 s): an end within seconds is not its doing.
+    const spawner = newSpawner();
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    let pid = 0;
+    let starts = 0;
+    const chunks: string[] = [];
+    let started!: () => void;
+    const first = new Promise<void>((resolve) => (started = resolve));
+    const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 1000 });
+    const spec = withTimeout("echo started; exec sleep 60", stop.timeoutMs ?? 0);
+    const run = ex.run(spec, {
+      onOutput: (_s, d) => {
+        chunks.push(Buffer.from(d).toString());
+        started();
+      },
+      onStart: (p) => {
+        pid = p;
+        starts += 1;
+      },
+      signal: stop.abort?.signal,
+    });
+    await first;
+    const frozen = spawner.pid!;
+    process.kill(frozen, "SIGSTOP");
+    return { spawner, ex, run, frozen, pid: () => pid, starts: () => starts, chunks };
+  }
+
+  /** SIGCONT, then a task through the same spawner: it runs, nothing of the first comes back, the spawner was not replaced. */
+  async function resumeAndCheck(t: Awaited<ReturnType<typeof stalledTask>>, outputAtEnd: number) {
+    process.kill(t.frozen, "SIGCONT");
+    const next = await t.ex.run(shell("echo next"), { onOutput: () => {} });
+    expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+    expect(t.spawner.starts).toBe(1);
+    expect(t.spawner.pid).toBe(t.frozen);
+    expect(t.chunks).toHaveLength(outputAtEnd);
+    expect(t.starts()).toBe(1);
+    // Reaped by the spawner once it runs again.
+    await until("the step's process is reaped", () => stat(t.pid()) === undefined);
+  }
+
+  it("a timeout: TIMED_OUT within seconds, its process killed by the daemon; nothing goes backwards when the spawner runs again", async () => {
+    const t = await stalledTask({ timeoutMs: 1000 });
+    const stoppedAt = Date.now();
+    const outcome = await t.run;
+    const took = Date.now() - stoppedAt;
+    expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+    expect(took, "ended by the daemon, not by the 30 s watchdog").toBeLessThan(10_000);
+    expect(outcome.message).toMatch(/^timed out after 1s; no end of its process \d+ was reported 1s after its group was gone \(the spawner did not answer\): its exit and any output not yet received are unknown$/);
+    expect(outcome.outputTruncated).toBe(true);
+    expect(alive(t.pid()), "the sleep is gone (a zombie until its stopped parent reaps it)").toBe(false);
+    await resumeAndCheck(t, t.chunks.length);
+  }, 30_000);
+
+  it("a cancel: CANCELLED within seconds, the same way", async () => {
+    const abort = new AbortController();
+    const t = await stalledTask({ abort });
+    const stoppedAt = Date.now();
+    abort.abort();
+    const outcome = await t.run;
+    expect(outcome.state, outcome.message).toBe(TaskState.CANCELLED);
+    expect(Date.now() - stoppedAt).toBeLessThan(10_000);
+    expect(outcome.message).toMatch(/^cancelled; no end of its process \d+ was reported/);
+    expect(alive(t.pid())).toBe(false);
+    await resumeAndCheck(t, t.chunks.length);
+  }, 30_000);
+
+  it("a timeout before the stopped spawner started the step: TIMED_OUT within seconds, and the step never runs", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      const spawner = newSpawner();
+      spawner.start();
+      await until("the spawner is ready", () => spawner.ready);
+      const frozen = spawner.pid!;
+      process.kill(frozen, "SIGSTOP");
+      const ran = join(dir, "ran");
+      const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 1000 });
+      let starts = 0;
+      const t0 = Date.now();
+      const outcome = await ex.run(withTimeout(`touch ${ran}; exec sleep 60`, 1000, { REXMESH_TASK_ID: "t-never" }), { onOutput: () => {}, onStart: () => (starts += 1) });
+      expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+      expect(Date.now() - t0).toBeLessThan(10_000);
+      expect(outcome.message).toMatch(/^timed out after 1s; the spawner did not report its start 1s after the stop and was told not to start it: whether it ran is unknown; no process of it was left running$/);
+      process.kill(frozen, "SIGCONT");
+      // Frames are read in order: once the next task ran, the first request was read and refused.
+      const next = await ex.run(shell("echo next"), { onOutput: () => {} });
+      expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+      expect(existsSync(ran), "the cancelled step was never started").toBe(false);
+      expect(starts).toBe(0);
+      expect(spawner.starts).toBe(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
+});
 
 describe("Spawner death: what was in its pipe", () => {
   it("hands on every byte it wrote before it died, and marks output truncated only when some may be missing", async () => {
