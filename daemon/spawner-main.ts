@@ -21,10 +21,12 @@
  * Flow: each step may have at most WINDOW bytes read but not acknowledged by
  * the daemon; past it both of its pipes are paused, so a process whose
  * output the daemon does not take blocks in write(), as it would on the
- * daemon's own pipes.
+ * daemon's own pipes. While the daemon does not read fd 4 at all, every
+ * step's pipes are paused until it drains: this process waits, neither
+ * holding output in memory nor spinning, and still reads fd 3 (a CANCEL is
+ * acted on, a child reaped).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { writeSync } from "node:fs";
 import { Socket } from "node:net";
 import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
@@ -39,6 +41,8 @@ interface Step {
   child: ChildProcess;
   unacked: number;
   held: boolean;
+  /** Its pipes are paused: held, or the daemon is not reading (see `blocked`). */
+  paused: boolean;
   /** The daemon cancelled it: nothing more of it is sent. */
   cancelled: boolean;
 }
@@ -70,28 +74,42 @@ function send(buf: Buffer): void {
   setImmediate(flush);
 }
 
+/** Answers leave through this socket (non-blocking); see `blocked`. */
+const output = new Socket({ fd: OUT_FD, readable: false, writable: true });
+// The daemon is gone.
+output.on("error", () => process.exit(0));
+/**
+ * True while the daemon has not taken what was written: no step's pipes are
+ * read until the socket drains. (Until review: a loop of writeSync on fd 4,
+ * retried at once on EAGAIN, so that a spawner whose daemon stopped reading
+ * either spun or, the fd being blocking, could not read fd 3 or reap.)
+ */
+let blocked = false;
+
 function flush(): void {
   flushScheduled = false;
   const out = queued.length === 1 ? queued[0]! : Buffer.concat(queued);
   queued = [];
-  // Blocking: when the daemon is slow to read, this process waits for it
-  // rather than holding output in memory.
-  let at = 0;
-  while (at < out.length) {
-    try {
-      at += writeSync(OUT_FD, out, at);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "EAGAIN") continue;
-      // The daemon is gone.
-      process.exit(0);
-    }
-  }
+  if (output.write(out) || blocked) return;
+  blocked = true;
+  for (const step of steps.values()) pauseOrResume(step);
+  output.once("drain", () => {
+    blocked = false;
+    for (const step of steps.values()) pauseOrResume(step);
+  });
 }
 
+/** The step's window is full, or not any more. */
 function hold(step: Step): void {
-  const want = step.unacked >= WINDOW;
-  if (want === step.held) return;
-  step.held = want;
+  step.held = step.unacked >= WINDOW;
+  pauseOrResume(step);
+}
+
+/** Reads the step's pipes unless its window is full or the daemon does not read. */
+function pauseOrResume(step: Step): void {
+  const want = step.held || blocked;
+  if (want === step.paused) return;
+  step.paused = want;
   for (const s of [step.child.stdout, step.child.stderr]) {
     if (!s || s.destroyed) continue;
     if (want) s.pause();
@@ -122,7 +140,7 @@ function start(id: number, body: Buffer): void {
     });
     return;
   }
-  const step: Step = { child, unacked: 0, held: false, cancelled: false };
+  const step: Step = { child, unacked: 0, held: false, paused: false, cancelled: false };
   steps.set(id, step);
   send(u32Frame(FrameKind.SPAWNED, id, child.pid));
   // Errors of a started process's pipes end in 'close'; these only keep them from being uncaught.
@@ -141,6 +159,7 @@ function start(id: number, body: Buffer): void {
   };
   relay(FrameKind.STDOUT, 1)(child.stdout!);
   relay(FrameKind.STDERR, 2)(child.stderr!);
+  pauseOrResume(step);
   child.on("exit", (code, signal) => {
     if (!step.cancelled) send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
   });
@@ -232,6 +251,6 @@ input.on("data", (chunk: Buffer) => {
 // The daemon closed its end, or died: nothing more will be asked.
 input.on("end", () => {
   if (queued.length > 0) flush();
-  process.exit(0);
+  output.end(() => process.exit(0));
 });
 input.on("error", () => process.exit(0));

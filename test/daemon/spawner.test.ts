@@ -8,7 +8,7 @@ import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Writable } from "node:stream";
+import type { Readable, Writable } from "node:stream";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { afterEach, describe, expect, it, vi } from "vitest";
@@ -363,6 +363,61 @@ describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends withi
       rmSync(dir, { recursive: true, force: true });
     }
   }, 30_000);
+});
+
+describe("spawner-main whose daemon does not read its answers (fd 4)", () => {
+  /** CPU time (user + system) of a process, in clock ticks. */
+  const cpuTicks = (pid: number) => {
+    const s = stat(pid)!;
+    return Number(s[11]) + Number(s[12]);
+  };
+
+  it("waits for the daemon without spinning, and still reads its requests: a CANCEL kills the step", async () => {
+    const child = spawn(process.execPath, [MAIN, String(process.pid)], { stdio: ["ignore", "ignore", "inherit", "pipe", "pipe"] });
+    const toSpawner = child.stdio[3] as Writable;
+    const fromSpawner = child.stdio[4] as Readable;
+    for (const fd of [3, 4]) child.stdio[fd]!.on("error", () => {});
+    try {
+      const frames: { kind: number; id: number; body: Buffer }[] = [];
+      const reader = new FrameReader((kind, id, body) => frames.push({ kind, id, body }), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON });
+      fromSpawner.on("data", (b: Buffer) => reader.push(b));
+      toSpawner.write(jsonFrame(FrameKind.SPAWN, 1, { program: "yes", args: [], env: { PATH: process.env.PATH ?? "/usr/bin:/bin" } }, Buffer.alloc(0)));
+      // Acknowledged in advance far beyond the window: only the daemon's not reading can hold the step back.
+      toSpawner.write(u32Frame(FrameKind.ACK, 1, 0x7fff_ffff));
+      await until("the step started", () => frames.some((f) => f.kind === FrameKind.SPAWNED));
+      const yes = frames.find((f) => f.kind === FrameKind.SPAWNED)!.body.readUInt32BE(0);
+      // The daemon stops reading: the socket fills, then the spawner has to wait.
+      fromSpawner.pause();
+      const written = () => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${child.pid}/io`, "latin1"))?.[1]);
+      let last = -1;
+      await until("the spawner's writes stopped", () => {
+        const now = written();
+        const still = now === last;
+        last = now;
+        return still && now > 0;
+      }, 20_000);
+      const t0 = Date.now();
+      const c0 = cpuTicks(child.pid!);
+      await new Promise((r) => setTimeout(r, 3000));
+      const used = (cpuTicks(child.pid!) - c0) * 10; // ms at 100 ticks a second
+      // Spinning takes whatever CPU it gets; waiting takes none. Generous for a loaded machine.
+      expect(used, `the spawner used ${used} ms of CPU in ${Date.now() - t0} ms`).toBeLessThan((Date.now() - t0) / 4);
+      // Its requests are still read while its answers wait: the step is killed (its process is a zombie until reaped).
+      toSpawner.write(frame(FrameKind.CANCEL, 1));
+      await until("the cancelled step's process is killed", () => !alive(yes), 20_000);
+      // What waited arrives whole, in order, once read again.
+      const closed = new Promise((resolve) => child.on("close", resolve));
+      fromSpawner.resume();
+      toSpawner.end();
+      await closed;
+      const out = Buffer.concat(frames.filter((f) => f.kind === FrameKind.STDOUT).map((f) => f.body)).toString("latin1");
+      expect(out.length).toBeGreaterThan(100_000);
+      expect(/^(y\n)*y?$/.test(out), "yes's output, every byte in order").toBe(true);
+      expect(frames.filter((f) => f.kind === FrameKind.EXIT || f.kind === FrameKind.CLOSED), "nothing more of a cancelled step").toEqual([]);
+    } finally {
+      if (alive(child.pid!)) child.kill("SIGKILL");
+    }
+  }, 60_000);
 });
 
 describe("Spawner death: what was in its pipe", () => {
