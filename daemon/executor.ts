@@ -6,7 +6,6 @@
  * reaches whatever the command started (pipelines, `cmd &`, daemons that
  * forgot to detach) and a finished task leaves nothing running behind it.
  */
-import { readdirSync, readFileSync } from "node:fs";
 import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -20,7 +19,8 @@ import { ansibleStage, pythonStage, type Stage } from "./tool-steps.js";
 import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputCoalescer, type FlushScheduler } from "./output-coalescer.js";
 import { directLauncher, type LaunchedStep, type Launcher, type StepEvents } from "./launcher.js";
-import { describeCleanup, endMarkedProcesses, groupRef, sameGroup, type GroupRef } from "./orphans.js";
+import { describeCleanup, endMarkedProcesses, groupRef, type GroupRef } from "./orphans.js";
+import { liveGroupsOf, signalGroup } from "./process-groups.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
@@ -158,8 +158,6 @@ const GROUP_POLL_MS = 25;
 const UNREPORTED_POLL_MS = 250;
 /** Said when a step's pipes were closed by the daemon after its group was gone. */
 const OUTSIDER_NOTE = "a process outside its process group still held its output, which was not read past this point";
-/** Linux task flag: the task is inside exit() and cannot come back. */
-const PF_EXITING = 0x4;
 
 interface ResolvedOptions {
   clock: Clock;
@@ -545,6 +543,7 @@ class TaskRun {
    */
   private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
     const { clock, killGraceMs, launcher } = this.opts;
+    const liveGroups = liveGroupsOf(clock);
     const program = argv[0] as string;
     return new Promise<StepResult>((resolve) => {
       /** Set once the process runs; it is also its process group id. */
@@ -588,7 +587,8 @@ class TaskRun {
       };
 
       const exited = (): StepExit => ({ kind: "exited", code: exit!.code, signal: exit!.signal, ...(outsiderHeld ? { note: OUTSIDER_NOTE } : {}) });
-      const live = () => group !== undefined && groupHasLiveMember(group);
+      /** Whether a live member is left, looked at afresh (after an event: what it says decides what happens next). */
+      const live = () => group !== undefined && liveGroups.has(group);
 
       const endStepIfDone = () => {
         if (ending || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
@@ -603,13 +603,15 @@ class TaskRun {
       };
 
       /** Looks at a group being terminated now and then: no event says when its last member is gone (nor, from a stalled spawner, that its leader exited). */
-      const watchGroup = () => {
+      const watchGroup = (since: number) => {
+        const interval = Math.min(exit === undefined ? UNREPORTED_POLL_MS : GROUP_POLL_MS, killGraceMs);
         pollTimer = clock.setTimeout(() => {
           pollTimer = undefined;
           if (ending || groupSettled) return;
-          if (live()) watchGroup();
+          // A scan shared with the other tasks' looks (process-groups.ts): with hundreds stopped at once, one each took the daemon's CPU.
+          if (liveGroups.polled(group!, interval, since)) watchGroup(since);
           else settle();
-        }, Math.min(exit === undefined ? UNREPORTED_POLL_MS : GROUP_POLL_MS, killGraceMs));
+        }, interval);
       };
 
       /** No live member is left (or SIGKILL went out). After a termination, the launcher's word is waited for a grace at most. */
@@ -627,7 +629,8 @@ class TaskRun {
       const escalate = () => {
         killTimer = undefined;
         if (ending) return;
-        if (live()) signalGroup(group!, "SIGKILL");
+        // Not looked at first: a SIGKILL to a group of zombies does nothing, and a scan per task cost the daemon dearly when hundreds timed out at once.
+        signalGroup(group!, "SIGKILL");
         settle();
       };
 
@@ -677,7 +680,8 @@ class TaskRun {
           return;
         }
         killTimer = clock.setTimeout(escalate, killGraceMs);
-        watchGroup();
+        // The group existed now (the signal reached it): a scan taken later can tell it is gone.
+        watchGroup(clock.now());
       };
 
       /**
@@ -767,8 +771,8 @@ class TaskRun {
           // What is left in the pipes was written by processes that are gone,
           // or leftovers about to be terminated: read it so the step can end.
           applyFlow();
-          // Members still holding the pipes would keep the step open forever.
-          if (live()) terminate();
+          // Members still holding the pipes would keep the step open forever. (Settled: none is left, or SIGKILL went to them.)
+          if (!groupSettled && live()) terminate();
           else settle();
           endStepIfDone();
         },
@@ -881,58 +885,6 @@ async function checkWorkingDir(dir: string): Promise<string | undefined> {
     if (code === "ENOENT" || code === "ENOTDIR") return `working directory does not exist: ${dir}`;
     return `working directory is not usable: ${dir}: ${code ?? errorText(err)}`;
   }
-}
-
-/**
- * Sends sig (0: only probe) to every member of the group; false when the
- * group no longer exists, or its number is another process's now (see
- * sameGroup: with a spawner, the daemon learns of the leader's reaping late).
- */
-function signalGroup(group: GroupRef, sig: NodeJS.Signals | 0): boolean {
-  if (!sameGroup(group)) return false;
-  try {
-    process.kill(-group.pgid, sig);
-    return true;
-  } catch (err) {
-    // EPERM: some member runs as another user (e.g. a setuid program); the
-    // group exists but is beyond reach.
-    return errorCode(err) !== "ESRCH";
-  }
-}
-
-/**
- * True when the group has a member that is neither a zombie nor already
- * inside exit(). kill(-pgid, 0) alone counts zombies, which never go away
- * under an init that does not reap orphans (common in containers), and
- * processes whose death is under way; on Linux /proc tells them apart.
- */
-function groupHasLiveMember(group: GroupRef): boolean {
-  if (!signalGroup(group, 0)) return false;
-  const pgid = group.pgid;
-  if (process.platform !== "linux") return true;
-  let entries: string[];
-  try {
-    entries = readdirSync("/proc");
-  } catch {
-    return true;
-  }
-  for (const entry of entries) {
-    if (!/^\d+$/.test(entry)) continue;
-    let line: string;
-    try {
-      line = readFileSync(`/proc/${entry}/stat`, "latin1");
-    } catch {
-      continue; // exited while we looked
-    }
-    // "pid (comm) state ppid pgrp session tty tpgid flags …"; comm may
-    // contain spaces and parentheses, so count from the last ")".
-    const fields = line.slice(line.lastIndexOf(")") + 2).split(" ");
-    if (Number(fields[2]) !== pgid) continue;
-    const state = fields[0];
-    if (state === "Z" || state === "X" || (Number(fields[6]) & PF_EXITING) !== 0) continue;
-    return true;
-  }
-  return false;
 }
 
 function describeExit(result: StepExit): string {

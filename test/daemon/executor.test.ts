@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
@@ -397,6 +397,39 @@ describe(`Executor, steps started ${via}`, () => {
       expect(outcome).toMatchObject({ state: TaskState.TIMED_OUT, signal: "SIGTERM", message: "timed out after 5s" });
       expect(out.text()).toBe("one\n");
     });
+
+    it("looks at many stopped tasks' groups with a /proc scan shared by their polls, and not at all once SIGKILL went out", async () => {
+      const clock = new ManualClock();
+      const ex = newExecutor({ clock, killGraceMs: 1000 });
+      const n = 30;
+      const outs = Array.from({ length: n }, () => new Collector());
+      // Each ignores SIGTERM: its group is looked at every 250 ms until the SIGKILL after the grace.
+      const runs = outs.map((out) => ex.run(spec([shell("trap '' TERM; echo up $$; while :; do sleep 1; done")], { timeout: durationFromMs(5000) }), { onOutput: out.sink }));
+      try {
+        await Promise.all(outs.map((out) => out.waitFor(/up \d+\n/)));
+        clock.advance(5000); // the timeouts: SIGTERM to every group
+        const procs = readdirSync("/proc").filter((e) => /^\d+$/.test(e)).length;
+        const reads = () => Number(/^syscr:\s*(\d+)$/m.exec(readFileSync("/proc/self/io", "latin1"))?.[1]);
+        const before = reads();
+        clock.advance(250); // every task's first look at its group
+        const perTask = (reads() - before) / n;
+        // A scan reads each process's stat: one scan per task read ~`procs` each; shared, a scan's worth in all.
+        expect(perTask, `${perTask} reads per task at its look, ${procs} processes`).toBeLessThan(procs / 3);
+        clock.advance(1000); // SIGKILL, then the ends: a group sent SIGKILL is not looked at again
+        for (const outcome of await Promise.all(runs)) expect(outcome).toMatchObject({ state: TaskState.TIMED_OUT, message: "timed out after 5s" });
+        const all = (reads() - before) / n;
+        // Besides the looks during the grace (a scan each 250 ms, shared) only pipe and stat reads: when each task scanned at its SIGKILL and its exit, ~3 scans each.
+        expect(all, `${all} reads per task to its end, ${procs} processes`).toBeLessThan(procs);
+      } finally {
+        for (const pid of outs.flatMap((out) => pidsIn(out.text(), "up"))) {
+          try {
+            process.kill(-pid, "SIGKILL");
+          } catch {
+            // ended
+          }
+        }
+      }
+    }, 60_000);
 
     it("cancels via the abort signal and kills a member that ignores SIGTERM after the grace", async () => {
       const ex = newExecutor({ clock: systemClock, killGraceMs: 200 });
