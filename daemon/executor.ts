@@ -130,8 +130,8 @@ export interface OutputFlow {
 /** Callbacks and cancellation for one {@link Executor.run}. */
 export interface RunIo {
   onOutput: OutputSink;
-  /** Called with the pid of each step's process as it starts (also the process group id). */
-  onStart?: (pid: number) => void;
+  /** Called with the pid of each step's process as it starts (also the process group id), and its group as noted (its leader's start time: a pid may be reused). */
+  onStart?: (pid: number, group: GroupRef) => void;
   /** Aborting cancels the task: the running step's process group is terminated. */
   signal?: AbortSignal;
   /** Pauses and resumes reading the task's output; absent: output is read as fast as it comes. */
@@ -730,10 +730,11 @@ class TaskRun {
       };
 
       const events: StepEvents = {
-        spawned: (p) => {
+        spawned: (p, startTicks) => {
           if (ending) return;
           pid = p;
-          group = groupRef(p);
+          // Read by the launcher when it started it, if it could; else now (the daemon's own child is not reaped before its loop turns).
+          group = startTicks !== undefined ? { pgid: p, startTicks } : groupRef(p);
           waitTimer?.cancel();
           waitTimer = undefined;
           this.applyFlowCurrent = applyFlow;
@@ -742,7 +743,7 @@ class TaskRun {
             return;
           }
           try {
-            this.io.onStart?.(p);
+            this.io.onStart?.(p, group);
           } catch (err) {
             this.requestStop({ state: TaskState.FAILED, message: `start callback failed: ${errorText(err)}` });
           }

@@ -25,8 +25,12 @@ export interface LaunchRequest {
  * `lost` once, after which nothing else comes.
  */
 export interface StepEvents {
-  /** The process runs; pid is also its process group id. */
-  spawned(pid: number): void;
+  /**
+   * The process runs; pid is also its process group id. startTicks: its
+   * start time (clock ticks since boot), read while it could not have been
+   * reaped (a spawner reports the start late); absent: to be read now.
+   */
+  spawned(pid: number, startTicks?: number): void;
   /** No process runs: `sync` when the arguments were refused before any process was made (e.g. a NUL byte). */
   failed(failure: { sync: boolean; code?: string; message: string }): void;
   /** Bytes read from one of its pipes; the receiver may keep `buf`. */

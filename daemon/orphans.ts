@@ -16,35 +16,13 @@
  */
 import { readdirSync, readFileSync } from "node:fs";
 import type { Clock } from "../common/clock.js";
+import { readStat, type ProcStat } from "./proc-stat.js";
 
 /** A process group a step of a task started, as the ledger notes it. */
 export interface GroupRef {
   pgid: number;
   /** Start time of the group's leader in clock ticks since boot (field 22 of /proc/<pid>/stat). */
   startTicks?: number;
-}
-
-interface Stat {
-  pid: number;
-  pgid: number;
-  state: string;
-  startTicks: number;
-}
-
-/** Reads /proc/<pid>/stat; undefined when the process is gone. */
-function readStat(pid: number): Stat | undefined {
-  let text: string;
-  try {
-    text = readFileSync(`/proc/${pid}/stat`, "utf8");
-  } catch {
-    return undefined;
-  }
-  // comm (field 2) may hold spaces and parentheses: fields are counted after the last ')'.
-  const rest = text.slice(text.lastIndexOf(")") + 2).split(" ");
-  const state = rest[0] ?? "?";
-  const pgid = Number(rest[2]);
-  const startTicks = Number(rest[19]);
-  return { pid, pgid, state, startTicks };
 }
 
 /** The group a process leads now, for the ledger: its pgid and its start time. */
@@ -70,7 +48,7 @@ export function sameGroup(g: GroupRef): boolean {
   return leader === undefined || leader.startTicks === g.startTicks;
 }
 
-function alive(s: Stat | undefined): s is Stat {
+function alive(s: ProcStat | undefined): s is ProcStat {
   return s !== undefined && s.state !== "Z" && s.state !== "X";
 }
 

@@ -14,9 +14,10 @@
  * kill graces. Periodic looks now share a scan ({@link LiveGroups.polled});
  * a look after an event (an exit) still scans afresh.
  */
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync } from "node:fs";
 import type { Clock } from "../common/clock.js";
 import { sameGroup, type GroupRef } from "./orphans.js";
+import { readStat } from "./proc-stat.js";
 
 /** Linux task flag: the task is inside exit() and cannot come back. */
 const PF_EXITING = 0x4;
@@ -51,18 +52,10 @@ function scanLiveGroups(): Set<number> | undefined {
   const live = new Set<number>();
   for (const entry of entries) {
     if (!/^\d+$/.test(entry)) continue;
-    let line: string;
-    try {
-      line = readFileSync(`/proc/${entry}/stat`, "latin1");
-    } catch {
-      continue; // exited while we looked
-    }
-    // "pid (comm) state ppid pgrp session tty tpgid flags …"; comm may
-    // contain spaces and parentheses, so count from the last ")".
-    const fields = line.slice(line.lastIndexOf(")") + 2).split(" ");
-    const state = fields[0];
-    if (state === "Z" || state === "X" || (Number(fields[6]) & PF_EXITING) !== 0) continue;
-    live.add(Number(fields[2]));
+    const s = readStat(Number(entry));
+    // Gone while we looked, or neither alive nor coming back.
+    if (s === undefined || s.state === "Z" || s.state === "X" || (s.flags & PF_EXITING) !== 0) continue;
+    live.add(s.pgid);
   }
   return live;
 }

@@ -26,7 +26,11 @@ export const FrameKind = {
   CANCEL: 5,
   /** No body: the spawner is up and reads frames (sent once, before anything else). */
   READY: 10,
-  /** body: u32 pid of the started process (also its process group id). */
+  /**
+   * body: u32 pid of the started process (also its process group id), u64
+   * its start time in clock ticks since boot (/proc/<pid>/stat field 22),
+   * read before the spawner could reap it; 0 when it could not be read.
+   */
   SPAWNED: 11,
   /** body: JSON {@link SpawnFailure}. No other frame of the step follows. */
   FAILED: 12,
@@ -92,6 +96,20 @@ export function jsonFrame(kind: number, id: number, value: unknown, tail?: Uint8
   return frame(kind, id, body);
 }
 
+/** A SPAWNED frame. */
+export function spawnedFrame(id: number, pid: number, startTicks: number): Buffer {
+  const body = Buffer.allocUnsafe(12);
+  body.writeUInt32BE(pid, 0);
+  body.writeBigUInt64BE(BigInt(startTicks), 4);
+  return frame(FrameKind.SPAWNED, id, body);
+}
+
+/** A SPAWNED body: the pid, and its start time when the spawner could read it. */
+export function readSpawned(body: Buffer): { pid: number; startTicks: number | undefined } {
+  const startTicks = Number(body.readBigUInt64BE(4));
+  return { pid: body.readUInt32BE(0), startTicks: startTicks > 0 ? startTicks : undefined };
+}
+
 /** Splits a SPAWN body into its request and its stdin bytes. */
 export function readSpawn(body: Buffer): { request: SpawnRequest; stdin: Buffer } {
   const len = body.readUInt32BE(0);
@@ -122,7 +140,7 @@ const FIXED: Record<number, number> = {
   [FrameKind.PING]: 0,
   [FrameKind.CANCEL]: 0,
   [FrameKind.READY]: 4,
-  [FrameKind.SPAWNED]: 4,
+  [FrameKind.SPAWNED]: 12,
   [FrameKind.CLOSED]: 4,
   [FrameKind.PONG]: 0,
 };

@@ -6,8 +6,8 @@
  * (page tables copied, then every page the parent writes afterwards faulted
  * and copied) grows with the process's size. A daemon serving many hosts is
  * large; this process is Node at its smallest, and stays so: it keeps no
- * state but its live steps, and imports nothing but Node's own modules and
- * the frame codec.
+ * state but its live steps, and imports nothing but Node's own modules, the
+ * frame codec and the /proc stat reader.
  *
  * Its frames: daemon/spawner-frames.ts. fd 3 carries requests, fd 4 the
  * answers; stdin, stdout and stderr are not used for frames (stdout is
@@ -28,7 +28,8 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { Socket } from "node:net";
-import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+import { readStat } from "./proc-stat.js";
+import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, spawnedFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
 /** Requests come in on this fd, answers leave on the other. */
 const IN_FD = 3;
@@ -142,7 +143,9 @@ function start(id: number, body: Buffer): void {
   }
   const step: Step = { child, unacked: 0, held: false, paused: false, cancelled: false };
   steps.set(id, step);
-  send(u32Frame(FrameKind.SPAWNED, id, child.pid));
+  // Its start time, read now: it cannot have been reaped yet (this process reaps only when its loop turns), so its pid is still its own.
+  // The daemon, which learns of it later, checks it before each signal to the group (pid reuse).
+  send(spawnedFrame(id, child.pid, readStat(child.pid)?.startTicks ?? 0));
   // Errors of a started process's pipes end in 'close'; these only keep them from being uncaught.
   child.on("error", () => {});
   const relay = (kind: number, closedTag: number) => (stream: NodeJS.ReadableStream & { destroyed: boolean }) => {

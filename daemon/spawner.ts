@@ -33,7 +33,7 @@ import { setTimeoutAfterPending, type Clock, type Timer } from "../common/clock.
 import type { Logger } from "../common/logger.js";
 import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
 import { directLauncher, type LaunchedStep, type Launcher, type LaunchRequest, type StepEvents } from "./launcher.js";
-import { FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+import { FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, readSpawned, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
 /** Options of {@link Spawner}; all but clock and log have defaults. */
 export interface SpawnerOptions {
@@ -336,10 +336,12 @@ export class Spawner implements Launcher {
     if (held === undefined) return;
     const ev = held.events;
     switch (kind) {
-      case FrameKind.SPAWNED:
+      case FrameKind.SPAWNED: {
         held.started = true;
-        ev.spawned(body.readUInt32BE(0));
+        const { pid, startTicks } = readSpawned(body);
+        ev.spawned(pid, startTicks);
         break;
+      }
       case FrameKind.FAILED:
         inst.steps.delete(id);
         ev.failed(JSON.parse(body.toString("utf8")) as SpawnFailure);

@@ -15,6 +15,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { systemClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Executor, type OutputSink } from "../../daemon/executor.js";
+import { groupRef, type GroupRef } from "../../daemon/orphans.js";
 import { Spawner, type SpawnerOptions } from "../../daemon/spawner.js";
 import { FrameError, FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, u32Frame } from "../../daemon/spawner-frames.js";
 import { StepSchema, TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
@@ -365,6 +366,39 @@ describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends withi
   }, 30_000);
 });
 
+describe("Spawner: whose group a signal reaches", () => {
+  it("notes the start time of a step's process reaped before the daemon read its start, as the spawner read it then", async () => {
+    const spawner = newSpawner();
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    const sp = spawner.pid!;
+    const written = () => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${sp}/io`, "latin1"))?.[1]);
+    const w0 = written();
+    const groups: GroupRef[] = [];
+    let pid = 0;
+    const done = new Executor({ clock: systemClock, launcher: spawner }).run(shell("exit 0"), {
+      onOutput: () => {},
+      onStart: (p, group?: GroupRef) => {
+        pid = p;
+        // (Until review the daemon noted groupRef(pid), read as it learnt of the start.)
+        groups.push(group ?? groupRef(p));
+      },
+    });
+    // The request goes out; then this process does not read until the spawner wrote the step's start, pipes' ends and exit, and reaped it.
+    await new Promise((r) => setImmediate(r));
+    blockUntil(() => written() - w0 >= 21 + 2 * 13 + 34 && readFileSync(`/proc/${sp}/task/${sp}/children`, "latin1").trim() === "");
+    const outcome = await done;
+    expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
+    expect(stat(pid), "gone before the daemon learnt of it: /proc could not tell its start time then").toBeUndefined();
+    // Its start time as the spawner read it: after the spawner's own, before now.
+    const uptimeTicks = Number(readFileSync("/proc/uptime", "latin1").split(" ")[0]) * 100;
+    expect(groups).toHaveLength(1);
+    expect(groups[0]!.pgid).toBe(pid);
+    expect(groups[0]!.startTicks).toBeGreaterThanOrEqual(Number(stat(sp)![19]));
+    expect(groups[0]!.startTicks).toBeLessThanOrEqual(uptimeTicks + 1);
+  });
+});
+
 describe("spawner-main whose daemon does not read its answers (fd 4)", () => {
   /** CPU time (user + system) of a process, in clock ticks. */
   const cpuTicks = (pid: number) => {
@@ -510,7 +544,7 @@ describe("FrameReader", () => {
     r = toDaemon();
     expect(() => r.reader.push(frame(99, 1))).toThrow(/unknown frame kind 99/);
     r = toDaemon();
-    expect(() => r.reader.push(frame(FrameKind.SPAWNED, 1, Buffer.alloc(2)))).toThrow(/not 4/);
+    expect(() => r.reader.push(frame(FrameKind.SPAWNED, 1, Buffer.alloc(4)))).toThrow(/not 12/);
     r = toDaemon();
     const over = Buffer.alloc(9);
     over.writeUInt32BE(MAX_BODY_TO_DAEMON + 1, 0);
