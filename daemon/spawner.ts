@@ -97,6 +97,8 @@ function spawnerEnv(): Record<string, string> {
 /** One run of the spawner process. */
 class Instance {
   ready = false;
+  /** The process exited: no new step goes to it, though what it wrote is still being read (then `dead`). */
+  exited = false;
   dead = false;
   readonly startedAt: number;
   /** Why this end killed it, said instead of the signal. */
@@ -174,13 +176,13 @@ export class Spawner implements Launcher {
   /** True once a spawner runs and has said it reads requests. */
   get ready(): boolean {
     const i = this.instance;
-    return i !== undefined && !i.dead && i.ready;
+    return i !== undefined && !i.exited && !i.dead && i.ready;
   }
 
   /** The running spawner's pid, if one runs. */
   get pid(): number | undefined {
     const i = this.instance;
-    return i && !i.dead ? i.child.pid : undefined;
+    return i && !i.exited && !i.dead ? i.child.pid : undefined;
   }
 
   launch(request: LaunchRequest, events: StepEvents): LaunchedStep {
@@ -238,7 +240,8 @@ export class Spawner implements Launcher {
   }
 
   private ensure(): Instance | undefined {
-    if (this.instance && !this.instance.dead) return this.instance;
+    // One that exited is not handed steps while its pipe is read to the end (up to eofWaitMs): they would be lost unrun.
+    if (this.instance && !this.instance.dead && !this.instance.exited) return this.instance;
     let child: ChildProcess;
     try {
       child = spawn(process.execPath, [...this.nodeArgs, this.mainPath, String(process.pid)], {
@@ -278,6 +281,7 @@ export class Spawner implements Launcher {
     // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end or output was still in the pipe is not lost.
     child.on("close", (code, signal) => this.onDeath(inst, why(code, signal)));
     child.on("exit", (code, signal) => {
+      inst.exited = true;
       eofWait = this.afterQuiet(() => {
         if (inst.dead) return;
         output.destroy();
@@ -432,7 +436,7 @@ export class Spawner implements Launcher {
     this.pingTimer = this.opts.clock.setTimeout(() => {
       this.pingTimer = undefined;
       const inst = this.instance;
-      if (inst === undefined || inst.dead || inst.steps.size === 0) return;
+      if (inst === undefined || inst.dead || inst.exited || inst.steps.size === 0) return;
       const now = this.opts.clock.now();
       // This timer itself late: the answer may be sitting unread behind it, so the wait is not the spawner's. Ask again.
       if (now - due > delay) this.pingSentAt = undefined;

@@ -527,6 +527,54 @@ s.once("data", () => {
   }, 40_000);
 });
 
+describe("Spawner exited, its pipe still being read", () => {
+  it("starts a step launched meanwhile in a new spawner, not in the one that exited", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    const holderFile = join(dir, "holder");
+    try {
+      // A stand-in: first run, READY, then on the first request it leaves a child holding its frame fds and exits; later runs are the real spawner.
+      const main = join(dir, "leaky-once-main.mjs");
+      writeFileSync(
+        main,
+        `import { spawn } from "node:child_process";
+import { existsSync, writeFileSync, writeSync } from "node:fs";
+import { Socket } from "node:net";
+if (existsSync(${JSON.stringify(holderFile)})) {
+  await import(${JSON.stringify(MAIN)});
+} else {
+  writeSync(4, Buffer.from(${JSON.stringify([...READY])}));
+  const s = new Socket({ fd: 3, readable: true, writable: false });
+  s.once("data", () => {
+    const c = spawn("sleep", ["60"], { stdio: ["ignore", "ignore", "ignore", 3, 4], detached: true });
+    writeFileSync(${JSON.stringify(holderFile)}, String(c.pid));
+    process.exit(3);
+  });
+}
+`,
+      );
+      const spawner = newSpawner({ mainPath: main, eofWaitMs: 4000 });
+      const ex = new Executor({ clock: systemClock, launcher: spawner });
+      spawner.start();
+      await until("the spawner is ready", () => spawner.ready);
+      const first = spawner.pid!;
+      const lost = ex.run(shell("echo hi"), { onOutput: () => {} });
+      // Reaped (gone from /proc) only as this process handles its exit.
+      await until("the first spawner exited", () => stat(first) === undefined);
+      const chunks: string[] = [];
+      const next = await ex.run(shell("echo next"), { onOutput: (_s, d) => chunks.push(Buffer.from(d).toString()) });
+      expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+      expect(chunks.join("")).toBe("next\n");
+      expect(spawner.starts).toBe(2);
+      const outcome = await lost;
+      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+      expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 4 s later\) before it was known to have started/);
+    } finally {
+      if (existsSync(holderFile)) process.kill(Number(readFileSync(holderFile, "utf8")), "SIGKILL");
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
+});
+
 describe("FrameReader", () => {
   const toDaemon = () => {
     const got: { kind: number; id: number; body: Buffer }[] = [];
