@@ -667,7 +667,12 @@ class TaskRun {
       const terminate = () => {
         if (terminating || ending) return;
         if (pid === undefined) {
-          // Stopped before its start was reported (only a spawner reports it later): it is waited for a grace.
+          // Stopped before its start was reported (only a spawner reports it later). Not handed on yet (the spawner not ready): it never runs, nothing of it is unknown.
+          if (proc?.withdraw() === true) {
+            endStep({ kind: "failed", message: "taken back before it was started", code: undefined });
+            return;
+          }
+          // Else it is waited for a grace.
           waitTimer ??= setTimeoutAfterPending(clock, notStarted, killGraceMs);
           return;
         }

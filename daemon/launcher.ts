@@ -58,10 +58,16 @@ export interface LaunchedStep {
    * read, and one not started yet never is (or is killed at once).
    */
   abandon(): void;
+  /**
+   * Takes the step back if it was not handed to anything that could start
+   * it yet (a spawner not ready): true when it never runs and no event of it
+   * follows; false when it may have started (its start or failure comes).
+   */
+  withdraw(): boolean;
 }
 
-/** A step that never ran: nothing to hold, destroy or abandon. */
-const NOTHING: LaunchedStep = { hold() {}, destroyOutput() {}, abandon() {} };
+/** A step that never ran: nothing to hold, destroy or abandon (its failure is reported). */
+const NOTHING: LaunchedStep = { hold() {}, destroyOutput() {}, abandon() {}, withdraw: () => false };
 
 /** Starts step processes. `launch` never throws: every failure is an event. */
 export interface Launcher {
@@ -131,6 +137,7 @@ export const directLauncher: Launcher = {
         stdout.destroy();
         stderr.destroy();
       },
+      withdraw: () => false,
     };
   },
 };

@@ -133,6 +133,11 @@ class Instance {
     });
   }
 
+  /** Takes back a frame held until READY (see write). */
+  unwrite(buf: Buffer): void {
+    this.out = this.out.filter((b) => b !== buf);
+  }
+
   /** READY was read: what was held goes. */
   becomeReady(): void {
     this.ready = true;
@@ -196,7 +201,8 @@ export class Spawner implements Launcher {
     if (!inst.ready) held.request = request;
     inst.steps.set(id, held);
     const { program, args, cwd, env, stdin } = request;
-    inst.write(jsonFrame(FrameKind.SPAWN, id, cwd === undefined ? { program, args, env } : { program, args, cwd, env }, stdin));
+    const spawnFrame = jsonFrame(FrameKind.SPAWN, id, cwd === undefined ? { program, args, env } : { program, args, cwd, env }, stdin);
+    inst.write(spawnFrame);
     this.armPing();
     return {
       hold: (on) => {
@@ -218,6 +224,14 @@ export class Spawner implements Launcher {
         inst.steps.delete(id);
         // Sent after its SPAWN: a spawner that had not read the request yet reads both at once and never starts it.
         inst.write(frame(FrameKind.CANCEL, id));
+      },
+      withdraw: () => {
+        // Not ready: the request is still held here, and the daemon would start it itself only at the spawner's death.
+        if (held.real !== undefined || held.abandoned || inst.ready || inst.dead || inst.steps.get(id) !== held) return false;
+        held.abandoned = true;
+        inst.steps.delete(id);
+        inst.unwrite(spawnFrame);
+        return true;
       },
     };
   }

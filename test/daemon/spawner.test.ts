@@ -364,6 +364,34 @@ describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends withi
       rmSync(dir, { recursive: true, force: true });
     }
   }, 30_000);
+
+  it("a timeout before the spawner said READY: the request, never sent, is taken back; TIMED_OUT at once, nothing said unknown", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      const spawner = newSpawner();
+      spawner.start();
+      // Stopped as it starts (Node takes 50 ms or more to say READY): nothing is written to it before.
+      const frozen = spawner.pid!;
+      process.kill(frozen, "SIGSTOP");
+      const ran = join(dir, "ran");
+      // A long grace: the end must not wait for it.
+      const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 30_000 });
+      const t0 = Date.now();
+      const outcome = await ex.run(withTimeout(`touch ${ran}`, 500, { REXMESH_TASK_ID: "t-withdrawn" }), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+      expect(outcome.message).toBe("timed out after 500ms");
+      expect(outcome.outputTruncated).toBe(false);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+      process.kill(frozen, "SIGCONT");
+      await until("the spawner is ready", () => spawner.ready);
+      const next = await ex.run(shell("echo next"), { onOutput: () => {} });
+      expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+      expect(existsSync(ran), "the withdrawn step never ran").toBe(false);
+      expect(spawner.starts).toBe(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
 });
 
 describe("Spawner: whose group a signal reaches", () => {
