@@ -32,6 +32,8 @@ function stat(pid: number): string[] | undefined {
     return undefined;
   }
 }
+/** Bytes a process has written so far (/proc/<pid>/io wchar). */
+const written = (pid: number) => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/io`, "latin1"))?.[1]);
 const alive = (pid: number) => {
   const s = stat(pid)?.[0];
   return s !== undefined && s !== "Z" && s !== "X";
@@ -400,8 +402,7 @@ describe("Spawner: whose group a signal reaches", () => {
     spawner.start();
     await until("the spawner is ready", () => spawner.ready);
     const sp = spawner.pid!;
-    const written = () => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${sp}/io`, "latin1"))?.[1]);
-    const w0 = written();
+    const w0 = written(sp);
     const groups: GroupRef[] = [];
     let pid = 0;
     const done = new Executor({ clock: systemClock, launcher: spawner }).run(shell("exit 0"), {
@@ -414,7 +415,7 @@ describe("Spawner: whose group a signal reaches", () => {
     });
     // The request goes out; then this process does not read until the spawner wrote the step's start, pipes' ends and exit, and reaped it.
     await new Promise((r) => setImmediate(r));
-    blockUntil(() => written() - w0 >= 21 + 2 * 13 + 34 && readFileSync(`/proc/${sp}/task/${sp}/children`, "latin1").trim() === "");
+    blockUntil(() => written(sp) - w0 >= 21 + 2 * 13 + 34 && readFileSync(`/proc/${sp}/task/${sp}/children`, "latin1").trim() === "");
     const outcome = await done;
     expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
     expect(stat(pid), "gone before the daemon learnt of it: /proc could not tell its start time then").toBeUndefined();
@@ -450,10 +451,9 @@ describe("spawner-main whose daemon does not read its answers (fd 4)", () => {
       const yes = frames.find((f) => f.kind === FrameKind.SPAWNED)!.body.readUInt32BE(0);
       // The daemon stops reading: the socket fills, then the spawner has to wait.
       fromSpawner.pause();
-      const written = () => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${child.pid}/io`, "latin1"))?.[1]);
       let last = -1;
       await until("the spawner's writes stopped", () => {
-        const now = written();
+        const now = written(child.pid!);
         const still = now === last;
         last = now;
         return still && now > 0;
@@ -497,12 +497,11 @@ describe("Spawner death: what was in its pipe", () => {
       const done = ex.run(shell(script), { onOutput: (_s, d) => chunks.push(Buffer.from(d)), onStart: (p) => (pid = p) });
       await until("the step runs", () => pid > 0);
       const spawnerPid = spawner.pid!;
-      const written = () => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${spawnerPid}/io`, "latin1"))?.[1]);
       // This process does not read while the spawner relays it all (the step is asleep, the spawner's writes stop); then the spawner dies.
       let last = -1;
       blockUntil(() => {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1");
-        const now = written();
+        const now = written(spawnerPid);
         const still = cmd.startsWith("sleep") && now === last && now > expected.length;
         last = now;
         return still;
@@ -522,49 +521,16 @@ describe("Spawner death: what was in its pipe", () => {
     expect(open.outputTruncated).toBe(true);
   }, 60_000);
 
-  it("ends its steps a bounded time after it exited when something else holds its pipe open", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
-    const holderFile = join(dir, "holder");
-    try {
-      // A stand-in: READY, then on the first request it leaves a child holding its frame fds and exits.
-      const main = join(dir, "leaky-main.mjs");
-      writeFileSync(
-        main,
-        `import { spawn } from "node:child_process";
-import { writeFileSync, writeSync } from "node:fs";
-import { Socket } from "node:net";
-writeSync(4, Buffer.from(${JSON.stringify([...READY])}));
-const s = new Socket({ fd: 3, readable: true, writable: false });
-s.once("data", () => {
-  const c = spawn("sleep", ["60"], { stdio: ["ignore", "ignore", "ignore", 3, 4], detached: true });
-  writeFileSync(${JSON.stringify(holderFile)}, String(c.pid));
-  process.exit(3);
-});
-`,
-      );
-      const spawner = newSpawner({ mainPath: main, eofWaitMs: 500 });
-      const t0 = Date.now();
-      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
-      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
-      expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 0.5 s later\) before it was known to have started/);
-      expect(Date.now() - t0).toBeLessThan(20_000);
-    } finally {
-      if (existsSync(holderFile)) process.kill(Number(readFileSync(holderFile, "utf8")), "SIGKILL");
-      rmSync(dir, { recursive: true, force: true });
-    }
-  }, 40_000);
-});
-
-describe("Spawner exited, its pipe still being read", () => {
-  it("starts a step launched meanwhile in a new spawner, not in the one that exited", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
-    const holderFile = join(dir, "holder");
-    try {
-      // A stand-in: first run, READY, then on the first request it leaves a child holding its frame fds and exits; later runs are the real spawner.
-      const main = join(dir, "leaky-once-main.mjs");
-      writeFileSync(
-        main,
-        `import { spawn } from "node:child_process";
+  /**
+   * A stand-in spawner: the first time, READY, then on the first request it
+   * leaves a child holding its frame fds (pid in holderFile) and exits with
+   * code 3; once holderFile exists, the real spawner.
+   */
+  function leakyOnceMain(dir: string, holderFile: string): string {
+    const main = join(dir, "leaky-once-main.mjs");
+    writeFileSync(
+      main,
+      `import { spawn } from "node:child_process";
 import { existsSync, writeFileSync, writeSync } from "node:fs";
 import { Socket } from "node:net";
 if (existsSync(${JSON.stringify(holderFile)})) {
@@ -579,8 +545,35 @@ if (existsSync(${JSON.stringify(holderFile)})) {
   });
 }
 `,
-      );
-      const spawner = newSpawner({ mainPath: main, eofWaitMs: 4000 });
+    );
+    return main;
+  }
+
+  /** Runs `body` with a fresh directory and holder file, then kills the holder and removes the directory. */
+  async function withHolder(body: (dir: string, holderFile: string) => Promise<void>): Promise<void> {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    const holderFile = join(dir, "holder");
+    try {
+      await body(dir, holderFile);
+    } finally {
+      if (existsSync(holderFile)) process.kill(Number(readFileSync(holderFile, "utf8")), "SIGKILL");
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  it("ends its steps a bounded time after it exited when something else holds its pipe open", () =>
+    withHolder(async (dir, holderFile) => {
+      const spawner = newSpawner({ mainPath: leakyOnceMain(dir, holderFile), eofWaitMs: 500 });
+      const t0 = Date.now();
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+      expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 0.5 s later\) before it was known to have started/);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+    }), 40_000);
+
+  it("starts a step launched while an exited spawner's pipe is still read in a new spawner, not in the one that exited", () =>
+    withHolder(async (dir, holderFile) => {
+      const spawner = newSpawner({ mainPath: leakyOnceMain(dir, holderFile), eofWaitMs: 4000 });
       const ex = new Executor({ clock: systemClock, launcher: spawner });
       spawner.start();
       await until("the spawner is ready", () => spawner.ready);
@@ -596,11 +589,7 @@ if (existsSync(${JSON.stringify(holderFile)})) {
       const outcome = await lost;
       expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
       expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 4 s later\) before it was known to have started/);
-    } finally {
-      if (existsSync(holderFile)) process.kill(Number(readFileSync(holderFile, "utf8")), "SIGKILL");
-      rmSync(dir, { recursive: true, force: true });
-    }
-  }, 40_000);
+    }), 40_000);
 });
 
 describe("FrameReader", () => {
