@@ -40,6 +40,23 @@ export const systemClock: Clock = {
   sleep: (ms, signal) => sleepWith(systemClock, ms, signal),
 };
 
+/**
+ * clock.setTimeout, then one turn more: what was already waiting when the
+ * time came (a read, a child's exit: events behind a late timer when the
+ * process was busy) is handled before fn. For waits whose end concludes
+ * that something did not happen.
+ */
+export function setTimeoutAfterPending(clock: Clock, fn: () => void, ms: number): Timer {
+  let next: Timer | undefined;
+  const first = clock.setTimeout(() => (next = clock.setTimeout(fn, 0)), ms);
+  return {
+    cancel: () => {
+      first.cancel();
+      next?.cancel();
+    },
+  };
+}
+
 function sleepWith(clock: Clock, ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) {

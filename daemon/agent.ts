@@ -32,7 +32,7 @@ import {
 import { isPingOnly, peekSpec, TaskRejected, type TaskVerifier } from "../common/task-signing.js";
 import type { Executor, OutputFlow, TaskOutcome } from "./executor.js";
 import type { Ledger, LedgerEntry } from "./ledger.js";
-import { describeCleanup, endTaskProcesses, groupRef, type Cleanup, type GroupRef } from "./orphans.js";
+import { describeCleanup, endTaskProcesses, type Cleanup, type GroupRef } from "./orphans.js";
 import { RunOutput } from "./run-output.js";
 import type { UpdateRequest } from "./install.js";
 import type { Settled } from "./updates.js";
@@ -832,8 +832,8 @@ export class Agent implements RoleCore {
         signal: abort.signal,
         flow: this.outputFlow,
         // Each step's process group is noted, so that a restarted daemon can end what a crash left running.
-        onStart: (pid) => {
-          const noted: LedgerEntry = { ...entry, groups: [...(entry.groups ?? []), groupRef(pid)] };
+        onStart: (_pid, group) => {
+          const noted: LedgerEntry = { ...entry, groups: [...(entry.groups ?? []), group] };
           entry = noted;
           this.opts.ledger.put(noted).catch((err) => this.opts.log.error("noting a process group failed", { task: taskId, err }));
         },

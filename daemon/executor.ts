@@ -6,12 +6,11 @@
  * reaches whatever the command started (pipelines, `cmd &`, daemons that
  * forgot to detach) and a finished task leaves nothing running behind it.
  */
-import { readdirSync, readFileSync } from "node:fs";
 import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { durationMs } from "@bufbuild/protobuf/wkt";
-import type { Clock, Timer } from "../common/clock.js";
+import { setTimeoutAfterPending, type Clock, type Timer } from "../common/clock.js";
 import { isDigest, verifyFile } from "../common/digest.js";
 import { ConfigError } from "../common/errors.js";
 import type { ArtifactFetcher } from "./artifact-fetch.js";
@@ -21,6 +20,7 @@ import { PROGRAM_TOOLS } from "./tools.js";
 import { OutputCoalescer, type FlushScheduler } from "./output-coalescer.js";
 import { directLauncher, type LaunchedStep, type Launcher, type StepEvents } from "./launcher.js";
 import { describeCleanup, endMarkedProcesses, groupRef, type GroupRef } from "./orphans.js";
+import { liveGroupsOf, signalGroup } from "./process-groups.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
@@ -83,7 +83,7 @@ export interface OutputSink {
 
 /** How a task ended, in the terms of `TaskStatus`. */
 export interface TaskOutcome {
-  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED, or INTERRUPTED when the spawner lost the process (daemon/spawner.ts). */
+  /** SUCCEEDED | FAILED | TIMED_OUT | CANCELLED, or INTERRUPTED when the spawner was lost while the process ran, its exit unknown (daemon/spawner.ts). */
   state: TaskState;
   /** Exit code of the last step that ran, when it exited normally. */
   exitCode?: number;
@@ -93,7 +93,7 @@ export interface TaskOutcome {
   message: string;
   /** Number of chunks emitted, equal to the last seq (0 when there was no output). */
   outputChunks: number;
-  /** True when output past the limit was dropped. */
+  /** True when output past the limit was dropped, or some may be missing (the spawner died or stalled before passing it all on). */
   outputTruncated: boolean;
   /**
    * An update step unpacked a new version: the task is not over, the daemon
@@ -130,8 +130,8 @@ export interface OutputFlow {
 /** Callbacks and cancellation for one {@link Executor.run}. */
 export interface RunIo {
   onOutput: OutputSink;
-  /** Called with the pid of each step's process as it starts (also the process group id). */
-  onStart?: (pid: number) => void;
+  /** Called with the pid of each step's process as it starts (also the process group id), and its group as noted (its leader's start time: a pid may be reused). */
+  onStart?: (pid: number, group: GroupRef) => void;
   /** Aborting cancels the task: the running step's process group is terminated. */
   signal?: AbortSignal;
   /** Pauses and resumes reading the task's output; absent: output is read as fast as it comes. */
@@ -154,8 +154,10 @@ const DEFAULT_SCRIPT_INTERPRETER: readonly string[] = ["/bin/sh"];
 const DEFAULT_PUT_MODE = 0o644;
 /** How often a terminating group is looked at when no pipe or exit event will say it is gone. */
 const GROUP_POLL_MS = 25;
-/** Linux task flag: the task is inside exit() and cannot come back. */
-const PF_EXITING = 0x4;
+/** The same while its leader's exit is not reported (only a stalled spawner leaves it so): a whole /proc scan each. */
+const UNREPORTED_POLL_MS = 250;
+/** Said when a step's pipes were closed by the daemon after its group was gone. */
+const OUTSIDER_NOTE = "a process outside its process group still held its output, which was not read past this point";
 
 interface ResolvedOptions {
   clock: Clock;
@@ -238,8 +240,13 @@ interface StepExit {
   kind: "exited";
   code: number | null;
   signal: string | null;
+  /** Said in the task's message: how its end was reached, when not plainly. */
+  note?: string;
+  /** Output may be missing (the spawner died or stalled before passing all of it on). */
+  outputLost?: boolean;
 }
-type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined } | { kind: "lost"; message: string };
+/** `lost`: the process's exit is unknown (its spawner died or stalled); `outputLost` false when both its pipes' ends had come. */
+type StepResult = StepExit | { kind: "failed"; message: string; code: string | undefined } | { kind: "lost"; message: string; outputLost: boolean };
 
 /**
  * A step as it will run: a process; a staged process, whose files (written
@@ -259,6 +266,8 @@ class TaskRun {
   private truncated = false;
   private sinkBroken = false;
   private stop: Stop | undefined;
+  /** Said after the task's message: how a step's end was reached, when not plainly (StepExit.note). */
+  private readonly notes: string[] = [];
   /** Terminates the running step's process group; set while a step runs. */
   private terminateCurrent: (() => void) | undefined;
   /** Pauses or resumes the running step's pipes as the flow says; set while a step runs. */
@@ -350,9 +359,9 @@ class TaskRun {
         result = await this.runStep(step.argv, env, cwd);
       }
       const stop = this.stopped();
+      // Output may be missing: the task says so, whatever ended it.
+      if (result.kind !== "failed" && result.outputLost) this.truncated = true;
       if (result.kind === "lost") {
-        // Output may be missing: the task says so, whatever ended it.
-        this.truncated = true;
         if (stop) return this.outcome(stop.state, `${stop.message}; ${result.message}`);
         return this.outcome(TaskState.INTERRUPTED, `${prefix(step)}${result.message}; not run again`);
       }
@@ -364,6 +373,7 @@ class TaskRun {
         return this.outcome(TaskState.FAILED, cwdGone ?? prefix(step) + result.message);
       }
       last = result;
+      if (result.note !== undefined) this.notes.push(prefix(step) + result.note);
       if (stop) break;
       if (result.code !== 0) return this.outcome(TaskState.FAILED, prefix(step) + describeExit(result), result);
     }
@@ -480,7 +490,7 @@ class TaskRun {
   private outcome(state: TaskState, message: string, last?: StepExit): TaskOutcome {
     const out: TaskOutcome = {
       state,
-      message,
+      message: this.notes.length > 0 ? [message, ...this.notes].join("; ") : message,
       outputChunks: this.seq,
       outputTruncated: this.truncated,
     };
@@ -521,14 +531,24 @@ class TaskRun {
   /**
    * Runs one process to completion: exit, both output pipes closed, and no
    * live member left in its process group.
+   *
+   * After a termination (a stop, or leftovers of its group), once no member
+   * of the group is left, the launcher's word (the exit, the pipes' ends) is
+   * waited for one kill grace at most. Pipes still open then, the exit
+   * known, are held by a process outside the group (`setsid`, a daemon): they
+   * are closed here and the task says so. An exit still unreported then means
+   * a stalled spawner (the daemon's own children are reaped by the daemon):
+   * the step is abandoned and the task says what is unknown. So a stop ends
+   * a task within two kill graces whatever the spawner does.
    */
   private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
     const { clock, killGraceMs, launcher } = this.opts;
+    const liveGroups = liveGroupsOf(clock);
     const program = argv[0] as string;
     return new Promise<StepResult>((resolve) => {
       /** Set once the process runs; it is also its process group id. */
       let pid: number | undefined;
-      /** The group as a restarted daemon would know it (leader's start time: a pid may be reused), for a lost step. */
+      /** The group as noted when it started (leader's start time: a pid may be reused). */
       let group: GroupRef | undefined;
       /** The launched step; undefined until launch returns. */
       let proc: LaunchedStep | undefined;
@@ -538,57 +558,98 @@ class TaskRun {
       /** True once no live member is left in the group, or SIGKILL has been sent to it. */
       let groupSettled = false;
       let terminating = false;
+      /** True once the step is being ended (its leftovers cleaned up) or has ended: nothing else acts on it. */
+      let ending = false;
       let stepEnded = false;
+      /** Its pipes were closed here: a process outside its group still held them once the group was gone. */
+      let outsiderHeld = false;
       let killTimer: Timer | undefined;
       let pollTimer: Timer | undefined;
-      let drainTimer: Timer | undefined;
+      /** The bounded wait for the launcher's word (the start after a stop, or the end once the group is gone); events already waiting when it ends go first. */
+      let waitTimer: Timer | undefined;
+
+      const cancelTimers = () => {
+        killTimer?.cancel();
+        pollTimer?.cancel();
+        waitTimer?.cancel();
+        killTimer = pollTimer = waitTimer = undefined;
+      };
 
       const endStep = (result: StepResult) => {
         if (stepEnded) return;
-        stepEnded = true;
+        stepEnded = ending = true;
         // Every chunk of the step goes out before its end is known.
         this.coalescer.flush();
-        killTimer?.cancel();
-        pollTimer?.cancel();
-        drainTimer?.cancel();
+        cancelTimers();
         this.terminateCurrent = undefined;
         this.applyFlowCurrent = undefined;
         resolve(result);
       };
 
+      const exited = (): StepExit => ({ kind: "exited", code: exit!.code, signal: exit!.signal, ...(outsiderHeld ? { note: OUTSIDER_NOTE } : {}) });
+      /** Whether a live member is left, looked at afresh (after an event: what it says decides what happens next). */
+      const live = () => group !== undefined && liveGroups.has(group);
+
       const endStepIfDone = () => {
-        if (stepEnded || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
-        if (!groupSettled && !groupHasLiveMember(pid)) groupSettled = true;
+        if (ending || exit === undefined || !stdoutClosed || !stderrClosed || pid === undefined) return;
+        if (!groupSettled && !live()) groupSettled = true;
         if (groupSettled) {
-          endStep({ kind: "exited", code: exit.code, signal: exit.signal });
+          endStep(exited());
           return;
         }
         // Leftovers that closed their output (e.g. `cmd >/dev/null &`) get
-        // the same SIGTERM, grace, SIGKILL as on a timeout. No event tells
-        // when they are gone, so look again now and then during the grace.
+        // the same SIGTERM, grace, SIGKILL as on a timeout.
         terminate();
-        if (!stepEnded && pollTimer === undefined) {
-          pollTimer = clock.setTimeout(() => {
-            pollTimer = undefined;
-            endStepIfDone();
-          }, Math.min(GROUP_POLL_MS, killGraceMs));
+      };
+
+      /** Looks at a group being terminated now and then: no event says when its last member is gone (nor, from a stalled spawner, that its leader exited). */
+      const watchGroup = (since: number) => {
+        const interval = Math.min(exit === undefined ? UNREPORTED_POLL_MS : GROUP_POLL_MS, killGraceMs);
+        pollTimer = clock.setTimeout(() => {
+          pollTimer = undefined;
+          if (ending || groupSettled) return;
+          // A scan shared with the other tasks' looks (process-groups.ts): with hundreds stopped at once, one each took the daemon's CPU.
+          if (liveGroups.polled(group!, interval, since)) watchGroup(since);
+          else settle();
+        }, interval);
+      };
+
+      /** No live member is left (or SIGKILL went out). After a termination, the launcher's word is waited for a grace at most. */
+      const settle = () => {
+        if (!groupSettled) {
+          groupSettled = true;
+          killTimer?.cancel();
+          pollTimer?.cancel();
+          killTimer = pollTimer = undefined;
         }
+        endStepIfDone();
+        if (!ending && terminating && waitTimer === undefined) waitTimer = setTimeoutAfterPending(clock, noWord, killGraceMs);
       };
 
       const escalate = () => {
         killTimer = undefined;
-        if (pid === undefined || stepEnded) return;
-        if (groupHasLiveMember(pid)) signalGroup(pid, "SIGKILL");
-        groupSettled = true;
-        if (!stdoutClosed || !stderrClosed) {
-          // Only a process that left the group (setsid) can still hold the
-          // pipes now; it is out of reach, so stop waiting for its output.
-          drainTimer = clock.setTimeout(() => {
-            drainTimer = undefined;
-            proc?.destroyOutput();
-          }, killGraceMs);
+        if (ending) return;
+        // Not looked at first: a SIGKILL to a group of zombies does nothing, and a scan per task cost the daemon dearly when hundreds timed out at once.
+        signalGroup(group!, "SIGKILL");
+        settle();
+      };
+
+      /** The group is gone, and a grace later the launcher has not said that the step ended. */
+      const noWord = () => {
+        waitTimer = undefined;
+        if (ending) return;
+        if (exit !== undefined && !outsiderHeld) {
+          // The launcher answers (the exit came): only a process outside the group can hold the pipes. Stop reading them.
+          outsiderHeld = true;
+          proc?.destroyOutput();
+          // Their ends follow at once; should they not (the spawner stalled since), the step is abandoned a grace later.
+          if (!ending) waitTimer = setTimeoutAfterPending(clock, noWord, killGraceMs);
+          return;
         }
-        endStepIfDone();
+        proc?.abandon();
+        const unreported = `no end of its process ${pid} was reported ${formatMs(killGraceMs)} after its group was gone (the spawner did not answer)`;
+        if (exit === undefined) endStep({ kind: "lost", message: `${unreported}: its exit and any output not yet received are unknown`, outputLost: true });
+        else endStep({ ...exited(), note: `${OUTSIDER_NOTE}; ${unreported}: output not yet received is unknown`, outputLost: true });
       };
 
       /**
@@ -604,54 +665,90 @@ class TaskRun {
       };
 
       const terminate = () => {
-        if (terminating || stepEnded || pid === undefined) return;
+        if (terminating || ending) return;
+        if (pid === undefined) {
+          // Stopped before its start was reported (only a spawner reports it later). Not handed on yet (the spawner not ready): it never runs, nothing of it is unknown.
+          if (proc?.withdraw() === true) {
+            endStep({ kind: "failed", message: "taken back before it was started", code: undefined });
+            return;
+          }
+          // Else it is waited for a grace.
+          waitTimer ??= setTimeoutAfterPending(clock, notStarted, killGraceMs);
+          return;
+        }
         terminating = true;
         // A process blocked in write() on a full pipe could not act on
         // SIGTERM, and its pipes could not reach EOF: read them again.
         applyFlow();
-        if (!signalGroup(pid, "SIGTERM")) {
-          groupSettled = true;
-          endStepIfDone();
+        if (groupSettled || !signalGroup(group!, "SIGTERM")) {
+          settle();
           return;
         }
         killTimer = clock.setTimeout(escalate, killGraceMs);
+        // The group existed now (the signal reached it): a scan taken later can tell it is gone.
+        watchGroup(clock.now());
       };
 
       /**
-       * The launcher lost the process (its spawner died): how it ends and
-       * what else it wrote cannot be known. What is left of it is ended
-       * (its group, and any process carrying the task's marker), and the
-       * step ends saying so.
+       * Ends what is left of the step (its group, and any process carrying
+       * the task's marker), then the step, with `result` given what was done.
        */
-      const lose = (reason: string) => {
-        if (stepEnded) return;
-        killTimer?.cancel();
-        pollTimer?.cancel();
-        drainTimer?.cancel();
+      const endLeftovers = (result: (cleanup: string) => StepResult) => {
+        ending = true;
+        cancelTimers();
         const taskId = env.REXMESH_TASK_ID;
         const groups = group === undefined ? [] : [group];
         const marker = taskId === undefined ? "" : `REXMESH_TASK_ID=${taskId}`;
         const ended = groups.length === 0 && marker === "" ? Promise.resolve(undefined) : endMarkedProcesses(marker, groups, clock, killGraceMs);
         ended
           .catch(() => undefined)
-          .then((cleanup) => {
-            const what = pid === undefined ? "before it was known to have started" : `while its process ${pid} ran`;
-            endStep({ kind: "lost", message: `${reason} ${what}: its exit and any output not yet received are unknown${cleanup ? `; ${describeCleanup(cleanup)}` : ""}` });
-          }, () => {});
+          .then((cleanup) => endStep(result(cleanup ? `; ${describeCleanup(cleanup)}` : "")), () => {});
+      };
+
+      /** Stopped, and a grace later the spawner has not said that it started the step: it is told not to. */
+      const notStarted = () => {
+        waitTimer = undefined;
+        if (ending || pid !== undefined) return;
+        proc?.abandon();
+        endLeftovers((cleanup) => ({
+          kind: "lost",
+          message: `the spawner did not report its start ${formatMs(killGraceMs)} after the stop and was told not to start it: whether it ran is unknown${cleanup}`,
+          outputLost: true,
+        }));
+      };
+
+      /**
+       * The launcher lost the process (its spawner died): what it had not
+       * passed on cannot be known. What is left of it is ended and the step
+       * ends saying so; its output is complete if both pipes' ends came.
+       */
+      const lose = (reason: string) => {
+        if (ending) return;
+        const outputLost = !stdoutClosed || !stderrClosed;
+        if (exit !== undefined) {
+          endLeftovers((cleanup) => ({ ...exited(), note: `${reason} after its process ${pid} exited: output not yet received is unknown${cleanup}`, outputLost }));
+          return;
+        }
+        const what = pid === undefined ? "before it was known to have started" : `while its process ${pid} ran`;
+        const unknown = outputLost ? "its exit and any output not yet received are unknown" : "its exit is unknown (its output had all arrived)";
+        endLeftovers((cleanup) => ({ kind: "lost", message: `${reason} ${what}: ${unknown}${cleanup}`, outputLost }));
       };
 
       const events: StepEvents = {
-        spawned: (p) => {
+        spawned: (p, startTicks) => {
+          if (ending) return;
           pid = p;
-          group = groupRef(p);
-          this.terminateCurrent = terminate;
+          // Read by the launcher when it started it, if it could; else now (the daemon's own child is not reaped before its loop turns).
+          group = startTicks !== undefined ? { pgid: p, startTicks } : groupRef(p);
+          waitTimer?.cancel();
+          waitTimer = undefined;
           this.applyFlowCurrent = applyFlow;
           if (this.stop) {
             terminate();
             return;
           }
           try {
-            this.io.onStart?.(p);
+            this.io.onStart?.(p, group);
           } catch (err) {
             this.requestStop({ state: TaskState.FAILED, message: `start callback failed: ${errorText(err)}` });
           }
@@ -665,6 +762,7 @@ class TaskRun {
           endStep({ kind: "failed", message: f.code ? `spawn ${f.code}: ${program}` : `spawn failed: ${program}: ${f.message}`, code: f.code });
         },
         data: (stream, buf) => {
+          if (ending) return;
           this.addOutput(stream, buf);
           applyFlow();
         },
@@ -674,17 +772,20 @@ class TaskRun {
           endStepIfDone();
         },
         exited: (code, signal) => {
+          if (ending) return;
           exit = { code, signal };
           // What is left in the pipes was written by processes that are gone,
           // or leftovers about to be terminated: read it so the step can end.
           applyFlow();
-          // Members still holding the pipes would keep the step open forever.
-          if (pid !== undefined && !groupHasLiveMember(pid)) groupSettled = true;
-          else terminate();
+          // Members still holding the pipes would keep the step open forever. (Settled: none is left, or SIGKILL went to them.)
+          if (!groupSettled && live()) terminate();
+          else settle();
           endStepIfDone();
         },
         lost: lose,
       };
+      // Set before the launch: a stop may come before the start is reported.
+      this.terminateCurrent = terminate;
       proc = launcher.launch({ program, args: argv.slice(1), cwd: cwd === "" ? undefined : cwd, env, stdin: this.spec.stdin }, events);
       if (stepEnded) return;
       applyFlow();
@@ -790,52 +891,6 @@ async function checkWorkingDir(dir: string): Promise<string | undefined> {
     if (code === "ENOENT" || code === "ENOTDIR") return `working directory does not exist: ${dir}`;
     return `working directory is not usable: ${dir}: ${code ?? errorText(err)}`;
   }
-}
-
-/** Sends sig (0: only probe) to every member of the group; false when the group no longer exists. */
-function signalGroup(pgid: number, sig: NodeJS.Signals | 0): boolean {
-  try {
-    process.kill(-pgid, sig);
-    return true;
-  } catch (err) {
-    // EPERM: some member runs as another user (e.g. a setuid program); the
-    // group exists but is beyond reach.
-    return errorCode(err) !== "ESRCH";
-  }
-}
-
-/**
- * True when the group has a member that is neither a zombie nor already
- * inside exit(). kill(-pgid, 0) alone counts zombies, which never go away
- * under an init that does not reap orphans (common in containers), and
- * processes whose death is under way; on Linux /proc tells them apart.
- */
-function groupHasLiveMember(pgid: number): boolean {
-  if (!signalGroup(pgid, 0)) return false;
-  if (process.platform !== "linux") return true;
-  let entries: string[];
-  try {
-    entries = readdirSync("/proc");
-  } catch {
-    return true;
-  }
-  for (const entry of entries) {
-    if (!/^\d+$/.test(entry)) continue;
-    let line: string;
-    try {
-      line = readFileSync(`/proc/${entry}/stat`, "latin1");
-    } catch {
-      continue; // exited while we looked
-    }
-    // "pid (comm) state ppid pgrp session tty tpgid flags …"; comm may
-    // contain spaces and parentheses, so count from the last ")".
-    const fields = line.slice(line.lastIndexOf(")") + 2).split(" ");
-    if (Number(fields[2]) !== pgid) continue;
-    const state = fields[0];
-    if (state === "Z" || state === "X" || (Number(fields[6]) & PF_EXITING) !== 0) continue;
-    return true;
-  }
-  return false;
 }
 
 function describeExit(result: StepExit): string {

@@ -25,8 +25,12 @@ export interface LaunchRequest {
  * `lost` once, after which nothing else comes.
  */
 export interface StepEvents {
-  /** The process runs; pid is also its process group id. */
-  spawned(pid: number): void;
+  /**
+   * The process runs; pid is also its process group id. startTicks: its
+   * start time (clock ticks since boot), read while it could not have been
+   * reaped (a spawner reports the start late); absent: to be read now.
+   */
+  spawned(pid: number, startTicks?: number): void;
   /** No process runs: `sync` when the arguments were refused before any process was made (e.g. a NUL byte). */
   failed(failure: { sync: boolean; code?: string; message: string }): void;
   /** Bytes read from one of its pipes; the receiver may keep `buf`. */
@@ -48,7 +52,22 @@ export interface LaunchedStep {
   hold(on: boolean): void;
   /** Stops waiting for its output: its pipes are closed at the reading end, and each reports `closed`. */
   destroyOutput(): void;
+  /**
+   * The executor ended the step without the launcher's word (it did not
+   * confirm a stop in time): no event of it follows, its output is no longer
+   * read, and one not started yet never is (or is killed at once).
+   */
+  abandon(): void;
+  /**
+   * Takes the step back if it was not handed to anything that could start
+   * it yet (a spawner not ready): true when it never runs and no event of it
+   * follows; false when it may have started (its start or failure comes).
+   */
+  withdraw(): boolean;
 }
+
+/** A step that never ran: nothing to hold, destroy or abandon (its failure is reported). */
+const NOTHING: LaunchedStep = { hold() {}, destroyOutput() {}, abandon() {}, withdraw: () => false };
 
 /** Starts step processes. `launch` never throws: every failure is an event. */
 export interface Launcher {
@@ -66,7 +85,7 @@ export const directLauncher: Launcher = {
       child = spawn(request.program, request.args, { cwd: request.cwd, env: request.env, detached: true, stdio: ["pipe", "pipe", "pipe"] });
     } catch (err) {
       events.failed({ sync: true, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
-      return { hold() {}, destroyOutput() {} };
+      return NOTHING;
     }
     const stdin = child.stdin!;
     const stdout = child.stdout!;
@@ -79,17 +98,24 @@ export const directLauncher: Launcher = {
         stderr.destroy();
         events.failed({ sync: false, code: codeOf(err), message: err.message });
       });
-      return { hold() {}, destroyOutput() {} };
+      return NOTHING;
     }
     events.spawned(child.pid);
+    let abandoned = false;
     // Only spawn failures matter; a started process's pipe errors end in 'close'.
     child.on("error", () => {});
     for (const [stream, tag] of [[stdout, OutputStream.STDOUT], [stderr, OutputStream.STDERR]] as const) {
-      stream.on("data", (buf: Buffer) => events.data(tag, buf));
+      stream.on("data", (buf: Buffer) => {
+        if (!abandoned) events.data(tag, buf);
+      });
       stream.on("error", () => {});
-      stream.on("close", () => events.closed(tag));
+      stream.on("close", () => {
+        if (!abandoned) events.closed(tag);
+      });
     }
-    child.on("exit", (code, signal) => events.exited(code, signal));
+    child.on("exit", (code, signal) => {
+      if (!abandoned) events.exited(code, signal);
+    });
     // The child may exit without reading its input (EPIPE): that is the child's business, not a failure of the task.
     stdin.on("error", () => {});
     if (request.stdin.length > 0) stdin.end(request.stdin);
@@ -106,6 +132,12 @@ export const directLauncher: Launcher = {
         stdout.destroy();
         stderr.destroy();
       },
+      abandon() {
+        abandoned = true;
+        stdout.destroy();
+        stderr.destroy();
+      },
+      withdraw: () => false,
     };
   },
 };

@@ -16,6 +16,7 @@
  */
 import { readdirSync, readFileSync } from "node:fs";
 import type { Clock } from "../common/clock.js";
+import { readStat, type ProcStat } from "./proc-stat.js";
 
 /** A process group a step of a task started, as the ledger notes it. */
 export interface GroupRef {
@@ -24,36 +25,30 @@ export interface GroupRef {
   startTicks?: number;
 }
 
-interface Stat {
-  pid: number;
-  pgid: number;
-  state: string;
-  startTicks: number;
-}
-
-/** Reads /proc/<pid>/stat; undefined when the process is gone. */
-function readStat(pid: number): Stat | undefined {
-  let text: string;
-  try {
-    text = readFileSync(`/proc/${pid}/stat`, "utf8");
-  } catch {
-    return undefined;
-  }
-  // comm (field 2) may hold spaces and parentheses: fields are counted after the last ')'.
-  const rest = text.slice(text.lastIndexOf(")") + 2).split(" ");
-  const state = rest[0] ?? "?";
-  const pgid = Number(rest[2]);
-  const startTicks = Number(rest[19]);
-  return { pid, pgid, state, startTicks };
-}
-
 /** The group a process leads now, for the ledger: its pgid and its start time. */
 export function groupRef(pid: number): GroupRef {
   const s = readStat(pid);
   return s ? { pgid: pid, startTicks: s.startTicks } : { pgid: pid };
 }
 
-function alive(s: Stat | undefined): s is Stat {
+/**
+ * False when the group's number is another process's now: a process holds
+ * its leader's pid but started at another time. Linux gives a number out
+ * again only once no process has it as its pid or its process group, so a
+ * leader still there with its start time (alive, or a zombie not yet
+ * reaped), or gone with members left, means the noted group; no leader and
+ * no member means none at all. Between this look and a signal the number
+ * could only be taken if the group was already empty and reaped, and the
+ * kernel handed that very number to a new process that made itself a group
+ * leader in those microseconds.
+ */
+export function sameGroup(g: GroupRef): boolean {
+  if (g.startTicks === undefined) return true;
+  const leader = readStat(g.pgid);
+  return leader === undefined || leader.startTicks === g.startTicks;
+}
+
+function alive(s: ProcStat | undefined): s is ProcStat {
   return s !== undefined && s.state !== "Z" && s.state !== "X";
 }
 

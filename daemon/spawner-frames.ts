@@ -7,7 +7,7 @@
  * must stay small (its size is what every fork it makes copies).
  */
 
-/** Kinds of frame. Daemon → spawner: SPAWN, ACK, DESTROY, PING. Spawner → daemon: the rest. */
+/** Kinds of frame. Daemon → spawner: SPAWN, ACK, DESTROY, PING, CANCEL. Spawner → daemon: the rest. */
 export const FrameKind = {
   /** body: u32 JSON length | JSON {@link SpawnRequest} | stdin bytes. */
   SPAWN: 1,
@@ -17,9 +17,20 @@ export const FrameKind = {
   DESTROY: 3,
   /** No body, id: a number the PONG echoes. */
   PING: 4,
+  /**
+   * No body: the daemon has ended the step without the spawner (it did not
+   * answer in time) and forgets it. Not started yet: it never is; started
+   * and not yet reaped: its group gets SIGKILL; either way its pipes are
+   * closed and nothing more of it is sent.
+   */
+  CANCEL: 5,
   /** No body: the spawner is up and reads frames (sent once, before anything else). */
   READY: 10,
-  /** body: u32 pid of the started process (also its process group id). */
+  /**
+   * body: u32 pid of the started process (also its process group id), u64
+   * its start time in clock ticks since boot (/proc/<pid>/stat field 22),
+   * read before the spawner could reap it; 0 when it could not be read.
+   */
   SPAWNED: 11,
   /** body: JSON {@link SpawnFailure}. No other frame of the step follows. */
   FAILED: 12,
@@ -85,17 +96,31 @@ export function jsonFrame(kind: number, id: number, value: unknown, tail?: Uint8
   return frame(kind, id, body);
 }
 
+/** A SPAWNED frame. */
+export function spawnedFrame(id: number, pid: number, startTicks: number): Buffer {
+  const body = Buffer.allocUnsafe(12);
+  body.writeUInt32BE(pid, 0);
+  body.writeBigUInt64BE(BigInt(startTicks), 4);
+  return frame(FrameKind.SPAWNED, id, body);
+}
+
+/** A SPAWNED body: the pid, and its start time when the spawner could read it. */
+export function readSpawned(body: Buffer): { pid: number; startTicks: number | undefined } {
+  const startTicks = Number(body.readBigUInt64BE(4));
+  return { pid: body.readUInt32BE(0), startTicks: startTicks > 0 ? startTicks : undefined };
+}
+
 /** Splits a SPAWN body into its request and its stdin bytes. */
 export function readSpawn(body: Buffer): { request: SpawnRequest; stdin: Buffer } {
   const len = body.readUInt32BE(0);
   return { request: JSON.parse(body.toString("utf8", 4, 4 + len)) as SpawnRequest, stdin: body.subarray(4 + len) };
 }
 
-/** Sent in READY's body (u32): a daemon and a spawner of different protocols do not talk. */
-export const PROTOCOL_VERSION = 1;
+/** Sent in READY's body (u32): a daemon and a spawner of different protocols do not talk. 2: CANCEL. */
+export const PROTOCOL_VERSION = 2;
 
 /** Kinds each end may receive. */
-export const TO_SPAWNER: ReadonlySet<number> = new Set([FrameKind.SPAWN, FrameKind.ACK, FrameKind.DESTROY, FrameKind.PING]);
+export const TO_SPAWNER: ReadonlySet<number> = new Set([FrameKind.SPAWN, FrameKind.ACK, FrameKind.DESTROY, FrameKind.PING, FrameKind.CANCEL]);
 export const TO_DAEMON: ReadonlySet<number> = new Set([
   FrameKind.READY, FrameKind.SPAWNED, FrameKind.FAILED, FrameKind.STDOUT, FrameKind.STDERR, FrameKind.CLOSED, FrameKind.EXIT, FrameKind.PONG,
 ]);
@@ -113,8 +138,9 @@ const FIXED: Record<number, number> = {
   [FrameKind.ACK]: 4,
   [FrameKind.DESTROY]: 0,
   [FrameKind.PING]: 0,
+  [FrameKind.CANCEL]: 0,
   [FrameKind.READY]: 4,
-  [FrameKind.SPAWNED]: 4,
+  [FrameKind.SPAWNED]: 12,
   [FrameKind.CLOSED]: 4,
   [FrameKind.PONG]: 0,
 };
@@ -122,9 +148,22 @@ const FIXED: Record<number, number> = {
 /** The other end broke the protocol: what it sends can no longer be trusted. */
 export class FrameError extends Error {}
 
+/** What a {@link FrameReader} accepts. */
+export interface FrameLimits {
+  kinds: ReadonlySet<number>;
+  maxBody: number;
+  /**
+   * The kind the first frame must be (the spawner's READY): any other is
+   * refused at its header, so that what an end may send before it (nothing)
+   * is never buffered.
+   */
+  first?: number;
+}
+
 /**
- * Cuts a byte stream into frames, checking each header (known kind, body
- * within the cap, a fixed-size body of its size) before its body is read.
+ * Cuts a byte stream into frames, checking each header (known kind, the
+ * first frame's kind, body within the cap, a fixed-size body of its size)
+ * before its body is read.
  * A violation throws {@link FrameError} from `push` and the reader takes
  * nothing more. Bodies handed to `onFrame` are buffers never written again:
  * a receiver may keep them. A large frame arriving in many reads is kept as
@@ -136,11 +175,15 @@ export class FrameReader {
   /** The header of the frame being read, once its 9 bytes arrived. */
   private head: { len: number; kind: number; id: number } | undefined;
   private broken: FrameError | undefined;
+  /** The kind the next frame must be, until one was read. */
+  private first: number | undefined;
 
   constructor(
     private readonly onFrame: (kind: number, id: number, body: Buffer) => void,
-    private readonly limits: { kinds: ReadonlySet<number>; maxBody: number } = { kinds: new Set(Object.values(FrameKind)), maxBody: MAX_BODY_TO_SPAWNER },
-  ) {}
+    private readonly limits: FrameLimits = { kinds: new Set(Object.values(FrameKind)), maxBody: MAX_BODY_TO_SPAWNER },
+  ) {
+    this.first = limits.first;
+  }
 
   push(chunk: Buffer): void {
     if (this.broken) throw this.broken;
@@ -154,11 +197,13 @@ export class FrameReader {
         const head = { len: h.readUInt32BE(0), kind: h.readUInt8(4), id: h.readUInt32BE(5) };
         const why = !this.limits.kinds.has(head.kind)
           ? `unknown frame kind ${head.kind}`
-          : head.len > this.limits.maxBody
-            ? `frame body of ${head.len} bytes over the cap of ${this.limits.maxBody}`
-            : FIXED[head.kind] !== undefined && FIXED[head.kind] !== head.len
-              ? `frame kind ${head.kind} with a body of ${head.len} bytes, not ${FIXED[head.kind]}`
-              : undefined;
+          : this.first !== undefined && head.kind !== this.first
+            ? `frame kind ${head.kind} before the first frame, of kind ${this.first}`
+            : head.len > this.limits.maxBody
+              ? `frame body of ${head.len} bytes over the cap of ${this.limits.maxBody}`
+              : FIXED[head.kind] !== undefined && FIXED[head.kind] !== head.len
+                ? `frame kind ${head.kind} with a body of ${head.len} bytes, not ${FIXED[head.kind]}`
+                : undefined;
         if (why !== undefined) {
           this.broken = new FrameError(why);
           this.chunks = [];
@@ -166,6 +211,7 @@ export class FrameReader {
           throw this.broken;
         }
         this.head = head;
+        this.first = undefined;
       }
       if (this.have < this.head.len) return;
       const { len, kind, id } = this.head;

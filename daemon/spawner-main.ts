@@ -6,8 +6,8 @@
  * (page tables copied, then every page the parent writes afterwards faulted
  * and copied) grows with the process's size. A daemon serving many hosts is
  * large; this process is Node at its smallest, and stays so: it keeps no
- * state but its live steps, and imports nothing but Node's own modules and
- * the frame codec.
+ * state but its live steps, and imports nothing but Node's own modules, the
+ * frame codec and the /proc stat reader.
  *
  * Its frames: daemon/spawner-frames.ts. fd 3 carries requests, fd 4 the
  * answers; stdin, stdout and stderr are not used for frames (stdout is
@@ -21,12 +21,15 @@
  * Flow: each step may have at most WINDOW bytes read but not acknowledged by
  * the daemon; past it both of its pipes are paused, so a process whose
  * output the daemon does not take blocks in write(), as it would on the
- * daemon's own pipes.
+ * daemon's own pipes. While the daemon does not read fd 4 at all, every
+ * step's pipes are paused until it drains: this process waits, neither
+ * holding output in memory nor spinning, and still reads fd 3 (a CANCEL is
+ * acted on, a child reaped).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { writeSync } from "node:fs";
 import { Socket } from "node:net";
-import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+import { readStat } from "./proc-stat.js";
+import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, spawnedFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
 /** Requests come in on this fd, answers leave on the other. */
 const IN_FD = 3;
@@ -39,6 +42,10 @@ interface Step {
   child: ChildProcess;
   unacked: number;
   held: boolean;
+  /** Its pipes are paused: held, or the daemon is not reading (see `blocked`). */
+  paused: boolean;
+  /** The daemon cancelled it: nothing more of it is sent. */
+  cancelled: boolean;
 }
 
 /**
@@ -51,6 +58,12 @@ const daemon = Number(process.argv[2]);
 const daemonGone = () => daemon > 0 && process.ppid !== daemon;
 
 const steps = new Map<number, Step>();
+/**
+ * SPAWN requests of the read being taken apart: they start once all of its
+ * frames are read, so that a CANCEL sent after one (the daemon gave up while
+ * this process was stopped) and read with it wins, and the step never runs.
+ */
+const toStart = new Map<number, Buffer>();
 let queued: Buffer[] = [];
 let flushScheduled = false;
 
@@ -62,28 +75,42 @@ function send(buf: Buffer): void {
   setImmediate(flush);
 }
 
+/** Answers leave through this socket (non-blocking); see `blocked`. */
+const output = new Socket({ fd: OUT_FD, readable: false, writable: true });
+// The daemon is gone.
+output.on("error", () => process.exit(0));
+/**
+ * True while the daemon has not taken what was written: no step's pipes are
+ * read until the socket drains. (Until review: a loop of writeSync on fd 4,
+ * retried at once on EAGAIN, so that a spawner whose daemon stopped reading
+ * either spun or, the fd being blocking, could not read fd 3 or reap.)
+ */
+let blocked = false;
+
 function flush(): void {
   flushScheduled = false;
   const out = queued.length === 1 ? queued[0]! : Buffer.concat(queued);
   queued = [];
-  // Blocking: when the daemon is slow to read, this process waits for it
-  // rather than holding output in memory.
-  let at = 0;
-  while (at < out.length) {
-    try {
-      at += writeSync(OUT_FD, out, at);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "EAGAIN") continue;
-      // The daemon is gone.
-      process.exit(0);
-    }
-  }
+  if (output.write(out) || blocked) return;
+  blocked = true;
+  for (const step of steps.values()) pauseOrResume(step);
+  output.once("drain", () => {
+    blocked = false;
+    for (const step of steps.values()) pauseOrResume(step);
+  });
 }
 
+/** The step's window is full, or not any more. */
 function hold(step: Step): void {
-  const want = step.unacked >= WINDOW;
-  if (want === step.held) return;
-  step.held = want;
+  step.held = step.unacked >= WINDOW;
+  pauseOrResume(step);
+}
+
+/** Reads the step's pipes unless its window is full or the daemon does not read. */
+function pauseOrResume(step: Step): void {
+  const want = step.held || blocked;
+  if (want === step.paused) return;
+  step.paused = want;
   for (const s of [step.child.stdout, step.child.stderr]) {
     if (!s || s.destroyed) continue;
     if (want) s.pause();
@@ -114,30 +141,59 @@ function start(id: number, body: Buffer): void {
     });
     return;
   }
-  const step: Step = { child, unacked: 0, held: false };
+  const step: Step = { child, unacked: 0, held: false, paused: false, cancelled: false };
   steps.set(id, step);
-  send(u32Frame(FrameKind.SPAWNED, id, child.pid));
+  // Its start time, read now: it cannot have been reaped yet (this process reaps only when its loop turns), so its pid is still its own.
+  // The daemon, which learns of it later, checks it before each signal to the group (pid reuse).
+  send(spawnedFrame(id, child.pid, readStat(child.pid)?.startTicks ?? 0));
   // Errors of a started process's pipes end in 'close'; these only keep them from being uncaught.
   child.on("error", () => {});
   const relay = (kind: number, closedTag: number) => (stream: NodeJS.ReadableStream & { destroyed: boolean }) => {
     stream.on("data", (buf: Buffer) => {
+      if (step.cancelled) return;
       send(frame(kind, id, buf));
       step.unacked += buf.length;
       hold(step);
     });
     stream.on("error", () => {});
-    stream.on("close", () => send(u32Frame(FrameKind.CLOSED, id, closedTag)));
+    stream.on("close", () => {
+      if (!step.cancelled) send(u32Frame(FrameKind.CLOSED, id, closedTag));
+    });
   };
   relay(FrameKind.STDOUT, 1)(child.stdout!);
   relay(FrameKind.STDERR, 2)(child.stderr!);
+  pauseOrResume(step);
   child.on("exit", (code, signal) => {
-    send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
+    if (!step.cancelled) send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
   });
   child.on("close", () => steps.delete(id));
   // A process may exit without reading its input (EPIPE): its business, not a failure.
   child.stdin!.on("error", () => {});
   if (stdin.length > 0) child.stdin!.end(stdin);
   else child.stdin!.end();
+}
+
+/**
+ * The daemon ended the step without this process. A process not yet reaped
+ * (its exit not seen) still owns its pid, so its group is the step's: SIGKILL.
+ * One reaped is not signalled (its pid may be another's by now).
+ */
+function cancel(id: number): void {
+  if (toStart.delete(id)) return;
+  const step = steps.get(id);
+  if (!step) return;
+  step.cancelled = true;
+  steps.delete(id);
+  const { child } = step;
+  if (child.exitCode === null && child.signalCode === null) {
+    try {
+      process.kill(-child.pid!, "SIGKILL");
+    } catch {
+      // Gone already.
+    }
+  }
+  child.stdout?.destroy();
+  child.stderr?.destroy();
 }
 
 function failed(id: number, failure: SpawnFailure): void {
@@ -152,7 +208,10 @@ function codeOf(err: unknown): string | undefined {
 const reader = new FrameReader((kind, id, body) => {
   switch (kind) {
     case FrameKind.SPAWN:
-      start(id, body);
+      toStart.set(id, body);
+      break;
+    case FrameKind.CANCEL:
+      cancel(id);
       break;
     case FrameKind.ACK: {
       const step = steps.get(id);
@@ -187,10 +246,14 @@ input.on("data", (chunk: Buffer) => {
   } catch (err) {
     violation(err);
   }
+  for (const [id, body] of toStart) {
+    toStart.delete(id);
+    start(id, body);
+  }
 });
 // The daemon closed its end, or died: nothing more will be asked.
 input.on("end", () => {
   if (queued.length > 0) flush();
-  process.exit(0);
+  output.end(() => process.exit(0));
 });
 input.on("error", () => process.exit(0));

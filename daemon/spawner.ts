@@ -5,9 +5,13 @@
  *
  * One spawner serves every executor of a daemon process. It is started with
  * the first step, and again with the first step after it died. When it dies
- * (or stops answering: see `answerTimeoutMs`, then it is killed), every step
- * it held is `lost`: their exits and any output still in it are unknown, so
- * the executor ends what is left of them and says so (daemon/executor.ts).
+ * (or stops answering: see `answerTimeoutMs`, then it is killed), what it
+ * wrote is read to the end of its pipe (for at most `eofWaitMs` once it
+ * exited), then every step it still held is `lost`: what it had not passed on
+ * is unknown, so the executor ends what is left of them and says so
+ * (daemon/executor.ts). A step the executor gives up on sooner (a stop the
+ * spawner did not confirm in time) is abandoned: forgotten here, and the
+ * spawner is told (CANCEL) never to start it, or to kill it if it did.
  * Nothing is written to a spawner before its READY frame (of this protocol
  * version) was read, so a spawner that dies before that was sent no
  * request: the steps waiting for it are started in the daemon instead
@@ -19,16 +23,17 @@
  * and it starts with a minimal environment (no NODE_OPTIONS: every request
  * carries its step's whole environment), so that nothing else it writes can
  * be taken for a frame. A frame that breaks the protocol (unknown kind, over
- * the size cap, a malformed body) gets the spawner killed and its steps
- * lost: they end INTERRUPTED and are never started again.
+ * the size cap, a malformed body, anything but READY first: so nothing it
+ * writes before READY is kept) gets the spawner killed and its steps lost:
+ * they end INTERRUPTED and are never started again.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import type { Clock, Timer } from "../common/clock.js";
+import { setTimeoutAfterPending, type Clock, type Timer } from "../common/clock.js";
 import type { Logger } from "../common/logger.js";
 import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
 import { directLauncher, type LaunchedStep, type Launcher, type LaunchRequest, type StepEvents } from "./launcher.js";
-import { FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
+import { FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, readSpawned, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
 /** Options of {@link Spawner}; all but clock and log have defaults. */
 export interface SpawnerOptions {
@@ -44,6 +49,12 @@ export interface SpawnerOptions {
   answerTimeoutMs?: number;
   /** After a spawner that could not start, steps start in the daemon for this long. Default 60 s. */
   fallbackMs?: number;
+  /**
+   * Once a spawner exited, the end of its pipe is waited for this long after
+   * the last bytes read (a process that inherited the pipe could hold it open
+   * for ever); then its steps are lost. Default 5 s.
+   */
+  eofWaitMs?: number;
 }
 
 /** A young generation of 1 MiB and a bounded old one: the spawner's every fork copies what it has touched. */
@@ -69,6 +80,8 @@ interface Held {
   real?: LaunchedStep;
   /** EXIT and CLOSED frames seen: the step is forgotten after its three. */
   ends: number;
+  /** The executor gave up on it: nothing more of it is handed on. */
+  abandoned: boolean;
 }
 
 /** The spawner's environment: the little Node itself may want, nothing that changes what it runs. */
@@ -84,10 +97,14 @@ function spawnerEnv(): Record<string, string> {
 /** One run of the spawner process. */
 class Instance {
   ready = false;
+  /** The process exited: no new step goes to it, though what it wrote is still being read (then `dead`). */
+  exited = false;
   dead = false;
   readonly startedAt: number;
   /** Why this end killed it, said instead of the signal. */
   killedFor: string | undefined;
+  /** It broke the protocol: nothing more it wrote is read. */
+  violated = false;
   readonly steps = new Map<number, Held>();
   private out: Buffer[] = [];
   private corked = false;
@@ -97,8 +114,8 @@ class Instance {
   }
 
   /** The pipe to the spawner (its fd 3). */
-  get input(): NodeJS.WritableStream & { end(): void } {
-    return this.child.stdio[3] as unknown as NodeJS.WritableStream & { end(): void };
+  get input(): NodeJS.WritableStream & { end(): void; destroy(): void } {
+    return this.child.stdio[3] as unknown as NodeJS.WritableStream & { end(): void; destroy(): void };
   }
 
   /** Frames are held until the spawner is ready: one that dies before READY was sent nothing. */
@@ -114,6 +131,11 @@ class Instance {
       if (this.dead || bufs.length === 0) return;
       this.input.write(bufs.length === 1 ? bufs[0]! : Buffer.concat(bufs));
     });
+  }
+
+  /** Takes back a frame held until READY (see write). */
+  unwrite(buf: Buffer): void {
+    this.out = this.out.filter((b) => b !== buf);
   }
 
   /** READY was read: what was held goes. */
@@ -138,6 +160,7 @@ export class Spawner implements Launcher {
   private readonly pingMs: number;
   private readonly answerTimeoutMs: number;
   private readonly fallbackMs: number;
+  private readonly eofWaitMs: number;
   /** Spawner processes started so far (a test and the log tell restarts by it). */
   starts = 0;
 
@@ -147,6 +170,7 @@ export class Spawner implements Launcher {
     this.pingMs = opts.pingMs ?? 5000;
     this.answerTimeoutMs = opts.answerTimeoutMs ?? 30_000;
     this.fallbackMs = opts.fallbackMs ?? 60_000;
+    this.eofWaitMs = opts.eofWaitMs ?? 5000;
   }
 
   /** False but while steps start in the daemon (stopped, or after a spawner that could not start). */
@@ -157,13 +181,13 @@ export class Spawner implements Launcher {
   /** True once a spawner runs and has said it reads requests. */
   get ready(): boolean {
     const i = this.instance;
-    return i !== undefined && !i.dead && i.ready;
+    return i !== undefined && !i.exited && !i.dead && i.ready;
   }
 
   /** The running spawner's pid, if one runs. */
   get pid(): number | undefined {
     const i = this.instance;
-    return i && !i.dead ? i.child.pid : undefined;
+    return i && !i.exited && !i.dead ? i.child.pid : undefined;
   }
 
   launch(request: LaunchRequest, events: StepEvents): LaunchedStep {
@@ -172,12 +196,13 @@ export class Spawner implements Launcher {
     if (inst === undefined) return directLauncher.launch(request, events);
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
-    const held: Held = { events, started: false, holding: false, queue: [], ends: 0 };
+    const held: Held = { events, started: false, holding: false, queue: [], ends: 0, abandoned: false };
     // Kept until the spawner is ready, so that a spawner that never starts leaves the step to the daemon.
     if (!inst.ready) held.request = request;
     inst.steps.set(id, held);
     const { program, args, cwd, env, stdin } = request;
-    inst.write(jsonFrame(FrameKind.SPAWN, id, cwd === undefined ? { program, args, env } : { program, args, cwd, env }, stdin));
+    const spawnFrame = jsonFrame(FrameKind.SPAWN, id, cwd === undefined ? { program, args, env } : { program, args, cwd, env }, stdin);
+    inst.write(spawnFrame);
     this.armPing();
     return {
       hold: (on) => {
@@ -189,6 +214,24 @@ export class Spawner implements Launcher {
       destroyOutput: () => {
         if (held.real) return held.real.destroyOutput();
         inst.write(frame(FrameKind.DESTROY, id));
+      },
+      abandon: () => {
+        if (held.abandoned) return;
+        held.abandoned = true;
+        held.queue = [];
+        if (held.real) return held.real.abandon();
+        if (inst.steps.get(id) !== held) return;
+        inst.steps.delete(id);
+        // Sent after its SPAWN: a spawner that had not read the request yet reads both at once and never starts it.
+        inst.write(frame(FrameKind.CANCEL, id));
+      },
+      withdraw: () => {
+        // Not ready: the request is still held here, and the daemon would start it itself only at the spawner's death.
+        if (held.real !== undefined || held.abandoned || inst.ready || inst.dead || inst.steps.get(id) !== held) return false;
+        held.abandoned = true;
+        inst.steps.delete(id);
+        inst.unwrite(spawnFrame);
+        return true;
       },
     };
   }
@@ -211,7 +254,8 @@ export class Spawner implements Launcher {
   }
 
   private ensure(): Instance | undefined {
-    if (this.instance && !this.instance.dead) return this.instance;
+    // One that exited is not handed steps while its pipe is read to the end (up to eofWaitMs): they would be lost unrun.
+    if (this.instance && !this.instance.dead && !this.instance.exited) return this.instance;
     let child: ChildProcess;
     try {
       child = spawn(process.execPath, [...this.nodeArgs, this.mainPath, String(process.pid)], {
@@ -230,10 +274,14 @@ export class Spawner implements Launcher {
     this.starts += 1;
     const inst = new Instance(child, this.opts.clock.now());
     this.instance = inst;
-    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON });
+    // READY first: a spawner that writes anything else before it breaks the protocol at that frame's header, so nothing it sends before READY is kept.
+    const reader = new FrameReader((kind, id, body) => this.onFrame(inst, kind, id, body), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON, first: FrameKind.READY });
     const output = child.stdio[4]!;
+    /** Armed once it exited: the end of the pipe is not waited for longer than eofWaitMs after the last read. */
+    let eofWait: (() => void) | undefined;
     output.on("data", (chunk: Buffer) => {
-      if (inst.killedFor !== undefined) return;
+      eofWait?.();
+      if (inst.violated) return;
       try {
         reader.push(chunk);
       } catch (err) {
@@ -242,9 +290,19 @@ export class Spawner implements Launcher {
     });
     output.on("error", () => {});
     inst.input.on("error", () => {});
+    const why = (code: number | null, signal: NodeJS.Signals | null) => inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`);
     child.on("error", (err) => this.onDeath(inst, `the spawner could not be run: ${err.message}`));
-    // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end was still in the pipe is not lost.
-    child.on("close", (code, signal) => this.onDeath(inst, inst.killedFor ?? (signal ? `the spawner was killed by ${signal}` : `the spawner exited with code ${code}`)));
+    // Once it exited and everything it wrote was read ('close', not 'exit'): a step whose end or output was still in the pipe is not lost.
+    child.on("close", (code, signal) => this.onDeath(inst, why(code, signal)));
+    child.on("exit", (code, signal) => {
+      inst.exited = true;
+      eofWait = this.afterQuiet(() => {
+        if (inst.dead) return;
+        output.destroy();
+        inst.input.destroy();
+        this.onDeath(inst, `${why(code, signal)} (its pipe was still held open ${this.eofWaitMs / 1000} s later)`);
+      });
+    });
     // The daemon's exit is not held up by its spawner.
     child.unref();
     (output as unknown as { unref?: () => void }).unref?.();
@@ -258,9 +316,10 @@ export class Spawner implements Launcher {
    * or, if it never said READY, were sent nothing and start in the daemon.
    */
   private violation(inst: Instance, err: unknown): void {
-    if (inst.dead || inst.killedFor !== undefined) return;
+    if (inst.dead || inst.violated) return;
+    inst.violated = true;
     const why = err instanceof Error ? err.message : String(err);
-    inst.killedFor = `the spawner broke the frame protocol (${why}) and was killed`;
+    inst.killedFor ??= `the spawner broke the frame protocol (${why}) and was killed`;
     this.opts.log.error("the spawner broke the frame protocol; killing it", { err: why, ready: inst.ready });
     try {
       process.kill(-inst.child.pid!, "SIGKILL");
@@ -270,7 +329,7 @@ export class Spawner implements Launcher {
   }
 
   private onFrame(inst: Instance, kind: number, id: number, body: Buffer): void {
-    if (inst.killedFor !== undefined) return;
+    if (inst.violated) return;
     try {
       this.handle(inst, kind, id, body);
     } catch (err) {
@@ -287,7 +346,6 @@ export class Spawner implements Launcher {
       inst.becomeReady();
       return;
     }
-    if (!inst.ready) throw new Error(`frame kind ${kind} before READY`);
     if (kind === FrameKind.PONG) {
       this.pingSentAt = undefined;
       return;
@@ -296,10 +354,12 @@ export class Spawner implements Launcher {
     if (held === undefined) return;
     const ev = held.events;
     switch (kind) {
-      case FrameKind.SPAWNED:
+      case FrameKind.SPAWNED: {
         held.started = true;
-        ev.spawned(body.readUInt32BE(0));
+        const { pid, startTicks } = readSpawned(body);
+        ev.spawned(pid, startTicks);
         break;
+      }
       case FrameKind.FAILED:
         inst.steps.delete(id);
         ev.failed(JSON.parse(body.toString("utf8")) as SpawnFailure);
@@ -334,7 +394,7 @@ export class Spawner implements Launcher {
 
   /** The reader let go: what was queued goes on, until it holds again. */
   private release(inst: Instance, id: number, held: Held): void {
-    while (!held.holding && held.queue.length > 0) {
+    while (!held.holding && !held.abandoned && held.queue.length > 0) {
       const { kind, body } = held.queue.shift()!;
       this.deliver(inst, id, held, kind, body);
     }
@@ -371,6 +431,17 @@ export class Spawner implements Launcher {
     }
   }
 
+  /** Runs fn once eofWaitMs passed without a call of the returned function, which starts the wait again. */
+  private afterQuiet(fn: () => void): () => void {
+    let timer: Timer | undefined;
+    const arm = () => {
+      timer?.cancel();
+      timer = setTimeoutAfterPending(this.opts.clock, fn, this.eofWaitMs);
+    };
+    arm();
+    return arm;
+  }
+
   /** While steps are held, asks the spawner every pingMs; one that does not answer within answerTimeoutMs is killed. */
   private armPing(): void {
     if (this.pingTimer !== undefined) return;
@@ -379,7 +450,7 @@ export class Spawner implements Launcher {
     this.pingTimer = this.opts.clock.setTimeout(() => {
       this.pingTimer = undefined;
       const inst = this.instance;
-      if (inst === undefined || inst.dead || inst.steps.size === 0) return;
+      if (inst === undefined || inst.dead || inst.exited || inst.steps.size === 0) return;
       const now = this.opts.clock.now();
       // This timer itself late: the answer may be sitting unread behind it, so the wait is not the spawner's. Ask again.
       if (now - due > delay) this.pingSentAt = undefined;

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
@@ -398,6 +398,39 @@ describe(`Executor, steps started ${via}`, () => {
       expect(out.text()).toBe("one\n");
     });
 
+    it("looks at many stopped tasks' groups with a /proc scan shared by their polls, and not at all once SIGKILL went out", async () => {
+      const clock = new ManualClock();
+      const ex = newExecutor({ clock, killGraceMs: 1000 });
+      const n = 30;
+      const outs = Array.from({ length: n }, () => new Collector());
+      // Each ignores SIGTERM: its group is looked at every 250 ms until the SIGKILL after the grace.
+      const runs = outs.map((out) => ex.run(spec([shell("trap '' TERM; echo up $$; while :; do sleep 1; done")], { timeout: durationFromMs(5000) }), { onOutput: out.sink }));
+      try {
+        await Promise.all(outs.map((out) => out.waitFor(/up \d+\n/)));
+        clock.advance(5000); // the timeouts: SIGTERM to every group
+        const procs = readdirSync("/proc").filter((e) => /^\d+$/.test(e)).length;
+        const reads = () => Number(/^syscr:\s*(\d+)$/m.exec(readFileSync("/proc/self/io", "latin1"))?.[1]);
+        const before = reads();
+        clock.advance(250); // every task's first look at its group
+        const perTask = (reads() - before) / n;
+        // A scan reads each process's stat: one scan per task read ~`procs` each; shared, a scan's worth in all.
+        expect(perTask, `${perTask} reads per task at its look, ${procs} processes`).toBeLessThan(procs / 3);
+        clock.advance(1000); // SIGKILL, then the ends: a group sent SIGKILL is not looked at again
+        for (const outcome of await Promise.all(runs)) expect(outcome).toMatchObject({ state: TaskState.TIMED_OUT, message: "timed out after 5s" });
+        const all = (reads() - before) / n;
+        // Besides the looks during the grace (a scan each 250 ms, shared) only pipe and stat reads: when each task scanned at its SIGKILL and its exit, ~3 scans each.
+        expect(all, `${all} reads per task to its end, ${procs} processes`).toBeLessThan(procs);
+      } finally {
+        for (const pid of outs.flatMap((out) => pidsIn(out.text(), "up"))) {
+          try {
+            process.kill(-pid, "SIGKILL");
+          } catch {
+            // ended
+          }
+        }
+      }
+    }, 60_000);
+
     it("cancels via the abort signal and kills a member that ignores SIGTERM after the grace", async () => {
       const ex = newExecutor({ clock: systemClock, killGraceMs: 200 });
       const script = [
@@ -420,6 +453,39 @@ describe(`Executor, steps started ${via}`, () => {
       expect(pids).toHaveLength(3);
       expect(pids.filter((p) => !isDead(p))).toEqual([]);
     });
+
+    it("ends a stopped task a grace after its group is gone when a process outside the group (setsid) still holds its output", async () => {
+      const holders: number[] = [];
+      try {
+        const ex = newExecutor({ clock: systemClock, killGraceMs: 1000 });
+        // The holder says when it left the group (a leader that exits sooner has it ended with the group).
+        const holder = `F=${tmp}/holder.$$; setsid sh -c "echo holder \\$\\$; touch $F; exec sleep 60" & while [ ! -e $F ]; do sleep 0.01; done;`;
+        // A leader that exited once the holder left (the task waits for the holder's output until the timeout); one still running at the timeout; at a cancel.
+        for (const [script, stop] of [
+          [`${holder} echo leader done`, "timeout"],
+          [`${holder} sleep 60`, "timeout"],
+          [`${holder} sleep 60`, "cancel"],
+        ] as const) {
+          const out = new Collector();
+          const abort = new AbortController();
+          const done = ex.run(spec([shell(script)], stop === "timeout" ? { timeout: durationFromMs(1000) } : {}), { onOutput: out.sink, signal: abort.signal });
+          await out.waitFor(/holder \d+\n/);
+          holders.push(...pidsIn(out.text(), "holder"));
+          const t0 = Date.now();
+          if (stop === "cancel") abort.abort();
+          const outcome = await done;
+          expect(outcome.state, `${script}: ${outcome.message}`).toBe(stop === "timeout" ? TaskState.TIMED_OUT : TaskState.CANCELLED);
+          expect(Date.now() - t0, `${script}: within two graces, not when the holder lets go`).toBeLessThan(10_000);
+          expect(outcome.message).toMatch(/^(timed out after 1s|cancelled); a process outside its process group still held its output, which was not read past this point$/);
+          expect(outcome.outputTruncated).toBe(false);
+          expect(out.text()).toMatch(/holder \d+\n/);
+        }
+        // Outside the group, it is not the executor's to kill.
+        expect(holders.filter((p) => !isDead(p))).toHaveLength(3);
+      } finally {
+        for (const p of holders) process.kill(p, "SIGKILL");
+      }
+    }, 40_000);
 
     it("does not start anything when the signal is already aborted", async () => {
       const abort = new AbortController();

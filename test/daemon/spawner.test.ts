@@ -8,16 +8,19 @@ import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Writable } from "node:stream";
+import type { Readable, Writable } from "node:stream";
 import { create } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { systemClock } from "../../common/clock.js";
 import { silentLogger } from "../../common/logger.js";
 import { Executor, type OutputSink } from "../../daemon/executor.js";
+import { groupRef, type GroupRef } from "../../daemon/orphans.js";
 import { Spawner, type SpawnerOptions } from "../../daemon/spawner.js";
-import { FrameError, FrameKind, FrameReader, MAX_BODY_TO_DAEMON, TO_DAEMON, frame, jsonFrame, u32Frame } from "../../daemon/spawner-frames.js";
+import { FrameError, FrameKind, FrameReader, MAX_BODY_TO_DAEMON, PROTOCOL_VERSION, TO_DAEMON, frame, jsonFrame, u32Frame } from "../../daemon/spawner-frames.js";
 import { StepSchema, TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 
+const READY = u32Frame(FrameKind.READY, 0, PROTOCOL_VERSION);
 const MAIN = new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname;
 const shell = (script: string) => create(TaskSpecSchema, { taskId: "t-1", steps: [create(StepSchema, { tool: { case: "shell", value: { script, interpreter: [] } } })] });
 
@@ -29,6 +32,8 @@ function stat(pid: number): string[] | undefined {
     return undefined;
   }
 }
+/** Bytes a process has written so far (/proc/<pid>/io wchar). */
+const written = (pid: number) => Number(/^wchar:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/io`, "latin1"))?.[1]);
 const alive = (pid: number) => {
   const s = stat(pid)?.[0];
   return s !== undefined && s !== "Z" && s !== "X";
@@ -163,15 +168,25 @@ describe("Spawner", () => {
     }
   });
 
-  /** A stand-in spawner: READY (or nothing), then, on the first request, a line in `marker` and `reply` on its frame fd. */
-  function fakeMain(dir: string, opts: { ready: boolean; reply: string }): string {
+  /**
+   * A stand-in spawner: `first` bytes written on its frame fd (READY, or
+   * nothing, or anything), then, on the first request, a line in `marker`
+   * and `reply` on its frame fd.
+   */
+  function fakeMain(dir: string, opts: { first: Buffer; reply: string }): string {
     const path = join(dir, "fake-main.mjs");
-    const ready = opts.ready ? `writeSync(4, Buffer.from([0, 0, 0, 4, 10, 0, 0, 0, 0, 0, 0, 0, 1]));` : "";
     writeFileSync(
       path,
       `import { appendFileSync, writeSync } from "node:fs";
 import { Socket } from "node:net";
-${ready}
+const first = Buffer.from(${JSON.stringify(opts.first.toString("base64"))}, "base64");
+for (let at = 0; at < first.length; ) {
+  try {
+    at += writeSync(4, first, at);
+  } catch (err) {
+    if (err.code !== "EAGAIN") throw err;
+  }
+}
 const s = new Socket({ fd: 3, readable: true, writable: false });
 let once = false;
 s.on("data", () => {
@@ -190,7 +205,7 @@ setInterval(() => {}, 1000);
   it("kills a spawner that sends a malformed frame after READY: its step ends INTERRUPTED and is not run again", async () => {
     const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
     try {
-      const spawner = newSpawner({ mainPath: fakeMain(dir, { ready: true, reply: "not a frame\n" }) });
+      const spawner = newSpawner({ mainPath: fakeMain(dir, { first: READY, reply: "not a frame\n" }) });
       const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
       expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
       expect(outcome.message).toMatch(/broke the frame protocol/);
@@ -204,7 +219,7 @@ setInterval(() => {}, 1000);
     const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
     try {
       // Were the request sent, the stand-in would run it (the marker) and answer with garbage.
-      const spawner = newSpawner({ pingMs: 100, answerTimeoutMs: 600, mainPath: fakeMain(dir, { ready: false, reply: "preload: agent started\n" }) });
+      const spawner = newSpawner({ pingMs: 100, answerTimeoutMs: 600, mainPath: fakeMain(dir, { first: Buffer.alloc(0), reply: "preload: agent started\n" }) });
       const chunks: string[] = [];
       const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo in the daemon"), { onOutput: (_s, d) => chunks.push(Buffer.from(d).toString()) });
       expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
@@ -215,6 +230,366 @@ setInterval(() => {}, 1000);
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it("kills a spawner that writes anything but READY first, at its header, and runs its step in the daemon, once", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      // An output frame of 8 MiB (within the cap after READY) begun before READY: 4 MiB of it, then silence.
+      const head = Buffer.alloc(9);
+      head.writeUInt32BE(8 << 20, 0);
+      head.writeUInt8(FrameKind.STDOUT, 4);
+      const main = fakeMain(dir, { first: Buffer.concat([head, Buffer.alloc(4 << 20, 0x61)]), reply: "" });
+      // A watchdog far away: the end must come from the frame's header.
+      const spawner = newSpawner({ answerTimeoutMs: 120_000, mainPath: main });
+      const runs = join(dir, "runs");
+      const t0 = Date.now();
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell(`echo ran >> ${runs}; echo in the daemon`), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+      expect(readFileSync(runs, "utf8")).toBe("ran\n");
+      expect(existsSync(join(dir, "marker")), "the stand-in was sent no request").toBe(false);
+      expect(spawner.pid).toBeUndefined();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
+});
+
+/** Blocks this process's event loop (as a busy daemon would) while `check` is false, for at most timeoutMs. */
+function blockUntil(check: () => boolean, timeoutMs = 10_000): void {
+  const deadline = Date.now() + timeoutMs;
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  while (!check() && Date.now() < deadline) Atomics.wait(cell, 0, 0, 20);
+}
+
+describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends within the grace, not at the watchdog", () => {
+  const withTimeout = (script: string, ms: number, env: Record<string, string> = {}) => {
+    const s = shell(script);
+    s.timeout = durationFromMs(ms);
+    s.env = env;
+    return s;
+  };
+
+  /** Starts a task that says "started" and sleeps; stops its spawner; returns what it needs to end it and look. */
+  async function stalledTask(stop: { timeoutMs?: number; abort?: AbortController }) {
+    // The default watchdog (30 s): an end within seconds is not its doing.
+    const spawner = newSpawner();
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    let pid = 0;
+    let starts = 0;
+    const chunks: string[] = [];
+    let started!: () => void;
+    const first = new Promise<void>((resolve) => (started = resolve));
+    const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 1000 });
+    const spec = withTimeout("echo started; exec sleep 60", stop.timeoutMs ?? 0);
+    const run = ex.run(spec, {
+      onOutput: (_s, d) => {
+        chunks.push(Buffer.from(d).toString());
+        started();
+      },
+      onStart: (p) => {
+        pid = p;
+        starts += 1;
+      },
+      signal: stop.abort?.signal,
+    });
+    await first;
+    const frozen = spawner.pid!;
+    process.kill(frozen, "SIGSTOP");
+    return { spawner, ex, run, frozen, pid: () => pid, starts: () => starts, chunks };
+  }
+
+  /** SIGCONT, then a task through the same spawner: it runs, nothing of the first comes back, the spawner was not replaced. */
+  async function resumeAndCheck(t: Awaited<ReturnType<typeof stalledTask>>, outputAtEnd: number) {
+    process.kill(t.frozen, "SIGCONT");
+    const next = await t.ex.run(shell("echo next"), { onOutput: () => {} });
+    expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+    expect(t.spawner.starts).toBe(1);
+    expect(t.spawner.pid).toBe(t.frozen);
+    expect(t.chunks).toHaveLength(outputAtEnd);
+    expect(t.starts()).toBe(1);
+    // Reaped by the spawner once it runs again.
+    await until("the step's process is reaped", () => stat(t.pid()) === undefined);
+  }
+
+  it("a timeout: TIMED_OUT within seconds, its process killed by the daemon; nothing goes backwards when the spawner runs again", async () => {
+    const t = await stalledTask({ timeoutMs: 1000 });
+    const stoppedAt = Date.now();
+    const outcome = await t.run;
+    const took = Date.now() - stoppedAt;
+    expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+    expect(took, "ended by the daemon, not by the 30 s watchdog").toBeLessThan(10_000);
+    expect(outcome.message).toMatch(/^timed out after 1s; no end of its process \d+ was reported 1s after its group was gone \(the spawner did not answer\): its exit and any output not yet received are unknown$/);
+    expect(outcome.outputTruncated).toBe(true);
+    expect(alive(t.pid()), "the sleep is gone (a zombie until its stopped parent reaps it)").toBe(false);
+    await resumeAndCheck(t, t.chunks.length);
+  }, 30_000);
+
+  it("a cancel: CANCELLED within seconds, the same way", async () => {
+    const abort = new AbortController();
+    const t = await stalledTask({ abort });
+    const stoppedAt = Date.now();
+    abort.abort();
+    const outcome = await t.run;
+    expect(outcome.state, outcome.message).toBe(TaskState.CANCELLED);
+    expect(Date.now() - stoppedAt).toBeLessThan(10_000);
+    expect(outcome.message).toMatch(/^cancelled; no end of its process \d+ was reported/);
+    expect(alive(t.pid())).toBe(false);
+    await resumeAndCheck(t, t.chunks.length);
+  }, 30_000);
+
+  it("a timeout before the stopped spawner started the step: TIMED_OUT within seconds, and the step never runs", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      const spawner = newSpawner();
+      spawner.start();
+      await until("the spawner is ready", () => spawner.ready);
+      const frozen = spawner.pid!;
+      process.kill(frozen, "SIGSTOP");
+      const ran = join(dir, "ran");
+      const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 1000 });
+      let starts = 0;
+      const t0 = Date.now();
+      const outcome = await ex.run(withTimeout(`touch ${ran}; exec sleep 60`, 1000, { REXMESH_TASK_ID: "t-never" }), { onOutput: () => {}, onStart: () => (starts += 1) });
+      expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+      expect(Date.now() - t0).toBeLessThan(10_000);
+      expect(outcome.message).toMatch(/^timed out after 1s; the spawner did not report its start 1s after the stop and was told not to start it: whether it ran is unknown; no process of it was left running$/);
+      process.kill(frozen, "SIGCONT");
+      // Frames are read in order: once the next task ran, the first request was read and refused.
+      const next = await ex.run(shell("echo next"), { onOutput: () => {} });
+      expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+      expect(existsSync(ran), "the cancelled step was never started").toBe(false);
+      expect(starts).toBe(0);
+      expect(spawner.starts).toBe(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
+
+  it("a timeout before the spawner said READY: the request, never sent, is taken back; TIMED_OUT at once, nothing said unknown", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    try {
+      const spawner = newSpawner();
+      spawner.start();
+      // Stopped as it starts (Node takes 50 ms or more to say READY): nothing is written to it before.
+      const frozen = spawner.pid!;
+      process.kill(frozen, "SIGSTOP");
+      const ran = join(dir, "ran");
+      // A long grace: the end must not wait for it.
+      const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 30_000 });
+      const t0 = Date.now();
+      const outcome = await ex.run(withTimeout(`touch ${ran}`, 500, { REXMESH_TASK_ID: "t-withdrawn" }), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+      expect(outcome.message).toBe("timed out after 500ms");
+      expect(outcome.outputTruncated).toBe(false);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+      process.kill(frozen, "SIGCONT");
+      await until("the spawner is ready", () => spawner.ready);
+      const next = await ex.run(shell("echo next"), { onOutput: () => {} });
+      expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+      expect(existsSync(ran), "the withdrawn step never ran").toBe(false);
+      expect(spawner.starts).toBe(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
+});
+
+describe("Spawner: whose group a signal reaches", () => {
+  it("notes the start time of a step's process reaped before the daemon read its start, as the spawner read it then", async () => {
+    const spawner = newSpawner();
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    const sp = spawner.pid!;
+    const w0 = written(sp);
+    const groups: GroupRef[] = [];
+    let pid = 0;
+    const done = new Executor({ clock: systemClock, launcher: spawner }).run(shell("exit 0"), {
+      onOutput: () => {},
+      onStart: (p, group?: GroupRef) => {
+        pid = p;
+        // (Until review the daemon noted groupRef(pid), read as it learnt of the start.)
+        groups.push(group ?? groupRef(p));
+      },
+    });
+    // The request goes out; then this process does not read until the spawner wrote the step's start, pipes' ends and exit, and reaped it.
+    await new Promise((r) => setImmediate(r));
+    blockUntil(() => written(sp) - w0 >= 21 + 2 * 13 + 34 && readFileSync(`/proc/${sp}/task/${sp}/children`, "latin1").trim() === "");
+    const outcome = await done;
+    expect(outcome.state, outcome.message).toBe(TaskState.SUCCEEDED);
+    expect(stat(pid), "gone before the daemon learnt of it: /proc could not tell its start time then").toBeUndefined();
+    // Its start time as the spawner read it: after the spawner's own, before now.
+    const uptimeTicks = Number(readFileSync("/proc/uptime", "latin1").split(" ")[0]) * 100;
+    expect(groups).toHaveLength(1);
+    expect(groups[0]!.pgid).toBe(pid);
+    expect(groups[0]!.startTicks).toBeGreaterThanOrEqual(Number(stat(sp)![19]));
+    expect(groups[0]!.startTicks).toBeLessThanOrEqual(uptimeTicks + 1);
+  });
+});
+
+describe("spawner-main whose daemon does not read its answers (fd 4)", () => {
+  /** CPU time (user + system) of a process, in clock ticks. */
+  const cpuTicks = (pid: number) => {
+    const s = stat(pid)!;
+    return Number(s[11]) + Number(s[12]);
+  };
+
+  it("waits for the daemon without spinning, and still reads its requests: a CANCEL kills the step", async () => {
+    const child = spawn(process.execPath, [MAIN, String(process.pid)], { stdio: ["ignore", "ignore", "inherit", "pipe", "pipe"] });
+    const toSpawner = child.stdio[3] as Writable;
+    const fromSpawner = child.stdio[4] as Readable;
+    for (const fd of [3, 4]) child.stdio[fd]!.on("error", () => {});
+    try {
+      const frames: { kind: number; id: number; body: Buffer }[] = [];
+      const reader = new FrameReader((kind, id, body) => frames.push({ kind, id, body }), { kinds: TO_DAEMON, maxBody: MAX_BODY_TO_DAEMON });
+      fromSpawner.on("data", (b: Buffer) => reader.push(b));
+      toSpawner.write(jsonFrame(FrameKind.SPAWN, 1, { program: "yes", args: [], env: { PATH: process.env.PATH ?? "/usr/bin:/bin" } }, Buffer.alloc(0)));
+      // Acknowledged in advance far beyond the window: only the daemon's not reading can hold the step back.
+      toSpawner.write(u32Frame(FrameKind.ACK, 1, 0x7fff_ffff));
+      await until("the step started", () => frames.some((f) => f.kind === FrameKind.SPAWNED));
+      const yes = frames.find((f) => f.kind === FrameKind.SPAWNED)!.body.readUInt32BE(0);
+      // The daemon stops reading: the socket fills, then the spawner has to wait.
+      fromSpawner.pause();
+      let last = -1;
+      await until("the spawner's writes stopped", () => {
+        const now = written(child.pid!);
+        const still = now === last;
+        last = now;
+        return still && now > 0;
+      }, 20_000);
+      const t0 = Date.now();
+      const c0 = cpuTicks(child.pid!);
+      await new Promise((r) => setTimeout(r, 3000));
+      const used = (cpuTicks(child.pid!) - c0) * 10; // ms at 100 ticks a second
+      // Spinning takes whatever CPU it gets; waiting takes none. Generous for a loaded machine.
+      expect(used, `the spawner used ${used} ms of CPU in ${Date.now() - t0} ms`).toBeLessThan((Date.now() - t0) / 4);
+      // Its requests are still read while its answers wait: the step is killed (its process is a zombie until reaped).
+      toSpawner.write(frame(FrameKind.CANCEL, 1));
+      await until("the cancelled step's process is killed", () => !alive(yes), 20_000);
+      // What waited arrives whole, in order, once read again.
+      const closed = new Promise((resolve) => child.on("close", resolve));
+      fromSpawner.resume();
+      toSpawner.end();
+      await closed;
+      const out = Buffer.concat(frames.filter((f) => f.kind === FrameKind.STDOUT).map((f) => f.body)).toString("latin1");
+      expect(out.length).toBeGreaterThan(100_000);
+      expect(/^(y\n)*y?$/.test(out), "yes's output, every byte in order").toBe(true);
+      expect(frames.filter((f) => f.kind === FrameKind.EXIT || f.kind === FrameKind.CLOSED), "nothing more of a cancelled step").toEqual([]);
+    } finally {
+      if (alive(child.pid!)) child.kill("SIGKILL");
+    }
+  }, 60_000);
+});
+
+describe("Spawner death: what was in its pipe", () => {
+  it("hands on every byte it wrote before it died, and marks output truncated only when some may be missing", async () => {
+    const spawner = newSpawner();
+    spawner.start();
+    await until("the spawner is ready", () => spawner.ready);
+    const ex = new Executor({ clock: systemClock, launcher: spawner, killGraceMs: 200 });
+    // 100,000 bytes, then either both pipes closed (all output sent) or held open; then a long sleep.
+    const expected = Buffer.concat(Array.from({ length: 6250 }, () => Buffer.from("0123456789abcdef")));
+    const run = async (closeThem: boolean) => {
+      const chunks: Buffer[] = [];
+      let pid = 0;
+      const script = `yes 0123456789abcdef | tr -d '\\n' | head -c 100000; ${closeThem ? "exec >&- 2>&-; " : ""}exec sleep 60`;
+      const done = ex.run(shell(script), { onOutput: (_s, d) => chunks.push(Buffer.from(d)), onStart: (p) => (pid = p) });
+      await until("the step runs", () => pid > 0);
+      const spawnerPid = spawner.pid!;
+      // This process does not read while the spawner relays it all (the step is asleep, the spawner's writes stop); then the spawner dies.
+      let last = -1;
+      blockUntil(() => {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1");
+        const now = written(spawnerPid);
+        const still = cmd.startsWith("sleep") && now === last && now > expected.length;
+        last = now;
+        return still;
+      });
+      process.kill(spawnerPid, "SIGKILL");
+      const outcome = await done;
+      expect(Buffer.concat(chunks).equals(expected), `got ${Buffer.concat(chunks).length} bytes`).toBe(true);
+      return outcome;
+    };
+    const closed = await run(true);
+    expect(closed.state, closed.message).toBe(TaskState.INTERRUPTED);
+    expect(closed.message).toMatch(/^the spawner was killed by SIGKILL while its process \d+ ran: its exit is unknown \(its output had all arrived\)/);
+    expect(closed.outputTruncated).toBe(false);
+    const open = await run(false);
+    expect(open.state, open.message).toBe(TaskState.INTERRUPTED);
+    expect(open.message).toMatch(/its exit and any output not yet received are unknown/);
+    expect(open.outputTruncated).toBe(true);
+  }, 60_000);
+
+  /**
+   * A stand-in spawner: the first time, READY, then on the first request it
+   * leaves a child holding its frame fds (pid in holderFile) and exits with
+   * code 3; once holderFile exists, the real spawner.
+   */
+  function leakyOnceMain(dir: string, holderFile: string): string {
+    const main = join(dir, "leaky-once-main.mjs");
+    writeFileSync(
+      main,
+      `import { spawn } from "node:child_process";
+import { existsSync, writeFileSync, writeSync } from "node:fs";
+import { Socket } from "node:net";
+if (existsSync(${JSON.stringify(holderFile)})) {
+  await import(${JSON.stringify(MAIN)});
+} else {
+  writeSync(4, Buffer.from(${JSON.stringify([...READY])}));
+  const s = new Socket({ fd: 3, readable: true, writable: false });
+  s.once("data", () => {
+    const c = spawn("sleep", ["60"], { stdio: ["ignore", "ignore", "ignore", 3, 4], detached: true });
+    writeFileSync(${JSON.stringify(holderFile)}, String(c.pid));
+    process.exit(3);
+  });
+}
+`,
+    );
+    return main;
+  }
+
+  /** Runs `body` with a fresh directory and holder file, then kills the holder and removes the directory. */
+  async function withHolder(body: (dir: string, holderFile: string) => Promise<void>): Promise<void> {
+    const dir = mkdtempSync(join(tmpdir(), "rexmesh-spawner-"));
+    const holderFile = join(dir, "holder");
+    try {
+      await body(dir, holderFile);
+    } finally {
+      if (existsSync(holderFile)) process.kill(Number(readFileSync(holderFile, "utf8")), "SIGKILL");
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  it("ends its steps a bounded time after it exited when something else holds its pipe open", () =>
+    withHolder(async (dir, holderFile) => {
+      const spawner = newSpawner({ mainPath: leakyOnceMain(dir, holderFile), eofWaitMs: 500 });
+      const t0 = Date.now();
+      const outcome = await new Executor({ clock: systemClock, launcher: spawner }).run(shell("echo hi"), { onOutput: () => {} });
+      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+      expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 0.5 s later\) before it was known to have started/);
+      expect(Date.now() - t0).toBeLessThan(20_000);
+    }), 40_000);
+
+  it("starts a step launched while an exited spawner's pipe is still read in a new spawner, not in the one that exited", () =>
+    withHolder(async (dir, holderFile) => {
+      const spawner = newSpawner({ mainPath: leakyOnceMain(dir, holderFile), eofWaitMs: 4000 });
+      const ex = new Executor({ clock: systemClock, launcher: spawner });
+      spawner.start();
+      await until("the spawner is ready", () => spawner.ready);
+      const first = spawner.pid!;
+      const lost = ex.run(shell("echo hi"), { onOutput: () => {} });
+      // Reaped (gone from /proc) only as this process handles its exit.
+      await until("the first spawner exited", () => stat(first) === undefined);
+      const chunks: string[] = [];
+      const next = await ex.run(shell("echo next"), { onOutput: (_s, d) => chunks.push(Buffer.from(d).toString()) });
+      expect(next.state, next.message).toBe(TaskState.SUCCEEDED);
+      expect(chunks.join("")).toBe("next\n");
+      expect(spawner.starts).toBe(2);
+      const outcome = await lost;
+      expect(outcome.state, outcome.message).toBe(TaskState.INTERRUPTED);
+      expect(outcome.message).toMatch(/^the spawner exited with code 3 \(its pipe was still held open 4 s later\) before it was known to have started/);
+    }), 40_000);
 });
 
 describe("FrameReader", () => {
@@ -234,7 +609,7 @@ describe("FrameReader", () => {
     r = toDaemon();
     expect(() => r.reader.push(frame(99, 1))).toThrow(/unknown frame kind 99/);
     r = toDaemon();
-    expect(() => r.reader.push(frame(FrameKind.SPAWNED, 1, Buffer.alloc(2)))).toThrow(/not 4/);
+    expect(() => r.reader.push(frame(FrameKind.SPAWNED, 1, Buffer.alloc(4)))).toThrow(/not 12/);
     r = toDaemon();
     const over = Buffer.alloc(9);
     over.writeUInt32BE(MAX_BODY_TO_DAEMON + 1, 0);

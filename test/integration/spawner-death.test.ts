@@ -2,12 +2,14 @@
  * The daemon's spawner (daemon/spawner.ts) killed while tasks run, in a
  * real mesh: the daemon notices, ends what is left of the tasks' processes,
  * reports each task INTERRUPTED with the reason (never left running, never
- * lost), and starts a new spawner for the next task. And a daemon whose
+ * lost), and starts a new spawner for the next task; a stopped (SIGSTOP)
+ * spawner does not hold a timeout up. And a daemon whose
  * environment has a NODE_OPTIONS preload that writes to stdout runs a task
  * once (review F1: the stray line was read as a frame and the task ran twice).
  */
 import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
@@ -83,6 +85,54 @@ describe("a daemon's spawner dies while its tasks run", () => {
       close();
     }
   }, 90_000);
+
+  it("times tasks out within seconds while their spawner is stopped (SIGSTOP), and nothing changes when it runs again", async () => {
+    const { client, close } = clientOf(mesh);
+    const daemonPid = mesh.daemons[0]!.proc.pid!;
+    const spawner = spawnerOf(daemonPid)!;
+    let stopped = false;
+    try {
+      const script = `echo $$ > "$MARK/$REXMESH_HOST_ID.stalled"; echo started; exec sleep 60`;
+      const { job } = await client.submitJob({ hostIds: hosts, steps: [{ tool: { case: "shell", value: { script } } }], env: { MARK: dir }, timeout: durationFromMs(4000) });
+      const pids = await until("both tasks running", async () => {
+        try {
+          const p = hosts.map((h) => Number(readFileSync(join(dir, `${h}.stalled`), "utf8").trim()));
+          return p.every((x) => x > 0) ? p : undefined;
+        } catch {
+          return undefined;
+        }
+      });
+      process.kill(spawner, "SIGSTOP");
+      stopped = true;
+      const t0 = Date.now();
+      const r = await collectJob(client, job!.id, AbortSignal.timeout(60_000));
+      expect(Date.now() - t0, "ended by the daemon, not after the spawner's 30 s watchdog").toBeLessThan(20_000);
+      for (const h of hosts) {
+        const t = r.tasks.get(h)!;
+        expect(t.state, `${h}: ${t.message}`).toBe(TaskState.TIMED_OUT);
+        expect(t.message).toMatch(/^timed out after 4s; no end of its process \d+ was reported 2s after its group was gone \(the spawner did not answer\)/);
+        expect(t.outputTruncated).toBe(true);
+      }
+      for (const pid of pids) expect(isAlive(pid), `process ${pid} was ended`).toBe(false);
+
+      process.kill(spawner, "SIGCONT");
+      stopped = false;
+      const again = await client.submitJob({ hostIds: hosts, steps: [{ tool: { case: "exec", value: { argv: ["echo", "again"] } } }] });
+      const r2 = await collectJob(client, again.job!.id, AbortSignal.timeout(30_000));
+      for (const h of hosts) expect(r2.tasks.get(h)!.state, r2.tasks.get(h)!.message).toBe(TaskState.SUCCEEDED);
+      // The same spawner (not killed by its watchdog), and the stopped tasks' ends as they were.
+      expect(spawnerOf(daemonPid)).toBe(spawner);
+      const r3 = await collectJob(client, job!.id, AbortSignal.timeout(30_000));
+      for (const h of hosts) {
+        const [before, after] = [r.tasks.get(h)!, r3.tasks.get(h)!];
+        expect([after.state, after.message, after.outputTruncated]).toEqual([before.state, before.message, before.outputTruncated]);
+        expect(r3.stdout.get(h)?.toString()).toBe(r.stdout.get(h)?.toString());
+      }
+    } finally {
+      if (stopped && isAlive(spawner)) process.kill(spawner, "SIGCONT");
+      close();
+    }
+  }, 120_000);
 });
 
 describe("a daemon started with a NODE_OPTIONS preload that writes one line to stdout", () => {
