@@ -1,4 +1,4 @@
-// node bench/micro/task-records.mjs [--tasks 10000] [--rounds 6]: the controller's durable cost per
+// node bench/micro/task-records.mjs [--tasks 10000] [--rounds 6] [--per-turn 500] [--order in-order|scattered]: the controller's durable cost per
 // host and job, on this machine's disk: the CPU (user + system, this process and LMDB's write
 // thread) of storing a job with N tasks in one commit (as a submit does), then each task's end (as
 // a host's answer does, 500 per event-loop turn), then the job finished, with the controller's own
@@ -20,7 +20,21 @@ import { LmdbEnv } from "../../dist/common/lmdb.js";
 import { LmdbJobStore } from "../../dist/controller/lmdb-job-store.js";
 import { taskIdOf } from "../../dist/controller/task-ids.js";
 
-const { values } = parseArgs({ options: { tasks: { type: "string", default: "10000" }, rounds: { type: "string", default: "6" }, turns: { type: "string", default: "2000" }, layouts: { type: "string", default: "records,column,index only" } } });
+const { values } = parseArgs({ options: { tasks: { type: "string", default: "10000" }, rounds: { type: "string", default: "6" }, turns: { type: "string", default: "2000" }, layouts: { type: "string", default: "records,column,index only" }, "per-turn": { type: "string", default: "500" }, order: { type: "string", default: "in-order" } } });
+// --per-turn K --order scattered: ends come K per turn in a seeded random order over the whole job, as a fleet's
+// answers do (a proxy's frame carries the hosts that answered within a turn, wherever they are in the job).
+const PER_TURN = Number(values["per-turn"]);
+const endOrder = (n) => {
+  const order = Array.from({ length: n }, (_, i) => i);
+  if (values.order !== "scattered") return order;
+  let seed = 42;
+  const rnd = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(rnd() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  return order;
+};
 const N = Number(values.tasks);
 const cpu = () => { const u = process.cpuUsage(); return (u.user + u.system) / 1000; };
 const turn = () => new Promise((r) => setImmediate(r));
@@ -45,8 +59,9 @@ async function round(layout, r) {
   const c1 = cpu();
   let c2 = c1;
   if (layout !== "index only") {
-    for (let i = 0; i < N; i += 500) {
-      await Promise.all(tasks.slice(i, i + 500).map((t) => store.putTask({ ...t, state: 10, exitCode: 0, message: "pong", updatedAt: t.updatedAt + 1, proxies: [] })));
+    const order = endOrder(N);
+    for (let i = 0; i < N; i += PER_TURN) {
+      await Promise.all(order.slice(i, i + PER_TURN).map((k) => tasks[k]).map((t) => store.putTask({ ...t, state: 10, exitCode: 0, message: "pong", updatedAt: t.updatedAt + 1, proxies: [] })));
       await turn();
     }
     c2 = cpu();

@@ -158,14 +158,14 @@ export function stormNotes(r) {
     `Measured from the SIGKILL; the restarted proxy (new process, LMDB open, listening on the same address) was ready after ${r.killToProxyReadyMs} ms. ` +
       `Simulated hosts reconnect with the daemon's backoff shape (${r.backoff.initialMs ?? 1000} ms × 1.6 per failed attempt, ±20 % jitter, capped at ${r.backoff.maxMs ?? 10_000} ms here), ` +
       `so attempts before the proxy listens are refused: ${r.reconnectAttempts} attempts, ${r.failedAttempts} of them failed.`,
-    `CPU during the storm: restarted proxy ${c.restartedProxy} ms (${perHost} ms per host brought back, counting also the handshakes of attempts that failed and the heartbeats of hosts already back), simulators ${c.simulators} ms (the TLS client side of ${r.hosts} hosts: RSA signature, ` +
+    `CPU during the storm: restarted proxy ${c.restartedProxy} ms (${perHost} ms per host brought back, counting also the handshakes of attempts that failed and the heartbeats of hosts already back), simulators ${c.simulators} ms (the TLS client side of ${r.hosts} hosts: an ECDSA P-256 signature, ` +
       `chain and host-name checks, new HTTP/2 sessions), controller ${c.controller} ms; all on the same 2 cores` +
       (r.loadAvg1 !== undefined ? ` (1-minute load average ${r.loadAvg1} at the end)` : ``) + `. Real hosts pay their side on their own CPUs.`,
     `The proxy is one Node thread: ${(c.restartedProxy / 1000).toFixed(1)} s of its CPU is the least this storm can take on this machine even with free simulators` +
       (c.restartedProxy > TARGET_MS
         ? `, more than the ${TARGET_MS / 1000} s target. A CPU profile of the proxy accepting 2,000 hosts (BENCH_NODE_ARGS=--cpu-prof, bench/lib/cpuprofile.mjs) shows no single hot spot: ` +
           `Node's TLS and HTTP/2 internals about 50 % (TLSSocket.getPeerCertificate alone 7 %: grpc-js builds the peer certificate object for every call's auth context, read by peerOf in common/grpc-link.ts), ` +
-          `protobuf-es 9 %, GC 8 %, grpc-js 7 %, rexmesh proxy/common code 9 %. Bringing 10,000 hosts back within 20 s needs the accept work spread over more than one process (several proxies per region, or a cluster of workers behind one address), or cheaper handshakes (ECDSA server keys, TLS session resumption).`
+          `protobuf-es 9 %, GC 8 %, grpc-js 7 %, rexmesh proxy/common code 9 %. Bringing 10,000 hosts back within 20 s needs the accept work spread over more than one process (several proxies per region, or a cluster of workers behind one address), or cheaper handshakes (TLS session resumption, which grpc-js's client does not offer).`
         : `.`),
   ];
   if (fig !== null && fig > TARGET_MS) lines.push(`Target missed: all hosts were back at the proxy after ${(fig / 1000).toFixed(1)} s.`);
