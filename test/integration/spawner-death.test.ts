@@ -9,12 +9,34 @@
  */
 import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { fromBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { open } from "lmdb";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
-import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { testCa } from "../test-ca.js";
 import { clientOf, collectJob, isAlive, tempDir, until } from "./support.js";
+
+/**
+ * The hosts whose task of `jobId` has a process group noted in the daemon's
+ * ledger: the daemon has the spawner's report of the start (read from its
+ * LMDB store, which another process may read while it writes).
+ */
+function hostsWithGroup(dataDir: string, hostIds: string[], jobId: string): string[] {
+  const root = open({ path: dataDir, readOnly: true, maxDbs: 32 });
+  try {
+    const ledger = root.openDB<{ spec?: Uint8Array; groups?: unknown[] }, string[]>("ledger", { encoding: "msgpack" });
+    return hostIds.filter((h) => {
+      for (const { value } of ledger.getRange({ start: [h, ""], end: [h, "\uffff"] })) {
+        if (value.spec && value.groups?.length && fromBinary(TaskSpecSchema, value.spec).jobId === jobId) return true;
+      }
+      return false;
+    });
+  } finally {
+    root.close();
+  }
+}
 
 /** The spawner of a daemon process: its child running spawner-main.js. */
 function spawnerOf(daemonPid: number): number | undefined {
@@ -102,6 +124,10 @@ describe("a daemon's spawner dies while its tasks run", () => {
           return undefined;
         }
       });
+      // The spawner reports each start (SPAWNED) after the shell exists: stopped before the daemon has it, the task would end by
+      // the other honest path ("did not report its start"). Stopped once the daemon noted both groups, it is the timeout's.
+      const data = join(mesh.dir, "data", mesh.daemons[0]!.name);
+      await until("the daemon has both tasks' process groups", async () => (hostsWithGroup(data, hosts, job!.id).length === hosts.length ? true : undefined));
       process.kill(spawner, "SIGSTOP");
       stopped = true;
       const t0 = Date.now();
