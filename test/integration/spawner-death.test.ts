@@ -23,7 +23,7 @@ import { clientOf, collectJob, isAlive, tempDir, until } from "./support.js";
  * ledger: the daemon has the spawner's report of the start (read from its
  * LMDB store, which another process may read while it writes).
  */
-function hostsWithGroup(dataDir: string, hostIds: string[], jobId: string): string[] {
+async function hostsWithGroup(dataDir: string, hostIds: string[], jobId: string): Promise<string[]> {
   const root = open({ path: dataDir, readOnly: true, maxDbs: 32 });
   try {
     const ledger = root.openDB<{ spec?: Uint8Array; groups?: unknown[] }, string[]>("ledger", { encoding: "msgpack" });
@@ -34,7 +34,7 @@ function hostsWithGroup(dataDir: string, hostIds: string[], jobId: string): stri
       return false;
     });
   } finally {
-    root.close();
+    await root.close();
   }
 }
 
@@ -127,7 +127,7 @@ describe("a daemon's spawner dies while its tasks run", () => {
       // The spawner reports each start (SPAWNED) after the shell exists: stopped before the daemon has it, the task would end by
       // the other honest path ("did not report its start"). Stopped once the daemon noted both groups, it is the timeout's.
       const data = join(mesh.dir, "data", mesh.daemons[0]!.name);
-      await until("the daemon has both tasks' process groups", async () => (hostsWithGroup(data, hosts, job!.id).length === hosts.length ? true : undefined));
+      await until("the daemon has both tasks' process groups", async () => ((await hostsWithGroup(data, hosts, job!.id)).length === hosts.length ? true : undefined));
       process.kill(spawner, "SIGSTOP");
       stopped = true;
       const t0 = Date.now();
