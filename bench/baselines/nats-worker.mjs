@@ -10,13 +10,15 @@ const subject = process.env.NATS_SUBJECT;
 const first = Number(process.env.NATS_FIRST);
 const count = Number(process.env.NATS_COUNT);
 const batch = Number(process.env.NATS_CONNECT_BATCH ?? 200);
+/** Mutual TLS ({ ca, cert, key } PEM), when the server asks for it. */
+const tls = process.env.NATS_TLS ? JSON.parse(process.env.NATS_TLS) : undefined;
 
 const { connect } = await import(natsUrl);
 const conns = [];
 
 async function one(i) {
   const name = `h${first + i}`;
-  const nc = await connect({ servers: server, name, reconnect: false, noEcho: true, timeout: 60_000, pingInterval: 600_000 });
+  const nc = await connect({ servers: server, name, reconnect: false, noEcho: true, timeout: 60_000, pingInterval: 600_000, ...(tls ? { tls } : {}) });
   const reply = new TextEncoder().encode(name);
   const handler = (err, msg) => {
     if (!err && msg.reply) msg.respond(reply);

@@ -5,11 +5,17 @@
 // spread over a few child processes, each subscribed to one common subject
 // and replying to every request. One requester publishes a single request
 // with an inbox as reply subject and counts replies: the figure is first
-// publish → last reply. Plain TCP, no TLS and no authentication (rexmesh's
-// links are all mTLS), so this is the broker's floor, not Choria's.
+// publish → last reply. By default plain TCP, no TLS and no authentication
+// (rexmesh's links are all mTLS), so this is the broker's floor, not
+// Choria's. With `tls: true` (`--tls 1`) every connection is mutual TLS, as
+// rexmesh's are: a CA (RSA-3072, as rexmesh's) and P-256 leaf keys (as
+// rexmesh's) made with openssl, the server verifying each client's
+// certificate against the CA (`verify: true`). The clients share one
+// certificate (issuing 10,000 would cost the bench minutes and no handshake
+// any less: each connection still does its own full handshake).
 //
-//   node bench/baselines/nats.mjs --subscribers 2000 [--runs 3] [--processes 4]
-import { fork, spawn } from "node:child_process";
+//   node bench/baselines/nats.mjs --subscribers 2000 [--runs 3] [--processes 4] [--tls 1]
+import { execFileSync, fork, spawn } from "node:child_process";
 import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
@@ -67,9 +73,29 @@ function stopChild(proc, graceMs = 5000, how = () => proc.kill("SIGTERM")) {
  * → { available, skipped?, subscribers, processes, runsMs, medianMs, bestMs,
  *     connectMs, server, client, tls: false }
  */
-export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs = 120_000 } = {}) {
+/**
+ * A CA and two leaves (the server's for 127.0.0.1, the clients'), PEM files
+ * in `dir`: ca.pem, server.pem, server.key, client.pem, client.key.
+ */
+function makeTlsFiles(dir) {
+  const ossl = (...args) => execFileSync("openssl", args, { cwd: dir, stdio: ["ignore", "ignore", "pipe"] });
+  ossl("req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench nats CA");
+  for (const [name, ext] of [
+    ["server", ["subjectAltName=IP:127.0.0.1,DNS:localhost", "extendedKeyUsage=serverAuth"]],
+    ["client", ["extendedKeyUsage=clientAuth"]],
+  ]) {
+    writeFileSync(join(dir, `${name}.ext`), ext.join("\n") + "\n");
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=bench nats ${name}`);
+    ossl("x509", "-req", "-in", `${name}.csr`, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", `${name}.pem`, "-days", "2", "-extfile", `${name}.ext`);
+  }
+  return { ca: join(dir, "ca.pem"), serverCert: join(dir, "server.pem"), serverKey: join(dir, "server.key"), clientCert: join(dir, "client.pem"), clientKey: join(dir, "client.key") };
+}
+
+export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs = 120_000, tls = false } = {}) {
   if (!(subscribers > 0)) throw new Error("natsFanout: subscribers must be a positive number");
-  const base = { subscribers, tls: false, note: "plain TCP on loopback, no TLS, no auth: the broker's floor" };
+  const base = tls
+    ? { subscribers, tls: true, note: "mutual TLS on loopback (P-256 leaves, RSA-3072 CA, every client's certificate verified), no durability" }
+    : { subscribers, tls: false, note: "plain TCP on loopback, no TLS, no auth: the broker's floor" };
   const bin = await ensureBinary("nats-server", "nats-server");
   if (!bin.ok) return { available: false, skipped: bin.skipped, ...base };
   const mod = await ensureNpm("nats");
@@ -86,6 +112,8 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
   process.once("exit", killAll);
   try {
     const port = await freePort();
+    const files = tls ? makeTlsFiles(dir) : undefined;
+    const clientTls = files ? { ca: readFileSync(files.ca, "utf8"), cert: readFileSync(files.clientCert, "utf8"), key: readFileSync(files.clientKey, "utf8") } : undefined;
     const cfg = join(dir, "nats.conf");
     writeFileSync(
       cfg,
@@ -96,6 +124,7 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
         `max_pending: 268435456`,
         `write_deadline: "30s"`,
         `ping_interval: "10m"`,
+        ...(files ? ["tls {", `  cert_file: "${files.serverCert}"`, `  key_file: "${files.serverKey}"`, `  ca_file: "${files.ca}"`, "  verify: true", "  timeout: 30", "}"] : []),
         "",
       ].join("\n"),
     );
@@ -114,7 +143,7 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
     for (let p = 0, first = 0; p < procs && first < subscribers; p++, first += per) {
       const count = Math.min(per, subscribers - first);
       const child = fork(join(here, "nats-worker.mjs"), [], {
-        env: { ...process.env, NATS_MODULE_URL: mod.url, NATS_SERVER: url, NATS_SUBJECT: subject, NATS_FIRST: String(first), NATS_COUNT: String(count) },
+        env: { ...process.env, NATS_MODULE_URL: mod.url, NATS_SERVER: url, NATS_SUBJECT: subject, NATS_FIRST: String(first), NATS_COUNT: String(count), ...(files ? { NATS_TLS: JSON.stringify(clientTls) } : {}) },
         stdio: ["ignore", "inherit", "inherit", "ipc"],
       });
       children.push(child);
@@ -136,7 +165,7 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
 
     // The requester: one publish, count replies on an inbox.
     const { connect, createInbox } = await import(mod.url);
-    requester = await connect({ servers: url, name: "requester", reconnect: false, noEcho: true, pingInterval: 600_000 });
+    requester = await connect({ servers: url, name: "requester", reconnect: false, noEcho: true, pingInterval: 600_000, ...(clientTls ? { tls: clientTls } : {}) });
     const payload = new TextEncoder().encode("hostname");
     const runsMs = [];
     for (let r = 0; r < runs + 1; r++) {
@@ -203,6 +232,6 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     const i = process.argv.indexOf(`--${n}`);
     return i < 0 ? d : Number(process.argv[i + 1]);
   };
-  const r = await natsFanout({ subscribers: arg("subscribers", 2000), runs: arg("runs", 3), processes: arg("processes", undefined) });
+  const r = await natsFanout({ subscribers: arg("subscribers", 2000), runs: arg("runs", 3), processes: arg("processes", undefined), tls: arg("tls", 0) === 1 });
   process.stdout.write(JSON.stringify(r, null, 2) + "\n");
 }

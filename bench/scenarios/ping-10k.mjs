@@ -1,5 +1,7 @@
 // Ping 10,000 simulated daemons (bench/sim) through 2 proxies, and raw NATS
-// request/reply to as many connections in the same run for comparison.
+// request/reply to as many connections in the same run for comparison: over
+// plain TCP (the issue's target) and over mutual TLS (`--nats-tls 0` skips it),
+// to tell what TLS alone costs a broker on these cores.
 import { log, opt } from "../lib/common.mjs";
 import { withSimMesh } from "../sim/mesh.mjs";
 import { pingRuns } from "../sim/ping.mjs";
@@ -13,18 +15,21 @@ export function fanoutFigures(r) {
   const cpu = r.cpuUsPerHostP50 ?? {};
   const proxies = Object.entries(cpu).filter(([k]) => k.startsWith("proxy")).reduce((a, [, v]) => a + v, 0);
   const nats = r.nats?.available ? r.nats : undefined;
+  const natsTls = r.natsTls?.available ? r.natsTls : undefined;
   return {
     pingVsNats: nats ? +(r.lastReplyMsP50 / nats.medianMs).toFixed(2) : undefined,
     connectVsNats: nats?.connectMs ? +(r.connectMs / nats.connectMs).toFixed(2) : undefined,
+    pingVsNatsTls: natsTls ? +(r.lastReplyMsP50 / natsTls.medianMs).toFixed(2) : undefined,
+    connectVsNatsTls: natsTls?.connectMs ? +(r.connectMs / natsTls.connectMs).toFixed(2) : undefined,
     controllerUsPerHost: cpu.controller,
     proxiesUsPerHost: proxies || undefined,
   };
 }
 
-async function natsBaseline(subscribers, runs) {
+async function natsBaseline(subscribers, runs, tls = false) {
   try {
     const mod = await import(new URL("../baselines/nats.mjs", import.meta.url).href);
-    const r = await mod.natsFanout({ subscribers, runs });
+    const r = await mod.natsFanout({ subscribers, runs, tls });
     return r;
   } catch (err) {
     return { skipped: String(err?.message ?? err).split("\n")[0] };
@@ -46,20 +51,27 @@ export default {
         profileDir: opt("profile", "") ? String(opt("profile-dir", "bench/results/prof-ping-10k")) : undefined,
         fleet: { hosts: n, perProcess: opt("per-process", 5000), heartbeatMs: opt("heartbeat-ms", 10_000), proxiesFor: (_k, mesh) => mesh.proxies.map((p) => p.address) },
       },
-      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS, signedRuns: opt("signed-runs", 3), profile: opt("profile", "") || undefined }),
+      (ctx) => pingRuns(ctx, { hosts: n, runs, proxies: 2, targetMs: TARGET_MS, signedRuns: opt("signed-runs", 3), warmup: opt("warmup", 1), profile: opt("profile", "") || undefined }),
     );
     log(`nats baseline (${n} subscribers)`);
     result.nats = await natsBaseline(n, runs);
     result.notes += natsNote(result.nats, n);
+    if (opt("nats-tls", 1)) {
+      log(`nats baseline with mutual TLS (${n} subscribers)`);
+      result.natsTls = await natsBaseline(n, runs, true);
+      result.notes += natsNote(result.natsTls, n);
+    }
     result.issue15 = fanoutFigures(result);
     const f = result.issue15;
     result.notes +=
       `\n\nIssue 15 targets, this run: ping ${f.pingVsNats ?? "?"}× NATS (target ≤ ${TARGETS.pingVsNats}×), connect ${f.connectVsNats ?? "?"}× NATS (≤ ${TARGETS.connectVsNats}×), ` +
+      (f.pingVsNatsTls !== undefined ? `against NATS with mutual TLS ping ${f.pingVsNatsTls}× and connect ${f.connectVsNatsTls ?? "?"}×, ` : "") +
       `controller ${f.controllerUsPerHost ?? "?"} µs CPU per host (≤ ${TARGETS.controllerUsPerHost}), proxies together ${f.proxiesUsPerHost ?? "?"} µs (≤ ${TARGETS.proxiesUsPerHost}). docs/fan-out.md gives the profile and floor of each.`;
     return result;
   },
   verdict: (r) => ({
     figure: `last reply p50 ${r.lastReplyMsP50} ms, best ${r.lastReplyMsBest} ms (${r.hosts} hosts, ${r.proxies} proxies)` + (r.nats?.available ? `; NATS p50 ${r.nats.medianMs} ms` : r.nats?.skipped ? `; NATS skipped` : "") +
+      (r.natsTls?.available ? `; NATS with mTLS p50 ${r.natsTls.medianMs} ms, connect ${r.natsTls.connectMs} ms` : "") +
       (r.issue15 ? `; ${r.issue15.pingVsNats ?? "?"}× NATS, connect ${r.issue15.connectVsNats ?? "?"}× NATS, CPU per host: controller ${r.issue15.controllerUsPerHost} µs, proxies ${r.issue15.proxiesUsPerHost} µs` : "") +
       (r.signed ? `; signed \`true\` p50 ${r.signed.lastReplyMsP50} ms, controller ${r.signed.cpuUsPerHostP50.controller} µs/host` : ""),
     met:
@@ -78,6 +90,7 @@ export default {
       { label: "rexmesh p50", value: r.lastReplyMsP50, ref: TARGET_MS },
       { label: "rexmesh best", value: r.lastReplyMsBest, ref: TARGET_MS },
       ...(r.nats?.available ? [{ label: "NATS req/reply p50", value: r.nats.medianMs }] : []),
+      ...(r.natsTls?.available ? [{ label: "NATS mTLS req/reply p50", value: r.natsTls.medianMs }] : []),
     ],
   }),
 };
@@ -85,5 +98,5 @@ export default {
 function natsNote(nats, n) {
   if (!nats) return "";
   if (!nats.available) return `\n\nNATS baseline skipped: ${nats.skipped ?? "not available"}.`;
-  return `\n\nNATS baseline, same machine, same run: request/reply to ${nats.subscribers ?? n} connections, median ${nats.medianMs} ms` + (nats.note ? ` (${nats.note})` : "") + ".";
+  return `\n\nNATS baseline${nats.tls ? " with mutual TLS" : ""}, same machine, same run: request/reply to ${nats.subscribers ?? n} connections, median ${nats.medianMs} ms` + (nats.note ? ` (${nats.note})` : "") + ".";
 }

@@ -26,7 +26,7 @@ export default {
           proxiesFor: (_k, mesh) => mesh.proxies.map((p) => p.address),
         },
       },
-      (ctx) => pingRuns(ctx, { hosts: n, runs: opt("runs", 3), proxies: nProxies, targetMs: TARGET_MS, connectTimeoutMs: opt("connect-timeout-ms", 900_000) }),
+      (ctx) => pingRuns(ctx, { hosts: n, runs: opt("runs", 3), warmup: opt("warmup", 1), proxies: nProxies, targetMs: TARGET_MS, connectTimeoutMs: opt("connect-timeout-ms", 900_000) }),
     );
     log(`done: p50 ${result.lastReplyMsP50} ms`);
     return result;

@@ -14,8 +14,16 @@ export const trueStep = { tool: { case: "exec", value: { argv: ["true"] } } };
 /**
  * `signedRuns` more runs with `exec true` (signed, unlike a ping, and ended
  * with a host-signed status) follow the ping runs: result.signed.
+ *
+ * Each series starts with `warmup` runs that are reported (`warmupRuns`)
+ * but not counted in its medians, as the NATS baseline's first round is not
+ * (bench/baselines/nats.mjs): V8 compiles the hot paths during the first
+ * jobs after a start (perf: a fifth of the roles' CPU in the first runs of a
+ * series, 4–12 % later; docs/fan-out.md), which a long-running mesh does not
+ * pay again. The first signed job also pays each host's key agreement at the
+ * controller once: that job is the signed series' warm-up.
  */
-export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTimeoutMs = 900_000, signedRuns = 0, profile }) {
+export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTimeoutMs = 900_000, signedRuns = 0, warmup = 1, profile }) {
   const { mesh, client, fleet } = ctx;
   log(`issuing ${hosts} certificates in ${Math.ceil(hosts / fleet.opts.perProcess)} simulator processes`);
   const started = await fleet.start();
@@ -37,9 +45,11 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
   const connectCpu1 = cpuNow();
   const connectCpuUsPerHost = Object.fromEntries(Object.entries(connectCpu1).map(([k, v]) => [k, Math.round(((v - connectCpu0[k]) * 1000) / hosts)]));
   log(`controller sees ${hosts} hosts after ${controllerSeesMs} ms`);
-  const series = async (label, step, count) => {
+  // `profile` ("connect", "ping" or "signed"): the controller's and proxies' CPU profiles cover that series' counted runs only.
+  const series = async (label, step, count, name) => {
   const out = [];
-  for (let r = 0; r < count; r++) {
+  for (let r = 0; r < warmup + count; r++) {
+    if (r === warmup && profile === name) ctx.toggleProfile();
     await new Promise((res) => setTimeout(res, 1000));
     await fleet.resetTaskStats();
     const cpu0 = Object.fromEntries(Object.entries(procs).map(([k, pid]) => [k, cpuMsOf(pid)]));
@@ -71,22 +81,15 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
       // Other work on the machine (the 2 cores are shared): the 1-minute load average after the run.
       loadAvg1: +os.loadavg()[0].toFixed(1),
     };
-    log(`${label} run ${r + 1}: ${JSON.stringify(run)}`);
+    const counted = r >= warmup;
+    log(`${label} ${counted ? "run" : "warm-up run"} ${counted ? r - warmup + 1 : r + 1}: ${JSON.stringify(run)}`);
     out.push(run);
   }
-  return out;
+  if (count > 0 && profile === name) ctx.toggleProfile();
+  return { runs: out.slice(warmup), warmupRuns: out.slice(0, warmup) };
   };
-  // `profile` ("connect", "ping" or "signed"): the controller's and proxies' CPU profiles cover that phase only.
-  const profiled = async (name, run) => {
-    if (profile === name) ctx.toggleProfile();
-    try {
-      return await run();
-    } finally {
-      if (profile === name) ctx.toggleProfile();
-    }
-  };
-  const out = await profiled("ping", () => series("ping", pingStep, runs));
-  const signed = signedRuns > 0 ? await profiled("signed", () => series("signed `true`", trueStep, signedRuns)) : [];
+  const { runs: out, warmupRuns } = await series("ping", pingStep, runs, "ping");
+  const { runs: signed, warmupRuns: signedWarmup } = signedRuns > 0 ? await series("signed `true`", trueStep, signedRuns, "signed") : { runs: [], warmupRuns: [] };
   const st = await fleet.stats();
   const ms = out.map((x) => x.ms);
   const result = {
@@ -98,18 +101,19 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
     connectMs,
     controllerSeesMs,
     connectCpuUsPerHost,
+    warmupRuns,
     runs: out,
     lastReplyMsP50: median(ms),
     cpuUsPerHostP50: (out.find((x) => x.ms === median(ms)) ?? out[0])?.cpuUsPerHost,
     lastReplyMsBest: Math.min(...ms),
-    allSucceeded: out.every((x) => x.succeeded === hosts),
+    allSucceeded: [...warmupRuns, ...out].every((x) => x.succeeded === hosts),
     simulator: st.map((s) => ({ hosts: s.hosts, rssMiB: Math.round(s.rss / 2 ** 20), cpuMs: s.cpuMs, failures: s.failures, firstError: s.firstError, unreadableCerts: s.unreadableCerts, contextErrors: s.contextErrors })),
     opened,
   };
   if (signed.length > 0) {
     const p50 = median(signed.map((x) => x.ms));
     const m = signed.find((x) => x.ms === p50) ?? signed[0];
-    result.signed = { step: "exec true", runs: signed, lastReplyMsP50: p50, allSucceeded: signed.every((x) => x.succeeded === hosts), cpuUsPerHostP50: m.cpuUsPerHost };
+    result.signed = { step: "exec true", warmupRuns: signedWarmup, runs: signed, lastReplyMsP50: p50, allSucceeded: [...signedWarmup, ...signed].every((x) => x.succeeded === hosts), cpuUsPerHostP50: m.cpuUsPerHost };
   }
   result.notes = pingNotes(result, targetMs);
   return result;
@@ -122,7 +126,9 @@ export function pingNotes(r, targetMs) {
   const cpu = Object.entries(m.cpuMs).sort((a, b) => b[1] - a[1]);
   const cores = (ms) => (ms / m.ms).toFixed(2);
   const lines = [
-    `Median run (${m.ms} ms, ${r.hosts} hosts, ${r.proxies} proxies, ${r.simulatorProcesses} simulator processes on the same 2 cores): ` +
+    `Each series began with ${r.warmupRuns.length} warm-up run${r.warmupRuns.length === 1 ? "" : "s"}, not counted (as the NATS baseline's first round): ` +
+      (r.warmupRuns.length > 0 ? `${r.warmupRuns.map((x) => `${x.ms} ms, controller ${x.cpuUsPerHost.controller} µs/host`).join("; ")}. ` : "none. ") +
+      `Median run (${m.ms} ms, ${r.hosts} hosts, ${r.proxies} proxies, ${r.simulatorProcesses} simulator processes on the same 2 cores): ` +
       `SubmitJob returned after ${m.submitMs} ms; the first task reached a simulated host at ${m.firstTaskAtHostMs} ms, ` +
       `the last pong left a host at ${m.lastPongAtHostMs} ms; the job was DONE at the controller at ${m.ms} ms ` +
       `(so ${m.firstTaskAtHostMs} ms before any host had work, and ${m.ms - m.lastPongAtHostMs} ms between the last pong and DONE).`,
