@@ -20,6 +20,7 @@ import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync }
 import net from "node:net";
 import os from "node:os";
 import { join } from "node:path";
+import { cpuMs } from "../lib/common.mjs";
 import { ensureBinary, ensureNpm } from "./install.mjs";
 
 const here = new URL(".", import.meta.url).pathname;
@@ -137,6 +138,7 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
     const subject = "bench.fanout";
 
     // The subscribers, spread over `procs` children.
+    const serverCpu0 = cpuMs(server.pid);
     const t0 = performance.now();
     const per = Math.ceil(subscribers / procs);
     const ready = [];
@@ -161,6 +163,11 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
     }
     const workers = await Promise.all(ready);
     const connectMs = Math.round(performance.now() - t0);
+    // CPU per connection while connecting: the server's (Go, all its threads) and the clients' (Node, as the simulated hosts).
+    const connectCpuUsPerConnection = {
+      server: Math.round(((cpuMs(server.pid) - serverCpu0) * 1000) / subscribers),
+      clients: Math.round((children.reduce((a, c) => a + cpuMs(c.pid), 0) * 1000) / subscribers),
+    };
     log(`${subscribers} subscribers connected over ${children.length} processes in ${connectMs} ms`);
 
     // The requester: one publish, count replies on an inbox.
@@ -168,7 +175,9 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
     requester = await connect({ servers: url, name: "requester", reconnect: false, noEcho: true, pingInterval: 600_000, ...(clientTls ? { tls: clientTls } : {}) });
     const payload = new TextEncoder().encode("hostname");
     const runsMs = [];
+    const serverCpuUsPerReply = [];
     for (let r = 0; r < runs + 1; r++) {
+      const cpu0 = cpuMs(server.pid);
       const inbox = createInbox();
       const seen = new Set();
       let got = 0;
@@ -193,7 +202,10 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
       if (end === undefined) throw new Error(`run ${r}: ${got} of ${subscribers} replies after ${timeoutMs} ms`);
       if (seen.size !== subscribers) throw new Error(`run ${r}: ${seen.size} distinct repliers of ${subscribers}`);
       // The first round is a warm-up (JIT in the children), not counted.
-      if (r > 0) runsMs.push(Math.round((end - s) * 10) / 10);
+      if (r > 0) {
+        runsMs.push(Math.round((end - s) * 10) / 10);
+        serverCpuUsPerReply.push(Math.round(((cpuMs(server.pid) - cpu0) * 1000) / subscribers));
+      }
       await sleep(200);
     }
     const sorted = [...runsMs].sort((a, b) => a - b);
@@ -205,6 +217,8 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
       medianMs: sorted[Math.floor(sorted.length / 2)],
       bestMs: sorted[0],
       connectMs,
+      connectCpuUsPerConnection,
+      serverCpuUsPerReply,
       workerConnectMs: workers.map((w) => w.connectMs),
       server: `nats-server ${version ?? "?"}`,
       client: `nats.js ${mod.version}`,
