@@ -22,6 +22,8 @@ export default {
   async run() {
     const n = opt("hosts", 19_000);
     const settleMs = opt("settle-ms", 15_000);
+    // The measured idle window: a host's idle frame comes once a minute, its PING every heartbeat; a longer window averages more of both.
+    const idleMs = opt("idle-ms", 30_000);
     // --profile idle --profile-dir DIR: the controller's and the proxy's CPU during the measured idle window only (node bench/lib/cpuprofile.mjs DIR).
     const profile = opt("profile", "");
     if (profile && profile !== "idle") throw new Error(`--profile ${profile}: idle-streams profiles only "idle"`);
@@ -58,11 +60,20 @@ export default {
         // Per-stream figures of a proxy that lost its hosts meanwhile would be meaningless (or infinite).
         if (held < n) throw new Error(`the proxy held ${held} of ${n} hosts when the idle window began (see the proxy's rexmesh_host_disconnects_total)`);
         const after = await memNow();
+        // Hosts that left (and came back) during the window would be counted as idle cost: their handshakes are not.
+        const gone = () => scrapeSum(ctx.proxyMetrics(proxy), "rexmesh_host_disconnects_total");
+        const gone0 = await gone();
+        // V8's collections in the window (the heap the connects left is collected when the process goes quiet, not on a clock).
+        const gcSeconds = () => scrapeSum(ctx.proxyMetrics(proxy), "rexmesh_nodejs_gc_duration_seconds_sum");
+        const gc0 = await gcSeconds();
         ctx.toggleProfile();
         const idleCpu0 = cpuMsOf(proxy.proc.pid);
-        await sleep(10_000);
-        const idleCpuPct = Math.round(((cpuMsOf(proxy.proc.pid) - idleCpu0) / 10_000) * 1000) / 10;
+        await sleep(idleMs);
+        const idleCpuPct = Math.round(((cpuMsOf(proxy.proc.pid) - idleCpu0) / idleMs) * 1000) / 10;
         ctx.toggleProfile();
+        const disconnectsDuringIdle = (await gone()) - gone0;
+        const gcMsDuringIdle = Math.round(((await gcSeconds()) - gc0) * 1000);
+        const heldAfterIdle = await ctx.proxyHosts(proxy);
         // The next scrape must not fall into the profile (the proxy takes the signal and the request in one turn).
         if (profile) await sleep(500);
         const after2 = await memNow();
@@ -86,7 +97,11 @@ export default {
           proxyHeapAfterMiB: +(after.heapUsed / 2 ** 20).toFixed(1),
           perStreamKB: +perStreamKB.toFixed(1),
           heapPerStreamKB: +heapPerStreamKB.toFixed(1),
+          idleWindowMs: idleMs,
           proxyIdleCpuPercent: idleCpuPct,
+          disconnectsDuringIdle,
+          gcMsDuringIdle,
+          heldAfterIdle,
           // One process holds at most ~19,900 (its descriptor limit): the issue's 50,000 scaled from what it held.
           proxyIdleCpuPercentPer50k: Math.round(((idleCpuPct * IDLE_TARGET_HOSTS) / held) * 10) / 10,
           simulator: st.map((s) => ({ hosts: s.hosts, rssMiB: Math.round(s.rss / 2 ** 20), cpuMs: s.cpuMs, failures: s.failures, firstError: s.firstError, unreadableCerts: s.unreadableCerts, contextErrors: s.contextErrors })),
@@ -123,7 +138,7 @@ export function idleNotes(r, settleMs) {
       `So about ${nonHeap} KB per stream lives outside the JS heap: OpenSSL's per-connection state (SSL object, read/write buffers), nghttp2's session and Node's socket/stream handles.`,
     `Idle, a simulated host does what a daemon does: an HTTP/2 PING every ${r.heartbeatMs / 1000} s (answered by the proxy's nghttp2, no JavaScript) and a link frame ` +
       `every ${IDLE_FRAME_INTERVALS} heartbeats (answered by one), so ${Math.round(r.streams / (r.heartbeatMs / 1000))} PINGs/s and ` +
-      `${Math.round(r.streams / ((r.heartbeatMs / 1000) * IDLE_FRAME_INTERVALS))} frames/s each way; the proxy spent ${r.proxyIdleCpuPercent} % of a core on them over 10 s, ` +
+      `${Math.round(r.streams / ((r.heartbeatMs / 1000) * IDLE_FRAME_INTERVALS))} frames/s each way; the proxy spent ${r.proxyIdleCpuPercent} % of a core on them over ${r.idleWindowMs / 1000} s, ` +
       `${r.proxyIdleCpuPercentPer50k} % scaled to ${IDLE_TARGET_HOSTS.toLocaleString("en")} hosts (issue 15's target: ≤ ${IDLE_TARGET_PERCENT} %; load average ${r.loadAvg1}). ` +
       `Connecting the ${r.streams} hosts cost the proxy ${(r.connectProxyCpuMs / 1000).toFixed(1)} s of CPU ` +
       `(${(r.connectProxyCpuMs / r.streams).toFixed(1)} ms per host, the idle cost of the hosts already connected included), which is what bounds how fast a proxy can take hosts (see reconnect-storm).`,
