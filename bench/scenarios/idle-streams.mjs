@@ -21,9 +21,12 @@ export default {
   target: `≥ ${TARGET_STREAMS.toLocaleString("en")} streams, ≤ ${TARGET_KB} KB proxy memory per stream`,
   async run() {
     const n = opt("hosts", 19_000);
-    const settleMs = opt("settle-ms", 15_000);
-    // The measured idle window: a host's idle frame comes once a minute, its PING every heartbeat; a longer window averages more of both.
-    const idleMs = opt("idle-ms", 30_000);
+    // After the connects, V8's memory reducer runs a few full collections of the heap they left, seconds apart (a window
+    // 15 s after the last connect saw them as ~45 % of its CPU, in threads /proc counts): the idle window waits for them.
+    const settleMs = opt("settle-ms", 60_000);
+    // The measured idle window: a whole period of the hosts' idle frames (IDLE_FRAME_INTERVALS heartbeats), else a window
+    // holds a share of them that depends on when the hosts connected.
+    const idleMs = opt("idle-ms", opt("heartbeat-ms", 10_000) * IDLE_FRAME_INTERVALS);
     // --profile idle --profile-dir DIR: the controller's and the proxy's CPU during the measured idle window only (node bench/lib/cpuprofile.mjs DIR).
     const profile = opt("profile", "");
     if (profile && profile !== "idle") throw new Error(`--profile ${profile}: idle-streams profiles only "idle"`);

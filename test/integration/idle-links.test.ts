@@ -77,7 +77,7 @@ describe("idle host links: a silent peer is noticed within three heartbeats", ()
     const tookMs = Date.now() - cutAt;
     expect(moved.proxy).toBe("proxy-r-2");
     // PING every heartbeat, dropped when unanswered for 2 more: about 3 heartbeats (plus a reconnect). The application
-    // heartbeat alone would have taken 3 × IDLE_FRAME_INTERVALS heartbeats (18 s here).
+    // heartbeat alone would have taken 3 × IDLE_FRAME_INTERVALS heartbeats (36 s here).
     const backstopMs = 3 * IDLE_FRAME_INTERVALS * HEARTBEAT_MS;
     expect(tookMs).toBeLessThan(backstopMs / 2);
     // The first proxy noticed too (its PINGs went unanswered), rather than holding a dead stream until the backstop.
