@@ -48,7 +48,7 @@ export const daemonSchema = {
   capacity: { type: "int", default: 4, min: 1, doc: "tasks run at once per host" },
   metricsListen: { type: "string", doc: "address for Prometheus metrics over plain HTTP (GET /metrics); off when unset" },
   renewBefore: { type: "duration", default: "8h", doc: "renew the host certificate this long before it expires (over the link to a proxy)" },
-  heartbeat: { type: "duration", default: "10s", doc: "how often the proxy is asked whether it is alive (an HTTP/2 PING; gone after 2 more unanswered); an idle link carries a frame every 12" },
+  heartbeat: { type: "duration", default: "10s", doc: "how often the proxy is asked whether it is alive (an HTTP/2 PING; gone after 2 more unanswered); an idle link carries a frame every 12 (at most every 5 minutes)" },
   outputLimit: { type: "int", default: 64 * 1024 * 1024, min: 0, doc: "output bytes kept per task when the job sets no limit" },
   maxUnackedOutput: { type: "int", default: 16 * 1024 * 1024, min: 65536, doc: "output bytes per host not yet acknowledged by the proxy; above it, tasks block in write() until acks arrive" },
   killGrace: { type: "duration", default: "2s", doc: "time between SIGTERM and SIGKILL when a task is stopped" },

@@ -20,7 +20,6 @@ import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync }
 import net from "node:net";
 import os from "node:os";
 import { join } from "node:path";
-import { cpuMs } from "../lib/common.mjs";
 import { ensureBinary, ensureNpm } from "./install.mjs";
 
 const here = new URL(".", import.meta.url).pathname;
@@ -70,10 +69,17 @@ function stopChild(proc, graceMs = 5000, how = () => proc.kill("SIGTERM")) {
   });
 }
 
-/**
- * → { available, skipped?, subscribers, processes, runsMs, medianMs, bestMs,
- *     connectMs, server, client, tls: false }
- */
+/** CPU ms a process has used so far (utime + stime from /proc; 0 when it is gone). */
+function cpuMs(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(f[11]) + Number(f[12])) * 10;
+  } catch {
+    return 0;
+  }
+}
+
 /**
  * A CA and two leaves (the server's for 127.0.0.1, the clients'), PEM files
  * in `dir`: ca.pem, server.pem, server.key, client.pem, client.key.
@@ -92,6 +98,11 @@ function makeTlsFiles(dir) {
   return { ca: join(dir, "ca.pem"), serverCert: join(dir, "server.pem"), serverKey: join(dir, "server.key"), clientCert: join(dir, "client.pem"), clientKey: join(dir, "client.key") };
 }
 
+/**
+ * → { available, skipped?, subscribers, processes, runsMs, medianMs, bestMs,
+ *     connectMs, connectCpuUsPerConnection: { server, clients },
+ *     serverCpuUsPerReply, server, client, tls, note }
+ */
 export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs = 120_000, tls = false } = {}) {
   if (!(subscribers > 0)) throw new Error("natsFanout: subscribers must be a positive number");
   const base = tls
@@ -166,7 +177,7 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
     // CPU per connection while connecting: the server's (Go, all its threads) and the clients' (Node, as the simulated hosts).
     const connectCpuUsPerConnection = {
       server: Math.round(((cpuMs(server.pid) - serverCpu0) * 1000) / subscribers),
-      clients: Math.round((children.reduce((a, c) => a + cpuMs(c.pid), 0) * 1000) / subscribers),
+      clients: Math.round((workers.reduce((a, w) => a + (w.cpuMs ?? 0), 0) * 1000) / subscribers),
     };
     log(`${subscribers} subscribers connected over ${children.length} processes in ${connectMs} ms`);
 

@@ -74,11 +74,11 @@ export default {
         await sleep(idleMs);
         const idleCpuPct = Math.round(((cpuMsOf(proxy.proc.pid) - idleCpu0) / idleMs) * 1000) / 10;
         ctx.toggleProfile();
+        // The next scrape must not fall into the profile (the proxy takes the signal and the request in one turn).
+        if (profile) await sleep(500);
         const disconnectsDuringIdle = (await gone()) - gone0;
         const gcMsDuringIdle = Math.round(((await gcSeconds()) - gc0) * 1000);
         const heldAfterIdle = await ctx.proxyHosts(proxy);
-        // The next scrape must not fall into the profile (the proxy takes the signal and the request in one turn).
-        if (profile) await sleep(500);
         const after2 = await memNow();
         const streams = held;
         const perStreamKB = (after.rss - before.rss) / streams / 1000;

@@ -48,8 +48,13 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
   // `profile` ("connect", "ping" or "signed"): the controller's and proxies' CPU profiles cover that series' counted runs only.
   const series = async (label, step, count, name) => {
   const out = [];
+  let profiling = false;
+  try {
   for (let r = 0; r < warmup + count; r++) {
-    if (r === warmup && profile === name) ctx.toggleProfile();
+    if (r === warmup && profile === name) {
+      ctx.toggleProfile();
+      profiling = true;
+    }
     await new Promise((res) => setTimeout(res, 1000));
     await fleet.resetTaskStats();
     const cpu0 = Object.fromEntries(Object.entries(procs).map(([k, pid]) => [k, cpuMsOf(pid)]));
@@ -85,7 +90,10 @@ export async function pingRuns(ctx, { hosts, runs, proxies, targetMs, connectTim
     log(`${label} ${counted ? "run" : "warm-up run"} ${counted ? r - warmup + 1 : r + 1}: ${JSON.stringify(run)}`);
     out.push(run);
   }
-  if (count > 0 && profile === name) ctx.toggleProfile();
+  } finally {
+    // Also when a run failed: the profile is written.
+    if (profiling) ctx.toggleProfile();
+  }
   return { runs: out.slice(warmup), warmupRuns: out.slice(0, warmup) };
   };
   const { runs: out, warmupRuns } = await series("ping", pingStep, runs, "ping");

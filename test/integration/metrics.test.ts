@@ -64,7 +64,8 @@ describe("Prometheus metrics", () => {
       expect(value(c, "rexmesh_task_first_output_seconds_sum")).toBeLessThan(value(c, 'rexmesh_task_duration_seconds_sum{state="SUCCEEDED"}')!);
       expect(value(c, "rexmesh_job_duration_seconds_count")).toBe(1);
       expect(value(c, "rexmesh_job_duration_seconds_sum")).toBeGreaterThanOrEqual(1);
-      // Link round trips: the daemon pings its proxy, the proxy its controller, once a heartbeat (1 s here).
+      // Link round trips: the daemon pings its proxy once per link heartbeat (IDLE_FRAME_INTERVALS of its 1 s heartbeat; each
+      // of its two hosts has its first about half of that after connecting), the proxy its controller once a heartbeat (1 s).
       for (let i = 0; ; i++) {
         const [dm, pm] = [await scrape(mesh.daemons[0]!.info!.metricsAddress), await scrape(mesh.proxies[0]!.info!.metricsAddress)];
         const daemonTrips = value(dm, 'rexmesh_link_round_trip_seconds_count{peer="proxy"}') ?? 0;
