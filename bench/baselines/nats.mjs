@@ -103,7 +103,7 @@ function makeTlsFiles(dir) {
  *     connectMs, connectCpuUsPerConnection: { server, clients },
  *     serverCpuUsPerReply, server, client, tls, note }
  */
-export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs = 120_000, tls = false } = {}) {
+export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs = 120_000, tls = false, warmup = 1 } = {}) {
   if (!(subscribers > 0)) throw new Error("natsFanout: subscribers must be a positive number");
   const base = tls
     ? { subscribers, tls: true, note: "mutual TLS on loopback (P-256 leaves, RSA-3072 CA, every client's certificate verified), no durability" }
@@ -187,7 +187,7 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
     const payload = new TextEncoder().encode("hostname");
     const runsMs = [];
     const serverCpuUsPerReply = [];
-    for (let r = 0; r < runs + 1; r++) {
+    for (let r = 0; r < runs + warmup; r++) {
       const cpu0 = cpuMs(server.pid);
       const inbox = createInbox();
       const seen = new Set();
@@ -212,8 +212,8 @@ export async function natsFanout({ subscribers, runs = 3, processes, timeoutMs =
       sub.unsubscribe();
       if (end === undefined) throw new Error(`run ${r}: ${got} of ${subscribers} replies after ${timeoutMs} ms`);
       if (seen.size !== subscribers) throw new Error(`run ${r}: ${seen.size} distinct repliers of ${subscribers}`);
-      // The first round is a warm-up (JIT in the children), not counted.
-      if (r > 0) {
+      // The first rounds are a warm-up (JIT in the children), not counted: as many as rexmesh's series gets.
+      if (r >= warmup) {
         runsMs.push(Math.round((end - s) * 10) / 10);
         serverCpuUsPerReply.push(Math.round(((cpuMs(server.pid) - cpu0) * 1000) / subscribers));
       }

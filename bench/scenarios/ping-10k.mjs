@@ -29,7 +29,8 @@ export function fanoutFigures(r) {
 async function natsBaseline(subscribers, runs, tls = false) {
   try {
     const mod = await import(new URL("../baselines/nats.mjs", import.meta.url).href);
-    const r = await mod.natsFanout({ subscribers, runs, tls });
+    // As many warm-up rounds as the rexmesh series had (--warmup), not counted either.
+    const r = await mod.natsFanout({ subscribers, runs, tls, warmup: opt("warmup", 1) });
     return r;
   } catch (err) {
     return { skipped: String(err?.message ?? err).split("\n")[0] };
