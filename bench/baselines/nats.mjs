@@ -20,6 +20,7 @@ import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync }
 import net from "node:net";
 import os from "node:os";
 import { join } from "node:path";
+import { cpuMs } from "../lib/proc.mjs";
 import { ensureBinary, ensureNpm } from "./install.mjs";
 
 const here = new URL(".", import.meta.url).pathname;
@@ -67,17 +68,6 @@ function stopChild(proc, graceMs = 5000, how = () => proc.kill("SIGTERM")) {
       proc.kill("SIGKILL");
     }
   });
-}
-
-/** CPU ms a process has used so far (utime + stime from /proc; 0 when it is gone). */
-function cpuMs(pid) {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return (Number(f[11]) + Number(f[12])) * 10;
-  } catch {
-    return 0;
-  }
 }
 
 /**

@@ -1,5 +1,6 @@
 // Shared helpers for the benchmark scenarios (bench/scenarios/*.mjs).
 import { execSync } from "node:child_process";
+import { cpuMs } from "./proc.mjs";
 import { mkdtempSync, readFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
@@ -7,6 +8,7 @@ import { LocalMesh } from "../../dist/cli/launcher.js";
 import { operatorClient } from "../../dist/cli/client.js";
 
 export { LocalMesh, operatorClient };
+export { cpuMs, procCpu } from "./proc.mjs";
 
 /** Task states as numbers (rexmesh.v1.TaskState). */
 export const SUCCEEDED = 10;
@@ -115,20 +117,6 @@ export const succeededCount = (job) => job.counts.find((c) => c.state === SUCCEE
 
 export const log = (msg) => process.stderr.write(`  ${msg}\n`);
 
-/** CPU ms a process has used so far: its own (utime + stime) and its reaped children's (cutime + cstime); zeros when it is gone. */
-export function procCpu(pid) {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    const tick = 10; // ms per clock tick (CLK_TCK 100)
-    return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
-  } catch {
-    return { self: 0, children: 0 };
-  }
-}
-
-/** CPU time (user + system) a process has used so far, in ms. */
-export const cpuMs = (pid) => procCpu(pid).self;
 
 /** CPU ms used per role of a LocalMesh while fn runs: { controller, proxies, daemons, bench }. */
 export async function cpuDuring(mesh, fn) {
