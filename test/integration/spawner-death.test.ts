@@ -9,30 +9,26 @@
  */
 import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { fromBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { open } from "lmdb";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalMesh } from "../../cli/launcher.js";
-import { TaskSpecSchema, TaskState } from "../../gen/rexmesh/v1/task_pb.js";
+import { LmdbLedger } from "../../daemon/lmdb-ledger.js";
+import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { testCa } from "../test-ca.js";
 import { clientOf, collectJob, isAlive, tempDir, until } from "./support.js";
 
 /**
- * The hosts whose task of `jobId` has a process group noted in the daemon's
- * ledger: the daemon has the spawner's report of the start (read from its
- * LMDB store, which another process may read while it writes).
+ * Whether the daemon has each task's process group in its ledger (what it
+ * notes on the spawner's report of the start), read from its LMDB store,
+ * which another process may read while it writes, by the daemon's own
+ * ledger reader.
  */
-async function hostsWithGroup(dataDir: string, hostIds: string[], jobId: string): Promise<string[]> {
+async function groupsNoted(dataDir: string, tasks: { id: string; hostId: string }[]): Promise<boolean> {
   const root = open({ path: dataDir, readOnly: true, maxDbs: 32 });
   try {
-    const ledger = root.openDB<{ spec?: Uint8Array; groups?: unknown[] }, string[]>("ledger", { encoding: "msgpack" });
-    return hostIds.filter((h) => {
-      for (const { value } of ledger.getRange({ start: [h, ""], end: [h, "\uffff"] })) {
-        if (value.spec && value.groups?.length && fromBinary(TaskSpecSchema, value.spec).jobId === jobId) return true;
-      }
-      return false;
-    });
+    const db = root.openDB("ledger", { encoding: "msgpack" }) as ConstructorParameters<typeof LmdbLedger>[0];
+    return tasks.every((t) => (new LmdbLedger(db, t.hostId).get(t.id)?.groups?.length ?? 0) > 0);
   } finally {
     await root.close();
   }
@@ -127,7 +123,8 @@ describe("a daemon's spawner dies while its tasks run", () => {
       // The spawner reports each start (SPAWNED) after the shell exists: stopped before the daemon has it, the task would end by
       // the other honest path ("did not report its start"). Stopped once the daemon noted both groups, it is the timeout's.
       const data = join(mesh.dir, "data", mesh.daemons[0]!.name);
-      await until("the daemon has both tasks' process groups", async () => ((await hostsWithGroup(data, hosts, job!.id)).length === hosts.length ? true : undefined));
+      const { tasks } = await client.getJob({ jobId: job!.id });
+      await until("the daemon has both tasks' process groups", async () => ((await groupsNoted(data, tasks)) ? true : undefined));
       process.kill(spawner, "SIGSTOP");
       stopped = true;
       const t0 = Date.now();
