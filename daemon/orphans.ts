@@ -52,19 +52,13 @@ function alive(s: ProcStat | undefined): s is ProcStat {
   return s !== undefined && s.state !== "Z" && s.state !== "X";
 }
 
-function environMentions(pid: number, marker: Buffer): boolean {
+/** The entries (`NAME=value`) of a process's environment; empty when it is gone or not ours to read. */
+function environEntries(pid: number): Set<string> {
   try {
-    const env = readFileSync(`/proc/${pid}/environ`);
-    for (let i = 0; i < env.length; ) {
-      const end = env.indexOf(0, i);
-      const stop = end < 0 ? env.length : end;
-      if (stop - i === marker.length && env.subarray(i, stop).equals(marker)) return true;
-      i = stop + 1;
-    }
+    return new Set(readFileSync(`/proc/${pid}/environ`, "latin1").split("\0"));
   } catch {
-    // Gone, or not ours to read.
+    return new Set();
   }
-  return false;
 }
 
 function listPids(): number[] {
@@ -77,29 +71,111 @@ function listPids(): number[] {
   }
 }
 
+/** One question to a scan: a marker (`NAME=value`, or empty: none) and the groups noted for it. */
+interface MarkedQuery {
+  marker: string;
+  groups: readonly GroupRef[];
+}
+
 /**
- * The live processes of a task or a session: members of its noted groups
- * (when the group leader is the one noted, or is gone and the member
- * carries the marker) and any process whose environment carries the
- * marker (`NAME=value`).
+ * The live processes of each query, by one pass over /proc: members of its
+ * noted groups (when the group leader is the one noted, or is gone and the
+ * member carries the marker) and any process whose environment carries the
+ * marker. A process's environment is read once, whatever the number of
+ * queries.
  */
-function findMarkedProcesses(markerText: string, groups: readonly GroupRef[], self: number = process.pid): number[] {
-  const marker = Buffer.from(markerText);
-  const trusted = new Set<number>();
-  for (const g of groups) {
-    const leader = readStat(g.pgid);
-    // A leader that is alive but started at another time is another process that reused the pid.
-    if (alive(leader) && (g.startTicks === undefined || leader.startTicks === g.startTicks)) trusted.add(g.pgid);
-  }
-  const found: number[] = [];
+function findMarkedProcesses(queries: readonly MarkedQuery[], self: number): number[][] {
+  const trusted = queries.map((q) => {
+    const pgids = new Set<number>();
+    for (const g of q.groups) {
+      const leader = readStat(g.pgid);
+      // A leader that is alive but started at another time is another process that reused the pid.
+      if (alive(leader) && (g.startTicks === undefined || leader.startTicks === g.startTicks)) pgids.add(g.pgid);
+    }
+    return pgids;
+  });
+  const found = queries.map((): number[] => []);
   for (const pid of listPids()) {
     if (pid === self) continue;
     const s = readStat(pid);
     if (!alive(s)) continue;
-    // An empty marker names nothing: only the groups count.
-    if (trusted.has(s.pgid) || (marker.length > 0 && environMentions(pid, marker))) found.push(pid);
+    let env: Set<string> | undefined;
+    for (const [i, q] of queries.entries()) {
+      if (trusted[i]!.has(s.pgid)) found[i]!.push(pid);
+      // An empty marker names nothing: only the groups count.
+      else if (q.marker !== "" && (env ??= environEntries(pid)).has(q.marker)) found[i]!.push(pid);
+    }
   }
   return found;
+}
+
+/** A scan of /proc shared by several askers is taken at most once per this many times its own duration: scans take at most 1/SCAN_SHARE of the time. */
+export const SCAN_SHARE = 20;
+/** ... and a question to MarkedScans waits at most this long for its scan. */
+const MAX_SCAN_WAIT_MS = 1000;
+
+/**
+ * The scans for marked processes of one daemon process (per clock): every
+ * question asked before a scan starts is answered by it. A scan reads the
+ * stat of every process on the host and the environment of most: one per
+ * question, 36 tasks stopped before their spawner reported their starts
+ * (a burst on a loaded 2-core VM) took a daemon's CPU for seconds, which
+ * made the next stops later still. Each scan starts after every question it
+ * answers was asked (a process started before the question is seen), and
+ * the next waits until scans take at most 1/SCAN_SHARE of the time (at most
+ * MAX_SCAN_WAIT_MS): a leftover is signalled that much later, never missed.
+ */
+export class MarkedScans {
+  private waiting: Array<MarkedQuery & { resolve: (pids: number[]) => void }> = [];
+  private scheduled = false;
+  private last: { at: number; tookMs: number } | undefined;
+  /** Scans taken so far (a test tells sharing by it). */
+  scans = 0;
+
+  constructor(
+    private readonly clock: Clock,
+    private readonly self: number = process.pid,
+  ) {}
+
+  /** The live processes carrying `marker`, or members of `groups`, as a scan taken after this call finds them. */
+  find(marker: string, groups: readonly GroupRef[]): Promise<number[]> {
+    return new Promise((resolve) => {
+      // Compared with the environment's bytes read as latin1: the marker's UTF-8 bytes the same way.
+      this.waiting.push({ marker: Buffer.from(marker).toString("latin1"), groups, resolve });
+      this.schedule();
+    });
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.waiting.length === 0) return;
+    this.scheduled = true;
+    const last = this.last;
+    const wait = last === undefined ? 0 : Math.min(MAX_SCAN_WAIT_MS, last.at + SCAN_SHARE * last.tookMs - this.clock.now());
+    // A turn at least: the questions of the same turn (timers due together) share the scan.
+    if (wait > 0) this.clock.setTimeout(() => this.run(), wait);
+    else setImmediate(() => this.run());
+  }
+
+  private run(): void {
+    this.scheduled = false;
+    const batch = this.waiting;
+    this.waiting = [];
+    const at = this.clock.now();
+    const found = findMarkedProcesses(batch, this.self);
+    this.scans += 1;
+    this.last = { at, tookMs: this.clock.now() - at };
+    for (const [i, q] of batch.entries()) q.resolve(found[i]!);
+    this.schedule();
+  }
+}
+
+const perClock = new WeakMap<Clock, MarkedScans>();
+
+/** The MarkedScans of a clock: every executor, session and restart cleanup of a daemon process (one clock) shares its scans. */
+export function markedScansOf(clock: Clock): MarkedScans {
+  let s = perClock.get(clock);
+  if (s === undefined) perClock.set(clock, (s = new MarkedScans(clock)));
+  return s;
 }
 
 /** What ending a task's leftovers did, in words for the task's message. */
@@ -119,7 +195,7 @@ export function endTaskProcesses(taskId: string, groups: readonly GroupRef[], cl
 
 /** Ends every process whose environment carries `marker` (and the members of `groups`), as endTaskProcesses. */
 export async function endMarkedProcesses(marker: string, groups: readonly GroupRef[], clock: Clock, graceMs: number): Promise<Cleanup> {
-  const pids = findMarkedProcesses(marker, groups);
+  const pids = await markedScansOf(clock).find(marker, groups);
   const failed: string[] = [];
   const signal = (pid: number, sig: NodeJS.Signals) => {
     try {

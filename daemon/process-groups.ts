@@ -16,13 +16,11 @@
  */
 import { readdirSync } from "node:fs";
 import type { Clock } from "../common/clock.js";
-import { sameGroup, type GroupRef } from "./orphans.js";
+import { SCAN_SHARE, sameGroup, type GroupRef } from "./orphans.js";
 import { readStat } from "./proc-stat.js";
 
 /** Linux task flag: the task is inside exit() and cannot come back. */
 const PF_EXITING = 0x4;
-/** A shared scan is reused for at least this many times its own duration: scans take at most 1/SCAN_SHARE of the time. */
-const SCAN_SHARE = 20;
 
 /**
  * Sends sig (0: only probe) to every member of the group; false when the
