@@ -54,7 +54,15 @@ const FILLER = 4096;
 const FILLER_STEP = 512;
 /** Delivery deadline of the shell job: its online tasks start long before, the offline host's task ends EXPIRED. */
 const SHELL_DEADLINE_MS = 10_000;
-const TIMEOUT_MS = 2500;
+/**
+ * The timeout job's timeout. A task's timeout counts from the daemon taking
+ * it, not from its process's start (a stalled spawner must not hold a task
+ * past it), and the three jobs start 144 processes within a second: on a
+ * 2-core VM whose fork costs 10–15 ms (Firecracker, measured 2026-12-06) the
+ * last of them started up to 2.9 s after its submit, and 2.5 s here timed out
+ * the quick tasks of a whole daemon in every run.
+ */
+const TIMEOUT_MS = 6000;
 
 // ---- the jobs --------------------------------------------------------------
 
@@ -78,7 +86,7 @@ const shellScript = [
   "exit $((i % 3))",
 ].join("\n");
 
-const timeoutScript = [prologue, 'echo "begin $REXMESH_HOST_ID"', 'if [ $((i % 2)) -eq 0 ]; then sleep 8; echo never; else sleep 0.3; echo "quick $REXMESH_HOST_ID"; fi'].join("\n");
+const timeoutScript = [prologue, 'echo "begin $REXMESH_HOST_ID"', 'if [ $((i % 2)) -eq 0 ]; then sleep 12; echo never; else sleep 0.3; echo "quick $REXMESH_HOST_ID"; fi'].join("\n");
 
 const cancelScript = [
   prologue,
