@@ -835,10 +835,15 @@ export class JobManager implements RoleCore {
   }
 
   getTaskRecord(id: string): TaskRecord | undefined {
+    const t = this.peekTaskRecord(id);
+    return t && { ...t };
+  }
+
+  /** A task's record without a copy: a live task's is the record that changes, to be read now and not kept. */
+  peekTaskRecord(id: string): Readonly<TaskRecord> | undefined {
     // An id no task can have is not looked up (the store refuses keys that long with an error).
     if (id.length > LIMITS.taskIdChars) return undefined;
-    const t = this.table.get(id);
-    return t && { ...t };
+    return this.table.get(id);
   }
 
   /** Output chunks of a task that are committed, contiguous from 1, so a reader finds them in the store. */

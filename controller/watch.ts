@@ -20,8 +20,23 @@ export interface WatchOptions {
   maxBatchBytes?: number;
 }
 
-function taskSignature(t: TaskRecord): string {
-  return `${t.state}|${t.exitCode ?? ""}|${t.signal}|${t.proxy}|${t.outputTruncated}|${t.message}|${t.expectedChunks ?? ""}|${t.late?.state ?? ""}`;
+/**
+ * Whether a task reads as it did when last sent: the fields a watcher sees
+ * change (its output count does not make it go out again). Compared field by
+ * field with the record sent, not through a string made per task per batch.
+ */
+export function sameAsSent(t: TaskRecord, sent: TaskRecord | undefined): boolean {
+  return (
+    sent !== undefined &&
+    t.state === sent.state &&
+    t.exitCode === sent.exitCode &&
+    t.signal === sent.signal &&
+    t.proxy === sent.proxy &&
+    t.outputTruncated === sent.outputTruncated &&
+    t.message === sent.message &&
+    t.expectedChunks === sent.expectedChunks &&
+    t.late?.state === sent.late?.state
+  );
 }
 
 /** What a reader of an ended task may read: every chunk stored, but none beyond what its host signed for. */
@@ -54,7 +69,8 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
   });
   const onAbort = () => wake?.();
   opts.signal.addEventListener("abort", onAbort);
-  const sent = new Map<string, string>();
+  /** Each task as last sent (the copy handed out in a batch). */
+  const sent = new Map<string, TaskRecord>();
   const cursor = new Map<string, number>();
   const ended = new Set<string>();
   let first = true;
@@ -73,7 +89,8 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
       const tasks: TaskRecord[] = [];
       let budget = maxBytes;
       for (const id of ids) {
-        const task = jobs.getTaskRecord(id);
+        // Read in place; copied only when it goes out.
+        const task = jobs.peekTaskRecord(id);
         if (!task) continue;
         const terminal = isTerminal(task.state);
         // Chunks a reader may have: the committed contiguous prefix; once the task ended, also
@@ -99,15 +116,15 @@ export async function* watchJob(jobs: JobManager, job: JobRecord, opts: WatchOpt
         // Output counted but not yet committed: its commit notifies again. Out of budget: next round.
         const caughtUp = next > held;
         if (budget <= 0 && next <= (terminal ? held : stored)) changed.add(id);
-        const sig = taskSignature(task);
-        if (sent.get(id) === sig) continue;
+        if (sameAsSent(task, sent.get(id))) continue;
         if (terminal && !caughtUp) continue;
         if (terminal && !ended.has(id)) {
           ended.add(id);
           open--;
         }
-        sent.set(id, sig);
-        tasks.push(task);
+        const copy = { ...task };
+        sent.set(id, copy);
+        tasks.push(copy);
       }
       // The job is recorded finished just after its last task: wait for that, so the last batch says DONE.
       // (Its record is read only for the first batch and the last: it holds every task id.)

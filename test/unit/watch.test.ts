@@ -6,7 +6,8 @@ import { Inventory } from "../../controller/inventory.js";
 import { MemoryJobStore } from "../../controller/job-store.js";
 import { JobManager, type ProxyPort } from "../../controller/jobs.js";
 import type { JobRecord } from "../../controller/model.js";
-import { watchJob, type WatchBatch } from "../../controller/watch.js";
+import type { TaskRecord } from "../../controller/model.js";
+import { sameAsSent, watchJob, type WatchBatch } from "../../controller/watch.js";
 import { TaskState } from "../../gen/rexmesh/v1/task_pb.js";
 import { chunk, counterIds, execStep, flush, operator, status, submitRequest, text } from "./support.js";
 
@@ -147,6 +148,36 @@ describe("watchJob", () => {
     await t.jobs.applyStatus(port, status(a, TaskState.DELIVERED)); // stale: ignored
     await flush();
     expect(events(w.batches).filter((e) => e.startsWith(`s:${a}`))).toEqual([`s:${a}:PENDING`, `s:${a}:RUNNING`]);
+  });
+
+  it("hands out each task as it was when sent: a later change to the task does not change a batch already yielded", async () => {
+    const t = await setup(["h1"]);
+    const [a] = t.ids as [string];
+    const w = collect(t.jobs, t.job);
+    await flush();
+    const first = w.batches[0]!.tasks.find((x) => x.id === a)!;
+    expect(first.state).toBe(TaskState.PENDING);
+    await t.jobs.applyStatus(port, status(a, TaskState.RUNNING));
+    await flush();
+    expect(first.state, "the first batch's copy").toBe(TaskState.PENDING);
+    expect(events(w.batches).filter((e) => e.startsWith(`s:${a}`))).toEqual([`s:${a}:PENDING`, `s:${a}:RUNNING`]);
+  });
+
+  it("sends a task again when any field a client sees changed, and not for its output count alone", () => {
+    const sent: TaskRecord = { id: "t1", jobId: "j1", tenant: "acme", hostId: "h1", region: "eu", proxy: "px1", state: TaskState.RUNNING, signal: "", message: "", updatedAt: 1, outputChunks: 3, outputTruncated: false };
+    expect(sameAsSent({ ...sent }, undefined), "never sent").toBe(false);
+    expect(sameAsSent({ ...sent, outputChunks: 9, updatedAt: 2 }, sent)).toBe(true);
+    const changes: Partial<TaskRecord>[] = [
+      { state: TaskState.SUCCEEDED },
+      { exitCode: 0 },
+      { signal: "SIGTERM" },
+      { proxy: "px2" },
+      { outputTruncated: true },
+      { message: "done" },
+      { expectedChunks: 3 },
+      { late: { state: TaskState.CANCELLED, signal: "", message: "", time: 5 } },
+    ];
+    for (const change of changes) expect(sameAsSent({ ...sent, ...change }, sent), JSON.stringify(change)).toBe(false);
   });
 
   it("ends when the signal aborts", async () => {
