@@ -71,6 +71,11 @@ function listPids(): number[] {
   }
 }
 
+/** A marker as an environment read as latin1 holds it: its UTF-8 bytes, one character each. */
+function latin1Of(marker: string): string {
+  return Buffer.from(marker).toString("latin1");
+}
+
 /** One question to a scan: a marker (`NAME=value`, or empty: none) and the groups noted for it. */
 interface MarkedQuery {
   marker: string;
@@ -140,8 +145,7 @@ export class MarkedScans {
   /** The live processes carrying `marker`, or members of `groups`, as a scan taken after this call finds them. */
   find(marker: string, groups: readonly GroupRef[]): Promise<number[]> {
     return new Promise((resolve) => {
-      // Compared with the environment's bytes read as latin1: the marker's UTF-8 bytes the same way.
-      this.waiting.push({ marker: Buffer.from(marker).toString("latin1"), groups, resolve });
+      this.waiting.push({ marker: latin1Of(marker), groups, resolve });
       this.schedule();
     });
   }
@@ -193,9 +197,14 @@ export function endTaskProcesses(taskId: string, groups: readonly GroupRef[], cl
   return endMarkedProcesses(`REXMESH_TASK_ID=${taskId}`, groups, clock, graceMs);
 }
 
-/** Ends every process whose environment carries `marker` (and the members of `groups`), as endTaskProcesses. */
-export async function endMarkedProcesses(marker: string, groups: readonly GroupRef[], clock: Clock, graceMs: number): Promise<Cleanup> {
-  const pids = await markedScansOf(clock).find(marker, groups);
+/**
+ * Ends every process whose environment carries `marker` (and the members of
+ * `groups`), as endTaskProcesses. `now`: scanned and sent SIGTERM before this
+ * returns (a daemon about to exit cannot wait for a shared scan), not
+ * through the clock's shared scans.
+ */
+export async function endMarkedProcesses(marker: string, groups: readonly GroupRef[], clock: Clock, graceMs: number, opts: { now?: boolean } = {}): Promise<Cleanup> {
+  const pids = opts.now ? findMarkedProcesses([{ marker: latin1Of(marker), groups }], process.pid)[0]! : await markedScansOf(clock).find(marker, groups);
   const failed: string[] = [];
   const signal = (pid: number, sig: NodeJS.Signals) => {
     try {

@@ -375,8 +375,8 @@ export class SessionHost {
    * group of its own, or a child left behind by an exited leader, still
    * carries the session's id in its environment, and is ended with it.
    */
-  private endLeftovers(sessionId: string, log: Logger): void {
-    endMarkedProcesses(`REXMESH_SESSION_ID=${sessionId}`, [], this.opts.clock, this.killGraceMs).then(
+  private endLeftovers(sessionId: string, log: Logger, now = false): void {
+    endMarkedProcesses(`REXMESH_SESSION_ID=${sessionId}`, [], this.opts.clock, this.killGraceMs, { now }).then(
       (c) => {
         if (c.killed.length > 0 || c.failed.length > 0) log.info("ended what the session left running", { what: describeCleanup(c) });
       },
@@ -389,7 +389,8 @@ export class SessionHost {
     for (const [sessionId, proc] of this.open) {
       if (!proc) continue;
       proc.kill(this.killGraceMs, this.opts.clock);
-      this.endLeftovers(sessionId, this.opts.log);
+      // SIGTERM before this returns: the daemon exits next and would not wait for a shared scan.
+      this.endLeftovers(sessionId, this.opts.log, true);
     }
     this.open.clear();
   }

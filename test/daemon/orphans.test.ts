@@ -97,6 +97,20 @@ describe("leftovers of tasks, by their marker and their noted groups", () => {
     expect(markedScansOf(clock).scans).toBe(2);
   });
 
+  it("with `now`, SIGTERM goes out before the call returns (a daemon that stops exits next), not after a shared scan", async () => {
+    const clock = freshClock();
+    const pid = await settled(run("exec sleep 30", { REXMESH_SESSION_ID: "s-stop" }));
+    const ended = endMarkedProcesses("REXMESH_SESSION_ID=s-stop", [], clock, 2000, { now: true });
+    // No turn of the event loop from here: only a signal already sent can end it.
+    const until = Date.now() + 3000;
+    while (alive(pid) && Date.now() < until) {
+      // Spinning on purpose.
+    }
+    expect(alive(pid), "ended without the loop turning").toBe(false);
+    expect((await ended).killed).toEqual([pid]);
+    expect(markedScansOf(clock).scans, "not through the shared scans").toBe(0);
+  });
+
   it("a process that ignores SIGTERM gets SIGKILL after the grace", async () => {
     const clock = freshClock();
     const stubborn = await settled(run("trap '' TERM; while :; do sleep 0.05; done", { REXMESH_TASK_ID: "t-stubborn" }));
