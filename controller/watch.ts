@@ -9,7 +9,8 @@ import type { JobRecord, TaskRecord } from "./model.js";
 export interface WatchBatch {
   /** Sent with the first batch and the last one. */
   job?: JobRecord;
-  tasks: TaskRecord[];
+  /** Each as last sent: kept by the watch to compare the next state with, so not to be changed. */
+  tasks: Readonly<TaskRecord>[];
   output: OutputChunk[];
 }
 

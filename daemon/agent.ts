@@ -405,7 +405,15 @@ export class Agent implements RoleCore {
     for (const item of this.outbox.all()) if (item.kind === "event") this.queuedEvents.add(item.event.id);
     // Final statuses the proxy never acknowledged are reported again.
     await this.outbox.push(this.opts.ledger.unreported().map((e) => ({ kind: "status" as const, status: e.final! })));
-    for (const entry of this.opts.ledger.unfinished()) {
+    const unfinished = this.opts.ledger.unfinished();
+    // Whatever the interrupted tasks left running (re-parented to init when the daemon died) is ended first:
+    // asked for all at once, so that one scan of /proc serves them all.
+    const cleanups = new Map(
+      unfinished
+        .filter((e) => e.state === TaskState.RUNNING && !e.update)
+        .map((e) => [e.spec.taskId, this.endLeftovers(e.spec.taskId, e.groups ?? []).catch((err: unknown): Cleanup => ({ killed: [], failed: [String(err)] }))]),
+    );
+    for (const entry of unfinished) {
       if (entry.state !== TaskState.RUNNING) {
         this.waiting.push(entry.spec);
         continue;
@@ -415,8 +423,7 @@ export class Agent implements RoleCore {
         this.settleUpdate(entry, entry.update);
         continue;
       }
-      // Whatever the task left running (re-parented to init when the daemon died) is ended first.
-      const cleanup = await this.endLeftovers(entry.spec.taskId, entry.groups ?? []).catch((err: unknown): Cleanup => ({ killed: [], failed: [String(err)] }));
+      const cleanup = await cleanups.get(entry.spec.taskId)!;
       const what = describeCleanup(cleanup);
       if (cleanup.killed.length > 0 || cleanup.failed.length > 0) this.opts.log.warn("ended what an interrupted task left running", { task: entry.spec.taskId, what });
       if (entry.spec.idempotent) {

@@ -36,6 +36,7 @@ import { parseReleaseKeys } from "../common/release.js";
 import { EXIT_UPDATE, HEALTH_TIMEOUT_ENV } from "./install.js";
 import { Updater, type BadVersion } from "./updates.js";
 import { DAEMON_VERSION } from "./version.js";
+import { markedScansOf } from "./orphans.js";
 
 export const daemonSchema = {
   proxies: { type: "list", doc: "proxies of this host's region (host:port, comma separated); the next one is tried when one fails" },
@@ -228,6 +229,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
       for (const s of sessionHosts) s.stop();
       await Promise.all(agents.map((a) => a.stop(graceMs)));
       spawner?.stop();
+      // Searches for leftovers still waiting for a shared scan (a session or a task that ended just now) run before the exit.
+      markedScansOf(clock).flush();
       await env.close();
     },
   };

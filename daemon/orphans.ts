@@ -76,29 +76,34 @@ function latin1Of(marker: string): string {
   return Buffer.from(marker).toString("latin1");
 }
 
-/** One question to a scan: a marker (`NAME=value`, or empty: none) and the groups noted for it. */
+/** One question to a scan: a marker (latin1, see latin1Of; empty: none) and the noted groups taken to be the task's. */
 interface MarkedQuery {
   marker: string;
-  groups: readonly GroupRef[];
+  trusted: ReadonlySet<number>;
+}
+
+/**
+ * A question as it stands when asked. A noted group is the task's when its
+ * leader is the one noted (same start time) and alive now; decided now, not
+ * at the scan: a leader that exits in between leaves its members in the
+ * group, whose number Linux gives to no other process while they are there.
+ */
+function question(marker: string, groups: readonly GroupRef[]): MarkedQuery {
+  const trusted = new Set<number>();
+  for (const g of groups) {
+    const leader = readStat(g.pgid);
+    // A leader that is alive but started at another time is another process that reused the pid.
+    if (alive(leader) && (g.startTicks === undefined || leader.startTicks === g.startTicks)) trusted.add(g.pgid);
+  }
+  return { marker: latin1Of(marker), trusted };
 }
 
 /**
  * The live processes of each query, by one pass over /proc: members of its
- * noted groups (when the group leader is the one noted, or is gone and the
- * member carries the marker) and any process whose environment carries the
- * marker. A process's environment is read once, whatever the number of
- * queries.
+ * trusted groups and any process whose environment carries its marker. A
+ * process's environment is read once, whatever the number of queries.
  */
 function findMarkedProcesses(queries: readonly MarkedQuery[], self: number): number[][] {
-  const trusted = queries.map((q) => {
-    const pgids = new Set<number>();
-    for (const g of q.groups) {
-      const leader = readStat(g.pgid);
-      // A leader that is alive but started at another time is another process that reused the pid.
-      if (alive(leader) && (g.startTicks === undefined || leader.startTicks === g.startTicks)) pgids.add(g.pgid);
-    }
-    return pgids;
-  });
   const found = queries.map((): number[] => []);
   for (const pid of listPids()) {
     if (pid === self) continue;
@@ -106,7 +111,7 @@ function findMarkedProcesses(queries: readonly MarkedQuery[], self: number): num
     if (!alive(s)) continue;
     let env: Set<string> | undefined;
     for (const [i, q] of queries.entries()) {
-      if (trusted[i]!.has(s.pgid)) found[i]!.push(pid);
+      if (q.trusted.has(s.pgid)) found[i]!.push(pid);
       // An empty marker names nothing: only the groups count.
       else if (q.marker !== "" && (env ??= environEntries(pid)).has(q.marker)) found[i]!.push(pid);
     }
@@ -127,12 +132,15 @@ const MAX_SCAN_WAIT_MS = 1000;
  * (a burst on a loaded 2-core VM) took a daemon's CPU for seconds, which
  * made the next stops later still. Each scan starts after every question it
  * answers was asked (a process started before the question is seen), and
- * the next waits until scans take at most 1/SCAN_SHARE of the time (at most
- * MAX_SCAN_WAIT_MS): a leftover is signalled that much later, never missed.
+ * the next waits until scans take at most 1/SCAN_SHARE of the time, but
+ * never more than MAX_SCAN_WAIT_MS (so once a scan takes over 50 ms they
+ * run once a second): a leftover is signalled that much later. A daemon
+ * that exits runs what is waiting first ({@link flush}).
  */
 export class MarkedScans {
   private waiting: Array<MarkedQuery & { resolve: (pids: number[]) => void }> = [];
-  private scheduled = false;
+  /** The scan to come, while one is scheduled. */
+  private next: { cancel(): void } | undefined;
   private last: { at: number; tookMs: number } | undefined;
   /** Scans taken so far (a test tells sharing by it). */
   scans = 0;
@@ -145,24 +153,34 @@ export class MarkedScans {
   /** The live processes carrying `marker`, or members of `groups`, as a scan taken after this call finds them. */
   find(marker: string, groups: readonly GroupRef[]): Promise<number[]> {
     return new Promise((resolve) => {
-      this.waiting.push({ marker: latin1Of(marker), groups, resolve });
+      this.waiting.push({ ...question(marker, groups), resolve });
       this.schedule();
     });
   }
 
   private schedule(): void {
-    if (this.scheduled || this.waiting.length === 0) return;
-    this.scheduled = true;
+    if (this.next !== undefined || this.waiting.length === 0) return;
     const last = this.last;
     const wait = last === undefined ? 0 : Math.min(MAX_SCAN_WAIT_MS, last.at + SCAN_SHARE * last.tookMs - this.clock.now());
+    if (wait > 0) {
+      this.next = this.clock.setTimeout(() => this.run(), wait);
+      return;
+    }
     // A turn at least: the questions of the same turn (timers due together) share the scan.
-    if (wait > 0) this.clock.setTimeout(() => this.run(), wait);
-    else setImmediate(() => this.run());
+    const turn = setImmediate(() => this.run());
+    this.next = { cancel: () => clearImmediate(turn) };
+  }
+
+  /** Answers the questions waiting now, at once (a daemon about to exit): their askers' signals go out in this turn's microtasks. */
+  flush(): void {
+    if (this.waiting.length > 0) this.run();
   }
 
   private run(): void {
-    this.scheduled = false;
+    this.next?.cancel();
+    this.next = undefined;
     const batch = this.waiting;
+    if (batch.length === 0) return;
     this.waiting = [];
     const at = this.clock.now();
     const found = findMarkedProcesses(batch, this.self);
@@ -204,7 +222,7 @@ export function endTaskProcesses(taskId: string, groups: readonly GroupRef[], cl
  * through the clock's shared scans.
  */
 export async function endMarkedProcesses(marker: string, groups: readonly GroupRef[], clock: Clock, graceMs: number, opts: { now?: boolean } = {}): Promise<Cleanup> {
-  const pids = opts.now ? findMarkedProcesses([{ marker: latin1Of(marker), groups }], process.pid)[0]! : await markedScansOf(clock).find(marker, groups);
+  const pids = opts.now ? findMarkedProcesses([question(marker, groups)], process.pid)[0]! : await markedScansOf(clock).find(marker, groups);
   const failed: string[] = [];
   const signal = (pid: number, sig: NodeJS.Signals) => {
     try {

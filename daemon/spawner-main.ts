@@ -68,6 +68,8 @@ const steps = new Map<number, Step>();
 const toStart = new Map<number, Buffer>();
 /** A start of the queue is scheduled (a turn from now). */
 let starting = false;
+/** The daemon closed fd 3: nothing more is started. */
+let closed = false;
 
 /**
  * Starts the oldest request taken apart, and the next one a turn later: a
@@ -78,6 +80,7 @@ let starting = false;
  */
 function startNext(): void {
   starting = false;
+  if (closed) return;
   const next = toStart.entries().next();
   if (next.done) return;
   const [id, body] = next.value;
@@ -273,6 +276,8 @@ input.on("data", (chunk: Buffer) => {
 });
 // The daemon closed its end, or died: nothing more will be asked, and requests not started yet never are (the daemon counts them lost).
 input.on("end", () => {
+  closed = true;
+  toStart.clear();
   if (queued.length > 0) flush();
   output.end(() => process.exit(0));
 });

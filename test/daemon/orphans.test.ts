@@ -1,8 +1,8 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
-import { systemClock, type Clock } from "../../common/clock.js";
-import { endMarkedProcesses, groupRef, markedScansOf } from "../../daemon/orphans.js";
+import { ManualClock, systemClock, type Clock } from "../../common/clock.js";
+import { endMarkedProcesses, groupRef, MarkedScans, markedScansOf } from "../../daemon/orphans.js";
 import { readStat } from "../../daemon/proc-stat.js";
 
 /**
@@ -109,6 +109,60 @@ describe("leftovers of tasks, by their marker and their noted groups", () => {
     expect(alive(pid), "ended without the loop turning").toBe(false);
     expect((await ended).killed).toEqual([pid]);
     expect(markedScansOf(clock).scans, "not through the shared scans").toBe(0);
+  });
+
+  it("a noted group is judged when asked: its leader exiting before the scan does not hide its members", async () => {
+    const clock = freshClock();
+    const leader = await settled(run("sleep 30 & wait"));
+    const [member] = childrenOf(leader);
+    expect(member).toBeDefined();
+    const ended = endMarkedProcesses("", [groupRef(leader)], clock, 2000);
+    // The leader dies (a zombie: this process cannot reap it while its loop does not turn) before the shared scan runs.
+    process.kill(leader, "SIGKILL");
+    const until = Date.now() + 3000;
+    while (alive(leader) && Date.now() < until) {
+      // Spinning on purpose: no turn of the loop, so the scan has not run yet.
+    }
+    expect(alive(leader)).toBe(false);
+    expect((await ended).killed).toEqual([member]);
+    for (let i = 0; i < 100 && alive(member!); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(alive(member!)).toBe(false);
+  });
+
+  it("flush answers the questions waiting at once (a daemon about to exit)", async () => {
+    const scans = new MarkedScans({ ...systemClock });
+    const answer = scans.find("REXMESH_TASK_ID=t-flush", []);
+    scans.flush();
+    expect(scans.scans, "scanned in this turn").toBe(1);
+    expect(await answer).toEqual([]);
+    await new Promise((r) => setImmediate(r));
+    expect(scans.scans, "the scheduled scan was not run again").toBe(1);
+  });
+
+  it("paces scans to a twentieth of the time, a question waiting at most a second", async () => {
+    // Every look at this clock takes 100 ms: a scan takes 100 ms, so the next may start 2 s after it, capped at 1 s.
+    class SlowLooks extends ManualClock {
+      private skew = 0;
+      override now(): number {
+        this.skew += 100;
+        return super.now() + this.skew - 100;
+      }
+    }
+    const clock = new SlowLooks();
+    const scans = new MarkedScans(clock);
+    await scans.find("REXMESH_TASK_ID=t-pace-1", []);
+    let answered = false;
+    const second = scans.find("REXMESH_TASK_ID=t-pace-2", []).then(() => (answered = true));
+    for (let i = 0; i < 3; i++) await new Promise((r) => setImmediate(r));
+    expect(answered, "not at once: paced").toBe(false);
+    clock.advance(999);
+    await new Promise((r) => setImmediate(r));
+    expect(answered).toBe(false);
+    clock.advance(1);
+    await new Promise((r) => setImmediate(r));
+    expect(answered, "within the 1 s cap (uncapped it would wait 1.8 s)").toBe(true);
+    await second;
+    expect(scans.scans).toBe(2);
   });
 
   it("a process that ignores SIGTERM gets SIGKILL after the grace", async () => {
