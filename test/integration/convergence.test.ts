@@ -58,7 +58,7 @@ const SHELL_DEADLINE_MS = 10_000;
  * The timeout job's timeout. A task's timeout counts from the daemon taking
  * it, not from its process's start (a stalled spawner must not hold a task
  * past it), and the three jobs start 144 processes within a second: on a
- * 2-core VM whose fork costs 10–15 ms (Firecracker, measured 2026-12-06) the
+ * 2-core VM whose spawn() costs 7–13 ms (Firecracker, measured 2026-12-06) the
  * last of them started up to 2.9 s after its submit, and 2.5 s here timed out
  * the quick tasks of a whole daemon in every run.
  */

@@ -163,7 +163,7 @@ describe("watchJob", () => {
     expect(events(w.batches).filter((e) => e.startsWith(`s:${a}`))).toEqual([`s:${a}:PENDING`, `s:${a}:RUNNING`]);
   });
 
-  it("sends a task again when any field a client sees changed, and not for its output count alone", () => {
+  it("sends a task again when its state, exit, signal, proxy, truncation, message, expected chunks or late report's state changed, and not for its output count alone", () => {
     const sent: TaskRecord = { id: "t1", jobId: "j1", tenant: "acme", hostId: "h1", region: "eu", proxy: "px1", state: TaskState.RUNNING, signal: "", message: "", updatedAt: 1, outputChunks: 3, outputTruncated: false };
     expect(sameAsSent({ ...sent }, undefined), "never sent").toBe(false);
     expect(sameAsSent({ ...sent, outputChunks: 9, updatedAt: 2 }, sent)).toBe(true);
