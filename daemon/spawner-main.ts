@@ -59,37 +59,11 @@ const daemonGone = () => daemon > 0 && process.ppid !== daemon;
 
 const steps = new Map<number, Step>();
 /**
- * SPAWN requests taken apart and not started yet, oldest first: they start
- * once all of their read's frames are read, then one per turn (startNext),
- * so that a CANCEL sent after one (the daemon gave up while this process was
- * stopped or busy) and read with it or before its turn wins, and the step
- * never runs.
+ * SPAWN requests of the read being taken apart: they start once all of its
+ * frames are read, so that a CANCEL sent after one (the daemon gave up while
+ * this process was stopped) and read with it wins, and the step never runs.
  */
 const toStart = new Map<number, Buffer>();
-/** A start of the queue is scheduled (a turn from now). */
-let starting = false;
-/** The daemon closed fd 3: nothing more is started. */
-let closed = false;
-
-/**
- * Starts the oldest request taken apart, and the next one a turn later: a
- * fork costs milliseconds (7 ms on a 2-core VM, 36 in a row took 250 ms,
- * seconds when loaded), and between starts the SPAWNED frames, output and
- * exits of those started go out instead of all waiting for the last. A
- * CANCEL read meanwhile takes its request out of the queue: it never runs.
- */
-function startNext(): void {
-  starting = false;
-  if (closed) return;
-  const next = toStart.entries().next();
-  if (next.done) return;
-  const [id, body] = next.value;
-  toStart.delete(id);
-  start(id, body);
-  if (toStart.size === 0) return;
-  starting = true;
-  setImmediate(startNext);
-}
 let queued: Buffer[] = [];
 let flushScheduled = false;
 
@@ -272,12 +246,13 @@ input.on("data", (chunk: Buffer) => {
   } catch (err) {
     violation(err);
   }
-  if (!starting) startNext();
+  for (const [id, body] of toStart) {
+    toStart.delete(id);
+    start(id, body);
+  }
 });
-// The daemon closed its end, or died: nothing more will be asked, and requests not started yet never are (the daemon counts them lost).
+// The daemon closed its end, or died: nothing more will be asked.
 input.on("end", () => {
-  closed = true;
-  toStart.clear();
   if (queued.length > 0) flush();
   output.end(() => process.exit(0));
 });
