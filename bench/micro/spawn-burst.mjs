@@ -7,11 +7,13 @@ import { parseArgs } from "node:util";
 import { systemClock } from "../../dist/common/clock.js";
 import { silentLogger } from "../../dist/common/logger.js";
 import { Spawner } from "../../dist/daemon/spawner.js";
+import { pct } from "../lib/common.mjs";
+
+const q = (xs, p) => pct(xs, p).toFixed(0);
 
 const { values } = parseArgs({ options: { steps: { type: "string", default: "36" } } });
 const n = Number(values.steps);
 const script = ["-c", "echo begin; sleep 0.3; echo end"];
-const q = (a, p) => [...a].sort((x, y) => x - y)[Math.min(a.length - 1, Math.floor(p * a.length))].toFixed(0);
 
 const spawner = new Spawner({ clock: systemClock, log: silentLogger });
 // The spawner's pipes do not keep a process alive (the daemon's links do): this does, while it runs.
@@ -49,7 +51,7 @@ const direct = Array.from({ length: n }, () => {
 const calls = performance.now() - s0;
 await Promise.all(direct);
 console.log(
-  `${n} steps through the spawner: started (SPAWNED read) p50 ${q(spawned, 0.5)} ms, first ${q(spawned, 0)}, last ${q(spawned, 1)}; ` +
-    `exited p50 ${q(exited, 0.5)}, last ${q(exited, 1)} ms; all in ${through.toFixed(0)} ms. ` +
+  `${n} steps through the spawner: started (SPAWNED read) p50 ${q(spawned, 50)} ms, first ${q(spawned, 0)}, last ${q(spawned, 100)}; ` +
+    `exited p50 ${q(exited, 50)}, last ${q(exited, 100)} ms; all in ${through.toFixed(0)} ms. ` +
     `${n} spawn() calls from this process: ${calls.toFixed(0)} ms (${(calls / n).toFixed(1)} ms each)`,
 );

@@ -4,6 +4,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { ManualClock, systemClock, type Clock } from "../../common/clock.js";
 import { endMarkedProcesses, groupRef, MarkedScans, markedScansOf } from "../../daemon/orphans.js";
 import { readStat } from "../../daemon/proc-stat.js";
+import { isAlive as alive } from "../integration/support.js";
 
 /**
  * Finding what a task left running, with real processes on this host's
@@ -28,12 +29,6 @@ function run(script: string, env: Record<string, string> = {}): ChildProcess {
   const c = spawn("/bin/sh", ["-c", script], { detached: true, stdio: "ignore", env: { PATH: process.env.PATH ?? "/usr/bin:/bin", ...env } });
   started.push(c);
   return c;
-}
-
-/** Alive: there and neither a zombie nor dead (Node reaps its own children, but not at once). */
-function alive(pid: number): boolean {
-  const s = readStat(pid);
-  return s !== undefined && s.state !== "Z" && s.state !== "X";
 }
 
 /** Waits until the process has exec'd its script (its environment readable, its stat its own). */
@@ -167,13 +162,13 @@ describe("leftovers of tasks, by their marker and their noted groups", () => {
 
   it("a process that ignores SIGTERM gets SIGKILL after the grace", async () => {
     const clock = freshClock();
-    const stubborn = await settled(run("trap '' TERM; while :; do sleep 0.05; done", { REXMESH_TASK_ID: "t-stubborn" }));
+    const ignoresTerm = await settled(run("trap '' TERM; while :; do sleep 0.05; done", { REXMESH_TASK_ID: "t-ignores-term" }));
     const t0 = Date.now();
-    const { killed } = await endMarkedProcesses("REXMESH_TASK_ID=t-stubborn", [], clock, 300);
-    expect(killed).toContain(stubborn);
+    const { killed } = await endMarkedProcesses("REXMESH_TASK_ID=t-ignores-term", [], clock, 300);
+    expect(killed).toContain(ignoresTerm);
     expect(Date.now() - t0).toBeGreaterThanOrEqual(300);
-    for (let i = 0; i < 100 && alive(stubborn); i++) await new Promise((r) => setTimeout(r, 10));
-    expect(alive(stubborn)).toBe(false);
+    for (let i = 0; i < 100 && alive(ignoresTerm); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(alive(ignoresTerm)).toBe(false);
   });
 });
 
