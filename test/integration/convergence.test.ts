@@ -301,6 +301,8 @@ interface Struck {
 
 interface Run {
   outcomes: Map<string, Outcome>;
+  /** Each task's message, not compared (it names proxies, pids and times) but shown beside a difference. */
+  messages: Map<string, string>;
   struck: Struck[];
   /** From the first submit to every job settled and collected. */
   ms: number;
@@ -427,6 +429,7 @@ async function runOn(bed: Testbed, label: string, schedule?: Schedule): Promise<
   for (const [name, jobId] of jobs) await settle(bed, jobId, name, Math.max(1000, deadline - Date.now()));
 
   const outcomes = new Map<string, Outcome>();
+  const messages = new Map<string, string>();
   for (const [name, jobId] of jobs) {
     const r = await bed.call((api) => collectJob(api, jobId, AbortSignal.timeout(20_000)));
     expect(r.tasks.size, `${label}: ${name} tasks`).toBe(name === "shell" ? ALL.length : ONLINE.length);
@@ -445,6 +448,7 @@ async function runOn(bed: Testbed, label: string, schedule?: Schedule): Promise<
         late: t.lateReport ? `${stateName(t.lateReport.state)}/${t.lateReport.exitCode ?? ""}/${t.lateReport.signal}` : "",
         spawns: name === "ping" ? 0 : spawnsOf(marks, t.id),
       });
+      messages.set(`${name}/${host}`, `${t.id}: ${t.message}`);
       if (name === "shell" && host !== OFFLINE) {
         // The exact bytes each host wrote, not just the same as the baseline's.
         const want = expectedShell(host);
@@ -453,11 +457,11 @@ async function runOn(bed: Testbed, label: string, schedule?: Schedule): Promise<
       }
     }
   }
-  return { outcomes, struck, ms: Date.now() - t0 };
+  return { outcomes, messages, struck, ms: Date.now() - t0 };
 }
 
 describe("convergence: faults mid-job end with the same per-host outcomes as no fault", () => {
-  let baseline: Map<string, Outcome> | undefined;
+  let baseline: Run | undefined;
 
   it("the CI seeds strike with every kind of fault", () => {
     const kinds = new Set(CI_SEEDS.flatMap((s) => scheduleOf(s).faults.map((f) => f.kind)));
@@ -482,7 +486,7 @@ describe("convergence: faults mid-job end with the same per-host outcomes as no 
       expect(o.get(`ping/${host}`), `ping/${host}`).toMatchObject({ state: "SUCCEEDED", spawns: 0 });
       expect(o.get(`late/${host}`), `late/${host}`).toMatchObject({ state: idx(host) % 2 === 0 ? "SUCCEEDED" : "FAILED", exitCode: idx(host) % 2, resultCheck: "VERIFIED", spawns: 1 });
     }
-    baseline = o;
+    baseline = run;
     console.log(`convergence baseline: ${o.size} tasks in ${run.ms} ms`);
   }, 90_000);
 
@@ -497,11 +501,13 @@ describe("convergence: faults mid-job end with the same per-host outcomes as no 
       for (const s of run.struck) expect(s.openShellTasks, context).toBe(ONLINE.length);
       expect(run.struck[0]!.chunksStored, context).toBeGreaterThan(0);
       const diffs: string[] = [];
-      for (const key of new Set([...baseline.keys(), ...run.outcomes.keys()])) {
-        const want = JSON.stringify(baseline.get(key));
+      for (const key of new Set([...baseline.outcomes.keys(), ...run.outcomes.keys()])) {
+        const want = JSON.stringify(baseline.outcomes.get(key));
         const got = JSON.stringify(run.outcomes.get(key));
-        if (want !== got) diffs.push(`${key}: baseline ${want} but ${got}`);
+        if (want !== got) diffs.push(`${key}: baseline ${want} but ${got} (task ${run.messages.get(key)}; baseline's ${baseline.messages.get(key)})`);
       }
+      // The assertion's message may be cut short in a CI log: every difference is printed whole.
+      if (diffs.length > 0) console.error(`convergence ${describeSchedule(schedule)}: ${diffs.length} tasks differ from the baseline:\n${diffs.join("\n")}`);
       expect(diffs, context).toEqual([]);
       console.log(`convergence ${describeSchedule(schedule)}: ${run.outcomes.size} tasks converged in ${run.ms} ms`);
     }, 90_000);

@@ -75,6 +75,11 @@ describe("a daemon's spawner dies while its tasks run", () => {
           return undefined;
         }
       });
+      // Killed once the daemon noted both groups (the spawner's report of each start read): killed before, the tasks end by the
+      // other honest path ("… before it was known to have started"), as a loaded machine made happen here.
+      const data = join(mesh.dir, "data", mesh.daemons[0]!.name);
+      const { tasks } = await client.getJob({ jobId: job!.id });
+      await until("the daemon has both tasks' process groups", async () => ((await groupsNoted(data, tasks)) ? true : undefined));
       const spawner = spawnerOf(daemonPid);
       expect(spawner, "the daemon runs its tasks through a spawner").toBeDefined();
       process.kill(spawner!, "SIGKILL");
