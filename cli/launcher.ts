@@ -6,6 +6,7 @@ import { createCa, generateKeyPair, issueCertificate, issueKeyAndCertificate, ty
 import { credentialPaths, writeCa, writeCredentials, type CredentialPaths } from "../certs/files.js";
 import type { PeerIdentity } from "../certs/identity.js";
 import { systemClock } from "../common/clock.js";
+import { MANAGED_BY_ENV } from "../common/lifecycle.js";
 import { ConnectionState } from "../gen/rexmesh/v1/controller_pb.js";
 import { operatorClient } from "./client.js";
 
@@ -106,11 +107,17 @@ const SERVE_NAMES = { dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"]
 const ROLE_GRACE_MS = 4000;
 const FORCE_AFTER_MS = 5000;
 
-/** The environment of a role: the caller's, without its REXMESH_* settings, with the mesh's grace. */
+/**
+ * The environment of a role: the caller's, without its REXMESH_* settings,
+ * with the mesh's grace, and this process as the one that manages it (the
+ * role stops once this process is gone: a test runner killed outright
+ * leaves no mesh running).
+ */
 function roleEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("REXMESH_")) env[k] = v;
   env.REXMESH_GRACE = `${ROLE_GRACE_MS}ms`;
+  env[MANAGED_BY_ENV] = String(process.pid);
   return env;
 }
 

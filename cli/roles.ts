@@ -1,6 +1,6 @@
 import { describeConfig, flagName, readConfigFile, resolveConfig, type Schema } from "../common/config.js";
 import { ConfigError, InvalidArgumentError } from "../common/errors.js";
-import { parseHostPort, runService, type Service, type ServiceControl } from "../common/lifecycle.js";
+import { MANAGED_BY_ENV, parseHostPort, runService, type Service, type ServiceControl } from "../common/lifecycle.js";
 import { createLogger, parseLevel, type Logger } from "../common/logger.js";
 import { helpText, parse, schemaOptions, type OptionSpec } from "./args.js";
 
@@ -81,7 +81,10 @@ export async function runRole(role: string, argv: string[], out: (s: string) => 
   const c = config as Record<string, unknown>;
   checkBeforeStart(def.schema, c);
   const log = createLogger({ level: parseLevel(c.logLevel as string) }, { role });
-  await runService((control) => def.start(config as never, log, undefined, control), { log, graceMs: c.grace as number, readyFile: c.readyFile as string | undefined });
+  // Set by a local mesh (cli/launcher.ts) for the roles it starts; not passed on to what they start (a daemon's tasks).
+  const parentPid = Number(process.env[MANAGED_BY_ENV]) || undefined;
+  delete process.env[MANAGED_BY_ENV];
+  await runService((control) => def.start(config as never, log, undefined, control), { log, graceMs: c.grace as number, readyFile: c.readyFile as string | undefined, parentPid });
   return -1; // keeps running until a signal
 }
 

@@ -42,7 +42,20 @@ export interface RunOptions {
   forceMs?: number;
   /** Written atomically with the service info once running, for supervisors and tests. */
   readyFile?: string;
+  /**
+   * The process that started this one and manages it (a local mesh): when
+   * it is gone (this process re-parented), the service stops as on SIGTERM,
+   * so that a runner killed without a chance to stop its mesh leaves nothing
+   * running. Ignored unless it is this process's parent at the start.
+   */
+  parentPid?: number;
 }
+
+/** The environment variable naming the process that manages a role (see RunOptions.parentPid): set by a local mesh. */
+export const MANAGED_BY_ENV = "REXMESH_MANAGED_BY";
+
+/** How often a managed service looks whether the process that started it is still there. */
+const PARENT_CHECK_MS = 1000;
 
 /**
  * Hosts a service in this process: writes the ready file, and on SIGTERM or
@@ -97,6 +110,15 @@ export async function runService(start: (control: ServiceControl) => Promise<Ser
   };
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
+  const parent = opts.parentPid;
+  if (parent !== undefined && parent === process.ppid) {
+    const watch = setInterval(() => {
+      if (process.ppid === parent) return;
+      clearInterval(watch);
+      if (!stopping) beginStop({ reason: `the process that started it (pid ${parent}) is gone` }, 0);
+    }, PARENT_CHECK_MS);
+    watch.unref();
+  }
 
   try {
     service = await start(control);
