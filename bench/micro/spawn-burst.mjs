@@ -1,4 +1,4 @@
-// node bench/micro/spawn-burst.mjs [--steps 36]: a burst of steps started through the daemon's spawner
+// node bench/micro/spawn-burst.mjs [--steps 36] [--main FILE]: a burst of steps started through the daemon's spawner
 // (daemon/spawner.ts), each `sh -c 'echo; sleep 0.3; echo'`: when each one's start (SPAWNED) and exit reached
 // the daemon's side, from the launch; beside it, the same number of spawn() calls from this process, which
 // tells what a fork costs on this machine. The daemon as built in dist/ (npm run build first).
@@ -11,11 +11,12 @@ import { pct } from "../lib/common.mjs";
 
 const q = (xs, p) => pct(xs, p).toFixed(0);
 
-const { values } = parseArgs({ options: { steps: { type: "string", default: "36" } } });
+// --main FILE: another build of the spawner's script (an A/B of two versions in one run of the machine).
+const { values } = parseArgs({ options: { steps: { type: "string", default: "36" }, main: { type: "string" } } });
 const n = Number(values.steps);
 const script = ["-c", "echo begin; sleep 0.3; echo end"];
 
-const spawner = new Spawner({ clock: systemClock, log: silentLogger });
+const spawner = new Spawner({ clock: systemClock, log: silentLogger, ...(values.main ? { mainPath: values.main } : {}) });
 // The spawner's pipes do not keep a process alive (the daemon's links do): this does, while it runs.
 const keep = setInterval(() => {}, 1000);
 spawner.start();
