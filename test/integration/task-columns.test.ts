@@ -1,5 +1,6 @@
 import { spawn } from "node:child_process";
 import { once } from "node:events";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
@@ -24,11 +25,21 @@ import { clientOf, collectJob, faultMesh, hostIds, killRole, spawnsOf, tempDir, 
  */
 
 const HOSTS = hostIds(300, "c");
-/** Hosts whose id ends in an even digit fail at once (exit 3); the others print 60 lines over 9 s. */
+/**
+ * Hosts whose id ends in an even digit fail at once (exit 3); the others
+ * print 60 lines, four every 0.6 s, holding after the 40th until the test
+ * lets them go (bounded: 60 s), so that they are still running when the
+ * controller is killed however slowly a loaded machine started the burst
+ * (a fixed 9 s run was over before the fast ones were all seen ended, once
+ * in a CI run at load 30). Four lines per `sleep`, not one: 150 shells
+ * forking a sleep every 0.15 s (1,000 forks a second) saturated a 2-core VM
+ * whose fork is slow, and the daemons' links to the proxy dropped in every
+ * run (their keepalive unanswered on starved event loops).
+ */
 const script = [
   'echo "$REXMESH_TASK_ID" >> "$MARK/$REXMESH_TASK_ID"',
   'case "$REXMESH_HOST_ID" in *[02468]) echo fast; exit 3;; esac',
-  'i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); sleep 0.15; done',
+  'i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); if [ $((i % 4)) -eq 0 ]; then sleep 0.6; fi; if [ $i -eq 40 ]; then n=0; while [ ! -e "$MARK/release" ] && [ $n -lt 120 ]; do sleep 0.5; n=$((n+1)); done; fi; done',
 ].join("; ");
 const fast = (host: string) => /[02468]$/.test(host);
 const slowOutput = Array.from({ length: 60 }, (_, i) => `line ${i}\n`).join("");
@@ -83,6 +94,7 @@ describe("task columns: a controller killed mid-job recovers every task from its
       expect(ended).toBeLessThan(HOSTS.length);
     } finally {
       proxy.proc.kill("SIGCONT");
+      writeFileSync(join(marks, "release"), "");
     }
     try {
       const r = await collectJob(conn.client, jobId, AbortSignal.timeout(90_000));
