@@ -59,49 +59,11 @@ const daemonGone = () => daemon > 0 && process.ppid !== daemon;
 
 const steps = new Map<number, Step>();
 /**
- * SPAWN requests not started yet. Those of a read start once all of its
+ * SPAWN requests of the read being taken apart: they start once all of its
  * frames are read, so that a CANCEL sent after one (the daemon gave up while
- * this process was stopped) and read with it wins, and the step never runs;
- * a CANCEL read before its request's turn comes wins the same way.
+ * this process was stopped) and read with it wins, and the step never runs.
  */
 const toStart = new Map<number, Buffer>();
-/**
- * A turn starts requests for this long at most, then lets the event loop
- * turn before the next ones. A fork costs 1–13 ms (more on a loaded
- * machine whose fork is slow), and while this process forks it neither
- * reaps, relays output, nor sends what it has: started all in one turn, a
- * burst of a hundred steps held every report (the starts, and the exits of
- * steps already running, whose tasks may be timing out) for a second or
- * more. One start per turn instead made a burst with output flowing slower
- * (each turn relays), and a 20 ms slice made a 100-step burst's last exit
- * 4–7 % later (50 ms: 0–4 %; bench/micro/spawn-burst.mjs --main for an
- * A/B), so a slice of 50 ms it is: a report waits for one slice at most.
- */
-const START_SLICE_MS = 50;
-let startScheduled = false;
-
-/**
- * Starts what is queued, for one slice of time, in the check phase of the
- * event loop's turn; the rest in the next turn's, after its poll (exits
- * reaped, output read, CANCELs read) and after the reports queued so far
- * are sent (their flush was scheduled first).
- */
-function startQueued(): void {
-  startScheduled = false;
-  const until = performance.now() + START_SLICE_MS;
-  for (const [id, body] of toStart) {
-    toStart.delete(id);
-    start(id, body);
-    if (toStart.size > 0 && performance.now() >= until) break;
-  }
-  scheduleStarts();
-}
-
-function scheduleStarts(): void {
-  if (startScheduled || toStart.size === 0) return;
-  startScheduled = true;
-  setImmediate(startQueued);
-}
 let queued: Buffer[] = [];
 let flushScheduled = false;
 
@@ -284,11 +246,13 @@ input.on("data", (chunk: Buffer) => {
   } catch (err) {
     violation(err);
   }
-  scheduleStarts();
+  for (const [id, body] of toStart) {
+    toStart.delete(id);
+    start(id, body);
+  }
 });
-// The daemon closed its end, or died: nothing more will be asked, and what it asked and is not started yet never is.
+// The daemon closed its end, or died: nothing more will be asked.
 input.on("end", () => {
-  toStart.clear();
   if (queued.length > 0) flush();
   output.end(() => process.exit(0));
 });

@@ -11,7 +11,7 @@ import { pct } from "../lib/common.mjs";
 
 const q = (xs, p) => pct(xs, p).toFixed(0);
 
-// --main FILE: another build of the spawner's script (an A/B of two versions in one run of the machine).
+// --main FILE: another build of the spawner's script beside dist/daemon's (an A/B of two versions in one sitting).
 const { values } = parseArgs({ options: { steps: { type: "string", default: "36" }, main: { type: "string" } } });
 const n = Number(values.steps);
 const script = ["-c", "echo begin; sleep 0.3; echo end"];
