@@ -34,6 +34,14 @@ export interface ExecutorOptions {
   /** Time between SIGTERM and SIGKILL of the process group on timeout/cancel. Default 2000 ms. */
   killGraceMs?: number;
   /**
+   * After a stop, how long the launcher's report of a step's exit (once its
+   * group is gone) or of its start is waited for before the step is taken as
+   * lost. A spawner on a loaded host reports late, not never; a stalled one
+   * is only told apart by time. Default: the kill grace, and at least 5 s
+   * (see DEFAULT_REPORT_WAIT_MS); never less than the kill grace.
+   */
+  reportWaitMs?: number;
+  /**
    * Environment every child starts from, before the task's own `env` is laid
    * over it. Default: the daemon's `process.env`, read once, when the first task starts.
    * Injectable so that a daemon can run tasks in a reduced environment.
@@ -140,6 +148,14 @@ export interface RunIo {
 
 const DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024;
 const DEFAULT_KILL_GRACE_MS = 2000;
+/**
+ * The least wait for a spawner's report after a stop (ExecutorOptions.reportWaitMs).
+ * A kill grace of 1 s ended six timed-out tasks of one daemon with their
+ * exit unknown in a loaded CI run (2-core VM, load 10–30): the spawner,
+ * merely slow, reported their exits more than a second after their groups
+ * were gone.
+ */
+const DEFAULT_REPORT_WAIT_MS = 5000;
 /** Default of {@link ExecutorOptions.outputChunkBytes}. */
 const DEFAULT_OUTPUT_CHUNK_BYTES = 1024 * 1024;
 /**
@@ -166,6 +182,7 @@ interface ResolvedOptions {
   outputFlushScheduler: FlushScheduler | undefined;
   defaultOutputLimit: number;
   killGraceMs: number;
+  reportWaitMs: number;
   baseEnv: Readonly<Record<string, string | undefined>> | undefined;
   fetchArtifact: ArtifactFetcher | undefined;
   programs: Readonly<Record<string, string>>;
@@ -190,6 +207,8 @@ export class Executor {
     if (!Number.isFinite(killGraceMs) || killGraceMs < 0) {
       throw new ConfigError(`killGraceMs must be a non-negative number, got ${killGraceMs}`);
     }
+    const reportWaitMs = Math.max(killGraceMs, opts.reportWaitMs ?? DEFAULT_REPORT_WAIT_MS);
+    if (!Number.isFinite(reportWaitMs)) throw new ConfigError(`reportWaitMs must be a finite number, got ${opts.reportWaitMs}`);
     const outputChunkBytes = opts.outputChunkBytes ?? DEFAULT_OUTPUT_CHUNK_BYTES;
     if (!Number.isSafeInteger(outputChunkBytes) || outputChunkBytes < 1 || outputChunkBytes > MAX_OUTPUT_CHUNK_BYTES) {
       throw new ConfigError(`outputChunkBytes must be an integer from 1 to ${MAX_OUTPUT_CHUNK_BYTES}, got ${outputChunkBytes}`);
@@ -200,6 +219,7 @@ export class Executor {
       clock: opts.clock,
       defaultOutputLimit,
       killGraceMs,
+      reportWaitMs,
       baseEnv: opts.baseEnv,
       fetchArtifact: opts.fetchArtifact,
       programs: opts.programs ?? {},
@@ -534,15 +554,17 @@ class TaskRun {
    *
    * After a termination (a stop, or leftovers of its group), once no member
    * of the group is left, the launcher's word (the exit, the pipes' ends) is
-   * waited for one kill grace at most. Pipes still open then, the exit
-   * known, are held by a process outside the group (`setsid`, a daemon): they
-   * are closed here and the task says so. An exit still unreported then means
-   * a stalled spawner (the daemon's own children are reaped by the daemon):
-   * the step is abandoned and the task says what is unknown. So a stop ends
-   * a task within two kill graces whatever the spawner does.
+   * waited for one kill grace. Pipes still open then, the exit known, are
+   * held by a process outside the group (`setsid`, a daemon): they are closed
+   * here and the task says so. An exit still unreported is waited for up to
+   * the report wait (at least 5 s): a spawner on a loaded host reports late
+   * (the daemon's own children are reaped by the daemon); one that has not
+   * reported by then is taken as stalled, the step is abandoned and the task
+   * says what is unknown. So a stop ends a task within a kill grace and the
+   * report wait whatever the spawner does.
    */
   private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
-    const { clock, killGraceMs, launcher } = this.opts;
+    const { clock, killGraceMs, reportWaitMs, launcher } = this.opts;
     const liveGroups = liveGroupsOf(clock);
     const program = argv[0] as string;
     return new Promise<StepResult>((resolve) => {
@@ -567,6 +589,15 @@ class TaskRun {
       let pollTimer: Timer | undefined;
       /** The bounded wait for the launcher's word (the start after a stop, or the end once the group is gone); events already waiting when it ends go first. */
       let waitTimer: Timer | undefined;
+      /** The wait for a report has run one kill grace and goes on to the report wait (a late spawner is not a stalled one). */
+      let waitExtended = false;
+      /** Waits the rest of the report wait once a kill grace passed without the report; false when that is done already. */
+      const waitLonger = (then: () => void): boolean => {
+        if (waitExtended || reportWaitMs <= killGraceMs) return false;
+        waitExtended = true;
+        waitTimer = setTimeoutAfterPending(clock, then, reportWaitMs - killGraceMs);
+        return true;
+      };
 
       const cancelTimers = () => {
         killTimer?.cancel();
@@ -646,8 +677,9 @@ class TaskRun {
           if (!ending) waitTimer = setTimeoutAfterPending(clock, noWord, killGraceMs);
           return;
         }
+        if (exit === undefined && waitLonger(noWord)) return;
         proc?.abandon();
-        const unreported = `no end of its process ${pid} was reported ${formatMs(killGraceMs)} after its group was gone (the spawner did not answer)`;
+        const unreported = `no end of its process ${pid} was reported ${formatMs(exit === undefined ? reportWaitMs : killGraceMs)} after its group was gone (the spawner did not answer)`;
         if (exit === undefined) endStep({ kind: "lost", message: `${unreported}: its exit and any output not yet received are unknown`, outputLost: true });
         else endStep({ ...exited(), note: `${OUTSIDER_NOTE}; ${unreported}: output not yet received is unknown`, outputLost: true });
       };
@@ -709,10 +741,11 @@ class TaskRun {
       const notStarted = () => {
         waitTimer = undefined;
         if (ending || pid !== undefined) return;
+        if (waitLonger(notStarted)) return;
         proc?.abandon();
         endLeftovers((cleanup) => ({
           kind: "lost",
-          message: `the spawner did not report its start ${formatMs(killGraceMs)} after the stop and was told not to start it: whether it ran is unknown${cleanup}`,
+          message: `the spawner did not report its start ${formatMs(reportWaitMs)} after the stop and was told not to start it: whether it ran is unknown${cleanup}`,
           outputLost: true,
         }));
       };
@@ -742,6 +775,7 @@ class TaskRun {
           group = startTicks !== undefined ? { pgid: p, startTicks } : groupRef(p);
           waitTimer?.cancel();
           waitTimer = undefined;
+          waitExtended = false;
           this.applyFlowCurrent = applyFlow;
           if (this.stop) {
             terminate();

@@ -210,10 +210,10 @@ class Testbed {
       hosts: [...EAST.map((id) => ({ id, region: "east" })), ...WEST.map((id) => ({ id, region: "west" }))],
       hostsPerProcess: 12,
       shareHostKey: true,
-      // Every process here ends at its SIGTERM, so the kill grace only bounds the wait for the spawner's report of an exit once the
-      // group is gone: 1 s, under a loaded CI run on a 2-core VM, ended a daemon's six timed-out tasks with their exit unknown
-      // (honest, but not the baseline's outcome). 3 s: above the daemon's default (2 s), for the load, not for a slower mesh.
-      daemonArgs: ["--heartbeat", "1s", "--kill-grace", "3s"],
+      // A short kill grace: the spawner's late report of an exit is still waited for at least 5 s (the executor's report wait).
+      // Until that wait was its own, a loaded CI run on a 2-core VM ended a daemon's six timed-out tasks here with their exit
+      // unknown: the spawner reported it more than the 1 s grace after their groups were gone.
+      daemonArgs: ["--heartbeat", "1s", "--kill-grace", "1s"],
       proxyArgs: ["--heartbeat", "1s"],
       controllerArgs: ["--heartbeat", "1s"],
       route: async ({ from, to, address }) => {
@@ -362,8 +362,14 @@ async function runOn(bed: Testbed, label: string, schedule?: Schedule): Promise<
   await submit("shell", { hostIds: ALL, steps: shell(shellScript), env, deliveryDeadline: durationFromMs(SHELL_DEADLINE_MS) });
   await submit("timeout", { hostIds: ONLINE, steps: shell(timeoutScript), env, timeout: durationFromMs(TIMEOUT_MS) });
   await submit("cancel", { hostIds: ONLINE, steps: shell(cancelScript), env });
-  // Every online host has started its three processes (each writes its marker first).
+  // Every online host has started its three processes (each writes its marker first), and the shell job's output reaches
+  // the controller: the faults must strike with output flowing (checked below), which a loaded machine may take a moment for.
   await until("every process to start", async () => (readdirSync(marks).length >= 3 * ONLINE.length ? true : undefined), 30_000);
+  await until(
+    "the shell job's first output stored",
+    bed.probe(async (api) => ((await api.getJob({ jobId: jobs.get("shell")! })).tasks.some((t) => t.outputChunks > 0n) ? true : undefined)),
+    30_000,
+  );
 
   const ping = async () => {
     await submit("ping", { hostIds: ONLINE, steps: [{ tool: { case: "ping", value: {} } }], deliveryDeadline: durationFromMs(60_000) });

@@ -79,6 +79,7 @@ describe("a daemon's spawner dies while its tasks run", () => {
       // other honest path ("… before it was known to have started"), as a loaded machine made happen here.
       const data = join(mesh.dir, "data", mesh.daemons[0]!.name);
       const { tasks } = await client.getJob({ jobId: job!.id });
+      expect(tasks).toHaveLength(hosts.length);
       await until("the daemon has both tasks' process groups", async () => ((await groupsNoted(data, tasks)) ? true : undefined));
       const spawner = spawnerOf(daemonPid);
       expect(spawner, "the daemon runs its tasks through a spawner").toBeDefined();
@@ -138,7 +139,7 @@ describe("a daemon's spawner dies while its tasks run", () => {
       for (const h of hosts) {
         const t = r.tasks.get(h)!;
         expect(t.state, `${h}: ${t.message}`).toBe(TaskState.TIMED_OUT);
-        expect(t.message).toMatch(/^timed out after 4s; no end of its process \d+ was reported 2s after its group was gone \(the spawner did not answer\)/);
+        expect(t.message).toMatch(/^timed out after 4s; no end of its process \d+ was reported 5s after its group was gone \(the spawner did not answer\)/);
         expect(t.outputTruncated).toBe(true);
       }
       for (const pid of pids) expect(isAlive(pid), `process ${pid} was ended`).toBe(false);
