@@ -46,7 +46,7 @@ export interface RunOptions {
    * The process that started this one and manages it (a local mesh): when
    * it is gone (this process re-parented), the service stops as on SIGTERM,
    * so that a runner killed without a chance to stop its mesh leaves nothing
-   * running. Ignored unless it is this process's parent at the start.
+   * running. Ignored when it is alive and not this process's parent.
    */
   parentPid?: number;
 }
@@ -111,7 +111,9 @@ export async function runService(start: (control: ServiceControl) => Promise<Ser
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
   const parent = opts.parentPid;
-  if (parent !== undefined && parent === process.ppid) {
+  // Its parent now, or gone already (while this process loaded, seconds on a loaded machine): managed. Alive and not its
+  // parent: the variable was inherited by something the mesh did not start (a supervisor's daemon), which is not tied to it.
+  if (parent !== undefined && (parent === process.ppid || !processExists(parent))) {
     const watch = setInterval(() => {
       if (process.ppid === parent) return;
       clearInterval(watch);
@@ -133,6 +135,15 @@ export async function runService(start: (control: ServiceControl) => Promise<Ser
   if (state === "starting") state = "running";
   log.info("running", service.info);
   if (opts.readyFile) writeFileAtomic(opts.readyFile, JSON.stringify({ pid: process.pid, ...service.info }) + "\n");
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as { code?: unknown } | null)?.code === "EPERM";
+  }
 }
 
 /** "host:port" → parts; a bare port listens on 127.0.0.1. */

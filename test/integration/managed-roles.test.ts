@@ -50,3 +50,47 @@ describe("a local mesh's roles", () => {
     }
   }, 90_000);
 });
+
+describe("runService's parent watch", () => {
+  const lifecycle = pathToFileURL(join(dirname(REXMESH_BIN), "..", "dist", "common", "lifecycle.js")).href;
+  const logger = pathToFileURL(join(dirname(REXMESH_BIN), "..", "dist", "common", "logger.js")).href;
+  /** A service that runs until stopped, told `parentPid`; its log lines on stdout. */
+  const serve = (parentPid: number) => {
+    const script = [
+      `const { runService } = await import(${JSON.stringify(lifecycle)});`,
+      `const { createLogger } = await import(${JSON.stringify(logger)});`,
+      `await runService(async () => ({ info: {}, stop: async () => {} }), { log: createLogger({ level: "info" }, {}), graceMs: 500, parentPid: ${parentPid} });`,
+    ].join("\n");
+    const p = spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    p.stdout.on("data", (b: Buffer) => (out += b.toString()));
+    p.stderr.on("data", (b: Buffer) => (out += b.toString()));
+    return { p, out: () => out };
+  };
+
+  it("stops a service whose named parent was gone before it started (the mesh killed while it loaded)", async () => {
+    const gone = spawn("true");
+    await new Promise((r) => gone.on("exit", r));
+    const s = serve(gone.pid!);
+    try {
+      const code = await new Promise<number | null>((r) => s.p.on("exit", (c) => r(c)));
+      expect(code, s.out()).toBe(0);
+      expect(s.out()).toMatch(new RegExp(`the process that started it \\(pid ${gone.pid}\\) is gone`));
+    } finally {
+      s.p.kill("SIGKILL");
+    }
+  }, 30_000);
+
+  it("leaves alone a service whose named process is alive but is not its parent (a supervisor's daemon that inherited the variable)", async () => {
+    // pid 1 runs, and is not the parent (this process is).
+    const s = serve(1);
+    try {
+      await until("the service to run", async () => (s.out().includes('"running"') ? true : undefined), 20_000);
+      await new Promise((r) => setTimeout(r, 2500));
+      expect(s.p.exitCode, s.out()).toBe(null);
+      expect(s.out()).not.toMatch(/draining/);
+    } finally {
+      s.p.kill("SIGKILL");
+    }
+  }, 30_000);
+});
