@@ -281,7 +281,10 @@ bindings:
   });
 
   it("lets an operator with `audit` watch a running session read-only until it ends; one without is refused", async () => {
-    const running = shell(["-T", "h1", "--", "sh", "-c", "sleep 8; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done"], "");
+    // The session ticks once a watcher holds a place (the release file; bounded: 60 s), not after a fixed sleep: on a loaded
+    // CI run the eight watchers and the retries below took longer than an 8 s sleep, and the watcher found it ended.
+    const release = join(work, "audit-release");
+    const running = shell(["-T", "h1", "--", "sh", "-c", `n=0; while [ ! -e ${release} ] && [ $n -lt 240 ]; do sleep 0.25; n=$((n+1)); done; for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.25; done`], "");
     const id = await until("the session in the list", async () => {
       const listed = (await rexmesh(["sessions", "--json", "--limit", "3"], mesh.exports())).stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
       return listed.find((x) => x.recording === "recording" && String(x.what).includes("tick"))?.id as string | undefined;
@@ -302,9 +305,13 @@ bindings:
     closeApi();
     // The controller lets the eight go when their streams' ends reach it, which a loaded machine may take a moment for.
     const watched = await until("a watcher's place", async () => {
-      const w = await rexmesh(["sessions", "join", id], mesh.exports(), "typed by the watcher\n");
+      const attempt = rexmesh(["sessions", "join", id], mesh.exports(), "typed by the watcher\n");
+      // Still there 5 s after it started: it holds a place (a refused join ends at once), and the session may go on.
+      const go = setTimeout(() => writeFileSync(release, ""), 5000);
+      const w = await attempt;
+      clearTimeout(go);
       return /has 8 watchers already/.test(w.stderr) ? undefined : w;
-    });
+    }, 60_000);
     expect(watched.code, watched.stderr).toBe(0);
     expect(watched.stdout).toMatch(/tick 8\n$/);
     expect(watched.stderr).toMatch(/watching session .* of operator:acme\/dev on h1 .*read-only/);

@@ -27,8 +27,9 @@ import { clientOf, collectJob, faultMesh, hostIds, killRole, spawnsOf, tempDir, 
 const HOSTS = hostIds(300, "c");
 /**
  * Hosts whose id ends in an even digit fail at once (exit 3); the others
- * print 60 lines, four every 0.6 s, holding after the 40th until the test
- * lets them go (bounded: 60 s), so that they are still running when the
+ * print 60 lines, four every 0.6 s, holding after the 40th (a line to
+ * stderr every 0.5 s, so that output still streams) until the test lets
+ * them go (bounded: 120 s), so that they are still running when the
  * controller is killed however slowly a loaded machine started the burst
  * (a fixed 9 s run was over before the fast ones were all seen ended, once
  * in a CI run at load 30). Four lines per `sleep`, not one: 150 shells
@@ -39,7 +40,7 @@ const HOSTS = hostIds(300, "c");
 const script = [
   'echo "$REXMESH_TASK_ID" >> "$MARK/$REXMESH_TASK_ID"',
   'case "$REXMESH_HOST_ID" in *[02468]) echo fast; exit 3;; esac',
-  'i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); if [ $((i % 4)) -eq 0 ]; then sleep 0.6; fi; if [ $i -eq 40 ]; then n=0; while [ ! -e "$MARK/release" ] && [ $n -lt 120 ]; do sleep 0.5; n=$((n+1)); done; fi; done',
+  'i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); if [ $((i % 4)) -eq 0 ]; then sleep 0.6; fi; if [ $i -eq 40 ]; then n=0; while [ ! -e "$MARK/release" ] && [ $n -lt 240 ]; do echo "held $n" >&2; sleep 0.5; n=$((n+1)); done; fi; done',
 ].join("; ");
 const fast = (host: string) => /[02468]$/.test(host);
 const slowOutput = Array.from({ length: 60 }, (_, i) => `line ${i}\n`).join("");
@@ -62,7 +63,10 @@ describe("task columns: a controller killed mid-job recovers every task from its
     })().catch(() => undefined);
     const fastCount = HOSTS.filter(fast).length;
     await until("every fast task ended and output streaming from the slow ones", async () =>
-      [...watched.values()].filter((t) => fast(t.hostId) && isTerminal(t.state)).length === fastCount && outputSeen.size >= 20 ? true : undefined,
+      [...watched.values()].filter((t) => fast(t.hostId) && isTerminal(t.state)).length === fastCount &&
+      [...watched.values()].filter((t) => !fast(t.hostId) && outputSeen.has(t.id)).length >= 20
+        ? true
+        : undefined,
     60_000);
     const proxy = mesh.proxies[0]!;
     // The proxy is frozen first: nothing it holds reaches the restarted controller until its state is read.
