@@ -254,6 +254,17 @@ export class Executor {
 interface Stop {
   state: TaskState;
   message: string;
+  /** Out of time (a daemon's drain): late reports are waited for a kill grace only, not the report wait. */
+  urgent?: boolean;
+}
+
+/**
+ * An abort reason that marks a cancel as out of time (a daemon's drain whose
+ * grace is running out): the step's late reports are then waited for one
+ * kill grace only, as before the report wait, so the task ends within it.
+ */
+export function isUrgentAbort(reason: unknown): boolean {
+  return (reason as { urgent?: unknown } | null)?.urgent === true;
 }
 
 interface StepExit {
@@ -331,7 +342,7 @@ class TaskRun {
         timeoutMs,
       );
     }
-    const onAbort = () => this.requestStop({ state: TaskState.CANCELLED, message: "cancelled" });
+    const onAbort = () => this.requestStop({ state: TaskState.CANCELLED, message: "cancelled", ...(isUrgentAbort(signal?.reason) ? { urgent: true } : {}) });
     signal?.addEventListener("abort", onAbort, { once: true });
     const stopFlow = this.io.flow?.onResume(() => this.applyFlowCurrent?.());
     try {
@@ -499,9 +510,12 @@ class TaskRun {
     return this.stop;
   }
 
-  /** Stops the task; the first reason wins. */
+  /** Stops the task; the first reason wins (an urgent one after it still makes the stop urgent). */
   private requestStop(stop: Stop): void {
-    if (this.stop) return;
+    if (this.stop) {
+      if (stop.urgent && !this.stop.urgent) this.stop = { ...this.stop, urgent: true };
+      return;
+    }
     this.stop = stop;
     this.fetchAbort.abort(new Error(stop.message));
     this.terminateCurrent?.();
@@ -560,8 +574,10 @@ class TaskRun {
    * the report wait (at least 5 s): a spawner on a loaded host reports late
    * (the daemon's own children are reaped by the daemon); one that has not
    * reported by then is taken as stalled, the step is abandoned and the task
-   * says what is unknown. So a stop ends a task within a kill grace and the
-   * report wait whatever the spawner does.
+   * says what is unknown. The report wait is one per step (a start reported
+   * late leaves its exit what is left of it), and an urgent stop (a drain out
+   * of time) waits a kill grace only. So a stop ends a task within the report
+   * wait and two kill graces whatever the spawner does.
    */
   private runStep(argv: string[], env: Record<string, string>, cwd: string): Promise<StepResult> {
     const { clock, killGraceMs, reportWaitMs, launcher } = this.opts;
@@ -589,13 +605,23 @@ class TaskRun {
       let pollTimer: Timer | undefined;
       /** The bounded wait for the launcher's word (the start after a stop, or the end once the group is gone); events already waiting when it ends go first. */
       let waitTimer: Timer | undefined;
-      /** The wait for a report has run one kill grace and goes on to the report wait (a late spawner is not a stalled one). */
-      let waitExtended = false;
-      /** Waits the rest of the report wait once a kill grace passed without the report; false when that is done already. */
+      /**
+       * When the step's report wait ends: set when a wait for a report (the
+       * start after a stop, or the exit once the group is gone) first ran a
+       * kill grace without it, one per step, so that a start reported late
+       * does not give its exit a second report wait.
+       */
+      let reportDeadline: number | undefined;
+      /** The running wait is the report wait's rest (the kill grace already passed): a report that comes ends it. */
+      let extending = false;
+      /** Waits the rest of the report wait once a kill grace passed without the report; false when none is left (or the stop is urgent). */
       const waitLonger = (then: () => void): boolean => {
-        if (waitExtended || reportWaitMs <= killGraceMs) return false;
-        waitExtended = true;
-        waitTimer = setTimeoutAfterPending(clock, then, reportWaitMs - killGraceMs);
+        if (this.stop?.urgent) return false;
+        reportDeadline ??= clock.now() - killGraceMs + reportWaitMs;
+        const left = reportDeadline - clock.now();
+        if (left <= 0) return false;
+        extending = true;
+        waitTimer = setTimeoutAfterPending(clock, () => ((extending = false), then()), left);
         return true;
       };
 
@@ -679,7 +705,7 @@ class TaskRun {
         }
         if (exit === undefined && waitLonger(noWord)) return;
         proc?.abandon();
-        const unreported = `no end of its process ${pid} was reported ${formatMs(exit === undefined ? reportWaitMs : killGraceMs)} after its group was gone (the spawner did not answer)`;
+        const unreported = `no end of its process ${pid} was reported ${formatMs(exit === undefined && !this.stop?.urgent ? reportWaitMs : killGraceMs)} after its group was gone (the spawner did not answer)`;
         if (exit === undefined) endStep({ kind: "lost", message: `${unreported}: its exit and any output not yet received are unknown`, outputLost: true });
         else endStep({ ...exited(), note: `${OUTSIDER_NOTE}; ${unreported}: output not yet received is unknown`, outputLost: true });
       };
@@ -745,7 +771,7 @@ class TaskRun {
         proc?.abandon();
         endLeftovers((cleanup) => ({
           kind: "lost",
-          message: `the spawner did not report its start ${formatMs(reportWaitMs)} after the stop and was told not to start it: whether it ran is unknown${cleanup}`,
+          message: `the spawner did not report its start ${formatMs(this.stop?.urgent ? killGraceMs : reportWaitMs)} after the stop and was told not to start it: whether it ran is unknown${cleanup}`,
           outputLost: true,
         }));
       };
@@ -775,7 +801,7 @@ class TaskRun {
           group = startTicks !== undefined ? { pgid: p, startTicks } : groupRef(p);
           waitTimer?.cancel();
           waitTimer = undefined;
-          waitExtended = false;
+          extending = false;
           this.applyFlowCurrent = applyFlow;
           if (this.stop) {
             terminate();
@@ -808,6 +834,12 @@ class TaskRun {
         exited: (code, signal) => {
           if (ending) return;
           exit = { code, signal };
+          if (extending) {
+            // The late exit came: its pipes' ends get a kill grace from now (settle arms it), not the report wait's rest.
+            extending = false;
+            waitTimer?.cancel();
+            waitTimer = undefined;
+          }
           // What is left in the pipes was written by processes that are gone,
           // or leftovers about to be terminated: read it so the step can end.
           applyFlow();

@@ -328,13 +328,17 @@ describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends withi
   }, 30_000);
 
   it("a spawner only late (stopped past the kill grace, not past the report wait): the task ends with its real exit, nothing unknown", async () => {
-    const t = await stalledTask({ timeoutMs: 1000 });
-    // Running again 2.5 s after its stop: the timeout's SIGTERM (at 1 s) ended the group, the kill grace (1 s) passed
-    // without its report, and the report wait (5 s) did not.
+    const abort = new AbortController();
+    const t = await stalledTask({ abort });
+    // Cancelled once the spawner is stopped: the SIGTERM ends the group at once, the kill grace (1 s) passes without the
+    // exit's report, and the spawner runs again 2.5 s after the cancel, within the report wait (5 s).
+    const cancelledAt = Date.now();
+    abort.abort();
     const resume = setTimeout(() => process.kill(t.frozen, "SIGCONT"), 2500);
     try {
       const outcome = await t.run;
-      expect(outcome.state, outcome.message).toBe(TaskState.TIMED_OUT);
+      expect(Date.now() - cancelledAt, "ended by the late report, after the spawner ran again").toBeGreaterThanOrEqual(2400);
+      expect(outcome.state, outcome.message).toBe(TaskState.CANCELLED);
       expect([outcome.exitCode, outcome.signal], outcome.message).toEqual([undefined, "SIGTERM"]);
       expect(outcome.message).not.toMatch(/unknown|did not answer/);
       expect(outcome.outputTruncated, outcome.message).toBe(false);
@@ -343,6 +347,18 @@ describe("Spawner stopped (SIGSTOP) while a task is stopped: the task ends withi
       clearTimeout(resume);
       process.kill(t.frozen, "SIGCONT");
     }
+  }, 30_000);
+
+  it("an urgent cancel (a daemon's drain out of time) waits a kill grace only for a stalled spawner's report", async () => {
+    const abort = new AbortController();
+    const t = await stalledTask({ abort });
+    const cancelledAt = Date.now();
+    abort.abort(Object.assign(new Error("the daemon stopped and its grace time ran out"), { urgent: true }));
+    const outcome = await t.run;
+    expect(outcome.state, outcome.message).toBe(TaskState.CANCELLED);
+    expect(outcome.message).toMatch(/^cancelled; no end of its process \d+ was reported 1s after its group was gone \(the spawner did not answer\)/);
+    expect(Date.now() - cancelledAt, "not the report wait (5 s)").toBeLessThan(4500);
+    await resumeAndCheck(t, t.chunks.length);
   }, 30_000);
 
   it("a cancel: CANCELLED within seconds, the same way", async () => {
