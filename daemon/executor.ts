@@ -23,6 +23,7 @@ import { describeCleanup, endMarkedProcesses, groupRef, type GroupRef } from "./
 import { liveGroupsOf, signalGroup } from "./process-groups.js";
 import { OutputStream, TaskState, type Step, type TaskSpec } from "../gen/rexmesh/v1/task_pb.js";
 import type { SignedRelease } from "../gen/rexmesh/v1/release_pb.js";
+import { inheritedEnv } from "./inherited-env.js";
 import type { Prepared, Updater, UpdateOptions } from "./updates.js";
 
 /** Options of {@link Executor}; everything but the clock has a default. */
@@ -43,7 +44,7 @@ export interface ExecutorOptions {
   reportWaitMs?: number;
   /**
    * Environment every child starts from, before the task's own `env` is laid
-   * over it. Default: the daemon's `process.env`, read once, when the first task starts.
+   * over it. Default: the daemon's `process.env` without its own REXMESH_* settings (inherited-env.ts), read once, when the first task starts.
    * Injectable so that a daemon can run tasks in a reduced environment.
    */
   baseEnv?: Readonly<Record<string, string | undefined>>;
@@ -932,7 +933,7 @@ let ownEnv: Readonly<Record<string, string>> | undefined;
  * once it runs.
  */
 function daemonEnv(): Readonly<Record<string, string>> {
-  return (ownEnv ??= buildEnv(process.env, {}));
+  return (ownEnv ??= inheritedEnv(process.env));
 }
 
 function buildEnv(

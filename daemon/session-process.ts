@@ -19,6 +19,7 @@ import { FailedPreconditionError } from "../common/errors.js";
 import { SessionChannel, SessionExitSchema, type SessionExit, type SessionSpec } from "../gen/rexmesh/v1/session_pb.js";
 import { create } from "@bufbuild/protobuf";
 import type { Clock } from "../common/clock.js";
+import { inheritedEnv } from "./inherited-env.js";
 
 export interface SessionProcess {
   readonly pid: number;
@@ -41,8 +42,7 @@ export interface SessionProcess {
 
 /** What the session's process starts with: the daemon's own environment without rexmesh's, plus the session's. */
 export function sessionEnv(spec: SessionSpec, extra: Record<string, string>, base: NodeJS.ProcessEnv = process.env): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const [k, v] of Object.entries(base)) if (v !== undefined && !k.startsWith("REXMESH_")) env[k] = v;
+  const env = inheritedEnv(base);
   const user = userInfo();
   env.HOME ??= user.homedir;
   env.USER ??= user.username;
