@@ -27,20 +27,22 @@ import { clientOf, collectJob, faultMesh, hostIds, killRole, spawnsOf, tempDir, 
 const HOSTS = hostIds(300, "c");
 /**
  * Hosts whose id ends in an even digit fail at once (exit 3); the others
- * print 60 lines, four every 0.6 s, holding after the 40th (a line to
- * stderr every 0.5 s, so that output still streams) until the test lets
+ * print 60 lines, six every 0.9 s, holding after the 42nd (a line to
+ * stderr every second, so that output still streams) until the test lets
  * them go (bounded: 120 s), so that they are still running when the
  * controller is killed however slowly a loaded machine started the burst
  * (a fixed 9 s run was over before the fast ones were all seen ended, once
- * in a CI run at load 30). Four lines per `sleep`, not one: 150 shells
+ * in a CI run at load 30). Six lines per `sleep`, not one: 150 shells
  * forking a sleep every 0.15 s (1,000 forks a second) saturated a 2-core VM
  * whose fork is slow, and the daemons' links to the proxy dropped in every
- * run (their keepalive unanswered on starved event loops).
+ * run (their keepalive unanswered on starved event loops); with four per
+ * 0.6 s the test beside another in CI still took up to 60 s to see its
+ * burst started.
  */
 const script = [
   'echo "$REXMESH_TASK_ID" >> "$MARK/$REXMESH_TASK_ID"',
   'case "$REXMESH_HOST_ID" in *[02468]) echo fast; exit 3;; esac',
-  'i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); if [ $((i % 4)) -eq 0 ]; then sleep 0.6; fi; if [ $i -eq 40 ]; then n=0; while [ ! -e "$MARK/release" ] && [ $n -lt 240 ]; do echo "held $n" >&2; sleep 0.5; n=$((n+1)); done; fi; done',
+  'i=0; while [ $i -lt 60 ]; do echo "line $i"; i=$((i+1)); if [ $((i % 6)) -eq 0 ]; then sleep 0.9; fi; if [ $i -eq 42 ]; then n=0; while [ ! -e "$MARK/release" ] && [ $n -lt 120 ]; do echo "held $n" >&2; sleep 1; n=$((n+1)); done; fi; done',
 ].join("; ");
 const fast = (host: string) => /[02468]$/.test(host);
 const slowOutput = Array.from({ length: 60 }, (_, i) => `line ${i}\n`).join("");
@@ -67,7 +69,7 @@ describe("task columns: a controller killed mid-job recovers every task from its
       [...watched.values()].filter((t) => !fast(t.hostId) && outputSeen.has(t.id)).length >= 20
         ? true
         : undefined,
-    60_000);
+    120_000);
     const proxy = mesh.proxies[0]!;
     // The proxy is frozen first: nothing it holds reaches the restarted controller until its state is read.
     proxy.proc.kill("SIGSTOP");
