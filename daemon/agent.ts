@@ -187,8 +187,10 @@ export function resendOrder(items: readonly UpwardItem[]): UpwardItem[] {
 const DRAIN_ACK_MS = 1000;
 /** How long an update waits for the other running tasks to end before the restart's drain interrupts them. */
 const UPDATE_QUIET_WAIT_MS = 10 * 60_000;
-/** The abort reason of a task a drain ends: it ends INTERRUPTED, not CANCELLED (no one cancelled it). */
-/** Urgent (executor.ts isUrgentAbort): the task must end within the kill grace left, not wait for a late spawner's report. */
+/**
+ * The abort reason of a task a drain ends: it ends INTERRUPTED, not CANCELLED (no one cancelled it). Urgent
+ * (executor.ts isUrgentAbort): the task must end within the kill grace left, not wait for a late spawner's report.
+ */
 const DRAIN_OVERRUN = Object.assign(new Error("the daemon stopped and its grace time ran out"), { urgent: true });
 
 /** The end of the queue of tasks waiting for their turn to spawn (see spawnTurn). */

@@ -264,7 +264,7 @@ interface Stop {
  * grace is running out): the step's late reports are then waited for one
  * kill grace only, as before the report wait, so the task ends within it.
  */
-export function isUrgentAbort(reason: unknown): boolean {
+function isUrgentAbort(reason: unknown): boolean {
   return (reason as { urgent?: unknown } | null)?.urgent === true;
 }
 
