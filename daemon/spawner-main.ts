@@ -26,8 +26,10 @@
  * holding output in memory nor spinning, and still reads fd 3 (a CANCEL is
  * acted on, a child reaped).
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import { Socket } from "node:net";
+import type { Readable, Writable } from "node:stream";
+import { PosixChild, loadPosixSpawn } from "./native-spawn.js";
 import { readStat } from "./proc-stat.js";
 import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, spawnedFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
@@ -38,8 +40,20 @@ const OUT_FD = 4;
 /** Output bytes a step may have in flight to the daemon before its pipes are paused. */
 const WINDOW = 256 * 1024;
 
+/** What start() makes: Node's ChildProcess, or one started by posix_spawn with the same members. */
+interface Child {
+  readonly pid?: number;
+  readonly stdin: Writable | null;
+  readonly stdout: Readable | null;
+  readonly stderr: Readable | null;
+  readonly exitCode: number | null;
+  readonly signalCode: NodeJS.Signals | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the events' arguments differ (exit: code, signal; error: Error)
+  on(event: "exit" | "close" | "error", listener: (...args: any[]) => void): unknown;
+}
+
 interface Step {
-  child: ChildProcess;
+  child: Child;
   unacked: number;
   held: boolean;
   /** Its pipes are paused: held, or the daemon is not reading (see `blocked`). */
@@ -56,6 +70,17 @@ interface Step {
  */
 const daemon = Number(process.argv[2]);
 const daemonGone = () => daemon > 0 && process.ppid !== daemon;
+
+/**
+ * Processes start through posix_spawn (native/spawn/spawn.c): Node's spawn()
+ * forks this process once per start, which on a machine with a slow fork cost
+ * as much CPU as the started process itself. The second argument "fork"
+ * keeps Node's spawn(); so does an addon that is not there (said once on
+ * stderr, the daemon's log).
+ */
+const posix = process.argv[3] === "fork" ? undefined : loadPosixSpawn();
+if (posix && "reason" in posix) process.stderr.write(`rexmesh spawner: processes start with Node's spawn() (a fork of this process each): ${posix.reason}\n`);
+const posixSpawn = posix && "spawn" in posix ? posix.spawn : undefined;
 
 const steps = new Map<number, Step>();
 /**
@@ -121,21 +146,26 @@ function pauseOrResume(step: Step): void {
 function start(id: number, body: Buffer): void {
   if (daemonGone()) process.exit(0);
   const { request, stdin } = readSpawn(body);
-  let child: ChildProcess;
+  let child: Child;
   try {
-    child = spawn(request.program, request.args, {
-      cwd: request.cwd,
-      env: request.env,
-      detached: true,
-      stdio: ["pipe", "pipe", "pipe"],
-    });
+    child = posixSpawn
+      ? new PosixChild(posixSpawn, request.program, request.args, { cwd: request.cwd, env: request.env })
+      : spawn(request.program, request.args, {
+          cwd: request.cwd,
+          env: request.env,
+          detached: true,
+          stdio: ["pipe", "pipe", "pipe"],
+        });
   } catch (err) {
-    failed(id, { sync: true, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
+    // posix_spawn reports a process that could not start (ENOENT, EACCES, a working directory that is not there) at once,
+    // where spawn() emits 'error' later: the daemon is told the same either way. A TypeError is arguments no process could take.
+    const sync = !(err instanceof Error) || err instanceof TypeError || !posixSpawn;
+    failed(id, { sync, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
     return;
   }
   if (child.pid === undefined) {
-    // Not started: 'error' follows (ENOENT, EACCES, …); nothing else of it will.
-    child.on("error", (err) => {
+    // Not started (Node's spawn() only): 'error' follows (ENOENT, EACCES, …); nothing else of it will.
+    child.on("error", (err: Error) => {
       for (const s of [child.stdin, child.stdout, child.stderr]) s?.destroy();
       failed(id, { sync: false, code: codeOf(err), message: err.message });
     });
@@ -163,7 +193,7 @@ function start(id: number, body: Buffer): void {
   relay(FrameKind.STDOUT, 1)(child.stdout!);
   relay(FrameKind.STDERR, 2)(child.stderr!);
   pauseOrResume(step);
-  child.on("exit", (code, signal) => {
+  child.on("exit", (code: number | null, signal: NodeJS.Signals | null) => {
     if (!step.cancelled) send(jsonFrame(FrameKind.EXIT, id, { code, signal }));
   });
   child.on("close", () => steps.delete(id));

@@ -43,6 +43,13 @@ export interface SpawnerOptions {
   nodeArgs?: readonly string[];
   /** The spawner's script. Default: spawner-main.js beside this module. */
   mainPath?: string;
+  /**
+   * How the spawner starts a process: "posix_spawn" (default; through the
+   * addon native/spawn, or Node's spawn() where it was not built) or "fork"
+   * (Node's spawn() always: a fork of the spawner per process; kept for
+   * comparisons and to test that path).
+   */
+  processStart?: "posix_spawn" | "fork";
   /** While it holds steps, the spawner is asked every this often whether it is alive. Default 5 s. */
   pingMs?: number;
   /** A spawner that leaves a question unanswered this long is killed, its steps lost. Default 30 s. */
@@ -258,7 +265,7 @@ export class Spawner implements Launcher {
     if (this.instance && !this.instance.dead && !this.instance.exited) return this.instance;
     let child: ChildProcess;
     try {
-      child = spawn(process.execPath, [...this.nodeArgs, this.mainPath, String(process.pid)], {
+      child = spawn(process.execPath, [...this.nodeArgs, this.mainPath, String(process.pid), this.opts.processStart ?? "posix_spawn"], {
         // Frames on fds 3 and 4; its stdout is /dev/null and its stderr the daemon's log, so that nothing else written there is read as a frame.
         stdio: ["ignore", "ignore", "inherit", "pipe", "pipe"],
         // Nothing of the daemon's environment (NODE_OPTIONS could load a preload that writes or changes Node): each request carries its step's whole environment.

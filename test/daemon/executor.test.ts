@@ -110,11 +110,18 @@ function xorshiftBytes(total: number): Buffer {
 }
 
 /**
- * Every test runs twice: the daemon spawning each step itself, and through
- * its spawner process (the built one: role processes run from dist/).
+ * Every test runs three times: the daemon spawning each step itself, and
+ * through its spawner process (the built one: role processes run from dist/),
+ * which starts processes with posix_spawn (native/spawn) or, where that is
+ * not built, with Node's spawn() (a fork of itself): both ways.
  */
-const spawner = new Spawner({ clock: systemClock, log: silentLogger, mainPath: new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname });
-afterAll(() => spawner.stop());
+const spawnerMain = new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname;
+const spawner = new Spawner({ clock: systemClock, log: silentLogger, mainPath: spawnerMain });
+const forkingSpawner = new Spawner({ clock: systemClock, log: silentLogger, mainPath: spawnerMain, processStart: "fork" });
+afterAll(() => {
+  spawner.stop();
+  forkingSpawner.stop();
+});
 let launcher: Launcher = directLauncher;
 const newExecutor = (opts: ExecutorOptions) => new Executor({ launcher, ...opts });
 
@@ -127,7 +134,7 @@ async function runOk(s: TaskSpec, ex = newExecutor({ clock: systemClock })): Pro
   return [outcome, out];
 }
 
-for (const [via, using] of [["in the daemon", directLauncher], ["through the spawner", spawner]] as const) {
+for (const [via, using] of [["in the daemon", directLauncher], ["through the spawner (posix_spawn)", spawner], ["through the spawner (fork)", forkingSpawner]] as const) {
 describe(`Executor, steps started ${via}`, () => {
   beforeAll(() => {
     launcher = using;
