@@ -10,10 +10,11 @@
  * the spawner per process.
  */
 import { EventEmitter } from "node:events";
-import { existsSync } from "node:fs";
+import { closeSync, existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { Socket } from "node:net";
 import { constants } from "node:os";
+import { fileURLToPath } from "node:url";
 
 /** The addon's one function: [pid, stdin fd, stdout fd, stderr fd]. `args[0]` is the process's argv[0]. */
 export type PosixSpawnFn = (
@@ -25,7 +26,19 @@ export type PosixSpawnFn = (
 ) => [number, number, number, number];
 
 const ADDON = "native/spawn/build/Release/rexmesh_spawn.node";
-const signalNames = new Map<number, NodeJS.Signals>(Object.entries(constants.signals).map(([name, n]) => [n, name as NodeJS.Signals]));
+/** Linux's first real-time signal as glibc numbers them (32 and 33 are its own). */
+const SIGRTMIN = 34;
+/** Each signal's name; where Node lists two for a number (SIGABRT/SIGIOT, SIGIO/SIGPOLL), the first, as Node reports it. */
+const signalNames = new Map<number, string>();
+for (const [name, n] of Object.entries(constants.signals)) if (!signalNames.has(n)) signalNames.set(n, name);
+
+/**
+ * A signal's name. A real-time one is named as kill -l does (SIGRTMIN+6):
+ * Node's spawn() has no name for those and reports such a death as exit code 0.
+ */
+export function signalName(n: number): string {
+  return signalNames.get(n) ?? (n >= SIGRTMIN ? `SIGRTMIN+${n - SIGRTMIN}` : `SIG${n}`);
+}
 
 /**
  * The addon's function, or why there is none. Looked for at the package's
@@ -36,14 +49,14 @@ export function loadPosixSpawn(): { spawn: PosixSpawnFn } | { reason: string } {
   if (process.platform !== "linux") return { reason: `posix_spawn with pidfds is used on Linux only (this is ${process.platform})` };
   const require = createRequire(import.meta.url);
   for (const up of ["../", "../../"]) {
-    const path = new URL(up + ADDON, import.meta.url);
+    const path = fileURLToPath(new URL(up + ADDON, import.meta.url));
     if (!existsSync(path)) continue;
     try {
-      const addon = require(path.pathname) as { posixSpawn?: PosixSpawnFn };
+      const addon = require(path) as { posixSpawn?: PosixSpawnFn };
       if (typeof addon.posixSpawn === "function") return { spawn: addon.posixSpawn };
       return { reason: "the kernel has no pidfd_open (Linux 5.3 or later)" };
     } catch (err) {
-      return { reason: `${path.pathname} could not be loaded: ${err instanceof Error ? err.message : String(err)}` };
+      return { reason: `${path} could not be loaded: ${err instanceof Error ? err.message : String(err)}` };
     }
   }
   return { reason: `${ADDON} was not built (npm ci builds it with node-gyp; a C compiler is needed)` };
@@ -66,20 +79,37 @@ export class PosixChild extends EventEmitter {
 
   constructor(spawnFn: PosixSpawnFn, program: string, args: readonly string[], options: { cwd?: string; env: Record<string, string> }) {
     super();
+    // As spawn() refuses it.
+    if (program.length === 0) throw Object.assign(new TypeError("The argument 'file' cannot be empty"), { code: "ERR_INVALID_ARG_VALUE" });
     const env: string[] = [];
     for (const [key, value] of Object.entries(options.env)) {
       if (value !== undefined) env.push(`${key}=${value}`);
     }
     const [pid, stdin, stdout, stderr] = spawnFn(program, [program, ...args], env, options.cwd ?? null, (code, signal) => {
       this.exitCode = code;
-      this.signalCode = signal === null ? null : (signalNames.get(signal) ?? null);
+      // A real-time signal's name is not one of NodeJS.Signals; the spawner passes it on as a string all the same.
+      this.signalCode = signal === null ? null : (signalName(signal) as NodeJS.Signals);
+      // As spawn() does: what the process did not read is not kept (nor written to a process that inherited its stdin).
+      this.stdin.destroy();
       this.emit("exit", this.exitCode, this.signalCode);
       this.closed();
     });
     this.pid = pid;
-    this.stdin = new Socket({ fd: stdin, readable: false, writable: true });
-    this.stdout = new Socket({ fd: stdout, readable: true, writable: false });
-    this.stderr = new Socket({ fd: stderr, readable: true, writable: false });
+    const sockets: Socket[] = [];
+    try {
+      for (const [fd, writable] of [[stdin, true], [stdout, false], [stderr, false]] as const) sockets.push(new Socket({ fd, readable: !writable, writable }));
+    } catch (err) {
+      // Not expected (the fds are fresh socket ends); the process must not run on unwatched: it is killed, and the start fails.
+      for (const s of sockets) s.destroy();
+      for (const fd of [stdin, stdout, stderr].slice(sockets.length)) closeSync(fd);
+      try {
+        process.kill(-pid, "SIGKILL");
+      } catch {
+        // Gone.
+      }
+      throw err;
+    }
+    [this.stdin, this.stdout, this.stderr] = sockets as [Socket, Socket, Socket];
     this.stdout.once("close", () => this.closed());
     this.stderr.once("close", () => this.closed());
   }

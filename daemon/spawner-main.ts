@@ -157,9 +157,9 @@ function start(id: number, body: Buffer): void {
           stdio: ["pipe", "pipe", "pipe"],
         });
   } catch (err) {
-    // posix_spawn reports a process that could not start (ENOENT, EACCES, a working directory that is not there) at once,
-    // where spawn() emits 'error' later: the daemon is told the same either way. A TypeError is arguments no process could take.
-    const sync = !(err instanceof Error) || err instanceof TypeError || !posixSpawn;
+    // posix_spawn reports every failure at once; spawn() throws some and emits others as 'error' later (below). The
+    // daemon words the two differently, so they are told apart as spawn() does.
+    const sync = !posixSpawn || !ASYNC_SPAWN_ERRORS.has(codeOf(err) ?? "");
     failed(id, { sync, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
     return;
   }
@@ -229,6 +229,9 @@ function cancel(id: number): void {
 function failed(id: number, failure: SpawnFailure): void {
   send(jsonFrame(FrameKind.FAILED, id, failure));
 }
+
+/** The errors Node's spawn() emits as 'error' rather than throwing (lib/internal/child_process.js). */
+const ASYNC_SPAWN_ERRORS = new Set(["EACCES", "EAGAIN", "EMFILE", "ENFILE", "ENOENT"]);
 
 function codeOf(err: unknown): string | undefined {
   const code = (err as { code?: unknown } | null)?.code;

@@ -18,18 +18,22 @@
  * a session (and process group) of its own (setsid), every signal's
  * disposition back to default and an empty signal mask (Node ignores
  * SIGPIPE, which exec would otherwise pass on), the working directory, and
- * the program looked up in the PATH of the environment it is given (as
- * libuv does), relative to that working directory. One difference is
+ * the program looked up as glibc's execvpe does (libuv ends in it), in the
+ * PATH of the environment it is given, from that working directory, and a
+ * file that is not a binary nor has a #! line run by /bin/sh. One difference is
  * glibc's: signals 32 and 33 (its own, for threads) start ignored, where
  * spawn() leaves them at default; glibc resets them in every program it
  * starts, so only a program without glibc could tell.
  *
- * The exit is taken with waitpid() once the pidfd is readable; libuv reaps
- * only the processes it started itself, so the pid stays this module's until
- * then (a zombie keeps its number: a signal to its group cannot reach a
- * stranger before this module has reported the exit).
+ * The exit is taken with waitpid() once the pidfd is readable (or, should a
+ * pidfd not be had, by a look every 100 ms); libuv reaps only the processes
+ * it started itself, so the pid stays this module's until then (a zombie
+ * keeps its number: a signal to its group cannot reach a stranger before
+ * this module has reported the exit). A process is reaped only in the turn
+ * that reports its exit.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <node_api.h>
 #include <signal.h>
@@ -47,11 +51,13 @@
 #define SYS_pidfd_open 434
 #endif
 
-/* Caps that keep a malformed request from asking for unbounded memory here (the spawner also caps its frames). */
-#define MAX_STRINGS 65536
+/* Where no pidfd can be polled, the exit is looked for this often. */
+#define REAP_POLL_MS 100
 
 typedef struct {
   uv_poll_t poll;
+  uv_timer_t timer;
+  int poll_open, timer_open, closing;
   pid_t pid;
   int pidfd;
   napi_env env;
@@ -61,11 +67,16 @@ typedef struct {
 
 static int pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
+static const char *errno_name(int err) {
+  const char *name = strerrorname_np(err);
+  return name ? name : "UNKNOWN";
+}
+
 /* Throws an Error whose code is the errno's name (ENOENT, …) and whose errno is negative, as Node's own. */
 static napi_value throw_errno(napi_env env, int err, const char *what, const char *file) {
   char msg[512];
-  const char *name = uv_err_name(-err);
-  snprintf(msg, sizeof msg, "%s %s %s", what, file ? file : "", name);
+  const char *name = errno_name(err);
+  snprintf(msg, sizeof msg, "%s%s%s %s", what, file ? " " : "", file ? file : "", name);
   napi_value code, message, error, errnum, syscall_v;
   napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
   napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
@@ -86,21 +97,20 @@ static napi_value throw_type(napi_env env, const char *code, const char *msg) {
 /* A JS string as a malloc'd C string; NULL (with a TypeError thrown) if it is not a string or holds a NUL byte. */
 static char *get_string(napi_env env, napi_value value, const char *what) {
   size_t len;
+  char msg[128];
   if (napi_get_value_string_utf8(env, value, NULL, 0, &len) != napi_ok) {
-    char msg[128];
     snprintf(msg, sizeof msg, "%s must be a string", what);
     throw_type(env, "ERR_INVALID_ARG_TYPE", msg);
     return NULL;
   }
   char *s = malloc(len + 1);
   if (!s) {
-    throw_type(env, "ERR_OUT_OF_MEMORY", "out of memory");
+    throw_errno(env, ENOMEM, "spawn", NULL);
     return NULL;
   }
   napi_get_value_string_utf8(env, value, s, len + 1, &len);
   if (strlen(s) != len) {
     free(s);
-    char msg[128];
     snprintf(msg, sizeof msg, "%s must not contain null bytes", what);
     throw_type(env, "ERR_INVALID_ARG_VALUE", msg);
     return NULL;
@@ -114,26 +124,24 @@ static void free_strings(char **list) {
   free(list);
 }
 
-/* A JS array of strings as a NULL-terminated list. */
+/* A JS array of strings as a NULL-terminated list (no count cap: the kernel's E2BIG bounds what exec takes). */
 static char **get_strings(napi_env env, napi_value array, const char *what) {
   bool is_array = false;
   uint32_t n = 0;
-  if (napi_is_array(env, array, &is_array) != napi_ok || !is_array || napi_get_array_length(env, array, &n) != napi_ok || n > MAX_STRINGS) {
+  if (napi_is_array(env, array, &is_array) != napi_ok || !is_array || napi_get_array_length(env, array, &n) != napi_ok) {
     char msg[128];
-    snprintf(msg, sizeof msg, "%s must be an array of at most %d strings", what, MAX_STRINGS);
+    snprintf(msg, sizeof msg, "%s must be an array of strings", what);
     throw_type(env, "ERR_INVALID_ARG_TYPE", msg);
     return NULL;
   }
   char **list = calloc((size_t)n + 1, sizeof(char *));
   if (!list) {
-    throw_type(env, "ERR_OUT_OF_MEMORY", "out of memory");
+    throw_errno(env, ENOMEM, "spawn", NULL);
     return NULL;
   }
   for (uint32_t i = 0; i < n; i++) {
     napi_value item;
-    napi_get_element(env, array, i, &item);
-    list[i] = get_string(env, item, what);
-    if (!list[i]) {
+    if (napi_get_element(env, array, i, &item) != napi_ok || !(list[i] = get_string(env, item, what))) {
       free_strings(list);
       return NULL;
     }
@@ -141,70 +149,93 @@ static char **get_strings(napi_env env, napi_value array, const char *what) {
   return list;
 }
 
+/* posix_spawn of one path; a file exec refuses (ENOEXEC: no ELF, no #!) runs as a /bin/sh script, as execvp does. */
+static int spawn_path(pid_t *pid, const char *path, char **argv, char **envp, const posix_spawn_file_actions_t *actions, const posix_spawnattr_t *attr) {
+  int err = posix_spawn(pid, path, actions, attr, argv, envp);
+  if (err != ENOEXEC) return err;
+  size_t argc = 0;
+  while (argv[argc]) argc++;
+  char **sh = calloc(argc + 2, sizeof(char *));
+  if (!sh) return ENOMEM;
+  sh[0] = "/bin/sh";
+  sh[1] = (char *)path;
+  for (size_t i = 1; i < argc; i++) sh[i + 1] = argv[i];
+  err = posix_spawn(pid, "/bin/sh", actions, attr, sh, envp);
+  free(sh);
+  return err;
+}
+
+/* stat() of a path as the child sees it: a relative one from its working directory. */
+static int stat_from(const char *cwd, const char *path, struct stat *st) {
+  if (path[0] == '/' || !cwd) return stat(path, st);
+  size_t clen = strlen(cwd), plen = strlen(path);
+  char *full = malloc(clen + plen + 2);
+  if (!full) {
+    errno = ENOMEM;
+    return -1;
+  }
+  memcpy(full, cwd, clen);
+  full[clen] = '/';
+  memcpy(full + clen + 1, path, plen + 1);
+  int r = stat(full, st);
+  int saved = errno;
+  free(full);
+  errno = saved;
+  return r;
+}
+
 /*
- * The program to exec, as execvp would find it, with PATH taken from the
- * child's environment (default "/usr/bin:/bin", as libuv) and relative
- * names looked up from the child's working directory. Returns a malloc'd
- * path, or NULL with *err set (ENOENT, or EACCES when a match was not
- * executable). A name holding a slash is used as it is.
+ * Starts `file` as glibc's execvpe would find it: a name holding a slash as
+ * it is; otherwise each entry of the child's PATH (default "/bin:/usr/bin",
+ * glibc's) in turn, an empty entry meaning the working directory, going on
+ * past ENOENT, ENOTDIR, ESTALE, ENODEV, ETIMEDOUT and EACCES (which is then
+ * the error if nothing starts) and stopping at any other. Relative paths are
+ * the child's, from its working directory (the chdir comes first).
  */
-static char *resolve(const char *file, char **envp, const char *cwd, int *err) {
-  if (strchr(file, '/')) return strdup(file);
-  const char *path = "/usr/bin:/bin";
+static int spawn_search(pid_t *pid, const char *file, const char *cwd, char **argv, char **envp, const posix_spawn_file_actions_t *actions, const posix_spawnattr_t *attr) {
+  if (strchr(file, '/')) return spawn_path(pid, file, argv, envp, actions, attr);
+  const char *path = "/bin:/usr/bin";
   for (char **e = envp; *e; e++)
     if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
-  size_t flen = strlen(file), cwdlen = cwd ? strlen(cwd) : 0;
-  int seen_eacces = 0;
-  const char *p = path;
-  for (;;) {
-    const char *end = strchr(p, ':');
-    size_t dlen = end ? (size_t)(end - p) : strlen(p);
-    /* An empty entry is the working directory. */
-    char *cand = malloc(dlen + flen + 3);
-    char *check = malloc(cwdlen + dlen + flen + 4);
-    if (!cand || !check) {
-      free(cand);
-      free(check);
-      *err = ENOMEM;
-      return NULL;
+  size_t flen = strlen(file);
+  int err = ENOENT, seen_eacces = 0;
+  for (const char *p = path;;) {
+    const char *end = strchrnul(p, ':');
+    size_t dlen = (size_t)(end - p);
+    char *cand = malloc(dlen + flen + 2);
+    if (!cand) return ENOMEM;
+    if (dlen == 0) memcpy(cand, file, flen + 1);
+    else {
+      memcpy(cand, p, dlen);
+      cand[dlen] = '/';
+      memcpy(cand + dlen + 1, file, flen + 1);
     }
-    if (dlen == 0) sprintf(cand, "./%s", file);
-    else sprintf(cand, "%.*s/%s", (int)dlen, p, file);
-    if (cand[0] != '/' && cwd) sprintf(check, "%s/%s", cwd, cand);
-    else strcpy(check, cand);
+    /* A candidate that is not there is passed over without a process made for it (exec would say the same). */
     struct stat st;
-    if (stat(check, &st) == 0 && S_ISREG(st.st_mode)) {
-      if (access(check, X_OK) == 0) {
-        free(check);
-        return cand;
-      }
-      seen_eacces = 1;
-    }
+    if (stat_from(cwd, cand, &st) != 0 && (errno == ENOENT || errno == ENOTDIR)) err = errno;
+    else err = spawn_path(pid, cand, argv, envp, actions, attr);
     free(cand);
-    free(check);
-    if (!end) break;
+    if (err == 0) return 0;
+    if (err == EACCES) seen_eacces = 1;
+    else if (err != ENOENT && err != ENOTDIR && err != ESTALE && err != ENODEV && err != ETIMEDOUT) return err;
+    if (*end == '\0') break;
     p = end + 1;
   }
-  *err = seen_eacces ? EACCES : ENOENT;
-  return NULL;
+  return seen_eacces ? EACCES : err;
 }
 
 static void on_closed(uv_handle_t *handle) {
-  watch_t *w = (watch_t *)handle;
-  close(w->pidfd);
+  watch_t *w = handle->data;
+  if (--w->closing > 0) return;
+  if (w->pidfd >= 0) close(w->pidfd);
   free(w);
 }
 
-static void on_exit_ready(uv_poll_t *handle, int status, int events) {
-  (void)events;
-  watch_t *w = (watch_t *)handle;
-  int wstatus = 0;
-  pid_t got;
-  do got = waitpid(w->pid, &wstatus, WNOHANG);
-  while (got < 0 && errno == EINTR);
-  if (got == 0 && status == 0) return; /* not yet */
-  uv_poll_stop(&w->poll);
+/* Reports the exit to JS (in the turn that reaped it), then lets the watch go. */
+static void report(watch_t *w, pid_t got, int wstatus) {
   napi_env env = w->env;
+  if (w->poll_open) uv_poll_stop(&w->poll);
+  if (w->timer_open) uv_timer_stop(&w->timer);
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
   napi_value cb, global, argv[2], result;
@@ -217,23 +248,65 @@ static void on_exit_ready(uv_poll_t *handle, int status, int events) {
     napi_get_null(env, &argv[0]);
     napi_create_int32(env, WTERMSIG(wstatus), &argv[1]);
   } else {
-    /* Not ours to reap any more (ECHILD), or the poll failed: no exit status can be known. */
+    /* ECHILD: not ours to reap (cannot happen unless something else reaped it): no status can be known. */
     napi_get_null(env, &argv[0]);
     napi_get_null(env, &argv[1]);
   }
-  napi_make_callback(env, w->context, global, cb, 2, argv, &result);
+  if (napi_make_callback(env, w->context, global, cb, 2, argv, &result) == napi_pending_exception) {
+    /* A throw in the exit handler is the process's uncaught exception, not something left pending for the next call. */
+    napi_value err;
+    napi_get_and_clear_last_exception(env, &err);
+    napi_fatal_exception(env, err);
+  }
   napi_delete_reference(env, w->callback);
   napi_async_destroy(env, w->context);
   napi_close_handle_scope(env, scope);
-  uv_close((uv_handle_t *)&w->poll, on_closed);
+  w->closing = w->poll_open + w->timer_open;
+  if (w->poll_open) uv_close((uv_handle_t *)&w->poll, on_closed);
+  if (w->timer_open) uv_close((uv_handle_t *)&w->timer, on_closed);
+}
+
+static void check(watch_t *w) {
+  int wstatus = 0;
+  pid_t got;
+  do got = waitpid(w->pid, &wstatus, WNOHANG);
+  while (got < 0 && errno == EINTR);
+  if (got == 0) return; /* not yet */
+  report(w, got, wstatus);
+}
+
+static void on_timer(uv_timer_t *handle) { check(handle->data); }
+
+/* Looks for the exit every REAP_POLL_MS instead of through the pidfd. Returns 0, or a libuv error. */
+static int watch_by_timer(uv_loop_t *loop, watch_t *w) {
+  if (!w->timer_open) {
+    int err = uv_timer_init(loop, &w->timer);
+    if (err) return err;
+    w->timer.data = w;
+    w->timer_open = 1;
+  }
+  return uv_timer_start(&w->timer, on_timer, REAP_POLL_MS, REAP_POLL_MS);
+}
+
+static void on_pidfd(uv_poll_t *handle, int status, int events) {
+  (void)events;
+  watch_t *w = handle->data;
+  if (status < 0) {
+    /* The pidfd cannot be polled (not expected): look for the exit by time instead, never report one not seen. */
+    uv_poll_stop(&w->poll);
+    if (watch_by_timer(handle->loop, w) != 0) check(w);
+    return;
+  }
+  check(w);
 }
 
 /*
  * posixSpawn(file, args, env, cwd | null, onExit(code | null, signalNumber | null))
  *   → [pid, stdinFd, stdoutFd, stderrFd]
  * args[0] is the process's argv[0]. Throws an Error with the errno's code
- * (ENOENT, EACCES, …) when the process could not be started, a TypeError for
- * arguments it cannot pass (a NUL byte).
+ * (ENOENT, EACCES, ENOTDIR, …) when the process could not be started, a
+ * TypeError for arguments it cannot pass (a NUL byte). onExit is called
+ * once, in the turn that reaped the process.
  */
 static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
   size_t argc = 5;
@@ -245,7 +318,7 @@ static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
   if (cb_type != napi_function) return throw_type(env, "ERR_INVALID_ARG_TYPE", "onExit must be a function");
   napi_typeof(env, args[3], &cwd_type);
 
-  char *file = NULL, *cwd = NULL, *path = NULL;
+  char *file = NULL, *cwd = NULL;
   char **argv = NULL, **envp = NULL;
   int fds[6] = {-1, -1, -1, -1, -1, -1};
   napi_value ret = NULL;
@@ -253,6 +326,8 @@ static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
   posix_spawn_file_actions_t actions;
   posix_spawnattr_t attr;
   int have_actions = 0, have_attr = 0;
+  watch_t *w = NULL;
+  uv_loop_t *loop = NULL;
 
   if (!(file = get_string(env, args[0], "file"))) goto done;
   if (!(argv = get_strings(env, args[1], "args"))) goto done;
@@ -262,10 +337,22 @@ static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
   }
   if (!(envp = get_strings(env, args[2], "env"))) goto done;
   if (cwd_type != napi_null && cwd_type != napi_undefined && !(cwd = get_string(env, args[3], "cwd"))) goto done;
-
-  if (!(path = resolve(file, envp, cwd, &err))) {
-    throw_errno(env, err, "spawn", file);
+  /* Everything the watch needs is had before a process exists, so that a started process is always watched. */
+  if (!(w = calloc(1, sizeof(watch_t)))) {
+    throw_errno(env, ENOMEM, "spawn", file);
     goto done;
+  }
+  w->pidfd = -1;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) {
+    throw_errno(env, EINVAL, "spawn", file);
+    goto done;
+  }
+  /* The working directory first, as libuv's child does chdir before its exec: its error is the spawn's. */
+  if (cwd) {
+    struct stat st;
+    if (stat(cwd, &st) != 0) err = errno;
+    else if (!S_ISDIR(st.st_mode)) err = ENOTDIR;
+    if (err) goto spawn_error;
   }
   /* Socket pairs, as libuv makes for stdio "pipe": what a task sees (e.g. /dev/stdout cannot be opened) does not depend on which path started it. */
   for (int i = 0; i < 3; i++) {
@@ -291,7 +378,7 @@ static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
   posix_spawnattr_setsigmask(&attr, &none);
   if ((err = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK)) != 0) goto spawn_error;
   pid_t pid;
-  if ((err = posix_spawn(&pid, path, &actions, &attr, argv, envp)) != 0) goto spawn_error;
+  if ((err = spawn_search(&pid, file, cwd, argv, envp, &actions, &attr)) != 0) goto spawn_error;
 
   /* The child's ends are the child's now. */
   close(fds[0]);
@@ -299,27 +386,22 @@ static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
   close(fds[5]);
   fds[0] = fds[3] = fds[5] = -1;
 
-  watch_t *w = calloc(1, sizeof(watch_t));
-  int pidfd = w ? pidfd_open(pid) : -1;
-  uv_loop_t *loop = NULL;
-  if (pidfd < 0 || napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &w->poll, pidfd) != 0) {
-    /* Cannot watch it: end it rather than leave a process nobody reaps or reports. */
-    int e = pidfd < 0 ? errno : EINVAL;
-    kill(-pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    if (pidfd >= 0) close(pidfd);
-    free(w);
-    throw_errno(env, e, "pidfd_open", file);
-    goto done;
-  }
   w->pid = pid;
-  w->pidfd = pidfd;
   w->env = env;
+  w->poll.data = w;
   napi_create_reference(env, args[4], 1, &w->callback);
   napi_value resource_name;
   napi_create_string_utf8(env, "rexmesh:posixSpawn", NAPI_AUTO_LENGTH, &resource_name);
   napi_async_init(env, NULL, resource_name, &w->context);
-  uv_poll_start(&w->poll, UV_READABLE, on_exit_ready);
+  /* A pidfd polled on the loop; without one (EMFILE, …), a look by time. Either way the process is watched until reaped. */
+  w->pidfd = pidfd_open(pid);
+  if (w->pidfd >= 0 && uv_poll_init(loop, &w->poll, w->pidfd) == 0) {
+    w->poll_open = 1;
+    if (uv_poll_start(&w->poll, UV_READABLE, on_pidfd) != 0) watch_by_timer(loop, w);
+  } else {
+    watch_by_timer(loop, w);
+  }
+  w = NULL; /* the watch's now */
 
   napi_create_array_with_length(env, 4, &ret);
   int out[4] = {pid, fds[1], fds[2], fds[4]};
@@ -338,16 +420,16 @@ done:
     if (fds[i] >= 0) close(fds[i]);
   if (have_actions) posix_spawn_file_actions_destroy(&actions);
   if (have_attr) posix_spawnattr_destroy(&attr);
+  free(w);
   free(file);
   free(cwd);
-  free(path);
   free_strings(argv);
   free_strings(envp);
   return ret;
 }
 
 NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
-  /* Without pidfds (Linux < 5.3) no exit can be watched: the module is not offered. */
+  /* Without pidfds (Linux < 5.3) the module is not offered (a timer alone would see exits up to 100 ms late). */
   int probe = pidfd_open(getpid());
   if (probe < 0) return exports;
   close(probe);

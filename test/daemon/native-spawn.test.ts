@@ -9,9 +9,10 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import type { EventEmitter } from "node:events";
-import { chmodSync, mkdtempSync, realpathSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, realpathSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { PosixChild, loadPosixSpawn, type PosixSpawnFn } from "../../daemon/native-spawn.js";
 
@@ -26,7 +27,11 @@ interface Ran {
 }
 
 const loaded = loadPosixSpawn();
-const posixSpawn: PosixSpawnFn | undefined = "spawn" in loaded ? loaded.spawn : undefined;
+/** The addon's function; every test that uses it fails with the reason it is missing, if it is. */
+const posixSpawnOrWhy: PosixSpawnFn = "spawn" in loaded ? loaded.spawn : () => {
+  throw new Error(`the posix_spawn addon is not loaded: ${loaded.reason}`);
+};
+const posixSpawn = posixSpawnOrWhy as PosixSpawnFn | undefined;
 
 function collect(child: ChildProcess | PosixChild, stdin: string): Promise<Ran> {
   return new Promise((resolve, reject) => {
@@ -59,6 +64,22 @@ function viaNode(program: string, args: string[], opts: { cwd?: string; env: Rec
 
 const env = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C" };
 
+/** The errors Node's spawn() emits as 'error' instead of throwing. */
+const ASYNC_SPAWN_ERRORS = new Set(["EACCES", "EAGAIN", "EMFILE", "ENFILE", "ENOENT"]);
+
+/** How spawn() fails for this: its code, and whether it threw. */
+async function nodeFailure(program: string, opts: { cwd?: string; env: Record<string, string> }): Promise<{ code?: string; sync: boolean }> {
+  try {
+    const child = spawn(program, [], { cwd: opts.cwd, env: opts.env, detached: true, stdio: ["pipe", "pipe", "pipe"] });
+    return await new Promise((resolve) => {
+      child.on("error", (err: NodeJS.ErrnoException) => resolve({ code: err.code, sync: false }));
+      child.on("close", () => resolve({ sync: false }));
+    });
+  } catch (err) {
+    return { code: (err as NodeJS.ErrnoException).code, sync: true };
+  }
+}
+
 describe("posix_spawn addon", () => {
   it("is built and loads (npm ci builds it; without it the spawner forks once per process)", () => {
     expect("reason" in loaded ? loaded.reason : "").toBe("");
@@ -80,23 +101,25 @@ describe("posix_spawn addon", () => {
   });
 
   it("starts the process in a session and group of its own, with the fds, signal dispositions and mask spawn() gives", async () => {
-    // pid, pgrp and session from /proc (fields 1, 5, 6; sh's name has no space); the process's own fds; then its signal masks,
-    // read by the process it execs (the shell's own mask changes while it forks).
-    const script = 'set -- $(cat /proc/$$/stat); echo "$1 $5 $6"; ls /proc/$$/fd | sort -n | tr "\\n" " "; echo; exec grep -E "^(SigBlk|SigIgn)" /proc/self/status';
+    // pid, pgrp and session from /proc (fields 1, 5, 6; sh's name has no space); then its signal masks, read by the
+    // process it execs (the shell's own mask changes while it forks).
+    const script = 'set -- $(cat /proc/$$/stat); echo "$1 $5 $6"; exec grep -E "^(SigBlk|SigIgn)" /proc/self/status';
     const posix = await viaPosix("sh", ["-c", script], { env });
     const node = await viaNode("sh", ["-c", script], { env });
     expect(posix.code).toBe(0);
-    const [ids, fds, blocked, ignored] = posix.stdout.trim().split("\n");
-    const [, nodeFds, nodeBlocked] = node.stdout.trim().split("\n");
+    const [ids, blocked, ignored] = posix.stdout.trim().split("\n");
     expect(ids).toBe(`${posix.pid} ${posix.pid} ${posix.pid}`);
-    expect(fds!.trim().split(" ").slice(0, 3)).toEqual(["0", "1", "2"]);
-    // Anything past 0-2 is what the test runner itself leaves without close-on-exec: nothing spawn() would not pass too.
-    expect(fds!.trim().split(" ").filter((fd) => !nodeFds!.trim().split(" ").includes(fd))).toEqual([]);
     expect(blocked).toBe("SigBlk:\t0000000000000000");
-    expect(blocked).toBe(nodeBlocked);
+    expect(blocked).toBe(node.stdout.trim().split("\n")[1]);
     // SIGPIPE (13), ignored by Node in this process, is back at default; only glibc's own 32 and 33 may be ignored (spawn.c says why).
     const ign = BigInt(`0x${ignored!.split("\t")[1]}`);
     expect(ign & ~(3n << 31n)).toBe(0n);
+    // The fds of a process that lists its own (ls's fd 3 is the directory it reads): 0-2, and past them only what the
+    // test runner itself leaves without close-on-exec, which spawn() passes on too.
+    const fds = (r: Ran) => r.stdout.trim().split("\n").filter((fd) => fd !== "3");
+    const posixFds = fds(await viaPosix("ls", ["-1", "/proc/self/fd"], { env }));
+    expect(posixFds.slice(0, 3)).toEqual(["0", "1", "2"]);
+    expect(posixFds).toEqual(fds(await viaNode("ls", ["-1", "/proc/self/fd"], { env })));
   });
 
   it("passes exactly the environment given and runs in the working directory given", async () => {
@@ -122,27 +145,88 @@ describe("posix_spawn addon", () => {
     }
   });
 
-  it("fails with the errno's code where spawn() fails: not found, not executable, no such working directory", async () => {
+  it("fails with the errno's code where spawn() fails, told apart as spawn() does (sync or 'error')", async () => {
     const dir = realpathSync(mkdtempSync(join(tmpdir(), "rexmesh-nspawn-")));
     writeFileSync(join(dir, "not-exec"), "#!/bin/sh\necho no\n");
+    mkdirSync(join(dir, "a-dir"));
+    writeFileSync(join(dir, "a-file"), "");
     const cases: Array<[string, { cwd?: string; env: Record<string, string> }, string]> = [
       ["rexmesh-no-such-program", { env }, "ENOENT"],
       [join(dir, "nothing"), { env }, "ENOENT"],
       ["not-exec", { env: { PATH: dir } }, "EACCES"],
       [join(dir, "not-exec"), { env }, "EACCES"],
+      // A directory named like the program: exec's EACCES, the search going on past it.
+      ["a-dir", { env: { PATH: dir } }, "EACCES"],
       ["true", { env, cwd: join(dir, "gone") }, "ENOENT"],
+      ["true", { env, cwd: join(dir, "a-file") }, "ENOTDIR"],
+      ["rexmesh-no-such-program", { env, cwd: join(dir, "a-file") }, "ENOTDIR"],
     ];
     for (const [program, opts, code] of cases) {
-      expect(() => new PosixChild(posixSpawn!, program, [], opts), program).toThrow(expect.objectContaining({ code }));
-      const nodeErr = await viaNode(program, [], opts).then(() => undefined, (err: NodeJS.ErrnoException) => err.code);
-      expect(nodeErr, `spawn() of ${program}`).toBe(code);
+      let posixErr: unknown;
+      try {
+        new PosixChild(posixSpawn!, program, [], opts);
+      } catch (err) {
+        posixErr = err;
+      }
+      expect(posixErr, `posix_spawn of ${program}`).toMatchObject({ code });
+      const nodeErr = await nodeFailure(program, opts);
+      expect(nodeErr.code, `spawn() of ${program}`).toBe(code);
+      expect(ASYNC_SPAWN_ERRORS.has(code), `${program}: spawn() ${nodeErr.sync ? "threw" : "emitted"} ${code}`).toBe(!nodeErr.sync);
     }
+  });
+
+  it("runs a file that is neither a binary nor has a #! line with /bin/sh, and goes past a #! whose interpreter is missing", async () => {
+    const dir = realpathSync(mkdtempSync(join(tmpdir(), "rexmesh-nspawn-")));
+    const later = realpathSync(mkdtempSync(join(tmpdir(), "rexmesh-nspawn-")));
+    writeFileSync(join(dir, "plain"), 'echo "plain as sh: $1"\n');
+    writeFileSync(join(dir, "bad-interp"), "#!/nonexistent/interpreter\necho first\n");
+    writeFileSync(join(later, "bad-interp"), "#!/bin/sh\necho later\n");
+    for (const f of [join(dir, "plain"), join(dir, "bad-interp"), join(later, "bad-interp")]) chmodSync(f, 0o755);
+    for (const run of [viaPosix, viaNode]) {
+      expect(await run(join(dir, "plain"), ["x"], { env })).toMatchObject({ code: 0, stdout: "plain as sh: x\n" });
+      expect(await run("bad-interp", [], { env: { PATH: `${dir}:${later}` } })).toMatchObject({ code: 0, stdout: "later\n" });
+    }
+  });
+
+  it("names a signal as spawn() does (the first of two names), a real-time one as kill -l does", async () => {
+    for (const run of [viaPosix, viaNode]) {
+      expect(await run("sh", ["-c", "kill -ABRT $$"], { env })).toMatchObject({ code: null, signal: "SIGABRT" });
+      expect(await run("sh", ["-c", "kill -IO $$"], { env })).toMatchObject({ code: null, signal: "SIGIO" });
+    }
+    // spawn() has no name for it and says exit code 0; here the death is told.
+    expect(await viaPosix("sh", ["-c", "kill -40 $$"], { env })).toMatchObject({ code: null, signal: "SIGRTMIN+6" });
+    expect(await viaNode("sh", ["-c", "kill -40 $$"], { env })).toMatchObject({ code: 0, signal: null });
+  });
+
+  it("takes as many arguments as exec does, and lets go of what the process did not read of its stdin when it exits", async () => {
+    const many = Array.from({ length: 70_000 }, (_, i) => `a${i}`);
+    for (const run of [viaPosix, viaNode]) expect(await run("sh", ["-c", 'echo $#', "sh", ...many], { env })).toMatchObject({ code: 0, stdout: "70000\n" });
+    const child = new PosixChild(posixSpawn!, "true", [], { env });
+    child.stdin.on("error", () => {});
+    child.stdin.write(Buffer.alloc(4 << 20));
+    await new Promise((r) => child.on("exit", r));
+    expect(child.stdin.destroyed).toBe(true);
   });
 
   it("refuses a NUL byte in an argument, the environment or the program with a TypeError, starting nothing", () => {
     expect(() => new PosixChild(posixSpawn!, "echo", ["a\0b"], { env })).toThrow(TypeError);
     expect(() => new PosixChild(posixSpawn!, "echo", [], { env: { ...env, X: "a\0b" } })).toThrow(TypeError);
     expect(() => new PosixChild(posixSpawn!, "ec\0ho", [], { env })).toThrow(expect.objectContaining({ code: "ERR_INVALID_ARG_VALUE" }));
+    expect(() => new PosixChild(posixSpawn!, "", [], { env })).toThrow(expect.objectContaining({ code: "ERR_INVALID_ARG_VALUE" }));
+    expect(() => spawn("", [])).toThrow(expect.objectContaining({ code: "ERR_INVALID_ARG_VALUE" }));
+  });
+
+  it("makes a throw in an exit handler the process's uncaught exception, and reports later exits still", async () => {
+    const addon = fileURLToPath(new URL("../../native/spawn/build/Release/rexmesh_spawn.node", import.meta.url));
+    const script = `
+      const { posixSpawn } = require(${JSON.stringify(addon)});
+      process.on("uncaughtException", (e) => {
+        console.log("uncaught: " + e.message);
+        posixSpawn("true", ["true"], ["PATH=/bin:/usr/bin"], null, (code) => console.log("next exit " + code));
+      });
+      posixSpawn("true", ["true"], ["PATH=/bin:/usr/bin"], null, () => { throw new Error("boom in onExit"); });`;
+    const ran = await viaNode(process.execPath, ["-e", script], { env });
+    expect(ran).toMatchObject({ code: 0, stdout: "uncaught: boom in onExit\nnext exit 0\n" });
   });
 
   it("keeps an exited process's pid its own until its exit was reported (a zombie, not reaped by Node)", async () => {
