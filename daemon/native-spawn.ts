@@ -85,7 +85,10 @@ export class PosixChild extends EventEmitter {
     for (const [key, value] of Object.entries(options.env)) {
       if (value !== undefined) env.push(`${key}=${value}`);
     }
+    let started = false;
     const [pid, stdin, stdout, stderr] = spawnFn(program, [program, ...args], env, options.cwd ?? null, (code, signal) => {
+      // The start failed after the process existed (below): it was killed, and nobody listens for it.
+      if (!started) return;
       this.exitCode = code;
       // A real-time signal's name is not one of NodeJS.Signals; the spawner passes it on as a string all the same.
       this.signalCode = signal === null ? null : (signalName(signal) as NodeJS.Signals);
@@ -110,6 +113,7 @@ export class PosixChild extends EventEmitter {
       throw err;
     }
     [this.stdin, this.stdout, this.stderr] = sockets as [Socket, Socket, Socket];
+    started = true;
     this.stdout.once("close", () => this.closed());
     this.stderr.once("close", () => this.closed());
   }

@@ -159,8 +159,11 @@ function start(id: number, body: Buffer): void {
   } catch (err) {
     // posix_spawn reports every failure at once; spawn() throws some and emits others as 'error' later (below). The
     // daemon words the two differently, so they are told apart as spawn() does.
-    const sync = !posixSpawn || !ASYNC_SPAWN_ERRORS.has(codeOf(err) ?? "");
-    failed(id, { sync, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
+    const code = codeOf(err);
+    const sync = !posixSpawn || !ASYNC_SPAWN_ERRORS.has(code ?? "");
+    // And worded as spawn() words them: a thrown errno without the program ("spawn ENOTDIR").
+    const message = posixSpawn && sync && code?.startsWith("E") ? `spawn ${code}` : err instanceof Error ? err.message : String(err);
+    failed(id, { sync, code, message });
     return;
   }
   if (child.pid === undefined) {

@@ -189,14 +189,18 @@ static int stat_from(const char *cwd, const char *path, struct stat *st) {
  * it is; otherwise each entry of the child's PATH (default "/bin:/usr/bin",
  * glibc's) in turn, an empty entry meaning the working directory, going on
  * past ENOENT, ENOTDIR, ESTALE, ENODEV, ETIMEDOUT and EACCES (which is then
- * the error if nothing starts) and stopping at any other. Relative paths are
+ * the error if nothing starts) and an entry too long to be a path, and
+ * stopping at any other. Relative paths are
  * the child's, from its working directory (the chdir comes first).
  */
 static int spawn_search(pid_t *pid, const char *file, const char *cwd, char **argv, char **envp, const posix_spawn_file_actions_t *actions, const posix_spawnattr_t *attr) {
   if (strchr(file, '/')) return spawn_path(pid, file, argv, envp, actions, attr);
   const char *path = "/bin:/usr/bin";
   for (char **e = envp; *e; e++)
-    if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
+    if (strncmp(*e, "PATH=", 5) == 0) {
+      path = *e + 5; /* the first, as getenv */
+      break;
+    }
   size_t flen = strlen(file);
   int err = ENOENT, seen_eacces = 0;
   for (const char *p = path;;) {
@@ -212,7 +216,7 @@ static int spawn_search(pid_t *pid, const char *file, const char *cwd, char **ar
     }
     /* A candidate that is not there is passed over without a process made for it (exec would say the same). */
     struct stat st;
-    if (stat_from(cwd, cand, &st) != 0 && (errno == ENOENT || errno == ENOTDIR)) err = errno;
+    if (stat_from(cwd, cand, &st) != 0 && (errno == ENOENT || errno == ENOTDIR || errno == ENAMETOOLONG)) err = errno == ENAMETOOLONG ? ENOENT : errno;
     else err = spawn_path(pid, cand, argv, envp, actions, attr);
     free(cand);
     if (err == 0) return 0;
@@ -266,16 +270,18 @@ static void report(watch_t *w, pid_t got, int wstatus) {
   if (w->timer_open) uv_close((uv_handle_t *)&w->timer, on_closed);
 }
 
-static void check(watch_t *w) {
+/* Reaps and reports the exit if there is one: 1; not yet: 0. */
+static int check(watch_t *w) {
   int wstatus = 0;
   pid_t got;
   do got = waitpid(w->pid, &wstatus, WNOHANG);
   while (got < 0 && errno == EINTR);
-  if (got == 0) return; /* not yet */
+  if (got == 0) return 0;
   report(w, got, wstatus);
+  return 1;
 }
 
-static void on_timer(uv_timer_t *handle) { check(handle->data); }
+static void on_timer(uv_timer_t *handle) { (void)check(handle->data); }
 
 /* Looks for the exit every REAP_POLL_MS instead of through the pidfd. Returns 0, or a libuv error. */
 static int watch_by_timer(uv_loop_t *loop, watch_t *w) {
@@ -291,13 +297,15 @@ static int watch_by_timer(uv_loop_t *loop, watch_t *w) {
 static void on_pidfd(uv_poll_t *handle, int status, int events) {
   (void)events;
   watch_t *w = handle->data;
-  if (status < 0) {
-    /* The pidfd cannot be polled (not expected): look for the exit by time instead, never report one not seen. */
-    uv_poll_stop(&w->poll);
-    if (watch_by_timer(handle->loop, w) != 0) check(w);
-    return;
-  }
-  check(w);
+  if (status == 0 && check(w)) return;
+  /*
+   * The pidfd cannot be polled (not expected), or it is readable but the
+   * process cannot be reaped yet (a tracer has not waited for it): the poll,
+   * level-triggered, would fire every turn. Look by time instead; never
+   * report an exit not seen.
+   */
+  uv_poll_stop(&w->poll);
+  if (watch_by_timer(handle->loop, w) != 0) (void)check(w);
 }
 
 /*

@@ -316,6 +316,11 @@ describe(`Executor, steps started ${via}`, () => {
       expect(outcome).toMatchObject({ state: TaskState.FAILED, message: "working directory does not exist: /no/such/dir" });
     });
 
+    it("words a start that spawn() refuses outright (arguments past the kernel's limit) the same whichever way it starts", async () => {
+      const [outcome] = await runOk(spec([exec("true", ...Array.from({ length: 40 }, () => "x".repeat(100_000)))]));
+      expect(outcome).toMatchObject({ state: TaskState.FAILED, message: "spawn failed: spawn E2BIG" });
+    });
+
     it("refuses malformed steps before running any of them", async () => {
       const marker = join(tmp, "must-not-exist");
       const cases: [TaskSpec, string][] = [

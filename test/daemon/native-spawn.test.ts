@@ -139,6 +139,8 @@ describe("posix_spawn addon", () => {
     writeFileSync(join(dir, "only-here"), "#!/bin/sh\necho found $0\n");
     chmodSync(join(dir, "only-here"), 0o755);
     for (const run of [viaPosix, viaNode]) {
+      // An entry too long to be a path is passed over.
+      expect((await run("true", [], { env: { PATH: `/${"y".repeat(5000)}:/bin:/usr/bin` } })).code).toBe(0);
       // The script's $0 is the path it was found at.
       expect((await run("only-here", [], { env: { PATH: `/nonexistent:${dir}` } })).stdout).toBe(`found ${dir}/only-here\n`);
       expect((await run("./only-here", [], { env, cwd: dir })).stdout).toBe("found ./only-here\n");
