@@ -7,7 +7,9 @@
  * and copied) grows with the process's size. A daemon serving many hosts is
  * large; this process is Node at its smallest, and stays so: it keeps no
  * state but its live steps, and imports nothing but Node's own modules, the
- * frame codec and the /proc stat reader.
+ * frame codec, the /proc stat reader and the posix_spawn addon's wrapper
+ * (daemon/native-spawn.ts). With the addon it does not fork itself at all:
+ * a start costs the same whatever its size.
  *
  * Its frames: daemon/spawner-frames.ts. fd 3 carries requests, fd 4 the
  * answers; stdin, stdout and stderr are not used for frames (stdout is
