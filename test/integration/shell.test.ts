@@ -304,13 +304,21 @@ bindings:
     abort.abort();
     closeApi();
     // The controller lets the eight go when their streams' ends reach it, which a loaded machine may take a moment for.
+    // The session goes on once this watcher holds a place: when the CLI says it is watching (the controller's first
+    // answer). Until review a join still running 5 s after it started was taken for one, and on a loaded CI run a
+    // refused join's CLI could take that long just to start: the session ended, and the next join found it gone.
     const watched = await until("a watcher's place", async () => {
-      const attempt = rexmesh(["sessions", "join", id], mesh.exports(), "typed by the watcher\n");
-      // Still there 5 s after it started: it holds a place (a refused join ends at once), and the session may go on.
-      const go = setTimeout(() => writeFileSync(release, ""), 5000);
-      const w = await attempt;
-      clearTimeout(go);
-      return /has 8 watchers already/.test(w.stderr) ? undefined : w;
+      const cli = spawn(process.execPath, [REXMESH_BIN, "sessions", "join", id], { env: cliEnv(mesh.exports()), stdio: ["pipe", "pipe", "pipe"] });
+      let stdout = "";
+      let stderr = "";
+      cli.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+      cli.stderr.on("data", (d: Buffer) => {
+        stderr += d.toString();
+        if (/watching session/.test(stderr)) writeFileSync(release, "");
+      });
+      cli.stdin.end("typed by the watcher\n");
+      const code = await new Promise<number | null>((resolve) => cli.once("close", resolve));
+      return /has 8 watchers already/.test(stderr) ? undefined : { code, stdout, stderr };
     }, 60_000);
     expect(watched.code, watched.stderr).toBe(0);
     expect(watched.stdout).toMatch(/tick 8\n$/);
