@@ -346,15 +346,17 @@ bindings:
   it("ends a session idle past its role's timeout, and one past its maximum duration, each with the reason, and its process with it", async () => {
     const brief = mesh.issue({ role: "operator", scope: "acme", id: "brief" }, join(work, "brief"));
     const short = mesh.issue({ role: "operator", scope: "acme", id: "short" }, join(work, "short"));
+    // The commands would run for 10 minutes: a session that ended is ended by its limits (the messages say which), not by its command.
     const started = Date.now();
-    const [idle, long] = await Promise.all([shell(["-T", "h1", "--", "sleep", "41"], "", envOf(brief)), shell(["-T", "h1", "--", "sleep", "42"], "", envOf(short))]);
+    const [idle, long] = await Promise.all([shell(["-T", "h1", "--", "sleep", "641"], "", envOf(brief)), shell(["-T", "h1", "--", "sleep", "642"], "", envOf(short))]);
     expect(idle.code).toBe(1);
     expect(idle.stderr).toMatch(/DeadlineExceeded: .*the session was idle \(no input\) for 2s: ended by (the controller|proxy \S+)/);
     expect(long.code).toBe(1);
     expect(long.stderr).toMatch(/DeadlineExceeded: .*the session reached its maximum duration of 3s: ended by (the controller|proxy \S+)/);
-    expect(Date.now() - started).toBeLessThan(15_000);
-    await until("the remote sleeps ended", async () => (pids("sleep 41") === "" && pids("sleep 42") === "" ? true : undefined), 10_000);
-  });
+    // Two CLIs started and connected on a loaded 2-core machine took 25.7 s (CI on ce727ba); far short of the commands' end all the same.
+    expect(Date.now() - started).toBeLessThan(50_000);
+    await until("the remote sleeps ended", async () => (pids("sleep 641") === "" && pids("sleep 642") === "" ? true : undefined), 10_000);
+  }, 90_000);
 
   it("keeps every hop's memory flat when the client stops reading: the host's writer blocks instead", async () => {
     const marker = `stalled-${process.pid}`;
