@@ -198,11 +198,12 @@ let lastTurn: Promise<void> = Promise.resolve();
 
 /**
  * Waits for this task's turn to start its process: one start per turn of the
- * event loop, across every host this process serves. Spawning forks the
- * daemon, which takes milliseconds; two hundred tasks starting at once
- * would otherwise hold the event loop for seconds, and with it every
- * status, heartbeat and ack of every host's stream. Not needed when the
- * executor starts steps through the spawner (a frame written, no fork).
+ * event loop, across every host this process serves, when a start forks
+ * the daemon (Node's spawn(): no spawner, no posix_spawn addon), which takes
+ * milliseconds; two hundred tasks starting at once would otherwise hold the
+ * event loop for seconds, and with it every status, heartbeat and ack of
+ * every host's stream. Not needed through the spawner (a frame written) or
+ * with posix_spawn (no fork: the daemon waits only for the child's exec).
  */
 function spawnTurn(): Promise<void> {
   const turn = lastTurn.then(() => new Promise<void>((resolve) => setImmediate(resolve)));

@@ -71,8 +71,10 @@ export interface ExecutorOptions {
   /** Arms the output flush timer; tests of the coalescing inject it. Default: a real timer. */
   outputFlushScheduler?: FlushScheduler;
   /**
-   * Starts the steps' processes. Default: in this process (directLauncher);
-   * a daemon passes its spawner (daemon/spawner.ts), so that it is not forked per step.
+   * Starts the steps' processes. Default: in this process (directLauncher,
+   * posix_spawn where the addon was built); a daemon passes its spawner
+   * (daemon/spawner.ts), which keeps the starts and the output's relay off
+   * its event loop, and without the addon keeps it from being forked per step.
    */
   launcher?: Launcher;
 }
@@ -232,7 +234,7 @@ export class Executor {
     };
   }
 
-  /** True when starting a step forks the daemon (no spawner): the agent then starts one step per event-loop turn. */
+  /** True when starting a step forks the daemon (no spawner and no posix_spawn addon): the agent then starts one step per event-loop turn. */
   get forksDaemon(): boolean {
     return this.opts.launcher.forksCaller;
   }

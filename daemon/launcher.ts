@@ -1,12 +1,13 @@
 /**
- * How the executor starts a step's process: in the daemon itself (Node's
- * spawn, {@link directLauncher}), or through the spawner next to it
+ * How the executor starts a step's process: in the daemon itself
+ * ({@link directLauncher}: posix_spawn, or Node's spawn() where the addon was
+ * not built), or through the spawner next to it
  * (daemon/spawner.ts). Either way the process is a real child of one of
  * them, leads its own process group, and its output comes back per stream
  * in the order it was read; the executor signals the group itself.
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { OutputStream } from "../gen/rexmesh/v1/task_pb.js";
+import { loadPosixSpawn, startChild, type Child, type PosixSpawnFn } from "./native-spawn.js";
 
 /** What to run. `env` is complete: nothing is inherited. */
 export interface LaunchRequest {
@@ -76,73 +77,71 @@ export interface Launcher {
   readonly forksCaller: boolean;
 }
 
-/** Spawns in this process: a fork of the daemon per step (the cost grows with the daemon's size). */
-export const directLauncher: Launcher = {
-  forksCaller: true,
-  launch(request, events) {
-    let child: ChildProcess;
-    try {
-      child = spawn(request.program, request.args, { cwd: request.cwd, env: request.env, detached: true, stdio: ["pipe", "pipe", "pipe"] });
-    } catch (err) {
-      events.failed({ sync: true, code: codeOf(err), message: err instanceof Error ? err.message : String(err) });
-      return NOTHING;
-    }
-    const stdin = child.stdin!;
-    const stdout = child.stdout!;
-    const stderr = child.stderr!;
-    if (child.pid === undefined) {
-      // Not started: 'error' follows (ENOENT, EACCES, …); nothing else of it will.
-      child.on("error", (err) => {
-        stdin.destroy();
-        stdout.destroy();
-        stderr.destroy();
-        events.failed({ sync: false, code: codeOf(err), message: err.message });
-      });
-      return NOTHING;
-    }
-    events.spawned(child.pid);
-    let abandoned = false;
-    // Only spawn failures matter; a started process's pipe errors end in 'close'.
-    child.on("error", () => {});
-    for (const [stream, tag] of [[stdout, OutputStream.STDOUT], [stderr, OutputStream.STDERR]] as const) {
-      stream.on("data", (buf: Buffer) => {
-        if (!abandoned) events.data(tag, buf);
-      });
-      stream.on("error", () => {});
-      stream.on("close", () => {
-        if (!abandoned) events.closed(tag);
-      });
-    }
-    child.on("exit", (code, signal) => {
-      if (!abandoned) events.exited(code, signal);
-    });
-    // The child may exit without reading its input (EPIPE): that is the child's business, not a failure of the task.
-    stdin.on("error", () => {});
-    if (request.stdin.length > 0) stdin.end(request.stdin);
-    else stdin.end();
-    return {
-      hold(on) {
-        for (const s of [stdout, stderr]) {
-          if (s.destroyed) continue;
-          if (on) s.pause();
-          else if (s.isPaused()) s.resume();
-        }
-      },
-      destroyOutput() {
-        stdout.destroy();
-        stderr.destroy();
-      },
-      abandon() {
-        abandoned = true;
-        stdout.destroy();
-        stderr.destroy();
-      },
-      withdraw: () => false,
-    };
-  },
-};
+/**
+ * Starts step processes from this process: by posix_spawn when given (no
+ * fork of the daemon), else by Node's spawn(), a fork of the daemon per step
+ * whose cost grows with the daemon's size.
+ */
+export function directLauncherWith(posixSpawn: PosixSpawnFn | undefined): Launcher {
+  return {
+    forksCaller: posixSpawn === undefined,
+    launch(request, events) {
+      const child = startChild(posixSpawn, request, (failure) => events.failed(failure));
+      return child === undefined ? NOTHING : follow(child, request.stdin, events);
+    },
+  };
+}
 
-export function codeOf(err: unknown): string | undefined {
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "string" ? code : undefined;
+const loaded = loadPosixSpawn();
+/**
+ * The daemon's own launcher (with `--no-spawner`, and while a spawner cannot
+ * be had): posix_spawn where the addon was built, which the spawner's log
+ * line names when it was not (native-spawn.ts).
+ */
+export const directLauncher: Launcher = directLauncherWith("spawn" in loaded ? loaded.spawn : undefined);
+
+/** Reports a started child's output and exit to `events`, and writes its stdin. */
+function follow(child: Child & { readonly pid: number }, input: Uint8Array, events: StepEvents): LaunchedStep {
+  const stdin = child.stdin!;
+  const stdout = child.stdout!;
+  const stderr = child.stderr!;
+  events.spawned(child.pid);
+  let abandoned = false;
+  // Only spawn failures matter; a started process's pipe errors end in 'close'.
+  child.on("error", () => {});
+  for (const [stream, tag] of [[stdout, OutputStream.STDOUT], [stderr, OutputStream.STDERR]] as const) {
+    stream.on("data", (buf: Buffer) => {
+      if (!abandoned) events.data(tag, buf);
+    });
+    stream.on("error", () => {});
+    stream.on("close", () => {
+      if (!abandoned) events.closed(tag);
+    });
+  }
+  child.on("exit", (code, signal) => {
+    if (!abandoned) events.exited(code, signal);
+  });
+  // The child may exit without reading its input (EPIPE): that is the child's business, not a failure of the task.
+  stdin.on("error", () => {});
+  if (input.length > 0) stdin.end(input);
+  else stdin.end();
+  return {
+    hold(on) {
+      for (const s of [stdout, stderr]) {
+        if (s.destroyed) continue;
+        if (on) s.pause();
+        else if (s.isPaused()) s.resume();
+      }
+    },
+    destroyOutput() {
+      stdout.destroy();
+      stderr.destroy();
+    },
+    abandon() {
+      abandoned = true;
+      stdout.destroy();
+      stderr.destroy();
+    },
+    withdraw: () => false,
+  };
 }

@@ -67,7 +67,7 @@ export const daemonSchema = {
   installRoot: { type: "string", doc: "the install root this daemon runs from, set by its supervisor (rexmesh supervise); updates need it" },
   watch: { type: "string", doc: "a YAML file of watchers (service, command, file, disk) whose events this host reports, for triggers (docs/triggers.md)" },
   hideTools: { type: "list", doc: "execution tools neither reported nor run on this host, e.g. python,ansible (docs/tools.md)" },
-  spawner: { type: "bool", default: true, doc: "start tasks' processes from a small spawner process beside the daemon instead of forking the daemon for each (docs/fan-out.md); false: the daemon spawns them itself" },
+  spawner: { type: "bool", default: true, doc: "start tasks' processes from a small spawner process beside the daemon, which keeps the starts and their output's relay off the daemon's event loop (docs/fan-out.md); false: the daemon starts them itself (with posix_spawn, or by forking itself where the native addon was not built)" },
 } satisfies Schema;
 
 export type DaemonConfig = Resolved<typeof daemonSchema>;

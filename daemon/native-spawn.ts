@@ -9,12 +9,15 @@
  * Node's spawn(), which starts the same processes at the cost of a fork of
  * the spawner per process.
  */
+import { spawn } from "node:child_process";
 import { EventEmitter } from "node:events";
 import { closeSync, existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { Socket } from "node:net";
 import { constants } from "node:os";
+import type { Readable, Writable } from "node:stream";
 import { fileURLToPath } from "node:url";
+import type { SpawnFailure } from "./spawner-frames.js";
 
 /** The addon's one function: [pid, stdin fd, stdout fd, stderr fd]. `args[0]` is the process's argv[0]. */
 export type PosixSpawnFn = (
@@ -122,3 +125,62 @@ export class PosixChild extends EventEmitter {
     if (--this.closesNeeded === 0) this.emit("close", this.exitCode, this.signalCode);
   }
 }
+
+/** What startChild makes: Node's ChildProcess, or a PosixChild with the same members. */
+export interface Child {
+  readonly pid?: number;
+  readonly stdin: Writable | null;
+  readonly stdout: Readable | null;
+  readonly stderr: Readable | null;
+  readonly exitCode: number | null;
+  readonly signalCode: NodeJS.Signals | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the events' arguments differ (exit: code, signal; error: Error)
+  on(event: "exit" | "close" | "error", listener: (...args: any[]) => void): unknown;
+}
+
+/** An error's `code` (ENOENT, ERR_INVALID_ARG_VALUE, …), if it has one. */
+export function codeOf(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}
+
+/** The errors Node's spawn() emits as 'error' rather than throwing (lib/internal/child_process.js). */
+const ASYNC_SPAWN_ERRORS = new Set(["EACCES", "EAGAIN", "EMFILE", "ENFILE", "ENOENT"]);
+
+/**
+ * Starts a step's process in a session and group of its own with three
+ * pipes: by posix_spawn when `posixSpawn` is given, else by Node's spawn().
+ * Returns the running child; or undefined once `failed` was called, or will
+ * be (spawn() emits some failures later, as 'error'). Either way a failure
+ * is told and worded as spawn() would: `sync` when spawn() throws it (the
+ * arguments refused, no process made), "spawn ENOTDIR" for a thrown errno.
+ */
+export function startChild(
+  posixSpawn: PosixSpawnFn | undefined,
+  request: { program: string; args: readonly string[]; cwd?: string; env: Record<string, string> },
+  failed: (failure: SpawnFailure) => void,
+): (Child & { readonly pid: number }) | undefined {
+  let child: Child;
+  try {
+    child = posixSpawn
+      ? new PosixChild(posixSpawn, request.program, request.args, { cwd: request.cwd, env: request.env })
+      : spawn(request.program, [...request.args], { cwd: request.cwd, env: request.env, detached: true, stdio: ["pipe", "pipe", "pipe"] });
+  } catch (err) {
+    // posix_spawn reports every failure at once; spawn() throws some and emits others as 'error' later (below).
+    const code = codeOf(err);
+    const sync = !posixSpawn || !ASYNC_SPAWN_ERRORS.has(code ?? "");
+    const message = posixSpawn && sync && code?.startsWith("E") ? `spawn ${code}` : err instanceof Error ? err.message : String(err);
+    failed({ sync, code, message });
+    return undefined;
+  }
+  if (child.pid === undefined) {
+    // Not started (Node's spawn() only): 'error' follows (ENOENT, EACCES, …); nothing else of it will.
+    child.on("error", (err: Error) => {
+      for (const s of [child.stdin, child.stdout, child.stderr]) s?.destroy();
+      failed({ sync: false, code: codeOf(err), message: err.message });
+    });
+    return undefined;
+  }
+  return child as Child & { readonly pid: number };
+}
+

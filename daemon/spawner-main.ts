@@ -28,10 +28,8 @@
  * holding output in memory nor spinning, and still reads fd 3 (a CANCEL is
  * acted on, a child reaped).
  */
-import { spawn } from "node:child_process";
 import { Socket } from "node:net";
-import type { Readable, Writable } from "node:stream";
-import { PosixChild, loadPosixSpawn } from "./native-spawn.js";
+import { loadPosixSpawn, startChild, type Child } from "./native-spawn.js";
 import { readStat } from "./proc-stat.js";
 import { FrameKind, FrameReader, MAX_BODY_TO_SPAWNER, PROTOCOL_VERSION, TO_SPAWNER, frame, jsonFrame, readSpawn, spawnedFrame, u32Frame, type SpawnFailure } from "./spawner-frames.js";
 
@@ -41,18 +39,6 @@ const OUT_FD = 4;
 
 /** Output bytes a step may have in flight to the daemon before its pipes are paused. */
 const WINDOW = 256 * 1024;
-
-/** What start() makes: Node's ChildProcess, or one started by posix_spawn with the same members. */
-interface Child {
-  readonly pid?: number;
-  readonly stdin: Writable | null;
-  readonly stdout: Readable | null;
-  readonly stderr: Readable | null;
-  readonly exitCode: number | null;
-  readonly signalCode: NodeJS.Signals | null;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the events' arguments differ (exit: code, signal; error: Error)
-  on(event: "exit" | "close" | "error", listener: (...args: any[]) => void): unknown;
-}
 
 interface Step {
   child: Child;
@@ -148,34 +134,8 @@ function pauseOrResume(step: Step): void {
 function start(id: number, body: Buffer): void {
   if (daemonGone()) process.exit(0);
   const { request, stdin } = readSpawn(body);
-  let child: Child;
-  try {
-    child = posixSpawn
-      ? new PosixChild(posixSpawn, request.program, request.args, { cwd: request.cwd, env: request.env })
-      : spawn(request.program, request.args, {
-          cwd: request.cwd,
-          env: request.env,
-          detached: true,
-          stdio: ["pipe", "pipe", "pipe"],
-        });
-  } catch (err) {
-    // posix_spawn reports every failure at once; spawn() throws some and emits others as 'error' later (below). The
-    // daemon words the two differently, so they are told apart as spawn() does.
-    const code = codeOf(err);
-    const sync = !posixSpawn || !ASYNC_SPAWN_ERRORS.has(code ?? "");
-    // And worded as spawn() words them: a thrown errno without the program ("spawn ENOTDIR").
-    const message = posixSpawn && sync && code?.startsWith("E") ? `spawn ${code}` : err instanceof Error ? err.message : String(err);
-    failed(id, { sync, code, message });
-    return;
-  }
-  if (child.pid === undefined) {
-    // Not started (Node's spawn() only): 'error' follows (ENOENT, EACCES, …); nothing else of it will.
-    child.on("error", (err: Error) => {
-      for (const s of [child.stdin, child.stdout, child.stderr]) s?.destroy();
-      failed(id, { sync: false, code: codeOf(err), message: err.message });
-    });
-    return;
-  }
+  const child = startChild(posixSpawn, request, (failure) => failed(id, failure));
+  if (child === undefined) return;
   const step: Step = { child, unacked: 0, held: false, paused: false, cancelled: false };
   steps.set(id, step);
   // Its start time, read now: it cannot have been reaped yet (this process reaps only when its loop turns), so its pid is still its own.
@@ -233,14 +193,6 @@ function cancel(id: number): void {
 
 function failed(id: number, failure: SpawnFailure): void {
   send(jsonFrame(FrameKind.FAILED, id, failure));
-}
-
-/** The errors Node's spawn() emits as 'error' rather than throwing (lib/internal/child_process.js). */
-const ASYNC_SPAWN_ERRORS = new Set(["EACCES", "EAGAIN", "EMFILE", "ENFILE", "ENOENT"]);
-
-function codeOf(err: unknown): string | undefined {
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "string" ? code : undefined;
 }
 
 const reader = new FrameReader((kind, id, body) => {

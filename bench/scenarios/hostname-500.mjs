@@ -116,6 +116,8 @@ export default {
     const n = opt("hosts", 500);
     const runs = opt("runs", 5);
     const perProcess = opt("per-process", 50);
+    // "no": the daemons start tasks themselves (--no-spawner), with posix_spawn where the addon was built.
+    const useSpawner = opt("spawner", "yes") !== "no";
     const expect = osHostname();
     const notes = [];
     const loadAtStart = loadavg().map((x) => +x.toFixed(1));
@@ -126,7 +128,7 @@ export default {
     const regions = ["r1", "r2"];
     const hosts = Array.from({ length: n }, (_, i) => ({ id: `h${i}`, region: regions[i % 2] }));
     const startT0 = performance.now();
-    const rex = await withMesh({ regions, hosts, hostsPerProcess: perProcess }, async (client, mesh) => {
+    const rex = await withMesh({ regions, hosts, hostsPerProcess: perProcess, daemonArgs: useSpawner ? [] : ["--no-spawner"] }, async (client, mesh) => {
       const startMs = Math.round(performance.now() - startT0);
       log(`mesh up: ${n} hosts in ${mesh.daemons.length} daemon processes, ${Math.round(startMs / 1000)} s`);
       const warmup = await oneRun(client, n, expect);
@@ -180,7 +182,7 @@ export default {
     const totalCpu = c.controllerMs + c.proxiesMs + c.daemonsMs + c.spawnersMs + c.childProcessesMs;
     const [small, big] = spawnProbe;
     notes.push(
-      `${n} hosts in ${rex.daemonProcesses} daemon processes of ${perProcess}, 2 proxies. ` +
+      `${n} hosts in ${rex.daemonProcesses} daemon processes of ${perProcess}, 2 proxies${useSpawner ? "" : "; the daemons start tasks themselves (--no-spawner)"}. ` +
         `rexmesh submit → all ${n} outputs back: median ${rexMedian} ms, best ${rexBest} ms over ${runs} runs (warm-up ${rex.warmupMs} ms not counted); ` +
         `xargs -P 8 median ${xargs.medianMs} ms → ${vsXargs}× (target ≤ 3×); ` +
         (pdshRef === undefined
@@ -202,6 +204,7 @@ export default {
       hosts: n,
       loadAtStart,
       hostsPerProcess: perProcess,
+      spawner: useSpawner,
       daemonProcesses: rex.daemonProcesses,
       proxies: 2,
       meshStartMs: rex.startMs,

@@ -7,7 +7,7 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ManualClock, systemClock } from "../../common/clock.js";
 import { Executor, MAX_OUTPUT_CHUNK_BYTES, type ExecutorOptions, type OutputFlow, type OutputSink, type TaskOutcome } from "../../daemon/executor.js";
-import { directLauncher, type Launcher } from "../../daemon/launcher.js";
+import { directLauncher, directLauncherWith, type Launcher } from "../../daemon/launcher.js";
 import { Spawner } from "../../daemon/spawner.js";
 import { silentLogger } from "../../common/logger.js";
 import {
@@ -110,10 +110,10 @@ function xorshiftBytes(total: number): Buffer {
 }
 
 /**
- * Every test runs three times: the daemon spawning each step itself, and
- * through its spawner process (the built one: role processes run from dist/),
- * which starts processes with posix_spawn (native/spawn) or, where that is
- * not built, with Node's spawn() (a fork of itself): both ways.
+ * Every test runs four times: the daemon starting each step itself, and
+ * through its spawner process (the built one: role processes run from dist/);
+ * each with posix_spawn (native/spawn) and, as where that is not built, with
+ * Node's spawn() (a fork of the starting process).
  */
 const spawnerMain = new URL("../../dist/daemon/spawner-main.js", import.meta.url).pathname;
 const spawner = new Spawner({ clock: systemClock, log: silentLogger, mainPath: spawnerMain });
@@ -134,7 +134,13 @@ async function runOk(s: TaskSpec, ex = newExecutor({ clock: systemClock })): Pro
   return [outcome, out];
 }
 
-for (const [via, using] of [["in the daemon", directLauncher], ["through the spawner (posix_spawn)", spawner], ["through the spawner (fork)", forkingSpawner]] as const) {
+const forkingDirect = directLauncherWith(undefined);
+for (const [via, using] of [
+  ["in the daemon (posix_spawn)", directLauncher],
+  ["in the daemon (fork)", forkingDirect],
+  ["through the spawner (posix_spawn)", spawner],
+  ["through the spawner (fork)", forkingSpawner],
+] as const) {
 describe(`Executor, steps started ${via}`, () => {
   beforeAll(() => {
     launcher = using;

@@ -14,6 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
+import { directLauncher, directLauncherWith } from "../../daemon/launcher.js";
 import { PosixChild, loadPosixSpawn, type PosixSpawnFn } from "../../daemon/native-spawn.js";
 
 interface Ran {
@@ -83,6 +84,32 @@ async function nodeFailure(program: string, opts: { cwd?: string; env: Record<st
 describe("posix_spawn addon", () => {
   it("is built and loads (npm ci builds it; without it the spawner forks once per process)", () => {
     expect("reason" in loaded ? loaded.reason : "").toBe("");
+  });
+
+  it("starts the daemon's own steps too (no spawner): the daemon is not forked, and not paced as if it were", async () => {
+    // glibc's posix_spawn leaves signals 32 and 33 ignored in the child (its own; a fork-based spawn() resets them): the mark of the path taken.
+    const ignored = (launcher: typeof directLauncher) =>
+      new Promise<string>((resolve, reject) => {
+        let out = "";
+        let ends = 3; // both pipes closed and the exit
+        const end = () => --ends === 0 && resolve(out.trim());
+        launcher.launch(
+          { program: "grep", args: ["^SigIgn", "/proc/self/status"], env: { PATH: process.env.PATH ?? "/usr/bin:/bin" }, stdin: new Uint8Array() },
+          {
+            spawned: () => {},
+            failed: (f) => reject(new Error(f.message)),
+            data: (_stream, buf) => (out += buf.toString()),
+            closed: end,
+            exited: end,
+            lost: (why) => reject(new Error(why)),
+          },
+        );
+      });
+    expect(directLauncher.forksCaller).toBe(false);
+    expect(await ignored(directLauncher)).toBe("SigIgn:\t0000000180000000");
+    const forking = directLauncherWith(undefined);
+    expect(forking.forksCaller).toBe(true);
+    expect(await ignored(forking)).toBe("SigIgn:\t0000000000000000");
   });
 
   it("gives the same output, exit code, and events in the same order as spawn()", async () => {
