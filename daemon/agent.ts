@@ -198,12 +198,13 @@ let lastTurn: Promise<void> = Promise.resolve();
 
 /**
  * Waits for this task's turn to start its process: one start per turn of the
- * event loop, across every host this process serves, when a start forks
- * the daemon (Node's spawn(): no spawner, no posix_spawn addon), which takes
- * milliseconds; two hundred tasks starting at once would otherwise hold the
- * event loop for seconds, and with it every status, heartbeat and ack of
- * every host's stream. Not needed through the spawner (a frame written) or
- * with posix_spawn (no fork: the daemon waits only for the child's exec).
+ * event loop, across every host this process serves, when processes start
+ * on the daemon's own thread (no spawner): a fork of the daemon takes
+ * milliseconds, and posix_spawn still waits for the child's exec (~2.5 ms a
+ * launch in a 120 MiB process: 200 at once held the loop for ~490 ms in a
+ * review's measurement). Unpaced, a burst would hold the event loop that
+ * long, and with it every status, heartbeat and ack of every host's stream.
+ * Not needed through the spawner (a frame written).
  */
 function spawnTurn(): Promise<void> {
   const turn = lastTurn.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
@@ -835,7 +836,7 @@ export class Agent implements RoleCore {
         record: (seq) => this.untilStored("recording a task's output seq", taskId, () => this.opts.ledger.putOutputSeq(taskId, seq)),
       });
       this.outputs.set(taskId, output);
-      if (this.opts.executor.forksDaemon !== false) await spawnTurn();
+      if (this.opts.executor.startsInDaemon !== false) await spawnTurn();
       // The task learns who and what it is; these names cannot be overridden by the job.
       const env = { ...spec.env, REXMESH_HOST_ID: this.opts.hostId, REXMESH_TASK_ID: taskId, REXMESH_JOB_ID: spec.jobId };
       const digest = new OutputDigest();

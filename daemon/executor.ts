@@ -234,9 +234,9 @@ export class Executor {
     };
   }
 
-  /** True when starting a step forks the daemon (no spawner and no posix_spawn addon): the agent then starts one step per event-loop turn. */
-  get forksDaemon(): boolean {
-    return this.opts.launcher.forksCaller;
+  /** True when a step's process starts on the daemon's own thread (no spawner): the agent then starts one step per event-loop turn. */
+  get startsInDaemon(): boolean {
+    return this.opts.launcher.startsInCaller;
   }
 
   /**

@@ -73,8 +73,13 @@ const NOTHING: LaunchedStep = { hold() {}, destroyOutput() {}, abandon() {}, wit
 /** Starts step processes. `launch` never throws: every failure is an event. */
 export interface Launcher {
   launch(request: LaunchRequest, events: StepEvents): LaunchedStep;
-  /** True when a launch forks this process (milliseconds of its event loop each, growing with its size). */
-  readonly forksCaller: boolean;
+  /**
+   * True when a launch starts the process on the caller's thread, holding its
+   * event loop meanwhile: a fork of it (milliseconds, growing with its size),
+   * or posix_spawn waiting for the child's exec (~2 ms each measured in a
+   * 120 MiB process). The agent then starts one step per turn of the loop.
+   */
+  readonly startsInCaller: boolean;
 }
 
 /**
@@ -84,7 +89,7 @@ export interface Launcher {
  */
 export function directLauncherWith(posixSpawn: PosixSpawnFn | undefined): Launcher {
   return {
-    forksCaller: posixSpawn === undefined,
+    startsInCaller: true,
     launch(request, events) {
       const child = startChild(posixSpawn, request, (failure) => events.failed(failure));
       return child === undefined ? NOTHING : follow(child, request.stdin, events);
@@ -93,10 +98,12 @@ export function directLauncherWith(posixSpawn: PosixSpawnFn | undefined): Launch
 }
 
 const loaded = loadPosixSpawn();
+/** Why the daemon's own launcher forks the daemon (the addon could not be loaded), or undefined: it uses posix_spawn. */
+export const directLauncherForks: string | undefined = "reason" in loaded ? loaded.reason : undefined;
 /**
  * The daemon's own launcher (with `--no-spawner`, and while a spawner cannot
- * be had): posix_spawn where the addon was built, which the spawner's log
- * line names when it was not (native-spawn.ts).
+ * be had): posix_spawn where the addon was built; else Node's spawn(), a
+ * fork of the daemon, which the daemon's log says once ({@link directLauncherForks}).
  */
 export const directLauncher: Launcher = directLauncherWith("spawn" in loaded ? loaded.spawn : undefined);
 

@@ -17,6 +17,7 @@ import type { Logger } from "../common/logger.js";
 import { AgentLinkService } from "../gen/rexmesh/v1/agent_link_pb.js";
 import { Agent, type Dialer } from "./agent.js";
 import { Executor } from "./executor.js";
+import { directLauncherForks } from "./launcher.js";
 import { Spawner } from "./spawner.js";
 import { collectFacts } from "./facts.js";
 import { detectTools } from "./tools.js";
@@ -135,6 +136,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger, clock: Cloc
   // One spawner for every host of this process.
   const spawner = config.spawner ? new Spawner({ clock, log: log.child({ component: "spawner" }) }) : undefined;
   spawner?.start();
+  // Without a spawner every start is the daemon's own (with one, the spawner's log says how it starts them).
+  if (!spawner) log.info("tasks start in the daemon", { with: directLauncherForks === undefined ? "posix_spawn" : `Node's spawn(), a fork of the daemon each: ${directLauncherForks}` });
   const agents = allPaths.map((paths) => {
     const creds = readCredentials(paths);
     const me = requireRole(identityFromCertificate(creds.certPem), "host");

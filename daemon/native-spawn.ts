@@ -1,13 +1,14 @@
 /**
  * Starting a process with posix_spawn(3) instead of Node's fork-based
- * spawn(), for the spawner (daemon/spawner-main.ts): see native/spawn/spawn.c
- * for why and for what the child gets (the same as spawn() with
- * `detached: true` and three pipes).
+ * spawn(), for the spawner (daemon/spawner-main.ts) and the daemon's own
+ * launcher (daemon/launcher.ts), both through {@link startChild}: see
+ * native/spawn/spawn.c for why and for what the child gets (the same as
+ * spawn() with `detached: true` and three pipes).
  *
  * The addon is built by `npm ci` (scripts/build-native.mjs). Where it could
- * not be built or loaded, `loadPosixSpawn` says why and the spawner uses
- * Node's spawn(), which starts the same processes at the cost of a fork of
- * the spawner per process.
+ * not be built or loaded, `loadPosixSpawn` says why and both use Node's
+ * spawn(), which starts the same processes at the cost of a fork of the
+ * starting process per process.
  */
 import { spawn } from "node:child_process";
 import { EventEmitter } from "node:events";
@@ -169,7 +170,8 @@ export function startChild(
     // posix_spawn reports every failure at once; spawn() throws some and emits others as 'error' later (below).
     const code = codeOf(err);
     const sync = !posixSpawn || !ASYNC_SPAWN_ERRORS.has(code ?? "");
-    const message = posixSpawn && sync && code?.startsWith("E") ? `spawn ${code}` : err instanceof Error ? err.message : String(err);
+    // An errno (ENOTDIR, …), not Node's ERR_INVALID_ARG_VALUE and the like, whose own message says what was wrong.
+    const message = posixSpawn && sync && /^E[A-Z0-9]+$/.test(code ?? "") ? `spawn ${code}` : err instanceof Error ? err.message : String(err);
     failed({ sync, code, message });
     return undefined;
   }

@@ -181,7 +181,7 @@ export class Spawner implements Launcher {
   }
 
   /** False but while steps start in the daemon (stopped, or after a spawner that could not start). */
-  get forksCaller(): boolean {
+  get startsInCaller(): boolean {
     return this.stopped || this.opts.clock.now() < this.fallbackUntil;
   }
 

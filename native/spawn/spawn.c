@@ -8,8 +8,9 @@
  * in proportion to the parent's size. glibc's posix_spawn() runs the child
  * on the parent's memory until it execs (clone with CLONE_VM|CLONE_VFORK), so
  * a start costs the same whatever the parent's size. The spawner
- * (daemon/spawner-main.ts) is the only user; daemon/native-spawn.ts wraps
- * this in the part of ChildProcess that it uses.
+ * (daemon/spawner-main.ts) and the daemon's own launcher (daemon/launcher.ts)
+ * use it through daemon/native-spawn.ts, which wraps this in the part of
+ * ChildProcess that they use.
  *
  * What the child gets is what Node's spawn(program, args, { cwd, env,
  * detached: true, stdio: "pipe" }) gives it: three Unix socket pairs as fds

@@ -15,7 +15,8 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { directLauncher, directLauncherWith } from "../../daemon/launcher.js";
-import { PosixChild, loadPosixSpawn, type PosixSpawnFn } from "../../daemon/native-spawn.js";
+import { PosixChild, loadPosixSpawn, startChild, type PosixSpawnFn } from "../../daemon/native-spawn.js";
+import type { SpawnFailure } from "../../daemon/spawner-frames.js";
 
 interface Ran {
   code: number | null;
@@ -86,7 +87,7 @@ describe("posix_spawn addon", () => {
     expect("reason" in loaded ? loaded.reason : "").toBe("");
   });
 
-  it("starts the daemon's own steps too (no spawner): the daemon is not forked, and not paced as if it were", async () => {
+  it("starts the daemon's own steps too (no spawner): the daemon is not forked", async () => {
     // glibc's posix_spawn leaves signals 32 and 33 ignored in the child (its own; a fork-based spawn() resets them): the mark of the path taken.
     const ignored = (launcher: typeof directLauncher) =>
       new Promise<string>((resolve, reject) => {
@@ -105,10 +106,8 @@ describe("posix_spawn addon", () => {
           },
         );
       });
-    expect(directLauncher.forksCaller).toBe(false);
     expect(await ignored(directLauncher)).toBe("SigIgn:\t0000000180000000");
     const forking = directLauncherWith(undefined);
-    expect(forking.forksCaller).toBe(true);
     expect(await ignored(forking)).toBe("SigIgn:\t0000000000000000");
   });
 
@@ -243,6 +242,23 @@ describe("posix_spawn addon", () => {
     expect(() => new PosixChild(posixSpawn!, "ec\0ho", [], { env })).toThrow(expect.objectContaining({ code: "ERR_INVALID_ARG_VALUE" }));
     expect(() => new PosixChild(posixSpawn!, "", [], { env })).toThrow(expect.objectContaining({ code: "ERR_INVALID_ARG_VALUE" }));
     expect(() => spawn("", [])).toThrow(expect.objectContaining({ code: "ERR_INVALID_ARG_VALUE" }));
+  });
+
+  it("words a refused argument as its own error says, both ways (an errno alone is worded as spawn() words it)", () => {
+    for (const [way, fn] of [["posix_spawn", posixSpawn], ["fork", undefined]] as const) {
+      for (const [request, says] of [
+        [{ program: "echo", args: ["a\0b"], env }, /null bytes/],
+        [{ program: "echo", args: [], env: { ...env, GREETING: "a\0b" } }, /null bytes/],
+        [{ program: "", args: [], env }, /cannot be empty/],
+      ] as const) {
+        const failures: SpawnFailure[] = [];
+        expect(startChild(fn, request, (f) => failures.push(f))).toBeUndefined();
+        expect(failures, `${way}: ${JSON.stringify(request.args)}`).toEqual([{ sync: true, code: "ERR_INVALID_ARG_VALUE", message: expect.stringMatching(says) }]);
+      }
+    }
+    const failures: SpawnFailure[] = [];
+    startChild(posixSpawn, { program: "echo", args: [], cwd: "/etc/hostname", env }, (f) => failures.push(f));
+    expect(failures).toEqual([{ sync: true, code: "ENOTDIR", message: "spawn ENOTDIR" }]);
   });
 
   it("makes a throw in an exit handler the process's uncaught exception, and reports later exits still", async () => {
