@@ -141,8 +141,10 @@ export class Planner {
       throw new InvalidArgumentError(`stdin is ${req.stdin.length} bytes; the limit is ${this.maxStdinBytes}`);
     }
     if (req.timeoutMs < 0 || req.deliveryDeadlineMs < 0 || (req.lostAfterMs ?? 0) < 0) throw new InvalidArgumentError("timeouts cannot be negative");
-    for (const key of Object.keys(req.env)) {
+    for (const [key, value] of Object.entries(req.env)) {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new InvalidArgumentError(`environment variable name ${JSON.stringify(key)} is not valid`);
+      // No process can be given it: refused here, rather than failing at each host's start.
+      if (value.includes("\0")) throw new InvalidArgumentError(`environment variable ${key} contains a NUL byte, which no process can be given`);
     }
     const hosts = this.resolveHosts(tenant, req);
     const rejected = new Map<string, string>();

@@ -120,7 +120,7 @@ describe("JobManager.submit", () => {
     await expect(t.jobs.submit(operator("empty"), request({ allHosts: true }))).rejects.toThrow(FailedPreconditionError);
   });
 
-  it("refuses empty steps, an empty argv, a step without tool, bad env names, negative timeouts, big stdin", async () => {
+  it("refuses empty steps, an empty argv, a step without tool, bad env names, a NUL in an env value, negative timeouts, big stdin", async () => {
     const t = setup();
     const bad: Partial<SubmitRequest>[] = [
       { steps: [] },
@@ -129,6 +129,7 @@ describe("JobManager.submit", () => {
       { steps: [{ ...execStep("x"), tool: { case: undefined } }] },
       { env: { "1BAD": "x" } },
       { env: { "A=B": "x" } },
+      { env: { A: "a\0b" } },
       { timeoutMs: -1 },
       { deliveryDeadlineMs: -1 },
       { stdin: new Uint8Array((1 << 20) + 1) },
