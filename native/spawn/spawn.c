@@ -14,8 +14,9 @@
  *
  * What the child gets is what Node's spawn(program, args, { cwd, env,
  * detached: true, stdio: "pipe" }) gives it: three Unix socket pairs as fds
- * 0–2 (libuv's "pipes") and no descriptor of the parent that Node's would
- * not pass (every end made here is close-on-exec),
+ * 0–2 (libuv's "pipes") and no other descriptor of the parent, not even
+ * one left without close-on-exec (lmdb opens its data file so; Node's
+ * spawn() passes such a descriptor on),
  * a session (and process group) of its own (setsid), every signal's
  * disposition back to default and an empty signal mask (Node ignores
  * SIGPIPE, which exec would otherwise pass on), the working directory, and
@@ -377,6 +378,10 @@ static napi_value posix_spawn_js(napi_env env, napi_callback_info info) {
       (err = posix_spawn_file_actions_adddup2(&actions, fds[3], 1)) != 0 ||
       (err = posix_spawn_file_actions_adddup2(&actions, fds[5], 2)) != 0)
     goto spawn_error;
+  /* Nothing of this process past 0–2 reaches the child, close-on-exec or not (glibc 2.34 and later). */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+  if ((err = posix_spawn_file_actions_addclosefrom_np(&actions, 3)) != 0) goto spawn_error;
+#endif
   if (cwd && (err = posix_spawn_file_actions_addchdir_np(&actions, cwd)) != 0) goto spawn_error;
   if ((err = posix_spawnattr_init(&attr)) != 0) goto spawn_error;
   have_attr = 1;

@@ -7,7 +7,7 @@
  * child's PATH, the same errors. Each case runs a real process both ways and
  * compares what it reports about itself.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import type { EventEmitter } from "node:events";
 import { chmodSync, mkdirSync, mkdtempSync, realpathSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -126,7 +126,7 @@ describe("posix_spawn addon", () => {
     }
   });
 
-  it("starts the process in a session and group of its own, with the fds, signal dispositions and mask spawn() gives", async () => {
+  it("starts the process in a session and group of its own, with fds 0-2 only, and the signal dispositions and mask spawn() gives", async () => {
     // pid, pgrp and session from /proc (fields 1, 5, 6; sh's name has no space); then its signal masks, read by the
     // process it execs (the shell's own mask changes while it forks).
     const script = 'set -- $(cat /proc/$$/stat); echo "$1 $5 $6"; exec grep -E "^(SigBlk|SigIgn)" /proc/self/status';
@@ -140,12 +140,23 @@ describe("posix_spawn addon", () => {
     // SIGPIPE (13), ignored by Node in this process, is back at default; only glibc's own 32 and 33 may be ignored (spawn.c says why).
     const ign = BigInt(`0x${ignored!.split("\t")[1]}`);
     expect(ign & ~(3n << 31n)).toBe(0n);
-    // The fds of a process that lists its own (ls's fd 3 is the directory it reads): 0-2, and past them only what the
-    // test runner itself leaves without close-on-exec, which spawn() passes on too.
-    const fds = (r: Ran) => r.stdout.trim().split("\n").filter((fd) => fd !== "3");
-    const posixFds = fds(await viaPosix("ls", ["-1", "/proc/self/fd"], { env }));
-    expect(posixFds.slice(0, 3)).toEqual(["0", "1", "2"]);
-    expect(posixFds).toEqual(fds(await viaNode("ls", ["-1", "/proc/self/fd"], { env })));
+    // The fds of a process that lists its own: 0-2 and the directory ls reads (the lowest free one), nothing else. Not
+    // even a descriptor this process left without close-on-exec, as lmdb leaves its data file and vitest its worker's
+    // channel (fd 3 here), which Node's spawn() passes on.
+    const fds = (r: Ran) => r.stdout.trim().split("\n");
+    expect(fds(await viaPosix("ls", ["-1", "/proc/self/fd"], { env }))).toEqual(["0", "1", "2", "3"]);
+    const inherited = fds(await viaNode("ls", ["-1", "/proc/self/fd"], { env }));
+    expect(inherited.slice(0, 3)).toEqual(["0", "1", "2"]);
+    // From a process that surely holds one: its fd 3, a pipe its parent gave it (no close-on-exec).
+    const addon = fileURLToPath(new URL("../../native/spawn/build/Release/rexmesh_spawn.node", import.meta.url));
+    const lister = `
+      const { posixSpawn } = require(${JSON.stringify(addon)});
+      const { Socket } = require("node:net");
+      const [, , out] = posixSpawn("/bin/ls", ["ls", "-1", "/proc/self/fd"], ["PATH=/bin:/usr/bin"], null, () => {});
+      let text = "";
+      new Socket({ fd: out, readable: true, writable: false }).on("data", (d) => (text += d)).on("end", () => console.log(text.trim().split("\\n").join(",")));`;
+    const holder = spawnSync(process.execPath, ["-e", lister], { stdio: ["ignore", "pipe", "inherit", "pipe"], encoding: "utf8" });
+    expect(holder.stdout.trim()).toBe("0,1,2,3");
   });
 
   it("passes exactly the environment given and runs in the working directory given", async () => {
