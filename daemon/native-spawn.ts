@@ -140,7 +140,7 @@ export interface Child {
 }
 
 /** An error's `code` (ENOENT, ERR_INVALID_ARG_VALUE, …), if it has one. */
-export function codeOf(err: unknown): string | undefined {
+function codeOf(err: unknown): string | undefined {
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === "string" ? code : undefined;
 }
